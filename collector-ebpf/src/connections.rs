@@ -1,0 +1,271 @@
+//! Connection lifecycle on watched ports, from sock_ops callbacks: accepted connections are
+//! counted at PASSIVE_ESTABLISHED and remembered in socket storage; their close is counted at
+//! the STATE_CB into TCP_CLOSE, with the duration and the socket's own byte counters.
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
+        BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_sock,
+    },
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_delete,
+        bpf_sk_storage_get,
+    },
+    programs::SockOpsContext,
+};
+use collector_common::{
+    CONN_EVENT_CLOSE, CONN_EVENT_OPEN, ConnEvent, ConnState, MAX_ROUTES, NO_ROUTE, conn_flags,
+    duration_bucket, duration_index, error_kind,
+};
+
+use crate::{
+    CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS, CONN_STATE, NETNS_COOKIE, ROUTE_BY_PORT,
+    count_error,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+pub fn on_sock_op(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_accepted(ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(ctx),
+        _ => {}
+    }
+}
+
+fn socket(ctx: &SockOpsContext) -> *mut bpf_sock {
+    // SAFETY: `ops` is the context pointer the kernel handed to this program; reading `sk` is
+    // a context access the verifier rewrites (NULL unless the socket is a full socket).
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk }
+}
+
+fn state_of(sk: *mut bpf_sock, create: bool) -> *mut ConnState {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: `sk` is a non-NULL socket from the context; the map pointer is our own map.
+    unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(CONN_STATE).cast_mut().cast(),
+            sk.cast(),
+            ptr::null_mut(),
+            flags,
+        )
+        .cast::<ConnState>()
+    }
+}
+
+fn on_accepted(ctx: &SockOpsContext) {
+    let wanted_netns = NETNS_COOKIE.load();
+    // SAFETY: the helper only reads the socket behind the context.
+    if wanted_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != wanted_netns {
+        return;
+    }
+    let Some(&route) = ROUTE_BY_PORT.get(ctx.local_port()) else {
+        return;
+    };
+    if route == NO_ROUTE || route > MAX_ROUTES {
+        return;
+    }
+    let slot = route - 1;
+    let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; BPF programs run with migration disabled.
+    unsafe { (*counters).opened += 1 };
+
+    let sk = socket(ctx);
+    if sk.is_null() {
+        count_error(error_kind::CONN_STATE_UNAVAILABLE);
+        return;
+    }
+    let state = state_of(sk, true);
+    if state.is_null() {
+        count_error(error_kind::CONN_STATE_UNAVAILABLE);
+        return;
+    }
+    // SAFETY: a non-NULL socket storage value of our map, owned by this socket.
+    let state = unsafe { &mut *state };
+    state.start_ns = ktime_ns();
+    state.client_addr = client_addr(ctx);
+    state.client_port = client_port(ctx);
+    state.route = slot;
+    state.flags = 0;
+    // Ask for state callbacks, keeping whatever callbacks other programs asked for.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+
+    emit(&ConnEvent {
+        kind: CONN_EVENT_OPEN,
+        route: slot,
+        cookie: socket_cookie(ctx),
+        timestamp_ns: state.start_ns,
+        client_addr: state.client_addr,
+        client_port: state.client_port,
+        ..ConnEvent::default()
+    });
+}
+
+fn on_state_change(ctx: &SockOpsContext) {
+    let sk = socket(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let state = state_of(sk, false);
+    // No storage in our map: a socket some other program asked state callbacks for.
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: a non-NULL socket storage value of our map, owned by this socket.
+    let state = unsafe { &mut *state };
+    let (old, new) = (ctx.arg(0), ctx.arg(1));
+    match new {
+        BPF_TCP_CLOSE_WAIT | BPF_TCP_CLOSING => state.flags |= conn_flags::FIN_IN,
+        BPF_TCP_FIN_WAIT2 => {
+            state.flags |= conn_flags::FIN_OUT | conn_flags::FIN_WAIT2_SEEN;
+            state.rcv_nxt_fin_wait2 = tcp(ctx).rcv_nxt;
+        }
+        BPF_TCP_CLOSE => {
+            on_closed(ctx, state, old);
+            // SAFETY: `sk` is the non-NULL socket the storage belongs to.
+            unsafe {
+                bpf_sk_storage_delete(ptr::addr_of!(CONN_STATE).cast_mut().cast(), sk.cast())
+            };
+        }
+        _ => {}
+    }
+}
+
+/// `bytes_received` and `bytes_acked` count sequence space, so a FIN counts as one byte. Tell
+/// from the state the socket closed from whether each FIN was exchanged, and take it off.
+fn on_closed(ctx: &SockOpsContext, state: &ConnState, old: u32) {
+    let sock = tcp(ctx);
+    let mut flags = state.flags;
+    match old {
+        // Our FIN went out; it counts only once acknowledged (not on a reset or timeout).
+        BPF_TCP_LAST_ACK | BPF_TCP_CLOSING if sock.snd_una == sock.snd_nxt => {
+            flags |= conn_flags::FIN_OUT;
+        }
+        // From FIN_WAIT2 the socket closes either on the peer's FIN (rcv_nxt moved on since
+        // FIN_WAIT2, as nothing but the FIN can arrive once we shut down) or, orphaned, at once
+        // into a timewait socket without one.
+        BPF_TCP_FIN_WAIT2
+            if flags & conn_flags::FIN_WAIT2_SEEN != 0
+                && sock.rcv_nxt != state.rcv_nxt_fin_wait2 =>
+        {
+            flags |= conn_flags::FIN_IN;
+        }
+        _ => {}
+    }
+    let bytes_in = sock
+        .bytes_received
+        .saturating_sub(u64::from(flags & conn_flags::FIN_IN != 0));
+    let bytes_out = sock
+        .bytes_acked
+        .saturating_sub(u64::from(flags & conn_flags::FIN_OUT != 0));
+    let now = ktime_ns();
+    let duration_ns = now.saturating_sub(state.start_ns);
+    let slot = state.route;
+    if slot >= MAX_ROUTES {
+        return;
+    }
+    if let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot; BPF programs run with migration disabled.
+        let counters = unsafe { &mut *counters };
+        counters.closed += 1;
+        counters.bytes_in += bytes_in;
+        counters.bytes_out += bytes_out;
+        counters.duration_ns += duration_ns;
+    }
+    if let Some(bucket) =
+        CONN_DURATIONS.get_ptr_mut(duration_index(slot, duration_bucket(duration_ns)))
+    {
+        // SAFETY: as above.
+        unsafe { *bucket += 1 };
+    }
+    emit(&ConnEvent {
+        kind: CONN_EVENT_CLOSE,
+        route: slot,
+        cookie: socket_cookie(ctx),
+        timestamp_ns: now,
+        duration_ns,
+        bytes_in,
+        bytes_out,
+        client_addr: state.client_addr,
+        client_port: state.client_port,
+        ..ConnEvent::default()
+    });
+}
+
+/// The TCP fields of the context that the close accounting reads.
+struct TcpView {
+    rcv_nxt: u32,
+    snd_una: u32,
+    snd_nxt: u32,
+    bytes_received: u64,
+    bytes_acked: u64,
+}
+
+fn tcp(ctx: &SockOpsContext) -> TcpView {
+    // SAFETY: context field reads, rewritten by the verifier into reads of the full socket
+    // (these callbacks only run for full TCP sockets).
+    unsafe {
+        let ops = &*ctx.ops;
+        TcpView {
+            rcv_nxt: ops.rcv_nxt,
+            snd_una: ops.snd_una,
+            snd_nxt: ops.snd_nxt,
+            bytes_received: ops.bytes_received,
+            bytes_acked: ops.bytes_acked,
+        }
+    }
+}
+
+fn emit(event: &ConnEvent) {
+    if CONN_EVENTS.output(event, 0).is_err() {
+        count_error(error_kind::CONN_EVENT_DROPPED);
+    }
+}
+
+fn ktime_ns() -> u64 {
+    // SAFETY: no arguments, no side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the helper only reads the socket behind the context.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+/// The peer's address as 16 bytes, IPv4 mapped into IPv6 (`::ffff:a.b.c.d`).
+fn client_addr(ctx: &SockOpsContext) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    match ctx.family() {
+        AF_INET => {
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            // The context keeps addresses in network byte order: memory order is wire order.
+            addr[12..16].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
+        }
+        AF_INET6 => {
+            let words = ctx.remote_ip6();
+            let mut i = 0;
+            while i < 4 {
+                addr[i * 4..i * 4 + 4].copy_from_slice(&words[i].to_ne_bytes());
+                i += 1;
+            }
+        }
+        _ => {}
+    }
+    addr
+}
+
+/// `remote_port` holds the port in network byte order in its upper 16 bits.
+fn client_port(ctx: &SockOpsContext) -> u16 {
+    u32::from_be(ctx.remote_port()) as u16
+}

@@ -1,0 +1,84 @@
+//! Kernel programs of the collector: a sock_ops program that follows the lifecycle of
+//! connections on watched ports, and tc classifiers that count live traffic per route.
+//! Counting only: no program changes the fate of a socket or a packet.
+#![no_std]
+#![no_main]
+
+mod connections;
+mod traffic;
+
+use aya_ebpf::{
+    Global,
+    bindings::TC_ACT_UNSPEC,
+    btf_maps::{Array, PerCpuArray, RingBuf, SkStorage},
+    macros::{btf_map, classifier, sock_ops},
+    programs::{SockOpsContext, TcContext},
+};
+use collector_common::{
+    CONN_EVENTS_BYTES, ConnCounters, ConnEvent, ConnState, DIR_IN, DIR_OUT, DURATION_BUCKETS,
+    ERROR_KINDS, MAX_ROUTES, PORT_SLOTS, RouteName, TrafficCounters,
+};
+
+/// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
+#[unsafe(no_mangle)]
+static NETNS_COOKIE: Global<u64> = Global::new(0);
+
+#[btf_map]
+static ROUTE_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();
+/// Kept beside the counters so that slots stay bound to the same route across restarts; only
+/// the agent reads and writes it.
+#[btf_map]
+static ROUTE_NAMES: Array<RouteName, { MAX_ROUTES as usize }> = Array::new();
+#[btf_map]
+static CONN_COUNTERS: PerCpuArray<ConnCounters, { MAX_ROUTES as usize }> = PerCpuArray::new();
+#[btf_map]
+static CONN_DURATIONS: PerCpuArray<u64, { (MAX_ROUTES * DURATION_BUCKETS) as usize }> =
+    PerCpuArray::new();
+#[btf_map]
+static CONN_STATE: SkStorage<ConnState> = SkStorage::new();
+#[btf_map]
+static CONN_EVENTS: RingBuf<ConnEvent, { CONN_EVENTS_BYTES as usize }> = RingBuf::new();
+#[btf_map]
+static ROUTE_TRAFFIC: PerCpuArray<TrafficCounters, { (MAX_ROUTES * 2) as usize }> =
+    PerCpuArray::new();
+#[btf_map]
+static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
+
+/// Count a kernel-side failure by kind (see `collector_common::error_kind`).
+#[inline(always)]
+fn count_error(kind: u32) {
+    if let Some(counter) = ERRORS.get_ptr_mut(kind) {
+        // SAFETY: per-CPU slot of this CPU; BPF programs are not preempted on it mid-update.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[sock_ops]
+pub fn track_connections(ctx: SockOpsContext) -> u32 {
+    connections::on_sock_op(&ctx);
+    // 1 = carry on: sock_ops must never veto anything here.
+    1
+}
+
+#[classifier]
+pub fn count_ingress(ctx: TcContext) -> i32 {
+    traffic::count_packet(&ctx, DIR_IN);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn count_egress(ctx: TcContext) -> i32 {
+    traffic::count_packet(&ctx, DIR_OUT);
+    TC_ACT_UNSPEC
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,139 @@
+//! Live traffic per route and direction, counted per packet by the tc classifiers, so that
+//! long-lived connections show throughput before they close.
+//!
+//! Ingress counts packets whose destination port is a route port (towards the proxy), egress
+//! those whose source port is (from the proxy). On loopback every packet crosses both hooks,
+//! and each is still counted once: towards the proxy at ingress, from it at egress.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use collector_common::{DIR_IN, MAX_ROUTES, NO_ROUTE, TrafficCounters, error_kind, traffic_index};
+
+use crate::{ROUTE_BY_PORT, ROUTE_TRAFFIC, count_error};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+
+/// Bounds-checked pointer to a `T` at `offset` in the packet's linear data: every packet read
+/// goes through here.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read_u8(ctx: &TcContext, offset: usize) -> Option<u8> {
+    // SAFETY: ptr_at checked that the byte is inside the packet.
+    ptr_at::<u8>(ctx, offset).map(|p| unsafe { *p })
+}
+
+#[inline(always)]
+fn read_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
+    // SAFETY: ptr_at checked that both bytes are inside the packet; unaligned read.
+    ptr_at::<[u8; 2]>(ctx, offset).map(|p| u16::from_be_bytes(unsafe { *p }))
+}
+
+/// The parts of a TCP segment that the counters need.
+struct Segment {
+    src_port: u16,
+    dst_port: u16,
+    /// Bytes from the IP header on.
+    l3_len: u64,
+    payload_len: u64,
+}
+
+/// Always inlined: with `dir` constant in each classifier, LLVM cannot turn the port choice
+/// into a select between two packet pointers, which the verifier rejects ("bitwise operator
+/// on pointer").
+#[inline(always)]
+pub fn count_packet(ctx: &TcContext, dir: u32) {
+    let Some(segment) = parse(ctx) else {
+        return;
+    };
+    let port = if dir == DIR_IN {
+        segment.dst_port
+    } else {
+        segment.src_port
+    };
+    let Some(&route) = ROUTE_BY_PORT.get(u32::from(port)) else {
+        return;
+    };
+    if route == NO_ROUTE || route > MAX_ROUTES {
+        return;
+    }
+    if let Some(counters) = ROUTE_TRAFFIC.get_ptr_mut(traffic_index(route - 1, dir)) {
+        // SAFETY: this CPU's slot; BPF programs run with migration disabled.
+        let counters: &mut TrafficCounters = unsafe { &mut *counters };
+        counters.packets += 1;
+        counters.bytes += segment.l3_len;
+        counters.payload_bytes += segment.payload_len;
+    }
+}
+
+/// Ethernet → IPv4/IPv6 → TCP. `None` for anything else (not ours) and for truncated
+/// headers (counted).
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Segment> {
+    let proto = u16::from_be(ctx.skb.protocol() as u16);
+    let skb_l3_len = u64::from(ctx.len()).saturating_sub(ETH_HLEN as u64);
+    let (l4_offset, ip_len) = match proto {
+        ETH_P_IP => {
+            let Some(version_ihl) = read_u8(ctx, ETH_HLEN) else {
+                count_error(error_kind::PACKET_TRUNCATED);
+                return None;
+            };
+            if read_u8(ctx, ETH_HLEN + 9)? != IPPROTO_TCP {
+                return None;
+            }
+            // Later fragments carry no TCP header.
+            if read_be16(ctx, ETH_HLEN + 6)? & 0x1fff != 0 {
+                return None;
+            }
+            let ihl = usize::from(version_ihl & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let total = u64::from(read_be16(ctx, ETH_HLEN + 2)?);
+            (ETH_HLEN + ihl, total)
+        }
+        ETH_P_IPV6 => {
+            let Some(next_header) = read_u8(ctx, ETH_HLEN + 6) else {
+                count_error(error_kind::PACKET_TRUNCATED);
+                return None;
+            };
+            // Extension headers before TCP are rare on a proxy's connections; not counted.
+            if next_header != IPPROTO_TCP {
+                return None;
+            }
+            let payload = u64::from(read_be16(ctx, ETH_HLEN + 4)?);
+            (ETH_HLEN + IPV6_HLEN, payload + IPV6_HLEN as u64)
+        }
+        _ => return None,
+    };
+    // A zero length field means a GSO packet over 64 KiB (BIG TCP): take the skb's length.
+    let l3_len = if ip_len == 0 { skb_l3_len } else { ip_len };
+    let (Some(src_port), Some(dst_port), Some(data_offset)) = (
+        read_be16(ctx, l4_offset),
+        read_be16(ctx, l4_offset + 2),
+        read_u8(ctx, l4_offset + 12),
+    ) else {
+        count_error(error_kind::PACKET_TRUNCATED);
+        return None;
+    };
+    let headers = (l4_offset - ETH_HLEN) as u64 + u64::from(data_offset >> 4) * 4;
+    Some(Segment {
+        src_port,
+        dst_port,
+        l3_len,
+        payload_len: l3_len.saturating_sub(headers),
+    })
+}

@@ -1,0 +1,308 @@
+//! The collector's cost on the traffic it watches, measured side by side in one run: new
+//! connections per second and bulk throughput on loopback, alternately without and with the
+//! agent attached, in a network namespace of the benchmark's own. Then the kernel's own
+//! run-time statistics give the cost per program run. Results go to docs/BENCHMARKS.md.
+//!
+//! `cargo xtask bench [-- --pairs N --seconds S]`
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use support::{Agent, AgentConfig, Netns, sample, scrape};
+
+const CONNECT_PORT: u16 = 18080;
+const BULK_PORT: u16 = 18090;
+const CLIENT_THREADS: usize = 2;
+const CHUNK: usize = 256 * 1024;
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "connect"
+ports = [18080]
+type = "http"
+
+[[routes]]
+name = "bulk"
+ports = [18090]
+type = "tcp"
+"#;
+
+struct Settings {
+    pairs: usize,
+    seconds: f64,
+    write_docs: bool,
+}
+
+fn settings() -> Settings {
+    let mut settings = Settings {
+        pairs: 5,
+        seconds: 3.0,
+        write_docs: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--pairs" => {
+                settings.pairs = args.next().and_then(|v| v.parse().ok()).expect("--pairs N")
+            }
+            "--seconds" => {
+                settings.seconds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--seconds S");
+            }
+            "--no-docs" => settings.write_docs = false,
+            // cargo bench passes --bench.
+            _ => {}
+        }
+    }
+    settings
+}
+
+/// Servers that run for the whole benchmark: one answers a byte with a byte and closes, one
+/// swallows bulk data.
+fn start_servers(netns: &Netns, stop: &Arc<AtomicBool>) {
+    let connect = netns.run(|| TcpListener::bind(("127.0.0.1", CONNECT_PORT)).unwrap());
+    let connect = Arc::new(connect);
+    for _ in 0..CLIENT_THREADS {
+        let listener = Arc::clone(&connect);
+        let stop = Arc::clone(stop);
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    continue;
+                };
+                let mut byte = [0u8; 1];
+                if stream.read_exact(&mut byte).is_ok() {
+                    let _ = stream.write_all(&byte);
+                }
+            }
+        });
+    }
+    let bulk = netns.run(|| TcpListener::bind(("127.0.0.1", BULK_PORT)).unwrap());
+    thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        for stream in bulk.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+}
+
+/// New connections per second: each sends a byte, reads the answer and the server's close.
+fn connection_rate(netns: &Netns, seconds: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENT_THREADS)
+        .map(|_| {
+            netns.spawn(move || {
+                let mut done = 0u64;
+                let mut byte = [7u8; 1];
+                while Instant::now() < deadline {
+                    let mut stream = TcpStream::connect(("127.0.0.1", CONNECT_PORT)).unwrap();
+                    stream.write_all(&byte).unwrap();
+                    stream.read_exact(&mut byte).unwrap();
+                    let mut rest = [0u8; 1];
+                    let _ = stream.read(&mut rest);
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let total: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    rate
+}
+
+/// Bulk throughput of one stream, in bytes per second.
+fn bulk_throughput(netns: &Netns, seconds: f64) -> f64 {
+    netns.run(move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", BULK_PORT)).unwrap();
+        let chunk = vec![b'b'; CHUNK];
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs_f64(seconds);
+        let mut sent = 0u64;
+        while Instant::now() < deadline {
+            stream.write_all(&chunk).unwrap();
+            sent += CHUNK as u64;
+        }
+        stream.shutdown(Shutdown::Write).unwrap();
+        #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
+        let rate = sent as f64 / started.elapsed().as_secs_f64();
+        rate
+    })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 0 {
+        f64::midpoint(values[mid - 1], values[mid])
+    } else {
+        values[mid]
+    }
+}
+
+struct Pair {
+    connect_without: f64,
+    connect_with: f64,
+    bulk_without: f64,
+    bulk_with: f64,
+}
+
+fn measure(netns: &Netns, config: &AgentConfig, seconds: f64, with_agent: bool) -> (f64, f64) {
+    let agent = with_agent.then(|| Agent::start(netns, config));
+    let connect = connection_rate(netns, seconds);
+    let bulk = bulk_throughput(netns, seconds);
+    if let Some(agent) = agent {
+        assert!(agent.stop().success());
+    }
+    (connect, bulk)
+}
+
+/// Average cost per run of each program, from the kernel's statistics, under both loads.
+fn program_costs(netns: &Netns, config: &AgentConfig, seconds: f64) -> Vec<(String, f64, f64)> {
+    let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
+    connection_rate(netns, seconds);
+    bulk_throughput(netns, seconds);
+    let metrics = scrape(netns);
+    assert!(agent.stop().success());
+    ["track_connections", "count_ingress", "count_egress"]
+        .iter()
+        .map(|program| {
+            let labels = [("program", *program)];
+            let seconds_total =
+                sample(&metrics, "collector_bpf_program_run_seconds_total", &labels).unwrap_or(0.0);
+            let runs = sample(&metrics, "collector_bpf_program_runs_total", &labels).unwrap_or(0.0);
+            let per_run_ns = if runs > 0.0 {
+                seconds_total * 1e9 / runs
+            } else {
+                f64::NAN
+            };
+            ((*program).to_owned(), runs, per_run_ns)
+        })
+        .collect()
+}
+
+fn main() {
+    let settings = settings();
+    support::require_root();
+    let netns = Netns::new();
+    // Many short connections: keep the namespace from running out of ports.
+    for sysctl in [
+        "net.ipv4.ip_local_port_range=1024 65000",
+        "net.ipv4.tcp_tw_reuse=1",
+    ] {
+        assert!(
+            netns
+                .command("sysctl")
+                .args(["-q", "-w", sysctl])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let config = AgentConfig::new(ROUTES);
+    let stop = Arc::new(AtomicBool::new(false));
+    start_servers(&netns, &stop);
+
+    eprintln!("warm-up");
+    measure(&netns, &config, settings.seconds, false);
+    measure(&netns, &config, settings.seconds, true);
+
+    let mut pairs = Vec::new();
+    for i in 0..settings.pairs {
+        // Alternate which side goes first so that drift favours neither.
+        let (without, with) = if i % 2 == 0 {
+            let without = measure(&netns, &config, settings.seconds, false);
+            (without, measure(&netns, &config, settings.seconds, true))
+        } else {
+            let with = measure(&netns, &config, settings.seconds, true);
+            (measure(&netns, &config, settings.seconds, false), with)
+        };
+        eprintln!(
+            "pair {i}: connections/s {:.0} -> {:.0}, bulk Gbit/s {:.2} -> {:.2}",
+            without.0,
+            with.0,
+            without.1 * 8e-9,
+            with.1 * 8e-9
+        );
+        pairs.push(Pair {
+            connect_without: without.0,
+            connect_with: with.0,
+            bulk_without: without.1,
+            bulk_with: with.1,
+        });
+    }
+    let costs = program_costs(&netns, &config, settings.seconds);
+    stop.store(true, Ordering::Relaxed);
+
+    let mut connect_ratios: Vec<f64> = pairs
+        .iter()
+        .map(|p| p.connect_with / p.connect_without)
+        .collect();
+    let mut bulk_ratios: Vec<f64> = pairs.iter().map(|p| p.bulk_with / p.bulk_without).collect();
+    let connect_ratio = median(&mut connect_ratios);
+    let bulk_ratio = median(&mut bulk_ratios);
+
+    let mut report = String::new();
+    let _ = writeln!(report, "## Proxy overhead on loopback\n");
+    let _ = writeln!(
+        report,
+        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}` ({} clients; {} s per run; \
+         pairs alternate which side runs first; ratio = with / without, median over pairs).\n",
+        settings.pairs, settings.seconds, CLIENT_THREADS, settings.seconds
+    );
+    let _ = writeln!(
+        report,
+        "| pair | new conn/s without | with | ratio | bulk Gbit/s without | with | ratio |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
+    for (i, p) in pairs.iter().enumerate() {
+        let _ = writeln!(
+            report,
+            "| {i} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.3} |",
+            p.connect_without,
+            p.connect_with,
+            p.connect_with / p.connect_without,
+            p.bulk_without * 8e-9,
+            p.bulk_with * 8e-9,
+            p.bulk_with / p.bulk_without
+        );
+    }
+    let _ = writeln!(
+        report,
+        "\n**Median ratio: new connections {connect_ratio:.3} (target ≥ 0.98), bulk throughput {bulk_ratio:.3} (target ≥ 0.99).**\n"
+    );
+    let _ = writeln!(
+        report,
+        "Cost per program run, from the kernel's run-time statistics (`--bpf-stats`) under the same loads:\n"
+    );
+    let _ = writeln!(report, "| program | runs | ns per run |");
+    let _ = writeln!(report, "|---|---|---|");
+    for (program, runs, per_run) in &costs {
+        let _ = writeln!(report, "| {program} | {runs:.0} | {per_run:.1} |");
+    }
+    println!("{report}");
+    if settings.write_docs {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/BENCHMARKS.md");
+        let header = "# Benchmarks\n\nMeasured by `cargo xtask bench`; numbers from one run on the project's machine \
+            (2 cores, Linux 6.18). Rerun to refresh this file.\n\n";
+        std::fs::write(path, format!("{header}{report}")).unwrap();
+        eprintln!("wrote docs/BENCHMARKS.md");
+    }
+}

@@ -1,0 +1,210 @@
+//! Connection events from the kernel ring buffer: decoded, folded into client statistics
+//! (heaviest clients, open connections per client) and offered to event subscribers.
+//! Counters never depend on events: a full ring loses events (counted in the kernel), not
+//! counts.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use aya::maps::{MapData, RingBuf};
+use collector_common::{CONN_EVENT_CLOSE, CONN_EVENT_OPEN, ConnEvent};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    snapshot::ClientSnapshot,
+    topk::{BoundedGauges, TopK},
+};
+
+/// Clients tracked for the heavy-hitter list (Space-Saving: exact for the real heavy hitters).
+const TRACKED_CLIENTS: usize = 1024;
+/// Clients with open connections tracked individually.
+const ACTIVE_CLIENTS: usize = 16384;
+/// Clients listed in the snapshot.
+const LISTED_CLIENTS: usize = 20;
+
+/// A decoded connection event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    pub opened: bool,
+    pub route: u32,
+    pub cookie: u64,
+    pub timestamp_ns: u64,
+    pub duration_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub client: IpAddr,
+    pub client_port: u16,
+}
+
+/// Decodes one ring-buffer record; `None` for a record of the wrong size or kind.
+#[must_use]
+pub fn decode(record: &[u8]) -> Option<Connection> {
+    if record.len() < size_of::<ConnEvent>() {
+        return None;
+    }
+    // SAFETY: the record holds at least one ConnEvent (checked above); ConnEvent is plain
+    // data valid for any bit pattern, and read_unaligned copes with the ring's alignment.
+    let event = unsafe { record.as_ptr().cast::<ConnEvent>().read_unaligned() };
+    let opened = match event.kind {
+        CONN_EVENT_OPEN => true,
+        CONN_EVENT_CLOSE => false,
+        _ => return None,
+    };
+    Some(Connection {
+        opened,
+        route: event.route,
+        cookie: event.cookie,
+        timestamp_ns: event.timestamp_ns,
+        duration_ns: event.duration_ns,
+        bytes_in: event.bytes_in,
+        bytes_out: event.bytes_out,
+        client: Ipv6Addr::from(event.client_addr).to_canonical(),
+        client_port: event.client_port,
+    })
+}
+
+/// Client statistics folded from connection events.
+#[derive(Debug)]
+pub struct ClientStats {
+    opened_by_client: TopK<IpAddr>,
+    active_by_client: BoundedGauges<IpAddr>,
+    events_received: u64,
+}
+
+impl Default for ClientStats {
+    fn default() -> Self {
+        Self {
+            opened_by_client: TopK::new(TRACKED_CLIENTS),
+            active_by_client: BoundedGauges::new(ACTIVE_CLIENTS),
+            events_received: 0,
+        }
+    }
+}
+
+impl ClientStats {
+    pub fn apply(&mut self, event: &Connection) {
+        self.events_received += 1;
+        if event.opened {
+            self.opened_by_client.observe(&event.client, 1);
+            self.active_by_client.increment(&event.client);
+        } else {
+            self.active_by_client.decrement(&event.client);
+        }
+    }
+
+    #[must_use]
+    pub fn snapshot(&self) -> ClientSnapshot {
+        ClientSnapshot {
+            top: self
+                .opened_by_client
+                .top(LISTED_CLIENTS)
+                .into_iter()
+                .map(|entry| (entry.key, entry.count))
+                .collect(),
+            active: self.active_by_client.top(LISTED_CLIENTS),
+            events_received: self.events_received,
+            active_overflow: self.active_by_client.overflow(),
+        }
+    }
+}
+
+/// Reads connection events until the task is dropped.
+pub async fn consume(
+    ring: RingBuf<MapData>,
+    clients: Arc<Mutex<ClientStats>>,
+    subscribers: tokio::sync::broadcast::Sender<Connection>,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
+    // the AsyncFd owns the ring.
+    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|err| anyhow::anyhow!("{err}"))?;
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(record) = ring.next() {
+            if let Some(event) = decode(&record) {
+                batch.push(event);
+            }
+        }
+        {
+            let mut stats = clients.lock().unwrap_or_else(PoisonError::into_inner);
+            for event in &batch {
+                stats.apply(event);
+            }
+        }
+        for event in batch {
+            // No subscriber is not an error.
+            let _ = subscribers.send(event);
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(event: &ConnEvent) -> Vec<u8> {
+        // SAFETY: ConnEvent is plain data; viewing it as bytes is sound.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(event).cast::<u8>(),
+                size_of::<ConnEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_mapped_ipv4_and_rejects_junk() {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&[10, 1, 2, 3]);
+        let event = ConnEvent {
+            kind: CONN_EVENT_OPEN,
+            route: 2,
+            cookie: 77,
+            client_addr: addr,
+            client_port: 40000,
+            ..ConnEvent::default()
+        };
+        let decoded = decode(&record(&event)).unwrap();
+        assert!(decoded.opened);
+        assert_eq!(decoded.client, "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            (decoded.route, decoded.cookie, decoded.client_port),
+            (2, 77, 40000)
+        );
+        assert_eq!(decode(&record(&event)[..10]), None);
+        assert_eq!(decode(&record(&ConnEvent { kind: 9, ..event })), None);
+    }
+
+    #[test]
+    fn active_clients_follow_opens_and_closes() {
+        let mut stats = ClientStats::default();
+        let open = Connection {
+            opened: true,
+            route: 0,
+            cookie: 1,
+            timestamp_ns: 0,
+            duration_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            client: "192.0.2.1".parse().unwrap(),
+            client_port: 1,
+        };
+        stats.apply(&open);
+        stats.apply(&open);
+        stats.apply(&Connection {
+            opened: false,
+            ..open
+        });
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.top, [(open.client, 2)]);
+        assert_eq!(snapshot.active, [(open.client, 1)]);
+        assert_eq!(snapshot.events_received, 3);
+    }
+}

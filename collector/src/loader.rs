@@ -1,0 +1,538 @@
+//! Loading and attaching the kernel programs: pinned maps (reused only when compatible),
+//! route slots, the port map, the sock_ops program on the cgroup2 root and the tc
+//! classifiers on the watched interfaces.
+//!
+//! Links are pinned next to the maps. If the agent crashes, its programs keep counting into
+//! the pinned maps; the next start swaps its own programs into those links atomically
+//! (`BPF_LINK_UPDATE`), so nothing is missed and nothing is counted twice. A clean stop
+//! ([`Attachment::detach`]) removes links and pins alike and leaves nothing behind.
+
+use std::{
+    fs::{self, File},
+    io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, MapType, PerCpuArray, PerCpuValues, RingBuf},
+    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
+};
+use collector_common::{
+    ConnCounters, DURATION_BUCKETS, GLOBAL_NETNS_COOKIE, MAX_ROUTES, RouteName, TrafficCounters,
+    duration_index, map_names, program_names, traffic_index,
+};
+
+use crate::{
+    bpf_sys,
+    config::{Config, RouteKind},
+    links, netns, paths, slots,
+};
+
+/// The kernel object built by build.rs from `collector-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
+
+/// Maps that outlive the agent: counters and per-socket state. Configuration maps and the
+/// event ring are recreated at every start.
+const PINNED_MAPS: [&str; 6] = [
+    map_names::ROUTE_NAMES,
+    map_names::CONN_COUNTERS,
+    map_names::CONN_DURATIONS,
+    map_names::CONN_STATE,
+    map_names::ROUTE_TRAFFIC,
+    map_names::ERRORS,
+];
+
+/// Subdirectory of the pin directory holding link pins.
+const LINKS_DIR: &str = "links";
+
+/// A configured route and the kernel slot its counters live in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedRoute {
+    pub name: String,
+    pub kind: RouteKind,
+    pub ports: Vec<u16>,
+    pub slot: u32,
+}
+
+/// The maps the agent reads while running.
+pub struct KernelMaps {
+    pub conn_counters: PerCpuArray<MapData, ConnCounters>,
+    pub conn_durations: PerCpuArray<MapData, u64>,
+    pub route_traffic: PerCpuArray<MapData, TrafficCounters>,
+    pub errors: PerCpuArray<MapData, u64>,
+}
+
+/// Everything the agent attached, held until [`Attachment::detach`].
+pub struct Attachment {
+    ebpf: Ebpf,
+    pub routes: Vec<WatchedRoute>,
+    pub interfaces: Vec<String>,
+    /// Where the sock_ops program is attached, for the logs.
+    pub cgroup2: String,
+    pin_dir: PathBuf,
+    link_pins: Vec<PathBuf>,
+    /// Held while running: a second agent on the same pin directory would count twice.
+    _lock: File,
+    /// Keeps the kernel's BPF run-time statistics on while held (`--bpf-stats`).
+    _stats: Option<std::os::fd::OwnedFd>,
+}
+
+/// What to attach, resolved from the config and the host.
+pub struct Options<'a> {
+    pub config: &'a Config,
+    /// Turn on the kernel's per-program run-time statistics while the agent runs.
+    pub bpf_stats: bool,
+}
+
+impl Attachment {
+    /// Loads the programs, binds the routes to their slots and attaches everything.
+    pub fn attach(options: &Options<'_>) -> anyhow::Result<Self> {
+        let config = options.config;
+        let (cgroup, cgroup2) =
+            paths::open_cgroup2(&paths::cgroup2_root(config.cgroup2.as_deref())?)?;
+        paths::ensure_bpffs(&config.pin_dir)?;
+        let pin_dir = config.pin_dir.clone();
+        let lock = lock_pin_dir(&config.pin_dir)?;
+        let map_dir = paths::map_pin_dir(&pin_dir);
+        let links_dir = map_dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
+        check_pinned_maps(&map_dir)?;
+
+        let netns_cookie = if config.all_namespaces {
+            0
+        } else {
+            netns::current_cookie().context(
+                "reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)",
+            )?
+        };
+        let stats = if options.bpf_stats {
+            Some(
+                aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .context("enabling BPF run-time statistics")?,
+            )
+        } else {
+            None
+        };
+
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|name| (*name, map_dir.join(name)))
+            .collect();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
+        let mut ebpf = loader.load(OBJECT).map_err(|err| {
+            privilege_hint(anyhow!(err).context("loading the kernel programs and maps"))
+        })?;
+
+        let routes = bind_routes(&mut ebpf, config)?;
+        fill_port_map(&mut ebpf, &routes)?;
+
+        let mut attachment = Self {
+            ebpf,
+            routes,
+            interfaces: Vec::new(),
+            cgroup2,
+            pin_dir,
+            link_pins: Vec::new(),
+            _lock: lock,
+            _stats: stats,
+        };
+        let attached = attachment
+            .attach_sock_ops(&links_dir, &cgroup)
+            .and_then(|()| attachment.attach_classifiers(&links_dir, &config.interfaces))
+            .and_then(|()| remove_stale_links(&links_dir, &attachment.link_pins));
+        match attached {
+            Ok(()) => Ok(attachment),
+            Err(err) => {
+                // Leave nothing half-attached behind.
+                if let Err(cleanup) = attachment.detach() {
+                    tracing::warn!("cleaning up after a failed start: {cleanup:#}");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn attach_sock_ops(&mut self, links_dir: &Path, cgroup: &File) -> anyhow::Result<()> {
+        let pin = links_dir.join("sock_ops");
+        let program: &mut SockOps = self
+            .ebpf
+            .program_mut(program_names::TRACK_CONNECTIONS)
+            .context("the kernel object has no sock_ops program")?
+            .try_into()?;
+        program
+            .load()
+            .map_err(|err| privilege_hint(anyhow!(err).context("loading the sock_ops program")))?;
+        if !adopt_link(&pin, program.fd()?.as_fd())? {
+            // Link-based attachment always coexists with other programs on the cgroup; the
+            // kernel rejects the ALLOW_MULTI flag on links (EINVAL), so pass none.
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching sock_ops to the {}", self.cgroup2))?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning the sock_ops link at {}", pin.display()))?;
+        }
+        self.link_pins.push(pin);
+        Ok(())
+    }
+
+    fn attach_classifiers(
+        &mut self,
+        links_dir: &Path,
+        configured: &[String],
+    ) -> anyhow::Result<()> {
+        let all = links::list().context("listing network interfaces over rtnetlink")?;
+        let selected = links::select(&all, configured).map_err(|err| anyhow!(err))?;
+        for (program_name, attach_type, prefix) in [
+            (
+                program_names::COUNT_INGRESS,
+                TcAttachType::Ingress,
+                "tc_ingress",
+            ),
+            (
+                program_names::COUNT_EGRESS,
+                TcAttachType::Egress,
+                "tc_egress",
+            ),
+        ] {
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program_name)
+                .with_context(|| format!("the kernel object has no program {program_name}"))?
+                .try_into()?;
+            program.load().map_err(|err| {
+                privilege_hint(anyhow!(err).context(format!("loading {program_name}")))
+            })?;
+            for link in &selected {
+                let pin = links_dir.join(format!("{prefix}_{}", link.index));
+                if !adopt_link(&pin, program.fd()?.as_fd())? {
+                    let id = program.attach(&link.name, attach_type).with_context(|| {
+                        format!(
+                            "attaching {program_name} to {} ({attach_type:?})",
+                            link.name
+                        )
+                    })?;
+                    let fd_link: FdLink = program.take_link(id)?.try_into()?;
+                    fd_link
+                        .pin(&pin)
+                        .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
+                }
+                self.link_pins.push(pin);
+            }
+        }
+        self.interfaces = selected.iter().map(|l| l.name.clone()).collect();
+        Ok(())
+    }
+
+    /// Takes the maps the poller reads.
+    pub fn take_maps(&mut self) -> anyhow::Result<KernelMaps> {
+        Ok(KernelMaps {
+            conn_counters: take_map(&mut self.ebpf, map_names::CONN_COUNTERS)?,
+            conn_durations: take_map(&mut self.ebpf, map_names::CONN_DURATIONS)?,
+            route_traffic: take_map(&mut self.ebpf, map_names::ROUTE_TRAFFIC)?,
+            errors: take_map(&mut self.ebpf, map_names::ERRORS)?,
+        })
+    }
+
+    /// Takes the connection event ring buffer.
+    pub fn take_conn_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        take_map(&mut self.ebpf, map_names::CONN_EVENTS)
+    }
+
+    /// Kernel run-time statistics of each program: (name, run time ns, run count).
+    pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                let nanos = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+                Some((name.to_owned(), nanos, info.run_count()))
+            })
+            .collect()
+    }
+
+    /// Detaches everything and removes every pin: a clean stop leaves nothing of ours.
+    pub fn detach(self) -> anyhow::Result<()> {
+        let Self {
+            ebpf,
+            link_pins,
+            pin_dir,
+            ..
+        } = self;
+        for pin in &link_pins {
+            remove_if_present(pin)?;
+        }
+        drop(ebpf);
+        remove_pins(&pin_dir)
+    }
+}
+
+/// Removes every pin under `pin_dir` that this build creates, and the directories if empty.
+pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
+    let map_dir = paths::map_pin_dir(pin_dir);
+    let links_dir = map_dir.join(LINKS_DIR);
+    if links_dir.exists() {
+        for entry in fs::read_dir(&links_dir)? {
+            remove_if_present(&entry?.path())?;
+        }
+    }
+    for name in PINNED_MAPS {
+        remove_if_present(&map_dir.join(name))?;
+    }
+    for dir in [links_dir.as_path(), map_dir.as_path(), pin_dir] {
+        match fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            // Not empty: something else lives there, which is not ours to remove.
+            Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+            Err(err) => return Err(err).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing the pin {}", path.display())),
+    }
+}
+
+/// Swaps `program` into the link pinned at `pin`, if a previous run left one. Returns
+/// whether a link was adopted. A pin whose link is gone (its interface vanished) is removed.
+fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<bool> {
+    let link = match bpf_sys::open_pinned(pin) {
+        Ok(link) => link,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => {
+            return Err(err).with_context(|| format!("opening the pinned link {}", pin.display()));
+        }
+    };
+    match bpf_sys::update_link(link.as_fd(), program) {
+        Ok(()) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => {
+            remove_if_present(pin)?;
+            Ok(false)
+        }
+        Err(err) => Err(err)
+            .with_context(|| format!("replacing the program in the pinned link {}", pin.display())),
+    }
+}
+
+/// Link pins left by an earlier run that this run does not use (an interface that went away
+/// or was dropped from the config): removing the pin detaches the program.
+fn remove_stale_links(links_dir: &Path, in_use: &[PathBuf]) -> anyhow::Result<()> {
+    for entry in fs::read_dir(links_dir)? {
+        let path = entry?.path();
+        if !in_use.contains(&path) {
+            remove_if_present(&path)?;
+        }
+    }
+    Ok(())
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the kernel object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
+    let path = paths::lock_file(pin_dir);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    // SAFETY: flock on a valid open fd.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "another collector is running with pin directory {} (lock {} is held); stop it first or give this one its own `pin_dir`",
+            pin_dir.display(),
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Refuses pinned maps whose shape differs from this build's: reading them with the wrong
+/// layout would silently produce wrong numbers.
+fn check_pinned_maps(map_dir: &Path) -> anyhow::Result<()> {
+    let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")?;
+    for name in PINNED_MAPS {
+        let path = map_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let expected = object
+            .maps
+            .get(name)
+            .with_context(|| format!("the kernel object has no map {name}"))?;
+        let pinned = MapData::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let info = pinned.info()?;
+        let expected_type = aya_obj::generated::bpf_map_type::try_from(expected.map_type())
+            .ok()
+            .and_then(|t| MapType::try_from(t).ok());
+        let pinned_type = info.map_type().ok();
+        let mismatch = [
+            (
+                "type",
+                format!("{pinned_type:?}"),
+                format!("{expected_type:?}"),
+            ),
+            (
+                "key size",
+                info.key_size().to_string(),
+                expected.key_size().to_string(),
+            ),
+            (
+                "value size",
+                info.value_size().to_string(),
+                expected.value_size().to_string(),
+            ),
+            (
+                "capacity",
+                info.max_entries().to_string(),
+                expected.max_entries().to_string(),
+            ),
+        ]
+        .into_iter()
+        .find(|(_, pinned, expected)| pinned != expected);
+        if let Some((what, pinned, expected)) = mismatch {
+            bail!(
+                "the pinned map {} has {what} {pinned}, but this build expects {expected}; it was made by another build. Remove the old pins with `collector cleanup --apply` (or `rm -r {}`) and start again: its counters restart from zero",
+                path.display(),
+                map_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Gives every configured route its slot (see [`slots::plan`]), records the owners and zeroes
+/// the counters of slots taken over from retired routes.
+fn bind_routes(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<Vec<WatchedRoute>> {
+    let mut names: Array<&mut MapData, RouteName> = Array::try_from(
+        ebpf.map_mut(map_names::ROUTE_NAMES)
+            .context("the kernel object has no route name map")?,
+    )?;
+    let mut owners = Vec::with_capacity(MAX_ROUTES as usize);
+    for slot in 0..MAX_ROUTES {
+        let name = names.get(&slot, 0)?;
+        let end = name
+            .bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(name.bytes.len());
+        owners.push((end > 0).then(|| String::from_utf8_lossy(&name.bytes[..end]).into_owned()));
+    }
+    let route_names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+    let plan = slots::plan(&owners, &route_names).map_err(|err| anyhow!(err))?;
+    for (route, &slot) in config.routes.iter().zip(&plan.slots) {
+        let mut record = RouteName { bytes: [0; 64] };
+        let bytes = route.name.as_bytes();
+        let len = bytes.len().min(record.bytes.len() - 1);
+        record.bytes[..len].copy_from_slice(&bytes[..len]);
+        names.set(slot, record, 0)?;
+    }
+    for &slot in &plan.reclaimed {
+        zero_slot(ebpf, slot)?;
+    }
+    Ok(config
+        .routes
+        .iter()
+        .zip(plan.slots)
+        .map(|(route, slot)| WatchedRoute {
+            name: route.name.clone(),
+            kind: route.kind,
+            ports: route.ports.clone(),
+            slot,
+        })
+        .collect())
+}
+
+fn zero_per_cpu<T: aya::Pod + Default>(
+    ebpf: &mut Ebpf,
+    map: &str,
+    indices: impl Iterator<Item = u32>,
+) -> anyhow::Result<()> {
+    let mut array: PerCpuArray<&mut MapData, T> =
+        PerCpuArray::try_from(ebpf.map_mut(map).with_context(|| format!("no map {map}"))?)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
+    for index in indices {
+        let zeros = PerCpuValues::try_from(vec![T::default(); cpus])?;
+        array.set(index, zeros, 0)?;
+    }
+    Ok(())
+}
+
+fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
+    zero_per_cpu::<ConnCounters>(ebpf, map_names::CONN_COUNTERS, std::iter::once(slot))?;
+    zero_per_cpu::<u64>(
+        ebpf,
+        map_names::CONN_DURATIONS,
+        (0..DURATION_BUCKETS).map(|bucket| duration_index(slot, bucket)),
+    )?;
+    zero_per_cpu::<TrafficCounters>(
+        ebpf,
+        map_names::ROUTE_TRAFFIC,
+        (0..2).map(|dir| traffic_index(slot, dir)),
+    )
+}
+
+/// Writes port → slot + 1 for every watched port. The map is new at every start, so only the
+/// watched ports need writing.
+fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()> {
+    let mut ports: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(map_names::ROUTE_BY_PORT)
+            .context("the kernel object has no port map")?,
+    )?;
+    for route in routes {
+        for &port in &route.ports {
+            ports.set(u32::from(port), route.slot + 1, 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds what to do when the kernel refused for lack of privilege.
+fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
+    let denied = err.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+            .is_some_and(|code| code == libc::EPERM || code == libc::EACCES)
+            || cause.to_string().contains("Operation not permitted")
+    });
+    if denied {
+        err.context(
+            "the kernel refused: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_RESOURCE (`collector check` lists what is missing)",
+        )
+    } else {
+        err
+    }
+}

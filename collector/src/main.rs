@@ -1,0 +1,238 @@
+//! `collector`: the agent (`collector run`) and the operator's command line.
+
+mod api;
+mod bpf_sys;
+mod config;
+mod counters;
+mod events;
+mod links;
+mod loader;
+mod metrics;
+mod netns;
+mod paths;
+mod poller;
+mod rates;
+mod serve;
+mod slots;
+mod snapshot;
+mod topk;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::Config,
+    events::ClientStats,
+    loader::{Attachment, Options},
+    poller::{Poller, SharedSnapshot},
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Kernel-assisted proxy and DNS metrics for ingress hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the kernel programs and serve metrics until SIGINT/SIGTERM.
+    Run {
+        /// TOML configuration; without it the embedded default is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen address for HTTP, overriding the config's `listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Turn on the kernel's per-program run-time statistics while running (they cost
+        /// two clock reads per program run, so they are off by default).
+        #[arg(long)]
+        bpf_stats: bool,
+    },
+    /// List what a collector left in bpffs (pinned maps and links); remove it with --apply.
+    Cleanup {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Remove instead of listing.
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(path) => Config::from_file(path)?,
+        None => Config::embedded_default(),
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // netlink-packet-route warns about every attribute newer than itself.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
+                }),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            config,
+            listen,
+            bpf_stats,
+        } => load_config(config.as_deref()).and_then(|mut config| {
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(run(&config, bpf_stats))
+        }),
+        Command::Cleanup { config, apply } => {
+            load_config(config.as_deref()).and_then(|config| cleanup(&config, apply))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("collector: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let listener = serve::bind(config.listen).await?;
+
+    let mut attachment = Attachment::attach(&Options { config, bpf_stats })?;
+    let result = serve_until_signal(&mut attachment, config, listener, async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    })
+    .await;
+    tracing::info!("stopping: detaching programs and removing pins");
+    let detached = attachment.detach();
+    result.and(detached)
+}
+
+async fn serve_until_signal(
+    attachment: &mut Attachment,
+    config: &Config,
+    listener: tokio::net::TcpListener,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let maps = attachment.take_maps()?;
+    let ring = attachment.take_conn_events()?;
+    let clients = Arc::new(Mutex::new(ClientStats::default()));
+    let (subscribers, _) = tokio::sync::broadcast::channel(4096);
+    let mut events = tokio::spawn(events::consume(ring, Arc::clone(&clients), subscribers));
+
+    let latest = Arc::new(SharedSnapshot::default());
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve::serve(listener, Arc::clone(&latest), async move {
+        let _ = server_stopped.await;
+    }));
+    tracing::info!(
+        listen = %config.listen,
+        routes = attachment.routes.len(),
+        interfaces = ?attachment.interfaces,
+        cgroup2 = %attachment.cgroup2,
+        "collector running"
+    );
+
+    let mut poller = Poller::new(
+        maps,
+        attachment.routes.clone(),
+        attachment.interfaces.clone(),
+        clients,
+    );
+    let mut ticks = tokio::time::interval(config.poll_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    let outcome = loop {
+        tokio::select! {
+            () = &mut stop => break Ok(()),
+            _ = ticks.tick() => {
+                let programs = attachment
+                    .program_stats()
+                    .into_iter()
+                    .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats { name, run_time_ns, run_count })
+                    .collect();
+                match poller.poll(programs) {
+                    Some(snapshot) => latest.store(snapshot),
+                    None => poller.count_failure(),
+                }
+            }
+            ended = &mut events => {
+                let why = match ended {
+                    Ok(Err(err)) => err,
+                    Ok(Ok(())) => anyhow::anyhow!("it returned"),
+                    Err(err) => err.into(),
+                };
+                break Err(why.context("the connection event reader stopped"));
+            }
+        }
+    };
+    let _ = stop_server.send(());
+    events.abort();
+    match server.await {
+        Ok(Ok(())) => outcome,
+        Ok(Err(err)) => outcome.and(Err(err).context("serving HTTP")),
+        Err(err) => outcome.and(Err(err).context("the HTTP server task failed")),
+    }
+}
+
+fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
+    let pin_dir = &config.pin_dir;
+    let dir = paths::map_pin_dir(pin_dir);
+    let mut found = Vec::new();
+    if dir.exists() {
+        for entry in walk(&dir)? {
+            found.push(entry);
+        }
+    }
+    if found.is_empty() {
+        println!("nothing of ours under {}", config.pin_dir.display());
+        return Ok(());
+    }
+    for path in &found {
+        println!("{}{}", if apply { "removing " } else { "" }, path.display());
+    }
+    if apply {
+        loader::remove_pins(pin_dir)?;
+    } else {
+        println!("run again with --apply to remove these (a running collector's pins included)");
+    }
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            out.extend(walk(&path)?);
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}

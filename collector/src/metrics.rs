@@ -1,0 +1,335 @@
+//! Prometheus exposition (OpenMetrics text) of a snapshot. Pure: renders whatever snapshot
+//! it is given, so the output is tested on fixed snapshots without a kernel.
+//!
+//! Label cardinality is bounded by the config: `route` takes the configured route names,
+//! `direction` is `in` or `out`, `kind` a fixed set; client addresses and domains never
+//! become labels.
+
+use std::{fmt, sync::Arc};
+
+use collector_common::{DURATION_BUCKETS, ERROR_KIND_NAMES};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+
+use crate::snapshot::{RouteSnapshot, Snapshot, bucket_upper_seconds};
+
+type Labels = Vec<(&'static str, String)>;
+
+fn route_labels(route: &RouteSnapshot) -> Labels {
+    vec![("route", route.route.name.clone())]
+}
+
+fn route_direction_labels(route: &RouteSnapshot, direction: &'static str) -> Labels {
+    vec![
+        ("route", route.route.name.clone()),
+        ("direction", direction.to_owned()),
+    ]
+}
+
+/// Writes one family of samples.
+fn family<S, M>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    metric_type: MetricType,
+    samples: impl IntoIterator<Item = (S, M)>,
+) -> fmt::Result
+where
+    S: EncodeLabelSet,
+    M: EncodeMetric,
+{
+    let mut metric = encoder.encode_descriptor(name, help, unit, metric_type)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counters<S: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (S, u64)>,
+) -> fmt::Result {
+    family(
+        encoder,
+        name,
+        help,
+        unit,
+        MetricType::Counter,
+        samples.into_iter().map(|(l, v)| (l, ConstCounter::new(v))),
+    )
+}
+
+fn gauges<S: EncodeLabelSet, N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (S, N)>,
+) -> fmt::Result
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    family(
+        encoder,
+        name,
+        help,
+        unit,
+        MetricType::Gauge,
+        samples.into_iter().map(|(l, v)| (l, ConstGauge::new(v))),
+    )
+}
+
+/// Renders the proxy's connection figures.
+fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let routes = &snapshot.routes;
+    let mut info = encoder.encode_descriptor(
+        "collector_proxy_route",
+        "Configured routes: type and ports.",
+        None,
+        MetricType::Info,
+    )?;
+    for route in routes {
+        let ports: Vec<String> = route.route.ports.iter().map(u16::to_string).collect();
+        let labels: Labels = vec![
+            ("route", route.route.name.clone()),
+            ("type", route.route.kind.as_str().to_owned()),
+            ("ports", ports.join(",")),
+        ];
+        info.encode_info(&labels)?;
+    }
+    counters(
+        encoder,
+        "collector_proxy_connections_opened",
+        "Connections accepted on the route's ports.",
+        None,
+        routes
+            .iter()
+            .map(|r| (route_labels(r), r.totals.conn.opened)),
+    )?;
+    counters(
+        encoder,
+        "collector_proxy_connections_closed",
+        "Accepted connections that have closed.",
+        None,
+        routes
+            .iter()
+            .map(|r| (route_labels(r), r.totals.conn.closed)),
+    )?;
+    gauges(
+        encoder,
+        "collector_proxy_connections_active",
+        "Connections open now (opened minus closed).",
+        None,
+        routes.iter().map(|r| {
+            (
+                route_labels(r),
+                i64::try_from(r.active()).unwrap_or(i64::MAX),
+            )
+        }),
+    )?;
+    counters(
+        encoder,
+        "collector_proxy_connection_received",
+        "Payload bytes received from clients, counted when each connection closes.",
+        Some(&Unit::Bytes),
+        routes
+            .iter()
+            .map(|r| (route_labels(r), r.totals.conn.bytes_in)),
+    )?;
+    counters(
+        encoder,
+        "collector_proxy_connection_sent",
+        "Payload bytes sent to and acknowledged by clients, counted when each connection closes.",
+        Some(&Unit::Bytes),
+        routes
+            .iter()
+            .map(|r| (route_labels(r), r.totals.conn.bytes_out)),
+    )?;
+    let mut histogram = encoder.encode_descriptor(
+        "collector_proxy_connection_duration",
+        "Lifetime of closed connections.",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    for route in routes {
+        let labels = route_labels(route);
+        let buckets: Vec<(f64, u64)> = (0..DURATION_BUCKETS)
+            .zip(route.totals.durations)
+            .map(|(bucket, count)| {
+                let bound = if bucket == DURATION_BUCKETS - 1 {
+                    f64::MAX
+                } else {
+                    bucket_upper_seconds(bucket)
+                };
+                (bound, count)
+            })
+            .collect();
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "nanosecond sums as float seconds"
+        )]
+        let sum = route.totals.conn.duration_ns as f64 / 1e9;
+        histogram
+            .encode_family(&labels)?
+            .encode_histogram::<Labels>(sum, route.totals.durations.iter().sum(), &buckets, None)?;
+    }
+    Ok(())
+}
+
+/// Renders the live traffic counted by tc.
+fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let per_direction = |pick: fn(&collector_common::TrafficCounters) -> u64| {
+        snapshot.routes.iter().flat_map(move |r| {
+            [
+                (route_direction_labels(r, "in"), pick(&r.totals.traffic_in)),
+                (
+                    route_direction_labels(r, "out"),
+                    pick(&r.totals.traffic_out),
+                ),
+            ]
+        })
+    };
+    counters(
+        encoder,
+        "collector_proxy_packets",
+        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it).",
+        None,
+        per_direction(|t| t.packets),
+    )?;
+    counters(
+        encoder,
+        "collector_proxy_traffic",
+        "IP bytes (headers included) on the route's ports seen at the interfaces.",
+        Some(&Unit::Bytes),
+        per_direction(|t| t.bytes),
+    )?;
+    counters(
+        encoder,
+        "collector_proxy_traffic_payload",
+        "TCP payload bytes on the route's ports seen at the interfaces, live (before connections close).",
+        Some(&Unit::Bytes),
+        per_direction(|t| t.payload_bytes),
+    )
+}
+
+/// Renders the agent's own health: kernel-side errors, program costs, polling.
+fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    counters(
+        encoder,
+        "collector_bpf_errors",
+        "Failures inside the kernel programs, by kind; never turned into drops.",
+        None,
+        ERROR_KIND_NAMES
+            .iter()
+            .zip(snapshot.errors)
+            .map(|(kind, count)| (vec![("kind", (*kind).to_owned())], count)),
+    )?;
+    family(
+        encoder,
+        "collector_bpf_program_run",
+        "Time spent in each kernel program (kernel.bpf_stats_enabled or --bpf-stats; 0 otherwise).",
+        Some(&Unit::Seconds),
+        MetricType::Counter,
+        snapshot.programs.iter().map(|p| {
+            #[expect(clippy::cast_precision_loss, reason = "nanoseconds as float seconds")]
+            let seconds = p.run_time_ns as f64 / 1e9;
+            (
+                vec![("program", p.name.clone())],
+                ConstCounter::new(seconds),
+            )
+        }),
+    )?;
+    counters(
+        encoder,
+        "collector_bpf_program_runs",
+        "Runs of each kernel program (kernel.bpf_stats_enabled or --bpf-stats; 0 otherwise).",
+        None,
+        snapshot
+            .programs
+            .iter()
+            .map(|p| (vec![("program", p.name.clone())], p.run_count)),
+    )?;
+    counters(
+        encoder,
+        "collector_connection_events_received",
+        "Connection events read from the kernel ring buffer.",
+        None,
+        [(Labels::new(), snapshot.clients.events_received)],
+    )?;
+    counters(
+        encoder,
+        "collector_client_table_overflow",
+        "Client addresses not tracked in the active-by-client table because it was full.",
+        None,
+        [(Labels::new(), snapshot.clients.active_overflow)],
+    )?;
+    counters(
+        encoder,
+        "collector_polls",
+        "Reads of the kernel maps.",
+        None,
+        [(Labels::new(), snapshot.poll.polls)],
+    )?;
+    counters(
+        encoder,
+        "collector_poll_failures",
+        "Reads of the kernel maps that failed.",
+        None,
+        [(Labels::new(), snapshot.poll.failures)],
+    )?;
+    gauges(
+        encoder,
+        "collector_poll_duration",
+        "Duration of the last read of the kernel maps.",
+        Some(&Unit::Seconds),
+        [(Labels::new(), snapshot.poll.last_duration_seconds)],
+    )?;
+    let mut interfaces = encoder.encode_descriptor(
+        "collector_interface",
+        "Interfaces the tc classifiers are attached to.",
+        None,
+        MetricType::Info,
+    )?;
+    for name in &snapshot.interfaces {
+        interfaces.encode_info(&vec![("interface", name.clone())])?;
+    }
+    Ok(())
+}
+
+/// Exposes the latest snapshot on every scrape.
+#[derive(Debug)]
+pub struct SnapshotCollector {
+    latest: Arc<crate::poller::SharedSnapshot>,
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let snapshot = self.latest.load();
+        encode_connections(&snapshot, &mut encoder)?;
+        encode_traffic(&snapshot, &mut encoder)?;
+        encode_self(&snapshot, &mut encoder)
+    }
+}
+
+/// A registry exposing the shared snapshot.
+#[must_use]
+pub fn registry(latest: Arc<crate::poller::SharedSnapshot>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector { latest }));
+    registry
+}
+
+/// Renders `registry` as OpenMetrics text.
+pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}

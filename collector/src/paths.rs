@@ -1,0 +1,265 @@
+//! Every path and fixed location the agent uses, in one place: the bpffs pin layout, the
+//! cgroup2 mount, the instance lock.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+/// Layout version of the pinned maps: bumped whenever a map's type or layout changes, so an
+/// old pin set is never reused by a build that reads it differently.
+pub const PIN_LAYOUT_VERSION: &str = "v1";
+/// Where instance locks live (one per pin directory), so two agents never share maps.
+pub const LOCK_DIR: &str = "/run/collector";
+/// Filesystem type of bpffs in /proc/mounts.
+const BPFFS: &str = "bpf";
+/// Filesystem type of cgroup v2 in /proc/mounts.
+const CGROUP2: &str = "cgroup2";
+
+#[derive(Debug, Error)]
+pub enum PathError {
+    #[error("cgroup2 path {0} is not a mounted cgroup2 filesystem (see /proc/mounts)")]
+    NotCgroup2(PathBuf),
+    #[error("opening the cgroup2 root at {0}: {1}")]
+    OpenCgroup2(PathBuf, #[source] std::io::Error),
+    #[error(
+        "{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` or set `pin_dir` to a directory on bpffs"
+    )]
+    NoBpffs(PathBuf),
+    #[error(
+        "mounting bpffs at {0} (needs CAP_SYS_ADMIN; or mount it yourself: `mount -t bpf bpf /sys/fs/bpf`): {1}"
+    )]
+    MountBpffs(PathBuf, #[source] std::io::Error),
+    #[error("reading /proc/mounts: {0}")]
+    Mounts(#[source] std::io::Error),
+}
+
+/// One line of /proc/mounts.
+struct Mount<'a> {
+    target: &'a str,
+    fstype: &'a str,
+}
+
+fn parse_mounts(text: &str) -> impl Iterator<Item = Mount<'_>> {
+    text.lines().filter_map(|line| {
+        let mut fields = line.split_whitespace();
+        let _source = fields.next()?;
+        let target = fields.next()?;
+        let fstype = fields.next()?;
+        Some(Mount { target, fstype })
+    })
+}
+
+/// /proc/mounts escapes spaces and a few other bytes as octal (`\040`).
+fn unescape_mount_path(path: &str) -> PathBuf {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && let Ok(value) = u8::from_str_radix(&path[i + 1..i + 4], 8)
+        {
+            out.push(value);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsString::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&out),
+    ))
+}
+
+fn read_mounts() -> Result<String, PathError> {
+    fs::read_to_string("/proc/self/mounts").map_err(PathError::Mounts)
+}
+
+/// The first cgroup2 mount in `mounts_text` (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup).
+fn find_cgroup2(mounts_text: &str) -> Option<PathBuf> {
+    parse_mounts(mounts_text)
+        .find(|m| m.fstype == CGROUP2)
+        .map(|m| unescape_mount_path(m.target))
+}
+
+/// The cgroup2 root the sock_ops program attaches to.
+pub enum Cgroup2 {
+    /// A mount point visible to this process.
+    Mounted(PathBuf),
+    /// None is visible (`ip netns exec` gives its command a fresh /sys without the host's
+    /// cgroup mounts): mount one for a moment to open its root.
+    Unmounted,
+}
+
+/// The configured cgroup2 mount (checked), else the first one in /proc/self/mounts.
+pub fn cgroup2_root(configured: Option<&Path>) -> Result<Cgroup2, PathError> {
+    let mounts = read_mounts()?;
+    match configured {
+        None => Ok(find_cgroup2(&mounts).map_or(Cgroup2::Unmounted, Cgroup2::Mounted)),
+        Some(path) => {
+            let is_mount = parse_mounts(&mounts)
+                .any(|m| m.fstype == CGROUP2 && unescape_mount_path(m.target) == path);
+            if is_mount {
+                Ok(Cgroup2::Mounted(path.to_path_buf()))
+            } else {
+                Err(PathError::NotCgroup2(path.to_path_buf()))
+            }
+        }
+    }
+}
+
+/// Opens the root of the cgroup2 hierarchy. Without a visible mount, mounts cgroup2 on a
+/// temporary directory, opens it and detaches the mount at once: the open directory keeps
+/// the cgroup, and nothing stays mounted.
+pub fn open_cgroup2(cgroup: &Cgroup2) -> Result<(fs::File, String), PathError> {
+    match cgroup {
+        Cgroup2::Mounted(path) => fs::File::open(path)
+            .map(|file| (file, path.display().to_string()))
+            .map_err(|err| PathError::OpenCgroup2(path.clone(), err)),
+        Cgroup2::Unmounted => {
+            let dir =
+                std::env::temp_dir().join(format!("collector-cgroup2-{}", std::process::id()));
+            let fail = |err| PathError::OpenCgroup2(dir.clone(), err);
+            fs::create_dir_all(&dir).map_err(fail)?;
+            let opened = mount("cgroup2", &dir, "cgroup2", c"").and_then(|()| {
+                let file = fs::File::open(&dir);
+                unmount_detached(&dir);
+                file
+            });
+            let _ = fs::remove_dir(&dir);
+            opened
+                .map(|file| (file, "cgroup2 root (mounted privately)".to_owned()))
+                .map_err(fail)
+        }
+    }
+}
+
+fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    options: &std::ffi::CStr,
+) -> std::io::Result<()> {
+    let source = std::ffi::CString::new(source)?;
+    let target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())?;
+    let fstype = std::ffi::CString::new(fstype)?;
+    // SAFETY: NUL-terminated strings that outlive the call; mount(2) copies them.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            options.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn unmount_detached(target: &Path) {
+    if let Ok(target) = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// The bpffs mount that contains `path`, if any (longest matching mount point).
+fn bpffs_containing(mounts_text: &str, path: &Path) -> Option<PathBuf> {
+    parse_mounts(mounts_text)
+        .filter(|m| m.fstype == BPFFS)
+        .map(|m| unescape_mount_path(m.target))
+        .filter(|target| path.starts_with(target))
+        .max_by_key(|target| target.as_os_str().len())
+}
+
+/// Where bpffs is conventionally mounted.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Makes sure `pin_dir` lies on bpffs. With none mounted and a pin directory under
+/// /sys/fs/bpf, mounts bpffs there, as Cilium does. Under `ip netns exec` that mount is
+/// private to the agent (its /sys is its own), so the pins do not outlive it.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PathError> {
+    if bpffs_containing(&read_mounts()?, pin_dir).is_some() {
+        return Ok(());
+    }
+    if !pin_dir.starts_with(BPFFS_ROOT) {
+        return Err(PathError::NoBpffs(pin_dir.into()));
+    }
+    let root = Path::new(BPFFS_ROOT);
+    fs::create_dir_all(root)
+        .and_then(|()| mount("bpf", root, "bpf", c"mode=0700"))
+        .map_err(|err| PathError::MountBpffs(root.into(), err))?;
+    tracing::warn!(
+        "no bpffs was mounted: mounted one at {BPFFS_ROOT}; if this process has a private /sys (ip netns exec), its pins vanish with it"
+    );
+    Ok(())
+}
+
+/// Directory of this build's pinned maps under the configured pin directory.
+pub fn map_pin_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(PIN_LAYOUT_VERSION)
+}
+
+/// Lock file guarding one pin directory.
+pub fn lock_file(pin_dir: &Path) -> PathBuf {
+    let escaped: String = pin_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Path::new(LOCK_DIR).join(format!("{escaped}.lock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
+tmpfs /sys/fs/cgroup tmpfs ro,nosuid,nodev,noexec,mode=755 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0
+bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0
+bpf /sys/fs/bpf/with\\040space bpf rw 0 0
+";
+
+    #[test]
+    fn finds_cgroup2_on_hybrid_hosts() {
+        assert_eq!(
+            find_cgroup2(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(find_cgroup2("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn finds_the_bpffs_holding_a_path() {
+        assert_eq!(
+            bpffs_containing(HYBRID, Path::new("/sys/fs/bpf/collector")),
+            Some(PathBuf::from("/sys/fs/bpf"))
+        );
+        assert_eq!(
+            bpffs_containing(HYBRID, Path::new("/sys/fs/bpf/with space/x")),
+            Some(PathBuf::from("/sys/fs/bpf/with space"))
+        );
+        assert_eq!(bpffs_containing(HYBRID, Path::new("/tmp/pins")), None);
+        // A prefix of a component is not containment.
+        assert_eq!(bpffs_containing(HYBRID, Path::new("/sys/fs/bpfx")), None);
+    }
+
+    #[test]
+    fn lock_file_names_are_flat() {
+        assert_eq!(
+            lock_file(Path::new("/sys/fs/bpf/collector")),
+            PathBuf::from("/run/collector/_sys_fs_bpf_collector.lock")
+        );
+    }
+}

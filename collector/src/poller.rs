@@ -1,0 +1,173 @@
+//! The poller: reads the kernel maps at a fixed interval, computes rates over sliding
+//! windows and publishes one snapshot that every output reads.
+
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    counters,
+    events::ClientStats,
+    loader::{KernelMaps, WatchedRoute},
+    rates::{AVERAGE, CounterHistory},
+    snapshot::{PollStats, ProgramStats, RouteSnapshot, Snapshot},
+};
+
+/// Per-poll rates kept for the short history in the JSON API.
+const HISTORY_SAMPLES: usize = 60;
+
+/// The latest snapshot, swapped whole by the poller and cloned (as an `Arc`) by readers.
+#[derive(Debug, Default)]
+pub struct SharedSnapshot {
+    latest: RwLock<Arc<Snapshot>>,
+    ready: AtomicBool,
+}
+
+impl SharedSnapshot {
+    #[must_use]
+    pub fn load(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.latest.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub fn store(&self, snapshot: Snapshot) {
+        *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// True once a first poll succeeded.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// Histories of the counters that get rates.
+struct RateHistories {
+    opened: CounterHistory,
+    bytes_in: CounterHistory,
+    bytes_out: CounterHistory,
+}
+
+impl RateHistories {
+    fn new() -> Self {
+        // Keep a little more than the longest window so it is always computable.
+        let keep = AVERAGE + Duration::from_secs(5);
+        Self {
+            opened: CounterHistory::new(keep),
+            bytes_in: CounterHistory::new(keep),
+            bytes_out: CounterHistory::new(keep),
+        }
+    }
+
+    fn record(&mut self, at: Duration, opened: u64, bytes_in: u64, bytes_out: u64) {
+        self.opened.record(at, opened);
+        self.bytes_in.record(at, bytes_in);
+        self.bytes_out.record(at, bytes_out);
+    }
+}
+
+pub struct Poller {
+    maps: KernelMaps,
+    routes: Vec<WatchedRoute>,
+    interfaces: Vec<String>,
+    clients: Arc<Mutex<ClientStats>>,
+    started: Instant,
+    total: RateHistories,
+    per_route: Vec<RateHistories>,
+    poll: PollStats,
+}
+
+impl Poller {
+    #[must_use]
+    pub fn new(
+        maps: KernelMaps,
+        routes: Vec<WatchedRoute>,
+        interfaces: Vec<String>,
+        clients: Arc<Mutex<ClientStats>>,
+    ) -> Self {
+        let per_route = routes.iter().map(|_| RateHistories::new()).collect();
+        Self {
+            maps,
+            routes,
+            interfaces,
+            clients,
+            started: Instant::now(),
+            total: RateHistories::new(),
+            per_route,
+            poll: PollStats::default(),
+        }
+    }
+
+    /// Reads the kernel once and builds a snapshot; `None` (counted) if the read failed.
+    pub fn poll(&mut self, programs: Vec<ProgramStats>) -> Option<Snapshot> {
+        let began = Instant::now();
+        let totals = match counters::read(&self.maps, &self.routes) {
+            Ok(totals) => totals,
+            Err(err) => {
+                self.poll.failures += 1;
+                tracing::warn!("reading the kernel maps failed: {err}");
+                return None;
+            }
+        };
+        let at = began.duration_since(self.started);
+        let mut routes = Vec::with_capacity(self.routes.len());
+        let (mut opened, mut bytes_in, mut bytes_out) = (0u64, 0u64, 0u64);
+        for ((route, route_totals), history) in self
+            .routes
+            .iter()
+            .zip(&totals.routes)
+            .zip(&mut self.per_route)
+        {
+            history.record(
+                at,
+                route_totals.conn.opened,
+                route_totals.traffic_in.payload_bytes,
+                route_totals.traffic_out.payload_bytes,
+            );
+            opened += route_totals.conn.opened;
+            bytes_in += route_totals.traffic_in.payload_bytes;
+            bytes_out += route_totals.traffic_out.payload_bytes;
+            routes.push(RouteSnapshot {
+                route: route.clone(),
+                totals: *route_totals,
+                connection_rates: history.opened.rates(),
+                bytes_in_rates: history.bytes_in.rates(),
+                bytes_out_rates: history.bytes_out.rates(),
+            });
+        }
+        self.total.record(at, opened, bytes_in, bytes_out);
+        self.poll.polls += 1;
+        self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .snapshot();
+        Some(Snapshot {
+            taken_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            routes,
+            errors: totals.errors,
+            programs,
+            connection_rates: self.total.opened.rates(),
+            bytes_in_rates: self.total.bytes_in.rates(),
+            bytes_out_rates: self.total.bytes_out.rates(),
+            connection_history: self.total.opened.history(HISTORY_SAMPLES),
+            bytes_in_history: self.total.bytes_in.history(HISTORY_SAMPLES),
+            bytes_out_history: self.total.bytes_out.history(HISTORY_SAMPLES),
+            clients,
+            poll: self.poll,
+            interfaces: self.interfaces.clone(),
+        })
+    }
+
+    /// Counts a poll that could not run at all.
+    pub fn count_failure(&mut self) {
+        self.poll.failures += 1;
+    }
+}

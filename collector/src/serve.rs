@@ -1,0 +1,79 @@
+//! HTTP: `/metrics` (OpenMetrics), the JSON API, and the probes. Handlers only read the
+//! published snapshot; nothing here touches the kernel.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::registry::Registry;
+
+use crate::{api, metrics, poller::SharedSnapshot};
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone)]
+struct AppState {
+    latest: Arc<SharedSnapshot>,
+    registry: Arc<Registry>,
+}
+
+/// The router for the agent's endpoints.
+pub fn router(latest: Arc<SharedSnapshot>) -> Router {
+    let registry = Arc::new(metrics::registry(Arc::clone(&latest)));
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/api/v1/proxy", get(serve_proxy))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(serve_ready))
+        .with_state(AppState { latest, registry })
+}
+
+async fn serve_metrics(State(state): State<AppState>) -> Response {
+    match metrics::render(&state.registry) {
+        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering metrics: {err}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn serve_proxy(State(state): State<AppState>) -> Json<api::ProxyStats> {
+    Json(api::proxy_stats(&state.latest.load()))
+}
+
+async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.latest.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first read of the kernel maps\n",
+        )
+    }
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    latest: Arc<SharedSnapshot>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(latest))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the listen address, saying what to do when it is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context as _;
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("listening on {addr} (is another collector running? choose another with --listen)")
+    })
+}

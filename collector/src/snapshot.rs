@@ -1,0 +1,168 @@
+//! The one snapshot every output reads: kernel totals merged with rates, client statistics
+//! and the agent's own health. Built by the poller; scrapes only clone an `Arc` of it.
+
+use std::net::IpAddr;
+
+use collector_common::{DURATION_BUCKETS, ERROR_KINDS};
+
+use crate::{counters::RouteTotals, loader::WatchedRoute, rates::Rates};
+
+/// One route's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSnapshot {
+    pub route: WatchedRoute,
+    pub totals: RouteTotals,
+    /// New connections per second.
+    pub connection_rates: Rates,
+    /// Live payload bytes per second (tc), towards the proxy.
+    pub bytes_in_rates: Rates,
+    /// Live payload bytes per second (tc), from the proxy.
+    pub bytes_out_rates: Rates,
+}
+
+impl RouteSnapshot {
+    /// Connections open now: both counters are exact and monotonic.
+    #[must_use]
+    pub fn active(&self) -> u64 {
+        self.totals
+            .conn
+            .opened
+            .saturating_sub(self.totals.conn.closed)
+    }
+}
+
+/// Kernel run-time statistics of one program (zero unless BPF stats are enabled).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+/// Client addresses seen in connection events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientSnapshot {
+    /// Heaviest clients by connections opened, highest first.
+    pub top: Vec<(IpAddr, u64)>,
+    /// Clients with the most open connections, highest first.
+    pub active: Vec<(IpAddr, u64)>,
+    /// Connection events read from the kernel.
+    pub events_received: u64,
+    /// Clients not tracked in `active` because the table was full.
+    pub active_overflow: u64,
+}
+
+/// The agent's own polling health.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PollStats {
+    pub polls: u64,
+    pub failures: u64,
+    pub last_duration_seconds: f64,
+}
+
+/// Everything the outputs serve.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Milliseconds since the Unix epoch when the kernel maps were read.
+    pub taken_at_ms: u64,
+    pub routes: Vec<RouteSnapshot>,
+    pub errors: [u64; ERROR_KINDS as usize],
+    pub programs: Vec<ProgramStats>,
+    pub connection_rates: Rates,
+    pub bytes_in_rates: Rates,
+    pub bytes_out_rates: Rates,
+    /// Per-poll rates, oldest first: the short history behind the rate windows.
+    pub connection_history: Vec<f64>,
+    pub bytes_in_history: Vec<f64>,
+    pub bytes_out_history: Vec<f64>,
+    pub clients: ClientSnapshot,
+    pub poll: PollStats,
+    pub interfaces: Vec<String>,
+}
+
+impl Snapshot {
+    #[must_use]
+    pub fn active_connections(&self) -> u64 {
+        self.routes.iter().map(RouteSnapshot::active).sum()
+    }
+
+    #[must_use]
+    pub fn total_connections(&self) -> u64 {
+        self.routes.iter().map(|r| r.totals.conn.opened).sum()
+    }
+}
+
+/// Upper bound of duration bucket `bucket`, in seconds (bucket `i` ends at 2^(i+1) µs).
+#[must_use]
+pub fn bucket_upper_seconds(bucket: u32) -> f64 {
+    2f64.powi((bucket + 1).cast_signed()) / 1e6
+}
+
+fn bucket_lower_seconds(bucket: u32) -> f64 {
+    if bucket == 0 {
+        0.0
+    } else {
+        bucket_upper_seconds(bucket - 1)
+    }
+}
+
+/// The `q` quantile of a log2 duration histogram, interpolating linearly inside the bucket
+/// (as Prometheus' `histogram_quantile` does). `None` with no observations. The open-ended
+/// last bucket yields its lower bound.
+#[must_use]
+pub fn histogram_quantile(buckets: &[u64; DURATION_BUCKETS as usize], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut cumulative = 0u64;
+    for (bucket, &count) in (0..DURATION_BUCKETS).zip(buckets) {
+        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+        let reached = (cumulative + count) as f64;
+        if count > 0 && reached >= rank {
+            let lower = bucket_lower_seconds(bucket);
+            if bucket == DURATION_BUCKETS - 1 {
+                return Some(lower);
+            }
+            let upper = bucket_upper_seconds(bucket);
+            #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+            let fraction = (rank - cumulative as f64) / count as f64;
+            return Some(lower + (upper - lower) * fraction);
+        }
+        cumulative += count;
+    }
+    Some(bucket_lower_seconds(DURATION_BUCKETS - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_bounds_are_powers_of_two_microseconds() {
+        assert!((bucket_upper_seconds(0) - 2e-6).abs() < 1e-15);
+        assert!((bucket_upper_seconds(19) - 1.048_576).abs() < 1e-9);
+        assert!((bucket_upper_seconds(31) - 4_294.967_296).abs() < 1e-6);
+        assert!(bucket_lower_seconds(0).abs() < f64::EPSILON);
+        assert!((bucket_lower_seconds(1) - 2e-6).abs() < 1e-15);
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let mut buckets = [0u64; DURATION_BUCKETS as usize];
+        assert_eq!(histogram_quantile(&buckets, 0.5), None);
+        // 100 observations in [1.048576 s, 2.097152 s).
+        buckets[20] = 100;
+        let median = histogram_quantile(&buckets, 0.5).unwrap();
+        assert!(
+            (median - (1.048_576 + 1.048_576 * 0.5)).abs() < 1e-9,
+            "{median}"
+        );
+        // 10 fast ones in bucket 0 move p05 below 2 µs.
+        buckets[0] = 10;
+        assert!(histogram_quantile(&buckets, 0.05).unwrap() < 2e-6);
+        assert!(histogram_quantile(&buckets, 0.99).unwrap() > 1.048_576);
+    }
+}

@@ -1,0 +1,413 @@
+//! Privileged integration tests of the proxy statistics: the real agent, real kernel programs
+//! and real TCP traffic in a network namespace of each test's own, with exact counts.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use support::{Agent, AgentConfig, Netns, assert_no_pins, proxy_json, sample, scrape, wait_for};
+
+const WEB_PORT: u16 = 18080;
+const API_PORT: u16 = 18081;
+const UNWATCHED_PORT: u16 = 18082;
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "web"
+ports = [18080]
+type = "http"
+
+[[routes]]
+name = "api"
+ports = [18081]
+type = "tcp"
+"#;
+
+/// Who closes a connection first: each takes a different path through TCP's states, and
+/// the byte counts must be exact on both.
+#[derive(Clone, Copy)]
+enum Closer {
+    Client,
+    Server,
+}
+
+/// Per connection: reads exactly `request` bytes, writes `response` bytes, then closes
+/// either first or after the client.
+fn serve(
+    listener: &TcpListener,
+    request: usize,
+    response: usize,
+    closer: Closer,
+    connections: usize,
+) {
+    for _ in 0..connections {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = vec![0; request];
+        stream.read_exact(&mut buf).unwrap();
+        stream.write_all(&vec![b'r'; response]).unwrap();
+        if let Closer::Client = closer {
+            // Wait for the client's FIN before closing.
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+        }
+    }
+}
+
+/// A client connection: send `request` bytes, read `response` bytes, close.
+fn exchange(port: u16, request: usize, response: usize, closer: Closer) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(&vec![b'q'; request]).unwrap();
+    let mut buf = vec![0; response];
+    stream.read_exact(&mut buf).unwrap();
+    if let Closer::Server = closer {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+}
+
+/// `count` exchanges with a server on `port`, both inside `netns`.
+fn traffic(
+    netns: &Netns,
+    port: u16,
+    count: usize,
+    request: usize,
+    response: usize,
+    closer: Closer,
+) {
+    let listener = netns.run(move || TcpListener::bind(("127.0.0.1", port)).unwrap());
+    let server = thread::spawn(move || serve(&listener, request, response, closer, count));
+    netns.run(move || {
+        for _ in 0..count {
+            exchange(port, request, response, closer);
+        }
+    });
+    server.join().unwrap();
+}
+
+fn route_value(metrics: &str, name: &str, route: &str) -> f64 {
+    sample(metrics, name, &[("route", route)])
+        .unwrap_or_else(|| panic!("{name}{{route={route}}} missing"))
+}
+
+#[test]
+fn counts_connections_and_bytes_exactly_per_route() {
+    const WEB: usize = 120;
+    const API: usize = 80;
+    const UNWATCHED: usize = 30;
+    // Requests and responses of several segments, different per route.
+    const WEB_REQUEST: usize = 1_234;
+    const WEB_RESPONSE: usize = 56_789;
+    const API_REQUEST: usize = 7_000;
+    const API_RESPONSE: usize = 321;
+
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+
+    traffic(
+        &netns,
+        WEB_PORT,
+        WEB,
+        WEB_REQUEST,
+        WEB_RESPONSE,
+        Closer::Client,
+    );
+    traffic(
+        &netns,
+        API_PORT,
+        API,
+        API_REQUEST,
+        API_RESPONSE,
+        Closer::Server,
+    );
+    traffic(&netns, UNWATCHED_PORT, UNWATCHED, 10, 10, Closer::Client);
+
+    let metrics = wait_for(
+        "every connection to be counted closed",
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(&netns);
+            let closed = route_value(&metrics, "collector_proxy_connections_closed_total", "web")
+                + route_value(&metrics, "collector_proxy_connections_closed_total", "api");
+            (closed >= (WEB + API) as f64).then_some(metrics)
+        },
+    );
+    let expect = |name: &str, route: &str, value: usize| {
+        assert_eq!(
+            route_value(&metrics, name, route),
+            value as f64,
+            "{name}{{route={route}}}\n{metrics}"
+        );
+    };
+    expect("collector_proxy_connections_opened_total", "web", WEB);
+    expect("collector_proxy_connections_opened_total", "api", API);
+    expect("collector_proxy_connections_closed_total", "web", WEB);
+    expect("collector_proxy_connections_closed_total", "api", API);
+    expect("collector_proxy_connections_active", "web", 0);
+    expect("collector_proxy_connections_active", "api", 0);
+    expect(
+        "collector_proxy_connection_received_bytes_total",
+        "web",
+        WEB * WEB_REQUEST,
+    );
+    expect(
+        "collector_proxy_connection_sent_bytes_total",
+        "web",
+        WEB * WEB_RESPONSE,
+    );
+    expect(
+        "collector_proxy_connection_received_bytes_total",
+        "api",
+        API * API_REQUEST,
+    );
+    expect(
+        "collector_proxy_connection_sent_bytes_total",
+        "api",
+        API * API_RESPONSE,
+    );
+    expect(
+        "collector_proxy_connection_duration_seconds_count",
+        "web",
+        WEB,
+    );
+    // The live tc counters see the same payload, packet by packet.
+    let traffic = |route: &str, direction: &str| {
+        sample(
+            &metrics,
+            "collector_proxy_traffic_payload_bytes_total",
+            &[("route", route), ("direction", direction)],
+        )
+        .unwrap()
+    };
+    assert_eq!(traffic("web", "in"), (WEB * WEB_REQUEST) as f64);
+    assert_eq!(traffic("web", "out"), (WEB * WEB_RESPONSE) as f64);
+    assert_eq!(traffic("api", "in"), (API * API_REQUEST) as f64);
+    assert_eq!(traffic("api", "out"), (API * API_RESPONSE) as f64);
+    assert!(
+        !metrics.contains("18082"),
+        "the unwatched port shows up:\n{metrics}"
+    );
+
+    let json = proxy_json(&netns);
+    assert_eq!(json["totalConnections"], WEB + API);
+    assert_eq!(json["activeConnections"], 0);
+    assert_eq!(json["connectionsByRoute"]["web"], 0);
+    let routes = json["routes"].as_array().unwrap();
+    let web = routes.iter().find(|r| r["name"] == "web").unwrap();
+    let api = routes.iter().find(|r| r["name"] == "api").unwrap();
+    assert_eq!(web["opened"], WEB);
+    assert_eq!(api["closed"], API);
+    assert_eq!(web["bytesIn"], WEB * WEB_REQUEST);
+    assert_eq!(web["bytesOut"], WEB * WEB_RESPONSE);
+    assert_eq!(api["bytesIn"], API * API_REQUEST);
+    assert_eq!(api["bytesOut"], API * API_RESPONSE);
+    assert_eq!(web["type"], "http");
+    assert!(web["duration"]["p50"].as_f64().unwrap() > 0.0);
+    assert_eq!(json["topIPs"][0]["ip"], "127.0.0.1");
+    assert_eq!(json["topIPs"][0]["connections"], WEB + API);
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn active_connections_are_exact_while_held_open() {
+    const HELD: usize = 50;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let _agent = Agent::start(&netns, &config);
+
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
+    let clients = netns.run(|| {
+        (0..HELD)
+            .map(|_| TcpStream::connect(("127.0.0.1", API_PORT)).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let accepted: Vec<TcpStream> = (0..HELD).map(|_| listener.accept().unwrap().0).collect();
+
+    let metrics = wait_for("50 active connections", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (route_value(&metrics, "collector_proxy_connections_active", "api") == HELD as f64)
+            .then_some(metrics)
+    });
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_active", "web"),
+        0.0
+    );
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_closed_total", "api"),
+        0.0
+    );
+    let json = proxy_json(&netns);
+    assert_eq!(json["activeConnections"], HELD);
+    assert_eq!(json["connectionsByRoute"]["api"], HELD);
+    assert_eq!(json["connectionsByIP"]["127.0.0.1"], HELD);
+
+    drop(clients);
+    drop(accepted);
+    wait_for(
+        "every held connection to close",
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(&netns);
+            (route_value(&metrics, "collector_proxy_connections_active", "api") == 0.0
+                && route_value(&metrics, "collector_proxy_connections_closed_total", "api")
+                    == HELD as f64)
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn live_byte_counters_grow_while_a_connection_streams() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let _agent = Agent::start(&netns, &config);
+
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", WEB_PORT)).unwrap());
+    let mut client = netns.run(|| TcpStream::connect(("127.0.0.1", WEB_PORT)).unwrap());
+    let (mut server, _) = listener.accept().unwrap();
+    let sink = thread::spawn(move || {
+        let mut buf = vec![0; 1 << 16];
+        let mut total = 0usize;
+        while let Ok(n) = server.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+
+    let live_in = |netns: &Netns| {
+        sample(
+            &scrape(netns),
+            "collector_proxy_traffic_payload_bytes_total",
+            &[("route", "web"), ("direction", "in")],
+        )
+        .unwrap()
+    };
+    let chunk = vec![b's'; 100_000];
+    let mut sent = 0usize;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        client.write_all(&chunk).unwrap();
+        sent += chunk.len();
+        let value = wait_for(
+            "the live counter to reach what was sent",
+            Duration::from_secs(5),
+            || {
+                let value = live_in(&netns);
+                (value >= sent as f64).then_some(value)
+            },
+        );
+        seen.push(value);
+    }
+    // Each sample grew, and the connection is still open: no close accounting yet.
+    assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
+    let metrics = scrape(&netns);
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_active", "web"),
+        1.0
+    );
+    assert_eq!(
+        route_value(
+            &metrics,
+            "collector_proxy_connection_received_bytes_total",
+            "web"
+        ),
+        0.0
+    );
+    let json = proxy_json(&netns);
+    let web = json["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "web")
+        .unwrap()
+        .clone();
+    assert_eq!(web["traffic"]["payloadBytesIn"], sent);
+    drop(client);
+    assert_eq!(sink.join().unwrap(), sent);
+}
+
+#[test]
+fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    traffic(&netns, WEB_PORT, 10, 100, 100, Closer::Client);
+    wait_for("10 closed connections", Duration::from_secs(10), || {
+        (route_value(
+            &scrape(&netns),
+            "collector_proxy_connections_closed_total",
+            "web",
+        ) == 10.0)
+            .then_some(())
+    });
+
+    // A crash leaves the programs attached: they keep counting while the agent is down.
+    agent.kill();
+    traffic(&netns, WEB_PORT, 5, 100, 100, Closer::Client);
+
+    let agent = Agent::start(&netns, &config);
+    traffic(&netns, WEB_PORT, 7, 100, 100, Closer::Client);
+    let metrics = wait_for("22 closed connections", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (route_value(&metrics, "collector_proxy_connections_closed_total", "web") >= 22.0)
+            .then_some(metrics)
+    });
+    // Exactly once each: no connection lost across the crash, none counted twice.
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_opened_total", "web"),
+        22.0
+    );
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_closed_total", "web"),
+        22.0
+    );
+    assert_eq!(
+        route_value(
+            &metrics,
+            "collector_proxy_connection_received_bytes_total",
+            "web"
+        ),
+        2200.0
+    );
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn an_incompatible_pinned_map_is_refused_with_the_fix() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    Agent::start(&netns, &config).kill();
+    // Put a map of another shape where the route counters were pinned, as an older build
+    // with another layout would have left it.
+    let pins = config.pin_dir.join("v1");
+    std::fs::remove_file(pins.join("CONN_COUNTERS")).unwrap();
+    std::fs::rename(pins.join("ERRORS"), pins.join("CONN_COUNTERS")).unwrap();
+
+    let out = netns
+        .command(support::COLLECTOR)
+        .args(["run", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CONN_COUNTERS has value size 8, but this build expects 40")
+            && stderr.contains("collector cleanup --apply"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,318 @@
+//! Shared by the privileged integration tests and the benchmark: a network namespace that
+//! removes itself, the agent as a child process inside it, HTTP from inside the namespace,
+//! and readers for `/metrics`.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of this module"
+)]
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The collector binary under test.
+pub const COLLECTOR: &str = env!("CARGO_BIN_EXE_collector");
+/// Where the agent listens inside each test's namespace.
+pub const LISTEN: &str = "127.0.0.1:9464";
+
+/// Fails loudly without root: a privileged test that skips proves nothing.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF, tc, network namespaces): run `sudo cargo xtask test`"
+    );
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("bpf")),
+        "bpffs is not mounted: `mount -t bpf bpf /sys/fs/bpf` (cargo xtask test does it)"
+    );
+}
+
+fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with loopback up, deleted on drop (even when the test fails).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        require_root();
+        let name = unique("colltest");
+        run("ip", &["netns", "add", &name]);
+        let netns = Self { name };
+        run("ip", &["-n", &netns.name, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it opens live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().unwrap()
+    }
+
+    /// Spawns a thread inside this namespace and returns its handle.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// `program` in this network namespace only (`nsenter --net`): unlike `ip netns exec`,
+    /// the host's /sys, and so its bpffs, stays visible.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/var/run/netns/{}", self.name))
+            .arg(program);
+        command
+    }
+
+    /// `ip netns exec` into this namespace, as an operator would start a sidecar.
+    pub fn ip_netns_exec(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A config file and pin directory of the test's own.
+pub struct AgentConfig {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl AgentConfig {
+    /// Writes a config with `routes` (TOML `[[routes]]` tables) and a 100 ms poll interval.
+    pub fn new(routes: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("collector-test"));
+        fs::create_dir_all(&dir).unwrap();
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("collector-test"));
+        let path = dir.join("collector.toml");
+        fs::write(
+            &path,
+            format!(
+                "listen = \"{LISTEN}\"\npin_dir = \"{}\"\npoll_interval_ms = 100\n\n{routes}",
+                pin_dir.display()
+            ),
+        )
+        .unwrap();
+        Self { dir, path, pin_dir }
+    }
+}
+
+impl Drop for AgentConfig {
+    fn drop(&mut self) {
+        // Whatever happened to the agent, leave nothing in bpffs.
+        let _ = Command::new(COLLECTOR)
+            .args(["cleanup", "--apply", "--config"])
+            .arg(&self.path)
+            .output();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The agent running inside a namespace; SIGTERM on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub netns_name: String,
+}
+
+impl Agent {
+    /// Starts `collector run --config` inside `netns` and waits until it is ready.
+    pub fn start(netns: &Netns, config: &AgentConfig) -> Self {
+        Self::start_with(netns, config, &[])
+    }
+
+    pub fn start_with(netns: &Netns, config: &AgentConfig, extra: &[&str]) -> Self {
+        Self::spawn(netns, netns.command(COLLECTOR), config, extra)
+    }
+
+    /// Starts the agent with `launcher` (e.g. [`Netns::ip_netns_exec`]) and waits until ready.
+    pub fn spawn(
+        netns: &Netns,
+        mut launcher: Command,
+        config: &AgentConfig,
+        extra: &[&str],
+    ) -> Self {
+        let child = launcher
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut agent = Self {
+            child: Some(child),
+            netns_name: netns.name.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the agent exited before it was ready: {status}");
+            }
+            if matches!(
+                netns.run(|| get("/readyz").map(|(status, _)| status)),
+                Ok(200)
+            ) {
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent was not ready within 30 s"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(child) = &self.child {
+            signal_child(child, signal);
+        }
+    }
+
+    /// SIGTERM and wait: returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.take().unwrap().wait().unwrap()
+    }
+
+    /// SIGKILL, as a crash would: nothing gets cleaned up.
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        self.child.take().unwrap().wait().unwrap();
+    }
+}
+
+/// `nsenter` and `ip netns exec` exec the program, so the child's pid is the agent's.
+fn signal_child(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, signal) };
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal_child(&child, libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// GET `path` from the agent (call from inside the namespace). Returns status and body.
+pub fn get(path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(LISTEN)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: collector\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `/metrics` of the agent in `netns`.
+pub fn scrape(netns: &Netns) -> String {
+    let (status, body) = netns.run(|| get("/metrics")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// `/api/v1/proxy` of the agent in `netns`.
+pub fn proxy_json(netns: &Netns) -> serde_json::Value {
+    let (status, body) = netns.run(|| get("/api/v1/proxy")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The value of the sample `name{labels}` in OpenMetrics text, labels given as
+/// `key="value"` pairs in the order the agent writes them.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let label_text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let prefix = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{}}} ", label_text.join(","))
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// Polls `probe` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Nothing of ours is left in bpffs under `pin_dir`.
+pub fn assert_no_pins(pin_dir: &Path) {
+    assert!(
+        !pin_dir.exists(),
+        "pins left behind: {:?}",
+        fs::read_dir(pin_dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+}

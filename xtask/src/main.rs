@@ -1,0 +1,224 @@
+//! Developer tasks: `cargo xtask prereqs | run | test | bench`.
+//!
+//! Every task first installs what is missing (Debian packages, the nightly `rust-src`,
+//! bpf-linker built against LLVM 22), so the two commands in the README work on a fresh
+//! machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// LLVM major version of the machine's nightly rustc: bpf-linker must be built against it.
+const LLVM_MAJOR: &str = "22";
+/// Debian packages the build and the test suite need.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "iproute2",
+    "nftables",
+];
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites.
+    Prereqs,
+    /// Build and run the collector (as root) with the embedded default config or the
+    /// arguments given after `--`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite, privileged integration tests included (as root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure the collector's overhead on loopback and write docs/BENCHMARKS.md (as root).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    let root = workspace_root();
+    match task {
+        Task::Prereqs => prereqs(),
+        Task::Run { args } => {
+            require_root("running the collector")?;
+            prereqs()?;
+            cargo(&root, &["build", "--release", "--package", "collector"])?;
+            let mut args = args;
+            if args.first().is_none_or(|first| first.starts_with('-')) {
+                args.insert(0, "run".into());
+            }
+            let status = Command::new(root.join("target/release/collector"))
+                .args(&args)
+                .status()
+                .context("starting target/release/collector")?;
+            if !status.success() {
+                bail!("collector exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { args } => {
+            require_root("the privileged integration tests")?;
+            prereqs()?;
+            cargo(&root, &["fmt", "--all", "--check"])?;
+            let mut test = vec!["test", "--workspace", "--exclude", "collector-ebpf"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&root, &test)
+        }
+        Task::Bench { args } => {
+            require_root("the benchmarks")?;
+            prereqs()?;
+            let mut bench = vec![
+                "bench",
+                "--package",
+                "collector",
+                "--bench",
+                "overhead",
+                "--",
+            ];
+            bench.extend(args.iter().map(String::as_str));
+            cargo(&root, &bench)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!("{what} need root (BPF, tc, network namespaces): run `sudo cargo xtask ...`");
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+fn run_checked(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+    eprintln!("xtask: {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Installs what is missing; quick when everything is there.
+fn prereqs() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| !installed(package))
+        .collect();
+    if !missing.is_empty() {
+        require_root("installing Debian packages")?;
+        run_checked("apt-get", &["update", "-q"], &[])?;
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&missing);
+        run_checked("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])?;
+    }
+    if !nightly_has_rust_src() {
+        run_checked(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+            &[],
+        )?;
+        run_checked(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+            &[],
+        )?;
+    }
+    if !succeeds("bpf-linker", &["--version"]) {
+        let prefix = format!("/usr/lib/llvm-{LLVM_MAJOR}");
+        let feature = format!("llvm-{LLVM_MAJOR}");
+        run_checked(
+            "cargo",
+            &[
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+                &feature,
+            ],
+            // bpf-linker's build finds LLVM through LLVM_PREFIX; Debian keeps it versioned.
+            &[("LLVM_PREFIX", &prefix)],
+        )?;
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn nightly_has_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|line| line.starts_with("rust-src"))
+        })
+}
