@@ -74,7 +74,7 @@ pub struct Attachment {
     pub cgroup2: String,
     pin_dir: PathBuf,
     link_pins: Vec<PathBuf>,
-    /// Held while running: a second agent on the same pin directory would count twice.
+    /// Locked while running: a second agent on the same pin directory would count twice.
     _lock: File,
     /// Keeps the kernel's BPF run-time statistics on while held (`--bpf-stats`).
     _stats: Option<std::os::fd::OwnedFd>,
@@ -90,16 +90,20 @@ pub struct Options<'a> {
 impl Attachment {
     /// Loads the programs, binds the routes to their slots and attaches everything.
     pub fn attach(options: &Options<'_>) -> anyhow::Result<Self> {
+        Self::try_attach(options).map_err(privilege_hint)
+    }
+
+    fn try_attach(options: &Options<'_>) -> anyhow::Result<Self> {
         let config = options.config;
         let (cgroup, cgroup2) =
             paths::open_cgroup2(&paths::cgroup2_root(config.cgroup2.as_deref())?)?;
         paths::ensure_bpffs(&config.pin_dir)?;
         let pin_dir = config.pin_dir.clone();
-        let lock = lock_pin_dir(&config.pin_dir)?;
         let map_dir = paths::map_pin_dir(&pin_dir);
         let links_dir = map_dir.join(LINKS_DIR);
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
+        let lock = lock_pin_dir(&pin_dir)?;
         check_pinned_maps(&map_dir)?;
 
         let netns_cookie = if config.all_namespaces {
@@ -127,9 +131,9 @@ impl Attachment {
             loader.map_pin_path(name, path.as_path());
         }
         loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
-        let mut ebpf = loader.load(OBJECT).map_err(|err| {
-            privilege_hint(anyhow!(err).context("loading the kernel programs and maps"))
-        })?;
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("loading the kernel programs and maps")?;
 
         let routes = bind_routes(&mut ebpf, config)?;
         fill_port_map(&mut ebpf, &routes)?;
@@ -167,9 +171,7 @@ impl Attachment {
             .program_mut(program_names::TRACK_CONNECTIONS)
             .context("the kernel object has no sock_ops program")?
             .try_into()?;
-        program
-            .load()
-            .map_err(|err| privilege_hint(anyhow!(err).context("loading the sock_ops program")))?;
+        program.load().context("loading the sock_ops program")?;
         if !adopt_link(&pin, program.fd()?.as_fd())? {
             // Link-based attachment always coexists with other programs on the cgroup; the
             // kernel rejects the ALLOW_MULTI flag on links (EINVAL), so pass none.
@@ -208,9 +210,9 @@ impl Attachment {
                 .program_mut(program_name)
                 .with_context(|| format!("the kernel object has no program {program_name}"))?
                 .try_into()?;
-            program.load().map_err(|err| {
-                privilege_hint(anyhow!(err).context(format!("loading {program_name}")))
-            })?;
+            program
+                .load()
+                .with_context(|| format!("loading {program_name}"))?;
             for link in &selected {
                 let pin = links_dir.join(format!("{prefix}_{}", link.index));
                 if !adopt_link(&pin, program.fd()?.as_fd())? {
@@ -350,32 +352,25 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// Locks the pin directory itself (flock works on any inode, bpffs included): the lock goes
+/// with the process, and the directory with a clean stop, so nothing is left elsewhere.
 fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
-    let path = paths::lock_file(pin_dir);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    let dir = File::open(pin_dir)
+        .with_context(|| format!("opening the pin directory {}", pin_dir.display()))?;
     // SAFETY: flock on a valid open fd.
     let rc = unsafe {
         libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&file),
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
             libc::LOCK_EX | libc::LOCK_NB,
         )
     };
     if rc != 0 {
         bail!(
-            "another collector is running with pin directory {} (lock {} is held); stop it first or give this one its own `pin_dir`",
-            pin_dir.display(),
-            path.display()
+            "another collector is running with the pin directory {}; stop it first or give this one its own `pin_dir`",
+            pin_dir.display()
         );
     }
-    Ok(file)
+    Ok(dir)
 }
 
 /// Refuses pinned maps whose shape differs from this build's: reading them with the wrong
@@ -519,7 +514,7 @@ fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Adds what to do when the kernel refused for lack of privilege.
+/// Says what to do when something was refused for lack of privilege.
 fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
     let denied = err.chain().any(|cause| {
         cause
@@ -530,7 +525,7 @@ fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
     });
     if denied {
         err.context(
-            "the kernel refused: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_RESOURCE (`collector check` lists what is missing)",
+            "permission denied: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN (bpffs and cgroup2 mounts) and write access to the pin directory",
         )
     } else {
         err

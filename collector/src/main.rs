@@ -202,22 +202,19 @@ async fn serve_until_signal(
 
 fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
     let pin_dir = &config.pin_dir;
-    let dir = paths::map_pin_dir(pin_dir);
-    let mut found = Vec::new();
-    if dir.exists() {
-        for entry in walk(&dir)? {
-            found.push(entry);
-        }
-    }
-    if found.is_empty() {
-        println!("nothing of ours under {}", config.pin_dir.display());
-        return Ok(());
-    }
+    let found = if pin_dir.exists() {
+        walk(pin_dir)?
+    } else {
+        Vec::new()
+    };
     for path in &found {
         println!("{}{}", if apply { "removing " } else { "" }, path.display());
     }
     if apply {
+        // Also removes the directories, empty ones included.
         loader::remove_pins(pin_dir)?;
+    } else if found.is_empty() {
+        println!("nothing of ours under {}", pin_dir.display());
     } else {
         println!("run again with --apply to remove these (a running collector's pins included)");
     }

@@ -1,5 +1,5 @@
 //! Every path and fixed location the agent uses, in one place: the bpffs pin layout, the
-//! cgroup2 mount, the instance lock.
+//! cgroup2 mount.
 
 use std::{
     fs,
@@ -11,8 +11,6 @@ use thiserror::Error;
 /// Layout version of the pinned maps: bumped whenever a map's type or layout changes, so an
 /// old pin set is never reused by a build that reads it differently.
 pub const PIN_LAYOUT_VERSION: &str = "v1";
-/// Where instance locks live (one per pin directory), so two agents never share maps.
-pub const LOCK_DIR: &str = "/run/collector";
 /// Filesystem type of bpffs in /proc/mounts.
 const BPFFS: &str = "bpf";
 /// Filesystem type of cgroup v2 in /proc/mounts.
@@ -208,16 +206,6 @@ pub fn map_pin_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(PIN_LAYOUT_VERSION)
 }
 
-/// Lock file guarding one pin directory.
-pub fn lock_file(pin_dir: &Path) -> PathBuf {
-    let escaped: String = pin_dir
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    Path::new(LOCK_DIR).join(format!("{escaped}.lock"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,13 +241,5 @@ bpf /sys/fs/bpf/with\\040space bpf rw 0 0
         assert_eq!(bpffs_containing(HYBRID, Path::new("/tmp/pins")), None);
         // A prefix of a component is not containment.
         assert_eq!(bpffs_containing(HYBRID, Path::new("/sys/fs/bpfx")), None);
-    }
-
-    #[test]
-    fn lock_file_names_are_flat() {
-        assert_eq!(
-            lock_file(Path::new("/sys/fs/bpf/collector")),
-            PathBuf::from("/run/collector/_sys_fs_bpf_collector.lock")
-        );
     }
 }

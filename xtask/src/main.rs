@@ -184,6 +184,14 @@ fn prereqs() -> anyhow::Result<()> {
             &[],
         )?;
     }
+    if !bpffs_mounted() {
+        // The agent pins its maps there; the tests look for them there.
+        run_checked(
+            "mount",
+            &["-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"],
+            &[],
+        )?;
+    }
     if !succeeds("bpf-linker", &["--version"]) {
         let prefix = format!("/usr/lib/llvm-{LLVM_MAJOR}");
         let feature = format!("llvm-{LLVM_MAJOR}");
@@ -221,4 +229,12 @@ fn nightly_has_rust_src() -> bool {
                     .lines()
                     .any(|line| line.starts_with("rust-src"))
         })
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|line| {
+            line.split_whitespace().nth(1) == Some("/sys/fs/bpf") && line.contains(" bpf ")
+        })
+    })
 }

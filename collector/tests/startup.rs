@@ -1,0 +1,139 @@
+//! Starting the agent: where and how operators start it, and the errors they get when
+//! something is wrong. Each error names what is wrong and how to fix it.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use support::{Agent, AgentConfig, COLLECTOR, Netns, sample, scrape, wait_for};
+
+#[test]
+fn runs_and_counts_under_ip_netns_exec() {
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    // `ip netns exec` gives the agent a fresh /sys without the host's bpffs and cgroup2.
+    let agent = Agent::spawn(&netns, netns.ip_netns_exec(COLLECTOR), &config, &[]);
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..5 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 3];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(b"12345").unwrap();
+        }
+    });
+    netns.run(|| {
+        for _ in 0..5 {
+            let mut stream = TcpStream::connect("127.0.0.1:18080").unwrap();
+            stream.write_all(b"abc").unwrap();
+            let mut buf = Vec::new();
+            stream.read_to_end(&mut buf).unwrap();
+            assert_eq!(buf, b"12345");
+        }
+    });
+    server.join().unwrap();
+    let metrics = wait_for("5 closed connections", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (sample(
+            &metrics,
+            "collector_proxy_connections_closed_total",
+            &[("route", "web")],
+        ) == Some(5.0))
+        .then_some(metrics)
+    });
+    let web = [("route", "web")];
+    assert_eq!(
+        sample(&metrics, "collector_proxy_connections_opened_total", &web),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connection_received_bytes_total",
+            &web
+        ),
+        Some(15.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connection_sent_bytes_total",
+            &web
+        ),
+        Some(25.0)
+    );
+    assert!(agent.stop().success());
+}
+
+fn run_with_config(text: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("collector-bad-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(COLLECTOR)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_invalid_config_is_refused_with_file_line_and_reason() {
+    let (ok, stderr) = run_with_config(
+        "listen = \"127.0.0.1:9464\"\n\n[[routes]]\nname = \"web\"\nports = [0]\ntype = \"http\"\n",
+    );
+    assert!(!ok);
+    assert!(stderr.contains("bad.toml:5:"), "{stderr}");
+    assert!(stderr.to_lowercase().contains("port"), "{stderr}");
+
+    let (ok, stderr) =
+        run_with_config("[[routes]]\nname = \"web\"\nports = [80]\ntyp = \"http\"\n");
+    assert!(!ok);
+    assert!(stderr.contains("bad.toml:4:"), "{stderr}");
+}
+
+#[test]
+fn a_pin_directory_off_bpffs_is_refused_with_the_fix() {
+    let (ok, stderr) = run_with_config(
+        "pin_dir = \"/tmp/not-bpffs\"\n[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n",
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("/tmp/not-bpffs is not on a bpffs mount")
+            && stderr.contains("mount -t bpf"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn without_privileges_the_error_says_what_is_needed() {
+    support::require_root();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    // Readable by the unprivileged user, as an operator's config would be.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(COLLECTOR)
+        .args(["run", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("run as root, or with CAP_BPF"), "{stderr}");
+}
