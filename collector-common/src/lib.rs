@@ -33,7 +33,8 @@ pub mod map_names {
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
     /// `PerCpuArray<u64>`, `MAX_ROUTES * DURATION_BUCKETS` entries: closed connections by duration.
     pub const CONN_DURATIONS: &str = "CONN_DURATIONS";
-    /// `SkStorage<ConnState>`: per-socket state of a tracked connection, freed with the socket.
+    /// `HashMap<u64, ConnState>` (preallocated), [`super::MAX_TRACKED_CONNECTIONS`] entries:
+    /// state of each open tracked connection, by socket cookie.
     pub const CONN_STATE: &str = "CONN_STATE";
     /// `RingBuf` of [`super::ConnEvent`].
     pub const CONN_EVENTS: &str = "CONN_EVENTS";
@@ -57,15 +58,19 @@ pub mod program_names {
 /// (0 counts every namespace).
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
 
+/// Open connections tracked at once. The table is preallocated: tracking allocates nothing
+/// on the connection path (socket storage did, and cost about 2 µs per connection).
+pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
+
 /// Byte size of the connection event ring buffer.
 pub const CONN_EVENTS_BYTES: u32 = 1 << 20;
 
 /// Kernel-side failures, counted in [`map_names::ERRORS`] instead of changing a socket's or
 /// packet's fate.
 pub mod error_kind {
-    /// Socket storage could not be allocated: the connection is counted as opened, but its
-    /// close, duration and bytes are lost.
-    pub const CONN_STATE_UNAVAILABLE: u32 = 0;
+    /// The connection table was full: the connection is counted as opened, but its close,
+    /// duration and bytes are lost (and `active` stays one too high).
+    pub const CONN_TABLE_FULL: u32 = 0;
     /// The connection event ring buffer was full: the event is lost, counters are not.
     pub const CONN_EVENT_DROPPED: u32 = 1;
     /// A packet on a watched interface was too short to parse its headers.
@@ -74,11 +79,8 @@ pub mod error_kind {
 /// Number of error kinds (entries of [`map_names::ERRORS`]).
 pub const ERROR_KINDS: u32 = 3;
 /// Names of the error kinds, indexed by kind, as exported in metric labels.
-pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
-    "conn_state_unavailable",
-    "conn_event_dropped",
-    "packet_truncated",
-];
+pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] =
+    ["conn_table_full", "conn_event_dropped", "packet_truncated"];
 
 /// Route slot name (UTF-8, NUL-padded), written by the agent only.
 #[repr(C)]
@@ -125,7 +127,7 @@ pub mod conn_flags {
     pub const FIN_WAIT2_SEEN: u32 = 4;
 }
 
-/// Per-socket state of a tracked connection (socket storage, freed with the socket).
+/// State of a tracked connection, from accept to close.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {

@@ -24,7 +24,7 @@ use support::{Agent, AgentConfig, Netns, sample, scrape};
 
 const CONNECT_PORT: u16 = 18080;
 const BULK_PORT: u16 = 18090;
-const CLIENT_THREADS: usize = 2;
+const CLIENT_THREADS: usize = 1;
 const CHUNK: usize = 256 * 1024;
 
 const ROUTES: &str = r#"

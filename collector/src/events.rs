@@ -10,7 +10,6 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use collector_common::{CONN_EVENT_CLOSE, CONN_EVENT_OPEN, ConnEvent};
-use tokio::io::unix::AsyncFd;
 
 use crate::{
     snapshot::ClientSnapshot,
@@ -110,23 +109,29 @@ impl ClientStats {
     }
 }
 
-/// Reads connection events until the task is dropped.
+/// How often the ring is drained. The kernel side submits without waking us (a wakeup per
+/// event is costly at high connection rates), so the ring must hold what arrives in between:
+/// 1 MiB holds about 13,000 events, over half a second at 20,000 connections per second.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Drains connection events every [`DRAIN_INTERVAL`] until the task is dropped.
 pub async fn consume(
-    ring: RingBuf<MapData>,
+    mut ring: RingBuf<MapData>,
     clients: Arc<Mutex<ClientStats>>,
     subscribers: tokio::sync::broadcast::Sender<Connection>,
 ) -> anyhow::Result<()> {
-    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
-    // the AsyncFd owns the ring.
-    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|err| anyhow::anyhow!("{err}"))?;
+    let mut ticks = tokio::time::interval(DRAIN_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
     loop {
-        let mut guard = ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut batch = Vec::new();
+        ticks.tick().await;
         while let Some(record) = ring.next() {
             if let Some(event) = decode(&record) {
                 batch.push(event);
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         {
             let mut stats = clients.lock().unwrap_or_else(PoisonError::into_inner);
@@ -134,11 +139,10 @@ pub async fn consume(
                 stats.apply(event);
             }
         }
-        for event in batch {
+        for event in batch.drain(..) {
             // No subscriber is not an error.
             let _ = subscribers.send(event);
         }
-        guard.clear_ready();
     }
 }
 
