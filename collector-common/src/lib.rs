@@ -4,6 +4,10 @@
 //! Every type is `#[repr(C)]` with explicit padding, and a compile-time check pins its
 //! size so that the kernel and user views cannot drift apart.
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields are named _pad so that nobody mistakes them for data"
+)]
 
 use core::mem::size_of;
 
@@ -46,7 +50,7 @@ pub mod map_names {
 
 /// Program names, as the kernel object declares them.
 pub mod program_names {
-    /// sock_ops program on the cgroup2 root: connection lifecycle.
+    /// `sock_ops` program on the cgroup2 root: connection lifecycle.
     pub const TRACK_CONNECTIONS: &str = "track_connections";
     /// tc ingress classifier: live bytes and packets per route.
     pub const COUNT_INGRESS: &str = "count_ingress";
@@ -95,7 +99,7 @@ pub struct RouteName {
 pub struct ConnCounters {
     /// Connections accepted on the route's ports.
     pub opened: u64,
-    /// Tracked connections that reached TCP_CLOSE.
+    /// Tracked connections that reached `TCP_CLOSE`.
     pub closed: u64,
     /// Payload bytes received from clients by closed connections.
     pub bytes_in: u64,
@@ -123,7 +127,7 @@ pub mod conn_flags {
     pub const FIN_IN: u32 = 1;
     /// Our FIN was acknowledged: `bytes_acked` counts it as one byte.
     pub const FIN_OUT: u32 = 2;
-    /// The socket reached FIN_WAIT2; `rcv_nxt_fin_wait2` holds `rcv_nxt` at that moment.
+    /// The socket reached `FIN_WAIT2`; `rcv_nxt_fin_wait2` holds `rcv_nxt` at that moment.
     pub const FIN_WAIT2_SEEN: u32 = 4;
 }
 
@@ -131,7 +135,7 @@ pub mod conn_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
-    /// `bpf_ktime_get_ns` at PASSIVE_ESTABLISHED.
+    /// `bpf_ktime_get_ns` at `PASSIVE_ESTABLISHED`.
     pub start_ns: u64,
     /// Client address; IPv4 as an IPv4-mapped IPv6 address.
     pub client_addr: [u8; 16],
@@ -139,7 +143,7 @@ pub struct ConnState {
     pub route: u32,
     /// [`conn_flags`].
     pub flags: u32,
-    /// `rcv_nxt` when the socket entered FIN_WAIT2, to tell a FIN received later from a close
+    /// `rcv_nxt` when the socket entered `FIN_WAIT2`, to tell a FIN received later from a close
     /// without one.
     pub rcv_nxt_fin_wait2: u32,
     /// Client port, host byte order.
@@ -162,7 +166,7 @@ pub struct ConnEvent {
     pub route: u32,
     /// Socket cookie: identifies the connection across its open and close events.
     pub cookie: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the event.
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) of the event.
     pub timestamp_ns: u64,
     /// Close only: connection lifetime.
     pub duration_ns: u64,
@@ -209,7 +213,7 @@ pub const fn duration_bucket(duration_ns: u64) -> u32 {
     if micros == 0 {
         return 0;
     }
-    let log2 = 63 - micros.leading_zeros();
+    let log2 = micros.ilog2();
     if log2 >= DURATION_BUCKETS {
         DURATION_BUCKETS - 1
     } else {

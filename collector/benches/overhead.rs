@@ -55,7 +55,7 @@ fn settings() -> Settings {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--pairs" => {
-                settings.pairs = args.next().and_then(|v| v.parse().ok()).expect("--pairs N")
+                settings.pairs = args.next().and_then(|v| v.parse().ok()).expect("--pairs N");
             }
             "--seconds" => {
                 settings.seconds = args
@@ -150,7 +150,7 @@ fn bulk_throughput(netns: &Netns, seconds: f64) -> f64 {
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
+    if values.len().is_multiple_of(2) {
         f64::midpoint(values[mid - 1], values[mid])
     } else {
         values[mid]

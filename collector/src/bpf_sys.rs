@@ -12,7 +12,7 @@ use std::{
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
-/// `union bpf_attr` for BPF_OBJ_GET (kernel `include/uapi/linux/bpf.h`).
+/// `union bpf_attr` for `BPF_OBJ_GET` (kernel `include/uapi/linux/bpf.h`).
 #[repr(C)]
 #[derive(Default)]
 struct ObjGetAttr {
@@ -23,7 +23,7 @@ struct ObjGetAttr {
     _pad: u32,
 }
 
-/// `union bpf_attr` for BPF_LINK_UPDATE.
+/// `union bpf_attr` for `BPF_LINK_UPDATE`.
 #[repr(C)]
 #[derive(Default)]
 struct LinkUpdateAttr {

@@ -1,5 +1,5 @@
 //! Loading and attaching the kernel programs: pinned maps (reused only when compatible),
-//! route slots, the port map, the sock_ops program on the cgroup2 root and the tc
+//! route slots, the port map, the `sock_ops` program on the cgroup2 root and the tc
 //! classifiers on the watched interfaces.
 //!
 //! Links are pinned next to the maps. If the agent crashes, its programs keep counting into
@@ -70,7 +70,7 @@ pub struct Attachment {
     ebpf: Ebpf,
     pub routes: Vec<WatchedRoute>,
     pub interfaces: Vec<String>,
-    /// Where the sock_ops program is attached, for the logs.
+    /// Where the `sock_ops` program is attached, for the logs.
     pub cgroup2: String,
     pin_dir: PathBuf,
     link_pins: Vec<PathBuf>,

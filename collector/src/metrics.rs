@@ -1,4 +1,4 @@
-//! Prometheus exposition (OpenMetrics text) of a snapshot. Pure: renders whatever snapshot
+//! Prometheus exposition (`OpenMetrics` text) of a snapshot. Pure: renders whatever snapshot
 //! it is given, so the output is tested on fixed snapshots without a kernel.
 //!
 //! Label cardinality is bounded by the config: `route` takes the configured route names,
@@ -327,7 +327,7 @@ pub fn registry(latest: Arc<crate::poller::SharedSnapshot>) -> Registry {
     registry
 }
 
-/// Renders `registry` as OpenMetrics text.
+/// Renders `registry` as `OpenMetrics` text.
 pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, registry)?;

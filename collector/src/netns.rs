@@ -1,4 +1,4 @@
-//! The network namespace the agent runs in, as the kernel's namespace cookie: the sock_ops
+//! The network namespace the agent runs in, as the kernel's namespace cookie: the `sock_ops`
 //! program counts only sockets whose namespace has this cookie.
 
 use std::{io, net::UdpSocket, os::fd::AsRawFd};

@@ -84,7 +84,7 @@ fn find_cgroup2(mounts_text: &str) -> Option<PathBuf> {
         .map(|m| unescape_mount_path(m.target))
 }
 
-/// The cgroup2 root the sock_ops program attaches to.
+/// The cgroup2 root the `sock_ops` program attaches to.
 pub enum Cgroup2 {
     /// A mount point visible to this process.
     Mounted(PathBuf),

@@ -2,7 +2,7 @@
 use std::{collections::VecDeque, time::Duration};
 pub const INSTANT: Duration = Duration::from_secs(1);
 pub const RECENT: Duration = Duration::from_secs(10);
-pub const AVERAGE: Duration = Duration::from_secs(60);
+pub const AVERAGE: Duration = Duration::from_mins(1);
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Rates {
     pub instant: f64,
@@ -25,7 +25,7 @@ impl CounterHistory {
             self.samples.clear();
         }
         self.samples.push_back((at, value));
-        while self.samples.len() > 2 && at - self.samples[1].0 > self.max_age {
+        while self.samples.len() > 2 && at.checked_sub(self.samples[1].0).unwrap() > self.max_age {
             self.samples.pop_front();
         }
     }
@@ -41,7 +41,7 @@ impl CounterHistory {
             .or(self.samples.front())
             .copied()
             .unwrap();
-        let dt = (t1 - base.0).as_secs_f64();
+        let dt = t1.checked_sub(base.0).unwrap().as_secs_f64();
         if dt == 0.0 {
             0.0
         } else {
@@ -60,7 +60,9 @@ impl CounterHistory {
             .samples
             .iter()
             .zip(self.samples.iter().skip(1))
-            .map(|(a, b)| (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64().max(1e-9))
+            .map(|(a, b)| {
+                (b.1 - a.1) as f64 / b.0.checked_sub(a.0).unwrap().as_secs_f64().max(1e-9)
+            })
             .collect();
         v[v.len().saturating_sub(n)..].to_vec()
     }

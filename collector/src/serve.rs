@@ -1,4 +1,4 @@
-//! HTTP: `/metrics` (OpenMetrics), the JSON API, and the probes. Handlers only read the
+//! HTTP: `/metrics` (`OpenMetrics`), the JSON API, and the probes. Handlers only read the
 //! published snapshot; nothing here touches the kernel.
 
 use std::{net::SocketAddr, sync::Arc};

@@ -1,5 +1,10 @@
 //! Privileged integration tests of the proxy statistics: the real agent, real kernel programs
 //! and real TCP traffic in a network namespace of each test's own, with exact counts.
+#![expect(
+    clippy::float_cmp,
+    clippy::cast_precision_loss,
+    reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
+)]
 
 mod support;
 

@@ -281,7 +281,7 @@ pub fn proxy_json(netns: &Netns) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
-/// The value of the sample `name{labels}` in OpenMetrics text, labels given as
+/// The value of the sample `name{labels}` in `OpenMetrics` text, labels given as
 /// `key="value"` pairs in the order the agent writes them.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let label_text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
