@@ -87,6 +87,18 @@ where
     )
 }
 
+/// Writes one sample without labels.
+fn single<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    metric_type: MetricType,
+    value: &M,
+) -> fmt::Result {
+    value.encode(encoder.encode_descriptor(name, help, unit, metric_type)?)
+}
+
 /// Renders the proxy's connection figures.
 fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     let routes = &snapshot.routes;
@@ -257,40 +269,45 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
             .iter()
             .map(|p| (vec![("program", p.name.clone())], p.run_count)),
     )?;
-    counters(
+    single(
         encoder,
         "collector_connection_events_received",
         "Connection events read from the kernel ring buffer.",
         None,
-        [(Labels::new(), snapshot.clients.events_received)],
+        MetricType::Counter,
+        &ConstCounter::new(snapshot.clients.events_received),
     )?;
-    counters(
+    single(
         encoder,
         "collector_client_table_overflow",
         "Client addresses not tracked in the active-by-client table because it was full.",
         None,
-        [(Labels::new(), snapshot.clients.active_overflow)],
+        MetricType::Counter,
+        &ConstCounter::new(snapshot.clients.active_overflow),
     )?;
-    counters(
+    single(
         encoder,
         "collector_polls",
         "Reads of the kernel maps.",
         None,
-        [(Labels::new(), snapshot.poll.polls)],
+        MetricType::Counter,
+        &ConstCounter::new(snapshot.poll.polls),
     )?;
-    counters(
+    single(
         encoder,
         "collector_poll_failures",
         "Reads of the kernel maps that failed.",
         None,
-        [(Labels::new(), snapshot.poll.failures)],
+        MetricType::Counter,
+        &ConstCounter::new(snapshot.poll.failures),
     )?;
-    gauges(
+    single(
         encoder,
         "collector_poll_duration",
         "Duration of the last read of the kernel maps.",
         Some(&Unit::Seconds),
-        [(Labels::new(), snapshot.poll.last_duration_seconds)],
+        MetricType::Gauge,
+        &ConstGauge::new(snapshot.poll.last_duration_seconds),
     )?;
     let mut interfaces = encoder.encode_descriptor(
         "collector_interface",
@@ -332,4 +349,80 @@ pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, registry)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use collector_common::{ConnCounters, TrafficCounters};
+
+    use super::*;
+    use crate::{
+        config::RouteKind,
+        counters::RouteTotals,
+        loader::WatchedRoute,
+        poller::SharedSnapshot,
+        snapshot::{PollStats, ProgramStats},
+    };
+
+    /// A snapshot with every kind of figure set to a distinct value.
+    fn fixed_snapshot() -> Snapshot {
+        let mut durations = [0u64; DURATION_BUCKETS as usize];
+        durations[3] = 2;
+        durations[DURATION_BUCKETS as usize - 1] = 1;
+        Snapshot {
+            routes: vec![RouteSnapshot {
+                route: WatchedRoute {
+                    name: "web".into(),
+                    kind: RouteKind::Http,
+                    ports: vec![80, 8080],
+                    slot: 0,
+                },
+                totals: RouteTotals {
+                    conn: ConnCounters {
+                        opened: 5,
+                        closed: 3,
+                        bytes_in: 300,
+                        bytes_out: 4000,
+                        duration_ns: 1_500_000_000,
+                    },
+                    durations,
+                    traffic_in: TrafficCounters {
+                        packets: 11,
+                        bytes: 900,
+                        payload_bytes: 340,
+                    },
+                    traffic_out: TrafficCounters {
+                        packets: 9,
+                        bytes: 4600,
+                        payload_bytes: 4100,
+                    },
+                },
+                connection_rates: crate::rates::Rates::default(),
+                bytes_in_rates: crate::rates::Rates::default(),
+                bytes_out_rates: crate::rates::Rates::default(),
+            }],
+            errors: [1, 2, 0],
+            programs: vec![ProgramStats {
+                name: "track_connections".into(),
+                run_time_ns: 2_500_000_000,
+                run_count: 7,
+            }],
+            poll: PollStats {
+                polls: 4,
+                failures: 0,
+                last_duration_seconds: 0.25,
+            },
+            interfaces: vec!["lo".into()],
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn renders_the_golden_exposition() {
+        let latest = Arc::new(SharedSnapshot::default());
+        latest.store(fixed_snapshot());
+        let text = render(&registry(latest)).unwrap();
+        let golden = include_str!("testdata/metrics.golden");
+        assert_eq!(text, golden, "rendered:\n{text}");
+    }
 }
