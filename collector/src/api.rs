@@ -194,3 +194,49 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
         routes: snapshot.routes.iter().map(route_stats).collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    #[test]
+    fn proxy_json_has_the_shape_consumers_expect() {
+        let mut snapshot = Snapshot::example();
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        snapshot.clients.top = vec![(client, 5)];
+        snapshot.clients.active = vec![(client, 2)];
+        snapshot.connection_rates.instant = 4.5;
+        let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
+        assert_eq!(json["activeConnections"], 2);
+        assert_eq!(json["totalConnections"], 5);
+        assert_eq!(json["connectionsByRoute"]["web"], 2);
+        assert_eq!(json["requestsPerSecond"], 4.5);
+        assert_eq!(json["connectionsByIP"]["192.0.2.7"], 2);
+        assert_eq!(json["topIPs"][0]["ip"], "192.0.2.7");
+        assert_eq!(json["topIPs"][0]["connections"], 5);
+        assert!(json["throughput"]["bytesIn"]["history"].is_array());
+        let web = &json["routes"][0];
+        assert_eq!(web["type"], "http");
+        assert_eq!(web["ports"], serde_json::json!([80, 8080]));
+        assert_eq!(
+            (
+                web["opened"].clone(),
+                web["closed"].clone(),
+                web["active"].clone()
+            ),
+            (5.into(), 3.into(), 2.into())
+        );
+        assert_eq!(
+            (web["bytesIn"].clone(), web["bytesOut"].clone()),
+            (300.into(), 4000.into())
+        );
+        assert_eq!(web["traffic"]["payloadBytesOut"], 4100);
+        assert_eq!(web["duration"]["count"], 3);
+        assert_eq!(web["duration"]["mean"], 0.5);
+        // Two of three closed within [8 µs, 16 µs): the median lies there.
+        let p50 = web["duration"]["p50"].as_f64().unwrap();
+        assert!((8e-6..16e-6).contains(&p50), "{p50}");
+    }
+}

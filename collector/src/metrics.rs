@@ -102,21 +102,22 @@ fn single<M: EncodeMetric>(
 /// Renders the proxy's connection figures.
 fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     let routes = &snapshot.routes;
-    let mut info = encoder.encode_descriptor(
-        "collector_proxy_route",
+    // Info as a gauge of 1 named `_info`: the classic text parser (promtool) has no info type.
+    gauges(
+        encoder,
+        "collector_proxy_route_info",
         "Configured routes: type and ports.",
         None,
-        MetricType::Info,
+        routes.iter().map(|route| {
+            let ports: Vec<String> = route.route.ports.iter().map(u16::to_string).collect();
+            let labels: Labels = vec![
+                ("route", route.route.name.clone()),
+                ("type", route.route.kind.as_str().to_owned()),
+                ("ports", ports.join(",")),
+            ];
+            (labels, 1i64)
+        }),
     )?;
-    for route in routes {
-        let ports: Vec<String> = route.route.ports.iter().map(u16::to_string).collect();
-        let labels: Labels = vec![
-            ("route", route.route.name.clone()),
-            ("type", route.route.kind.as_str().to_owned()),
-            ("ports", ports.join(",")),
-        ];
-        info.encode_info(&labels)?;
-    }
     counters(
         encoder,
         "collector_proxy_connections_opened",
@@ -309,15 +310,16 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
         MetricType::Gauge,
         &ConstGauge::new(snapshot.poll.last_duration_seconds),
     )?;
-    let mut interfaces = encoder.encode_descriptor(
-        "collector_interface",
+    gauges(
+        encoder,
+        "collector_interface_info",
         "Interfaces the tc classifiers are attached to.",
         None,
-        MetricType::Info,
+        snapshot
+            .interfaces
+            .iter()
+            .map(|name| (vec![("interface", name.clone())], 1i64)),
     )?;
-    for name in &snapshot.interfaces {
-        interfaces.encode_info(&vec![("interface", name.clone())])?;
-    }
     Ok(())
 }
 
@@ -351,76 +353,51 @@ pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
     Ok(out)
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition, for scrapers that
+/// do not ask for OpenMetrics (promtool among them): a counter's HELP and TYPE carry the
+/// `_total` name of its samples, and there are no UNIT or EOF lines.
+#[must_use]
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use collector_common::{ConnCounters, TrafficCounters};
-
     use super::*;
-    use crate::{
-        config::RouteKind,
-        counters::RouteTotals,
-        loader::WatchedRoute,
-        poller::SharedSnapshot,
-        snapshot::{PollStats, ProgramStats},
-    };
+    use crate::poller::SharedSnapshot;
 
-    /// A snapshot with every kind of figure set to a distinct value.
-    fn fixed_snapshot() -> Snapshot {
-        let mut durations = [0u64; DURATION_BUCKETS as usize];
-        durations[3] = 2;
-        durations[DURATION_BUCKETS as usize - 1] = 1;
-        Snapshot {
-            routes: vec![RouteSnapshot {
-                route: WatchedRoute {
-                    name: "web".into(),
-                    kind: RouteKind::Http,
-                    ports: vec![80, 8080],
-                    slot: 0,
-                },
-                totals: RouteTotals {
-                    conn: ConnCounters {
-                        opened: 5,
-                        closed: 3,
-                        bytes_in: 300,
-                        bytes_out: 4000,
-                        duration_ns: 1_500_000_000,
-                    },
-                    durations,
-                    traffic_in: TrafficCounters {
-                        packets: 11,
-                        bytes: 900,
-                        payload_bytes: 340,
-                    },
-                    traffic_out: TrafficCounters {
-                        packets: 9,
-                        bytes: 4600,
-                        payload_bytes: 4100,
-                    },
-                },
-                connection_rates: crate::rates::Rates::default(),
-                bytes_in_rates: crate::rates::Rates::default(),
-                bytes_out_rates: crate::rates::Rates::default(),
-            }],
-            errors: [1, 2, 0],
-            programs: vec![ProgramStats {
-                name: "track_connections".into(),
-                run_time_ns: 2_500_000_000,
-                run_count: 7,
-            }],
-            poll: PollStats {
-                polls: 4,
-                failures: 0,
-                last_duration_seconds: 0.25,
-            },
-            interfaces: vec!["lo".into()],
-            ..Snapshot::default()
-        }
+    #[test]
+    fn classic_text_names_counters_by_their_samples() {
+        let open = "# HELP x_bytes Bytes.\n# TYPE x_bytes counter\n# UNIT x_bytes bytes\nx_bytes_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_classic_text(open),
+            "# HELP x_bytes_total Bytes.\n# TYPE x_bytes_total counter\nx_bytes_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
     }
 
     #[test]
     fn renders_the_golden_exposition() {
         let latest = Arc::new(SharedSnapshot::default());
-        latest.store(fixed_snapshot());
+        latest.store(Snapshot::example());
         let text = render(&registry(latest)).unwrap();
         let golden = include_str!("testdata/metrics.golden");
         assert_eq!(text, golden, "rendered:\n{text}");

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 use axum::{
     Json, Router,
     extract::State,
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use crate::{api, metrics, poller::SharedSnapshot};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone)]
 struct AppState {
@@ -33,9 +34,23 @@ pub fn router(latest: Arc<SharedSnapshot>) -> Router {
         .with_state(AppState { latest, registry })
 }
 
-async fn serve_metrics(State(state): State<AppState>) -> Response {
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format for
+/// everyone else.
+async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("application/openmetrics-text"));
     match metrics::render(&state.registry) {
-        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+        Ok(body) if wants_openmetrics => {
+            ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
+        }
+        Ok(body) => (
+            [(header::CONTENT_TYPE, CLASSIC_TEXT)],
+            metrics::to_classic_text(&body),
+        )
+            .into_response(),
         Err(err) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("rendering metrics: {err}\n"),

@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+#[cfg(test)]
+use collector_common::{ConnCounters, TrafficCounters};
 use collector_common::{DURATION_BUCKETS, ERROR_KINDS};
 
 use crate::{counters::RouteTotals, loader::WatchedRoute, rates::Rates};
@@ -134,6 +136,62 @@ pub fn histogram_quantile(buckets: &[u64; DURATION_BUCKETS as usize], q: f64) ->
         cumulative += count;
     }
     Some(bucket_lower_seconds(DURATION_BUCKETS - 1))
+}
+
+#[cfg(test)]
+impl Snapshot {
+    /// A snapshot with every kind of figure set to a distinct value, for output tests.
+    pub fn example() -> Snapshot {
+        let mut durations = [0u64; DURATION_BUCKETS as usize];
+        durations[3] = 2;
+        durations[DURATION_BUCKETS as usize - 1] = 1;
+        Snapshot {
+            routes: vec![RouteSnapshot {
+                route: WatchedRoute {
+                    name: "web".into(),
+                    kind: crate::config::RouteKind::Http,
+                    ports: vec![80, 8080],
+                    slot: 0,
+                },
+                totals: RouteTotals {
+                    conn: ConnCounters {
+                        opened: 5,
+                        closed: 3,
+                        bytes_in: 300,
+                        bytes_out: 4000,
+                        duration_ns: 1_500_000_000,
+                    },
+                    durations,
+                    traffic_in: TrafficCounters {
+                        packets: 11,
+                        bytes: 900,
+                        payload_bytes: 340,
+                    },
+                    traffic_out: TrafficCounters {
+                        packets: 9,
+                        bytes: 4600,
+                        payload_bytes: 4100,
+                    },
+                },
+                connection_rates: Rates::default(),
+                bytes_in_rates: Rates::default(),
+                bytes_out_rates: Rates::default(),
+            }],
+            errors: [1, 2, 0],
+            programs: vec![ProgramStats {
+                name: "track_connections".into(),
+                run_time_ns: 2_500_000_000,
+                run_count: 7,
+            }],
+            poll: PollStats {
+                polls: 4,
+                failures: 0,
+                last_duration_seconds: 0.25,
+            },
+            interfaces: vec!["lo".into()],
+            ..Snapshot::default()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -416,3 +416,33 @@ fn an_incompatible_pinned_map_is_refused_with_the_fix() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_live_scrape_passes_promtool() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let _agent = Agent::start(&netns, &config);
+    traffic(&netns, WEB_PORT, 3, 10, 10, Closer::Client);
+    // Without an Accept header the agent answers in the classic text format promtool reads.
+    let metrics = scrape(&netns);
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; cargo xtask prereqs installs it)");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

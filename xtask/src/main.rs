@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "iproute2",
     "nftables",
+    // promtool, to lint a live scrape in the tests.
+    "prometheus",
 ];
 
 #[derive(Parser)]
