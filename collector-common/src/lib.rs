@@ -123,7 +123,7 @@ pub struct TrafficCounters {
 
 /// Flags in [`ConnState::flags`].
 pub mod conn_flags {
-    /// The peer's FIN was received: `bytes_received` counts it as one byte.
+    /// The peer's FIN was received: `bytes_received` counts it as one byte (set at close).
     pub const FIN_IN: u32 = 1;
     /// Our FIN was acknowledged: `bytes_acked` counts it as one byte.
     pub const FIN_OUT: u32 = 2;

@@ -83,11 +83,9 @@ fn on_accepted(ctx: &SockOpsContext) {
 
 fn on_state_change(ctx: &SockOpsContext) {
     let (old, new) = (ctx.arg(0), ctx.arg(1));
-    // Only these transitions matter to the accounting: skip the table for the others.
-    if !matches!(
-        new,
-        BPF_TCP_CLOSE_WAIT | BPF_TCP_CLOSING | BPF_TCP_FIN_WAIT2 | BPF_TCP_CLOSE
-    ) {
+    // Only these transitions need the table; the rest of the FIN accounting is read from
+    // the state the socket closes from.
+    if new != BPF_TCP_FIN_WAIT2 && new != BPF_TCP_CLOSE {
         return;
     }
     let cookie = socket_cookie(ctx);
@@ -99,7 +97,6 @@ fn on_state_change(ctx: &SockOpsContext) {
     // under the socket lock, touch it.
     let state = unsafe { &mut *state };
     match new {
-        BPF_TCP_CLOSE_WAIT | BPF_TCP_CLOSING => state.flags |= conn_flags::FIN_IN,
         BPF_TCP_FIN_WAIT2 => {
             state.flags |= conn_flags::FIN_OUT | conn_flags::FIN_WAIT2_SEEN;
             state.rcv_nxt_fin_wait2 = tcp(ctx).rcv_nxt;
@@ -117,6 +114,10 @@ fn on_state_change(ctx: &SockOpsContext) {
 fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
     let sock = tcp(ctx);
     let mut flags = state.flags;
+    // The peer's FIN led into each of these states.
+    if matches!(old, BPF_TCP_CLOSE_WAIT | BPF_TCP_LAST_ACK | BPF_TCP_CLOSING) {
+        flags |= conn_flags::FIN_IN;
+    }
     match old {
         // Our FIN went out; it counts only once acknowledged (not on a reset or timeout).
         BPF_TCP_LAST_ACK | BPF_TCP_CLOSING if sock.snd_una == sock.snd_nxt => {
