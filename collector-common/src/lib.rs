@@ -56,6 +56,9 @@ pub mod program_names {
     pub const COUNT_INGRESS: &str = "count_ingress";
     /// tc egress classifier: live bytes and packets per route.
     pub const COUNT_EGRESS: &str = "count_egress";
+    /// tc ingress classifier for loopback, counting both directions (every packet sent on lo
+    /// comes back in through its ingress).
+    pub const COUNT_LOOPBACK: &str = "count_loopback";
 }
 
 /// Global in the kernel object: the network namespace cookie whose sockets are counted

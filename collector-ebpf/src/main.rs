@@ -72,6 +72,12 @@ pub fn count_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+#[classifier]
+pub fn count_loopback(ctx: TcContext) -> i32 {
+    traffic::count_loopback_packet(&ctx);
+    TC_ACT_UNSPEC
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -2,13 +2,16 @@
 //! long-lived connections show throughput before they close.
 //!
 //! Ingress counts packets whose destination port is a route port (towards the proxy), egress
-//! those whose source port is (from the proxy). On loopback every packet crosses both hooks,
-//! and each is still counted once: towards the proxy at ingress, from it at egress.
+//! those whose source port is (from the proxy). Loopback gets one classifier at ingress that
+//! counts both: every packet sent on lo comes back in through its ingress, so one hook sees
+//! everything once, at half the runs of two.
 
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use collector_common::{DIR_IN, MAX_ROUTES, NO_ROUTE, TrafficCounters, error_kind, traffic_index};
+use collector_common::{
+    DIR_IN, DIR_OUT, MAX_ROUTES, NO_ROUTE, TrafficCounters, error_kind, traffic_index,
+};
 
 use crate::{ROUTE_BY_PORT, ROUTE_TRAFFIC, count_error};
 
@@ -64,6 +67,22 @@ pub fn count_packet(ctx: &TcContext, dir: u32) {
     } else {
         segment.src_port
     };
+    count(&segment, port, dir);
+}
+
+/// Loopback: one packet, counted towards the proxy by destination port and from it by source
+/// port.
+#[inline(always)]
+pub fn count_loopback_packet(ctx: &TcContext) {
+    let Some(segment) = parse(ctx) else {
+        return;
+    };
+    count(&segment, segment.dst_port, DIR_IN);
+    count(&segment, segment.src_port, DIR_OUT);
+}
+
+#[inline(always)]
+fn count(segment: &Segment, port: u16, dir: u32) {
     let Some(&route) = ROUTE_BY_PORT.get(u32::from(port)) else {
         return;
     };

@@ -181,21 +181,26 @@ fn program_costs(netns: &Netns, config: &AgentConfig, seconds: f64) -> Vec<(Stri
     bulk_throughput(netns, seconds);
     let metrics = scrape(netns);
     assert!(agent.stop().success());
-    ["track_connections", "count_ingress", "count_egress"]
-        .iter()
-        .map(|program| {
-            let labels = [("program", *program)];
-            let seconds_total =
-                sample(&metrics, "collector_bpf_program_run_seconds_total", &labels).unwrap_or(0.0);
-            let runs = sample(&metrics, "collector_bpf_program_runs_total", &labels).unwrap_or(0.0);
-            let per_run_ns = if runs > 0.0 {
-                seconds_total * 1e9 / runs
-            } else {
-                f64::NAN
-            };
-            ((*program).to_owned(), runs, per_run_ns)
-        })
-        .collect()
+    [
+        "track_connections",
+        "count_loopback",
+        "count_ingress",
+        "count_egress",
+    ]
+    .iter()
+    .map(|program| {
+        let labels = [("program", *program)];
+        let seconds_total =
+            sample(&metrics, "collector_bpf_program_run_seconds_total", &labels).unwrap_or(0.0);
+        let runs = sample(&metrics, "collector_bpf_program_runs_total", &labels).unwrap_or(0.0);
+        let per_run_ns = if runs > 0.0 {
+            seconds_total * 1e9 / runs
+        } else {
+            f64::NAN
+        };
+        ((*program).to_owned(), runs, per_run_ns)
+    })
+    .collect()
 }
 
 fn main() {

@@ -20,6 +20,7 @@ pub struct Link {
     pub up: bool,
     /// Ethernet or loopback framing: the tc classifiers find the IP header at offset 14.
     pub ethernet_framing: bool,
+    pub loopback: bool,
 }
 
 /// Every interface in the current network namespace.
@@ -84,6 +85,7 @@ fn from_message(message: &LinkMessage) -> Link {
             message.header.link_layer_type,
             LinkLayerType::Ether | LinkLayerType::Loopback
         ),
+        loopback: message.header.link_layer_type == LinkLayerType::Loopback,
     }
 }
 
@@ -124,6 +126,7 @@ mod tests {
             name: name.into(),
             up,
             ethernet_framing,
+            loopback: name == "lo",
         }
     }
 

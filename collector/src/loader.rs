@@ -193,16 +193,25 @@ impl Attachment {
     ) -> anyhow::Result<()> {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
         let selected = links::select(&all, configured).map_err(|err| anyhow!(err))?;
-        for (program_name, attach_type, prefix) in [
+        // Loopback: one ingress classifier sees every packet once; elsewhere, both hooks.
+        for (program_name, attach_type, prefix, on_loopback) in [
             (
                 program_names::COUNT_INGRESS,
                 TcAttachType::Ingress,
                 "tc_ingress",
+                false,
             ),
             (
                 program_names::COUNT_EGRESS,
                 TcAttachType::Egress,
                 "tc_egress",
+                false,
+            ),
+            (
+                program_names::COUNT_LOOPBACK,
+                TcAttachType::Ingress,
+                "tc_loopback",
+                true,
             ),
         ] {
             let program: &mut SchedClassifier = self
@@ -213,7 +222,7 @@ impl Attachment {
             program
                 .load()
                 .with_context(|| format!("loading {program_name}"))?;
-            for link in &selected {
+            for link in selected.iter().filter(|l| l.loopback == on_loopback) {
                 let pin = links_dir.join(format!("{prefix}_{}", link.index));
                 if !adopt_link(&pin, program.fd()?.as_fd())? {
                     let id = program.attach(&link.name, attach_type).with_context(|| {
