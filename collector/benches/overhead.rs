@@ -174,6 +174,58 @@ fn measure(netns: &Netns, config: &AgentConfig, seconds: f64, with_agent: bool) 
     (connect, bulk)
 }
 
+/// The Markdown report: per-pair table, medians, costs per run.
+fn report(settings: &Settings, pairs: &[Pair], costs: &[(String, f64, f64)]) -> String {
+    let mut connect_ratios: Vec<f64> = pairs
+        .iter()
+        .map(|p| p.connect_with / p.connect_without)
+        .collect();
+    let mut bulk_ratios: Vec<f64> = pairs.iter().map(|p| p.bulk_with / p.bulk_without).collect();
+    let connect_ratio = median(&mut connect_ratios);
+    let bulk_ratio = median(&mut bulk_ratios);
+
+    let mut report = String::new();
+    let _ = writeln!(report, "## Proxy overhead on loopback\n");
+    let _ = writeln!(
+        report,
+        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}` ({} clients; {} s per run; \
+         pairs alternate which side runs first; ratio = with / without, median over pairs).\n",
+        settings.pairs, settings.seconds, CLIENT_THREADS, settings.seconds
+    );
+    let _ = writeln!(
+        report,
+        "| pair | new conn/s without | with | ratio | bulk Gbit/s without | with | ratio |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
+    for (i, p) in pairs.iter().enumerate() {
+        let _ = writeln!(
+            report,
+            "| {i} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.3} |",
+            p.connect_without,
+            p.connect_with,
+            p.connect_with / p.connect_without,
+            p.bulk_without * 8e-9,
+            p.bulk_with * 8e-9,
+            p.bulk_with / p.bulk_without
+        );
+    }
+    let _ = writeln!(
+        report,
+        "\n**Median ratio: new connections {connect_ratio:.3} (target ≥ 0.98), bulk throughput {bulk_ratio:.3} (target ≥ 0.99).**\n"
+    );
+    let _ = writeln!(
+        report,
+        "Cost per program run, from the kernel's run-time statistics (`--bpf-stats`) under the same loads:\n"
+    );
+    let _ = writeln!(report, "| program | runs | ns per run |");
+    let _ = writeln!(report, "|---|---|---|");
+    // Programs that did not run (tc ingress/egress are not attached to loopback) are left out.
+    for (program, runs, per_run) in costs.iter().filter(|(_, runs, _)| *runs > 0.0) {
+        let _ = writeln!(report, "| {program} | {runs:.0} | {per_run:.1} |");
+    }
+    report
+}
+
 /// Average cost per run of each program, from the kernel's statistics, under both loads.
 fn program_costs(netns: &Netns, config: &AgentConfig, seconds: f64) -> Vec<(String, f64, f64)> {
     let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
@@ -256,53 +308,7 @@ fn main() {
     let costs = program_costs(&netns, &config, settings.seconds);
     stop.store(true, Ordering::Relaxed);
 
-    let mut connect_ratios: Vec<f64> = pairs
-        .iter()
-        .map(|p| p.connect_with / p.connect_without)
-        .collect();
-    let mut bulk_ratios: Vec<f64> = pairs.iter().map(|p| p.bulk_with / p.bulk_without).collect();
-    let connect_ratio = median(&mut connect_ratios);
-    let bulk_ratio = median(&mut bulk_ratios);
-
-    let mut report = String::new();
-    let _ = writeln!(report, "## Proxy overhead on loopback\n");
-    let _ = writeln!(
-        report,
-        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}` ({} clients; {} s per run; \
-         pairs alternate which side runs first; ratio = with / without, median over pairs).\n",
-        settings.pairs, settings.seconds, CLIENT_THREADS, settings.seconds
-    );
-    let _ = writeln!(
-        report,
-        "| pair | new conn/s without | with | ratio | bulk Gbit/s without | with | ratio |"
-    );
-    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
-    for (i, p) in pairs.iter().enumerate() {
-        let _ = writeln!(
-            report,
-            "| {i} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.3} |",
-            p.connect_without,
-            p.connect_with,
-            p.connect_with / p.connect_without,
-            p.bulk_without * 8e-9,
-            p.bulk_with * 8e-9,
-            p.bulk_with / p.bulk_without
-        );
-    }
-    let _ = writeln!(
-        report,
-        "\n**Median ratio: new connections {connect_ratio:.3} (target ≥ 0.98), bulk throughput {bulk_ratio:.3} (target ≥ 0.99).**\n"
-    );
-    let _ = writeln!(
-        report,
-        "Cost per program run, from the kernel's run-time statistics (`--bpf-stats`) under the same loads:\n"
-    );
-    let _ = writeln!(report, "| program | runs | ns per run |");
-    let _ = writeln!(report, "|---|---|---|");
-    // Programs that did not run (tc ingress/egress are not attached to loopback) are left out.
-    for (program, runs, per_run) in costs.iter().filter(|(_, runs, _)| *runs > 0.0) {
-        let _ = writeln!(report, "| {program} | {runs:.0} | {per_run:.1} |");
-    }
+    let report = report(&settings, &pairs, &costs);
     println!("{report}");
     if settings.write_docs {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/BENCHMARKS.md");

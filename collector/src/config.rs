@@ -1,37 +1,59 @@
-// TEMPORARY STAND-IN until the helper's config.rs lands.
+//! The agent's TOML configuration. An embedded default (`default.toml`) lets the collector
+//! run with no file; a file is checked whole, and every error names the file, line, column
+//! and what is wrong.
+
+use std::{fmt, net::SocketAddr, ops::Range, path::Path, path::PathBuf, time::Duration};
+
 use serde::Deserialize;
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
-pub const MAX_ROUTES: usize = 256;
+use toml::Spanned;
+
+/// Route slots in the kernel maps (`collector_common::MAX_ROUTES`).
+pub const MAX_ROUTES: usize = collector_common::MAX_ROUTES as usize;
+const DEFAULT_TOML: &str = include_str!("default.toml");
+const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/collector";
+const POLL_INTERVAL_MS: Range<u64> = 100..60_001;
+
+/// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// HTTP listen address.
     pub listen: SocketAddr,
+    /// bpffs directory of our own for pinned maps and links.
     pub pin_dir: PathBuf,
+    /// cgroup2 mount to attach to; `None` finds it in /proc/mounts.
     pub cgroup2: Option<PathBuf>,
+    /// Interfaces to watch; empty means every up interface, loopback included.
     pub interfaces: Vec<String>,
+    /// Count sockets of every network namespace, not only the agent's own.
     pub all_namespaces: bool,
+    /// How often the kernel maps are read.
     pub poll_interval: Duration,
     pub routes: Vec<Route>,
     pub dns: DnsConfig,
 }
-#[derive(Debug, Clone, PartialEq)]
+
+/// A route of the proxy: a name and the local TCP ports it listens on.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub name: String,
     pub ports: Vec<u16>,
     pub kind: RouteKind,
 }
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+
+/// What the route carries (a label on its metrics; counting is the same for all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteKind {
     Http,
     Https,
     Websocket,
     Tcp,
 }
+
 impl RouteKind {
+    const ALL: [Self; 4] = [Self::Http, Self::Https, Self::Websocket, Self::Tcp];
+
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Http => "http",
@@ -41,89 +63,549 @@ impl RouteKind {
         }
     }
 }
-#[derive(Debug, Clone, PartialEq)]
+
+/// DNS settings (used by the DNS counters).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsConfig {
+    /// UDP ports of the DNS server.
     pub ports: Vec<u16>,
+    /// Domains kept in the top list.
     pub top_k: usize,
+    /// Sample one query name in this many.
     pub sample_every: u32,
 }
-#[derive(Debug, thiserror::Error)]
-#[error("{source_name}: {reason}")]
+
+/// A configuration that cannot be used, and where.
+#[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError {
     pub source_name: String,
     pub line: Option<usize>,
     pub column: Option<usize>,
     pub reason: String,
 }
-#[derive(Deserialize)]
-struct RawRoute {
-    name: String,
-    ports: Vec<u16>,
-    #[serde(rename = "type")]
-    kind: RouteKind,
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(line), Some(column)) => {
+                write!(f, "{}:{line}:{column}: {}", self.source_name, self.reason)
+            }
+            _ => write!(f, "{}: {}", self.source_name, self.reason),
+        }
+    }
 }
+
+impl std::error::Error for ConfigError {}
+
 #[derive(Deserialize)]
-struct Raw {
-    listen: Option<SocketAddr>,
-    pin_dir: Option<PathBuf>,
-    cgroup2: Option<PathBuf>,
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    pin_dir: Option<Spanned<String>>,
+    cgroup2: Option<Spanned<String>>,
     #[serde(default)]
-    interfaces: Vec<String>,
+    interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     all_namespaces: bool,
-    poll_interval_ms: Option<u64>,
+    poll_interval_ms: Option<Spanned<u64>>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    dns: Option<RawDns>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Spanned<String>,
+    ports: Spanned<Vec<Spanned<u16>>>,
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    ports: Option<Spanned<Vec<Spanned<u16>>>>,
+    top_k: Option<Spanned<u64>>,
+    sample_every: Option<Spanned<u64>>,
+}
+
+/// Builds errors positioned in one source text.
+struct Source<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Option<Range<usize>>, reason: impl Into<String>) -> ConfigError {
+        let (line, column) = match span {
+            Some(span) => {
+                let (line, column) = self.position(span.start);
+                (Some(line), Some(column))
+            }
+            None => (None, None),
+        };
+        ConfigError {
+            source_name: self.name.to_owned(),
+            line,
+            column,
+            reason: reason.into(),
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, reason: impl Into<String>) -> ConfigError {
+        self.error(Some(value.span()), reason)
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        (line, before[line_start..].chars().count() + 1)
+    }
+}
+
 impl Config {
-    pub fn embedded_default() -> Config {
-        Self::from_toml(
-            "default",
-            "[[routes]]\nname = \"web\"\nports = [80, 8080]\ntype = \"http\"\n",
-        )
-        .unwrap()
+    /// The configuration compiled into the binary.
+    #[must_use]
+    pub fn embedded_default() -> Self {
+        // The embedded file is checked by a unit test; it cannot fail at run time.
+        Self::from_toml("embedded default.toml", DEFAULT_TOML)
+            .expect("the embedded default config is valid (see config::tests)")
     }
-    pub fn from_toml(source_name: &str, text: &str) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
-            source_name: source_name.into(),
+
+    /// Reads and checks a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            source_name: name.clone(),
             line: None,
             column: None,
-            reason: e.to_string(),
+            reason: format!("cannot read the file: {err}"),
         })?;
-        Ok(Config {
-            listen: raw
-                .listen
-                .unwrap_or_else(|| "127.0.0.1:9464".parse().unwrap()),
-            pin_dir: raw
-                .pin_dir
-                .unwrap_or_else(|| "/sys/fs/bpf/collector".into()),
-            cgroup2: raw.cgroup2,
-            interfaces: raw.interfaces,
-            all_namespaces: raw.all_namespaces,
-            poll_interval: Duration::from_millis(raw.poll_interval_ms.unwrap_or(1000)),
-            routes: raw
-                .routes
-                .into_iter()
-                .map(|r| Route {
-                    name: r.name,
-                    ports: r.ports,
-                    kind: r.kind,
-                })
-                .collect(),
-            dns: DnsConfig {
-                ports: vec![53],
-                top_k: 100,
-                sample_every: 1,
-            },
+        Self::from_toml(&name, &text)
+    }
+
+    /// Parses and checks configuration text; `source_name` names it in errors.
+    pub fn from_toml(source_name: &str, text: &str) -> Result<Self, ConfigError> {
+        let source = Source {
+            name: source_name,
+            text,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|err| source.error(err.span(), err.message().trim()))?;
+        validate(&source, &raw)
+    }
+}
+
+fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError> {
+    let listen = match &raw.listen {
+        None => DEFAULT_LISTEN
+            .parse()
+            .map_err(|_| source.error(None, "bad built-in listen address"))?,
+        Some(value) => value.get_ref().parse().map_err(|_| {
+            source.at(
+                value,
+                format!(
+                    "listen = {:?} is not a socket address; write IP:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                    value.get_ref()
+                ),
+            )
+        })?,
+    };
+    let pin_dir = absolute_path(source, raw.pin_dir.as_ref(), "pin_dir")?
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+    let cgroup2 = absolute_path(source, raw.cgroup2.as_ref(), "cgroup2")?;
+    let interfaces = raw
+        .interfaces
+        .iter()
+        .map(|name| {
+            let text = name.get_ref();
+            let valid = !text.is_empty()
+                && text.len() <= 15
+                && text != "."
+                && text != ".."
+                && !text.contains(['/', ':']) && !text.chars().any(char::is_whitespace);
+            if valid {
+                Ok(text.clone())
+            } else {
+                Err(source.at(
+                    name,
+                    format!(
+                        "interface {text:?} is not a valid interface name (1 to 15 bytes, no '/', ':' or spaces)"
+                    ),
+                ))
+            }
         })
+        .collect::<Result<Vec<_>, _>>()?;
+    let poll_interval = match &raw.poll_interval_ms {
+        None => Duration::from_secs(1),
+        Some(value) if POLL_INTERVAL_MS.contains(value.get_ref()) => {
+            Duration::from_millis(*value.get_ref())
+        }
+        Some(value) => {
+            return Err(source.at(
+                value,
+                format!(
+                    "poll_interval_ms = {} is out of range: allowed {} to {}",
+                    value.get_ref(),
+                    POLL_INTERVAL_MS.start,
+                    POLL_INTERVAL_MS.end - 1
+                ),
+            ));
+        }
+    };
+    let routes = validate_routes(source, &raw.routes)?;
+    let dns = validate_dns(source, raw.dns.as_ref())?;
+    Ok(Config {
+        listen,
+        pin_dir,
+        cgroup2,
+        interfaces,
+        all_namespaces: raw.all_namespaces,
+        poll_interval,
+        routes,
+        dns,
+    })
+}
+
+fn absolute_path(
+    source: &Source<'_>,
+    value: Option<&Spanned<String>>,
+    key: &str,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(value.get_ref());
+    if path.is_absolute() {
+        Ok(Some(path))
+    } else {
+        Err(source.at(
+            value,
+            format!("{key} = {:?} must be an absolute path", value.get_ref()),
+        ))
     }
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: path.display().to_string(),
-            line: None,
-            column: None,
-            reason: e.to_string(),
-        })?;
-        Self::from_toml(&path.display().to_string(), &text)
+}
+
+fn validate_routes(source: &Source<'_>, raw: &[RawRoute]) -> Result<Vec<Route>, ConfigError> {
+    if raw.len() > MAX_ROUTES {
+        return Err(source.at(
+            &raw[MAX_ROUTES].name,
+            format!(
+                "{} routes configured; at most {MAX_ROUTES} fit the kernel's route slots",
+                raw.len()
+            ),
+        ));
+    }
+    let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
+    for route in raw {
+        let name = route.name.get_ref();
+        let name_ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !name_ok {
+            return Err(source.at(
+                &route.name,
+                format!(
+                    "route name {name:?} is not valid: 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '-'"
+                ),
+            ));
+        }
+        if routes.iter().any(|r| &r.name == name) {
+            return Err(source.at(&route.name, format!("route name {name:?} is used twice")));
+        }
+        if route.ports.get_ref().is_empty() {
+            return Err(source.at(&route.ports, format!("route {name:?} has no ports")));
+        }
+        let mut ports: Vec<u16> = Vec::with_capacity(route.ports.get_ref().len());
+        for port in route.ports.get_ref() {
+            let number = *port.get_ref();
+            if number == 0 {
+                return Err(source.at(port, format!("route {name:?}: port 0 is not a port")));
+            }
+            if ports.contains(&number) {
+                return Err(source.at(port, format!("route {name:?} lists port {number} twice")));
+            }
+            if let Some(owner) = routes.iter().find(|r| r.ports.contains(&number)) {
+                return Err(source.at(
+                    port,
+                    format!(
+                        "port {number} is in routes {:?} and {name:?}; a port belongs to one route",
+                        owner.name
+                    ),
+                ));
+            }
+            ports.push(number);
+        }
+        let kind = match &route.kind {
+            None => RouteKind::Tcp,
+            Some(kind) => RouteKind::ALL
+                .into_iter()
+                .find(|k| k.as_str() == kind.get_ref())
+                .ok_or_else(|| {
+                    source.at(
+                        kind,
+                        format!(
+                            "route {name:?}: type {:?} is not one of http, https, websocket, tcp",
+                            kind.get_ref()
+                        ),
+                    )
+                })?,
+        };
+        routes.push(Route {
+            name: name.clone(),
+            ports,
+            kind,
+        });
+    }
+    Ok(routes)
+}
+
+fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, ConfigError> {
+    let mut dns = DnsConfig {
+        ports: vec![53],
+        top_k: 100,
+        sample_every: 1,
+    };
+    let Some(raw) = raw else {
+        return Ok(dns);
+    };
+    if let Some(ports) = &raw.ports {
+        if ports.get_ref().is_empty() {
+            return Err(source.at(
+                ports,
+                "dns ports is empty; leave it out for the default [53]",
+            ));
+        }
+        dns.ports.clear();
+        for port in ports.get_ref() {
+            let number = *port.get_ref();
+            if number == 0 {
+                return Err(source.at(port, "dns: port 0 is not a port"));
+            }
+            if dns.ports.contains(&number) {
+                return Err(source.at(port, format!("dns lists port {number} twice")));
+            }
+            dns.ports.push(number);
+        }
+    }
+    if let Some(top_k) = &raw.top_k {
+        dns.top_k = in_range(source, top_k, "top_k", 1, 10_000)?;
+    }
+    if let Some(sample_every) = &raw.sample_every {
+        dns.sample_every = in_range(source, sample_every, "sample_every", 1, 65_536)?;
+    }
+    Ok(dns)
+}
+
+fn in_range<T: TryFrom<u64>>(
+    source: &Source<'_>,
+    value: &Spanned<u64>,
+    key: &str,
+    min: u64,
+    max: u64,
+) -> Result<T, ConfigError> {
+    let number = *value.get_ref();
+    if (min..=max).contains(&number) {
+        T::try_from(number).map_err(|_| source.at(value, format!("{key} = {number} is too large")))
+    } else {
+        Err(source.at(
+            value,
+            format!("{key} = {number} is out of range: allowed {min} to {max}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write as _;
+
+    use super::*;
+
+    fn error(text: &str) -> ConfigError {
+        Config::from_toml("test.toml", text).unwrap_err()
+    }
+
+    /// Asserts an error at `line` whose reason mentions `needle`.
+    fn assert_error(text: &str, line: usize, needle: &str) {
+        let err = error(text);
+        assert_eq!(err.line, Some(line), "{err}");
+        assert!(err.reason.contains(needle), "{err}");
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid_and_sensible() {
+        let config = Config::embedded_default();
+        assert_eq!(config.listen, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(config.pin_dir, PathBuf::from("/sys/fs/bpf/collector"));
+        assert!(config.interfaces.is_empty());
+        assert!(!config.all_namespaces);
+        assert_eq!(config.poll_interval, Duration::from_secs(1));
+        let routes: Vec<(&str, &[u16], RouteKind)> = config
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.ports.as_slice(), r.kind))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                ("web", &[80, 8080][..], RouteKind::Http),
+                ("tls", &[443, 8443][..], RouteKind::Https)
+            ]
+        );
+        assert_eq!(config.dns.ports, [53]);
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let config = Config::from_toml(
+            "full.toml",
+            r#"
+listen = "[::1]:9100"
+pin_dir = "/sys/fs/bpf/edge"
+cgroup2 = "/sys/fs/cgroup"
+interfaces = ["lo", "eth0"]
+all_namespaces = true
+poll_interval_ms = 250
+
+[[routes]]
+name = "ws"
+ports = [9000]
+type = "websocket"
+
+[[routes]]
+name = "raw"
+ports = [7000, 7001]
+
+[dns]
+ports = [53, 5353]
+top_k = 20
+sample_every = 4
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.listen, "[::1]:9100".parse().unwrap());
+        assert_eq!(config.cgroup2, Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(config.interfaces, ["lo", "eth0"]);
+        assert!(config.all_namespaces);
+        assert_eq!(config.poll_interval, Duration::from_millis(250));
+        assert_eq!(config.routes[0].kind, RouteKind::Websocket);
+        assert_eq!(config.routes[1].kind, RouteKind::Tcp);
+        assert_eq!(config.routes[1].ports, [7000, 7001]);
+        assert_eq!(
+            config.dns,
+            DnsConfig {
+                ports: vec![53, 5353],
+                top_k: 20,
+                sample_every: 4
+            }
+        );
+    }
+
+    #[test]
+    fn no_routes_is_a_dns_only_host() {
+        assert!(Config::from_toml("t", "").unwrap().routes.is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_reason() {
+        let err = error("listen = \"127.0.0.1:9464\"\n\n[[routes]]\nname = \"web\"\nports = [0]\n");
+        assert_eq!(
+            err.to_string(),
+            "test.toml:5:10: route \"web\": port 0 is not a port"
+        );
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_positions() {
+        assert_error(
+            "listen = \"127.0.0.1:9464\"\nports = [1,\n",
+            2,
+            "unclosed array",
+        );
+        assert_error("[[routes]]\nname = \"web\"\nports = [70000]\n", 3, "");
+        assert_error("poll_interval_ms = \"fast\"\n", 1, "");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert_error(
+            "[[routes]]\nname = \"web\"\nports = [80]\ntyp = \"http\"\n",
+            4,
+            "typ",
+        );
+        assert_error("listne = \"127.0.0.1:1\"\n", 1, "listne");
+        assert_error("[dns]\nport = [53]\n", 2, "port");
+    }
+
+    #[test]
+    fn route_rules() {
+        let route = |body: &str| format!("[[routes]]\n{body}\n");
+        assert_error(&route("name = \"\"\nports = [80]"), 2, "not valid");
+        assert_error(&route("name = \"a b\"\nports = [80]"), 2, "not valid");
+        assert_error(
+            &route(&format!("name = \"{}\"\nports = [80]", "x".repeat(64))),
+            2,
+            "not valid",
+        );
+        assert_error(&route("name = \"web\"\nports = []"), 3, "no ports");
+        assert_error(&route("name = \"web\"\nports = [80, 80]"), 3, "twice");
+        assert_error(
+            &route("name = \"web\"\nports = [80]\ntype = \"udp\""),
+            4,
+            "not one of",
+        );
+        let two =
+            "[[routes]]\nname = \"a\"\nports = [80]\n[[routes]]\nname = \"b\"\nports = [81, 80]\n";
+        assert_error(two, 6, "a port belongs to one route");
+        let dup =
+            "[[routes]]\nname = \"a\"\nports = [80]\n[[routes]]\nname = \"a\"\nports = [81]\n";
+        assert_error(dup, 5, "used twice");
+    }
+
+    #[test]
+    fn too_many_routes_is_an_error() {
+        let text = (0..=MAX_ROUTES).fold(String::new(), |mut text, i| {
+            let port = 1000 + i;
+            let _ = write!(text, "[[routes]]\nname = \"r{i}\"\nports = [{port}]\n");
+            text
+        });
+        assert_error(&text, 3 * MAX_ROUTES + 2, "at most 256");
+    }
+
+    #[test]
+    fn agent_settings_rules() {
+        assert_error("listen = \"localhost\"\n", 1, "not a socket address");
+        assert_error("pin_dir = \"bpf/x\"\n", 1, "absolute");
+        assert_error("cgroup2 = \"cg\"\n", 1, "absolute");
+        assert_error(
+            "interfaces = [\"lo\", \"a/b\"]\n",
+            1,
+            "not a valid interface name",
+        );
+        assert_error(
+            "interfaces = [\"sixteen-chars-xx\"]\n",
+            1,
+            "not a valid interface name",
+        );
+        assert_error("\npoll_interval_ms = 5\n", 2, "out of range");
+        assert_error("[dns]\nports = []\n", 2, "empty");
+        assert_error("[dns]\nports = [53, 53]\n", 2, "twice");
+        assert_error("[dns]\ntop_k = 0\n", 2, "out of range");
+        assert_error("[dns]\nsample_every = 70000\n", 2, "out of range");
+    }
+
+    #[test]
+    fn unreadable_files_say_so() {
+        let err = Config::from_file(Path::new("/nonexistent/collector.toml")).unwrap_err();
+        assert_eq!(err.line, None);
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/collector.toml: cannot read the file")
+        );
     }
 }

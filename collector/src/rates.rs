@@ -1,53 +1,94 @@
-// TEMPORARY STAND-IN until the helper's rates.rs lands.
+//! Rates of monotonic counters over sliding windows: instant (1 s), recent (10 s) and average
+//! (60 s), as the proxy's own metrics report them, plus the per-poll history behind them.
+//! Time is passed in, so the arithmetic is tested without clocks.
+
 use std::{collections::VecDeque, time::Duration};
+
+/// The last second.
 pub const INSTANT: Duration = Duration::from_secs(1);
+/// The last ten seconds.
 pub const RECENT: Duration = Duration::from_secs(10);
+/// The last minute.
 pub const AVERAGE: Duration = Duration::from_mins(1);
+
+/// Per-second rates over the standard windows.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Rates {
     pub instant: f64,
     pub recent: f64,
     pub average: f64,
 }
+
+/// Samples of one monotonic counter, at most `max_age` of them (plus one older sample so that
+/// a full window is always computable).
+#[derive(Debug)]
 pub struct CounterHistory {
     samples: VecDeque<(Duration, u64)>,
     max_age: Duration,
 }
+
+#[expect(clippy::cast_precision_loss, reason = "rates are reported as floats")]
+fn per_second(from: (Duration, u64), to: (Duration, u64)) -> f64 {
+    let elapsed = to.0.saturating_sub(from.0).as_secs_f64();
+    if elapsed > 0.0 {
+        to.1.saturating_sub(from.1) as f64 / elapsed
+    } else {
+        0.0
+    }
+}
+
 impl CounterHistory {
+    #[must_use]
     pub fn new(max_age: Duration) -> Self {
         Self {
             samples: VecDeque::new(),
             max_age,
         }
     }
+
+    /// Records the counter's value at `at`. An older time than the newest sample is ignored;
+    /// a lower value means the counter was reset (maps recreated): the history restarts.
     pub fn record(&mut self, at: Duration, value: u64) {
-        if self.samples.back().is_some_and(|&(_, v)| value < v) {
-            self.samples.clear();
+        if let Some(&(newest_at, newest)) = self.samples.back() {
+            if at < newest_at {
+                return;
+            }
+            if value < newest {
+                self.samples.clear();
+            }
         }
         self.samples.push_back((at, value));
-        while self.samples.len() > 2 && at.checked_sub(self.samples[1].0).unwrap() > self.max_age {
+        // Keep one sample at or before at - max_age, and nothing older.
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|&(second, _)| at.saturating_sub(second) >= self.max_age)
+        {
             self.samples.pop_front();
         }
     }
+
+    /// Per-second rate over the last `window`, from the newest sample at or before
+    /// (newest − window), or the oldest if none is that old; 0 with fewer than two samples.
+    #[must_use]
     pub fn rate(&self, window: Duration) -> f64 {
-        let Some(&(t1, v1)) = self.samples.back() else {
+        let Some(&newest) = self.samples.back() else {
             return 0.0;
         };
         let base = self
             .samples
             .iter()
             .rev()
-            .find(|(t, _)| t1.saturating_sub(*t) >= window)
-            .or(self.samples.front())
+            .find(|&&(at, _)| newest.0.saturating_sub(at) >= window)
+            .or_else(|| self.samples.front())
             .copied()
-            .unwrap();
-        let dt = t1.checked_sub(base.0).unwrap().as_secs_f64();
-        if dt == 0.0 {
-            0.0
-        } else {
-            (v1 - base.1) as f64 / dt
-        }
+            .unwrap_or(newest);
+        per_second(base, newest)
     }
+
+    /// Rates over the standard windows.
+    #[must_use]
     pub fn rates(&self) -> Rates {
         Rates {
             instant: self.rate(INSTANT),
@@ -55,15 +96,87 @@ impl CounterHistory {
             average: self.rate(AVERAGE),
         }
     }
+
+    /// Rates between consecutive samples, oldest first, the last `n` of them.
+    #[must_use]
     pub fn history(&self, n: usize) -> Vec<f64> {
-        let v: Vec<f64> = self
+        let rates: Vec<f64> = self
             .samples
             .iter()
             .zip(self.samples.iter().skip(1))
-            .map(|(a, b)| {
-                (b.1 - a.1) as f64 / b.0.checked_sub(a.0).unwrap().as_secs_f64().max(1e-9)
-            })
+            .map(|(&from, &to)| per_second(from, to))
             .collect();
-        v[v.len().saturating_sub(n)..].to_vec()
+        rates[rates.len().saturating_sub(n)..].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn windows_with_exact_timing() {
+        let mut history = CounterHistory::new(secs(70.0));
+        // 100 per second for a minute, then 400 in the last second.
+        for second in 0..=60u64 {
+            history.record(Duration::from_secs(second), second * 100);
+        }
+        history.record(Duration::from_secs(61), 6000 + 400);
+        let rates = history.rates();
+        assert!(close(rates.instant, 400.0), "{rates:?}");
+        assert!(close(rates.recent, (900.0 + 400.0) / 10.0), "{rates:?}");
+        assert!(close(rates.average, (5900.0 + 400.0) / 60.0), "{rates:?}");
+    }
+
+    #[test]
+    fn jittered_polls_divide_by_real_elapsed_time() {
+        let mut history = CounterHistory::new(secs(70.0));
+        history.record(secs(0.0), 0);
+        history.record(secs(1.02), 102);
+        history.record(secs(2.01), 300);
+        // Newest at 2.01: the newest sample at or before 1.01 is the one at 0.0.
+        assert!(close(history.rate(INSTANT), 300.0 / 2.01));
+        assert!(close(history.history(5)[1], 198.0 / 0.99));
+    }
+
+    #[test]
+    fn short_histories_use_what_they_have() {
+        let mut history = CounterHistory::new(secs(70.0));
+        assert!(close(history.rate(INSTANT), 0.0));
+        history.record(secs(0.0), 10);
+        assert!(close(history.rate(INSTANT), 0.0));
+        history.record(secs(0.5), 60);
+        assert!(close(history.rate(RECENT), 100.0));
+    }
+
+    #[test]
+    fn a_counter_reset_restarts_the_history() {
+        let mut history = CounterHistory::new(secs(70.0));
+        history.record(secs(0.0), 1000);
+        history.record(secs(1.0), 2000);
+        history.record(secs(2.0), 5);
+        assert!(close(history.rate(INSTANT), 0.0));
+        history.record(secs(3.0), 105);
+        assert!(close(history.rate(INSTANT), 100.0));
+        assert_eq!(history.history(10).len(), 1);
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let mut history = CounterHistory::new(secs(65.0));
+        for tick in 0..10_000u64 {
+            history.record(Duration::from_millis(tick * 100), tick);
+        }
+        assert!(history.samples.len() <= 652, "{}", history.samples.len());
+        assert!(close(history.rate(AVERAGE), 10.0));
+        assert_eq!(history.history(60).len(), 60);
     }
 }

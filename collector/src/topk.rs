@@ -1,67 +1,259 @@
-// TEMPORARY STAND-IN until the helper's topk.rs lands.
+//! Bounded heavy hitters for keys of unbounded cardinality (client addresses, domains):
+//! Space-Saving (Metwally, Agrawal, El Abbadi 2005) over an indexed min-heap, so each
+//! observation costs O(log capacity) and memory never exceeds `capacity` keys. Counts are
+//! exact while the distinct keys fit; past that every reported count `c` with error `e`
+//! bounds the true count within `[c - e, c]`, and any key seen more than total/capacity
+//! times is reported.
+
 use std::{collections::HashMap, hash::Hash};
+
+/// A tracked key: the true count lies in `[count - error, count]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry<K> {
     pub key: K,
     pub count: u64,
     pub error: u64,
 }
+
+/// The heaviest keys of a stream, in bounded memory.
 #[derive(Debug)]
-pub struct TopK<K> {
-    counts: HashMap<K, u64>,
+pub struct TopK<K: Eq + Hash + Clone> {
+    capacity: usize,
+    /// Min-heap by count: the root is the key to replace.
+    heap: Vec<Entry<K>>,
+    /// Key → position in `heap`.
+    position: HashMap<K, usize>,
+    total: u64,
 }
+
 impl<K: Eq + Hash + Clone> TopK<K> {
-    pub fn new(_capacity: usize) -> Self {
+    /// Tracks at most `capacity` keys (at least one).
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
-            counts: HashMap::new(),
+            capacity,
+            heap: Vec::with_capacity(capacity),
+            position: HashMap::with_capacity(capacity),
+            total: 0,
         }
     }
+
+    /// Adds `weight` to `key`. A new key arriving when full replaces the smallest, inheriting
+    /// its count as error bound.
     pub fn observe(&mut self, key: &K, weight: u64) {
-        *self.counts.entry(key.clone()).or_default() += weight;
-    }
-    pub fn top(&self, n: usize) -> Vec<Entry<K>> {
-        let mut v: Vec<_> = self
-            .counts
-            .iter()
-            .map(|(k, c)| Entry {
-                key: k.clone(),
-                count: *c,
+        self.total = self.total.saturating_add(weight);
+        if let Some(&at) = self.position.get(key) {
+            self.heap[at].count = self.heap[at].count.saturating_add(weight);
+            self.sift_down(at);
+        } else if self.heap.len() < self.capacity {
+            self.heap.push(Entry {
+                key: key.clone(),
+                count: weight,
                 error: 0,
-            })
-            .collect();
-        v.sort_by(|a, b| b.count.cmp(&a.count));
-        v.truncate(n);
-        v
-    }
-}
-#[derive(Debug)]
-pub struct BoundedGauges<K> {
-    gauges: HashMap<K, u64>,
-}
-impl<K: Eq + Hash + Clone> BoundedGauges<K> {
-    pub fn new(_capacity: usize) -> Self {
-        Self {
-            gauges: HashMap::new(),
+            });
+            let at = self.heap.len() - 1;
+            self.position.insert(key.clone(), at);
+            self.sift_up(at);
+        } else {
+            let smallest = self.heap[0].count;
+            self.position.remove(&self.heap[0].key);
+            self.heap[0] = Entry {
+                key: key.clone(),
+                count: smallest.saturating_add(weight),
+                error: smallest,
+            };
+            self.position.insert(key.clone(), 0);
+            self.sift_down(0);
         }
     }
-    pub fn increment(&mut self, key: &K) {
-        *self.gauges.entry(key.clone()).or_default() += 1;
+
+    /// The `n` heaviest keys, highest count first; equal counts by lower error first.
+    #[must_use]
+    pub fn top(&self, n: usize) -> Vec<Entry<K>> {
+        let mut entries = self.heap.clone();
+        entries.sort_by(|a, b| b.count.cmp(&a.count).then(a.error.cmp(&b.error)));
+        entries.truncate(n);
+        entries
     }
+
+    /// Total weight observed, keys no longer tracked included.
+    #[cfg(test)]
+    fn total(&self) -> u64 {
+        self.total
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.heap.swap(a, b);
+        for at in [a, b] {
+            if let Some(slot) = self.position.get_mut(&self.heap[at].key) {
+                *slot = at;
+            }
+        }
+    }
+
+    fn sift_up(&mut self, mut at: usize) {
+        while at > 0 {
+            let parent = (at - 1) / 2;
+            if self.heap[parent].count <= self.heap[at].count {
+                break;
+            }
+            self.swap(parent, at);
+            at = parent;
+        }
+    }
+
+    fn sift_down(&mut self, mut at: usize) {
+        loop {
+            let mut smallest = at;
+            for child in [2 * at + 1, 2 * at + 2] {
+                if child < self.heap.len() && self.heap[child].count < self.heap[smallest].count {
+                    smallest = child;
+                }
+            }
+            if smallest == at {
+                break;
+            }
+            self.swap(at, smallest);
+            at = smallest;
+        }
+    }
+}
+
+/// Live per-key gauges (open connections per client), bounded to `capacity` keys. An
+/// increment of a new key when full is counted in [`BoundedGauges::overflow`] instead; a key
+/// whose gauge reaches zero is dropped.
+#[derive(Debug)]
+pub struct BoundedGauges<K: Eq + Hash + Clone> {
+    capacity: usize,
+    gauges: HashMap<K, u64>,
+    overflow: u64,
+}
+
+impl<K: Eq + Hash + Clone> BoundedGauges<K> {
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            gauges: HashMap::new(),
+            overflow: 0,
+        }
+    }
+
+    pub fn increment(&mut self, key: &K) {
+        if let Some(value) = self.gauges.get_mut(key) {
+            *value += 1;
+        } else if self.gauges.len() < self.capacity {
+            self.gauges.insert(key.clone(), 1);
+        } else {
+            self.overflow += 1;
+        }
+    }
+
+    /// Decrements a tracked key; an untracked one is left alone.
     pub fn decrement(&mut self, key: &K) {
-        if let Some(v) = self.gauges.get_mut(key) {
-            *v -= 1;
-            if *v == 0 {
+        if let Some(value) = self.gauges.get_mut(key) {
+            *value -= 1;
+            if *value == 0 {
                 self.gauges.remove(key);
             }
         }
     }
+
+    /// The `n` largest gauges, largest first.
+    #[must_use]
     pub fn top(&self, n: usize) -> Vec<(K, u64)> {
-        let mut v: Vec<_> = self.gauges.iter().map(|(k, c)| (k.clone(), *c)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
-        v.truncate(n);
-        v
+        let mut all: Vec<(K, u64)> = self.gauges.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        all.sort_by_key(|(_, value)| std::cmp::Reverse(*value));
+        all.truncate(n);
+        all
     }
+
+    /// Increments not tracked because the table was full.
+    #[must_use]
     pub fn overflow(&self) -> u64 {
-        0
+        self.overflow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_exact_while_keys_fit() {
+        let mut top = TopK::new(4);
+        for (key, times) in [("a", 5), ("b", 3), ("c", 9)] {
+            for _ in 0..times {
+                top.observe(&key, 1);
+            }
+        }
+        top.observe(&"d", 2);
+        let entries = top.top(10);
+        let got: Vec<(&str, u64, u64)> =
+            entries.iter().map(|e| (e.key, e.count, e.error)).collect();
+        assert_eq!(got, [("c", 9, 0), ("a", 5, 0), ("b", 3, 0), ("d", 2, 0)]);
+        assert_eq!(top.total(), 19);
+        assert_eq!(top.heap.len(), 4);
+        assert_eq!(top.top(1)[0].key, "c");
+    }
+
+    #[test]
+    fn heavy_hitters_survive_a_long_tail_within_their_error_bounds() {
+        // A Zipf-like stream: key i appears about 10000 / (i + 1) times, 2000 keys, interleaved.
+        let mut truth: HashMap<u32, u64> = HashMap::new();
+        let mut top = TopK::new(50);
+        let mut state = 12_345u64;
+        for _ in 0..200_000 {
+            // xorshift: deterministic pseudo-random ranks with a 1/(i+1) law via rejection.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let candidate = u32::try_from(state % 2000).unwrap();
+            if !state.is_multiple_of(u64::from(candidate + 1)) {
+                continue;
+            }
+            *truth.entry(candidate).or_default() += 1;
+            top.observe(&candidate, 1);
+        }
+        let mut exact: Vec<(u32, u64)> = truth.into_iter().collect();
+        exact.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let reported = top.top(50);
+        for (key, true_count) in exact.iter().take(10) {
+            let entry = reported
+                .iter()
+                .find(|e| e.key == *key)
+                .unwrap_or_else(|| panic!("heavy hitter {key} ({true_count}) missing"));
+            assert!(entry.count - entry.error <= *true_count && *true_count <= entry.count);
+        }
+        assert_eq!(top.heap.len(), 50);
+        assert_eq!(top.total(), exact.iter().map(|(_, c)| c).sum::<u64>());
+    }
+
+    #[test]
+    fn replacement_inherits_the_smallest_count_as_error() {
+        let mut top = TopK::new(2);
+        top.observe(&"a", 5);
+        top.observe(&"b", 2);
+        top.observe(&"c", 1);
+        let c = top.top(2).into_iter().find(|e| e.key == "c").unwrap();
+        assert_eq!((c.count, c.error), (3, 2));
+        assert!(top.top(2).iter().all(|e| e.key != "b"));
+    }
+
+    #[test]
+    fn gauges_follow_increments_and_decrements_within_bounds() {
+        let mut gauges = BoundedGauges::new(2);
+        gauges.increment(&"a");
+        gauges.increment(&"a");
+        gauges.increment(&"b");
+        gauges.increment(&"c");
+        assert_eq!(gauges.overflow(), 1);
+        assert_eq!(gauges.top(5), [("a", 2), ("b", 1)]);
+        gauges.decrement(&"b");
+        gauges.decrement(&"c");
+        assert_eq!(gauges.gauges.len(), 1);
+        gauges.increment(&"c");
+        assert_eq!(gauges.top(5), [("a", 2), ("c", 1)]);
     }
 }

@@ -144,82 +144,96 @@ fn counts_connections_and_bytes_exactly_per_route() {
             (closed >= (WEB + API) as f64).then_some(metrics)
         },
     );
-    let expect = |name: &str, route: &str, value: usize| {
-        assert_eq!(
-            route_value(&metrics, name, route),
-            value as f64,
-            "{name}{{route={route}}}\n{metrics}"
-        );
-    };
-    expect("collector_proxy_connections_opened_total", "web", WEB);
-    expect("collector_proxy_connections_opened_total", "api", API);
-    expect("collector_proxy_connections_closed_total", "web", WEB);
-    expect("collector_proxy_connections_closed_total", "api", API);
-    expect("collector_proxy_connections_active", "web", 0);
-    expect("collector_proxy_connections_active", "api", 0);
-    expect(
-        "collector_proxy_connection_received_bytes_total",
-        "web",
-        WEB * WEB_REQUEST,
-    );
-    expect(
-        "collector_proxy_connection_sent_bytes_total",
-        "web",
-        WEB * WEB_RESPONSE,
-    );
-    expect(
-        "collector_proxy_connection_received_bytes_total",
-        "api",
-        API * API_REQUEST,
-    );
-    expect(
-        "collector_proxy_connection_sent_bytes_total",
-        "api",
-        API * API_RESPONSE,
-    );
-    expect(
-        "collector_proxy_connection_duration_seconds_count",
-        "web",
-        WEB,
-    );
-    // The live tc counters see the same payload, packet by packet.
-    let traffic = |route: &str, direction: &str| {
-        sample(
-            &metrics,
-            "collector_proxy_traffic_payload_bytes_total",
-            &[("route", route), ("direction", direction)],
-        )
-        .unwrap()
-    };
-    assert_eq!(traffic("web", "in"), (WEB * WEB_REQUEST) as f64);
-    assert_eq!(traffic("web", "out"), (WEB * WEB_RESPONSE) as f64);
-    assert_eq!(traffic("api", "in"), (API * API_REQUEST) as f64);
-    assert_eq!(traffic("api", "out"), (API * API_RESPONSE) as f64);
+    assert_route_metrics(&metrics, "web", WEB, WEB * WEB_REQUEST, WEB * WEB_RESPONSE);
+    assert_route_metrics(&metrics, "api", API, API * API_REQUEST, API * API_RESPONSE);
     assert!(
         !metrics.contains("18082"),
         "the unwatched port shows up:\n{metrics}"
     );
 
+    // The JSON API reports the same figures.
     let json = proxy_json(&netns);
     assert_eq!(json["totalConnections"], WEB + API);
     assert_eq!(json["activeConnections"], 0);
     assert_eq!(json["connectionsByRoute"]["web"], 0);
-    let routes = json["routes"].as_array().unwrap();
-    let web = routes.iter().find(|r| r["name"] == "web").unwrap();
-    let api = routes.iter().find(|r| r["name"] == "api").unwrap();
-    assert_eq!(web["opened"], WEB);
-    assert_eq!(api["closed"], API);
-    assert_eq!(web["bytesIn"], WEB * WEB_REQUEST);
-    assert_eq!(web["bytesOut"], WEB * WEB_RESPONSE);
-    assert_eq!(api["bytesIn"], API * API_REQUEST);
-    assert_eq!(api["bytesOut"], API * API_RESPONSE);
-    assert_eq!(web["type"], "http");
-    assert!(web["duration"]["p50"].as_f64().unwrap() > 0.0);
     assert_eq!(json["topIPs"][0]["ip"], "127.0.0.1");
     assert_eq!(json["topIPs"][0]["connections"], WEB + API);
+    let routes = json["routes"].as_array().unwrap();
+    let route = |name: &str| routes.iter().find(|r| r["name"] == name).unwrap();
+    assert_route(
+        route("web"),
+        "http",
+        WEB,
+        WEB * WEB_REQUEST,
+        WEB * WEB_RESPONSE,
+    );
+    assert_route(
+        route("api"),
+        "tcp",
+        API,
+        API * API_REQUEST,
+        API * API_RESPONSE,
+    );
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
+}
+
+/// One route's `/metrics` after `connections` closed with these payload totals: the close
+/// accounting (`sock_ops`) and the live counters (tc) agree exactly.
+fn assert_route_metrics(
+    metrics: &str,
+    route: &str,
+    connections: usize,
+    bytes_in: usize,
+    bytes_out: usize,
+) {
+    let expect = |name: &str, value: usize| {
+        assert_eq!(
+            route_value(metrics, name, route),
+            value as f64,
+            "{name}{{route={route}}}\n{metrics}"
+        );
+    };
+    expect("collector_proxy_connections_opened_total", connections);
+    expect("collector_proxy_connections_closed_total", connections);
+    expect("collector_proxy_connections_active", 0);
+    expect("collector_proxy_connection_received_bytes_total", bytes_in);
+    expect("collector_proxy_connection_sent_bytes_total", bytes_out);
+    expect(
+        "collector_proxy_connection_duration_seconds_count",
+        connections,
+    );
+    let live = |direction: &str| {
+        sample(
+            metrics,
+            "collector_proxy_traffic_payload_bytes_total",
+            &[("route", route), ("direction", direction)],
+        )
+        .unwrap()
+    };
+    assert_eq!(live("in"), bytes_in as f64);
+    assert_eq!(live("out"), bytes_out as f64);
+}
+
+/// One route of `/api/v1/proxy` after `connections` closed with these payload totals.
+fn assert_route(
+    route: &serde_json::Value,
+    kind: &str,
+    connections: usize,
+    bytes_in: usize,
+    bytes_out: usize,
+) {
+    assert_eq!(route["type"], kind);
+    assert_eq!(route["opened"], connections);
+    assert_eq!(route["closed"], connections);
+    assert_eq!(route["active"], 0);
+    assert_eq!(route["bytesIn"], bytes_in);
+    assert_eq!(route["bytesOut"], bytes_out);
+    assert_eq!(route["traffic"]["payloadBytesIn"], bytes_in);
+    assert_eq!(route["traffic"]["payloadBytesOut"], bytes_out);
+    assert_eq!(route["duration"]["count"], connections);
+    assert!(route["duration"]["p50"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
