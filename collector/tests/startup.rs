@@ -72,7 +72,10 @@ fn runs_and_counts_under_ip_netns_exec() {
 }
 
 fn run_with_config(text: &str) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("collector-bad-config-{}", std::process::id()));
+    // Tests run in parallel: one directory per call.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("collector-config-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
     std::fs::write(&path, text).unwrap();
