@@ -250,7 +250,8 @@ mod tests {
         assert_eq!(duration_bucket(1_000), 0);
         assert_eq!(duration_bucket(1_999), 0);
         assert_eq!(duration_bucket(2_000), 1);
-        assert_eq!(duration_bucket(1_000_000), 19); // 1 s = 2^19.93 µs
+        assert_eq!(duration_bucket(1_000_000), 9); // 1 ms = 2^9.97 µs
+        assert_eq!(duration_bucket(1_000_000_000), 19); // 1 s = 2^19.93 µs
         assert_eq!(duration_bucket(u64::MAX), DURATION_BUCKETS - 1);
     }
 
