@@ -91,7 +91,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             cargo(&root, &["fmt", "--all", "--check"])?;
             let mut test = vec!["test", "--workspace", "--exclude", "collector-ebpf"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&root, &test)
+            cargo_test(&root, &test)
         }
         Task::Bench { args } => {
             require_root("the benchmarks")?;
@@ -138,6 +138,52 @@ fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and closes with the totals over every test
+/// binary (`N passed, N failed`), so the last line says how many tests ran in all.
+fn cargo_test(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .current_dir(root)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("reading cargo test's output")?;
+            println!("{line}");
+            if let Some(result) = line.strip_prefix("test result: ") {
+                passed += count_before(result, " passed");
+                failed += count_before(result, " failed");
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The number just before `label` in a `test result:` line ("ok. 35 passed; 0 failed; ...").
+fn count_before(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 fn succeeds(program: &str, args: &[&str]) -> bool {
