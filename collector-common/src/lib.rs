@@ -37,8 +37,8 @@ pub mod map_names {
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
     /// `PerCpuArray<u64>`, `MAX_ROUTES * DURATION_BUCKETS` entries: closed connections by duration.
     pub const CONN_DURATIONS: &str = "CONN_DURATIONS";
-    /// `HashMap<u64, ConnState>` (preallocated), [`super::MAX_TRACKED_CONNECTIONS`] entries:
-    /// state of each open tracked connection, by socket cookie.
+    /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
+    /// in a slot found from its socket cookie (see [`super::conn_slot`]).
     pub const CONN_STATE: &str = "CONN_STATE";
     /// `RingBuf` of [`super::ConnEvent`].
     pub const CONN_EVENTS: &str = "CONN_EVENTS";
@@ -65,9 +65,13 @@ pub mod program_names {
 /// (0 counts every namespace).
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
 
-/// Open connections tracked at once. The table is preallocated: tracking allocates nothing
-/// on the connection path (socket storage did, and cost about 2 µs per connection).
-pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
+/// Slots of the connection table (a power of two). Tracking allocates and hashes nothing:
+/// socket storage allocated per socket (about 2 µs per connection), a hash map cost a
+/// jhash, a bucket lock and cache misses per operation. Socket cookies are sequential, so
+/// consecutive connections land in neighbouring slots.
+pub const CONN_TABLE_SLOTS: u32 = 65536;
+/// Slots tried from a cookie's home slot before the table counts as full for it.
+pub const CONN_TABLE_PROBES: u32 = 4;
 
 /// Byte size of the connection event ring buffer.
 pub const CONN_EVENTS_BYTES: u32 = 1 << 20;
@@ -75,8 +79,9 @@ pub const CONN_EVENTS_BYTES: u32 = 1 << 20;
 /// Kernel-side failures, counted in [`map_names::ERRORS`] instead of changing a socket's or
 /// packet's fate.
 pub mod error_kind {
-    /// The connection table was full: the connection is counted as opened, but its close,
-    /// duration and bytes are lost (and `active` stays one too high).
+    /// No free slot among the probed ones of the connection table: the connection is
+    /// counted as opened, but its close, duration and bytes are lost (`active` stays one
+    /// too high).
     pub const CONN_TABLE_FULL: u32 = 0;
     /// The connection event ring buffer was full: the event is lost, counters are not.
     pub const CONN_EVENT_DROPPED: u32 = 1;
@@ -134,10 +139,13 @@ pub mod conn_flags {
     pub const FIN_WAIT2_SEEN: u32 = 4;
 }
 
-/// State of a tracked connection, from accept to close.
+/// State of a tracked connection, from accept to close: one slot of the connection table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
+    /// Socket cookie of the connection owning the slot; 0 = free. Claimed and released
+    /// atomically.
+    pub cookie: u64,
     /// `bpf_ktime_get_ns` at `PASSIVE_ESTABLISHED`.
     pub start_ns: u64,
     /// Client address; IPv4 as an IPv4-mapped IPv6 address.
@@ -188,10 +196,11 @@ pub struct ConnEvent {
 const _: () = assert!(size_of::<RouteName>() == 64);
 const _: () = assert!(size_of::<ConnCounters>() == 40);
 const _: () = assert!(size_of::<TrafficCounters>() == 24);
-const _: () = assert!(size_of::<ConnState>() == 40);
-const _: () = assert!(core::mem::offset_of!(ConnState, client_addr) == 8);
-const _: () = assert!(core::mem::offset_of!(ConnState, route) == 24);
-const _: () = assert!(core::mem::offset_of!(ConnState, client_port) == 36);
+const _: () = assert!(size_of::<ConnState>() == 48);
+const _: () = assert!(core::mem::offset_of!(ConnState, client_addr) == 16);
+const _: () = assert!(core::mem::offset_of!(ConnState, route) == 32);
+const _: () = assert!(core::mem::offset_of!(ConnState, client_port) == 44);
+const _: () = assert!(CONN_TABLE_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<ConnEvent>() == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
@@ -200,6 +209,18 @@ const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
 #[must_use]
 pub const fn duration_index(slot: u32, bucket: u32) -> u32 {
     slot * DURATION_BUCKETS + bucket
+}
+
+/// Slot of the connection table for `cookie` at `probe` (0..[`CONN_TABLE_PROBES`]).
+#[must_use]
+pub const fn conn_slot(cookie: u64, probe: u32) -> u32 {
+    // Truncation intended: the low bits of a sequential cookie spread consecutive sockets.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "only the low bits pick the slot"
+    )]
+    let low = cookie as u32;
+    low.wrapping_add(probe) & (CONN_TABLE_SLOTS - 1)
 }
 
 /// Index into [`map_names::ROUTE_TRAFFIC`] for a route slot and direction.
@@ -253,6 +274,14 @@ mod tests {
         assert_eq!(duration_bucket(1_000_000), 9); // 1 ms = 2^9.97 µs
         assert_eq!(duration_bucket(1_000_000_000), 19); // 1 s = 2^19.93 µs
         assert_eq!(duration_bucket(u64::MAX), DURATION_BUCKETS - 1);
+    }
+
+    #[test]
+    fn connection_slots_wrap_and_probe_forward() {
+        assert_eq!(conn_slot(5, 0), 5);
+        assert_eq!(conn_slot(5, 3), 8);
+        assert_eq!(conn_slot(u64::from(CONN_TABLE_SLOTS) + 7, 0), 7);
+        assert_eq!(conn_slot(u64::from(CONN_TABLE_SLOTS) - 1, 1), 0);
     }
 
     #[test]

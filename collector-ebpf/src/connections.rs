@@ -1,11 +1,13 @@
 //! Connection lifecycle on watched ports, from sock_ops callbacks: accepted connections are
-//! counted at PASSIVE_ESTABLISHED and remembered by socket cookie in a preallocated table;
-//! their close is counted at the STATE_CB into TCP_CLOSE, with the duration and the socket's
-//! own byte counters.
+//! counted at PASSIVE_ESTABLISHED and remembered in a slot of the connection table found
+//! from the socket cookie; their close is counted at the STATE_CB into TCP_CLOSE, with the
+//! duration and the socket's own byte counters.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
         BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
     },
@@ -13,8 +15,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use collector_common::{
-    CONN_EVENT_CLOSE, CONN_EVENT_OPEN, ConnEvent, ConnState, MAX_ROUTES, NO_ROUTE, conn_flags,
-    duration_bucket, duration_index, error_kind,
+    CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnEvent, ConnState, MAX_ROUTES,
+    NO_ROUTE, conn_flags, conn_slot, duration_bucket, duration_index, error_kind,
 };
 
 use crate::{
@@ -24,6 +26,65 @@ use crate::{
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+
+/// The owner word of a slot: the cookie of the socket that claimed it, 0 when free. Only
+/// ever accessed atomically. (The BPF target's `AtomicU64` has no compare-and-swap, hence
+/// the intrinsics; with ALU32 (build.rs) LLVM emits BPF_CMPXCHG.)
+fn owner(slot: *mut ConnState) -> *mut u64 {
+    // SAFETY: `slot` points into our array map, valid for the program's run.
+    unsafe { core::ptr::addr_of_mut!((*slot).cookie) }
+}
+
+/// Claims a free slot for `cookie` (compare-and-swap: two CPUs never take the same slot).
+fn claim(cookie: u64) -> Option<*mut ConnState> {
+    for probe in 0..CONN_TABLE_PROBES {
+        let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe)) else {
+            continue;
+        };
+        // SAFETY: an 8-byte-aligned word of our map value (map values are 8-aligned).
+        let (_, claimed) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::AcqRel }, { AtomicOrdering::Relaxed }>(
+                owner(slot),
+                0,
+                cookie,
+            )
+        };
+        if claimed {
+            return Some(slot);
+        }
+    }
+    None
+}
+
+/// The slot `cookie` claimed, if any.
+fn find(cookie: u64) -> Option<*mut ConnState> {
+    for probe in 0..CONN_TABLE_PROBES {
+        let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe)) else {
+            continue;
+        };
+        // A plain (volatile) load is enough: a socket only looks for the cookie it stored
+        // itself, from callbacks the socket lock orders, and an aligned 8-byte load does not
+        // tear. (LLVM's BPF backend selects no atomic load below v4.) SAFETY: as in `claim`.
+        if unsafe { core::ptr::read_volatile(owner(slot)) } == cookie {
+            return Some(slot);
+        }
+    }
+    None
+}
+
+/// Frees a slot for the next connection. A compare-and-swap rather than a store: it orders
+/// the freeing after this socket's last reads of the slot on every architecture (LLVM emits
+/// store-release only for BPF v4).
+fn release(slot: *mut ConnState, cookie: u64) {
+    // SAFETY: as in `claim`.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::AcqRel }, { AtomicOrdering::Relaxed }>(
+            owner(slot),
+            cookie,
+            0,
+        )
+    };
+}
 
 pub fn on_sock_op(ctx: &SockOpsContext) {
     match ctx.op() {
@@ -53,20 +114,17 @@ fn on_accepted(ctx: &SockOpsContext) {
     unsafe { (*counters).opened += 1 };
 
     let cookie = socket_cookie(ctx);
-    let state = ConnState {
-        start_ns: ktime_ns(),
-        client_addr: client_addr(ctx),
-        route: slot,
-        client_port: client_port(ctx),
-        ..ConnState::default()
-    };
-    if CONN_STATE
-        .insert(cookie, state, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
+    let Some(entry) = claim(cookie) else {
         count_error(error_kind::CONN_TABLE_FULL);
         return;
-    }
+    };
+    // SAFETY: the slot is ours since the claim; only this socket's callbacks touch it.
+    let state = unsafe { &mut *entry };
+    state.start_ns = ktime_ns();
+    state.client_addr = client_addr(ctx);
+    state.route = slot;
+    state.client_port = client_port(ctx);
+    state.flags = 0;
     // Ask for state callbacks, keeping whatever callbacks other programs asked for.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 
@@ -90,12 +148,12 @@ fn on_state_change(ctx: &SockOpsContext) {
     }
     let cookie = socket_cookie(ctx);
     // Not in our table: a socket some other program asked state callbacks for.
-    let Some(state) = CONN_STATE.get_ptr_mut(cookie) else {
+    let Some(entry) = find(cookie) else {
         return;
     };
-    // SAFETY: a value of our table; only this socket's callbacks, which the kernel runs
-    // under the socket lock, touch it.
-    let state = unsafe { &mut *state };
+    // SAFETY: the slot this socket claimed; only its callbacks, which the kernel runs under
+    // the socket lock, touch it until it is released.
+    let state = unsafe { &mut *entry };
     match new {
         BPF_TCP_FIN_WAIT2 => {
             state.flags |= conn_flags::FIN_OUT | conn_flags::FIN_WAIT2_SEEN;
@@ -103,7 +161,7 @@ fn on_state_change(ctx: &SockOpsContext) {
         }
         BPF_TCP_CLOSE => {
             on_closed(ctx, cookie, state, old);
-            let _ = CONN_STATE.remove(cookie);
+            release(entry, cookie);
         }
         _ => {}
     }

@@ -3,6 +3,13 @@
 //! Counting only: no program changes the fate of a socket or a packet.
 #![no_std]
 #![no_main]
+// Atomic compare-and-swap on the connection table (see connections.rs); the kernel crate is
+// built with nightly anyway (build-std).
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "atomic_cxchg: the BPF target has no AtomicU64 CAS"
+)]
 
 mod connections;
 mod traffic;
@@ -10,13 +17,13 @@ mod traffic;
 use aya_ebpf::{
     Global,
     bindings::TC_ACT_UNSPEC,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, PerCpuArray, RingBuf},
     macros::{btf_map, classifier, sock_ops},
     programs::{SockOpsContext, TcContext},
 };
 use collector_common::{
-    CONN_EVENTS_BYTES, ConnCounters, ConnEvent, ConnState, DIR_IN, DIR_OUT, DURATION_BUCKETS,
-    ERROR_KINDS, MAX_ROUTES, MAX_TRACKED_CONNECTIONS, PORT_SLOTS, RouteName, TrafficCounters,
+    CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnEvent, ConnState, DIR_IN, DIR_OUT,
+    DURATION_BUCKETS, ERROR_KINDS, MAX_ROUTES, PORT_SLOTS, RouteName, TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -35,7 +42,7 @@ static CONN_COUNTERS: PerCpuArray<ConnCounters, { MAX_ROUTES as usize }> = PerCp
 static CONN_DURATIONS: PerCpuArray<u64, { (MAX_ROUTES * DURATION_BUCKETS) as usize }> =
     PerCpuArray::new();
 #[btf_map]
-static CONN_STATE: HashMap<u64, ConnState, { MAX_TRACKED_CONNECTIONS as usize }> = HashMap::new();
+static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }> = Array::new();
 #[btf_map]
 static CONN_EVENTS: RingBuf<ConnEvent, { CONN_EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
