@@ -46,6 +46,19 @@ pub mod map_names {
     pub const ROUTE_TRAFFIC: &str = "ROUTE_TRAFFIC";
     /// `PerCpuArray<u64>`, [`super::ERROR_KINDS`] entries: kernel-side failures by kind.
     pub const ERRORS: &str = "ERRORS";
+    /// `Array<u32>`, [`super::PORT_SLOTS`] entries: UDP port → [`super::dns_port_role`] bits.
+    pub const DNS_PORT_ROLE: &str = "DNS_PORT_ROLE";
+    /// `PerCpuArray<DnsCounters>`, one entry.
+    pub const DNS_COUNTERS: &str = "DNS_COUNTERS";
+    /// `Array<DnsInFlight>`, [`super::DNS_INFLIGHT_SLOTS`] entries.
+    pub const DNS_INFLIGHT: &str = "DNS_INFLIGHT";
+    /// `Array<u64>`, [`super::DNS_UPSTREAM_SLOTS`] entries: name hash → time of the last
+    /// upstream query for it.
+    pub const DNS_UPSTREAM: &str = "DNS_UPSTREAM";
+    /// `RingBuf` of [`super::DnsQueryEvent`] and [`super::DnsAnswerEvent`].
+    pub const DNS_EVENTS: &str = "DNS_EVENTS";
+    /// `PerCpuArray<DnsScratch>`, one entry: parse space, not data.
+    pub const DNS_SCRATCH: &str = "DNS_SCRATCH";
 }
 
 /// Program names, as the kernel object declares them.
@@ -59,7 +72,16 @@ pub mod program_names {
     /// tc ingress classifier for loopback, counting both directions (every packet sent on lo
     /// comes back in through its ingress).
     pub const COUNT_LOOPBACK: &str = "count_loopback";
+    /// tc ingress classifier: DNS queries arriving for the server.
+    pub const DNS_INGRESS: &str = "count_dns_ingress";
+    /// tc egress classifier: DNS responses from the server and its upstream queries.
+    pub const DNS_EGRESS: &str = "count_dns_egress";
+    /// tc ingress classifier for loopback: all of the above, each packet seen once.
+    pub const DNS_LOOPBACK: &str = "count_dns_loopback";
 }
+
+/// Global in the kernel object: count one query or answer event in this many (1 = all).
+pub const GLOBAL_DNS_SAMPLE_EVERY: &str = "DNS_SAMPLE_EVERY";
 
 /// Global in the kernel object: the network namespace cookie whose sockets are counted
 /// (0 counts every namespace).
@@ -93,6 +115,231 @@ pub const ERROR_KINDS: u32 = 3;
 /// Names of the error kinds, indexed by kind, as exported in metric labels.
 pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] =
     ["conn_table_full", "conn_event_dropped", "packet_truncated"];
+
+/// DNS: what a UDP port is to the DNS classifiers ([`map_names::DNS_PORT_ROLE`] values, bits).
+pub mod dns_port_role {
+    /// The local DNS server listens here: messages to it are client queries, from it
+    /// responses.
+    pub const SERVER: u32 = 1;
+    /// Upstream servers listen here: a query leaving the host to it (from a port that is not
+    /// a server port) is the server asking an upstream, i.e. a cache miss.
+    pub const UPSTREAM: u32 = 2;
+}
+
+/// Query types counted one by one: 0..=257 (every assigned type below 256, plus URI and
+/// CAA); anything above falls into [`DNS_QTYPE_OTHER`]. Bounded whatever clients send.
+pub const DNS_QTYPE_OTHER: u32 = 258;
+/// Entries of [`DnsCounters::queries_by_qtype`] (258 types, "other", one spare for alignment).
+pub const DNS_QTYPE_SLOTS: u32 = 260;
+
+/// Why a DNS message was counted as malformed ([`DnsCounters::malformed`] index).
+pub mod dns_malformed {
+    /// Shorter than its 12-byte header, or its question runs past the end of the message.
+    pub const TRUNCATED: u32 = 0;
+    /// The UDP length field claims more than the packet holds, or less than a UDP header.
+    pub const BAD_LENGTH: u32 = 1;
+    /// A query without a question (QDCOUNT 0).
+    pub const NO_QUESTION: u32 = 2;
+    /// The question's name is invalid: a reserved label type (0x40, 0x80), a compression
+    /// pointer (there is no earlier name to point to), or longer than 255 bytes.
+    pub const BAD_NAME: u32 = 3;
+    /// A response sent to the server's port, or a query sent from it.
+    pub const WRONG_DIRECTION: u32 = 4;
+}
+/// Entries of [`DnsCounters::malformed`] (five reasons, three spare for alignment).
+pub const DNS_MALFORMED_SLOTS: u32 = 8;
+/// Names of the malformed reasons, as exported in metric labels.
+pub const DNS_MALFORMED_NAMES: [&str; 5] = [
+    "truncated",
+    "bad_length",
+    "no_question",
+    "bad_name",
+    "wrong_direction",
+];
+
+/// Every DNS counter, in one per-CPU value: the agent reads them all with one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsCounters {
+    /// Client queries by QTYPE of the first question (see [`DNS_QTYPE_SLOTS`]).
+    pub queries_by_qtype: [u64; DNS_QTYPE_SLOTS as usize],
+    /// Client queries by OPCODE.
+    pub queries_by_opcode: [u64; 16],
+    /// Responses to clients by RCODE (the header's four bits).
+    pub responses_by_rcode: [u64; 16],
+    /// Malformed messages on a server port, by [`dns_malformed`] reason.
+    pub malformed: [u64; DNS_MALFORMED_SLOTS as usize],
+    /// Answered queries by response latency, log2 µs buckets as [`duration_bucket`].
+    pub latency: [u64; DURATION_BUCKETS as usize],
+    /// Sum of the latencies in [`Self::latency`], in nanoseconds.
+    pub latency_ns: u64,
+    /// Responses with the TC bit set.
+    pub responses_truncated: u64,
+    /// Responses matched to their query in the in-flight table (each has a latency).
+    pub answered: u64,
+    /// Responses with no query in the in-flight table (evicted, or sent before we started).
+    pub unmatched_responses: u64,
+    /// Queries repeated with the same client address, port and id while in flight: the
+    /// first one's time is kept.
+    pub duplicate_queries: u64,
+    /// Queries whose in-flight entry was taken over by another query before an answer and
+    /// within [`DNS_ANSWER_TIMEOUT_NS`] (a hash collision): their latency is lost.
+    pub evicted_queries: u64,
+    /// Queries still unanswered after [`DNS_ANSWER_TIMEOUT_NS`] when their slot was reused.
+    pub unanswered_queries: u64,
+    /// Matched responses with no upstream query for their name since the client asked.
+    pub cache_hits: u64,
+    /// Matched responses whose name the server asked an upstream for after the client asked.
+    pub cache_misses: u64,
+    /// Queries from the host to an upstream port.
+    pub upstream_queries: u64,
+    /// Events lost because the ring buffer was full.
+    pub events_dropped: u64,
+    pub _pad: u64,
+}
+
+impl Default for DnsCounters {
+    fn default() -> Self {
+        Self {
+            queries_by_qtype: [0; DNS_QTYPE_SLOTS as usize],
+            queries_by_opcode: [0; 16],
+            responses_by_rcode: [0; 16],
+            malformed: [0; DNS_MALFORMED_SLOTS as usize],
+            latency: [0; DURATION_BUCKETS as usize],
+            latency_ns: 0,
+            responses_truncated: 0,
+            answered: 0,
+            unmatched_responses: 0,
+            duplicate_queries: 0,
+            evicted_queries: 0,
+            unanswered_queries: 0,
+            cache_hits: 0,
+            cache_misses: 0,
+            upstream_queries: 0,
+            events_dropped: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Slots of the DNS in-flight table (a power of two): one per outstanding query, found from
+/// a hash of (client address, port, id). A fixed array instead of a hash map: a map insert
+/// and delete per query cost about 220 ns here.
+pub const DNS_INFLIGHT_SLOTS: u32 = 16384;
+/// Slots of the table of recent upstream queries, indexed by a hash of the name.
+pub const DNS_UPSTREAM_SLOTS: u32 = 16384;
+/// A query unanswered for this long is given up when its slot is needed.
+pub const DNS_ANSWER_TIMEOUT_NS: u64 = 10_000_000_000;
+/// Byte size of the DNS event ring buffer.
+pub const DNS_EVENTS_BYTES: u32 = 1 << 21;
+/// Longest name in wire form (RFC 1035 2.3.4).
+pub const DNS_NAME_MAX: usize = 255;
+
+/// A query waiting for its response: one slot of the in-flight table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsInFlight {
+    /// Client address; IPv4 as an IPv4-mapped IPv6 address.
+    pub client_addr: [u8; 16],
+    /// `bpf_ktime_get_ns` when the query arrived; 0 = free slot.
+    pub start_ns: u64,
+    /// Client port, host byte order.
+    pub client_port: u16,
+    /// DNS transaction id.
+    pub id: u16,
+    /// QTYPE of the query, for the answer event.
+    pub qtype: u16,
+    pub _pad: u16,
+}
+
+/// [`DnsQueryEvent::kind`].
+pub const DNS_EVENT_QUERY: u32 = 3;
+/// [`DnsAnswerEvent::kind`].
+pub const DNS_EVENT_ANSWER: u32 = 4;
+
+/// A sampled client query with its name in wire form, for top domains and the event stream.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsQueryEvent {
+    /// [`DNS_EVENT_QUERY`].
+    pub kind: u32,
+    pub qtype: u16,
+    /// Client port, host byte order.
+    pub client_port: u16,
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`).
+    pub timestamp_ns: u64,
+    /// Client address; IPv4 as an IPv4-mapped IPv6 address.
+    pub client_addr: [u8; 16],
+    pub id: u16,
+    /// Bytes of `name` in use: the wire-form name, root label included.
+    pub name_len: u16,
+    pub _pad: u32,
+    pub name: [u8; 256],
+}
+
+/// A sampled response matched to its query.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsAnswerEvent {
+    /// [`DNS_EVENT_ANSWER`].
+    pub kind: u32,
+    pub rcode: u8,
+    /// 1 if an upstream was asked for the name (a cache miss), 0 for a hit.
+    pub cache_miss: u8,
+    /// 1 if the TC bit was set.
+    pub truncated: u8,
+    pub _pad: u8,
+    /// Time from query to response.
+    pub latency_ns: u64,
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`).
+    pub timestamp_ns: u64,
+    pub client_addr: [u8; 16],
+    pub client_port: u16,
+    pub id: u16,
+    pub qtype: u16,
+    pub _pad2: u16,
+}
+
+/// Per-CPU scratch space for a DNS message's first bytes (UDP header on), copied out of the
+/// packet once so that the name can be walked at masked offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsScratch {
+    pub bytes: [u8; DNS_SCRATCH_BYTES],
+}
+/// Size of [`DnsScratch`]: a power of two above UDP header + DNS header + name + type/class.
+pub const DNS_SCRATCH_BYTES: usize = 512;
+/// Bytes copied into [`DnsScratch`]: UDP header (8), DNS header (12), a longest name (255),
+/// QTYPE and QCLASS (4).
+pub const DNS_COPY_BYTES: usize = 8 + 12 + DNS_NAME_MAX + 4;
+
+/// Slot of the in-flight table for a query.
+#[must_use]
+pub fn dns_inflight_slot(client_addr: &[u8; 16], client_port: u16, id: u16) -> u32 {
+    let mut words = [0u64; 2];
+    let (high, low) = client_addr.split_at(8);
+    let mut buf = [0u8; 8];
+    buf.copy_from_slice(high);
+    words[0] = u64::from_ne_bytes(buf);
+    buf.copy_from_slice(low);
+    words[1] = u64::from_ne_bytes(buf);
+    let mixed =
+        (words[0] ^ words[1].rotate_left(29) ^ (u64::from(client_port) << 16 | u64::from(id)))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // The top bits of a multiplicative hash are the well-mixed ones.
+    let slot = (mixed >> 50) as u32;
+    slot & (DNS_INFLIGHT_SLOTS - 1)
+}
+
+/// Index into [`DnsCounters::queries_by_qtype`] for a QTYPE.
+#[must_use]
+pub const fn dns_qtype_index(qtype: u16) -> u32 {
+    if qtype as u32 >= DNS_QTYPE_OTHER {
+        DNS_QTYPE_OTHER
+    } else {
+        qtype as u32
+    }
+}
 
 /// Route slot name (UTF-8, NUL-padded), written by the agent only.
 #[repr(C)]
@@ -204,6 +451,16 @@ const _: () = assert!(CONN_TABLE_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<ConnEvent>() == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
+const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 12));
+const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 332);
+const _: () = assert!(size_of::<DnsInFlight>() == 32);
+const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
+const _: () = assert!(DNS_UPSTREAM_SLOTS.is_power_of_two());
+const _: () = assert!(size_of::<DnsQueryEvent>() == 296);
+const _: () = assert!(core::mem::offset_of!(DnsQueryEvent, name) == 40);
+const _: () = assert!(size_of::<DnsAnswerEvent>() == 48);
+const _: () = assert!(core::mem::offset_of!(DnsAnswerEvent, client_addr) == 24);
+const _: () = assert!(DNS_SCRATCH_BYTES.is_power_of_two() && DNS_COPY_BYTES < DNS_SCRATCH_BYTES);
 
 /// Index into [`map_names::CONN_DURATIONS`] for a route slot and bucket.
 #[must_use]
@@ -258,6 +515,16 @@ mod pod {
     unsafe impl aya::Pod for super::ConnState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsInFlight {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsQueryEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsAnswerEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsScratch {}
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Kernel programs of the collector: a sock_ops program that follows the lifecycle of
-//! connections on watched ports, and tc classifiers that count live traffic per route.
+//! connections on watched ports, tc classifiers that count live traffic per route, and tc
+//! classifiers that count DNS on the DNS ports.
 //! Counting only: no program changes the fate of a socket or a packet.
 #![no_std]
 #![no_main]
@@ -12,6 +13,8 @@
 )]
 
 mod connections;
+mod dns;
+mod packet;
 mod traffic;
 
 use aya_ebpf::{
@@ -23,7 +26,9 @@ use aya_ebpf::{
 };
 use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnEvent, ConnState, DIR_IN, DIR_OUT,
-    DURATION_BUCKETS, ERROR_KINDS, MAX_ROUTES, PORT_SLOTS, RouteName, TrafficCounters,
+    DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS, DnsCounters,
+    DnsInFlight, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAX_ROUTES, PORT_SLOTS, RouteName,
+    TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -50,6 +55,23 @@ static ROUTE_TRAFFIC: PerCpuArray<TrafficCounters, { (MAX_ROUTES * 2) as usize }
     PerCpuArray::new();
 #[btf_map]
 static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
+
+/// DNS: sample one query or answer in this many into the event ring (1 = all). Set at load.
+#[unsafe(no_mangle)]
+static DNS_SAMPLE_EVERY: Global<u32> = Global::new(1);
+
+#[btf_map]
+static DNS_PORT_ROLE: Array<u32, { PORT_SLOTS as usize }> = Array::new();
+#[btf_map]
+static DNS_COUNTERS: PerCpuArray<DnsCounters, 1> = PerCpuArray::new();
+#[btf_map]
+static DNS_INFLIGHT: Array<DnsInFlight, { DNS_INFLIGHT_SLOTS as usize }> = Array::new();
+#[btf_map]
+static DNS_UPSTREAM: Array<u64, { DNS_UPSTREAM_SLOTS as usize }> = Array::new();
+#[btf_map]
+static DNS_EVENTS: RingBuf<DnsQueryEvent, { DNS_EVENTS_BYTES as usize }> = RingBuf::new();
+#[btf_map]
+static DNS_SCRATCH: PerCpuArray<DnsScratch, 1> = PerCpuArray::new();
 
 /// Count a kernel-side failure by kind (see `collector_common::error_kind`).
 #[inline(always)]
@@ -82,6 +104,24 @@ pub fn count_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn count_loopback(ctx: TcContext) -> i32 {
     traffic::count_loopback_packet(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn count_dns_ingress(ctx: TcContext) -> i32 {
+    dns::count_packet(&ctx, dns::HOOK_INGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn count_dns_egress(ctx: TcContext) -> i32 {
+    dns::count_packet(&ctx, dns::HOOK_EGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn count_dns_loopback(ctx: TcContext) -> i32 {
+    dns::count_packet(&ctx, dns::HOOK_LOOPBACK);
     TC_ACT_UNSPEC
 }
 

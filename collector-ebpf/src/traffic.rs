@@ -6,44 +6,17 @@
 //! counts both: every packet sent on lo comes back in through its ingress, so one hook sees
 //! everything once, at half the runs of two.
 
-use core::mem::size_of;
-
 use aya_ebpf::programs::TcContext;
 use collector_common::{
     DIR_IN, DIR_OUT, MAX_ROUTES, NO_ROUTE, TrafficCounters, error_kind, traffic_index,
 };
 
-use crate::{ROUTE_BY_PORT, ROUTE_TRAFFIC, count_error};
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
-const IPV6_HLEN: usize = 40;
-
-/// Bounds-checked pointer to a `T` at `offset` in the packet's linear data: every packet read
-/// goes through here.
-#[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *const T)
-}
-
-#[inline(always)]
-fn read_u8(ctx: &TcContext, offset: usize) -> Option<u8> {
-    // SAFETY: ptr_at checked that the byte is inside the packet.
-    ptr_at::<u8>(ctx, offset).map(|p| unsafe { *p })
-}
-
-#[inline(always)]
-fn read_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
-    // SAFETY: ptr_at checked that both bytes are inside the packet; unaligned read.
-    ptr_at::<[u8; 2]>(ctx, offset).map(|p| u16::from_be_bytes(unsafe { *p }))
-}
+use crate::{
+    ROUTE_BY_PORT, ROUTE_TRAFFIC, count_error,
+    packet::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, ether_type, read_be16, read_u8,
+    },
+};
 
 /// The parts of a TCP segment that the counters need.
 struct Segment {
@@ -102,7 +75,7 @@ fn count(segment: &Segment, port: u16, dir: u32) {
 /// headers (counted).
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Segment> {
-    let proto = u16::from_be(ctx.skb.protocol() as u16);
+    let proto = ether_type(ctx);
     let skb_l3_len = u64::from(ctx.len()).saturating_sub(ETH_HLEN as u64);
     let (l4_offset, ip_len) = match proto {
         ETH_P_IP => {

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::{
+    dns::{OPCODE_NAMES, RCODE_NAMES, is_error_rcode, qtype_name},
     rates::Rates,
-    snapshot::{RouteSnapshot, Snapshot, histogram_quantile},
+    snapshot::{DnsSnapshot, RouteSnapshot, Snapshot, histogram_quantile},
 };
 
 /// A rate over the standard windows (1 s, 10 s, 60 s), per second.
@@ -195,6 +196,130 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
     }
 }
 
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// hits / (hits + misses); `null` before the first answer.
+    pub hit_rate: Option<f64>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TopDomain {
+    pub domain: String,
+    pub count: u64,
+}
+
+/// `/api/v1/dns`.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsStats {
+    /// When the kernel maps were read, milliseconds since the Unix epoch.
+    pub timestamp: u64,
+    /// False when DNS counting is off in the config.
+    pub enabled: bool,
+    pub total_queries: u64,
+    /// Client queries per second over the last second.
+    pub queries_per_second: f64,
+    pub query_rates: RateWindows,
+    pub cache_stats: CacheStats,
+    pub top_domains: Vec<TopDomain>,
+    /// Queries by QTYPE (types seen only).
+    pub query_type_breakdown: BTreeMap<String, u64>,
+    /// Responses by RCODE (codes seen only).
+    pub response_codes: BTreeMap<String, u64>,
+    /// Queries by OPCODE (codes seen only).
+    pub opcodes: BTreeMap<String, u64>,
+    pub total_responses: u64,
+    /// Share of responses that are server failures (any RCODE but NOERROR and NXDOMAIN);
+    /// `null` before the first response.
+    pub error_rate: Option<f64>,
+    /// Query-to-response time in seconds.
+    pub latency: Durations,
+    pub truncated_responses: u64,
+    /// Messages that could not be counted, by reason.
+    pub malformed: BTreeMap<String, u64>,
+    pub in_flight: u64,
+    pub unanswered_queries: u64,
+    pub unmatched_responses: u64,
+    pub upstream_queries: u64,
+    pub events_dropped: u64,
+}
+
+#[must_use]
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
+    let dns: &DnsSnapshot = &snapshot.dns;
+    let c = &dns.counters;
+    let seen = |names: &[&str], counts: &[u64]| -> BTreeMap<String, u64> {
+        names
+            .iter()
+            .zip(counts)
+            .filter(|&(_, &n)| n > 0)
+            .map(|(name, &n)| ((*name).to_owned(), n))
+            .collect()
+    };
+    let total_responses = dns.total_responses();
+    let errors: u64 = (0..16)
+        .filter(|&rcode| is_error_rcode(rcode))
+        .map(|rcode| c.responses_by_rcode[rcode])
+        .sum();
+    let answered: u64 = c.latency.iter().sum();
+    let decided = c.cache_hits + c.cache_misses;
+    DnsStats {
+        timestamp: snapshot.taken_at_ms,
+        enabled: dns.enabled,
+        total_queries: dns.total_queries(),
+        queries_per_second: dns.query_rates.instant,
+        query_rates: RateWindows::new(dns.query_rates, Some(&dns.query_history)),
+        cache_stats: CacheStats {
+            hits: c.cache_hits,
+            misses: c.cache_misses,
+            hit_rate: (decided > 0).then(|| c.cache_hits as f64 / decided as f64),
+        },
+        top_domains: dns
+            .domains
+            .top
+            .iter()
+            .map(|(domain, count)| TopDomain {
+                domain: domain.clone(),
+                count: *count,
+            })
+            .collect(),
+        query_type_breakdown: c
+            .queries_by_qtype
+            .iter()
+            .zip(0u32..)
+            .filter(|&(&n, _)| n > 0)
+            .map(|(&n, slot)| (qtype_name(slot), n))
+            .collect(),
+        response_codes: seen(&RCODE_NAMES, &c.responses_by_rcode),
+        opcodes: seen(&OPCODE_NAMES, &c.queries_by_opcode),
+        total_responses,
+        error_rate: (total_responses > 0).then(|| errors as f64 / total_responses as f64),
+        latency: Durations {
+            count: answered,
+            mean: (answered > 0).then(|| c.latency_ns as f64 / 1e9 / answered as f64),
+            p50: histogram_quantile(&c.latency, 0.5),
+            p90: histogram_quantile(&c.latency, 0.9),
+            p99: histogram_quantile(&c.latency, 0.99),
+        },
+        truncated_responses: c.responses_truncated,
+        malformed: collector_common::DNS_MALFORMED_NAMES
+            .iter()
+            .zip(c.malformed)
+            .map(|(name, n)| ((*name).to_owned(), n))
+            .collect(),
+        in_flight: dns.in_flight(),
+        unanswered_queries: c.unanswered_queries,
+        unmatched_responses: c.unmatched_responses,
+        upstream_queries: c.upstream_queries,
+        events_dropped: c.events_dropped,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
@@ -238,5 +363,29 @@ mod tests {
         // Two of three closed within [8 µs, 16 µs): the median lies there.
         let p50 = web["duration"]["p50"].as_f64().unwrap();
         assert!((8e-6..16e-6).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn dns_json_has_the_shape_consumers_expect() {
+        let snapshot = Snapshot::example();
+        let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
+        assert_eq!(json["totalQueries"], 10);
+        assert_eq!(json["queryTypeBreakdown"]["A"], 6);
+        assert_eq!(json["queryTypeBreakdown"]["AAAA"], 3);
+        assert_eq!(json["queryTypeBreakdown"]["OTHER"], 1);
+        assert_eq!(json["responseCodes"]["NOERROR"], 6);
+        assert_eq!(json["responseCodes"]["SERVFAIL"], 2);
+        assert_eq!(json["responseCodes"]["NXDOMAIN"], 1);
+        // Only SERVFAIL is a server failure: NXDOMAIN is an answer.
+        assert!((json["errorRate"].as_f64().unwrap() - 2.0 / 9.0).abs() < 1e-12);
+        assert_eq!(json["cacheStats"]["hits"], 6);
+        assert_eq!(json["cacheStats"]["misses"], 2);
+        assert_eq!(json["cacheStats"]["hitRate"], 0.75);
+        assert_eq!(json["topDomains"][0]["domain"], "example.com");
+        assert_eq!(json["topDomains"][0]["count"], 7);
+        assert_eq!(json["latency"]["count"], 8);
+        assert_eq!(json["malformed"]["bad_name"], 1);
+        assert_eq!(json["inFlight"], 2);
+        assert!(json["queryRates"]["history"].is_array());
     }
 }

@@ -67,8 +67,13 @@ impl RouteKind {
 /// DNS settings (used by the DNS counters).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsConfig {
+    /// Count DNS at all (the classifiers are not attached when false).
+    pub enabled: bool,
     /// UDP ports of the DNS server.
     pub ports: Vec<u16>,
+    /// UDP ports of the upstream servers the DNS server forwards to: a query leaving for one
+    /// of them is a cache miss.
+    pub upstream_ports: Vec<u16>,
     /// Domains kept in the top list.
     pub top_k: usize,
     /// Sample one query name in this many.
@@ -125,7 +130,9 @@ struct RawRoute {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDns {
+    enabled: Option<bool>,
     ports: Option<Spanned<Vec<Spanned<u16>>>>,
+    upstream_ports: Option<Spanned<Vec<Spanned<u16>>>>,
     top_k: Option<Spanned<u64>>,
     sample_every: Option<Spanned<u64>>,
 }
@@ -367,31 +374,21 @@ fn validate_routes(source: &Source<'_>, raw: &[RawRoute]) -> Result<Vec<Route>, 
 
 fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, ConfigError> {
     let mut dns = DnsConfig {
+        enabled: true,
         ports: vec![53],
+        upstream_ports: vec![53],
         top_k: 100,
         sample_every: 1,
     };
     let Some(raw) = raw else {
         return Ok(dns);
     };
+    dns.enabled = raw.enabled.unwrap_or(true);
     if let Some(ports) = &raw.ports {
-        if ports.get_ref().is_empty() {
-            return Err(source.at(
-                ports,
-                "dns ports is empty; leave it out for the default [53]",
-            ));
-        }
-        dns.ports.clear();
-        for port in ports.get_ref() {
-            let number = *port.get_ref();
-            if number == 0 {
-                return Err(source.at(port, "dns: port 0 is not a port"));
-            }
-            if dns.ports.contains(&number) {
-                return Err(source.at(port, format!("dns lists port {number} twice")));
-            }
-            dns.ports.push(number);
-        }
+        dns.ports = port_list(source, ports, "ports")?;
+    }
+    if let Some(ports) = &raw.upstream_ports {
+        dns.upstream_ports = port_list(source, ports, "upstream_ports")?;
     }
     if let Some(top_k) = &raw.top_k {
         dns.top_k = in_range(source, top_k, "top_k", 1, 10_000)?;
@@ -400,6 +397,32 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
         dns.sample_every = in_range(source, sample_every, "sample_every", 1, 65_536)?;
     }
     Ok(dns)
+}
+
+/// A non-empty list of distinct UDP ports.
+fn port_list(
+    source: &Source<'_>,
+    ports: &Spanned<Vec<Spanned<u16>>>,
+    key: &str,
+) -> Result<Vec<u16>, ConfigError> {
+    if ports.get_ref().is_empty() {
+        return Err(source.at(
+            ports,
+            format!("dns {key} is empty; leave it out for the default [53]"),
+        ));
+    }
+    let mut list = Vec::new();
+    for port in ports.get_ref() {
+        let number = *port.get_ref();
+        if number == 0 {
+            return Err(source.at(port, format!("dns {key}: port 0 is not a port")));
+        }
+        if list.contains(&number) {
+            return Err(source.at(port, format!("dns {key} lists port {number} twice")));
+        }
+        list.push(number);
+    }
+    Ok(list)
 }
 
 fn in_range<T: TryFrom<u64>>(
@@ -483,6 +506,7 @@ ports = [7000, 7001]
 
 [dns]
 ports = [53, 5353]
+upstream_ports = [5300]
 top_k = 20
 sample_every = 4
 "#,
@@ -499,7 +523,9 @@ sample_every = 4
         assert_eq!(
             config.dns,
             DnsConfig {
+                enabled: true,
                 ports: vec![53, 5353],
+                upstream_ports: vec![5300],
                 top_k: 20,
                 sample_every: 4
             }
@@ -595,6 +621,7 @@ sample_every = 4
         assert_error("\npoll_interval_ms = 5\n", 2, "out of range");
         assert_error("[dns]\nports = []\n", 2, "empty");
         assert_error("[dns]\nports = [53, 53]\n", 2, "twice");
+        assert_error("[dns]\nupstream_ports = [0]\n", 2, "port 0");
         assert_error("[dns]\ntop_k = 0\n", 2, "out of range");
         assert_error("[dns]\nsample_every = 70000\n", 2, "out of range");
     }

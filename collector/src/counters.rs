@@ -3,8 +3,8 @@
 
 use aya::maps::{MapData, PerCpuArray};
 use collector_common::{
-    ConnCounters, DIR_IN, DIR_OUT, DURATION_BUCKETS, ERROR_KINDS, TrafficCounters, duration_index,
-    traffic_index,
+    ConnCounters, DIR_IN, DIR_OUT, DURATION_BUCKETS, DnsCounters, ERROR_KINDS, TrafficCounters,
+    duration_index, traffic_index,
 };
 
 use crate::loader::{KernelMaps, WatchedRoute};
@@ -25,6 +25,7 @@ pub struct KernelTotals {
     /// In the order of the watched routes.
     pub routes: Vec<RouteTotals>,
     pub errors: [u64; ERROR_KINDS as usize],
+    pub dns: DnsCounters,
 }
 
 fn sum_u64(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
@@ -65,7 +66,41 @@ fn sum_conn(
         }))
 }
 
-/// Reads the counters of every watched route and the error counters.
+/// The counters of a `DnsCounters` as one slice of words.
+fn dns_words(counters: &DnsCounters) -> &[u64] {
+    // SAFETY: DnsCounters is #[repr(C)] and made of u64 fields and u64 arrays only (its size is
+    // pinned in collector-common), so it is exactly size/8 initialised, aligned u64s.
+    unsafe {
+        std::slice::from_raw_parts(
+            std::ptr::from_ref(counters).cast::<u64>(),
+            size_of::<DnsCounters>() / 8,
+        )
+    }
+}
+
+fn dns_words_mut(counters: &mut DnsCounters) -> &mut [u64] {
+    // SAFETY: as in `dns_words`, and the borrow is exclusive.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            std::ptr::from_mut(counters).cast::<u64>(),
+            size_of::<DnsCounters>() / 8,
+        )
+    }
+}
+
+/// Sums DNS counters field by field (per-CPU values into one).
+#[must_use]
+pub fn sum_dns<'a>(values: impl IntoIterator<Item = &'a DnsCounters>) -> DnsCounters {
+    let mut total = DnsCounters::default();
+    for value in values {
+        for (acc, word) in dns_words_mut(&mut total).iter_mut().zip(dns_words(value)) {
+            *acc = acc.wrapping_add(*word);
+        }
+    }
+    total
+}
+
+/// Reads the counters of every watched route, the error counters and the DNS counters.
 pub fn read(
     maps: &KernelMaps,
     routes: &[WatchedRoute],
@@ -86,5 +121,28 @@ pub fn read(
     for (kind, count) in (0..ERROR_KINDS).zip(totals.errors.iter_mut()) {
         *count = sum_u64(&maps.errors, kind)?;
     }
+    totals.dns = sum_dns(maps.dns_counters.get(&0, 0)?.iter());
     Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_counters_sum_every_field() {
+        let mut one = DnsCounters::default();
+        one.queries_by_qtype[1] = 3;
+        one.latency[4] = 2;
+        one.events_dropped = 1;
+        let mut two = one;
+        two.cache_misses = 5;
+        two.queries_by_qtype[258] = 1;
+        let total = sum_dns([&one, &two]);
+        assert_eq!(total.queries_by_qtype[1], 6);
+        assert_eq!(total.queries_by_qtype[258], 1);
+        assert_eq!(total.latency[4], 4);
+        assert_eq!(total.events_dropped, 2);
+        assert_eq!(total.cache_misses, 5);
+    }
 }

@@ -1,6 +1,6 @@
 //! Loading and attaching the kernel programs: pinned maps (reused only when compatible),
-//! route slots, the port map, the `sock_ops` program on the cgroup2 root and the tc
-//! classifiers on the watched interfaces.
+//! route slots, the port maps, the `sock_ops` program on the cgroup2 root and the tc
+//! classifiers (live traffic, DNS) on the watched interfaces.
 //!
 //! Links are pinned next to the maps. If the agent crashes, its programs keep counting into
 //! the pinned maps; the next start swaps its own programs into those links atomically
@@ -21,8 +21,9 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, DURATION_BUCKETS, GLOBAL_NETNS_COOKIE, MAX_ROUTES, RouteName, TrafficCounters,
-    duration_index, map_names, program_names, traffic_index,
+    ConnCounters, DURATION_BUCKETS, DnsCounters, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE,
+    MAX_ROUTES, RouteName, TrafficCounters, dns_port_role, duration_index, map_names,
+    program_names, traffic_index,
 };
 
 use crate::{
@@ -36,13 +37,16 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 
 /// Maps that outlive the agent: counters and per-socket state. Configuration maps and the
 /// event ring are recreated at every start.
-const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 9] = [
     map_names::ROUTE_NAMES,
     map_names::CONN_COUNTERS,
     map_names::CONN_DURATIONS,
     map_names::CONN_STATE,
     map_names::ROUTE_TRAFFIC,
     map_names::ERRORS,
+    map_names::DNS_COUNTERS,
+    map_names::DNS_INFLIGHT,
+    map_names::DNS_UPSTREAM,
 ];
 
 /// Subdirectory of the pin directory holding link pins.
@@ -63,6 +67,7 @@ pub struct KernelMaps {
     pub conn_durations: PerCpuArray<MapData, u64>,
     pub route_traffic: PerCpuArray<MapData, TrafficCounters>,
     pub errors: PerCpuArray<MapData, u64>,
+    pub dns_counters: PerCpuArray<MapData, DnsCounters>,
 }
 
 /// Everything the agent attached, held until [`Attachment::detach`].
@@ -131,12 +136,14 @@ impl Attachment {
             loader.map_pin_path(name, path.as_path());
         }
         loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
+        loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kernel programs and maps")?;
 
         let routes = bind_routes(&mut ebpf, config)?;
         fill_port_map(&mut ebpf, &routes)?;
+        fill_dns_port_map(&mut ebpf, config)?;
 
         let mut attachment = Self {
             ebpf,
@@ -150,7 +157,7 @@ impl Attachment {
         };
         let attached = attachment
             .attach_sock_ops(&links_dir, &cgroup)
-            .and_then(|()| attachment.attach_classifiers(&links_dir, &config.interfaces))
+            .and_then(|()| attachment.attach_classifiers(&links_dir, config))
             .and_then(|()| remove_stale_links(&links_dir, &attachment.link_pins));
         match attached {
             Ok(()) => Ok(attachment),
@@ -186,15 +193,11 @@ impl Attachment {
         Ok(())
     }
 
-    fn attach_classifiers(
-        &mut self,
-        links_dir: &Path,
-        configured: &[String],
-    ) -> anyhow::Result<()> {
+    fn attach_classifiers(&mut self, links_dir: &Path, config: &Config) -> anyhow::Result<()> {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
-        let selected = links::select(&all, configured).map_err(|err| anyhow!(err))?;
+        let selected = links::select(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
         // Loopback: one ingress classifier sees every packet once; elsewhere, both hooks.
-        for (program_name, attach_type, prefix, on_loopback) in [
+        let traffic = [
             (
                 program_names::COUNT_INGRESS,
                 TcAttachType::Ingress,
@@ -213,7 +216,30 @@ impl Attachment {
                 "tc_loopback",
                 true,
             ),
-        ] {
+        ];
+        let dns = [
+            (
+                program_names::DNS_INGRESS,
+                TcAttachType::Ingress,
+                "dns_ingress",
+                false,
+            ),
+            (
+                program_names::DNS_EGRESS,
+                TcAttachType::Egress,
+                "dns_egress",
+                false,
+            ),
+            (
+                program_names::DNS_LOOPBACK,
+                TcAttachType::Ingress,
+                "dns_loopback",
+                true,
+            ),
+        ];
+        let dns_programs: &[_] = if config.dns.enabled { &dns } else { &[] };
+        for &(program_name, attach_type, prefix, on_loopback) in traffic.iter().chain(dns_programs)
+        {
             let program: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(program_name)
@@ -250,12 +276,18 @@ impl Attachment {
             conn_durations: take_map(&mut self.ebpf, map_names::CONN_DURATIONS)?,
             route_traffic: take_map(&mut self.ebpf, map_names::ROUTE_TRAFFIC)?,
             errors: take_map(&mut self.ebpf, map_names::ERRORS)?,
+            dns_counters: take_map(&mut self.ebpf, map_names::DNS_COUNTERS)?,
         })
     }
 
     /// Takes the connection event ring buffer.
     pub fn take_conn_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         take_map(&mut self.ebpf, map_names::CONN_EVENTS)
+    }
+
+    /// Takes the DNS event ring buffer (sampled queries and answers).
+    pub fn take_dns_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        take_map(&mut self.ebpf, map_names::DNS_EVENTS)
     }
 
     /// Kernel run-time statistics of each program: (name, run time ns, run count).
@@ -519,6 +551,26 @@ fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()>
         for &port in &route.ports {
             ports.set(u32::from(port), route.slot + 1, 0)?;
         }
+    }
+    Ok(())
+}
+
+/// Marks the DNS server's ports and the upstream ports (a port may be both: then a query to it
+/// from outside is a client's, one leaving from a non-server port is an upstream query).
+fn fill_dns_port_map(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<()> {
+    let mut roles: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(map_names::DNS_PORT_ROLE)
+            .context("the kernel object has no DNS port map")?,
+    )?;
+    let mut marks = std::collections::BTreeMap::<u16, u32>::new();
+    for &port in &config.dns.ports {
+        *marks.entry(port).or_default() |= dns_port_role::SERVER;
+    }
+    for &port in &config.dns.upstream_ports {
+        *marks.entry(port).or_default() |= dns_port_role::UPSTREAM;
+    }
+    for (port, role) in marks {
+        roles.set(u32::from(port), role, 0)?;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ mod api;
 mod bpf_sys;
 mod config;
 mod counters;
+mod dns;
 mod events;
 mod links;
 mod loader;
@@ -144,6 +145,17 @@ async fn serve_until_signal(
     let clients = Arc::new(Mutex::new(ClientStats::default()));
     let (subscribers, _) = tokio::sync::broadcast::channel(4096);
     let mut events = tokio::spawn(events::consume(ring, Arc::clone(&clients), subscribers));
+    let dns_ring = attachment.take_dns_events()?;
+    let domains = Arc::new(Mutex::new(dns::DomainStats::new(
+        config.dns.top_k,
+        config.dns.sample_every,
+    )));
+    let (dns_subscribers, _) = tokio::sync::broadcast::channel(4096);
+    let mut dns_events = tokio::spawn(dns::consume(
+        dns_ring,
+        Arc::clone(&domains),
+        dns_subscribers,
+    ));
 
     let latest = Arc::new(SharedSnapshot::default());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -163,6 +175,11 @@ async fn serve_until_signal(
         attachment.routes.clone(),
         attachment.interfaces.clone(),
         clients,
+        poller::DnsSources {
+            enabled: config.dns.enabled,
+            domains,
+            listed: config.dns.top_k,
+        },
     );
     let mut ticks = tokio::time::interval(config.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -189,10 +206,19 @@ async fn serve_until_signal(
                 };
                 break Err(why.context("the connection event reader stopped"));
             }
+            ended = &mut dns_events => {
+                let why = match ended {
+                    Ok(Err(err)) => err,
+                    Ok(Ok(())) => anyhow::anyhow!("it returned"),
+                    Err(err) => err.into(),
+                };
+                break Err(why.context("the DNS event reader stopped"));
+            }
         }
     };
     let _ = stop_server.send(());
     events.abort();
+    dns_events.abort();
     match server.await {
         Ok(Ok(())) => outcome,
         Ok(Err(err)) => outcome.and(Err(err).context("serving HTTP")),

@@ -2,12 +2,12 @@
 //! it is given, so the output is tested on fixed snapshots without a kernel.
 //!
 //! Label cardinality is bounded by the config: `route` takes the configured route names,
-//! `direction` is `in` or `out`, `kind` a fixed set; client addresses and domains never
-//! become labels.
+//! `direction` is `in` or `out`, `kind`, `reason`, `rcode` and `opcode` fixed sets, `qtype`
+//! at most 259 values; client addresses and domains never become labels.
 
 use std::{fmt, sync::Arc};
 
-use collector_common::{DURATION_BUCKETS, ERROR_KIND_NAMES};
+use collector_common::{DNS_MALFORMED_NAMES, DURATION_BUCKETS, ERROR_KIND_NAMES};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -15,7 +15,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::snapshot::{RouteSnapshot, Snapshot, bucket_upper_seconds};
+use crate::{
+    dns::{COMMON_QTYPES, OPCODE_NAMES, RCODE_NAMES, qtype_name},
+    snapshot::{RouteSnapshot, Snapshot, bucket_upper_seconds},
+};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -174,17 +177,7 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
     )?;
     for route in routes {
         let labels = route_labels(route);
-        let buckets: Vec<(f64, u64)> = (0..DURATION_BUCKETS)
-            .zip(route.totals.durations)
-            .map(|(bucket, count)| {
-                let bound = if bucket == DURATION_BUCKETS - 1 {
-                    f64::MAX
-                } else {
-                    bucket_upper_seconds(bucket)
-                };
-                (bound, count)
-            })
-            .collect();
+        let buckets = log2_buckets(&route.totals.durations);
         #[expect(
             clippy::cast_precision_loss,
             reason = "nanosecond sums as float seconds"
@@ -230,6 +223,176 @@ fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
         "TCP payload bytes on the route's ports seen at the interfaces, live (before connections close).",
         Some(&Unit::Bytes),
         per_direction(|t| t.payload_bytes),
+    )
+}
+
+/// Log2 buckets as Prometheus histogram buckets (upper bounds in seconds, +Inf last).
+fn log2_buckets(counts: &[u64; DURATION_BUCKETS as usize]) -> Vec<(f64, u64)> {
+    (0..DURATION_BUCKETS)
+        .zip(counts.iter().copied())
+        .map(|(bucket, count)| {
+            let bound = if bucket == DURATION_BUCKETS - 1 {
+                f64::MAX
+            } else {
+                bucket_upper_seconds(bucket)
+            };
+            (bound, count)
+        })
+        .collect()
+}
+
+/// Renders the DNS figures (nothing when DNS counting is off).
+fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let dns = &snapshot.dns;
+    if !dns.enabled {
+        return Ok(());
+    }
+    let c = &dns.counters;
+    counters(
+        encoder,
+        "collector_dns_queries",
+        "Client queries to the DNS server, by QTYPE of the first question (common types always, others once seen).",
+        None,
+        c.queries_by_qtype
+            .iter()
+            .zip(0u32..)
+            .filter(|&(&count, slot)| {
+                count > 0 || COMMON_QTYPES.iter().any(|&t| u32::from(t) == slot)
+            })
+            .map(|(&count, slot)| (vec![("qtype", qtype_name(slot))], count)),
+    )?;
+    counters(
+        encoder,
+        "collector_dns_query_opcodes",
+        "Client queries by OPCODE.",
+        None,
+        OPCODE_NAMES
+            .iter()
+            .zip(c.queries_by_opcode)
+            .enumerate()
+            .filter(|&(opcode, (_, count))| count > 0 || opcode == 0)
+            .map(|(_, (name, count))| (vec![("opcode", (*name).to_owned())], count)),
+    )?;
+    counters(
+        encoder,
+        "collector_dns_responses",
+        "Responses from the DNS server to clients, by RCODE.",
+        None,
+        RCODE_NAMES
+            .iter()
+            .zip(c.responses_by_rcode)
+            .enumerate()
+            .filter(|&(rcode, (_, count))| count > 0 || rcode <= 5)
+            .map(|(_, (name, count))| (vec![("rcode", (*name).to_owned())], count)),
+    )?;
+    single(
+        encoder,
+        "collector_dns_responses_truncated",
+        "Responses with the TC bit set (the client retries over TCP).",
+        None,
+        MetricType::Counter,
+        &ConstCounter::new(c.responses_truncated),
+    )?;
+    counters(
+        encoder,
+        "collector_dns_malformed",
+        "DNS messages on the DNS ports that could not be counted as a query or response, by reason; they pass untouched.",
+        None,
+        DNS_MALFORMED_NAMES
+            .iter()
+            .zip(c.malformed)
+            .map(|(reason, count)| (vec![("reason", (*reason).to_owned())], count)),
+    )?;
+    encode_dns_latency_and_health(snapshot, encoder)
+}
+
+/// Renders the DNS latency histogram, the inferred cache figures and the DNS self-metrics.
+fn encode_dns_latency_and_health(
+    snapshot: &Snapshot,
+    encoder: &mut DescriptorEncoder,
+) -> fmt::Result {
+    let dns = &snapshot.dns;
+    let c = &dns.counters;
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "nanosecond sums as float seconds"
+    )]
+    let latency_sum = c.latency_ns as f64 / 1e9;
+    let mut histogram = encoder.encode_descriptor(
+        "collector_dns_response_latency",
+        "Time from a client's query to the server's response, at the interface.",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    histogram.encode_histogram::<Labels>(
+        latency_sum,
+        c.latency.iter().sum(),
+        &log2_buckets(&c.latency),
+        None,
+    )?;
+    for (name, help, value) in [
+        (
+            "collector_dns_cache_hits",
+            "Answered queries whose name the server did not ask an upstream for (inferred).",
+            c.cache_hits,
+        ),
+        (
+            "collector_dns_cache_misses",
+            "Answered queries whose name the server asked an upstream for while the client waited (inferred).",
+            c.cache_misses,
+        ),
+        (
+            "collector_dns_upstream_queries",
+            "Queries the host sent to an upstream port.",
+            c.upstream_queries,
+        ),
+        (
+            "collector_dns_responses_unmatched",
+            "Responses with no query in the in-flight table (its slot was taken, or it came before the collector).",
+            c.unmatched_responses,
+        ),
+        (
+            "collector_dns_queries_duplicate",
+            "Queries repeated with the same client address, port and id while waiting.",
+            c.duplicate_queries,
+        ),
+        (
+            "collector_dns_queries_evicted",
+            "Queries whose in-flight slot another query took before the answer (latency lost).",
+            c.evicted_queries,
+        ),
+        (
+            "collector_dns_queries_unanswered",
+            "Queries given up unanswered after 10 s, counted when their slot is reused.",
+            c.unanswered_queries,
+        ),
+        (
+            "collector_dns_events_dropped",
+            "DNS events lost to a full ring buffer (counters are unaffected).",
+            c.events_dropped,
+        ),
+        (
+            "collector_dns_events_received",
+            "DNS events read from the kernel ring buffer.",
+            dns.domains.events_received,
+        ),
+    ] {
+        single(
+            encoder,
+            name,
+            help,
+            None,
+            MetricType::Counter,
+            &ConstCounter::new(value),
+        )?;
+    }
+    single(
+        encoder,
+        "collector_dns_queries_in_flight",
+        "Queries waiting for their response now.",
+        None,
+        MetricType::Gauge,
+        &ConstGauge::new(i64::try_from(dns.in_flight()).unwrap_or(i64::MAX)),
     )
 }
 
@@ -334,6 +497,7 @@ impl Collector for SnapshotCollector {
         let snapshot = self.latest.load();
         encode_connections(&snapshot, &mut encoder)?;
         encode_traffic(&snapshot, &mut encoder)?;
+        encode_dns(&snapshot, &mut encoder)?;
         encode_self(&snapshot, &mut encoder)
     }
 }

@@ -11,10 +11,11 @@ use std::{
 
 use crate::{
     counters,
+    dns::DomainStats,
     events::ClientStats,
     loader::{KernelMaps, WatchedRoute},
     rates::{AVERAGE, CounterHistory},
-    snapshot::{PollStats, ProgramStats, RouteSnapshot, Snapshot},
+    snapshot::{DnsSnapshot, PollStats, ProgramStats, RouteSnapshot, Snapshot},
 };
 
 /// Per-poll rates kept for the short history in the JSON API.
@@ -70,11 +71,21 @@ impl RateHistories {
     }
 }
 
+/// What the DNS part of a snapshot is made from besides the kernel counters.
+pub struct DnsSources {
+    pub enabled: bool,
+    pub domains: Arc<Mutex<DomainStats>>,
+    /// Domains listed in the snapshot.
+    pub listed: usize,
+}
+
 pub struct Poller {
     maps: KernelMaps,
     routes: Vec<WatchedRoute>,
     interfaces: Vec<String>,
     clients: Arc<Mutex<ClientStats>>,
+    dns: DnsSources,
+    dns_queries: CounterHistory,
     started: Instant,
     total: RateHistories,
     per_route: Vec<RateHistories>,
@@ -88,6 +99,7 @@ impl Poller {
         routes: Vec<WatchedRoute>,
         interfaces: Vec<String>,
         clients: Arc<Mutex<ClientStats>>,
+        dns: DnsSources,
     ) -> Self {
         let per_route = routes.iter().map(|_| RateHistories::new()).collect();
         Self {
@@ -95,6 +107,8 @@ impl Poller {
             routes,
             interfaces,
             clients,
+            dns,
+            dns_queries: CounterHistory::new(AVERAGE + Duration::from_secs(5)),
             started: Instant::now(),
             total: RateHistories::new(),
             per_route,
@@ -147,6 +161,20 @@ impl Poller {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .snapshot();
+        let mut dns = DnsSnapshot {
+            enabled: self.dns.enabled,
+            counters: totals.dns,
+            domains: self
+                .dns
+                .domains
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .snapshot(self.dns.listed),
+            ..DnsSnapshot::default()
+        };
+        self.dns_queries.record(at, dns.total_queries());
+        dns.query_rates = self.dns_queries.rates();
+        dns.query_history = self.dns_queries.history(HISTORY_SAMPLES);
         Some(Snapshot {
             taken_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -161,6 +189,7 @@ impl Poller {
             bytes_in_history: self.total.bytes_in.history(HISTORY_SAMPLES),
             bytes_out_history: self.total.bytes_out.history(HISTORY_SAMPLES),
             clients,
+            dns,
             poll: self.poll,
             interfaces: self.interfaces.clone(),
         })

@@ -29,6 +29,7 @@ pub fn router(latest: Arc<SharedSnapshot>) -> Router {
     Router::new()
         .route("/metrics", get(serve_metrics))
         .route("/api/v1/proxy", get(serve_proxy))
+        .route("/api/v1/dns", get(serve_dns))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(serve_ready))
         .with_state(AppState { latest, registry })
@@ -61,6 +62,10 @@ async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Res
 
 async fn serve_proxy(State(state): State<AppState>) -> Json<api::ProxyStats> {
     Json(api::proxy_stats(&state.latest.load()))
+}
+
+async fn serve_dns(State(state): State<AppState>) -> Json<api::DnsStats> {
+    Json(api::dns_stats(&state.latest.load()))
 }
 
 async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str) {

@@ -5,9 +5,9 @@ use std::net::IpAddr;
 
 #[cfg(test)]
 use collector_common::{ConnCounters, TrafficCounters};
-use collector_common::{DURATION_BUCKETS, ERROR_KINDS};
+use collector_common::{DURATION_BUCKETS, DnsCounters, ERROR_KINDS};
 
-use crate::{counters::RouteTotals, loader::WatchedRoute, rates::Rates};
+use crate::{counters::RouteTotals, dns::DomainSnapshot, loader::WatchedRoute, rates::Rates};
 
 /// One route's figures.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +54,41 @@ pub struct ClientSnapshot {
     pub active_overflow: u64,
 }
 
+/// DNS figures: the kernel's counters, rates, and the top domains from sampled names.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DnsSnapshot {
+    /// False when `[dns] enabled = false`: nothing is counted.
+    pub enabled: bool,
+    pub counters: DnsCounters,
+    /// Client queries per second.
+    pub query_rates: Rates,
+    /// Per-poll query rates, oldest first.
+    pub query_history: Vec<f64>,
+    pub domains: DomainSnapshot,
+}
+
+impl DnsSnapshot {
+    #[must_use]
+    pub fn total_queries(&self) -> u64 {
+        self.counters.queries_by_qtype.iter().sum()
+    }
+
+    #[must_use]
+    pub fn total_responses(&self) -> u64 {
+        self.counters.responses_by_rcode.iter().sum()
+    }
+
+    /// Queries waiting for their response: every query takes an in-flight slot, and leaves
+    /// it answered, evicted, given up, or as a duplicate of one already there.
+    #[must_use]
+    pub fn in_flight(&self) -> u64 {
+        let c = &self.counters;
+        self.total_queries().saturating_sub(
+            c.answered + c.evicted_queries + c.unanswered_queries + c.duplicate_queries,
+        )
+    }
+}
+
 /// The agent's own polling health.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PollStats {
@@ -78,6 +113,7 @@ pub struct Snapshot {
     pub bytes_in_history: Vec<f64>,
     pub bytes_out_history: Vec<f64>,
     pub clients: ClientSnapshot,
+    pub dns: DnsSnapshot,
     pub poll: PollStats,
     pub interfaces: Vec<String>,
 }
@@ -189,7 +225,42 @@ impl Snapshot {
                 last_duration_seconds: 0.25,
             },
             interfaces: vec!["lo".into()],
+            dns: DnsSnapshot::example(),
             ..Snapshot::default()
+        }
+    }
+}
+
+#[cfg(test)]
+impl DnsSnapshot {
+    /// DNS figures of a small, consistent mix: 10 queries, 9 responses, 8 matched.
+    fn example() -> DnsSnapshot {
+        let mut counters = DnsCounters::default();
+        counters.queries_by_qtype[1] = 6;
+        counters.queries_by_qtype[28] = 3;
+        counters.queries_by_qtype[collector_common::DNS_QTYPE_OTHER as usize] = 1;
+        counters.queries_by_opcode[0] = 10;
+        counters.responses_by_rcode[0] = 6;
+        counters.responses_by_rcode[2] = 2;
+        counters.responses_by_rcode[3] = 1;
+        counters.malformed[collector_common::dns_malformed::BAD_NAME as usize] = 1;
+        counters.latency[5] = 6;
+        counters.latency[12] = 2;
+        counters.latency_ns = 20_000_000;
+        counters.answered = 8;
+        counters.unmatched_responses = 1;
+        counters.cache_hits = 6;
+        counters.cache_misses = 2;
+        counters.upstream_queries = 2;
+        DnsSnapshot {
+            enabled: true,
+            counters,
+            domains: DomainSnapshot {
+                top: vec![("example.com".into(), 7), ("example.org".into(), 3)],
+                events_received: 18,
+                undecodable_names: 0,
+            },
+            ..DnsSnapshot::default()
         }
     }
 }

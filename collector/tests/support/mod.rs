@@ -6,6 +6,8 @@
     reason = "each test binary uses a different part of this module"
 )]
 
+pub mod dns;
+
 use std::{
     fs,
     io::{Read as _, Write as _},
@@ -277,6 +279,13 @@ pub fn scrape(netns: &Netns) -> String {
 /// `/api/v1/proxy` of the agent in `netns`.
 pub fn proxy_json(netns: &Netns) -> serde_json::Value {
     let (status, body) = netns.run(|| get("/api/v1/proxy")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// `/api/v1/dns` of the agent in `netns`.
+pub fn dns_json(netns: &Netns) -> serde_json::Value {
+    let (status, body) = netns.run(|| get("/api/v1/dns")).unwrap();
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }

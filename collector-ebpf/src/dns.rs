@@ -1,0 +1,640 @@
+//! DNS on the configured UDP ports, counted by the tc classifiers: the header and the first
+//! question are parsed with a bounds check on every read, and every message ends up in exactly
+//! one place: a query (by QTYPE and OPCODE), a response (by RCODE), an upstream query, or a
+//! malformed reason. Nothing here changes a packet's fate.
+//!
+//! Where a message is seen:
+//! - ingress (not loopback): to a server port = a client query;
+//! - egress (not loopback): from a server port = a response; to an upstream port from any
+//!   other port = the server asking an upstream;
+//! - loopback, one ingress hook (every packet sent on lo comes back in through it): all three,
+//!   in that order of precedence.
+//!
+//! Latency: a query takes a slot of the in-flight table found from a hash of (client address,
+//! port, id); its response frees it. Cache misses: an upstream query stamps a table indexed by
+//! a hash of its name; a response whose name was stamped after its query arrived is a miss.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use collector_common::{
+    DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_QUERY, DNS_NAME_MAX,
+    DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight,
+    dns_inflight_slot, dns_malformed, dns_port_role, dns_qtype_index, duration_bucket,
+};
+
+use crate::{
+    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_PORT_ROLE, DNS_SAMPLE_EVERY, DNS_SCRATCH,
+    DNS_UPSTREAM,
+    packet::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, ether_type, ptr_at, read_be16,
+        read_u8,
+    },
+};
+
+/// Which hook a classifier runs at.
+pub const HOOK_INGRESS: u32 = 0;
+pub const HOOK_EGRESS: u32 = 1;
+pub const HOOK_LOOPBACK: u32 = 2;
+
+const UDP_HLEN: usize = 8;
+const DNS_HLEN: usize = 12;
+/// Offset of the question's name in the scratch copy (which starts at the UDP header).
+const NAME_AT: usize = UDP_HLEN + DNS_HLEN;
+/// Keeps scratch offsets provably inside the buffer for the verifier.
+const MASK: usize = DNS_SCRATCH_BYTES - 1;
+
+/// IPv6 extension headers walked before giving up on finding UDP.
+const MAX_EXT_HEADERS: usize = 6;
+/// Upper bound for the UDP header's offset, so that offsets stay small for the verifier.
+const MAX_L4_OFFSET: usize = 512;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A client's query to the server.
+    Query,
+    /// The server's response to a client.
+    Response,
+    /// The server's query to an upstream.
+    Upstream,
+}
+
+/// Where the UDP datagram sits in the packet.
+struct Datagram {
+    /// Offset of the UDP header.
+    l4: usize,
+    /// Bytes from the UDP header to the end of the IP payload (capped by the packet).
+    available: usize,
+    /// First fragment of a fragmented datagram: the rest of it is in later packets.
+    fragmented: bool,
+    ipv6: bool,
+}
+
+/// The first question.
+struct Question {
+    /// Wire length of the name, root label included.
+    name_len: usize,
+    qtype: u16,
+}
+
+/// Counts one packet, if it is DNS on a watched port. Always inlined so that `hook` is a
+/// constant in each classifier and the port choice folds away.
+#[inline(always)]
+pub fn count_packet(ctx: &TcContext, hook: u32) {
+    let Some(datagram) = locate(ctx) else {
+        return;
+    };
+    let (Some(src_port), Some(dst_port)) =
+        (read_be16(ctx, datagram.l4), read_be16(ctx, datagram.l4 + 2))
+    else {
+        return;
+    };
+    let to_server = hook != HOOK_EGRESS && has_role(dst_port, dns_port_role::SERVER);
+    let role = if to_server {
+        Role::Query
+    } else if hook != HOOK_INGRESS && has_role(src_port, dns_port_role::SERVER) {
+        Role::Response
+    } else if hook != HOOK_INGRESS && has_role(dst_port, dns_port_role::UPSTREAM) {
+        Role::Upstream
+    } else {
+        return;
+    };
+    let Some(counters) = DNS_COUNTERS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value; BPF programs run with migration disabled, and tc programs do
+    // not nest on a CPU.
+    let counters = unsafe { &mut *counters };
+    if let Err(reason) = count_message(ctx, &datagram, role, counters) {
+        counters.malformed[(reason & 7) as usize] += 1;
+    }
+}
+
+#[inline(always)]
+fn has_role(port: u16, role: u32) -> bool {
+    DNS_PORT_ROLE
+        .get(u32::from(port))
+        .is_some_and(|&roles| roles & role != 0)
+}
+
+/// Ethernet → IPv4/IPv6 (extension headers walked) → UDP. `None` for anything else: not
+/// ours to count.
+#[inline(always)]
+fn locate(ctx: &TcContext) -> Option<Datagram> {
+    let skb_len = ctx.len() as usize;
+    match ether_type(ctx) {
+        ETH_P_IP => {
+            let version_ihl = read_u8(ctx, ETH_HLEN)?;
+            if read_u8(ctx, ETH_HLEN + 9)? != IPPROTO_UDP {
+                return None;
+            }
+            let fragment = read_be16(ctx, ETH_HLEN + 6)?;
+            // Later fragments carry no UDP header.
+            if fragment & 0x1fff != 0 {
+                return None;
+            }
+            let ihl = usize::from(version_ihl & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let total = usize::from(read_be16(ctx, ETH_HLEN + 2)?);
+            let l4 = ETH_HLEN + ihl;
+            Some(Datagram {
+                l4,
+                available: total.saturating_sub(ihl).min(skb_len.saturating_sub(l4)),
+                fragmented: fragment & 0x2000 != 0,
+                ipv6: false,
+            })
+        }
+        ETH_P_IPV6 => {
+            let payload = usize::from(read_be16(ctx, ETH_HLEN + 4)?);
+            let mut next = read_u8(ctx, ETH_HLEN + 6)?;
+            let mut l4 = ETH_HLEN + IPV6_HLEN;
+            let mut fragmented = false;
+            for _ in 0..MAX_EXT_HEADERS {
+                if next == IPPROTO_UDP {
+                    break;
+                }
+                // Next header, length and (fragment header) offset and flags in one read:
+                // the verifier loses the bounds of separate reads at a variable offset.
+                let ptr = ptr_at::<[u8; 4]>(ctx, l4)?;
+                // SAFETY: ptr_at checked the four bytes.
+                let [next_header, len, offset_high, offset_low] = unsafe { *ptr };
+                match next {
+                    NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                        l4 += (usize::from(len) + 1) * 8;
+                    }
+                    NEXTHDR_AUTH => l4 += (usize::from(len) + 2) * 4,
+                    NEXTHDR_FRAGMENT => {
+                        let offset_flags = u16::from_be_bytes([offset_high, offset_low]);
+                        if offset_flags & 0xfff8 != 0 {
+                            return None;
+                        }
+                        fragmented = offset_flags & 1 != 0;
+                        l4 += 8;
+                    }
+                    _ => return None,
+                }
+                next = next_header;
+                if l4 > MAX_L4_OFFSET {
+                    return None;
+                }
+            }
+            if next != IPPROTO_UDP {
+                return None;
+            }
+            Some(Datagram {
+                l4,
+                available: (ETH_HLEN + IPV6_HLEN + payload)
+                    .saturating_sub(l4)
+                    .min(skb_len.saturating_sub(l4)),
+                fragmented,
+                ipv6: true,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Parses and counts one message; `Err` carries the malformed reason.
+#[inline(always)]
+fn count_message(
+    ctx: &TcContext,
+    datagram: &Datagram,
+    role: Role,
+    counters: &mut DnsCounters,
+) -> Result<(), u32> {
+    if datagram.available < UDP_HLEN {
+        return Err(dns_malformed::BAD_LENGTH);
+    }
+    let udp_len = usize::from(read_be16(ctx, datagram.l4 + 4).ok_or(dns_malformed::TRUNCATED)?);
+    if udp_len < UDP_HLEN || (!datagram.fragmented && udp_len > datagram.available) {
+        return Err(dns_malformed::BAD_LENGTH);
+    }
+    // What the receiving socket gets (for a first fragment: what this packet holds of it).
+    let message_len = udp_len.min(datagram.available) - UDP_HLEN;
+    if message_len < DNS_HLEN {
+        return Err(dns_malformed::TRUNCATED);
+    }
+    let scratch = DNS_SCRATCH.get_ptr_mut(0).ok_or(dns_malformed::TRUNCATED)?;
+    // SAFETY: this CPU's scratch value, used only within this run.
+    let buf = unsafe { &mut (*scratch).bytes };
+    let copy = (UDP_HLEN + message_len).min(DNS_COPY_BYTES);
+    // SAFETY: `copy` is between 20 and DNS_COPY_BYTES, inside the 512-byte scratch value; the
+    // helper checks the packet side and fails rather than read past the end.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            datagram.l4 as u32,
+            buf.as_mut_ptr().cast(),
+            copy as u32,
+        )
+    };
+    if loaded != 0 {
+        return Err(dns_malformed::TRUNCATED);
+    }
+    // The message ends here, in scratch coordinates.
+    let end = UDP_HLEN + message_len;
+    let id = be16(buf, UDP_HLEN);
+    let flags = buf[UDP_HLEN + 2];
+    let rcode_byte = buf[UDP_HLEN + 3];
+    let question_count = be16(buf, UDP_HLEN + 4);
+    let is_response = flags & 0x80 != 0;
+
+    match role {
+        Role::Query => {
+            if is_response {
+                return Err(dns_malformed::WRONG_DIRECTION);
+            }
+            if question_count == 0 {
+                return Err(dns_malformed::NO_QUESTION);
+            }
+            let question = question(buf, end)?;
+            counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
+            counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
+            on_query(ctx, datagram, id, &question, counters);
+        }
+        Role::Response => {
+            if !is_response {
+                return Err(dns_malformed::WRONG_DIRECTION);
+            }
+            // A response may carry no question (some FORMERR answers); then there is no
+            // name for the cache inference.
+            let name_hash = if question_count == 0 {
+                None
+            } else {
+                let question = question(buf, end)?;
+                Some(name_hash(question.name_len))
+            };
+            let rcode = rcode_byte & 0x0f;
+            counters.responses_by_rcode[usize::from(rcode)] += 1;
+            let truncated = flags & 0x02 != 0;
+            if truncated {
+                counters.responses_truncated += 1;
+            }
+            on_response(ctx, datagram, id, rcode, truncated, name_hash, counters);
+        }
+        Role::Upstream => {
+            // Only queries on their way out mean a miss; answers to other hosts' queries
+            // to a local port 53 are not ours.
+            if is_response || question_count == 0 {
+                return Ok(());
+            }
+            let question = question(buf, end)?;
+            counters.upstream_queries += 1;
+            let slot = (name_hash(question.name_len) as u32) & (DNS_UPSTREAM_SLOTS - 1);
+            if let Some(stamp) = DNS_UPSTREAM.get_ptr_mut(slot) {
+                // SAFETY: an 8-byte-aligned value of our array; a torn read elsewhere is
+                // impossible for an aligned u64.
+                unsafe { core::ptr::write_volatile(stamp, ktime_ns()) };
+            }
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn be16(buf: &[u8; DNS_SCRATCH_BYTES], at: usize) -> u16 {
+    u16::from_be_bytes([buf[at & MASK], buf[(at + 1) & MASK]])
+}
+
+/// State of a name walk, shared with its `bpf_loop` callback.
+#[repr(C)]
+struct NameWalk {
+    /// Scratch offset of the next length byte.
+    pos: u64,
+    /// Message end, in scratch coordinates.
+    end: u64,
+    /// 0 while walking; then the wire length of the name, or `u64::MAX - reason` on error.
+    outcome: u64,
+}
+
+/// Walks the first question's name (labels only: a compression pointer has no earlier name
+/// to point to in the first question) and reads its QTYPE. `end` is the message end in
+/// scratch coordinates.
+///
+/// The walk runs under `bpf_loop` (Linux 5.17): the verifier checks the step once, where an
+/// open-coded loop had it re-walk all the code after the loop for every possible exit step
+/// and run past its million-instruction limit. The kernel inlines the call (5.19).
+#[inline(always)]
+fn question(buf: &[u8; DNS_SCRATCH_BYTES], end: usize) -> Result<Question, u32> {
+    let mut walk = NameWalk {
+        pos: NAME_AT as u64,
+        end: end as u64,
+        outcome: 0,
+    };
+    // Each label takes at least two bytes, so 128 steps cover the longest name.
+    // SAFETY: the callback only touches `walk`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            (DNS_NAME_MAX / 2 + 1) as u32,
+            name_step as *mut c_void,
+            core::ptr::from_mut(&mut walk).cast(),
+            0,
+        );
+    }
+    let name_len = match walk.outcome {
+        0 => return Err(dns_malformed::BAD_NAME),
+        outcome if outcome > u64::MAX - 8 => return Err((u64::MAX - outcome) as u32),
+        outcome => (outcome as usize) & 0xff,
+    };
+    // QTYPE and QCLASS follow the name.
+    if NAME_AT + name_len + 4 > end {
+        return Err(dns_malformed::TRUNCATED);
+    }
+    Ok(Question {
+        name_len,
+        qtype: be16(buf, NAME_AT + name_len),
+    })
+}
+
+/// One label of a [`NameWalk`]; returns 1 to stop the loop.
+extern "C" fn name_step(_index: u64, walk: *mut c_void) -> i64 {
+    // SAFETY: `question` passes its NameWalk.
+    let walk = unsafe { &mut *walk.cast::<NameWalk>() };
+    let Some(scratch) = DNS_SCRATCH.get_ptr(0) else {
+        walk.outcome = u64::MAX - u64::from(dns_malformed::TRUNCATED);
+        return 1;
+    };
+    // SAFETY: this CPU's scratch value, filled by `count_message` in this run.
+    let buf = unsafe { &(*scratch).bytes };
+    let pos = walk.pos as usize & MASK;
+    if pos as u64 >= walk.end {
+        walk.outcome = u64::MAX - u64::from(dns_malformed::TRUNCATED);
+        return 1;
+    }
+    let len = usize::from(buf[pos]);
+    if len == 0 {
+        walk.outcome = (pos - NAME_AT + 1) as u64;
+        return 1;
+    }
+    if len & 0xc0 != 0 {
+        walk.outcome = u64::MAX - u64::from(dns_malformed::BAD_NAME);
+        return 1;
+    }
+    let next = pos + len + 1;
+    // The root label would land beyond the 255-byte limit.
+    if next - NAME_AT >= DNS_NAME_MAX {
+        walk.outcome = u64::MAX - u64::from(dns_malformed::BAD_NAME);
+        return 1;
+    }
+    walk.pos = next as u64;
+    0
+}
+
+/// State of a name hash, shared with its `bpf_loop` callback.
+#[repr(C)]
+struct NameHash {
+    name_len: u64,
+    hash: u64,
+}
+
+/// Case-insensitive hash of the name's wire form, eight bytes at a time (under `bpf_loop`,
+/// for the reason given at [`question`]).
+#[inline(always)]
+fn name_hash(name_len: usize) -> u64 {
+    let mut state = NameHash {
+        name_len: name_len as u64,
+        hash: 0xcbf2_9ce4_8422_2325,
+    };
+    // SAFETY: the callback only touches `state`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            DNS_NAME_MAX.div_ceil(8) as u32,
+            hash_step as *mut c_void,
+            core::ptr::from_mut(&mut state).cast(),
+            0,
+        );
+    }
+    state.hash
+}
+
+/// Eight bytes of a [`NameHash`]; returns 1 to stop the loop.
+extern "C" fn hash_step(index: u64, state: *mut c_void) -> i64 {
+    // SAFETY: `name_hash` passes its NameHash.
+    let state = unsafe { &mut *state.cast::<NameHash>() };
+    let done = (index as usize & 31) * 8;
+    if done as u64 >= state.name_len {
+        return 1;
+    }
+    let Some(scratch) = DNS_SCRATCH.get_ptr(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch value, filled by `count_message` in this run.
+    let buf = unsafe { &(*scratch).bytes };
+    let at = NAME_AT + done;
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&buf[at..at + 8]);
+    // ASCII case folding: setting bit 5 maps 'A'..'Z' onto 'a'..'z' (and leaves other bytes
+    // equal on both sides of the comparison).
+    let mut value = u64::from_le_bytes(bytes) | 0x2020_2020_2020_2020;
+    let left = state.name_len - done as u64;
+    if left < 8 {
+        value &= (1u64 << (left * 8)) - 1;
+    }
+    state.hash = (state.hash ^ value)
+        .wrapping_mul(0x0000_0100_0000_01b3)
+        .rotate_left(23);
+    0
+}
+
+/// The client's address and port: the source of a query, the destination of a response.
+#[inline(always)]
+fn client(ctx: &TcContext, datagram: &Datagram, source: bool) -> Option<([u8; 16], u16)> {
+    let mut addr = [0u8; 16];
+    if datagram.ipv6 {
+        let at = ETH_HLEN + if source { 8 } else { 24 };
+        let ptr = ptr_at::<[u8; 16]>(ctx, at)?;
+        // SAFETY: ptr_at checked the 16 bytes.
+        addr = unsafe { *ptr };
+    } else {
+        let at = ETH_HLEN + if source { 12 } else { 16 };
+        let ptr = ptr_at::<[u8; 4]>(ctx, at)?;
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        // SAFETY: ptr_at checked the 4 bytes.
+        addr[12..16].copy_from_slice(&unsafe { *ptr });
+    }
+    let port = read_be16(ctx, datagram.l4 + if source { 0 } else { 2 })?;
+    Some((addr, port))
+}
+
+/// Remembers the query for its response, and samples it with its name.
+#[inline(always)]
+fn on_query(
+    ctx: &TcContext,
+    datagram: &Datagram,
+    id: u16,
+    question: &Question,
+    counters: &mut DnsCounters,
+) {
+    let Some((addr, port)) = client(ctx, datagram, true) else {
+        return;
+    };
+    let now = ktime_ns();
+    if let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(&addr, port, id)) {
+        // SAFETY: a value of our array map. Two CPUs writing one slot at once can tear it;
+        // the response then fails to match and is counted as unmatched.
+        let slot = unsafe { &mut *slot };
+        if slot.start_ns != 0 {
+            if slot.client_addr == addr && slot.client_port == port && slot.id == id {
+                // A retransmission: keep the first time, which is what the client waits from.
+                counters.duplicate_queries += 1;
+                return sample_query(ctx, datagram, id, question, addr, port, now, counters);
+            }
+            if now.wrapping_sub(slot.start_ns) > DNS_ANSWER_TIMEOUT_NS {
+                counters.unanswered_queries += 1;
+            } else {
+                counters.evicted_queries += 1;
+            }
+        }
+        *slot = DnsInFlight {
+            client_addr: addr,
+            start_ns: now,
+            client_port: port,
+            id,
+            qtype: question.qtype,
+            _pad: 0,
+        };
+    }
+    sample_query(ctx, datagram, id, question, addr, port, now, counters);
+}
+
+#[inline(always)]
+fn sampled() -> bool {
+    let every = DNS_SAMPLE_EVERY.load();
+    // SAFETY: no arguments.
+    every <= 1 || unsafe { bpf_get_prandom_u32() } % every == 0
+}
+
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one event's fields, inlined")]
+fn sample_query(
+    ctx: &TcContext,
+    datagram: &Datagram,
+    id: u16,
+    question: &Question,
+    addr: [u8; 16],
+    port: u16,
+    now: u64,
+    counters: &mut DnsCounters,
+) {
+    if !sampled() {
+        return;
+    }
+    let Some(mut entry) = DNS_EVENTS.reserve(0) else {
+        counters.events_dropped += 1;
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: the reservation holds a DnsQueryEvent; every field but the name's unused tail
+    // is written before submit.
+    unsafe {
+        (*event).kind = DNS_EVENT_QUERY;
+        (*event).qtype = question.qtype;
+        (*event).client_port = port;
+        (*event).timestamp_ns = now;
+        (*event).client_addr = addr;
+        (*event).id = id;
+        (*event).name_len = question.name_len as u16;
+        (*event)._pad = 0;
+        // The name straight from the packet into the event: one copy.
+        let len = (question.name_len as u32) & 0xff;
+        if len == 0
+            || bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                (datagram.l4 + NAME_AT) as u32,
+                (*event).name.as_mut_ptr().cast(),
+                len,
+            ) != 0
+        {
+            (*event).name_len = 0;
+        }
+    }
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+}
+
+/// Matches the response to its query: latency, cache hit or miss, the answer event.
+#[inline(always)]
+fn on_response(
+    ctx: &TcContext,
+    datagram: &Datagram,
+    id: u16,
+    rcode: u8,
+    truncated: bool,
+    name_hash: Option<u64>,
+    counters: &mut DnsCounters,
+) {
+    let Some((addr, port)) = client(ctx, datagram, false) else {
+        counters.unmatched_responses += 1;
+        return;
+    };
+    let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(&addr, port, id)) else {
+        counters.unmatched_responses += 1;
+        return;
+    };
+    // SAFETY: as in `on_query`.
+    let slot = unsafe { &mut *slot };
+    if slot.start_ns == 0 || slot.client_addr != addr || slot.client_port != port || slot.id != id {
+        counters.unmatched_responses += 1;
+        return;
+    }
+    let started = slot.start_ns;
+    let qtype = slot.qtype;
+    slot.start_ns = 0;
+    let now = ktime_ns();
+    let latency = now.wrapping_sub(started);
+    counters.answered += 1;
+    counters.latency[duration_bucket(latency) as usize & 31] += 1;
+    counters.latency_ns += latency;
+    let miss = name_hash.is_some_and(|hash| {
+        let slot = (hash as u32) & (DNS_UPSTREAM_SLOTS - 1);
+        DNS_UPSTREAM.get_ptr_mut(slot).is_some_and(|stamp| {
+            // SAFETY: as in `count_message`.
+            (unsafe { core::ptr::read_volatile(stamp) }) >= started
+        })
+    });
+    if miss {
+        counters.cache_misses += 1;
+    } else {
+        counters.cache_hits += 1;
+    }
+    if !sampled() {
+        return;
+    }
+    let event = DnsAnswerEvent {
+        kind: DNS_EVENT_ANSWER,
+        rcode,
+        cache_miss: u8::from(miss),
+        truncated: u8::from(truncated),
+        _pad: 0,
+        latency_ns: latency,
+        timestamp_ns: now,
+        client_addr: addr,
+        client_port: port,
+        id,
+        qtype,
+        _pad2: 0,
+    };
+    if DNS_EVENTS
+        .output_untyped::<DnsAnswerEvent>(&event, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        counters.events_dropped += 1;
+    }
+}
+
+#[inline(always)]
+fn ktime_ns() -> u64 {
+    // SAFETY: no arguments, no side effects.
+    unsafe { bpf_ktime_get_ns() }
+}

@@ -1,0 +1,43 @@
+//! Bounds-checked reads from a packet's linear data: every direct packet read of the
+//! classifiers goes through [`ptr_at`].
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPV6_HLEN: usize = 40;
+
+/// Bounds-checked pointer to a `T` at `offset` in the packet's linear data.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+pub fn read_u8(ctx: &TcContext, offset: usize) -> Option<u8> {
+    // SAFETY: ptr_at checked that the byte is inside the packet.
+    ptr_at::<u8>(ctx, offset).map(|p| unsafe { *p })
+}
+
+#[inline(always)]
+pub fn read_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
+    // SAFETY: ptr_at checked that both bytes are inside the packet; unaligned read.
+    ptr_at::<[u8; 2]>(ctx, offset).map(|p| u16::from_be_bytes(unsafe { *p }))
+}
+
+/// The EtherType of the packet, from the skb (set by the stack for every packet tc sees).
+#[inline(always)]
+pub fn ether_type(ctx: &TcContext) -> u16 {
+    // The skb keeps the protocol in network byte order in a u32 field.
+    u16::from_be(ctx.skb.protocol() as u16)
+}

@@ -1,0 +1,337 @@
+//! DNS events from the kernel ring buffer (sampled queries with their names, answers with
+//! their latency), decoded here with hickory-proto and folded into the top domains. Also the
+//! names of the DNS codes used as labels and JSON keys.
+//!
+//! Counters never depend on events: every DNS counter is counted in the kernel; a full ring
+//! loses events (counted as `events_dropped`), not counts.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use aya::maps::{MapData, RingBuf};
+use collector_common::{
+    DNS_EVENT_ANSWER, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DnsAnswerEvent, DnsQueryEvent,
+};
+use hickory_proto::{
+    rr::{Name, RecordType},
+    serialize::binary::{BinDecodable, BinDecoder},
+};
+
+use crate::topk::TopK;
+
+/// A decoded DNS event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DnsEvent {
+    /// A client's query (sampled).
+    Query {
+        qtype: u16,
+        /// The name in presentation form, without the trailing dot; `None` if it did not
+        /// decode.
+        domain: Option<String>,
+        client: IpAddr,
+        client_port: u16,
+        id: u16,
+        timestamp_ns: u64,
+    },
+    /// The server's response, matched to its query (sampled).
+    Answer {
+        qtype: u16,
+        rcode: u8,
+        cache_miss: bool,
+        truncated: bool,
+        latency_ns: u64,
+        client: IpAddr,
+        client_port: u16,
+        id: u16,
+        timestamp_ns: u64,
+    },
+}
+
+/// Reads a plain-data record from a ring-buffer item.
+fn read_record<T: Copy>(record: &[u8]) -> Option<T> {
+    if record.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the item holds at least one T (checked above); the event types are plain data
+    // valid for any bit pattern, and read_unaligned copes with the ring's alignment.
+    Some(unsafe { record.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// Decodes one ring-buffer item; `None` for an item of unknown kind or size.
+#[must_use]
+pub fn decode(record: &[u8]) -> Option<DnsEvent> {
+    let kind = u32::from_ne_bytes(record.get(..4)?.try_into().ok()?);
+    match kind {
+        DNS_EVENT_QUERY => {
+            let event: DnsQueryEvent = read_record(record)?;
+            let name = event.name.get(..usize::from(event.name_len))?;
+            Some(DnsEvent::Query {
+                qtype: event.qtype,
+                domain: decode_name(name),
+                client: Ipv6Addr::from(event.client_addr).to_canonical(),
+                client_port: event.client_port,
+                id: event.id,
+                timestamp_ns: event.timestamp_ns,
+            })
+        }
+        DNS_EVENT_ANSWER => {
+            let event: DnsAnswerEvent = read_record(record)?;
+            Some(DnsEvent::Answer {
+                qtype: event.qtype,
+                rcode: event.rcode,
+                cache_miss: event.cache_miss != 0,
+                truncated: event.truncated != 0,
+                latency_ns: event.latency_ns,
+                client: Ipv6Addr::from(event.client_addr).to_canonical(),
+                client_port: event.client_port,
+                id: event.id,
+                timestamp_ns: event.timestamp_ns,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A wire-form name as lower-case presentation text without the trailing dot (the root is
+/// "."). Names compare case-insensitively in DNS, so `Example.COM` and `example.com` are one
+/// domain in the top list.
+#[must_use]
+pub fn decode_name(wire: &[u8]) -> Option<String> {
+    let mut decoder = BinDecoder::new(wire);
+    let name = Name::read(&mut decoder).ok()?;
+    let text = name.to_lowercase().to_ascii();
+    Some(match text.strip_suffix('.') {
+        Some("") | None => text,
+        Some(stripped) => stripped.to_owned(),
+    })
+}
+
+/// Top domains folded from query events.
+#[derive(Debug)]
+pub struct DomainStats {
+    domains: TopK<String>,
+    /// Each sample stands for this many queries.
+    weight: u64,
+    events_received: u64,
+    undecodable_names: u64,
+}
+
+/// A copy of the DNS event statistics for a snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DomainSnapshot {
+    /// Heaviest domains, highest first: exact counts when every query is sampled and the
+    /// distinct names fit the tracked set, estimates (scaled by the sampling) otherwise.
+    pub top: Vec<(String, u64)>,
+    pub events_received: u64,
+    pub undecodable_names: u64,
+}
+
+impl DomainStats {
+    /// Keeps `listed` domains for the top list, tracking ten times as many so that the
+    /// listed ones are exact unless the name distribution is very flat.
+    #[must_use]
+    pub fn new(listed: usize, sample_every: u32) -> Self {
+        Self {
+            domains: TopK::new(listed.saturating_mul(10).clamp(1000, 100_000)),
+            weight: u64::from(sample_every.max(1)),
+            events_received: 0,
+            undecodable_names: 0,
+        }
+    }
+
+    pub fn apply(&mut self, event: &DnsEvent) {
+        self.events_received += 1;
+        if let DnsEvent::Query { domain, .. } = event {
+            match domain {
+                Some(domain) => self.domains.observe(domain, self.weight),
+                None => self.undecodable_names += 1,
+            }
+        }
+    }
+
+    #[must_use]
+    pub fn snapshot(&self, listed: usize) -> DomainSnapshot {
+        DomainSnapshot {
+            top: self
+                .domains
+                .top(listed)
+                .into_iter()
+                .map(|entry| (entry.key, entry.count))
+                .collect(),
+            events_received: self.events_received,
+            undecodable_names: self.undecodable_names,
+        }
+    }
+}
+
+/// Drains DNS events every [`crate::events::DRAIN_INTERVAL`] until the task is dropped.
+pub async fn consume(
+    mut ring: RingBuf<MapData>,
+    stats: Arc<Mutex<DomainStats>>,
+    subscribers: tokio::sync::broadcast::Sender<DnsEvent>,
+) -> anyhow::Result<()> {
+    let mut ticks = tokio::time::interval(crate::events::DRAIN_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
+    loop {
+        ticks.tick().await;
+        while let Some(record) = ring.next() {
+            if let Some(event) = decode(&record) {
+                batch.push(event);
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        {
+            let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
+            for event in &batch {
+                stats.apply(event);
+            }
+        }
+        for event in batch.drain(..) {
+            // No subscriber is not an error.
+            let _ = subscribers.send(event);
+        }
+    }
+}
+
+/// Query types exported even while zero, so that `rate()` works from the first scrape.
+pub const COMMON_QTYPES: [u16; 15] = [1, 2, 5, 6, 12, 15, 16, 28, 33, 43, 48, 64, 65, 255, 257];
+
+/// Name of a QTYPE slot (see `collector_common::DNS_QTYPE_SLOTS`): the mnemonic where one
+/// exists, `TYPEn` (RFC 3597) otherwise, `OTHER` for the slot of everything above 257.
+#[must_use]
+pub fn qtype_name(slot: u32) -> String {
+    if slot >= DNS_QTYPE_OTHER {
+        return "OTHER".to_owned();
+    }
+    let qtype = u16::try_from(slot).unwrap_or(u16::MAX);
+    match RecordType::from(qtype) {
+        RecordType::Unknown(n) => format!("TYPE{n}"),
+        // hickory names type 0 "ZERO" and keeps some names it has no variant for as Unknown.
+        RecordType::ZERO => "TYPE0".to_owned(),
+        known => known.to_string(),
+    }
+}
+
+/// RCODE mnemonics (RFC 6895 section 2.3), indexed by the header's four bits.
+pub const RCODE_NAMES: [&str; 16] = [
+    "NOERROR",
+    "FORMERR",
+    "SERVFAIL",
+    "NXDOMAIN",
+    "NOTIMP",
+    "REFUSED",
+    "YXDOMAIN",
+    "YXRRSET",
+    "NXRRSET",
+    "NOTAUTH",
+    "NOTZONE",
+    "DSOTYPENI",
+    "RCODE12",
+    "RCODE13",
+    "RCODE14",
+    "RCODE15",
+];
+
+/// OPCODE mnemonics (RFC 6895 section 2.2), indexed by the header's four bits.
+pub const OPCODE_NAMES: [&str; 16] = [
+    "QUERY", "IQUERY", "STATUS", "OPCODE3", "NOTIFY", "UPDATE", "DSO", "OPCODE7", "OPCODE8",
+    "OPCODE9", "OPCODE10", "OPCODE11", "OPCODE12", "OPCODE13", "OPCODE14", "OPCODE15",
+];
+
+/// RCODEs that mean the server failed the client (NXDOMAIN is an answer, not an error).
+#[must_use]
+pub fn is_error_rcode(rcode: usize) -> bool {
+    !matches!(rcode, 0 | 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for label in name.split('.').filter(|l| !l.is_empty()) {
+            out.push(u8::try_from(label.len()).unwrap());
+            out.extend_from_slice(label.as_bytes());
+        }
+        out.push(0);
+        out
+    }
+
+    #[test]
+    fn names_decode_lowercase_without_the_root_dot() {
+        assert_eq!(
+            decode_name(&wire("WWW.Example.com")).as_deref(),
+            Some("www.example.com")
+        );
+        assert_eq!(decode_name(&[0]).as_deref(), Some("."));
+        // A label running past the end, and a reserved label type.
+        assert_eq!(decode_name(&[5, b'a', b'b']), None);
+        assert_eq!(decode_name(&[0x40, 0]), None);
+    }
+
+    #[test]
+    fn query_events_decode_and_feed_the_top_domains() {
+        let mut event = DnsQueryEvent {
+            kind: DNS_EVENT_QUERY,
+            qtype: 28,
+            client_port: 5300,
+            timestamp_ns: 9,
+            client_addr: Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x0a00, 0x0001]).octets(),
+            id: 7,
+            name_len: 0,
+            _pad: 0,
+            name: [0; 256],
+        };
+        let name = wire("a.example");
+        event.name[..name.len()].copy_from_slice(&name);
+        event.name_len = u16::try_from(name.len()).unwrap();
+        // SAFETY: plain data viewed as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&event).cast::<u8>(),
+                size_of::<DnsQueryEvent>(),
+            )
+        };
+        let decoded = decode(bytes).unwrap();
+        assert_eq!(
+            decoded,
+            DnsEvent::Query {
+                qtype: 28,
+                domain: Some("a.example".into()),
+                client: "10.0.0.1".parse().unwrap(),
+                client_port: 5300,
+                id: 7,
+                timestamp_ns: 9,
+            }
+        );
+        assert_eq!(decode(&bytes[..100]), None);
+
+        let mut stats = DomainStats::new(10, 2);
+        stats.apply(&decoded);
+        stats.apply(&decoded);
+        let snapshot = stats.snapshot(10);
+        // Each sample stands for two queries.
+        assert_eq!(snapshot.top, [("a.example".to_owned(), 4)]);
+        assert_eq!(snapshot.events_received, 2);
+    }
+
+    #[test]
+    fn code_names_are_bounded_and_conventional() {
+        assert_eq!(qtype_name(1), "A");
+        assert_eq!(qtype_name(28), "AAAA");
+        assert_eq!(qtype_name(65), "HTTPS");
+        assert_eq!(qtype_name(257), "CAA");
+        assert_eq!(qtype_name(0), "TYPE0");
+        assert_eq!(qtype_name(DNS_QTYPE_OTHER), "OTHER");
+        assert!(qtype_name(200).starts_with("TYPE"));
+        assert_eq!(RCODE_NAMES[3], "NXDOMAIN");
+        assert_eq!(OPCODE_NAMES[5], "UPDATE");
+        assert!(is_error_rcode(2) && is_error_rcode(5) && !is_error_rcode(3));
+    }
+}

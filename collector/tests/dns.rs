@@ -1,0 +1,242 @@
+//! Privileged integration tests of the DNS statistics: the real agent and kernel programs,
+//! a real unbound in a network namespace of each test's own, and a known mix of queries
+//! sent by the test, with exact counts.
+#![expect(
+    clippy::float_cmp,
+    reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
+)]
+
+mod support;
+
+use std::time::Duration;
+
+use hickory_proto::{op::ResponseCode, rr::RecordType};
+use support::{
+    Agent, AgentConfig, Netns, assert_no_pins,
+    dns::{CLIENT_TIMEOUT, Client, SERVER, UPSTREAM_PORT, Unbound},
+    dns_json, sample, scrape, wait_for,
+};
+
+/// The DNS section of the agent's config: the default server port 53, the test's upstream.
+fn dns_config() -> String {
+    format!("[dns]\nports = [53]\nupstream_ports = [{UPSTREAM_PORT}]\n")
+}
+
+/// Waits until the agent has counted `responses` responses, and returns its JSON.
+fn dns_after(netns: &Netns, responses: u64) -> serde_json::Value {
+    wait_for(
+        "the agent to count every response",
+        Duration::from_secs(10),
+        || {
+            let json = dns_json(netns);
+            // Top domains come from events drained every 50 ms: wait for those too.
+            let sampled: u64 = json["topDomains"]
+                .as_array()?
+                .iter()
+                .filter_map(|d| d["count"].as_u64())
+                .sum();
+            (json["totalResponses"] == responses && sampled == json["totalQueries"].as_u64()?)
+                .then_some(json)
+        },
+    )
+}
+
+#[test]
+fn counts_a_known_query_mix_exactly() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let server = Unbound::start(&netns, false);
+
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        let mut ask = |name: &str, qtype: RecordType, times: usize, expect: ResponseCode| {
+            for _ in 0..times {
+                assert_eq!(client.query(name, qtype), expect, "{name} {qtype}");
+            }
+        };
+        // 300 A: 170 + 100 answered, 20 NXDOMAIN (distinct names), 10 REFUSED.
+        ask("www.test.", RecordType::A, 170, ResponseCode::NoError);
+        ask("api.test.", RecordType::A, 100, ResponseCode::NoError);
+        for i in 0..20 {
+            ask(
+                &format!("nx{i}.test."),
+                RecordType::A,
+                1,
+                ResponseCode::NXDomain,
+            );
+        }
+        ask("x.refused.test.", RecordType::A, 10, ResponseCode::Refused);
+        ask("www.test.", RecordType::AAAA, 200, ResponseCode::NoError);
+        ask("mail.test.", RecordType::MX, 50, ResponseCode::NoError);
+        ask("txt.test.", RecordType::TXT, 25, ResponseCode::NoError);
+    });
+
+    let json = dns_after(&netns, 575);
+    assert_eq!(json["totalQueries"], 575);
+    assert_eq!(
+        json["queryTypeBreakdown"],
+        serde_json::json!({"A": 300, "AAAA": 200, "MX": 50, "TXT": 25})
+    );
+    assert_eq!(
+        json["responseCodes"],
+        serde_json::json!({"NOERROR": 545, "NXDOMAIN": 20, "REFUSED": 10})
+    );
+    // REFUSED is a server failure to the client; NXDOMAIN is an answer.
+    assert_eq!(json["errorRate"], 10.0 / 575.0);
+    let top: Vec<(String, u64)> = json["topDomains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["domain"].as_str().unwrap().to_owned(),
+                d["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        top[..5],
+        [
+            ("www.test".to_owned(), 370),
+            ("api.test".to_owned(), 100),
+            ("mail.test".to_owned(), 50),
+            ("txt.test".to_owned(), 25),
+            ("x.refused.test".to_owned(), 10),
+        ]
+    );
+    assert_eq!(top.len(), 25, "the 20 NXDOMAIN names once each: {top:?}");
+    assert!(
+        top[5..]
+            .iter()
+            .all(|(name, count)| name.starts_with("nx") && *count == 1)
+    );
+
+    // Every response matched its query: latency for each, all positive and under the
+    // client's timeout.
+    assert_eq!(json["latency"]["count"], 575);
+    for quantile in ["p50", "p90", "p99"] {
+        let seconds = json["latency"][quantile].as_f64().unwrap();
+        assert!(
+            seconds > 0.0 && seconds < CLIENT_TIMEOUT.as_secs_f64(),
+            "{quantile} = {seconds}"
+        );
+    }
+    assert_eq!(json["inFlight"], 0);
+    assert_eq!(json["unmatchedResponses"], 0);
+    assert_eq!(json["eventsDropped"], 0);
+    assert!(
+        json["malformed"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|n| n == 0)
+    );
+    // No forwarding here: everything is answered locally, which unbound counts as cache hits.
+    assert_eq!(json["cacheStats"]["hits"], 575);
+    assert_eq!(json["cacheStats"]["misses"], 0);
+    let stats = server.stats(&netns);
+    assert_eq!(stats["total.num.queries"], 575.0);
+    assert_eq!(stats["total.num.cachehits"], 575.0);
+
+    assert_mix_in_metrics(&scrape(&netns));
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// The same mix, as `/metrics` shows it.
+fn assert_mix_in_metrics(metrics: &str) {
+    for (qtype, count) in [
+        ("A", 300.0),
+        ("AAAA", 200.0),
+        ("MX", 50.0),
+        ("TXT", 25.0),
+        ("NS", 0.0),
+    ] {
+        assert_eq!(
+            sample(metrics, "collector_dns_queries_total", &[("qtype", qtype)]),
+            Some(count),
+            "{qtype}"
+        );
+    }
+    for (rcode, count) in [
+        ("NOERROR", 545.0),
+        ("NXDOMAIN", 20.0),
+        ("REFUSED", 10.0),
+        ("SERVFAIL", 0.0),
+    ] {
+        assert_eq!(
+            sample(
+                metrics,
+                "collector_dns_responses_total",
+                &[("rcode", rcode)]
+            ),
+            Some(count),
+            "{rcode}"
+        );
+    }
+    assert_eq!(
+        sample(
+            metrics,
+            "collector_dns_response_latency_seconds_count",
+            &[]
+        ),
+        Some(575.0)
+    );
+}
+
+#[test]
+fn cache_hits_and_misses_match_the_servers_own_statistics() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let server = Unbound::start(&netns, true);
+
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        // Forwarded: the first query of each name goes upstream (a miss), the other three
+        // come from the cache, NXDOMAIN answers included.
+        for name in ["a", "b", "c", "d", "e"] {
+            let expect = if matches!(name, "a" | "b") {
+                ResponseCode::NoError
+            } else {
+                ResponseCode::NXDomain
+            };
+            for _ in 0..4 {
+                assert_eq!(
+                    client.query(&format!("{name}.fwd.example."), RecordType::A),
+                    expect
+                );
+            }
+        }
+        // Answered locally: hits.
+        for _ in 0..10 {
+            assert_eq!(
+                client.query("www.test.", RecordType::A),
+                ResponseCode::NoError
+            );
+        }
+    });
+
+    let json = dns_after(&netns, 30);
+    let stats = server.stats(&netns);
+    assert_eq!(stats["total.num.queries"], 30.0);
+    assert_eq!(
+        (
+            json["cacheStats"]["hits"].as_f64(),
+            json["cacheStats"]["misses"].as_f64()
+        ),
+        (
+            Some(stats["total.num.cachehits"]),
+            Some(stats["total.num.cachemiss"])
+        ),
+        "inferred hits/misses against unbound's own: {stats:?}"
+    );
+    assert_eq!(json["cacheStats"]["misses"], 5);
+    assert_eq!(json["cacheStats"]["hitRate"], 25.0 / 30.0);
+    assert_eq!(json["upstreamQueries"], 5);
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
