@@ -177,11 +177,7 @@ fn assert_mix_in_metrics(metrics: &str) {
         );
     }
     assert_eq!(
-        sample(
-            metrics,
-            "collector_dns_response_latency_seconds_count",
-            &[]
-        ),
+        sample(metrics, "collector_dns_response_latency_seconds_count", &[]),
         Some(575.0)
     );
 }

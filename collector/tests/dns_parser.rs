@@ -1,0 +1,681 @@
+//! The DNS classifiers' parser on crafted and random packets, run in the kernel through
+//! `BPF_PROG_TEST_RUN`: every packet must pass (the verdict never changes), land in exactly
+//! one counter, and agree with hickory-proto.
+//!
+//! The reference is what a DNS server's socket would receive, decoded by hickory-proto's
+//! `Header` and first `Query` (the kernel parses no further than the first question). One rule
+//! is ours: a compression pointer in the first question is malformed (there is no earlier name
+//! to point to; hickory follows one into the header bytes, which no sender does).
+
+mod support;
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use collector_common::{
+    DnsCounters, dns_malformed, dns_port_role, dns_qtype_index, map_names, program_names,
+};
+use hickory_proto::{
+    op::{Header, MessageType, Query},
+    serialize::binary::{BinDecodable, BinDecoder},
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
+
+const DNS_PORT: u16 = 53;
+const CLIENT_PORT: u16 = 40000;
+/// `TC_ACT_UNSPEC` as the kernel returns it: the packet continues unchanged.
+const PASS: u32 = u32::MAX;
+
+/// Where a packet ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// A client query, by qtype slot.
+    Query(u32),
+    /// A response, by rcode.
+    Response(u8),
+    Malformed,
+    /// Not DNS on a watched port: not counted at all.
+    Ignored,
+}
+
+/// Which classifier sees the packet: ingress (queries to the server) or egress (responses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToServer,
+    FromServer,
+}
+
+struct Classifiers {
+    ebpf: aya::Ebpf,
+    counters: PerCpuArray<aya::maps::MapData, DnsCounters>,
+}
+
+impl Classifiers {
+    fn load() -> Self {
+        support::require_root();
+        let mut ebpf = EbpfLoader::new().load(OBJECT).unwrap();
+        let mut roles: Array<_, u32> =
+            Array::try_from(ebpf.map_mut(map_names::DNS_PORT_ROLE).unwrap()).unwrap();
+        roles
+            .set(
+                u32::from(DNS_PORT),
+                dns_port_role::SERVER | dns_port_role::UPSTREAM,
+                0,
+            )
+            .unwrap();
+        for name in [program_names::DNS_INGRESS, program_names::DNS_EGRESS] {
+            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap();
+        }
+        let counters =
+            PerCpuArray::try_from(ebpf.take_map(map_names::DNS_COUNTERS).unwrap()).unwrap();
+        Self { ebpf, counters }
+    }
+
+    fn totals(&self) -> DnsCounters {
+        let values = self.counters.get(&0, 0).unwrap();
+        let mut total = DnsCounters::default();
+        for value in values.iter() {
+            for (acc, v) in total
+                .queries_by_qtype
+                .iter_mut()
+                .zip(value.queries_by_qtype)
+            {
+                *acc += v;
+            }
+            for (acc, v) in total
+                .responses_by_rcode
+                .iter_mut()
+                .zip(value.responses_by_rcode)
+            {
+                *acc += v;
+            }
+            for (acc, v) in total.malformed.iter_mut().zip(value.malformed) {
+                *acc += v;
+            }
+            total.responses_truncated += value.responses_truncated;
+        }
+        total
+    }
+
+    /// Runs the classifier for `direction` on `frame` and says where the packet was counted.
+    fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
+        let before = self.totals();
+        let name = match direction {
+            Direction::ToServer => program_names::DNS_INGRESS,
+            Direction::FromServer => program_names::DNS_EGRESS,
+        };
+        let program: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        let result = program
+            .test_run(opts)
+            .unwrap_or_else(|err| panic!("test run of {} bytes: {err}", frame.len()));
+        assert_eq!(
+            result.return_value, PASS,
+            "the classifier changed a packet's fate: {frame:02x?}"
+        );
+        let after = self.totals();
+        let mut outcomes = Vec::new();
+        for (slot, (a, b)) in
+            (0u32..).zip(after.queries_by_qtype.iter().zip(before.queries_by_qtype))
+        {
+            outcomes.extend((0..a - b).map(|_| Outcome::Query(slot)));
+        }
+        for (rcode, (a, b)) in (0u8..).zip(
+            after
+                .responses_by_rcode
+                .iter()
+                .zip(before.responses_by_rcode),
+        ) {
+            outcomes.extend((0..a - b).map(|_| Outcome::Response(rcode)));
+        }
+        let malformed: u64 =
+            after.malformed.iter().sum::<u64>() - before.malformed.iter().sum::<u64>();
+        outcomes.extend((0..malformed).map(|_| Outcome::Malformed));
+        assert!(
+            outcomes.len() <= 1,
+            "one packet counted more than once: {outcomes:?}"
+        );
+        outcomes.first().copied().unwrap_or(Outcome::Ignored)
+    }
+
+    fn malformed_reasons(&self) -> [u64; 8] {
+        self.totals().malformed
+    }
+}
+
+/// An Ethernet frame carrying `payload` in UDP over IPv4 or IPv6, with the UDP length field
+/// set to `udp_len` (the true length unless a test lies).
+#[derive(Clone)]
+struct Packet {
+    ipv6: bool,
+    /// IPv6 extension headers (next-header values), each 8 bytes.
+    extensions: Vec<u8>,
+    direction: Direction,
+    udp_len: Option<u16>,
+    payload: Vec<u8>,
+}
+
+const IPPROTO_UDP: u8 = 17;
+
+impl Packet {
+    fn new(direction: Direction, payload: Vec<u8>) -> Self {
+        Self {
+            ipv6: false,
+            extensions: Vec::new(),
+            direction,
+            udp_len: None,
+            payload,
+        }
+    }
+
+    fn frame(&self) -> Vec<u8> {
+        let (src_port, dst_port) = match self.direction {
+            Direction::ToServer => (CLIENT_PORT, DNS_PORT),
+            Direction::FromServer => (DNS_PORT, CLIENT_PORT),
+        };
+        let true_udp_len = u16::try_from(8 + self.payload.len()).unwrap();
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&src_port.to_be_bytes());
+        udp.extend_from_slice(&dst_port.to_be_bytes());
+        udp.extend_from_slice(&self.udp_len.unwrap_or(true_udp_len).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&self.payload);
+
+        let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        if self.ipv6 {
+            frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+            let mut extensions = Vec::new();
+            let mut next_values = self.extensions.clone();
+            next_values.push(IPPROTO_UDP);
+            for (i, &kind) in self.extensions.iter().enumerate() {
+                let mut header = [0u8; 8];
+                header[0] = next_values[i + 1];
+                if kind == 44 {
+                    // Fragment header: offset 0, no more fragments (an atomic fragment).
+                    header[2] = 0;
+                    header[3] = 0;
+                } else {
+                    header[1] = 0; // (0 + 1) * 8 bytes
+                }
+                extensions.extend_from_slice(&header);
+            }
+            let payload_len = u16::try_from(extensions.len() + udp.len()).unwrap();
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&payload_len.to_be_bytes());
+            frame.push(next_values[0]);
+            frame.push(64);
+            frame.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+            frame.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+            frame.extend_from_slice(&extensions);
+        } else {
+            frame.extend_from_slice(&0x0800u16.to_be_bytes());
+            let total = u16::try_from(20 + udp.len()).unwrap();
+            frame.extend_from_slice(&[0x45, 0]);
+            frame.extend_from_slice(&total.to_be_bytes());
+            frame.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+            frame.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        }
+        frame.extend_from_slice(&udp);
+        frame
+    }
+
+    /// What the reference says, from what the receiving socket would get.
+    fn expected(&self) -> Outcome {
+        let udp_len = usize::from(
+            self.udp_len
+                .unwrap_or(u16::try_from(8 + self.payload.len()).unwrap()),
+        );
+        if udp_len < 8 || udp_len - 8 > self.payload.len() {
+            return Outcome::Malformed;
+        }
+        reference(self.direction, &self.payload[..udp_len - 8])
+    }
+}
+
+/// hickory-proto's view of a DNS message (see the module comment).
+fn reference(direction: Direction, message: &[u8]) -> Outcome {
+    let mut decoder = BinDecoder::new(message);
+    let Ok(header) = Header::read(&mut decoder) else {
+        return Outcome::Malformed;
+    };
+    let is_query = header.message_type() == MessageType::Query;
+    match direction {
+        Direction::ToServer if !is_query || header.query_count() == 0 => {
+            return Outcome::Malformed;
+        }
+        Direction::FromServer if is_query => return Outcome::Malformed,
+        Direction::FromServer if header.query_count() == 0 => {
+            return Outcome::Response(message[3] & 0x0f);
+        }
+        _ => {}
+    }
+    let Ok(query) = Query::read(&mut decoder) else {
+        return Outcome::Malformed;
+    };
+    let consumed = decoder.index() - 12 - 4;
+    let name = query.name();
+    let uncompressed = if name.is_root() { 1 } else { name.len() + 1 };
+    if consumed != uncompressed {
+        return Outcome::Malformed;
+    }
+    match direction {
+        Direction::ToServer => Outcome::Query(dns_qtype_index(u16::from(query.query_type()))),
+        Direction::FromServer => Outcome::Response(message[3] & 0x0f),
+    }
+}
+
+/// A DNS message: header fields, then the raw question bytes.
+fn message(flags: u16, qdcount: u16, question: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x12, 0x34];
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&qdcount.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(question);
+    out
+}
+
+/// A question for `labels` with `qtype`, class IN.
+fn question(labels: &[&[u8]], qtype: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in labels {
+        out.push(u8::try_from(label.len()).unwrap());
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+    out.extend_from_slice(&qtype.to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out
+}
+
+const QUERY: u16 = 0x0100; // RD
+const RESPONSE: u16 = 0x8180; // QR, RD, RA
+
+fn www_example(qtype: u16) -> Vec<u8> {
+    question(&[b"www", b"example", b"com"], qtype)
+}
+
+/// A name of exactly `wire_len` bytes in wire form.
+fn name_of_wire_length(wire_len: usize) -> Vec<Vec<u8>> {
+    let mut labels = Vec::new();
+    let mut left = wire_len - 1; // root byte
+    while left > 0 {
+        let take = left.min(64);
+        let label_len = if left - take == 1 { take - 2 } else { take - 1 };
+        labels.push(vec![b'a'; label_len]);
+        left -= label_len + 1;
+    }
+    labels
+}
+
+/// The table of crafted packets: a name, the packet, where it must be counted.
+#[expect(clippy::too_many_lines, reason = "a table of cases, one per line before formatting")]
+fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
+    let to = Direction::ToServer;
+    let from = Direction::FromServer;
+    let name_255: Vec<Vec<u8>> = name_of_wire_length(255);
+    let name_256: Vec<Vec<u8>> = name_of_wire_length(256);
+    let refs = |labels: &[Vec<u8>]| -> Vec<u8> {
+        let slices: Vec<&[u8]> = labels.iter().map(Vec::as_slice).collect();
+        question(&slices, 1)
+    };
+    assert_eq!(refs(&name_255).len() - 4, 255);
+    assert_eq!(refs(&name_256).len() - 4, 256);
+    let mut answer = message(RESPONSE, 1, &www_example(1));
+    // One answer record: pointer to the question's name, A, IN, TTL, 4 bytes.
+    answer[7] = 1;
+    answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+
+    let mut cases: Vec<(&str, Packet, Outcome)> = vec![
+        (
+            "A query",
+            Packet::new(to, message(QUERY, 1, &www_example(1))),
+            Outcome::Query(1),
+        ),
+        (
+            "AAAA query",
+            Packet::new(to, message(QUERY, 1, &www_example(28))),
+            Outcome::Query(28),
+        ),
+        (
+            "qtype above the table",
+            Packet::new(to, message(QUERY, 1, &www_example(65280))),
+            Outcome::Query(258),
+        ),
+        (
+            "root name",
+            Packet::new(to, message(QUERY, 1, &question(&[], 2))),
+            Outcome::Query(2),
+        ),
+        (
+            "answer with a record",
+            Packet::new(from, answer.clone()),
+            Outcome::Response(0),
+        ),
+        (
+            "NXDOMAIN",
+            Packet::new(from, message(RESPONSE | 3, 1, &www_example(1))),
+            Outcome::Response(3),
+        ),
+        (
+            "REFUSED without a question",
+            Packet::new(from, message(RESPONSE | 5, 0, &[])),
+            Outcome::Response(5),
+        ),
+        (
+            "truncated response (TC)",
+            Packet::new(from, message(RESPONSE | 0x0200, 1, &www_example(1))),
+            Outcome::Response(0),
+        ),
+        (
+            "header only, 11 bytes",
+            Packet::new(to, message(QUERY, 1, &[])[..11].to_vec()),
+            Outcome::Malformed,
+        ),
+        (
+            "empty payload",
+            Packet::new(to, Vec::new()),
+            Outcome::Malformed,
+        ),
+        (
+            "qdcount 0",
+            Packet::new(to, message(QUERY, 0, &[])),
+            Outcome::Malformed,
+        ),
+        (
+            "question cut in the name",
+            Packet::new(to, message(QUERY, 1, &www_example(1)[..6])),
+            Outcome::Malformed,
+        ),
+        (
+            "question cut before qclass",
+            Packet::new(to, message(QUERY, 1, &www_example(1)[..19])),
+            Outcome::Malformed,
+        ),
+        (
+            "label type 0x40 (length 64)",
+            Packet::new(to, message(QUERY, 1, &[0x40, b'a', 0, 0, 1, 0, 1])),
+            Outcome::Malformed,
+        ),
+        (
+            "label type 0x80",
+            Packet::new(to, message(QUERY, 1, &[0x80, 0, 0, 1, 0, 1])),
+            Outcome::Malformed,
+        ),
+        (
+            "name of 255 bytes",
+            Packet::new(to, message(QUERY, 1, &refs(&name_255))),
+            Outcome::Query(1),
+        ),
+        (
+            "name of 256 bytes",
+            Packet::new(to, message(QUERY, 1, &refs(&name_256))),
+            Outcome::Malformed,
+        ),
+        (
+            "name of 320 bytes",
+            Packet::new(
+                to,
+                message(
+                    QUERY,
+                    1,
+                    &refs(&[
+                        vec![b'x'; 63],
+                        vec![b'x'; 63],
+                        vec![b'x'; 63],
+                        vec![b'x'; 63],
+                        vec![b'x'; 63],
+                    ]),
+                ),
+            ),
+            Outcome::Malformed,
+        ),
+        (
+            "pointer loop to itself",
+            Packet::new(to, message(QUERY, 1, &[0xc0, 12, 0, 1, 0, 1])),
+            Outcome::Malformed,
+        ),
+        (
+            "pointer forward",
+            Packet::new(to, message(QUERY, 1, &[0xc0, 40, 0, 1, 0, 1])),
+            Outcome::Malformed,
+        ),
+        (
+            "pointer into the header",
+            Packet::new(to, message(QUERY, 1, &[0xc0, 4, 0, 1, 0, 1])),
+            Outcome::Malformed,
+        ),
+        (
+            "label then pointer loop",
+            Packet::new(to, message(QUERY, 1, &[1, b'a', 0xc0, 12, 0, 1, 0, 1])),
+            Outcome::Malformed,
+        ),
+        (
+            "response sent to the server port",
+            Packet::new(to, message(RESPONSE, 1, &www_example(1))),
+            Outcome::Malformed,
+        ),
+        (
+            "query sent from the server port",
+            Packet::new(from, message(QUERY, 1, &www_example(1))),
+            Outcome::Malformed,
+        ),
+        (
+            "HTTP on port 53",
+            Packet::new(to, b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n".to_vec()),
+            Outcome::Malformed,
+        ),
+        (
+            "TLS on port 53",
+            Packet::new(
+                to,
+                vec![0x16, 3, 1, 0, 0xa5, 1, 0, 0, 0xa1, 3, 3, 0x55, 0x66, 0x77],
+            ),
+            Outcome::Malformed,
+        ),
+    ];
+    let mut lies = Packet::new(to, message(QUERY, 1, &www_example(1)));
+    lies.udp_len = Some(200);
+    cases.push((
+        "UDP length longer than the packet",
+        lies.clone(),
+        Outcome::Malformed,
+    ));
+    lies.udp_len = Some(4);
+    cases.push((
+        "UDP length shorter than its header",
+        lies.clone(),
+        Outcome::Malformed,
+    ));
+    lies.udp_len = Some(8 + 12 + 5);
+    cases.push((
+        "UDP length cutting the question",
+        lies.clone(),
+        Outcome::Malformed,
+    ));
+    let mut trailing = Packet::new(to, message(QUERY, 1, &www_example(16)));
+    trailing.udp_len = Some(u16::try_from(8 + trailing.payload.len()).unwrap());
+    trailing.payload.extend_from_slice(&[0xff; 9]);
+    cases.push(("bytes after the UDP length", trailing, Outcome::Query(16)));
+    for (name, extensions) in [
+        ("IPv6", vec![]),
+        ("IPv6 hop-by-hop + destination options", vec![0, 60]),
+        ("IPv6 routing + atomic fragment", vec![43, 44]),
+    ] {
+        let mut packet = Packet::new(to, message(QUERY, 1, &www_example(15)));
+        packet.ipv6 = true;
+        packet.extensions = extensions;
+        cases.push((name, packet, Outcome::Query(15)));
+    }
+    let mut v6_response = Packet::new(from, answer);
+    v6_response.ipv6 = true;
+    v6_response.extensions = vec![60];
+    cases.push((
+        "IPv6 response behind destination options",
+        v6_response,
+        Outcome::Response(0),
+    ));
+    cases
+}
+
+#[test]
+fn crafted_packets_are_counted_where_they_belong() {
+    let classifiers = Classifiers::load();
+    let to = Direction::ToServer;
+    let cases = crafted_cases();
+    for (name, packet, outcome) in &cases {
+        assert_eq!(
+            packet.expected(),
+            *outcome,
+            "reference disagrees with the table: {name}"
+        );
+        assert_eq!(
+            classifiers.run(packet.direction, &packet.frame()),
+            *outcome,
+            "{name}"
+        );
+    }
+
+    // Not DNS on a watched port: not counted at all.
+    let mut other_port = Packet::new(to, message(QUERY, 1, &www_example(1))).frame();
+    other_port[14 + 20 + 2..14 + 20 + 4].copy_from_slice(&5353u16.to_be_bytes());
+    assert_eq!(classifiers.run(to, &other_port), Outcome::Ignored);
+    let mut tcp = Packet::new(to, message(QUERY, 1, &www_example(1))).frame();
+    tcp[14 + 9] = 6;
+    assert_eq!(classifiers.run(to, &tcp), Outcome::Ignored);
+    // Cut inside the UDP ports: nothing says it is DNS. Cut after them: a watched port with
+    // a broken datagram. (test_run itself refuses frames shorter than an IP header.)
+    let query = Packet::new(to, message(QUERY, 1, &www_example(1))).frame();
+    assert_eq!(classifiers.run(to, &query[..14 + 20 + 3]), Outcome::Ignored);
+    assert_eq!(
+        classifiers.run(to, &query[..14 + 20 + 6]),
+        Outcome::Malformed
+    );
+
+    // The reasons are told apart.
+    let reasons = classifiers.malformed_reasons();
+    for reason in [
+        dns_malformed::TRUNCATED,
+        dns_malformed::BAD_LENGTH,
+        dns_malformed::NO_QUESTION,
+        dns_malformed::BAD_NAME,
+        dns_malformed::WRONG_DIRECTION,
+    ] {
+        assert!(reasons[reason as usize] > 0, "reason {reason}: {reasons:?}");
+    }
+    assert_eq!(classifiers.totals().responses_truncated, 1);
+}
+
+/// A small deterministic generator (xorshift64*), so that a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n as u64).unwrap()
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next().to_le_bytes()[0]
+    }
+}
+
+/// A valid message to start mutating from.
+fn seed_message(rng: &mut Rng) -> Vec<u8> {
+    let qtypes = [1u16, 2, 5, 6, 12, 15, 16, 28, 33, 65, 255, 257, 4000, 65535];
+    let qtype = qtypes[rng.below(qtypes.len())];
+    let labels: Vec<Vec<u8>> = (0..rng.below(5))
+        .map(|_| {
+            (0..=rng.below(20))
+                .map(|_| b'a' + rng.byte() % 26)
+                .collect()
+        })
+        .collect();
+    let slices: Vec<&[u8]> = labels.iter().map(Vec::as_slice).collect();
+    let flags = if rng.below(2) == 0 {
+        QUERY
+    } else {
+        RESPONSE | u16::from(rng.byte() % 16)
+    };
+    message(flags, 1, &question(&slices, qtype))
+}
+
+/// One random packet: random bytes, or a valid message with a few mutations (bytes replaced,
+/// inserted or cut, pointers and long labels planted, the UDP length changed).
+fn random_packet(rng: &mut Rng) -> Packet {
+    let direction = if rng.below(2) == 0 {
+        Direction::ToServer
+    } else {
+        Direction::FromServer
+    };
+    let payload = if rng.below(5) == 0 {
+        (0..rng.below(300)).map(|_| rng.byte()).collect()
+    } else {
+        let mut message = seed_message(rng);
+        for _ in 0..rng.below(4) {
+            let at = rng.below(message.len() + 1);
+            match rng.below(6) {
+                0 if at < message.len() => message[at] = rng.byte(),
+                1 => message.insert(at, rng.byte()),
+                2 => message.truncate(at),
+                3 if at + 1 < message.len() => {
+                    message[at] = 0xc0 | (rng.byte() & 0x3f);
+                    message[at + 1] = rng.byte();
+                }
+                4 if at < message.len() => message[at] = 0x40 + rng.byte() % 0xc0,
+                _ if message.len() > 2 => message[2] ^= 0x80, // flip QR
+                _ => {}
+            }
+        }
+        message
+    };
+    let mut packet = Packet::new(direction, payload);
+    packet.ipv6 = rng.below(3) == 0;
+    if packet.ipv6 && rng.below(2) == 0 {
+        packet.extensions = vec![[0u8, 43, 60][rng.below(3)]];
+    }
+    if rng.below(10) == 0 {
+        packet.udp_len = Some(u16::try_from(rng.below(packet.payload.len() + 40)).unwrap());
+    }
+    packet
+}
+
+#[test]
+fn random_and_mutated_packets_agree_with_hickory() {
+    const PACKETS: usize = 10_000;
+    const SEED: u64 = 0x5eed_d15c_0000_0001;
+    let classifiers = Classifiers::load();
+    let mut rng = Rng(SEED);
+    let (mut counted, mut malformed) = (0, 0);
+    for n in 0..PACKETS {
+        let packet = random_packet(&mut rng);
+        let expected = packet.expected();
+        let got = classifiers.run(packet.direction, &packet.frame());
+        assert_eq!(
+            got, expected,
+            "packet {n} (seed {SEED:#x}), {:?}, udp_len {:?}: {:02x?}",
+            packet.direction, packet.udp_len, packet.payload
+        );
+        if expected == Outcome::Malformed {
+            malformed += 1;
+        } else {
+            counted += 1;
+        }
+    }
+    eprintln!("{PACKETS} packets: {counted} counted as DNS, {malformed} malformed");
+    // Both sides of the parser were exercised.
+    assert!(
+        counted > PACKETS / 5 && malformed > PACKETS / 5,
+        "{counted} / {malformed}"
+    );
+}
