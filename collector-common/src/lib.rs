@@ -46,8 +46,6 @@ pub mod map_names {
     pub const ROUTE_TRAFFIC: &str = "ROUTE_TRAFFIC";
     /// `PerCpuArray<u64>`, [`super::ERROR_KINDS`] entries: kernel-side failures by kind.
     pub const ERRORS: &str = "ERRORS";
-    /// `Array<u32>`, [`super::PORT_SLOTS`] entries: UDP port → [`super::dns_port_role`] bits.
-    pub const DNS_PORT_ROLE: &str = "DNS_PORT_ROLE";
     /// `PerCpuArray<DnsCounters>`, one entry.
     pub const DNS_COUNTERS: &str = "DNS_COUNTERS";
     /// `Array<DnsInFlight>`, [`super::DNS_INFLIGHT_SLOTS`] entries.
@@ -79,6 +77,9 @@ pub mod program_names {
     /// tc ingress classifier for loopback: all of the above, each packet seen once.
     pub const DNS_LOOPBACK: &str = "count_dns_loopback";
 }
+
+/// Global in the kernel object: the [`DnsPorts`].
+pub const GLOBAL_DNS_PORTS: &str = "DNS_PORTS";
 
 /// Global in the kernel object: count one query or answer event in this many (1 = all).
 pub const GLOBAL_DNS_SAMPLE_EVERY: &str = "DNS_SAMPLE_EVERY";
@@ -116,14 +117,40 @@ pub const ERROR_KINDS: u32 = 3;
 pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] =
     ["conn_table_full", "conn_event_dropped", "packet_truncated"];
 
-/// DNS: what a UDP port is to the DNS classifiers ([`map_names::DNS_PORT_ROLE`] values, bits).
-pub mod dns_port_role {
+/// Most UDP ports of each kind in [`DnsPorts`].
+pub const DNS_MAX_PORTS: usize = 8;
+
+/// The DNS ports, set at load (global [`GLOBAL_DNS_PORTS`]): compared in registers, where a
+/// port-indexed map costs a cache miss on every packet with a random client port. Unused
+/// entries are 0, which matches no packet (port 0 is never counted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPorts {
     /// The local DNS server listens here: messages to it are client queries, from it
     /// responses.
-    pub const SERVER: u32 = 1;
-    /// Upstream servers listen here: a query leaving the host to it (from a port that is not
+    pub server: [u16; DNS_MAX_PORTS],
+    /// Upstream servers listen here: a query leaving the host to one (from a port that is not
     /// a server port) is the server asking an upstream, i.e. a cache miss.
-    pub const UPSTREAM: u32 = 2;
+    pub upstream: [u16; DNS_MAX_PORTS],
+}
+
+/// Whether `port` is in `ports` (0 never is).
+#[must_use]
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "runs in the DNS classifiers for every packet: eight compares beat a BPF call"
+)]
+pub fn dns_port_listed(ports: &[u16; DNS_MAX_PORTS], port: u16) -> bool {
+    port != 0
+        && (ports[0] == port
+            || ports[1] == port
+            || ports[2] == port
+            || ports[3] == port
+            || ports[4] == port
+            || ports[5] == port
+            || ports[6] == port
+            || ports[7] == port)
 }
 
 /// Query types counted one by one: 0..=257 (every assigned type below 256, plus URI and
@@ -454,6 +481,7 @@ const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
 const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 12));
 const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 332);
 const _: () = assert!(size_of::<DnsInFlight>() == 32);
+const _: () = assert!(size_of::<DnsPorts>() == 32);
 const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
 const _: () = assert!(DNS_UPSTREAM_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<DnsQueryEvent>() == 296);
@@ -517,6 +545,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsPorts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsInFlight {}
     // SAFETY: as above.

@@ -14,22 +14,19 @@
 //! port, id); its response frees it. Cache misses: an upstream query stamps a table indexed by
 //! a hash of its name; a response whose name was stamped after its query arrived is a miss.
 
-use core::ffi::c_void;
-
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_QUERY, DNS_NAME_MAX,
     DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight,
-    dns_inflight_slot, dns_malformed, dns_port_role, dns_qtype_index, duration_bucket,
+    dns_inflight_slot, dns_malformed, dns_port_listed, dns_qtype_index, duration_bucket,
 };
 
 use crate::{
-    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_PORT_ROLE, DNS_SAMPLE_EVERY, DNS_SCRATCH,
-    DNS_UPSTREAM,
+    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_PORTS, DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_UPSTREAM,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, ether_type, ptr_at, read_be16,
         read_u8,
@@ -59,6 +56,7 @@ const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
 enum Role {
     /// A client's query to the server.
     Query,
@@ -76,6 +74,13 @@ struct Datagram {
     available: usize,
     /// First fragment of a fragmented datagram: the rest of it is in later packets.
     fragmented: bool,
+    ipv6: bool,
+}
+
+/// Where the addresses and ports are, after the name walk.
+struct Located {
+    /// Offset of the UDP header.
+    l4: usize,
     ipv6: bool,
 }
 
@@ -98,12 +103,13 @@ pub fn count_packet(ctx: &TcContext, hook: u32) {
     else {
         return;
     };
-    let to_server = hook != HOOK_EGRESS && has_role(dst_port, dns_port_role::SERVER);
+    let ports = DNS_PORTS.load();
+    let to_server = hook != HOOK_EGRESS && dns_port_listed(&ports.server, dst_port);
     let role = if to_server {
         Role::Query
-    } else if hook != HOOK_INGRESS && has_role(src_port, dns_port_role::SERVER) {
+    } else if hook != HOOK_INGRESS && dns_port_listed(&ports.server, src_port) {
         Role::Response
-    } else if hook != HOOK_INGRESS && has_role(dst_port, dns_port_role::UPSTREAM) {
+    } else if hook != HOOK_INGRESS && dns_port_listed(&ports.upstream, dst_port) {
         Role::Upstream
     } else {
         return;
@@ -117,13 +123,6 @@ pub fn count_packet(ctx: &TcContext, hook: u32) {
     if let Err(reason) = count_message(ctx, &datagram, role, counters) {
         counters.malformed[(reason & 7) as usize] += 1;
     }
-}
-
-#[inline(always)]
-fn has_role(port: u16, role: u32) -> bool {
-    DNS_PORT_ROLE
-        .get(u32::from(port))
-        .is_some_and(|&roles| roles & role != 0)
 }
 
 /// Ethernet → IPv4/IPv6 (extension headers walked) → UDP. `None` for anything else: not
@@ -244,6 +243,23 @@ fn count_message(
     }
     // The message ends here, in scratch coordinates.
     let end = UDP_HLEN + message_len;
+    // Park what differs between the paths that lead here in the scratch value, where the
+    // verifier does not follow it: the name walk below is then checked once, not once per
+    // path (which ran past its million-instruction limit).
+    park(buf, PARK_END, end as u64);
+    park(buf, PARK_L4, datagram.l4 as u64);
+    park(buf, PARK_ROLE, role as u64);
+    park(buf, PARK_IPV6, u64::from(datagram.ipv6));
+    let walked = question(buf);
+    let role = match unpark(buf, PARK_ROLE) {
+        0 => Role::Query,
+        1 => Role::Response,
+        _ => Role::Upstream,
+    };
+    let at = Located {
+        l4: unpark(buf, PARK_L4) as usize & (MAX_L4_OFFSET * 2 - 1),
+        ipv6: unpark(buf, PARK_IPV6) != 0,
+    };
     let id = be16(buf, UDP_HLEN);
     let flags = buf[UDP_HLEN + 2];
     let rcode_byte = buf[UDP_HLEN + 3];
@@ -258,10 +274,10 @@ fn count_message(
             if question_count == 0 {
                 return Err(dns_malformed::NO_QUESTION);
             }
-            let question = question(buf, end)?;
+            let question = walked?;
             counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
             counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
-            on_query(ctx, datagram, id, &question, counters);
+            on_query(ctx, &at, id, &question, counters);
         }
         Role::Response => {
             if !is_response {
@@ -272,8 +288,8 @@ fn count_message(
             let name_hash = if question_count == 0 {
                 None
             } else {
-                let question = question(buf, end)?;
-                Some(name_hash(question.name_len))
+                let question = walked?;
+                Some(name_hash(buf, question.name_len))
             };
             let rcode = rcode_byte & 0x0f;
             counters.responses_by_rcode[usize::from(rcode)] += 1;
@@ -281,7 +297,7 @@ fn count_message(
             if truncated {
                 counters.responses_truncated += 1;
             }
-            on_response(ctx, datagram, id, rcode, truncated, name_hash, counters);
+            on_response(ctx, &at, id, rcode, truncated, name_hash, counters);
         }
         Role::Upstream => {
             // Only queries on their way out mean a miss; answers to other hosts' queries
@@ -289,9 +305,9 @@ fn count_message(
             if is_response || question_count == 0 {
                 return Ok(());
             }
-            let question = question(buf, end)?;
+            let question = walked?;
             counters.upstream_queries += 1;
-            let slot = (name_hash(question.name_len) as u32) & (DNS_UPSTREAM_SLOTS - 1);
+            let slot = (name_hash(buf, question.name_len) as u32) & (DNS_UPSTREAM_SLOTS - 1);
             if let Some(stamp) = DNS_UPSTREAM.get_ptr_mut(slot) {
                 // SAFETY: an 8-byte-aligned value of our array; a torn read elsewhere is
                 // impossible for an aligned u64.
@@ -307,46 +323,66 @@ fn be16(buf: &[u8; DNS_SCRATCH_BYTES], at: usize) -> u16 {
     u16::from_be_bytes([buf[at & MASK], buf[(at + 1) & MASK]])
 }
 
-/// State of a name walk, shared with its `bpf_loop` callback.
-#[repr(C)]
-struct NameWalk {
-    /// Scratch offset of the next length byte.
-    pos: u64,
-    /// Message end, in scratch coordinates.
-    end: u64,
-    /// 0 while walking; then the wire length of the name, or `u64::MAX - reason` on error.
-    outcome: u64,
+/// Scratch offsets past the copied message, where [`park`] keeps values (8-aligned).
+const PARK_END: usize = 448;
+const PARK_L4: usize = 456;
+const PARK_ROLE: usize = 464;
+const PARK_IPV6: usize = 472;
+const PARK_NAME_LEN: usize = 480;
+const PARK_REASON: usize = 488;
+
+#[inline(always)]
+fn park(buf: &mut [u8; DNS_SCRATCH_BYTES], at: usize, value: u64) {
+    // SAFETY: an 8-aligned u64 inside the scratch value (map values are 8-aligned), past
+    // anything copied from the packet.
+    unsafe { core::ptr::write_volatile(buf[at..at + 8].as_mut_ptr().cast::<u64>(), value) }
+}
+
+#[inline(always)]
+fn unpark(buf: &[u8; DNS_SCRATCH_BYTES], at: usize) -> u64 {
+    // SAFETY: as in `park`.
+    unsafe { core::ptr::read_volatile(buf[at..at + 8].as_ptr().cast::<u64>()) }
 }
 
 /// Walks the first question's name (labels only: a compression pointer has no earlier name
-/// to point to in the first question) and reads its QTYPE. `end` is the message end in
-/// scratch coordinates.
-///
-/// The walk runs under `bpf_loop` (Linux 5.17): the verifier checks the step once, where an
-/// open-coded loop had it re-walk all the code after the loop for every possible exit step
-/// and run past its million-instruction limit. The kernel inlines the call (5.19).
+/// to point to in the first question) and reads its QTYPE. The message end comes parked.
 #[inline(always)]
-fn question(buf: &[u8; DNS_SCRATCH_BYTES], end: usize) -> Result<Question, u32> {
-    let mut walk = NameWalk {
-        pos: NAME_AT as u64,
-        end: end as u64,
-        outcome: 0,
-    };
+fn question(buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Result<Question, u32> {
+    let end = unpark(buf, PARK_END) as usize & MASK;
+    let mut pos = NAME_AT;
+    let mut outcome = Err(dns_malformed::BAD_NAME);
     // Each label takes at least two bytes, so 128 steps cover the longest name.
-    // SAFETY: the callback only touches `walk`, which outlives the call.
-    unsafe {
-        bpf_loop(
-            (DNS_NAME_MAX / 2 + 1) as u32,
-            name_step as *mut c_void,
-            core::ptr::from_mut(&mut walk).cast(),
-            0,
-        );
+    for _ in 0..=DNS_NAME_MAX / 2 {
+        if pos >= end {
+            outcome = Err(dns_malformed::TRUNCATED);
+            break;
+        }
+        let len = usize::from(buf[pos & MASK]);
+        if len == 0 {
+            outcome = Ok(pos - NAME_AT + 1);
+            break;
+        }
+        if len & 0xc0 != 0 {
+            break;
+        }
+        pos += len + 1;
+        // The root label would land beyond the 255-byte limit.
+        if pos - NAME_AT >= DNS_NAME_MAX {
+            break;
+        }
     }
-    let name_len = match walk.outcome {
-        0 => return Err(dns_malformed::BAD_NAME),
-        outcome if outcome > u64::MAX - 8 => return Err((u64::MAX - outcome) as u32),
-        outcome => (outcome as usize) & 0xff,
+    // Park the length too: each step the loop can end at leaves a different known range, and
+    // the code after it would otherwise be checked once per step.
+    park(buf, PARK_NAME_LEN, outcome.unwrap_or(0) as u64);
+    let reason = match outcome {
+        Ok(_) => 0,
+        Err(reason) => reason,
     };
+    park(buf, PARK_REASON, u64::from(reason));
+    let name_len = unpark(buf, PARK_NAME_LEN) as usize & 0xff;
+    if name_len == 0 {
+        return Err(unpark(buf, PARK_REASON) as u32);
+    }
     // QTYPE and QCLASS follow the name.
     if NAME_AT + name_len + 4 > end {
         return Err(dns_malformed::TRUNCATED);
@@ -357,101 +393,37 @@ fn question(buf: &[u8; DNS_SCRATCH_BYTES], end: usize) -> Result<Question, u32> 
     })
 }
 
-/// One label of a [`NameWalk`]; returns 1 to stop the loop.
-extern "C" fn name_step(_index: u64, walk: *mut c_void) -> i64 {
-    // SAFETY: `question` passes its NameWalk.
-    let walk = unsafe { &mut *walk.cast::<NameWalk>() };
-    let Some(scratch) = DNS_SCRATCH.get_ptr(0) else {
-        walk.outcome = u64::MAX - u64::from(dns_malformed::TRUNCATED);
-        return 1;
-    };
-    // SAFETY: this CPU's scratch value, filled by `count_message` in this run.
-    let buf = unsafe { &(*scratch).bytes };
-    let pos = walk.pos as usize & MASK;
-    if pos as u64 >= walk.end {
-        walk.outcome = u64::MAX - u64::from(dns_malformed::TRUNCATED);
-        return 1;
-    }
-    let len = usize::from(buf[pos]);
-    if len == 0 {
-        walk.outcome = (pos - NAME_AT + 1) as u64;
-        return 1;
-    }
-    if len & 0xc0 != 0 {
-        walk.outcome = u64::MAX - u64::from(dns_malformed::BAD_NAME);
-        return 1;
-    }
-    let next = pos + len + 1;
-    // The root label would land beyond the 255-byte limit.
-    if next - NAME_AT >= DNS_NAME_MAX {
-        walk.outcome = u64::MAX - u64::from(dns_malformed::BAD_NAME);
-        return 1;
-    }
-    walk.pos = next as u64;
-    0
-}
-
-/// State of a name hash, shared with its `bpf_loop` callback.
-#[repr(C)]
-struct NameHash {
-    name_len: u64,
-    hash: u64,
-}
-
-/// Case-insensitive hash of the name's wire form, eight bytes at a time (under `bpf_loop`,
-/// for the reason given at [`question`]).
+/// Case-insensitive hash of the name's wire form, eight bytes at a time.
 #[inline(always)]
-fn name_hash(name_len: usize) -> u64 {
-    let mut state = NameHash {
-        name_len: name_len as u64,
-        hash: 0xcbf2_9ce4_8422_2325,
-    };
-    // SAFETY: the callback only touches `state`, which outlives the call.
-    unsafe {
-        bpf_loop(
-            DNS_NAME_MAX.div_ceil(8) as u32,
-            hash_step as *mut c_void,
-            core::ptr::from_mut(&mut state).cast(),
-            0,
-        );
+fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in 0..DNS_NAME_MAX.div_ceil(8) {
+        let done = word * 8;
+        if done >= name_len {
+            break;
+        }
+        let at = NAME_AT + (word & 31) * 8;
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&buf[at..at + 8]);
+        // ASCII case folding: setting bit 5 maps 'A'..'Z' onto 'a'..'z' (and leaves other
+        // bytes equal on both sides of the comparison).
+        let mut value = u64::from_le_bytes(bytes) | 0x2020_2020_2020_2020;
+        let left = name_len - done;
+        if left < 8 {
+            value &= (1u64 << (left * 8)) - 1;
+        }
+        hash = (hash ^ value)
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(23);
     }
-    state.hash
-}
-
-/// Eight bytes of a [`NameHash`]; returns 1 to stop the loop.
-extern "C" fn hash_step(index: u64, state: *mut c_void) -> i64 {
-    // SAFETY: `name_hash` passes its NameHash.
-    let state = unsafe { &mut *state.cast::<NameHash>() };
-    let done = (index as usize & 31) * 8;
-    if done as u64 >= state.name_len {
-        return 1;
-    }
-    let Some(scratch) = DNS_SCRATCH.get_ptr(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's scratch value, filled by `count_message` in this run.
-    let buf = unsafe { &(*scratch).bytes };
-    let at = NAME_AT + done;
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&buf[at..at + 8]);
-    // ASCII case folding: setting bit 5 maps 'A'..'Z' onto 'a'..'z' (and leaves other bytes
-    // equal on both sides of the comparison).
-    let mut value = u64::from_le_bytes(bytes) | 0x2020_2020_2020_2020;
-    let left = state.name_len - done as u64;
-    if left < 8 {
-        value &= (1u64 << (left * 8)) - 1;
-    }
-    state.hash = (state.hash ^ value)
-        .wrapping_mul(0x0000_0100_0000_01b3)
-        .rotate_left(23);
-    0
+    hash
 }
 
 /// The client's address and port: the source of a query, the destination of a response.
 #[inline(always)]
-fn client(ctx: &TcContext, datagram: &Datagram, source: bool) -> Option<([u8; 16], u16)> {
+fn client(ctx: &TcContext, at: &Located, source: bool) -> Option<([u8; 16], u16)> {
     let mut addr = [0u8; 16];
-    if datagram.ipv6 {
+    if at.ipv6 {
         let at = ETH_HLEN + if source { 8 } else { 24 };
         let ptr = ptr_at::<[u8; 16]>(ctx, at)?;
         // SAFETY: ptr_at checked the 16 bytes.
@@ -464,7 +436,7 @@ fn client(ctx: &TcContext, datagram: &Datagram, source: bool) -> Option<([u8; 16
         // SAFETY: ptr_at checked the 4 bytes.
         addr[12..16].copy_from_slice(&unsafe { *ptr });
     }
-    let port = read_be16(ctx, datagram.l4 + if source { 0 } else { 2 })?;
+    let port = read_be16(ctx, at.l4 + if source { 0 } else { 2 })?;
     Some((addr, port))
 }
 
@@ -472,12 +444,12 @@ fn client(ctx: &TcContext, datagram: &Datagram, source: bool) -> Option<([u8; 16
 #[inline(always)]
 fn on_query(
     ctx: &TcContext,
-    datagram: &Datagram,
+    at: &Located,
     id: u16,
     question: &Question,
     counters: &mut DnsCounters,
 ) {
-    let Some((addr, port)) = client(ctx, datagram, true) else {
+    let Some((addr, port)) = client(ctx, at, true) else {
         return;
     };
     let now = ktime_ns();
@@ -489,7 +461,7 @@ fn on_query(
             if slot.client_addr == addr && slot.client_port == port && slot.id == id {
                 // A retransmission: keep the first time, which is what the client waits from.
                 counters.duplicate_queries += 1;
-                return sample_query(ctx, datagram, id, question, addr, port, now, counters);
+                return sample_query(ctx, at, id, question, addr, port, now, counters);
             }
             if now.wrapping_sub(slot.start_ns) > DNS_ANSWER_TIMEOUT_NS {
                 counters.unanswered_queries += 1;
@@ -506,7 +478,7 @@ fn on_query(
             _pad: 0,
         };
     }
-    sample_query(ctx, datagram, id, question, addr, port, now, counters);
+    sample_query(ctx, at, id, question, addr, port, now, counters);
 }
 
 #[inline(always)]
@@ -520,7 +492,7 @@ fn sampled() -> bool {
 #[expect(clippy::too_many_arguments, reason = "one event's fields, inlined")]
 fn sample_query(
     ctx: &TcContext,
-    datagram: &Datagram,
+    at: &Located,
     id: u16,
     question: &Question,
     addr: [u8; 16],
@@ -552,7 +524,7 @@ fn sample_query(
         if len == 0
             || bpf_skb_load_bytes(
                 ctx.skb.skb.cast(),
-                (datagram.l4 + NAME_AT) as u32,
+                (at.l4 + NAME_AT) as u32,
                 (*event).name.as_mut_ptr().cast(),
                 len,
             ) != 0
@@ -567,14 +539,14 @@ fn sample_query(
 #[inline(always)]
 fn on_response(
     ctx: &TcContext,
-    datagram: &Datagram,
+    at: &Located,
     id: u16,
     rcode: u8,
     truncated: bool,
     name_hash: Option<u64>,
     counters: &mut DnsCounters,
 ) {
-    let Some((addr, port)) = client(ctx, datagram, false) else {
+    let Some((addr, port)) = client(ctx, at, false) else {
         counters.unmatched_responses += 1;
         return;
     };

@@ -26,9 +26,9 @@ use aya_ebpf::{
 };
 use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnEvent, ConnState, DIR_IN, DIR_OUT,
-    DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS, DnsCounters,
-    DnsInFlight, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAX_ROUTES, PORT_SLOTS, RouteName,
-    TrafficCounters,
+    DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS,
+    DnsCounters, DnsInFlight, DnsPorts, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAX_ROUTES,
+    PORT_SLOTS, RouteName, TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -60,8 +60,12 @@ static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
 #[unsafe(no_mangle)]
 static DNS_SAMPLE_EVERY: Global<u32> = Global::new(1);
 
-#[btf_map]
-static DNS_PORT_ROLE: Array<u32, { PORT_SLOTS as usize }> = Array::new();
+/// DNS: the server and upstream ports. Set by the agent at load.
+#[unsafe(no_mangle)]
+static DNS_PORTS: Global<DnsPorts> = Global::new(DnsPorts {
+    server: [0; DNS_MAX_PORTS],
+    upstream: [0; DNS_MAX_PORTS],
+});
 #[btf_map]
 static DNS_COUNTERS: PerCpuArray<DnsCounters, 1> = PerCpuArray::new();
 #[btf_map]

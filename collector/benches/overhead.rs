@@ -1,7 +1,8 @@
 //! The collector's cost on the traffic it watches, measured side by side in one run: new
-//! connections per second and bulk throughput on loopback, alternately without and with the
-//! agent attached, in a network namespace of the benchmark's own. Then the kernel's own
-//! run-time statistics give the cost per program run. Results go to docs/BENCHMARKS.md.
+//! connections per second and bulk throughput on loopback, and the queries per second of a
+//! real DNS server (unbound) under dnsperf, alternately without and with the agent attached,
+//! in a network namespace of the benchmark's own. Then the kernel's own run-time statistics
+//! give the cost per program run. Results go to docs/BENCHMARKS.md.
 //!
 //! `cargo xtask bench [-- --pairs N --seconds S]`
 
@@ -20,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Agent, AgentConfig, Netns, sample, scrape};
+use support::{Agent, AgentConfig, Netns, dns::Unbound, dns_json, sample, scrape, wait_for};
 
 const CONNECT_PORT: u16 = 18080;
 const BULK_PORT: u16 = 18090;
@@ -255,6 +256,165 @@ fn program_costs(netns: &Netns, config: &AgentConfig, seconds: f64) -> Vec<(Stri
     .collect()
 }
 
+/// The queries dnsperf sends, round robin: names the server answers from its local zones.
+const DNS_QUERIES: &str = "www.test A\napi.test A\nwww.test AAAA\nmail.test MX\ntxt.test TXT\n";
+
+/// One dnsperf run at its maximum rate: (queries sent, queries per second).
+fn dnsperf(netns: &Netns, queries: &std::path::Path, seconds: f64) -> (u64, f64) {
+    let out = netns
+        .command("dnsperf")
+        .args(["-s", "127.0.0.1", "-p", "53", "-d"])
+        .arg(queries)
+        .args(["-l", &format!("{seconds}")])
+        .output()
+        .expect("running dnsperf (apt install dnsperf; cargo xtask prereqs does)");
+    assert!(
+        out.status.success(),
+        "dnsperf: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.trim().strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name:?} in dnsperf's output:\n{text}"))
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a count"
+    )]
+    let sent = field("Queries sent:") as u64;
+    (sent, field("Queries per second:"))
+}
+
+/// One DNS run; with the agent, also the queries it counted (it starts from zero each time).
+fn measure_dns(
+    netns: &Netns,
+    config: &AgentConfig,
+    queries: &std::path::Path,
+    seconds: f64,
+    with_agent: bool,
+) -> (f64, Option<(u64, u64)>) {
+    let agent = with_agent.then(|| Agent::start(netns, config));
+    let (sent, qps) = dnsperf(netns, queries, seconds);
+    let counted = agent.map(|agent| {
+        // dnsperf stops waiting for late answers; the kernel counted every query it saw.
+        let counted = wait_for("the agent's poll", Duration::from_secs(5), || {
+            let total = dns_json(netns)["totalQueries"].as_u64()?;
+            (total >= sent).then_some(total)
+        });
+        assert!(agent.stop().success());
+        (sent, counted)
+    });
+    (qps, counted)
+}
+
+struct DnsPair {
+    without: f64,
+    with: f64,
+    sent: u64,
+    counted: u64,
+}
+
+fn dns_pairs(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Vec<DnsPair> {
+    let queries = config.dir.join("dnsperf-queries.txt");
+    std::fs::write(&queries, DNS_QUERIES).unwrap();
+    eprintln!("dns warm-up");
+    measure_dns(netns, config, &queries, settings.seconds, false);
+    measure_dns(netns, config, &queries, settings.seconds, true);
+    let mut pairs = Vec::new();
+    for i in 0..settings.pairs {
+        let run = |with| measure_dns(netns, config, &queries, settings.seconds, with);
+        let (without, (with, counted)) = if i % 2 == 0 {
+            let without = run(false).0;
+            (without, run(true))
+        } else {
+            let with = run(true);
+            (run(false).0, with)
+        };
+        let (sent, counted) = counted.unwrap();
+        eprintln!("dns pair {i}: qps {without:.0} -> {with:.0}, sent {sent}, counted {counted}");
+        pairs.push(DnsPair {
+            without,
+            with,
+            sent,
+            counted,
+        });
+    }
+    pairs
+}
+
+/// The DNS classifier's cost per packet from the kernel's statistics under dnsperf, with the
+/// TCP classifier on the same packets (it exits at the IP protocol) as the clock's floor.
+fn dns_costs(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Vec<(String, f64, f64)> {
+    let queries = config.dir.join("dnsperf-queries.txt");
+    let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
+    dnsperf(netns, &queries, settings.seconds);
+    let metrics = scrape(netns);
+    assert!(agent.stop().success());
+    ["count_dns_loopback", "count_loopback"]
+        .iter()
+        .map(|program| {
+            let labels = [("program", *program)];
+            let seconds =
+                sample(&metrics, "collector_bpf_program_run_seconds_total", &labels).unwrap_or(0.0);
+            let runs = sample(&metrics, "collector_bpf_program_runs_total", &labels).unwrap_or(0.0);
+            ((*program).to_owned(), runs, seconds * 1e9 / runs)
+        })
+        .collect()
+}
+
+fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &[(String, f64, f64)]) -> String {
+    let mut ratios: Vec<f64> = pairs.iter().map(|p| p.with / p.without).collect();
+    let ratio = median(&mut ratios);
+    let mut report = String::new();
+    let _ = writeln!(report, "## DNS overhead on loopback\n");
+    let _ = writeln!(
+        report,
+        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}`: dnsperf at its maximum rate \
+         against unbound (one thread, answering from local zones) on 127.0.0.1:53, {} s per run, \
+         pairs alternating; \"counted\" is the agent's `totalQueries` after the run (a fresh \
+         agent each run), \"sent\" what dnsperf reports.\n",
+        settings.pairs, settings.seconds, settings.seconds
+    );
+    let _ = writeln!(
+        report,
+        "| pair | qps without | with | ratio | sent | counted |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|---|");
+    for (i, p) in pairs.iter().enumerate() {
+        let _ = writeln!(
+            report,
+            "| {i} | {:.0} | {:.0} | {:.3} | {} | {} |",
+            p.without,
+            p.with,
+            p.with / p.without,
+            p.sent,
+            p.counted
+        );
+    }
+    let lost: u64 = pairs.iter().map(|p| p.sent.abs_diff(p.counted)).sum();
+    let _ = writeln!(
+        report,
+        "\n**Median qps ratio {ratio:.3} (target ≥ 0.985); counted − sent over all runs: {lost} (target 0).**\n"
+    );
+    let _ = writeln!(
+        report,
+        "Cost per packet from the kernel's run-time statistics (`--bpf-stats`) under the same load; \
+         `count_loopback` sees the same packets and leaves at the IP protocol, so its figure is \
+         about what the statistics' own clock reads cost on this VM:\n"
+    );
+    let _ = writeln!(report, "| program | runs | ns per run |");
+    let _ = writeln!(report, "|---|---|---|");
+    for (program, runs, per_run) in costs {
+        let _ = writeln!(report, "| {program} | {runs:.0} | {per_run:.1} |");
+    }
+    report
+}
+
 fn main() {
     let settings = settings();
     support::require_root();
@@ -308,14 +468,23 @@ fn main() {
     let costs = program_costs(&netns, &config, settings.seconds);
     stop.store(true, Ordering::Relaxed);
 
-    let report = report(&settings, &pairs, &costs);
+    let server = Unbound::start(&netns, false);
+    let dns_pairs = dns_pairs(&netns, &config, &settings);
+    let dns_costs = dns_costs(&netns, &config, &settings);
+    drop(server);
+
+    let report = format!(
+        "{}\n{}",
+        report(&settings, &pairs, &costs),
+        dns_report(&settings, &dns_pairs, &dns_costs)
+    );
     println!("{report}");
     if settings.write_docs {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/BENCHMARKS.md");
         let header = "# Benchmarks\n\nMeasured by `cargo xtask bench` on the project's machine (2 cores, \
-            Linux 6.18, a VM); numbers from one run, rerun to refresh this file. The load is \
-            one client thread and one server thread on loopback in a namespace of the \
-            benchmark's own; \"with\" means the agent running with its default programs, its \
+            Linux 6.18, a VM); numbers from one run, rerun to refresh this file. The proxy load \
+            is one client thread and one server thread on loopback in a namespace of the \
+            benchmark's own, the DNS load dnsperf against unbound there; \"with\" means the agent running with its default programs, its \
             1 MiB event ring and 100 ms polling. Single pairs on this VM swing by 5 to 15 % \
             (bulk by more), which is why the medians matter and why no test asserts on speed. \
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \

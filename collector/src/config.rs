@@ -4,6 +4,7 @@
 
 use std::{fmt, net::SocketAddr, ops::Range, path::Path, path::PathBuf, time::Duration};
 
+use collector_common::DNS_MAX_PORTS;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -411,6 +412,12 @@ fn port_list(
             format!("dns {key} is empty; leave it out for the default [53]"),
         ));
     }
+    if ports.get_ref().len() > DNS_MAX_PORTS {
+        return Err(source.at(
+            ports,
+            format!("dns {key} lists more than {DNS_MAX_PORTS} ports"),
+        ));
+    }
     let mut list = Vec::new();
     for port in ports.get_ref() {
         let number = *port.get_ref();
@@ -622,6 +629,11 @@ sample_every = 4
         assert_error("[dns]\nports = []\n", 2, "empty");
         assert_error("[dns]\nports = [53, 53]\n", 2, "twice");
         assert_error("[dns]\nupstream_ports = [0]\n", 2, "port 0");
+        assert_error(
+            "[dns]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
+            2,
+            "more than 8",
+        );
         assert_error("[dns]\ntop_k = 0\n", 2, "out of range");
         assert_error("[dns]\nsample_every = 70000\n", 2, "out of range");
     }

@@ -21,9 +21,9 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, DURATION_BUCKETS, DnsCounters, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE,
-    MAX_ROUTES, RouteName, TrafficCounters, dns_port_role, duration_index, map_names,
-    program_names, traffic_index,
+    ConnCounters, DURATION_BUCKETS, DnsCounters, DnsPorts, GLOBAL_DNS_PORTS,
+    GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, RouteName, TrafficCounters,
+    duration_index, map_names, program_names, traffic_index,
 };
 
 use crate::{
@@ -137,13 +137,14 @@ impl Attachment {
         }
         loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
         loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
+        let ports = dns_ports(config);
+        loader.override_global(GLOBAL_DNS_PORTS, &ports, true);
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kernel programs and maps")?;
 
         let routes = bind_routes(&mut ebpf, config)?;
         fill_port_map(&mut ebpf, &routes)?;
-        fill_dns_port_map(&mut ebpf, config)?;
 
         let mut attachment = Self {
             ebpf,
@@ -555,24 +556,18 @@ fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Marks the DNS server's ports and the upstream ports (a port may be both: then a query to it
-/// from outside is a client's, one leaving from a non-server port is an upstream query).
-fn fill_dns_port_map(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<()> {
-    let mut roles: Array<&mut MapData, u32> = Array::try_from(
-        ebpf.map_mut(map_names::DNS_PORT_ROLE)
-            .context("the kernel object has no DNS port map")?,
-    )?;
-    let mut marks = std::collections::BTreeMap::<u16, u32>::new();
-    for &port in &config.dns.ports {
-        *marks.entry(port).or_default() |= dns_port_role::SERVER;
+/// The DNS ports as the classifiers see them (the config allows at most
+/// `DNS_MAX_PORTS` of each). A port may be both: then a query to it arriving is a client's,
+/// one leaving from a non-server port an upstream query.
+fn dns_ports(config: &Config) -> DnsPorts {
+    let mut ports = DnsPorts::default();
+    for (slot, &port) in ports.server.iter_mut().zip(&config.dns.ports) {
+        *slot = port;
     }
-    for &port in &config.dns.upstream_ports {
-        *marks.entry(port).or_default() |= dns_port_role::UPSTREAM;
+    for (slot, &port) in ports.upstream.iter_mut().zip(&config.dns.upstream_ports) {
+        *slot = port;
     }
-    for (port, role) in marks {
-        roles.set(u32::from(port), role, 0)?;
-    }
-    Ok(())
+    ports
 }
 
 /// Says what to do when something was refused for lack of privilege.

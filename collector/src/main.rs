@@ -5,6 +5,7 @@ mod bpf_sys;
 mod config;
 mod counters;
 mod dns;
+mod event_stream;
 mod events;
 mod links;
 mod loader;
@@ -16,6 +17,7 @@ mod rates;
 mod serve;
 mod slots;
 mod snapshot;
+mod tail;
 mod topk;
 
 use std::{
@@ -60,6 +62,12 @@ enum Command {
         #[arg(long)]
         bpf_stats: bool,
     },
+    /// Print the running agent's events (connections, DNS queries and answers) as NDJSON.
+    Events {
+        /// The agent's listen address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: SocketAddr,
+    },
     /// List what a collector left in bpffs (pinned maps and links); remove it with --apply.
     Cleanup {
         #[arg(long, short)]
@@ -103,6 +111,7 @@ fn main() -> std::process::ExitCode {
                 .context("starting the async runtime")?
                 .block_on(run(&config, bpf_stats))
         }),
+        Command::Events { listen } => tail::events(listen),
         Command::Cleanup { config, apply } => {
             load_config(config.as_deref()).and_then(|config| cleanup(&config, apply))
         }
@@ -143,25 +152,33 @@ async fn serve_until_signal(
     let maps = attachment.take_maps()?;
     let ring = attachment.take_conn_events()?;
     let clients = Arc::new(Mutex::new(ClientStats::default()));
-    let (subscribers, _) = tokio::sync::broadcast::channel(4096);
-    let mut events = tokio::spawn(events::consume(ring, Arc::clone(&clients), subscribers));
+    let hub = event_stream::EventHub::new(attachment.routes.clone());
+    let mut events = tokio::spawn(events::consume(
+        ring,
+        Arc::clone(&clients),
+        hub.connections.clone(),
+    ));
     let dns_ring = attachment.take_dns_events()?;
     let domains = Arc::new(Mutex::new(dns::DomainStats::new(
         config.dns.top_k,
         config.dns.sample_every,
     )));
-    let (dns_subscribers, _) = tokio::sync::broadcast::channel(4096);
     let mut dns_events = tokio::spawn(dns::consume(
         dns_ring,
         Arc::clone(&domains),
-        dns_subscribers,
+        hub.dns.clone(),
     ));
 
     let latest = Arc::new(SharedSnapshot::default());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve::serve(listener, Arc::clone(&latest), async move {
-        let _ = server_stopped.await;
-    }));
+    let server = tokio::spawn(serve::serve(
+        listener,
+        Arc::clone(&latest),
+        Arc::clone(&hub),
+        async move {
+            let _ = server_stopped.await;
+        },
+    ));
     tracing::info!(
         listen = %config.listen,
         routes = attachment.routes.len(),
@@ -180,6 +197,7 @@ async fn serve_until_signal(
             domains,
             listed: config.dns.top_k,
         },
+        Arc::clone(&hub),
     );
     let mut ticks = tokio::time::interval(config.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -216,6 +234,7 @@ async fn serve_until_signal(
             }
         }
     };
+    hub.stop();
     let _ = stop_server.send(());
     events.abort();
     dns_events.abort();

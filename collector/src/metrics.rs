@@ -443,6 +443,14 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     )?;
     single(
         encoder,
+        "collector_event_stream_lagged",
+        "Events that /api/v1/events subscribers lost by reading too slowly.",
+        None,
+        MetricType::Counter,
+        &ConstCounter::new(snapshot.stream_lagged),
+    )?;
+    single(
+        encoder,
         "collector_client_table_overflow",
         "Client addresses not tracked in the active-by-client table because it was full.",
         None,

@@ -12,6 +12,7 @@ use std::{
 use crate::{
     counters,
     dns::DomainStats,
+    event_stream::EventHub,
     events::ClientStats,
     loader::{KernelMaps, WatchedRoute},
     rates::{AVERAGE, CounterHistory},
@@ -85,6 +86,7 @@ pub struct Poller {
     interfaces: Vec<String>,
     clients: Arc<Mutex<ClientStats>>,
     dns: DnsSources,
+    hub: Arc<EventHub>,
     dns_queries: CounterHistory,
     started: Instant,
     total: RateHistories,
@@ -100,6 +102,7 @@ impl Poller {
         interfaces: Vec<String>,
         clients: Arc<Mutex<ClientStats>>,
         dns: DnsSources,
+        hub: Arc<EventHub>,
     ) -> Self {
         let per_route = routes.iter().map(|_| RateHistories::new()).collect();
         Self {
@@ -108,6 +111,7 @@ impl Poller {
             interfaces,
             clients,
             dns,
+            hub,
             dns_queries: CounterHistory::new(AVERAGE + Duration::from_secs(5)),
             started: Instant::now(),
             total: RateHistories::new(),
@@ -190,6 +194,7 @@ impl Poller {
             bytes_out_history: self.total.bytes_out.history(HISTORY_SAMPLES),
             clients,
             dns,
+            stream_lagged: self.hub.lagged.load(std::sync::atomic::Ordering::Relaxed),
             poll: self.poll,
             interfaces: self.interfaces.clone(),
         })

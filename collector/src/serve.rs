@@ -12,7 +12,7 @@ use axum::{
 };
 use prometheus_client::registry::Registry;
 
-use crate::{api, metrics, poller::SharedSnapshot};
+use crate::{api, event_stream::EventHub, metrics, poller::SharedSnapshot};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -21,18 +21,24 @@ const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 struct AppState {
     latest: Arc<SharedSnapshot>,
     registry: Arc<Registry>,
+    hub: Arc<EventHub>,
 }
 
 /// The router for the agent's endpoints.
-pub fn router(latest: Arc<SharedSnapshot>) -> Router {
+pub fn router(latest: Arc<SharedSnapshot>, hub: Arc<EventHub>) -> Router {
     let registry = Arc::new(metrics::registry(Arc::clone(&latest)));
     Router::new()
         .route("/metrics", get(serve_metrics))
         .route("/api/v1/proxy", get(serve_proxy))
         .route("/api/v1/dns", get(serve_dns))
+        .route("/api/v1/events", get(serve_events))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(serve_ready))
-        .with_state(AppState { latest, registry })
+        .with_state(AppState {
+            latest,
+            registry,
+            hub,
+        })
 }
 
 /// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format for
@@ -68,6 +74,30 @@ async fn serve_dns(State(state): State<AppState>) -> Json<api::DnsStats> {
     Json(api::dns_stats(&state.latest.load()))
 }
 
+/// NDJSON, one event per line, until the client goes away or the agent stops.
+async fn serve_events(State(state): State<AppState>) -> Response {
+    let hub = state.hub;
+    let connections = hub.connections.subscribe();
+    let dns = hub.dns.subscribe();
+    let lines = futures_util::stream::unfold(
+        (hub, connections, dns),
+        |(hub, mut connections, mut dns)| async move {
+            let event = hub.next(&mut connections, &mut dns).await?;
+            let mut line = serde_json::to_vec(&event).ok()?;
+            line.push(b'\n');
+            Some((
+                Ok::<_, std::convert::Infallible>(line),
+                (hub, connections, dns),
+            ))
+        },
+    );
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
+}
+
 async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if state.latest.is_ready() {
         (StatusCode::OK, "ready\n")
@@ -83,9 +113,10 @@ async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str
 pub async fn serve(
     listener: tokio::net::TcpListener,
     latest: Arc<SharedSnapshot>,
+    hub: Arc<EventHub>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(latest))
+    axum::serve(listener, router(latest, hub))
         .with_graceful_shutdown(shutdown)
         .await
 }

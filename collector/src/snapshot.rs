@@ -114,6 +114,8 @@ pub struct Snapshot {
     pub bytes_out_history: Vec<f64>,
     pub clients: ClientSnapshot,
     pub dns: DnsSnapshot,
+    /// Events that `/api/v1/events` subscribers lost by falling behind.
+    pub stream_lagged: u64,
     pub poll: PollStats,
     pub interfaces: Vec<String>,
 }

@@ -11,11 +11,12 @@ mod support;
 
 use aya::{
     EbpfLoader,
-    maps::{Array, PerCpuArray},
+    maps::PerCpuArray,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DnsCounters, dns_malformed, dns_port_role, dns_qtype_index, map_names, program_names,
+    DnsCounters, DnsPorts, GLOBAL_DNS_PORTS, dns_malformed, dns_qtype_index, map_names,
+    program_names,
 };
 use hickory_proto::{
     op::{Header, MessageType, Query},
@@ -56,15 +57,13 @@ struct Classifiers {
 impl Classifiers {
     fn load() -> Self {
         support::require_root();
-        let mut ebpf = EbpfLoader::new().load(OBJECT).unwrap();
-        let mut roles: Array<_, u32> =
-            Array::try_from(ebpf.map_mut(map_names::DNS_PORT_ROLE).unwrap()).unwrap();
-        roles
-            .set(
-                u32::from(DNS_PORT),
-                dns_port_role::SERVER | dns_port_role::UPSTREAM,
-                0,
-            )
+        let ports = DnsPorts {
+            server: [DNS_PORT, 0, 0, 0, 0, 0, 0, 0],
+            upstream: [DNS_PORT, 0, 0, 0, 0, 0, 0, 0],
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_DNS_PORTS, &ports, true)
+            .load(OBJECT)
             .unwrap();
         for name in [program_names::DNS_INGRESS, program_names::DNS_EGRESS] {
             let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
@@ -313,7 +312,10 @@ fn name_of_wire_length(wire_len: usize) -> Vec<Vec<u8>> {
 }
 
 /// The table of crafted packets: a name, the packet, where it must be counted.
-#[expect(clippy::too_many_lines, reason = "a table of cases, one per line before formatting")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table of cases, one per line before formatting"
+)]
 fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
     let to = Direction::ToServer;
     let from = Direction::FromServer;

@@ -23,6 +23,9 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     // promtool, to lint a live scrape in the tests.
     "prometheus",
+    // The DNS server of the DNS tests and benchmark, and the benchmark's load generator.
+    "unbound",
+    "dnsperf",
 ];
 
 #[derive(Parser)]

@@ -1,0 +1,299 @@
+//! The event stream, `/api/v1/events`: connection and DNS events as NDJSON, one JSON object
+//! per line, tagged by `event` (`connection-open`, `connection-close`, `query-received`,
+//! `query-answered`). Events come from the kernel's ring buffers through broadcast channels;
+//! a subscriber that falls behind loses the oldest ones, which is counted. Counters never
+//! depend on events.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use crate::{
+    dns::{DnsEvent, RCODE_NAMES, qtype_name},
+    events::Connection,
+    loader::WatchedRoute,
+};
+
+/// One line of the stream.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum StreamEvent {
+    #[serde(rename_all = "camelCase")]
+    ConnectionOpen {
+        /// The socket cookie: the same in the connection's close event.
+        connection_id: u64,
+        /// The route's type (http, https, websocket, tcp).
+        #[serde(rename = "type")]
+        kind: &'static str,
+        route_name: String,
+        client_ip: String,
+        client_port: u16,
+        /// Milliseconds since the Unix epoch.
+        timestamp: u64,
+    },
+    #[serde(rename_all = "camelCase")]
+    ConnectionClose {
+        connection_id: u64,
+        route_name: String,
+        /// Seconds.
+        duration: f64,
+        /// Payload bytes in both directions.
+        bytes_transferred: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+        client_ip: String,
+        timestamp: u64,
+    },
+    #[serde(rename_all = "camelCase")]
+    QueryReceived {
+        /// QTYPE mnemonic.
+        #[serde(rename = "type")]
+        qtype: String,
+        /// `None` when the name could not be decoded.
+        domain: Option<String>,
+        /// Client address and port.
+        source: String,
+        client_ip: String,
+        id: u16,
+        timestamp: u64,
+    },
+    #[serde(rename_all = "camelCase")]
+    QueryAnswered {
+        /// True for an inferred cache hit (no upstream query for the name).
+        cached: bool,
+        /// Seconds from query to response.
+        response_time: f64,
+        response_code: &'static str,
+        #[serde(rename = "type")]
+        qtype: String,
+        client_ip: String,
+        id: u16,
+        truncated: bool,
+        timestamp: u64,
+    },
+}
+
+/// Converts the kernel's `CLOCK_MONOTONIC` nanoseconds into wall-clock milliseconds.
+fn wall_ms(monotonic_ns: u64) -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0);
+    let wall_now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    wall_now_ms.saturating_sub(now_ns.saturating_sub(monotonic_ns) / 1_000_000)
+}
+
+#[expect(clippy::cast_precision_loss, reason = "nanoseconds as float seconds")]
+fn seconds(nanos: u64) -> f64 {
+    nanos as f64 / 1e9
+}
+
+/// Sources of the stream, shared with every subscriber.
+pub struct EventHub {
+    pub connections: broadcast::Sender<Connection>,
+    pub dns: broadcast::Sender<DnsEvent>,
+    /// Route slot → route, for names and types.
+    routes: Vec<WatchedRoute>,
+    /// Events a slow subscriber lost.
+    pub lagged: AtomicU64,
+    /// Set when the agent stops: open streams end, so that HTTP can shut down.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl EventHub {
+    #[must_use]
+    pub fn new(routes: Vec<WatchedRoute>) -> Arc<Self> {
+        Arc::new(Self {
+            connections: broadcast::channel(4096).0,
+            dns: broadcast::channel(16384).0,
+            routes,
+            lagged: AtomicU64::new(0),
+            stopping: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Ends every open stream.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    fn route(&self, slot: u32) -> Option<&WatchedRoute> {
+        self.routes.iter().find(|r| r.slot == slot)
+    }
+
+    /// The stream line of a connection event.
+    #[must_use]
+    pub fn connection_event(&self, event: &Connection) -> StreamEvent {
+        let route = self.route(event.route);
+        let route_name = route.map_or_else(String::new, |r| r.name.clone());
+        if event.opened {
+            StreamEvent::ConnectionOpen {
+                connection_id: event.cookie,
+                kind: route.map_or("tcp", |r| r.kind.as_str()),
+                route_name,
+                client_ip: event.client.to_string(),
+                client_port: event.client_port,
+                timestamp: wall_ms(event.timestamp_ns),
+            }
+        } else {
+            StreamEvent::ConnectionClose {
+                connection_id: event.cookie,
+                route_name,
+                duration: seconds(event.duration_ns),
+                bytes_transferred: event.bytes_in + event.bytes_out,
+                bytes_in: event.bytes_in,
+                bytes_out: event.bytes_out,
+                client_ip: event.client.to_string(),
+                timestamp: wall_ms(event.timestamp_ns),
+            }
+        }
+    }
+
+    /// The next line for a subscriber, waiting for it; `None` when the agent stops.
+    pub async fn next(
+        &self,
+        connections: &mut broadcast::Receiver<Connection>,
+        dns: &mut broadcast::Receiver<DnsEvent>,
+    ) -> Option<StreamEvent> {
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            if *stopping.borrow_and_update() {
+                return None;
+            }
+            let received = tokio::select! {
+                event = connections.recv() => event.map(|e| self.connection_event(&e)),
+                event = dns.recv() => event.map(|e| dns_event(&e)),
+                _ = stopping.changed() => continue,
+            };
+            match received {
+                Ok(event) => return Some(event),
+                Err(RecvError::Lagged(lost)) => {
+                    self.lagged.fetch_add(lost, Ordering::Relaxed);
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+fn source(client: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(client, port).to_string()
+}
+
+/// The stream line of a DNS event.
+#[must_use]
+pub fn dns_event(event: &DnsEvent) -> StreamEvent {
+    match event {
+        DnsEvent::Query {
+            qtype,
+            domain,
+            client,
+            client_port,
+            id,
+            timestamp_ns,
+        } => StreamEvent::QueryReceived {
+            qtype: qtype_name(collector_common::dns_qtype_index(*qtype)),
+            domain: domain.clone(),
+            source: source(*client, *client_port),
+            client_ip: client.to_string(),
+            id: *id,
+            timestamp: wall_ms(*timestamp_ns),
+        },
+        DnsEvent::Answer {
+            qtype,
+            rcode,
+            cache_miss,
+            truncated,
+            latency_ns,
+            client,
+            id,
+            timestamp_ns,
+            ..
+        } => StreamEvent::QueryAnswered {
+            cached: !cache_miss,
+            response_time: seconds(*latency_ns),
+            response_code: RCODE_NAMES[usize::from(*rcode & 0x0f)],
+            qtype: qtype_name(collector_common::dns_qtype_index(*qtype)),
+            client_ip: client.to_string(),
+            id: *id,
+            truncated: *truncated,
+            timestamp: wall_ms(*timestamp_ns),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteKind;
+
+    #[test]
+    fn lines_are_tagged_and_camel_cased() {
+        let hub = EventHub::new(vec![WatchedRoute {
+            name: "web".into(),
+            kind: RouteKind::Https,
+            ports: vec![443],
+            slot: 3,
+        }]);
+        let open = Connection {
+            opened: true,
+            route: 3,
+            cookie: 42,
+            timestamp_ns: 0,
+            duration_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            client: "192.0.2.9".parse().unwrap(),
+            client_port: 5000,
+        };
+        let json = serde_json::to_value(hub.connection_event(&open)).unwrap();
+        assert_eq!(json["event"], "connection-open");
+        assert_eq!(json["type"], "https");
+        assert_eq!(json["routeName"], "web");
+        assert_eq!(json["clientIp"], "192.0.2.9");
+        assert_eq!(json["connectionId"], 42);
+        let close = Connection {
+            opened: false,
+            duration_ns: 1_500_000_000,
+            bytes_in: 10,
+            bytes_out: 32,
+            ..open
+        };
+        let json = serde_json::to_value(hub.connection_event(&close)).unwrap();
+        assert_eq!(json["event"], "connection-close");
+        assert_eq!(json["duration"], 1.5);
+        assert_eq!(json["bytesTransferred"], 42);
+
+        let answer = DnsEvent::Answer {
+            qtype: 28,
+            rcode: 3,
+            cache_miss: true,
+            truncated: false,
+            latency_ns: 250_000,
+            client: "192.0.2.9".parse().unwrap(),
+            client_port: 5353,
+            id: 7,
+            timestamp_ns: 0,
+        };
+        let json = serde_json::to_value(dns_event(&answer)).unwrap();
+        assert_eq!(json["event"], "query-answered");
+        assert_eq!(json["cached"], false);
+        assert_eq!(json["responseCode"], "NXDOMAIN");
+        assert_eq!(json["type"], "AAAA");
+        assert_eq!(json["responseTime"], 0.000_25);
+    }
+}

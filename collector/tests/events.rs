@@ -1,0 +1,193 @@
+//! The event stream, read the way an operator would: `collector events` as a separate process
+//! against a running agent, in a network namespace of the test's own.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    process::Stdio,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use hickory_proto::{op::ResponseCode, rr::RecordType};
+use support::{
+    Agent, AgentConfig, COLLECTOR, LISTEN, Netns,
+    dns::{Client, SERVER, Unbound},
+};
+
+const CONFIG: &str = r#"
+[[routes]]
+name = "web"
+ports = [18080]
+type = "https"
+
+[[routes]]
+name = "probe"
+ports = [18081]
+type = "tcp"
+"#;
+
+const CONNECTIONS: usize = 20;
+const QUERIES: usize = 5;
+
+/// Connects to `port`, sends a byte, reads the answer and closes.
+fn round_trip(port: u16) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(b"x").unwrap();
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).unwrap();
+}
+
+/// A server answering a byte with a byte, `connections` times.
+fn echo_once(listener: TcpListener, connections: usize) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        for _ in 0..connections {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).unwrap();
+            stream.write_all(&byte).unwrap();
+        }
+    })
+}
+
+/// The fields of each event the test caused.
+fn assert_event_details(events: &[serde_json::Value]) {
+    let opens: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "connection-open" && e["routeName"] == "web")
+        .collect();
+    assert!(
+        opens
+            .iter()
+            .all(|e| e["type"] == "https" && e["clientIp"] == "127.0.0.1")
+    );
+    // Each close names an open by its connection id, and carries the two bytes exchanged.
+    for close in events
+        .iter()
+        .filter(|e| e["event"] == "connection-close" && e["routeName"] == "web")
+    {
+        assert!(
+            opens
+                .iter()
+                .any(|open| open["connectionId"] == close["connectionId"])
+        );
+        assert_eq!(close["bytesTransferred"], 2);
+        assert!(close["duration"].as_f64().unwrap() > 0.0);
+    }
+    for query in events.iter().filter(|e| e["event"] == "query-received") {
+        assert_eq!(query["domain"], "www.test");
+        assert_eq!(query["type"], "A");
+        assert_eq!(query["clientIp"], "127.0.0.1");
+    }
+    for answer in events.iter().filter(|e| e["event"] == "query-answered") {
+        assert_eq!(answer["responseCode"], "NOERROR");
+        assert_eq!(answer["cached"], true);
+        assert!(answer["responseTime"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn events_prints_every_connection_and_query_at_a_low_rate() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+
+    let mut tail = netns
+        .command(COLLECTOR)
+        .args(["events", "--listen", LISTEN])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = mpsc::channel::<serde_json::Value>();
+    let stdout = tail.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let event = serde_json::from_str(&line)
+                .unwrap_or_else(|err| panic!("not JSON: {line:?}: {err}"));
+            if lines_tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Probe on a route of its own until the stream is subscribed; its events are left out.
+    let probe = netns.run(|| TcpListener::bind(("127.0.0.1", 18081)).unwrap());
+    let probes = thread::spawn(move || {
+        while let Ok((mut stream, _)) = probe.accept() {
+            let mut byte = [0u8; 1];
+            if stream.read_exact(&mut byte).is_ok() {
+                let _ = stream.write_all(&byte);
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut events = Vec::new();
+    'subscribed: loop {
+        assert!(Instant::now() < deadline, "the event stream never started");
+        netns.run(|| round_trip(18081));
+        while let Ok(event) = lines.recv_timeout(Duration::from_millis(200)) {
+            if event["routeName"] == "probe" {
+                break 'subscribed;
+            }
+            events.push(event);
+        }
+    }
+
+    let web = netns.run(|| TcpListener::bind(("127.0.0.1", 18080)).unwrap());
+    let server = echo_once(web, CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        netns.run(|| round_trip(18080));
+        thread::sleep(Duration::from_millis(20));
+    }
+    server.join().unwrap();
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for _ in 0..QUERIES {
+            assert_eq!(
+                client.query("www.test.", RecordType::A),
+                ResponseCode::NoError
+            );
+        }
+    });
+
+    // Every web open and close, every query and answer; probes and nothing else beside.
+    let count = |events: &[serde_json::Value], kind: &str| {
+        events
+            .iter()
+            .filter(|e| e["event"] == kind && e["routeName"] != "probe")
+            .count()
+    };
+    let expected = [
+        ("connection-open", CONNECTIONS),
+        ("connection-close", CONNECTIONS),
+        ("query-received", QUERIES),
+        ("query-answered", QUERIES),
+    ];
+    let done =
+        |events: &[serde_json::Value]| expected.iter().all(|(kind, n)| count(events, kind) >= *n);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done(&events) && Instant::now() < deadline {
+        if let Ok(event) = lines.recv_timeout(Duration::from_millis(200)) {
+            events.push(event);
+        }
+    }
+    // Anything late would still arrive within a few drain intervals.
+    while let Ok(event) = lines.recv_timeout(Duration::from_millis(300)) {
+        events.push(event);
+    }
+    for (kind, n) in expected {
+        assert_eq!(count(&events, kind), n, "{kind} events: {events:#?}");
+    }
+    assert_event_details(&events);
+
+    // Stopping the agent ends the stream, and `collector events` with it.
+    assert!(agent.stop().success());
+    assert!(tail.wait().unwrap().success());
+    reader.join().unwrap();
+    drop(probes);
+}
