@@ -2,6 +2,7 @@
 
 mod api;
 mod bpf_sys;
+mod check;
 mod config;
 mod counters;
 mod dns;
@@ -68,6 +69,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
     },
+    /// Check the kernel, mounts and privileges the agent needs: one line each, with the fix.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// List what a collector left in bpffs (pinned maps and links); remove it with --apply.
     Cleanup {
         #[arg(long, short)]
@@ -112,6 +118,18 @@ fn main() -> std::process::ExitCode {
                 .block_on(run(&config, bpf_stats))
         }),
         Command::Events { listen } => tail::events(listen),
+        Command::Check { config } => load_config(config.as_deref()).and_then(|config| {
+            let verdicts = check::judge(&check::Facts::gather(&config.pin_dir)?);
+            for verdict in &verdicts {
+                let mark = if verdict.pass { "pass" } else { "FAIL" };
+                println!("{mark}  {:<14} {}", verdict.name, verdict.detail);
+            }
+            let failed = verdicts.iter().filter(|v| !v.pass).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} requirement(s) not met");
+            }
+            Ok(())
+        }),
         Command::Cleanup { config, apply } => {
             load_config(config.as_deref()).and_then(|config| cleanup(&config, apply))
         }

@@ -140,3 +140,53 @@ fn without_privileges_the_error_says_what_is_needed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("run as root, or with CAP_BPF"), "{stderr}");
 }
+
+#[test]
+fn check_passes_on_this_host() {
+    support::require_root();
+    let out = Command::new(COLLECTOR).arg("check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for requirement in ["kernel", "btf", "cgroup2", "bpffs", "CAP_BPF", "nft"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|line| line.starts_with("pass") && line.contains(requirement)),
+            "{requirement}: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_names_a_missing_bpffs_and_the_fix() {
+    support::require_root();
+    // A private mount namespace of this command only, with every bpffs on /sys/fs/bpf
+    // unmounted: the host's mounts are untouched.
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "while umount -l /sys/fs/bpf 2>/dev/null; do :; done; exec {COLLECTOR} check"
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|line| line.contains("bpffs"))
+        .unwrap_or_else(|| panic!("no bpffs line: {stdout}"));
+    assert!(line.starts_with("FAIL"), "{line}");
+    assert!(line.contains("mount -t bpf bpf /sys/fs/bpf"), "{line}");
+    assert!(stderr.contains("requirement(s) not met"), "{stderr}");
+    // The rest still passes: only what is missing fails.
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("FAIL")).count(),
+        1,
+        "{stdout}"
+    );
+}

@@ -1,0 +1,226 @@
+//! `collector check`: one line per requirement of the kernel programs, pass or fail, with the
+//! fix. The facts are gathered from the host; judging them is pure and unit-tested.
+
+use std::path::{Path, PathBuf};
+
+use crate::paths;
+
+/// Oldest kernel with everything used: TCX links (6.6); also `BPF_CMPXCHG` (5.12) and
+/// `SO_NETNS_COOKIE` (5.14).
+const MIN_KERNEL: (u32, u32) = (6, 6);
+
+/// Capabilities the agent uses, with why (numbers from linux/capability.h).
+pub const CAPABILITIES: [(u32, &str, &str); 4] = [
+    (39, "CAP_BPF", "load programs, create and pin maps"),
+    (
+        38,
+        "CAP_PERFMON",
+        "pointer arithmetic on packets in the classifiers, run-time statistics",
+    ),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "attach tc programs (TCX links), read interface state",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "attach to the cgroup2 root, mount bpffs and cgroup2 when none is visible",
+    ),
+];
+
+/// What the host offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    /// `uname -r`.
+    pub kernel_release: String,
+    pub btf: bool,
+    pub cgroup2: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    /// The bpffs mount holding the pin directory.
+    pub bpffs: Option<PathBuf>,
+    /// Effective capability bits (`CapEff` of /proc/self/status).
+    pub capabilities: u64,
+    /// `nft --version`, when the tool runs.
+    pub nft: Option<String>,
+}
+
+impl Facts {
+    /// Reads the facts of this host, as this process sees them.
+    pub fn gather(pin_dir: &Path) -> anyhow::Result<Self> {
+        let status = std::fs::read_to_string("/proc/self/status")?;
+        let capabilities = status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(0);
+        let nft = std::process::Command::new("nft")
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        Ok(Self {
+            kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+                .trim()
+                .to_owned(),
+            btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            cgroup2: paths::cgroup2_mount()?,
+            pin_dir: pin_dir.to_path_buf(),
+            bpffs: paths::bpffs_for(pin_dir)?,
+            capabilities,
+            nft,
+        })
+    }
+}
+
+/// One requirement's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub name: &'static str,
+    pub pass: bool,
+    /// What was found, or what is wrong and how to fix it.
+    pub detail: String,
+}
+
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Judges the facts: every requirement, in a fixed order.
+#[must_use]
+pub fn judge(facts: &Facts) -> Vec<Verdict> {
+    let mut verdicts = Vec::new();
+    let kernel_ok = kernel_version(&facts.kernel_release).is_some_and(|v| v >= MIN_KERNEL);
+    verdicts.push(Verdict {
+        name: "kernel",
+        pass: kernel_ok,
+        detail: if kernel_ok {
+            format!("Linux {}", facts.kernel_release)
+        } else {
+            format!(
+                "Linux {} is older than {}.{} (TCX links); upgrade the kernel",
+                facts.kernel_release, MIN_KERNEL.0, MIN_KERNEL.1
+            )
+        },
+    });
+    verdicts.push(Verdict {
+        name: "btf",
+        pass: facts.btf,
+        detail: if facts.btf {
+            "/sys/kernel/btf/vmlinux".to_owned()
+        } else {
+            "no /sys/kernel/btf/vmlinux: use a kernel built with CONFIG_DEBUG_INFO_BTF=y".to_owned()
+        },
+    });
+    verdicts.push(Verdict {
+        name: "cgroup2",
+        pass: true,
+        detail: match &facts.cgroup2 {
+            Some(path) => format!("mounted at {}", path.display()),
+            None => {
+                "none visible: the agent mounts one for a moment to attach (needs CAP_SYS_ADMIN)"
+                    .to_owned()
+            }
+        },
+    });
+    verdicts.push(Verdict {
+        name: "bpffs",
+        pass: facts.bpffs.is_some(),
+        detail: match &facts.bpffs {
+            Some(mount) => format!(
+                "{} is on the bpffs mounted at {}",
+                facts.pin_dir.display(),
+                mount.display()
+            ),
+            None => format!(
+                "no bpffs holds {}: mount one with `mount -t bpf bpf {}` (a pod needs the host's /sys/fs/bpf mounted in)",
+                facts.pin_dir.display(),
+                paths::BPFFS_ROOT
+            ),
+        },
+    });
+    for (bit, name, why) in CAPABILITIES {
+        let has = facts.capabilities & (1 << bit) != 0;
+        verdicts.push(Verdict {
+            name,
+            pass: has,
+            detail: if has {
+                why.to_owned()
+            } else {
+                format!("missing ({why}): run as root or grant {name}")
+            },
+        });
+    }
+    verdicts.push(Verdict {
+        name: "nft",
+        pass: facts.nft.is_some(),
+        detail: facts.nft.clone().unwrap_or_else(|| {
+            "the nft tool is missing: apt install nftables (for the nftables counters)".to_owned()
+        }),
+    });
+    verdicts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn healthy() -> Facts {
+        Facts {
+            kernel_release: "6.18.0-1-amd64".into(),
+            btf: true,
+            cgroup2: Some("/sys/fs/cgroup/unified".into()),
+            pin_dir: "/sys/fs/bpf/collector".into(),
+            bpffs: Some("/sys/fs/bpf".into()),
+            capabilities: u64::MAX,
+            nft: Some("nftables v1.0.6".into()),
+        }
+    }
+
+    #[test]
+    fn a_healthy_host_passes_everything() {
+        assert!(judge(&healthy()).iter().all(|v| v.pass));
+    }
+
+    #[test]
+    fn each_missing_piece_fails_with_its_fix() {
+        let failing = |facts: Facts| -> Vec<Verdict> {
+            judge(&facts).into_iter().filter(|v| !v.pass).collect()
+        };
+        let old = failing(Facts {
+            kernel_release: "5.15.0-91-generic".into(),
+            ..healthy()
+        });
+        assert_eq!(old.len(), 1);
+        assert!(old[0].detail.contains("older than 6.6"));
+        let no_bpffs = failing(Facts {
+            bpffs: None,
+            ..healthy()
+        });
+        assert_eq!(no_bpffs[0].name, "bpffs");
+        assert!(no_bpffs[0].detail.contains("mount -t bpf bpf /sys/fs/bpf"));
+        let no_bpf_cap = failing(Facts {
+            capabilities: !(1 << 39),
+            ..healthy()
+        });
+        assert_eq!(no_bpf_cap[0].name, "CAP_BPF");
+        assert!(
+            failing(Facts {
+                nft: None,
+                ..healthy()
+            })[0]
+                .detail
+                .contains("apt install nftables")
+        );
+        // Without a visible cgroup2 the agent copes.
+        assert!(
+            failing(Facts {
+                cgroup2: None,
+                ..healthy()
+            })
+            .is_empty()
+        );
+    }
+}
