@@ -7,7 +7,7 @@
 
 use std::{
     net::{IpAddr, Ipv6Addr},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -166,36 +166,19 @@ impl DomainStats {
     }
 }
 
-/// Drains DNS events every [`crate::events::DRAIN_INTERVAL`] until the task is dropped.
+impl crate::events::Fold<DnsEvent> for DomainStats {
+    fn apply(&mut self, event: &DnsEvent) {
+        DomainStats::apply(self, event);
+    }
+}
+
+/// Drains DNS events into the top domains.
 pub async fn consume(
-    mut ring: RingBuf<MapData>,
+    ring: RingBuf<MapData>,
     stats: Arc<Mutex<DomainStats>>,
     subscribers: tokio::sync::broadcast::Sender<DnsEvent>,
 ) -> anyhow::Result<()> {
-    let mut ticks = tokio::time::interval(crate::events::DRAIN_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::new();
-    loop {
-        ticks.tick().await;
-        while let Some(record) = ring.next() {
-            if let Some(event) = decode(&record) {
-                batch.push(event);
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        {
-            let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
-            for event in &batch {
-                stats.apply(event);
-            }
-        }
-        for event in batch.drain(..) {
-            // No subscriber is not an error.
-            let _ = subscribers.send(event);
-        }
-    }
+    crate::events::drain(ring, decode, stats, subscribers).await
 }
 
 /// Query types exported even while zero, so that `rate()` works from the first scrape.

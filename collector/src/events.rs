@@ -114,11 +114,24 @@ impl ClientStats {
 /// 1 MiB holds about 13,000 events, over half a second at 20,000 connections per second.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Drains connection events every [`DRAIN_INTERVAL`] until the task is dropped.
-pub async fn consume(
+/// What events are folded into.
+pub trait Fold<E> {
+    fn apply(&mut self, event: &E);
+}
+
+impl Fold<Connection> for ClientStats {
+    fn apply(&mut self, event: &Connection) {
+        ClientStats::apply(self, event);
+    }
+}
+
+/// Drains a ring buffer every [`DRAIN_INTERVAL`] until the task is dropped: each record is
+/// decoded, folded into `stats` and offered to `subscribers`.
+pub async fn drain<E: Clone, S: Fold<E>>(
     mut ring: RingBuf<MapData>,
-    clients: Arc<Mutex<ClientStats>>,
-    subscribers: tokio::sync::broadcast::Sender<Connection>,
+    decode: fn(&[u8]) -> Option<E>,
+    stats: Arc<Mutex<S>>,
+    subscribers: tokio::sync::broadcast::Sender<E>,
 ) -> anyhow::Result<()> {
     let mut ticks = tokio::time::interval(DRAIN_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,7 +147,7 @@ pub async fn consume(
             continue;
         }
         {
-            let mut stats = clients.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
             for event in &batch {
                 stats.apply(event);
             }
@@ -144,6 +157,15 @@ pub async fn consume(
             let _ = subscribers.send(event);
         }
     }
+}
+
+/// Drains connection events into the client statistics.
+pub async fn consume(
+    ring: RingBuf<MapData>,
+    clients: Arc<Mutex<ClientStats>>,
+    subscribers: tokio::sync::broadcast::Sender<Connection>,
+) -> anyhow::Result<()> {
+    drain(ring, decode, clients, subscribers).await
 }
 
 #[cfg(test)]

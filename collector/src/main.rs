@@ -234,22 +234,8 @@ async fn serve_until_signal(
                     None => poller.count_failure(),
                 }
             }
-            ended = &mut events => {
-                let why = match ended {
-                    Ok(Err(err)) => err,
-                    Ok(Ok(())) => anyhow::anyhow!("it returned"),
-                    Err(err) => err.into(),
-                };
-                break Err(why.context("the connection event reader stopped"));
-            }
-            ended = &mut dns_events => {
-                let why = match ended {
-                    Ok(Err(err)) => err,
-                    Ok(Ok(())) => anyhow::anyhow!("it returned"),
-                    Err(err) => err.into(),
-                };
-                break Err(why.context("the DNS event reader stopped"));
-            }
+            ended = &mut events => break Err(reader_stopped(ended, "connection")),
+            ended = &mut dns_events => break Err(reader_stopped(ended, "DNS")),
         }
     };
     hub.stop();
@@ -261,6 +247,19 @@ async fn serve_until_signal(
         Ok(Err(err)) => outcome.and(Err(err).context("serving HTTP")),
         Err(err) => outcome.and(Err(err).context("the HTTP server task failed")),
     }
+}
+
+/// Why an event reader task ended (it never should while the agent runs).
+fn reader_stopped(
+    ended: Result<anyhow::Result<()>, tokio::task::JoinError>,
+    which: &str,
+) -> anyhow::Error {
+    let why = match ended {
+        Ok(Err(err)) => err,
+        Ok(Ok(())) => anyhow::anyhow!("it returned"),
+        Err(err) => err.into(),
+    };
+    why.context(format!("the {which} event reader stopped"))
 }
 
 fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
