@@ -10,6 +10,7 @@ mod event_stream;
 mod events;
 mod links;
 mod loader;
+mod maps;
 mod metrics;
 mod netns;
 mod paths;
@@ -69,6 +70,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
     },
+    /// Inspect the pinned maps (from bpffs: works while the agent runs and after it crashed).
+    Maps {
+        #[command(subcommand)]
+        action: MapsAction,
+    },
     /// Check the kernel, mounts and privileges the agent needs: one line each, with the fix.
     Check {
         #[arg(long, short)]
@@ -81,6 +87,28 @@ enum Command {
         /// Remove instead of listing.
         #[arg(long)]
         apply: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MapsAction {
+    /// Every pinned map: type, key and value size, capacity, entries in use.
+    List {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One map's contents, decoded, per-CPU values summed (JSON).
+    Dump {
+        /// The map's name, as `maps list` shows it.
+        name: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Compact JSON on one line instead of indented.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -118,6 +146,28 @@ fn main() -> std::process::ExitCode {
                 .block_on(run(&config, bpf_stats))
         }),
         Command::Events { listen } => tail::events(listen),
+        Command::Maps {
+            action: MapsAction::List { config, json },
+        } => load_config(config.as_deref()).and_then(|config| {
+            let rows = maps::list(&config.pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                maps::print_list(&rows);
+            }
+            Ok(())
+        }),
+        Command::Maps {
+            action: MapsAction::Dump { name, config, json },
+        } => load_config(config.as_deref()).and_then(|config| {
+            let value = maps::dump(&config.pin_dir, &name)?;
+            if json {
+                println!("{value}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            }
+            Ok(())
+        }),
         Command::Check { config } => load_config(config.as_deref()).and_then(|config| {
             let verdicts = check::judge(&check::Facts::gather(&config.pin_dir)?);
             for verdict in &verdicts {

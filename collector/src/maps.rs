@@ -1,0 +1,269 @@
+//! `collector maps list` and `collector maps dump NAME`: the pinned maps, opened from bpffs by
+//! a process of their own (the agent running or not) and decoded with the common types,
+//! per-CPU values summed.
+
+use std::{net::Ipv6Addr, path::Path};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use collector_common::{
+    ConnCounters, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters, DnsInFlight,
+    ERROR_KIND_NAMES, MAX_ROUTES, RouteName, TrafficCounters, map_names, traffic_index,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    counters::sum_dns,
+    dns::{OPCODE_NAMES, RCODE_NAMES, qtype_name},
+    loader::PINNED_MAPS,
+    paths,
+};
+
+/// One pinned map, as `maps list` shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapRow {
+    pub name: &'static str,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub capacity: u32,
+    /// Entries holding something, for the tables that fill up (connections, DNS in flight,
+    /// upstream names, route names); `None` for counter arrays, whose entries always exist.
+    pub in_use: Option<u32>,
+}
+
+fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = paths::map_pin_dir(pin_dir).join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening the pinned map {} (is a collector running, or did one crash, with this pin_dir?)",
+            path.display()
+        )
+    })
+}
+
+fn array<T: aya::Pod>(data: MapData) -> anyhow::Result<Array<MapData, T>> {
+    Ok(Array::try_from(Map::from_map_data(data)?)?)
+}
+
+fn per_cpu<T: aya::Pod>(data: MapData) -> anyhow::Result<PerCpuArray<MapData, T>> {
+    Ok(PerCpuArray::try_from(Map::from_map_data(data)?)?)
+}
+
+/// Counts the entries of an array map for which `used` holds.
+fn count_used<T: aya::Pod>(data: MapData, used: fn(&T) -> bool) -> anyhow::Result<u32> {
+    let map = array::<T>(data)?;
+    let mut count = 0;
+    for value in map.iter() {
+        if used(&value?) {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// Every pinned map of this build under `pin_dir`, with its shape and fill.
+pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
+    let mut rows = Vec::new();
+    for name in PINNED_MAPS {
+        let data = open(pin_dir, name)?;
+        let info = data.info()?;
+        let in_use = match name {
+            map_names::CONN_STATE => Some(count_used::<ConnState>(data, |s| s.cookie != 0)?),
+            map_names::DNS_INFLIGHT => Some(count_used::<DnsInFlight>(data, |s| s.start_ns != 0)?),
+            map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |stamp| *stamp != 0)?),
+            map_names::ROUTE_NAMES => Some(count_used::<RouteName>(data, |n| n.bytes[0] != 0)?),
+            _ => None,
+        };
+        rows.push(MapRow {
+            name,
+            kind: info
+                .map_type()
+                .map_or_else(|_| "unknown".to_owned(), |t| format!("{t:?}")),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            capacity: info.max_entries(),
+            in_use,
+        });
+    }
+    Ok(rows)
+}
+
+/// Route names by slot, for decoding the per-route maps.
+fn route_names(pin_dir: &Path) -> anyhow::Result<Vec<(u32, String)>> {
+    let names = array::<RouteName>(open(pin_dir, map_names::ROUTE_NAMES)?)?;
+    let mut out = Vec::new();
+    for slot in 0..MAX_ROUTES {
+        let name = names.get(&slot, 0)?;
+        let end = name.bytes.iter().position(|&b| b == 0).unwrap_or(64);
+        if end > 0 {
+            out.push((
+                slot,
+                String::from_utf8_lossy(&name.bytes[..end]).into_owned(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn client(addr: [u8; 16], port: u16) -> String {
+    std::net::SocketAddr::new(Ipv6Addr::from(addr).to_canonical(), port).to_string()
+}
+
+/// The decoded contents of one pinned map, as JSON (summed over CPUs where per-CPU).
+pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
+    Ok(match name {
+        map_names::ROUTE_NAMES => json!(
+            route_names(pin_dir)?
+                .into_iter()
+                .map(|(slot, route)| json!({"slot": slot, "route": route}))
+                .collect::<Vec<_>>()
+        ),
+        map_names::CONN_COUNTERS => {
+            let map = per_cpu::<ConnCounters>(open(pin_dir, name)?)?;
+            let mut rows = Vec::new();
+            for (slot, route) in route_names(pin_dir)? {
+                let c = map
+                    .get(&slot, 0)?
+                    .iter()
+                    .fold(ConnCounters::default(), |a, v| ConnCounters {
+                        opened: a.opened + v.opened,
+                        closed: a.closed + v.closed,
+                        bytes_in: a.bytes_in + v.bytes_in,
+                        bytes_out: a.bytes_out + v.bytes_out,
+                        duration_ns: a.duration_ns + v.duration_ns,
+                    });
+                rows.push(json!({
+                    "slot": slot, "route": route, "opened": c.opened, "closed": c.closed,
+                    "bytesIn": c.bytes_in, "bytesOut": c.bytes_out, "durationNs": c.duration_ns,
+                }));
+            }
+            json!(rows)
+        }
+        map_names::ROUTE_TRAFFIC => dump_traffic(pin_dir)?,
+        map_names::ERRORS => {
+            let map = per_cpu::<u64>(open(pin_dir, name)?)?;
+            let mut out = serde_json::Map::new();
+            for (kind, label) in (0u32..).zip(ERROR_KIND_NAMES) {
+                out.insert(
+                    label.to_owned(),
+                    json!(map.get(&kind, 0)?.iter().sum::<u64>()),
+                );
+            }
+            Value::Object(out)
+        }
+        map_names::CONN_STATE => {
+            let map = array::<ConnState>(open(pin_dir, name)?)?;
+            let mut rows = Vec::new();
+            for (slot, state) in (0u32..).zip(map.iter()) {
+                let state = state?;
+                if state.cookie != 0 {
+                    rows.push(json!({
+                        "slot": slot, "cookie": state.cookie, "routeSlot": state.route,
+                        "client": client(state.client_addr, state.client_port),
+                        "startNs": state.start_ns,
+                    }));
+                }
+            }
+            json!(rows)
+        }
+        map_names::DNS_COUNTERS => dump_dns_counters(pin_dir)?,
+        map_names::DNS_INFLIGHT => {
+            let map = array::<DnsInFlight>(open(pin_dir, name)?)?;
+            let mut rows = Vec::new();
+            for (slot, entry) in (0u32..).zip(map.iter()) {
+                let entry = entry?;
+                if entry.start_ns != 0 {
+                    rows.push(json!({
+                        "slot": slot, "client": client(entry.client_addr, entry.client_port),
+                        "id": entry.id, "qtype": qtype_name(u32::from(entry.qtype)),
+                        "startNs": entry.start_ns,
+                    }));
+                }
+            }
+            json!(rows)
+        }
+        _ => bail!(
+            "no decoder for {name}: the pinned maps are {}",
+            PINNED_MAPS.join(", ")
+        ),
+    })
+}
+
+fn dump_traffic(pin_dir: &Path) -> anyhow::Result<Value> {
+    let name = map_names::ROUTE_TRAFFIC;
+    let map = per_cpu::<TrafficCounters>(open(pin_dir, name)?)?;
+    let mut rows = Vec::new();
+    for (slot, route) in route_names(pin_dir)? {
+        for (dir, direction) in [(DIR_IN, "in"), (DIR_OUT, "out")] {
+            let t = map.get(&traffic_index(slot, dir), 0)?.iter().fold(
+                TrafficCounters::default(),
+                |a, v| TrafficCounters {
+                    packets: a.packets + v.packets,
+                    bytes: a.bytes + v.bytes,
+                    payload_bytes: a.payload_bytes + v.payload_bytes,
+                },
+            );
+            rows.push(json!({
+                "slot": slot, "route": route, "direction": direction,
+                "packets": t.packets, "bytes": t.bytes, "payloadBytes": t.payload_bytes,
+            }));
+        }
+    }
+    Ok(json!(rows))
+}
+
+fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
+    let name = map_names::DNS_COUNTERS;
+    let map = per_cpu::<DnsCounters>(open(pin_dir, name)?)?;
+    let c = sum_dns(map.get(&0, 0)?.iter());
+    let named = |names: &[&str], counts: &[u64]| -> serde_json::Map<String, Value> {
+        names
+            .iter()
+            .zip(counts)
+            .filter(|&(_, &n)| n > 0)
+            .map(|(name, &n)| ((*name).to_owned(), json!(n)))
+            .collect()
+    };
+    let qtypes: serde_json::Map<String, Value> = (0u32..)
+        .zip(c.queries_by_qtype)
+        .filter(|&(_, n)| n > 0)
+        .map(|(slot, n)| (qtype_name(slot), json!(n)))
+        .collect();
+    Ok(json!({
+        "queriesByQtype": qtypes,
+        "queriesByOpcode": named(&OPCODE_NAMES, &c.queries_by_opcode),
+        "responsesByRcode": named(&RCODE_NAMES, &c.responses_by_rcode),
+        "malformed": named(&DNS_MALFORMED_NAMES, &c.malformed),
+        "latencyBuckets": c.latency.to_vec(),
+        "latencyNs": c.latency_ns,
+        "responsesTruncated": c.responses_truncated,
+        "answered": c.answered,
+        "unmatchedResponses": c.unmatched_responses,
+        "duplicateQueries": c.duplicate_queries,
+        "evictedQueries": c.evicted_queries,
+        "unansweredQueries": c.unanswered_queries,
+        "cacheHits": c.cache_hits,
+        "cacheMisses": c.cache_misses,
+        "upstreamQueries": c.upstream_queries,
+        "eventsDropped": c.events_dropped,
+    }))
+}
+
+/// `maps list` as a table for people.
+pub fn print_list(rows: &[MapRow]) {
+    println!(
+        "{:<16} {:<14} {:>5} {:>6} {:>9} {:>8}",
+        "NAME", "TYPE", "KEY", "VALUE", "CAPACITY", "IN USE"
+    );
+    for row in rows {
+        let in_use = row.in_use.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        println!(
+            "{:<16} {:<14} {:>5} {:>6} {:>9} {:>8}",
+            row.name, row.kind, row.key_size, row.value_size, row.capacity, in_use
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! `collector maps` as a separate process against the pinned maps: while the agent runs, and
+//! from the pins alone after it crashed.
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
+)]
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    process::Output,
+    thread,
+    time::Duration,
+};
+
+use collector_common::map_names;
+use support::{Agent, AgentConfig, COLLECTOR, Netns, sample, scrape, wait_for};
+
+const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
+const DONE: usize = 10;
+const HELD: usize = 5;
+
+fn collector(args: &[&str], config: &AgentConfig) -> serde_json::Value {
+    let out: Output = std::process::Command::new(COLLECTOR)
+        .args(args)
+        .arg("--config")
+        .arg(&config.path)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "collector {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
+    let server = thread::spawn(move || {
+        let mut held = Vec::new();
+        for n in 0..DONE + HELD {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(b"pong!").unwrap();
+            if n >= DONE {
+                held.push(stream);
+            }
+        }
+        held
+    });
+    let clients = netns.run(|| {
+        let mut open = Vec::new();
+        for n in 0..DONE + HELD {
+            let mut stream = TcpStream::connect("127.0.0.1:18080").unwrap();
+            stream.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 5];
+            stream.read_exact(&mut buf).unwrap();
+            if n >= DONE {
+                open.push(stream);
+            } else {
+                drop(stream);
+            }
+        }
+        open
+    });
+    let held = server.join().unwrap();
+    let metrics = wait_for("10 closed connections", Duration::from_secs(10), || {
+        let text = scrape(&netns);
+        (sample(
+            &text,
+            "collector_proxy_connections_closed_total",
+            &[("route", "web")],
+        ) == Some(DONE as f64))
+        .then_some(text)
+    });
+
+    let list = collector(&["maps", "list"], &config);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        map_names::ROUTE_NAMES,
+        map_names::CONN_COUNTERS,
+        map_names::CONN_DURATIONS,
+        map_names::CONN_STATE,
+        map_names::ROUTE_TRAFFIC,
+        map_names::ERRORS,
+        map_names::DNS_COUNTERS,
+        map_names::DNS_INFLIGHT,
+        map_names::DNS_UPSTREAM,
+    ] {
+        assert!(names.contains(&name), "{name} missing from {list}");
+    }
+    let conn_state = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["name"] == map_names::CONN_STATE)
+        .unwrap();
+    assert_eq!(conn_state["inUse"], HELD, "{conn_state}");
+    assert_eq!(conn_state["capacity"], 65536);
+
+    // The route counters, as the CLI decodes them, equal /metrics.
+    let dump = collector(&["maps", "dump", map_names::CONN_COUNTERS], &config);
+    let web = &dump[0];
+    assert_eq!(web["route"], "web");
+    for (field, metric) in [
+        ("opened", "collector_proxy_connections_opened_total"),
+        ("closed", "collector_proxy_connections_closed_total"),
+        ("bytesIn", "collector_proxy_connection_received_bytes_total"),
+        ("bytesOut", "collector_proxy_connection_sent_bytes_total"),
+    ] {
+        assert_eq!(
+            web[field].as_f64(),
+            sample(&metrics, metric, &[("route", "web")]),
+            "{field}"
+        );
+    }
+    assert_eq!(web["opened"], DONE + HELD);
+    assert_eq!(web["bytesIn"], DONE * 4);
+
+    // From the pins alone: the agent crashed, the maps stay readable.
+    agent.kill();
+    let after_crash = collector(&["maps", "dump", map_names::CONN_COUNTERS], &config);
+    assert_eq!(after_crash[0]["opened"], DONE + HELD);
+    let state = collector(&["maps", "dump", map_names::CONN_STATE], &config);
+    assert_eq!(state.as_array().unwrap().len(), HELD);
+    assert!(
+        state
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|entry| entry["client"].as_str().unwrap().starts_with("127.0.0.1:"))
+    );
+    drop((clients, held));
+    // AgentConfig's drop runs `collector cleanup --apply` on the crashed agent's pins.
+}
