@@ -90,6 +90,51 @@ pub struct RouteStats {
     pub duration: Durations,
 }
 
+/// One interface with the kernel's own counters.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceStats {
+    pub name: String,
+    /// The classifiers are attached to it.
+    pub attached: bool,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+    pub tx_dropped: u64,
+}
+
+/// Health of one source of figures.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    pub up: bool,
+    pub last_read_seconds: f64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+fn sources(snapshot: &Snapshot) -> BTreeMap<String, Source> {
+    snapshot
+        .sources
+        .iter()
+        .map(|(name, h)| {
+            (
+                (*name).to_owned(),
+                Source {
+                    up: h.up,
+                    last_read_seconds: h.last_duration_seconds,
+                    errors: h.errors,
+                    last_error: h.last_error.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
 /// `/api/v1/proxy`.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -112,6 +157,9 @@ pub struct ProxyStats {
     #[serde(rename = "topIPs")]
     pub top_ips: Vec<TopIp>,
     pub routes: Vec<RouteStats>,
+    /// Every interface of the namespace, with its own counters (netlink).
+    pub interfaces: Vec<InterfaceStats>,
+    pub sources: BTreeMap<String, Source>,
 }
 
 fn route_stats(route: &RouteSnapshot) -> RouteStats {
@@ -193,6 +241,23 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
             })
             .collect(),
         routes: snapshot.routes.iter().map(route_stats).collect(),
+        interfaces: snapshot
+            .interface_stats
+            .iter()
+            .map(|i| InterfaceStats {
+                name: i.name.clone(),
+                attached: i.attached,
+                rx_bytes: i.stats.rx_bytes,
+                rx_packets: i.stats.rx_packets,
+                rx_errors: i.stats.rx_errors,
+                rx_dropped: i.stats.rx_dropped,
+                tx_bytes: i.stats.tx_bytes,
+                tx_packets: i.stats.tx_packets,
+                tx_errors: i.stats.tx_errors,
+                tx_dropped: i.stats.tx_dropped,
+            })
+            .collect(),
+        sources: sources(snapshot),
     }
 }
 
@@ -246,6 +311,7 @@ pub struct DnsStats {
     pub unmatched_responses: u64,
     pub upstream_queries: u64,
     pub events_dropped: u64,
+    pub sources: BTreeMap<String, Source>,
 }
 
 #[must_use]
@@ -317,6 +383,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         unmatched_responses: c.unmatched_responses,
         upstream_queries: c.upstream_queries,
         events_dropped: c.events_dropped,
+        sources: sources(snapshot),
     }
 }
 
@@ -342,6 +409,14 @@ mod tests {
         assert_eq!(json["topIPs"][0]["ip"], "192.0.2.7");
         assert_eq!(json["topIPs"][0]["connections"], 5);
         assert!(json["throughput"]["bytesIn"]["history"].is_array());
+        assert_eq!(json["interfaces"][0]["name"], "lo");
+        assert_eq!(json["interfaces"][0]["rxBytes"], 1000);
+        assert_eq!(json["sources"]["ebpf"]["up"], true);
+        assert_eq!(json["sources"]["netlink"]["up"], false);
+        assert_eq!(
+            json["sources"]["netlink"]["lastError"],
+            "Operation not permitted"
+        );
         let web = &json["routes"][0];
         assert_eq!(web["type"], "http");
         assert_eq!(web["ports"], serde_json::json!([80, 8080]));

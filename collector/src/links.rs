@@ -1,5 +1,7 @@
 //! Network interfaces of the agent's namespace, read over rtnetlink: which ones exist, are
-//! up, and carry Ethernet framing that the tc classifiers parse.
+//! up, carry Ethernet framing that the tc classifiers parse, and their kernel counters
+//! (stats64). Read on every poll: that keeps the attached set current (an interface that
+//! appears is attached at the next poll) and costs one dump, tens of microseconds.
 
 use std::io;
 
@@ -21,6 +23,21 @@ pub struct Link {
     /// Ethernet or loopback framing: the tc classifiers find the IP header at offset 14.
     pub ethernet_framing: bool,
     pub loopback: bool,
+    /// The kernel's counters for the interface (`IFLA_STATS64`).
+    pub stats: InterfaceStats,
+}
+
+/// An interface's own counters, as `ip -s link` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InterfaceStats {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+    pub tx_dropped: u64,
 }
 
 /// Every interface in the current network namespace.
@@ -77,6 +94,23 @@ fn from_message(message: &LinkMessage) -> Link {
             _ => None,
         })
         .unwrap_or_default();
+    let stats = message
+        .attributes
+        .iter()
+        .find_map(|attr| match attr {
+            LinkAttribute::Stats64(s) => Some(InterfaceStats {
+                rx_bytes: s.rx_bytes,
+                rx_packets: s.rx_packets,
+                rx_errors: s.rx_errors,
+                rx_dropped: s.rx_dropped,
+                tx_bytes: s.tx_bytes,
+                tx_packets: s.tx_packets,
+                tx_errors: s.tx_errors,
+                tx_dropped: s.tx_dropped,
+            }),
+            _ => None,
+        })
+        .unwrap_or_default();
     Link {
         index: message.header.index,
         name,
@@ -86,6 +120,7 @@ fn from_message(message: &LinkMessage) -> Link {
             LinkLayerType::Ether | LinkLayerType::Loopback
         ),
         loopback: message.header.link_layer_type == LinkLayerType::Loopback,
+        stats,
     }
 }
 
@@ -127,6 +162,7 @@ mod tests {
             up,
             ethernet_framing,
             loopback: name == "lo",
+            stats: InterfaceStats::default(),
         }
     }
 

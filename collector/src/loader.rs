@@ -29,7 +29,8 @@ use collector_common::{
 use crate::{
     bpf_sys,
     config::{Config, RouteKind},
-    links, netns, paths, slots,
+    links::{self, Link},
+    netns, paths, slots,
 };
 
 /// The kernel object built by build.rs from `collector-ebpf`.
@@ -74,10 +75,14 @@ pub struct KernelMaps {
 pub struct Attachment {
     ebpf: Ebpf,
     pub routes: Vec<WatchedRoute>,
-    pub interfaces: Vec<String>,
+    /// The tc programs: (name, hook, pin prefix, for loopback).
+    classifiers: Vec<(&'static str, TcAttachType, &'static str, bool)>,
+    /// Attached interfaces by index: name and link pins.
+    attached: std::collections::BTreeMap<u32, (String, Vec<PathBuf>)>,
     /// Where the `sock_ops` program is attached, for the logs.
     pub cgroup2: String,
     pin_dir: PathBuf,
+    /// The `sock_ops` link pin.
     link_pins: Vec<PathBuf>,
     /// Locked while running: a second agent on the same pin directory would count twice.
     _lock: File,
@@ -149,7 +154,8 @@ impl Attachment {
         let mut attachment = Self {
             ebpf,
             routes,
-            interfaces: Vec::new(),
+            classifiers: Vec::new(),
+            attached: std::collections::BTreeMap::new(),
             cgroup2,
             pin_dir,
             link_pins: Vec::new(),
@@ -158,8 +164,8 @@ impl Attachment {
         };
         let attached = attachment
             .attach_sock_ops(&links_dir, &cgroup)
-            .and_then(|()| attachment.attach_classifiers(&links_dir, config))
-            .and_then(|()| remove_stale_links(&links_dir, &attachment.link_pins));
+            .and_then(|()| attachment.attach_classifiers(config))
+            .and_then(|()| remove_stale_links(&links_dir, &attachment.pins_in_use()));
         match attached {
             Ok(()) => Ok(attachment),
             Err(err) => {
@@ -194,11 +200,13 @@ impl Attachment {
         Ok(())
     }
 
-    fn attach_classifiers(&mut self, links_dir: &Path, config: &Config) -> anyhow::Result<()> {
+    /// Loads the tc programs and attaches them to the selected interfaces (a configured
+    /// interface that does not exist is an error here, at start).
+    fn attach_classifiers(&mut self, config: &Config) -> anyhow::Result<()> {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
         let selected = links::select(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
         // Loopback: one ingress classifier sees every packet once; elsewhere, both hooks.
-        let traffic = [
+        self.classifiers = vec![
             (
                 program_names::COUNT_INGRESS,
                 TcAttachType::Ingress,
@@ -218,29 +226,29 @@ impl Attachment {
                 true,
             ),
         ];
-        let dns = [
-            (
-                program_names::DNS_INGRESS,
-                TcAttachType::Ingress,
-                "dns_ingress",
-                false,
-            ),
-            (
-                program_names::DNS_EGRESS,
-                TcAttachType::Egress,
-                "dns_egress",
-                false,
-            ),
-            (
-                program_names::DNS_LOOPBACK,
-                TcAttachType::Ingress,
-                "dns_loopback",
-                true,
-            ),
-        ];
-        let dns_programs: &[_] = if config.dns.enabled { &dns } else { &[] };
-        for &(program_name, attach_type, prefix, on_loopback) in traffic.iter().chain(dns_programs)
-        {
+        if config.dns.enabled {
+            self.classifiers.extend([
+                (
+                    program_names::DNS_INGRESS,
+                    TcAttachType::Ingress,
+                    "dns_ingress",
+                    false,
+                ),
+                (
+                    program_names::DNS_EGRESS,
+                    TcAttachType::Egress,
+                    "dns_egress",
+                    false,
+                ),
+                (
+                    program_names::DNS_LOOPBACK,
+                    TcAttachType::Ingress,
+                    "dns_loopback",
+                    true,
+                ),
+            ]);
+        }
+        for &(program_name, ..) in &self.classifiers {
             let program: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(program_name)
@@ -249,25 +257,92 @@ impl Attachment {
             program
                 .load()
                 .with_context(|| format!("loading {program_name}"))?;
-            for link in selected.iter().filter(|l| l.loopback == on_loopback) {
-                let pin = links_dir.join(format!("{prefix}_{}", link.index));
-                if !adopt_link(&pin, program.fd()?.as_fd())? {
-                    let id = program.attach(&link.name, attach_type).with_context(|| {
-                        format!(
-                            "attaching {program_name} to {} ({attach_type:?})",
-                            link.name
-                        )
-                    })?;
-                    let fd_link: FdLink = program.take_link(id)?.try_into()?;
-                    fd_link
-                        .pin(&pin)
-                        .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
+        }
+        for link in selected {
+            self.attach_interface(link)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches every classifier that belongs on `link` (adopting links a crashed run
+    /// pinned) and remembers the pins.
+    fn attach_interface(&mut self, link: &Link) -> anyhow::Result<()> {
+        let links_dir = paths::map_pin_dir(&self.pin_dir).join(LINKS_DIR);
+        let mut pins = Vec::new();
+        for &(program_name, attach_type, prefix, on_loopback) in &self.classifiers {
+            if link.loopback != on_loopback {
+                continue;
+            }
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program_name)
+                .with_context(|| format!("the kernel object has no program {program_name}"))?
+                .try_into()?;
+            let pin = links_dir.join(format!("{prefix}_{}", link.index));
+            if !adopt_link(&pin, program.fd()?.as_fd())? {
+                let id = program.attach(&link.name, attach_type).with_context(|| {
+                    format!(
+                        "attaching {program_name} to {} ({attach_type:?})",
+                        link.name
+                    )
+                })?;
+                let fd_link: FdLink = program.take_link(id)?.try_into()?;
+                fd_link
+                    .pin(&pin)
+                    .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
+            }
+            pins.push(pin);
+        }
+        self.attached.insert(link.index, (link.name.clone(), pins));
+        Ok(())
+    }
+
+    /// Keeps the attached set current: attaches interfaces that appeared (or came up) and
+    /// forgets those that went away or down. Returns what could not be attached.
+    pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) -> Vec<String> {
+        let wanted: Vec<&Link> = links
+            .iter()
+            .filter(|l| l.up && l.ethernet_framing)
+            .filter(|l| configured.is_empty() || configured.contains(&l.name))
+            .collect();
+        let gone: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(index, (name, _))| {
+                !wanted.iter().any(|l| l.index == **index && &l.name == name)
+            })
+            .map(|(index, _)| *index)
+            .collect();
+        for index in gone {
+            if let Some((name, pins)) = self.attached.remove(&index) {
+                tracing::info!(interface = %name, "interface gone or down: forgetting it");
+                for pin in pins {
+                    if let Err(err) = remove_if_present(&pin) {
+                        tracing::warn!("{err:#}");
+                    }
                 }
-                self.link_pins.push(pin);
             }
         }
-        self.interfaces = selected.iter().map(|l| l.name.clone()).collect();
-        Ok(())
+        let mut failures = Vec::new();
+        for link in wanted {
+            if self.attached.contains_key(&link.index) {
+                continue;
+            }
+            match self.attach_interface(link) {
+                Ok(()) => tracing::info!(interface = %link.name, "new interface: attached"),
+                Err(err) => failures.push(format!("{}: {err:#}", link.name)),
+            }
+        }
+        failures
+    }
+
+    /// Names of the interfaces the classifiers are attached to.
+    #[must_use]
+    pub fn interfaces(&self) -> Vec<String> {
+        self.attached
+            .values()
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Takes the maps the poller reads.
@@ -303,17 +378,20 @@ impl Attachment {
             .collect()
     }
 
+    fn pins_in_use(&self) -> Vec<PathBuf> {
+        self.link_pins
+            .iter()
+            .chain(self.attached.values().flat_map(|(_, pins)| pins))
+            .cloned()
+            .collect()
+    }
+
     /// Detaches everything and removes every pin: a clean stop leaves nothing of ours.
     pub fn detach(self) -> anyhow::Result<()> {
-        let Self {
-            ebpf,
-            link_pins,
-            pin_dir,
-            ..
-        } = self;
-        for pin in &link_pins {
+        for pin in &self.pins_in_use() {
             remove_if_present(pin)?;
         }
+        let Self { ebpf, pin_dir, .. } = self;
         drop(ebpf);
         remove_pins(&pin_dir)
     }

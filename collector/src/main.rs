@@ -250,7 +250,7 @@ async fn serve_until_signal(
     tracing::info!(
         listen = %config.listen,
         routes = attachment.routes.len(),
-        interfaces = ?attachment.interfaces,
+        interfaces = ?attachment.interfaces(),
         cgroup2 = %attachment.cgroup2,
         "collector running"
     );
@@ -258,7 +258,6 @@ async fn serve_until_signal(
     let mut poller = Poller::new(
         maps,
         attachment.routes.clone(),
-        attachment.interfaces.clone(),
         clients,
         poller::DnsSources {
             enabled: config.dns.enabled,
@@ -267,6 +266,7 @@ async fn serve_until_signal(
         },
         Arc::clone(&hub),
     );
+    let mut netlink_health = snapshot::SourceHealth::default();
     let mut ticks = tokio::time::interval(config.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -279,7 +279,8 @@ async fn serve_until_signal(
                     .into_iter()
                     .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats { name, run_time_ns, run_count })
                     .collect();
-                match poller.poll(programs) {
+                let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink_health);
+                match poller.poll(programs, interfaces) {
                     Some(snapshot) => latest.store(snapshot),
                     None => poller.count_failure(),
                 }
@@ -296,6 +297,35 @@ async fn serve_until_signal(
         Ok(Ok(())) => outcome,
         Ok(Err(err)) => outcome.and(Err(err).context("serving HTTP")),
         Err(err) => outcome.and(Err(err).context("the HTTP server task failed")),
+    }
+}
+
+/// Reads the interfaces over netlink and keeps the attached set current: a failed read is
+/// reported as the netlink source being down, and the kernel figures still flow.
+fn read_interfaces(
+    attachment: &mut Attachment,
+    configured: &[String],
+    health: &mut snapshot::SourceHealth,
+) -> poller::InterfaceView {
+    let began = std::time::Instant::now();
+    let read = links::list();
+    health.record(&read, began.elapsed());
+    let links = match read {
+        Ok(links) => {
+            for failure in attachment.sync_interfaces(&links, configured) {
+                tracing::warn!("attaching a new interface failed: {failure}");
+            }
+            links
+        }
+        Err(err) => {
+            tracing::warn!("listing interfaces over netlink failed: {err}");
+            Vec::new()
+        }
+    };
+    poller::InterfaceView {
+        attached: attachment.interfaces(),
+        links,
+        health: health.clone(),
     }
 }
 

@@ -494,6 +494,107 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     Ok(())
 }
 
+/// Renders the interfaces' own counters (netlink) and each source's health.
+fn encode_interfaces_and_sources(
+    snapshot: &Snapshot,
+    encoder: &mut DescriptorEncoder,
+) -> fmt::Result {
+    type Pick = fn(&crate::links::InterfaceStats) -> u64;
+    let families: [(&str, &str, Option<&Unit>, Pick); 8] = [
+        (
+            "collector_interface_receive",
+            "Bytes received, the interface's own count.",
+            Some(&Unit::Bytes),
+            |s| s.rx_bytes,
+        ),
+        (
+            "collector_interface_receive_packets",
+            "Packets received, the interface's own count.",
+            None,
+            |s| s.rx_packets,
+        ),
+        (
+            "collector_interface_receive_errors",
+            "Receive errors, the interface's own count.",
+            None,
+            |s| s.rx_errors,
+        ),
+        (
+            "collector_interface_receive_drops",
+            "Received packets dropped, the interface's own count.",
+            None,
+            |s| s.rx_dropped,
+        ),
+        (
+            "collector_interface_transmit",
+            "Bytes sent, the interface's own count.",
+            Some(&Unit::Bytes),
+            |s| s.tx_bytes,
+        ),
+        (
+            "collector_interface_transmit_packets",
+            "Packets sent, the interface's own count.",
+            None,
+            |s| s.tx_packets,
+        ),
+        (
+            "collector_interface_transmit_errors",
+            "Transmit errors, the interface's own count.",
+            None,
+            |s| s.tx_errors,
+        ),
+        (
+            "collector_interface_transmit_drops",
+            "Packets dropped on transmit, the interface's own count.",
+            None,
+            |s| s.tx_dropped,
+        ),
+    ];
+    for (name, help, unit, pick) in families {
+        counters(
+            encoder,
+            name,
+            help,
+            unit,
+            snapshot
+                .interface_stats
+                .iter()
+                .map(|i| (vec![("interface", i.name.clone())], pick(&i.stats))),
+        )?;
+    }
+    let source_labels = |name: &str| vec![("source", name.to_owned())];
+    gauges(
+        encoder,
+        "collector_source_up",
+        "Whether the last read of each source succeeded (ebpf: the kernel maps; netlink: interfaces).",
+        None,
+        snapshot
+            .sources
+            .iter()
+            .map(|(name, h)| (source_labels(name), i64::from(h.up))),
+    )?;
+    gauges(
+        encoder,
+        "collector_source_read_duration",
+        "Duration of the last read of each source.",
+        Some(&Unit::Seconds),
+        snapshot
+            .sources
+            .iter()
+            .map(|(name, h)| (source_labels(name), h.last_duration_seconds)),
+    )?;
+    counters(
+        encoder,
+        "collector_source_errors",
+        "Failed reads of each source.",
+        None,
+        snapshot
+            .sources
+            .iter()
+            .map(|(name, h)| (source_labels(name), h.errors)),
+    )
+}
+
 /// Exposes the latest snapshot on every scrape.
 #[derive(Debug)]
 pub struct SnapshotCollector {
@@ -506,6 +607,7 @@ impl Collector for SnapshotCollector {
         encode_connections(&snapshot, &mut encoder)?;
         encode_traffic(&snapshot, &mut encoder)?;
         encode_dns(&snapshot, &mut encoder)?;
+        encode_interfaces_and_sources(&snapshot, &mut encoder)?;
         encode_self(&snapshot, &mut encoder)
     }
 }

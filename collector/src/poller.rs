@@ -16,7 +16,10 @@ use crate::{
     events::ClientStats,
     loader::{KernelMaps, WatchedRoute},
     rates::{AVERAGE, CounterHistory},
-    snapshot::{DnsSnapshot, PollStats, ProgramStats, RouteSnapshot, Snapshot},
+    snapshot::{
+        DnsSnapshot, InterfaceSnapshot, PollStats, ProgramStats, RouteSnapshot, Snapshot,
+        SourceHealth,
+    },
 };
 
 /// Per-poll rates kept for the short history in the JSON API.
@@ -72,6 +75,16 @@ impl RateHistories {
     }
 }
 
+/// The interfaces as read over netlink this poll.
+#[derive(Debug, Default)]
+pub struct InterfaceView {
+    /// Interfaces the classifiers are attached to.
+    pub attached: Vec<String>,
+    /// Every interface, with its counters (empty when the read failed).
+    pub links: Vec<crate::links::Link>,
+    pub health: SourceHealth,
+}
+
 /// What the DNS part of a snapshot is made from besides the kernel counters.
 pub struct DnsSources {
     pub enabled: bool,
@@ -83,7 +96,7 @@ pub struct DnsSources {
 pub struct Poller {
     maps: KernelMaps,
     routes: Vec<WatchedRoute>,
-    interfaces: Vec<String>,
+    kernel: SourceHealth,
     clients: Arc<Mutex<ClientStats>>,
     dns: DnsSources,
     hub: Arc<EventHub>,
@@ -99,7 +112,6 @@ impl Poller {
     pub fn new(
         maps: KernelMaps,
         routes: Vec<WatchedRoute>,
-        interfaces: Vec<String>,
         clients: Arc<Mutex<ClientStats>>,
         dns: DnsSources,
         hub: Arc<EventHub>,
@@ -108,7 +120,7 @@ impl Poller {
         Self {
             maps,
             routes,
-            interfaces,
+            kernel: SourceHealth::default(),
             clients,
             dns,
             hub,
@@ -121,9 +133,15 @@ impl Poller {
     }
 
     /// Reads the kernel once and builds a snapshot; `None` (counted) if the read failed.
-    pub fn poll(&mut self, programs: Vec<ProgramStats>) -> Option<Snapshot> {
+    pub fn poll(
+        &mut self,
+        programs: Vec<ProgramStats>,
+        interfaces: InterfaceView,
+    ) -> Option<Snapshot> {
         let began = Instant::now();
-        let totals = match counters::read(&self.maps, &self.routes) {
+        let read = counters::read(&self.maps, &self.routes);
+        self.kernel.record(&read, began.elapsed());
+        let totals = match read {
             Ok(totals) => totals,
             Err(err) => {
                 self.poll.failures += 1;
@@ -196,7 +214,20 @@ impl Poller {
             dns,
             stream_lagged: self.hub.lagged.load(std::sync::atomic::Ordering::Relaxed),
             poll: self.poll,
-            interfaces: self.interfaces.clone(),
+            interface_stats: interfaces
+                .links
+                .iter()
+                .map(|link| InterfaceSnapshot {
+                    name: link.name.clone(),
+                    attached: interfaces.attached.contains(&link.name),
+                    stats: link.stats,
+                })
+                .collect(),
+            interfaces: interfaces.attached,
+            sources: vec![
+                ("ebpf", self.kernel.clone()),
+                ("netlink", interfaces.health),
+            ],
         })
     }
 

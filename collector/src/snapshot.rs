@@ -89,6 +89,44 @@ impl DnsSnapshot {
     }
 }
 
+/// Health of one source of figures, like a good exporter reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceHealth {
+    /// The last read succeeded.
+    pub up: bool,
+    pub last_duration_seconds: f64,
+    /// Failed reads since start.
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+impl SourceHealth {
+    /// Records one read's outcome.
+    pub fn record<T, E: std::fmt::Display>(
+        &mut self,
+        result: &Result<T, E>,
+        took: std::time::Duration,
+    ) {
+        self.last_duration_seconds = took.as_secs_f64();
+        match result {
+            Ok(_) => self.up = true,
+            Err(err) => {
+                self.up = false;
+                self.errors += 1;
+                self.last_error = Some(err.to_string());
+            }
+        }
+    }
+}
+
+/// One interface: whether the classifiers are attached, and the kernel's own counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceSnapshot {
+    pub name: String,
+    pub attached: bool,
+    pub stats: crate::links::InterfaceStats,
+}
+
 /// The agent's own polling health.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PollStats {
@@ -117,7 +155,12 @@ pub struct Snapshot {
     /// Events that `/api/v1/events` subscribers lost by falling behind.
     pub stream_lagged: u64,
     pub poll: PollStats,
+    /// Interfaces the classifiers are attached to.
     pub interfaces: Vec<String>,
+    /// Every interface of the namespace with its counters (netlink).
+    pub interface_stats: Vec<InterfaceSnapshot>,
+    /// Health of each source: `ebpf` (the kernel maps) and `netlink` (interfaces).
+    pub sources: Vec<(&'static str, SourceHealth)>,
 }
 
 impl Snapshot {
@@ -227,6 +270,37 @@ impl Snapshot {
                 last_duration_seconds: 0.25,
             },
             interfaces: vec!["lo".into()],
+            interface_stats: vec![InterfaceSnapshot {
+                name: "lo".into(),
+                attached: true,
+                stats: crate::links::InterfaceStats {
+                    rx_bytes: 1000,
+                    rx_packets: 10,
+                    tx_bytes: 1000,
+                    tx_packets: 10,
+                    ..crate::links::InterfaceStats::default()
+                },
+            }],
+            sources: vec![
+                (
+                    "ebpf",
+                    SourceHealth {
+                        up: true,
+                        last_duration_seconds: 0.25,
+                        errors: 0,
+                        last_error: None,
+                    },
+                ),
+                (
+                    "netlink",
+                    SourceHealth {
+                        up: false,
+                        last_duration_seconds: 0.5,
+                        errors: 1,
+                        last_error: Some("Operation not permitted".into()),
+                    },
+                ),
+            ],
             dns: DnsSnapshot::example(),
             ..Snapshot::default()
         }
