@@ -415,6 +415,83 @@ fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &[(String, f64, f64
     report
 }
 
+/// The cost of one poll of every source with 50 routes configured, from the agent's own
+/// per-source read durations (median over a few seconds of polls), next to reading the same
+/// counters through `nft -j`.
+fn poll_costs(netns: &Netns, settings: &Settings) -> String {
+    use std::fmt::Write as _;
+    let mut routes = String::new();
+    for i in 0..50u16 {
+        let _ = write!(
+            routes,
+            "[[routes]]\nname = \"r{i}\"\nports = [{}]\n\n",
+            20000 + i
+        );
+    }
+    let config = AgentConfig::new(&routes);
+    let agent = Agent::start(netns, &config);
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let deadline = Instant::now() + Duration::from_secs_f64(settings.seconds);
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(150));
+        let metrics = scrape(netns);
+        for (i, source) in ["ebpf", "netlink", "nft"].iter().enumerate() {
+            if let Some(v) = sample(
+                &metrics,
+                "collector_source_read_duration_seconds",
+                &[("source", source)],
+            ) {
+                samples[i].push(v);
+            }
+        }
+        if let Some(v) = sample(&metrics, "collector_poll_duration_seconds", &[]) {
+            samples[3].push(v);
+        }
+    }
+    let mut nft_json = Vec::new();
+    for _ in 0..20 {
+        let began = Instant::now();
+        let out = netns
+            .command("nft")
+            .args(["-j", "list", "counters", "table", "inet", &config.nft_table])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        nft_json.push(began.elapsed().as_secs_f64());
+    }
+    assert!(agent.stop().success());
+    let mut report = String::new();
+    let _ = writeln!(report, "## One poll with 50 routes\n");
+    let _ = writeln!(
+        report,
+        "Command: `sudo cargo xtask bench -- --seconds {}`: an agent with 50 routes (100 nftables \
+         counters with DNS) polling every 100 ms, no traffic; the agent's own per-source read \
+         durations, median over the run:\n",
+        settings.seconds
+    );
+    let _ = writeln!(report, "| source | median µs per read |");
+    let _ = writeln!(report, "|---|---|");
+    for (name, values) in [
+        "ebpf (kernel maps)",
+        "netlink (interfaces)",
+        "nft (nfnetlink)",
+        "whole poll (ebpf + rates + snapshot)",
+    ]
+    .iter()
+    .zip(samples.iter_mut())
+    {
+        if !values.is_empty() {
+            let _ = writeln!(report, "| {name} | {:.0} |", median(values) * 1e6);
+        }
+    }
+    let _ = writeln!(
+        report,
+        "| for comparison: `nft -j list counters table inet ...` (process + JSON) | {:.0} |",
+        median(&mut nft_json) * 1e6
+    );
+    report
+}
+
 fn main() {
     let settings = settings();
     support::require_root();
@@ -472,9 +549,10 @@ fn main() {
     let dns_pairs = dns_pairs(&netns, &config, &settings);
     let dns_costs = dns_costs(&netns, &config, &settings);
     drop(server);
+    let poll_report = poll_costs(&netns, &settings);
 
     let report = format!(
-        "{}\n{}",
+        "{}\n{}\n{poll_report}",
         report(&settings, &pairs, &costs),
         dns_report(&settings, &dns_pairs, &dns_costs)
     );

@@ -88,6 +88,36 @@ pub struct RouteStats {
     pub throughput: Throughput,
     pub traffic: Traffic,
     pub duration: Durations,
+    /// Our nftables counters for the route's ports (also traffic no local socket sees).
+    pub nftables: Option<NftCounts>,
+}
+
+/// What our nftables table counted for a route's or the DNS server's ports.
+#[derive(Debug, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NftCounts {
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// The nftables counters of `service` (a route name, or `dns`), summed over its ports;
+/// `None` when there are none (nftables off or unavailable).
+fn nft_counts(snapshot: &Snapshot, service: &str) -> Option<NftCounts> {
+    let mut counts = NftCounts::default();
+    let mut any = false;
+    for value in snapshot.nft.iter().filter(|v| v.counter.service == service) {
+        any = true;
+        if value.counter.inbound {
+            counts.packets_in += value.packets;
+            counts.bytes_in += value.bytes;
+        } else {
+            counts.packets_out += value.packets;
+            counts.bytes_out += value.bytes;
+        }
+    }
+    any.then_some(counts)
 }
 
 /// One interface with the kernel's own counters.
@@ -162,7 +192,7 @@ pub struct ProxyStats {
     pub sources: BTreeMap<String, Source>,
 }
 
-fn route_stats(route: &RouteSnapshot) -> RouteStats {
+fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
     let totals = &route.totals;
     let count: u64 = totals.durations.iter().sum();
     #[expect(
@@ -199,6 +229,7 @@ fn route_stats(route: &RouteSnapshot) -> RouteStats {
             p90: histogram_quantile(&totals.durations, 0.9),
             p99: histogram_quantile(&totals.durations, 0.99),
         },
+        nftables: nft_counts(snapshot, &route.route.name),
     }
 }
 
@@ -240,7 +271,11 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
                 connections: *n,
             })
             .collect(),
-        routes: snapshot.routes.iter().map(route_stats).collect(),
+        routes: snapshot
+            .routes
+            .iter()
+            .map(|route| route_stats(snapshot, route))
+            .collect(),
         interfaces: snapshot
             .interface_stats
             .iter()
@@ -311,6 +346,8 @@ pub struct DnsStats {
     pub unmatched_responses: u64,
     pub upstream_queries: u64,
     pub events_dropped: u64,
+    /// Our nftables counters for the DNS ports.
+    pub nftables: Option<NftCounts>,
     pub sources: BTreeMap<String, Source>,
 }
 
@@ -383,6 +420,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         unmatched_responses: c.unmatched_responses,
         upstream_queries: c.upstream_queries,
         events_dropped: c.events_dropped,
+        nftables: nft_counts(snapshot, "dns"),
         sources: sources(snapshot),
     }
 }

@@ -32,6 +32,16 @@ pub struct Config {
     pub poll_interval: Duration,
     pub routes: Vec<Route>,
     pub dns: DnsConfig,
+    pub nftables: NftConfig,
+}
+
+/// nftables settings: the agent's own table of counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftConfig {
+    /// Make the table and read its counters.
+    pub enabled: bool,
+    /// Name of our table (family inet).
+    pub table: String,
 }
 
 /// A route of the proxy: a name and the local TCP ports it listens on.
@@ -117,6 +127,14 @@ struct RawConfig {
     #[serde(default)]
     routes: Vec<RawRoute>,
     dns: Option<RawDns>,
+    nftables: Option<RawNft>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNft {
+    enabled: Option<bool>,
+    table: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -266,6 +284,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
     };
     let routes = validate_routes(source, &raw.routes)?;
     let dns = validate_dns(source, raw.dns.as_ref())?;
+    let nftables = validate_nftables(source, raw.nftables.as_ref())?;
     Ok(Config {
         listen,
         pin_dir,
@@ -275,7 +294,35 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         poll_interval,
         routes,
         dns,
+        nftables,
     })
+}
+
+fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftConfig, ConfigError> {
+    let mut nftables = NftConfig {
+        enabled: true,
+        table: "collector".to_owned(),
+    };
+    let Some(raw) = raw else {
+        return Ok(nftables);
+    };
+    nftables.enabled = raw.enabled.unwrap_or(true);
+    if let Some(table) = &raw.table {
+        let name = table.get_ref();
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            return Err(source.at(
+                table,
+                format!("nftables table {name:?}: use 1 to 64 letters, digits, '_' or '-'"),
+            ));
+        }
+        nftables.table.clone_from(name);
+    }
+    Ok(nftables)
 }
 
 fn absolute_path(
@@ -629,6 +676,7 @@ sample_every = 4
         assert_error("[dns]\nports = []\n", 2, "empty");
         assert_error("[dns]\nports = [53, 53]\n", 2, "twice");
         assert_error("[dns]\nupstream_ports = [0]\n", 2, "port 0");
+        assert_error("[nftables]\ntable = \"a b\"\n", 2, "letters, digits");
         assert_error(
             "[dns]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
             2,

@@ -13,6 +13,8 @@ mod loader;
 mod maps;
 mod metrics;
 mod netns;
+mod nfnetlink;
+mod nft;
 mod paths;
 mod poller;
 mod rates;
@@ -199,7 +201,8 @@ async fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
     let listener = serve::bind(config.listen).await?;
 
     let mut attachment = Attachment::attach(&Options { config, bpf_stats })?;
-    let result = serve_until_signal(&mut attachment, config, listener, async move {
+    let mut nft = NftSource::start(config);
+    let result = serve_until_signal(&mut attachment, &mut nft, config, listener, async move {
         tokio::select! {
             _ = sigterm.recv() => {}
             _ = sigint.recv() => {}
@@ -207,12 +210,70 @@ async fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
     })
     .await;
     tracing::info!("stopping: detaching programs and removing pins");
+    let removed = nft.stop();
     let detached = attachment.detach();
-    result.and(detached)
+    result.and(detached).and(removed)
+}
+
+/// The nftables counters as a source: its table, or why there is none. A missing `nft`
+/// tool or kernel support leaves this source down and everything else running.
+struct NftSource {
+    enabled: bool,
+    table: Option<nft::NftTable>,
+    health: snapshot::SourceHealth,
+}
+
+impl NftSource {
+    fn start(config: &Config) -> Self {
+        let mut health = snapshot::SourceHealth::default();
+        let table = if config.nftables.enabled {
+            let began = std::time::Instant::now();
+            let setup = nft::NftTable::setup(config);
+            health.record(&setup, began.elapsed());
+            match setup {
+                Ok(table) => Some(table),
+                Err(err) => {
+                    tracing::warn!("nftables counters are off: {err}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Self {
+            enabled: config.nftables.enabled,
+            table,
+            health,
+        }
+    }
+
+    fn read(&mut self) -> poller::NftView {
+        let Some(table) = &self.table else {
+            return poller::NftView {
+                counters: Vec::new(),
+                health: self.enabled.then(|| self.health.clone()),
+            };
+        };
+        let began = std::time::Instant::now();
+        let read = table.read();
+        self.health.record(&read, began.elapsed());
+        poller::NftView {
+            counters: read.unwrap_or_default(),
+            health: Some(self.health.clone()),
+        }
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        match self.table {
+            Some(table) => table.remove().context("removing our nftables table"),
+            None => Ok(()),
+        }
+    }
 }
 
 async fn serve_until_signal(
     attachment: &mut Attachment,
+    nft: &mut NftSource,
     config: &Config,
     listener: tokio::net::TcpListener,
     stop: impl Future<Output = ()>,
@@ -280,7 +341,7 @@ async fn serve_until_signal(
                     .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats { name, run_time_ns, run_count })
                     .collect();
                 let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink_health);
-                match poller.poll(programs, interfaces) {
+                match poller.poll(programs, interfaces, nft.read()) {
                     Some(snapshot) => latest.store(snapshot),
                     None => poller.count_failure(),
                 }
@@ -349,16 +410,26 @@ fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let verb = if apply { "removing " } else { "" };
     for path in &found {
-        println!("{}{}", if apply { "removing " } else { "" }, path.display());
+        println!("{verb}{}", path.display());
+    }
+    let table = &config.nftables.table;
+    // A missing nft tool or nf_tables support means there is no table of ours to find.
+    let has_table = nfnetlink::table_exists(table).unwrap_or(false);
+    if has_table {
+        println!("{verb}nftables table inet {table}");
     }
     if apply {
         // Also removes the directories, empty ones included.
         loader::remove_pins(pin_dir)?;
-    } else if found.is_empty() {
-        println!("nothing of ours under {}", pin_dir.display());
+        if has_table {
+            nft::remove_leftover(table).context("removing our nftables table")?;
+        }
+    } else if found.is_empty() && !has_table {
+        println!("nothing of ours under {} or in nftables", pin_dir.display());
     } else {
-        println!("run again with --apply to remove these (a running collector's pins included)");
+        println!("run again with --apply to remove these (a running collector's included)");
     }
     Ok(())
 }

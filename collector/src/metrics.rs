@@ -494,6 +494,35 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     Ok(())
 }
 
+/// Renders our nftables table's counters.
+fn encode_nft(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let nft_labels = |c: &crate::nft::CounterValue| {
+        vec![
+            ("service", c.counter.service.clone()),
+            ("protocol", c.counter.protocol.as_str().to_owned()),
+            ("port", c.counter.port.to_string()),
+            (
+                "direction",
+                if c.counter.inbound { "in" } else { "out" }.to_owned(),
+            ),
+        ]
+    };
+    counters(
+        encoder,
+        "collector_nft_packets",
+        "Packets counted by our nftables table per route or DNS port and direction (in: prerouting, destination port; out: postrouting, source port).",
+        None,
+        snapshot.nft.iter().map(|c| (nft_labels(c), c.packets)),
+    )?;
+    counters(
+        encoder,
+        "collector_nft",
+        "Bytes (IP, headers included) counted by our nftables table per route or DNS port and direction.",
+        Some(&Unit::Bytes),
+        snapshot.nft.iter().map(|c| (nft_labels(c), c.bytes)),
+    )
+}
+
 /// Renders the interfaces' own counters (netlink) and each source's health.
 fn encode_interfaces_and_sources(
     snapshot: &Snapshot,
@@ -562,6 +591,7 @@ fn encode_interfaces_and_sources(
                 .map(|i| (vec![("interface", i.name.clone())], pick(&i.stats))),
         )?;
     }
+    encode_nft(snapshot, encoder)?;
     let source_labels = |name: &str| vec![("source", name.to_owned())];
     gauges(
         encoder,

@@ -85,6 +85,14 @@ pub struct InterfaceView {
     pub health: SourceHealth,
 }
 
+/// The nftables counters as read this poll.
+#[derive(Debug, Default)]
+pub struct NftView {
+    pub counters: Vec<crate::nft::CounterValue>,
+    /// `None` when nftables counting is off in the config.
+    pub health: Option<SourceHealth>,
+}
+
 /// What the DNS part of a snapshot is made from besides the kernel counters.
 pub struct DnsSources {
     pub enabled: bool,
@@ -137,6 +145,7 @@ impl Poller {
         &mut self,
         programs: Vec<ProgramStats>,
         interfaces: InterfaceView,
+        nft: NftView,
     ) -> Option<Snapshot> {
         let began = Instant::now();
         let read = counters::read(&self.maps, &self.routes);
@@ -224,10 +233,15 @@ impl Poller {
                 })
                 .collect(),
             interfaces: interfaces.attached,
-            sources: vec![
-                ("ebpf", self.kernel.clone()),
-                ("netlink", interfaces.health),
-            ],
+            sources: [
+                Some(("ebpf", self.kernel.clone())),
+                Some(("netlink", interfaces.health)),
+                nft.health.map(|health| ("nft", health)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            nft: nft.counters,
         })
     }
 

@@ -159,8 +159,10 @@ pub struct Snapshot {
     pub interfaces: Vec<String>,
     /// Every interface of the namespace with its counters (netlink).
     pub interface_stats: Vec<InterfaceSnapshot>,
-    /// Health of each source: `ebpf` (the kernel maps) and `netlink` (interfaces).
+    /// Health of each source: `ebpf` (the kernel maps), `netlink` (interfaces), `nft`.
     pub sources: Vec<(&'static str, SourceHealth)>,
+    /// Our nftables table's counters (empty when off or unavailable).
+    pub nft: Vec<crate::nft::CounterValue>,
 }
 
 impl Snapshot {
@@ -302,6 +304,17 @@ impl Snapshot {
                 ),
             ],
             dns: DnsSnapshot::example(),
+            nft: vec![crate::nft::CounterValue {
+                counter: crate::nft::PlannedCounter {
+                    name: "tcp_80_in".into(),
+                    protocol: crate::nft::Protocol::Tcp,
+                    port: 80,
+                    inbound: true,
+                    service: "web".into(),
+                },
+                packets: 11,
+                bytes: 900,
+            }],
             ..Snapshot::default()
         }
     }

@@ -126,6 +126,9 @@ pub struct AgentConfig {
     pub dir: PathBuf,
     pub path: PathBuf,
     pub pin_dir: PathBuf,
+    /// Our nftables table, named for this test: the cleanup on drop runs in the host's
+    /// namespace and must never touch a real collector's table.
+    pub nft_table: String,
 }
 
 impl AgentConfig {
@@ -135,15 +138,21 @@ impl AgentConfig {
         fs::create_dir_all(&dir).unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("collector-test"));
         let path = dir.join("collector.toml");
+        let nft_table = unique("collector_test").replace('-', "_");
         fs::write(
             &path,
             format!(
-                "listen = \"{LISTEN}\"\npin_dir = \"{}\"\npoll_interval_ms = 100\n\n{routes}",
+                "listen = \"{LISTEN}\"\npin_dir = \"{}\"\npoll_interval_ms = 100\n\n{routes}\n[nftables]\ntable = \"{nft_table}\"\n",
                 pin_dir.display()
             ),
         )
         .unwrap();
-        Self { dir, path, pin_dir }
+        Self {
+            dir,
+            path,
+            pin_dir,
+            nft_table,
+        }
     }
 }
 

@@ -1,0 +1,217 @@
+//! The two nfnetlink requests the counters need, by hand (no crate here speaks `nf_tables`
+//! over netlink): the named counters of one table, and whether a table exists. One
+//! request-response on a netlink socket, where `nft -j list` spawns a process and parses
+//! JSON (milliseconds per read).
+
+use std::io;
+
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWOBJ: u16 = 18;
+const NFT_MSG_GETOBJ: u16 = 19;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_OBJ_TABLE: u16 = 1;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+const NFPROTO_INET: u8 = 1;
+
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// nlmsghdr (16 bytes) and nfgenmsg (4 bytes).
+const HEADERS: usize = 20;
+
+/// A named counter's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn attribute(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out.resize(align4(out.len()), 0);
+}
+
+fn string(value: &str) -> Vec<u8> {
+    let mut bytes = value.as_bytes().to_vec();
+    bytes.push(0);
+    bytes
+}
+
+/// An `nf_tables` request for the inet family with `attributes`.
+fn request(message: u16, flags: u16, attributes: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(HEADERS + attributes.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(HEADERS + attributes.len());
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | message).to_ne_bytes());
+    out.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    out.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]); // nfgenmsg: family, version 0, res_id
+    out.extend_from_slice(attributes);
+    out
+}
+
+/// The attributes of a message body, as (type without flags, payload).
+fn attributes(mut body: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while body.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([body[0], body[1]]));
+        let kind = u16::from_ne_bytes([body[2], body[3]]) & 0x3fff;
+        if len < 4 || len > body.len() {
+            break;
+        }
+        out.push((kind, &body[4..len]));
+        body = &body[align4(len).min(body.len())..];
+    }
+    out
+}
+
+fn be64(payload: &[u8]) -> u64 {
+    payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Sends `message` and hands every reply body of type `wanted` to `each`, until the dump
+/// ends or the ack arrives. A netlink error comes back as an `io::Error`.
+fn exchange(message: &[u8], wanted: u16, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket.send(message, 0)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        let mut at = 0;
+        while at + 16 <= size {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            if len < 16 || at + len > size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a truncated netlink message",
+                ));
+            }
+            let message = &buf[at..at + len];
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let code = i32::from_ne_bytes(message[16..20].try_into().unwrap_or([0; 4]));
+                    return if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(-code))
+                    };
+                }
+                _ if kind == (NFNL_SUBSYS_NFTABLES << 8) | wanted && len >= HEADERS => {
+                    each(&message[HEADERS..]);
+                }
+                _ => {}
+            }
+            at += align4(len);
+        }
+    }
+}
+
+/// The named counters of the inet table `table` (none if it does not exist).
+pub fn read_counters(table: &str) -> io::Result<Vec<Counter>> {
+    let mut attrs = Vec::new();
+    attribute(&mut attrs, NFTA_OBJ_TABLE, &string(table));
+    attribute(&mut attrs, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
+    let mut counters = Vec::new();
+    exchange(
+        &request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs),
+        NFT_MSG_NEWOBJ,
+        |body| {
+            let attrs = attributes(body);
+            let text = |kind| {
+                attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| {
+                    String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
+                })
+            };
+            if text(NFTA_OBJ_TABLE).as_deref() != Some(table) {
+                return;
+            }
+            let Some(name) = text(NFTA_OBJ_NAME) else {
+                return;
+            };
+            let Some((_, data)) = attrs.iter().find(|(k, _)| *k == NFTA_OBJ_DATA) else {
+                return;
+            };
+            let data = attributes(data);
+            let value = |kind| {
+                data.iter()
+                    .find(|(k, _)| *k == kind)
+                    .map_or(0, |(_, v)| be64(v))
+            };
+            counters.push(Counter {
+                name,
+                packets: value(NFTA_COUNTER_PACKETS),
+                bytes: value(NFTA_COUNTER_BYTES),
+            });
+        },
+    )?;
+    Ok(counters)
+}
+
+/// Whether the inet table `table` exists.
+pub fn table_exists(table: &str) -> io::Result<bool> {
+    let mut attrs = Vec::new();
+    attribute(&mut attrs, NFTA_TABLE_NAME, &string(table));
+    let mut found = false;
+    match exchange(
+        &request(NFT_MSG_GETTABLE, NLM_F_ACK, &attrs),
+        NFT_MSG_NEWTABLE,
+        |_| {
+            found = true;
+        },
+    ) {
+        Ok(()) => Ok(found),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_attributes_round_trip() {
+        let mut attrs = Vec::new();
+        attribute(&mut attrs, NFTA_OBJ_TABLE, &string("collector"));
+        attribute(&mut attrs, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
+        let message = request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs);
+        assert_eq!(message.len() % 4, 0);
+        assert_eq!(
+            u32::from_ne_bytes(message[..4].try_into().unwrap()) as usize,
+            message.len()
+        );
+        let parsed = attributes(&message[HEADERS..]);
+        assert_eq!(parsed[0], (NFTA_OBJ_TABLE, &b"collector\0"[..]));
+        assert_eq!(parsed[1], (NFTA_OBJ_TYPE, &[0, 0, 0, 1][..]));
+        assert_eq!(be64(&7u64.to_be_bytes()), 7);
+        // A length running past the end stops the walk instead of panicking.
+        assert!(attributes(&[200, 0, 1, 0, 0, 0]).is_empty());
+    }
+}

@@ -1,0 +1,197 @@
+//! The nftables source: our table's counters agree with the eBPF counts for the same port and
+//! direction, survive a crash without doubling, leave nothing behind at stop, and a missing
+//! `nft` takes down only this source.
+#![expect(
+    clippy::float_cmp,
+    reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
+)]
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use hickory_proto::{op::ResponseCode, rr::RecordType};
+use support::{
+    Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins,
+    dns::{Client, SERVER, Unbound},
+    dns_json, proxy_json, sample, scrape, wait_for,
+};
+
+const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
+
+/// `count` connections to the web route, each sending 4 bytes and reading 5.
+fn connections(netns: &Netns, count: usize) {
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..count {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(b"pong!").unwrap();
+        }
+    });
+    netns.run(move || {
+        for _ in 0..count {
+            let mut stream = TcpStream::connect("127.0.0.1:18080").unwrap();
+            stream.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 5];
+            stream.read_exact(&mut buf).unwrap();
+        }
+    });
+    server.join().unwrap();
+}
+
+fn tables(netns: &Netns) -> String {
+    let out = netns
+        .command("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits for `closed` closed connections, then checks nftables against eBPF, each way.
+fn assert_nft_equals_ebpf(netns: &Netns, closed: usize) -> f64 {
+    let metrics = wait_for(
+        "the closes and both sources to agree",
+        Duration::from_secs(10),
+        || {
+            let text = scrape(netns);
+            let closed_now = sample(
+                &text,
+                "collector_proxy_connections_closed_total",
+                &[("route", "web")],
+            );
+            #[expect(clippy::cast_precision_loss, reason = "a small count")]
+            let done = closed_now == Some(closed as f64);
+            done.then_some(text)
+        },
+    );
+    let mut packets_in = 0.0;
+    for direction in ["in", "out"] {
+        let ebpf = sample(
+            &metrics,
+            "collector_proxy_packets_total",
+            &[("route", "web"), ("direction", direction)],
+        )
+        .unwrap();
+        let nft = sample(
+            &metrics,
+            "collector_nft_packets_total",
+            &[
+                ("service", "web"),
+                ("protocol", "tcp"),
+                ("port", "18080"),
+                ("direction", direction),
+            ],
+        )
+        .unwrap();
+        assert_eq!(nft, ebpf, "{direction}: nftables {nft}, eBPF {ebpf}");
+        assert!(nft > 0.0);
+        if direction == "in" {
+            packets_in = nft;
+        }
+    }
+    packets_in
+}
+
+#[test]
+fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+    let ours = format!("table inet {}\n", config.nft_table);
+    assert_eq!(tables(&netns).matches(&ours).count(), 1);
+
+    connections(&netns, 20);
+    let before = assert_nft_equals_ebpf(&netns, 20);
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for _ in 0..10 {
+            assert_eq!(
+                client.query("www.test.", RecordType::A),
+                ResponseCode::NoError
+            );
+        }
+    });
+    let dns = wait_for("10 answers", Duration::from_secs(10), || {
+        let json = dns_json(&netns);
+        (json["totalResponses"] == 10).then_some(json)
+    });
+    // One UDP packet per query and per response, on port 53 each way.
+    assert_eq!(dns["nftables"]["packetsIn"], 10, "{dns}");
+    assert_eq!(dns["nftables"]["packetsOut"], 10);
+    assert_eq!(dns["sources"]["nft"]["up"], true);
+    assert_eq!(
+        proxy_json(&netns)["routes"][0]["nftables"]["packetsIn"],
+        before
+    );
+
+    // A crash: the table stays, and so do the programs; traffic meanwhile counts on both.
+    agent.kill();
+    connections(&netns, 5);
+    let agent = Agent::start(&netns, &config);
+    assert_eq!(
+        tables(&netns).matches(&ours).count(),
+        1,
+        "one table after the restart"
+    );
+    connections(&netns, 5);
+    let after = assert_nft_equals_ebpf(&netns, 30);
+    assert!(
+        after > before,
+        "the nftables counts continued: {before} then {after}"
+    );
+
+    assert!(agent.stop().success());
+    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn without_nft_only_the_nft_source_is_down() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    // No `nft` on the agent's PATH (nsenter and the agent by absolute path).
+    let mut launcher = Command::new("/usr/bin/nsenter");
+    launcher
+        .arg(format!("--net=/var/run/netns/{}", netns.name))
+        .arg(COLLECTOR)
+        .env("PATH", "/nonexistent");
+    let agent = Agent::spawn(&netns, launcher, &config, &[]);
+    connections(&netns, 3);
+    let metrics = wait_for("3 closes", Duration::from_secs(10), || {
+        let text = scrape(&netns);
+        (sample(
+            &text,
+            "collector_proxy_connections_closed_total",
+            &[("route", "web")],
+        ) == Some(3.0))
+        .then_some(text)
+    });
+    assert_eq!(
+        sample(&metrics, "collector_source_up", &[("source", "nft")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&metrics, "collector_source_up", &[("source", "ebpf")]),
+        Some(1.0)
+    );
+    let proxy = proxy_json(&netns);
+    let error = proxy["sources"]["nft"]["lastError"].as_str().unwrap();
+    assert!(error.contains("apt install nftables"), "{error}");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
