@@ -195,3 +195,43 @@ fn without_nft_only_the_nft_source_is_down() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+#[test]
+fn cleanup_after_a_crash_leaves_nothing_of_ours() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 2);
+    agent.kill();
+    let ours = format!("table inet {}\n", config.nft_table);
+    assert!(tables(&netns).contains(&ours));
+    assert!(config.pin_dir.exists());
+
+    // Listing changes nothing; --apply removes the pins (so the links) and the table.
+    let list = netns
+        .command(COLLECTOR)
+        .args(["cleanup", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(listed.contains("links/tc_loopback_1"), "{listed}");
+    assert!(
+        listed.contains(&format!("nftables table inet {}", config.nft_table)),
+        "{listed}"
+    );
+    assert!(config.pin_dir.exists());
+    let apply = netns
+        .command(COLLECTOR)
+        .args(["cleanup", "--apply", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(
+        apply.status.success(),
+        "{}",
+        String::from_utf8_lossy(&apply.stderr)
+    );
+    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_pins(&config.pin_dir);
+}
