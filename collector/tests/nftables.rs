@@ -20,7 +20,7 @@ use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
     Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins,
     dns::{Client, SERVER, Unbound},
-    dns_json, proxy_json, sample, scrape, wait_for,
+    dns_json, proxy_json, run, sample, scrape, wait_for,
 };
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
@@ -233,5 +233,174 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
         String::from_utf8_lossy(&apply.stderr)
     );
     assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Veths from `netns` to `client` (10.78.1.0/24) and `backend` (10.78.2.0/24), forwarding on,
+/// and port 18080 of `netns` translated (DNAT) to the backend's 9000, as a proxy handing a route to the
+/// kernel would set it up.
+fn forwarding_topology(netns: &Netns, client: &Netns, backend: &Netns) {
+    for (peer, ours, theirs, net) in [
+        (&client, "vfwd0", "vfwd1", "1"),
+        (&backend, "vfwd2", "vfwd3", "2"),
+    ] {
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns.name,
+                "link",
+                "add",
+                ours,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                theirs,
+                "netns",
+                &peer.name,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns.name,
+                "addr",
+                "add",
+                &format!("10.78.{net}.1/24"),
+                "dev",
+                ours,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &peer.name,
+                "addr",
+                "add",
+                &format!("10.78.{net}.2/24"),
+                "dev",
+                theirs,
+            ],
+        );
+        run("ip", &["-n", &netns.name, "link", "set", ours, "up"]);
+        run("ip", &["-n", &peer.name, "link", "set", theirs, "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &peer.name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.78.{net}.1"),
+            ],
+        );
+    }
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+    // The proxy hands port 18080 to the kernel: DNAT to the backend, forwarded.
+    let nat = "table ip proxy_nat {\n  chain dnat_in {\n    type nat hook prerouting priority dstnat;\n    tcp dport 18080 dnat to 10.78.2.2:9000\n  }\n}\n";
+    let ruleset = std::env::temp_dir().join(format!("{}.nft", netns.name));
+    std::fs::write(&ruleset, nat).unwrap();
+    let status = netns
+        .command("nft")
+        .arg("-f")
+        .arg(&ruleset)
+        .status()
+        .unwrap();
+    let _ = std::fs::remove_file(&ruleset);
+    assert!(status.success());
+}
+
+#[test]
+fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
+    // client (10.78.1.2) -> agent's namespace (10.78.1.1:18080, DNAT) -> backend (10.78.2.2:9000)
+    let netns = Netns::new();
+    let client = Netns::new();
+    let backend = Netns::new();
+    forwarding_topology(&netns, &client, &backend);
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = backend.run(|| TcpListener::bind("10.78.2.2:9000").unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..5 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(b"pong!").unwrap();
+        }
+    });
+    client.run(|| {
+        for _ in 0..5 {
+            let mut stream = TcpStream::connect("10.78.1.1:18080").unwrap();
+            stream.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 5];
+            stream.read_exact(&mut buf).unwrap();
+        }
+    });
+    server.join().unwrap();
+
+    let metrics = wait_for(
+        "the forwarded packets in nftables",
+        Duration::from_secs(10),
+        || {
+            let text = scrape(&netns);
+            let nft_in = sample(
+                &text,
+                "collector_nft_packets_total",
+                &[
+                    ("service", "web"),
+                    ("protocol", "tcp"),
+                    ("port", "18080"),
+                    ("direction", "in"),
+                ],
+            )?;
+            // 5 connections: at least SYN, the request, an ACK or two and the FIN each.
+            (nft_in >= 20.0).then_some(text)
+        },
+    );
+    // tc saw the same packets arrive (it runs before netfilter) ...
+    let nft_in = sample(
+        &metrics,
+        "collector_nft_packets_total",
+        &[
+            ("service", "web"),
+            ("protocol", "tcp"),
+            ("port", "18080"),
+            ("direction", "in"),
+        ],
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_packets_total",
+            &[("route", "web"), ("direction", "in")]
+        ),
+        nft_in
+    );
+    // ... but no local socket accepted anything: the connection counters never moved.
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connections_opened_total",
+            &[("route", "web")]
+        ),
+        Some(0.0)
+    );
+    assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
