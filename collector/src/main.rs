@@ -3,6 +3,7 @@
 mod api;
 mod bpf_sys;
 mod check;
+mod client;
 mod config;
 mod counters;
 mod dns;
@@ -21,7 +22,6 @@ mod rates;
 mod serve;
 mod slots;
 mod snapshot;
-mod tail;
 mod topk;
 
 use std::{
@@ -72,6 +72,19 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
     },
+    /// The running agent's figures, as in its JSON API: a table for people, or `--json`.
+    Stats {
+        #[arg(value_enum)]
+        what: StatsOf,
+        /// The agent's listen address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: SocketAddr,
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Inspect the pinned maps (from bpffs: works while the agent runs and after it crashed).
     Maps {
         #[command(subcommand)]
@@ -90,6 +103,12 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StatsOf {
+    Proxy,
+    Dns,
 }
 
 #[derive(Subcommand)]
@@ -147,7 +166,13 @@ fn main() -> std::process::ExitCode {
                 .context("starting the async runtime")?
                 .block_on(run(&config, bpf_stats))
         }),
-        Command::Events { listen } => tail::events(listen),
+        Command::Events { listen } => client::events(listen),
+        Command::Stats {
+            what,
+            listen,
+            json,
+            watch,
+        } => client::stats(listen, matches!(what, StatsOf::Dns), json, watch),
         Command::Maps {
             action: MapsAction::List { config, json },
         } => load_config(config.as_deref()).and_then(|config| {

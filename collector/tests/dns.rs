@@ -236,3 +236,49 @@ fn cache_hits_and_misses_match_the_servers_own_statistics() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+#[test]
+fn an_event_overload_drops_events_and_no_counts() {
+    const QUERIES: u64 = 8000;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+    // A stalled agent drains nothing: 8000 sampled queries and answers overflow the 2 MiB ring.
+    agent.pause(true);
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for i in 0..QUERIES {
+            let name = if i % 2 == 0 { "www.test." } else { "api.test." };
+            assert_eq!(client.query(name, RecordType::A), ResponseCode::NoError);
+        }
+    });
+    agent.pause(false);
+    let json = wait_for("the agent to catch up", Duration::from_secs(10), || {
+        let json = dns_json(&netns);
+        (json["totalResponses"] == QUERIES).then_some(json)
+    });
+    let dropped = json["eventsDropped"].as_u64().unwrap();
+    assert!(dropped > 0, "no events dropped: {json}");
+    // Every counter is exact whatever the events did.
+    assert_eq!(json["totalQueries"], QUERIES);
+    assert_eq!(json["queryTypeBreakdown"]["A"], QUERIES);
+    assert_eq!(json["responseCodes"]["NOERROR"], QUERIES);
+    assert_eq!(json["latency"]["count"], QUERIES);
+    assert_eq!(json["cacheStats"]["hits"], QUERIES);
+    // The samples that made it are fewer than the queries, by what was lost.
+    let sampled: u64 = json["topDomains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    assert!(sampled < QUERIES, "{sampled}");
+    let metrics = scrape(&netns);
+    assert_eq!(
+        sample(&metrics, "collector_dns_events_dropped_total", &[]),
+        Some(f64::from(u32::try_from(dropped).unwrap()))
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}

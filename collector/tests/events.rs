@@ -191,3 +191,49 @@ fn events_prints_every_connection_and_query_at_a_low_rate() {
     reader.join().unwrap();
     drop(probes);
 }
+
+#[test]
+fn stats_prints_the_agents_figures_as_a_table_and_as_json() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let web = netns.run(|| TcpListener::bind(("127.0.0.1", 18080)).unwrap());
+    let server = echo_once(web, 3);
+    for _ in 0..3 {
+        netns.run(|| round_trip(18080));
+    }
+    server.join().unwrap();
+    let stats = |args: &[&str]| {
+        let out = netns
+            .command(COLLECTOR)
+            .arg("stats")
+            .args(args)
+            .args(["--listen", LISTEN])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let json: serde_json::Value = support::wait_for("3 closes", Duration::from_secs(10), || {
+        let json: serde_json::Value = serde_json::from_str(&stats(&["proxy", "--json"])).ok()?;
+        (json["routes"][0]["closed"] == 3).then_some(json)
+    });
+    assert_eq!(json["totalConnections"], 3);
+    let table = stats(&["proxy"]);
+    let web_line = table
+        .lines()
+        .find(|line| line.starts_with("web "))
+        .unwrap_or_else(|| panic!("{table}"));
+    // ROUTE TYPE ACTIVE OPENED CLOSED ...
+    assert_eq!(
+        web_line.split_whitespace().take(5).collect::<Vec<_>>(),
+        ["web", "https", "0", "3", "3"],
+        "{table}"
+    );
+    assert!(stats(&["dns"]).starts_with("queries 0"));
+    assert!(agent.stop().success());
+}

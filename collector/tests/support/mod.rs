@@ -233,6 +233,11 @@ impl Agent {
         self.child.take().unwrap().wait().unwrap()
     }
 
+    /// SIGSTOP or SIGCONT: a stalled agent (its readers stop, the kernel keeps counting).
+    pub fn pause(&self, paused: bool) {
+        self.signal(if paused { libc::SIGSTOP } else { libc::SIGCONT });
+    }
+
     /// SIGKILL, as a crash would: nothing gets cleaned up.
     pub fn kill(mut self) {
         self.signal(libc::SIGKILL);

@@ -1,0 +1,235 @@
+//! The CLI commands that talk to a running agent over its HTTP endpoint: `collector events`
+//! (tails `/api/v1/events`, one JSON line per event, until the agent stops or the reader goes
+//! away) and `collector stats proxy|dns` (the JSON API as a table, or as JSON).
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// Streams the agent's events at `agent` to stdout.
+pub fn events(agent: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(agent).with_context(|| {
+        format!("connecting to the collector at {agent} (is it running? see --listen)")
+    })?;
+    write!(
+        stream,
+        "GET /api/v1/events HTTP/1.1\r\nHost: {agent}\r\nAccept: application/x-ndjson\r\n\r\n"
+    )?;
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        bail!("the collector at {agent} answered {}", status.trim_end());
+    }
+    let mut chunked = false;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if line.eq_ignore_ascii_case("transfer-encoding: chunked") {
+            chunked = true;
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if !chunked {
+        std::io::copy(&mut reader, &mut out)?;
+        return Ok(());
+    }
+    // HTTP/1.1 chunked transfer coding: a hex size line, the bytes, CRLF; size 0 ends it.
+    loop {
+        let mut size = String::new();
+        if reader.read_line(&mut size)? == 0 {
+            return Ok(());
+        }
+        let size = usize::from_str_radix(size.trim_end().split(';').next().unwrap_or(""), 16)
+            .context("reading the event stream: a malformed chunk size")?;
+        if size == 0 {
+            return Ok(());
+        }
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk)?;
+        chunk.truncate(size);
+        if out.write_all(&chunk).and_then(|()| out.flush()).is_err() {
+            // The reader went away (a closed pipe): not an error for a tail.
+            return Ok(());
+        }
+    }
+}
+
+/// GET `path` from the agent and parse its JSON body.
+pub fn get_json(agent: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let mut stream = TcpStream::connect(agent).with_context(|| {
+        format!("connecting to the collector at {agent} (is it running? see --listen)")
+    })?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("a malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "the collector at {agent} answered {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    serde_json::from_str(body).context("the collector's answer is not JSON")
+}
+
+fn number(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(0.0)
+}
+
+/// `/api/v1/proxy` as a table: one line per route, then the totals.
+#[must_use]
+pub fn proxy_table(json: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<9} {:>8} {:>10} {:>10} {:>9} {:>12} {:>12} {:>10}",
+        "ROUTE", "TYPE", "ACTIVE", "OPENED", "CLOSED", "CONN/S", "IN B/S", "OUT B/S", "P50 S"
+    );
+    for route in json["routes"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<9} {:>8} {:>10} {:>10} {:>9.1} {:>12.0} {:>12.0} {:>10.4}",
+            route["name"].as_str().unwrap_or(""),
+            route["type"].as_str().unwrap_or(""),
+            route["active"],
+            route["opened"],
+            route["closed"],
+            number(&route["connectionsPerSecond"]["instant"]),
+            number(&route["throughput"]["bytesIn"]["instant"]),
+            number(&route["throughput"]["bytesOut"]["instant"]),
+            number(&route["duration"]["p50"]),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "total: {} active, {} connections, {:.1} new/s",
+        json["activeConnections"],
+        json["totalConnections"],
+        number(&json["requestsPerSecond"])
+    );
+    out
+}
+
+/// `/api/v1/dns` as a few readable lines.
+#[must_use]
+pub fn dns_table(json: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let pairs = |value: &Value| -> String {
+        value
+            .as_object()
+            .map(|map| {
+                map.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let _ = writeln!(
+        out,
+        "queries {} ({:.1}/s), responses {}, error rate {}",
+        json["totalQueries"],
+        number(&json["queriesPerSecond"]),
+        json["totalResponses"],
+        json["errorRate"]
+    );
+    let _ = writeln!(
+        out,
+        "cache: {} hits, {} misses, hit rate {}",
+        json["cacheStats"]["hits"], json["cacheStats"]["misses"], json["cacheStats"]["hitRate"]
+    );
+    let _ = writeln!(out, "types: {}", pairs(&json["queryTypeBreakdown"]));
+    let _ = writeln!(out, "codes: {}", pairs(&json["responseCodes"]));
+    let _ = writeln!(
+        out,
+        "latency: p50 {} s, p99 {} s ({} answered)",
+        json["latency"]["p50"], json["latency"]["p99"], json["latency"]["count"]
+    );
+    let _ = writeln!(out, "top domains:");
+    for domain in json["topDomains"].as_array().into_iter().flatten().take(10) {
+        let _ = writeln!(
+            out,
+            "  {:>10}  {}",
+            domain["count"],
+            domain["domain"].as_str().unwrap_or("")
+        );
+    }
+    out
+}
+
+/// `collector stats proxy|dns`: once, or every second with `watch`.
+pub fn stats(agent: SocketAddr, dns: bool, json: bool, watch: bool) -> anyhow::Result<()> {
+    let path = if dns { "/api/v1/dns" } else { "/api/v1/proxy" };
+    loop {
+        let value = get_json(agent, path)?;
+        let text = if json {
+            format!("{value}\n")
+        } else if dns {
+            dns_table(&value)
+        } else {
+            proxy_table(&value)
+        };
+        if watch && !json {
+            // Clear the screen and home the cursor, like watch(1).
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{text}");
+        std::io::stdout().flush()?;
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_show_the_figures_people_look_for() {
+        let proxy = serde_json::json!({
+            "activeConnections": 2, "totalConnections": 5, "requestsPerSecond": 1.5,
+            "routes": [{"name": "web", "type": "http", "active": 2, "opened": 5, "closed": 3,
+                "connectionsPerSecond": {"instant": 1.5},
+                "throughput": {"bytesIn": {"instant": 100.0}, "bytesOut": {"instant": 900.0}},
+                "duration": {"p50": 0.25}}]
+        });
+        let table = proxy_table(&proxy);
+        let web = table.lines().nth(1).unwrap();
+        assert!(web.starts_with("web") && web.contains("http"), "{table}");
+        assert!(
+            web.split_whitespace().collect::<Vec<_>>()[2..5] == ["2", "5", "3"],
+            "{web}"
+        );
+        assert!(table.contains("total: 2 active, 5 connections"));
+
+        let dns = serde_json::json!({
+            "totalQueries": 9, "queriesPerSecond": 3.0, "totalResponses": 9, "errorRate": 0.0,
+            "cacheStats": {"hits": 8, "misses": 1, "hitRate": 0.888},
+            "queryTypeBreakdown": {"A": 9}, "responseCodes": {"NOERROR": 9},
+            "latency": {"p50": 0.001, "p99": 0.002, "count": 9},
+            "topDomains": [{"domain": "example.com", "count": 9}]
+        });
+        let text = dns_table(&dns);
+        assert!(text.contains("cache: 8 hits, 1 misses"), "{text}");
+        assert!(text.contains("types: A 9"));
+        assert!(text.contains("9  example.com"));
+    }
+}
