@@ -406,6 +406,87 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
 }
 
 #[test]
+fn under_steady_traffic_a_crash_and_restart_lose_nothing_and_never_go_back() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const REQUEST: usize = 50;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", WEB_PORT)).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_stop = Arc::clone(&stop);
+    let server = thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        while !server_stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false).unwrap();
+                    let mut buf = [0u8; REQUEST];
+                    stream.read_exact(&mut buf).unwrap();
+                    stream.write_all(b"ok").unwrap();
+                }
+                Err(_) => thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+    // A client that never stops until told: one connection every few milliseconds.
+    let client_stop = Arc::clone(&stop);
+    let client = netns.spawn(move || {
+        let mut made = 0u64;
+        while !client_stop.load(Ordering::Relaxed) {
+            let mut stream = TcpStream::connect(("127.0.0.1", WEB_PORT)).unwrap();
+            stream.write_all(&[b'x'; REQUEST]).unwrap();
+            let mut buf = [0u8; 2];
+            stream.read_exact(&mut buf).unwrap();
+            made += 1;
+            thread::sleep(Duration::from_millis(3));
+        }
+        made
+    });
+    let read = |netns: &Netns| {
+        let metrics = scrape(netns);
+        [
+            "collector_proxy_connections_opened_total",
+            "collector_proxy_connections_closed_total",
+            "collector_proxy_connection_received_bytes_total",
+        ]
+        .map(|name| route_value(&metrics, name, "web"))
+    };
+    thread::sleep(Duration::from_millis(500));
+    let before = read(&netns);
+    agent.kill();
+    thread::sleep(Duration::from_millis(300));
+    let agent = Agent::start(&netns, &config);
+    let after = read(&netns);
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let made = client.join().unwrap();
+    server.join().unwrap();
+    // Monotonic across the crash: nothing went back.
+    for (b, a) in before.iter().zip(&after) {
+        assert!(
+            a >= b,
+            "a counter went back across the restart: {before:?} then {after:?}"
+        );
+    }
+    // And the totals are the traffic sent, connections made while the agent was down included.
+    #[expect(clippy::cast_precision_loss, reason = "a count far below 2^52")]
+    let made = made as f64;
+    let total = wait_for("every connection closed", Duration::from_secs(10), || {
+        let now = read(&netns);
+        (now[1] == made).then_some(now)
+    });
+    assert_eq!(total[0], made);
+    assert_eq!(total[2], made * REQUEST as f64);
+    assert!(before[0] > 0.0 && made > before[0], "{before:?}, {made}");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
 fn an_incompatible_pinned_map_is_refused_with_the_fix() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
