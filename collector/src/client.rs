@@ -198,6 +198,29 @@ pub fn stats(agent: SocketAddr, dns: bool, json: bool, watch: bool) -> anyhow::R
     }
 }
 
+/// `collector top`: routes and DNS together, refreshed every second (or once).
+pub fn top(agent: SocketAddr, once: bool) -> anyhow::Result<()> {
+    loop {
+        let proxy = get_json(agent, "/api/v1/proxy")?;
+        let dns = get_json(agent, "/api/v1/dns")?;
+        let mut out = std::io::stdout().lock();
+        if !once {
+            write!(out, "\x1b[2J\x1b[H")?;
+        }
+        writeln!(out, "collector at {agent}\n")?;
+        write!(out, "{}", proxy_table(&proxy))?;
+        if dns["enabled"] == true {
+            writeln!(out)?;
+            write!(out, "{}", dns_table(&dns))?;
+        }
+        out.flush()?;
+        if once {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,6 +85,15 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// A live view of routes and DNS, refreshed every second, like top.
+    Top {
+        /// The agent's listen address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: SocketAddr,
+        /// Print one view and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Inspect the pinned maps (from bpffs: works while the agent runs and after it crashed).
     Maps {
         #[command(subcommand)]
@@ -120,6 +129,19 @@ enum MapsAction {
         /// One JSON document instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// One map's numbers, refreshed, with their change per second.
+    Watch {
+        /// The map's name, as `maps list` shows it.
+        name: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Milliseconds between refreshes.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// One map's contents, decoded, per-CPU values summed (JSON).
     Dump {
@@ -167,6 +189,7 @@ fn main() -> std::process::ExitCode {
                 .block_on(run(&config, bpf_stats))
         }),
         Command::Events { listen } => client::events(listen),
+        Command::Top { listen, once } => client::top(listen, once),
         Command::Stats {
             what,
             listen,
@@ -183,6 +206,22 @@ fn main() -> std::process::ExitCode {
                 maps::print_list(&rows);
             }
             Ok(())
+        }),
+        Command::Maps {
+            action:
+                MapsAction::Watch {
+                    name,
+                    config,
+                    interval_ms,
+                    count,
+                },
+        } => load_config(config.as_deref()).and_then(|config| {
+            maps::watch(
+                &config.pin_dir,
+                &name,
+                std::time::Duration::from_millis(interval_ms.max(100)),
+                count,
+            )
         }),
         Command::Maps {
             action: MapsAction::Dump { name, config, json },

@@ -253,6 +253,74 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
     }))
 }
 
+/// Every number in a dump, by its path (`0.opened`, `queriesByQtype.A`), in order.
+#[must_use]
+pub fn flatten(value: &Value) -> Vec<(String, f64)> {
+    fn walk(value: &Value, path: String, out: &mut Vec<(String, f64)>) {
+        match value {
+            Value::Number(n) => out.push((path, n.as_f64().unwrap_or(0.0))),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, join(&path, &i.to_string()), out);
+                }
+            }
+            Value::Object(map) => {
+                for (key, item) in map {
+                    walk(item, join(&path, key), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    fn join(path: &str, key: &str) -> String {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, String::new(), &mut out);
+    out
+}
+
+/// `maps watch NAME`: the map's numbers every `interval`, each with its change per second
+/// since the previous refresh; `count` refreshes, or until interrupted.
+pub fn watch(
+    pin_dir: &Path,
+    name: &str,
+    interval: std::time::Duration,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut previous: Option<(std::time::Instant, Vec<(String, f64)>)> = None;
+    let mut refreshes = 0u64;
+    loop {
+        let now = std::time::Instant::now();
+        let values = flatten(&dump(pin_dir, name)?);
+        let mut out = std::io::stdout().lock();
+        // Clear the screen and home the cursor, like watch(1).
+        write!(out, "\x1b[2J\x1b[H")?;
+        writeln!(out, "{name} every {:.1} s", interval.as_secs_f64())?;
+        writeln!(out, "{:<40} {:>16} {:>14}", "FIELD", "VALUE", "PER SECOND")?;
+        for (path, value) in &values {
+            let rate = previous.as_ref().and_then(|(then, old)| {
+                let old = old.iter().find(|(p, _)| p == path)?.1;
+                Some((value - old) / now.duration_since(*then).as_secs_f64())
+            });
+            let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"));
+            writeln!(out, "{path:<40} {value:>16} {rate:>14}")?;
+        }
+        out.flush()?;
+        previous = Some((now, values));
+        refreshes += 1;
+        if count.is_some_and(|count| refreshes >= count) {
+            return Ok(());
+        }
+        std::thread::sleep(interval);
+    }
+}
+
 /// `maps list` as a table for people.
 pub fn print_list(rows: &[MapRow]) {
     println!(
@@ -264,6 +332,24 @@ pub fn print_list(rows: &[MapRow]) {
         println!(
             "{:<16} {:<14} {:>5} {:>6} {:>9} {:>8}",
             row.name, row.kind, row.key_size, row.value_size, row.capacity, in_use
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dumps_flatten_to_paths() {
+        let value = json!([{"route": "web", "opened": 3, "closed": 2}, {"x": {"y": 1.5}}]);
+        assert_eq!(
+            flatten(&value),
+            [
+                ("0.closed".to_owned(), 2.0),
+                ("0.opened".to_owned(), 3.0),
+                ("1.x.y".to_owned(), 1.5)
+            ]
         );
     }
 }

@@ -235,5 +235,13 @@ fn stats_prints_the_agents_figures_as_a_table_and_as_json() {
         "{table}"
     );
     assert!(stats(&["dns"]).starts_with("queries 0"));
+    let top = netns
+        .command(COLLECTOR)
+        .args(["top", "--once", "--listen", LISTEN])
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&top.stdout);
+    assert!(top.lines().any(|l| l.starts_with("web ")), "{top}");
+    assert!(top.contains("queries 0"), "{top}");
     assert!(agent.stop().success());
 }

@@ -38,11 +38,8 @@ fn collector(args: &[&str], config: &AgentConfig) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-#[test]
-fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
-    let netns = Netns::new();
-    let config = AgentConfig::new(ROUTES);
-    let agent = Agent::start(&netns, &config);
+/// `DONE` connections made and closed, `HELD` more left open: (client ends, server ends).
+fn done_and_held(netns: &Netns) -> (Vec<TcpStream>, Vec<TcpStream>) {
     let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
     let server = thread::spawn(move || {
         let mut held = Vec::new();
@@ -73,6 +70,50 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
         open
     });
     let held = server.join().unwrap();
+    (clients, held)
+}
+
+/// `maps watch` of the route counters: the value, then its change per second.
+fn assert_watch_shows_opened(config: &AgentConfig, opened_count: usize) {
+    // A refreshing view of the same map: its numbers, then their change per second.
+    let watch = std::process::Command::new(COLLECTOR)
+        .args([
+            "maps",
+            "watch",
+            map_names::CONN_COUNTERS,
+            "--count",
+            "2",
+            "--interval-ms",
+            "200",
+        ])
+        .arg("--config")
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(
+        watch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    let text = String::from_utf8_lossy(&watch.stdout);
+    let last_view = text.rsplit("\x1b[2J\x1b[H").next().unwrap();
+    let opened = last_view
+        .lines()
+        .find(|line| line.starts_with("0.opened"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // Value 15, and a rate (0.0: no new connections between the two refreshes).
+    assert_eq!(
+        opened.split_whitespace().collect::<Vec<_>>(),
+        ["0.opened", &opened_count.to_string(), "0.0"]
+    );
+}
+
+#[test]
+fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let (clients, held) = done_and_held(&netns);
     let metrics = wait_for("10 closed connections", Duration::from_secs(10), || {
         let text = scrape(&netns);
         (sample(
@@ -130,6 +171,8 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
     }
     assert_eq!(web["opened"], DONE + HELD);
     assert_eq!(web["bytesIn"], DONE * 4);
+
+    assert_watch_shows_opened(&config, DONE + HELD);
 
     // From the pins alone: the agent crashed, the maps stay readable.
     agent.kill();
