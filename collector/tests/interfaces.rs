@@ -31,50 +31,14 @@ fn attached(metrics: &str, interface: &str) -> bool {
 
 /// A veth pair: `vcoll0` (10.77.0.1) in `netns`, `vcoll1` (10.77.0.2) in `peer`.
 fn add_veth(netns: &Netns, peer: &Netns) {
-    // A veth pair made after the agent started: our end here, the client's in `peer`.
-    run(
-        "ip",
-        &[
-            "-n",
-            &netns.name,
-            "link",
-            "add",
-            "vcoll0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "vcoll1",
-            "netns",
-            &peer.name,
-        ],
+    support::veth(
+        netns,
+        "vcoll0",
+        "10.77.0.1/24",
+        peer,
+        "vcoll1",
+        "10.77.0.2/24",
     );
-    run(
-        "ip",
-        &[
-            "-n",
-            &netns.name,
-            "addr",
-            "add",
-            "10.77.0.1/24",
-            "dev",
-            "vcoll0",
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "-n",
-            &peer.name,
-            "addr",
-            "add",
-            "10.77.0.2/24",
-            "dev",
-            "vcoll1",
-        ],
-    );
-    run("ip", &["-n", &peer.name, "link", "set", "vcoll1", "up"]);
-    run("ip", &["-n", &netns.name, "link", "set", "vcoll0", "up"]);
 }
 
 #[test]

@@ -241,52 +241,17 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
 /// kernel would set it up.
 fn forwarding_topology(netns: &Netns, client: &Netns, backend: &Netns) {
     for (peer, ours, theirs, net) in [
-        (&client, "vfwd0", "vfwd1", "1"),
-        (&backend, "vfwd2", "vfwd3", "2"),
+        (client, "vfwd0", "vfwd1", "1"),
+        (backend, "vfwd2", "vfwd3", "2"),
     ] {
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns.name,
-                "link",
-                "add",
-                ours,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                theirs,
-                "netns",
-                &peer.name,
-            ],
+        support::veth(
+            netns,
+            ours,
+            &format!("10.78.{net}.1/24"),
+            peer,
+            theirs,
+            &format!("10.78.{net}.2/24"),
         );
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns.name,
-                "addr",
-                "add",
-                &format!("10.78.{net}.1/24"),
-                "dev",
-                ours,
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &peer.name,
-                "addr",
-                "add",
-                &format!("10.78.{net}.2/24"),
-                "dev",
-                theirs,
-            ],
-        );
-        run("ip", &["-n", &netns.name, "link", "set", ours, "up"]);
-        run("ip", &["-n", &peer.name, "link", "set", theirs, "up"]);
         run(
             "ip",
             &[

@@ -121,6 +121,45 @@ impl Drop for Netns {
     }
 }
 
+/// A veth pair, both ends up: `ours` with `our_addr` (CIDR) in `netns`, `theirs` with
+/// `their_addr` in `peer`.
+pub fn veth(
+    netns: &Netns,
+    ours: &str,
+    our_addr: &str,
+    peer: &Netns,
+    theirs: &str,
+    their_addr: &str,
+) {
+    run(
+        "ip",
+        &[
+            "-n",
+            &netns.name,
+            "link",
+            "add",
+            ours,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            theirs,
+            "netns",
+            &peer.name,
+        ],
+    );
+    run(
+        "ip",
+        &["-n", &netns.name, "addr", "add", our_addr, "dev", ours],
+    );
+    run(
+        "ip",
+        &["-n", &peer.name, "addr", "add", their_addr, "dev", theirs],
+    );
+    run("ip", &["-n", &peer.name, "link", "set", theirs, "up"]);
+    run("ip", &["-n", &netns.name, "link", "set", ours, "up"]);
+}
+
 /// A config file and pin directory of the test's own.
 pub struct AgentConfig {
     pub dir: PathBuf,
