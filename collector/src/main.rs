@@ -18,6 +18,7 @@ mod nfnetlink;
 mod nft;
 mod paths;
 mod poller;
+mod privileges;
 mod rates;
 mod serve;
 mod slots;
@@ -184,9 +185,7 @@ fn main() -> std::process::ExitCode {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
-            tokio::runtime::Runtime::new()
-                .context("starting the async runtime")?
-                .block_on(run(&config, bpf_stats))
+            run(&config, bpf_stats)
         }),
         Command::Events { listen } => client::events(listen),
         Command::Top { listen, once } => client::top(listen, once),
@@ -259,20 +258,41 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let listener = serve::bind(config.listen).await?;
-
+/// The agent: bind, load and attach, drop the capabilities no longer needed, then serve on
+/// the async runtime until SIGINT/SIGTERM, and detach.
+fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
+    // Bind first: a taken address is refused before anything is attached.
+    let listener = serve::bind(config.listen)?;
     let mut attachment = Attachment::attach(&Options { config, bpf_stats })?;
     let mut nft = NftSource::start(config);
-    let result = serve_until_signal(&mut attachment, &mut nft, config, listener, async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-    })
-    .await;
+    // Before the runtime's threads exist: capabilities are per thread, and they inherit.
+    match privileges::keep_only_runtime_capabilities() {
+        Ok(dropped) => tracing::info!(
+            dropped,
+            kept = ?privileges::kept_names(),
+            "dropped the capabilities no longer needed"
+        ),
+        Err(err) => tracing::warn!("could not drop capabilities: {err}"),
+    }
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let mut sigterm =
+                    signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+                let mut sigint =
+                    signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .context("serving on the listen socket")?;
+                serve_until_signal(&mut attachment, &mut nft, config, listener, async move {
+                    tokio::select! {
+                        _ = sigterm.recv() => {}
+                        _ = sigint.recv() => {}
+                    }
+                })
+                .await
+            })
+        });
     tracing::info!("stopping: detaching programs and removing pins");
     let removed = nft.stop();
     let detached = attachment.detach();

@@ -122,9 +122,12 @@ pub async fn serve(
 }
 
 /// Binds the listen address, saying what to do when it is taken.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     use anyhow::Context as _;
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| {
         format!("listening on {addr} (is another collector running? choose another with --listen)")
-    })
+    })?;
+    // tokio takes it over once the runtime runs.
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }

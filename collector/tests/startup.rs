@@ -190,3 +190,55 @@ fn check_names_a_missing_bpffs_and_the_fix() {
         "{stdout}"
     );
 }
+
+#[test]
+fn after_attaching_the_agent_keeps_only_cap_bpf_and_cap_net_admin_and_still_counts() {
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let agent = Agent::start(&netns, &config);
+    // Every thread of the agent: capabilities are per thread.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid())).unwrap();
+    for task in tasks {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let effective = status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(effective, (1 << 39) | (1 << 12), "CapEff {effective:#x}");
+    }
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..4 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 2];
+            stream.read_exact(&mut buf).unwrap();
+        }
+    });
+    netns.run(|| {
+        for _ in 0..4 {
+            TcpStream::connect("127.0.0.1:18080")
+                .unwrap()
+                .write_all(b"hi")
+                .unwrap();
+        }
+    });
+    server.join().unwrap();
+    wait_for("4 closed connections", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (sample(
+            &metrics,
+            "collector_proxy_connections_closed_total",
+            &[("route", "web")],
+        ) == Some(4.0)
+            && sample(
+                &metrics,
+                "collector_proxy_connection_received_bytes_total",
+                &[("route", "web")],
+            ) == Some(8.0))
+        .then_some(())
+    });
+    // And it still stops cleanly: pins removed by their owner, the nftables table by `nft`.
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
+}

@@ -272,6 +272,11 @@ impl Agent {
         self.child.take().unwrap().wait().unwrap()
     }
 
+    /// The agent's process id (`nsenter` and `ip netns exec` exec it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// SIGSTOP or SIGCONT: a stalled agent (its readers stop, the kernel keeps counting).
     pub fn pause(&self, paused: bool) {
         self.signal(if paused { libc::SIGSTOP } else { libc::SIGCONT });
