@@ -33,6 +33,18 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub dns: DnsConfig,
     pub nftables: NftConfig,
+    pub http: HttpConfig,
+}
+
+/// Protection of the HTTP endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// File holding the bearer token every request must carry (except the probes).
+    pub bearer_token_file: Option<PathBuf>,
+    /// Requests served at once; more are answered 503.
+    pub max_concurrent_requests: usize,
+    /// Longest time a request may take (event streams excepted); then 503.
+    pub request_timeout: Duration,
 }
 
 /// nftables settings: the agent's own table of counters.
@@ -128,6 +140,15 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     dns: Option<RawDns>,
     nftables: Option<RawNft>,
+    http: Option<RawHttp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    bearer_token_file: Option<Spanned<String>>,
+    max_concurrent_requests: Option<Spanned<u64>>,
+    request_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +306,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
     let routes = validate_routes(source, &raw.routes)?;
     let dns = validate_dns(source, raw.dns.as_ref())?;
     let nftables = validate_nftables(source, raw.nftables.as_ref())?;
+    let http = validate_http(source, raw.http.as_ref())?;
     Ok(Config {
         listen,
         pin_dir,
@@ -295,7 +317,30 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         routes,
         dns,
         nftables,
+        http,
     })
+}
+
+fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfig, ConfigError> {
+    let mut http = HttpConfig {
+        bearer_token_file: None,
+        max_concurrent_requests: 64,
+        request_timeout: Duration::from_secs(10),
+    };
+    let Some(raw) = raw else {
+        return Ok(http);
+    };
+    http.bearer_token_file =
+        absolute_path(source, raw.bearer_token_file.as_ref(), "bearer_token_file")?;
+    if let Some(limit) = &raw.max_concurrent_requests {
+        http.max_concurrent_requests =
+            in_range(source, limit, "max_concurrent_requests", 1, 10_000)?;
+    }
+    if let Some(timeout) = &raw.request_timeout_ms {
+        let ms: u64 = in_range(source, timeout, "request_timeout_ms", 100, 600_000)?;
+        http.request_timeout = Duration::from_millis(ms);
+    }
+    Ok(http)
 }
 
 fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftConfig, ConfigError> {

@@ -261,8 +261,10 @@ fn main() -> std::process::ExitCode {
 /// The agent: bind, load and attach, drop the capabilities no longer needed, then serve on
 /// the async runtime until SIGINT/SIGTERM, and detach.
 fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
-    // Bind first: a taken address is refused before anything is attached.
+    // Bind first: a taken address (or an unreadable token file) is refused before anything
+    // is attached.
     let listener = serve::bind(config.listen)?;
+    let guard = serve::Guard::from_config(&config.http)?;
     let mut attachment = Attachment::attach(&Options { config, bpf_stats })?;
     let mut nft = NftSource::start(config);
     // Before the runtime's threads exist: capabilities are per thread, and they inherit.
@@ -284,7 +286,8 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
                     signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .context("serving on the listen socket")?;
-                serve_until_signal(&mut attachment, &mut nft, config, listener, async move {
+                let http = Http { listener, guard };
+                serve_until_signal(&mut attachment, &mut nft, config, http, async move {
                     tokio::select! {
                         _ = sigterm.recv() => {}
                         _ = sigint.recv() => {}
@@ -355,11 +358,17 @@ impl NftSource {
     }
 }
 
+/// The HTTP side: where it listens and what guards it.
+struct Http {
+    listener: tokio::net::TcpListener,
+    guard: serve::Guard,
+}
+
 async fn serve_until_signal(
     attachment: &mut Attachment,
     nft: &mut NftSource,
     config: &Config,
-    listener: tokio::net::TcpListener,
+    http: Http,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let maps = attachment.take_maps()?;
@@ -385,9 +394,10 @@ async fn serve_until_signal(
     let latest = Arc::new(SharedSnapshot::default());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve::serve(
-        listener,
+        http.listener,
         Arc::clone(&latest),
         Arc::clone(&hub),
+        http.guard,
         async move {
             let _ = server_stopped.await;
         },

@@ -1,12 +1,18 @@
 //! HTTP: `/metrics` (`OpenMetrics`), the JSON API, and the probes. Handlers only read the
 //! published snapshot; nothing here touches the kernel.
+//!
+//! Guarded by one middleware: a bearer token when configured, a cap on requests served at
+//! once, and a time limit per request (event streams excepted); over either limit, 503. The
+//! probes `/healthz` and `/readyz` are exempt from all three: kubelet probes carry no
+//! credentials and must be answered under load.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Request, State},
     http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -24,8 +30,100 @@ struct AppState {
     hub: Arc<EventHub>,
 }
 
+/// What guards every request.
+#[derive(Clone)]
+pub struct Guard {
+    /// Requests must carry `Authorization: Bearer <token>`.
+    pub token: Option<Arc<str>>,
+    pub permits: Arc<tokio::sync::Semaphore>,
+    pub timeout: std::time::Duration,
+}
+
+impl Guard {
+    /// From the config; reads the token file (a missing or empty one is an error).
+    pub fn from_config(http: &crate::config::HttpConfig) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let token = match &http.bearer_token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the bearer token file {}", path.display()))?;
+                let token = text.trim();
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "the bearer token file {} is empty",
+                    path.display()
+                );
+                Some(Arc::from(token))
+            }
+            None => None,
+        };
+        Ok(Self {
+            token,
+            permits: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_requests)),
+            timeout: http.request_timeout,
+        })
+    }
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let probe = matches!(path, "/healthz" | "/readyz");
+    if let (Some(token), false) = (&guard.token, probe) {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        if !given.is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "a bearer token is required\n",
+            )
+                .into_response();
+        }
+    }
+    if probe {
+        // Cheap, and kubelet must get an answer under load too.
+        return next.run(request).await;
+    }
+    let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests at once\n",
+        )
+            .into_response();
+    };
+    if path == "/api/v1/events" {
+        // A stream lives as long as its body: the permit goes with the body, not the headers.
+        let response = next.run(request).await;
+        return response.map(|body| {
+            use futures_util::StreamExt as _;
+            axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+                let _held = &permit;
+                chunk
+            }))
+        });
+    }
+    let _permit = permit;
+    match tokio::time::timeout(guard.timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response(),
+    }
+}
+
 /// The router for the agent's endpoints.
-pub fn router(latest: Arc<SharedSnapshot>, hub: Arc<EventHub>) -> Router {
+pub fn router(latest: Arc<SharedSnapshot>, hub: Arc<EventHub>, guard_with: Guard) -> Router {
     let registry = Arc::new(metrics::registry(Arc::clone(&latest)));
     Router::new()
         .route("/metrics", get(serve_metrics))
@@ -39,6 +137,7 @@ pub fn router(latest: Arc<SharedSnapshot>, hub: Arc<EventHub>) -> Router {
             registry,
             hub,
         })
+        .layer(middleware::from_fn_with_state(guard_with, guard))
 }
 
 /// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format for
@@ -114,9 +213,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     latest: Arc<SharedSnapshot>,
     hub: Arc<EventHub>,
+    guard: Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(latest, hub))
+    axum::serve(listener, router(latest, hub, guard))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -130,4 +230,17 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     // tokio takes it over once the runtime runs.
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3creT", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+    }
 }

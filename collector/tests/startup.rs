@@ -242,3 +242,82 @@ fn after_attaching_the_agent_keeps_only_cap_bpf_and_cap_net_admin_and_still_coun
     assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);
 }
+
+/// GET `path` with optional `Authorization` from inside the namespace: (status, headers+body).
+fn get_with(
+    netns: &Netns,
+    path: &'static str,
+    authorization: Option<&'static str>,
+) -> (u16, String) {
+    netns.run(move || {
+        let mut stream = TcpStream::connect(support::LISTEN).unwrap();
+        let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: c\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, response)
+    })
+}
+
+#[test]
+fn with_a_bearer_token_only_the_probes_answer_without_it() {
+    let netns = Netns::new();
+    let token_dir = std::env::temp_dir().join(format!("collector-token-{}", std::process::id()));
+    std::fs::create_dir_all(&token_dir).unwrap();
+    let token_file = token_dir.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let config = AgentConfig::new(&format!(
+        "[http]\nbearer_token_file = \"{}\"\nmax_concurrent_requests = 1\nrequest_timeout_ms = 2000\n",
+        token_file.display()
+    ));
+    let agent = Agent::start(&netns, &config);
+    for path in ["/metrics", "/api/v1/proxy", "/api/v1/dns"] {
+        let (status, response) = get_with(&netns, path, None);
+        assert_eq!(status, 401, "{path}: {response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{response}"
+        );
+        assert_eq!(
+            get_with(&netns, path, Some("Bearer wrong")).0,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            get_with(&netns, path, Some("Bearer s3cret-token")).0,
+            200,
+            "{path}"
+        );
+    }
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(get_with(&netns, probe, None).0, 200, "{probe}");
+    }
+    // One request at a time: an open event stream takes the only permit.
+    let stream = netns.run(|| {
+        let mut stream = TcpStream::connect(support::LISTEN).unwrap();
+        write!(
+            stream,
+            "GET /api/v1/events HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer s3cret-token\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        stream
+    });
+    assert_eq!(
+        get_with(&netns, "/metrics", Some("Bearer s3cret-token")).0,
+        503
+    );
+    assert_eq!(get_with(&netns, "/readyz", None).0, 200);
+    drop(stream);
+    assert!(agent.stop().success());
+    let _ = std::fs::remove_dir_all(&token_dir);
+}
