@@ -204,19 +204,13 @@ fn stats_prints_the_agents_figures_as_a_table_and_as_json() {
     }
     server.join().unwrap();
     let stats = |args: &[&str]| {
-        let out = netns
-            .command(COLLECTOR)
-            .arg("stats")
-            .args(args)
-            .args(["--listen", LISTEN])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        support::stdout_of(
+            netns
+                .command(COLLECTOR)
+                .arg("stats")
+                .args(args)
+                .args(["--listen", LISTEN]),
+        )
     };
     let json: serde_json::Value = support::wait_for("3 closes", Duration::from_secs(10), || {
         let json: serde_json::Value = serde_json::from_str(&stats(&["proxy", "--json"])).ok()?;

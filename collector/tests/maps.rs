@@ -10,7 +10,6 @@ mod support;
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    process::Output,
     thread,
     time::Duration,
 };
@@ -23,19 +22,14 @@ const DONE: usize = 10;
 const HELD: usize = 5;
 
 fn collector(args: &[&str], config: &AgentConfig) -> serde_json::Value {
-    let out: Output = std::process::Command::new(COLLECTOR)
-        .args(args)
-        .arg("--config")
-        .arg(&config.path)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "collector {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = support::stdout_of(
+        std::process::Command::new(COLLECTOR)
+            .args(args)
+            .arg("--config")
+            .arg(&config.path)
+            .arg("--json"),
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&out).unwrap()
 }
 
 /// `DONE` connections made and closed, `HELD` more left open: (client ends, server ends).

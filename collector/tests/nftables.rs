@@ -48,17 +48,7 @@ fn connections(netns: &Netns, count: usize) {
 }
 
 fn tables(netns: &Netns) -> String {
-    let out = netns
-        .command("nft")
-        .args(["list", "tables"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    support::stdout_of(netns.command("nft").args(["list", "tables"]))
 }
 
 /// Waits for `closed` closed connections, then checks nftables against eBPF, each way.

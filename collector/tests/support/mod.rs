@@ -121,6 +121,17 @@ impl Drop for Netns {
     }
 }
 
+/// Runs `command`, asserts it succeeded (showing its stderr if not) and returns its stdout.
+pub fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A veth pair, both ends up: `ours` with `our_addr` (CIDR) in `netns`, `theirs` with
 /// `their_addr` in `peer`.
 pub fn veth(
