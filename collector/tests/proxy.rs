@@ -416,11 +416,14 @@ fn under_steady_traffic_a_crash_and_restart_lose_nothing_and_never_go_back() {
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", WEB_PORT)).unwrap());
+    // The client stops first and the server after it: a server gone while the client waits
+    // would reset the client's last connection.
     let stop = Arc::new(AtomicBool::new(false));
-    let server_stop = Arc::clone(&stop);
+    let server_stop = Arc::new(AtomicBool::new(false));
+    let server_stopping = Arc::clone(&server_stop);
     let server = thread::spawn(move || {
         listener.set_nonblocking(true).unwrap();
-        while !server_stop.load(Ordering::Relaxed) {
+        while !server_stopping.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     stream.set_nonblocking(false).unwrap();
@@ -464,6 +467,7 @@ fn under_steady_traffic_a_crash_and_restart_lose_nothing_and_never_go_back() {
     thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let made = client.join().unwrap();
+    server_stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
     // Monotonic across the crash: nothing went back.
     for (b, a) in before.iter().zip(&after) {
