@@ -26,6 +26,9 @@ const APT_PACKAGES: &[&str] = &[
     // The DNS server of the DNS tests and benchmark, and the benchmark's load generator.
     "unbound",
     "dnsperf",
+    // Lints the deployment YAML (collector/tests/deploy.rs); systemd-analyze checks the unit.
+    "yamllint",
+    "systemd",
 ];
 
 #[derive(Parser)]

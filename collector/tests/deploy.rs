@@ -1,0 +1,189 @@
+//! The deployment files under deploy/, each checked by a tool, and against the code: the
+//! Kubernetes manifests and the systemd unit grant exactly the capabilities `collector check`
+//! lists, and every metric the dashboard and the alerts query is one the agent exports.
+
+use std::{collections::BTreeSet, fmt::Write as _, path::PathBuf, process::Command};
+
+const COLLECTOR: &str = env!("CARGO_BIN_EXE_collector");
+
+fn deploy(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(relative)
+}
+
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(deploy(relative)).unwrap()
+}
+
+fn run_ok(command: &mut Command, what: &str) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|err| panic!("{what}: {err} (cargo xtask prereqs installs it)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what}:\n{text}");
+    text
+}
+
+/// The capabilities `collector check` lists, without the `CAP_` prefix.
+fn checked_capabilities() -> BTreeSet<String> {
+    let out = Command::new(COLLECTOR).arg("check").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter_map(|name| name.strip_prefix("CAP_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_yaml_files_pass_yamllint() {
+    run_ok(
+        Command::new("yamllint")
+            .arg("-c")
+            .arg(deploy(".yamllint"))
+            .arg(deploy("kubernetes"))
+            .arg(deploy("prometheus")),
+        "yamllint",
+    );
+}
+
+#[test]
+fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoints() {
+    let capabilities = checked_capabilities();
+    assert_eq!(capabilities.len(), 4, "{capabilities:?}");
+    let listed: Vec<String> = capabilities.iter().map(|c| format!("\"{c}\"")).collect();
+    for manifest in ["kubernetes/daemonset.yaml", "kubernetes/sidecar.yaml"] {
+        let text = read(manifest);
+        let add = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("add: ["))
+            .unwrap_or_else(|| panic!("{manifest}: no capabilities added"));
+        let added: BTreeSet<&str> = add.trim_end_matches(']').split(", ").collect();
+        let expected: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+        assert_eq!(added, expected, "{manifest}");
+        for needed in [
+            "drop: [\"ALL\"]",
+            "privileged: false",
+            "path: /healthz",
+            "path: /readyz",
+            "mountPath: /sys/fs/bpf",
+            "mountPath: /sys/fs/cgroup",
+            "bearer_token_file",
+        ] {
+            assert!(
+                text.contains(needed)
+                    || manifest.contains("sidecar") && needed == "bearer_token_file",
+                "{manifest} lacks {needed}"
+            );
+        }
+    }
+    assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_and_grants_what_check_lists() {
+    let unit = read("systemd/collector.service");
+    let capabilities = checked_capabilities();
+    for key in ["CapabilityBoundingSet=", "AmbientCapabilities="] {
+        let granted: BTreeSet<String> = unit
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key}"))
+            .split_whitespace()
+            .map(|c| c.trim_start_matches("CAP_").to_owned())
+            .collect();
+        assert_eq!(granted, capabilities, "{key}");
+    }
+    // systemd-analyze checks that ExecStart exists: point it at the binary under test.
+    let dir = std::env::temp_dir().join(format!("collector-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("collector.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/collector", COLLECTOR)).unwrap();
+    run_ok(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        "systemd-analyze verify",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Metric names (`collector_...`) in a text.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("collector_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
+/// Every sample name of the golden exposition (a snapshot with every kind of figure set).
+fn exported() -> BTreeSet<String> {
+    let golden = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/testdata/metrics.golden"),
+    )
+    .unwrap();
+    golden
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_dashboard_and_alerts_query_valid_promql_over_metrics_we_export() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("grafana/collector-dashboard.json")).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+
+    // promtool checks PromQL in rule files: each panel query as a recording rule, with
+    // Grafana's variables filled in as Grafana would.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        let promql = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$instance", ".*");
+        writeln!(
+            rules,
+            "      - record: dashboard:panel_{i}\n        expr: {}",
+            serde_json::to_string(&promql).unwrap()
+        )
+        .unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("collector-dashboard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dashboard-rules.yml");
+    std::fs::write(&path, rules).unwrap();
+    run_ok(
+        Command::new("promtool").args(["check", "rules"]).arg(&path),
+        "promtool check rules (dashboard queries)",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let exported = exported();
+    let queried = metric_names(&exprs.join("\n"))
+        .into_iter()
+        .chain(metric_names(&read("prometheus/alerts.yml")));
+    for name in queried {
+        assert!(
+            exported.contains(&name),
+            "{name} is queried but not exported"
+        );
+    }
+}
