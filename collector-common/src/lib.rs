@@ -57,6 +57,9 @@ pub mod map_names {
     pub const DNS_EVENTS: &str = "DNS_EVENTS";
     /// `PerCpuArray<DnsScratch>`, one entry: parse space, not data.
     pub const DNS_SCRATCH: &str = "DNS_SCRATCH";
+    /// `Array<u32>`, one entry: nonzero while someone reads the event stream. Answer events
+    /// feed only the stream, so they are not sent otherwise.
+    pub const DNS_ANSWERS_WANTED: &str = "DNS_ANSWERS_WANTED";
 }
 
 /// Program names, as the kernel object declares them.

@@ -26,7 +26,8 @@ use collector_common::{
 };
 
 use crate::{
-    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_PORTS, DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_UPSTREAM,
+    DNS_ANSWERS_WANTED, DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_PORTS, DNS_SAMPLE_EVERY,
+    DNS_SCRATCH, DNS_UPSTREAM,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, ether_type, ptr_at, read_be16,
         read_u8,
@@ -580,7 +581,8 @@ fn on_response(
     } else {
         counters.cache_hits += 1;
     }
-    if !sampled() {
+    // Answer events feed only the event stream: none while nobody reads it.
+    if DNS_ANSWERS_WANTED.get(0).is_none_or(|&wanted| wanted == 0) || !sampled() {
         return;
     }
     let event = DnsAnswerEvent {

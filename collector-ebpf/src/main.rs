@@ -76,6 +76,8 @@ static DNS_UPSTREAM: Array<u64, { DNS_UPSTREAM_SLOTS as usize }> = Array::new();
 static DNS_EVENTS: RingBuf<DnsQueryEvent, { DNS_EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
 static DNS_SCRATCH: PerCpuArray<DnsScratch, 1> = PerCpuArray::new();
+#[btf_map]
+static DNS_ANSWERS_WANTED: Array<u32, 1> = Array::new();
 
 /// Count a kernel-side failure by kind (see `collector_common::error_kind`).
 #[inline(always)]

@@ -112,6 +112,8 @@ pub struct EventHub {
     pub lagged: AtomicU64,
     /// Set when the agent stops: open streams end, so that HTTP can shut down.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// The kernel's switch for DNS answer events, on while anyone reads the stream.
+    answers_wanted: std::sync::Mutex<Option<aya::maps::Array<aya::maps::MapData, u32>>>,
 }
 
 impl EventHub {
@@ -123,7 +125,45 @@ impl EventHub {
             routes,
             lagged: AtomicU64::new(0),
             stopping: tokio::sync::watch::channel(false).0,
+            answers_wanted: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Hands over the kernel's switch for DNS answer events.
+    pub fn control_answers(&self, switch: aya::maps::Array<aya::maps::MapData, u32>) {
+        *self
+            .answers_wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(switch);
+        self.update_answers_switch();
+    }
+
+    /// Turns DNS answer events on while someone reads the stream, off otherwise (called on
+    /// subscribe and at every poll, which notices readers that went away).
+    pub fn update_answers_switch(&self) {
+        let wanted = u32::from(self.dns.receiver_count() > 0);
+        let mut guard = self
+            .answers_wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(switch) = guard.as_mut()
+            && switch.get(&0, 0).ok() != Some(wanted)
+            && let Err(err) = switch.set(0, wanted, 0)
+        {
+            tracing::warn!("switching DNS answer events: {err}");
+        }
+    }
+
+    /// A new reader: its receivers, with answer events switched on.
+    pub fn subscribe(
+        &self,
+    ) -> (
+        broadcast::Receiver<Connection>,
+        broadcast::Receiver<DnsEvent>,
+    ) {
+        let receivers = (self.connections.subscribe(), self.dns.subscribe());
+        self.update_answers_switch();
+        receivers
     }
 
     /// Ends every open stream.

@@ -361,6 +361,11 @@ impl Attachment {
         take_map(&mut self.ebpf, map_names::CONN_EVENTS)
     }
 
+    /// Takes the switch for DNS answer events (see `map_names::DNS_ANSWERS_WANTED`).
+    pub fn take_dns_answers_wanted(&mut self) -> anyhow::Result<Array<MapData, u32>> {
+        take_map(&mut self.ebpf, map_names::DNS_ANSWERS_WANTED)
+    }
+
     /// Takes the DNS event ring buffer (sampled queries and answers).
     pub fn take_dns_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         take_map(&mut self.ebpf, map_names::DNS_EVENTS)

@@ -381,6 +381,7 @@ async fn serve_until_signal(
         hub.connections.clone(),
     ));
     let dns_ring = attachment.take_dns_events()?;
+    hub.control_answers(attachment.take_dns_answers_wanted()?);
     let domains = Arc::new(Mutex::new(dns::DomainStats::new(
         config.dns.top_k,
         config.dns.sample_every,
@@ -435,6 +436,7 @@ async fn serve_until_signal(
                     .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats { name, run_time_ns, run_count })
                     .collect();
                 let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink_health);
+                hub.update_answers_switch();
                 match poller.poll(programs, interfaces, nft.read()) {
                     Some(snapshot) => latest.store(snapshot),
                     None => poller.count_failure(),

@@ -176,8 +176,7 @@ async fn serve_dns(State(state): State<AppState>) -> Json<api::DnsStats> {
 /// NDJSON, one event per line, until the client goes away or the agent stops.
 async fn serve_events(State(state): State<AppState>) -> Response {
     let hub = state.hub;
-    let connections = hub.connections.subscribe();
-    let dns = hub.dns.subscribe();
+    let (connections, dns) = hub.subscribe();
     let lines = futures_util::stream::unfold(
         (hub, connections, dns),
         |(hub, mut connections, mut dns)| async move {
