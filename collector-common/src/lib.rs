@@ -62,6 +62,20 @@ pub mod map_names {
     pub const DNS_ANSWERS_WANTED: &str = "DNS_ANSWERS_WANTED";
 }
 
+/// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
+/// per-query state. Configuration maps and the event rings are recreated at every start.
+pub const PINNED_MAPS: [&str; 9] = [
+    map_names::ROUTE_NAMES,
+    map_names::CONN_COUNTERS,
+    map_names::CONN_DURATIONS,
+    map_names::CONN_STATE,
+    map_names::ROUTE_TRAFFIC,
+    map_names::ERRORS,
+    map_names::DNS_COUNTERS,
+    map_names::DNS_INFLIGHT,
+    map_names::DNS_UPSTREAM,
+];
+
 /// Program names, as the kernel object declares them.
 pub mod program_names {
     /// `sock_ops` program on the cgroup2 root: connection lifecycle.

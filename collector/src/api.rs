@@ -127,14 +127,8 @@ pub struct InterfaceStats {
     pub name: String,
     /// The classifiers are attached to it.
     pub attached: bool,
-    pub rx_bytes: u64,
-    pub rx_packets: u64,
-    pub rx_errors: u64,
-    pub rx_dropped: u64,
-    pub tx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_errors: u64,
-    pub tx_dropped: u64,
+    #[serde(flatten)]
+    pub stats: crate::links::InterfaceStats,
 }
 
 /// Health of one source of figures.
@@ -282,14 +276,7 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
             .map(|i| InterfaceStats {
                 name: i.name.clone(),
                 attached: i.attached,
-                rx_bytes: i.stats.rx_bytes,
-                rx_packets: i.stats.rx_packets,
-                rx_errors: i.stats.rx_errors,
-                rx_dropped: i.stats.rx_dropped,
-                tx_bytes: i.stats.tx_bytes,
-                tx_packets: i.stats.tx_packets,
-                tx_errors: i.stats.tx_errors,
-                tx_dropped: i.stats.tx_dropped,
+                stats: i.stats,
             })
             .collect(),
         sources: sources(snapshot),

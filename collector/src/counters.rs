@@ -28,7 +28,8 @@ pub struct KernelTotals {
     pub dns: DnsCounters,
 }
 
-fn sum_u64(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
+/// One entry of a per-CPU `u64` array, summed over CPUs.
+pub fn sum_u64(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
     Ok(map
         .get(&index, 0)?
         .iter()
@@ -36,7 +37,8 @@ fn sum_u64(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps
         .fold(0, u64::wrapping_add))
 }
 
-fn sum_traffic(
+/// One entry of a per-CPU traffic array, summed over CPUs.
+pub fn sum_traffic(
     map: &PerCpuArray<MapData, TrafficCounters>,
     index: u32,
 ) -> Result<TrafficCounters, aya::maps::MapError> {
@@ -50,7 +52,8 @@ fn sum_traffic(
         }))
 }
 
-fn sum_conn(
+/// One entry of a per-CPU connection counter array, summed over CPUs.
+pub fn sum_conn(
     map: &PerCpuArray<MapData, ConnCounters>,
     index: u32,
 ) -> Result<ConnCounters, aya::maps::MapError> {

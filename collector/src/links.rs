@@ -28,7 +28,8 @@ pub struct Link {
 }
 
 /// An interface's own counters, as `ip -s link` shows them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct InterfaceStats {
     pub rx_bytes: u64,
     pub rx_packets: u64,

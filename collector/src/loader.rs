@@ -22,8 +22,8 @@ use aya::{
 };
 use collector_common::{
     ConnCounters, DURATION_BUCKETS, DnsCounters, DnsPorts, GLOBAL_DNS_PORTS,
-    GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, RouteName, TrafficCounters,
-    duration_index, map_names, program_names, traffic_index,
+    GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, RouteName,
+    TrafficCounters, duration_index, map_names, program_names, traffic_index,
 };
 
 use crate::{
@@ -35,20 +35,6 @@ use crate::{
 
 /// The kernel object built by build.rs from `collector-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
-
-/// Maps that outlive the agent: counters and per-socket state. Configuration maps and the
-/// event ring are recreated at every start.
-pub const PINNED_MAPS: [&str; 9] = [
-    map_names::ROUTE_NAMES,
-    map_names::CONN_COUNTERS,
-    map_names::CONN_DURATIONS,
-    map_names::CONN_STATE,
-    map_names::ROUTE_TRAFFIC,
-    map_names::ERRORS,
-    map_names::DNS_COUNTERS,
-    map_names::DNS_INFLIGHT,
-    map_names::DNS_UPSTREAM,
-];
 
 /// Subdirectory of the pin directory holding link pins.
 const LINKS_DIR: &str = "links";

@@ -8,15 +8,15 @@ use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters, DnsInFlight,
-    ERROR_KIND_NAMES, MAX_ROUTES, RouteName, TrafficCounters, map_names, traffic_index,
+    ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters, map_names,
+    traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    counters::sum_dns,
+    counters::{sum_conn, sum_dns, sum_traffic, sum_u64},
     dns::{OPCODE_NAMES, RCODE_NAMES, qtype_name},
-    loader::PINNED_MAPS,
     paths,
 };
 
@@ -126,16 +126,7 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             let map = per_cpu::<ConnCounters>(open(pin_dir, name)?)?;
             let mut rows = Vec::new();
             for (slot, route) in route_names(pin_dir)? {
-                let c = map
-                    .get(&slot, 0)?
-                    .iter()
-                    .fold(ConnCounters::default(), |a, v| ConnCounters {
-                        opened: a.opened + v.opened,
-                        closed: a.closed + v.closed,
-                        bytes_in: a.bytes_in + v.bytes_in,
-                        bytes_out: a.bytes_out + v.bytes_out,
-                        duration_ns: a.duration_ns + v.duration_ns,
-                    });
+                let c = sum_conn(&map, slot)?;
                 rows.push(json!({
                     "slot": slot, "route": route, "opened": c.opened, "closed": c.closed,
                     "bytesIn": c.bytes_in, "bytesOut": c.bytes_out, "durationNs": c.duration_ns,
@@ -148,10 +139,7 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             let map = per_cpu::<u64>(open(pin_dir, name)?)?;
             let mut out = serde_json::Map::new();
             for (kind, label) in (0u32..).zip(ERROR_KIND_NAMES) {
-                out.insert(
-                    label.to_owned(),
-                    json!(map.get(&kind, 0)?.iter().sum::<u64>()),
-                );
+                out.insert(label.to_owned(), json!(sum_u64(&map, kind)?));
             }
             Value::Object(out)
         }
@@ -199,14 +187,7 @@ fn dump_traffic(pin_dir: &Path) -> anyhow::Result<Value> {
     let mut rows = Vec::new();
     for (slot, route) in route_names(pin_dir)? {
         for (dir, direction) in [(DIR_IN, "in"), (DIR_OUT, "out")] {
-            let t = map.get(&traffic_index(slot, dir), 0)?.iter().fold(
-                TrafficCounters::default(),
-                |a, v| TrafficCounters {
-                    packets: a.packets + v.packets,
-                    bytes: a.bytes + v.bytes,
-                    payload_bytes: a.payload_bytes + v.payload_bytes,
-                },
-            );
+            let t = sum_traffic(&map, traffic_index(slot, dir))?;
             rows.push(json!({
                 "slot": slot, "route": route, "direction": direction,
                 "packets": t.packets, "bytes": t.bytes, "payloadBytes": t.payload_bytes,

@@ -125,17 +125,7 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
         .iter()
         .map(|row| row["name"].as_str().unwrap())
         .collect();
-    for name in [
-        map_names::ROUTE_NAMES,
-        map_names::CONN_COUNTERS,
-        map_names::CONN_DURATIONS,
-        map_names::CONN_STATE,
-        map_names::ROUTE_TRAFFIC,
-        map_names::ERRORS,
-        map_names::DNS_COUNTERS,
-        map_names::DNS_INFLIGHT,
-        map_names::DNS_UPSTREAM,
-    ] {
+    for name in collector_common::PINNED_MAPS {
         assert!(names.contains(&name), "{name} missing from {list}");
     }
     let conn_state = list
