@@ -110,12 +110,11 @@ fn on_accepted(ctx: &SockOpsContext) {
     let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) else {
         return;
     };
-    // SAFETY: this CPU's slot; BPF programs run with migration disabled.
-    unsafe { (*counters).opened += 1 };
-
     let cookie = socket_cookie(ctx);
     let Some(entry) = claim(cookie) else {
         count_error(error_kind::CONN_TABLE_FULL);
+        // SAFETY: this CPU's slot; BPF programs run with migration disabled.
+        unsafe { (*counters).opened += 1 };
         return;
     };
     // SAFETY: the slot is ours since the claim; only this socket's callbacks touch it.
@@ -137,6 +136,10 @@ fn on_accepted(ctx: &SockOpsContext) {
         client_port: state.client_port,
         ..ConnEvent::default()
     });
+    // Counted after the event is submitted: the agent drains the ring after reading the
+    // counters, so its per-client figures cover every connection counted.
+    // SAFETY: as above.
+    unsafe { (*counters).opened += 1 };
 }
 
 fn on_state_change(ctx: &SockOpsContext) {
@@ -204,6 +207,19 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
     if slot >= MAX_ROUTES {
         return;
     }
+    // Submitted before it is counted, as on open.
+    emit(&ConnEvent {
+        kind: CONN_EVENT_CLOSE,
+        route: slot,
+        cookie,
+        timestamp_ns: now,
+        duration_ns,
+        bytes_in,
+        bytes_out,
+        client_addr: state.client_addr,
+        client_port: state.client_port,
+        ..ConnEvent::default()
+    });
     if let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: this CPU's slot; BPF programs run with migration disabled.
         let counters = unsafe { &mut *counters };
@@ -218,18 +234,6 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         // SAFETY: as above.
         unsafe { *bucket += 1 };
     }
-    emit(&ConnEvent {
-        kind: CONN_EVENT_CLOSE,
-        route: slot,
-        cookie,
-        timestamp_ns: now,
-        duration_ns,
-        bytes_in,
-        bytes_out,
-        client_addr: state.client_addr,
-        client_port: state.client_port,
-        ..ConnEvent::default()
-    });
 }
 
 /// The TCP fields of the context that the close accounting reads.

@@ -276,9 +276,11 @@ fn count_message(
                 return Err(dns_malformed::NO_QUESTION);
             }
             let question = walked?;
+            // The sampled event goes out before the query is counted, so that a snapshot's
+            // top domains cover every query its counters show.
+            on_query(ctx, &at, id, &question, counters);
             counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
             counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
-            on_query(ctx, &at, id, &question, counters);
         }
         Role::Response => {
             if !is_response {

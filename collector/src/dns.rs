@@ -173,12 +173,18 @@ impl crate::events::Fold<DnsEvent> for DomainStats {
 }
 
 /// Drains DNS events into the top domains.
-pub async fn consume(
+#[must_use]
+pub fn domain_drain(
     ring: RingBuf<MapData>,
     stats: Arc<Mutex<DomainStats>>,
     subscribers: tokio::sync::broadcast::Sender<DnsEvent>,
-) -> anyhow::Result<()> {
-    crate::events::drain(ring, decode, stats, subscribers).await
+) -> crate::events::SharedDrain {
+    Arc::new(Mutex::new(crate::events::RingDrain::new(
+        ring,
+        decode,
+        stats,
+        subscribers,
+    )))
 }
 
 /// Query types exported even while zero, so that `rate()` works from the first scrape.

@@ -125,47 +125,90 @@ impl Fold<Connection> for ClientStats {
     }
 }
 
-/// Drains a ring buffer every [`DRAIN_INTERVAL`] until the task is dropped: each record is
-/// decoded, folded into `stats` and offered to `subscribers`.
-pub async fn drain<E: Clone, S: Fold<E>>(
-    mut ring: RingBuf<MapData>,
+/// Moves what a ring buffer holds into statistics and on to subscribers. Two callers share
+/// it: a timer task, so that the ring never fills between polls, and the poller, right after
+/// it reads the counters, so that a snapshot's per-client figures cover every connection its
+/// counters do (the kernel submits an event before it counts).
+pub struct RingDrain<E, S> {
+    ring: RingBuf<MapData>,
     decode: fn(&[u8]) -> Option<E>,
     stats: Arc<Mutex<S>>,
     subscribers: tokio::sync::broadcast::Sender<E>,
-) -> anyhow::Result<()> {
-    let mut ticks = tokio::time::interval(DRAIN_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::new();
-    loop {
-        ticks.tick().await;
-        while let Some(record) = ring.next() {
-            if let Some(event) = decode(&record) {
-                batch.push(event);
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        {
-            let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
-            for event in &batch {
-                stats.apply(event);
-            }
-        }
-        for event in batch.drain(..) {
-            // No subscriber is not an error.
-            let _ = subscribers.send(event);
+    batch: Vec<E>,
+}
+
+impl<E, S> RingDrain<E, S> {
+    #[must_use]
+    pub fn new(
+        ring: RingBuf<MapData>,
+        decode: fn(&[u8]) -> Option<E>,
+        stats: Arc<Mutex<S>>,
+        subscribers: tokio::sync::broadcast::Sender<E>,
+    ) -> Self {
+        Self {
+            ring,
+            decode,
+            stats,
+            subscribers,
+            batch: Vec::new(),
         }
     }
 }
 
-/// Drains connection events into the client statistics.
-pub async fn consume(
+/// A ring drain whatever its event type, as the poller and the timer task hold it.
+pub trait Drain: Send {
+    /// Takes every record the ring holds now.
+    fn drain(&mut self);
+}
+
+impl<E: Clone + Send, S: Fold<E> + Send> Drain for RingDrain<E, S> {
+    fn drain(&mut self) {
+        while let Some(record) = self.ring.next() {
+            if let Some(event) = (self.decode)(&record) {
+                self.batch.push(event);
+            }
+        }
+        if self.batch.is_empty() {
+            return;
+        }
+        {
+            let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            for event in &self.batch {
+                stats.apply(event);
+            }
+        }
+        for event in self.batch.drain(..) {
+            // No subscriber is not an error.
+            let _ = self.subscribers.send(event);
+        }
+    }
+}
+
+pub type SharedDrain = Arc<Mutex<dyn Drain>>;
+
+/// Drains every [`DRAIN_INTERVAL`] until the task is dropped.
+pub async fn drain_periodically(drain: SharedDrain) -> anyhow::Result<()> {
+    let mut ticks = tokio::time::interval(DRAIN_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        drain.lock().unwrap_or_else(PoisonError::into_inner).drain();
+    }
+}
+
+/// The drain of connection events into the client statistics.
+#[must_use]
+pub fn connection_drain(
     ring: RingBuf<MapData>,
     clients: Arc<Mutex<ClientStats>>,
     subscribers: tokio::sync::broadcast::Sender<Connection>,
-) -> anyhow::Result<()> {
-    drain(ring, decode, clients, subscribers).await
+) -> SharedDrain {
+    Arc::new(Mutex::new(RingDrain::new(
+        ring,
+        decode,
+        clients,
+        subscribers,
+    )))
 }
 
 #[cfg(test)]

@@ -375,22 +375,17 @@ async fn serve_until_signal(
     let ring = attachment.take_conn_events()?;
     let clients = Arc::new(Mutex::new(ClientStats::default()));
     let hub = event_stream::EventHub::new(attachment.routes.clone());
-    let mut events = tokio::spawn(events::consume(
-        ring,
-        Arc::clone(&clients),
-        hub.connections.clone(),
-    ));
+    let connection_drain =
+        events::connection_drain(ring, Arc::clone(&clients), hub.connections.clone());
+    let mut events = tokio::spawn(events::drain_periodically(Arc::clone(&connection_drain)));
     let dns_ring = attachment.take_dns_events()?;
     hub.control_answers(attachment.take_dns_answers_wanted()?);
     let domains = Arc::new(Mutex::new(dns::DomainStats::new(
         config.dns.top_k,
         config.dns.sample_every,
     )));
-    let mut dns_events = tokio::spawn(dns::consume(
-        dns_ring,
-        Arc::clone(&domains),
-        hub.dns.clone(),
-    ));
+    let domain_drain = dns::domain_drain(dns_ring, Arc::clone(&domains), hub.dns.clone());
+    let mut dns_events = tokio::spawn(events::drain_periodically(Arc::clone(&domain_drain)));
 
     let latest = Arc::new(SharedSnapshot::default());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -415,6 +410,7 @@ async fn serve_until_signal(
         maps,
         attachment.routes.clone(),
         clients,
+        vec![connection_drain, domain_drain],
         poller::DnsSources {
             enabled: config.dns.enabled,
             domains,

@@ -13,7 +13,7 @@ use crate::{
     counters,
     dns::DomainStats,
     event_stream::EventHub,
-    events::ClientStats,
+    events::{ClientStats, SharedDrain},
     loader::{KernelMaps, WatchedRoute},
     rates::{AVERAGE, CounterHistory},
     snapshot::{
@@ -106,6 +106,8 @@ pub struct Poller {
     routes: Vec<WatchedRoute>,
     kernel: SourceHealth,
     clients: Arc<Mutex<ClientStats>>,
+    /// Event rings drained after each counter read (see [`crate::events::RingDrain`]).
+    rings: Vec<SharedDrain>,
     dns: DnsSources,
     hub: Arc<EventHub>,
     dns_queries: CounterHistory,
@@ -121,6 +123,7 @@ impl Poller {
         maps: KernelMaps,
         routes: Vec<WatchedRoute>,
         clients: Arc<Mutex<ClientStats>>,
+        rings: Vec<SharedDrain>,
         dns: DnsSources,
         hub: Arc<EventHub>,
     ) -> Self {
@@ -130,6 +133,7 @@ impl Poller {
             routes,
             kernel: SourceHealth::default(),
             clients,
+            rings,
             dns,
             hub,
             dns_queries: CounterHistory::new(AVERAGE + Duration::from_secs(5)),
@@ -158,6 +162,9 @@ impl Poller {
                 return None;
             }
         };
+        for ring in &self.rings {
+            ring.lock().unwrap_or_else(PoisonError::into_inner).drain();
+        }
         let at = began.duration_since(self.started);
         let mut routes = Vec::with_capacity(self.routes.len());
         let (mut opened, mut bytes_in, mut bytes_out) = (0u64, 0u64, 0u64);
