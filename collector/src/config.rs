@@ -8,6 +8,8 @@ use collector_common::DNS_MAX_PORTS;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::tls::TlsFiles;
+
 /// Route slots in the kernel maps (`collector_common::MAX_ROUTES`).
 pub const MAX_ROUTES: usize = collector_common::MAX_ROUTES as usize;
 const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -39,8 +41,12 @@ pub struct Config {
 /// Protection of the HTTP endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfig {
-    /// File holding the bearer token every request must carry (except the probes).
+    /// File holding the bearer token requests may authenticate with (the probes need none).
     pub bearer_token_file: Option<PathBuf>,
+    /// htpasswd file of bcrypt-hashed users requests may authenticate as.
+    pub basic_auth_users_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate and key.
+    pub tls: Option<TlsFiles>,
     /// Requests served at once; more are answered 503.
     pub max_concurrent_requests: usize,
     /// Longest time a request may take (event streams excepted); then 503.
@@ -147,6 +153,9 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     bearer_token_file: Option<Spanned<String>>,
+    basic_auth_users_file: Option<Spanned<String>>,
+    tls_cert_file: Option<Spanned<String>>,
+    tls_key_file: Option<Spanned<String>>,
     max_concurrent_requests: Option<Spanned<u64>>,
     request_timeout_ms: Option<Spanned<u64>>,
 }
@@ -324,6 +333,8 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
 fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfig, ConfigError> {
     let mut http = HttpConfig {
         bearer_token_file: None,
+        basic_auth_users_file: None,
+        tls: None,
         max_concurrent_requests: 64,
         request_timeout: Duration::from_secs(10),
     };
@@ -332,6 +343,24 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
     };
     http.bearer_token_file =
         absolute_path(source, raw.bearer_token_file.as_ref(), "bearer_token_file")?;
+    http.basic_auth_users_file = absolute_path(
+        source,
+        raw.basic_auth_users_file.as_ref(),
+        "basic_auth_users_file",
+    )?;
+    http.tls = match (&raw.tls_cert_file, &raw.tls_key_file) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: absolute(source, cert, "tls_cert_file")?,
+            key: absolute(source, key, "tls_key_file")?,
+        }),
+        (Some(cert), None) => {
+            return Err(source.at(cert, "tls_cert_file needs tls_key_file beside it"));
+        }
+        (None, Some(key)) => {
+            return Err(source.at(key, "tls_key_file needs tls_cert_file beside it"));
+        }
+        (None, None) => None,
+    };
     if let Some(limit) = &raw.max_concurrent_requests {
         http.max_concurrent_requests =
             in_range(source, limit, "max_concurrent_requests", 1, 10_000)?;
@@ -375,12 +404,17 @@ fn absolute_path(
     value: Option<&Spanned<String>>,
     key: &str,
 ) -> Result<Option<PathBuf>, ConfigError> {
-    let Some(value) = value else {
-        return Ok(None);
-    };
+    value.map(|value| absolute(source, value, key)).transpose()
+}
+
+fn absolute(
+    source: &Source<'_>,
+    value: &Spanned<String>,
+    key: &str,
+) -> Result<PathBuf, ConfigError> {
     let path = PathBuf::from(value.get_ref());
     if path.is_absolute() {
-        Ok(Some(path))
+        Ok(path)
     } else {
         Err(source.at(
             value,

@@ -1,6 +1,7 @@
 //! `collector`: the agent (`collector run`) and the operator's command line.
 
 mod api;
+mod auth;
 mod bpf_sys;
 mod check;
 mod client;
@@ -23,6 +24,7 @@ mod rates;
 mod serve;
 mod slots;
 mod snapshot;
+mod tls;
 mod topk;
 
 use std::{
@@ -261,10 +263,17 @@ fn main() -> std::process::ExitCode {
 /// The agent: bind, load and attach, drop the capabilities no longer needed, then serve on
 /// the async runtime until SIGINT/SIGTERM, and detach.
 fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
-    // Bind first: a taken address (or an unreadable token file) is refused before anything
-    // is attached.
+    // Bind first: a taken address, an unreadable secret or a bad certificate is refused
+    // before anything is attached.
     let listener = serve::bind(config.listen)?;
     let guard = serve::Guard::from_config(&config.http)?;
+    let tls = config
+        .http
+        .tls
+        .as_ref()
+        .map(tls::server_config)
+        .transpose()?;
+    warn_if_exposed(config, &guard, tls.is_some());
     let mut attachment = Attachment::attach(&Options { config, bpf_stats })?;
     let mut nft = NftSource::start(config);
     // Before the runtime's threads exist: capabilities are per thread, and they inherit.
@@ -286,7 +295,11 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
                     signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .context("serving on the listen socket")?;
-                let http = Http { listener, guard };
+                let http = Http {
+                    listener,
+                    guard,
+                    tls,
+                };
                 serve_until_signal(&mut attachment, &mut nft, config, http, async move {
                     tokio::select! {
                         _ = sigterm.recv() => {}
@@ -358,10 +371,24 @@ impl NftSource {
     }
 }
 
-/// The HTTP side: where it listens and what guards it.
+/// The HTTP side: where it listens, what guards it, and its TLS.
 struct Http {
     listener: tokio::net::TcpListener,
     guard: serve::Guard,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Says so when the endpoint is reachable beyond this host without credentials, or when
+/// credentials would cross the network in clear text.
+fn warn_if_exposed(config: &Config, guard: &serve::Guard, tls: bool) {
+    if config.listen.ip().is_loopback() {
+        return;
+    }
+    if !guard.credentials.required() {
+        tracing::warn!(listen = %config.listen, "serving beyond loopback without credentials (see [http] in the config)");
+    } else if !tls {
+        tracing::warn!(listen = %config.listen, "credentials cross the network in clear text: configure tls_cert_file and tls_key_file");
+    }
 }
 
 async fn serve_until_signal(
@@ -391,6 +418,7 @@ async fn serve_until_signal(
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve::serve(
         http.listener,
+        http.tls,
         Arc::clone(&latest),
         Arc::clone(&hub),
         http.guard,

@@ -1,10 +1,10 @@
 //! HTTP: `/metrics` (`OpenMetrics`), the JSON API, and the probes. Handlers only read the
 //! published snapshot; nothing here touches the kernel.
 //!
-//! Guarded by one middleware: a bearer token when configured, a cap on requests served at
-//! once, and a time limit per request (event streams excepted); over either limit, 503. The
-//! probes `/healthz` and `/readyz` are exempt from all three: kubelet probes carry no
-//! credentials and must be answered under load.
+//! Guarded by one middleware: credentials when configured (see `auth`), a cap on requests
+//! served at once, and a time limit per request (event streams excepted); over either limit,
+//! 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes carry no
+//! credentials and must be answered under load. TLS, when configured, is in `tls`.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -18,7 +18,7 @@ use axum::{
 };
 use prometheus_client::registry::Registry;
 
-use crate::{api, event_stream::EventHub, metrics, poller::SharedSnapshot};
+use crate::{api, auth, event_stream::EventHub, metrics, poller::SharedSnapshot, tls};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -33,70 +33,30 @@ struct AppState {
 /// What guards every request.
 #[derive(Clone)]
 pub struct Guard {
-    /// Requests must carry `Authorization: Bearer <token>`.
-    pub token: Option<Arc<str>>,
+    pub credentials: auth::Credentials,
     pub permits: Arc<tokio::sync::Semaphore>,
     pub timeout: std::time::Duration,
 }
 
 impl Guard {
-    /// From the config; reads the token file (a missing or empty one is an error).
+    /// From the config; reads the token and user files (a missing or malformed one is an
+    /// error).
     pub fn from_config(http: &crate::config::HttpConfig) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let token = match &http.bearer_token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the bearer token file {}", path.display()))?;
-                let token = text.trim();
-                anyhow::ensure!(
-                    !token.is_empty(),
-                    "the bearer token file {} is empty",
-                    path.display()
-                );
-                Some(Arc::from(token))
-            }
-            None => None,
-        };
         Ok(Self {
-            token,
+            credentials: auth::Credentials::from_config(http)?,
             permits: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_requests)),
             timeout: http.request_timeout,
         })
     }
 }
 
-/// Compares in time independent of where the first difference is.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
 async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let probe = matches!(path, "/healthz" | "/readyz");
-    if let (Some(token), false) = (&guard.token, probe) {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
-        if !given.is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes())) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "a bearer token is required\n",
-            )
-                .into_response();
-        }
-    }
-    if probe {
-        // Cheap, and kubelet must get an answer under load too.
+    if matches!(path, "/healthz" | "/readyz") {
+        // Cheap, and kubelet must get an answer under load too, without credentials.
         return next.run(request).await;
     }
+    // The permit comes first: it also caps the password checks a flood can start.
     let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -104,6 +64,14 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         )
             .into_response();
     };
+    if let Err(auth::Challenge(challenge)) = guard.credentials.admit(request.headers()).await {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, challenge)],
+            "credentials are required\n",
+        )
+            .into_response();
+    }
     if path == "/api/v1/events" {
         // A stream lives as long as its body: the permit goes with the body, not the headers.
         let response = next.run(request).await;
@@ -207,17 +175,28 @@ async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str
     }
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves, over TLS when `tls` is given, until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     latest: Arc<SharedSnapshot>,
     hub: Arc<EventHub>,
     guard: Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(latest, hub, guard))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router(latest, hub, guard);
+    match tls {
+        Some(config) => {
+            axum::serve(tls::TlsListener::new(listener, config)?, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }
 
 /// Binds the listen address, saying what to do when it is taken.
@@ -229,17 +208,4 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     // tokio takes it over once the runtime runs.
     listener.set_nonblocking(true)?;
     Ok(listener)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"s3cret", b"s3cret"));
-        assert!(!same_secret(b"s3cre", b"s3cret"));
-        assert!(!same_secret(b"s3creT", b"s3cret"));
-        assert!(!same_secret(b"", b"s3cret"));
-    }
 }

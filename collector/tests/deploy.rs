@@ -73,6 +73,8 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
             "path: /readyz",
             "mountPath: /sys/fs/bpf",
             "mountPath: /sys/fs/cgroup",
+            "mountPath: /etc/collector/tls",
+            "scheme: HTTPS",
             "bearer_token_file",
         ] {
             assert!(

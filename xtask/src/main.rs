@@ -29,6 +29,13 @@ const APT_PACKAGES: &[&str] = &[
     // Lints the deployment YAML (collector/tests/deploy.rs); systemd-analyze checks the unit.
     "yamllint",
     "systemd",
+    // The HTTPS and basic-auth tests: a test certificate, an htpasswd file, an HTTPS client.
+    "openssl",
+    "apache2-utils",
+    "curl",
+    // Builds deploy/container/Containerfile in the tests, on a Debian base made locally.
+    "podman",
+    "debootstrap",
 ];
 
 #[derive(Parser)]
@@ -52,6 +59,16 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build the release binary and the container image from deploy/container/Containerfile
+    /// with podman.
+    Image {
+        /// Image name and tag.
+        #[arg(long, default_value = "localhost/collector:dev")]
+        tag: String,
+        /// Base image (the Containerfile's BASE), e.g. a local mirror of debian:bookworm-slim.
+        #[arg(long)]
+        base: Option<String>,
     },
     /// Measure the collector's overhead on loopback and write docs/BENCHMARKS.md (as root).
     Bench {
@@ -99,6 +116,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             test.extend(args.iter().map(String::as_str));
             cargo_test(&root, &test)
         }
+        Task::Image { tag, base } => image(&root, &tag, base.as_deref()),
         Task::Bench { args } => {
             require_root("the benchmarks")?;
             prereqs()?;
@@ -210,6 +228,37 @@ fn run_checked(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Re
         bail!("{program} {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// The release binary is the build context: the BPF programs are inside it.
+fn image(root: &Path, tag: &str, base: Option<&str>) -> anyhow::Result<()> {
+    cargo(root, &["build", "--release", "--package", "collector"])?;
+    let context = root.join("target/image");
+    std::fs::create_dir_all(&context)?;
+    std::fs::copy(
+        root.join("target/release/collector"),
+        context.join("collector"),
+    )
+    .context("staging the binary for the image")?;
+    let containerfile = root.join("deploy/container/Containerfile");
+    // chroot isolation: the one RUN step needs no OCI runtime, and crun refuses hosts with
+    // the hybrid cgroup layout.
+    let mut args = vec![
+        "build".to_owned(),
+        "--isolation=chroot".to_owned(),
+        "-t".to_owned(),
+        tag.to_owned(),
+    ];
+    if let Some(base) = base {
+        args.extend(["--build-arg".to_owned(), format!("BASE={base}")]);
+    }
+    args.extend([
+        "-f".to_owned(),
+        containerfile.display().to_string(),
+        context.display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_checked("podman", &args, &[])
 }
 
 /// Installs what is missing; quick when everything is there.

@@ -234,11 +234,22 @@ impl Agent {
     }
 
     /// Starts the agent with `launcher` (e.g. [`Netns::ip_netns_exec`]) and waits until ready.
-    pub fn spawn(
+    pub fn spawn(netns: &Netns, launcher: Command, config: &AgentConfig, extra: &[&str]) -> Self {
+        Self::spawn_until(netns, launcher, config, extra, || {
+            matches!(
+                netns.run(|| get("/readyz").map(|(status, _)| status)),
+                Ok(200)
+            )
+        })
+    }
+
+    /// Starts the agent and waits until `ready` says so (e.g. over HTTPS).
+    pub fn spawn_until(
         netns: &Netns,
         mut launcher: Command,
         config: &AgentConfig,
         extra: &[&str],
+        ready: impl Fn() -> bool,
     ) -> Self {
         let child = launcher
             .args(["run", "--config"])
@@ -257,10 +268,7 @@ impl Agent {
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("the agent exited before it was ready: {status}");
             }
-            if matches!(
-                netns.run(|| get("/readyz").map(|(status, _)| status)),
-                Ok(200)
-            ) {
+            if ready() {
                 return agent;
             }
             assert!(

@@ -1,0 +1,265 @@
+//! Who may read the HTTP endpoint: a bearer token, basic-auth users, or both (either one
+//! admits). Secrets live in files of their own, apart from the config, so that they can come
+//! from a Kubernetes Secret or a root-only file.
+//!
+//! Users come from an htpasswd file (`htpasswd -B -c FILE USER`) and only bcrypt hashes are
+//! accepted: a leaked file must not give the passwords away. A bcrypt check costs tens of
+//! milliseconds by design, so it runs off the async workers, and the last password that
+//! passed for each user is remembered: a scrape every 15 s pays for it once.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use anyhow::{Context as _, bail};
+use axum::http::{HeaderMap, header};
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+
+use crate::config::HttpConfig;
+
+/// The credentials the endpoint accepts.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    token: Option<Arc<str>>,
+    users: Option<Arc<Users>>,
+}
+
+struct Users {
+    hashes: HashMap<String, String>,
+    /// Per user, the last password that matched its hash.
+    verified: Mutex<HashMap<String, String>>,
+}
+
+/// Why a request was refused, and how it may authenticate.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Challenge(pub &'static str);
+
+impl Credentials {
+    /// Reads the token and user files the config names.
+    pub fn from_config(http: &HttpConfig) -> anyhow::Result<Self> {
+        let token = match &http.bearer_token_file {
+            Some(path) => Some(Arc::from(read_token(path)?)),
+            None => None,
+        };
+        let users = match &http.basic_auth_users_file {
+            Some(path) => Some(Arc::new(Users {
+                hashes: read_htpasswd(path)?,
+                verified: Mutex::default(),
+            })),
+            None => None,
+        };
+        Ok(Self { token, users })
+    }
+
+    /// Whether any credentials are required.
+    #[must_use]
+    pub fn required(&self) -> bool {
+        self.token.is_some() || self.users.is_some()
+    }
+
+    /// Admits a request that carries a valid bearer token or basic-auth user and password.
+    pub async fn admit(&self, headers: &HeaderMap) -> Result<(), Challenge> {
+        if !self.required() {
+            return Ok(());
+        }
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        if let (Some(token), Some(given)) =
+            (&self.token, given.and_then(|v| v.strip_prefix("Bearer ")))
+            && same_secret(given.as_bytes(), token.as_bytes())
+        {
+            return Ok(());
+        }
+        if let (Some(users), Some(given)) =
+            (&self.users, given.and_then(|v| v.strip_prefix("Basic ")))
+            && let Some((user, password)) = decode_basic(given)
+            && Arc::clone(users).check(user, password).await
+        {
+            return Ok(());
+        }
+        Err(Challenge(match (&self.token, &self.users) {
+            (Some(_), Some(_)) => "Basic realm=\"collector\", Bearer",
+            (None, Some(_)) => "Basic realm=\"collector\"",
+            _ => "Bearer",
+        }))
+    }
+}
+
+impl Users {
+    async fn check(self: Arc<Self>, user: String, password: String) -> bool {
+        let Some(hash) = self.hashes.get(&user).cloned() else {
+            return false;
+        };
+        if self
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&user)
+            .is_some_and(|known| same_secret(known.as_bytes(), password.as_bytes()))
+        {
+            return true;
+        }
+        let checked = password.clone();
+        let matches = tokio::task::spawn_blocking(move || bcrypt::verify(checked, &hash))
+            .await
+            .is_ok_and(|verified| verified.unwrap_or(false));
+        if matches {
+            self.verified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(user, password);
+        }
+        matches
+    }
+}
+
+/// `user:password` from the base64 of a Basic authorization.
+fn decode_basic(given: &str) -> Option<(String, String)> {
+    let decoded = String::from_utf8(STANDARD.decode(given.trim()).ok()?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the bearer token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("the bearer token file {} is empty", path.display());
+    }
+    Ok(token.to_owned())
+}
+
+fn read_htpasswd(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the basic-auth users file {}", path.display()))?;
+    parse_htpasswd(&text).map_err(|(line, reason)| {
+        anyhow::anyhow!(
+            "the basic-auth users file {}, line {line}: {reason}",
+            path.display()
+        )
+    })
+}
+
+/// `user:bcrypt-hash` per line; blank lines and `#` comments are skipped.
+fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, (usize, String)> {
+    let mut users = HashMap::new();
+    for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((user, hash)) = line.split_once(':') else {
+            return Err((number, "expected user:hash".to_owned()));
+        };
+        if user.is_empty() {
+            return Err((number, "the user name is empty".to_owned()));
+        }
+        if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
+            || bcrypt::verify("", hash).is_err()
+        {
+            return Err((
+                number,
+                format!(
+                    "the hash of {user:?} is not bcrypt (only bcrypt is accepted: htpasswd -B)"
+                ),
+            ));
+        }
+        if users.insert(user.to_owned(), hash.to_owned()).is_some() {
+            return Err((number, format!("{user:?} is listed twice")));
+        }
+    }
+    if users.is_empty() {
+        return Err((1, "no users listed".to_owned()));
+    }
+    Ok(users)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3creT", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+    }
+
+    #[test]
+    fn htpasswd_takes_bcrypt_only_and_says_where_it_is_wrong() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users = parse_htpasswd(&format!("# scrapers\n\nprometheus:{hash}\n")).unwrap();
+        assert_eq!(users["prometheus"], hash);
+        assert_eq!(
+            parse_htpasswd("a:$apr1$xyz$abc\n").unwrap_err().0,
+            1,
+            "MD5 (apr1) hashes are refused"
+        );
+        let err = parse_htpasswd(&format!("a:{hash}\nb:{{SHA}}abc=\n")).unwrap_err();
+        assert_eq!(err.0, 2);
+        assert!(err.1.contains("not bcrypt"), "{}", err.1);
+        assert_eq!(parse_htpasswd("nocolon\n").unwrap_err().0, 1);
+        assert!(
+            parse_htpasswd(&format!("a:{hash}\na:{hash}\n"))
+                .unwrap_err()
+                .1
+                .contains("twice")
+        );
+        assert!(parse_htpasswd("# nobody\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn without_credentials_configured_everyone_is_admitted() {
+        assert_eq!(
+            Credentials::default().admit(&HeaderMap::new()).await,
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn basic_and_bearer_each_admit() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let credentials = Credentials {
+            token: Some(Arc::from("tok")),
+            users: Some(Arc::new(Users {
+                hashes: HashMap::from([("u".to_owned(), hash)]),
+                verified: Mutex::default(),
+            })),
+        };
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+            headers
+        };
+        let basic =
+            |user_password: &str| with(&format!("Basic {}", STANDARD.encode(user_password)));
+        assert_eq!(credentials.admit(&with("Bearer tok")).await, Ok(()));
+        assert!(credentials.admit(&with("Bearer nope")).await.is_err());
+        // Twice: the second is answered from the remembered password.
+        assert_eq!(credentials.admit(&basic("u:pw")).await, Ok(()));
+        assert_eq!(credentials.admit(&basic("u:pw")).await, Ok(()));
+        assert!(credentials.admit(&basic("u:wrong")).await.is_err());
+        assert!(credentials.admit(&basic("x:pw")).await.is_err());
+        assert!(credentials.admit(&with("Basic !!!")).await.is_err());
+        assert_eq!(
+            credentials.admit(&HeaderMap::new()).await,
+            Err(Challenge("Basic realm=\"collector\", Bearer"))
+        );
+    }
+}

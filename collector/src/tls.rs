@@ -1,0 +1,196 @@
+//! HTTPS for the endpoint (rustls). The certificate and key are read at start, so that a bad
+//! pair stops the agent with the reason, and read again whenever either file changes:
+//! cert-manager and similar tools rotate them in place, and a restart would reset counters.
+//! Handshakes run beside the accept loop, each with a time limit, so that a slow or silent
+//! client holds up no one else.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, ensure};
+use rustls::{
+    ServerConfig,
+    crypto::ring,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+/// Longest a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once; more wait to be accepted.
+const CONCURRENT_HANDSHAKES: usize = 64;
+
+/// The certificate chain and private key files (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A server config whose certificate follows its files.
+pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
+    let resolver = ReloadingCert {
+        current: Mutex::new(Loaded {
+            stamp: stamp(files)?,
+            key: load(files)?,
+        }),
+        files: files.clone(),
+    };
+    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("choosing the TLS versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+struct Loaded {
+    stamp: (SystemTime, SystemTime),
+    key: Arc<CertifiedKey>,
+}
+
+struct ReloadingCert {
+    files: TlsFiles,
+    current: Mutex<Loaded>,
+}
+
+impl fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReloadingCert")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        // Two stats per handshake; the files are read only when one changed.
+        if let Ok(stamp) = stamp(&self.files)
+            && stamp != current.stamp
+        {
+            // Remembered even on failure: a half-done rotation is retried when the other file
+            // changes, not logged on every handshake.
+            current.stamp = stamp;
+            match load(&self.files) {
+                Ok(key) => {
+                    tracing::info!(cert = %self.files.cert.display(), "reloaded the TLS certificate");
+                    current.key = key;
+                }
+                Err(err) => tracing::warn!(
+                    "keeping the previous TLS certificate: reloading it failed: {err:#}"
+                ),
+            }
+        }
+        Some(Arc::clone(&current.key))
+    }
+}
+
+fn stamp(files: &TlsFiles) -> anyhow::Result<(SystemTime, SystemTime)> {
+    let modified = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|meta| meta.modified())
+            .with_context(|| format!("reading {}", path.display()))
+    };
+    Ok((modified(&files.cert)?, modified(&files.key)?))
+}
+
+fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
+    let chain = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .with_context(|| format!("reading the TLS certificate {}", files.cert.display()))?;
+    ensure!(
+        !chain.is_empty(),
+        "the TLS certificate file {} holds no certificate",
+        files.cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("reading the TLS key {}", files.key.display()))?;
+    let certified =
+        CertifiedKey::from_der(chain, key, &ring::default_provider()).with_context(|| {
+            format!(
+                "the TLS key {} does not fit the certificate {}",
+                files.key.display(),
+                files.cert.display()
+            )
+        })?;
+    Ok(Arc::new(certified))
+}
+
+/// Accepts TCP connections and hands on those whose TLS handshake completed.
+pub struct TlsListener {
+    handshaken: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (done, handshaken) = tokio::sync::mpsc::channel(CONCURRENT_HANDSHAKES);
+        let accepting = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), done));
+        Ok(Self {
+            handshaken,
+            local,
+            accepting,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+async fn accept_loop(
+    mut listener: TcpListener,
+    acceptor: TlsAcceptor,
+    done: tokio::sync::mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HANDSHAKES));
+    loop {
+        // axum's accept for a TcpListener retries (and logs) the errors worth retrying.
+        let (tcp, peer) = axum::serve::Listener::accept(&mut listener).await;
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let (acceptor, done) = (acceptor.clone(), done.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = done.send((stream, peer)).await;
+                }
+                Ok(Err(err)) => tracing::debug!(%peer, "TLS handshake failed: {err}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            // The accept loop only ends when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}

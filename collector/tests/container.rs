@@ -1,0 +1,214 @@
+//! deploy/container/Containerfile, checked by building it with podman and running the image:
+//! its root filesystem becomes the agent's root (chroot, private mounts, the test's network
+//! namespace), as a container runtime would set it up, and the agent counts known traffic
+//! with the image's own nft.
+//!
+//! CI has no registry but the package mirrors, so the Debian base is made here with
+//! debootstrap (once per machine) and handed to the Containerfile's `BASE` argument.
+//! `podman run` itself cannot be used on these machines: crun refuses the hybrid cgroup
+//! layout.
+
+mod support;
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use support::{Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins, sample, scrape, wait_for};
+
+const BASE: &str = "localhost/collector-test-base:bookworm";
+const MIRROR: &str = "http://deb.debian.org/debian";
+const PORT: u16 = 18081;
+
+fn run_ok(command: &mut Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|err| panic!("{command:?}: {err} (cargo xtask prereqs installs it)"));
+    assert!(
+        out.status.success(),
+        "{command:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A minimal Debian bookworm image standing in for `debian:bookworm-slim`.
+fn base_image() {
+    let exists = Command::new("podman")
+        .args(["image", "exists", BASE])
+        .status()
+        .expect("podman (cargo xtask prereqs installs it)");
+    if exists.success() {
+        return;
+    }
+    let rootfs = std::env::temp_dir().join(format!("collector-base-{}", std::process::id()));
+    run_ok(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", "bookworm"])
+            .arg(&rootfs)
+            .arg(MIRROR),
+    );
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "tar -C {} -c . | podman import - {BASE}",
+        rootfs.display()
+    )));
+    let _ = fs::remove_dir_all(&rootfs);
+}
+
+/// The image built from the Containerfile; removed on drop.
+struct Image(String);
+
+impl Image {
+    fn build() -> Self {
+        let context = std::env::temp_dir().join(format!("collector-image-{}", std::process::id()));
+        fs::create_dir_all(&context).unwrap();
+        fs::copy(COLLECTOR, context.join("collector")).unwrap();
+        let image = Self(format!("localhost/collector-test:{}", std::process::id()));
+        let containerfile =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/container/Containerfile");
+        // chroot isolation: RUN steps need no OCI runtime (see the module comment).
+        let built = Command::new("podman")
+            .args(["build", "--isolation", "chroot", "--build-arg"])
+            .arg(format!("BASE={BASE}"))
+            .arg("-f")
+            .arg(&containerfile)
+            .args(["-t", &image.0])
+            .arg(&context)
+            .output()
+            .unwrap();
+        let _ = fs::remove_dir_all(&context);
+        assert!(
+            built.status.success(),
+            "podman build:\n{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        image
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = Command::new("podman").args(["rmi", "-f", &self.0]).output();
+    }
+}
+
+/// A container's writable root filesystem, mounted; unmounted and removed on drop.
+struct Rootfs {
+    container: String,
+    path: PathBuf,
+}
+
+impl Rootfs {
+    fn of(image: &Image) -> Self {
+        let container = run_ok(Command::new("podman").args(["create", &image.0]));
+        let path = PathBuf::from(run_ok(Command::new("podman").args(["mount", &container])));
+        Self { container, path }
+    }
+}
+
+impl Drop for Rootfs {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["umount", &self.container])
+            .output();
+        let _ = Command::new("podman")
+            .args(["rm", "-f", &self.container])
+            .output();
+    }
+}
+
+/// The image's entrypoint as a runtime would start it: inside `netns`, in a private mount
+/// namespace (gone with the process) holding the host's /sys (bpffs, cgroup2), a fresh /proc
+/// and the test's config directory, rooted at `rootfs`. The shell execs, so the child is the
+/// agent.
+fn launcher(netns: &Netns, rootfs: &Path, entrypoint: &str, config_dir: &Path) -> Command {
+    let (root, config) = (rootfs.display(), config_dir.display());
+    let mut command = netns.command("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --rbind /sys {root}/sys && mount -t proc proc {root}/proc \
+         && mkdir -p {root}{config} && mount --bind {config} {root}{config} \
+         && exec chroot {root} {entrypoint} \"$@\""
+        ));
+    command.arg("collector");
+    command
+}
+
+#[test]
+fn the_containerfile_builds_an_image_that_counts() {
+    const CONNECTIONS: u32 = 5;
+    let netns = Netns::new();
+    base_image();
+    let image = Image::build();
+    let inspect = run_ok(Command::new("podman").args([
+        "image",
+        "inspect",
+        &image.0,
+        "--format",
+        "{{.Config.Entrypoint}} {{.Config.Cmd}} {{.Config.StopSignal}}",
+    ]));
+    assert_eq!(inspect, "[/usr/local/bin/collector] [run] SIGTERM");
+    let rootfs = Rootfs::of(&image);
+
+    let config = AgentConfig::new(&format!(
+        "[[routes]]\nname = \"web\"\nports = [{PORT}]\ntype = \"http\"\n"
+    ));
+    let agent = Agent::spawn(
+        &netns,
+        launcher(
+            &netns,
+            &rootfs.path,
+            "/usr/local/bin/collector",
+            &config.dir,
+        ),
+        &config,
+        &[],
+    );
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", PORT)).unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4];
+            stream.read_exact(&mut request).unwrap();
+        }
+    });
+    netns.run(|| {
+        for _ in 0..CONNECTIONS {
+            TcpStream::connect(("127.0.0.1", PORT))
+                .unwrap()
+                .write_all(b"ping")
+                .unwrap();
+        }
+    });
+    server.join().unwrap();
+    let route = [("route", "web")];
+    let metrics = wait_for("the connections to close", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (sample(&metrics, "collector_proxy_connections_closed_total", &route)
+            == Some(f64::from(CONNECTIONS)))
+        .then_some(metrics)
+    });
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connection_received_bytes_total",
+            &route
+        ),
+        Some(f64::from(CONNECTIONS * 4))
+    );
+    // The image's nft made the agent's table, and the agent reads it.
+    assert_eq!(
+        sample(&metrics, "collector_source_up", &[("source", "nft")]),
+        Some(1.0)
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}

@@ -1,0 +1,256 @@
+//! The endpoint as operators expose it beyond loopback: HTTPS with a test certificate,
+//! basic-auth users from a file made by `htpasswd -B`, the counts unchanged behind them, and
+//! bad certificate or user files refused at start with the reason.
+
+mod support;
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use support::{Agent, AgentConfig, COLLECTOR, LISTEN, Netns, sample, stdout_of, wait_for};
+
+const PORT: u16 = 18443;
+const USER: &str = "prometheus";
+const PASSWORD: &str = "scrape-Pa55";
+
+/// A directory removed on drop, for the certificates and the users file.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("collector-{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key: `(cert, key)` in `dir`.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    stdout_of(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", &format!("/CN={name}")])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    (cert, key)
+}
+
+/// `curl` inside `netns` against the agent over HTTPS, trusting `ca`. Returns the status
+/// (0 when no HTTP exchange happened, e.g. a failed handshake) and headers plus body.
+fn curl(netns: &Netns, ca: &Path, path: &str, user: Option<&str>) -> (u16, String) {
+    let mut command = netns.command("curl");
+    command
+        .args(["-sS", "-i", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(user) = user {
+        command.args(["-u", user]);
+    }
+    let out = command
+        .arg(format!("https://{LISTEN}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (response, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), response.to_owned())
+}
+
+fn authorized() -> String {
+    format!("{USER}:{PASSWORD}")
+}
+
+#[test]
+fn https_and_basic_auth_guard_exact_counts() {
+    const CONNECTIONS: u32 = 7;
+    const REQUEST: u32 = 100;
+    let netns = Netns::new();
+    let scratch = Scratch::new("https");
+    let (cert, key) = self_signed(&scratch.0, "first");
+    let users = scratch.path("users");
+    // The tool operators are told to use; -C 4 keeps the test quick.
+    stdout_of(
+        Command::new("htpasswd")
+            .args(["-B", "-C", "4", "-b", "-c"])
+            .arg(&users)
+            .args([USER, PASSWORD]),
+    );
+    let (served_cert, served_key) = (scratch.path("tls.crt"), scratch.path("tls.key"));
+    fs::copy(&cert, &served_cert).unwrap();
+    fs::copy(&key, &served_key).unwrap();
+    let config = AgentConfig::new(&format!(
+        "[[routes]]\nname = \"secure\"\nports = [{PORT}]\ntype = \"tcp\"\n\n[http]\nbasic_auth_users_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        users.display(),
+        served_cert.display(),
+        served_key.display()
+    ));
+    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
+        curl(&netns, &cert, "/readyz", None).0 == 200
+    });
+
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", PORT)).unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; REQUEST as usize];
+            stream.read_exact(&mut request).unwrap();
+        }
+    });
+    netns.run(|| {
+        for _ in 0..CONNECTIONS {
+            let mut stream = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+            stream.write_all(&[b'x'; REQUEST as usize]).unwrap();
+        }
+    });
+    server.join().unwrap();
+
+    let route = [("route", "secure")];
+    let metrics = wait_for("the connections to close", Duration::from_secs(10), || {
+        let (status, metrics) = curl(&netns, &cert, "/metrics", Some(&authorized()));
+        assert_eq!(status, 200, "{metrics}");
+        (sample(&metrics, "collector_proxy_connections_closed_total", &route)
+            == Some(f64::from(CONNECTIONS)))
+        .then_some(metrics)
+    });
+    assert_eq!(
+        sample(&metrics, "collector_proxy_connections_opened_total", &route),
+        Some(f64::from(CONNECTIONS))
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connection_received_bytes_total",
+            &route
+        ),
+        Some(f64::from(CONNECTIONS * REQUEST))
+    );
+
+    // Without credentials, with a wrong password or an unknown user: 401 with the challenge.
+    for user in [None, Some("prometheus:wrong"), Some("nobody:scrape-Pa55")] {
+        for path in ["/metrics", "/api/v1/proxy", "/api/v1/dns", "/api/v1/events"] {
+            let (status, response) = curl(&netns, &cert, path, user);
+            assert_eq!(status, 401, "{path} as {user:?}: {response}");
+            assert!(
+                response.contains("www-authenticate: Basic realm=\"collector\""),
+                "{response}"
+            );
+        }
+    }
+    // The probes answer kubelet, which carries no credentials.
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(curl(&netns, &cert, probe, None).0, 200, "{probe}");
+    }
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = netns
+        .command("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://{LISTEN}/healthz"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "000");
+
+    rotate_in_place(&netns, &scratch, &cert, (&served_cert, &served_key));
+    let (status, metrics) = curl(&netns, &served_cert, "/metrics", Some(&authorized()));
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&metrics, "collector_proxy_connections_opened_total", &route),
+        Some(f64::from(CONNECTIONS))
+    );
+    assert!(agent.stop().success());
+}
+
+/// Replaces the served pair as cert-manager does (new files renamed over the old): the next
+/// handshake presents the new certificate, and the old one is trusted no more.
+fn rotate_in_place(netns: &Netns, scratch: &Scratch, old_cert: &Path, served: (&Path, &Path)) {
+    let (new_cert, new_key) = self_signed(&scratch.0, "second");
+    assert_eq!(curl(netns, &new_cert, "/healthz", None).0, 0);
+    fs::rename(&new_key, served.1).unwrap();
+    fs::rename(&new_cert, served.0).unwrap();
+    wait_for("the rotated certificate", Duration::from_secs(10), || {
+        (curl(netns, served.0, "/healthz", None).0 == 200).then_some(())
+    });
+    assert_eq!(curl(netns, old_cert, "/healthz", None).0, 0);
+}
+
+/// `collector run` inside `netns` with `http` as the config's `[http]` table: fails, and
+/// returns what it said.
+fn refused(netns: &Netns, http: &str) -> String {
+    let config = AgentConfig::new(&format!(
+        "[[routes]]\nname = \"web\"\nports = [{PORT}]\ntype = \"http\"\n\n[http]\n{http}"
+    ));
+    let out = netns
+        .command(COLLECTOR)
+        .args(["run", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started with [http] {http}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_certificate_or_user_files_stop_the_start_with_the_reason() {
+    let netns = Netns::new();
+    let scratch = Scratch::new("https-bad");
+    let (cert, _) = self_signed(&scratch.0, "one");
+    let (_, other_key) = self_signed(&scratch.0, "two");
+
+    let stderr = refused(&netns, &format!("tls_cert_file = \"{}\"\n", cert.display()));
+    assert!(
+        stderr.contains("collector.toml:11:") && stderr.contains("needs tls_key_file"),
+        "{stderr}"
+    );
+
+    let stderr = refused(
+        &netns,
+        &format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            cert.display(),
+            other_key.display()
+        ),
+    );
+    assert!(stderr.contains("does not fit the certificate"), "{stderr}");
+
+    let users = scratch.path("users");
+    fs::write(&users, "# scrapers\nprometheus:$apr1$abc$def\n").unwrap();
+    let stderr = refused(
+        &netns,
+        &format!("basic_auth_users_file = \"{}\"\n", users.display()),
+    );
+    assert!(
+        stderr.contains("line 2") && stderr.contains("not bcrypt"),
+        "{stderr}"
+    );
+}
