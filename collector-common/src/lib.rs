@@ -279,21 +279,21 @@ pub const DNS_EVENTS_BYTES: u32 = 1 << 21;
 /// Longest name in wire form (RFC 1035 2.3.4).
 pub const DNS_NAME_MAX: usize = 255;
 
-/// A query waiting for its response: one slot of the in-flight table.
+/// A query waiting for its response: one slot of the in-flight table. 16 bytes, four to a
+/// cache line: the slot a query takes is cold and the response reads it on another CPU, so
+/// its size is most of what latency tracking costs. The client address is kept as a
+/// fingerprint (see [`dns_client_fingerprint`]); port and id are kept whole.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsInFlight {
-    /// Client address; IPv4 as an IPv4-mapped IPv6 address.
-    pub client_addr: [u8; 16],
     /// `bpf_ktime_get_ns` when the query arrived; 0 = free slot.
     pub start_ns: u64,
+    /// [`dns_client_fingerprint`] of the client address.
+    pub client: u32,
     /// Client port, host byte order.
     pub client_port: u16,
     /// DNS transaction id.
     pub id: u16,
-    /// QTYPE of the query, for the answer event.
-    pub qtype: u16,
-    pub _pad: u16,
 }
 
 /// [`DnsQueryEvent::kind`].
@@ -357,21 +357,28 @@ pub const DNS_SCRATCH_BYTES: usize = 512;
 /// QTYPE and QCLASS (4).
 pub const DNS_COPY_BYTES: usize = 8 + 12 + DNS_NAME_MAX + 4;
 
-/// Slot of the in-flight table for a query.
+const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// 32 bits standing for a client address in the in-flight table. Two clients that share a
+/// port, an id, a slot and a fingerprint at once would be confused: about one chance in
+/// 2^32 per collision in the table, which is itself counted (`evicted`).
 #[must_use]
-pub fn dns_inflight_slot(client_addr: &[u8; 16], client_port: u16, id: u16) -> u32 {
-    let mut words = [0u64; 2];
+pub fn dns_client_fingerprint(client_addr: &[u8; 16]) -> u32 {
     let (high, low) = client_addr.split_at(8);
     let mut buf = [0u8; 8];
     buf.copy_from_slice(high);
-    words[0] = u64::from_ne_bytes(buf);
+    let high = u64::from_ne_bytes(buf);
     buf.copy_from_slice(low);
-    words[1] = u64::from_ne_bytes(buf);
-    let mixed =
-        (words[0] ^ words[1].rotate_left(29) ^ (u64::from(client_port) << 16 | u64::from(id)))
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    // The top bits of a multiplicative hash are the well-mixed ones.
-    let slot = (mixed >> 50) as u32;
+    let low = u64::from_ne_bytes(buf);
+    // The top half of a multiplicative hash is the well-mixed one.
+    ((high ^ low.rotate_left(29)).wrapping_mul(GOLDEN_RATIO_64) >> 32) as u32
+}
+
+/// Slot of the in-flight table for a query.
+#[must_use]
+pub fn dns_inflight_slot(client: u32, client_port: u16, id: u16) -> u32 {
+    let key = u64::from(client) << 32 | u64::from(client_port) << 16 | u64::from(id);
+    let slot = (key.wrapping_mul(GOLDEN_RATIO_64) >> 50) as u32;
     slot & (DNS_INFLIGHT_SLOTS - 1)
 }
 
@@ -497,7 +504,7 @@ const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
 const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 12));
 const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 332);
-const _: () = assert!(size_of::<DnsInFlight>() == 32);
+const _: () = assert!(size_of::<DnsInFlight>() == 16);
 const _: () = assert!(size_of::<DnsPorts>() == 32);
 const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
 const _: () = assert!(DNS_UPSTREAM_SLOTS.is_power_of_two());

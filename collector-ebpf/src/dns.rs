@@ -22,7 +22,8 @@ use aya_ebpf::{
 use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_QUERY, DNS_NAME_MAX,
     DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight,
-    dns_inflight_slot, dns_malformed, dns_port_listed, dns_qtype_index, duration_bucket,
+    dns_client_fingerprint, dns_inflight_slot, dns_malformed, dns_port_listed, dns_qtype_index,
+    duration_bucket,
 };
 
 use crate::{
@@ -287,12 +288,12 @@ fn count_message(
                 return Err(dns_malformed::WRONG_DIRECTION);
             }
             // A response may carry no question (some FORMERR answers); then there is no
-            // name for the cache inference.
-            let name_hash = if question_count == 0 {
+            // name for the cache inference, and no QTYPE for the answer event.
+            let asked = if question_count == 0 {
                 None
             } else {
                 let question = walked?;
-                Some(name_hash(buf, question.name_len))
+                Some((name_hash(buf, question.name_len), question.qtype))
             };
             let rcode = rcode_byte & 0x0f;
             counters.responses_by_rcode[usize::from(rcode)] += 1;
@@ -300,7 +301,7 @@ fn count_message(
             if truncated {
                 counters.responses_truncated += 1;
             }
-            on_response(ctx, &at, id, rcode, truncated, name_hash, counters);
+            on_response(ctx, &at, id, rcode, truncated, asked, counters);
         }
         Role::Upstream => {
             // Only queries on their way out mean a miss; answers to other hosts' queries
@@ -456,12 +457,13 @@ fn on_query(
         return;
     };
     let now = ktime_ns();
-    if let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(&addr, port, id)) {
+    let client = dns_client_fingerprint(&addr);
+    if let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(client, port, id)) {
         // SAFETY: a value of our array map. Two CPUs writing one slot at once can tear it;
         // the response then fails to match and is counted as unmatched.
         let slot = unsafe { &mut *slot };
         if slot.start_ns != 0 {
-            if slot.client_addr == addr && slot.client_port == port && slot.id == id {
+            if slot.client == client && slot.client_port == port && slot.id == id {
                 // A retransmission: keep the first time, which is what the client waits from.
                 counters.duplicate_queries += 1;
                 return sample_query(ctx, at, id, question, addr, port, now, counters);
@@ -473,12 +475,10 @@ fn on_query(
             }
         }
         *slot = DnsInFlight {
-            client_addr: addr,
             start_ns: now,
+            client,
             client_port: port,
             id,
-            qtype: question.qtype,
-            _pad: 0,
         };
     }
     sample_query(ctx, at, id, question, addr, port, now, counters);
@@ -546,32 +546,32 @@ fn on_response(
     id: u16,
     rcode: u8,
     truncated: bool,
-    name_hash: Option<u64>,
+    asked: Option<(u64, u16)>,
     counters: &mut DnsCounters,
 ) {
     let Some((addr, port)) = client(ctx, at, false) else {
         counters.unmatched_responses += 1;
         return;
     };
-    let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(&addr, port, id)) else {
+    let client = dns_client_fingerprint(&addr);
+    let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(client, port, id)) else {
         counters.unmatched_responses += 1;
         return;
     };
     // SAFETY: as in `on_query`.
     let slot = unsafe { &mut *slot };
-    if slot.start_ns == 0 || slot.client_addr != addr || slot.client_port != port || slot.id != id {
+    if slot.start_ns == 0 || slot.client != client || slot.client_port != port || slot.id != id {
         counters.unmatched_responses += 1;
         return;
     }
     let started = slot.start_ns;
-    let qtype = slot.qtype;
     slot.start_ns = 0;
     let now = ktime_ns();
     let latency = now.wrapping_sub(started);
     counters.answered += 1;
     counters.latency[duration_bucket(latency) as usize & 31] += 1;
     counters.latency_ns += latency;
-    let miss = name_hash.is_some_and(|hash| {
+    let miss = asked.is_some_and(|(hash, _)| {
         let slot = (hash as u32) & (DNS_UPSTREAM_SLOTS - 1);
         DNS_UPSTREAM.get_ptr_mut(slot).is_some_and(|stamp| {
             // SAFETY: as in `count_message`.
@@ -598,7 +598,7 @@ fn on_response(
         client_addr: addr,
         client_port: port,
         id,
-        qtype,
+        qtype: asked.map_or(0, |(_, qtype)| qtype),
         _pad2: 0,
     };
     if DNS_EVENTS

@@ -44,6 +44,14 @@ struct Settings {
     pairs: usize,
     seconds: f64,
     write_docs: bool,
+    /// `--only proxy|dns|poll`: one part, for quick comparisons (docs not written).
+    only: Option<String>,
+}
+
+impl Settings {
+    fn runs(&self, part: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == part)
+    }
 }
 
 fn settings() -> Settings {
@@ -51,6 +59,7 @@ fn settings() -> Settings {
         pairs: 5,
         seconds: 3.0,
         write_docs: true,
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -65,6 +74,10 @@ fn settings() -> Settings {
                     .expect("--seconds S");
             }
             "--no-docs" => settings.write_docs = false,
+            "--only" => {
+                settings.only = Some(args.next().expect("--only proxy|dns|poll"));
+                settings.write_docs = false;
+            }
             // cargo bench passes --bench.
             _ => {}
         }
@@ -297,19 +310,38 @@ fn measure_dns(
     queries: &std::path::Path,
     seconds: f64,
     with_agent: bool,
-) -> (f64, Option<(u64, u64)>) {
+) -> (f64, Option<(u64, u64, f64)>) {
     let agent = with_agent.then(|| Agent::start(netns, config));
+    let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let (sent, qps) = dnsperf(netns, queries, seconds);
     let counted = agent.map(|agent| {
+        let cpu = cpu_seconds(agent.pid()) - cpu_before;
         // dnsperf stops waiting for late answers; the kernel counted every query it saw.
         let counted = wait_for("the agent's poll", Duration::from_secs(5), || {
             let total = dns_json(netns)["totalQueries"].as_u64()?;
             (total >= sent).then_some(total)
         });
         assert!(agent.stop().success());
-        (sent, counted)
+        (sent, counted, cpu / seconds)
     });
     (qps, counted)
+}
+
+/// User plus system CPU time a process has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    #[expect(clippy::cast_precision_loss, reason = "clock ticks per second")]
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / per_second
 }
 
 struct DnsPair {
@@ -317,6 +349,8 @@ struct DnsPair {
     with: f64,
     sent: u64,
     counted: u64,
+    /// The agent's CPU use during the run, in cores.
+    agent_cpu: f64,
 }
 
 fn dns_pairs(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Vec<DnsPair> {
@@ -335,13 +369,16 @@ fn dns_pairs(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Vec<Dn
             let with = run(true);
             (run(false).0, with)
         };
-        let (sent, counted) = counted.unwrap();
-        eprintln!("dns pair {i}: qps {without:.0} -> {with:.0}, sent {sent}, counted {counted}");
+        let (sent, counted, agent_cpu) = counted.unwrap();
+        eprintln!(
+            "dns pair {i}: qps {without:.0} -> {with:.0}, sent {sent}, counted {counted}, agent CPU {agent_cpu:.3} cores"
+        );
         pairs.push(DnsPair {
             without,
             with,
             sent,
             counted,
+            agent_cpu,
         });
     }
     pairs
@@ -382,18 +419,19 @@ fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &[(String, f64, f64
     );
     let _ = writeln!(
         report,
-        "| pair | qps without | with | ratio | sent | counted |"
+        "| pair | qps without | with | ratio | sent | counted | agent CPU (cores) |"
     );
-    let _ = writeln!(report, "|---|---|---|---|---|---|");
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
     for (i, p) in pairs.iter().enumerate() {
         let _ = writeln!(
             report,
-            "| {i} | {:.0} | {:.0} | {:.3} | {} | {} |",
+            "| {i} | {:.0} | {:.0} | {:.3} | {} | {} | {:.3} |",
             p.without,
             p.with,
             p.with / p.without,
             p.sent,
-            p.counted
+            p.counted,
+            p.agent_cpu
         );
     }
     let lost: u64 = pairs.iter().map(|p| p.sent.abs_diff(p.counted)).sum();
@@ -492,6 +530,46 @@ fn poll_costs(netns: &Netns, settings: &Settings) -> String {
     report
 }
 
+/// New-connection rate and bulk throughput, with and without the agent, alternating; then
+/// the programs' cost per run.
+fn proxy_overhead(netns: &Netns, config: &AgentConfig, settings: &Settings) -> String {
+    let stop = Arc::new(AtomicBool::new(false));
+    start_servers(netns, &stop);
+
+    eprintln!("warm-up");
+    measure(netns, config, settings.seconds, false);
+    measure(netns, config, settings.seconds, true);
+
+    let mut pairs = Vec::new();
+    for i in 0..settings.pairs {
+        // Alternate which side goes first so that drift favours neither.
+        let (without, with) = if i % 2 == 0 {
+            let without = measure(netns, config, settings.seconds, false);
+            (without, measure(netns, config, settings.seconds, true))
+        } else {
+            let with = measure(netns, config, settings.seconds, true);
+            (measure(netns, config, settings.seconds, false), with)
+        };
+        eprintln!(
+            "pair {i}: connections/s {:.0} -> {:.0}, bulk Gbit/s {:.2} -> {:.2}",
+            without.0,
+            with.0,
+            without.1 * 8e-9,
+            with.1 * 8e-9
+        );
+        pairs.push(Pair {
+            connect_without: without.0,
+            connect_with: with.0,
+            bulk_without: without.1,
+            bulk_with: with.1,
+        });
+    }
+    let costs = program_costs(netns, config, settings.seconds);
+    stop.store(true, Ordering::Relaxed);
+
+    report(settings, &pairs, &costs)
+}
+
 fn main() {
     let settings = settings();
     support::require_root();
@@ -511,51 +589,22 @@ fn main() {
         );
     }
     let config = AgentConfig::new(ROUTES);
-    let stop = Arc::new(AtomicBool::new(false));
-    start_servers(&netns, &stop);
-
-    eprintln!("warm-up");
-    measure(&netns, &config, settings.seconds, false);
-    measure(&netns, &config, settings.seconds, true);
-
-    let mut pairs = Vec::new();
-    for i in 0..settings.pairs {
-        // Alternate which side goes first so that drift favours neither.
-        let (without, with) = if i % 2 == 0 {
-            let without = measure(&netns, &config, settings.seconds, false);
-            (without, measure(&netns, &config, settings.seconds, true))
-        } else {
-            let with = measure(&netns, &config, settings.seconds, true);
-            (measure(&netns, &config, settings.seconds, false), with)
-        };
-        eprintln!(
-            "pair {i}: connections/s {:.0} -> {:.0}, bulk Gbit/s {:.2} -> {:.2}",
-            without.0,
-            with.0,
-            without.1 * 8e-9,
-            with.1 * 8e-9
-        );
-        pairs.push(Pair {
-            connect_without: without.0,
-            connect_with: with.0,
-            bulk_without: without.1,
-            bulk_with: with.1,
-        });
+    let mut report = String::new();
+    if settings.runs("proxy") {
+        report.push_str(&proxy_overhead(&netns, &config, &settings));
+        report.push('\n');
     }
-    let costs = program_costs(&netns, &config, settings.seconds);
-    stop.store(true, Ordering::Relaxed);
-
-    let server = Unbound::start(&netns, false);
-    let dns_pairs = dns_pairs(&netns, &config, &settings);
-    let dns_costs = dns_costs(&netns, &config, &settings);
-    drop(server);
-    let poll_report = poll_costs(&netns, &settings);
-
-    let report = format!(
-        "{}\n{}\n{poll_report}",
-        report(&settings, &pairs, &costs),
-        dns_report(&settings, &dns_pairs, &dns_costs)
-    );
+    if settings.runs("dns") {
+        let server = Unbound::start(&netns, false);
+        let dns_pairs = dns_pairs(&netns, &config, &settings);
+        let dns_costs = dns_costs(&netns, &config, &settings);
+        drop(server);
+        report.push_str(&dns_report(&settings, &dns_pairs, &dns_costs));
+        report.push('\n');
+    }
+    if settings.runs("poll") {
+        report.push_str(&poll_costs(&netns, &settings));
+    }
     println!("{report}");
     if settings.write_docs {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/BENCHMARKS.md");

@@ -166,8 +166,8 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
                 let entry = entry?;
                 if entry.start_ns != 0 {
                     rows.push(json!({
-                        "slot": slot, "client": client(entry.client_addr, entry.client_port),
-                        "id": entry.id, "qtype": qtype_name(u32::from(entry.qtype)),
+                        "slot": slot, "clientFingerprint": format!("{:08x}", entry.client),
+                        "clientPort": entry.client_port, "id": entry.id,
                         "startNs": entry.start_ns,
                     }));
                 }

@@ -18,18 +18,19 @@ use std::borrow::Cow;
 
 use nftables::{
     batch::Batch,
-    expr::{Expression, NamedExpression, Payload, PayloadField},
     helper,
-    schema::{Chain, Counter, NfListObject, Rule, Table},
-    stmt::{Counter as CounterRef, Match, Operator, Statement},
-    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+    schema::{NfListObject, Table},
+    types::NfFamily,
 };
+use serde_json::json;
 
 use crate::{config::Config, nfnetlink};
 
-/// Chain names inside our table.
+/// Chain and map names inside our table.
 const IN_CHAIN: &str = "count_in";
 const OUT_CHAIN: &str = "count_out";
+const IN_MAP: &str = "ports_in";
+const OUT_MAP: &str = "ports_out";
 /// Before conntrack (-200) and destination NAT (-100): ports as the packet arrived.
 const PRIORITY: i32 = -300;
 
@@ -143,13 +144,15 @@ impl NftTable {
             tracing::info!(table = %table.name, "adopting the nftables table a previous run left: its counters continue");
             return Ok(table);
         }
-        let mut batch = Batch::new();
-        if nfnetlink::table_exists(&table.name)? {
+        let replace = nfnetlink::table_exists(&table.name)?;
+        if replace {
             tracing::info!(table = %table.name, "replacing a leftover nftables table made for another config");
-            batch.delete(NfListObject::Table(table.table()));
         }
-        table.add_all(&mut batch);
-        helper::apply_ruleset(&batch.to_nftables())?;
+        helper::apply_ruleset_raw(
+            &table.ruleset(replace).to_string(),
+            None::<&str>,
+            std::iter::empty::<&str>(),
+        )?;
         Ok(table)
     }
 
@@ -161,53 +164,59 @@ impl NftTable {
         }
     }
 
-    fn add_all(&self, batch: &mut Batch<'static>) {
-        batch.add(NfListObject::Table(self.table()));
-        for (name, hook) in [
-            (IN_CHAIN, NfHook::Prerouting),
-            (OUT_CHAIN, NfHook::Postrouting),
-        ] {
-            batch.add(NfListObject::Chain(Chain {
-                family: NfFamily::INet,
-                table: Cow::Owned(self.name.clone()),
-                name: Cow::Borrowed(name),
-                _type: Some(NfChainType::Filter),
-                hook: Some(hook),
-                prio: Some(PRIORITY),
-                policy: Some(NfChainPolicy::Accept),
-                ..Chain::default()
-            }));
+    /// The table in nft's JSON, in one transaction (deleting a leftover first when
+    /// `replace`). Each chain holds one rule that looks the packet's protocol and port up in
+    /// a map to the counter: one hash lookup per packet however many ports are watched,
+    /// where a rule per port cost a comparison per port. (The `nftables` crate's types cannot
+    /// express a counter map, hence plain JSON.)
+    fn ruleset(&self, replace: bool) -> serde_json::Value {
+        let table = self.name.as_str();
+        let mut commands = Vec::new();
+        if replace {
+            commands.push(json!({"delete": {"table": {"family": "inet", "name": table}}}));
         }
+        commands.push(json!({"add": {"table": {"family": "inet", "name": table}}}));
         for counter in &self.counters {
-            batch.add(NfListObject::Counter(Counter {
-                family: NfFamily::INet,
-                table: Cow::Owned(self.name.clone()),
-                name: Cow::Owned(counter.name.clone()),
-                handle: None,
-                packets: None,
-                bytes: None,
-            }));
-            let field = if counter.inbound { "dport" } else { "sport" };
-            batch.add(NfListObject::Rule(Rule {
-                family: NfFamily::INet,
-                table: Cow::Owned(self.name.clone()),
-                chain: Cow::Borrowed(if counter.inbound { IN_CHAIN } else { OUT_CHAIN }),
-                expr: Cow::Owned(vec![
-                    Statement::Match(Match {
-                        left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-                            PayloadField {
-                                protocol: Cow::Borrowed(counter.protocol.as_str()),
-                                field: Cow::Borrowed(field),
-                            },
-                        ))),
-                        right: Expression::Number(u32::from(counter.port)),
-                        op: Operator::EQ,
-                    }),
-                    Statement::Counter(CounterRef::Named(Cow::Owned(counter.name.clone()))),
-                ]),
-                ..Rule::default()
-            }));
+            commands.push(json!({"add": {"counter": {
+                "family": "inet", "table": table, "name": counter.name,
+            }}}));
         }
+        for (inbound, chain, hook, map, field) in [
+            (true, IN_CHAIN, "prerouting", IN_MAP, "dport"),
+            (false, OUT_CHAIN, "postrouting", OUT_MAP, "sport"),
+        ] {
+            let elements: Vec<serde_json::Value> = self
+                .counters
+                .iter()
+                .filter(|counter| counter.inbound == inbound)
+                .map(|counter| {
+                    json!([{"concat": [counter.protocol.as_str(), counter.port]}, counter.name])
+                })
+                .collect();
+            let mut map_object = json!({
+                "family": "inet", "table": table, "name": map,
+                "type": ["inet_proto", "inet_service"], "map": "counter",
+            });
+            if !elements.is_empty() {
+                map_object["elem"] = serde_json::Value::Array(elements);
+            }
+            commands.push(json!({"add": {"map": map_object}}));
+            commands.push(json!({"add": {"chain": {
+                "family": "inet", "table": table, "name": chain, "type": "filter",
+                "hook": hook, "prio": PRIORITY, "policy": "accept",
+            }}}));
+            commands.push(json!({"add": {"rule": {
+                "family": "inet", "table": table, "chain": chain,
+                "expr": [{"counter": {"map": {
+                    "key": {"concat": [
+                        {"meta": {"key": "l4proto"}},
+                        {"payload": {"protocol": "th", "field": field}},
+                    ]},
+                    "data": format!("@{map}"),
+                }}}],
+            }}}));
+        }
+        json!({"nftables": commands})
     }
 
     /// Reads every counter of our table (nfnetlink: no process spawned).
@@ -282,26 +291,37 @@ mod tests {
     }
 
     #[test]
-    fn the_ruleset_is_one_table_two_chains_and_a_rule_per_counter() {
+    fn the_ruleset_is_one_lookup_per_chain_into_a_map_of_counters() {
         let config =
             Config::from_toml("t.toml", "[[routes]]\nname = \"web\"\nports = [80]\n").unwrap();
         let table = NftTable {
             name: "collector".into(),
             counters: plan(&config),
         };
-        let mut batch = Batch::new();
-        table.add_all(&mut batch);
-        let json = serde_json::to_value(batch.to_nftables()).unwrap();
+        let json = table.ruleset(false);
         let objects = json["nftables"].as_array().unwrap();
-        // Table, two chains, then (counter, rule) for tcp 80 in/out and udp 53 in/out.
-        assert_eq!(objects.len(), 3 + 2 * 4);
-        let rule = &objects[4]["add"]["rule"];
-        assert_eq!(rule["chain"], "count_in");
+        // Table, four counters, then (map, chain, rule) per direction.
+        assert_eq!(objects.len(), 1 + 4 + 2 * 3);
+        let map = &objects[5]["add"]["map"];
+        assert_eq!(map["name"], "ports_in");
         assert_eq!(
-            rule["expr"][0]["match"]["left"]["payload"]["field"],
+            map["elem"],
+            json!([
+                [{"concat": ["tcp", 80]}, "tcp_80_in"],
+                [{"concat": ["udp", 53]}, "udp_53_in"]
+            ])
+        );
+        let rule = &objects[7]["add"]["rule"];
+        assert_eq!(rule["chain"], "count_in");
+        assert_eq!(rule["expr"][0]["counter"]["map"]["data"], "@ports_in");
+        assert_eq!(
+            rule["expr"][0]["counter"]["map"]["key"]["concat"][1]["payload"]["field"],
             "dport"
         );
-        assert_eq!(rule["expr"][0]["match"]["right"], 80);
-        assert_eq!(rule["expr"][1]["counter"], "tcp_80_in");
+        assert_eq!(objects[10]["add"]["rule"]["chain"], "count_out");
+        assert_eq!(
+            table.ruleset(true)["nftables"][0]["delete"]["table"]["name"],
+            "collector"
+        );
     }
 }
