@@ -35,7 +35,7 @@ pub mod map_names {
     pub const ROUTE_NAMES: &str = "ROUTE_NAMES";
     /// `PerCpuArray<ConnCounters>`, one entry per route slot.
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
-    /// `PerCpuArray<u64>`, `MAX_ROUTES * DURATION_BUCKETS` entries: closed connections by duration.
+    /// `PerCpuArray<ConnDurations>`, `MAX_ROUTES` entries: closed connections by duration.
     pub const CONN_DURATIONS: &str = "CONN_DURATIONS";
     /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
     /// in a slot found from its socket cookie (see [`super::conn_slot`]).
@@ -415,6 +415,14 @@ pub struct ConnCounters {
     pub duration_ns: u64,
 }
 
+/// Closed connections of one route by duration ([`duration_bucket`]): one value per route,
+/// so that a poll reads a route's histogram with one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnDurations {
+    pub buckets: [u64; DURATION_BUCKETS as usize],
+}
+
 /// Live traffic for one route and direction, counted per packet by tc.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -514,12 +522,6 @@ const _: () = assert!(size_of::<DnsAnswerEvent>() == 48);
 const _: () = assert!(core::mem::offset_of!(DnsAnswerEvent, client_addr) == 24);
 const _: () = assert!(DNS_SCRATCH_BYTES.is_power_of_two() && DNS_COPY_BYTES < DNS_SCRATCH_BYTES);
 
-/// Index into [`map_names::CONN_DURATIONS`] for a route slot and bucket.
-#[must_use]
-pub const fn duration_index(slot: u32, bucket: u32) -> u32 {
-    slot * DURATION_BUCKETS + bucket
-}
-
 /// Slot of the connection table for `cookie` at `probe` (0..[`CONN_TABLE_PROBES`]).
 #[must_use]
 pub const fn conn_slot(cookie: u64, probe: u32) -> u32 {
@@ -561,6 +563,8 @@ mod pod {
     unsafe impl aya::Pod for super::RouteName {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnDurations {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficCounters {}
     // SAFETY: as above.
@@ -606,8 +610,7 @@ mod tests {
     }
 
     #[test]
-    fn indices_do_not_overlap() {
-        assert_eq!(duration_index(1, 0), DURATION_BUCKETS);
+    fn traffic_indices_do_not_overlap() {
         assert_eq!(traffic_index(3, DIR_OUT), 7);
     }
 }

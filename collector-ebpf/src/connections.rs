@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use collector_common::{
-    CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnEvent, ConnState, MAX_ROUTES,
-    NO_ROUTE, conn_flags, conn_slot, duration_bucket, duration_index, error_kind,
+    CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnEvent, ConnState, DURATION_BUCKETS,
+    MAX_ROUTES, NO_ROUTE, conn_flags, conn_slot, duration_bucket, error_kind,
 };
 
 use crate::{
@@ -228,11 +228,10 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         counters.bytes_out += bytes_out;
         counters.duration_ns += duration_ns;
     }
-    if let Some(bucket) =
-        CONN_DURATIONS.get_ptr_mut(duration_index(slot, duration_bucket(duration_ns)))
-    {
+    if let Some(durations) = CONN_DURATIONS.get_ptr_mut(slot) {
+        let bucket = duration_bucket(duration_ns) & (DURATION_BUCKETS - 1);
         // SAFETY: as above.
-        unsafe { *bucket += 1 };
+        unsafe { (*durations).buckets[bucket as usize] += 1 };
     }
 }
 

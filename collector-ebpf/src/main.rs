@@ -25,10 +25,10 @@ use aya_ebpf::{
     programs::{SockOpsContext, TcContext},
 };
 use collector_common::{
-    CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnEvent, ConnState, DIR_IN, DIR_OUT,
-    DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS,
-    DnsCounters, DnsInFlight, DnsPorts, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAX_ROUTES,
-    PORT_SLOTS, RouteName, TrafficCounters,
+    CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnDurations, ConnEvent, ConnState, DIR_IN,
+    DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS, DNS_UPSTREAM_SLOTS, DnsCounters,
+    DnsInFlight, DnsPorts, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAX_ROUTES, PORT_SLOTS,
+    RouteName, TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -44,8 +44,7 @@ static ROUTE_NAMES: Array<RouteName, { MAX_ROUTES as usize }> = Array::new();
 #[btf_map]
 static CONN_COUNTERS: PerCpuArray<ConnCounters, { MAX_ROUTES as usize }> = PerCpuArray::new();
 #[btf_map]
-static CONN_DURATIONS: PerCpuArray<u64, { (MAX_ROUTES * DURATION_BUCKETS) as usize }> =
-    PerCpuArray::new();
+static CONN_DURATIONS: PerCpuArray<ConnDurations, { MAX_ROUTES as usize }> = PerCpuArray::new();
 #[btf_map]
 static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }> = Array::new();
 #[btf_map]

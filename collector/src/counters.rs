@@ -4,7 +4,7 @@
 use aya::maps::{MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, DIR_IN, DIR_OUT, DURATION_BUCKETS, DnsCounters, ERROR_KINDS, TrafficCounters,
-    duration_index, traffic_index,
+    traffic_index,
 };
 
 use crate::loader::{KernelMaps, WatchedRoute};
@@ -116,8 +116,10 @@ pub fn read(
             traffic_out: sum_traffic(&maps.route_traffic, traffic_index(route.slot, DIR_OUT))?,
             ..RouteTotals::default()
         };
-        for (bucket, count) in (0..DURATION_BUCKETS).zip(route_totals.durations.iter_mut()) {
-            *count = sum_u64(&maps.conn_durations, duration_index(route.slot, bucket))?;
+        for per_cpu in maps.conn_durations.get(&route.slot, 0)?.iter() {
+            for (total, count) in route_totals.durations.iter_mut().zip(per_cpu.buckets) {
+                *total = total.wrapping_add(count);
+            }
         }
         totals.routes.push(route_totals);
     }

@@ -21,9 +21,9 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, DURATION_BUCKETS, DnsCounters, DnsPorts, GLOBAL_DNS_PORTS,
-    GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, RouteName,
-    TrafficCounters, duration_index, map_names, program_names, traffic_index,
+    ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
+    GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters, map_names,
+    program_names, traffic_index,
 };
 
 use crate::{
@@ -51,7 +51,7 @@ pub struct WatchedRoute {
 /// The maps the agent reads while running.
 pub struct KernelMaps {
     pub conn_counters: PerCpuArray<MapData, ConnCounters>,
-    pub conn_durations: PerCpuArray<MapData, u64>,
+    pub conn_durations: PerCpuArray<MapData, ConnDurations>,
     pub route_traffic: PerCpuArray<MapData, TrafficCounters>,
     pub errors: PerCpuArray<MapData, u64>,
     pub dns_counters: PerCpuArray<MapData, DnsCounters>,
@@ -598,11 +598,7 @@ fn zero_per_cpu<T: aya::Pod + Default>(
 
 fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
     zero_per_cpu::<ConnCounters>(ebpf, map_names::CONN_COUNTERS, std::iter::once(slot))?;
-    zero_per_cpu::<u64>(
-        ebpf,
-        map_names::CONN_DURATIONS,
-        (0..DURATION_BUCKETS).map(|bucket| duration_index(slot, bucket)),
-    )?;
+    zero_per_cpu::<ConnDurations>(ebpf, map_names::CONN_DURATIONS, std::iter::once(slot))?;
     zero_per_cpu::<TrafficCounters>(
         ebpf,
         map_names::ROUTE_TRAFFIC,

@@ -7,8 +7,8 @@ use std::{net::Ipv6Addr, path::Path};
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
-    ConnCounters, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters, DnsInFlight,
-    ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters, map_names,
+    ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters,
+    DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters, map_names,
     traffic_index,
 };
 use serde::Serialize;
@@ -131,6 +131,34 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
                     "slot": slot, "route": route, "opened": c.opened, "closed": c.closed,
                     "bytesIn": c.bytes_in, "bytesOut": c.bytes_out, "durationNs": c.duration_ns,
                 }));
+            }
+            json!(rows)
+        }
+        map_names::CONN_DURATIONS => {
+            let map = per_cpu::<ConnDurations>(open(pin_dir, name)?)?;
+            let mut rows = Vec::new();
+            for (slot, route) in route_names(pin_dir)? {
+                let mut buckets = [0u64; collector_common::DURATION_BUCKETS as usize];
+                for per_cpu in map.get(&slot, 0)?.iter() {
+                    for (total, count) in buckets.iter_mut().zip(per_cpu.buckets) {
+                        *total = total.wrapping_add(count);
+                    }
+                }
+                // Bucket b: durations below 2^(b+1) microseconds; the last is open-ended.
+                let last = collector_common::DURATION_BUCKETS - 1;
+                let nonzero: serde_json::Map<String, Value> = (0u32..)
+                    .zip(buckets)
+                    .filter(|&(_, count)| count != 0)
+                    .map(|(bucket, count)| {
+                        let key = if bucket == last {
+                            "longer".to_owned()
+                        } else {
+                            format!("lt_{}us", 1u64 << (bucket + 1))
+                        };
+                        (key, json!(count))
+                    })
+                    .collect();
+                rows.push(json!({"slot": slot, "route": route, "buckets": nonzero}));
             }
             json!(rows)
         }

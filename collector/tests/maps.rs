@@ -155,6 +155,16 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
     }
     assert_eq!(web["opened"], DONE + HELD);
     assert_eq!(web["bytesIn"], DONE * 4);
+    // Every closed connection is in exactly one duration bucket.
+    let durations = collector(&["maps", "dump", map_names::CONN_DURATIONS], &config);
+    assert_eq!(durations[0]["route"], "web");
+    let bucketed: u64 = durations[0]["buckets"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(bucketed, u64::try_from(DONE).unwrap(), "{durations}");
 
     assert_watch_shows_opened(&config, DONE + HELD);
 
