@@ -7,7 +7,10 @@
 
 use std::{fmt, sync::Arc};
 
-use collector_common::{DNS_MALFORMED_NAMES, DURATION_BUCKETS, ERROR_KIND_NAMES};
+use collector_common::{
+    CONN_TABLE_SLOTS, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES, DURATION_BUCKETS, ERROR_KIND_NAMES,
+    map_names,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -432,6 +435,42 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
             .programs
             .iter()
             .map(|p| (vec![("program", p.name.clone())], p.run_count)),
+    )?;
+    // Fill of the fixed-size tables, as node_exporter reports conntrack: derived from the
+    // counters (every tracked connection and every query in flight holds one slot), so no
+    // poll walks the tables.
+    let tables = [
+        (
+            map_names::CONN_STATE,
+            snapshot.tracked_connections(),
+            CONN_TABLE_SLOTS,
+        ),
+        (
+            map_names::DNS_INFLIGHT,
+            snapshot.dns.in_flight(),
+            DNS_INFLIGHT_SLOTS,
+        ),
+    ];
+    gauges(
+        encoder,
+        "collector_bpf_map_entries",
+        "Slots in use in the kernel's fixed-size tables.",
+        None,
+        tables.iter().map(|(map, used, _)| {
+            (
+                vec![("map", (*map).to_owned())],
+                i64::try_from(*used).unwrap_or(i64::MAX),
+            )
+        }),
+    )?;
+    gauges(
+        encoder,
+        "collector_bpf_map_entries_limit",
+        "Slots of the kernel's fixed-size tables.",
+        None,
+        tables
+            .iter()
+            .map(|(map, _, limit)| (vec![("map", (*map).to_owned())], i64::from(*limit))),
     )?;
     single(
         encoder,

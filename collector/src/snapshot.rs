@@ -171,6 +171,14 @@ impl Snapshot {
         self.routes.iter().map(RouteSnapshot::active).sum()
     }
 
+    /// Connections holding a slot of the kernel's connection table: every open one but
+    /// those the full table turned away (counted opened, never tracked).
+    #[must_use]
+    pub fn tracked_connections(&self) -> u64 {
+        self.active_connections()
+            .saturating_sub(self.errors[collector_common::error_kind::CONN_TABLE_FULL as usize])
+    }
+
     #[must_use]
     pub fn total_connections(&self) -> u64 {
         self.routes.iter().map(|r| r.totals.conn.opened).sum()

@@ -136,6 +136,16 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
         .unwrap();
     assert_eq!(conn_state["inUse"], HELD, "{conn_state}");
     assert_eq!(conn_state["capacity"], 65536);
+    // The fill the agent exports without walking the table equals the walk.
+    let table = [("map", map_names::CONN_STATE)];
+    assert_eq!(
+        sample(&metrics, "collector_bpf_map_entries", &table),
+        conn_state["inUse"].as_f64()
+    );
+    assert_eq!(
+        sample(&metrics, "collector_bpf_map_entries_limit", &table),
+        Some(65536.0)
+    );
 
     // The route counters, as the CLI decodes them, equal /metrics.
     let dump = collector(&["maps", "dump", map_names::CONN_COUNTERS], &config);
