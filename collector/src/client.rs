@@ -1,29 +1,134 @@
 //! The CLI commands that talk to a running agent over its HTTP endpoint: `collector events`
 //! (tails `/api/v1/events`, one JSON line per event, until the agent stops or the reader goes
-//! away) and `collector stats proxy|dns` (the JSON API as a table, or as JSON).
+//! away), `collector stats proxy|dns` (the JSON API as a table, or as JSON) and `collector
+//! top`. Plain HTTP, or HTTPS with the bearer token when the agent's config has them.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
+    path::Path,
+    sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, StreamOwned,
+    pki_types::{CertificateDer, ServerName, pem::PemObject as _},
+};
 use serde_json::Value;
 
-/// Streams the agent's events at `agent` to stdout.
-pub fn events(agent: SocketAddr) -> anyhow::Result<()> {
-    let mut stream = TcpStream::connect(agent).with_context(|| {
-        format!("connecting to the collector at {agent} (is it running? see --listen)")
-    })?;
-    write!(
-        stream,
-        "GET /api/v1/events HTTP/1.1\r\nHost: {agent}\r\nAccept: application/x-ndjson\r\n\r\n"
+use crate::config::Config;
+
+/// Where a running agent listens and how to talk to it: HTTPS and the bearer token when its
+/// config has them (basic-auth users are hashes: nothing the CLI could send).
+pub struct Endpoint {
+    addr: SocketAddr,
+    tls: Option<Arc<ClientConfig>>,
+    token: Option<String>,
+}
+
+/// A plain or TLS connection to the agent.
+trait Connection: Read + Write {}
+impl<T: Read + Write> Connection for T {}
+
+impl Endpoint {
+    /// `listen` overrides the config's address; `cacert` (PEM) is what HTTPS trusts, by
+    /// default the agent's own certificate file.
+    pub fn new(
+        listen: Option<SocketAddr>,
+        config: Option<&Config>,
+        cacert: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let addr = listen
+            .or(config.map(|config| config.listen))
+            .unwrap_or_else(|| crate::config::Config::embedded_default().listen);
+        let served_cert = config
+            .and_then(|config| config.http.tls.as_ref())
+            .map(|tls| tls.cert.as_path());
+        let tls = match cacert.or(served_cert) {
+            Some(trusted) => Some(client_config(trusted)?),
+            None => None,
+        };
+        let token = match config.and_then(|config| config.http.bearer_token_file.as_ref()) {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the bearer token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(Self { addr, tls, token })
+    }
+
+    fn connect(&self) -> anyhow::Result<Box<dyn Connection>> {
+        let addr = self.addr;
+        let tcp = TcpStream::connect(addr).with_context(|| {
+            format!(
+                "connecting to the collector at {addr} (is it running? see --listen and --config)"
+            )
+        })?;
+        Ok(match &self.tls {
+            None => Box::new(tcp),
+            Some(config) => {
+                let connection = ClientConnection::new(
+                    Arc::clone(config),
+                    ServerName::IpAddress(addr.ip().into()),
+                )
+                .context("starting TLS")?;
+                Box::new(StreamOwned::new(connection, tcp))
+            }
+        })
+    }
+
+    /// A GET request's head, with the credentials.
+    fn request(&self, path: &str, extra: &str) -> String {
+        let auth = self.token.as_ref().map_or(String::new(), |token| {
+            format!("Authorization: Bearer {token}\r\n")
+        });
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}{extra}\r\n",
+            self.addr
+        )
+    }
+}
+
+/// Trusts the certificates in `pem` (the agent's own, for a self-signed one, or its CA).
+fn client_config(pem: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(pem).with_context(|| format!("reading {}", pem.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("reading {}", pem.display()))?)
+            .with_context(|| format!("trusting the certificate in {}", pem.display()))?;
+    }
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .context("choosing the TLS versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Streams the agent's events to stdout.
+pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
+    let mut stream = agent.connect()?;
+    stream.write_all(
+        agent
+            .request("/api/v1/events", "Accept: application/x-ndjson\r\n")
+            .as_bytes(),
     )?;
     let mut reader = BufReader::new(stream);
     let mut status = String::new();
     reader.read_line(&mut status)?;
     if !status.starts_with("HTTP/1.1 200") {
-        bail!("the collector at {agent} answered {}", status.trim_end());
+        bail!(
+            "the collector at {} answered {}",
+            agent.addr,
+            status.trim_end()
+        );
     }
     let mut chunked = false;
     loop {
@@ -64,22 +169,24 @@ pub fn events(agent: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// GET `path` from the agent and parse its JSON body.
-pub fn get_json(agent: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let mut stream = TcpStream::connect(agent).with_context(|| {
-        format!("connecting to the collector at {agent} (is it running? see --listen)")
-    })?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+pub fn get_json(agent: &Endpoint, path: &str) -> anyhow::Result<Value> {
+    let mut stream = agent.connect()?;
+    stream.write_all(agent.request(path, "Connection: close\r\n").as_bytes())?;
+    let mut response = Vec::new();
+    // A TLS peer that closes without close_notify still sent the whole body.
+    if let Err(err) = stream.read_to_end(&mut response)
+        && err.kind() != std::io::ErrorKind::UnexpectedEof
+    {
+        return Err(err.into());
+    }
+    let response = String::from_utf8_lossy(&response);
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("a malformed HTTP response")?;
     if !head.starts_with("HTTP/1.1 200") {
         bail!(
-            "the collector at {agent} answered {}",
+            "the collector at {} answered {}",
+            agent.addr,
             head.lines().next().unwrap_or("")
         );
     }
@@ -174,7 +281,7 @@ pub fn dns_table(json: &Value) -> String {
 }
 
 /// `collector stats proxy|dns`: once, or every second with `watch`.
-pub fn stats(agent: SocketAddr, dns: bool, json: bool, watch: bool) -> anyhow::Result<()> {
+pub fn stats(agent: &Endpoint, dns: bool, json: bool, watch: bool) -> anyhow::Result<()> {
     let path = if dns { "/api/v1/dns" } else { "/api/v1/proxy" };
     loop {
         let value = get_json(agent, path)?;
@@ -199,7 +306,7 @@ pub fn stats(agent: SocketAddr, dns: bool, json: bool, watch: bool) -> anyhow::R
 }
 
 /// `collector top`: routes and DNS together, refreshed every second (or once).
-pub fn top(agent: SocketAddr, once: bool) -> anyhow::Result<()> {
+pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
     loop {
         let proxy = get_json(agent, "/api/v1/proxy")?;
         let dns = get_json(agent, "/api/v1/dns")?;
@@ -207,7 +314,7 @@ pub fn top(agent: SocketAddr, once: bool) -> anyhow::Result<()> {
         if !once {
             write!(out, "\x1b[2J\x1b[H")?;
         }
-        writeln!(out, "collector at {agent}\n")?;
+        writeln!(out, "collector at {}\n", agent.addr)?;
         write!(out, "{}", proxy_table(&proxy))?;
         if dns["enabled"] == true {
             writeln!(out)?;

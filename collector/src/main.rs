@@ -71,17 +71,15 @@ enum Command {
     },
     /// Print the running agent's events (connections, DNS queries and answers) as NDJSON.
     Events {
-        /// The agent's listen address.
-        #[arg(long, default_value = "127.0.0.1:9464")]
-        listen: SocketAddr,
+        #[command(flatten)]
+        agent: AgentAddress,
     },
     /// The running agent's figures, as in its JSON API: a table for people, or `--json`.
     Stats {
         #[arg(value_enum)]
         what: StatsOf,
-        /// The agent's listen address.
-        #[arg(long, default_value = "127.0.0.1:9464")]
-        listen: SocketAddr,
+        #[command(flatten)]
+        agent: AgentAddress,
         #[arg(long)]
         json: bool,
         /// Refresh every second until interrupted.
@@ -90,9 +88,8 @@ enum Command {
     },
     /// A live view of routes and DNS, refreshed every second, like top.
     Top {
-        /// The agent's listen address.
-        #[arg(long, default_value = "127.0.0.1:9464")]
-        listen: SocketAddr,
+        #[command(flatten)]
+        agent: AgentAddress,
         /// Print one view and exit.
         #[arg(long)]
         once: bool,
@@ -115,6 +112,30 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+}
+
+/// How the CLI finds a running agent.
+#[derive(clap::Args)]
+struct AgentAddress {
+    /// The agent's listen address [default: the config's, else 127.0.0.1:9464].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The agent's config: its listen address, and its HTTPS and bearer token if it has them.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// PEM certificates to trust for HTTPS [default: the config's TLS certificate].
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+}
+
+impl AgentAddress {
+    fn endpoint(&self) -> anyhow::Result<client::Endpoint> {
+        let config = match &self.config {
+            Some(path) => Some(Config::from_file(path)?),
+            None => None,
+        };
+        client::Endpoint::new(self.listen, config.as_ref(), self.cacert.as_deref())
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -189,14 +210,18 @@ fn main() -> std::process::ExitCode {
             }
             run(&config, bpf_stats)
         }),
-        Command::Events { listen } => client::events(listen),
-        Command::Top { listen, once } => client::top(listen, once),
+        Command::Events { agent } => agent.endpoint().and_then(|agent| client::events(&agent)),
+        Command::Top { agent, once } => {
+            agent.endpoint().and_then(|agent| client::top(&agent, once))
+        }
         Command::Stats {
             what,
-            listen,
+            agent,
             json,
             watch,
-        } => client::stats(listen, matches!(what, StatsOf::Dns), json, watch),
+        } => agent
+            .endpoint()
+            .and_then(|agent| client::stats(&agent, matches!(what, StatsOf::Dns), json, watch)),
         Command::Maps {
             action: MapsAction::List { config, json },
         } => load_config(config.as_deref()).and_then(|config| {

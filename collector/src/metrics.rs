@@ -436,42 +436,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
             .iter()
             .map(|p| (vec![("program", p.name.clone())], p.run_count)),
     )?;
-    // Fill of the fixed-size tables, as node_exporter reports conntrack: derived from the
-    // counters (every tracked connection and every query in flight holds one slot), so no
-    // poll walks the tables.
-    let tables = [
-        (
-            map_names::CONN_STATE,
-            snapshot.tracked_connections(),
-            CONN_TABLE_SLOTS,
-        ),
-        (
-            map_names::DNS_INFLIGHT,
-            snapshot.dns.in_flight(),
-            DNS_INFLIGHT_SLOTS,
-        ),
-    ];
-    gauges(
-        encoder,
-        "collector_bpf_map_entries",
-        "Slots in use in the kernel's fixed-size tables.",
-        None,
-        tables.iter().map(|(map, used, _)| {
-            (
-                vec![("map", (*map).to_owned())],
-                i64::try_from(*used).unwrap_or(i64::MAX),
-            )
-        }),
-    )?;
-    gauges(
-        encoder,
-        "collector_bpf_map_entries_limit",
-        "Slots of the kernel's fixed-size tables.",
-        None,
-        tables
-            .iter()
-            .map(|(map, _, limit)| (vec![("map", (*map).to_owned())], i64::from(*limit))),
-    )?;
+    encode_table_fill(snapshot, encoder)?;
     single(
         encoder,
         "collector_connection_events_received",
@@ -529,6 +494,46 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
             .interfaces
             .iter()
             .map(|name| (vec![("interface", name.clone())], 1i64)),
+    )?;
+    Ok(())
+}
+
+/// Fill of the fixed-size tables, as `node_exporter` reports conntrack: derived from the
+/// counters (every tracked connection and every query in flight holds one slot), so no poll
+/// walks the tables.
+fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let tables = [
+        (
+            map_names::CONN_STATE,
+            snapshot.tracked_connections(),
+            CONN_TABLE_SLOTS,
+        ),
+        (
+            map_names::DNS_INFLIGHT,
+            snapshot.dns.in_flight(),
+            DNS_INFLIGHT_SLOTS,
+        ),
+    ];
+    gauges(
+        encoder,
+        "collector_bpf_map_entries",
+        "Slots in use in the kernel's fixed-size tables.",
+        None,
+        tables.iter().map(|(map, used, _)| {
+            (
+                vec![("map", (*map).to_owned())],
+                i64::try_from(*used).unwrap_or(i64::MAX),
+            )
+        }),
+    )?;
+    gauges(
+        encoder,
+        "collector_bpf_map_entries_limit",
+        "Slots of the kernel's fixed-size tables.",
+        None,
+        tables
+            .iter()
+            .map(|(map, _, limit)| (vec![("map", (*map).to_owned())], i64::from(*limit))),
     )?;
     Ok(())
 }

@@ -52,7 +52,10 @@ fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
             .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
             .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
             .args(["-subj", &format!("/CN={name}")])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            // A server certificate, as a CA would issue one (rustls refuses a CA certificate
+            // as the end entity).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
             .arg(&key)
             .arg("-out")
             .arg(&cert),
@@ -99,12 +102,15 @@ fn https_and_basic_auth_guard_exact_counts() {
             .arg(&users)
             .args([USER, PASSWORD]),
     );
+    let token = scratch.path("token");
+    fs::write(&token, "cli-token\n").unwrap();
     let (served_cert, served_key) = (scratch.path("tls.crt"), scratch.path("tls.key"));
     fs::copy(&cert, &served_cert).unwrap();
     fs::copy(&key, &served_key).unwrap();
     let config = AgentConfig::new(&format!(
-        "[[routes]]\nname = \"secure\"\nports = [{PORT}]\ntype = \"tcp\"\n\n[http]\nbasic_auth_users_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        "[[routes]]\nname = \"secure\"\nports = [{PORT}]\ntype = \"tcp\"\n\n[http]\nbasic_auth_users_file = \"{}\"\nbearer_token_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
         users.display(),
+        token.display(),
         served_cert.display(),
         served_key.display()
     ));
@@ -149,13 +155,29 @@ fn https_and_basic_auth_guard_exact_counts() {
         Some(f64::from(CONNECTIONS * REQUEST))
     );
 
+    // The CLI finds address, HTTPS and token in the agent's config.
+    let stats = stdout_of(
+        netns
+            .command(COLLECTOR)
+            .args(["stats", "proxy", "--json", "--config"])
+            .arg(&config.path),
+    );
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["totalConnections"], CONNECTIONS);
+    let plain = netns
+        .command(COLLECTOR)
+        .args(["stats", "proxy", "--json"])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "plain HTTP to the HTTPS port");
+
     // Without credentials, with a wrong password or an unknown user: 401 with the challenge.
     for user in [None, Some("prometheus:wrong"), Some("nobody:scrape-Pa55")] {
         for path in ["/metrics", "/api/v1/proxy", "/api/v1/dns", "/api/v1/events"] {
             let (status, response) = curl(&netns, &cert, path, user);
             assert_eq!(status, 401, "{path} as {user:?}: {response}");
             assert!(
-                response.contains("www-authenticate: Basic realm=\"collector\""),
+                response.contains("www-authenticate: Basic realm=\"collector\", Bearer"),
                 "{response}"
             );
         }
