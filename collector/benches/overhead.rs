@@ -176,16 +176,29 @@ struct Pair {
     connect_with: f64,
     bulk_without: f64,
     bulk_with: f64,
+    /// The agent's CPU use during the connection load, in cores.
+    agent_cpu: f64,
 }
 
-fn measure(netns: &Netns, config: &AgentConfig, seconds: f64, with_agent: bool) -> (f64, f64) {
+/// One run of each load: (connections per second, bulk bytes per second, the agent's CPU
+/// use in cores during the connection load).
+fn measure(
+    netns: &Netns,
+    config: &AgentConfig,
+    seconds: f64,
+    with_agent: bool,
+) -> (f64, f64, f64) {
     let agent = with_agent.then(|| Agent::start(netns, config));
+    let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let connect = connection_rate(netns, seconds);
+    let agent_cpu = agent
+        .as_ref()
+        .map_or(0.0, |agent| (cpu_seconds(agent.pid()) - cpu_before) / seconds);
     let bulk = bulk_throughput(netns, seconds);
     if let Some(agent) = agent {
         assert!(agent.stop().success());
     }
-    (connect, bulk)
+    (connect, bulk, agent_cpu)
 }
 
 /// The Markdown report: per-pair table, medians, costs per run.
@@ -208,16 +221,17 @@ fn report(settings: &Settings, pairs: &[Pair], costs: &[(String, f64, f64)]) -> 
     );
     let _ = writeln!(
         report,
-        "| pair | new conn/s without | with | ratio | bulk Gbit/s without | with | ratio |"
+        "| pair | new conn/s without | with | ratio | agent CPU (cores) | bulk Gbit/s without | with | ratio |"
     );
-    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|---|");
     for (i, p) in pairs.iter().enumerate() {
         let _ = writeln!(
             report,
-            "| {i} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.3} |",
+            "| {i} | {:.0} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.3} |",
             p.connect_without,
             p.connect_with,
             p.connect_with / p.connect_without,
+            p.agent_cpu,
             p.bulk_without * 8e-9,
             p.bulk_with * 8e-9,
             p.bulk_with / p.bulk_without
@@ -551,9 +565,10 @@ fn proxy_overhead(netns: &Netns, config: &AgentConfig, settings: &Settings) -> S
             (measure(netns, config, settings.seconds, false), with)
         };
         eprintln!(
-            "pair {i}: connections/s {:.0} -> {:.0}, bulk Gbit/s {:.2} -> {:.2}",
+            "pair {i}: connections/s {:.0} -> {:.0} (agent CPU {:.3} cores), bulk Gbit/s {:.2} -> {:.2}",
             without.0,
             with.0,
+            with.2,
             without.1 * 8e-9,
             with.1 * 8e-9
         );
@@ -562,6 +577,7 @@ fn proxy_overhead(netns: &Netns, config: &AgentConfig, settings: &Settings) -> S
             connect_with: with.0,
             bulk_without: without.1,
             bulk_with: with.1,
+            agent_cpu: with.2,
         });
     }
     let costs = program_costs(netns, config, settings.seconds);
