@@ -190,18 +190,13 @@ struct Pair {
 
 /// One run of each load: (connections per second, bulk bytes per second, the agent's CPU
 /// use in cores during the connection load).
-fn measure(
-    netns: &Netns,
-    config: &AgentConfig,
-    seconds: f64,
-    with_agent: bool,
-) -> (f64, f64, f64) {
+fn measure(netns: &Netns, config: &AgentConfig, seconds: f64, with_agent: bool) -> (f64, f64, f64) {
     let agent = with_agent.then(|| Agent::start(netns, config));
     let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let connect = connection_rate(netns, seconds);
-    let agent_cpu = agent
-        .as_ref()
-        .map_or(0.0, |agent| (cpu_seconds(agent.pid()) - cpu_before) / seconds);
+    let agent_cpu = agent.as_ref().map_or(0.0, |agent| {
+        (cpu_seconds(agent.pid()) - cpu_before) / seconds
+    });
     let bulk = bulk_throughput(netns, seconds);
     if let Some(agent) = agent {
         assert!(agent.stop().success());
