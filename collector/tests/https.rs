@@ -155,21 +155,7 @@ fn https_and_basic_auth_guard_exact_counts() {
         Some(f64::from(CONNECTIONS * REQUEST))
     );
 
-    // The CLI finds address, HTTPS and token in the agent's config.
-    let stats = stdout_of(
-        netns
-            .command(COLLECTOR)
-            .args(["stats", "proxy", "--json", "--config"])
-            .arg(&config.path),
-    );
-    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-    assert_eq!(stats["totalConnections"], CONNECTIONS);
-    let plain = netns
-        .command(COLLECTOR)
-        .args(["stats", "proxy", "--json"])
-        .output()
-        .unwrap();
-    assert!(!plain.status.success(), "plain HTTP to the HTTPS port");
+    cli_reads_the_secured_agent(&netns, &config, CONNECTIONS);
 
     // Without credentials, with a wrong password or an unknown user: 401 with the challenge.
     for user in [None, Some("prometheus:wrong"), Some("nobody:scrape-Pa55")] {
@@ -211,6 +197,24 @@ fn https_and_basic_auth_guard_exact_counts() {
         Some(f64::from(CONNECTIONS))
     );
     assert!(agent.stop().success());
+}
+
+/// The CLI finds address, HTTPS and token in the agent's config; without it, it fails.
+fn cli_reads_the_secured_agent(netns: &Netns, config: &AgentConfig, connections: u32) {
+    let printed = stdout_of(
+        netns
+            .command(COLLECTOR)
+            .args(["stats", "proxy", "--json", "--config"])
+            .arg(&config.path),
+    );
+    let figures: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    assert_eq!(figures["totalConnections"], connections);
+    let plain = netns
+        .command(COLLECTOR)
+        .args(["stats", "proxy", "--json"])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "plain HTTP to the HTTPS port");
 }
 
 /// Replaces the served pair as cert-manager does (new files renamed over the old): the next
