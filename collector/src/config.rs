@@ -56,10 +56,21 @@ pub struct HttpConfig {
 /// nftables settings: the agent's own table of counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftConfig {
-    /// Make the table and read its counters.
-    pub enabled: bool,
+    /// Whether to make the table and read its counters.
+    pub enabled: NftEnabled,
     /// Name of our table (family inet).
     pub table: String,
+}
+
+/// `[nftables] enabled`: `true`, `false`, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NftEnabled {
+    On,
+    Off,
+    /// On where netfilter already hooks prerouting and postrouting in this namespace (any
+    /// host with NAT or conntrack), so that our chains add no hook of their own; the first
+    /// hook of a namespace costs every packet (docs/DESIGN.md).
+    Auto,
 }
 
 /// A route of the proxy: a name and the local TCP ports it listens on.
@@ -163,7 +174,7 @@ struct RawHttp {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNft {
-    enabled: Option<bool>,
+    enabled: Option<Spanned<RawSwitch>>,
     table: Option<Spanned<String>>,
 }
 
@@ -184,6 +195,14 @@ struct RawDns {
     upstream_ports: Option<Spanned<Vec<Spanned<u16>>>>,
     top_k: Option<Spanned<u64>>,
     sample_every: Option<Spanned<u64>>,
+}
+
+/// A switch that may also be `"auto"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSwitch {
+    Bool(bool),
+    Word(String),
 }
 
 /// Builds errors positioned in one source text.
@@ -374,13 +393,25 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
 
 fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftConfig, ConfigError> {
     let mut nftables = NftConfig {
-        enabled: true,
+        enabled: NftEnabled::Auto,
         table: "collector".to_owned(),
     };
     let Some(raw) = raw else {
         return Ok(nftables);
     };
-    nftables.enabled = raw.enabled.unwrap_or(true);
+    if let Some(enabled) = &raw.enabled {
+        nftables.enabled = match enabled.get_ref() {
+            RawSwitch::Bool(true) => NftEnabled::On,
+            RawSwitch::Bool(false) => NftEnabled::Off,
+            RawSwitch::Word(word) if word == "auto" => NftEnabled::Auto,
+            RawSwitch::Word(word) => {
+                return Err(source.at(
+                    enabled,
+                    format!("nftables enabled = {word:?}: use true, false or \"auto\""),
+                ));
+            }
+        };
+    }
     if let Some(table) = &raw.table {
         let name = table.get_ref();
         let valid = !name.is_empty()
@@ -594,6 +625,18 @@ mod tests {
     }
 
     #[test]
+    fn nftables_counting_is_on_off_or_auto() {
+        let enabled = |text: &str| Config::from_toml("t.toml", text).unwrap().nftables.enabled;
+        assert_eq!(enabled(""), NftEnabled::Auto);
+        assert_eq!(enabled("[nftables]\nenabled = true\n"), NftEnabled::On);
+        assert_eq!(enabled("[nftables]\nenabled = false\n"), NftEnabled::Off);
+        assert_eq!(
+            enabled("[nftables]\nenabled = \"auto\"\n"),
+            NftEnabled::Auto
+        );
+    }
+
+    #[test]
     fn the_embedded_default_is_valid_and_sensible() {
         let config = Config::embedded_default();
         assert_eq!(config.listen, "127.0.0.1:9464".parse().unwrap());
@@ -756,6 +799,7 @@ sample_every = 4
         assert_error("[dns]\nports = [53, 53]\n", 2, "twice");
         assert_error("[dns]\nupstream_ports = [0]\n", 2, "port 0");
         assert_error("[nftables]\ntable = \"a b\"\n", 2, "letters, digits");
+        assert_error("[nftables]\nenabled = \"yes\"\n", 2, "true, false or");
         assert_error(
             "[dns]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
             2,

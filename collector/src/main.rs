@@ -38,7 +38,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    config::Config,
+    config::{Config, NftEnabled},
     events::ClientStats,
     loader::{Attachment, Options},
     poller::{Poller, SharedSnapshot},
@@ -351,7 +351,24 @@ struct NftSource {
 impl NftSource {
     fn start(config: &Config) -> Self {
         let mut health = snapshot::SourceHealth::default();
-        let table = if config.nftables.enabled {
+        let enabled = match config.nftables.enabled {
+            NftEnabled::On => true,
+            NftEnabled::Off => false,
+            NftEnabled::Auto => match nft::netfilter_already_hooks(&config.nftables.table) {
+                Ok(true) => true,
+                Ok(false) => {
+                    tracing::info!(
+                        "nftables counters off ([nftables] enabled = \"auto\"): nothing else hooks netfilter's prerouting and postrouting here, and a first hook slows every packet; set enabled = true to count anyway"
+                    );
+                    false
+                }
+                Err(err) => {
+                    tracing::info!("nftables counters off ([nftables] enabled = \"auto\"): {err}");
+                    false
+                }
+            },
+        };
+        let table = if enabled {
             let began = std::time::Instant::now();
             let setup = nft::NftTable::setup(config);
             health.record(&setup, began.elapsed());
@@ -366,7 +383,7 @@ impl NftSource {
             None
         };
         Self {
-            enabled: config.nftables.enabled,
+            enabled,
             table,
             health,
         }

@@ -10,9 +10,14 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWOBJ: u16 = 18;
 const NFT_MSG_GETOBJ: u16 = 19;
 const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_OBJ_TABLE: u16 = 1;
 const NFTA_OBJ_NAME: u16 = 2;
 const NFTA_OBJ_TYPE: u16 = 3;
@@ -20,7 +25,10 @@ const NFTA_OBJ_DATA: u16 = 4;
 const NFT_OBJECT_COUNTER: u32 = 1;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
+const NFPROTO_UNSPEC: u8 = 0;
 const NFPROTO_INET: u8 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
 
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
@@ -58,6 +66,11 @@ fn string(value: &str) -> Vec<u8> {
 
 /// An `nf_tables` request for the inet family with `attributes`.
 fn request(message: u16, flags: u16, attributes: &[u8]) -> Vec<u8> {
+    request_for(NFPROTO_INET, message, flags, attributes)
+}
+
+/// An `nf_tables` request for `family` (`NFPROTO_UNSPEC`: every family) with `attributes`.
+fn request_for(family: u8, message: u16, flags: u16, attributes: &[u8]) -> Vec<u8> {
     let len = u32::try_from(HEADERS + attributes.len()).unwrap_or(u32::MAX);
     let mut out = Vec::with_capacity(HEADERS + attributes.len());
     out.extend_from_slice(&len.to_ne_bytes());
@@ -65,7 +78,7 @@ fn request(message: u16, flags: u16, attributes: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
     out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    out.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]); // nfgenmsg: family, version 0, res_id
+    out.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, version 0, res_id
     out.extend_from_slice(attributes);
     out
 }
@@ -92,9 +105,10 @@ fn be64(payload: &[u8]) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
-/// Sends `message` and hands every reply body of type `wanted` to `each`, until the dump
-/// ends or the ack arrives. A netlink error comes back as an `io::Error`.
-fn exchange(message: &[u8], wanted: u16, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+/// Sends `message` and hands every reply of type `wanted` to `each` (its family and its
+/// body), until the dump ends or the ack arrives. A netlink error comes back as an
+/// `io::Error`.
+fn exchange(message: &[u8], wanted: u16, mut each: impl FnMut(u8, &[u8])) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -124,7 +138,7 @@ fn exchange(message: &[u8], wanted: u16, mut each: impl FnMut(&[u8])) -> io::Res
                     };
                 }
                 _ if kind == (NFNL_SUBSYS_NFTABLES << 8) | wanted && len >= HEADERS => {
-                    each(&message[HEADERS..]);
+                    each(message[16], &message[HEADERS..]);
                 }
                 _ => {}
             }
@@ -142,7 +156,7 @@ pub fn read_counters(table: &str) -> io::Result<Vec<Counter>> {
     exchange(
         &request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs),
         NFT_MSG_NEWOBJ,
-        |body| {
+        |_, body| {
             let attrs = attributes(body);
             let text = |kind| {
                 attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| {
@@ -182,7 +196,7 @@ pub fn table_exists(table: &str) -> io::Result<bool> {
     match exchange(
         &request(NFT_MSG_GETTABLE, NLM_F_ACK, &attrs),
         NFT_MSG_NEWTABLE,
-        |_| {
+        |_, _| {
             found = true;
         },
     ) {
@@ -190,6 +204,38 @@ pub fn table_exists(table: &str) -> io::Result<bool> {
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(err) => Err(err),
     }
+}
+
+/// The IP hook numbers (`NF_INET_PRE_ROUTING` = 0 … `NF_INET_POST_ROUTING` = 4) that base
+/// chains of the ip, ip6 and inet families hook, tables named `except` in inet left out.
+pub fn ip_hooks_in_use(except: &str) -> io::Result<Vec<u32>> {
+    let mut hooks = Vec::new();
+    exchange(
+        &request_for(NFPROTO_UNSPEC, NFT_MSG_GETCHAIN, NLM_F_DUMP, &[]),
+        NFT_MSG_NEWCHAIN,
+        |family, body| {
+            if !matches!(family, NFPROTO_INET | NFPROTO_IPV4 | NFPROTO_IPV6) {
+                return;
+            }
+            let attrs = attributes(body);
+            let table = attrs.iter().find(|(k, _)| *k == NFTA_CHAIN_TABLE);
+            if family == NFPROTO_INET && table.is_some_and(|(_, v)| *v == string(except)) {
+                return;
+            }
+            let Some((_, hook)) = attrs.iter().find(|(k, _)| *k == NFTA_CHAIN_HOOK) else {
+                return;
+            };
+            let number = attributes(hook)
+                .into_iter()
+                .find(|(k, _)| *k == NFTA_HOOK_HOOKNUM)
+                .and_then(|(_, v)| v.get(..4)?.try_into().ok())
+                .map(u32::from_be_bytes);
+            hooks.extend(number);
+        },
+    )?;
+    hooks.sort_unstable();
+    hooks.dedup();
+    Ok(hooks)
 }
 
 #[cfg(test)]

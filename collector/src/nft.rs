@@ -245,6 +245,38 @@ impl NftTable {
     }
 }
 
+/// Netfilter's hook numbers for the two points our chains use.
+const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_POST_ROUTING: u32 = 4;
+
+/// Whether something other than our table already hooks netfilter at prerouting and at
+/// postrouting in this namespace (nftables base chains of ip, ip6 or inet, or legacy
+/// iptables tables). Then our chains ride on hooks every packet already passes; otherwise
+/// they would be the first, and the first hook of a namespace costs every packet
+/// (docs/DESIGN.md has the measurement).
+pub fn netfilter_already_hooks(ours: &str) -> Result<bool, NftError> {
+    let mut hooks = nfnetlink::ip_hooks_in_use(ours)?;
+    hooks.extend(legacy_ip_hooks());
+    Ok(hooks.contains(&NF_INET_PRE_ROUTING) && hooks.contains(&NF_INET_POST_ROUTING))
+}
+
+/// The prerouting and postrouting hooks of legacy iptables tables in this namespace.
+fn legacy_ip_hooks() -> Vec<u32> {
+    let mut hooks = Vec::new();
+    for file in ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"] {
+        // Absent without the ip_tables module: no legacy tables.
+        let names = std::fs::read_to_string(file).unwrap_or_default();
+        for table in names.lines() {
+            hooks.extend_from_slice(match table.trim() {
+                "nat" | "mangle" => &[NF_INET_PRE_ROUTING, NF_INET_POST_ROUTING][..],
+                "raw" => &[NF_INET_PRE_ROUTING][..],
+                _ => &[][..],
+            });
+        }
+    }
+    hooks
+}
+
 /// Removes a table of ours left by a crashed run (`collector cleanup --apply`).
 pub fn remove_leftover(table: &str) -> Result<bool, NftError> {
     if !nfnetlink::table_exists(table)? {

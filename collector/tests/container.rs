@@ -158,7 +158,7 @@ fn the_containerfile_builds_an_image_that_counts() {
     assert_eq!(inspect, "[/usr/local/bin/collector] [run] SIGTERM");
     let rootfs = Rootfs::of(&image);
 
-    let config = AgentConfig::new(&format!(
+    let config = AgentConfig::with_nft(&format!(
         "[[routes]]\nname = \"web\"\nports = [{PORT}]\ntype = \"http\"\n"
     ));
     let agent = Agent::spawn(

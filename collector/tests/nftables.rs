@@ -99,7 +99,7 @@ fn assert_nft_equals_ebpf(netns: &Netns, closed: usize) -> f64 {
 #[test]
 fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
     let netns = Netns::new();
-    let config = AgentConfig::new(ROUTES);
+    let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
     let _server = Unbound::start(&netns, false);
     let ours = format!("table inet {}\n", config.nft_table);
@@ -153,7 +153,7 @@ fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
 #[test]
 fn without_nft_only_the_nft_source_is_down() {
     let netns = Netns::new();
-    let config = AgentConfig::new(ROUTES);
+    let config = AgentConfig::with_nft(ROUTES);
     // No `nft` on the agent's PATH (nsenter and the agent by absolute path).
     let mut launcher = Command::new("/usr/bin/nsenter");
     launcher
@@ -189,7 +189,7 @@ fn without_nft_only_the_nft_source_is_down() {
 #[test]
 fn cleanup_after_a_crash_leaves_nothing_of_ours() {
     let netns = Netns::new();
-    let config = AgentConfig::new(ROUTES);
+    let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
     connections(&netns, 2);
     agent.kill();
@@ -288,7 +288,7 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     let client = Netns::new();
     let backend = Netns::new();
     forwarding_topology(&netns, &client, &backend);
-    let config = AgentConfig::new(ROUTES);
+    let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
     let listener = backend.run(|| TcpListener::bind("10.78.2.2:9000").unwrap());
     let server = thread::spawn(move || {
@@ -358,4 +358,59 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
+}
+
+/// The default, `enabled = "auto"`: no table of ours in a namespace where nothing else hooks
+/// netfilter (ours would be the first hook, which costs every packet), and counting as
+/// usual once a host firewall with NAT hooks prerouting and postrouting.
+#[test]
+fn auto_counts_only_where_netfilter_already_hooks() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 3);
+    wait_for("3 closed connections", Duration::from_secs(10), || {
+        let text = scrape(&netns);
+        (sample(
+            &text,
+            "collector_proxy_connections_closed_total",
+            &[("route", "web")],
+        ) == Some(3.0))
+        .then_some(())
+    });
+    let text = scrape(&netns);
+    assert_eq!(
+        sample(&text, "collector_source_up", &[("source", "nft")]),
+        None,
+        "no nft source in a bare namespace"
+    );
+    assert!(!tables(&netns).contains(&config.nft_table));
+    assert!(agent.stop().success());
+
+    // A host firewall as NAT sets one up: base chains at prerouting and postrouting.
+    let firewall = "table ip hostnat {\n\
+        chain pre { type nat hook prerouting priority dstnat; policy accept; }\n\
+        chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
+    let mut nft = netns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(firewall.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success());
+    let agent = Agent::start(&netns, &config);
+    assert!(tables(&netns).contains(&config.nft_table));
+    connections(&netns, 3);
+    assert_nft_equals_ebpf(&netns, 3);
+    assert!(agent.stop().success());
+    let left = tables(&netns);
+    assert!(
+        !left.contains(&config.nft_table) && left.contains("hostnat"),
+        "{left}"
+    );
 }

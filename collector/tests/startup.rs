@@ -194,7 +194,8 @@ fn check_names_a_missing_bpffs_and_the_fix() {
 #[test]
 fn after_attaching_the_agent_keeps_only_cap_bpf_and_cap_net_admin_and_still_counts() {
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config =
+        AgentConfig::with_nft("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
     let agent = Agent::start(&netns, &config);
     // Every thread of the agent: capabilities are per thread.
     let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid())).unwrap();

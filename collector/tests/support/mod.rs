@@ -183,7 +183,17 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// Writes a config with `routes` (TOML `[[routes]]` tables) and a 100 ms poll interval.
+    /// nftables counting stays at its default, "auto": off in a test's bare namespace.
     pub fn new(routes: &str) -> Self {
+        Self::write(routes, "")
+    }
+
+    /// As [`Self::new`], with nftables counting on.
+    pub fn with_nft(routes: &str) -> Self {
+        Self::write(routes, "enabled = true\n")
+    }
+
+    fn write(routes: &str, nft: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("collector-test"));
         fs::create_dir_all(&dir).unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("collector-test"));
@@ -192,7 +202,7 @@ impl AgentConfig {
         fs::write(
             &path,
             format!(
-                "listen = \"{LISTEN}\"\npin_dir = \"{}\"\npoll_interval_ms = 100\n\n{routes}\n[nftables]\ntable = \"{nft_table}\"\n",
+                "listen = \"{LISTEN}\"\npin_dir = \"{}\"\npoll_interval_ms = 100\n\n{routes}\n[nftables]\n{nft}table = \"{nft_table}\"\n",
                 pin_dir.display()
             ),
         )
