@@ -488,7 +488,7 @@ fn poll_costs(netns: &Netns, settings: &Settings) -> String {
             20000 + i
         );
     }
-    let config = AgentConfig::new(&routes);
+    let config = AgentConfig::with_nft(&routes);
     let agent = Agent::start(netns, &config);
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); 4];
     let deadline = Instant::now() + Duration::from_secs_f64(settings.seconds);
@@ -636,7 +636,9 @@ fn main() {
             Linux 6.18, a VM); numbers from one run, rerun to refresh this file. The proxy load \
             is one client thread and one server thread on loopback in a namespace of the \
             benchmark's own, the DNS load dnsperf against unbound there; \"with\" means the agent running with its default programs, its \
-            1 MiB event ring and 100 ms polling. Single pairs on this VM swing by 5 to 15 % \
+            1 MiB event ring and 100 ms polling, and nftables counting at its default \"auto\": off \
+            in that bare namespace, where it would be the first netfilter hook (docs/DESIGN.md, \
+            nftables, has what that costs). Single pairs on this VM swing by 5 to 15 % \
             (bulk by more), which is why the medians matter and why no test asserts on speed. \
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \
             only for that last phase), which include the kernel's timing of each run.\n\n";

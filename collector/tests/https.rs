@@ -14,32 +14,13 @@ use std::{
     time::Duration,
 };
 
-use support::{Agent, AgentConfig, COLLECTOR, LISTEN, Netns, sample, stdout_of, wait_for};
+use support::{
+    Agent, AgentConfig, COLLECTOR, LISTEN, Netns, ScratchDir, sample, stdout_of, wait_for,
+};
 
 const PORT: u16 = 18443;
 const USER: &str = "prometheus";
 const PASSWORD: &str = "scrape-Pa55";
-
-/// A directory removed on drop, for the certificates and the users file.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("collector-{name}-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A self-signed certificate for 127.0.0.1 and its key: `(cert, key)` in `dir`.
 fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
@@ -92,7 +73,7 @@ fn https_and_basic_auth_guard_exact_counts() {
     const CONNECTIONS: u32 = 7;
     const REQUEST: u32 = 100;
     let netns = Netns::new();
-    let scratch = Scratch::new("https");
+    let scratch = ScratchDir::new("https");
     let (cert, key) = self_signed(&scratch.0, "first");
     let users = scratch.path("users");
     // The tool operators are told to use; -C 4 keeps the test quick.
@@ -219,7 +200,7 @@ fn cli_reads_the_secured_agent(netns: &Netns, config: &AgentConfig, connections:
 
 /// Replaces the served pair as cert-manager does (new files renamed over the old): the next
 /// handshake presents the new certificate, and the old one is trusted no more.
-fn rotate_in_place(netns: &Netns, scratch: &Scratch, old_cert: &Path, served: (&Path, &Path)) {
+fn rotate_in_place(netns: &Netns, scratch: &ScratchDir, old_cert: &Path, served: (&Path, &Path)) {
     let (new_cert, new_key) = self_signed(&scratch.0, "second");
     assert_eq!(curl(netns, &new_cert, "/healthz", None).0, 0);
     fs::rename(&new_key, served.1).unwrap();
@@ -249,7 +230,7 @@ fn refused(netns: &Netns, http: &str) -> String {
 #[test]
 fn bad_certificate_or_user_files_stop_the_start_with_the_reason() {
     let netns = Netns::new();
-    let scratch = Scratch::new("https-bad");
+    let scratch = ScratchDir::new("https-bad");
     let (cert, _) = self_signed(&scratch.0, "one");
     let (_, other_key) = self_signed(&scratch.0, "two");
 

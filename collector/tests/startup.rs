@@ -268,9 +268,8 @@ fn get_with(
 #[test]
 fn with_a_bearer_token_only_the_probes_answer_without_it() {
     let netns = Netns::new();
-    let token_dir = std::env::temp_dir().join(format!("collector-token-{}", std::process::id()));
-    std::fs::create_dir_all(&token_dir).unwrap();
-    let token_file = token_dir.join("token");
+    let secrets = support::ScratchDir::new("token");
+    let token_file = secrets.path("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
     let config = AgentConfig::new(&format!(
         "[http]\nbearer_token_file = \"{}\"\nmax_concurrent_requests = 1\nrequest_timeout_ms = 2000\n",
@@ -320,5 +319,4 @@ fn with_a_bearer_token_only_the_probes_answer_without_it() {
     assert_eq!(get_with(&netns, "/readyz", None).0, 200);
     drop(stream);
     assert!(agent.stop().success());
-    let _ = std::fs::remove_dir_all(&token_dir);
 }

@@ -60,6 +60,28 @@ pub fn run(program: &str, args: &[&str]) {
     );
 }
 
+/// A directory of the test's own for files the agent reads (secrets, certificates),
+/// removed on drop, even when the test fails.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique(&format!("collector-{name}")));
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A network namespace with loopback up, deleted on drop (even when the test fails).
 pub struct Netns {
     pub name: String,
