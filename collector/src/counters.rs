@@ -3,8 +3,8 @@
 
 use aya::maps::{MapData, PerCpuArray};
 use collector_common::{
-    ConnCounters, DIR_IN, DIR_OUT, DURATION_BUCKETS, DnsCounters, ERROR_KINDS, TrafficCounters,
-    traffic_index,
+    ConnCounters, ConnDurations, DIR_IN, DIR_OUT, DURATION_BUCKETS, DnsCounters, ERROR_KINDS,
+    TrafficCounters, traffic_index,
 };
 
 use crate::loader::{KernelMaps, WatchedRoute};
@@ -50,6 +50,20 @@ pub fn sum_traffic(
             bytes: acc.bytes.wrapping_add(v.bytes),
             payload_bytes: acc.payload_bytes.wrapping_add(v.payload_bytes),
         }))
+}
+
+/// One route's duration histogram, summed over CPUs bucket by bucket.
+pub fn sum_durations(
+    map: &PerCpuArray<MapData, ConnDurations>,
+    index: u32,
+) -> Result<[u64; DURATION_BUCKETS as usize], aya::maps::MapError> {
+    let mut totals = [0u64; DURATION_BUCKETS as usize];
+    for per_cpu in map.get(&index, 0)?.iter() {
+        for (total, count) in totals.iter_mut().zip(per_cpu.buckets) {
+            *total = total.wrapping_add(count);
+        }
+    }
+    Ok(totals)
 }
 
 /// One entry of a per-CPU connection counter array, summed over CPUs.
@@ -116,11 +130,7 @@ pub fn read(
             traffic_out: sum_traffic(&maps.route_traffic, traffic_index(route.slot, DIR_OUT))?,
             ..RouteTotals::default()
         };
-        for per_cpu in maps.conn_durations.get(&route.slot, 0)?.iter() {
-            for (total, count) in route_totals.durations.iter_mut().zip(per_cpu.buckets) {
-                *total = total.wrapping_add(count);
-            }
-        }
+        route_totals.durations = sum_durations(&maps.conn_durations, route.slot)?;
         totals.routes.push(route_totals);
     }
     for (kind, count) in (0..ERROR_KINDS).zip(totals.errors.iter_mut()) {

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    counters::{sum_conn, sum_dns, sum_traffic, sum_u64},
+    counters::{sum_conn, sum_dns, sum_durations, sum_traffic, sum_u64},
     dns::{OPCODE_NAMES, RCODE_NAMES, qtype_name},
     paths,
 };
@@ -138,12 +138,7 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             let map = per_cpu::<ConnDurations>(open(pin_dir, name)?)?;
             let mut rows = Vec::new();
             for (slot, route) in route_names(pin_dir)? {
-                let mut buckets = [0u64; collector_common::DURATION_BUCKETS as usize];
-                for per_cpu in map.get(&slot, 0)?.iter() {
-                    for (total, count) in buckets.iter_mut().zip(per_cpu.buckets) {
-                        *total = total.wrapping_add(count);
-                    }
-                }
+                let buckets = sum_durations(&map, slot)?;
                 // Bucket b: durations below 2^(b+1) microseconds; the last is open-ended.
                 let last = collector_common::DURATION_BUCKETS - 1;
                 let nonzero: serde_json::Map<String, Value> = (0u32..)
