@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_QUERY, DNS_NAME_MAX,
-    DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight,
+    DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsQueryEvent,
     dns_client_fingerprint, dns_inflight_slot, dns_malformed, dns_port_listed, dns_qtype_index,
     duration_bucket,
 };
@@ -42,8 +42,17 @@ pub const HOOK_LOOPBACK: u32 = 2;
 
 const UDP_HLEN: usize = 8;
 const DNS_HLEN: usize = 12;
-/// Offset of the question's name in the scratch copy (which starts at the UDP header).
-const NAME_AT: usize = UDP_HLEN + DNS_HLEN;
+/// Where the copy of the packet (from the UDP header on) starts in scratch: far enough in
+/// that a query event's fixed part fits right before the name, so that event and name go to
+/// the ring as one piece of scratch.
+const COPY_AT: usize = 28;
+/// Offset of the DNS header in scratch.
+const DNS_AT: usize = COPY_AT + UDP_HLEN;
+/// Offset of the question's name in scratch.
+const NAME_AT: usize = DNS_AT + DNS_HLEN;
+/// Offset of a query event's fixed part in scratch (8-aligned, as map values are).
+const EVENT_AT: usize = NAME_AT - size_of::<DnsQueryEvent>();
+const _: () = assert!(EVENT_AT.is_multiple_of(8) && NAME_AT + DNS_NAME_MAX <= PARK_END);
 /// Keeps scratch offsets provably inside the buffer for the verifier.
 const MASK: usize = DNS_SCRATCH_BYTES - 1;
 
@@ -230,13 +239,14 @@ fn count_message(
     // SAFETY: this CPU's scratch value, used only within this run.
     let buf = unsafe { &mut (*scratch).bytes };
     let copy = (UDP_HLEN + message_len).min(DNS_COPY_BYTES);
-    // SAFETY: `copy` is between 20 and DNS_COPY_BYTES, inside the 512-byte scratch value; the
-    // helper checks the packet side and fails rather than read past the end.
+    // SAFETY: `copy` is between 20 and DNS_COPY_BYTES, so COPY_AT + copy stays inside the
+    // 512-byte scratch value; the helper checks the packet side and fails rather than read
+    // past the end.
     let loaded = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
             datagram.l4 as u32,
-            buf.as_mut_ptr().cast(),
+            buf[COPY_AT..].as_mut_ptr().cast(),
             copy as u32,
         )
     };
@@ -244,7 +254,7 @@ fn count_message(
         return Err(dns_malformed::TRUNCATED);
     }
     // The message ends here, in scratch coordinates.
-    let end = UDP_HLEN + message_len;
+    let end = DNS_AT + message_len;
     // Park what differs between the paths that lead here in the scratch value, where the
     // verifier does not follow it: the name walk below is then checked once, not once per
     // path (which ran past its million-instruction limit).
@@ -262,10 +272,10 @@ fn count_message(
         l4: unpark(buf, PARK_L4) as usize & (MAX_L4_OFFSET * 2 - 1),
         ipv6: unpark(buf, PARK_IPV6) != 0,
     };
-    let id = be16(buf, UDP_HLEN);
-    let flags = buf[UDP_HLEN + 2];
-    let rcode_byte = buf[UDP_HLEN + 3];
-    let question_count = be16(buf, UDP_HLEN + 4);
+    let id = be16(buf, DNS_AT);
+    let flags = buf[DNS_AT + 2];
+    let rcode_byte = buf[DNS_AT + 3];
+    let question_count = be16(buf, DNS_AT + 4);
     let is_response = flags & 0x80 != 0;
 
     match role {
@@ -279,7 +289,7 @@ fn count_message(
             let question = walked?;
             // The sampled event goes out before the query is counted, so that a snapshot's
             // top domains cover every query its counters show.
-            on_query(ctx, &at, id, &question, counters);
+            on_query(ctx, &at, id, &question, buf, counters);
             counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
             counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
         }
@@ -451,6 +461,7 @@ fn on_query(
     at: &Located,
     id: u16,
     question: &Question,
+    buf: &mut [u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
     let Some((addr, port)) = client(ctx, at, true) else {
@@ -466,7 +477,7 @@ fn on_query(
             if slot.client == client && slot.client_port == port && slot.id == id {
                 // A retransmission: keep the first time, which is what the client waits from.
                 counters.duplicate_queries += 1;
-                return sample_query(ctx, at, id, question, addr, port, now, counters);
+                return sample_query(id, question, addr, port, now, buf, counters);
             }
             if now.wrapping_sub(slot.start_ns) > DNS_ANSWER_TIMEOUT_NS {
                 counters.unanswered_queries += 1;
@@ -481,7 +492,7 @@ fn on_query(
             id,
         };
     }
-    sample_query(ctx, at, id, question, addr, port, now, counters);
+    sample_query(id, question, addr, port, now, buf, counters);
 }
 
 #[inline(always)]
@@ -491,51 +502,43 @@ fn sampled() -> bool {
     every <= 1 || unsafe { bpf_get_prandom_u32() } % every == 0
 }
 
+/// Sends the query to the ring: its fixed part is written over the UDP and DNS headers in
+/// scratch (read already), right before the name, and both go out in one copy.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "one event's fields, inlined")]
 fn sample_query(
-    ctx: &TcContext,
-    at: &Located,
     id: u16,
     question: &Question,
-    addr: [u8; 16],
-    port: u16,
+    client_addr: [u8; 16],
+    client_port: u16,
     now: u64,
+    buf: &mut [u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
     if !sampled() {
         return;
     }
-    let Some(mut entry) = DNS_EVENTS.reserve(0) else {
-        counters.events_dropped += 1;
+    let name_len = question.name_len & 0xff;
+    let event = DnsQueryEvent {
+        kind: DNS_EVENT_QUERY,
+        qtype: question.qtype,
+        client_port,
+        timestamp_ns: now,
+        client_addr,
+        id,
+        name_len: name_len as u16,
+        _pad: 0,
+    };
+    // SAFETY: EVENT_AT is 8-aligned inside the scratch value and the event ends at NAME_AT.
+    unsafe { core::ptr::write(buf[EVENT_AT..NAME_AT].as_mut_ptr().cast(), event) };
+    let Some(record) = buf.get(EVENT_AT..NAME_AT + name_len) else {
         return;
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: the reservation holds a DnsQueryEvent; every field but the name's unused tail
-    // is written before submit.
-    unsafe {
-        (*event).kind = DNS_EVENT_QUERY;
-        (*event).qtype = question.qtype;
-        (*event).client_port = port;
-        (*event).timestamp_ns = now;
-        (*event).client_addr = addr;
-        (*event).id = id;
-        (*event).name_len = question.name_len as u16;
-        (*event)._pad = 0;
-        // The name straight from the packet into the event: one copy.
-        let len = (question.name_len as u32) & 0xff;
-        if len == 0
-            || bpf_skb_load_bytes(
-                ctx.skb.skb.cast(),
-                (at.l4 + NAME_AT) as u32,
-                (*event).name.as_mut_ptr().cast(),
-                len,
-            ) != 0
-        {
-            (*event).name_len = 0;
-        }
+    if DNS_EVENTS
+        .output_untyped::<[u8]>(record, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        counters.events_dropped += 1;
     }
-    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }
 
 /// Matches the response to its query: latency, cache hit or miss, the answer event.

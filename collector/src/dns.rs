@@ -6,6 +6,7 @@
 //! loses events (counted as `events_dropped`), not counts.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex},
 };
@@ -28,8 +29,8 @@ pub enum DnsEvent {
     Query {
         qtype: u16,
         /// The name in presentation form, without the trailing dot; `None` if it did not
-        /// decode.
-        domain: Option<String>,
+        /// decode. Shared: one decoded name serves every query for it.
+        domain: Option<Arc<str>>,
         client: IpAddr,
         client_port: u16,
         id: u16,
@@ -59,38 +60,66 @@ fn read_record<T: Copy>(record: &[u8]) -> Option<T> {
     Some(unsafe { record.as_ptr().cast::<T>().read_unaligned() })
 }
 
-/// Decodes one ring-buffer item; `None` for an item of unknown kind or size.
-#[must_use]
-pub fn decode(record: &[u8]) -> Option<DnsEvent> {
-    let kind = u32::from_ne_bytes(record.get(..4)?.try_into().ok()?);
-    match kind {
-        DNS_EVENT_QUERY => {
-            let event: DnsQueryEvent = read_record(record)?;
-            let name = event.name.get(..usize::from(event.name_len))?;
-            Some(DnsEvent::Query {
-                qtype: event.qtype,
-                domain: decode_name(name),
-                client: Ipv6Addr::from(event.client_addr).to_canonical(),
-                client_port: event.client_port,
-                id: event.id,
-                timestamp_ns: event.timestamp_ns,
-            })
+/// Decodes ring-buffer items, remembering the names it decoded: a server sees the same
+/// names over and over, and hickory then runs once per distinct name instead of once per
+/// query (it was most of the agent's CPU under dnsperf).
+#[derive(Debug, Default)]
+pub struct EventDecoder {
+    /// Wire form → presentation form (`None`: undecodable); emptied when full.
+    names: HashMap<Box<[u8]>, Option<Arc<str>>>,
+}
+
+impl EventDecoder {
+    /// Distinct names remembered; a flood of unique names empties the memory now and then.
+    const NAMES: usize = 8192;
+
+    /// One ring-buffer item; `None` for an item of unknown kind or size.
+    pub fn decode(&mut self, record: &[u8]) -> Option<DnsEvent> {
+        let kind = u32::from_ne_bytes(record.get(..4)?.try_into().ok()?);
+        match kind {
+            DNS_EVENT_QUERY => {
+                let event: DnsQueryEvent = read_record(record)?;
+                let name = record
+                    .get(size_of::<DnsQueryEvent>()..)?
+                    .get(..usize::from(event.name_len))?;
+                Some(DnsEvent::Query {
+                    qtype: event.qtype,
+                    domain: self.name(name),
+                    client: Ipv6Addr::from(event.client_addr).to_canonical(),
+                    client_port: event.client_port,
+                    id: event.id,
+                    timestamp_ns: event.timestamp_ns,
+                })
+            }
+            DNS_EVENT_ANSWER => {
+                let event: DnsAnswerEvent = read_record(record)?;
+                Some(DnsEvent::Answer {
+                    qtype: event.qtype,
+                    rcode: event.rcode,
+                    cache_miss: event.cache_miss != 0,
+                    truncated: event.truncated != 0,
+                    latency_ns: event.latency_ns,
+                    client: Ipv6Addr::from(event.client_addr).to_canonical(),
+                    client_port: event.client_port,
+                    id: event.id,
+                    timestamp_ns: event.timestamp_ns,
+                })
+            }
+            _ => None,
         }
-        DNS_EVENT_ANSWER => {
-            let event: DnsAnswerEvent = read_record(record)?;
-            Some(DnsEvent::Answer {
-                qtype: event.qtype,
-                rcode: event.rcode,
-                cache_miss: event.cache_miss != 0,
-                truncated: event.truncated != 0,
-                latency_ns: event.latency_ns,
-                client: Ipv6Addr::from(event.client_addr).to_canonical(),
-                client_port: event.client_port,
-                id: event.id,
-                timestamp_ns: event.timestamp_ns,
-            })
+    }
+
+    /// The presentation form of a wire-form name, decoded by hickory the first time.
+    fn name(&mut self, wire: &[u8]) -> Option<Arc<str>> {
+        if let Some(known) = self.names.get(wire) {
+            return known.clone();
         }
-        _ => None,
+        let decoded: Option<Arc<str>> = decode_name(wire).map(Arc::from);
+        if self.names.len() >= Self::NAMES {
+            self.names.clear();
+        }
+        self.names.insert(wire.into(), decoded.clone());
+        decoded
     }
 }
 
@@ -111,7 +140,7 @@ pub fn decode_name(wire: &[u8]) -> Option<String> {
 /// Top domains folded from query events.
 #[derive(Debug)]
 pub struct DomainStats {
-    domains: TopK<String>,
+    domains: TopK<Arc<str>>,
     /// Each sample stands for this many queries.
     weight: u64,
     events_received: u64,
@@ -158,7 +187,7 @@ impl DomainStats {
                 .domains
                 .top(listed)
                 .into_iter()
-                .map(|entry| (entry.key, entry.count))
+                .map(|entry| (entry.key.to_string(), entry.count))
                 .collect(),
             events_received: self.events_received,
             undecodable_names: self.undecodable_names,
@@ -179,9 +208,10 @@ pub fn domain_drain(
     stats: Arc<Mutex<DomainStats>>,
     subscribers: tokio::sync::broadcast::Sender<DnsEvent>,
 ) -> crate::events::SharedDrain {
+    let mut decoder = EventDecoder::default();
     Arc::new(Mutex::new(crate::events::RingDrain::new(
         ring,
-        decode,
+        Box::new(move |record| decoder.decode(record)),
         stats,
         subscribers,
     )))
@@ -266,30 +296,31 @@ mod tests {
 
     #[test]
     fn query_events_decode_and_feed_the_top_domains() {
-        let mut event = DnsQueryEvent {
+        let name = wire("a.example");
+        let event = DnsQueryEvent {
             kind: DNS_EVENT_QUERY,
             qtype: 28,
             client_port: 5300,
             timestamp_ns: 9,
             client_addr: Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x0a00, 0x0001]).octets(),
             id: 7,
-            name_len: 0,
+            name_len: u16::try_from(name.len()).unwrap(),
             _pad: 0,
-            name: [0; 256],
         };
-        let name = wire("a.example");
-        event.name[..name.len()].copy_from_slice(&name);
-        event.name_len = u16::try_from(name.len()).unwrap();
+        // A ring record: the fixed part, then the name.
         // SAFETY: plain data viewed as bytes.
-        let bytes = unsafe {
+        let mut bytes = unsafe {
             std::slice::from_raw_parts(
                 std::ptr::from_ref(&event).cast::<u8>(),
                 size_of::<DnsQueryEvent>(),
             )
-        };
-        let decoded = decode(bytes).unwrap();
+        }
+        .to_vec();
+        bytes.extend_from_slice(&name);
+        let mut decoder = EventDecoder::default();
+        let event = decoder.decode(&bytes).unwrap();
         assert_eq!(
-            decoded,
+            event,
             DnsEvent::Query {
                 qtype: 28,
                 domain: Some("a.example".into()),
@@ -299,11 +330,15 @@ mod tests {
                 timestamp_ns: 9,
             }
         );
-        assert_eq!(decode(&bytes[..100]), None);
+        // A name cut short by the record, and a record shorter than the fixed part.
+        assert_eq!(decoder.decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decoder.decode(&bytes[..20]), None);
+        // Decoded again from memory, as the same name.
+        assert_eq!(decoder.decode(&bytes), Some(event.clone()));
 
         let mut stats = DomainStats::new(10, 2);
-        stats.apply(&decoded);
-        stats.apply(&decoded);
+        stats.apply(&event);
+        stats.apply(&event);
         let snapshot = stats.snapshot(10);
         // Each sample stands for two queries.
         assert_eq!(snapshot.top, [("a.example".to_owned(), 4)]);

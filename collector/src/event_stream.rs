@@ -247,7 +247,7 @@ pub fn dns_event(event: &DnsEvent) -> StreamEvent {
             timestamp_ns,
         } => StreamEvent::QueryReceived {
             qtype: qtype_name(collector_common::dns_qtype_index(*qtype)),
-            domain: domain.clone(),
+            domain: domain.as_deref().map(str::to_owned),
             source: source(*client, *client_port),
             client_ip: client.to_string(),
             id: *id,

@@ -125,13 +125,17 @@ impl Fold<Connection> for ClientStats {
     }
 }
 
+/// Turns one ring record into an event (`None`: unknown kind or size). Stateful: the DNS
+/// decoder remembers the names it decoded.
+pub type Decoder<E> = Box<dyn FnMut(&[u8]) -> Option<E> + Send>;
+
 /// Moves what a ring buffer holds into statistics and on to subscribers. Two callers share
 /// it: a timer task, so that the ring never fills between polls, and the poller, right after
 /// it reads the counters, so that a snapshot's per-client figures cover every connection its
 /// counters do (the kernel submits an event before it counts).
 pub struct RingDrain<E, S> {
     ring: RingBuf<MapData>,
-    decode: fn(&[u8]) -> Option<E>,
+    decode: Decoder<E>,
     stats: Arc<Mutex<S>>,
     subscribers: tokio::sync::broadcast::Sender<E>,
     batch: Vec<E>,
@@ -141,7 +145,7 @@ impl<E, S> RingDrain<E, S> {
     #[must_use]
     pub fn new(
         ring: RingBuf<MapData>,
-        decode: fn(&[u8]) -> Option<E>,
+        decode: Decoder<E>,
         stats: Arc<Mutex<S>>,
         subscribers: tokio::sync::broadcast::Sender<E>,
     ) -> Self {
@@ -205,7 +209,7 @@ pub fn connection_drain(
 ) -> SharedDrain {
     Arc::new(Mutex::new(RingDrain::new(
         ring,
-        decode,
+        Box::new(decode),
         clients,
         subscribers,
     )))
