@@ -93,6 +93,10 @@ pub mod program_names {
     pub const DNS_EGRESS: &str = "count_dns_egress";
     /// tc ingress classifier for loopback: all of the above, each packet seen once.
     pub const DNS_LOOPBACK: &str = "count_dns_loopback";
+    /// Empty tc classifier, attached only with `--bpf-stats`: the statistics' own cost.
+    pub const STATS_FLOOR_TC: &str = "stats_floor_tc";
+    /// Empty `sock_ops` program, attached only with `--bpf-stats`.
+    pub const STATS_FLOOR_SOCK_OPS: &str = "stats_floor_sock_ops";
 }
 
 /// Global in the kernel object: the [`DnsPorts`].
@@ -100,6 +104,10 @@ pub const GLOBAL_DNS_PORTS: &str = "DNS_PORTS";
 
 /// Global in the kernel object: count one query or answer event in this many (1 = all).
 pub const GLOBAL_DNS_SAMPLE_EVERY: &str = "DNS_SAMPLE_EVERY";
+
+/// Global in the kernel object: 1 to match responses to their queries (latency, cache hits
+/// and misses, unanswered queries), 0 to count without the in-flight table.
+pub const GLOBAL_DNS_MATCH_RESPONSES: &str = "DNS_MATCH_RESPONSES";
 
 /// Global in the kernel object: the network namespace cookie whose sockets are counted
 /// (0 counts every namespace).
@@ -239,7 +247,9 @@ pub struct DnsCounters {
     pub upstream_queries: u64,
     /// Events lost because the ring buffer was full.
     pub events_dropped: u64,
-    pub _pad: u64,
+    /// Client queries counted while matching was off (`[dns] match_responses = false`):
+    /// they took no in-flight slot, so the in-flight figure leaves them out.
+    pub queries_unmatched: u64,
 }
 
 impl Default for DnsCounters {
@@ -261,7 +271,7 @@ impl Default for DnsCounters {
             cache_misses: 0,
             upstream_queries: 0,
             events_dropped: 0,
-            _pad: 0,
+            queries_unmatched: 0,
         }
     }
 }

@@ -59,6 +59,11 @@ static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
 #[unsafe(no_mangle)]
 static DNS_SAMPLE_EVERY: Global<u32> = Global::new(1);
 
+/// DNS: 1 matches responses to queries, 0 counts without the in-flight table. Set at load;
+/// read-only, so the verifier drops the matching code when it is 0.
+#[unsafe(no_mangle)]
+static DNS_MATCH_RESPONSES: Global<u32> = Global::new(1);
+
 /// DNS: the server and upstream ports. Set by the agent at load.
 #[unsafe(no_mangle)]
 static DNS_PORTS: Global<DnsPorts> = Global::new(DnsPorts {
@@ -128,6 +133,19 @@ pub fn count_dns_egress(ctx: TcContext) -> i32 {
 pub fn count_dns_loopback(ctx: TcContext) -> i32 {
     dns::count_packet(&ctx, dns::HOOK_LOOPBACK);
     TC_ACT_UNSPEC
+}
+
+/// Does nothing. Attached beside the classifiers only with `--bpf-stats`: its cost per run
+/// under the same packets is what the statistics' own timing costs, the floor to subtract.
+#[classifier]
+pub fn stats_floor_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+/// Does nothing; the `sock_ops` counterpart of [`stats_floor_tc`].
+#[sock_ops]
+pub fn stats_floor_sock_ops(_ctx: SockOpsContext) -> u32 {
+    1
 }
 
 #[cfg(not(test))]

@@ -204,8 +204,63 @@ fn measure(netns: &Netns, config: &AgentConfig, seconds: f64, with_agent: bool) 
     (connect, bulk, agent_cpu)
 }
 
+/// One program's runs and average time per run, from the kernel's statistics.
+struct Cost {
+    program: String,
+    runs: f64,
+    per_run_ns: f64,
+}
+
+/// The cost of each of `programs` from a scrape of an agent started with `--bpf-stats`;
+/// programs that did not run (tc ingress/egress are not attached to loopback) are left out.
+fn costs(metrics: &str, programs: &[&str]) -> Vec<Cost> {
+    programs
+        .iter()
+        .filter_map(|program| {
+            let labels = [("program", *program)];
+            let seconds =
+                sample(metrics, "collector_bpf_program_run_seconds_total", &labels).unwrap_or(0.0);
+            let runs = sample(metrics, "collector_bpf_program_runs_total", &labels).unwrap_or(0.0);
+            (runs > 0.0).then(|| Cost {
+                program: (*program).to_owned(),
+                runs,
+                per_run_ns: seconds * 1e9 / runs,
+            })
+        })
+        .collect()
+}
+
+/// A table of costs per run, and net of the statistics' own cost: `--bpf-stats` attaches an
+/// empty program of each type beside ours, which sees the same packets and callbacks.
+fn cost_table(costs: &[Cost]) -> String {
+    let floor = |name: &str| {
+        costs
+            .iter()
+            .find(|c| c.program == name)
+            .map_or(0.0, |c| c.per_run_ns)
+    };
+    let mut table = String::from(
+        "| program | runs | ns per run | minus the empty program |\n|---|---|---|---|\n",
+    );
+    for cost in costs {
+        let net = if cost.program.starts_with("stats_floor") {
+            String::from("(the floor)")
+        } else if cost.program == "track_connections" {
+            format!("{:.1}", cost.per_run_ns - floor("stats_floor_sock_ops"))
+        } else {
+            format!("{:.1}", cost.per_run_ns - floor("stats_floor_tc"))
+        };
+        let _ = writeln!(
+            table,
+            "| {} | {:.0} | {:.1} | {net} |",
+            cost.program, cost.runs, cost.per_run_ns
+        );
+    }
+    table
+}
+
 /// The Markdown report: per-pair table, medians, costs per run.
-fn report(settings: &Settings, pairs: &[Pair], costs: &[(String, f64, f64)]) -> String {
+fn report(settings: &Settings, pairs: &[Pair], costs: &[Cost]) -> String {
     let mut connect_ratios: Vec<f64> = pairs
         .iter()
         .map(|p| p.connect_with / p.connect_without)
@@ -250,44 +305,30 @@ fn report(settings: &Settings, pairs: &[Pair], costs: &[(String, f64, f64)]) -> 
     );
     let _ = writeln!(
         report,
-        "Cost per program run, from the kernel's run-time statistics (`--bpf-stats`) under the same loads:\n"
+        "Cost per program run, from the kernel's run-time statistics (`--bpf-stats`) under the same loads; the empty programs (`stats_floor_*`) show what the statistics' own timing costs per run on this VM:\n"
     );
-    let _ = writeln!(report, "| program | runs | ns per run |");
-    let _ = writeln!(report, "|---|---|---|");
-    // Programs that did not run (tc ingress/egress are not attached to loopback) are left out.
-    for (program, runs, per_run) in costs.iter().filter(|(_, runs, _)| *runs > 0.0) {
-        let _ = writeln!(report, "| {program} | {runs:.0} | {per_run:.1} |");
-    }
+    report.push_str(&cost_table(costs));
     report
 }
 
 /// Average cost per run of each program, from the kernel's statistics, under both loads.
-fn program_costs(netns: &Netns, config: &AgentConfig, seconds: f64) -> Vec<(String, f64, f64)> {
+fn program_costs(netns: &Netns, config: &AgentConfig, seconds: f64) -> Vec<Cost> {
     let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
     connection_rate(netns, seconds);
     bulk_throughput(netns, seconds);
     let metrics = scrape(netns);
     assert!(agent.stop().success());
-    [
-        "track_connections",
-        "count_loopback",
-        "count_ingress",
-        "count_egress",
-    ]
-    .iter()
-    .map(|program| {
-        let labels = [("program", *program)];
-        let seconds_total =
-            sample(&metrics, "collector_bpf_program_run_seconds_total", &labels).unwrap_or(0.0);
-        let runs = sample(&metrics, "collector_bpf_program_runs_total", &labels).unwrap_or(0.0);
-        let per_run_ns = if runs > 0.0 {
-            seconds_total * 1e9 / runs
-        } else {
-            f64::NAN
-        };
-        ((*program).to_owned(), runs, per_run_ns)
-    })
-    .collect()
+    costs(
+        &metrics,
+        &[
+            "track_connections",
+            "stats_floor_sock_ops",
+            "count_loopback",
+            "count_ingress",
+            "count_egress",
+            "stats_floor_tc",
+        ],
+    )
 }
 
 /// The queries dnsperf sends, round robin: names the server answers from its local zones.
@@ -406,26 +447,30 @@ fn dns_pairs(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Vec<Dn
 }
 
 /// The DNS classifier's cost per packet from the kernel's statistics under dnsperf, with the
-/// TCP classifier on the same packets (it exits at the IP protocol) as the clock's floor.
-fn dns_costs(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Vec<(String, f64, f64)> {
-    let queries = config.dir.join("dnsperf-queries.txt");
+/// TCP classifier (it exits at the IP protocol) and the empty program on the same packets.
+fn dns_costs(
+    netns: &Netns,
+    config: &AgentConfig,
+    queries: &std::path::Path,
+    seconds: f64,
+) -> Vec<Cost> {
     let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
-    dnsperf(netns, &queries, settings.seconds);
+    dnsperf(netns, queries, seconds);
     let metrics = scrape(netns);
     assert!(agent.stop().success());
-    ["count_dns_loopback", "count_loopback"]
-        .iter()
-        .map(|program| {
-            let labels = [("program", *program)];
-            let seconds =
-                sample(&metrics, "collector_bpf_program_run_seconds_total", &labels).unwrap_or(0.0);
-            let runs = sample(&metrics, "collector_bpf_program_runs_total", &labels).unwrap_or(0.0);
-            ((*program).to_owned(), runs, seconds * 1e9 / runs)
-        })
-        .collect()
+    costs(
+        &metrics,
+        &["count_dns_loopback", "count_loopback", "stats_floor_tc"],
+    )
 }
 
-fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &[(String, f64, f64)]) -> String {
+/// The DNS costs with response matching (the default) and without.
+struct DnsCosts {
+    matching: Vec<Cost>,
+    counting_only: Vec<Cost>,
+}
+
+fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &DnsCosts) -> String {
     let mut ratios: Vec<f64> = pairs.iter().map(|p| p.with / p.without).collect();
     let ratio = median(&mut ratios);
     let spread = middle_half(&mut ratios);
@@ -463,15 +508,18 @@ fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &[(String, f64, f64
     );
     let _ = writeln!(
         report,
-        "Cost per packet from the kernel's run-time statistics (`--bpf-stats`) under the same load; \
-         `count_loopback` sees the same packets and leaves at the IP protocol, so its figure is \
-         about what the statistics' own clock reads cost on this VM:\n"
+        "Cost per packet from the kernel's run-time statistics (`--bpf-stats`) under the same load, \
+         with latency tracking (the default, `[dns] match_responses = true`); `count_loopback` sees \
+         the same packets and leaves at the IP protocol, and the empty program `stats_floor_tc` \
+         shows what the statistics' own timing costs per run:\n"
     );
-    let _ = writeln!(report, "| program | runs | ns per run |");
-    let _ = writeln!(report, "|---|---|---|");
-    for (program, runs, per_run) in costs {
-        let _ = writeln!(report, "| {program} | {runs:.0} | {per_run:.1} |");
-    }
+    report.push_str(&cost_table(&costs.matching));
+    let _ = writeln!(
+        report,
+        "\nThe same without response matching (`[dns] match_responses = false`: no latency, \
+         cache or in-flight figures; the same queries and responses counted):\n"
+    );
+    report.push_str(&cost_table(&costs.counting_only));
     report
 }
 
@@ -621,7 +669,13 @@ fn main() {
     if settings.runs("dns") {
         let server = Unbound::start(&netns, false);
         let dns_pairs = dns_pairs(&netns, &config, &settings);
-        let dns_costs = dns_costs(&netns, &config, &settings);
+        let queries = config.dir.join("dnsperf-queries.txt");
+        let counting_only =
+            AgentConfig::new(&format!("{ROUTES}\n[dns]\nmatch_responses = false\n"));
+        let dns_costs = DnsCosts {
+            matching: dns_costs(&netns, &config, &queries, settings.seconds),
+            counting_only: dns_costs(&netns, &counting_only, &queries, settings.seconds),
+        };
         drop(server);
         report.push_str(&dns_report(&settings, &dns_pairs, &dns_costs));
         report.push('\n');

@@ -311,7 +311,10 @@ pub struct DnsStats {
     /// Client queries per second over the last second.
     pub queries_per_second: f64,
     pub query_rates: RateWindows,
-    pub cache_stats: CacheStats,
+    /// False when `[dns] match_responses = false`: the figures that need a response matched
+    /// to its query (cache, latency, in flight, unanswered, unmatched) are then `null`.
+    pub match_responses: bool,
+    pub cache_stats: Option<CacheStats>,
     pub top_domains: Vec<TopDomain>,
     /// Queries by QTYPE (types seen only).
     pub query_type_breakdown: BTreeMap<String, u64>,
@@ -324,13 +327,13 @@ pub struct DnsStats {
     /// `null` before the first response.
     pub error_rate: Option<f64>,
     /// Query-to-response time in seconds.
-    pub latency: Durations,
+    pub latency: Option<Durations>,
     pub truncated_responses: u64,
     /// Messages that could not be counted, by reason.
     pub malformed: BTreeMap<String, u64>,
-    pub in_flight: u64,
-    pub unanswered_queries: u64,
-    pub unmatched_responses: u64,
+    pub in_flight: Option<u64>,
+    pub unanswered_queries: Option<u64>,
+    pub unmatched_responses: Option<u64>,
     pub upstream_queries: u64,
     pub events_dropped: u64,
     /// Our nftables counters for the DNS ports.
@@ -364,11 +367,12 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         total_queries: dns.total_queries(),
         queries_per_second: dns.query_rates.instant,
         query_rates: RateWindows::new(dns.query_rates, Some(&dns.query_history)),
-        cache_stats: CacheStats {
+        match_responses: dns.match_responses,
+        cache_stats: dns.match_responses.then_some(CacheStats {
             hits: c.cache_hits,
             misses: c.cache_misses,
             hit_rate: (decided > 0).then(|| c.cache_hits as f64 / decided as f64),
-        },
+        }),
         top_domains: dns
             .domains
             .top
@@ -389,13 +393,13 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         opcodes: seen(&OPCODE_NAMES, &c.queries_by_opcode),
         total_responses,
         error_rate: (total_responses > 0).then(|| errors as f64 / total_responses as f64),
-        latency: Durations {
+        latency: dns.match_responses.then(|| Durations {
             count: answered,
             mean: (answered > 0).then(|| c.latency_ns as f64 / 1e9 / answered as f64),
             p50: histogram_quantile(&c.latency, 0.5),
             p90: histogram_quantile(&c.latency, 0.9),
             p99: histogram_quantile(&c.latency, 0.99),
-        },
+        }),
         truncated_responses: c.responses_truncated,
         malformed: collector_common::DNS_MALFORMED_NAMES
             .iter()
@@ -403,8 +407,8 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
             .map(|(name, n)| ((*name).to_owned(), n))
             .collect(),
         in_flight: dns.in_flight(),
-        unanswered_queries: c.unanswered_queries,
-        unmatched_responses: c.unmatched_responses,
+        unanswered_queries: dns.match_responses.then_some(c.unanswered_queries),
+        unmatched_responses: dns.match_responses.then_some(c.unmatched_responses),
         upstream_queries: c.upstream_queries,
         events_dropped: c.events_dropped,
         nftables: nft_counts(snapshot, "dns"),
@@ -487,5 +491,26 @@ mod tests {
         assert_eq!(json["malformed"]["bad_name"], 1);
         assert_eq!(json["inFlight"], 2);
         assert!(json["queryRates"]["history"].is_array());
+    }
+
+    #[test]
+    fn dns_json_without_matching_has_no_figures_that_need_it() {
+        let mut snapshot = Snapshot::example();
+        snapshot.dns.match_responses = false;
+        let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
+        assert_eq!(json["matchResponses"], false);
+        // Absent, not zero: a zero hit rate or latency would read as a real measurement.
+        for key in [
+            "cacheStats",
+            "latency",
+            "inFlight",
+            "unansweredQueries",
+            "unmatchedResponses",
+        ] {
+            assert!(json[key].is_null(), "{key}: {}", json[key]);
+        }
+        assert_eq!(json["totalQueries"], 10);
+        assert_eq!(json["responseCodes"]["NOERROR"], 6);
+        assert_eq!(json["topDomains"][0]["count"], 7);
     }
 }

@@ -256,18 +256,28 @@ pub fn dns_table(json: &Value) -> String {
         json["totalResponses"],
         json["errorRate"]
     );
-    let _ = writeln!(
-        out,
-        "cache: {} hits, {} misses, hit rate {}",
-        json["cacheStats"]["hits"], json["cacheStats"]["misses"], json["cacheStats"]["hitRate"]
-    );
+    let matching = json["matchResponses"] != false;
+    if matching {
+        let _ = writeln!(
+            out,
+            "cache: {} hits, {} misses, hit rate {}",
+            json["cacheStats"]["hits"], json["cacheStats"]["misses"], json["cacheStats"]["hitRate"]
+        );
+    }
     let _ = writeln!(out, "types: {}", pairs(&json["queryTypeBreakdown"]));
     let _ = writeln!(out, "codes: {}", pairs(&json["responseCodes"]));
-    let _ = writeln!(
-        out,
-        "latency: p50 {} s, p99 {} s ({} answered)",
-        json["latency"]["p50"], json["latency"]["p99"], json["latency"]["count"]
-    );
+    if matching {
+        let _ = writeln!(
+            out,
+            "latency: p50 {} s, p99 {} s ({} answered)",
+            json["latency"]["p50"], json["latency"]["p99"], json["latency"]["count"]
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "cache and latency: not measured ([dns] match_responses = false)"
+        );
+    }
     let _ = writeln!(out, "top domains:");
     for domain in json["topDomains"].as_array().into_iter().flatten().take(10) {
         let _ = writeln!(
@@ -361,5 +371,16 @@ mod tests {
         assert!(text.contains("cache: 8 hits, 1 misses"), "{text}");
         assert!(text.contains("types: A 9"));
         assert!(text.contains("9  example.com"));
+
+        let unmatched = serde_json::json!({
+            "totalQueries": 9, "matchResponses": false, "cacheStats": null, "latency": null,
+            "queryTypeBreakdown": {"A": 9}, "responseCodes": {"NOERROR": 9}, "topDomains": []
+        });
+        let text = dns_table(&unmatched);
+        assert!(
+            !text.contains("hit rate") && !text.contains("p50"),
+            "{text}"
+        );
+        assert!(text.contains("not measured ([dns] match_responses = false)"));
     }
 }

@@ -21,9 +21,9 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
-    GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters, map_names,
-    program_names, traffic_index,
+    ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_DNS_MATCH_RESPONSES,
+    GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS,
+    RouteName, TrafficCounters, map_names, program_names, traffic_index,
 };
 
 use crate::{
@@ -128,6 +128,8 @@ impl Attachment {
         }
         loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
         loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
+        let match_responses = u32::from(config.dns.match_responses);
+        loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
         let ports = dns_ports(config);
         loader.override_global(GLOBAL_DNS_PORTS, &ports, true);
         let mut ebpf = loader
@@ -148,9 +150,16 @@ impl Attachment {
             _lock: lock,
             _stats: stats,
         };
-        let attached = attachment
-            .attach_sock_ops(&links_dir, &cgroup)
-            .and_then(|()| attachment.attach_classifiers(config))
+        let mut sock_ops = vec![(program_names::TRACK_CONNECTIONS, "sock_ops")];
+        if options.bpf_stats {
+            sock_ops.push((program_names::STATS_FLOOR_SOCK_OPS, "sock_ops_stats_floor"));
+        }
+        let attached = sock_ops
+            .into_iter()
+            .try_for_each(|(program, pin)| {
+                attachment.attach_sock_ops(program, &links_dir.join(pin), &cgroup)
+            })
+            .and_then(|()| attachment.attach_classifiers(config, options.bpf_stats))
             .and_then(|()| remove_stale_links(&links_dir, &attachment.pins_in_use()));
         match attached {
             Ok(()) => Ok(attachment),
@@ -164,31 +173,32 @@ impl Attachment {
         }
     }
 
-    fn attach_sock_ops(&mut self, links_dir: &Path, cgroup: &File) -> anyhow::Result<()> {
-        let pin = links_dir.join("sock_ops");
+    fn attach_sock_ops(&mut self, name: &str, pin: &Path, cgroup: &File) -> anyhow::Result<()> {
         let program: &mut SockOps = self
             .ebpf
-            .program_mut(program_names::TRACK_CONNECTIONS)
-            .context("the kernel object has no sock_ops program")?
+            .program_mut(name)
+            .with_context(|| format!("the kernel object has no program {name}"))?
             .try_into()?;
-        program.load().context("loading the sock_ops program")?;
-        if !adopt_link(&pin, program.fd()?.as_fd())? {
+        program.load().with_context(|| format!("loading {name}"))?;
+        if !adopt_link(pin, program.fd()?.as_fd())? {
             // Link-based attachment always coexists with other programs on the cgroup; the
             // kernel rejects the ALLOW_MULTI flag on links (EINVAL), so pass none.
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching sock_ops to the {}", self.cgroup2))?;
             let link: FdLink = program.take_link(id)?.try_into()?;
-            link.pin(&pin)
+            link.pin(pin)
                 .with_context(|| format!("pinning the sock_ops link at {}", pin.display()))?;
         }
-        self.link_pins.push(pin);
+        self.link_pins.push(pin.to_owned());
         Ok(())
     }
 
     /// Loads the tc programs and attaches them to the selected interfaces (a configured
-    /// interface that does not exist is an error here, at start).
-    fn attach_classifiers(&mut self, config: &Config) -> anyhow::Result<()> {
+    /// interface that does not exist is an error here, at start). With `stats_floor`, an
+    /// empty program goes last on each hook, so that the statistics' own cost is measured on
+    /// the same packets.
+    fn attach_classifiers(&mut self, config: &Config, stats_floor: bool) -> anyhow::Result<()> {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
         let selected = links::select(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
         // Loopback: one ingress classifier sees every packet once; elsewhere, both hooks.
@@ -234,7 +244,31 @@ impl Attachment {
                 ),
             ]);
         }
-        for &(program_name, ..) in &self.classifiers {
+        if stats_floor {
+            self.classifiers.extend([
+                (
+                    program_names::STATS_FLOOR_TC,
+                    TcAttachType::Ingress,
+                    "stats_floor_ingress",
+                    false,
+                ),
+                (
+                    program_names::STATS_FLOOR_TC,
+                    TcAttachType::Egress,
+                    "stats_floor_egress",
+                    false,
+                ),
+                (
+                    program_names::STATS_FLOOR_TC,
+                    TcAttachType::Ingress,
+                    "stats_floor_loopback",
+                    true,
+                ),
+            ]);
+        }
+        let names: std::collections::BTreeSet<&str> =
+            self.classifiers.iter().map(|&(name, ..)| name).collect();
+        for program_name in names {
             let program: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(program_name)

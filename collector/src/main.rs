@@ -483,6 +483,7 @@ async fn serve_until_signal(
         vec![connection_drain, domain_drain],
         poller::DnsSources {
             enabled: config.dns.enabled,
+            match_responses: config.dns.match_responses,
             domains,
             listed: config.dns.top_k,
         },

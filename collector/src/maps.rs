@@ -254,6 +254,7 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
         "cacheMisses": c.cache_misses,
         "upstreamQueries": c.upstream_queries,
         "eventsDropped": c.events_dropped,
+        "queriesUnmatched": c.queries_unmatched,
     }))
 }
 

@@ -310,10 +310,58 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
 }
 
 /// Renders the DNS latency histogram, the inferred cache figures and the DNS self-metrics.
+/// Without response matching, the figures that need it are left out rather than shown as 0.
 fn encode_dns_latency_and_health(
     snapshot: &Snapshot,
     encoder: &mut DescriptorEncoder,
 ) -> fmt::Result {
+    let dns = &snapshot.dns;
+    let c = &dns.counters;
+    if dns.match_responses {
+        encode_dns_matching(snapshot, encoder)?;
+    }
+    unlabelled_counters(
+        encoder,
+        &[
+            (
+                "collector_dns_upstream_queries",
+                "Queries the host sent to an upstream port.",
+                c.upstream_queries,
+            ),
+            (
+                "collector_dns_events_dropped",
+                "DNS events lost to a full ring buffer (counters are unaffected).",
+                c.events_dropped,
+            ),
+            (
+                "collector_dns_events_received",
+                "DNS events read from the kernel ring buffer.",
+                dns.domains.events_received,
+            ),
+        ],
+    )
+}
+
+/// Counters without labels: (name, help, value).
+fn unlabelled_counters(
+    encoder: &mut DescriptorEncoder,
+    counters: &[(&str, &str, u64)],
+) -> fmt::Result {
+    for &(name, help, value) in counters {
+        single(
+            encoder,
+            name,
+            help,
+            None,
+            MetricType::Counter,
+            &ConstCounter::new(value),
+        )?;
+    }
+    Ok(())
+}
+
+/// The figures of responses matched to their queries: latency, cache, in flight.
+fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     let dns = &snapshot.dns;
     let c = &dns.counters;
     #[expect(
@@ -333,69 +381,48 @@ fn encode_dns_latency_and_health(
         &log2_buckets(&c.latency),
         None,
     )?;
-    for (name, help, value) in [
-        (
-            "collector_dns_cache_hits",
-            "Answered queries whose name the server did not ask an upstream for (inferred).",
-            c.cache_hits,
-        ),
-        (
-            "collector_dns_cache_misses",
-            "Answered queries whose name the server asked an upstream for while the client waited (inferred).",
-            c.cache_misses,
-        ),
-        (
-            "collector_dns_upstream_queries",
-            "Queries the host sent to an upstream port.",
-            c.upstream_queries,
-        ),
-        (
-            "collector_dns_responses_unmatched",
-            "Responses with no query in the in-flight table (its slot was taken, or it came before the collector).",
-            c.unmatched_responses,
-        ),
-        (
-            "collector_dns_queries_duplicate",
-            "Queries repeated with the same client address, port and id while waiting.",
-            c.duplicate_queries,
-        ),
-        (
-            "collector_dns_queries_evicted",
-            "Queries whose in-flight slot another query took before the answer (latency lost).",
-            c.evicted_queries,
-        ),
-        (
-            "collector_dns_queries_unanswered",
-            "Queries given up unanswered after 10 s, counted when their slot is reused.",
-            c.unanswered_queries,
-        ),
-        (
-            "collector_dns_events_dropped",
-            "DNS events lost to a full ring buffer (counters are unaffected).",
-            c.events_dropped,
-        ),
-        (
-            "collector_dns_events_received",
-            "DNS events read from the kernel ring buffer.",
-            dns.domains.events_received,
-        ),
-    ] {
-        single(
-            encoder,
-            name,
-            help,
-            None,
-            MetricType::Counter,
-            &ConstCounter::new(value),
-        )?;
-    }
+    unlabelled_counters(
+        encoder,
+        &[
+            (
+                "collector_dns_cache_hits",
+                "Answered queries whose name the server did not ask an upstream for (inferred).",
+                c.cache_hits,
+            ),
+            (
+                "collector_dns_cache_misses",
+                "Answered queries whose name the server asked an upstream for while the client waited (inferred).",
+                c.cache_misses,
+            ),
+            (
+                "collector_dns_responses_unmatched",
+                "Responses with no query in the in-flight table (its slot was taken, or it came before the collector).",
+                c.unmatched_responses,
+            ),
+            (
+                "collector_dns_queries_duplicate",
+                "Queries repeated with the same client address, port and id while waiting.",
+                c.duplicate_queries,
+            ),
+            (
+                "collector_dns_queries_evicted",
+                "Queries whose in-flight slot another query took before the answer (latency lost).",
+                c.evicted_queries,
+            ),
+            (
+                "collector_dns_queries_unanswered",
+                "Queries given up unanswered after 10 s, counted when their slot is reused.",
+                c.unanswered_queries,
+            ),
+        ],
+    )?;
     single(
         encoder,
         "collector_dns_queries_in_flight",
         "Queries waiting for their response now.",
         None,
         MetricType::Gauge,
-        &ConstGauge::new(i64::try_from(dns.in_flight()).unwrap_or(i64::MAX)),
+        &ConstGauge::new(i64::try_from(dns.in_flight().unwrap_or(0)).unwrap_or(i64::MAX)),
     )
 }
 
@@ -502,10 +529,11 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
 /// counters (every tracked connection and every query in flight holds one slot), so no poll
 /// walks the tables.
 fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
-    let tables = [
+    // The in-flight table is unused without response matching.
+    let tables: Vec<_> = [
         (
             map_names::CONN_STATE,
-            snapshot.tracked_connections(),
+            Some(snapshot.tracked_connections()),
             CONN_TABLE_SLOTS,
         ),
         (
@@ -513,7 +541,10 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
             snapshot.dns.in_flight(),
             DNS_INFLIGHT_SLOTS,
         ),
-    ];
+    ]
+    .into_iter()
+    .filter_map(|(map, used, limit)| Some((map, used?, limit)))
+    .collect();
     gauges(
         encoder,
         "collector_bpf_map_entries",

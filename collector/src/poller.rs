@@ -96,6 +96,8 @@ pub struct NftView {
 /// What the DNS part of a snapshot is made from besides the kernel counters.
 pub struct DnsSources {
     pub enabled: bool,
+    /// Responses are matched to queries (`[dns] match_responses`).
+    pub match_responses: bool,
     pub domains: Arc<Mutex<DomainStats>>,
     /// Domains listed in the snapshot.
     pub listed: usize,
@@ -201,6 +203,7 @@ impl Poller {
             .snapshot();
         let mut dns = DnsSnapshot {
             enabled: self.dns.enabled,
+            match_responses: self.dns.match_responses,
             counters: totals.dns,
             domains: self
                 .dns

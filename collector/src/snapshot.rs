@@ -59,6 +59,8 @@ pub struct ClientSnapshot {
 pub struct DnsSnapshot {
     /// False when `[dns] enabled = false`: nothing is counted.
     pub enabled: bool,
+    /// False when `[dns] match_responses = false`: no latency, cache or in-flight figures.
+    pub match_responses: bool,
     pub counters: DnsCounters,
     /// Client queries per second.
     pub query_rates: Rates,
@@ -78,14 +80,21 @@ impl DnsSnapshot {
         self.counters.responses_by_rcode.iter().sum()
     }
 
-    /// Queries waiting for their response: every query takes an in-flight slot, and leaves
-    /// it answered, evicted, given up, or as a duplicate of one already there.
+    /// Queries waiting for their response: every query counted while matching is on takes an
+    /// in-flight slot, and leaves it answered, evicted, given up, or as a duplicate of one
+    /// already there. `None` while matching is off.
     #[must_use]
-    pub fn in_flight(&self) -> u64 {
+    pub fn in_flight(&self) -> Option<u64> {
         let c = &self.counters;
-        self.total_queries().saturating_sub(
-            c.answered + c.evicted_queries + c.unanswered_queries + c.duplicate_queries,
-        )
+        self.match_responses.then(|| {
+            self.total_queries().saturating_sub(
+                c.queries_unmatched
+                    + c.answered
+                    + c.evicted_queries
+                    + c.unanswered_queries
+                    + c.duplicate_queries,
+            )
+        })
     }
 }
 
@@ -351,6 +360,7 @@ impl DnsSnapshot {
         counters.upstream_queries = 2;
         DnsSnapshot {
             enabled: true,
+            match_responses: true,
             counters,
             domains: DomainSnapshot {
                 top: vec![("example.com".into(), 7), ("example.org".into(), 3)],

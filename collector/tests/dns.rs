@@ -10,6 +10,7 @@ mod support;
 
 use std::time::Duration;
 
+use collector_common::map_names;
 use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
     Agent, AgentConfig, Netns, assert_no_pins,
@@ -188,32 +189,7 @@ fn cache_hits_and_misses_match_the_servers_own_statistics() {
     let config = AgentConfig::new(&dns_config());
     let agent = Agent::start(&netns, &config);
     let server = Unbound::start(&netns, true);
-
-    netns.run(|| {
-        let mut client = Client::new(SERVER);
-        // Forwarded: the first query of each name goes upstream (a miss), the other three
-        // come from the cache, NXDOMAIN answers included.
-        for name in ["a", "b", "c", "d", "e"] {
-            let expect = if matches!(name, "a" | "b") {
-                ResponseCode::NoError
-            } else {
-                ResponseCode::NXDomain
-            };
-            for _ in 0..4 {
-                assert_eq!(
-                    client.query(&format!("{name}.fwd.example."), RecordType::A),
-                    expect
-                );
-            }
-        }
-        // Answered locally: hits.
-        for _ in 0..10 {
-            assert_eq!(
-                client.query("www.test.", RecordType::A),
-                ResponseCode::NoError
-            );
-        }
-    });
+    forwarded_and_local_queries(&netns);
 
     let json = dns_after(&netns, 30);
     let stats = server.stats(&netns);
@@ -232,6 +208,120 @@ fn cache_hits_and_misses_match_the_servers_own_statistics() {
     assert_eq!(json["cacheStats"]["misses"], 5);
     assert_eq!(json["cacheStats"]["hitRate"], 25.0 / 30.0);
     assert_eq!(json["upstreamQueries"], 5);
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// 30 A queries to a server that forwards `fwd.example.`: 5 names asked 4 times each (the
+/// first goes upstream, a miss; 2 names answer NOERROR, 3 NXDOMAIN), then 10 answered locally.
+fn forwarded_and_local_queries(netns: &Netns) {
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for name in ["a", "b", "c", "d", "e"] {
+            let expect = if matches!(name, "a" | "b") {
+                ResponseCode::NoError
+            } else {
+                ResponseCode::NXDomain
+            };
+            for _ in 0..4 {
+                assert_eq!(
+                    client.query(&format!("{name}.fwd.example."), RecordType::A),
+                    expect
+                );
+            }
+        }
+        for _ in 0..10 {
+            assert_eq!(
+                client.query("www.test.", RecordType::A),
+                ResponseCode::NoError
+            );
+        }
+    });
+}
+
+#[test]
+fn without_response_matching_counts_the_same_and_leaves_matched_figures_out() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("{}match_responses = false\n", dns_config()));
+    let agent = Agent::start(&netns, &config);
+    let server = Unbound::start(&netns, true);
+    forwarded_and_local_queries(&netns);
+
+    let json = dns_after(&netns, 30);
+    assert_eq!(server.stats(&netns)["total.num.queries"], 30.0);
+    assert_eq!(json["matchResponses"], false);
+    assert_eq!(json["totalQueries"], 30);
+    assert_eq!(json["queryTypeBreakdown"], serde_json::json!({"A": 30}));
+    assert_eq!(
+        json["responseCodes"],
+        serde_json::json!({"NOERROR": 18, "NXDOMAIN": 12})
+    );
+    assert_eq!(json["upstreamQueries"], 5);
+    assert_eq!(json["topDomains"][0]["domain"], "www.test");
+    assert_eq!(json["topDomains"][0]["count"], 10);
+    // Absent, not zero: a zero hit rate or latency would read as a measurement.
+    let reported: Vec<&str> = [
+        "cacheStats",
+        "latency",
+        "inFlight",
+        "unansweredQueries",
+        "unmatchedResponses",
+    ]
+    .into_iter()
+    .filter(|key| !json[*key].is_null())
+    .collect();
+    assert!(
+        reported.is_empty(),
+        "reported without matching: {reported:?}"
+    );
+
+    let metrics = scrape(&netns);
+    assert_eq!(
+        sample(&metrics, "collector_dns_upstream_queries_total", &[]),
+        Some(5.0)
+    );
+    for absent in [
+        "collector_dns_response_latency_seconds_count",
+        "collector_dns_cache_hits_total",
+        "collector_dns_queries_in_flight",
+        "collector_dns_queries_unanswered_total",
+    ] {
+        assert_eq!(sample(&metrics, absent, &[]), None, "{absent}");
+    }
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_bpf_map_entries",
+            &[("map", map_names::DNS_INFLIGHT)]
+        ),
+        None
+    );
+
+    // In the kernel: every query counted as unmatched, nothing matched, no upstream name
+    // stamped (with matching on, the 5 forwarded names would be).
+    let pinned = |args: &[&str]| -> serde_json::Value {
+        let out = support::stdout_of(
+            std::process::Command::new(support::COLLECTOR)
+                .args(args)
+                .arg("--config")
+                .arg(&config.path)
+                .arg("--json"),
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let counters = pinned(&["maps", "dump", map_names::DNS_COUNTERS]);
+    assert_eq!(counters["queriesUnmatched"], 30, "{counters}");
+    assert_eq!(counters["answered"], 0);
+    assert_eq!(counters["cacheHits"], 0);
+    let upstream = pinned(&["maps", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["name"] == map_names::DNS_UPSTREAM)
+        .cloned()
+        .unwrap();
+    assert_eq!(upstream["inUse"], 0, "{upstream}");
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
