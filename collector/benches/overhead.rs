@@ -415,15 +415,18 @@ struct DnsPair {
     agent_cpu: f64,
 }
 
-fn dns_pairs(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Vec<DnsPair> {
-    let queries = config.dir.join("dnsperf-queries.txt");
-    std::fs::write(&queries, DNS_QUERIES).unwrap();
+fn dns_pairs(
+    netns: &Netns,
+    config: &AgentConfig,
+    queries: &std::path::Path,
+    settings: &Settings,
+) -> Vec<DnsPair> {
     eprintln!("dns warm-up");
-    measure_dns(netns, config, &queries, settings.seconds, false);
-    measure_dns(netns, config, &queries, settings.seconds, true);
+    measure_dns(netns, config, queries, settings.seconds, false);
+    measure_dns(netns, config, queries, settings.seconds, true);
     let mut pairs = Vec::new();
     for i in 0..settings.pairs {
-        let run = |with| measure_dns(netns, config, &queries, settings.seconds, with);
+        let run = |with| measure_dns(netns, config, queries, settings.seconds, with);
         let (without, (with, counted)) = if i % 2 == 0 {
             let without = run(false).0;
             (without, run(true))
@@ -464,16 +467,31 @@ fn dns_costs(
     )
 }
 
-/// The DNS costs with response matching (the default) and without.
-struct DnsCosts {
-    matching: Vec<Cost>,
-    counting_only: Vec<Cost>,
+/// One DNS configuration's pairs and costs.
+struct DnsMode {
+    /// What the agent was configured with, for the report.
+    title: &'static str,
+    pairs: Vec<DnsPair>,
+    costs: Vec<Cost>,
 }
 
-fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &DnsCosts) -> String {
-    let mut ratios: Vec<f64> = pairs.iter().map(|p| p.with / p.without).collect();
-    let ratio = median(&mut ratios);
-    let spread = middle_half(&mut ratios);
+/// Pairs, then costs, of the agent with `dns_section` in its config.
+fn dns_mode(
+    netns: &Netns,
+    title: &'static str,
+    dns_section: &str,
+    queries: &std::path::Path,
+    settings: &Settings,
+) -> DnsMode {
+    let config = AgentConfig::new(&format!("{ROUTES}\n[dns]\n{dns_section}"));
+    DnsMode {
+        title,
+        pairs: dns_pairs(netns, &config, queries, settings),
+        costs: dns_costs(netns, &config, queries, settings.seconds),
+    }
+}
+
+fn dns_report(settings: &Settings, modes: &[DnsMode]) -> String {
     let mut report = String::new();
     let _ = writeln!(report, "## DNS overhead on loopback\n");
     let _ = writeln!(
@@ -481,9 +499,24 @@ fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &DnsCosts) -> Strin
         "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}`: dnsperf at its maximum rate \
          against unbound (one thread, answering from local zones) on 127.0.0.1:53, {} s per run, \
          pairs alternating; \"counted\" is the agent's `totalQueries` after the run (a fresh \
-         agent each run), \"sent\" what dnsperf reports.\n",
+         agent each run), \"sent\" what dnsperf reports. The cost per packet comes from the \
+         kernel's run-time statistics (`--bpf-stats`) under the same load; `count_loopback` sees \
+         the same packets and leaves at the IP protocol, and the empty program `stats_floor_tc` \
+         shows what the statistics' own timing costs per run.\n",
         settings.pairs, settings.seconds, settings.seconds
     );
+    for mode in modes {
+        let _ = writeln!(report, "### {}\n", mode.title);
+        dns_mode_report(&mut report, mode);
+    }
+    report
+}
+
+fn dns_mode_report(report: &mut String, mode: &DnsMode) {
+    let pairs = &mode.pairs;
+    let mut ratios: Vec<f64> = pairs.iter().map(|p| p.with / p.without).collect();
+    let ratio = median(&mut ratios);
+    let spread = middle_half(&mut ratios);
     let _ = writeln!(
         report,
         "| pair | qps without | with | ratio | sent | counted | agent CPU (cores) |"
@@ -506,21 +539,8 @@ fn dns_report(settings: &Settings, pairs: &[DnsPair], costs: &DnsCosts) -> Strin
         report,
         "\n**Median qps ratio {ratio:.3} (target ≥ 0.985; middle half of the pairs {spread}); counted − sent over all runs: {lost} (target 0).**\n"
     );
-    let _ = writeln!(
-        report,
-        "Cost per packet from the kernel's run-time statistics (`--bpf-stats`) under the same load, \
-         with latency tracking (the default, `[dns] match_responses = true`); `count_loopback` sees \
-         the same packets and leaves at the IP protocol, and the empty program `stats_floor_tc` \
-         shows what the statistics' own timing costs per run:\n"
-    );
-    report.push_str(&cost_table(&costs.matching));
-    let _ = writeln!(
-        report,
-        "\nThe same without response matching (`[dns] match_responses = false`: no latency, \
-         cache or in-flight figures; the same queries and responses counted):\n"
-    );
-    report.push_str(&cost_table(&costs.counting_only));
-    report
+    report.push_str(&cost_table(&mode.costs));
+    report.push('\n');
 }
 
 /// The cost of one poll of every source with 50 routes configured, from the agent's own
@@ -668,17 +688,26 @@ fn main() {
     }
     if settings.runs("dns") {
         let server = Unbound::start(&netns, false);
-        let dns_pairs = dns_pairs(&netns, &config, &settings);
         let queries = config.dir.join("dnsperf-queries.txt");
-        let counting_only =
-            AgentConfig::new(&format!("{ROUTES}\n[dns]\nmatch_responses = false\n"));
-        let dns_costs = DnsCosts {
-            matching: dns_costs(&netns, &config, &queries, settings.seconds),
-            counting_only: dns_costs(&netns, &counting_only, &queries, settings.seconds),
-        };
+        std::fs::write(&queries, DNS_QUERIES).unwrap();
+        let modes = [
+            dns_mode(
+                &netns,
+                "With latency tracking (the default, `[dns] match_responses = true`)",
+                "match_responses = true\n",
+                &queries,
+                &settings,
+            ),
+            dns_mode(
+                &netns,
+                "Counting only (`[dns] match_responses = false`: no latency, cache or in-flight figures)",
+                "match_responses = false\n",
+                &queries,
+                &settings,
+            ),
+        ];
         drop(server);
-        report.push_str(&dns_report(&settings, &dns_pairs, &dns_costs));
-        report.push('\n');
+        report.push_str(&dns_report(&settings, &modes));
     }
     if settings.runs("poll") {
         report.push_str(&poll_costs(&netns, &settings));
@@ -695,7 +724,9 @@ fn main() {
             nftables, has what that costs). Single pairs on this VM swing by 5 to 15 % \
             (bulk by more), which is why the medians matter and why no test asserts on speed. \
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \
-            only for that last phase), which include the kernel's timing of each run.\n\n";
+            only for that last phase), which include the kernel's timing of each run; the empty \
+            programs `--bpf-stats` attaches beside ours measure that timing, and the last column \
+            takes it off.\n\n";
         std::fs::write(path, format!("{header}{report}")).unwrap();
         eprintln!("wrote docs/BENCHMARKS.md");
     }
