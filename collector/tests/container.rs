@@ -17,10 +17,9 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     thread,
-    time::Duration,
 };
 
-use support::{Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins, sample, scrape, wait_for};
+use support::{Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins, sample, wait_for_closed};
 
 const BASE: &str = "localhost/collector-test-base:bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
@@ -190,12 +189,7 @@ fn the_containerfile_builds_an_image_that_counts() {
     });
     server.join().unwrap();
     let route = [("route", "web")];
-    let metrics = wait_for("the connections to close", Duration::from_secs(10), || {
-        let metrics = scrape(&netns);
-        (sample(&metrics, "collector_proxy_connections_closed_total", &route)
-            == Some(f64::from(CONNECTIONS)))
-        .then_some(metrics)
-    });
+    let metrics = wait_for_closed(&netns, "web", CONNECTIONS);
     assert_eq!(
         sample(
             &metrics,

@@ -20,7 +20,7 @@ use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
     Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins,
     dns::{Client, SERVER, Unbound},
-    dns_json, proxy_json, run, sample, scrape, wait_for,
+    dns_json, proxy_json, run, sample, scrape, wait_for, wait_for_closed,
 };
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
@@ -162,15 +162,7 @@ fn without_nft_only_the_nft_source_is_down() {
         .env("PATH", "/nonexistent");
     let agent = Agent::spawn(&netns, launcher, &config, &[]);
     connections(&netns, 3);
-    let metrics = wait_for("3 closes", Duration::from_secs(10), || {
-        let text = scrape(&netns);
-        (sample(
-            &text,
-            "collector_proxy_connections_closed_total",
-            &[("route", "web")],
-        ) == Some(3.0))
-        .then_some(text)
-    });
+    let metrics = wait_for_closed(&netns, "web", 3);
     assert_eq!(
         sample(&metrics, "collector_source_up", &[("source", "nft")]),
         Some(0.0)
@@ -369,15 +361,7 @@ fn auto_counts_only_where_netfilter_already_hooks() {
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     connections(&netns, 3);
-    wait_for("3 closed connections", Duration::from_secs(10), || {
-        let text = scrape(&netns);
-        (sample(
-            &text,
-            "collector_proxy_connections_closed_total",
-            &[("route", "web")],
-        ) == Some(3.0))
-        .then_some(())
-    });
+    wait_for_closed(&netns, "web", 3);
     let text = scrape(&netns);
     assert_eq!(
         sample(&text, "collector_source_up", &[("source", "nft")]),

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use support::{Agent, AgentConfig, COLLECTOR, Netns, sample, scrape, wait_for};
+use support::{Agent, AgentConfig, COLLECTOR, Netns, sample, scrape, wait_for, wait_for_closed};
 
 #[test]
 fn runs_and_counts_under_ip_netns_exec() {
@@ -38,15 +38,7 @@ fn runs_and_counts_under_ip_netns_exec() {
         }
     });
     server.join().unwrap();
-    let metrics = wait_for("5 closed connections", Duration::from_secs(10), || {
-        let metrics = scrape(&netns);
-        (sample(
-            &metrics,
-            "collector_proxy_connections_closed_total",
-            &[("route", "web")],
-        ) == Some(5.0))
-        .then_some(metrics)
-    });
+    let metrics = wait_for_closed(&netns, "web", 5);
     let web = [("route", "web")];
     assert_eq!(
         sample(&metrics, "collector_proxy_connections_opened_total", &web),

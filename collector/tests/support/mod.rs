@@ -426,6 +426,23 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Opt
     }
 }
 
+/// Waits until `/metrics` shows `closed` closed connections on `route`; returns that scrape.
+pub fn wait_for_closed(netns: &Netns, route: &str, closed: u32) -> String {
+    wait_for(
+        &format!("{closed} closed connections on {route}"),
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(netns);
+            (sample(
+                &metrics,
+                "collector_proxy_connections_closed_total",
+                &[("route", route)],
+            ) == Some(f64::from(closed)))
+            .then_some(metrics)
+        },
+    )
+}
+
 /// Nothing of ours is left in bpffs under `pin_dir`.
 pub fn assert_no_pins(pin_dir: &Path) {
     assert!(
