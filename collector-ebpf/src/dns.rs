@@ -14,7 +14,7 @@
 //! port, id); its response frees it. Cache misses: an upstream query stamps a table indexed by
 //! a hash of its name; a response whose name was stamped after its query arrived is a miss.
 //! With `[dns] match_responses = false` none of this runs: the same messages are counted, at
-//! about 60 % of the cost per packet (docs/BENCHMARKS.md).
+//! about two thirds of the cost per packet (docs/BENCHMARKS.md).
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,

@@ -119,7 +119,7 @@ pub struct DnsConfig {
     /// Sample one query name in this many.
     pub sample_every: u32,
     /// Match responses to queries: latency, cache hits and misses, unanswered queries. Off,
-    /// the same messages are counted at about 60 % of the kernel's cost per packet.
+    /// the same messages are counted at about two thirds of the kernel's cost per packet.
     pub match_responses: bool,
 }
 
