@@ -18,6 +18,8 @@ pub const PORT_SLOTS: u32 = 65536;
 /// Log2 buckets of connection duration in microseconds: bucket `i` holds durations in
 /// `[2^i, 2^(i+1))` µs (bucket 0 also holds anything under 1 µs); the last bucket is open-ended.
 pub const DURATION_BUCKETS: u32 = 32;
+/// Words of [`map_names::ROUTE_PORT_BITS`]: one bit per TCP port.
+pub const PORT_BITMAP_WORDS: u32 = PORT_SLOTS / 64;
 /// Value in [`ROUTE_BY_PORT`] for a port no route watches; otherwise the value is slot + 1.
 pub const NO_ROUTE: u32 = 0;
 
@@ -30,6 +32,11 @@ pub const DIR_OUT: u32 = 1;
 pub mod map_names {
     /// `Array<u32>`, [`super::PORT_SLOTS`] entries: local TCP port → route slot + 1.
     pub const ROUTE_BY_PORT: &str = "ROUTE_BY_PORT";
+    /// `Array<u64>`, [`super::PORT_BITMAP_WORDS`] entries: bit `port % 64` of word
+    /// `port / 64` is set for every port in [`ROUTE_BY_PORT`]. The per-packet check: 8 KiB
+    /// stay in cache where the port map's 512 KiB (8 bytes per entry) do not, and every
+    /// packet brings a client's ephemeral port.
+    pub const ROUTE_PORT_BITS: &str = "ROUTE_PORT_BITS";
     /// `Array<RouteName>`, [`super::MAX_ROUTES`] entries: which route owns each slot,
     /// so that a restart with a reordered config keeps every route on its own counters.
     pub const ROUTE_NAMES: &str = "ROUTE_NAMES";
@@ -544,6 +551,12 @@ pub const fn conn_slot(cookie: u64, probe: u32) -> u32 {
     low.wrapping_add(probe) & (CONN_TABLE_SLOTS - 1)
 }
 
+/// Word of [`map_names::ROUTE_PORT_BITS`] holding `port`'s bit, and the bit.
+#[must_use]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1 << (port % 64))
+}
+
 /// Index into [`map_names::ROUTE_TRAFFIC`] for a route slot and direction.
 #[must_use]
 pub const fn traffic_index(slot: u32, dir: u32) -> u32 {
@@ -617,6 +630,14 @@ mod tests {
         assert_eq!(conn_slot(5, 3), 8);
         assert_eq!(conn_slot(u64::from(CONN_TABLE_SLOTS) + 7, 0), 7);
         assert_eq!(conn_slot(u64::from(CONN_TABLE_SLOTS) - 1, 1), 0);
+    }
+
+    #[test]
+    fn every_port_has_its_own_bit() {
+        assert_eq!(port_bit(0), (0, 1));
+        assert_eq!(port_bit(63), (0, 1 << 63));
+        assert_eq!(port_bit(8080), (126, 1 << 16));
+        assert_eq!(port_bit(u16::MAX), (PORT_BITMAP_WORDS - 1, 1 << 63));
     }
 
     #[test]

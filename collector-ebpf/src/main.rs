@@ -27,8 +27,8 @@ use aya_ebpf::{
 use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnDurations, ConnEvent, ConnState, DIR_IN,
     DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS, DNS_UPSTREAM_SLOTS, DnsCounters,
-    DnsInFlight, DnsPorts, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAX_ROUTES, PORT_SLOTS,
-    RouteName, TrafficCounters,
+    DnsInFlight, DnsPorts, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAX_ROUTES, PORT_BITMAP_WORDS,
+    PORT_SLOTS, RouteName, TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -37,6 +37,8 @@ static NETNS_COOKIE: Global<u64> = Global::new(0);
 
 #[btf_map]
 static ROUTE_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();
+#[btf_map]
+static ROUTE_PORT_BITS: Array<u64, { PORT_BITMAP_WORDS as usize }> = Array::new();
 /// Kept beside the counters so that slots stay bound to the same route across restarts; only
 /// the agent reads and writes it.
 #[btf_map]

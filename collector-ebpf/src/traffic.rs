@@ -8,13 +8,14 @@
 
 use aya_ebpf::programs::TcContext;
 use collector_common::{
-    DIR_IN, DIR_OUT, MAX_ROUTES, NO_ROUTE, TrafficCounters, error_kind, traffic_index,
+    DIR_IN, DIR_OUT, MAX_ROUTES, NO_ROUTE, TrafficCounters, error_kind, port_bit, traffic_index,
 };
 
 use crate::{
-    ROUTE_BY_PORT, ROUTE_TRAFFIC, count_error,
+    ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, ether_type, read_be16, read_u8,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, ether_type, ptr_at, read_be16,
+        read_u8,
     },
 };
 
@@ -56,6 +57,15 @@ pub fn count_loopback_packet(ctx: &TcContext) {
 
 #[inline(always)]
 fn count(segment: &Segment, port: u16, dir: u32) {
+    // Most ports seen are no route's (one side of every packet is the client's port): the
+    // bitmap answers that without touching the port map.
+    let (word, bit) = port_bit(port);
+    if ROUTE_PORT_BITS
+        .get(word)
+        .is_none_or(|&bits| bits & bit == 0)
+    {
+        return;
+    }
     let Some(&route) = ROUTE_BY_PORT.get(u32::from(port)) else {
         return;
     };
@@ -113,14 +123,17 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
     };
     // A zero length field means a GSO packet over 64 KiB (BIG TCP): take the skb's length.
     let l3_len = if ip_len == 0 { skb_l3_len } else { ip_len };
-    let (Some(src_port), Some(dst_port), Some(data_offset)) = (
-        read_be16(ctx, l4_offset),
-        read_be16(ctx, l4_offset + 2),
-        read_u8(ctx, l4_offset + 12),
-    ) else {
+    // Ports and data offset with one bounds check: separate checks let LLVM merge paths in a
+    // way the verifier cannot follow (a port register unset on a path it cannot rule out).
+    let Some(tcp) = ptr_at::<[u8; 13]>(ctx, l4_offset) else {
         count_error(error_kind::PACKET_TRUNCATED);
         return None;
     };
+    // SAFETY: ptr_at checked the 13 bytes.
+    let tcp = unsafe { &*tcp };
+    let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let data_offset = tcp[12];
     let headers = (l4_offset - ETH_HLEN) as u64 + u64::from(data_offset >> 4) * 4;
     Some(Segment {
         src_port,

@@ -483,7 +483,7 @@ fn dns_mode(
     queries: &std::path::Path,
     settings: &Settings,
 ) -> DnsMode {
-    let config = AgentConfig::new(&format!("{ROUTES}\n[dns]\n{dns_section}"));
+    let config = AgentConfig::shipped_poll(&format!("{ROUTES}\n[dns]\n{dns_section}"));
     DnsMode {
         title,
         pairs: dns_pairs(netns, &config, queries, settings),
@@ -680,7 +680,7 @@ fn main() {
                 .success()
         );
     }
-    let config = AgentConfig::new(ROUTES);
+    let config = AgentConfig::shipped_poll(ROUTES);
     let mut report = String::new();
     if settings.runs("proxy") {
         report.push_str(&proxy_overhead(&netns, &config, &settings));
@@ -719,7 +719,7 @@ fn main() {
             Linux 6.18, a VM); numbers from one run, rerun to refresh this file. The proxy load \
             is one client thread and one server thread on loopback in a namespace of the \
             benchmark's own, the DNS load dnsperf against unbound there; \"with\" means the agent running with its default programs, its \
-            1 MiB event ring and 100 ms polling, and nftables counting at its default \"auto\": off \
+            1 MiB event ring and the embedded default's 1 s polling, and nftables counting at its default \"auto\": off \
             in that bare namespace, where it would be the first netfilter hook (docs/DESIGN.md, \
             nftables, has what that costs). Single pairs on this VM swing by 5 to 15 % \
             (bulk by more), which is why the medians matter and why no test asserts on speed. \

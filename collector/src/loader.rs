@@ -23,7 +23,8 @@ use aya::{
 use collector_common::{
     ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_DNS_MATCH_RESPONSES,
     GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS,
-    RouteName, TrafficCounters, map_names, program_names, traffic_index,
+    PORT_BITMAP_WORDS, RouteName, TrafficCounters, map_names, port_bit, program_names,
+    traffic_index,
 };
 
 use crate::{
@@ -640,9 +641,10 @@ fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
     )
 }
 
-/// Writes port → slot + 1 for every watched port. The map is new at every start, so only the
-/// watched ports need writing.
+/// Writes port → slot + 1 for every watched port, and the port's bit. Both maps are new at
+/// every start, so only the watched ports need writing.
 fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()> {
+    let mut bits = vec![0u64; PORT_BITMAP_WORDS as usize];
     let mut ports: Array<&mut MapData, u32> = Array::try_from(
         ebpf.map_mut(map_names::ROUTE_BY_PORT)
             .context("the kernel object has no port map")?,
@@ -650,6 +652,17 @@ fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()>
     for route in routes {
         for &port in &route.ports {
             ports.set(u32::from(port), route.slot + 1, 0)?;
+            let (word, bit) = port_bit(port);
+            bits[word as usize] |= bit;
+        }
+    }
+    let mut bitmap: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(map_names::ROUTE_PORT_BITS)
+            .context("the kernel object has no port bitmap")?,
+    )?;
+    for (word, &value) in (0..).zip(&bits) {
+        if value != 0 {
+            bitmap.set(word, value, 0)?;
         }
     }
     Ok(())
