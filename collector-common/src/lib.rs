@@ -87,19 +87,15 @@ pub const PINNED_MAPS: [&str; 9] = [
 pub mod program_names {
     /// `sock_ops` program on the cgroup2 root: connection lifecycle.
     pub const TRACK_CONNECTIONS: &str = "track_connections";
-    /// tc ingress classifier: live bytes and packets per route.
+    /// tc ingress classifier: live bytes and packets per route; DNS queries arriving for the
+    /// server.
     pub const COUNT_INGRESS: &str = "count_ingress";
-    /// tc egress classifier: live bytes and packets per route.
+    /// tc egress classifier: live bytes and packets per route; DNS responses from the server
+    /// and its upstream queries.
     pub const COUNT_EGRESS: &str = "count_egress";
-    /// tc ingress classifier for loopback, counting both directions (every packet sent on lo
-    /// comes back in through its ingress).
+    /// tc ingress classifier for loopback, counting both directions and all DNS messages
+    /// (every packet sent on lo comes back in through its ingress).
     pub const COUNT_LOOPBACK: &str = "count_loopback";
-    /// tc ingress classifier: DNS queries arriving for the server.
-    pub const DNS_INGRESS: &str = "count_dns_ingress";
-    /// tc egress classifier: DNS responses from the server and its upstream queries.
-    pub const DNS_EGRESS: &str = "count_dns_egress";
-    /// tc ingress classifier for loopback: all of the above, each packet seen once.
-    pub const DNS_LOOPBACK: &str = "count_dns_loopback";
     /// Empty tc classifier, attached only with `--bpf-stats`: the statistics' own cost.
     pub const STATS_FLOOR_TC: &str = "stats_floor_tc";
     /// Empty `sock_ops` program, attached only with `--bpf-stats`.
@@ -108,6 +104,9 @@ pub mod program_names {
 
 /// Global in the kernel object: the [`DnsPorts`].
 pub const GLOBAL_DNS_PORTS: &str = "DNS_PORTS";
+
+/// Global in the kernel object: 1 to count DNS in the classifiers, 0 to leave it out.
+pub const GLOBAL_DNS_ENABLED: &str = "DNS_ENABLED";
 
 /// Global in the kernel object: count one query or answer event in this many (1 = all).
 pub const GLOBAL_DNS_SAMPLE_EVERY: &str = "DNS_SAMPLE_EVERY";

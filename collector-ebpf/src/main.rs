@@ -1,6 +1,6 @@
 //! Kernel programs of the collector: a sock_ops program that follows the lifecycle of
-//! connections on watched ports, tc classifiers that count live traffic per route, and tc
-//! classifiers that count DNS on the DNS ports.
+//! connections on watched ports, and one tc classifier per hook that counts live TCP traffic
+//! per route and DNS on the DNS ports.
 //! Counting only: no program changes the fate of a socket or a packet.
 #![no_std]
 #![no_main]
@@ -57,6 +57,11 @@ static ROUTE_TRAFFIC: PerCpuArray<TrafficCounters, { (MAX_ROUTES * 2) as usize }
 #[btf_map]
 static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
 
+/// DNS: 0 leaves DNS out of the classifiers (`[dns] enabled = false`). Set at load;
+/// read-only, so the verifier drops the DNS code when it is 0.
+#[unsafe(no_mangle)]
+static DNS_ENABLED: Global<u32> = Global::new(1);
+
 /// DNS: sample one query or answer in this many into the event ring (1 = all). Set at load.
 #[unsafe(no_mangle)]
 static DNS_SAMPLE_EVERY: Global<u32> = Global::new(1);
@@ -101,39 +106,40 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// One classifier per hook does both jobs, since a second program on a hook costs a
+/// dispatch on every packet: TCP goes to the route counters, the rest to DNS while it is on.
+#[inline(always)]
+fn for_dns(ctx: &TcContext) -> bool {
+    DNS_ENABLED.load() != 0 && !packet::may_carry_tcp(ctx)
+}
+
 #[classifier]
 pub fn count_ingress(ctx: TcContext) -> i32 {
-    traffic::count_packet(&ctx, DIR_IN);
+    if for_dns(&ctx) {
+        dns::count_packet(&ctx, dns::HOOK_INGRESS);
+    } else {
+        traffic::count_packet(&ctx, DIR_IN);
+    }
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn count_egress(ctx: TcContext) -> i32 {
-    traffic::count_packet(&ctx, DIR_OUT);
+    if for_dns(&ctx) {
+        dns::count_packet(&ctx, dns::HOOK_EGRESS);
+    } else {
+        traffic::count_packet(&ctx, DIR_OUT);
+    }
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn count_loopback(ctx: TcContext) -> i32 {
-    traffic::count_loopback_packet(&ctx);
-    TC_ACT_UNSPEC
-}
-
-#[classifier]
-pub fn count_dns_ingress(ctx: TcContext) -> i32 {
-    dns::count_packet(&ctx, dns::HOOK_INGRESS);
-    TC_ACT_UNSPEC
-}
-
-#[classifier]
-pub fn count_dns_egress(ctx: TcContext) -> i32 {
-    dns::count_packet(&ctx, dns::HOOK_EGRESS);
-    TC_ACT_UNSPEC
-}
-
-#[classifier]
-pub fn count_dns_loopback(ctx: TcContext) -> i32 {
-    dns::count_packet(&ctx, dns::HOOK_LOOPBACK);
+    if for_dns(&ctx) {
+        dns::count_packet(&ctx, dns::HOOK_LOOPBACK);
+    } else {
+        traffic::count_loopback_packet(&ctx);
+    }
     TC_ACT_UNSPEC
 }
 

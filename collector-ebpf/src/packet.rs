@@ -41,3 +41,15 @@ pub fn ether_type(ctx: &TcContext) -> u16 {
     // The skb keeps the protocol in network byte order in a u32 field.
     u16::from_be(ctx.skb.protocol() as u16)
 }
+
+/// Whether the IP header says TCP follows (IPv6: with no extension header between). Also
+/// true when that byte cannot be read, so that the TCP counting sees the truncated header.
+#[inline(always)]
+pub fn may_carry_tcp(ctx: &TcContext) -> bool {
+    let protocol_at = match ether_type(ctx) {
+        ETH_P_IP => ETH_HLEN + 9,
+        ETH_P_IPV6 => ETH_HLEN + 6,
+        _ => return false,
+    };
+    read_u8(ctx, protocol_at).is_none_or(|protocol| protocol == IPPROTO_TCP)
+}

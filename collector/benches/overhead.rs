@@ -449,8 +449,8 @@ fn dns_pairs(
     pairs
 }
 
-/// The DNS classifier's cost per packet from the kernel's statistics under dnsperf, with the
-/// TCP classifier (it exits at the IP protocol) and the empty program on the same packets.
+/// The classifier's cost per packet from the kernel's statistics under dnsperf (every packet
+/// takes its DNS path), with the empty program on the same packets.
 fn dns_costs(
     netns: &Netns,
     config: &AgentConfig,
@@ -461,10 +461,7 @@ fn dns_costs(
     dnsperf(netns, queries, seconds);
     let metrics = scrape(netns);
     assert!(agent.stop().success());
-    costs(
-        &metrics,
-        &["count_dns_loopback", "count_loopback", "stats_floor_tc"],
-    )
+    costs(&metrics, &["count_loopback", "stats_floor_tc"])
 }
 
 /// One DNS configuration's pairs and costs.
@@ -500,9 +497,9 @@ fn dns_report(settings: &Settings, modes: &[DnsMode]) -> String {
          against unbound (one thread, answering from local zones) on 127.0.0.1:53, {} s per run, \
          pairs alternating; \"counted\" is the agent's `totalQueries` after the run (a fresh \
          agent each run), \"sent\" what dnsperf reports. The cost per packet comes from the \
-         kernel's run-time statistics (`--bpf-stats`) under the same load; `count_loopback` sees \
-         the same packets and leaves at the IP protocol, and the empty program `stats_floor_tc` \
-         shows what the statistics' own timing costs per run.\n",
+         kernel's run-time statistics (`--bpf-stats`) under the same load: `count_loopback`, the \
+         one classifier on lo, takes its DNS path for every packet here, and the empty program \
+         `stats_floor_tc` shows what the statistics' own timing costs per run.\n",
         settings.pairs, settings.seconds, settings.seconds
     );
     for mode in modes {

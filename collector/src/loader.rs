@@ -21,10 +21,10 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_DNS_MATCH_RESPONSES,
-    GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS,
-    PORT_BITMAP_WORDS, RouteName, TrafficCounters, map_names, port_bit, program_names,
-    traffic_index,
+    ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_DNS_ENABLED,
+    GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE,
+    MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters, map_names, port_bit,
+    program_names, traffic_index,
 };
 
 use crate::{
@@ -128,6 +128,8 @@ impl Attachment {
             loader.map_pin_path(name, path.as_path());
         }
         loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
+        let dns_enabled = u32::from(config.dns.enabled);
+        loader.override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true);
         loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
         let match_responses = u32::from(config.dns.match_responses);
         loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
@@ -223,28 +225,6 @@ impl Attachment {
                 true,
             ),
         ];
-        if config.dns.enabled {
-            self.classifiers.extend([
-                (
-                    program_names::DNS_INGRESS,
-                    TcAttachType::Ingress,
-                    "dns_ingress",
-                    false,
-                ),
-                (
-                    program_names::DNS_EGRESS,
-                    TcAttachType::Egress,
-                    "dns_egress",
-                    false,
-                ),
-                (
-                    program_names::DNS_LOOPBACK,
-                    TcAttachType::Ingress,
-                    "dns_loopback",
-                    true,
-                ),
-            ]);
-        }
         if stats_floor {
             self.classifiers.extend([
                 (

@@ -8,7 +8,10 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{
+    io::{Read as _, Write as _},
+    time::Duration,
+};
 
 use collector_common::map_names;
 use hickory_proto::{op::ResponseCode, rr::RecordType};
@@ -322,6 +325,73 @@ fn without_response_matching_counts_the_same_and_leaves_matched_figures_out() {
         .cloned()
         .unwrap();
     assert_eq!(upstream["inUse"], 0, "{upstream}");
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn with_dns_off_the_shared_classifier_counts_tcp_and_no_dns() {
+    const CONNECTIONS: u32 = 5;
+    let netns = Netns::new();
+    let config = AgentConfig::new(
+        "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n\n[dns]\nenabled = false\n",
+    );
+    let agent = Agent::start(&netns, &config);
+    let server = Unbound::start(&netns, false);
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for _ in 0..20 {
+            assert_eq!(
+                client.query("www.test.", RecordType::A),
+                ResponseCode::NoError
+            );
+        }
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 18080)).unwrap();
+        for _ in 0..CONNECTIONS {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", 18080)).unwrap();
+            stream.write_all(b"x").unwrap();
+            let (mut accepted, _) = listener.accept().unwrap();
+            let mut byte = [0u8; 1];
+            accepted.read_exact(&mut byte).unwrap();
+        }
+    });
+    assert_eq!(server.stats(&netns)["total.num.queries"], 20.0);
+
+    // The same classifier counted the TCP payload on the route, one byte a connection...
+    let metrics = support::wait_for_closed(&netns, "web", CONNECTIONS);
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_traffic_payload_bytes_total",
+            &[("route", "web"), ("direction", "in")],
+        ),
+        Some(f64::from(CONNECTIONS))
+    );
+    // ...and left DNS out: nothing in the kernel's DNS counters, no DNS families served.
+    let out = support::stdout_of(
+        std::process::Command::new(support::COLLECTOR)
+            .args(["maps", "dump", map_names::DNS_COUNTERS, "--config"])
+            .arg(&config.path)
+            .arg("--json"),
+    );
+    let counters: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        counters["queriesByQtype"],
+        serde_json::json!({}),
+        "{counters}"
+    );
+    assert_eq!(
+        counters["responsesByRcode"],
+        serde_json::json!({}),
+        "{counters}"
+    );
+    assert_eq!(counters["malformed"], serde_json::json!({}), "{counters}");
+    assert_eq!(
+        sample(&metrics, "collector_dns_queries_total", &[("qtype", "A")]),
+        None
+    );
+    assert_eq!(dns_json(&netns)["enabled"], false);
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);

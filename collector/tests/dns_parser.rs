@@ -65,7 +65,7 @@ impl Classifiers {
             .override_global(GLOBAL_DNS_PORTS, &ports, true)
             .load(OBJECT)
             .unwrap();
-        for name in [program_names::DNS_INGRESS, program_names::DNS_EGRESS] {
+        for name in [program_names::COUNT_INGRESS, program_names::COUNT_EGRESS] {
             let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             program.load().unwrap();
         }
@@ -104,8 +104,8 @@ impl Classifiers {
     fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
         let before = self.totals();
         let name = match direction {
-            Direction::ToServer => program_names::DNS_INGRESS,
-            Direction::FromServer => program_names::DNS_EGRESS,
+            Direction::ToServer => program_names::COUNT_INGRESS,
+            Direction::FromServer => program_names::COUNT_EGRESS,
         };
         let program: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
         let mut opts = TestRunOptions::new();
