@@ -105,6 +105,10 @@ pub mod program_names {
 /// Global in the kernel object: the [`DnsPorts`].
 pub const GLOBAL_DNS_PORTS: &str = "DNS_PORTS";
 
+/// Global in the kernel object: 1 to send each connection's open and close to the agent
+/// (per-client figures, the event stream), 0 to count without them.
+pub const GLOBAL_CLIENT_EVENTS: &str = "CLIENT_EVENTS";
+
 /// Global in the kernel object: 1 to count DNS in the classifiers, 0 to leave it out.
 pub const GLOBAL_DNS_ENABLED: &str = "DNS_ENABLED";
 

@@ -20,8 +20,8 @@ use collector_common::{
 };
 
 use crate::{
-    CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS, CONN_STATE, NETNS_COOKIE, ROUTE_BY_PORT,
-    count_error,
+    CLIENT_EVENTS, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS, CONN_STATE, NETNS_COOKIE,
+    ROUTE_BY_PORT, count_error,
 };
 
 const AF_INET: u32 = 2;
@@ -127,15 +127,17 @@ fn on_accepted(ctx: &SockOpsContext) {
     // Ask for state callbacks, keeping whatever callbacks other programs asked for.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 
-    emit(&ConnEvent {
-        kind: CONN_EVENT_OPEN,
-        route: slot,
-        cookie,
-        timestamp_ns: state.start_ns,
-        client_addr: state.client_addr,
-        client_port: state.client_port,
-        ..ConnEvent::default()
-    });
+    if client_events() {
+        emit(&ConnEvent {
+            kind: CONN_EVENT_OPEN,
+            route: slot,
+            cookie,
+            timestamp_ns: state.start_ns,
+            client_addr: state.client_addr,
+            client_port: state.client_port,
+            ..ConnEvent::default()
+        });
+    }
     // Counted after the event is submitted: the agent drains the ring after reading the
     // counters, so its per-client figures cover every connection counted.
     // SAFETY: as above.
@@ -208,18 +210,20 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         return;
     }
     // Submitted before it is counted, as on open.
-    emit(&ConnEvent {
-        kind: CONN_EVENT_CLOSE,
-        route: slot,
-        cookie,
-        timestamp_ns: now,
-        duration_ns,
-        bytes_in,
-        bytes_out,
-        client_addr: state.client_addr,
-        client_port: state.client_port,
-        ..ConnEvent::default()
-    });
+    if client_events() {
+        emit(&ConnEvent {
+            kind: CONN_EVENT_CLOSE,
+            route: slot,
+            cookie,
+            timestamp_ns: now,
+            duration_ns,
+            bytes_in,
+            bytes_out,
+            client_addr: state.client_addr,
+            client_port: state.client_port,
+            ..ConnEvent::default()
+        });
+    }
     if let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: this CPU's slot; BPF programs run with migration disabled.
         let counters = unsafe { &mut *counters };
@@ -257,6 +261,12 @@ fn tcp(ctx: &SockOpsContext) -> TcpView {
             bytes_acked: ops.bytes_acked,
         }
     }
+}
+
+/// Connection events are on (`client_stats`); a load-time constant to the verifier.
+#[inline(always)]
+fn client_events() -> bool {
+    CLIENT_EVENTS.load() != 0
 }
 
 /// No wakeup per event: waking the reader costs an irq_work and a context switch per record,

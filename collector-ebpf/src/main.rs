@@ -57,6 +57,11 @@ static ROUTE_TRAFFIC: PerCpuArray<TrafficCounters, { (MAX_ROUTES * 2) as usize }
 #[btf_map]
 static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
 
+/// 1 sends each connection's open and close to the agent (per-client figures, the event
+/// stream); 0 counts without them. Set at load; read-only, so the verifier drops the events.
+#[unsafe(no_mangle)]
+static CLIENT_EVENTS: Global<u32> = Global::new(1);
+
 /// DNS: 0 leaves DNS out of the classifiers (`[dns] enabled = false`). Set at load;
 /// read-only, so the verifier drops the DNS code when it is 0.
 #[unsafe(no_mangle)]

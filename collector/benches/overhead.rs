@@ -259,8 +259,8 @@ fn cost_table(costs: &[Cost]) -> String {
     table
 }
 
-/// The Markdown report: per-pair table, medians, costs per run.
-fn report(settings: &Settings, pairs: &[Pair], costs: &[Cost]) -> String {
+/// One mode's part of the report: per-pair table, medians, costs per run.
+fn mode_report(pairs: &[Pair], costs: &[Cost]) -> String {
     let mut connect_ratios: Vec<f64> = pairs
         .iter()
         .map(|p| p.connect_with / p.connect_without)
@@ -274,13 +274,6 @@ fn report(settings: &Settings, pairs: &[Pair], costs: &[Cost]) -> String {
     );
 
     let mut report = String::new();
-    let _ = writeln!(report, "## Proxy overhead on loopback\n");
-    let _ = writeln!(
-        report,
-        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}` ({} clients; {} s per run; \
-         pairs alternate which side runs first; ratio = with / without, median over pairs).\n",
-        settings.pairs, settings.seconds, CLIENT_THREADS, settings.seconds
-    );
     let _ = writeln!(
         report,
         "| pair | new conn/s without | with | ratio | agent CPU (cores) | bulk Gbit/s without | with | ratio |"
@@ -619,10 +612,8 @@ fn poll_costs(netns: &Netns, settings: &Settings) -> String {
 
 /// New-connection rate and bulk throughput, with and without the agent, alternating; then
 /// the programs' cost per run.
-fn proxy_overhead(netns: &Netns, config: &AgentConfig, settings: &Settings) -> String {
-    let stop = Arc::new(AtomicBool::new(false));
-    start_servers(netns, &stop);
-
+/// Pairs and costs of the agent with `config`, against the servers already running.
+fn proxy_mode(netns: &Netns, config: &AgentConfig, settings: &Settings) -> String {
     eprintln!("warm-up");
     measure(netns, config, settings.seconds, false);
     measure(netns, config, settings.seconds, true);
@@ -654,9 +645,39 @@ fn proxy_overhead(netns: &Netns, config: &AgentConfig, settings: &Settings) -> S
         });
     }
     let costs = program_costs(netns, config, settings.seconds);
-    stop.store(true, Ordering::Relaxed);
+    mode_report(&pairs, &costs)
+}
 
-    report(settings, &pairs, &costs)
+/// Both proxy modes: with the per-client figures (the default) and without.
+fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
+    let stop = Arc::new(AtomicBool::new(false));
+    start_servers(netns, &stop);
+    let mut report = String::new();
+    let _ = writeln!(report, "## Proxy overhead on loopback\n");
+    let _ = writeln!(
+        report,
+        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}` ({} clients; {} s per run; \
+         pairs alternate which side runs first; ratio = with / without, median over pairs).\n",
+        settings.pairs, settings.seconds, CLIENT_THREADS, settings.seconds
+    );
+    let modes = [
+        (
+            "With per-client figures (the default, `client_stats = true`)",
+            "",
+        ),
+        (
+            "Without per-client figures (`client_stats = false`: no `connectionsByIP`, `topIPs` or connection events)",
+            "client_stats = false\n",
+        ),
+    ];
+    for (title, setting) in modes {
+        let config = AgentConfig::shipped_poll(&format!("{setting}{ROUTES}"));
+        let _ = writeln!(report, "### {title}\n");
+        report.push_str(&proxy_mode(netns, &config, settings));
+        report.push('\n');
+    }
+    stop.store(true, Ordering::Relaxed);
+    report
 }
 
 fn main() {
@@ -680,8 +701,7 @@ fn main() {
     let config = AgentConfig::shipped_poll(ROUTES);
     let mut report = String::new();
     if settings.runs("proxy") {
-        report.push_str(&proxy_overhead(&netns, &config, &settings));
-        report.push('\n');
+        report.push_str(&proxy_overhead(&netns, &settings));
     }
     if settings.runs("dns") {
         let server = Unbound::start(&netns, false);

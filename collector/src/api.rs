@@ -174,12 +174,14 @@ pub struct ProxyStats {
     pub connection_rates: RateWindows,
     /// Live payload bytes per second, towards (in) and from (out) the proxy.
     pub throughput: Throughput,
-    /// Open connections per client address (heaviest clients only).
+    /// Open connections per client address (heaviest clients only); `null` with
+    /// `client_stats = false`.
     #[serde(rename = "connectionsByIP")]
-    pub connections_by_ip: BTreeMap<String, u64>,
-    /// Clients with the most connections opened since start.
+    pub connections_by_ip: Option<BTreeMap<String, u64>>,
+    /// Clients with the most connections opened since start; `null` with
+    /// `client_stats = false`.
     #[serde(rename = "topIPs")]
-    pub top_ips: Vec<TopIp>,
+    pub top_ips: Option<Vec<TopIp>>,
     pub routes: Vec<RouteStats>,
     /// Every interface of the namespace, with its own counters (netlink).
     pub interfaces: Vec<InterfaceStats>,
@@ -250,21 +252,25 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
                 Some(&snapshot.bytes_out_history),
             ),
         },
-        connections_by_ip: snapshot
-            .clients
-            .active
-            .iter()
-            .map(|(ip, n)| (ip.to_string(), *n))
-            .collect(),
-        top_ips: snapshot
-            .clients
-            .top
-            .iter()
-            .map(|(ip, n)| TopIp {
-                ip: ip.to_string(),
-                connections: *n,
-            })
-            .collect(),
+        connections_by_ip: snapshot.clients.enabled.then(|| {
+            snapshot
+                .clients
+                .active
+                .iter()
+                .map(|(ip, n)| (ip.to_string(), *n))
+                .collect()
+        }),
+        top_ips: snapshot.clients.enabled.then(|| {
+            snapshot
+                .clients
+                .top
+                .iter()
+                .map(|(ip, n)| TopIp {
+                    ip: ip.to_string(),
+                    connections: *n,
+                })
+                .collect()
+        }),
         routes: snapshot
             .routes
             .iter()
@@ -426,6 +432,7 @@ mod tests {
     fn proxy_json_has_the_shape_consumers_expect() {
         let mut snapshot = Snapshot::example();
         let client: IpAddr = "192.0.2.7".parse().unwrap();
+        snapshot.clients.enabled = true;
         snapshot.clients.top = vec![(client, 5)];
         snapshot.clients.active = vec![(client, 2)];
         snapshot.connection_rates.instant = 4.5;
@@ -467,6 +474,16 @@ mod tests {
         // Two of three closed within [8 µs, 16 µs): the median lies there.
         let p50 = web["duration"]["p50"].as_f64().unwrap();
         assert!((8e-6..16e-6).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn without_client_stats_the_client_figures_are_null_not_empty() {
+        let mut snapshot = Snapshot::example();
+        snapshot.clients.enabled = false;
+        let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
+        assert!(json["connectionsByIP"].is_null(), "{json}");
+        assert!(json["topIPs"].is_null(), "{json}");
+        assert_eq!(json["totalConnections"], 5);
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Config {
     pub interfaces: Vec<String>,
     /// Count sockets of every network namespace, not only the agent's own.
     pub all_namespaces: bool,
+    /// Send each connection's open and close from the kernel: the per-client figures
+    /// (`connectionsByIP`, `topIPs`) and the event stream's connections.
+    pub client_stats: bool,
     /// How often the kernel maps are read.
     pub poll_interval: Duration,
     pub routes: Vec<Route>,
@@ -155,6 +158,7 @@ struct RawConfig {
     interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     all_namespaces: bool,
+    client_stats: Option<bool>,
     poll_interval_ms: Option<Spanned<u64>>,
     #[serde(default)]
     routes: Vec<RawRoute>,
@@ -345,6 +349,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         cgroup2,
         interfaces,
         all_namespaces: raw.all_namespaces,
+        client_stats: raw.client_stats.unwrap_or(true),
         poll_interval,
         routes,
         dns,
@@ -649,6 +654,7 @@ mod tests {
         assert_eq!(config.pin_dir, PathBuf::from("/sys/fs/bpf/collector"));
         assert!(config.interfaces.is_empty());
         assert!(!config.all_namespaces);
+        assert!(config.client_stats);
         assert_eq!(config.poll_interval, Duration::from_secs(1));
         let routes: Vec<(&str, &[u16], RouteKind)> = config
             .routes
@@ -675,6 +681,7 @@ pin_dir = "/sys/fs/bpf/edge"
 cgroup2 = "/sys/fs/cgroup"
 interfaces = ["lo", "eth0"]
 all_namespaces = true
+client_stats = false
 poll_interval_ms = 250
 
 [[routes]]
@@ -699,6 +706,7 @@ match_responses = false
         assert_eq!(config.cgroup2, Some(PathBuf::from("/sys/fs/cgroup")));
         assert_eq!(config.interfaces, ["lo", "eth0"]);
         assert!(config.all_namespaces);
+        assert!(!config.client_stats);
         assert_eq!(config.poll_interval, Duration::from_millis(250));
         assert_eq!(config.routes[0].kind, RouteKind::Websocket);
         assert_eq!(config.routes[1].kind, RouteKind::Tcp);

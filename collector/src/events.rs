@@ -67,22 +67,24 @@ pub fn decode(record: &[u8]) -> Option<Connection> {
 /// Client statistics folded from connection events.
 #[derive(Debug)]
 pub struct ClientStats {
+    /// The kernel sends connection events (`client_stats`).
+    enabled: bool,
     opened_by_client: TopK<IpAddr>,
     active_by_client: BoundedGauges<IpAddr>,
     events_received: u64,
 }
 
-impl Default for ClientStats {
-    fn default() -> Self {
+impl ClientStats {
+    #[must_use]
+    pub fn new(enabled: bool) -> Self {
         Self {
+            enabled,
             opened_by_client: TopK::new(TRACKED_CLIENTS),
             active_by_client: BoundedGauges::new(ACTIVE_CLIENTS),
             events_received: 0,
         }
     }
-}
 
-impl ClientStats {
     pub fn apply(&mut self, event: &Connection) {
         self.events_received += 1;
         if event.opened {
@@ -96,6 +98,7 @@ impl ClientStats {
     #[must_use]
     pub fn snapshot(&self) -> ClientSnapshot {
         ClientSnapshot {
+            enabled: self.enabled,
             top: self
                 .opened_by_client
                 .top(LISTED_CLIENTS)
@@ -257,7 +260,7 @@ mod tests {
 
     #[test]
     fn active_clients_follow_opens_and_closes() {
-        let mut stats = ClientStats::default();
+        let mut stats = ClientStats::new(true);
         let open = Connection {
             opened: true,
             route: 0,

@@ -21,7 +21,7 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_DNS_ENABLED,
+    ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED,
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE,
     MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters, map_names, port_bit,
     program_names, traffic_index,
@@ -128,6 +128,8 @@ impl Attachment {
             loader.map_pin_path(name, path.as_path());
         }
         loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
+        let client_events = u32::from(config.client_stats);
+        loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
         let dns_enabled = u32::from(config.dns.enabled);
         loader.override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true);
         loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);

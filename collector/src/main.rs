@@ -442,7 +442,7 @@ async fn serve_until_signal(
 ) -> anyhow::Result<()> {
     let maps = attachment.take_maps()?;
     let ring = attachment.take_conn_events()?;
-    let clients = Arc::new(Mutex::new(ClientStats::default()));
+    let clients = Arc::new(Mutex::new(ClientStats::new(config.client_stats)));
     let hub = event_stream::EventHub::new(attachment.routes.clone());
     let connection_drain =
         events::connection_drain(ring, Arc::clone(&clients), hub.connections.clone());

@@ -44,6 +44,9 @@ pub struct ProgramStats {
 /// Client addresses seen in connection events.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClientSnapshot {
+    /// False with `client_stats = false`: the kernel sends no connection events, and the
+    /// figures below are not measured (reported as absent, not as no clients).
+    pub enabled: bool,
     /// Heaviest clients by connections opened, highest first.
     pub top: Vec<(IpAddr, u64)>,
     /// Clients with the most open connections, highest first.

@@ -237,6 +237,47 @@ fn assert_route(
 }
 
 #[test]
+fn without_client_stats_counts_the_same_and_reports_no_clients() {
+    const CONNECTIONS: usize = 40;
+    const REQUEST: usize = 2_000;
+    const RESPONSE: usize = 30_000;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("client_stats = false\n{ROUTES}"));
+    let agent = Agent::start(&netns, &config);
+
+    traffic(
+        &netns,
+        WEB_PORT,
+        CONNECTIONS,
+        REQUEST,
+        RESPONSE,
+        Closer::Server,
+    );
+
+    let metrics = support::wait_for_closed(&netns, "web", u32::try_from(CONNECTIONS).unwrap());
+    assert_route_metrics(
+        &metrics,
+        "web",
+        CONNECTIONS,
+        CONNECTIONS * REQUEST,
+        CONNECTIONS * RESPONSE,
+    );
+    // The kernel sent nothing to the ring: not one event reached the agent.
+    assert_eq!(
+        sample(&metrics, "collector_connection_events_received_total", &[]),
+        Some(0.0)
+    );
+    let json = proxy_json(&netns);
+    assert_eq!(json["totalConnections"], CONNECTIONS);
+    // Absent, not empty: an empty list would read as "no clients".
+    assert!(json["connectionsByIP"].is_null(), "{json}");
+    assert!(json["topIPs"].is_null(), "{json}");
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
 fn active_connections_are_exact_while_held_open() {
     const HELD: usize = 50;
     let netns = Netns::new();
