@@ -1,7 +1,7 @@
 //! Developer tasks: `cargo xtask prereqs | run | test | bench`.
 //!
-//! Every task first installs what is missing (Debian packages, the nightly `rust-src`,
-//! bpf-linker built against LLVM 22), so the two commands in the README work on a fresh
+//! Every task first installs what is missing (Debian packages, the pinned nightly of
+//! collector-ebpf/rust-toolchain.toml with `rust-src`, bpf-linker built against LLVM 22), so the two commands in the README work on a fresh
 //! machine.
 
 use std::{
@@ -12,8 +12,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
-/// LLVM major version of the machine's nightly rustc: bpf-linker must be built against it.
+/// LLVM major version of the kernel crate's nightly (collector-ebpf/rust-toolchain.toml):
+/// bpf-linker must be built against it.
 const LLVM_MAJOR: &str = "22";
+/// Set by cargo's rustup proxy for everything `cargo xtask` runs; it would override the
+/// kernel crate's rust-toolchain.toml.
+const TOOLCHAIN_OVERRIDE: &str = "RUSTUP_TOOLCHAIN";
 /// Debian packages the build and the test suite need.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -275,17 +279,23 @@ fn prereqs() -> anyhow::Result<()> {
         args.extend(&missing);
         run_checked("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])?;
     }
-    if !nightly_has_rust_src() {
-        run_checked(
-            "rustup",
-            &["toolchain", "install", "nightly", "--profile", "minimal"],
-            &[],
-        )?;
-        run_checked(
-            "rustup",
-            &["component", "add", "rust-src", "--toolchain", "nightly"],
-            &[],
-        )?;
+    let ebpf_crate = workspace_root().join("collector-ebpf");
+    if !ebpf_toolchain_has_rust_src(&ebpf_crate) {
+        // Given no name, rustup installs the toolchain (and components) that the directory's
+        // rust-toolchain.toml names: the pinned nightly, never an update of `nightly`.
+        eprintln!("xtask: rustup toolchain install (collector-ebpf/rust-toolchain.toml)");
+        let status = Command::new("rustup")
+            .args(["toolchain", "install"])
+            .current_dir(&ebpf_crate)
+            .env_remove(TOOLCHAIN_OVERRIDE)
+            .status()
+            .context("running rustup")?;
+        if !status.success() {
+            bail!(
+                "rustup toolchain install in {} failed ({status})",
+                ebpf_crate.display()
+            );
+        }
     }
     if !bpffs_mounted() {
         // The agent pins its maps there; the tests look for them there.
@@ -322,9 +332,12 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
 }
 
-fn nightly_has_rust_src() -> bool {
+/// The toolchain of collector-ebpf/rust-toolchain.toml is installed, with `rust-src`.
+fn ebpf_toolchain_has_rust_src(ebpf_crate: &Path) -> bool {
     Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args(["component", "list", "--installed"])
+        .current_dir(ebpf_crate)
+        .env_remove(TOOLCHAIN_OVERRIDE)
         .output()
         .is_ok_and(|out| {
             out.status.success()
