@@ -1,8 +1,8 @@
 //! Developer tasks: `cargo xtask prereqs | run | test | bench`.
 //!
 //! Every task first installs what is missing (Debian packages, the pinned nightly of
-//! collector-ebpf/rust-toolchain.toml with `rust-src`, bpf-linker built against LLVM 22), so the two commands in the README work on a fresh
-//! machine.
+//! collector-ebpf/rust-toolchain.toml with `rust-src`, bpf-linker built against LLVM 22), so
+//! the two commands in the README work on a fresh machine.
 
 use std::{
     path::{Path, PathBuf},
