@@ -2,10 +2,13 @@
 //! connections per second and bulk throughput on loopback, and the queries per second of a
 //! real DNS server (unbound) under dnsperf, alternately without and with the agent attached,
 //! in a network namespace of the benchmark's own. Then the kernel's own run-time statistics
-//! give the cost per program run. Results go to docs/BENCHMARKS.md.
+//! give the cost per program run, and test runs the instruction cost of each classifier path
+//! (`path_cost`). Results go to docs/BENCHMARKS.md.
 //!
 //! `cargo xtask bench [-- --pairs N --seconds S]`
 
+#[path = "overhead/path_cost.rs"]
+mod path_cost;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -44,7 +47,7 @@ struct Settings {
     pairs: usize,
     seconds: f64,
     write_docs: bool,
-    /// `--only proxy|dns|poll`: one part, for quick comparisons (docs not written).
+    /// `--only proxy|dns|poll|paths`: one part, for quick comparisons (docs not written).
     only: Option<String>,
 }
 
@@ -75,7 +78,7 @@ fn settings() -> Settings {
             }
             "--no-docs" => settings.write_docs = false,
             "--only" => {
-                settings.only = Some(args.next().expect("--only proxy|dns|poll"));
+                settings.only = Some(args.next().expect("--only proxy|dns|poll|paths"));
                 settings.write_docs = false;
             }
             // cargo bench passes --bench.
@@ -725,6 +728,9 @@ fn main() {
         ];
         drop(server);
         report.push_str(&dns_report(&settings, &modes));
+    }
+    if settings.runs("paths") {
+        report.push_str(&path_cost::report());
     }
     if settings.runs("poll") {
         report.push_str(&poll_costs(&netns, &settings));
