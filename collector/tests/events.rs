@@ -9,7 +9,7 @@ use std::{
     process::Stdio,
     sync::mpsc,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use hickory_proto::{op::ResponseCode, rr::RecordType};
@@ -89,11 +89,45 @@ fn assert_event_details(events: &[serde_json::Value]) {
     }
 }
 
-#[test]
-fn events_prints_every_connection_and_query_at_a_low_rate() {
+/// Milliseconds since the epoch, as the stream's `timestamp` counts them.
+fn wall_ms() -> u64 {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    u64::try_from(since_epoch.as_millis()).unwrap()
+}
+
+/// Wall milliseconds before and after the test's connections, and after its queries.
+struct Phases {
+    connections: u64,
+    queries: u64,
+    end: u64,
+}
+
+/// Every event of `kinds` lies in `from..to` (wall milliseconds), give or take `slack`: the
+/// kernel stamped it when it happened.
+fn assert_stamped_within(
+    events: &[serde_json::Value],
+    kinds: &[&str],
+    (from, to): (u64, u64),
+    slack: u64,
+) {
+    let chosen = events
+        .iter()
+        .filter(|e| e["routeName"] != "probe" && kinds.iter().any(|kind| e["event"] == *kind));
+    for event in chosen {
+        let stamp = event["timestamp"].as_u64().unwrap();
+        assert!(
+            stamp + slack >= from && stamp <= to + slack,
+            "stamped {stamp}, outside {from}..{to}: {event}"
+        );
+    }
+}
+
+/// Reads `collector events` from an agent with `config` while the test makes 20 connections
+/// and 5 queries; checks the counts of each kind (`answers`: the answer events expected) and
+/// their details, and returns the events with the wall-clock times of the phases.
+fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value>, Phases) {
     let netns = Netns::new();
-    let config = AgentConfig::new(CONFIG);
-    let agent = Agent::start(&netns, &config);
+    let agent = Agent::start(&netns, config);
     let _server = Unbound::start(&netns, false);
 
     let mut tail = netns
@@ -138,6 +172,7 @@ fn events_prints_every_connection_and_query_at_a_low_rate() {
         }
     }
 
+    let connections = wall_ms();
     let web = netns.run(|| TcpListener::bind(("127.0.0.1", 18080)).unwrap());
     let server = echo_once(web, CONNECTIONS);
     for _ in 0..CONNECTIONS {
@@ -145,6 +180,7 @@ fn events_prints_every_connection_and_query_at_a_low_rate() {
         thread::sleep(Duration::from_millis(20));
     }
     server.join().unwrap();
+    let queries = wall_ms();
     netns.run(|| {
         let mut client = Client::new(SERVER);
         for _ in 0..QUERIES {
@@ -154,6 +190,7 @@ fn events_prints_every_connection_and_query_at_a_low_rate() {
             );
         }
     });
+    let end = wall_ms();
 
     // Every web open and close, every query and answer; probes and nothing else beside.
     let count = |events: &[serde_json::Value], kind: &str| {
@@ -166,7 +203,7 @@ fn events_prints_every_connection_and_query_at_a_low_rate() {
         ("connection-open", CONNECTIONS),
         ("connection-close", CONNECTIONS),
         ("query-received", QUERIES),
-        ("query-answered", QUERIES),
+        ("query-answered", answers),
     ];
     let done =
         |events: &[serde_json::Value]| expected.iter().all(|(kind, n)| count(events, kind) >= *n);
@@ -190,6 +227,30 @@ fn events_prints_every_connection_and_query_at_a_low_rate() {
     assert!(tail.wait().unwrap().success());
     reader.join().unwrap();
     drop(probes);
+    let phases = Phases {
+        connections,
+        queries,
+        end,
+    };
+    (events, phases)
+}
+
+#[test]
+fn events_prints_every_connection_and_query_at_a_low_rate() {
+    let (events, at) = stream_events(&AgentConfig::new(CONFIG), QUERIES);
+    let connection_events = ["connection-open", "connection-close"];
+    assert_stamped_within(&events, &connection_events, (at.connections, at.queries), 5);
+    let dns_events = ["query-received", "query-answered"];
+    assert_stamped_within(&events, &dns_events, (at.queries, at.end), 5);
+}
+
+/// Without matching there are no answer events, and query events carry the time of the
+/// kernel's last tick (4 ms at HZ=250; any kernel's tick is at most 10 ms).
+#[test]
+fn without_matching_queries_are_streamed_with_the_ticks_time() {
+    let config = AgentConfig::new(&format!("{CONFIG}\n[dns]\nmatch_responses = false\n"));
+    let (events, at) = stream_events(&config, 0);
+    assert_stamped_within(&events, &["query-received"], (at.queries, at.end), 15);
 }
 
 #[test]
