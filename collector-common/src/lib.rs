@@ -45,10 +45,14 @@ pub mod map_names {
     /// `PerCpuArray<ConnDurations>`, `MAX_ROUTES` entries: closed connections by duration.
     pub const CONN_DURATIONS: &str = "CONN_DURATIONS";
     /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
-    /// in a slot found from its socket cookie (see [`super::conn_slot`]).
+    /// in a slot found from its socket cookie (see [`super::conn_slot`]). Memory-mappable:
+    /// the agent counts the open connections per client in it at every poll.
     pub const CONN_STATE: &str = "CONN_STATE";
     /// `RingBuf` of [`super::ConnEvent`].
     pub const CONN_EVENTS: &str = "CONN_EVENTS";
+    /// `Array<u32>`, one entry: nonzero while someone reads the event stream. Close events
+    /// feed only the stream, so they are not sent otherwise.
+    pub const CONN_CLOSES_WANTED: &str = "CONN_CLOSES_WANTED";
     /// `PerCpuArray<TrafficCounters>`, `MAX_ROUTES * 2` entries indexed by `slot * 2 + dir`.
     pub const ROUTE_TRAFFIC: &str = "ROUTE_TRAFFIC";
     /// `PerCpuArray<u64>`, [`super::ERROR_KINDS`] entries: kernel-side failures by kind.
@@ -488,6 +492,10 @@ pub struct ConnState {
     pub client_port: u16,
     pub _pad: u16,
 }
+
+/// `BPF_F_MMAPABLE`, the flag of [`map_names::CONN_STATE`]: the agent maps the table into its
+/// memory and reads it without a system call per slot.
+pub const MAP_FLAGS_MMAPABLE: usize = 1 << 10;
 
 /// [`ConnEvent::kind`] of a connection that was accepted.
 pub const CONN_EVENT_OPEN: u32 = 1;

@@ -1,7 +1,9 @@
 //! Connection lifecycle on watched ports, from sock_ops callbacks: accepted connections are
 //! counted at PASSIVE_ESTABLISHED and remembered in a slot of the connection table found
 //! from the socket cookie; their close is counted at the STATE_CB into TCP_CLOSE, with the
-//! duration and the socket's own byte counters.
+//! duration and the socket's own byte counters. The agent reads the open connections per
+//! client from the table itself, so the close event, which only the event stream needs, goes
+//! out only while someone reads the stream.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
@@ -20,8 +22,8 @@ use collector_common::{
 };
 
 use crate::{
-    CLIENT_EVENTS, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS, CONN_STATE, NETNS_COOKIE,
-    ROUTE_BY_PORT, count_error,
+    CLIENT_EVENTS, CONN_CLOSES_WANTED, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS, CONN_STATE,
+    NETNS_COOKIE, ROUTE_BY_PORT, count_error,
 };
 
 const AF_INET: u32 = 2;
@@ -210,7 +212,7 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         return;
     }
     // Submitted before it is counted, as on open.
-    if client_events() {
+    if client_events() && closes_wanted() {
         emit(&ConnEvent {
             kind: CONN_EVENT_CLOSE,
             route: slot,
@@ -267,6 +269,12 @@ fn tcp(ctx: &SockOpsContext) -> TcpView {
 #[inline(always)]
 fn client_events() -> bool {
     CLIENT_EVENTS.load() != 0
+}
+
+/// Someone reads the event stream, the only user of close events.
+#[inline(always)]
+fn closes_wanted() -> bool {
+    CONN_CLOSES_WANTED.get(0).is_some_and(|&wanted| wanted != 0)
 }
 
 /// No wakeup per event: waking the reader costs an irq_work and a context switch per record,

@@ -27,8 +27,8 @@ use aya_ebpf::{
 use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnDurations, ConnEvent, ConnState, DIR_IN,
     DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS, DNS_UPSTREAM_SLOTS, DnsCounters,
-    DnsInFlight, DnsPorts, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAX_ROUTES, PORT_BITMAP_WORDS,
-    PORT_SLOTS, RouteName, TrafficCounters,
+    DnsInFlight, DnsPorts, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAP_FLAGS_MMAPABLE, MAX_ROUTES,
+    PORT_BITMAP_WORDS, PORT_SLOTS, RouteName, TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -48,9 +48,12 @@ static CONN_COUNTERS: PerCpuArray<ConnCounters, { MAX_ROUTES as usize }> = PerCp
 #[btf_map]
 static CONN_DURATIONS: PerCpuArray<ConnDurations, { MAX_ROUTES as usize }> = PerCpuArray::new();
 #[btf_map]
-static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }> = Array::new();
+static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
+    Array::new();
 #[btf_map]
 static CONN_EVENTS: RingBuf<ConnEvent, { CONN_EVENTS_BYTES as usize }> = RingBuf::new();
+#[btf_map]
+static CONN_CLOSES_WANTED: Array<u32, 1> = Array::new();
 #[btf_map]
 static ROUTE_TRAFFIC: PerCpuArray<TrafficCounters, { (MAX_ROUTES * 2) as usize }> =
     PerCpuArray::new();

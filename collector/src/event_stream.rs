@@ -112,8 +112,27 @@ pub struct EventHub {
     pub lagged: AtomicU64,
     /// Set when the agent stops: open streams end, so that HTTP can shut down.
     stopping: tokio::sync::watch::Sender<bool>,
-    /// The kernel's switch for DNS answer events, on while anyone reads the stream.
-    answers_wanted: std::sync::Mutex<Option<aya::maps::Array<aya::maps::MapData, u32>>>,
+    /// The kernel's switches for DNS answer and connection close events, on while anyone
+    /// reads the stream.
+    answers_wanted: Switch,
+    closes_wanted: Switch,
+}
+
+/// A one-entry kernel map that turns a kind of event on (1) or off (0).
+type Switch = std::sync::Mutex<Option<aya::maps::Array<aya::maps::MapData, u32>>>;
+
+/// Sets `switch` to `wanted` unless it is set already; `what` names it in a warning.
+fn set_switch(switch: &Switch, wanted: bool, what: &str) {
+    let wanted = u32::from(wanted);
+    let mut guard = switch
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(switch) = guard.as_mut()
+        && switch.get(&0, 0).ok() != Some(wanted)
+        && let Err(err) = switch.set(0, wanted, 0)
+    {
+        tracing::warn!("switching {what}: {err}");
+    }
 }
 
 impl EventHub {
@@ -126,6 +145,7 @@ impl EventHub {
             lagged: AtomicU64::new(0),
             stopping: tokio::sync::watch::channel(false).0,
             answers_wanted: std::sync::Mutex::new(None),
+            closes_wanted: std::sync::Mutex::new(None),
         })
     }
 
@@ -135,23 +155,32 @@ impl EventHub {
             .answers_wanted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(switch);
-        self.update_answers_switch();
+        self.update_switches();
     }
 
-    /// Turns DNS answer events on while someone reads the stream, off otherwise (called on
-    /// subscribe and at every poll, which notices readers that went away).
-    pub fn update_answers_switch(&self) {
-        let wanted = u32::from(self.dns.receiver_count() > 0);
-        let mut guard = self
-            .answers_wanted
+    /// Hands over the kernel's switch for connection close events.
+    pub fn control_closes(&self, switch: aya::maps::Array<aya::maps::MapData, u32>) {
+        *self
+            .closes_wanted
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(switch) = guard.as_mut()
-            && switch.get(&0, 0).ok() != Some(wanted)
-            && let Err(err) = switch.set(0, wanted, 0)
-        {
-            tracing::warn!("switching DNS answer events: {err}");
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(switch);
+        self.update_switches();
+    }
+
+    /// Turns DNS answer and connection close events on while someone reads the stream, off
+    /// otherwise (called on subscribe and at every poll, which notices readers that went
+    /// away).
+    pub fn update_switches(&self) {
+        set_switch(
+            &self.answers_wanted,
+            self.dns.receiver_count() > 0,
+            "DNS answer events",
+        );
+        set_switch(
+            &self.closes_wanted,
+            self.connections.receiver_count() > 0,
+            "connection close events",
+        );
     }
 
     /// A new reader: its receivers, with answer events switched on.
@@ -162,7 +191,7 @@ impl EventHub {
         broadcast::Receiver<DnsEvent>,
     ) {
         let receivers = (self.connections.subscribe(), self.dns.subscribe());
-        self.update_answers_switch();
+        self.update_switches();
         receivers
     }
 

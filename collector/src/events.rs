@@ -1,9 +1,11 @@
 //! Connection events from the kernel ring buffer: decoded, folded into client statistics
-//! (heaviest clients, open connections per client) and offered to event subscribers.
+//! (heaviest clients) and offered to event subscribers. Open connections per client come
+//! from the kernel's client table instead ([`crate::client_table`]).
 //! Counters never depend on events: a full ring loses events (counted in the kernel), not
 //! counts.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex, PoisonError},
 };
@@ -11,15 +13,10 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use collector_common::{CONN_EVENT_CLOSE, CONN_EVENT_OPEN, ConnEvent};
 
-use crate::{
-    snapshot::ClientSnapshot,
-    topk::{BoundedGauges, TopK},
-};
+use crate::{client_table::ClientTable, snapshot::ClientSnapshot, topk::TopK};
 
 /// Clients tracked for the heavy-hitter list (Space-Saving: exact for the real heavy hitters).
 const TRACKED_CLIENTS: usize = 1024;
-/// Clients with open connections tracked individually.
-const ACTIVE_CLIENTS: usize = 16384;
 /// Clients listed in the snapshot.
 const LISTED_CLIENTS: usize = 20;
 
@@ -64,23 +61,24 @@ pub fn decode(record: &[u8]) -> Option<Connection> {
     })
 }
 
-/// Client statistics folded from connection events.
-#[derive(Debug)]
+/// Client statistics: connections opened per client, folded from open events, and open
+/// connections per client, read from the kernel's client table.
 pub struct ClientStats {
-    /// The kernel sends connection events (`client_stats`).
+    /// The kernel keeps per-client figures (`client_stats`).
     enabled: bool,
     opened_by_client: TopK<IpAddr>,
-    active_by_client: BoundedGauges<IpAddr>,
+    table: Option<ClientTable>,
     events_received: u64,
 }
 
 impl ClientStats {
+    /// `table`: the kernel's client table, `None` with `client_stats = false`.
     #[must_use]
-    pub fn new(enabled: bool) -> Self {
+    pub fn new(table: Option<ClientTable>) -> Self {
         Self {
-            enabled,
+            enabled: table.is_some(),
             opened_by_client: TopK::new(TRACKED_CLIENTS),
-            active_by_client: BoundedGauges::new(ACTIVE_CLIENTS),
+            table,
             events_received: 0,
         }
     }
@@ -89,9 +87,6 @@ impl ClientStats {
         self.events_received += 1;
         if event.opened {
             self.opened_by_client.observe(&event.client, 1);
-            self.active_by_client.increment(&event.client);
-        } else {
-            self.active_by_client.decrement(&event.client);
         }
     }
 
@@ -105,11 +100,23 @@ impl ClientStats {
                 .into_iter()
                 .map(|entry| (entry.key, entry.count))
                 .collect(),
-            active: self.active_by_client.top(LISTED_CLIENTS),
+            active: self
+                .table
+                .as_ref()
+                .map(|table| busiest(table.open_by_client(), LISTED_CLIENTS))
+                .unwrap_or_default(),
             events_received: self.events_received,
-            active_overflow: self.active_by_client.overflow(),
         }
     }
+}
+
+/// The `n` clients with the most open connections, most first (ties by address, so that
+/// the order is stable between polls).
+fn busiest(counts: HashMap<IpAddr, u64>, n: usize) -> Vec<(IpAddr, u64)> {
+    let mut clients: Vec<_> = counts.into_iter().collect();
+    clients.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    clients.truncate(n);
+    clients
 }
 
 /// How often the ring is drained. The kernel side submits without waking us (a wakeup per
@@ -259,8 +266,9 @@ mod tests {
     }
 
     #[test]
-    fn active_clients_follow_opens_and_closes() {
-        let mut stats = ClientStats::new(true);
+    fn heaviest_clients_come_from_open_events() {
+        // No client table: open connections are then not known, and none are listed.
+        let mut stats = ClientStats::new(None);
         let open = Connection {
             opened: true,
             route: 0,
@@ -280,7 +288,26 @@ mod tests {
         });
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.top, [(open.client, 2)]);
-        assert_eq!(snapshot.active, [(open.client, 1)]);
+        assert!(snapshot.active.is_empty());
         assert_eq!(snapshot.events_received, 3);
+    }
+
+    #[test]
+    fn busiest_clients_come_first_and_ties_by_address() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let counts = HashMap::from([
+            (ip("192.0.2.9"), 1),
+            (ip("192.0.2.3"), 4),
+            (ip("2001:db8::1"), 2),
+            (ip("192.0.2.7"), 2),
+        ]);
+        assert_eq!(
+            busiest(counts, 3),
+            [
+                (ip("192.0.2.3"), 4),
+                (ip("192.0.2.7"), 2),
+                (ip("2001:db8::1"), 2)
+            ]
+        );
     }
 }

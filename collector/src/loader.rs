@@ -364,6 +364,18 @@ impl Attachment {
         take_map(&mut self.ebpf, map_names::CONN_EVENTS)
     }
 
+    /// Takes the connection table, for the open connections per client (see `client_table`).
+    pub fn take_conn_state(&mut self) -> anyhow::Result<aya::maps::Map> {
+        self.ebpf
+            .take_map(map_names::CONN_STATE)
+            .with_context(|| format!("the kernel object has no map {}", map_names::CONN_STATE))
+    }
+
+    /// Takes the switch for connection close events (see `map_names::CONN_CLOSES_WANTED`).
+    pub fn take_conn_closes_wanted(&mut self) -> anyhow::Result<Array<MapData, u32>> {
+        take_map(&mut self.ebpf, map_names::CONN_CLOSES_WANTED)
+    }
+
     /// Takes the switch for DNS answer events (see `map_names::DNS_ANSWERS_WANTED`).
     pub fn take_dns_answers_wanted(&mut self) -> anyhow::Result<Array<MapData, u32>> {
         take_map(&mut self.ebpf, map_names::DNS_ANSWERS_WANTED)
@@ -541,6 +553,12 @@ fn check_pinned_maps(map_dir: &Path) -> anyhow::Result<()> {
                 "capacity",
                 info.max_entries().to_string(),
                 expected.max_entries().to_string(),
+            ),
+            // A connection table from before it was memory-mappable cannot be read.
+            (
+                "flags",
+                format!("{:#x}", info.map_flags()),
+                format!("{:#x}", expected.map_flags()),
             ),
         ]
         .into_iter()

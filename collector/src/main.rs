@@ -5,6 +5,7 @@ mod auth;
 mod bpf_sys;
 mod check;
 mod client;
+mod client_table;
 mod config;
 mod counters;
 mod dns;
@@ -38,6 +39,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    client_table::ClientTable,
     config::{Config, NftEnabled},
     events::ClientStats,
     loader::{Attachment, Options},
@@ -442,8 +444,14 @@ async fn serve_until_signal(
 ) -> anyhow::Result<()> {
     let maps = attachment.take_maps()?;
     let ring = attachment.take_conn_events()?;
-    let clients = Arc::new(Mutex::new(ClientStats::new(config.client_stats)));
+    let table = if config.client_stats {
+        Some(ClientTable::map(attachment.take_conn_state()?)?)
+    } else {
+        None
+    };
+    let clients = Arc::new(Mutex::new(ClientStats::new(table)));
     let hub = event_stream::EventHub::new(attachment.routes.clone());
+    hub.control_closes(attachment.take_conn_closes_wanted()?);
     let connection_drain =
         events::connection_drain(ring, Arc::clone(&clients), hub.connections.clone());
     let mut events = tokio::spawn(events::drain_periodically(Arc::clone(&connection_drain)));
@@ -503,7 +511,7 @@ async fn serve_until_signal(
                     .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats { name, run_time_ns, run_count })
                     .collect();
                 let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink_health);
-                hub.update_answers_switch();
+                hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
                     Some(snapshot) => latest.store(snapshot),
                     None => poller.count_failure(),

@@ -482,14 +482,6 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     )?;
     single(
         encoder,
-        "collector_client_table_overflow",
-        "Client addresses not tracked in the active-by-client table because it was full.",
-        None,
-        MetricType::Counter,
-        &ConstCounter::new(snapshot.clients.active_overflow),
-    )?;
-    single(
-        encoder,
         "collector_polls",
         "Reads of the kernel maps.",
         None,

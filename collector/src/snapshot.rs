@@ -53,8 +53,6 @@ pub struct ClientSnapshot {
     pub active: Vec<(IpAddr, u64)>,
     /// Connection events read from the kernel.
     pub events_received: u64,
-    /// Clients not tracked in `active` because the table was full.
-    pub active_overflow: u64,
 }
 
 /// DNS figures: the kernel's counters, rates, and the top domains from sampled names.

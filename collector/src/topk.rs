@@ -120,62 +120,6 @@ impl<K: Eq + Hash + Clone> TopK<K> {
     }
 }
 
-/// Live per-key gauges (open connections per client), bounded to `capacity` keys. An
-/// increment of a new key when full is counted in [`BoundedGauges::overflow`] instead; a key
-/// whose gauge reaches zero is dropped.
-#[derive(Debug)]
-pub struct BoundedGauges<K: Eq + Hash + Clone> {
-    capacity: usize,
-    gauges: HashMap<K, u64>,
-    overflow: u64,
-}
-
-impl<K: Eq + Hash + Clone> BoundedGauges<K> {
-    #[must_use]
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            gauges: HashMap::new(),
-            overflow: 0,
-        }
-    }
-
-    pub fn increment(&mut self, key: &K) {
-        if let Some(value) = self.gauges.get_mut(key) {
-            *value += 1;
-        } else if self.gauges.len() < self.capacity {
-            self.gauges.insert(key.clone(), 1);
-        } else {
-            self.overflow += 1;
-        }
-    }
-
-    /// Decrements a tracked key; an untracked one is left alone.
-    pub fn decrement(&mut self, key: &K) {
-        if let Some(value) = self.gauges.get_mut(key) {
-            *value -= 1;
-            if *value == 0 {
-                self.gauges.remove(key);
-            }
-        }
-    }
-
-    /// The `n` largest gauges, largest first.
-    #[must_use]
-    pub fn top(&self, n: usize) -> Vec<(K, u64)> {
-        let mut all: Vec<(K, u64)> = self.gauges.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        all.sort_by_key(|(_, value)| std::cmp::Reverse(*value));
-        all.truncate(n);
-        all
-    }
-
-    /// Increments not tracked because the table was full.
-    #[must_use]
-    pub fn overflow(&self) -> u64 {
-        self.overflow
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,21 +183,5 @@ mod tests {
         let c = top.top(2).into_iter().find(|e| e.key == "c").unwrap();
         assert_eq!((c.count, c.error), (3, 2));
         assert!(top.top(2).iter().all(|e| e.key != "b"));
-    }
-
-    #[test]
-    fn gauges_follow_increments_and_decrements_within_bounds() {
-        let mut gauges = BoundedGauges::new(2);
-        gauges.increment(&"a");
-        gauges.increment(&"a");
-        gauges.increment(&"b");
-        gauges.increment(&"c");
-        assert_eq!(gauges.overflow(), 1);
-        assert_eq!(gauges.top(5), [("a", 2), ("b", 1)]);
-        gauges.decrement(&"b");
-        gauges.decrement(&"c");
-        assert_eq!(gauges.gauges.len(), 1);
-        gauges.increment(&"c");
-        assert_eq!(gauges.top(5), [("a", 2), ("c", 1)]);
     }
 }

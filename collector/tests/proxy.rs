@@ -158,6 +158,13 @@ fn counts_connections_and_bytes_exactly_per_route() {
     assert_eq!(json["connectionsByRoute"]["web"], 0);
     assert_eq!(json["topIPs"][0]["ip"], "127.0.0.1");
     assert_eq!(json["topIPs"][0]["connections"], WEB + API);
+    assert_eq!(json["connectionsByIP"], serde_json::json!({}));
+    // One event per connection, its open: close events only go out while someone reads the
+    // event stream, and nobody does here.
+    assert_eq!(
+        sample(&metrics, "collector_connection_events_received_total", &[]),
+        Some((WEB + API) as f64)
+    );
     let routes = json["routes"].as_array().unwrap();
     let route = |name: &str| routes.iter().find(|r| r["name"] == name).unwrap();
     assert_route(
@@ -531,6 +538,18 @@ fn under_steady_traffic_a_crash_and_restart_lose_nothing_and_never_go_back() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// Starts the agent over the pins a killed one left, expecting a refusal: its stderr.
+fn refused_start(netns: &Netns, config: &AgentConfig) -> String {
+    let out = netns
+        .command(support::COLLECTOR)
+        .args(["run", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn an_incompatible_pinned_map_is_refused_with_the_fix() {
     let netns = Netns::new();
@@ -542,16 +561,60 @@ fn an_incompatible_pinned_map_is_refused_with_the_fix() {
     std::fs::remove_file(pins.join("CONN_COUNTERS")).unwrap();
     std::fs::rename(pins.join("ERRORS"), pins.join("CONN_COUNTERS")).unwrap();
 
-    let out = netns
-        .command(support::COLLECTOR)
-        .args(["run", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_start(&netns, &config);
     assert!(
         stderr.contains("CONN_COUNTERS has value size 8, but this build expects 40")
+            && stderr.contains("collector cleanup --apply"),
+        "{stderr}"
+    );
+}
+
+/// Creates an array map of `entries` values of `value_size` bytes, without flags, and pins
+/// it at `path`: what a build from before a map became memory-mappable left pinned.
+fn pin_plain_array(path: &std::path::Path, value_size: u32, entries: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    // `union bpf_attr` for BPF_MAP_CREATE: type, key size, value size, entries, flags.
+    let mut create = [BPF_MAP_TYPE_ARRAY, 4, value_size, entries, 0, 0, 0, 0];
+    // SAFETY: a bpf_attr prefix of the size passed; the kernel zero-extends the rest.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_mut_ptr(),
+            size_of_val(&create),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // `union bpf_attr` for BPF_OBJ_PIN: path pointer, fd, flags.
+    let mut pin = [path.as_ptr() as u64, u64::try_from(fd).unwrap()];
+    // SAFETY: as above; `path` outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_mut_ptr(), 16) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our fd; the pin keeps the map.
+    unsafe { libc::close(i32::try_from(fd).unwrap()) };
+}
+
+#[test]
+fn a_connection_table_that_cannot_be_mapped_is_refused_with_the_fix() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    Agent::start(&netns, &config).kill();
+    // The same shape as the connection table, but not memory-mappable, as pinned by a build
+    // from before the agent read it that way.
+    let pins = config.pin_dir.join("v1");
+    std::fs::remove_file(pins.join("CONN_STATE")).unwrap();
+    pin_plain_array(&pins.join("CONN_STATE"), 48, 65536);
+
+    let stderr = refused_start(&netns, &config);
+    assert!(
+        stderr.contains("CONN_STATE has flags 0x0, but this build expects 0x400")
             && stderr.contains("collector cleanup --apply"),
         "{stderr}"
     );
