@@ -183,7 +183,7 @@ impl EventHub {
         );
     }
 
-    /// A new reader: its receivers, with answer events switched on.
+    /// A new reader: its receivers, with answer and close events switched on.
     pub fn subscribe(
         &self,
     ) -> (

@@ -1,6 +1,6 @@
 //! Connection events from the kernel ring buffer: decoded, folded into client statistics
 //! (heaviest clients) and offered to event subscribers. Open connections per client come
-//! from the kernel's client table instead ([`crate::client_table`]).
+//! from the kernel's connection table instead ([`crate::client_table`]).
 //! Counters never depend on events: a full ring loses events (counted in the kernel), not
 //! counts.
 
@@ -62,7 +62,7 @@ pub fn decode(record: &[u8]) -> Option<Connection> {
 }
 
 /// Client statistics: connections opened per client, folded from open events, and open
-/// connections per client, read from the kernel's client table.
+/// connections per client, read from the kernel's connection table.
 pub struct ClientStats {
     /// The kernel keeps per-client figures (`client_stats`).
     enabled: bool,
@@ -72,7 +72,7 @@ pub struct ClientStats {
 }
 
 impl ClientStats {
-    /// `table`: the kernel's client table, `None` with `client_stats = false`.
+    /// `table`: the kernel's connection table, mapped, `None` with `client_stats = false`.
     #[must_use]
     pub fn new(table: Option<ClientTable>) -> Self {
         Self {
@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn heaviest_clients_come_from_open_events() {
-        // No client table: open connections are then not known, and none are listed.
+        // No table: open connections are then not known, and none are listed.
         let mut stats = ClientStats::new(None);
         let open = Connection {
             opened: true,
