@@ -13,14 +13,14 @@ use std::{
 };
 
 use anyhow::Context;
-use aya::maps::{Map, MapData};
+use aya::maps::{Array, IterableMap, MapData};
 use collector_common::{CONN_TABLE_SLOTS, ConnState, MAX_ROUTES, map_names};
 
 pub struct ClientTable {
     entries: NonNull<ConnState>,
     len: usize,
     /// Keeps the map (and so the mapping's object) alive while mapped.
-    _map: MapData,
+    _map: Array<MapData, ConnState>,
 }
 
 // SAFETY: the mapping is read-only and lives as long as the value; reading it from any
@@ -31,10 +31,7 @@ unsafe impl Sync for ClientTable {}
 
 impl ClientTable {
     /// Maps `CONN_STATE` read-only.
-    pub fn map(map: Map) -> anyhow::Result<Self> {
-        let Map::Array(map) = map else {
-            anyhow::bail!("map {} is not an array", map_names::CONN_STATE);
-        };
+    pub fn map(map: Array<MapData, ConnState>) -> anyhow::Result<Self> {
         let len = CONN_TABLE_SLOTS as usize;
         let bytes = len * size_of::<ConnState>();
         // SAFETY: a fresh shared read-only mapping of the map's fd, of the map's size (a
@@ -45,7 +42,7 @@ impl ClientTable {
                 bytes,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
+                map.map().fd().as_fd().as_raw_fd(),
                 0,
             )
         };

@@ -21,10 +21,10 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, ConnDurations, DnsCounters, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED,
-    GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE,
-    MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters, map_names, port_bit,
-    program_names, traffic_index,
+    ConnCounters, ConnDurations, ConnState, DnsCounters, DnsPorts, GLOBAL_CLIENT_EVENTS,
+    GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
+    GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters,
+    map_names, port_bit, program_names, traffic_index,
 };
 
 use crate::{
@@ -365,10 +365,8 @@ impl Attachment {
     }
 
     /// Takes the connection table, for the open connections per client (see `client_table`).
-    pub fn take_conn_state(&mut self) -> anyhow::Result<aya::maps::Map> {
-        self.ebpf
-            .take_map(map_names::CONN_STATE)
-            .with_context(|| format!("the kernel object has no map {}", map_names::CONN_STATE))
+    pub fn take_conn_state(&mut self) -> anyhow::Result<Array<MapData, ConnState>> {
+        take_map(&mut self.ebpf, map_names::CONN_STATE)
     }
 
     /// Takes the switch for connection close events (see `map_names::CONN_CLOSES_WANTED`).
