@@ -64,13 +64,20 @@ pub mod map_names {
     /// `Array<u64>`, [`super::DNS_UPSTREAM_SLOTS`] entries: name hash → time of the last
     /// upstream query for it.
     pub const DNS_UPSTREAM: &str = "DNS_UPSTREAM";
-    /// `RingBuf` of [`super::DnsQueryEvent`] and [`super::DnsAnswerEvent`].
+    /// `RingBuf` of [`super::DnsQueryEvent`], [`super::DnsAnswerEvent`] and
+    /// [`super::DnsNameEvent`].
     pub const DNS_EVENTS: &str = "DNS_EVENTS";
     /// `PerCpuArray<DnsScratch>`, one entry: parse space, not data.
     pub const DNS_SCRATCH: &str = "DNS_SCRATCH";
-    /// `Array<u32>`, one entry: nonzero while someone reads the event stream. Answer events
-    /// feed only the stream, so they are not sent otherwise.
-    pub const DNS_ANSWERS_WANTED: &str = "DNS_ANSWERS_WANTED";
+    /// `Array<u32>`, one entry: nonzero while someone reads the event stream. Then every
+    /// sampled query goes to the ring whole, and answers too; otherwise answers are not sent
+    /// and query names are counted in [`DNS_NAMES`].
+    pub const DNS_STREAM_WANTED: &str = "DNS_STREAM_WANTED";
+    /// `Array<DnsNameSlot>` (memory-mappable), [`super::DNS_NAME_SLOTS_PER_CPU`] entries per
+    /// possible CPU, each CPU writing only its own: the names its queries asked for lately,
+    /// counted in place. Not pinned: its counts mean something only to the agent that knows
+    /// the names.
+    pub const DNS_NAMES: &str = "DNS_NAMES";
 }
 
 /// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
@@ -324,6 +331,50 @@ pub struct DnsInFlight {
 pub const DNS_EVENT_QUERY: u32 = 3;
 /// [`DnsAnswerEvent::kind`].
 pub const DNS_EVENT_ANSWER: u32 = 4;
+/// [`DnsNameEvent::kind`].
+pub const DNS_EVENT_NAME: u32 = 5;
+
+/// Slots of the name table per CPU, indexed by a hash of the name: a CPU counts a name in
+/// place while it keeps its slot, and sends it to the agent only when it takes the slot.
+pub const DNS_NAME_SLOTS_PER_CPU: u32 = 1024;
+
+/// Entries of `DNS_NAMES` for a host with `possible_cpus` CPUs (`None`: too many).
+#[must_use]
+pub fn dns_name_table_len(possible_cpus: usize) -> Option<u32> {
+    u32::try_from(possible_cpus)
+        .ok()?
+        .checked_mul(DNS_NAME_SLOTS_PER_CPU)
+}
+
+/// A name counted in place by one CPU: one slot of `DNS_NAMES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsNameSlot {
+    /// Hash of the name (odd; 0 = never used).
+    pub hash: u64,
+    /// Queries for it since it took the slot, beyond the one its [`DnsNameEvent`] carried.
+    pub count: u64,
+}
+
+/// A name taking a slot of `DNS_NAMES`: it stands for the query that asked for it, and hands
+/// over the previous name's final count. Its name (wire form, `name_len` bytes) follows in
+/// the same ring record, as after a [`DnsQueryEvent`], whose size it has.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsNameEvent {
+    /// [`DNS_EVENT_NAME`].
+    pub kind: u32,
+    /// Index of the slot in `DNS_NAMES` (CPU × [`DNS_NAME_SLOTS_PER_CPU`] + slot).
+    pub slot: u32,
+    /// Bytes of the name that follows.
+    pub name_len: u16,
+    pub _pad: [u8; 6],
+    /// The slot's previous name and its final count.
+    pub replaced_hash: u64,
+    pub replaced_count: u64,
+    /// Hash of the new name, as the slot now holds it.
+    pub hash: u64,
+}
 
 /// A sampled client query, for top domains and the event stream. Its name (wire form,
 /// `name_len` bytes) follows it in the same ring record: a record is about one cache line
@@ -546,6 +597,7 @@ const _: () = assert!(size_of::<DnsPorts>() == 32);
 const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
 const _: () = assert!(DNS_UPSTREAM_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<DnsQueryEvent>() == 40);
+const _: () = assert!(size_of::<DnsNameEvent>() == size_of::<DnsQueryEvent>());
 const _: () = assert!(size_of::<DnsAnswerEvent>() == 48);
 const _: () = assert!(core::mem::offset_of!(DnsAnswerEvent, client_addr) == 24);
 const _: () = assert!(DNS_SCRATCH_BYTES.is_power_of_two() && DNS_COPY_BYTES < DNS_SCRATCH_BYTES);
@@ -615,6 +667,8 @@ mod pod {
     unsafe impl aya::Pod for super::DnsQueryEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsAnswerEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsNameSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsScratch {}
 }

@@ -15,24 +15,29 @@
 //! a hash of its name; a response whose name was stamped after its query arrived is a miss.
 //! With `[dns] match_responses = false` none of this runs: the same messages are counted, at
 //! about two thirds of the cost per packet (docs/BENCHMARKS.md).
+//!
+//! Names: a sampled query's name is counted in this CPU's slot of the name table, and goes
+//! to the ring only when it takes the slot; while someone reads the event stream, every
+//! sampled query goes to the ring whole instead.
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::generated::{
-        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes,
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
+        bpf_skb_load_bytes,
     },
     programs::TcContext,
 };
 use collector_common::{
-    DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_QUERY, DNS_NAME_MAX,
-    DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsQueryEvent,
-    dns_client_fingerprint, dns_inflight_slot, dns_malformed, dns_port_listed, dns_qtype_index,
-    duration_bucket,
+    DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
+    DNS_NAME_MAX, DNS_NAME_SLOTS_PER_CPU, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent,
+    DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, dns_client_fingerprint,
+    dns_inflight_slot, dns_malformed, dns_port_listed, dns_qtype_index, duration_bucket,
 };
 
 use crate::{
-    DNS_ANSWERS_WANTED, DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_RESPONSES, DNS_PORTS,
-    DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_UPSTREAM,
+    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_RESPONSES, DNS_NAMES, DNS_PORTS,
+    DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, ether_type, ptr_at, read_be16,
         read_u8,
@@ -56,7 +61,9 @@ const DNS_AT: usize = COPY_AT + UDP_HLEN;
 const NAME_AT: usize = DNS_AT + DNS_HLEN;
 /// Offset of a query event's fixed part in scratch (8-aligned, as map values are).
 const EVENT_AT: usize = NAME_AT - size_of::<DnsQueryEvent>();
-const _: () = assert!(EVENT_AT.is_multiple_of(8) && NAME_AT + DNS_NAME_MAX <= PARK_END);
+const _: () = assert!(
+    EVENT_AT.is_multiple_of(8) && NAME_AT.is_multiple_of(8) && NAME_AT + DNS_NAME_MAX <= PARK_END
+);
 /// Keeps scratch offsets provably inside the buffer for the verifier.
 const MASK: usize = DNS_SCRATCH_BYTES - 1;
 
@@ -427,11 +434,14 @@ fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize) -> u64 {
             break;
         }
         let at = NAME_AT + (word & 31) * 8;
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&buf[at..at + 8]);
+        // One 8-byte load (a byte-wise copy took eight loads and fourteen shifts and ors).
+        // SAFETY: an 8-aligned u64 inside the scratch value: map values are 8-aligned and so
+        // is NAME_AT; `at + 8` is at most NAME_AT + 256, inside the 512 bytes. Little-endian,
+        // as the target is.
+        let word_value = unsafe { buf.as_ptr().add(at).cast::<u64>().read() };
         // ASCII case folding: setting bit 5 maps 'A'..'Z' onto 'a'..'z' (and leaves other
         // bytes equal on both sides of the comparison).
-        let mut value = u64::from_le_bytes(bytes) | 0x2020_2020_2020_2020;
+        let mut value = word_value | 0x2020_2020_2020_2020;
         let left = name_len - done;
         if left < 8 {
             value &= (1u64 << (left * 8)) - 1;
@@ -470,7 +480,8 @@ fn matching() -> bool {
     DNS_MATCH_RESPONSES.load() != 0
 }
 
-/// Remembers the query for its response, and samples it with its name.
+/// Remembers the query for its response, and samples its name: to the ring whole while
+/// someone reads the event stream, counted in the name table otherwise.
 #[inline(always)]
 fn on_query(
     ctx: &TcContext,
@@ -480,18 +491,23 @@ fn on_query(
     buf: &mut [u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
-    let (matching, sample) = (matching(), sampled());
+    let matching = matching();
     if !matching {
         counters.queries_unmatched += 1;
-        if !sample {
-            return;
-        }
+    }
+    let sample = sampled();
+    let streamed = sample && stream_wanted();
+    if sample && !streamed {
+        count_name(question, buf, counters);
+    }
+    if !matching && !streamed {
+        return;
     }
     let Some((addr, port)) = client(ctx, at, true) else {
         return;
     };
-    // Without matching the time only stamps the sampled event, where the last tick is precise
-    // enough: reading the clock source costs about 40 ns here (docs/DESIGN.md, DNS).
+    // Without matching the time only stamps the streamed event, where the last tick is
+    // precise enough: reading the clock source costs about 40 ns here (docs/DESIGN.md, DNS).
     let now = if matching {
         ktime_ns()
     } else {
@@ -500,8 +516,70 @@ fn on_query(
     if matching {
         remember(&addr, port, id, now, counters);
     }
-    if sample {
+    if streamed {
         sample_query(id, question, addr, port, now, buf, counters);
+    }
+}
+
+/// Someone reads the event stream (the agent flips the switch).
+#[inline(always)]
+fn stream_wanted() -> bool {
+    DNS_STREAM_WANTED.get(0).is_some_and(|&wanted| wanted != 0)
+}
+
+/// Counts the query's name in this CPU's slot for it. A name new to the slot goes to the
+/// agent once, with the final count of the name it replaces; while it keeps the slot its
+/// queries cost an increment, not a ring record each (docs/DESIGN.md, DNS).
+#[inline(always)]
+fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: &mut DnsCounters) {
+    let name_len = question.name_len & 0xff;
+    // Odd, so that no name has the hash of a slot never used.
+    let hash = name_hash(buf, name_len) | 1;
+    // SAFETY: no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let index = cpu
+        .wrapping_mul(DNS_NAME_SLOTS_PER_CPU)
+        .wrapping_add(hash as u32 & (DNS_NAME_SLOTS_PER_CPU - 1));
+    let Some(slot) = DNS_NAMES.get_ptr_mut(index) else {
+        // A CPU beyond the table the agent sized: the sample is lost, and said so.
+        counters.events_dropped += 1;
+        return;
+    };
+    // SAFETY: a value of our array, written only from this CPU (its index range), and tc
+    // programs do not nest on a CPU. The agent reads it through its mapping meanwhile.
+    let slot = unsafe { &mut *slot };
+    if slot.hash == hash {
+        slot.count += 1;
+        return;
+    }
+    let event = DnsNameEvent {
+        kind: DNS_EVENT_NAME,
+        slot: index,
+        name_len: name_len as u16,
+        _pad: [0; 6],
+        replaced_hash: slot.hash,
+        replaced_count: slot.count,
+        hash,
+    };
+    // SAFETY: as in `sample_query`: the event has a query event's size.
+    unsafe { core::ptr::write(buf[EVENT_AT..NAME_AT].as_mut_ptr().cast(), event) };
+    let Some(record) = buf.get(EVENT_AT..NAME_AT + name_len) else {
+        return;
+    };
+    if DNS_EVENTS
+        .output_untyped::<[u8]>(record, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        // The slot keeps its name, whose count the agent can still read.
+        counters.events_dropped += 1;
+        return;
+    }
+    // The count first: the agent, which may read the slot between the two writes, must never
+    // see the new name with the old name's count.
+    // SAFETY: the slot's own fields.
+    unsafe {
+        core::ptr::write_volatile(&raw mut slot.count, 0);
+        core::ptr::write_volatile(&raw mut slot.hash, hash);
     }
 }
 
@@ -542,8 +620,9 @@ fn sampled() -> bool {
     every <= 1 || unsafe { bpf_get_prandom_u32() } % every == 0
 }
 
-/// Sends the query to the ring: its fixed part is written over the UDP and DNS headers in
-/// scratch (read already), right before the name, and both go out in one copy.
+/// Sends the query to the ring for the event stream: its fixed part is written over the UDP
+/// and DNS headers in scratch (read already), right before the name, and both go out in one
+/// copy.
 #[inline(always)]
 fn sample_query(
     id: u16,
@@ -624,7 +703,7 @@ fn on_response(
         counters.cache_hits += 1;
     }
     // Answer events feed only the event stream: none while nobody reads it.
-    if DNS_ANSWERS_WANTED.get(0).is_none_or(|&wanted| wanted == 0) || !sampled() {
+    if !stream_wanted() || !sampled() {
         return;
     }
     let event = DnsAnswerEvent {

@@ -26,9 +26,10 @@ use aya_ebpf::{
 };
 use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnDurations, ConnEvent, ConnState, DIR_IN,
-    DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS, DNS_UPSTREAM_SLOTS, DnsCounters,
-    DnsInFlight, DnsPorts, DnsQueryEvent, DnsScratch, ERROR_KINDS, MAP_FLAGS_MMAPABLE, MAX_ROUTES,
-    PORT_BITMAP_WORDS, PORT_SLOTS, RouteName, TrafficCounters,
+    DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS, DNS_NAME_SLOTS_PER_CPU,
+    DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
+    ERROR_KINDS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS, PORT_SLOTS, RouteName,
+    TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -96,7 +97,11 @@ static DNS_EVENTS: RingBuf<DnsQueryEvent, { DNS_EVENTS_BYTES as usize }> = RingB
 #[btf_map]
 static DNS_SCRATCH: PerCpuArray<DnsScratch, 1> = PerCpuArray::new();
 #[btf_map]
-static DNS_ANSWERS_WANTED: Array<u32, 1> = Array::new();
+static DNS_STREAM_WANTED: Array<u32, 1> = Array::new();
+/// Sized by the agent at load: [`DNS_NAME_SLOTS_PER_CPU`] slots per possible CPU.
+#[btf_map]
+static DNS_NAMES: Array<DnsNameSlot, { DNS_NAME_SLOTS_PER_CPU as usize }, MAP_FLAGS_MMAPABLE> =
+    Array::new();
 
 /// Count a kernel-side failure by kind (see `collector_common::error_kind`).
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! DNS events from the kernel ring buffer (sampled queries with their names, answers with
-//! their latency), decoded here with hickory-proto and folded into the top domains. Also the
-//! names of the DNS codes used as labels and JSON keys.
+//! their latency, names taking a slot of the kernel's name table), decoded here with
+//! hickory-proto and folded into the top domains together with the counts the name table
+//! keeps in place. Also the names of the DNS codes used as labels and JSON keys.
 //!
 //! Counters never depend on events: every DNS counter is counted in the kernel; a full ring
 //! loses events (counted as `events_dropped`), not counts.
@@ -13,14 +14,15 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use collector_common::{
-    DNS_EVENT_ANSWER, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DnsAnswerEvent, DnsQueryEvent,
+    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DnsAnswerEvent,
+    DnsNameEvent, DnsNameSlot, DnsQueryEvent,
 };
 use hickory_proto::{
     rr::{Name, RecordType},
     serialize::binary::{BinDecodable, BinDecoder},
 };
 
-use crate::topk::TopK;
+use crate::{mapped::MappedArray, topk::TopK};
 
 /// A decoded DNS event.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +37,15 @@ pub enum DnsEvent {
         client_port: u16,
         id: u16,
         timestamp_ns: u64,
+    },
+    /// A name taking a slot of the kernel's name table, for the query that asked for it;
+    /// the slot's previous name counted `replaced_count` more queries there. Not streamed.
+    Name {
+        slot: u32,
+        replaced_hash: u64,
+        replaced_count: u64,
+        hash: u64,
+        domain: Option<Arc<str>>,
     },
     /// The server's response, matched to its query (sampled).
     Answer {
@@ -91,6 +102,19 @@ impl EventDecoder {
                     timestamp_ns: event.timestamp_ns,
                 })
             }
+            DNS_EVENT_NAME => {
+                let event: DnsNameEvent = read_record(record)?;
+                let name = record
+                    .get(size_of::<DnsNameEvent>()..)?
+                    .get(..usize::from(event.name_len))?;
+                Some(DnsEvent::Name {
+                    slot: event.slot,
+                    replaced_hash: event.replaced_hash,
+                    replaced_count: event.replaced_count,
+                    hash: event.hash,
+                    domain: self.name(name),
+                })
+            }
             DNS_EVENT_ANSWER => {
                 let event: DnsAnswerEvent = read_record(record)?;
                 Some(DnsEvent::Answer {
@@ -137,7 +161,7 @@ pub fn decode_name(wire: &[u8]) -> Option<String> {
     })
 }
 
-/// Top domains folded from query events.
+/// Top domains folded from query events and from the kernel's name table.
 #[derive(Debug)]
 pub struct DomainStats {
     domains: TopK<Arc<str>>,
@@ -145,6 +169,18 @@ pub struct DomainStats {
     weight: u64,
     events_received: u64,
     undecodable_names: u64,
+    /// The kernel's name table, read at every snapshot; `None` in unit tests.
+    table: Option<MappedArray<DnsNameSlot>>,
+    /// What each slot of the table holds, as its name events told.
+    slots: Vec<SlotName>,
+}
+
+/// The name a slot of the kernel's name table holds, and how much of its count is folded.
+#[derive(Debug, Default, Clone)]
+struct SlotName {
+    hash: u64,
+    domain: Option<Arc<str>>,
+    folded: u64,
 }
 
 /// A copy of the DNS event statistics for a snapshot.
@@ -159,29 +195,95 @@ pub struct DomainSnapshot {
 
 impl DomainStats {
     /// Keeps `listed` domains for the top list, tracking ten times as many so that the
-    /// listed ones are exact unless the name distribution is very flat.
+    /// listed ones are exact unless the name distribution is very flat. `slots` is the size
+    /// of the kernel's name table, `table` the table itself.
     #[must_use]
-    pub fn new(listed: usize, sample_every: u32) -> Self {
+    pub fn new(
+        listed: usize,
+        sample_every: u32,
+        slots: usize,
+        table: Option<MappedArray<DnsNameSlot>>,
+    ) -> Self {
         Self {
             domains: TopK::new(listed.saturating_mul(10).clamp(1000, 100_000)),
             weight: u64::from(sample_every.max(1)),
             events_received: 0,
             undecodable_names: 0,
+            table,
+            slots: vec![SlotName::default(); slots],
         }
     }
 
     pub fn apply(&mut self, event: &DnsEvent) {
         self.events_received += 1;
-        if let DnsEvent::Query { domain, .. } = event {
-            match domain {
-                Some(domain) => self.domains.observe(domain, self.weight),
-                None => self.undecodable_names += 1,
+        match event {
+            DnsEvent::Query { domain, .. } => self.fold(domain.as_ref(), 1),
+            DnsEvent::Name {
+                slot,
+                replaced_hash,
+                replaced_count,
+                hash,
+                domain,
+            } => {
+                let Some(held) = self.slots.get_mut(*slot as usize) else {
+                    return;
+                };
+                let replaced = std::mem::replace(
+                    held,
+                    SlotName {
+                        hash: *hash,
+                        domain: domain.clone(),
+                        folded: 0,
+                    },
+                );
+                if replaced.hash == *replaced_hash {
+                    let unfolded = replaced_count.saturating_sub(replaced.folded);
+                    self.fold(replaced.domain.as_ref(), unfolded);
+                }
+                self.fold(domain.as_ref(), 1);
             }
+            DnsEvent::Answer { .. } => {}
         }
     }
 
+    /// Folds what the name table counted since the last time: a slot counts for the name
+    /// its last event named; a slot whose event is still in the ring is left for later (that
+    /// event carries the final count of the name it replaced).
+    pub fn fold_table(&mut self, table: impl Iterator<Item = DnsNameSlot>) {
+        for (index, slot) in table.enumerate() {
+            let Some(held) = self.slots.get_mut(index) else {
+                break;
+            };
+            if slot.hash != held.hash || slot.count <= held.folded {
+                continue;
+            }
+            let unfolded = slot.count - held.folded;
+            held.folded = slot.count;
+            let domain = held.domain.clone();
+            self.fold(domain.as_ref(), unfolded);
+        }
+    }
+
+    /// Adds `queries` sampled queries for `domain` (`None`: its name did not decode).
+    fn fold(&mut self, domain: Option<&Arc<str>>, queries: u64) {
+        if queries == 0 {
+            return;
+        }
+        match domain {
+            Some(domain) => self
+                .domains
+                .observe(domain, queries.saturating_mul(self.weight)),
+            None => self.undecodable_names += queries,
+        }
+    }
+
+    /// The top list as of now, the name table read first.
     #[must_use]
-    pub fn snapshot(&self, listed: usize) -> DomainSnapshot {
+    pub fn snapshot(&mut self, listed: usize) -> DomainSnapshot {
+        if let Some(table) = self.table.take() {
+            self.fold_table(table.entries());
+            self.table = Some(table);
+        }
         DomainSnapshot {
             top: self
                 .domains
@@ -336,13 +438,95 @@ mod tests {
         // Decoded again from memory, as the same name.
         assert_eq!(decoder.decode(&bytes), Some(event.clone()));
 
-        let mut stats = DomainStats::new(10, 2);
+        let mut stats = DomainStats::new(10, 2, 0, None);
         stats.apply(&event);
         stats.apply(&event);
         let snapshot = stats.snapshot(10);
         // Each sample stands for two queries.
         assert_eq!(snapshot.top, [("a.example".to_owned(), 4)]);
         assert_eq!(snapshot.events_received, 2);
+    }
+
+    #[test]
+    fn name_events_decode_with_their_name() {
+        let name = wire("B.example");
+        let event = DnsNameEvent {
+            kind: DNS_EVENT_NAME,
+            slot: 1030,
+            name_len: u16::try_from(name.len()).unwrap(),
+            _pad: [0; 6],
+            replaced_hash: 3,
+            replaced_count: 9,
+            hash: 5,
+        };
+        // SAFETY: plain data viewed as bytes.
+        let mut bytes = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&event).cast::<u8>(),
+                size_of::<DnsNameEvent>(),
+            )
+        }
+        .to_vec();
+        bytes.extend_from_slice(&name);
+        let mut decoder = EventDecoder::default();
+        assert_eq!(
+            decoder.decode(&bytes),
+            Some(name_event(1030, (3, 9), 5, Some("b.example")))
+        );
+        assert_eq!(decoder.decode(&bytes[..bytes.len() - 1]), None);
+    }
+
+    fn name_event(slot: u32, replaced: (u64, u64), hash: u64, domain: Option<&str>) -> DnsEvent {
+        DnsEvent::Name {
+            slot,
+            replaced_hash: replaced.0,
+            replaced_count: replaced.1,
+            hash,
+            domain: domain.map(Arc::from),
+        }
+    }
+
+    fn table(slots: &[(u64, u64)]) -> impl Iterator<Item = DnsNameSlot> + '_ {
+        slots
+            .iter()
+            .map(|&(hash, count)| DnsNameSlot { hash, count })
+    }
+
+    #[test]
+    fn names_counted_in_the_kernel_table_are_folded_once() {
+        let (a, b) = (11, 33);
+        let mut stats = DomainStats::new(10, 1, 2, None);
+        // `a` takes slot 1 (never used), then three more queries count there.
+        stats.apply(&name_event(1, (0, 0), a, Some("a.example")));
+        stats.fold_table(table(&[(0, 0), (a, 3)]));
+        // Read again unchanged, or caught half written (count reset, hash not yet): nothing.
+        stats.fold_table(table(&[(0, 0), (a, 3)]));
+        stats.fold_table(table(&[(0, 0), (a, 0)]));
+        assert_eq!(stats.snapshot(10).top, [("a.example".to_owned(), 4)]);
+        // `b` took the slot, but its event is still in the ring: the slot is left alone...
+        stats.fold_table(table(&[(0, 0), (b, 2)]));
+        assert_eq!(stats.snapshot(10).top, [("a.example".to_owned(), 4)]);
+        // ...until the event hands over `a`'s final count (5: two more since the last read).
+        stats.apply(&name_event(1, (a, 5), b, Some("b.example")));
+        stats.fold_table(table(&[(0, 0), (b, 2)]));
+        assert_eq!(
+            stats.snapshot(10).top,
+            [("a.example".to_owned(), 6), ("b.example".to_owned(), 3)]
+        );
+        // A name that did not decode counts its queries as undecodable.
+        stats.apply(&name_event(0, (0, 0), 7, None));
+        stats.fold_table(table(&[(7, 4), (b, 2)]));
+        let snapshot = stats.snapshot(10);
+        assert_eq!(snapshot.undecodable_names, 5);
+        assert_eq!(snapshot.events_received, 3);
+    }
+
+    #[test]
+    fn sampled_names_in_the_table_stand_for_the_sampling() {
+        let mut stats = DomainStats::new(10, 4, 1, None);
+        stats.apply(&name_event(0, (0, 0), 5, Some("a.example")));
+        stats.fold_table(table(&[(5, 2)]));
+        assert_eq!(stats.snapshot(10).top, [("a.example".to_owned(), 12)]);
     }
 
     #[test]

@@ -112,9 +112,9 @@ pub struct EventHub {
     pub lagged: AtomicU64,
     /// Set when the agent stops: open streams end, so that HTTP can shut down.
     stopping: tokio::sync::watch::Sender<bool>,
-    /// The kernel's switches for DNS answer and connection close events, on while anyone
-    /// reads the stream.
-    answers_wanted: Switch,
+    /// The kernel's switches for streamed DNS events (every sampled query whole, answers)
+    /// and connection close events, on while anyone reads the stream.
+    dns_wanted: Switch,
     closes_wanted: Switch,
 }
 
@@ -144,15 +144,15 @@ impl EventHub {
             routes,
             lagged: AtomicU64::new(0),
             stopping: tokio::sync::watch::channel(false).0,
-            answers_wanted: std::sync::Mutex::new(None),
+            dns_wanted: std::sync::Mutex::new(None),
             closes_wanted: std::sync::Mutex::new(None),
         })
     }
 
-    /// Hands over the kernel's switch for DNS answer events.
-    pub fn control_answers(&self, switch: aya::maps::Array<aya::maps::MapData, u32>) {
+    /// Hands over the kernel's switch for streamed DNS events.
+    pub fn control_dns(&self, switch: aya::maps::Array<aya::maps::MapData, u32>) {
         *self
-            .answers_wanted
+            .dns_wanted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(switch);
         self.update_switches();
@@ -167,14 +167,15 @@ impl EventHub {
         self.update_switches();
     }
 
-    /// Turns DNS answer and connection close events on while someone reads the stream, off
+    /// Turns streamed DNS events and connection close events on while someone reads the
+    /// stream, off
     /// otherwise (called on subscribe and at every poll, which notices readers that went
     /// away).
     pub fn update_switches(&self) {
         set_switch(
-            &self.answers_wanted,
+            &self.dns_wanted,
             self.dns.receiver_count() > 0,
-            "DNS answer events",
+            "streamed DNS events",
         );
         set_switch(
             &self.closes_wanted,
@@ -183,7 +184,7 @@ impl EventHub {
         );
     }
 
-    /// A new reader: its receivers, with answer and close events switched on.
+    /// A new reader: its receivers, with streamed DNS events and close events switched on.
     pub fn subscribe(
         &self,
     ) -> (
@@ -244,12 +245,14 @@ impl EventHub {
                 return None;
             }
             let received = tokio::select! {
-                event = connections.recv() => event.map(|e| self.connection_event(&e)),
+                event = connections.recv() => event.map(|e| Some(self.connection_event(&e))),
                 event = dns.recv() => event.map(|e| dns_event(&e)),
                 _ = stopping.changed() => continue,
             };
             match received {
-                Ok(event) => return Some(event),
+                Ok(Some(event)) => return Some(event),
+                // A name taking a table slot: top-domain bookkeeping, not a stream line.
+                Ok(None) => {}
                 Err(RecvError::Lagged(lost)) => {
                     self.lagged.fetch_add(lost, Ordering::Relaxed);
                 }
@@ -263,10 +266,10 @@ fn source(client: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(client, port).to_string()
 }
 
-/// The stream line of a DNS event.
+/// The stream line of a DNS event; `None` for a name event, which is not streamed.
 #[must_use]
-pub fn dns_event(event: &DnsEvent) -> StreamEvent {
-    match event {
+pub fn dns_event(event: &DnsEvent) -> Option<StreamEvent> {
+    Some(match event {
         DnsEvent::Query {
             qtype,
             domain,
@@ -302,7 +305,8 @@ pub fn dns_event(event: &DnsEvent) -> StreamEvent {
             truncated: *truncated,
             timestamp: wall_ms(*timestamp_ns),
         },
-    }
+        DnsEvent::Name { .. } => return None,
+    })
 }
 
 #[cfg(test)]
@@ -358,7 +362,7 @@ mod tests {
             id: 7,
             timestamp_ns: 0,
         };
-        let json = serde_json::to_value(dns_event(&answer)).unwrap();
+        let json = serde_json::to_value(dns_event(&answer).unwrap()).unwrap();
         assert_eq!(json["event"], "query-answered");
         assert_eq!(json["cached"], false);
         assert_eq!(json["responseCode"], "NXDOMAIN");

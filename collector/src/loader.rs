@@ -21,10 +21,11 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, ConnDurations, ConnState, DnsCounters, DnsPorts, GLOBAL_CLIENT_EVENTS,
-    GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
-    GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters,
-    map_names, port_bit, program_names, traffic_index,
+    ConnCounters, ConnDurations, ConnState, DnsCounters, DnsNameSlot, DnsPorts,
+    GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS,
+    GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
+    RouteName, TrafficCounters, dns_name_table_len, map_names, port_bit, program_names,
+    traffic_index,
 };
 
 use crate::{
@@ -137,6 +138,7 @@ impl Attachment {
         loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
         let ports = dns_ports(config);
         loader.override_global(GLOBAL_DNS_PORTS, &ports, true);
+        loader.map_max_entries(map_names::DNS_NAMES, dns_name_slots()?);
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kernel programs and maps")?;
@@ -374,9 +376,14 @@ impl Attachment {
         take_map(&mut self.ebpf, map_names::CONN_CLOSES_WANTED)
     }
 
-    /// Takes the switch for DNS answer events (see `map_names::DNS_ANSWERS_WANTED`).
-    pub fn take_dns_answers_wanted(&mut self) -> anyhow::Result<Array<MapData, u32>> {
-        take_map(&mut self.ebpf, map_names::DNS_ANSWERS_WANTED)
+    /// Takes the switch for streamed DNS events (see `map_names::DNS_STREAM_WANTED`).
+    pub fn take_dns_stream_wanted(&mut self) -> anyhow::Result<Array<MapData, u32>> {
+        take_map(&mut self.ebpf, map_names::DNS_STREAM_WANTED)
+    }
+
+    /// Takes the table of names counted in place (see `map_names::DNS_NAMES`).
+    pub fn take_dns_names(&mut self) -> anyhow::Result<Array<MapData, DnsNameSlot>> {
+        take_map(&mut self.ebpf, map_names::DNS_NAMES)
     }
 
     /// Takes the DNS event ring buffer (sampled queries and answers).
@@ -612,6 +619,13 @@ fn bind_routes(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<Vec<WatchedRo
             slot,
         })
         .collect())
+}
+
+/// Size of the name table: its slots for every possible CPU.
+pub fn dns_name_slots() -> anyhow::Result<u32> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
+    dns_name_table_len(cpus)
+        .with_context(|| format!("{cpus} possible CPUs: too many for the DNS name table"))
 }
 
 fn zero_per_cpu<T: aya::Pod + Default>(

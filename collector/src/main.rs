@@ -13,6 +13,7 @@ mod event_stream;
 mod events;
 mod links;
 mod loader;
+mod mapped;
 mod maps;
 mod metrics;
 mod netns;
@@ -43,6 +44,7 @@ use crate::{
     config::{Config, NftEnabled},
     events::ClientStats,
     loader::{Attachment, Options},
+    mapped::MappedArray,
     poller::{Poller, SharedSnapshot},
 };
 
@@ -456,10 +458,16 @@ async fn serve_until_signal(
         events::connection_drain(ring, Arc::clone(&clients), hub.connections.clone());
     let mut events = tokio::spawn(events::drain_periodically(Arc::clone(&connection_drain)));
     let dns_ring = attachment.take_dns_events()?;
-    hub.control_answers(attachment.take_dns_answers_wanted()?);
+    hub.control_dns(attachment.take_dns_stream_wanted()?);
+    let names = MappedArray::map(
+        attachment.take_dns_names()?,
+        collector_common::map_names::DNS_NAMES,
+    )?;
     let domains = Arc::new(Mutex::new(dns::DomainStats::new(
         config.dns.top_k,
         config.dns.sample_every,
+        loader::dns_name_slots()? as usize,
+        Some(names),
     )));
     let domain_drain = dns::domain_drain(dns_ring, Arc::clone(&domains), hub.dns.clone());
     let mut dns_events = tokio::spawn(events::drain_periodically(Arc::clone(&domain_drain)));

@@ -68,11 +68,20 @@ impl<K: Eq + Hash + Clone> TopK<K> {
         }
     }
 
-    /// The `n` heaviest keys, highest count first; equal counts by lower error first.
+    /// The `n` heaviest keys, highest count first; equal counts by lower error first, then
+    /// by key, so that the order does not change from one snapshot to the next.
     #[must_use]
-    pub fn top(&self, n: usize) -> Vec<Entry<K>> {
+    pub fn top(&self, n: usize) -> Vec<Entry<K>>
+    where
+        K: Ord,
+    {
         let mut entries = self.heap.clone();
-        entries.sort_by(|a, b| b.count.cmp(&a.count).then(a.error.cmp(&b.error)));
+        entries.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then(a.error.cmp(&b.error))
+                .then_with(|| a.key.cmp(&b.key))
+        });
         entries.truncate(n);
         entries
     }

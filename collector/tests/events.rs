@@ -32,6 +32,9 @@ type = "tcp"
 
 const CONNECTIONS: usize = 20;
 const QUERIES: usize = 5;
+/// Queries made before the stream starts: their names are counted in the kernel's name
+/// table, not sent one by one.
+const QUERIES_UNSTREAMED: usize = 7;
 
 /// Connects to `port`, sends a byte, reads the answer and closes.
 fn round_trip(port: u16) {
@@ -122,13 +125,47 @@ fn assert_stamped_within(
     }
 }
 
+/// Asks `www.test` `times` times.
+fn query_www(netns: &Netns, times: usize) {
+    netns.run(move || {
+        let mut client = Client::new(SERVER);
+        for _ in 0..times {
+            assert_eq!(
+                client.query("www.test.", RecordType::A),
+                ResponseCode::NoError
+            );
+        }
+    });
+}
+
+/// The top domains count the queries nobody streamed (counted in the kernel's name table)
+/// and the streamed ones alike: a snapshot's top domains cover every query its counters show.
+fn assert_every_query_in_top_domains(netns: &Netns) {
+    let all = QUERIES_UNSTREAMED + QUERIES;
+    let json = support::wait_for(
+        "a snapshot with every query",
+        Duration::from_secs(5),
+        || {
+            let json = support::dns_json(netns);
+            (json["totalQueries"] == all).then_some(json)
+        },
+    );
+    assert_eq!(
+        json["topDomains"],
+        serde_json::json!([{"domain": "www.test", "count": all}])
+    );
+}
+
 /// Reads `collector events` from an agent with `config` while the test makes 20 connections
-/// and 5 queries; checks the counts of each kind (`answers`: the answer events expected) and
-/// their details, and returns the events with the wall-clock times of the phases.
+/// and 5 queries (after 7 queries nobody streamed); checks the counts of each kind
+/// (`answers`: the answer events expected) and their details, and the top domains, which
+/// count the queries of both kinds; returns the events with the wall-clock times of the
+/// phases.
 fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value>, Phases) {
     let netns = Netns::new();
     let agent = Agent::start(&netns, config);
     let _server = Unbound::start(&netns, false);
+    query_www(&netns, QUERIES_UNSTREAMED);
 
     let mut tail = netns
         .command(COLLECTOR)
@@ -181,15 +218,7 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
     }
     server.join().unwrap();
     let queries = wall_ms();
-    netns.run(|| {
-        let mut client = Client::new(SERVER);
-        for _ in 0..QUERIES {
-            assert_eq!(
-                client.query("www.test.", RecordType::A),
-                ResponseCode::NoError
-            );
-        }
-    });
+    query_www(&netns, QUERIES);
     let end = wall_ms();
 
     // Every web open and close, every query and answer; probes and nothing else beside.
@@ -221,6 +250,7 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
         assert_eq!(count(&events, kind), n, "{kind} events: {events:#?}");
     }
     assert_event_details(&events);
+    assert_every_query_in_top_domains(&netns);
 
     // Stopping the agent ends the stream, and `collector events` with it.
     assert!(agent.stop().success());
