@@ -346,19 +346,23 @@ pub fn dns_name_table_len(possible_cpus: usize) -> Option<u32> {
         .checked_mul(DNS_NAME_SLOTS_PER_CPU)
 }
 
-/// A name counted in place by one CPU: one slot of `DNS_NAMES`.
+/// A name counted in place by one CPU: one slot of `DNS_NAMES`. Only the owning CPU
+/// writes it; the agent reads it through a read-only mapping while it changes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsNameSlot {
-    /// Hash of the name (odd; 0 = never used).
+    /// Hash of the name, for the kernel's match.
     pub hash: u64,
-    /// Queries for it since it took the slot, beyond the one its [`DnsNameEvent`] carried.
+    /// How many names have held the slot; 0 = never used. What the agent matches on: a name
+    /// that comes back to a slot is a new tenure, whose count starts again from zero.
+    pub tenure: u64,
+    /// Queries for the name in this tenure, beyond the one its [`DnsNameEvent`] carried.
     pub count: u64,
 }
 
 /// A name taking a slot of `DNS_NAMES`: it stands for the query that asked for it, and hands
-/// over the previous name's final count. Its name (wire form, `name_len` bytes) follows in
-/// the same ring record, as after a [`DnsQueryEvent`], whose size it has.
+/// over the previous tenure's final count. Its name (wire form, `name_len` bytes) follows in
+/// the same ring record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsNameEvent {
@@ -366,17 +370,16 @@ pub struct DnsNameEvent {
     pub kind: u32,
     /// Index of the slot in `DNS_NAMES` (CPU × [`DNS_NAME_SLOTS_PER_CPU`] + slot).
     pub slot: u32,
+    /// The new name's tenure of the slot; the replaced name's was one less.
+    pub tenure: u64,
+    /// The replaced name's final [`DnsNameSlot::count`].
+    pub replaced_count: u64,
     /// Bytes of the name that follows.
     pub name_len: u16,
     pub _pad: [u8; 6],
-    /// The slot's previous name and its final count.
-    pub replaced_hash: u64,
-    pub replaced_count: u64,
-    /// Hash of the new name, as the slot now holds it.
-    pub hash: u64,
 }
 
-/// A sampled client query, for top domains and the event stream. Its name (wire form,
+/// A sampled client query, for the event stream and top domains. Its name (wire form,
 /// `name_len` bytes) follows it in the same ring record: a record is about one cache line
 /// instead of one sized for the longest name, so the ring holds about five times as many.
 #[repr(C)]
@@ -421,8 +424,9 @@ pub struct DnsAnswerEvent {
 }
 
 /// Per-CPU scratch space for a DNS message's first bytes (UDP header on), copied out of the
-/// packet once so that the name can be walked at masked offsets.
-#[repr(C)]
+/// packet once so that the name can be walked at masked offsets. 8-aligned, so that the
+/// name's hash can read it a word at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug)]
 pub struct DnsScratch {
     pub bytes: [u8; DNS_SCRATCH_BYTES],
@@ -597,7 +601,8 @@ const _: () = assert!(size_of::<DnsPorts>() == 32);
 const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
 const _: () = assert!(DNS_UPSTREAM_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<DnsQueryEvent>() == 40);
-const _: () = assert!(size_of::<DnsNameEvent>() == size_of::<DnsQueryEvent>());
+const _: () = assert!(size_of::<DnsNameEvent>() == 32);
+const _: () = assert!(size_of::<DnsNameSlot>() == 24);
 const _: () = assert!(size_of::<DnsAnswerEvent>() == 48);
 const _: () = assert!(core::mem::offset_of!(DnsAnswerEvent, client_addr) == 24);
 const _: () = assert!(DNS_SCRATCH_BYTES.is_power_of_two() && DNS_COPY_BYTES < DNS_SCRATCH_BYTES);

@@ -20,6 +20,8 @@
 //! to the ring only when it takes the slot; while someone reads the event stream, every
 //! sampled query goes to the ring whole instead.
 
+use core::intrinsics::{AtomicOrdering, atomic_xchg};
+
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::generated::{
@@ -61,8 +63,13 @@ const DNS_AT: usize = COPY_AT + UDP_HLEN;
 const NAME_AT: usize = DNS_AT + DNS_HLEN;
 /// Offset of a query event's fixed part in scratch (8-aligned, as map values are).
 const EVENT_AT: usize = NAME_AT - size_of::<DnsQueryEvent>();
+/// Offset of a name event's fixed part in scratch.
+const NAME_EVENT_AT: usize = NAME_AT - size_of::<DnsNameEvent>();
 const _: () = assert!(
-    EVENT_AT.is_multiple_of(8) && NAME_AT.is_multiple_of(8) && NAME_AT + DNS_NAME_MAX <= PARK_END
+    EVENT_AT.is_multiple_of(8)
+        && NAME_EVENT_AT.is_multiple_of(8)
+        && NAME_AT.is_multiple_of(8)
+        && NAME_AT + DNS_NAME_MAX <= PARK_END
 );
 /// Keeps scratch offsets provably inside the buffer for the verifier.
 const MASK: usize = DNS_SCRATCH_BYTES - 1;
@@ -298,8 +305,8 @@ fn count_message(
                 return Err(dns_malformed::NO_QUESTION);
             }
             let question = walked?;
-            // The sampled event goes out before the query is counted, so that a snapshot's
-            // top domains cover every query its counters show.
+            // The name is counted (in its slot, or in an event) before the query is, so that a
+            // snapshot's top domains cover every query its counters show.
             on_query(ctx, &at, id, &question, buf, counters);
             counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
             counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
@@ -435,9 +442,9 @@ fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize) -> u64 {
         }
         let at = NAME_AT + (word & 31) * 8;
         // One 8-byte load (a byte-wise copy took eight loads and fourteen shifts and ors).
-        // SAFETY: an 8-aligned u64 inside the scratch value: map values are 8-aligned and so
-        // is NAME_AT; `at + 8` is at most NAME_AT + 256, inside the 512 bytes. Little-endian,
-        // as the target is.
+        // SAFETY: an 8-aligned u64 inside the scratch value (`DnsScratch` is 8-aligned, and
+        // so is NAME_AT); `at + 8` is at most NAME_AT + 256, inside the 512 bytes.
+        // Little-endian, as the target is.
         let word_value = unsafe { buf.as_ptr().add(at).cast::<u64>().read() };
         // ASCII case folding: setting bit 5 maps 'A'..'Z' onto 'a'..'z' (and leaves other
         // bytes equal on both sides of the comparison).
@@ -533,8 +540,7 @@ fn stream_wanted() -> bool {
 #[inline(always)]
 fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: &mut DnsCounters) {
     let name_len = question.name_len & 0xff;
-    // Odd, so that no name has the hash of a slot never used.
-    let hash = name_hash(buf, name_len) | 1;
+    let hash = name_hash(buf, name_len);
     // SAFETY: no arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let index = cpu
@@ -548,22 +554,23 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
     // SAFETY: a value of our array, written only from this CPU (its index range), and tc
     // programs do not nest on a CPU. The agent reads it through its mapping meanwhile.
     let slot = unsafe { &mut *slot };
-    if slot.hash == hash {
+    if slot.tenure != 0 && slot.hash == hash {
         slot.count += 1;
         return;
     }
+    let tenure = slot.tenure + 1;
     let event = DnsNameEvent {
         kind: DNS_EVENT_NAME,
         slot: index,
+        tenure,
+        replaced_count: slot.count,
         name_len: name_len as u16,
         _pad: [0; 6],
-        replaced_hash: slot.hash,
-        replaced_count: slot.count,
-        hash,
     };
-    // SAFETY: as in `sample_query`: the event has a query event's size.
-    unsafe { core::ptr::write(buf[EVENT_AT..NAME_AT].as_mut_ptr().cast(), event) };
-    let Some(record) = buf.get(EVENT_AT..NAME_AT + name_len) else {
+    // SAFETY: NAME_EVENT_AT is 8-aligned inside the scratch value and the event ends at
+    // NAME_AT; it overwrites headers already read.
+    unsafe { core::ptr::write(buf[NAME_EVENT_AT..NAME_AT].as_mut_ptr().cast(), event) };
+    let Some(record) = buf.get(NAME_EVENT_AT..NAME_AT + name_len) else {
         return;
     };
     if DNS_EVENTS
@@ -574,11 +581,13 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
         counters.events_dropped += 1;
         return;
     }
-    // The count first: the agent, which may read the slot between the two writes, must never
-    // see the new name with the old name's count.
-    // SAFETY: the slot's own fields.
+    // The agent reads tenure, count, tenure and keeps the count only if the tenure stayed:
+    // so the count is zeroed before the new tenure shows, and the new name counts only
+    // after it (the exchange is a full barrier where stores may otherwise pass each other).
+    // SAFETY: the slot's own fields, 8-aligned.
     unsafe {
         core::ptr::write_volatile(&raw mut slot.count, 0);
+        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut slot.tenure, tenure);
         core::ptr::write_volatile(&raw mut slot.hash, hash);
     }
 }

@@ -9,7 +9,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv6Addr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering, fence},
+    },
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -38,13 +41,13 @@ pub enum DnsEvent {
         id: u16,
         timestamp_ns: u64,
     },
-    /// A name taking a slot of the kernel's name table, for the query that asked for it;
-    /// the slot's previous name counted `replaced_count` more queries there. Not streamed.
+    /// A name taking a slot of the kernel's name table (its `tenure` there), for the query
+    /// that asked for it; the previous tenure counted `replaced_count` more queries there.
+    /// Not streamed.
     Name {
         slot: u32,
-        replaced_hash: u64,
+        tenure: u64,
         replaced_count: u64,
-        hash: u64,
         domain: Option<Arc<str>>,
     },
     /// The server's response, matched to its query (sampled).
@@ -109,9 +112,8 @@ impl EventDecoder {
                     .get(..usize::from(event.name_len))?;
                 Some(DnsEvent::Name {
                     slot: event.slot,
-                    replaced_hash: event.replaced_hash,
+                    tenure: event.tenure,
                     replaced_count: event.replaced_count,
-                    hash: event.hash,
                     domain: self.name(name),
                 })
             }
@@ -178,9 +180,38 @@ pub struct DomainStats {
 /// The name a slot of the kernel's name table holds, and how much of its count is folded.
 #[derive(Debug, Default, Clone)]
 struct SlotName {
-    hash: u64,
+    tenure: u64,
     domain: Option<Arc<str>>,
     folded: u64,
+}
+
+/// A slot of the kernel's name table as read: its tenure and that tenure's count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotReading {
+    pub tenure: u64,
+    pub count: u64,
+}
+
+/// Reads a slot while its CPU may be rewriting it: the tenure before and after the count,
+/// `None` if it moved on in between (a seqlock's read side; the kernel zeroes the count
+/// before it moves the tenure on, and counts the new name only after).
+fn read_slot(slot: *const DnsNameSlot) -> Option<SlotReading> {
+    // SAFETY: `slot` points into a live read-only mapping whose 8-aligned words the kernel
+    // writes concurrently: they are only ever loaded, atomically.
+    let (tenure, count) = unsafe {
+        (
+            AtomicU64::from_ptr((&raw const (*slot).tenure).cast_mut()),
+            AtomicU64::from_ptr((&raw const (*slot).count).cast_mut()),
+        )
+    };
+    let before = tenure.load(Ordering::Acquire);
+    let count = count.load(Ordering::Relaxed);
+    fence(Ordering::Acquire);
+    let after = tenure.load(Ordering::Relaxed);
+    (before == after).then_some(SlotReading {
+        tenure: before,
+        count,
+    })
 }
 
 /// A copy of the DNS event statistics for a snapshot.
@@ -195,15 +226,11 @@ pub struct DomainSnapshot {
 
 impl DomainStats {
     /// Keeps `listed` domains for the top list, tracking ten times as many so that the
-    /// listed ones are exact unless the name distribution is very flat. `slots` is the size
-    /// of the kernel's name table, `table` the table itself.
+    /// listed ones are exact unless the name distribution is very flat; `table` is the
+    /// kernel's name table, mapped.
     #[must_use]
-    pub fn new(
-        listed: usize,
-        sample_every: u32,
-        slots: usize,
-        table: Option<MappedArray<DnsNameSlot>>,
-    ) -> Self {
+    pub fn new(listed: usize, sample_every: u32, table: Option<MappedArray<DnsNameSlot>>) -> Self {
+        let slots = table.as_ref().map_or(0, MappedArray::len);
         Self {
             domains: TopK::new(listed.saturating_mul(10).clamp(1000, 100_000)),
             weight: u64::from(sample_every.max(1)),
@@ -220,45 +247,51 @@ impl DomainStats {
             DnsEvent::Query { domain, .. } => self.fold(domain.as_ref(), 1),
             DnsEvent::Name {
                 slot,
-                replaced_hash,
+                tenure,
                 replaced_count,
-                hash,
                 domain,
             } => {
+                // The query that brought the name.
+                self.fold(domain.as_ref(), 1);
                 let Some(held) = self.slots.get_mut(*slot as usize) else {
                     return;
                 };
                 let replaced = std::mem::replace(
                     held,
                     SlotName {
-                        hash: *hash,
+                        tenure: *tenure,
                         domain: domain.clone(),
                         folded: 0,
                     },
                 );
-                if replaced.hash == *replaced_hash {
+                // Events of a slot come in the order its CPU sent them, so the tenure before
+                // this one is the one held.
+                if replaced.tenure + 1 == *tenure {
                     let unfolded = replaced_count.saturating_sub(replaced.folded);
                     self.fold(replaced.domain.as_ref(), unfolded);
                 }
-                self.fold(domain.as_ref(), 1);
             }
             DnsEvent::Answer { .. } => {}
         }
     }
 
-    /// Folds what the name table counted since the last time: a slot counts for the name
-    /// its last event named; a slot whose event is still in the ring is left for later (that
-    /// event carries the final count of the name it replaced).
-    pub fn fold_table(&mut self, table: impl Iterator<Item = DnsNameSlot>) {
-        for (index, slot) in table.enumerate() {
+    /// Folds what the name table counted since the last time, for the name of each slot's
+    /// current tenure. A slot whose tenure the events have not reached yet is left for later:
+    /// the event that ends the held tenure carries its final count. `None`: a slot caught
+    /// changing tenure.
+    pub fn fold_table(&mut self, table: impl Iterator<Item = Option<SlotReading>>) {
+        for (index, reading) in table.enumerate() {
             let Some(held) = self.slots.get_mut(index) else {
                 break;
             };
-            if slot.hash != held.hash || slot.count <= held.folded {
+            let Some(reading) = reading else {
+                continue;
+            };
+            if reading.tenure != held.tenure || reading.count <= held.folded {
                 continue;
             }
-            let unfolded = slot.count - held.folded;
-            held.folded = slot.count;
+            let unfolded = reading.count - held.folded;
+            held.folded = reading.count;
             let domain = held.domain.clone();
             self.fold(domain.as_ref(), unfolded);
         }
@@ -280,8 +313,9 @@ impl DomainStats {
     /// The top list as of now, the name table read first.
     #[must_use]
     pub fn snapshot(&mut self, listed: usize) -> DomainSnapshot {
+        // Taken out for the read, since folding needs the rest of `self`.
         if let Some(table) = self.table.take() {
-            self.fold_table(table.entries());
+            self.fold_table(table.entry_pointers().map(read_slot));
             self.table = Some(table);
         }
         DomainSnapshot {
@@ -438,7 +472,7 @@ mod tests {
         // Decoded again from memory, as the same name.
         assert_eq!(decoder.decode(&bytes), Some(event.clone()));
 
-        let mut stats = DomainStats::new(10, 2, 0, None);
+        let mut stats = DomainStats::new(10, 2, None);
         stats.apply(&event);
         stats.apply(&event);
         let snapshot = stats.snapshot(10);
@@ -453,11 +487,10 @@ mod tests {
         let event = DnsNameEvent {
             kind: DNS_EVENT_NAME,
             slot: 1030,
+            tenure: 4,
+            replaced_count: 9,
             name_len: u16::try_from(name.len()).unwrap(),
             _pad: [0; 6],
-            replaced_hash: 3,
-            replaced_count: 9,
-            hash: 5,
         };
         // SAFETY: plain data viewed as bytes.
         let mut bytes = unsafe {
@@ -471,62 +504,96 @@ mod tests {
         let mut decoder = EventDecoder::default();
         assert_eq!(
             decoder.decode(&bytes),
-            Some(name_event(1030, (3, 9), 5, Some("b.example")))
+            Some(name_event(1030, 4, 9, Some("b.example")))
         );
         assert_eq!(decoder.decode(&bytes[..bytes.len() - 1]), None);
     }
 
-    fn name_event(slot: u32, replaced: (u64, u64), hash: u64, domain: Option<&str>) -> DnsEvent {
+    fn name_event(slot: u32, tenure: u64, replaced_count: u64, domain: Option<&str>) -> DnsEvent {
         DnsEvent::Name {
             slot,
-            replaced_hash: replaced.0,
-            replaced_count: replaced.1,
-            hash,
+            tenure,
+            replaced_count,
             domain: domain.map(Arc::from),
         }
     }
 
-    fn table(slots: &[(u64, u64)]) -> impl Iterator<Item = DnsNameSlot> + '_ {
+    /// Slot readings, by (tenure, count); `None` for a slot caught changing tenure.
+    fn table(slots: &[Option<(u64, u64)>]) -> impl Iterator<Item = Option<SlotReading>> + '_ {
         slots
             .iter()
-            .map(|&(hash, count)| DnsNameSlot { hash, count })
+            .map(|slot| slot.map(|(tenure, count)| SlotReading { tenure, count }))
+    }
+
+    /// Statistics over a name table of `slots` slots that the test reads out itself.
+    fn with_slots(sample_every: u32, slots: usize) -> DomainStats {
+        let mut stats = DomainStats::new(10, sample_every, None);
+        stats.slots = vec![SlotName::default(); slots];
+        stats
+    }
+
+    fn top(stats: &mut DomainStats) -> Vec<(String, u64)> {
+        stats.snapshot(10).top
     }
 
     #[test]
     fn names_counted_in_the_kernel_table_are_folded_once() {
-        let (a, b) = (11, 33);
-        let mut stats = DomainStats::new(10, 1, 2, None);
-        // `a` takes slot 1 (never used), then three more queries count there.
-        stats.apply(&name_event(1, (0, 0), a, Some("a.example")));
-        stats.fold_table(table(&[(0, 0), (a, 3)]));
-        // Read again unchanged, or caught half written (count reset, hash not yet): nothing.
-        stats.fold_table(table(&[(0, 0), (a, 3)]));
-        stats.fold_table(table(&[(0, 0), (a, 0)]));
-        assert_eq!(stats.snapshot(10).top, [("a.example".to_owned(), 4)]);
+        let a = |n| ("a.example".to_owned(), n);
+        let b = |n| ("b.example".to_owned(), n);
+        let mut stats = with_slots(1, 2);
+        // `a` takes slot 1 (its first tenure), then three more queries count there.
+        stats.apply(&name_event(1, 1, 0, Some("a.example")));
+        stats.fold_table(table(&[Some((0, 0)), Some((1, 3))]));
+        // Read again unchanged, caught changing, or with the count zeroed ahead of the new
+        // tenure: nothing more.
+        stats.fold_table(table(&[Some((0, 0)), Some((1, 3))]));
+        stats.fold_table(table(&[Some((0, 0)), None]));
+        stats.fold_table(table(&[Some((0, 0)), Some((1, 0))]));
+        assert_eq!(top(&mut stats), [a(4)]);
         // `b` took the slot, but its event is still in the ring: the slot is left alone...
-        stats.fold_table(table(&[(0, 0), (b, 2)]));
-        assert_eq!(stats.snapshot(10).top, [("a.example".to_owned(), 4)]);
+        stats.fold_table(table(&[Some((0, 0)), Some((2, 2))]));
+        assert_eq!(top(&mut stats), [a(4)]);
         // ...until the event hands over `a`'s final count (5: two more since the last read).
-        stats.apply(&name_event(1, (a, 5), b, Some("b.example")));
-        stats.fold_table(table(&[(0, 0), (b, 2)]));
-        assert_eq!(
-            stats.snapshot(10).top,
-            [("a.example".to_owned(), 6), ("b.example".to_owned(), 3)]
-        );
+        stats.apply(&name_event(1, 2, 5, Some("b.example")));
+        stats.fold_table(table(&[Some((0, 0)), Some((2, 2))]));
+        assert_eq!(top(&mut stats), [a(6), b(3)]);
+        // `a` came back to the slot and counted 4 there before its event was read: a new
+        // tenure, not more of the old one.
+        stats.fold_table(table(&[Some((0, 0)), Some((3, 4))]));
+        assert_eq!(top(&mut stats), [a(6), b(3)]);
+        stats.apply(&name_event(1, 3, 2, Some("a.example")));
+        stats.fold_table(table(&[Some((0, 0)), Some((3, 4))]));
+        assert_eq!(top(&mut stats), [a(11), b(3)]);
         // A name that did not decode counts its queries as undecodable.
-        stats.apply(&name_event(0, (0, 0), 7, None));
-        stats.fold_table(table(&[(7, 4), (b, 2)]));
+        stats.apply(&name_event(0, 1, 0, None));
+        stats.fold_table(table(&[Some((1, 4)), Some((3, 4))]));
         let snapshot = stats.snapshot(10);
         assert_eq!(snapshot.undecodable_names, 5);
-        assert_eq!(snapshot.events_received, 3);
+        assert_eq!(snapshot.events_received, 4);
     }
 
     #[test]
     fn sampled_names_in_the_table_stand_for_the_sampling() {
-        let mut stats = DomainStats::new(10, 4, 1, None);
-        stats.apply(&name_event(0, (0, 0), 5, Some("a.example")));
-        stats.fold_table(table(&[(5, 2)]));
-        assert_eq!(stats.snapshot(10).top, [("a.example".to_owned(), 12)]);
+        let mut stats = with_slots(4, 1);
+        stats.apply(&name_event(0, 1, 0, Some("a.example")));
+        stats.fold_table(table(&[Some((1, 2))]));
+        assert_eq!(top(&mut stats), [("a.example".to_owned(), 12)]);
+    }
+
+    #[test]
+    fn a_slot_reads_whole_while_nothing_changes_it() {
+        let slot = DnsNameSlot {
+            hash: 7,
+            tenure: 2,
+            count: 5,
+        };
+        assert_eq!(
+            read_slot(&raw const slot),
+            Some(SlotReading {
+                tenure: 2,
+                count: 5
+            })
+        );
     }
 
     #[test]

@@ -168,9 +168,8 @@ impl EventHub {
     }
 
     /// Turns streamed DNS events and connection close events on while someone reads the
-    /// stream, off
-    /// otherwise (called on subscribe and at every poll, which notices readers that went
-    /// away).
+    /// stream, off otherwise (called on subscribe and at every poll, which notices readers
+    /// that went away).
     pub fn update_switches(&self) {
         set_switch(
             &self.dns_wanted,

@@ -386,7 +386,8 @@ impl Attachment {
         take_map(&mut self.ebpf, map_names::DNS_NAMES)
     }
 
-    /// Takes the DNS event ring buffer (sampled queries and answers).
+    /// Takes the DNS event ring buffer (names taking a slot of the name table, and while
+    /// someone reads the event stream, sampled queries and answers).
     pub fn take_dns_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         take_map(&mut self.ebpf, map_names::DNS_EVENTS)
     }
@@ -622,7 +623,7 @@ fn bind_routes(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<Vec<WatchedRo
 }
 
 /// Size of the name table: its slots for every possible CPU.
-pub fn dns_name_slots() -> anyhow::Result<u32> {
+fn dns_name_slots() -> anyhow::Result<u32> {
     let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
     dns_name_table_len(cpus)
         .with_context(|| format!("{cpus} possible CPUs: too many for the DNS name table"))

@@ -466,7 +466,6 @@ async fn serve_until_signal(
     let domains = Arc::new(Mutex::new(dns::DomainStats::new(
         config.dns.top_k,
         config.dns.sample_every,
-        loader::dns_name_slots()? as usize,
         Some(names),
     )));
     let domain_drain = dns::domain_drain(dns_ring, Arc::clone(&domains), hub.dns.clone());

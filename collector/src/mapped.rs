@@ -27,6 +27,9 @@ unsafe impl<T: aya::Pod> Sync for MappedArray<T> {}
 impl<T: aya::Pod> MappedArray<T> {
     /// Maps the whole of `map`; `name` names it in the error.
     pub fn map(map: Array<MapData, T>, name: &str) -> anyhow::Result<Self> {
+        // The kernel lays entries out 8 bytes apart at least: a whole number of words keeps
+        // its stride and ours the same.
+        const { assert!(size_of::<T>().is_multiple_of(8)) };
         let len = map.len() as usize;
         // SAFETY: a fresh shared read-only mapping of the map's fd, no larger than the map's
         // data (the kernel rounds it up to whole pages); nothing else is touched.
@@ -50,6 +53,18 @@ impl<T: aya::Pod> MappedArray<T> {
             len,
             _map: map,
         })
+    }
+
+    /// Entries in the map.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Where each entry is, in index order, for readers that must read an entry's fields in
+    /// a given order; valid while `self` lives.
+    pub fn entry_pointers(&self) -> impl Iterator<Item = *const T> + '_ {
+        // SAFETY: every `index` is inside the mapping.
+        (0..self.len).map(|index| unsafe { self.entries.as_ptr().add(index).cast_const() })
     }
 
     /// Every entry as it is now, in index order.

@@ -399,9 +399,10 @@ fn with_dns_off_the_shared_classifier_counts_tcp_and_no_dns() {
 
 #[test]
 fn an_event_overload_drops_events_and_no_counts() {
-    // More query events than the 2 MiB ring holds: one with these names takes 64 bytes of
-    // ring, so 32,768 fill it.
-    const QUERIES: u64 = 40_000;
+    // More queries than the 2 MiB ring holds records for: a name event with these names
+    // takes 48 to 56 bytes of ring, so about 40,000 fill it.
+    const QUERIES: u64 = 50_000;
+    const MORE: u64 = 10;
     let netns = Netns::new();
     let config = AgentConfig::new(&dns_config());
     let agent = Agent::start(&netns, &config);
@@ -421,6 +422,8 @@ fn an_event_overload_drops_events_and_no_counts() {
     };
     // A stalled agent drains nothing. Names asked again and again are counted in the
     // kernel's name table, not sent per query: nothing is lost, and the top list is exact.
+    // (These two names hash to different slots; names sharing a slot would take it from each
+    // other at every query, each time with an event.)
     agent.pause(true);
     netns.run(|| {
         let mut client = Client::new(SERVER);
@@ -441,35 +444,46 @@ fn an_event_overload_drops_events_and_no_counts() {
         [("api.test".to_owned(), half), ("www.test".to_owned(), half)]
     );
 
-    // Names never asked twice each take a slot and go to the ring: it overflows.
+    // More of the two, counted in their slots with the agent stalled; then names never asked
+    // twice each take a slot and go to the ring, which overflows. The two names' slots are
+    // taken from them early on: their final counts travel in those events.
     agent.pause(true);
     netns.run(|| {
         let mut client = Client::new(SERVER);
+        for name in ["www.test.", "api.test."] {
+            for _ in 0..MORE {
+                assert_eq!(client.query(name, RecordType::A), ResponseCode::NoError);
+            }
+        }
         for i in 0..QUERIES {
             let name = format!("u{i}.test.");
             assert_eq!(client.query(&name, RecordType::A), ResponseCode::NXDomain);
         }
     });
     agent.pause(false);
+    let all = 2 * QUERIES + 2 * MORE;
     let json = wait_for("the agent to catch up", Duration::from_secs(10), || {
         let json = dns_json(&netns);
-        (json["totalResponses"] == 2 * QUERIES).then_some(json)
+        (json["totalResponses"] == all).then_some(json)
     });
     let dropped = json["eventsDropped"].as_u64().unwrap();
     assert!(dropped > 0, "no events dropped: {json}");
     // Every counter is exact whatever the events did.
-    assert_eq!(json["totalQueries"], 2 * QUERIES);
-    assert_eq!(json["queryTypeBreakdown"]["A"], 2 * QUERIES);
-    assert_eq!(json["responseCodes"]["NOERROR"], QUERIES);
+    assert_eq!(json["totalQueries"], all);
+    assert_eq!(json["queryTypeBreakdown"]["A"], all);
+    assert_eq!(json["responseCodes"]["NOERROR"], QUERIES + 2 * MORE);
     assert_eq!(json["responseCodes"]["NXDOMAIN"], QUERIES);
-    assert_eq!(json["latency"]["count"], 2 * QUERIES);
-    assert_eq!(json["cacheStats"]["hits"], 2 * QUERIES);
-    // The names counted in place were handed over as the new names took their slots, or
-    // kept their slots when the ring had no room for the newcomer: still exact.
+    assert_eq!(json["latency"]["count"], all);
+    assert_eq!(json["cacheStats"]["hits"], all);
+    // The two names' counts were handed over as new names took their slots (or stayed in
+    // them when the ring had no room for the newcomer): still exact.
     // (The single names behind them outnumber the tracked set: their counts are estimates.)
     assert_eq!(
         top(&json)[..2],
-        [("api.test".to_owned(), half), ("www.test".to_owned(), half)]
+        [
+            ("api.test".to_owned(), half + MORE),
+            ("www.test".to_owned(), half + MORE)
+        ]
     );
     let metrics = scrape(&netns);
     assert_eq!(
