@@ -54,23 +54,14 @@ pub const HOOK_LOOPBACK: u32 = 2;
 const UDP_HLEN: usize = 8;
 const DNS_HLEN: usize = 12;
 /// Where the copy of the packet (from the UDP header on) starts in scratch: far enough in
-/// that a query event's fixed part fits right before the name, so that event and name go to
-/// the ring as one piece of scratch.
+/// that an event's fixed part fits right before the name, so that event and name go to the
+/// ring as one piece of scratch ([`send_with_name`]).
 const COPY_AT: usize = 28;
 /// Offset of the DNS header in scratch.
 const DNS_AT: usize = COPY_AT + UDP_HLEN;
 /// Offset of the question's name in scratch.
 const NAME_AT: usize = DNS_AT + DNS_HLEN;
-/// Offset of a query event's fixed part in scratch (8-aligned, as map values are).
-const EVENT_AT: usize = NAME_AT - size_of::<DnsQueryEvent>();
-/// Offset of a name event's fixed part in scratch.
-const NAME_EVENT_AT: usize = NAME_AT - size_of::<DnsNameEvent>();
-const _: () = assert!(
-    EVENT_AT.is_multiple_of(8)
-        && NAME_EVENT_AT.is_multiple_of(8)
-        && NAME_AT.is_multiple_of(8)
-        && NAME_AT + DNS_NAME_MAX <= PARK_END
-);
+const _: () = assert!(NAME_AT.is_multiple_of(8) && NAME_AT + DNS_NAME_MAX <= PARK_END);
 /// Keeps scratch offsets provably inside the buffer for the verifier.
 const MASK: usize = DNS_SCRATCH_BYTES - 1;
 
@@ -567,18 +558,8 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
         name_len: name_len as u16,
         _pad: [0; 6],
     };
-    // SAFETY: NAME_EVENT_AT is 8-aligned inside the scratch value and the event ends at
-    // NAME_AT; it overwrites headers already read.
-    unsafe { core::ptr::write(buf[NAME_EVENT_AT..NAME_AT].as_mut_ptr().cast(), event) };
-    let Some(record) = buf.get(NAME_EVENT_AT..NAME_AT + name_len) else {
-        return;
-    };
-    if DNS_EVENTS
-        .output_untyped::<[u8]>(record, u64::from(BPF_RB_NO_WAKEUP))
-        .is_err()
-    {
+    if !send_with_name(event, buf, name_len, counters) {
         // The slot keeps its name, whose count the agent can still read.
-        counters.events_dropped += 1;
         return;
     }
     // The agent reads tenure, count, tenure and keeps the count only if the tenure stayed:
@@ -629,9 +610,7 @@ fn sampled() -> bool {
     every <= 1 || unsafe { bpf_get_prandom_u32() } % every == 0
 }
 
-/// Sends the query to the ring for the event stream: its fixed part is written over the UDP
-/// and DNS headers in scratch (read already), right before the name, and both go out in one
-/// copy.
+/// Sends the query, with its name, to the ring for the event stream.
 #[inline(always)]
 fn sample_query(
     id: u16,
@@ -653,17 +632,38 @@ fn sample_query(
         name_len: name_len as u16,
         _pad: 0,
     };
-    // SAFETY: EVENT_AT is 8-aligned inside the scratch value and the event ends at NAME_AT.
-    unsafe { core::ptr::write(buf[EVENT_AT..NAME_AT].as_mut_ptr().cast(), event) };
-    let Some(record) = buf.get(EVENT_AT..NAME_AT + name_len) else {
-        return;
+    send_with_name(event, buf, name_len, counters);
+}
+
+/// Sends `event` and the question's name as one ring record: the event is written into
+/// scratch right before the name, over headers already read, and both go out in one copy.
+/// `false` if the ring had no room (counted as dropped).
+#[inline(always)]
+fn send_with_name<E>(
+    event: E,
+    buf: &mut [u8; DNS_SCRATCH_BYTES],
+    name_len: usize,
+    counters: &mut DnsCounters,
+) -> bool {
+    let at = const {
+        let at = NAME_AT - size_of::<E>();
+        assert!(at.is_multiple_of(8) && at >= size_of::<u64>());
+        at
+    };
+    // SAFETY: `at` is 8-aligned inside the scratch value (which is 8-aligned), and the event
+    // ends at NAME_AT.
+    unsafe { core::ptr::write(buf[at..NAME_AT].as_mut_ptr().cast(), event) };
+    let Some(record) = buf.get(at..NAME_AT + (name_len & 0xff)) else {
+        return false;
     };
     if DNS_EVENTS
         .output_untyped::<[u8]>(record, u64::from(BPF_RB_NO_WAKEUP))
         .is_err()
     {
         counters.events_dropped += 1;
+        return false;
     }
+    true
 }
 
 /// Matches the response to its query: latency, cache hit or miss, the answer event.

@@ -418,6 +418,17 @@ mod tests {
         out
     }
 
+    /// A ring record: the event's fixed part, then the name.
+    fn record<E: Copy>(event: &E, name: &[u8]) -> Vec<u8> {
+        // SAFETY: plain data viewed as bytes.
+        let mut bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(event).cast::<u8>(), size_of::<E>())
+        }
+        .to_vec();
+        bytes.extend_from_slice(name);
+        bytes
+    }
+
     #[test]
     fn names_decode_lowercase_without_the_root_dot() {
         assert_eq!(
@@ -443,16 +454,7 @@ mod tests {
             name_len: u16::try_from(name.len()).unwrap(),
             _pad: 0,
         };
-        // A ring record: the fixed part, then the name.
-        // SAFETY: plain data viewed as bytes.
-        let mut bytes = unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::from_ref(&event).cast::<u8>(),
-                size_of::<DnsQueryEvent>(),
-            )
-        }
-        .to_vec();
-        bytes.extend_from_slice(&name);
+        let bytes = record(&event, &name);
         let mut decoder = EventDecoder::default();
         let event = decoder.decode(&bytes).unwrap();
         assert_eq!(
@@ -492,15 +494,7 @@ mod tests {
             name_len: u16::try_from(name.len()).unwrap(),
             _pad: [0; 6],
         };
-        // SAFETY: plain data viewed as bytes.
-        let mut bytes = unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::from_ref(&event).cast::<u8>(),
-                size_of::<DnsNameEvent>(),
-            )
-        }
-        .to_vec();
-        bytes.extend_from_slice(&name);
+        let bytes = record(&event, &name);
         let mut decoder = EventDecoder::default();
         assert_eq!(
             decoder.decode(&bytes),

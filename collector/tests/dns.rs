@@ -26,6 +26,21 @@ fn dns_config() -> String {
     format!("[dns]\nports = [53]\nupstream_ports = [{UPSTREAM_PORT}]\n")
 }
 
+/// `/api/v1/dns`'s top domains as (domain, count).
+fn top_domains(json: &serde_json::Value) -> Vec<(String, u64)> {
+    json["topDomains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["domain"].as_str().unwrap().to_owned(),
+                d["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Waits until the agent has counted `responses` responses, and returns its JSON.
 fn dns_after(netns: &Netns, responses: u64) -> serde_json::Value {
     wait_for(
@@ -88,17 +103,7 @@ fn counts_a_known_query_mix_exactly() {
     );
     // REFUSED is a server failure to the client; NXDOMAIN is an answer.
     assert_eq!(json["errorRate"], 10.0 / 575.0);
-    let top: Vec<(String, u64)> = json["topDomains"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["domain"].as_str().unwrap().to_owned(),
-                d["count"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let top = top_domains(&json);
     assert_eq!(
         top[..5],
         [
@@ -407,19 +412,6 @@ fn an_event_overload_drops_events_and_no_counts() {
     let config = AgentConfig::new(&dns_config());
     let agent = Agent::start(&netns, &config);
     let _server = Unbound::start(&netns, false);
-    let top = |json: &serde_json::Value| -> Vec<(String, u64)> {
-        json["topDomains"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                (
-                    d["domain"].as_str().unwrap().to_owned(),
-                    d["count"].as_u64().unwrap(),
-                )
-            })
-            .collect()
-    };
     // A stalled agent drains nothing. Names asked again and again are counted in the
     // kernel's name table, not sent per query: nothing is lost, and the top list is exact.
     // (These two names hash to different slots; names sharing a slot would take it from each
@@ -440,7 +432,7 @@ fn an_event_overload_drops_events_and_no_counts() {
     assert_eq!(json["eventsDropped"], 0, "{json}");
     let half = QUERIES / 2;
     assert_eq!(
-        top(&json),
+        top_domains(&json),
         [("api.test".to_owned(), half), ("www.test".to_owned(), half)]
     );
 
@@ -479,7 +471,7 @@ fn an_event_overload_drops_events_and_no_counts() {
     // them when the ring had no room for the newcomer): still exact.
     // (The single names behind them outnumber the tracked set: their counts are estimates.)
     assert_eq!(
-        top(&json)[..2],
+        top_domains(&json)[..2],
         [
             ("api.test".to_owned(), half + MORE),
             ("www.test".to_owned(), half + MORE)
