@@ -439,6 +439,23 @@ pub const DNS_COPY_BYTES: usize = 8 + 12 + DNS_NAME_MAX + 4;
 
 const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;
 
+/// Eight bytes of a name with the ASCII capitals made small and every other byte left as
+/// it is, all at once: names compare case-insensitively in DNS, and only A to Z fold
+/// (setting bit 5 of every byte would also make `-` and `\r` one byte).
+#[inline(always)]
+#[must_use]
+pub const fn dns_lowercase_word(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Each byte's low seven bits plus a constant sets its high bit exactly when the byte is
+    // at least that large, without a carry into the next byte (0x7f + 0x3f < 0x100).
+    let low = word & !HIGH;
+    let from_a = low + ONES * (0x80 - b'A' as u64);
+    let past_z = low + ONES * (0x80 - b'Z' as u64 - 1);
+    let capitals = from_a & !past_z & !word & HIGH;
+    word | (capitals >> 2)
+}
+
 /// 32 bits standing for a client address in the in-flight table. Two clients that share a
 /// port, an id, a slot and a fingerprint at once would be confused: about one chance in
 /// 2^32 per collision in the table, which is itself counted (`evicted`).
@@ -681,6 +698,23 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_lowercase_as_bytes_do() {
+        // Every byte value in every position, beside varied neighbours.
+        for byte in 0..=255u8 {
+            for position in 0..8 {
+                let mut bytes = *b"Az-_09\x7f\x80";
+                bytes[position] = byte;
+                let word = u64::from_le_bytes(bytes);
+                assert_eq!(
+                    dns_lowercase_word(word),
+                    u64::from_le_bytes(bytes.map(|b| b.to_ascii_lowercase())),
+                    "{bytes:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn duration_buckets_are_log2_microseconds() {

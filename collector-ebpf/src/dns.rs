@@ -34,7 +34,8 @@ use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
     DNS_NAME_MAX, DNS_NAME_SLOTS_PER_CPU, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent,
     DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, dns_client_fingerprint,
-    dns_inflight_slot, dns_malformed, dns_port_listed, dns_qtype_index, duration_bucket,
+    dns_inflight_slot, dns_lowercase_word, dns_malformed, dns_port_listed, dns_qtype_index,
+    duration_bucket,
 };
 
 use crate::{
@@ -422,7 +423,8 @@ fn question(buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Result<Question, u32> {
     })
 }
 
-/// Case-insensitive hash of the name's wire form, eight bytes at a time.
+/// Case-insensitive hash of the name's wire form (ASCII letters folded), eight bytes at a
+/// time.
 #[inline(always)]
 fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -437,9 +439,7 @@ fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize) -> u64 {
         // so is NAME_AT); `at + 8` is at most NAME_AT + 256, inside the 512 bytes.
         // Little-endian, as the target is.
         let word_value = unsafe { buf.as_ptr().add(at).cast::<u64>().read() };
-        // ASCII case folding: setting bit 5 maps 'A'..'Z' onto 'a'..'z' (and leaves other
-        // bytes equal on both sides of the comparison).
-        let mut value = word_value | 0x2020_2020_2020_2020;
+        let mut value = dns_lowercase_word(word_value);
         let left = name_len - done;
         if left < 8 {
             value &= (1u64 << (left * 8)) - 1;

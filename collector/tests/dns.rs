@@ -86,7 +86,9 @@ fn counts_a_known_query_mix_exactly() {
             );
         }
         ask("x.refused.test.", RecordType::A, 10, ResponseCode::Refused);
-        ask("www.test.", RecordType::AAAA, 200, ResponseCode::NoError);
+        // Names compare case-insensitively: these 50 count as www.test too.
+        ask("www.test.", RecordType::AAAA, 150, ResponseCode::NoError);
+        ask("WWW.Test.", RecordType::AAAA, 50, ResponseCode::NoError);
         ask("mail.test.", RecordType::MX, 50, ResponseCode::NoError);
         ask("txt.test.", RecordType::TXT, 25, ResponseCode::NoError);
     });
