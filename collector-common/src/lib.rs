@@ -347,17 +347,51 @@ pub fn dns_name_table_len(possible_cpus: usize) -> Option<u32> {
 }
 
 /// A name counted in place by one CPU: one slot of `DNS_NAMES`. Only the owning CPU
-/// writes it; the agent reads it through a read-only mapping while it changes.
+/// writes it; the agent reads `state` through a read-only mapping while it changes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsNameSlot {
     /// Hash of the name, for the kernel's match.
     pub hash: u64,
-    /// How many names have held the slot; 0 = never used. What the agent matches on: a name
-    /// that comes back to a slot is a new tenure, whose count starts again from zero.
-    pub tenure: u64,
-    /// Queries for the name in this tenure, beyond the one its [`DnsNameEvent`] carried.
-    pub count: u64,
+    /// Tenure and count in one word ([`dns_name_state`]), so that one load reads both as
+    /// they were together, and one store moves both on. 0 = never used.
+    pub state: u64,
+}
+
+/// Bits of [`DnsNameSlot::state`] that count queries; the tenure is above them.
+pub const DNS_NAME_COUNT_BITS: u32 = 40;
+/// Most queries one tenure counts; the next one starts a new tenure of the same name.
+pub const DNS_NAME_COUNT_MAX: u64 = (1 << DNS_NAME_COUNT_BITS) - 1;
+/// Tenures wrap below this, skipping 0. A slot changes tenure only with an event in the
+/// ring, so between two reads of the agent it moves on at most as many times as the ring
+/// holds records, far fewer than the tenures before a wrap.
+pub const DNS_NAME_TENURES: u32 = 1 << (64 - DNS_NAME_COUNT_BITS);
+
+/// A slot's state: the name's tenure (how many names have held the slot, what the agent
+/// matches on: a name that comes back is a new tenure) and the queries it counted there
+/// beyond the one its [`DnsNameEvent`] carried.
+#[inline]
+#[must_use]
+pub const fn dns_name_state(tenure: u32, count: u64) -> u64 {
+    ((tenure as u64) << DNS_NAME_COUNT_BITS) | (count & DNS_NAME_COUNT_MAX)
+}
+
+/// The tenure in a slot's state.
+#[inline]
+#[must_use]
+pub const fn dns_name_tenure(state: u64) -> u32 {
+    (state >> DNS_NAME_COUNT_BITS) as u32
+}
+
+/// The tenure after `tenure` (never 0, which marks a slot never used).
+#[inline]
+#[must_use]
+pub const fn dns_name_next_tenure(tenure: u32) -> u32 {
+    if tenure + 1 >= DNS_NAME_TENURES {
+        1
+    } else {
+        tenure + 1
+    }
 }
 
 /// A name taking a slot of `DNS_NAMES`: it stands for the query that asked for it, and hands
@@ -370,13 +404,13 @@ pub struct DnsNameEvent {
     pub kind: u32,
     /// Index of the slot in `DNS_NAMES` (CPU × [`DNS_NAME_SLOTS_PER_CPU`] + slot).
     pub slot: u32,
-    /// The new name's tenure of the slot; the replaced name's was one less.
-    pub tenure: u64,
-    /// The replaced name's final [`DnsNameSlot::count`].
+    /// The replaced tenure's final count.
     pub replaced_count: u64,
+    /// The new name's tenure of the slot (the one after the replaced tenure).
+    pub tenure: u32,
     /// Bytes of the name that follows.
     pub name_len: u16,
-    pub _pad: [u8; 6],
+    pub _pad: u16,
 }
 
 /// A sampled client query, for the event stream and top domains. Its name (wire form,
@@ -442,7 +476,7 @@ const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Eight bytes of a name with the ASCII capitals made small and every other byte left as
 /// it is, all at once: names compare case-insensitively in DNS, and only A to Z fold
 /// (setting bit 5 of every byte would also make `-` and `\r` one byte).
-#[inline(always)]
+#[inline]
 #[must_use]
 pub const fn dns_lowercase_word(word: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
@@ -618,8 +652,8 @@ const _: () = assert!(size_of::<DnsPorts>() == 32);
 const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
 const _: () = assert!(DNS_UPSTREAM_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<DnsQueryEvent>() == 40);
-const _: () = assert!(size_of::<DnsNameEvent>() == 32);
-const _: () = assert!(size_of::<DnsNameSlot>() == 24);
+const _: () = assert!(size_of::<DnsNameEvent>() == 24);
+const _: () = assert!(size_of::<DnsNameSlot>() == 16);
 const _: () = assert!(size_of::<DnsAnswerEvent>() == 48);
 const _: () = assert!(core::mem::offset_of!(DnsAnswerEvent, client_addr) == 24);
 const _: () = assert!(DNS_SCRATCH_BYTES.is_power_of_two() && DNS_COPY_BYTES < DNS_SCRATCH_BYTES);
@@ -698,6 +732,20 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_slots_state_holds_tenure_and_count() {
+        let state = dns_name_state(7, 12);
+        assert_eq!(dns_name_tenure(state), 7);
+        assert_eq!(state & DNS_NAME_COUNT_MAX, 12);
+        let last = DNS_NAME_TENURES - 1;
+        assert_eq!(
+            dns_name_tenure(dns_name_state(last, DNS_NAME_COUNT_MAX)),
+            last
+        );
+        assert_eq!(dns_name_next_tenure(last), 1);
+        assert_eq!(dns_name_next_tenure(0), 1);
+    }
 
     #[test]
     fn words_lowercase_as_bytes_do() {

@@ -20,8 +20,6 @@
 //! to the ring only when it takes the slot; while someone reads the event stream, every
 //! sampled query goes to the ring whole instead.
 
-use core::intrinsics::{AtomicOrdering, atomic_xchg};
-
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::generated::{
@@ -32,9 +30,10 @@ use aya_ebpf::{
 };
 use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
-    DNS_NAME_MAX, DNS_NAME_SLOTS_PER_CPU, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent,
-    DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, dns_client_fingerprint,
-    dns_inflight_slot, dns_lowercase_word, dns_malformed, dns_port_listed, dns_qtype_index,
+    DNS_NAME_COUNT_MAX, DNS_NAME_MAX, DNS_NAME_SLOTS_PER_CPU, DNS_SCRATCH_BYTES,
+    DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent,
+    dns_client_fingerprint, dns_inflight_slot, dns_lowercase_word, dns_malformed,
+    dns_name_next_tenure, dns_name_state, dns_name_tenure, dns_port_listed, dns_qtype_index,
     duration_bucket,
 };
 
@@ -545,32 +544,30 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
     // SAFETY: a value of our array, written only from this CPU (its index range), and tc
     // programs do not nest on a CPU. The agent reads it through its mapping meanwhile.
     let slot = unsafe { &mut *slot };
-    if slot.tenure != 0 && slot.hash == hash {
-        slot.count += 1;
+    let state = slot.state;
+    let count = state & DNS_NAME_COUNT_MAX;
+    if state != 0 && slot.hash == hash && count < DNS_NAME_COUNT_MAX {
+        // SAFETY: the slot's own field; an aligned store the agent reads whole.
+        unsafe { core::ptr::write_volatile(&raw mut slot.state, state + 1) };
         return;
     }
-    let tenure = slot.tenure + 1;
+    let tenure = dns_name_next_tenure(dns_name_tenure(state));
     let event = DnsNameEvent {
         kind: DNS_EVENT_NAME,
         slot: index,
+        replaced_count: count,
         tenure,
-        replaced_count: slot.count,
         name_len: name_len as u16,
-        _pad: [0; 6],
+        _pad: 0,
     };
     if !send_with_name(event, buf, name_len, counters) {
         // The slot keeps its name, whose count the agent can still read.
         return;
     }
-    // The agent reads tenure, count, tenure and keeps the count only if the tenure stayed:
-    // so the count is zeroed before the new tenure shows, and the new name counts only
-    // after it (the exchange is a full barrier where stores may otherwise pass each other).
-    // SAFETY: the slot's own fields, 8-aligned.
-    unsafe {
-        core::ptr::write_volatile(&raw mut slot.count, 0);
-        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut slot.tenure, tenure);
-        core::ptr::write_volatile(&raw mut slot.hash, hash);
-    }
+    // Tenure and count move on in one store: the agent never sees one without the other.
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut slot.state, dns_name_state(tenure, 0)) };
+    slot.hash = hash;
 }
 
 /// Takes the query's in-flight slot (a retransmission keeps the first one's).

@@ -11,14 +11,15 @@ use std::{
     net::{IpAddr, Ipv6Addr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering, fence},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
 use aya::maps::{MapData, RingBuf};
 use collector_common::{
-    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DnsAnswerEvent,
-    DnsNameEvent, DnsNameSlot, DnsQueryEvent,
+    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_NAME_COUNT_MAX, DNS_QTYPE_OTHER,
+    DnsAnswerEvent, DnsNameEvent, DnsNameSlot, DnsQueryEvent, dns_name_next_tenure,
+    dns_name_tenure,
 };
 use hickory_proto::{
     rr::{Name, RecordType},
@@ -46,7 +47,7 @@ pub enum DnsEvent {
     /// Not streamed.
     Name {
         slot: u32,
-        tenure: u64,
+        tenure: u32,
         replaced_count: u64,
         domain: Option<Arc<str>>,
     },
@@ -180,38 +181,18 @@ pub struct DomainStats {
 /// The name a slot of the kernel's name table holds, and how much of its count is folded.
 #[derive(Debug, Default, Clone)]
 struct SlotName {
-    tenure: u64,
+    tenure: u32,
     domain: Option<Arc<str>>,
     folded: u64,
 }
 
-/// A slot of the kernel's name table as read: its tenure and that tenure's count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotReading {
-    pub tenure: u64,
-    pub count: u64,
-}
-
-/// Reads a slot while its CPU may be rewriting it: the tenure before and after the count,
-/// `None` if it moved on in between (a seqlock's read side; the kernel zeroes the count
-/// before it moves the tenure on, and counts the new name only after).
-fn read_slot(slot: *const DnsNameSlot) -> Option<SlotReading> {
-    // SAFETY: `slot` points into a live read-only mapping whose 8-aligned words the kernel
-    // writes concurrently: they are only ever loaded, atomically.
-    let (tenure, count) = unsafe {
-        (
-            AtomicU64::from_ptr((&raw const (*slot).tenure).cast_mut()),
-            AtomicU64::from_ptr((&raw const (*slot).count).cast_mut()),
-        )
-    };
-    let before = tenure.load(Ordering::Acquire);
-    let count = count.load(Ordering::Relaxed);
-    fence(Ordering::Acquire);
-    let after = tenure.load(Ordering::Relaxed);
-    (before == after).then_some(SlotReading {
-        tenure: before,
-        count,
-    })
+/// Reads a slot's state (tenure and count, [`dns_name_state`]) while its CPU may be
+/// rewriting it: one aligned word, loaded whole.
+fn read_slot(slot: *const DnsNameSlot) -> u64 {
+    // SAFETY: `slot` points into a live read-only mapping whose 8-aligned `state` the kernel
+    // writes concurrently: it is only ever loaded, atomically.
+    let state = unsafe { AtomicU64::from_ptr((&raw const (*slot).state).cast_mut()) };
+    state.load(Ordering::Relaxed)
 }
 
 /// A copy of the DNS event statistics for a snapshot.
@@ -266,7 +247,7 @@ impl DomainStats {
                 );
                 // Events of a slot come in the order its CPU sent them, so the tenure before
                 // this one is the one held.
-                if replaced.tenure + 1 == *tenure {
+                if dns_name_next_tenure(replaced.tenure) == *tenure {
                     let unfolded = replaced_count.saturating_sub(replaced.folded);
                     self.fold(replaced.domain.as_ref(), unfolded);
                 }
@@ -275,23 +256,20 @@ impl DomainStats {
         }
     }
 
-    /// Folds what the name table counted since the last time, for the name of each slot's
-    /// current tenure. A slot whose tenure the events have not reached yet is left for later:
-    /// the event that ends the held tenure carries its final count. `None`: a slot caught
-    /// changing tenure.
-    pub fn fold_table(&mut self, table: impl Iterator<Item = Option<SlotReading>>) {
-        for (index, reading) in table.enumerate() {
+    /// Folds what the name table counted since the last time (each slot's state), for the
+    /// name of each slot's current tenure. A slot whose tenure the events have not reached
+    /// yet is left for later: the event that ends the held tenure carries its final count.
+    pub fn fold_table(&mut self, states: impl Iterator<Item = u64>) {
+        for (index, state) in states.enumerate() {
             let Some(held) = self.slots.get_mut(index) else {
                 break;
             };
-            let Some(reading) = reading else {
-                continue;
-            };
-            if reading.tenure != held.tenure || reading.count <= held.folded {
+            let count = state & DNS_NAME_COUNT_MAX;
+            if dns_name_tenure(state) != held.tenure || count <= held.folded {
                 continue;
             }
-            let unfolded = reading.count - held.folded;
-            held.folded = reading.count;
+            let unfolded = count - held.folded;
+            held.folded = count;
             let domain = held.domain.clone();
             self.fold(domain.as_ref(), unfolded);
         }
@@ -489,10 +467,10 @@ mod tests {
         let event = DnsNameEvent {
             kind: DNS_EVENT_NAME,
             slot: 1030,
-            tenure: 4,
             replaced_count: 9,
+            tenure: 4,
             name_len: u16::try_from(name.len()).unwrap(),
-            _pad: [0; 6],
+            _pad: 0,
         };
         let bytes = record(&event, &name);
         let mut decoder = EventDecoder::default();
@@ -503,7 +481,7 @@ mod tests {
         assert_eq!(decoder.decode(&bytes[..bytes.len() - 1]), None);
     }
 
-    fn name_event(slot: u32, tenure: u64, replaced_count: u64, domain: Option<&str>) -> DnsEvent {
+    fn name_event(slot: u32, tenure: u32, replaced_count: u64, domain: Option<&str>) -> DnsEvent {
         DnsEvent::Name {
             slot,
             tenure,
@@ -512,11 +490,11 @@ mod tests {
         }
     }
 
-    /// Slot readings, by (tenure, count); `None` for a slot caught changing tenure.
-    fn table(slots: &[Option<(u64, u64)>]) -> impl Iterator<Item = Option<SlotReading>> + '_ {
+    /// Slot states, by (tenure, count).
+    fn table(slots: &[(u32, u64)]) -> impl Iterator<Item = u64> + '_ {
         slots
             .iter()
-            .map(|slot| slot.map(|(tenure, count)| SlotReading { tenure, count }))
+            .map(|&(tenure, count)| collector_common::dns_name_state(tenure, count))
     }
 
     /// Statistics over a name table of `slots` slots that the test reads out itself.
@@ -537,57 +515,61 @@ mod tests {
         let mut stats = with_slots(1, 2);
         // `a` takes slot 1 (its first tenure), then three more queries count there.
         stats.apply(&name_event(1, 1, 0, Some("a.example")));
-        stats.fold_table(table(&[Some((0, 0)), Some((1, 3))]));
-        // Read again unchanged, caught changing, or with the count zeroed ahead of the new
-        // tenure: nothing more.
-        stats.fold_table(table(&[Some((0, 0)), Some((1, 3))]));
-        stats.fold_table(table(&[Some((0, 0)), None]));
-        stats.fold_table(table(&[Some((0, 0)), Some((1, 0))]));
+        stats.fold_table(table(&[(0, 0), (1, 3)]));
+        // Read again unchanged: nothing more.
+        stats.fold_table(table(&[(0, 0), (1, 3)]));
         assert_eq!(top(&mut stats), [a(4)]);
         // `b` took the slot, but its event is still in the ring: the slot is left alone...
-        stats.fold_table(table(&[Some((0, 0)), Some((2, 2))]));
+        stats.fold_table(table(&[(0, 0), (2, 2)]));
         assert_eq!(top(&mut stats), [a(4)]);
         // ...until the event hands over `a`'s final count (5: two more since the last read).
         stats.apply(&name_event(1, 2, 5, Some("b.example")));
-        stats.fold_table(table(&[Some((0, 0)), Some((2, 2))]));
+        stats.fold_table(table(&[(0, 0), (2, 2)]));
         assert_eq!(top(&mut stats), [a(6), b(3)]);
         // `a` came back to the slot and counted 4 there before its event was read: a new
         // tenure, not more of the old one.
-        stats.fold_table(table(&[Some((0, 0)), Some((3, 4))]));
+        stats.fold_table(table(&[(0, 0), (3, 4)]));
         assert_eq!(top(&mut stats), [a(6), b(3)]);
         stats.apply(&name_event(1, 3, 2, Some("a.example")));
-        stats.fold_table(table(&[Some((0, 0)), Some((3, 4))]));
+        stats.fold_table(table(&[(0, 0), (3, 4)]));
         assert_eq!(top(&mut stats), [a(11), b(3)]);
         // A name that did not decode counts its queries as undecodable.
         stats.apply(&name_event(0, 1, 0, None));
-        stats.fold_table(table(&[Some((1, 4)), Some((3, 4))]));
+        stats.fold_table(table(&[(1, 4), (3, 4)]));
         let snapshot = stats.snapshot(10);
         assert_eq!(snapshot.undecodable_names, 5);
         assert_eq!(snapshot.events_received, 4);
     }
 
     #[test]
+    fn tenures_wrap_past_the_last_to_the_first() {
+        let last = collector_common::DNS_NAME_TENURES - 1;
+        let mut stats = with_slots(1, 1);
+        stats.slots[0].tenure = last;
+        stats.slots[0].domain = Some("a.example".into());
+        stats.fold_table(table(&[(last, 2)]));
+        stats.apply(&name_event(0, 1, 3, Some("b.example")));
+        assert_eq!(
+            top(&mut stats),
+            [("a.example".to_owned(), 3), ("b.example".to_owned(), 1)]
+        );
+    }
+
+    #[test]
     fn sampled_names_in_the_table_stand_for_the_sampling() {
         let mut stats = with_slots(4, 1);
         stats.apply(&name_event(0, 1, 0, Some("a.example")));
-        stats.fold_table(table(&[Some((1, 2))]));
+        stats.fold_table(table(&[(1, 2)]));
         assert_eq!(top(&mut stats), [("a.example".to_owned(), 12)]);
     }
 
     #[test]
-    fn a_slot_reads_whole_while_nothing_changes_it() {
+    fn a_slot_reads_as_its_state() {
         let slot = DnsNameSlot {
             hash: 7,
-            tenure: 2,
-            count: 5,
+            state: collector_common::dns_name_state(2, 5),
         };
-        assert_eq!(
-            read_slot(&raw const slot),
-            Some(SlotReading {
-                tenure: 2,
-                count: 5
-            })
-        );
+        assert_eq!(read_slot(&raw const slot), slot.state);
     }
 
     #[test]
