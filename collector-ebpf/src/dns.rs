@@ -644,7 +644,7 @@ fn send_with_name<E>(
 ) -> bool {
     let at = const {
         let at = NAME_AT - size_of::<E>();
-        assert!(at.is_multiple_of(8) && at >= size_of::<u64>());
+        assert!(at.is_multiple_of(8));
         at
     };
     // SAFETY: `at` is 8-aligned inside the scratch value (which is 8-aligned), and the event
