@@ -48,11 +48,16 @@ pub mod map_names {
     /// in a slot found from its socket cookie (see [`super::conn_slot`]). Memory-mappable:
     /// the agent counts the open connections per client in it at every poll.
     pub const CONN_STATE: &str = "CONN_STATE";
-    /// `RingBuf` of [`super::ConnEvent`].
+    /// `RingBuf` of [`super::ConnEvent`] and [`super::ConnClientEvent`].
     pub const CONN_EVENTS: &str = "CONN_EVENTS";
-    /// `Array<u32>`, one entry: nonzero while someone reads the event stream. Close events
-    /// feed only the stream, so they are not sent otherwise.
-    pub const CONN_CLOSES_WANTED: &str = "CONN_CLOSES_WANTED";
+    /// `Array<u32>`, one entry: nonzero while someone reads the event stream. Then every
+    /// connection's open and close go to the ring; otherwise neither is sent, and clients
+    /// are counted in [`CONN_CLIENTS`].
+    pub const CONN_STREAM_WANTED: &str = "CONN_STREAM_WANTED";
+    /// `Array<ClientSlot>` (memory-mappable), [`super::TALLY_SLOTS_PER_CPU`] entries per
+    /// possible CPU, each CPU writing only its own: the clients whose connections it accepted
+    /// lately, counted in place. Not pinned, like [`DNS_NAMES`].
+    pub const CONN_CLIENTS: &str = "CONN_CLIENTS";
     /// `PerCpuArray<TrafficCounters>`, `MAX_ROUTES * 2` entries indexed by `slot * 2 + dir`.
     pub const ROUTE_TRAFFIC: &str = "ROUTE_TRAFFIC";
     /// `PerCpuArray<u64>`, [`super::ERROR_KINDS`] entries: kernel-side failures by kind.
@@ -73,7 +78,7 @@ pub mod map_names {
     /// sampled query goes to the ring whole, and answers too; otherwise answers are not sent
     /// and query names are counted in [`DNS_NAMES`].
     pub const DNS_STREAM_WANTED: &str = "DNS_STREAM_WANTED";
-    /// `Array<DnsNameSlot>` (memory-mappable), [`super::DNS_NAME_SLOTS_PER_CPU`] entries per
+    /// `Array<DnsNameSlot>` (memory-mappable), [`super::TALLY_SLOTS_PER_CPU`] entries per
     /// possible CPU, each CPU writing only its own: the names its queries asked for lately,
     /// counted in place. Not pinned: its counts mean something only to the agent that knows
     /// the names.
@@ -313,13 +318,13 @@ pub const DNS_NAME_MAX: usize = 255;
 /// A query waiting for its response: one slot of the in-flight table. 16 bytes, four to a
 /// cache line: the slot a query takes is cold and the response reads it on another CPU, so
 /// its size is most of what latency tracking costs. The client address is kept as a
-/// fingerprint (see [`dns_client_fingerprint`]); port and id are kept whole.
+/// fingerprint (see [`client_fingerprint`]); port and id are kept whole.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsInFlight {
     /// `bpf_ktime_get_ns` when the query arrived; 0 = free slot.
     pub start_ns: u64,
-    /// [`dns_client_fingerprint`] of the client address.
+    /// [`client_fingerprint`] of the client address.
     pub client: u32,
     /// Client port, host byte order.
     pub client_port: u16,
@@ -334,60 +339,68 @@ pub const DNS_EVENT_ANSWER: u32 = 4;
 /// [`DnsNameEvent::kind`].
 pub const DNS_EVENT_NAME: u32 = 5;
 
-/// Slots of the name table per CPU, indexed by a hash of the name: a CPU counts a name in
-/// place while it keeps its slot, and sends it to the agent only when it takes the slot.
-pub const DNS_NAME_SLOTS_PER_CPU: u32 = 1024;
+/// Slots per CPU of a tally table ([`map_names::DNS_NAMES`], [`map_names::CONN_CLIENTS`]),
+/// indexed by a hash of the key: a CPU counts a key in place while it keeps its slot, and
+/// sends it to the agent only when it takes the slot.
+pub const TALLY_SLOTS_PER_CPU: u32 = 1024;
 
-/// Entries of `DNS_NAMES` for a host with `possible_cpus` CPUs (`None`: too many).
+/// Entries of a tally table for a host with `possible_cpus` CPUs (`None`: too many).
 #[must_use]
-pub fn dns_name_table_len(possible_cpus: usize) -> Option<u32> {
+pub fn tally_table_len(possible_cpus: usize) -> Option<u32> {
     u32::try_from(possible_cpus)
         .ok()?
-        .checked_mul(DNS_NAME_SLOTS_PER_CPU)
+        .checked_mul(TALLY_SLOTS_PER_CPU)
 }
 
-/// A name counted in place by one CPU: one slot of `DNS_NAMES`. Only the owning CPU
-/// writes it; the agent reads `state` through a read-only mapping while it changes.
+/// A key (a name's hash, a client address) counted in place by one CPU: one slot of a tally
+/// table. Only the owning CPU writes it; the agent reads `state` through a read-only
+/// mapping while it changes, and learns the key from the event that claimed the slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DnsNameSlot {
-    /// Hash of the name, for the kernel's match.
-    pub hash: u64,
-    /// Tenure and count in one word ([`dns_name_state`]), so that one load reads both as
-    /// they were together, and one store moves both on. 0 = never used.
+pub struct TallySlot<K> {
+    /// Tenure and count in one word ([`tally_state`]), so that one load reads both as they
+    /// were together, and one store moves both on. 0 = never used.
     pub state: u64,
+    /// What the kernel matches.
+    pub key: K,
 }
 
-/// Bits of [`DnsNameSlot::state`] that count queries; the tenure is above them.
-pub const DNS_NAME_COUNT_BITS: u32 = 40;
-/// Most queries one tenure counts; the next one starts a new tenure of the same name.
-pub const DNS_NAME_COUNT_MAX: u64 = (1 << DNS_NAME_COUNT_BITS) - 1;
+/// A slot of `DNS_NAMES`: the key is the name's hash.
+pub type DnsNameSlot = TallySlot<u64>;
+/// A slot of `CONN_CLIENTS`: the key is the whole client address (IPv4 mapped into IPv6),
+/// so that no address can pass for another.
+pub type ClientSlot = TallySlot<[u64; 2]>;
+
+/// Bits of [`TallySlot::state`] that count; the tenure is above them.
+pub const TALLY_COUNT_BITS: u32 = 40;
+/// Most one tenure counts; the next one starts a new tenure of the same key.
+pub const TALLY_COUNT_MAX: u64 = (1 << TALLY_COUNT_BITS) - 1;
 /// Tenures wrap below this, skipping 0. A slot changes tenure only with an event in the
 /// ring, so between two reads of the agent it moves on at most as many times as the ring
 /// holds records, far fewer than the tenures before a wrap.
-pub const DNS_NAME_TENURES: u32 = 1 << (64 - DNS_NAME_COUNT_BITS);
+pub const TALLY_TENURES: u32 = 1 << (64 - TALLY_COUNT_BITS);
 
-/// A slot's state: the name's tenure (how many names have held the slot, what the agent
-/// matches on: a name that comes back is a new tenure) and the queries it counted there
-/// beyond the one its [`DnsNameEvent`] carried.
+/// A slot's state: the key's tenure (how many keys have held the slot, what the agent
+/// matches on: a key that comes back is a new tenure) and what it counted there beyond the
+/// one its claiming event carried.
 #[inline]
 #[must_use]
-pub const fn dns_name_state(tenure: u32, count: u64) -> u64 {
-    ((tenure as u64) << DNS_NAME_COUNT_BITS) | (count & DNS_NAME_COUNT_MAX)
+pub const fn tally_state(tenure: u32, count: u64) -> u64 {
+    ((tenure as u64) << TALLY_COUNT_BITS) | (count & TALLY_COUNT_MAX)
 }
 
 /// The tenure in a slot's state.
 #[inline]
 #[must_use]
-pub const fn dns_name_tenure(state: u64) -> u32 {
-    (state >> DNS_NAME_COUNT_BITS) as u32
+pub const fn tally_tenure(state: u64) -> u32 {
+    (state >> TALLY_COUNT_BITS) as u32
 }
 
 /// The tenure after `tenure` (never 0, which marks a slot never used).
 #[inline]
 #[must_use]
-pub const fn dns_name_next_tenure(tenure: u32) -> u32 {
-    if tenure + 1 >= DNS_NAME_TENURES {
+pub const fn tally_next_tenure(tenure: u32) -> u32 {
+    if tenure + 1 >= TALLY_TENURES {
         1
     } else {
         tenure + 1
@@ -402,7 +415,7 @@ pub const fn dns_name_next_tenure(tenure: u32) -> u32 {
 pub struct DnsNameEvent {
     /// [`DNS_EVENT_NAME`].
     pub kind: u32,
-    /// Index of the slot in `DNS_NAMES` (CPU × [`DNS_NAME_SLOTS_PER_CPU`] + slot).
+    /// Index of the slot in `DNS_NAMES` (CPU × [`TALLY_SLOTS_PER_CPU`] + slot).
     pub slot: u32,
     /// The replaced tenure's final count.
     pub replaced_count: u64,
@@ -494,7 +507,7 @@ pub const fn dns_lowercase_word(word: u64) -> u64 {
 /// port, an id, a slot and a fingerprint at once would be confused: about one chance in
 /// 2^32 per collision in the table, which is itself counted (`evicted`).
 #[must_use]
-pub fn dns_client_fingerprint(client_addr: &[u8; 16]) -> u32 {
+pub fn client_fingerprint(client_addr: &[u8; 16]) -> u32 {
     let (high, low) = client_addr.split_at(8);
     let mut buf = [0u8; 8];
     buf.copy_from_slice(high);
@@ -607,6 +620,26 @@ pub const MAP_FLAGS_MMAPABLE: usize = 1 << 10;
 pub const CONN_EVENT_OPEN: u32 = 1;
 /// [`ConnEvent::kind`] of a connection that closed.
 pub const CONN_EVENT_CLOSE: u32 = 2;
+/// [`ConnClientEvent::kind`] (the DNS event kinds go on from here).
+pub const CONN_EVENT_CLIENT: u32 = 6;
+
+/// A client taking a slot of `CONN_CLIENTS`: it stands for the connection that brought it,
+/// and hands over the previous tenure's final count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnClientEvent {
+    /// [`CONN_EVENT_CLIENT`].
+    pub kind: u32,
+    /// Index of the slot in `CONN_CLIENTS` (CPU × [`TALLY_SLOTS_PER_CPU`] + slot).
+    pub slot: u32,
+    /// The replaced tenure's final count.
+    pub replaced_count: u64,
+    /// The new client's tenure of the slot (the one after the replaced tenure).
+    pub tenure: u32,
+    pub _pad: u32,
+    /// Client address; IPv4 as an IPv4-mapped IPv6 address.
+    pub client_addr: [u8; 16],
+}
 
 /// A connection open or close, sent to the agent through [`map_names::CONN_EVENTS`].
 #[repr(C)]
@@ -654,6 +687,9 @@ const _: () = assert!(DNS_UPSTREAM_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<DnsQueryEvent>() == 40);
 const _: () = assert!(size_of::<DnsNameEvent>() == 24);
 const _: () = assert!(size_of::<DnsNameSlot>() == 16);
+const _: () = assert!(size_of::<ClientSlot>() == 24);
+const _: () = assert!(size_of::<ConnClientEvent>() == 40);
+const _: () = assert!(core::mem::offset_of!(ConnClientEvent, client_addr) == 24);
 const _: () = assert!(size_of::<DnsAnswerEvent>() == 48);
 const _: () = assert!(core::mem::offset_of!(DnsAnswerEvent, client_addr) == 24);
 const _: () = assert!(DNS_SCRATCH_BYTES.is_power_of_two() && DNS_COPY_BYTES < DNS_SCRATCH_BYTES);
@@ -726,6 +762,10 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsNameSlot {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClientSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnClientEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsScratch {}
 }
 
@@ -734,17 +774,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_name_slots_state_holds_tenure_and_count() {
-        let state = dns_name_state(7, 12);
-        assert_eq!(dns_name_tenure(state), 7);
-        assert_eq!(state & DNS_NAME_COUNT_MAX, 12);
-        let last = DNS_NAME_TENURES - 1;
-        assert_eq!(
-            dns_name_tenure(dns_name_state(last, DNS_NAME_COUNT_MAX)),
-            last
-        );
-        assert_eq!(dns_name_next_tenure(last), 1);
-        assert_eq!(dns_name_next_tenure(0), 1);
+    fn a_tally_slots_state_holds_tenure_and_count() {
+        let state = tally_state(7, 12);
+        assert_eq!(tally_tenure(state), 7);
+        assert_eq!(state & TALLY_COUNT_MAX, 12);
+        let last = TALLY_TENURES - 1;
+        assert_eq!(tally_tenure(tally_state(last, TALLY_COUNT_MAX)), last);
+        assert_eq!(tally_next_tenure(last), 1);
+        assert_eq!(tally_next_tenure(0), 1);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! counted at PASSIVE_ESTABLISHED and remembered in a slot of the connection table found
 //! from the socket cookie; their close is counted at the STATE_CB into TCP_CLOSE, with the
 //! duration and the socket's own byte counters. The agent reads the open connections per
-//! client from the table itself, so the close event, which only the event stream needs, goes
-//! out only while someone reads the stream.
+//! client from the table itself, and the connections per client from a tally table
+//! (`CONN_CLIENTS`), so open and close events, which only the event stream needs, go out
+//! only while someone reads the stream.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
@@ -17,13 +18,15 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use collector_common::{
-    CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnEvent, ConnState, DURATION_BUCKETS,
-    MAX_ROUTES, NO_ROUTE, conn_flags, conn_slot, duration_bucket, error_kind,
+    CONN_EVENT_CLIENT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnClientEvent,
+    ConnEvent, ConnState, DURATION_BUCKETS, MAX_ROUTES, NO_ROUTE, client_fingerprint, conn_flags,
+    conn_slot, duration_bucket, error_kind,
 };
 
 use crate::{
-    CLIENT_EVENTS, CONN_CLOSES_WANTED, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS, CONN_STATE,
-    NETNS_COOKIE, ROUTE_BY_PORT, count_error,
+    CLIENT_EVENTS, CONN_CLIENTS, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS, CONN_STATE,
+    CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT, count_error,
+    tally::{Tally, tally},
 };
 
 const AF_INET: u32 = 2;
@@ -113,6 +116,11 @@ fn on_accepted(ctx: &SockOpsContext) {
         return;
     };
     let cookie = socket_cookie(ctx);
+    let client = client_addr(ctx);
+    let streamed = client_events() && stream_wanted();
+    if client_events() && !streamed {
+        count_client(&client);
+    }
     let Some(entry) = claim(cookie) else {
         count_error(error_kind::CONN_TABLE_FULL);
         // SAFETY: this CPU's slot; BPF programs run with migration disabled.
@@ -122,14 +130,14 @@ fn on_accepted(ctx: &SockOpsContext) {
     // SAFETY: the slot is ours since the claim; only this socket's callbacks touch it.
     let state = unsafe { &mut *entry };
     state.start_ns = ktime_ns();
-    state.client_addr = client_addr(ctx);
+    state.client_addr = client;
     state.route = slot;
     state.client_port = client_port(ctx);
     state.flags = 0;
     // Ask for state callbacks, keeping whatever callbacks other programs asked for.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 
-    if client_events() {
+    if streamed {
         emit(&ConnEvent {
             kind: CONN_EVENT_OPEN,
             route: slot,
@@ -140,10 +148,47 @@ fn on_accepted(ctx: &SockOpsContext) {
             ..ConnEvent::default()
         });
     }
-    // Counted after the event is submitted: the agent drains the ring after reading the
-    // counters, so its per-client figures cover every connection counted.
+    // Counted after the client: the agent reads the clients after the counters, so its
+    // per-client figures cover every connection counted.
     // SAFETY: as above.
     unsafe { (*counters).opened += 1 };
+}
+
+/// Counts a connection for its client in this CPU's slot for it. A client new to the slot
+/// goes to the agent once, with the final count of the client it replaces; while it keeps
+/// the slot its connections cost an increment, not a ring record each.
+#[inline(always)]
+fn count_client(client: &[u8; 16]) {
+    let (high, low) = client.split_at(8);
+    let mut word = [0u8; 8];
+    word.copy_from_slice(high);
+    let high = u64::from_ne_bytes(word);
+    word.copy_from_slice(low);
+    let key = [high, u64::from_ne_bytes(word)];
+    match tally(&CONN_CLIENTS, &key, client_fingerprint(client)) {
+        Tally::Counted => {}
+        Tally::NoSlot => count_error(error_kind::CONN_EVENT_DROPPED),
+        Tally::Claim(claim) => {
+            let event = ConnClientEvent {
+                kind: CONN_EVENT_CLIENT,
+                slot: claim.index,
+                replaced_count: claim.replaced_count,
+                tenure: claim.tenure,
+                _pad: 0,
+                client_addr: *client,
+            };
+            // A full ring leaves the slot to its client, whose count the agent can still
+            // read.
+            if CONN_EVENTS
+                .output_untyped::<ConnClientEvent>(&event, u64::from(BPF_RB_NO_WAKEUP))
+                .is_ok()
+            {
+                claim.take(&key);
+            } else {
+                count_error(error_kind::CONN_EVENT_DROPPED);
+            }
+        }
+    }
 }
 
 fn on_state_change(ctx: &SockOpsContext) {
@@ -212,7 +257,7 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         return;
     }
     // Submitted before it is counted, as on open.
-    if client_events() && closes_wanted() {
+    if client_events() && stream_wanted() {
         emit(&ConnEvent {
             kind: CONN_EVENT_CLOSE,
             route: slot,
@@ -271,10 +316,10 @@ fn client_events() -> bool {
     CLIENT_EVENTS.load() != 0
 }
 
-/// Someone reads the event stream, the only user of close events.
+/// Someone reads the event stream, the only user of open and close events.
 #[inline(always)]
-fn closes_wanted() -> bool {
-    CONN_CLOSES_WANTED.get(0).is_some_and(|&wanted| wanted != 0)
+fn stream_wanted() -> bool {
+    CONN_STREAM_WANTED.get(0).is_some_and(|&wanted| wanted != 0)
 }
 
 /// No wakeup per event: waking the reader costs an irq_work and a context switch per record,
@@ -310,10 +355,13 @@ fn client_addr(ctx: &SockOpsContext) -> [u8; 16] {
             addr[12..16].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
         }
         AF_INET6 => {
-            let words = ctx.remote_ip6();
             let mut i = 0;
             while i < 4 {
-                addr[i * 4..i * 4 + 4].copy_from_slice(&words[i].to_ne_bytes());
+                // Word by word, each load kept whole: the verifier takes only 4-byte loads of
+                // this context field, and LLVM merges a plain copy into 8-byte ones.
+                // SAFETY: a field of the context, read-only.
+                let word = unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).remote_ip6[i]) };
+                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
                 i += 1;
             }
         }

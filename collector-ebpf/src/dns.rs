@@ -23,18 +23,15 @@
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::generated::{
-        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
-        bpf_skb_load_bytes,
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes,
     },
     programs::TcContext,
 };
 use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
-    DNS_NAME_COUNT_MAX, DNS_NAME_MAX, DNS_NAME_SLOTS_PER_CPU, DNS_SCRATCH_BYTES,
-    DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent,
-    dns_client_fingerprint, dns_inflight_slot, dns_lowercase_word, dns_malformed,
-    dns_name_next_tenure, dns_name_state, dns_name_tenure, dns_port_listed, dns_qtype_index,
-    duration_bucket,
+    DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight,
+    DnsNameEvent, DnsQueryEvent, client_fingerprint, dns_inflight_slot, dns_lowercase_word,
+    dns_malformed, dns_port_listed, dns_qtype_index, duration_bucket,
 };
 
 use crate::{
@@ -44,6 +41,7 @@ use crate::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, ether_type, ptr_at, read_be16,
         read_u8,
     },
+    tally::{Tally, tally},
 };
 
 /// Which hook a classifier runs at.
@@ -531,49 +529,31 @@ fn stream_wanted() -> bool {
 fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: &mut DnsCounters) {
     let name_len = question.name_len & 0xff;
     let hash = name_hash(buf, name_len);
-    // SAFETY: no arguments.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let index = cpu
-        .wrapping_mul(DNS_NAME_SLOTS_PER_CPU)
-        .wrapping_add(hash as u32 & (DNS_NAME_SLOTS_PER_CPU - 1));
-    let Some(slot) = DNS_NAMES.get_ptr_mut(index) else {
+    match tally(&DNS_NAMES, &hash, hash as u32) {
+        Tally::Counted => {}
         // A CPU beyond the table the agent sized: the sample is lost, and said so.
-        counters.events_dropped += 1;
-        return;
-    };
-    // SAFETY: a value of our array, written only from this CPU (its index range), and tc
-    // programs do not nest on a CPU. The agent reads it through its mapping meanwhile.
-    let slot = unsafe { &mut *slot };
-    let state = slot.state;
-    let count = state & DNS_NAME_COUNT_MAX;
-    if state != 0 && slot.hash == hash && count < DNS_NAME_COUNT_MAX {
-        // SAFETY: the slot's own field; an aligned store the agent reads whole.
-        unsafe { core::ptr::write_volatile(&raw mut slot.state, state + 1) };
-        return;
+        Tally::NoSlot => counters.events_dropped += 1,
+        Tally::Claim(claim) => {
+            let event = DnsNameEvent {
+                kind: DNS_EVENT_NAME,
+                slot: claim.index,
+                replaced_count: claim.replaced_count,
+                tenure: claim.tenure,
+                name_len: name_len as u16,
+                _pad: 0,
+            };
+            // A full ring leaves the slot to its name, whose count the agent can still read.
+            if send_with_name(event, buf, name_len, counters) {
+                claim.take(&hash);
+            }
+        }
     }
-    let tenure = dns_name_next_tenure(dns_name_tenure(state));
-    let event = DnsNameEvent {
-        kind: DNS_EVENT_NAME,
-        slot: index,
-        replaced_count: count,
-        tenure,
-        name_len: name_len as u16,
-        _pad: 0,
-    };
-    if !send_with_name(event, buf, name_len, counters) {
-        // The slot keeps its name, whose count the agent can still read.
-        return;
-    }
-    // Tenure and count move on in one store: the agent never sees one without the other.
-    // SAFETY: as above.
-    unsafe { core::ptr::write_volatile(&raw mut slot.state, dns_name_state(tenure, 0)) };
-    slot.hash = hash;
 }
 
 /// Takes the query's in-flight slot (a retransmission keeps the first one's).
 #[inline(always)]
 fn remember(addr: &[u8; 16], port: u16, id: u16, now: u64, counters: &mut DnsCounters) {
-    let client = dns_client_fingerprint(addr);
+    let client = client_fingerprint(addr);
     let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(client, port, id)) else {
         return;
     };
@@ -678,7 +658,7 @@ fn on_response(
         counters.unmatched_responses += 1;
         return;
     };
-    let client = dns_client_fingerprint(&addr);
+    let client = client_fingerprint(&addr);
     let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(client, port, id)) else {
         counters.unmatched_responses += 1;
         return;

@@ -15,6 +15,7 @@
 mod connections;
 mod dns;
 mod packet;
+mod tally;
 mod traffic;
 
 use aya_ebpf::{
@@ -25,11 +26,11 @@ use aya_ebpf::{
     programs::{SockOpsContext, TcContext},
 };
 use collector_common::{
-    CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ConnCounters, ConnDurations, ConnEvent, ConnState, DIR_IN,
-    DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS, DNS_NAME_SLOTS_PER_CPU,
+    CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ClientSlot, ConnCounters, ConnDurations, ConnEvent,
+    ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
     DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
     ERROR_KINDS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS, PORT_SLOTS, RouteName,
-    TrafficCounters,
+    TALLY_SLOTS_PER_CPU, TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -54,15 +55,19 @@ static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMA
 #[btf_map]
 static CONN_EVENTS: RingBuf<ConnEvent, { CONN_EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
-static CONN_CLOSES_WANTED: Array<u32, 1> = Array::new();
+static CONN_STREAM_WANTED: Array<u32, 1> = Array::new();
+/// Sized by the agent at load: [`TALLY_SLOTS_PER_CPU`] slots per possible CPU.
+#[btf_map]
+static CONN_CLIENTS: Array<ClientSlot, { TALLY_SLOTS_PER_CPU as usize }, MAP_FLAGS_MMAPABLE> =
+    Array::new();
 #[btf_map]
 static ROUTE_TRAFFIC: PerCpuArray<TrafficCounters, { (MAX_ROUTES * 2) as usize }> =
     PerCpuArray::new();
 #[btf_map]
 static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
 
-/// 1 sends each connection's open and close to the agent (per-client figures, the event
-/// stream); 0 counts without them. Set at load; read-only, so the verifier drops the events.
+/// 1 keeps per-client figures (clients counted in `CONN_CLIENTS`, opens and closes sent to
+/// the event stream); 0 counts without them. Set at load; read-only, so the verifier drops the events.
 #[unsafe(no_mangle)]
 static CLIENT_EVENTS: Global<u32> = Global::new(1);
 
@@ -98,9 +103,9 @@ static DNS_EVENTS: RingBuf<DnsQueryEvent, { DNS_EVENTS_BYTES as usize }> = RingB
 static DNS_SCRATCH: PerCpuArray<DnsScratch, 1> = PerCpuArray::new();
 #[btf_map]
 static DNS_STREAM_WANTED: Array<u32, 1> = Array::new();
-/// Sized by the agent at load: [`DNS_NAME_SLOTS_PER_CPU`] slots per possible CPU.
+/// Sized by the agent at load: [`TALLY_SLOTS_PER_CPU`] slots per possible CPU.
 #[btf_map]
-static DNS_NAMES: Array<DnsNameSlot, { DNS_NAME_SLOTS_PER_CPU as usize }, MAP_FLAGS_MMAPABLE> =
+static DNS_NAMES: Array<DnsNameSlot, { TALLY_SLOTS_PER_CPU as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();
 
 /// Count a kernel-side failure by kind (see `collector_common::error_kind`).

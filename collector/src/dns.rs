@@ -9,24 +9,20 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv6Addr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
 };
 
 use aya::maps::{MapData, RingBuf};
 use collector_common::{
-    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_NAME_COUNT_MAX, DNS_QTYPE_OTHER,
-    DnsAnswerEvent, DnsNameEvent, DnsNameSlot, DnsQueryEvent, dns_name_next_tenure,
-    dns_name_tenure,
+    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DnsAnswerEvent,
+    DnsNameEvent, DnsQueryEvent,
 };
 use hickory_proto::{
     rr::{Name, RecordType},
     serialize::binary::{BinDecodable, BinDecoder},
 };
 
-use crate::{mapped::MappedArray, topk::TopK};
+use crate::{events::read_record, tally::TallyTable, topk::TopK};
 
 /// A decoded DNS event.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,16 +59,6 @@ pub enum DnsEvent {
         id: u16,
         timestamp_ns: u64,
     },
-}
-
-/// Reads a plain-data record from a ring-buffer item.
-fn read_record<T: Copy>(record: &[u8]) -> Option<T> {
-    if record.len() < size_of::<T>() {
-        return None;
-    }
-    // SAFETY: the item holds at least one T (checked above); the event types are plain data
-    // valid for any bit pattern, and read_unaligned copes with the ring's alignment.
-    Some(unsafe { record.as_ptr().cast::<T>().read_unaligned() })
 }
 
 /// Decodes ring-buffer items, remembering the names it decoded: a server sees the same
@@ -172,27 +158,8 @@ pub struct DomainStats {
     weight: u64,
     events_received: u64,
     undecodable_names: u64,
-    /// The kernel's name table, read at every snapshot; `None` in unit tests.
-    table: Option<MappedArray<DnsNameSlot>>,
-    /// What each slot of the table holds, as its name events told.
-    slots: Vec<SlotName>,
-}
-
-/// The name a slot of the kernel's name table holds, and how much of its count is folded.
-#[derive(Debug, Default, Clone)]
-struct SlotName {
-    tenure: u32,
-    domain: Option<Arc<str>>,
-    folded: u64,
-}
-
-/// Reads a slot's state (tenure and count, [`dns_name_state`]) while its CPU may be
-/// rewriting it: one aligned word, loaded whole.
-fn read_slot(slot: *const DnsNameSlot) -> u64 {
-    // SAFETY: `slot` points into a live read-only mapping whose 8-aligned `state` the kernel
-    // writes concurrently: it is only ever loaded, atomically.
-    let state = unsafe { AtomicU64::from_ptr((&raw const (*slot).state).cast_mut()) };
-    state.load(Ordering::Relaxed)
+    /// The kernel's name table: the name of each slot (`None`: it did not decode).
+    names: TallyTable<u64, Option<Arc<str>>>,
 }
 
 /// A copy of the DNS event statistics for a snapshot.
@@ -210,15 +177,13 @@ impl DomainStats {
     /// listed ones are exact unless the name distribution is very flat; `table` is the
     /// kernel's name table, mapped.
     #[must_use]
-    pub fn new(listed: usize, sample_every: u32, table: Option<MappedArray<DnsNameSlot>>) -> Self {
-        let slots = table.as_ref().map_or(0, MappedArray::len);
+    pub fn new(listed: usize, sample_every: u32, names: TallyTable<u64, Option<Arc<str>>>) -> Self {
         Self {
             domains: TopK::new(listed.saturating_mul(10).clamp(1000, 100_000)),
             weight: u64::from(sample_every.max(1)),
             events_received: 0,
             undecodable_names: 0,
-            table,
-            slots: vec![SlotName::default(); slots],
+            names,
         }
     }
 
@@ -234,44 +199,22 @@ impl DomainStats {
             } => {
                 // The query that brought the name.
                 self.fold(domain.as_ref(), 1);
-                let Some(held) = self.slots.get_mut(*slot as usize) else {
-                    return;
-                };
-                let replaced = std::mem::replace(
-                    held,
-                    SlotName {
-                        tenure: *tenure,
-                        domain: domain.clone(),
-                        folded: 0,
-                    },
-                );
-                // Events of a slot come in the order its CPU sent them, so the tenure before
-                // this one is the one held.
-                if dns_name_next_tenure(replaced.tenure) == *tenure {
-                    let unfolded = replaced_count.saturating_sub(replaced.folded);
-                    self.fold(replaced.domain.as_ref(), unfolded);
+                if let Some((replaced, unfolded)) =
+                    self.names
+                        .claim(*slot, *tenure, *replaced_count, domain.clone())
+                {
+                    self.fold(replaced.as_ref(), unfolded);
                 }
             }
             DnsEvent::Answer { .. } => {}
         }
     }
 
-    /// Folds what the name table counted since the last time (each slot's state), for the
-    /// name of each slot's current tenure. A slot whose tenure the events have not reached
-    /// yet is left for later: the event that ends the held tenure carries its final count.
-    pub fn fold_table(&mut self, states: impl Iterator<Item = u64>) {
-        for (index, state) in states.enumerate() {
-            let Some(held) = self.slots.get_mut(index) else {
-                break;
-            };
-            let count = state & DNS_NAME_COUNT_MAX;
-            if dns_name_tenure(state) != held.tenure || count <= held.folded {
-                continue;
-            }
-            let unfolded = count - held.folded;
-            held.folded = count;
-            let domain = held.domain.clone();
-            self.fold(domain.as_ref(), unfolded);
+    /// Folds what the name table counted since the last time (`states`: each slot's state).
+    #[cfg(test)]
+    fn fold_table(&mut self, states: impl Iterator<Item = u64>) {
+        for (domain, queries) in self.names.fold_states(states) {
+            self.fold(domain.as_ref(), queries);
         }
     }
 
@@ -291,10 +234,8 @@ impl DomainStats {
     /// The top list as of now, the name table read first.
     #[must_use]
     pub fn snapshot(&mut self, listed: usize) -> DomainSnapshot {
-        // Taken out for the read, since folding needs the rest of `self`.
-        if let Some(table) = self.table.take() {
-            self.fold_table(table.entry_pointers().map(read_slot));
-            self.table = Some(table);
+        for (domain, queries) in self.names.read() {
+            self.fold(domain.as_ref(), queries);
         }
         DomainSnapshot {
             top: self
@@ -452,7 +393,7 @@ mod tests {
         // Decoded again from memory, as the same name.
         assert_eq!(decoder.decode(&bytes), Some(event.clone()));
 
-        let mut stats = DomainStats::new(10, 2, None);
+        let mut stats = DomainStats::new(10, 2, TallyTable::unmapped(0));
         stats.apply(&event);
         stats.apply(&event);
         let snapshot = stats.snapshot(10);
@@ -494,14 +435,12 @@ mod tests {
     fn table(slots: &[(u32, u64)]) -> impl Iterator<Item = u64> + '_ {
         slots
             .iter()
-            .map(|&(tenure, count)| collector_common::dns_name_state(tenure, count))
+            .map(|&(tenure, count)| collector_common::tally_state(tenure, count))
     }
 
     /// Statistics over a name table of `slots` slots that the test reads out itself.
     fn with_slots(sample_every: u32, slots: usize) -> DomainStats {
-        let mut stats = DomainStats::new(10, sample_every, None);
-        stats.slots = vec![SlotName::default(); slots];
-        stats
+        DomainStats::new(10, sample_every, TallyTable::unmapped(slots))
     }
 
     fn top(stats: &mut DomainStats) -> Vec<(String, u64)> {
@@ -542,34 +481,11 @@ mod tests {
     }
 
     #[test]
-    fn tenures_wrap_past_the_last_to_the_first() {
-        let last = collector_common::DNS_NAME_TENURES - 1;
-        let mut stats = with_slots(1, 1);
-        stats.slots[0].tenure = last;
-        stats.slots[0].domain = Some("a.example".into());
-        stats.fold_table(table(&[(last, 2)]));
-        stats.apply(&name_event(0, 1, 3, Some("b.example")));
-        assert_eq!(
-            top(&mut stats),
-            [("a.example".to_owned(), 3), ("b.example".to_owned(), 1)]
-        );
-    }
-
-    #[test]
     fn sampled_names_in_the_table_stand_for_the_sampling() {
         let mut stats = with_slots(4, 1);
         stats.apply(&name_event(0, 1, 0, Some("a.example")));
         stats.fold_table(table(&[(1, 2)]));
         assert_eq!(top(&mut stats), [("a.example".to_owned(), 12)]);
-    }
-
-    #[test]
-    fn a_slot_reads_as_its_state() {
-        let slot = DnsNameSlot {
-            hash: 7,
-            state: collector_common::dns_name_state(2, 5),
-        };
-        assert_eq!(read_slot(&raw const slot), slot.state);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{
     dns::{DnsEvent, RCODE_NAMES, qtype_name},
-    events::Connection,
+    events::{ConnRecord, Connection},
     loader::WatchedRoute,
 };
 
@@ -104,7 +104,7 @@ fn seconds(nanos: u64) -> f64 {
 
 /// Sources of the stream, shared with every subscriber.
 pub struct EventHub {
-    pub connections: broadcast::Sender<Connection>,
+    pub connections: broadcast::Sender<ConnRecord>,
     pub dns: broadcast::Sender<DnsEvent>,
     /// Route slot → route, for names and types.
     routes: Vec<WatchedRoute>,
@@ -113,9 +113,9 @@ pub struct EventHub {
     /// Set when the agent stops: open streams end, so that HTTP can shut down.
     stopping: tokio::sync::watch::Sender<bool>,
     /// The kernel's switches for streamed DNS events (every sampled query whole, answers)
-    /// and connection close events, on while anyone reads the stream.
+    /// and connection events (opens and closes), on while anyone reads the stream.
     dns_wanted: Switch,
-    closes_wanted: Switch,
+    connections_wanted: Switch,
 }
 
 /// A one-entry kernel map that turns a kind of event on (1) or off (0).
@@ -145,7 +145,7 @@ impl EventHub {
             lagged: AtomicU64::new(0),
             stopping: tokio::sync::watch::channel(false).0,
             dns_wanted: std::sync::Mutex::new(None),
-            closes_wanted: std::sync::Mutex::new(None),
+            connections_wanted: std::sync::Mutex::new(None),
         })
     }
 
@@ -158,17 +158,16 @@ impl EventHub {
         self.update_switches();
     }
 
-    /// Hands over the kernel's switch for connection close events.
-    pub fn control_closes(&self, switch: aya::maps::Array<aya::maps::MapData, u32>) {
+    /// Hands over the kernel's switch for streamed connection events.
+    pub fn control_connections(&self, switch: aya::maps::Array<aya::maps::MapData, u32>) {
         *self
-            .closes_wanted
+            .connections_wanted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(switch);
         self.update_switches();
     }
 
-    /// Turns streamed DNS events and connection close events on while someone reads the
-    /// stream, off otherwise (called on subscribe and at every poll, which notices readers
+    /// Turns streamed DNS and connection events on while someone reads the stream, off otherwise (called on subscribe and at every poll, which notices readers
     /// that went away).
     pub fn update_switches(&self) {
         set_switch(
@@ -177,17 +176,17 @@ impl EventHub {
             "streamed DNS events",
         );
         set_switch(
-            &self.closes_wanted,
+            &self.connections_wanted,
             self.connections.receiver_count() > 0,
-            "connection close events",
+            "streamed connection events",
         );
     }
 
-    /// A new reader: its receivers, with streamed DNS events and close events switched on.
+    /// A new reader: its receivers, with streamed events switched on.
     pub fn subscribe(
         &self,
     ) -> (
-        broadcast::Receiver<Connection>,
+        broadcast::Receiver<ConnRecord>,
         broadcast::Receiver<DnsEvent>,
     ) {
         let receivers = (self.connections.subscribe(), self.dns.subscribe());
@@ -235,7 +234,7 @@ impl EventHub {
     /// The next line for a subscriber, waiting for it; `None` when the agent stops.
     pub async fn next(
         &self,
-        connections: &mut broadcast::Receiver<Connection>,
+        connections: &mut broadcast::Receiver<ConnRecord>,
         dns: &mut broadcast::Receiver<DnsEvent>,
     ) -> Option<StreamEvent> {
         let mut stopping = self.stopping.subscribe();
@@ -244,13 +243,16 @@ impl EventHub {
                 return None;
             }
             let received = tokio::select! {
-                event = connections.recv() => event.map(|e| Some(self.connection_event(&e))),
+                event = connections.recv() => event.map(|record| match record {
+                    ConnRecord::Connection(event) => Some(self.connection_event(&event)),
+                    ConnRecord::Client { .. } => None,
+                }),
                 event = dns.recv() => event.map(|e| dns_event(&e)),
                 _ = stopping.changed() => continue,
             };
             match received {
                 Ok(Some(event)) => return Some(event),
-                // A name taking a table slot: top-domain bookkeeping, not a stream line.
+                // A name or client taking a tally slot: bookkeeping, not a stream line.
                 Ok(None) => {}
                 Err(RecvError::Lagged(lost)) => {
                     self.lagged.fetch_add(lost, Ordering::Relaxed);

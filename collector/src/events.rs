@@ -1,8 +1,10 @@
 //! Connection events from the kernel ring buffer: decoded, folded into client statistics
-//! (heaviest clients) and offered to event subscribers. Open connections per client come
-//! from the kernel's connection table instead ([`crate::client_table`]).
-//! Counters never depend on events: a full ring loses events (counted in the kernel), not
-//! counts.
+//! (heaviest clients) and offered to event subscribers. The kernel counts connections per
+//! client in place in a tally table ([`crate::tally`]) and sends a client only when it
+//! takes a slot there; opens and closes go out only while someone reads the event stream.
+//! Open connections per client come from the kernel's connection table
+//! ([`crate::client_table`]). Counters never depend on events: a full ring loses events
+//! (counted in the kernel), not counts.
 
 use std::{
     collections::HashMap,
@@ -11,9 +13,11 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use collector_common::{CONN_EVENT_CLOSE, CONN_EVENT_OPEN, ConnEvent};
+use collector_common::{
+    CONN_EVENT_CLIENT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, ConnClientEvent, ConnEvent,
+};
 
-use crate::{client_table::ClientTable, snapshot::ClientSnapshot, topk::TopK};
+use crate::{client_table::ClientTable, snapshot::ClientSnapshot, tally::TallyTable, topk::TopK};
 
 /// Clients tracked for the heavy-hitter list (Space-Saving: exact for the real heavy hitters).
 const TRACKED_CLIENTS: usize = 1024;
@@ -34,21 +38,52 @@ pub struct Connection {
     pub client_port: u16,
 }
 
-/// Decodes one ring-buffer record; `None` for a record of the wrong size or kind.
-#[must_use]
-pub fn decode(record: &[u8]) -> Option<Connection> {
-    if record.len() < size_of::<ConnEvent>() {
+/// A decoded record of the connection ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnRecord {
+    /// An open or a close, sent while someone reads the event stream.
+    Connection(Connection),
+    /// A client taking a slot of the kernel's client table (its `tenure` there), for the
+    /// connection that brought it; the previous tenure counted `replaced_count` more
+    /// connections there. Not streamed.
+    Client {
+        slot: u32,
+        tenure: u32,
+        replaced_count: u64,
+        client: IpAddr,
+    },
+}
+
+/// Reads a plain-data record from a ring-buffer item.
+pub fn read_record<T: Copy>(record: &[u8]) -> Option<T> {
+    if record.len() < size_of::<T>() {
         return None;
     }
-    // SAFETY: the record holds at least one ConnEvent (checked above); ConnEvent is plain
-    // data valid for any bit pattern, and read_unaligned copes with the ring's alignment.
-    let event = unsafe { record.as_ptr().cast::<ConnEvent>().read_unaligned() };
+    // SAFETY: the item holds at least one T (checked above); the event types are plain data
+    // valid for any bit pattern, and read_unaligned copes with the ring's alignment.
+    Some(unsafe { record.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// Decodes one ring-buffer record; `None` for a record of the wrong size or kind.
+#[must_use]
+pub fn decode(record: &[u8]) -> Option<ConnRecord> {
+    let kind = u32::from_ne_bytes(record.get(..4)?.try_into().ok()?);
+    if kind == CONN_EVENT_CLIENT {
+        let event: ConnClientEvent = read_record(record)?;
+        return Some(ConnRecord::Client {
+            slot: event.slot,
+            tenure: event.tenure,
+            replaced_count: event.replaced_count,
+            client: Ipv6Addr::from(event.client_addr).to_canonical(),
+        });
+    }
+    let event: ConnEvent = read_record(record)?;
     let opened = match event.kind {
         CONN_EVENT_OPEN => true,
         CONN_EVENT_CLOSE => false,
         _ => return None,
     };
-    Some(Connection {
+    Some(ConnRecord::Connection(Connection {
         opened,
         route: event.route,
         cookie: event.cookie,
@@ -58,40 +93,66 @@ pub fn decode(record: &[u8]) -> Option<Connection> {
         bytes_out: event.bytes_out,
         client: Ipv6Addr::from(event.client_addr).to_canonical(),
         client_port: event.client_port,
-    })
+    }))
 }
 
-/// Client statistics: connections opened per client, folded from open events, and open
-/// connections per client, read from the kernel's connection table.
+/// Client statistics: connections opened per client, folded from the kernel's client
+/// table and from open events, and open connections per client, read from the kernel's
+/// connection table.
 pub struct ClientStats {
     /// The kernel keeps per-client figures (`client_stats`).
     enabled: bool,
     opened_by_client: TopK<IpAddr>,
     table: Option<ClientTable>,
+    /// The kernel's client table: the client of each slot.
+    clients: TallyTable<[u64; 2], IpAddr>,
     events_received: u64,
 }
 
 impl ClientStats {
-    /// `table`: the kernel's connection table, mapped, `None` with `client_stats = false`.
+    /// `table`: the kernel's connection table, mapped, `None` with `client_stats = false`;
+    /// `clients`: its client table.
     #[must_use]
-    pub fn new(table: Option<ClientTable>) -> Self {
+    pub fn new(table: Option<ClientTable>, clients: TallyTable<[u64; 2], IpAddr>) -> Self {
         Self {
             enabled: table.is_some(),
             opened_by_client: TopK::new(TRACKED_CLIENTS),
             table,
+            clients,
             events_received: 0,
         }
     }
 
-    pub fn apply(&mut self, event: &Connection) {
+    pub fn apply(&mut self, record: &ConnRecord) {
         self.events_received += 1;
-        if event.opened {
-            self.opened_by_client.observe(&event.client, 1);
+        match *record {
+            ConnRecord::Connection(event) if event.opened => {
+                self.opened_by_client.observe(&event.client, 1);
+            }
+            ConnRecord::Connection(_) => {}
+            ConnRecord::Client {
+                slot,
+                tenure,
+                replaced_count,
+                client,
+            } => {
+                // The connection that brought the client.
+                self.opened_by_client.observe(&client, 1);
+                if let Some((replaced, unfolded)) =
+                    self.clients.claim(slot, tenure, replaced_count, client)
+                {
+                    self.opened_by_client.observe(&replaced, unfolded);
+                }
+            }
         }
     }
 
+    /// The figures as of now, the client table read first.
     #[must_use]
-    pub fn snapshot(&self) -> ClientSnapshot {
+    pub fn snapshot(&mut self) -> ClientSnapshot {
+        for (client, opened) in self.clients.read() {
+            self.opened_by_client.observe(&client, opened);
+        }
         ClientSnapshot {
             enabled: self.enabled,
             top: self
@@ -129,8 +190,8 @@ pub trait Fold<E> {
     fn apply(&mut self, event: &E);
 }
 
-impl Fold<Connection> for ClientStats {
-    fn apply(&mut self, event: &Connection) {
+impl Fold<ConnRecord> for ClientStats {
+    fn apply(&mut self, event: &ConnRecord) {
         ClientStats::apply(self, event);
     }
 }
@@ -215,7 +276,7 @@ pub async fn drain_periodically(drain: SharedDrain) -> anyhow::Result<()> {
 pub fn connection_drain(
     ring: RingBuf<MapData>,
     clients: Arc<Mutex<ClientStats>>,
-    subscribers: tokio::sync::broadcast::Sender<Connection>,
+    subscribers: tokio::sync::broadcast::Sender<ConnRecord>,
 ) -> SharedDrain {
     Arc::new(Mutex::new(RingDrain::new(
         ring,
@@ -229,15 +290,52 @@ pub fn connection_drain(
 mod tests {
     use super::*;
 
-    fn record(event: &ConnEvent) -> Vec<u8> {
-        // SAFETY: ConnEvent is plain data; viewing it as bytes is sound.
+    fn record<E: Copy>(event: &E) -> Vec<u8> {
+        // SAFETY: the event types are plain data; viewing one as bytes is sound.
         unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::from_ref(event).cast::<u8>(),
-                size_of::<ConnEvent>(),
-            )
+            std::slice::from_raw_parts(std::ptr::from_ref(event).cast::<u8>(), size_of::<E>())
         }
         .to_vec()
+    }
+
+    fn client_claim(slot: u32, tenure: u32, replaced_count: u64, client: &str) -> ConnRecord {
+        let client: IpAddr = client.parse().unwrap();
+        let client_addr = match client {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let event = ConnClientEvent {
+            kind: CONN_EVENT_CLIENT,
+            slot,
+            replaced_count,
+            tenure,
+            _pad: 0,
+            client_addr,
+        };
+        let bytes = record(&event);
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+        decode(&bytes).unwrap()
+    }
+
+    #[test]
+    fn clients_counted_in_the_kernel_table_are_folded_once() {
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "2001:db8::2".parse().unwrap());
+        let mut stats = ClientStats::new(None, TallyTable::unmapped(1));
+        assert_eq!(
+            client_claim(0, 1, 0, "192.0.2.1"),
+            ConnRecord::Client {
+                slot: 0,
+                tenure: 1,
+                replaced_count: 0,
+                client: a
+            }
+        );
+        // `a` takes the slot and counts 4 more there; `b` takes it from `a` at 6.
+        stats.apply(&client_claim(0, 1, 0, "192.0.2.1"));
+        stats.apply(&client_claim(0, 2, 6, "2001:db8::2"));
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.top, [(a, 7), (b, 1)]);
+        assert_eq!(snapshot.events_received, 2);
     }
 
     #[test]
@@ -254,7 +352,9 @@ mod tests {
             client_port: 40000,
             ..ConnEvent::default()
         };
-        let decoded = decode(&record(&event)).unwrap();
+        let Some(ConnRecord::Connection(decoded)) = decode(&record(&event)) else {
+            panic!("not a connection");
+        };
         assert!(decoded.opened);
         assert_eq!(decoded.client, "10.1.2.3".parse::<IpAddr>().unwrap());
         assert_eq!(
@@ -268,7 +368,7 @@ mod tests {
     #[test]
     fn heaviest_clients_come_from_open_events() {
         // No table: open connections are then not known, and none are listed.
-        let mut stats = ClientStats::new(None);
+        let mut stats = ClientStats::new(None, TallyTable::unmapped(0));
         let open = Connection {
             opened: true,
             route: 0,
@@ -280,12 +380,12 @@ mod tests {
             client: "192.0.2.1".parse().unwrap(),
             client_port: 1,
         };
-        stats.apply(&open);
-        stats.apply(&open);
-        stats.apply(&Connection {
+        stats.apply(&ConnRecord::Connection(open));
+        stats.apply(&ConnRecord::Connection(open));
+        stats.apply(&ConnRecord::Connection(Connection {
             opened: false,
             ..open
-        });
+        }));
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.top, [(open.client, 2)]);
         assert!(snapshot.active.is_empty());

@@ -21,11 +21,10 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
 };
 use collector_common::{
-    ConnCounters, ConnDurations, ConnState, DnsCounters, DnsNameSlot, DnsPorts,
+    ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsNameSlot, DnsPorts,
     GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS,
     GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
-    RouteName, TrafficCounters, dns_name_table_len, map_names, port_bit, program_names,
-    traffic_index,
+    RouteName, TrafficCounters, map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -138,7 +137,9 @@ impl Attachment {
         loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
         let ports = dns_ports(config);
         loader.override_global(GLOBAL_DNS_PORTS, &ports, true);
-        loader.map_max_entries(map_names::DNS_NAMES, dns_name_slots()?);
+        let tally_slots = tally_slots()?;
+        loader.map_max_entries(map_names::DNS_NAMES, tally_slots);
+        loader.map_max_entries(map_names::CONN_CLIENTS, tally_slots);
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kernel programs and maps")?;
@@ -371,9 +372,14 @@ impl Attachment {
         take_map(&mut self.ebpf, map_names::CONN_STATE)
     }
 
-    /// Takes the switch for connection close events (see `map_names::CONN_CLOSES_WANTED`).
-    pub fn take_conn_closes_wanted(&mut self) -> anyhow::Result<Array<MapData, u32>> {
-        take_map(&mut self.ebpf, map_names::CONN_CLOSES_WANTED)
+    /// Takes the switch for streamed connection events (see `map_names::CONN_STREAM_WANTED`).
+    pub fn take_conn_stream_wanted(&mut self) -> anyhow::Result<Array<MapData, u32>> {
+        take_map(&mut self.ebpf, map_names::CONN_STREAM_WANTED)
+    }
+
+    /// Takes the table of clients counted in place (see `map_names::CONN_CLIENTS`).
+    pub fn take_conn_clients(&mut self) -> anyhow::Result<Array<MapData, ClientSlot>> {
+        take_map(&mut self.ebpf, map_names::CONN_CLIENTS)
     }
 
     /// Takes the switch for streamed DNS events (see `map_names::DNS_STREAM_WANTED`).
@@ -622,11 +628,12 @@ fn bind_routes(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<Vec<WatchedRo
         .collect())
 }
 
-/// Size of the name table: its slots for every possible CPU.
-fn dns_name_slots() -> anyhow::Result<u32> {
+/// Size of the tally tables (DNS names, connection clients): their slots for every possible
+/// CPU.
+fn tally_slots() -> anyhow::Result<u32> {
     let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
-    dns_name_table_len(cpus)
-        .with_context(|| format!("{cpus} possible CPUs: too many for the DNS name table"))
+    tally_table_len(cpus)
+        .with_context(|| format!("{cpus} possible CPUs: too many for the tally tables"))
 }
 
 fn zero_per_cpu<T: aya::Pod + Default>(

@@ -26,6 +26,7 @@ mod rates;
 mod serve;
 mod slots;
 mod snapshot;
+mod tally;
 mod tls;
 mod topk;
 
@@ -44,8 +45,8 @@ use crate::{
     config::{Config, NftEnabled},
     events::ClientStats,
     loader::{Attachment, Options},
-    mapped::MappedArray,
     poller::{Poller, SharedSnapshot},
+    tally::TallyTable,
 };
 
 #[derive(Parser)]
@@ -451,22 +452,26 @@ async fn serve_until_signal(
     } else {
         None
     };
-    let clients = Arc::new(Mutex::new(ClientStats::new(table)));
+    let client_tally = TallyTable::map(
+        attachment.take_conn_clients()?,
+        collector_common::map_names::CONN_CLIENTS,
+    )?;
+    let clients = Arc::new(Mutex::new(ClientStats::new(table, client_tally)));
     let hub = event_stream::EventHub::new(attachment.routes.clone());
-    hub.control_closes(attachment.take_conn_closes_wanted()?);
+    hub.control_connections(attachment.take_conn_stream_wanted()?);
     let connection_drain =
         events::connection_drain(ring, Arc::clone(&clients), hub.connections.clone());
     let mut events = tokio::spawn(events::drain_periodically(Arc::clone(&connection_drain)));
     let dns_ring = attachment.take_dns_events()?;
     hub.control_dns(attachment.take_dns_stream_wanted()?);
-    let names = MappedArray::map(
+    let names = TallyTable::map(
         attachment.take_dns_names()?,
         collector_common::map_names::DNS_NAMES,
     )?;
     let domains = Arc::new(Mutex::new(dns::DomainStats::new(
         config.dns.top_k,
         config.dns.sample_every,
-        Some(names),
+        names,
     )));
     let domain_drain = dns::domain_drain(dns_ring, Arc::clone(&domains), hub.dns.clone());
     let mut dns_events = tokio::spawn(events::drain_periodically(Arc::clone(&domain_drain)));

@@ -15,8 +15,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DnsCounters, DnsPorts, GLOBAL_DNS_PORTS, dns_malformed, dns_name_table_len, dns_qtype_index,
-    map_names, program_names,
+    DnsCounters, DnsPorts, GLOBAL_DNS_PORTS, dns_malformed, dns_qtype_index, map_names,
+    program_names, tally_table_len,
 };
 use hickory_proto::{
     op::{Header, MessageType, Query},
@@ -61,7 +61,7 @@ impl Classifiers {
             server: [DNS_PORT, 0, 0, 0, 0, 0, 0, 0],
             upstream: [DNS_PORT, 0, 0, 0, 0, 0, 0, 0],
         };
-        let name_table_len = dns_name_table_len(aya::util::nr_cpus().unwrap()).unwrap();
+        let name_table_len = tally_table_len(aya::util::nr_cpus().unwrap()).unwrap();
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_DNS_PORTS, &ports, true)
             .map_max_entries(map_names::DNS_NAMES, name_table_len)

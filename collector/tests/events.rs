@@ -31,6 +31,9 @@ type = "tcp"
 "#;
 
 const CONNECTIONS: usize = 20;
+/// Connections made before the stream starts: their clients are counted in the kernel's
+/// client table, not sent one by one.
+const CONNECTIONS_UNSTREAMED: usize = 6;
 const QUERIES: usize = 5;
 /// Queries made before the stream starts: their names are counted in the kernel's name
 /// table, not sent one by one.
@@ -156,16 +159,39 @@ fn assert_every_query_in_top_domains(netns: &Netns) {
     );
 }
 
+/// The top clients count the connections nobody streamed (counted in the kernel's client
+/// table) and the streamed ones alike: every connection the counters show, all of them from
+/// 127.0.0.1.
+fn assert_every_connection_in_top_ips(netns: &Netns, all: usize) {
+    let json = support::wait_for(
+        "a snapshot with every connection",
+        Duration::from_secs(5),
+        || {
+            let json = support::proxy_json(netns);
+            (json["totalConnections"] == all).then_some(json)
+        },
+    );
+    assert_eq!(
+        json["topIPs"],
+        serde_json::json!([{"ip": "127.0.0.1", "connections": all}])
+    );
+}
+
 /// Reads `collector events` from an agent with `config` while the test makes 20 connections
-/// and 5 queries (after 7 queries nobody streamed); checks the counts of each kind
-/// (`answers`: the answer events expected) and their details, and the top domains, which
-/// count the queries of both kinds; returns the events with the wall-clock times of the
+/// and 5 queries (after 6 connections and 7 queries nobody streamed); checks the counts of
+/// each kind (`answers`: the answer events expected) and their details, and the top clients
+/// and domains, which count both kinds; returns the events with the wall-clock times of the
 /// phases.
 fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value>, Phases) {
     let netns = Netns::new();
     let agent = Agent::start(&netns, config);
     let _server = Unbound::start(&netns, false);
     query_www(&netns, QUERIES_UNSTREAMED);
+    let web = netns.run(|| TcpListener::bind(("127.0.0.1", 18080)).unwrap());
+    let server = echo_once(web, CONNECTIONS_UNSTREAMED + CONNECTIONS);
+    for _ in 0..CONNECTIONS_UNSTREAMED {
+        netns.run(|| round_trip(18080));
+    }
 
     let mut tail = netns
         .command(COLLECTOR)
@@ -198,9 +224,11 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut events = Vec::new();
+    let mut probes_made = 0;
     'subscribed: loop {
         assert!(Instant::now() < deadline, "the event stream never started");
         netns.run(|| round_trip(18081));
+        probes_made += 1;
         while let Ok(event) = lines.recv_timeout(Duration::from_millis(200)) {
             if event["routeName"] == "probe" {
                 break 'subscribed;
@@ -210,8 +238,6 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
     }
 
     let connections = wall_ms();
-    let web = netns.run(|| TcpListener::bind(("127.0.0.1", 18080)).unwrap());
-    let server = echo_once(web, CONNECTIONS);
     for _ in 0..CONNECTIONS {
         netns.run(|| round_trip(18080));
         thread::sleep(Duration::from_millis(20));
@@ -251,6 +277,7 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
     }
     assert_event_details(&events);
     assert_every_query_in_top_domains(&netns);
+    assert_every_connection_in_top_ips(&netns, CONNECTIONS_UNSTREAMED + CONNECTIONS + probes_made);
 
     // Stopping the agent ends the stream, and `collector events` with it.
     assert!(agent.stop().success());

@@ -14,8 +14,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DnsPorts, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, dns_name_table_len, map_names,
-    port_bit, program_names,
+    DnsPorts, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, map_names, port_bit, program_names,
+    tally_table_len,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
@@ -43,7 +43,7 @@ fn load(match_responses: bool) -> Ebpf {
         upstream: [DNS_PORT, 0, 0, 0, 0, 0, 0, 0],
     };
     let matching = u32::from(match_responses);
-    let name_table_len = dns_name_table_len(aya::util::nr_cpus().unwrap()).unwrap();
+    let name_table_len = tally_table_len(aya::util::nr_cpus().unwrap()).unwrap();
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_DNS_PORTS, &ports, true)
         .override_global(GLOBAL_DNS_MATCH_RESPONSES, &matching, true)
