@@ -447,16 +447,18 @@ async fn serve_until_signal(
 ) -> anyhow::Result<()> {
     let maps = attachment.take_maps()?;
     let ring = attachment.take_conn_events()?;
-    let table = if config.client_stats {
-        Some(ClientTable::map(attachment.take_conn_state()?)?)
+    let clients = if config.client_stats {
+        ClientStats::new(
+            Some(ClientTable::map(attachment.take_conn_state()?)?),
+            TallyTable::map(
+                attachment.take_conn_clients()?,
+                collector_common::map_names::CONN_CLIENTS,
+            )?,
+        )
     } else {
-        None
+        ClientStats::new(None, TallyTable::unmapped(0))
     };
-    let client_tally = TallyTable::map(
-        attachment.take_conn_clients()?,
-        collector_common::map_names::CONN_CLIENTS,
-    )?;
-    let clients = Arc::new(Mutex::new(ClientStats::new(table, client_tally)));
+    let clients = Arc::new(Mutex::new(clients));
     let hub = event_stream::EventHub::new(attachment.routes.clone());
     hub.control_connections(attachment.take_conn_stream_wanted()?);
     let connection_drain =
