@@ -118,17 +118,9 @@ fn start_servers(netns: &Netns, stop: &Arc<AtomicBool>) {
     });
 }
 
-/// Connections made under the connection load, per second and per second of busy CPU.
-#[derive(Clone, Copy)]
-struct ConnectRate {
-    per_second: f64,
-    per_busy_cpu_second: f64,
-}
-
 /// New connections per second: each sends a byte, reads the answer and the server's close.
-fn connection_rate(netns: &Netns, seconds: f64) -> ConnectRate {
+fn connection_rate(netns: &Netns, seconds: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let busy_before = busy_cpu_seconds();
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENT_THREADS)
         .map(|_| {
@@ -149,35 +141,8 @@ fn connection_rate(netns: &Netns, seconds: f64) -> ConnectRate {
         .collect();
     let total: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
     #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-    let total = total as f64;
-    ConnectRate {
-        per_second: total / started.elapsed().as_secs_f64(),
-        per_busy_cpu_second: total / (busy_cpu_seconds() - busy_before),
-    }
-}
-
-/// CPU time the machine's CPUs have spent busy since boot (user, nice, system, irq,
-/// softirq), in seconds: time the hypervisor gave to other guests (steal) and idle time
-/// are left out, so that connections per busy second measure what a connection costs,
-/// whatever the neighbours on the host do to the wall-clock rate.
-fn busy_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let total = stat.lines().next().unwrap();
-    let ticks: Vec<f64> = total
-        .split_whitespace()
-        .skip(1)
-        .map(|field| field.parse().unwrap())
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
-    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
-    busy / clock_ticks_per_second()
-}
-
-fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    #[expect(clippy::cast_precision_loss, reason = "clock ticks per second")]
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    per_second
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    rate
 }
 
 /// Bulk throughput of one stream, in bytes per second.
@@ -218,8 +183,8 @@ fn middle_half(values: &mut [f64]) -> String {
 }
 
 struct Pair {
-    connect_without: ConnectRate,
-    connect_with: ConnectRate,
+    connect_without: f64,
+    connect_with: f64,
     bulk_without: f64,
     bulk_with: f64,
     /// The agent's CPU use during the connection load, in cores.
@@ -228,12 +193,7 @@ struct Pair {
 
 /// One run of each load: (connections per second, bulk bytes per second, the agent's CPU
 /// use in cores during the connection load).
-fn measure(
-    netns: &Netns,
-    config: &AgentConfig,
-    seconds: f64,
-    with_agent: bool,
-) -> (ConnectRate, f64, f64) {
+fn measure(netns: &Netns, config: &AgentConfig, seconds: f64, with_agent: bool) -> (f64, f64, f64) {
     let agent = with_agent.then(|| Agent::start(netns, config));
     let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let connect = connection_rate(netns, seconds);
@@ -306,14 +266,8 @@ fn cost_table(costs: &[Cost]) -> String {
 fn mode_report(pairs: &[Pair], costs: &[Cost]) -> String {
     let mut connect_ratios: Vec<f64> = pairs
         .iter()
-        .map(|p| p.connect_with.per_second / p.connect_without.per_second)
+        .map(|p| p.connect_with / p.connect_without)
         .collect();
-    let mut cost_ratios: Vec<f64> = pairs
-        .iter()
-        .map(|p| p.connect_with.per_busy_cpu_second / p.connect_without.per_busy_cpu_second)
-        .collect();
-    let cost_ratio = median(&mut cost_ratios);
-    let cost_spread = middle_half(&mut cost_ratios);
     let mut bulk_ratios: Vec<f64> = pairs.iter().map(|p| p.bulk_with / p.bulk_without).collect();
     let connect_ratio = median(&mut connect_ratios);
     let bulk_ratio = median(&mut bulk_ratios);
@@ -325,20 +279,16 @@ fn mode_report(pairs: &[Pair], costs: &[Cost]) -> String {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "| pair | new conn/s without | with | ratio | per busy CPU-s without | with | ratio | agent CPU (cores) | bulk Gbit/s without | with | ratio |"
+        "| pair | new conn/s without | with | ratio | agent CPU (cores) | bulk Gbit/s without | with | ratio |"
     );
-    let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|---|");
     for (i, p) in pairs.iter().enumerate() {
-        let (without, with) = (p.connect_without, p.connect_with);
         let _ = writeln!(
             report,
-            "| {i} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.3} |",
-            without.per_second,
-            with.per_second,
-            with.per_second / without.per_second,
-            without.per_busy_cpu_second,
-            with.per_busy_cpu_second,
-            with.per_busy_cpu_second / without.per_busy_cpu_second,
+            "| {i} | {:.0} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.3} |",
+            p.connect_without,
+            p.connect_with,
+            p.connect_with / p.connect_without,
             p.agent_cpu,
             p.bulk_without * 8e-9,
             p.bulk_with * 8e-9,
@@ -347,7 +297,7 @@ fn mode_report(pairs: &[Pair], costs: &[Cost]) -> String {
     }
     let _ = writeln!(
         report,
-        "\n**Median ratio: new connections {connect_ratio:.3} (target ≥ 0.98; middle half of the pairs {connect_spread}), bulk throughput {bulk_ratio:.3} (target ≥ 0.99; middle half {bulk_spread}).** Connections per busy CPU-second (what a connection costs the machine, the agent included, with the time other guests took left out): {cost_ratio:.3} (middle half {cost_spread}).\n"
+        "\n**Median ratio: new connections {connect_ratio:.3} (target ≥ 0.98; middle half of the pairs {connect_spread}), bulk throughput {bulk_ratio:.3} (target ≥ 0.99; middle half {bulk_spread}).**\n"
     );
     let _ = writeln!(
         report,
@@ -446,7 +396,10 @@ fn cpu_seconds(pid: u32) -> f64 {
         .split_whitespace()
         .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / clock_ticks_per_second()
+    // SAFETY: sysconf has no preconditions.
+    #[expect(clippy::cast_precision_loss, reason = "clock ticks per second")]
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / per_second
 }
 
 struct DnsPair {
@@ -679,11 +632,9 @@ fn proxy_mode(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Strin
             (measure(netns, config, settings.seconds, false), with)
         };
         eprintln!(
-            "pair {i}: connections/s {:.0} -> {:.0}, per busy CPU-s {:.0} -> {:.0} (agent CPU {:.3} cores), bulk Gbit/s {:.2} -> {:.2}",
-            without.0.per_second,
-            with.0.per_second,
-            without.0.per_busy_cpu_second,
-            with.0.per_busy_cpu_second,
+            "pair {i}: connections/s {:.0} -> {:.0} (agent CPU {:.3} cores), bulk Gbit/s {:.2} -> {:.2}",
+            without.0,
+            with.0,
             with.2,
             without.1 * 8e-9,
             with.1 * 8e-9
@@ -794,12 +745,7 @@ fn main() {
             1 MiB event ring and the embedded default's 1 s polling, and nftables counting at its default \"auto\": off \
             in that bare namespace, where it would be the first netfilter hook (docs/DESIGN.md, \
             nftables, has what that costs). Single pairs on this VM swing by 5 to 15 % \
-            (bulk by more; by up to a factor of three when other guests load the host), which \
-            is why the medians matter and why no test asserts on speed. The proxy tables also \
-            give connections per second of busy CPU (user, system, irq and softirq time of \
-            both CPUs, from /proc/stat; idle and the time other guests took left out): what a \
-            connection costs the machine, which the host's load moves far less than the \
-            wall-clock rate of a loop that waits on the scheduler. \
+            (bulk by more), which is why the medians matter and why no test asserts on speed. \
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \
             only for that last phase), which include the kernel's timing of each run; the empty \
             programs `--bpf-stats` attaches beside ours measure that timing, and the last column \
