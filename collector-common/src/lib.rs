@@ -503,17 +503,23 @@ pub const fn dns_lowercase_word(word: u64) -> u64 {
     word | (capitals >> 2)
 }
 
+/// A 16-byte address as two words (native order), for compares and hashes a word at a time.
+#[must_use]
+pub fn address_words(addr: &[u8; 16]) -> [u64; 2] {
+    let (high, low) = addr.split_at(8);
+    let mut word = [0u8; 8];
+    word.copy_from_slice(high);
+    let high = u64::from_ne_bytes(word);
+    word.copy_from_slice(low);
+    [high, u64::from_ne_bytes(word)]
+}
+
 /// 32 bits standing for a client address in the in-flight table. Two clients that share a
 /// port, an id, a slot and a fingerprint at once would be confused: about one chance in
 /// 2^32 per collision in the table, which is itself counted (`evicted`).
 #[must_use]
 pub fn client_fingerprint(client_addr: &[u8; 16]) -> u32 {
-    let (high, low) = client_addr.split_at(8);
-    let mut buf = [0u8; 8];
-    buf.copy_from_slice(high);
-    let high = u64::from_ne_bytes(buf);
-    buf.copy_from_slice(low);
-    let low = u64::from_ne_bytes(buf);
+    let [high, low] = address_words(client_addr);
     // The top half of a multiplicative hash is the well-mixed one.
     ((high ^ low.rotate_left(29)).wrapping_mul(GOLDEN_RATIO_64) >> 32) as u32
 }

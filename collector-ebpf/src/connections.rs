@@ -19,8 +19,8 @@ use aya_ebpf::{
 };
 use collector_common::{
     CONN_EVENT_CLIENT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnClientEvent,
-    ConnEvent, ConnState, DURATION_BUCKETS, MAX_ROUTES, NO_ROUTE, client_fingerprint, conn_flags,
-    conn_slot, duration_bucket, error_kind,
+    ConnEvent, ConnState, DURATION_BUCKETS, MAX_ROUTES, NO_ROUTE, address_words,
+    client_fingerprint, conn_flags, conn_slot, duration_bucket, error_kind,
 };
 
 use crate::{
@@ -159,12 +159,7 @@ fn on_accepted(ctx: &SockOpsContext) {
 /// the slot its connections cost an increment, not a ring record each.
 #[inline(always)]
 fn count_client(client: &[u8; 16]) {
-    let (high, low) = client.split_at(8);
-    let mut word = [0u8; 8];
-    word.copy_from_slice(high);
-    let high = u64::from_ne_bytes(word);
-    word.copy_from_slice(low);
-    let key = [high, u64::from_ne_bytes(word)];
+    let key = address_words(client);
     match tally(&CONN_CLIENTS, &key, client_fingerprint(client)) {
         Tally::Counted => {}
         Tally::NoSlot => count_error(error_kind::CONN_EVENT_DROPPED),

@@ -46,8 +46,10 @@ pub fn tally<K: Copy + PartialEq + 'static, const SLOTS: usize>(
         return Tally::NoSlot;
     };
     // SAFETY: a value of our array, written only from this CPU (its index range) by programs
-    // that do not nest on a CPU (tc runs in softirq, the sock_ops accept callback with
-    // bottom halves off). The agent reads it through its mapping meanwhile.
+    // that run in softirq context, which does not nest on a CPU: the tc classifiers, and
+    // the sock_ops accept callback (the handshake's last ACK, or a Fast Open SYN, processed
+    // on receive; listeners take no socket lock, so nothing defers it to process context).
+    // The agent reads the slot through its mapping meanwhile.
     let slot = unsafe { &mut *slot };
     let state = slot.state;
     let count = state & TALLY_COUNT_MAX;
