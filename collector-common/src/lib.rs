@@ -121,8 +121,8 @@ pub mod program_names {
 /// Global in the kernel object: the [`DnsPorts`].
 pub const GLOBAL_DNS_PORTS: &str = "DNS_PORTS";
 
-/// Global in the kernel object: 1 to send each connection's open and close to the agent
-/// (per-client figures, the event stream), 0 to count without them.
+/// Global in the kernel object: 1 for per-client figures (clients counted in `CONN_CLIENTS`,
+/// opens and closes sent while the event stream is read), 0 to count without them.
 pub const GLOBAL_CLIENT_EVENTS: &str = "CLIENT_EVENTS";
 
 /// Global in the kernel object: 1 to count DNS in the classifiers, 0 to leave it out.
@@ -157,7 +157,8 @@ pub mod error_kind {
     /// counted as opened, but its close, duration and bytes are lost (`active` stays one
     /// too high).
     pub const CONN_TABLE_FULL: u32 = 0;
-    /// The connection event ring buffer was full: the event is lost, counters are not.
+    /// The connection event ring buffer was full: the event is lost, counters are not (a
+    /// lost client event leaves its connection out of the top clients).
     pub const CONN_EVENT_DROPPED: u32 = 1;
     /// A packet on a watched interface was too short to parse its headers.
     pub const PACKET_TRUNCATED: u32 = 2;
@@ -626,8 +627,11 @@ pub const MAP_FLAGS_MMAPABLE: usize = 1 << 10;
 pub const CONN_EVENT_OPEN: u32 = 1;
 /// [`ConnEvent::kind`] of a connection that closed.
 pub const CONN_EVENT_CLOSE: u32 = 2;
-/// [`ConnClientEvent::kind`] (the DNS event kinds go on from here).
+/// [`ConnClientEvent::kind`] (after the DNS event kinds, 3 to 5).
 pub const CONN_EVENT_CLIENT: u32 = 6;
+/// [`ConnClientEvent::slot`] of a connection counted for its client outside the table (a
+/// callback nested in another on its CPU, or a CPU beyond the table).
+pub const CLIENT_NO_SLOT: u32 = u32::MAX;
 
 /// A client taking a slot of `CONN_CLIENTS`: it stands for the connection that brought it,
 /// and hands over the previous tenure's final count.
@@ -763,6 +767,8 @@ mod pod {
     unsafe impl aya::Pod for super::DnsInFlight {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsQueryEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsNameEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsAnswerEvent {}
     // SAFETY: as above.

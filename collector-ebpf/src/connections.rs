@@ -18,14 +18,14 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use collector_common::{
-    CONN_EVENT_CLIENT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnClientEvent,
-    ConnEvent, ConnState, DURATION_BUCKETS, MAX_ROUTES, NO_ROUTE, address_words,
+    CLIENT_NO_SLOT, CONN_EVENT_CLIENT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES,
+    ConnClientEvent, ConnEvent, ConnState, DURATION_BUCKETS, MAX_ROUTES, NO_ROUTE, address_words,
     client_fingerprint, conn_flags, conn_slot, duration_bucket, error_kind,
 };
 
 use crate::{
-    CLIENT_EVENTS, CONN_CLIENTS, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS, CONN_STATE,
-    CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT, count_error,
+    CLIENT_EVENTS, CONN_CLIENTS, CONN_CLIENTS_BUSY, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS,
+    CONN_STATE, CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT, add, count_error,
     tally::{Tally, tally},
 };
 
@@ -117,14 +117,14 @@ fn on_accepted(ctx: &SockOpsContext) {
     };
     let cookie = socket_cookie(ctx);
     let client = client_addr(ctx);
-    let streamed = client_events() && stream_wanted();
-    if client_events() && !streamed {
+    if client_events() {
         count_client(&client);
     }
+    // SAFETY: this CPU's value of our per-CPU map.
+    let opened = unsafe { &raw mut (*counters).opened };
     let Some(entry) = claim(cookie) else {
         count_error(error_kind::CONN_TABLE_FULL);
-        // SAFETY: this CPU's slot; BPF programs run with migration disabled.
-        unsafe { (*counters).opened += 1 };
+        add(opened, 1);
         return;
     };
     // SAFETY: the slot is ours since the claim; only this socket's callbacks touch it.
@@ -137,7 +137,7 @@ fn on_accepted(ctx: &SockOpsContext) {
     // Ask for state callbacks, keeping whatever callbacks other programs asked for.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 
-    if streamed {
+    if client_events() && stream_wanted() {
         emit(&ConnEvent {
             kind: CONN_EVENT_OPEN,
             route: slot,
@@ -150,40 +150,66 @@ fn on_accepted(ctx: &SockOpsContext) {
     }
     // Counted after the client: the agent reads the clients after the counters, so its
     // per-client figures cover every connection counted.
-    // SAFETY: as above.
-    unsafe { (*counters).opened += 1 };
+    add(opened, 1);
 }
 
 /// Counts a connection for its client in this CPU's slot for it. A client new to the slot
 /// goes to the agent once, with the final count of the client it replaces; while it keeps
 /// the slot its connections cost an increment, not a ring record each.
+///
+/// Unlike the classifiers, accept callbacks can nest on a CPU: one processed from a socket's
+/// backlog (a packet that arrived while a system call held the new socket's lock) runs in
+/// process context, where one in softirq can interrupt it. The nested one leaves the table
+/// alone and sends a client event for no slot, which the agent counts once.
 #[inline(always)]
 fn count_client(client: &[u8; 16]) {
+    let Some(busy) = CONN_CLIENTS_BUSY.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value of our per-CPU map. Nesting is strictly last in, first out,
+    // so a callback that reads 0 here is not interrupted by one that still sees it set.
+    let busy = unsafe { &mut *busy };
+    if *busy != 0 {
+        send_client(client, CLIENT_NO_SLOT, 0, 0);
+        return;
+    }
+    *busy = 1;
     let key = address_words(client);
     match tally(&CONN_CLIENTS, &key, client_fingerprint(client)) {
         Tally::Counted => {}
-        Tally::NoSlot => count_error(error_kind::CONN_EVENT_DROPPED),
+        Tally::NoSlot => {
+            send_client(client, CLIENT_NO_SLOT, 0, 0);
+        }
         Tally::Claim(claim) => {
-            let event = ConnClientEvent {
-                kind: CONN_EVENT_CLIENT,
-                slot: claim.index,
-                replaced_count: claim.replaced_count,
-                tenure: claim.tenure,
-                _pad: 0,
-                client_addr: *client,
-            };
             // A full ring leaves the slot to its client, whose count the agent can still
             // read.
-            if CONN_EVENTS
-                .output_untyped::<ConnClientEvent>(&event, u64::from(BPF_RB_NO_WAKEUP))
-                .is_ok()
-            {
+            if send_client(client, claim.index, claim.tenure, claim.replaced_count) {
                 claim.take(&key);
-            } else {
-                count_error(error_kind::CONN_EVENT_DROPPED);
             }
         }
     }
+    *busy = 0;
+}
+
+/// Sends a client taking `slot` for `tenure` (ending the one before at `replaced_count`),
+/// or for no slot ([`CLIENT_NO_SLOT`]); `false` if the ring was full (counted).
+#[inline(always)]
+fn send_client(client: &[u8; 16], slot: u32, tenure: u32, replaced_count: u64) -> bool {
+    let event = ConnClientEvent {
+        kind: CONN_EVENT_CLIENT,
+        slot,
+        replaced_count,
+        tenure,
+        _pad: 0,
+        client_addr: *client,
+    };
+    let sent = CONN_EVENTS
+        .output_untyped::<ConnClientEvent>(&event, u64::from(BPF_RB_NO_WAKEUP))
+        .is_ok();
+    if !sent {
+        count_error(error_kind::CONN_EVENT_DROPPED);
+    }
+    sent
 }
 
 fn on_state_change(ctx: &SockOpsContext) {
@@ -267,17 +293,18 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         });
     }
     if let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: this CPU's slot; BPF programs run with migration disabled.
-        let counters = unsafe { &mut *counters };
-        counters.closed += 1;
-        counters.bytes_in += bytes_in;
-        counters.bytes_out += bytes_out;
-        counters.duration_ns += duration_ns;
+        // SAFETY: this CPU's value of our per-CPU map, valid for the program's run.
+        unsafe {
+            add(&raw mut (*counters).closed, 1);
+            add(&raw mut (*counters).bytes_in, bytes_in);
+            add(&raw mut (*counters).bytes_out, bytes_out);
+            add(&raw mut (*counters).duration_ns, duration_ns);
+        }
     }
     if let Some(durations) = CONN_DURATIONS.get_ptr_mut(slot) {
         let bucket = duration_bucket(duration_ns) & (DURATION_BUCKETS - 1);
         // SAFETY: as above.
-        unsafe { (*durations).buckets[bucket as usize] += 1 };
+        add(unsafe { &raw mut (*durations).buckets[bucket as usize] }, 1);
     }
 }
 
@@ -350,14 +377,21 @@ fn client_addr(ctx: &SockOpsContext) -> [u8; 16] {
             addr[12..16].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
         }
         AF_INET6 => {
-            let mut i = 0;
-            while i < 4 {
-                // Word by word, each load kept whole: the verifier takes only 4-byte loads of
-                // this context field, and LLVM merges a plain copy into 8-byte ones.
-                // SAFETY: a field of the context, read-only.
-                let word = unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).remote_ip6[i]) };
+            // Four loads of four bytes, each kept whole and at a constant offset: the verifier
+            // takes only that of this context field, and LLVM would merge a plain copy into
+            // 8-byte loads.
+            // SAFETY: fields of the context, read-only.
+            let words = unsafe {
+                let ip6 = &raw const (*ctx.ops).remote_ip6;
+                [
+                    core::ptr::read_volatile(&raw const (*ip6)[0]),
+                    core::ptr::read_volatile(&raw const (*ip6)[1]),
+                    core::ptr::read_volatile(&raw const (*ip6)[2]),
+                    core::ptr::read_volatile(&raw const (*ip6)[3]),
+                ]
+            };
+            for (i, word) in words.iter().enumerate() {
                 addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-                i += 1;
             }
         }
         _ => {}

@@ -4,12 +4,13 @@
 //! Counting only: no program changes the fate of a socket or a packet.
 #![no_std]
 #![no_main]
-// Atomic compare-and-swap on the connection table (see connections.rs); the kernel crate is
+// Atomic compare-and-swap on the connection table (see connections.rs) and atomic adds to the
+// counters sock_ops writes (`add`); the kernel crate is
 // built with nightly anyway (build-std).
 #![feature(core_intrinsics)]
 #![allow(
     internal_features,
-    reason = "atomic_cxchg: the BPF target has no AtomicU64 CAS"
+    reason = "atomic_cxchg: the BPF target has no AtomicU64 CAS; atomic_xadd beside it"
 )]
 
 mod connections;
@@ -17,6 +18,8 @@ mod dns;
 mod packet;
 mod tally;
 mod traffic;
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     Global,
@@ -56,6 +59,9 @@ static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMA
 static CONN_EVENTS: RingBuf<ConnEvent, { CONN_EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
 static CONN_STREAM_WANTED: Array<u32, 1> = Array::new();
+/// Nonzero while a callback on this CPU is in `CONN_CLIENTS` (see `connections::count_client`).
+#[btf_map]
+static CONN_CLIENTS_BUSY: PerCpuArray<u32, 1> = PerCpuArray::new();
 /// Sized by the agent at load: [`TALLY_SLOTS_PER_CPU`] slots per possible CPU.
 #[btf_map]
 static CONN_CLIENTS: Array<ClientSlot, { TALLY_SLOTS_PER_CPU as usize }, MAP_FLAGS_MMAPABLE> =
@@ -67,7 +73,8 @@ static ROUTE_TRAFFIC: PerCpuArray<TrafficCounters, { (MAX_ROUTES * 2) as usize }
 static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
 
 /// 1 keeps per-client figures (clients counted in `CONN_CLIENTS`, opens and closes sent to
-/// the event stream); 0 counts without them. Set at load; read-only, so the verifier drops the events.
+/// the event stream); 0 counts without them. Set at load; read-only, so the verifier drops
+/// that code.
 #[unsafe(no_mangle)]
 static CLIENT_EVENTS: Global<u32> = Global::new(1);
 
@@ -112,9 +119,18 @@ static DNS_NAMES: Array<DnsNameSlot, { TALLY_SLOTS_PER_CPU as usize }, MAP_FLAGS
 #[inline(always)]
 fn count_error(kind: u32) {
     if let Some(counter) = ERRORS.get_ptr_mut(kind) {
-        // SAFETY: per-CPU slot of this CPU; BPF programs are not preempted on it mid-update.
-        unsafe { *counter += 1 };
+        add(counter, 1);
     }
+}
+
+/// Adds to a per-CPU counter that sock_ops callbacks write, atomically: a callback in
+/// process context (a state change made by a system call, or a packet processed from a
+/// socket's backlog when its lock is released) runs with softirqs on, so one in softirq
+/// can interrupt it on the same CPU, and of two plain read-modify-writes one would be lost.
+#[inline(always)]
+fn add(counter: *mut u64, n: u64) {
+    // SAFETY: `counter` points to an aligned u64 of a map value, valid for the program's run.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
 }
 
 #[sock_ops]

@@ -30,8 +30,8 @@ pub struct Config {
     pub interfaces: Vec<String>,
     /// Count sockets of every network namespace, not only the agent's own.
     pub all_namespaces: bool,
-    /// Send each connection's open and close from the kernel: the per-client figures
-    /// (`connectionsByIP`, `topIPs`) and the event stream's connections.
+    /// Keep per-client figures in the kernel (`connectionsByIP`, `topIPs`) and send the
+    /// event stream's connections.
     pub client_stats: bool,
     /// How often the kernel maps are read.
     pub poll_interval: Duration,

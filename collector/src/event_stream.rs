@@ -167,8 +167,9 @@ impl EventHub {
         self.update_switches();
     }
 
-    /// Turns streamed DNS and connection events on while someone reads the stream, off otherwise (called on subscribe and at every poll, which notices readers
-    /// that went away).
+    /// Turns streamed DNS and connection events on while someone reads the stream, off
+    /// otherwise (called on subscribe and at every poll, which notices readers that went
+    /// away).
     pub fn update_switches(&self) {
         set_switch(
             &self.dns_wanted,

@@ -1,7 +1,8 @@
 //! Connection events from the kernel ring buffer: decoded, folded into client statistics
 //! (heaviest clients) and offered to event subscribers. The kernel counts connections per
 //! client in place in a tally table ([`crate::tally`]) and sends a client only when it
-//! takes a slot there; opens and closes go out only while someone reads the event stream.
+//! takes a slot there; opens and closes, for the event stream only, go out only while
+//! someone reads it.
 //! Open connections per client come from the kernel's connection table
 //! ([`crate::client_table`]). Counters never depend on events: a full ring loses events
 //! (counted in the kernel), not counts.
@@ -45,7 +46,8 @@ pub enum ConnRecord {
     Connection(Connection),
     /// A client taking a slot of the kernel's client table (its `tenure` there), for the
     /// connection that brought it; the previous tenure counted `replaced_count` more
-    /// connections there. Not streamed.
+    /// connections there. A `slot` beyond the table (`CLIENT_NO_SLOT`) stands for one
+    /// connection counted outside it. Not streamed.
     Client {
         slot: u32,
         tenure: u32,
@@ -55,12 +57,12 @@ pub enum ConnRecord {
 }
 
 /// Reads a plain-data record from a ring-buffer item.
-pub fn read_record<T: Copy>(record: &[u8]) -> Option<T> {
+pub fn read_record<T: aya::Pod>(record: &[u8]) -> Option<T> {
     if record.len() < size_of::<T>() {
         return None;
     }
-    // SAFETY: the item holds at least one T (checked above); the event types are plain data
-    // valid for any bit pattern, and read_unaligned copes with the ring's alignment.
+    // SAFETY: the item holds at least one T (checked above); T is plain data, valid for any
+    // bit pattern, and read_unaligned copes with the ring's alignment.
     Some(unsafe { record.as_ptr().cast::<T>().read_unaligned() })
 }
 
@@ -97,8 +99,8 @@ pub fn decode(record: &[u8]) -> Option<ConnRecord> {
 }
 
 /// Client statistics: connections opened per client, folded from the kernel's client
-/// table and from open events, and open connections per client, read from the kernel's
-/// connection table.
+/// table and its events, and open connections per client, read from the kernel's
+/// connection table. Open and close events feed only the event stream.
 pub struct ClientStats {
     /// The kernel keeps per-client figures (`client_stats`).
     enabled: bool,
@@ -126,9 +128,6 @@ impl ClientStats {
     pub fn apply(&mut self, record: &ConnRecord) {
         self.events_received += 1;
         match *record {
-            ConnRecord::Connection(event) if event.opened => {
-                self.opened_by_client.observe(&event.client, 1);
-            }
             ConnRecord::Connection(_) => {}
             ConnRecord::Client {
                 slot,
@@ -288,6 +287,8 @@ pub fn connection_drain(
 
 #[cfg(test)]
 mod tests {
+    use collector_common::CLIENT_NO_SLOT;
+
     use super::*;
 
     fn record<E: Copy>(event: &E) -> Vec<u8> {
@@ -333,9 +334,11 @@ mod tests {
         // `a` takes the slot and counts 4 more there; `b` takes it from `a` at 6.
         stats.apply(&client_claim(0, 1, 0, "192.0.2.1"));
         stats.apply(&client_claim(0, 2, 6, "2001:db8::2"));
+        // One connection of `b` counted outside the table.
+        stats.apply(&client_claim(CLIENT_NO_SLOT, 0, 0, "2001:db8::2"));
         let snapshot = stats.snapshot();
-        assert_eq!(snapshot.top, [(a, 7), (b, 1)]);
-        assert_eq!(snapshot.events_received, 2);
+        assert_eq!(snapshot.top, [(a, 7), (b, 2)]);
+        assert_eq!(snapshot.events_received, 3);
     }
 
     #[test]
@@ -366,8 +369,8 @@ mod tests {
     }
 
     #[test]
-    fn heaviest_clients_come_from_open_events() {
-        // No table: open connections are then not known, and none are listed.
+    fn open_and_close_events_only_feed_the_stream() {
+        // No tables: open connections are then not known, and none are listed.
         let mut stats = ClientStats::new(None, TallyTable::unmapped(0));
         let open = Connection {
             opened: true,
@@ -387,7 +390,8 @@ mod tests {
             ..open
         }));
         let snapshot = stats.snapshot();
-        assert_eq!(snapshot.top, [(open.client, 2)]);
+        // The kernel counted those connections in its client table, not through the events.
+        assert!(snapshot.top.is_empty());
         assert!(snapshot.active.is_empty());
         assert_eq!(snapshot.events_received, 3);
     }

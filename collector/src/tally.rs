@@ -5,8 +5,6 @@
 //! by tenure, not by value, so a key that loses its slot and wins it back before its events
 //! are read is not counted twice (docs/DESIGN.md, DNS, Names).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use aya::maps::{Array, MapData};
 use collector_common::{TALLY_COUNT_MAX, TallySlot, tally_next_tenure, tally_tenure};
 
@@ -131,12 +129,12 @@ where
     }
 }
 
-/// Reads a slot's state while its CPU may be rewriting it: one aligned word, loaded whole.
+/// Reads a slot's state while its CPU may be rewriting it: one aligned word, loaded whole
+/// (an aligned 8-byte load does not tear on the 64-bit targets the agent runs on, and the
+/// kernel writes the word with one store).
 fn read_state<K>(slot: *const TallySlot<K>) -> u64 {
-    // SAFETY: `slot` points into a live read-only mapping whose 8-aligned `state` the kernel
-    // writes concurrently: it is only ever loaded, atomically.
-    let state = unsafe { AtomicU64::from_ptr((&raw const (*slot).state).cast_mut()) };
-    state.load(Ordering::Relaxed)
+    // SAFETY: `slot` points into a live read-only mapping; `state` is 8-aligned.
+    unsafe { (&raw const (*slot).state).read_volatile() }
 }
 
 #[cfg(test)]

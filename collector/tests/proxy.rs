@@ -10,7 +10,7 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
 };
@@ -286,26 +286,29 @@ fn without_client_stats_counts_the_same_and_reports_no_clients() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// Connects from `client` to `port`, sends a byte, reads one, closes.
-fn round_trip_from(client: Ipv4Addr, port: u16) {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::from((client, 0)).into()).unwrap();
+/// Connects from `client` to `server`, sends a byte, reads one, closes.
+fn round_trip_from(client: impl Into<IpAddr>, server: impl Into<SocketAddr>) {
+    let server = server.into();
+    let socket = Socket::new(Domain::for_address(server), Type::STREAM, None).unwrap();
     socket
-        .connect(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())
+        .bind(&SocketAddr::from((client.into(), 0)).into())
         .unwrap();
+    socket.connect(&server.into()).unwrap();
     let mut stream = TcpStream::from(socket);
     stream.write_all(b"x").unwrap();
     let mut byte = [0u8; 1];
     stream.read_exact(&mut byte).unwrap();
 }
 
-/// Keeps the calling thread on CPU 0, so that the kernel accepts its connections there (on
-/// loopback the handshake's last ACK is processed on the sender's CPU).
-fn stay_on_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
+/// Keeps the calling thread on the CPU it runs on, so that the kernel accepts its
+/// connections there (on loopback the handshake's last ACK is processed on the sender's CPU).
+fn stay_on_this_cpu() {
+    // SAFETY: sched_getcpu has no preconditions; a zeroed cpu_set_t is a valid empty set,
+    // which sched_setaffinity only reads.
     unsafe {
+        let cpu = usize::try_from(libc::sched_getcpu()).unwrap();
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         assert_eq!(
             libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
             0
@@ -346,16 +349,17 @@ fn clients_that_take_each_others_slot_keep_exact_counts() {
     let server = thread::spawn(move || serve(&listener, 1, 1, Closer::Client, 2 * HEAVY + SHARING));
     let clients = sharing.clone();
     netns.run(move || {
-        stay_on_cpu0();
+        stay_on_this_cpu();
         // 127.0.0.1 takes the slot, each sharing client takes it in turn, 127.0.0.1 again.
+        let server = (Ipv4Addr::LOCALHOST, WEB_PORT);
         for _ in 0..HEAVY {
-            round_trip_from(Ipv4Addr::LOCALHOST, WEB_PORT);
+            round_trip_from(Ipv4Addr::LOCALHOST, server);
         }
         for client in clients {
-            round_trip_from(client, WEB_PORT);
+            round_trip_from(client, server);
         }
         for _ in 0..HEAVY {
-            round_trip_from(Ipv4Addr::LOCALHOST, WEB_PORT);
+            round_trip_from(Ipv4Addr::LOCALHOST, server);
         }
     });
     server.join().unwrap();
@@ -377,6 +381,49 @@ fn clients_that_take_each_others_slot_keep_exact_counts() {
     assert_eq!(
         sample(&metrics, "collector_connection_events_received_total", &[]),
         Some((1 + SHARING + 1) as f64)
+    );
+}
+
+/// IPv6 clients are counted under their own address, beside IPv4 ones.
+#[test]
+fn ipv6_clients_are_counted_by_their_address() {
+    const V6: usize = 4;
+    const V4: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let _agent = Agent::start(&netns, &config);
+
+    let (v6, v4) = netns.run(|| {
+        (
+            TcpListener::bind((Ipv6Addr::LOCALHOST, WEB_PORT)).unwrap(),
+            TcpListener::bind((Ipv4Addr::LOCALHOST, WEB_PORT)).unwrap(),
+        )
+    });
+    let servers = [
+        thread::spawn(move || serve(&v6, 1, 1, Closer::Client, V6)),
+        thread::spawn(move || serve(&v4, 1, 1, Closer::Client, V4)),
+    ];
+    netns.run(|| {
+        for _ in 0..V6 {
+            round_trip_from(Ipv6Addr::LOCALHOST, (Ipv6Addr::LOCALHOST, WEB_PORT));
+        }
+        for _ in 0..V4 {
+            round_trip_from(Ipv4Addr::LOCALHOST, (Ipv4Addr::LOCALHOST, WEB_PORT));
+        }
+    });
+    for server in servers {
+        server.join().unwrap();
+    }
+    let json = wait_for("every connection counted", Duration::from_secs(10), || {
+        let json = proxy_json(&netns);
+        (json["totalConnections"] == V6 + V4).then_some(json)
+    });
+    assert_eq!(
+        json["topIPs"],
+        serde_json::json!([
+            {"ip": "::1", "connections": V6},
+            {"ip": "127.0.0.1", "connections": V4},
+        ])
     );
 }
 
