@@ -651,6 +651,22 @@ pub struct ConnClientEvent {
     pub client_addr: [u8; 16],
 }
 
+impl ConnClientEvent {
+    /// `client_addr` taking `slot` for `tenure`, ending the tenure before at
+    /// `replaced_count`.
+    #[must_use]
+    pub const fn new(slot: u32, tenure: u32, replaced_count: u64, client_addr: [u8; 16]) -> Self {
+        Self {
+            kind: CONN_EVENT_CLIENT,
+            slot,
+            replaced_count,
+            tenure,
+            _pad: 0,
+            client_addr,
+        }
+    }
+}
+
 /// A connection open or close, sent to the agent through [`map_names::CONN_EVENTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use collector_common::{
-    CLIENT_NO_SLOT, CONN_EVENT_CLIENT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES,
-    ConnClientEvent, ConnEvent, ConnState, DURATION_BUCKETS, MAX_ROUTES, NO_ROUTE, address_words,
+    CLIENT_NO_SLOT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnClientEvent,
+    ConnEvent, ConnState, DURATION_BUCKETS, MAX_ROUTES, NO_ROUTE, address_words,
     client_fingerprint, conn_flags, conn_slot, duration_bucket, error_kind,
 };
 
@@ -195,14 +195,7 @@ fn count_client(client: &[u8; 16]) {
 /// or for no slot ([`CLIENT_NO_SLOT`]); `false` if the ring was full (counted).
 #[inline(always)]
 fn send_client(client: &[u8; 16], slot: u32, tenure: u32, replaced_count: u64) -> bool {
-    let event = ConnClientEvent {
-        kind: CONN_EVENT_CLIENT,
-        slot,
-        replaced_count,
-        tenure,
-        _pad: 0,
-        client_addr: *client,
-    };
+    let event = ConnClientEvent::new(slot, tenure, replaced_count, *client);
     let sent = CONN_EVENTS
         .output_untyped::<ConnClientEvent>(&event, u64::from(BPF_RB_NO_WAKEUP))
         .is_ok();

@@ -305,15 +305,12 @@ mod tests {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             IpAddr::V6(v6) => v6.octets(),
         };
-        let event = ConnClientEvent {
-            kind: CONN_EVENT_CLIENT,
+        let bytes = record(&ConnClientEvent::new(
             slot,
-            replaced_count,
             tenure,
-            _pad: 0,
+            replaced_count,
             client_addr,
-        };
-        let bytes = record(&event);
+        ));
         assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
         decode(&bytes).unwrap()
     }

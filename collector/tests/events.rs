@@ -163,14 +163,7 @@ fn assert_every_query_in_top_domains(netns: &Netns) {
 /// table) and the streamed ones alike: every connection the counters show, all of them from
 /// 127.0.0.1.
 fn assert_every_connection_in_top_ips(netns: &Netns, all: usize) {
-    let json = support::wait_for(
-        "a snapshot with every connection",
-        Duration::from_secs(5),
-        || {
-            let json = support::proxy_json(netns);
-            (json["totalConnections"] == all).then_some(json)
-        },
-    );
+    let json = support::proxy_json_counting(netns, all);
     assert_eq!(
         json["topIPs"],
         serde_json::json!([{"ip": "127.0.0.1", "connections": all}])

@@ -18,7 +18,10 @@ use std::{
 use collector_common::{TALLY_SLOTS_PER_CPU, client_fingerprint};
 use socket2::{Domain, Socket, Type};
 
-use support::{Agent, AgentConfig, Netns, assert_no_pins, proxy_json, sample, scrape, wait_for};
+use support::{
+    Agent, AgentConfig, Netns, assert_no_pins, proxy_json, proxy_json_counting, sample, scrape,
+    wait_for,
+};
 
 const WEB_PORT: u16 = 18080;
 const API_PORT: u16 = 18081;
@@ -364,11 +367,7 @@ fn clients_that_take_each_others_slot_keep_exact_counts() {
     });
     server.join().unwrap();
 
-    let all = 2 * HEAVY + SHARING;
-    let json = wait_for("every connection counted", Duration::from_secs(10), || {
-        let json = proxy_json(&netns);
-        (json["totalConnections"] == all).then_some(json)
-    });
+    let json = proxy_json_counting(&netns, 2 * HEAVY + SHARING);
     let mut expected = vec![serde_json::json!({"ip": "127.0.0.1", "connections": 2 * HEAVY})];
     expected.extend(
         sharing
@@ -414,10 +413,7 @@ fn ipv6_clients_are_counted_by_their_address() {
     for server in servers {
         server.join().unwrap();
     }
-    let json = wait_for("every connection counted", Duration::from_secs(10), || {
-        let json = proxy_json(&netns);
-        (json["totalConnections"] == V6 + V4).then_some(json)
-    });
+    let json = proxy_json_counting(&netns, V6 + V4);
     assert_eq!(
         json["topIPs"],
         serde_json::json!([

@@ -399,6 +399,18 @@ pub fn proxy_json(netns: &Netns) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// `/api/v1/proxy` from the first snapshot that counts `total` connections.
+pub fn proxy_json_counting(netns: &Netns, total: usize) -> serde_json::Value {
+    wait_for(
+        &format!("a snapshot with {total} connections"),
+        Duration::from_secs(10),
+        || {
+            let json = proxy_json(netns);
+            (json["totalConnections"] == total).then_some(json)
+        },
+    )
+}
+
 /// `/api/v1/dns` of the agent in `netns`.
 pub fn dns_json(netns: &Netns) -> serde_json::Value {
     let (status, body) = netns.run(|| get("/api/v1/dns")).unwrap();
