@@ -50,7 +50,8 @@ where
         Ok(tally)
     }
 
-    /// A table of `slots` slots whose states the caller reads (unit tests).
+    /// A table of `slots` slots whose states the caller reads: unit tests, and with no
+    /// slots, a table the kernel does not write (`client_stats = false`).
     #[must_use]
     pub fn unmapped(slots: usize) -> Self {
         Self {
