@@ -45,11 +45,11 @@ pub fn tally<K: Copy + PartialEq + 'static, const SLOTS: usize>(
     let Some(slot) = table.get_ptr_mut(index) else {
         return Tally::NoSlot;
     };
-    // SAFETY: a value of our array, written only from this CPU (its index range) by programs
-    // that run in softirq context, which does not nest on a CPU: the tc classifiers, and
-    // the sock_ops accept callback (the handshake's last ACK, or a Fast Open SYN, processed
-    // on receive; listeners take no socket lock, so nothing defers it to process context).
-    // The agent reads the slot through its mapping meanwhile.
+    // SAFETY: a value of our array, written only from this CPU (its index range) and never
+    // by two runs at once: the tc classifiers run in softirq, which does not nest on a CPU,
+    // and sock_ops accept callbacks, which can, come in only through the per-CPU busy word
+    // of `connections::count_client`. The agent reads the slot through its mapping
+    // meanwhile.
     let slot = unsafe { &mut *slot };
     let state = slot.state;
     let count = state & TALLY_COUNT_MAX;
