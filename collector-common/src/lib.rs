@@ -51,8 +51,8 @@ pub mod map_names {
     /// `RingBuf` of [`super::ConnEvent`] and [`super::ConnClientEvent`].
     pub const CONN_EVENTS: &str = "CONN_EVENTS";
     /// `Array<u32>`, one entry: nonzero while someone reads the event stream. Then every
-    /// connection's open and close go to the ring; otherwise neither is sent, and clients
-    /// are counted in [`CONN_CLIENTS`].
+    /// connection's open and close go to the ring, for the stream only (clients are counted
+    /// in [`CONN_CLIENTS`] either way); otherwise neither is sent.
     pub const CONN_STREAM_WANTED: &str = "CONN_STREAM_WANTED";
     /// `Array<ClientSlot>` (memory-mappable), [`super::TALLY_SLOTS_PER_CPU`] entries per
     /// possible CPU, each CPU writing only its own: the clients whose connections it accepted
