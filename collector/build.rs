@@ -1,6 +1,7 @@
 //! Builds the kernel programs (`collector-ebpf`) for the BPF target with the nightly pinned in
 //! collector-ebpf/rust-toolchain.toml and bpf-linker, and leaves the object in `OUT_DIR` for
-//! `include_bytes_aligned!`.
+//! `include_bytes_aligned!`. The build runs from collector-ebpf/, so that cargo reads the
+//! configuration there (collector-ebpf/.cargo/config.toml: the BPF CPU version).
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
@@ -11,6 +12,7 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading {toolchain_file}"))?;
     let channel = channel(&toolchain)
         .with_context(|| format!("{toolchain_file} has no `channel = \"...\"` line"))?;
+    std::env::set_current_dir(root_dir).with_context(|| format!("entering {root_dir}"))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "collector-ebpf",

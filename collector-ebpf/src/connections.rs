@@ -34,7 +34,7 @@ const AF_INET6: u32 = 10;
 
 /// The owner word of a slot: the cookie of the socket that claimed it, 0 when free. Only
 /// ever accessed atomically. (The BPF target's `AtomicU64` has no compare-and-swap, hence
-/// the intrinsics; with ALU32 (build.rs) LLVM emits BPF_CMPXCHG.)
+/// the intrinsics; with ALU32 (BPF v3, .cargo/config.toml) LLVM emits BPF_CMPXCHG.)
 fn owner(slot: *mut ConnState) -> *mut u64 {
     // SAFETY: `slot` points into our array map, valid for the program's run.
     unsafe { core::ptr::addr_of_mut!((*slot).cookie) }

@@ -102,11 +102,34 @@ struct Located {
     ipv6: bool,
 }
 
-/// The first question.
+/// The first question, or why it could not be read (then `name_len` is 0: a name takes at least
+/// its root label). Every field is set on every path: with a `Result` the error path leaves
+/// the QTYPE undefined, LLVM may fill it from any register, and a pointer spilled in part is
+/// refused by the verifier (as it was under BPF v3).
 struct Question {
     /// Wire length of the name, root label included.
     name_len: usize,
     qtype: u16,
+    /// The malformed reason when `name_len` is 0.
+    malformed: u32,
+}
+
+impl Question {
+    const fn unreadable(reason: u32) -> Self {
+        Self {
+            name_len: 0,
+            qtype: 0,
+            malformed: reason,
+        }
+    }
+
+    fn valid(self) -> Result<Self, u32> {
+        if self.name_len == 0 {
+            Err(self.malformed)
+        } else {
+            Ok(self)
+        }
+    }
 }
 
 /// Counts one packet, if it is DNS on a watched port. Always inlined so that `hook` is a
@@ -293,7 +316,7 @@ fn count_message(
             if question_count == 0 {
                 return Err(dns_malformed::NO_QUESTION);
             }
-            let question = walked?;
+            let question = walked.valid()?;
             // The name is counted (in its slot, or in an event) before the query is, so that a
             // snapshot's top domains cover every query its counters show.
             on_query(ctx, &at, id, &question, buf, counters);
@@ -309,7 +332,7 @@ fn count_message(
             let asked = if question_count == 0 {
                 None
             } else {
-                let question = walked?;
+                let question = walked.valid()?;
                 Some(question)
             };
             let rcode = rcode_byte & 0x0f;
@@ -329,7 +352,7 @@ fn count_message(
             if is_response || question_count == 0 {
                 return Ok(());
             }
-            let question = walked?;
+            let question = walked.valid()?;
             counters.upstream_queries += 1;
             if !matching() {
                 return Ok(());
@@ -374,7 +397,7 @@ fn unpark(buf: &[u8; DNS_SCRATCH_BYTES], at: usize) -> u64 {
 /// Walks the first question's name (labels only: a compression pointer has no earlier name
 /// to point to in the first question) and reads its QTYPE. The message end comes parked.
 #[inline(always)]
-fn question(buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Result<Question, u32> {
+fn question(buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Question {
     let end = unpark(buf, PARK_END) as usize & MASK;
     let mut pos = NAME_AT;
     let mut outcome = Err(dns_malformed::BAD_NAME);
@@ -408,16 +431,17 @@ fn question(buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Result<Question, u32> {
     park(buf, PARK_REASON, u64::from(reason));
     let name_len = unpark(buf, PARK_NAME_LEN) as usize & 0xff;
     if name_len == 0 {
-        return Err(unpark(buf, PARK_REASON) as u32);
+        return Question::unreadable(unpark(buf, PARK_REASON) as u32);
     }
     // QTYPE and QCLASS follow the name.
     if NAME_AT + name_len + 4 > end {
-        return Err(dns_malformed::TRUNCATED);
+        return Question::unreadable(dns_malformed::TRUNCATED);
     }
-    Ok(Question {
+    Question {
         name_len,
         qtype: be16(buf, NAME_AT + name_len),
-    })
+        malformed: 0,
+    }
 }
 
 /// Case-insensitive hash of the name's wire form (ASCII letters folded), eight bytes at a
