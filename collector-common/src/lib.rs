@@ -69,6 +69,9 @@ pub mod map_names {
     /// `Array<u64>`, [`super::DNS_UPSTREAM_SLOTS`] entries: name hash → time of the last
     /// upstream query for it.
     pub const DNS_UPSTREAM: &str = "DNS_UPSTREAM";
+    /// `Array<u64>`, one entry: the time of the latest upstream query, for any name. A
+    /// response whose query arrived after it is a hit without a look at [`DNS_UPSTREAM`].
+    pub const DNS_UPSTREAM_LATEST: &str = "DNS_UPSTREAM_LATEST";
     /// `RingBuf` of [`super::DnsQueryEvent`], [`super::DnsAnswerEvent`] and
     /// [`super::DnsNameEvent`].
     pub const DNS_EVENTS: &str = "DNS_EVENTS";
@@ -87,7 +90,7 @@ pub mod map_names {
 
 /// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
 /// per-query state. Configuration maps and the event rings are recreated at every start.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     map_names::ROUTE_NAMES,
     map_names::CONN_COUNTERS,
     map_names::CONN_DURATIONS,
@@ -97,6 +100,7 @@ pub const PINNED_MAPS: [&str; 9] = [
     map_names::DNS_COUNTERS,
     map_names::DNS_INFLIGHT,
     map_names::DNS_UPSTREAM,
+    map_names::DNS_UPSTREAM_LATEST,
 ];
 
 /// Program names, as the kernel object declares them.

@@ -13,12 +13,16 @@
 //! Latency: a query takes a slot of the in-flight table found from a hash of (client address,
 //! port, id); its response frees it. Cache misses: an upstream query stamps a table indexed by
 //! a hash of its name; a response whose name was stamped after its query arrived is a miss.
+//! A response whose query arrived after the latest upstream query, for any name, is a hit
+//! without that look-up.
 //! With `[dns] match_responses = false` none of this runs: the same messages are counted, at
 //! about two thirds of the cost per packet (docs/BENCHMARKS.md).
 //!
 //! Names: a sampled query's name is counted in this CPU's slot of the name table, and goes
 //! to the ring only when it takes the slot; while someone reads the event stream, every
 //! sampled query goes to the ring whole instead.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
@@ -36,7 +40,7 @@ use collector_common::{
 
 use crate::{
     DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_RESPONSES, DNS_NAMES, DNS_PORTS,
-    DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM,
+    DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, ether_type, ptr_at, read_be16,
         read_u8,
@@ -72,6 +76,9 @@ const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
+
+/// Compare-and-swap attempts at raising `DNS_UPSTREAM_LATEST`.
+const UPSTREAM_LATEST_TRIES: usize = 8;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
@@ -342,8 +349,16 @@ fn count_message(
                 counters.responses_truncated += 1;
             }
             if matching() {
-                let asked = asked.map(|q| (name_hash(buf, q.name_len), q.qtype));
-                on_response(ctx, &at, id, rcode, truncated, asked, counters);
+                on_response(
+                    ctx,
+                    &at,
+                    id,
+                    rcode,
+                    truncated,
+                    asked.as_ref(),
+                    buf,
+                    counters,
+                );
             }
         }
         Role::Upstream => {
@@ -357,12 +372,14 @@ fn count_message(
             if !matching() {
                 return Ok(());
             }
-            let slot = (name_hash(buf, question.name_len) as u32) & (DNS_UPSTREAM_SLOTS - 1);
-            if let Some(stamp) = DNS_UPSTREAM.get_ptr_mut(slot) {
+            let now = ktime_ns();
+            if let Some(stamp) = DNS_UPSTREAM.get_ptr_mut(upstream_slot(buf, question.name_len)) {
                 // SAFETY: an 8-byte-aligned value of our array; a torn read elsewhere is
                 // impossible for an aligned u64.
-                unsafe { core::ptr::write_volatile(stamp, ktime_ns()) };
+                unsafe { core::ptr::write_volatile(stamp, now) };
             }
+            // After the name's stamp, so that a response that sees this time sees the stamp.
+            raise_upstream_latest(now);
         }
     }
     Ok(())
@@ -668,6 +685,10 @@ fn send_with_name<E>(
 }
 
 /// Matches the response to its query: latency, cache hit or miss, the answer event.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined into the classifier: a struct would only be unpacked again"
+)]
 #[inline(always)]
 fn on_response(
     ctx: &TcContext,
@@ -675,7 +696,8 @@ fn on_response(
     id: u16,
     rcode: u8,
     truncated: bool,
-    asked: Option<(u64, u16)>,
+    asked: Option<&Question>,
+    buf: &[u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
     let Some((addr, port)) = client(ctx, at, false) else {
@@ -700,12 +722,16 @@ fn on_response(
     counters.answered += 1;
     counters.latency[duration_bucket(latency) as usize & 31] += 1;
     counters.latency_ns += latency;
-    let miss = asked.is_some_and(|(hash, _)| {
-        let slot = (hash as u32) & (DNS_UPSTREAM_SLOTS - 1);
-        DNS_UPSTREAM.get_ptr_mut(slot).is_some_and(|stamp| {
-            // SAFETY: as in `count_message`.
-            (unsafe { core::ptr::read_volatile(stamp) }) >= started
-        })
+    // Most answers come while nothing has gone upstream since their query arrived: those are
+    // hits without hashing the name or reading its stamp (a cold line).
+    let miss = asked.is_some_and(|question| {
+        upstream_since(started)
+            && DNS_UPSTREAM
+                .get_ptr_mut(upstream_slot(buf, question.name_len))
+                .is_some_and(|stamp| {
+                    // SAFETY: as in `count_message`.
+                    (unsafe { core::ptr::read_volatile(stamp) }) >= started
+                })
     });
     if miss {
         counters.cache_misses += 1;
@@ -727,7 +753,7 @@ fn on_response(
         client_addr: addr,
         client_port: port,
         id,
-        qtype: asked.map_or(0, |(_, qtype)| qtype),
+        qtype: asked.map_or(0, |question| question.qtype),
         _pad2: 0,
     };
     if DNS_EVENTS
@@ -735,6 +761,46 @@ fn on_response(
         .is_err()
     {
         counters.events_dropped += 1;
+    }
+}
+
+/// The slot of `DNS_UPSTREAM` for the question's name.
+#[inline(always)]
+fn upstream_slot(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize) -> u32 {
+    (name_hash(buf, name_len) as u32) & (DNS_UPSTREAM_SLOTS - 1)
+}
+
+/// Something, for any name, went upstream at or after `since`.
+#[inline(always)]
+fn upstream_since(since: u64) -> bool {
+    DNS_UPSTREAM_LATEST
+        .get(0)
+        .is_some_and(|&latest| latest >= since)
+}
+
+/// Raises the time of the latest upstream query to `now`. A compare-and-swap, so that a CPU
+/// that read the clock earlier cannot lower it; a failed one means another CPU raised it in
+/// between, so running out of tries takes that many CPUs sending upstream queries at once.
+#[inline(always)]
+fn raise_upstream_latest(now: u64) {
+    let Some(latest) = DNS_UPSTREAM_LATEST.get_ptr_mut(0) else {
+        return;
+    };
+    for _ in 0..UPSTREAM_LATEST_TRIES {
+        // SAFETY: an 8-byte-aligned value of our array, valid for the program's run.
+        let seen = unsafe { core::ptr::read_volatile(latest) };
+        if seen >= now {
+            return;
+        }
+        // SAFETY: as above.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::AcqRel }, { AtomicOrdering::Relaxed }>(
+                latest, seen, now,
+            )
+        };
+        if swapped {
+            return;
+        }
     }
 }
 

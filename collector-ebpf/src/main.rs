@@ -105,6 +105,8 @@ static DNS_INFLIGHT: Array<DnsInFlight, { DNS_INFLIGHT_SLOTS as usize }> = Array
 #[btf_map]
 static DNS_UPSTREAM: Array<u64, { DNS_UPSTREAM_SLOTS as usize }> = Array::new();
 #[btf_map]
+static DNS_UPSTREAM_LATEST: Array<u64, 1> = Array::new();
+#[btf_map]
 static DNS_EVENTS: RingBuf<DnsQueryEvent, { DNS_EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
 static DNS_SCRATCH: PerCpuArray<DnsScratch, 1> = PerCpuArray::new();

@@ -1,6 +1,6 @@
 //! The DNS classifiers' parser on crafted and random packets, run in the kernel through
 //! `BPF_PROG_TEST_RUN`: every packet must pass (the verdict never changes), land in exactly
-//! one counter, and agree with hickory-proto.
+//! one counter, and agree with hickory-proto. And the cache inference on a crafted sequence.
 //!
 //! The reference is what a DNS server's socket would receive, decoded by hickory-proto's
 //! `Header` and first `Query` (the kernel parses no further than the first question). One rule
@@ -47,6 +47,16 @@ enum Outcome {
 enum Direction {
     ToServer,
     FromServer,
+}
+
+impl Direction {
+    /// Source and destination: the client's query goes to the server, the answer back.
+    fn addresses<A>(self, client: A, server: A) -> (A, A) {
+        match self {
+            Self::ToServer => (client, server),
+            Self::FromServer => (server, client),
+        }
+    }
 }
 
 struct Classifiers {
@@ -98,6 +108,10 @@ impl Classifiers {
                 *acc += v;
             }
             total.responses_truncated += value.responses_truncated;
+            total.answered += value.answered;
+            total.cache_hits += value.cache_hits;
+            total.cache_misses += value.cache_misses;
+            total.upstream_queries += value.upstream_queries;
         }
         total
     }
@@ -210,8 +224,14 @@ impl Packet {
             frame.extend_from_slice(&payload_len.to_be_bytes());
             frame.push(next_values[0]);
             frame.push(64);
-            frame.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-            frame.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+            let [client, server] = [1, 2].map(|last| {
+                let mut address = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                address[15] = last;
+                address
+            });
+            let (source, destination) = self.direction.addresses(client, server);
+            frame.extend_from_slice(&source);
+            frame.extend_from_slice(&destination);
             frame.extend_from_slice(&extensions);
         } else {
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
@@ -219,7 +239,9 @@ impl Packet {
             frame.extend_from_slice(&[0x45, 0]);
             frame.extend_from_slice(&total.to_be_bytes());
             frame.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
-            frame.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+            let (source, destination) = self.direction.addresses([10, 0, 0, 1], [10, 0, 0, 2]);
+            frame.extend_from_slice(&source);
+            frame.extend_from_slice(&destination);
         }
         frame.extend_from_slice(&udp);
         frame
@@ -682,4 +704,66 @@ fn random_and_mutated_packets_agree_with_hickory() {
         counted > PACKETS / 5 && malformed > PACKETS / 5,
         "{counted} / {malformed}"
     );
+}
+
+/// The cache inference, in the kernel: a response is a miss only if its name went upstream
+/// after its query arrived. Each step is a real classifier run, on the kernel's clock.
+#[test]
+fn a_response_is_a_cache_miss_only_when_its_name_went_upstream_while_it_waited() {
+    let classifiers = Classifiers::load();
+    let www: &[&[u8]] = &[b"www", b"example", b"com"];
+    let other: &[&[u8]] = &[b"other", b"example", b"com"];
+    let send = |direction, flags, name| {
+        let frame = Packet::new(direction, message(flags, 1, &question(name, 1))).frame();
+        classifiers.run(direction, &frame)
+    };
+    let ask = |name| assert_eq!(send(Direction::ToServer, QUERY, name), Outcome::Query(1));
+    let answer = |name| {
+        assert_eq!(
+            send(Direction::FromServer, RESPONSE, name),
+            Outcome::Response(0)
+        );
+    };
+    // The server asks an upstream: from a port of its own to port 53.
+    let go_upstream = |name| {
+        let mut frame =
+            Packet::new(Direction::FromServer, message(QUERY, 1, &question(name, 1))).frame();
+        let ports = [40021u16.to_be_bytes(), DNS_PORT.to_be_bytes()].concat();
+        frame[14 + 20..14 + 20 + 4].copy_from_slice(&ports);
+        classifiers.run(Direction::FromServer, &frame);
+    };
+    let hits_and_misses = || {
+        let totals = classifiers.totals();
+        (totals.cache_hits, totals.cache_misses)
+    };
+
+    ask(www);
+    answer(www);
+    assert_eq!(hits_and_misses(), (1, 0), "nothing went upstream");
+    go_upstream(www);
+    ask(www);
+    answer(www);
+    assert_eq!(
+        hits_and_misses(),
+        (2, 0),
+        "www went upstream before it was asked"
+    );
+    ask(www);
+    go_upstream(other);
+    answer(www);
+    assert_eq!(
+        hits_and_misses(),
+        (3, 0),
+        "another name went upstream while www waited"
+    );
+    ask(www);
+    go_upstream(www);
+    answer(www);
+    assert_eq!(
+        hits_and_misses(),
+        (3, 1),
+        "www went upstream while it waited"
+    );
+    let totals = classifiers.totals();
+    assert_eq!((totals.answered, totals.upstream_queries), (4, 3));
 }
