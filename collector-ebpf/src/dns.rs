@@ -378,7 +378,8 @@ fn count_message(
                 // impossible for an aligned u64.
                 unsafe { core::ptr::write_volatile(stamp, now) };
             }
-            // After the name's stamp, so that a response that sees this time sees the stamp.
+            // After the name's stamp, in the same CPU's order: the time stays at or above
+            // every stamp.
             raise_upstream_latest(now);
         }
     }
@@ -786,14 +787,14 @@ fn raise_upstream_latest(now: u64) {
     let Some(latest) = DNS_UPSTREAM_LATEST.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: an 8-byte-aligned value of our array, valid for the program's run.
+    let mut seen = unsafe { core::ptr::read_volatile(latest) };
     for _ in 0..UPSTREAM_LATEST_TRIES {
-        // SAFETY: an 8-byte-aligned value of our array, valid for the program's run.
-        let seen = unsafe { core::ptr::read_volatile(latest) };
         if seen >= now {
             return;
         }
         // SAFETY: as above.
-        let (_, swapped) = unsafe {
+        let (found, swapped) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::AcqRel }, { AtomicOrdering::Relaxed }>(
                 latest, seen, now,
             )
@@ -801,6 +802,7 @@ fn raise_upstream_latest(now: u64) {
         if swapped {
             return;
         }
+        seen = found;
     }
 }
 

@@ -83,14 +83,7 @@ pub enum StreamEvent {
 
 /// Converts the kernel's `CLOCK_MONOTONIC` nanoseconds into wall-clock milliseconds.
 fn wall_ms(monotonic_ns: u64) -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
-    let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
-        + u64::try_from(now.tv_nsec).unwrap_or(0);
+    let now_ns = crate::clock::monotonic_ns();
     let wall_now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

@@ -146,6 +146,7 @@ impl Attachment {
 
         let routes = bind_routes(&mut ebpf, config)?;
         fill_port_map(&mut ebpf, &routes)?;
+        hold_off_upstream_shortcut(&mut ebpf)?;
 
         let mut attachment = Self {
             ebpf,
@@ -685,6 +686,21 @@ fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()>
             bitmap.set(word, value, 0)?;
         }
     }
+    Ok(())
+}
+
+/// Sets the time of the latest upstream query a second ahead. Its pin may be older than the
+/// stamps in `DNS_UPSTREAM` (kept from a build without it, or from before a downgrade to
+/// one: an older build removes only the pins it knows). Ahead of every stamp, it sends the
+/// responses of the next second through the table, as before the shortcut; the upstream
+/// queries after that raise it, and a program still running from before this start cannot
+/// lower it (it only ever raises).
+fn hold_off_upstream_shortcut(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut latest: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(map_names::DNS_UPSTREAM_LATEST)
+            .context("the kernel object has no latest upstream time")?,
+    )?;
+    latest.set(0, crate::clock::monotonic_ns() + 1_000_000_000, 0)?;
     Ok(())
 }
 

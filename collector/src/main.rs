@@ -6,6 +6,7 @@ mod bpf_sys;
 mod check;
 mod client;
 mod client_table;
+mod clock;
 mod config;
 mod counters;
 mod dns;

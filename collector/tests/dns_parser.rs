@@ -11,7 +11,7 @@ mod support;
 
 use aya::{
     EbpfLoader,
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
@@ -710,60 +710,95 @@ fn random_and_mutated_packets_agree_with_hickory() {
 /// after its query arrived. Each step is a real classifier run, on the kernel's clock.
 #[test]
 fn a_response_is_a_cache_miss_only_when_its_name_went_upstream_while_it_waited() {
-    let classifiers = Classifiers::load();
+    let mut classifiers = Classifiers::load();
     let www: &[&[u8]] = &[b"www", b"example", b"com"];
     let other: &[&[u8]] = &[b"other", b"example", b"com"];
-    let send = |direction, flags, name| {
-        let frame = Packet::new(direction, message(flags, 1, &question(name, 1))).frame();
-        classifiers.run(direction, &frame)
-    };
-    let ask = |name| assert_eq!(send(Direction::ToServer, QUERY, name), Outcome::Query(1));
-    let answer = |name| {
-        assert_eq!(
-            send(Direction::FromServer, RESPONSE, name),
-            Outcome::Response(0)
-        );
-    };
-    // The server asks an upstream: from a port of its own to port 53.
-    let go_upstream = |name| {
-        let mut frame =
-            Packet::new(Direction::FromServer, message(QUERY, 1, &question(name, 1))).frame();
-        let ports = [40021u16.to_be_bytes(), DNS_PORT.to_be_bytes()].concat();
-        frame[14 + 20..14 + 20 + 4].copy_from_slice(&ports);
-        classifiers.run(Direction::FromServer, &frame);
-    };
-    let hits_and_misses = || {
+    let hits_and_misses = |classifiers: &Classifiers| {
         let totals = classifiers.totals();
         (totals.cache_hits, totals.cache_misses)
     };
 
-    ask(www);
-    answer(www);
-    assert_eq!(hits_and_misses(), (1, 0), "nothing went upstream");
-    go_upstream(www);
-    ask(www);
-    answer(www);
+    ask_and_answer(&classifiers, www, &[]);
     assert_eq!(
-        hits_and_misses(),
+        hits_and_misses(&classifiers),
+        (1, 0),
+        "nothing went upstream"
+    );
+    go_upstream(&classifiers, www);
+    ask_and_answer(&classifiers, www, &[]);
+    assert_eq!(
+        hits_and_misses(&classifiers),
         (2, 0),
         "www went upstream before it was asked"
     );
-    ask(www);
-    go_upstream(other);
-    answer(www);
+    ask_and_answer(&classifiers, www, &[other]);
     assert_eq!(
-        hits_and_misses(),
+        hits_and_misses(&classifiers),
         (3, 0),
         "another name went upstream while www waited"
     );
-    ask(www);
-    go_upstream(www);
-    answer(www);
+    ask_and_answer(&classifiers, www, &[www]);
     assert_eq!(
-        hits_and_misses(),
+        hits_and_misses(&classifiers),
         (3, 1),
         "www went upstream while it waited"
     );
+
+    // A stamp past the latest upstream time, which no upstream query leaves: an answer whose
+    // query came after that time is a hit without a look at the stamps.
+    let mut stamps: Array<_, u64> =
+        Array::try_from(classifiers.ebpf.map_mut(map_names::DNS_UPSTREAM).unwrap()).unwrap();
+    for slot in 0..stamps.len() {
+        stamps.set(slot, u64::MAX, 0).unwrap();
+    }
+    ask_and_answer(&classifiers, www, &[]);
+    assert_eq!(
+        hits_and_misses(&classifiers),
+        (4, 1),
+        "the stamps were read although nothing went upstream"
+    );
     let totals = classifiers.totals();
-    assert_eq!((totals.answered, totals.upstream_queries), (4, 3));
+    assert_eq!((totals.answered, totals.upstream_queries), (5, 3));
+}
+
+/// The client asks for `name`, the server asks an upstream for each of `meanwhile`, and
+/// answers.
+fn ask_and_answer(classifiers: &Classifiers, name: &[&[u8]], meanwhile: &[&[&[u8]]]) {
+    let query = Packet::new(Direction::ToServer, message(QUERY, 1, &question(name, 1)));
+    assert_eq!(
+        classifiers.run(Direction::ToServer, &query.frame()),
+        Outcome::Query(1)
+    );
+    for upstream in meanwhile {
+        go_upstream(classifiers, upstream);
+    }
+    let response = Packet::new(
+        Direction::FromServer,
+        message(RESPONSE, 1, &question(name, 1)),
+    );
+    assert_eq!(
+        classifiers.run(Direction::FromServer, &response.frame()),
+        Outcome::Response(0)
+    );
+}
+
+/// The server asks an upstream for `name` (from a port of its own to port 53), which raises
+/// the latest upstream time to the largest stamp.
+fn go_upstream(classifiers: &Classifiers, name: &[&[u8]]) {
+    let mut frame =
+        Packet::new(Direction::FromServer, message(QUERY, 1, &question(name, 1))).frame();
+    let ports = [40021u16.to_be_bytes(), DNS_PORT.to_be_bytes()].concat();
+    frame[14 + 20..14 + 20 + 4].copy_from_slice(&ports);
+    assert_eq!(
+        classifiers.run(Direction::FromServer, &frame),
+        Outcome::Ignored
+    );
+    let read = |map| Array::<_, u64>::try_from(classifiers.ebpf.map(map).unwrap()).unwrap();
+    let stamps = read(map_names::DNS_UPSTREAM);
+    let largest = stamps.iter().map(Result::unwrap).max().unwrap();
+    let latest = read(map_names::DNS_UPSTREAM_LATEST).get(&0, 0).unwrap();
+    assert_eq!(
+        latest, largest,
+        "the latest upstream time is not the largest stamp"
+    );
 }

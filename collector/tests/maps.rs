@@ -102,11 +102,42 @@ fn assert_watch_shows_opened(config: &AgentConfig, opened_count: usize) {
     );
 }
 
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// `CLOCK_MONOTONIC` now: the kernel programs' clock.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap() * SECOND_NS + u64::try_from(now.tv_nsec).unwrap()
+}
+
+/// The one value of a pinned one-entry `Array<u64>`.
+fn pinned_u64(config: &AgentConfig, name: &str) -> u64 {
+    let pin = config.pin_dir.join("v1").join(name);
+    let data = aya::maps::MapData::from_pin(&pin).unwrap();
+    let array: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    array.get(&0, 0).unwrap()
+}
+
 #[test]
 fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
+    let before_start = monotonic_ns();
     let agent = Agent::start(&netns, &config);
+    // The latest upstream time starts a second ahead of the kernel's clock at load, past any
+    // stamp an earlier build left behind (loader.rs, `hold_off_upstream_shortcut`).
+    let latest = pinned_u64(&config, map_names::DNS_UPSTREAM_LATEST);
+    let after_read = monotonic_ns();
+    assert!(
+        (before_start + SECOND_NS..=after_read + SECOND_NS).contains(&latest),
+        "latest upstream time {latest}, started between {before_start} and {after_read}"
+    );
     let (clients, held) = done_and_held(&netns);
     let metrics = wait_for("10 closed connections", Duration::from_secs(10), || {
         let text = scrape(&netns);
