@@ -1,9 +1,10 @@
 //! The collector's cost on the traffic it watches, measured side by side in one run: new
 //! connections per second and bulk throughput on loopback, and the queries per second of a
 //! real DNS server (unbound) under dnsperf, alternately without and with the agent attached,
-//! in a network namespace of the benchmark's own. Then the kernel's own run-time statistics
-//! give the cost per program run, and test runs the instruction cost of each classifier path
-//! (`path_cost`). Results go to docs/BENCHMARKS.md.
+//! in a network namespace of the benchmark's own. Each load ends with the same pairs run with
+//! the agent on neither side, which shows how far a median strays when nothing differs. Then
+//! the kernel's own run-time statistics give the cost per program run, and test runs the
+//! instruction cost of each classifier path (`path_cost`). Results go to docs/BENCHMARKS.md.
 //!
 //! `cargo xtask bench [-- --pairs N --seconds S]`
 
@@ -42,6 +43,14 @@ name = "bulk"
 ports = [18090]
 type = "tcp"
 "#;
+
+/// The mode that measures the method itself: pairs run exactly as in the other modes, but
+/// the agent is started on neither side, so every ratio should be 1.
+const NOISE_TITLE: &str = "Nothing attached on either side (the method's own noise)";
+const NOISE_TEXT: &str = "The same alternation with the agent started on neither side (\"with\" \
+    is the run where the other modes start it): the true ratio is 1, so the distance of this \
+    median from 1, and the spread of its pairs, show how far this run's other medians can be \
+    trusted. A target's margin narrower than that cannot be shown met or missed by this run.";
 
 struct Settings {
     pairs: usize,
@@ -187,24 +196,29 @@ struct Pair {
     connect_with: f64,
     bulk_without: f64,
     bulk_with: f64,
-    /// The agent's CPU use during the connection load, in cores.
-    agent_cpu: f64,
+    /// The agent's CPU use during the connection load, in cores (none in the noise mode).
+    agent_cpu: Option<f64>,
 }
 
-/// One run of each load: (connections per second, bulk bytes per second, the agent's CPU
-/// use in cores during the connection load).
-fn measure(netns: &Netns, config: &AgentConfig, seconds: f64, with_agent: bool) -> (f64, f64, f64) {
-    let agent = with_agent.then(|| Agent::start(netns, config));
+/// One run of each load, with the agent on `config` if there is one: (connections per
+/// second, bulk bytes per second, the agent's CPU use in cores during the connection load).
+fn measure(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> (f64, f64, Option<f64>) {
+    let agent = config.map(|config| Agent::start(netns, config));
     let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let connect = connection_rate(netns, seconds);
-    let agent_cpu = agent.as_ref().map_or(0.0, |agent| {
-        (cpu_seconds(agent.pid()) - cpu_before) / seconds
-    });
+    let agent_cpu = agent
+        .as_ref()
+        .map(|agent| (cpu_seconds(agent.pid()) - cpu_before) / seconds);
     let bulk = bulk_throughput(netns, seconds);
     if let Some(agent) = agent {
         assert!(agent.stop().success());
     }
     (connect, bulk, agent_cpu)
+}
+
+/// The agent's CPU use for the report, "—" where no agent ran.
+fn cores(cpu: Option<f64>) -> String {
+    cpu.map_or_else(|| String::from("—"), |cpu| format!("{cpu:.3}"))
 }
 
 /// One program's runs and average time per run, from the kernel's statistics.
@@ -262,8 +276,9 @@ fn cost_table(costs: &[Cost]) -> String {
     table
 }
 
-/// One mode's part of the report: per-pair table, medians, costs per run.
-fn mode_report(pairs: &[Pair], costs: &[Cost]) -> String {
+/// One mode's part of the report: per-pair table, medians, costs per run (none in the noise
+/// mode, which has no agent and no targets).
+fn mode_report(pairs: &[Pair], costs: Option<&[Cost]>) -> String {
     let mut connect_ratios: Vec<f64> = pairs
         .iter()
         .map(|p| p.connect_with / p.connect_without)
@@ -285,16 +300,23 @@ fn mode_report(pairs: &[Pair], costs: &[Cost]) -> String {
     for (i, p) in pairs.iter().enumerate() {
         let _ = writeln!(
             report,
-            "| {i} | {:.0} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.3} |",
+            "| {i} | {:.0} | {:.0} | {:.3} | {} | {:.2} | {:.2} | {:.3} |",
             p.connect_without,
             p.connect_with,
             p.connect_with / p.connect_without,
-            p.agent_cpu,
+            cores(p.agent_cpu),
             p.bulk_without * 8e-9,
             p.bulk_with * 8e-9,
             p.bulk_with / p.bulk_without
         );
     }
+    let Some(costs) = costs else {
+        let _ = writeln!(
+            report,
+            "\n**Median ratio with nothing attached on either side: new connections {connect_ratio:.3} (middle half of the pairs {connect_spread}), bulk throughput {bulk_ratio:.3} (middle half {bulk_spread}).**"
+        );
+        return report;
+    };
     let _ = writeln!(
         report,
         "\n**Median ratio: new connections {connect_ratio:.3} (target ≥ 0.98; middle half of the pairs {connect_spread}), bulk throughput {bulk_ratio:.3} (target ≥ 0.99; middle half {bulk_spread}).**\n"
@@ -361,15 +383,25 @@ fn dnsperf(netns: &Netns, queries: &std::path::Path, seconds: f64) -> (u64, f64)
     (sent, field("Queries per second:"))
 }
 
-/// One DNS run; with the agent, also the queries it counted (it starts from zero each time).
+/// What the agent counted in one DNS run.
+struct DnsCount {
+    /// Queries dnsperf sent.
+    sent: u64,
+    /// The agent's `totalQueries` (it starts from zero each run).
+    counted: u64,
+    /// The agent's CPU use during the run, in cores.
+    agent_cpu: f64,
+}
+
+/// One DNS run, with the agent on `config` if there is one: queries per second, and what
+/// the agent counted.
 fn measure_dns(
     netns: &Netns,
-    config: &AgentConfig,
+    config: Option<&AgentConfig>,
     queries: &std::path::Path,
     seconds: f64,
-    with_agent: bool,
-) -> (f64, Option<(u64, u64, f64)>) {
-    let agent = with_agent.then(|| Agent::start(netns, config));
+) -> (f64, Option<DnsCount>) {
+    let agent = config.map(|config| Agent::start(netns, config));
     let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let (sent, qps) = dnsperf(netns, queries, seconds);
     let counted = agent.map(|agent| {
@@ -380,7 +412,11 @@ fn measure_dns(
             (total >= sent).then_some(total)
         });
         assert!(agent.stop().success());
-        (sent, counted, cpu / seconds)
+        DnsCount {
+            sent,
+            counted,
+            agent_cpu: cpu / seconds,
+        }
     });
     (qps, counted)
 }
@@ -405,41 +441,43 @@ fn cpu_seconds(pid: u32) -> f64 {
 struct DnsPair {
     without: f64,
     with: f64,
-    sent: u64,
-    counted: u64,
-    /// The agent's CPU use during the run, in cores.
-    agent_cpu: f64,
+    /// None in the noise mode, which runs no agent.
+    count: Option<DnsCount>,
 }
 
+/// Pairs of DNS runs without and with the agent on `config`, alternating; with no config,
+/// both sides run without it (the method's own noise).
 fn dns_pairs(
     netns: &Netns,
-    config: &AgentConfig,
+    config: Option<&AgentConfig>,
     queries: &std::path::Path,
     settings: &Settings,
 ) -> Vec<DnsPair> {
     eprintln!("dns warm-up");
-    measure_dns(netns, config, queries, settings.seconds, false);
-    measure_dns(netns, config, queries, settings.seconds, true);
+    let run = |config| measure_dns(netns, config, queries, settings.seconds);
+    run(None);
+    run(config);
     let mut pairs = Vec::new();
     for i in 0..settings.pairs {
-        let run = |with| measure_dns(netns, config, queries, settings.seconds, with);
-        let (without, (with, counted)) = if i % 2 == 0 {
-            let without = run(false).0;
-            (without, run(true))
+        let (without, (with, count)) = if i % 2 == 0 {
+            let without = run(None).0;
+            (without, run(config))
         } else {
-            let with = run(true);
-            (run(false).0, with)
+            let with = run(config);
+            (run(None).0, with)
         };
-        let (sent, counted, agent_cpu) = counted.unwrap();
-        eprintln!(
-            "dns pair {i}: qps {without:.0} -> {with:.0}, sent {sent}, counted {counted}, agent CPU {agent_cpu:.3} cores"
-        );
+        eprint!("dns pair {i}: qps {without:.0} -> {with:.0}");
+        if let Some(count) = &count {
+            eprint!(
+                ", sent {}, counted {}, agent CPU {:.3} cores",
+                count.sent, count.counted, count.agent_cpu
+            );
+        }
+        eprintln!();
         pairs.push(DnsPair {
             without,
             with,
-            sent,
-            counted,
-            agent_cpu,
+            count,
         });
     }
     pairs
@@ -465,22 +503,27 @@ struct DnsMode {
     /// What the agent was configured with, for the report.
     title: &'static str,
     pairs: Vec<DnsPair>,
-    costs: Vec<Cost>,
+    /// None in the noise mode, which runs no agent.
+    costs: Option<Vec<Cost>>,
 }
 
-/// Pairs, then costs, of the agent with `dns_section` in its config.
+/// Pairs, then costs, of the agent with `dns_section` in its config; with none, pairs with
+/// the agent on neither side (the method's own noise).
 fn dns_mode(
     netns: &Netns,
     title: &'static str,
-    dns_section: &str,
+    dns_section: Option<&str>,
     queries: &std::path::Path,
     settings: &Settings,
 ) -> DnsMode {
-    let config = AgentConfig::shipped_poll(&format!("{ROUTES}\n[dns]\n{dns_section}"));
+    let config = dns_section
+        .map(|section| AgentConfig::shipped_poll(&format!("{ROUTES}\n[dns]\n{section}")));
     DnsMode {
         title,
-        pairs: dns_pairs(netns, &config, queries, settings),
-        costs: dns_costs(netns, &config, queries, settings.seconds),
+        pairs: dns_pairs(netns, config.as_ref(), queries, settings),
+        costs: config
+            .as_ref()
+            .map(|config| dns_costs(netns, config, queries, settings.seconds)),
     }
 }
 
@@ -500,6 +543,9 @@ fn dns_report(settings: &Settings, modes: &[DnsMode]) -> String {
     );
     for mode in modes {
         let _ = writeln!(report, "### {}\n", mode.title);
+        if mode.costs.is_none() {
+            let _ = writeln!(report, "{NOISE_TEXT}\n");
+        }
         dns_mode_report(&mut report, mode);
     }
     report
@@ -516,23 +562,38 @@ fn dns_mode_report(report: &mut String, mode: &DnsMode) {
     );
     let _ = writeln!(report, "|---|---|---|---|---|---|---|");
     for (i, p) in pairs.iter().enumerate() {
+        let count = |field: fn(&DnsCount) -> u64| {
+            p.count
+                .as_ref()
+                .map_or_else(|| String::from("—"), |count| field(count).to_string())
+        };
+        let (sent, counted) = (count(|c| c.sent), count(|c| c.counted));
+        let agent_cpu = cores(p.count.as_ref().map(|count| count.agent_cpu));
         let _ = writeln!(
             report,
-            "| {i} | {:.0} | {:.0} | {:.3} | {} | {} | {:.3} |",
+            "| {i} | {:.0} | {:.0} | {:.3} | {sent} | {counted} | {agent_cpu} |",
             p.without,
             p.with,
             p.with / p.without,
-            p.sent,
-            p.counted,
-            p.agent_cpu
         );
     }
-    let lost: u64 = pairs.iter().map(|p| p.sent.abs_diff(p.counted)).sum();
+    let Some(costs) = &mode.costs else {
+        let _ = writeln!(
+            report,
+            "\n**Median qps ratio with nothing attached on either side {ratio:.3} (middle half of the pairs {spread}).**\n"
+        );
+        return;
+    };
+    let lost: u64 = pairs
+        .iter()
+        .filter_map(|p| p.count.as_ref())
+        .map(|count| count.sent.abs_diff(count.counted))
+        .sum();
     let _ = writeln!(
         report,
         "\n**Median qps ratio {ratio:.3} (target ≥ 0.985; middle half of the pairs {spread}); counted − sent over all runs: {lost} (target 0).**\n"
     );
-    report.push_str(&cost_table(&mode.costs));
+    report.push_str(&cost_table(costs));
     report.push('\n');
 }
 
@@ -613,29 +674,29 @@ fn poll_costs(netns: &Netns, settings: &Settings) -> String {
     report
 }
 
-/// New-connection rate and bulk throughput, with and without the agent, alternating; then
-/// the programs' cost per run.
-/// Pairs and costs of the agent with `config`, against the servers already running.
-fn proxy_mode(netns: &Netns, config: &AgentConfig, settings: &Settings) -> String {
+/// New-connection rate and bulk throughput, with and without the agent on `config`,
+/// alternating, against the servers already running; then the programs' cost per run. With
+/// no config, both sides of each pair run without the agent: the method's own noise.
+fn proxy_mode(netns: &Netns, config: Option<&AgentConfig>, settings: &Settings) -> String {
     eprintln!("warm-up");
-    measure(netns, config, settings.seconds, false);
-    measure(netns, config, settings.seconds, true);
+    measure(netns, None, settings.seconds);
+    measure(netns, config, settings.seconds);
 
     let mut pairs = Vec::new();
     for i in 0..settings.pairs {
         // Alternate which side goes first so that drift favours neither.
         let (without, with) = if i % 2 == 0 {
-            let without = measure(netns, config, settings.seconds, false);
-            (without, measure(netns, config, settings.seconds, true))
+            let without = measure(netns, None, settings.seconds);
+            (without, measure(netns, config, settings.seconds))
         } else {
-            let with = measure(netns, config, settings.seconds, true);
-            (measure(netns, config, settings.seconds, false), with)
+            let with = measure(netns, config, settings.seconds);
+            (measure(netns, None, settings.seconds), with)
         };
         eprintln!(
-            "pair {i}: connections/s {:.0} -> {:.0} (agent CPU {:.3} cores), bulk Gbit/s {:.2} -> {:.2}",
+            "pair {i}: connections/s {:.0} -> {:.0} (agent CPU {} cores), bulk Gbit/s {:.2} -> {:.2}",
             without.0,
             with.0,
-            with.2,
+            cores(with.2),
             without.1 * 8e-9,
             with.1 * 8e-9
         );
@@ -647,8 +708,8 @@ fn proxy_mode(netns: &Netns, config: &AgentConfig, settings: &Settings) -> Strin
             agent_cpu: with.2,
         });
     }
-    let costs = program_costs(netns, config, settings.seconds);
-    mode_report(&pairs, &costs)
+    let costs = config.map(|config| program_costs(netns, config, settings.seconds));
+    mode_report(&pairs, costs.as_deref())
 }
 
 /// Both proxy modes: with the per-client figures (the default) and without.
@@ -676,9 +737,12 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
     for (title, setting) in modes {
         let config = AgentConfig::shipped_poll(&format!("{setting}{ROUTES}"));
         let _ = writeln!(report, "### {title}\n");
-        report.push_str(&proxy_mode(netns, &config, settings));
+        report.push_str(&proxy_mode(netns, Some(&config), settings));
         report.push('\n');
     }
+    let _ = writeln!(report, "### {NOISE_TITLE}\n\n{NOISE_TEXT}\n");
+    report.push_str(&proxy_mode(netns, None, settings));
+    report.push('\n');
     stop.store(true, Ordering::Relaxed);
     report
 }
@@ -714,17 +778,18 @@ fn main() {
             dns_mode(
                 &netns,
                 "With latency tracking (the default, `[dns] match_responses = true`)",
-                "match_responses = true\n",
+                Some("match_responses = true\n"),
                 &queries,
                 &settings,
             ),
             dns_mode(
                 &netns,
                 "Counting only (`[dns] match_responses = false`: no latency, cache or in-flight figures)",
-                "match_responses = false\n",
+                Some("match_responses = false\n"),
                 &queries,
                 &settings,
             ),
+            dns_mode(&netns, NOISE_TITLE, None, &queries, &settings),
         ];
         drop(server);
         report.push_str(&dns_report(&settings, &modes));
@@ -745,7 +810,9 @@ fn main() {
             1 MiB event ring and the embedded default's 1 s polling, and nftables counting at its default \"auto\": off \
             in that bare namespace, where it would be the first netfilter hook (docs/DESIGN.md, \
             nftables, has what that costs). Single pairs on this VM swing by 5 to 15 % \
-            (bulk by more), which is why the medians matter and why no test asserts on speed. \
+            (bulk by more), which is why the medians matter and why no test asserts on speed; \
+            each load ends with its pairs run with the agent on neither side, whose medians show \
+            how far a median strays from 1 when nothing differs. \
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \
             only for that last phase), which include the kernel's timing of each run; the empty \
             programs `--bpf-stats` attaches beside ours measure that timing, and the last column \
