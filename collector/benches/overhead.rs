@@ -10,6 +10,8 @@
 
 #[path = "overhead/path_cost.rs"]
 mod path_cost;
+#[path = "overhead/ratio.rs"]
+mod ratio;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -25,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ratio::RatioSummary;
 use support::{Agent, AgentConfig, Netns, dns::Unbound, dns_json, sample, scrape, wait_for};
 
 const CONNECT_PORT: u16 = 18080;
@@ -48,9 +51,9 @@ type = "tcp"
 /// the agent is started on neither side, so every ratio should be 1.
 const NOISE_TITLE: &str = "Nothing attached on either side (the method's own noise)";
 const NOISE_TEXT: &str = "The same alternation with the agent started on neither side (\"with\" \
-    is the run where the other modes start it): the true ratio is 1, so the distance of this \
-    median from 1, and the spread of its pairs, show how far this run's other medians can be \
-    trusted. A target's margin narrower than that cannot be shown met or missed by this run.";
+    is the run where the other modes start it): the true ratio is 1, so the interval should \
+    cover 1, and the distance of the median from 1 shows how far this run's other medians \
+    stray when nothing differs.";
 
 struct Settings {
     pairs: usize,
@@ -183,14 +186,6 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// The middle half of the values, as "low–high": how far single pairs scatter around the
-/// median on this machine.
-fn middle_half(values: &mut [f64]) -> String {
-    values.sort_by(f64::total_cmp);
-    let last = values.len().saturating_sub(1);
-    format!("{:.3}–{:.3}", values[last / 4], values[last * 3 / 4])
-}
-
 struct Pair {
     connect_without: f64,
     connect_with: f64,
@@ -279,16 +274,14 @@ fn cost_table(costs: &[Cost]) -> String {
 /// One mode's part of the report: per-pair table, medians, costs per run (none in the noise
 /// mode, which has no agent and no targets).
 fn mode_report(pairs: &[Pair], costs: Option<&[Cost]>) -> String {
-    let mut connect_ratios: Vec<f64> = pairs
+    let connect_ratios: Vec<f64> = pairs
         .iter()
         .map(|p| p.connect_with / p.connect_without)
         .collect();
-    let mut bulk_ratios: Vec<f64> = pairs.iter().map(|p| p.bulk_with / p.bulk_without).collect();
-    let connect_ratio = median(&mut connect_ratios);
-    let bulk_ratio = median(&mut bulk_ratios);
-    let (connect_spread, bulk_spread) = (
-        middle_half(&mut connect_ratios),
-        middle_half(&mut bulk_ratios),
+    let bulk_ratios: Vec<f64> = pairs.iter().map(|p| p.bulk_with / p.bulk_without).collect();
+    let (connect, bulk) = (
+        RatioSummary::of(&connect_ratios),
+        RatioSummary::of(&bulk_ratios),
     );
 
     let mut report = String::new();
@@ -313,13 +306,17 @@ fn mode_report(pairs: &[Pair], costs: Option<&[Cost]>) -> String {
     let Some(costs) = costs else {
         let _ = writeln!(
             report,
-            "\n**Median ratio with nothing attached on either side: new connections {connect_ratio:.3} (middle half of the pairs {connect_spread}), bulk throughput {bulk_ratio:.3} (middle half {bulk_spread}).**"
+            "\n**Median ratio with nothing attached on either side: new connections {}, bulk throughput {}.**",
+            connect.describe(None),
+            bulk.describe(None)
         );
         return report;
     };
     let _ = writeln!(
         report,
-        "\n**Median ratio: new connections {connect_ratio:.3} (target ≥ 0.98; middle half of the pairs {connect_spread}), bulk throughput {bulk_ratio:.3} (target ≥ 0.99; middle half {bulk_spread}).**\n"
+        "\n**Median ratio: new connections {}, bulk throughput {}.**\n",
+        connect.describe(Some(0.98)),
+        bulk.describe(Some(0.99))
     );
     let _ = writeln!(
         report,
@@ -553,9 +550,8 @@ fn dns_report(settings: &Settings, modes: &[DnsMode]) -> String {
 
 fn dns_mode_report(report: &mut String, mode: &DnsMode) {
     let pairs = &mode.pairs;
-    let mut ratios: Vec<f64> = pairs.iter().map(|p| p.with / p.without).collect();
-    let ratio = median(&mut ratios);
-    let spread = middle_half(&mut ratios);
+    let ratios: Vec<f64> = pairs.iter().map(|p| p.with / p.without).collect();
+    let qps = RatioSummary::of(&ratios);
     let _ = writeln!(
         report,
         "| pair | qps without | with | ratio | sent | counted | agent CPU (cores) |"
@@ -580,7 +576,8 @@ fn dns_mode_report(report: &mut String, mode: &DnsMode) {
     let Some(costs) = &mode.costs else {
         let _ = writeln!(
             report,
-            "\n**Median qps ratio with nothing attached on either side {ratio:.3} (middle half of the pairs {spread}).**\n"
+            "\n**Median qps ratio with nothing attached on either side {}.**\n",
+            qps.describe(None)
         );
         return;
     };
@@ -591,7 +588,8 @@ fn dns_mode_report(report: &mut String, mode: &DnsMode) {
         .sum();
     let _ = writeln!(
         report,
-        "\n**Median qps ratio {ratio:.3} (target ≥ 0.985; middle half of the pairs {spread}); counted − sent over all runs: {lost} (target 0).**\n"
+        "\n**Median qps ratio {}; counted − sent over all runs: {lost} (target 0).**\n",
+        qps.describe(Some(0.985))
     );
     report.push_str(&cost_table(costs));
     report.push('\n');
@@ -810,9 +808,12 @@ fn main() {
             1 MiB event ring and the embedded default's 1 s polling, and nftables counting at its default \"auto\": off \
             in that bare namespace, where it would be the first netfilter hook (docs/DESIGN.md, \
             nftables, has what that costs). Single pairs on this VM swing by 5 to 15 % \
-            (bulk by more), which is why the medians matter and why no test asserts on speed; \
-            each load ends with its pairs run with the agent on neither side, whose medians show \
-            how far a median strays from 1 when nothing differs. \
+            (bulk by more), which is why the medians matter and why no test asserts on speed. \
+            Each median comes with its 95 % confidence interval, from the order statistics of \
+            the pairs (no assumption about their distribution): a target counts as met or \
+            missed only when the interval lies wholly on one side of it. Each load ends with \
+            its pairs run with the agent on neither side, whose medians show how far a median \
+            strays from 1 when nothing differs. \
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \
             only for that last phase), which include the kernel's timing of each run; the empty \
             programs `--bpf-stats` attaches beside ours measure that timing, and the last column \
