@@ -13,7 +13,7 @@ use std::{
     net::{TcpListener, TcpStream},
     process::Command,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hickory_proto::{op::ResponseCode, rr::RecordType};
@@ -301,44 +301,27 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     });
     server.join().unwrap();
 
-    let metrics = wait_for(
-        "the forwarded packets in nftables",
+    // The connections' last packets still cross after the client returns, and a poll reads
+    // the two sources a moment apart: compare them once both have stood still for half a
+    // second (five polls).
+    let mut last_change = (None, Instant::now());
+    let (tc_in, nft_in) = wait_for(
+        "the forwarded packets to settle",
         Duration::from_secs(10),
         || {
-            let text = scrape(&netns);
-            let nft_in = sample(
-                &text,
-                "collector_nft_packets_total",
-                &[
-                    ("service", "web"),
-                    ("protocol", "tcp"),
-                    ("port", "18080"),
-                    ("direction", "in"),
-                ],
-            )?;
+            let counts = forwarded_in(&scrape(&netns));
+            if last_change.0 != Some(counts) {
+                last_change = (Some(counts), Instant::now());
+                return None;
+            }
             // 5 connections: at least SYN, the request, an ACK or two and the FIN each.
-            (nft_in >= 20.0).then_some(text)
+            let enough = counts.1.is_some_and(|nft_in| nft_in >= 20.0);
+            (enough && last_change.1.elapsed() >= Duration::from_millis(500)).then_some(counts)
         },
     );
     // tc saw the same packets arrive (it runs before netfilter) ...
-    let nft_in = sample(
-        &metrics,
-        "collector_nft_packets_total",
-        &[
-            ("service", "web"),
-            ("protocol", "tcp"),
-            ("port", "18080"),
-            ("direction", "in"),
-        ],
-    );
-    assert_eq!(
-        sample(
-            &metrics,
-            "collector_proxy_packets_total",
-            &[("route", "web"), ("direction", "in")]
-        ),
-        nft_in
-    );
+    assert_eq!(tc_in, nft_in);
+    let metrics = scrape(&netns);
     // ... but no local socket accepted anything: the connection counters never moved.
     assert_eq!(
         sample(
@@ -350,6 +333,26 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
+}
+
+/// Packets towards the web route as (tc counted them, nftables counted them).
+fn forwarded_in(metrics: &str) -> (Option<f64>, Option<f64>) {
+    let tc = sample(
+        metrics,
+        "collector_proxy_packets_total",
+        &[("route", "web"), ("direction", "in")],
+    );
+    let nft = sample(
+        metrics,
+        "collector_nft_packets_total",
+        &[
+            ("service", "web"),
+            ("protocol", "tcp"),
+            ("port", "18080"),
+            ("direction", "in"),
+        ],
+    );
+    (tc, nft)
 }
 
 /// The default, `enabled = "auto"`: no table of ours in a namespace where nothing else hooks
