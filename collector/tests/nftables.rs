@@ -47,46 +47,75 @@ fn connections(netns: &Netns, count: usize) {
     server.join().unwrap();
 }
 
+/// The web route's packets in `direction`, as (the tc classifiers counted them, nftables
+/// counted them).
+fn route_packets(metrics: &str, direction: &str) -> (Option<f64>, Option<f64>) {
+    let tc = sample(
+        metrics,
+        "collector_proxy_packets_total",
+        &[("route", "web"), ("direction", direction)],
+    );
+    let nft = sample(
+        metrics,
+        "collector_nft_packets_total",
+        &[
+            ("service", "web"),
+            ("protocol", "tcp"),
+            ("port", "18080"),
+            ("direction", direction),
+        ],
+    );
+    (tc, nft)
+}
+
 fn tables(netns: &Netns) -> String {
     support::stdout_of(netns.command("nft").args(["list", "tables"]))
 }
 
+/// A scrape taken once `counts` of it is `ready` and has stood still for half a second (five
+/// polls). A connection's last packets can cross after its close is counted, and a poll reads
+/// nftables a moment before the maps, so a scrape in between can catch one source ahead.
+fn settled_scrape<T: PartialEq + Copy>(
+    netns: &Netns,
+    what: &str,
+    counts: impl Fn(&str) -> T,
+    ready: impl Fn(T) -> bool,
+) -> String {
+    let mut last_change: (Option<T>, Instant) = (None, Instant::now());
+    wait_for(what, Duration::from_secs(10), || {
+        let text = scrape(netns);
+        let now = counts(&text);
+        if last_change.0 != Some(now) {
+            last_change = (Some(now), Instant::now());
+            return None;
+        }
+        (ready(now) && last_change.1.elapsed() >= Duration::from_millis(500)).then_some(text)
+    })
+}
+
 /// Waits for `closed` closed connections, then checks nftables against eBPF, each way.
 fn assert_nft_equals_ebpf(netns: &Netns, closed: usize) -> f64 {
-    let metrics = wait_for(
-        "the closes and both sources to agree",
-        Duration::from_secs(10),
-        || {
-            let text = scrape(netns);
-            let closed_now = sample(
-                &text,
-                "collector_proxy_connections_closed_total",
-                &[("route", "web")],
-            );
-            #[expect(clippy::cast_precision_loss, reason = "a small count")]
-            let done = closed_now == Some(closed as f64);
-            done.then_some(text)
+    let metrics = settled_scrape(
+        netns,
+        "the closes, with both sources standing still",
+        |text| {
+            (
+                sample(
+                    text,
+                    "collector_proxy_connections_closed_total",
+                    &[("route", "web")],
+                ),
+                route_packets(text, "in"),
+                route_packets(text, "out"),
+            )
         },
+        #[expect(clippy::cast_precision_loss, reason = "a small count")]
+        |(closed_now, _, _)| closed_now == Some(closed as f64),
     );
     let mut packets_in = 0.0;
     for direction in ["in", "out"] {
-        let ebpf = sample(
-            &metrics,
-            "collector_proxy_packets_total",
-            &[("route", "web"), ("direction", direction)],
-        )
-        .unwrap();
-        let nft = sample(
-            &metrics,
-            "collector_nft_packets_total",
-            &[
-                ("service", "web"),
-                ("protocol", "tcp"),
-                ("port", "18080"),
-                ("direction", direction),
-            ],
-        )
-        .unwrap();
+        let (ebpf, nft) = route_packets(&metrics, direction);
+        let (ebpf, nft) = (ebpf.unwrap(), nft.unwrap());
         assert_eq!(nft, ebpf, "{direction}: nftables {nft}, eBPF {ebpf}");
         assert!(nft > 0.0);
         if direction == "in" {
@@ -301,27 +330,17 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     });
     server.join().unwrap();
 
-    // The connections' last packets still cross after the client returns, and a poll reads
-    // the two sources a moment apart: compare them once both have stood still for half a
-    // second (five polls).
-    let mut last_change = (None, Instant::now());
-    let (tc_in, nft_in) = wait_for(
-        "the forwarded packets to settle",
-        Duration::from_secs(10),
-        || {
-            let counts = forwarded_in(&scrape(&netns));
-            if last_change.0 != Some(counts) {
-                last_change = (Some(counts), Instant::now());
-                return None;
-            }
-            // 5 connections: at least SYN, the request, an ACK or two and the FIN each.
-            let enough = counts.1.is_some_and(|nft_in| nft_in >= 20.0);
-            (enough && last_change.1.elapsed() >= Duration::from_millis(500)).then_some(counts)
-        },
+    // The last packets cross after the client returns: compare once they have stopped.
+    let metrics = settled_scrape(
+        &netns,
+        "the forwarded packets, standing still",
+        |text| route_packets(text, "in"),
+        // 5 connections: at least SYN, the request, an ACK or two and the FIN each.
+        |(_, nft_in)| nft_in.is_some_and(|nft_in| nft_in >= 20.0),
     );
     // tc saw the same packets arrive (it runs before netfilter) ...
+    let (tc_in, nft_in) = route_packets(&metrics, "in");
     assert_eq!(tc_in, nft_in);
-    let metrics = scrape(&netns);
     // ... but no local socket accepted anything: the connection counters never moved.
     assert_eq!(
         sample(
@@ -333,26 +352,6 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
-}
-
-/// Packets towards the web route as (tc counted them, nftables counted them).
-fn forwarded_in(metrics: &str) -> (Option<f64>, Option<f64>) {
-    let tc = sample(
-        metrics,
-        "collector_proxy_packets_total",
-        &[("route", "web"), ("direction", "in")],
-    );
-    let nft = sample(
-        metrics,
-        "collector_nft_packets_total",
-        &[
-            ("service", "web"),
-            ("protocol", "tcp"),
-            ("port", "18080"),
-            ("direction", "in"),
-        ],
-    );
-    (tc, nft)
 }
 
 /// The default, `enabled = "auto"`: no table of ours in a namespace where nothing else hooks
