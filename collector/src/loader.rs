@@ -71,6 +71,10 @@ pub struct Attachment {
     pin_dir: PathBuf,
     /// The `sock_ops` link pin.
     link_pins: Vec<PathBuf>,
+    /// Link pins this start created (the others it took over from a crashed run).
+    created_pins: Vec<PathBuf>,
+    /// A crashed run's pinned maps or links were found: its counts live on in them.
+    inherited: bool,
     /// Locked while running: a second agent on the same pin directory would count twice.
     _lock: File,
     /// Keeps the kernel's BPF run-time statistics on while held (`--bpf-stats`).
@@ -102,6 +106,7 @@ impl Attachment {
             .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
         let lock = lock_pin_dir(&pin_dir)?;
         check_pinned_maps(&map_dir)?;
+        let inherited = PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
 
         let netns_cookie = if config.all_namespaces {
             0
@@ -156,6 +161,8 @@ impl Attachment {
             cgroup2,
             pin_dir,
             link_pins: Vec::new(),
+            created_pins: Vec::new(),
+            inherited,
             _lock: lock,
             _stats: stats,
         };
@@ -173,8 +180,7 @@ impl Attachment {
         match attached {
             Ok(()) => Ok(attachment),
             Err(err) => {
-                // Leave nothing half-attached behind.
-                if let Err(cleanup) = attachment.detach() {
+                if let Err(cleanup) = attachment.undo_failed_start() {
                     tracing::warn!("cleaning up after a failed start: {cleanup:#}");
                 }
                 Err(err)
@@ -189,7 +195,9 @@ impl Attachment {
             .with_context(|| format!("the kernel object has no program {name}"))?
             .try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;
-        if !adopt_link(pin, program.fd()?.as_fd())? {
+        if adopt_link(pin, program.fd()?.as_fd())? {
+            self.inherited = true;
+        } else {
             // Link-based attachment always coexists with other programs on the cgroup; the
             // kernel rejects the ALLOW_MULTI flag on links (EINVAL), so pass none.
             let id = program
@@ -198,6 +206,7 @@ impl Attachment {
             let link: FdLink = program.take_link(id)?.try_into()?;
             link.pin(pin)
                 .with_context(|| format!("pinning the sock_ops link at {}", pin.display()))?;
+            self.created_pins.push(pin.to_owned());
         }
         self.link_pins.push(pin.to_owned());
         Ok(())
@@ -286,7 +295,9 @@ impl Attachment {
                 .with_context(|| format!("the kernel object has no program {program_name}"))?
                 .try_into()?;
             let pin = links_dir.join(format!("{prefix}_{}", link.index));
-            if !adopt_link(&pin, program.fd()?.as_fd())? {
+            if adopt_link(&pin, program.fd()?.as_fd())? {
+                self.inherited = true;
+            } else {
                 let id = program.attach(&link.name, attach_type).with_context(|| {
                     format!(
                         "attaching {program_name} to {} ({attach_type:?})",
@@ -297,6 +308,7 @@ impl Attachment {
                 fd_link
                     .pin(&pin)
                     .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
+                self.created_pins.push(pin.clone());
             }
             pins.push(pin);
         }
@@ -419,6 +431,26 @@ impl Attachment {
             .collect()
     }
 
+    /// Undoes a start that failed part way. A fresh start leaves nothing half-attached
+    /// behind. A start that took over what a crashed run left removes only the links it
+    /// added: the crashed run's maps and links stay (its links now run this start's
+    /// programs), so counting goes on, with nothing lost, until a start succeeds.
+    fn undo_failed_start(self) -> anyhow::Result<()> {
+        if !self.inherited {
+            return self.detach();
+        }
+        for pin in &self.created_pins {
+            remove_if_present(pin)?;
+        }
+        tracing::warn!(
+            pin_dir = %self.pin_dir.display(),
+            "the start failed after taking over what a crashed collector left: its links keep \
+             counting into its pinned maps until a start succeeds (`collector cleanup --apply` \
+             removes them)"
+        );
+        Ok(())
+    }
+
     /// Detaches everything and removes every pin: a clean stop leaves nothing of ours.
     pub fn detach(self) -> anyhow::Result<()> {
         for pin in &self.pins_in_use() {
@@ -508,6 +540,16 @@ where
 /// Locks the pin directory itself (flock works on any inode, bpffs included): the lock goes
 /// with the process, and the directory with a clean stop, so nothing is left elsewhere.
 fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
+    try_lock_pin_dir(pin_dir)?.with_context(|| {
+        format!(
+            "another collector is running with the pin directory {}; stop it first or give this one its own `pin_dir`",
+            pin_dir.display()
+        )
+    })
+}
+
+/// Locks the pin directory, which a running collector holds locked; `None` while one does.
+pub fn try_lock_pin_dir(pin_dir: &Path) -> anyhow::Result<Option<File>> {
     let dir = File::open(pin_dir)
         .with_context(|| format!("opening the pin directory {}", pin_dir.display()))?;
     // SAFETY: flock on a valid open fd.
@@ -517,13 +559,7 @@ fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
             libc::LOCK_EX | libc::LOCK_NB,
         )
     };
-    if rc != 0 {
-        bail!(
-            "another collector is running with the pin directory {}; stop it first or give this one its own `pin_dir`",
-            pin_dir.display()
-        );
-    }
-    Ok(dir)
+    Ok((rc == 0).then_some(dir))
 }
 
 /// Refuses pinned maps whose shape differs from this build's: reading them with the wrong

@@ -110,7 +110,8 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// List what a collector left in bpffs (pinned maps and links); remove it with --apply.
+    /// List what a crashed collector left in bpffs (pinned maps and links) and nftables;
+    /// remove it with --apply. Refused while a collector runs with the pin directory.
     Cleanup {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -591,6 +592,22 @@ fn reader_stopped(
 
 fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
     let pin_dir = &config.pin_dir;
+    // A running collector's pins hold its links: removing them would stop its counting while
+    // it went on serving counters that no longer move. Held to the end, so that none starts
+    // meanwhile.
+    let _lock = if pin_dir.exists() {
+        let Some(lock) = loader::try_lock_pin_dir(pin_dir)? else {
+            anyhow::bail!(
+                "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
+                 detaches its programs and removes its pins and nftables table); `cleanup` is for \
+                 what a crashed one left",
+                pin_dir.display()
+            );
+        };
+        Some(lock)
+    } else {
+        None
+    };
     let found = if pin_dir.exists() {
         walk(pin_dir)?
     } else {
@@ -615,7 +632,7 @@ fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
     } else if found.is_empty() && !has_table {
         println!("nothing of ours under {} or in nftables", pin_dir.display());
     } else {
-        println!("run again with --apply to remove these (a running collector's included)");
+        println!("run again with --apply to remove these");
     }
     Ok(())
 }

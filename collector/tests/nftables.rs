@@ -247,6 +247,41 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
     assert_no_pins(&config.pin_dir);
 }
 
+#[test]
+fn cleanup_refuses_while_a_collector_runs_and_it_keeps_counting() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 2);
+    let apply = netns
+        .command(COLLECTOR)
+        .args(["cleanup", "--apply", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&apply.stderr);
+    assert!(
+        !apply.status.success() && stderr.contains("a collector is running"),
+        "{stderr}"
+    );
+    let ours = format!("table inet {}\n", config.nft_table);
+    assert!(tables(&netns).contains(&ours), "{}", tables(&netns));
+
+    // Its links are still pinned, so still attached: the next connections count.
+    connections(&netns, 3);
+    let metrics = wait_for_closed(&netns, "web", 5);
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connections_opened_total",
+            &[("route", "web")]
+        ),
+        Some(5.0)
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// Veths from `netns` to `client` (10.78.1.0/24) and `backend` (10.78.2.0/24), forwarding on,
 /// and port 18080 of `netns` translated (DNAT) to the backend's 9000, as a proxy handing a route to the
 /// kernel would set it up.

@@ -593,6 +593,53 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
 }
 
 #[test]
+fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    traffic(&netns, WEB_PORT, 10, 100, 100, Closer::Client);
+    support::wait_for_closed(&netns, "web", 10);
+    agent.kill();
+
+    // A start that fails after taking over the crashed run's sock_ops link: an interface
+    // that does not exist is an error when the classifiers are attached, which comes later.
+    let broken = config.dir.join("broken.toml");
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    std::fs::write(&broken, format!("interfaces = [\"nosuch0\"]\n{text}")).unwrap();
+    let failed = netns
+        .command(support::COLLECTOR)
+        .args(["run", "--config"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success() && stderr.contains("nosuch0"),
+        "{stderr}"
+    );
+
+    // The crashed run's links and maps are still there and still counting.
+    traffic(&netns, WEB_PORT, 5, 100, 100, Closer::Client);
+    let agent = Agent::start(&netns, &config);
+    traffic(&netns, WEB_PORT, 7, 100, 100, Closer::Client);
+    let metrics = support::wait_for_closed(&netns, "web", 22);
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_opened_total", "web"),
+        22.0
+    );
+    assert_eq!(
+        route_value(
+            &metrics,
+            "collector_proxy_connection_received_bytes_total",
+            "web"
+        ),
+        2200.0
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
 fn under_steady_traffic_a_crash_and_restart_lose_nothing_and_never_go_back() {
     use std::sync::{
         Arc,
