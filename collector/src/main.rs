@@ -46,7 +46,7 @@ use crate::{
     config::{Config, NftEnabled},
     events::ClientStats,
     loader::{Attachment, Options},
-    poller::{Poller, SharedSnapshot},
+    poller::{Polled, Poller, SharedSnapshot},
     tally::TallyTable,
 };
 
@@ -529,8 +529,8 @@ async fn serve_until_signal(
                 let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink_health);
                 hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
-                    Some(snapshot) => latest.store(snapshot),
-                    None => poller.count_failure(),
+                    Polled::Fresh(snapshot) => latest.store(snapshot),
+                    Polled::Failed(health) => latest.store_failed(health),
                 }
             }
             ended = &mut events => break Err(reader_stopped(ended, "connection")),

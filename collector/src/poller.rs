@@ -43,11 +43,37 @@ impl SharedSnapshot {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// Publishes a poll that could not read the kernel maps: the counters last read stay,
+    /// with the time they were read, and the sources and poll counts say what failed, so that
+    /// `collector_source_up{source="ebpf"}` drops to 0 while it lasts. Readiness stays as it
+    /// is: in a sidecar, `/readyz` is the proxy pod's readiness, which a metrics fault must
+    /// not take out of its Service.
+    pub fn store_failed(&self, health: PollHealth) {
+        let mut latest = self.latest.write().unwrap_or_else(PoisonError::into_inner);
+        let mut snapshot = Snapshot::clone(&latest);
+        snapshot.sources = health.sources;
+        snapshot.poll = health.poll;
+        *latest = Arc::new(snapshot);
+    }
+
     /// True once a first poll succeeded.
     #[must_use]
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+}
+
+/// What one poll produced.
+pub enum Polled {
+    Fresh(Snapshot),
+    /// The kernel maps could not be read.
+    Failed(PollHealth),
+}
+
+/// Every source's health and the poll counts, as of a poll that could not read the kernel.
+pub struct PollHealth {
+    pub sources: Vec<(&'static str, SourceHealth)>,
+    pub poll: PollStats,
 }
 
 /// Histories of the counters that get rates.
@@ -146,13 +172,13 @@ impl Poller {
         }
     }
 
-    /// Reads the kernel once and builds a snapshot; `None` (counted) if the read failed.
+    /// Reads the kernel once and builds a snapshot, or says why it could not.
     pub fn poll(
         &mut self,
         programs: Vec<ProgramStats>,
         interfaces: InterfaceView,
         nft: NftView,
-    ) -> Option<Snapshot> {
+    ) -> Polled {
         let began = Instant::now();
         let read = counters::read(&self.maps, &self.routes);
         self.kernel.record(&read, began.elapsed());
@@ -160,8 +186,12 @@ impl Poller {
             Ok(totals) => totals,
             Err(err) => {
                 self.poll.failures += 1;
+                self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
                 tracing::warn!("reading the kernel maps failed: {err}");
-                return None;
+                return Polled::Failed(PollHealth {
+                    sources: sources(&self.kernel, interfaces.health, nft.health),
+                    poll: self.poll,
+                });
             }
         };
         for ring in &self.rings {
@@ -216,7 +246,7 @@ impl Poller {
         self.dns_queries.record(at, dns.total_queries());
         dns.query_rates = self.dns_queries.rates();
         dns.query_history = self.dns_queries.history(HISTORY_SAMPLES);
-        Some(Snapshot {
+        Polled::Fresh(Snapshot {
             taken_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -243,20 +273,74 @@ impl Poller {
                 })
                 .collect(),
             interfaces: interfaces.attached,
-            sources: [
-                Some(("ebpf", self.kernel.clone())),
-                Some(("netlink", interfaces.health)),
-                nft.health.map(|health| ("nft", health)),
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
+            sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
         })
     }
+}
 
-    /// Counts a poll that could not run at all.
-    pub fn count_failure(&mut self) {
-        self.poll.failures += 1;
+/// The health of each source, nftables only where it is read.
+fn sources(
+    kernel: &SourceHealth,
+    netlink: SourceHealth,
+    nft: Option<SourceHealth>,
+) -> Vec<(&'static str, SourceHealth)> {
+    [
+        Some(("ebpf", kernel.clone())),
+        Some(("netlink", netlink)),
+        nft.map(|health| ("nft", health)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics;
+
+    #[test]
+    fn a_failed_poll_keeps_the_counters_read_and_reports_the_kernel_source_down() {
+        let shared = Arc::new(SharedSnapshot::default());
+        let good = Snapshot::example();
+        shared.store(good.clone());
+        let down = SourceHealth {
+            up: false,
+            last_duration_seconds: 0.001,
+            errors: 1,
+            last_error: Some("Operation not permitted".to_owned()),
+        };
+        let poll = PollStats {
+            polls: good.poll.polls,
+            failures: good.poll.failures + 1,
+            last_duration_seconds: 0.001,
+        };
+        shared.store_failed(PollHealth {
+            sources: sources(&down, SourceHealth::default(), None),
+            poll,
+        });
+
+        let after = shared.load();
+        assert!(shared.is_ready());
+        assert_eq!(after.taken_at_ms, good.taken_at_ms);
+        assert_eq!(after.routes, good.routes);
+        assert_eq!(after.dns, good.dns);
+        assert_eq!(after.poll, poll);
+        let text = metrics::render(&metrics::registry(Arc::clone(&shared))).unwrap();
+        let line = |name: &str| {
+            text.lines()
+                .find(|line| line.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+                .to_owned()
+        };
+        assert_eq!(
+            line("collector_source_up{source=\"ebpf\"}"),
+            "collector_source_up{source=\"ebpf\"} 0"
+        );
+        assert_eq!(
+            line("collector_poll_failures_total"),
+            format!("collector_poll_failures_total {}", good.poll.failures + 1)
+        );
     }
 }
