@@ -727,13 +727,17 @@ const _: () = assert!(DNS_SCRATCH_BYTES.is_power_of_two() && DNS_COPY_BYTES < DN
 /// Slot of the connection table for `cookie` at `probe` (0..[`CONN_TABLE_PROBES`]).
 #[must_use]
 pub const fn conn_slot(cookie: u64, probe: u32) -> u32 {
-    // Truncation intended: the low bits of a sequential cookie spread consecutive sockets.
+    // Cookies are sequential (per CPU), so the home slot is a multiplicative hash of the
+    // cookie, whose top bits spread consecutive cookies across the table: a burst of
+    // long-lived connections then holds scattered slots, not a run that would turn away every
+    // cookie landing in it a table's length later.
     #[expect(
         clippy::cast_possible_truncation,
-        reason = "only the low bits pick the slot"
+        reason = "the shift leaves the table's index bits"
     )]
-    let low = cookie as u32;
-    low.wrapping_add(probe) & (CONN_TABLE_SLOTS - 1)
+    let home = (cookie.wrapping_mul(GOLDEN_RATIO_64) >> (64 - CONN_TABLE_SLOTS.trailing_zeros()))
+        as u32;
+    home.wrapping_add(probe) & (CONN_TABLE_SLOTS - 1)
 }
 
 /// Word of [`map_names::ROUTE_PORT_BITS`] holding `port`'s bit, and the bit.
@@ -846,11 +850,48 @@ mod tests {
     }
 
     #[test]
-    fn connection_slots_wrap_and_probe_forward() {
-        assert_eq!(conn_slot(5, 0), 5);
-        assert_eq!(conn_slot(5, 3), 8);
-        assert_eq!(conn_slot(u64::from(CONN_TABLE_SLOTS) + 7, 0), 7);
-        assert_eq!(conn_slot(u64::from(CONN_TABLE_SLOTS) - 1, 1), 0);
+    fn connection_slots_probe_forward_and_wrap() {
+        for cookie in [1, 5, 1 << 20, u64::MAX] {
+            let home = conn_slot(cookie, 0);
+            for probe in 1..CONN_TABLE_PROBES {
+                assert_eq!(
+                    conn_slot(cookie, probe),
+                    (home + probe) & (CONN_TABLE_SLOTS - 1)
+                );
+            }
+        }
+        let last = (1..)
+            .find(|&cookie| conn_slot(cookie, 0) == CONN_TABLE_SLOTS - 1)
+            .unwrap();
+        assert_eq!(conn_slot(last, 1), 0);
+    }
+
+    /// Takes the first free slot of the probed ones, as the kernel's claim does.
+    fn claim(taken: &mut [bool], cookie: u64) -> Option<usize> {
+        let slot = (0..CONN_TABLE_PROBES)
+            .map(|probe| conn_slot(cookie, probe) as usize)
+            .find(|&slot| !taken[slot])?;
+        taken[slot] = true;
+        Some(slot)
+    }
+
+    #[test]
+    fn a_burst_of_long_lived_connections_turns_no_later_cookie_away() {
+        let mut taken = [false; CONN_TABLE_SLOTS as usize];
+        // 2,000 connections with consecutive cookies stay open (a reconnect storm)...
+        for cookie in 1..=2000 {
+            assert!(claim(&mut taken, cookie).is_some());
+        }
+        // ...while short ones open and close through four wraps of the table's length. With
+        // the cookie's low bits as the home slot, 1,997 of every 65,536 found all four taken.
+        let mut turned_away = 0;
+        for cookie in 2001..2001 + 4 * u64::from(CONN_TABLE_SLOTS) {
+            match claim(&mut taken, cookie) {
+                Some(slot) => taken[slot] = false,
+                None => turned_away += 1,
+            }
+        }
+        assert_eq!(turned_away, 0);
     }
 
     #[test]
