@@ -103,14 +103,12 @@ fn run(task: Task) -> anyhow::Result<()> {
             if args.first().is_none_or(|first| first.starts_with('-')) {
                 args.insert(0, "run".into());
             }
-            let status = Command::new(root.join("target/release/collector"))
-                .args(&args)
-                .status()
-                .context("starting target/release/collector")?;
-            if !status.success() {
-                bail!("collector exited with {status}");
-            }
-            Ok(())
+            // Replaces this process (as `cargo run` replaced cargo's), so that a SIGTERM to
+            // what was started reaches the collector, which then detaches everything.
+            let err = std::os::unix::process::CommandExt::exec(
+                Command::new(root.join("target/release/collector")).args(&args),
+            );
+            Err(err).context("starting target/release/collector")
         }
         Task::Test { args } => {
             require_root("the privileged integration tests")?;
