@@ -735,8 +735,8 @@ pub const fn conn_slot(cookie: u64, probe: u32) -> u32 {
         clippy::cast_possible_truncation,
         reason = "the shift leaves the table's index bits"
     )]
-    let home = (cookie.wrapping_mul(GOLDEN_RATIO_64) >> (64 - CONN_TABLE_SLOTS.trailing_zeros()))
-        as u32;
+    let home =
+        (cookie.wrapping_mul(GOLDEN_RATIO_64) >> (64 - CONN_TABLE_SLOTS.trailing_zeros())) as u32;
     home.wrapping_add(probe) & (CONN_TABLE_SLOTS - 1)
 }
 

@@ -64,9 +64,8 @@ struct Cli {
 enum Command {
     /// Attach the kernel programs and serve metrics until SIGINT/SIGTERM.
     Run {
-        /// TOML configuration; without it the embedded default is used.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        source: ConfigSource,
         /// Listen address for HTTP, overriding the config's `listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -107,14 +106,14 @@ enum Command {
     },
     /// Check the kernel, mounts and privileges the agent needs: one line each, with the fix.
     Check {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        source: ConfigSource,
     },
     /// List what a crashed collector left in bpffs (pinned maps and links) and nftables;
     /// remove it with --apply. Refused while a collector runs with the pin directory.
     Cleanup {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        source: ConfigSource,
         /// Remove instead of listing.
         #[arg(long)]
         apply: bool,
@@ -155,8 +154,8 @@ enum StatsOf {
 enum MapsAction {
     /// Every pinned map: type, key and value size, capacity, entries in use.
     List {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        source: ConfigSource,
         /// One JSON document instead of a table.
         #[arg(long)]
         json: bool,
@@ -165,8 +164,8 @@ enum MapsAction {
     Watch {
         /// The map's name, as `maps list` shows it.
         name: String,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        source: ConfigSource,
         /// Milliseconds between refreshes.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
@@ -178,19 +177,42 @@ enum MapsAction {
     Dump {
         /// The map's name, as `maps list` shows it.
         name: String,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        source: ConfigSource,
         /// Compact JSON on one line instead of indented.
         #[arg(long)]
         json: bool,
     },
 }
 
-fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
-    Ok(match path {
-        Some(path) => Config::from_file(path)?,
-        None => Config::embedded_default(),
-    })
+/// Where the configuration comes from.
+#[derive(clap::Args)]
+struct ConfigSource {
+    /// TOML configuration; without it the embedded default is used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// bpffs directory for the pins, overriding the config's `pin_dir`: one collector per
+    /// directory, so each sidecar needs its own (deploy/kubernetes/sidecar.yaml).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::embedded_default(),
+        };
+        if let Some(pin_dir) = &self.pin_dir {
+            anyhow::ensure!(
+                pin_dir.is_absolute(),
+                "--pin-dir {}: must be an absolute path",
+                pin_dir.display()
+            );
+            config.pin_dir.clone_from(pin_dir);
+        }
+        Ok(config)
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -208,10 +230,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {
-            config,
+            source,
             listen,
             bpf_stats,
-        } => load_config(config.as_deref()).and_then(|mut config| {
+        } => source.load().and_then(|mut config| {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
@@ -230,8 +252,8 @@ fn main() -> std::process::ExitCode {
             .endpoint()
             .and_then(|agent| client::stats(&agent, matches!(what, StatsOf::Dns), json, watch)),
         Command::Maps {
-            action: MapsAction::List { config, json },
-        } => load_config(config.as_deref()).and_then(|config| {
+            action: MapsAction::List { source, json },
+        } => source.load().and_then(|config| {
             let rows = maps::list(&config.pin_dir)?;
             if json {
                 println!("{}", serde_json::to_string(&rows)?);
@@ -244,11 +266,11 @@ fn main() -> std::process::ExitCode {
             action:
                 MapsAction::Watch {
                     name,
-                    config,
+                    source,
                     interval_ms,
                     count,
                 },
-        } => load_config(config.as_deref()).and_then(|config| {
+        } => source.load().and_then(|config| {
             maps::watch(
                 &config.pin_dir,
                 &name,
@@ -257,8 +279,8 @@ fn main() -> std::process::ExitCode {
             )
         }),
         Command::Maps {
-            action: MapsAction::Dump { name, config, json },
-        } => load_config(config.as_deref()).and_then(|config| {
+            action: MapsAction::Dump { name, source, json },
+        } => source.load().and_then(|config| {
             let value = maps::dump(&config.pin_dir, &name)?;
             if json {
                 println!("{value}");
@@ -267,7 +289,7 @@ fn main() -> std::process::ExitCode {
             }
             Ok(())
         }),
-        Command::Check { config } => load_config(config.as_deref()).and_then(|config| {
+        Command::Check { source } => source.load().and_then(|config| {
             let verdicts = check::judge(&check::Facts::gather(&config.pin_dir)?);
             for verdict in &verdicts {
                 let mark = if verdict.pass { "pass" } else { "FAIL" };
@@ -279,8 +301,8 @@ fn main() -> std::process::ExitCode {
             }
             Ok(())
         }),
-        Command::Cleanup { config, apply } => {
-            load_config(config.as_deref()).and_then(|config| cleanup(&config, apply))
+        Command::Cleanup { source, apply } => {
+            source.load().and_then(|config| cleanup(&config, apply))
         }
     };
     match result {

@@ -32,6 +32,10 @@ pub enum PathError {
     MountBpffs(PathBuf, #[source] std::io::Error),
     #[error("reading /proc/mounts: {0}")]
     Mounts(#[source] std::io::Error),
+    #[error(
+        "pin directory {0}: bpffs refuses names with a dot in them; set `pin_dir` (or --pin-dir) to one without"
+    )]
+    DotInBpffsName(PathBuf),
 }
 
 /// One line of /proc/mounts.
@@ -195,20 +199,35 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// /sys/fs/bpf, mounts bpffs there, as Cilium does. Under `ip netns exec` that mount is
 /// private to the agent (its /sys is its own), so the pins do not outlive it.
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PathError> {
-    if bpffs_containing(&read_mounts()?, pin_dir).is_some() {
-        return Ok(());
+    let mount = if let Some(mount) = bpffs_containing(&read_mounts()?, pin_dir) {
+        mount
+    } else {
+        if !pin_dir.starts_with(BPFFS_ROOT) {
+            return Err(PathError::NoBpffs(pin_dir.into()));
+        }
+        let root = Path::new(BPFFS_ROOT);
+        fs::create_dir_all(root)
+            .and_then(|()| mount("bpf", root, "bpf", c"mode=0700"))
+            .map_err(|err| PathError::MountBpffs(root.into(), err))?;
+        tracing::warn!(
+            "no bpffs was mounted: mounted one at {BPFFS_ROOT}; if this process has a private /sys (ip netns exec), its pins vanish with it"
+        );
+        root.to_owned()
+    };
+    // Otherwise creating the directory fails with EPERM, which reads as missing privileges.
+    if dot_below(&mount, pin_dir) {
+        return Err(PathError::DotInBpffsName(pin_dir.into()));
     }
-    if !pin_dir.starts_with(BPFFS_ROOT) {
-        return Err(PathError::NoBpffs(pin_dir.into()));
-    }
-    let root = Path::new(BPFFS_ROOT);
-    fs::create_dir_all(root)
-        .and_then(|()| mount("bpf", root, "bpf", c"mode=0700"))
-        .map_err(|err| PathError::MountBpffs(root.into(), err))?;
-    tracing::warn!(
-        "no bpffs was mounted: mounted one at {BPFFS_ROOT}; if this process has a private /sys (ip netns exec), its pins vanish with it"
-    );
     Ok(())
+}
+
+/// Whether a name of `path` below the bpffs mount at `mount` has a dot in it.
+fn dot_below(mount: &Path, path: &Path) -> bool {
+    path.strip_prefix(mount).is_ok_and(|below| {
+        below
+            .components()
+            .any(|name| name.as_os_str().as_encoded_bytes().contains(&b'.'))
+    })
 }
 
 /// Directory of this build's pinned maps under the configured pin directory.
@@ -228,6 +247,14 @@ cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0
 bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0
 bpf /sys/fs/bpf/with\\040space bpf rw 0 0
 ";
+
+    #[test]
+    fn a_dot_is_refused_only_below_the_bpffs_mount() {
+        let mount = Path::new("/run/x.y/bpf");
+        assert!(!dot_below(mount, Path::new("/run/x.y/bpf/collector")));
+        assert!(dot_below(mount, Path::new("/run/x.y/bpf/collector.prod")));
+        assert!(dot_below(mount, Path::new("/run/x.y/bpf/a.b/collector")));
+    }
 
     #[test]
     fn finds_cgroup2_on_hybrid_hosts() {

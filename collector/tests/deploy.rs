@@ -85,6 +85,13 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
         }
     }
     assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
+    // One collector per pin directory: each sidecar pod pins under its own.
+    let sidecar = read("kubernetes/sidecar.yaml");
+    assert!(
+        sidecar.contains("- --pin-dir\n            - /sys/fs/bpf/collector-$(POD_UID)\n")
+            && sidecar.contains("name: POD_UID\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.uid"),
+        "the sidecar needs a pin directory of its own pod"
+    );
 }
 
 #[test]

@@ -19,25 +19,7 @@ fn runs_and_counts_under_ip_netns_exec() {
     let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
     // `ip netns exec` gives the agent a fresh /sys without the host's bpffs and cgroup2.
     let agent = Agent::spawn(&netns, netns.ip_netns_exec(COLLECTOR), &config, &[]);
-    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
-    let server = thread::spawn(move || {
-        for _ in 0..5 {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 3];
-            stream.read_exact(&mut buf).unwrap();
-            stream.write_all(b"12345").unwrap();
-        }
-    });
-    netns.run(|| {
-        for _ in 0..5 {
-            let mut stream = TcpStream::connect("127.0.0.1:18080").unwrap();
-            stream.write_all(b"abc").unwrap();
-            let mut buf = Vec::new();
-            stream.read_to_end(&mut buf).unwrap();
-            assert_eq!(buf, b"12345");
-        }
-    });
-    server.join().unwrap();
+    connections(&netns, 5);
     let metrics = wait_for_closed(&netns, "web", 5);
     let web = [("route", "web")];
     assert_eq!(
@@ -61,6 +43,72 @@ fn runs_and_counts_under_ip_netns_exec() {
         Some(25.0)
     );
     assert!(agent.stop().success());
+}
+
+/// `count` connections to port 18080 in `netns`, each sending 3 bytes and reading 5.
+fn connections(netns: &Netns, count: usize) {
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..count {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 3];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(b"12345").unwrap();
+        }
+    });
+    netns.run(move || {
+        for _ in 0..count {
+            let mut stream = TcpStream::connect("127.0.0.1:18080").unwrap();
+            stream.write_all(b"abc").unwrap();
+            let mut buf = Vec::new();
+            stream.read_to_end(&mut buf).unwrap();
+            assert_eq!(buf, b"12345");
+        }
+    });
+    server.join().unwrap();
+}
+
+#[test]
+fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_namespaces() {
+    // Two sidecars on one node: one config for both, as from one ConfigMap, and a pin
+    // directory each from the command line.
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let (first, second) = (Netns::new(), Netns::new());
+    let pin_dirs = ["first", "second"].map(|which| {
+        let mut name = config.pin_dir.clone().into_os_string();
+        name.push(format!("-{which}"));
+        std::path::PathBuf::from(name)
+    });
+    let agents = [(&first, &pin_dirs[0]), (&second, &pin_dirs[1])].map(|(netns, pin_dir)| {
+        Agent::start_with(netns, &config, &["--pin-dir", pin_dir.to_str().unwrap()])
+    });
+    connections(&first, 3);
+    connections(&second, 5);
+    for (netns, count) in [(&first, 3), (&second, 5)] {
+        let metrics = wait_for_closed(netns, "web", count);
+        assert_eq!(
+            sample(
+                &metrics,
+                "collector_proxy_connections_opened_total",
+                &[("route", "web")]
+            ),
+            Some(f64::from(count))
+        );
+    }
+    for pin_dir in &pin_dirs {
+        assert!(
+            pin_dir.join("v1/CONN_COUNTERS").exists(),
+            "{}",
+            pin_dir.display()
+        );
+    }
+    assert!(!config.pin_dir.exists());
+    for agent in agents {
+        assert!(agent.stop().success());
+    }
+    for pin_dir in &pin_dirs {
+        support::assert_no_pins(pin_dir);
+    }
 }
 
 fn run_with_config(text: &str) -> (bool, String) {
@@ -107,6 +155,15 @@ fn a_pin_directory_off_bpffs_is_refused_with_the_fix() {
     assert!(
         stderr.contains("/tmp/not-bpffs is not on a bpffs mount")
             && stderr.contains("mount -t bpf"),
+        "{stderr}"
+    );
+    // bpffs refuses a dot in a name with EPERM, which must not read as missing privileges.
+    let (ok, stderr) = run_with_config(
+        "pin_dir = \"/sys/fs/bpf/collector.prod\"\n[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n",
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("bpffs refuses names with a dot") && !stderr.contains("run as root"),
         "{stderr}"
     );
 }
