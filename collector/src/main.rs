@@ -551,7 +551,7 @@ async fn serve_until_signal(
                 let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink_health);
                 hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
-                    Polled::Fresh(snapshot) => latest.store(snapshot),
+                    Polled::Fresh(snapshot) => latest.store(*snapshot),
                     Polled::Failed(health) => latest.store_failed(health),
                 }
             }

@@ -65,7 +65,7 @@ impl SharedSnapshot {
 
 /// What one poll produced.
 pub enum Polled {
-    Fresh(Snapshot),
+    Fresh(Box<Snapshot>),
     /// The kernel maps could not be read.
     Failed(PollHealth),
 }
@@ -246,7 +246,7 @@ impl Poller {
         self.dns_queries.record(at, dns.total_queries());
         dns.query_rates = self.dns_queries.rates();
         dns.query_history = self.dns_queries.history(HISTORY_SAMPLES);
-        Polled::Fresh(Snapshot {
+        Polled::Fresh(Box::new(Snapshot {
             taken_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -275,7 +275,7 @@ impl Poller {
             interfaces: interfaces.attached,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
-        })
+        }))
     }
 }
 
