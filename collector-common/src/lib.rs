@@ -72,6 +72,11 @@ pub mod map_names {
     /// `Array<u64>`, one entry: the time of the latest upstream query, for any name. A
     /// response whose query arrived after it is a hit without a look at [`DNS_UPSTREAM`].
     pub const DNS_UPSTREAM_LATEST: &str = "DNS_UPSTREAM_LATEST";
+    /// `Array<u64>`, one entry, only the agent's: the cookie of the network namespace whose
+    /// collector owns the pins. Link pins are named by interface index, which means
+    /// something only in one namespace, so a collector of another one must not take them
+    /// over.
+    pub const PIN_OWNER: &str = "PIN_OWNER";
     /// `RingBuf` of [`super::DnsQueryEvent`], [`super::DnsAnswerEvent`] and
     /// [`super::DnsNameEvent`].
     pub const DNS_EVENTS: &str = "DNS_EVENTS";
@@ -90,7 +95,8 @@ pub mod map_names {
 
 /// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
 /// per-query state. Configuration maps and the event rings are recreated at every start.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 11] = [
+    map_names::PIN_OWNER,
     map_names::ROUTE_NAMES,
     map_names::CONN_COUNTERS,
     map_names::CONN_DURATIONS,

@@ -44,6 +44,9 @@ static NETNS_COOKIE: Global<u64> = Global::new(0);
 static ROUTE_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();
 #[btf_map]
 static ROUTE_PORT_BITS: Array<u64, { PORT_BITMAP_WORDS as usize }> = Array::new();
+/// The network namespace whose collector owns the pins; only the agent reads and writes it.
+#[btf_map]
+static PIN_OWNER: Array<u64, 1> = Array::new();
 /// Kept beside the counters so that slots stay bound to the same route across restarts; only
 /// the agent reads and writes it.
 #[btf_map]

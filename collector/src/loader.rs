@@ -108,13 +108,10 @@ impl Attachment {
         check_pinned_maps(&map_dir)?;
         let inherited = PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
 
-        let netns_cookie = if config.all_namespaces {
-            0
-        } else {
-            netns::current_cookie().context(
-                "reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)",
-            )?
-        };
+        let own_netns = netns::current_cookie().context(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)",
+        )?;
+        let netns_cookie = if config.all_namespaces { 0 } else { own_netns };
         let stats = if options.bpf_stats {
             Some(
                 aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -149,6 +146,7 @@ impl Attachment {
             .load(OBJECT)
             .context("loading the kernel programs and maps")?;
 
+        claim_pins(&mut ebpf, &pin_dir, own_netns)?;
         let routes = bind_routes(&mut ebpf, config)?;
         fill_port_map(&mut ebpf, &routes)?;
         hold_off_upstream_shortcut(&mut ebpf)?;
@@ -722,6 +720,27 @@ fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()>
             bitmap.set(word, value, 0)?;
         }
     }
+    Ok(())
+}
+
+/// Refuses pins a collector of another network namespace left (its links are on that
+/// namespace's interfaces, named by an index that means another interface here), before
+/// anything in them is touched; otherwise marks them as this namespace's.
+fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
+    let mut owner: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(map_names::PIN_OWNER)
+            .context("the kernel object has no pin owner map")?,
+    )?;
+    let found = owner.get(&0, 0)?;
+    if found != 0 && found != own_netns {
+        bail!(
+            "the pins under {} belong to a collector of another network namespace (cookie {found}; \
+             this one's is {own_netns}): give this one its own pin directory (`pin_dir`, or \
+             --pin-dir), or remove them where they were made with `collector cleanup --apply`",
+            pin_dir.display()
+        );
+    }
+    owner.set(0, own_netns, 0)?;
     Ok(())
 }
 

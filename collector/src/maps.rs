@@ -116,6 +116,9 @@ fn client(addr: [u8; 16], port: u16) -> String {
 /// The decoded contents of one pinned map, as JSON (summed over CPUs where per-CPU).
 pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
     Ok(match name {
+        map_names::PIN_OWNER => json!({
+            "netnsCookie": array::<u64>(open(pin_dir, name)?)?.get(&0, 0)?
+        }),
         map_names::ROUTE_NAMES => json!(
             route_names(pin_dir)?
                 .into_iter()
