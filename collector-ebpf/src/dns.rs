@@ -290,8 +290,11 @@ fn count_message(
     if loaded != 0 {
         return Err(dns_malformed::TRUNCATED);
     }
-    // The message ends here, in scratch coordinates.
-    let end = DNS_AT + message_len;
+    // The message ends here, in scratch coordinates, as far as it was copied: the first
+    // question fits in the copy if it fits in the message, and past the copy lie the parked
+    // values and the last packet's bytes (an uncapped end of a message over 475 bytes
+    // wrapped at the scratch mask and cut the question off).
+    let end = DNS_AT + (copy - UDP_HLEN);
     // Park what differs between the paths that lead here in the scratch value, where the
     // verifier does not follow it: the name walk below is then checked once, not once per
     // path (which ran past its million-instruction limit).
