@@ -152,8 +152,20 @@ fn for_dns(ctx: &TcContext) -> bool {
     DNS_ENABLED.load() != 0 && !packet::may_carry_tcp(ctx)
 }
 
+/// A packet still carrying a VLAN tag in its metadata crosses the VLAN's own device too
+/// (ingress: the tag is taken off before that device's hook runs again; egress: it is put on
+/// after), and is counted there, once.
+#[inline(always)]
+fn tagged(ctx: &TcContext) -> bool {
+    // SAFETY: a context field read, rewritten by the verifier.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
+}
+
 #[classifier]
 pub fn count_ingress(ctx: TcContext) -> i32 {
+    if tagged(&ctx) {
+        return TC_ACT_UNSPEC;
+    }
     if for_dns(&ctx) {
         dns::count_packet(&ctx, dns::HOOK_INGRESS);
     } else {
@@ -164,6 +176,9 @@ pub fn count_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn count_egress(ctx: TcContext) -> i32 {
+    if tagged(&ctx) {
+        return TC_ACT_UNSPEC;
+    }
     if for_dns(&ctx) {
         dns::count_packet(&ctx, dns::HOOK_EGRESS);
     } else {

@@ -10,7 +10,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage},
+    link::{LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -23,9 +23,18 @@ pub struct Link {
     /// Ethernet or loopback framing: the tc classifiers find the IP header at offset 14.
     pub ethernet_framing: bool,
     pub loopback: bool,
+    /// Index of the device this one is enslaved to (`IFLA_MASTER`), if any.
+    pub controller: Option<u32>,
+    /// The device's kind (`IFLA_INFO_KIND`: "bond", "bridge", "vlan", ...); empty for a
+    /// physical one.
+    pub kind: String,
     /// The kernel's counters for the interface (`IFLA_STATS64`).
     pub stats: InterfaceStats,
 }
+
+/// Controllers that pass their ports' packets up through their own device, whose hooks then
+/// see them a second time: their ports are left out of the default selection.
+const LAYER2_CONTROLLERS: [&str; 4] = ["bond", "bridge", "team", "openvswitch"];
 
 /// An interface's own counters, as `ip -s link` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -112,6 +121,21 @@ fn from_message(message: &LinkMessage) -> Link {
             _ => None,
         })
         .unwrap_or_default();
+    let controller = message.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::Controller(index) => Some(*index),
+        _ => None,
+    });
+    let kind = message
+        .attributes
+        .iter()
+        .find_map(|attr| match attr {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
+                LinkInfo::Kind(kind) => Some(kind.to_string()),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .unwrap_or_default();
     Link {
         index: message.header.index,
         name,
@@ -121,17 +145,31 @@ fn from_message(message: &LinkMessage) -> Link {
             LinkLayerType::Ether | LinkLayerType::Loopback
         ),
         loopback: message.header.link_layer_type == LinkLayerType::Loopback,
+        controller,
+        kind,
         stats,
     }
 }
 
+/// Whether `link` is watched when no interfaces are configured: up, with Ethernet framing,
+/// and not the port of a bond, bridge, team or Open vSwitch, whose packets the controller's
+/// own device sees again (counting both would count them twice; a VRF's ports stay, as the
+/// VRF device's hooks do not see their packets).
+pub fn watched_by_default(link: &Link, all: &[Link]) -> bool {
+    let port_of_layer2_controller = link.controller.is_some_and(|index| {
+        all.iter()
+            .any(|other| other.index == index && LAYER2_CONTROLLERS.contains(&other.kind.as_str()))
+    });
+    link.up && link.ethernet_framing && !port_of_layer2_controller
+}
+
 /// The links to attach to: the configured names (each must exist), or with none configured
-/// every up link with Ethernet framing, loopback included.
+/// those [`watched_by_default`], loopback included.
 pub fn select<'a>(links: &'a [Link], configured: &[String]) -> Result<Vec<&'a Link>, String> {
     if configured.is_empty() {
         return Ok(links
             .iter()
-            .filter(|l| l.up && l.ethernet_framing)
+            .filter(|l| watched_by_default(l, links))
             .collect());
     }
     configured
@@ -163,8 +201,50 @@ mod tests {
             up,
             ethernet_framing,
             loopback: name == "lo",
+            controller: None,
+            kind: String::new(),
             stats: InterfaceStats::default(),
         }
+    }
+
+    fn port(index: u32, name: &str, controller: u32) -> Link {
+        Link {
+            controller: Some(controller),
+            ..link(index, name, true, true)
+        }
+    }
+
+    fn controller(index: u32, name: &str, kind: &str) -> Link {
+        Link {
+            kind: kind.into(),
+            ..link(index, name, true, true)
+        }
+    }
+
+    #[test]
+    fn ports_of_bonds_and_bridges_are_left_to_their_controller() {
+        let links = [
+            link(1, "lo", true, true),
+            controller(2, "bond0", "bond"),
+            port(3, "eth0", 2),
+            port(4, "eth1", 2),
+            controller(5, "br0", "bridge"),
+            port(6, "veth1", 5),
+            controller(7, "vrf-blue", "vrf"),
+            port(8, "eth2", 7),
+            controller(9, "bond0.100", "vlan"),
+        ];
+        let names: Vec<_> = select(&links, &[])
+            .unwrap()
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["lo", "bond0", "br0", "vrf-blue", "eth2", "bond0.100"]
+        );
+        // Configured by name, a port is attached as asked.
+        assert_eq!(select(&links, &["eth0".into()]).unwrap()[0].name, "eth0");
     }
 
     #[test]

@@ -319,8 +319,13 @@ impl Attachment {
     pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) -> Vec<String> {
         let wanted: Vec<&Link> = links
             .iter()
-            .filter(|l| l.up && l.ethernet_framing)
-            .filter(|l| configured.is_empty() || configured.contains(&l.name))
+            .filter(|l| {
+                if configured.is_empty() {
+                    links::watched_by_default(l, links)
+                } else {
+                    l.up && l.ethernet_framing && configured.contains(&l.name)
+                }
+            })
             .collect();
         let gone: Vec<u32> = self
             .attached
