@@ -249,6 +249,8 @@ fn send_raw(interface: &str, frame: &[u8]) {
 
 #[test]
 fn vlan_tagged_packets_are_left_to_the_vlan_device() {
+    const FRAMES: usize = 5;
+    const PAYLOAD: usize = 100;
     let netns = Netns::new();
     let peer = Netns::new();
     ip(
@@ -267,8 +269,6 @@ fn vlan_tagged_packets_are_left_to_the_vlan_device() {
     // Tagged frames arrive with the tag taken into the packet's metadata: a VLAN device,
     // where there is one, sees them again untagged and counts them; vraw0 must not. The
     // untagged ones are vraw0's own.
-    const FRAMES: usize = 5;
-    const PAYLOAD: usize = 100;
     peer.run(|| {
         for _ in 0..FRAMES {
             send_raw("vraw1", &tcp_frame(Some(7), PAYLOAD));

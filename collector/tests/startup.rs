@@ -111,6 +111,16 @@ fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_
     }
 }
 
+/// A child process killed and reaped on drop, should a test fail while it runs.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
@@ -118,13 +128,6 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     Agent::start(&first, &config).kill();
     // Its links are on the first namespace's interfaces: lo is index 1 in both.
     // Killed if it does not exit (a collector that took the pins over would run on).
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut child = Reaped(
         second
             .command(COLLECTOR)
