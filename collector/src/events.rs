@@ -184,6 +184,15 @@ fn busiest(counts: HashMap<IpAddr, u64>, n: usize) -> Vec<(IpAddr, u64)> {
 /// 1 MiB holds about 13,000 events, over half a second at 20,000 connections per second.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Records one drain takes at most: more than a full 2 MiB ring holds of the smallest records
+/// (40 bytes with the ring's header), 1.3 million a second at one drain per
+/// [`DRAIN_INTERVAL`]. Without a
+/// bound, a kernel writing faster than the agent decodes (a random-subdomain flood on a
+/// many-core host) would keep one drain going for ever: the poll, which drains too, would
+/// stall and the batch grow without end. Past it the ring fills and the kernel counts what
+/// it drops.
+const MAX_RECORDS_PER_DRAIN: usize = 65_536;
+
 /// What events are folded into.
 pub trait Fold<E> {
     fn apply(&mut self, event: &E);
@@ -231,13 +240,16 @@ impl<E, S> RingDrain<E, S> {
 
 /// A ring drain whatever its event type, as the poller and the timer task hold it.
 pub trait Drain: Send {
-    /// Takes every record the ring holds now.
+    /// Takes the records the ring holds now, up to [`MAX_RECORDS_PER_DRAIN`].
     fn drain(&mut self);
 }
 
 impl<E: Clone + Send, S: Fold<E> + Send> Drain for RingDrain<E, S> {
     fn drain(&mut self) {
-        while let Some(record) = self.ring.next() {
+        for _ in 0..MAX_RECORDS_PER_DRAIN {
+            let Some(record) = self.ring.next() else {
+                break;
+            };
             if let Some(event) = (self.decode)(&record) {
                 self.batch.push(event);
             }
