@@ -24,6 +24,8 @@ use crate::config::Config;
 pub struct Endpoint {
     addr: SocketAddr,
     tls: Option<Arc<ClientConfig>>,
+    /// What the agent's certificate must name: its address unless told otherwise.
+    server_name: ServerName<'static>,
     token: Option<String>,
 }
 
@@ -33,15 +35,23 @@ impl<T: Read + Write> Connection for T {}
 
 impl Endpoint {
     /// `listen` overrides the config's address; `cacert` (PEM) is what HTTPS trusts, by
-    /// default the agent's own certificate file.
+    /// default the agent's own certificate file; `server_name` is the name its certificate
+    /// is checked against instead of the address (a certificate shared by a DaemonSet names
+    /// a service, not every node).
     pub fn new(
         listen: Option<SocketAddr>,
         config: Option<&Config>,
         cacert: Option<&Path>,
+        server_name: Option<&str>,
     ) -> anyhow::Result<Self> {
         let addr = listen
             .or(config.map(|config| config.listen))
             .unwrap_or_else(|| crate::config::Config::embedded_default().listen);
+        let server_name = match server_name {
+            Some(name) => ServerName::try_from(name.to_owned())
+                .with_context(|| format!("--server-name {name}: not a DNS name or address"))?,
+            None => ServerName::IpAddress(addr.ip().into()),
+        };
         let served_cert = config
             .and_then(|config| config.http.tls.as_ref())
             .map(|tls| tls.cert.as_path());
@@ -58,7 +68,12 @@ impl Endpoint {
             ),
             None => None,
         };
-        Ok(Self { addr, tls, token })
+        Ok(Self {
+            addr,
+            tls,
+            server_name,
+            token,
+        })
     }
 
     fn connect(&self) -> anyhow::Result<Box<dyn Connection>> {
@@ -71,11 +86,9 @@ impl Endpoint {
         Ok(match &self.tls {
             None => Box::new(tcp),
             Some(config) => {
-                let connection = ClientConnection::new(
-                    Arc::clone(config),
-                    ServerName::IpAddress(addr.ip().into()),
-                )
-                .context("starting TLS")?;
+                let connection =
+                    ClientConnection::new(Arc::clone(config), self.server_name.clone())
+                        .context("starting TLS")?;
                 Box::new(StreamOwned::new(connection, tcp))
             }
         })

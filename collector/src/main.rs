@@ -132,6 +132,9 @@ struct AgentAddress {
     /// PEM certificates to trust for HTTPS [default: the config's TLS certificate].
     #[arg(long)]
     cacert: Option<PathBuf>,
+    /// The name the agent's certificate must carry [default: the address dialled].
+    #[arg(long)]
+    server_name: Option<String>,
 }
 
 impl AgentAddress {
@@ -140,7 +143,12 @@ impl AgentAddress {
             Some(path) => Some(Config::from_file(path)?),
             None => None,
         };
-        client::Endpoint::new(self.listen, config.as_ref(), self.cacert.as_deref())
+        client::Endpoint::new(
+            self.listen,
+            config.as_ref(),
+            self.cacert.as_deref(),
+            self.server_name.as_deref(),
+        )
     }
 }
 

@@ -24,6 +24,12 @@ const PASSWORD: &str = "scrape-Pa55";
 
 /// A self-signed certificate for 127.0.0.1 and its key: `(cert, key)` in `dir`.
 fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    certificate(dir, name, "IP:127.0.0.1")
+}
+
+/// A self-signed certificate for `alt_names` (as openssl's subjectAltName takes them) and
+/// its key: `(cert, key)` in `dir`.
+fn certificate(dir: &Path, name: &str, alt_names: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (
         dir.join(format!("{name}.crt")),
         dir.join(format!("{name}.key")),
@@ -33,7 +39,7 @@ fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
             .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
             .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
             .args(["-subj", &format!("/CN={name}")])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-addext", &format!("subjectAltName={alt_names}")])
             // A server certificate, as a CA would issue one (rustls refuses a CA certificate
             // as the end entity).
             .args(["-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
@@ -176,6 +182,41 @@ fn https_and_basic_auth_guard_exact_counts() {
     assert_eq!(
         sample(&metrics, "collector_proxy_connections_opened_total", &route),
         Some(f64::from(CONNECTIONS))
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn the_cli_checks_a_certificate_that_names_no_address_against_server_name() {
+    // As cert-manager issues one for a DaemonSet: a service's name, no node's address.
+    let netns = Netns::new();
+    let scratch = ScratchDir::new("https-name");
+    let (cert, key) = certificate(&scratch.0, "named", "DNS:collector.ingress.svc");
+    let config = AgentConfig::new(&format!(
+        "[[routes]]\nname = \"secure\"\nports = [{PORT}]\ntype = \"tcp\"\n\n[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
+    let stats = |extra: &[&str]| {
+        netns
+            .command(COLLECTOR)
+            .args(["stats", "proxy", "--json", "--config"])
+            .arg(&config.path)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let by_name = ["--server-name", "collector.ingress.svc"];
+    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
+        stats(&by_name).status.success()
+    });
+    let figures: serde_json::Value = serde_json::from_slice(&stats(&by_name).stdout).unwrap();
+    assert_eq!(figures["totalConnections"], 0);
+    let by_address = stats(&[]);
+    let stderr = String::from_utf8_lossy(&by_address.stderr);
+    assert!(
+        !by_address.status.success() && stderr.contains("certificate"),
+        "{stderr}"
     );
     assert!(agent.stop().success());
 }
