@@ -36,7 +36,7 @@ impl<T: Read + Write> Connection for T {}
 impl Endpoint {
     /// `listen` overrides the config's address; `cacert` (PEM) is what HTTPS trusts, by
     /// default the agent's own certificate file; `server_name` is the name its certificate
-    /// is checked against instead of the address (a certificate shared by a DaemonSet names
+    /// is checked against instead of the address (a certificate shared by a daemon set names
     /// a service, not every node).
     pub fn new(
         listen: Option<SocketAddr>,
