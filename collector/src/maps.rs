@@ -65,10 +65,15 @@ fn count_used<T: aya::Pod>(data: MapData, used: fn(&T) -> bool) -> anyhow::Resul
     Ok(count)
 }
 
-/// Every pinned map of this build under `pin_dir`, with its shape and fill.
+/// Every pinned map of this build under `pin_dir`, with its shape and fill. A map this build
+/// pins but an older one did not is left out (a crashed older build's pins lack it); none at
+/// all is an error.
 pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
     let mut rows = Vec::new();
-    for name in PINNED_MAPS {
+    let pinned = PINNED_MAPS
+        .iter()
+        .filter(|name| paths::map_pin_dir(pin_dir).join(name).exists());
+    for &name in pinned {
         let data = open(pin_dir, name)?;
         let info = data.info()?;
         let in_use = match name {
@@ -88,6 +93,10 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
             capacity: info.max_entries(),
             in_use,
         });
+    }
+    if rows.is_empty() {
+        // Says where it looked and why there may be nothing.
+        open(pin_dir, PINNED_MAPS[0])?;
     }
     Ok(rows)
 }
