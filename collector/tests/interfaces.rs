@@ -41,6 +41,38 @@ fn add_veth(netns: &Netns, peer: &Netns) {
     );
 }
 
+/// [`CONNECTIONS`] connections from `peer` to `address` in `netns`, each sending [`REQUEST`]
+/// bytes and reading [`RESPONSE`]; returns the scrape that shows them all closed.
+fn exchange(netns: &Netns, peer: &Netns, address: &'static str) -> String {
+    let listener = netns.run(move || TcpListener::bind(address).unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = vec![0u8; REQUEST];
+            stream.read_exact(&mut request).unwrap();
+            stream.write_all(&[b'r'; RESPONSE]).unwrap();
+        }
+    });
+    peer.run(move || {
+        for _ in 0..CONNECTIONS {
+            let mut stream = TcpStream::connect(address).unwrap();
+            stream.write_all(&[b'q'; REQUEST]).unwrap();
+            let mut response = vec![0u8; RESPONSE];
+            stream.read_exact(&mut response).unwrap();
+        }
+    });
+    server.join().unwrap();
+    wait_for("the connections to close", Duration::from_secs(10), || {
+        let text = scrape(netns);
+        (sample(
+            &text,
+            "collector_proxy_connections_closed_total",
+            &[("route", "web")],
+        ) == Some(CONNECTIONS as f64))
+        .then_some(text)
+    })
+}
+
 #[test]
 fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
     let netns = Netns::new();
@@ -54,34 +86,7 @@ fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
         attached(&scrape(&netns), "vcoll0").then_some(())
     });
 
-    let listener = netns.run(|| TcpListener::bind("10.77.0.1:18080").unwrap());
-    let server = thread::spawn(move || {
-        for _ in 0..CONNECTIONS {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = vec![0u8; REQUEST];
-            stream.read_exact(&mut request).unwrap();
-            stream.write_all(&[b'r'; RESPONSE]).unwrap();
-        }
-    });
-    peer.run(|| {
-        for _ in 0..CONNECTIONS {
-            let mut stream = TcpStream::connect("10.77.0.1:18080").unwrap();
-            stream.write_all(&[b'q'; REQUEST]).unwrap();
-            let mut response = vec![0u8; RESPONSE];
-            stream.read_exact(&mut response).unwrap();
-        }
-    });
-    server.join().unwrap();
-
-    let metrics = wait_for("the connections to close", Duration::from_secs(10), || {
-        let text = scrape(&netns);
-        (sample(
-            &text,
-            "collector_proxy_connections_closed_total",
-            &[("route", "web")],
-        ) == Some(CONNECTIONS as f64))
-        .then_some(text)
-    });
+    let metrics = exchange(&netns, &peer, "10.77.0.1:18080");
     // The tc classifiers on vcoll0 saw every payload byte, each way.
     for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
         assert_eq!(
@@ -153,34 +158,7 @@ fn traffic_through_a_bridge_is_counted_once() {
     assert!(attached(&metrics, "brcoll"));
     assert!(!attached(&metrics, "vbr0"));
 
-    let listener = netns.run(|| TcpListener::bind("10.78.5.1:18080").unwrap());
-    let server = thread::spawn(move || {
-        for _ in 0..CONNECTIONS {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = vec![0u8; REQUEST];
-            stream.read_exact(&mut request).unwrap();
-            stream.write_all(&[b'r'; RESPONSE]).unwrap();
-        }
-    });
-    peer.run(|| {
-        for _ in 0..CONNECTIONS {
-            let mut stream = TcpStream::connect("10.78.5.1:18080").unwrap();
-            stream.write_all(&[b'q'; REQUEST]).unwrap();
-            let mut response = vec![0u8; RESPONSE];
-            stream.read_exact(&mut response).unwrap();
-        }
-    });
-    server.join().unwrap();
-
-    let metrics = wait_for("the connections to close", Duration::from_secs(10), || {
-        let text = scrape(&netns);
-        (sample(
-            &text,
-            "collector_proxy_connections_closed_total",
-            &[("route", "web")],
-        ) == Some(CONNECTIONS as f64))
-        .then_some(text)
-    });
+    let metrics = exchange(&netns, &peer, "10.78.5.1:18080");
     for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
         assert_eq!(
             payload_bytes(&metrics, direction),

@@ -25,6 +25,15 @@ use support::{
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
 
+/// Connections the web route counted as opened.
+fn web_opened(metrics: &str) -> Option<f64> {
+    sample(
+        metrics,
+        "collector_proxy_connections_opened_total",
+        &[("route", "web")],
+    )
+}
+
 /// `count` connections to the web route, each sending 4 bytes and reading 5.
 fn connections(netns: &Netns, count: usize) {
     let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
@@ -270,14 +279,7 @@ fn cleanup_refuses_while_a_collector_runs_and_it_keeps_counting() {
     // Its links are still pinned, so still attached: the next connections count.
     connections(&netns, 3);
     let metrics = wait_for_closed(&netns, "web", 5);
-    assert_eq!(
-        sample(
-            &metrics,
-            "collector_proxy_connections_opened_total",
-            &[("route", "web")]
-        ),
-        Some(5.0)
-    );
+    assert_eq!(web_opened(&metrics), Some(5.0));
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -377,14 +379,7 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     let (tc_in, nft_in) = route_packets(&metrics, "in");
     assert_eq!(tc_in, nft_in);
     // ... but no local socket accepted anything: the connection counters never moved.
-    assert_eq!(
-        sample(
-            &metrics,
-            "collector_proxy_connections_opened_total",
-            &[("route", "web")]
-        ),
-        Some(0.0)
-    );
+    assert_eq!(web_opened(&metrics), Some(0.0));
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }

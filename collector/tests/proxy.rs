@@ -544,6 +544,17 @@ fn live_byte_counters_grow_while_a_connection_streams() {
     assert_eq!(sink.join().unwrap(), sent);
 }
 
+/// The web route's connections opened and closed, and the bytes it received, are these.
+fn assert_web_totals(metrics: &str, connections: f64, received: f64) {
+    for (name, expected) in [
+        ("collector_proxy_connections_opened_total", connections),
+        ("collector_proxy_connections_closed_total", connections),
+        ("collector_proxy_connection_received_bytes_total", received),
+    ] {
+        assert_eq!(route_value(metrics, name, "web"), expected, "{name}");
+    }
+}
+
 #[test]
 fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
     let netns = Netns::new();
@@ -571,22 +582,7 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
             .then_some(metrics)
     });
     // Exactly once each: no connection lost across the crash, none counted twice.
-    assert_eq!(
-        route_value(&metrics, "collector_proxy_connections_opened_total", "web"),
-        22.0
-    );
-    assert_eq!(
-        route_value(&metrics, "collector_proxy_connections_closed_total", "web"),
-        22.0
-    );
-    assert_eq!(
-        route_value(
-            &metrics,
-            "collector_proxy_connection_received_bytes_total",
-            "web"
-        ),
-        2200.0
-    );
+    assert_web_totals(&metrics, 22.0, 2200.0);
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
@@ -623,18 +619,7 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     let agent = Agent::start(&netns, &config);
     traffic(&netns, WEB_PORT, 7, 100, 100, Closer::Client);
     let metrics = support::wait_for_closed(&netns, "web", 22);
-    assert_eq!(
-        route_value(&metrics, "collector_proxy_connections_opened_total", "web"),
-        22.0
-    );
-    assert_eq!(
-        route_value(
-            &metrics,
-            "collector_proxy_connection_received_bytes_total",
-            "web"
-        ),
-        2200.0
-    );
+    assert_web_totals(&metrics, 22.0, 2200.0);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
