@@ -154,11 +154,15 @@ fn for_dns(ctx: &TcContext) -> bool {
 
 /// A packet still carrying a VLAN tag in its metadata crosses the VLAN's own device too
 /// (ingress: the tag is taken off before that device's hook runs again; egress: it is put on
-/// after), and is counted there, once.
+/// after), and is counted there, once. A priority tag (VLAN 0) has no device of its own: the
+/// stack delivers such a packet on this one, which counts it.
 #[inline(always)]
 fn tagged(ctx: &TcContext) -> bool {
-    // SAFETY: a context field read, rewritten by the verifier.
-    unsafe { (*ctx.skb.skb).vlan_present != 0 }
+    // SAFETY: context field reads, rewritten by the verifier.
+    unsafe {
+        let skb = &*ctx.skb.skb;
+        skb.vlan_present != 0 && skb.vlan_tci & 0x0fff != 0
+    }
 }
 
 #[classifier]

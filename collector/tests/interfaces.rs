@@ -246,31 +246,34 @@ fn vlan_tagged_packets_are_left_to_the_vlan_device() {
 
     // Tagged frames arrive with the tag taken into the packet's metadata: a VLAN device,
     // where there is one, sees them again untagged and counts them; vraw0 must not. The
-    // untagged ones are vraw0's own.
+    // untagged ones are vraw0's own, and so are the priority-tagged ones (VLAN 0), which
+    // the stack delivers on vraw0 itself.
     peer.run(|| {
         for _ in 0..FRAMES {
             send_raw("vraw1", &tcp_frame(Some(7), PAYLOAD));
             send_raw("vraw1", &tcp_frame(None, PAYLOAD));
+            send_raw("vraw1", &tcp_frame(Some(0), PAYLOAD));
         }
     });
+    let counted = 2 * FRAMES;
     let metrics = wait_for("the untagged frames", Duration::from_secs(5), || {
         let text = scrape(&netns);
-        (payload_bytes(&text, "in") == Some((FRAMES * PAYLOAD) as f64)).then_some(text)
+        (payload_bytes(&text, "in") == Some((counted * PAYLOAD) as f64)).then_some(text)
     });
-    // A poll later, still only the untagged ones.
+    // A poll later, still only those.
     thread::sleep(Duration::from_millis(300));
     assert_eq!(
         payload_bytes(&scrape(&netns), "in"),
-        Some((FRAMES * PAYLOAD) as f64)
+        Some((counted * PAYLOAD) as f64)
     );
-    // IP bytes, headers included: the untagged frames' 40 + 100 each.
+    // IP bytes, headers included: 40 + 100 each.
     assert_eq!(
         sample(
             &metrics,
             "collector_proxy_traffic_bytes_total",
             &[("route", "web"), ("direction", "in")]
         ),
-        Some((FRAMES * (40 + PAYLOAD)) as f64)
+        Some((counted * (40 + PAYLOAD)) as f64)
     );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
