@@ -186,11 +186,10 @@ pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 
 /// Records one drain takes at most: more than a full 2 MiB ring holds of the smallest records
 /// (40 bytes with the ring's header), 1.3 million a second at one drain per
-/// [`DRAIN_INTERVAL`]. Without a
-/// bound, a kernel writing faster than the agent decodes (a random-subdomain flood on a
-/// many-core host) would keep one drain going for ever: the poll, which drains too, would
-/// stall and the batch grow without end. Past it the ring fills and the kernel counts what
-/// it drops.
+/// [`DRAIN_INTERVAL`]. Without a bound, a kernel writing faster than the agent decodes (a
+/// random-subdomain flood on a many-core host) would keep one drain going for ever: the
+/// poll, which drains too, would stall and the batch grow without end. Past it the ring
+/// fills and the kernel counts what it drops.
 const MAX_RECORDS_PER_DRAIN: usize = 65_536;
 
 /// What events are folded into.

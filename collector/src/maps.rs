@@ -69,11 +69,12 @@ fn count_used<T: aya::Pod>(data: MapData, used: fn(&T) -> bool) -> anyhow::Resul
 /// pins but an older one did not is left out (a crashed older build's pins lack it); none at
 /// all is an error.
 pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
+    let map_dir = paths::map_pin_dir(pin_dir);
     let mut rows = Vec::new();
-    let pinned = PINNED_MAPS
+    for &name in PINNED_MAPS
         .iter()
-        .filter(|name| paths::map_pin_dir(pin_dir).join(name).exists());
-    for &name in pinned {
+        .filter(|name| map_dir.join(name).exists())
+    {
         let data = open(pin_dir, name)?;
         let info = data.info()?;
         let in_use = match name {
@@ -95,8 +96,10 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
         });
     }
     if rows.is_empty() {
-        // Says where it looked and why there may be nothing.
-        open(pin_dir, PINNED_MAPS[0])?;
+        bail!(
+            "no pinned maps under {} (is a collector running, or did one crash, with this pin_dir?)",
+            map_dir.display()
+        );
     }
     Ok(rows)
 }
