@@ -52,6 +52,8 @@ pub struct HttpConfig {
     pub tls: Option<TlsFiles>,
     /// Requests served at once; more are answered 503.
     pub max_concurrent_requests: usize,
+    /// Event streams open at once, apart from the requests; more are answered 503.
+    pub max_event_streams: usize,
     /// Longest time a request may take (event streams excepted); then 503.
     pub request_timeout: Duration,
 }
@@ -175,6 +177,7 @@ struct RawHttp {
     tls_cert_file: Option<Spanned<String>>,
     tls_key_file: Option<Spanned<String>>,
     max_concurrent_requests: Option<Spanned<u64>>,
+    max_event_streams: Option<Spanned<u64>>,
     request_timeout_ms: Option<Spanned<u64>>,
 }
 
@@ -364,6 +367,7 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
         basic_auth_users_file: None,
         tls: None,
         max_concurrent_requests: 64,
+        max_event_streams: 8,
         request_timeout: Duration::from_secs(10),
     };
     let Some(raw) = raw else {
@@ -392,6 +396,9 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
     if let Some(limit) = &raw.max_concurrent_requests {
         http.max_concurrent_requests =
             in_range(source, limit, "max_concurrent_requests", 1, 10_000)?;
+    }
+    if let Some(limit) = &raw.max_event_streams {
+        http.max_event_streams = in_range(source, limit, "max_event_streams", 1, 1_000)?;
     }
     if let Some(timeout) = &raw.request_timeout_ms {
         let ms: u64 = in_range(source, timeout, "request_timeout_ms", 100, 600_000)?;
@@ -669,6 +676,8 @@ mod tests {
             ]
         );
         assert_eq!(config.dns.ports, [53]);
+        assert_eq!(config.http.max_concurrent_requests, 64);
+        assert_eq!(config.http.max_event_streams, 8);
     }
 
     #[test]
@@ -823,6 +832,7 @@ match_responses = false
         );
         assert_error("[dns]\ntop_k = 0\n", 2, "out of range");
         assert_error("[dns]\nsample_every = 70000\n", 2, "out of range");
+        assert_error("[http]\nmax_event_streams = 0\n", 2, "out of range");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! published snapshot; nothing here touches the kernel.
 //!
 //! Guarded by one middleware: credentials when configured (see `auth`), a cap on requests
-//! served at once, and a time limit per request (event streams excepted); over either limit,
-//! 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes carry no
+//! served at once, and a time limit per request; event streams have a cap of their own
+//! instead of the time limit, so that tails of the stream never crowd out scrapes. Over a
+//! limit, 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes carry no
 //! credentials and must be answered under load. TLS, when configured, is in `tls`.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -35,6 +36,7 @@ struct AppState {
 pub struct Guard {
     pub credentials: auth::Credentials,
     pub permits: Arc<tokio::sync::Semaphore>,
+    pub streams: Arc<tokio::sync::Semaphore>,
     pub timeout: std::time::Duration,
 }
 
@@ -45,6 +47,7 @@ impl Guard {
         Ok(Self {
             credentials: auth::Credentials::from_config(http)?,
             permits: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_requests)),
+            streams: Arc::new(tokio::sync::Semaphore::new(http.max_event_streams)),
             timeout: http.request_timeout,
         })
     }
@@ -73,12 +76,21 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
             .into_response();
     }
     if path == "/api/v1/events" {
-        // A stream lives as long as its body: the permit goes with the body, not the headers.
+        // A stream lives as long as its body: it holds a stream permit for that long, and
+        // gives the request permit back once admitted.
+        let Ok(stream_permit) = guard.streams.clone().try_acquire_owned() else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many event streams at once\n",
+            )
+                .into_response();
+        };
+        drop(permit);
         let response = next.run(request).await;
         return response.map(|body| {
             use futures_util::StreamExt as _;
             axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
-                let _held = &permit;
+                let _held = &stream_permit;
                 chunk
             }))
         });

@@ -370,7 +370,7 @@ fn with_a_bearer_token_only_the_probes_answer_without_it() {
     let token_file = secrets.path("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
     let config = AgentConfig::new(&format!(
-        "[http]\nbearer_token_file = \"{}\"\nmax_concurrent_requests = 1\nrequest_timeout_ms = 2000\n",
+        "[http]\nbearer_token_file = \"{}\"\nmax_concurrent_requests = 1\nmax_event_streams = 1\nrequest_timeout_ms = 2000\n",
         token_file.display()
     ));
     let agent = Agent::start(&netns, &config);
@@ -397,24 +397,35 @@ fn with_a_bearer_token_only_the_probes_answer_without_it() {
     for probe in ["/healthz", "/readyz"] {
         assert_eq!(get_with(&netns, probe, None).0, 200, "{probe}");
     }
-    // One request at a time: an open event stream takes the only permit.
-    let stream = netns.run(|| {
-        let mut stream = TcpStream::connect(support::LISTEN).unwrap();
-        write!(
-            stream,
-            "GET /api/v1/events HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer s3cret-token\r\n\r\n"
-        )
-        .unwrap();
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).unwrap();
-        assert_eq!(&head, b"HTTP/1.1 200");
-        stream
-    });
+    // One request and one event stream at a time: an open stream leaves the request permit
+    // to scrapes, and a second stream waits for the first to go away.
+    let open_stream = || {
+        netns.run(|| {
+            let mut stream = TcpStream::connect(support::LISTEN).unwrap();
+            write!(
+                stream,
+                "GET /api/v1/events HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer s3cret-token\r\n\r\n"
+            )
+            .unwrap();
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).unwrap();
+            (String::from_utf8_lossy(&head).into_owned(), stream)
+        })
+    };
+    let (head, stream) = open_stream();
+    assert_eq!(head, "HTTP/1.1 200");
     assert_eq!(
         get_with(&netns, "/metrics", Some("Bearer s3cret-token")).0,
-        503
+        200
     );
+    assert_eq!(open_stream().0, "HTTP/1.1 503");
     assert_eq!(get_with(&netns, "/readyz", None).0, 200);
     drop(stream);
+    // The agent notices the closed stream on its own, without an event to write.
+    wait_for(
+        "the closed stream's permit to come back",
+        Duration::from_secs(10),
+        || (open_stream().0 == "HTTP/1.1 200").then_some(()),
+    );
     assert!(agent.stop().success());
 }
