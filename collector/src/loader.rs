@@ -629,22 +629,16 @@ fn check_pinned_maps(map_dir: &Path) -> anyhow::Result<()> {
 /// Gives every configured route its slot (see [`slots::plan`]), records the owners and zeroes
 /// the counters of slots taken over from retired routes.
 fn bind_routes(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<Vec<WatchedRoute>> {
+    let owners = route_owners(ebpf)?;
+    let route_names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+    let plan = slots::plan(&owners, &route_names, || {
+        open_connections_by_slot(ebpf)
+            .context("reading the connection table for the open connections per route")
+    })?;
     let mut names: Array<&mut MapData, RouteName> = Array::try_from(
         ebpf.map_mut(map_names::ROUTE_NAMES)
             .context("the kernel object has no route name map")?,
     )?;
-    let mut owners = Vec::with_capacity(MAX_ROUTES as usize);
-    for slot in 0..MAX_ROUTES {
-        let name = names.get(&slot, 0)?;
-        let end = name
-            .bytes
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(name.bytes.len());
-        owners.push((end > 0).then(|| String::from_utf8_lossy(&name.bytes[..end]).into_owned()));
-    }
-    let route_names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
-    let plan = slots::plan(&owners, &route_names).map_err(|err| anyhow!(err))?;
     for (route, &slot) in config.routes.iter().zip(&plan.slots) {
         let mut record = RouteName { bytes: [0; 64] };
         let bytes = route.name.as_bytes();
@@ -666,6 +660,43 @@ fn bind_routes(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<Vec<WatchedRo
             slot,
         })
         .collect())
+}
+
+/// The route recorded as each slot's owner (`None`: never used).
+fn route_owners(ebpf: &Ebpf) -> anyhow::Result<Vec<Option<String>>> {
+    let names: Array<&MapData, RouteName> = Array::try_from(
+        ebpf.map(map_names::ROUTE_NAMES)
+            .context("the kernel object has no route name map")?,
+    )?;
+    (0..MAX_ROUTES)
+        .map(|slot| {
+            let name = names.get(&slot, 0)?;
+            let end = name
+                .bytes
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(name.bytes.len());
+            Ok((end > 0).then(|| String::from_utf8_lossy(&name.bytes[..end]).into_owned()))
+        })
+        .collect()
+}
+
+/// The connections the (pinned) connection table holds open, per route slot.
+fn open_connections_by_slot(ebpf: &Ebpf) -> anyhow::Result<Vec<u64>> {
+    let table: Array<&MapData, ConnState> = Array::try_from(
+        ebpf.map(map_names::CONN_STATE)
+            .context("the kernel object has no connection table")?,
+    )?;
+    let mut open = vec![0u64; MAX_ROUTES as usize];
+    for entry in table.iter() {
+        let entry = entry?;
+        if entry.cookie != 0
+            && let Some(count) = open.get_mut(entry.route as usize)
+        {
+            *count += 1;
+        }
+    }
+    Ok(open)
 }
 
 /// Size of the tally tables (DNS names, connection clients): their slots for every possible

@@ -602,17 +602,8 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     let broken = config.dir.join("broken.toml");
     let text = std::fs::read_to_string(&config.path).unwrap();
     std::fs::write(&broken, format!("interfaces = [\"nosuch0\"]\n{text}")).unwrap();
-    let failed = netns
-        .command(support::COLLECTOR)
-        .args(["run", "--config"])
-        .arg(&broken)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&failed.stderr);
-    assert!(
-        !failed.status.success() && stderr.contains("nosuch0"),
-        "{stderr}"
-    );
+    let stderr = support::refused_start(&netns, &broken);
+    assert!(stderr.contains("nosuch0"), "{stderr}");
 
     // The crashed run's links and maps are still there and still counting.
     traffic(&netns, WEB_PORT, 5, 100, 100, Closer::Client);
@@ -620,6 +611,89 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     traffic(&netns, WEB_PORT, 7, 100, 100, Closer::Client);
     let metrics = support::wait_for_closed(&netns, "web", 22);
     assert_web_totals(&metrics, 22.0, 2200.0);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// 256 routes, `r0` to `r255` on ports 30000 and up (every route slot used), but those of
+/// the slots in `leaving_out`, and a route `new` on port 31000.
+fn every_slot_used(leaving_out: &[u16], new: bool) -> String {
+    let route = |name: &str, port: u16| {
+        format!("[[routes]]\nname = \"{name}\"\nports = [{port}]\ntype = \"tcp\"\n")
+    };
+    let mut routes = String::new();
+    for i in (0..256u16).filter(|i| !leaving_out.contains(i)) {
+        routes.push_str(&route(&format!("r{i}"), 30000 + i));
+    }
+    if new {
+        routes.push_str(&route("new", 31000));
+    }
+    routes
+}
+
+#[test]
+fn a_new_route_leaves_the_slot_of_a_removed_route_with_open_connections_alone() {
+    const HELD: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&every_slot_used(&[], false));
+    let agent = Agent::start(&netns, &config);
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", 30007)).unwrap());
+    let clients = netns.run(|| {
+        (0..HELD)
+            .map(|_| TcpStream::connect(("127.0.0.1", 30007)).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let accepted: Vec<TcpStream> = (0..HELD).map(|_| listener.accept().unwrap().0).collect();
+    wait_for(
+        "3 active connections on r7",
+        Duration::from_secs(10),
+        || {
+            (route_value(&scrape(&netns), "collector_proxy_connections_active", "r7") == 3.0)
+                .then_some(())
+        },
+    );
+    agent.kill();
+
+    // r7 removed and `new` added: the only slot `new` could take is r7's, whose connections
+    // are still open and would close into it.
+    let rewrite = |routes: String| {
+        let text = std::fs::read_to_string(&config.path).unwrap();
+        let start = text.find("[[routes]]").unwrap();
+        let end = text.find("[nftables]").unwrap();
+        std::fs::write(
+            &config.path,
+            format!("{}{routes}{}", &text[..start], &text[end..]),
+        )
+        .unwrap();
+    };
+    rewrite(every_slot_used(&[7], true));
+    let stderr = support::refused_start(&netns, &config.path);
+    assert!(
+        stderr.contains("no free route slot") && stderr.contains("r7 (3 open)"),
+        "{stderr}"
+    );
+
+    // With r9 (no connection open) removed too, `new` takes r9's slot.
+    rewrite(every_slot_used(&[7, 9], true));
+    let agent = Agent::start(&netns, &config);
+    drop(clients);
+    drop(accepted);
+    traffic(&netns, 31000, 2, 100, 100, Closer::Client);
+    let metrics = support::wait_for_closed(&netns, "new", 2);
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_opened_total", "new"),
+        2.0
+    );
+    // A few polls later the r7 closes have not turned up in `new` either.
+    thread::sleep(Duration::from_millis(500));
+    let metrics = scrape(&netns);
+    for (name, value) in [
+        ("collector_proxy_connections_opened_total", 2.0),
+        ("collector_proxy_connections_closed_total", 2.0),
+        ("collector_proxy_connections_active", 0.0),
+    ] {
+        assert_eq!(route_value(&metrics, name, "new"), value, "{name}");
+    }
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }

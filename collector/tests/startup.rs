@@ -111,45 +111,16 @@ fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_
     }
 }
 
-/// A child process killed and reaped on drop, should a test fail while it runs.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
     let (first, second) = (Netns::new(), Netns::new());
     Agent::start(&first, &config).kill();
     // Its links are on the first namespace's interfaces: lo is index 1 in both.
-    // Killed if it does not exit (a collector that took the pins over would run on).
-    let mut child = Reaped(
-        second
-            .command(COLLECTOR)
-            .args(["run", "--config"])
-            .arg(&config.path)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let status = wait_for("the refused start to exit", Duration::from_secs(20), || {
-        child.0.try_wait().unwrap()
-    });
-    let mut stderr = String::new();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    // A collector that took the pins over would run on: killed after 20 s.
+    let stderr = support::refused_start(&second, &config.path);
     assert!(
-        !status.success() && stderr.contains("belong to a collector of another network namespace"),
+        stderr.contains("belong to a collector of another network namespace"),
         "{stderr}"
     );
     // Untouched: the first namespace's next collector takes them over and counts on.

@@ -363,6 +363,44 @@ impl Drop for Agent {
     }
 }
 
+/// A child process killed and reaped on drop, should a test fail while it runs.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `collector run --config config` in `netns`, expecting it to refuse: fails the test
+/// if it exits successfully or is still running after 20 s (then it is killed, so that a
+/// start that was wrongly let through cannot hang the test). Returns its stderr.
+pub fn refused_start(netns: &Netns, config: &Path) -> String {
+    let mut child = Reaped(
+        netns
+            .command(COLLECTOR)
+            .args(["run", "--config"])
+            .arg(config)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = wait_for("the refused start to exit", Duration::from_secs(20), || {
+        child.0.try_wait().unwrap()
+    });
+    let mut stderr = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "the start was not refused: {stderr}");
+    stderr
+}
+
 /// GET `path` from the agent (call from inside the namespace). Returns status and body.
 pub fn get(path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(LISTEN)?;
