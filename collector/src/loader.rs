@@ -18,7 +18,10 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, MapType, PerCpuArray, PerCpuValues, RingBuf},
-    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, links::FdLink},
+    programs::{
+        CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, links::FdLink,
+        tc::TcAttachOptions,
+    },
 };
 use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsNameSlot, DnsPorts,
@@ -296,12 +299,18 @@ impl Attachment {
             if adopt_link(&pin, program.fd()?.as_fd())? {
                 self.inherited = true;
             } else {
-                let id = program.attach(&link.name, attach_type).with_context(|| {
-                    format!(
-                        "attaching {program_name} to {} ({attach_type:?})",
-                        link.name
-                    )
-                })?;
+                // First in the hook's chain: the kernel stops at the first program that does
+                // not pass on, which is what most do (a CNI's returns TC_ACT_OK), and ours
+                // always pass on, so running first changes nothing for the others.
+                let first = TcAttachOptions::TcxOrder(LinkOrder::first());
+                let id = program
+                    .attach_with_options(&link.name, attach_type, first)
+                    .with_context(|| {
+                        format!(
+                            "attaching {program_name} to {} ({attach_type:?})",
+                            link.name
+                        )
+                    })?;
                 let fd_link: FdLink = program.take_link(id)?.try_into()?;
                 fd_link
                     .pin(&pin)

@@ -278,3 +278,121 @@ fn vlan_tagged_packets_are_left_to_the_vlan_device() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+/// `union bpf_attr` for `BPF_PROG_LOAD`, as far as a program without BTF needs it.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `union bpf_attr` for `BPF_LINK_CREATE` of a TCX link (no anchor: appended).
+#[repr(C)]
+#[derive(Default)]
+struct TcxLinkAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
+}
+
+fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for `command`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            std::ptr::from_mut(attr),
+            size_of::<T>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "bpf({command}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new file descriptor that nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) }
+}
+
+/// What a CNI's classifier does (Cilium's, Calico's): returns `TC_ACT_OK`, which ends the
+/// hook's chain, on `interface`'s ingress and egress. Attached while the returned links live.
+fn chain_ending_programs(interface: &'static str) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_TCX_EGRESS: u32 = 47;
+    // r0 = 0 (TC_ACT_OK); exit.
+    let instructions: [u64; 2] = [0xb7, 0x95];
+    let license = c"GPL";
+    let program = bpf(
+        BPF_PROG_LOAD,
+        &mut ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_SCHED_CLS,
+            insn_cnt: 2,
+            insns: instructions.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..ProgLoadAttr::default()
+        },
+    );
+    let name = std::ffi::CString::new(interface).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {interface}");
+    [BPF_TCX_INGRESS, BPF_TCX_EGRESS]
+        .into_iter()
+        .map(|attach_type| {
+            bpf(
+                BPF_LINK_CREATE,
+                &mut TcxLinkAttr {
+                    prog_fd: u32::try_from(program.as_raw_fd()).unwrap(),
+                    target_ifindex: index,
+                    attach_type,
+                    ..TcxLinkAttr::default()
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_program_that_ends_the_chain_ahead_of_ours_hides_nothing() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    // Already there when the agent starts, as a CNI's programs are.
+    let links = netns.run(|| chain_ending_programs("vcoll0"));
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+        attached(&scrape(&netns), "vcoll0").then_some(())
+    });
+    let metrics = exchange(&netns, &peer, "10.77.0.1:18080");
+    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
+        assert_eq!(
+            payload_bytes(&metrics, direction),
+            Some((CONNECTIONS * bytes) as f64),
+            "{direction}"
+        );
+    }
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+    drop(links);
+}
