@@ -171,7 +171,8 @@ pub mod error_kind {
     /// The connection event ring buffer was full: the event is lost, counters are not (a
     /// lost client event leaves its connection out of the top clients).
     pub const CONN_EVENT_DROPPED: u32 = 1;
-    /// A packet on a watched interface was too short to parse its headers.
+    /// A packet on a watched interface was too short to parse its headers, or shorter than
+    /// its IP header says (the stack drops it; its claimed bytes are not counted).
     pub const PACKET_TRUNCATED: u32 = 2;
 }
 /// Number of error kinds (entries of [`map_names::ERRORS`]).

@@ -42,8 +42,8 @@ use crate::{
     DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_RESPONSES, DNS_NAMES, DNS_PORTS,
     DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, ether_type, ptr_at, read_be16,
-        read_u8,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, ptr_at,
+        read_be16, read_u8,
     },
     tally::{Tally, tally},
 };
@@ -71,7 +71,6 @@ const MASK: usize = DNS_SCRATCH_BYTES - 1;
 const MAX_EXT_HEADERS: usize = 6;
 /// Upper bound for the UDP header's offset, so that offsets stay small for the verifier.
 const MAX_L4_OFFSET: usize = 512;
-const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;

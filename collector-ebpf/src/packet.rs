@@ -11,6 +11,8 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPV6_HLEN: usize = 40;
+/// IPv6 hop-by-hop options header.
+pub const NEXTHDR_HOP: u8 = 0;
 
 /// Bounds-checked pointer to a `T` at `offset` in the packet's linear data.
 #[inline(always)]
@@ -42,14 +44,16 @@ pub fn ether_type(ctx: &TcContext) -> u16 {
     u16::from_be(ctx.skb.protocol() as u16)
 }
 
-/// Whether the IP header says TCP follows (IPv6: with no extension header between). Also
-/// true when that byte cannot be read, so that the TCP counting sees the truncated header.
+/// Whether the IP header says TCP follows (IPv6: with no extension header between, or a
+/// jumbo packet's hop-by-hop header, which the TCP counting looks into). Also true when that
+/// byte cannot be read, so that the TCP counting sees the truncated header.
 #[inline(always)]
 pub fn may_carry_tcp(ctx: &TcContext) -> bool {
-    let protocol_at = match ether_type(ctx) {
-        ETH_P_IP => ETH_HLEN + 9,
-        ETH_P_IPV6 => ETH_HLEN + 6,
-        _ => return false,
-    };
-    read_u8(ctx, protocol_at).is_none_or(|protocol| protocol == IPPROTO_TCP)
+    match ether_type(ctx) {
+        ETH_P_IP => read_u8(ctx, ETH_HLEN + 9).is_none_or(|protocol| protocol == IPPROTO_TCP),
+        ETH_P_IPV6 => read_u8(ctx, ETH_HLEN + 6).is_none_or(|next| {
+            next == IPPROTO_TCP || (next == NEXTHDR_HOP && read_be16(ctx, ETH_HLEN + 4) == Some(0))
+        }),
+        _ => false,
+    }
 }

@@ -14,10 +14,13 @@ use collector_common::{
 use crate::{
     ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, ether_type, ptr_at, read_be16,
-        read_u8,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type, ptr_at,
+        read_be16, read_u8,
     },
 };
+
+/// The jumbo payload option (RFC 2675).
+const IPV6_TLV_JUMBO: u8 = 0xc2;
 
 /// The parts of a TCP segment that the counters need.
 struct Segment {
@@ -112,17 +115,40 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
-            // Extension headers before TCP are rare on a proxy's connections; not counted.
-            if next_header != IPPROTO_TCP {
+            let payload = u64::from(read_be16(ctx, ETH_HLEN + 4)?);
+            if next_header == IPPROTO_TCP {
+                // A payload length of 0 is BIG TCP without the hop-by-hop header (below).
+                let ip_len = if payload == 0 {
+                    0
+                } else {
+                    payload + IPV6_HLEN as u64
+                };
+                (ETH_HLEN + IPV6_HLEN, ip_len)
+            } else if next_header == NEXTHDR_HOP && payload == 0 {
+                // A GSO packet over 64 KiB as kernels with IPv6 BIG TCP have built it: a
+                // hop-by-hop header holding only the jumbo payload option, then TCP.
+                let hop = ptr_at::<[u8; 4]>(ctx, ETH_HLEN + IPV6_HLEN)?;
+                // SAFETY: ptr_at checked the four bytes.
+                if unsafe { *hop } != [IPPROTO_TCP, 0, IPV6_TLV_JUMBO, 4] {
+                    return None;
+                }
+                (ETH_HLEN + IPV6_HLEN + 8, 0)
+            } else {
+                // Other extension headers before TCP are rare on a proxy's connections; not
+                // counted.
                 return None;
             }
-            let payload = u64::from(read_be16(ctx, ETH_HLEN + 4)?);
-            (ETH_HLEN + IPV6_HLEN, payload + IPV6_HLEN as u64)
         }
         _ => return None,
     };
-    // A zero length field means a GSO packet over 64 KiB (BIG TCP): take the skb's length.
+    // A zero length means a GSO packet over 64 KiB (BIG TCP): the skb's length is the
+    // packet's. A length beyond the skb's is a lie the stack drops the packet for: counted as
+    // truncated, not as the bytes it claims.
     let l3_len = if ip_len == 0 { skb_l3_len } else { ip_len };
+    if l3_len > skb_l3_len {
+        count_error(error_kind::PACKET_TRUNCATED);
+        return None;
+    }
     // Ports and data offset with one bounds check: separate checks let LLVM merge paths in a
     // way the verifier cannot follow (a port register unset on a path it cannot rule out).
     let Some(tcp) = ptr_at::<[u8; 13]>(ctx, l4_offset) else {
