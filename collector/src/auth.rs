@@ -6,11 +6,16 @@
 //! accepted: a leaked file must not give the passwords away. A bcrypt check costs tens of
 //! milliseconds by design, so it runs off the async workers, and the last password that
 //! passed for each user is remembered: a scrape every 15 s pays for it once.
+//!
+//! Both files are read again when their modification time changes, as the TLS files are: a
+//! rotated Secret must not leave every scrape refused until a restart, which would reset the
+//! counters.
 
 use std::{
     collections::HashMap,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
+    time::SystemTime,
 };
 
 use anyhow::{Context as _, bail};
@@ -22,14 +27,59 @@ use crate::config::HttpConfig;
 /// The credentials the endpoint accepts.
 #[derive(Clone, Default)]
 pub struct Credentials {
-    token: Option<Arc<str>>,
-    users: Option<Arc<Users>>,
+    token: Option<Arc<SecretFile<String>>>,
+    users: Option<Arc<SecretFile<Users>>>,
 }
 
 struct Users {
     hashes: HashMap<String, String>,
     /// Per user, the last password that matched its hash.
     verified: Mutex<HashMap<String, String>>,
+}
+
+/// A secret read from a file, and read again when the file's modification time changes (one
+/// stat per request). A file that fails to read or parse keeps the previous secret, and says
+/// so once per change.
+struct SecretFile<T> {
+    path: PathBuf,
+    read: fn(&Path) -> anyhow::Result<T>,
+    current: Mutex<(Option<SystemTime>, Arc<T>)>,
+}
+
+impl<T> SecretFile<T> {
+    fn open(path: &Path, read: fn(&Path) -> anyhow::Result<T>) -> anyhow::Result<Arc<Self>> {
+        let stamp = modified(path);
+        let value = read(path)?;
+        Ok(Arc::new(Self {
+            path: path.to_owned(),
+            read,
+            current: Mutex::new((stamp, Arc::new(value))),
+        }))
+    }
+
+    fn current(&self) -> Arc<T> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let stamp = modified(&self.path);
+        if stamp.is_some() && stamp != current.0 {
+            current.0 = stamp;
+            match (self.read)(&self.path) {
+                Ok(value) => {
+                    tracing::info!(file = %self.path.display(), "reloaded the credentials");
+                    current.1 = Arc::new(value);
+                }
+                Err(err) => tracing::warn!(
+                    "keeping the previous credentials: reloading them failed: {err:#}"
+                ),
+            }
+        }
+        Arc::clone(&current.1)
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path)
+        .and_then(|meta| meta.modified())
+        .ok()
 }
 
 /// Why a request was refused, and how it may authenticate.
@@ -40,14 +90,11 @@ impl Credentials {
     /// Reads the token and user files the config names.
     pub fn from_config(http: &HttpConfig) -> anyhow::Result<Self> {
         let token = match &http.bearer_token_file {
-            Some(path) => Some(Arc::from(read_token(path)?)),
+            Some(path) => Some(SecretFile::open(path, read_token)?),
             None => None,
         };
         let users = match &http.basic_auth_users_file {
-            Some(path) => Some(Arc::new(Users {
-                hashes: read_htpasswd(path)?,
-                verified: Mutex::default(),
-            })),
+            Some(path) => Some(SecretFile::open(path, read_users)?),
             None => None,
         };
         Ok(Self { token, users })
@@ -69,14 +116,14 @@ impl Credentials {
             .and_then(|value| value.to_str().ok());
         if let (Some(token), Some(given)) =
             (&self.token, given.and_then(|v| v.strip_prefix("Bearer ")))
-            && same_secret(given.as_bytes(), token.as_bytes())
+            && same_secret(given.as_bytes(), token.current().as_bytes())
         {
             return Ok(());
         }
         if let (Some(users), Some(given)) =
             (&self.users, given.and_then(|v| v.strip_prefix("Basic ")))
             && let Some((user, password)) = decode_basic(given)
-            && Arc::clone(users).check(user, password).await
+            && users.current().check(user, password).await
         {
             return Ok(());
         }
@@ -143,14 +190,18 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token.to_owned())
 }
 
-fn read_htpasswd(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+fn read_users(path: &Path) -> anyhow::Result<Users> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the basic-auth users file {}", path.display()))?;
-    parse_htpasswd(&text).map_err(|(line, reason)| {
+    let hashes = parse_htpasswd(&text).map_err(|(line, reason)| {
         anyhow::anyhow!(
             "the basic-auth users file {}, line {line}: {reason}",
             path.display()
         )
+    })?;
+    Ok(Users {
+        hashes,
+        verified: Mutex::default(),
     })
 }
 
@@ -232,23 +283,64 @@ mod tests {
         );
     }
 
+    /// A directory of the test's own under the system's temporary directory.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("auth-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        /// Writes `text` to `name`, stamped `age_s` seconds after the epoch: the changes a
+        /// test makes must show in the modification time however fast they come.
+        fn write(&self, name: &str, text: &str, age_s: u64) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            let stamp = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(age_s);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(stamp)
+                .unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(token: Option<PathBuf>, users: Option<PathBuf>) -> HttpConfig {
+        let mut http = crate::config::Config::embedded_default().http;
+        http.bearer_token_file = token;
+        http.basic_auth_users_file = users;
+        http
+    }
+
+    fn with(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    }
+
+    fn basic(user_password: &str) -> HeaderMap {
+        with(&format!("Basic {}", STANDARD.encode(user_password)))
+    }
+
     #[tokio::test]
     async fn basic_and_bearer_each_admit() {
+        let scratch = Scratch::new("both");
         let hash = bcrypt::hash("pw", 4).unwrap();
-        let credentials = Credentials {
-            token: Some(Arc::from("tok")),
-            users: Some(Arc::new(Users {
-                hashes: HashMap::from([("u".to_owned(), hash)]),
-                verified: Mutex::default(),
-            })),
-        };
-        let with = |value: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::AUTHORIZATION, value.parse().unwrap());
-            headers
-        };
-        let basic =
-            |user_password: &str| with(&format!("Basic {}", STANDARD.encode(user_password)));
+        let credentials = Credentials::from_config(&config(
+            Some(scratch.write("token", "tok\n", 1)),
+            Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
+        ))
+        .unwrap();
         assert_eq!(credentials.admit(&with("Bearer tok")).await, Ok(()));
         assert!(credentials.admit(&with("Bearer nope")).await.is_err());
         // Twice: the second is answered from the remembered password.
@@ -261,5 +353,32 @@ mod tests {
             credentials.admit(&HeaderMap::new()).await,
             Err(Challenge("Basic realm=\"collector\", Bearer"))
         );
+    }
+
+    #[tokio::test]
+    async fn rotated_secrets_are_taken_without_a_restart() {
+        let scratch = Scratch::new("rotation");
+        let old_hash = bcrypt::hash("old", 4).unwrap();
+        let credentials = Credentials::from_config(&config(
+            Some(scratch.write("token", "first\n", 1)),
+            Some(scratch.write("users", &format!("u:{old_hash}\n"), 1)),
+        ))
+        .unwrap();
+        assert_eq!(credentials.admit(&with("Bearer first")).await, Ok(()));
+        assert_eq!(credentials.admit(&basic("u:old")).await, Ok(()));
+
+        let new_hash = bcrypt::hash("new", 4).unwrap();
+        scratch.write("token", "second\n", 2);
+        scratch.write("users", &format!("u:{new_hash}\n"), 2);
+        assert_eq!(credentials.admit(&with("Bearer second")).await, Ok(()));
+        assert!(credentials.admit(&with("Bearer first")).await.is_err());
+        assert_eq!(credentials.admit(&basic("u:new")).await, Ok(()));
+        assert!(credentials.admit(&basic("u:old")).await.is_err());
+
+        // A broken rotation keeps what worked.
+        scratch.write("token", "  \n", 3);
+        scratch.write("users", "u:not-bcrypt\n", 3);
+        assert_eq!(credentials.admit(&with("Bearer second")).await, Ok(()));
+        assert_eq!(credentials.admit(&basic("u:new")).await, Ok(()));
     }
 }

@@ -25,6 +25,7 @@ mod poller;
 mod privileges;
 mod rates;
 mod serve;
+mod signals;
 mod slots;
 mod snapshot;
 mod tally;
@@ -325,6 +326,7 @@ fn main() -> std::process::ExitCode {
 /// The agent: bind, load and attach, drop the capabilities no longer needed, then serve on
 /// the async runtime until SIGINT/SIGTERM, and detach.
 fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
+    signals::catch_while_starting().context("installing the signal handlers")?;
     // Bind first: a taken address, an unreadable secret or a bad certificate is refused
     // before anything is attached.
     let listener = serve::bind(config.listen)?;
@@ -347,7 +349,28 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         ),
         Err(err) => tracing::warn!("could not drop capabilities: {err}"),
     }
-    let result = tokio::runtime::Runtime::new()
+    let result = if signals::stop_requested() {
+        tracing::info!("asked to stop while starting");
+        Ok(())
+    } else {
+        serve_until_stopped(&mut attachment, &mut nft, config, listener, guard, tls)
+    };
+    tracing::info!("stopping: detaching programs and removing pins");
+    let removed = nft.stop();
+    let detached = attachment.detach();
+    result.and(detached).and(removed)
+}
+
+/// Runs the async side until SIGINT or SIGTERM. A SIGHUP is logged and changes nothing.
+fn serve_until_stopped(
+    attachment: &mut Attachment,
+    nft: &mut NftSource,
+    config: &Config,
+    listener: std::net::TcpListener,
+    guard: serve::Guard,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .and_then(|runtime| {
             runtime.block_on(async {
@@ -355,6 +378,8 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
                     signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
                 let mut sigint =
                     signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+                let mut sighup =
+                    signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .context("serving on the listen socket")?;
                 let http = Http {
@@ -362,19 +387,24 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
                     guard,
                     tls,
                 };
-                serve_until_signal(&mut attachment, &mut nft, config, http, async move {
-                    tokio::select! {
-                        _ = sigterm.recv() => {}
-                        _ = sigint.recv() => {}
+                serve_until_signal(attachment, nft, config, http, async move {
+                    // One that came before these handlers were in place.
+                    if signals::stop_requested() {
+                        return;
+                    }
+                    loop {
+                        tokio::select! {
+                            _ = sigterm.recv() => return,
+                            _ = sigint.recv() => return,
+                            _ = sighup.recv() => tracing::info!(
+                                "SIGHUP: nothing to reload; credential and certificate files are re-read when they change, other config changes need a restart"
+                            ),
+                        }
                     }
                 })
                 .await
             })
-        });
-    tracing::info!("stopping: detaching programs and removing pins");
-    let removed = nft.stop();
-    let detached = attachment.detach();
-    result.and(detached).and(removed)
+        })
 }
 
 /// The nftables counters as a source: its table, or why there is none. A missing `nft`
@@ -571,12 +601,33 @@ async fn serve_until_signal(
     let _ = stop_server.send(());
     events.abort();
     dns_events.abort();
-    match server.await {
-        Ok(Ok(())) => outcome,
-        Ok(Err(err)) => outcome.and(Err(err).context("serving HTTP")),
-        Err(err) => outcome.and(Err(err).context("the HTTP server task failed")),
+    outcome.and(wait_for_server(server).await)
+}
+
+/// Waits for the HTTP server to finish the requests under way, for a while. They must not
+/// hold up the detach: a client that stopped reading (an event stream piped into a pager)
+/// would keep its connection for ever, and the kubelet's or systemd's SIGKILL would then
+/// leave everything attached.
+async fn wait_for_server(
+    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut server).await {
+        Ok(Ok(result)) => result.context("serving HTTP"),
+        Ok(Err(err)) => Err(err).context("the HTTP server task failed"),
+        Err(_) => {
+            tracing::warn!(
+                "HTTP clients still connected {} s after the stop: closing them",
+                HTTP_SHUTDOWN_GRACE.as_secs()
+            );
+            server.abort();
+            Ok(())
+        }
     }
 }
+
+/// How long a stop waits for HTTP requests under way before it detaches; well inside the
+/// 30 s that systemd and the kubelet give before SIGKILL.
+const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Reads the interfaces over netlink and keeps the attached set current: a failed read is
 /// reported as the netlink source being down, and the kernel figures still flow.

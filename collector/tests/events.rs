@@ -350,3 +350,43 @@ fn stats_prints_the_agents_figures_as_a_table_and_as_json() {
     assert!(top.contains("queries 0"), "{top}");
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_stop_detaches_even_while_a_stream_reader_has_stopped_reading() {
+    const ROUND_TRIPS: usize = 20_000;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    // A reader that takes the head and then nothing more, on a small receive buffer: a tail
+    // piped into a pager, or suspended.
+    let stalled = netns.run(|| {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let address: std::net::SocketAddr = LISTEN.parse().unwrap();
+        socket.connect(&address.into()).unwrap();
+        let mut stream = TcpStream::from(socket);
+        stream
+            .write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: c\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        stream
+    });
+    // Two events each, about 10 MB of lines: more than the buffers on the way hold.
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18081").unwrap());
+    let server = echo_once(listener, ROUND_TRIPS);
+    netns.run(|| (0..ROUND_TRIPS).for_each(|_| round_trip(18081)));
+    server.join().unwrap();
+    // Time for the agent's drains to stream them all, as far as the reader lets it.
+    thread::sleep(Duration::from_secs(1));
+
+    let status = agent.stop_within(libc::SIGTERM, Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the agent did not stop within 15 s: {status:?}"
+    );
+    support::assert_no_pins(&config.pin_dir);
+    drop(stalled);
+}

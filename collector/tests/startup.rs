@@ -400,3 +400,41 @@ fn with_a_bearer_token_only_the_probes_answer_without_it() {
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_sighup_changes_nothing_and_the_agent_counts_on() {
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    agent.signal(libc::SIGHUP);
+    connections(&netns, 3);
+    wait_for_closed(&netns, "web", 5);
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn a_stop_asked_for_while_starting_detaches_what_the_start_attached() {
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let mut child = support::Reaped::spawn(
+        netns
+            .command(COLLECTOR)
+            .args(["run", "--config"])
+            .arg(&config.path),
+    );
+    // The maps are pinned as they are loaded, before the programs are attached.
+    wait_for("the first pins", Duration::from_secs(20), || {
+        std::fs::read_dir(&config.pin_dir)
+            .is_ok_and(|mut entries| entries.next().is_some())
+            .then_some(())
+    });
+    child.signal(libc::SIGTERM);
+    let status = wait_for("the agent to exit", Duration::from_secs(20), || {
+        child.try_wait()
+    });
+    assert!(status.success(), "{status}");
+    support::assert_no_pins(&config.pin_dir);
+}

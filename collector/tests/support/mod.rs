@@ -318,7 +318,8 @@ impl Agent {
         }
     }
 
-    fn signal(&self, signal: libc::c_int) {
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: libc::c_int) {
         if let Some(child) = &self.child {
             signal_child(child, signal);
         }
@@ -328,6 +329,27 @@ impl Agent {
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
         self.child.take().unwrap().wait().unwrap()
+    }
+
+    /// `signal`, then waits up to `timeout` for the agent to exit: its exit status, or
+    /// `None` if it was still running (then it is killed).
+    pub fn stop_within(
+        mut self,
+        signal: libc::c_int,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        self.signal(signal);
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     /// The agent's process id (`nsenter` and `ip netns exec` exec it).
@@ -364,7 +386,22 @@ impl Drop for Agent {
 }
 
 /// A child process killed and reaped on drop, should a test fail while it runs.
-struct Reaped(Child);
+pub struct Reaped(Child);
+
+impl Reaped {
+    pub fn spawn(command: &mut Command) -> Self {
+        Self(command.spawn().unwrap())
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        signal_child(&self.0, signal);
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().unwrap()
+    }
+}
 
 impl Drop for Reaped {
     fn drop(&mut self) {

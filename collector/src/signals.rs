@@ -1,0 +1,47 @@
+//! Signals that arrive before the async runtime listens for them. Loading and attaching the
+//! programs takes a while, and a SIGTERM then (`systemctl stop` or a pod deleted right after
+//! a start) used to kill the agent with everything it had attached; a SIGHUP, which
+//! operators and tools send to mean "reload", killed it at any time. Both now only leave a
+//! mark here: a stop requested while starting is carried out once the start is done, with
+//! everything detached.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_stop(_signal: libc::c_int) {
+    // Async-signal-safe: one atomic store.
+    STOP_REQUESTED.store(true, Ordering::Relaxed);
+}
+
+extern "C" fn ignore(_signal: libc::c_int) {}
+
+/// Catches SIGTERM and SIGINT as a stop request and SIGHUP as nothing, until the runtime's
+/// own handlers take over (they chain to these, so a request seen by either is kept).
+/// A handler rather than `SIG_IGN` for SIGHUP: children (`nft`) get back the default.
+pub fn catch_while_starting() -> std::io::Result<()> {
+    for (signal, handler) in [
+        (libc::SIGTERM, note_stop as extern "C" fn(libc::c_int)),
+        (libc::SIGINT, note_stop),
+        (libc::SIGHUP, ignore),
+    ] {
+        // SAFETY: a zeroed sigaction with an empty mask and a handler that only stores an
+        // atomic (or does nothing) is a valid disposition.
+        let installed = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&raw mut action.sa_mask);
+            libc::sigaction(signal, &raw const action, std::ptr::null_mut())
+        };
+        if installed != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A SIGTERM or SIGINT has arrived since [`catch_while_starting`].
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::Relaxed)
+}
