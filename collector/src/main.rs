@@ -44,7 +44,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     client_table::ClientTable,
-    config::{Config, NftEnabled},
+    config::Config,
     events::ClientStats,
     loader::{Attachment, Options},
     poller::{Polled, Poller, SharedSnapshot},
@@ -339,7 +339,7 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         .transpose()?;
     warn_if_exposed(config, &guard, tls.is_some());
     let mut attachment = Attachment::attach(&Options { config, bpf_stats })?;
-    let mut nft = NftSource::start(config);
+    let mut nft = nft::Source::start(config);
     // Before the runtime's threads exist: capabilities are per thread, and they inherit.
     match privileges::keep_only_runtime_capabilities() {
         Ok(dropped) => tracing::info!(
@@ -364,7 +364,7 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
 /// Runs the async side until SIGINT or SIGTERM. A SIGHUP is logged and changes nothing.
 fn serve_until_stopped(
     attachment: &mut Attachment,
-    nft: &mut NftSource,
+    nft: &mut nft::Source,
     config: &Config,
     listener: std::net::TcpListener,
     guard: serve::Guard,
@@ -407,79 +407,6 @@ fn serve_until_stopped(
         })
 }
 
-/// The nftables counters as a source: its table, or why there is none. A missing `nft`
-/// tool or kernel support leaves this source down and everything else running.
-struct NftSource {
-    enabled: bool,
-    table: Option<nft::NftTable>,
-    health: snapshot::SourceHealth,
-}
-
-impl NftSource {
-    fn start(config: &Config) -> Self {
-        let mut health = snapshot::SourceHealth::default();
-        let enabled = match config.nftables.enabled {
-            NftEnabled::On => true,
-            NftEnabled::Off => false,
-            NftEnabled::Auto => match nft::netfilter_already_hooks(&config.nftables.table) {
-                Ok(true) => true,
-                Ok(false) => {
-                    tracing::info!(
-                        "nftables counters off ([nftables] enabled = \"auto\"): nothing else hooks netfilter's prerouting and postrouting here, and a first hook slows every packet; set enabled = true to count anyway"
-                    );
-                    false
-                }
-                Err(err) => {
-                    tracing::info!("nftables counters off ([nftables] enabled = \"auto\"): {err}");
-                    false
-                }
-            },
-        };
-        let table = if enabled {
-            let began = std::time::Instant::now();
-            let setup = nft::NftTable::setup(config);
-            health.record(&setup, began.elapsed());
-            match setup {
-                Ok(table) => Some(table),
-                Err(err) => {
-                    tracing::warn!("nftables counters are off: {err}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        Self {
-            enabled,
-            table,
-            health,
-        }
-    }
-
-    fn read(&mut self) -> poller::NftView {
-        let Some(table) = &self.table else {
-            return poller::NftView {
-                counters: Vec::new(),
-                health: self.enabled.then(|| self.health.clone()),
-            };
-        };
-        let began = std::time::Instant::now();
-        let read = table.read();
-        self.health.record(&read, began.elapsed());
-        poller::NftView {
-            counters: read.unwrap_or_default(),
-            health: Some(self.health.clone()),
-        }
-    }
-
-    fn stop(self) -> anyhow::Result<()> {
-        match self.table {
-            Some(table) => table.remove().context("removing our nftables table"),
-            None => Ok(()),
-        }
-    }
-}
-
 /// The HTTP side: where it listens, what guards it, and its TLS.
 struct Http {
     listener: tokio::net::TcpListener,
@@ -502,7 +429,7 @@ fn warn_if_exposed(config: &Config, guard: &serve::Guard, tls: bool) {
 
 async fn serve_until_signal(
     attachment: &mut Attachment,
-    nft: &mut NftSource,
+    nft: &mut nft::Source,
     config: &Config,
     http: Http,
     stop: impl Future<Output = ()>,

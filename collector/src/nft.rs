@@ -24,7 +24,11 @@ use nftables::{
 };
 use serde_json::json;
 
-use crate::{config::Config, nfnetlink};
+use crate::{
+    config::{Config, NftEnabled},
+    nfnetlink, poller,
+    snapshot::SourceHealth,
+};
 
 /// Chain and map names inside our table.
 const IN_CHAIN: &str = "count_in";
@@ -120,6 +124,10 @@ pub enum NftError {
     Tool(#[from] helper::NftablesError),
     #[error("reading nftables counters over nfnetlink: {0}")]
     Netlink(#[from] std::io::Error),
+    #[error(
+        "our table {0} lost its counters: someone removed it (nft flush ruleset, a firewall reload?); it is made again"
+    )]
+    Removed(String),
 }
 
 /// Our table, made at start and removed at stop.
@@ -219,29 +227,162 @@ impl NftTable {
         json!({"nftables": commands})
     }
 
-    /// Reads every counter of our table (nfnetlink: no process spawned).
+    /// Reads every counter of our table (nfnetlink: no process spawned). A counter missing
+    /// means someone removed the table, or part of it, while we ran.
     pub fn read(&self) -> Result<Vec<CounterValue>, NftError> {
         let read = nfnetlink::read_counters(&self.name)?;
-        Ok(self
-            .counters
+        self.counters
             .iter()
             .map(|counter| {
-                let value = read.iter().find(|r| r.name == counter.name);
-                CounterValue {
+                let value = read
+                    .iter()
+                    .find(|r| r.name == counter.name)
+                    .ok_or_else(|| NftError::Removed(self.name.clone()))?;
+                Ok(CounterValue {
                     counter: counter.clone(),
-                    packets: value.map_or(0, |v| v.packets),
-                    bytes: value.map_or(0, |v| v.bytes),
-                }
+                    packets: value.packets,
+                    bytes: value.bytes,
+                })
             })
-            .collect())
+            .collect()
     }
 
-    /// Removes the table: a clean stop leaves nothing of ours in nftables.
+    /// Removes the table: a clean stop leaves nothing of ours in nftables. One that someone
+    /// else removed already is no error.
     pub fn remove(self) -> Result<(), NftError> {
+        if !nfnetlink::table_exists(&self.name)? {
+            return Ok(());
+        }
         let mut batch = Batch::new();
         batch.delete(NfListObject::Table(self.table()));
         helper::apply_ruleset(&batch.to_nftables())?;
         Ok(())
+    }
+}
+
+/// Polls between two looks at what is missing: whether `auto` should count now, or whether
+/// a table that could not be made can be now (each look may spawn `nft`).
+const POLLS_BETWEEN_RETRIES: u32 = 30;
+
+/// The nftables counters as a source of the poll: our table, or why there is none. A
+/// missing `nft` tool or kernel support leaves this source down and everything else running;
+/// a table someone removed is made again; `auto` looks again now and then, as a firewall or
+/// kube-proxy may hook netfilter after the agent started.
+pub struct Source {
+    config: Config,
+    /// Counting is wanted (on, or `auto` with netfilter hooked).
+    enabled: bool,
+    table: Option<NftTable>,
+    health: SourceHealth,
+    polls_until_retry: u32,
+}
+
+impl Source {
+    pub fn start(config: &Config) -> Self {
+        let mut source = Self {
+            config: config.clone(),
+            enabled: false,
+            table: None,
+            health: SourceHealth::default(),
+            polls_until_retry: POLLS_BETWEEN_RETRIES,
+        };
+        source.enabled = match config.nftables.enabled {
+            NftEnabled::On => true,
+            NftEnabled::Off => false,
+            NftEnabled::Auto => source.auto_wants_counting(true),
+        };
+        if source.enabled {
+            source.make_table();
+        }
+        source
+    }
+
+    /// `auto`: counting only rides on hooks that netfilter already has here.
+    fn auto_wants_counting(&self, at_start: bool) -> bool {
+        match netfilter_already_hooks(&self.config.nftables.table) {
+            Ok(true) => {
+                if !at_start {
+                    tracing::info!(
+                        "nftables counters on: netfilter now hooks prerouting and postrouting here ([nftables] enabled = \"auto\")"
+                    );
+                }
+                true
+            }
+            Ok(false) => {
+                if at_start {
+                    tracing::info!(
+                        "nftables counters off ([nftables] enabled = \"auto\"): nothing else hooks netfilter's prerouting and postrouting here, and a first hook slows every packet; set enabled = true to count anyway"
+                    );
+                }
+                false
+            }
+            Err(err) => {
+                if at_start {
+                    tracing::info!("nftables counters off ([nftables] enabled = \"auto\"): {err}");
+                }
+                false
+            }
+        }
+    }
+
+    fn make_table(&mut self) {
+        let began = std::time::Instant::now();
+        let setup = NftTable::setup(&self.config);
+        self.health.record(&setup, began.elapsed());
+        match setup {
+            Ok(table) => self.table = Some(table),
+            Err(err) => tracing::warn!("nftables counters are off for now: {err}"),
+        }
+    }
+
+    /// This poll's counters and the source's health (none while counting is not wanted).
+    pub fn read(&mut self) -> poller::NftView {
+        if self.table.is_none() {
+            self.retry_now_and_then();
+        }
+        let Some(table) = &self.table else {
+            return poller::NftView {
+                counters: Vec::new(),
+                health: self.enabled.then(|| self.health.clone()),
+            };
+        };
+        let began = std::time::Instant::now();
+        let read = table.read();
+        self.health.record(&read, began.elapsed());
+        if let Err(err @ NftError::Removed(_)) = &read {
+            tracing::warn!("{err}");
+            self.table = None;
+            self.polls_until_retry = 0;
+        }
+        poller::NftView {
+            counters: read.unwrap_or_default(),
+            health: Some(self.health.clone()),
+        }
+    }
+
+    fn retry_now_and_then(&mut self) {
+        if self.polls_until_retry > 0 {
+            self.polls_until_retry -= 1;
+            return;
+        }
+        self.polls_until_retry = POLLS_BETWEEN_RETRIES;
+        if !self.enabled
+            && self.config.nftables.enabled == NftEnabled::Auto
+            && self.auto_wants_counting(false)
+        {
+            self.enabled = true;
+        }
+        if self.enabled {
+            self.make_table();
+        }
+    }
+
+    pub fn stop(self) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        match self.table {
+            Some(table) => table.remove().context("removing our nftables table"),
+            None => Ok(()),
+        }
     }
 }
 

@@ -401,9 +401,9 @@ fn auto_counts_only_where_netfilter_already_hooks() {
         "no nft source in a bare namespace"
     );
     assert!(!tables(&netns).contains(&config.nft_table));
-    assert!(agent.stop().success());
 
-    // A host firewall as NAT sets one up: base chains at prerouting and postrouting.
+    // A host firewall as NAT sets one up: base chains at prerouting and postrouting. The
+    // running agent sees it within 30 polls (3 s here) and makes its table.
     let firewall = "table ip hostnat {\n\
         chain pre { type nat hook prerouting priority dstnat; policy accept; }\n\
         chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
@@ -419,6 +419,13 @@ fn auto_counts_only_where_netfilter_already_hooks() {
         .write_all(firewall.as_bytes())
         .unwrap();
     assert!(nft.wait().unwrap().success());
+    wait_for("our table, made late", Duration::from_secs(10), || {
+        tables(&netns).contains(&config.nft_table).then_some(())
+    });
+    assert!(agent.stop().success());
+    assert!(!tables(&netns).contains(&config.nft_table));
+
+    // Started with the firewall there: counted from the start.
     let agent = Agent::start(&netns, &config);
     assert!(tables(&netns).contains(&config.nft_table));
     connections(&netns, 3);
@@ -429,4 +436,45 @@ fn auto_counts_only_where_netfilter_already_hooks() {
         !left.contains(&config.nft_table) && left.contains("hostnat"),
         "{left}"
     );
+}
+
+#[test]
+fn a_table_someone_removed_is_made_again_and_counts_on() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 3);
+    let before = assert_nft_equals_ebpf(&netns, 3);
+
+    // What a reload of Debian's nftables.conf does first.
+    run(
+        "ip",
+        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
+    );
+    let text = wait_for(
+        "the removal to be noticed and mended",
+        Duration::from_secs(10),
+        || {
+            let text = scrape(&netns);
+            (sample(&text, "collector_source_errors_total", &[("source", "nft")]) == Some(1.0)
+                && sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0))
+            .then_some(text)
+        },
+    );
+    assert!(tables(&netns).contains(&config.nft_table));
+    // Made anew, from zero.
+    assert_eq!(route_packets(&text, "in").1, Some(0.0));
+
+    connections(&netns, 4);
+    let metrics = settled_scrape(
+        &netns,
+        "the new connections, with both sources standing still",
+        |text| (route_packets(text, "in"), route_packets(text, "out")),
+        |((_, nft_in), _)| nft_in.is_some_and(|packets| packets > 0.0),
+    );
+    let (ebpf_in, nft_in) = route_packets(&metrics, "in");
+    assert_eq!(nft_in.unwrap(), ebpf_in.unwrap() - before);
+    assert!(agent.stop().success());
+    assert!(!tables(&netns).contains(&config.nft_table));
+    assert_no_pins(&config.pin_dir);
 }
