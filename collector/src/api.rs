@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::{
     dns::{OPCODE_NAMES, RCODE_NAMES, is_error_rcode, qtype_name},
+    nft::Protocol,
     rates::Rates,
     snapshot::{DnsSnapshot, RouteSnapshot, Snapshot, histogram_quantile},
 };
@@ -102,12 +103,17 @@ pub struct NftCounts {
     pub bytes_out: u64,
 }
 
-/// The nftables counters of `service` (a route name, or `dns`), summed over its ports;
-/// `None` when there are none (nftables off or unavailable).
-fn nft_counts(snapshot: &Snapshot, service: &str) -> Option<NftCounts> {
+/// The nftables counters of `service` (a route name over TCP, or `dns` over UDP), summed over
+/// its ports; `None` when there are none (nftables off or unavailable). By protocol too: a
+/// route may be named `dns` (DNS over TCP, say), and its counts are not the DNS server's.
+fn nft_counts(snapshot: &Snapshot, service: &str, protocol: Protocol) -> Option<NftCounts> {
     let mut counts = NftCounts::default();
     let mut any = false;
-    for value in snapshot.nft.iter().filter(|v| v.counter.service == service) {
+    for value in snapshot
+        .nft
+        .iter()
+        .filter(|v| v.counter.service == service && v.counter.protocol == protocol)
+    {
         any = true;
         if value.counter.inbound {
             counts.packets_in += value.packets;
@@ -225,7 +231,7 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
             p90: histogram_quantile(&totals.durations, 0.9),
             p99: histogram_quantile(&totals.durations, 0.99),
         },
-        nftables: nft_counts(snapshot, &route.route.name),
+        nftables: nft_counts(snapshot, &route.route.name, Protocol::Tcp),
     }
 }
 
@@ -417,7 +423,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         unmatched_responses: dns.match_responses.then_some(c.unmatched_responses),
         upstream_queries: c.upstream_queries,
         events_dropped: c.events_dropped,
-        nftables: nft_counts(snapshot, "dns"),
+        nftables: nft_counts(snapshot, "dns", Protocol::Udp),
         sources: sources(snapshot),
     }
 }
@@ -529,5 +535,27 @@ mod tests {
         assert_eq!(json["totalQueries"], 10);
         assert_eq!(json["responseCodes"]["NOERROR"], 6);
         assert_eq!(json["topDomains"][0]["count"], 7);
+    }
+
+    #[test]
+    fn a_route_named_dns_keeps_its_nftables_counts_apart_from_the_dns_servers() {
+        let mut snapshot = Snapshot::example();
+        snapshot.routes[0].route.name = "dns".to_owned();
+        let counter = |protocol: Protocol, port: u16, packets: u64| crate::nft::CounterValue {
+            counter: crate::nft::PlannedCounter {
+                name: format!("{}_{port}_in", protocol.as_str()),
+                protocol,
+                port,
+                inbound: true,
+                service: "dns".to_owned(),
+            },
+            packets,
+            bytes: packets * 100,
+        };
+        snapshot.nft = vec![counter(Protocol::Tcp, 80, 3), counter(Protocol::Udp, 53, 7)];
+        let proxy = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
+        assert_eq!(proxy["routes"][0]["nftables"]["packetsIn"], 3);
+        let dns = serde_json::to_value(dns_stats(&snapshot)).unwrap();
+        assert_eq!(dns["nftables"]["packetsIn"], 7);
     }
 }
