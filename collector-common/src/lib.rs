@@ -15,9 +15,14 @@ use core::mem::size_of;
 pub const MAX_ROUTES: u32 = 256;
 /// One entry per TCP port in [`ROUTE_BY_PORT`].
 pub const PORT_SLOTS: u32 = 65536;
-/// Log2 buckets of connection duration in microseconds: bucket `i` holds durations in
-/// `[2^i, 2^(i+1))` µs (bucket 0 also holds anything under 1 µs); the last bucket is open-ended.
+/// Log2 buckets of DNS response latency in microseconds ([`duration_bucket`]): bucket `i`
+/// holds `[2^i, 2^(i+1))` µs (bucket 0 also anything under 1 µs); the last, from 2^31 µs
+/// (36 minutes), is open-ended.
 pub const DURATION_BUCKETS: u32 = 32;
+/// Log2 buckets of connection lifetimes, as [`DURATION_BUCKETS`] but 40 of them: the last
+/// finite one ends at 2^39 µs (6.4 days), as websocket and keep-alive connections live for
+/// days (with 32, every lifetime over 36 minutes read as 36 minutes).
+pub const CONN_DURATION_BUCKETS: u32 = 40;
 /// Words of [`map_names::ROUTE_PORT_BITS`]: one bit per TCP port.
 pub const PORT_BITMAP_WORDS: u32 = PORT_SLOTS / 64;
 /// Value in [`ROUTE_BY_PORT`] for a port no route watches; otherwise the value is slot + 1.
@@ -574,16 +579,26 @@ pub struct ConnCounters {
     pub bytes_in: u64,
     /// Payload bytes sent to and acknowledged by clients, of closed connections.
     pub bytes_out: u64,
-    /// Sum of the durations of closed connections, in nanoseconds.
-    pub duration_ns: u64,
+    /// Sum of the durations of closed connections, in microseconds: in nanoseconds it
+    /// wrapped after 584 connection-years, two days with 100,000 connections open.
+    pub duration_us: u64,
 }
 
 /// Closed connections of one route by duration ([`duration_bucket`]): one value per route,
 /// so that a poll reads a route's histogram with one lookup.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnDurations {
-    pub buckets: [u64; DURATION_BUCKETS as usize],
+    pub buckets: [u64; CONN_DURATION_BUCKETS as usize],
+}
+
+// Arrays over 32 have no derived `Default`.
+impl Default for ConnDurations {
+    fn default() -> Self {
+        Self {
+            buckets: [0; CONN_DURATION_BUCKETS as usize],
+        }
+    }
 }
 
 /// Live traffic for one route and direction, counted per packet by tc.
@@ -707,6 +722,7 @@ pub struct ConnEvent {
 // The layouts are part of the kernel/user contract: pin them.
 const _: () = assert!(size_of::<RouteName>() == 64);
 const _: () = assert!(size_of::<ConnCounters>() == 40);
+const _: () = assert!(size_of::<ConnDurations>() == 320);
 const _: () = assert!(size_of::<TrafficCounters>() == 24);
 const _: () = assert!(size_of::<ConnState>() == 48);
 const _: () = assert!(core::mem::offset_of!(ConnState, client_addr) == 16);
@@ -769,20 +785,16 @@ pub const fn traffic_index(slot: u32, dir: u32) -> u32 {
     slot * 2 + dir
 }
 
-/// Log2 bucket of a duration in nanoseconds (see [`DURATION_BUCKETS`]). Branch-light and
-/// loop-free so the verifier sees a constant cost.
+/// Log2 bucket of a duration in nanoseconds, of `BUCKETS` (see [`DURATION_BUCKETS`]).
+/// Branch-light and loop-free so the verifier sees a constant cost.
 #[must_use]
-pub const fn duration_bucket(duration_ns: u64) -> u32 {
+pub const fn duration_bucket<const BUCKETS: u32>(duration_ns: u64) -> u32 {
     let micros = duration_ns / 1000;
     if micros == 0 {
         return 0;
     }
     let log2 = micros.ilog2();
-    if log2 >= DURATION_BUCKETS {
-        DURATION_BUCKETS - 1
-    } else {
-        log2
-    }
+    if log2 >= BUCKETS { BUCKETS - 1 } else { log2 }
 }
 
 #[cfg(feature = "user")]
@@ -858,14 +870,20 @@ mod tests {
 
     #[test]
     fn duration_buckets_are_log2_microseconds() {
-        assert_eq!(duration_bucket(0), 0);
-        assert_eq!(duration_bucket(999), 0);
-        assert_eq!(duration_bucket(1_000), 0);
-        assert_eq!(duration_bucket(1_999), 0);
-        assert_eq!(duration_bucket(2_000), 1);
-        assert_eq!(duration_bucket(1_000_000), 9); // 1 ms = 2^9.97 µs
-        assert_eq!(duration_bucket(1_000_000_000), 19); // 1 s = 2^19.93 µs
-        assert_eq!(duration_bucket(u64::MAX), DURATION_BUCKETS - 1);
+        let bucket = duration_bucket::<DURATION_BUCKETS>;
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(999), 0);
+        assert_eq!(bucket(1_000), 0);
+        assert_eq!(bucket(1_999), 0);
+        assert_eq!(bucket(2_000), 1);
+        assert_eq!(bucket(1_000_000), 9); // 1 ms = 2^9.97 µs
+        assert_eq!(bucket(1_000_000_000), 19); // 1 s = 2^19.93 µs
+        assert_eq!(bucket(u64::MAX), DURATION_BUCKETS - 1);
+        // Connection lifetimes: an hour and a day get buckets of their own.
+        let lifetime = duration_bucket::<CONN_DURATION_BUCKETS>;
+        assert_eq!(lifetime(3_600_000_000_000), 31); // 2^31.7 µs
+        assert_eq!(lifetime(86_400_000_000_000), 36); // 2^36.3 µs
+        assert_eq!(lifetime(u64::MAX), CONN_DURATION_BUCKETS - 1);
     }
 
     #[test]

@@ -18,9 +18,9 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use collector_common::{
-    CLIENT_NO_SLOT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES, ConnClientEvent,
-    ConnEvent, ConnState, DURATION_BUCKETS, MAX_ROUTES, NO_ROUTE, address_words,
-    client_fingerprint, conn_flags, conn_slot, duration_bucket, error_kind,
+    CLIENT_NO_SLOT, CONN_DURATION_BUCKETS, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, CONN_TABLE_PROBES,
+    ConnClientEvent, ConnEvent, ConnState, MAX_ROUTES, NO_ROUTE, address_words, client_fingerprint,
+    conn_flags, conn_slot, duration_bucket, error_kind,
 };
 
 use crate::{
@@ -291,13 +291,16 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
             add(&raw mut (*counters).closed, 1);
             add(&raw mut (*counters).bytes_in, bytes_in);
             add(&raw mut (*counters).bytes_out, bytes_out);
-            add(&raw mut (*counters).duration_ns, duration_ns);
+            add(&raw mut (*counters).duration_us, duration_ns / 1000);
         }
     }
     if let Some(durations) = CONN_DURATIONS.get_ptr_mut(slot) {
-        let bucket = duration_bucket(duration_ns) & (DURATION_BUCKETS - 1);
+        let bucket = duration_bucket::<CONN_DURATION_BUCKETS>(duration_ns);
         // SAFETY: as above.
-        add(unsafe { &raw mut (*durations).buckets[bucket as usize] }, 1);
+        let buckets = unsafe { &mut (*durations).buckets };
+        if let Some(count) = buckets.get_mut(bucket as usize) {
+            add(count, 1);
+        }
     }
 }
 

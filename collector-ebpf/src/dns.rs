@@ -33,9 +33,9 @@ use aya_ebpf::{
 };
 use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
-    DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DnsAnswerEvent, DnsCounters, DnsInFlight,
-    DnsNameEvent, DnsQueryEvent, client_fingerprint, dns_inflight_slot, dns_lowercase_word,
-    dns_malformed, dns_port_listed, dns_qtype_index, duration_bucket,
+    DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS, DnsAnswerEvent,
+    DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint, dns_inflight_slot,
+    dns_lowercase_word, dns_malformed, dns_port_listed, dns_qtype_index, duration_bucket,
 };
 
 use crate::{
@@ -723,7 +723,7 @@ fn on_response(
     let now = ktime_ns();
     let latency = now.wrapping_sub(started);
     counters.answered += 1;
-    counters.latency[duration_bucket(latency) as usize & 31] += 1;
+    counters.latency[duration_bucket::<DURATION_BUCKETS>(latency) as usize & 31] += 1;
     counters.latency_ns += latency;
     // Most answers come while nothing has gone upstream since their query arrived: those are
     // hits without hashing the name or reading its stamp (a cold line).

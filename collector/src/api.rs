@@ -201,7 +201,7 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
         clippy::cast_precision_loss,
         reason = "nanosecond sums as float seconds"
     )]
-    let mean = (count > 0).then(|| totals.conn.duration_ns as f64 / 1e9 / count as f64);
+    let mean = (count > 0).then(|| totals.conn.duration_us as f64 / 1e6 / count as f64);
     RouteStats {
         name: route.route.name.clone(),
         kind: route.route.kind.as_str(),

@@ -3,20 +3,33 @@
 
 use aya::maps::{MapData, PerCpuArray};
 use collector_common::{
-    ConnCounters, ConnDurations, DIR_IN, DIR_OUT, DURATION_BUCKETS, DnsCounters, ERROR_KINDS,
+    CONN_DURATION_BUCKETS, ConnCounters, ConnDurations, DIR_IN, DIR_OUT, DnsCounters, ERROR_KINDS,
     TrafficCounters, traffic_index,
 };
 
 use crate::loader::{KernelMaps, WatchedRoute};
 
 /// Totals of one route, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteTotals {
     pub conn: ConnCounters,
-    /// Closed connections per duration bucket (see `collector_common::DURATION_BUCKETS`).
-    pub durations: [u64; DURATION_BUCKETS as usize],
+    /// Closed connections per duration bucket (see
+    /// `collector_common::CONN_DURATION_BUCKETS`).
+    pub durations: [u64; CONN_DURATION_BUCKETS as usize],
     pub traffic_in: TrafficCounters,
     pub traffic_out: TrafficCounters,
+}
+
+// Arrays over 32 have no derived `Default`.
+impl Default for RouteTotals {
+    fn default() -> Self {
+        Self {
+            conn: ConnCounters::default(),
+            durations: [0; CONN_DURATION_BUCKETS as usize],
+            traffic_in: TrafficCounters::default(),
+            traffic_out: TrafficCounters::default(),
+        }
+    }
 }
 
 /// Everything read from the kernel in one poll.
@@ -56,8 +69,8 @@ pub fn sum_traffic(
 pub fn sum_durations(
     map: &PerCpuArray<MapData, ConnDurations>,
     index: u32,
-) -> Result<[u64; DURATION_BUCKETS as usize], aya::maps::MapError> {
-    let mut totals = [0u64; DURATION_BUCKETS as usize];
+) -> Result<[u64; CONN_DURATION_BUCKETS as usize], aya::maps::MapError> {
+    let mut totals = [0u64; CONN_DURATION_BUCKETS as usize];
     for per_cpu in map.get(&index, 0)?.iter() {
         for (total, count) in totals.iter_mut().zip(per_cpu.buckets) {
             *total = total.wrapping_add(count);
@@ -79,7 +92,7 @@ pub fn sum_conn(
             closed: acc.closed.wrapping_add(v.closed),
             bytes_in: acc.bytes_in.wrapping_add(v.bytes_in),
             bytes_out: acc.bytes_out.wrapping_add(v.bytes_out),
-            duration_ns: acc.duration_ns.wrapping_add(v.duration_ns),
+            duration_us: acc.duration_us.wrapping_add(v.duration_us),
         }))
 }
 

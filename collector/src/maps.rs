@@ -144,7 +144,7 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
                 let c = sum_conn(&map, slot)?;
                 rows.push(json!({
                     "slot": slot, "route": route, "opened": c.opened, "closed": c.closed,
-                    "bytesIn": c.bytes_in, "bytesOut": c.bytes_out, "durationNs": c.duration_ns,
+                    "bytesIn": c.bytes_in, "bytesOut": c.bytes_out, "durationUs": c.duration_us,
                 }));
             }
             json!(rows)
@@ -155,7 +155,7 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             for (slot, route) in route_names(pin_dir)? {
                 let buckets = sum_durations(&map, slot)?;
                 // Bucket b: durations below 2^(b+1) microseconds; the last is open-ended.
-                let last = collector_common::DURATION_BUCKETS - 1;
+                let last = collector_common::CONN_DURATION_BUCKETS - 1;
                 let nonzero: serde_json::Map<String, Value> = (0u32..)
                     .zip(buckets)
                     .filter(|&(_, count)| count != 0)

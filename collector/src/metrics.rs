@@ -8,8 +8,7 @@
 use std::{fmt, sync::Arc};
 
 use collector_common::{
-    CONN_TABLE_SLOTS, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES, DURATION_BUCKETS, ERROR_KIND_NAMES,
-    map_names,
+    CONN_TABLE_SLOTS, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES, ERROR_KIND_NAMES, map_names,
 };
 use prometheus_client::{
     collector::Collector,
@@ -185,7 +184,7 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
             clippy::cast_precision_loss,
             reason = "nanosecond sums as float seconds"
         )]
-        let sum = route.totals.conn.duration_ns as f64 / 1e9;
+        let sum = route.totals.conn.duration_us as f64 / 1e6;
         histogram
             .encode_family(&labels)?
             .encode_histogram::<Labels>(sum, route.totals.durations.iter().sum(), &buckets, None)?;
@@ -230,11 +229,12 @@ fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
 }
 
 /// Log2 buckets as Prometheus histogram buckets (upper bounds in seconds, +Inf last).
-fn log2_buckets(counts: &[u64; DURATION_BUCKETS as usize]) -> Vec<(f64, u64)> {
-    (0..DURATION_BUCKETS)
+fn log2_buckets<const N: usize>(counts: &[u64; N]) -> Vec<(f64, u64)> {
+    (0u32..)
         .zip(counts.iter().copied())
-        .map(|(bucket, count)| {
-            let bound = if bucket == DURATION_BUCKETS - 1 {
+        .enumerate()
+        .map(|(index, (bucket, count))| {
+            let bound = if index == N - 1 {
                 f64::MAX
             } else {
                 bucket_upper_seconds(bucket)

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 #[cfg(test)]
 use collector_common::{ConnCounters, TrafficCounters};
-use collector_common::{DURATION_BUCKETS, DnsCounters, ERROR_KINDS};
+use collector_common::{DnsCounters, ERROR_KINDS};
 
 use crate::{counters::RouteTotals, dns::DomainSnapshot, loader::WatchedRoute, rates::Rates};
 
@@ -209,11 +209,12 @@ fn bucket_lower_seconds(bucket: u32) -> f64 {
     }
 }
 
-/// The `q` quantile of a log2 duration histogram, interpolating linearly inside the bucket
-/// (as Prometheus' `histogram_quantile` does). `None` with no observations. The open-ended
-/// last bucket yields its lower bound.
+/// The `q` quantile of a log2 duration histogram of `N` buckets, interpolating linearly
+/// inside the bucket (as Prometheus' `histogram_quantile` does). `None` with no
+/// observations. The open-ended last bucket yields its lower bound.
 #[must_use]
-pub fn histogram_quantile(buckets: &[u64; DURATION_BUCKETS as usize], q: f64) -> Option<f64> {
+pub fn histogram_quantile<const N: usize>(buckets: &[u64; N], q: f64) -> Option<f64> {
+    let last = u32::try_from(N).ok()?.checked_sub(1)?;
     let total: u64 = buckets.iter().sum();
     if total == 0 {
         return None;
@@ -221,12 +222,12 @@ pub fn histogram_quantile(buckets: &[u64; DURATION_BUCKETS as usize], q: f64) ->
     #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     let rank = q.clamp(0.0, 1.0) * total as f64;
     let mut cumulative = 0u64;
-    for (bucket, &count) in (0..DURATION_BUCKETS).zip(buckets) {
+    for (bucket, &count) in (0..).zip(buckets) {
         #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
         let reached = (cumulative + count) as f64;
         if count > 0 && reached >= rank {
             let lower = bucket_lower_seconds(bucket);
-            if bucket == DURATION_BUCKETS - 1 {
+            if bucket == last {
                 return Some(lower);
             }
             let upper = bucket_upper_seconds(bucket);
@@ -236,16 +237,16 @@ pub fn histogram_quantile(buckets: &[u64; DURATION_BUCKETS as usize], q: f64) ->
         }
         cumulative += count;
     }
-    Some(bucket_lower_seconds(DURATION_BUCKETS - 1))
+    Some(bucket_lower_seconds(last))
 }
 
 #[cfg(test)]
 impl Snapshot {
     /// A snapshot with every kind of figure set to a distinct value, for output tests.
     pub fn example() -> Snapshot {
-        let mut durations = [0u64; DURATION_BUCKETS as usize];
+        let mut durations = [0u64; collector_common::CONN_DURATION_BUCKETS as usize];
         durations[3] = 2;
-        durations[DURATION_BUCKETS as usize - 1] = 1;
+        durations[collector_common::CONN_DURATION_BUCKETS as usize - 1] = 1;
         Snapshot {
             routes: vec![RouteSnapshot {
                 route: WatchedRoute {
@@ -260,7 +261,7 @@ impl Snapshot {
                         closed: 3,
                         bytes_in: 300,
                         bytes_out: 4000,
-                        duration_ns: 1_500_000_000,
+                        duration_us: 1_500_000,
                     },
                     durations,
                     traffic_in: TrafficCounters {
@@ -388,7 +389,7 @@ mod tests {
 
     #[test]
     fn quantiles_interpolate_within_buckets() {
-        let mut buckets = [0u64; DURATION_BUCKETS as usize];
+        let mut buckets = [0u64; collector_common::DURATION_BUCKETS as usize];
         assert_eq!(histogram_quantile(&buckets, 0.5), None);
         // 100 observations in [1.048576 s, 2.097152 s).
         buckets[20] = 100;
@@ -401,5 +402,21 @@ mod tests {
         buckets[0] = 10;
         assert!(histogram_quantile(&buckets, 0.05).unwrap() < 2e-6);
         assert!(histogram_quantile(&buckets, 0.99).unwrap() > 1.048_576);
+    }
+
+    #[test]
+    fn connection_lifetimes_of_hours_and_days_have_quantiles_of_their_own() {
+        use collector_common::{CONN_DURATION_BUCKETS, duration_bucket};
+        let mut buckets = [0u64; CONN_DURATION_BUCKETS as usize];
+        let hour_ns = 3_600_000_000_000;
+        buckets[duration_bucket::<CONN_DURATION_BUCKETS>(hour_ns) as usize] += 10;
+        let median = histogram_quantile(&buckets, 0.5).unwrap();
+        assert!((2_147.483_648..4_294.967_296).contains(&median), "{median}");
+        buckets[duration_bucket::<CONN_DURATION_BUCKETS>(24 * hour_ns) as usize] += 90;
+        let median = histogram_quantile(&buckets, 0.5).unwrap();
+        assert!(
+            (68_719.476_736..137_438.953_472).contains(&median),
+            "{median}"
+        );
     }
 }

@@ -431,12 +431,14 @@ fn active_connections_are_exact_while_held_open() {
     let _agent = Agent::start(&netns, &config);
 
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
+    let before_open = std::time::Instant::now();
     let clients = netns.run(|| {
         (0..HELD)
             .map(|_| TcpStream::connect(("127.0.0.1", API_PORT)).unwrap())
             .collect::<Vec<_>>()
     });
     let accepted: Vec<TcpStream> = (0..HELD).map(|_| listener.accept().unwrap().0).collect();
+    let all_open = std::time::Instant::now();
 
     let metrics = wait_for("50 active connections", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
@@ -456,9 +458,10 @@ fn active_connections_are_exact_while_held_open() {
     assert_eq!(json["connectionsByRoute"]["api"], HELD);
     assert_eq!(json["connectionsByIP"]["127.0.0.1"], HELD);
 
+    let held = all_open.elapsed();
     drop(clients);
     drop(accepted);
-    wait_for(
+    let metrics = wait_for(
         "every held connection to close",
         Duration::from_secs(10),
         || {
@@ -466,9 +469,22 @@ fn active_connections_are_exact_while_held_open() {
             (route_value(&metrics, "collector_proxy_connections_active", "api") == 0.0
                 && route_value(&metrics, "collector_proxy_connections_closed_total", "api")
                     == HELD as f64)
-                .then_some(())
+                .then_some(metrics)
         },
     );
+    // Each lived at least while all were held, and at most from the first connect until
+    // the scrape that showed them all closed: the sum, in seconds, lies between.
+    let closed = before_open.elapsed();
+    let sum = route_value(
+        &metrics,
+        "collector_proxy_connection_duration_seconds_sum",
+        "api",
+    );
+    let (low, high) = (
+        held.as_secs_f64() * HELD as f64,
+        closed.as_secs_f64() * HELD as f64,
+    );
+    assert!((low..=high).contains(&sum), "{low} <= {sum} <= {high}");
 }
 
 #[test]
