@@ -7,7 +7,12 @@
 //! limit, 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes carry no
 //! credentials and must be answered under load. TLS, when configured, is in `tls`.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
@@ -16,6 +21,11 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
+};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::{GracefulShutdown, Watcher},
+    service::TowerToHyperService,
 };
 use prometheus_client::registry::Registry;
 
@@ -187,9 +197,21 @@ async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str
     }
 }
 
-/// Serves, over TLS when `tls` is given, until `shutdown` resolves.
+/// Longest a client may take to send a request's headers, from when the connection is ready
+/// for one: so also how long an idle kept-alive connection stays open (Prometheus, scraping
+/// every 15 s, keeps its own).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections open at once; more are closed as they come.
+const MAX_CONNECTIONS: usize = 512;
+/// Connections open at once from one address, so that one client opening many (or keeping
+/// them silent) cannot take everyone's share, the kubelet's probes included.
+const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+
+/// Serves, over TLS when `tls` is given, until `shutdown` resolves. Each connection runs on
+/// its own task, its TLS handshake included, so that a slow or silent client holds up no
+/// one else; connections are capped in all and per address.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    mut listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     latest: Arc<SharedSnapshot>,
     hub: Arc<EventHub>,
@@ -197,16 +219,92 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(latest, hub, guard);
-    match tls {
-        Some(config) => {
-            axum::serve(tls::TlsListener::new(listener, config)?, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let admission = Arc::new(Mutex::new(Admission::default()));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            // axum's accept for a TcpListener retries (and logs) the errors worth retrying.
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            () = &mut shutdown => break,
+        };
+        let Some(ticket) = Admission::admit(&admission, peer.ip()) else {
+            tracing::debug!(%peer, "too many connections: closing a new one");
+            continue;
+        };
+        let (app, acceptor, watcher) = (app.clone(), acceptor.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let _ticket = ticket;
+            match acceptor {
+                Some(acceptor) => {
+                    if let Some(stream) = tls::handshake(&acceptor, tcp, peer).await {
+                        serve_connection(stream, app, watcher).await;
+                    }
+                }
+                None => serve_connection(tcp, app, watcher).await,
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// HTTP/1.1 on one connection, with the header read timeout.
+async fn serve_connection<Io>(io: Io, app: Router, watcher: Watcher)
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    if let Err(err) = watcher.watch(connection).await {
+        tracing::debug!("HTTP connection ended: {err}");
+    }
+}
+
+/// The connections open, in all and per address.
+#[derive(Default)]
+struct Admission {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// An admitted connection's place, given back when it is dropped.
+struct Ticket {
+    admission: Arc<Mutex<Admission>>,
+    address: IpAddr,
+}
+
+impl Admission {
+    fn admit(admission: &Arc<Mutex<Self>>, address: IpAddr) -> Option<Ticket> {
+        let mut open = admission.lock().unwrap_or_else(PoisonError::into_inner);
+        let from_address = open.by_address.get(&address).copied().unwrap_or(0);
+        if open.total >= MAX_CONNECTIONS || from_address >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
         }
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+        open.total += 1;
+        open.by_address.insert(address, from_address + 1);
+        Some(Ticket {
+            admission: Arc::clone(admission),
+            address,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut open = self
+            .admission
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.total -= 1;
+        if let Some(count) = open.by_address.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.by_address.remove(&self.address);
+            }
         }
     }
 }

@@ -1,8 +1,7 @@
 //! HTTPS for the endpoint (rustls). The certificate and key are read at start, so that a bad
 //! pair stops the agent with the reason, and read again whenever either file changes:
 //! cert-manager and similar tools rotate them in place, and a restart would reset counters.
-//! Handshakes run beside the accept loop, each with a time limit, so that a slow or silent
-//! client holds up no one else.
+//! Each handshake runs on its connection's task (see `serve`), with a time limit.
 
 use std::{
     fmt,
@@ -20,13 +19,11 @@ use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 /// Longest a client may take over its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes under way at once; more wait to be accepted.
-const CONCURRENT_HANDSHAKES: usize = 64;
 
 /// The certificate chain and private key files (PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,70 +124,22 @@ fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
 }
 
 /// Accepts TCP connections and hands on those whose TLS handshake completed.
-pub struct TlsListener {
-    handshaken: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    accepting: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (done, handshaken) = tokio::sync::mpsc::channel(CONCURRENT_HANDSHAKES);
-        let accepting = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), done));
-        Ok(Self {
-            handshaken,
-            local,
-            accepting,
-        })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.accepting.abort();
-    }
-}
-
-async fn accept_loop(
-    mut listener: TcpListener,
-    acceptor: TlsAcceptor,
-    done: tokio::sync::mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HANDSHAKES));
-    loop {
-        // axum's accept for a TcpListener retries (and logs) the errors worth retrying.
-        let (tcp, peer) = axum::serve::Listener::accept(&mut listener).await;
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
-        let (acceptor, done) = (acceptor.clone(), done.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = done.send((stream, peer)).await;
-                }
-                Ok(Err(err)) => tracing::debug!(%peer, "TLS handshake failed: {err}"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.handshaken.recv().await {
-            Some(accepted) => accepted,
-            // The accept loop only ends when this listener is dropped.
-            None => std::future::pending().await,
+/// The TLS handshake of an accepted connection, within [`HANDSHAKE_TIMEOUT`]; `None` (said
+/// at debug level) when it fails or takes too long.
+pub async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {err}");
+            None
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }

@@ -302,3 +302,58 @@ fn bad_certificate_or_user_files_stop_the_start_with_the_reason() {
         "{stderr}"
     );
 }
+
+#[test]
+fn silent_connections_from_one_address_leave_everyone_else_served() {
+    const SILENT: usize = 100;
+    // The agent's cap per address (`serve::MAX_CONNECTIONS_PER_ADDRESS`).
+    const PER_ADDRESS: usize = 64;
+    let netns = Netns::new();
+    let scratch = ScratchDir::new("silent");
+    let (cert, key) = self_signed(&scratch.0, "silent");
+    let config = AgentConfig::new(&format!(
+        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
+    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
+        curl(&netns, &cert, "/readyz", None).0 == 200
+    });
+    // One client (another pod, say) opens connections and never starts a handshake.
+    let silent = netns.run(|| {
+        let server: std::net::SocketAddr = LISTEN.parse().unwrap();
+        (0..SILENT)
+            .map(|_| {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                let own: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
+                socket.bind(&own.into()).unwrap();
+                socket.connect(&server.into()).unwrap();
+                let stream = TcpStream::from(socket);
+                stream.set_nonblocking(true).unwrap();
+                stream
+            })
+            .collect::<Vec<_>>()
+    });
+    // Everyone else is served meanwhile: the kubelet's probe, a scrape.
+    assert_eq!(curl(&netns, &cert, "/healthz", None).0, 200);
+    assert_eq!(curl(&netns, &cert, "/metrics", None).0, 200);
+    // Those beyond its share are closed at once; the rest wait for their handshake.
+    wait_for(
+        "the connections over the cap to be closed",
+        Duration::from_secs(5),
+        || {
+            let closed = silent
+                .iter()
+                .filter(|stream| {
+                    let mut stream: &TcpStream = stream;
+                    matches!(stream.read(&mut [0u8; 1]), Ok(0))
+                })
+                .count();
+            (closed == SILENT - PER_ADDRESS).then_some(())
+        },
+    );
+    drop(silent);
+    assert!(agent.stop().success());
+}
