@@ -208,14 +208,14 @@ fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
     counters(
         encoder,
         "collector_proxy_packets",
-        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it).",
+        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it); a GSO or GRO batch counts as one.",
         None,
         per_direction(|t| t.packets),
     )?;
     counters(
         encoder,
         "collector_proxy_traffic",
-        "IP bytes (headers included) on the route's ports seen at the interfaces.",
+        "IP bytes (headers included, once per GSO or GRO batch) on the route's ports seen at the interfaces.",
         Some(&Unit::Bytes),
         per_direction(|t| t.bytes),
     )?;
