@@ -73,6 +73,19 @@ fn exchange(netns: &Netns, peer: &Netns, address: &'static str) -> String {
     })
 }
 
+/// [`exchange`], and the classifiers counted every payload byte of it, each way.
+fn exchange_counted_exactly(netns: &Netns, peer: &Netns, address: &'static str) -> String {
+    let metrics = exchange(netns, peer, address);
+    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
+        assert_eq!(
+            payload_bytes(&metrics, direction),
+            Some((CONNECTIONS * bytes) as f64),
+            "{direction}"
+        );
+    }
+    metrics
+}
+
 #[test]
 fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
     let netns = Netns::new();
@@ -86,15 +99,8 @@ fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
         attached(&scrape(&netns), "vcoll0").then_some(())
     });
 
-    let metrics = exchange(&netns, &peer, "10.77.0.1:18080");
     // The tc classifiers on vcoll0 saw every payload byte, each way.
-    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
-        assert_eq!(
-            payload_bytes(&metrics, direction),
-            Some((CONNECTIONS * bytes) as f64),
-            "{direction}"
-        );
-    }
+    let metrics = exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
     // The interface's own counters (netlink) saw at least those bytes.
     let received = sample(
         &metrics,
@@ -158,14 +164,7 @@ fn traffic_through_a_bridge_is_counted_once() {
     assert!(attached(&metrics, "brcoll"));
     assert!(!attached(&metrics, "vbr0"));
 
-    let metrics = exchange(&netns, &peer, "10.78.5.1:18080");
-    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
-        assert_eq!(
-            payload_bytes(&metrics, direction),
-            Some((CONNECTIONS * bytes) as f64),
-            "{direction}"
-        );
-    }
+    exchange_counted_exactly(&netns, &peer, "10.78.5.1:18080");
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -384,14 +383,7 @@ fn a_program_that_ends_the_chain_ahead_of_ours_hides_nothing() {
     wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
         attached(&scrape(&netns), "vcoll0").then_some(())
     });
-    let metrics = exchange(&netns, &peer, "10.77.0.1:18080");
-    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
-        assert_eq!(
-            payload_bytes(&metrics, direction),
-            Some((CONNECTIONS * bytes) as f64),
-            "{direction}"
-        );
-    }
+    exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
     drop(links);
