@@ -126,13 +126,11 @@ fn nft_counts(snapshot: &Snapshot, service: &str, protocol: Protocol) -> Option<
     any.then_some(counts)
 }
 
-/// One interface with the kernel's own counters.
+/// One attached interface with the kernel's own counters.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct InterfaceStats {
     pub name: String,
-    /// The classifiers are attached to it.
-    pub attached: bool,
     #[serde(flatten)]
     pub stats: crate::links::InterfaceStats,
 }
@@ -189,7 +187,7 @@ pub struct ProxyStats {
     #[serde(rename = "topIPs")]
     pub top_ips: Option<Vec<TopIp>>,
     pub routes: Vec<RouteStats>,
-    /// Every interface of the namespace, with its own counters (netlink).
+    /// The interfaces the classifiers are attached to, with their own counters (netlink).
     pub interfaces: Vec<InterfaceStats>,
     pub sources: BTreeMap<String, Source>,
 }
@@ -287,7 +285,6 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
             .iter()
             .map(|i| InterfaceStats {
                 name: i.name.clone(),
-                attached: i.attached,
                 stats: i.stats,
             })
             .collect(),

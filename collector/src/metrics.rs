@@ -2,6 +2,7 @@
 //! it is given, so the output is tested on fixed snapshots without a kernel.
 //!
 //! Label cardinality is bounded by the config: `route` takes the configured route names,
+//! `interface` the attached interfaces (the configured ones, or those watched by default),
 //! `direction` is `in` or `out`, `kind`, `reason`, `rcode` and `opcode` fixed sets, `qtype`
 //! at most 259 values; client addresses and domains never become labels.
 
@@ -26,6 +27,22 @@ type Labels = Vec<(&'static str, String)>;
 
 fn route_labels(route: &RouteSnapshot) -> Labels {
     vec![("route", route.route.name.clone())]
+}
+
+/// An interface's label, escaped as the text formats say. Linux allows `"` and `\` in
+/// interface names, and prometheus-client 0.23 writes label values as given: unescaped, one
+/// such name would make the whole exposition unparseable.
+fn interface_labels(name: &str) -> Labels {
+    let mut escaped = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    vec![("interface", escaped)]
 }
 
 fn route_direction_labels(route: &RouteSnapshot, direction: &'static str) -> Labels {
@@ -512,7 +529,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
         snapshot
             .interfaces
             .iter()
-            .map(|name| (vec![("interface", name.clone())], 1i64)),
+            .map(|name| (interface_labels(name), 1i64)),
     )?;
     Ok(())
 }
@@ -655,7 +672,7 @@ fn encode_interfaces_and_sources(
             snapshot
                 .interface_stats
                 .iter()
-                .map(|i| (vec![("interface", i.name.clone())], pick(&i.stats))),
+                .map(|i| (interface_labels(&i.name), pick(&i.stats))),
         )?;
     }
     encode_nft(snapshot, encoder)?;
@@ -763,6 +780,24 @@ mod tests {
             to_classic_text(open),
             "# HELP x_bytes_total Bytes.\n# TYPE x_bytes_total counter\nx_bytes_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
         );
+    }
+
+    #[test]
+    fn quotes_and_backslashes_in_an_interface_name_are_escaped() {
+        // A valid Linux interface name: `ip link add 'a"b\c' type veth` makes one.
+        let name = r#"a"b\c"#;
+        let mut snapshot = Snapshot::example();
+        snapshot.interfaces = vec![name.into()];
+        snapshot.interface_stats[0].name = name.into();
+        let latest = Arc::new(SharedSnapshot::default());
+        latest.store(snapshot);
+        let text = render(&registry(latest)).unwrap();
+        for line in [
+            r#"collector_interface_info{interface="a\"b\\c"} 1"#,
+            r#"collector_interface_receive_bytes_total{interface="a\"b\\c"} 1000"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
     }
 
     #[test]

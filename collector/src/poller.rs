@@ -111,6 +111,22 @@ pub struct InterfaceView {
     pub health: SourceHealth,
 }
 
+impl InterfaceView {
+    /// The counters of the attached interfaces only. The rest of the namespace is not ours
+    /// to export: on a node whose `interfaces` are configured, every pod veth would be a
+    /// series of its own, coming and going with the pods.
+    fn attached_stats(&self) -> Vec<InterfaceSnapshot> {
+        self.links
+            .iter()
+            .filter(|link| self.attached.contains(&link.name))
+            .map(|link| InterfaceSnapshot {
+                name: link.name.clone(),
+                stats: link.stats,
+            })
+            .collect()
+    }
+}
+
 /// The nftables counters as read this poll.
 #[derive(Debug, Default)]
 pub struct NftView {
@@ -263,15 +279,7 @@ impl Poller {
             dns,
             stream_lagged: self.hub.lagged.load(std::sync::atomic::Ordering::Relaxed),
             poll: self.poll,
-            interface_stats: interfaces
-                .links
-                .iter()
-                .map(|link| InterfaceSnapshot {
-                    name: link.name.clone(),
-                    attached: interfaces.attached.contains(&link.name),
-                    stats: link.stats,
-                })
-                .collect(),
+            interface_stats: interfaces.attached_stats(),
             interfaces: interfaces.attached,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
@@ -299,6 +307,50 @@ fn sources(
 mod tests {
     use super::*;
     use crate::metrics;
+
+    #[test]
+    fn only_the_attached_interfaces_are_exported() {
+        let link = |index, name: &str| crate::links::Link {
+            index,
+            name: name.into(),
+            up: true,
+            ethernet_framing: true,
+            loopback: index == 1,
+            controller: None,
+            kind: String::new(),
+            stats: crate::links::InterfaceStats {
+                rx_bytes: 7,
+                ..crate::links::InterfaceStats::default()
+            },
+        };
+        // `interfaces = ["lo"]` on a node with a pod's veth.
+        let view = InterfaceView {
+            attached: vec!["lo".into()],
+            links: vec![link(1, "lo"), link(9, "veth3f2a")],
+            health: SourceHealth::default(),
+        };
+        let shared = Arc::new(SharedSnapshot::default());
+        shared.store(Snapshot {
+            interface_stats: view.attached_stats(),
+            interfaces: view.attached,
+            ..Snapshot::example()
+        });
+
+        let text = metrics::render(&metrics::registry(Arc::clone(&shared))).unwrap();
+        assert!(
+            text.contains("collector_interface_receive_bytes_total{interface=\"lo\"} 7"),
+            "{text}"
+        );
+        assert!(!text.contains("veth3f2a"), "{text}");
+        let json = serde_json::to_value(crate::api::proxy_stats(&shared.load())).unwrap();
+        assert_eq!(
+            json["interfaces"],
+            serde_json::json!([{
+                "name": "lo", "rxBytes": 7, "rxPackets": 0, "rxErrors": 0, "rxDropped": 0,
+                "txBytes": 0, "txPackets": 0, "txErrors": 0, "txDropped": 0,
+            }])
+        );
+    }
 
     #[test]
     fn a_failed_poll_keeps_the_counters_read_and_reports_the_kernel_source_down() {

@@ -129,11 +129,10 @@ impl SourceHealth {
     }
 }
 
-/// One interface: whether the classifiers are attached, and the kernel's own counters.
+/// One attached interface with the kernel's own counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceSnapshot {
     pub name: String,
-    pub attached: bool,
     pub stats: crate::links::InterfaceStats,
 }
 
@@ -167,7 +166,7 @@ pub struct Snapshot {
     pub poll: PollStats,
     /// Interfaces the classifiers are attached to.
     pub interfaces: Vec<String>,
-    /// Every interface of the namespace with its counters (netlink).
+    /// The attached interfaces with their own counters (netlink).
     pub interface_stats: Vec<InterfaceSnapshot>,
     /// Health of each source: `ebpf` (the kernel maps), `netlink` (interfaces), `nft`.
     pub sources: Vec<(&'static str, SourceHealth)>,
@@ -293,7 +292,6 @@ impl Snapshot {
             interfaces: vec!["lo".into()],
             interface_stats: vec![InterfaceSnapshot {
                 name: "lo".into(),
-                attached: true,
                 stats: crate::links::InterfaceStats {
                     rx_bytes: 1000,
                     rx_packets: 10,

@@ -1,5 +1,6 @@
 //! Interfaces come and go: one created after the agent started is attached within two
 //! seconds and its traffic counted exactly; one that goes away is forgotten without errors.
+//! Only the attached interfaces have series.
 #![expect(
     clippy::cast_precision_loss,
     reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
@@ -129,6 +130,42 @@ fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
         ),
         Some(0.0)
     );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn with_interfaces_configured_no_other_interface_is_exported() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    // A pod's veth on a node that watches only its own interfaces.
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(&format!("interfaces = [\"lo\"]\n{ROUTES}"));
+    let agent = Agent::start(&netns, &config);
+
+    let metrics = scrape(&netns);
+    assert!(attached(&metrics, "lo"));
+    assert!(
+        sample(
+            &metrics,
+            "collector_interface_receive_packets_total",
+            &[("interface", "lo")]
+        )
+        .is_some()
+    );
+    let veth_series: Vec<_> = metrics
+        .lines()
+        .filter(|line| line.contains("vcoll0"))
+        .collect();
+    assert!(veth_series.is_empty(), "{veth_series:#?}");
+    let interfaces = support::proxy_json(&netns)["interfaces"].clone();
+    let names: Vec<_> = interfaces
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["lo"]);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
