@@ -17,7 +17,7 @@ use rustls::{
 };
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::{config::Config, output};
 
 /// Where a running agent listens and how to talk to it: HTTPS and the bearer token when its
 /// config has them (basic-auth users are hashes: nothing the CLI could send).
@@ -315,12 +315,13 @@ pub fn stats(agent: &Endpoint, dns: bool, json: bool, watch: bool) -> anyhow::Re
         } else {
             proxy_table(&value)
         };
-        if watch && !json {
-            // Clear the screen and home the cursor, like watch(1).
-            print!("\x1b[2J\x1b[H");
-        }
-        print!("{text}");
-        std::io::stdout().flush()?;
+        output::write(|out| {
+            if watch && !json {
+                // Clear the screen and home the cursor, like watch(1).
+                write!(out, "\x1b[2J\x1b[H")?;
+            }
+            write!(out, "{text}")
+        })?;
         if !watch {
             return Ok(());
         }
@@ -333,17 +334,18 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
     loop {
         let proxy = get_json(agent, "/api/v1/proxy")?;
         let dns = get_json(agent, "/api/v1/dns")?;
-        let mut out = std::io::stdout().lock();
-        if !once {
-            write!(out, "\x1b[2J\x1b[H")?;
-        }
-        writeln!(out, "collector at {}\n", agent.addr)?;
-        write!(out, "{}", proxy_table(&proxy))?;
-        if dns["enabled"] == true {
-            writeln!(out)?;
-            write!(out, "{}", dns_table(&dns))?;
-        }
-        out.flush()?;
+        output::write(|out| {
+            if !once {
+                write!(out, "\x1b[2J\x1b[H")?;
+            }
+            writeln!(out, "collector at {}\n", agent.addr)?;
+            write!(out, "{}", proxy_table(&proxy))?;
+            if dns["enabled"] == true {
+                writeln!(out)?;
+                write!(out, "{}", dns_table(&dns))?;
+            }
+            Ok(())
+        })?;
         if once {
             return Ok(());
         }

@@ -20,6 +20,7 @@ mod metrics;
 mod netns;
 mod nfnetlink;
 mod nft;
+mod output;
 mod paths;
 mod poller;
 mod privileges;
@@ -33,6 +34,7 @@ mod tls;
 mod topk;
 
 use std::{
+    io::Write as _,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -265,11 +267,11 @@ fn main() -> std::process::ExitCode {
         } => source.load().and_then(|config| {
             let rows = maps::list(&config.pin_dir)?;
             if json {
-                println!("{}", serde_json::to_string(&rows)?);
+                let text = serde_json::to_string(&rows)?;
+                output::write(|out| writeln!(out, "{text}"))
             } else {
-                maps::print_list(&rows);
+                output::write(|out| maps::print_list(out, &rows))
             }
-            Ok(())
         }),
         Command::Maps {
             action:
@@ -291,24 +293,28 @@ fn main() -> std::process::ExitCode {
             action: MapsAction::Dump { name, source, json },
         } => source.load().and_then(|config| {
             let value = maps::dump(&config.pin_dir, &name)?;
-            if json {
-                println!("{value}");
+            let text = if json {
+                value.to_string()
             } else {
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            }
-            Ok(())
+                serde_json::to_string_pretty(&value)?
+            };
+            output::write(|out| writeln!(out, "{text}"))
         }),
         Command::Check { source } => source.load().and_then(|config| {
             let verdicts = check::judge(&check::Facts::gather(&config.pin_dir)?);
-            for verdict in &verdicts {
-                let mark = if verdict.pass { "pass" } else { "FAIL" };
-                println!("{mark}  {:<14} {}", verdict.name, verdict.detail);
-            }
+            let printed = output::write(|out| {
+                for verdict in &verdicts {
+                    let mark = if verdict.pass { "pass" } else { "FAIL" };
+                    writeln!(out, "{mark}  {:<14} {}", verdict.name, verdict.detail)?;
+                }
+                Ok(())
+            });
+            // The status says whether the host is ready, read to the end or not.
             let failed = verdicts.iter().filter(|v| !v.pass).count();
             if failed > 0 {
                 anyhow::bail!("{failed} requirement(s) not met");
             }
-            Ok(())
+            printed
         }),
         Command::Cleanup { source, apply } => {
             source.load().and_then(|config| cleanup(&config, apply))
@@ -316,6 +322,7 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) if err.is::<output::ReaderGone>() => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("collector: {err:#}");
             std::process::ExitCode::FAILURE
@@ -622,27 +629,37 @@ fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
         Vec::new()
     };
     let verb = if apply { "removing " } else { "" };
-    for path in &found {
-        println!("{verb}{}", path.display());
-    }
     let table = &config.nftables.table;
     // A missing nft tool or nf_tables support means there is no table of ours to find.
     let has_table = nfnetlink::table_exists(table).unwrap_or(false);
-    if has_table {
-        println!("{verb}nftables table inet {table}");
-    }
+    // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
+    let listed = output::write(|out| {
+        for path in &found {
+            writeln!(out, "{verb}{}", path.display())?;
+        }
+        if has_table {
+            writeln!(out, "{verb}nftables table inet {table}")?;
+        }
+        if apply {
+            Ok(())
+        } else if found.is_empty() && !has_table {
+            writeln!(
+                out,
+                "nothing of ours under {} or in nftables",
+                pin_dir.display()
+            )
+        } else {
+            writeln!(out, "run again with --apply to remove these")
+        }
+    });
     if apply {
         // Also removes the directories, empty ones included.
         loader::remove_pins(pin_dir)?;
         if has_table {
             nft::remove_leftover(table).context("removing our nftables table")?;
         }
-    } else if found.is_empty() && !has_table {
-        println!("nothing of ours under {} or in nftables", pin_dir.display());
-    } else {
-        println!("run again with --apply to remove these");
     }
-    Ok(())
+    listed
 }
 
 fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {

@@ -2,7 +2,11 @@
 //! a process of their own (the agent running or not) and decoded with the common types,
 //! per-CPU values summed.
 
-use std::{net::Ipv6Addr, path::Path};
+use std::{
+    io::{self, Write},
+    net::Ipv6Addr,
+    path::Path,
+};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
@@ -17,7 +21,7 @@ use serde_json::{Value, json};
 use crate::{
     counters::{sum_conn, sum_dns, sum_durations, sum_traffic, sum_u64},
     dns::{OPCODE_NAMES, RCODE_NAMES, qtype_name},
-    paths,
+    output, paths,
 };
 
 /// One pinned map, as `maps list` shows it.
@@ -312,26 +316,26 @@ pub fn watch(
     interval: std::time::Duration,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
-    use std::io::Write as _;
     let mut previous: Option<(std::time::Instant, Vec<(String, f64)>)> = None;
     let mut refreshes = 0u64;
     loop {
         let now = std::time::Instant::now();
         let values = flatten(&dump(pin_dir, name)?);
-        let mut out = std::io::stdout().lock();
-        // Clear the screen and home the cursor, like watch(1).
-        write!(out, "\x1b[2J\x1b[H")?;
-        writeln!(out, "{name} every {:.1} s", interval.as_secs_f64())?;
-        writeln!(out, "{:<40} {:>16} {:>14}", "FIELD", "VALUE", "PER SECOND")?;
-        for (path, value) in &values {
-            let rate = previous.as_ref().and_then(|(then, old)| {
-                let old = old.iter().find(|(p, _)| p == path)?.1;
-                Some((value - old) / now.duration_since(*then).as_secs_f64())
-            });
-            let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"));
-            writeln!(out, "{path:<40} {value:>16} {rate:>14}")?;
-        }
-        out.flush()?;
+        output::write(|out| {
+            // Clear the screen and home the cursor, like watch(1).
+            write!(out, "\x1b[2J\x1b[H")?;
+            writeln!(out, "{name} every {:.1} s", interval.as_secs_f64())?;
+            writeln!(out, "{:<40} {:>16} {:>14}", "FIELD", "VALUE", "PER SECOND")?;
+            for (path, value) in &values {
+                let rate = previous.as_ref().and_then(|(then, old)| {
+                    let old = old.iter().find(|(p, _)| p == path)?.1;
+                    Some((value - old) / now.duration_since(*then).as_secs_f64())
+                });
+                let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"));
+                writeln!(out, "{path:<40} {value:>16} {rate:>14}")?;
+            }
+            Ok(())
+        })?;
         previous = Some((now, values));
         refreshes += 1;
         if count.is_some_and(|count| refreshes >= count) {
@@ -342,18 +346,21 @@ pub fn watch(
 }
 
 /// `maps list` as a table for people.
-pub fn print_list(rows: &[MapRow]) {
-    println!(
+pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
+    writeln!(
+        out,
         "{:<16} {:<14} {:>5} {:>6} {:>9} {:>8}",
         "NAME", "TYPE", "KEY", "VALUE", "CAPACITY", "IN USE"
-    );
+    )?;
     for row in rows {
         let in_use = row.in_use.map_or_else(|| "-".to_owned(), |n| n.to_string());
-        println!(
+        writeln!(
+            out,
             "{:<16} {:<14} {:>5} {:>6} {:>9} {:>8}",
             row.name, row.kind, row.key_size, row.value_size, row.capacity, in_use
-        );
+        )?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
