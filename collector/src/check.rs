@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::paths;
+use crate::{config::NftEnabled, paths};
 
 /// Oldest kernel with everything used: TCX links (6.6); also `BPF_CMPXCHG` (5.12) and
 /// `SO_NETNS_COOKIE` (5.14).
@@ -74,11 +74,42 @@ impl Facts {
     }
 }
 
+/// How a requirement stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pass,
+    /// Met or not depending on what the agent finds at start: said, but not a failure.
+    Warn,
+    /// Not needed with this config.
+    Skip,
+    /// The agent cannot do what the config asks: `check` exits 1.
+    Fail,
+}
+
+impl Status {
+    /// The line's first word.
+    #[must_use]
+    pub fn mark(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Warn => "warn",
+            Self::Skip => "skip",
+            Self::Fail => "FAIL",
+        }
+    }
+}
+
+impl From<bool> for Status {
+    fn from(pass: bool) -> Self {
+        if pass { Self::Pass } else { Self::Fail }
+    }
+}
+
 /// One requirement's verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub name: &'static str,
-    pub pass: bool,
+    pub status: Status,
     /// What was found, or what is wrong and how to fix it.
     pub detail: String,
 }
@@ -88,14 +119,15 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Judges the facts: every requirement, in a fixed order.
+/// Judges the facts against a config's `[nftables] enabled`: every requirement, in a fixed
+/// order.
 #[must_use]
-pub fn judge(facts: &Facts) -> Vec<Verdict> {
+pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
     let kernel_ok = kernel_version(&facts.kernel_release).is_some_and(|v| v >= MIN_KERNEL);
     verdicts.push(Verdict {
         name: "kernel",
-        pass: kernel_ok,
+        status: Status::from(kernel_ok),
         detail: if kernel_ok {
             format!("Linux {}", facts.kernel_release)
         } else {
@@ -107,7 +139,7 @@ pub fn judge(facts: &Facts) -> Vec<Verdict> {
     });
     verdicts.push(Verdict {
         name: "btf",
-        pass: facts.btf,
+        status: Status::from(facts.btf),
         detail: if facts.btf {
             "/sys/kernel/btf/vmlinux".to_owned()
         } else {
@@ -116,7 +148,7 @@ pub fn judge(facts: &Facts) -> Vec<Verdict> {
     });
     verdicts.push(Verdict {
         name: "cgroup2",
-        pass: true,
+        status: Status::Pass,
         detail: match &facts.cgroup2 {
             Some(path) => format!("mounted at {}", path.display()),
             None => {
@@ -127,7 +159,7 @@ pub fn judge(facts: &Facts) -> Vec<Verdict> {
     });
     verdicts.push(Verdict {
         name: "bpffs",
-        pass: facts.bpffs.is_some(),
+        status: Status::from(facts.bpffs.is_some()),
         detail: match &facts.bpffs {
             Some(mount) => format!(
                 "{} is on the bpffs mounted at {}",
@@ -145,7 +177,7 @@ pub fn judge(facts: &Facts) -> Vec<Verdict> {
         let has = facts.capabilities & (1 << bit) != 0;
         verdicts.push(Verdict {
             name,
-            pass: has,
+            status: Status::from(has),
             detail: if has {
                 why.to_owned()
             } else {
@@ -153,14 +185,41 @@ pub fn judge(facts: &Facts) -> Vec<Verdict> {
             },
         });
     }
-    verdicts.push(Verdict {
-        name: "nft",
-        pass: facts.nft.is_some(),
-        detail: facts.nft.clone().unwrap_or_else(|| {
-            "the nft tool is missing: apt install nftables (for the nftables counters)".to_owned()
-        }),
-    });
+    verdicts.push(nft(facts.nft.as_deref(), nftables));
     verdicts
+}
+
+/// The nft tool is needed only where the agent makes its table. Without it the agent still
+/// runs, with the nft source down (`collector_source_up{source="nft"} 0`, which the shipped
+/// `CollectorSourceDown` alert fires on).
+fn nft(version: Option<&str>, nftables: NftEnabled) -> Verdict {
+    let (status, detail) = match (nftables, version) {
+        (NftEnabled::Off, _) => (
+            Status::Skip,
+            "not used: [nftables] enabled = false".to_owned(),
+        ),
+        (_, Some(version)) => (Status::Pass, version.to_owned()),
+        (NftEnabled::On, None) => (
+            Status::Fail,
+            "the nft tool is missing, and [nftables] enabled = true: apt install nftables, or \
+             set enabled = false"
+                .to_owned(),
+        ),
+        // Whether "auto" makes the table depends on the netfilter hooks of the agent's
+        // namespace at start, which need not be this one's.
+        (NftEnabled::Auto, None) => (
+            Status::Warn,
+            "the nft tool is missing: where netfilter already hooks prerouting and postrouting \
+             (NAT, conntrack), [nftables] enabled = \"auto\" turns the nftables counters on and \
+             they will be down; apt install nftables, or set enabled = false"
+                .to_owned(),
+        ),
+    };
+    Verdict {
+        name: "nft",
+        status,
+        detail,
+    }
 }
 
 #[cfg(test)]
@@ -181,13 +240,51 @@ mod tests {
 
     #[test]
     fn a_healthy_host_passes_everything() {
-        assert!(judge(&healthy()).iter().all(|v| v.pass));
+        for nftables in [NftEnabled::On, NftEnabled::Auto] {
+            assert!(
+                judge(&healthy(), nftables)
+                    .iter()
+                    .all(|v| v.status == Status::Pass)
+            );
+        }
+    }
+
+    #[test]
+    fn the_nft_tool_fails_the_check_only_where_the_config_turns_nftables_on() {
+        let without_nft = Facts {
+            nft: None,
+            ..healthy()
+        };
+        let nft_line = |nftables| {
+            let verdicts = judge(&without_nft, nftables);
+            let others_pass = verdicts
+                .iter()
+                .filter(|v| v.name != "nft")
+                .all(|v| v.status == Status::Pass);
+            assert!(others_pass, "{verdicts:?}");
+            verdicts.into_iter().find(|v| v.name == "nft").unwrap()
+        };
+        let on = nft_line(NftEnabled::On);
+        assert_eq!(on.status, Status::Fail);
+        assert!(on.detail.contains("apt install nftables"), "{}", on.detail);
+        let auto = nft_line(NftEnabled::Auto);
+        assert_eq!(auto.status, Status::Warn);
+        assert!(auto.detail.contains("enabled = false"), "{}", auto.detail);
+        assert_eq!(nft_line(NftEnabled::Off).status, Status::Skip);
+        // Off, the tool is not looked at even where it is installed.
+        assert_eq!(
+            judge(&healthy(), NftEnabled::Off).last().unwrap().status,
+            Status::Skip
+        );
     }
 
     #[test]
     fn each_missing_piece_fails_with_its_fix() {
         let failing = |facts: Facts| -> Vec<Verdict> {
-            judge(&facts).into_iter().filter(|v| !v.pass).collect()
+            judge(&facts, NftEnabled::On)
+                .into_iter()
+                .filter(|v| v.status == Status::Fail)
+                .collect()
         };
         let old = failing(Facts {
             kernel_release: "5.15.0-91-generic".into(),

@@ -300,22 +300,7 @@ fn main() -> std::process::ExitCode {
             };
             output::write(|out| writeln!(out, "{text}"))
         }),
-        Command::Check { source } => source.load().and_then(|config| {
-            let verdicts = check::judge(&check::Facts::gather(&config.pin_dir)?);
-            let printed = output::write(|out| {
-                for verdict in &verdicts {
-                    let mark = if verdict.pass { "pass" } else { "FAIL" };
-                    writeln!(out, "{mark}  {:<14} {}", verdict.name, verdict.detail)?;
-                }
-                Ok(())
-            });
-            // The status says whether the host is ready, read to the end or not.
-            let failed = verdicts.iter().filter(|v| !v.pass).count();
-            if failed > 0 {
-                anyhow::bail!("{failed} requirement(s) not met");
-            }
-            printed
-        }),
+        Command::Check { source } => source.load().and_then(|config| check_host(&config)),
         Command::Cleanup { source, apply } => {
             source.load().and_then(|config| cleanup(&config, apply))
         }
@@ -603,6 +588,28 @@ fn reader_stopped(
         Err(err) => err.into(),
     };
     why.context(format!("the {which} event reader stopped"))
+}
+
+/// `collector check`: one line per requirement, and status 1 if one is not met.
+fn check_host(config: &Config) -> anyhow::Result<()> {
+    let facts = check::Facts::gather(&config.pin_dir)?;
+    let verdicts = check::judge(&facts, config.nftables.enabled);
+    let printed = output::write(|out| {
+        for verdict in &verdicts {
+            let mark = verdict.status.mark();
+            writeln!(out, "{mark}  {:<14} {}", verdict.name, verdict.detail)?;
+        }
+        Ok(())
+    });
+    // The status says whether the host is ready, read to the end or not.
+    let failed = verdicts
+        .iter()
+        .filter(|v| v.status == check::Status::Fail)
+        .count();
+    if failed > 0 {
+        anyhow::bail!("{failed} requirement(s) not met");
+    }
+    printed
 }
 
 fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
