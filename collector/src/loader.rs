@@ -34,7 +34,7 @@ use crate::{
     bpf_sys,
     config::{Config, RouteKind},
     links::{self, Link},
-    netns, paths, slots,
+    netns, paths, privileges, slots,
 };
 
 /// The kernel object built by build.rs from `collector-ebpf`.
@@ -820,13 +820,10 @@ fn dns_ports(config: &Config) -> DnsPorts {
 
 /// Says what to do when something was refused for lack of privilege.
 fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
-    let denied = err.chain().any(|cause| {
-        cause
-            .downcast_ref::<io::Error>()
-            .and_then(io::Error::raw_os_error)
-            .is_some_and(|code| code == libc::EPERM || code == libc::EACCES)
-            || cause.to_string().contains("Operation not permitted")
-    });
+    let denied = privileges::denied_in(&err)
+        || err
+            .chain()
+            .any(|cause| cause.to_string().contains("Operation not permitted"));
     if denied {
         err.context(
             "permission denied: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN (bpffs and cgroup2 mounts) and write access to the pin directory",

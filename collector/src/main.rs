@@ -617,7 +617,8 @@ fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
     // A running collector's pins hold its links: removing them would stop its counting while
     // it went on serving counters that no longer move. Held to the end, so that none starts
     // meanwhile.
-    let _lock = if pin_dir.exists() {
+    let exists = paths::pin_exists(pin_dir)?;
+    let _lock = if exists {
         let Some(lock) = loader::try_lock_pin_dir(pin_dir)? else {
             anyhow::bail!(
                 "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
@@ -630,15 +631,18 @@ fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    let found = if pin_dir.exists() {
-        walk(pin_dir)?
-    } else {
-        Vec::new()
-    };
+    let found = if exists { walk(pin_dir)? } else { Vec::new() };
     let verb = if apply { "removing " } else { "" };
     let table = &config.nftables.table;
-    // A missing nft tool or nf_tables support means there is no table of ours to find.
-    let has_table = nfnetlink::table_exists(table).unwrap_or(false);
+    let has_table = match nfnetlink::table_exists(table) {
+        Ok(found) => found,
+        Err(err) if privileges::denied(&err) => anyhow::bail!(
+            "looking for the nftables table inet {table}: permission denied: run as root (or with \
+             CAP_NET_ADMIN)"
+        ),
+        // Without nf_tables support there is no table of ours to find.
+        Err(_) => false,
+    };
     // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
     let listed = output::write(|out| {
         for path in &found {

@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters,
@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::{
     counters::{sum_conn, sum_dns, sum_durations, sum_traffic, sum_u64},
     dns::{OPCODE_NAMES, RCODE_NAMES, qtype_name},
-    output, paths,
+    output, paths, privileges,
 };
 
 /// One pinned map, as `maps list` shows it.
@@ -41,11 +41,15 @@ pub struct MapRow {
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = paths::map_pin_dir(pin_dir).join(name);
-    MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening the pinned map {} (is a collector running, or did one crash, with this pin_dir?)",
-            path.display()
-        )
+    MapData::from_pin(&path).map_err(|err| {
+        let err = anyhow::Error::from(err);
+        let why = if privileges::denied_in(&err) {
+            ": permission denied: run as root (bpffs is mode 0700, and pinned maps open only with \
+             CAP_BPF)"
+        } else {
+            " (is a collector running, or did one crash, with this pin_dir?)"
+        };
+        err.context(format!("opening the pinned map {}{why}", path.display()))
     })
 }
 
@@ -75,10 +79,10 @@ fn count_used<T: aya::Pod>(data: MapData, used: fn(&T) -> bool) -> anyhow::Resul
 pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let mut rows = Vec::new();
-    for &name in PINNED_MAPS
-        .iter()
-        .filter(|name| map_dir.join(name).exists())
-    {
+    for name in PINNED_MAPS {
+        if !paths::pin_exists(&map_dir.join(name))? {
+            continue;
+        }
         let data = open(pin_dir, name)?;
         let info = data.info()?;
         let in_use = match name {

@@ -36,6 +36,10 @@ pub enum PathError {
         "pin directory {0}: bpffs refuses names with a dot in them; set `pin_dir` (or --pin-dir) to one without"
     )]
     DotInBpffsName(PathBuf),
+    #[error("looking for {0}: permission denied: run as root (bpffs is mode 0700, root's alone)")]
+    PinsDenied(PathBuf),
+    #[error("looking for {0}: {1}")]
+    LookUp(PathBuf, #[source] std::io::Error),
 }
 
 /// One line of /proc/mounts.
@@ -227,6 +231,18 @@ fn dot_below(mount: &Path, path: &Path) -> bool {
         below
             .components()
             .any(|name| name.as_os_str().as_encoded_bytes().contains(&b'.'))
+    })
+}
+
+/// Whether the pin or pin directory `path` exists. To anyone but root, bpffs (mode 0700) hides
+/// everything, and `Path::exists` would report nothing pinned: that is an error here.
+pub fn pin_exists(path: &Path) -> Result<bool, PathError> {
+    path.try_exists().map_err(|err| {
+        if crate::privileges::denied(&err) {
+            PathError::PinsDenied(path.into())
+        } else {
+            PathError::LookUp(path.into(), err)
+        }
     })
 }
 

@@ -7,6 +7,9 @@
 //! cgroup and mount), and everything else. Pins are removed at stop by their owner (uid 0)
 //! without any capability. Capabilities are per thread: this runs before the async runtime
 //! starts its threads, which inherit the reduced set.
+//!
+//! Also here: telling a refusal for lack of privilege from other errors, so that what was
+//! refused says to run as root instead of reporting something missing.
 
 use std::io;
 
@@ -74,6 +77,20 @@ pub fn keep_only_runtime_capabilities() -> io::Result<u32> {
         )
     };
     Ok((had & !keep).count_ones())
+}
+
+/// Whether the kernel refused a call for lack of privilege (EPERM, EACCES).
+#[must_use]
+pub fn denied(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+}
+
+/// Whether any cause in `err`'s chain is [`denied`].
+#[must_use]
+pub fn denied_in(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(denied)
 }
 
 /// Names of [`KEPT`], for the logs.

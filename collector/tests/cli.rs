@@ -2,7 +2,12 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
 
 use support::{COLLECTOR, ScratchDir};
 
@@ -56,4 +61,68 @@ fn check_needs_the_nft_tool_only_where_nftables_may_count() {
     assert!(passed && line.starts_with("warn"), "{line}");
     let (passed, line) = check_without_nft("true");
     assert!(!passed && line.starts_with("FAIL"), "{line}");
+}
+
+/// A pin directory of the test's own in bpffs, with the map directory and nothing pinned;
+/// removed on drop.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> Self {
+        support::require_root();
+        let bpffs = Path::new("/sys/fs/bpf");
+        let mode = fs::metadata(bpffs).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o700,
+            "bpffs at {} is mode {mode:o}: this test needs it 0700, as cargo xtask test and \
+             systemd mount it",
+            bpffs.display()
+        );
+        let dir = Self(bpffs.join(format!("collector-cli-{}", std::process::id())));
+        fs::create_dir_all(dir.0.join("v1")).unwrap();
+        dir
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `collector args` as nobody; fails the test unless it is refused with the advice to run as
+/// root.
+fn assert_refused_without_root(args: &[&str]) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            COLLECTOR,
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("permission denied: run as root"),
+        "{args:?}: {}\nstdout: {}\nstderr: {stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn without_root_the_pins_are_refused_not_reported_missing() {
+    let dir = PinDir::new();
+    let pin_dir = dir.0.to_str().unwrap();
+    // bpffs hides its pins from anyone but root.
+    assert_refused_without_root(&["cleanup", "--pin-dir", pin_dir]);
+    assert_refused_without_root(&["maps", "list", "--pin-dir", pin_dir]);
+    assert_refused_without_root(&["maps", "dump", "CONN_STATE", "--pin-dir", pin_dir]);
+    // And nftables its tables: with no pin directory to look into, cleanup still cannot
+    // tell that none of ours is left.
+    let absent = std::env::temp_dir().join(format!("collector-cli-{}", std::process::id()));
+    assert_refused_without_root(&["cleanup", "--pin-dir", absent.to_str().unwrap()]);
 }
