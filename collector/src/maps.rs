@@ -3,9 +3,11 @@
 //! per-CPU values summed.
 
 use std::{
+    collections::HashMap,
     io::{self, Write},
     net::Ipv6Addr,
     path::Path,
+    time::Instant,
 };
 
 use anyhow::bail;
@@ -312,6 +314,22 @@ pub fn flatten(value: &Value) -> Vec<(String, f64)> {
     out
 }
 
+/// One refresh of `maps watch`: its numbers by path, for the next one's rates. A hash map: a
+/// dump of the connection table holds up to 65,536 rows of five numbers, and a search of
+/// the previous list for each number took quadratic time.
+struct Refresh {
+    at: Instant,
+    values: HashMap<String, f64>,
+}
+
+impl Refresh {
+    /// `value`'s change per second since this refresh, if `path` had a number then.
+    fn per_second(&self, path: &str, value: f64, now: Instant) -> Option<f64> {
+        let old = self.values.get(path)?;
+        Some((value - old) / now.duration_since(self.at).as_secs_f64())
+    }
+}
+
 /// `maps watch NAME`: the map's numbers every `interval`, each with its change per second
 /// since the previous refresh; `count` refreshes, or until interrupted.
 pub fn watch(
@@ -320,10 +338,10 @@ pub fn watch(
     interval: std::time::Duration,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
-    let mut previous: Option<(std::time::Instant, Vec<(String, f64)>)> = None;
+    let mut previous: Option<Refresh> = None;
     let mut refreshes = 0u64;
     loop {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let values = flatten(&dump(pin_dir, name)?);
         output::write(|out| {
             // Clear the screen and home the cursor, like watch(1).
@@ -331,16 +349,18 @@ pub fn watch(
             writeln!(out, "{name} every {:.1} s", interval.as_secs_f64())?;
             writeln!(out, "{:<40} {:>16} {:>14}", "FIELD", "VALUE", "PER SECOND")?;
             for (path, value) in &values {
-                let rate = previous.as_ref().and_then(|(then, old)| {
-                    let old = old.iter().find(|(p, _)| p == path)?.1;
-                    Some((value - old) / now.duration_since(*then).as_secs_f64())
-                });
+                let rate = previous
+                    .as_ref()
+                    .and_then(|previous| previous.per_second(path, *value, now));
                 let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"));
                 writeln!(out, "{path:<40} {value:>16} {rate:>14}")?;
             }
             Ok(())
         })?;
-        previous = Some((now, values));
+        previous = Some(Refresh {
+            at: now,
+            values: values.into_iter().collect(),
+        });
         refreshes += 1;
         if count.is_some_and(|count| refreshes >= count) {
             return Ok(());
@@ -370,6 +390,22 @@ pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refresh_gives_each_number_its_change_per_second() {
+        let then = Instant::now();
+        let refresh = Refresh {
+            at: then,
+            values: flatten(&json!([{"opened": 10, "closed": 4}]))
+                .into_iter()
+                .collect(),
+        };
+        let now = then + std::time::Duration::from_secs(2);
+        assert_eq!(refresh.per_second("0.opened", 30.0, now), Some(10.0));
+        assert_eq!(refresh.per_second("0.closed", 4.0, now), Some(0.0));
+        // A row new since then has no rate yet.
+        assert_eq!(refresh.per_second("1.opened", 3.0, now), None);
+    }
 
     #[test]
     fn dumps_flatten_to_paths() {
