@@ -206,7 +206,7 @@ fn nft(version: Option<&str>, nftables: NftEnabled) -> Verdict {
                 .to_owned(),
         ),
         // Whether "auto" makes the table depends on the netfilter hooks of the agent's
-        // namespace at start, which need not be this one's.
+        // namespace while it runs, which need not be this one's.
         (NftEnabled::Auto, None) => (
             Status::Warn,
             "the nft tool is missing: where netfilter already hooks prerouting and postrouting \
