@@ -4,8 +4,10 @@
 //! Guarded by one middleware: credentials when configured (see `auth`), a cap on requests
 //! served at once, and a time limit per request; event streams have a cap of their own
 //! instead of the time limit, so that tails of the stream never crowd out scrapes. Over a
-//! limit, 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes carry no
-//! credentials and must be answered under load. TLS, when configured, is in `tls`.
+//! limit, 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
+//! carry no credentials and must be answered under load. Below that, connections are capped
+//! in all and per address, and must send their headers in time (see [`serve`]). TLS, when
+//! configured, is in `tls`.
 
 use std::{
     collections::HashMap,
