@@ -1,6 +1,7 @@
-//! The two `bpf(2)` commands aya 0.14 does not expose for every link type: opening a pinned
-//! object and swapping the program inside a link. Used to adopt links that a crashed agent
-//! left pinned, replacing their program atomically so nothing is missed or counted twice.
+//! The `bpf(2)` commands aya 0.14 does not expose for every link type: opening a pinned
+//! object and swapping the program inside a link, used to adopt links that a crashed agent
+//! left pinned, replacing their program atomically so nothing is missed or counted twice;
+//! and listing a TCX hook's programs in the order they run.
 
 use std::{
     ffi::CString,
@@ -9,8 +10,12 @@ use std::{
     path::Path,
 };
 
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+/// Attach types of the TCX hooks.
+pub const BPF_TCX_INGRESS: u32 = 46;
+pub const BPF_TCX_EGRESS: u32 = 47;
 
 /// `union bpf_attr` for `BPF_OBJ_GET` (kernel `include/uapi/linux/bpf.h`).
 #[repr(C)]
@@ -31,6 +36,23 @@ struct LinkUpdateAttr {
     new_prog_fd: u32,
     flags: u32,
     old_prog_fd: u32,
+}
+
+/// `union bpf_attr` for `BPF_PROG_QUERY`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
 }
 
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
@@ -73,4 +95,21 @@ pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
         ..LinkUpdateAttr::default()
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The ids of the programs on interface `ifindex`'s TCX hook `attach_type`, in the order they
+/// run.
+pub fn tcx_programs(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
+    // More than any host runs on one hook; the kernel says ENOSPC if not.
+    let mut ids = vec![0u32; 64];
+    let mut attr = ProgQueryAttr {
+        target_ifindex: ifindex,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: u32::try_from(ids.len()).map_err(io::Error::other)?,
+        ..ProgQueryAttr::default()
+    };
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    ids.truncate(attr.prog_cnt as usize);
+    Ok(ids)
 }

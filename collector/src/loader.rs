@@ -43,6 +43,14 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 /// Subdirectory of the pin directory holding link pins.
 const LINKS_DIR: &str = "links";
 
+/// How many TCX programs run before ours on one interface's hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramsAhead {
+    pub interface: String,
+    pub hook: &'static str,
+    pub count: usize,
+}
+
 /// A configured route and the kernel slot its counters live in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchedRoute {
@@ -69,6 +77,8 @@ pub struct Attachment {
     classifiers: Vec<(&'static str, TcAttachType, &'static str, bool)>,
     /// Attached interfaces by index: name and link pins.
     attached: std::collections::BTreeMap<u32, (String, Vec<PathBuf>)>,
+    /// The programs last seen ahead of ours, by interface index and hook (for the log).
+    ahead_seen: std::collections::BTreeMap<(u32, &'static str), usize>,
     /// Where the `sock_ops` program is attached, for the logs.
     pub cgroup2: String,
     pin_dir: PathBuf,
@@ -159,6 +169,7 @@ impl Attachment {
             routes,
             classifiers: Vec::new(),
             attached: std::collections::BTreeMap::new(),
+            ahead_seen: std::collections::BTreeMap::new(),
             cgroup2,
             pin_dir,
             link_pins: Vec::new(),
@@ -345,6 +356,7 @@ impl Attachment {
             .map(|(index, _)| *index)
             .collect();
         for index in gone {
+            self.ahead_seen.retain(|&(seen, _), _| seen != index);
             if let Some((name, pins)) = self.attached.remove(&index) {
                 tracing::info!(interface = %name, "interface gone or down: forgetting it");
                 for pin in pins {
@@ -424,6 +436,56 @@ impl Attachment {
     }
 
     /// Kernel run-time statistics of each program: (name, run time ns, run count).
+    /// Per attached interface and hook, how many TCX programs run before ours: a program
+    /// ahead of ours that ends the chain, as most do, hides that hook's packets from us. Ours
+    /// go first when attached; one attached at the head later goes ahead of them.
+    /// Says so in the log when that count changes from or to 0.
+    pub fn programs_ahead(&mut self) -> Vec<ProgramsAhead> {
+        let mut found = Vec::new();
+        for (&ifindex, (interface, pins)) in &self.attached {
+            for &(program_name, attach_type, prefix, _) in &self.classifiers {
+                let attached_here = pins
+                    .iter()
+                    .any(|pin| pin.file_name() == Some(format!("{prefix}_{ifindex}").as_ref()));
+                if !attached_here || program_name == program_names::STATS_FLOOR_TC {
+                    continue;
+                }
+                let Some(ours) = self
+                    .ebpf
+                    .program(program_name)
+                    .and_then(|program| program.info().ok())
+                    .map(|info| info.id())
+                else {
+                    continue;
+                };
+                let (hook, tcx) = match attach_type {
+                    TcAttachType::Egress => ("egress", bpf_sys::BPF_TCX_EGRESS),
+                    _ => ("ingress", bpf_sys::BPF_TCX_INGRESS),
+                };
+                match bpf_sys::tcx_programs(ifindex, tcx) {
+                    Ok(ids) => {
+                        let count = ids.iter().position(|&id| id == ours).unwrap_or(ids.len());
+                        let before = self.ahead_seen.insert((ifindex, hook), count).unwrap_or(0);
+                        if count > 0 && before == 0 {
+                            tracing::warn!(%interface, hook, count, "programs now run before ours: one that ends the chain hides the hook's packets from us (a clean restart attaches ours first again)");
+                        } else if count == 0 && before > 0 {
+                            tracing::info!(%interface, hook, "ours run first again");
+                        }
+                        found.push(ProgramsAhead {
+                            interface: interface.clone(),
+                            hook,
+                            count,
+                        });
+                    }
+                    Err(err) => {
+                        tracing::debug!(%interface, hook, "listing the hook's programs: {err}");
+                    }
+                }
+            }
+        }
+        found
+    }
+
     pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
         self.ebpf
             .programs()

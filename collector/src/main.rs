@@ -570,9 +570,11 @@ fn read_interfaces(
             Vec::new()
         }
     };
+    let programs_ahead = attachment.programs_ahead();
     poller::InterfaceView {
         attached: attachment.interfaces(),
         links,
+        programs_ahead,
         health: health.clone(),
     }
 }

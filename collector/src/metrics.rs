@@ -531,6 +531,17 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
             .iter()
             .map(|name| (interface_labels(name), 1i64)),
     )?;
+    gauges(
+        encoder,
+        "collector_tc_programs_ahead",
+        "TCX programs that run before ours on each attached hook (0 as attached); one that ends the chain, as most do, hides the hook's packets from us.",
+        None,
+        snapshot.programs_ahead.iter().map(|ahead| {
+            let mut labels = interface_labels(&ahead.interface);
+            labels.push(("hook", ahead.hook.to_owned()));
+            (labels, i64::try_from(ahead.count).unwrap_or(i64::MAX))
+        }),
+    )?;
     Ok(())
 }
 

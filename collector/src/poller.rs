@@ -108,6 +108,8 @@ pub struct InterfaceView {
     pub attached: Vec<String>,
     /// Every interface, with its counters (empty when the read failed).
     pub links: Vec<crate::links::Link>,
+    /// Per attached interface and hook, the TCX programs that run before ours.
+    pub programs_ahead: Vec<crate::loader::ProgramsAhead>,
     pub health: SourceHealth,
 }
 
@@ -281,6 +283,7 @@ impl Poller {
             poll: self.poll,
             interface_stats: interfaces.attached_stats(),
             interfaces: interfaces.attached,
+            programs_ahead: interfaces.programs_ahead,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
         }))
@@ -327,6 +330,7 @@ mod tests {
         let view = InterfaceView {
             attached: vec!["lo".into()],
             links: vec![link(1, "lo"), link(9, "veth3f2a")],
+            programs_ahead: Vec::new(),
             health: SourceHealth::default(),
         };
         let shared = Arc::new(SharedSnapshot::default());

@@ -168,6 +168,8 @@ pub struct Snapshot {
     pub interfaces: Vec<String>,
     /// The attached interfaces with their own counters (netlink).
     pub interface_stats: Vec<InterfaceSnapshot>,
+    /// Per attached interface and hook, the TCX programs that run before ours.
+    pub programs_ahead: Vec<crate::loader::ProgramsAhead>,
     /// Health of each source: `ebpf` (the kernel maps), `netlink` (interfaces), `nft`.
     pub sources: Vec<(&'static str, SourceHealth)>,
     /// Our nftables table's counters (empty when off or unavailable).
@@ -299,6 +301,11 @@ impl Snapshot {
                     tx_packets: 10,
                     ..crate::links::InterfaceStats::default()
                 },
+            }],
+            programs_ahead: vec![crate::loader::ProgramsAhead {
+                interface: "lo".into(),
+                hook: "ingress",
+                count: 0,
             }],
             sources: vec![
                 (

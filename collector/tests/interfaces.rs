@@ -333,7 +333,7 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
-/// `union bpf_attr` for `BPF_LINK_CREATE` of a TCX link (no anchor: appended).
+/// `union bpf_attr` for `BPF_LINK_CREATE` of a TCX link.
 #[repr(C)]
 #[derive(Default)]
 struct TcxLinkAttr {
@@ -367,14 +367,17 @@ fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::os::fd::OwnedFd {
 }
 
 /// What a CNI's classifier does (Cilium's, Calico's): returns `TC_ACT_OK`, which ends the
-/// hook's chain, on `interface`'s ingress and egress. Attached while the returned links live.
-fn chain_ending_programs(interface: &'static str) -> Vec<std::os::fd::OwnedFd> {
+/// hook's chain, on `interface`'s ingress and egress, last in the chain or, with `first`,
+/// ahead of every other program. Attached while the returned links live.
+fn chain_ending_programs(interface: &'static str, first: bool) -> Vec<std::os::fd::OwnedFd> {
     use std::os::fd::AsRawFd as _;
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_LINK_CREATE: libc::c_long = 28;
     const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
     const BPF_TCX_INGRESS: u32 = 46;
     const BPF_TCX_EGRESS: u32 = 47;
+    // With no program named beside it: before all of them.
+    const BPF_F_BEFORE: u32 = 1 << 3;
     // r0 = 0 (TC_ACT_OK); exit.
     let instructions: [u64; 2] = [0xb7, 0x95];
     let license = c"GPL";
@@ -401,6 +404,7 @@ fn chain_ending_programs(interface: &'static str) -> Vec<std::os::fd::OwnedFd> {
                     prog_fd: u32::try_from(program.as_raw_fd()).unwrap(),
                     target_ifindex: index,
                     attach_type,
+                    flags: if first { BPF_F_BEFORE } else { 0 },
                     ..TcxLinkAttr::default()
                 },
             )
@@ -414,7 +418,7 @@ fn a_program_that_ends_the_chain_ahead_of_ours_hides_nothing() {
     let peer = Netns::new();
     add_veth(&netns, &peer);
     // Already there when the agent starts, as a CNI's programs are.
-    let links = netns.run(|| chain_ending_programs("vcoll0"));
+    let links = netns.run(|| chain_ending_programs("vcoll0", false));
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
@@ -424,4 +428,58 @@ fn a_program_that_ends_the_chain_ahead_of_ours_hides_nothing() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
     drop(links);
+}
+
+/// `collector_tc_programs_ahead` of `interface` and `hook`.
+fn programs_ahead(metrics: &str, interface: &str, hook: &str) -> Option<f64> {
+    sample(
+        metrics,
+        "collector_tc_programs_ahead",
+        &[("interface", interface), ("hook", hook)],
+    )
+}
+
+#[test]
+fn a_program_put_ahead_of_ours_later_is_reported() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let metrics = wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+        let metrics = scrape(&netns);
+        attached(&metrics, "vcoll0").then_some(metrics)
+    });
+    for hook in ["ingress", "egress"] {
+        assert_eq!(
+            programs_ahead(&metrics, "vcoll0", hook),
+            Some(0.0),
+            "{hook}"
+        );
+    }
+    assert_eq!(programs_ahead(&metrics, "lo", "ingress"), Some(0.0));
+
+    // A CNI agent that restarts and puts its programs at the head.
+    let links = netns.run(|| chain_ending_programs("vcoll0", true));
+    wait_for(
+        "the programs ahead to be reported",
+        Duration::from_secs(2),
+        || {
+            let metrics = scrape(&netns);
+            ["ingress", "egress"]
+                .iter()
+                .all(|hook| programs_ahead(&metrics, "vcoll0", hook) == Some(1.0))
+                .then_some(())
+        },
+    );
+    drop(links);
+    wait_for("ours to be first again", Duration::from_secs(2), || {
+        let metrics = scrape(&netns);
+        ["ingress", "egress"]
+            .iter()
+            .all(|hook| programs_ahead(&metrics, "vcoll0", hook) == Some(0.0))
+            .then_some(())
+    });
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
 }
