@@ -330,6 +330,10 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         .map(tls::server_config)
         .transpose()?;
     warn_if_exposed(config, &guard, tls.is_some());
+    if signals::stop_requested() {
+        tracing::info!("asked to stop before attaching anything");
+        return Ok(());
+    }
     let mut attachment = Attachment::attach(&Options { config, bpf_stats })?;
     let mut nft = nft::Source::start(config);
     // Before the runtime's threads exist: capabilities are per thread, and they inherit.
