@@ -197,7 +197,7 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
     let count: u64 = totals.durations.iter().sum();
     #[expect(
         clippy::cast_precision_loss,
-        reason = "nanosecond sums as float seconds"
+        reason = "microsecond sums as float seconds"
     )]
     let mean = (count > 0).then(|| totals.conn.duration_us as f64 / 1e6 / count as f64);
     RouteStats {

@@ -37,13 +37,23 @@ struct Users {
     verified: Mutex<HashMap<String, String>>,
 }
 
-/// A secret read from a file, and read again when the file's modification time changes (one
-/// stat per request). A file that fails to read or parse keeps the previous secret, and says
-/// so once per change.
+/// A secret read from a file, and read again when the file changes (one stat per request).
+/// A file that fails to read or parse keeps the previous secret, and says so once per change.
 struct SecretFile<T> {
     path: PathBuf,
     read: fn(&Path) -> anyhow::Result<T>,
-    current: Mutex<(Option<SystemTime>, Arc<T>)>,
+    current: Mutex<(Option<Stamp>, Arc<T>)>,
+}
+
+/// What tells a file's versions apart. The modification time alone may not: the kernel may
+/// keep it to the tick, and a rewrite in place (truncate, then write) can land in the tick of
+/// a read that saw the file empty or half-written; the length then differs, and the inode
+/// where the file is swapped for a new one (a Kubernetes Secret).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
 }
 
 impl<T> SecretFile<T> {
@@ -76,10 +86,14 @@ impl<T> SecretFile<T> {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path)
-        .and_then(|meta| meta.modified())
-        .ok()
+fn modified(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: meta.modified().ok()?,
+        len: meta.len(),
+        inode: meta.ino(),
+    })
 }
 
 /// Why a request was refused, and how it may authenticate.
@@ -380,5 +394,8 @@ mod tests {
         scratch.write("users", "u:not-bcrypt\n", 3);
         assert_eq!(credentials.admit(&with("Bearer second")).await, Ok(()));
         assert_eq!(credentials.admit(&basic("u:new")).await, Ok(()));
+        // Its completion within the same tick of the clock is still seen: the length moved.
+        scratch.write("token", "third-token\n", 3);
+        assert_eq!(credentials.admit(&with("Bearer third-token")).await, Ok(()));
     }
 }

@@ -312,10 +312,15 @@ impl Attachment {
             } else {
                 // First in the hook's chain: the kernel stops at the first program that does
                 // not pass on, which is what most do (a CNI's returns TC_ACT_OK), and ours
-                // always pass on, so running first changes nothing for the others.
-                let first = TcAttachOptions::TcxOrder(LinkOrder::first());
+                // always pass on, so running first changes nothing for the others. The
+                // statistics' empty program goes last, behind them.
+                let order = if program_name == program_names::STATS_FLOOR_TC {
+                    LinkOrder::last()
+                } else {
+                    LinkOrder::first()
+                };
                 let id = program
-                    .attach_with_options(&link.name, attach_type, first)
+                    .attach_with_options(&link.name, attach_type, TcAttachOptions::TcxOrder(order))
                     .with_context(|| {
                         format!(
                             "attaching {program_name} to {} ({attach_type:?})",
@@ -435,7 +440,6 @@ impl Attachment {
         take_map(&mut self.ebpf, map_names::DNS_EVENTS)
     }
 
-    /// Kernel run-time statistics of each program: (name, run time ns, run count).
     /// Per attached interface and hook, how many TCX programs run before ours: a program
     /// ahead of ours that ends the chain, as most do, hides that hook's packets from us. Ours
     /// go first when attached; one attached at the head later goes ahead of them.
@@ -464,7 +468,10 @@ impl Attachment {
                 };
                 match bpf_sys::tcx_programs(ifindex, tcx) {
                     Ok(ids) => {
-                        let count = ids.iter().position(|&id| id == ours).unwrap_or(ids.len());
+                        // Ours missing from the hook (someone detached it) is no count at all.
+                        let Some(count) = ids.iter().position(|&id| id == ours) else {
+                            continue;
+                        };
                         let before = self.ahead_seen.insert((ifindex, hook), count).unwrap_or(0);
                         if count > 0 && before == 0 {
                             tracing::warn!(%interface, hook, count, "programs now run before ours: one that ends the chain hides the hook's packets from us (a clean restart attaches ours first again)");
@@ -486,6 +493,7 @@ impl Attachment {
         found
     }
 
+    /// Kernel run-time statistics of each program: (name, run time ns, run count).
     pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
         self.ebpf
             .programs()

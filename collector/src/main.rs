@@ -334,7 +334,23 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         tracing::info!("asked to stop before attaching anything");
         return Ok(());
     }
-    let mut attachment = Attachment::attach(&Options { config, bpf_stats })?;
+    let attachment = Attachment::attach(&Options { config, bpf_stats })?;
+    if signals::stop_requested() {
+        tracing::info!("asked to stop while starting: detaching programs and removing pins");
+        return attachment.detach();
+    }
+    serve_attached(config, attachment, listener, guard, tls)
+}
+
+/// The rest of [`run`], once the programs are attached: the nftables table, the capability
+/// drop, serving, and the stop.
+fn serve_attached(
+    config: &Config,
+    mut attachment: Attachment,
+    listener: std::net::TcpListener,
+    guard: serve::Guard,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     let mut nft = nft::Source::start(config);
     // Before the runtime's threads exist: capabilities are per thread, and they inherit.
     match privileges::keep_only_runtime_capabilities() {

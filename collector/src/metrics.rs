@@ -199,7 +199,7 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
         let buckets = log2_buckets(&route.totals.durations);
         #[expect(
             clippy::cast_precision_loss,
-            reason = "nanosecond sums as float seconds"
+            reason = "microsecond sums as float seconds"
         )]
         let sum = route.totals.conn.duration_us as f64 / 1e6;
         histogram

@@ -8,8 +8,10 @@ use std::{
 
 use thiserror::Error;
 
-/// Layout version of the pinned maps: bumped whenever a map's type or layout changes, so an
-/// old pin set is never reused by a build that reads it differently.
+/// Layout version of the pinned maps. A change of a map's type or size is refused at start
+/// by `loader::check_pinned_maps`, with the fix; this is bumped only for a change of meaning
+/// that keeps the size. A new directory would leave a crashed run's links attached beside
+/// the new ones, counting twice, so a refusal is the safer way where it can tell.
 pub const PIN_LAYOUT_VERSION: &str = "v1";
 /// Filesystem type of bpffs in /proc/mounts.
 const BPFFS: &str = "bpf";

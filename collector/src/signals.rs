@@ -1,9 +1,9 @@
 //! Signals that arrive before the async runtime listens for them. Loading and attaching the
 //! programs takes a while, and a SIGTERM then (`systemctl stop` or a pod deleted right after
 //! a start) used to kill the agent with everything it had attached; a SIGHUP, which
-//! operators and tools send to mean "reload", killed it at any time. Both now only leave a
-//! mark here: a stop requested while starting is carried out once the start is done, with
-//! everything detached.
+//! operators and tools send to mean "reload", killed it at any time. A SIGTERM or SIGINT now
+//! leaves a mark here, and the stop is carried out once the start is done, with everything
+//! detached; a SIGHUP does nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

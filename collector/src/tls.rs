@@ -123,7 +123,6 @@ fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
     Ok(Arc::new(certified))
 }
 
-/// Accepts TCP connections and hands on those whose TLS handshake completed.
 /// The TLS handshake of an accepted connection, within [`HANDSHAKE_TIMEOUT`]; `None` (said
 /// at debug level) when it fails or takes too long.
 pub async fn handshake(

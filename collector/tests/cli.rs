@@ -26,6 +26,8 @@ fn with_stdout_closed(args: &[&str]) -> Output {
 
 #[test]
 fn a_reader_gone_ends_a_command_quietly() {
+    // cleanup asks nftables about the table, which takes CAP_NET_ADMIN.
+    support::require_root();
     let absent = std::env::temp_dir().join(format!("collector-cli-{}", std::process::id()));
     let out = with_stdout_closed(&["cleanup", "--pin-dir", absent.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);

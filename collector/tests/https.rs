@@ -320,6 +320,7 @@ fn silent_connections_from_one_address_leave_everyone_else_served() {
         curl(&netns, &cert, "/readyz", None).0 == 200
     });
     // One client (another pod, say) opens connections and never starts a handshake.
+    let opened = std::time::Instant::now();
     let silent = netns.run(|| {
         let server: std::net::SocketAddr = LISTEN.parse().unwrap();
         (0..SILENT)
@@ -339,7 +340,8 @@ fn silent_connections_from_one_address_leave_everyone_else_served() {
     // Everyone else is served meanwhile: the kubelet's probe, a scrape.
     assert_eq!(curl(&netns, &cert, "/healthz", None).0, 200);
     assert_eq!(curl(&netns, &cert, "/metrics", None).0, 200);
-    // Those beyond its share are closed at once; the rest wait for their handshake.
+    // Those beyond its share are closed at once; the rest wait for their handshake, until
+    // its 10 s time limit closes them too (on a machine slow enough to get there).
     wait_for(
         "the connections over the cap to be closed",
         Duration::from_secs(5),
@@ -351,7 +353,9 @@ fn silent_connections_from_one_address_leave_everyone_else_served() {
                     matches!(stream.read(&mut [0u8; 1]), Ok(0))
                 })
                 .count();
-            (closed == SILENT - PER_ADDRESS).then_some(())
+            let handshakes_timed_out = opened.elapsed() >= Duration::from_secs(10);
+            (closed == SILENT - PER_ADDRESS || handshakes_timed_out && closed == SILENT)
+                .then_some(())
         },
     );
     drop(silent);

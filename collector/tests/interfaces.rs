@@ -445,7 +445,8 @@ fn a_program_put_ahead_of_ours_later_is_reported() {
     let peer = Netns::new();
     add_veth(&netns, &peer);
     let config = AgentConfig::new(ROUTES);
-    let agent = Agent::start(&netns, &config);
+    // With the statistics' empty programs too: they go behind ours.
+    let agent = Agent::start_with(&netns, &config, &["--bpf-stats"]);
     let metrics = wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
         let metrics = scrape(&netns);
         attached(&metrics, "vcoll0").then_some(metrics)

@@ -426,10 +426,12 @@ fn a_stop_asked_for_while_starting_detaches_what_the_start_attached() {
             .arg(&config.path),
     );
     // The maps are pinned as they are loaded, before the programs are attached.
-    wait_for("the first pins", Duration::from_secs(20), || {
-        std::fs::read_dir(&config.pin_dir)
-            .is_ok_and(|mut entries| entries.next().is_some())
-            .then_some(())
+    let first_map = config
+        .pin_dir
+        .join("v1")
+        .join(collector_common::map_names::CONN_COUNTERS);
+    wait_for("the first map pins", Duration::from_secs(20), || {
+        first_map.exists().then_some(())
     });
     child.signal(libc::SIGTERM);
     let status = wait_for("the agent to exit", Duration::from_secs(20), || {
