@@ -81,7 +81,11 @@ pub struct RouteStats {
     pub ports: Vec<u16>,
     pub opened: u64,
     pub closed: u64,
+    /// Opened minus closed, plus `open_from_before_start`.
     pub active: u64,
+    /// Connections open since before the agent started and not closed yet: in no counter
+    /// but `active`.
+    pub open_from_before_start: u64,
     /// Payload bytes of closed connections, from the sockets' own counters.
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -207,6 +211,7 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
         opened: totals.conn.opened,
         closed: totals.conn.closed,
         active: route.active(),
+        open_from_before_start: route.open_from_before,
         bytes_in: totals.conn.bytes_in,
         bytes_out: totals.conn.bytes_out,
         connections_per_second: RateWindows::new(route.connection_rates, None),

@@ -409,6 +409,30 @@ impl Attachment {
         take_map(&mut self.ebpf, map_names::CONN_EVENTS)
     }
 
+    /// Whether this start took over what a crashed run left (its connection table among it).
+    #[must_use]
+    pub fn inherited(&self) -> bool {
+        self.inherited
+    }
+
+    /// The cookies of the connections the connection table holds (a read slot by slot:
+    /// once, at start).
+    pub fn tracked_cookies(&self) -> anyhow::Result<std::collections::HashSet<u64>> {
+        let table: Array<&MapData, ConnState> = Array::try_from(
+            self.ebpf
+                .map(map_names::CONN_STATE)
+                .context("the kernel object has no connection table")?,
+        )?;
+        let mut cookies = std::collections::HashSet::new();
+        for entry in table.iter() {
+            let entry = entry?;
+            if entry.cookie != 0 {
+                cookies.insert(entry.cookie);
+            }
+        }
+        Ok(cookies)
+    }
+
     /// Takes the connection table, for the open connections per client (see `client_table`).
     pub fn take_conn_state(&mut self) -> anyhow::Result<Array<MapData, ConnState>> {
         take_map(&mut self.ebpf, map_names::CONN_STATE)

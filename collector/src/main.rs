@@ -17,18 +17,21 @@ mod loader;
 mod mapped;
 mod maps;
 mod metrics;
+mod netlink_dump;
 mod netns;
 mod nfnetlink;
 mod nft;
 mod output;
 mod paths;
 mod poller;
+mod preexisting;
 mod privileges;
 mod rates;
 mod serve;
 mod signals;
 mod slots;
 mod snapshot;
+mod sock_diag;
 mod tally;
 mod tls;
 mod topk;
@@ -50,6 +53,7 @@ use crate::{
     events::ClientStats,
     loader::{Attachment, Options},
     poller::{Polled, Poller, SharedSnapshot},
+    preexisting::Preexisting,
     tally::TallyTable,
 };
 
@@ -446,6 +450,7 @@ async fn serve_until_signal(
     http: Http,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let preexisting = connections_from_before(attachment);
     let maps = attachment.take_maps()?;
     let ring = attachment.take_conn_events()?;
     let clients = if config.client_stats {
@@ -511,6 +516,7 @@ async fn serve_until_signal(
             listed: config.dns.top_k,
         },
         Arc::clone(&hub),
+        preexisting,
     );
     let mut netlink_health = snapshot::SourceHealth::default();
     let mut ticks = tokio::time::interval(config.poll_interval);
@@ -567,6 +573,25 @@ async fn wait_for_server(
 /// How long a stop waits for HTTP requests under way before it detaches; well inside the
 /// 30 s that systemd and the kubelet give before SIGKILL.
 const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The connections on the route ports open since before a start that inherited nothing:
+/// those a crashed run left are in the connection table it left. None if they cannot be
+/// listed (said in the log): `active` then leaves them out until they close.
+fn connections_from_before(attachment: &Attachment) -> Preexisting {
+    if attachment.inherited() {
+        return Preexisting::default();
+    }
+    let listed = attachment
+        .tracked_cookies()
+        .and_then(|tracked| Ok(Preexisting::list(&attachment.routes, &tracked)?));
+    match listed {
+        Ok(preexisting) => preexisting,
+        Err(err) => {
+            tracing::warn!("listing the connections open from before the start: {err:#}");
+            Preexisting::default()
+        }
+    }
+}
 
 /// Reads the interfaces over netlink and keeps the attached set current: a failed read is
 /// reported as the netlink source being down, and the kernel figures still flow.

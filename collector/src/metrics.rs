@@ -161,12 +161,24 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
     gauges(
         encoder,
         "collector_proxy_connections_active",
-        "Connections open now (opened minus closed).",
+        "Connections open now: opened minus closed, plus those open since before the collector started.",
         None,
         routes.iter().map(|r| {
             (
                 route_labels(r),
                 i64::try_from(r.active()).unwrap_or(i64::MAX),
+            )
+        }),
+    )?;
+    gauges(
+        encoder,
+        "collector_proxy_connections_open_from_before_start",
+        "Connections open since before the collector started and not closed yet (listed over sock_diag); counted in active only.",
+        None,
+        routes.iter().map(|r| {
+            (
+                route_labels(r),
+                i64::try_from(r.open_from_before).unwrap_or(i64::MAX),
             )
         }),
     )?;

@@ -5,7 +5,9 @@
 
 use std::io;
 
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::protocols::NETLINK_NETFILTER;
+
+use crate::netlink_dump::{self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, align4};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -30,11 +32,6 @@ const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 /// nlmsghdr (16 bytes) and nfgenmsg (4 bytes).
 const HEADERS: usize = 20;
 
@@ -44,10 +41,6 @@ pub struct Counter {
     pub name: String,
     pub packets: u64,
     pub bytes: u64,
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
 }
 
 fn attribute(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -109,42 +102,11 @@ fn be64(payload: &[u8]) -> u64 {
 /// body), until the dump ends or the ack arrives. A netlink error comes back as an
 /// `io::Error`.
 fn exchange(message: &[u8], wanted: u16, mut each: impl FnMut(u8, &[u8])) -> io::Result<()> {
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    socket.send(message, 0)?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let size = socket.recv(&mut &mut buf[..], 0)?;
-        let mut at = 0;
-        while at + 16 <= size {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
-            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            if len < 16 || at + len > size {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a truncated netlink message",
-                ));
-            }
-            let message = &buf[at..at + len];
-            match kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let code = i32::from_ne_bytes(message[16..20].try_into().unwrap_or([0; 4]));
-                    return if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-code))
-                    };
-                }
-                _ if kind == (NFNL_SUBSYS_NFTABLES << 8) | wanted && len >= HEADERS => {
-                    each(message[16], &message[HEADERS..]);
-                }
-                _ => {}
-            }
-            at += align4(len);
+    netlink_dump::exchange(NETLINK_NETFILTER, message, |kind, message| {
+        if kind == (NFNL_SUBSYS_NFTABLES << 8) | wanted && message.len() >= HEADERS {
+            each(message[16], &message[HEADERS..]);
         }
-    }
+    })
 }
 
 /// The named counters of the inet table `table` (none if it does not exist).

@@ -15,6 +15,7 @@ use crate::{
     event_stream::EventHub,
     events::{ClientStats, SharedDrain},
     loader::{KernelMaps, WatchedRoute},
+    preexisting::Preexisting,
     rates::{AVERAGE, CounterHistory},
     snapshot::{
         DnsSnapshot, InterfaceSnapshot, PollStats, ProgramStats, RouteSnapshot, Snapshot,
@@ -161,6 +162,7 @@ pub struct Poller {
     total: RateHistories,
     per_route: Vec<RateHistories>,
     poll: PollStats,
+    preexisting: Preexisting,
 }
 
 impl Poller {
@@ -172,6 +174,7 @@ impl Poller {
         rings: Vec<SharedDrain>,
         dns: DnsSources,
         hub: Arc<EventHub>,
+        preexisting: Preexisting,
     ) -> Self {
         let per_route = routes.iter().map(|_| RateHistories::new()).collect();
         Self {
@@ -187,6 +190,7 @@ impl Poller {
             total: RateHistories::new(),
             per_route,
             poll: PollStats::default(),
+            preexisting,
         }
     }
 
@@ -216,13 +220,16 @@ impl Poller {
             ring.lock().unwrap_or_else(PoisonError::into_inner).drain();
         }
         let at = began.duration_since(self.started);
+        self.preexisting.refresh_now_and_then();
+        let open_from_before = self.preexisting.per_route(self.routes.len());
         let mut routes = Vec::with_capacity(self.routes.len());
         let (mut opened, mut bytes_in, mut bytes_out) = (0u64, 0u64, 0u64);
-        for ((route, route_totals), history) in self
+        for (((route, route_totals), history), &open_from_before) in self
             .routes
             .iter()
             .zip(&totals.routes)
             .zip(&mut self.per_route)
+            .zip(&open_from_before)
         {
             history.record(
                 at,
@@ -239,6 +246,7 @@ impl Poller {
                 connection_rates: history.opened.rates(),
                 bytes_in_rates: history.bytes_in.rates(),
                 bytes_out_rates: history.bytes_out.rates(),
+                open_from_before,
             });
         }
         self.total.record(at, opened, bytes_in, bytes_out);

@@ -20,12 +20,21 @@ pub struct RouteSnapshot {
     pub bytes_in_rates: Rates,
     /// Live payload bytes per second (tc), from the proxy.
     pub bytes_out_rates: Rates,
+    /// Connections open since before the agent started, not yet closed (see `preexisting`).
+    pub open_from_before: u64,
 }
 
 impl RouteSnapshot {
-    /// Connections open now: both counters are exact and monotonic.
+    /// Connections open now: those opened and not closed since the start (both counters
+    /// exact and monotonic), and those open since before it.
     #[must_use]
     pub fn active(&self) -> u64 {
+        self.tracked() + self.open_from_before
+    }
+
+    /// Connections opened and not closed since the start.
+    #[must_use]
+    pub fn tracked(&self) -> u64 {
         self.totals
             .conn
             .opened
@@ -186,7 +195,10 @@ impl Snapshot {
     /// those the full table turned away (counted opened, never tracked).
     #[must_use]
     pub fn tracked_connections(&self) -> u64 {
-        self.active_connections()
+        self.routes
+            .iter()
+            .map(RouteSnapshot::tracked)
+            .sum::<u64>()
             .saturating_sub(self.errors[collector_common::error_kind::CONN_TABLE_FULL as usize])
     }
 
@@ -279,6 +291,7 @@ impl Snapshot {
                 connection_rates: Rates::default(),
                 bytes_in_rates: Rates::default(),
                 bytes_out_rates: Rates::default(),
+                open_from_before: 0,
             }],
             errors: [1, 2, 0],
             programs: vec![ProgramStats {

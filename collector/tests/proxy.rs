@@ -488,6 +488,58 @@ fn active_connections_are_exact_while_held_open() {
 }
 
 #[test]
+fn connections_open_across_a_clean_restart_stay_active_until_they_close() {
+    const HELD: usize = 5;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
+    let clients = netns.run(|| {
+        (0..HELD)
+            .map(|_| TcpStream::connect(("127.0.0.1", API_PORT)).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let accepted: Vec<TcpStream> = (0..HELD).map(|_| listener.accept().unwrap().0).collect();
+    wait_for("5 active connections", Duration::from_secs(10), || {
+        (route_value(&scrape(&netns), "collector_proxy_connections_active", "api") == 5.0)
+            .then_some(())
+    });
+    // A rollout: a clean stop forgets every connection, and the next start finds them open.
+    assert!(agent.stop().success());
+    let agent = Agent::start(&netns, &config);
+    let metrics = scrape(&netns);
+    for (name, value) in [
+        ("collector_proxy_connections_active", 5.0),
+        ("collector_proxy_connections_open_from_before_start", 5.0),
+        ("collector_proxy_connections_opened_total", 0.0),
+    ] {
+        assert_eq!(route_value(&metrics, name, "api"), value, "{name}");
+    }
+    let json = proxy_json(&netns);
+    assert_eq!(json["activeConnections"], HELD);
+    assert_eq!(json["connectionsByRoute"]["api"], HELD);
+
+    drop(clients);
+    drop(accepted);
+    let metrics = wait_for(
+        "the old connections to be gone",
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(&netns);
+            (route_value(&metrics, "collector_proxy_connections_active", "api") == 0.0)
+                .then_some(metrics)
+        },
+    );
+    // Their closes are no new run's: not counted as closed.
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_closed_total", "api"),
+        0.0
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
 fn live_byte_counters_grow_while_a_connection_streams() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);

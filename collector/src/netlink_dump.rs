@@ -1,0 +1,64 @@
+//! One netlink request and its replies, by hand, for the requests no crate here makes:
+//! `nf_tables`' counters and tables (`nfnetlink`) and the socket list (`sock_diag`).
+
+use std::io;
+
+use netlink_sys::{Socket, SocketAddr};
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+pub const NLM_F_REQUEST: u16 = 1;
+pub const NLM_F_ACK: u16 = 4;
+pub const NLM_F_DUMP: u16 = 0x300;
+/// nlmsghdr.
+pub const HEADER: usize = 16;
+
+pub fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Sends `message` on a socket of `protocol` and hands every other reply to `each` (its type
+/// and the whole message, header included), until the dump ends or the ack arrives. A
+/// netlink error comes back as an `io::Error`.
+pub fn exchange(
+    protocol: isize,
+    message: &[u8],
+    mut each: impl FnMut(u16, &[u8]),
+) -> io::Result<()> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket.send(message, 0)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        let mut at = 0;
+        while at + HEADER <= size {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            if len < HEADER || at + len > size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a truncated netlink message",
+                ));
+            }
+            let message = &buf[at..at + len];
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let code = i32::from_ne_bytes(
+                        message[HEADER..HEADER + 4].try_into().unwrap_or([0; 4]),
+                    );
+                    return if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(-code))
+                    };
+                }
+                _ => each(kind, message),
+            }
+            at += align4(len);
+        }
+    }
+}
