@@ -423,6 +423,18 @@ fn ipv6_clients_are_counted_by_their_address() {
     );
 }
 
+/// `count` connections to the api route, held open: the clients' ends and the server's.
+fn hold_open(netns: &Netns, count: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
+    let clients = netns.run(move || {
+        (0..count)
+            .map(|_| TcpStream::connect(("127.0.0.1", API_PORT)).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let accepted = (0..count).map(|_| listener.accept().unwrap().0).collect();
+    (clients, accepted)
+}
+
 #[test]
 fn active_connections_are_exact_while_held_open() {
     const HELD: usize = 50;
@@ -430,14 +442,8 @@ fn active_connections_are_exact_while_held_open() {
     let config = AgentConfig::new(ROUTES);
     let _agent = Agent::start(&netns, &config);
 
-    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
     let before_open = std::time::Instant::now();
-    let clients = netns.run(|| {
-        (0..HELD)
-            .map(|_| TcpStream::connect(("127.0.0.1", API_PORT)).unwrap())
-            .collect::<Vec<_>>()
-    });
-    let accepted: Vec<TcpStream> = (0..HELD).map(|_| listener.accept().unwrap().0).collect();
+    let (clients, accepted) = hold_open(&netns, HELD);
     let all_open = std::time::Instant::now();
 
     let metrics = wait_for("50 active connections", Duration::from_secs(10), || {
@@ -493,13 +499,7 @@ fn connections_open_across_a_clean_restart_stay_active_until_they_close() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
-    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
-    let clients = netns.run(|| {
-        (0..HELD)
-            .map(|_| TcpStream::connect(("127.0.0.1", API_PORT)).unwrap())
-            .collect::<Vec<_>>()
-    });
-    let accepted: Vec<TcpStream> = (0..HELD).map(|_| listener.accept().unwrap().0).collect();
+    let (clients, accepted) = hold_open(&netns, HELD);
     wait_for("5 active connections", Duration::from_secs(10), || {
         (route_value(&scrape(&netns), "collector_proxy_connections_active", "api") == 5.0)
             .then_some(())
