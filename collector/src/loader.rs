@@ -469,23 +469,26 @@ impl Attachment {
     /// go first when attached; one attached at the head later goes ahead of them.
     /// Says so in the log when that count changes from or to 0.
     pub fn programs_ahead(&mut self) -> Vec<ProgramsAhead> {
+        // Our counting programs' ids, looked up once for every interface.
+        let ours: Vec<(TcAttachType, &str, u32)> = self
+            .classifiers
+            .iter()
+            .filter(|(name, ..)| *name != program_names::STATS_FLOOR_TC)
+            .filter_map(|&(name, attach_type, prefix, _)| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((attach_type, prefix, info.id()))
+            })
+            .collect();
         let mut found = Vec::new();
         for (&ifindex, (interface, pins)) in &self.attached {
-            for &(program_name, attach_type, prefix, _) in &self.classifiers {
-                let attached_here = pins
+            for &(attach_type, prefix, ours) in &ours {
+                let pin_name = format!("{prefix}_{ifindex}");
+                if !pins
                     .iter()
-                    .any(|pin| pin.file_name() == Some(format!("{prefix}_{ifindex}").as_ref()));
-                if !attached_here || program_name == program_names::STATS_FLOOR_TC {
+                    .any(|pin| pin.file_name() == Some(pin_name.as_ref()))
+                {
                     continue;
                 }
-                let Some(ours) = self
-                    .ebpf
-                    .program(program_name)
-                    .and_then(|program| program.info().ok())
-                    .map(|info| info.id())
-                else {
-                    continue;
-                };
                 let (hook, tcx) = match attach_type {
                     TcAttachType::Egress => ("egress", bpf_sys::BPF_TCX_EGRESS),
                     _ => ("ingress", bpf_sys::BPF_TCX_INGRESS),
