@@ -157,8 +157,14 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
     }
     let mut out = std::io::stdout().lock();
     if !chunked {
-        std::io::copy(&mut reader, &mut out)?;
-        return Ok(());
+        // The body ends with the connection (an HTTP/1.0 proxy in between).
+        let mut buf = [0; 8192];
+        loop {
+            let read = reader.read(&mut buf)?;
+            if read == 0 || !forward(&mut out, &buf[..read])? {
+                return Ok(());
+            }
+        }
     }
     // HTTP/1.1 chunked transfer coding: a hex size line, the bytes, CRLF; size 0 ends it.
     loop {
@@ -174,10 +180,19 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
         let mut chunk = vec![0; size + 2];
         reader.read_exact(&mut chunk)?;
         chunk.truncate(size);
-        if out.write_all(&chunk).and_then(|()| out.flush()).is_err() {
-            // The reader went away (a closed pipe): not an error for a tail.
+        if !forward(&mut out, &chunk)? {
             return Ok(());
         }
+    }
+}
+
+/// Writes `bytes` to standard output at once; `false` once its reader has gone (a closed
+/// pipe, as under `| head`), which ends a tail without an error.
+fn forward(out: &mut impl Write, bytes: &[u8]) -> anyhow::Result<bool> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(err) => Err(anyhow::Error::new(err).context("writing to standard output")),
     }
 }
 

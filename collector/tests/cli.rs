@@ -128,3 +128,43 @@ fn without_root_the_pins_are_refused_not_reported_missing() {
     let absent = std::env::temp_dir().join(format!("collector-cli-{}", std::process::id()));
     assert_refused_without_root(&["cleanup", "--pin-dir", absent.to_str().unwrap()]);
 }
+
+/// `collector events` through a proxy that ends the body with the connection (no chunked
+/// coding), piped into a reader that takes one line and goes: status 0, nothing on stderr.
+#[test]
+fn an_unchunked_event_stream_ends_quietly_when_its_reader_goes() {
+    use std::{
+        io::{BufRead as _, BufReader, Read as _, Write as _},
+        net::TcpListener,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = stream.read(&mut request).unwrap();
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n")
+            .unwrap();
+        // Lines until the client has gone, as a live stream would send them.
+        let line = b"{\"event\":\"query-received\"}\n";
+        while stream.write_all(line).is_ok() {}
+    });
+    let mut child = Command::new(COLLECTOR)
+        .args(["events", "--listen", &addr.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "{\"event\":\"query-received\"}\n");
+    // The reader is gone (dropped with the BufReader): the next write finds the pipe closed.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(stderr.is_empty(), "{stderr}");
+    server.join().unwrap();
+}
