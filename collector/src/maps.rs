@@ -283,7 +283,10 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
     }))
 }
 
-/// Every number in a dump, by its path (`0.opened`, `queriesByQtype.A`), in order.
+/// Every number in a dump, by its path (`slot0.opened`, `queriesByQtype.A`), in order. Rows
+/// that carry a slot (routes, `CONN_STATE`, `DNS_INFLIGHT`) go by it (`slot17.startNs`), not
+/// by their place in the list, which shifts whenever an earlier row goes: a rate would then
+/// compare two different entries.
 #[must_use]
 pub fn flatten(value: &Value) -> Vec<(String, f64)> {
     fn walk(value: &Value, path: String, out: &mut Vec<(String, f64)>) {
@@ -291,7 +294,11 @@ pub fn flatten(value: &Value) -> Vec<(String, f64)> {
             Value::Number(n) => out.push((path, n.as_f64().unwrap_or(0.0))),
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    walk(item, join(&path, &i.to_string()), out);
+                    let key = item
+                        .get("slot")
+                        .and_then(Value::as_u64)
+                        .map_or_else(|| i.to_string(), |slot| format!("slot{slot}"));
+                    walk(item, join(&path, &key), out);
                 }
             }
             Value::Object(map) => {
@@ -417,6 +424,17 @@ mod tests {
                 ("0.opened".to_owned(), 3.0),
                 ("1.x.y".to_owned(), 1.5)
             ]
+        );
+    }
+
+    #[test]
+    fn table_rows_keep_their_slot_when_an_earlier_row_goes() {
+        let before = flatten(&json!([{"slot": 3, "startNs": 10}, {"slot": 9, "startNs": 20}]));
+        let after = flatten(&json!([{"slot": 9, "startNs": 20}]));
+        let slot9 = ("slot9.startNs".to_owned(), 20.0);
+        assert!(
+            before.contains(&slot9) && after.contains(&slot9),
+            "{before:?} {after:?}"
         );
     }
 }

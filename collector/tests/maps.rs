@@ -93,12 +93,12 @@ fn assert_watch_shows_opened(config: &AgentConfig, opened_count: usize) {
     let last_view = text.rsplit("\x1b[2J\x1b[H").next().unwrap();
     let opened = last_view
         .lines()
-        .find(|line| line.starts_with("0.opened"))
+        .find(|line| line.starts_with("slot0.opened"))
         .unwrap_or_else(|| panic!("{text}"));
     // Value 15, and a rate (0.0: no new connections between the two refreshes).
     assert_eq!(
         opened.split_whitespace().collect::<Vec<_>>(),
-        ["0.opened", &opened_count.to_string(), "0.0"]
+        ["slot0.opened", &opened_count.to_string(), "0.0"]
     );
 }
 
