@@ -25,6 +25,9 @@ pub struct Link {
     pub loopback: bool,
     /// Index of the device this one is enslaved to (`IFLA_MASTER`), if any.
     pub controller: Option<u32>,
+    /// Index of the device this one sends and receives through (`IFLA_LINK`: a macvlan's
+    /// or a VLAN's lower device, a veth's peer), when that device is in this namespace.
+    pub lower: Option<u32>,
     /// The device's kind (`IFLA_INFO_KIND`: "bond", "bridge", "vlan", ...); empty for a
     /// physical one.
     pub kind: String,
@@ -35,6 +38,14 @@ pub struct Link {
 /// Controllers that pass their ports' packets up through their own device, whose hooks then
 /// see them a second time: their ports are left out of the default selection.
 const LAYER2_CONTROLLERS: [&str; 4] = ["bond", "bridge", "team", "openvswitch"];
+
+/// Devices whose every packet also crosses their lower device's hooks, untagged (a packet
+/// for a macvlan comes in through the lower device, and one sent from it goes out through
+/// it): left out of the default selection when their lower device is watched, as
+/// keepalived's VRRP macvlans (`use_vmac`) are next to the interface they sit on. (A VLAN's
+/// packets carry their tag on the lower device, where the classifiers leave them. ipvlan
+/// would belong here too, but the kernels the tests run on lack it.)
+const UPPER_DEVICES: [&str; 2] = ["macvlan", "macvtap"];
 
 /// An interface's own counters, as `ip -s link` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -125,6 +136,15 @@ fn from_message(message: &LinkMessage) -> Link {
         LinkAttribute::Controller(index) => Some(*index),
         _ => None,
     });
+    // With IFLA_LINK_NETNSID the index is another namespace's.
+    let lower_elsewhere = message
+        .attributes
+        .iter()
+        .any(|attr| matches!(attr, LinkAttribute::LinkNetNsId(_)));
+    let lower = message.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::Link(index) if !lower_elsewhere && *index != 0 => Some(*index),
+        _ => None,
+    });
     let kind = message
         .attributes
         .iter()
@@ -146,16 +166,28 @@ fn from_message(message: &LinkMessage) -> Link {
         ),
         loopback: message.header.link_layer_type == LinkLayerType::Loopback,
         controller,
+        lower,
         kind,
         stats,
     }
 }
 
 /// Whether `link` is watched when no interfaces are configured: up, with Ethernet framing,
-/// and not the port of a bond, bridge, team or Open vSwitch, whose packets the controller's
+/// not the port of a bond, bridge, team or Open vSwitch, whose packets the controller's
 /// own device sees again (counting both would count them twice; a VRF's ports stay, as the
-/// VRF device's hooks do not see their packets).
+/// VRF device's hooks do not see their packets), and not a macvlan whose lower device is
+/// watched, which sees its packets too.
 pub fn watched_by_default(link: &Link, all: &[Link]) -> bool {
+    let upper_of_watched = UPPER_DEVICES.contains(&link.kind.as_str())
+        && link.lower.is_some_and(|index| {
+            all.iter()
+                .any(|other| other.index == index && countable_on_its_own(other, all))
+        });
+    countable_on_its_own(link, all) && !upper_of_watched
+}
+
+/// Up, with Ethernet framing, and not the port of a layer-2 controller.
+fn countable_on_its_own(link: &Link, all: &[Link]) -> bool {
     let port_of_layer2_controller = link.controller.is_some_and(|index| {
         all.iter()
             .any(|other| other.index == index && LAYER2_CONTROLLERS.contains(&other.kind.as_str()))
@@ -202,6 +234,7 @@ mod tests {
             ethernet_framing,
             loopback: name == "lo",
             controller: None,
+            lower: None,
             kind: String::new(),
             stats: InterfaceStats::default(),
         }
@@ -245,6 +278,31 @@ mod tests {
         );
         // Configured by name, a port is attached as asked.
         assert_eq!(select(&links, &["eth0".into()]).unwrap()[0].name, "eth0");
+    }
+
+    #[test]
+    fn macvlans_are_left_to_a_watched_lower_device() {
+        let upper = |index, name: &str, kind: &str, lower| Link {
+            kind: kind.into(),
+            lower: Some(lower),
+            ..link(index, name, true, true)
+        };
+        let links = [
+            link(1, "lo", true, true),
+            link(2, "eth0", true, true),
+            upper(3, "vrrp.51", "macvlan", 2),
+            upper(4, "macvtap0", "macvtap", 2),
+            link(5, "eth1", false, true),
+            upper(6, "mv1", "macvlan", 5),
+            upper(7, "eth0.7", "vlan", 2),
+        ];
+        let names: Vec<_> = select(&links, &[])
+            .unwrap()
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        // mv1's lower device is down, and so not watched: mv1 counts its own packets.
+        assert_eq!(names, ["lo", "eth0", "mv1", "eth0.7"]);
     }
 
     #[test]

@@ -328,6 +328,7 @@ mod tests {
             ethernet_framing: true,
             loopback: index == 1,
             controller: None,
+            lower: None,
             kind: String::new(),
             stats: crate::links::InterfaceStats {
                 rx_bytes: 7,

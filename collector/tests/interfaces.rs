@@ -206,6 +206,56 @@ fn traffic_through_a_bridge_is_counted_once() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// An upper device of `kind` (with its mode) on a veth whose peer is in `peer`, holding
+/// 10.78.7.1 as keepalived's VRRP macvlans hold a virtual address: every packet for it
+/// crosses the veth's hooks and its own, so only the veth is watched, and counts it once.
+fn traffic_through_an_upper_device_is_counted_once(kind: &str) {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    ip(
+        &netns,
+        &format!(
+            "link add vlow0 type veth peer name vlow1 netns {}",
+            peer.name
+        ),
+    );
+    ip(
+        &netns,
+        &format!("link add vup0 link vlow0 address 02:00:00:00:78:07 type {kind}"),
+    );
+    ip(&netns, "addr add 10.78.7.1/24 dev vup0");
+    ip(&peer, "addr add 10.78.7.2/24 dev vlow1");
+    for (ns, device) in [(&netns, "vlow0"), (&netns, "vup0"), (&peer, "vlow1")] {
+        ip(ns, &format!("link set {device} up"));
+    }
+    // The peer sends to the upper device's own MAC, not to whichever device answers ARP
+    // first (the veth would too).
+    ip(
+        &peer,
+        "neigh replace 10.78.7.1 lladdr 02:00:00:00:78:07 dev vlow1 nud permanent",
+    );
+
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let metrics = scrape(&netns);
+    assert!(attached(&metrics, "vlow0"));
+    assert!(!attached(&metrics, "vup0"));
+
+    exchange_counted_exactly(&netns, &peer, "10.78.7.1:18080");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn traffic_through_a_macvlan_is_counted_once() {
+    traffic_through_an_upper_device_is_counted_once("macvlan mode bridge");
+}
+
+#[test]
+fn traffic_through_a_macvtap_is_counted_once() {
+    traffic_through_an_upper_device_is_counted_once("macvtap mode bridge");
+}
+
 fn payload_bytes(metrics: &str, direction: &str) -> Option<f64> {
     sample(
         metrics,
