@@ -225,6 +225,12 @@ fn number(value: &Value) -> f64 {
     value.as_f64().unwrap_or(0.0)
 }
 
+/// A count as a plain integer: a JSON value's Display ignores the width, and would shift
+/// every column after it.
+fn count(value: &Value) -> u64 {
+    value.as_u64().unwrap_or(0)
+}
+
 /// `/api/v1/proxy` as a table: one line per route, then the totals.
 #[must_use]
 pub fn proxy_table(json: &Value) -> String {
@@ -241,9 +247,9 @@ pub fn proxy_table(json: &Value) -> String {
             "{:<16} {:<9} {:>8} {:>10} {:>10} {:>9.1} {:>12.0} {:>12.0} {:>10.4}",
             route["name"].as_str().unwrap_or(""),
             route["type"].as_str().unwrap_or(""),
-            route["active"],
-            route["opened"],
-            route["closed"],
+            count(&route["active"]),
+            count(&route["opened"]),
+            count(&route["closed"]),
             number(&route["connectionsPerSecond"]["instant"]),
             number(&route["throughput"]["bytesIn"]["instant"]),
             number(&route["throughput"]["bytesOut"]["instant"]),
@@ -311,7 +317,7 @@ pub fn dns_table(json: &Value) -> String {
         let _ = writeln!(
             out,
             "  {:>10}  {}",
-            domain["count"],
+            count(&domain["count"]),
             domain["domain"].as_str().unwrap_or("")
         );
     }
@@ -389,6 +395,12 @@ mod tests {
             "{web}"
         );
         assert!(table.contains("total: 2 active, 5 connections"));
+        // Every number ends where its heading does.
+        let header = table.lines().next().unwrap();
+        for (heading, value) in [("ACTIVE", " 2"), ("CLOSED", " 3"), ("P50 S", "0.2500")] {
+            let end = header.find(heading).unwrap() + heading.len();
+            assert_eq!(&web[end - value.len()..end], value, "{heading}:\n{table}");
+        }
 
         let dns = serde_json::json!({
             "totalQueries": 9, "queriesPerSecond": 3.0, "totalResponses": 9, "errorRate": 0.0,
@@ -400,7 +412,7 @@ mod tests {
         let text = dns_table(&dns);
         assert!(text.contains("cache: 8 hits, 1 misses"), "{text}");
         assert!(text.contains("types: A 9"));
-        assert!(text.contains("9  example.com"));
+        assert!(text.contains("\n           9  example.com"), "{text}");
 
         let unmatched = serde_json::json!({
             "totalQueries": 9, "matchResponses": false, "cacheStats": null, "latency": null,
