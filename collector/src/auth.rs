@@ -15,14 +15,13 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
 };
 
 use anyhow::{Context as _, bail};
 use axum::http::{HeaderMap, header};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 
-use crate::config::HttpConfig;
+use crate::{config::HttpConfig, file_version::FileVersion};
 
 /// The credentials the endpoint accepts.
 #[derive(Clone, Default)]
@@ -42,23 +41,12 @@ struct Users {
 struct SecretFile<T> {
     path: PathBuf,
     read: fn(&Path) -> anyhow::Result<T>,
-    current: Mutex<(Option<Stamp>, Arc<T>)>,
-}
-
-/// What tells a file's versions apart. The modification time alone may not: the kernel may
-/// keep it to the tick, and a rewrite in place (truncate, then write) can land in the tick of
-/// a read that saw the file empty or half-written; the length then differs, and the inode
-/// where the file is swapped for a new one (a Kubernetes Secret).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    modified: SystemTime,
-    len: u64,
-    inode: u64,
+    current: Mutex<(Option<FileVersion>, Arc<T>)>,
 }
 
 impl<T> SecretFile<T> {
     fn open(path: &Path, read: fn(&Path) -> anyhow::Result<T>) -> anyhow::Result<Arc<Self>> {
-        let stamp = modified(path);
+        let stamp = FileVersion::of(path).ok();
         let value = read(path)?;
         Ok(Arc::new(Self {
             path: path.to_owned(),
@@ -69,7 +57,7 @@ impl<T> SecretFile<T> {
 
     fn current(&self) -> Arc<T> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let stamp = modified(&self.path);
+        let stamp = FileVersion::of(&self.path).ok();
         if stamp.is_some() && stamp != current.0 {
             current.0 = stamp;
             match (self.read)(&self.path) {
@@ -84,16 +72,6 @@ impl<T> SecretFile<T> {
         }
         Arc::clone(&current.1)
     }
-}
-
-fn modified(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        modified: meta.modified().ok()?,
-        len: meta.len(),
-        inode: meta.ino(),
-    })
 }
 
 /// Why a request was refused, and how it may authenticate.
@@ -312,7 +290,7 @@ mod tests {
         fn write(&self, name: &str, text: &str, age_s: u64) -> PathBuf {
             let path = self.0.join(name);
             std::fs::write(&path, text).unwrap();
-            let stamp = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(age_s);
+            let stamp = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(age_s);
             std::fs::File::options()
                 .write(true)
                 .open(&path)

@@ -12,6 +12,7 @@ mod counters;
 mod dns;
 mod event_stream;
 mod events;
+mod file_version;
 mod links;
 mod loader;
 mod mapped;

@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context as _, ensure};
@@ -21,6 +21,8 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+use crate::file_version::FileVersion;
 
 /// Longest a client may take over its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,7 +53,7 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
 }
 
 struct Loaded {
-    stamp: (SystemTime, SystemTime),
+    stamp: (FileVersion, FileVersion),
     key: Arc<CertifiedKey>,
 }
 
@@ -92,13 +94,10 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
-fn stamp(files: &TlsFiles) -> anyhow::Result<(SystemTime, SystemTime)> {
-    let modified = |path: &Path| {
-        std::fs::metadata(path)
-            .and_then(|meta| meta.modified())
-            .with_context(|| format!("reading {}", path.display()))
-    };
-    Ok((modified(&files.cert)?, modified(&files.key)?))
+fn stamp(files: &TlsFiles) -> anyhow::Result<(FileVersion, FileVersion)> {
+    let version =
+        |path: &Path| FileVersion::of(path).with_context(|| format!("reading {}", path.display()));
+    Ok((version(&files.cert)?, version(&files.key)?))
 }
 
 fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {

@@ -239,11 +239,21 @@ fn cli_reads_the_secured_agent(netns: &Netns, config: &AgentConfig, connections:
     assert!(!plain.status.success(), "plain HTTP to the HTTPS port");
 }
 
-/// Replaces the served pair as cert-manager does (new files renamed over the old): the next
-/// handshake presents the new certificate, and the old one is trusted no more.
+/// Replaces the served pair as cert-manager does (new files renamed over the old), within
+/// the same tick of the clock (same modification times): the next handshake presents the
+/// new certificate, and the old one is trusted no more.
 fn rotate_in_place(netns: &Netns, scratch: &ScratchDir, old_cert: &Path, served: (&Path, &Path)) {
     let (new_cert, new_key) = self_signed(&scratch.0, "second");
     assert_eq!(curl(netns, &new_cert, "/healthz", None).0, 0);
+    for (new, old) in [(&new_cert, served.0), (&new_key, served.1)] {
+        let modified = fs::metadata(old).unwrap().modified().unwrap();
+        fs::File::options()
+            .write(true)
+            .open(new)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+    }
     fs::rename(&new_key, served.1).unwrap();
     fs::rename(&new_cert, served.0).unwrap();
     wait_for("the rotated certificate", Duration::from_secs(10), || {
