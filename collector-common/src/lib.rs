@@ -273,14 +273,16 @@ pub struct DnsCounters {
     pub responses_truncated: u64,
     /// Responses matched to their query in the in-flight table (each has a latency).
     pub answered: u64,
-    /// Responses with no query in the in-flight table (evicted, or sent before we started).
+    /// Responses with no query in the in-flight table (untracked, or sent before we started).
     pub unmatched_responses: u64,
     /// Queries repeated with the same client address, port and id while in flight: the
     /// first one's time is kept.
     pub duplicate_queries: u64,
-    /// Queries whose in-flight entry was taken over by another query before an answer and
-    /// within [`DNS_ANSWER_TIMEOUT_NS`] (a hash collision): their latency is lost.
-    pub evicted_queries: u64,
+    /// Queries that found every slot of their in-flight set held by a query still waiting
+    /// (younger than [`DNS_ANSWER_TIMEOUT_NS`]): not tracked, their latency is lost. The
+    /// waiting ones keep their slots, so which queries lose their latency does not depend on
+    /// how long they take.
+    pub untracked_queries: u64,
     /// Queries still unanswered after [`DNS_ANSWER_TIMEOUT_NS`] when their slot was reused.
     pub unanswered_queries: u64,
     /// Matched responses with no upstream query for their name since the client asked.
@@ -309,7 +311,7 @@ impl Default for DnsCounters {
             answered: 0,
             unmatched_responses: 0,
             duplicate_queries: 0,
-            evicted_queries: 0,
+            untracked_queries: 0,
             unanswered_queries: 0,
             cache_hits: 0,
             cache_misses: 0,
@@ -320,10 +322,13 @@ impl Default for DnsCounters {
     }
 }
 
-/// Slots of the DNS in-flight table (a power of two): one per outstanding query, found from
-/// a hash of (client address, port, id). A fixed array instead of a hash map: a map insert
-/// and delete per query cost about 220 ns here.
+/// Slots of the DNS in-flight table (a power of two): one per outstanding query, in sets of
+/// [`DNS_INFLIGHT_WAYS`] found from a hash of (client address, port, id). A fixed array
+/// instead of a hash map: a map insert and delete per query cost about 220 ns here.
 pub const DNS_INFLIGHT_SLOTS: u32 = 16384;
+/// Slots a query may take in its set: a query finds one unless that many others of its set
+/// are still waiting, so two queries that hash alike do not throw each other out.
+pub const DNS_INFLIGHT_WAYS: u32 = 4;
 /// Slots of the table of recent upstream queries, indexed by a hash of the name.
 pub const DNS_UPSTREAM_SLOTS: u32 = 16384;
 /// A query unanswered for this long is given up when its slot is needed.
@@ -533,8 +538,8 @@ pub fn address_words(addr: &[u8; 16]) -> [u64; 2] {
 }
 
 /// 32 bits standing for a client address in the in-flight table. Two clients that share a
-/// port, an id, a slot and a fingerprint at once would be confused: about one chance in
-/// 2^32 per collision in the table, which is itself counted (`evicted`).
+/// port, an id, a set and a fingerprint at once would be confused: about one chance in 2^32
+/// per pair of queries waiting in one set.
 #[must_use]
 pub fn client_fingerprint(client_addr: &[u8; 16]) -> u32 {
     let [high, low] = address_words(client_addr);
@@ -542,12 +547,13 @@ pub fn client_fingerprint(client_addr: &[u8; 16]) -> u32 {
     ((high ^ low.rotate_left(29)).wrapping_mul(GOLDEN_RATIO_64) >> 32) as u32
 }
 
-/// Slot of the in-flight table for a query.
+/// First slot of the in-flight table's set for a query: the query may take any of the
+/// [`DNS_INFLIGHT_WAYS`] slots from there, one 64-byte line of the memory-mapped table.
 #[must_use]
-pub fn dns_inflight_slot(client: u32, client_port: u16, id: u16) -> u32 {
+pub fn dns_inflight_set(client: u32, client_port: u16, id: u16) -> u32 {
     let key = u64::from(client) << 32 | u64::from(client_port) << 16 | u64::from(id);
     let slot = (key.wrapping_mul(GOLDEN_RATIO_64) >> 50) as u32;
-    slot & (DNS_INFLIGHT_SLOTS - 1)
+    slot & (DNS_INFLIGHT_SLOTS - 1) & !(DNS_INFLIGHT_WAYS - 1)
 }
 
 /// Index into [`DnsCounters::queries_by_qtype`] for a QTYPE.
@@ -737,6 +743,8 @@ const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 332)
 const _: () = assert!(size_of::<DnsInFlight>() == 16);
 const _: () = assert!(size_of::<DnsPorts>() == 32);
 const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
+// A set fills one 64-byte line of the page-aligned (memory-mappable) table.
+const _: () = assert!(DNS_INFLIGHT_WAYS as usize * size_of::<DnsInFlight>() == 64);
 const _: () = assert!(DNS_UPSTREAM_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<DnsQueryEvent>() == 40);
 const _: () = assert!(size_of::<DnsNameEvent>() == 24);

@@ -10,8 +10,8 @@
 //! - loopback, one ingress hook (every packet sent on lo comes back in through it): all three,
 //!   in that order of precedence.
 //!
-//! Latency: a query takes a slot of the in-flight table found from a hash of (client address,
-//! port, id); its response frees it. Cache misses: an upstream query stamps a table indexed by
+//! Latency: a query takes a free slot of its set of the in-flight table, found from a hash of
+//! (client address, port, id); its response frees it. Cache misses: an upstream query stamps a table indexed by
 //! a hash of its name; a response whose name was stamped after its query arrived is a miss.
 //! A response whose query arrived after the latest upstream query, for any name, is a hit
 //! without that look-up.
@@ -33,9 +33,10 @@ use aya_ebpf::{
 };
 use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
-    DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS, DnsAnswerEvent,
-    DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint, dns_inflight_slot,
-    dns_lowercase_word, dns_malformed, dns_port_listed, dns_qtype_index, duration_bucket,
+    DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS,
+    DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint,
+    dns_inflight_set, dns_lowercase_word, dns_malformed, dns_port_listed, dns_qtype_index,
+    duration_bucket,
 };
 
 use crate::{
@@ -594,34 +595,59 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
     }
 }
 
-/// Takes the query's in-flight slot (a retransmission keeps the first one's).
+/// Takes a free slot of the query's in-flight set (a retransmission keeps the first one's).
+/// A slot whose query waited past the timeout is given up (unanswered) and free again. With
+/// every slot held by a query still waiting, this one goes untracked: the waiting ones are
+/// not thrown out, since the slowest answers would then be the ones lost.
 #[inline(always)]
 fn remember(addr: &[u8; 16], port: u16, id: u16, now: u64, counters: &mut DnsCounters) {
     let client = client_fingerprint(addr);
-    let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(client, port, id)) else {
-        return;
-    };
-    // SAFETY: a value of our array map. Two CPUs writing one slot at once can tear it; the
-    // response then fails to match and is counted as unmatched.
-    let slot = unsafe { &mut *slot };
-    if slot.start_ns != 0 {
+    let set = dns_inflight_set(client, port, id);
+    let mut free = None;
+    for way in 0..DNS_INFLIGHT_WAYS {
+        let Some(slot) = DNS_INFLIGHT.get_ptr_mut(set + way) else {
+            return;
+        };
+        // SAFETY: a value of our array map. Two CPUs writing one slot at once can tear it; the
+        // response then fails to match and is counted as unmatched.
+        let slot = unsafe { &mut *slot };
+        if slot.start_ns == 0 {
+            free = free.or(Some(slot));
+            continue;
+        }
+        let given_up = now.wrapping_sub(slot.start_ns) > DNS_ANSWER_TIMEOUT_NS;
         if slot.client == client && slot.client_port == port && slot.id == id {
-            // A retransmission: keep the first time, which is what the client waits from.
-            counters.duplicate_queries += 1;
+            if given_up {
+                // The same client, port and id after the timeout: a new query, and the first
+                // one went unanswered.
+                counters.unanswered_queries += 1;
+                *slot = in_flight(client, port, id, now);
+            } else {
+                // A retransmission: keep the first time, which is what the client waits from.
+                counters.duplicate_queries += 1;
+            }
             return;
         }
-        if now.wrapping_sub(slot.start_ns) > DNS_ANSWER_TIMEOUT_NS {
+        if given_up {
             counters.unanswered_queries += 1;
-        } else {
-            counters.evicted_queries += 1;
+            slot.start_ns = 0;
+            free = free.or(Some(slot));
         }
     }
-    *slot = DnsInFlight {
-        start_ns: now,
+    match free {
+        Some(slot) => *slot = in_flight(client, port, id, now),
+        None => counters.untracked_queries += 1,
+    }
+}
+
+#[inline(always)]
+const fn in_flight(client: u32, client_port: u16, id: u16, start_ns: u64) -> DnsInFlight {
+    DnsInFlight {
+        start_ns,
         client,
-        client_port: port,
+        client_port,
         id,
-    };
+    }
 }
 
 #[inline(always)]
@@ -707,17 +733,10 @@ fn on_response(
         counters.unmatched_responses += 1;
         return;
     };
-    let client = client_fingerprint(&addr);
-    let Some(slot) = DNS_INFLIGHT.get_ptr_mut(dns_inflight_slot(client, port, id)) else {
+    let Some(slot) = waiting(client_fingerprint(&addr), port, id) else {
         counters.unmatched_responses += 1;
         return;
     };
-    // SAFETY: as in `on_query`.
-    let slot = unsafe { &mut *slot };
-    if slot.start_ns == 0 || slot.client != client || slot.client_port != port || slot.id != id {
-        counters.unmatched_responses += 1;
-        return;
-    }
     let started = slot.start_ns;
     slot.start_ns = 0;
     let now = ktime_ns();
@@ -765,6 +784,22 @@ fn on_response(
     {
         counters.events_dropped += 1;
     }
+}
+
+/// The in-flight slot of the query a response answers, if it is waiting.
+#[inline(always)]
+fn waiting(client: u32, port: u16, id: u16) -> Option<&'static mut DnsInFlight> {
+    let set = dns_inflight_set(client, port, id);
+    for way in 0..DNS_INFLIGHT_WAYS {
+        let slot = DNS_INFLIGHT.get_ptr_mut(set + way)?;
+        // SAFETY: as in `remember`.
+        let slot = unsafe { &mut *slot };
+        if slot.start_ns != 0 && slot.client == client && slot.client_port == port && slot.id == id
+        {
+            return Some(slot);
+        }
+    }
+    None
 }
 
 /// The slot of `DNS_UPSTREAM` for the question's name.

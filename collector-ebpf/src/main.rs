@@ -103,8 +103,10 @@ static DNS_PORTS: Global<DnsPorts> = Global::new(DnsPorts {
 });
 #[btf_map]
 static DNS_COUNTERS: PerCpuArray<DnsCounters, 1> = PerCpuArray::new();
+/// Memory-mappable for its page alignment: each set of ways is one cache line.
 #[btf_map]
-static DNS_INFLIGHT: Array<DnsInFlight, { DNS_INFLIGHT_SLOTS as usize }> = Array::new();
+static DNS_INFLIGHT: Array<DnsInFlight, { DNS_INFLIGHT_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
+    Array::new();
 #[btf_map]
 static DNS_UPSTREAM: Array<u64, { DNS_UPSTREAM_SLOTS as usize }> = Array::new();
 #[btf_map]

@@ -273,7 +273,7 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
         "answered": c.answered,
         "unmatchedResponses": c.unmatched_responses,
         "duplicateQueries": c.duplicate_queries,
-        "evictedQueries": c.evicted_queries,
+        "untrackedQueries": c.untracked_queries,
         "unansweredQueries": c.unanswered_queries,
         "cacheHits": c.cache_hits,
         "cacheMisses": c.cache_misses,

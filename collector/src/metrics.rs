@@ -425,7 +425,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
             ),
             (
                 "collector_dns_responses_unmatched",
-                "Responses with no query in the in-flight table (its slot was taken, or it came before the collector).",
+                "Responses with no query in the in-flight table (it went untracked, or came before the collector).",
                 c.unmatched_responses,
             ),
             (
@@ -434,13 +434,13 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
                 c.duplicate_queries,
             ),
             (
-                "collector_dns_queries_evicted",
-                "Queries whose in-flight slot another query took before the answer (latency lost).",
-                c.evicted_queries,
+                "collector_dns_queries_untracked",
+                "Queries that found every in-flight slot of their set held by queries still waiting (latency lost).",
+                c.untracked_queries,
             ),
             (
                 "collector_dns_queries_unanswered",
-                "Queries given up unanswered after 10 s, counted when their slot is reused.",
+                "Queries given up unanswered after 10 s, counted when a query of their set or their flow comes.",
                 c.unanswered_queries,
             ),
         ],

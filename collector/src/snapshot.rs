@@ -90,9 +90,9 @@ impl DnsSnapshot {
         self.counters.responses_by_rcode.iter().sum()
     }
 
-    /// Queries waiting for their response: every query counted while matching is on takes an
-    /// in-flight slot, and leaves it answered, evicted, given up, or as a duplicate of one
-    /// already there. `None` while matching is off.
+    /// Queries waiting for their response: a query counted while matching is on takes an
+    /// in-flight slot, which it leaves answered or given up, unless it goes untracked or is a
+    /// duplicate of one already there. `None` while matching is off.
     #[must_use]
     pub fn in_flight(&self) -> Option<u64> {
         let c = &self.counters;
@@ -100,7 +100,7 @@ impl DnsSnapshot {
             self.total_queries().saturating_sub(
                 c.queries_unmatched
                     + c.answered
-                    + c.evicted_queries
+                    + c.untracked_queries
                     + c.unanswered_queries
                     + c.duplicate_queries,
             )

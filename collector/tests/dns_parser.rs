@@ -15,8 +15,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DnsCounters, DnsPorts, GLOBAL_DNS_PORTS, dns_malformed, dns_qtype_index, map_names,
-    program_names, tally_table_len,
+    DNS_INFLIGHT_WAYS, DnsCounters, DnsInFlight, DnsPorts, GLOBAL_DNS_PORTS, client_fingerprint,
+    dns_inflight_set, dns_malformed, dns_qtype_index, map_names, program_names, tally_table_len,
 };
 use hickory_proto::{
     op::{Header, MessageType, Query},
@@ -109,6 +109,11 @@ impl Classifiers {
             }
             total.responses_truncated += value.responses_truncated;
             total.answered += value.answered;
+            total.latency_ns += value.latency_ns;
+            total.unmatched_responses += value.unmatched_responses;
+            total.duplicate_queries += value.duplicate_queries;
+            total.untracked_queries += value.untracked_queries;
+            total.unanswered_queries += value.unanswered_queries;
             total.cache_hits += value.cache_hits;
             total.cache_misses += value.cache_misses;
             total.upstream_queries += value.upstream_queries;
@@ -841,4 +846,98 @@ fn go_upstream(classifiers: &Classifiers, name: &[&[u8]]) {
         latest, largest,
         "the latest upstream time is not the largest stamp"
     );
+}
+
+/// Queries of one in-flight set, in the kernel: the waiting ones keep their slots (a new one
+/// goes untracked when all are held), so the slow answers are not the ones whose latency is
+/// lost; one waiting past the timeout is given up when its flow or its set asks again.
+#[test]
+fn waiting_queries_keep_their_in_flight_slots() {
+    const SECOND_NS: u64 = 1_000_000_000;
+    let mut classifiers = Classifiers::load();
+    // The IPv4 client of `Packet::frame`, as the kernel maps it.
+    let client = client_fingerprint(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
+    let set = dns_inflight_set(client, CLIENT_PORT, 1);
+    let ways = usize::try_from(DNS_INFLIGHT_WAYS).unwrap();
+    let ids: Vec<u16> = (1..=u16::MAX)
+        .filter(|&id| dns_inflight_set(client, CLIENT_PORT, id) == set)
+        .take(ways + 1)
+        .collect();
+    let with_id = |flags, id: u16| {
+        let mut payload = message(flags, 1, &www_example(1));
+        payload[..2].copy_from_slice(&id.to_be_bytes());
+        payload
+    };
+    let ask = |classifiers: &Classifiers, id| {
+        let frame = Packet::new(Direction::ToServer, with_id(QUERY, id)).frame();
+        assert_eq!(
+            classifiers.run(Direction::ToServer, &frame),
+            Outcome::Query(1)
+        );
+    };
+    let answer = |classifiers: &Classifiers, id| {
+        let frame = Packet::new(Direction::FromServer, with_id(RESPONSE, id)).frame();
+        assert_eq!(
+            classifiers.run(Direction::FromServer, &frame),
+            Outcome::Response(0)
+        );
+    };
+    // Moves the waiting query `id`'s arrival back past the timeout.
+    let age = |classifiers: &mut Classifiers, id| {
+        let mut table: Array<_, DnsInFlight> =
+            Array::try_from(classifiers.ebpf.map_mut(map_names::DNS_INFLIGHT).unwrap()).unwrap();
+        let slot = (set..set + DNS_INFLIGHT_WAYS)
+            .find(|&slot| {
+                let entry = table.get(&slot, 0).unwrap();
+                entry.start_ns != 0 && entry.id == id
+            })
+            .unwrap();
+        let mut entry = table.get(&slot, 0).unwrap();
+        entry.start_ns -= 11 * SECOND_NS;
+        table.set(slot, entry, 0).unwrap();
+    };
+    let totals = |classifiers: &Classifiers| {
+        let t = classifiers.totals();
+        [
+            t.answered,
+            t.unmatched_responses,
+            t.untracked_queries,
+            t.unanswered_queries,
+            t.duplicate_queries,
+        ]
+    };
+
+    // One more query than the set has ways: the last one goes untracked, and the four
+    // waiting, however long they take, are answered with their latency.
+    for &id in &ids {
+        ask(&classifiers, id);
+    }
+    assert_eq!(totals(&classifiers), [0, 0, 1, 0, 0]);
+    for &id in &ids[..ways] {
+        answer(&classifiers, id);
+    }
+    answer(&classifiers, ids[ways]);
+    assert_eq!(totals(&classifiers), [4, 1, 1, 0, 0]);
+
+    // A retransmission keeps the first time; the same flow after the timeout is a new query,
+    // and the first one went unanswered: its answer's latency is the new query's.
+    ask(&classifiers, ids[0]);
+    ask(&classifiers, ids[0]);
+    assert_eq!(totals(&classifiers), [4, 1, 1, 0, 1]);
+    age(&mut classifiers, ids[0]);
+    let latency_before = classifiers.totals().latency_ns;
+    ask(&classifiers, ids[0]);
+    answer(&classifiers, ids[0]);
+    assert_eq!(totals(&classifiers), [5, 1, 1, 1, 1]);
+    let latency = classifiers.totals().latency_ns - latency_before;
+    assert!(latency < SECOND_NS, "{latency} ns");
+
+    // A query given up leaves its slot to the next query of its set.
+    ask(&classifiers, ids[1]);
+    age(&mut classifiers, ids[1]);
+    for &id in &ids[2..] {
+        ask(&classifiers, id);
+    }
+    ask(&classifiers, ids[0]);
+    assert_eq!(totals(&classifiers), [5, 1, 1, 2, 1]);
 }
