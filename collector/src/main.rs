@@ -582,10 +582,7 @@ fn connections_from_before(attachment: &Attachment) -> Preexisting {
     if attachment.inherited() {
         return Preexisting::default();
     }
-    let listed = attachment
-        .tracked_cookies()
-        .and_then(|tracked| Ok(Preexisting::list(&attachment.routes, &tracked)?));
-    match listed {
+    match Preexisting::list(&attachment.routes, || attachment.tracked_cookies()) {
         Ok(preexisting) => preexisting,
         Err(err) => {
             tracing::warn!("listing the connections open from before the start: {err:#}");

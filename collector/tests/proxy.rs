@@ -539,6 +539,90 @@ fn connections_open_across_a_clean_restart_stay_active_until_they_close() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// Connections opened one after another all through a clean start, and held: each is in
+/// `active` once, whether the agent saw it open (`opened`) or found it open from before.
+#[test]
+fn connections_opened_during_a_clean_start_count_once() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    // Both ends of every connection are this process's: room for a few thousand.
+    let limit = libc::rlimit {
+        rlim_cur: 20_000,
+        rlim_max: 20_000,
+    };
+    // SAFETY: a plain system call with a valid argument.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let connector = {
+        let stop = Arc::clone(&stop);
+        netns.spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::Relaxed) && held.len() < 6_000 {
+                held.push(TcpStream::connect(("127.0.0.1", API_PORT)).unwrap());
+                thread::sleep(Duration::from_micros(200));
+            }
+            held
+        })
+    };
+    // Accepted as they come (a full backlog would stall the connects).
+    let acceptor = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            loop {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) if stop.load(Ordering::Relaxed) => return (listener, held),
+                    Err(_) => thread::sleep(Duration::from_micros(100)),
+                }
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(200));
+    let agent = Agent::start(&netns, &config);
+    stop.store(true, Ordering::Relaxed);
+    let clients = connector.join().unwrap();
+    let (listener, mut accepted) = acceptor.join().unwrap();
+    listener.set_nonblocking(false).unwrap();
+    while accepted.len() < clients.len() {
+        accepted.push(listener.accept().unwrap().0);
+    }
+    let held = clients.len() as f64;
+    let metrics = wait_for(
+        "every connection in active",
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(&netns);
+            let opened = route_value(&metrics, "collector_proxy_connections_opened_total", "api");
+            let before = route_value(
+                &metrics,
+                "collector_proxy_connections_open_from_before_start",
+                "api",
+            );
+            (opened + before == held).then_some(metrics)
+        },
+    );
+    // Some of each, or the start did not fall among them.
+    assert!(
+        route_value(&metrics, "collector_proxy_connections_opened_total", "api") > 0.0,
+        "{held}"
+    );
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_active", "api"),
+        held
+    );
+    drop(clients);
+    drop(accepted);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn live_byte_counters_grow_while_a_connection_streams() {
     let netns = Netns::new();
