@@ -553,7 +553,7 @@ fn connections_opened_during_a_clean_start_count_once() {
         rlim_max: 20_000,
     };
     // SAFETY: a plain system call with a valid argument.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) }, 0);
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
