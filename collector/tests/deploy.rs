@@ -29,6 +29,39 @@ fn run_ok(command: &mut Command, what: &str) -> String {
     text
 }
 
+/// The documents of a YAML file as JSON, parsed by `PyYAML` (yamllint's own parser).
+fn yaml(relative: &str) -> Vec<serde_json::Value> {
+    let out = run_ok(
+        Command::new("python3")
+            .args([
+                "-c",
+                "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+            ])
+            .arg(deploy(relative)),
+        "python3 with PyYAML (yamllint needs both)",
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The pod spec of a manifest's workload (its `DaemonSet` or `Deployment`).
+fn pod_spec(manifest: &str) -> serde_json::Value {
+    let workload = yaml(manifest)
+        .into_iter()
+        .find(|doc| matches!(doc["kind"].as_str(), Some("DaemonSet" | "Deployment")))
+        .unwrap_or_else(|| panic!("{manifest}: no DaemonSet or Deployment"));
+    workload["spec"]["template"]["spec"].clone()
+}
+
+/// The collector's container in a pod spec.
+fn collector_container(spec: &serde_json::Value) -> &serde_json::Value {
+    spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "collector")
+        .expect("a container named collector")
+}
+
 /// The capabilities `collector check` lists, without the `CAP_` prefix.
 fn checked_capabilities() -> BTreeSet<String> {
     let out = Command::new(COLLECTOR).arg("check").output().unwrap();
@@ -83,6 +116,17 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
                 "{manifest} lacks {needed}"
             );
         }
+    }
+    for manifest in ["kubernetes/daemonset.yaml", "kubernetes/sidecar.yaml"] {
+        // The runtime's default AppArmor profile denies writes under /sys/fs/bpf, and
+        // SELinux's container_t may not create files on bpffs: pinning would fail.
+        let spec = pod_spec(manifest);
+        let security = &collector_container(&spec)["securityContext"];
+        assert_eq!(
+            security["appArmorProfile"]["type"], "Unconfined",
+            "{manifest}"
+        );
+        assert_eq!(security["seLinuxOptions"]["type"], "spc_t", "{manifest}");
     }
     assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
     // One collector per pin directory: each sidecar pod pins under its own.
