@@ -103,7 +103,6 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
             "drop: [\"ALL\"]",
             "privileged: false",
             "path: /healthz",
-            "path: /readyz",
             "mountPath: /sys/fs/bpf",
             "mountPath: /sys/fs/cgroup",
             "mountPath: /etc/collector/tls",
@@ -128,6 +127,36 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
         );
         assert_eq!(security["seLinuxOptions"]["type"], "spc_t", "{manifest}");
     }
+    // The DaemonSet is Ready once its programs are attached and read.
+    let daemonset = pod_spec("kubernetes/daemonset.yaml");
+    let collector = collector_container(&daemonset);
+    assert_eq!(collector["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(collector["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // The sidecar must never gate the proxy: a pod is Ready only when every container is,
+    // and a container with a startup probe is not Ready until that passes. A volume the pod
+    // lacks holds it, proxy included, in ContainerCreating.
+    let sidecar = pod_spec("kubernetes/sidecar.yaml");
+    let collector = collector_container(&sidecar);
+    for gate in ["readinessProbe", "startupProbe"] {
+        assert!(
+            collector.get(gate).is_none(),
+            "the sidecar's {gate} gates the proxy pod's readiness"
+        );
+    }
+    assert_eq!(collector["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let mut optional = 0;
+    for volume in sidecar["volumes"].as_array().unwrap() {
+        if let Some(source) = volume.get("secret").or_else(|| volume.get("configMap")) {
+            assert_eq!(
+                source["optional"], true,
+                "the sidecar's volume {} would hold the proxy back",
+                volume["name"]
+            );
+            optional += 1;
+        }
+    }
+    assert_eq!(optional, 3, "the config, token and tls volumes");
+
     assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
     // One collector per pin directory: each sidecar pod pins under its own.
     let sidecar = read("kubernetes/sidecar.yaml");
