@@ -168,6 +168,37 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
 }
 
 #[test]
+fn the_daemonset_config_is_valid_and_names_its_interfaces() {
+    let configmap = yaml("kubernetes/daemonset.yaml")
+        .into_iter()
+        .find(|doc| doc["kind"] == "ConfigMap")
+        .expect("the DaemonSet's ConfigMap");
+    let toml = configmap["data"]["collector.toml"].as_str().unwrap();
+    // Left empty, every pod veth of the node would be watched (series churn, forwarded pod
+    // traffic counted as the host's).
+    let interfaces = toml
+        .lines()
+        .find_map(|line| line.strip_prefix("interfaces = "))
+        .expect("an explicit interfaces setting");
+    assert!(interfaces.contains("\"lo\""), "{interfaces}");
+    assert_ne!(interfaces, "[]");
+    // The agent's own parser: a config error names the file (`FILE:LINE:COLUMN: reason`).
+    let dir = std::env::temp_dir().join(format!("collector-configmap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("collector.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(COLLECTOR)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains(path.to_str().unwrap()), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_systemd_unit_passes_systemd_analyze_and_grants_what_check_lists() {
     let unit = read("systemd/collector.service");
     let capabilities = checked_capabilities();
