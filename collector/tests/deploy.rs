@@ -157,6 +157,15 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
     }
     assert_eq!(optional, 3, "the config, token and tls volumes");
 
+    // `--listen $(X_IP):9464` is refused for an IPv6 address: each manifest says how.
+    for (manifest, ip) in [
+        ("kubernetes/daemonset.yaml", "NODE_IP"),
+        ("kubernetes/sidecar.yaml", "POD_IP"),
+    ] {
+        let text = read(manifest);
+        assert!(text.contains(&format!("- $({ip}):9464\n")), "{manifest}");
+        assert!(text.contains(&format!("\"[$({ip})]:9464\"")), "{manifest}");
+    }
     assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
     // One collector per pin directory: each sidecar pod pins under its own.
     let sidecar = read("kubernetes/sidecar.yaml");
