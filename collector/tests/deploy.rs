@@ -233,6 +233,16 @@ fn the_systemd_unit_passes_systemd_analyze_and_grants_what_check_lists() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn the_alerts_pass_their_promtool_unit_tests() {
+    run_ok(
+        Command::new("promtool")
+            .args(["test", "rules"])
+            .arg(deploy("prometheus/alerts_test.yml")),
+        "promtool test rules",
+    );
+}
+
 /// Metric names (`collector_...`) in a text.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
