@@ -234,6 +234,96 @@ fn the_systemd_unit_passes_systemd_analyze_and_grants_what_check_lists() {
 }
 
 #[test]
+fn the_kubernetes_scrape_job_finds_the_manifests_collectors_and_passes_promtool() {
+    let mut config = yaml("prometheus/kubernetes.yml").remove(0);
+    let job = &config["scrape_configs"][0];
+    assert_eq!(job["scheme"], "https");
+    assert!(
+        job["authorization"]["credentials_file"].is_string(),
+        "{job}"
+    );
+    assert!(job["tls_config"]["ca_file"].is_string(), "{job}");
+    let discovery = &job["kubernetes_sd_configs"][0];
+    assert_eq!(discovery["role"], "pod");
+    let relabel = job["relabel_configs"].as_array().unwrap();
+    let keep = relabel
+        .iter()
+        .find(|r| r["action"] == "keep")
+        .expect("a keep");
+    assert_eq!(
+        keep["source_labels"],
+        serde_json::json!([
+            "__meta_kubernetes_pod_container_name",
+            "__meta_kubernetes_pod_container_port_name"
+        ])
+    );
+    // The DaemonSet's pods and the sidecars: their namespace, container and port.
+    for manifest in ["kubernetes/daemonset.yaml", "kubernetes/sidecar.yaml"] {
+        let workload = yaml(manifest)
+            .into_iter()
+            .find(|doc| matches!(doc["kind"].as_str(), Some("DaemonSet" | "Deployment")))
+            .unwrap();
+        let namespace = &workload["metadata"]["namespace"];
+        assert!(
+            discovery["namespaces"]["names"]
+                .as_array()
+                .unwrap()
+                .contains(namespace),
+            "{manifest}: {namespace} is not discovered"
+        );
+        let spec = pod_spec(manifest);
+        let container = collector_container(&spec);
+        let port = container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["containerPort"] == 9464)
+            .expect("the metrics port");
+        let matched = format!(
+            "{};{}",
+            container["name"].as_str().unwrap(),
+            port["name"].as_str().unwrap()
+        );
+        assert_eq!(keep["regex"], matched, "{manifest}");
+    }
+
+    // Every scrape job sets the label the alerts select on, whatever the job is called.
+    assert!(
+        relabel
+            .iter()
+            .any(|r| r["target_label"] == "exporter" && r["replacement"] == "collector"),
+        "{relabel:?}"
+    );
+    let loopback = yaml("prometheus/prometheus.yml").remove(0);
+    assert_eq!(
+        loopback["scrape_configs"][0]["static_configs"][0]["labels"]["exporter"],
+        "collector"
+    );
+    let alerts = read("prometheus/alerts.yml");
+    assert!(alerts.contains("expr: up{exporter=\"collector\"} == 0"));
+    assert!(alerts.contains("expr: absent(up{exporter=\"collector\"})"));
+    assert!(!alerts.contains("job="));
+
+    // Debian's promtool is built without Kubernetes discovery: the rest of the job (scheme,
+    // authorization, TLS, relabelings) is checked with file discovery in its place, syntax
+    // only (the credential files are the Prometheus pod's).
+    let job = &mut config["scrape_configs"][0];
+    job.as_object_mut().unwrap().remove("kubernetes_sd_configs");
+    job["file_sd_configs"] = serde_json::json!([{ "files": ["targets.json"] }]);
+    let dir = std::env::temp_dir().join(format!("collector-kubernetes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kubernetes.yml");
+    std::fs::write(&path, config.to_string()).unwrap();
+    run_ok(
+        Command::new("promtool")
+            .args(["check", "config", "--syntax-only"])
+            .arg(&path),
+        "promtool check config (the Kubernetes job, file discovery in its place)",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_alerts_pass_their_promtool_unit_tests() {
     run_ok(
         Command::new("promtool")
