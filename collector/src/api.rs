@@ -46,7 +46,11 @@ pub struct Throughput {
 #[serde(rename_all = "camelCase")]
 pub struct TopIp {
     pub ip: String,
+    /// Opened since the client was tracked: never more than the true count.
     pub connections: u64,
+    /// How many more it may have opened: nonzero once more clients were seen than the list
+    /// tracks, for a client that took another's place.
+    pub error: u64,
 }
 
 /// Live traffic of a route, counted per packet at the interfaces.
@@ -274,9 +278,10 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
                 .clients
                 .top
                 .iter()
-                .map(|(ip, n)| TopIp {
-                    ip: ip.to_string(),
-                    connections: *n,
+                .map(|listed| TopIp {
+                    ip: listed.key.to_string(),
+                    connections: listed.count,
+                    error: listed.error,
                 })
                 .collect()
         }),
@@ -310,7 +315,11 @@ pub struct CacheStats {
 #[serde(rename_all = "camelCase")]
 pub struct TopDomain {
     pub domain: String,
+    /// Queries since the name was tracked: never more than the true count.
     pub count: u64,
+    /// How many more it may have had: nonzero once more names were seen than the list
+    /// tracks, for a name that took another's place.
+    pub error: u64,
 }
 
 /// `/api/v1/dns`.
@@ -391,9 +400,10 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
             .domains
             .top
             .iter()
-            .map(|(domain, count)| TopDomain {
-                domain: domain.clone(),
-                count: *count,
+            .map(|listed| TopDomain {
+                domain: listed.key.clone(),
+                count: listed.count,
+                error: listed.error,
             })
             .collect(),
         query_type_breakdown: c
@@ -434,6 +444,8 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
 mod tests {
     use std::net::IpAddr;
 
+    use crate::topk::Listed;
+
     use super::*;
 
     #[test]
@@ -441,7 +453,11 @@ mod tests {
         let mut snapshot = Snapshot::example();
         let client: IpAddr = "192.0.2.7".parse().unwrap();
         snapshot.clients.enabled = true;
-        snapshot.clients.top = vec![(client, 5)];
+        snapshot.clients.top = vec![Listed {
+            key: client,
+            count: 5,
+            error: 0,
+        }];
         snapshot.clients.active = vec![(client, 2)];
         snapshot.connection_rates.instant = 4.5;
         let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();

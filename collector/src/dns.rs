@@ -22,7 +22,11 @@ use hickory_proto::{
     serialize::binary::{BinDecodable, BinDecoder},
 };
 
-use crate::{events::read_record, tally::TallyTable, topk::TopK};
+use crate::{
+    events::read_record,
+    tally::TallyTable,
+    topk::{Listed, TopK},
+};
 
 /// A decoded DNS event.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,8 +170,9 @@ pub struct DomainStats {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DomainSnapshot {
     /// Heaviest domains, highest first: exact counts when every query is sampled and the
-    /// distinct names fit the tracked set, estimates (scaled by the sampling) otherwise.
-    pub top: Vec<(String, u64)>,
+    /// distinct names fit the tracked set; otherwise counts since each was tracked, with the
+    /// error by which it may have had more (scaled by the sampling).
+    pub top: Vec<Listed<String>>,
     pub events_received: u64,
     pub undecodable_names: u64,
 }
@@ -242,7 +247,11 @@ impl DomainStats {
                 .domains
                 .top(listed)
                 .into_iter()
-                .map(|entry| (entry.key.to_string(), entry.count))
+                .map(|entry| Listed {
+                    key: entry.key.to_string(),
+                    count: entry.count,
+                    error: entry.error,
+                })
                 .collect(),
             events_received: self.events_received,
             undecodable_names: self.undecodable_names,
@@ -398,7 +407,7 @@ mod tests {
         stats.apply(&event);
         let snapshot = stats.snapshot(10);
         // Each sample stands for two queries.
-        assert_eq!(snapshot.top, [("a.example".to_owned(), 4)]);
+        assert_eq!(counts(&snapshot.top), [("a.example".to_owned(), 4)]);
         assert_eq!(snapshot.events_received, 2);
     }
 
@@ -443,8 +452,14 @@ mod tests {
         DomainStats::new(10, sample_every, TallyTable::unmapped(slots))
     }
 
+    fn counts(top: &[Listed<String>]) -> Vec<(String, u64)> {
+        top.iter()
+            .map(|listed| (listed.key.clone(), listed.count))
+            .collect()
+    }
+
     fn top(stats: &mut DomainStats) -> Vec<(String, u64)> {
-        stats.snapshot(10).top
+        counts(&stats.snapshot(10).top)
     }
 
     #[test]

@@ -154,12 +154,7 @@ impl ClientStats {
         }
         ClientSnapshot {
             enabled: self.enabled,
-            top: self
-                .opened_by_client
-                .top(LISTED_CLIENTS)
-                .into_iter()
-                .map(|entry| (entry.key, entry.count))
-                .collect(),
+            top: self.opened_by_client.top(LISTED_CLIENTS),
             active: self
                 .table
                 .as_ref()
@@ -345,7 +340,12 @@ mod tests {
         // One connection of `b` counted outside the table.
         stats.apply(&client_claim(CLIENT_NO_SLOT, 0, 0, "2001:db8::2"));
         let snapshot = stats.snapshot();
-        assert_eq!(snapshot.top, [(a, 7), (b, 2)]);
+        let top: Vec<_> = snapshot
+            .top
+            .iter()
+            .map(|listed| (listed.key, listed.count, listed.error))
+            .collect();
+        assert_eq!(top, [(a, 7, 0), (b, 2, 0)]);
         assert_eq!(snapshot.events_received, 3);
     }
 

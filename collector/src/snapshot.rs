@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use collector_common::{ConnCounters, TrafficCounters};
 use collector_common::{DnsCounters, ERROR_KINDS};
 
-use crate::{counters::RouteTotals, dns::DomainSnapshot, loader::WatchedRoute, rates::Rates};
+use crate::{
+    counters::RouteTotals, dns::DomainSnapshot, loader::WatchedRoute, rates::Rates, topk::Listed,
+};
 
 /// One route's figures.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +59,7 @@ pub struct ClientSnapshot {
     /// figures below are not measured (reported as absent, not as no clients).
     pub enabled: bool,
     /// Heaviest clients by connections opened, highest first.
-    pub top: Vec<(IpAddr, u64)>,
+    pub top: Vec<Listed<IpAddr>>,
     /// Clients with the most open connections, highest first.
     pub active: Vec<(IpAddr, u64)>,
     /// Connection events read from the kernel.
@@ -383,7 +385,18 @@ impl DnsSnapshot {
             match_responses: true,
             counters,
             domains: DomainSnapshot {
-                top: vec![("example.com".into(), 7), ("example.org".into(), 3)],
+                top: vec![
+                    Listed {
+                        key: "example.com".into(),
+                        count: 7,
+                        error: 0,
+                    },
+                    Listed {
+                        key: "example.org".into(),
+                        count: 3,
+                        error: 0,
+                    },
+                ],
                 events_received: 18,
                 undecodable_names: 0,
             },

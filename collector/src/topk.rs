@@ -1,9 +1,10 @@
 //! Bounded heavy hitters for keys of unbounded cardinality (client addresses, domains):
 //! Space-Saving (Metwally, Agrawal, El Abbadi 2005) over an indexed min-heap, so each
 //! observation costs O(log capacity) and memory never exceeds `capacity` keys. Counts are
-//! exact while the distinct keys fit; past that every reported count `c` with error `e`
-//! bounds the true count within `[c - e, c]`, and any key seen more than total/capacity
-//! times is reported.
+//! exact while the distinct keys fit; past that a key that takes the place of another
+//! inherits the other's count as its error, and any key seen more than total/capacity times
+//! is tracked. The list shows what is certain: the count since a key was tracked, a lower
+//! bound of the true count, and the error, by which the true count may exceed it.
 
 use std::{collections::HashMap, hash::Hash};
 
@@ -12,6 +13,16 @@ use std::{collections::HashMap, hash::Hash};
 pub struct Entry<K> {
     pub key: K,
     pub count: u64,
+    pub error: u64,
+}
+
+/// A key as listed: the true count lies in `[count, count + error]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed<K> {
+    pub key: K,
+    /// Counted since the key was tracked: never more than the true count.
+    pub count: u64,
+    /// How much more the true count may be (what the key it replaced had counted).
     pub error: u64,
 }
 
@@ -68,22 +79,33 @@ impl<K: Eq + Hash + Clone> TopK<K> {
         }
     }
 
-    /// The `n` heaviest keys, highest count first; equal counts by lower error first, then
-    /// by key, so that the order does not change from one snapshot to the next.
+    /// The `n` heaviest keys by their certain count (the count since tracked, a lower bound
+    /// of the true one), highest first; then by the estimate, then by key, so that the order
+    /// does not change from one snapshot to the next. Ranked by the estimate, a long tail of
+    /// keys seen once, each inheriting the evicted minimum, filled the list with counts in
+    /// the hundreds above keys truly seen ten times.
     #[must_use]
-    pub fn top(&self, n: usize) -> Vec<Entry<K>>
+    pub fn top(&self, n: usize) -> Vec<Listed<K>>
     where
         K: Ord,
     {
-        let mut entries = self.heap.clone();
-        entries.sort_by(|a, b| {
+        let mut listed: Vec<Listed<K>> = self
+            .heap
+            .iter()
+            .map(|entry| Listed {
+                key: entry.key.clone(),
+                count: entry.count - entry.error,
+                error: entry.error,
+            })
+            .collect();
+        listed.sort_by(|a, b| {
             b.count
                 .cmp(&a.count)
-                .then(a.error.cmp(&b.error))
+                .then(b.error.cmp(&a.error))
                 .then_with(|| a.key.cmp(&b.key))
         });
-        entries.truncate(n);
-        entries
+        listed.truncate(n);
+        listed
     }
 
     /// Total weight observed, keys no longer tracked included.
@@ -177,7 +199,7 @@ mod tests {
                 .iter()
                 .find(|e| e.key == *key)
                 .unwrap_or_else(|| panic!("heavy hitter {key} ({true_count}) missing"));
-            assert!(entry.count - entry.error <= *true_count && *true_count <= entry.count);
+            assert!(entry.count <= *true_count && *true_count <= entry.count + entry.error);
         }
         assert_eq!(top.heap.len(), 50);
         assert_eq!(top.total(), exact.iter().map(|(_, c)| c).sum::<u64>());
@@ -190,7 +212,29 @@ mod tests {
         top.observe(&"b", 2);
         top.observe(&"c", 1);
         let c = top.top(2).into_iter().find(|e| e.key == "c").unwrap();
-        assert_eq!((c.count, c.error), (3, 2));
+        assert_eq!((c.count, c.error), (1, 2));
         assert!(top.top(2).iter().all(|e| e.key != "b"));
+    }
+
+    #[test]
+    fn keys_seen_once_list_as_once_below_a_heavy_key_that_came_late() {
+        let mut top = TopK::new(100);
+        for i in 0..20_000u32 {
+            top.observe(&i, 1);
+            // Heavier than one in the table's size: tracked from its first time on.
+            if i >= 10_000 && i % 50 == 0 {
+                top.observe(&u32::MAX, 1);
+            }
+        }
+        let listed = top.top(10);
+        assert_eq!((listed[0].key, listed[0].count), (u32::MAX, 200));
+        assert!(listed[0].error > 0);
+        // Each of the rest was seen once: listed as once, not as the minimum it inherited.
+        assert!(
+            listed[1..]
+                .iter()
+                .all(|entry| entry.count == 1 && entry.error > 100),
+            "{listed:?}"
+        );
     }
 }

@@ -368,11 +368,12 @@ fn clients_that_take_each_others_slot_keep_exact_counts() {
     server.join().unwrap();
 
     let json = proxy_json_counting(&netns, 2 * HEAVY + SHARING);
-    let mut expected = vec![serde_json::json!({"ip": "127.0.0.1", "connections": 2 * HEAVY})];
+    let mut expected =
+        vec![serde_json::json!({"ip": "127.0.0.1", "connections": 2 * HEAVY, "error": 0})];
     expected.extend(
         sharing
             .iter()
-            .map(|ip| serde_json::json!({"ip": ip.to_string(), "connections": 1})),
+            .map(|ip| serde_json::json!({"ip": ip.to_string(), "connections": 1, "error": 0})),
     );
     assert_eq!(json["topIPs"], serde_json::Value::Array(expected));
     // One event per change of hands, none for the connections counted in place.
@@ -417,8 +418,8 @@ fn ipv6_clients_are_counted_by_their_address() {
     assert_eq!(
         json["topIPs"],
         serde_json::json!([
-            {"ip": "::1", "connections": V6},
-            {"ip": "127.0.0.1", "connections": V4},
+            {"ip": "::1", "connections": V6, "error": 0},
+            {"ip": "127.0.0.1", "connections": V4, "error": 0},
         ])
     );
 }
@@ -553,7 +554,10 @@ fn connections_opened_during_a_clean_start_count_once() {
         rlim_max: 20_000,
     };
     // SAFETY: a plain system call with a valid argument.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) }, 0);
+    assert_eq!(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) },
+        0
+    );
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
