@@ -96,6 +96,9 @@ pub mod map_names {
     /// counted in place. Not pinned: its counts mean something only to the agent that knows
     /// the names.
     pub const DNS_NAMES: &str = "DNS_NAMES";
+    /// `HashMap<[u8; 16], u8>`, [`super::LOCAL_ADDRESS_SLOTS`] entries: the addresses of
+    /// the agent's namespace (IPv4 mapped into IPv6), kept by the agent; not pinned.
+    pub const LOCAL_ADDRESSES: &str = "LOCAL_ADDRESSES";
 }
 
 /// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
@@ -153,6 +156,14 @@ pub const GLOBAL_DNS_MATCH_RESPONSES: &str = "DNS_MATCH_RESPONSES";
 /// Global in the kernel object: the network namespace cookie whose sockets are counted
 /// (0 counts every namespace).
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
+
+/// Global in the kernel object: 1 counts live traffic only to and from the addresses in
+/// `LOCAL_ADDRESSES` (not what the host forwards); 0 by port alone (`all_namespaces`, where
+/// the proxies are in other namespaces).
+pub const GLOBAL_LOCAL_ONLY: &str = "LOCAL_ONLY";
+
+/// Entries of `LOCAL_ADDRESSES`: more addresses than a host has.
+pub const LOCAL_ADDRESS_SLOTS: u32 = 4096;
 
 /// Slots of the connection table (a power of two). Tracking allocates and hashes nothing:
 /// socket storage allocated per socket (about 2 µs per connection), a hash map cost a

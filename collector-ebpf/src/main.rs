@@ -24,7 +24,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::TC_ACT_UNSPEC,
-    btf_maps::{Array, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     macros::{btf_map, classifier, sock_ops},
     programs::{SockOpsContext, TcContext},
 };
@@ -32,13 +32,21 @@ use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ClientSlot, ConnCounters, ConnDurations, ConnEvent,
     ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
     DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
-    ERROR_KINDS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS, PORT_SLOTS, RouteName,
-    TALLY_SLOTS_PER_CPU, TrafficCounters,
+    ERROR_KINDS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS,
+    PORT_SLOTS, RouteName, TALLY_SLOTS_PER_CPU, TrafficCounters,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
 #[unsafe(no_mangle)]
 static NETNS_COOKIE: Global<u64> = Global::new(0);
+
+/// 1: live traffic counts only packets to (ingress) or from (egress) an address of
+/// `LOCAL_ADDRESSES`, not those the host forwards. Set at load; read-only.
+#[unsafe(no_mangle)]
+static LOCAL_ONLY: Global<u32> = Global::new(0);
+/// The addresses of the agent's namespace, IPv4 mapped into IPv6; kept by the agent.
+#[btf_map]
+static LOCAL_ADDRESSES: HashMap<[u8; 16], u8, { LOCAL_ADDRESS_SLOTS as usize }> = HashMap::new();
 
 #[btf_map]
 static ROUTE_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();

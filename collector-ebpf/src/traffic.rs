@@ -5,6 +5,14 @@
 //! those whose source port is (from the proxy). Loopback gets one classifier at ingress that
 //! counts both: every packet sent on lo comes back in through its ingress, so one hook sees
 //! everything once, at half the runs of two.
+//!
+//! A port alone does not make a packet the proxy's: a host that forwards (a Kubernetes
+//! node's pods reaching out to port 443, pod to pod) sees others' packets on route ports.
+//! So on the interfaces the packet must also be to (ingress) or from (egress) an address of
+//! this namespace (`LOCAL_ADDRESSES`, kept by the agent), unless `LOCAL_ONLY` is off
+//! (`all_namespaces`, where the proxies listen in other namespaces). Loopback carries only
+//! this namespace's own packets. The check comes after the port's, so it costs only packets
+//! on route ports.
 
 use aya_ebpf::programs::TcContext;
 use collector_common::{
@@ -12,7 +20,7 @@ use collector_common::{
 };
 
 use crate::{
-    ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
+    LOCAL_ADDRESSES, LOCAL_ONLY, ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type, ptr_at,
         read_be16, read_u8,
@@ -29,6 +37,7 @@ struct Segment {
     /// Bytes from the IP header on.
     l3_len: u64,
     payload_len: u64,
+    ipv6: bool,
 }
 
 /// Always inlined: with `dir` constant in each classifier, LLVM cannot turn the port choice
@@ -44,7 +53,11 @@ pub fn count_packet(ctx: &TcContext, dir: u32) {
     } else {
         segment.src_port
     };
-    count(&segment, port, dir);
+    if let Some(counters) = route_counters(port, dir)
+        && (LOCAL_ONLY.load() == 0 || ours(ctx, segment.ipv6, dir))
+    {
+        add(counters, &segment);
+    }
 }
 
 /// Loopback: one packet, counted towards the proxy by destination port and from it by source
@@ -54,12 +67,40 @@ pub fn count_loopback_packet(ctx: &TcContext) {
     let Some(segment) = parse(ctx) else {
         return;
     };
-    count(&segment, segment.dst_port, DIR_IN);
-    count(&segment, segment.src_port, DIR_OUT);
+    for (port, dir) in [(segment.dst_port, DIR_IN), (segment.src_port, DIR_OUT)] {
+        if let Some(counters) = route_counters(port, dir) {
+            add(counters, &segment);
+        }
+    }
 }
 
+/// The address the packet is to (ingress) or from (egress) is this namespace's.
 #[inline(always)]
-fn count(segment: &Segment, port: u16, dir: u32) {
+fn ours(ctx: &TcContext, ipv6: bool, dir: u32) -> bool {
+    let mut address = [0u8; 16];
+    if ipv6 {
+        let at = ETH_HLEN + if dir == DIR_IN { 24 } else { 8 };
+        let Some(ptr) = ptr_at::<[u8; 16]>(ctx, at) else {
+            return false;
+        };
+        // SAFETY: ptr_at checked the 16 bytes.
+        address = unsafe { *ptr };
+    } else {
+        let at = ETH_HLEN + if dir == DIR_IN { 16 } else { 12 };
+        let Some(ptr) = ptr_at::<[u8; 4]>(ctx, at) else {
+            return false;
+        };
+        address[10] = 0xff;
+        address[11] = 0xff;
+        // SAFETY: ptr_at checked the 4 bytes.
+        address[12..].copy_from_slice(&unsafe { *ptr });
+    }
+    LOCAL_ADDRESSES.get_ptr(address).is_some()
+}
+
+/// This CPU's counters of the route on `port`, in direction `dir`, if it is a route port.
+#[inline(always)]
+fn route_counters(port: u16, dir: u32) -> Option<*mut TrafficCounters> {
     // Most ports seen are no route's (one side of every packet is the client's port): the
     // bitmap answers that without touching the port map.
     let (word, bit) = port_bit(port);
@@ -67,21 +108,22 @@ fn count(segment: &Segment, port: u16, dir: u32) {
         .get(word)
         .is_none_or(|&bits| bits & bit == 0)
     {
-        return;
+        return None;
     }
-    let Some(&route) = ROUTE_BY_PORT.get(u32::from(port)) else {
-        return;
-    };
+    let &route = ROUTE_BY_PORT.get(u32::from(port))?;
     if route == NO_ROUTE || route > MAX_ROUTES {
-        return;
+        return None;
     }
-    if let Some(counters) = ROUTE_TRAFFIC.get_ptr_mut(traffic_index(route - 1, dir)) {
-        // SAFETY: this CPU's slot; BPF programs run with migration disabled.
-        let counters: &mut TrafficCounters = unsafe { &mut *counters };
-        counters.packets += 1;
-        counters.bytes += segment.l3_len;
-        counters.payload_bytes += segment.payload_len;
-    }
+    ROUTE_TRAFFIC.get_ptr_mut(traffic_index(route - 1, dir))
+}
+
+#[inline(always)]
+fn add(counters: *mut TrafficCounters, segment: &Segment) {
+    // SAFETY: this CPU's slot of our map; BPF programs run with migration disabled.
+    let counters = unsafe { &mut *counters };
+    counters.packets += 1;
+    counters.bytes += segment.l3_len;
+    counters.payload_bytes += segment.payload_len;
 }
 
 /// Ethernet → IPv4/IPv6 → TCP. `None` for anything else (not ours) and for truncated
@@ -166,5 +208,6 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
         dst_port,
         l3_len,
         payload_len: l3_len.saturating_sub(headers),
+        ipv6: proto == ETH_P_IPV6,
     })
 }

@@ -26,8 +26,9 @@ use aya::{
 use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsNameSlot, DnsPorts,
     GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS,
-    GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
-    RouteName, TrafficCounters, map_names, port_bit, program_names, tally_table_len, traffic_index,
+    GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, LOCAL_ADDRESS_SLOTS,
+    MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters, map_names, port_bit,
+    program_names, tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -88,6 +89,10 @@ pub struct Attachment {
     created_pins: Vec<PathBuf>,
     /// A crashed run's pinned maps or links were found: its counts live on in them.
     inherited: bool,
+    /// The addresses in `LOCAL_ADDRESSES`.
+    local_addresses: std::collections::BTreeSet<[u8; 16]>,
+    /// Why the last refresh of `LOCAL_ADDRESSES` failed, if it did (logged once per change).
+    address_error: Option<String>,
     /// Locked while running: a second agent on the same pin directory would count twice.
     _lock: File,
     /// Keeps the kernel's BPF run-time statistics on while held (`--bpf-stats`).
@@ -102,6 +107,52 @@ pub struct Options<'a> {
 }
 
 impl Attachment {
+    /// Brings `LOCAL_ADDRESSES` up to this namespace's addresses (at the start, then every
+    /// poll): live traffic counts packets to and from them only. An address that does not
+    /// fit (more than [`LOCAL_ADDRESS_SLOTS`]) fails the call, which names it; its traffic
+    /// goes uncounted meanwhile.
+    pub fn sync_local_addresses(&mut self) -> anyhow::Result<()> {
+        let now = crate::addresses::list().context("listing this namespace's addresses")?;
+        let mut table: aya::maps::HashMap<&mut MapData, [u8; 16], u8> =
+            aya::maps::HashMap::try_from(
+                self.ebpf
+                    .map_mut(map_names::LOCAL_ADDRESSES)
+                    .context("the kernel object has no address table")?,
+            )?;
+        for gone in self.local_addresses.difference(&now) {
+            // Already gone is fine: the aim is its absence.
+            let _ = table.remove(gone);
+        }
+        self.local_addresses.retain(|address| now.contains(address));
+        for &new in now.difference(&self.local_addresses.clone()) {
+            table.insert(new, 1, 0).with_context(|| {
+                format!(
+                    "adding {} to the address table ({LOCAL_ADDRESS_SLOTS} at most)",
+                    std::net::Ipv6Addr::from(new).to_canonical()
+                )
+            })?;
+            self.local_addresses.insert(new);
+        }
+        Ok(())
+    }
+
+    /// [`Self::sync_local_addresses`] on a poll: a failure is logged when it starts or
+    /// changes, not every second, and when it ends.
+    pub fn refresh_local_addresses(&mut self) {
+        let error = self
+            .sync_local_addresses()
+            .err()
+            .map(|err| format!("{err:#}"));
+        if error != self.address_error {
+            if let Some(err) = &error {
+                tracing::warn!("the address table is not current: {err}");
+            } else {
+                tracing::info!("the address table is current again");
+            }
+            self.address_error = error;
+        }
+    }
+
     /// Loads the programs, binds the routes to their slots and attaches everything.
     pub fn attach(options: &Options<'_>) -> anyhow::Result<Self> {
         Self::try_attach(options).map_err(privilege_hint)
@@ -143,6 +194,8 @@ impl Attachment {
             loader.map_pin_path(name, path.as_path());
         }
         loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
+        let local_only = u32::from(!config.all_namespaces);
+        loader.override_global(GLOBAL_LOCAL_ONLY, &local_only, true);
         let client_events = u32::from(config.client_stats);
         loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
         let dns_enabled = u32::from(config.dns.enabled);
@@ -175,9 +228,13 @@ impl Attachment {
             link_pins: Vec::new(),
             created_pins: Vec::new(),
             inherited,
+            local_addresses: std::collections::BTreeSet::new(),
+            address_error: None,
             _lock: lock,
             _stats: stats,
         };
+        // Before any classifier runs: with an empty table they would count no live traffic.
+        attachment.sync_local_addresses()?;
         let mut sock_ops = vec![(program_names::TRACK_CONNECTIONS, "sock_ops")];
         if options.bpf_stats {
             sock_ops.push((program_names::STATS_FLOOR_SOCK_OPS, "sock_ops_stats_floor"));

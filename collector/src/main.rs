@@ -1,5 +1,6 @@
 //! `collector`: the agent (`collector run`) and the operator's command line.
 
+mod addresses;
 mod api;
 mod auth;
 mod bpf_sys;
@@ -613,6 +614,7 @@ fn read_interfaces(
             Vec::new()
         }
     };
+    attachment.refresh_local_addresses();
     let programs_ahead = attachment.programs_ahead();
     poller::InterfaceView {
         attached: attachment.interfaces(),

@@ -45,24 +45,7 @@ fn add_veth(netns: &Netns, peer: &Netns) {
 /// [`CONNECTIONS`] connections from `peer` to `address` in `netns`, each sending [`REQUEST`]
 /// bytes and reading [`RESPONSE`]; returns the scrape that shows them all closed.
 fn exchange(netns: &Netns, peer: &Netns, address: &'static str) -> String {
-    let listener = netns.run(move || TcpListener::bind(address).unwrap());
-    let server = thread::spawn(move || {
-        for _ in 0..CONNECTIONS {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = vec![0u8; REQUEST];
-            stream.read_exact(&mut request).unwrap();
-            stream.write_all(&[b'r'; RESPONSE]).unwrap();
-        }
-    });
-    peer.run(move || {
-        for _ in 0..CONNECTIONS {
-            let mut stream = TcpStream::connect(address).unwrap();
-            stream.write_all(&[b'q'; REQUEST]).unwrap();
-            let mut response = vec![0u8; RESPONSE];
-            stream.read_exact(&mut response).unwrap();
-        }
-    });
-    server.join().unwrap();
+    connect_and_serve(netns, peer, address);
     wait_for("the connections to close", Duration::from_secs(10), || {
         let text = scrape(netns);
         (sample(
@@ -72,6 +55,28 @@ fn exchange(netns: &Netns, peer: &Netns, address: &'static str) -> String {
         ) == Some(CONNECTIONS as f64))
         .then_some(text)
     })
+}
+
+/// [`CONNECTIONS`] connections from `client` to `address` served in `server`.
+fn connect_and_serve(server: &Netns, client: &Netns, address: &'static str) {
+    let listener = server.run(move || TcpListener::bind(address).unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = vec![0u8; REQUEST];
+            stream.read_exact(&mut request).unwrap();
+            stream.write_all(&[b'r'; RESPONSE]).unwrap();
+        }
+    });
+    client.run(move || {
+        for _ in 0..CONNECTIONS {
+            let mut stream = TcpStream::connect(address).unwrap();
+            stream.write_all(&[b'q'; REQUEST]).unwrap();
+            let mut response = vec![0u8; RESPONSE];
+            stream.read_exact(&mut response).unwrap();
+        }
+    });
+    server.join().unwrap();
 }
 
 /// [`exchange`], and the classifiers counted every payload byte of it, each way.
@@ -256,6 +261,56 @@ fn traffic_through_a_macvtap_is_counted_once() {
     traffic_through_an_upper_device_is_counted_once("macvtap mode bridge");
 }
 
+/// The agent's namespace routes between a "pod" and a "remote" namespace, as a Kubernetes
+/// node routes its pods' traffic: connections from the pod to the remote's port 18080 (a
+/// route port, with nothing of the host's listening on it) cross the agent's interfaces and
+/// are not the proxy's; then the same from the pod to the agent's own address, which are.
+#[test]
+fn traffic_the_host_only_forwards_is_not_counted() {
+    let netns = Netns::new();
+    let pod = Netns::new();
+    let remote = Netns::new();
+    support::veth(&netns, "vfw0", "10.79.1.1/24", &pod, "vfw1", "10.79.1.2/24");
+    support::veth(
+        &netns,
+        "vfw2",
+        "10.79.2.1/24",
+        &remote,
+        "vfw3",
+        "10.79.2.2/24",
+    );
+    ip(&pod, "route add default via 10.79.1.1");
+    ip(&remote, "route add default via 10.79.2.1");
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+
+    connect_and_serve(&remote, &pod, "10.79.2.2:18080");
+    // A poll that began after the last packet: two polls on from now.
+    let polls = |metrics: &str| sample(metrics, "collector_polls_total", &[]).unwrap();
+    let after = polls(&scrape(&netns)) + 2.0;
+    let metrics = wait_for("two more polls", Duration::from_secs(5), || {
+        let metrics = scrape(&netns);
+        (polls(&metrics) >= after).then_some(metrics)
+    });
+    for direction in ["in", "out"] {
+        assert_eq!(payload_bytes(&metrics, direction), Some(0.0), "{direction}");
+    }
+    exchange_counted_exactly(&netns, &pod, "10.79.1.1:18080");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 fn payload_bytes(metrics: &str, direction: &str) -> Option<f64> {
     sample(
         metrics,
@@ -324,6 +379,8 @@ fn vlan_tagged_packets_are_left_to_the_vlan_device() {
             peer.name
         ),
     );
+    // The frames are for 10.78.6.1: this namespace's address, as traffic counts only that.
+    ip(&netns, "addr add 10.78.6.1/24 dev vraw0");
     ip(&netns, "link set vraw0 up");
     ip(&peer, "link set vraw1 up");
     let config = AgentConfig::new(ROUTES);
