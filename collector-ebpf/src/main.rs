@@ -24,7 +24,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::TC_ACT_UNSPEC,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, PerCpuArray, RingBuf},
     macros::{btf_map, classifier, sock_ops},
     programs::{SockOpsContext, TcContext},
 };
@@ -44,9 +44,11 @@ static NETNS_COOKIE: Global<u64> = Global::new(0);
 /// `LOCAL_ADDRESSES`, not those the host forwards. Set at load; read-only.
 #[unsafe(no_mangle)]
 static LOCAL_ONLY: Global<u32> = Global::new(0);
-/// The addresses of the agent's namespace, IPv4 mapped into IPv6; kept by the agent.
+/// The addresses of the agent's namespace, in sets of `LOCAL_ADDRESS_WAYS`; kept by the
+/// agent. Memory-mappable for its page alignment: each set is one cache line.
 #[btf_map]
-static LOCAL_ADDRESSES: HashMap<[u8; 16], u8, { LOCAL_ADDRESS_SLOTS as usize }> = HashMap::new();
+static LOCAL_ADDRESSES: Array<[u64; 2], { LOCAL_ADDRESS_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
+    Array::new();
 
 #[btf_map]
 static ROUTE_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();

@@ -16,7 +16,8 @@
 
 use aya_ebpf::programs::TcContext;
 use collector_common::{
-    DIR_IN, DIR_OUT, MAX_ROUTES, NO_ROUTE, TrafficCounters, error_kind, port_bit, traffic_index,
+    DIR_IN, DIR_OUT, LOCAL_ADDRESS_WAYS, MAX_ROUTES, NO_ROUTE, TrafficCounters, address_words,
+    error_kind, local_address_set, port_bit, traffic_index,
 };
 
 use crate::{
@@ -95,7 +96,9 @@ fn ours(ctx: &TcContext, ipv6: bool, dir: u32) -> bool {
         // SAFETY: ptr_at checked the 4 bytes.
         address[12..].copy_from_slice(&unsafe { *ptr });
     }
-    LOCAL_ADDRESSES.get_ptr(address).is_some()
+    let words = address_words(&address);
+    let set = local_address_set(words);
+    (0..LOCAL_ADDRESS_WAYS).any(|way| LOCAL_ADDRESSES.get(set + way) == Some(&words))
 }
 
 /// This CPU's counters of the route on `port`, in direction `dir`, if it is a route port.

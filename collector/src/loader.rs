@@ -27,8 +27,9 @@ use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsNameSlot, DnsPorts,
     GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS,
     GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, LOCAL_ADDRESS_SLOTS,
-    MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters, map_names, port_bit,
-    program_names, tally_table_len, traffic_index,
+    LOCAL_ADDRESS_WAYS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters,
+    address_words, local_address_set, map_names, port_bit, program_names, tally_table_len,
+    traffic_index,
 };
 
 use crate::{
@@ -89,8 +90,8 @@ pub struct Attachment {
     created_pins: Vec<PathBuf>,
     /// A crashed run's pinned maps or links were found: its counts live on in them.
     inherited: bool,
-    /// The addresses in `LOCAL_ADDRESSES`.
-    local_addresses: std::collections::BTreeSet<[u8; 16]>,
+    /// What `LOCAL_ADDRESSES` holds, slot by slot.
+    local_addresses: Vec<[u64; 2]>,
     /// Why the last refresh of `LOCAL_ADDRESSES` failed, if it did (logged once per change).
     address_error: Option<String>,
     /// Locked while running: a second agent on the same pin directory would count twice.
@@ -109,29 +110,41 @@ pub struct Options<'a> {
 impl Attachment {
     /// Brings `LOCAL_ADDRESSES` up to this namespace's addresses (at the start, then every
     /// poll): live traffic counts packets to and from them only. An address that does not
-    /// fit (more than [`LOCAL_ADDRESS_SLOTS`]) fails the call, which names it; its traffic
-    /// goes uncounted meanwhile.
+    /// fit (its set full) fails the call, which names it; its traffic goes uncounted
+    /// meanwhile.
     pub fn sync_local_addresses(&mut self) -> anyhow::Result<()> {
-        let now = crate::addresses::list().context("listing this namespace's addresses")?;
-        let mut table: aya::maps::HashMap<&mut MapData, [u8; 16], u8> =
-            aya::maps::HashMap::try_from(
-                self.ebpf
-                    .map_mut(map_names::LOCAL_ADDRESSES)
-                    .context("the kernel object has no address table")?,
-            )?;
-        for gone in self.local_addresses.difference(&now) {
-            // Already gone is fine: the aim is its absence.
-            let _ = table.remove(gone);
+        let now: std::collections::BTreeSet<[u64; 2]> = crate::addresses::list()
+            .context("listing this namespace's addresses")?
+            .iter()
+            .map(address_words)
+            .collect();
+        let mut table: Array<&mut MapData, [u64; 2]> = Array::try_from(
+            self.ebpf
+                .map_mut(map_names::LOCAL_ADDRESSES)
+                .context("the kernel object has no address table")?,
+        )?;
+        let slots = &mut self.local_addresses;
+        for (index, slot) in (0..).zip(slots.iter_mut()) {
+            if *slot != [0, 0] && !now.contains(slot) {
+                table.set(index, [0, 0], 0)?;
+                *slot = [0, 0];
+            }
         }
-        self.local_addresses.retain(|address| now.contains(address));
-        for &new in now.difference(&self.local_addresses.clone()) {
-            table.insert(new, 1, 0).with_context(|| {
+        for &address in &now {
+            let set = local_address_set(address);
+            let ways = set..set + LOCAL_ADDRESS_WAYS;
+            let held = |index: u32| slots[index as usize];
+            if ways.clone().any(|index| held(index) == address) {
+                continue;
+            }
+            let free = ways.clone().find(|&index| held(index) == [0, 0]).with_context(|| {
                 format!(
-                    "adding {} to the address table ({LOCAL_ADDRESS_SLOTS} at most)",
-                    std::net::Ipv6Addr::from(new).to_canonical()
+                    "no room for {} in the address table: its set of {LOCAL_ADDRESS_WAYS} is full",
+                    address_ip(address)
                 )
             })?;
-            self.local_addresses.insert(new);
+            table.set(free, address, 0)?;
+            slots[free as usize] = address;
         }
         Ok(())
     }
@@ -228,7 +241,7 @@ impl Attachment {
             link_pins: Vec::new(),
             created_pins: Vec::new(),
             inherited,
-            local_addresses: std::collections::BTreeSet::new(),
+            local_addresses: vec![[0, 0]; LOCAL_ADDRESS_SLOTS as usize],
             address_error: None,
             _lock: lock,
             _stats: stats,
@@ -897,6 +910,14 @@ fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
 
 /// Writes port → slot + 1 for every watched port, and the port's bit. Both maps are new at
 /// every start, so only the watched ports need writing.
+/// An address of `LOCAL_ADDRESSES` as people write it.
+fn address_ip(words: [u64; 2]) -> std::net::IpAddr {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&words[0].to_ne_bytes());
+    bytes[8..].copy_from_slice(&words[1].to_ne_bytes());
+    std::net::Ipv6Addr::from(bytes).to_canonical()
+}
+
 fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()> {
     let mut bits = vec![0u64; PORT_BITMAP_WORDS as usize];
     let mut ports: Array<&mut MapData, u32> = Array::try_from(

@@ -14,8 +14,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DnsPorts, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, map_names, port_bit, program_names,
-    tally_table_len,
+    DnsPorts, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_LOCAL_ONLY, address_words,
+    local_address_set, map_names, port_bit, program_names, tally_table_len,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
@@ -33,7 +33,7 @@ const PASS: u32 = u32::MAX;
 const PATHS: [&str; 3] = [
     "DNS query (first question walked, counted, sampled)",
     "DNS response to that query",
-    "TCP segment to a route port",
+    "TCP segment to a route port (ingress, its address looked up)",
 ];
 
 /// The kernel object as the agent loads it for one DNS mode, with one route port.
@@ -44,7 +44,10 @@ fn load(match_responses: bool) -> Ebpf {
     };
     let matching = u32::from(match_responses);
     let name_table_len = tally_table_len(aya::util::nr_cpus().unwrap()).unwrap();
+    // As the agent loads it: live traffic only to and from the namespace's addresses.
+    let local_only = 1u32;
     let mut ebpf = EbpfLoader::new()
+        .override_global(GLOBAL_LOCAL_ONLY, &local_only, true)
         .override_global(GLOBAL_DNS_PORTS, &ports, true)
         .override_global(GLOBAL_DNS_MATCH_RESPONSES, &matching, true)
         .map_max_entries(map_names::DNS_NAMES, name_table_len)
@@ -57,6 +60,12 @@ fn load(match_responses: bool) -> Ebpf {
         Array::try_from(ebpf.map_mut(map_names::ROUTE_PORT_BITS).unwrap()).unwrap();
     let (word, bit) = port_bit(ROUTE_PORT);
     port_bits.set(word, bit, 0).unwrap();
+    let mut addresses: Array<_, [u64; 2]> =
+        Array::try_from(ebpf.map_mut(map_names::LOCAL_ADDRESSES).unwrap()).unwrap();
+    let localhost = address_words(&std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets());
+    addresses
+        .set(local_address_set(localhost), localhost, 0)
+        .unwrap();
     for name in [
         program_names::COUNT_INGRESS,
         program_names::COUNT_EGRESS,
