@@ -48,12 +48,7 @@ pub struct Facts {
 impl Facts {
     /// Reads the facts of this host, as this process sees them.
     pub fn gather(pin_dir: &Path) -> anyhow::Result<Self> {
-        let status = std::fs::read_to_string("/proc/self/status")?;
-        let capabilities = status
-            .lines()
-            .find_map(|line| line.strip_prefix("CapEff:"))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .unwrap_or(0);
+        let capabilities = crate::privileges::effective();
         let nft = std::process::Command::new("nft")
             .arg("--version")
             .output()

@@ -993,16 +993,15 @@ fn dns_ports(config: &Config) -> DnsPorts {
     ports
 }
 
-/// Says what to do when something was refused for lack of privilege.
+/// Says what to do when something was refused: missing privileges, or, for root with every
+/// capability, a security module ([`privileges::denial_advice`]).
 fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
     let denied = privileges::denied_in(&err)
         || err
             .chain()
             .any(|cause| cause.to_string().contains("Operation not permitted"));
     if denied {
-        err.context(
-            "permission denied: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN (bpffs and cgroup2 mounts) and write access to the pin directory",
-        )
+        err.context(privileges::denial_advice_here())
     } else {
         err
     }
