@@ -260,7 +260,18 @@ impl Attachment {
             .and_then(|()| attachment.attach_classifiers(config, options.bpf_stats))
             .and_then(|()| remove_stale_links(&links_dir, &attachment.pins_in_use()));
         match attached {
-            Ok(()) => Ok(attachment),
+            Ok(()) => {
+                if attachment.inherited {
+                    tracing::info!(
+                        pin_dir = %attachment.pin_dir.display(),
+                        "took over the pins a previous run left (it crashed, or its start \
+                         failed): its programs counted on into its pinned maps meanwhile, so the \
+                         counters continue from there instead of from zero, and `active` includes \
+                         the connections it saw open"
+                    );
+                }
+                Ok(attachment)
+            }
             Err(err) => {
                 if let Err(cleanup) = attachment.undo_failed_start() {
                     tracing::warn!("cleaning up after a failed start: {cleanup:#}");

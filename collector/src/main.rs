@@ -503,6 +503,7 @@ async fn serve_until_signal(
         routes = attachment.routes.len(),
         interfaces = ?attachment.interfaces(),
         cgroup2 = %attachment.cgroup2,
+        inherited = attachment.inherited(),
         "collector running"
     );
 

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use support::{Agent, AgentConfig, COLLECTOR, Netns, sample, scrape, wait_for, wait_for_closed};
+use support::{
+    Agent, AgentConfig, COLLECTOR, Netns, ScratchDir, sample, scrape, wait_for, wait_for_closed,
+};
 
 #[test]
 fn runs_and_counts_under_ip_netns_exec() {
@@ -127,6 +129,38 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     let agent = Agent::start(&first, &config);
     connections(&first, 2);
     wait_for_closed(&first, "web", 2);
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
+}
+
+/// The "collector running" line of an agent's log.
+fn running_line(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.lines()
+        .find(|line| line.contains("collector running"))
+        .unwrap_or_else(|| panic!("no \"collector running\" line in\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn a_start_after_a_crash_says_it_took_over_the_crashed_runs_programs_and_counters() {
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let logs = ScratchDir::new("takeover");
+    let (first, second) = (logs.path("first.log"), logs.path("second.log"));
+    Agent::start_logging(&netns, &config, &[], &first).kill();
+    assert!(running_line(&first).contains("inherited=false"));
+    let agent = Agent::start_logging(&netns, &config, &[], &second);
+    assert!(running_line(&second).contains("inherited=true"));
+    let log = std::fs::read_to_string(&second).unwrap();
+    let took_over = log
+        .lines()
+        .find(|line| line.contains("took over the pins a previous run left"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        took_over.contains(" INFO ") && took_over.contains(config.pin_dir.to_str().unwrap()),
+        "{took_over}"
+    );
     assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);
 }

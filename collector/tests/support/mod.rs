@@ -285,9 +285,38 @@ impl Agent {
     /// Starts the agent and waits until `ready` says so (e.g. over HTTPS).
     pub fn spawn_until(
         netns: &Netns,
+        launcher: Command,
+        config: &AgentConfig,
+        extra: &[&str],
+        ready: impl Fn() -> bool,
+    ) -> Self {
+        Self::spawn_logging_until(netns, launcher, config, extra, Stdio::inherit(), ready)
+    }
+
+    /// As [`Self::start_with`], its log (stderr) written to `log`, for tests that read it.
+    pub fn start_logging(netns: &Netns, config: &AgentConfig, extra: &[&str], log: &Path) -> Self {
+        let file = fs::File::create(log).unwrap();
+        Self::spawn_logging_until(
+            netns,
+            netns.command(COLLECTOR),
+            config,
+            extra,
+            file.into(),
+            || {
+                matches!(
+                    netns.run(|| get("/readyz").map(|(status, _)| status)),
+                    Ok(200)
+                )
+            },
+        )
+    }
+
+    fn spawn_logging_until(
+        netns: &Netns,
         mut launcher: Command,
         config: &AgentConfig,
         extra: &[&str],
+        stderr: Stdio,
         ready: impl Fn() -> bool,
     ) -> Self {
         let child = launcher
@@ -295,7 +324,7 @@ impl Agent {
             .arg(&config.path)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut agent = Self {
