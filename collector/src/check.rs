@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{config::NftEnabled, paths};
+use crate::{
+    config::{Config, NftEnabled},
+    paths,
+};
 
 /// Oldest kernel with everything used: TCX links (6.6); also `BPF_CMPXCHG` (5.12) and
 /// `SO_NETNS_COOKIE` (5.14).
@@ -184,6 +187,39 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
     verdicts
 }
 
+/// Every verdict `collector check` prints for `config`: the host's requirements, then what
+/// the config asks of it.
+pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
+    let facts = Facts::gather(&config.pin_dir)?;
+    let mut verdicts = judge(&facts, config.nftables.enabled);
+    verdicts.push(routes(config));
+    Ok(verdicts)
+}
+
+/// A config without routes is valid, and counts no proxy traffic: a warning, as at start.
+fn routes(config: &Config) -> Verdict {
+    match config.no_routes_warning() {
+        Some(warning) => Verdict {
+            name: "routes",
+            status: Status::Warn,
+            detail: warning.to_owned(),
+        },
+        None => Verdict {
+            name: "routes",
+            status: Status::Pass,
+            detail: config
+                .routes
+                .iter()
+                .map(|route| {
+                    let ports: Vec<String> = route.ports.iter().map(u16::to_string).collect();
+                    format!("{} ({})", route.name, ports.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        },
+    }
+}
+
 /// The nft tool is needed only where the agent makes its table. Without it the agent still
 /// runs, with the nft source down (`collector_source_up{source="nft"} 0`, which the shipped
 /// `CollectorSourceDown` alert fires on).
@@ -231,6 +267,33 @@ mod tests {
             capabilities: u64::MAX,
             nft: Some("nftables v1.0.6".into()),
         }
+    }
+
+    #[test]
+    fn a_config_without_routes_is_a_warning_naming_what_is_still_counted() {
+        let without = |extra: &str| {
+            routes(
+                &Config::from_toml("t.toml", &format!("listen = \"127.0.0.1:9464\"\n{extra}"))
+                    .unwrap(),
+            )
+        };
+        let verdict = without("");
+        assert_eq!(verdict.status, Status::Warn);
+        assert!(
+            verdict.detail.contains("only DNS is counted"),
+            "{}",
+            verdict.detail
+        );
+        let verdict = without("[dns]\nenabled = false\n");
+        assert_eq!(verdict.status, Status::Warn);
+        assert!(
+            verdict.detail.contains("only the interfaces"),
+            "{}",
+            verdict.detail
+        );
+        let verdict = routes(&Config::embedded_default());
+        assert_eq!(verdict.status, Status::Pass);
+        assert_eq!(verdict.detail, "web (80, 8080), tls (443, 8443)");
     }
 
     #[test]

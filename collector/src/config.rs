@@ -273,6 +273,27 @@ impl Config {
         Self::from_toml(&name, &text)
     }
 
+    /// What to warn about a config without `[[routes]]`: it is valid, but a file of one's own
+    /// does not inherit the embedded default's routes, so no proxy traffic is counted.
+    #[must_use]
+    pub fn no_routes_warning(&self) -> Option<&'static str> {
+        if !self.routes.is_empty() {
+            None
+        } else if self.dns.enabled {
+            Some(
+                "no [[routes]] configured: only DNS is counted, no proxy connections (a config \
+                 file does not inherit the embedded default's routes: add [[routes]] tables with \
+                 the proxy's ports)",
+            )
+        } else {
+            Some(
+                "no [[routes]] configured and [dns] enabled = false: neither proxy connections \
+                 nor DNS are counted, only the interfaces (add [[routes]] tables with the \
+                 proxy's ports)",
+            )
+        }
+    }
+
     /// Parses and checks configuration text; `source_name` names it in errors.
     pub fn from_toml(source_name: &str, text: &str) -> Result<Self, ConfigError> {
         let source = Source {

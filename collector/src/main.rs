@@ -336,6 +336,9 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         .map(tls::server_config)
         .transpose()?;
     warn_if_exposed(config, &guard, tls.is_some());
+    if let Some(warning) = config.no_routes_warning() {
+        tracing::warn!("{warning}");
+    }
     if signals::stop_requested() {
         tracing::info!("asked to stop before attaching anything");
         return Ok(());
@@ -640,8 +643,7 @@ fn reader_stopped(
 
 /// `collector check`: one line per requirement, and status 1 if one is not met.
 fn check_host(config: &Config) -> anyhow::Result<()> {
-    let facts = check::Facts::gather(&config.pin_dir)?;
-    let verdicts = check::judge(&facts, config.nftables.enabled);
+    let verdicts = check::verdicts(config)?;
     let printed = output::write(|out| {
         for verdict in &verdicts {
             let mark = verdict.status.mark();

@@ -56,6 +56,29 @@ fn check_without_nft(enabled: &str) -> (bool, String) {
 }
 
 #[test]
+fn check_warns_of_a_config_without_routes() {
+    support::require_root();
+    let dir = ScratchDir::new("check-routes");
+    let config = dir.path("collector.toml");
+    std::fs::write(&config, "[nftables]\nenabled = false\n").unwrap();
+    let out = Command::new(COLLECTOR)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some("routes"))
+        .unwrap_or_else(|| panic!("no routes line in\n{stdout}"));
+    assert!(
+        line.starts_with("warn") && line.contains("only DNS is counted"),
+        "{line}"
+    );
+    // A warning, not a failure: the agent runs.
+    assert!(out.status.success(), "{stdout}");
+}
+
+#[test]
 fn check_needs_the_nft_tool_only_where_nftables_may_count() {
     let (passed, line) = check_without_nft("false");
     assert!(passed && line.starts_with("skip"), "{line}");

@@ -165,6 +165,23 @@ fn a_start_after_a_crash_says_it_took_over_the_crashed_runs_programs_and_counter
     support::assert_no_pins(&config.pin_dir);
 }
 
+#[test]
+fn a_config_without_routes_is_warned_about_at_start() {
+    let netns = Netns::new();
+    // Only the test's own settings: no [[routes]], as in a file of one's own.
+    let config = AgentConfig::new("");
+    let logs = ScratchDir::new("no-routes");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().any(|line| line.contains(" WARN ")
+            && line.contains("no [[routes]] configured: only DNS is counted")),
+        "{text}"
+    );
+}
+
 fn run_with_config(text: &str) -> (bool, String) {
     // Tests run in parallel: one directory per call.
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
