@@ -1,7 +1,8 @@
 //! The `bpf(2)` commands aya 0.14 does not expose for every link type: opening a pinned
 //! object and swapping the program inside a link, used to adopt links that a crashed agent
 //! left pinned, replacing their program atomically so nothing is missed or counted twice;
-//! and listing a TCX hook's programs in the order they run.
+//! and listing a TCX hook's programs in the order they run. Also a throwaway map pinned for a
+//! moment, for `collector check` to try what `run` needs of the pin directory.
 
 use std::{
     ffi::CString,
@@ -11,13 +12,26 @@ use std::{
 };
 
 const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// Attach types of the TCX hooks.
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
 
-/// `union bpf_attr` for `BPF_OBJ_GET` (kernel `include/uapi/linux/bpf.h`).
+/// `union bpf_attr` for `BPF_MAP_CREATE`, as far as a plain array needs.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+/// `union bpf_attr` for `BPF_OBJ_GET` and `BPF_OBJ_PIN` (kernel `include/uapi/linux/bpf.h`).
 #[repr(C)]
 #[derive(Default)]
 struct ObjGetAttr {
@@ -85,6 +99,36 @@ pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(io::Error::other)?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Creates a one-entry array map and pins it at `path`, as the agent pins its maps: the map
+/// goes once the pin is removed. The error says which step was refused.
+pub fn pin_probe_map(path: &Path) -> Result<(), (&'static str, io::Error)> {
+    let mut create = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut create).map_err(|err| ("creating a map", err))?;
+    let fd = i32::try_from(fd).map_err(|err| ("creating a map", io::Error::other(err)))?;
+    // SAFETY: BPF_MAP_CREATE returned a new file descriptor that nothing else owns.
+    let map = unsafe { OwnedFd::from_raw_fd(fd) };
+    let pathname = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|err| {
+        (
+            "pinning a map",
+            io::Error::new(io::ErrorKind::InvalidInput, err),
+        )
+    })?;
+    let mut pin = ObjGetAttr {
+        pathname: pathname.as_ptr() as u64,
+        bpf_fd: u32::try_from(map.as_raw_fd())
+            .map_err(|err| ("pinning a map", io::Error::other(err)))?,
+        ..ObjGetAttr::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut pin)
+        .map(|_| ())
+        .map_err(|err| ("pinning a map", err))
 }
 
 /// Atomically replaces the program attached through `link` with `program`.

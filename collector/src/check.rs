@@ -1,11 +1,15 @@
 //! `collector check`: one line per requirement of the kernel programs, pass or fail, with the
 //! fix. The facts are gathered from the host; judging them is pure and unit-tested.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use crate::{
-    config::{Config, NftEnabled},
-    paths,
+    bpf_sys,
+    config::{Config, HttpConfig, NftEnabled},
+    paths, privileges, serve, tls,
 };
 
 /// Oldest kernel with everything used: TCX links (6.6); also `BPF_CMPXCHG` (5.12) and
@@ -192,8 +196,162 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
 pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     let facts = Facts::gather(&config.pin_dir)?;
     let mut verdicts = judge(&facts, config.nftables.enabled);
+    verdicts.push(pin_dir(&config.pin_dir, facts.bpffs.as_deref()));
+    verdicts.push(http(&config.http));
+    verdicts.push(listen(config.listen));
     verdicts.push(routes(config));
     Ok(verdicts)
+}
+
+/// Whether `run` can make its pin directory and pin maps in it (a non-root user, a security
+/// module or a read-only mount can forbid it whatever the capabilities): tried by making what
+/// is missing of it and a probe directory below it, pinning a map there, and removing them.
+fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>) -> Verdict {
+    let verdict = |status, detail| Verdict {
+        name: "pin_dir",
+        status,
+        detail,
+    };
+    let Some(mount) = bpffs else {
+        return verdict(
+            Status::Skip,
+            "not tried: no bpffs holds it (see the bpffs line)".to_owned(),
+        );
+    };
+    if paths::dot_below(mount, pin_dir) {
+        return verdict(
+            Status::Fail,
+            format!(
+                "{}: bpffs refuses names with a dot in them; set `pin_dir` (or --pin-dir) to one \
+                 without",
+                pin_dir.display()
+            ),
+        );
+    }
+    match probe_pin_dir(pin_dir) {
+        Ok(()) => verdict(
+            Status::Pass,
+            format!("{} can be made, and maps pinned in it", pin_dir.display()),
+        ),
+        Err((step, err)) => {
+            let advice = if privileges::denied(&err) {
+                format!("{}: ", privileges::denial_advice_here())
+            } else {
+                String::new()
+            };
+            verdict(Status::Fail, format!("{advice}{step}: {err}"))
+        }
+    }
+}
+
+/// Makes what is missing of `pin_dir` and a probe directory in it, pins a map there, and
+/// removes all of it again. The error names the step that failed.
+fn probe_pin_dir(pin_dir: &Path) -> Result<(), (String, std::io::Error)> {
+    // What is missing, outermost first.
+    let mut missing = Vec::new();
+    for dir in pin_dir.ancestors() {
+        match dir.try_exists() {
+            Ok(true) => break,
+            Ok(false) => missing.push(dir.to_path_buf()),
+            Err(err) => return Err((format!("looking for {}", dir.display()), err)),
+        }
+    }
+    missing.reverse();
+    // No dot: bpffs refuses them.
+    let probe = pin_dir.join(format!("check-probe-{}", std::process::id()));
+    missing.push(probe.clone());
+    let mut made = Vec::new();
+    let mut result = Ok(());
+    for dir in &missing {
+        if let Err(err) = std::fs::create_dir(dir) {
+            result = Err((format!("creating the directory {}", dir.display()), err));
+            break;
+        }
+        made.push(dir);
+    }
+    if result.is_ok() {
+        let pin = probe.join("map");
+        result = bpf_sys::pin_probe_map(&pin)
+            .map_err(|(step, err)| (format!("{step} at {}", pin.display()), err));
+        let _ = std::fs::remove_file(&pin);
+    }
+    // Only what this made, and only if empty: a collector starting meanwhile keeps its own.
+    for dir in made.iter().rev() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    result
+}
+
+/// The token, users and TLS files, loaded by the same functions as at `run`'s start, which a
+/// missing or malformed one stops.
+fn http(http: &HttpConfig) -> Verdict {
+    let mut files = Vec::new();
+    if let Some(path) = &http.bearer_token_file {
+        files.push(format!("bearer token {}", path.display()));
+    }
+    if let Some(path) = &http.basic_auth_users_file {
+        files.push(format!("users {}", path.display()));
+    }
+    if let Some(tls) = &http.tls {
+        files.push(format!(
+            "TLS certificate {} and key {}",
+            tls.cert.display(),
+            tls.key.display()
+        ));
+    }
+    let verdict = |status, detail| Verdict {
+        name: "http",
+        status,
+        detail,
+    };
+    if files.is_empty() {
+        return verdict(
+            Status::Skip,
+            "no credentials or TLS configured ([http])".to_owned(),
+        );
+    }
+    let loaded = serve::Guard::from_config(http)
+        .and_then(|_| http.tls.as_ref().map(tls::server_config).transpose());
+    match loaded {
+        Ok(_) => verdict(Status::Pass, format!("loaded: {}", files.join(", "))),
+        Err(err) => verdict(
+            Status::Fail,
+            format!("{err:#} (`run` would refuse to start)"),
+        ),
+    }
+}
+
+/// Whether the listen address can be bound here. Taken is a warning: most likely by the
+/// collector running now, which a check before its restart finds.
+fn listen(addr: SocketAddr) -> Verdict {
+    let (status, detail) = match std::net::TcpListener::bind(addr) {
+        Ok(_) => (Status::Pass, format!("{addr} can be bound")),
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => (
+            Status::Warn,
+            format!(
+                "{addr} is in use (by a collector running now?): `run` fails while it is taken; \
+                 choose another with `listen` or --listen"
+            ),
+        ),
+        Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => (
+            Status::Fail,
+            format!(
+                "{addr}: {err}: no interface of this network namespace has {}; set `listen` (or \
+                 --listen) to one of its addresses",
+                addr.ip()
+            ),
+        ),
+        Err(err) if privileges::denied(&err) && addr.port() < 1024 => (
+            Status::Fail,
+            format!("{addr}: {err}: ports below 1024 need CAP_NET_BIND_SERVICE; choose another"),
+        ),
+        Err(err) => (Status::Fail, format!("binding {addr}: {err}")),
+    };
+    Verdict {
+        name: "listen",
+        status,
+        detail,
+    }
 }
 
 /// A config without routes is valid, and counts no proxy traffic: a warning, as at start.

@@ -113,10 +113,15 @@ enum Command {
         #[command(subcommand)]
         action: MapsAction,
     },
-    /// Check the kernel, mounts and privileges the agent needs: one line each, with the fix.
+    /// Check the kernel, mounts and privileges the agent needs, and that the pin directory,
+    /// the [http] files and the listen address work as `run` uses them: one line each, with
+    /// the fix.
     Check {
         #[command(flatten)]
         source: ConfigSource,
+        /// The listen address to try, overriding the config's `listen`, as `run --listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
     },
     /// List what a crashed collector left in bpffs (pinned maps and links) and nftables;
     /// remove it with --apply. Refused while a collector runs with the pin directory.
@@ -306,7 +311,12 @@ fn main() -> std::process::ExitCode {
             };
             output::write(|out| writeln!(out, "{text}"))
         }),
-        Command::Check { source } => source.load().and_then(|config| check_host(&config)),
+        Command::Check { source, listen } => source.load().and_then(|mut config| {
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            check_host(&config)
+        }),
         Command::Cleanup { source, apply } => {
             source.load().and_then(|config| cleanup(&config, apply))
         }

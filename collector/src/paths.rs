@@ -228,7 +228,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PathError> {
 }
 
 /// Whether a name of `path` below the bpffs mount at `mount` has a dot in it.
-fn dot_below(mount: &Path, path: &Path) -> bool {
+pub fn dot_below(mount: &Path, path: &Path) -> bool {
     path.strip_prefix(mount).is_ok_and(|below| {
         below
             .components()

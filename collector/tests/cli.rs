@@ -116,6 +116,134 @@ impl Drop for PinDir {
     }
 }
 
+/// `collector check` with `config` as the config file's text and `args`: whether it passed,
+/// and its lines by name.
+fn check(config: &str, args: &[&str]) -> (bool, std::collections::HashMap<String, String>) {
+    support::require_root();
+    let dir = ScratchDir::new("check");
+    let path = dir.path("collector.toml");
+    fs::write(&path, config).unwrap();
+    let out = Command::new(COLLECTOR)
+        .args(["check", "--config", path.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines = stdout
+        .lines()
+        .filter_map(|line| {
+            let name = line.split_whitespace().nth(1)?;
+            Some((name.to_owned(), line.to_owned()))
+        })
+        .collect();
+    (out.status.success(), lines)
+}
+
+#[test]
+fn check_tries_the_pin_directory_as_run_uses_it() {
+    let dir = PinDir::new();
+    let absent = dir.0.join("absent");
+    let pin_dir = absent.to_str().unwrap();
+    let (passed, lines) = check("[nftables]\nenabled = false\n", &["--pin-dir", pin_dir]);
+    assert!(passed, "{lines:?}");
+    assert!(lines["pin_dir"].starts_with("pass"), "{}", lines["pin_dir"]);
+    // What it made to try, it removed; what was there, it left.
+    assert!(!absent.exists());
+    let (passed, _) = check(
+        "[nftables]\nenabled = false\n",
+        &["--pin-dir", dir.0.to_str().unwrap()],
+    );
+    assert!(passed);
+    let left: Vec<_> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["v1"]);
+
+    // Not root, though with the four capabilities: bpffs (mode 0700) is root's alone, and
+    // `run` would fail to make its pin directory.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=+bpf,+perfmon,+net_admin,+sys_admin"])
+        .args([
+            "--ambient-caps=+bpf,+perfmon,+net_admin,+sys_admin",
+            COLLECTOR,
+        ])
+        .args(["check", "--pin-dir", pin_dir])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(failed.len(), 1, "{stdout}");
+    assert!(
+        failed[0].contains("pin_dir") && failed[0].contains("run as root"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_loads_the_http_files_as_run_does() {
+    let scratch = ScratchDir::new("check-http");
+    let token = scratch.path("token");
+    fs::write(&token, "secret\n").unwrap();
+    let http = |lines: &str| format!("[nftables]\nenabled = false\n[http]\n{lines}");
+    let (passed, lines) = check(
+        &http(&format!("bearer_token_file = \"{}\"\n", token.display())),
+        &[],
+    );
+    assert!(passed && lines["http"].starts_with("pass"), "{lines:?}");
+    let (passed, lines) = check(&http("bearer_token_file = \"/nonexistent/token\"\n"), &[]);
+    assert!(!passed, "{lines:?}");
+    assert!(
+        lines["http"].starts_with("FAIL")
+            && lines["http"].contains("reading the bearer token file /nonexistent/token"),
+        "{}",
+        lines["http"]
+    );
+    let (passed, lines) = check(
+        &http("tls_cert_file = \"/etc/hostname\"\ntls_key_file = \"/etc/hostname\"\n"),
+        &[],
+    );
+    assert!(!passed, "{lines:?}");
+    assert!(
+        lines["http"].starts_with("FAIL") && lines["http"].contains("holds no certificate"),
+        "{}",
+        lines["http"]
+    );
+}
+
+#[test]
+fn check_tries_the_listen_address_and_only_warns_when_it_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (passed, lines) = check("[nftables]\nenabled = false\n", &["--listen", &addr]);
+    assert!(passed, "{lines:?}");
+    assert!(
+        lines["listen"].starts_with("warn") && lines["listen"].contains("in use"),
+        "{}",
+        lines["listen"]
+    );
+    // (The port just taken is not tried again once free: a test running meanwhile may get it.)
+    let (passed, lines) = check(
+        "[nftables]\nenabled = false\n",
+        &["--listen", "127.0.0.1:0"],
+    );
+    assert!(passed && lines["listen"].starts_with("pass"), "{lines:?}");
+    drop(taken);
+    // TEST-NET-1: an address of no interface here.
+    let (passed, lines) = check(
+        "listen = \"192.0.2.1:9464\"\n[nftables]\nenabled = false\n",
+        &[],
+    );
+    assert!(!passed, "{lines:?}");
+    assert!(
+        lines["listen"].starts_with("FAIL") && lines["listen"].contains("no interface"),
+        "{}",
+        lines["listen"]
+    );
+}
+
 /// `collector args` as nobody; fails the test unless it is refused with the advice to run as
 /// root.
 fn assert_refused_without_root(args: &[&str]) {
