@@ -5,6 +5,7 @@ mod api;
 mod auth;
 mod bpf_sys;
 mod check;
+mod cleanup;
 mod client;
 mod client_table;
 mod clock;
@@ -317,9 +318,9 @@ fn main() -> std::process::ExitCode {
             }
             check_host(&config)
         }),
-        Command::Cleanup { source, apply } => {
-            source.load().and_then(|config| cleanup(&config, apply))
-        }
+        Command::Cleanup { source, apply } => source
+            .load()
+            .and_then(|config| cleanup::run(&config, apply)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -670,78 +671,4 @@ fn check_host(config: &Config) -> anyhow::Result<()> {
         anyhow::bail!("{failed} requirement(s) not met");
     }
     printed
-}
-
-fn cleanup(config: &Config, apply: bool) -> anyhow::Result<()> {
-    let pin_dir = &config.pin_dir;
-    // A running collector's pins hold its links: removing them would stop its counting while
-    // it went on serving counters that no longer move. Held to the end, so that none starts
-    // meanwhile.
-    let exists = paths::pin_exists(pin_dir)?;
-    let _lock = if exists {
-        let Some(lock) = loader::try_lock_pin_dir(pin_dir)? else {
-            anyhow::bail!(
-                "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
-                 detaches its programs and removes its pins and nftables table); `cleanup` is for \
-                 what a crashed one left",
-                pin_dir.display()
-            );
-        };
-        Some(lock)
-    } else {
-        None
-    };
-    let found = if exists { walk(pin_dir)? } else { Vec::new() };
-    let verb = if apply { "removing " } else { "" };
-    let table = &config.nftables.table;
-    let has_table = match nfnetlink::table_exists(table) {
-        Ok(found) => found,
-        Err(err) if privileges::denied(&err) => anyhow::bail!(
-            "looking for the nftables table inet {table}: permission denied: run as root (or with \
-             CAP_NET_ADMIN)"
-        ),
-        // Without nf_tables support there is no table of ours to find.
-        Err(_) => false,
-    };
-    // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
-    let listed = output::write(|out| {
-        for path in &found {
-            writeln!(out, "{verb}{}", path.display())?;
-        }
-        if has_table {
-            writeln!(out, "{verb}nftables table inet {table}")?;
-        }
-        if apply {
-            Ok(())
-        } else if found.is_empty() && !has_table {
-            writeln!(
-                out,
-                "nothing of ours under {} or in nftables",
-                pin_dir.display()
-            )
-        } else {
-            writeln!(out, "run again with --apply to remove these")
-        }
-    });
-    if apply {
-        // Also removes the directories, empty ones included.
-        loader::remove_pins(pin_dir)?;
-        if has_table {
-            nft::remove_leftover(table).context("removing our nftables table")?;
-        }
-    }
-    listed
-}
-
-fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        if path.is_dir() {
-            out.extend(walk(&path)?);
-        } else {
-            out.push(path);
-        }
-    }
-    Ok(out)
 }

@@ -256,6 +256,81 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A pin directory removed whole on drop, whatever the test left in it.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
+    // A sidecar crashed in its pod's namespace; its pins are cleaned up on the node, where
+    // the node's collector runs with the same table name (one ConfigMap for both).
+    let config = AgentConfig::with_nft(ROUTES);
+    let (node, pod) = (Netns::new(), Netns::new());
+    let mut name = config.pin_dir.clone().into_os_string();
+    name.push("-pod");
+    let pod_pins = RemovedOnDrop(name.into());
+    let pod_pin_dir = ["--pin-dir", pod_pins.0.to_str().unwrap()];
+    Agent::start_with(&pod, &config, &pod_pin_dir).kill();
+    let agent = Agent::start(&node, &config);
+    let ours = format!("table inet {}\n", config.nft_table);
+    assert!(tables(&node).contains(&ours), "{}", tables(&node));
+
+    let apply = node
+        .command(COLLECTOR)
+        .args(["cleanup", "--apply", "--config"])
+        .arg(&config.path)
+        .args(pod_pin_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&apply.stdout);
+    assert!(
+        apply.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&apply.stderr)
+    );
+    assert!(
+        stdout.contains("a collector's of another network namespace")
+            && !stdout.contains(&format!(
+                "removing nftables table inet {}",
+                config.nft_table
+            )),
+        "{stdout}"
+    );
+    assert_no_pins(&pod_pins.0);
+    // The node collector's table is still there, and so is the pod's in its own namespace.
+    assert!(tables(&node).contains(&ours), "{}", tables(&node));
+    assert!(tables(&pod).contains(&ours), "{}", tables(&pod));
+    // Run again, with the pins gone, nothing says whose the node's table is: it is named, and
+    // left.
+    let again = node
+        .command(COLLECTOR)
+        .args(["cleanup", "--apply", "--config"])
+        .arg(&config.path)
+        .args(pod_pin_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success()
+            && stdout.contains(&format!("nft delete table inet {}", config.nft_table)),
+        "{stdout}"
+    );
+    assert!(tables(&node).contains(&ours), "{}", tables(&node));
+    connections(&node, 2);
+    let metrics = wait_for_closed(&node, "web", 2);
+    assert_eq!(
+        route_packets(&metrics, "in").1,
+        route_packets(&metrics, "in").0
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn cleanup_refuses_while_a_collector_runs_and_it_keeps_counting() {
     let netns = Netns::new();

@@ -1,0 +1,238 @@
+//! `collector cleanup [--apply]`: what a crashed collector left under its pin directory
+//! (pinned maps and links, whose programs count on) and its nftables table, listed, then
+//! removed.
+//!
+//! Nothing that is not the crashed collector's is touched:
+//! - a collector running with the pin directory holds it locked, and is refused;
+//! - the nftables table is looked for in this network namespace, and removed only when the
+//!   pins' owner (`PIN_OWNER`, the namespace cookie of the collector that made them) is this
+//!   namespace. The documented sidecar cleanup runs on the node, where the node's own
+//!   collector may use the same table name: a crashed sidecar's table was in its pod's
+//!   namespace, and went with it.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Array, Map, MapData};
+use collector_common::map_names;
+
+use crate::{config::Config, loader, netns, nfnetlink, nft, output, paths, privileges};
+
+/// Whose the pins are, as `PIN_OWNER` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    /// The cookie of the network namespace whose collector made them.
+    Namespace(u64),
+    /// No pins, or none that says: why.
+    Unknown(String),
+}
+
+/// What is done about the nftables table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Table {
+    /// None of ours in this namespace, and no other to speak of.
+    Absent,
+    /// The crashed collector's, in this namespace: removed with --apply.
+    Remove,
+    /// The pins are of a collector of the namespace with this cookie: its table is there.
+    Elsewhere { owner: u64, here: u64 },
+    /// One with our name is in this namespace, but no pins say it is a crashed collector's.
+    Unclaimed(String),
+}
+
+/// `collector cleanup`: lists, and with `apply` removes, what a crashed collector left.
+pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
+    let pin_dir = &config.pin_dir;
+    // A running collector's pins hold its links: removing them would stop its counting while
+    // it went on serving counters that no longer move. Held to the end, so that none starts
+    // meanwhile.
+    let exists = paths::pin_exists(pin_dir)?;
+    let _lock = if exists {
+        let Some(lock) = loader::try_lock_pin_dir(pin_dir)? else {
+            anyhow::bail!(
+                "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
+                 detaches its programs and removes its pins and nftables table); `cleanup` is for \
+                 what a crashed one left",
+                pin_dir.display()
+            );
+        };
+        Some(lock)
+    } else {
+        None
+    };
+    let found = if exists { walk(pin_dir)? } else { Vec::new() };
+    let map_dir = paths::map_pin_dir(pin_dir);
+    let owner = pin_owner(&map_dir)?;
+    let here = netns::current_cookie()
+        .context("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)")?;
+    let table_name = &config.nftables.table;
+    let table = table_plan(&owner, here, || table_exists(table_name))?;
+
+    let verb = if apply { "removing " } else { "" };
+    // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
+    let listed = output::write(|out| {
+        for path in &found {
+            writeln!(out, "{verb}{}", path.display())?;
+        }
+        match &table {
+            Table::Absent => {}
+            Table::Remove => writeln!(out, "{verb}nftables table inet {table_name}")?,
+            Table::Elsewhere { owner, here } => writeln!(
+                out,
+                "nftables: these pins are a collector's of another network namespace (cookie \
+                 {owner}; this one's is {here}): its table inet {table_name} is in that \
+                 namespace and is not touched from here (it went with the namespace if that is \
+                 gone; otherwise run this cleanup inside it)"
+            )?,
+            Table::Unclaimed(why) => writeln!(
+                out,
+                "nftables table inet {table_name} in this network namespace: not touched, since \
+                 {why}, and a running collector's table would lose its counters; if no \
+                 collector runs here with that table, remove it with `nft delete table inet \
+                 {table_name}`"
+            )?,
+        }
+        if !apply {
+            let removable = !found.is_empty() || table == Table::Remove;
+            if removable {
+                writeln!(out, "run again with --apply to remove these")?;
+            } else if table == Table::Absent {
+                writeln!(
+                    out,
+                    "nothing of ours under {} or in nftables",
+                    pin_dir.display()
+                )?;
+            } else {
+                writeln!(out, "nothing of ours under {}", pin_dir.display())?;
+            }
+        }
+        Ok(())
+    });
+    if apply {
+        // Also removes the directories, empty ones included.
+        loader::remove_pins(pin_dir)?;
+        if table == Table::Remove {
+            nft::remove_leftover(table_name).context("removing our nftables table")?;
+        }
+    }
+    listed
+}
+
+/// What to do about the table, given whose the pins are; `exists` looks in this namespace.
+fn table_plan(
+    owner: &Owner,
+    here: u64,
+    exists: impl FnOnce() -> anyhow::Result<bool>,
+) -> anyhow::Result<Table> {
+    Ok(match owner {
+        Owner::Namespace(owner) if *owner != here => Table::Elsewhere {
+            owner: *owner,
+            here,
+        },
+        Owner::Namespace(_) => {
+            if exists()? {
+                Table::Remove
+            } else {
+                Table::Absent
+            }
+        }
+        Owner::Unknown(why) => {
+            if exists()? {
+                Table::Unclaimed(why.clone())
+            } else {
+                Table::Absent
+            }
+        }
+    })
+}
+
+fn table_exists(table: &str) -> anyhow::Result<bool> {
+    match nfnetlink::table_exists(table) {
+        Ok(found) => Ok(found),
+        Err(err) if privileges::denied(&err) => anyhow::bail!(
+            "looking for the nftables table inet {table}: permission denied: run as root (or with \
+             CAP_NET_ADMIN)"
+        ),
+        // Without nf_tables support there is no table of ours to find.
+        Err(_) => Ok(false),
+    }
+}
+
+/// Reads the pins' owner from `PIN_OWNER` under `map_dir`.
+fn pin_owner(map_dir: &Path) -> anyhow::Result<Owner> {
+    let path = map_dir.join(map_names::PIN_OWNER);
+    if !paths::pin_exists(&path)? {
+        return Ok(Owner::Unknown(format!(
+            "no pins under {} say whose it is",
+            map_dir.display()
+        )));
+    }
+    let read = MapData::from_pin(&path)
+        .map_err(anyhow::Error::from)
+        .and_then(|data| Ok(Array::<MapData, u64>::try_from(Map::from_map_data(data)?)?))
+        .and_then(|owner| Ok(owner.get(&0, 0)?));
+    match read {
+        Ok(0) => Ok(Owner::Unknown(format!(
+            "the pins' owner in {} was never set (a start that stopped before it claimed them)",
+            path.display()
+        ))),
+        Ok(cookie) => Ok(Owner::Namespace(cookie)),
+        Err(err) if privileges::denied_in(&err) => Err(err.context(format!(
+            "reading {}: permission denied: run as root (pinned maps open only with CAP_BPF)",
+            path.display()
+        ))),
+        Err(err) => Ok(Owner::Unknown(format!(
+            "the pins' owner could not be read from {}: {err:#}",
+            path.display()
+        ))),
+    }
+}
+
+/// Every file (pin) below `dir`; symbolic links are not followed.
+fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            out.extend(walk(&entry.path())?);
+        } else {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_touched_only_where_the_pins_owner_lives() {
+        let here = 7;
+        let present = || Ok(true);
+        assert_eq!(
+            table_plan(&Owner::Namespace(7), here, present).unwrap(),
+            Table::Remove
+        );
+        assert_eq!(
+            table_plan(&Owner::Namespace(7), here, || Ok(false)).unwrap(),
+            Table::Absent
+        );
+        // Another namespace's pins: this namespace's table is not even looked at.
+        assert_eq!(
+            table_plan(&Owner::Namespace(9), here, || panic!("looked")).unwrap(),
+            Table::Elsewhere { owner: 9, here }
+        );
+        assert_eq!(
+            table_plan(&Owner::Unknown("no pins".into()), here, present).unwrap(),
+            Table::Unclaimed("no pins".into())
+        );
+        assert_eq!(
+            table_plan(&Owner::Unknown("no pins".into()), here, || Ok(false)).unwrap(),
+            Table::Absent
+        );
+    }
+}
