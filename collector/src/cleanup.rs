@@ -8,10 +8,14 @@
 //!   pins' owner (`PIN_OWNER`, the namespace cookie of the collector that made them) is this
 //!   namespace. The documented sidecar cleanup runs on the node, where the node's own
 //!   collector may use the same table name: a crashed sidecar's table was in its pod's
-//!   namespace, and went with it.
+//!   namespace, and went with it;
+//! - under the pin directory, this build's layout directory (`v1`) is removed whole, link
+//!   pins first (removing one detaches its program); anything else (another layout version's
+//!   directory, whose links keep their programs attached) is reported with the command that
+//!   removes it, and the status is 1.
 
 use std::{
-    io::Write as _,
+    io::{self, Write as _},
     path::{Path, PathBuf},
 };
 
@@ -46,25 +50,18 @@ enum Table {
 /// `collector cleanup`: lists, and with `apply` removes, what a crashed collector left.
 pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     let pin_dir = &config.pin_dir;
-    // A running collector's pins hold its links: removing them would stop its counting while
-    // it went on serving counters that no longer move. Held to the end, so that none starts
-    // meanwhile.
     let exists = paths::pin_exists(pin_dir)?;
+    // Held to the end, so that no collector starts meanwhile.
     let _lock = if exists {
-        let Some(lock) = loader::try_lock_pin_dir(pin_dir)? else {
-            anyhow::bail!(
-                "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
-                 detaches its programs and removes its pins and nftables table); `cleanup` is for \
-                 what a crashed one left",
-                pin_dir.display()
-            );
-        };
-        Some(lock)
+        Some(lock_unless_running(pin_dir)?)
     } else {
         None
     };
     let found = if exists { walk(pin_dir)? } else { Vec::new() };
     let map_dir = paths::map_pin_dir(pin_dir);
+    let (ours, others): (Vec<PathBuf>, Vec<PathBuf>) = found
+        .into_iter()
+        .partition(|path| path.starts_with(&map_dir));
     let owner = pin_owner(&map_dir)?;
     let here = netns::current_cookie()
         .context("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)")?;
@@ -74,8 +71,20 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     let verb = if apply { "removing " } else { "" };
     // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
     let listed = output::write(|out| {
-        for path in &found {
+        for path in &ours {
             writeln!(out, "{verb}{}", path.display())?;
+        }
+        let leaves = if apply {
+            "left in place"
+        } else {
+            "--apply leaves it"
+        };
+        for path in &others {
+            writeln!(
+                out,
+                "{} (not this build's pin layout: {leaves})",
+                path.display()
+            )?;
         }
         match &table {
             Table::Absent => {}
@@ -96,29 +105,60 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
             )?,
         }
         if !apply {
-            let removable = !found.is_empty() || table == Table::Remove;
+            let removable = !ours.is_empty() || table == Table::Remove;
             if removable {
                 writeln!(out, "run again with --apply to remove these")?;
-            } else if table == Table::Absent {
+            } else if others.is_empty() && table == Table::Absent {
                 writeln!(
                     out,
                     "nothing of ours under {} or in nftables",
                     pin_dir.display()
                 )?;
-            } else {
+            } else if others.is_empty() {
                 writeln!(out, "nothing of ours under {}", pin_dir.display())?;
             }
         }
         Ok(())
     });
     if apply {
-        // Also removes the directories, empty ones included.
-        loader::remove_pins(pin_dir)?;
+        remove(&map_dir, &ours)?;
+        remove_empty_dirs(pin_dir)?;
         if table == Table::Remove {
             nft::remove_leftover(table_name).context("removing our nftables table")?;
         }
+        let left = if paths::pin_exists(pin_dir)? {
+            walk(pin_dir)?
+        } else {
+            Vec::new()
+        };
+        if !left.is_empty() {
+            anyhow::bail!(
+                "{} pin(s) under {} are not this build's pin layout ({}) and were left in place \
+                 (another build's: its link pins, if any, keep their programs attached); once no \
+                 collector of that build runs with this pin directory, remove them with `rm -r \
+                 {}`",
+                left.len(),
+                pin_dir.display(),
+                paths::PIN_LAYOUT_VERSION,
+                pin_dir.display()
+            );
+        }
     }
     listed
+}
+
+/// Locks the pin directory, or refuses: a running collector's pins hold its links, and
+/// removing them would stop its counting while it went on serving counters that no longer
+/// move.
+fn lock_unless_running(pin_dir: &Path) -> anyhow::Result<std::fs::File> {
+    loader::try_lock_pin_dir(pin_dir)?.with_context(|| {
+        format!(
+            "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
+             detaches its programs and removes its pins and nftables table); `cleanup` is for \
+             what a crashed one left",
+            pin_dir.display()
+        )
+    })
 }
 
 /// What to do about the table, given whose the pins are; `exists` looks in this namespace.
@@ -188,6 +228,44 @@ fn pin_owner(map_dir: &Path) -> anyhow::Result<Owner> {
             "the pins' owner could not be read from {}: {err:#}",
             path.display()
         ))),
+    }
+}
+
+/// Removes the files `ours` under `map_dir`, link pins first: removing one detaches its
+/// program, so that nothing counts into the maps once they go.
+fn remove(map_dir: &Path, ours: &[PathBuf]) -> anyhow::Result<()> {
+    let links_dir = map_dir.join(loader::LINKS_DIR);
+    let (links, maps): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        ours.iter().partition(|path| path.starts_with(&links_dir));
+    for path in links.into_iter().chain(maps) {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("removing the pin {}", path.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes `dir` and the directories below it that are (then) empty.
+fn remove_empty_dirs(dir: &Path) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_empty_dirs(&entry.path())?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(err) if matches!(err.raw_os_error(), Some(libc::ENOTEMPTY | libc::ENOENT)) => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing {}", dir.display())),
     }
 }
 

@@ -43,7 +43,7 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
 
 /// Subdirectory of the pin directory holding link pins.
-const LINKS_DIR: &str = "links";
+pub const LINKS_DIR: &str = "links";
 
 /// How many TCX programs run before ours on one interface's hook.
 #[derive(Debug, Clone, PartialEq, Eq)]

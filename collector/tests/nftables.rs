@@ -332,6 +332,48 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
 }
 
 #[test]
+fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    Agent::start(&netns, &config).kill();
+    let pins = RemovedOnDrop(config.pin_dir.clone());
+    let v1 = pins.0.join("v1");
+    // A map this build does not pin, as another build leaves one.
+    std::fs::rename(v1.join("DNS_UPSTREAM"), v1.join("OLD_BUILD_MAP")).unwrap();
+    // Another layout version's directory, with a link pin: its program stays attached.
+    let other_link = pins.0.join("v2/links/tc_loopback_1");
+    std::fs::create_dir_all(other_link.parent().unwrap()).unwrap();
+    std::fs::rename(v1.join("links/tc_loopback_1"), &other_link).unwrap();
+
+    let apply = netns
+        .command(COLLECTOR)
+        .args(["cleanup", "--apply", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&apply.stdout);
+    let stderr = String::from_utf8_lossy(&apply.stderr);
+    assert!(!apply.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{} (not this build's pin layout: left in place)",
+            other_link.display()
+        )) && !stdout.contains(&format!("removing {}", other_link.display())),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("1 pin(s)") && stderr.contains(&format!("rm -r {}", pins.0.display())),
+        "{stderr}"
+    );
+    // Its own layout went whole, the unknown map included; the other one is where it was.
+    assert!(!v1.exists(), "{stdout}");
+    assert!(other_link.exists());
+    // The command it names removes the rest.
+    run("rm", &["-r", pins.0.to_str().unwrap()]);
+    assert_no_pins(&pins.0);
+}
+
+#[test]
 fn cleanup_refuses_while_a_collector_runs_and_it_keeps_counting() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(ROUTES);
