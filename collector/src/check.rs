@@ -247,6 +247,18 @@ fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>) -> Verdict {
 /// Makes what is missing of `pin_dir` and a probe directory in it, pins a map there, and
 /// removes all of it again. The error names the step that failed.
 fn probe_pin_dir(pin_dir: &Path) -> Result<(), (String, std::io::Error)> {
+    // A directory of the path that another check made may go before this one's probe is in
+    // it: then again.
+    for _ in 0..10 {
+        match probe_once(pin_dir) {
+            Err((_, err)) if err.kind() == std::io::ErrorKind::NotFound => {}
+            done => return done,
+        }
+    }
+    probe_once(pin_dir)
+}
+
+fn probe_once(pin_dir: &Path) -> Result<(), (String, std::io::Error)> {
     // What is missing, outermost first.
     let mut missing = Vec::new();
     for dir in pin_dir.ancestors() {
@@ -263,11 +275,15 @@ fn probe_pin_dir(pin_dir: &Path) -> Result<(), (String, std::io::Error)> {
     let mut made = Vec::new();
     let mut result = Ok(());
     for dir in &missing {
-        if let Err(err) = std::fs::create_dir(dir) {
-            result = Err((format!("creating the directory {}", dir.display()), err));
-            break;
+        match std::fs::create_dir(dir) {
+            Ok(()) => made.push(dir),
+            // Another check made it meanwhile, and removes it.
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && *dir != probe => {}
+            Err(err) => {
+                result = Err((format!("creating the directory {}", dir.display()), err));
+                break;
+            }
         }
-        made.push(dir);
     }
     if result.is_ok() {
         let pin = probe.join("map");
@@ -275,11 +291,25 @@ fn probe_pin_dir(pin_dir: &Path) -> Result<(), (String, std::io::Error)> {
             .map_err(|(step, err)| (format!("{step} at {}", pin.display()), err));
         let _ = std::fs::remove_file(&pin);
     }
-    // Only what this made, and only if empty: a collector starting meanwhile keeps its own.
     for dir in made.iter().rev() {
-        let _ = std::fs::remove_dir(dir);
+        remove_made_dir(dir);
     }
     result
+}
+
+/// Removes a directory the probe made, once empty. Another check may be probing below it
+/// (it found the directory there and leaves it to this one): its probe goes within
+/// milliseconds, so a directory that is not empty is tried again for a while. What a
+/// collector starting meanwhile put there stays, and its directory with it.
+fn remove_made_dir(dir: &Path) {
+    for _ in 0..100 {
+        match std::fs::remove_dir(dir) {
+            Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            _ => return,
+        }
+    }
 }
 
 /// The token, users and TLS files, loaded by the same functions as at `run`'s start, which a

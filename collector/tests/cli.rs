@@ -183,6 +183,38 @@ fn check_tries_the_pin_directory_as_run_uses_it() {
 }
 
 #[test]
+fn checks_at_once_leave_nothing_of_their_probes() {
+    // Several checks of one pin directory that is not there, as the parallel tests (or
+    // initContainers on one node) run them: each makes it or finds it made by another.
+    let dir = PinDir::new();
+    let absent = dir.0.join("shared");
+    let checks: Vec<_> = (0..32)
+        .map(|_| {
+            Command::new(COLLECTOR)
+                .args(["check", "--pin-dir", absent.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for check in checks {
+        let out = check.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout
+                .lines()
+                .any(|line| line.starts_with("pass") && line.contains("pin_dir")),
+            "{stdout}"
+        );
+    }
+    assert!(
+        !absent.exists(),
+        "{:?}",
+        fs::read_dir(&absent).map(Iterator::count)
+    );
+}
+
+#[test]
 fn check_loads_the_http_files_as_run_does() {
     let scratch = ScratchDir::new("check-http");
     let token = scratch.path("token");
