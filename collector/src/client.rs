@@ -2,11 +2,15 @@
 //! (tails `/api/v1/events`, one JSON line per event, until the agent stops or the reader goes
 //! away), `collector stats proxy|dns` (the JSON API as a table, or as JSON) and `collector
 //! top`. Plain HTTP, or HTTPS with the bearer token when the agent's config has them.
+//!
+//! A failure names its fix: a certificate not trusted (`--cacert`), a CA certificate served
+//! as the agent's own, plain HTTP to an HTTPS agent (`--config`, `--cacert`), credentials
+//! wanted or refused (`--config`, whose token the CLI sends).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -24,10 +28,17 @@ use crate::{config::Config, output};
 pub struct Endpoint {
     addr: SocketAddr,
     tls: Option<Arc<ClientConfig>>,
+    /// The PEM files `tls` trusts, for the errors.
+    trusted: Vec<PathBuf>,
     /// What the agent's certificate must name: its address unless told otherwise.
     server_name: ServerName<'static>,
-    token: Option<String>,
+    /// The bearer token, and the file it was read from.
+    token: Option<(String, PathBuf)>,
 }
+
+/// The file beside the served certificate that holds the CA which issued it, as Kubernetes
+/// `kubernetes.io/tls` Secrets from cert-manager carry it.
+const CA_BESIDE_CERT: &str = "ca.crt";
 
 /// A plain or TLS connection to the agent.
 trait Connection: Read + Write {}
@@ -35,9 +46,9 @@ impl<T: Read + Write> Connection for T {}
 
 impl Endpoint {
     /// `listen` overrides the config's address; `cacert` (PEM) is what HTTPS trusts, by
-    /// default the agent's own certificate file; `server_name` is the name its certificate
-    /// is checked against instead of the address (a certificate shared by a daemon set names
-    /// a service, not every node).
+    /// default the agent's own certificate file and the `ca.crt` beside it if there is one;
+    /// `server_name` is the name its certificate is checked against instead of the address
+    /// (a certificate shared by a daemon set names a service, not every node).
     pub fn new(
         listen: Option<SocketAddr>,
         config: Option<&Config>,
@@ -55,22 +66,37 @@ impl Endpoint {
         let served_cert = config
             .and_then(|config| config.http.tls.as_ref())
             .map(|tls| tls.cert.as_path());
-        let tls = match cacert.or(served_cert) {
-            Some(trusted) => Some(client_config(trusted)?),
-            None => None,
+        let trusted: Vec<PathBuf> = match (cacert, served_cert) {
+            (Some(cacert), _) => vec![cacert.to_owned()],
+            (None, Some(cert)) => {
+                let ca = cert.with_file_name(CA_BESIDE_CERT);
+                let mut trusted = vec![cert.to_owned()];
+                if ca.is_file() {
+                    trusted.push(ca);
+                }
+                trusted
+            }
+            (None, None) => Vec::new(),
+        };
+        let tls = if trusted.is_empty() {
+            None
+        } else {
+            Some(client_config(&trusted)?)
         };
         let token = match config.and_then(|config| config.http.bearer_token_file.as_ref()) {
-            Some(path) => Some(
+            Some(path) => Some((
                 std::fs::read_to_string(path)
                     .with_context(|| format!("reading the bearer token file {}", path.display()))?
                     .trim()
                     .to_owned(),
-            ),
+                path.clone(),
+            )),
             None => None,
         };
         Ok(Self {
             addr,
             tls,
+            trusted,
             server_name,
             token,
         })
@@ -96,7 +122,7 @@ impl Endpoint {
 
     /// A GET request's head, with the credentials.
     fn request(&self, path: &str, extra: &str) -> String {
-        let auth = self.token.as_ref().map_or(String::new(), |token| {
+        let auth = self.token.as_ref().map_or(String::new(), |(token, _)| {
             format!("Authorization: Bearer {token}\r\n")
         });
         format!(
@@ -104,17 +130,153 @@ impl Endpoint {
             self.addr
         )
     }
+
+    /// Connects and sends `request`; the reply is read from what it returns. Errors name the
+    /// fix.
+    fn exchange(&self, request: &str) -> anyhow::Result<BufReader<Box<dyn Connection>>> {
+        let mut stream = self.connect()?;
+        stream
+            .write_all(request.as_bytes())
+            .and_then(|()| stream.flush())
+            .map_err(|err| self.explain(err))?;
+        Ok(BufReader::new(stream))
+    }
+
+    /// Reads the status line, and refuses any status but 200 with what to do about it.
+    fn expect_ok(&self, reader: &mut impl BufRead) -> anyhow::Result<()> {
+        let mut status = Vec::new();
+        reader
+            .read_until(b'\n', &mut status)
+            .map_err(|err| self.explain(err))?;
+        self.check_status(&status)
+    }
+
+    /// Whether `status` (the reply's first line) is a 200; otherwise why not, and the fix.
+    fn check_status(&self, status: &[u8]) -> anyhow::Result<()> {
+        let addr = self.addr;
+        if status.starts_with(b"HTTP/1.1 200") {
+            return Ok(());
+        }
+        if self.tls.is_none() && looks_like_tls(status) {
+            bail!(
+                "the collector at {addr} answered in TLS: the agent serves HTTPS; pass --config \
+                 FILE (the agent's config: its certificate, and its bearer token), or --cacert \
+                 CA.pem"
+            );
+        }
+        if status.is_empty() {
+            bail!(
+                "the collector at {addr} closed the connection without an answer{}",
+                if self.tls.is_none() {
+                    " (does it serve HTTPS? then pass --config FILE, the agent's config, or \
+                     --cacert CA.pem)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let line = String::from_utf8_lossy(status);
+        let line = line.trim_end();
+        if line.starts_with("HTTP/1.1 401") || line.starts_with("HTTP/1.0 401") {
+            match &self.token {
+                None => bail!(
+                    "the collector at {addr} answered {line}: it wants credentials; pass --config \
+                     FILE, the agent's config, whose bearer_token_file the CLI sends (basic-auth \
+                     users are hashes, nothing the CLI could send)"
+                ),
+                Some((_, file)) => bail!(
+                    "the collector at {addr} answered {line}: it refused the bearer token from {} \
+                     (is --config the agent's own config, and the token file current?)",
+                    file.display()
+                ),
+            }
+        }
+        bail!("the collector at {addr} answered {line}")
+    }
+
+    /// An I/O error of the exchange, with the fix when TLS refused the agent's certificate
+    /// or the agent did not answer in TLS.
+    fn explain(&self, err: std::io::Error) -> anyhow::Error {
+        let why = err
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .and_then(|tls| tls_advice(tls, &self.trusted, &self.server_name));
+        match why {
+            Some(why) => anyhow::Error::new(err).context(why),
+            None => err.into(),
+        }
+    }
 }
 
-/// Trusts the certificates in `pem` (the agent's own, for a self-signed one, or its CA).
-fn client_config(pem: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+/// Whether `bytes` begin a TLS record (handshake or alert, TLS 1.0 to 1.3): what an HTTPS
+/// server sends to a plain HTTP request.
+fn looks_like_tls(bytes: &[u8]) -> bool {
+    matches!(bytes, [0x15 | 0x16, 0x03, 0x00..=0x04, ..])
+}
+
+/// What to do about a TLS error, for those with a fix to name.
+fn tls_advice(err: &rustls::Error, trusted: &[PathBuf], name: &ServerName<'_>) -> Option<String> {
+    use rustls::{CertificateError, InvalidMessage};
+    let trusted = trusted
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" and ");
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => Some(format!(
+            "the agent's certificate was not issued by a certificate trusted here ({trusted}): \
+             pass --cacert CA.pem, the CA that signed it (cert-manager's Secrets carry it as \
+             ca.crt, which is trusted without --cacert when it lies beside the config's \
+             tls_cert_file)"
+        )),
+        rustls::Error::InvalidCertificate(CertificateError::Other(other))
+            if other.to_string().contains("CaUsedAsEndEntity") =>
+        {
+            Some(
+                "the agent serves a CA certificate (basicConstraints CA:TRUE, which `openssl req \
+                 -x509` gives by default) as its own, and TLS clients such as this one refuse \
+                 it: serve a certificate a CA issued and pass --cacert CA.pem, the CA that \
+                 signed it, or make the self-signed one with `-addext \
+                 basicConstraints=critical,CA:FALSE`"
+                    .to_owned(),
+            )
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => Some(format!(
+            "the agent's certificate does not name {}: pass --server-name NAME, a name it \
+             carries",
+            server_name_text(name)
+        )),
+        rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType) => Some(
+            "the agent did not answer in TLS: does it serve plain HTTP? (then its config has no \
+             tls_cert_file, and no --cacert is needed)"
+                .to_owned(),
+        ),
+        _ => None,
+    }
+}
+
+fn server_name_text(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(dns) => dns.as_ref().to_owned(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        _ => format!("{name:?}"),
+    }
+}
+
+/// Trusts the certificates in the PEM files `pems` (the agent's own, for a self-signed one,
+/// and its CA).
+fn client_config(pems: &[PathBuf]) -> anyhow::Result<Arc<ClientConfig>> {
     let mut roots = RootCertStore::empty();
-    for cert in
-        CertificateDer::pem_file_iter(pem).with_context(|| format!("reading {}", pem.display()))?
-    {
-        roots
-            .add(cert.with_context(|| format!("reading {}", pem.display()))?)
-            .with_context(|| format!("trusting the certificate in {}", pem.display()))?;
+    for pem in pems {
+        for cert in CertificateDer::pem_file_iter(pem)
+            .with_context(|| format!("reading {}", pem.display()))?
+        {
+            roots
+                .add(cert.with_context(|| format!("reading {}", pem.display()))?)
+                .with_context(|| format!("trusting the certificate in {}", pem.display()))?;
+        }
     }
     let config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -127,22 +289,9 @@ fn client_config(pem: &Path) -> anyhow::Result<Arc<ClientConfig>> {
 
 /// Streams the agent's events to stdout.
 pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
-    let mut stream = agent.connect()?;
-    stream.write_all(
-        agent
-            .request("/api/v1/events", "Accept: application/x-ndjson\r\n")
-            .as_bytes(),
-    )?;
-    let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    reader.read_line(&mut status)?;
-    if !status.starts_with("HTTP/1.1 200") {
-        bail!(
-            "the collector at {} answered {}",
-            agent.addr,
-            status.trim_end()
-        );
-    }
+    let mut reader =
+        agent.exchange(&agent.request("/api/v1/events", "Accept: application/x-ndjson\r\n"))?;
+    agent.expect_ok(&mut reader)?;
     let mut chunked = false;
     loop {
         let mut line = String::new();
@@ -198,26 +347,23 @@ fn forward(out: &mut impl Write, bytes: &[u8]) -> anyhow::Result<bool> {
 
 /// GET `path` from the agent and parse its JSON body.
 pub fn get_json(agent: &Endpoint, path: &str) -> anyhow::Result<Value> {
-    let mut stream = agent.connect()?;
-    stream.write_all(agent.request(path, "Connection: close\r\n").as_bytes())?;
+    let mut reader = agent.exchange(&agent.request(path, "Connection: close\r\n"))?;
     let mut response = Vec::new();
     // A TLS peer that closes without close_notify still sent the whole body.
-    if let Err(err) = stream.read_to_end(&mut response)
+    if let Err(err) = reader.read_to_end(&mut response)
         && err.kind() != std::io::ErrorKind::UnexpectedEof
     {
-        return Err(err.into());
+        return Err(agent.explain(err));
     }
+    let status_end = response
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(response.len(), |end| end + 1);
+    agent.check_status(&response[..status_end])?;
     let response = String::from_utf8_lossy(&response);
-    let (head, body) = response
+    let (_, body) = response
         .split_once("\r\n\r\n")
         .context("a malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "the collector at {} answered {}",
-            agent.addr,
-            head.lines().next().unwrap_or("")
-        );
-    }
     serde_json::from_str(body).context("the collector's answer is not JSON")
 }
 
@@ -377,6 +523,53 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_refusal_names_its_fix() {
+        let plain =
+            Endpoint::new(Some("127.0.0.1:9464".parse().unwrap()), None, None, None).unwrap();
+        let refused = |status: &[u8]| plain.check_status(status).unwrap_err().to_string();
+        assert!(plain.check_status(b"HTTP/1.1 200 OK\r\n").is_ok());
+        // A TLS alert, as rustls answers a plain HTTP request.
+        let tls = refused(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]);
+        assert!(
+            tls.contains("the agent serves HTTPS") && tls.contains("--config"),
+            "{tls}"
+        );
+        let unauthorized = refused(b"HTTP/1.1 401 Unauthorized\r\n");
+        assert!(
+            unauthorized.contains("pass --config FILE"),
+            "{unauthorized}"
+        );
+        let closed = refused(b"");
+        assert!(closed.contains("does it serve HTTPS?"), "{closed}");
+        assert_eq!(
+            refused(b"HTTP/1.1 503 Service Unavailable\r\n"),
+            "the collector at 127.0.0.1:9464 answered HTTP/1.1 503 Service Unavailable"
+        );
+
+        let name = ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+        let unknown = tls_advice(
+            &rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            &[PathBuf::from("/etc/collector/tls.crt")],
+            &name,
+        )
+        .unwrap();
+        assert!(
+            unknown.contains("pass --cacert CA.pem") && unknown.contains("/etc/collector/tls.crt"),
+            "{unknown}"
+        );
+        let wrong_name = tls_advice(
+            &rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
+            &[],
+            &name,
+        )
+        .unwrap();
+        assert!(
+            wrong_name.contains("does not name 127.0.0.1") && wrong_name.contains("--server-name"),
+            "{wrong_name}"
+        );
+    }
 
     #[test]
     fn tables_show_the_figures_people_look_for() {

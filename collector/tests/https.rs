@@ -50,6 +50,55 @@ fn certificate(dir: &Path, name: &str, alt_names: &str) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A CA, and a server certificate for 127.0.0.1 it issued, written into `dir` as
+/// cert-manager's CA issuer writes a `kubernetes.io/tls` Secret: `ca.crt`, `tls.crt`,
+/// `tls.key`. Returns the CA's certificate.
+fn ca_issued(dir: &Path) -> PathBuf {
+    let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    stdout_of(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=collector test CA"])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE", "-keyout"])
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca),
+    );
+    let (csr, extensions) = (dir.join("tls.csr"), dir.join("tls.ext"));
+    stdout_of(
+        Command::new("openssl")
+            .args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-subj", "/CN=collector", "-keyout"])
+            .arg(dir.join("tls.key"))
+            .arg("-out")
+            .arg(&csr),
+    );
+    fs::write(
+        &extensions,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .unwrap();
+    stdout_of(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "1", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .args(["-CAcreateserial", "-extfile"])
+            .arg(&extensions)
+            .arg("-out")
+            .arg(dir.join("tls.crt")),
+    );
+    for made in [ca_key, csr, extensions, dir.join("ca.srl")] {
+        let _ = fs::remove_file(made);
+    }
+    ca
+}
+
 /// `curl` inside `netns` against the agent over HTTPS, trusting `ca`. Returns the status
 /// (0 when no HTTP exchange happened, e.g. a failed handshake) and headers plus body.
 fn curl(netns: &Netns, ca: &Path, path: &str, user: Option<&str>) -> (u16, String) {
@@ -216,6 +265,103 @@ fn the_cli_checks_a_certificate_that_names_no_address_against_server_name() {
     let stderr = String::from_utf8_lossy(&by_address.stderr);
     assert!(
         !by_address.status.success() && stderr.contains("certificate"),
+        "{stderr}"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn the_cli_trusts_the_ca_beside_the_certificate_and_names_the_fix_when_refused() {
+    let netns = Netns::new();
+    let scratch = ScratchDir::new("https-ca");
+    // The Secret's volume, as the DaemonSet mounts it.
+    let secret = scratch.path("tls");
+    fs::create_dir(&secret).unwrap();
+    let ca = ca_issued(&secret);
+    let token = scratch.path("token");
+    fs::write(&token, "cli-token\n").unwrap();
+    let (served_cert, served_key) = (secret.join("tls.crt"), secret.join("tls.key"));
+    let config = AgentConfig::new(&format!(
+        "[http]\nbearer_token_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        token.display(),
+        served_cert.display(),
+        served_key.display()
+    ));
+    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
+        curl(&netns, &ca, "/readyz", None).0 == 200
+    });
+    let stats = |args: &[&str]| {
+        let out = netns
+            .command(COLLECTOR)
+            .args(["stats", "proxy", "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stderr)
+    };
+    let config_path = config.path.to_str().unwrap();
+    let ca_path = ca.to_str().unwrap();
+
+    // The agent's config: its certificate, the CA beside it, its token.
+    let (ok, stderr) = stats(&["--config", config_path]);
+    assert!(ok, "{stderr}");
+    // Plain HTTP to the HTTPS agent.
+    let (ok, stderr) = stats(&["--listen", LISTEN]);
+    assert!(
+        !ok && stderr.contains("the agent serves HTTPS") && stderr.contains("--config"),
+        "{stderr}"
+    );
+    // HTTPS, without the token.
+    let (ok, stderr) = stats(&["--listen", LISTEN, "--cacert", ca_path]);
+    assert!(
+        !ok && stderr.contains("401") && stderr.contains("pass --config FILE"),
+        "{stderr}"
+    );
+    // The CA not beside the certificate (an issuer whose Secrets carry none).
+    let elsewhere = scratch.path("ca.crt");
+    fs::rename(&ca, &elsewhere).unwrap();
+    let (ok, stderr) = stats(&["--config", config_path]);
+    assert!(
+        !ok && stderr.contains("pass --cacert CA.pem") && stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+    let (ok, stderr) = stats(&[
+        "--config",
+        config_path,
+        "--cacert",
+        elsewhere.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+
+    // A self-signed certificate as `openssl req -x509` makes it by default: CA:TRUE, which
+    // curl (OpenSSL) takes and rustls refuses as a server's.
+    let (ca_cert, ca_key) = (scratch.path("self.crt"), scratch.path("self.key"));
+    stdout_of(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=self",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE", "-keyout"])
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca_cert),
+    );
+    fs::rename(&ca_key, &served_key).unwrap();
+    fs::rename(&ca_cert, &served_cert).unwrap();
+    wait_for(
+        "the self-signed certificate",
+        Duration::from_secs(10),
+        || (curl(&netns, &served_cert, "/healthz", None).0 == 200).then_some(()),
+    );
+    let (ok, stderr) = stats(&["--config", config_path]);
+    assert!(
+        !ok && stderr.contains("CA:TRUE") && stderr.contains("--cacert CA.pem"),
         "{stderr}"
     );
     assert!(agent.stop().success());
