@@ -198,32 +198,7 @@ impl Attachment {
             None
         };
 
-        let mut loader = EbpfLoader::new();
-        let pin_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
-            .iter()
-            .map(|name| (*name, map_dir.join(name)))
-            .collect();
-        for (name, path) in &pin_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
-        let local_only = u32::from(!config.all_namespaces);
-        loader.override_global(GLOBAL_LOCAL_ONLY, &local_only, true);
-        let client_events = u32::from(config.client_stats);
-        loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
-        let dns_enabled = u32::from(config.dns.enabled);
-        loader.override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true);
-        loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
-        let match_responses = u32::from(config.dns.match_responses);
-        loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
-        let ports = dns_ports(config);
-        loader.override_global(GLOBAL_DNS_PORTS, &ports, true);
-        let tally_slots = tally_slots()?;
-        loader.map_max_entries(map_names::DNS_NAMES, tally_slots);
-        loader.map_max_entries(map_names::CONN_CLIENTS, tally_slots);
-        let mut ebpf = loader
-            .load(OBJECT)
-            .context("loading the kernel programs and maps")?;
+        let mut ebpf = load(config, &map_dir, netns_cookie)?;
 
         claim_pins(&mut ebpf, &pin_dir, own_netns)?;
         let routes = bind_routes(&mut ebpf, config)?;
@@ -921,6 +896,37 @@ fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
 
 /// Writes port → slot + 1 for every watched port, and the port's bit. Both maps are new at
 /// every start, so only the watched ports need writing.
+/// Loads the kernel object with `config`'s settings as its read-only globals and the
+/// pinned maps under `map_dir` (made there if absent).
+fn load(config: &Config, map_dir: &Path, netns_cookie: u64) -> anyhow::Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    let pin_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
+        .iter()
+        .map(|name| (*name, map_dir.join(name)))
+        .collect();
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
+    let local_only = u32::from(!config.all_namespaces);
+    loader.override_global(GLOBAL_LOCAL_ONLY, &local_only, true);
+    let client_events = u32::from(config.client_stats);
+    loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
+    let dns_enabled = u32::from(config.dns.enabled);
+    loader.override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true);
+    loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
+    let match_responses = u32::from(config.dns.match_responses);
+    loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
+    let ports = dns_ports(config);
+    loader.override_global(GLOBAL_DNS_PORTS, &ports, true);
+    let tally_slots = tally_slots()?;
+    loader.map_max_entries(map_names::DNS_NAMES, tally_slots);
+    loader.map_max_entries(map_names::CONN_CLIENTS, tally_slots);
+    loader
+        .load(OBJECT)
+        .context("loading the kernel programs and maps")
+}
+
 /// An address of `LOCAL_ADDRESSES` as people write it.
 fn address_ip(words: [u64; 2]) -> std::net::IpAddr {
     let mut bytes = [0u8; 16];
