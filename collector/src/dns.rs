@@ -12,10 +12,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{Array, MapData, RingBuf};
 use collector_common::{
-    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DnsAnswerEvent,
-    DnsNameEvent, DnsQueryEvent,
+    DNS_ANSWER_TIMEOUT_NS, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER,
+    DnsAnswerEvent, DnsInFlight, DnsNameEvent, DnsQueryEvent, map_names,
 };
 use hickory_proto::{
     rr::{Name, RecordType},
@@ -23,7 +23,9 @@ use hickory_proto::{
 };
 
 use crate::{
+    clock::monotonic_ns,
     events::read_record,
+    mapped::MappedArray,
     tally::TallyTable,
     topk::{Listed, TopK},
 };
@@ -262,6 +264,34 @@ impl DomainStats {
 impl crate::events::Fold<DnsEvent> for DomainStats {
     fn apply(&mut self, event: &DnsEvent) {
         DomainStats::apply(self, event);
+    }
+}
+
+/// The kernel's in-flight table (`DNS_INFLIGHT`), mapped read-only: the queries waiting for
+/// their answer are counted from it at every poll. The counters' difference cannot tell:
+/// a query given up stays in it until a query of its set or its flow comes, which at a few
+/// queries a second takes minutes, so after an outage the gauge (and the table's fill)
+/// stayed high that long.
+pub struct InFlightTable(MappedArray<DnsInFlight>);
+
+impl InFlightTable {
+    pub fn map(map: Array<MapData, DnsInFlight>) -> anyhow::Result<Self> {
+        MappedArray::map(map, map_names::DNS_INFLIGHT).map(Self)
+    }
+
+    /// Queries waiting now: slots held by a query younger than the answer timeout (a slot
+    /// read while a CPU writes it may count once wrongly, for one poll).
+    #[must_use]
+    pub fn waiting(&self) -> u64 {
+        let now = monotonic_ns();
+        let waiting = self
+            .0
+            .entries()
+            .filter(|entry| {
+                entry.start_ns != 0 && now.saturating_sub(entry.start_ns) <= DNS_ANSWER_TIMEOUT_NS
+            })
+            .count();
+        u64::try_from(waiting).unwrap_or(u64::MAX)
     }
 }
 

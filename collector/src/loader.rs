@@ -24,12 +24,12 @@ use aya::{
     },
 };
 use collector_common::{
-    ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsNameSlot, DnsPorts,
-    GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS,
-    GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, LOCAL_ADDRESS_SLOTS,
-    LOCAL_ADDRESS_WAYS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters,
-    address_words, local_address_set, map_names, port_bit, program_names, tally_table_len,
-    traffic_index,
+    ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameSlot,
+    DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES,
+    GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE,
+    LOCAL_ADDRESS_SLOTS, LOCAL_ADDRESS_WAYS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName,
+    TrafficCounters, address_words, local_address_set, map_names, port_bit, program_names,
+    tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -502,6 +502,11 @@ impl Attachment {
     /// Takes the table of clients counted in place (see `map_names::CONN_CLIENTS`).
     pub fn take_conn_clients(&mut self) -> anyhow::Result<Array<MapData, ClientSlot>> {
         take_map(&mut self.ebpf, map_names::CONN_CLIENTS)
+    }
+
+    /// Takes the DNS in-flight table, for the queries waiting (see `dns::InFlightTable`).
+    pub fn take_dns_inflight(&mut self) -> anyhow::Result<Array<MapData, DnsInFlight>> {
+        take_map(&mut self.ebpf, map_names::DNS_INFLIGHT)
     }
 
     /// Takes the switch for streamed DNS events (see `map_names::DNS_STREAM_WANTED`).

@@ -498,6 +498,11 @@ async fn serve_until_signal(
         names,
     )));
     let domain_drain = dns::domain_drain(dns_ring, Arc::clone(&domains), hub.dns.clone());
+    let in_flight = if config.dns.enabled && config.dns.match_responses {
+        Some(dns::InFlightTable::map(attachment.take_dns_inflight()?)?)
+    } else {
+        None
+    };
     let mut dns_events = tokio::spawn(events::drain_periodically(Arc::clone(&domain_drain)));
 
     let latest = Arc::new(SharedSnapshot::default());
@@ -531,6 +536,7 @@ async fn serve_until_signal(
             match_responses: config.dns.match_responses,
             domains,
             listed: config.dns.top_k,
+            in_flight,
         },
         Arc::clone(&hub),
         preexisting,

@@ -557,9 +557,9 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     Ok(())
 }
 
-/// Fill of the fixed-size tables, as `node_exporter` reports conntrack: derived from the
-/// counters (every tracked connection and every query in flight holds one slot), so no poll
-/// walks the tables.
+/// Fill of the fixed-size tables, as `node_exporter` reports conntrack: the connection
+/// table's from the counters (every tracked connection holds one slot), the in-flight
+/// table's from the queries waiting in it (the poll counts them in its memory mapping).
 fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     // The in-flight table is unused without response matching.
     let tables: Vec<_> = [

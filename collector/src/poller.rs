@@ -146,6 +146,8 @@ pub struct DnsSources {
     pub domains: Arc<Mutex<DomainStats>>,
     /// Domains listed in the snapshot.
     pub listed: usize,
+    /// The in-flight table, while responses are matched.
+    pub in_flight: Option<crate::dns::InFlightTable>,
 }
 
 pub struct Poller {
@@ -267,6 +269,11 @@ impl Poller {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .snapshot(self.dns.listed),
+            waiting: self
+                .dns
+                .in_flight
+                .as_ref()
+                .map(crate::dns::InFlightTable::waiting),
             ..DnsSnapshot::default()
         };
         self.dns_queries.record(at, dns.total_queries());

@@ -79,6 +79,8 @@ pub struct DnsSnapshot {
     /// Per-poll query rates, oldest first.
     pub query_history: Vec<f64>,
     pub domains: DomainSnapshot,
+    /// Queries waiting for their answer, counted in the in-flight table at this poll.
+    pub waiting: Option<u64>,
 }
 
 impl DnsSnapshot {
@@ -92,13 +94,18 @@ impl DnsSnapshot {
         self.counters.responses_by_rcode.iter().sum()
     }
 
-    /// Queries waiting for their response: a query counted while matching is on takes an
-    /// in-flight slot, which it leaves answered or given up, unless it goes untracked or is a
-    /// duplicate of one already there. `None` while matching is off.
+    /// Queries waiting for their response: those the in-flight table holds, younger than the
+    /// timeout. Without the table (a snapshot made up in a test), from the counters: a query
+    /// counted while matching is on takes an in-flight slot, which it leaves answered or
+    /// given up, unless it goes untracked or is a duplicate of one already there. `None`
+    /// while matching is off.
     #[must_use]
     pub fn in_flight(&self) -> Option<u64> {
         let c = &self.counters;
         self.match_responses.then(|| {
+            if let Some(waiting) = self.waiting {
+                return waiting;
+            }
             self.total_queries().saturating_sub(
                 c.queries_unmatched
                     + c.answered

@@ -487,3 +487,55 @@ fn an_event_overload_drops_events_and_no_counts() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+/// Queries nobody answers are in flight until the answer timeout, then no more: the gauge
+/// and the table's fill come from the in-flight table itself, where a given-up query stays
+/// until a query of its set comes (minutes, at a few queries a second).
+#[test]
+fn queries_given_up_leave_the_in_flight_gauge() {
+    const QUERIES: u16 = 12;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    // No server on port 53: each query is counted, and nothing answers it.
+    netns.run(|| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for id in 0..QUERIES {
+            let mut query = id.to_be_bytes().to_vec();
+            query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            query.extend_from_slice(b"\x03www\x04test\x00\x00\x01\x00\x01");
+            socket.send_to(&query, SERVER).unwrap();
+        }
+    });
+    let in_flight = || dns_json(&netns)["inFlight"].as_u64();
+    wait_for("the queries in flight", Duration::from_secs(5), || {
+        (in_flight() == Some(u64::from(QUERIES))).then_some(())
+    });
+
+    // Eleven seconds on: their arrival moved back past the 10 s timeout in the pinned table.
+    let pin = config.pin_dir.join("v1").join(map_names::DNS_INFLIGHT);
+    let mut table: aya::maps::Array<_, collector_common::DnsInFlight> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
+    )
+    .unwrap();
+    for slot in 0..table.len() {
+        let mut entry = table.get(&slot, 0).unwrap();
+        if entry.start_ns != 0 {
+            entry.start_ns -= 11_000_000_000;
+            table.set(slot, entry, 0).unwrap();
+        }
+    }
+    wait_for("no query in flight", Duration::from_secs(5), || {
+        (in_flight() == Some(0)).then_some(())
+    });
+    assert_eq!(
+        sample(
+            &scrape(&netns),
+            "collector_bpf_map_entries",
+            &[("map", map_names::DNS_INFLIGHT)]
+        ),
+        Some(0.0)
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
