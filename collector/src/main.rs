@@ -486,23 +486,7 @@ async fn serve_until_signal(
     let connection_drain =
         events::connection_drain(ring, Arc::clone(&clients), hub.connections.clone());
     let mut events = tokio::spawn(events::drain_periodically(Arc::clone(&connection_drain)));
-    let dns_ring = attachment.take_dns_events()?;
-    hub.control_dns(attachment.take_dns_stream_wanted()?);
-    let names = TallyTable::map(
-        attachment.take_dns_names()?,
-        collector_common::map_names::DNS_NAMES,
-    )?;
-    let domains = Arc::new(Mutex::new(dns::DomainStats::new(
-        config.dns.top_k,
-        config.dns.sample_every,
-        names,
-    )));
-    let domain_drain = dns::domain_drain(dns_ring, Arc::clone(&domains), hub.dns.clone());
-    let in_flight = if config.dns.enabled && config.dns.match_responses {
-        Some(dns::InFlightTable::map(attachment.take_dns_inflight()?)?)
-    } else {
-        None
-    };
+    let (dns_sources, domain_drain) = dns_sources(attachment, config, &hub)?;
     let mut dns_events = tokio::spawn(events::drain_periodically(Arc::clone(&domain_drain)));
 
     let latest = Arc::new(SharedSnapshot::default());
@@ -531,13 +515,7 @@ async fn serve_until_signal(
         attachment.routes.clone(),
         clients,
         vec![connection_drain, domain_drain],
-        poller::DnsSources {
-            enabled: config.dns.enabled,
-            match_responses: config.dns.match_responses,
-            domains,
-            listed: config.dns.top_k,
-            in_flight,
-        },
+        dns_sources,
         Arc::clone(&hub),
         preexisting,
     );
@@ -591,6 +569,40 @@ async fn wait_for_server(
             Ok(())
         }
     }
+}
+
+/// What the poll reads of DNS: the top domains, fed by the name table and the DNS events
+/// (drained by the returned drain), and the in-flight table while responses are matched.
+fn dns_sources(
+    attachment: &mut Attachment,
+    config: &Config,
+    hub: &event_stream::EventHub,
+) -> anyhow::Result<(poller::DnsSources, events::SharedDrain)> {
+    let dns_ring = attachment.take_dns_events()?;
+    hub.control_dns(attachment.take_dns_stream_wanted()?);
+    let names = TallyTable::map(
+        attachment.take_dns_names()?,
+        collector_common::map_names::DNS_NAMES,
+    )?;
+    let domains = Arc::new(Mutex::new(dns::DomainStats::new(
+        config.dns.top_k,
+        config.dns.sample_every,
+        names,
+    )));
+    let drain = dns::domain_drain(dns_ring, Arc::clone(&domains), hub.dns.clone());
+    let in_flight = if config.dns.enabled && config.dns.match_responses {
+        Some(dns::InFlightTable::map(attachment.take_dns_inflight()?)?)
+    } else {
+        None
+    };
+    let sources = poller::DnsSources {
+        enabled: config.dns.enabled,
+        match_responses: config.dns.match_responses,
+        domains,
+        listed: config.dns.top_k,
+        in_flight,
+    };
+    Ok((sources, drain))
 }
 
 /// How long a stop waits for HTTP requests under way before it detaches; well inside the
