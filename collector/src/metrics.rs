@@ -283,7 +283,7 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     counters(
         encoder,
         "collector_dns_queries",
-        "Client queries to the DNS server, by QTYPE of the first question (common types always, others once seen).",
+        "Client queries over UDP to the DNS server, by QTYPE of the first question (common types always, others once seen).",
         None,
         c.queries_by_qtype
             .iter()
@@ -308,7 +308,7 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     counters(
         encoder,
         "collector_dns_responses",
-        "Responses from the DNS server to clients, by RCODE.",
+        "Responses over UDP from the DNS server to clients, by RCODE.",
         None,
         RCODE_NAMES
             .iter()
