@@ -4,6 +4,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
+use collector_common::{LOCAL_ADDRESS_WAYS, address_words, local_address_set};
+
+use crate::{LOCAL_ADDRESSES, LOCAL_ONLY};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -56,4 +59,35 @@ pub fn may_carry_tcp(ctx: &TcContext) -> bool {
         }),
         _ => false,
     }
+}
+
+/// Whether the packet is to (`inbound`) or from this namespace: its destination or source
+/// address is in `LOCAL_ADDRESSES`, or `LOCAL_ONLY` is off (`all_namespaces`). A host that
+/// forwards sees others' packets on the ports we watch; they are not ours to count.
+#[inline(always)]
+pub fn ours(ctx: &TcContext, ipv6: bool, inbound: bool) -> bool {
+    if LOCAL_ONLY.load() == 0 {
+        return true;
+    }
+    let mut address = [0u8; 16];
+    if ipv6 {
+        let at = ETH_HLEN + if inbound { 24 } else { 8 };
+        let Some(ptr) = ptr_at::<[u8; 16]>(ctx, at) else {
+            return false;
+        };
+        // SAFETY: ptr_at checked the 16 bytes.
+        address = unsafe { *ptr };
+    } else {
+        let at = ETH_HLEN + if inbound { 16 } else { 12 };
+        let Some(ptr) = ptr_at::<[u8; 4]>(ctx, at) else {
+            return false;
+        };
+        address[10] = 0xff;
+        address[11] = 0xff;
+        // SAFETY: ptr_at checked the 4 bytes.
+        address[12..].copy_from_slice(&unsafe { *ptr });
+    }
+    let words = address_words(&address);
+    let set = local_address_set(words);
+    (0..LOCAL_ADDRESS_WAYS).any(|way| LOCAL_ADDRESSES.get(set + way) == Some(&words))
 }

@@ -16,15 +16,14 @@
 
 use aya_ebpf::programs::TcContext;
 use collector_common::{
-    DIR_IN, DIR_OUT, LOCAL_ADDRESS_WAYS, MAX_ROUTES, NO_ROUTE, TrafficCounters, address_words,
-    error_kind, local_address_set, port_bit, traffic_index,
+    DIR_IN, DIR_OUT, MAX_ROUTES, NO_ROUTE, TrafficCounters, error_kind, port_bit, traffic_index,
 };
 
 use crate::{
-    LOCAL_ADDRESSES, LOCAL_ONLY, ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
+    ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type, ptr_at,
-        read_be16, read_u8,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type, ours,
+        ptr_at, read_be16, read_u8,
     },
 };
 
@@ -55,7 +54,7 @@ pub fn count_packet(ctx: &TcContext, dir: u32) {
         segment.src_port
     };
     if let Some(counters) = route_counters(port, dir)
-        && (LOCAL_ONLY.load() == 0 || ours(ctx, segment.ipv6, dir))
+        && ours(ctx, segment.ipv6, dir == DIR_IN)
     {
         add(counters, &segment);
     }
@@ -73,32 +72,6 @@ pub fn count_loopback_packet(ctx: &TcContext) {
             add(counters, &segment);
         }
     }
-}
-
-/// The address the packet is to (ingress) or from (egress) is this namespace's.
-#[inline(always)]
-fn ours(ctx: &TcContext, ipv6: bool, dir: u32) -> bool {
-    let mut address = [0u8; 16];
-    if ipv6 {
-        let at = ETH_HLEN + if dir == DIR_IN { 24 } else { 8 };
-        let Some(ptr) = ptr_at::<[u8; 16]>(ctx, at) else {
-            return false;
-        };
-        // SAFETY: ptr_at checked the 16 bytes.
-        address = unsafe { *ptr };
-    } else {
-        let at = ETH_HLEN + if dir == DIR_IN { 16 } else { 12 };
-        let Some(ptr) = ptr_at::<[u8; 4]>(ctx, at) else {
-            return false;
-        };
-        address[10] = 0xff;
-        address[11] = 0xff;
-        // SAFETY: ptr_at checked the 4 bytes.
-        address[12..].copy_from_slice(&unsafe { *ptr });
-    }
-    let words = address_words(&address);
-    let set = local_address_set(words);
-    (0..LOCAL_ADDRESS_WAYS).any(|way| LOCAL_ADDRESSES.get(set + way) == Some(&words))
 }
 
 /// This CPU's counters of the route on `port`, in direction `dir`, if it is a route port.

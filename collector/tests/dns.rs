@@ -539,3 +539,98 @@ fn queries_given_up_leave_the_in_flight_gauge() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+/// A DNS server stand-in in `netns` on `address`: answers `count` queries (the query back,
+/// marked a response).
+fn answer(netns: &Netns, address: &'static str, count: usize) -> std::thread::JoinHandle<()> {
+    let socket = netns.run(move || std::net::UdpSocket::bind(address).unwrap());
+    std::thread::spawn(move || {
+        for _ in 0..count {
+            let mut message = [0u8; 512];
+            let (len, from) = socket.recv_from(&mut message).unwrap();
+            message[2] |= 0x80;
+            socket.send_to(&message[..len], from).unwrap();
+        }
+    })
+}
+
+/// `count` queries for www.test A from `netns` to `server`, each answered.
+fn ask(netns: &Netns, server: &'static str, count: u16) {
+    netns.run(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+        for id in 0..count {
+            let mut query = id.to_be_bytes().to_vec();
+            query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            query.extend_from_slice(b"\x03www\x04test\x00\x00\x01\x00\x01");
+            socket.send_to(&query, server).unwrap();
+            let mut answer = [0u8; 512];
+            socket.recv_from(&mut answer).unwrap();
+        }
+    });
+}
+
+/// The agent's namespace routes between a client's and a server's: the queries it only
+/// forwards are no local server's, and not counted; those to a server of its own are.
+#[test]
+fn dns_the_host_only_forwards_is_not_counted() {
+    let netns = Netns::new();
+    let client = Netns::new();
+    let server = Netns::new();
+    support::veth(
+        &netns,
+        "vdn0",
+        "10.79.3.1/24",
+        &client,
+        "vdn1",
+        "10.79.3.2/24",
+    );
+    support::veth(
+        &netns,
+        "vdn2",
+        "10.79.4.1/24",
+        &server,
+        "vdn3",
+        "10.79.4.2/24",
+    );
+    for (ns, gateway) in [(&client, "10.79.3.1"), (&server, "10.79.4.1")] {
+        support::run(
+            "ip",
+            &["-n", &ns.name, "route", "add", "default", "via", gateway],
+        );
+    }
+    support::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+
+    let remote = answer(&server, "10.79.4.2:53", 3);
+    ask(&client, "10.79.4.2:53", 3);
+    remote.join().unwrap();
+    let local = answer(&netns, "10.79.3.1:53", 2);
+    ask(&client, "10.79.3.1:53", 2);
+    local.join().unwrap();
+
+    let polls = |metrics: &str| sample(metrics, "collector_polls_total", &[]).unwrap();
+    let after = polls(&scrape(&netns)) + 2.0;
+    wait_for("two more polls", Duration::from_secs(5), || {
+        (polls(&scrape(&netns)) >= after).then_some(())
+    });
+    let json = dns_json(&netns);
+    assert_eq!(
+        (&json["totalQueries"], &json["totalResponses"]),
+        (&serde_json::json!(2), &serde_json::json!(2)),
+        "{json}"
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
