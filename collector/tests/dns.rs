@@ -599,17 +599,7 @@ fn dns_the_host_only_forwards_is_not_counted() {
             &["-n", &ns.name, "route", "add", "default", "via", gateway],
         );
     }
-    support::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &netns.name,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ],
-    );
+    netns.forward();
     let config = AgentConfig::new(&dns_config());
     let agent = Agent::start(&netns, &config);
 

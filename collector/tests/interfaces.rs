@@ -281,17 +281,7 @@ fn traffic_the_host_only_forwards_is_not_counted() {
     );
     ip(&pod, "route add default via 10.79.1.1");
     ip(&remote, "route add default via 10.79.2.1");
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &netns.name,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ],
-    );
+    netns.forward();
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
 

@@ -430,18 +430,7 @@ fn forwarding_topology(netns: &Netns, client: &Netns, backend: &Netns) {
             ],
         );
     }
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &netns.name,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_forward=1",
-        ],
-    );
+    netns.forward();
     // The proxy hands port 18080 to the kernel: DNAT to the backend, forwarded.
     let nat = "table ip proxy_nat {\n  chain dnat_in {\n    type nat hook prerouting priority dstnat;\n    tcp dport 18080 dnat to 10.78.2.2:9000\n  }\n}\n";
     let ruleset = std::env::temp_dir().join(format!("{}.nft", netns.name));

@@ -88,6 +88,21 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// Lets this namespace route between its interfaces (IPv4 forwarding on).
+    pub fn forward(&self) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
+    }
+
     pub fn new() -> Self {
         require_root();
         let name = unique("colltest");
