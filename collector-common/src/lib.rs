@@ -96,11 +96,15 @@ pub mod map_names {
     /// counted in place. Not pinned: its counts mean something only to the agent that knows
     /// the names.
     pub const DNS_NAMES: &str = "DNS_NAMES";
-    /// `Array<[u64; 2]>`, [`super::LOCAL_ADDRESS_SLOTS`] entries: the addresses of the
-    /// agent's namespace (IPv4 mapped into IPv6, as [`super::address_words`]), each in a
-    /// slot of its set ([`super::local_address_set`]), zero where free; kept by the agent;
-    /// not pinned.
+    /// `Array<[u64; 2]>`, sized by the agent at load ([`super::local_address_slots`]): the
+    /// addresses of the agent's namespace (IPv4 mapped into IPv6, as
+    /// [`super::address_words`]), each in a slot of one of its two sets
+    /// ([`super::local_address_sets`]), zero where free; kept by the agent; not pinned.
     pub const LOCAL_ADDRESSES: &str = "LOCAL_ADDRESSES";
+    /// `Array<u32>`, 1 entry: 1 while `LOCAL_ADDRESSES` holds every local address; 0 (at
+    /// load, or when one did not fit or a local route is wider than one address) counts by
+    /// port alone, as without the table.
+    pub const LOCAL_ADDRESSES_COMPLETE: &str = "LOCAL_ADDRESSES_COMPLETE";
 }
 
 /// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
@@ -164,19 +168,50 @@ pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
 /// the proxies are in other namespaces).
 pub const GLOBAL_LOCAL_ONLY: &str = "LOCAL_ONLY";
 
-/// Entries of `LOCAL_ADDRESSES`: more addresses than a host has.
+/// Global in the kernel object: `LOCAL_ADDRESSES` has `2^bits` sets (set at load).
+pub const GLOBAL_LOCAL_ADDRESS_SET_BITS: &str = "LOCAL_ADDRESS_SET_BITS";
+
+/// Fewest entries of `LOCAL_ADDRESSES` (the object's own size).
 pub const LOCAL_ADDRESS_SLOTS: u32 = 4096;
 /// Slots of a set of `LOCAL_ADDRESSES`: one 64-byte line, compared in place. A hash map's
 /// look-up cost 25 ns a packet on a route port here, this about a fifth of that.
 pub const LOCAL_ADDRESS_WAYS: u32 = 4;
+/// Most entries of `LOCAL_ADDRESSES` (16 MiB).
+const LOCAL_ADDRESS_SLOTS_MAX: u32 = 1 << 20;
 
-/// First slot of `address`'s set in `LOCAL_ADDRESSES`.
+/// Entries of `LOCAL_ADDRESSES` for a namespace with `addresses` addresses at the start:
+/// four slots for each (with two sets to choose from, a set then overflows about never; a
+/// node with kube-proxy in IPVS mode holds every service address), a power of two.
 #[must_use]
-pub fn local_address_set(address: [u64; 2]) -> u32 {
+pub fn local_address_slots(addresses: usize) -> u32 {
+    let wanted = u32::try_from(addresses.saturating_mul(4)).unwrap_or(u32::MAX);
+    wanted
+        .checked_next_power_of_two()
+        .unwrap_or(LOCAL_ADDRESS_SLOTS_MAX)
+        .clamp(LOCAL_ADDRESS_SLOTS, LOCAL_ADDRESS_SLOTS_MAX)
+}
+
+/// `log2` of the sets of a table of `slots` entries.
+#[must_use]
+pub const fn local_address_set_bits(slots: u32) -> u32 {
+    (slots / LOCAL_ADDRESS_WAYS).trailing_zeros()
+}
+
+/// The first slots of `address`'s two sets in a `LOCAL_ADDRESSES` of `2^set_bits` sets: an
+/// address takes a free slot in either, so one full set does not turn it away. The set is
+/// taken from the top bits of a multiplicative hash, which depend on every input bit.
+#[must_use]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "shifted down to at most 32 bits"
+)]
+pub fn local_address_sets(address: [u64; 2], set_bits: u32) -> [u32; 2] {
+    const SECOND: u64 = 0xc2b2_ae3d_27d4_eb4f;
     let [high, low] = address;
-    let sets = LOCAL_ADDRESS_SLOTS / LOCAL_ADDRESS_WAYS;
-    let set = ((high ^ low.rotate_left(29)).wrapping_mul(GOLDEN_RATIO_64) >> 32) as u32;
-    (set & (sets - 1)) * LOCAL_ADDRESS_WAYS
+    let mixed = high ^ low.rotate_left(29);
+    let shift = 64 - set_bits.clamp(1, 32);
+    [GOLDEN_RATIO_64, SECOND]
+        .map(|factor| (mixed.wrapping_mul(factor) >> shift) as u32 * LOCAL_ADDRESS_WAYS)
 }
 
 /// Slots of the connection table (a power of two). Tracking allocates and hashes nothing:
@@ -769,6 +804,7 @@ const _: () = assert!(size_of::<DnsInFlight>() == 16);
 const _: () = assert!(size_of::<DnsPorts>() == 32);
 const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
 const _: () = assert!((LOCAL_ADDRESS_SLOTS / LOCAL_ADDRESS_WAYS).is_power_of_two());
+const _: () = assert!(LOCAL_ADDRESS_SLOTS_MAX.is_power_of_two());
 const _: () = assert!(LOCAL_ADDRESS_WAYS as usize * size_of::<[u64; 2]>() == 64);
 // A set fills one 64-byte line of the page-aligned (memory-mappable) table.
 const _: () = assert!(DNS_INFLIGHT_WAYS as usize * size_of::<DnsInFlight>() == 64);

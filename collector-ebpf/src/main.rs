@@ -44,11 +44,17 @@ static NETNS_COOKIE: Global<u64> = Global::new(0);
 /// `LOCAL_ADDRESSES`, not those the host forwards. Set at load; read-only.
 #[unsafe(no_mangle)]
 static LOCAL_ONLY: Global<u32> = Global::new(0);
-/// The addresses of the agent's namespace, in sets of `LOCAL_ADDRESS_WAYS`; kept by the
-/// agent. Memory-mappable for its page alignment: each set is one cache line.
+/// `LOCAL_ADDRESSES` has `2^LOCAL_ADDRESS_SET_BITS` sets. Set at load; read-only.
+#[unsafe(no_mangle)]
+static LOCAL_ADDRESS_SET_BITS: Global<u32> = Global::new(10);
+/// The addresses of the agent's namespace, in sets of `LOCAL_ADDRESS_WAYS`; sized and kept
+/// by the agent. Memory-mappable for its page alignment: each set is one cache line.
 #[btf_map]
 static LOCAL_ADDRESSES: Array<[u64; 2], { LOCAL_ADDRESS_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();
+/// 1 while `LOCAL_ADDRESSES` holds every local address; 0 counts by port alone.
+#[btf_map]
+static LOCAL_ADDRESSES_COMPLETE: Array<u32, 1> = Array::new();
 
 #[btf_map]
 static ROUTE_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();

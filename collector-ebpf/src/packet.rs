@@ -4,9 +4,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use collector_common::{LOCAL_ADDRESS_WAYS, address_words, local_address_set};
+use collector_common::{LOCAL_ADDRESS_WAYS, address_words, local_address_sets};
 
-use crate::{LOCAL_ADDRESSES, LOCAL_ONLY};
+use crate::{LOCAL_ADDRESS_SET_BITS, LOCAL_ADDRESSES, LOCAL_ADDRESSES_COMPLETE, LOCAL_ONLY};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -62,11 +62,12 @@ pub fn may_carry_tcp(ctx: &TcContext) -> bool {
 }
 
 /// Whether the packet is to (`inbound`) or from this namespace: its destination or source
-/// address is in `LOCAL_ADDRESSES`, or `LOCAL_ONLY` is off (`all_namespaces`). A host that
-/// forwards sees others' packets on the ports we watch; they are not ours to count.
+/// address is in `LOCAL_ADDRESSES`; or `LOCAL_ONLY` is off (`all_namespaces`), or the table
+/// is not complete, and the port alone decides. A host that forwards sees others' packets
+/// on the ports we watch; they are not ours to count.
 #[inline(always)]
 pub fn ours(ctx: &TcContext, ipv6: bool, inbound: bool) -> bool {
-    if LOCAL_ONLY.load() == 0 {
+    if LOCAL_ONLY.load() == 0 || LOCAL_ADDRESSES_COMPLETE.get(0).is_none_or(|&c| c == 0) {
         return true;
     }
     let mut address = [0u8; 16];
@@ -88,6 +89,9 @@ pub fn ours(ctx: &TcContext, ipv6: bool, inbound: bool) -> bool {
         address[12..].copy_from_slice(&unsafe { *ptr });
     }
     let words = address_words(&address);
-    let set = local_address_set(words);
-    (0..LOCAL_ADDRESS_WAYS).any(|way| LOCAL_ADDRESSES.get(set + way) == Some(&words))
+    local_address_sets(words, LOCAL_ADDRESS_SET_BITS.load())
+        .into_iter()
+        .any(|set| {
+            (0..LOCAL_ADDRESS_WAYS).any(|way| LOCAL_ADDRESSES.get(set + way) == Some(&words))
+        })
 }

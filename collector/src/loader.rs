@@ -26,9 +26,9 @@ use aya::{
 use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameSlot,
     DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES,
-    GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE,
-    LOCAL_ADDRESS_SLOTS, LOCAL_ADDRESS_WAYS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName,
-    TrafficCounters, address_words, local_address_set, map_names, port_bit, program_names,
+    GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY,
+    GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters,
+    local_address_set_bits, local_address_slots, map_names, port_bit, program_names,
     tally_table_len, traffic_index,
 };
 
@@ -90,10 +90,12 @@ pub struct Attachment {
     created_pins: Vec<PathBuf>,
     /// A crashed run's pinned maps or links were found: its counts live on in them.
     inherited: bool,
-    /// What `LOCAL_ADDRESSES` holds, slot by slot.
-    local_addresses: Vec<[u64; 2]>,
-    /// Why the last refresh of `LOCAL_ADDRESSES` failed, if it did (logged once per change).
-    address_error: Option<String>,
+    /// The agent's copy of `LOCAL_ADDRESSES`.
+    address_table: crate::addresses::AddressTable,
+    /// What is wrong with `LOCAL_ADDRESSES`, if anything (logged once per change).
+    address_problem: Option<String>,
+    /// What `LOCAL_ADDRESSES_COMPLETE` holds: false (by port alone) until the first sync.
+    address_table_complete: bool,
     /// Locked while running: a second agent on the same pin directory would count twice.
     _lock: File,
     /// Keeps the kernel's BPF run-time statistics on while held (`--bpf-stats`).
@@ -108,61 +110,67 @@ pub struct Options<'a> {
 }
 
 impl Attachment {
-    /// Brings `LOCAL_ADDRESSES` up to this namespace's addresses (at the start, then every
-    /// poll): live traffic counts packets to and from them only. An address that does not
-    /// fit (its set full) fails the call, which names it; its traffic goes uncounted
-    /// meanwhile.
-    pub fn sync_local_addresses(&mut self) -> anyhow::Result<()> {
-        let now: std::collections::BTreeSet<[u64; 2]> = crate::addresses::list()
-            .context("listing this namespace's addresses")?
-            .iter()
-            .map(address_words)
-            .collect();
+    /// Brings `LOCAL_ADDRESSES` up to this namespace's addresses and single-address local
+    /// routes (at the start, then every poll): on the interfaces, live traffic and DNS
+    /// count packets to and from them only. While one does not fit, or a local route is
+    /// wider than one address, the table is marked incomplete and the port alone decides,
+    /// as without it; the returned text says why (`None`: complete).
+    fn sync_local_addresses(&mut self) -> anyhow::Result<Option<String>> {
+        let local = crate::addresses::list().context("listing this namespace's addresses")?;
+        let placement = self.address_table.place(&local.addresses);
+        let incomplete = match (placement.unplaced.first(), &local.wide_route) {
+            (Some(&first), _) => Some(format!(
+                "{} of {} addresses did not fit the address table (first {})",
+                placement.unplaced.len(),
+                local.addresses.len(),
+                crate::addresses::ip(first)
+            )),
+            (None, Some(route)) => Some(format!(
+                "the local route {route} covers more than one address"
+            )),
+            (None, None) => None,
+        };
+        // A write frees a gone address's slot or fills a free one: no address present
+        // before and after is ever missing, so the table stays usable while written.
         let mut table: Array<&mut MapData, [u64; 2]> = Array::try_from(
             self.ebpf
                 .map_mut(map_names::LOCAL_ADDRESSES)
                 .context("the kernel object has no address table")?,
         )?;
-        let slots = &mut self.local_addresses;
-        for (index, slot) in (0..).zip(slots.iter_mut()) {
-            if *slot != [0, 0] && !now.contains(slot) {
-                table.set(index, [0, 0], 0)?;
-                *slot = [0, 0];
-            }
+        for &(slot, value) in &placement.writes {
+            table.set(slot, value, 0)?;
         }
-        for &address in &now {
-            let set = local_address_set(address);
-            let ways = set..set + LOCAL_ADDRESS_WAYS;
-            let held = |index: u32| slots[index as usize];
-            if ways.clone().any(|index| held(index) == address) {
-                continue;
-            }
-            let free = ways.clone().find(|&index| held(index) == [0, 0]).with_context(|| {
-                format!(
-                    "no room for {} in the address table: its set of {LOCAL_ADDRESS_WAYS} is full",
-                    address_ip(address)
-                )
-            })?;
-            table.set(free, address, 0)?;
-            slots[free as usize] = address;
+        let complete = incomplete.is_none();
+        if complete != self.address_table_complete {
+            let mut flag: Array<&mut MapData, u32> = Array::try_from(
+                self.ebpf
+                    .map_mut(map_names::LOCAL_ADDRESSES_COMPLETE)
+                    .context("the kernel object has no address table flag")?,
+            )?;
+            flag.set(0, u32::from(complete), 0)?;
+            self.address_table_complete = complete;
         }
-        Ok(())
+        Ok(incomplete)
     }
 
     /// [`Self::sync_local_addresses`] on a poll: a failure is logged when it starts or
     /// changes, not every second, and when it ends.
     pub fn refresh_local_addresses(&mut self) {
-        let error = self
-            .sync_local_addresses()
-            .err()
-            .map(|err| format!("{err:#}"));
-        if error != self.address_error {
-            if let Some(err) = &error {
-                tracing::warn!("the address table is not current: {err}");
+        let problem = match self.sync_local_addresses() {
+            Ok(None) => None,
+            Ok(Some(incomplete)) => Some(format!(
+                "counting live traffic and DNS on the interfaces by port alone, the host's \
+                 forwarded packets included: {incomplete}"
+            )),
+            Err(err) => Some(format!("the address table is not current: {err:#}")),
+        };
+        if problem != self.address_problem {
+            if let Some(problem) = &problem {
+                tracing::warn!("{problem}");
             } else {
-                tracing::info!("the address table is current again");
+                tracing::info!("the address table holds every local address again");
             }
-            self.address_error = error;
+            self.address_problem = problem;
         }
     }
 
@@ -198,7 +206,21 @@ impl Attachment {
             None
         };
 
-        let mut ebpf = load(config, &map_dir, netns_cookie)?;
+        // Sized for the addresses there are now; more later find room too, mostly.
+        let address_slots = local_address_slots(
+            crate::addresses::list()
+                .context("listing this namespace's addresses")?
+                .addresses
+                .len(),
+        );
+        let address_set_bits = local_address_set_bits(address_slots);
+        let address_table = crate::addresses::AddressTable::new(address_slots, address_set_bits);
+        let mut ebpf = load(
+            config,
+            &map_dir,
+            netns_cookie,
+            (address_slots, address_set_bits),
+        )?;
 
         claim_pins(&mut ebpf, &pin_dir, own_netns)?;
         let routes = bind_routes(&mut ebpf, config)?;
@@ -216,13 +238,12 @@ impl Attachment {
             link_pins: Vec::new(),
             created_pins: Vec::new(),
             inherited,
-            local_addresses: vec![[0, 0]; LOCAL_ADDRESS_SLOTS as usize],
-            address_error: None,
+            address_table,
+            address_problem: None,
+            address_table_complete: false,
             _lock: lock,
             _stats: stats,
         };
-        // Before any classifier runs: with an empty table they would count no live traffic.
-        attachment.sync_local_addresses()?;
         let mut sock_ops = vec![(program_names::TRACK_CONNECTIONS, "sock_ops")];
         if options.bpf_stats {
             sock_ops.push((program_names::STATS_FLOOR_SOCK_OPS, "sock_ops_stats_floor"));
@@ -232,7 +253,11 @@ impl Attachment {
             .try_for_each(|(program, pin)| {
                 attachment.attach_sock_ops(program, &links_dir.join(pin), &cgroup)
             })
-            .and_then(|()| attachment.attach_classifiers(config, options.bpf_stats))
+            // Before any classifier runs (till then the table counts as incomplete: by port).
+            .and_then(|()| {
+                attachment.refresh_local_addresses();
+                attachment.attach_classifiers(config, options.bpf_stats)
+            })
             .and_then(|()| remove_stale_links(&links_dir, &attachment.pins_in_use()));
         match attached {
             Ok(()) => {
@@ -899,11 +924,14 @@ fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
     )
 }
 
-/// Writes port → slot + 1 for every watched port, and the port's bit. Both maps are new at
-/// every start, so only the watched ports need writing.
 /// Loads the kernel object with `config`'s settings as its read-only globals and the
 /// pinned maps under `map_dir` (made there if absent).
-fn load(config: &Config, map_dir: &Path, netns_cookie: u64) -> anyhow::Result<Ebpf> {
+fn load(
+    config: &Config,
+    map_dir: &Path,
+    netns_cookie: u64,
+    (address_slots, address_set_bits): (u32, u32),
+) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     let pin_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
@@ -915,6 +943,8 @@ fn load(config: &Config, map_dir: &Path, netns_cookie: u64) -> anyhow::Result<Eb
     loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
     let local_only = u32::from(!config.all_namespaces);
     loader.override_global(GLOBAL_LOCAL_ONLY, &local_only, true);
+    loader.override_global(GLOBAL_LOCAL_ADDRESS_SET_BITS, &address_set_bits, true);
+    loader.map_max_entries(map_names::LOCAL_ADDRESSES, address_slots);
     let client_events = u32::from(config.client_stats);
     loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
     let dns_enabled = u32::from(config.dns.enabled);
@@ -932,14 +962,8 @@ fn load(config: &Config, map_dir: &Path, netns_cookie: u64) -> anyhow::Result<Eb
         .context("loading the kernel programs and maps")
 }
 
-/// An address of `LOCAL_ADDRESSES` as people write it.
-fn address_ip(words: [u64; 2]) -> std::net::IpAddr {
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&words[0].to_ne_bytes());
-    bytes[8..].copy_from_slice(&words[1].to_ne_bytes());
-    std::net::Ipv6Addr::from(bytes).to_canonical()
-}
-
+/// Writes port → slot + 1 for every watched port, and the port's bit. Both maps are new at
+/// every start, so only the watched ports need writing.
 fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()> {
     let mut bits = vec![0u64; PORT_BITMAP_WORDS as usize];
     let mut ports: Array<&mut MapData, u32> = Array::try_from(

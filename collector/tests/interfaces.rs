@@ -15,7 +15,9 @@ use std::{
     time::Duration,
 };
 
-use support::{Agent, AgentConfig, Netns, assert_no_pins, run, sample, scrape, wait_for};
+use support::{
+    Agent, AgentConfig, Netns, ScratchDir, assert_no_pins, run, sample, scrape, wait_for,
+};
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
 const CONNECTIONS: usize = 10;
@@ -286,18 +288,88 @@ fn traffic_the_host_only_forwards_is_not_counted() {
     let agent = Agent::start(&netns, &config);
 
     connect_and_serve(&remote, &pod, "10.79.2.2:18080");
-    // A poll that began after the last packet: two polls on from now.
-    let polls = |metrics: &str| sample(metrics, "collector_polls_total", &[]).unwrap();
-    let after = polls(&scrape(&netns)) + 2.0;
-    let metrics = wait_for("two more polls", Duration::from_secs(5), || {
-        let metrics = scrape(&netns);
-        (polls(&metrics) >= after).then_some(metrics)
-    });
+    let metrics = after_two_polls(&netns);
     for direction in ["in", "out"] {
         assert_eq!(payload_bytes(&metrics, direction), Some(0.0), "{direction}");
     }
     exchange_counted_exactly(&netns, &pod, "10.79.1.1:18080");
     assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Waits until two polls have begun after now, and returns the scrape after them.
+fn after_two_polls(netns: &Netns) -> String {
+    let polls = |metrics: &str| sample(metrics, "collector_polls_total", &[]).unwrap();
+    let after = polls(&scrape(netns)) + 2.0;
+    wait_for("two more polls", Duration::from_secs(5), || {
+        let metrics = scrape(netns);
+        (polls(&metrics) >= after).then_some(metrics)
+    })
+}
+
+/// Addresses that arrive after the start count: one added to an interface, and one the
+/// host holds only as a route of its `local` table (how a cloud gives a host its load
+/// balancer's address), which no address dump lists.
+#[test]
+fn traffic_to_addresses_given_after_the_start_is_counted() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    ip(&netns, "addr add 10.77.0.9/24 dev vcoll0");
+    ip(&netns, "route add local 10.201.0.1/32 dev lo table local");
+    ip(&peer, "route add 10.201.0.1/32 via 10.77.0.1");
+    after_two_polls(&netns);
+
+    exchange_counted_exactly(&netns, &peer, "10.77.0.9:18080");
+    connect_and_serve(&netns, &peer, "10.201.0.1:18080");
+    let metrics = after_two_polls(&netns);
+    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
+        assert_eq!(
+            payload_bytes(&metrics, direction),
+            Some((2 * CONNECTIONS * bytes) as f64),
+            "{direction}"
+        );
+    }
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// A `local` route wider than one address (`AnyIP`: every address of a range is this
+/// host's) cannot be listed address by address: live traffic counts by port alone then,
+/// and the log says so once.
+#[test]
+fn traffic_to_a_local_range_is_counted_by_port_with_a_warning() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    ip(&netns, "route add local 10.202.0.0/24 dev lo table local");
+    ip(&peer, "route add 10.202.0.0/24 via 10.77.0.1");
+    let config = AgentConfig::new(ROUTES);
+    let logs = ScratchDir::new("local-range");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+
+    connect_and_serve(&netns, &peer, "10.202.0.7:18080");
+    let metrics = after_two_polls(&netns);
+    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
+        assert_eq!(
+            payload_bytes(&metrics, direction),
+            Some((CONNECTIONS * bytes) as f64),
+            "{direction}"
+        );
+    }
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(" WARN ") && line.contains("by port alone"))
+        .collect();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("10.202.0.0/24 covers more than one address"),
+        "{text}"
+    );
     assert_no_pins(&config.pin_dir);
 }
 

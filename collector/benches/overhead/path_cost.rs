@@ -14,8 +14,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DnsPorts, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_LOCAL_ONLY, address_words,
-    local_address_set, map_names, port_bit, program_names, tally_table_len,
+    DnsPorts, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_LOCAL_ONLY, LOCAL_ADDRESS_SLOTS,
+    address_words, local_address_set_bits, local_address_sets, map_names, port_bit, program_names,
+    tally_table_len,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
@@ -63,9 +64,11 @@ fn load(match_responses: bool) -> Ebpf {
     let mut addresses: Array<_, [u64; 2]> =
         Array::try_from(ebpf.map_mut(map_names::LOCAL_ADDRESSES).unwrap()).unwrap();
     let localhost = address_words(&std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets());
-    addresses
-        .set(local_address_set(localhost), localhost, 0)
-        .unwrap();
+    let [first_set, _] = local_address_sets(localhost, local_address_set_bits(LOCAL_ADDRESS_SLOTS));
+    addresses.set(first_set, localhost, 0).unwrap();
+    let mut complete: Array<_, u32> =
+        Array::try_from(ebpf.map_mut(map_names::LOCAL_ADDRESSES_COMPLETE).unwrap()).unwrap();
+    complete.set(0, 1, 0).unwrap();
     for name in [
         program_names::COUNT_INGRESS,
         program_names::COUNT_EGRESS,
