@@ -757,8 +757,18 @@ pub fn try_lock_pin_dir(pin_dir: &Path) -> anyhow::Result<Option<File>> {
     Ok((rc == 0).then_some(dir))
 }
 
+/// Maps whose contents matter for seconds only (queries waiting for their answer, recent
+/// upstream queries): one of another build's shape is replaced, not refused.
+const SHORT_LIVED_MAPS: [&str; 3] = [
+    map_names::DNS_INFLIGHT,
+    map_names::DNS_UPSTREAM,
+    map_names::DNS_UPSTREAM_LATEST,
+];
+
 /// Refuses pinned maps whose shape differs from this build's: reading them with the wrong
-/// layout would silently produce wrong numbers.
+/// layout would silently produce wrong numbers. A short-lived one is unpinned instead, so
+/// that an upgrade over a crashed older build's pins keeps its counters; its programs
+/// write on into the old map until this start replaces their links.
 fn check_pinned_maps(map_dir: &Path) -> anyhow::Result<()> {
     let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")?;
     for name in PINNED_MAPS {
@@ -808,6 +818,17 @@ fn check_pinned_maps(map_dir: &Path) -> anyhow::Result<()> {
         .into_iter()
         .find(|(_, pinned, expected)| pinned != expected);
         if let Some((what, pinned, expected)) = mismatch {
+            if SHORT_LIVED_MAPS.contains(&name) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("unpinning {}", path.display()))?;
+                tracing::warn!(
+                    "replaced the pinned map {} of another build ({what} {pinned}, this build's \
+                     {expected}): it held only the last seconds' DNS matching state, so answers to \
+                     queries asked before now count as unmatched",
+                    path.display()
+                );
+                continue;
+            }
             bail!(
                 "the pinned map {} has {what} {pinned}, but this build expects {expected}; it was made by another build. Remove the old pins with `collector cleanup --apply` (or `rm -r {}`) and start again: its counters restart from zero",
                 path.display(),

@@ -1021,6 +1021,40 @@ fn a_connection_table_that_cannot_be_mapped_is_refused_with_the_fix() {
     );
 }
 
+/// A DNS table from before it was memory-mappable holds seconds of state: it is replaced,
+/// and the counters a crashed older build left are kept.
+#[test]
+fn a_dns_table_of_another_build_is_replaced_and_the_counters_kept() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let first = Agent::start(&netns, &config);
+    traffic(&netns, WEB_PORT, 3, 10, 10, Closer::Client);
+    support::wait_for_closed(&netns, "web", 3);
+    first.kill();
+    let pins = config.pin_dir.join("v1");
+    std::fs::remove_file(pins.join("DNS_INFLIGHT")).unwrap();
+    pin_plain_array(&pins.join("DNS_INFLIGHT"), 16, 16384);
+
+    let logs = support::ScratchDir::new("dns-table-replaced");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().any(|line| line.contains(" WARN ")
+            && line.contains("replaced the pinned map")
+            && line.contains("DNS_INFLIGHT of another build (flags 0x0, this build's 0x400)")),
+        "{text}"
+    );
+    let metrics = scrape(&netns);
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_closed_total", "web"),
+        3.0,
+        "{metrics}"
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn a_live_scrape_passes_promtool() {
     let netns = Netns::new();
