@@ -270,7 +270,11 @@ fn probe_once(pin_dir: &Path) -> Result<(), (String, std::io::Error)> {
     }
     missing.reverse();
     // No dot: bpffs refuses them.
-    let probe = pin_dir.join(format!("check-probe-{}", std::process::id()));
+    let probe = pin_dir.join(format!(
+        "{}{}",
+        paths::CHECK_PROBE_PREFIX,
+        std::process::id()
+    ));
     missing.push(probe.clone());
     let mut made = Vec::new();
     let mut result = Ok(());

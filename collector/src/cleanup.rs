@@ -9,13 +9,17 @@
 //!   namespace. The documented sidecar cleanup runs on the node, where the node's own
 //!   collector may use the same table name: a crashed sidecar's table was in its pod's
 //!   namespace, and went with it;
+//! - a pin directory that is the bpffs mount itself (/sys/fs/bpf), where other tools pin
+//!   too, is refused, naming the command that removes this build's layout there;
 //! - under the pin directory, this build's layout directory (`v1`) is removed whole, link
-//!   pins first (removing one detaches its program); anything else (another layout version's
-//!   directory, whose links keep their programs attached) is reported with the command that
-//!   removes it, and the status is 1.
+//!   pins first (removing one detaches its program), then the pin directory if nothing else
+//!   is left in it. Another layout version's directory (`v2`), whose links keep their
+//!   programs attached, is listed with the command that removes it, and the status is 1. A
+//!   `collector check` probe directory (`check-probe-PID`) and anything else are listed and
+//!   left, and not looked into.
 
 use std::{
-    io::{self, Write as _},
+    io::{self, Write},
     path::{Path, PathBuf},
 };
 
@@ -47,104 +51,241 @@ enum Table {
     Unclaimed(String),
 }
 
+/// What a directory entry of the pin directory is, by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    /// This build's layout directory (`v1`): removed whole.
+    Ours,
+    /// Another layout version's directory (`v2`): another build's pins, whose links keep
+    /// their programs attached; left, and named with the command that removes it.
+    OtherLayout,
+    /// The directory `collector check` pins a throwaway map in, with the check's process id:
+    /// no collector's pins; left.
+    CheckProbe(u32),
+    /// Anything else: not a collector's; left, and not looked into.
+    Foreign,
+}
+
+/// What the entry named `name` of the pin directory is.
+fn classify(name: &std::ffi::OsStr, is_dir: bool) -> Entry {
+    let name = name.to_str().unwrap_or("");
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !is_dir {
+        Entry::Foreign
+    } else if name == paths::PIN_LAYOUT_VERSION {
+        Entry::Ours
+    } else if name.strip_prefix('v').is_some_and(digits) {
+        Entry::OtherLayout
+    } else if let Some(pid) = name
+        .strip_prefix(paths::CHECK_PROBE_PREFIX)
+        .filter(|pid| digits(pid))
+        .and_then(|pid| pid.parse().ok())
+    {
+        Entry::CheckProbe(pid)
+    } else {
+        Entry::Foreign
+    }
+}
+
+/// What is under the pin directory, by [`Entry`]; only layout directories are looked into.
+#[derive(Debug, Default)]
+struct Found {
+    /// The files (pins) under this build's layout directory.
+    ours: Vec<PathBuf>,
+    /// Other layout versions' directories, each with the files under it.
+    other_layouts: Vec<(PathBuf, Vec<PathBuf>)>,
+    /// `collector check` probe directories, with the check's process id.
+    probes: Vec<(PathBuf, u32)>,
+    /// Entries that are not a collector's.
+    foreign: Vec<PathBuf>,
+}
+
+impl Found {
+    fn of(pin_dir: &Path) -> anyhow::Result<Self> {
+        let mut found = Self::default();
+        if !paths::pin_exists(pin_dir)? {
+            return Ok(found);
+        }
+        let mut entries = std::fs::read_dir(pin_dir)
+            .with_context(|| format!("reading {}", pin_dir.display()))?
+            .map(|entry| {
+                let entry = entry?;
+                Ok((entry.path(), entry.file_type()?.is_dir()))
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .with_context(|| format!("reading {}", pin_dir.display()))?;
+        entries.sort();
+        for (path, is_dir) in entries {
+            match classify(path.file_name().unwrap_or_default(), is_dir) {
+                Entry::Ours => found.ours = walk(&path)?,
+                Entry::OtherLayout => {
+                    let pins = walk(&path)?;
+                    found.other_layouts.push((path, pins));
+                }
+                Entry::CheckProbe(pid) => found.probes.push((path, pid)),
+                Entry::Foreign => found.foreign.push(path),
+            }
+        }
+        Ok(found)
+    }
+
+    /// The pins of other layout versions.
+    fn other_pins(&self) -> impl Iterator<Item = &PathBuf> {
+        self.other_layouts.iter().flat_map(|(_, pins)| pins)
+    }
+}
+
+/// Refuses a pin directory that is the bpffs mount itself: other tools pin there too
+/// (iproute2's and Cilium's `tc/globals`, bpftool's pins), and a removal of "every empty
+/// directory" or "the rest" there would be theirs.
+fn refuse_bpffs_root(config: &Config) -> anyhow::Result<()> {
+    let pin_dir = &config.pin_dir;
+    if paths::is_bpffs_root(pin_dir)? {
+        anyhow::bail!(
+            "pin_dir {} is the bpffs mount itself, where other tools pin too: cleanup works only \
+             on a collector's own pin directory; pass the one the collector ran with (--pin-dir \
+             or --config), or, if a collector ran with this one, remove its pins with `rm -r \
+             {}` once it no longer runs (and its nftables table, unless another collector of this \
+             network namespace uses it, with `nft delete table inet {}`)",
+            pin_dir.display(),
+            paths::map_pin_dir(pin_dir).display(),
+            config.nftables.table
+        );
+    }
+    Ok(())
+}
+
 /// `collector cleanup`: lists, and with `apply` removes, what a crashed collector left.
 pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
+    refuse_bpffs_root(config)?;
     let pin_dir = &config.pin_dir;
-    let exists = paths::pin_exists(pin_dir)?;
     // Held to the end, so that no collector starts meanwhile.
-    let _lock = if exists {
+    let _lock = if paths::pin_exists(pin_dir)? {
         Some(lock_unless_running(pin_dir)?)
     } else {
         None
     };
-    let found = if exists { walk(pin_dir)? } else { Vec::new() };
+    let found = Found::of(pin_dir)?;
     let map_dir = paths::map_pin_dir(pin_dir);
-    let (ours, others): (Vec<PathBuf>, Vec<PathBuf>) = found
-        .into_iter()
-        .partition(|path| path.starts_with(&map_dir));
     let owner = pin_owner(&map_dir)?;
     let here = netns::current_cookie()
         .context("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)")?;
     let table_name = &config.nftables.table;
     let table = table_plan(&owner, here, || table_exists(table_name))?;
 
-    let verb = if apply { "removing " } else { "" };
     // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
-    let listed = output::write(|out| {
-        for path in &ours {
-            writeln!(out, "{verb}{}", path.display())?;
-        }
-        let leaves = if apply {
-            "left in place"
-        } else {
-            "--apply leaves it"
-        };
-        for path in &others {
-            writeln!(
-                out,
-                "{} (not this build's pin layout: {leaves})",
-                path.display()
-            )?;
-        }
-        match &table {
-            Table::Absent => {}
-            Table::Remove => writeln!(out, "{verb}nftables table inet {table_name}")?,
-            Table::Elsewhere { owner, here } => writeln!(
-                out,
-                "nftables: these pins are a collector's of another network namespace (cookie \
-                 {owner}; this one's is {here}): its table inet {table_name} is in that \
-                 namespace and is not touched from here (it went with the namespace if that is \
-                 gone; otherwise run this cleanup inside it)"
-            )?,
-            Table::Unclaimed(why) => writeln!(
-                out,
-                "nftables table inet {table_name} in this network namespace: not touched, since \
-                 {why}, and a running collector's table would lose its counters; if no \
-                 collector runs here with that table, remove it with `nft delete table inet \
-                 {table_name}`"
-            )?,
-        }
-        if !apply {
-            let removable = !ours.is_empty() || table == Table::Remove;
-            if removable {
-                writeln!(out, "run again with --apply to remove these")?;
-            } else if others.is_empty() && table == Table::Absent {
-                writeln!(
-                    out,
-                    "nothing of ours under {} or in nftables",
-                    pin_dir.display()
-                )?;
-            } else if others.is_empty() {
-                writeln!(out, "nothing of ours under {}", pin_dir.display())?;
+    let listed = output::write(|out| list(out, pin_dir, &found, &table, table_name, apply));
+    if apply {
+        remove(&map_dir, &found.ours)?;
+        remove_empty_dirs(&map_dir)?;
+        // The pin directory too, once nothing else is in it.
+        match std::fs::remove_dir(pin_dir) {
+            Ok(()) => {}
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ENOTEMPTY | libc::ENOENT)) => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("removing {}", pin_dir.display()));
             }
         }
-        Ok(())
-    });
-    if apply {
-        remove(&map_dir, &ours)?;
-        remove_empty_dirs(pin_dir)?;
         if table == Table::Remove {
             nft::remove_leftover(table_name).context("removing our nftables table")?;
         }
-        let left = if paths::pin_exists(pin_dir)? {
-            walk(pin_dir)?
-        } else {
-            Vec::new()
-        };
-        if !left.is_empty() {
+        let left = found.other_pins().count();
+        if left > 0 {
+            let dirs = found
+                .other_layouts
+                .iter()
+                .filter(|(_, pins)| !pins.is_empty())
+                .map(|(dir, _)| dir.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ");
             anyhow::bail!(
-                "{} pin(s) under {} are not this build's pin layout ({}) and were left in place \
-                 (another build's: its link pins, if any, keep their programs attached); once no \
-                 collector of that build runs with this pin directory, remove them with `rm -r \
-                 {}`",
-                left.len(),
+                "{left} pin(s) under {} are not this build's pin layout ({}) and were left in \
+                 place (another build's: its link pins, if any, keep their programs attached); \
+                 once no collector of that build runs with this pin directory, remove them with \
+                 `rm -r {dirs}`",
                 pin_dir.display(),
                 paths::PIN_LAYOUT_VERSION,
-                pin_dir.display()
             );
         }
     }
     listed
+}
+
+/// Writes what `run` found and does about it.
+fn list(
+    out: &mut impl Write,
+    pin_dir: &Path,
+    found: &Found,
+    table: &Table,
+    table_name: &str,
+    apply: bool,
+) -> io::Result<()> {
+    let verb = if apply { "removing " } else { "" };
+    for path in &found.ours {
+        writeln!(out, "{verb}{}", path.display())?;
+    }
+    let leaves = if apply {
+        "left in place"
+    } else {
+        "--apply leaves it"
+    };
+    for path in found.other_pins() {
+        writeln!(
+            out,
+            "{} (not this build's pin layout: {leaves})",
+            path.display()
+        )?;
+    }
+    for (dir, pid) in &found.probes {
+        writeln!(
+            out,
+            "{} (a `collector check` probe of process {pid}, not a collector's pins: {leaves}; \
+             once no check of this pin directory runs, remove it with `rm -r {}`)",
+            dir.display(),
+            dir.display()
+        )?;
+    }
+    for path in &found.foreign {
+        writeln!(
+            out,
+            "{} (not a collector's pin layout: cleanup leaves it)",
+            path.display()
+        )?;
+    }
+    match table {
+        Table::Absent => {}
+        Table::Remove => writeln!(out, "{verb}nftables table inet {table_name}")?,
+        Table::Elsewhere { owner, here } => writeln!(
+            out,
+            "nftables: these pins are a collector's of another network namespace (cookie \
+             {owner}; this one's is {here}): its table inet {table_name} is in that namespace \
+             and is not touched from here (it went with the namespace if that is gone; \
+             otherwise run this cleanup inside it)"
+        )?,
+        Table::Unclaimed(why) => writeln!(
+            out,
+            "nftables table inet {table_name} in this network namespace: not touched, since \
+             {why}, and a running collector's table would lose its counters; if no collector \
+             runs here with that table, remove it with `nft delete table inet {table_name}`"
+        )?,
+    }
+    if !apply {
+        let removable = !found.ours.is_empty() || *table == Table::Remove;
+        let nothing_else =
+            found.other_layouts.is_empty() && found.probes.is_empty() && found.foreign.is_empty();
+        if removable {
+            writeln!(out, "run again with --apply to remove these")?;
+        } else if nothing_else && *table == Table::Absent {
+            writeln!(
+                out,
+                "nothing of ours under {} or in nftables",
+                pin_dir.display()
+            )?;
+        } else if nothing_else {
+            writeln!(out, "nothing of ours under {}", pin_dir.display())?;
+        }
+    }
+    Ok(())
 }
 
 /// Locks the pin directory, or refuses: a running collector's pins hold its links, and
@@ -286,6 +427,28 @@ fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_layout_directories_are_taken_for_a_collectors_pins() {
+        let dir = |name: &str| classify(std::ffi::OsStr::new(name), true);
+        assert_eq!(dir("v1"), Entry::Ours);
+        assert_eq!(dir("v2"), Entry::OtherLayout);
+        assert_eq!(dir("v10"), Entry::OtherLayout);
+        assert_eq!(dir("check-probe-4242"), Entry::CheckProbe(4242));
+        for name in [
+            "tc",
+            "ip",
+            "v",
+            "vx",
+            "v1x",
+            "check-probe-",
+            "check-probe-12a",
+        ] {
+            assert_eq!(dir(name), Entry::Foreign, "{name}");
+        }
+        // A file, even one named like a layout, is no layout directory.
+        assert_eq!(classify(std::ffi::OsStr::new("v1"), false), Entry::Foreign);
+    }
 
     #[test]
     fn the_table_is_touched_only_where_the_pins_owner_lives() {

@@ -201,6 +201,22 @@ fn bpffs_containing(mounts_text: &str, path: &Path) -> Option<PathBuf> {
 /// Where bpffs is conventionally mounted.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
+/// Whether `path` is the mount point of a bpffs in `mounts_text`.
+fn is_bpffs_mount_point(mounts_text: &str, path: &Path) -> bool {
+    parse_mounts(mounts_text).any(|m| m.fstype == BPFFS && unescape_mount_path(m.target) == path)
+}
+
+/// Whether `path` is a bpffs mount itself, not a directory of one: mounted there, or
+/// /sys/fs/bpf, where `run` mounts one when none is (so it is one, or becomes one).
+pub fn is_bpffs_root(path: &Path) -> Result<bool, PathError> {
+    // `--pin-dir /sys/fs/../fs/bpf` or a symbolic link to the mount is the mount too.
+    let real = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let mounts = read_mounts()?;
+    Ok([path, real.as_path()]
+        .into_iter()
+        .any(|path| path == Path::new(BPFFS_ROOT) || is_bpffs_mount_point(&mounts, path)))
+}
+
 /// Makes sure `pin_dir` lies on bpffs. With none mounted and a pin directory under
 /// /sys/fs/bpf, mounts bpffs there, as Cilium does. Under `ip netns exec` that mount is
 /// private to the agent (its /sys is its own), so the pins do not outlive it.
@@ -248,6 +264,10 @@ pub fn pin_exists(path: &Path) -> Result<bool, PathError> {
     })
 }
 
+/// Prefix of the directory `collector check` makes in the pin directory to try pinning a map
+/// there, followed by its process id.
+pub const CHECK_PROBE_PREFIX: &str = "check-probe-";
+
 /// Directory of this build's pinned maps under the configured pin directory.
 pub fn map_pin_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(PIN_LAYOUT_VERSION)
@@ -272,6 +292,25 @@ bpf /sys/fs/bpf/with\\040space bpf rw 0 0
         assert!(!dot_below(mount, Path::new("/run/x.y/bpf/collector")));
         assert!(dot_below(mount, Path::new("/run/x.y/bpf/collector.prod")));
         assert!(dot_below(mount, Path::new("/run/x.y/bpf/a.b/collector")));
+    }
+
+    #[test]
+    fn a_bpffs_mount_point_is_told_from_a_directory_on_it() {
+        assert!(is_bpffs_mount_point(HYBRID, Path::new("/sys/fs/bpf")));
+        assert!(is_bpffs_mount_point(HYBRID, Path::new("/sys/fs/bpf/")));
+        assert!(is_bpffs_mount_point(
+            HYBRID,
+            Path::new("/sys/fs/bpf/with space")
+        ));
+        assert!(!is_bpffs_mount_point(
+            HYBRID,
+            Path::new("/sys/fs/bpf/collector")
+        ));
+        // cgroup2's mount point is a mount, but not bpffs.
+        assert!(!is_bpffs_mount_point(
+            HYBRID,
+            Path::new("/sys/fs/cgroup/unified")
+        ));
     }
 
     #[test]

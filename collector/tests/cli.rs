@@ -312,6 +312,29 @@ fn without_root_the_pins_are_refused_not_reported_missing() {
     assert_refused_without_root(&["cleanup", "--pin-dir", absent.to_str().unwrap()]);
 }
 
+#[test]
+fn cleanup_refuses_the_bpffs_mount_itself() {
+    // Listing only: on a build without the refusal, --apply would remove every empty
+    // directory of the host's bpffs.
+    let out = Command::new(COLLECTOR)
+        .args(["cleanup", "--pin-dir", "/sys/fs/bpf"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("pin_dir /sys/fs/bpf is the bpffs mount itself")
+            && stderr.contains("`rm -r /sys/fs/bpf/v1`"),
+        "{}: {stderr}",
+        out.status
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// `collector events` through a proxy that ends the body with the connection (no chunked
 /// coding), piped into a reader that takes one line and goes: status 0, nothing on stderr.
 #[test]

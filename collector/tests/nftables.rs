@@ -341,16 +341,41 @@ fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
     // A map this build does not pin, as another build leaves one.
     std::fs::rename(v1.join("DNS_UPSTREAM"), v1.join("OLD_BUILD_MAP")).unwrap();
     // Another layout version's directory, with a link pin: its program stays attached.
-    let other_link = pins.0.join("v2/links/tc_loopback_1");
+    let v2 = pins.0.join("v2");
+    let other_link = v2.join("links/tc_loopback_1");
     std::fs::create_dir_all(other_link.parent().unwrap()).unwrap();
     std::fs::rename(v1.join("links/tc_loopback_1"), &other_link).unwrap();
+    // What is not a collector's pin layout: a probe of `collector check` (a map pinned in
+    // it, as a killed check leaves it) and another tool's empty directory.
+    let probe = pins.0.join("check-probe-4242");
+    std::fs::create_dir(&probe).unwrap();
+    std::fs::rename(v1.join("ERRORS"), probe.join("map")).unwrap();
+    let other_tool = pins.0.join("tc/globals");
+    std::fs::create_dir_all(&other_tool).unwrap();
+    let cleanup = |apply: &[&str]| {
+        netns
+            .command(COLLECTOR)
+            .arg("cleanup")
+            .args(apply)
+            .arg("--config")
+            .arg(&config.path)
+            .output()
+            .unwrap()
+    };
 
-    let apply = netns
-        .command(COLLECTOR)
-        .args(["cleanup", "--apply", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
+    // Listing succeeds whatever it finds.
+    let list = cleanup(&[]);
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{} (not this build's pin layout: --apply leaves it)",
+            other_link.display()
+        )) && stdout.contains(&format!("{} (a `collector check` probe", probe.display())),
+        "{stdout}"
+    );
+
+    let apply = cleanup(&["--apply"]);
     let stdout = String::from_utf8_lossy(&apply.stdout);
     let stderr = String::from_utf8_lossy(&apply.stderr);
     assert!(!apply.status.success(), "{stdout}");
@@ -361,14 +386,28 @@ fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
         )) && !stdout.contains(&format!("removing {}", other_link.display())),
         "{stdout}"
     );
+    // Neither the probe nor the other tool's directory is another build's pins.
     assert!(
-        stderr.contains("1 pin(s)") && stderr.contains(&format!("rm -r {}", pins.0.display())),
+        !stdout.contains("tc/globals")
+            && !stdout.contains(&format!("removing {}", probe.display())),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("1 pin(s)") && stderr.contains(&format!("rm -r {}`", v2.display())),
         "{stderr}"
     );
-    // Its own layout went whole, the unknown map included; the other one is where it was.
+    // Its own layout went whole, the unknown map included; the rest is where it was.
     assert!(!v1.exists(), "{stdout}");
-    assert!(other_link.exists());
-    // The command it names removes the rest.
+    assert!(other_link.exists() && probe.join("map").exists() && other_tool.is_dir());
+    // The command it names removes the other build's pins; then nothing is left to fail.
+    run("rm", &["-r", v2.to_str().unwrap()]);
+    let again = cleanup(&["--apply"]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(probe.join("map").exists() && other_tool.is_dir());
     run("rm", &["-r", pins.0.to_str().unwrap()]);
     assert_no_pins(&pins.0);
 }
