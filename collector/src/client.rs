@@ -66,23 +66,24 @@ impl Endpoint {
         let served_cert = config
             .and_then(|config| config.http.tls.as_ref())
             .map(|tls| tls.cert.as_path());
-        let trusted: Vec<PathBuf> = match (cacert, served_cert) {
-            (Some(cacert), _) => vec![cacert.to_owned()],
+        let pems: Vec<(PathBuf, Vec<u8>)> = match (cacert, served_cert) {
+            (Some(cacert), _) => vec![read_pem(cacert)?],
             (None, Some(cert)) => {
-                let ca = cert.with_file_name(CA_BESIDE_CERT);
-                let mut trusted = vec![cert.to_owned()];
-                if ca.is_file() {
-                    trusted.push(ca);
+                let mut pems = vec![read_pem(cert)?];
+                match ca_beside(cert) {
+                    Ok(ca) => pems.extend(ca),
+                    Err(warning) => tracing::warn!("{warning}"),
                 }
-                trusted
+                pems
             }
             (None, None) => Vec::new(),
         };
-        let tls = if trusted.is_empty() {
+        let tls = if pems.is_empty() {
             None
         } else {
-            Some(client_config(&trusted)?)
+            Some(client_config(&pems)?)
         };
+        let trusted = pems.into_iter().map(|(path, _)| path).collect();
         let token = match config.and_then(|config| config.http.bearer_token_file.as_ref()) {
             Some(path) => Some((
                 std::fs::read_to_string(path)
@@ -154,7 +155,7 @@ impl Endpoint {
     /// Whether `status` (the reply's first line) is a 200; otherwise why not, and the fix.
     fn check_status(&self, status: &[u8]) -> anyhow::Result<()> {
         let addr = self.addr;
-        if status.starts_with(b"HTTP/1.1 200") {
+        if is_ok(status) {
             return Ok(());
         }
         if self.tls.is_none() && looks_like_tls(status) {
@@ -206,6 +207,16 @@ impl Endpoint {
             None => err.into(),
         }
     }
+}
+
+/// Whether `status`, a reply's first line, is `200` in HTTP/1.1 or HTTP/1.0: a proxy in
+/// between may answer in HTTP/1.0 (and end the body with the connection, which `events`
+/// and `get_json` read to).
+fn is_ok(status: &[u8]) -> bool {
+    let mut fields = status
+        .split(u8::is_ascii_whitespace)
+        .filter(|f| !f.is_empty());
+    matches!(fields.next(), Some(b"HTTP/1.1" | b"HTTP/1.0")) && fields.next() == Some(b"200")
 }
 
 /// Whether `bytes` begin a TLS record (handshake or alert, TLS 1.0 to 1.3): what an HTTPS
@@ -265,17 +276,40 @@ fn server_name_text(name: &ServerName<'_>) -> String {
     }
 }
 
-/// Trusts the certificates in the PEM files `pems` (the agent's own, for a self-signed one,
-/// and its CA).
-fn client_config(pems: &[PathBuf]) -> anyhow::Result<Arc<ClientConfig>> {
+/// A PEM file the CLI was told to trust (`--cacert`, the config's `tls_cert_file`), read.
+fn read_pem(path: &Path) -> anyhow::Result<(PathBuf, Vec<u8>)> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((path.to_owned(), text))
+}
+
+/// The [`CA_BESIDE_CERT`] beside the served certificate `cert`, read: `None` if there is
+/// none. One that is there but cannot be read is an `Err`, the warning to give: the CLI goes
+/// on without it (the agent's certificate may be self-signed, and trusted without it), and
+/// an "unknown issuer" refusal that follows then has its cause said.
+fn ca_beside(cert: &Path) -> Result<Option<(PathBuf, Vec<u8>)>, String> {
+    let ca = cert.with_file_name(CA_BESIDE_CERT);
+    match std::fs::read(&ca) {
+        Ok(text) => Ok(Some((ca, text))),
+        // A dangling symbolic link too: a Secret without the key.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(format!(
+            "not trusting {}, beside the config's tls_cert_file: it cannot be read ({err}); an \
+             agent certificate it issued is refused (make it readable to this user, or pass \
+             --cacert CA.pem)",
+            ca.display()
+        )),
+    }
+}
+
+/// Trusts the certificates in the PEM files `pems`, by path and text (the agent's own, for a
+/// self-signed one, and its CA).
+fn client_config(pems: &[(PathBuf, Vec<u8>)]) -> anyhow::Result<Arc<ClientConfig>> {
     let mut roots = RootCertStore::empty();
-    for pem in pems {
-        for cert in CertificateDer::pem_file_iter(pem)
-            .with_context(|| format!("reading {}", pem.display()))?
-        {
+    for (path, text) in pems {
+        for cert in CertificateDer::pem_slice_iter(text) {
             roots
-                .add(cert.with_context(|| format!("reading {}", pem.display()))?)
-                .with_context(|| format!("trusting the certificate in {}", pem.display()))?;
+                .add(cert.with_context(|| format!("reading {}", path.display()))?)
+                .with_context(|| format!("trusting the certificate in {}", path.display()))?;
         }
     }
     let config =
@@ -530,6 +564,17 @@ mod tests {
             Endpoint::new(Some("127.0.0.1:9464".parse().unwrap()), None, None, None).unwrap();
         let refused = |status: &[u8]| plain.check_status(status).unwrap_err().to_string();
         assert!(plain.check_status(b"HTTP/1.1 200 OK\r\n").is_ok());
+        // An HTTP/1.0 proxy in between answers in its version.
+        assert!(plain.check_status(b"HTTP/1.0 200 OK\r\n").is_ok());
+        assert!(plain.check_status(b"HTTP/1.0 200\r\n").is_ok());
+        assert_eq!(
+            refused(b"HTTP/1.0 2000 OK\r\n"),
+            "the collector at 127.0.0.1:9464 answered HTTP/1.0 2000 OK"
+        );
+        assert_eq!(
+            refused(b"HTTP/1.0 404 Not Found\r\n"),
+            "the collector at 127.0.0.1:9464 answered HTTP/1.0 404 Not Found"
+        );
         // A TLS alert, as rustls answers a plain HTTP request.
         let tls = refused(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]);
         assert!(
@@ -568,6 +613,28 @@ mod tests {
         assert!(
             wrong_name.contains("does not name 127.0.0.1") && wrong_name.contains("--server-name"),
             "{wrong_name}"
+        );
+    }
+
+    #[test]
+    fn a_ca_beside_the_certificate_that_cannot_be_read_is_warned_of() {
+        let dir = std::env::temp_dir().join(format!("collector-ca-beside-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, ca) = (dir.join("tls.crt"), dir.join("ca.crt"));
+        // None: nothing to say.
+        assert_eq!(ca_beside(&cert), Ok(None));
+        std::fs::write(&ca, "PEM").unwrap();
+        assert_eq!(ca_beside(&cert), Ok(Some((ca.clone(), b"PEM".to_vec()))));
+        // There, but not readable (a directory, which root cannot read either).
+        std::fs::remove_file(&ca).unwrap();
+        std::fs::create_dir(&ca).unwrap();
+        let warning = ca_beside(&cert).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            warning.starts_with(&format!("not trusting {}", ca.display()))
+                && warning.contains("Is a directory")
+                && warning.contains("--cacert"),
+            "{warning}"
         );
     }
 

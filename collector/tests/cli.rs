@@ -374,3 +374,98 @@ fn an_unchunked_event_stream_ends_quietly_when_its_reader_goes() {
     assert!(stderr.is_empty(), "{stderr}");
     server.join().unwrap();
 }
+
+/// `collector stats --json` and `collector events` through a proxy that answers in HTTP/1.0
+/// and ends each body with the connection: both print what it sent, status 0.
+#[test]
+fn an_http_1_0_answer_is_taken() {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpListener,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        for body in [
+            "{\"activeConnections\":3}",
+            "{\"event\":\"query-received\"}\n",
+        ] {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).unwrap();
+            stream
+                .write_all(format!("HTTP/1.0 200 OK\r\n\r\n{body}").as_bytes())
+                .unwrap();
+        }
+    });
+    for (args, expected) in [
+        (
+            &["stats", "proxy", "--json"][..],
+            "{\"activeConnections\":3}\n",
+        ),
+        (&["events"][..], "{\"event\":\"query-received\"}\n"),
+    ] {
+        let out = Command::new(COLLECTOR)
+            .args(args)
+            .args(["--listen", &addr])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {}: {stderr}", out.status);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{args:?}");
+    }
+    server.join().unwrap();
+}
+
+/// A `ca.crt` beside the agent's certificate that the CLI's user cannot read is warned of,
+/// naming it and why, and the command goes on without it (here to an agent that is not
+/// running).
+#[test]
+fn an_unreadable_ca_beside_the_certificate_is_warned_of() {
+    support::require_root();
+    let dir = ScratchDir::new("ca-beside");
+    fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755)).unwrap();
+    let (cert, key, ca) = (dir.path("tls.crt"), dir.path("tls.key"), dir.path("ca.crt"));
+    for (file, mode) in [(&cert, 0o644), (&key, 0o644), (&ca, 0o600)] {
+        fs::write(file, "").unwrap();
+        fs::set_permissions(file, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    // A port nothing listens on.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = dir.path("collector.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"{listen}\"\n[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    // As nobody: the config and the certificate are readable, ca.crt (root's, 0600) is not.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            COLLECTOR,
+        ])
+        .args(["stats", "proxy", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains(&format!(
+                "not trusting {}, beside the config's tls_cert_file: it cannot be read \
+                 (Permission denied",
+                ca.display()
+            ))
+            && stderr.contains(&format!("connecting to the collector at {listen}")),
+        "{}: {stderr}",
+        out.status
+    );
+}
