@@ -10,7 +10,8 @@
 //!
 //! Also here: telling a refusal for lack of privilege from other errors, so that what was
 //! refused says to run as root instead of reporting something missing, or, when root with
-//! every capability was refused, that a security module (AppArmor, SELinux) did it.
+//! every capability was refused, that a security module (AppArmor, SELinux) did it, or that
+//! the process runs in a user namespace of its own, whose capabilities bpf(2) does not take.
 
 use std::io;
 
@@ -121,13 +122,66 @@ pub fn security_label() -> Option<String> {
     (!label.is_empty() && label != "unconfined").then(|| label.to_owned())
 }
 
-/// What to do about a refusal (EPERM, EACCES) while loading, attaching or pinning, for a
-/// process with effective uid `euid` and effective capabilities `capabilities`. Root with all
-/// four capabilities the agent uses was refused by something else: a Linux security module
-/// (a container runtime's default AppArmor profile denies writes below /sys/fs/bpf; SELinux's
-/// `container_t` may not manage bpffs files), whose `label` is said when known.
+/// This process's uid map, in which the initial user namespace maps every uid to itself.
+const UID_MAP: &str = "/proc/self/uid_map";
+
+/// Whether a process runs in a user namespace other than the initial (the host's) one, from
+/// its uid map as read from `/proc/PID/uid_map`: `Some` with the map (its ranges on one line,
+/// comma-separated) unless it is the initial namespace's identity map `0 0 4294967295`. A
+/// map that could not be read says nothing: `None`.
 #[must_use]
-pub fn denial_advice(euid: u32, capabilities: u64, label: Option<&str>) -> String {
+pub fn user_namespace(uid_map: io::Result<String>) -> Option<String> {
+    let text = uid_map.ok()?;
+    let ranges: Vec<Vec<&str>> = text
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|range| !range.is_empty())
+        .collect();
+    if ranges == [["0", "0", "4294967295"]] {
+        return None;
+    }
+    let ranges = ranges
+        .iter()
+        .map(|range| range.join(" "))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(if ranges.is_empty() {
+        "empty: no uid mapped yet".to_owned()
+    } else {
+        ranges
+    })
+}
+
+/// What to do about a refusal (EPERM, EACCES) while loading, attaching or pinning, for a
+/// process with effective uid `euid` and effective capabilities `capabilities`, in the user
+/// namespace whose uid map is `uid_map` (`None`: the host's, see [`user_namespace`]).
+///
+/// In a user namespace of its own (a rootless or user-namespaced container) root and its
+/// capabilities count only inside it, and bpf(2) checks `CAP_BPF`, `CAP_PERFMON` and
+/// `CAP_SYS_ADMIN` with `capable()`, in the initial user namespace (kernel/bpf/syscall.c; Linux
+/// 6.9's BPF tokens delegate some of it, which aya does not use): nothing done inside helps.
+/// Root with all four capabilities the agent uses in the host's namespace was refused by
+/// something else: a Linux security module (a container runtime's default AppArmor profile
+/// denies writes below /sys/fs/bpf; SELinux's `container_t` may not manage bpffs files),
+/// whose `label` is said when known.
+#[must_use]
+pub fn denial_advice(
+    euid: u32,
+    capabilities: u64,
+    label: Option<&str>,
+    uid_map: Option<&str>,
+) -> String {
+    if let Some(uid_map) = uid_map {
+        return format!(
+            "permission denied: running in a user namespace (uid_map {uid_map}), whose root \
+             and capabilities count only inside it: eBPF needs the host's CAP_BPF, \
+             CAP_PERFMON and CAP_SYS_ADMIN (the kernel checks them in the initial user \
+             namespace), which nothing inside can grant; run the collector in the host's user \
+             namespace (Kubernetes: no `hostUsers: false`; docker: --userns=host where the \
+             daemon remaps users; podman: as root, without --userns or --uidmap, since rootless \
+             podman always runs in one)"
+        );
+    }
     let all = CAPABILITIES
         .iter()
         .all(|(bit, ..)| capabilities & (1 << bit) != 0);
@@ -165,7 +219,12 @@ pub fn denial_advice(euid: u32, capabilities: u64, label: Option<&str>) -> Strin
 pub fn denial_advice_here() -> String {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    denial_advice(euid, effective(), security_label().as_deref())
+    denial_advice(
+        euid,
+        effective(),
+        security_label().as_deref(),
+        user_namespace(std::fs::read_to_string(UID_MAP)).as_deref(),
+    )
 }
 
 /// Names of [`KEPT`], for the logs.
@@ -186,7 +245,7 @@ mod tests {
 
     #[test]
     fn root_with_every_capability_is_told_of_the_security_module_not_to_run_as_root() {
-        let advice = denial_advice(0, ALL_FOUR, None);
+        let advice = denial_advice(0, ALL_FOUR, None, None);
         assert!(!advice.contains("run as root"), "{advice}");
         for fix in [
             "Linux security module",
@@ -196,7 +255,12 @@ mod tests {
             assert!(advice.contains(fix), "{fix}: {advice}");
         }
         assert!(advice.contains("without CAP_DAC_OVERRIDE"), "{advice}");
-        let confined = denial_advice(0, u64::MAX, Some("cri-containerd.apparmor.d (enforce)"));
+        let confined = denial_advice(
+            0,
+            u64::MAX,
+            Some("cri-containerd.apparmor.d (enforce)"),
+            None,
+        );
         assert!(
             confined.contains("runs as `cri-containerd.apparmor.d (enforce)`")
                 && !confined.contains("CAP_DAC_OVERRIDE"),
@@ -212,9 +276,57 @@ mod tests {
             (0, ALL_FOUR & !(1 << 21)),
             (0, 0),
         ] {
-            let advice = denial_advice(euid, capabilities, None);
+            let advice = denial_advice(euid, capabilities, None, None);
             assert!(
                 advice.starts_with("permission denied: run as root, or with CAP_BPF"),
+                "{euid} {capabilities:#x}: {advice}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_user_namespace_is_told_from_the_hosts_by_its_uid_map() {
+        let map = |text: &str| user_namespace(Ok(text.to_owned()));
+        // The initial namespace's, as the kernel pads it.
+        assert_eq!(map("         0          0 4294967295\n"), None);
+        // A container's: its root is uid 100000 of the host, and so on for 65536 uids.
+        assert_eq!(
+            map("         0     100000      65536\n"),
+            Some("0 100000 65536".to_owned())
+        );
+        // `unshare --map-root-user`: root is root, but only root is mapped.
+        assert_eq!(map("0 0 1\n"), Some("0 0 1".to_owned()));
+        assert_eq!(
+            map("0 1000 1\n1 100000 65536\n"),
+            Some("0 1000 1, 1 100000 65536".to_owned())
+        );
+        assert_eq!(map(""), Some("empty: no uid mapped yet".to_owned()));
+        // Unreadable (no /proc mounted): nothing known, and nothing said.
+        assert_eq!(
+            user_namespace(std::fs::read_to_string("/nonexistent/uid_map")),
+            None
+        );
+        assert_eq!(
+            user_namespace(Err(io::ErrorKind::PermissionDenied.into())),
+            None
+        );
+    }
+
+    #[test]
+    fn in_a_user_namespace_the_advice_says_so_whoever_the_process_is() {
+        for (euid, capabilities) in [(0, ALL_FOUR), (0, u64::MAX), (0, 0), (65534, 0)] {
+            let advice = denial_advice(
+                euid,
+                capabilities,
+                Some("unconfined_u:unconfined_r:container_t:s0"),
+                Some("0 100000 65536"),
+            );
+            assert!(
+                advice.starts_with(
+                    "permission denied: running in a user namespace (uid_map 0 100000 65536)"
+                ) && advice.contains("the host's CAP_BPF")
+                    && !advice.contains("run as root")
+                    && !advice.contains("security module"),
                 "{euid} {capabilities:#x}: {advice}"
             );
         }

@@ -469,3 +469,37 @@ fn an_unreadable_ca_beside_the_certificate_is_warned_of() {
         out.status
     );
 }
+
+/// In a user namespace of its own, as `unshare --map-root-user` and user-namespaced
+/// containers make one, root has every capability, of that namespace only: bpf(2) refuses it,
+/// and `check` says why instead of blaming a security module.
+#[test]
+fn in_a_user_namespace_the_refusal_says_so() {
+    support::require_root();
+    let pin_dir =
+        Path::new("/sys/fs/bpf").join(format!("collector-cli-userns-{}", std::process::id()));
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", COLLECTOR, "check", "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some("pin_dir"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no pin_dir line in\n{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(
+        !out.status.success()
+            && line.starts_with("FAIL")
+            && line.contains("permission denied: running in a user namespace (uid_map 0 0 1)")
+            && !line.contains("security module"),
+        "{line}"
+    );
+    // What it made to try, it removed.
+    assert!(!pin_dir.exists());
+}
