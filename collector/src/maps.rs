@@ -286,7 +286,9 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
 /// Every number in a dump, by its path (`slot0.opened`, `queriesByQtype.A`), in order. Rows
 /// that carry a slot (routes, `CONN_STATE`, `DNS_INFLIGHT`) go by it (`slot17.startNs`), not
 /// by their place in the list, which shifts whenever an earlier row goes: a rate would then
-/// compare two different entries.
+/// compare two different entries; the slot itself is left out of the numbers. `ROUTE_TRAFFIC`
+/// has a row per slot and direction, which go by both (`slot0.in.packets`,
+/// `slot0.out.packets`).
 #[must_use]
 pub fn flatten(value: &Value) -> Vec<(String, f64)> {
     fn walk(value: &Value, path: String, out: &mut Vec<(String, f64)>) {
@@ -294,11 +296,23 @@ pub fn flatten(value: &Value) -> Vec<(String, f64)> {
             Value::Number(n) => out.push((path, n.as_f64().unwrap_or(0.0))),
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    let key = item
-                        .get("slot")
-                        .and_then(Value::as_u64)
-                        .map_or_else(|| i.to_string(), |slot| format!("slot{slot}"));
-                    walk(item, join(&path, &key), out);
+                    let slot = item.get("slot").and_then(Value::as_u64);
+                    let direction = item.get("direction").and_then(Value::as_str);
+                    let key = match (slot, direction) {
+                        (Some(slot), Some(direction)) => format!("slot{slot}.{direction}"),
+                        (Some(slot), None) => format!("slot{slot}"),
+                        (None, _) => i.to_string(),
+                    };
+                    let row = join(&path, &key);
+                    match (slot, item) {
+                        // The slot is in the path: not a number to watch.
+                        (Some(_), Value::Object(fields)) => {
+                            for (name, field) in fields.iter().filter(|(name, _)| *name != "slot") {
+                                walk(field, join(&row, name), out);
+                            }
+                        }
+                        _ => walk(item, row, out),
+                    }
                 }
             }
             Value::Object(map) => {
@@ -435,6 +449,37 @@ mod tests {
         assert!(
             before.contains(&slot9) && after.contains(&slot9),
             "{before:?} {after:?}"
+        );
+    }
+
+    #[test]
+    fn traffic_rows_go_by_slot_and_direction() {
+        let traffic = json!([
+            {"slot": 0, "route": "web", "direction": "in", "packets": 10, "bytes": 1000},
+            {"slot": 0, "route": "web", "direction": "out", "packets": 7, "bytes": 9000},
+        ]);
+        let then = Instant::now();
+        let refresh = Refresh {
+            at: then,
+            values: flatten(&traffic).into_iter().collect(),
+        };
+        let now = then + std::time::Duration::from_secs(1);
+        let values = flatten(&json!([
+            {"slot": 0, "route": "web", "direction": "in", "packets": 15, "bytes": 1500},
+            {"slot": 0, "route": "web", "direction": "out", "packets": 8, "bytes": 9100},
+        ]));
+        let rates: Vec<_> = values
+            .iter()
+            .map(|(path, value)| (path.as_str(), refresh.per_second(path, *value, now)))
+            .collect();
+        assert_eq!(
+            rates,
+            [
+                ("slot0.in.bytes", Some(500.0)),
+                ("slot0.in.packets", Some(5.0)),
+                ("slot0.out.bytes", Some(100.0)),
+                ("slot0.out.packets", Some(1.0)),
+            ]
         );
     }
 }
