@@ -50,7 +50,7 @@ pub struct TopIp {
     pub connections: u64,
     /// How many more it may have opened: nonzero once more clients were seen than the list
     /// tracks, for a client that took another's place.
-    pub error: u64,
+    pub max_undercount: u64,
 }
 
 /// Live traffic of a route, counted per packet at the interfaces.
@@ -281,7 +281,7 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
                 .map(|listed| TopIp {
                     ip: listed.key.to_string(),
                     connections: listed.count,
-                    error: listed.error,
+                    max_undercount: listed.error,
                 })
                 .collect()
         }),
@@ -319,7 +319,7 @@ pub struct TopDomain {
     pub count: u64,
     /// How many more it may have had: nonzero once more names were seen than the list
     /// tracks, for a name that took another's place.
-    pub error: u64,
+    pub max_undercount: u64,
 }
 
 /// `/api/v1/dns`.
@@ -403,7 +403,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
             .map(|listed| TopDomain {
                 domain: listed.key.clone(),
                 count: listed.count,
-                error: listed.error,
+                max_undercount: listed.error,
             })
             .collect(),
         query_type_breakdown: c

@@ -155,7 +155,7 @@ fn assert_every_query_in_top_domains(netns: &Netns) {
     );
     assert_eq!(
         json["topDomains"],
-        serde_json::json!([{"domain": "www.test", "count": all, "error": 0}])
+        serde_json::json!([{"domain": "www.test", "count": all, "maxUndercount": 0}])
     );
 }
 
@@ -166,7 +166,7 @@ fn assert_every_connection_in_top_ips(netns: &Netns, all: usize) {
     let json = support::proxy_json_counting(netns, all);
     assert_eq!(
         json["topIPs"],
-        serde_json::json!([{"ip": "127.0.0.1", "connections": all, "error": 0}])
+        serde_json::json!([{"ip": "127.0.0.1", "connections": all, "maxUndercount": 0}])
     );
 }
 

@@ -369,11 +369,11 @@ fn clients_that_take_each_others_slot_keep_exact_counts() {
 
     let json = proxy_json_counting(&netns, 2 * HEAVY + SHARING);
     let mut expected =
-        vec![serde_json::json!({"ip": "127.0.0.1", "connections": 2 * HEAVY, "error": 0})];
+        vec![serde_json::json!({"ip": "127.0.0.1", "connections": 2 * HEAVY, "maxUndercount": 0})];
     expected.extend(
-        sharing
-            .iter()
-            .map(|ip| serde_json::json!({"ip": ip.to_string(), "connections": 1, "error": 0})),
+        sharing.iter().map(
+            |ip| serde_json::json!({"ip": ip.to_string(), "connections": 1, "maxUndercount": 0}),
+        ),
     );
     assert_eq!(json["topIPs"], serde_json::Value::Array(expected));
     // One event per change of hands, none for the connections counted in place.
@@ -418,8 +418,8 @@ fn ipv6_clients_are_counted_by_their_address() {
     assert_eq!(
         json["topIPs"],
         serde_json::json!([
-            {"ip": "::1", "connections": V6, "error": 0},
-            {"ip": "127.0.0.1", "connections": V4, "error": 0},
+            {"ip": "::1", "connections": V6, "maxUndercount": 0},
+            {"ip": "127.0.0.1", "connections": V4, "maxUndercount": 0},
         ])
     );
 }
