@@ -323,6 +323,34 @@ fn the_kubernetes_scrape_job_finds_the_manifests_collectors_and_passes_promtool(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `CollectorPodsUnavailable` picks the `DaemonSet` by name (kube-state-metrics exports no
+/// workload labels by default): each of its matchers must name the manifest's `DaemonSet`,
+/// or the alert never fires.
+#[test]
+fn the_pods_unavailable_alert_selects_the_manifests_daemonset() {
+    let daemonset = yaml("kubernetes/daemonset.yaml")
+        .into_iter()
+        .find(|doc| doc["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let name = daemonset["metadata"]["name"].as_str().unwrap();
+    let alerts = yaml("prometheus/alerts.yml").remove(0);
+    let rule = alerts["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|group| group["rules"].as_array().unwrap())
+        .find(|rule| rule["alert"] == "CollectorPodsUnavailable")
+        .expect("the CollectorPodsUnavailable rule");
+    let expr = rule["expr"].as_str().unwrap();
+    let selected: Vec<&str> = expr
+        .split("daemonset=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    // Desired, available and updated pods: the three places its comment speaks of.
+    assert_eq!(selected, [name; 3], "{expr}");
+}
+
 #[test]
 fn the_alerts_pass_their_promtool_unit_tests() {
     run_ok(
