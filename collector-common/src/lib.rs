@@ -171,8 +171,10 @@ pub const GLOBAL_LOCAL_ONLY: &str = "LOCAL_ONLY";
 /// Global in the kernel object: `LOCAL_ADDRESSES` has `2^bits` sets (set at load).
 pub const GLOBAL_LOCAL_ADDRESS_SET_BITS: &str = "LOCAL_ADDRESS_SET_BITS";
 
-/// Fewest entries of `LOCAL_ADDRESSES` (the object's own size).
-pub const LOCAL_ADDRESS_SLOTS: u32 = 4096;
+/// Fewest entries of `LOCAL_ADDRESSES` (the object's own size; 1 MiB): room for about
+/// 60,000 addresses, so that a node whose agent starts before kube-proxy (IPVS mode) gives
+/// it every service address still finds room for them.
+pub const LOCAL_ADDRESS_SLOTS: u32 = 65_536;
 /// Slots of a set of `LOCAL_ADDRESSES`: one 64-byte line, compared in place. A hash map's
 /// look-up cost 25 ns a packet on a route port here, this about a fifth of that.
 pub const LOCAL_ADDRESS_WAYS: u32 = 4;
@@ -180,11 +182,11 @@ pub const LOCAL_ADDRESS_WAYS: u32 = 4;
 const LOCAL_ADDRESS_SLOTS_MAX: u32 = 1 << 20;
 
 /// Entries of `LOCAL_ADDRESSES` for a namespace with `addresses` addresses at the start:
-/// four slots for each (with two sets to choose from, a set then overflows about never; a
-/// node with kube-proxy in IPVS mode holds every service address), a power of two.
+/// eight slots for each (placed as a cuckoo hash places them, it holds over 90 % before
+/// one is turned away, so the addresses may grow sevenfold), a power of two.
 #[must_use]
 pub fn local_address_slots(addresses: usize) -> u32 {
-    let wanted = u32::try_from(addresses.saturating_mul(4)).unwrap_or(u32::MAX);
+    let wanted = u32::try_from(addresses.saturating_mul(8)).unwrap_or(u32::MAX);
     wanted
         .checked_next_power_of_two()
         .unwrap_or(LOCAL_ADDRESS_SLOTS_MAX)
@@ -198,7 +200,8 @@ pub const fn local_address_set_bits(slots: u32) -> u32 {
 }
 
 /// The first slots of `address`'s two sets in a `LOCAL_ADDRESSES` of `2^set_bits` sets: an
-/// address takes a free slot in either, so one full set does not turn it away. The set is
+/// address takes a free slot in either (the agent moves others to their other set to make
+/// one). The set is
 /// taken from the top bits of a multiplicative hash, which depend on every input bit.
 #[must_use]
 #[expect(

@@ -46,7 +46,7 @@ static NETNS_COOKIE: Global<u64> = Global::new(0);
 static LOCAL_ONLY: Global<u32> = Global::new(0);
 /// `LOCAL_ADDRESSES` has `2^LOCAL_ADDRESS_SET_BITS` sets. Set at load; read-only.
 #[unsafe(no_mangle)]
-static LOCAL_ADDRESS_SET_BITS: Global<u32> = Global::new(10);
+static LOCAL_ADDRESS_SET_BITS: Global<u32> = Global::new(14);
 /// The addresses of the agent's namespace, in sets of `LOCAL_ADDRESS_WAYS`; sized and kept
 /// by the agent. Memory-mappable for its page alignment: each set is one cache line.
 #[btf_map]

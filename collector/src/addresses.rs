@@ -1,29 +1,35 @@
 //! The addresses of the agent's network namespace, read over rtnetlink: live traffic and
 //! DNS on the interfaces count only packets to or from them (`LOCAL_ADDRESSES`), not what
-//! the host forwards. Read at the start and on every poll, as the interfaces are (two dumps,
-//! tens of microseconds).
+//! the host forwards. Read at the start, then again at a poll only after the kernel
+//! announced a change of addresses or routes: a node whose kube-proxy runs in IPVS mode has
+//! tens of thousands, and reading them took 25 ms.
 
 use std::{
     collections::BTreeSet,
     io,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use collector_common::{LOCAL_ADDRESS_WAYS, address_words, local_address_sets};
+use collector_common::address_words;
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
-    RouteNetlinkMessage,
+    AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
-use netlink_sys::protocols::NETLINK_ROUTE;
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
 use crate::netlink_dump;
 
 /// The kernel's `local` routing table.
 const RT_TABLE_LOCAL: u8 = 255;
+/// rtnetlink multicast groups (`linux/rtnetlink.h`).
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
 
 /// What is local to this namespace.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -37,8 +43,19 @@ pub struct Local {
     pub wide_route: Option<String>,
 }
 
-/// What is local to the current network namespace now.
+/// What is local to the current network namespace now. A dump that a change interrupted
+/// (the kernel flags it) is read again.
 pub fn list() -> io::Result<Local> {
+    let mut tries = 0;
+    loop {
+        match list_once() {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted && tries < 3 => tries += 1,
+            read => return read,
+        }
+    }
+}
+
+fn list_once() -> io::Result<Local> {
     let mut local = Local::default();
     dump(
         RouteNetlinkMessage::GetAddress(AddressMessage::default()),
@@ -48,14 +65,15 @@ pub fn list() -> io::Result<Local> {
             }
         },
     )?;
-    dump(
-        RouteNetlinkMessage::GetRoute(RouteMessage::default()),
-        |message| {
-            if let RouteNetlinkMessage::NewRoute(route) = message {
-                local_route(&route, &mut local);
-            }
-        },
-    )?;
+    // The `local` table only (the kernel filters with strict checking on): a router's main
+    // table may hold a million routes.
+    let mut routes = RouteMessage::default();
+    routes.header.table = RT_TABLE_LOCAL;
+    dump(RouteNetlinkMessage::GetRoute(routes), |message| {
+        if let RouteNetlinkMessage::NewRoute(route) = message {
+            local_route(&route, &mut local);
+        }
+    })?;
     Ok(local)
 }
 
@@ -67,20 +85,71 @@ fn dump(request: RouteNetlinkMessage, mut each: impl FnMut(RouteNetlinkMessage))
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
-    let mut malformed = None;
-    netlink_dump::exchange(NETLINK_ROUTE, &buf, |_, message| {
+    let (mut malformed, mut interrupted) = (None, false);
+    netlink_dump::exchange_strict(NETLINK_ROUTE, &buf, |_, message| {
         match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
             Ok(NetlinkMessage {
+                header,
                 payload: NetlinkPayload::InnerMessage(inner),
                 ..
-            }) => each(inner),
+            }) => {
+                interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
+                each(inner);
+            }
             Ok(_) => {}
             Err(err) => malformed = Some(err.to_string()),
         }
     })?;
-    match malformed {
-        Some(err) => Err(io::Error::new(io::ErrorKind::InvalidData, err)),
-        None => Ok(()),
+    match (malformed, interrupted) {
+        (Some(err), _) => Err(io::Error::new(io::ErrorKind::InvalidData, err)),
+        (None, true) => Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "the dump was interrupted by a change",
+        )),
+        (None, false) => Ok(()),
+    }
+}
+
+/// Tells whether the namespace's addresses or routes changed since it last looked: a
+/// netlink socket in their multicast groups, read without waiting.
+pub struct ChangeWatch {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+impl ChangeWatch {
+    /// Made before the first [`list`], so that no change after it goes unseen.
+    pub fn new() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        for group in [
+            RTNLGRP_IPV4_IFADDR,
+            RTNLGRP_IPV4_ROUTE,
+            RTNLGRP_IPV6_IFADDR,
+            RTNLGRP_IPV6_ROUTE,
+        ] {
+            socket.add_membership(group)?;
+        }
+        socket.set_non_blocking(true)?;
+        Ok(Self {
+            socket,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Whether anything was announced since the last call (reads every announcement there
+    /// is). Announcements lost to a full socket buffer count as a change.
+    pub fn changed(&mut self) -> bool {
+        let mut changed = false;
+        loop {
+            match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(0) => return changed,
+                Ok(_) => changed = true,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return changed,
+                // ENOBUFS (overrun) or anything else: look again.
+                Err(_) => return true,
+            }
+        }
     }
 }
 
@@ -102,14 +171,25 @@ fn local_route(route: &RouteMessage, local: &mut Local) {
     if route.header.table != RT_TABLE_LOCAL || route.header.kind != RouteType::Local {
         return;
     }
-    let Some(destination) = route.attributes.iter().find_map(|attr| match attr {
-        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+    let prefix = route.header.destination_prefix_length;
+    // A route of prefix 0 carries no destination: the whole family's space.
+    let unspecified = match route.header.address_family {
+        AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
         _ => None,
-    }) else {
+    };
+    let Some(destination) = route
+        .attributes
+        .iter()
+        .find_map(|attr| match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        })
+        .or(unspecified.filter(|_| prefix == 0))
+    else {
         return;
     };
-    let prefix = route.header.destination_prefix_length;
     let single = if destination.is_ipv4() { 32 } else { 128 };
     if prefix == single {
         local.addresses.insert(key(destination));
@@ -145,70 +225,9 @@ pub fn ip(key: [u64; 2]) -> IpAddr {
     Ipv6Addr::from(bytes).to_canonical()
 }
 
-/// The agent's copy of `LOCAL_ADDRESSES`, and where each address goes: a free slot of
-/// either of its two sets.
-#[derive(Debug)]
-pub struct AddressTable {
-    slots: Vec<[u64; 2]>,
-    set_bits: u32,
-}
-
-/// What [`AddressTable::place`] changed, for the kernel's table, and what did not fit.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Placement {
-    /// (slot, value) to write, frees first.
-    pub writes: Vec<(u32, [u64; 2])>,
-    /// Addresses with both sets full: not in the table.
-    pub unplaced: Vec<[u64; 2]>,
-}
-
-impl AddressTable {
-    #[must_use]
-    pub fn new(slots: u32, set_bits: u32) -> Self {
-        Self {
-            slots: vec![[0, 0]; slots as usize],
-            set_bits,
-        }
-    }
-
-    /// Brings the table to `now`: frees the slots of addresses gone, then places the new
-    /// ones.
-    pub fn place(&mut self, now: &BTreeSet<[u64; 2]>) -> Placement {
-        let mut placement = Placement::default();
-        for (index, slot) in (0..).zip(self.slots.iter_mut()) {
-            if *slot != [0, 0] && !now.contains(slot) {
-                *slot = [0, 0];
-                placement.writes.push((index, [0, 0]));
-            }
-        }
-        for &address in now {
-            let ways = local_address_sets(address, self.set_bits)
-                .into_iter()
-                .flat_map(|set| set..set + LOCAL_ADDRESS_WAYS);
-            if ways.clone().any(|index| self.held(index) == Some(address)) {
-                continue;
-            }
-            match ways.clone().find(|&index| self.held(index) == Some([0, 0])) {
-                Some(free) => {
-                    self.slots[free as usize] = address;
-                    placement.writes.push((free, address));
-                }
-                None => placement.unplaced.push(address),
-            }
-        }
-        placement
-    }
-
-    fn held(&self, index: u32) -> Option<[u64; 2]> {
-        self.slots.get(index as usize).copied()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-
-    use collector_common::{local_address_set_bits, local_address_slots};
 
     use super::*;
 
@@ -230,43 +249,19 @@ mod tests {
     }
 
     #[test]
-    fn every_service_address_of_a_large_node_finds_a_slot() {
-        // kube-proxy in IPVS mode: every ClusterIP an address of the node, 10.96.0.0/12.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let addresses: BTreeSet<[u64; 2]> = (0..20_000)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let host = u32::try_from(state % (1 << 20)).unwrap();
-                key(IpAddr::V4(Ipv4Addr::from(0x0a60_0000 | host)))
-            })
-            .collect();
-        let slots = local_address_slots(addresses.len());
-        let mut table = AddressTable::new(slots, local_address_set_bits(slots));
-        let placement = table.place(&addresses);
-        assert!(
-            placement.unplaced.is_empty(),
-            "{}",
-            placement.unplaced.len()
-        );
-        assert_eq!(placement.writes.len(), addresses.len());
-        // Half go: their slots are freed, and nothing else is written.
-        let half: BTreeSet<[u64; 2]> = addresses.iter().copied().step_by(2).collect();
-        let placement = table.place(&half);
-        assert_eq!(placement.writes.len(), addresses.len() - half.len());
-        assert!(placement.writes.iter().all(|&(_, value)| value == [0, 0]));
-    }
-
-    #[test]
-    fn an_address_with_both_sets_full_is_reported() {
-        // Two sets in all, eight slots, for ten addresses.
-        let mut table = AddressTable::new(2 * LOCAL_ADDRESS_WAYS, 1);
-        let addresses: BTreeSet<[u64; 2]> = (1..=10)
-            .map(|n| key(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))))
-            .collect();
-        let placement = table.place(&addresses);
-        assert!(placement.unplaced.len() >= 2, "{placement:?}");
-        assert_eq!(placement.writes.len() + placement.unplaced.len(), 10);
+    fn a_local_route_of_prefix_zero_is_a_range() {
+        // The kernel sends no destination for it: `ip route add local 0.0.0.0/0 dev lo
+        // table local` makes every IPv4 address this host's.
+        let mut route = RouteMessage::default();
+        route.header.table = RT_TABLE_LOCAL;
+        route.header.kind = RouteType::Local;
+        route.header.address_family = AddressFamily::Inet;
+        let mut local = Local::default();
+        local_route(&route, &mut local);
+        assert_eq!(local.wide_route.as_deref(), Some("0.0.0.0/0"));
+        route.header.address_family = AddressFamily::Inet6;
+        let mut local = Local::default();
+        local_route(&route, &mut local);
+        assert_eq!(local.wide_route.as_deref(), Some("::/0"));
     }
 }

@@ -27,12 +27,13 @@ use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameSlot,
     DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES,
     GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY,
-    GLOBAL_NETNS_COOKIE, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters,
-    local_address_set_bits, local_address_slots, map_names, port_bit, program_names,
+    GLOBAL_NETNS_COOKIE, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
+    RouteName, TrafficCounters, local_address_set_bits, map_names, port_bit, program_names,
     tally_table_len, traffic_index,
 };
 
 use crate::{
+    address_table::{AddressTableUse, LocalAddresses},
     bpf_sys,
     config::{Config, RouteKind},
     links::{self, Link},
@@ -90,12 +91,8 @@ pub struct Attachment {
     created_pins: Vec<PathBuf>,
     /// A crashed run's pinned maps or links were found: its counts live on in them.
     inherited: bool,
-    /// The agent's copy of `LOCAL_ADDRESSES`.
-    address_table: crate::addresses::AddressTable,
-    /// What is wrong with `LOCAL_ADDRESSES`, if anything (logged once per change).
-    address_problem: Option<String>,
-    /// What `LOCAL_ADDRESSES_COMPLETE` holds: false (by port alone) until the first sync.
-    address_table_complete: bool,
+    /// Keeps `LOCAL_ADDRESSES` (`None` with `all_namespaces`, which does not use it).
+    local_addresses: Option<LocalAddresses>,
     /// Locked while running: a second agent on the same pin directory would count twice.
     _lock: File,
     /// Keeps the kernel's BPF run-time statistics on while held (`--bpf-stats`).
@@ -110,68 +107,17 @@ pub struct Options<'a> {
 }
 
 impl Attachment {
-    /// Brings `LOCAL_ADDRESSES` up to this namespace's addresses and single-address local
-    /// routes (at the start, then every poll): on the interfaces, live traffic and DNS
-    /// count packets to and from them only. While one does not fit, or a local route is
-    /// wider than one address, the table is marked incomplete and the port alone decides,
-    /// as without it; the returned text says why (`None`: complete).
-    fn sync_local_addresses(&mut self) -> anyhow::Result<Option<String>> {
-        let local = crate::addresses::list().context("listing this namespace's addresses")?;
-        let placement = self.address_table.place(&local.addresses);
-        let incomplete = match (placement.unplaced.first(), &local.wide_route) {
-            (Some(&first), _) => Some(format!(
-                "{} of {} addresses did not fit the address table (first {})",
-                placement.unplaced.len(),
-                local.addresses.len(),
-                crate::addresses::ip(first)
-            )),
-            (None, Some(route)) => Some(format!(
-                "the local route {route} covers more than one address"
-            )),
-            (None, None) => None,
-        };
-        // A write frees a gone address's slot or fills a free one: no address present
-        // before and after is ever missing, so the table stays usable while written.
-        let mut table: Array<&mut MapData, [u64; 2]> = Array::try_from(
-            self.ebpf
-                .map_mut(map_names::LOCAL_ADDRESSES)
-                .context("the kernel object has no address table")?,
-        )?;
-        for &(slot, value) in &placement.writes {
-            table.set(slot, value, 0)?;
+    /// Brings `LOCAL_ADDRESSES` up to date, if it is used and a change is due (on a poll).
+    pub fn refresh_local_addresses(&mut self) {
+        if let Some(local) = &mut self.local_addresses {
+            local.refresh(&mut self.ebpf);
         }
-        let complete = incomplete.is_none();
-        if complete != self.address_table_complete {
-            let mut flag: Array<&mut MapData, u32> = Array::try_from(
-                self.ebpf
-                    .map_mut(map_names::LOCAL_ADDRESSES_COMPLETE)
-                    .context("the kernel object has no address table flag")?,
-            )?;
-            flag.set(0, u32::from(complete), 0)?;
-            self.address_table_complete = complete;
-        }
-        Ok(incomplete)
     }
 
-    /// [`Self::sync_local_addresses`] on a poll: a failure is logged when it starts or
-    /// changes, not every second, and when it ends.
-    pub fn refresh_local_addresses(&mut self) {
-        let problem = match self.sync_local_addresses() {
-            Ok(None) => None,
-            Ok(Some(incomplete)) => Some(format!(
-                "counting live traffic and DNS on the interfaces by port alone, the host's \
-                 forwarded packets included: {incomplete}"
-            )),
-            Err(err) => Some(format!("the address table is not current: {err:#}")),
-        };
-        if problem != self.address_problem {
-            if let Some(problem) = &problem {
-                tracing::warn!("{problem}");
-            } else {
-                tracing::info!("the address table holds every local address again");
-            }
-            self.address_problem = problem;
-        }
+    /// The address table's use, for the metrics (`None` with `all_namespaces`).
+    #[must_use]
+    pub fn address_table_use(&self) -> Option<AddressTableUse> {
+        self.local_addresses.as_ref().map(LocalAddresses::usage)
     }
 
     /// Loads the programs, binds the routes to their slots and attaches everything.
@@ -206,21 +152,15 @@ impl Attachment {
             None
         };
 
-        // Sized for the addresses there are now; more later find room too, mostly.
-        let address_slots = local_address_slots(
-            crate::addresses::list()
-                .context("listing this namespace's addresses")?
-                .addresses
-                .len(),
-        );
-        let address_set_bits = local_address_set_bits(address_slots);
-        let address_table = crate::addresses::AddressTable::new(address_slots, address_set_bits);
-        let mut ebpf = load(
-            config,
-            &map_dir,
-            netns_cookie,
-            (address_slots, address_set_bits),
-        )?;
+        let local_addresses = if config.all_namespaces {
+            None
+        } else {
+            Some(LocalAddresses::new()?)
+        };
+        let address_slots = local_addresses
+            .as_ref()
+            .map_or(LOCAL_ADDRESS_SLOTS, LocalAddresses::slots);
+        let mut ebpf = load(config, &map_dir, netns_cookie, address_slots)?;
 
         claim_pins(&mut ebpf, &pin_dir, own_netns)?;
         let routes = bind_routes(&mut ebpf, config)?;
@@ -238,9 +178,7 @@ impl Attachment {
             link_pins: Vec::new(),
             created_pins: Vec::new(),
             inherited,
-            address_table,
-            address_problem: None,
-            address_table_complete: false,
+            local_addresses,
             _lock: lock,
             _stats: stats,
         };
@@ -951,7 +889,7 @@ fn load(
     config: &Config,
     map_dir: &Path,
     netns_cookie: u64,
-    (address_slots, address_set_bits): (u32, u32),
+    address_slots: u32,
 ) -> anyhow::Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     let pin_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
@@ -964,6 +902,7 @@ fn load(
     loader.override_global(GLOBAL_NETNS_COOKIE, &netns_cookie, true);
     let local_only = u32::from(!config.all_namespaces);
     loader.override_global(GLOBAL_LOCAL_ONLY, &local_only, true);
+    let address_set_bits = local_address_set_bits(address_slots);
     loader.override_global(GLOBAL_LOCAL_ADDRESS_SET_BITS, &address_set_bits, true);
     loader.map_max_entries(map_names::LOCAL_ADDRESSES, address_slots);
     let client_events = u32::from(config.client_stats);

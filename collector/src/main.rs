@@ -1,5 +1,6 @@
 //! `collector`: the agent (`collector run`) and the operator's command line.
 
+mod address_table;
 mod addresses;
 mod api;
 mod auth;
@@ -653,6 +654,7 @@ fn read_interfaces(
         attached: attachment.interfaces(),
         links,
         programs_ahead,
+        address_table: attachment.address_table_use(),
         health: health.clone(),
     }
 }

@@ -559,23 +559,30 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
 
 /// Fill of the fixed-size tables, as `node_exporter` reports conntrack: the connection
 /// table's from the counters (every tracked connection holds one slot), the in-flight
-/// table's from the queries waiting in it (the poll counts them in its memory mapping).
+/// table's from the queries waiting in it (the poll counts them in its memory mapping), the
+/// local address table's from the agent's copy, with whether it holds every address.
 fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     // The in-flight table is unused without response matching.
+    let addresses = snapshot.address_table.as_ref();
     let tables: Vec<_> = [
         (
             map_names::CONN_STATE,
             Some(snapshot.tracked_connections()),
-            CONN_TABLE_SLOTS,
+            Some(u64::from(CONN_TABLE_SLOTS)),
         ),
         (
             map_names::DNS_INFLIGHT,
             snapshot.dns.in_flight(),
-            DNS_INFLIGHT_SLOTS,
+            Some(u64::from(DNS_INFLIGHT_SLOTS)),
+        ),
+        (
+            map_names::LOCAL_ADDRESSES,
+            addresses.map(|table| table.placed as u64),
+            addresses.map(|table| table.slots as u64),
         ),
     ]
     .into_iter()
-    .filter_map(|(map, used, limit)| Some((map, used?, limit)))
+    .filter_map(|(map, used, limit)| Some((map, used?, limit?)))
     .collect();
     gauges(
         encoder,
@@ -594,11 +601,24 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
         "collector_bpf_map_entries_limit",
         "Slots of the kernel's fixed-size tables.",
         None,
-        tables
-            .iter()
-            .map(|(map, _, limit)| (vec![("map", (*map).to_owned())], i64::from(*limit))),
+        tables.iter().map(|(map, _, limit)| {
+            (
+                vec![("map", (*map).to_owned())],
+                i64::try_from(*limit).unwrap_or(i64::MAX),
+            )
+        }),
     )?;
-    Ok(())
+    match addresses {
+        Some(table) => single(
+            encoder,
+            "collector_local_address_table_complete",
+            "1 while the table of this namespace's addresses holds them all; 0 while live traffic and DNS on the interfaces are counted by port alone, forwarded packets included (an address did not fit, or an AnyIP local route covers a range: see the log). Absent with all_namespaces.",
+            None,
+            MetricType::Gauge,
+            &ConstGauge::new(i64::from(table.complete)),
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Renders our nftables table's counters.

@@ -21,12 +21,28 @@ pub fn align4(n: usize) -> usize {
 /// Sends `message` on a socket of `protocol` and hands every other reply to `each` (its type
 /// and the whole message, header included), until the dump ends or the ack arrives. A
 /// netlink error comes back as an `io::Error`.
-pub fn exchange(
+pub fn exchange(protocol: isize, message: &[u8], each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    exchange_on(Socket::new(protocol)?, message, each)
+}
+
+/// [`exchange`] with strict checking on (`NETLINK_GET_STRICT_CHK`): the kernel then takes a
+/// dump request's header fields as filters (a routing table, say) and refuses any it does
+/// not know.
+pub fn exchange_strict(
     protocol: isize,
+    message: &[u8],
+    each: impl FnMut(u16, &[u8]),
+) -> io::Result<()> {
+    let socket = Socket::new(protocol)?;
+    socket.set_netlink_get_strict_chk(true)?;
+    exchange_on(socket, message, each)
+}
+
+fn exchange_on(
+    mut socket: Socket,
     message: &[u8],
     mut each: impl FnMut(u16, &[u8]),
 ) -> io::Result<()> {
-    let mut socket = Socket::new(protocol)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     socket.send(message, 0)?;

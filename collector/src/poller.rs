@@ -111,6 +111,8 @@ pub struct InterfaceView {
     pub links: Vec<crate::links::Link>,
     /// Per attached interface and hook, the TCX programs that run before ours.
     pub programs_ahead: Vec<crate::loader::ProgramsAhead>,
+    /// The local address table's use (`None` with `all_namespaces`).
+    pub address_table: Option<crate::address_table::AddressTableUse>,
     pub health: SourceHealth,
 }
 
@@ -299,6 +301,7 @@ impl Poller {
             interface_stats: interfaces.attached_stats(),
             interfaces: interfaces.attached,
             programs_ahead: interfaces.programs_ahead,
+            address_table: interfaces.address_table,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
         }))
@@ -347,6 +350,7 @@ mod tests {
             attached: vec!["lo".into()],
             links: vec![link(1, "lo"), link(9, "veth3f2a")],
             programs_ahead: Vec::new(),
+            address_table: None,
             health: SourceHealth::default(),
         };
         let shared = Arc::new(SharedSnapshot::default());

@@ -188,11 +188,21 @@ pub struct Snapshot {
     pub interface_stats: Vec<InterfaceSnapshot>,
     /// Per attached interface and hook, the TCX programs that run before ours.
     pub programs_ahead: Vec<crate::loader::ProgramsAhead>,
+    /// The local address table's use (`None` with `all_namespaces`).
+    pub address_table: Option<crate::address_table::AddressTableUse>,
     /// Health of each source: `ebpf` (the kernel maps), `netlink` (interfaces), `nft`.
     pub sources: Vec<(&'static str, SourceHealth)>,
     /// Our nftables table's counters (empty when off or unavailable).
     pub nft: Vec<crate::nft::CounterValue>,
 }
+
+#[cfg(test)]
+const EXAMPLE_ADDRESS_TABLE: crate::address_table::AddressTableUse =
+    crate::address_table::AddressTableUse {
+        placed: 3,
+        slots: 65_536,
+        complete: true,
+    };
 
 impl Snapshot {
     #[must_use]
@@ -329,6 +339,7 @@ impl Snapshot {
                 hook: "ingress",
                 count: 0,
             }],
+            address_table: Some(EXAMPLE_ADDRESS_TABLE),
             sources: vec![
                 (
                     "ebpf",

@@ -332,6 +332,18 @@ fn traffic_to_addresses_given_after_the_start_is_counted() {
             "{direction}"
         );
     }
+    assert_eq!(
+        sample(&metrics, "collector_local_address_table_complete", &[]),
+        Some(1.0)
+    );
+    // 127.0.0.1, ::1, the veth's two and the routed one (IPv6 link-local ones may add).
+    let placed = sample(
+        &metrics,
+        "collector_bpf_map_entries",
+        &[("map", "LOCAL_ADDRESSES")],
+    )
+    .unwrap();
+    assert!(placed >= 5.0, "{placed}");
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -353,6 +365,10 @@ fn traffic_to_a_local_range_is_counted_by_port_with_a_warning() {
 
     connect_and_serve(&netns, &peer, "10.202.0.7:18080");
     let metrics = after_two_polls(&netns);
+    assert_eq!(
+        sample(&metrics, "collector_local_address_table_complete", &[]),
+        Some(0.0)
+    );
     for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
         assert_eq!(
             payload_bytes(&metrics, direction),

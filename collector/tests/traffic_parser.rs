@@ -10,8 +10,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DIR_IN, TrafficCounters, error_kind, map_names, port_bit, program_names, tally_table_len,
-    traffic_index,
+    DIR_IN, GLOBAL_LOCAL_ONLY, LOCAL_ADDRESS_SLOTS, LOCAL_ADDRESS_WAYS, TrafficCounters,
+    address_words, error_kind, local_address_set_bits, local_address_sets, map_names, port_bit,
+    program_names, tally_table_len, traffic_index,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
@@ -38,11 +39,18 @@ struct Counted {
 impl Ingress {
     /// The kernel object on its own, with [`ROUTE_PORT`] as route slot 0.
     fn load() -> Self {
+        Self::load_with(0)
+    }
+
+    /// [`Self::load`], counting only packets to or from `LOCAL_ADDRESSES` if `local_only`
+    /// is 1, as the agent loads it without `all_namespaces`.
+    fn load_with(local_only: u32) -> Self {
         support::require_root();
         let table_len = tally_table_len(aya::util::nr_cpus().unwrap()).unwrap();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::DNS_NAMES, table_len)
             .map_max_entries(map_names::CONN_CLIENTS, table_len)
+            .override_global(GLOBAL_LOCAL_ONLY, &local_only, true)
             .load(OBJECT)
             .unwrap();
         let program: &mut SchedClassifier = ebpf
@@ -59,6 +67,22 @@ impl Ingress {
             Array::try_from(ebpf.map_mut(map_names::ROUTE_PORT_BITS).unwrap()).unwrap();
         bits.set(word, bit, 0).unwrap();
         Self { ebpf }
+    }
+
+    fn set_address(&mut self, slot: u32, address: [u64; 2]) {
+        let mut table: Array<_, [u64; 2]> =
+            Array::try_from(self.ebpf.map_mut(map_names::LOCAL_ADDRESSES).unwrap()).unwrap();
+        table.set(slot, address, 0).unwrap();
+    }
+
+    fn set_table_complete(&mut self, complete: u32) {
+        let mut flag: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(map_names::LOCAL_ADDRESSES_COMPLETE)
+                .unwrap(),
+        )
+        .unwrap();
+        flag.set(0, complete, 0).unwrap();
     }
 
     fn totals(&self) -> Counted {
@@ -203,4 +227,41 @@ fn gso_packets_over_64_kib_count_whole() {
             truncated: 0
         }
     );
+}
+
+/// The address look-up finds an address in any way of either of its two sets (the agent
+/// puts it wherever it makes room), and nothing else; while the table is marked
+/// incomplete the port alone decides.
+#[test]
+fn the_address_table_is_searched_in_both_sets_and_every_way() {
+    let mut ingress = Ingress::load_with(1);
+    // The frames' destination, 10.0.0.1, IPv4 mapped into IPv6 as the table keys it.
+    let ours = address_words(
+        &std::net::Ipv4Addr::new(10, 0, 0, 1)
+            .to_ipv6_mapped()
+            .octets(),
+    );
+    let [first, second] = local_address_sets(ours, local_address_set_bits(LOCAL_ADDRESS_SLOTS));
+    assert_ne!(first, second, "the test needs an address with two sets");
+    // Every other way of both sets holds another address; ours is in the last way of the
+    // second set.
+    for way in 0..LOCAL_ADDRESS_WAYS {
+        ingress.set_address(first + way, [u64::from(way) + 1, 7]);
+        ingress.set_address(second + way, [u64::from(way) + 11, 7]);
+    }
+    ingress.set_address(second + LOCAL_ADDRESS_WAYS - 1, ours);
+    ingress.set_table_complete(1);
+    assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
+    // Gone from the table: another host's packet now.
+    ingress.set_address(second + LOCAL_ADDRESS_WAYS - 1, [0, 0]);
+    let nothing = Counted {
+        packets: 0,
+        bytes: 0,
+        payload_bytes: 0,
+        truncated: 0,
+    };
+    assert_eq!(ingress.run(&ipv4(140, 100, 0)), nothing);
+    // Incomplete: by port alone.
+    ingress.set_table_complete(0);
+    assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
 }
