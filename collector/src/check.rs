@@ -206,12 +206,17 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
 /// Whether `run` can make its pin directory and pin maps in it (a non-root user, a security
 /// module or a read-only mount can forbid it whatever the capabilities): tried by making what
 /// is missing of it and a probe directory below it, pinning a map there, and removing them.
+/// The bpffs mount itself fails untried, as `run` refuses it.
 fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>) -> Verdict {
     let verdict = |status, detail| Verdict {
         name: "pin_dir",
         status,
         detail,
     };
+    // As `run` refuses it, whether bpffs is mounted there yet or not.
+    if let Err(err) = paths::refuse_bpffs_root(pin_dir) {
+        return verdict(Status::Fail, err.to_string());
+    }
     let Some(mount) = bpffs else {
         return verdict(
             Status::Skip,

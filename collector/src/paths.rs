@@ -42,6 +42,16 @@ pub enum PathError {
     PinsDenied(PathBuf),
     #[error("looking for {0}: {1}")]
     LookUp(PathBuf, #[source] std::io::Error),
+    #[error(
+        "pin_dir {pin_dir} is the bpffs mount itself, where other tools pin too: the collector's \
+         pins would go among theirs (in {layout}) and its lock would hold the whole mount; set \
+         `pin_dir` (or --pin-dir) to a directory of its own on it, such as {suggested}"
+    )]
+    BpffsRoot {
+        pin_dir: PathBuf,
+        layout: PathBuf,
+        suggested: PathBuf,
+    },
 }
 
 /// One line of /proc/mounts.
@@ -217,10 +227,28 @@ pub fn is_bpffs_root(path: &Path) -> Result<bool, PathError> {
         .any(|path| path == Path::new(BPFFS_ROOT) || is_bpffs_mount_point(&mounts, path)))
 }
 
-/// Makes sure `pin_dir` lies on bpffs. With none mounted and a pin directory under
-/// /sys/fs/bpf, mounts bpffs there, as Cilium does. Under `ip netns exec` that mount is
-/// private to the agent (its /sys is its own), so the pins do not outlive it.
+/// Refuses a pin directory that is the bpffs mount itself ([`is_bpffs_root`]): the layout
+/// directory would sit among other tools' pins (iproute2's and Cilium's `tc/globals`,
+/// bpftool's), the pin directory's lock would be taken on the whole mount, and `cleanup`
+/// refuses to work there. The error names a directory of its own to use.
+pub fn refuse_bpffs_root(pin_dir: &Path) -> Result<(), PathError> {
+    if is_bpffs_root(pin_dir)? {
+        return Err(PathError::BpffsRoot {
+            pin_dir: pin_dir.into(),
+            layout: map_pin_dir(pin_dir),
+            suggested: pin_dir.join("collector"),
+        });
+    }
+    Ok(())
+}
+
+/// Makes sure `pin_dir` lies on bpffs, in a directory of its own ([`refuse_bpffs_root`]).
+/// With none mounted and a pin directory under /sys/fs/bpf, mounts bpffs there, as Cilium
+/// does. Under `ip netns exec` that mount is private to the agent (its /sys is its own), so
+/// the pins do not outlive it.
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PathError> {
+    // Before mounting: /sys/fs/bpf is refused whether or not bpffs is mounted there yet.
+    refuse_bpffs_root(pin_dir)?;
     let mount = if let Some(mount) = bpffs_containing(&read_mounts()?, pin_dir) {
         mount
     } else {

@@ -239,6 +239,60 @@ fn a_pin_directory_off_bpffs_is_refused_with_the_fix() {
     );
 }
 
+/// `--pin-dir /sys/fs/bpf`, the bpffs mount itself, is refused by `run` and failed by
+/// `check`, each naming a directory of its own to use: the pins would go among other
+/// tools' (/sys/fs/bpf/v1) and the lock would hold the whole mount, and `cleanup` refuses it.
+#[test]
+fn the_bpffs_mount_itself_as_pin_directory_is_refused_by_run_and_check() {
+    let refusal = "pin_dir /sys/fs/bpf is the bpffs mount itself";
+    let fix = "such as /sys/fs/bpf/collector";
+    let layout = std::path::Path::new("/sys/fs/bpf/v1");
+    let layout_before = layout.exists();
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let log = config.dir.join("run.log");
+    // In a namespace of its own: a build that let it through would count there, and is
+    // killed after 20 s.
+    let mut run = support::Reaped::spawn(
+        netns
+            .command(COLLECTOR)
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .args(["--pin-dir", "/sys/fs/bpf"])
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let status = wait_for("the refused start to exit", Duration::from_secs(20), || {
+        run.try_wait()
+    });
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !status.success() && stderr.contains(refusal) && stderr.contains(fix),
+        "{status}: {stderr}"
+    );
+    if !layout_before {
+        assert!(
+            !layout.exists(),
+            "the refused start made {}",
+            layout.display()
+        );
+    }
+
+    let out = Command::new(COLLECTOR)
+        .args(["check", "--pin-dir", "/sys/fs/bpf"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        !out.status.success()
+            && failed.len() == 1
+            && failed[0].contains("pin_dir")
+            && failed[0].contains(refusal)
+            && failed[0].contains(fix),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn without_privileges_the_error_says_what_is_needed() {
     support::require_root();
