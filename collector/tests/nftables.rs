@@ -352,6 +352,20 @@ fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
     std::fs::rename(v1.join("ERRORS"), probe.join("map")).unwrap();
     let other_tool = pins.0.join("tc/globals");
     std::fs::create_dir_all(&other_tool).unwrap();
+    // The other tool's directory is listed by its entry in the pin directory (`tc`), as not
+    // a collector's, and nothing below it is looked into: the only line naming it.
+    let tc = pins.0.join("tc");
+    let lines_naming_tc = |stdout: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .filter(|line| line.contains(tc.to_str().unwrap()))
+            .map(str::to_owned)
+            .collect()
+    };
+    let tc_left = [format!(
+        "{} (not a collector's pin layout: cleanup leaves it)",
+        tc.display()
+    )];
     let cleanup = |apply: &[&str]| {
         netns
             .command(COLLECTOR)
@@ -374,6 +388,7 @@ fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
         )) && stdout.contains(&format!("{} (a `collector check` probe", probe.display())),
         "{stdout}"
     );
+    assert_eq!(lines_naming_tc(&stdout), tc_left, "{stdout}");
 
     let apply = cleanup(&["--apply"]);
     let stdout = String::from_utf8_lossy(&apply.stdout);
@@ -386,10 +401,10 @@ fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
         )) && !stdout.contains(&format!("removing {}", other_link.display())),
         "{stdout}"
     );
-    // Neither the probe nor the other tool's directory is another build's pins.
+    // Neither the probe nor the other tool's directory is another build's pins, or removed.
+    assert_eq!(lines_naming_tc(&stdout), tc_left, "{stdout}");
     assert!(
-        !stdout.contains("tc/globals")
-            && !stdout.contains(&format!("removing {}", probe.display())),
+        !stdout.contains(&format!("removing {}", probe.display())),
         "{stdout}"
     );
     assert!(
