@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use rustls::{
     ClientConfig, ClientConnection, RootCertStore, StreamOwned,
-    pki_types::{CertificateDer, ServerName, pem::PemObject as _},
+    pki_types::{CertificateDer, ServerName, TrustAnchor, pem::PemObject as _},
 };
 use serde_json::Value;
 
@@ -39,6 +39,9 @@ pub struct Endpoint {
 /// The file beside the served certificate that holds the CA which issued it, as Kubernetes
 /// `kubernetes.io/tls` Secrets from cert-manager carry it.
 const CA_BESIDE_CERT: &str = "ca.crt";
+
+/// A PEM file HTTPS trusts, and the certificates in it.
+type Trusted = (PathBuf, Vec<TrustAnchor<'static>>);
 
 /// A plain or TLS connection to the agent.
 trait Connection: Read + Write {}
@@ -66,7 +69,7 @@ impl Endpoint {
         let served_cert = config
             .and_then(|config| config.http.tls.as_ref())
             .map(|tls| tls.cert.as_path());
-        let pems: Vec<(PathBuf, Vec<u8>)> = match (cacert, served_cert) {
+        let pems: Vec<Trusted> = match (cacert, served_cert) {
             (Some(cacert), _) => vec![read_pem(cacert)?],
             (None, Some(cert)) => {
                 let mut pems = vec![read_pem(cert)?];
@@ -276,41 +279,74 @@ fn server_name_text(name: &ServerName<'_>) -> String {
     }
 }
 
-/// A PEM file the CLI was told to trust (`--cacert`, the config's `tls_cert_file`), read.
-fn read_pem(path: &Path) -> anyhow::Result<(PathBuf, Vec<u8>)> {
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok((path.to_owned(), text))
+/// The certificates of the PEM text `text`, as trust anchors; sections of other kinds (a
+/// key) are passed over.
+fn anchors(text: &[u8]) -> anyhow::Result<Vec<TrustAnchor<'static>>> {
+    let mut store = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(text) {
+        store
+            .add(cert.context("malformed PEM")?)
+            .context("a certificate that cannot be trusted")?;
+    }
+    Ok(store.roots)
 }
 
-/// The [`CA_BESIDE_CERT`] beside the served certificate `cert`, read: `None` if there is
-/// none. One that is there but cannot be read is an `Err`, the warning to give: the CLI goes
-/// on without it (the agent's certificate may be self-signed, and trusted without it), and
-/// an "unknown issuer" refusal that follows then has its cause said.
-fn ca_beside(cert: &Path) -> Result<Option<(PathBuf, Vec<u8>)>, String> {
+/// A PEM file the CLI was told to trust (`--cacert`, the config's `tls_cert_file`), read and
+/// parsed.
+fn read_pem(path: &Path) -> anyhow::Result<Trusted> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let anchors = anchors(&text).with_context(|| format!("reading {}", path.display()))?;
+    Ok((path.to_owned(), anchors))
+}
+
+/// The [`CA_BESIDE_CERT`] beside the served certificate `cert`, read and parsed: `None` if
+/// there is none, or it is empty. One that is there but cannot be read, or holds no
+/// certificate that parses, is an `Err`, the warning to give: the CLI goes on without it (the
+/// agent's certificate may be self-signed, and trusted without it), and an "unknown issuer"
+/// refusal that follows then has its cause said.
+fn ca_beside(cert: &Path) -> Result<Option<Trusted>, String> {
     let ca = cert.with_file_name(CA_BESIDE_CERT);
-    match std::fs::read(&ca) {
-        Ok(text) => Ok(Some((ca, text))),
-        // A dangling symbolic link too: a Secret without the key.
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(err) => Err(format!(
-            "not trusting {}, beside the config's tls_cert_file: it cannot be read ({err}); an \
-             agent certificate it issued is refused (make it readable to this user, or pass \
-             --cacert CA.pem)",
+    let not_trusting = |why: String, fix: &str| {
+        format!(
+            "not trusting {}, beside the config's tls_cert_file: {why}; an agent certificate it \
+             issued is refused ({fix}, or pass --cacert CA.pem)",
             ca.display()
+        )
+    };
+    let text = match std::fs::read(&ca) {
+        Ok(text) => text,
+        // A dangling symbolic link too: a Secret without the key.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(not_trusting(
+                format!("it cannot be read ({err})"),
+                "make it readable to this user",
+            ));
+        }
+    };
+    // Nothing to trust, as a Secret of an issuer without a CA of its own may carry it.
+    if text.trim_ascii().is_empty() {
+        return Ok(None);
+    }
+    match anchors(&text) {
+        Ok(anchors) if anchors.is_empty() => Err(not_trusting(
+            "it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".to_owned(),
+            "fix the file",
+        )),
+        Ok(anchors) => Ok(Some((ca, anchors))),
+        Err(err) => Err(not_trusting(
+            format!("it does not parse as PEM certificates ({err:#})"),
+            "fix the file",
         )),
     }
 }
 
-/// Trusts the certificates in the PEM files `pems`, by path and text (the agent's own, for a
-/// self-signed one, and its CA).
-fn client_config(pems: &[(PathBuf, Vec<u8>)]) -> anyhow::Result<Arc<ClientConfig>> {
+/// Trusts the certificates of the PEM files `pems` (the agent's own, for a self-signed one,
+/// and its CA).
+fn client_config(pems: &[Trusted]) -> anyhow::Result<Arc<ClientConfig>> {
     let mut roots = RootCertStore::empty();
-    for (path, text) in pems {
-        for cert in CertificateDer::pem_slice_iter(text) {
-            roots
-                .add(cert.with_context(|| format!("reading {}", path.display()))?)
-                .with_context(|| format!("trusting the certificate in {}", path.display()))?;
-        }
+    for (_, anchors) in pems {
+        roots.extend(anchors.iter().cloned());
     }
     let config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -616,26 +652,66 @@ mod tests {
         );
     }
 
+    /// A CA certificate (EC P-256, CA:TRUE), as a cert-manager Secret's ca.crt holds one.
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBjzCCATWgAwIBAgIUOTOF2NfyUwkoiR779jxcmRdhPhcwCgYIKoZIzj0EAwIw
+HDEaMBgGA1UEAwwRY29sbGVjdG9yLXRlc3QtY2EwIBcNMjYxMjAxMTk0NjEyWhgP
+MjEyNjExMDcxOTQ2MTJaMBwxGjAYBgNVBAMMEWNvbGxlY3Rvci10ZXN0LWNhMFkw
+EwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE+N1suVX4L+DQkdb4kUAfxvwba5HWvzcn
+oOXfGTx+8IGz+g8pdllP45oG47pITdYtT+5a6fvyPZqbVzoAWg5o76NTMFEwHQYD
+VR0OBBYEFBIJOqo1m/QgdGAT1+qLLNi9AjXlMB8GA1UdIwQYMBaAFBIJOqo1m/Qg
+dGAT1+qLLNi9AjXlMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIh
+APCwd4Eu09Qqv6TcnUg+e1l5kXtMsei56axgvuBfFFYVAiAqSKgmhODuWH5yVryh
+OA88hICOTwNepzhcGqC1TF91Wg==
+-----END CERTIFICATE-----
+";
+
     #[test]
-    fn a_ca_beside_the_certificate_that_cannot_be_read_is_warned_of() {
+    fn a_ca_beside_the_certificate_that_cannot_be_read_or_parsed_is_warned_of() {
         let dir = std::env::temp_dir().join(format!("collector-ca-beside-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (cert, ca) = (dir.join("tls.crt"), dir.join("ca.crt"));
-        // None: nothing to say.
+        let beside = |text: &str| {
+            std::fs::write(&ca, text).unwrap();
+            ca_beside(&cert)
+        };
+        // None, or an empty one: nothing to say.
         assert_eq!(ca_beside(&cert), Ok(None));
-        std::fs::write(&ca, "PEM").unwrap();
-        assert_eq!(ca_beside(&cert), Ok(Some((ca.clone(), b"PEM".to_vec()))));
+        assert_eq!(beside(""), Ok(None));
+        assert_eq!(beside("\n"), Ok(None));
+        let (path, anchors) = beside(CA_PEM).unwrap().unwrap();
+        assert_eq!((path, anchors.len()), (ca.clone(), 1));
+        // Readable, but no certificate in it, or not one that parses.
+        let no_certificate = beside("not a certificate\n").unwrap_err();
+        let malformed =
+            beside("-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
+                .unwrap_err();
+        let unterminated = beside(&CA_PEM[..CA_PEM.len() / 2]).unwrap_err();
         // There, but not readable (a directory, which root cannot read either).
         std::fs::remove_file(&ca).unwrap();
         std::fs::create_dir(&ca).unwrap();
-        let warning = ca_beside(&cert).unwrap_err();
+        let unreadable = ca_beside(&cert).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(
-            warning.starts_with(&format!("not trusting {}", ca.display()))
-                && warning.contains("Is a directory")
-                && warning.contains("--cacert"),
-            "{warning}"
-        );
+        for (warning, why) in [
+            (&no_certificate, "it holds no PEM certificate"),
+            (
+                &malformed,
+                "it does not parse as PEM certificates (malformed PEM: base64",
+            ),
+            (
+                &unterminated,
+                "it does not parse as PEM certificates (malformed PEM: missing",
+            ),
+            (&unreadable, "it cannot be read (Is a directory"),
+        ] {
+            assert!(
+                warning.starts_with(&format!(
+                    "not trusting {}, beside the config's tls_cert_file: {why}",
+                    ca.display()
+                )) && warning.contains("--cacert"),
+                "{warning}"
+            );
+        }
     }
 
     #[test]

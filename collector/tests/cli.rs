@@ -473,6 +473,56 @@ fn an_unreadable_ca_beside_the_certificate_is_warned_of() {
     );
 }
 
+/// A `ca.crt` beside the agent's certificate that is readable but holds no certificate that
+/// parses is warned of as an unreadable one is, naming it and the parse error, and the
+/// command goes on without it (here to an agent that is not running).
+#[test]
+fn a_ca_beside_the_certificate_that_does_not_parse_is_warned_of() {
+    let dir = ScratchDir::new("ca-unparsed");
+    let (cert, key, ca) = (dir.path("tls.crt"), dir.path("tls.key"), dir.path("ca.crt"));
+    fs::write(&cert, "").unwrap();
+    fs::write(&key, "").unwrap();
+    // A port nothing listens on.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = dir.path("collector.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"{listen}\"\n[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    for (text, why) in [
+        (
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+            "it does not parse as PEM certificates (malformed PEM: base64 decode error",
+        ),
+        ("not a certificate\n", "it holds no PEM certificate"),
+    ] {
+        fs::write(&ca, text).unwrap();
+        let out = Command::new(COLLECTOR)
+            .args(["stats", "proxy", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && stderr.contains(&format!(
+                    "not trusting {}, beside the config's tls_cert_file: {why}",
+                    ca.display()
+                ))
+                && stderr.contains(&format!("connecting to the collector at {listen}")),
+            "{}: {stderr}",
+            out.status
+        );
+    }
+}
+
 /// In a user namespace of its own, as `unshare --map-root-user` and user-namespaced
 /// containers make one, root has every capability, of that namespace only: bpf(2) refuses it,
 /// and `check` says why instead of blaming a security module.
