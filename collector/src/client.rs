@@ -2,6 +2,8 @@
 //! (tails `/api/v1/events`, one JSON line per event, until the agent stops or the reader goes
 //! away), `collector stats proxy|dns` (the JSON API as a table, or as JSON) and `collector
 //! top`. Plain HTTP, or HTTPS with the bearer token when the agent's config has them.
+//! Answers are taken in HTTP/1.1 or HTTP/1.0, their bodies chunked, of a length or ended
+//! with the connection, as a proxy in between may pass them on.
 //!
 //! A failure names its fix: a certificate not trusted (`--cacert`), a CA certificate served
 //! as the agent's own, plain HTTP to an HTTPS agent (`--config`, `--cacert`), credentials
@@ -146,13 +148,23 @@ impl Endpoint {
         Ok(BufReader::new(stream))
     }
 
-    /// Reads the status line, and refuses any status but 200 with what to do about it.
-    fn expect_ok(&self, reader: &mut impl BufRead) -> anyhow::Result<()> {
+    /// Reads the status line and the header fields, refuses any status but 200 with what to
+    /// do about it, and tells how the body is delimited.
+    fn expect_ok(&self, reader: &mut impl BufRead) -> anyhow::Result<Framing> {
         let mut status = Vec::new();
-        reader
-            .read_until(b'\n', &mut status)
-            .map_err(|err| self.explain(err))?;
-        self.check_status(&status)
+        match reader.read_until(b'\n', &mut status) {
+            Ok(_) => {}
+            // A TLS peer that closes without close_notify: judged by what it sent, if anything.
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(err) => return Err(self.explain(err)),
+        }
+        self.check_status(&status)?;
+        read_head(reader).map_err(|err| {
+            self.explain(err).context(format!(
+                "reading the head of the answer of the collector at {}",
+                self.addr
+            ))
+        })
     }
 
     /// Whether `status` (the reply's first line) is a 200; otherwise why not, and the fix.
@@ -357,49 +369,27 @@ fn client_config(pems: &[Trusted]) -> anyhow::Result<Arc<ClientConfig>> {
     Ok(Arc::new(config))
 }
 
-/// Streams the agent's events to stdout.
+/// Streams the agent's events to stdout, as they come.
 pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
     let mut reader =
         agent.exchange(&agent.request("/api/v1/events", "Accept: application/x-ndjson\r\n"))?;
-    agent.expect_ok(&mut reader)?;
-    let mut chunked = false;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if line.eq_ignore_ascii_case("transfer-encoding: chunked") {
-            chunked = true;
-        }
-    }
+    let mut body: Box<dyn Read> = match agent.expect_ok(&mut reader)? {
+        Framing::Chunked => Box::new(Chunked::new(reader)),
+        Framing::Length(length) => Box::new(reader.take(length)),
+        Framing::UntilClose => Box::new(reader),
+    };
     let mut out = std::io::stdout().lock();
-    if !chunked {
-        // The body ends with the connection (an HTTP/1.0 proxy in between).
-        let mut buf = [0; 8192];
-        loop {
-            let read = reader.read(&mut buf)?;
-            if read == 0 || !forward(&mut out, &buf[..read])? {
-                return Ok(());
-            }
-        }
-    }
-    // HTTP/1.1 chunked transfer coding: a hex size line, the bytes, CRLF; size 0 ends it.
+    let mut buf = [0; 8192];
     loop {
-        let mut size = String::new();
-        if reader.read_line(&mut size)? == 0 {
-            return Ok(());
-        }
-        let size = usize::from_str_radix(size.trim_end().split(';').next().unwrap_or(""), 16)
-            .context("reading the event stream: a malformed chunk size")?;
-        if size == 0 {
-            return Ok(());
-        }
-        let mut chunk = vec![0; size + 2];
-        reader.read_exact(&mut chunk)?;
-        chunk.truncate(size);
-        if !forward(&mut out, &chunk)? {
+        let read = match body.read(&mut buf) {
+            Ok(read) => read,
+            // The agent went without ending the stream (killed, or a TLS close without
+            // close_notify): what it sent has been written.
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(agent.explain(err).context("reading the event stream")),
+        };
+        if read == 0 || !forward(&mut out, &buf[..read])? {
             return Ok(());
         }
     }
@@ -418,23 +408,224 @@ fn forward(out: &mut impl Write, bytes: &[u8]) -> anyhow::Result<bool> {
 /// GET `path` from the agent and parse its JSON body.
 pub fn get_json(agent: &Endpoint, path: &str) -> anyhow::Result<Value> {
     let mut reader = agent.exchange(&agent.request(path, "Connection: close\r\n"))?;
-    let mut response = Vec::new();
-    // A TLS peer that closes without close_notify still sent the whole body.
-    if let Err(err) = reader.read_to_end(&mut response)
-        && err.kind() != std::io::ErrorKind::UnexpectedEof
-    {
-        return Err(agent.explain(err));
+    let framing = agent.expect_ok(&mut reader)?;
+    let mut body = Vec::new();
+    let read = match framing {
+        Framing::Chunked => Chunked::new(&mut reader).read_to_end(&mut body),
+        Framing::Length(length) => (&mut reader).take(length).read_to_end(&mut body),
+        Framing::UntilClose => reader.read_to_end(&mut body),
+    };
+    match read {
+        // A TLS peer that closes without close_notify still sent the whole body; a short one
+        // is told below. A chunked body has its own end, and is not whole without it.
+        Err(err)
+            if err.kind() == std::io::ErrorKind::UnexpectedEof && framing != Framing::Chunked => {}
+        Err(err) => {
+            return Err(agent.explain(err).context(format!(
+                "reading the answer of the collector at {}",
+                agent.addr
+            )));
+        }
+        Ok(_) => {}
     }
-    let status_end = response
-        .iter()
-        .position(|&b| b == b'\n')
-        .map_or(response.len(), |end| end + 1);
-    agent.check_status(&response[..status_end])?;
-    let response = String::from_utf8_lossy(&response);
-    let (_, body) = response
-        .split_once("\r\n\r\n")
-        .context("a malformed HTTP response")?;
-    serde_json::from_str(body).context("the collector's answer is not JSON")
+    if let Framing::Length(length) = framing
+        && (body.len() as u64) < length
+    {
+        bail!(
+            "the collector at {} ended its answer after {} of its {length} bytes",
+            agent.addr,
+            body.len()
+        );
+    }
+    serde_json::from_slice(&body).context("the collector's answer is not JSON")
+}
+
+/// How an answer's body ends, by its header fields (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Transfer-Encoding with chunked last: the agent's event stream, or any answer an
+    /// HTTP/1.1 proxy in between re-chunks.
+    Chunked,
+    /// Content-Length, without Transfer-Encoding.
+    Length(u64),
+    /// Neither (an HTTP/1.0 proxy), or a last coding other than chunked: the body ends with
+    /// the connection.
+    UntilClose,
+}
+
+/// Longest header, chunk-size or trailer line taken: an endless one is refused.
+const MAX_LINE: u64 = 64 * 1024;
+
+fn invalid(what: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
+}
+
+/// One line, without its CRLF (or bare LF); `UnexpectedEof` if the stream ends first.
+fn read_crlf_line(reader: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let read = reader.take(MAX_LINE).read_until(b'\n', &mut line)?;
+    if line.pop() != Some(b'\n') {
+        return Err(if read as u64 == MAX_LINE {
+            invalid(format!("a line longer than {MAX_LINE} bytes"))
+        } else {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the answer ended inside a line",
+            )
+        });
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(line)
+}
+
+/// Reads the header fields after the status line, to the empty line, and tells how the body
+/// is delimited. Names are case-insensitive and values trimmed of whitespace; the codings of
+/// every Transfer-Encoding line make one list, chunked only when it comes last.
+fn read_head(reader: &mut impl BufRead) -> std::io::Result<Framing> {
+    let mut transfer_encoding = false;
+    let mut chunked = false;
+    let mut length = None;
+    loop {
+        let line = read_crlf_line(reader)?;
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Err(invalid(format!(
+                "a header line without a colon: {}",
+                String::from_utf8_lossy(&line)
+            )));
+        };
+        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoding = true;
+            // "gzip, chunked": the codings in the order applied, each with its parameters.
+            if let Some(last) = value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|coding| !coding.is_empty())
+            {
+                let coding = last.split(|&b| b == b';').next().unwrap_or_default();
+                chunked = coding.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let parsed = std::str::from_utf8(value)
+                .ok()
+                .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|text| text.parse().ok());
+            length = Some(parsed.ok_or_else(|| {
+                invalid(format!(
+                    "a malformed Content-Length: {}",
+                    String::from_utf8_lossy(value)
+                ))
+            })?);
+        }
+    }
+    Ok(match (transfer_encoding, length) {
+        (true, _) if chunked => Framing::Chunked,
+        (true, _) | (false, None) => Framing::UntilClose,
+        (false, Some(length)) => Framing::Length(length),
+    })
+}
+
+/// A body in the chunked transfer coding (RFC 9112 section 7.1), decoded: each chunk is a
+/// hex size line, which may carry extensions after a `;`, its bytes and a CRLF; size 0 ends
+/// the body, followed by trailer fields to an empty line, which are passed over. The bytes of
+/// a chunk are handed on as they come: a stream of events is written as the agent sends it.
+struct Chunked<R> {
+    inner: R,
+    state: ChunkState,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ChunkState {
+    /// A chunk-size line is next.
+    Size,
+    /// This many bytes of the chunk are left.
+    Data(u64),
+    /// The CRLF after a chunk's bytes is next.
+    DataEnd,
+    /// The last chunk and the trailer fields are read.
+    Done,
+}
+
+impl<R: BufRead> Chunked<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            state: ChunkState::Size,
+        }
+    }
+}
+
+/// The size of a chunk-size line, its extensions passed over.
+fn chunk_size(line: &[u8]) -> std::io::Result<u64> {
+    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+    std::str::from_utf8(digits.trim_ascii())
+        .ok()
+        .filter(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| {
+            invalid(format!(
+                "a malformed chunk size line: {}",
+                String::from_utf8_lossy(line)
+            ))
+        })
+}
+
+impl<R: BufRead> Read for Chunked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(0),
+                ChunkState::Size => {
+                    let size = chunk_size(&read_crlf_line(&mut self.inner)?)?;
+                    if size > 0 {
+                        self.state = ChunkState::Data(size);
+                        continue;
+                    }
+                    loop {
+                        match read_crlf_line(&mut self.inner) {
+                            Ok(trailer) if !trailer.is_empty() => {}
+                            Ok(_) => break,
+                            // Closed without the empty line: the body was whole.
+                            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                            Err(err) => return Err(err),
+                        }
+                    }
+                    self.state = ChunkState::Done;
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(0);
+                    }
+                    let want = usize::try_from(left).map_or(buf.len(), |left| left.min(buf.len()));
+                    let read = self.inner.read(&mut buf[..want])?;
+                    if read == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the answer ended inside a chunk",
+                        ));
+                    }
+                    let left = left - read as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(read);
+                }
+                ChunkState::DataEnd => {
+                    if !read_crlf_line(&mut self.inner)?.is_empty() {
+                        return Err(invalid("a chunk longer than its size".to_owned()));
+                    }
+                    self.state = ChunkState::Size;
+                }
+            }
+        }
+    }
 }
 
 fn number(value: &Value) -> f64 {
@@ -712,6 +903,124 @@ OA88hICOTwNepzhcGqC1TF91Wg==
                 "{warning}"
             );
         }
+    }
+
+    /// `head` and `body` through [`read_head`] and the body reader it calls for, as
+    /// `get_json` reads them, handed over one byte at a time when `bytewise`.
+    fn answer(head: &str, body: &[u8], bytewise: bool) -> std::io::Result<(Framing, Vec<u8>)> {
+        let text = [head.as_bytes(), body].concat();
+        let mut reader = BufReader::with_capacity(if bytewise { 1 } else { 8192 }, &text[..]);
+        let framing = read_head(&mut reader)?;
+        let mut decoded = Vec::new();
+        match framing {
+            Framing::Chunked => {
+                let mut chunked = Chunked::new(&mut reader);
+                if bytewise {
+                    let mut byte = [0];
+                    while chunked.read(&mut byte)? == 1 {
+                        decoded.push(byte[0]);
+                    }
+                } else {
+                    chunked.read_to_end(&mut decoded)?;
+                }
+            }
+            Framing::Length(length) => {
+                (&mut reader).take(length).read_to_end(&mut decoded)?;
+            }
+            Framing::UntilClose => {
+                reader.read_to_end(&mut decoded)?;
+            }
+        }
+        Ok((framing, decoded))
+    }
+
+    #[test]
+    fn the_body_is_delimited_as_the_header_fields_say() {
+        let framing = |head: &str| read_head(&mut format!("{head}\r\n").as_bytes()).unwrap();
+        for chunked in [
+            "Transfer-Encoding: chunked\r\n",
+            "TRANSFER-ENCODING: CHUNKED\r\n",
+            "transfer-encoding:chunked\r\n",
+            "Transfer-Encoding: \t chunked  \r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: gzip,chunked;x=1\r\n",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            // Bare LF line ends.
+            "Content-Type: application/json\nTransfer-Encoding: chunked\n",
+            // Transfer-Encoding outranks Content-Length.
+            "Content-Length: 12\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            assert_eq!(framing(chunked), Framing::Chunked, "{chunked:?}");
+        }
+        for until_close in [
+            "",
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: chunkedx\r\n",
+            "X-Transfer-Encoding: chunked\r\n",
+            "Content-Type: text/plain; transfer-encoding: chunked\r\n",
+        ] {
+            assert_eq!(framing(until_close), Framing::UntilClose, "{until_close:?}");
+        }
+        assert_eq!(framing("content-length:  7 \r\n"), Framing::Length(7));
+        let malformed = read_head(&mut &b"Content-Length: 7x\r\n\r\n"[..]).unwrap_err();
+        assert_eq!(malformed.kind(), std::io::ErrorKind::InvalidData);
+        let unended = read_head(&mut &b"Content-Length: 7\r\n"[..]).unwrap_err();
+        assert_eq!(unended.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_chunked_body_is_decoded_with_its_extensions_and_trailers() {
+        use std::io::ErrorKind::{InvalidData, UnexpectedEof};
+        let json = br#"{"activeConnections":3}"#;
+        for (head, body) in [
+            // Split inside a key, lowercase and uppercase hex, a zero-padded size.
+            (
+                "Transfer-Encoding: chunked\r\n\r\n",
+                &b"5\r\n{\"act\r\na\r\niveConnect\r\n0008\r\nions\":3}\r\n0\r\n\r\n"[..],
+            ),
+            // Extensions (with whitespace before the `;`), trailers, an uppercase header.
+            (
+                "TRANSFER-ENCODING:  Chunked\r\n\r\n",
+                b"5 ;name=value\r\n{\"act\r\n12;a;b=\"c;d\"\r\niveConnections\":3}\r\n\
+                  0;last\r\nX-Checksum: 1234\r\nServer-Timing: db;dur=53\r\n\r\n",
+            ),
+            // One chunk, a last chunk without trailers or final empty line (closed there).
+            (
+                "Transfer-Encoding: chunked\r\n\r\n",
+                b"17\r\n{\"activeConnections\":3}\r\n0\r\n",
+            ),
+        ] {
+            for bytewise in [false, true] {
+                let (framing, decoded) = answer(head, body, bytewise).unwrap();
+                assert_eq!(framing, Framing::Chunked);
+                assert_eq!(
+                    String::from_utf8_lossy(&decoded),
+                    String::from_utf8_lossy(json),
+                    "{body:?} bytewise {bytewise}"
+                );
+            }
+        }
+        // What follows the last chunk's trailers is not the body's.
+        let text = b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\nHTTP/1.1 200 OK\r\n";
+        let mut reader = &text[..];
+        let mut decoded = Vec::new();
+        Chunked::new(&mut reader).read_to_end(&mut decoded).unwrap();
+        assert_eq!(
+            (&decoded[..], reader),
+            (&b"abc"[..], &b"HTTP/1.1 200 OK\r\n"[..])
+        );
+
+        let head = "Transfer-Encoding: chunked\r\n\r\n";
+        let error = |body: &[u8]| answer(head, body, false).unwrap_err().kind();
+        // Cut off before the last chunk, inside a chunk, inside a size line.
+        assert_eq!(error(b"3\r\nabc\r\n"), UnexpectedEof);
+        assert_eq!(error(b"5\r\nabc"), UnexpectedEof);
+        assert_eq!(error(b"3\r\nabc\r\n1"), UnexpectedEof);
+        // Longer than its size, a size that is not hex, none at all, one past 64 bits.
+        assert_eq!(error(b"3\r\nabcd\r\n0\r\n\r\n"), InvalidData);
+        assert_eq!(error(b"+3\r\nabc\r\n0\r\n\r\n"), InvalidData);
+        assert_eq!(error(b";x\r\nabc\r\n0\r\n\r\n"), InvalidData);
+        assert_eq!(error(b"10000000000000000\r\n"), InvalidData);
     }
 
     #[test]

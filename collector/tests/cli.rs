@@ -378,10 +378,10 @@ fn an_unchunked_event_stream_ends_quietly_when_its_reader_goes() {
     server.join().unwrap();
 }
 
-/// `collector stats --json` and `collector events` through a proxy that answers in HTTP/1.0
-/// and ends each body with the connection: both print what it sent, status 0.
-#[test]
-fn an_http_1_0_answer_is_taken() {
+/// A server on a port of its own that answers each of `answers` to one connection, then
+/// closes it: a proxy between the CLI and the agent, as tests make it answer. Returns its
+/// address and the thread, which ends after the last.
+fn answering(answers: Vec<Vec<u8>>) -> (String, std::thread::JoinHandle<()>) {
     use std::{
         io::{Read as _, Write as _},
         net::TcpListener,
@@ -389,34 +389,98 @@ fn an_http_1_0_answer_is_taken() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server = std::thread::spawn(move || {
-        for body in [
-            "{\"activeConnections\":3}",
-            "{\"event\":\"query-received\"}\n",
-        ] {
+        for answer in answers {
             let (mut stream, _) = listener.accept().unwrap();
             let mut request = [0u8; 1024];
             let _ = stream.read(&mut request).unwrap();
-            stream
-                .write_all(format!("HTTP/1.0 200 OK\r\n\r\n{body}").as_bytes())
-                .unwrap();
+            stream.write_all(&answer).unwrap();
         }
     });
-    for (args, expected) in [
-        (
-            &["stats", "proxy", "--json"][..],
-            "{\"activeConnections\":3}\n",
-        ),
-        (&["events"][..], "{\"event\":\"query-received\"}\n"),
-    ] {
+    (addr, server)
+}
+
+/// `collector ARGS --listen addr` for each of `commands`: fails the test unless each exits 0
+/// with nothing on stderr, having printed what it is paired with.
+fn assert_prints(addr: &str, commands: &[(&[&str], &str)]) {
+    for (args, expected) in commands {
         let out = Command::new(COLLECTOR)
-            .args(args)
-            .args(["--listen", &addr])
+            .args(*args)
+            .args(["--listen", addr])
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{args:?}: {}: {stderr}", out.status);
-        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{args:?}");
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "{args:?}: {}: {stderr}",
+            out.status
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), *expected, "{args:?}");
     }
+}
+
+/// `collector stats --json` and `collector events` through a proxy that answers in HTTP/1.0
+/// and ends each body with the connection: both print what it sent, status 0.
+#[test]
+fn an_http_1_0_answer_is_taken() {
+    let (addr, server) = answering(
+        [
+            "{\"activeConnections\":3}",
+            "{\"event\":\"query-received\"}\n",
+        ]
+        .map(|body| format!("HTTP/1.0 200 OK\r\n\r\n{body}").into_bytes())
+        .into(),
+    );
+    assert_prints(
+        &addr,
+        &[
+            (&["stats", "proxy", "--json"], "{\"activeConnections\":3}\n"),
+            (&["events"], "{\"event\":\"query-received\"}\n"),
+        ],
+    );
+    server.join().unwrap();
+}
+
+/// `body` in the chunked transfer coding, cut at `cuts`, each chunk-size line with an
+/// extension, and a trailer field after the last chunk: as an HTTP/1.1 proxy may re-chunk
+/// what it passes on.
+fn chunked(body: &str, cuts: &[usize]) -> String {
+    use std::fmt::Write as _;
+    let mut coded = String::new();
+    let mut start = 0;
+    for end in cuts.iter().copied().chain([body.len()]) {
+        let chunk = &body[start..end];
+        write!(coded, "{:X};proxy=1\r\n{chunk}\r\n", chunk.len()).unwrap();
+        start = end;
+    }
+    coded + "0\r\nX-Proxy-Checksum: 0\r\n\r\n"
+}
+
+/// `collector stats --json` and `collector events` through an HTTP/1.1 proxy that chunks the
+/// agent's answers anew, cutting inside a JSON key and inside an event's line, and writes
+/// its header fields in its own way: both print the bodies decoded, status 0.
+#[test]
+fn a_chunked_answer_is_decoded() {
+    let json = "{\"activeConnections\":3}";
+    let events = "{\"event\":\"query-received\"}\n{\"event\":\"response-sent\"}\n";
+    let (addr, server) = answering(vec![
+        format!(
+            "HTTP/1.1 200 OK\r\nCONTENT-TYPE: application/json\r\nTRANSFER-ENCODING:  Chunked\r\n\r\n{}",
+            chunked(json, &[5, 9])
+        )
+        .into_bytes(),
+        format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding:chunked\r\ncontent-type: application/x-ndjson\r\n\r\n{}",
+            chunked(events, &[10, 30])
+        )
+        .into_bytes(),
+    ]);
+    assert_prints(
+        &addr,
+        &[
+            (&["stats", "proxy", "--json"], &format!("{json}\n")),
+            (&["events"], events),
+        ],
+    );
     server.join().unwrap();
 }
 
