@@ -1,5 +1,7 @@
-//! One netlink request and its replies, by hand, for the requests no crate here makes:
-//! `nf_tables`' counters and tables (`nfnetlink`) and the socket list (`sock_diag`).
+//! One netlink request and its replies, by hand: `nf_tables`' counters and tables
+//! (`nfnetlink`) and the socket list (`sock_diag`), which no crate here makes, and the
+//! address and route dumps (`addresses`, rtnetlink), whose messages netlink-packet-route
+//! builds and parses.
 
 use std::io;
 

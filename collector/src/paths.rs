@@ -8,10 +8,14 @@ use std::{
 
 use thiserror::Error;
 
-/// Layout version of the pinned maps. A change of a map's type or size is refused at start
-/// by `loader::check_pinned_maps`, with the fix; this is bumped only for a change of meaning
-/// that keeps the size. A new directory would leave a crashed run's links attached beside
-/// the new ones, counting twice, so a refusal is the safer way where it can tell.
+/// Layout version of the pinned maps. At start, `loader::check_pinned_maps` compares each
+/// pinned map's type, sizes, capacity and flags with this build's: the short-lived DNS
+/// matching tables (`DNS_INFLIGHT`, `DNS_UPSTREAM`, `DNS_UPSTREAM_LATEST`: seconds of
+/// state) of another shape are unpinned and made afresh, with a warning; any other map of
+/// another shape (the counters, the connection table) is refused, with the fix. This is
+/// bumped only for a change of meaning that keeps the shape, which that check cannot tell.
+/// A new directory would leave a crashed run's links attached beside the new ones, counting
+/// twice, so checking in place is the safer way where it can tell.
 pub const PIN_LAYOUT_VERSION: &str = "v1";
 /// Filesystem type of bpffs in /proc/mounts.
 const BPFFS: &str = "bpf";
