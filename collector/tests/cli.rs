@@ -94,6 +94,8 @@ struct PinDir(PathBuf);
 
 impl PinDir {
     fn new() -> Self {
+        // One per test: tests run in parallel, and one's drop would remove another's.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         support::require_root();
         let bpffs = Path::new("/sys/fs/bpf");
         let mode = fs::metadata(bpffs).unwrap().permissions().mode();
@@ -104,8 +106,6 @@ impl PinDir {
              systemd mount it",
             bpffs.display()
         );
-        // One per test: tests run in parallel, and one's drop would remove another's.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = Self(bpffs.join(format!("collector-cli-{}-{call}", std::process::id())));
         fs::create_dir_all(dir.0.join("v1")).unwrap();
