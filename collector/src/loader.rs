@@ -136,12 +136,12 @@ impl Attachment {
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
         let lock = lock_pin_dir(&pin_dir)?;
-        check_pinned_maps(&map_dir)?;
-        let inherited = PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
-
         let own_netns = netns::current_cookie().context(
             "reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)",
         )?;
+        check_pinned_maps(&pin_dir, own_netns)?;
+        let inherited = PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
+
         let netns_cookie = if config.all_namespaces { 0 } else { own_netns };
         let stats = if options.bpf_stats {
             Some(
@@ -706,9 +706,12 @@ const SHORT_LIVED_MAPS: [&str; 3] = [
 /// Refuses pinned maps whose shape differs from this build's: reading them with the wrong
 /// layout would silently produce wrong numbers. A short-lived one is unpinned instead, so
 /// that an upgrade over a crashed older build's pins keeps its counters; its programs
-/// write on into the old map until this start replaces their links.
-fn check_pinned_maps(map_dir: &Path) -> anyhow::Result<()> {
+/// write on into the old map until this start replaces their links. Nothing is unpinned
+/// unless every counter map fits and the pins are this namespace's (or no one's yet).
+fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
+    let map_dir = paths::map_pin_dir(pin_dir);
     let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")?;
+    let mut replace = Vec::new();
     for name in PINNED_MAPS {
         let path = map_dir.join(name);
         if !path.exists() {
@@ -757,14 +760,7 @@ fn check_pinned_maps(map_dir: &Path) -> anyhow::Result<()> {
         .find(|(_, pinned, expected)| pinned != expected);
         if let Some((what, pinned, expected)) = mismatch {
             if SHORT_LIVED_MAPS.contains(&name) {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("unpinning {}", path.display()))?;
-                tracing::warn!(
-                    "replaced the pinned map {} of another build ({what} {pinned}, this build's \
-                     {expected}): it held only the last seconds' DNS matching state, so answers to \
-                     queries asked before now count as unmatched",
-                    path.display()
-                );
+                replace.push((path, format!("{what} {pinned}, this build's {expected}")));
                 continue;
             }
             bail!(
@@ -773,6 +769,33 @@ fn check_pinned_maps(map_dir: &Path) -> anyhow::Result<()> {
                 map_dir.display()
             );
         }
+    }
+    if replace.is_empty() {
+        return Ok(());
+    }
+    let owner_pin = map_dir.join(map_names::PIN_OWNER);
+    if owner_pin.exists() {
+        let owner = MapData::from_pin(&owner_pin)
+            .map_err(anyhow::Error::from)
+            .and_then(|data| {
+                Ok(Array::<MapData, u64>::try_from(
+                    aya::maps::Map::from_map_data(data)?,
+                )?)
+            })
+            .and_then(|owner| Ok(owner.get(&0, 0)?))
+            .with_context(|| format!("reading {}", owner_pin.display()))?;
+        if owner != 0 && owner != own_netns {
+            return Err(foreign_pins(pin_dir, owner, own_netns));
+        }
+    }
+    for (path, difference) in replace {
+        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        tracing::warn!(
+            "replaced the pinned map {} of another build ({difference}): it held only the last \
+             seconds' DNS matching state, so answers to queries asked before now count as \
+             unmatched",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -959,15 +982,20 @@ fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result
     )?;
     let found = owner.get(&0, 0)?;
     if found != 0 && found != own_netns {
-        bail!(
-            "the pins under {} belong to a collector of another network namespace (cookie {found}; \
-             this one's is {own_netns}): give this one its own pin directory (`pin_dir`, or \
-             --pin-dir), or remove them where they were made with `collector cleanup --apply`",
-            pin_dir.display()
-        );
+        return Err(foreign_pins(pin_dir, found, own_netns));
     }
     owner.set(0, own_netns, 0)?;
     Ok(())
+}
+
+/// The refusal of pins that a collector of another network namespace made.
+fn foreign_pins(pin_dir: &Path, owner: u64, own_netns: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the pins under {} belong to a collector of another network namespace (cookie {owner}; \
+         this one's is {own_netns}): give this one its own pin directory (`pin_dir`, or \
+         --pin-dir), or remove them where they were made with `collector cleanup --apply`",
+        pin_dir.display()
+    )
 }
 
 /// Sets the time of the latest upstream query a second ahead. Its pin may be older than the

@@ -972,38 +972,6 @@ fn an_incompatible_pinned_map_is_refused_with_the_fix() {
     );
 }
 
-/// Creates an array map of `entries` values of `value_size` bytes, without flags, and pins
-/// it at `path`: what a build from before a map became memory-mappable left pinned.
-fn pin_plain_array(path: &std::path::Path, value_size: u32, entries: u32) {
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    // `union bpf_attr` for BPF_MAP_CREATE: type, key size, value size, entries, flags.
-    let mut create = [BPF_MAP_TYPE_ARRAY, 4, value_size, entries, 0, 0, 0, 0];
-    // SAFETY: a bpf_attr prefix of the size passed; the kernel zero-extends the rest.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            create.as_mut_ptr(),
-            size_of_val(&create),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // `union bpf_attr` for BPF_OBJ_PIN: path pointer, fd, flags.
-    let mut pin = [path.as_ptr() as u64, u64::try_from(fd).unwrap()];
-    // SAFETY: as above; `path` outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_mut_ptr(), 16) };
-    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
-    // SAFETY: our fd; the pin keeps the map.
-    unsafe { libc::close(i32::try_from(fd).unwrap()) };
-}
-
 #[test]
 fn a_connection_table_that_cannot_be_mapped_is_refused_with_the_fix() {
     let netns = Netns::new();
@@ -1013,7 +981,7 @@ fn a_connection_table_that_cannot_be_mapped_is_refused_with_the_fix() {
     // from before the agent read it that way.
     let pins = config.pin_dir.join("v1");
     std::fs::remove_file(pins.join("CONN_STATE")).unwrap();
-    pin_plain_array(&pins.join("CONN_STATE"), 48, 65536);
+    support::pin_plain_array(&pins.join("CONN_STATE"), 48, 65536);
 
     let stderr = refused_start(&netns, &config);
     assert!(
@@ -1035,7 +1003,7 @@ fn a_dns_table_of_another_build_is_replaced_and_the_counters_kept() {
     first.kill();
     let pins = config.pin_dir.join("v1");
     std::fs::remove_file(pins.join("DNS_INFLIGHT")).unwrap();
-    pin_plain_array(&pins.join("DNS_INFLIGHT"), 16, 16384);
+    support::pin_plain_array(&pins.join("DNS_INFLIGHT"), 16, 16384);
 
     let logs = support::ScratchDir::new("dns-table-replaced");
     let log = logs.path("agent.log");

@@ -118,12 +118,26 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
     let (first, second) = (Netns::new(), Netns::new());
     Agent::start(&first, &config).kill();
+    // A DNS table of another build's shape among them, which a start of the owner's would
+    // replace.
+    let inflight = config.pin_dir.join("v1/DNS_INFLIGHT");
+    std::fs::remove_file(&inflight).unwrap();
+    support::pin_plain_array(&inflight, 16, 16384);
+    let inode = |path: &std::path::Path| {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+    };
+    let before = inode(&inflight);
     // Its links are on the first namespace's interfaces: lo is index 1 in both.
     // A collector that took the pins over would run on: killed after 20 s.
     let stderr = support::refused_start(&second, &config.path);
     assert!(
         stderr.contains("belong to a collector of another network namespace"),
         "{stderr}"
+    );
+    assert_eq!(
+        inode(&inflight),
+        before,
+        "the other namespace's start replaced a pin"
     );
     // Untouched: the first namespace's next collector takes them over and counts on.
     let agent = Agent::start(&first, &config);
