@@ -2,7 +2,10 @@
 //! where each address goes (a slot of either of its two sets, moving others to make room),
 //! and bringing the kernel's table to what [`crate::addresses`] lists, when it changes.
 
-use std::collections::{BTreeSet, HashMap, VecDeque, hash_map};
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque, hash_map},
+    net::IpAddr,
+};
 
 use anyhow::Context as _;
 use aya::{
@@ -187,13 +190,19 @@ pub struct LocalAddresses {
     problem: Option<(Problem, String)>,
     /// What `LOCAL_ADDRESSES_COMPLETE` holds: false (by port alone) until the first sync.
     complete: bool,
+    /// The addresses of `extra_local_addresses`, always in the table.
+    extra: BTreeSet<[u64; 2]>,
 }
 
 impl LocalAddresses {
     /// A table sized for the addresses there are now, with room for seven times as many,
     /// and the watch on their changes, made before they are first read so that no change
     /// after it goes unseen.
-    pub fn new() -> anyhow::Result<Self> {
+    pub fn new(extra: &[(IpAddr, u8)]) -> anyhow::Result<Self> {
+        let extra: BTreeSet<[u64; 2]> = extra
+            .iter()
+            .flat_map(|&(network, prefix)| addresses::range_keys(network, prefix))
+            .collect();
         let watch = ChangeWatch::new()
             .inspect_err(|err| {
                 tracing::warn!(
@@ -202,13 +211,14 @@ impl LocalAddresses {
             })
             .ok();
         let now = addresses::list().context("listing this namespace's addresses")?;
-        let slots = local_address_slots(now.addresses.len());
+        let slots = local_address_slots(now.addresses.union(&extra).count());
         Ok(Self {
             table: AddressTable::new(slots, local_address_set_bits(slots)),
             watch,
             due: true,
             problem: None,
             complete: false,
+            extra,
         })
     }
 
@@ -271,7 +281,8 @@ impl LocalAddresses {
 
     /// One sync; the returned problem says why the table is incomplete (`None`: complete).
     fn sync(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<Option<(Problem, String)>> {
-        let local = addresses::list().context("listing this namespace's addresses")?;
+        let mut local = addresses::list().context("listing this namespace's addresses")?;
+        local.addresses.extend(&self.extra);
         let placement = self.table.place(&local.addresses);
         let incomplete = match (placement.unplaced.first(), &local.wide_route) {
             (Some(&first), _) => Some((
@@ -323,7 +334,7 @@ impl LocalAddresses {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::net::Ipv4Addr;
 
     use super::*;
     use crate::addresses::key;

@@ -216,6 +216,17 @@ pub fn key(ip: IpAddr) -> [u64; 2] {
     address_words(&octets)
 }
 
+/// The keys of every address of `network`/`prefix` (at most 2^16 of them, as the config
+/// allows).
+pub fn range_keys(network: IpAddr, prefix: u8) -> impl Iterator<Item = [u64; 2]> {
+    let (start, host_bits) = match network {
+        IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), 32 - u32::from(prefix)),
+        IpAddr::V6(v6) => (u128::from(v6), 128 - u32::from(prefix)),
+    };
+    let count = 1u128 << host_bits.min(16);
+    (0..count).map(move |offset| key(IpAddr::V6(Ipv6Addr::from(start + offset))))
+}
+
 /// A key as people write the address.
 #[must_use]
 pub fn ip(key: [u64; 2]) -> IpAddr {
@@ -246,6 +257,18 @@ mod tests {
                 .contains(&key(IpAddr::V6(Ipv6Addr::LOCALHOST)))
         );
         assert_eq!(ip(key("10.1.2.3".parse().unwrap())).to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn a_range_stands_for_each_of_its_addresses() {
+        let keys: Vec<_> = range_keys("198.51.100.0".parse().unwrap(), 28).collect();
+        assert_eq!(keys.len(), 16);
+        assert_eq!(ip(keys[0]).to_string(), "198.51.100.0");
+        assert_eq!(ip(keys[15]).to_string(), "198.51.100.15");
+        let keys: Vec<_> = range_keys("2001:db8::".parse().unwrap(), 112).collect();
+        assert_eq!(keys.len(), 65_536);
+        assert_eq!(ip(keys[65_535]).to_string(), "2001:db8::ffff");
+        assert_eq!(range_keys("203.0.113.10".parse().unwrap(), 32).count(), 1);
     }
 
     #[test]

@@ -2,7 +2,14 @@
 //! run with no file; a file is checked whole, and every error names the file, line, column
 //! and what is wrong.
 
-use std::{fmt, net::SocketAddr, ops::Range, path::Path, path::PathBuf, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Range,
+    path::Path,
+    path::PathBuf,
+    time::Duration,
+};
 
 use collector_common::DNS_MAX_PORTS;
 use serde::Deserialize;
@@ -30,6 +37,9 @@ pub struct Config {
     pub interfaces: Vec<String>,
     /// Count sockets of every network namespace, not only the agent's own.
     pub all_namespaces: bool,
+    /// Addresses and ranges that are this host's for live traffic and DNS though it does
+    /// not hold them (VIPs DNAT'd to it), as (network, prefix length).
+    pub extra_local_addresses: Vec<(IpAddr, u8)>,
     /// Keep per-client figures in the kernel (`connectionsByIP`, `topIPs`) and send the
     /// event stream's connections.
     pub client_stats: bool,
@@ -160,6 +170,8 @@ struct RawConfig {
     interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     all_namespaces: bool,
+    #[serde(default)]
+    extra_local_addresses: Vec<Spanned<String>>,
     client_stats: Option<bool>,
     poll_interval_ms: Option<Spanned<u64>>,
     #[serde(default)]
@@ -373,6 +385,11 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         cgroup2,
         interfaces,
         all_namespaces: raw.all_namespaces,
+        extra_local_addresses: raw
+            .extra_local_addresses
+            .iter()
+            .map(|entry| extra_local_address(source, entry))
+            .collect::<Result<_, _>>()?,
         client_stats: raw.client_stats.unwrap_or(true),
         poll_interval,
         routes,
@@ -380,6 +397,63 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         nftables,
         http,
     })
+}
+
+/// Most addresses one `extra_local_addresses` entry may stand for: each goes into the
+/// kernel's address table.
+const EXTRA_LOCAL_RANGE_MAX: u32 = 1 << 16;
+
+/// An address (`203.0.113.10`) or range (`203.0.113.0/28`) of `extra_local_addresses`,
+/// as its network and prefix length (host bits cleared).
+fn extra_local_address(
+    source: &Source<'_>,
+    entry: &Spanned<String>,
+) -> Result<(IpAddr, u8), ConfigError> {
+    let text = entry.get_ref();
+    let malformed = || {
+        source.at(
+            entry,
+            format!(
+                "extra_local_addresses: {text:?} is not an address or range; write e.g. \
+                 \"203.0.113.10\" or \"203.0.113.0/28\""
+            ),
+        )
+    };
+    let (address, prefix) = match text.split_once('/') {
+        Some((address, prefix)) => (address, Some(prefix)),
+        None => (text.as_str(), None),
+    };
+    let address: IpAddr = address.parse().map_err(|_| malformed())?;
+    let bits: u8 = if address.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => bits,
+        Some(prefix) => prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|prefix| *prefix <= bits)
+            .ok_or_else(malformed)?,
+    };
+    if u32::from(bits - prefix) > EXTRA_LOCAL_RANGE_MAX.trailing_zeros() {
+        return Err(source.at(
+            entry,
+            format!(
+                "extra_local_addresses: {text:?} covers 2^{} addresses; each entry may cover \
+                 at most {EXTRA_LOCAL_RANGE_MAX} (/{} for IPv4, /{} for IPv6)",
+                bits - prefix,
+                32 - EXTRA_LOCAL_RANGE_MAX.trailing_zeros(),
+                128 - EXTRA_LOCAL_RANGE_MAX.trailing_zeros()
+            ),
+        ));
+    }
+    let network = match address {
+        IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(
+            u32::from(v4) & u32::MAX.checked_shl(u32::from(32 - prefix)).unwrap_or(0),
+        )),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(
+            u128::from(v6) & u128::MAX.checked_shl(u32::from(128 - prefix)).unwrap_or(0),
+        )),
+    };
+    Ok((network, prefix))
 }
 
 fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfig, ConfigError> {
@@ -673,6 +747,35 @@ mod tests {
             enabled("[nftables]\nenabled = \"auto\"\n"),
             NftEnabled::Auto
         );
+    }
+
+    #[test]
+    fn extra_local_addresses_are_addresses_or_small_ranges() {
+        let config = Config::from_toml(
+            "t.toml",
+            "extra_local_addresses = [\"203.0.113.10\", \"198.51.100.7/28\", \"2001:db8::/112\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.extra_local_addresses,
+            vec![
+                ("203.0.113.10".parse().unwrap(), 32),
+                ("198.51.100.0".parse().unwrap(), 28),
+                ("2001:db8::".parse().unwrap(), 112),
+            ]
+        );
+        assert_error(
+            "\nextra_local_addresses = [\"203.0.113.0/15\"]\n",
+            2,
+            "covers 2^17 addresses; each entry may cover at most 65536 (/16 for IPv4, /112 for IPv6)",
+        );
+        for bad in ["203.0.113", "203.0.113.0/33", "eth0", "2001:db8::/x"] {
+            assert_error(
+                &format!("extra_local_addresses = [{bad:?}]\n"),
+                1,
+                "is not an address or range",
+            );
+        }
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl Attachment {
         let local_addresses = if config.all_namespaces {
             None
         } else {
-            Some(LocalAddresses::new()?)
+            Some(LocalAddresses::new(&config.extra_local_addresses)?)
         };
         let address_slots = local_addresses
             .as_ref()

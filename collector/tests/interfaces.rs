@@ -61,7 +61,13 @@ fn exchange(netns: &Netns, peer: &Netns, address: &'static str) -> String {
 
 /// [`CONNECTIONS`] connections from `client` to `address` served in `server`.
 fn connect_and_serve(server: &Netns, client: &Netns, address: &'static str) {
-    let listener = server.run(move || TcpListener::bind(address).unwrap());
+    serve_and_connect(server, address, client, address);
+}
+
+/// [`connect_and_serve`] with the server bound to `bind` and the client connecting to
+/// `target` (an address translated to `bind` on the way).
+fn serve_and_connect(server: &Netns, bind: &'static str, client: &Netns, address: &'static str) {
+    let listener = server.run(move || TcpListener::bind(bind).unwrap());
     let server = thread::spawn(move || {
         for _ in 0..CONNECTIONS {
             let (mut stream, _) = listener.accept().unwrap();
@@ -387,6 +393,47 @@ fn traffic_to_a_local_range_is_counted_by_port_with_a_warning() {
         "{text}"
     );
     assert_no_pins(&config.pin_dir);
+}
+
+/// A VIP DNAT'd to this host (`MetalLB` or `externalIPs` with kube-proxy in iptables or
+/// nftables mode) is not an address of it: its live traffic counts only when
+/// `extra_local_addresses` names it.
+#[test]
+fn traffic_to_a_vip_dnatted_here_counts_when_named_local() {
+    for (extra, counted) in [
+        ("", 0),
+        ("extra_local_addresses = [\"10.203.0.0/30\"]\n", CONNECTIONS),
+    ] {
+        let netns = Netns::new();
+        let peer = Netns::new();
+        add_veth(&netns, &peer);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns.name,
+                "nft",
+                "add table ip vip; add chain ip vip pre { type nat hook prerouting priority -100; }; \
+                 add rule ip vip pre ip daddr 10.203.0.1 tcp dport 18080 dnat to 10.77.0.1",
+            ],
+        );
+        ip(&peer, "route add 10.203.0.0/30 via 10.77.0.1");
+        let config = AgentConfig::new(&format!("{extra}{ROUTES}"));
+        let agent = Agent::start(&netns, &config);
+
+        serve_and_connect(&netns, "10.77.0.1:18080", &peer, "10.203.0.1:18080");
+        let metrics = after_two_polls(&netns);
+        for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
+            assert_eq!(
+                payload_bytes(&metrics, direction),
+                Some((counted * bytes) as f64),
+                "{extra}{direction}"
+            );
+        }
+        assert!(agent.stop().success());
+        assert_no_pins(&config.pin_dir);
+    }
 }
 
 fn payload_bytes(metrics: &str, direction: &str) -> Option<f64> {
