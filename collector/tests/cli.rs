@@ -497,21 +497,7 @@ fn an_unreadable_ca_beside_the_certificate_is_warned_of() {
         fs::write(file, "").unwrap();
         fs::set_permissions(file, fs::Permissions::from_mode(mode)).unwrap();
     }
-    // A port nothing listens on.
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = dir.path("collector.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"{listen}\"\n[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
-            cert.display(),
-            key.display()
-        ),
-    )
-    .unwrap();
+    let (config, listen) = https_config_to_nowhere(&dir, &cert, &key);
     // As nobody: the config and the certificate are readable, ca.crt (root's, 0600) is not.
     let out = Command::new("setpriv")
         .args([
@@ -537,16 +523,13 @@ fn an_unreadable_ca_beside_the_certificate_is_warned_of() {
     );
 }
 
-/// A `ca.crt` beside the agent's certificate that is readable but holds no certificate that
-/// parses is warned of as an unreadable one is, naming it and the parse error, and the
-/// command goes on without it (here to an agent that is not running).
-#[test]
-fn a_ca_beside_the_certificate_that_does_not_parse_is_warned_of() {
-    let dir = ScratchDir::new("ca-unparsed");
-    let (cert, key, ca) = (dir.path("tls.crt"), dir.path("tls.key"), dir.path("ca.crt"));
-    fs::write(&cert, "").unwrap();
-    fs::write(&key, "").unwrap();
-    // A port nothing listens on.
+/// A config in `dir` serving HTTPS with `cert` and `key` on a port nothing listens on: the
+/// config's path and that address.
+fn https_config_to_nowhere(
+    dir: &ScratchDir,
+    cert: &Path,
+    key: &Path,
+) -> (PathBuf, std::net::SocketAddr) {
     let listen = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -561,6 +544,19 @@ fn a_ca_beside_the_certificate_that_does_not_parse_is_warned_of() {
         ),
     )
     .unwrap();
+    (config, listen)
+}
+
+/// A `ca.crt` beside the agent's certificate that is readable but holds no certificate that
+/// parses is warned of as an unreadable one is, naming it and the parse error, and the
+/// command goes on without it (here to an agent that is not running).
+#[test]
+fn a_ca_beside_the_certificate_that_does_not_parse_is_warned_of() {
+    let dir = ScratchDir::new("ca-unparsed");
+    let (cert, key, ca) = (dir.path("tls.crt"), dir.path("tls.key"), dir.path("ca.crt"));
+    fs::write(&cert, "").unwrap();
+    fs::write(&key, "").unwrap();
+    let (config, listen) = https_config_to_nowhere(&dir, &cert, &key);
     for (text, why) in [
         (
             "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",

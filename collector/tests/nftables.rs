@@ -280,13 +280,15 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
     let ours = format!("table inet {}\n", config.nft_table);
     assert!(tables(&node).contains(&ours), "{}", tables(&node));
 
-    let apply = node
-        .command(COLLECTOR)
-        .args(["cleanup", "--apply", "--config"])
-        .arg(&config.path)
-        .args(pod_pin_dir)
-        .output()
-        .unwrap();
+    let cleanup_pod_pins = || {
+        node.command(COLLECTOR)
+            .args(["cleanup", "--apply", "--config"])
+            .arg(&config.path)
+            .args(pod_pin_dir)
+            .output()
+            .unwrap()
+    };
+    let apply = cleanup_pod_pins();
     let stdout = String::from_utf8_lossy(&apply.stdout);
     assert!(
         apply.status.success(),
@@ -307,13 +309,7 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
     assert!(tables(&pod).contains(&ours), "{}", tables(&pod));
     // Run again, with the pins gone, nothing says whose the node's table is: it is named, and
     // left.
-    let again = node
-        .command(COLLECTOR)
-        .args(["cleanup", "--apply", "--config"])
-        .arg(&config.path)
-        .args(pod_pin_dir)
-        .output()
-        .unwrap();
+    let again = cleanup_pod_pins();
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(
         again.status.success()
