@@ -37,45 +37,25 @@ fn a_reader_gone_ends_a_command_quietly() {
 
 /// `collector check` with `[nftables] enabled = ENABLED` on a host without the nft tool.
 fn check_without_nft(enabled: &str) -> (bool, String) {
-    support::require_root();
-    let dir = ScratchDir::new("check");
-    let config = dir.path("collector.toml");
-    std::fs::write(&config, format!("[nftables]\nenabled = {enabled}\n")).unwrap();
-    let out = Command::new(COLLECTOR)
-        .args(["check", "--config", config.to_str().unwrap()])
-        // An empty directory as the PATH: no nft to run.
-        .env("PATH", &dir.0)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let nft_line = stdout
-        .lines()
-        .find(|line| line.split_whitespace().nth(1) == Some("nft"))
-        .unwrap_or_else(|| panic!("no nft line in\n{stdout}"));
-    (out.status.success(), nft_line.to_owned())
+    // An empty directory as the PATH: no nft to run.
+    let empty = ScratchDir::new("check-path");
+    let (passed, mut lines) = check_in(
+        &format!("[nftables]\nenabled = {enabled}\n"),
+        &[],
+        Some(&empty.0),
+    );
+    (passed, lines.remove("nft").expect("an nft line"))
 }
 
 #[test]
 fn check_warns_of_a_config_without_routes() {
-    support::require_root();
-    let dir = ScratchDir::new("check-routes");
-    let config = dir.path("collector.toml");
-    std::fs::write(&config, "[nftables]\nenabled = false\n").unwrap();
-    let out = Command::new(COLLECTOR)
-        .args(["check", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|line| line.split_whitespace().nth(1) == Some("routes"))
-        .unwrap_or_else(|| panic!("no routes line in\n{stdout}"));
+    let (passed, lines) = check("[nftables]\nenabled = false\n", &[]);
     assert!(
-        line.starts_with("warn") && line.contains("only DNS is counted"),
-        "{line}"
+        lines["routes"].starts_with("warn") && lines["routes"].contains("only DNS is counted"),
+        "{lines:?}"
     );
     // A warning, not a failure: the agent runs.
-    assert!(out.status.success(), "{stdout}");
+    assert!(passed, "{lines:?}");
 }
 
 #[test]
@@ -122,15 +102,27 @@ impl Drop for PinDir {
 /// `collector check` with `config` as the config file's text and `args`: whether it passed,
 /// and its lines by name.
 fn check(config: &str, args: &[&str]) -> (bool, std::collections::HashMap<String, String>) {
+    check_in(config, args, None)
+}
+
+/// [`check`] with `path` as its PATH, if given.
+fn check_in(
+    config: &str,
+    args: &[&str],
+    path: Option<&Path>,
+) -> (bool, std::collections::HashMap<String, String>) {
     support::require_root();
     let dir = ScratchDir::new("check");
-    let path = dir.path("collector.toml");
-    fs::write(&path, config).unwrap();
-    let out = Command::new(COLLECTOR)
-        .args(["check", "--config", path.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
+    let config_path = dir.path("collector.toml");
+    fs::write(&config_path, config).unwrap();
+    let mut command = Command::new(COLLECTOR);
+    command
+        .args(["check", "--config", config_path.to_str().unwrap()])
+        .args(args);
+    if let Some(path) = path {
+        command.env("PATH", path);
+    }
+    let out = command.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines = stdout
         .lines()
