@@ -33,7 +33,7 @@ use collector_common::{
     ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
     DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
     ERROR_KINDS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS,
-    PORT_SLOTS, RouteName, TALLY_SLOTS_PER_CPU, TrafficCounters,
+    PORT_SLOTS, RouteName, TALLY_SLOTS_PER_CPU, TrafficCounters, local_address_set_bits,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -46,7 +46,8 @@ static NETNS_COOKIE: Global<u64> = Global::new(0);
 static LOCAL_ONLY: Global<u32> = Global::new(0);
 /// `LOCAL_ADDRESSES` has `2^LOCAL_ADDRESS_SET_BITS` sets. Set at load; read-only.
 #[unsafe(no_mangle)]
-static LOCAL_ADDRESS_SET_BITS: Global<u32> = Global::new(14);
+static LOCAL_ADDRESS_SET_BITS: Global<u32> =
+    Global::new(local_address_set_bits(LOCAL_ADDRESS_SLOTS));
 /// The addresses of the agent's namespace, in sets of `LOCAL_ADDRESS_WAYS`; sized and kept
 /// by the agent. Memory-mappable for its page alignment: each set is one cache line.
 #[btf_map]

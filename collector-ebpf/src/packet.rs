@@ -89,9 +89,11 @@ pub fn ours(ctx: &TcContext, ipv6: bool, inbound: bool) -> bool {
         address[12..].copy_from_slice(&unsafe { *ptr });
     }
     let words = address_words(&address);
-    local_address_sets(words, LOCAL_ADDRESS_SET_BITS.load())
-        .into_iter()
-        .any(|set| {
-            (0..LOCAL_ADDRESS_WAYS).any(|way| LOCAL_ADDRESSES.get(set + way) == Some(&words))
-        })
+    // `::` is what a free slot holds, and no host's address.
+    words != [0, 0]
+        && local_address_sets(words, LOCAL_ADDRESS_SET_BITS.load())
+            .into_iter()
+            .any(|set| {
+                (0..LOCAL_ADDRESS_WAYS).any(|way| LOCAL_ADDRESSES.get(set + way) == Some(&words))
+            })
 }

@@ -138,19 +138,42 @@ impl ChangeWatch {
     }
 
     /// Whether anything was announced since the last call (reads every announcement there
-    /// is). Announcements lost to a full socket buffer count as a change.
+    /// is): an address, or a route of the `local` table (a router's others change all the
+    /// time). Announcements lost to a full socket buffer count as a change.
     pub fn changed(&mut self) -> bool {
         let mut changed = false;
         loop {
             match self.socket.recv(&mut &mut self.buf[..], 0) {
                 Ok(0) => return changed,
-                Ok(_) => changed = true,
+                Ok(size) => changed |= announces_a_change(&self.buf[..size]),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return changed,
                 // ENOBUFS (overrun) or anything else: look again.
                 Err(_) => return true,
             }
         }
     }
+}
+
+/// Whether the netlink messages in `datagram` include an address change or a change of a
+/// `local` table route (`rtmsg.rtm_table`, the fifth byte after the header).
+fn announces_a_change(datagram: &[u8]) -> bool {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_DELROUTE: u16 = 25;
+    let mut at = 0;
+    while at + netlink_dump::HEADER <= datagram.len() {
+        let len = u32::from_ne_bytes(datagram[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
+        let kind = u16::from_ne_bytes([datagram[at + 4], datagram[at + 5]]);
+        let route = matches!(kind, RTM_NEWROUTE | RTM_DELROUTE);
+        let table = datagram.get(at + netlink_dump::HEADER + 4).copied();
+        if !route || table.is_none_or(|table| table == RT_TABLE_LOCAL) {
+            return true;
+        }
+        if len < netlink_dump::HEADER {
+            return true;
+        }
+        at += netlink_dump::align4(len);
+    }
+    false
 }
 
 /// The interface's own address: `IFA_LOCAL` where there is one (on a point-to-point link
@@ -257,6 +280,27 @@ mod tests {
                 .contains(&key(IpAddr::V6(Ipv6Addr::LOCALHOST)))
         );
         assert_eq!(ip(key("10.1.2.3".parse().unwrap())).to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn only_address_and_local_table_changes_are_announced() {
+        // nlmsghdr (length, type) and an rtmsg with its table in its fifth byte.
+        let route = |kind: u16, table: u8| {
+            let mut message = vec![0u8; 28];
+            message[..4].copy_from_slice(&28u32.to_ne_bytes());
+            message[4..6].copy_from_slice(&kind.to_ne_bytes());
+            message[20] = table;
+            message
+        };
+        assert!(!announces_a_change(&route(24, 254)));
+        assert!(!announces_a_change(
+            &[route(24, 254), route(25, 253)].concat()
+        ));
+        assert!(announces_a_change(
+            &[route(24, 254), route(25, 255)].concat()
+        ));
+        // RTM_NEWADDR.
+        assert!(announces_a_change(&route(20, 0)));
     }
 
     #[test]

@@ -385,11 +385,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         cgroup2,
         interfaces,
         all_namespaces: raw.all_namespaces,
-        extra_local_addresses: raw
-            .extra_local_addresses
-            .iter()
-            .map(|entry| extra_local_address(source, entry))
-            .collect::<Result<_, _>>()?,
+        extra_local_addresses: extra_local_addresses(source, raw)?,
         client_stats: raw.client_stats.unwrap_or(true),
         poll_interval,
         routes,
@@ -402,6 +398,41 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
 /// Most addresses one `extra_local_addresses` entry may stand for: each goes into the
 /// kernel's address table.
 const EXTRA_LOCAL_RANGE_MAX: u32 = 1 << 16;
+
+/// Most addresses all `extra_local_addresses` entries may stand for together.
+const EXTRA_LOCAL_ADDRESSES_MAX: u64 = 1 << 18;
+
+/// `extra_local_addresses`, each checked, and their total.
+fn extra_local_addresses(
+    source: &Source<'_>,
+    raw: &RawConfig,
+) -> Result<Vec<(IpAddr, u8)>, ConfigError> {
+    let mut total = 0u64;
+    let mut ranges = Vec::new();
+    for entry in &raw.extra_local_addresses {
+        if raw.all_namespaces {
+            return Err(source.at(
+                entry,
+                "extra_local_addresses has no effect with all_namespaces = true, which counts \
+                 live traffic by port alone",
+            ));
+        }
+        let (network, prefix) = extra_local_address(source, entry)?;
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        total += 1 << (bits - prefix);
+        if total > EXTRA_LOCAL_ADDRESSES_MAX {
+            return Err(source.at(
+                entry,
+                format!(
+                    "extra_local_addresses stand for more than {EXTRA_LOCAL_ADDRESSES_MAX} \
+                     addresses with this entry"
+                ),
+            ));
+        }
+        ranges.push((network, prefix));
+    }
+    Ok(ranges)
+}
 
 /// An address (`203.0.113.10`) or range (`203.0.113.0/28`) of `extra_local_addresses`,
 /// as its network and prefix length (host bits cleared).
@@ -427,11 +458,19 @@ fn extra_local_address(
     let bits: u8 = if address.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
         None => bits,
-        Some(prefix) => prefix
-            .parse::<u8>()
-            .ok()
-            .filter(|prefix| *prefix <= bits)
-            .ok_or_else(malformed)?,
+        Some(prefix) => match prefix.parse::<u8>() {
+            Ok(prefix) if prefix <= bits => prefix,
+            Ok(prefix) => {
+                return Err(source.at(
+                    entry,
+                    format!(
+                        "extra_local_addresses: {text:?}: a prefix of /{prefix} is longer than \
+                         the address's {bits} bits"
+                    ),
+                ));
+            }
+            Err(_) => return Err(malformed()),
+        },
     };
     if u32::from(bits - prefix) > EXTRA_LOCAL_RANGE_MAX.trailing_zeros() {
         return Err(source.at(
@@ -769,7 +808,23 @@ mod tests {
             2,
             "covers 2^17 addresses; each entry may cover at most 65536 (/16 for IPv4, /112 for IPv6)",
         );
-        for bad in ["203.0.113", "203.0.113.0/33", "eth0", "2001:db8::/x"] {
+        assert_error(
+            "extra_local_addresses = [\"203.0.113.0/33\"]\n",
+            1,
+            "a prefix of /33 is longer than the address's 32 bits",
+        );
+        assert_error(
+            "all_namespaces = true\nextra_local_addresses = [\"203.0.113.10\"]\n",
+            2,
+            "no effect with all_namespaces = true",
+        );
+        let five_ranges = "\"10.0.0.0/16\", ".repeat(5);
+        assert_error(
+            &format!("extra_local_addresses = [{five_ranges}]\n"),
+            1,
+            "stand for more than 262144 addresses with this entry",
+        );
+        for bad in ["203.0.113", "eth0", "2001:db8::/x"] {
             assert_error(
                 &format!("extra_local_addresses = [{bad:?}]\n"),
                 1,

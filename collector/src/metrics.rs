@@ -612,7 +612,7 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
         Some(table) => single(
             encoder,
             "collector_local_address_table_complete",
-            "1 while the table of this namespace's addresses holds them all; 0 while live traffic and DNS on the interfaces are counted by port alone, forwarded packets included (an address did not fit, or an AnyIP local route covers a range: see the log). Absent with all_namespaces.",
+            "1 while the table of this namespace's addresses holds them all; 0 while live traffic and DNS on the interfaces are counted by port alone, forwarded packets included (an address did not fit, an AnyIP local route covers a range, or reading the addresses or writing the table failed: see the log). Absent with all_namespaces.",
             None,
             MetricType::Gauge,
             &ConstGauge::new(i64::from(table.complete)),

@@ -63,7 +63,18 @@ fn exchange_on(
             }
             let message = &buf[at..at + len];
             match kind {
-                NLMSG_DONE => return Ok(()),
+                // A dump's end carries its outcome: the kernel may refuse a dump (a filter
+                // strict checking rejects) with nothing before it.
+                NLMSG_DONE => {
+                    let code = message.get(HEADER..HEADER + 4).map_or(0, |bytes| {
+                        i32::from_ne_bytes(bytes.try_into().unwrap_or([0; 4]))
+                    });
+                    return if code < 0 {
+                        Err(io::Error::from_raw_os_error(-code))
+                    } else {
+                        Ok(())
+                    };
+                }
                 NLMSG_ERROR => {
                     let code = i32::from_ne_bytes(
                         message[HEADER..HEADER + 4].try_into().unwrap_or([0; 4]),

@@ -252,8 +252,12 @@ fn the_address_table_is_searched_in_both_sets_and_every_way() {
     ingress.set_address(second + LOCAL_ADDRESS_WAYS - 1, ours);
     ingress.set_table_complete(1);
     assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
-    // Gone from the table: another host's packet now.
+    // Moved to the last way of its first set.
+    ingress.set_address(first + LOCAL_ADDRESS_WAYS - 1, ours);
     ingress.set_address(second + LOCAL_ADDRESS_WAYS - 1, [0, 0]);
+    assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
+    // Gone from the table: another host's packet now.
+    ingress.set_address(first + LOCAL_ADDRESS_WAYS - 1, [0, 0]);
     let nothing = Counted {
         packets: 0,
         bytes: 0,
@@ -261,6 +265,10 @@ fn the_address_table_is_searched_in_both_sets_and_every_way() {
         truncated: 0,
     };
     assert_eq!(ingress.run(&ipv4(140, 100, 0)), nothing);
+    // `::`, what the free slots hold, is no one's.
+    let mut unspecified = ipv6(120, &[], 100);
+    unspecified[14 + 39] = 0;
+    assert_eq!(ingress.run(&unspecified), nothing);
     // Incomplete: by port alone.
     ingress.set_table_complete(0);
     assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
