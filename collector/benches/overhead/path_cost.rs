@@ -31,10 +31,11 @@ const CLIENT_PORT: u16 = 40000;
 const PASS: u32 = u32::MAX;
 
 /// The paths measured, in the order of each round.
-const PATHS: [&str; 3] = [
+const PATHS: [&str; 4] = [
     "DNS query (first question walked, counted, sampled)",
     "DNS response to that query",
     "TCP segment to a route port (ingress, its address looked up)",
+    "TCP segment to a route port that the host forwards (its address not found: not counted)",
 ];
 
 /// The kernel object as the agent loads it for one DNS mode, with one route port.
@@ -86,7 +87,8 @@ fn measure(modes: &[Ebpf]) -> Vec<[f64; PATHS.len()]> {
     let runs = [
         (program_names::COUNT_INGRESS, query()),
         (program_names::COUNT_EGRESS, response()),
-        (program_names::COUNT_INGRESS, tcp_segment()),
+        (program_names::COUNT_INGRESS, tcp_segment(LOCALHOST)),
+        (program_names::COUNT_INGRESS, tcp_segment(ANOTHER_HOST)),
     ];
     let mut floors = vec![Vec::with_capacity(ROUNDS); modes.len()];
     let mut samples: Vec<[Vec<f64>; PATHS.len()]> =
@@ -118,14 +120,24 @@ fn run_ns(ebpf: &Ebpf, program: &str, frame: &[u8]) -> f64 {
     result.duration.as_secs_f64() * 1e9
 }
 
+const LOCALHOST: [u8; 4] = [127, 0, 0, 1];
+/// An address not in the table: a packet the host only forwards.
+const ANOTHER_HOST: [u8; 4] = [10, 9, 9, 9];
+
 /// Ethernet and IPv4 headers for 127.0.0.1 → 127.0.0.1 (no checksums: tc does not check).
 fn ipv4_frame(protocol: u8, l4: &[u8]) -> Vec<u8> {
+    ipv4_frame_to(LOCALHOST, protocol, l4)
+}
+
+/// [`ipv4_frame`] to `destination`.
+fn ipv4_frame_to(destination: [u8; 4], protocol: u8, l4: &[u8]) -> Vec<u8> {
     let mut frame = vec![0u8; 12];
     frame.extend_from_slice(&0x0800u16.to_be_bytes());
     let total = u16::try_from(20 + l4.len()).unwrap();
     frame.extend_from_slice(&[0x45, 0]);
     frame.extend_from_slice(&total.to_be_bytes());
-    frame.extend_from_slice(&[0, 1, 0, 0, 64, protocol, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1]);
+    frame.extend_from_slice(&[0, 1, 0, 0, 64, protocol, 0, 0, 127, 0, 0, 1]);
+    frame.extend_from_slice(&destination);
     frame.extend_from_slice(l4);
     frame
 }
@@ -165,7 +177,7 @@ fn response() -> Vec<u8> {
     udp_frame(DNS_PORT, CLIENT_PORT, &message)
 }
 
-fn tcp_segment() -> Vec<u8> {
+fn tcp_segment(destination: [u8; 4]) -> Vec<u8> {
     let mut tcp = Vec::new();
     tcp.extend_from_slice(&CLIENT_PORT.to_be_bytes());
     tcp.extend_from_slice(&ROUTE_PORT.to_be_bytes());
@@ -173,7 +185,7 @@ fn tcp_segment() -> Vec<u8> {
     // urgent pointer; then ten bytes of payload.
     tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
     tcp.extend_from_slice(&[b'x'; 10]);
-    ipv4_frame(6, &tcp)
+    ipv4_frame_to(destination, 6, &tcp)
 }
 
 /// The report section: both DNS modes side by side.
