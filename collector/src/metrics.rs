@@ -637,7 +637,7 @@ fn encode_nft(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     counters(
         encoder,
         "collector_nft_packets",
-        "Packets counted by our nftables table per route or DNS port and direction (in: prerouting, destination port; out: postrouting, source port).",
+        "Packets counted by our nftables table per route or DNS port and direction (in: prerouting, destination port; out: postrouting, source port), by port alone: packets the host forwards or DNATs on those ports too, which the eBPF figures leave out.",
         None,
         snapshot.nft.iter().map(|c| (nft_labels(c), c.packets)),
     )?;
