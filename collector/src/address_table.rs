@@ -23,6 +23,8 @@ use crate::addresses::{self, ChangeWatch};
 #[derive(Debug)]
 pub struct AddressTable {
     slots: Vec<[u64; 2]>,
+    /// Slots in use, kept as they change (read at every poll for the metrics).
+    placed: usize,
     set_bits: u32,
     /// Every slot is to be written at the next placement.
     rewrite_all: bool,
@@ -50,6 +52,7 @@ impl AddressTable {
     pub fn new(slots: u32, set_bits: u32) -> Self {
         Self {
             slots: vec![[0, 0]; slots as usize],
+            placed: 0,
             set_bits,
             rewrite_all: false,
         }
@@ -64,13 +67,16 @@ impl AddressTable {
         for (index, slot) in (0..).zip(self.slots.iter_mut()) {
             if *slot != [0, 0] && !now.contains(slot) {
                 *slot = [0, 0];
+                self.placed -= 1;
                 placement.writes.push((index, [0, 0]));
             }
         }
         let mut budget = SEARCH_PER_SYNC;
         for &address in now {
-            let ways = self.ways(address);
-            if ways.iter().any(|&index| self.held(index) == Some(address)) {
+            if self
+                .ways(address)
+                .any(|index| self.held(index) == Some(address))
+            {
                 continue;
             }
             match self.path_to_free_slot(address, &mut budget) {
@@ -87,7 +93,7 @@ impl AddressTable {
     /// Slots in use.
     #[must_use]
     pub fn placed(&self) -> usize {
-        self.slots.iter().filter(|slot| **slot != [0, 0]).count()
+        self.placed
     }
 
     /// Slots in all.
@@ -103,16 +109,13 @@ impl AddressTable {
     }
 
     /// The eight slots `address` may take: the four of each of its two sets.
-    fn ways(&self, address: [u64; 2]) -> Vec<u32> {
+    fn ways(&self, address: [u64; 2]) -> impl Iterator<Item = u32> + Clone + use<> {
         let [first, second] = local_address_sets(address, self.set_bits);
-        let sets = if first == second {
-            vec![first]
-        } else {
-            vec![first, second]
-        };
-        sets.into_iter()
+        let sets = if first == second { 1 } else { 2 };
+        [first, second]
+            .into_iter()
+            .take(sets)
             .flat_map(|set| set..set + LOCAL_ADDRESS_WAYS)
-            .collect()
     }
 
     /// The shortest chain of slots, found breadth first, whose last is free: `address`
@@ -163,6 +166,7 @@ impl AddressTable {
             writes.push((path[step], holder));
         }
         self.slots[path[0] as usize] = address;
+        self.placed += 1;
         writes.push((path[0], address));
     }
 
@@ -375,7 +379,6 @@ mod tests {
     fn finds(table: &AddressTable, kernel: &[[u64; 2]], address: [u64; 2]) -> bool {
         table
             .ways(address)
-            .into_iter()
             .any(|index| kernel[index as usize] == address)
     }
 
@@ -439,7 +442,7 @@ mod tests {
         let mut table = AddressTable::new(2 * LOCAL_ADDRESS_WAYS, 1);
         let addresses: BTreeSet<[u64; 2]> = service_addresses(1_000, 3)
             .into_iter()
-            .filter(|&address| table.ways(address).len() == 8)
+            .filter(|&address| table.ways(address).count() == 8)
             .take(9)
             .collect();
         let placement = table.place(&addresses);

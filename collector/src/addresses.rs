@@ -11,9 +11,6 @@ use std::{
 };
 
 use collector_common::address_words;
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
@@ -43,21 +40,14 @@ pub struct Local {
     pub wide_route: Option<String>,
 }
 
-/// What is local to the current network namespace now. A dump that a change interrupted
-/// (the kernel flags it) is read again.
+/// What is local to the current network namespace now.
 pub fn list() -> io::Result<Local> {
-    let mut tries = 0;
-    loop {
-        match list_once() {
-            Err(err) if err.kind() == io::ErrorKind::Interrupted && tries < 3 => tries += 1,
-            read => return read,
-        }
-    }
+    netlink_dump::retry_interrupted(list_once)
 }
 
 fn list_once() -> io::Result<Local> {
     let mut local = Local::default();
-    dump(
+    netlink_dump::route_dump(
         RouteNetlinkMessage::GetAddress(AddressMessage::default()),
         |message| {
             if let RouteNetlinkMessage::NewAddress(address) = message {
@@ -69,45 +59,12 @@ fn list_once() -> io::Result<Local> {
     // table may hold a million routes.
     let mut routes = RouteMessage::default();
     routes.header.table = RT_TABLE_LOCAL;
-    dump(RouteNetlinkMessage::GetRoute(routes), |message| {
+    netlink_dump::route_dump(RouteNetlinkMessage::GetRoute(routes), |message| {
         if let RouteNetlinkMessage::NewRoute(route) = message {
             local_route(&route, &mut local);
         }
     })?;
     Ok(local)
-}
-
-/// Sends a dump request and hands each reply to `each`.
-fn dump(request: RouteNetlinkMessage, mut each: impl FnMut(RouteNetlinkMessage)) -> io::Result<()> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(request));
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    let (mut malformed, mut interrupted) = (None, false);
-    netlink_dump::exchange_strict(NETLINK_ROUTE, &buf, |_, message| {
-        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
-            Ok(NetlinkMessage {
-                header,
-                payload: NetlinkPayload::InnerMessage(inner),
-                ..
-            }) => {
-                interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
-                each(inner);
-            }
-            Ok(_) => {}
-            Err(err) => malformed = Some(err.to_string()),
-        }
-    })?;
-    match (malformed, interrupted) {
-        (Some(err), _) => Err(io::Error::new(io::ErrorKind::InvalidData, err)),
-        (None, true) => Err(io::Error::new(
-            io::ErrorKind::Interrupted,
-            "the dump was interrupted by a change",
-        )),
-        (None, false) => Ok(()),
-    }
 }
 
 /// Tells whether the namespace's addresses or routes changed since it last looked: a

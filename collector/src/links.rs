@@ -5,14 +5,12 @@
 
 use std::io;
 
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::netlink_dump;
 
 /// An interface as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,47 +61,18 @@ pub struct InterfaceStats {
 
 /// Every interface in the current network namespace.
 pub fn list() -> io::Result<Vec<Link>> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut request = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
-    );
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-
-    let mut links = Vec::new();
-    let mut receive = vec![0; 64 * 1024];
-    loop {
-        let size = socket.recv(&mut &mut receive[..], 0)?;
-        let mut offset = 0;
-        while offset < size {
-            let message =
-                NetlinkMessage::<RouteNetlinkMessage>::deserialize(&receive[offset..size])
-                    .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err.to_string()))?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::Done(_) => return Ok(links),
-                NetlinkPayload::Error(err) => {
-                    return Err(err.to_io());
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+    netlink_dump::retry_interrupted(|| {
+        let mut links = Vec::new();
+        netlink_dump::route_dump(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            |message| {
+                if let RouteNetlinkMessage::NewLink(link) = message {
                     links.push(from_message(&link));
                 }
-                _ => {}
-            }
-            if length == 0 {
-                break;
-            }
-            offset += length;
-        }
-    }
+            },
+        )?;
+        Ok(links)
+    })
 }
 
 fn from_message(message: &LinkMessage) -> Link {

@@ -1,11 +1,13 @@
 //! One netlink request and its replies, by hand: `nf_tables`' counters and tables
 //! (`nfnetlink`) and the socket list (`sock_diag`), which no crate here makes, and the
-//! address and route dumps (`addresses`, rtnetlink), whose messages netlink-packet-route
-//! builds and parses.
+//! interface, address and route dumps (`links`, `addresses`: rtnetlink), whose messages
+//! netlink-packet-route builds and parses.
 
 use std::io;
 
-use netlink_sys::{Socket, SocketAddr};
+use netlink_packet_core::{NLM_F_DUMP_INTR, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -88,6 +90,55 @@ fn exchange_on(
                 _ => each(kind, message),
             }
             at += align4(len);
+        }
+    }
+}
+
+/// An rtnetlink dump of `request` (strict checking on: its header's fields filter), each
+/// reply handed to `each`. A dump that a change interrupted (`NLM_F_DUMP_INTR`) is an
+/// `Interrupted` error, after the replies: see [`retry_interrupted`].
+pub fn route_dump(
+    request: RouteNetlinkMessage,
+    mut each: impl FnMut(RouteNetlinkMessage),
+) -> io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(request));
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    let (mut malformed, mut interrupted) = (None, false);
+    exchange_strict(NETLINK_ROUTE, &buf, |_, message| {
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
+            Ok(NetlinkMessage {
+                header,
+                payload: NetlinkPayload::InnerMessage(inner),
+                ..
+            }) => {
+                interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
+                each(inner);
+            }
+            Ok(_) => {}
+            Err(err) => malformed = Some(err.to_string()),
+        }
+    })?;
+    match (malformed, interrupted) {
+        (Some(err), _) => Err(io::Error::new(io::ErrorKind::InvalidData, err)),
+        (None, true) => Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "the dump was interrupted by a change",
+        )),
+        (None, false) => Ok(()),
+    }
+}
+
+/// Runs `read` until its dumps were not interrupted by a change, three more times at most.
+pub fn retry_interrupted<T>(mut read: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match read() {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted && tries < 3 => tries += 1,
+            read => return read,
         }
     }
 }
