@@ -24,7 +24,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, Map, MapData};
 use collector_common::map_names;
 
 use crate::{config::Config, loader, netns, nfnetlink, nft, output, paths, privileges};
@@ -351,10 +350,7 @@ fn pin_owner(map_dir: &Path) -> anyhow::Result<Owner> {
             map_dir.display()
         )));
     }
-    let read = MapData::from_pin(&path)
-        .map_err(anyhow::Error::from)
-        .and_then(|data| Ok(Array::<MapData, u64>::try_from(Map::from_map_data(data)?)?))
-        .and_then(|owner| Ok(owner.get(&0, 0)?));
+    let read = loader::read_pin_owner(&path);
     match read {
         Ok(0) => Ok(Owner::Unknown(format!(
             "the pins' owner in {} was never set (a start that stopped before it claimed them)",

@@ -775,14 +775,7 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     }
     let owner_pin = map_dir.join(map_names::PIN_OWNER);
     if owner_pin.exists() {
-        let owner = MapData::from_pin(&owner_pin)
-            .map_err(anyhow::Error::from)
-            .and_then(|data| {
-                Ok(Array::<MapData, u64>::try_from(
-                    aya::maps::Map::from_map_data(data)?,
-                )?)
-            })
-            .and_then(|owner| Ok(owner.get(&0, 0)?))
+        let owner = read_pin_owner(&owner_pin)
             .with_context(|| format!("reading {}", owner_pin.display()))?;
         if owner != 0 && owner != own_netns {
             return Err(foreign_pins(pin_dir, owner, own_netns));
@@ -986,6 +979,13 @@ fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result
     }
     owner.set(0, own_netns, 0)?;
     Ok(())
+}
+
+/// The network namespace cookie in the pinned `PIN_OWNER` at `path` (0: never claimed).
+pub fn read_pin_owner(path: &Path) -> anyhow::Result<u64> {
+    let data = MapData::from_pin(path)?;
+    let owner = Array::<MapData, u64>::try_from(aya::maps::Map::from_map_data(data)?)?;
+    Ok(owner.get(&0, 0)?)
 }
 
 /// The refusal of pins that a collector of another network namespace made.
