@@ -16,7 +16,7 @@ use collector_common::{
     LOCAL_ADDRESS_WAYS, local_address_set_bits, local_address_sets, local_address_slots, map_names,
 };
 
-use crate::addresses::{self, ChangeWatch};
+use crate::addresses::{self, ChangeSignal, ChangeWatch};
 
 /// The agent's copy of `LOCAL_ADDRESSES`, and where each address goes: a free slot of
 /// either of its two sets.
@@ -239,6 +239,12 @@ impl LocalAddresses {
         })
     }
 
+    /// A signal of announced changes, to sync on them between polls (`None` without a watch,
+    /// where every poll reads the addresses).
+    pub fn change_signal(&self) -> Option<std::io::Result<ChangeSignal>> {
+        self.watch.as_ref().map(ChangeWatch::signal)
+    }
+
     /// Entries of the kernel's table, set at load.
     #[must_use]
     pub fn slots(&self) -> u32 {
@@ -255,10 +261,10 @@ impl LocalAddresses {
     }
 
     /// Brings the kernel's table up to this namespace's addresses and single-address local
-    /// routes, at the start and at a poll after a change: on the interfaces, live traffic
-    /// and DNS count packets to and from them only. While one does not fit, or a local
-    /// route is wider than one address, or a sync failed, the table is marked incomplete
-    /// and the port alone decides, as without it. A problem is logged when it starts or
+    /// routes, at the start and after an announced change (at once, or at the next poll): on
+    /// the interfaces, live traffic and DNS count packets to and from them only. While one
+    /// does not fit, or a local route is wider than one address, or a sync failed, the table
+    /// is marked incomplete and the port alone decides, as without it. A problem is logged when it starts or
     /// changes kind, not every second, and when it ends.
     pub fn refresh(&mut self, ebpf: &mut Ebpf) {
         let announced = self.watch.as_mut().is_none_or(ChangeWatch::changed);

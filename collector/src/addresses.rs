@@ -1,13 +1,16 @@
 //! The addresses of the agent's network namespace, read over rtnetlink: live traffic and
 //! DNS on the interfaces count only packets to or from them (`LOCAL_ADDRESSES`), not what
-//! the host forwards. Read at the start, then again at a poll only after the kernel
-//! announced a change of addresses or routes: a node whose kube-proxy runs in IPVS mode has
-//! tens of thousands, and reading them took 25 ms.
+//! the host forwards. Read at the start, then again only after the kernel announced a change
+//! of addresses or routes (a node whose kube-proxy runs in IPVS mode has tens of thousands,
+//! and reading them took 25 ms): at once, so that a VIP taken over in a failover counts from
+//! its first packets, not from the next poll.
 
 use std::{
     collections::BTreeSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd as _, OwnedFd},
+    time::Duration,
 };
 
 use collector_common::address_words;
@@ -17,6 +20,10 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    time::Instant,
+};
 
 use crate::netlink_dump;
 
@@ -108,6 +115,52 @@ impl ChangeWatch {
                 Err(_) => return true,
             }
         }
+    }
+
+    /// A [`ChangeSignal`] on this socket (a duplicate of its descriptor: the watch is still
+    /// what reads the announcements). In a tokio runtime.
+    pub fn signal(&self) -> io::Result<ChangeSignal> {
+        let socket = self.socket.as_fd().try_clone_to_owned()?;
+        // SAFETY: an `OwnedFd` keeps its descriptor open, and the same, until it is dropped
+        // with the `AsyncFd`.
+        let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?;
+        Ok(ChangeSignal {
+            socket,
+            not_before: Instant::now(),
+        })
+    }
+}
+
+/// Wakes the agent when a [`ChangeWatch`] has announcements waiting, so that the address
+/// table follows a change within milliseconds. A burst of changes (kube-proxy adding
+/// thousands of service addresses) does not keep a core busy with dumps: after a sync the next
+/// waits [`SYNC_SPACING_FACTOR`] times as long as that one took, 50 ms at least, and the
+/// changes in between are read together.
+pub struct ChangeSignal {
+    socket: AsyncFd<OwnedFd>,
+    not_before: Instant,
+}
+
+/// Shortest time between two syncs on announcements.
+const MIN_SYNC_SPACING: Duration = Duration::from_millis(50);
+/// How many times a sync's own duration the next one waits: syncs on announcements take at
+/// most about a twentieth of a core.
+const SYNC_SPACING_FACTOR: u32 = 20;
+
+impl ChangeSignal {
+    /// Returns when announcements are waiting and a sync is allowed; an error if the socket
+    /// cannot be polled.
+    pub async fn announced(&self) -> io::Result<()> {
+        tokio::time::sleep_until(self.not_before).await;
+        // Cleared before the sync drains the socket: an announcement that comes during the
+        // drain wakes this again.
+        self.socket.readable().await?.clear_ready();
+        Ok(())
+    }
+
+    /// A sync on announcements took `took`: spaces the next one.
+    pub fn synced(&mut self, took: Duration) {
+        self.not_before = Instant::now() + (took * SYNC_SPACING_FACTOR).max(MIN_SYNC_SPACING);
     }
 }
 

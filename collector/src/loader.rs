@@ -34,6 +34,7 @@ use collector_common::{
 
 use crate::{
     address_table::{AddressTableUse, LocalAddresses},
+    addresses::ChangeSignal,
     bpf_sys,
     config::{Config, RouteKind},
     links::{self, Link},
@@ -111,6 +112,20 @@ impl Attachment {
     pub fn refresh_local_addresses(&mut self) {
         if let Some(local) = &mut self.local_addresses {
             local.refresh(&mut self.ebpf);
+        }
+    }
+
+    /// Wakes the run loop when the namespace's addresses change, to bring the address table
+    /// up to date at once (`None` with `all_namespaces`, or if it cannot be had: logged, and
+    /// the polls still do).
+    #[must_use]
+    pub fn address_change_signal(&self) -> Option<ChangeSignal> {
+        match self.local_addresses.as_ref()?.change_signal()? {
+            Ok(signal) => Some(signal),
+            Err(err) => {
+                tracing::warn!("address changes are read at the polls only: {err}");
+                None
+            }
         }
     }
 

@@ -52,6 +52,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    addresses::ChangeSignal,
     client_table::ClientTable,
     config::Config,
     events::ClientStats,
@@ -521,6 +522,7 @@ async fn serve_until_signal(
         preexisting,
     );
     let mut netlink_health = snapshot::SourceHealth::default();
+    let mut address_changes = attachment.address_change_signal();
     let mut ticks = tokio::time::interval(config.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -540,6 +542,19 @@ async fn serve_until_signal(
                     Polled::Failed(health) => latest.store_failed(health),
                 }
             }
+            announced = address_change(address_changes.as_ref()) => match announced {
+                Ok(()) => {
+                    let began = std::time::Instant::now();
+                    attachment.refresh_local_addresses();
+                    if let Some(signal) = &mut address_changes {
+                        signal.synced(began.elapsed());
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!("address changes are read at the polls only: {err}");
+                    address_changes = None;
+                }
+            },
             ended = &mut events => break Err(reader_stopped(ended, "connection")),
             ended = &mut dns_events => break Err(reader_stopped(ended, "DNS")),
         }
@@ -549,6 +564,14 @@ async fn serve_until_signal(
     events.abort();
     dns_events.abort();
     outcome.and(wait_for_server(server).await)
+}
+
+/// The next announced change of the namespace's addresses (never, without a signal).
+async fn address_change(signal: Option<&ChangeSignal>) -> std::io::Result<()> {
+    match signal {
+        Some(signal) => signal.announced().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits for the HTTP server to finish the requests under way, for a while. They must not

@@ -237,6 +237,11 @@ impl AgentConfig {
         Self::write(routes, "", "")
     }
 
+    /// As [`Self::new`], polling every `ms` milliseconds.
+    pub fn polling_every(routes: &str, ms: u64) -> Self {
+        Self::write(routes, "", &format!("poll_interval_ms = {ms}\n"))
+    }
+
     fn write(routes: &str, nft: &str, poll: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("collector-test"));
         fs::create_dir_all(&dir).unwrap();
