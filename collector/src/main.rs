@@ -30,6 +30,7 @@ mod paths;
 mod poller;
 mod preexisting;
 mod privileges;
+mod process;
 mod rates;
 mod serve;
 mod signals;

@@ -752,6 +752,83 @@ fn encode_interfaces_and_sources(
     )
 }
 
+/// Renders the build and the agent's own process, under the names every client library
+/// uses (`process_*` unprefixed, so that generic exporter dashboards find them).
+fn encode_process(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    gauges(
+        encoder,
+        "collector_build_info",
+        "The collector's version; always 1.",
+        None,
+        [(
+            vec![("version", env!("CARGO_PKG_VERSION").to_owned())],
+            1i64,
+        )],
+    )?;
+    let Some(process) = &snapshot.process else {
+        return Ok(());
+    };
+    single(
+        encoder,
+        "process_cpu",
+        "Total user and system CPU time spent in seconds.",
+        Some(&Unit::Seconds),
+        MetricType::Counter,
+        &ConstCounter::new(process.cpu_seconds),
+    )?;
+    for (name, help, unit, value) in [
+        (
+            "process_resident_memory",
+            "Resident memory size in bytes.",
+            Some(Unit::Bytes),
+            Some(process.resident_memory_bytes),
+        ),
+        (
+            "process_virtual_memory",
+            "Virtual memory size in bytes.",
+            Some(Unit::Bytes),
+            Some(process.virtual_memory_bytes),
+        ),
+        (
+            "process_open_fds",
+            "Number of open file descriptors.",
+            None,
+            Some(process.open_fds),
+        ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            None,
+            process.max_fds,
+        ),
+        (
+            "process_threads",
+            "Number of OS threads in the process.",
+            None,
+            Some(process.threads),
+        ),
+    ] {
+        if let Some(value) = value {
+            single(
+                encoder,
+                name,
+                help,
+                unit.as_ref(),
+                MetricType::Gauge,
+                &ConstGauge::new(value),
+            )?;
+        }
+    }
+    single(
+        encoder,
+        "process_start_time",
+        "Start time of the process since unix epoch in seconds.",
+        Some(&Unit::Seconds),
+        MetricType::Gauge,
+        &ConstGauge::new(process.start_time_seconds),
+    )
+}
+
 /// Exposes the latest snapshot on every scrape.
 #[derive(Debug)]
 pub struct SnapshotCollector {
@@ -765,7 +842,8 @@ impl Collector for SnapshotCollector {
         encode_traffic(&snapshot, &mut encoder)?;
         encode_dns(&snapshot, &mut encoder)?;
         encode_interfaces_and_sources(&snapshot, &mut encoder)?;
-        encode_self(&snapshot, &mut encoder)
+        encode_self(&snapshot, &mut encoder)?;
+        encode_process(&snapshot, &mut encoder)
     }
 }
 

@@ -261,26 +261,7 @@ impl Poller {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .snapshot();
-        let mut dns = DnsSnapshot {
-            enabled: self.dns.enabled,
-            match_responses: self.dns.match_responses,
-            counters: totals.dns,
-            domains: self
-                .dns
-                .domains
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .snapshot(self.dns.listed),
-            waiting: self
-                .dns
-                .in_flight
-                .as_ref()
-                .map(crate::dns::InFlightTable::waiting),
-            ..DnsSnapshot::default()
-        };
-        self.dns_queries.record(at, dns.total_queries());
-        dns.query_rates = self.dns_queries.rates();
-        dns.query_history = self.dns_queries.history(HISTORY_SAMPLES);
+        let dns = self.dns_snapshot(at, &totals.dns);
         Polled::Fresh(Box::new(Snapshot {
             taken_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -304,7 +285,37 @@ impl Poller {
             address_table: interfaces.address_table,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
+            process: crate::process::ProcessStats::read_or_log(),
         }))
+    }
+
+    /// The DNS figures of a poll at `at`, with their rates.
+    fn dns_snapshot(
+        &mut self,
+        at: Duration,
+        counters: &collector_common::DnsCounters,
+    ) -> DnsSnapshot {
+        let mut dns = DnsSnapshot {
+            enabled: self.dns.enabled,
+            match_responses: self.dns.match_responses,
+            counters: *counters,
+            domains: self
+                .dns
+                .domains
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .snapshot(self.dns.listed),
+            waiting: self
+                .dns
+                .in_flight
+                .as_ref()
+                .map(crate::dns::InFlightTable::waiting),
+            ..DnsSnapshot::default()
+        };
+        self.dns_queries.record(at, dns.total_queries());
+        dns.query_rates = self.dns_queries.rates();
+        dns.query_history = self.dns_queries.history(HISTORY_SAMPLES);
+        dns
     }
 }
 

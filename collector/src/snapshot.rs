@@ -194,6 +194,8 @@ pub struct Snapshot {
     pub sources: Vec<(&'static str, SourceHealth)>,
     /// Our nftables table's counters (empty when off or unavailable).
     pub nft: Vec<crate::nft::CounterValue>,
+    /// The agent's own process (`None` if `/proc` could not be read).
+    pub process: Option<crate::process::ProcessStats>,
 }
 
 #[cfg(test)]
@@ -372,6 +374,7 @@ impl Snapshot {
                 packets: 11,
                 bytes: 900,
             }],
+            process: Some(crate::process::ProcessStats::EXAMPLE),
             ..Snapshot::default()
         }
     }

@@ -1,5 +1,6 @@
-//! Prometheus, for real: the shipped scrape config and alerting rules pass promtool, and a
-//! Prometheus server (Debian's) scraping the agent answers queries with the test's traffic.
+//! Prometheus, for real: the shipped scrape config and alerting rules pass promtool, a
+//! Prometheus server (Debian's) scraping the agent answers queries with the test's traffic,
+//! and the agent exports its own process figures as every exporter does.
 
 mod support;
 
@@ -9,10 +10,10 @@ use std::{
     path::Path,
     process::{Child, Command, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use support::{Agent, AgentConfig, LISTEN, Netns, assert_no_pins, wait_for};
+use support::{Agent, AgentConfig, LISTEN, Netns, assert_no_pins, sample, scrape, wait_for};
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
 const PROMETHEUS: &str = "127.0.0.1:9090";
@@ -138,6 +139,73 @@ fn a_real_prometheus_scrapes_the_agent_and_answers_with_the_traffic() {
         value("collector_proxy_connection_sent_bytes_total"),
         Some(35.0)
     );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+fn epoch_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The agent's `process_*` figures are its own, as `/proc` shows them to the test: started
+/// while the test started it, its open-file limit, its file descriptors and CPU time.
+#[test]
+fn the_agent_exports_its_own_process_figures() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let before_start = epoch_seconds();
+    let agent = Agent::start(&netns, &config);
+    let ready = epoch_seconds();
+    let metrics = scrape(&netns);
+    let proc_dir = Path::new("/proc").join(agent.pid().to_string());
+    let value = |name: &str| sample(&metrics, name, &[]).unwrap_or_else(|| panic!("no {name}"));
+
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    // The boot time in /proc/stat is whole seconds.
+    let started = value("process_start_time_seconds");
+    assert!(
+        started > before_start - 1.0 && started < ready + 1.0,
+        "{started} not within {before_start}..{ready}"
+    );
+    let limits = std::fs::read_to_string(proc_dir.join("limits")).unwrap();
+    let soft_limit: f64 = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(sample(&metrics, "process_max_fds", &[]), Some(soft_limit));
+    // The scrape's own connection may have come or gone since the poll.
+    let fds =
+        f64::from(u32::try_from(std::fs::read_dir(proc_dir.join("fd")).unwrap().count()).unwrap());
+    let open_fds = value("process_open_fds");
+    assert!((open_fds - fds).abs() <= 2.0, "{open_fds} against {fds}");
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime, fields 14 and 15 of stat(5), in ticks of 1/100 s on Linux.
+    let cpu_now = (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0;
+    let cpu = value("process_cpu_seconds_total");
+    assert!(cpu > 0.0 && cpu <= cpu_now, "{cpu} against {cpu_now} now");
+    let resident = value("process_resident_memory_bytes");
+    assert!(resident > f64::from(1u32 << 20), "{resident}");
+    assert!(value("process_virtual_memory_bytes") >= resident);
+    assert!(value("process_threads") >= 2.0);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
