@@ -325,6 +325,120 @@ fn the_kubernetes_scrape_job_finds_the_manifests_collectors_and_passes_promtool(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The fields of a relabeling, in Prometheus's spelling.
+const RELABEL_FIELDS: [&str; 5] = [
+    "source_labels",
+    "regex",
+    "action",
+    "target_label",
+    "replacement",
+];
+
+/// A relabeling in Prometheus's spelling, with only the fields it sets; `names` are its
+/// fields' names in `rule` (the Operator's are camelCase).
+fn spelled(rule: &serde_json::Value, names: [&str; 5]) -> serde_json::Value {
+    RELABEL_FIELDS
+        .iter()
+        .zip(names)
+        .filter(|(_, name)| !rule[*name].is_null())
+        .map(|(field, name)| ((*field).to_owned(), rule[name].clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// The `PodMonitor` (for the Prometheus Operator) scrapes what the plain Kubernetes job does:
+/// the same namespace, the collector containers' metrics port, HTTPS with the same server
+/// name, the token and CA from the Secrets the manifests mount, the same relabelings. (No
+/// Operator here: its schema was checked by hand, see docs/DESIGN.md, "Deployment".)
+#[test]
+fn the_pod_monitor_scrapes_what_the_kubernetes_job_does() {
+    let monitor = yaml("prometheus/podmonitor.yaml").remove(0);
+    assert_eq!(monitor["kind"], "PodMonitor");
+    let job = yaml("prometheus/kubernetes.yml").remove(0)["scrape_configs"][0].clone();
+    let spec = &monitor["spec"];
+    assert_eq!(
+        spec["namespaceSelector"]["matchNames"],
+        job["kubernetes_sd_configs"][0]["namespaces"]["names"]
+    );
+    assert_eq!(
+        monitor["metadata"]["namespace"], spec["namespaceSelector"]["matchNames"][0],
+        "the Operator reads the Secrets from the PodMonitor's namespace"
+    );
+    let endpoint = &spec["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["scheme"], job["scheme"]);
+    assert_eq!(
+        endpoint["tlsConfig"]["serverName"],
+        job["tls_config"]["server_name"]
+    );
+    assert_eq!(endpoint["authorization"]["type"], "Bearer");
+    for manifest in ["kubernetes/daemonset.yaml", "kubernetes/sidecar.yaml"] {
+        let pod = pod_spec(manifest);
+        let container = collector_container(&pod);
+        assert!(
+            container["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == endpoint["port"] && p["containerPort"] == 9464),
+            "{manifest}: no port {} on the collector container",
+            endpoint["port"]
+        );
+        let secrets: Vec<&serde_json::Value> = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.get("secret").map(|s| &s["secretName"]))
+            .collect();
+        for secret in [
+            &endpoint["authorization"]["credentials"]["name"],
+            &endpoint["tlsConfig"]["ca"]["secret"]["name"],
+        ] {
+            assert!(secrets.contains(&secret), "{manifest}: no Secret {secret}");
+        }
+    }
+    // The agent reads the token from the Secret's key `token` (the ConfigMap's path).
+    assert_eq!(endpoint["authorization"]["credentials"]["key"], "token");
+    assert!(read("kubernetes/daemonset.yaml").contains("/etc/collector/token/token"));
+
+    // The relabelings, in the job's spelling and without the fields left out: the job's,
+    // but for its keep, whose port is the endpoint's here, and namespace and pod, which the
+    // Operator sets itself.
+    let ours: Vec<serde_json::Value> = endpoint["relabelings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            spelled(
+                r,
+                [
+                    "sourceLabels",
+                    "regex",
+                    "action",
+                    "targetLabel",
+                    "replacement",
+                ],
+            )
+        })
+        .collect();
+    for rule in job["relabel_configs"].as_array().unwrap() {
+        let mut expected = spelled(rule, RELABEL_FIELDS);
+        if matches!(rule["target_label"].as_str(), Some("namespace" | "pod")) {
+            continue;
+        }
+        if rule["action"] == "keep" {
+            let (container, port) = rule["regex"].as_str().unwrap().split_once(';').unwrap();
+            assert_eq!(endpoint["port"], port);
+            expected = serde_json::json!({
+                "source_labels": ["__meta_kubernetes_pod_container_name"],
+                "regex": container,
+                "action": "keep",
+            });
+        }
+        assert!(ours.contains(&expected), "{expected} is not in {ours:?}");
+    }
+    assert_eq!(ours.len(), 4, "{ours:?}");
+}
+
 /// `CollectorPodsUnavailable` picks the `DaemonSet` by name (kube-state-metrics exports no
 /// workload labels by default): each of its matchers must name the manifest's `DaemonSet`,
 /// or the alert never fires.
