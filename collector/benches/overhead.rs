@@ -353,8 +353,20 @@ const DNS_QUERIES: &str = "www.test A\napi.test A\nwww.test AAAA\nmail.test MX\n
 
 /// One dnsperf run at its maximum rate: (queries sent, queries per second).
 fn dnsperf(netns: &Netns, queries: &std::path::Path, seconds: f64) -> (u64, f64) {
-    let out = netns
-        .command("dnsperf")
+    dnsperf_on(netns, queries, seconds, None)
+}
+
+/// [`dnsperf`], on `cpu` only if given.
+fn dnsperf_on(
+    netns: &Netns,
+    queries: &std::path::Path,
+    seconds: f64,
+    cpu: Option<usize>,
+) -> (u64, f64) {
+    let mut command = netns.command("taskset");
+    command.args(["-c", &cpu.map_or_else(every_cpu, |cpu| cpu.to_string())]);
+    let out = command
+        .arg("dnsperf")
         .args(["-s", "127.0.0.1", "-p", "53", "-d"])
         .arg(queries)
         .args(["-l", &format!("{seconds}")])
@@ -482,19 +494,85 @@ fn dns_pairs(
     pairs
 }
 
+/// Where dnsperf and unbound run while the classifier's cost is measured.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// Where the scheduler puts them, as in the pairs.
+    Scheduled,
+    /// Both on CPU 0: a query and its response run on one CPU.
+    OneCpu,
+    /// unbound on CPU 0, dnsperf on CPU 1: a response runs on another CPU than its query.
+    TwoCpus,
+}
+
+impl Placement {
+    const ALL: [Self; 3] = [Self::Scheduled, Self::OneCpu, Self::TwoCpus];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Scheduled => "dnsperf and unbound where the scheduler puts them",
+            Self::OneCpu => "both on CPU 0 (a query and its response run on one CPU)",
+            Self::TwoCpus => {
+                "unbound on CPU 0, dnsperf on CPU 1 (each response on another CPU than its query)"
+            }
+        }
+    }
+
+    /// (unbound's CPUs, dnsperf's CPU).
+    fn cpus(self) -> (String, Option<usize>) {
+        match self {
+            Self::Scheduled => (every_cpu(), None),
+            Self::OneCpu => ("0".into(), Some(0)),
+            Self::TwoCpus => ("0".into(), Some(1)),
+        }
+    }
+}
+
+/// Every CPU, as taskset lists them.
+fn every_cpu() -> String {
+    let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    format!("0-{}", cpus - 1)
+}
+
 /// The classifier's cost per packet from the kernel's statistics under dnsperf (every packet
-/// takes its DNS path), with the empty program on the same packets.
+/// takes its DNS path), with the empty program on the same packets, for each placement of
+/// dnsperf and unbound (`unbound`: its process id, whose threads are moved).
 fn dns_costs(
     netns: &Netns,
     config: &AgentConfig,
     queries: &std::path::Path,
     seconds: f64,
-) -> Vec<Cost> {
-    let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
-    dnsperf(netns, queries, seconds);
-    let metrics = scrape(netns);
-    assert!(agent.stop().success());
-    costs(&metrics, &["count_loopback", "stats_floor_tc"])
+    unbound: u32,
+) -> Vec<(Placement, Vec<Cost>)> {
+    let two_cpus = thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let mut measured = Vec::new();
+    for placement in Placement::ALL {
+        if matches!(placement, Placement::TwoCpus) && !two_cpus {
+            continue;
+        }
+        let (unbound_cpus, dnsperf_cpu) = placement.cpus();
+        pin(unbound, &unbound_cpus);
+        let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
+        dnsperf_on(netns, queries, seconds, dnsperf_cpu);
+        let metrics = scrape(netns);
+        assert!(agent.stop().success());
+        measured.push((
+            placement,
+            costs(&metrics, &["count_loopback", "stats_floor_tc"]),
+        ));
+    }
+    pin(unbound, &every_cpu());
+    measured
+}
+
+/// Moves every thread of process `pid` to `cpus`.
+fn pin(pid: u32, cpus: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("taskset (util-linux)");
+    assert!(status.success(), "taskset -a -p -c {cpus} {pid}");
 }
 
 /// One DNS configuration's pairs and costs.
@@ -502,8 +580,8 @@ struct DnsMode {
     /// What the agent was configured with, for the report.
     title: &'static str,
     pairs: Vec<DnsPair>,
-    /// None in the noise mode, which runs no agent.
-    costs: Option<Vec<Cost>>,
+    /// Per placement of dnsperf and unbound; none in the noise mode, which runs no agent.
+    costs: Option<Vec<(Placement, Vec<Cost>)>>,
 }
 
 /// Pairs, then costs, of the agent with `dns_section` in its config; with none, pairs with
@@ -514,6 +592,7 @@ fn dns_mode(
     dns_section: Option<&str>,
     queries: &std::path::Path,
     settings: &Settings,
+    unbound: u32,
 ) -> DnsMode {
     let config = dns_section
         .map(|section| AgentConfig::shipped_poll(&format!("{ROUTES}\n[dns]\n{section}")));
@@ -522,7 +601,7 @@ fn dns_mode(
         pairs: dns_pairs(netns, config.as_ref(), queries, settings),
         costs: config
             .as_ref()
-            .map(|config| dns_costs(netns, config, queries, settings.seconds)),
+            .map(|config| dns_costs(netns, config, queries, settings.seconds, unbound)),
     }
 }
 
@@ -537,7 +616,11 @@ fn dns_report(settings: &Settings, modes: &[DnsMode]) -> String {
          agent each run), \"sent\" what dnsperf reports. The cost per packet comes from the \
          kernel's run-time statistics (`--bpf-stats`) under the same load: `count_loopback`, the \
          one classifier on lo, takes its DNS path for every packet here, and the empty program \
-         `stats_floor_tc` shows what the statistics' own timing costs per run.\n",
+         `stats_floor_tc` shows what the statistics' own timing costs per run. It is measured \
+         three times: with dnsperf and unbound where the scheduler puts them (as in the pairs), \
+         both on one CPU, and on two: on loopback a query is classified on dnsperf's CPU and its \
+         response on unbound's, and latency tracking's in-flight slot then changes CPU twice a \
+         query.\n",
         settings.pairs, settings.seconds, settings.seconds
     );
     for mode in modes {
@@ -593,8 +676,11 @@ fn dns_mode_report(report: &mut String, mode: &DnsMode) {
         "\n**Median qps ratio {}; counted − sent over all runs: {lost} (target 0).**\n",
         qps.describe(Some(0.985))
     );
-    report.push_str(&cost_table(costs));
-    report.push('\n');
+    for (placement, costs) in costs {
+        let _ = writeln!(report, "Costs with {}:\n", placement.describe());
+        report.push_str(&cost_table(costs));
+        report.push('\n');
+    }
 }
 
 /// The cost of one poll of every source with 50 routes configured, from the agent's own
@@ -781,6 +867,7 @@ fn main() {
                 Some("match_responses = true\n"),
                 &queries,
                 &settings,
+                server.main_pid(),
             ),
             dns_mode(
                 &netns,
@@ -788,8 +875,16 @@ fn main() {
                 Some("match_responses = false\n"),
                 &queries,
                 &settings,
+                server.main_pid(),
             ),
-            dns_mode(&netns, NOISE_TITLE, None, &queries, &settings),
+            dns_mode(
+                &netns,
+                NOISE_TITLE,
+                None,
+                &queries,
+                &settings,
+                server.main_pid(),
+            ),
         ];
         drop(server);
         report.push_str(&dns_report(&settings, &modes));

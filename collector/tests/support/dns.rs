@@ -169,6 +169,13 @@ impl Unbound {
     }
 }
 
+impl Unbound {
+    /// The main server's process id (the first started is the upstream, if any).
+    pub fn main_pid(&self) -> u32 {
+        self.children.last().map_or(0, Child::id)
+    }
+}
+
 impl Drop for Unbound {
     fn drop(&mut self) {
         for child in &mut self.children {
