@@ -69,8 +69,24 @@ use crate::{
     about = "Kernel-assisted proxy and DNS metrics for ingress hosts"
 )]
 struct Cli {
+    /// Log lines as text, or as one JSON object a line (level, message, fields and target
+    /// at the top level) for log pipelines that parse them. The level comes from `RUST_LOG`.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "COLLECTOR_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -241,8 +257,10 @@ impl ConfigSource {
     }
 }
 
-fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
+/// Log lines go to standard error, as text or JSON, from `info` on unless `RUST_LOG` says
+/// otherwise.
+fn init_logging(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // netlink-packet-route warns about every attribute newer than itself.
@@ -250,10 +268,19 @@ fn main() -> std::process::ExitCode {
                     tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
                 }),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let log_format = cli.log_format;
+    init_logging(log_format);
     let result = match cli.command {
         Command::Run {
             source,
@@ -329,7 +356,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) if err.is::<output::ReaderGone>() => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("collector: {err:#}");
+            // The reason it stopped is a log line like the others where a pipeline parses them.
+            if log_format == LogFormat::Json {
+                tracing::error!("{err:#}");
+            } else {
+                eprintln!("collector: {err:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -196,6 +196,67 @@ fn a_config_without_routes_is_warned_about_at_start() {
     );
 }
 
+/// With `--log-format json` every line the agent writes is a JSON object with its level,
+/// message and fields at the top level, the reason a start is refused included.
+#[test]
+fn json_logs_are_one_object_a_line_with_the_fields_at_the_top() {
+    let netns = Netns::new();
+    let config = AgentConfig::new("");
+    let logs = ScratchDir::new("json-logs");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &["--log-format", "json"], &log);
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}")))
+        .collect();
+    for line in &lines {
+        assert!(
+            line["level"].is_string() && line["message"].is_string() && line["target"].is_string(),
+            "{line}"
+        );
+    }
+    let running = lines
+        .iter()
+        .find(|line| line["message"] == "collector running")
+        .unwrap_or_else(|| panic!("no start line in {text}"));
+    assert_eq!(running["level"], "INFO");
+    assert_eq!(running["routes"], 0);
+    assert!(running["listen"].is_string(), "{running}");
+    assert!(
+        lines.iter().any(|line| line["level"] == "WARN"
+            && line["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("no [[routes]] configured")),
+        "{text}"
+    );
+
+    // A refused start: its reason, with the file and line, is a JSON line too.
+    let dir = ScratchDir::new("json-logs-bad");
+    let bad = dir.path("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[routes]]\nname = \"web\"\nports = [0]\ntype = \"http\"\n",
+    )
+    .unwrap();
+    let out = Command::new(COLLECTOR)
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let refusal: serde_json::Value =
+        serde_json::from_str(stderr.trim()).unwrap_or_else(|err| panic!("{err}: {stderr}"));
+    assert_eq!(refusal["level"], "ERROR");
+    assert!(
+        refusal["message"].as_str().unwrap().contains("bad.toml:3:"),
+        "{refusal}"
+    );
+}
+
 fn run_with_config(text: &str) -> (bool, String) {
     // Tests run in parallel: one directory per call.
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
