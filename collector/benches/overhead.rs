@@ -364,7 +364,8 @@ fn dnsperf_on(
     cpu: Option<usize>,
 ) -> (u64, f64) {
     let mut command = netns.command("taskset");
-    command.args(["-c", &cpu.map_or_else(every_cpu, |cpu| cpu.to_string())]);
+    let cpus = cpu.map_or_else(|| cpu_list(&allowed_cpus()), |cpu| cpu.to_string());
+    command.args(["-c", &cpus]);
     let out = command
         .arg("dnsperf")
         .args(["-s", "127.0.0.1", "-p", "53", "-d"])
@@ -511,27 +512,50 @@ impl Placement {
     fn describe(self) -> &'static str {
         match self {
             Self::Scheduled => "dnsperf and unbound where the scheduler puts them",
-            Self::OneCpu => "both on CPU 0 (a query and its response run on one CPU)",
+            Self::OneCpu => "both on one CPU (a query and its response run on one CPU)",
             Self::TwoCpus => {
-                "unbound on CPU 0, dnsperf on CPU 1 (each response on another CPU than its query)"
+                "unbound on one CPU, dnsperf on another (each response on another CPU than its query)"
             }
         }
     }
 
-    /// (unbound's CPUs, dnsperf's CPU).
-    fn cpus(self) -> (String, Option<usize>) {
+    /// (unbound's CPUs, dnsperf's CPU) among the `allowed` ones; `None` if there are too few.
+    fn cpus(self, allowed: &[usize]) -> Option<(String, Option<usize>)> {
         match self {
-            Self::Scheduled => (every_cpu(), None),
-            Self::OneCpu => ("0".into(), Some(0)),
-            Self::TwoCpus => ("0".into(), Some(1)),
+            Self::Scheduled => Some((cpu_list(allowed), None)),
+            Self::OneCpu => allowed.first().map(|&cpu| (cpu.to_string(), Some(cpu))),
+            Self::TwoCpus => match allowed {
+                [unbound, dnsperf, ..] => Some((unbound.to_string(), Some(*dnsperf))),
+                _ => None,
+            },
         }
     }
 }
 
-/// Every CPU, as taskset lists them.
-fn every_cpu() -> String {
-    let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    format!("0-{}", cpus - 1)
+/// The CPUs this process may run on (its affinity, which a cpuset may narrow).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set, filled by the call.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a cpu_set_t of the size passed.
+    let got = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
+    assert_eq!(
+        got,
+        0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: reads of the set filled above, at indexes below its size.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// CPUs as taskset lists them.
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The classifier's cost per packet from the kernel's statistics under dnsperf (every packet
@@ -544,13 +568,12 @@ fn dns_costs(
     seconds: f64,
     unbound: u32,
 ) -> Vec<(Placement, Vec<Cost>)> {
-    let two_cpus = thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let allowed = allowed_cpus();
     let mut measured = Vec::new();
     for placement in Placement::ALL {
-        if matches!(placement, Placement::TwoCpus) && !two_cpus {
+        let Some((unbound_cpus, dnsperf_cpu)) = placement.cpus(&allowed) else {
             continue;
-        }
-        let (unbound_cpus, dnsperf_cpu) = placement.cpus();
+        };
         pin(unbound, &unbound_cpus);
         let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
         dnsperf_on(netns, queries, seconds, dnsperf_cpu);
@@ -561,7 +584,7 @@ fn dns_costs(
             costs(&metrics, &["count_loopback", "stats_floor_tc"]),
         ));
     }
-    pin(unbound, &every_cpu());
+    pin(unbound, &cpu_list(&allowed));
     measured
 }
 

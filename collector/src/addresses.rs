@@ -103,7 +103,9 @@ impl ChangeWatch {
 
     /// Whether anything was announced since the last call (reads every announcement there
     /// is): an address, or a route of the `local` table (a router's others change all the
-    /// time). Announcements lost to a full socket buffer count as a change.
+    /// time). Announcements lost to a full socket buffer count as a change. The socket is
+    /// read until it is empty, past an overrun too: the [`ChangeSignal`] only wakes again
+    /// for what arrives after that.
     pub fn changed(&mut self) -> bool {
         let mut changed = false;
         loop {
@@ -111,7 +113,10 @@ impl ChangeWatch {
                 Ok(0) => return changed,
                 Ok(size) => changed |= announces_a_change(&self.buf[..size]),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return changed,
-                // ENOBUFS (overrun) or anything else: look again.
+                // Announcements were lost: the addresses are read again, and the socket
+                // still holds those queued before the overrun.
+                Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => changed = true,
+                // Anything else: look again, and read on at the next call.
                 Err(_) => return true,
             }
         }

@@ -20,6 +20,7 @@ use prometheus_client::{
 
 use crate::{
     dns::{COMMON_QTYPES, OPCODE_NAMES, RCODE_NAMES, qtype_name},
+    process::ProcessStats,
     snapshot::{RouteSnapshot, Snapshot, bucket_upper_seconds},
 };
 
@@ -754,7 +755,7 @@ fn encode_interfaces_and_sources(
 
 /// Renders the build and the agent's own process, under the names every client library
 /// uses (`process_*` unprefixed, so that generic exporter dashboards find them).
-fn encode_process(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+fn encode_process(process: Option<&ProcessStats>, encoder: &mut DescriptorEncoder) -> fmt::Result {
     gauges(
         encoder,
         "collector_build_info",
@@ -765,7 +766,7 @@ fn encode_process(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
             1i64,
         )],
     )?;
-    let Some(process) = &snapshot.process else {
+    let Some(process) = process else {
         return Ok(());
     };
     single(
@@ -829,10 +830,12 @@ fn encode_process(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
     )
 }
 
-/// Exposes the latest snapshot on every scrape.
+/// Exposes the latest snapshot on every scrape, and the process as it is at the scrape:
+/// its CPU and memory move on while the poll is stuck or failing, when they matter most.
 #[derive(Debug)]
 pub struct SnapshotCollector {
     latest: Arc<crate::poller::SharedSnapshot>,
+    process: fn() -> Option<ProcessStats>,
 }
 
 impl Collector for SnapshotCollector {
@@ -843,15 +846,23 @@ impl Collector for SnapshotCollector {
         encode_dns(&snapshot, &mut encoder)?;
         encode_interfaces_and_sources(&snapshot, &mut encoder)?;
         encode_self(&snapshot, &mut encoder)?;
-        encode_process(&snapshot, &mut encoder)
+        encode_process((self.process)().as_ref(), &mut encoder)
     }
 }
 
-/// A registry exposing the shared snapshot.
+/// A registry exposing the shared snapshot and this process.
 #[must_use]
 pub fn registry(latest: Arc<crate::poller::SharedSnapshot>) -> Registry {
+    registry_reading(latest, ProcessStats::read_or_log)
+}
+
+/// [`registry`], with the process figures from `process`.
+fn registry_reading(
+    latest: Arc<crate::poller::SharedSnapshot>,
+    process: fn() -> Option<ProcessStats>,
+) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector { latest }));
+    registry.register_collector(Box::new(SnapshotCollector { latest, process }));
     registry
 }
 
@@ -925,7 +936,13 @@ mod tests {
     fn renders_the_golden_exposition() {
         let latest = Arc::new(SharedSnapshot::default());
         latest.store(Snapshot::example());
-        let text = render(&registry(latest)).unwrap();
+        let text = render(&registry_reading(latest, || Some(ProcessStats::EXAMPLE)))
+            .unwrap()
+            // The golden file holds for every version.
+            .replace(
+                concat!("version=\"", env!("CARGO_PKG_VERSION"), "\""),
+                "version=\"VERSION\"",
+            );
         let golden = include_str!("testdata/metrics.golden");
         assert_eq!(text, golden, "rendered:\n{text}");
     }

@@ -285,7 +285,6 @@ impl Poller {
             address_table: interfaces.address_table,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
-            process: crate::process::ProcessStats::read_or_log(),
         }))
     }
 

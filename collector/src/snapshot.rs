@@ -194,8 +194,6 @@ pub struct Snapshot {
     pub sources: Vec<(&'static str, SourceHealth)>,
     /// Our nftables table's counters (empty when off or unavailable).
     pub nft: Vec<crate::nft::CounterValue>,
-    /// The agent's own process (`None` if `/proc` could not be read).
-    pub process: Option<crate::process::ProcessStats>,
 }
 
 #[cfg(test)]
@@ -374,7 +372,6 @@ impl Snapshot {
                 packets: 11,
                 bytes: 900,
             }],
-            process: Some(crate::process::ProcessStats::EXAMPLE),
             ..Snapshot::default()
         }
     }

@@ -172,7 +172,7 @@ impl Unbound {
 impl Unbound {
     /// The main server's process id (the first started is the upstream, if any).
     pub fn main_pid(&self) -> u32 {
-        self.children.last().map_or(0, Child::id)
+        self.children.last().expect("unbound is running").id()
     }
 }
 
