@@ -186,11 +186,15 @@ fn the_agent_exports_its_own_process_figures() {
         .parse()
         .unwrap();
     assert_eq!(sample(&metrics, "process_max_fds", &[]), Some(soft_limit));
-    // The scrape's own connection may have come or gone since the poll.
+    // Counted during the scrape: its connection, and the sockets a poll (every 100 ms here)
+    // opens for a moment, may have come or gone since.
     let fds =
         f64::from(u32::try_from(std::fs::read_dir(proc_dir.join("fd")).unwrap().count()).unwrap());
     let open_fds = value("process_open_fds");
-    assert!((open_fds - fds).abs() <= 2.0, "{open_fds} against {fds}");
+    assert!(
+        fds > 10.0 && (open_fds - fds).abs() <= 6.0,
+        "{open_fds} against {fds}"
+    );
     let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
