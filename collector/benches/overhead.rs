@@ -1,13 +1,16 @@
 //! The collector's cost on the traffic it watches, measured side by side in one run: new
-//! connections per second and bulk throughput on loopback, and the queries per second of a
-//! real DNS server (unbound) under dnsperf, alternately without and with the agent attached,
-//! in a network namespace of the benchmark's own. Each load ends with the same pairs run with
+//! connections per second and bulk throughput on loopback, requests per second through a real
+//! reverse proxy (nginx), and the queries per second of a real DNS server (unbound) under
+//! dnsperf, alternately without and with the agent attached, in a network namespace of the
+//! benchmark's own. Each load ends with the same pairs run with
 //! the agent on neither side, which shows how far a median strays when nothing differs. Then
 //! the kernel's own run-time statistics give the cost per program run, and test runs the
 //! instruction cost of each classifier path (`path_cost`). Results go to docs/BENCHMARKS.md.
 //!
 //! `cargo xtask bench [-- --pairs N --seconds S]`
 
+#[path = "overhead/nginx.rs"]
+mod nginx;
 #[path = "overhead/path_cost.rs"]
 mod path_cost;
 #[path = "overhead/ratio.rs"]
@@ -59,7 +62,7 @@ struct Settings {
     pairs: usize,
     seconds: f64,
     write_docs: bool,
-    /// `--only proxy|dns|poll|paths`: one part, for quick comparisons (docs not written).
+    /// `--only proxy|nginx|dns|poll|paths`: one part, for quick comparisons (docs not written).
     only: Option<String>,
 }
 
@@ -92,7 +95,7 @@ fn settings() -> Settings {
             }
             "--no-docs" => settings.write_docs = false,
             "--only" => {
-                settings.only = Some(args.next().expect("--only proxy|dns|poll|paths"));
+                settings.only = Some(args.next().expect("--only proxy|nginx|dns|poll|paths"));
                 settings.write_docs = false;
             }
             // cargo bench passes --bench.
@@ -176,6 +179,31 @@ fn bulk_throughput(netns: &Netns, seconds: f64) -> f64 {
         let rate = sent as f64 / started.elapsed().as_secs_f64();
         rate
     })
+}
+
+/// A warm-up run of each side, then `settings.pairs` pairs of runs without the agent
+/// (`run(false)`) and with it (`run(true)`), alternating which side goes first so that drift
+/// favours neither; `log` reports each pair as it ends.
+fn alternate<T>(
+    settings: &Settings,
+    mut run: impl FnMut(bool) -> T,
+    mut log: impl FnMut(usize, &T, &T),
+) -> Vec<(T, T)> {
+    run(false);
+    run(true);
+    (0..settings.pairs)
+        .map(|i| {
+            let (without, with) = if i % 2 == 0 {
+                let without = run(false);
+                (without, run(true))
+            } else {
+                let with = run(true);
+                (run(false), with)
+            };
+            log(i, &without, &with);
+            (without, with)
+        })
+        .collect()
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -328,11 +356,10 @@ fn mode_report(pairs: &[Pair], costs: Option<&[Cost]>) -> String {
     report
 }
 
-/// Average cost per run of each program, from the kernel's statistics, under both loads.
-fn program_costs(netns: &Netns, config: &AgentConfig, seconds: f64) -> Vec<Cost> {
+/// Average cost per run of each program, from the kernel's statistics, under `load`.
+fn program_costs(netns: &Netns, config: &AgentConfig, load: impl FnOnce()) -> Vec<Cost> {
     let agent = Agent::start_with(netns, config, &["--bpf-stats"]);
-    connection_rate(netns, seconds);
-    bulk_throughput(netns, seconds);
+    load();
     let metrics = scrape(netns);
     assert!(agent.stop().success());
     costs(
@@ -466,19 +493,9 @@ fn dns_pairs(
     settings: &Settings,
 ) -> Vec<DnsPair> {
     eprintln!("dns warm-up");
-    let run = |config| measure_dns(netns, config, queries, settings.seconds);
-    run(None);
-    run(config);
-    let mut pairs = Vec::new();
-    for i in 0..settings.pairs {
-        let (without, (with, count)) = if i % 2 == 0 {
-            let without = run(None).0;
-            (without, run(config))
-        } else {
-            let with = run(config);
-            (run(None).0, with)
-        };
-        eprint!("dns pair {i}: qps {without:.0} -> {with:.0}");
+    let run = |with: bool| measure_dns(netns, config.filter(|_| with), queries, settings.seconds);
+    let pairs = alternate(settings, run, |i, without, (with, count)| {
+        eprint!("dns pair {i}: qps {:.0} -> {with:.0}", without.0);
         if let Some(count) = &count {
             eprint!(
                 ", sent {}, counted {}, agent CPU {:.3} cores",
@@ -486,13 +503,15 @@ fn dns_pairs(
             );
         }
         eprintln!();
-        pairs.push(DnsPair {
+    });
+    pairs
+        .into_iter()
+        .map(|((without, _), (with, count))| DnsPair {
             without,
             with,
             count,
-        });
-    }
-    pairs
+        })
+        .collect()
 }
 
 /// Where dnsperf and unbound run while the classifier's cost is measured.
@@ -788,19 +807,8 @@ fn poll_costs(netns: &Netns, settings: &Settings) -> String {
 /// no config, both sides of each pair run without the agent: the method's own noise.
 fn proxy_mode(netns: &Netns, config: Option<&AgentConfig>, settings: &Settings) -> String {
     eprintln!("warm-up");
-    measure(netns, None, settings.seconds);
-    measure(netns, config, settings.seconds);
-
-    let mut pairs = Vec::new();
-    for i in 0..settings.pairs {
-        // Alternate which side goes first so that drift favours neither.
-        let (without, with) = if i % 2 == 0 {
-            let without = measure(netns, None, settings.seconds);
-            (without, measure(netns, config, settings.seconds))
-        } else {
-            let with = measure(netns, config, settings.seconds);
-            (measure(netns, None, settings.seconds), with)
-        };
+    let run = |with: bool| measure(netns, config.filter(|_| with), settings.seconds);
+    let pairs = alternate(settings, run, |i, without, with| {
         eprintln!(
             "pair {i}: connections/s {:.0} -> {:.0} (agent CPU {}), bulk Gbit/s {:.2} -> {:.2}",
             without.0,
@@ -809,16 +817,169 @@ fn proxy_mode(netns: &Netns, config: Option<&AgentConfig>, settings: &Settings) 
             without.1 * 8e-9,
             with.1 * 8e-9
         );
-        pairs.push(Pair {
+    });
+    let pairs: Vec<Pair> = pairs
+        .into_iter()
+        .map(|(without, with)| Pair {
             connect_without: without.0,
             connect_with: with.0,
             bulk_without: without.1,
             bulk_with: with.1,
             agent_cpu: with.2,
-        });
-    }
-    let costs = config.map(|config| program_costs(netns, config, settings.seconds));
+        })
+        .collect();
+    let costs = config.map(|config| {
+        program_costs(netns, config, || {
+            connection_rate(netns, settings.seconds);
+            bulk_throughput(netns, settings.seconds);
+        })
+    });
     mode_report(&pairs, costs.as_deref())
+}
+
+/// One run of the nginx load, with the agent if there was one.
+struct NginxRun {
+    /// Requests per second; each is a new connection.
+    rate: f64,
+    /// Requests made.
+    made: u64,
+    /// The connections the agent counted closed on the route after the run (a fresh agent
+    /// each run), and its CPU use in cores.
+    counted: Option<(u64, f64)>,
+}
+
+fn measure_nginx(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> NginxRun {
+    let agent = config.map(|config| Agent::start(netns, config));
+    let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
+    let (made, rate) = nginx::connection_rate(netns, seconds);
+    let counted = agent.map(|agent| {
+        let cpu = (cpu_seconds(agent.pid()) - cpu_before) / seconds;
+        let closed = wait_for("the agent's poll", Duration::from_secs(5), || {
+            let metrics = scrape(netns);
+            let closed = sample(
+                &metrics,
+                "collector_proxy_connections_closed_total",
+                &[("route", "nginx")],
+            )?;
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a count"
+            )]
+            let closed = closed as u64;
+            (closed >= made).then_some(closed)
+        });
+        assert!(agent.stop().success());
+        (closed, cpu)
+    });
+    NginxRun {
+        rate,
+        made,
+        counted,
+    }
+}
+
+/// Requests through nginx with and without the agent (with the embedded default and a route
+/// for nginx's port), then the same pairs with the agent on neither side.
+fn nginx_overhead(netns: &Netns, settings: &Settings) -> String {
+    let _nginx = nginx::Nginx::start(netns);
+    let config = AgentConfig::shipped_poll(nginx::ROUTE);
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "## Proxy overhead through nginx
+"
+    );
+    let _ = writeln!(
+        report,
+        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}`: nginx (one process, \
+         `master_process off`) on port {} proxies every request to a backend server block of its \
+         own over kept-alive upstream connections, as an ingress proxy does; one client thread \
+         makes one request per new connection (`Connection: close`), {} s per run, pairs \
+         alternating. \"counted\" is the agent's closed connections on the route after the run \
+         (a fresh agent each run), \"made\" the requests the client completed. The bare server \
+         above answers a byte and closes: its ratio is the collector's share of the cheapest \
+         possible connection, this one its share of a proxied request.\n",
+        settings.pairs,
+        settings.seconds,
+        nginx::PROXY_PORT,
+        settings.seconds
+    );
+    let modes = [
+        ("With the embedded default configuration", Some(&config)),
+        (NOISE_TITLE, None),
+    ];
+    for (title, config) in modes {
+        let _ = writeln!(report, "### {title}\n");
+        if config.is_none() {
+            let _ = writeln!(report, "{NOISE_TEXT}\n");
+        }
+        eprintln!("nginx warm-up");
+        let run = |with: bool| measure_nginx(netns, config.filter(|_| with), settings.seconds);
+        let pairs = alternate(settings, run, |i, without, with| {
+            eprintln!(
+                "nginx pair {i}: requests/s {:.0} -> {:.0}",
+                without.rate, with.rate
+            );
+        });
+        nginx_mode_report(&mut report, &pairs);
+        if let Some(config) = config {
+            let costs = program_costs(netns, config, || {
+                nginx::connection_rate(netns, settings.seconds);
+            });
+            let _ = writeln!(
+                report,
+                "Cost per program run under the same load, from the kernel's run-time statistics (`--bpf-stats`):\n"
+            );
+            report.push_str(&cost_table(&costs));
+        }
+        report.push('\n');
+    }
+    report
+}
+
+fn nginx_mode_report(report: &mut String, pairs: &[(NginxRun, NginxRun)]) {
+    let ratios: Vec<f64> = pairs
+        .iter()
+        .map(|(without, with)| with.rate / without.rate)
+        .collect();
+    let summary = RatioSummary::of(&ratios);
+    let _ = writeln!(
+        report,
+        "| pair | requests/s without | with | ratio | made | counted | agent CPU (cores) |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
+    for (i, (without, with)) in pairs.iter().enumerate() {
+        let (counted, cpu) = with.counted.map_or_else(
+            || (String::from("—"), String::from("—")),
+            |(counted, cpu)| (counted.to_string(), format!("{cpu:.3}")),
+        );
+        let _ = writeln!(
+            report,
+            "| {i} | {:.0} | {:.0} | {:.3} | {} | {counted} | {cpu} |",
+            without.rate,
+            with.rate,
+            with.rate / without.rate,
+            with.made,
+        );
+    }
+    if pairs.iter().all(|(_, with)| with.counted.is_none()) {
+        let _ = writeln!(
+            report,
+            "\n**Median ratio with nothing attached on either side: {}.**\n",
+            summary.describe(None)
+        );
+        return;
+    }
+    let lost: u64 = pairs
+        .iter()
+        .filter_map(|(_, with)| with.counted.map(|(counted, _)| counted.abs_diff(with.made)))
+        .sum();
+    let _ = writeln!(
+        report,
+        "\n**Median ratio: new connections {}; counted − made over all runs: {lost}.**\n",
+        summary.describe(Some(0.98))
+    );
 }
 
 /// Both proxy modes: with the per-client figures (the default) and without.
@@ -879,6 +1040,9 @@ fn main() {
     if settings.runs("proxy") {
         report.push_str(&proxy_overhead(&netns, &settings));
     }
+    if settings.runs("nginx") {
+        report.push_str(&nginx_overhead(&netns, &settings));
+    }
     if settings.runs("dns") {
         let server = Unbound::start(&netns, false);
         let queries = config.dir.join("dnsperf-queries.txt");
@@ -924,7 +1088,8 @@ fn main() {
         let header = "# Benchmarks\n\nMeasured by `cargo xtask bench` on the project's machine (2 cores, \
             Linux 6.18, a VM); numbers from one run, rerun to refresh this file. The proxy load \
             is one client thread and one server thread on loopback in a namespace of the \
-            benchmark's own, the DNS load dnsperf against unbound there; \"with\" means the agent running with its default programs, its \
+            benchmark's own, then one client thread and nginx (from apt) proxying to a backend \
+            there, the DNS load dnsperf against unbound there; \"with\" means the agent running with its default programs, its \
             1 MiB event ring and the embedded default's 1 s polling, and nftables counting at its default \"auto\": off \
             in that bare namespace, where it would be the first netfilter hook (docs/DESIGN.md, \
             nftables, has what that costs). Single pairs on this VM swing by 5 to 15 % \

@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     // The DNS server of the DNS tests and benchmark, and the benchmark's load generator.
     "unbound",
     "dnsperf",
+    // The reverse proxy of the benchmark's proxied load.
+    "nginx-light",
     // Lints the deployment YAML (collector/tests/deploy.rs); systemd-analyze checks the unit.
     "yamllint",
     "systemd",
@@ -263,6 +265,41 @@ fn image(root: &Path, tag: &str, base: Option<&str>) -> anyhow::Result<()> {
     run_checked("podman", &args, &[])
 }
 
+/// Where Debian's maintainer scripts ask whether they may start a service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// While it lives, packages install without starting their services: unbound, nginx and
+/// prometheus are installed for their binaries, which the tests and the benchmark start in
+/// namespaces of their own, and the host's ports 53, 80 and 9090 are not ours to take. A
+/// policy the host already has stands.
+struct NoServiceStarts(Option<PathBuf>);
+
+impl NoServiceStarts {
+    fn new() -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = PathBuf::from(POLICY_RC_D);
+        if path.exists() {
+            return Ok(Self(None));
+        }
+        // 101: "action forbidden by policy" (invoke-rc.d(8)).
+        std::fs::write(
+            &path,
+            "#!/bin/sh\n# cargo xtask prereqs: no service starts while it installs packages\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self(Some(path)))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Installs what is missing; quick when everything is there.
 fn prereqs() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
@@ -275,6 +312,7 @@ fn prereqs() -> anyhow::Result<()> {
         run_checked("apt-get", &["update", "-q"], &[])?;
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(&missing);
+        let _no_starts = NoServiceStarts::new()?;
         run_checked("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])?;
     }
     let ebpf_crate = workspace_root().join("collector-ebpf");
