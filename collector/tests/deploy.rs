@@ -467,6 +467,77 @@ fn the_pods_unavailable_alert_selects_the_manifests_daemonset() {
     assert_eq!(selected, [name; 3], "{expr}");
 }
 
+/// The head of deploy/prometheus/prometheusrule.yaml; `spec:` follows, then alerts.yml's
+/// groups.
+const PROMETHEUS_RULE_HEAD: &str = "\
+# alerts.yml's groups as a PrometheusRule, for a Prometheus run by the Prometheus Operator
+# (kube-prometheus-stack), beside podmonitor.yaml, whose `exporter` label the rules key on.
+# Written from alerts.yml, comments and all, and checked against it by collector/tests/deploy.rs:
+# edit alerts.yml, then `UPDATE_DEPLOY=1 cargo test --test deploy prometheus_rule` rewrites this.
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: collector
+  namespace: ingress
+  labels:
+    # EDIT: what your Prometheus's ruleSelector matches.
+    release: kube-prometheus-stack
+spec:
+";
+
+/// alerts.yml as a `PrometheusRule`: its lines from `groups:` on (its head comment is about
+/// promtool), indented under `spec:`.
+fn prometheus_rule(alerts: &str) -> String {
+    let groups = alerts
+        .find("\ngroups:")
+        .map(|at| &alerts[at + 1..])
+        .expect("alerts.yml starts its rules with `groups:`");
+    let mut rule = String::from(PROMETHEUS_RULE_HEAD);
+    for line in groups.lines() {
+        if line.is_empty() {
+            rule.push('\n');
+        } else {
+            let _ = writeln!(rule, "  {line}");
+        }
+    }
+    rule
+}
+
+/// The Operator's users get the same alerts as everyone else: prometheusrule.yaml is
+/// alerts.yml's text under a `PrometheusRule` head, and parses to the same groups.
+#[test]
+fn the_prometheus_rule_carries_the_alerts_groups() {
+    let path = deploy("prometheus/prometheusrule.yaml");
+    let expected = prometheus_rule(&read("prometheus/alerts.yml"));
+    if std::env::var_os("UPDATE_DEPLOY").is_some() {
+        std::fs::write(&path, &expected).unwrap();
+    }
+    let written = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        written == expected,
+        "{} is not alerts.yml's groups as a PrometheusRule; after editing alerts.yml, rewrite it \
+         with `UPDATE_DEPLOY=1 cargo test --test deploy prometheus_rule`",
+        path.display()
+    );
+    let rule = yaml("prometheus/prometheusrule.yaml").remove(0);
+    assert_eq!(rule["kind"], "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    let alerts = yaml("prometheus/alerts.yml").remove(0);
+    assert_eq!(rule["spec"]["groups"], alerts["groups"]);
+    assert!(
+        rule["spec"]["groups"]
+            .as_array()
+            .is_some_and(|g| !g.is_empty())
+    );
+    // Deployed beside the PodMonitor, so selected alike.
+    let monitor = yaml("prometheus/podmonitor.yaml").remove(0);
+    assert_eq!(
+        rule["metadata"]["namespace"],
+        monitor["metadata"]["namespace"]
+    );
+    assert_eq!(rule["metadata"]["labels"], monitor["metadata"]["labels"]);
+}
+
 #[test]
 fn the_alerts_pass_their_promtool_unit_tests() {
     run_ok(
