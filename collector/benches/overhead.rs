@@ -2,10 +2,10 @@
 //! connections per second and bulk throughput on loopback, requests per second through a real
 //! reverse proxy (nginx), and the queries per second of a real DNS server (unbound) under
 //! dnsperf, alternately without and with the agent attached, in a network namespace of the
-//! benchmark's own. Each load ends with the same pairs run with
-//! the agent on neither side, which shows how far a median strays when nothing differs. Then
-//! the kernel's own run-time statistics give the cost per program run, and test runs the
-//! instruction cost of each classifier path (`path_cost`). Results go to docs/BENCHMARKS.md.
+//! benchmark's own. Each load ends with the same pairs run with the agent on neither side,
+//! which shows how far a median strays when nothing differs. Then the kernel's own run-time
+//! statistics give the cost per program run, and test runs the instruction cost of each
+//! classifier path (`path_cost`). Results go to docs/BENCHMARKS.md.
 //!
 //! `cargo xtask bench [-- --pairs N --seconds S]`
 
