@@ -159,6 +159,11 @@ pub const GLOBAL_DNS_SAMPLE_EVERY: &str = "DNS_SAMPLE_EVERY";
 /// and misses, unanswered queries), 0 to count without the in-flight table.
 pub const GLOBAL_DNS_MATCH_RESPONSES: &str = "DNS_MATCH_RESPONSES";
 
+/// Global in the kernel object (`u64`): with matching on, a query is matched to its response
+/// when its [`dns_match_sample`] is below this ([`dns_match_below`] of `[dns] match_every`;
+/// 2^32 matches every query).
+pub const GLOBAL_DNS_MATCH_BELOW: &str = "DNS_MATCH_BELOW";
+
 /// Global in the kernel object: the network namespace cookie whose sockets are counted
 /// (0 counts every namespace).
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
@@ -356,8 +361,9 @@ pub struct DnsCounters {
     pub upstream_queries: u64,
     /// Events lost because the ring buffer was full.
     pub events_dropped: u64,
-    /// Client queries counted while matching was off (`[dns] match_responses = false`):
-    /// they took no in-flight slot, so the in-flight figure leaves them out.
+    /// Client queries counted while matching was off (`[dns] match_responses = false`) or
+    /// outside the matched sample (`[dns] match_every`): they took no in-flight slot, so the
+    /// in-flight figure leaves them out.
     pub queries_unmatched: u64,
 }
 
@@ -617,6 +623,25 @@ pub fn dns_inflight_set(client: u32, client_port: u16, id: u16) -> u32 {
     let key = u64::from(client) << 32 | u64::from(client_port) << 16 | u64::from(id);
     let slot = (key.wrapping_mul(GOLDEN_RATIO_64) >> 50) as u32;
     slot & (DNS_INFLIGHT_SLOTS - 1) & !(DNS_INFLIGHT_WAYS - 1)
+}
+
+/// A hash of the query's client port and id: the query and its response are matched when
+/// it is below [`dns_match_below`]. Both sides compute it from what they see, so a response
+/// is looked for only if its query was remembered; the client address is left out so that
+/// the queries left out cost no read of it. Another factor than [`dns_inflight_set`]'s, so
+/// that the matched sample spreads over every set.
+#[must_use]
+pub fn dns_match_sample(client_port: u16, id: u16) -> u32 {
+    const FACTOR: u64 = 0xc2b2_ae3d_27d4_eb4f;
+    let key = u64::from(client_port) << 16 | u64::from(id);
+    (key.wrapping_mul(FACTOR) >> 32) as u32
+}
+
+/// The bound under which [`dns_match_sample`] falls for one query in `every` (exactly for a
+/// power of two); 2^32, every query, for 1.
+#[must_use]
+pub const fn dns_match_below(every: u32) -> u64 {
+    (1u64 << 32) / if every == 0 { 1 } else { every as u64 }
 }
 
 /// Index into [`DnsCounters::queries_by_qtype`] for a QTYPE.
@@ -1017,5 +1042,48 @@ mod tests {
     #[test]
     fn traffic_indices_do_not_overlap() {
         assert_eq!(traffic_index(3, DIR_OUT), 7);
+    }
+
+    #[test]
+    fn one_query_in_n_is_matched_and_the_sample_spreads_over_every_set() {
+        let client = client_fingerprint(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
+        assert_eq!(dns_match_below(1), 1 << 32);
+        for every in [2u32, 3, 16, 256] {
+            let below = dns_match_below(every);
+            // Sequential ids from one port (as dnsperf sends), then every id of many ports.
+            let sequential = (0..=u16::MAX)
+                .filter(|&id| u64::from(dns_match_sample(5353, id)) < below)
+                .count();
+            let mut sets = std::collections::BTreeSet::new();
+            let mut matched = 0;
+            for port in 1024..1024 + 64 {
+                for id in 0..=u16::MAX {
+                    if u64::from(dns_match_sample(port, id)) < below {
+                        matched += 1;
+                        sets.insert(dns_inflight_set(client, port, id));
+                    }
+                }
+            }
+            let expected = 65_536.0 / f64::from(every);
+            let share = |n: usize, of: f64| f64::from(u32::try_from(n).unwrap()) / of;
+            assert!(
+                (share(sequential, expected) - 1.0).abs() < 0.02,
+                "{every}: {sequential}"
+            );
+            assert!(
+                (share(matched, 64.0 * expected) - 1.0).abs() < 0.02,
+                "{every}: {matched}"
+            );
+            // A sample confined to some sets would fill them: the matched queries reach all
+            // (at 64 a set on average, where there are that many).
+            if every > 16 {
+                continue;
+            }
+            assert_eq!(
+                sets.len(),
+                (DNS_INFLIGHT_SLOTS / DNS_INFLIGHT_WAYS) as usize,
+                "{every}"
+            );
+        }
     }
 }

@@ -15,6 +15,9 @@
 //! a hash of its name; a response whose name was stamped after its query arrived is a miss.
 //! A response whose query arrived after the latest upstream query, for any name, is a hit
 //! without that look-up.
+//! With `[dns] match_every = N` only the queries whose hash of client port and id falls in one
+//! N-th of its range are remembered, and only their responses looked for: the others cost
+//! neither the clock nor the table.
 //! With `[dns] match_responses = false` none of this runs: the same messages are counted, at
 //! about two thirds of the cost per packet (docs/BENCHMARKS.md).
 //!
@@ -35,13 +38,13 @@ use collector_common::{
     DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
     DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS,
     DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint,
-    dns_inflight_set, dns_lowercase_word, dns_malformed, dns_port_listed, dns_qtype_index,
-    duration_bucket,
+    dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample, dns_port_listed,
+    dns_qtype_index, duration_bucket,
 };
 
 use crate::{
-    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_RESPONSES, DNS_NAMES, DNS_PORTS,
-    DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
+    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAMES,
+    DNS_PORTS, DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, ours,
         ptr_at, read_be16, read_u8,
@@ -524,6 +527,15 @@ fn matching() -> bool {
     DNS_MATCH_RESPONSES.load() != 0
 }
 
+/// The query with this id from the client's port is in the matched sample (`[dns]
+/// match_every`): the query and its response decide it from the same hash, so one not in it
+/// costs no read of the client's address, no clock read and no look-up.
+#[inline(always)]
+fn in_match_sample(ctx: &TcContext, at: &Located, id: u16, query: bool) -> bool {
+    read_be16(ctx, at.l4 + if query { 0 } else { 2 })
+        .is_some_and(|port| u64::from(dns_match_sample(port, id)) < DNS_MATCH_BELOW.load())
+}
+
 /// Remembers the query for its response, and samples its name: to the ring whole while
 /// someone reads the event stream, counted in the name table otherwise.
 #[inline(always)]
@@ -535,29 +547,29 @@ fn on_query(
     buf: &mut [u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
-    let matching = matching();
-    if !matching {
-        counters.queries_unmatched += 1;
-    }
     let sample = sampled();
     let streamed = sample && stream_wanted();
     if sample && !streamed {
         count_name(question, buf, counters);
     }
-    if !matching && !streamed {
-        return;
+    let matched = matching() && in_match_sample(ctx, at, id, true);
+    if !matched {
+        counters.queries_unmatched += 1;
+        if !streamed {
+            return;
+        }
     }
     let Some((addr, port)) = client(ctx, at, true) else {
         return;
     };
     // Without matching the time only stamps the streamed event, where the last tick is
     // precise enough: reading the clock source costs about 40 ns here (docs/DESIGN.md, DNS).
-    let now = if matching {
+    let now = if matched {
         ktime_ns()
     } else {
         coarse_ktime_ns()
     };
-    if matching {
+    if matched {
         remember(&addr, port, id, now, counters);
     }
     if streamed {
@@ -733,6 +745,9 @@ fn on_response(
     buf: &[u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
+    if !in_match_sample(ctx, at, id, false) {
+        return;
+    }
     let Some((addr, port)) = client(ctx, at, false) else {
         counters.unmatched_responses += 1;
         return;

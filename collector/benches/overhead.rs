@@ -1058,6 +1058,14 @@ fn main() {
             ),
             dns_mode(
                 &netns,
+                "With latency tracking for one query in 16 (`[dns] match_every = 16`: latency, cache and in-flight figures from that sample)",
+                Some("match_every = 16\n"),
+                &queries,
+                &settings,
+                server.main_pid(),
+            ),
+            dns_mode(
+                &netns,
                 "Counting only (`[dns] match_responses = false`: no latency, cache or in-flight figures)",
                 Some("match_responses = false\n"),
                 &queries,

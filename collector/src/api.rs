@@ -337,6 +337,9 @@ pub struct DnsStats {
     /// False when `[dns] match_responses = false`: the figures that need a response matched
     /// to its query (cache, latency, in flight, unanswered, unmatched) are then `null`.
     pub match_responses: bool,
+    /// One query in this many is matched (`[dns] match_every`): the matched figures count
+    /// that sample. `null` while matching is off.
+    pub match_every: Option<u32>,
     pub cache_stats: Option<CacheStats>,
     pub top_domains: Vec<TopDomain>,
     /// Queries by QTYPE (types seen only).
@@ -391,6 +394,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         queries_per_second: dns.query_rates.instant,
         query_rates: RateWindows::new(dns.query_rates, Some(&dns.query_history)),
         match_responses: dns.match_responses,
+        match_every: dns.match_responses.then_some(dns.match_every),
         cache_stats: dns.match_responses.then_some(CacheStats {
             hits: c.cache_hits,
             misses: c.cache_misses,

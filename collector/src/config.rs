@@ -136,6 +136,9 @@ pub struct DnsConfig {
     /// Match responses to queries: latency, cache hits and misses, unanswered queries. Off,
     /// the same messages are counted at about two thirds of the kernel's cost per packet.
     pub match_responses: bool,
+    /// Match one query in this many (chosen by a hash of its flow), the rest only counted:
+    /// latency, cache and unanswered figures then come from that sample.
+    pub match_every: u32,
 }
 
 /// A configuration that cannot be used, and where.
@@ -218,6 +221,7 @@ struct RawDns {
     top_k: Option<Spanned<u64>>,
     sample_every: Option<Spanned<u64>>,
     match_responses: Option<bool>,
+    match_every: Option<Spanned<u64>>,
 }
 
 /// A switch that may also be `"auto"`.
@@ -688,6 +692,7 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
         top_k: 100,
         sample_every: 1,
         match_responses: true,
+        match_every: 1,
     };
     let Some(raw) = raw else {
         return Ok(dns);
@@ -705,6 +710,9 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
     }
     if let Some(sample_every) = &raw.sample_every {
         dns.sample_every = in_range(source, sample_every, "sample_every", 1, 65_536)?;
+    }
+    if let Some(match_every) = &raw.match_every {
+        dns.match_every = in_range(source, match_every, "match_every", 1, 65_536)?;
     }
     Ok(dns)
 }
@@ -887,6 +895,7 @@ upstream_ports = [5300]
 top_k = 20
 sample_every = 4
 match_responses = false
+match_every = 16
 "#,
         )
         .unwrap();
@@ -908,6 +917,7 @@ match_responses = false
                 top_k: 20,
                 sample_every: 4,
                 match_responses: false,
+                match_every: 16,
             }
         );
     }
@@ -1011,6 +1021,7 @@ match_responses = false
         );
         assert_error("[dns]\ntop_k = 0\n", 2, "out of range");
         assert_error("[dns]\nsample_every = 70000\n", 2, "out of range");
+        assert_error("[dns]\nmatch_every = 0\n", 2, "out of range");
         assert_error("[http]\nmax_event_streams = 0\n", 2, "out of range");
     }
 

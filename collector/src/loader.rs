@@ -25,11 +25,11 @@ use aya::{
 };
 use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameSlot,
-    DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_RESPONSES,
-    GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY, GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY,
-    GLOBAL_NETNS_COOKIE, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
-    RouteName, TrafficCounters, local_address_set_bits, map_names, port_bit, program_names,
-    tally_table_len, traffic_index,
+    DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
+    GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
+    GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, LOCAL_ADDRESS_SLOTS,
+    MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters, dns_match_below,
+    local_address_set_bits, map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -943,6 +943,8 @@ fn load(
     loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
     let match_responses = u32::from(config.dns.match_responses);
     loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
+    let match_below = dns_match_below(config.dns.match_every);
+    loader.override_global(GLOBAL_DNS_MATCH_BELOW, &match_below, true);
     let ports = dns_ports(config);
     loader.override_global(GLOBAL_DNS_PORTS, &ports, true);
     let tally_slots = tally_slots()?;

@@ -453,6 +453,16 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
         None,
         MetricType::Gauge,
         &ConstGauge::new(i64::try_from(dns.in_flight().unwrap_or(0)).unwrap_or(i64::MAX)),
+    )?;
+    #[expect(clippy::cast_precision_loss, reason = "at most 2^32, exact in an f64")]
+    let matched_share = collector_common::dns_match_below(dns.match_every) as f64 / 2f64.powi(32);
+    single(
+        encoder,
+        "collector_dns_match_sample_ratio",
+        "Share of client queries matched to their responses ([dns] match_every = N gives 1/N): the latency, cache, in-flight and unmatched figures count that sample.",
+        None,
+        MetricType::Gauge,
+        &ConstGauge::new(matched_share),
     )
 }
 

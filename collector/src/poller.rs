@@ -145,6 +145,8 @@ pub struct DnsSources {
     pub enabled: bool,
     /// Responses are matched to queries (`[dns] match_responses`).
     pub match_responses: bool,
+    /// One query in this many is matched (`[dns] match_every`).
+    pub match_every: u32,
     pub domains: Arc<Mutex<DomainStats>>,
     /// Domains listed in the snapshot.
     pub listed: usize,
@@ -297,6 +299,7 @@ impl Poller {
         let mut dns = DnsSnapshot {
             enabled: self.dns.enabled,
             match_responses: self.dns.match_responses,
+            match_every: self.dns.match_every,
             counters: *counters,
             domains: self
                 .dns

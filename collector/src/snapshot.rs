@@ -73,6 +73,9 @@ pub struct DnsSnapshot {
     pub enabled: bool,
     /// False when `[dns] match_responses = false`: no latency, cache or in-flight figures.
     pub match_responses: bool,
+    /// One query in this many is matched (`[dns] match_every`); the matched figures count
+    /// that sample.
+    pub match_every: u32,
     pub counters: DnsCounters,
     /// Client queries per second.
     pub query_rates: Rates,
@@ -401,6 +404,7 @@ impl DnsSnapshot {
         DnsSnapshot {
             enabled: true,
             match_responses: true,
+            match_every: 4,
             counters,
             domains: DomainSnapshot {
                 top: vec![

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use collector_common::map_names;
+use collector_common::{dns_match_below, dns_match_sample, map_names};
 use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
     Agent, AgentConfig, Netns, assert_no_pins,
@@ -484,6 +484,69 @@ fn an_event_overload_drops_events_and_no_counts() {
         sample(&metrics, "collector_dns_events_dropped_total", &[]),
         Some(f64::from(u32::try_from(dropped).unwrap()))
     );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// With `match_every = 4`, exactly the queries whose hash falls in the sample are matched
+/// (the test computes which, from its own port and ids), every query and
+/// response is still counted, and no response outside the sample counts as unmatched.
+#[test]
+fn matching_one_query_in_four_matches_exactly_the_sampled_flows() {
+    const QUERIES: u16 = 400;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("{}match_every = 4\n", dns_config()));
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+    let port = netns.run(|| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+        for id in 0..QUERIES {
+            let mut query = id.to_be_bytes().to_vec();
+            query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            query.extend_from_slice(b"\x03www\x04test\x00\x00\x01\x00\x01");
+            socket.send_to(&query, SERVER).unwrap();
+            let mut answer = [0u8; 512];
+            let (len, _) = socket.recv_from(&mut answer).unwrap();
+            assert!(
+                len > 12 && answer[..2] == id.to_be_bytes(),
+                "answer to {id}"
+            );
+        }
+        socket.local_addr().unwrap().port()
+    });
+    let matched = (0..QUERIES)
+        .filter(|&id| u64::from(dns_match_sample(port, id)) < dns_match_below(4))
+        .count();
+    let matched = u32::try_from(matched).unwrap();
+    // About a quarter; neither none nor all, or the test could not tell.
+    assert!(
+        (60..140).contains(&matched),
+        "{matched} of {QUERIES} in the sample"
+    );
+
+    let json = dns_after(&netns, u64::from(QUERIES));
+    assert_eq!(json["totalQueries"], QUERIES);
+    assert_eq!(json["matchEvery"], 4);
+    assert_eq!(json["latency"]["count"], matched);
+    assert_eq!(json["cacheStats"]["hits"], matched);
+    assert_eq!(json["cacheStats"]["misses"], 0);
+    assert_eq!(json["unmatchedResponses"], 0);
+    assert_eq!(json["inFlight"], 0);
+    let metrics = scrape(&netns);
+    assert_eq!(
+        sample(&metrics, "collector_dns_match_sample_ratio", &[]),
+        Some(0.25)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_dns_response_latency_seconds_count",
+            &[]
+        ),
+        Some(f64::from(matched))
+    );
+
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }

@@ -139,15 +139,20 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
         "latest upstream time {latest}, started between {before_start} and {after_read}"
     );
     let (clients, held) = done_and_held(&netns);
-    let metrics = wait_for("10 closed connections", Duration::from_secs(10), || {
-        let text = scrape(&netns);
-        (sample(
-            &text,
-            "collector_proxy_connections_closed_total",
-            &[("route", "web")],
-        ) == Some(DONE as f64))
-        .then_some(text)
-    });
+    // A poll after the last connection opened: the 10th close can come before the held
+    // ones open, and a poll between would find fewer of them in the table.
+    let metrics = wait_for(
+        "10 closed connections, 15 opened",
+        Duration::from_secs(10),
+        || {
+            let text = scrape(&netns);
+            let web = [("route", "web")];
+            (sample(&text, "collector_proxy_connections_closed_total", &web) == Some(DONE as f64)
+                && sample(&text, "collector_proxy_connections_opened_total", &web)
+                    == Some((DONE + HELD) as f64))
+            .then_some(text)
+        },
+    );
 
     let list = collector(&["maps", "list"], &config);
     let names: Vec<&str> = list
