@@ -112,8 +112,8 @@ static DNS_SAMPLE_EVERY: Global<u32> = Global::new(1);
 #[unsafe(no_mangle)]
 static DNS_MATCH_RESPONSES: Global<u32> = Global::new(1);
 
-/// DNS: with matching on, a query whose flow hash falls below this is matched to its
-/// response, the others are only counted (`[dns] match_every`). Set at load; 2^32 matches
+/// DNS: with matching on, a query whose hash of client port and id falls below this is
+/// matched to its response, the others are only counted (`[dns] match_every`). Set at load; 2^32 matches
 /// every query, and the verifier then drops the check.
 #[unsafe(no_mangle)]
 static DNS_MATCH_BELOW: Global<u64> = Global::new(1 << 32);

@@ -698,10 +698,15 @@ pub fn dns_table(json: &Value) -> String {
         json["errorRate"]
     );
     let matching = json["matchResponses"] != false;
+    // With `[dns] match_every` above 1, the matched figures count a sample: say of what.
+    let sample = match json["matchEvery"].as_u64() {
+        Some(every) if every > 1 => format!(" (one query in {every} matched)"),
+        _ => String::new(),
+    };
     if matching {
         let _ = writeln!(
             out,
-            "cache: {} hits, {} misses, hit rate {}",
+            "cache: {} hits, {} misses, hit rate {}{sample}",
             json["cacheStats"]["hits"], json["cacheStats"]["misses"], json["cacheStats"]["hitRate"]
         );
     }
@@ -710,7 +715,7 @@ pub fn dns_table(json: &Value) -> String {
     if matching {
         let _ = writeln!(
             out,
-            "latency: p50 {} s, p99 {} s ({} answered)",
+            "latency: p50 {} s, p99 {} s ({} answered){sample}",
             json["latency"]["p50"], json["latency"]["p99"], json["latency"]["count"]
         );
     } else {
@@ -1056,6 +1061,7 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         });
         let text = dns_table(&dns);
         assert!(text.contains("cache: 8 hits, 1 misses"), "{text}");
+        assert!(!text.contains("matched"), "{text}");
         assert!(text.contains("types: A 9"));
         assert!(text.contains("\n           9  example.com"), "{text}");
 
@@ -1069,5 +1075,14 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             "{text}"
         );
         assert!(text.contains("not measured ([dns] match_responses = false)"));
+
+        let mut sampled = dns;
+        sampled["matchEvery"] = 16.into();
+        let text = dns_table(&sampled);
+        assert!(
+            text.contains("hit rate 0.888 (one query in 16 matched)")
+                && text.contains("(9 answered) (one query in 16 matched)"),
+            "{text}"
+        );
     }
 }

@@ -136,8 +136,8 @@ pub struct DnsConfig {
     /// Match responses to queries: latency, cache hits and misses, unanswered queries. Off,
     /// the same messages are counted at about two thirds of the kernel's cost per packet.
     pub match_responses: bool,
-    /// Match one query in this many (chosen by a hash of its flow), the rest only counted:
-    /// latency, cache and unanswered figures then come from that sample.
+    /// Match one query in this many (chosen by a hash of client port and id), the rest only
+    /// counted: latency, cache and unanswered figures then come from that sample.
     pub match_every: u32,
 }
 
