@@ -498,23 +498,7 @@ fn matching_one_query_in_four_matches_exactly_the_sampled_flows() {
     let config = AgentConfig::new(&format!("{}match_every = 4\n", dns_config()));
     let agent = Agent::start(&netns, &config);
     let _server = Unbound::start(&netns, false);
-    let port = netns.run(|| {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
-        for id in 0..QUERIES {
-            let mut query = id.to_be_bytes().to_vec();
-            query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-            query.extend_from_slice(b"\x03www\x04test\x00\x00\x01\x00\x01");
-            socket.send_to(&query, SERVER).unwrap();
-            let mut answer = [0u8; 512];
-            let (len, _) = socket.recv_from(&mut answer).unwrap();
-            assert!(
-                len > 12 && answer[..2] == id.to_be_bytes(),
-                "answer to {id}"
-            );
-        }
-        socket.local_addr().unwrap().port()
-    });
+    let port = ask(&netns, SERVER, QUERIES);
     let matched = (0..QUERIES)
         .filter(|&id| u64::from(dns_match_sample(port, id)) < dns_match_below(4))
         .count();
@@ -564,10 +548,7 @@ fn queries_given_up_leave_the_in_flight_gauge() {
     netns.run(|| {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         for id in 0..QUERIES {
-            let mut query = id.to_be_bytes().to_vec();
-            query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-            query.extend_from_slice(b"\x03www\x04test\x00\x00\x01\x00\x01");
-            socket.send_to(&query, SERVER).unwrap();
+            socket.send_to(&www_test_query(id), SERVER).unwrap();
         }
     });
     let in_flight = || dns_json(&netns)["inFlight"].as_u64();
@@ -617,20 +598,31 @@ fn answer(netns: &Netns, address: &'static str, count: usize) -> std::thread::Jo
     })
 }
 
-/// `count` queries for www.test A from `netns` to `server`, each answered.
-fn ask(netns: &Netns, server: &'static str, count: u16) {
+/// A query for www.test A with transaction id `id`, recursion desired.
+fn www_test_query(id: u16) -> Vec<u8> {
+    let mut query = id.to_be_bytes().to_vec();
+    query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    query.extend_from_slice(b"\x03www\x04test\x00\x00\x01\x00\x01");
+    query
+}
+
+/// `count` queries for www.test A from `netns` to `server` (ids 0 to `count` - 1), each
+/// answered; the client's port.
+fn ask(netns: &Netns, server: &'static str, count: u16) -> u16 {
     netns.run(move || {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         socket.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
         for id in 0..count {
-            let mut query = id.to_be_bytes().to_vec();
-            query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-            query.extend_from_slice(b"\x03www\x04test\x00\x00\x01\x00\x01");
-            socket.send_to(&query, server).unwrap();
+            socket.send_to(&www_test_query(id), server).unwrap();
             let mut answer = [0u8; 512];
-            socket.recv_from(&mut answer).unwrap();
+            let (len, _) = socket.recv_from(&mut answer).unwrap();
+            assert!(
+                len > 12 && answer[..2] == id.to_be_bytes(),
+                "answer to {id}"
+            );
         }
-    });
+        socket.local_addr().unwrap().port()
+    })
 }
 
 /// The agent's namespace routes between a client's and a server's: the queries it only
