@@ -713,6 +713,13 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
     }
     if let Some(match_every) = &raw.match_every {
         dns.match_every = in_range(source, match_every, "match_every", 1, 65_536)?;
+        // A sample of nothing: refused rather than left to look as if it did something.
+        if !dns.match_responses && dns.match_every != 1 {
+            return Err(source.at(
+                match_every,
+                "match_every samples the matched queries, and match_responses = false matches none: remove one of them",
+            ));
+        }
     }
     Ok(dns)
 }
@@ -895,7 +902,7 @@ upstream_ports = [5300]
 top_k = 20
 sample_every = 4
 match_responses = false
-match_every = 16
+match_every = 1
 "#,
         )
         .unwrap();
@@ -917,7 +924,7 @@ match_every = 16
                 top_k: 20,
                 sample_every: 4,
                 match_responses: false,
-                match_every: 16,
+                match_every: 1,
             }
         );
     }
@@ -1022,6 +1029,13 @@ match_every = 16
         assert_error("[dns]\ntop_k = 0\n", 2, "out of range");
         assert_error("[dns]\nsample_every = 70000\n", 2, "out of range");
         assert_error("[dns]\nmatch_every = 0\n", 2, "out of range");
+        assert_error(
+            "[dns]\nmatch_responses = false\nmatch_every = 16\n",
+            3,
+            "match_responses = false matches none",
+        );
+        let sampled = Config::from_toml("t.toml", "[dns]\nmatch_every = 16\n").unwrap();
+        assert_eq!(sampled.dns.match_every, 16);
         assert_error("[http]\nmax_event_streams = 0\n", 2, "out of range");
     }
 
