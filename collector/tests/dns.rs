@@ -125,6 +125,7 @@ fn counts_a_known_query_mix_exactly() {
 
     // Every response matched its query: latency for each, all positive and under the
     // client's timeout.
+    assert_eq!(json["matchEvery"], 1);
     assert_eq!(json["latency"]["count"], 575);
     for quantile in ["p50", "p90", "p99"] {
         let seconds = json["latency"][quantile].as_f64().unwrap();
@@ -272,6 +273,7 @@ fn without_response_matching_counts_the_same_and_leaves_matched_figures_out() {
     assert_eq!(json["topDomains"][0]["count"], 10);
     // Absent, not zero: a zero hit rate or latency would read as a measurement.
     let reported: Vec<&str> = [
+        "matchEvery",
         "cacheStats",
         "latency",
         "inFlight",
@@ -292,6 +294,7 @@ fn without_response_matching_counts_the_same_and_leaves_matched_figures_out() {
         Some(5.0)
     );
     for absent in [
+        "collector_dns_match_sample_ratio",
         "collector_dns_response_latency_seconds_count",
         "collector_dns_cache_hits_total",
         "collector_dns_queries_in_flight",
