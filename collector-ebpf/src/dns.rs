@@ -19,7 +19,7 @@
 //! N-th of its range are remembered, and only their responses looked for: the others cost
 //! neither the clock nor the table.
 //! With `[dns] match_responses = false` none of this runs: the same messages are counted, at
-//! about two thirds of the cost per packet (docs/BENCHMARKS.md).
+//! half or less of the cost per packet under load (docs/BENCHMARKS.md).
 //!
 //! Names: a sampled query's name is counted in this CPU's slot of the name table, and goes
 //! to the ring only when it takes the slot; while someone reads the event stream, every

@@ -134,7 +134,7 @@ pub struct DnsConfig {
     /// Sample one query name in this many.
     pub sample_every: u32,
     /// Match responses to queries: latency, cache hits and misses, unanswered queries. Off,
-    /// the same messages are counted at about two thirds of the kernel's cost per packet.
+    /// the same messages are counted at half or less of the kernel's cost per packet.
     pub match_responses: bool,
     /// Match one query in this many (chosen by a hash of client port and id), the rest only
     /// counted: latency, cache and unanswered figures then come from that sample.
