@@ -75,6 +75,7 @@ struct Cli {
         long,
         global = true,
         value_enum,
+        ignore_case = true,
         default_value_t = LogFormat::Text,
         env = "COLLECTOR_LOG_FORMAT"
     )]
@@ -260,14 +261,9 @@ impl ConfigSource {
 /// Log lines go to standard error, as text or JSON, from `info` on unless `RUST_LOG` says
 /// otherwise.
 fn init_logging(format: LogFormat) {
+    let (filter, refused) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // netlink-packet-route warns about every attribute newer than itself.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
-                }),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => logs
@@ -275,6 +271,37 @@ fn init_logging(format: LogFormat) {
             .init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    if let Some(refused) = refused {
+        tracing::warn!("{refused}");
+    }
+}
+
+/// netlink-packet-route warns about every attribute newer than itself (each interface, each
+/// poll): quiet unless `RUST_LOG` names it.
+const QUIET_NETLINK: &str = "netlink_packet_route=error";
+
+/// The log filter for `RUST_LOG` (`info` when unset, empty or unreadable, with why in the
+/// second value).
+fn log_filter(spec: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
+    use tracing_subscriber::EnvFilter;
+    let spec = spec.filter(|spec| !spec.trim().is_empty());
+    let (filter, refused) = match spec.map(EnvFilter::try_new) {
+        None => (EnvFilter::new("info"), None),
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(err)) => (
+            EnvFilter::new("info"),
+            Some(format!(
+                "RUST_LOG={:?} is not a valid filter ({err}): logging from info on",
+                spec.unwrap_or_default()
+            )),
+        ),
+    };
+    let names_netlink = spec.is_some_and(|spec| spec.contains("netlink_packet_route"));
+    let filter = match QUIET_NETLINK.parse() {
+        Ok(quiet) if !names_netlink => filter.add_directive(quiet),
+        _ => filter,
+    };
+    (filter, refused)
 }
 
 fn main() -> std::process::ExitCode {
@@ -748,4 +775,41 @@ fn check_host(config: &Config) -> anyhow::Result<()> {
         anyhow::bail!("{failed} requirement(s) not met");
     }
     printed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn rust_log_keeps_netlink_quiet_unless_it_names_it() {
+        for spec in [None, Some(""), Some("info,collector::address_table=debug")] {
+            let (filter, refused) = log_filter(spec);
+            assert!(refused.is_none(), "{spec:?}");
+            assert!(
+                filter.to_string().contains("netlink_packet_route=error"),
+                "{spec:?}: {filter}"
+            );
+        }
+        let (filter, _) = log_filter(Some("debug,netlink_packet_route=warn"));
+        assert!(
+            !filter.to_string().contains("netlink_packet_route=error"),
+            "{filter}"
+        );
+        assert!(
+            filter.to_string().contains("netlink_packet_route=warn"),
+            "{filter}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_rust_log_is_said_and_info_used() {
+        let (filter, refused) = log_filter(Some("info,foo=notalevel"));
+        let refused = refused.expect("refused");
+        assert!(
+            refused.contains("RUST_LOG=\"info,foo=notalevel\""),
+            "{refused}"
+        );
+        assert_eq!(filter.to_string(), "netlink_packet_route=error,info");
+    }
 }

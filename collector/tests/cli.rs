@@ -607,3 +607,17 @@ fn in_a_user_namespace_the_refusal_says_so() {
     // What it made to try, it removed.
     assert!(!pin_dir.exists());
 }
+
+#[test]
+fn the_log_format_is_taken_in_any_case_from_the_environment() {
+    // Nothing listens on port 1 of loopback: the command fails, and says so as a JSON log line.
+    let out = Command::new(COLLECTOR)
+        .args(["stats", "dns", "--listen", "127.0.0.1:1"])
+        .env("COLLECTOR_LOG_FORMAT", "JSON")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(stderr.trim()).expect(&stderr);
+    assert_eq!(line["level"], "ERROR", "{stderr}");
+}
