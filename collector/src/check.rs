@@ -9,7 +9,7 @@ use std::{
 use crate::{
     bpf_sys,
     config::{Config, HttpConfig, NftEnabled},
-    paths, privileges, serve, tls,
+    links, paths, privileges, serve, tls,
 };
 
 /// Oldest kernel with everything used: TCX links (6.6); also `BPF_CMPXCHG` (5.12) and
@@ -42,7 +42,9 @@ pub struct Facts {
     /// `uname -r`.
     pub kernel_release: String,
     pub btf: bool,
-    pub cgroup2: Option<PathBuf>,
+    /// The cgroup2 root `run` attaches to: `None` when none is visible (it mounts one), `Err`
+    /// why the configured `cgroup2` is not one.
+    pub cgroup2: Result<Option<PathBuf>, String>,
     pub pin_dir: PathBuf,
     /// The bpffs mount holding the pin directory.
     pub bpffs: Option<PathBuf>,
@@ -53,8 +55,9 @@ pub struct Facts {
 }
 
 impl Facts {
-    /// Reads the facts of this host, as this process sees them.
-    pub fn gather(pin_dir: &Path) -> anyhow::Result<Self> {
+    /// Reads the facts of this host, as this process sees them, for the configured pin
+    /// directory and cgroup2 mount.
+    pub fn gather(pin_dir: &Path, cgroup2: Option<&Path>) -> anyhow::Result<Self> {
         let capabilities = crate::privileges::effective();
         let nft = std::process::Command::new("nft")
             .arg("--version")
@@ -67,7 +70,13 @@ impl Facts {
                 .trim()
                 .to_owned(),
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
-            cgroup2: paths::cgroup2_mount()?,
+            // As `run` picks it.
+            cgroup2: match paths::cgroup2_root(cgroup2) {
+                Ok(paths::Cgroup2::Mounted(path)) => Ok(Some(path)),
+                Ok(paths::Cgroup2::Unmounted) => Ok(None),
+                Err(err @ paths::PathError::NotCgroup2(_)) => Err(err.to_string()),
+                Err(err) => return Err(err.into()),
+            },
             pin_dir: pin_dir.to_path_buf(),
             bpffs: paths::bpffs_for(pin_dir)?,
             capabilities,
@@ -148,33 +157,26 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
             "no /sys/kernel/btf/vmlinux: use a kernel built with CONFIG_DEBUG_INFO_BTF=y".to_owned()
         },
     });
+    let (status, detail) = match &facts.cgroup2 {
+        Ok(Some(path)) => (Status::Pass, format!("mounted at {}", path.display())),
+        Ok(None) => (
+            Status::Pass,
+            "none visible: the agent mounts one for a moment to attach (needs CAP_SYS_ADMIN)"
+                .to_owned(),
+        ),
+        Err(reason) => (
+            Status::Fail,
+            format!(
+                "{reason}: set `cgroup2` to a cgroup2 mount, or leave it out for the first one"
+            ),
+        ),
+    };
     verdicts.push(Verdict {
         name: "cgroup2",
-        status: Status::Pass,
-        detail: match &facts.cgroup2 {
-            Some(path) => format!("mounted at {}", path.display()),
-            None => {
-                "none visible: the agent mounts one for a moment to attach (needs CAP_SYS_ADMIN)"
-                    .to_owned()
-            }
-        },
+        status,
+        detail,
     });
-    verdicts.push(Verdict {
-        name: "bpffs",
-        status: Status::from(facts.bpffs.is_some()),
-        detail: match &facts.bpffs {
-            Some(mount) => format!(
-                "{} is on the bpffs mounted at {}",
-                facts.pin_dir.display(),
-                mount.display()
-            ),
-            None => format!(
-                "no bpffs holds {}: mount one with `mount -t bpf bpf {}` (a pod needs the host's /sys/fs/bpf mounted in)",
-                facts.pin_dir.display(),
-                paths::BPFFS_ROOT
-            ),
-        },
-    });
+    verdicts.push(bpffs(&facts.pin_dir, facts.bpffs.as_deref()));
     for (bit, name, why) in CAPABILITIES {
         let has = facts.capabilities & (1 << bit) != 0;
         verdicts.push(Verdict {
@@ -191,12 +193,76 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
     verdicts
 }
 
+/// As `run` copes: with no bpffs holding a pin directory under /sys/fs/bpf it mounts one there,
+/// elsewhere it stops.
+fn bpffs(pin_dir: &Path, mount: Option<&Path>) -> Verdict {
+    let (status, detail) = match mount {
+        Some(mount) => (
+            Status::Pass,
+            format!(
+                "{} is on the bpffs mounted at {}",
+                pin_dir.display(),
+                mount.display()
+            ),
+        ),
+        None if pin_dir.starts_with(paths::BPFFS_ROOT) => (
+            Status::Warn,
+            format!(
+                "none mounted at {root}: `run` mounts one there (needs CAP_SYS_ADMIN); in a pod, \
+                 mount the host's {root} in, or the pins vanish with the pod",
+                root = paths::BPFFS_ROOT
+            ),
+        ),
+        None => (
+            Status::Fail,
+            paths::PathError::NoBpffs(pin_dir.to_path_buf()).to_string(),
+        ),
+    };
+    Verdict {
+        name: "bpffs",
+        status,
+        detail,
+    }
+}
+
+/// The interfaces `run` attaches to, as it selects them.
+fn interfaces(configured: &[String]) -> Verdict {
+    let (status, detail) = match links::list() {
+        Err(err) => (Status::Fail, format!("listing the interfaces: {err}")),
+        Ok(all) => judge_interfaces(&all, configured),
+    };
+    Verdict {
+        name: "interfaces",
+        status,
+        detail,
+    }
+}
+
+fn judge_interfaces(all: &[links::Link], configured: &[String]) -> (Status, String) {
+    match links::select(all, configured) {
+        Err(reason) => (Status::Fail, format!("{reason}: `run` stops on it")),
+        Ok(selected) if selected.is_empty() => (
+            Status::Warn,
+            "none is up: no live traffic is counted until one comes up".to_owned(),
+        ),
+        Ok(selected) => (
+            Status::Pass,
+            selected
+                .iter()
+                .map(|link| link.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+    }
+}
+
 /// Every verdict `collector check` prints for `config`: the host's requirements, then what
 /// the config asks of it.
 pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
-    let facts = Facts::gather(&config.pin_dir)?;
+    let facts = Facts::gather(&config.pin_dir, config.cgroup2.as_deref())?;
     let mut verdicts = judge(&facts, config.nftables.enabled);
     verdicts.push(pin_dir(&config.pin_dir, facts.bpffs.as_deref()));
+    verdicts.push(interfaces(&config.interfaces));
     verdicts.push(http(&config.http));
     verdicts.push(listen(config.listen));
     verdicts.push(routes(config));
@@ -368,23 +434,14 @@ fn listen(addr: SocketAddr) -> Verdict {
         Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => (
             Status::Warn,
             format!(
-                "{addr} is in use (by a collector running now?): `run` fails while it is taken; \
-                 choose another with `listen` or --listen"
+                "{addr} is in use: `run` fails while it is taken ({})",
+                serve::bind_advice(addr, &err)
             ),
         ),
-        Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => (
+        Err(err) => (
             Status::Fail,
-            format!(
-                "{addr}: {err}: no interface of this network namespace has {}; set `listen` (or \
-                 --listen) to one of its addresses",
-                addr.ip()
-            ),
+            format!("{addr}: {err}: {}", serve::bind_advice(addr, &err)),
         ),
-        Err(err) if privileges::denied(&err) && addr.port() < 1024 => (
-            Status::Fail,
-            format!("{addr}: {err}: ports below 1024 need CAP_NET_BIND_SERVICE; choose another"),
-        ),
-        Err(err) => (Status::Fail, format!("binding {addr}: {err}")),
     };
     Verdict {
         name: "listen",
@@ -458,7 +515,7 @@ mod tests {
         Facts {
             kernel_release: "6.18.0-1-amd64".into(),
             btf: true,
-            cgroup2: Some("/sys/fs/cgroup/unified".into()),
+            cgroup2: Ok(Some("/sys/fs/cgroup/unified".into())),
             pin_dir: "/sys/fs/bpf/collector".into(),
             bpffs: Some("/sys/fs/bpf".into()),
             capabilities: u64::MAX,
@@ -549,10 +606,18 @@ mod tests {
         assert!(old[0].detail.contains("older than 6.6"));
         let no_bpffs = failing(Facts {
             bpffs: None,
+            pin_dir: "/run/collector".into(),
             ..healthy()
         });
         assert_eq!(no_bpffs[0].name, "bpffs");
         assert!(no_bpffs[0].detail.contains("mount -t bpf bpf /sys/fs/bpf"));
+        assert!(no_bpffs[0].detail.contains("or set `pin_dir`"));
+        let not_cgroup2 = failing(Facts {
+            cgroup2: Err("cgroup2 path /sys/fs/cgroup is not a mounted cgroup2 filesystem".into()),
+            ..healthy()
+        });
+        assert_eq!(not_cgroup2[0].name, "cgroup2");
+        assert!(not_cgroup2[0].detail.contains("set `cgroup2`"));
         let no_bpf_cap = failing(Facts {
             capabilities: !(1 << 39),
             ..healthy()
@@ -566,13 +631,57 @@ mod tests {
                 .detail
                 .contains("apt install nftables")
         );
-        // Without a visible cgroup2 the agent copes.
+        // Without a visible cgroup2 the agent copes, and without bpffs under /sys/fs/bpf it
+        // mounts one: said, not failed.
         assert!(
             failing(Facts {
-                cgroup2: None,
+                cgroup2: Ok(None),
                 ..healthy()
             })
             .is_empty()
         );
+        let verdicts = judge(
+            &Facts {
+                bpffs: None,
+                ..healthy()
+            },
+            NftEnabled::On,
+        );
+        let bpffs = verdicts.iter().find(|v| v.name == "bpffs").unwrap();
+        assert_eq!(bpffs.status, Status::Warn, "{}", bpffs.detail);
+        assert!(
+            bpffs.detail.contains("`run` mounts one"),
+            "{}",
+            bpffs.detail
+        );
+    }
+
+    #[test]
+    fn interfaces_are_judged_as_run_selects_them() {
+        let link = |index, name: &str, up| links::Link {
+            index,
+            name: name.into(),
+            up,
+            ethernet_framing: true,
+            loopback: name == "lo",
+            controller: None,
+            lower: None,
+            kind: String::new(),
+            stats: links::InterfaceStats::default(),
+        };
+        let all = [
+            link(1, "lo", true),
+            link(2, "eth0", true),
+            link(3, "eth1", false),
+        ];
+        assert_eq!(
+            judge_interfaces(&all, &[]),
+            (Status::Pass, "lo, eth0".to_owned())
+        );
+        let (status, detail) = judge_interfaces(&all, &["eth9".to_owned()]);
+        assert_eq!(status, Status::Fail);
+        assert!(detail.contains("interface eth9 does not exist"), "{detail}");
+        let (status, _) = judge_interfaces(&[link(2, "eth0", false)], &[]);
+        assert_eq!(status, Status::Warn);
     }
 }

@@ -225,11 +225,29 @@ struct RawDns {
 }
 
 /// A switch that may also be `"auto"`.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawSwitch {
     Bool(bool),
     Word(String),
+}
+
+/// By hand rather than `untagged`, whose error names the type instead of the values taken.
+impl<'de> Deserialize<'de> for RawSwitch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Switch;
+        impl serde::de::Visitor<'_> for Switch {
+            type Value = RawSwitch;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false or \"auto\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<RawSwitch, E> {
+                Ok(RawSwitch::Bool(value))
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<RawSwitch, E> {
+                Ok(RawSwitch::Word(value.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Switch)
+    }
 }
 
 /// Builds errors positioned in one source text.
@@ -316,8 +334,16 @@ impl Config {
             name: source_name,
             text,
         };
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|err| source.error(err.span(), err.message().trim()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|err| {
+            let message = err.message().trim();
+            // `[routes]` where `[[routes]]` was meant: say how a list of tables is written.
+            let hint = if message == "invalid type: map, expected a sequence" {
+                " (a list of tables takes double brackets: [[routes]])"
+            } else {
+                ""
+            };
+            source.error(err.span(), format!("{message}{hint}"))
+        })?;
         validate(&source, &raw)
     }
 }
@@ -343,14 +369,20 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
     let interfaces = raw
         .interfaces
         .iter()
-        .map(|name| {
+        .enumerate()
+        .map(|(index, name)| {
             let text = name.get_ref();
             let valid = !text.is_empty()
                 && text.len() <= 15
                 && text != "."
                 && text != ".."
                 && !text.contains(['/', ':']) && !text.chars().any(char::is_whitespace);
-            if valid {
+            let listed_before = raw.interfaces[..index]
+                .iter()
+                .any(|other| other.get_ref() == text);
+            if listed_before {
+                Err(source.at(name, format!("interface {text:?} is listed twice")))
+            } else if valid {
                 Ok(text.clone())
             } else {
                 Err(source.at(
@@ -1021,6 +1053,21 @@ match_every = 1
         assert_error("[dns]\nupstream_ports = [0]\n", 2, "port 0");
         assert_error("[nftables]\ntable = \"a b\"\n", 2, "letters, digits");
         assert_error("[nftables]\nenabled = \"yes\"\n", 2, "true, false or");
+        assert_error(
+            "[nftables]\nenabled = 1\n",
+            2,
+            "invalid type: integer `1`, expected true, false or \"auto\"",
+        );
+        assert_error(
+            "interfaces = [\"lo\", \"eth0\",\n  \"lo\"]\n",
+            2,
+            "\"lo\" is listed twice",
+        );
+        assert_error(
+            "[routes]\nname = \"web\"\nports = [80]\n",
+            1,
+            "double brackets: [[routes]]",
+        );
         assert_error(
             "[dns]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
             2,

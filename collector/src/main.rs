@@ -552,6 +552,11 @@ async fn serve_until_signal(
     let mut dns_events = tokio::spawn(events::drain_periodically(Arc::clone(&domain_drain)));
 
     let latest = Arc::new(SharedSnapshot::default());
+    // What was bound: with port 0 the kernel chose it.
+    let listening = http
+        .listener
+        .local_addr()
+        .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve::serve(
         http.listener,
@@ -564,7 +569,7 @@ async fn serve_until_signal(
         },
     ));
     tracing::info!(
-        listen = %config.listen,
+        listen = %listening,
         routes = attachment.routes.len(),
         interfaces = ?attachment.interfaces(),
         cgroup2 = %attachment.cgroup2,

@@ -108,11 +108,6 @@ fn find_cgroup2(mounts_text: &str) -> Option<PathBuf> {
         .map(|m| unescape_mount_path(m.target))
 }
 
-/// The first visible cgroup2 mount, if any.
-pub fn cgroup2_mount() -> Result<Option<PathBuf>, PathError> {
-    Ok(find_cgroup2(&read_mounts()?))
-}
-
 /// The bpffs mount that holds `pin_dir`, if any.
 pub fn bpffs_for(pin_dir: &Path) -> Result<Option<PathBuf>, PathError> {
     Ok(bpffs_containing(&read_mounts()?, pin_dir))

@@ -311,13 +311,29 @@ impl Drop for Ticket {
     }
 }
 
-/// Binds the listen address, saying what to do when it is taken.
+/// Binds the listen address, saying what to do when it cannot be bound.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    use anyhow::Context as _;
-    let listener = std::net::TcpListener::bind(addr).with_context(|| {
-        format!("listening on {addr} (is another collector running? choose another with --listen)")
+    let listener = std::net::TcpListener::bind(addr).map_err(|err| {
+        anyhow::anyhow!("listening on {addr}: {err}: {}", bind_advice(addr, &err))
     })?;
     // tokio takes it over once the runtime runs.
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// What to do when the listen address cannot be bound (also `collector check`'s advice).
+pub fn bind_advice(addr: SocketAddr, err: &std::io::Error) -> String {
+    if err.kind() == std::io::ErrorKind::AddrInUse {
+        "is another collector running? choose another port with `listen` or --listen".to_owned()
+    } else if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+        format!(
+            "no interface of this network namespace has {}; set `listen` (or --listen) to one of \
+             its addresses",
+            addr.ip()
+        )
+    } else if crate::privileges::denied(err) && addr.port() < 1024 {
+        "ports below 1024 need CAP_NET_BIND_SERVICE; choose another".to_owned()
+    } else {
+        "choose another address with `listen` or --listen".to_owned()
+    }
 }

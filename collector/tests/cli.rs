@@ -621,3 +621,47 @@ fn the_log_format_is_taken_in_any_case_from_the_environment() {
     let line: serde_json::Value = serde_json::from_str(stderr.trim()).expect(&stderr);
     assert_eq!(line["level"], "ERROR", "{stderr}");
 }
+
+#[test]
+fn run_says_what_to_do_when_the_listen_address_is_not_here() {
+    support::require_root();
+    let pins = ScratchDir::new("run-listen");
+    // TEST-NET-1: an address of no interface here. The bind comes before anything is loaded.
+    let out = Command::new(COLLECTOR)
+        .args(["run", "--listen", "192.0.2.1:9464", "--pin-dir"])
+        .arg(pins.path("pins"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no interface of this network namespace has 192.0.2.1")
+            && !stderr.contains("another collector"),
+        "{stderr}"
+    );
+    assert!(!pins.path("pins").exists(), "{stderr}");
+}
+
+#[test]
+fn check_judges_the_configured_interfaces_and_cgroup2_as_run_takes_them() {
+    let (passed, lines) = check(
+        "interfaces = [\"lo\", \"eth9\"]\ncgroup2 = \"/tmp\"\n[nftables]\nenabled = false\n",
+        &[],
+    );
+    assert!(!passed, "{lines:?}");
+    assert!(
+        lines["interfaces"].starts_with("FAIL")
+            && lines["interfaces"].contains("interface eth9 does not exist"),
+        "{lines:?}"
+    );
+    assert!(
+        lines["cgroup2"].starts_with("FAIL") && lines["cgroup2"].contains("/tmp"),
+        "{lines:?}"
+    );
+    let (passed, lines) = check("interfaces = [\"lo\"]\n[nftables]\nenabled = false\n", &[]);
+    assert!(passed, "{lines:?}");
+    assert!(
+        lines["interfaces"].starts_with("pass") && lines["interfaces"].ends_with(" lo"),
+        "{lines:?}"
+    );
+}
