@@ -11,9 +11,10 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -42,6 +43,12 @@ pub struct Endpoint {
 /// `kubernetes.io/tls` Secrets from cert-manager carry it.
 const CA_BESIDE_CERT: &str = "ca.crt";
 
+/// How long the CLI waits for the agent to accept, and then for each read of an answer (not
+/// of the event stream, which may stay quiet): an agent that is stopped, or an address that
+/// drops packets, is an error in seconds rather than after the kernel's SYN retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A PEM file HTTPS trusts, and the certificates in it.
 type Trusted = (PathBuf, Vec<TrustAnchor<'static>>);
 
@@ -60,9 +67,11 @@ impl Endpoint {
         cacert: Option<&Path>,
         server_name: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let addr = listen
-            .or(config.map(|config| config.listen))
-            .unwrap_or_else(|| crate::config::Config::embedded_default().listen);
+        let addr = dialled(
+            listen
+                .or(config.map(|config| config.listen))
+                .unwrap_or_else(|| crate::config::Config::embedded_default().listen),
+        );
         let server_name = match server_name {
             Some(name) => ServerName::try_from(name.to_owned())
                 .with_context(|| format!("--server-name {name}: not a DNS name or address"))?,
@@ -108,13 +117,16 @@ impl Endpoint {
         })
     }
 
-    fn connect(&self) -> anyhow::Result<Box<dyn Connection>> {
+    fn connect(&self, read_timeout: Option<Duration>) -> anyhow::Result<Box<dyn Connection>> {
         let addr = self.addr;
-        let tcp = TcpStream::connect(addr).with_context(|| {
+        let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).with_context(|| {
             format!(
                 "connecting to the collector at {addr} (is it running? see --listen and --config)"
             )
         })?;
+        tcp.set_read_timeout(read_timeout)
+            .and_then(|()| tcp.set_write_timeout(Some(ANSWER_TIMEOUT)))
+            .context("setting the socket's timeouts")?;
         Ok(match &self.tls {
             None => Box::new(tcp),
             Some(config) => {
@@ -137,10 +149,14 @@ impl Endpoint {
         )
     }
 
-    /// Connects and sends `request`; the reply is read from what it returns. Errors name the
-    /// fix.
-    fn exchange(&self, request: &str) -> anyhow::Result<BufReader<Box<dyn Connection>>> {
-        let mut stream = self.connect()?;
+    /// Connects and sends `request`; the reply is read from what it returns, each read waiting
+    /// at most `read_timeout`. Errors name the fix.
+    fn exchange(
+        &self,
+        request: &str,
+        read_timeout: Option<Duration>,
+    ) -> anyhow::Result<BufReader<Box<dyn Connection>>> {
+        let mut stream = self.connect(read_timeout)?;
         stream
             .write_all(request.as_bytes())
             .and_then(|()| stream.flush())
@@ -213,6 +229,17 @@ impl Endpoint {
     /// An I/O error of the exchange, with the fix when TLS refused the agent's certificate
     /// or the agent did not answer in TLS.
     fn explain(&self, err: std::io::Error) -> anyhow::Error {
+        // What a read or write past its timeout fails with.
+        if matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            return anyhow::Error::new(err).context(format!(
+                "the collector at {} did not answer within {} s (is it stopped, or is this not the collector?)",
+                self.addr,
+                ANSWER_TIMEOUT.as_secs()
+            ));
+        }
         let why = err
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -369,10 +396,22 @@ fn client_config(pems: &[Trusted]) -> anyhow::Result<Arc<ClientConfig>> {
     Ok(Arc::new(config))
 }
 
+/// The address to dial for a listen address: an agent listening on every address
+/// (`0.0.0.0`, `::`) is reached on loopback.
+fn dialled(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, listen.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, listen.port()).into(),
+        _ => listen,
+    }
+}
+
 /// Streams the agent's events to stdout, as they come.
 pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
-    let mut reader =
-        agent.exchange(&agent.request("/api/v1/events", "Accept: application/x-ndjson\r\n"))?;
+    let mut reader = agent.exchange(
+        &agent.request("/api/v1/events", "Accept: application/x-ndjson\r\n"),
+        None,
+    )?;
     let mut body: Box<dyn Read> = match agent.expect_ok(&mut reader)? {
         Framing::Chunked => Box::new(Chunked::new(reader)),
         Framing::Length(length) => Box::new(reader.take(length)),
@@ -407,7 +446,10 @@ fn forward(out: &mut impl Write, bytes: &[u8]) -> anyhow::Result<bool> {
 
 /// GET `path` from the agent and parse its JSON body.
 pub fn get_json(agent: &Endpoint, path: &str) -> anyhow::Result<Value> {
-    let mut reader = agent.exchange(&agent.request(path, "Connection: close\r\n"))?;
+    let mut reader = agent.exchange(
+        &agent.request(path, "Connection: close\r\n"),
+        Some(ANSWER_TIMEOUT),
+    )?;
     let framing = agent.expect_ok(&mut reader)?;
     let mut body = Vec::new();
     let read = match framing {
@@ -789,6 +831,14 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_on_every_address_is_dialled_on_loopback() {
+        let dialled = |listen: &str| dialled(listen.parse().unwrap()).to_string();
+        assert_eq!(dialled("0.0.0.0:9464"), "127.0.0.1:9464");
+        assert_eq!(dialled("[::]:9464"), "[::1]:9464");
+        assert_eq!(dialled("10.0.0.7:9464"), "10.0.0.7:9464");
+    }
 
     #[test]
     fn each_refusal_names_its_fix() {

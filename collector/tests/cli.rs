@@ -665,3 +665,18 @@ fn check_judges_the_configured_interfaces_and_cgroup2_as_run_takes_them() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn an_agent_that_never_answers_is_an_error_not_a_hang() {
+    // Accepted (the kernel's backlog does it) and never answered: a stopped agent.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let out = Command::new(COLLECTOR)
+        .args(["stats", "dns", "--listen", &addr])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not answer within 10 s"), "{stderr}");
+    drop(silent);
+}
