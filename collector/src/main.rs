@@ -699,12 +699,30 @@ fn dns_sources(
 /// 30 s that systemd and the kubelet give before SIGKILL.
 const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The connections on the route ports open since before a start that inherited nothing:
-/// those a crashed run left are in the connection table it left. None if they cannot be
-/// listed (said in the log): `active` then leaves them out until they close.
+/// The connections on the route ports open since before this start that no connection table
+/// of ours holds: after a clean stop, all that are open; after a crash, those the crashed run
+/// had itself found open at its start, and those on ports that were no route then (the ones
+/// it accepted are in the table it left). None if they cannot be listed (said in the log):
+/// `active` then leaves them out until they close.
 fn connections_from_before(attachment: &Attachment) -> Preexisting {
     if attachment.inherited() {
-        return Preexisting::default();
+        // The full table turned connections away, which count as opened and never close:
+        // they would count again here, as open from before.
+        match attachment.turned_away() {
+            Ok(0) => {}
+            Ok(turned_away) => {
+                tracing::warn!(
+                    turned_away,
+                    "the connection table the crashed run left had overflowed: connections open \
+                     from before this start are left out of `active` until they close"
+                );
+                return Preexisting::default();
+            }
+            Err(err) => {
+                tracing::warn!("reading the inherited error counters: {err:#}");
+                return Preexisting::default();
+            }
+        }
     }
     match Preexisting::list(&attachment.routes, || attachment.tracked_cookies()) {
         Ok(preexisting) => preexisting,

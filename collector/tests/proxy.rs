@@ -540,6 +540,48 @@ fn connections_open_across_a_clean_restart_stay_active_until_they_close() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A crash after a clean start: the connections that start found open from before are in no
+/// table the next start inherits, and still count as active until they close.
+#[test]
+fn connections_open_from_before_a_start_stay_active_across_a_crash() {
+    const BEFORE: usize = 5;
+    const ACCEPTED: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let (old_clients, old_accepted) = hold_open(&netns, BEFORE);
+    let agent = Agent::start(&netns, &config);
+    let (new_clients, new_accepted) = hold_open(&netns, ACCEPTED);
+    wait_for("8 active connections", Duration::from_secs(10), || {
+        (route_value(&scrape(&netns), "collector_proxy_connections_active", "api") == 8.0)
+            .then_some(())
+    });
+    agent.kill();
+    let agent = Agent::start(&netns, &config);
+    let metrics = scrape(&netns);
+    for (name, value) in [
+        ("collector_proxy_connections_active", 8.0),
+        ("collector_proxy_connections_open_from_before_start", 5.0),
+        ("collector_proxy_connections_opened_total", 3.0),
+    ] {
+        assert_eq!(route_value(&metrics, name, "api"), value, "{name}");
+    }
+    assert_eq!(proxy_json(&netns)["activeConnections"], BEFORE + ACCEPTED);
+
+    drop((old_clients, old_accepted, new_clients, new_accepted));
+    let metrics = wait_for("every connection gone", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (route_value(&metrics, "collector_proxy_connections_active", "api") == 0.0)
+            .then_some(metrics)
+    });
+    // Only those the crashed run accepted close as counted.
+    assert_eq!(
+        route_value(&metrics, "collector_proxy_connections_closed_total", "api"),
+        3.0
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// Connections opened one after another all through a clean start, and held: each is in
 /// `active` once, whether the agent saw it open (`opened`) or found it open from before.
 #[test]
