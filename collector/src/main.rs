@@ -433,7 +433,7 @@ fn serve_attached(
     guard: serve::Guard,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<()> {
-    let mut nft = nft::Source::start(config);
+    let mut nft = nft::Source::start(config, attachment.inherited());
     // Before the runtime's threads exist: capabilities are per thread, and they inherit.
     match privileges::keep_only_runtime_capabilities() {
         Ok(dropped) => tracing::info!(

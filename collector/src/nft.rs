@@ -278,7 +278,10 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn start(config: &Config) -> Self {
+    /// Starts counting if wanted. `after_crash`: this start took over a crashed run's pins,
+    /// whose table, if counting is not wanted now, would otherwise stay and charge every
+    /// packet for its chains.
+    pub fn start(config: &Config, after_crash: bool) -> Self {
         let mut source = Self {
             config: config.clone(),
             enabled: false,
@@ -293,6 +296,18 @@ impl Source {
         };
         if source.enabled {
             source.make_table();
+        } else if after_crash {
+            match remove_leftover(&config.nftables.table) {
+                Ok(true) => tracing::info!(
+                    "removed the nftables table inet {} a crashed run left: counting is off now",
+                    config.nftables.table
+                ),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(
+                    "removing the nftables table inet {} a crashed run left: {err}",
+                    config.nftables.table
+                ),
+            }
         }
         source
     }

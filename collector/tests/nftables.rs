@@ -188,6 +188,26 @@ fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A crash leaves the table; a start where counting is off (here `auto`, in a namespace where
+/// nothing else hooks netfilter) removes it rather than leave every packet paying for its
+/// chains.
+#[test]
+fn a_start_with_counting_off_removes_the_table_a_crash_left() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let ours = format!("table inet {}\n", config.nft_table);
+    Agent::start(&netns, &config).kill();
+    assert!(tables(&netns).contains(&ours), "{}", tables(&netns));
+    let text = std::fs::read_to_string(&config.path)
+        .unwrap()
+        .replace("enabled = true\n", "");
+    std::fs::write(&config.path, text).unwrap();
+    let agent = Agent::start(&netns, &config);
+    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn without_nft_only_the_nft_source_is_down() {
     let netns = Netns::new();
