@@ -65,10 +65,12 @@ pub struct Traffic {
     pub payload_bytes_out: u64,
 }
 
-/// Durations of closed connections, in seconds.
+/// Durations in seconds of what ended over the last minute (connections closed, queries
+/// answered): a live view, where `/metrics` has the lifetime histograms.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Durations {
+    /// How many ended over the last minute.
     pub count: u64,
     pub mean: Option<f64>,
     pub p50: Option<f64>,
@@ -202,12 +204,14 @@ pub struct ProxyStats {
 
 fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
     let totals = &route.totals;
-    let count: u64 = totals.durations.iter().sum();
+    // Quantiles of the connections closed over the last minute.
+    let closes = &route.last_minute;
+    let count: u64 = closes.durations.iter().sum();
     #[expect(
         clippy::cast_precision_loss,
         reason = "microsecond sums as float seconds"
     )]
-    let mean = (count > 0).then(|| totals.conn.duration_us as f64 / 1e6 / count as f64);
+    let mean = (count > 0).then(|| closes.duration_us as f64 / 1e6 / count as f64);
     RouteStats {
         name: route.route.name.clone(),
         kind: route.route.kind.as_str(),
@@ -234,9 +238,9 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
         duration: Durations {
             count,
             mean,
-            p50: histogram_quantile(&totals.durations, 0.5),
-            p90: histogram_quantile(&totals.durations, 0.9),
-            p99: histogram_quantile(&totals.durations, 0.99),
+            p50: histogram_quantile(&closes.durations, 0.5),
+            p90: histogram_quantile(&closes.durations, 0.9),
+            p99: histogram_quantile(&closes.durations, 0.99),
         },
         nftables: nft_counts(snapshot, &route.route.name, Protocol::Tcp),
     }
@@ -307,7 +311,8 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
 pub struct CacheStats {
     pub hits: u64,
     pub misses: u64,
-    /// hits / (hits + misses); `null` before the first answer.
+    /// hits / (hits + misses) over the last minute (the counts are since the start); `null`
+    /// without an answer then.
     pub hit_rate: Option<f64>,
 }
 
@@ -349,10 +354,10 @@ pub struct DnsStats {
     /// Queries by OPCODE (codes seen only).
     pub opcodes: BTreeMap<String, u64>,
     pub total_responses: u64,
-    /// Share of responses that are server failures (any RCODE but NOERROR and NXDOMAIN);
-    /// `null` before the first response.
+    /// Share of the last minute's responses that are server failures (any RCODE but NOERROR
+    /// and NXDOMAIN); `null` without a response then.
     pub error_rate: Option<f64>,
-    /// Query-to-response time in seconds.
+    /// Query-to-response time in seconds, of the last minute's answers.
     pub latency: Option<Durations>,
     pub truncated_responses: u64,
     /// Messages that could not be counted, by reason.
@@ -381,12 +386,15 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
             .collect()
     };
     let total_responses = dns.total_responses();
-    let errors: u64 = (0..16)
+    // Ratios and quantiles over the last minute; counts since the start.
+    let recent = &dns.last_minute;
+    let recent_responses: u64 = recent.responses_by_rcode.iter().sum();
+    let recent_errors: u64 = (0..16)
         .filter(|&rcode| is_error_rcode(rcode))
-        .map(|rcode| c.responses_by_rcode[rcode])
+        .map(|rcode| recent.responses_by_rcode[rcode])
         .sum();
-    let answered: u64 = c.latency.iter().sum();
-    let decided = c.cache_hits + c.cache_misses;
+    let answered: u64 = recent.latency.iter().sum();
+    let decided = recent.cache_hits + recent.cache_misses;
     DnsStats {
         timestamp: snapshot.taken_at_ms,
         enabled: dns.enabled,
@@ -398,7 +406,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         cache_stats: dns.match_responses.then_some(CacheStats {
             hits: c.cache_hits,
             misses: c.cache_misses,
-            hit_rate: (decided > 0).then(|| c.cache_hits as f64 / decided as f64),
+            hit_rate: (decided > 0).then(|| recent.cache_hits as f64 / decided as f64),
         }),
         top_domains: dns
             .domains
@@ -420,13 +428,13 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         response_codes: seen(&RCODE_NAMES, &c.responses_by_rcode),
         opcodes: seen(&OPCODE_NAMES, &c.queries_by_opcode),
         total_responses,
-        error_rate: (total_responses > 0).then(|| errors as f64 / total_responses as f64),
+        error_rate: (recent_responses > 0).then(|| recent_errors as f64 / recent_responses as f64),
         latency: dns.match_responses.then(|| Durations {
             count: answered,
-            mean: (answered > 0).then(|| c.latency_ns as f64 / 1e9 / answered as f64),
-            p50: histogram_quantile(&c.latency, 0.5),
-            p90: histogram_quantile(&c.latency, 0.9),
-            p99: histogram_quantile(&c.latency, 0.99),
+            mean: (answered > 0).then(|| recent.latency_ns as f64 / 1e9 / answered as f64),
+            p50: histogram_quantile(&recent.latency, 0.5),
+            p90: histogram_quantile(&recent.latency, 0.9),
+            p99: histogram_quantile(&recent.latency, 0.99),
         }),
         truncated_responses: c.responses_truncated,
         malformed: collector_common::DNS_MALFORMED_NAMES
@@ -512,6 +520,45 @@ mod tests {
         assert!(json["connectionsByIP"].is_null(), "{json}");
         assert!(json["topIPs"].is_null(), "{json}");
         assert_eq!(json["totalConnections"], 5);
+    }
+
+    /// A week of good answers, then a minute of failures: the ratios and quantiles show the
+    /// minute, the counts the week.
+    #[test]
+    fn ratios_and_quantiles_are_of_the_last_minute() {
+        use crate::snapshot::{DnsLastMinute, RouteLastMinute};
+        let mut snapshot = Snapshot::example();
+        let dns = &mut snapshot.dns;
+        dns.counters.responses_by_rcode[0] = 1_000_000;
+        dns.counters.cache_hits = 1_000_000;
+        dns.counters.latency[5] = 1_000_000;
+        let mut minute = DnsLastMinute::default();
+        minute.responses_by_rcode[0] = 5;
+        minute.responses_by_rcode[2] = 15;
+        minute.cache_hits = 1;
+        minute.cache_misses = 3;
+        minute.latency[19] = 4;
+        dns.last_minute = minute;
+        let route = &mut snapshot.routes[0];
+        route.last_minute = RouteLastMinute::default();
+        route.last_minute.durations[20] = 2;
+        route.last_minute.closed = 2;
+        let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
+        assert_eq!(json["errorRate"], 0.75);
+        assert_eq!(json["cacheStats"]["hits"], 1_000_000);
+        assert_eq!(json["cacheStats"]["hitRate"], 0.25);
+        assert_eq!(json["latency"]["count"], 4);
+        // Bucket 19 is 0.52 to 1.05 s.
+        let p50 = json["latency"]["p50"].as_f64().unwrap();
+        assert!(p50 > 0.5 && p50 < 1.1, "{p50}");
+        let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
+        let duration = &json["routes"][0]["duration"];
+        assert_eq!(duration["count"], 2, "{duration}");
+        assert!(duration["p50"].as_f64().unwrap() > 1.0, "{duration}");
+        // A quiet minute has no ratios, whatever the lifetime counts.
+        snapshot.dns.last_minute = DnsLastMinute::default();
+        let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
+        assert!(json["errorRate"].is_null() && json["cacheStats"]["hitRate"].is_null());
     }
 
     #[test]

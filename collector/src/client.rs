@@ -733,7 +733,7 @@ pub fn dns_table(json: &Value) -> String {
     };
     let _ = writeln!(
         out,
-        "queries {} ({:.1}/s), responses {}, error rate {}",
+        "queries {} ({:.1}/s), responses {}, error rate {} (last minute)",
         json["totalQueries"],
         number(&json["queriesPerSecond"]),
         json["totalResponses"],
@@ -748,7 +748,7 @@ pub fn dns_table(json: &Value) -> String {
     if matching {
         let _ = writeln!(
             out,
-            "cache: {} hits, {} misses, hit rate {}{sample}",
+            "cache: {} hits, {} misses, hit rate {} (last minute){sample}",
             json["cacheStats"]["hits"], json["cacheStats"]["misses"], json["cacheStats"]["hitRate"]
         );
     }
@@ -757,7 +757,7 @@ pub fn dns_table(json: &Value) -> String {
     if matching {
         let _ = writeln!(
             out,
-            "latency: p50 {} s, p99 {} s ({} answered){sample}",
+            "latency: p50 {} s, p99 {} s ({} answered in the last minute){sample}",
             json["latency"]["p50"], json["latency"]["p99"], json["latency"]["count"]
         );
     } else {
@@ -1130,8 +1130,8 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         sampled["matchEvery"] = 16.into();
         let text = dns_table(&sampled);
         assert!(
-            text.contains("hit rate 0.888 (one query in 16 matched)")
-                && text.contains("(9 answered) (one query in 16 matched)"),
+            text.contains("hit rate 0.888 (last minute) (one query in 16 matched)")
+                && text.contains("(9 answered in the last minute) (one query in 16 matched)"),
             "{text}"
         );
     }

@@ -16,10 +16,10 @@ use crate::{
     events::{ClientStats, SharedDrain},
     loader::{KernelMaps, WatchedRoute},
     preexisting::Preexisting,
-    rates::{AVERAGE, CounterHistory},
+    rates::{AVERAGE, CounterHistory, CountsHistory},
     snapshot::{
-        DnsSnapshot, InterfaceSnapshot, PollStats, ProgramStats, RouteSnapshot, Snapshot,
-        SourceHealth,
+        DnsLastMinute, DnsSnapshot, InterfaceSnapshot, PollStats, ProgramStats, RouteLastMinute,
+        RouteSnapshot, Snapshot, SourceHealth,
     },
 };
 
@@ -77,11 +77,12 @@ pub struct PollHealth {
     pub poll: PollStats,
 }
 
-/// Histories of the counters that get rates.
+/// Histories of the counters that get rates, and of the closes that get quantiles.
 struct RateHistories {
     opened: CounterHistory,
     bytes_in: CounterHistory,
     bytes_out: CounterHistory,
+    closes: CountsHistory<RouteLastMinute>,
 }
 
 impl RateHistories {
@@ -92,6 +93,7 @@ impl RateHistories {
             opened: CounterHistory::new(keep),
             bytes_in: CounterHistory::new(keep),
             bytes_out: CounterHistory::new(keep),
+            closes: CountsHistory::new(keep),
         }
     }
 
@@ -164,6 +166,7 @@ pub struct Poller {
     dns: DnsSources,
     hub: Arc<EventHub>,
     dns_queries: CounterHistory,
+    dns_last_minute: CountsHistory<DnsLastMinute>,
     started: Instant,
     total: RateHistories,
     per_route: Vec<RateHistories>,
@@ -192,6 +195,7 @@ impl Poller {
             dns,
             hub,
             dns_queries: CounterHistory::new(AVERAGE + Duration::from_secs(5)),
+            dns_last_minute: CountsHistory::new(AVERAGE + Duration::from_secs(5)),
             started: Instant::now(),
             total: RateHistories::new(),
             per_route,
@@ -243,6 +247,12 @@ impl Poller {
                 route_totals.traffic_in.payload_bytes,
                 route_totals.traffic_out.payload_bytes,
             );
+            let closes = RouteLastMinute::of(route_totals);
+            history.closes.record(at, closes);
+            let last_minute = history
+                .closes
+                .base(at, AVERAGE)
+                .map_or(closes, |base| closes.since(base));
             opened += route_totals.conn.opened;
             bytes_in += route_totals.traffic_in.payload_bytes;
             bytes_out += route_totals.traffic_out.payload_bytes;
@@ -253,6 +263,7 @@ impl Poller {
                 bytes_in_rates: history.bytes_in.rates(),
                 bytes_out_rates: history.bytes_out.rates(),
                 open_from_before,
+                last_minute,
             });
         }
         self.total.record(at, opened, bytes_in, bytes_out);
@@ -315,6 +326,12 @@ impl Poller {
             ..DnsSnapshot::default()
         };
         self.dns_queries.record(at, dns.total_queries());
+        let counts = DnsLastMinute::of(counters);
+        self.dns_last_minute.record(at, counts);
+        dns.last_minute = self
+            .dns_last_minute
+            .base(at, AVERAGE)
+            .map_or(counts, |base| counts.since(base));
         dns.query_rates = self.dns_queries.rates();
         dns.query_history = self.dns_queries.history(HISTORY_SAMPLES);
         dns

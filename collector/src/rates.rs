@@ -110,9 +110,82 @@ impl CounterHistory {
     }
 }
 
+/// Copies of some counters, one a second at most, kept a little over `max_age`: the base that
+/// ratios and quantiles over a window are taken from (taken from the lifetime counters, they
+/// would barely move during an incident).
+#[derive(Debug)]
+pub struct CountsHistory<T> {
+    samples: VecDeque<(Duration, T)>,
+    max_age: Duration,
+}
+
+impl<T> CountsHistory<T> {
+    #[must_use]
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            samples: VecDeque::new(),
+            max_age,
+        }
+    }
+
+    /// Keeps `counts` as they stood at `at`, unless the newest copy is under a second old.
+    pub fn record(&mut self, at: Duration, counts: T) {
+        if self
+            .samples
+            .back()
+            .is_some_and(|(newest, _)| at < *newest + INSTANT)
+        {
+            return;
+        }
+        self.samples.push_back((at, counts));
+        // Keep one copy at or before at - max_age, and nothing older.
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|(second, _)| at.saturating_sub(*second) >= self.max_age)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The counts as they stood `window` before `now`: the newest copy at least that old, or
+    /// the oldest there is.
+    #[must_use]
+    pub fn base(&self, now: Duration, window: Duration) -> Option<&T> {
+        self.samples
+            .iter()
+            .rev()
+            .find(|(at, _)| now.saturating_sub(*at) >= window)
+            .or_else(|| self.samples.front())
+            .map(|(_, counts)| counts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_base_of_a_window_is_the_newest_copy_that_old_and_copies_are_a_second_apart() {
+        let mut history = CountsHistory::new(secs(65.0));
+        assert_eq!(history.base(secs(0.0), AVERAGE), None);
+        // Polls every 100 ms for two minutes, the count rising by one a poll.
+        for poll in 0..=1200u32 {
+            history.record(Duration::from_millis(u64::from(poll) * 100), poll);
+        }
+        // One copy a second, and no more than the window needs.
+        assert!(history.samples.len() <= 67, "{}", history.samples.len());
+        assert_eq!(history.base(secs(120.0), AVERAGE), Some(&600));
+        assert_eq!(history.base(secs(120.0), RECENT), Some(&1100));
+        // Younger than the window: the oldest copy kept.
+        let mut young = CountsHistory::new(secs(65.0));
+        young.record(secs(0.0), 7);
+        young.record(secs(0.5), 8);
+        young.record(secs(1.0), 9);
+        assert_eq!(young.base(secs(30.0), AVERAGE), Some(&7));
+        assert_eq!(young.samples.len(), 2);
+    }
 
     fn secs(s: f64) -> Duration {
         Duration::from_secs_f64(s)

@@ -24,6 +24,85 @@ pub struct RouteSnapshot {
     pub bytes_out_rates: Rates,
     /// Connections open since before the agent started, not yet closed (see `preexisting`).
     pub open_from_before: u64,
+    /// Closes over the last minute, for the duration quantiles.
+    pub last_minute: RouteLastMinute,
+}
+
+/// A route's closes over the last minute ([`crate::rates::AVERAGE`]): the durations of the
+/// connections that ended then, where the lifetime histogram would give those since the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteLastMinute {
+    pub closed: u64,
+    pub duration_us: u64,
+    pub durations: [u64; collector_common::CONN_DURATION_BUCKETS as usize],
+}
+
+// Arrays over 32 have no derived `Default`.
+impl Default for RouteLastMinute {
+    fn default() -> Self {
+        Self::of(&RouteTotals::default())
+    }
+}
+
+impl RouteLastMinute {
+    /// The route's lifetime counts, as a base or as the figures of a first minute.
+    #[must_use]
+    pub fn of(totals: &RouteTotals) -> Self {
+        Self {
+            closed: totals.conn.closed,
+            duration_us: totals.conn.duration_us,
+            durations: totals.durations,
+        }
+    }
+
+    /// What was added since `base`.
+    #[must_use]
+    pub fn since(&self, base: &Self) -> Self {
+        Self {
+            closed: self.closed.saturating_sub(base.closed),
+            duration_us: self.duration_us.saturating_sub(base.duration_us),
+            durations: std::array::from_fn(|i| self.durations[i].saturating_sub(base.durations[i])),
+        }
+    }
+}
+
+/// The DNS counts that ratios and quantiles come from, over the last minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DnsLastMinute {
+    pub responses_by_rcode: [u64; 16],
+    pub latency: [u64; collector_common::DURATION_BUCKETS as usize],
+    pub latency_ns: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+impl DnsLastMinute {
+    /// The lifetime counts, as a base or as the figures of a first minute.
+    #[must_use]
+    pub fn of(counters: &DnsCounters) -> Self {
+        Self {
+            responses_by_rcode: counters.responses_by_rcode,
+            latency: counters.latency,
+            latency_ns: counters.latency_ns,
+            cache_hits: counters.cache_hits,
+            cache_misses: counters.cache_misses,
+        }
+    }
+
+    /// What was added since `base`.
+    #[must_use]
+    pub fn since(&self, base: &Self) -> Self {
+        let minus = |now: &[u64], then: &[u64], i: usize| now[i].saturating_sub(then[i]);
+        Self {
+            responses_by_rcode: std::array::from_fn(|i| {
+                minus(&self.responses_by_rcode, &base.responses_by_rcode, i)
+            }),
+            latency: std::array::from_fn(|i| minus(&self.latency, &base.latency, i)),
+            latency_ns: self.latency_ns.saturating_sub(base.latency_ns),
+            cache_hits: self.cache_hits.saturating_sub(base.cache_hits),
+            cache_misses: self.cache_misses.saturating_sub(base.cache_misses),
+        }
+    }
 }
 
 impl RouteSnapshot {
@@ -77,6 +156,9 @@ pub struct DnsSnapshot {
     /// that sample.
     pub match_every: u32,
     pub counters: DnsCounters,
+    /// Responses, latencies and cache decisions over the last minute, for the ratios and
+    /// quantiles.
+    pub last_minute: DnsLastMinute,
     /// Client queries per second.
     pub query_rates: Rates,
     /// Per-poll query rates, oldest first.
@@ -282,6 +364,26 @@ impl Snapshot {
         let mut durations = [0u64; collector_common::CONN_DURATION_BUCKETS as usize];
         durations[3] = 2;
         durations[collector_common::CONN_DURATION_BUCKETS as usize - 1] = 1;
+        let totals = RouteTotals {
+            conn: ConnCounters {
+                opened: 5,
+                closed: 3,
+                bytes_in: 300,
+                bytes_out: 4000,
+                duration_us: 1_500_000,
+            },
+            durations,
+            traffic_in: TrafficCounters {
+                packets: 11,
+                bytes: 900,
+                payload_bytes: 340,
+            },
+            traffic_out: TrafficCounters {
+                packets: 9,
+                bytes: 4600,
+                payload_bytes: 4100,
+            },
+        };
         Snapshot {
             routes: vec![RouteSnapshot {
                 route: WatchedRoute {
@@ -290,30 +392,12 @@ impl Snapshot {
                     ports: vec![80, 8080],
                     slot: 0,
                 },
-                totals: RouteTotals {
-                    conn: ConnCounters {
-                        opened: 5,
-                        closed: 3,
-                        bytes_in: 300,
-                        bytes_out: 4000,
-                        duration_us: 1_500_000,
-                    },
-                    durations,
-                    traffic_in: TrafficCounters {
-                        packets: 11,
-                        bytes: 900,
-                        payload_bytes: 340,
-                    },
-                    traffic_out: TrafficCounters {
-                        packets: 9,
-                        bytes: 4600,
-                        payload_bytes: 4100,
-                    },
-                },
+                totals,
                 connection_rates: Rates::default(),
                 bytes_in_rates: Rates::default(),
                 bytes_out_rates: Rates::default(),
                 open_from_before: 0,
+                last_minute: RouteLastMinute::of(&totals),
             }],
             errors: [1, 2, 0],
             programs: vec![ProgramStats {
@@ -405,6 +489,7 @@ impl DnsSnapshot {
             enabled: true,
             match_responses: true,
             match_every: 4,
+            last_minute: DnsLastMinute::of(&counters),
             counters,
             domains: DomainSnapshot {
                 top: vec![
