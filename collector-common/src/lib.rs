@@ -644,6 +644,15 @@ pub const fn dns_match_below(every: u32) -> u64 {
     (1u64 << 32) / if every == 0 { 1 } else { every as u64 }
 }
 
+/// The query that arrived at `start_ns` has waited past [`DNS_ANSWER_TIMEOUT_NS`] by `now`, and
+/// is given up (unanswered). The difference is read as signed: another CPU may store a
+/// start later than a `now` read just before, and a slot from "the future" is a query still
+/// waiting, not one that wrapped around to 2^64 nanoseconds old.
+#[must_use]
+pub const fn dns_query_given_up(now: u64, start_ns: u64) -> bool {
+    now.wrapping_sub(start_ns).cast_signed() > DNS_ANSWER_TIMEOUT_NS.cast_signed()
+}
+
 /// Index into [`DnsCounters::queries_by_qtype`] for a QTYPE.
 #[must_use]
 pub const fn dns_qtype_index(qtype: u16) -> u32 {
@@ -1042,6 +1051,22 @@ mod tests {
     #[test]
     fn traffic_indices_do_not_overlap() {
         assert_eq!(traffic_index(3, DIR_OUT), 7);
+    }
+
+    #[test]
+    fn a_query_is_given_up_only_past_the_timeout_and_never_from_the_future() {
+        const NOW: u64 = 500 * DNS_ANSWER_TIMEOUT_NS;
+        assert!(!dns_query_given_up(NOW, NOW));
+        assert!(!dns_query_given_up(NOW, NOW - DNS_ANSWER_TIMEOUT_NS));
+        assert!(dns_query_given_up(NOW, NOW - DNS_ANSWER_TIMEOUT_NS - 1));
+        assert!(dns_query_given_up(NOW, 1));
+        // Stored by another CPU that read the clock after this one did.
+        assert!(!dns_query_given_up(NOW, NOW + 1));
+        assert!(!dns_query_given_up(NOW, NOW + 1_000_000));
+        assert!(!dns_query_given_up(NOW, NOW + DNS_ANSWER_TIMEOUT_NS + 1));
+        // Near the clock's start (a VM's monotonic clock starts at boot).
+        assert!(!dns_query_given_up(5, 7));
+        assert!(dns_query_given_up(DNS_ANSWER_TIMEOUT_NS + 8, 7));
     }
 
     #[test]

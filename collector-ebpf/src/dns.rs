@@ -35,11 +35,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use collector_common::{
-    DNS_ANSWER_TIMEOUT_NS, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
-    DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS,
-    DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint,
-    dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample, dns_port_listed,
-    dns_qtype_index, duration_bucket,
+    DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_INFLIGHT_WAYS,
+    DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS, DnsAnswerEvent,
+    DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint, dns_inflight_set,
+    dns_lowercase_word, dns_malformed, dns_match_sample, dns_port_listed, dns_qtype_index,
+    dns_query_given_up, duration_bucket,
 };
 
 use crate::{
@@ -631,7 +631,7 @@ fn remember(addr: &[u8; 16], port: u16, id: u16, now: u64, counters: &mut DnsCou
             free = free.or(Some(slot));
             continue;
         }
-        let given_up = now.wrapping_sub(slot.start_ns) > DNS_ANSWER_TIMEOUT_NS;
+        let given_up = dns_query_given_up(now, slot.start_ns);
         if slot.client == client && slot.client_port == port && slot.id == id {
             if given_up {
                 // The same client, port and id after the timeout: a new query, and the first

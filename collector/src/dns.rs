@@ -14,8 +14,8 @@ use std::{
 
 use aya::maps::{Array, MapData, RingBuf};
 use collector_common::{
-    DNS_ANSWER_TIMEOUT_NS, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER,
-    DnsAnswerEvent, DnsInFlight, DnsNameEvent, DnsQueryEvent, map_names,
+    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DnsAnswerEvent,
+    DnsInFlight, DnsNameEvent, DnsQueryEvent, dns_query_given_up, map_names,
 };
 use hickory_proto::{
     rr::{Name, RecordType},
@@ -287,9 +287,7 @@ impl InFlightTable {
         let waiting = self
             .0
             .entries()
-            .filter(|entry| {
-                entry.start_ns != 0 && now.saturating_sub(entry.start_ns) <= DNS_ANSWER_TIMEOUT_NS
-            })
+            .filter(|entry| entry.start_ns != 0 && !dns_query_given_up(now, entry.start_ns))
             .count();
         u64::try_from(waiting).unwrap_or(u64::MAX)
     }

@@ -850,10 +850,12 @@ fn go_upstream(classifiers: &Classifiers, name: &[&[u8]]) {
 
 /// Queries of one in-flight set, in the kernel: the waiting ones keep their slots (a new one
 /// goes untracked when all are held), so the slow answers are not the ones whose latency is
-/// lost; one waiting past the timeout is given up when its flow or its set asks again.
+/// lost; one waiting past the timeout is given up when its flow or its set asks again, and one
+/// whose start lies a moment ahead of the clock (stored in a race) is not.
 #[test]
 fn waiting_queries_keep_their_in_flight_slots() {
     const SECOND_NS: u64 = 1_000_000_000;
+    const SECOND_NS_I64: i64 = 1_000_000_000;
     let mut classifiers = Classifiers::load();
     // The IPv4 client of `Packet::frame`, as the kernel maps it.
     let client = client_fingerprint(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
@@ -882,8 +884,8 @@ fn waiting_queries_keep_their_in_flight_slots() {
             Outcome::Response(0)
         );
     };
-    // Moves the waiting query `id`'s arrival back past the timeout.
-    let age = |classifiers: &mut Classifiers, id| {
+    // Moves the waiting query `id`'s arrival by `by` nanoseconds.
+    let shift = |classifiers: &mut Classifiers, id, by: i64| {
         let mut table: Array<_, DnsInFlight> =
             Array::try_from(classifiers.ebpf.map_mut(map_names::DNS_INFLIGHT).unwrap()).unwrap();
         let slot = (set..set + DNS_INFLIGHT_WAYS)
@@ -893,9 +895,11 @@ fn waiting_queries_keep_their_in_flight_slots() {
             })
             .unwrap();
         let mut entry = table.get(&slot, 0).unwrap();
-        entry.start_ns -= 11 * SECOND_NS;
+        entry.start_ns = entry.start_ns.checked_add_signed(by).unwrap();
         table.set(slot, entry, 0).unwrap();
     };
+    // Moves it back past the timeout.
+    let age = |classifiers: &mut Classifiers, id| shift(classifiers, id, -11 * SECOND_NS_I64);
     let totals = |classifiers: &Classifiers| {
         let t = classifiers.totals();
         [
@@ -940,4 +944,21 @@ fn waiting_queries_keep_their_in_flight_slots() {
     }
     ask(&classifiers, ids[0]);
     assert_eq!(totals(&classifiers), [5, 1, 1, 2, 1]);
+
+    // A start later than the clock this CPU reads (another CPU stored it after reading the
+    // clock later, in a race) is a query still waiting, not one 2^64 ns old: neither its
+    // set nor its flow gives it up.
+    for &id in &[ids[2], ids[3], ids[4], ids[0]] {
+        answer(&classifiers, id);
+    }
+    assert_eq!(totals(&classifiers), [9, 1, 1, 2, 1]);
+    ask(&classifiers, ids[0]);
+    shift(&mut classifiers, ids[0], SECOND_NS_I64 / 1000);
+    ask(&classifiers, ids[1]);
+    ask(&classifiers, ids[0]);
+    assert_eq!(totals(&classifiers), [9, 1, 1, 2, 2]);
+    shift(&mut classifiers, ids[0], -SECOND_NS_I64 / 1000);
+    answer(&classifiers, ids[0]);
+    answer(&classifiers, ids[1]);
+    assert_eq!(totals(&classifiers), [11, 1, 1, 2, 2]);
 }
