@@ -71,8 +71,8 @@ pub mod map_names {
     pub const DNS_COUNTERS: &str = "DNS_COUNTERS";
     /// `Array<DnsInFlight>`, [`super::DNS_INFLIGHT_SLOTS`] entries.
     pub const DNS_INFLIGHT: &str = "DNS_INFLIGHT";
-    /// `Array<u64>`, [`super::DNS_UPSTREAM_SLOTS`] entries: name hash → time of the last
-    /// upstream query for it.
+    /// `Array<u64>`, [`super::DNS_UPSTREAM_SLOTS`] entries: hash of name and QTYPE → time of
+    /// the last upstream query for it.
     pub const DNS_UPSTREAM: &str = "DNS_UPSTREAM";
     /// `Array<u64>`, one entry: the time of the latest upstream query, for any name. A
     /// response whose query arrived after it is a hit without a look at [`DNS_UPSTREAM`].
@@ -353,9 +353,11 @@ pub struct DnsCounters {
     pub untracked_queries: u64,
     /// Queries still unanswered after [`DNS_ANSWER_TIMEOUT_NS`] when their slot was reused.
     pub unanswered_queries: u64,
-    /// Matched responses with no upstream query for their name since the client asked.
+    /// Matched responses with no upstream query for their name and type since the client
+    /// asked.
     pub cache_hits: u64,
-    /// Matched responses whose name the server asked an upstream for after the client asked.
+    /// Matched responses whose name and type the server asked an upstream for after the
+    /// client asked.
     pub cache_misses: u64,
     /// Queries from the host to an upstream port.
     pub upstream_queries: u64,
@@ -398,7 +400,7 @@ pub const DNS_INFLIGHT_SLOTS: u32 = 16384;
 /// Slots a query may take in its set: a query finds one unless that many others of its set
 /// are still waiting, so two queries that hash alike do not throw each other out.
 pub const DNS_INFLIGHT_WAYS: u32 = 4;
-/// Slots of the table of recent upstream queries, indexed by a hash of the name.
+/// Slots of the table of recent upstream queries, indexed by a hash of the name and QTYPE.
 pub const DNS_UPSTREAM_SLOTS: u32 = 16384;
 /// A query unanswered for this long is given up when its slot is needed.
 pub const DNS_ANSWER_TIMEOUT_NS: u64 = 10_000_000_000;

@@ -11,8 +11,9 @@
 //!   in that order of precedence.
 //!
 //! Latency: a query takes a free slot of its set of the in-flight table, found from a hash of
-//! (client address, port, id); its response frees it. Cache misses: an upstream query stamps a table indexed by
-//! a hash of its name; a response whose name was stamped after its query arrived is a miss.
+//! (client address, port, id); its response frees it. Cache misses: an upstream query stamps a
+//! table indexed by a hash of its name and QTYPE; a response whose name and QTYPE were stamped
+//! after its query arrived is a miss.
 //! A response whose query arrived after the latest upstream query, for any name, is a hit
 //! without that look-up.
 //! With `[dns] match_every = N` only the queries whose hash of client port and id falls in one
@@ -383,7 +384,7 @@ fn count_message(
                 return Ok(());
             }
             let now = ktime_ns();
-            if let Some(stamp) = DNS_UPSTREAM.get_ptr_mut(upstream_slot(buf, question.name_len)) {
+            if let Some(stamp) = DNS_UPSTREAM.get_ptr_mut(upstream_slot(buf, &question)) {
                 // SAFETY: an 8-byte-aligned value of our array; a torn read elsewhere is
                 // impossible for an aligned u64.
                 unsafe { core::ptr::write_volatile(stamp, now) };
@@ -473,10 +474,11 @@ fn question(buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Question {
 }
 
 /// Case-insensitive hash of the name's wire form (ASCII letters folded), eight bytes at a
-/// time.
+/// time, with `qtype` mixed in from the start (0: the name alone). An xor into the seed
+/// costs nothing where the QTYPE is a constant, and one instruction where it is not.
 #[inline(always)]
-fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize, qtype: u16) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(qtype);
     for word in 0..DNS_NAME_MAX.div_ceil(8) {
         let done = word * 8;
         if done >= name_len {
@@ -589,7 +591,7 @@ fn stream_wanted() -> bool {
 #[inline(always)]
 fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: &mut DnsCounters) {
     let name_len = question.name_len & 0xff;
-    let hash = name_hash(buf, name_len);
+    let hash = name_hash(buf, name_len, 0);
     match tally(&DNS_NAMES, &hash, hash as u32) {
         Tally::Counted => {}
         // A CPU beyond the table the agent sized: the sample is lost, and said so.
@@ -768,7 +770,7 @@ fn on_response(
     let miss = asked.is_some_and(|question| {
         upstream_since(started)
             && DNS_UPSTREAM
-                .get_ptr_mut(upstream_slot(buf, question.name_len))
+                .get_ptr_mut(upstream_slot(buf, question))
                 .is_some_and(|stamp| {
                     // SAFETY: as in `count_message`.
                     (unsafe { core::ptr::read_volatile(stamp) }) >= started
@@ -821,10 +823,11 @@ fn waiting(client: u32, port: u16, id: u16) -> Option<&'static mut DnsInFlight> 
     None
 }
 
-/// The slot of `DNS_UPSTREAM` for the question's name.
+/// The slot of `DNS_UPSTREAM` for the question: its name and its QTYPE, since an upstream
+/// query for a name's AAAA says nothing of whether its A came from the cache.
 #[inline(always)]
-fn upstream_slot(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize) -> u32 {
-    (name_hash(buf, name_len) as u32) & (DNS_UPSTREAM_SLOTS - 1)
+fn upstream_slot(buf: &[u8; DNS_SCRATCH_BYTES], question: &Question) -> u32 {
+    (name_hash(buf, question.name_len, question.qtype) as u32) & (DNS_UPSTREAM_SLOTS - 1)
 }
 
 /// Something, for any name, went upstream at or after `since`.

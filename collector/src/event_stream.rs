@@ -67,7 +67,7 @@ pub enum StreamEvent {
     },
     #[serde(rename_all = "camelCase")]
     QueryAnswered {
-        /// True for an inferred cache hit (no upstream query for the name).
+        /// True for an inferred cache hit (no upstream query for the name and type).
         cached: bool,
         /// Seconds from query to response.
         response_time: f64,

@@ -416,12 +416,12 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
         &[
             (
                 "collector_dns_cache_hits",
-                "Answered queries whose name the server did not ask an upstream for (inferred).",
+                "Answered queries whose name and type the server did not ask an upstream for (inferred).",
                 c.cache_hits,
             ),
             (
                 "collector_dns_cache_misses",
-                "Answered queries whose name the server asked an upstream for while the client waited (inferred).",
+                "Answered queries whose name and type the server asked an upstream for while the client waited (inferred).",
                 c.cache_misses,
             ),
             (

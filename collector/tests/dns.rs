@@ -251,6 +251,103 @@ fn forwarded_and_local_queries(netns: &Netns) {
     });
 }
 
+/// A cached answer for one type of a name, given while an upstream query for another type of
+/// that name is outstanding, is a hit; one for the same type is a miss: upstream queries are
+/// told apart by name and type. See [`cached_answer_while_asked_upstream`] for how the
+/// upstream query comes between the client's query and its answer.
+#[test]
+fn an_upstream_query_for_another_type_of_the_name_leaves_a_cached_answer_a_hit() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let server = Unbound::start(&netns, true);
+    // The A goes upstream once (a miss) and is cached.
+    netns.run(|| {
+        assert_eq!(
+            Client::new(SERVER).query(CACHED, RecordType::A),
+            ResponseCode::NoError
+        );
+    });
+    dns_after(&netns, 1);
+
+    cached_answer_while_asked_upstream(&netns, &server, RecordType::AAAA, 1);
+    let json = dns_after(&netns, 2);
+    assert_eq!(json["upstreamQueries"], 2);
+    assert_eq!(
+        (&json["cacheStats"]["hits"], &json["cacheStats"]["misses"]),
+        (&serde_json::json!(1), &serde_json::json!(1)),
+        "an upstream AAAA made the cached A's answer a miss: {}",
+        json["cacheStats"]
+    );
+    // The server agrees.
+    let stats = server.stats(&netns);
+    assert_eq!(
+        (stats["total.num.cachehits"], stats["total.num.cachemiss"]),
+        (1.0, 1.0),
+        "{stats:?}"
+    );
+
+    // The same with the A itself asked upstream meanwhile: a miss (the known misreading of
+    // something else on the host asking upstream for a name a client waits for; unbound
+    // counts a hit). It shows the upstream query did come between query and answer.
+    cached_answer_while_asked_upstream(&netns, &server, RecordType::A, 2);
+    let json = dns_after(&netns, 3);
+    assert_eq!(json["upstreamQueries"], 3);
+    assert_eq!(
+        (&json["cacheStats"]["hits"], &json["cacheStats"]["misses"]),
+        (&serde_json::json!(1), &serde_json::json!(2)),
+        "{}",
+        json["cacheStats"]
+    );
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// The name [`an_upstream_query_for_another_type_of_the_name_leaves_a_cached_answer_a_hit`]
+/// asks for: it has an A and no AAAA at the upstream.
+const CACHED: &str = "a.fwd.example.";
+
+/// A client asks for [`CACHED`] A, which the server has cached, and is answered after
+/// something else on the host asked the upstream for `upstream_type` of that name, a query
+/// still outstanding when the answer leaves. unbound answers a cached name at once and sends
+/// its own upstream queries from a timer after the batch of queries it read, so its own
+/// cannot be made to come between the two; here the test asks the upstream itself, which the
+/// classifier cannot tell from the server's asking. The server is stopped while the client's
+/// query and the upstream query are counted (and the upstream too, so that its query is
+/// outstanding), then continued. `before`: the queries, and the upstream queries, counted so
+/// far.
+fn cached_answer_while_asked_upstream(
+    netns: &Netns,
+    server: &Unbound,
+    upstream_type: RecordType,
+    before: u64,
+) {
+    server.pause_main(true);
+    server.pause_upstream(true);
+    let (mut client, id) = netns.run(|| {
+        let mut client = Client::new(SERVER);
+        let id = client.send(CACHED, RecordType::A);
+        (client, id)
+    });
+    wait_for("the client's query", Duration::from_secs(10), || {
+        (dns_json(netns)["totalQueries"] == before + 1).then_some(())
+    });
+    let upstream = format!("127.0.0.1:{UPSTREAM_PORT}");
+    let (mut asker, upstream_id) = netns.run(move || {
+        let mut asker = Client::new(&upstream);
+        let id = asker.send(CACHED, upstream_type);
+        (asker, id)
+    });
+    wait_for("the upstream query", Duration::from_secs(10), || {
+        (dns_json(netns)["upstreamQueries"] == before + 1).then_some(())
+    });
+    server.pause_main(false);
+    assert_eq!(client.receive(id), ResponseCode::NoError);
+    server.pause_upstream(false);
+    assert_eq!(asker.receive(upstream_id), ResponseCode::NoError);
+}
+
 #[test]
 fn without_response_matching_counts_the_same_and_leaves_matched_figures_out() {
     let netns = Netns::new();

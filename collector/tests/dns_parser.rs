@@ -751,10 +751,13 @@ fn random_and_mutated_packets_agree_with_hickory() {
     );
 }
 
-/// The cache inference, in the kernel: a response is a miss only if its name went upstream
-/// after its query arrived. Each step is a real classifier run, on the kernel's clock.
+/// The cache inference, in the kernel: a response is a miss only if its name, with its type,
+/// went upstream after its query arrived. Each step is a real classifier run, on the kernel's
+/// clock.
 #[test]
 fn a_response_is_a_cache_miss_only_when_its_name_went_upstream_while_it_waited() {
+    const A: u16 = 1;
+    const AAAA: u16 = 28;
     let mut classifiers = Classifiers::load();
     let www: &[&[u8]] = &[b"www", b"example", b"com"];
     let other: &[&[u8]] = &[b"other", b"example", b"com"];
@@ -763,30 +766,44 @@ fn a_response_is_a_cache_miss_only_when_its_name_went_upstream_while_it_waited()
         (totals.cache_hits, totals.cache_misses)
     };
 
-    ask_and_answer(&classifiers, www, &[]);
+    ask_and_answer(&classifiers, (www, A), &[]);
     assert_eq!(
         hits_and_misses(&classifiers),
         (1, 0),
         "nothing went upstream"
     );
-    go_upstream(&classifiers, www);
-    ask_and_answer(&classifiers, www, &[]);
+    go_upstream(&classifiers, (www, A));
+    ask_and_answer(&classifiers, (www, A), &[]);
     assert_eq!(
         hits_and_misses(&classifiers),
         (2, 0),
         "www went upstream before it was asked"
     );
-    ask_and_answer(&classifiers, www, &[other]);
+    ask_and_answer(&classifiers, (www, A), &[(other, A)]);
     assert_eq!(
         hits_and_misses(&classifiers),
         (3, 0),
         "another name went upstream while www waited"
     );
-    ask_and_answer(&classifiers, www, &[www]);
+    ask_and_answer(&classifiers, (www, A), &[(www, A)]);
     assert_eq!(
         hits_and_misses(&classifiers),
         (3, 1),
         "www went upstream while it waited"
+    );
+    // The type counts too: a server asking upstream for a name's AAAA says nothing of its A,
+    // which a client may be given from the cache meanwhile.
+    ask_and_answer(&classifiers, (www, A), &[(www, AAAA)]);
+    assert_eq!(
+        hits_and_misses(&classifiers),
+        (4, 1),
+        "www AAAA went upstream while www A waited"
+    );
+    ask_and_answer(&classifiers, (www, AAAA), &[(www, AAAA)]);
+    assert_eq!(
+        hits_and_misses(&classifiers),
+        (4, 2),
+        "www AAAA went upstream while it waited"
     );
 
     // A stamp past the latest upstream time, which no upstream query leaves: an answer whose
@@ -796,30 +813,36 @@ fn a_response_is_a_cache_miss_only_when_its_name_went_upstream_while_it_waited()
     for slot in 0..stamps.len() {
         stamps.set(slot, u64::MAX, 0).unwrap();
     }
-    ask_and_answer(&classifiers, www, &[]);
+    ask_and_answer(&classifiers, (www, A), &[]);
     assert_eq!(
         hits_and_misses(&classifiers),
-        (4, 1),
+        (5, 2),
         "the stamps were read although nothing went upstream"
     );
     let totals = classifiers.totals();
-    assert_eq!((totals.answered, totals.upstream_queries), (5, 3));
+    assert_eq!((totals.answered, totals.upstream_queries), (7, 5));
 }
 
-/// The client asks for `name`, the server asks an upstream for each of `meanwhile`, and
-/// answers.
-fn ask_and_answer(classifiers: &Classifiers, name: &[&[u8]], meanwhile: &[&[&[u8]]]) {
-    let query = Packet::new(Direction::ToServer, message(QUERY, 1, &question(name, 1)));
+/// A question: the name's labels and the QTYPE.
+type Asked<'a> = (&'a [&'a [u8]], u16);
+
+/// The client asks `asked`, the server asks an upstream for each of `meanwhile`, and answers.
+fn ask_and_answer(classifiers: &Classifiers, asked: Asked, meanwhile: &[Asked]) {
+    let (name, qtype) = asked;
+    let query = Packet::new(
+        Direction::ToServer,
+        message(QUERY, 1, &question(name, qtype)),
+    );
     assert_eq!(
         classifiers.run(Direction::ToServer, &query.frame()),
-        Outcome::Query(1)
+        Outcome::Query(dns_qtype_index(qtype))
     );
-    for upstream in meanwhile {
+    for &upstream in meanwhile {
         go_upstream(classifiers, upstream);
     }
     let response = Packet::new(
         Direction::FromServer,
-        message(RESPONSE, 1, &question(name, 1)),
+        message(RESPONSE, 1, &question(name, qtype)),
     );
     assert_eq!(
         classifiers.run(Direction::FromServer, &response.frame()),
@@ -827,11 +850,15 @@ fn ask_and_answer(classifiers: &Classifiers, name: &[&[u8]], meanwhile: &[&[&[u8
     );
 }
 
-/// The server asks an upstream for `name` (from a port of its own to port 53), which raises
-/// the latest upstream time to the largest stamp.
-fn go_upstream(classifiers: &Classifiers, name: &[&[u8]]) {
-    let mut frame =
-        Packet::new(Direction::FromServer, message(QUERY, 1, &question(name, 1))).frame();
+/// The server asks an upstream `asked` (from a port of its own to port 53), which raises the
+/// latest upstream time to the largest stamp.
+fn go_upstream(classifiers: &Classifiers, asked: Asked) {
+    let (name, qtype) = asked;
+    let mut frame = Packet::new(
+        Direction::FromServer,
+        message(QUERY, 1, &question(name, qtype)),
+    )
+    .frame();
     let ports = [40021u16.to_be_bytes(), DNS_PORT.to_be_bytes()].concat();
     frame[14 + 20..14 + 20 + 4].copy_from_slice(&ports);
     assert_eq!(

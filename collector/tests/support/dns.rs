@@ -174,6 +174,39 @@ impl Unbound {
     pub fn main_pid(&self) -> u32 {
         self.children.last().expect("unbound is running").id()
     }
+
+    /// SIGSTOP or SIGCONT to the main server. Stopped, it reads nothing: the queries sent
+    /// meanwhile wait in its socket. Returns once it is stopped (or no longer is).
+    pub fn pause_main(&self, paused: bool) {
+        pause(self.main_pid(), paused);
+    }
+
+    /// As [`Self::pause_main`], for the upstream of a forwarding setup.
+    pub fn pause_upstream(&self, paused: bool) {
+        assert_eq!(
+            self.children.len(),
+            2,
+            "no upstream: started without forwarding"
+        );
+        pause(self.children[0].id(), paused);
+    }
+}
+
+/// SIGSTOP or SIGCONT to `pid`, then waits until its state says so.
+fn pause(pid: u32, paused: bool) {
+    let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(libc::pid_t::try_from(pid).unwrap(), signal) };
+    super::wait_for(
+        "unbound to stop or continue",
+        Duration::from_secs(5),
+        || {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The state follows the command name, which is in parentheses.
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            ((state == 'T') == paused).then_some(())
+        },
+    );
 }
 
 impl Drop for Unbound {
@@ -203,6 +236,12 @@ impl Client {
 
     /// Sends one query and waits for its answer: exactly one query on the wire, no retries.
     pub fn query(&mut self, name: &str, qtype: RecordType) -> ResponseCode {
+        let id = self.send(name, qtype);
+        self.receive(id)
+    }
+
+    /// Sends one query; its id, for [`Self::receive`].
+    pub fn send(&mut self, name: &str, qtype: RecordType) -> u16 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let mut message = Message::new();
@@ -213,11 +252,16 @@ impl Client {
             .set_recursion_desired(true)
             .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
         self.socket.send(&message.to_vec().unwrap()).unwrap();
+        id
+    }
+
+    /// Waits for the answer to the query `id` sent last.
+    pub fn receive(&mut self, id: u16) -> ResponseCode {
         let mut buf = [0u8; 4096];
         let len = self
             .socket
             .recv(&mut buf)
-            .unwrap_or_else(|err| panic!("no answer for {name} {qtype}: {err}"));
+            .unwrap_or_else(|err| panic!("no answer to query {id}: {err}"));
         let response = Message::from_vec(&buf[..len]).unwrap();
         assert_eq!(response.id(), id, "answer to another query");
         response.response_code()
