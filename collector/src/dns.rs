@@ -312,14 +312,20 @@ pub fn domain_drain(
 /// Query types exported even while zero, so that `rate()` works from the first scrape.
 pub const COMMON_QTYPES: [u16; 15] = [1, 2, 5, 6, 12, 15, 16, 28, 33, 43, 48, 64, 65, 255, 257];
 
-/// Name of a QTYPE slot (see `collector_common::DNS_QTYPE_SLOTS`): the mnemonic where one
-/// exists, `TYPEn` (RFC 3597) otherwise, `OTHER` for the slot of everything above 257.
+/// Name of a QTYPE slot (see `collector_common::DNS_QTYPE_SLOTS`): [`qtype_mnemonic`] of its
+/// type, `OTHER` for the slot of everything above 257.
 #[must_use]
 pub fn qtype_name(slot: u32) -> String {
-    if slot >= DNS_QTYPE_OTHER {
-        return "OTHER".to_owned();
+    match u16::try_from(slot) {
+        Ok(qtype) if slot < DNS_QTYPE_OTHER => qtype_mnemonic(qtype),
+        _ => "OTHER".to_owned(),
     }
-    let qtype = u16::try_from(slot).unwrap_or(u16::MAX);
+}
+
+/// A QTYPE as a DNS tool writes it: its mnemonic where hickory-proto knows one, `TYPEn`
+/// (RFC 3597) otherwise. For the events, which carry the exact type.
+#[must_use]
+pub fn qtype_mnemonic(qtype: u16) -> String {
     match RecordType::from(qtype) {
         RecordType::Unknown(n) => format!("TYPE{n}"),
         // hickory names type 0 "ZERO" and keeps some names it has no variant for as Unknown.
@@ -540,6 +546,8 @@ mod tests {
         assert_eq!(qtype_name(0), "TYPE0");
         assert_eq!(qtype_name(DNS_QTYPE_OTHER), "OTHER");
         assert!(qtype_name(200).starts_with("TYPE"));
+        assert_eq!(qtype_name(u32::MAX), "OTHER");
+        assert_eq!(qtype_mnemonic(65280), "TYPE65280");
         assert_eq!(RCODE_NAMES[3], "NXDOMAIN");
         assert_eq!(OPCODE_NAMES[5], "UPDATE");
         assert!(is_error_rcode(2) && is_error_rcode(5) && !is_error_rcode(3));

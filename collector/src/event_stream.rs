@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{
-    dns::{DnsEvent, RCODE_NAMES, qtype_name},
+    dns::{DnsEvent, RCODE_NAMES, qtype_mnemonic},
     events::{ConnRecord, Connection},
     loader::WatchedRoute,
 };
@@ -54,7 +54,8 @@ pub enum StreamEvent {
     },
     #[serde(rename_all = "camelCase")]
     QueryReceived {
-        /// QTYPE mnemonic.
+        /// The exact QTYPE: its mnemonic, or `TYPEn` (RFC 3597) where hickory-proto has none
+        /// (never the counters' `OTHER`).
         #[serde(rename = "type")]
         qtype: String,
         /// `None` when the name could not be decoded.
@@ -72,6 +73,7 @@ pub enum StreamEvent {
         /// Seconds from query to response.
         response_time: f64,
         response_code: &'static str,
+        /// As in `QueryReceived`; `TYPE0` for a response without a question.
         #[serde(rename = "type")]
         qtype: String,
         client_ip: String,
@@ -273,7 +275,7 @@ pub fn dns_event(event: &DnsEvent) -> Option<StreamEvent> {
             id,
             timestamp_ns,
         } => StreamEvent::QueryReceived {
-            qtype: qtype_name(collector_common::dns_qtype_index(*qtype)),
+            qtype: qtype_mnemonic(*qtype),
             domain: domain.as_deref().map(str::to_owned),
             source: source(*client, *client_port),
             client_ip: client.to_string(),
@@ -294,7 +296,7 @@ pub fn dns_event(event: &DnsEvent) -> Option<StreamEvent> {
             cached: !cache_miss,
             response_time: seconds(*latency_ns),
             response_code: RCODE_NAMES[usize::from(*rcode & 0x0f)],
-            qtype: qtype_name(collector_common::dns_qtype_index(*qtype)),
+            qtype: qtype_mnemonic(*qtype),
             client_ip: client.to_string(),
             id: *id,
             truncated: *truncated,
@@ -363,5 +365,48 @@ mod tests {
         assert_eq!(json["responseCode"], "NXDOMAIN");
         assert_eq!(json["type"], "AAAA");
         assert_eq!(json["responseTime"], 0.000_25);
+    }
+
+    /// The events carry the exact QTYPE: named by its mnemonic, or `TYPEn` (RFC 3597), never
+    /// `OTHER`, the counters' slot for every type above 257.
+    #[test]
+    fn dns_events_name_their_exact_type() {
+        let query = |qtype| DnsEvent::Query {
+            qtype,
+            domain: Some("a.example".into()),
+            client: "192.0.2.9".parse().unwrap(),
+            client_port: 5353,
+            id: 7,
+            timestamp_ns: 0,
+        };
+        let answer = |qtype| DnsEvent::Answer {
+            qtype,
+            rcode: 0,
+            cache_miss: false,
+            truncated: false,
+            latency_ns: 1000,
+            client: "192.0.2.9".parse().unwrap(),
+            client_port: 5353,
+            id: 7,
+            timestamp_ns: 0,
+        };
+        // DLV and AMTRELAY, which hickory has no name for; a private-use type; the one type
+        // above 257 hickory names; types the counters have slots for.
+        for (qtype, name) in [
+            (32769, "TYPE32769"),
+            (260, "TYPE260"),
+            (65280, "TYPE65280"),
+            (u16::MAX, "TYPE65535"),
+            (65305, "ANAME"),
+            (258, "TYPE258"),
+            (257, "CAA"),
+            (28, "AAAA"),
+            (0, "TYPE0"),
+        ] {
+            for event in [query(qtype), answer(qtype)] {
+                let json = serde_json::to_value(dns_event(&event).unwrap()).unwrap();
+                assert_eq!(json["type"], name, "{qtype} in {}", json["event"]);
+            }
+        }
     }
 }
