@@ -173,11 +173,37 @@ impl Classifiers {
 #[derive(Clone)]
 struct Packet {
     ipv6: bool,
+    /// IPv4 options (a multiple of 4 bytes, at most 40): the header length grows with them.
+    ip_options: Vec<u8>,
     /// IPv6 extension headers (next-header values), each 8 bytes.
     extensions: Vec<u8>,
+    /// Where the packet lies in a fragmented datagram: IPv4's flags and offset, or those of
+    /// the IPv6 fragment header (which `extensions` must hold). The default is a whole
+    /// datagram (IPv4 DF, an IPv6 atomic fragment).
+    fragment: Fragment,
     direction: Direction,
     udp_len: Option<u16>,
     payload: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Fragment {
+    /// In 8-byte units.
+    offset: u16,
+    /// More fragments follow (IPv4 MF, IPv6 M).
+    more: bool,
+}
+
+impl Fragment {
+    /// The first fragment: at offset 0, more to come.
+    const FIRST: Self = Self {
+        offset: 0,
+        more: true,
+    };
+
+    fn whole(self) -> bool {
+        self.offset == 0 && !self.more
+    }
 }
 
 const IPPROTO_UDP: u8 = 17;
@@ -186,7 +212,9 @@ impl Packet {
     fn new(direction: Direction, payload: Vec<u8>) -> Self {
         Self {
             ipv6: false,
+            ip_options: Vec::new(),
             extensions: Vec::new(),
+            fragment: Fragment::default(),
             direction,
             udp_len: None,
             payload,
@@ -216,9 +244,9 @@ impl Packet {
                 let mut header = [0u8; 8];
                 header[0] = next_values[i + 1];
                 if kind == 44 {
-                    // Fragment header: offset 0, no more fragments (an atomic fragment).
-                    header[2] = 0;
-                    header[3] = 0;
+                    // Fragment header: offset, two reserved bits, M.
+                    let offset_flags = self.fragment.offset << 3 | u16::from(self.fragment.more);
+                    header[2..4].copy_from_slice(&offset_flags.to_be_bytes());
                 } else {
                     header[1] = 0; // (0 + 1) * 8 bytes
                 }
@@ -240,28 +268,52 @@ impl Packet {
             frame.extend_from_slice(&extensions);
         } else {
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
-            let total = u16::try_from(20 + udp.len()).unwrap();
-            frame.extend_from_slice(&[0x45, 0]);
+            assert!(self.ip_options.len().is_multiple_of(4) && self.ip_options.len() <= 40);
+            let header_len = 20 + self.ip_options.len();
+            let total = u16::try_from(header_len + udp.len()).unwrap();
+            frame.push(0x40 | u8::try_from(header_len / 4).unwrap());
+            frame.push(0);
             frame.extend_from_slice(&total.to_be_bytes());
-            frame.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+            // Identification, then flags and offset: DF for a whole datagram, else MF if
+            // more follow.
+            let flags_offset = if self.fragment.whole() {
+                0x4000
+            } else {
+                u16::from(self.fragment.more) << 13 | self.fragment.offset
+            };
+            frame.extend_from_slice(&[0, 0]);
+            frame.extend_from_slice(&flags_offset.to_be_bytes());
+            frame.extend_from_slice(&[64, IPPROTO_UDP, 0, 0]);
             let (source, destination) = self.direction.addresses([10, 0, 0, 1], [10, 0, 0, 2]);
             frame.extend_from_slice(&source);
             frame.extend_from_slice(&destination);
+            frame.extend_from_slice(&self.ip_options);
         }
         frame.extend_from_slice(&udp);
         frame
     }
 
-    /// What the reference says, from what the receiving socket would get.
+    /// What the reference says, from what the receiving socket would get. A fragment is
+    /// judged as the kernel sees it, alone: a later one carries no UDP header and is not
+    /// counted; a first one is read for what it holds of the message, its UDP length (the
+    /// whole datagram's) may run past it. The reassembled message has the same header and
+    /// first question whenever the first fragment holds them, as every path MTU in use makes
+    /// it do (a first fragment cut inside the question counts as malformed).
     fn expected(&self) -> Outcome {
+        if self.fragment.offset > 0 {
+            return Outcome::Ignored;
+        }
         let udp_len = usize::from(
             self.udp_len
                 .unwrap_or(u16::try_from(8 + self.payload.len()).unwrap()),
         );
-        if udp_len < 8 || udp_len - 8 > self.payload.len() {
+        if udp_len < 8 || (!self.fragment.more && udp_len - 8 > self.payload.len()) {
             return Outcome::Malformed;
         }
-        reference(self.direction, &self.payload[..udp_len - 8])
+        reference(
+            self.direction,
+            &self.payload[..(udp_len - 8).min(self.payload.len())],
+        )
     }
 }
 
@@ -577,7 +629,7 @@ fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
         Packet::new(to, padded),
         Outcome::Query(28),
     ));
-    let mut v6_response = Packet::new(from, answer);
+    let mut v6_response = Packet::new(from, answer.clone());
     v6_response.ipv6 = true;
     v6_response.extensions = vec![60];
     cases.push((
@@ -585,6 +637,129 @@ fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
         v6_response,
         Outcome::Response(0),
     ));
+    cases.extend(options_and_fragment_cases(&answer));
+    cases.extend(later_fragment_cases());
+    cases
+}
+
+/// IPv4 options, and first fragments: `locate` finds UDP past the options (the header length
+/// in IHL) and marks a first fragment, whose UDP length `count_message` then lets run past
+/// the packet: the header and first question are read from what the packet holds.
+fn options_and_fragment_cases(answer: &[u8]) -> Vec<(&'static str, Packet, Outcome)> {
+    let to = Direction::ToServer;
+    let from = Direction::FromServer;
+    let mut cases = Vec::new();
+    let mut router_alert = Packet::new(to, message(QUERY, 1, &www_example(1)));
+    // Router Alert (RFC 2113), the option a host most often sees: IHL 6.
+    router_alert.ip_options = vec![0x94, 4, 0, 0];
+    cases.push((
+        "IPv4 with an option (IHL 6)",
+        router_alert,
+        Outcome::Query(1),
+    ));
+    let mut longest = Packet::new(from, answer.to_vec());
+    // The most options an IPv4 header holds: NOPs and an end of list, IHL 15.
+    longest.ip_options = vec![1; 40];
+    longest.ip_options[39] = 0;
+    cases.push((
+        "IPv4 with 40 bytes of options (IHL 15)",
+        longest,
+        Outcome::Response(0),
+    ));
+
+    // The first fragment of a datagram whose UDP length is the whole's: counted by its
+    // header and first question. (Without MF it is "UDP length longer than the packet".)
+    let mut first = Packet::new(to, message(QUERY, 1, &www_example(28)));
+    first.udp_len = Some(1400);
+    first.fragment = Fragment::FIRST;
+    cases.push((
+        "IPv4 first fragment (MF, offset 0), UDP length past the packet",
+        first.clone(),
+        Outcome::Query(28),
+    ));
+    let mut first_response = Packet::new(from, answer.to_vec());
+    first_response.udp_len = Some(2000);
+    first_response.fragment = Fragment::FIRST;
+    first_response.ip_options = vec![0x94, 4, 0, 0];
+    cases.push((
+        "IPv4 first fragment with an option, UDP length past the packet",
+        first_response,
+        Outcome::Response(0),
+    ));
+    let mut v6_first = Packet::new(from, answer.to_vec());
+    v6_first.ipv6 = true;
+    v6_first.extensions = vec![44];
+    v6_first.udp_len = Some(3000);
+    v6_first.fragment = Fragment::FIRST;
+    cases.push((
+        "IPv6 first fragment (fragment header, M), UDP length past the packet",
+        v6_first.clone(),
+        Outcome::Response(0),
+    ));
+    let mut v6_behind = v6_first.clone();
+    v6_behind.extensions = vec![0, 44];
+    cases.push((
+        "IPv6 first fragment behind hop-by-hop options",
+        v6_behind,
+        Outcome::Response(0),
+    ));
+    // Read for what it holds, like any message: here that ends inside the name.
+    let mut cut = first.clone();
+    cut.payload.truncate(12 + 6);
+    cases.push((
+        "IPv4 first fragment ending inside the question",
+        cut,
+        Outcome::Malformed,
+    ));
+    // A UDP length under its header is broken wherever the datagram ends.
+    let mut short = first.clone();
+    short.udp_len = Some(4);
+    cases.push((
+        "IPv4 first fragment, UDP length shorter than its header",
+        short,
+        Outcome::Malformed,
+    ));
+    cases
+}
+
+/// Later fragments carry no UDP header, and `locate` drops them before reading on: bytes
+/// that look like a query to the DNS port are not counted at all.
+fn later_fragment_cases() -> Vec<(&'static str, Packet, Outcome)> {
+    let mut cases = Vec::new();
+    for (name, offset, more) in [
+        (
+            "IPv4 last fragment (offset 185), bytes like a query",
+            185,
+            false,
+        ),
+        (
+            "IPv4 middle fragment (MF, offset 1), bytes like a query",
+            1,
+            true,
+        ),
+    ] {
+        let mut later = Packet::new(Direction::ToServer, message(QUERY, 1, &www_example(28)));
+        later.fragment = Fragment { offset, more };
+        cases.push((name, later, Outcome::Ignored));
+    }
+    for (name, offset, more) in [
+        (
+            "IPv6 last fragment (offset 185), bytes like a query",
+            185,
+            false,
+        ),
+        (
+            "IPv6 middle fragment (M, offset 1), bytes like a query",
+            1,
+            true,
+        ),
+    ] {
+        let mut later = Packet::new(Direction::ToServer, message(QUERY, 1, &www_example(1)));
+        later.ipv6 = true;
+        later.extensions = vec![44];
+        later.fragment = Fragment { offset, more };
+        cases.push((name, later, Outcome::Ignored));
+    }
     cases
 }
 
@@ -621,6 +796,24 @@ fn crafted_packets_are_counted_where_they_belong() {
         classifiers.run(to, &query[..14 + 20 + 6]),
         Outcome::Malformed
     );
+
+    // First fragments are malformed for the reasons whole datagrams are.
+    for (name, reason) in [
+        (
+            "IPv4 first fragment ending inside the question",
+            dns_malformed::TRUNCATED,
+        ),
+        (
+            "IPv4 first fragment, UDP length shorter than its header",
+            dns_malformed::BAD_LENGTH,
+        ),
+    ] {
+        let (_, packet, _) = cases.iter().find(|(case, ..)| *case == name).unwrap();
+        let before = classifiers.malformed_reasons()[reason as usize];
+        classifiers.run(packet.direction, &packet.frame());
+        let after = classifiers.malformed_reasons()[reason as usize];
+        assert_eq!(after - before, 1, "{name}");
+    }
 
     // The reasons are told apart.
     let reasons = classifiers.malformed_reasons();
