@@ -66,6 +66,11 @@ pub struct HttpConfig {
     pub max_event_streams: usize,
     /// Longest time a request may take (event streams excepted); then 503.
     pub request_timeout: Duration,
+    /// Connections open at once. At the cap, a new connection closes the one that has
+    /// waited longest for a request's header, or is closed itself if every one is busy.
+    pub max_connections: usize,
+    /// Connections open at once from one address; more from it are closed as they come.
+    pub max_connections_per_address: usize,
 }
 
 /// nftables settings: the agent's own table of counters.
@@ -194,6 +199,8 @@ struct RawHttp {
     max_concurrent_requests: Option<Spanned<u64>>,
     max_event_streams: Option<Spanned<u64>>,
     request_timeout_ms: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
+    max_connections_per_address: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -539,6 +546,8 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
         max_concurrent_requests: 64,
         max_event_streams: 8,
         request_timeout: Duration::from_secs(10),
+        max_connections: 512,
+        max_connections_per_address: 64,
     };
     let Some(raw) = raw else {
         return Ok(http);
@@ -573,6 +582,13 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
     if let Some(timeout) = &raw.request_timeout_ms {
         let ms: u64 = in_range(source, timeout, "request_timeout_ms", 100, 600_000)?;
         http.request_timeout = Duration::from_millis(ms);
+    }
+    if let Some(limit) = &raw.max_connections {
+        http.max_connections = in_range(source, limit, "max_connections", 1, 100_000)?;
+    }
+    if let Some(limit) = &raw.max_connections_per_address {
+        http.max_connections_per_address =
+            in_range(source, limit, "max_connections_per_address", 1, 100_000)?;
     }
     Ok(http)
 }
@@ -904,6 +920,8 @@ mod tests {
         assert_eq!(config.dns.ports, [53]);
         assert_eq!(config.http.max_concurrent_requests, 64);
         assert_eq!(config.http.max_event_streams, 8);
+        assert_eq!(config.http.max_connections, 512);
+        assert_eq!(config.http.max_connections_per_address, 64);
     }
 
     #[test]
@@ -1084,6 +1102,19 @@ match_every = 1
         let sampled = Config::from_toml("t.toml", "[dns]\nmatch_every = 16\n").unwrap();
         assert_eq!(sampled.dns.match_every, 16);
         assert_error("[http]\nmax_event_streams = 0\n", 2, "out of range");
+        assert_error("[http]\nmax_connections = 0\n", 2, "out of range");
+        let capped = Config::from_toml(
+            "t.toml",
+            "[http]\nmax_connections = 8\nmax_connections_per_address = 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                capped.http.max_connections,
+                capped.http.max_connections_per_address
+            ),
+            (8, 2)
+        );
     }
 
     #[test]

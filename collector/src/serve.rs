@@ -6,13 +6,17 @@
 //! instead of the time limit, so that tails of the stream never crowd out scrapes. Over a
 //! limit, 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
 //! carry no credentials and must be answered under load. Below that, connections are capped
-//! in all and per address, and must send their headers in time (see [`serve`]). TLS, when
-//! configured, is in `tls`.
+//! in all and per address, and must send their headers in time (see [`serve`]); at the cap in
+//! all, a new connection closes the one that has waited longest for a request, so that idle
+//! connections cannot keep the probes out. TLS, when configured, is in `tls`.
 
 use std::{
     collections::HashMap,
+    convert::Infallible,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -50,6 +54,14 @@ pub struct Guard {
     pub permits: Arc<tokio::sync::Semaphore>,
     pub streams: Arc<tokio::sync::Semaphore>,
     pub timeout: std::time::Duration,
+    pub connections: ConnectionLimits,
+}
+
+/// Connections open at once, in all and from one address.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub total: usize,
+    pub per_address: usize,
 }
 
 impl Guard {
@@ -61,6 +73,10 @@ impl Guard {
             permits: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_requests)),
             streams: Arc::new(tokio::sync::Semaphore::new(http.max_event_streams)),
             timeout: http.request_timeout,
+            connections: ConnectionLimits {
+                total: http.max_connections,
+                per_address: http.max_connections_per_address,
+            },
         })
     }
 }
@@ -98,7 +114,8 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 .into_response();
         };
         drop(permit);
-        let response = next.run(request).await;
+        let mut response = next.run(request).await;
+        response.extensions_mut().insert(Streaming);
         return response.map(|body| {
             use futures_util::StreamExt as _;
             axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
@@ -203,15 +220,12 @@ async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str
 /// for one: so also how long an idle kept-alive connection stays open (Prometheus, scraping
 /// every 15 s, keeps its own).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections open at once; more are closed as they come.
-const MAX_CONNECTIONS: usize = 512;
-/// Connections open at once from one address, so that one client opening many (or keeping
-/// them silent) cannot take everyone's share, the kubelet's probes included.
-const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 
 /// Serves, over TLS when `tls` is given, until `shutdown` resolves. Each connection runs on
 /// its own task, its TLS handshake included, so that a slow or silent client holds up no
-/// one else; connections are capped in all and per address.
+/// one else. Connections are capped in all and per address (`guard.connections`); at the
+/// cap in all, a new connection closes the one that has waited longest for a request, and
+/// is refused only when every one is in a request.
 pub async fn serve(
     mut listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -220,9 +234,9 @@ pub async fn serve(
     guard: Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let admission = Arc::new(Mutex::new(Admission::new(guard.connections)));
     let app = router(latest, hub, guard);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let admission = Arc::new(Mutex::new(Admission::default()));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -237,14 +251,21 @@ pub async fn serve(
         };
         let (app, acceptor, watcher) = (app.clone(), acceptor.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _ticket = ticket;
-            match acceptor {
-                Some(acceptor) => {
-                    if let Some(stream) = tls::handshake(&acceptor, tcp, peer).await {
-                        serve_connection(stream, app, watcher).await;
+            let served = async {
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Some(stream) = tls::handshake(&acceptor, tcp, peer).await {
+                            serve_connection(stream, app, watcher, &ticket).await;
+                        }
                     }
+                    None => serve_connection(tcp, app, watcher, &ticket).await,
                 }
-                None => serve_connection(tcp, app, watcher).await,
+            };
+            tokio::select! {
+                () = served => {}
+                () = ticket.closed() => {
+                    tracing::debug!(%peer, "closing an idle connection: a new one takes its place");
+                }
             }
         });
     }
@@ -252,62 +273,218 @@ pub async fn serve(
     Ok(())
 }
 
-/// HTTP/1.1 on one connection, with the header read timeout.
-async fn serve_connection<Io>(io: Io, app: Router, watcher: Watcher)
+/// Marks an event stream's response: its connection counts as in a request for as long as
+/// the body lives (a stream permit bounds how many do).
+#[derive(Clone, Copy)]
+struct Streaming;
+
+/// HTTP/1.1 on one connection, with the header read timeout. The connection counts as in a
+/// request from a request's complete header until its response is ready, an event stream's
+/// until its body is gone. Not while any other body is written: a client that does not read
+/// its answer would hold its place for good, with no permit to bound how many do.
+async fn serve_connection<Io>(io: Io, app: Router, watcher: Watcher, ticket: &Ticket)
 where
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let app = TowerToHyperService::new(app);
+    let place = ticket.place();
+    let service = hyper::service::service_fn(move |request| {
+        let busy = place.busy();
+        let response = hyper::service::Service::call(&app, request);
+        async move {
+            let response = response.await?;
+            let busy = response.extensions().get::<Streaming>().map(|_| busy);
+            Ok::<_, Infallible>(response.map(|body| Held { body, _busy: busy }))
+        }
+    });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+        .serve_connection(TokioIo::new(io), service);
     if let Err(err) = watcher.watch(connection).await {
         tracing::debug!("HTTP connection ended: {err}");
     }
 }
 
-/// The connections open, in all and per address.
-#[derive(Default)]
+/// A response body; an event stream's keeps its connection marked as in a request while it
+/// lives, so that it is never taken for an idle one.
+struct Held {
+    body: axum::body::Body,
+    _busy: Option<Busy>,
+}
+
+impl http_body::Body for Held {
+    type Data = <axum::body::Body as http_body::Body>::Data;
+    type Error = <axum::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The connections open, in all and per address, and which of them are in a request.
 struct Admission {
-    total: usize,
+    limits: ConnectionLimits,
+    open: HashMap<u64, Open>,
     by_address: HashMap<IpAddr, usize>,
+    /// Counts up as connections open and fall idle: it names each connection, and the lowest
+    /// `idle_since` is the connection that has waited longest for a request.
+    clock: u64,
+}
+
+/// An open connection.
+struct Open {
+    address: IpAddr,
+    /// Requests in progress (see [`serve_connection`]); 0 while it waits for a request's
+    /// header (the first, or the next one kept alive) or its TLS handshake.
+    requests: usize,
+    /// `clock` when it last fell idle (or opened).
+    idle_since: u64,
+    /// Told when a new connection takes its place.
+    close: Arc<tokio::sync::Notify>,
 }
 
 /// An admitted connection's place, given back when it is dropped.
 struct Ticket {
-    admission: Arc<Mutex<Admission>>,
-    address: IpAddr,
+    place: Place,
+    close: Arc<tokio::sync::Notify>,
 }
 
+/// Which connection, in which `Admission`.
+#[derive(Clone)]
+struct Place {
+    admission: Arc<Mutex<Admission>>,
+    id: u64,
+}
+
+/// A request in progress on a connection; it falls idle when the last is dropped.
+struct Busy(Place);
+
 impl Admission {
+    fn new(limits: ConnectionLimits) -> Self {
+        Self {
+            limits,
+            open: HashMap::new(),
+            by_address: HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// A place for a new connection from `address`: refused over the address's cap; at the
+    /// cap in all, taken from the connection idle longest, which is told to close, or refused
+    /// if every connection is in a request.
     fn admit(admission: &Arc<Mutex<Self>>, address: IpAddr) -> Option<Ticket> {
         let mut open = admission.lock().unwrap_or_else(PoisonError::into_inner);
         let from_address = open.by_address.get(&address).copied().unwrap_or(0);
-        if open.total >= MAX_CONNECTIONS || from_address >= MAX_CONNECTIONS_PER_ADDRESS {
+        if from_address >= open.limits.per_address {
             return None;
         }
-        open.total += 1;
-        open.by_address.insert(address, from_address + 1);
+        if open.open.len() >= open.limits.total {
+            // A scan, not an ordered index: at most `max_connections`, and only at the cap.
+            let idlest = open
+                .open
+                .iter()
+                .filter(|(_, connection)| connection.requests == 0)
+                .min_by_key(|(_, connection)| connection.idle_since)
+                .map(|(id, _)| *id)?;
+            if let Some(closed) = open.forget(idlest) {
+                closed.close.notify_one();
+            }
+        }
+        let id = open.tick();
+        let close = Arc::new(tokio::sync::Notify::new());
+        open.open.insert(
+            id,
+            Open {
+                address,
+                requests: 0,
+                idle_since: id,
+                close: Arc::clone(&close),
+            },
+        );
+        *open.by_address.entry(address).or_default() += 1;
         Some(Ticket {
-            admission: Arc::clone(admission),
-            address,
+            place: Place {
+                admission: Arc::clone(admission),
+                id,
+            },
+            close,
         })
+    }
+
+    /// Gives a connection's place back.
+    fn forget(&mut self, id: u64) -> Option<Open> {
+        let closed = self.open.remove(&id)?;
+        if let Some(count) = self.by_address.get_mut(&closed.address) {
+            *count -= 1;
+            if *count == 0 {
+                self.by_address.remove(&closed.address);
+            }
+        }
+        Some(closed)
+    }
+}
+
+impl Ticket {
+    fn place(&self) -> Place {
+        self.place.clone()
+    }
+
+    /// Resolves when a new connection has taken this one's place.
+    async fn closed(&self) {
+        self.close.notified().await;
+    }
+}
+
+impl Place {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks the connection as in a request until the result is dropped.
+    fn busy(&self) -> Busy {
+        if let Some(connection) = self.lock().open.get_mut(&self.id) {
+            connection.requests += 1;
+        }
+        Busy(self.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut open = self.0.lock();
+        let now = open.tick();
+        if let Some(connection) = open.open.get_mut(&self.0.id) {
+            connection.requests = connection.requests.saturating_sub(1);
+            if connection.requests == 0 {
+                connection.idle_since = now;
+            }
+        }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut open = self
-            .admission
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        open.total -= 1;
-        if let Some(count) = open.by_address.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                open.by_address.remove(&self.address);
-            }
-        }
+        // Already gone if a new connection took its place.
+        self.place.lock().forget(self.place.id);
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use support::{
-    Agent, AgentConfig, COLLECTOR, LISTEN, Netns, ScratchDir, sample, stdout_of, wait_for,
+    Agent, AgentConfig, COLLECTOR, LISTEN, Netns, Reaped, ScratchDir, sample, stdout_of, wait_for,
 };
 
 const PORT: u16 = 18443;
@@ -462,7 +462,7 @@ fn bad_certificate_or_user_files_stop_the_start_with_the_reason() {
 #[test]
 fn silent_connections_from_one_address_leave_everyone_else_served() {
     const SILENT: usize = 100;
-    // The agent's cap per address (`serve::MAX_CONNECTIONS_PER_ADDRESS`).
+    // The agent's default cap per address (`[http] max_connections_per_address`).
     const PER_ADDRESS: usize = 64;
     let netns = Netns::new();
     let scratch = ScratchDir::new("silent");
@@ -478,19 +478,8 @@ fn silent_connections_from_one_address_leave_everyone_else_served() {
     // One client (another pod, say) opens connections and never starts a handshake.
     let opened = std::time::Instant::now();
     let silent = netns.run(|| {
-        let server: std::net::SocketAddr = LISTEN.parse().unwrap();
         (0..SILENT)
-            .map(|_| {
-                let socket =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                        .unwrap();
-                let own: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
-                socket.bind(&own.into()).unwrap();
-                socket.connect(&server.into()).unwrap();
-                let stream = TcpStream::from(socket);
-                stream.set_nonblocking(true).unwrap();
-                stream
-            })
+            .map(|_| silent_from("127.0.0.2"))
             .collect::<Vec<_>>()
     });
     // Everyone else is served meanwhile: the kubelet's probe, a scrape.
@@ -502,18 +491,126 @@ fn silent_connections_from_one_address_leave_everyone_else_served() {
         "the connections over the cap to be closed",
         Duration::from_secs(5),
         || {
-            let closed = silent
-                .iter()
-                .filter(|stream| {
-                    let mut stream: &TcpStream = stream;
-                    matches!(stream.read(&mut [0u8; 1]), Ok(0))
-                })
-                .count();
+            let closed = silent.iter().filter(|stream| closed(stream)).count();
             let handshakes_timed_out = opened.elapsed() >= Duration::from_secs(10);
             (closed == SILENT - PER_ADDRESS || handshakes_timed_out && closed == SILENT)
                 .then_some(())
         },
     );
     drop(silent);
+    assert!(agent.stop().success());
+}
+
+/// A connection from `own` (an address of loopback's 127/8) to the agent that sends nothing,
+/// non-blocking so that [`closed`] can look at it.
+fn silent_from(own: &str) -> TcpStream {
+    let server: std::net::SocketAddr = LISTEN.parse().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let own: std::net::SocketAddr = format!("{own}:0").parse().unwrap();
+    socket.bind(&own.into()).unwrap();
+    socket.connect(&server.into()).unwrap();
+    let stream = TcpStream::from(socket);
+    stream.set_nonblocking(true).unwrap();
+    stream
+}
+
+/// Whether the agent closed `stream` (it sends nothing on a silent connection).
+fn closed(mut stream: &TcpStream) -> bool {
+    match stream.read(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn silent_connections_filling_every_place_give_way_to_the_probes() {
+    // Small caps, so that a few connections fill them.
+    const TOTAL: usize = 8;
+    const PER_ADDRESS: usize = 2;
+    // Well within the agent's 10 s for a TLS handshake, after which the silent connections
+    // are closed anyway.
+    const WITHIN_HANDSHAKE_LIMIT: Duration = Duration::from_secs(8);
+    let netns = Netns::new();
+    let scratch = ScratchDir::new("idle-cap");
+    let (cert, key) = self_signed(&scratch.0, "idle");
+    let config = AgentConfig::new(&format!(
+        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nmax_connections = {TOTAL}\nmax_connections_per_address = {PER_ADDRESS}\n",
+        cert.display(),
+        key.display()
+    ));
+    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
+        curl(&netns, &cert, "/readyz", None).0 == 200
+    });
+    // An event stream: in a request all along, so never taken for an idle connection.
+    let stream_head = scratch.path("stream-head");
+    let mut stream = Reaped::spawn(
+        netns
+            .command("curl")
+            .args(["-sS", "-N", "-o", "/dev/null", "--cacert"])
+            .arg(&cert)
+            // The head as it comes (with -i, curl holds it back until the body begins).
+            .arg("-D")
+            .arg(&stream_head)
+            .arg(format!("https://{LISTEN}/api/v1/events")),
+    );
+    wait_for("the event stream's answer", Duration::from_secs(10), || {
+        fs::read_to_string(&stream_head)
+            .is_ok_and(|text| text.starts_with("HTTP/1.1 200"))
+            .then_some(())
+    });
+
+    // Every other place taken by connections that never start a handshake, from several
+    // addresses, each at its own cap or below.
+    let opened = std::time::Instant::now();
+    let addresses = ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]
+        .into_iter()
+        .chain(["127.0.0.4", "127.0.0.4", "127.0.0.5"]);
+    let silent: Vec<TcpStream> = addresses
+        .map(|own| {
+            // One at a time, so that the agent has them in this order.
+            let stream = netns.run(move || silent_from(own));
+            thread::sleep(Duration::from_millis(20));
+            stream
+        })
+        .collect();
+    assert_eq!(silent.len() + 1, TOTAL);
+    // One more from an address at its cap is closed at once, and takes no one's place.
+    let over = netns.run(|| silent_from("127.0.0.2"));
+    wait_for(
+        "the connection over its address's cap to close",
+        Duration::from_secs(5),
+        || closed(&over).then_some(()),
+    );
+
+    // The kubelet's probe gets the place of the connection that has waited longest.
+    assert_eq!(curl(&netns, &cert, "/healthz", None).0, 200);
+    wait_for(
+        "the oldest silent connection to close",
+        Duration::from_secs(5),
+        || closed(&silent[0]).then_some(()),
+    );
+    // Once more, at the cap again: the next oldest goes.
+    let refill = netns.run(|| silent_from("127.0.0.5"));
+    thread::sleep(Duration::from_millis(20));
+    assert_eq!(curl(&netns, &cert, "/readyz", None).0, 200);
+    wait_for(
+        "the next oldest silent connection to close",
+        Duration::from_secs(5),
+        || closed(&silent[1]).then_some(()),
+    );
+    // The rest are left alone (unless their handshake's time ran out meanwhile, on a
+    // machine slow enough to get there), and the stream goes on.
+    if opened.elapsed() < WITHIN_HANDSHAKE_LIMIT {
+        let open = silent[2..]
+            .iter()
+            .chain([&refill])
+            .filter(|s| !closed(s))
+            .count();
+        assert_eq!(open, silent.len() - 1, "connections wrongly closed");
+    }
+    assert!(stream.try_wait().is_none(), "the event stream was closed");
+    drop(stream);
+    drop((silent, over, refill));
     assert!(agent.stop().success());
 }
