@@ -4,8 +4,11 @@
 //!
 //! Users come from an htpasswd file (`htpasswd -B -c FILE USER`) and only bcrypt hashes are
 //! accepted: a leaked file must not give the passwords away. A bcrypt check costs tens of
-//! milliseconds by design, so it runs off the async workers, and the last password that
-//! passed for each user is remembered: a scrape every 15 s pays for it once.
+//! milliseconds by design, so it runs off the async workers, at most
+//! [`PASSWORD_CHECKS_AT_ONCE`] at a time (more wait their turn): wrong passwords, which are
+//! never remembered, cannot take more than that many CPUs from the proxy on the same host.
+//! The last password that passed for each user is remembered: a scrape every 15 s pays for
+//! it once, and does not wait behind the checks of wrong ones.
 //!
 //! Both files are read again when their modification time changes, as the TLS files are: a
 //! rotated Secret must not leave every scrape refused until a restart, which would reset the
@@ -23,11 +26,81 @@ use base64::{Engine as _, engine::general_purpose::STANDARD};
 
 use crate::{config::HttpConfig, file_version::FileVersion};
 
+/// bcrypt checks run at once, over all users and requests.
+const PASSWORD_CHECKS_AT_ONCE: usize = 2;
+
 /// The credentials the endpoint accepts.
 #[derive(Clone, Default)]
 pub struct Credentials {
     token: Option<Arc<SecretFile<String>>>,
     users: Option<Arc<SecretFile<Users>>>,
+    /// Kept across reloads of the users file.
+    checks: Arc<PasswordChecks>,
+}
+
+/// The turns to run a bcrypt check.
+struct PasswordChecks {
+    turns: Arc<tokio::sync::Semaphore>,
+    /// Checks running now and the most ever at once, for the tests.
+    #[cfg(test)]
+    running: std::sync::atomic::AtomicUsize,
+    #[cfg(test)]
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for PasswordChecks {
+    fn default() -> Self {
+        Self {
+            turns: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS_AT_ONCE)),
+            #[cfg(test)]
+            running: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            most: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+impl PasswordChecks {
+    /// A turn to run a check, once one is free; `None` if the turns are closed (never).
+    async fn turn(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.turns).acquire_owned().await.ok()
+    }
+
+    /// Whether `password` matches the bcrypt `hash`, checked in `turn`; `None` if the check
+    /// panicked.
+    async fn verify(
+        self: &Arc<Self>,
+        turn: tokio::sync::OwnedSemaphorePermit,
+        password: String,
+        hash: String,
+    ) -> Option<bool> {
+        #[cfg(test)]
+        let checks = Arc::clone(self);
+        // The turn goes with the check, not with the request: a request dropped while it
+        // waits for the check (its client gone) must not free a turn the check still uses.
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            #[cfg(test)]
+            let _counted = checks.count();
+            bcrypt::verify(password, &hash).unwrap_or(false)
+        })
+        .await
+        .ok()
+    }
+
+    #[cfg(test)]
+    fn count(&self) -> impl Drop + '_ {
+        use std::sync::atomic::Ordering::SeqCst;
+        struct Running<'a>(&'a PasswordChecks);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.running.fetch_sub(1, SeqCst);
+            }
+        }
+        let now = self.running.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        Running(self)
+    }
 }
 
 struct Users {
@@ -89,7 +162,11 @@ impl Credentials {
             Some(path) => Some(SecretFile::open(path, read_users)?),
             None => None,
         };
-        Ok(Self { token, users })
+        Ok(Self {
+            token,
+            users,
+            checks: Arc::default(),
+        })
     }
 
     /// Whether any credentials are required.
@@ -115,7 +192,7 @@ impl Credentials {
         if let (Some(users), Some(given)) =
             (&self.users, given.and_then(|v| v.strip_prefix("Basic ")))
             && let Some((user, password)) = decode_basic(given)
-            && users.current().check(user, password).await
+            && users.current().check(&self.checks, user, password).await
         {
             return Ok(());
         }
@@ -128,23 +205,29 @@ impl Credentials {
 }
 
 impl Users {
-    async fn check(self: Arc<Self>, user: String, password: String) -> bool {
+    async fn check(
+        self: Arc<Self>,
+        checks: &Arc<PasswordChecks>,
+        user: String,
+        password: String,
+    ) -> bool {
         let Some(hash) = self.hashes.get(&user).cloned() else {
             return false;
         };
-        if self
-            .verified
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&user)
-            .is_some_and(|known| same_secret(known.as_bytes(), password.as_bytes()))
-        {
+        if self.remembered(&user, &password) {
             return true;
         }
-        let checked = password.clone();
-        let matches = tokio::task::spawn_blocking(move || bcrypt::verify(checked, &hash))
+        let Some(turn) = checks.turn().await else {
+            return false;
+        };
+        // The same password may have passed while this request waited for its turn.
+        if self.remembered(&user, &password) {
+            return true;
+        }
+        let matches = checks
+            .verify(turn, password.clone(), hash)
             .await
-            .is_ok_and(|verified| verified.unwrap_or(false));
+            .unwrap_or(false);
         if matches {
             self.verified
                 .lock()
@@ -152,6 +235,15 @@ impl Users {
                 .insert(user, password);
         }
         matches
+    }
+
+    /// Whether `password` is the last that matched `user`'s hash.
+    fn remembered(&self, user: &str, password: &str) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(user)
+            .is_some_and(|known| same_secret(known.as_bytes(), password.as_bytes()))
     }
 }
 
@@ -344,6 +436,40 @@ mod tests {
         assert_eq!(
             credentials.admit(&HeaderMap::new()).await,
             Err(Challenge("Basic realm=\"collector\", Bearer"))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn password_checks_run_two_at_a_time_and_the_others_wait_their_turn() {
+        const WRONG: usize = 12;
+        const RIGHT: usize = 4;
+        let scratch = Scratch::new("turns");
+        // A cost that keeps each check busy long enough for the others to pile up.
+        let hash = bcrypt::hash("pw", 8).unwrap();
+        let credentials = Credentials::from_config(&config(
+            None,
+            Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
+        ))
+        .unwrap();
+        let attempts: Vec<_> = (0..WRONG + RIGHT)
+            .map(|attempt| {
+                let credentials = credentials.clone();
+                let given = if attempt % 4 == 3 { "u:pw" } else { "u:wrong" };
+                tokio::spawn(async move { (given, credentials.admit(&basic(given)).await) })
+            })
+            .collect();
+        for attempt in attempts {
+            let (given, admitted) = attempt.await.unwrap();
+            // Waited for, not refused: each is answered by its own password.
+            assert_eq!(admitted.is_ok(), given == "u:pw", "{given}");
+        }
+        let most = credentials
+            .checks
+            .most
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            (1..=PASSWORD_CHECKS_AT_ONCE).contains(&most),
+            "{most} bcrypt checks ran at once"
         );
     }
 

@@ -87,7 +87,9 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         // Cheap, and kubelet must get an answer under load too, without credentials.
         return next.run(request).await;
     }
-    // The permit comes first: it also caps the password checks a flood can start.
+    // The permit comes first: it also caps the requests a flood of wrong passwords keeps
+    // waiting for their bcrypt check (`auth` runs two at a time), and so the connections it
+    // keeps in a request, which a new connection cannot take the place of.
     let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
