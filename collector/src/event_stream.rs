@@ -3,6 +3,13 @@
 //! `query-answered`). Events come from the kernel's ring buffers through broadcast channels;
 //! a subscriber that falls behind loses the oldest ones, which is counted. Counters never
 //! depend on events.
+//!
+//! A stream with nothing to send for [`HEARTBEAT_INTERVAL`] sends a `heartbeat` line, with
+//! only a `timestamp` (NDJSON has no comment lines, so it is an event like the others, for
+//! readers to skip): a reader lost without a word (a partition, a node gone) then leaves
+//! data unacknowledged, which ends its connection within the server's `TCP_USER_TIMEOUT`
+//! (see `serve`) and frees its stream permit, as a quiet host would otherwise never write
+//! to it again; and proxies in between with idle timeouts keep the stream open.
 
 use std::{
     net::IpAddr,
@@ -10,7 +17,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
@@ -21,6 +28,9 @@ use crate::{
     events::{ConnRecord, Connection},
     loader::WatchedRoute,
 };
+
+/// Longest a stream goes without a line: then a [`StreamEvent::Heartbeat`].
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 
 /// One line of the stream.
 #[derive(Debug, Serialize, PartialEq)]
@@ -81,15 +91,31 @@ pub enum StreamEvent {
         truncated: bool,
         timestamp: u64,
     },
+    /// Nothing else to send for [`HEARTBEAT_INTERVAL`].
+    Heartbeat { timestamp: u64 },
+}
+
+impl StreamEvent {
+    /// A heartbeat, stamped now.
+    #[must_use]
+    pub fn heartbeat() -> Self {
+        Self::Heartbeat {
+            timestamp: wall_now_ms(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn wall_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Converts the kernel's `CLOCK_MONOTONIC` nanoseconds into wall-clock milliseconds.
 fn wall_ms(monotonic_ns: u64) -> u64 {
     let now_ns = crate::clock::monotonic_ns();
-    let wall_now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    wall_now_ms.saturating_sub(now_ns.saturating_sub(monotonic_ns) / 1_000_000)
+    wall_now_ms().saturating_sub(now_ns.saturating_sub(monotonic_ns) / 1_000_000)
 }
 
 #[expect(clippy::cast_precision_loss, reason = "nanoseconds as float seconds")]
@@ -365,6 +391,12 @@ mod tests {
         assert_eq!(json["responseCode"], "NXDOMAIN");
         assert_eq!(json["type"], "AAAA");
         assert_eq!(json["responseTime"], 0.000_25);
+
+        let json = serde_json::to_value(StreamEvent::Heartbeat { timestamp: 5 }).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"event": "heartbeat", "timestamp": 5})
+        );
     }
 
     /// The events carry the exact QTYPE: named by its mnemonic, or `TYPEn` (RFC 3597), never

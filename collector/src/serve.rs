@@ -35,7 +35,13 @@ use hyper_util::{
 };
 use prometheus_client::registry::Registry;
 
-use crate::{api, auth, event_stream::EventHub, metrics, poller::SharedSnapshot, tls};
+use crate::{
+    api, auth,
+    event_stream::{EventHub, HEARTBEAT_INTERVAL, StreamEvent},
+    metrics,
+    poller::SharedSnapshot,
+    tls,
+};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -184,14 +190,20 @@ async fn serve_dns(State(state): State<AppState>) -> Json<api::DnsStats> {
     Json(api::dns_stats(&state.latest.load()))
 }
 
-/// NDJSON, one event per line, until the client goes away or the agent stops.
+/// NDJSON, one event per line, until the client goes away or the agent stops; a heartbeat
+/// after [`HEARTBEAT_INTERVAL`] without a line.
 async fn serve_events(State(state): State<AppState>) -> Response {
     let hub = state.hub;
     let (connections, dns) = hub.subscribe();
     let lines = futures_util::stream::unfold(
         (hub, connections, dns),
         |(hub, mut connections, mut dns)| async move {
-            let event = hub.next(&mut connections, &mut dns).await?;
+            // Cut short, `next` loses nothing: what it waits on are broadcast receivers.
+            let next = hub.next(&mut connections, &mut dns);
+            let event = match tokio::time::timeout(HEARTBEAT_INTERVAL, next).await {
+                Ok(event) => event?,
+                Err(_) => StreamEvent::heartbeat(),
+            };
             let mut line = serde_json::to_vec(&event).ok()?;
             line.push(b'\n');
             Some((
@@ -222,6 +234,16 @@ async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str
 /// for one: so also how long an idle kept-alive connection stays open (Prometheus, scraping
 /// every 15 s, keeps its own).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest data sent on a connection may go unacknowledged before the kernel gives the
+/// connection up (`TCP_USER_TIMEOUT`): what ends an event stream whose reader was lost
+/// without a word (a partition, a node gone), and frees its stream permit. Not keepalive:
+/// the kernel sends its probes only while nothing sent is unacknowledged, and a stream's
+/// heartbeat leaves something unacknowledged by a lost reader within seconds, after which
+/// only retransmissions (about 15 minutes of them by default) would end it. A live reader
+/// acknowledges within a round trip; one whose window stays shut this long (a tail left
+/// suspended) is cut off too, since Linux 5.11 (9d9b1ee0b2d1, "tcp: fix `TCP_USER_TIMEOUT`
+/// with zero window"), and was losing events anyway.
+const UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// Serves, over TLS when `tls` is given, until `shutdown` resolves. Each connection runs on
 /// its own task, its TLS handshake included, so that a slow or silent client holds up no
@@ -251,6 +273,12 @@ pub async fn serve(
             tracing::debug!(%peer, "too many connections: closing a new one");
             continue;
         };
+        if let Err(err) =
+            socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(UNACKNOWLEDGED_TIMEOUT))
+        {
+            // Served all the same: only a lost reader's stream would outlive its reader.
+            tracing::debug!(%peer, "setting TCP_USER_TIMEOUT: {err}");
+        }
         let (app, acceptor, watcher) = (app.clone(), acceptor.clone(), graceful.watcher());
         tokio::spawn(async move {
             let served = async {

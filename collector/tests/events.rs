@@ -5,7 +5,8 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     process::Stdio,
     sync::mpsc,
     thread,
@@ -16,6 +17,7 @@ use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
     Agent, AgentConfig, COLLECTOR, LISTEN, Netns,
     dns::{Client, SERVER, Unbound},
+    stdout_of,
 };
 
 const CONFIG: &str = r#"
@@ -389,4 +391,103 @@ fn a_stop_detaches_even_while_a_stream_reader_has_stopped_reading() {
     );
     support::assert_no_pins(&config.pin_dir);
     drop(stalled);
+}
+
+/// The agent's own end of its connection from `client`, copied into this process
+/// (`pidfd_getfd`, which root may use on any process): socket options set on the sockets the
+/// agent accepts can be read only there.
+fn agents_socket(netns: &Netns, agent: &Agent, client: SocketAddr) -> OwnedFd {
+    let listen: SocketAddr = LISTEN.parse().unwrap();
+    let filter = format!(
+        "( sport = :{} and dport = :{} )",
+        listen.port(),
+        client.port()
+    );
+    let sockets = stdout_of(
+        netns
+            .command("ss")
+            .args(["-tnpH", "state", "established", &filter]),
+    );
+    // users:(("collector",pid=1234,fd=12))
+    let fd: i32 = sockets
+        .split("fd=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|fd| fd.parse().ok())
+        .unwrap_or_else(|| panic!("no agent socket for {client} in {sockets:?}"));
+    let pid = libc::pid_t::try_from(agent.pid()).unwrap();
+    // SAFETY: pidfd_open has no memory arguments; the descriptor it returns is ours.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(i32::try_from(pidfd).unwrap()) };
+    // SAFETY: as above; the copy is a new descriptor of this process.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    assert!(
+        copy >= 0,
+        "pidfd_getfd: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: as above.
+    unsafe { OwnedFd::from_raw_fd(i32::try_from(copy).unwrap()) }
+}
+
+#[test]
+fn an_idle_stream_carries_heartbeats_and_the_agents_socket_times_out_unacknowledged_data() {
+    // The agent's `event_stream::HEARTBEAT_INTERVAL` and `serve::UNACKNOWLEDGED_TIMEOUT`.
+    const HEARTBEAT: Duration = Duration::from_secs(15);
+    const UNACKNOWLEDGED: Duration = Duration::from_mins(1);
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    // No traffic on the routes and no DNS: nothing to stream but heartbeats.
+    let stream = netns.run(|| {
+        let mut stream = TcpStream::connect(LISTEN).unwrap();
+        stream
+            .write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: c\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        stream
+    });
+    // A reader lost without a word leaves the heartbeat unacknowledged, and the kernel then
+    // gives its connection up, the stream permit with it.
+    let socket = agents_socket(&netns, &agent, stream.local_addr().unwrap());
+    assert_eq!(
+        socket2::SockRef::from(&socket).tcp_user_timeout().unwrap(),
+        Some(UNACKNOWLEDGED)
+    );
+
+    let sent = wall_ms();
+    let mut stream = stream;
+    stream
+        .set_read_timeout(Some(HEARTBEAT + Duration::from_secs(10)))
+        .unwrap();
+    let mut received = Vec::new();
+    let line = loop {
+        let text = String::from_utf8_lossy(&received);
+        // A line of the chunked body: the chunk's size, then the line.
+        if let Some(start) = text.find("{\"event\":\"heartbeat\"")
+            && let Some(end) = text[start..].find('\n')
+        {
+            break text[start..start + end].to_owned();
+        }
+        let mut buf = [0u8; 512];
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("the stream ended: {text:?}"),
+            Ok(read) => received.extend_from_slice(&buf[..read]),
+            Err(err) => panic!("no heartbeat within {HEARTBEAT:?} and some: {err}: {text:?}"),
+        }
+    };
+    let heartbeat: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(heartbeat.as_object().unwrap().len(), 2, "{line}");
+    let stamped = heartbeat["timestamp"].as_u64().unwrap();
+    assert!((sent..=wall_ms()).contains(&stamped), "{line}");
+    drop(stream);
+    assert!(agent.stop().success());
 }
