@@ -415,22 +415,38 @@ fn check_names_a_missing_bpffs_and_the_fix() {
     support::require_root();
     // A private mount namespace of this command only, with every bpffs on /sys/fs/bpf
     // unmounted: the host's mounts are untouched.
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(format!(
-            "while umount -l /sys/fs/bpf 2>/dev/null; do :; done; exec {COLLECTOR} check"
-        ))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stdout}");
-    let line = stdout
-        .lines()
-        .find(|line| line.contains("bpffs"))
-        .unwrap_or_else(|| panic!("no bpffs line: {stdout}"));
+    let check = |args: &str| {
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "while umount -l /sys/fs/bpf 2>/dev/null; do :; done; exec {COLLECTOR} check {args}"
+            ))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let line = stdout
+            .lines()
+            .find(|line| line.contains("bpffs"))
+            .unwrap_or_else(|| panic!("no bpffs line: {stdout}"))
+            .to_owned();
+        (out.status.success(), line, stdout, stderr)
+    };
+    // Under /sys/fs/bpf, `run` mounts bpffs itself: said, not failed.
+    let (passed, line, stdout, _) = check("");
+    assert!(passed, "{stdout}");
+    assert!(
+        line.starts_with("warn") && line.contains("`run` mounts one there"),
+        "{line}"
+    );
+    // Elsewhere `run` stops: failed, with the fix.
+    let (passed, line, stdout, stderr) = check("--pin-dir /run/collector-check-test");
+    assert!(!passed, "{stdout}");
     assert!(line.starts_with("FAIL"), "{line}");
-    assert!(line.contains("mount -t bpf bpf /sys/fs/bpf"), "{line}");
+    assert!(
+        line.contains("mount -t bpf bpf /sys/fs/bpf") && line.contains("set `pin_dir`"),
+        "{line}"
+    );
     assert!(stderr.contains("requirement(s) not met"), "{stderr}");
     // The rest still passes: only what is missing fails.
     assert_eq!(
