@@ -1,8 +1,10 @@
 //! The `bpf(2)` commands aya 0.14 does not expose for every link type: opening a pinned
 //! object and swapping the program inside a link, used to adopt links that a crashed agent
 //! left pinned, replacing their program atomically so nothing is missed or counted twice;
-//! and listing a TCX hook's programs in the order they run. Also a throwaway map pinned for a
-//! moment, for `collector check` to try what `run` needs of the pin directory.
+//! and listing a TCX hook's programs in the order they run; reading a TCX link's interface
+//! (0 once the device is gone), to tell the pins of a namespace that is gone. Also a
+//! throwaway map pinned for a moment, for `collector check` to try what `run` needs of the
+//! pin directory.
 
 use std::{
     ffi::CString,
@@ -17,6 +19,9 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `enum bpf_link_type`'s TCX link (Linux 6.6).
+const BPF_LINK_TYPE_TCX: u32 = 11;
 /// Attach types of the TCX hooks.
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
@@ -68,6 +73,32 @@ struct ProgQueryAttr {
     link_attach_flags: u64,
     revision: u64,
 }
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_link_info` up to the TCX link's part of its union: type, id and program id,
+/// then the union, 8-aligned (it holds `__aligned_u64` members), whose `tcx` is ifindex and
+/// attach type. The kernel fills the first `info_len` bytes of its own, larger, struct.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    tcx_ifindex: u32,
+    tcx_attach_type: u32,
+}
+
+const _: () = assert!(size_of::<LinkInfo>() == 24);
+const _: () = assert!(std::mem::offset_of!(LinkInfo, tcx_ifindex) == 16);
 
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for `command`, valid for the
@@ -139,6 +170,20 @@ pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
         ..LinkUpdateAttr::default()
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The interface index of the TCX link `link`: 0 once its device is unregistered (the
+/// kernel's `tcx_uninstall` drops the link's device, and `tcx_link_fill_info` reports 0; a
+/// namespace's devices go when the namespace does). `None` if `link` is not a TCX link.
+pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoByFdAttr {
+        bpf_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
+        info_len: u32::try_from(size_of::<LinkInfo>()).map_err(io::Error::other)?,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info.link_type == BPF_LINK_TYPE_TCX).then_some(info.tcx_ifindex))
 }
 
 /// The ids of the programs on interface `ifindex`'s TCX hook `attach_type`, in the order they

@@ -17,6 +17,9 @@
 //!   programs attached, is listed with the command that removes it, and the status is 1. A
 //!   `collector check` probe directory (`check-probe-PID`) and anything else are listed and
 //!   left, and not looked into.
+//!
+//! A start removes the pins of a collector whose network namespace is gone by the same
+//! functions ([`remove_layout`], see `orphans`).
 
 use std::{
     io::{self, Write},
@@ -177,14 +180,7 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     if apply {
         remove(&map_dir, &found.ours)?;
         remove_empty_dirs(&map_dir)?;
-        // The pin directory too, once nothing else is in it.
-        match std::fs::remove_dir(pin_dir) {
-            Ok(()) => {}
-            Err(err) if matches!(err.raw_os_error(), Some(libc::ENOTEMPTY | libc::ENOENT)) => {}
-            Err(err) => {
-                return Err(err).with_context(|| format!("removing {}", pin_dir.display()));
-            }
-        }
+        remove_dir_if_empty(pin_dir)?;
         if table == Table::Remove {
             nft::remove_leftover(table_name).context("removing our nftables table")?;
         }
@@ -365,6 +361,24 @@ fn pin_owner(map_dir: &Path) -> anyhow::Result<Owner> {
             "the pins' owner could not be read from {}: {err:#}",
             path.display()
         ))),
+    }
+}
+
+/// Removes this build's layout directory `map_dir` whole, as `--apply` does: its link pins
+/// first, then its maps, then its directories (see [`remove`]). For the start that finds
+/// the pins of a collector whose network namespace is gone (`orphans`).
+pub(crate) fn remove_layout(map_dir: &Path) -> anyhow::Result<()> {
+    let pins = walk(map_dir)?;
+    remove(map_dir, &pins)?;
+    remove_empty_dirs(map_dir)
+}
+
+/// Removes the (pin) directory `dir` once nothing else is in it.
+pub(crate) fn remove_dir_if_empty(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(err) if matches!(err.raw_os_error(), Some(libc::ENOTEMPTY | libc::ENOENT)) => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing {}", dir.display())),
     }
 }
 

@@ -35,10 +35,10 @@ use collector_common::{
 use crate::{
     address_table::{AddressTableUse, LocalAddresses},
     addresses::ChangeSignal,
-    bpf_sys,
+    bpf_sys, cleanup,
     config::{Config, RouteKind},
     links::{self, Link},
-    netns, paths, privileges, slots,
+    netns, orphans, paths, privileges, slots,
 };
 
 /// The kernel object built by build.rs from `collector-ebpf`.
@@ -46,6 +46,29 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 
 /// Subdirectory of the pin directory holding link pins.
 pub const LINKS_DIR: &str = "links";
+
+/// Pin names of the tc links (TCX), each followed by `_` and the interface index: the
+/// counting programs on ingress, egress and loopback, and the statistics' empty ones.
+const TC_INGRESS_PIN: &str = "tc_ingress";
+const TC_EGRESS_PIN: &str = "tc_egress";
+const TC_LOOPBACK_PIN: &str = "tc_loopback";
+const STATS_FLOOR_INGRESS_PIN: &str = "stats_floor_ingress";
+const STATS_FLOOR_EGRESS_PIN: &str = "stats_floor_egress";
+const STATS_FLOOR_LOOPBACK_PIN: &str = "stats_floor_loopback";
+/// Every tc link pin name (before the `_` and the interface index).
+pub const TC_LINK_PINS: [&str; 6] = [
+    TC_INGRESS_PIN,
+    TC_EGRESS_PIN,
+    TC_LOOPBACK_PIN,
+    STATS_FLOOR_INGRESS_PIN,
+    STATS_FLOOR_EGRESS_PIN,
+    STATS_FLOOR_LOOPBACK_PIN,
+];
+
+/// How long a start waits for the pin directory's lock before it takes it for a running
+/// collector's: another collector's start holds it for a moment while it removes pins a
+/// namespace that is gone left there (`orphans`), and `collector cleanup` while it runs.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many TCX programs run before ours on one interface's hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,12 +171,12 @@ impl Attachment {
         let pin_dir = config.pin_dir.clone();
         let map_dir = paths::map_pin_dir(&pin_dir);
         let links_dir = map_dir.join(LINKS_DIR);
-        fs::create_dir_all(&links_dir)
-            .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
-        let lock = lock_pin_dir(&pin_dir)?;
+        let lock = lock_pin_dir(&pin_dir, &links_dir)?;
         let own_netns = netns::current_cookie().context(
             "reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)",
         )?;
+        remove_if_namespace_gone(&pin_dir, own_netns)?;
+        orphans::reap_siblings(&pin_dir, own_netns);
         check_pinned_maps(&pin_dir, own_netns)?;
         let inherited = PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
 
@@ -270,19 +293,19 @@ impl Attachment {
             (
                 program_names::COUNT_INGRESS,
                 TcAttachType::Ingress,
-                "tc_ingress",
+                TC_INGRESS_PIN,
                 false,
             ),
             (
                 program_names::COUNT_EGRESS,
                 TcAttachType::Egress,
-                "tc_egress",
+                TC_EGRESS_PIN,
                 false,
             ),
             (
                 program_names::COUNT_LOOPBACK,
                 TcAttachType::Ingress,
-                "tc_loopback",
+                TC_LOOPBACK_PIN,
                 true,
             ),
         ];
@@ -291,19 +314,19 @@ impl Attachment {
                 (
                     program_names::STATS_FLOOR_TC,
                     TcAttachType::Ingress,
-                    "stats_floor_ingress",
+                    STATS_FLOOR_INGRESS_PIN,
                     false,
                 ),
                 (
                     program_names::STATS_FLOOR_TC,
                     TcAttachType::Egress,
-                    "stats_floor_egress",
+                    STATS_FLOOR_EGRESS_PIN,
                     false,
                 ),
                 (
                     program_names::STATS_FLOOR_TC,
                     TcAttachType::Ingress,
-                    "stats_floor_loopback",
+                    STATS_FLOOR_LOOPBACK_PIN,
                     true,
                 ),
             ]);
@@ -699,21 +722,73 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-/// Locks the pin directory itself (flock works on any inode, bpffs included): the lock goes
-/// with the process, and the directory with a clean stop, so nothing is left elsewhere.
-fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<File> {
-    try_lock_pin_dir(pin_dir)?.with_context(|| {
-        format!(
-            "another collector is running with the pin directory {}; stop it first or give this one its own `pin_dir`",
-            pin_dir.display()
-        )
-    })
+/// Makes the pin directory and locks it (flock works on any inode, bpffs included): the lock
+/// goes with the process, and the directory with a clean stop, so nothing is left
+/// elsewhere. A lock held for a moment by another collector's start or by `cleanup` is
+/// waited for ([`LOCK_WAIT`]); a directory removed meanwhile (orphaned pins, reaped by
+/// another start) is made again. The links directory is made once locked, when nothing
+/// else removes anything there.
+fn lock_pin_dir(pin_dir: &Path, links_dir: &Path) -> anyhow::Result<File> {
+    let create = |dir: &Path| {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating the pin directory {}", dir.display()))
+    };
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        create(pin_dir)?;
+        if let Some(lock) = lock_pin_dir_if_current(pin_dir)? {
+            create(links_dir)?;
+            return Ok(lock);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "another collector is running with the pin directory {}; stop it first or give this one its own `pin_dir`",
+                pin_dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Locks the pin directory, which a running collector holds locked; `None` while one does.
+/// The lock is on the directory that was at `pin_dir` when it was opened, which is no lock
+/// on `pin_dir` once another start has removed it (`orphans`): `None` too, unless it is
+/// still the one there.
+pub fn lock_pin_dir_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = match File::open(pin_dir) {
+        Ok(dir) => dir,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("opening the pin directory {}", pin_dir.display()));
+        }
+    };
+    let Some(lock) = flock_nonblocking(dir) else {
+        return Ok(None);
+    };
+    let held = lock
+        .metadata()
+        .with_context(|| format!("looking at the pin directory {}", pin_dir.display()))?;
+    match fs::symlink_metadata(pin_dir) {
+        Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => Ok(Some(lock)),
+        Ok(_) => Ok(None),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => {
+            Err(err).with_context(|| format!("looking at the pin directory {}", pin_dir.display()))
+        }
+    }
 }
 
 /// Locks the pin directory, which a running collector holds locked; `None` while one does.
 pub fn try_lock_pin_dir(pin_dir: &Path) -> anyhow::Result<Option<File>> {
     let dir = File::open(pin_dir)
         .with_context(|| format!("opening the pin directory {}", pin_dir.display()))?;
+    Ok(flock_nonblocking(dir))
+}
+
+/// `dir`, locked exclusively, or `None` if another holds the lock.
+fn flock_nonblocking(dir: File) -> Option<File> {
     // SAFETY: flock on a valid open fd.
     let rc = unsafe {
         libc::flock(
@@ -721,7 +796,44 @@ pub fn try_lock_pin_dir(pin_dir: &Path) -> anyhow::Result<Option<File>> {
             libc::LOCK_EX | libc::LOCK_NB,
         )
     };
-    Ok((rc == 0).then_some(dir))
+    (rc == 0).then_some(dir)
+}
+
+/// Removes the pins under `pin_dir` (locked) if a collector of a network namespace that is
+/// gone made them (see `orphans`): its links are on devices that went with it, its counters
+/// count nothing any more, and its `sock_ops` program would run on for every TCP socket of
+/// the node. Without this, a pod whose namespace was made anew after a crash (same pod UID,
+/// same pin directory) was refused as another namespace's at every start. Pins that cannot
+/// be judged are left to the refusal further on.
+fn remove_if_namespace_gone(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
+    let map_dir = paths::map_pin_dir(pin_dir);
+    let owner = match orphans::gone_owner(&map_dir, own_netns) {
+        Ok(Some(owner)) => owner,
+        Ok(None) => return Ok(()),
+        Err(err) => {
+            tracing::debug!(
+                "judging whether the pins under {} are orphaned: {err:#}",
+                pin_dir.display()
+            );
+            return Ok(());
+        }
+    };
+    cleanup::remove_layout(&map_dir).with_context(|| {
+        format!(
+            "removing the pins under {} that a collector of a network namespace now gone left \
+             (cookie {owner})",
+            pin_dir.display()
+        )
+    })?;
+    let links_dir = map_dir.join(LINKS_DIR);
+    fs::create_dir_all(&links_dir)
+        .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
+    tracing::warn!(
+        "the pins under {} were left by a collector whose network namespace is gone (cookie \
+         {owner}): removed them, counters start from zero",
+        pin_dir.display()
+    );
+    Ok(())
 }
 
 /// Maps whose contents matter for seconds only (queries waiting for their answer, recent

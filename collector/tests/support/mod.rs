@@ -42,7 +42,8 @@ pub fn require_root() {
     );
 }
 
-fn unique(prefix: &str) -> String {
+/// `prefix`, this test process's id and a number of its own: a name no other test takes.
+pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
         "{prefix}-{}-{}",

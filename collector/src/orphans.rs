@@ -1,0 +1,305 @@
+//! Pins whose collector's network namespace is gone: a sidecar's pod deleted while its
+//! collector was down, or a pod's namespace made anew (same pod UID, so the same pin
+//! directory) after a crash. Nothing else would ever remove them, and their `sock_ops` link
+//! keeps a program on the host's cgroup2 root running for every TCP socket of the node.
+//!
+//! The layout's TCX link pins tell: the kernel reports interface index 0 for a TCX link
+//! whose device was unregistered (`tcx_link_fill_info`, Linux 6.6), and a namespace's
+//! devices are unregistered when it goes (a physical one is moved out instead and keeps an
+//! index: those pins are left, for `cleanup`). Loopback, which a collector watches by
+//! default, goes only with its namespace. So a layout is orphaned when it has TCX link pins
+//! and every one reads 0; one without any (no interface was attached), or with one that
+//! cannot be read, is never judged orphaned.
+//!
+//! At start, the agent removes such pins in its own pin directory (else it would refuse them
+//! as another namespace's for ever) and in the sibling pin directories of the node
+//! (`collector`, `collector-<pod UID>`), each under its lock, as `collector cleanup --apply`
+//! does. A sibling whose pins are this namespace's is left, orphaned or not: a crashed run
+//! here may be started again and must keep its counters.
+
+use std::{ffi::OsStr, fs, io, os::fd::AsFd as _, path::Path};
+
+use anyhow::Context as _;
+use collector_common::map_names;
+
+use crate::{bpf_sys, cleanup, loader, paths};
+
+/// Base name of the documented pin directories: `collector` (the `DaemonSet`, systemd) and
+/// `collector-<pod UID>` (sidecars). Only directories named so are looked at as siblings.
+pub const PIN_DIR_BASE: &str = "collector";
+
+/// Whether a layout whose TCX link pins read these interface indexes is orphaned: it has
+/// some, and every one's device is gone.
+#[must_use]
+pub fn orphaned(link_ifindexes: &[u32]) -> bool {
+    !link_ifindexes.is_empty() && link_ifindexes.iter().all(|&ifindex| ifindex == 0)
+}
+
+/// Whether pins owned by the namespace `owner` (`PIN_OWNER`; 0: never claimed), whose TCX
+/// links read `link_ifindexes`, are to be removed by a collector of the namespace
+/// `own_netns`: another namespace's, and [`orphaned`].
+#[must_use]
+pub fn removable(owner: u64, own_netns: u64, link_ifindexes: &[u32]) -> bool {
+    owner != 0 && owner != own_netns && orphaned(link_ifindexes)
+}
+
+/// Whether a directory entry called `name` is one of the documented pin directories
+/// ([`PIN_DIR_BASE`], alone or followed by `-` and a suffix).
+#[must_use]
+pub fn is_pin_dir_name(name: &OsStr) -> bool {
+    name.to_str().is_some_and(|name| {
+        name == PIN_DIR_BASE
+            || name
+                .strip_prefix(PIN_DIR_BASE)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|suffix| !suffix.is_empty())
+    })
+}
+
+/// Whether a link pin called `name` is one of the tc links the loader pins: a TCX link
+/// ([`loader::TC_LINK_PINS`], `_`, the interface index).
+#[must_use]
+pub fn is_tc_link_pin(name: &OsStr) -> bool {
+    name.to_str().is_some_and(|name| {
+        loader::TC_LINK_PINS.iter().any(|prefix| {
+            name.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_prefix('_'))
+                .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
+        })
+    })
+}
+
+/// The owner of the layout at `map_dir` if its pins are [`removable`] by a collector of
+/// `own_netns`; `None` if not, or if there are no pins (or none left: a collector removing
+/// them at its stop) to judge.
+pub fn gone_owner(map_dir: &Path, own_netns: u64) -> anyhow::Result<Option<u64>> {
+    let owner_pin = map_dir.join(map_names::PIN_OWNER);
+    if !is_file(&owner_pin)? {
+        return Ok(None);
+    }
+    let owner = loader::read_pin_owner(&owner_pin)
+        .with_context(|| format!("reading {}", owner_pin.display()))?;
+    // This namespace's, or never claimed: not removable whatever the links read.
+    if owner == 0 || owner == own_netns {
+        return Ok(None);
+    }
+    let ifindexes = tc_link_ifindexes(&map_dir.join(loader::LINKS_DIR))?;
+    Ok(removable(owner, own_netns, &ifindexes).then_some(owner))
+}
+
+/// The interface index each tc link pin under `links_dir` reads (0: its device is gone).
+/// A pin of that name that is not a TCX link is an error: the layout cannot be judged.
+fn tc_link_ifindexes(links_dir: &Path) -> anyhow::Result<Vec<u32>> {
+    if !is_dir(links_dir)? {
+        return Ok(Vec::new());
+    }
+    let mut ifindexes = Vec::new();
+    for entry in
+        fs::read_dir(links_dir).with_context(|| format!("reading {}", links_dir.display()))?
+    {
+        let entry = entry.with_context(|| format!("reading {}", links_dir.display()))?;
+        // Pins are files; a symbolic link is not followed.
+        if !entry.file_type()?.is_file() || !is_tc_link_pin(&entry.file_name()) {
+            continue;
+        }
+        let path = entry.path();
+        let link = match bpf_sys::open_pinned(&path) {
+            Ok(link) => link,
+            // Removed meanwhile: a stop or a cleanup under way.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => {
+                return Err(err).with_context(|| format!("opening the link {}", path.display()));
+            }
+        };
+        let ifindex = bpf_sys::tcx_link_ifindex(link.as_fd())
+            .with_context(|| format!("reading the link {}", path.display()))?
+            .with_context(|| format!("{} is not a TCX link", path.display()))?;
+        ifindexes.push(ifindex);
+    }
+    Ok(ifindexes)
+}
+
+/// Removes the pins a collector of a namespace that is gone left in the sibling pin
+/// directories of `pin_dir` (see the module doc), each under its lock; a running
+/// collector's are locked, and skipped. Says what it removed, and what it could not judge
+/// or remove, as warnings: this never fails a start.
+pub fn reap_siblings(pin_dir: &Path, own_netns: u64) {
+    let (Some(parent), Some(own_name)) = (pin_dir.parent(), pin_dir.file_name()) else {
+        return;
+    };
+    if !is_pin_dir_name(own_name) {
+        return;
+    }
+    let entries = match fs::read_dir(parent) {
+        Ok(entries) => entries,
+        Err(err) => {
+            tracing::warn!(
+                "looking in {} for pins that collectors of namespaces now gone left: {err}",
+                parent.display()
+            );
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        // A directory itself, not a symbolic link to one.
+        if name == own_name
+            || !is_pin_dir_name(&name)
+            || !entry.file_type().is_ok_and(|kind| kind.is_dir())
+        {
+            continue;
+        }
+        let dir = entry.path();
+        match reap(&dir, own_netns) {
+            Ok(Some(owner)) => tracing::warn!(
+                "the pins under {} were left by a collector whose network namespace is gone \
+                 (cookie {owner}): removed them, with their programs",
+                dir.display()
+            ),
+            Ok(None) => {}
+            // Its pins went meanwhile (a stop, a cleanup, another start): nothing to say.
+            Err(_) if !paths::map_pin_dir(&dir).join(map_names::PIN_OWNER).exists() => {}
+            Err(err) => tracing::warn!(
+                "looking at the pins under {} for a collector whose network namespace is gone \
+                 (left in place; `collector cleanup --apply --pin-dir {}` removes them once no \
+                 collector runs with them): {err:#}",
+                dir.display(),
+                dir.display()
+            ),
+        }
+    }
+}
+
+/// Removes the layout under the sibling pin directory `dir`, and `dir` if nothing else is
+/// left in it, if its pins are [`removable`]: the owner they had. Judged first without the
+/// lock, so that a live collector's directory is never locked, even for a moment, by
+/// another's start; then again under it.
+fn reap(dir: &Path, own_netns: u64) -> anyhow::Result<Option<u64>> {
+    let map_dir = paths::map_pin_dir(dir);
+    if !is_dir(&map_dir)? || gone_owner(&map_dir, own_netns)?.is_none() {
+        return Ok(None);
+    }
+    let Some(_lock) = loader::lock_pin_dir_if_current(dir)? else {
+        return Ok(None);
+    };
+    let Some(owner) = gone_owner(&map_dir, own_netns)? else {
+        return Ok(None);
+    };
+    cleanup::remove_layout(&map_dir)?;
+    cleanup::remove_dir_if_empty(dir)?;
+    Ok(Some(owner))
+}
+
+/// Whether `path` is a directory (not a symbolic link to one).
+fn is_dir(path: &Path) -> anyhow::Result<bool> {
+    file_kind(path, fs::FileType::is_dir)
+}
+
+/// Whether `path` is a file (a pin; not a symbolic link to one).
+fn is_file(path: &Path) -> anyhow::Result<bool> {
+    file_kind(path, fs::FileType::is_file)
+}
+
+fn file_kind(path: &Path, kind: fn(&fs::FileType) -> bool) -> anyhow::Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) => Ok(kind(&meta.file_type())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(err).with_context(|| format!("looking at {}", path.display())),
+    }
+}
+
+/// The sibling pin directories [`reap_siblings`] looks at, of those named `names` beside
+/// the pin directory `own` (for the tests: the same filter without the file system).
+#[cfg(test)]
+fn siblings<'a>(own: &OsStr, names: &'a [&'a str]) -> Vec<&'a str> {
+    if !is_pin_dir_name(own) {
+        return Vec::new();
+    }
+    names
+        .iter()
+        .copied()
+        .filter(|name| OsStr::new(name) != own && is_pin_dir_name(OsStr::new(name)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphaned_only_when_some_tc_link_is_pinned_and_every_ones_device_is_gone() {
+        assert!(orphaned(&[0]));
+        assert!(orphaned(&[0, 0, 0]));
+        // No TCX link pins: nothing says the namespace is gone.
+        assert!(!orphaned(&[]));
+        // One device left (lo, or a physical device moved out of the namespace).
+        assert!(!orphaned(&[0, 1]));
+        assert!(!orphaned(&[1, 0, 0]));
+        assert!(!orphaned(&[3, 4]));
+    }
+
+    #[test]
+    fn only_another_namespaces_orphaned_pins_are_removable() {
+        let (own, other) = (7, 9);
+        assert!(removable(other, own, &[0, 0]));
+        // This namespace's: a crashed run here keeps its counters for the next start.
+        assert!(!removable(own, own, &[0, 0]));
+        // Never claimed, so no links were made by that start.
+        assert!(!removable(0, own, &[0]));
+        assert!(!removable(other, own, &[]));
+        assert!(!removable(other, own, &[0, 2]));
+    }
+
+    #[test]
+    fn siblings_are_the_documented_pin_directories_but_ours() {
+        let names = [
+            "collector",
+            "collector-0b6d8c1e-uid",
+            "collector-test-12-3",
+            "collector-",
+            "collectors",
+            "collector_x",
+            "tc",
+            "ip",
+            "cilium",
+            "check-probe-12",
+        ];
+        assert_eq!(
+            siblings(OsStr::new("collector-0b6d8c1e-uid"), &names),
+            ["collector", "collector-test-12-3"]
+        );
+        assert_eq!(
+            siblings(OsStr::new("collector"), &names),
+            ["collector-0b6d8c1e-uid", "collector-test-12-3"]
+        );
+        // A pin directory of another name: no siblings are looked at.
+        assert!(siblings(OsStr::new("metrics"), &names).is_empty());
+        assert!(siblings(OsStr::new("collectors"), &names).is_empty());
+    }
+
+    #[test]
+    fn only_the_tc_link_pins_are_read() {
+        for name in [
+            "tc_ingress_1",
+            "tc_egress_12",
+            "tc_loopback_1",
+            "stats_floor_ingress_3",
+            "stats_floor_egress_3",
+            "stats_floor_loopback_1",
+        ] {
+            assert!(is_tc_link_pin(OsStr::new(name)), "{name}");
+        }
+        for name in [
+            "sock_ops",
+            "sock_ops_stats_floor",
+            "tc_ingress",
+            "tc_ingress_",
+            "tc_ingress_1a",
+            "tc_ingress1",
+            "xtc_ingress_1",
+            "CONN_COUNTERS",
+        ] {
+            assert!(!is_tc_link_pin(OsStr::new(name)), "{name}");
+        }
+    }
+}
