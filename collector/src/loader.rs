@@ -111,8 +111,9 @@ pub struct Attachment {
     pin_dir: PathBuf,
     /// The `sock_ops` link pin.
     link_pins: Vec<PathBuf>,
-    /// Link pins this start created (the others it took over from a crashed run).
-    created_pins: Vec<PathBuf>,
+    /// Link pins this start created (the others it took over from a crashed run), for a
+    /// failed start to undo; `None` once started, when nothing reads them.
+    created_pins: Option<Vec<PathBuf>>,
     /// A crashed run's pinned maps or links were found: its counts live on in them.
     inherited: bool,
     /// Keeps `LOCAL_ADDRESSES` (`None` with `all_namespaces`, which does not use it).
@@ -214,7 +215,7 @@ impl Attachment {
             cgroup2,
             pin_dir,
             link_pins: Vec::new(),
-            created_pins: Vec::new(),
+            created_pins: Some(Vec::new()),
             inherited,
             local_addresses,
             _lock: lock,
@@ -237,6 +238,9 @@ impl Attachment {
             .and_then(|()| remove_stale_links(&links_dir, &attachment.pins_in_use()));
         match attached {
             Ok(()) => {
+                // Only a failed start undoes what it made: from here on an interface that
+                // fails to attach cleans up after itself (`attach_interface`).
+                attachment.created_pins = None;
                 if attachment.inherited {
                     tracing::info!(
                         pin_dir = %attachment.pin_dir.display(),
@@ -275,7 +279,9 @@ impl Attachment {
             let link: FdLink = program.take_link(id)?.try_into()?;
             link.pin(pin)
                 .with_context(|| format!("pinning the sock_ops link at {}", pin.display()))?;
-            self.created_pins.push(pin.to_owned());
+            if let Some(created) = &mut self.created_pins {
+                created.push(pin.to_owned());
+            }
         }
         self.link_pins.push(pin.to_owned());
         Ok(())
@@ -352,6 +358,28 @@ impl Attachment {
     /// Attaches every classifier that belongs on `link` (adopting links a crashed run
     /// pinned) and remembers the pins.
     fn attach_interface(&mut self, link: &Link) -> anyhow::Result<()> {
+        let mut created = Vec::new();
+        let attached = self.attach_interface_hooks(link, &mut created);
+        if attached.is_err() {
+            // One hook attached and the other not: the link pinned for the first would count
+            // on while the interface reads as not attached, and no sync would remove it.
+            for pin in &created {
+                if let Err(err) = remove_if_present(pin) {
+                    tracing::warn!("removing {} after a failed attach: {err:#}", pin.display());
+                }
+            }
+        } else if let Some(created_pins) = &mut self.created_pins {
+            created_pins.extend(created);
+        }
+        attached
+    }
+
+    /// Attaches the classifiers to `link`'s hooks, with the pins it makes in `created`.
+    fn attach_interface_hooks(
+        &mut self,
+        link: &Link,
+        created: &mut Vec<PathBuf>,
+    ) -> anyhow::Result<()> {
         let links_dir = paths::map_pin_dir(&self.pin_dir).join(LINKS_DIR);
         let mut pins = Vec::new();
         for &(program_name, attach_type, prefix, on_loopback) in &self.classifiers {
@@ -388,7 +416,7 @@ impl Attachment {
                 fd_link
                     .pin(&pin)
                     .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
-                self.created_pins.push(pin.clone());
+                created.push(pin.clone());
             }
             pins.push(pin);
         }
@@ -624,7 +652,7 @@ impl Attachment {
         if !self.inherited {
             return self.detach();
         }
-        for pin in &self.created_pins {
+        for pin in self.created_pins.iter().flatten() {
             remove_if_present(pin)?;
         }
         tracing::warn!(
