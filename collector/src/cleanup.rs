@@ -287,14 +287,24 @@ fn list(
 /// removing them would stop its counting while it went on serving counters that no longer
 /// move.
 fn lock_unless_running(pin_dir: &Path) -> anyhow::Result<std::fs::File> {
-    loader::try_lock_pin_dir(pin_dir)?.with_context(|| {
-        format!(
-            "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
-             detaches its programs and removes its pins and nftables table); `cleanup` is for \
-             what a crashed one left",
+    // The lock on the directory that is at the path once locked: a start may have removed
+    // the one opened (orphaned pins, `orphans`) and made a new one there, its own.
+    if let Some(lock) = loader::lock_pin_dir_if_current(pin_dir)? {
+        return Ok(lock);
+    }
+    if !paths::pin_exists(pin_dir)? {
+        anyhow::bail!(
+            "the pin directory {} went while cleanup looked at it (a collector's start removed \
+             pins whose namespace is gone): nothing is left to clean",
             pin_dir.display()
-        )
-    })
+        );
+    }
+    anyhow::bail!(
+        "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
+         detaches its programs and removes its pins and nftables table); `cleanup` is for \
+         what a crashed one left",
+        pin_dir.display()
+    )
 }
 
 /// What to do about the table, given whose the pins are; `exists` looks in this namespace.

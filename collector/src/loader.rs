@@ -55,6 +55,8 @@ const TC_LOOPBACK_PIN: &str = "tc_loopback";
 const STATS_FLOOR_INGRESS_PIN: &str = "stats_floor_ingress";
 const STATS_FLOOR_EGRESS_PIN: &str = "stats_floor_egress";
 const STATS_FLOOR_LOOPBACK_PIN: &str = "stats_floor_loopback";
+/// The tc link pin names on loopback.
+pub const TC_LOOPBACK_LINK_PINS: [&str; 2] = [TC_LOOPBACK_PIN, STATS_FLOOR_LOOPBACK_PIN];
 /// Every tc link pin name (before the `_` and the interface index).
 pub const TC_LINK_PINS: [&str; 6] = [
     TC_INGRESS_PIN,
@@ -806,13 +808,6 @@ pub fn lock_pin_dir_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
             Err(err).with_context(|| format!("looking at the pin directory {}", pin_dir.display()))
         }
     }
-}
-
-/// Locks the pin directory, which a running collector holds locked; `None` while one does.
-pub fn try_lock_pin_dir(pin_dir: &Path) -> anyhow::Result<Option<File>> {
-    let dir = File::open(pin_dir)
-        .with_context(|| format!("opening the pin directory {}", pin_dir.display()))?;
-    Ok(flock_nonblocking(dir))
 }
 
 /// `dir`, locked exclusively, or `None` if another holds the lock.

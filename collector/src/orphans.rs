@@ -7,9 +7,10 @@
 //! whose device was unregistered (`tcx_link_fill_info`, Linux 6.6), and a namespace's
 //! devices are unregistered when it goes (a physical one is moved out instead and keeps an
 //! index: those pins are left, for `cleanup`). Loopback, which a collector watches by
-//! default, goes only with its namespace. So a layout is orphaned when it has TCX link pins
-//! and every one reads 0; one without any (no interface was attached), or with one that
-//! cannot be read, is never judged orphaned.
+//! default, goes only with its namespace, where any other device may be deleted while the
+//! namespace lives on. So a layout is orphaned when its loopback link pin reads 0 and every
+//! other one does too; one without a loopback link (a config that leaves lo out), or with a
+//! link that cannot be read, is never judged orphaned.
 //!
 //! At start, the agent removes such pins in its own pin directory (else it would refuse them
 //! as another namespace's for ever) and in the sibling pin directories of the node
@@ -28,19 +29,28 @@ use crate::{bpf_sys, cleanup, loader, paths};
 /// `collector-<pod UID>` (sidecars). Only directories named so are looked at as siblings.
 pub const PIN_DIR_BASE: &str = "collector";
 
-/// Whether a layout whose TCX link pins read these interface indexes is orphaned: it has
-/// some, and every one's device is gone.
-#[must_use]
-pub fn orphaned(link_ifindexes: &[u32]) -> bool {
-    !link_ifindexes.is_empty() && link_ifindexes.iter().all(|&ifindex| ifindex == 0)
+/// What one tc link pin reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcLink {
+    /// A link on loopback (`tc_loopback_*`, `stats_floor_loopback_*`).
+    pub loopback: bool,
+    /// Its device's index; 0 once the device is gone.
+    pub ifindex: u32,
 }
 
-/// Whether pins owned by the namespace `owner` (`PIN_OWNER`; 0: never claimed), whose TCX
-/// links read `link_ifindexes`, are to be removed by a collector of the namespace
-/// `own_netns`: another namespace's, and [`orphaned`].
+/// Whether a layout whose tc link pins read `links` is orphaned: loopback's device is gone,
+/// which happens only with its namespace, and every other one's too.
 #[must_use]
-pub fn removable(owner: u64, own_netns: u64, link_ifindexes: &[u32]) -> bool {
-    owner != 0 && owner != own_netns && orphaned(link_ifindexes)
+pub fn orphaned(links: &[TcLink]) -> bool {
+    links.iter().any(|link| link.loopback) && links.iter().all(|link| link.ifindex == 0)
+}
+
+/// Whether pins owned by the namespace `owner` (`PIN_OWNER`; 0: never claimed), whose tc
+/// links read `links`, are to be removed by a collector of the namespace `own_netns`:
+/// another namespace's, and [`orphaned`].
+#[must_use]
+pub fn removable(owner: u64, own_netns: u64, links: &[TcLink]) -> bool {
+    owner != 0 && owner != own_netns && orphaned(links)
 }
 
 /// Whether a directory entry called `name` is one of the documented pin directories
@@ -69,6 +79,15 @@ pub fn is_tc_link_pin(name: &OsStr) -> bool {
     })
 }
 
+/// Whether the tc link pin called `name` is on loopback.
+fn is_loopback_link_pin(name: &OsStr) -> bool {
+    name.to_str().is_some_and(|name| {
+        loader::TC_LOOPBACK_LINK_PINS
+            .iter()
+            .any(|prefix| name.starts_with(&format!("{prefix}_")))
+    })
+}
+
 /// The owner of the layout at `map_dir` if its pins are [`removable`] by a collector of
 /// `own_netns`; `None` if not, or if there are no pins (or none left: a collector removing
 /// them at its stop) to judge.
@@ -83,17 +102,17 @@ pub fn gone_owner(map_dir: &Path, own_netns: u64) -> anyhow::Result<Option<u64>>
     if owner == 0 || owner == own_netns {
         return Ok(None);
     }
-    let ifindexes = tc_link_ifindexes(&map_dir.join(loader::LINKS_DIR))?;
-    Ok(removable(owner, own_netns, &ifindexes).then_some(owner))
+    let links = tc_links(&map_dir.join(loader::LINKS_DIR))?;
+    Ok(removable(owner, own_netns, &links).then_some(owner))
 }
 
-/// The interface index each tc link pin under `links_dir` reads (0: its device is gone).
-/// A pin of that name that is not a TCX link is an error: the layout cannot be judged.
-fn tc_link_ifindexes(links_dir: &Path) -> anyhow::Result<Vec<u32>> {
+/// What each tc link pin under `links_dir` reads. A pin of that name that is not a TCX link
+/// is an error: the layout cannot be judged.
+fn tc_links(links_dir: &Path) -> anyhow::Result<Vec<TcLink>> {
     if !is_dir(links_dir)? {
         return Ok(Vec::new());
     }
-    let mut ifindexes = Vec::new();
+    let mut links = Vec::new();
     for entry in
         fs::read_dir(links_dir).with_context(|| format!("reading {}", links_dir.display()))?
     {
@@ -114,9 +133,12 @@ fn tc_link_ifindexes(links_dir: &Path) -> anyhow::Result<Vec<u32>> {
         let ifindex = bpf_sys::tcx_link_ifindex(link.as_fd())
             .with_context(|| format!("reading the link {}", path.display()))?
             .with_context(|| format!("{} is not a TCX link", path.display()))?;
-        ifindexes.push(ifindex);
+        links.push(TcLink {
+            loopback: is_loopback_link_pin(&entry.file_name()),
+            ifindex,
+        });
     }
-    Ok(ifindexes)
+    Ok(links)
 }
 
 /// Removes the pins a collector of a namespace that is gone left in the sibling pin
@@ -141,10 +163,8 @@ pub fn reap_siblings(pin_dir: &Path, own_netns: u64) {
         }
     };
     for entry in entries.flatten() {
-        let name = entry.file_name();
         // A directory itself, not a symbolic link to one.
-        if name == own_name
-            || !is_pin_dir_name(&name)
+        if !is_sibling(own_name, &entry.file_name())
             || !entry.file_type().is_ok_and(|kind| kind.is_dir())
         {
             continue;
@@ -208,46 +228,58 @@ fn file_kind(path: &Path, kind: fn(&fs::FileType) -> bool) -> anyhow::Result<boo
     }
 }
 
-/// The sibling pin directories [`reap_siblings`] looks at, of those named `names` beside
-/// the pin directory `own` (for the tests: the same filter without the file system).
-#[cfg(test)]
-fn siblings<'a>(own: &OsStr, names: &'a [&'a str]) -> Vec<&'a str> {
-    if !is_pin_dir_name(own) {
-        return Vec::new();
-    }
-    names
-        .iter()
-        .copied()
-        .filter(|name| OsStr::new(name) != own && is_pin_dir_name(OsStr::new(name)))
-        .collect()
+/// Whether the entry `name` beside the pin directory `own` (itself one of the documented
+/// names) is a sibling pin directory to look at.
+fn is_sibling(own: &OsStr, name: &OsStr) -> bool {
+    name != own && is_pin_dir_name(name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const LO_GONE: TcLink = TcLink {
+        loopback: true,
+        ifindex: 0,
+    };
+    const GONE: TcLink = TcLink {
+        loopback: false,
+        ifindex: 0,
+    };
+    const LIVE: TcLink = TcLink {
+        loopback: false,
+        ifindex: 2,
+    };
+
     #[test]
-    fn orphaned_only_when_some_tc_link_is_pinned_and_every_ones_device_is_gone() {
-        assert!(orphaned(&[0]));
-        assert!(orphaned(&[0, 0, 0]));
-        // No TCX link pins: nothing says the namespace is gone.
+    fn orphaned_only_when_loopbacks_link_and_every_other_read_a_device_gone() {
+        assert!(orphaned(&[LO_GONE]));
+        assert!(orphaned(&[LO_GONE, GONE, GONE]));
+        // No tc link pins: nothing says the namespace is gone.
         assert!(!orphaned(&[]));
-        // One device left (lo, or a physical device moved out of the namespace).
-        assert!(!orphaned(&[0, 1]));
-        assert!(!orphaned(&[1, 0, 0]));
-        assert!(!orphaned(&[3, 4]));
+        // No loopback link: devices deleted in a namespace that may live on.
+        assert!(!orphaned(&[GONE, GONE]));
+        // One device left (a physical one moved out of the namespace).
+        assert!(!orphaned(&[LO_GONE, LIVE]));
+        assert!(!orphaned(&[
+            TcLink {
+                loopback: true,
+                ifindex: 1
+            },
+            GONE
+        ]));
     }
 
     #[test]
     fn only_another_namespaces_orphaned_pins_are_removable() {
         let (own, other) = (7, 9);
-        assert!(removable(other, own, &[0, 0]));
+        assert!(removable(other, own, &[LO_GONE, GONE]));
         // This namespace's: a crashed run here keeps its counters for the next start.
-        assert!(!removable(own, own, &[0, 0]));
+        assert!(!removable(own, own, &[LO_GONE, GONE]));
         // Never claimed, so no links were made by that start.
-        assert!(!removable(0, own, &[0]));
+        assert!(!removable(0, own, &[LO_GONE]));
         assert!(!removable(other, own, &[]));
-        assert!(!removable(other, own, &[0, 2]));
+        assert!(!removable(other, own, &[LO_GONE, LIVE]));
     }
 
     #[test]
@@ -264,17 +296,24 @@ mod tests {
             "cilium",
             "check-probe-12",
         ];
+        let siblings = |own: &str| -> Vec<&str> {
+            names
+                .iter()
+                .copied()
+                .filter(|name| is_sibling(OsStr::new(own), OsStr::new(name)))
+                .collect()
+        };
         assert_eq!(
-            siblings(OsStr::new("collector-0b6d8c1e-uid"), &names),
+            siblings("collector-0b6d8c1e-uid"),
             ["collector", "collector-test-12-3"]
         );
         assert_eq!(
-            siblings(OsStr::new("collector"), &names),
+            siblings("collector"),
             ["collector-0b6d8c1e-uid", "collector-test-12-3"]
         );
-        // A pin directory of another name: no siblings are looked at.
-        assert!(siblings(OsStr::new("metrics"), &names).is_empty());
-        assert!(siblings(OsStr::new("collectors"), &names).is_empty());
+        // A pin directory of another name looks at no siblings at all (`reap_siblings`).
+        assert!(!is_pin_dir_name(OsStr::new("metrics")));
+        assert!(!is_pin_dir_name(OsStr::new("collectors")));
     }
 
     #[test]
@@ -288,6 +327,11 @@ mod tests {
             "stats_floor_loopback_1",
         ] {
             assert!(is_tc_link_pin(OsStr::new(name)), "{name}");
+            assert_eq!(
+                is_loopback_link_pin(OsStr::new(name)),
+                name.contains("loopback"),
+                "{name}"
+            );
         }
         for name in [
             "sock_ops",
