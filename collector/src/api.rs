@@ -542,7 +542,6 @@ mod tests {
         let route = &mut snapshot.routes[0];
         route.last_minute = RouteLastMinute::default();
         route.last_minute.durations[20] = 2;
-        route.last_minute.closed = 2;
         let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
         assert_eq!(json["errorRate"], 0.75);
         assert_eq!(json["cacheStats"]["hits"], 1_000_000);

@@ -688,7 +688,7 @@ pub fn proxy_table(json: &Value) -> String {
     let _ = writeln!(
         out,
         "{:<16} {:<9} {:>8} {:>10} {:>10} {:>9} {:>12} {:>12} {:>10}",
-        "ROUTE", "TYPE", "ACTIVE", "OPENED", "CLOSED", "CONN/S", "IN B/S", "OUT B/S", "P50 S"
+        "ROUTE", "TYPE", "ACTIVE", "OPENED", "CLOSED", "CONN/S", "IN B/S", "OUT B/S", "P50 S 1M"
     );
     for route in json["routes"].as_array().into_iter().flatten() {
         let _ = writeln!(
@@ -1097,7 +1097,7 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         assert!(table.contains("total: 2 active, 5 connections"));
         // Every number ends where its heading does.
         let header = table.lines().next().unwrap();
-        for (heading, value) in [("ACTIVE", " 2"), ("CLOSED", " 3"), ("P50 S", "0.2500")] {
+        for (heading, value) in [("ACTIVE", " 2"), ("CLOSED", " 3"), ("P50 S 1M", "0.2500")] {
             let end = header.find(heading).unwrap() + heading.len();
             assert_eq!(&web[end - value.len()..end], value, "{heading}:\n{table}");
         }

@@ -32,7 +32,6 @@ pub struct RouteSnapshot {
 /// connections that ended then, where the lifetime histogram would give those since the start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteLastMinute {
-    pub closed: u64,
     pub duration_us: u64,
     pub durations: [u64; collector_common::CONN_DURATION_BUCKETS as usize],
 }
@@ -49,7 +48,6 @@ impl RouteLastMinute {
     #[must_use]
     pub fn of(totals: &RouteTotals) -> Self {
         Self {
-            closed: totals.conn.closed,
             duration_us: totals.conn.duration_us,
             durations: totals.durations,
         }
@@ -59,7 +57,6 @@ impl RouteLastMinute {
     #[must_use]
     pub fn since(&self, base: &Self) -> Self {
         Self {
-            closed: self.closed.saturating_sub(base.closed),
             duration_us: self.duration_us.saturating_sub(base.duration_us),
             durations: std::array::from_fn(|i| self.durations[i].saturating_sub(base.durations[i])),
         }
