@@ -12,12 +12,10 @@
 mod support;
 
 use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::UdpSocket,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
-    thread,
     time::Duration,
 };
 
@@ -62,29 +60,6 @@ impl Drop for PinParent {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `count` connections to port 18080 in `netns`, each sending 3 bytes and reading 5.
-fn connections(netns: &Netns, count: usize) {
-    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
-    let server = thread::spawn(move || {
-        for _ in 0..count {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 3];
-            stream.read_exact(&mut buf).unwrap();
-            stream.write_all(b"12345").unwrap();
-        }
-    });
-    netns.run(move || {
-        for _ in 0..count {
-            let mut stream = TcpStream::connect("127.0.0.1:18080").unwrap();
-            stream.write_all(b"abc").unwrap();
-            let mut buf = Vec::new();
-            stream.read_to_end(&mut buf).unwrap();
-            assert_eq!(buf, b"12345");
-        }
-    });
-    server.join().unwrap();
 }
 
 /// The cookie of `netns` (`SO_NETNS_COOKIE`), which the agent records in `PIN_OWNER`.
@@ -209,7 +184,7 @@ fn wait_until_devices_gone(pin_dir: &Path) {
 /// root) and its namespace's cookie.
 fn crashed_collector(config: &AgentConfig, pin_dir: &Path, netns: &Netns) -> (u32, u64) {
     let agent = Agent::start_with(netns, config, &["--pin-dir", pin_dir.to_str().unwrap()]);
-    connections(netns, 3);
+    support::connections_3_in_5_out(netns, 3);
     wait_for_closed(netns, "web", 3);
     let owner = pinned_u64(&pin_dir.join("v1/PIN_OWNER"));
     assert_eq!(owner, netns_cookie(netns));
@@ -290,7 +265,7 @@ fn a_start_over_pins_whose_namespace_is_gone_removes_them_and_counts_from_zero()
         || (!link_exists(sock_ops)).then_some(()),
     );
     assert_eq!(opened(&again), Some(0.0));
-    connections(&again, 2);
+    support::connections_3_in_5_out(&again, 2);
     let metrics = wait_for_closed(&again, "web", 2);
     assert_eq!(
         sample(
@@ -344,7 +319,7 @@ fn a_start_beside_pins_whose_namespace_is_gone_removes_them() {
     );
     // The start itself is a fresh one, and counts.
     assert!(running_line(&log).contains("inherited=false"));
-    connections(&other, 2);
+    support::connections_3_in_5_out(&other, 2);
     wait_for_closed(&other, "web", 2);
     assert!(agent.stop().success());
     assert_no_pins(&own_pins);
@@ -395,7 +370,7 @@ fn a_start_beside_a_crashed_collector_whose_namespace_is_there_leaves_its_pins()
         &restarted_log,
     );
     assert!(running_line(&restarted_log).contains("inherited=true"));
-    connections(&alive, 2);
+    support::connections_3_in_5_out(&alive, 2);
     wait_for_closed(&alive, "web", 5);
     assert_eq!(opened(&alive), Some(5.0));
     for agent in [agent, restarted] {

@@ -21,7 +21,7 @@ fn runs_and_counts_under_ip_netns_exec() {
     let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
     // `ip netns exec` gives the agent a fresh /sys without the host's bpffs and cgroup2.
     let agent = Agent::spawn(&netns, netns.ip_netns_exec(COLLECTOR), &config, &[]);
-    connections(&netns, 5);
+    support::connections_3_in_5_out(&netns, 5);
     let metrics = wait_for_closed(&netns, "web", 5);
     let web = [("route", "web")];
     assert_eq!(
@@ -47,29 +47,6 @@ fn runs_and_counts_under_ip_netns_exec() {
     assert!(agent.stop().success());
 }
 
-/// `count` connections to port 18080 in `netns`, each sending 3 bytes and reading 5.
-fn connections(netns: &Netns, count: usize) {
-    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
-    let server = thread::spawn(move || {
-        for _ in 0..count {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 3];
-            stream.read_exact(&mut buf).unwrap();
-            stream.write_all(b"12345").unwrap();
-        }
-    });
-    netns.run(move || {
-        for _ in 0..count {
-            let mut stream = TcpStream::connect("127.0.0.1:18080").unwrap();
-            stream.write_all(b"abc").unwrap();
-            let mut buf = Vec::new();
-            stream.read_to_end(&mut buf).unwrap();
-            assert_eq!(buf, b"12345");
-        }
-    });
-    server.join().unwrap();
-}
-
 #[test]
 fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_namespaces() {
     // Two sidecars on one node: one config for both, as from one ConfigMap, and a pin
@@ -84,8 +61,8 @@ fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_
     let agents = [(&first, &pin_dirs[0]), (&second, &pin_dirs[1])].map(|(netns, pin_dir)| {
         Agent::start_with(netns, &config, &["--pin-dir", pin_dir.to_str().unwrap()])
     });
-    connections(&first, 3);
-    connections(&second, 5);
+    support::connections_3_in_5_out(&first, 3);
+    support::connections_3_in_5_out(&second, 5);
     for (netns, count) in [(&first, 3), (&second, 5)] {
         let metrics = wait_for_closed(netns, "web", count);
         assert_eq!(
@@ -141,7 +118,7 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     );
     // Untouched: the first namespace's next collector takes them over and counts on.
     let agent = Agent::start(&first, &config);
-    connections(&first, 2);
+    support::connections_3_in_5_out(&first, 2);
     wait_for_closed(&first, "web", 2);
     assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);
@@ -602,10 +579,10 @@ fn a_sighup_changes_nothing_and_the_agent_counts_on() {
     let netns = Netns::new();
     let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
     let agent = Agent::start(&netns, &config);
-    connections(&netns, 2);
+    support::connections_3_in_5_out(&netns, 2);
     wait_for_closed(&netns, "web", 2);
     agent.signal(libc::SIGHUP);
-    connections(&netns, 3);
+    support::connections_3_in_5_out(&netns, 3);
     wait_for_closed(&netns, "web", 5);
     assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);

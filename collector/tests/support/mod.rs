@@ -627,3 +627,26 @@ pub fn pin_plain_array(path: &std::path::Path, value_size: u32, entries: u32) {
     // SAFETY: our fd; the pin keeps the map.
     unsafe { libc::close(i32::try_from(fd).unwrap()) };
 }
+
+/// `count` connections to port 18080 in `netns`, each sending 3 bytes and reading 5.
+pub fn connections_3_in_5_out(netns: &Netns, count: usize) {
+    let listener = netns.run(|| std::net::TcpListener::bind("127.0.0.1:18080").unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..count {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 3];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(b"12345").unwrap();
+        }
+    });
+    netns.run(move || {
+        for _ in 0..count {
+            let mut stream = TcpStream::connect("127.0.0.1:18080").unwrap();
+            stream.write_all(b"abc").unwrap();
+            let mut buf = Vec::new();
+            stream.read_to_end(&mut buf).unwrap();
+            assert_eq!(buf, b"12345");
+        }
+    });
+    server.join().unwrap();
+}
