@@ -223,6 +223,49 @@ fn opened(netns: &Netns) -> Option<f64> {
     )
 }
 
+/// A collector with `pin_dir` killed in a namespace that is then deleted, once its links
+/// read their devices gone: its `sock_ops` link id and its namespace's cookie.
+fn crashed_in_a_namespace_gone(config: &AgentConfig, pin_dir: &Path) -> (u32, u64) {
+    let gone = Netns::new();
+    let crashed = crashed_collector(config, pin_dir, &gone);
+    drop(gone);
+    wait_until_devices_gone(pin_dir);
+    crashed
+}
+
+/// The one warning in `log` that the pins under `dir`, of the namespace `owner`, were
+/// removed as orphaned.
+fn warned_once_of(log: &Path, dir: &Path, owner: u64) -> String {
+    let warned = lines_with(log, "whose network namespace is gone");
+    assert!(
+        warned.len() == 1
+            && warned[0].contains(" WARN ")
+            && warned[0].contains(dir.to_str().unwrap())
+            && warned[0].contains(&format!("cookie {owner}")),
+        "{warned:?}"
+    );
+    warned[0].clone()
+}
+
+/// A collector in `netns` with `pin_dir`, its log written to `log`.
+fn start_with_pins(netns: &Netns, config: &AgentConfig, pin_dir: &Path, log: &Path) -> Agent {
+    Agent::start_logging(
+        netns,
+        config,
+        &["--pin-dir", pin_dir.to_str().unwrap()],
+        log,
+    )
+}
+
+/// Waits until the gone namespace's `sock_ops` link (by id) is off the cgroup root.
+fn wait_released(sock_ops: u32) {
+    wait_for(
+        "the gone namespace's sock_ops link to be released",
+        Duration::from_secs(10),
+        || (!link_exists(sock_ops)).then_some(()),
+    );
+}
+
 #[test]
 fn a_start_over_pins_whose_namespace_is_gone_removes_them_and_counts_from_zero() {
     // A sidecar crashed, and its pod's namespace was made anew: same pod UID, same pin
@@ -231,39 +274,20 @@ fn a_start_over_pins_whose_namespace_is_gone_removes_them_and_counts_from_zero()
     let pins = PinParent::new(&config);
     let pin_dir = pins.pin_dir("collector-pod");
     let logs = ScratchDir::new("orphans-same");
-    let gone = Netns::new();
-    let (sock_ops, old_owner) = crashed_collector(&config, &pin_dir, &gone);
-    drop(gone);
-    wait_until_devices_gone(&pin_dir);
+    let (sock_ops, old_owner) = crashed_in_a_namespace_gone(&config, &pin_dir);
 
     let again = Netns::new();
     let log = logs.path("again.log");
-    let agent = Agent::start_logging(
-        &again,
-        &config,
-        &["--pin-dir", pin_dir.to_str().unwrap()],
-        &log,
-    );
-    let warned = lines_with(&log, "whose network namespace is gone");
-    assert!(
-        warned.len() == 1
-            && warned[0].contains(" WARN ")
-            && warned[0].contains(pin_dir.to_str().unwrap())
-            && warned[0].contains(&format!("cookie {old_owner}"))
-            && warned[0].contains("counters start from zero"),
-        "{warned:?}"
-    );
+    let agent = start_with_pins(&again, &config, &pin_dir, &log);
+    let warned = warned_once_of(&log, &pin_dir, old_owner);
+    assert!(warned.contains("counters start from zero"), "{warned}");
     assert!(running_line(&log).contains("inherited=false"));
     // Fresh pins, this namespace's, and the gone one's sock_ops program off the cgroup root.
     assert_eq!(
         pinned_u64(&pin_dir.join("v1/PIN_OWNER")),
         netns_cookie(&again)
     );
-    wait_for(
-        "the gone namespace's sock_ops link to be released",
-        Duration::from_secs(10),
-        || (!link_exists(sock_ops)).then_some(()),
-    );
+    wait_released(sock_ops);
     assert_eq!(opened(&again), Some(0.0));
     support::connections_3_in_5_out(&again, 2);
     let metrics = wait_for_closed(&again, "web", 2);
@@ -290,33 +314,14 @@ fn a_start_beside_pins_whose_namespace_is_gone_removes_them() {
         pins.pin_dir("collector-own"),
     );
     let logs = ScratchDir::new("orphans-sibling");
-    let gone = Netns::new();
-    let (sock_ops, old_owner) = crashed_collector(&config, &gone_pins, &gone);
-    drop(gone);
-    wait_until_devices_gone(&gone_pins);
+    let (sock_ops, old_owner) = crashed_in_a_namespace_gone(&config, &gone_pins);
 
     let other = Netns::new();
     let log = logs.path("other.log");
-    let agent = Agent::start_logging(
-        &other,
-        &config,
-        &["--pin-dir", own_pins.to_str().unwrap()],
-        &log,
-    );
+    let agent = start_with_pins(&other, &config, &own_pins, &log);
     assert_no_pins(&gone_pins);
-    let warned = lines_with(&log, "whose network namespace is gone");
-    assert!(
-        warned.len() == 1
-            && warned[0].contains(" WARN ")
-            && warned[0].contains(gone_pins.to_str().unwrap())
-            && warned[0].contains(&format!("cookie {old_owner}")),
-        "{warned:?}"
-    );
-    wait_for(
-        "the gone namespace's sock_ops link to be released",
-        Duration::from_secs(10),
-        || (!link_exists(sock_ops)).then_some(()),
-    );
+    warned_once_of(&log, &gone_pins, old_owner);
+    wait_released(sock_ops);
     // The start itself is a fresh one, and counts.
     assert!(running_line(&log).contains("inherited=false"));
     support::connections_3_in_5_out(&other, 2);
@@ -342,12 +347,7 @@ fn a_start_beside_a_crashed_collector_whose_namespace_is_there_leaves_its_pins()
 
     let other = Netns::new();
     let log = logs.path("other.log");
-    let agent = Agent::start_logging(
-        &other,
-        &config,
-        &["--pin-dir", own_pins.to_str().unwrap()],
-        &log,
-    );
+    let agent = start_with_pins(&other, &config, &own_pins, &log);
     assert!(
         lines_with(&log, &crashed_pins.display().to_string()).is_empty(),
         "{}",
