@@ -368,12 +368,7 @@ fn a_stop_detaches_even_while_a_stream_reader_has_stopped_reading() {
         let address: std::net::SocketAddr = LISTEN.parse().unwrap();
         socket.connect(&address.into()).unwrap();
         let mut stream = TcpStream::from(socket);
-        stream
-            .write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: c\r\n\r\n")
-            .unwrap();
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).unwrap();
-        assert_eq!(&head, b"HTTP/1.1 200");
+        ask_for_events(&mut stream);
         stream
     });
     // Two events each, about 10 MB of lines: more than the buffers on the way hold.
@@ -447,12 +442,7 @@ fn an_idle_stream_carries_heartbeats_and_the_agents_socket_times_out_unacknowled
     // No traffic on the routes and no DNS: nothing to stream but heartbeats.
     let stream = netns.run(|| {
         let mut stream = TcpStream::connect(LISTEN).unwrap();
-        stream
-            .write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: c\r\n\r\n")
-            .unwrap();
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).unwrap();
-        assert_eq!(&head, b"HTTP/1.1 200");
+        ask_for_events(&mut stream);
         stream
     });
     // A reader lost without a word leaves the heartbeat unacknowledged, and the kernel then
@@ -490,4 +480,14 @@ fn an_idle_stream_carries_heartbeats_and_the_agents_socket_times_out_unacknowled
     assert!((sent..=wall_ms()).contains(&stamped), "{line}");
     drop(stream);
     assert!(agent.stop().success());
+}
+
+/// Asks for the event stream on `stream`, and reads the answer's status: 200.
+fn ask_for_events(stream: &mut TcpStream) {
+    stream
+        .write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: c\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
 }
