@@ -69,7 +69,9 @@ pub struct HttpConfig {
     /// Connections open at once. At the cap, a new connection closes the one that has
     /// waited longest for a request's header, or is closed itself if every one is busy.
     pub max_connections: usize,
-    /// Connections open at once from one address; more from it are closed as they come.
+    /// Connections open at once from one address. At the cap, a new one from it closes its
+    /// connection that has waited longest for a request's header, or is closed itself if
+    /// every one of them is busy.
     pub max_connections_per_address: usize,
 }
 

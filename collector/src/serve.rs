@@ -6,9 +6,10 @@
 //! instead of the time limit, so that tails of the stream never crowd out scrapes. Over a
 //! limit, 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
 //! carry no credentials and must be answered under load. Below that, connections are capped
-//! in all and per address, and must send their headers in time (see [`serve`]); at the cap in
-//! all, a new connection closes the one that has waited longest for a request, so that idle
-//! connections cannot keep the probes out. TLS, when configured, is in `tls`.
+//! in all and per address, and must send their headers in time (see [`serve`]); at a cap, a
+//! new connection closes the one that has waited longest for a request (at the cap per
+//! address, of its own address), so that idle connections cannot keep the probes out. TLS,
+//! when configured, is in `tls`.
 
 use std::{
     collections::HashMap,
@@ -247,9 +248,10 @@ const UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// Serves, over TLS when `tls` is given, until `shutdown` resolves. Each connection runs on
 /// its own task, its TLS handshake included, so that a slow or silent client holds up no
-/// one else. Connections are capped in all and per address (`guard.connections`); at the
-/// cap in all, a new connection closes the one that has waited longest for a request, and
-/// is refused only when every one is in a request.
+/// one else. Connections are capped in all and per address (`guard.connections`); at a cap,
+/// a new connection closes the one that has waited longest for a request (at the cap per
+/// address, of its own address), and is refused only when every one of those is in a
+/// request.
 pub async fn serve(
     mut listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -416,26 +418,25 @@ impl Admission {
         self.clock
     }
 
-    /// A place for a new connection from `address`: refused over the address's cap; at the
-    /// cap in all, taken from the connection idle longest, which is told to close, or refused
-    /// if every connection is in a request.
+    /// A place for a new connection from `address`. At the address's cap, taken from that
+    /// address's connection idle longest; at the cap in all, from the connection idle
+    /// longest. The one taken from is told to close; with none idle, the new connection is
+    /// refused.
     fn admit(admission: &Arc<Mutex<Self>>, address: IpAddr) -> Option<Ticket> {
         let mut open = admission.lock().unwrap_or_else(PoisonError::into_inner);
         let from_address = open.by_address.get(&address).copied().unwrap_or(0);
-        if from_address >= open.limits.per_address {
-            return None;
-        }
-        if open.open.len() >= open.limits.total {
-            // A scan, not an ordered index: at most `max_connections`, and only at the cap.
-            let idlest = open
-                .open
-                .iter()
-                .filter(|(_, connection)| connection.requests == 0)
-                .min_by_key(|(_, connection)| connection.idle_since)
-                .map(|(id, _)| *id)?;
-            if let Some(closed) = open.forget(idlest) {
-                closed.close.notify_one();
-            }
+        // A scan, not an ordered index: at most `max_connections`, and only at a cap.
+        let taken = if from_address >= open.limits.per_address {
+            // Not refused outright: the kubelet's probes come from the node's address, as does
+            // everything else a hostNetwork pod or process on the node opens.
+            Some(open.idlest(|connection| connection.address == address)?)
+        } else if open.open.len() >= open.limits.total {
+            Some(open.idlest(|_| true)?)
+        } else {
+            None
+        };
+        if let Some(closed) = taken.and_then(|id| open.forget(id)) {
+            closed.close.notify_one();
         }
         let id = open.tick();
         let close = Arc::new(tokio::sync::Notify::new());
@@ -456,6 +457,16 @@ impl Admission {
             },
             close,
         })
+    }
+
+    /// Of the connections `among` picks, the one that has waited longest for a request; none
+    /// if every one of them is in a request.
+    fn idlest(&self, among: impl Fn(&Open) -> bool) -> Option<u64> {
+        self.open
+            .iter()
+            .filter(|(_, connection)| connection.requests == 0 && among(connection))
+            .min_by_key(|(_, connection)| connection.idle_since)
+            .map(|(id, _)| *id)
     }
 
     /// Gives a connection's place back.
@@ -542,5 +553,71 @@ pub fn bind_advice(addr: SocketAddr, err: &std::io::Error) -> String {
         "ports below 1024 need CAP_NET_BIND_SERVICE; choose another".to_owned()
     } else {
         "choose another address with `listen` or --listen".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt as _;
+
+    use super::*;
+
+    fn admission(total: usize, per_address: usize) -> Arc<Mutex<Admission>> {
+        Arc::new(Mutex::new(Admission::new(ConnectionLimits {
+            total,
+            per_address,
+        })))
+    }
+
+    fn address(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    fn admit(admission: &Arc<Mutex<Admission>>, from: IpAddr) -> Ticket {
+        Admission::admit(admission, from).expect("admitted")
+    }
+
+    /// Whether `ticket`'s connection lost its place and was told to close.
+    fn told_to_close(ticket: &Ticket) -> bool {
+        let gone = !ticket.place.lock().open.contains_key(&ticket.place.id);
+        let told = ticket.closed().now_or_never().is_some();
+        assert_eq!(
+            gone, told,
+            "a place given away without telling its connection"
+        );
+        gone
+    }
+
+    #[test]
+    fn at_an_addresss_cap_its_own_idlest_connection_gives_way() {
+        let admission = admission(16, 3);
+        let node = address(1);
+        // Idle longer than any of the node's, but from elsewhere: not the node's to close.
+        let elsewhere = admit(&admission, address(2));
+        let [scrape, silent, probe] = [(); 3].map(|()| admit(&admission, node));
+        let _scraping = scrape.place().busy();
+        // The probe from the node's address: its idlest connection not in a request gives way.
+        let next = admit(&admission, node);
+        assert!(told_to_close(&silent));
+        assert!(
+            ![&elsewhere, &scrape, &probe, &next]
+                .into_iter()
+                .any(told_to_close)
+        );
+        // Every one of the node's in a request: the new one is refused, and no one is closed.
+        let busy = [probe.place().busy(), next.place().busy()];
+        assert!(Admission::admit(&admission, node).is_none());
+        assert!(
+            ![&elsewhere, &scrape, &probe, &next]
+                .into_iter()
+                .any(told_to_close)
+        );
+        // Others are not held to the node's cap.
+        let _other = admit(&admission, address(3));
+        // The first of them to fall idle is the next to give way.
+        drop(busy);
+        let _last = admit(&admission, node);
+        assert!(told_to_close(&probe));
+        assert!(![&elsewhere, &scrape, &next].into_iter().any(told_to_close));
     }
 }

@@ -485,19 +485,70 @@ fn silent_connections_from_one_address_leave_everyone_else_served() {
     // Everyone else is served meanwhile: the kubelet's probe, a scrape.
     assert_eq!(curl(&netns, &cert, "/healthz", None).0, 200);
     assert_eq!(curl(&netns, &cert, "/metrics", None).0, 200);
-    // Those beyond its share are closed at once; the rest wait for their handshake, until
-    // its 10 s time limit closes them too (on a machine slow enough to get there).
+    // Each one beyond its share closes its oldest at once; the rest wait for their handshake,
+    // until its 10 s time limit closes them too (on a machine slow enough to get there).
     wait_for(
-        "the connections over the cap to be closed",
+        "its oldest connections to be closed",
         Duration::from_secs(5),
         || {
-            let closed = silent.iter().filter(|stream| closed(stream)).count();
+            let (oldest, newest) = silent.split_at(SILENT - PER_ADDRESS);
             let handshakes_timed_out = opened.elapsed() >= Duration::from_secs(10);
-            (closed == SILENT - PER_ADDRESS || handshakes_timed_out && closed == SILENT)
+            (oldest.iter().all(closed) && (handshakes_timed_out || !newest.iter().any(closed)))
                 .then_some(())
         },
     );
     drop(silent);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn silent_connections_from_the_probes_own_address_give_way_to_them() {
+    // The agent's default cap per address (`[http] max_connections_per_address`).
+    const PER_ADDRESS: usize = 64;
+    let netns = Netns::new();
+    let scratch = ScratchDir::new("silent-node");
+    let (cert, key) = self_signed(&scratch.0, "silent");
+    let config = AgentConfig::new(&format!(
+        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
+    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
+        curl(&netns, &cert, "/readyz", None).0 == 200
+    });
+    // With hostNetwork the kubelet's probes come from the node's address, as does everything
+    // any other process on the node opens: here 127.0.0.1, curl's address too. Its whole share
+    // taken by connections that never start a handshake, opened one at a time in this order.
+    let opened = std::time::Instant::now();
+    let silent: Vec<TcpStream> = (0..PER_ADDRESS)
+        .map(|_| netns.run(|| silent_from("127.0.0.1")))
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    assert!(!silent.iter().any(closed), "closed below the cap");
+    // The probe takes the place of the oldest of them.
+    assert_eq!(curl(&netns, &cert, "/healthz", None).0, 200);
+    wait_for(
+        "the oldest silent connection to close",
+        Duration::from_secs(5),
+        || closed(&silent[0]).then_some(()),
+    );
+    // Once more, at the cap again: the next oldest goes.
+    let refill = netns.run(|| silent_from("127.0.0.1"));
+    thread::sleep(Duration::from_millis(20));
+    assert_eq!(curl(&netns, &cert, "/readyz", None).0, 200);
+    wait_for(
+        "the next oldest silent connection to close",
+        Duration::from_secs(5),
+        || closed(&silent[1]).then_some(()),
+    );
+    // The others are left alone (unless their handshake's 10 s ran out meanwhile).
+    if opened.elapsed() < Duration::from_secs(8) {
+        assert!(
+            !silent[2..].iter().chain([&refill]).any(closed),
+            "connections wrongly closed"
+        );
+    }
+    drop((silent, refill));
     assert!(agent.stop().success());
 }
 
@@ -575,12 +626,12 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
         })
         .collect();
     assert_eq!(silent.len() + 1, TOTAL);
-    // One more from an address at its cap is closed at once, and takes no one's place.
+    // One more from an address at its cap takes the place of that address's oldest.
     let over = netns.run(|| silent_from("127.0.0.2"));
     wait_for(
-        "the connection over its address's cap to close",
+        "the oldest connection of the full address to close",
         Duration::from_secs(5),
-        || closed(&over).then_some(()),
+        || closed(&silent[0]).then_some(()),
     );
 
     // The kubelet's probe gets the place of the connection that has waited longest.
@@ -588,7 +639,7 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     wait_for(
         "the oldest silent connection to close",
         Duration::from_secs(5),
-        || closed(&silent[0]).then_some(()),
+        || closed(&silent[1]).then_some(()),
     );
     // Once more, at the cap again: the next oldest goes.
     let refill = netns.run(|| silent_from("127.0.0.5"));
@@ -597,14 +648,14 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     wait_for(
         "the next oldest silent connection to close",
         Duration::from_secs(5),
-        || closed(&silent[1]).then_some(()),
+        || closed(&silent[2]).then_some(()),
     );
     // The rest are left alone (unless their handshake's time ran out meanwhile, on a
     // machine slow enough to get there), and the stream goes on.
     if opened.elapsed() < WITHIN_HANDSHAKE_LIMIT {
-        let open = silent[2..]
+        let open = silent[3..]
             .iter()
-            .chain([&refill])
+            .chain([&over, &refill])
             .filter(|s| !closed(s))
             .count();
         assert_eq!(open, silent.len() - 1, "connections wrongly closed");
