@@ -67,7 +67,8 @@ pub struct HttpConfig {
     /// Longest time a request may take (event streams excepted); then 503.
     pub request_timeout: Duration,
     /// Connections open at once. At the cap, a new connection closes the one that has
-    /// waited longest for a request's header, or is closed itself if every one is busy.
+    /// waited longest for a request's header of the address holding the most, or is closed
+    /// itself if every one is busy.
     pub max_connections: usize,
     /// Connections open at once from one address. At the cap, a new one from it closes its
     /// connection that has waited longest for a request's header, or is closed itself if

@@ -7,9 +7,9 @@
 //! limit, 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
 //! carry no credentials and must be answered under load. Below that, connections are capped
 //! in all and per address, and must send their headers in time (see [`serve`]); at a cap, a
-//! new connection closes the one that has waited longest for a request (at the cap per
-//! address, of its own address), so that idle connections cannot keep the probes out. TLS,
-//! when configured, is in `tls`.
+//! new connection closes the one that has waited longest for a request (at the cap in all, of
+//! the address holding the most; per address, of its own), so that idle connections cannot
+//! keep the probes out. TLS, when configured, is in `tls`.
 
 use std::{
     collections::HashMap,
@@ -249,9 +249,9 @@ const UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_mins(1);
 /// Serves, over TLS when `tls` is given, until `shutdown` resolves. Each connection runs on
 /// its own task, its TLS handshake included, so that a slow or silent client holds up no
 /// one else. Connections are capped in all and per address (`guard.connections`); at a cap,
-/// a new connection closes the one that has waited longest for a request (at the cap per
-/// address, of its own address), and is refused only when every one of those is in a
-/// request.
+/// a new connection closes the one that has waited longest for a request (at the cap in
+/// all, of the address holding the most; per address, of its own), and is refused only when
+/// every one of those is in a request.
 pub async fn serve(
     mut listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -420,8 +420,8 @@ impl Admission {
 
     /// A place for a new connection from `address`. At the address's cap, taken from that
     /// address's connection idle longest; at the cap in all, from the connection idle
-    /// longest. The one taken from is told to close; with none idle, the new connection is
-    /// refused.
+    /// longest of the address holding the most. The one taken from is told to close; with
+    /// none idle, the new connection is refused.
     fn admit(admission: &Arc<Mutex<Self>>, address: IpAddr) -> Option<Ticket> {
         let mut open = admission.lock().unwrap_or_else(PoisonError::into_inner);
         let from_address = open.by_address.get(&address).copied().unwrap_or(0);
@@ -431,7 +431,7 @@ impl Admission {
             // everything else a hostNetwork pod or process on the node opens.
             Some(open.idlest(|connection| connection.address == address)?)
         } else if open.open.len() >= open.limits.total {
-            Some(open.idlest(|_| true)?)
+            Some(open.idlest_of_the_most_held()?)
         } else {
             None
         };
@@ -466,6 +466,21 @@ impl Admission {
             .iter()
             .filter(|(_, connection)| connection.requests == 0 && among(connection))
             .min_by_key(|(_, connection)| connection.idle_since)
+            .map(|(id, _)| *id)
+    }
+
+    /// The connection that has waited longest for a request of the address holding the most
+    /// connections (of those with one not in a request), the longest idle overall of
+    /// addresses holding as many: a flood from a few addresses closes its own first, not a
+    /// probe's or a scrape's older connection.
+    fn idlest_of_the_most_held(&self) -> Option<u64> {
+        self.open
+            .iter()
+            .filter(|(_, connection)| connection.requests == 0)
+            .max_by_key(|(_, connection)| {
+                let held = self.by_address.get(&connection.address).copied();
+                (held, std::cmp::Reverse(connection.idle_since))
+            })
             .map(|(id, _)| *id)
     }
 
@@ -577,7 +592,8 @@ mod tests {
         Admission::admit(admission, from).expect("admitted")
     }
 
-    /// Whether `ticket`'s connection lost its place and was told to close.
+    /// Whether `ticket`'s connection lost its place and was told to close (asked once: the
+    /// answer takes the notification).
     fn told_to_close(ticket: &Ticket) -> bool {
         let gone = !ticket.place.lock().open.contains_key(&ticket.place.id);
         let told = ticket.closed().now_or_never().is_some();
@@ -619,5 +635,35 @@ mod tests {
         let _last = admit(&admission, node);
         assert!(told_to_close(&probe));
         assert!(![&elsewhere, &scrape, &next].into_iter().any(told_to_close));
+    }
+
+    #[test]
+    fn at_the_cap_in_all_the_address_holding_most_gives_way() {
+        let admission = admission(6, 6);
+        let (node, flood, other, new) = (address(1), address(2), address(3), address(4));
+        // The probe's connection, between two probes (or in its TLS handshake): idle longest.
+        let probe = admit(&admission, node);
+        let flooding = [(); 3].map(|()| admit(&admission, flood));
+        let others = [(); 2].map(|()| admit(&admission, other));
+        // The flood's own connection goes, not the probe's older one.
+        let first = admit(&admission, new);
+        assert!(told_to_close(&flooding[0]));
+        // Two addresses holding two each: the longer idle of theirs goes.
+        let second = admit(&admission, new);
+        assert!(told_to_close(&flooding[1]));
+        assert!(
+            ![&flooding[2], &others[0], &others[1]]
+                .into_iter()
+                .any(told_to_close)
+        );
+        // Of the addresses holding two, the one with a connection not in a request gives way.
+        let _busy = others.each_ref().map(|ticket| ticket.place().busy());
+        let _third = admit(&admission, address(5));
+        assert!(told_to_close(&first));
+        assert!(
+            ![&probe, &flooding[2], &others[0], &others[1], &second]
+                .into_iter()
+                .any(told_to_close)
+        );
     }
 }

@@ -578,7 +578,7 @@ fn closed(mut stream: &TcpStream) -> bool {
 fn silent_connections_filling_every_place_give_way_to_the_probes() {
     // Small caps, so that a few connections fill them.
     const TOTAL: usize = 8;
-    const PER_ADDRESS: usize = 2;
+    const PER_ADDRESS: usize = 3;
     // Well within the agent's 10 s for a TLS handshake, after which the silent connections
     // are closed anyway.
     const WITHIN_HANDSHAKE_LIMIT: Duration = Duration::from_secs(8);
@@ -611,12 +611,18 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
             .then_some(())
     });
 
+    // Someone else's connection in its TLS handshake (a scrape's, say), from an address of
+    // its own: of all the silent connections, the one that has waited longest.
+    let opened = std::time::Instant::now();
+    let bystander = netns.run(|| silent_from("127.0.0.3"));
+    thread::sleep(Duration::from_millis(20));
     // Every other place taken by connections that never start a handshake, from several
     // addresses, each at its own cap or below.
-    let opened = std::time::Instant::now();
-    let addresses = ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]
-        .into_iter()
-        .chain(["127.0.0.4", "127.0.0.4", "127.0.0.5"]);
+    let addresses = ["127.0.0.2", "127.0.0.2", "127.0.0.2"].into_iter().chain([
+        "127.0.0.4",
+        "127.0.0.4",
+        "127.0.0.5",
+    ]);
     let silent: Vec<TcpStream> = addresses
         .map(|own| {
             // One at a time, so that the agent has them in this order.
@@ -625,7 +631,7 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
             stream
         })
         .collect();
-    assert_eq!(silent.len() + 1, TOTAL);
+    assert_eq!(silent.len() + 2, TOTAL);
     // One more from an address at its cap takes the place of that address's oldest.
     let over = netns.run(|| silent_from("127.0.0.2"));
     wait_for(
@@ -634,25 +640,28 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
         || closed(&silent[0]).then_some(()),
     );
 
-    // The kubelet's probe gets the place of the connection that has waited longest.
+    // The kubelet's probe gets the place of the oldest connection of the address holding
+    // the most (127.0.0.2, three), not the bystander's older one.
     assert_eq!(curl(&netns, &cert, "/healthz", None).0, 200);
     wait_for(
-        "the oldest silent connection to close",
+        "the oldest connection of the address holding the most to close",
         Duration::from_secs(5),
         || closed(&silent[1]).then_some(()),
     );
-    // Once more, at the cap again: the next oldest goes.
+    // Once more, at the cap again, with three addresses holding two each: the oldest of
+    // their connections goes.
     let refill = netns.run(|| silent_from("127.0.0.5"));
     thread::sleep(Duration::from_millis(20));
     assert_eq!(curl(&netns, &cert, "/readyz", None).0, 200);
     wait_for(
-        "the next oldest silent connection to close",
+        "the oldest connection of the addresses holding the most to close",
         Duration::from_secs(5),
         || closed(&silent[2]).then_some(()),
     );
-    // The rest are left alone (unless their handshake's time ran out meanwhile, on a
-    // machine slow enough to get there), and the stream goes on.
+    // The rest, the bystander first, are left alone (unless their handshake's time ran out
+    // meanwhile, on a machine slow enough to get there), and the stream goes on.
     if opened.elapsed() < WITHIN_HANDSHAKE_LIMIT {
+        assert!(!closed(&bystander), "the bystander's connection was closed");
         let open = silent[3..]
             .iter()
             .chain([&over, &refill])
@@ -662,6 +671,6 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     }
     assert!(stream.try_wait().is_none(), "the event stream was closed");
     drop(stream);
-    drop((silent, over, refill));
+    drop((bystander, silent, over, refill));
     assert!(agent.stop().success());
 }
