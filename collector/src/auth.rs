@@ -5,10 +5,11 @@
 //! Users come from an htpasswd file (`htpasswd -B -c FILE USER`) and only bcrypt hashes are
 //! accepted: a leaked file must not give the passwords away. A bcrypt check costs tens of
 //! milliseconds by design, so it runs off the async workers, at most
-//! [`PASSWORD_CHECKS_AT_ONCE`] at a time (more wait their turn): wrong passwords, which are
-//! never remembered, cannot take more than that many CPUs from the proxy on the same host.
-//! The last password that passed for each user is remembered: a scrape every 15 s pays for
-//! it once, and does not wait behind the checks of wrong ones.
+//! [`PASSWORD_CHECKS_AT_ONCE`] at a time (more wait their turn, for as long as they are
+//! given): wrong passwords, which are never remembered, cannot take more than that many CPUs
+//! from the proxy on the same host. The last password that passed for each user is
+//! remembered: a scrape every 15 s pays for it once, and is then judged at once, like a
+//! token, without waiting behind the checks of wrong ones ([`Credentials::judge`]).
 //!
 //! Both files are read again when their modification time changes, as the TLS files are: a
 //! rotated Secret must not leave every scrape refused until a restart, which would reset the
@@ -18,6 +19,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -41,11 +43,14 @@ pub struct Credentials {
 /// The turns to run a bcrypt check.
 struct PasswordChecks {
     turns: Arc<tokio::sync::Semaphore>,
-    /// Checks running now and the most ever at once, for the tests.
+    /// Checks running now and the most ever at once, and checks waiting for a turn, for the
+    /// tests.
     #[cfg(test)]
     running: std::sync::atomic::AtomicUsize,
     #[cfg(test)]
     most: std::sync::atomic::AtomicUsize,
+    #[cfg(test)]
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for PasswordChecks {
@@ -56,14 +61,20 @@ impl Default for PasswordChecks {
             running: std::sync::atomic::AtomicUsize::new(0),
             #[cfg(test)]
             most: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
 
 impl PasswordChecks {
-    /// A turn to run a check, once one is free; `None` if the turns are closed (never).
-    async fn turn(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        Arc::clone(&self.turns).acquire_owned().await.ok()
+    /// A turn to run a check, once one is free; `None` if none is free `within` (or the
+    /// turns are closed, which they never are).
+    async fn turn(&self, within: Duration) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        #[cfg(test)]
+        let _counted = Counted::new(&self.waiting);
+        let turn = Arc::clone(&self.turns).acquire_owned();
+        tokio::time::timeout(within, turn).await.ok()?.ok()
     }
 
     /// Whether `password` matches the bcrypt `hash`, checked in `turn`; `None` if the check
@@ -100,6 +111,25 @@ impl PasswordChecks {
         let now = self.running.fetch_add(1, SeqCst) + 1;
         self.most.fetch_max(now, SeqCst);
         Running(self)
+    }
+}
+
+/// Counts one up while it lives, for the tests.
+#[cfg(test)]
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl<'a> Counted<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+#[cfg(test)]
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -151,6 +181,36 @@ impl<T> SecretFile<T> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Challenge(pub &'static str);
 
+/// What the credentials a request carries come to, judged at once.
+#[must_use]
+pub enum Judgement {
+    /// No credentials required, a valid token, or the password that last passed.
+    Admitted,
+    /// Nothing that could pass.
+    Refused(Challenge),
+    /// A real user's password that only a bcrypt check can tell.
+    Check(PasswordCheck),
+}
+
+/// A real user's password to check against its bcrypt hash ([`PasswordCheck::run`]).
+pub struct PasswordCheck {
+    users: Arc<Users>,
+    checks: Arc<PasswordChecks>,
+    user: String,
+    password: String,
+    hash: String,
+    challenge: Challenge,
+}
+
+/// Why a password check did not admit its request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CheckRefused {
+    /// The password is wrong.
+    Wrong(Challenge),
+    /// No turn to check it came in the time given.
+    NoTurn,
+}
+
 impl Credentials {
     /// Reads the token and user files the config names.
     pub fn from_config(http: &HttpConfig) -> anyhow::Result<Self> {
@@ -175,10 +235,12 @@ impl Credentials {
         self.token.is_some() || self.users.is_some()
     }
 
-    /// Admits a request that carries a valid bearer token or basic-auth user and password.
-    pub async fn admit(&self, headers: &HeaderMap) -> Result<(), Challenge> {
+    /// Judges a request's credentials without a bcrypt check: a bearer token, a user unknown
+    /// or malformed, and a user's password that passed last time are told at once; any other
+    /// password of a real user needs its check.
+    pub fn judge(&self, headers: &HeaderMap) -> Judgement {
         if !self.required() {
-            return Ok(());
+            return Judgement::Admitted;
         }
         let given = headers
             .get(header::AUTHORIZATION)
@@ -187,56 +249,87 @@ impl Credentials {
             (&self.token, given.and_then(|v| v.strip_prefix("Bearer ")))
             && same_secret(given.as_bytes(), token.current().as_bytes())
         {
-            return Ok(());
+            return Judgement::Admitted;
         }
-        if let (Some(users), Some(given)) =
-            (&self.users, given.and_then(|v| v.strip_prefix("Basic ")))
-            && let Some((user, password)) = decode_basic(given)
-            && users.current().check(&self.checks, user, password).await
-        {
-            return Ok(());
-        }
-        Err(Challenge(match (&self.token, &self.users) {
+        let challenge = Challenge(match (&self.token, &self.users) {
             (Some(_), Some(_)) => "Basic realm=\"collector\", Bearer",
             (None, Some(_)) => "Basic realm=\"collector\"",
             _ => "Bearer",
-        }))
+        });
+        if let (Some(users), Some(given)) =
+            (&self.users, given.and_then(|v| v.strip_prefix("Basic ")))
+            && let Some((user, password)) = decode_basic(given)
+        {
+            let users = users.current();
+            if let Some(hash) = users.hashes.get(&user).cloned() {
+                if users.remembered(&user, &password) {
+                    return Judgement::Admitted;
+                }
+                return Judgement::Check(PasswordCheck {
+                    users,
+                    checks: Arc::clone(&self.checks),
+                    user,
+                    password,
+                    hash,
+                    challenge,
+                });
+            }
+        }
+        Judgement::Refused(challenge)
+    }
+
+    /// Holds every turn to run a bcrypt check until the result is dropped, for the tests.
+    #[cfg(test)]
+    pub fn hold_password_turns(&self) -> tokio::sync::OwnedSemaphorePermit {
+        let turns = u32::try_from(PASSWORD_CHECKS_AT_ONCE).unwrap();
+        Arc::clone(&self.checks.turns)
+            .try_acquire_many_owned(turns)
+            .unwrap()
+    }
+
+    /// Password checks waiting for a turn now, for the tests.
+    #[cfg(test)]
+    pub fn password_checks_waiting(&self) -> usize {
+        self.checks
+            .waiting
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
-impl Users {
-    async fn check(
-        self: Arc<Self>,
-        checks: &Arc<PasswordChecks>,
-        user: String,
-        password: String,
-    ) -> bool {
-        let Some(hash) = self.hashes.get(&user).cloned() else {
-            return false;
-        };
-        if self.remembered(&user, &password) {
-            return true;
-        }
-        let Some(turn) = checks.turn().await else {
-            return false;
-        };
+impl PasswordCheck {
+    /// Runs the check once a turn is free, waiting at most `within` for one. The password
+    /// is remembered for its user if it matches.
+    pub async fn run(self, within: Duration) -> Result<(), CheckRefused> {
+        let Self {
+            users,
+            checks,
+            user,
+            password,
+            hash,
+            challenge,
+        } = self;
+        let turn = checks.turn(within).await.ok_or(CheckRefused::NoTurn)?;
         // The same password may have passed while this request waited for its turn.
-        if self.remembered(&user, &password) {
-            return true;
+        if users.remembered(&user, &password) {
+            return Ok(());
         }
         let matches = checks
             .verify(turn, password.clone(), hash)
             .await
             .unwrap_or(false);
-        if matches {
-            self.verified
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(user, password);
+        if !matches {
+            return Err(CheckRefused::Wrong(challenge));
         }
-        matches
+        users
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(user, password);
+        Ok(())
     }
+}
 
+impl Users {
     /// Whether `password` is the last that matched `user`'s hash.
     fn remembered(&self, user: &str, password: &str) -> bool {
         self.verified
@@ -362,7 +455,7 @@ mod tests {
     #[tokio::test]
     async fn without_credentials_configured_everyone_is_admitted() {
         assert_eq!(
-            Credentials::default().admit(&HeaderMap::new()).await,
+            admit(&Credentials::default(), &HeaderMap::new()).await,
             Ok(())
         );
     }
@@ -416,6 +509,63 @@ mod tests {
         with(&format!("Basic {}", STANDARD.encode(user_password)))
     }
 
+    /// What a request with `headers` comes to, given all the time it takes for a turn.
+    async fn admit(credentials: &Credentials, headers: &HeaderMap) -> Result<(), Challenge> {
+        match credentials.judge(headers) {
+            Judgement::Admitted => Ok(()),
+            Judgement::Refused(challenge) => Err(challenge),
+            Judgement::Check(check) => match check.run(Duration::from_mins(10)).await {
+                Ok(()) => Ok(()),
+                Err(CheckRefused::Wrong(challenge)) => Err(challenge),
+                Err(CheckRefused::NoTurn) => panic!("no turn to check a password in 10 minutes"),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_and_remembered_passwords_need_no_turn_and_others_wait_for_one_in_time() {
+        let scratch = Scratch::new("no-turn");
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let credentials = Credentials::from_config(&config(
+            Some(scratch.write("token", "tok\n", 1)),
+            Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
+        ))
+        .unwrap();
+        assert_eq!(admit(&credentials, &basic("u:pw")).await, Ok(()));
+        let held = credentials.hold_password_turns();
+        // Judged at once, with every turn taken.
+        assert!(matches!(
+            credentials.judge(&basic("u:pw")),
+            Judgement::Admitted
+        ));
+        assert!(matches!(
+            credentials.judge(&with("Bearer tok")),
+            Judgement::Admitted
+        ));
+        for refused in [basic("x:pw"), with("Bearer nope"), HeaderMap::new()] {
+            assert!(matches!(
+                credentials.judge(&refused),
+                Judgement::Refused(Challenge("Basic realm=\"collector\", Bearer"))
+            ));
+        }
+        // Another password waits for a turn, and is refused as busy when none comes in time.
+        let Judgement::Check(check) = credentials.judge(&basic("u:other")) else {
+            panic!("a password that never passed judged without a check");
+        };
+        assert_eq!(
+            check.run(Duration::from_millis(100)).await,
+            Err(CheckRefused::NoTurn)
+        );
+        drop(held);
+        let Judgement::Check(check) = credentials.judge(&basic("u:other")) else {
+            panic!("a password that never passed judged without a check");
+        };
+        assert!(matches!(
+            check.run(Duration::from_mins(10)).await,
+            Err(CheckRefused::Wrong(_))
+        ));
+    }
+
     #[tokio::test]
     async fn basic_and_bearer_each_admit() {
         let scratch = Scratch::new("both");
@@ -425,16 +575,16 @@ mod tests {
             Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
         ))
         .unwrap();
-        assert_eq!(credentials.admit(&with("Bearer tok")).await, Ok(()));
-        assert!(credentials.admit(&with("Bearer nope")).await.is_err());
+        assert_eq!(admit(&credentials, &with("Bearer tok")).await, Ok(()));
+        assert!(admit(&credentials, &with("Bearer nope")).await.is_err());
         // Twice: the second is answered from the remembered password.
-        assert_eq!(credentials.admit(&basic("u:pw")).await, Ok(()));
-        assert_eq!(credentials.admit(&basic("u:pw")).await, Ok(()));
-        assert!(credentials.admit(&basic("u:wrong")).await.is_err());
-        assert!(credentials.admit(&basic("x:pw")).await.is_err());
-        assert!(credentials.admit(&with("Basic !!!")).await.is_err());
+        assert_eq!(admit(&credentials, &basic("u:pw")).await, Ok(()));
+        assert_eq!(admit(&credentials, &basic("u:pw")).await, Ok(()));
+        assert!(admit(&credentials, &basic("u:wrong")).await.is_err());
+        assert!(admit(&credentials, &basic("x:pw")).await.is_err());
+        assert!(admit(&credentials, &with("Basic !!!")).await.is_err());
         assert_eq!(
-            credentials.admit(&HeaderMap::new()).await,
+            admit(&credentials, &HeaderMap::new()).await,
             Err(Challenge("Basic realm=\"collector\", Bearer"))
         );
     }
@@ -455,7 +605,7 @@ mod tests {
             .map(|attempt| {
                 let credentials = credentials.clone();
                 let given = if attempt % 4 == 3 { "u:pw" } else { "u:wrong" };
-                tokio::spawn(async move { (given, credentials.admit(&basic(given)).await) })
+                tokio::spawn(async move { (given, admit(&credentials, &basic(given)).await) })
             })
             .collect();
         for attempt in attempts {
@@ -482,24 +632,27 @@ mod tests {
             Some(scratch.write("users", &format!("u:{old_hash}\n"), 1)),
         ))
         .unwrap();
-        assert_eq!(credentials.admit(&with("Bearer first")).await, Ok(()));
-        assert_eq!(credentials.admit(&basic("u:old")).await, Ok(()));
+        assert_eq!(admit(&credentials, &with("Bearer first")).await, Ok(()));
+        assert_eq!(admit(&credentials, &basic("u:old")).await, Ok(()));
 
         let new_hash = bcrypt::hash("new", 4).unwrap();
         scratch.write("token", "second\n", 2);
         scratch.write("users", &format!("u:{new_hash}\n"), 2);
-        assert_eq!(credentials.admit(&with("Bearer second")).await, Ok(()));
-        assert!(credentials.admit(&with("Bearer first")).await.is_err());
-        assert_eq!(credentials.admit(&basic("u:new")).await, Ok(()));
-        assert!(credentials.admit(&basic("u:old")).await.is_err());
+        assert_eq!(admit(&credentials, &with("Bearer second")).await, Ok(()));
+        assert!(admit(&credentials, &with("Bearer first")).await.is_err());
+        assert_eq!(admit(&credentials, &basic("u:new")).await, Ok(()));
+        assert!(admit(&credentials, &basic("u:old")).await.is_err());
 
         // A broken rotation keeps what worked.
         scratch.write("token", "  \n", 3);
         scratch.write("users", "u:not-bcrypt\n", 3);
-        assert_eq!(credentials.admit(&with("Bearer second")).await, Ok(()));
-        assert_eq!(credentials.admit(&basic("u:new")).await, Ok(()));
+        assert_eq!(admit(&credentials, &with("Bearer second")).await, Ok(()));
+        assert_eq!(admit(&credentials, &basic("u:new")).await, Ok(()));
         // Its completion within the same tick of the clock is still seen: the length moved.
         scratch.write("token", "third-token\n", 3);
-        assert_eq!(credentials.admit(&with("Bearer third-token")).await, Ok(()));
+        assert_eq!(
+            admit(&credentials, &with("Bearer third-token")).await,
+            Ok(())
+        );
     }
 }

@@ -64,7 +64,8 @@ pub struct HttpConfig {
     pub max_concurrent_requests: usize,
     /// Event streams open at once, apart from the requests; more are answered 503.
     pub max_event_streams: usize,
-    /// Longest time a request may take (event streams excepted); then 503.
+    /// Longest time a request may take (event streams excepted), and apart from that,
+    /// longest a password may wait for its bcrypt check; then 503.
     pub request_timeout: Duration,
     /// Connections open at once. At the cap, a new connection closes the one that has
     /// waited longest for a request's header of the address holding the most, or is closed

@@ -4,7 +4,8 @@
 //! Guarded by one middleware: credentials when configured (see `auth`), a cap on requests
 //! served at once, and a time limit per request; event streams have a cap of their own
 //! instead of the time limit, so that tails of the stream never crowd out scrapes. Over a
-//! limit, 503. The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
+//! limit, 503, as for a password whose bcrypt check gets no turn within the time limit
+//! (passwords wait for their check before the cap, holding no place in it). The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
 //! carry no credentials and must be answered under load. Below that, connections are capped
 //! in all and per address, and must send their headers in time (see [`serve`]); at a cap, a
 //! new connection closes the one that has waited longest for a request (at the cap in all, of
@@ -94,9 +95,29 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         // Cheap, and kubelet must get an answer under load too, without credentials.
         return next.run(request).await;
     }
-    // The permit comes first: it also caps the requests a flood of wrong passwords keeps
-    // waiting for their bcrypt check (`auth` runs two at a time), and so the connections it
-    // keeps in a request, which a new connection cannot take the place of.
+    // Credentials before the permit: a token or a remembered password is judged at once, and
+    // wrong passwords waiting for their bcrypt check (`auth` runs two at a time) hold no
+    // permit that scrapes need.
+    match guard.credentials.judge(request.headers()) {
+        auth::Judgement::Admitted => {}
+        auth::Judgement::Refused(challenge) => return unauthorized(challenge),
+        auth::Judgement::Check(check) => {
+            // No permit bounds how many wait here, so their connections count as idle
+            // meanwhile: they must not keep a new connection (the probes') out.
+            let _waiting = request.extensions().get::<Place>().map(Place::waiting);
+            match check.run(guard.timeout).await {
+                Ok(()) => {}
+                Err(auth::CheckRefused::Wrong(challenge)) => return unauthorized(challenge),
+                Err(auth::CheckRefused::NoTurn) => {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many password checks waiting\n",
+                    )
+                        .into_response();
+                }
+            }
+        }
+    }
     let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -104,14 +125,6 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         )
             .into_response();
     };
-    if let Err(auth::Challenge(challenge)) = guard.credentials.admit(request.headers()).await {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, challenge)],
-            "credentials are required\n",
-        )
-            .into_response();
-    }
     if path == "/api/v1/events" {
         // A stream lives as long as its body: it holds a stream permit for that long, and
         // gives the request permit back once admitted.
@@ -138,6 +151,15 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         Ok(response) => response,
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response(),
     }
+}
+
+fn unauthorized(auth::Challenge(challenge): auth::Challenge) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, challenge)],
+        "credentials are required\n",
+    )
+        .into_response()
 }
 
 /// The router for the agent's endpoints.
@@ -320,8 +342,11 @@ where
 {
     let app = TowerToHyperService::new(app);
     let place = ticket.place();
-    let service = hyper::service::service_fn(move |request| {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
         let busy = place.busy();
+        // For the guard, to count the connection idle while the request waits for what no
+        // permit bounds.
+        request.extensions_mut().insert(place.clone());
         let response = hyper::service::Service::call(&app, request);
         async move {
             let response = response.await?;
@@ -402,6 +427,10 @@ struct Place {
 
 /// A request in progress on a connection; it falls idle when the last is dropped.
 struct Busy(Place);
+
+/// A request that waits for a password check: its connection counts as idle until this is
+/// dropped.
+struct Waiting(Place);
 
 impl Admission {
     fn new(limits: ConnectionLimits) -> Self {
@@ -484,6 +513,24 @@ impl Admission {
             .map(|(id, _)| *id)
     }
 
+    /// Counts a request in progress on connection `id`.
+    fn enter_request(&mut self, id: u64) {
+        if let Some(connection) = self.open.get_mut(&id) {
+            connection.requests += 1;
+        }
+    }
+
+    /// Counts a request on connection `id` as done; with none left, it falls idle now.
+    fn leave_request(&mut self, id: u64) {
+        let now = self.tick();
+        if let Some(connection) = self.open.get_mut(&id) {
+            connection.requests = connection.requests.saturating_sub(1);
+            if connection.requests == 0 {
+                connection.idle_since = now;
+            }
+        }
+    }
+
     /// Gives a connection's place back.
     fn forget(&mut self, id: u64) -> Option<Open> {
         let closed = self.open.remove(&id)?;
@@ -517,23 +564,28 @@ impl Place {
 
     /// Marks the connection as in a request until the result is dropped.
     fn busy(&self) -> Busy {
-        if let Some(connection) = self.lock().open.get_mut(&self.id) {
-            connection.requests += 1;
-        }
+        self.lock().enter_request(self.id);
         Busy(self.clone())
+    }
+
+    /// Marks the connection's request, for as long as the result lives, as waiting for a
+    /// password check: the connection counts as idle meanwhile, as no permit bounds how many
+    /// wait.
+    fn waiting(&self) -> Waiting {
+        self.lock().leave_request(self.id);
+        Waiting(self.clone())
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut open = self.0.lock();
-        let now = open.tick();
-        if let Some(connection) = open.open.get_mut(&self.0.id) {
-            connection.requests = connection.requests.saturating_sub(1);
-            if connection.requests == 0 {
-                connection.idle_since = now;
-            }
-        }
+        self.0.lock().leave_request(self.0.id);
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.lock().enter_request(self.0.id);
     }
 }
 
@@ -576,6 +628,7 @@ mod tests {
     use futures_util::FutureExt as _;
 
     use super::*;
+    use crate::{event_stream::EventHub, poller::SharedSnapshot};
 
     fn admission(total: usize, per_address: usize) -> Arc<Mutex<Admission>> {
         Arc::new(Mutex::new(Admission::new(ConnectionLimits {
@@ -635,6 +688,223 @@ mod tests {
         let _last = admit(&admission, node);
         assert!(told_to_close(&probe));
         assert!(![&elsewhere, &scrape, &next].into_iter().any(told_to_close));
+    }
+
+    #[test]
+    fn a_connection_whose_request_waits_for_a_password_check_counts_as_idle() {
+        let admission = admission(16, 2);
+        let node = address(1);
+        let [checking, scrape] = [(); 2].map(|()| admit(&admission, node));
+        let _scraping = scrape.place().busy();
+        let in_request = checking.place().busy();
+        let waiting = checking.place().waiting();
+        // No permit bounds the requests waiting for a check: their places are not held.
+        let probe = admit(&admission, node);
+        assert!(told_to_close(&checking));
+        assert!(!told_to_close(&scrape));
+        drop((waiting, in_request));
+        // Back in its request after the check, a connection holds its place again.
+        let in_request = probe.place().busy();
+        drop(probe.place().waiting());
+        assert!(Admission::admit(&admission, node).is_none());
+        drop(in_request);
+    }
+
+    /// A file of the test's own under the system's temporary directory, removed on drop.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str, text: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("serve-{name}-{}", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// The agent's server on a port of loopback's, for a test.
+    struct Serving {
+        address: SocketAddr,
+        /// The server's own, to see and hold its password checks.
+        credentials: auth::Credentials,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    impl Drop for Serving {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    /// Serves with `users` (user `u`, password `pw`) and `token` (`tok`), and the limits of
+    /// the embedded default as `limits` sets them.
+    async fn serving(
+        users: &Scratch,
+        token: &Scratch,
+        limits: impl FnOnce(&mut crate::config::HttpConfig),
+    ) -> Serving {
+        let mut http = crate::config::Config::embedded_default().http;
+        http.basic_auth_users_file = Some(users.0.clone());
+        http.bearer_token_file = Some(token.0.clone());
+        limits(&mut http);
+        let guard = Guard::from_config(&http).unwrap();
+        let credentials = guard.credentials.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            Arc::new(SharedSnapshot::default()),
+            EventHub::new(Vec::new()),
+            guard,
+            std::future::pending(),
+        ));
+        Serving {
+            address,
+            credentials,
+            server,
+        }
+    }
+
+    /// The status of `GET path` with `authorization`, on a connection of its own.
+    async fn status(address: SocketAddr, path: &str, authorization: Option<&str>) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let authorization =
+            authorization.map_or(String::new(), |value| format!("Authorization: {value}\r\n"));
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\n{authorization}Connection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(30),
+            stream.read_to_string(&mut response),
+        )
+        .await
+        .expect("an answer within 30 s");
+        // Closed unanswered (a reset, should anything be left unread): status 0.
+        if read.is_err() {
+            return 0;
+        }
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn basic(user_password: &str) -> String {
+        use base64::Engine as _;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        )
+    }
+
+    fn users(name: &str) -> Scratch {
+        Scratch::new(
+            &format!("users-{name}"),
+            &format!("u:{}\n", bcrypt::hash("pw", 4).unwrap()),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn wrong_passwords_waiting_for_their_check_leave_scrapes_the_permits() {
+        const PERMITS: usize = 2;
+        const PATH: &str = "/api/v1/proxy";
+        let (users, token) = (users("flood"), Scratch::new("token-flood", "tok\n"));
+        let agent = serving(&users, &token, |http| {
+            http.max_concurrent_requests = PERMITS;
+            http.request_timeout = Duration::from_mins(1);
+        })
+        .await;
+        let address = agent.address;
+        let scraper = basic("u:pw");
+        // Checked once, and remembered from then on.
+        assert_eq!(status(address, PATH, Some(&scraper)).await, 200);
+        // As many wrong passwords as there are permits, waiting for their check: the turns
+        // are taken (by checks of yet other wrong passwords, say).
+        let turns = agent.credentials.hold_password_turns();
+        let wrong: Vec<_> = (0..PERMITS)
+            .map(|_| {
+                tokio::spawn(async move { status(address, PATH, Some(&basic("u:wrong"))).await })
+            })
+            .collect();
+        wait_until_waiting(&agent.credentials, PERMITS).await;
+        // The scraper's remembered password and the token are served meanwhile, as are the
+        // probes.
+        assert_eq!(status(address, PATH, Some(&scraper)).await, 200);
+        assert_eq!(status(address, PATH, Some("Bearer tok")).await, 200);
+        assert_eq!(status(address, "/healthz", None).await, 200);
+        // The wrong ones are refused once checked.
+        drop(turns);
+        for wrong in wrong {
+            assert_eq!(wrong.await.unwrap(), 401);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn connections_waiting_for_a_password_check_give_way_to_the_probes() {
+        // The probe's address's whole share taken by requests waiting for their check.
+        const PER_ADDRESS: usize = 2;
+        let (users, token) = (users("give-way"), Scratch::new("token-give-way", "tok\n"));
+        let agent = serving(&users, &token, |http| {
+            http.max_connections_per_address = PER_ADDRESS;
+            http.request_timeout = Duration::from_mins(1);
+        })
+        .await;
+        let address = agent.address;
+        let turns = agent.credentials.hold_password_turns();
+        let waiting: Vec<_> = (0..PER_ADDRESS)
+            .map(|_| {
+                tokio::spawn(
+                    async move { status(address, "/metrics", Some(&basic("u:wrong"))).await },
+                )
+            })
+            .collect();
+        wait_until_waiting(&agent.credentials, PER_ADDRESS).await;
+        assert_eq!(status(address, "/healthz", None).await, 200);
+        // The one that waited longest was closed unanswered; the other is refused once
+        // checked.
+        drop(turns);
+        let mut statuses = Vec::new();
+        for request in waiting {
+            statuses.push(request.await.unwrap());
+        }
+        statuses.sort_unstable();
+        assert_eq!(statuses, [0, 401]);
+    }
+
+    /// Waits until `count` password checks wait for a turn.
+    async fn wait_until_waiting(credentials: &auth::Credentials, count: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while credentials.password_checks_waiting() < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the passwords never waited for their check"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_password_whose_check_gets_no_turn_within_the_request_timeout_is_answered_503() {
+        let (users, token) = (users("busy"), Scratch::new("token-busy", "tok\n"));
+        let agent = serving(&users, &token, |http| {
+            http.request_timeout = Duration::from_millis(200);
+        })
+        .await;
+        let _turns = agent.credentials.hold_password_turns();
+        assert_eq!(
+            status(agent.address, "/api/v1/proxy", Some(&basic("u:pw"))).await,
+            503
+        );
+        assert_eq!(agent.credentials.password_checks_waiting(), 0);
     }
 
     #[test]
