@@ -69,7 +69,8 @@ pub struct HttpConfig {
     pub request_timeout: Duration,
     /// Connections open at once. At the cap, a new connection closes the one that has
     /// waited longest for a request's header of the address holding the most, or is closed
-    /// itself if every one is busy.
+    /// itself if every one is busy. Above `max_concurrent_requests + max_event_streams`, so
+    /// that not every one can be busy.
     pub max_connections: usize,
     /// Connections open at once from one address. At the cap, a new one from it closes its
     /// connection that has waited longest for a request's header, or is closed itself if
@@ -594,6 +595,28 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
         http.max_connections_per_address =
             in_range(source, limit, "max_connections_per_address", 1, 100_000)?;
     }
+    // A new connection is refused only when every one is in a request, and the permits let
+    // this many be: a cap in all no higher would leave the kubelet's probes no place.
+    let in_requests = http.max_concurrent_requests + http.max_event_streams;
+    if http.max_connections <= in_requests {
+        let at = [
+            &raw.max_connections,
+            &raw.max_concurrent_requests,
+            &raw.max_event_streams,
+        ]
+        .into_iter()
+        .find_map(|key| key.as_ref().map(Spanned::span));
+        return Err(source.error(
+            at,
+            format!(
+                "max_connections = {} must be more than max_concurrent_requests + \
+                 max_event_streams ({} + {} = {in_requests}), or connections in a request can \
+                 take every place and leave the kubelet's probes none: raise max_connections or \
+                 lower the others",
+                http.max_connections, http.max_concurrent_requests, http.max_event_streams
+            ),
+        ));
+    }
     Ok(http)
 }
 
@@ -1109,7 +1132,7 @@ match_every = 1
         assert_error("[http]\nmax_connections = 0\n", 2, "out of range");
         let capped = Config::from_toml(
             "t.toml",
-            "[http]\nmax_connections = 8\nmax_connections_per_address = 2\n",
+            "[http]\nmax_connections = 8\nmax_connections_per_address = 2\nmax_concurrent_requests = 4\nmax_event_streams = 3\n",
         )
         .unwrap();
         assert_eq!(
@@ -1118,6 +1141,34 @@ match_every = 1
                 capped.http.max_connections_per_address
             ),
             (8, 2)
+        );
+    }
+
+    #[test]
+    fn the_connection_cap_leaves_the_probes_a_place_beyond_the_requests() {
+        assert_eq!(
+            error("[http]\nmax_connections = 72\n").to_string(),
+            "test.toml:2:19: max_connections = 72 must be more than max_concurrent_requests + \
+             max_event_streams (64 + 8 = 72), or connections in a request can take every place \
+             and leave the kubelet's probes none: raise max_connections or lower the others"
+        );
+        // Where the cap in all is not set, at the limit that reaches it.
+        assert_error(
+            "[http]\nmax_event_streams = 8\nmax_concurrent_requests = 504\n",
+            3,
+            "(504 + 8 = 512)",
+        );
+        assert_error("[http]\n\nmax_event_streams = 448\n", 3, "(64 + 448 = 512)");
+        assert_error(
+            "[http]\nmax_connections = 8\nmax_concurrent_requests = 4\nmax_event_streams = 4\n",
+            2,
+            "(4 + 4 = 8)",
+        );
+        let http = |text: &str| Config::from_toml("t.toml", text).unwrap().http;
+        assert_eq!(http("[http]\nmax_connections = 73\n").max_connections, 73);
+        assert_eq!(
+            http("[http]\nmax_concurrent_requests = 503\n").max_concurrent_requests,
+            503
         );
     }
 

@@ -15,7 +15,8 @@ use std::{
 };
 
 use support::{
-    Agent, AgentConfig, COLLECTOR, LISTEN, Netns, Reaped, ScratchDir, sample, stdout_of, wait_for,
+    Agent, AgentConfig, COLLECTOR, LISTEN, Netns, Reaped, ScratchDir, refused_start, sample,
+    stdout_of, wait_for,
 };
 
 const PORT: u16 = 18443;
@@ -457,6 +458,18 @@ fn bad_certificate_or_user_files_stop_the_start_with_the_reason() {
         stderr.contains("line 2") && stderr.contains("not bcrypt"),
         "{stderr}"
     );
+
+    // A cap on connections that requests and event streams could fill, the probes left none
+    // (a start let through is killed after 20 s).
+    let config = AgentConfig::new("[http]\nmax_connections = 8\n");
+    let stderr = refused_start(&netns, &config.path);
+    assert!(
+        stderr.contains(
+            "collector.toml:6:19: max_connections = 8 must be more than \
+             max_concurrent_requests + max_event_streams (64 + 8 = 72)"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -576,9 +589,12 @@ fn closed(mut stream: &TcpStream) -> bool {
 
 #[test]
 fn silent_connections_filling_every_place_give_way_to_the_probes() {
-    // Small caps, so that a few connections fill them.
+    // Small caps, so that a few connections fill them, and limits on requests and streams
+    // small enough for them (the cap in all must be above their sum).
     const TOTAL: usize = 8;
     const PER_ADDRESS: usize = 3;
+    const REQUESTS: usize = 4;
+    const STREAMS: usize = 1;
     // Well within the agent's 10 s for a TLS handshake, after which the silent connections
     // are closed anyway.
     const WITHIN_HANDSHAKE_LIMIT: Duration = Duration::from_secs(8);
@@ -586,7 +602,7 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     let scratch = ScratchDir::new("idle-cap");
     let (cert, key) = self_signed(&scratch.0, "idle");
     let config = AgentConfig::new(&format!(
-        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nmax_connections = {TOTAL}\nmax_connections_per_address = {PER_ADDRESS}\n",
+        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nmax_connections = {TOTAL}\nmax_connections_per_address = {PER_ADDRESS}\nmax_concurrent_requests = {REQUESTS}\nmax_event_streams = {STREAMS}\n",
         cert.display(),
         key.display()
     ));
