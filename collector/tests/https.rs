@@ -472,22 +472,36 @@ fn bad_certificate_or_user_files_stop_the_start_with_the_reason() {
     );
 }
 
+/// An agent in `netns` serving HTTPS with a self-signed certificate named `name` (made in a
+/// scratch directory `scratch`), its `[http]` table extended by `http`, once it is ready:
+/// the scratch directory, the certificate, the config and the agent (held to the test's end:
+/// their drops remove the files and whatever the agent left).
+fn tls_agent(
+    netns: &Netns,
+    scratch: &str,
+    name: &str,
+    http: &str,
+) -> (ScratchDir, PathBuf, AgentConfig, Agent) {
+    let scratch = ScratchDir::new(scratch);
+    let (cert, key) = self_signed(&scratch.0, name);
+    let config = AgentConfig::new(&format!(
+        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{http}",
+        cert.display(),
+        key.display()
+    ));
+    let agent = Agent::spawn_until(netns, netns.command(COLLECTOR), &config, &[], || {
+        curl(netns, &cert, "/readyz", None).0 == 200
+    });
+    (scratch, cert, config, agent)
+}
+
 #[test]
 fn silent_connections_from_one_address_leave_everyone_else_served() {
     const SILENT: usize = 100;
     // The agent's default cap per address (`[http] max_connections_per_address`).
     const PER_ADDRESS: usize = 64;
     let netns = Netns::new();
-    let scratch = ScratchDir::new("silent");
-    let (cert, key) = self_signed(&scratch.0, "silent");
-    let config = AgentConfig::new(&format!(
-        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
-        cert.display(),
-        key.display()
-    ));
-    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
-        curl(&netns, &cert, "/readyz", None).0 == 200
-    });
+    let (_scratch, cert, _config, agent) = tls_agent(&netns, "silent", "silent", "");
     // One client (another pod, say) opens connections and never starts a handshake.
     let opened = std::time::Instant::now();
     let silent = netns.run(|| {
@@ -519,16 +533,7 @@ fn silent_connections_from_the_probes_own_address_give_way_to_them() {
     // The agent's default cap per address (`[http] max_connections_per_address`).
     const PER_ADDRESS: usize = 64;
     let netns = Netns::new();
-    let scratch = ScratchDir::new("silent-node");
-    let (cert, key) = self_signed(&scratch.0, "silent");
-    let config = AgentConfig::new(&format!(
-        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
-        cert.display(),
-        key.display()
-    ));
-    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
-        curl(&netns, &cert, "/readyz", None).0 == 200
-    });
+    let (_scratch, cert, _config, agent) = tls_agent(&netns, "silent-node", "silent", "");
     // With hostNetwork the kubelet's probes come from the node's address, as does everything
     // any other process on the node opens: here 127.0.0.1, curl's address too. Its whole share
     // taken by connections that never start a handshake, opened one at a time in this order.
@@ -599,16 +604,14 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     // are closed anyway.
     const WITHIN_HANDSHAKE_LIMIT: Duration = Duration::from_secs(8);
     let netns = Netns::new();
-    let scratch = ScratchDir::new("idle-cap");
-    let (cert, key) = self_signed(&scratch.0, "idle");
-    let config = AgentConfig::new(&format!(
-        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nmax_connections = {TOTAL}\nmax_connections_per_address = {PER_ADDRESS}\nmax_concurrent_requests = {REQUESTS}\nmax_event_streams = {STREAMS}\n",
-        cert.display(),
-        key.display()
-    ));
-    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
-        curl(&netns, &cert, "/readyz", None).0 == 200
-    });
+    let (scratch, cert, _config, agent) = tls_agent(
+        &netns,
+        "idle-cap",
+        "idle",
+        &format!(
+            "max_connections = {TOTAL}\nmax_connections_per_address = {PER_ADDRESS}\nmax_concurrent_requests = {REQUESTS}\nmax_event_streams = {STREAMS}\n"
+        ),
+    );
     // An event stream: in a request all along, so never taken for an idle connection.
     let stream_head = scratch.path("stream-head");
     let mut stream = Reaped::spawn(
