@@ -522,15 +522,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn tokens_and_remembered_passwords_need_no_turn_and_others_wait_for_one_in_time() {
-        let scratch = Scratch::new("no-turn");
+    /// Credentials with the token `tok` and the user `u`, password `pw`, in files of `scratch`.
+    fn token_and_user(scratch: &Scratch) -> Credentials {
         let hash = bcrypt::hash("pw", 4).unwrap();
-        let credentials = Credentials::from_config(&config(
+        Credentials::from_config(&config(
             Some(scratch.write("token", "tok\n", 1)),
             Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
         ))
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn tokens_and_remembered_passwords_need_no_turn_and_others_wait_for_one_in_time() {
+        let scratch = Scratch::new("no-turn");
+        let credentials = token_and_user(&scratch);
         assert_eq!(admit(&credentials, &basic("u:pw")).await, Ok(()));
         let held = credentials.hold_password_turns();
         // Judged at once, with every turn taken.
@@ -569,12 +574,7 @@ mod tests {
     #[tokio::test]
     async fn basic_and_bearer_each_admit() {
         let scratch = Scratch::new("both");
-        let hash = bcrypt::hash("pw", 4).unwrap();
-        let credentials = Credentials::from_config(&config(
-            Some(scratch.write("token", "tok\n", 1)),
-            Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
-        ))
-        .unwrap();
+        let credentials = token_and_user(&scratch);
         assert_eq!(admit(&credentials, &with("Bearer tok")).await, Ok(()));
         assert!(admit(&credentials, &with("Bearer nope")).await.is_err());
         // Twice: the second is answered from the remembered password.
