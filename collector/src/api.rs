@@ -367,6 +367,8 @@ pub struct DnsStats {
     pub unmatched_responses: Option<u64>,
     pub upstream_queries: u64,
     pub events_dropped: u64,
+    /// Queries left out of `topDomains` because their name did not decode.
+    pub undecodable_names: u64,
     /// Our nftables counters for the DNS ports.
     pub nftables: Option<NftCounts>,
     pub sources: BTreeMap<String, Source>,
@@ -447,6 +449,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         unmatched_responses: dns.match_responses.then_some(c.unmatched_responses),
         upstream_queries: c.upstream_queries,
         events_dropped: c.events_dropped,
+        undecodable_names: dns.domains.undecodable_names,
         nftables: nft_counts(snapshot, "dns", Protocol::Udp),
         sources: sources(snapshot),
     }

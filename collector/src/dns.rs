@@ -176,6 +176,8 @@ pub struct DomainSnapshot {
     /// error by which it may have had more (scaled by the sampling).
     pub top: Vec<Listed<String>>,
     pub events_received: u64,
+    /// Queries left out of `top` because their sampled name did not decode (scaled by the
+    /// sampling, like the counts in `top`).
     pub undecodable_names: u64,
 }
 
@@ -225,15 +227,13 @@ impl DomainStats {
         }
     }
 
-    /// Adds `queries` sampled queries for `domain` (`None`: its name did not decode).
+    /// Adds `queries` sampled queries for `domain` (`None`: its name did not decode), each
+    /// standing for `weight` queries.
     fn fold(&mut self, domain: Option<&Arc<str>>, queries: u64) {
-        if queries == 0 {
-            return;
-        }
+        let queries = queries.saturating_mul(self.weight);
         match domain {
-            Some(domain) => self
-                .domains
-                .observe(domain, queries.saturating_mul(self.weight)),
+            _ if queries == 0 => {}
+            Some(domain) => self.domains.observe(domain, queries),
             None => self.undecodable_names += queries,
         }
     }
@@ -531,10 +531,14 @@ mod tests {
 
     #[test]
     fn sampled_names_in_the_table_stand_for_the_sampling() {
-        let mut stats = with_slots(4, 1);
+        let mut stats = with_slots(4, 2);
         stats.apply(&name_event(0, 1, 0, Some("a.example")));
         stats.fold_table(table(&[(1, 2)]));
         assert_eq!(top(&mut stats), [("a.example".to_owned(), 12)]);
+        // So do those whose name did not decode.
+        stats.apply(&name_event(1, 1, 0, None));
+        stats.fold_table(table(&[(1, 2), (1, 3)]));
+        assert_eq!(stats.snapshot(10).undecodable_names, 16);
     }
 
     #[test]

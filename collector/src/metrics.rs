@@ -368,6 +368,11 @@ fn encode_dns_latency_and_health(
                 "DNS events read from the kernel ring buffer.",
                 dns.domains.events_received,
             ),
+            (
+                "collector_dns_names_undecodable",
+                "Sampled queries left out of the top domains because their name did not decode (scaled by sample_every; expected 0).",
+                dns.domains.undecodable_names,
+            ),
         ],
     )
 }
