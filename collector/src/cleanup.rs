@@ -8,7 +8,8 @@
 //!   pins' owner (`PIN_OWNER`, the namespace cookie of the collector that made them) is this
 //!   namespace. The documented sidecar cleanup runs on the node, where the node's own
 //!   collector may use the same table name: a crashed sidecar's table was in its pod's
-//!   namespace, and went with it;
+//!   namespace, and went with it. Nor when a running collector of this namespace holds the
+//!   table's name ([`crate::nft_claim`]);
 //! - a pin directory that is the bpffs mount itself (/sys/fs/bpf), where other tools pin
 //!   too, is refused, naming the command that removes this build's layout there;
 //! - under the pin directory, this build's layout directory (`v1`) is removed whole, link
@@ -29,7 +30,7 @@ use std::{
 use anyhow::Context as _;
 use collector_common::map_names;
 
-use crate::{config::Config, loader, netns, nfnetlink, nft, output, paths, privileges};
+use crate::{config::Config, loader, netns, nfnetlink, nft, nft_claim, output, paths, privileges};
 
 /// Whose the pins are, as `PIN_OWNER` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,9 @@ enum Table {
     Elsewhere { owner: u64, here: u64 },
     /// One with our name is in this namespace, but no pins say it is a crashed collector's.
     Unclaimed(String),
+    /// The crashed collector's name, but a running collector of this namespace (with
+    /// another pin directory) holds it: the table is that one's now.
+    InUse(nft_claim::Holder),
 }
 
 /// What a directory entry of the pin directory is, by its name.
@@ -173,7 +177,15 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     let here = netns::current_cookie()
         .context("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)")?;
     let table_name = &config.nftables.table;
-    let table = table_plan(&owner, here, || table_exists(table_name))?;
+    let table = match table_plan(&owner, here, || table_exists(table_name))? {
+        Table::Remove => match nft_claim::held(table_name)
+            .context("looking for a running collector with our nftables table")?
+        {
+            Some(holder) => Table::InUse(holder),
+            None => Table::Remove,
+        },
+        table => table,
+    };
 
     // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
     let listed = output::write(|out| list(out, pin_dir, &found, &table, table_name, apply));
@@ -262,6 +274,11 @@ fn list(
             "nftables table inet {table_name} in this network namespace: not touched, since \
              {why}, and a running collector's table would lose its counters; if no collector \
              runs here with that table, remove it with `nft delete table inet {table_name}`"
+        )?,
+        Table::InUse(holder) => writeln!(
+            out,
+            "nftables table inet {table_name} in this network namespace: not touched, since a \
+             running collector here ({holder}) uses it"
         )?,
     }
     if !apply {

@@ -25,6 +25,7 @@ mod netlink_dump;
 mod netns;
 mod nfnetlink;
 mod nft;
+mod nft_claim;
 mod orphans;
 mod output;
 mod paths;

@@ -13,6 +13,8 @@
 //! A start finds a leftover table of a crashed run: if it holds exactly the counters this
 //! config wants, it is adopted as it is, so its counts continue; otherwise it is replaced
 //! (deleted and made again in one transaction): never two tables, never doubled rules.
+//! The table's name is claimed first ([`crate::nft_claim`]): a second collector of this
+//! namespace configured with the same name leaves the first one's table alone.
 
 use std::borrow::Cow;
 
@@ -26,7 +28,9 @@ use serde_json::json;
 
 use crate::{
     config::{Config, NftEnabled},
-    nfnetlink, poller,
+    nfnetlink,
+    nft_claim::{self, Holder, TableClaim},
+    poller,
     snapshot::SourceHealth,
 };
 
@@ -128,6 +132,12 @@ pub enum NftError {
         "our table {0} lost its counters: someone removed it (nft flush ruleset, a firewall reload?); it is made again"
     )]
     Removed(String),
+    #[error(
+        "the nftables table inet {table} is another running collector's in this network namespace ({holder}): give this one a table of its own ([nftables] table = \"...\") or set [nftables] enabled = false; it is looked at again now and then"
+    )]
+    InUse { table: String, holder: Holder },
+    #[error("claiming the nftables table's name: {0}")]
+    Claim(std::io::Error),
 }
 
 /// Our table, made at start and removed at stop.
@@ -273,6 +283,8 @@ pub struct Source {
     /// Counting is wanted (on, or `auto` with netfilter hooked).
     enabled: bool,
     table: Option<NftTable>,
+    /// The table's name, ours while this runs (taken before the table is made).
+    claim: Option<TableClaim>,
     health: SourceHealth,
     polls_until_retry: u32,
 }
@@ -286,6 +298,7 @@ impl Source {
             config: config.clone(),
             enabled: false,
             table: None,
+            claim: None,
             health: SourceHealth::default(),
             polls_until_retry: POLLS_BETWEEN_RETRIES,
         };
@@ -296,7 +309,7 @@ impl Source {
         };
         if source.enabled {
             source.make_table();
-        } else if after_crash {
+        } else if after_crash && source.claim_name().is_ok() {
             match remove_leftover(&config.nftables.table) {
                 Ok(true) => tracing::info!(
                     "removed the nftables table inet {} a crashed run left: counting is off now",
@@ -340,9 +353,25 @@ impl Source {
         }
     }
 
+    /// Claims the table's name unless this run holds it already.
+    fn claim_name(&mut self) -> Result<(), NftError> {
+        if self.claim.is_none() {
+            let table = &self.config.nftables.table;
+            self.claim = Some(nft_claim::claim(table).map_err(NftError::Claim)?.map_err(
+                |holder| NftError::InUse {
+                    table: table.clone(),
+                    holder,
+                },
+            )?);
+        }
+        Ok(())
+    }
+
     fn make_table(&mut self) {
         let began = std::time::Instant::now();
-        let setup = NftTable::setup(&self.config);
+        let setup = self
+            .claim_name()
+            .and_then(|()| NftTable::setup(&self.config));
         self.health.record(&setup, began.elapsed());
         match setup {
             Ok(table) => self.table = Some(table),

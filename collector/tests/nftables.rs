@@ -20,7 +20,7 @@ use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
     Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins,
     dns::{Client, SERVER, Unbound},
-    dns_json, proxy_json, run, sample, scrape, wait_for, wait_for_closed,
+    dns_json, get_from, proxy_json, run, sample, scrape, wait_for, wait_for_closed,
 };
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
@@ -274,6 +274,90 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
     );
     assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
     assert_no_pins(&config.pin_dir);
+}
+
+/// A second collector in the namespace, with a pin directory and listen address of its own
+/// but the same config, table name included (one config map for two containers): its nftables
+/// source says whose the table is and leaves it, and so does the cleanup after it crashes,
+/// so the first one's counts stay exact.
+#[test]
+fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
+    const SECOND: &str = "127.0.0.1:9465";
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let first = Agent::start(&netns, &config);
+    let mut name = config.pin_dir.clone().into_os_string();
+    name.push("-second");
+    let second_pins = RemovedOnDrop(name.into());
+    let second_json = |path: &'static str| -> serde_json::Value {
+        let (status, body) = netns.run(move || get_from(SECOND, path)).unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let second = Agent::spawn_until(
+        &netns,
+        netns.command(COLLECTOR),
+        &config,
+        &[
+            "--pin-dir",
+            second_pins.0.to_str().unwrap(),
+            "--listen",
+            SECOND,
+        ],
+        || matches!(netns.run(|| get_from(SECOND, "/readyz")), Ok((200, _))),
+    );
+    let nft = wait_for("the second's nft source", Duration::from_secs(10), || {
+        let nft = second_json("/api/v1/proxy")["sources"]["nft"].clone();
+        nft.is_object().then_some(nft)
+    });
+    assert_eq!(nft["up"], false, "{nft}");
+    let error = nft["lastError"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "the nftables table inet {} is another running collector's in this network namespace (process {})",
+            config.nft_table,
+            first.pid()
+        )),
+        "{error}"
+    );
+
+    connections(&netns, 3);
+    assert_nft_equals_ebpf(&netns, 3);
+    // The second crashes; the cleanup of its pins leaves the table, which is the first's.
+    second.kill();
+    let cleanup = netns
+        .command(COLLECTOR)
+        .args(["cleanup", "--apply", "--config"])
+        .arg(&config.path)
+        .args(["--pin-dir", second_pins.0.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cleanup.stdout);
+    assert!(cleanup.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "nftables table inet {} in this network namespace: not touched, since a running collector here (process {}) uses it",
+            config.nft_table,
+            first.pid()
+        )),
+        "{stdout}"
+    );
+    let ours = format!("table inet {}\n", config.nft_table);
+    assert_eq!(
+        tables(&netns).matches(&ours).count(),
+        1,
+        "{}",
+        tables(&netns)
+    );
+    connections(&netns, 2);
+    assert_nft_equals_ebpf(&netns, 5);
+    let first_nft = &proxy_json(&netns)["sources"]["nft"];
+    assert_eq!(first_nft["errors"], 0, "{first_nft}");
+
+    assert!(first.stop().success());
+    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_pins(&config.pin_dir);
+    assert_no_pins(&second_pins.0);
 }
 
 /// A pin directory removed whole on drop, whatever the test left in it.

@@ -490,7 +490,12 @@ pub fn refused_start(netns: &Netns, config: &Path) -> String {
 
 /// GET `path` from the agent (call from inside the namespace). Returns status and body.
 pub fn get(path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(LISTEN)?;
+    get_from(LISTEN, path)
+}
+
+/// As [`get`], from an agent listening on `address`.
+pub fn get_from(address: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(address)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
