@@ -16,25 +16,25 @@ use crate::{
 /// `SO_NETNS_COOKIE` (5.14).
 const MIN_KERNEL: (u32, u32) = (6, 6);
 
-/// Capabilities the agent uses, with why (numbers from linux/capability.h).
-pub const CAPABILITIES: [(u32, &str, &str); 4] = [
+/// Capabilities the agent always needs, with why (numbers from linux/capability.h).
+pub const CAPABILITIES: [(u32, &str, &str); 3] = [
     (39, "CAP_BPF", "load programs, create and pin maps"),
     (
         38,
         "CAP_PERFMON",
-        "pointer arithmetic on packets in the classifiers, run-time statistics",
+        "pointer arithmetic on packets in the classifiers",
     ),
     (
         12,
         "CAP_NET_ADMIN",
-        "attach tc programs (TCX links), read interface state",
-    ),
-    (
-        21,
-        "CAP_SYS_ADMIN",
-        "attach to the cgroup2 root, mount bpffs and cgroup2 when none is visible",
+        "attach tc programs (TCX links) and the sock_ops program, nftables",
     ),
 ];
+
+/// `CAP_SYS_ADMIN`: needed only to mount bpffs or cgroup2 where none is visible, and for
+/// `run --bpf-stats` (`BPF_ENABLE_STATS`). Attaching to the cgroup2 root takes
+/// `CAP_NET_ADMIN` with `CAP_BPF` (Linux 5.8 and later).
+pub const CAP_SYS_ADMIN: (u32, &str) = (21, "CAP_SYS_ADMIN");
 
 /// What the host offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,8 +189,45 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
             },
         });
     }
+    verdicts.push(sys_admin(facts));
     verdicts.push(nft(facts.nft.as_deref(), nftables));
     verdicts
+}
+
+/// `CAP_SYS_ADMIN`, needed only where `run` mounts bpffs or cgroup2 (or for `--bpf-stats`):
+/// granting it where both are mounted gives a container far more than the agent uses.
+fn sys_admin(facts: &Facts) -> Verdict {
+    let (bit, name) = CAP_SYS_ADMIN;
+    let has = facts.capabilities & (1 << bit) != 0;
+    let mounts: Vec<&str> = [
+        (facts.cgroup2 == Ok(None)).then_some("cgroup2"),
+        (facts.bpffs.is_none() && facts.pin_dir.starts_with(paths::BPFFS_ROOT)).then_some("bpffs"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let (status, detail) = match (mounts.is_empty(), has) {
+        (true, _) => (
+            Status::Skip,
+            "not needed here: it only mounts bpffs or cgroup2 where none is visible, and \
+             serves `run --bpf-stats`"
+                .to_owned(),
+        ),
+        (false, true) => (Status::Pass, format!("mount {}", mounts.join(" and "))),
+        (false, false) => (
+            Status::Fail,
+            format!(
+                "missing (mount {}, which are not visible here): mount them (in a pod, the \
+                 host's /sys/fs/bpf and cgroup2 as hostPath volumes), or grant {name}",
+                mounts.join(" and ")
+            ),
+        ),
+    };
+    Verdict {
+        name,
+        status,
+        detail,
+    }
 }
 
 /// As `run` copes: with no bpffs holding a pin directory under /sys/fs/bpf it mounts one there,
@@ -556,9 +593,43 @@ mod tests {
             assert!(
                 judge(&healthy(), nftables)
                     .iter()
-                    .all(|v| v.status == Status::Pass)
+                    .all(|v| v.status == Status::Pass || v.name == "CAP_SYS_ADMIN")
             );
         }
+    }
+
+    #[test]
+    fn cap_sys_admin_is_needed_only_to_mount() {
+        let sys_admin = |facts: Facts| {
+            judge(&facts, NftEnabled::On)
+                .into_iter()
+                .find(|v| v.name == "CAP_SYS_ADMIN")
+                .unwrap()
+        };
+        let without = !(1u64 << 21);
+        for capabilities in [u64::MAX, without] {
+            let mounted = sys_admin(Facts {
+                capabilities,
+                ..healthy()
+            });
+            assert_eq!(mounted.status, Status::Skip, "{}", mounted.detail);
+        }
+        let no_cgroup2 = Facts {
+            cgroup2: Ok(None),
+            ..healthy()
+        };
+        assert_eq!(sys_admin(no_cgroup2.clone()).status, Status::Pass);
+        let missing = sys_admin(Facts {
+            capabilities: without,
+            bpffs: None,
+            ..no_cgroup2
+        });
+        assert_eq!(missing.status, Status::Fail);
+        assert!(
+            missing.detail.contains("mount cgroup2 and bpffs"),
+            "{}",
+            missing.detail
+        );
     }
 
     #[test]
@@ -571,7 +642,7 @@ mod tests {
             let verdicts = judge(&without_nft, nftables);
             let others_pass = verdicts
                 .iter()
-                .filter(|v| v.name != "nft")
+                .filter(|v| v.name != "nft" && v.name != "CAP_SYS_ADMIN")
                 .all(|v| v.status == Status::Pass);
             assert!(others_pass, "{verdicts:?}");
             verdicts.into_iter().find(|v| v.name == "nft").unwrap()

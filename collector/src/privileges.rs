@@ -3,8 +3,8 @@
 //!
 //! Kept: `CAP_BPF` (every bpf(2) call, map reads included, when unprivileged BPF is off, as
 //! it is by default) and `CAP_NET_ADMIN` (attaching the classifiers to interfaces that appear
-//! later). Dropped: `CAP_SYS_ADMIN` and `CAP_PERFMON` (needed only to load, attach to the
-//! cgroup and mount), and everything else. Pins are removed at stop by their owner (uid 0)
+//! later). Dropped: `CAP_PERFMON` (needed only to load), `CAP_SYS_ADMIN` where it was granted
+//! (needed only to mount and to switch on run-time statistics), and everything else. Pins are removed at stop by their owner (uid 0)
 //! without any capability. Capabilities are per thread: this runs before the async runtime
 //! starts its threads, which inherit the reduced set.
 //!
@@ -160,7 +160,8 @@ pub fn user_namespace(uid_map: io::Result<String>) -> Option<String> {
 /// capabilities count only inside it, and bpf(2) checks `CAP_BPF`, `CAP_PERFMON` and
 /// `CAP_SYS_ADMIN` with `capable()`, in the initial user namespace (kernel/bpf/syscall.c; Linux
 /// 6.9's BPF tokens delegate some of it, which aya does not use): nothing done inside helps.
-/// Root with all four capabilities the agent uses in the host's namespace was refused by
+/// Root with the three capabilities the agent always needs in the host's namespace was
+/// refused by
 /// something else: a Linux security module (a container runtime's default AppArmor profile
 /// denies writes below /sys/fs/bpf; SELinux's `container_t` may not manage bpffs files),
 /// whose `label` is said when known.
@@ -174,8 +175,8 @@ pub fn denial_advice(
     if let Some(uid_map) = uid_map {
         return format!(
             "permission denied: running in a user namespace (uid_map {uid_map}), whose root \
-             and capabilities count only inside it: eBPF needs the host's CAP_BPF, \
-             CAP_PERFMON and CAP_SYS_ADMIN (the kernel checks them in the initial user \
+             and capabilities count only inside it: eBPF needs the host's CAP_BPF and \
+             CAP_PERFMON (the kernel checks them in the initial user \
              namespace), which nothing inside can grant; run the collector in the host's user \
              namespace (Kubernetes: no `hostUsers: false`; docker: --userns=host where the \
              daemon remaps users; podman: as root, without --userns or --uidmap, since rootless \
@@ -186,8 +187,9 @@ pub fn denial_advice(
         .iter()
         .all(|(bit, ..)| capabilities & (1 << bit) != 0);
     if euid != 0 || !all {
-        return "permission denied: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, \
-                CAP_SYS_ADMIN (bpffs and cgroup2 mounts) and write access to the pin directory"
+        return "permission denied: run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN \
+                (and CAP_SYS_ADMIN where the agent mounts bpffs or cgroup2 itself) and write \
+                access to the pin directory"
             .to_owned();
     }
     let confined = label.map_or(String::new(), |label| {
@@ -202,8 +204,8 @@ pub fn denial_advice(
         ""
     };
     format!(
-        "permission denied, although this process is root with CAP_BPF, CAP_PERFMON, \
-         CAP_NET_ADMIN and CAP_SYS_ADMIN: a Linux security module refused it{confined}{not_owned}, \
+        "permission denied, although this process is root with CAP_BPF, CAP_PERFMON and \
+         CAP_NET_ADMIN: a Linux security module refused it{confined}{not_owned}, \
          and the kernel's log (dmesg, journalctl -k) names the denial. Under AppArmor, whose default \
          container profile denies writes below /sys/fs/bpf, run the container unconfined \
          (Kubernetes: securityContext.appArmorProfile.type: Unconfined, or before 1.30 the \
@@ -241,11 +243,12 @@ pub fn kept_names() -> Vec<&'static str> {
 mod tests {
     use super::*;
 
-    const ALL_FOUR: u64 = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 21);
+    /// The three capabilities the agent always needs, without `CAP_SYS_ADMIN`.
+    const NEEDED: u64 = (1 << 39) | (1 << 38) | (1 << 12);
 
     #[test]
     fn root_with_every_capability_is_told_of_the_security_module_not_to_run_as_root() {
-        let advice = denial_advice(0, ALL_FOUR, None, None);
+        let advice = denial_advice(0, NEEDED, None, None);
         assert!(!advice.contains("run as root"), "{advice}");
         for fix in [
             "Linux security module",
@@ -271,9 +274,9 @@ mod tests {
     #[test]
     fn without_root_or_a_capability_the_advice_is_to_run_as_root() {
         for (euid, capabilities) in [
-            (65534, ALL_FOUR),
-            (0, ALL_FOUR & !(1 << 39)),
-            (0, ALL_FOUR & !(1 << 21)),
+            (65534, NEEDED),
+            (0, NEEDED & !(1 << 39)),
+            (0, NEEDED & !(1 << 12)),
             (0, 0),
         ] {
             let advice = denial_advice(euid, capabilities, None, None);
@@ -314,7 +317,7 @@ mod tests {
 
     #[test]
     fn in_a_user_namespace_the_advice_says_so_whoever_the_process_is() {
-        for (euid, capabilities) in [(0, ALL_FOUR), (0, u64::MAX), (0, 0), (65534, 0)] {
+        for (euid, capabilities) in [(0, NEEDED), (0, u64::MAX), (0, 0), (65534, 0)] {
             let advice = denial_advice(
                 euid,
                 capabilities,

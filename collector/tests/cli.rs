@@ -155,7 +155,7 @@ fn check_tries_the_pin_directory_as_run_uses_it() {
         .collect();
     assert_eq!(left, ["v1"]);
 
-    // Not root, though with the four capabilities: bpffs (mode 0700) is root's alone, and
+    // Not root, though with every capability it uses: bpffs (mode 0700) is root's alone, and
     // `run` would fail to make its pin directory.
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
