@@ -126,7 +126,7 @@ impl Drop for Rootfs {
 /// The image's entrypoint as a runtime would start it: inside `netns`, in a private mount
 /// namespace (gone with the process) holding the host's /sys (bpffs, cgroup2), a fresh /proc
 /// and the test's config directory, rooted at `rootfs`, with only the capabilities the
-/// manifests add (`drop: ["ALL"]`, then BPF, PERFMON and NET_ADMIN; `tests/deploy.rs` checks
+/// manifests add (`drop: ["ALL"]`, then `BPF`, `PERFMON` and `NET_ADMIN`; `tests/deploy.rs` checks
 /// that they are what `collector check` requires). The shell execs, so the child is the agent.
 fn launcher(netns: &Netns, rootfs: &Path, entrypoint: &str, config_dir: &Path) -> Command {
     let (root, config) = (rootfs.display(), config_dir.display());
