@@ -69,19 +69,23 @@ impl CounterHistory {
         }
     }
 
-    /// Per-second rate over the last `window`, from the newest sample at or before
-    /// (newest − window), or the oldest if none is that old; 0 with fewer than two samples.
+    /// Per-second rate over about the last `window`: from the sample whose age is nearest
+    /// `window` (the older one of two as near), or the oldest if none is that old; 0 with
+    /// fewer than two samples. Polls are a poll interval apart measured from when each began,
+    /// so the previous poll is often a millisecond under a second old: "at least `window`
+    /// old" then took the one before it, and the 1 s rate covered two polls half the time
+    /// (a rate that fell to zero showed as half the old one for a second more).
     #[must_use]
     pub fn rate(&self, window: Duration) -> f64 {
         let Some(&newest) = self.samples.back() else {
             return 0.0;
         };
+        let distance = |at: Duration| newest.0.saturating_sub(at).abs_diff(window);
         let base = self
             .samples
             .iter()
-            .rev()
-            .find(|&&(at, _)| newest.0.saturating_sub(at) >= window)
-            .or_else(|| self.samples.front())
+            .take(self.samples.len() - 1)
+            .min_by_key(|&&(at, _)| distance(at))
             .copied()
             .unwrap_or(newest);
         per_second(base, newest)
@@ -215,9 +219,33 @@ mod tests {
         history.record(secs(0.0), 0);
         history.record(secs(1.02), 102);
         history.record(secs(2.01), 300);
-        // Newest at 2.01: the newest sample at or before 1.01 is the one at 0.0.
-        assert!(close(history.rate(INSTANT), 300.0 / 2.01));
+        // Newest at 2.01: the sample nearest a second before is the one 0.99 s old.
+        assert!(close(history.rate(INSTANT), 198.0 / 0.99));
         assert!(close(history.history(5)[1], 198.0 / 0.99));
+        assert!(close(history.rate(RECENT), 300.0 / 2.01));
+    }
+
+    #[test]
+    fn the_instant_rate_covers_one_poll_when_the_last_is_a_little_under_a_second_old() {
+        let mut history = CounterHistory::new(secs(70.0));
+        // A steady 2,000 a second, then nothing; each poll a millisecond short of a second
+        // after the one before.
+        let mut at = 0.0;
+        for value in [0, 2000, 4000, 6000, 6000] {
+            history.record(secs(at), value);
+            at += 0.999;
+        }
+        assert!(
+            close(history.rate(INSTANT), 0.0),
+            "{}",
+            history.rate(INSTANT)
+        );
+        // Polls 100 ms apart: the window is ten of them.
+        let mut fast = CounterHistory::new(secs(70.0));
+        for poll in 0..=20u64 {
+            fast.record(Duration::from_millis(poll * 100), poll * 10);
+        }
+        assert!(close(fast.rate(INSTANT), 100.0));
     }
 
     #[test]
