@@ -188,8 +188,8 @@ pub struct ProxyStats {
     pub connection_rates: RateWindows,
     /// Live payload bytes per second, towards (in) and from (out) the proxy.
     pub throughput: Throughput,
-    /// Open connections per client address (heaviest clients only); `null` with
-    /// `client_stats = false`.
+    /// Open connections per client address, of the 20 clients with the most (ties: the
+    /// lowest addresses); `null` with `client_stats = false`.
     #[serde(rename = "connectionsByIP")]
     pub connections_by_ip: Option<BTreeMap<String, u64>>,
     /// Clients with the most connections opened since start; `null` with
@@ -320,7 +320,9 @@ pub struct CacheStats {
 #[serde(rename_all = "camelCase")]
 pub struct TopDomain {
     pub domain: String,
-    /// Queries since the name was tracked: never more than the true count.
+    /// Queries since the name was tracked: never more than the true count when every query
+    /// is sampled (`sample_every = 1`); with one in N sampled, the sampled count times N, an
+    /// estimate either way.
     pub count: u64,
     /// How many more it may have had: nonzero once more names were seen than the list
     /// tracks, for a name that took another's place.
