@@ -174,7 +174,15 @@ impl Endpoint {
             Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {}
             Err(err) => return Err(self.explain(err)),
         }
-        self.check_status(&status)?;
+        // An HTTP refusal's body says why (503: which cap the agent reached).
+        let reason = if is_http(&status) && !is_ok(&status) {
+            read_head(reader)
+                .ok()
+                .and_then(|framing| read_reason(reader, framing))
+        } else {
+            None
+        };
+        self.check_status(&status, reason.as_deref())?;
         read_head(reader).map_err(|err| {
             self.explain(err).context(format!(
                 "reading the head of the answer of the collector at {}",
@@ -183,8 +191,9 @@ impl Endpoint {
         })
     }
 
-    /// Whether `status` (the reply's first line) is a 200; otherwise why not, and the fix.
-    fn check_status(&self, status: &[u8]) -> anyhow::Result<()> {
+    /// Whether `status` (the reply's first line) is a 200; otherwise why not (with `reason`,
+    /// what the body of the answer said), and the fix.
+    fn check_status(&self, status: &[u8], reason: Option<&str>) -> anyhow::Result<()> {
         let addr = self.addr;
         if is_ok(status) {
             return Ok(());
@@ -223,7 +232,19 @@ impl Endpoint {
                 ),
             }
         }
-        bail!("the collector at {addr} answered {line}")
+        let Some(reason) = reason else {
+            bail!("the collector at {addr} answered {line}")
+        };
+        let setting = [
+            ("event streams", "max_event_streams"),
+            ("requests at once", "max_concurrent_requests"),
+        ]
+        .into_iter()
+        .find(|(said, _)| reason.contains(said))
+        .map_or(String::new(), |(_, key)| {
+            format!(" (the agent's [http] {key}; try again later)")
+        });
+        bail!("the collector at {addr} answered {line}: {reason}{setting}")
     }
 
     /// An I/O error of the exchange, with the fix when TLS refused the agent's certificate
@@ -254,6 +275,25 @@ impl Endpoint {
 /// Whether `status`, a reply's first line, is `200` in HTTP/1.1 or HTTP/1.0: a proxy in
 /// between may answer in HTTP/1.0 (and end the body with the connection, which `events`
 /// and `get_json` read to).
+fn is_http(status: &[u8]) -> bool {
+    status.starts_with(b"HTTP/1.1 ") || status.starts_with(b"HTTP/1.0 ")
+}
+
+/// The first KiB of a refusal's body, on one line; `None` if empty or unreadable.
+fn read_reason(reader: &mut impl BufRead, framing: Framing) -> Option<String> {
+    const MAX: u64 = 1024;
+    let mut body = Vec::new();
+    let read = match framing {
+        Framing::Chunked => Chunked::new(reader).take(MAX).read_to_end(&mut body),
+        Framing::Length(length) => reader.take(length.min(MAX)).read_to_end(&mut body),
+        Framing::UntilClose => reader.take(MAX).read_to_end(&mut body),
+    };
+    read.ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!text.is_empty()).then_some(text)
+}
+
 fn is_ok(status: &[u8]) -> bool {
     let mut fields = status
         .split(u8::is_ascii_whitespace)
@@ -674,6 +714,31 @@ fn number(value: &Value) -> f64 {
     value.as_f64().unwrap_or(0.0)
 }
 
+/// A figure that may be `null` (nothing to take it from, e.g. no close in the last minute):
+/// `-` then, not a zero that reads as a measurement.
+fn figure(value: &Value, precision: usize) -> String {
+    value
+        .as_f64()
+        .map_or_else(|| "-".to_owned(), |v| format!("{v:.precision$}"))
+}
+
+/// A share (0 to 1) as a percentage, `-` when `null`.
+fn percent(value: &Value) -> String {
+    value
+        .as_f64()
+        .map_or_else(|| "-".to_owned(), |v| format!("{:.1} %", v * 100.0))
+}
+
+/// Seconds in the unit that reads best (DNS answers take microseconds), `-` when `null`.
+fn duration(value: &Value) -> String {
+    match value.as_f64() {
+        None => "-".to_owned(),
+        Some(s) if s < 1e-3 => format!("{:.1} µs", s * 1e6),
+        Some(s) if s < 1.0 => format!("{:.2} ms", s * 1e3),
+        Some(s) => format!("{s:.3} s"),
+    }
+}
+
 /// A count as a plain integer: a JSON value's Display ignores the width, and would shift
 /// every column after it.
 fn count(value: &Value) -> u64 {
@@ -693,7 +758,7 @@ pub fn proxy_table(json: &Value) -> String {
     for route in json["routes"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "{:<16} {:<9} {:>8} {:>10} {:>10} {:>9.1} {:>12.0} {:>12.0} {:>10.4}",
+            "{:<16} {:<9} {:>8} {:>10} {:>10} {:>9.1} {:>12.0} {:>12.0} {:>10}",
             route["name"].as_str().unwrap_or(""),
             route["type"].as_str().unwrap_or(""),
             count(&route["active"]),
@@ -702,14 +767,14 @@ pub fn proxy_table(json: &Value) -> String {
             number(&route["connectionsPerSecond"]["instant"]),
             number(&route["throughput"]["bytesIn"]["instant"]),
             number(&route["throughput"]["bytesOut"]["instant"]),
-            number(&route["duration"]["p50"]),
+            figure(&route["duration"]["p50"], 4),
         );
     }
     let _ = writeln!(
         out,
         "total: {} active, {} connections, {:.1} new/s",
-        json["activeConnections"],
-        json["totalConnections"],
+        count(&json["activeConnections"]),
+        count(&json["totalConnections"]),
         number(&json["requestsPerSecond"])
     );
     out
@@ -734,10 +799,10 @@ pub fn dns_table(json: &Value) -> String {
     let _ = writeln!(
         out,
         "queries {} ({:.1}/s), responses {}, error rate {} (last minute)",
-        json["totalQueries"],
+        count(&json["totalQueries"]),
         number(&json["queriesPerSecond"]),
-        json["totalResponses"],
-        json["errorRate"]
+        count(&json["totalResponses"]),
+        percent(&json["errorRate"])
     );
     let matching = json["matchResponses"] != false;
     // With `[dns] match_every` above 1, the matched figures count a sample: say of what.
@@ -749,7 +814,9 @@ pub fn dns_table(json: &Value) -> String {
         let _ = writeln!(
             out,
             "cache: {} hits, {} misses, hit rate {} (last minute){sample}",
-            json["cacheStats"]["hits"], json["cacheStats"]["misses"], json["cacheStats"]["hitRate"]
+            count(&json["cacheStats"]["hits"]),
+            count(&json["cacheStats"]["misses"]),
+            percent(&json["cacheStats"]["hitRate"])
         );
     }
     let _ = writeln!(out, "types: {}", pairs(&json["queryTypeBreakdown"]));
@@ -757,8 +824,10 @@ pub fn dns_table(json: &Value) -> String {
     if matching {
         let _ = writeln!(
             out,
-            "latency: p50 {} s, p99 {} s ({} answered in the last minute){sample}",
-            json["latency"]["p50"], json["latency"]["p99"], json["latency"]["count"]
+            "latency: p50 {}, p99 {} ({} answered in the last minute){sample}",
+            duration(&json["latency"]["p50"]),
+            duration(&json["latency"]["p99"]),
+            count(&json["latency"]["count"])
         );
     } else {
         let _ = writeln!(
@@ -768,9 +837,14 @@ pub fn dns_table(json: &Value) -> String {
     }
     let _ = writeln!(out, "top domains:");
     for domain in json["topDomains"].as_array().into_iter().flatten().take(10) {
+        // Past the tracked set a count may be short by its inherited count: say by how much.
+        let undercount = match count(&domain["maxUndercount"]) {
+            0 => String::new(),
+            more => format!("  (up to {more} more)"),
+        };
         let _ = writeln!(
             out,
-            "  {:>10}  {}",
+            "  {:>10}  {}{undercount}",
             count(&domain["count"]),
             domain["domain"].as_str().unwrap_or("")
         );
@@ -778,54 +852,76 @@ pub fn dns_table(json: &Value) -> String {
     out
 }
 
+/// Clears the screen and homes the cursor, like watch(1).
+const CLEAR: &str = "\x1b[2J\x1b[H";
+
+/// Shows `fetch`'s text every second (`clear`: on a cleared screen). The first failure ends
+/// it (a wrong address or credentials); a later one, such as the agent restarting, is shown
+/// in place of the figures and tried again a second later.
+fn refresh(
+    agent: &Endpoint,
+    clear: bool,
+    mut fetch: impl FnMut() -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    let mut shown = false;
+    loop {
+        let text = match fetch() {
+            Ok(text) => text,
+            Err(err) if !shown => return Err(err),
+            Err(err) => format!(
+                "the collector at {} did not answer: {err:#}\ntrying again every second \
+                 (Ctrl-C to stop)\n",
+                agent.addr
+            ),
+        };
+        shown = true;
+        output::write(|out| {
+            if clear {
+                write!(out, "{CLEAR}")?;
+            }
+            write!(out, "{text}")
+        })?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 /// `collector stats proxy|dns`: once, or every second with `watch`.
 pub fn stats(agent: &Endpoint, dns: bool, json: bool, watch: bool) -> anyhow::Result<()> {
     let path = if dns { "/api/v1/dns" } else { "/api/v1/proxy" };
-    loop {
+    let fetch = || -> anyhow::Result<String> {
         let value = get_json(agent, path)?;
-        let text = if json {
+        Ok(if json {
             format!("{value}\n")
         } else if dns {
             dns_table(&value)
         } else {
             proxy_table(&value)
-        };
-        output::write(|out| {
-            if watch && !json {
-                // Clear the screen and home the cursor, like watch(1).
-                write!(out, "\x1b[2J\x1b[H")?;
-            }
-            write!(out, "{text}")
-        })?;
-        if !watch {
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        })
+    };
+    if watch {
+        return refresh(agent, !json, fetch);
     }
+    let text = fetch()?;
+    output::write(|out| write!(out, "{text}"))
 }
 
 /// `collector top`: routes and DNS together, refreshed every second (or once).
 pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
-    loop {
+    let fetch = || -> anyhow::Result<String> {
         let proxy = get_json(agent, "/api/v1/proxy")?;
         let dns = get_json(agent, "/api/v1/dns")?;
-        output::write(|out| {
-            if !once {
-                write!(out, "\x1b[2J\x1b[H")?;
-            }
-            writeln!(out, "collector at {}\n", agent.addr)?;
-            write!(out, "{}", proxy_table(&proxy))?;
-            if dns["enabled"] == true {
-                writeln!(out)?;
-                write!(out, "{}", dns_table(&dns))?;
-            }
-            Ok(())
-        })?;
-        if once {
-            return Ok(());
+        let mut text = format!("collector at {}\n\n{}", agent.addr, proxy_table(&proxy));
+        if dns["enabled"] == true {
+            text.push('\n');
+            text.push_str(&dns_table(&dns));
         }
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        Ok(text)
+    };
+    if !once {
+        return refresh(agent, true, fetch);
     }
+    let text = fetch()?;
+    output::write(|out| write!(out, "{text}"))
 }
 
 #[cfg(test)]
@@ -844,11 +940,11 @@ mod tests {
     fn each_refusal_names_its_fix() {
         let plain =
             Endpoint::new(Some("127.0.0.1:9464".parse().unwrap()), None, None, None).unwrap();
-        let refused = |status: &[u8]| plain.check_status(status).unwrap_err().to_string();
-        assert!(plain.check_status(b"HTTP/1.1 200 OK\r\n").is_ok());
+        let refused = |status: &[u8]| plain.check_status(status, None).unwrap_err().to_string();
+        assert!(plain.check_status(b"HTTP/1.1 200 OK\r\n", None).is_ok());
         // An HTTP/1.0 proxy in between answers in its version.
-        assert!(plain.check_status(b"HTTP/1.0 200 OK\r\n").is_ok());
-        assert!(plain.check_status(b"HTTP/1.0 200\r\n").is_ok());
+        assert!(plain.check_status(b"HTTP/1.0 200 OK\r\n", None).is_ok());
+        assert!(plain.check_status(b"HTTP/1.0 200\r\n", None).is_ok());
         assert_eq!(
             refused(b"HTTP/1.0 2000 OK\r\n"),
             "the collector at 127.0.0.1:9464 answered HTTP/1.0 2000 OK"
@@ -873,6 +969,18 @@ mod tests {
         assert_eq!(
             refused(b"HTTP/1.1 503 Service Unavailable\r\n"),
             "the collector at 127.0.0.1:9464 answered HTTP/1.1 503 Service Unavailable"
+        );
+        // The agent's own reason, as its body says it, with the setting behind it.
+        let mut answer: &[u8] = b"content-length: 31\r\n\r\ntoo many event streams at once\n";
+        let framing = read_head(&mut answer).unwrap();
+        let reason = read_reason(&mut answer, framing);
+        assert_eq!(
+            plain
+                .check_status(b"HTTP/1.1 503 Service Unavailable\r\n", reason.as_deref())
+                .unwrap_err()
+                .to_string(),
+            "the collector at 127.0.0.1:9464 answered HTTP/1.1 503 Service Unavailable: too \
+             many event streams at once (the agent's [http] max_event_streams; try again later)"
         );
 
         let name = ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
@@ -1110,7 +1218,15 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             "topDomains": [{"domain": "example.com", "count": 9}]
         });
         let text = dns_table(&dns);
-        assert!(text.contains("cache: 8 hits, 1 misses"), "{text}");
+        assert!(
+            text.contains("cache: 8 hits, 1 misses, hit rate 88.8 % (last minute)"),
+            "{text}"
+        );
+        assert!(text.contains("error rate 0.0 % (last minute)"), "{text}");
+        assert!(
+            text.contains("latency: p50 1.00 ms, p99 2.00 ms (9 answered"),
+            "{text}"
+        );
         assert!(!text.contains("matched"), "{text}");
         assert!(text.contains("types: A 9"));
         assert!(text.contains("\n           9  example.com"), "{text}");
@@ -1126,11 +1242,27 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         );
         assert!(text.contains("not measured ([dns] match_responses = false)"));
 
+        // Nothing to take a figure from is `-`, not a zero; microseconds read as such; a
+        // count that may be short says by how much.
+        let idle = serde_json::json!({
+            "routes": [{"name": "web", "duration": {"p50": null}}],
+            "errorRate": null, "cacheStats": {"hitRate": null},
+            "latency": {"p50": 7.8e-6, "p99": null},
+            "topDomains": [{"domain": "a.example", "count": 5, "maxUndercount": 410}]
+        });
+        let web = proxy_table(&idle).lines().nth(1).unwrap().to_owned();
+        assert!(web.ends_with(" -"), "{web}");
+        let text = dns_table(&idle);
+        assert!(text.contains("error rate - (last minute)"), "{text}");
+        assert!(text.contains("hit rate - (last minute)"), "{text}");
+        assert!(text.contains("latency: p50 7.8 µs, p99 -"), "{text}");
+        assert!(text.contains("5  a.example  (up to 410 more)"), "{text}");
+
         let mut sampled = dns;
         sampled["matchEvery"] = 16.into();
         let text = dns_table(&sampled);
         assert!(
-            text.contains("hit rate 0.888 (last minute) (one query in 16 matched)")
+            text.contains("hit rate 88.8 % (last minute) (one query in 16 matched)")
                 && text.contains("(9 answered in the last minute) (one query in 16 matched)"),
             "{text}"
         );

@@ -680,3 +680,74 @@ fn an_agent_that_never_answers_is_an_error_not_a_hang() {
     assert!(stderr.contains("did not answer within 10 s"), "{stderr}");
     drop(silent);
 }
+
+/// A refusal's body is the agent's reason: `collector events` at the agent's cap on streams
+/// says which cap it met, as the agent words it, and the setting behind it.
+#[test]
+fn a_refusal_says_the_agents_reason() {
+    let (addr, server) = answering(vec![
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+          content-length: 31\r\n\r\ntoo many event streams at once\n"
+            .to_vec(),
+    ]);
+    let out = Command::new(COLLECTOR)
+        .args(["events", "--listen", &addr])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "answered HTTP/1.1 503 Service Unavailable: too many event streams at once (the \
+             agent's [http] max_event_streams; try again later)"
+        ),
+        "{stderr}"
+    );
+    server.join().unwrap();
+}
+
+/// `stats --watch` shows a failed refresh (an agent restarting) in place of the figures and
+/// goes on; only a first failure ends it.
+#[test]
+fn watching_goes_on_through_a_failed_refresh() {
+    use std::io::Read as _;
+    let ok = |active: u32| {
+        let body = format!("{{\"activeConnections\":{active},\"routes\":[]}}");
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let (addr, server) = answering(vec![ok(3), Vec::new(), ok(4)]);
+    let mut watch = Command::new(COLLECTOR)
+        .args(["stats", "proxy", "--watch", "--listen", &addr])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("total: 4 active") {
+        let read = stdout.read(&mut buf).unwrap();
+        assert!(read > 0, "the watch ended:\n{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..read]));
+    }
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    server.join().unwrap();
+    let (first, rest) = seen.split_once("total: 3 active").unwrap();
+    assert!(!first.contains("did not answer"), "{seen}");
+    let (failed, _) = rest.split_once("total: 4 active").unwrap();
+    assert!(
+        failed.contains("did not answer") && failed.contains("trying again every second"),
+        "{seen}"
+    );
+
+    // A first failure is an error, as without --watch.
+    let out = Command::new(COLLECTOR)
+        .args(["stats", "proxy", "--watch", "--listen", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
