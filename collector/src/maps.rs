@@ -63,6 +63,26 @@ fn per_cpu<T: aya::Pod>(data: MapData) -> anyhow::Result<PerCpuArray<MapData, T>
     Ok(PerCpuArray::try_from(Map::from_map_data(data)?)?)
 }
 
+/// `err`, from reading the pinned map `name`, with what it means: a key or value of another
+/// size than this build's is a map another build pinned.
+fn explain(err: anyhow::Error, name: &str) -> anyhow::Error {
+    use aya::maps::MapError;
+    let other_build = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<MapError>(),
+            Some(MapError::InvalidKeySize { .. } | MapError::InvalidValueSize { .. })
+        )
+    });
+    if other_build {
+        err.context(format!(
+            "the pinned map {name} has another shape than this build's: another build of the \
+             collector pinned it (read it with that build's `collector maps`)"
+        ))
+    } else {
+        err.context(format!("reading the pinned map {name}"))
+    }
+}
+
 /// Counts the entries of an array map for which `used` holds.
 fn count_used<T: aya::Pod>(data: MapData, used: fn(&T) -> bool) -> anyhow::Result<u32> {
     let map = array::<T>(data)?;
@@ -88,12 +108,14 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
         let data = open(pin_dir, name)?;
         let info = data.info()?;
         let in_use = match name {
-            map_names::CONN_STATE => Some(count_used::<ConnState>(data, |s| s.cookie != 0)?),
-            map_names::DNS_INFLIGHT => Some(count_used::<DnsInFlight>(data, |s| s.start_ns != 0)?),
-            map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |stamp| *stamp != 0)?),
-            map_names::ROUTE_NAMES => Some(count_used::<RouteName>(data, |n| n.bytes[0] != 0)?),
+            map_names::CONN_STATE => Some(count_used::<ConnState>(data, |s| s.cookie != 0)),
+            map_names::DNS_INFLIGHT => Some(count_used::<DnsInFlight>(data, |s| s.start_ns != 0)),
+            map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |stamp| *stamp != 0)),
+            map_names::ROUTE_NAMES => Some(count_used::<RouteName>(data, |n| n.bytes[0] != 0)),
             _ => None,
-        };
+        }
+        .transpose()
+        .map_err(|err| explain(err, name))?;
         rows.push(MapRow {
             name,
             kind: info
@@ -107,8 +129,10 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
     }
     if rows.is_empty() {
         bail!(
-            "no pinned maps under {} (is a collector running, or did one crash, with this pin_dir?)",
-            map_dir.display()
+            "no pinned maps under {} (is a collector running, or did one crash, with this \
+             pin_dir?){}",
+            map_dir.display(),
+            other_layouts(pin_dir)
         );
     }
     Ok(rows)
@@ -135,8 +159,39 @@ fn client(addr: [u8; 16], port: u16) -> String {
     std::net::SocketAddr::new(Ipv6Addr::from(addr).to_canonical(), port).to_string()
 }
 
+/// Other builds' layout directories beside this build's (`v2` next to `v1`), as a sentence
+/// to add to "no pinned maps"; empty when there are none.
+fn other_layouts(pin_dir: &Path) -> String {
+    let mut others: Vec<String> = std::fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            name != paths::PIN_LAYOUT_VERSION
+                && name
+                    .strip_prefix('v')
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    others.sort();
+    if others.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; {} holds pins of another build's layout ({}), which that build's `collector maps` \
+         reads",
+        pin_dir.display(),
+        others.join(", ")
+    )
+}
+
 /// The decoded contents of one pinned map, as JSON (summed over CPUs where per-CPU).
 pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
+    decode(pin_dir, name).map_err(|err| explain(err, name))
+}
+
+fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
     Ok(match name {
         map_names::PIN_OWNER => json!({
             "netnsCookie": array::<u64>(open(pin_dir, name)?)?.get(&0, 0)?
@@ -222,8 +277,24 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             }
             json!(rows)
         }
+        map_names::DNS_UPSTREAM => {
+            // Slots hold when the host last asked an upstream for a name and type hashed
+            // there (monotonic ns); the names themselves are not kept.
+            let map = array::<u64>(open(pin_dir, name)?)?;
+            let mut rows = Vec::new();
+            for (slot, stamp) in (0u32..).zip(map.iter()) {
+                let stamp = stamp?;
+                if stamp != 0 {
+                    rows.push(json!({"slot": slot, "askedNs": stamp}));
+                }
+            }
+            json!(rows)
+        }
+        map_names::DNS_UPSTREAM_LATEST => json!({
+            "latestUpstreamNs": array::<u64>(open(pin_dir, name)?)?.get(&0, 0)?
+        }),
         _ => bail!(
-            "no decoder for {name}: the pinned maps are {}",
+            "no pinned map {name}: the pinned maps are {}",
             PINNED_MAPS.join(", ")
         ),
     })

@@ -163,7 +163,11 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
         .collect();
     for name in collector_common::PINNED_MAPS {
         assert!(names.contains(&name), "{name} missing from {list}");
+        // Every map the list shows has a decoder.
+        collector(&["maps", "dump", name], &config);
     }
+    let latest_dumped = collector(&["maps", "dump", map_names::DNS_UPSTREAM_LATEST], &config);
+    assert_eq!(latest_dumped["latestUpstreamNs"], latest);
     let conn_state = list
         .as_array()
         .unwrap()
@@ -229,4 +233,49 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
     );
     drop((clients, held));
     // AgentConfig's drop runs `collector cleanup --apply` on the crashed agent's pins.
+}
+
+/// Pins another build made: a map of another shape is named, with whose it is, and a pin
+/// directory holding only another build's layout says so.
+#[test]
+fn pins_of_another_build_are_said_to_be_so() {
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test"));
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _removed = Removed(pin_dir.clone());
+    let maps = |args: &[&str]| {
+        let out = std::process::Command::new(COLLECTOR)
+            .arg("maps")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Only another layout's directory.
+    std::fs::create_dir_all(pin_dir.join("v2")).unwrap();
+    let stderr = maps(&["list"]);
+    assert!(
+        stderr.contains("no pinned maps under") && stderr.contains("another build's layout (v2)"),
+        "{stderr}"
+    );
+    // A CONN_STATE of another value size in this build's layout.
+    std::fs::create_dir_all(pin_dir.join("v1")).unwrap();
+    support::pin_plain_array(&pin_dir.join("v1").join(map_names::CONN_STATE), 16, 16);
+    for args in [&["list"][..], &["dump", map_names::CONN_STATE]] {
+        let stderr = maps(args);
+        assert!(
+            stderr.contains(
+                "the pinned map CONN_STATE has another shape than this build's: another build of \
+                 the collector pinned it"
+            ),
+            "{args:?}: {stderr}"
+        );
+    }
 }
