@@ -277,19 +277,7 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             }
             json!(rows)
         }
-        map_names::DNS_UPSTREAM => {
-            // Slots hold when the host last asked an upstream for a name and type hashed
-            // there (monotonic ns); the names themselves are not kept.
-            let map = array::<u64>(open(pin_dir, name)?)?;
-            let mut rows = Vec::new();
-            for (slot, stamp) in (0u32..).zip(map.iter()) {
-                let stamp = stamp?;
-                if stamp != 0 {
-                    rows.push(json!({"slot": slot, "askedNs": stamp}));
-                }
-            }
-            json!(rows)
-        }
+        map_names::DNS_UPSTREAM => dump_upstream(pin_dir)?,
         map_names::DNS_UPSTREAM_LATEST => json!({
             "latestUpstreamNs": array::<u64>(open(pin_dir, name)?)?.get(&0, 0)?
         }),
@@ -298,6 +286,20 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             PINNED_MAPS.join(", ")
         ),
     })
+}
+
+/// Slots hold when the host last asked an upstream for a name and type hashed there
+/// (monotonic ns); the names themselves are not kept.
+fn dump_upstream(pin_dir: &Path) -> anyhow::Result<Value> {
+    let map = array::<u64>(open(pin_dir, map_names::DNS_UPSTREAM)?)?;
+    let mut rows = Vec::new();
+    for (slot, stamp) in (0u32..).zip(map.iter()) {
+        let stamp = stamp?;
+        if stamp != 0 {
+            rows.push(json!({"slot": slot, "askedNs": stamp}));
+        }
+    }
+    Ok(json!(rows))
 }
 
 fn dump_traffic(pin_dir: &Path) -> anyhow::Result<Value> {

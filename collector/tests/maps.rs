@@ -239,13 +239,13 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
 /// directory holding only another build's layout says so.
 #[test]
 fn pins_of_another_build_are_said_to_be_so() {
-    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test"));
     struct Removed(std::path::PathBuf);
     impl Drop for Removed {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test"));
     let _removed = Removed(pin_dir.clone());
     let maps = |args: &[&str]| {
         let out = std::process::Command::new(COLLECTOR)
