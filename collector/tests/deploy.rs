@@ -52,12 +52,13 @@ fn pod_spec(manifest: &str) -> serde_json::Value {
     workload["spec"]["template"]["spec"].clone()
 }
 
-/// The collector's container in a pod spec.
+/// The collector's container in a pod spec: an ordinary container (the `DaemonSet`'s) or a
+/// native sidecar, an init container (the sidecar example's).
 fn collector_container(spec: &serde_json::Value) -> &serde_json::Value {
-    spec["containers"]
-        .as_array()
-        .unwrap()
+    ["containers", "initContainers"]
         .iter()
+        .filter_map(|list| spec[*list].as_array())
+        .flatten()
         .find(|c| c["name"] == "collector")
         .expect("a container named collector")
 }
@@ -146,6 +147,37 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
             "the sidecar's {gate} gates the proxy pod's readiness"
         );
     }
+    // A native sidecar (an init container with restartPolicy Always), which the kubelet stops
+    // after the proxy: an ordinary container stopped at once while the proxy drained, and its
+    // pod's target read up 0 (CollectorDown) on every rollout. The proxy starts once the
+    // collector runs: a postStart hook would hold it back as a startup probe would.
+    let native = sidecar["initContainers"].as_array().map_or(0, |init| {
+        init.iter()
+            .filter(|c| c["name"] == "collector" && c["restartPolicy"] == "Always")
+            .count()
+    });
+    assert_eq!(native, 1, "the collector is not a native sidecar");
+    assert!(
+        sidecar["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["name"] != "collector"),
+        "the collector is an ordinary container too"
+    );
+    assert_eq!(
+        sidecar["initContainers"].as_array().unwrap().len(),
+        1,
+        "an init container before the collector delays its start, one after it the proxy's"
+    );
+    assert!(collector["lifecycle"]["postStart"].is_null());
+    // Before Kubernetes 1.29 the field is dropped and the init container never ends: the
+    // manifest says what to do there instead.
+    let text = read("kubernetes/sidecar.yaml");
+    assert!(
+        text.contains("Before 1.29") && text.contains("preStop"),
+        "the sidecar says nothing of Kubernetes before 1.29"
+    );
     assert_eq!(collector["livenessProbe"]["httpGet"]["path"], "/healthz");
     let mut optional = 0;
     for volume in sidecar["volumes"].as_array().unwrap() {
@@ -291,6 +323,14 @@ fn the_kubernetes_scrape_job_finds_the_manifests_collectors_and_passes_promtool(
         );
         assert_eq!(keep["regex"], matched, "{manifest}");
     }
+
+    // The sidecar is an init container: a job that dropped those would lose it.
+    assert!(
+        relabel.iter().all(|r| !r
+            .to_string()
+            .contains("__meta_kubernetes_pod_container_init")),
+        "{relabel:?}"
+    );
 
     // Every scrape job sets the label the alerts select on, whatever the job is called.
     assert!(
