@@ -368,6 +368,217 @@ fn the_kubernetes_scrape_job_finds_the_manifests_collectors_and_passes_promtool(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A section of README.md: from its `## heading` line to the next `## ` heading.
+fn readme_section(heading: &str) -> String {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let start = readme
+        .find(&format!("\n## {heading}\n"))
+        .unwrap_or_else(|| panic!("README.md has no section {heading}"));
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |at| at + 4);
+    rest[..end].to_owned()
+}
+
+/// The fenced code blocks of a Markdown text whose info string is `lang`.
+fn fenced_blocks(text: &str, lang: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(&format!("```{lang}\n")) {
+        let body = &rest[at + lang.len() + 4..];
+        let end = body.find("```").expect("a closed code block");
+        blocks.push(body[..end].to_owned());
+        rest = &body[end + 3..];
+    }
+    blocks
+}
+
+/// The server name Prometheus checks the collectors' certificate for (kubernetes.yml's and
+/// podmonitor.yaml's, which must agree).
+fn scraped_server_name() -> String {
+    let job = yaml("prometheus/kubernetes.yml").remove(0)["scrape_configs"][0].clone();
+    let monitor = yaml("prometheus/podmonitor.yaml").remove(0);
+    let name = job["tls_config"]["server_name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"][0]["tlsConfig"]["serverName"],
+        name.as_str()
+    );
+    name
+}
+
+/// The Secrets a manifest's pods mount.
+fn mounted_secrets(manifest: &str) -> Vec<String> {
+    pod_spec(manifest)["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// cert-manager's certificate.yaml issues the Secret the manifests mount as their TLS files,
+/// for the name Prometheus checks, from a CA of its own (whose `ca.crt` survives renewals).
+#[test]
+fn the_certificate_is_issued_for_what_prometheus_checks_into_the_mounted_secret() {
+    let docs = yaml("kubernetes/certificate.yaml");
+    let named = |kind: &str, name: &serde_json::Value| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == *name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in certificate.yaml"))
+            .clone()
+    };
+    let leaf = named("Certificate", &serde_json::json!("collector"));
+    let tls_secret = pod_spec("kubernetes/daemonset.yaml")["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .expect("the tls volume")["secret"]["secretName"]
+        .clone();
+    assert_eq!(leaf["spec"]["secretName"], tls_secret);
+    assert!(
+        mounted_secrets("kubernetes/sidecar.yaml")
+            .contains(&tls_secret.as_str().unwrap().to_owned())
+    );
+    assert_eq!(
+        leaf["spec"]["dnsNames"],
+        serde_json::json!([scraped_server_name()])
+    );
+    assert_ne!(
+        leaf["spec"]["isCA"], true,
+        "the CLI refuses a CA as the agent's own"
+    );
+    for doc in &docs {
+        assert_eq!(doc["metadata"]["namespace"], "ingress");
+    }
+    // The leaf's issuer signs with a CA certificate, which a self-signed issuer made.
+    let issuer = named("Issuer", &leaf["spec"]["issuerRef"]["name"]);
+    let ca = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "Certificate"
+                && d["spec"]["secretName"] == issuer["spec"]["ca"]["secretName"]
+        })
+        .expect("the CA issuer's Certificate");
+    assert_eq!(ca["spec"]["isCA"], true);
+    let root = named("Issuer", &ca["spec"]["issuerRef"]["name"]);
+    assert!(root["spec"]["selfSigned"].is_object());
+}
+
+/// README's "Deploy to Kubernetes" makes every Secret the manifests mount before it applies
+/// them, and its openssl commands make a certificate the agent loads and Prometheus and the
+/// CLI accept for the scrape configs' server name.
+#[test]
+fn the_readmes_kubernetes_steps_make_what_the_manifests_need() {
+    let section = readme_section("Deploy to Kubernetes");
+    assert!(
+        section.contains(
+            "kubectl label namespace ingress pod-security.kubernetes.io/enforce=privileged"
+        )
+    );
+    let daemonset = pod_spec("kubernetes/daemonset.yaml");
+    for label in daemonset["nodeSelector"].as_object().unwrap().keys() {
+        assert!(section.contains(&format!("kubectl label node NODE {label}=")), "{label}");
+    }
+    let apply = section
+        .find("kubectl apply -f deploy/kubernetes/daemonset.yaml")
+        .expect("the DaemonSet applied");
+    for secret in mounted_secrets("kubernetes/daemonset.yaml") {
+        let made = section
+            .find(&format!("create secret generic {secret} "))
+            .unwrap_or_else(|| panic!("README makes no Secret {secret}"));
+        if secret == "collector-tls" {
+            // cert-manager's way comes first; openssl's is the alternative.
+            let issued = section
+                .find("kubectl apply -f deploy/kubernetes/certificate.yaml")
+                .expect("the certificate applied");
+            assert!(issued < apply, "the certificate after the DaemonSet");
+        } else {
+            assert!(made < apply, "{secret} after the DaemonSet");
+        }
+    }
+    // The key the ConfigMap's bearer_token_file reads.
+    assert!(section.contains("create secret generic collector-token --from-literal=token="));
+    assert!(read("kubernetes/daemonset.yaml").contains("/etc/collector/token/token"));
+
+    // The openssl commands, kubectl's left out, in a directory of their own.
+    let block = fenced_blocks(&section, "sh")
+        .into_iter()
+        .find(|b| b.contains("openssl req -x509"))
+        .expect("the openssl commands");
+    let commands: Vec<String> = block
+        .replace("\\\n", " ")
+        .lines()
+        .filter(|line| !line.starts_with("kubectl"))
+        .map(str::to_owned)
+        .collect();
+    let dir = std::env::temp_dir().join(format!("collector-readme-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    run_ok(
+        Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &commands.join("\n")])
+            .current_dir(&dir),
+        "README's openssl commands",
+    );
+    let server_name = scraped_server_name();
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "verify",
+                "-CAfile",
+                "ca.crt",
+                "-verify_hostname",
+                &server_name,
+                "tls.crt",
+            ])
+            .current_dir(&dir),
+        "the certificate for the scrape configs' server name",
+    );
+    let constraints = run_ok(
+        Command::new("openssl")
+            .args([
+                "x509",
+                "-in",
+                "tls.crt",
+                "-noout",
+                "-ext",
+                "basicConstraints",
+            ])
+            .current_dir(&dir),
+        "openssl x509",
+    );
+    assert!(constraints.contains("CA:FALSE"), "{constraints}");
+    let config = dir.join("collector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "pin_dir = \"/sys/fs/bpf/collector-readme-tls\"\n[http]\ntls_cert_file = \"{0}/tls.crt\"\ntls_key_file = \"{0}/tls.key\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(COLLECTOR)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("pass") && line.split_whitespace().nth(1) == Some("http")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The fields of a relabeling, in Prometheus's spelling.
 const RELABEL_FIELDS: [&str; 5] = [
     "source_labels",
