@@ -482,7 +482,10 @@ fn the_readmes_kubernetes_steps_make_what_the_manifests_need() {
     );
     let daemonset = pod_spec("kubernetes/daemonset.yaml");
     for label in daemonset["nodeSelector"].as_object().unwrap().keys() {
-        assert!(section.contains(&format!("kubectl label node NODE {label}=")), "{label}");
+        assert!(
+            section.contains(&format!("kubectl label node NODE {label}=")),
+            "{label}"
+        );
     }
     let apply = section
         .find("kubectl apply -f deploy/kubernetes/daemonset.yaml")
@@ -577,6 +580,35 @@ fn the_readmes_kubernetes_steps_make_what_the_manifests_need() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// README's configuration block is the embedded default: the same keys and values as
+/// collector/src/default.toml (the comments differ).
+#[test]
+fn the_readmes_config_is_the_embedded_default() {
+    let block = fenced_blocks(&readme_section("Configuration"), "toml")
+        .into_iter()
+        .next()
+        .expect("README's config block");
+    let readme: toml::Table = toml::from_str(&block).unwrap();
+    let default: toml::Table = toml::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/default.toml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(readme, default);
+    // What default.toml leaves commented out, the README shows commented out too.
+    for key in [
+        "cgroup2",
+        "bearer_token_file",
+        "basic_auth_users_file",
+        "tls_cert_file",
+        "tls_key_file",
+    ] {
+        assert!(block.contains(&format!("# {key} = ")), "{key}");
+    }
 }
 
 /// The fields of a relabeling, in Prometheus's spelling.
