@@ -1,8 +1,9 @@
 //! Developer tasks: `cargo xtask prereqs | run | test | bench`.
 //!
-//! Every task first installs what is missing (Debian packages, the pinned nightly of
-//! collector-ebpf/rust-toolchain.toml with `rust-src`, bpf-linker built against LLVM 22), so
-//! the two commands in the README work on a fresh machine.
+//! Every task first installs what is missing (Debian packages, with the services they bring
+//! disabled, the pinned nightly of collector-ebpf/rust-toolchain.toml with `rust-src`,
+//! rustfmt for the host toolchain, bpf-linker 0.13.0 built against LLVM 22), so the two
+//! commands in the README work on a machine with rustup.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,6 +16,9 @@ use clap::{Parser, Subcommand};
 /// LLVM major version of the kernel crate's nightly (collector-ebpf/rust-toolchain.toml):
 /// bpf-linker must be built against it.
 const LLVM_MAJOR: &str = "22";
+/// The bpf-linker release the kernel crate links with, built with only the LLVM above
+/// (`--no-default-features --features llvm-22`): another release or LLVM is replaced.
+const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Set by cargo's rustup proxy for everything `cargo xtask` runs; it would override the
 /// kernel crate's rust-toolchain.toml.
 const TOOLCHAIN_OVERRIDE: &str = "RUSTUP_TOOLCHAIN";
@@ -42,6 +46,16 @@ const APT_PACKAGES: &[&str] = &[
     // Builds deploy/container/Containerfile in the tests, on a Debian base made locally.
     "podman",
     "debootstrap",
+];
+/// Services that packages above bring and enable, each on a port of the host (53, 80,
+/// 9090): installed for their binaries only, which the tests and the benchmark start in
+/// namespaces of their own, so they are disabled once installed (after a reboot they would
+/// take those ports). The package, and the unit it enables (nginx-light's comes with
+/// nginx-common).
+const SERVICES: &[(&str, &str)] = &[
+    ("unbound", "unbound.service"),
+    ("nginx-light", "nginx.service"),
+    ("prometheus", "prometheus.service"),
 ];
 
 #[derive(Parser)]
@@ -267,6 +281,10 @@ fn image(root: &Path, tag: &str, base: Option<&str>) -> anyhow::Result<()> {
 
 /// Where Debian's maintainer scripts ask whether they may start a service.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+/// The line that marks a policy-rc.d as ours (earlier versions wrote it too): one left behind
+/// by a run that was killed (Ctrl-C during apt-get) would forbid every service start on the
+/// host for good, so the next run removes it.
+const POLICY_MARKER: &str = "# cargo xtask prereqs: no service starts while it installs packages";
 
 /// While it lives, packages install without starting their services: unbound, nginx and
 /// prometheus are installed for their binaries, which the tests and the benchmark start in
@@ -275,20 +293,17 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 struct NoServiceStarts(Option<PathBuf>);
 
 impl NoServiceStarts {
-    fn new() -> anyhow::Result<Self> {
+    fn new(path: &Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt as _;
-        let path = PathBuf::from(POLICY_RC_D);
+        remove_stale_policy(path)?;
         if path.exists() {
             return Ok(Self(None));
         }
         // 101: "action forbidden by policy" (invoke-rc.d(8)).
-        std::fs::write(
-            &path,
-            "#!/bin/sh\n# cargo xtask prereqs: no service starts while it installs packages\nexit 101\n",
-        )
-        .with_context(|| format!("writing {POLICY_RC_D}"))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-        Ok(Self(Some(path)))
+        std::fs::write(path, format!("#!/bin/sh\n{POLICY_MARKER}\nexit 101\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self(Some(path.to_path_buf())))
     }
 }
 
@@ -300,6 +315,70 @@ impl Drop for NoServiceStarts {
     }
 }
 
+/// Removes a policy-rc.d of ours that an interrupted run left; anyone else's stands.
+fn remove_stale_policy(path: &Path) -> anyhow::Result<()> {
+    let ours = std::fs::read_to_string(path)
+        .is_ok_and(|text| text.lines().any(|line| line == POLICY_MARKER));
+    if ours {
+        eprintln!(
+            "xtask: removing {} left by an interrupted `cargo xtask prereqs`",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The units of `SERVICES` whose packages are among `installed`.
+fn units_of(installed: &[&str]) -> Vec<&'static str> {
+    SERVICES
+        .iter()
+        .filter(|(package, _)| installed.contains(package))
+        .map(|&(_, unit)| unit)
+        .collect()
+}
+
+/// Disables `units` (nothing started them: see `NoServiceStarts`), under `root` when given
+/// (`systemctl --root`). systemctl changes the unit links itself where systemd is not running
+/// (a container, a chroot), and a host without systemctl has nothing to disable.
+fn disable_services(root: Option<&Path>, units: &[&str]) -> anyhow::Result<()> {
+    if units.is_empty() || !succeeds("systemctl", &["--version"]) {
+        return Ok(());
+    }
+    let mut args = vec!["disable".to_owned(), "--quiet".to_owned()];
+    if let Some(root) = root {
+        args.push(format!("--root={}", root.display()));
+    }
+    args.extend(units.iter().map(|&unit| unit.to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_checked("systemctl", &args, &[])
+}
+
+/// Whether cargo's record of installed crates (`$CARGO_HOME/.crates2.json`) has bpf-linker
+/// `BPF_LINKER_VERSION` from crates.io built with the feature `llvm-LLVM_MAJOR` alone.
+fn bpf_linker_as_pinned(crates2: &str) -> bool {
+    let key = format!("\"bpf-linker {BPF_LINKER_VERSION} (registry+");
+    let Some(at) = crates2.find(&key) else {
+        return false;
+    };
+    // The entry's fields: strings and arrays of strings, no nested object.
+    let entry = &crates2[at..];
+    let entry = &entry[..entry.find('}').unwrap_or(entry.len())];
+    let compact: String = entry.chars().filter(|c| !c.is_whitespace()).collect();
+    compact.contains(&format!("\"features\":[\"llvm-{LLVM_MAJOR}\"]"))
+        && compact.contains("\"no_default_features\":true")
+        && compact.contains("\"all_features\":false")
+}
+
+/// `$CARGO_HOME/.crates2.json`, empty when there is none.
+fn installed_crates() -> String {
+    let home = std::env::var_os("CARGO_HOME").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"),
+        PathBuf::from,
+    );
+    std::fs::read_to_string(home.join(".crates2.json")).unwrap_or_default()
+}
+
 /// Installs what is missing; quick when everything is there.
 fn prereqs() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
@@ -307,13 +386,21 @@ fn prereqs() -> anyhow::Result<()> {
         .copied()
         .filter(|package| !installed(package))
         .collect();
+    remove_stale_policy(Path::new(POLICY_RC_D))?;
     if !missing.is_empty() {
         require_root("installing Debian packages")?;
         run_checked("apt-get", &["update", "-q"], &[])?;
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(&missing);
-        let _no_starts = NoServiceStarts::new()?;
+        let no_starts = NoServiceStarts::new(Path::new(POLICY_RC_D))?;
         run_checked("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])?;
+        drop(no_starts);
+        disable_services(None, &units_of(&missing))?;
+    }
+    // `cargo xtask test` checks the formatting with the host toolchain's rustfmt, which a
+    // minimal rustup profile leaves out. RUSTUP_TOOLCHAIN, set by cargo, names that toolchain.
+    if !succeeds("cargo", &["fmt", "--version"]) {
+        run_checked("rustup", &["component", "add", "rustfmt"], &[])?;
     }
     let ebpf_crate = workspace_root().join("collector-ebpf");
     if !ebpf_toolchain_has_rust_src(&ebpf_crate) {
@@ -341,7 +428,9 @@ fn prereqs() -> anyhow::Result<()> {
             &[],
         )?;
     }
-    if !succeeds("bpf-linker", &["--version"]) {
+    // Another release, or one built against another LLVM (its default features pick one),
+    // cannot read the nightly's bitcode or links it wrongly: it is replaced.
+    if !succeeds("bpf-linker", &["--version"]) || !bpf_linker_as_pinned(&installed_crates()) {
         let prefix = format!("/usr/lib/llvm-{LLVM_MAJOR}");
         let feature = format!("llvm-{LLVM_MAJOR}");
         run_checked(
@@ -349,7 +438,10 @@ fn prereqs() -> anyhow::Result<()> {
             &[
                 "install",
                 "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
                 "--locked",
+                "--force",
                 "--no-default-features",
                 "--features",
                 &feature,
@@ -389,4 +481,176 @@ fn bpffs_mounted() -> bool {
             line.split_whitespace().nth(1) == Some("/sys/fs/bpf") && line.contains(" bpf ")
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory of the test's own, removed when it ends.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// cargo's record as it reads on the project's machine, with `entry` for bpf-linker.
+    fn crates2(entry: &str) -> String {
+        format!(
+            "{{\"installs\":{{\"cargo-nextest 0.9.143 (registry+https://github.com/rust-lang/crates.io-index)\":\
+             {{\"version_req\":null,\"bins\":[\"cargo-nextest\"],\"features\":[\"default\"],\
+             \"all_features\":false,\"no_default_features\":false}},{entry}}}}}"
+        )
+    }
+
+    #[test]
+    fn bpf_linker_is_as_pinned_only_at_its_version_with_only_its_llvm() {
+        let entry = |version: &str, features: &str, no_default: bool| {
+            format!(
+                "\"bpf-linker {version} (registry+https://github.com/rust-lang/crates.io-index)\":\
+                 {{\"version_req\":null,\"bins\":[\"bpf-linker\"],\"features\":[{features}],\
+                 \"all_features\":false,\"no_default_features\":{no_default},\"profile\":\"release\",\
+                 \"target\":\"x86_64-unknown-linux-gnu\",\"rustc\":\"rustc 1.95.0\\nLLVM version: 22.1.2\\n\"}}"
+            )
+        };
+        assert!(bpf_linker_as_pinned(&crates2(&entry(
+            "0.13.0",
+            "\"llvm-22\"",
+            true
+        ))));
+        for (version, features, no_default) in [
+            ("0.13.1", "\"llvm-22\"", true),
+            ("0.12.2", "\"llvm-22\"", true),
+            ("0.13.0", "\"llvm-21\"", true),
+            ("0.13.0", "\"llvm-22\"", false),
+            ("0.13.0", "", false),
+            ("0.13.0", "\"llvm-22\",\"llvm-21\"", true),
+        ] {
+            assert!(
+                !bpf_linker_as_pinned(&crates2(&entry(version, features, no_default))),
+                "{version} [{features}] no_default_features {no_default}"
+            );
+        }
+        assert!(!bpf_linker_as_pinned(&crates2(
+            "\"x 1.0.0 (registry+x)\":{}"
+        )));
+        assert!(!bpf_linker_as_pinned(""));
+    }
+
+    #[test]
+    fn a_policy_left_by_an_interrupted_run_is_removed_and_anyone_elses_stands() {
+        let dir = TempDir::new("policy");
+        let path = dir.0.join("policy-rc.d");
+        // Ours, as a run killed during apt-get left it (what earlier versions wrote too).
+        std::fs::write(&path, format!("#!/bin/sh\n{POLICY_MARKER}\nexit 101\n")).unwrap();
+        remove_stale_policy(&path).unwrap();
+        assert!(!path.exists());
+        // Written for a run, with the marker, and removed when the run is done.
+        let guard = NoServiceStarts::new(&path).unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            written.lines().any(|line| line == POLICY_MARKER),
+            "{written}"
+        );
+        assert!(written.contains("exit 101"));
+        drop(guard);
+        assert!(!path.exists());
+        // A stale one of ours is taken over for the run, then removed.
+        std::fs::write(&path, format!("#!/bin/sh\n{POLICY_MARKER}\nexit 101\n")).unwrap();
+        drop(NoServiceStarts::new(&path).unwrap());
+        assert!(!path.exists());
+        // The host's own (Docker images ship one) stands, before, during and after.
+        let docker = "#!/bin/sh\n# For most Docker users, ...\nexit 101\n";
+        std::fs::write(&path, docker).unwrap();
+        remove_stale_policy(&path).unwrap();
+        drop(NoServiceStarts::new(&path).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), docker);
+    }
+
+    #[test]
+    fn the_services_installed_are_disabled() {
+        for (package, _) in SERVICES {
+            assert!(APT_PACKAGES.contains(package), "{package}");
+        }
+        assert_eq!(
+            units_of(&["curl", "unbound", "nginx-light"]),
+            ["unbound.service", "nginx.service"]
+        );
+        assert!(units_of(&["curl"]).is_empty());
+        if !succeeds("systemctl", &["--version"]) {
+            eprintln!("no systemctl: nothing to disable");
+            return;
+        }
+        // As the packages' maintainer scripts leave them: enabled for multi-user.target, in
+        // a root of the test's own.
+        let root = TempDir::new("services");
+        let units = root.0.join("etc/systemd/system");
+        let wants = units.join("multi-user.target.wants");
+        std::fs::create_dir_all(&wants).unwrap();
+        for (_, unit) in SERVICES {
+            std::fs::write(
+                units.join(unit),
+                "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n",
+            )
+            .unwrap();
+            std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), wants.join(unit))
+                .unwrap();
+        }
+        disable_services(Some(&root.0), &units_of(APT_PACKAGES)).unwrap();
+        for (_, unit) in SERVICES {
+            assert!(
+                wants.join(unit).symlink_metadata().is_err(),
+                "{unit} still enabled"
+            );
+        }
+    }
+
+    /// .ci/run stops at once, saying what to install, where Rust is missing or too old; stub
+    /// commands stand in for the rest, so nothing else runs.
+    #[test]
+    fn ci_asks_for_rust_before_anything_else() {
+        let bin = TempDir::new("ci-path");
+        let stub = |name: &str, body: &str| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = bin.0.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let ci = workspace_root().join(".ci/run");
+        let run = || {
+            let out = Command::new("bash")
+                .arg(&ci)
+                .env("PATH", format!("{}:/usr/bin:/bin", bin.0.display()))
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        stub("cargo", "exit 0");
+        stub("rustup", "exit 0");
+        let (status, stderr) = run();
+        assert_eq!(status, Some(1), "{stderr}");
+        assert!(
+            stderr.contains("rustc is not on PATH") && stderr.contains("rustup"),
+            "{stderr}"
+        );
+        stub("rustc", "echo 'rustc 1.90.0 (1159e78c4 2025-09-14)'");
+        let (status, stderr) = run();
+        assert_eq!(status, Some(1), "{stderr}");
+        assert!(stderr.contains("rustc 1.91.0 or later"), "{stderr}");
+        assert!(stderr.contains("1.90.0"), "{stderr}");
+    }
 }
