@@ -136,6 +136,28 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
     let collector = collector_container(&daemonset);
     assert_eq!(collector["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(collector["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // `--listen $(X_IP):9464` is refused for an IPv6 address: each manifest says how.
+    for (manifest, ip) in [
+        ("kubernetes/daemonset.yaml", "NODE_IP"),
+        ("kubernetes/sidecar.yaml", "POD_IP"),
+    ] {
+        let text = read(manifest);
+        assert!(text.contains(&format!("- $({ip}):9464\n")), "{manifest}");
+        assert!(text.contains(&format!("\"[$({ip})]:9464\"")), "{manifest}");
+    }
+    assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
+    // One collector per pin directory: each sidecar pod pins under its own.
+    let sidecar = read("kubernetes/sidecar.yaml");
+    assert!(
+        sidecar.contains("- --pin-dir\n            - /sys/fs/bpf/collector-$(POD_UID)\n")
+            && sidecar.contains("name: POD_UID\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.uid"),
+        "the sidecar needs a pin directory of its own pod"
+    );
+}
+
+/// The sidecar is a native sidecar, stopped after the proxy, and never gates it.
+#[test]
+fn the_sidecar_is_native_and_never_gates_the_proxy() {
     // The sidecar must never gate the proxy: a pod is Ready only when every container is,
     // and a container with a startup probe is not Ready until that passes. A volume the pod
     // lacks holds it, proxy included, in ContainerCreating.
@@ -191,24 +213,6 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
         }
     }
     assert_eq!(optional, 3, "the config, token and tls volumes");
-
-    // `--listen $(X_IP):9464` is refused for an IPv6 address: each manifest says how.
-    for (manifest, ip) in [
-        ("kubernetes/daemonset.yaml", "NODE_IP"),
-        ("kubernetes/sidecar.yaml", "POD_IP"),
-    ] {
-        let text = read(manifest);
-        assert!(text.contains(&format!("- $({ip}):9464\n")), "{manifest}");
-        assert!(text.contains(&format!("\"[$({ip})]:9464\"")), "{manifest}");
-    }
-    assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
-    // One collector per pin directory: each sidecar pod pins under its own.
-    let sidecar = read("kubernetes/sidecar.yaml");
-    assert!(
-        sidecar.contains("- --pin-dir\n            - /sys/fs/bpf/collector-$(POD_UID)\n")
-            && sidecar.contains("name: POD_UID\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.uid"),
-        "the sidecar needs a pin directory of its own pod"
-    );
 }
 
 #[test]
@@ -470,8 +474,7 @@ fn the_certificate_is_issued_for_what_prometheus_checks_into_the_mounted_secret(
 }
 
 /// README's "Deploy to Kubernetes" makes every Secret the manifests mount before it applies
-/// them, and its openssl commands make a certificate the agent loads and Prometheus and the
-/// CLI accept for the scrape configs' server name.
+/// them.
 #[test]
 fn the_readmes_kubernetes_steps_make_what_the_manifests_need() {
     let section = readme_section("Deploy to Kubernetes");
@@ -507,8 +510,14 @@ fn the_readmes_kubernetes_steps_make_what_the_manifests_need() {
     // The key the ConfigMap's bearer_token_file reads.
     assert!(section.contains("create secret generic collector-token --from-literal=token="));
     assert!(read("kubernetes/daemonset.yaml").contains("/etc/collector/token/token"));
+}
 
-    // The openssl commands, kubectl's left out, in a directory of their own.
+/// README's openssl commands (kubectl's left out, in a directory of their own) make a
+/// certificate the agent loads, and Prometheus and the CLI accept for the scrape configs'
+/// server name.
+#[test]
+fn the_readmes_openssl_commands_make_a_certificate_for_the_scraped_name() {
+    let section = readme_section("Deploy to Kubernetes");
     let block = fenced_blocks(&section, "sh")
         .into_iter()
         .find(|b| b.contains("openssl req -x509"))
