@@ -360,7 +360,7 @@ fn encode_dns_latency_and_health(
             ),
             (
                 "collector_dns_events_dropped",
-                "DNS events lost to a full ring buffer (counters are unaffected).",
+                "Names and sampled queries the kernel could not hand to the agent: the ring buffer was full, or the query's CPU had no slot in the name table (counters are unaffected; top domains and the event stream miss them).",
                 c.events_dropped,
             ),
             (
@@ -476,7 +476,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     counters(
         encoder,
         "collector_bpf_errors",
-        "Failures inside the kernel programs, by kind; never turned into drops.",
+        "What the kernel programs could not count, by kind: conn_table_full (a connection found no slot: its close, duration and bytes are lost), conn_event_dropped (a connection event lost to a full ring buffer; counters unaffected), packet_truncated (packets too short for their headers or shorter than their IP header says, which anyone can send; the stack drops them). The packets always pass.",
         None,
         ERROR_KIND_NAMES
             .iter()
@@ -544,7 +544,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     single(
         encoder,
         "collector_poll_duration",
-        "Duration of the last read of the kernel maps.",
+        "Duration of the last poll: the read of the kernel maps, the drain of the event ring buffers and, now and then, the listing of connections open from before the start (sock_diag).",
         Some(&Unit::Seconds),
         MetricType::Gauge,
         &ConstGauge::new(snapshot.poll.last_duration_seconds),
@@ -552,7 +552,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     gauges(
         encoder,
         "collector_interface_info",
-        "Interfaces the tc classifiers are attached to.",
+        "Interfaces the tc classifiers were attached to at start or when they appeared.",
         None,
         snapshot
             .interfaces
@@ -739,7 +739,7 @@ fn encode_interfaces_and_sources(
     gauges(
         encoder,
         "collector_source_up",
-        "Whether the last read of each source succeeded (ebpf: the kernel maps; netlink: interfaces).",
+        "Whether the last read of each source succeeded (ebpf: the kernel maps; netlink: interfaces; nft: our nftables table's counters, where counted).",
         None,
         snapshot
             .sources
