@@ -426,8 +426,9 @@ impl Attachment {
         Ok(())
     }
 
-    /// Keeps the attached set current: attaches interfaces that appeared (or came up) and
-    /// forgets those that went away or down. Returns what could not be attached.
+    /// Keeps the attached set current: attaches interfaces that appeared (or came up),
+    /// forgets those that went away or down, and follows those renamed. Returns what could
+    /// not be attached.
     pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) -> Vec<String> {
         let wanted: Vec<&Link> = links
             .iter()
@@ -439,13 +440,14 @@ impl Attachment {
                 }
             })
             .collect();
+        // By index alone: a renamed interface keeps its links (named by index, and still on
+        // the device). Forgotten and attached anew, its new link met the old one, whose
+        // detach the kernel defers (`bpf_link_put`), still on the hook: "File exists".
         let gone: Vec<u32> = self
             .attached
-            .iter()
-            .filter(|(index, (name, _))| {
-                !wanted.iter().any(|l| l.index == **index && &l.name == name)
-            })
-            .map(|(index, _)| *index)
+            .keys()
+            .filter(|index| !wanted.iter().any(|l| l.index == **index))
+            .copied()
             .collect();
         for index in gone {
             self.ahead_seen.retain(|&(seen, _), _| seen != index);
@@ -460,7 +462,11 @@ impl Attachment {
         }
         let mut failures = Vec::new();
         for link in wanted {
-            if self.attached.contains_key(&link.index) {
+            if let Some((name, _)) = self.attached.get_mut(&link.index) {
+                if *name != link.name {
+                    tracing::info!(interface = %link.name, was = %name, "interface renamed: its links stay");
+                    link.name.clone_into(name);
+                }
                 continue;
             }
             match self.attach_interface(link) {

@@ -764,3 +764,74 @@ fn a_program_put_ahead_of_ours_later_is_reported() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+/// The index of `interface` in the calling thread's namespace.
+fn ifindex(interface: &str) -> u32 {
+    let name = std::ffi::CString::new(interface).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {interface}");
+    index
+}
+
+/// The pin of the agent's tc link `prefix` on interface `index`.
+fn link_pin(config: &AgentConfig, prefix: &str, index: u32) -> std::path::PathBuf {
+    config
+        .pin_dir
+        .join("v1/links")
+        .join(format!("{prefix}_{index}"))
+}
+
+/// An interface renamed (same index, new name; one that is up too since Linux 6.2, commit
+/// bd039b5ea2a9) keeps its links: the same pins, nothing attached anew (which met the old links
+/// still on the hooks: "File exists"), and its traffic counted exactly under the new name.
+#[test]
+fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
+    use std::os::unix::fs::MetadataExt as _;
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(ROUTES);
+    let logs = ScratchDir::new("renamed");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+        attached(&scrape(&netns), "vcoll0").then_some(())
+    });
+    let index = netns.run(|| ifindex("vcoll0"));
+    let pins = || {
+        ["tc_ingress", "tc_egress"].map(|prefix| {
+            std::fs::metadata(link_pin(&config, prefix, index))
+                .unwrap()
+                .ino()
+        })
+    };
+    let before = pins();
+
+    for (from, to) in [("vcoll0", "vren0"), ("vren0", "vren1"), ("vren1", "vcoll0")] {
+        ip(&netns, &format!("link set dev {from} name {to}"));
+        wait_for(
+            &format!("{to} to be attached"),
+            Duration::from_secs(2),
+            || {
+                let metrics = scrape(&netns);
+                (attached(&metrics, to) && !attached(&metrics, from)).then_some(())
+            },
+        );
+        after_two_polls(&netns);
+        assert_eq!(pins(), before, "{from} -> {to}");
+    }
+    ip(&netns, "link set dev vcoll0 name vren2");
+    wait_for("vren2 to be attached", Duration::from_secs(2), || {
+        attached(&scrape(&netns), "vren2").then_some(())
+    });
+    let metrics = exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    for hook in ["ingress", "egress"] {
+        assert_eq!(programs_ahead(&metrics, "vren2", hook), Some(0.0), "{hook}");
+    }
+    assert_eq!(pins(), before);
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(" WARN "), "{text}");
+    assert_no_pins(&config.pin_dir);
+}
