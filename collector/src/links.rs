@@ -164,30 +164,63 @@ fn countable_on_its_own(link: &Link, all: &[Link]) -> bool {
     link.up && link.ethernet_framing && !port_of_layer2_controller
 }
 
-/// The links to attach to: the configured names (each must exist), or with none configured
-/// those [`watched_by_default`], loopback included.
-pub fn select<'a>(links: &'a [Link], configured: &[String]) -> Result<Vec<&'a Link>, String> {
+/// The links to attach to at start, and the configured names not there yet.
+#[derive(Debug)]
+pub struct Selection<'a> {
+    pub links: Vec<&'a Link>,
+    /// Configured names with no interface of this namespace: attached when they appear.
+    pub missing: Vec<String>,
+}
+
+/// The links to attach to: the configured names that exist (each with Ethernet framing),
+/// the others left to appear later, or with none configured those [`watched_by_default`],
+/// loopback included.
+pub fn selection<'a>(links: &'a [Link], configured: &[String]) -> Result<Selection<'a>, String> {
     if configured.is_empty() {
-        return Ok(links
-            .iter()
-            .filter(|l| watched_by_default(l, links))
-            .collect());
+        return Ok(Selection {
+            links: links
+                .iter()
+                .filter(|l| watched_by_default(l, links))
+                .collect(),
+            missing: Vec::new(),
+        });
     }
+    let mut selected = Selection {
+        links: Vec::new(),
+        missing: Vec::new(),
+    };
+    for name in configured {
+        match links.iter().find(|l| &l.name == name) {
+            None => selected.missing.push(name.clone()),
+            Some(link) if link.ethernet_framing => selected.links.push(link),
+            Some(_) => {
+                return Err(format!(
+                    "interface {name} has no Ethernet framing; the tc classifiers only parse Ethernet and loopback"
+                ));
+            }
+        }
+    }
+    Ok(selected)
+}
+
+/// [`selection`], with a configured name that does not exist an error: what `collector
+/// check` judges by (until it warns of such names instead, as `run` now starts without them).
+pub fn select<'a>(links: &'a [Link], configured: &[String]) -> Result<Vec<&'a Link>, String> {
+    let selected = selection(links, configured)?;
+    match selected.missing.first() {
+        Some(name) => Err(format!(
+            "interface {name} does not exist in this network namespace"
+        )),
+        None => Ok(selected.links),
+    }
+}
+
+/// The configured names that no interface with Ethernet framing has (yet): not attached.
+pub fn missing(links: &[Link], configured: &[String]) -> Vec<String> {
     configured
         .iter()
-        .map(|name| {
-            let link = links
-                .iter()
-                .find(|l| &l.name == name)
-                .ok_or_else(|| format!("interface {name} does not exist in this network namespace"))?;
-            if link.ethernet_framing {
-                Ok(link)
-            } else {
-                Err(format!(
-                    "interface {name} has no Ethernet framing; the tc classifiers only parse Ethernet and loopback"
-                ))
-            }
-        })
+        .filter(|name| !links.iter().any(|l| &&l.name == name && l.ethernet_framing))
+        .cloned()
         .collect()
 }
 
@@ -291,7 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn configured_links_must_exist_and_be_ethernet() {
+    fn configured_links_must_be_ethernet_and_may_come_later() {
         let links = [link(1, "lo", true, true), link(4, "wg0", true, false)];
         assert_eq!(select(&links, &["lo".into()]).unwrap().len(), 1);
         assert!(
@@ -299,10 +332,18 @@ mod tests {
                 .unwrap_err()
                 .contains("eth9 does not exist")
         );
-        assert!(
-            select(&links, &["wg0".into()])
-                .unwrap_err()
-                .contains("no Ethernet framing")
+        let selected = selection(&links, &["eth9".into(), "lo".into()]).unwrap();
+        assert_eq!(selected.links.len(), 1);
+        assert_eq!(selected.missing, ["eth9"]);
+        for refused in [
+            select(&links, &["wg0".into()]),
+            selection(&links, &["wg0".into()]).map(|s| s.links),
+        ] {
+            assert!(refused.unwrap_err().contains("no Ethernet framing"));
+        }
+        assert_eq!(
+            missing(&links, &["lo".into(), "wg0".into(), "eth9".into()]),
+            ["wg0", "eth9"]
         );
     }
 }

@@ -72,12 +72,25 @@ pub const TC_LINK_PINS: [&str; 6] = [
 /// namespace that is gone left there (`orphans`), and `collector cleanup` while it runs.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// How many TCX programs run before ours on one interface's hook.
+/// One attached interface's hook, as the last poll found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProgramsAhead {
+pub struct TcHook {
     pub interface: String,
     pub hook: &'static str,
-    pub count: usize,
+    /// How many TCX programs run before ours.
+    pub programs_ahead: usize,
+    /// How many times a poll found ours detached from the hook (`bpftool link detach`, or
+    /// anything else holding the link) and attached it again.
+    pub reattached: u64,
+}
+
+/// What the polls find of the attachment: each attached hook, and the configured interfaces
+/// that are not there to attach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HookCheck {
+    pub hooks: Vec<TcHook>,
+    /// Configured interfaces this namespace has no Ethernet-framed interface of: not counted.
+    pub missing_interfaces: Vec<String>,
 }
 
 /// A configured route and the kernel slot its counters live in.
@@ -108,6 +121,10 @@ pub struct Attachment {
     attached: std::collections::BTreeMap<u32, (String, Vec<PathBuf>)>,
     /// The programs last seen ahead of ours, by interface index and hook (for the log).
     ahead_seen: std::collections::BTreeMap<(u32, &'static str), usize>,
+    /// Times ours were found detached and attached again, by interface index and hook.
+    reattached: std::collections::BTreeMap<(u32, &'static str), u64>,
+    /// Configured interfaces not there to attach (see [`links::missing`]).
+    missing_interfaces: Vec<String>,
     /// Where the `sock_ops` program is attached, for the logs.
     pub cgroup2: String,
     pin_dir: PathBuf,
@@ -214,6 +231,8 @@ impl Attachment {
             classifiers: Vec::new(),
             attached: std::collections::BTreeMap::new(),
             ahead_seen: std::collections::BTreeMap::new(),
+            reattached: std::collections::BTreeMap::new(),
+            missing_interfaces: Vec::new(),
             cgroup2,
             pin_dir,
             link_pins: Vec::new(),
@@ -289,13 +308,23 @@ impl Attachment {
         Ok(())
     }
 
-    /// Loads the tc programs and attaches them to the selected interfaces (a configured
-    /// interface that does not exist is an error here, at start). With `stats_floor`, an
+    /// Loads the tc programs and attaches them to the selected interfaces. A configured
+    /// interface that does not exist yet is left to the polls, which attach it when it
+    /// appears (a VLAN or a second NIC made after the agent starts, or a name that differs
+    /// on this node: a refused start would crash-loop the pod). With `stats_floor`, an
     /// empty program goes last on each hook, so that the statistics' own cost is measured on
     /// the same packets.
     fn attach_classifiers(&mut self, config: &Config, stats_floor: bool) -> anyhow::Result<()> {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
-        let selected = links::select(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
+        let selected = links::selection(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
+        for interface in &selected.missing {
+            tracing::warn!(
+                %interface,
+                "the configured interface does not exist in this network namespace: attached \
+                 when it appears (collector_interface_missing is 1 meanwhile)"
+            );
+        }
+        self.missing_interfaces = selected.missing;
         // Loopback: one ingress classifier sees every packet once; elsewhere, both hooks.
         self.classifiers = vec![
             (
@@ -351,7 +380,7 @@ impl Attachment {
                 .load()
                 .with_context(|| format!("loading {program_name}"))?;
         }
-        for link in selected {
+        for link in selected.links {
             self.attach_interface(link)?;
         }
         Ok(())
@@ -397,27 +426,7 @@ impl Attachment {
             if adopt_link(&pin, program.fd()?.as_fd())? {
                 self.inherited = true;
             } else {
-                // First in the hook's chain: the kernel stops at the first program that does
-                // not pass on, which is what most do (a CNI's returns TC_ACT_OK), and ours
-                // always pass on, so running first changes nothing for the others. The
-                // statistics' empty program goes last, behind them.
-                let order = if program_name == program_names::STATS_FLOOR_TC {
-                    LinkOrder::last()
-                } else {
-                    LinkOrder::first()
-                };
-                let id = program
-                    .attach_with_options(&link.name, attach_type, TcAttachOptions::TcxOrder(order))
-                    .with_context(|| {
-                        format!(
-                            "attaching {program_name} to {} ({attach_type:?})",
-                            link.name
-                        )
-                    })?;
-                let fd_link: FdLink = program.take_link(id)?.try_into()?;
-                fd_link
-                    .pin(&pin)
-                    .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
+                attach_tcx(program, program_name, attach_type, &link.name, &pin)?;
                 created.push(pin.clone());
             }
             pins.push(pin);
@@ -450,16 +459,14 @@ impl Attachment {
             .copied()
             .collect();
         for index in gone {
-            self.ahead_seen.retain(|&(seen, _), _| seen != index);
-            if let Some((name, pins)) = self.attached.remove(&index) {
+            if let Some((name, _)) = self.attached.get(&index) {
                 tracing::info!(interface = %name, "interface gone or down: forgetting it");
-                for pin in pins {
-                    if let Err(err) = remove_if_present(&pin) {
-                        tracing::warn!("{err:#}");
-                    }
-                }
             }
+            self.forget(index);
         }
+        self.reattached
+            .retain(|(index, _), _| links.iter().any(|l| l.index == *index));
+        self.note_missing(links::missing(links, configured));
         let mut failures = Vec::new();
         for link in wanted {
             if let Some((name, _)) = self.attached.get_mut(&link.index) {
@@ -475,6 +482,28 @@ impl Attachment {
             }
         }
         failures
+    }
+
+    /// Logs the configured interfaces that went missing or came, and keeps the list.
+    fn note_missing(&mut self, missing: Vec<String>) {
+        for interface in missing
+            .iter()
+            .filter(|m| !self.missing_interfaces.contains(m))
+        {
+            tracing::warn!(
+                %interface,
+                "the configured interface is gone, or has no Ethernet framing: not counted until \
+                 it is back (collector_interface_missing is 1 meanwhile)"
+            );
+        }
+        for interface in self
+            .missing_interfaces
+            .iter()
+            .filter(|m| !missing.contains(m))
+        {
+            tracing::info!(%interface, "the configured interface is there");
+        }
+        self.missing_interfaces = missing;
     }
 
     /// Names of the interfaces the classifiers are attached to.
@@ -576,60 +605,141 @@ impl Attachment {
         take_map(&mut self.ebpf, map_names::DNS_EVENTS)
     }
 
-    /// Per attached interface and hook, how many TCX programs run before ours: a program
-    /// ahead of ours that ends the chain, as most do, hides that hook's packets from us. Ours
-    /// go first when attached; one attached at the head later goes ahead of them.
-    /// Says so in the log when that count changes from or to 0.
-    pub fn programs_ahead(&mut self) -> Vec<ProgramsAhead> {
+    /// Checks every attached hook (`BPF_PROG_QUERY`, one call per hook), at each poll: how
+    /// many TCX programs run before ours (a program ahead of ours that ends the chain, as
+    /// most do, hides that hook's packets from us; ours go first when attached, and one
+    /// attached at the head later goes ahead of them), said in the log when that count
+    /// changes from or to 0; and whether ours is there at all. One detached (`bpftool link
+    /// detach`: its pin stays, counting nothing) is attached again with a fresh link, pinned
+    /// in place of the dead one, with a warning and [`TcHook::reattached`]; an interface
+    /// where that fails is forgotten, so the next poll attaches it anew (or says why not).
+    /// Also returns the configured interfaces missing, as the last sync found them.
+    pub fn programs_ahead(&mut self) -> HookCheck {
         // Our counting programs' ids, looked up once for every interface.
-        let ours: Vec<(TcAttachType, &str, u32)> = self
+        let ours: Vec<(&'static str, TcAttachType, &str, u32)> = self
             .classifiers
             .iter()
             .filter(|(name, ..)| *name != program_names::STATS_FLOOR_TC)
             .filter_map(|&(name, attach_type, prefix, _)| {
                 let info = self.ebpf.program(name)?.info().ok()?;
-                Some((attach_type, prefix, info.id()))
+                Some((name, attach_type, prefix, info.id()))
             })
             .collect();
-        let mut found = Vec::new();
-        for (&ifindex, (interface, pins)) in &self.attached {
-            for &(attach_type, prefix, ours) in &ours {
+        let mut hooks = Vec::new();
+        let mut failed = Vec::new();
+        let attached: Vec<(u32, String, Vec<PathBuf>)> = self
+            .attached
+            .iter()
+            .map(|(&index, (name, pins))| (index, name.clone(), pins.clone()))
+            .collect();
+        for (ifindex, interface, pins) in attached {
+            for &(program_name, attach_type, prefix, ours) in &ours {
                 let pin_name = format!("{prefix}_{ifindex}");
-                if !pins
+                let Some(pin) = pins
                     .iter()
-                    .any(|pin| pin.file_name() == Some(pin_name.as_ref()))
-                {
+                    .find(|pin| pin.file_name() == Some(pin_name.as_ref()))
+                else {
                     continue;
-                }
+                };
                 let (hook, tcx) = match attach_type {
                     TcAttachType::Egress => ("egress", bpf_sys::BPF_TCX_EGRESS),
                     _ => ("ingress", bpf_sys::BPF_TCX_INGRESS),
                 };
-                match bpf_sys::tcx_programs(ifindex, tcx) {
-                    Ok(ids) => {
-                        // Ours missing from the hook (someone detached it) is no count at all.
-                        let Some(count) = ids.iter().position(|&id| id == ours) else {
-                            continue;
-                        };
-                        let before = self.ahead_seen.insert((ifindex, hook), count).unwrap_or(0);
-                        if count > 0 && before == 0 {
-                            tracing::warn!(%interface, hook, count, "programs now run before ours: one that ends the chain hides the hook's packets from us (a clean restart attaches ours first again)");
-                        } else if count == 0 && before > 0 {
-                            tracing::info!(%interface, hook, "ours run first again");
-                        }
-                        found.push(ProgramsAhead {
-                            interface: interface.clone(),
-                            hook,
-                            count,
-                        });
-                    }
+                let ids = match bpf_sys::tcx_programs(ifindex, tcx) {
+                    Ok(ids) => ids,
                     Err(err) => {
                         tracing::debug!(%interface, hook, "listing the hook's programs: {err}");
+                        continue;
                     }
+                };
+                let count = match ids.iter().position(|&id| id == ours) {
+                    Some(count) => count,
+                    None => match self.reattach(program_name, attach_type, &interface, pin) {
+                        Ok(()) => {
+                            *self.reattached.entry((ifindex, hook)).or_default() += 1;
+                            tracing::warn!(
+                                %interface,
+                                hook,
+                                "our program was detached from the hook (its live traffic and \
+                                 DNS went uncounted since the last poll): attached it again"
+                            );
+                            // First again.
+                            0
+                        }
+                        Err(err) => {
+                            tracing::warn!(
+                                %interface,
+                                hook,
+                                "our program was detached from the hook, and attaching it \
+                                 again failed (the interface is attached anew at the next \
+                                 poll): {err:#}"
+                            );
+                            failed.push(ifindex);
+                            continue;
+                        }
+                    },
+                };
+                let before = self.ahead_seen.insert((ifindex, hook), count).unwrap_or(0);
+                if count > 0 && before == 0 {
+                    tracing::warn!(%interface, hook, count, "programs now run before ours: one that ends the chain hides the hook's packets from us (a clean restart attaches ours first again)");
+                } else if count == 0 && before > 0 {
+                    tracing::info!(%interface, hook, "ours run first again");
+                }
+                hooks.push((
+                    ifindex,
+                    TcHook {
+                        interface: interface.clone(),
+                        hook,
+                        programs_ahead: count,
+                        reattached: self.reattached.get(&(ifindex, hook)).copied().unwrap_or(0),
+                    },
+                ));
+            }
+        }
+        for &index in &failed {
+            self.forget(index);
+        }
+        HookCheck {
+            hooks: hooks
+                .into_iter()
+                .filter(|(index, _)| !failed.contains(index))
+                .map(|(_, hook)| hook)
+                .collect(),
+            missing_interfaces: self.missing_interfaces.clone(),
+        }
+    }
+
+    /// Attaches `program_name` to `interface`'s hook with a fresh link pinned at `pin`, in
+    /// place of the detached link pinned there.
+    fn reattach(
+        &mut self,
+        program_name: &str,
+        attach_type: TcAttachType,
+        interface: &str,
+        pin: &Path,
+    ) -> anyhow::Result<()> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program_name)
+            .with_context(|| format!("the kernel object has no program {program_name}"))?
+            .try_into()?;
+        // The dead link's pin goes first (it holds nothing on the hook), so the new one can
+        // take its name.
+        remove_if_present(pin)?;
+        attach_tcx(program, program_name, attach_type, interface, pin)
+    }
+
+    /// Forgets the attached interface `index`: its link pins are removed, which detaches
+    /// its links.
+    fn forget(&mut self, index: u32) {
+        self.ahead_seen.retain(|&(seen, _), _| seen != index);
+        if let Some((_, pins)) = self.attached.remove(&index) {
+            for pin in pins {
+                if let Err(err) = remove_if_present(&pin) {
+                    tracing::warn!("{err:#}");
                 }
             }
         }
-        found
     }
 
     /// Kernel run-time statistics of each program: (name, run time ns, run count).
@@ -713,6 +823,33 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(err).with_context(|| format!("removing the pin {}", path.display())),
     }
+}
+
+/// Attaches `program` to `interface`'s hook with a new TCX link, pinned at `pin`.
+fn attach_tcx(
+    program: &mut SchedClassifier,
+    program_name: &str,
+    attach_type: TcAttachType,
+    interface: &str,
+    pin: &Path,
+) -> anyhow::Result<()> {
+    // First in the hook's chain: the kernel stops at the first program that does not pass
+    // on, which is what most do (a CNI's returns TC_ACT_OK), and ours always pass on, so
+    // running first changes nothing for the others. The statistics' empty program goes
+    // last, behind them.
+    let order = if program_name == program_names::STATS_FLOOR_TC {
+        LinkOrder::last()
+    } else {
+        LinkOrder::first()
+    };
+    let id = program
+        .attach_with_options(interface, attach_type, TcAttachOptions::TcxOrder(order))
+        .with_context(|| format!("attaching {program_name} to {interface} ({attach_type:?})"))?;
+    let fd_link: FdLink = program.take_link(id)?.try_into()?;
+    fd_link
+        .pin(pin)
+        .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
+    Ok(())
 }
 
 /// Swaps `program` into the link pinned at `pin`, if a previous run left one. Returns

@@ -549,10 +549,16 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
         MetricType::Gauge,
         &ConstGauge::new(snapshot.poll.last_duration_seconds),
     )?;
+    encode_attachment(snapshot, encoder)
+}
+
+/// Renders where the tc classifiers are attached: the interfaces, the configured ones
+/// missing, and each hook's state.
+fn encode_attachment(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     gauges(
         encoder,
         "collector_interface_info",
-        "Interfaces the tc classifiers were attached to at start or when they appeared.",
+        "Interfaces the tc classifiers are attached to, as the last poll found them (a hook found without ours gets it again: collector_tc_reattached_total).",
         None,
         snapshot
             .interfaces
@@ -561,14 +567,40 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     )?;
     gauges(
         encoder,
+        "collector_interface_missing",
+        "Configured interfaces that this network namespace does not have, or has without Ethernet framing: not counted until they appear (then attached).",
+        None,
+        snapshot
+            .missing_interfaces
+            .iter()
+            .map(|name| (interface_labels(name), 1i64)),
+    )?;
+    let hook_labels = |hook: &crate::loader::TcHook| {
+        let mut labels = interface_labels(&hook.interface);
+        labels.push(("hook", hook.hook.to_owned()));
+        labels
+    };
+    gauges(
+        encoder,
         "collector_tc_programs_ahead",
         "TCX programs that run before ours on each attached hook (0 as attached); one that ends the chain, as most do, hides the hook's packets from us.",
         None,
-        snapshot.programs_ahead.iter().map(|ahead| {
-            let mut labels = interface_labels(&ahead.interface);
-            labels.push(("hook", ahead.hook.to_owned()));
-            (labels, i64::try_from(ahead.count).unwrap_or(i64::MAX))
+        snapshot.tc_hooks.iter().map(|hook| {
+            (
+                hook_labels(hook),
+                i64::try_from(hook.programs_ahead).unwrap_or(i64::MAX),
+            )
         }),
+    )?;
+    counters(
+        encoder,
+        "collector_tc_reattached",
+        "Times a poll found our program detached from the hook (bpftool link detach, or another tool) and attached it again; the hook's live traffic and DNS went uncounted in between.",
+        None,
+        snapshot
+            .tc_hooks
+            .iter()
+            .map(|hook| (hook_labels(hook), hook.reattached)),
     )?;
     Ok(())
 }

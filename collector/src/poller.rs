@@ -111,8 +111,9 @@ pub struct InterfaceView {
     pub attached: Vec<String>,
     /// Every interface, with its counters (empty when the read failed).
     pub links: Vec<crate::links::Link>,
-    /// Per attached interface and hook, the TCX programs that run before ours.
-    pub programs_ahead: Vec<crate::loader::ProgramsAhead>,
+    /// Each attached hook as the poll's check found it, and the configured interfaces missing
+    /// (named for what the check first reported).
+    pub programs_ahead: crate::loader::HookCheck,
     /// The local address table's use (`None` with `all_namespaces`).
     pub address_table: Option<crate::address_table::AddressTableUse>,
     pub health: SourceHealth,
@@ -294,7 +295,8 @@ impl Poller {
             poll: self.poll,
             interface_stats: interfaces.attached_stats(),
             interfaces: interfaces.attached,
-            programs_ahead: interfaces.programs_ahead,
+            tc_hooks: interfaces.programs_ahead.hooks,
+            missing_interfaces: interfaces.programs_ahead.missing_interfaces,
             address_table: interfaces.address_table,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
@@ -379,7 +381,7 @@ mod tests {
         let view = InterfaceView {
             attached: vec!["lo".into()],
             links: vec![link(1, "lo"), link(9, "veth3f2a")],
-            programs_ahead: Vec::new(),
+            programs_ahead: crate::loader::HookCheck::default(),
             address_table: None,
             health: SourceHealth::default(),
         };

@@ -268,8 +268,11 @@ pub struct Snapshot {
     pub interfaces: Vec<String>,
     /// The attached interfaces with their own counters (netlink).
     pub interface_stats: Vec<InterfaceSnapshot>,
-    /// Per attached interface and hook, the TCX programs that run before ours.
-    pub programs_ahead: Vec<crate::loader::ProgramsAhead>,
+    /// Each attached hook: the TCX programs that run before ours, and how often ours was
+    /// found detached and attached again.
+    pub tc_hooks: Vec<crate::loader::TcHook>,
+    /// Configured interfaces not there to attach (absent, or without Ethernet framing).
+    pub missing_interfaces: Vec<String>,
     /// The local address table's use (`None` with `all_namespaces`).
     pub address_table: Option<crate::address_table::AddressTableUse>,
     /// Health of each source: `ebpf` (the kernel maps), `netlink` (interfaces), `nft`.
@@ -285,6 +288,17 @@ const EXAMPLE_ADDRESS_TABLE: crate::address_table::AddressTableUse =
         slots: 65_536,
         complete: true,
     };
+
+/// The example's loopback hook, found detached once.
+#[cfg(test)]
+fn example_tc_hook() -> crate::loader::TcHook {
+    crate::loader::TcHook {
+        interface: "lo".into(),
+        hook: "ingress",
+        programs_ahead: 0,
+        reattached: 1,
+    }
+}
 
 impl Snapshot {
     #[must_use]
@@ -418,11 +432,8 @@ impl Snapshot {
                     ..crate::links::InterfaceStats::default()
                 },
             }],
-            programs_ahead: vec![crate::loader::ProgramsAhead {
-                interface: "lo".into(),
-                hook: "ingress",
-                count: 0,
-            }],
+            tc_hooks: vec![example_tc_hook()],
+            missing_interfaces: vec!["eth1".into()],
             address_table: Some(EXAMPLE_ADDRESS_TABLE),
             sources: vec![
                 (

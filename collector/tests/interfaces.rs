@@ -782,6 +782,158 @@ fn link_pin(config: &AgentConfig, prefix: &str, index: u32) -> std::path::PathBu
         .join(format!("{prefix}_{index}"))
 }
 
+/// `union bpf_attr` for `BPF_OBJ_GET`.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr` for `BPF_LINK_DETACH`.
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// Detaches the link pinned at `pin` as `bpftool link detach pinned` does: the pin stays,
+/// its link attached to nothing.
+fn detach_pinned_link(pin: &std::path::Path) {
+    use std::os::fd::AsRawFd as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
+    let link = bpf(
+        BPF_OBJ_GET,
+        &mut ObjGetAttr {
+            pathname: path.as_ptr() as u64,
+            ..ObjGetAttr::default()
+        },
+    );
+    let mut attr = LinkDetachAttr {
+        link_fd: u32::try_from(link.as_raw_fd()).unwrap(),
+    };
+    // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for BPF_LINK_DETACH.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            std::ptr::from_mut(&mut attr),
+            size_of::<LinkDetachAttr>(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_LINK_DETACH {}: {}",
+        pin.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// `collector_tc_reattached_total` of `interface` and `hook`.
+fn reattached(metrics: &str, interface: &str, hook: &str) -> Option<f64> {
+    sample(
+        metrics,
+        "collector_tc_reattached_total",
+        &[("interface", interface), ("hook", hook)],
+    )
+}
+
+/// Someone detaches our links (`bpftool link detach pinned ...`): the next poll attaches
+/// ours again, in a fresh link pinned in place of the dead one, says so, and counting goes
+/// on exactly.
+#[test]
+fn a_detached_link_is_attached_again_and_counts_exactly() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(ROUTES);
+    let logs = ScratchDir::new("detached");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let metrics = wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+        let metrics = scrape(&netns);
+        attached(&metrics, "vcoll0").then_some(metrics)
+    });
+    for hook in ["ingress", "egress"] {
+        assert_eq!(reattached(&metrics, "vcoll0", hook), Some(0.0), "{hook}");
+    }
+
+    let index = netns.run(|| ifindex("vcoll0"));
+    for prefix in ["tc_ingress", "tc_egress"] {
+        detach_pinned_link(&link_pin(&config, prefix, index));
+    }
+    let metrics = wait_for(
+        "the links to be attached again",
+        Duration::from_secs(2),
+        || {
+            let metrics = scrape(&netns);
+            ["ingress", "egress"]
+                .iter()
+                .all(|hook| reattached(&metrics, "vcoll0", hook) == Some(1.0))
+                .then_some(metrics)
+        },
+    );
+    assert!(attached(&metrics, "vcoll0"));
+    for hook in ["ingress", "egress"] {
+        assert_eq!(
+            programs_ahead(&metrics, "vcoll0", hook),
+            Some(0.0),
+            "{hook}"
+        );
+    }
+
+    exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    // Found once: the fresh links are ours, on the hooks.
+    let metrics = after_two_polls(&netns);
+    for hook in ["ingress", "egress"] {
+        assert_eq!(reattached(&metrics, "vcoll0", hook), Some(1.0), "{hook}");
+    }
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warnings = text
+        .lines()
+        .filter(|line| line.contains(" WARN ") && line.contains("detached from the hook"))
+        .count();
+    assert_eq!(warnings, 2, "{text}");
+    assert_no_pins(&config.pin_dir);
+}
+
+/// A configured interface that does not exist yet (a VLAN device or a second NIC made
+/// later, a NIC named otherwise on this node) does not stop the start: it is reported missing,
+/// attached when it appears, and its traffic counted exactly.
+#[test]
+fn a_configured_interface_that_appears_later_is_attached_and_counted() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    let config = AgentConfig::new(&format!("interfaces = [\"lo\", \"vcoll0\"]\n{ROUTES}"));
+    let agent = Agent::start(&netns, &config);
+    let metrics = scrape(&netns);
+    assert!(attached(&metrics, "lo"));
+    assert!(!attached(&metrics, "vcoll0"));
+    let missing = |metrics: &str, interface| {
+        sample(
+            metrics,
+            "collector_interface_missing",
+            &[("interface", interface)],
+        )
+    };
+    assert_eq!(missing(&metrics, "vcoll0"), Some(1.0));
+    assert_eq!(missing(&metrics, "lo"), None);
+
+    add_veth(&netns, &peer);
+    wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+        let metrics = scrape(&netns);
+        (attached(&metrics, "vcoll0") && missing(&metrics, "vcoll0").is_none()).then_some(())
+    });
+    exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// An interface renamed (same index, new name; one that is up too since Linux 6.2, commit
 /// bd039b5ea2a9) keeps its links: the same pins, nothing attached anew (which met the old links
 /// still on the hooks: "File exists"), and its traffic counted exactly under the new name.
