@@ -276,21 +276,34 @@ fn interfaces(configured: &[String]) -> Verdict {
 }
 
 fn judge_interfaces(all: &[links::Link], configured: &[String]) -> (Status, String) {
-    match links::select(all, configured) {
-        Err(reason) => (Status::Fail, format!("{reason}: `run` stops on it")),
-        Ok(selected) if selected.is_empty() => (
+    let selected = match links::selection(all, configured) {
+        Err(reason) => return (Status::Fail, format!("{reason}: `run` stops on it")),
+        Ok(selected) => selected,
+    };
+    let names = selected
+        .links
+        .iter()
+        .map(|link| link.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !selected.missing.is_empty() {
+        return (
+            Status::Warn,
+            format!(
+                "{} not here (yet): `run` attaches each when it appears, and exports \
+                 collector_interface_missing meanwhile; attached now: {}",
+                selected.missing.join(", "),
+                if names.is_empty() { "none" } else { &names }
+            ),
+        );
+    }
+    if names.is_empty() {
+        return (
             Status::Warn,
             "none is up: no live traffic is counted until one comes up".to_owned(),
-        ),
-        Ok(selected) => (
-            Status::Pass,
-            selected
-                .iter()
-                .map(|link| link.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
+        );
     }
+    (Status::Pass, names)
 }
 
 /// Every verdict `collector check` prints for `config`: the host's requirements, then what
@@ -749,9 +762,19 @@ mod tests {
             judge_interfaces(&all, &[]),
             (Status::Pass, "lo, eth0".to_owned())
         );
-        let (status, detail) = judge_interfaces(&all, &["eth9".to_owned()]);
+        let (status, detail) = judge_interfaces(&all, &["lo".to_owned(), "eth9".to_owned()]);
+        assert_eq!(status, Status::Warn);
+        assert!(
+            detail.starts_with("eth9 not here (yet)") && detail.ends_with("attached now: lo"),
+            "{detail}"
+        );
+        let tun = links::Link {
+            ethernet_framing: false,
+            ..link(4, "tun9", true)
+        };
+        let (status, detail) = judge_interfaces(&[tun], &["tun9".to_owned()]);
         assert_eq!(status, Status::Fail);
-        assert!(detail.contains("interface eth9 does not exist"), "{detail}");
+        assert!(detail.contains("no Ethernet framing"), "{detail}");
         let (status, _) = judge_interfaces(&[link(2, "eth0", false)], &[]);
         assert_eq!(status, Status::Warn);
     }

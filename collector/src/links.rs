@@ -203,18 +203,6 @@ pub fn selection<'a>(links: &'a [Link], configured: &[String]) -> Result<Selecti
     Ok(selected)
 }
 
-/// [`selection`], with a configured name that does not exist an error: what `collector
-/// check` judges by (until it warns of such names instead, as `run` now starts without them).
-pub fn select<'a>(links: &'a [Link], configured: &[String]) -> Result<Vec<&'a Link>, String> {
-    let selected = selection(links, configured)?;
-    match selected.missing.first() {
-        Some(name) => Err(format!(
-            "interface {name} does not exist in this network namespace"
-        )),
-        None => Ok(selected.links),
-    }
-}
-
 /// The configured names that no interface with Ethernet framing has (yet): not attached.
 pub fn missing(links: &[Link], configured: &[String]) -> Vec<String> {
     configured
@@ -269,8 +257,9 @@ mod tests {
             port(8, "eth2", 7),
             controller(9, "bond0.100", "vlan"),
         ];
-        let names: Vec<_> = select(&links, &[])
+        let names: Vec<_> = selection(&links, &[])
             .unwrap()
+            .links
             .iter()
             .map(|l| l.name.as_str())
             .collect();
@@ -279,7 +268,10 @@ mod tests {
             ["lo", "bond0", "br0", "vrf-blue", "eth2", "bond0.100"]
         );
         // Configured by name, a port is attached as asked.
-        assert_eq!(select(&links, &["eth0".into()]).unwrap()[0].name, "eth0");
+        assert_eq!(
+            selection(&links, &["eth0".into()]).unwrap().links[0].name,
+            "eth0"
+        );
     }
 
     #[test]
@@ -298,8 +290,9 @@ mod tests {
             upper(6, "mv1", "macvlan", 5),
             upper(7, "eth0.7", "vlan", 2),
         ];
-        let names: Vec<_> = select(&links, &[])
+        let names: Vec<_> = selection(&links, &[])
             .unwrap()
+            .links
             .iter()
             .map(|l| l.name.as_str())
             .collect();
@@ -315,8 +308,9 @@ mod tests {
             link(3, "eth1", false, true),
             link(4, "wg0", true, false),
         ];
-        let names: Vec<_> = select(&links, &[])
+        let names: Vec<_> = selection(&links, &[])
             .unwrap()
+            .links
             .iter()
             .map(|l| l.name.as_str())
             .collect();
@@ -326,21 +320,16 @@ mod tests {
     #[test]
     fn configured_links_must_be_ethernet_and_may_come_later() {
         let links = [link(1, "lo", true, true), link(4, "wg0", true, false)];
-        assert_eq!(select(&links, &["lo".into()]).unwrap().len(), 1);
-        assert!(
-            select(&links, &["eth9".into()])
-                .unwrap_err()
-                .contains("eth9 does not exist")
-        );
+        assert_eq!(selection(&links, &["lo".into()]).unwrap().links.len(), 1);
         let selected = selection(&links, &["eth9".into(), "lo".into()]).unwrap();
         assert_eq!(selected.links.len(), 1);
         assert_eq!(selected.missing, ["eth9"]);
-        for refused in [
-            select(&links, &["wg0".into()]),
-            selection(&links, &["wg0".into()]).map(|s| s.links),
-        ] {
-            assert!(refused.unwrap_err().contains("no Ethernet framing"));
-        }
+        assert!(
+            selection(&links, &["wg0".into()])
+                .map(|s| s.links)
+                .unwrap_err()
+                .contains("no Ethernet framing")
+        );
         assert_eq!(
             missing(&links, &["lo".into(), "wg0".into(), "eth9".into()]),
             ["wg0", "eth9"]

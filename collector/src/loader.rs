@@ -614,7 +614,7 @@ impl Attachment {
     /// in place of the dead one, with a warning and [`TcHook::reattached`]; an interface
     /// where that fails is forgotten, so the next poll attaches it anew (or says why not).
     /// Also returns the configured interfaces missing, as the last sync found them.
-    pub fn programs_ahead(&mut self) -> HookCheck {
+    pub fn check_hooks(&mut self) -> HookCheck {
         // Our counting programs' ids, looked up once for every interface.
         let ours: Vec<(&'static str, TcAttachType, &str, u32)> = self
             .classifiers

@@ -758,11 +758,11 @@ fn read_interfaces(
         }
     };
     attachment.refresh_local_addresses();
-    let programs_ahead = attachment.programs_ahead();
+    let hooks = attachment.check_hooks();
     poller::InterfaceView {
         attached: attachment.interfaces(),
         links,
-        programs_ahead,
+        hooks,
         address_table: attachment.address_table_use(),
         health: health.clone(),
     }

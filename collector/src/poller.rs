@@ -111,9 +111,8 @@ pub struct InterfaceView {
     pub attached: Vec<String>,
     /// Every interface, with its counters (empty when the read failed).
     pub links: Vec<crate::links::Link>,
-    /// Each attached hook as the poll's check found it, and the configured interfaces missing
-    /// (named for what the check first reported).
-    pub programs_ahead: crate::loader::HookCheck,
+    /// Each attached hook as the poll's check found it, and the configured interfaces missing.
+    pub hooks: crate::loader::HookCheck,
     /// The local address table's use (`None` with `all_namespaces`).
     pub address_table: Option<crate::address_table::AddressTableUse>,
     pub health: SourceHealth,
@@ -295,8 +294,8 @@ impl Poller {
             poll: self.poll,
             interface_stats: interfaces.attached_stats(),
             interfaces: interfaces.attached,
-            tc_hooks: interfaces.programs_ahead.hooks,
-            missing_interfaces: interfaces.programs_ahead.missing_interfaces,
+            tc_hooks: interfaces.hooks.hooks,
+            missing_interfaces: interfaces.hooks.missing_interfaces,
             address_table: interfaces.address_table,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
@@ -381,7 +380,7 @@ mod tests {
         let view = InterfaceView {
             attached: vec!["lo".into()],
             links: vec![link(1, "lo"), link(9, "veth3f2a")],
-            programs_ahead: crate::loader::HookCheck::default(),
+            hooks: crate::loader::HookCheck::default(),
             address_table: None,
             health: SourceHealth::default(),
         };

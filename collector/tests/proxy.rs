@@ -797,13 +797,27 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     support::wait_for_closed(&netns, "web", 10);
     agent.kill();
 
-    // A start that fails after taking over the crashed run's sock_ops link: an interface
-    // that does not exist is an error when the classifiers are attached, which comes later.
+    // A start that fails after taking over the crashed run's sock_ops link: a configured
+    // interface without Ethernet framing is an error when the classifiers are attached,
+    // which comes later (one that does not exist yet no longer is).
     let broken = config.dir.join("broken.toml");
     let text = std::fs::read_to_string(&config.path).unwrap();
-    std::fs::write(&broken, format!("interfaces = [\"nosuch0\"]\n{text}")).unwrap();
+    support::run(
+        "ip",
+        &[
+            "-n",
+            &netns.name,
+            "tuntap",
+            "add",
+            "dev",
+            "tun9",
+            "mode",
+            "tun",
+        ],
+    );
+    std::fs::write(&broken, format!("interfaces = [\"tun9\"]\n{text}")).unwrap();
     let stderr = support::refused_start(&netns, &broken);
-    assert!(stderr.contains("nosuch0"), "{stderr}");
+    assert!(stderr.contains("tun9 has no Ethernet framing"), "{stderr}");
 
     // The crashed run's links and maps are still there and still counting.
     traffic(&netns, WEB_PORT, 5, 100, 100, Closer::Client);
