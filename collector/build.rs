@@ -2,9 +2,13 @@
 //! collector-ebpf/rust-toolchain.toml and bpf-linker, and leaves the object in `OUT_DIR` for
 //! `include_bytes_aligned!`. The build runs from collector-ebpf/, so that cargo reads the
 //! configuration there (collector-ebpf/.cargo/config.toml: the BPF CPU version).
+//!
+//! Also records the commit built (`COLLECTOR_REVISION`, from the environment or git) for
+//! `collector_build_info`: the version alone is the same for every build.
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
+    record_revision();
     let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../collector-ebpf");
     let toolchain_file = format!("{root_dir}/rust-toolchain.toml");
     println!("cargo:rerun-if-changed={toolchain_file}");
@@ -29,4 +33,44 @@ fn channel(toolchain_file: &str) -> Option<&str> {
         let (key, value) = line.split_once('=')?;
         (key.trim() == "channel").then(|| value.trim().trim_matches('"'))
     })
+}
+
+/// Sets `COLLECTOR_REVISION` for the build: as given in the environment (an image build from a
+/// tarball), else git's short commit hash, else "unknown". Rerun when the commit moves.
+fn record_revision() {
+    println!("cargo:rerun-if-env-changed=COLLECTOR_REVISION");
+    let manifest_dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(manifest_dir)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .filter(|text| !text.is_empty())
+    };
+    let revision = std::env::var("COLLECTOR_REVISION")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            // The files whose change moves HEAD: HEAD itself, the branch it names, packed refs.
+            let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+            for name in ["HEAD", "packed-refs"]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(branch)
+            {
+                if let Some(path) =
+                    git(&["rev-parse", "--path-format=absolute", "--git-path", &name])
+                {
+                    println!("cargo:rerun-if-changed={path}");
+                }
+            }
+            git(&["rev-parse", "--short=12", "HEAD"])
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=COLLECTOR_REVISION={revision}");
 }

@@ -806,10 +806,13 @@ fn encode_process(process: Option<&ProcessStats>, encoder: &mut DescriptorEncode
     gauges(
         encoder,
         "collector_build_info",
-        "The collector's version; always 1.",
+        "The collector's version and the commit it was built from; always 1.",
         None,
         [(
-            vec![("version", env!("CARGO_PKG_VERSION").to_owned())],
+            vec![
+                ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("revision", env!("COLLECTOR_REVISION").to_owned()),
+            ],
             1i64,
         )],
     )?;
@@ -989,6 +992,10 @@ mod tests {
             .replace(
                 concat!("version=\"", env!("CARGO_PKG_VERSION"), "\""),
                 "version=\"VERSION\"",
+            )
+            .replace(
+                concat!("revision=\"", env!("COLLECTOR_REVISION"), "\""),
+                "revision=\"REVISION\"",
             );
         let golden = include_str!("testdata/metrics.golden");
         assert_eq!(text, golden, "rendered:\n{text}");

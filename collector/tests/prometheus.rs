@@ -163,11 +163,23 @@ fn the_agent_exports_its_own_process_figures() {
     let proc_dir = Path::new("/proc").join(agent.pid().to_string());
     let value = |name: &str| sample(&metrics, name, &[]).unwrap_or_else(|| panic!("no {name}"));
 
+    // The commit built, which the version alone does not tell.
+    let head = support::stdout_of(Command::new("git").args([
+        "-C",
+        env!("CARGO_MANIFEST_DIR"),
+        "rev-parse",
+        "--short=12",
+        "HEAD",
+    ]));
+    assert_eq!(env!("COLLECTOR_REVISION"), head.trim());
     assert_eq!(
         sample(
             &metrics,
             "collector_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("revision", env!("COLLECTOR_REVISION"))
+            ]
         ),
         Some(1.0)
     );
