@@ -2,9 +2,14 @@
 //! over netlink): the named counters of one table, and whether a table exists. One
 //! request-response on a netlink socket, where `nft -j list` spawns a process and parses
 //! JSON (milliseconds per read).
+//!
+//! A dump that a change to the ruleset interrupted (the kernel marks its later parts
+//! `NLM_F_DUMP_INTR`) is read again, as the rtnetlink dumps are
+//! ([`netlink_dump::retry_interrupted`]).
 
 use std::io;
 
+use netlink_packet_core::NLM_F_DUMP_INTR;
 use netlink_sys::protocols::NETLINK_NETFILTER;
 
 use crate::netlink_dump::{self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, align4};
@@ -98,15 +103,33 @@ fn be64(payload: &[u8]) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
+/// Whether the kernel marked `message` (a reply, its header included) as part of a dump
+/// that a change interrupted: the dump mixes the ruleset before and after it.
+fn dump_interrupted(message: &[u8]) -> bool {
+    message
+        .get(6..8)
+        .is_some_and(|flags| u16::from_ne_bytes([flags[0], flags[1]]) & NLM_F_DUMP_INTR != 0)
+}
+
 /// Sends `message` and hands every reply of type `wanted` to `each` (its family and its
 /// body), until the dump ends or the ack arrives. A netlink error comes back as an
-/// `io::Error`.
+/// `io::Error`; a dump that a change interrupted as an `Interrupted` one, after its replies
+/// (callers read again with [`netlink_dump::retry_interrupted`]).
 fn exchange(message: &[u8], wanted: u16, mut each: impl FnMut(u8, &[u8])) -> io::Result<()> {
+    let mut interrupted = false;
     netlink_dump::exchange(NETLINK_NETFILTER, message, |kind, message| {
+        interrupted |= dump_interrupted(message);
         if kind == (NFNL_SUBSYS_NFTABLES << 8) | wanted && message.len() >= HEADERS {
             each(message[16], &message[HEADERS..]);
         }
-    })
+    })?;
+    if interrupted {
+        return Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "an nf_tables dump was interrupted by a change to the ruleset",
+        ));
+    }
+    Ok(())
 }
 
 /// The named counters of the inet table `table` (none if it does not exist).
@@ -114,40 +137,43 @@ pub fn read_counters(table: &str) -> io::Result<Vec<Counter>> {
     let mut attrs = Vec::new();
     attribute(&mut attrs, NFTA_OBJ_TABLE, &string(table));
     attribute(&mut attrs, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
-    let mut counters = Vec::new();
-    exchange(
-        &request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs),
-        NFT_MSG_NEWOBJ,
-        |_, body| {
-            let attrs = attributes(body);
-            let text = |kind| {
-                attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| {
-                    String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
-                })
-            };
-            if text(NFTA_OBJ_TABLE).as_deref() != Some(table) {
-                return;
-            }
-            let Some(name) = text(NFTA_OBJ_NAME) else {
-                return;
-            };
-            let Some((_, data)) = attrs.iter().find(|(k, _)| *k == NFTA_OBJ_DATA) else {
-                return;
-            };
-            let data = attributes(data);
-            let value = |kind| {
-                data.iter()
-                    .find(|(k, _)| *k == kind)
-                    .map_or(0, |(_, v)| be64(v))
-            };
-            counters.push(Counter {
-                name,
-                packets: value(NFTA_COUNTER_PACKETS),
-                bytes: value(NFTA_COUNTER_BYTES),
-            });
-        },
-    )?;
-    Ok(counters)
+    netlink_dump::retry_interrupted(|| {
+        let mut counters = Vec::new();
+        exchange(
+            &request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs),
+            NFT_MSG_NEWOBJ,
+            |_, body| {
+                let attrs = attributes(body);
+                let text = |kind| {
+                    attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| {
+                        String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or(&[]))
+                            .into_owned()
+                    })
+                };
+                if text(NFTA_OBJ_TABLE).as_deref() != Some(table) {
+                    return;
+                }
+                let Some(name) = text(NFTA_OBJ_NAME) else {
+                    return;
+                };
+                let Some((_, data)) = attrs.iter().find(|(k, _)| *k == NFTA_OBJ_DATA) else {
+                    return;
+                };
+                let data = attributes(data);
+                let value = |kind| {
+                    data.iter()
+                        .find(|(k, _)| *k == kind)
+                        .map_or(0, |(_, v)| be64(v))
+                };
+                counters.push(Counter {
+                    name,
+                    packets: value(NFTA_COUNTER_PACKETS),
+                    bytes: value(NFTA_COUNTER_BYTES),
+                });
+            },
+        )?;
+        Ok(counters)
+    })
 }
 
 /// Whether the inet table `table` exists.
@@ -171,33 +197,35 @@ pub fn table_exists(table: &str) -> io::Result<bool> {
 /// The IP hook numbers (`NF_INET_PRE_ROUTING` = 0 … `NF_INET_POST_ROUTING` = 4) that base
 /// chains of the ip, ip6 and inet families hook, tables named `except` in inet left out.
 pub fn ip_hooks_in_use(except: &str) -> io::Result<Vec<u32>> {
-    let mut hooks = Vec::new();
-    exchange(
-        &request_for(NFPROTO_UNSPEC, NFT_MSG_GETCHAIN, NLM_F_DUMP, &[]),
-        NFT_MSG_NEWCHAIN,
-        |family, body| {
-            if !matches!(family, NFPROTO_INET | NFPROTO_IPV4 | NFPROTO_IPV6) {
-                return;
-            }
-            let attrs = attributes(body);
-            let table = attrs.iter().find(|(k, _)| *k == NFTA_CHAIN_TABLE);
-            if family == NFPROTO_INET && table.is_some_and(|(_, v)| *v == string(except)) {
-                return;
-            }
-            let Some((_, hook)) = attrs.iter().find(|(k, _)| *k == NFTA_CHAIN_HOOK) else {
-                return;
-            };
-            let number = attributes(hook)
-                .into_iter()
-                .find(|(k, _)| *k == NFTA_HOOK_HOOKNUM)
-                .and_then(|(_, v)| v.get(..4)?.try_into().ok())
-                .map(u32::from_be_bytes);
-            hooks.extend(number);
-        },
-    )?;
-    hooks.sort_unstable();
-    hooks.dedup();
-    Ok(hooks)
+    netlink_dump::retry_interrupted(|| {
+        let mut hooks = Vec::new();
+        exchange(
+            &request_for(NFPROTO_UNSPEC, NFT_MSG_GETCHAIN, NLM_F_DUMP, &[]),
+            NFT_MSG_NEWCHAIN,
+            |family, body| {
+                if !matches!(family, NFPROTO_INET | NFPROTO_IPV4 | NFPROTO_IPV6) {
+                    return;
+                }
+                let attrs = attributes(body);
+                let table = attrs.iter().find(|(k, _)| *k == NFTA_CHAIN_TABLE);
+                if family == NFPROTO_INET && table.is_some_and(|(_, v)| *v == string(except)) {
+                    return;
+                }
+                let Some((_, hook)) = attrs.iter().find(|(k, _)| *k == NFTA_CHAIN_HOOK) else {
+                    return;
+                };
+                let number = attributes(hook)
+                    .into_iter()
+                    .find(|(k, _)| *k == NFTA_HOOK_HOOKNUM)
+                    .and_then(|(_, v)| v.get(..4)?.try_into().ok())
+                    .map(u32::from_be_bytes);
+                hooks.extend(number);
+            },
+        )?;
+        hooks.sort_unstable();
+        hooks.dedup();
+        Ok(hooks)
+    })
 }
 
 #[cfg(test)]
@@ -221,5 +249,71 @@ mod tests {
         assert_eq!(be64(&7u64.to_be_bytes()), 7);
         // A length running past the end stops the walk instead of panicking.
         assert!(attributes(&[200, 0, 1, 0, 0, 0]).is_empty());
+        // Only a reply the kernel marked is an interrupted dump's.
+        assert!(!dump_interrupted(&message));
+        let mut marked = message.clone();
+        marked[6..8].copy_from_slice(&(NLM_F_MULTI | NLM_F_DUMP_INTR).to_ne_bytes());
+        assert!(dump_interrupted(&marked));
+    }
+
+    const NLM_F_MULTI: u16 = 2;
+
+    /// A dump that a commit interrupts is marked so, and read again: a commit made while the
+    /// first part of a long dump is handed over (in a network namespace of this thread's own).
+    #[test]
+    fn a_dump_a_change_interrupted_is_noticed_and_read_again() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare on this thread only; its network namespace goes with it.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "unshare (run as root): {}",
+                io::Error::last_os_error()
+            );
+            // 2,000 counters: a dump of several parts, each made as the one before is read.
+            let counters = (0..2000)
+                .map(|n| format!("counter c{n} {{ }}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let ruleset = format!("table inet t {{\n{counters}\n}}\n");
+            nft(&["-f", "-"], &ruleset);
+
+            let mut attrs = Vec::new();
+            attribute(&mut attrs, NFTA_OBJ_TABLE, &string("t"));
+            let dump = request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs);
+            let mut seen = 0;
+            let read = exchange(&dump, NFT_MSG_NEWOBJ, |_, _| {
+                seen += 1;
+                if seen == 1 {
+                    nft(&["add", "counter", "inet", "t", "extra"], "");
+                }
+            });
+            assert_eq!(
+                read.map_err(|err| err.kind()),
+                Err(io::ErrorKind::Interrupted)
+            );
+            // Read again, unchanged meanwhile: every counter, the new one included.
+            assert_eq!(read_counters("t").unwrap().len(), 2001);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// `nft args`, `input` on its standard input, in this thread's network namespace.
+    fn nft(args: &[&str], input: &str) {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("nft")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "nft {args:?}");
     }
 }
