@@ -4,8 +4,9 @@
 //!
 //! Nothing that is not the crashed collector's is touched:
 //! - a collector running with the pin directory holds it locked, and is refused;
-//! - the nftables table is looked for in this network namespace, and removed only when the
-//!   pins' owner (`PIN_OWNER`, the namespace cookie of the collector that made them) is this
+//! - the nftables table is looked for in this network namespace, and removed only when it is
+//!   recognisably a collector's (`nft::Leftover`: a table of that name that is not, a host
+//!   firewall's `inet filter` say, is named and left), and when the pins' owner (`PIN_OWNER`, the namespace cookie of the collector that made them) is this
 //!   namespace. The documented sidecar cleanup runs on the node, where the node's own
 //!   collector may use the same table name: a crashed sidecar's table was in its pod's
 //!   namespace, and went with it. Nor when a running collector of this namespace holds the
@@ -30,7 +31,7 @@ use std::{
 use anyhow::Context as _;
 use collector_common::map_names;
 
-use crate::{config::Config, loader, netns, nfnetlink, nft, nft_claim, output, paths, privileges};
+use crate::{config::Config, loader, netns, nft, nft_claim, output, paths, privileges};
 
 /// Whose the pins are, as `PIN_OWNER` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +53,9 @@ enum Table {
     Elsewhere { owner: u64, here: u64 },
     /// One with our name is in this namespace, but no pins say it is a crashed collector's.
     Unclaimed(String),
+    /// One with our name is in this namespace, but it is not a collector's table (the words
+    /// after "it"): never touched.
+    NotOurs(String),
     /// The crashed collector's name, but a running collector of this namespace (with
     /// another pin directory) holds it: the table is that one's now.
     InUse(nft_claim::Holder),
@@ -177,7 +181,7 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     let here = netns::current_cookie()
         .context("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)")?;
     let table_name = &config.nftables.table;
-    let table = match table_plan(&owner, here, || table_exists(table_name))? {
+    let table = match table_plan(&owner, here, || find_table(table_name))? {
         Table::Remove => match nft_claim::held(table_name)
             .context("looking for a running collector with our nftables table")?
         {
@@ -194,7 +198,13 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         remove_empty_dirs(&map_dir)?;
         remove_dir_if_empty(pin_dir)?;
         if table == Table::Remove {
-            nft::remove_leftover(table_name).context("removing our nftables table")?;
+            let found = nft::remove_leftover(table_name).context("removing our nftables table")?;
+            if let nft::Leftover::NotOurs(why) = found {
+                anyhow::bail!(
+                    "the nftables table inet {table_name} changed while cleanup looked at it and \
+                     is no longer a collector's (it {why}): left in place"
+                );
+            }
         }
         let left = found.other_pins().count();
         if left > 0 {
@@ -275,6 +285,11 @@ fn list(
              {why}, and a running collector's table would lose its counters; if no collector \
              runs here with that table, remove it with `nft delete table inet {table_name}`"
         )?,
+        Table::NotOurs(why) => writeln!(
+            out,
+            "nftables table inet {table_name} in this network namespace: not the collector's \
+             (it {why}): cleanup leaves it"
+        )?,
         Table::InUse(holder) => writeln!(
             out,
             "nftables table inet {table_name} in this network namespace: not touched, since a \
@@ -324,43 +339,39 @@ fn lock_unless_running(pin_dir: &Path) -> anyhow::Result<std::fs::File> {
     )
 }
 
-/// What to do about the table, given whose the pins are; `exists` looks in this namespace.
+/// What to do about the table, given whose the pins are; `find` looks in this namespace.
 fn table_plan(
     owner: &Owner,
     here: u64,
-    exists: impl FnOnce() -> anyhow::Result<bool>,
+    find: impl FnOnce() -> anyhow::Result<nft::Leftover>,
 ) -> anyhow::Result<Table> {
     Ok(match owner {
         Owner::Namespace(owner) if *owner != here => Table::Elsewhere {
             owner: *owner,
             here,
         },
-        Owner::Namespace(_) => {
-            if exists()? {
-                Table::Remove
-            } else {
-                Table::Absent
-            }
-        }
-        Owner::Unknown(why) => {
-            if exists()? {
-                Table::Unclaimed(why.clone())
-            } else {
-                Table::Absent
-            }
-        }
+        Owner::Namespace(_) => match find()? {
+            nft::Leftover::Ours => Table::Remove,
+            nft::Leftover::NotOurs(why) => Table::NotOurs(why),
+            nft::Leftover::Absent => Table::Absent,
+        },
+        Owner::Unknown(why) => match find()? {
+            nft::Leftover::Ours => Table::Unclaimed(why.clone()),
+            nft::Leftover::NotOurs(why) => Table::NotOurs(why),
+            nft::Leftover::Absent => Table::Absent,
+        },
     })
 }
 
-fn table_exists(table: &str) -> anyhow::Result<bool> {
-    match nfnetlink::table_exists(table) {
+fn find_table(table: &str) -> anyhow::Result<nft::Leftover> {
+    match nft::find_leftover(table) {
         Ok(found) => Ok(found),
-        Err(err) if privileges::denied(&err) => anyhow::bail!(
+        Err(nft::NftError::Netlink(err)) if privileges::denied(&err) => anyhow::bail!(
             "looking for the nftables table inet {table}: permission denied: run as root (or with \
              CAP_NET_ADMIN)"
         ),
         // Without nf_tables support there is no table of ours to find.
-        Err(_) => Ok(false),
+        Err(_) => Ok(nft::Leftover::Absent),
     }
 }
 
@@ -490,15 +501,24 @@ mod tests {
     #[test]
     fn the_table_is_touched_only_where_the_pins_owner_lives() {
         let here = 7;
-        let present = || Ok(true);
+        let present = || Ok(nft::Leftover::Ours);
+        let absent = || Ok(nft::Leftover::Absent);
         assert_eq!(
             table_plan(&Owner::Namespace(7), here, present).unwrap(),
             Table::Remove
         );
         assert_eq!(
-            table_plan(&Owner::Namespace(7), here, || Ok(false)).unwrap(),
+            table_plan(&Owner::Namespace(7), here, absent).unwrap(),
             Table::Absent
         );
+        // A table of that name that is not a collector's is never removed, whoever's the pins.
+        let firewall = || Ok(nft::Leftover::NotOurs("holds the chain input".into()));
+        for owner in [Owner::Namespace(7), Owner::Unknown("no pins".into())] {
+            assert_eq!(
+                table_plan(&owner, here, firewall).unwrap(),
+                Table::NotOurs("holds the chain input".into())
+            );
+        }
         // Another namespace's pins: this namespace's table is not even looked at.
         assert_eq!(
             table_plan(&Owner::Namespace(9), here, || panic!("looked")).unwrap(),
@@ -509,7 +529,7 @@ mod tests {
             Table::Unclaimed("no pins".into())
         );
         assert_eq!(
-            table_plan(&Owner::Unknown("no pins".into()), here, || Ok(false)).unwrap(),
+            table_plan(&Owner::Unknown("no pins".into()), here, absent).unwrap(),
             Table::Absent
         );
     }

@@ -1,7 +1,8 @@
-//! The two nfnetlink requests the counters need, by hand (no crate here speaks `nf_tables`
-//! over netlink): the named counters of one table, and whether a table exists. One
-//! request-response on a netlink socket, where `nft -j list` spawns a process and parses
-//! JSON (milliseconds per read).
+//! The `nf_tables` requests our table needs, by hand (no crate here speaks `nf_tables` over
+//! netlink): the named counters of one table, what one table holds (its chains and their
+//! rules, its maps and their elements, its objects), the ruleset's generation, and the
+//! hooks in use. One request-response on a netlink socket each, where `nft -j list` spawns
+//! a process and parses JSON (milliseconds per read).
 //!
 //! A dump that a change to the ruleset interrupted (the kernel marks its later parts
 //! `NLM_F_DUMP_INTR`) is read again, as the rtnetlink dumps are
@@ -19,19 +20,64 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
 const NFT_MSG_NEWOBJ: u16 = 18;
 const NFT_MSG_GETOBJ: u16 = 19;
 const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_TABLE_USE: u16 = 3;
+const NFTA_TABLE_HANDLE: u16 = 4;
+const NFTA_TABLE_USERDATA: u16 = 6;
 const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
 const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_OBJ_TYPE: u16 = 15;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_OBJREF: u16 = 9;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_GEN_ID: u16 = 1;
 const NFTA_OBJ_TABLE: u16 = 1;
 const NFTA_OBJ_NAME: u16 = 2;
 const NFTA_OBJ_TYPE: u16 = 3;
 const NFTA_OBJ_DATA: u16 = 4;
-const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_OBJ_USERDATA: u16 = 8;
+pub const NFT_OBJECT_COUNTER: u32 = 1;
+/// The attributes of the expressions our rule is made of, and their values.
+pub const NFTA_META_KEY: u16 = 2;
+pub const NFT_META_L4PROTO: u32 = 16;
+pub const NFTA_PAYLOAD_BASE: u16 = 2;
+pub const NFTA_PAYLOAD_OFFSET: u16 = 3;
+pub const NFTA_PAYLOAD_LEN: u16 = 4;
+pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+pub const NFTA_OBJREF_SET_NAME: u16 = 4;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
+/// libnftnl's user data: (type u8, length u8, value) records; type 0 is the comment of a
+/// table, chain, set, object or rule alike.
+const NFTNL_UDATA_COMMENT: u8 = 0;
 const NFPROTO_UNSPEC: u8 = 0;
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
@@ -48,6 +94,93 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// What one inet table holds, as the kernel has it: enough to tell whether it is ours and
+/// whether it is as a config plans it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableContents {
+    pub handle: u64,
+    /// `NFT_TABLE_F_DORMANT` (1): its chains hook nothing.
+    pub flags: u32,
+    /// The kernel's count of its chains, sets, objects and flowtables.
+    pub use_count: u32,
+    /// Its user data (`nft` keeps a table's comment there), if any.
+    pub userdata: Option<Vec<u8>>,
+    pub chains: Vec<Chain>,
+    pub rules: Vec<Rule>,
+    pub sets: Vec<Set>,
+    pub objects: Vec<Object>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    /// A base chain's hook number and priority.
+    pub hook: Option<(u32, i32)>,
+    /// A base chain's type (`filter`, `nat`, `route`).
+    pub kind: Option<String>,
+    /// A base chain's policy (`NF_ACCEPT` = 1).
+    pub policy: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub chain: String,
+    pub expressions: Vec<Expression>,
+}
+
+/// One expression of a rule: its name (`meta`, `payload`, `objref`) and its attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expression {
+    pub name: String,
+    pub data: Vec<(u16, Vec<u8>)>,
+}
+
+impl Expression {
+    /// The big-endian u32 attribute `kind`.
+    #[must_use]
+    pub fn be32(&self, kind: u16) -> Option<u32> {
+        self.data
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, v)| v.get(..4)?.try_into().ok())
+            .map(u32::from_be_bytes)
+    }
+
+    /// The string attribute `kind`.
+    #[must_use]
+    pub fn text(&self, kind: u16) -> Option<String> {
+        self.data
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| text(v))
+    }
+}
+
+/// A set or map, with its elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub name: String,
+    pub key_len: u32,
+    /// The object type a map of objects maps to (`NFT_OBJECT_COUNTER`).
+    pub object_type: Option<u32>,
+    pub elements: Vec<Element>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    pub key: Vec<u8>,
+    /// The object an element of a map of objects names.
+    pub object: Option<String>,
+}
+
+/// A stateful object (a named counter, quota, limit...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    pub name: String,
+    pub kind: u32,
+    pub comment: Option<String>,
+}
+
 fn attribute(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&len.to_ne_bytes());
@@ -60,6 +193,24 @@ fn string(value: &str) -> Vec<u8> {
     let mut bytes = value.as_bytes().to_vec();
     bytes.push(0);
     bytes
+}
+
+/// A string attribute's text, up to its terminating NUL.
+fn text(payload: &[u8]) -> String {
+    String::from_utf8_lossy(payload.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
+}
+
+/// The comment in libnftnl user data, if it has one.
+#[must_use]
+pub fn comment(mut userdata: &[u8]) -> Option<String> {
+    while let [kind, len, rest @ ..] = userdata {
+        let value = rest.get(..usize::from(*len))?;
+        if *kind == NFTNL_UDATA_COMMENT {
+            return Some(text(value));
+        }
+        userdata = &rest[value.len()..];
+    }
+    None
 }
 
 /// An `nf_tables` request for the inet family with `attributes`.
@@ -94,6 +245,21 @@ fn attributes(mut body: &[u8]) -> Vec<(u16, &[u8])> {
         body = &body[align4(len).min(body.len())..];
     }
     out
+}
+
+/// The attribute `kind` of `attrs`.
+fn find<'a>(attrs: &[(u16, &'a [u8])], kind: u16) -> Option<&'a [u8]> {
+    attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v)
+}
+
+fn find_text(attrs: &[(u16, &[u8])], kind: u16) -> Option<String> {
+    find(attrs, kind).map(text)
+}
+
+fn find_be32(attrs: &[(u16, &[u8])], kind: u16) -> Option<u32> {
+    find(attrs, kind)
+        .and_then(|v| v.get(..4)?.try_into().ok())
+        .map(u32::from_be_bytes)
 }
 
 fn be64(payload: &[u8]) -> u64 {
@@ -134,64 +300,271 @@ fn exchange(message: &[u8], wanted: u16, mut each: impl FnMut(u8, &[u8])) -> io:
 
 /// The named counters of the inet table `table` (none if it does not exist).
 pub fn read_counters(table: &str) -> io::Result<Vec<Counter>> {
-    let mut attrs = Vec::new();
-    attribute(&mut attrs, NFTA_OBJ_TABLE, &string(table));
-    attribute(&mut attrs, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
     netlink_dump::retry_interrupted(|| {
         let mut counters = Vec::new();
-        exchange(
-            &request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs),
-            NFT_MSG_NEWOBJ,
-            |_, body| {
-                let attrs = attributes(body);
-                let text = |kind| {
-                    attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| {
-                        String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or(&[]))
-                            .into_owned()
-                    })
-                };
-                if text(NFTA_OBJ_TABLE).as_deref() != Some(table) {
-                    return;
-                }
-                let Some(name) = text(NFTA_OBJ_NAME) else {
-                    return;
-                };
-                let Some((_, data)) = attrs.iter().find(|(k, _)| *k == NFTA_OBJ_DATA) else {
-                    return;
-                };
-                let data = attributes(data);
-                let value = |kind| {
-                    data.iter()
-                        .find(|(k, _)| *k == kind)
-                        .map_or(0, |(_, v)| be64(v))
-                };
-                counters.push(Counter {
-                    name,
-                    packets: value(NFTA_COUNTER_PACKETS),
-                    bytes: value(NFTA_COUNTER_BYTES),
-                });
-            },
-        )?;
+        objects_dump(table, Some(NFT_OBJECT_COUNTER), |name, _, attrs| {
+            let Some(data) = find(attrs, NFTA_OBJ_DATA) else {
+                return;
+            };
+            let data = attributes(data);
+            let value = |kind| find(&data, kind).map_or(0, be64);
+            counters.push(Counter {
+                name,
+                packets: value(NFTA_COUNTER_PACKETS),
+                bytes: value(NFTA_COUNTER_BYTES),
+            });
+        })?;
         Ok(counters)
     })
 }
 
-/// Whether the inet table `table` exists.
-pub fn table_exists(table: &str) -> io::Result<bool> {
+/// One dump of the objects of the inet table `table` (of type `kind` only, if given), each
+/// handed to `each` with its name, type and attributes.
+fn objects_dump(
+    table: &str,
+    kind: Option<u32>,
+    mut each: impl FnMut(String, u32, &[(u16, &[u8])]),
+) -> io::Result<()> {
+    let mut attrs = Vec::new();
+    attribute(&mut attrs, NFTA_OBJ_TABLE, &string(table));
+    if let Some(kind) = kind {
+        attribute(&mut attrs, NFTA_OBJ_TYPE, &kind.to_be_bytes());
+    }
+    exchange(
+        &request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs),
+        NFT_MSG_NEWOBJ,
+        |_, body| {
+            let attrs = attributes(body);
+            if find_text(&attrs, NFTA_OBJ_TABLE).as_deref() != Some(table) {
+                return;
+            }
+            let (Some(name), Some(kind)) = (
+                find_text(&attrs, NFTA_OBJ_NAME),
+                find_be32(&attrs, NFTA_OBJ_TYPE),
+            ) else {
+                return;
+            };
+            each(name, kind, &attrs);
+        },
+    )
+}
+
+/// The inet table `table`'s own attributes (nothing of what it holds yet), if it exists.
+fn table_header(table: &str) -> io::Result<Option<TableContents>> {
     let mut attrs = Vec::new();
     attribute(&mut attrs, NFTA_TABLE_NAME, &string(table));
-    let mut found = false;
+    let mut found = None;
     match exchange(
         &request(NFT_MSG_GETTABLE, NLM_F_ACK, &attrs),
         NFT_MSG_NEWTABLE,
-        |_, _| {
-            found = true;
+        |_, body| {
+            let attrs = attributes(body);
+            found = Some(TableContents {
+                handle: find(&attrs, NFTA_TABLE_HANDLE).map_or(0, be64),
+                flags: find_be32(&attrs, NFTA_TABLE_FLAGS).unwrap_or(0),
+                use_count: find_be32(&attrs, NFTA_TABLE_USE).unwrap_or(0),
+                userdata: find(&attrs, NFTA_TABLE_USERDATA).map(<[u8]>::to_vec),
+                ..TableContents::default()
+            });
         },
     ) {
         Ok(()) => Ok(found),
-        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(err) => Err(err),
     }
+}
+
+/// The ruleset's generation in this network namespace: every committed change to any
+/// table moves it.
+pub fn generation() -> io::Result<u32> {
+    let mut generation = None;
+    exchange(
+        &request_for(NFPROTO_UNSPEC, NFT_MSG_GETGEN, NLM_F_ACK, &[]),
+        NFT_MSG_NEWGEN,
+        |_, body| generation = find_be32(&attributes(body), NFTA_GEN_ID),
+    )?;
+    generation.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the kernel's nf_tables generation reply had no id",
+        )
+    })
+}
+
+/// What the inet table `table` holds, and the ruleset's generation it was read at (`None`
+/// if the table does not exist). Its chains, rules, sets and objects are read by a dump
+/// each, all between two reads of the generation: a change meanwhile reads it all again.
+pub fn read_table(table: &str) -> io::Result<Option<(TableContents, u32)>> {
+    let changed = || {
+        io::Error::new(
+            io::ErrorKind::Interrupted,
+            "the nftables ruleset changed while our table was read",
+        )
+    };
+    netlink_dump::retry_interrupted(|| {
+        let before = generation()?;
+        let Some(mut contents) = table_header(table)? else {
+            return Ok(None);
+        };
+        // The table, or a set of it, gone between two dumps: a change meanwhile.
+        let gone = |err: io::Error| {
+            if err.raw_os_error() == Some(libc::ENOENT) {
+                changed()
+            } else {
+                err
+            }
+        };
+        contents.chains = chains(table)?;
+        contents.rules = rules(table).map_err(gone)?;
+        contents.sets = sets(table).map_err(gone)?;
+        for set in &mut contents.sets {
+            set.elements = elements(table, &set.name).map_err(gone)?;
+        }
+        objects_dump(table, None, |name, kind, attrs| {
+            contents.objects.push(Object {
+                name,
+                kind,
+                comment: find(attrs, NFTA_OBJ_USERDATA).and_then(comment),
+            });
+        })
+        .map_err(gone)?;
+        if generation()? != before {
+            return Err(changed());
+        }
+        Ok(Some((contents, before)))
+    })
+}
+
+/// The chains of the inet table `table`.
+fn chains(table: &str) -> io::Result<Vec<Chain>> {
+    let mut chains = Vec::new();
+    // The kernel dumps every inet chain (a chain dump has no table filter); ours are picked.
+    exchange(
+        &request(NFT_MSG_GETCHAIN, NLM_F_DUMP, &[]),
+        NFT_MSG_NEWCHAIN,
+        |_, body| {
+            let attrs = attributes(body);
+            if find_text(&attrs, NFTA_CHAIN_TABLE).as_deref() != Some(table) {
+                return;
+            }
+            let Some(name) = find_text(&attrs, NFTA_CHAIN_NAME) else {
+                return;
+            };
+            let hook = find(&attrs, NFTA_CHAIN_HOOK).map(attributes);
+            let hook = hook.as_deref().and_then(|hook| {
+                let number = find_be32(hook, NFTA_HOOK_HOOKNUM)?;
+                let priority = find_be32(hook, NFTA_HOOK_PRIORITY)?;
+                Some((number, i32::from_be_bytes(priority.to_be_bytes())))
+            });
+            chains.push(Chain {
+                name,
+                hook,
+                kind: find_text(&attrs, NFTA_CHAIN_TYPE),
+                policy: find_be32(&attrs, NFTA_CHAIN_POLICY),
+            });
+        },
+    )?;
+    Ok(chains)
+}
+
+/// The rules of the inet table `table`, with their expressions.
+fn rules(table: &str) -> io::Result<Vec<Rule>> {
+    let mut attrs = Vec::new();
+    attribute(&mut attrs, NFTA_RULE_TABLE, &string(table));
+    let mut rules = Vec::new();
+    exchange(
+        &request(NFT_MSG_GETRULE, NLM_F_DUMP, &attrs),
+        NFT_MSG_NEWRULE,
+        |_, body| {
+            let attrs = attributes(body);
+            if find_text(&attrs, NFTA_RULE_TABLE).as_deref() != Some(table) {
+                return;
+            }
+            let Some(chain) = find_text(&attrs, NFTA_RULE_CHAIN) else {
+                return;
+            };
+            let expressions = find(&attrs, NFTA_RULE_EXPRESSIONS)
+                .map(attributes)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(kind, _)| *kind == NFTA_LIST_ELEM)
+                .map(|(_, expression)| {
+                    let attrs = attributes(expression);
+                    Expression {
+                        name: find_text(&attrs, NFTA_EXPR_NAME).unwrap_or_default(),
+                        data: find(&attrs, NFTA_EXPR_DATA)
+                            .map(attributes)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(kind, value)| (kind, value.to_vec()))
+                            .collect(),
+                    }
+                })
+                .collect();
+            rules.push(Rule { chain, expressions });
+        },
+    )?;
+    Ok(rules)
+}
+
+/// The sets and maps of the inet table `table`, their elements not read yet.
+fn sets(table: &str) -> io::Result<Vec<Set>> {
+    let mut attrs = Vec::new();
+    attribute(&mut attrs, NFTA_SET_TABLE, &string(table));
+    let mut sets = Vec::new();
+    exchange(
+        &request(NFT_MSG_GETSET, NLM_F_DUMP, &attrs),
+        NFT_MSG_NEWSET,
+        |_, body| {
+            let attrs = attributes(body);
+            if find_text(&attrs, NFTA_SET_TABLE).as_deref() != Some(table) {
+                return;
+            }
+            let Some(name) = find_text(&attrs, NFTA_SET_NAME) else {
+                return;
+            };
+            sets.push(Set {
+                name,
+                key_len: find_be32(&attrs, NFTA_SET_KEY_LEN).unwrap_or(0),
+                object_type: find_be32(&attrs, NFTA_SET_OBJ_TYPE),
+                elements: Vec::new(),
+            });
+        },
+    )?;
+    Ok(sets)
+}
+
+/// The elements of the set `set` of the inet table `table`.
+fn elements(table: &str, set: &str) -> io::Result<Vec<Element>> {
+    let mut attrs = Vec::new();
+    attribute(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &string(table));
+    attribute(&mut attrs, NFTA_SET_ELEM_LIST_SET, &string(set));
+    let mut elements = Vec::new();
+    exchange(
+        &request(NFT_MSG_GETSETELEM, NLM_F_DUMP, &attrs),
+        NFT_MSG_NEWSETELEM,
+        |_, body| {
+            let attrs = attributes(body);
+            let Some(list) = find(&attrs, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                return;
+            };
+            for (kind, element) in attributes(list) {
+                if kind != NFTA_LIST_ELEM {
+                    continue;
+                }
+                let element = attributes(element);
+                let key = find(&element, NFTA_SET_ELEM_KEY)
+                    .map(attributes)
+                    .and_then(|key| find(&key, NFTA_DATA_VALUE).map(<[u8]>::to_vec))
+                    .unwrap_or_default();
+                elements.push(Element {
+                    key,
+                    object: find_text(&element, NFTA_SET_ELEM_OBJREF),
+                });
+            }
+        },
+    )?;
+    Ok(elements)
 }
 
 /// The IP hook numbers (`NF_INET_PRE_ROUTING` = 0 … `NF_INET_POST_ROUTING` = 4) that base
@@ -207,19 +580,15 @@ pub fn ip_hooks_in_use(except: &str) -> io::Result<Vec<u32>> {
                     return;
                 }
                 let attrs = attributes(body);
-                let table = attrs.iter().find(|(k, _)| *k == NFTA_CHAIN_TABLE);
-                if family == NFPROTO_INET && table.is_some_and(|(_, v)| *v == string(except)) {
+                if family == NFPROTO_INET
+                    && find_text(&attrs, NFTA_CHAIN_TABLE).as_deref() == Some(except)
+                {
                     return;
                 }
-                let Some((_, hook)) = attrs.iter().find(|(k, _)| *k == NFTA_CHAIN_HOOK) else {
+                let Some(hook) = find(&attrs, NFTA_CHAIN_HOOK) else {
                     return;
                 };
-                let number = attributes(hook)
-                    .into_iter()
-                    .find(|(k, _)| *k == NFTA_HOOK_HOOKNUM)
-                    .and_then(|(_, v)| v.get(..4)?.try_into().ok())
-                    .map(u32::from_be_bytes);
-                hooks.extend(number);
+                hooks.extend(find_be32(&attributes(hook), NFTA_HOOK_HOOKNUM));
             },
         )?;
         hooks.sort_unstable();
@@ -257,6 +626,17 @@ mod tests {
     }
 
     const NLM_F_MULTI: u16 = 2;
+
+    #[test]
+    fn the_comment_is_read_from_user_data_records() {
+        // As libnftnl writes it: type, length, value (with its NUL).
+        let mut userdata = vec![1, 2, 9, 9, NFTNL_UDATA_COMMENT, 4];
+        userdata.extend_from_slice(b"abc\0");
+        assert_eq!(comment(&userdata).as_deref(), Some("abc"));
+        assert_eq!(comment(&[1, 2, 9, 9]), None);
+        // A record running past the end is no comment, and no panic.
+        assert_eq!(comment(&[NFTNL_UDATA_COMMENT, 9, b'a']), None);
+    }
 
     /// A dump that a commit interrupts is marked so, and read again: a commit made while the
     /// first part of a long dump is handed over (in a network namespace of this thread's own).

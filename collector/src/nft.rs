@@ -1,34 +1,35 @@
-//! nftables: the agent's own table (default `inet collector`) with a named counter per watched
-//! port and direction, next to the eBPF figures so that a gap between the two shows.
+//! nftables: the agent's own table (default `inet collector`) with a named counter per
+//! watched port and direction, next to the eBPF figures so that a gap between the two shows.
 //!
 //! - `in`: a prerouting chain (priority -300, before conntrack and NAT) counts packets whose
 //!   destination port is a route's TCP port or a DNS UDP port; it also sees traffic that
 //!   nftables forwards or NATs, which never reaches a local socket.
 //! - `out`: a postrouting chain (priority -300) counts packets whose source port is one.
 //!
-//! The table is made and removed with the `nftables` crate (which drives `nft -j`); the
-//! counters are read over nfnetlink ([`crate::nfnetlink`]), which costs tens of microseconds
-//! where `nft -j list` costs milliseconds (see docs/DESIGN.md).
+//! The table is made and removed with `nft -j` (the
+//! `nftables` crate); its counters are read over nfnetlink ([`crate::nfnetlink`]), which
+//! costs tens of microseconds where `nft -j list` costs milliseconds (see docs/DESIGN.md).
 //!
-//! A start finds a leftover table of a crashed run: if it holds exactly the counters this
-//! config wants, it is adopted as it is, so its counts continue; otherwise it is replaced
-//! (deleted and made again in one transaction): never two tables, never doubled rules.
-//! The table's name is claimed first ([`crate::nft_claim`]): a second collector of this
-//! namespace configured with the same name leaves the first one's table alone.
+//! Only a table that is recognisably ours is ever adopted, replaced or deleted
+//! ([`judge`]): one holding nothing but our chains, their rules, our maps and counters named
+//! as ours are, the counters without a comment (an earlier build's) or with [`COMMENT`].
+//! Any other table of that name (a host firewall's `inet filter`, say) is left as it is and
+//! the source is down, naming it. A start finds a leftover table of a crashed run: if it is
+//! exactly what this config plans (chains, hooks, priorities, rules, map elements,
+//! counters), it is adopted as it is, so its counts continue; otherwise it is replaced
+//! (deleted by handle and made again in one transaction): never two tables, never doubled
+//! rules. The table's name is claimed first ([`crate::nft_claim`]): a second collector of
+//! this namespace configured with the same name leaves the first one's table alone.
+//!
+//! Each poll reads the ruleset's generation; when it moved, the table is read whole again
+//! and a table changed in any way that stops or skews its counting (its rules flushed, a
+//! chain or map element gone, made dormant) is made again, as a table removed is.
 
-use std::borrow::Cow;
-
-use nftables::{
-    batch::Batch,
-    helper,
-    schema::{NfListObject, Table},
-    types::NfFamily,
-};
 use serde_json::json;
 
 use crate::{
     config::{Config, NftEnabled},
-    nfnetlink,
+    nfnetlink::{self, TableContents},
     nft_claim::{self, Holder, TableClaim},
     poller,
     snapshot::SourceHealth,
@@ -39,8 +40,51 @@ const IN_CHAIN: &str = "count_in";
 const OUT_CHAIN: &str = "count_out";
 const IN_MAP: &str = "ports_in";
 const OUT_MAP: &str = "ports_out";
-/// Before conntrack (-200) and destination NAT (-100): ports as the packet arrived.
-const PRIORITY: i32 = -300;
+
+/// The comment our counters carry: who made the table, for whoever lists the ruleset. (A
+/// table's own comment is not in nft 1.0.6's JSON; a counter's is.) Kept as it is across
+/// builds: a start replaces a table whose counters carry another.
+pub const COMMENT: &str = "made by collector (the ingress metrics agent), removed at its stop";
+
+/// One chain of ours: where it hooks and which port of the packet it looks up.
+struct Direction {
+    inbound: bool,
+    chain: &'static str,
+    hook: &'static str,
+    hook_number: u32,
+    /// Before conntrack (-200) and destination NAT (-100): ports as the packet arrived.
+    priority: i32,
+    map: &'static str,
+    field: &'static str,
+    /// The field's offset in the transport header.
+    offset: u32,
+}
+
+const DIRECTIONS: [Direction; 2] = [
+    Direction {
+        inbound: true,
+        chain: IN_CHAIN,
+        hook: "prerouting",
+        hook_number: NF_INET_PRE_ROUTING,
+        priority: -300,
+        map: IN_MAP,
+        field: "dport",
+        offset: 2,
+    },
+    Direction {
+        inbound: false,
+        chain: OUT_CHAIN,
+        hook: "postrouting",
+        hook_number: NF_INET_POST_ROUTING,
+        priority: -300,
+        map: OUT_MAP,
+        field: "sport",
+        offset: 0,
+    },
+];
+
+/// `NF_ACCEPT`, a base chain's policy.
+const NF_ACCEPT: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Protocol {
@@ -54,6 +98,14 @@ impl Protocol {
         match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+        }
+    }
+
+    /// Its IP protocol number.
+    fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
         }
     }
 }
@@ -125,13 +177,17 @@ pub enum NftError {
     #[error(
         "the nft tool failed ({0}); is it installed (apt install nftables) and does the kernel have nf_tables?"
     )]
-    Tool(#[from] helper::NftablesError),
-    #[error("reading nftables counters over nfnetlink: {0}")]
+    Tool(#[from] nftables::helper::NftablesError),
+    #[error("reading nftables over nfnetlink: {0}")]
     Netlink(#[from] std::io::Error),
     #[error(
-        "our table {0} lost its counters: someone removed it (nft flush ruleset, a firewall reload?); it is made again"
+        "our nftables table inet {table} {what} (nft flush ruleset or flush table, a firewall reload?): it is made again"
     )]
-    Removed(String),
+    Removed { table: String, what: String },
+    #[error(
+        "the nftables table inet {table} is not the collector's: it {why}; it is left as it is: give the collector a table of its own ([nftables] table = \"...\"; the default is \"collector\")"
+    )]
+    NotOurs { table: String, why: String },
     #[error(
         "the nftables table inet {table} is another running collector's in this network namespace ({holder}): give this one a table of its own ([nftables] table = \"...\") or set [nftables] enabled = false; it is looked at again now and then"
     )]
@@ -140,79 +196,298 @@ pub enum NftError {
     Claim(std::io::Error),
 }
 
+/// What a table of our name is, against a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Absent,
+    /// Ours and exactly as planned: adopted as it is.
+    AsPlanned,
+    /// Ours, but not as planned (the words after "the table"): replaced.
+    Differs(String),
+    /// Not recognisably ours (the words after "it"): left alone.
+    NotOurs(String),
+}
+
+/// What the table `contents` (`None`: there is none) is, for a config planning `plan`.
+#[must_use]
+pub fn judge(plan: &[PlannedCounter], contents: Option<&TableContents>) -> Verdict {
+    let Some(contents) = contents else {
+        return Verdict::Absent;
+    };
+    if let Some(why) = not_ours(contents) {
+        return Verdict::NotOurs(why);
+    }
+    match difference(plan, contents) {
+        Some(why) => Verdict::Differs(why),
+        None => Verdict::AsPlanned,
+    }
+}
+
+/// A counter name as ours are made: `tcp_443_in`, `udp_53_out`.
+fn is_our_counter_name(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix("tcp_")
+        .or_else(|| name.strip_prefix("udp_"))
+    else {
+        return false;
+    };
+    let Some(port) = rest
+        .strip_suffix("_in")
+        .or_else(|| rest.strip_suffix("_out"))
+    else {
+        return false;
+    };
+    port.parse::<u16>()
+        .is_ok_and(|port_number| port_number.to_string() == port)
+}
+
+/// Whether `rule` is the rule of `direction`: the packet's protocol and port looked up in
+/// its map, to the counter the element names.
+fn is_our_rule(rule: &nfnetlink::Rule, direction: &Direction) -> bool {
+    let [meta, payload, objref] = rule.expressions.as_slice() else {
+        return false;
+    };
+    rule.chain == direction.chain
+        && meta.name == "meta"
+        && meta.be32(nfnetlink::NFTA_META_KEY) == Some(nfnetlink::NFT_META_L4PROTO)
+        && payload.name == "payload"
+        && payload.be32(nfnetlink::NFTA_PAYLOAD_BASE)
+            == Some(nfnetlink::NFT_PAYLOAD_TRANSPORT_HEADER)
+        && payload.be32(nfnetlink::NFTA_PAYLOAD_OFFSET) == Some(direction.offset)
+        && payload.be32(nfnetlink::NFTA_PAYLOAD_LEN) == Some(2)
+        && objref.name == "objref"
+        && objref.text(nfnetlink::NFTA_OBJREF_SET_NAME).as_deref() == Some(direction.map)
+}
+
+fn direction_of_chain(chain: &str) -> Option<&'static Direction> {
+    DIRECTIONS.iter().find(|d| d.chain == chain)
+}
+
+/// Why `contents` is not recognisably a table the collector made, if it is not. Ours holds
+/// our chains (with our rule, or none), our maps and counters named as ours are, the
+/// counters with no comment (a build before they had one) or ours; and nothing else, not
+/// even a comment on the table. A table holding none of that is not ours either: nothing in
+/// it says so.
+fn not_ours(contents: &TableContents) -> Option<String> {
+    if let Some(userdata) = &contents.userdata {
+        return Some(match nfnetlink::comment(userdata) {
+            Some(comment) => format!("has a comment of its own ({comment:?})"),
+            None => "carries user data the collector never writes".to_owned(),
+        });
+    }
+    for chain in &contents.chains {
+        if direction_of_chain(&chain.name).is_none() {
+            return Some(format!("holds the chain {}", chain.name));
+        }
+    }
+    for rule in &contents.rules {
+        if !direction_of_chain(&rule.chain).is_some_and(|d| is_our_rule(rule, d)) {
+            let what: Vec<&str> = rule.expressions.iter().map(|e| e.name.as_str()).collect();
+            return Some(format!(
+                "holds a rule in {} that is not the collector's ({})",
+                rule.chain,
+                what.join(" ")
+            ));
+        }
+    }
+    for set in &contents.sets {
+        if !DIRECTIONS.iter().any(|d| d.map == set.name) {
+            return Some(format!("holds the set or map {}", set.name));
+        }
+    }
+    for object in &contents.objects {
+        if object.kind != nfnetlink::NFT_OBJECT_COUNTER || !is_our_counter_name(&object.name) {
+            return Some(format!("holds the object {}", object.name));
+        }
+        if let Some(comment) = object.comment.as_deref().filter(|&c| c != COMMENT) {
+            return Some(format!(
+                "holds the counter {} with the comment {comment:?}",
+                object.name
+            ));
+        }
+    }
+    let listed = contents.chains.len() + contents.sets.len() + contents.objects.len();
+    if usize::try_from(contents.use_count).is_ok_and(|count| count > listed) {
+        return Some("holds a flowtable or another object the collector never makes".to_owned());
+    }
+    if listed == 0 {
+        return Some("is empty, and nothing in it says it is the collector's".to_owned());
+    }
+    None
+}
+
+/// How our table `contents` differs from what `plan` wants made, if it does: the first
+/// difference found.
+fn difference(plan: &[PlannedCounter], contents: &TableContents) -> Option<String> {
+    if contents.flags != 0 {
+        return Some(format!(
+            "has flags {:#x} (dormant: its chains hook nothing)",
+            contents.flags
+        ));
+    }
+    let mut wanted: Vec<&str> = plan.iter().map(|c| c.name.as_str()).collect();
+    wanted.sort_unstable();
+    let mut counters: Vec<&str> = contents.objects.iter().map(|o| o.name.as_str()).collect();
+    counters.sort_unstable();
+    if counters != wanted {
+        return Some(format!(
+            "holds the counters [{}] where the config wants [{}]",
+            counters.join(", "),
+            wanted.join(", ")
+        ));
+    }
+    if let Some(object) = contents.objects.iter().find(|o| o.comment.is_none()) {
+        return Some(format!(
+            "was made by an earlier build (its counter {} has no comment)",
+            object.name
+        ));
+    }
+    if contents.chains.len() != DIRECTIONS.len() || contents.sets.len() != DIRECTIONS.len() {
+        return Some(format!(
+            "holds {} chains and {} maps where it was made with {}",
+            contents.chains.len(),
+            contents.sets.len(),
+            DIRECTIONS.len()
+        ));
+    }
+    for direction in &DIRECTIONS {
+        let Some(chain) = contents.chains.iter().find(|c| c.name == direction.chain) else {
+            return Some(format!("has no chain {}", direction.chain));
+        };
+        let hook = Some((direction.hook_number, direction.priority));
+        if chain.hook != hook
+            || chain.kind.as_deref() != Some("filter")
+            || chain.policy != Some(NF_ACCEPT)
+        {
+            return Some(format!(
+                "has the chain {} as {:?} (type, hook and priority, policy) where this build makes it type filter hook {} priority {} policy accept",
+                chain.name,
+                (&chain.kind, chain.hook, chain.policy),
+                direction.hook,
+                direction.priority
+            ));
+        }
+        let rules = contents
+            .rules
+            .iter()
+            .filter(|r| r.chain == direction.chain)
+            .count();
+        if rules != 1 {
+            return Some(format!(
+                "holds {rules} rules in its chain {} where it was made with one",
+                direction.chain
+            ));
+        }
+        let Some(map) = contents.sets.iter().find(|s| s.name == direction.map) else {
+            return Some(format!("has no map {}", direction.map));
+        };
+        let mut elements: Vec<(Vec<u8>, Option<&str>)> = map
+            .elements
+            .iter()
+            .map(|e| (e.key.clone(), e.object.as_deref()))
+            .collect();
+        elements.sort_unstable();
+        let mut planned: Vec<(Vec<u8>, Option<&str>)> = plan
+            .iter()
+            .filter(|c| c.inbound == direction.inbound)
+            .map(|c| {
+                (
+                    element_key(c.protocol, c.port).to_vec(),
+                    Some(c.name.as_str()),
+                )
+            })
+            .collect();
+        planned.sort_unstable();
+        if map.key_len != 8
+            || map.object_type != Some(nfnetlink::NFT_OBJECT_COUNTER)
+            || elements != planned
+        {
+            return Some(format!(
+                "has the map {} with other elements than the config's ports",
+                direction.map
+            ));
+        }
+    }
+    None
+}
+
+/// A map element's key as the kernel holds it: the protocol and the port (big-endian), each
+/// in a 32-bit register of its own.
+fn element_key(protocol: Protocol, port: u16) -> [u8; 8] {
+    let [high, low] = port.to_be_bytes();
+    [protocol.number(), 0, 0, 0, high, low, 0, 0]
+}
+
 /// Our table, made at start and removed at stop.
 pub struct NftTable {
     name: String,
     counters: Vec<PlannedCounter>,
+    /// The ruleset's generation at which the table was last read whole and found as
+    /// planned: while it stands, nothing can have changed it.
+    verified: Option<u32>,
 }
 
 impl NftTable {
-    /// Makes the table, or adopts a leftover one that holds exactly these counters.
+    /// Makes the table, adopts a leftover one that is exactly as planned, or replaces one
+    /// of ours that is not. A table of that name that is not ours is left alone: an error.
     pub fn setup(config: &Config) -> Result<Self, NftError> {
-        let table = Self {
+        let mut table = Self {
             name: config.nftables.table.clone(),
             counters: plan(config),
+            verified: None,
         };
-        let existing = nfnetlink::read_counters(&table.name)?;
-        let mut existing_names: Vec<&str> = existing.iter().map(|c| c.name.as_str()).collect();
-        existing_names.sort_unstable();
-        let mut wanted_names: Vec<&str> = table.counters.iter().map(|c| c.name.as_str()).collect();
-        wanted_names.sort_unstable();
-        if !existing.is_empty() && existing_names == wanted_names {
-            tracing::info!(table = %table.name, "adopting the nftables table a previous run left: its counters continue");
-            return Ok(table);
-        }
-        let replace = nfnetlink::table_exists(&table.name)?;
-        if replace {
-            tracing::info!(table = %table.name, "replacing a leftover nftables table made for another config");
-        }
-        helper::apply_ruleset_raw(
-            &table.ruleset(replace).to_string(),
-            None::<&str>,
-            std::iter::empty::<&str>(),
-        )?;
+        let (contents, generation) = nfnetlink::read_table(&table.name)?.unzip();
+        let replace = match judge(&table.counters, contents.as_ref()) {
+            Verdict::Absent => None,
+            Verdict::AsPlanned => {
+                tracing::info!(table = %table.name, "adopting the nftables table a previous run left: its counters continue");
+                table.verified = generation;
+                return Ok(table);
+            }
+            Verdict::Differs(why) => {
+                tracing::info!(table = %table.name, "replacing our nftables table, which {why}: its counters start from zero");
+                contents.map(|c| c.handle)
+            }
+            Verdict::NotOurs(why) => {
+                return Err(NftError::NotOurs {
+                    table: table.name,
+                    why,
+                });
+            }
+        };
+        apply(&table.ruleset(replace))?;
         Ok(table)
     }
 
-    fn table(&self) -> Table<'static> {
-        Table {
-            family: NfFamily::INet,
-            name: Cow::Owned(self.name.clone()),
-            handle: None,
-        }
-    }
-
-    /// The table in nft's JSON, in one transaction (deleting a leftover first when
-    /// `replace`). Each chain holds one rule that looks the packet's protocol and port up in
-    /// a map to the counter: one hash lookup per packet however many ports are watched,
-    /// where a rule per port cost a comparison per port. (The `nftables` crate's types cannot
-    /// express a counter map, hence plain JSON.)
-    fn ruleset(&self, replace: bool) -> serde_json::Value {
+    /// The table in nft's JSON, in one transaction (deleting the table with handle
+    /// `replace` first, so that only the table judged is deleted). Each chain holds one
+    /// rule that looks the packet's protocol and port up in a map to the counter: one hash
+    /// lookup per packet however many ports are watched, where a rule per port cost a
+    /// comparison per port. (The `nftables` crate's types cannot express a counter map,
+    /// hence plain JSON.)
+    fn ruleset(&self, replace: Option<u64>) -> serde_json::Value {
         let table = self.name.as_str();
         let mut commands = Vec::new();
-        if replace {
-            commands.push(json!({"delete": {"table": {"family": "inet", "name": table}}}));
+        if let Some(handle) = replace {
+            commands.push(json!({"delete": {"table": {"family": "inet", "handle": handle}}}));
         }
         commands.push(json!({"add": {"table": {"family": "inet", "name": table}}}));
         for counter in &self.counters {
             commands.push(json!({"add": {"counter": {
-                "family": "inet", "table": table, "name": counter.name,
+                "family": "inet", "table": table, "name": counter.name, "comment": COMMENT,
             }}}));
         }
-        for (inbound, chain, hook, map, field) in [
-            (true, IN_CHAIN, "prerouting", IN_MAP, "dport"),
-            (false, OUT_CHAIN, "postrouting", OUT_MAP, "sport"),
-        ] {
+        for direction in &DIRECTIONS {
             let elements: Vec<serde_json::Value> = self
                 .counters
                 .iter()
-                .filter(|counter| counter.inbound == inbound)
+                .filter(|counter| counter.inbound == direction.inbound)
                 .map(|counter| {
                     json!([{"concat": [counter.protocol.as_str(), counter.port]}, counter.name])
                 })
                 .collect();
             let mut map_object = json!({
-                "family": "inet", "table": table, "name": map,
+                "family": "inet", "table": table, "name": direction.map,
                 "type": ["inet_proto", "inet_service"], "map": "counter",
             });
             if !elements.is_empty() {
@@ -220,26 +495,29 @@ impl NftTable {
             }
             commands.push(json!({"add": {"map": map_object}}));
             commands.push(json!({"add": {"chain": {
-                "family": "inet", "table": table, "name": chain, "type": "filter",
-                "hook": hook, "prio": PRIORITY, "policy": "accept",
+                "family": "inet", "table": table, "name": direction.chain, "type": "filter",
+                "hook": direction.hook, "prio": direction.priority, "policy": "accept",
             }}}));
             commands.push(json!({"add": {"rule": {
-                "family": "inet", "table": table, "chain": chain,
+                "family": "inet", "table": table, "chain": direction.chain,
                 "expr": [{"counter": {"map": {
                     "key": {"concat": [
                         {"meta": {"key": "l4proto"}},
-                        {"payload": {"protocol": "th", "field": field}},
+                        {"payload": {"protocol": "th", "field": direction.field}},
                     ]},
-                    "data": format!("@{map}"),
+                    "data": format!("@{}", direction.map),
                 }}}],
             }}}));
         }
         json!({"nftables": commands})
     }
 
-    /// Reads every counter of our table (nfnetlink: no process spawned). A counter missing
-    /// means someone removed the table, or part of it, while we ran.
-    pub fn read(&self) -> Result<Vec<CounterValue>, NftError> {
+    /// Reads every counter of our table (nfnetlink: no process spawned). First the
+    /// ruleset's generation: when it moved since the table was last found as planned, the
+    /// table is read whole again. A table gone, changed or missing a counter is
+    /// [`NftError::Removed`].
+    pub fn read(&mut self) -> Result<Vec<CounterValue>, NftError> {
+        self.verify()?;
         let read = nfnetlink::read_counters(&self.name)?;
         self.counters
             .iter()
@@ -247,7 +525,10 @@ impl NftTable {
                 let value = read
                     .iter()
                     .find(|r| r.name == counter.name)
-                    .ok_or_else(|| NftError::Removed(self.name.clone()))?;
+                    .ok_or_else(|| NftError::Removed {
+                        table: self.name.clone(),
+                        what: format!("lost its counter {}", counter.name),
+                    })?;
                 Ok(CounterValue {
                     counter: counter.clone(),
                     packets: value.packets,
@@ -257,17 +538,88 @@ impl NftTable {
             .collect()
     }
 
-    /// Removes the table: a clean stop leaves nothing of ours in nftables. One that someone
-    /// else removed already is no error.
-    pub fn remove(self) -> Result<(), NftError> {
-        if !nfnetlink::table_exists(&self.name)? {
+    /// Checks that the table is still as made, unless the ruleset has not changed since
+    /// it last was (one small request per poll while nothing changes).
+    fn verify(&mut self) -> Result<(), NftError> {
+        if self.verified == Some(nfnetlink::generation()?) {
             return Ok(());
         }
-        let mut batch = Batch::new();
-        batch.delete(NfListObject::Table(self.table()));
-        helper::apply_ruleset(&batch.to_nftables())?;
+        let (contents, generation) = nfnetlink::read_table(&self.name)?.unzip();
+        let what = match judge(&self.counters, contents.as_ref()) {
+            Verdict::AsPlanned => {
+                self.verified = generation;
+                return Ok(());
+            }
+            Verdict::Absent => "is gone".to_owned(),
+            Verdict::Differs(why) => why,
+            Verdict::NotOurs(why) => {
+                format!("was replaced by a table that is not the collector's (it {why})")
+            }
+        };
+        self.verified = None;
+        Err(NftError::Removed {
+            table: self.name.clone(),
+            what,
+        })
+    }
+
+    /// Removes the table: a clean stop leaves nothing of ours in nftables. One that someone
+    /// else removed already is no error; one of that name that is no longer ours is left.
+    pub fn remove(self) -> Result<(), NftError> {
+        if let Leftover::NotOurs(why) = remove_leftover(&self.name)? {
+            tracing::warn!(
+                "left the nftables table inet {}: it is no longer the one the collector made (it {why})",
+                self.name
+            );
+        }
         Ok(())
     }
+}
+
+fn apply(ruleset: &serde_json::Value) -> Result<(), NftError> {
+    nftables::helper::apply_ruleset_raw(
+        &ruleset.to_string(),
+        None::<&str>,
+        std::iter::empty::<&str>(),
+    )?;
+    Ok(())
+}
+
+/// A table of our name found where a crashed run may have left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leftover {
+    Absent,
+    /// Recognisably ours (of any config): removed by [`remove_leftover`].
+    Ours,
+    /// Not recognisably ours (the words after "it"): never touched.
+    NotOurs(String),
+}
+
+/// What the inet table `table` is, without touching it.
+pub fn find_leftover(table: &str) -> Result<Leftover, NftError> {
+    Ok(judge_leftover(table)?.0)
+}
+
+fn judge_leftover(table: &str) -> Result<(Leftover, u64), NftError> {
+    Ok(match nfnetlink::read_table(table)? {
+        None => (Leftover::Absent, 0),
+        Some((contents, _)) => match not_ours(&contents) {
+            Some(why) => (Leftover::NotOurs(why), contents.handle),
+            None => (Leftover::Ours, contents.handle),
+        },
+    })
+}
+
+/// Removes the inet table `table` if it is recognisably ours (a crashed run's; `collector
+/// cleanup --apply`), by the handle it was judged by; returns what it found.
+pub fn remove_leftover(table: &str) -> Result<Leftover, NftError> {
+    let (found, handle) = judge_leftover(table)?;
+    if found == Leftover::Ours {
+        apply(&json!({"nftables": [
+            {"delete": {"table": {"family": "inet", "handle": handle}}},
+        ]}))?;
+    }
+    Ok(found)
 }
 
 /// Polls between two looks at what is missing: whether `auto` should count now, or whether
@@ -311,11 +663,15 @@ impl Source {
             source.make_table();
         } else if after_crash && source.claim_name().is_ok() {
             match remove_leftover(&config.nftables.table) {
-                Ok(true) => tracing::info!(
+                Ok(Leftover::Ours) => tracing::info!(
                     "removed the nftables table inet {} a crashed run left: counting is off now",
                     config.nftables.table
                 ),
-                Ok(false) => {}
+                Ok(Leftover::Absent) => {}
+                Ok(Leftover::NotOurs(why)) => tracing::info!(
+                    "left the nftables table inet {}: it is not the collector's (it {why})",
+                    config.nftables.table
+                ),
                 Err(err) => tracing::warn!(
                     "removing the nftables table inet {} a crashed run left: {err}",
                     config.nftables.table
@@ -384,7 +740,7 @@ impl Source {
         if self.table.is_none() {
             self.retry_now_and_then();
         }
-        let Some(table) = &self.table else {
+        let Some(table) = &mut self.table else {
             return poller::NftView {
                 counters: Vec::new(),
                 health: self.enabled.then(|| self.health.clone()),
@@ -393,7 +749,7 @@ impl Source {
         let began = std::time::Instant::now();
         let read = table.read();
         self.health.record(&read, began.elapsed());
-        if let Err(err @ NftError::Removed(_)) = &read {
+        if let Err(err @ NftError::Removed { .. }) = &read {
             tracing::warn!("{err}");
             self.table = None;
             self.polls_until_retry = 0;
@@ -462,21 +818,6 @@ fn legacy_ip_hooks() -> Vec<u32> {
     hooks
 }
 
-/// Removes a table of ours left by a crashed run (`collector cleanup --apply`).
-pub fn remove_leftover(table: &str) -> Result<bool, NftError> {
-    if !nfnetlink::table_exists(table)? {
-        return Ok(false);
-    }
-    let mut batch = Batch::new();
-    batch.delete(NfListObject::Table(Table {
-        family: NfFamily::INet,
-        name: Cow::Owned(table.to_owned()),
-        handle: None,
-    }));
-    helper::apply_ruleset(&batch.to_nftables())?;
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,8 +855,9 @@ mod tests {
         let table = NftTable {
             name: "collector".into(),
             counters: plan(&config),
+            verified: None,
         };
-        let json = table.ruleset(false);
+        let json = table.ruleset(None);
         let objects = json["nftables"].as_array().unwrap();
         // Table, four counters, then (map, chain, rule) per direction.
         assert_eq!(objects.len(), 1 + 4 + 2 * 3);
@@ -535,10 +877,235 @@ mod tests {
             rule["expr"][0]["counter"]["map"]["key"]["concat"][1]["payload"]["field"],
             "dport"
         );
+        assert_eq!(objects[1]["add"]["counter"]["comment"], COMMENT);
+        assert_eq!(objects[6]["add"]["chain"]["prio"], -300);
         assert_eq!(objects[10]["add"]["rule"]["chain"], "count_out");
+        // A replacement deletes the table judged, by its handle, not whatever has the name.
         assert_eq!(
-            table.ruleset(true)["nftables"][0]["delete"]["table"]["name"],
-            "collector"
+            table.ruleset(Some(7))["nftables"][0],
+            json!({"delete": {"table": {"family": "inet", "handle": 7}}})
         );
+    }
+
+    use nfnetlink::{Chain, Element, Expression, Object, Rule, Set};
+
+    /// The table as `ruleset` makes it for `plan`, as nfnetlink reads it back.
+    fn as_made(plan: &[PlannedCounter]) -> TableContents {
+        let be32 = |v: u32| v.to_be_bytes().to_vec();
+        let mut contents = TableContents {
+            handle: 3,
+            ..TableContents::default()
+        };
+        for d in &DIRECTIONS {
+            contents.chains.push(Chain {
+                name: d.chain.into(),
+                hook: Some((d.hook_number, d.priority)),
+                kind: Some("filter".into()),
+                policy: Some(NF_ACCEPT),
+            });
+            let expression = |name: &str, data: Vec<(u16, Vec<u8>)>| Expression {
+                name: name.into(),
+                data,
+            };
+            contents.rules.push(Rule {
+                chain: d.chain.into(),
+                expressions: vec![
+                    expression(
+                        "meta",
+                        vec![
+                            (1, be32(1)),
+                            (nfnetlink::NFTA_META_KEY, be32(nfnetlink::NFT_META_L4PROTO)),
+                        ],
+                    ),
+                    expression(
+                        "payload",
+                        vec![
+                            (1, be32(9)),
+                            (
+                                nfnetlink::NFTA_PAYLOAD_BASE,
+                                be32(nfnetlink::NFT_PAYLOAD_TRANSPORT_HEADER),
+                            ),
+                            (nfnetlink::NFTA_PAYLOAD_OFFSET, be32(d.offset)),
+                            (nfnetlink::NFTA_PAYLOAD_LEN, be32(2)),
+                        ],
+                    ),
+                    expression(
+                        "objref",
+                        vec![
+                            (3, be32(1)),
+                            (
+                                nfnetlink::NFTA_OBJREF_SET_NAME,
+                                format!("{}\0", d.map).into(),
+                            ),
+                        ],
+                    ),
+                ],
+            });
+            contents.sets.push(Set {
+                name: d.map.into(),
+                key_len: 8,
+                object_type: Some(nfnetlink::NFT_OBJECT_COUNTER),
+                elements: plan
+                    .iter()
+                    .filter(|c| c.inbound == d.inbound)
+                    .map(|c| Element {
+                        key: element_key(c.protocol, c.port).to_vec(),
+                        object: Some(c.name.clone()),
+                    })
+                    .collect(),
+            });
+        }
+        contents.objects = plan
+            .iter()
+            .map(|c| Object {
+                name: c.name.clone(),
+                kind: nfnetlink::NFT_OBJECT_COUNTER,
+                comment: Some(COMMENT.into()),
+            })
+            .collect();
+        contents.use_count = listed(&contents);
+        contents
+    }
+
+    /// The kernel's count of what `table` holds, no flowtable among it.
+    fn listed(table: &TableContents) -> u32 {
+        u32::try_from(table.chains.len() + table.sets.len() + table.objects.len()).unwrap()
+    }
+
+    fn web_plan() -> Vec<PlannedCounter> {
+        let config = Config::from_toml(
+            "t.toml",
+            "[[routes]]\nname = \"web\"\nports = [80]\n\n[dns]\nports = [53]\n",
+        )
+        .unwrap();
+        plan(&config)
+    }
+
+    #[test]
+    fn a_table_as_made_is_adopted_and_one_of_ours_changed_is_replaced() {
+        let plan = web_plan();
+        let made = as_made(&plan);
+        assert_eq!(judge(&plan, None), Verdict::Absent);
+        assert_eq!(judge(&plan, Some(&made)), Verdict::AsPlanned);
+        let differs = |change: &dyn Fn(&mut TableContents)| {
+            let mut table = made.clone();
+            change(&mut table);
+            table.use_count = listed(&table);
+            match judge(&plan, Some(&table)) {
+                Verdict::Differs(why) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        // `nft flush table`: the chains stay, their rules go.
+        let why = differs(&|t| t.rules.clear());
+        assert!(why.contains("0 rules in its chain count_in"), "{why}");
+        // A chain at another priority; the previous build's table: no comments.
+        let why = differs(&|t| t.chains[1].hook = Some((NF_INET_POST_ROUTING, 0)));
+        assert!(
+            why.contains("count_out") && why.contains("priority -300"),
+            "{why}"
+        );
+        let why = differs(&|t| {
+            for object in &mut t.objects {
+                object.comment = None;
+            }
+        });
+        assert!(why.contains("earlier build"), "{why}");
+        // Another config's, a port's element gone, made dormant.
+        let why = differs(&|t| t.objects.truncate(2));
+        assert!(why.contains("where the config wants"), "{why}");
+        let why = differs(&|t| t.sets[0].elements.pop().map(drop).unwrap());
+        assert!(why.contains("map ports_in"), "{why}");
+        let why = differs(&|t| t.flags = 1);
+        assert!(why.contains("dormant"), "{why}");
+        // A rule of ours doubled.
+        let why = differs(&|t| t.rules.push(t.rules[0].clone()));
+        assert!(why.contains("2 rules"), "{why}");
+    }
+
+    #[test]
+    fn a_table_that_is_not_recognisably_ours_is_never_ours() {
+        let plan = web_plan();
+        let made = as_made(&plan);
+        let not_ours = |change: &dyn Fn(&mut TableContents)| {
+            let mut table = made.clone();
+            change(&mut table);
+            table.use_count = listed(&table);
+            match judge(&plan, Some(&table)) {
+                Verdict::NotOurs(why) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        // Debian's /etc/nftables.conf: `table inet filter` with input, forward and output.
+        let firewall = TableContents {
+            handle: 1,
+            use_count: 3,
+            chains: ["input", "forward", "output"]
+                .into_iter()
+                .map(|name| Chain {
+                    name: name.into(),
+                    hook: Some((1, 0)),
+                    kind: Some("filter".into()),
+                    policy: Some(0),
+                })
+                .collect(),
+            ..TableContents::default()
+        };
+        assert_eq!(
+            judge(&plan, Some(&firewall)),
+            Verdict::NotOurs("holds the chain input".into())
+        );
+        let why = not_ours(&|t| t.chains[0].name = "input".into());
+        assert_eq!(why, "holds the chain input");
+        let why = not_ours(&|t| t.rules[0].expressions.truncate(1));
+        assert!(
+            why.contains("a rule in count_in that is not the collector's"),
+            "{why}"
+        );
+        let why = not_ours(&|t| t.sets[1].name = "blocklist".into());
+        assert_eq!(why, "holds the set or map blocklist");
+        let why = not_ours(&|t| t.objects[0].name = "tcp_080_in".into());
+        assert_eq!(why, "holds the object tcp_080_in");
+        let why = not_ours(&|t| t.objects[0].kind = 2);
+        assert!(why.starts_with("holds the object"), "{why}");
+        let why = not_ours(&|t| t.objects[0].comment = Some("mine".into()));
+        assert!(why.contains("\"mine\""), "{why}");
+        // The kernel counts a flowtable, which no dump here lists.
+        let mut flowtable = made.clone();
+        flowtable.use_count += 1;
+        assert!(matches!(
+            judge(&plan, Some(&flowtable)),
+            Verdict::NotOurs(why) if why.contains("flowtable")
+        ));
+        let why = not_ours(&|t| t.userdata = Some(vec![0, 3, b'f', b'w', 0]));
+        assert!(why.contains("\"fw\""), "{why}");
+        assert!(not_ours(&|t| *t = TableContents::default()).contains("empty"));
+        // An earlier build's table (no comments), its rules flushed: still ours, replaced.
+        let mut earlier = made.clone();
+        earlier.rules.clear();
+        for object in &mut earlier.objects {
+            object.comment = None;
+        }
+        assert!(matches!(judge(&plan, Some(&earlier)), Verdict::Differs(_)));
+    }
+
+    #[test]
+    fn element_keys_are_protocol_and_port_in_registers_of_their_own() {
+        // As `nft --debug=netlink` prints `tcp . 80`: 00000006 00005000.
+        assert_eq!(element_key(Protocol::Tcp, 80), [6, 0, 0, 0, 0, 0x50, 0, 0]);
+        assert_eq!(
+            element_key(Protocol::Udp, 0x1234),
+            [17, 0, 0, 0, 0x12, 0x34, 0, 0]
+        );
+        assert!(is_our_counter_name("udp_53_out") && is_our_counter_name("tcp_0_in"));
+        for name in [
+            "tcp_53",
+            "sctp_53_in",
+            "tcp_+53_in",
+            "tcp_65536_in",
+            "tcp__in",
+        ] {
+            assert!(!is_our_counter_name(name), "{name}");
+        }
     }
 }

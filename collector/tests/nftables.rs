@@ -81,6 +81,27 @@ fn tables(netns: &Netns) -> String {
     support::stdout_of(netns.command("nft").args(["list", "tables"]))
 }
 
+/// `nft -f -` of `script` in `netns`.
+fn nft_script(netns: &Netns, script: &str) {
+    let mut nft = netns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "{script}");
+}
+
+/// `nft list table inet NAME` in `netns`: the whole table, rules and all.
+fn table(netns: &Netns, name: &str) -> String {
+    support::stdout_of(netns.command("nft").args(["list", "table", "inet", name]))
+}
+
 /// A scrape taken once `counts` of it is `ready` and has stood still for half a second (five
 /// polls). A connection's last packets can cross after its close is counted, and a poll reads
 /// nftables a moment before the maps, so a scrape in between can catch one source ahead.
@@ -736,5 +757,169 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
     assert_eq!(nft_in.unwrap(), ebpf_in.unwrap() - before);
     assert!(agent.stop().success());
     assert!(!tables(&netns).contains(&config.nft_table));
+    assert_no_pins(&config.pin_dir);
+}
+
+/// The table a host firewall has (Debian's /etc/nftables.conf, its forward policy drop),
+/// named as the config names ours. It is never replaced or deleted: the nft source is down
+/// naming it, a stop leaves it, a start after a crash with counting off leaves it, and so
+/// does `cleanup`. Until 2026-12-02 the start deleted it and made ours in its place.
+#[test]
+fn a_table_that_is_not_the_collectors_is_left_as_it_is() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let name = &config.nft_table;
+    nft_script(
+        &netns,
+        &format!(
+            "table inet {name} {{\n\
+             chain input {{ type filter hook input priority filter; policy accept; }}\n\
+             chain forward {{ type filter hook forward priority filter; policy drop; }}\n\
+             chain output {{ type filter hook output priority filter; policy accept; }}\n}}\n"
+        ),
+    );
+    let firewall = table(&netns, name);
+
+    let agent = Agent::start(&netns, &config);
+    let nft = wait_for("the nft source", Duration::from_secs(10), || {
+        let nft = proxy_json(&netns)["sources"]["nft"].clone();
+        nft.is_object().then_some(nft)
+    });
+    assert_eq!(nft["up"], false, "{nft}");
+    let error = nft["lastError"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "the nftables table inet {name} is not the collector's: it holds the chain input"
+        )) && error.contains("[nftables] table = "),
+        "{error}"
+    );
+    assert_eq!(table(&netns, name), firewall);
+    // The rest counts on.
+    connections(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    assert!(agent.stop().success());
+    assert_eq!(table(&netns, name), firewall);
+
+    // A crash, then a start with counting off ("auto", nothing else hooking prerouting).
+    Agent::start(&netns, &config).kill();
+    let text = std::fs::read_to_string(&config.path)
+        .unwrap()
+        .replace("enabled = true\n", "");
+    std::fs::write(&config.path, text).unwrap();
+    Agent::start(&netns, &config).kill();
+    assert_eq!(table(&netns, name), firewall);
+
+    // The cleanup after that crash removes the pins and names the table it leaves.
+    let apply = netns
+        .command(COLLECTOR)
+        .args(["cleanup", "--apply", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&apply.stdout);
+    assert!(apply.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "nftables table inet {name} in this network namespace: not the collector's (it holds the chain input): cleanup leaves it"
+        )) && !stdout.contains(&format!("removing nftables table inet {name}")),
+        "{stdout}"
+    );
+    assert_eq!(table(&netns, name), firewall);
+    assert_no_pins(&config.pin_dir);
+}
+
+/// `nft flush table` takes our rules and leaves the counters, which would then stand still:
+/// a start after a crash does not adopt such a table, and a running agent notices it at the
+/// next poll (the source down for it, with the reason) and makes the table again.
+#[test]
+fn a_table_whose_rules_were_flushed_is_made_again() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let name = &config.nft_table;
+    let rule = "counter name meta l4proto . th dport map @ports_in";
+    let flush = || {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns.name,
+                "nft",
+                "flush",
+                "table",
+                "inet",
+                name,
+            ],
+        );
+        assert!(!table(&netns, name).contains(rule));
+    };
+    // Both sources' `in` counts once the connections closed so far have stood still.
+    let settled = |closed: f64| {
+        let metrics = settled_scrape(
+            &netns,
+            "the closes, with both sources standing still",
+            |text| {
+                (
+                    sample(
+                        text,
+                        "collector_proxy_connections_closed_total",
+                        &[("route", "web")],
+                    ),
+                    route_packets(text, "in"),
+                )
+            },
+            |(closed_now, _)| closed_now == Some(closed),
+        );
+        let (ebpf, nft) = route_packets(&metrics, "in");
+        (ebpf.unwrap(), nft.unwrap())
+    };
+
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 3);
+    let before = assert_nft_equals_ebpf(&netns, 3);
+    agent.kill();
+    flush();
+    let agent = Agent::start(&netns, &config);
+    assert!(
+        table(&netns, name).contains(rule),
+        "{}",
+        table(&netns, name)
+    );
+    // Made anew at the start (from zero), it counts the next connections exactly; eBPF
+    // counted on through the crash.
+    connections(&netns, 2);
+    let (ebpf_5, nft_5) = settled(5.0);
+    assert_eq!(nft_5, ebpf_5 - before);
+
+    flush();
+    let text = wait_for(
+        "the flush to be noticed and mended",
+        Duration::from_secs(10),
+        || {
+            let text = scrape(&netns);
+            (sample(&text, "collector_source_errors_total", &[("source", "nft")]) == Some(1.0)
+                && sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0))
+            .then_some(text)
+        },
+    );
+    assert!(
+        table(&netns, name).contains(rule),
+        "{}",
+        table(&netns, name)
+    );
+    assert_eq!(route_packets(&text, "in").1, Some(0.0));
+    let error = proxy_json(&netns)["sources"]["nft"]["lastError"].clone();
+    assert!(
+        error
+            .as_str()
+            .unwrap()
+            .contains("holds 0 rules in its chain count_in"),
+        "{error}"
+    );
+    connections(&netns, 4);
+    let (ebpf_9, nft_9) = settled(9.0);
+    assert_eq!(nft_9, ebpf_9 - ebpf_5);
+    assert!(agent.stop().success());
+    assert!(!tables(&netns).contains(name.as_str()));
     assert_no_pins(&config.pin_dir);
 }
