@@ -4,9 +4,11 @@
 //! - `in`: a prerouting chain (priority -300, before conntrack and NAT) counts packets whose
 //!   destination port is a route's TCP port or a DNS UDP port; it also sees traffic that
 //!   nftables forwards or NATs, which never reaches a local socket.
-//! - `out`: a postrouting chain (priority -300) counts packets whose source port is one.
+//! - `out`: a postrouting chain (priority 300, after source NAT at 100) counts packets whose
+//!   source port is one. Behind DNAT or REDIRECT a reply's source port is the backend's
+//!   until source NAT puts the address it was sent to back: before it, `out` read 0.
 //!
-//! The table is made and removed with `nft -j` (the
+//! Both count ports as on the wire. The table is made and removed with `nft -j` (the
 //! `nftables` crate); its counters are read over nfnetlink ([`crate::nfnetlink`]), which
 //! costs tens of microseconds where `nft -j list` costs milliseconds (see docs/DESIGN.md).
 //!
@@ -52,7 +54,10 @@ struct Direction {
     chain: &'static str,
     hook: &'static str,
     hook_number: u32,
-    /// Before conntrack (-200) and destination NAT (-100): ports as the packet arrived.
+    /// `in`: -300, before conntrack (-200) and destination NAT (-100), so the destination
+    /// port is as the packet arrived. `out`: 300, after source NAT (100), which also puts
+    /// back the source of a reply to a destination-NATed connection, so the source port is
+    /// as the packet leaves.
     priority: i32,
     map: &'static str,
     field: &'static str,
@@ -76,7 +81,7 @@ const DIRECTIONS: [Direction; 2] = [
         chain: OUT_CHAIN,
         hook: "postrouting",
         hook_number: NF_INET_POST_ROUTING,
-        priority: -300,
+        priority: 300,
         map: OUT_MAP,
         field: "sport",
         offset: 0,
@@ -880,6 +885,9 @@ mod tests {
         assert_eq!(objects[1]["add"]["counter"]["comment"], COMMENT);
         assert_eq!(objects[6]["add"]["chain"]["prio"], -300);
         assert_eq!(objects[10]["add"]["rule"]["chain"], "count_out");
+        // Out after source NAT (100), which puts a DNATed reply's source port back.
+        assert_eq!(objects[9]["add"]["chain"]["hook"], "postrouting");
+        assert_eq!(objects[9]["add"]["chain"]["prio"], 300);
         // A replacement deletes the table judged, by its handle, not whatever has the name.
         assert_eq!(
             table.ruleset(Some(7))["nftables"][0],
@@ -999,10 +1007,10 @@ mod tests {
         // `nft flush table`: the chains stay, their rules go.
         let why = differs(&|t| t.rules.clear());
         assert!(why.contains("0 rules in its chain count_in"), "{why}");
-        // A chain at another priority; the previous build's table: no comments.
-        let why = differs(&|t| t.chains[1].hook = Some((NF_INET_POST_ROUTING, 0)));
+        // The previous build's table: out before source NAT, counters without a comment.
+        let why = differs(&|t| t.chains[1].hook = Some((NF_INET_POST_ROUTING, -300)));
         assert!(
-            why.contains("count_out") && why.contains("priority -300"),
+            why.contains("count_out") && why.contains("priority 300"),
             "{why}"
         );
         let why = differs(&|t| {

@@ -102,6 +102,43 @@ fn table(netns: &Netns, name: &str) -> String {
     support::stdout_of(netns.command("nft").args(["list", "table", "inet", name]))
 }
 
+/// The priority of the chain `chain` of our table, as `nft -j` lists it.
+fn chain_priority(netns: &Netns, table: &str, chain: &str) -> serde_json::Value {
+    let json: serde_json::Value = serde_json::from_str(&support::stdout_of(
+        netns
+            .command("nft")
+            .args(["-j", "list", "chain", "inet", table, chain]),
+    ))
+    .unwrap();
+    json["nftables"][1]["chain"]["prio"].clone()
+}
+
+/// Our table as the build before 2026-12-02 made it for [`ROUTES`] (and DNS on port 53):
+/// both chains at priority -300, counters without a comment.
+fn previous_builds_table(name: &str) -> String {
+    let counters: String = ["tcp_18080_in", "tcp_18080_out", "udp_53_in", "udp_53_out"]
+        .map(|counter| format!("  counter {counter} {{ }}\n"))
+        .concat();
+    let maps: String = ["in", "out"]
+        .map(|way| {
+            format!(
+                "  map ports_{way} {{ type inet_proto . inet_service : counter; elements = {{ tcp . 18080 : \"tcp_18080_{way}\", udp . 53 : \"udp_53_{way}\" }} }}\n"
+            )
+        })
+        .concat();
+    let chains: String = [
+        ("count_in", "prerouting", "dport", "ports_in"),
+        ("count_out", "postrouting", "sport", "ports_out"),
+    ]
+    .map(|(chain, hook, field, map)| {
+        format!(
+            "  chain {chain} {{ type filter hook {hook} priority -300; policy accept; counter name meta l4proto . th {field} map @{map}; }}\n"
+        )
+    })
+    .concat();
+    format!("table inet {name} {{\n{counters}{maps}{chains}}}\n")
+}
+
 /// A scrape taken once `counts` of it is `ready` and has stood still for half a second (five
 /// polls). A connection's last packets can cross after its close is counted, and a poll reads
 /// nftables a moment before the maps, so a scrape in between can catch one source ahead.
@@ -652,13 +689,20 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     let metrics = settled_scrape(
         &netns,
         "the forwarded packets, standing still",
-        |text| route_packets(text, "in"),
-        // 5 connections: at least SYN, the request, an ACK or two and the FIN each.
-        |(_, nft_in)| nft_in.is_some_and(|nft_in| nft_in >= 20.0),
+        |text| (route_packets(text, "in"), route_packets(text, "out")),
+        // 5 connections: at least SYN, the request, an ACK or two and the FIN each way.
+        |((_, nft_in), (tc_out, _))| {
+            nft_in.is_some_and(|nft_in| nft_in >= 20.0)
+                && tc_out.is_some_and(|tc_out| tc_out >= 20.0)
+        },
     );
-    // tc saw the same packets arrive (it runs before netfilter) ...
+    // tc saw the same packets arrive (it runs before netfilter) and leave (after it): the
+    // replies leave with port 18080 once source NAT has undone the DNAT, and `out` counts
+    // after it (until 2026-12-02 it counted before, saw the backend's 9000 and read 0).
     let (tc_in, nft_in) = route_packets(&metrics, "in");
     assert_eq!(tc_in, nft_in);
+    let (tc_out, nft_out) = route_packets(&metrics, "out");
+    assert_eq!(tc_out, nft_out);
     // ... but no local socket accepted anything: the connection counters never moved.
     assert_eq!(web_opened(&metrics), Some(0.0));
     assert!(agent.stop().success());
@@ -825,6 +869,29 @@ fn a_table_that_is_not_the_collectors_is_left_as_it_is() {
         "{stdout}"
     );
     assert_eq!(table(&netns, name), firewall);
+    assert_no_pins(&config.pin_dir);
+}
+
+/// The table the previous build left (its `out` chain before source NAT, no comments) is
+/// recognised as ours, and replaced rather than adopted as it is.
+#[test]
+fn the_previous_builds_table_is_replaced_with_out_counted_after_source_nat() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let name = &config.nft_table;
+    nft_script(&netns, &previous_builds_table(name));
+    assert_eq!(chain_priority(&netns, name, "count_out"), -300);
+
+    let agent = Agent::start(&netns, &config);
+    assert_eq!(chain_priority(&netns, name, "count_out"), 300);
+    assert_eq!(chain_priority(&netns, name, "count_in"), -300);
+    let ours = format!("table inet {name}\n");
+    assert_eq!(tables(&netns).matches(&ours).count(), 1);
+    assert!(table(&netns, name).contains("comment \"made by collector"));
+    connections(&netns, 3);
+    assert_nft_equals_ebpf(&netns, 3);
+    assert!(agent.stop().success());
+    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
     assert_no_pins(&config.pin_dir);
 }
 
