@@ -186,7 +186,7 @@ pub enum NftError {
     #[error("reading nftables over nfnetlink: {0}")]
     Netlink(#[from] std::io::Error),
     #[error(
-        "our nftables table inet {table} {what} (nft flush ruleset or flush table, a firewall reload?): it is made again"
+        "our nftables table inet {table} {what} (nft flush ruleset or flush table, a firewall reload?): it is made again where counting is still wanted"
     )]
     Removed { table: String, what: String },
     #[error(
@@ -633,7 +633,8 @@ const POLLS_BETWEEN_RETRIES: u32 = 30;
 
 /// The nftables counters as a source of the poll: our table, or why there is none. A
 /// missing `nft` tool or kernel support leaves this source down and everything else running;
-/// a table someone removed is made again; `auto` looks again now and then, as a firewall or
+/// a table someone removed or changed is made again (by `auto` only if netfilter still
+/// hooks prerouting and postrouting); `auto` looks again now and then, as a firewall or
 /// kube-proxy may hook netfilter after the agent started.
 pub struct Source {
     config: Config,
@@ -644,6 +645,18 @@ pub struct Source {
     claim: Option<TableClaim>,
     health: SourceHealth,
     polls_until_retry: u32,
+    /// `auto` stopped counting because the table was removed: the next look says so.
+    removed: bool,
+}
+
+/// When `auto` looks at netfilter's hooks, for what it logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    AtStart,
+    /// After a poll found our table removed: stopping counting is news.
+    AfterRemoval,
+    /// Now and then while not counting: starting is news.
+    Later,
 }
 
 impl Source {
@@ -658,11 +671,12 @@ impl Source {
             claim: None,
             health: SourceHealth::default(),
             polls_until_retry: POLLS_BETWEEN_RETRIES,
+            removed: false,
         };
         source.enabled = match config.nftables.enabled {
             NftEnabled::On => true,
             NftEnabled::Off => false,
-            NftEnabled::Auto => source.auto_wants_counting(true),
+            NftEnabled::Auto => source.auto_wants_counting(Look::AtStart),
         };
         if source.enabled {
             source.make_table();
@@ -687,10 +701,11 @@ impl Source {
     }
 
     /// `auto`: counting only rides on hooks that netfilter already has here.
-    fn auto_wants_counting(&self, at_start: bool) -> bool {
+    fn auto_wants_counting(&self, look: Look) -> bool {
+        let off = "nftables counters off ([nftables] enabled = \"auto\")";
         match netfilter_already_hooks(&self.config.nftables.table) {
             Ok(true) => {
-                if !at_start {
+                if look == Look::Later {
                     tracing::info!(
                         "nftables counters on: netfilter now hooks prerouting and postrouting here ([nftables] enabled = \"auto\")"
                     );
@@ -698,16 +713,20 @@ impl Source {
                 true
             }
             Ok(false) => {
-                if at_start {
-                    tracing::info!(
-                        "nftables counters off ([nftables] enabled = \"auto\"): nothing else hooks netfilter's prerouting and postrouting here, and a first hook slows every packet; set enabled = true to count anyway"
-                    );
+                match look {
+                    Look::AtStart => tracing::info!(
+                        "{off}: nothing else hooks netfilter's prerouting and postrouting here, and a first hook slows every packet; set enabled = true to count anyway"
+                    ),
+                    Look::AfterRemoval => tracing::info!(
+                        "{off}: our table was removed, and nothing else hooks netfilter's prerouting and postrouting here any more (the removal took the firewall too?); looked at again every {POLLS_BETWEEN_RETRIES} polls"
+                    ),
+                    Look::Later => {}
                 }
                 false
             }
             Err(err) => {
-                if at_start {
-                    tracing::info!("nftables counters off ([nftables] enabled = \"auto\"): {err}");
+                if look != Look::Later {
+                    tracing::info!("{off}: {err}");
                 }
                 false
             }
@@ -758,6 +777,12 @@ impl Source {
             tracing::warn!("{err}");
             self.table = None;
             self.polls_until_retry = 0;
+            // `auto` looks at the hooks again before it makes the table again: what removed
+            // ours (nft flush ruleset) may have removed the firewall whose hooks it rode on.
+            if self.config.nftables.enabled == NftEnabled::Auto {
+                self.enabled = false;
+                self.removed = true;
+            }
         }
         poller::NftView {
             counters: read.unwrap_or_default(),
@@ -771,11 +796,13 @@ impl Source {
             return;
         }
         self.polls_until_retry = POLLS_BETWEEN_RETRIES;
-        if !self.enabled
-            && self.config.nftables.enabled == NftEnabled::Auto
-            && self.auto_wants_counting(false)
-        {
-            self.enabled = true;
+        if !self.enabled && self.config.nftables.enabled == NftEnabled::Auto {
+            let look = if std::mem::take(&mut self.removed) {
+                Look::AfterRemoval
+            } else {
+                Look::Later
+            };
+            self.enabled = self.auto_wants_counting(look);
         }
         if self.enabled {
             self.make_table();

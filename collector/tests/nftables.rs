@@ -990,3 +990,41 @@ fn a_table_whose_rules_were_flushed_is_made_again() {
     assert!(!tables(&netns).contains(name.as_str()));
     assert_no_pins(&config.pin_dir);
 }
+
+/// With `auto`, a table removed along with the firewall whose hooks it rode on (`nft flush
+/// ruleset`) is not made again while nothing else hooks netfilter: the nft source goes as
+/// at a start in a bare namespace, and comes back with the firewall.
+#[test]
+fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let firewall = "table ip hostnat {\n\
+        chain pre { type nat hook prerouting priority dstnat; policy accept; }\n\
+        chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
+    nft_script(&netns, firewall);
+    let agent = Agent::start(&netns, &config);
+    assert!(tables(&netns).contains(&config.nft_table));
+    let nft_up = || sample(&scrape(&netns), "collector_source_up", &[("source", "nft")]);
+    assert_eq!(nft_up(), Some(1.0));
+
+    run(
+        "ip",
+        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
+    );
+    wait_for("the nft source to go", Duration::from_secs(10), || {
+        nft_up().is_none().then_some(())
+    });
+    assert!(
+        !tables(&netns).contains(&config.nft_table),
+        "{}",
+        tables(&netns)
+    );
+
+    nft_script(&netns, firewall);
+    wait_for("our table, made again", Duration::from_secs(10), || {
+        (tables(&netns).contains(&config.nft_table) && nft_up() == Some(1.0)).then_some(())
+    });
+    assert!(agent.stop().success());
+    assert!(!tables(&netns).contains(&config.nft_table));
+    assert_no_pins(&config.pin_dir);
+}
