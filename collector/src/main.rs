@@ -560,11 +560,15 @@ async fn serve_until_signal(
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let liveness = serve::Liveness::new(config.poll_interval);
     let server = tokio::spawn(serve::serve(
         http.listener,
         http.tls,
-        Arc::clone(&latest),
-        Arc::clone(&hub),
+        serve::Sources {
+            latest: Arc::clone(&latest),
+            hub: Arc::clone(&hub),
+            liveness: Arc::clone(&liveness),
+        },
         http.guard,
         async move {
             let _ = server_stopped.await;
@@ -608,20 +612,11 @@ async fn serve_until_signal(
                     Polled::Fresh(snapshot) => latest.store(*snapshot),
                     Polled::Failed(health) => latest.store_failed(health),
                 }
+                liveness.polled();
             }
-            announced = address_change(address_changes.as_ref()) => match announced {
-                Ok(()) => {
-                    let began = std::time::Instant::now();
-                    attachment.refresh_local_addresses();
-                    if let Some(signal) = &mut address_changes {
-                        signal.synced(began.elapsed());
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!("address changes are read at the polls only: {err}");
-                    address_changes = None;
-                }
-            },
+            announced = address_change(address_changes.as_ref()) => {
+                on_address_change(attachment, &mut address_changes, announced);
+            }
             ended = &mut events => break Err(reader_stopped(ended, "connection")),
             ended = &mut dns_events => break Err(reader_stopped(ended, "DNS")),
         }
@@ -631,6 +626,28 @@ async fn serve_until_signal(
     events.abort();
     dns_events.abort();
     outcome.and(wait_for_server(server).await)
+}
+
+/// Refreshes the local address table on an announced change; a signal that failed is
+/// given up, and the polls read address changes from then on.
+fn on_address_change(
+    attachment: &mut Attachment,
+    signal: &mut Option<ChangeSignal>,
+    announced: std::io::Result<()>,
+) {
+    match announced {
+        Ok(()) => {
+            let began = std::time::Instant::now();
+            attachment.refresh_local_addresses();
+            if let Some(signal) = signal {
+                signal.synced(began.elapsed());
+            }
+        }
+        Err(err) => {
+            tracing::warn!("address changes are read at the polls only: {err}");
+            *signal = None;
+        }
+    }
 }
 
 /// The next announced change of the namespace's addresses (never, without a signal).

@@ -1,5 +1,6 @@
 //! HTTP: `/metrics` (`OpenMetrics`), the JSON API, and the probes. Handlers only read the
-//! published snapshot; nothing here touches the kernel.
+//! published snapshot; nothing here touches the kernel. `/healthz` fails when no poll has
+//! finished for [`stall_limit`] (see [`Liveness`]); `/readyz` once a first poll succeeded.
 //!
 //! Guarded by one middleware: credentials when configured (see `auth`), a cap on requests
 //! served at once, and a time limit per request; event streams have a cap of their own
@@ -17,9 +18,12 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -53,6 +57,71 @@ struct AppState {
     latest: Arc<SharedSnapshot>,
     registry: Arc<Registry>,
     hub: Arc<EventHub>,
+    liveness: Arc<Liveness>,
+}
+
+/// Shortest time without a finished poll after which `/healthz` fails, whatever the poll
+/// interval: a poll slowed down (a CPU-throttled pod, a large ruleset or many interfaces to
+/// read) must not get the agent restarted, which costs its rates, its top lists and its
+/// stream readers, and attaches everything anew.
+const STALL_FLOOR: Duration = Duration::from_mins(1);
+/// Poll intervals without a finished poll after which `/healthz` fails, where that is longer
+/// than [`STALL_FLOOR`]: a few late ticks at a long interval are not a stall.
+const STALL_INTERVALS: u32 = 10;
+
+/// How long the poll loop may go without finishing a poll before `/healthz` fails:
+/// `max(STALL_FLOOR, STALL_INTERVALS × poll_interval)`, 60 s at the default 1 s. With the
+/// shipped probes (every 10 s, 3 or 6 failures) a stuck loop is restarted within about two
+/// minutes, before `CollectorPollStalled` (5 minutes) would page anyone.
+#[must_use]
+pub fn stall_limit(poll_interval: Duration) -> Duration {
+    poll_interval
+        .saturating_mul(STALL_INTERVALS)
+        .max(STALL_FLOOR)
+}
+
+/// The poll loop's pulse, for `/healthz`: when a poll last finished. A poll that could not
+/// read the kernel maps finished too: the loop runs, a restart would meet the same refusal,
+/// and `CollectorSourceDown` says so. What `/healthz` catches is a loop that no longer runs
+/// (a read that never returns, a log write that blocks), which only a restart ends.
+pub struct Liveness {
+    started: Instant,
+    /// Milliseconds from `started` to the end of the last poll (0 before the first: the
+    /// limit then counts from the start).
+    last_poll_ms: AtomicU64,
+    limit: Duration,
+}
+
+impl Liveness {
+    /// Alive from now, polling every `poll_interval`.
+    #[must_use]
+    pub fn new(poll_interval: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            last_poll_ms: AtomicU64::new(0),
+            limit: stall_limit(poll_interval),
+        })
+    }
+
+    /// A poll finished, its read of the kernel maps successful or not.
+    pub fn polled(&self) {
+        self.polled_at(Instant::now());
+    }
+
+    fn polled_at(&self, at: Instant) {
+        let ms = u64::try_from(at.saturating_duration_since(self.started).as_millis())
+            .unwrap_or(u64::MAX);
+        self.last_poll_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long no poll has finished, as of `now`, when that is longer than the limit.
+    fn stalled(&self, now: Instant) -> Option<Duration> {
+        let last = Duration::from_millis(self.last_poll_ms.load(Ordering::Relaxed));
+        let since = now
+            .saturating_duration_since(self.started)
+            .saturating_sub(last);
+        (since > self.limit).then_some(since)
+    }
 }
 
 /// What guards every request.
@@ -162,20 +231,33 @@ fn unauthorized(auth::Challenge(challenge): auth::Challenge) -> Response {
         .into_response()
 }
 
+/// What the endpoints serve from.
+pub struct Sources {
+    pub latest: Arc<SharedSnapshot>,
+    pub hub: Arc<EventHub>,
+    pub liveness: Arc<Liveness>,
+}
+
 /// The router for the agent's endpoints.
-pub fn router(latest: Arc<SharedSnapshot>, hub: Arc<EventHub>, guard_with: Guard) -> Router {
+pub fn router(sources: Sources, guard_with: Guard) -> Router {
+    let Sources {
+        latest,
+        hub,
+        liveness,
+    } = sources;
     let registry = Arc::new(metrics::registry(Arc::clone(&latest)));
     Router::new()
         .route("/metrics", get(serve_metrics))
         .route("/api/v1/proxy", get(serve_proxy))
         .route("/api/v1/dns", get(serve_dns))
         .route("/api/v1/events", get(serve_events))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(serve_health))
         .route("/readyz", get(serve_ready))
         .with_state(AppState {
             latest,
             registry,
             hub,
+            liveness,
         })
         .layer(middleware::from_fn_with_state(guard_with, guard))
 }
@@ -242,6 +324,22 @@ async fn serve_events(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// 503 once no poll has finished for [`stall_limit`]: the poll loop is stuck, and only a
+/// restart ends that.
+async fn serve_health(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.liveness.stalled(Instant::now()) {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(since) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no poll finished for {} s (the limit is {} s): the poll loop is stuck\n",
+                since.as_secs(),
+                state.liveness.limit.as_secs()
+            ),
+        ),
+    }
+}
+
 async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if state.latest.is_ready() {
         (StatusCode::OK, "ready\n")
@@ -277,13 +375,12 @@ const UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_mins(1);
 pub async fn serve(
     mut listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    latest: Arc<SharedSnapshot>,
-    hub: Arc<EventHub>,
+    sources: Sources,
     guard: Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let admission = Arc::new(Mutex::new(Admission::new(guard.connections)));
-    let app = router(latest, hub, guard);
+    let app = router(sources, guard);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -759,8 +856,11 @@ mod tests {
         let server = tokio::spawn(serve(
             listener,
             None,
-            Arc::new(SharedSnapshot::default()),
-            EventHub::new(Vec::new()),
+            Sources {
+                latest: Arc::new(SharedSnapshot::default()),
+                hub: EventHub::new(Vec::new()),
+                liveness: Liveness::new(Duration::from_secs(1)),
+            },
             guard,
             std::future::pending(),
         ));
@@ -905,6 +1005,33 @@ mod tests {
             503
         );
         assert_eq!(agent.credentials.password_checks_waiting(), 0);
+    }
+
+    #[test]
+    fn health_fails_only_after_the_stall_limit_without_a_finished_poll() {
+        assert_eq!(stall_limit(Duration::from_secs(1)), Duration::from_mins(1));
+        assert_eq!(
+            stall_limit(Duration::from_millis(100)),
+            Duration::from_mins(1)
+        );
+        assert_eq!(stall_limit(Duration::from_secs(30)), Duration::from_mins(5));
+        let liveness = Liveness::new(Duration::from_secs(1));
+        let start = liveness.started;
+        // Before the first poll the limit counts from the start.
+        assert_eq!(liveness.stalled(start + Duration::from_mins(1)), None);
+        assert_eq!(
+            liveness.stalled(start + Duration::from_secs(61)),
+            Some(Duration::from_secs(61))
+        );
+        liveness.polled_at(start + Duration::from_secs(50));
+        assert_eq!(liveness.stalled(start + Duration::from_secs(110)), None);
+        assert_eq!(
+            liveness.stalled(start + Duration::from_secs(125)),
+            Some(Duration::from_secs(75))
+        );
+        // A poll finishing comes back at once.
+        liveness.polled_at(start + Duration::from_secs(125));
+        assert_eq!(liveness.stalled(start + Duration::from_secs(125)), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod support;
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
+    os::unix::fs::OpenOptionsExt as _,
     process::Command,
     thread,
     time::Duration,
@@ -611,5 +612,132 @@ fn a_stop_asked_for_while_starting_detaches_what_the_start_attached() {
         child.try_wait()
     });
     assert!(status.success(), "{status}");
+    support::assert_no_pins(&config.pin_dir);
+}
+
+/// The agent's log (stderr) through a FIFO of the test's own, one page deep, read by a thread
+/// that the test can stop: a log reader that stops reading (a stuck journald or container
+/// log pipe) makes the agent's next log write block.
+struct LogPipe {
+    path: std::path::PathBuf,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LogPipe {
+    /// Creates the FIFO at `path` and starts reading it (the agent opens it to write).
+    fn open(path: std::path::PathBuf) -> Self {
+        use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the file.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Non-blocking: opening the read end does not wait for a writer.
+        let fifo = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; the kernel rounds up to a page at least.
+        assert!(unsafe { libc::fcntl(fifo.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } > 0);
+        let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reading = std::sync::Arc::clone(&paused);
+        thread::spawn(move || {
+            let mut fifo = fifo;
+            loop {
+                if reading.load(std::sync::atomic::Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                let mut poll = libc::pollfd {
+                    fd: fifo.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, ours.
+                if unsafe { libc::poll(&raw mut poll, 1, 100) } <= 0 {
+                    continue;
+                }
+                let mut buf = [0u8; 4096];
+                match fifo.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        let _ = std::io::stderr().write_all(&buf[..n]);
+                    }
+                    // Every writer gone (POLLHUP comes only once one has been): the agent
+                    // exited.
+                    Ok(_) if poll.revents & libc::POLLHUP != 0 => return,
+                    _ => {}
+                }
+            }
+        });
+        Self { path, paused }
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Reading on when dropped: a test that fails while the log is stopped must not leave an
+    /// agent that cannot stop.
+    fn resumed_on_drop(&self) -> impl Drop + use<> {
+        struct Resume(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Resume {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Resume(std::sync::Arc::clone(&self.paused))
+    }
+}
+
+/// Whether the agent's main thread, which runs the poll loop, waits in a write to stderr.
+fn main_thread_writes_stderr(agent: &Agent) -> bool {
+    let syscall =
+        std::fs::read_to_string(format!("/proc/{}/syscall", agent.pid())).unwrap_or_default();
+    syscall.starts_with(&format!("{} 0x2 ", libc::SYS_write))
+}
+
+#[test]
+fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
+    // `serve::stall_limit` at the tests' 100 ms poll interval.
+    const STALL_LIMIT: Duration = Duration::from_mins(1);
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let log = LogPipe::open(config.dir.join("agent-log"));
+    let agent = Agent::start_logging(&netns, &config, &[], &log.path);
+    let _resume = log.resumed_on_drop();
+    let probe = |path: &'static str| netns.run(move || support::get(path).unwrap());
+    assert_eq!(probe("/healthz"), (200, "ok\n".to_owned()));
+
+    // The poll loop logs each SIGHUP: with nobody reading the log, one of those writes
+    // blocks, and the loop with it. HTTP runs on other threads, and logs nothing.
+    log.pause(true);
+    wait_for(
+        "the poll loop blocked on its log",
+        Duration::from_secs(30),
+        || {
+            agent.signal(libc::SIGHUP);
+            thread::sleep(Duration::from_millis(20));
+            main_thread_writes_stderr(&agent).then_some(())
+        },
+    );
+    let (status, body) = wait_for(
+        "/healthz to fail",
+        STALL_LIMIT + Duration::from_secs(30),
+        || {
+            let answer = probe("/healthz");
+            (answer.0 != 200).then_some(answer)
+        },
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("no poll finished for "), "{body}");
+    assert!(main_thread_writes_stderr(&agent), "the loop ran meanwhile");
+    // Readiness is not liveness: a proxy pod's sidecar stays ready.
+    assert_eq!(probe("/readyz").0, 200);
+
+    log.pause(false);
+    wait_for("/healthz to pass again", Duration::from_secs(10), || {
+        (probe("/healthz").0 == 200).then_some(())
+    });
+    assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);
 }
