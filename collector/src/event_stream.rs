@@ -1,8 +1,14 @@
 //! The event stream, `/api/v1/events`: connection and DNS events as NDJSON, one JSON object
 //! per line, tagged by `event` (`connection-open`, `connection-close`, `query-received`,
 //! `query-answered`). Events come from the kernel's ring buffers through broadcast channels;
-//! a subscriber that falls behind loses the oldest ones, which is counted. Counters never
-//! depend on events.
+//! a subscriber that falls behind loses the oldest ones. Its stream then says so where the
+//! gap is, with a `lost` line carrying how many it lost there, and
+//! `collector_event_stream_lagged_total` counts them; a stream that ends (its reader gone,
+//! or cut off by `TCP_USER_TIMEOUT`) adds there what was sent to it and it never took, so
+//! that a reader that stops reading for good is counted too. Only events that would be
+//! lines go to subscribers ([`crate::events::Streamed`]), so both count lines. Lines the
+//! stream wrote that were still in the socket's buffers when the reader went are beyond
+//! its sight and not counted. Counters never depend on events.
 //!
 //! A stream with nothing to send for [`HEARTBEAT_INTERVAL`] sends a `heartbeat` line, with
 //! only a `timestamp` (NDJSON has no comment lines, so it is an event like the others, for
@@ -25,12 +31,17 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{
     dns::{DnsEvent, RCODE_NAMES, qtype_mnemonic},
-    events::{ConnRecord, Connection},
+    events::{ConnRecord, Connection, Streamed},
     loader::WatchedRoute,
 };
 
 /// Longest a stream goes without a line: then a [`StreamEvent::Heartbeat`].
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Connection events a subscriber may fall behind by before it loses the oldest.
+pub const CONNECTION_BACKLOG: usize = 4096;
+/// DNS events a subscriber may fall behind by before it loses the oldest.
+pub const DNS_BACKLOG: usize = 16384;
 
 /// One line of the stream.
 #[derive(Debug, Serialize, PartialEq)]
@@ -93,6 +104,9 @@ pub enum StreamEvent {
     },
     /// Nothing else to send for [`HEARTBEAT_INTERVAL`].
     Heartbeat { timestamp: u64 },
+    /// `count` events were lost here: the stream fell that far behind, and the oldest of
+    /// what it had not read were dropped.
+    Lost { count: u64, timestamp: u64 },
 }
 
 impl StreamEvent {
@@ -102,6 +116,18 @@ impl StreamEvent {
         Self::Heartbeat {
             timestamp: wall_now_ms(),
         }
+    }
+}
+
+impl Streamed for ConnRecord {
+    fn streamed(&self) -> bool {
+        matches!(self, Self::Connection(_))
+    }
+}
+
+impl Streamed for DnsEvent {
+    fn streamed(&self) -> bool {
+        !matches!(self, Self::Name { .. })
     }
 }
 
@@ -129,7 +155,8 @@ pub struct EventHub {
     pub dns: broadcast::Sender<DnsEvent>,
     /// Route slot → route, for names and types.
     routes: Vec<WatchedRoute>,
-    /// Events a slow subscriber lost.
+    /// Events subscribers lost: dropped while they were behind, or never taken when their
+    /// stream ended.
     pub lagged: AtomicU64,
     /// Set when the agent stops: open streams end, so that HTTP can shut down.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -160,8 +187,8 @@ impl EventHub {
     #[must_use]
     pub fn new(routes: Vec<WatchedRoute>) -> Arc<Self> {
         Arc::new(Self {
-            connections: broadcast::channel(4096).0,
-            dns: broadcast::channel(16384).0,
+            connections: broadcast::channel(CONNECTION_BACKLOG).0,
+            dns: broadcast::channel(DNS_BACKLOG).0,
             routes,
             lagged: AtomicU64::new(0),
             stopping: tokio::sync::watch::channel(false).0,
@@ -204,16 +231,16 @@ impl EventHub {
         );
     }
 
-    /// A new reader: its receivers, with streamed events switched on.
-    pub fn subscribe(
-        &self,
-    ) -> (
-        broadcast::Receiver<ConnRecord>,
-        broadcast::Receiver<DnsEvent>,
-    ) {
-        let receivers = (self.connections.subscribe(), self.dns.subscribe());
+    /// A new reader, with streamed events switched on.
+    #[must_use]
+    pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        let subscription = Subscription {
+            hub: Arc::clone(self),
+            connections: self.connections.subscribe(),
+            dns: self.dns.subscribe(),
+        };
         self.update_switches();
-        receivers
+        subscription
     }
 
     /// Ends every open stream.
@@ -252,36 +279,59 @@ impl EventHub {
             }
         }
     }
+}
 
-    /// The next line for a subscriber, waiting for it; `None` when the agent stops.
-    pub async fn next(
-        &self,
-        connections: &mut broadcast::Receiver<ConnRecord>,
-        dns: &mut broadcast::Receiver<DnsEvent>,
-    ) -> Option<StreamEvent> {
-        let mut stopping = self.stopping.subscribe();
+/// One reader's place in the stream. Dropped (its stream ended), it counts as lost what was
+/// sent to it and it had not taken.
+pub struct Subscription {
+    hub: Arc<EventHub>,
+    connections: broadcast::Receiver<ConnRecord>,
+    dns: broadcast::Receiver<DnsEvent>,
+}
+
+impl Subscription {
+    /// The next line, waiting for it; `None` when the agent stops. A [`StreamEvent::Lost`]
+    /// where the reader fell behind. Cut short, it loses nothing: what it waits on are
+    /// broadcast receivers.
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        let hub = &*self.hub;
+        let mut stopping = hub.stopping.subscribe();
         loop {
             if *stopping.borrow_and_update() {
                 return None;
             }
             let received = tokio::select! {
-                event = connections.recv() => event.map(|record| match record {
-                    ConnRecord::Connection(event) => Some(self.connection_event(&event)),
+                event = self.connections.recv() => event.map(|record| match record {
+                    ConnRecord::Connection(event) => Some(hub.connection_event(&event)),
                     ConnRecord::Client { .. } => None,
                 }),
-                event = dns.recv() => event.map(|e| dns_event(&e)),
+                event = self.dns.recv() => event.map(|e| dns_event(&e)),
                 _ = stopping.changed() => continue,
             };
             match received {
                 Ok(Some(event)) => return Some(event),
-                // A name or client taking a tally slot: bookkeeping, not a stream line.
+                // Not streamed, and not sent to subscribers either (see `Streamed`).
                 Ok(None) => {}
                 Err(RecvError::Lagged(lost)) => {
-                    self.lagged.fetch_add(lost, Ordering::Relaxed);
+                    hub.lagged.fetch_add(lost, Ordering::Relaxed);
+                    return Some(StreamEvent::Lost {
+                        count: lost,
+                        timestamp: wall_now_ms(),
+                    });
                 }
                 Err(RecvError::Closed) => return None,
             }
         }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // Sent to this reader and not taken, whether still held or already dropped for it.
+        let unread = self.connections.len() + self.dns.len();
+        self.hub
+            .lagged
+            .fetch_add(u64::try_from(unread).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 }
 
@@ -397,6 +447,115 @@ mod tests {
             json,
             serde_json::json!({"event": "heartbeat", "timestamp": 5})
         );
+    }
+
+    fn open(cookie: u64) -> ConnRecord {
+        ConnRecord::Connection(Connection {
+            opened: true,
+            route: 0,
+            cookie,
+            timestamp_ns: 0,
+            duration_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            client: "192.0.2.9".parse().unwrap(),
+            client_port: 5000,
+        })
+    }
+
+    fn query(id: u16) -> DnsEvent {
+        DnsEvent::Query {
+            qtype: 1,
+            domain: Some("a.example".into()),
+            client: "192.0.2.9".parse().unwrap(),
+            client_port: 5353,
+            id,
+            timestamp_ns: 0,
+        }
+    }
+
+    fn lagged(hub: &EventHub) -> u64 {
+        hub.lagged.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_falls_behind_gets_a_lost_line_where_the_gap_is() {
+        let hub = EventHub::new(Vec::new());
+        let mut reader = hub.subscribe();
+        // 5 more connection events than the backlog holds: the 5 oldest go.
+        for cookie in 0..CONNECTION_BACKLOG + 5 {
+            hub.connections.send(open(cookie as u64)).unwrap();
+        }
+        let lost = reader.next().await.unwrap();
+        let StreamEvent::Lost { count, timestamp } = lost else {
+            panic!("not a lost line: {lost:?}");
+        };
+        assert_eq!(count, 5);
+        assert_eq!(lagged(&hub), 5);
+        assert_eq!(
+            serde_json::to_value(StreamEvent::Lost { count, timestamp }).unwrap(),
+            serde_json::json!({"event": "lost", "count": 5, "timestamp": timestamp})
+        );
+        // Then the events after the gap, the oldest kept first.
+        let Some(StreamEvent::ConnectionOpen { connection_id, .. }) = reader.next().await else {
+            panic!("no event after the gap");
+        };
+        assert_eq!(connection_id, 5);
+        // Within the backlog nothing is lost.
+        for id in 0..10 {
+            hub.dns.send(query(id)).unwrap();
+        }
+        drop(reader);
+        // Dropped, it counts what it had not taken: the rest of the connections and the
+        // queries.
+        assert_eq!(lagged(&hub), 5 + (CONNECTION_BACKLOG as u64 - 1) + 10);
+    }
+
+    #[tokio::test]
+    async fn a_reader_dropped_while_behind_counts_everything_it_never_took() {
+        let hub = EventHub::new(Vec::new());
+        let reader = hub.subscribe();
+        let mut keeping_up = hub.subscribe();
+        let sent = DNS_BACKLOG + 1000;
+        for id in (0..=u16::MAX).cycle().take(sent) {
+            hub.dns.send(query(id)).unwrap();
+        }
+        // Never read again: what it lost behind is known only when it goes.
+        assert_eq!(lagged(&hub), 0);
+        drop(reader);
+        assert_eq!(lagged(&hub), sent as u64);
+        // Another reader's losses are its own.
+        let Some(StreamEvent::Lost { count: 1000, .. }) = keeping_up.next().await else {
+            panic!("no lost line");
+        };
+        for _ in 0..DNS_BACKLOG {
+            assert!(matches!(
+                keeping_up.next().await,
+                Some(StreamEvent::QueryReceived { .. })
+            ));
+        }
+        drop(keeping_up);
+        assert_eq!(lagged(&hub), sent as u64 + 1000);
+    }
+
+    #[test]
+    fn only_what_becomes_a_line_is_sent_to_readers() {
+        assert!(open(1).streamed());
+        assert!(query(1).streamed());
+        let client = ConnRecord::Client {
+            slot: 0,
+            tenure: 1,
+            replaced_count: 0,
+            client: "192.0.2.9".parse().unwrap(),
+        };
+        assert!(!client.streamed());
+        let name = DnsEvent::Name {
+            slot: 0,
+            tenure: 1,
+            replaced_count: 0,
+            domain: Some("a.example".into()),
+        };
+        assert!(!name.streamed());
     }
 
     /// The events carry the exact QTYPE: named by its mnemonic, or `TYPEn` (RFC 3597), never

@@ -192,6 +192,13 @@ pub trait Fold<E> {
     fn apply(&mut self, event: &E);
 }
 
+/// Whether an event becomes a line of the event stream. Only those go to its subscribers:
+/// what a subscriber loses by falling behind is then counted in lines a reader would have
+/// read, not in bookkeeping records (a client or a name taking a tally slot) that it skips.
+pub trait Streamed {
+    fn streamed(&self) -> bool;
+}
+
 impl Fold<ConnRecord> for ClientStats {
     fn apply(&mut self, event: &ConnRecord) {
         ClientStats::apply(self, event);
@@ -202,7 +209,8 @@ impl Fold<ConnRecord> for ClientStats {
 /// decoder remembers the names it decoded.
 pub type Decoder<E> = Box<dyn FnMut(&[u8]) -> Option<E> + Send>;
 
-/// Moves what a ring buffer holds into statistics and on to subscribers. Two callers share
+/// Moves what a ring buffer holds into statistics and, what the stream shows of it
+/// ([`Streamed`]), on to subscribers. Two callers share
 /// it: a timer task, so that the ring never fills between polls, and the poller, right after
 /// it reads the counters, so that a snapshot's per-client figures cover every connection its
 /// counters do (the kernel submits an event before it counts).
@@ -238,7 +246,7 @@ pub trait Drain: Send {
     fn drain(&mut self);
 }
 
-impl<E: Clone + Send, S: Fold<E> + Send> Drain for RingDrain<E, S> {
+impl<E: Clone + Send + Streamed, S: Fold<E> + Send> Drain for RingDrain<E, S> {
     fn drain(&mut self) {
         for _ in 0..MAX_RECORDS_PER_DRAIN {
             let Some(record) = self.ring.next() else {
@@ -258,8 +266,10 @@ impl<E: Clone + Send, S: Fold<E> + Send> Drain for RingDrain<E, S> {
             }
         }
         for event in self.batch.drain(..) {
-            // No subscriber is not an error.
-            let _ = self.subscribers.send(event);
+            if event.streamed() {
+                // No subscriber is not an error.
+                let _ = self.subscribers.send(event);
+            }
         }
     }
 }

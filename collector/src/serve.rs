@@ -296,27 +296,19 @@ async fn serve_dns(State(state): State<AppState>) -> Json<api::DnsStats> {
 }
 
 /// NDJSON, one event per line, until the client goes away or the agent stops; a heartbeat
-/// after [`HEARTBEAT_INTERVAL`] without a line.
+/// after [`HEARTBEAT_INTERVAL`] without a line. The body owns the subscription: dropped with
+/// it, it counts what it had not taken (see [`crate::event_stream::Subscription`]).
 async fn serve_events(State(state): State<AppState>) -> Response {
-    let hub = state.hub;
-    let (connections, dns) = hub.subscribe();
-    let lines = futures_util::stream::unfold(
-        (hub, connections, dns),
-        |(hub, mut connections, mut dns)| async move {
-            // Cut short, `next` loses nothing: what it waits on are broadcast receivers.
-            let next = hub.next(&mut connections, &mut dns);
-            let event = match tokio::time::timeout(HEARTBEAT_INTERVAL, next).await {
-                Ok(event) => event?,
-                Err(_) => StreamEvent::heartbeat(),
-            };
-            let mut line = serde_json::to_vec(&event).ok()?;
-            line.push(b'\n');
-            Some((
-                Ok::<_, std::convert::Infallible>(line),
-                (hub, connections, dns),
-            ))
-        },
-    );
+    let subscription = state.hub.subscribe();
+    let lines = futures_util::stream::unfold(subscription, |mut subscription| async move {
+        let event = match tokio::time::timeout(HEARTBEAT_INTERVAL, subscription.next()).await {
+            Ok(event) => event?,
+            Err(_) => StreamEvent::heartbeat(),
+        };
+        let mut line = serde_json::to_vec(&event).ok()?;
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(line), subscription))
+    });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
@@ -1032,6 +1024,73 @@ mod tests {
         // A poll finishing comes back at once.
         liveness.polled_at(start + Duration::from_secs(125));
         assert_eq!(liveness.stalled(start + Duration::from_secs(125)), None);
+    }
+
+    /// The agent's router with no credentials, and its event hub.
+    fn events_router() -> (Router, Arc<EventHub>) {
+        let http = crate::config::Config::embedded_default().http;
+        let hub = EventHub::new(Vec::new());
+        let sources = Sources {
+            latest: Arc::new(SharedSnapshot::default()),
+            hub: Arc::clone(&hub),
+            liveness: Liveness::new(Duration::from_secs(1)),
+        };
+        (router(sources, Guard::from_config(&http).unwrap()), hub)
+    }
+
+    fn open(cookie: u64) -> crate::events::ConnRecord {
+        crate::events::ConnRecord::Connection(crate::events::Connection {
+            opened: true,
+            route: 0,
+            cookie,
+            timestamp_ns: 0,
+            duration_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            client: address(9),
+            client_port: 5000,
+        })
+    }
+
+    #[tokio::test]
+    async fn an_event_stream_body_counts_what_its_reader_lost_and_never_took() {
+        use crate::event_stream::CONNECTION_BACKLOG;
+        use futures_util::StreamExt as _;
+        let (app, hub) = events_router();
+        let app = TowerToHyperService::new(app);
+        let request = axum::http::Request::get("/api/v1/events")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = hyper::service::Service::call(&app, request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body().into_data_stream();
+        let mut line = async || -> serde_json::Value {
+            let chunk = body.next().await.unwrap().unwrap();
+            serde_json::from_slice(&chunk).unwrap()
+        };
+        let lagged = || hub.lagged.load(Ordering::Relaxed);
+        let backlog = CONNECTION_BACKLOG as u64;
+
+        // 5 beyond the backlog: a line says so, the counter agrees.
+        for cookie in 0..backlog + 5 {
+            hub.connections.send(open(cookie)).unwrap();
+        }
+        let lost = line().await;
+        assert_eq!(
+            (lost["event"].as_str(), lost["count"].as_u64()),
+            (Some("lost"), Some(5))
+        );
+        assert_eq!(lagged(), 5);
+        for cookie in 5..15 {
+            assert_eq!(line().await["connectionId"], cookie);
+        }
+        // Behind again, and then gone (its reader killed, or cut off): what it never took
+        // counts, though it never read far enough to learn it was behind.
+        for cookie in 0..backlog + 7 {
+            hub.connections.send(open(cookie)).unwrap();
+        }
+        drop(body);
+        assert_eq!(lagged(), 5 + (backlog - 10) + (backlog + 7));
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     process::Stdio,
     sync::mpsc,
@@ -17,7 +17,7 @@ use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
     Agent, AgentConfig, COLLECTOR, LISTEN, Netns,
     dns::{Client, SERVER, Unbound},
-    stdout_of,
+    sample, scrape, stdout_of, wait_for, wait_for_closed,
 };
 
 const CONFIG: &str = r#"
@@ -359,18 +359,7 @@ fn a_stop_detaches_even_while_a_stream_reader_has_stopped_reading() {
     let netns = Netns::new();
     let config = AgentConfig::new(CONFIG);
     let agent = Agent::start(&netns, &config);
-    // A reader that takes the head and then nothing more, on a small receive buffer: a tail
-    // piped into a pager, or suspended.
-    let stalled = netns.run(|| {
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let address: std::net::SocketAddr = LISTEN.parse().unwrap();
-        socket.connect(&address.into()).unwrap();
-        let mut stream = TcpStream::from(socket);
-        ask_for_events(&mut stream);
-        stream
-    });
+    let stalled = stalled_reader(&netns);
     // Two events each, about 10 MB of lines: more than the buffers on the way hold.
     let listener = netns.run(|| TcpListener::bind("127.0.0.1:18081").unwrap());
     let server = echo_once(listener, ROUND_TRIPS);
@@ -490,4 +479,184 @@ fn ask_for_events(stream: &mut TcpStream) {
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
+}
+
+/// A reader that takes the answer's head and then nothing more, on a small receive buffer: a
+/// tail piped into a pager, or suspended. Subscribed once this returns.
+fn stalled_reader(netns: &Netns) -> TcpStream {
+    netns.run(|| {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let address: std::net::SocketAddr = LISTEN.parse().unwrap();
+        socket.connect(&address.into()).unwrap();
+        let mut stream = TcpStream::from(socket);
+        ask_for_events(&mut stream);
+        stream
+    })
+}
+
+/// Round trips on the `probe` route while a reader is behind: two events each, about 10 MB
+/// of lines, far more than the buffers on the way and the agent's backlog of 4096
+/// connection events hold.
+const BEHIND_ROUND_TRIPS: usize = 20_000;
+/// Round trips from client addresses of their own (127.0.0.2 on), midway, where the reader
+/// is sure to lose events: each client taking a slot in the kernel's client table is a ring
+/// record that is not a line, and must not count among what a reader lost.
+const NEW_CLIENTS: usize = 200;
+
+/// A round trip to `port` from `source`.
+fn round_trip_from(source: Ipv4Addr, port: u16) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+    socket
+        .connect(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())
+        .unwrap();
+    let mut stream = TcpStream::from(socket);
+    stream.write_all(b"x").unwrap();
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).unwrap();
+}
+
+/// Makes [`BEHIND_ROUND_TRIPS`] round trips on `probe` and waits until a snapshot counts
+/// them all: the poll that counts them has sent their events to the streams (it drains the
+/// ring after reading the counters, and the kernel submits an event before it counts).
+/// Returns the events sent, checked against the kernel's count of events its ring dropped.
+fn round_trips_while_behind(netns: &Netns) -> u64 {
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18081").unwrap());
+    let server = echo_once(listener, BEHIND_ROUND_TRIPS);
+    netns.run(|| {
+        let midway = BEHIND_ROUND_TRIPS / 2;
+        for i in 0..BEHIND_ROUND_TRIPS {
+            match i.checked_sub(midway) {
+                Some(k) if k < NEW_CLIENTS => {
+                    let last = u8::try_from(2 + k).unwrap();
+                    round_trip_from(Ipv4Addr::new(127, 0, 0, last), 18081);
+                }
+                _ => round_trip(18081),
+            }
+        }
+    });
+    server.join().unwrap();
+    let metrics = wait_for_closed(netns, "probe", u32::try_from(BEHIND_ROUND_TRIPS).unwrap());
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_bpf_errors_total",
+            &[("kind", "conn_event_dropped")]
+        ),
+        Some(0.0),
+        "the kernel's ring dropped events: the count sent is not known"
+    );
+    2 * u64::try_from(BEHIND_ROUND_TRIPS).unwrap()
+}
+
+/// `collector_event_stream_lagged_total` of a scrape.
+fn lagged_total(netns: &Netns) -> u64 {
+    let value = sample(&scrape(netns), "collector_event_stream_lagged_total", &[]).unwrap();
+    // Exact: counts well below 2^53.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a count"
+    )]
+    let count = value as u64;
+    count
+}
+
+/// The lines of an event stream's chunked body read so far, and the rest of the last one.
+#[derive(Default)]
+struct Lines {
+    pending: Vec<u8>,
+    events: Vec<serde_json::Value>,
+}
+
+impl Lines {
+    /// Takes what `read` gave: each chunk of the body is its size, a line, and CRLF.
+    fn take(&mut self, read: &[u8]) {
+        self.pending.extend_from_slice(read);
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            if line.first() == Some(&b'{') {
+                let event = serde_json::from_slice(&line).unwrap_or_else(|err| {
+                    panic!("not JSON: {:?}: {err}", String::from_utf8_lossy(&line))
+                });
+                self.events.push(event);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_reader_that_fell_behind_reads_how_many_events_it_lost_where_and_they_are_counted() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let mut reader = stalled_reader(&netns);
+    let sent = round_trips_while_behind(&netns);
+
+    // Reading again, the reader gets every event the stream kept and a line for each gap.
+    reader
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut lines = Lines::default();
+    let (mut shown, mut lost) = (0, 0);
+    // Heartbeats keep a stream that shows nothing more going: a deadline ends the wait.
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while shown + lost < sent {
+        assert!(
+            Instant::now() < deadline,
+            "{shown} shown and {lost} lost of {sent}"
+        );
+        let mut buf = vec![0u8; 65536];
+        let read = reader
+            .read(&mut buf)
+            .unwrap_or_else(|err| panic!("{shown} shown and {lost} lost of {sent}: {err}"));
+        assert_ne!(read, 0, "the stream ended");
+        lines.take(&buf[..read]);
+        for event in lines.events.drain(..) {
+            match event["event"].as_str().unwrap() {
+                "connection-open" | "connection-close" => {
+                    assert_eq!(event["routeName"], "probe", "{event}");
+                    shown += 1;
+                }
+                "lost" => lost += event["count"].as_u64().unwrap(),
+                "heartbeat" => {}
+                other => panic!("unexpected {other}: {event}"),
+            }
+        }
+    }
+    // Client records taking table slots midway were lost too, and are not counted.
+    assert_eq!(shown + lost, sent, "{shown} shown, {lost} lost");
+    assert!(lost > 0, "the reader never fell behind");
+    wait_for("the lost events counted", Duration::from_secs(10), || {
+        (lagged_total(&netns) == lost).then_some(())
+    });
+    drop(reader);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_reader_gone_while_behind_still_counts_the_events_it_lost() {
+    /// Lines the stream may have written before the reader went, which it counts as sent:
+    /// the agent's send buffer (64 KiB at most here), the reader's receive buffer (8 KiB)
+    /// and the HTTP server's queue (16 chunks) hold fewer than this many lines of over 100
+    /// bytes.
+    const IN_BUFFERS: u64 = 2_000;
+    let netns = Netns::new();
+    netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_wmem", "4096 16384 65536").unwrap());
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let reader = stalled_reader(&netns);
+    let sent = round_trips_while_behind(&netns);
+
+    // Killed without reading on: its stream never learns how far behind it fell (what it
+    // learned while it still took lines is counted already), and ends.
+    drop(reader);
+    let lagged = wait_for("the lost events counted", Duration::from_secs(10), || {
+        let lagged = lagged_total(&netns);
+        (lagged >= sent - IN_BUFFERS).then_some(lagged)
+    });
+    assert!(lagged <= sent, "{lagged} counted lost of {sent}");
+    assert!(agent.stop().success());
 }
