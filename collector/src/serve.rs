@@ -1,6 +1,7 @@
-//! HTTP: `/metrics` (`OpenMetrics`), the JSON API, and the probes. Handlers only read the
-//! published snapshot; nothing here touches the kernel. `/healthz` fails when no poll has
-//! finished for [`stall_limit`] (see [`Liveness`]); `/readyz` once a first poll succeeded.
+//! HTTP: `/metrics` (`OpenMetrics` or the classic text, by the `Accept` header's
+//! q-values), the JSON API, and the probes. Handlers only read the published snapshot;
+//! nothing here touches the kernel. `/healthz` fails when no poll has finished for
+//! [`stall_limit`] (see [`Liveness`]); `/readyz` once a first poll succeeded.
 //!
 //! Guarded by one middleware: credentials when configured (see `auth`), a cap on requests
 //! served at once, and a time limit per request; event streams have a cap of their own
@@ -262,14 +263,15 @@ pub fn router(sources: Sources, guard_with: Guard) -> Router {
         .layer(middleware::from_fn_with_state(guard_with, guard))
 }
 
-/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format for
+/// OpenMetrics for scrapers that prefer it (Prometheus does), the classic text format for
 /// everyone else.
 async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let wants_openmetrics = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .any(|value| value.contains("application/openmetrics-text"));
+    let wants_openmetrics = prefers_openmetrics(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok()),
+    );
     match metrics::render(&state.registry) {
         Ok(body) if wants_openmetrics => {
             ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
@@ -285,6 +287,101 @@ async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Res
         )
             .into_response(),
     }
+}
+
+/// Whether the `Accept` header's values prefer OpenMetrics to the classic text format:
+/// OpenMetrics when they name it, with a quality above 0 and at least the classic text's
+/// (RFC 9110, 12.5.1: the quality of the most specific range that matches, 0 where none
+/// does), so that on a tie it wins, as Prometheus lists it first. Named: a client that only
+/// accepts anything (`*/*`, as curl sends) gets the classic text, as before. Parameters
+/// other than `q` (`version`, `escaping`) do not choose: each format is served in the one
+/// version the agent renders.
+fn prefers_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
+    let ranges: Vec<MediaRange<'_>> = values
+        .flat_map(|value| value.split(','))
+        .filter_map(MediaRange::parse)
+        .collect();
+    match quality(&ranges, "application", "openmetrics-text") {
+        Some((EXACT, openmetrics)) => {
+            let text = quality(&ranges, "text", "plain").map_or(0, |(_, quality)| quality);
+            openmetrics > 0 && openmetrics >= text
+        }
+        _ => false,
+    }
+}
+
+/// [`MediaRange::specificity`] of a range naming the media type itself.
+const EXACT: u8 = 2;
+
+/// One range of an `Accept` header, its quality in thousandths.
+#[derive(Debug, PartialEq)]
+struct MediaRange<'a> {
+    kind: &'a str,
+    subtype: &'a str,
+    quality: u16,
+}
+
+impl<'a> MediaRange<'a> {
+    /// `None` for a range that is not `type/subtype` or has a malformed `q`: ignored.
+    fn parse(range: &'a str) -> Option<Self> {
+        let mut parts = range.split(';');
+        let (kind, subtype) = parts.next()?.trim().split_once('/')?;
+        let (kind, subtype) = (kind.trim(), subtype.trim());
+        if kind.is_empty() || subtype.is_empty() {
+            return None;
+        }
+        let mut quality = 1000;
+        for parameter in parts {
+            if let Some((name, value)) = parameter.split_once('=')
+                && name.trim().eq_ignore_ascii_case("q")
+            {
+                quality = qvalue(value.trim())?;
+            }
+        }
+        Some(Self {
+            kind,
+            subtype,
+            quality,
+        })
+    }
+
+    /// How specifically the range names `kind/subtype`: 2 exactly, 1 as `kind/*`, 0 as
+    /// `*/*`; `None` when it does not match.
+    fn specificity(&self, kind: &str, subtype: &str) -> Option<u8> {
+        let same_kind = self.kind.eq_ignore_ascii_case(kind);
+        if same_kind && self.subtype.eq_ignore_ascii_case(subtype) {
+            Some(EXACT)
+        } else if same_kind && self.subtype == "*" {
+            Some(1)
+        } else if self.kind == "*" && self.subtype == "*" {
+            Some(0)
+        } else {
+            None
+        }
+    }
+}
+
+/// A `qvalue` (`0`, `0.5`, `1.000`, at most three decimals) in thousandths.
+fn qvalue(text: &str) -> Option<u16> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths: u16 = format!("{fraction:0<3}").parse().ok()?;
+    match whole {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
+}
+
+/// The quality `ranges` give `kind/subtype`: that of the most specific range matching it
+/// (the highest of several as specific), with how specific; `None` where none matches.
+fn quality(ranges: &[MediaRange<'_>], kind: &str, subtype: &str) -> Option<(u8, u16)> {
+    ranges
+        .iter()
+        .filter_map(|range| Some((range.specificity(kind, subtype)?, range.quality)))
+        .max()
 }
 
 async fn serve_proxy(State(state): State<AppState>) -> Json<api::ProxyStats> {
@@ -997,6 +1094,86 @@ mod tests {
             503
         );
         assert_eq!(agent.credentials.password_checks_waiting(), 0);
+    }
+
+    /// Whether `accept` (one header value) gets OpenMetrics.
+    fn openmetrics_for(accept: &str) -> bool {
+        prefers_openmetrics(std::iter::once(accept))
+    }
+
+    #[test]
+    fn the_metrics_format_is_the_one_with_the_highest_quality() {
+        // Prometheus 2 and 3 as they send it: OpenMetrics first.
+        assert!(openmetrics_for(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        assert!(openmetrics_for(
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,\
+             application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;\
+             escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"
+        ));
+        // A scraper that prefers the classic text, listing OpenMetrics too.
+        assert!(!openmetrics_for(
+            "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5"
+        ));
+        assert!(!openmetrics_for(
+            "application/openmetrics-text; q=0.2, text/plain; q=0.3"
+        ));
+        // A tie goes to OpenMetrics, as does the only one named.
+        assert!(openmetrics_for(
+            "text/plain;q=0.5, application/openmetrics-text;q=0.5"
+        ));
+        assert!(openmetrics_for("application/openmetrics-text"));
+        assert!(openmetrics_for("Application/OpenMetrics-Text; Q=0.9"));
+        // Refused outright, or not named: the classic text.
+        assert!(!openmetrics_for("application/openmetrics-text;q=0"));
+        assert!(!openmetrics_for("*/*"));
+        assert!(!openmetrics_for("application/*"));
+        assert!(!openmetrics_for("application/json"));
+        assert!(!openmetrics_for(""));
+        assert!(!prefers_openmetrics(std::iter::empty()));
+        // The most specific range decides: OpenMetrics refused by name, not by `*/*`.
+        assert!(!openmetrics_for("application/openmetrics-text;q=0, */*"));
+        assert!(!openmetrics_for(
+            "application/openmetrics-text;q=0.8, */*;q=0.9"
+        ));
+        assert!(openmetrics_for(
+            "application/openmetrics-text;q=0.8, */*;q=0.9, text/plain;q=0.1"
+        ));
+        assert!(!openmetrics_for(
+            "application/openmetrics-text;q=0.8, */*;q=0.1, text/*;q=0.9"
+        ));
+        // Values in several headers are one list.
+        assert!(!prefers_openmetrics(
+            ["application/openmetrics-text;q=0.4", "text/plain"].into_iter()
+        ));
+        // A malformed quality leaves its range out.
+        assert!(!openmetrics_for(
+            "application/openmetrics-text;q=high, text/plain;q=0.1"
+        ));
+    }
+
+    #[test]
+    fn qvalues_are_read_as_rfc_9110_writes_them() {
+        for (text, thousandths) in [
+            ("1", Some(1000)),
+            ("1.", Some(1000)),
+            ("1.000", Some(1000)),
+            ("0", Some(0)),
+            ("0.5", Some(500)),
+            ("0.05", Some(50)),
+            ("0.001", Some(1)),
+            ("1.001", None),
+            ("0.0001", None),
+            ("2", None),
+            ("-0.5", None),
+            (".5", None),
+            ("0.5x", None),
+            ("", None),
+        ] {
+            assert_eq!(qvalue(text), thousandths, "{text:?}");
+        }
     }
 
     #[test]
