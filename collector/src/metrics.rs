@@ -520,7 +520,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     single(
         encoder,
         "collector_event_stream_lagged",
-        "Events that /api/v1/events subscribers lost by reading too slowly.",
+        "Events that /api/v1/events readers lost: by reading too slowly, or not yet taken when their stream ended.",
         None,
         MetricType::Counter,
         &ConstCounter::new(snapshot.stream_lagged),
