@@ -18,6 +18,7 @@ mod events;
 mod file_version;
 mod links;
 mod loader;
+mod logging;
 mod mapped;
 mod maps;
 mod metrics;
@@ -260,56 +261,11 @@ impl ConfigSource {
     }
 }
 
-/// Log lines go to standard error, as text or JSON, from `info` on unless `RUST_LOG` says
-/// otherwise.
-fn init_logging(format: LogFormat) {
-    let (filter, refused) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
-    if let Some(refused) = refused {
-        tracing::warn!("{refused}");
-    }
-}
-
-/// netlink-packet-route warns about every attribute newer than itself (each interface, each
-/// poll): quiet unless `RUST_LOG` names it.
-const QUIET_NETLINK: &str = "netlink_packet_route=error";
-
-/// The log filter for `RUST_LOG` (`info` when unset, empty or unreadable, with why in the
-/// second value).
-fn log_filter(spec: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
-    use tracing_subscriber::EnvFilter;
-    let spec = spec.filter(|spec| !spec.trim().is_empty());
-    let (filter, refused) = match spec.map(EnvFilter::try_new) {
-        None => (EnvFilter::new("info"), None),
-        Some(Ok(filter)) => (filter, None),
-        Some(Err(err)) => (
-            EnvFilter::new("info"),
-            Some(format!(
-                "RUST_LOG={:?} is not a valid filter ({err}): logging from info on",
-                spec.unwrap_or_default()
-            )),
-        ),
-    };
-    let names_netlink = spec.is_some_and(|spec| spec.contains("netlink_packet_route"));
-    let filter = match QUIET_NETLINK.parse() {
-        Ok(quiet) if !names_netlink => filter.add_directive(quiet),
-        _ => filter,
-    };
-    (filter, refused)
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let log_format = cli.log_format;
-    init_logging(log_format);
+    // Held to the end, so that the lines still queued are written before the exit.
+    let _log_writer = logging::init(log_format == LogFormat::Json);
     let result = match cli.command {
         Command::Run {
             source,
@@ -817,41 +773,4 @@ fn check_host(config: &Config) -> anyhow::Result<()> {
         anyhow::bail!("{failed} requirement(s) not met");
     }
     printed
-}
-
-#[cfg(test)]
-mod tests {
-    use super::log_filter;
-
-    #[test]
-    fn rust_log_keeps_netlink_quiet_unless_it_names_it() {
-        for spec in [None, Some(""), Some("info,collector::address_table=debug")] {
-            let (filter, refused) = log_filter(spec);
-            assert!(refused.is_none(), "{spec:?}");
-            assert!(
-                filter.to_string().contains("netlink_packet_route=error"),
-                "{spec:?}: {filter}"
-            );
-        }
-        let (filter, _) = log_filter(Some("debug,netlink_packet_route=warn"));
-        assert!(
-            !filter.to_string().contains("netlink_packet_route=error"),
-            "{filter}"
-        );
-        assert!(
-            filter.to_string().contains("netlink_packet_route=warn"),
-            "{filter}"
-        );
-    }
-
-    #[test]
-    fn an_unreadable_rust_log_is_said_and_info_used() {
-        let (filter, refused) = log_filter(Some("info,foo=notalevel"));
-        let refused = refused.expect("refused");
-        assert!(
-            refused.contains("RUST_LOG=\"info,foo=notalevel\""),
-            "{refused}"
-        );
-        assert_eq!(filter.to_string(), "netlink_packet_route=error,info");
-    }
 }

@@ -816,6 +816,14 @@ fn encode_process(process: Option<&ProcessStats>, encoder: &mut DescriptorEncode
             1i64,
         )],
     )?;
+    single(
+        encoder,
+        "collector_log_lines_dropped",
+        "Log lines dropped because standard error was not read fast enough (the agent never waits for its log).",
+        None,
+        MetricType::Counter,
+        &ConstCounter::new(crate::logging::dropped_lines()),
+    )?;
     let Some(process) = process else {
         return Ok(());
     };
