@@ -1,38 +1,54 @@
 //! The log: lines to standard error, as text or JSON, from `info` on unless `RUST_LOG` says
-//! otherwise, written from a queue by a thread of their own. A log reader that stops (a
-//! stuck journald, a container runtime's full log pipe, a FIFO nobody drains) then costs
-//! lines, counted in `collector_log_lines_dropped_total`, instead of stalling the poll loop
-//! on a blocking write to stderr.
+//! otherwise. The agent, once it has dropped its capabilities, writes them from a queue by a
+//! thread of their own ([`write_from_queue`]): a log reader that stops (a stuck journald, a
+//! container runtime's full log pipe, a FIFO nobody drains) then costs lines, counted in
+//! `collector_log_lines_dropped_total`, instead of stalling the poll loop on a blocking
+//! write to stderr. Until then, and in the CLI's commands, lines go straight to stderr: the
+//! writer thread must start after the drop, since capabilities are per thread and it would
+//! keep the set it was started with.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::fmt::{MakeWriter, writer::EitherWriter};
 
 /// Lines queued for stderr before new ones are dropped.
 const QUEUED_LINES: usize = 65_536;
 
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// The queue's writer, once started.
+static QUEUE: OnceLock<NonBlocking> = OnceLock::new();
+
+/// Writes what is still queued when dropped ([`flush`]).
+static QUEUE_GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
+/// Where each line goes: the queue once started, stderr until then.
+struct LogWriter;
+
+impl<'a> MakeWriter<'a> for LogWriter {
+    type Writer = EitherWriter<NonBlocking, std::io::Stderr>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        match QUEUE.get() {
+            Some(queue) => EitherWriter::A(queue.clone()),
+            None => EitherWriter::B(std::io::stderr()),
+        }
+    }
+}
 
 /// Log lines dropped because stderr was not read fast enough.
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |counter| {
-        u64::try_from(counter.dropped_lines()).unwrap_or(u64::MAX)
+    QUEUE.get().map_or(0, |queue| {
+        u64::try_from(queue.error_counter().dropped_lines()).unwrap_or(u64::MAX)
     })
 }
 
-/// Starts logging to stderr; the lines still queued are written when the guard is dropped.
-pub fn init(json: bool) -> WorkerGuard {
+/// Starts logging to stderr.
+pub fn init(json: bool) {
     let (filter, refused) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("collector-log")
-        .finish(std::io::stderr());
-    let _ = DROPPED.set(writer.error_counter());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(LogWriter);
     if json {
         logs.json().flatten_event(true).init();
     } else {
@@ -41,7 +57,28 @@ pub fn init(json: bool) -> WorkerGuard {
     if let Some(refused) = refused {
         tracing::warn!("{refused}");
     }
-    guard
+}
+
+/// From now on, lines go through the queue and its writer thread, started here (call it
+/// after the capability drop, which that thread then shares).
+pub fn write_from_queue() {
+    let (queue, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("collector-log")
+        .finish(std::io::stderr());
+    if QUEUE.set(queue).is_ok()
+        && let Ok(mut slot) = QUEUE_GUARD.lock()
+    {
+        *slot = Some(guard);
+    }
+}
+
+/// Writes the lines still queued (before the process exits).
+pub fn flush() {
+    if let Ok(mut slot) = QUEUE_GUARD.lock() {
+        slot.take();
+    }
 }
 
 /// netlink-packet-route warns about every attribute newer than itself (each interface, each

@@ -264,8 +264,7 @@ impl ConfigSource {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let log_format = cli.log_format;
-    // Held to the end, so that the lines still queued are written before the exit.
-    let _log_writer = logging::init(log_format == LogFormat::Json);
+    logging::init(log_format == LogFormat::Json);
     let result = match cli.command {
         Command::Run {
             source,
@@ -337,14 +336,19 @@ fn main() -> std::process::ExitCode {
             .load()
             .and_then(|config| cleanup::run(&config, apply)),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) if err.is::<output::ReaderGone>() => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            // The reason it stopped is a log line like the others where a pipeline parses them.
-            if log_format == LogFormat::Json {
-                tracing::error!("{err:#}");
-            } else {
+    let failed = result.err().filter(|err| !err.is::<output::ReaderGone>());
+    // The reason it stopped is a log line like the others where a pipeline parses them.
+    if let Some(err) = &failed
+        && log_format == LogFormat::Json
+    {
+        tracing::error!("{err:#}");
+    }
+    // The lines still queued go before the exit, and before the reason below.
+    logging::flush();
+    match failed {
+        None => std::process::ExitCode::SUCCESS,
+        Some(err) => {
+            if log_format == LogFormat::Text {
                 eprintln!("collector: {err:#}");
             }
             std::process::ExitCode::FAILURE
@@ -401,6 +405,8 @@ fn serve_attached(
         ),
         Err(err) => tracing::warn!("could not drop capabilities: {err}"),
     }
+    // After the drop: the log's writer thread starts with the reduced set.
+    logging::write_from_queue();
     let result = if signals::stop_requested() {
         tracing::info!("asked to stop while starting");
         Ok(())
