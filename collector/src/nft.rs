@@ -643,6 +643,8 @@ pub struct Source {
     table: Option<NftTable>,
     /// The table's name, ours while this runs (taken before the table is made).
     claim: Option<TableClaim>,
+    /// Who held the name when this run last found it held.
+    holder: Option<Holder>,
     health: SourceHealth,
     polls_until_retry: u32,
     /// `auto` stopped counting because the table was removed: the next look says so.
@@ -669,6 +671,7 @@ impl Source {
             enabled: false,
             table: None,
             claim: None,
+            holder: None,
             health: SourceHealth::default(),
             polls_until_retry: POLLS_BETWEEN_RETRIES,
             removed: false,
@@ -733,18 +736,24 @@ impl Source {
         }
     }
 
-    /// Claims the table's name unless this run holds it already.
+    /// Claims the table's name unless this run holds it already. Who holds it is asked once
+    /// while it stays held, not at every look.
     fn claim_name(&mut self) -> Result<(), NftError> {
-        if self.claim.is_none() {
-            let table = &self.config.nftables.table;
-            self.claim = Some(nft_claim::claim(table).map_err(NftError::Claim)?.map_err(
-                |holder| NftError::InUse {
-                    table: table.clone(),
-                    holder,
-                },
-            )?);
+        if self.claim.is_some() {
+            return Ok(());
         }
-        Ok(())
+        let table = &self.config.nftables.table;
+        match nft_claim::claim(table).map_err(NftError::Claim)? {
+            Some(claim) => {
+                self.claim = Some(claim);
+                self.holder = None;
+                Ok(())
+            }
+            None => Err(NftError::InUse {
+                table: table.clone(),
+                holder: *self.holder.get_or_insert_with(|| nft_claim::holder(table)),
+            }),
+        }
     }
 
     fn make_table(&mut self) {
@@ -761,6 +770,9 @@ impl Source {
 
     /// This poll's counters and the source's health (none while counting is not wanted).
     pub fn read(&mut self) -> poller::NftView {
+        if let Some(claim) = &self.claim {
+            claim.drain();
+        }
         if self.table.is_none() {
             self.retry_now_and_then();
         }
@@ -803,6 +815,21 @@ impl Source {
                 Look::Later
             };
             self.enabled = self.auto_wants_counting(look);
+            // What was found "removed" may be our table changed (its rules flushed), still
+            // hooked: with counting off it would be the namespace's first hook for good.
+            if !self.enabled && look == Look::AfterRemoval {
+                match remove_leftover(&self.config.nftables.table) {
+                    Ok(Leftover::Ours) => tracing::info!(
+                        "removed what was left of our nftables table inet {}",
+                        self.config.nftables.table
+                    ),
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(
+                        "removing what was left of our nftables table inet {}: {err}",
+                        self.config.nftables.table
+                    ),
+                }
+            }
         }
         if self.enabled {
             self.make_table();

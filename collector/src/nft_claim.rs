@@ -5,12 +5,14 @@
 //! holds them: a crashed run's claim is gone at once, so the next start adopts its table as
 //! before, while a second collector started here with a pin directory of its own but the
 //! same `[nftables] table` is told so, instead of adopting the first one's table and removing
-//! it when it stops. A connection to the claim names the holder's process (`SO_PEERCRED`).
+//! it when it stops. A connection to the claim names the holder's process (`SO_PEERCRED`):
+//! made without blocking, so a backlog that filled up cannot hang the one asking, and the
+//! holder drops such connections at each poll ([`TableClaim::drain`]), so it does not fill.
 
 use std::{
     io,
     os::{
-        fd::AsRawFd,
+        fd::{AsRawFd, FromRawFd},
         linux::net::SocketAddrExt,
         unix::net::{SocketAddr, UnixListener, UnixStream},
     },
@@ -19,14 +21,21 @@ use std::{
 /// The table name, held for as long as this lives.
 #[derive(Debug)]
 pub struct TableClaim {
-    _socket: UnixListener,
+    socket: UnixListener,
+}
+
+impl TableClaim {
+    /// Closes the connections others made to learn who holds the name; returns how many.
+    pub fn drain(&self) -> usize {
+        std::iter::from_fn(|| self.socket.accept().ok()).count()
+    }
 }
 
 /// Who holds a table name already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Holder {
-    /// Its process id as this process sees it; `None` where its process is in a PID
-    /// namespace this one cannot see (another container of the pod).
+    /// Its process id as this process sees it; `None` where it could not be told (a process
+    /// in a PID namespace this one cannot see, another container of the pod).
     pub pid: Option<u32>,
 }
 
@@ -34,37 +43,77 @@ impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.pid {
             Some(pid) => write!(f, "process {pid}"),
-            None => write!(f, "a process of another PID namespace"),
+            None => write!(f, "a process this one cannot see"),
         }
     }
 }
 
-fn address(table: &str) -> io::Result<SocketAddr> {
-    SocketAddr::from_abstract_name(format!("collector nftables table inet {table}"))
+fn name(table: &str) -> String {
+    format!("collector nftables table inet {table}")
 }
 
-/// Claims `table` for this process: `Err(holder)` if a running collector of this network
-/// namespace holds it.
-pub fn claim(table: &str) -> io::Result<Result<TableClaim, Holder>> {
-    match UnixListener::bind_addr(&address(table)?) {
-        Ok(socket) => Ok(Ok(TableClaim { _socket: socket })),
-        Err(err) if err.kind() == io::ErrorKind::AddrInUse => Ok(Err(holder(table))),
+/// Claims `table` for this process; `None` if a running collector of this network namespace
+/// holds it ([`holder`] says which).
+pub fn claim(table: &str) -> io::Result<Option<TableClaim>> {
+    match UnixListener::bind_addr(&SocketAddr::from_abstract_name(name(table))?) {
+        Ok(socket) => {
+            socket.set_nonblocking(true)?;
+            Ok(Some(TableClaim { socket }))
+        }
+        Err(err) if err.kind() == io::ErrorKind::AddrInUse => Ok(None),
         Err(err) => Err(err),
     }
 }
 
-/// Whether a running collector of this network namespace holds `table`.
+/// Whether a running collector of this network namespace holds `table`, and which.
 pub fn held(table: &str) -> io::Result<Option<Holder>> {
-    Ok(claim(table)?.err())
+    Ok(claim(table)?.is_none().then(|| holder(table)))
 }
 
 /// The process holding `table`'s claim, asked over a connection to it.
-fn holder(table: &str) -> Holder {
-    let pid = address(table)
-        .and_then(|address| UnixStream::connect_addr(&address))
-        .ok()
-        .and_then(|stream| peer_pid(&stream));
-    Holder { pid }
+pub fn holder(table: &str) -> Holder {
+    Holder {
+        pid: connect_without_waiting(&name(table))
+            .ok()
+            .and_then(|stream| peer_pid(&stream)),
+    }
+}
+
+/// A connection to the abstract socket `name` that fails rather than waits when the
+/// listener's backlog is full.
+fn connect_without_waiting(name: &str) -> io::Result<UnixStream> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor of ours, owned by the stream from here on.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data, valid zeroed.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    address.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).map_err(io::Error::other)?;
+    // An abstract name: a NUL, then the name, not NUL-terminated.
+    let path = address
+        .sun_path
+        .get_mut(1..=name.len())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "name too long for a socket"))?;
+    for (slot, byte) in path.iter_mut().zip(name.bytes()) {
+        *slot = byte.cast_signed();
+    }
+    let length = libc::socklen_t::try_from(size_of::<libc::sa_family_t>() + 1 + name.len())
+        .map_err(io::Error::other)?;
+    // SAFETY: a valid socket and an address of the given length.
+    let rc = unsafe { libc::connect(stream.as_raw_fd(), (&raw const address).cast(), length) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 fn peer_pid(stream: &UnixStream) -> Option<u32> {
@@ -99,15 +148,38 @@ mod tests {
     fn a_claimed_name_names_its_holder_until_released() {
         let table = format!("claim_test_{}", std::process::id());
         let first = claim(&table).unwrap().unwrap();
+        assert!(claim(&table).unwrap().is_none());
         assert_eq!(
-            claim(&table).unwrap().unwrap_err(),
-            Holder {
+            held(&table).unwrap(),
+            Some(Holder {
                 pid: Some(std::process::id())
-            }
+            })
         );
         assert!(held(&format!("{table}_other")).unwrap().is_none());
         drop(first);
         assert!(held(&table).unwrap().is_none());
         claim(&table).unwrap().unwrap();
+    }
+
+    #[test]
+    fn asking_never_waits_and_the_holder_drops_the_questions() {
+        let table = format!("claim_backlog_{}", std::process::id());
+        let claimed = claim(&table).unwrap().unwrap();
+        // More questions than any backlog holds: each answered or refused, none waiting.
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut unanswered = 0;
+        for _ in 0..=somaxconn + 1 {
+            if holder(&table).pid.is_none() {
+                unanswered += 1;
+            }
+        }
+        assert!(unanswered > 0, "the backlog never filled");
+        assert!(claimed.drain() >= somaxconn);
+        assert_eq!(claimed.drain(), 0);
+        assert_eq!(holder(&table).pid, Some(std::process::id()));
     }
 }

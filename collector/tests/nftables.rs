@@ -1024,6 +1024,26 @@ fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
     wait_for("our table, made again", Duration::from_secs(10), || {
         (tables(&netns).contains(&config.nft_table) && nft_up() == Some(1.0)).then_some(())
     });
+
+    // The firewall goes and our rules with it, our table staying (its chains still hooked):
+    // with counting off it is removed, not left as the namespace's first hook.
+    nft_script(
+        &netns,
+        &format!(
+            "flush table inet {}\ndelete table ip hostnat\n",
+            config.nft_table
+        ),
+    );
+    wait_for(
+        "the nft source to go again",
+        Duration::from_secs(10),
+        || nft_up().is_none().then_some(()),
+    );
+    wait_for(
+        "what was left of our table to go",
+        Duration::from_secs(10),
+        || (!tables(&netns).contains(&config.nft_table)).then_some(()),
+    );
     assert!(agent.stop().success());
     assert!(!tables(&netns).contains(&config.nft_table));
     assert_no_pins(&config.pin_dir);
