@@ -56,7 +56,8 @@ fn record_revision() {
         .ok()
         .filter(|r| !r.is_empty())
         .or_else(|| {
-            // The files whose change moves HEAD: HEAD itself, the branch it names, packed refs.
+            // The files whose change moves HEAD: HEAD itself, the branch it names, packed
+            // refs; only those that exist, since cargo reruns for a missing one every time.
             let branch = git(&["symbolic-ref", "-q", "HEAD"]);
             for name in ["HEAD", "packed-refs"]
                 .into_iter()
@@ -65,6 +66,7 @@ fn record_revision() {
             {
                 if let Some(path) =
                     git(&["rev-parse", "--path-format=absolute", "--git-path", &name])
+                        .filter(|path| std::path::Path::new(path).exists())
                 {
                     println!("cargo:rerun-if-changed={path}");
                 }
