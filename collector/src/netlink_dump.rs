@@ -107,29 +107,109 @@ pub fn route_dump(
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
-    let (mut malformed, mut interrupted) = (None, false);
-    exchange_strict(NETLINK_ROUTE, &buf, |_, message| {
+    route_dump_raw(&buf, |_, message| {
         match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
             Ok(NetlinkMessage {
-                header,
                 payload: NetlinkPayload::InnerMessage(inner),
                 ..
-            }) => {
-                interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
-                each(inner);
-            }
+            }) => each(inner),
             Ok(_) => {}
-            Err(err) => malformed = Some(err.to_string()),
+            Err(err) => return Err(io::Error::new(io::ErrorKind::InvalidData, err.to_string())),
+        }
+        Ok(())
+    })
+}
+
+/// An rtnetlink dump of the request `message` (a whole netlink message; strict checking on),
+/// each reply handed to `each` as its type and the whole message, header included. The first
+/// error `each` returns ends the dump with it once the replies are read; a dump that a change
+/// interrupted (`NLM_F_DUMP_INTR`) is an `Interrupted` error: see [`retry_interrupted`].
+pub fn route_dump_raw(
+    message: &[u8],
+    mut each: impl FnMut(u16, &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let (mut failed, mut interrupted) = (None, false);
+    exchange_strict(NETLINK_ROUTE, message, |kind, message| {
+        let flags = u16::from_ne_bytes([message[6], message[7]]);
+        interrupted |= flags & NLM_F_DUMP_INTR != 0;
+        if failed.is_none() {
+            failed = each(kind, message).err();
         }
     })?;
-    match (malformed, interrupted) {
-        (Some(err), _) => Err(io::Error::new(io::ErrorKind::InvalidData, err)),
+    match (failed, interrupted) {
+        (Some(err), _) => Err(err),
         (None, true) => Err(io::Error::new(
             io::ErrorKind::Interrupted,
             "the dump was interrupted by a change",
         )),
         (None, false) => Ok(()),
     }
+}
+
+/// A netlink request: the header (sequence 1, the kernel as destination) and `body`.
+pub fn request(kind: u16, flags: u16, body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(HEADER + body.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(HEADER + body.len());
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    out.extend_from_slice(body);
+    out
+}
+
+/// Appends the attribute `kind` with `payload`, padded to 4 bytes.
+pub fn put_attribute(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out.resize(align4(out.len()), 0);
+}
+
+/// The attributes (`struct nlattr`) packed in `body`, each as its type (without the
+/// `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER` flags) and payload. One whose length is shorter
+/// than its header or runs past `body` is an `InvalidData` error, and the walk ends there;
+/// padding missing after the last one is not.
+pub fn attributes(body: &[u8]) -> Attributes<'_> {
+    Attributes { rest: body }
+}
+
+/// See [`attributes`].
+pub struct Attributes<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Attributes<'a> {
+    type Item = io::Result<(u16, &'a [u8])>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let rest = std::mem::take(&mut self.rest);
+        let (Some(len), Some(kind)) = (rest.get(..2), rest.get(2..4)) else {
+            return Some(Err(malformed("an attribute header cut short")));
+        };
+        let len = usize::from(u16::from_ne_bytes([len[0], len[1]]));
+        let kind = u16::from_ne_bytes([kind[0], kind[1]]) & NLA_TYPE_MASK;
+        let Some(payload) = rest.get(4..len).filter(|_| len >= 4) else {
+            return Some(Err(malformed("an attribute longer than its message")));
+        };
+        self.rest = rest.get(align4(len)..).unwrap_or_default();
+        Some(Ok((kind, payload)))
+    }
+}
+
+/// `nlattr.nla_type` without `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER`.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+fn malformed(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("a malformed netlink message: {what}"),
+    )
 }
 
 /// Runs `read` until its dumps were not interrupted by a change, three more times at most.
@@ -139,6 +219,78 @@ pub fn retry_interrupted<T>(mut read: impl FnMut() -> io::Result<T>) -> io::Resu
         match read() {
             Err(err) if err.kind() == io::ErrorKind::Interrupted && tries < 3 => tries += 1,
             read => return read,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn walk(body: &[u8]) -> Vec<Result<(u16, Vec<u8>), ()>> {
+        attributes(body)
+            .map(|a| {
+                a.map(|(kind, payload)| (kind, payload.to_vec()))
+                    .map_err(|_| ())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attributes_are_walked_with_their_flags_off_and_padding_skipped() {
+        let mut body = Vec::new();
+        put_attribute(&mut body, 3, b"eth0\0");
+        put_attribute(&mut body, 0x12 | 0x8000, &[]); // IFLA_LINKINFO, NLA_F_NESTED, empty
+        put_attribute(&mut body, 10, &7u32.to_ne_bytes());
+        assert_eq!(body.len(), 12 + 4 + 8);
+        assert_eq!(
+            walk(&body),
+            [
+                Ok((3, b"eth0\0".to_vec())),
+                Ok((18, Vec::new())),
+                Ok((10, 7u32.to_ne_bytes().to_vec()))
+            ]
+        );
+        // The last attribute's padding may be left off.
+        let mut unpadded = Vec::new();
+        put_attribute(&mut unpadded, 3, b"lo\0");
+        unpadded.truncate(7);
+        assert_eq!(walk(&unpadded), [Ok((3, b"lo\0".to_vec()))]);
+        assert!(walk(&[]).is_empty());
+    }
+
+    #[test]
+    fn malformed_attributes_are_an_error_that_ends_the_walk() {
+        let mut body = Vec::new();
+        put_attribute(&mut body, 3, b"eth0\0");
+        put_attribute(&mut body, 10, &7u32.to_ne_bytes());
+        // Cut anywhere inside the second attribute: the first still reads, then one error.
+        for cut in 13..body.len() {
+            let walked = walk(&body[..cut]);
+            assert_eq!(walked.len(), 2, "cut at {cut}");
+            assert_eq!(walked[0], Ok((3, b"eth0\0".to_vec())));
+            assert_eq!(walked[1], Err(()), "cut at {cut}");
+        }
+        // A length below the header's own (0 would never move on), or past the body.
+        for len in [0u16, 3, 9] {
+            let mut bad = len.to_ne_bytes().to_vec();
+            bad.extend_from_slice(&[3, 0, 1, 2, 3, 4]);
+            assert_eq!(walk(&bad), [Err(())], "length {len}");
+        }
+        // Stray bytes shorter than a header.
+        assert_eq!(walk(&[8, 0, 3]), [Err(())]);
+    }
+
+    #[test]
+    fn no_bytes_make_the_walk_panic() {
+        // Every 1-, 2- and 3-byte body, and every length in an attribute header.
+        for a in 0..=255u8 {
+            for b in [0u8, 1, 4, 5, 255] {
+                let _ = walk(&[a]);
+                let _ = walk(&[a, b]);
+                let _ = walk(&[a, b, 3]);
+                let _ = walk(&[a, b, 3, 0, 1, 2, 3, 4, 5, 6]);
+            }
         }
     }
 }
