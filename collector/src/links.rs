@@ -1,13 +1,24 @@
 //! Network interfaces of the agent's namespace, read over rtnetlink: which ones exist, are
 //! up, carry Ethernet framing that the tc classifiers parse, and their kernel counters
 //! (stats64). Read on every poll: that keeps the attached set current (an interface that
-//! appears is attached at the next poll). The dump asks for no counters and only the
-//! attributes used are read (netlink-packet-route read all of them, IPv6's settings
-//! included: 26 ms a poll with 1,200 links); the counters come from a dump of their own.
+//! appears is attached at the next poll) and the counters fresh. The links are dumped again
+//! only after the kernel announced a change (`RTNLGRP_LINK`), with no counters and only the
+//! attributes used read; the counters come from an `RTM_GETSTATS` dump of stats64 alone.
+//! With 1,200 links a poll costs 0.25 ms (1.5 ms after a change); the full dump read by
+//! netlink-packet-route every poll cost 17 to 26 ms, a core's 2 % at one poll a second. With
+//! 3 links: 5 µs (50 µs before).
 
-use std::io;
+use std::{
+    io,
+    sync::{Mutex, PoisonError},
+};
 
-use crate::netlink_dump::{self, HEADER, NLM_F_DUMP};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+
+use crate::{
+    netlink_dump::{self, HEADER, NLM_F_DUMP},
+    netns,
+};
 
 /// An interface as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,17 +89,114 @@ const IFINFOMSG: usize = 16;
 /// `struct if_stats_msg`.
 const IF_STATS_MSG: usize = 12;
 
-/// Every interface in the current network namespace.
-pub fn list() -> io::Result<Vec<Link>> {
-    netlink_dump::retry_interrupted(|| {
-        let mut links = Vec::new();
-        netlink_dump::route_dump_raw(&link_request(), |kind, message| {
-            if kind == RTM_NEWLINK {
-                links.push(parse_link(&message[HEADER..])?);
+/// The links of the last dump and the socket that says when they changed. Process-wide, not
+/// a watch the poll loop owns as `addresses::ChangeWatch` is: the start, the polls and
+/// `collector check` all read the links through [`list`].
+static KNOWN: Mutex<Option<Known>> = Mutex::new(None);
+
+/// rtnetlink's multicast group for links added, removed and changed (`RTNLGRP_LINK`).
+const RTNLGRP_LINK: u32 = 1;
+
+/// The links as last dumped (counters zero), kept until the kernel announces a change.
+struct Known {
+    /// Subscribed to `RTNLGRP_LINK` before the dump: every link added, removed, renamed, set
+    /// up or down, enslaved or released since is announced on it.
+    announcements: Socket,
+    buf: Vec<u8>,
+    /// The namespace the socket and the links belong to (`SO_NETNS_COOKIE`).
+    namespace: u64,
+    links: Option<Vec<Link>>,
+}
+
+impl Known {
+    fn new(namespace: u64) -> io::Result<Self> {
+        let mut announcements = Socket::new(NETLINK_ROUTE)?;
+        announcements.bind_auto()?;
+        announcements.add_membership(RTNLGRP_LINK)?;
+        announcements.set_non_blocking(true)?;
+        Ok(Self {
+            announcements,
+            buf: vec![0; 64 * 1024],
+            namespace,
+            links: None,
+        })
+    }
+
+    /// Whether anything was announced since the last call, reading every announcement there
+    /// is. Announcements lost to a full socket buffer (`ENOBUFS`) count as a change.
+    fn changed(&mut self) -> bool {
+        let mut changed = false;
+        loop {
+            match self.announcements.recv(&mut &mut self.buf[..], 0) {
+                Ok(0) => return changed,
+                Ok(_) => changed = true,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return changed,
+                Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => changed = true,
+                Err(_) => return true,
             }
-            Ok(())
-        })?;
-        links.sort_unstable_by_key(|l| l.index);
+        }
+    }
+}
+
+/// Every interface in the current network namespace, with its counters. The links are
+/// dumped again only when the kernel announced a change since the last dump (or in another
+/// namespace than the last call's): on a node with hundreds of pod veths, dumping them
+/// every poll cost about 1 µs a link even read by hand. The counters are read each call,
+/// about 0.2 µs a link.
+pub fn list() -> io::Result<Vec<Link>> {
+    let mut known = KNOWN.lock().unwrap_or_else(PoisonError::into_inner);
+    // Without a namespace cookie (before Linux 5.14) or a socket, every call dumps.
+    let namespace = netns::current_cookie().ok();
+    if known.as_ref().map(|k| Some(k.namespace)) != Some(namespace) {
+        *known = namespace.and_then(|namespace| Known::new(namespace).ok());
+    }
+    // Read the announcements before the dump: one that comes during it dumps again next time.
+    // What changed is forgotten at once, so that a dump that fails is tried again next time.
+    let cached = known.as_mut().and_then(|k| {
+        if k.changed() {
+            k.links = None;
+        }
+        k.links.clone()
+    });
+    let links = if let Some(links) = cached {
+        links
+    } else {
+        let links = netlink_dump::retry_interrupted(dump_links)?;
+        if let Some(k) = known.as_mut() {
+            k.links = Some(links.clone());
+        }
+        links
+    };
+    drop(known);
+    with_stats(links)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many link dumps [`list`] made on this thread, for the tests.
+    static DUMPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Every link, by index, with zero counters.
+fn dump_links() -> io::Result<Vec<Link>> {
+    #[cfg(test)]
+    DUMPS.set(DUMPS.get() + 1);
+    let mut links = Vec::new();
+    netlink_dump::route_dump_raw(&link_request(), |kind, message| {
+        if kind == RTM_NEWLINK {
+            links.push(parse_link(&message[HEADER..])?);
+        }
+        Ok(())
+    })?;
+    links.sort_unstable_by_key(|l| l.index);
+    Ok(links)
+}
+
+/// `links` (by index) with their counters. A link the counters' dump did not have is gone
+/// and left out (zero counters would read as a counter reset); one that came after the
+/// link dump is in the next.
+fn with_stats(mut links: Vec<Link>) -> io::Result<Vec<Link>> {
+    let counted = netlink_dump::retry_interrupted(|| {
         let mut counted = vec![false; links.len()];
         netlink_dump::route_dump_raw(&stats_request(), |kind, message| {
             if kind == RTM_NEWSTATS {
@@ -100,12 +208,11 @@ pub fn list() -> io::Result<Vec<Link>> {
             }
             Ok(())
         })?;
-        // A link the second dump did not have went between the two: gone for this poll
-        // (zero counters would read as a counter reset).
-        let mut counted = counted.into_iter();
-        links.retain(|_| counted.next().unwrap_or(false));
-        Ok(links)
-    })
+        Ok(counted)
+    })?;
+    let mut counted = counted.into_iter();
+    links.retain(|_| counted.next().unwrap_or(false));
+    Ok(links)
 }
 
 /// `RTM_GETLINK` for every link, without their counters (`RTEXT_FILTER_SKIP_STATS`): those
@@ -608,5 +715,85 @@ mod tests {
         })
         .unwrap();
         assert!(compared > 0, "no links listed");
+    }
+
+    /// Runs `ip` with `args` in the calling thread's network namespace.
+    fn ip(args: &str) {
+        let status = std::process::Command::new("ip")
+            .args(args.split(' '))
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip {args}");
+    }
+
+    /// `list` dumps the links again only after the kernel announced a change, and sees every
+    /// change that matters at the next call. In a network namespace of the test's own (made
+    /// by `unshare` on its thread, gone with it): needs root.
+    #[test]
+    fn links_are_dumped_again_only_after_an_announced_change() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare on this thread only; no other state depends on its namespace.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "unshare(CLONE_NEWNET) needs root: {}",
+                io::Error::last_os_error()
+            );
+            let names = |links: &[Link]| -> Vec<(String, bool)> {
+                links.iter().map(|l| (l.name.clone(), l.up)).collect()
+            };
+            let dumps_for = |f: &dyn Fn()| {
+                let before = DUMPS.get();
+                f();
+                DUMPS.get() - before
+            };
+            let listed = || list().unwrap();
+            assert_eq!(
+                dumps_for(&|| assert_eq!(names(&listed()), [("lo".into(), false)])),
+                1
+            );
+            // No change: the links of the last dump, with counters read anew.
+            ip("link set lo up");
+            ip("link add vdump0 type veth peer name vdump1");
+            listed();
+            assert_eq!(
+                dumps_for(&|| {
+                    let links = listed();
+                    assert_eq!(links, listed());
+                }),
+                0
+            );
+            let lo_packets = || listed()[0].stats.tx_packets;
+            let before = lo_packets();
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.send_to(b"x", socket.local_addr().unwrap()).unwrap();
+            assert_eq!(lo_packets(), before + 1);
+            // Each change is seen at the next call.
+            ip("link set vdump0 up");
+            assert_eq!(
+                dumps_for(&|| assert!(listed().iter().any(|l| l.name == "vdump0" && l.up))),
+                1
+            );
+            ip("link set vdump1 name vdump2");
+            assert!(listed().iter().any(|l| l.name == "vdump2"));
+            ip("link add br0 type bridge");
+            ip("link set vdump2 master br0");
+            let links = listed();
+            let bridge = links.iter().find(|l| l.name == "br0").unwrap();
+            let port = links.iter().find(|l| l.name == "vdump2").unwrap();
+            assert_eq!(
+                (bridge.kind.as_str(), port.controller),
+                ("bridge", Some(bridge.index))
+            );
+            ip("link del vdump0");
+            assert_eq!(
+                names(&listed()),
+                [("lo".into(), true), ("br0".into(), false)]
+            );
+            assert_eq!(dumps_for(&|| drop(listed())), 0);
+        })
+        .join()
+        .unwrap();
     }
 }
