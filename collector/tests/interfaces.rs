@@ -185,6 +185,102 @@ fn with_interfaces_configured_no_other_interface_is_exported() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// The kernel's own counters of `interface` in `netns` as `ip -s link` reads them, named as
+/// the agent's metrics are.
+fn kernel_counters(netns: &Netns, interface: &str) -> Vec<(String, f64)> {
+    let json = stdout_of(std::process::Command::new("ip").args([
+        "-n",
+        &netns.name,
+        "-s",
+        "-j",
+        "link",
+        "show",
+        interface,
+    ]));
+    let link: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut counters = Vec::new();
+    for (direction, side) in [("receive", "rx"), ("transmit", "tx")] {
+        for (metric, field) in [
+            ("bytes", "bytes"),
+            ("packets", "packets"),
+            ("errors", "errors"),
+            ("drops", "dropped"),
+        ] {
+            let value = link[0]["stats64"][side][field].as_f64().unwrap();
+            counters.push((
+                format!("collector_interface_{direction}_{metric}_total"),
+                value,
+            ));
+        }
+    }
+    counters
+}
+
+/// The interface counters the agent exports are the kernel's, each in its place: once the
+/// veth is idle (IPv6 off, so no neighbour discovery moves them), the eight series equal
+/// what `ip -s link` reads, with different figures each way.
+#[test]
+fn interface_counters_are_the_kernels_exactly() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    for ns in [&netns, &peer] {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.name,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        );
+    }
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    // 25 datagrams one way, to a socket that answers none.
+    let receiver = peer.run(|| std::net::UdpSocket::bind("10.77.0.2:18081").unwrap());
+    netns.run(|| {
+        let sender = std::net::UdpSocket::bind("10.77.0.1:0").unwrap();
+        for _ in 0..25 {
+            sender.send_to(&[b'u'; 300], "10.77.0.2:18081").unwrap();
+        }
+    });
+    let mut buf = [0u8; 512];
+    for _ in 0..25 {
+        assert_eq!(receiver.recv(&mut buf).unwrap(), 300);
+    }
+    let expected = kernel_counters(&netns, "vcoll0");
+    let sent = |counters: &[(String, f64)], name: &str| {
+        counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap()
+    };
+    assert!(sent(&expected, "collector_interface_transmit_packets_total") >= 25.0);
+    assert!(sent(&expected, "collector_interface_receive_packets_total") < 25.0);
+    wait_for(
+        "the agent's counters to be the kernel's",
+        Duration::from_secs(5),
+        || {
+            let metrics = scrape(&netns);
+            let exported: Vec<(String, f64)> = expected
+                .iter()
+                .map(|(name, _)| {
+                    let value = sample(&metrics, name, &[("interface", "vcoll0")]).unwrap_or(-1.0);
+                    (name.clone(), value)
+                })
+                .collect();
+            (exported == expected && kernel_counters(&netns, "vcoll0") == expected).then_some(())
+        },
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// `ip -n <netns> <args>`.
 fn ip(netns: &Netns, args: &str) {
     let mut all = vec!["-n", netns.name.as_str()];
