@@ -1,7 +1,7 @@
 //! One netlink request and its replies, by hand: `nf_tables`' counters and tables
-//! (`nfnetlink`) and the socket list (`sock_diag`), which no crate here makes, and the
-//! interface, address and route dumps (`links`, `addresses`: rtnetlink), whose messages
-//! netlink-packet-route builds and parses.
+//! (`nfnetlink`) and the socket list (`sock_diag`), which no crate here makes, the interface
+//! dumps (`links`: only the attributes used, read with [`attributes`]), and the address and
+//! route dumps (`addresses`), whose messages netlink-packet-route builds and parses.
 
 use std::io;
 
