@@ -396,15 +396,8 @@ mod tests {
             slot: 3,
         }]);
         let open = Connection {
-            opened: true,
             route: 3,
-            cookie: 42,
-            timestamp_ns: 0,
-            duration_ns: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            client: "192.0.2.9".parse().unwrap(),
-            client_port: 5000,
+            ..Connection::opened_for_test(42)
         };
         let json = serde_json::to_value(hub.connection_event(&open)).unwrap();
         assert_eq!(json["event"], "connection-open");
@@ -450,17 +443,7 @@ mod tests {
     }
 
     fn open(cookie: u64) -> ConnRecord {
-        ConnRecord::Connection(Connection {
-            opened: true,
-            route: 0,
-            cookie,
-            timestamp_ns: 0,
-            duration_ns: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            client: "192.0.2.9".parse().unwrap(),
-            client_port: 5000,
-        })
+        ConnRecord::Connection(Connection::opened_for_test(cookie))
     }
 
     fn query(id: u16) -> DnsEvent {

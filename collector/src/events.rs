@@ -39,6 +39,24 @@ pub struct Connection {
     pub client_port: u16,
 }
 
+#[cfg(test)]
+impl Connection {
+    /// The open of connection `cookie` on route 0 from 192.0.2.9:5000, for tests.
+    pub fn opened_for_test(cookie: u64) -> Self {
+        Self {
+            opened: true,
+            route: 0,
+            cookie,
+            timestamp_ns: 0,
+            duration_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            client: IpAddr::from([192, 0, 2, 9]),
+            client_port: 5000,
+        }
+    }
+}
+
 /// A decoded record of the connection ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnRecord {

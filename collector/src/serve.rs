@@ -1217,15 +1217,8 @@ mod tests {
 
     fn open(cookie: u64) -> crate::events::ConnRecord {
         crate::events::ConnRecord::Connection(crate::events::Connection {
-            opened: true,
-            route: 0,
-            cookie,
-            timestamp_ns: 0,
-            duration_ns: 0,
-            bytes_in: 0,
-            bytes_out: 0,
             client: address(9),
-            client_port: 5000,
+            ..crate::events::Connection::opened_for_test(cookie)
         })
     }
 
