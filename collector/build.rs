@@ -56,10 +56,12 @@ fn record_revision() {
         .ok()
         .filter(|r| !r.is_empty())
         .or_else(|| {
-            // The files whose change moves HEAD: HEAD itself, the branch it names, packed
-            // refs; only those that exist, since cargo reruns for a missing one every time.
+            // The files whose change moves HEAD: HEAD itself, its reflog (appended at every
+            // move, also where the branch's ref is packed and a new loose one appears), the
+            // branch it names, packed refs; only those that exist, since cargo reruns for a
+            // missing one every time.
             let branch = git(&["symbolic-ref", "-q", "HEAD"]);
-            for name in ["HEAD", "packed-refs"]
+            for name in ["HEAD", "logs/HEAD", "packed-refs"]
                 .into_iter()
                 .map(str::to_owned)
                 .chain(branch)

@@ -57,6 +57,15 @@ pub fn init(json: bool) {
     if let Some(refused) = refused {
         tracing::warn!("{refused}");
     }
+    // A panic of the main thread, which runs the poll loop, ends the process: the lines that
+    // led to it are written out first. (Another thread's is a task's, and the agent goes on.)
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("main") {
+            flush();
+        }
+        previous(info);
+    }));
 }
 
 /// From now on, lines go through the queue and its writer thread, started here (call it

@@ -643,8 +643,6 @@ pub struct Source {
     table: Option<NftTable>,
     /// The table's name, ours while this runs (taken before the table is made).
     claim: Option<TableClaim>,
-    /// Who held the name when this run last found it held.
-    holder: Option<Holder>,
     health: SourceHealth,
     polls_until_retry: u32,
     /// `auto` stopped counting because the table was removed: the next look says so.
@@ -671,7 +669,6 @@ impl Source {
             enabled: false,
             table: None,
             claim: None,
-            holder: None,
             health: SourceHealth::default(),
             polls_until_retry: POLLS_BETWEEN_RETRIES,
             removed: false,
@@ -736,8 +733,8 @@ impl Source {
         }
     }
 
-    /// Claims the table's name unless this run holds it already. Who holds it is asked once
-    /// while it stays held, not at every look.
+    /// Claims the table's name unless this run holds it already; otherwise says who holds it
+    /// now (the holder may have restarted since the last look).
     fn claim_name(&mut self) -> Result<(), NftError> {
         if self.claim.is_some() {
             return Ok(());
@@ -746,12 +743,11 @@ impl Source {
         match nft_claim::claim(table).map_err(NftError::Claim)? {
             Some(claim) => {
                 self.claim = Some(claim);
-                self.holder = None;
                 Ok(())
             }
             None => Err(NftError::InUse {
                 table: table.clone(),
-                holder: *self.holder.get_or_insert_with(|| nft_claim::holder(table)),
+                holder: nft_claim::holder(table),
             }),
         }
     }
