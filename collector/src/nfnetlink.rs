@@ -13,7 +13,7 @@ use std::io;
 use netlink_packet_core::NLM_F_DUMP_INTR;
 use netlink_sys::protocols::NETLINK_NETFILTER;
 
-use crate::netlink_dump::{self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, align4};
+use crate::netlink_dump::{self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -181,14 +181,6 @@ pub struct Object {
     pub comment: Option<String>,
 }
 
-fn attribute(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&len.to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    out.resize(align4(out.len()), 0);
-}
-
 fn string(value: &str) -> Vec<u8> {
     let mut bytes = value.as_bytes().to_vec();
     bytes.push(0);
@@ -232,19 +224,11 @@ fn request_for(family: u8, message: u16, flags: u16, attributes: &[u8]) -> Vec<u
     out
 }
 
-/// The attributes of a message body, as (type without flags, payload).
-fn attributes(mut body: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while body.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([body[0], body[1]]));
-        let kind = u16::from_ne_bytes([body[2], body[3]]) & 0x3fff;
-        if len < 4 || len > body.len() {
-            break;
-        }
-        out.push((kind, &body[4..len]));
-        body = &body[align4(len).min(body.len())..];
-    }
-    out
+/// The attributes of a message body, as (type without flags, payload), up to a malformed one.
+fn attributes(body: &[u8]) -> Vec<(u16, &[u8])> {
+    netlink_dump::attributes(body)
+        .map_while(Result::ok)
+        .collect()
 }
 
 /// The attribute `kind` of `attrs`.
@@ -326,9 +310,9 @@ fn objects_dump(
     mut each: impl FnMut(String, u32, &[(u16, &[u8])]),
 ) -> io::Result<()> {
     let mut attrs = Vec::new();
-    attribute(&mut attrs, NFTA_OBJ_TABLE, &string(table));
+    netlink_dump::put_attribute(&mut attrs, NFTA_OBJ_TABLE, &string(table));
     if let Some(kind) = kind {
-        attribute(&mut attrs, NFTA_OBJ_TYPE, &kind.to_be_bytes());
+        netlink_dump::put_attribute(&mut attrs, NFTA_OBJ_TYPE, &kind.to_be_bytes());
     }
     exchange(
         &request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs),
@@ -352,7 +336,7 @@ fn objects_dump(
 /// The inet table `table`'s own attributes (nothing of what it holds yet), if it exists.
 fn table_header(table: &str) -> io::Result<Option<TableContents>> {
     let mut attrs = Vec::new();
-    attribute(&mut attrs, NFTA_TABLE_NAME, &string(table));
+    netlink_dump::put_attribute(&mut attrs, NFTA_TABLE_NAME, &string(table));
     let mut found = None;
     match exchange(
         &request(NFT_MSG_GETTABLE, NLM_F_ACK, &attrs),
@@ -470,7 +454,7 @@ fn chains(table: &str) -> io::Result<Vec<Chain>> {
 /// The rules of the inet table `table`, with their expressions.
 fn rules(table: &str) -> io::Result<Vec<Rule>> {
     let mut attrs = Vec::new();
-    attribute(&mut attrs, NFTA_RULE_TABLE, &string(table));
+    netlink_dump::put_attribute(&mut attrs, NFTA_RULE_TABLE, &string(table));
     let mut rules = Vec::new();
     exchange(
         &request(NFT_MSG_GETRULE, NLM_F_DUMP, &attrs),
@@ -510,7 +494,7 @@ fn rules(table: &str) -> io::Result<Vec<Rule>> {
 /// The sets and maps of the inet table `table`, their elements not read yet.
 fn sets(table: &str) -> io::Result<Vec<Set>> {
     let mut attrs = Vec::new();
-    attribute(&mut attrs, NFTA_SET_TABLE, &string(table));
+    netlink_dump::put_attribute(&mut attrs, NFTA_SET_TABLE, &string(table));
     let mut sets = Vec::new();
     exchange(
         &request(NFT_MSG_GETSET, NLM_F_DUMP, &attrs),
@@ -537,8 +521,8 @@ fn sets(table: &str) -> io::Result<Vec<Set>> {
 /// The elements of the set `set` of the inet table `table`.
 fn elements(table: &str, set: &str) -> io::Result<Vec<Element>> {
     let mut attrs = Vec::new();
-    attribute(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &string(table));
-    attribute(&mut attrs, NFTA_SET_ELEM_LIST_SET, &string(set));
+    netlink_dump::put_attribute(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &string(table));
+    netlink_dump::put_attribute(&mut attrs, NFTA_SET_ELEM_LIST_SET, &string(set));
     let mut elements = Vec::new();
     exchange(
         &request(NFT_MSG_GETSETELEM, NLM_F_DUMP, &attrs),
@@ -604,8 +588,8 @@ mod tests {
     #[test]
     fn requests_and_attributes_round_trip() {
         let mut attrs = Vec::new();
-        attribute(&mut attrs, NFTA_OBJ_TABLE, &string("collector"));
-        attribute(&mut attrs, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
+        netlink_dump::put_attribute(&mut attrs, NFTA_OBJ_TABLE, &string("collector"));
+        netlink_dump::put_attribute(&mut attrs, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
         let message = request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs);
         assert_eq!(message.len() % 4, 0);
         assert_eq!(
@@ -660,7 +644,7 @@ mod tests {
             nft(&["-f", "-"], &ruleset);
 
             let mut attrs = Vec::new();
-            attribute(&mut attrs, NFTA_OBJ_TABLE, &string("t"));
+            netlink_dump::put_attribute(&mut attrs, NFTA_OBJ_TABLE, &string("t"));
             let dump = request(NFT_MSG_GETOBJ, NLM_F_DUMP, &attrs);
             let mut seen = 0;
             let read = exchange(&dump, NFT_MSG_NEWOBJ, |_, _| {
