@@ -49,6 +49,12 @@ pub mod map_names {
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
     /// `PerCpuArray<ConnDurations>`, `MAX_ROUTES` entries: closed connections by duration.
     pub const CONN_DURATIONS: &str = "CONN_DURATIONS";
+    /// `Array<u32>`, [`super::PORT_SLOTS`] entries: remote TCP port → upstream slot + 1
+    /// (upstreams share the route slots). Written at every start, like [`ROUTE_BY_PORT`].
+    pub const UPSTREAM_BY_PORT: &str = "UPSTREAM_BY_PORT";
+    /// `PerCpuArray<u64>`, `MAX_ROUTES` entries: connects to an upstream's port that closed
+    /// before their handshake completed (refused, timed out, unreachable, abandoned).
+    pub const CONN_CONNECT_FAILURES: &str = "CONN_CONNECT_FAILURES";
     /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
     /// in a slot found from its socket cookie (see [`super::conn_slot`]). Memory-mappable:
     /// the agent counts the open connections per client in it at every poll.
@@ -109,11 +115,12 @@ pub mod map_names {
 
 /// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
 /// per-query state. Configuration maps and the event rings are recreated at every start.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     map_names::PIN_OWNER,
     map_names::ROUTE_NAMES,
     map_names::CONN_COUNTERS,
     map_names::CONN_DURATIONS,
+    map_names::CONN_CONNECT_FAILURES,
     map_names::CONN_STATE,
     map_names::ROUTE_TRAFFIC,
     map_names::ERRORS,
@@ -148,6 +155,10 @@ pub const GLOBAL_DNS_PORTS: &str = "DNS_PORTS";
 /// Global in the kernel object: 1 for per-client figures (clients counted in `CONN_CLIENTS`,
 /// opens and closes sent while the event stream is read), 0 to count without them.
 pub const GLOBAL_CLIENT_EVENTS: &str = "CLIENT_EVENTS";
+
+/// Global in the kernel object: 1 follows the connections this namespace opens to the
+/// upstream ports (`[[upstreams]]`), 0 (none configured) leaves that code out.
+pub const GLOBAL_UPSTREAMS_WATCHED: &str = "UPSTREAMS_WATCHED";
 
 /// Global in the kernel object: 1 to count DNS in the classifiers, 0 to leave it out.
 pub const GLOBAL_DNS_ENABLED: &str = "DNS_ENABLED";
@@ -726,6 +737,11 @@ pub mod conn_flags {
     pub const FIN_OUT: u32 = 2;
     /// The socket reached `FIN_WAIT2`; `rcv_nxt_fin_wait2` holds `rcv_nxt` at that moment.
     pub const FIN_WAIT2_SEEN: u32 = 4;
+    /// A connection the proxy opened to an upstream (its `route` is the upstream's slot):
+    /// not a client's, so left out of the per-client figures.
+    pub const UPSTREAM: u32 = 8;
+    /// An upstream connect whose handshake has not completed: a close now is a failure.
+    pub const CONNECTING: u32 = 16;
 }
 
 /// State of a tracked connection, from accept to close: one slot of the connection table.

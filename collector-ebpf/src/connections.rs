@@ -5,14 +5,19 @@
 //! client from the table itself, and the connections per client from a tally table
 //! (`CONN_CLIENTS`), so open and close events, which only the event stream needs, go out
 //! only while someone reads the stream.
+//!
+//! Upstreams (`[[upstreams]]`, by the remote port of the connections this namespace opens)
+//! share the route slots and the table: a connect takes a slot at TCP_CONNECT, is counted
+//! opened at ACTIVE_ESTABLISHED and closed as a route's connection is; one that closes
+//! before its handshake completes is a connect failure.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     bindings::{
-        BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
-        BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
+        BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockOpsContext,
@@ -24,8 +29,9 @@ use collector_common::{
 };
 
 use crate::{
-    CLIENT_EVENTS, CONN_CLIENTS, CONN_CLIENTS_BUSY, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS,
-    CONN_STATE, CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT, add, count_error,
+    CLIENT_EVENTS, CONN_CLIENTS, CONN_CLIENTS_BUSY, CONN_CONNECT_FAILURES, CONN_COUNTERS,
+    CONN_DURATIONS, CONN_EVENTS, CONN_STATE, CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT,
+    UPSTREAM_BY_PORT, UPSTREAMS_WATCHED, add, count_error,
     tally::{Tally, tally},
 };
 
@@ -95,14 +101,21 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_accepted(ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB if upstreams_watched() => on_connect(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB if upstreams_watched() => on_connected(ctx),
         _ => {}
     }
 }
 
-fn on_accepted(ctx: &SockOpsContext) {
+/// The socket belongs to the namespace whose sockets are counted.
+fn in_counted_netns(ctx: &SockOpsContext) -> bool {
     let wanted_netns = NETNS_COOKIE.load();
     // SAFETY: the helper only reads the socket behind the context.
-    if wanted_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != wanted_netns {
+    wanted_netns == 0 || unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } == wanted_netns
+}
+
+fn on_accepted(ctx: &SockOpsContext) {
+    if !in_counted_netns(ctx) {
         return;
     }
     let Some(&route) = ROUTE_BY_PORT.get(ctx.local_port()) else {
@@ -150,6 +163,77 @@ fn on_accepted(ctx: &SockOpsContext) {
     }
     // Counted after the client: the agent reads the clients after the counters, so its
     // per-client figures cover every connection counted.
+    add(opened, 1);
+}
+
+/// Upstream connections are followed (a load-time constant to the verifier).
+#[inline(always)]
+fn upstreams_watched() -> bool {
+    UPSTREAMS_WATCHED.load() != 0
+}
+
+/// The slot of the upstream whose port the socket connects to, if any.
+fn upstream_slot(ctx: &SockOpsContext) -> Option<u32> {
+    let &value = UPSTREAM_BY_PORT.get(u32::from(client_port(ctx)))?;
+    (value != NO_ROUTE && value <= MAX_ROUTES).then(|| value - 1)
+}
+
+/// Takes a table slot for an upstream connection, with state callbacks asked for.
+fn follow_upstream(
+    ctx: &SockOpsContext,
+    cookie: u64,
+    slot: u32,
+    flags: u32,
+) -> Option<*mut ConnState> {
+    let entry = claim(cookie)?;
+    // SAFETY: the slot is ours since the claim; only this socket's callbacks touch it.
+    let state = unsafe { &mut *entry };
+    // Flags first: the agent reads the table meanwhile, and tells upstreams by them.
+    state.flags = conn_flags::UPSTREAM | flags;
+    state.start_ns = ktime_ns();
+    state.client_addr = client_addr(ctx);
+    state.route = slot;
+    state.client_port = client_port(ctx);
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    Some(entry)
+}
+
+/// A connect to an upstream's port: followed from here, so that a close before the
+/// handshake completes counts as a failure. A full table leaves it to [`on_connected`].
+fn on_connect(ctx: &SockOpsContext) {
+    let Some(slot) = upstream_slot(ctx) else {
+        return;
+    };
+    if !in_counted_netns(ctx) {
+        return;
+    }
+    let _ = follow_upstream(ctx, socket_cookie(ctx), slot, conn_flags::CONNECTING);
+}
+
+/// An upstream connection established: counted opened, its lifetime measured from now. One
+/// not followed since its connect (made before the agent started, or the table was full
+/// then) is taken on here.
+fn on_connected(ctx: &SockOpsContext) {
+    let Some(slot) = upstream_slot(ctx) else {
+        return;
+    };
+    if !in_counted_netns(ctx) {
+        return;
+    }
+    let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: this CPU's value of our per-CPU map.
+    let opened = unsafe { &raw mut (*counters).opened };
+    let cookie = socket_cookie(ctx);
+    if let Some(entry) = find(cookie) {
+        // SAFETY: the slot this socket claimed at its connect.
+        let state = unsafe { &mut *entry };
+        state.start_ns = ktime_ns();
+        state.flags &= !conn_flags::CONNECTING;
+    } else if follow_upstream(ctx, cookie, slot, 0).is_none() {
+        count_error(error_kind::CONN_TABLE_FULL);
+    }
     add(opened, 1);
 }
 
@@ -225,6 +309,12 @@ fn on_state_change(ctx: &SockOpsContext) {
             state.flags |= conn_flags::FIN_OUT | conn_flags::FIN_WAIT2_SEEN;
             state.rcv_nxt_fin_wait2 = tcp(ctx).rcv_nxt;
         }
+        BPF_TCP_CLOSE if state.flags & conn_flags::CONNECTING != 0 => {
+            if let Some(failures) = CONN_CONNECT_FAILURES.get_ptr_mut(state.route) {
+                add(failures, 1);
+            }
+            release(entry, cookie);
+        }
         BPF_TCP_CLOSE => {
             on_closed(ctx, cookie, state, old);
             release(entry, cookie);
@@ -261,17 +351,20 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
     let bytes_in = sock
         .bytes_received
         .saturating_sub(u64::from(flags & conn_flags::FIN_IN != 0));
+    // The connecting side's SYN was acknowledged too, and counted in `bytes_acked` (the
+    // accepting side's SYN-ACK is not: its ACK sets `snd_una` directly).
+    let syn_out = u64::from(flags & conn_flags::UPSTREAM != 0);
     let bytes_out = sock
         .bytes_acked
-        .saturating_sub(u64::from(flags & conn_flags::FIN_OUT != 0));
+        .saturating_sub(u64::from(flags & conn_flags::FIN_OUT != 0) + syn_out);
     let now = ktime_ns();
     let duration_ns = now.saturating_sub(state.start_ns);
     let slot = state.route;
     if slot >= MAX_ROUTES {
         return;
     }
-    // Submitted before it is counted, as on open.
-    if client_events() && stream_wanted() {
+    // Submitted before it is counted, as on open. Upstream connections have no client.
+    if client_events() && flags & conn_flags::UPSTREAM == 0 && stream_wanted() {
         emit(&ConnEvent {
             kind: CONN_EVENT_CLOSE,
             route: slot,

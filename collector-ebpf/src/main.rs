@@ -72,6 +72,11 @@ static ROUTE_NAMES: Array<RouteName, { MAX_ROUTES as usize }> = Array::new();
 static CONN_COUNTERS: PerCpuArray<ConnCounters, { MAX_ROUTES as usize }> = PerCpuArray::new();
 #[btf_map]
 static CONN_DURATIONS: PerCpuArray<ConnDurations, { MAX_ROUTES as usize }> = PerCpuArray::new();
+/// Remote TCP port → upstream slot + 1; written by the agent at every start.
+#[btf_map]
+static UPSTREAM_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();
+#[btf_map]
+static CONN_CONNECT_FAILURES: PerCpuArray<u64, { MAX_ROUTES as usize }> = PerCpuArray::new();
 #[btf_map]
 static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();
@@ -97,6 +102,12 @@ static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
 /// that code.
 #[unsafe(no_mangle)]
 static CLIENT_EVENTS: Global<u32> = Global::new(1);
+
+/// 1 follows this namespace's connections to the upstream ports (`UPSTREAM_BY_PORT`); 0 (no
+/// upstream configured) leaves them alone. Set at load; read-only, so the verifier drops that
+/// code when it is 0.
+#[unsafe(no_mangle)]
+static UPSTREAMS_WATCHED: Global<u32> = Global::new(0);
 
 /// DNS: 0 leaves DNS out of the classifiers (`[dns] enabled = false`). Set at load;
 /// read-only, so the verifier drops the DNS code when it is 0.

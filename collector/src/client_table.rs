@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{Array, MapData};
-use collector_common::{ConnState, MAX_ROUTES, map_names};
+use collector_common::{ConnState, MAX_ROUTES, conn_flags, map_names};
 
 use crate::mapped::MappedArray;
 
@@ -29,7 +29,11 @@ impl ClientTable {
     pub fn open_by_client(&self) -> HashMap<IpAddr, u64> {
         let mut clients = HashMap::new();
         for entry in self.0.entries() {
-            if entry.cookie != 0 && entry.route < MAX_ROUTES {
+            // Upstream connections have a backend, not a client, at their other end.
+            if entry.cookie != 0
+                && entry.route < MAX_ROUTES
+                && entry.flags & conn_flags::UPSTREAM == 0
+            {
                 let client = Ipv6Addr::from(entry.client_addr).to_canonical();
                 *clients.entry(client).or_insert(0) += 1;
             }

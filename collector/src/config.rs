@@ -46,6 +46,8 @@ pub struct Config {
     /// How often the kernel maps are read.
     pub poll_interval: Duration,
     pub routes: Vec<Route>,
+    /// The backends the proxy connects to, by remote port (the design's `ACTIVE_ESTABLISHED`).
+    pub upstreams: Vec<Upstream>,
     pub dns: DnsConfig,
     pub nftables: NftConfig,
     pub http: HttpConfig,
@@ -104,6 +106,15 @@ pub struct Route {
     pub name: String,
     pub ports: Vec<u16>,
     pub kind: RouteKind,
+}
+
+/// An upstream of the proxy: a name and the remote TCP ports of the backends behind it. The
+/// connections this namespace opens to those ports are counted as a route's are, and their
+/// connects that fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    pub ports: Vec<u16>,
 }
 
 /// What the route carries (a label on its metrics; counting is the same for all).
@@ -189,6 +200,8 @@ struct RawConfig {
     poll_interval_ms: Option<Spanned<u64>>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
     dns: Option<RawDns>,
     nftables: Option<RawNft>,
     http: Option<RawHttp>,
@@ -222,6 +235,13 @@ struct RawRoute {
     ports: Spanned<Vec<Spanned<u16>>>,
     #[serde(rename = "type")]
     kind: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Spanned<String>,
+    ports: Spanned<Vec<Spanned<u16>>>,
 }
 
 #[derive(Deserialize)]
@@ -349,10 +369,16 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|err| {
             let message = err.message().trim();
             // `[routes]` where `[[routes]]` was meant: say how a list of tables is written.
-            let hint = if message == "invalid type: map, expected a sequence" {
-                " (a list of tables takes double brackets: [[routes]])"
-            } else {
-                ""
+            let table = err
+                .span()
+                .and_then(|span| text.get(span.start..)?.lines().next())
+                .map(str::trim)
+                .filter(|line| line.starts_with('[') && line.ends_with(']'));
+            let hint = match table {
+                Some(table) if message == "invalid type: map, expected a sequence" => {
+                    format!(" (a list of tables takes double brackets: [{table}])")
+                }
+                _ => String::new(),
             };
             source.error(err.span(), format!("{message}{hint}"))
         })?;
@@ -424,6 +450,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         }
     };
     let routes = validate_routes(source, &raw.routes)?;
+    let upstreams = validate_upstreams(source, &raw.upstreams, routes.len())?;
     let dns = validate_dns(source, raw.dns.as_ref())?;
     let nftables = validate_nftables(source, raw.nftables.as_ref())?;
     let http = validate_http(source, raw.http.as_ref())?;
@@ -437,6 +464,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         client_stats: raw.client_stats.unwrap_or(true),
         poll_interval,
         routes,
+        upstreams,
         dns,
         nftables,
         http,
@@ -695,46 +723,11 @@ fn validate_routes(source: &Source<'_>, raw: &[RawRoute]) -> Result<Vec<Route>, 
     }
     let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
     for route in raw {
-        let name = route.name.get_ref();
-        let name_ok = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if !name_ok {
-            return Err(source.at(
-                &route.name,
-                format!(
-                    "route name {name:?} is not valid: 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '-'"
-                ),
-            ));
-        }
-        if routes.iter().any(|r| &r.name == name) {
-            return Err(source.at(&route.name, format!("route name {name:?} is used twice")));
-        }
-        if route.ports.get_ref().is_empty() {
-            return Err(source.at(&route.ports, format!("route {name:?} has no ports")));
-        }
-        let mut ports: Vec<u16> = Vec::with_capacity(route.ports.get_ref().len());
-        for port in route.ports.get_ref() {
-            let number = *port.get_ref();
-            if number == 0 {
-                return Err(source.at(port, format!("route {name:?}: port 0 is not a port")));
-            }
-            if ports.contains(&number) {
-                return Err(source.at(port, format!("route {name:?} lists port {number} twice")));
-            }
-            if let Some(owner) = routes.iter().find(|r| r.ports.contains(&number)) {
-                return Err(source.at(
-                    port,
-                    format!(
-                        "port {number} is in routes {:?} and {name:?}; a port belongs to one route",
-                        owner.name
-                    ),
-                ));
-            }
-            ports.push(number);
-        }
+        let earlier: Vec<(&str, &[u16])> = routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.ports.as_slice()))
+            .collect();
+        let (name, ports) = named_ports(source, "route", &route.name, &route.ports, &earlier)?;
         let kind = match &route.kind {
             None => RouteKind::Tcp,
             Some(kind) => RouteKind::ALL
@@ -750,13 +743,93 @@ fn validate_routes(source: &Source<'_>, raw: &[RawRoute]) -> Result<Vec<Route>, 
                     )
                 })?,
         };
-        routes.push(Route {
-            name: name.clone(),
-            ports,
-            kind,
-        });
+        routes.push(Route { name, ports, kind });
     }
     Ok(routes)
+}
+
+/// The upstreams, after the routes: both take slots of the kernel's route arrays.
+fn validate_upstreams(
+    source: &Source<'_>,
+    raw: &[RawUpstream],
+    routes: usize,
+) -> Result<Vec<Upstream>, ConfigError> {
+    if let Some(first_over) = raw.get(MAX_ROUTES.saturating_sub(routes)) {
+        return Err(source.at(
+            &first_over.name,
+            format!(
+                "{routes} routes and {} upstreams configured; at most {MAX_ROUTES} in all fit the kernel's route slots",
+                raw.len()
+            ),
+        ));
+    }
+    let mut upstreams: Vec<Upstream> = Vec::with_capacity(raw.len());
+    for upstream in raw {
+        let earlier: Vec<(&str, &[u16])> = upstreams
+            .iter()
+            .map(|u| (u.name.as_str(), u.ports.as_slice()))
+            .collect();
+        let (name, ports) = named_ports(
+            source,
+            "upstream",
+            &upstream.name,
+            &upstream.ports,
+            &earlier,
+        )?;
+        upstreams.push(Upstream { name, ports });
+    }
+    Ok(upstreams)
+}
+
+/// The name and ports of a route or upstream (`what`), checked against the `earlier` ones of
+/// its kind: a valid name used once, one or more ports, each in one of them only.
+fn named_ports(
+    source: &Source<'_>,
+    what: &str,
+    name: &Spanned<String>,
+    ports: &Spanned<Vec<Spanned<u16>>>,
+    earlier: &[(&str, &[u16])],
+) -> Result<(String, Vec<u16>), ConfigError> {
+    let text = name.get_ref();
+    let name_ok = !text.is_empty()
+        && text.len() <= 63
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !name_ok {
+        return Err(source.at(
+            name,
+            format!(
+                "{what} name {text:?} is not valid: 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '-'"
+            ),
+        ));
+    }
+    if earlier.iter().any(|(other, _)| other == text) {
+        return Err(source.at(name, format!("{what} name {text:?} is used twice")));
+    }
+    if ports.get_ref().is_empty() {
+        return Err(source.at(ports, format!("{what} {text:?} has no ports")));
+    }
+    let mut numbers: Vec<u16> = Vec::with_capacity(ports.get_ref().len());
+    for port in ports.get_ref() {
+        let number = *port.get_ref();
+        if number == 0 {
+            return Err(source.at(port, format!("{what} {text:?}: port 0 is not a port")));
+        }
+        if numbers.contains(&number) {
+            return Err(source.at(port, format!("{what} {text:?} lists port {number} twice")));
+        }
+        if let Some((owner, _)) = earlier.iter().find(|(_, ports)| ports.contains(&number)) {
+            return Err(source.at(
+                port,
+                format!(
+                    "port {number} is in {what}s {owner:?} and {text:?}; a port belongs to one {what}"
+                ),
+            ));
+        }
+        numbers.push(number);
+    }
+    Ok((text.clone(), numbers))
 }
 
 fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, ConfigError> {
@@ -1112,6 +1185,26 @@ match_every = 1
             "[routes]\nname = \"web\"\nports = [80]\n",
             1,
             "double brackets: [[routes]]",
+        );
+        assert_error(
+            "[upstreams]\nname = \"app\"\nports = [9000]\n",
+            1,
+            "double brackets: [[upstreams]]",
+        );
+        assert_error(
+            "[[upstreams]]\nname = \"app\"\nports = [9000]\n[[upstreams]]\nname = \"db\"\nports = [5432, 9000]\n",
+            6,
+            "port 9000 is in upstreams \"app\" and \"db\"; a port belongs to one upstream",
+        );
+        assert_error(
+            "[[upstreams]]\nname = \"a/b\"\nports = [9000]\n",
+            2,
+            "upstream name \"a/b\" is not valid",
+        );
+        assert_error(
+            "[[upstreams]]\nname = \"app\"\nports = []\n",
+            3,
+            "upstream \"app\" has no ports",
         );
         assert_error(
             "[dns]\nports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",

@@ -7,7 +7,7 @@ use collector_common::{
     TrafficCounters, traffic_index,
 };
 
-use crate::loader::{KernelMaps, WatchedRoute};
+use crate::loader::{KernelMaps, WatchedRoute, WatchedUpstream};
 
 /// Totals of one route, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,11 +32,33 @@ impl Default for RouteTotals {
     }
 }
 
+/// Totals of one upstream, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamTotals {
+    /// Connections established to the upstream's ports, and their close accounting.
+    pub conn: ConnCounters,
+    pub durations: [u64; CONN_DURATION_BUCKETS as usize],
+    /// Connects that closed before their handshake completed.
+    pub connect_failures: u64,
+}
+
+impl Default for UpstreamTotals {
+    fn default() -> Self {
+        Self {
+            conn: ConnCounters::default(),
+            durations: [0; CONN_DURATION_BUCKETS as usize],
+            connect_failures: 0,
+        }
+    }
+}
+
 /// Everything read from the kernel in one poll.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelTotals {
     /// In the order of the watched routes.
     pub routes: Vec<RouteTotals>,
+    /// In the order of the watched upstreams.
+    pub upstreams: Vec<UpstreamTotals>,
     pub errors: [u64; ERROR_KINDS as usize],
     pub dns: DnsCounters,
 }
@@ -130,10 +152,12 @@ pub fn sum_dns<'a>(values: impl IntoIterator<Item = &'a DnsCounters>) -> DnsCoun
     total
 }
 
-/// Reads the counters of every watched route, the error counters and the DNS counters.
+/// Reads the counters of every watched route and upstream, the error counters and the DNS
+/// counters.
 pub fn read(
     maps: &KernelMaps,
     routes: &[WatchedRoute],
+    upstreams: &[WatchedUpstream],
 ) -> Result<KernelTotals, aya::maps::MapError> {
     let mut totals = KernelTotals::default();
     for route in routes {
@@ -145,6 +169,13 @@ pub fn read(
         };
         route_totals.durations = sum_durations(&maps.conn_durations, route.slot)?;
         totals.routes.push(route_totals);
+    }
+    for upstream in upstreams {
+        totals.upstreams.push(UpstreamTotals {
+            conn: sum_conn(&maps.conn_counters, upstream.slot)?,
+            durations: sum_durations(&maps.conn_durations, upstream.slot)?,
+            connect_failures: sum_u64(&maps.connect_failures, upstream.slot)?,
+        });
     }
     for (kind, count) in (0..ERROR_KINDS).zip(totals.errors.iter_mut()) {
         *count = sum_u64(&maps.errors, kind)?;

@@ -27,9 +27,10 @@ use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameSlot,
     DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
-    GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, LOCAL_ADDRESS_SLOTS,
-    MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, TrafficCounters, dns_match_below,
-    local_address_set_bits, map_names, port_bit, program_names, tally_table_len, traffic_index,
+    GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE,
+    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
+    RouteName, TrafficCounters, dns_match_below, local_address_set_bits, map_names, port_bit,
+    program_names, tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -102,10 +103,27 @@ pub struct WatchedRoute {
     pub slot: u32,
 }
 
+/// A configured upstream and the kernel slot its counters live in: one of the route slots,
+/// recorded under [`upstream_slot_owner`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedUpstream {
+    pub name: String,
+    pub ports: Vec<u16>,
+    pub slot: u32,
+}
+
+/// The owner recorded for an upstream's slot in the route name map: route names cannot hold
+/// a '/', so no route's name is ever taken for an upstream's.
+#[must_use]
+pub fn upstream_slot_owner(name: &str) -> String {
+    format!("upstream/{name}")
+}
+
 /// The maps the agent reads while running.
 pub struct KernelMaps {
     pub conn_counters: PerCpuArray<MapData, ConnCounters>,
     pub conn_durations: PerCpuArray<MapData, ConnDurations>,
+    pub connect_failures: PerCpuArray<MapData, u64>,
     pub route_traffic: PerCpuArray<MapData, TrafficCounters>,
     pub errors: PerCpuArray<MapData, u64>,
     pub dns_counters: PerCpuArray<MapData, DnsCounters>,
@@ -115,6 +133,7 @@ pub struct KernelMaps {
 pub struct Attachment {
     ebpf: Ebpf,
     pub routes: Vec<WatchedRoute>,
+    pub upstreams: Vec<WatchedUpstream>,
     /// The tc programs: (name, hook, pin prefix, for loopback).
     classifiers: Vec<(&'static str, TcAttachType, &'static str, bool)>,
     /// Attached interfaces by index: name and link pins.
@@ -221,13 +240,15 @@ impl Attachment {
         let mut ebpf = load(config, &map_dir, netns_cookie, address_slots)?;
 
         claim_pins(&mut ebpf, &pin_dir, own_netns)?;
-        let routes = bind_routes(&mut ebpf, config)?;
+        let (routes, upstreams) = bind_slots(&mut ebpf, config)?;
         fill_port_map(&mut ebpf, &routes)?;
+        fill_upstream_port_map(&mut ebpf, &upstreams)?;
         hold_off_upstream_shortcut(&mut ebpf)?;
 
         let mut attachment = Self {
             ebpf,
             routes,
+            upstreams,
             classifiers: Vec::new(),
             attached: std::collections::BTreeMap::new(),
             ahead_seen: std::collections::BTreeMap::new(),
@@ -521,6 +542,7 @@ impl Attachment {
             conn_counters: take_map(&mut self.ebpf, map_names::CONN_COUNTERS)?,
             conn_durations: take_map(&mut self.ebpf, map_names::CONN_DURATIONS)?,
             route_traffic: take_map(&mut self.ebpf, map_names::ROUTE_TRAFFIC)?,
+            connect_failures: take_map(&mut self.ebpf, map_names::CONN_CONNECT_FAILURES)?,
             errors: take_map(&mut self.ebpf, map_names::ERRORS)?,
             dns_counters: take_map(&mut self.ebpf, map_names::DNS_COUNTERS)?,
         })
@@ -1100,40 +1122,66 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gives every configured route its slot (see [`slots::plan`]), records the owners and zeroes
-/// the counters of slots taken over from retired routes.
-fn bind_routes(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<Vec<WatchedRoute>> {
+/// Gives every configured route and upstream its slot (see [`slots::plan`]), records the
+/// owners and zeroes the counters of slots taken over from retired ones.
+fn bind_slots(
+    ebpf: &mut Ebpf,
+    config: &Config,
+) -> anyhow::Result<(Vec<WatchedRoute>, Vec<WatchedUpstream>)> {
     let owners = route_owners(ebpf)?;
-    let route_names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
-    let plan = slots::plan(&owners, &route_names, || {
+    let names: Vec<String> = config
+        .routes
+        .iter()
+        .map(|r| r.name.clone())
+        .chain(
+            config
+                .upstreams
+                .iter()
+                .map(|u| upstream_slot_owner(&u.name)),
+        )
+        .collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let plan = slots::plan(&owners, &name_refs, || {
         open_connections_by_slot(ebpf)
             .context("reading the connection table for the open connections per route")
     })?;
-    let mut names: Array<&mut MapData, RouteName> = Array::try_from(
+    let mut name_map: Array<&mut MapData, RouteName> = Array::try_from(
         ebpf.map_mut(map_names::ROUTE_NAMES)
             .context("the kernel object has no route name map")?,
     )?;
-    for (route, &slot) in config.routes.iter().zip(&plan.slots) {
+    for (name, &slot) in names.iter().zip(&plan.slots) {
         let mut record = RouteName { bytes: [0; 64] };
-        let bytes = route.name.as_bytes();
+        let bytes = name.as_bytes();
         let len = bytes.len().min(record.bytes.len() - 1);
         record.bytes[..len].copy_from_slice(&bytes[..len]);
-        names.set(slot, record, 0)?;
+        name_map.set(slot, record, 0)?;
     }
     for &slot in &plan.reclaimed {
         zero_slot(ebpf, slot)?;
     }
-    Ok(config
+    let (route_slots, upstream_slots) = plan.slots.split_at(config.routes.len());
+    let routes = config
         .routes
         .iter()
-        .zip(plan.slots)
-        .map(|(route, slot)| WatchedRoute {
+        .zip(route_slots)
+        .map(|(route, &slot)| WatchedRoute {
             name: route.name.clone(),
             kind: route.kind,
             ports: route.ports.clone(),
             slot,
         })
-        .collect())
+        .collect();
+    let upstreams = config
+        .upstreams
+        .iter()
+        .zip(upstream_slots)
+        .map(|(upstream, &slot)| WatchedUpstream {
+            name: upstream.name.clone(),
+            ports: upstream.ports.clone(),
+            slot,
+        })
+        .collect();
+    Ok((routes, upstreams))
 }
 
 /// The route recorded as each slot's owner (`None`: never used).
@@ -1199,6 +1247,11 @@ fn zero_per_cpu<T: aya::Pod + Default>(
 fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
     zero_per_cpu::<ConnCounters>(ebpf, map_names::CONN_COUNTERS, std::iter::once(slot))?;
     zero_per_cpu::<ConnDurations>(ebpf, map_names::CONN_DURATIONS, std::iter::once(slot))?;
+    zero_per_cpu::<u64>(
+        ebpf,
+        map_names::CONN_CONNECT_FAILURES,
+        std::iter::once(slot),
+    )?;
     zero_per_cpu::<TrafficCounters>(
         ebpf,
         map_names::ROUTE_TRAFFIC,
@@ -1230,6 +1283,8 @@ fn load(
     loader.map_max_entries(map_names::LOCAL_ADDRESSES, address_slots);
     let client_events = u32::from(config.client_stats);
     loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
+    let upstreams_watched = u32::from(!config.upstreams.is_empty());
+    loader.override_global(GLOBAL_UPSTREAMS_WATCHED, &upstreams_watched, true);
     let dns_enabled = u32::from(config.dns.enabled);
     loader.override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true);
     loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
@@ -1245,6 +1300,20 @@ fn load(
     loader
         .load(OBJECT)
         .context("loading the kernel programs and maps")
+}
+
+/// Writes remote port → slot + 1 for every upstream port (a map new at every start).
+fn fill_upstream_port_map(ebpf: &mut Ebpf, upstreams: &[WatchedUpstream]) -> anyhow::Result<()> {
+    let mut ports: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(map_names::UPSTREAM_BY_PORT)
+            .context("the kernel object has no upstream port map")?,
+    )?;
+    for upstream in upstreams {
+        for &port in &upstream.ports {
+            ports.set(u32::from(port), upstream.slot + 1, 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes port → slot + 1 for every watched port, and the port's bit. Both maps are new at

@@ -539,6 +539,7 @@ async fn serve_until_signal(
     tracing::info!(
         listen = %listening,
         routes = attachment.routes.len(),
+        upstreams = attachment.upstreams.len(),
         interfaces = ?attachment.interfaces(),
         cgroup2 = %attachment.cgroup2,
         inherited = attachment.inherited(),
@@ -547,7 +548,10 @@ async fn serve_until_signal(
 
     let mut poller = Poller::new(
         maps,
-        attachment.routes.clone(),
+        poller::Watched {
+            routes: attachment.routes.clone(),
+            upstreams: attachment.upstreams.clone(),
+        },
         clients,
         vec![connection_drain, domain_drain],
         dns_sources,
@@ -705,7 +709,9 @@ fn connections_from_before(attachment: &Attachment) -> Preexisting {
             }
         }
     }
-    match Preexisting::list(&attachment.routes, || attachment.tracked_cookies()) {
+    match Preexisting::list(&attachment.routes, &attachment.upstreams, || {
+        attachment.tracked_cookies()
+    }) {
         Ok(preexisting) => preexisting,
         Err(err) => {
             tracing::warn!("listing the connections open from before the start: {err:#}");

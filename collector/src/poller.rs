@@ -10,16 +10,16 @@ use std::{
 };
 
 use crate::{
-    counters,
+    counters::{self, UpstreamTotals},
     dns::DomainStats,
     event_stream::EventHub,
     events::{ClientStats, SharedDrain},
-    loader::{KernelMaps, WatchedRoute},
+    loader::{KernelMaps, WatchedRoute, WatchedUpstream},
     preexisting::Preexisting,
     rates::{AVERAGE, CounterHistory, CountsHistory},
     snapshot::{
         DnsLastMinute, DnsSnapshot, InterfaceSnapshot, PollStats, ProgramStats, RouteLastMinute,
-        RouteSnapshot, Snapshot, SourceHealth,
+        RouteSnapshot, Snapshot, SourceHealth, UpstreamSnapshot,
     },
 };
 
@@ -156,9 +156,16 @@ pub struct DnsSources {
     pub in_flight: Option<crate::dns::InFlightTable>,
 }
 
+/// What the poller reads the counters of: the routes and the upstreams, with their slots.
+pub struct Watched {
+    pub routes: Vec<WatchedRoute>,
+    pub upstreams: Vec<WatchedUpstream>,
+}
+
 pub struct Poller {
     maps: KernelMaps,
     routes: Vec<WatchedRoute>,
+    upstreams: Vec<WatchedUpstream>,
     kernel: SourceHealth,
     clients: Arc<Mutex<ClientStats>>,
     /// Event rings drained after each counter read (see [`crate::events::RingDrain`]).
@@ -170,6 +177,7 @@ pub struct Poller {
     started: Instant,
     total: RateHistories,
     per_route: Vec<RateHistories>,
+    per_upstream: Vec<RateHistories>,
     poll: PollStats,
     preexisting: Preexisting,
 }
@@ -178,7 +186,7 @@ impl Poller {
     #[must_use]
     pub fn new(
         maps: KernelMaps,
-        routes: Vec<WatchedRoute>,
+        Watched { routes, upstreams }: Watched,
         clients: Arc<Mutex<ClientStats>>,
         rings: Vec<SharedDrain>,
         dns: DnsSources,
@@ -186,9 +194,11 @@ impl Poller {
         preexisting: Preexisting,
     ) -> Self {
         let per_route = routes.iter().map(|_| RateHistories::new()).collect();
+        let per_upstream = upstreams.iter().map(|_| RateHistories::new()).collect();
         Self {
             maps,
             routes,
+            upstreams,
             kernel: SourceHealth::default(),
             clients,
             rings,
@@ -199,9 +209,41 @@ impl Poller {
             started: Instant::now(),
             total: RateHistories::new(),
             per_route,
+            per_upstream,
             poll: PollStats::default(),
             preexisting,
         }
+    }
+
+    /// Each upstream's figures, its rate and last-minute histories recorded at `at`.
+    fn upstream_snapshots(
+        &mut self,
+        at: Duration,
+        totals: &[UpstreamTotals],
+    ) -> Vec<UpstreamSnapshot> {
+        let open_from_before = self.preexisting.per_upstream(self.upstreams.len());
+        self.upstreams
+            .iter()
+            .zip(totals)
+            .zip(&mut self.per_upstream)
+            .zip(open_from_before)
+            .map(|(((upstream, totals), history), open_from_before)| {
+                history.opened.record(at, totals.conn.opened);
+                let closes = RouteLastMinute::of_upstream(totals);
+                history.closes.record(at, closes);
+                let last_minute = history
+                    .closes
+                    .base(at, AVERAGE)
+                    .map_or(closes, |base| closes.since(base));
+                UpstreamSnapshot {
+                    upstream: upstream.clone(),
+                    totals: *totals,
+                    connection_rates: history.opened.rates(),
+                    open_from_before,
+                    last_minute,
+                }
+            })
+            .collect()
     }
 
     /// Reads the kernel once and builds a snapshot, or says why it could not.
@@ -212,7 +254,7 @@ impl Poller {
         nft: NftView,
     ) -> Polled {
         let began = Instant::now();
-        let read = counters::read(&self.maps, &self.routes);
+        let read = counters::read(&self.maps, &self.routes, &self.upstreams);
         self.kernel.record(&read, began.elapsed());
         let totals = match read {
             Ok(totals) => totals,
@@ -266,6 +308,7 @@ impl Poller {
                 last_minute,
             });
         }
+        let upstreams = self.upstream_snapshots(at, &totals.upstreams);
         self.total.record(at, opened, bytes_in, bytes_out);
         self.poll.polls += 1;
         self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
@@ -280,6 +323,7 @@ impl Poller {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             routes,
+            upstreams,
             errors: totals.errors,
             programs,
             connection_rates: self.total.opened.rates(),

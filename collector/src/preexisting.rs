@@ -1,24 +1,66 @@
-//! Connections on the route ports that were open before the agent started: a clean stop
-//! forgets every connection, and the sockets accepted before the next start are in no table
-//! of ours, so their closes are never seen. Listed over `sock_diag` at every start (after a
-//! crash, those of the crashed run's own table left out), kept by socket cookie, and listed
-//! again every few polls until the last one has closed; their count per route is part of
-//! `active`, apart from `opened` and `closed`.
+//! Connections on the route ports (and to the upstream ports) that were open before the
+//! agent started: a clean stop forgets every connection, and the sockets accepted or
+//! connected before the next start are in no table of ours, so their closes are never seen.
+//! Listed over `sock_diag` at every start (after a crash, those of the crashed run's own
+//! table left out), kept by socket cookie, and listed again every few polls until the last
+//! one has closed; their count per route and upstream is part of `active`, apart from
+//! `opened` and `closed`.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    loader::WatchedRoute,
+    loader::{WatchedRoute, WatchedUpstream},
     sock_diag::{self, OpenSocket},
 };
+
+/// Whose a connection from before is: a route's by its local port, or an upstream's by its
+/// remote port (index in the configured order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Owner {
+    Route(usize),
+    Upstream(usize),
+}
+
+/// The route and upstream ports, to tell whose a socket is.
+struct Ports {
+    route_of_port: HashMap<u16, usize>,
+    upstream_of_port: HashMap<u16, usize>,
+}
+
+impl Ports {
+    fn new(routes: &[WatchedRoute], upstreams: &[WatchedUpstream]) -> Self {
+        let by_port = |ports: &mut dyn Iterator<Item = (usize, &Vec<u16>)>| -> HashMap<u16, usize> {
+            ports
+                .flat_map(|(index, ports)| ports.iter().map(move |&port| (port, index)))
+                .collect()
+        };
+        Self {
+            route_of_port: by_port(&mut routes.iter().map(|r| &r.ports).enumerate()),
+            upstream_of_port: by_port(&mut upstreams.iter().map(|u| &u.ports).enumerate()),
+        }
+    }
+
+    /// A socket on a route port is the route's (an accepted connection); otherwise one to an
+    /// upstream port is the upstream's.
+    fn owner(&self, socket: &OpenSocket) -> Option<Owner> {
+        self.route_of_port
+            .get(&socket.local_port)
+            .map(|&index| Owner::Route(index))
+            .or_else(|| {
+                self.upstream_of_port
+                    .get(&socket.remote_port)
+                    .map(|&index| Owner::Upstream(index))
+            })
+    }
+}
 
 /// Polls between two listings: each walks every TCP socket of the namespace.
 const POLLS_BETWEEN_LISTINGS: u32 = 5;
 
 #[derive(Debug, Default)]
 pub struct Preexisting {
-    /// Socket cookie → index of its route.
-    open: HashMap<u64, usize>,
+    /// Socket cookie → its route or upstream.
+    open: HashMap<u64, Owner>,
     polls_until_listing: u32,
 }
 
@@ -31,18 +73,15 @@ impl Preexisting {
     /// `active` until the next listing.
     pub fn list(
         routes: &[WatchedRoute],
+        upstreams: &[WatchedUpstream],
         tracked: impl FnOnce() -> anyhow::Result<HashSet<u64>>,
     ) -> anyhow::Result<Self> {
-        let route_of_port: HashMap<u16, usize> = routes
-            .iter()
-            .enumerate()
-            .flat_map(|(index, route)| route.ports.iter().map(move |&port| (port, index)))
-            .collect();
+        let ports = Ports::new(routes, upstreams);
         let before = sock_diag::open_tcp_connections()?;
         let tracked = tracked()?;
         let after = sock_diag::open_tcp_connections()?;
         Ok(Self {
-            open: untracked_in_both(&route_of_port, before, &tracked, &after),
+            open: untracked_in_both(&ports, before, &tracked, &after),
             polls_until_listing: POLLS_BETWEEN_LISTINGS,
         })
     }
@@ -70,9 +109,25 @@ impl Preexisting {
     /// Per route, for `routes` routes in their order.
     #[must_use]
     pub fn per_route(&self, routes: usize) -> Vec<u64> {
-        let mut counts = vec![0u64; routes];
-        for &route in self.open.values() {
-            if let Some(count) = counts.get_mut(route) {
+        self.count(routes, |owner| match owner {
+            Owner::Route(index) => Some(index),
+            Owner::Upstream(_) => None,
+        })
+    }
+
+    /// Per upstream, for `upstreams` upstreams in their order.
+    #[must_use]
+    pub fn per_upstream(&self, upstreams: usize) -> Vec<u64> {
+        self.count(upstreams, |owner| match owner {
+            Owner::Upstream(index) => Some(index),
+            Owner::Route(_) => None,
+        })
+    }
+
+    fn count(&self, len: usize, index_of: impl Fn(Owner) -> Option<usize>) -> Vec<u64> {
+        let mut counts = vec![0u64; len];
+        for &owner in self.open.values() {
+            if let Some(count) = index_of(owner).and_then(|index| counts.get_mut(index)) {
                 *count += 1;
             }
         }
@@ -80,18 +135,19 @@ impl Preexisting {
     }
 }
 
-/// Cookie → route of the sockets on a route port in both listings and not in the table.
+/// Cookie → owner of the sockets of a route or upstream in both listings and not in the
+/// table.
 fn untracked_in_both(
-    route_of_port: &HashMap<u16, usize>,
+    ports: &Ports,
     before: Vec<OpenSocket>,
     tracked: &HashSet<u64>,
     after: &[OpenSocket],
-) -> HashMap<u64, usize> {
+) -> HashMap<u64, Owner> {
     let after: HashSet<u64> = after.iter().map(|socket| socket.cookie).collect();
     before
         .into_iter()
         .filter(|socket| after.contains(&socket.cookie) && !tracked.contains(&socket.cookie))
-        .filter_map(|socket| Some((socket.cookie, *route_of_port.get(&socket.local_port)?)))
+        .filter_map(|socket| Some((socket.cookie, ports.owner(&socket)?)))
         .collect()
 }
 
@@ -101,8 +157,15 @@ mod tests {
 
     #[test]
     fn only_untracked_sockets_open_through_the_table_read_are_from_before() {
-        let socket = |cookie, local_port| OpenSocket { cookie, local_port };
-        let routes = HashMap::from([(80, 0), (443, 1)]);
+        let socket = |cookie, local_port| OpenSocket {
+            cookie,
+            local_port,
+            remote_port: 40000,
+        };
+        let ports = Ports {
+            route_of_port: HashMap::from([(80, 0), (443, 1)]),
+            upstream_of_port: HashMap::new(),
+        };
         let before = vec![
             socket(1, 80),  // open from before, still open: kept
             socket(2, 443), // open from before, still open: kept
@@ -117,7 +180,40 @@ mod tests {
             socket(5, 22),
             socket(6, 80),
         ];
-        let open = untracked_in_both(&routes, before, &HashSet::from([3]), &after);
-        assert_eq!(open, HashMap::from([(1, 0), (2, 1)]));
+        let open = untracked_in_both(&ports, before, &HashSet::from([3]), &after);
+        assert_eq!(
+            open,
+            HashMap::from([(1, Owner::Route(0)), (2, Owner::Route(1))])
+        );
+    }
+
+    #[test]
+    fn a_socket_is_its_routes_by_local_port_before_an_upstreams_by_remote_port() {
+        let ports = Ports {
+            route_of_port: HashMap::from([(8080, 0)]),
+            upstream_of_port: HashMap::from([(9000, 0), (8080, 1)]),
+        };
+        let socket = |local_port, remote_port| OpenSocket {
+            cookie: 1,
+            local_port,
+            remote_port,
+        };
+        // The proxy's connection to a backend on 9000.
+        assert_eq!(ports.owner(&socket(41000, 9000)), Some(Owner::Upstream(0)));
+        // A client's connection accepted on 8080, from a client port that happens to be 9000.
+        assert_eq!(ports.owner(&socket(8080, 9000)), Some(Owner::Route(0)));
+        // The proxy's connection to a backend on 8080 (an upstream port too).
+        assert_eq!(ports.owner(&socket(41000, 8080)), Some(Owner::Upstream(1)));
+        assert_eq!(ports.owner(&socket(41000, 22)), None);
+        let preexisting = Preexisting {
+            open: HashMap::from([
+                (1, Owner::Upstream(1)),
+                (2, Owner::Route(0)),
+                (3, Owner::Upstream(1)),
+            ]),
+            polls_until_listing: 0,
+        };
+        assert_eq!(preexisting.per_route(1), [1]);
+        assert_eq!(preexisting.per_upstream(2), [0, 2]);
     }
 }

@@ -8,7 +8,11 @@ use collector_common::{ConnCounters, TrafficCounters};
 use collector_common::{DnsCounters, ERROR_KINDS};
 
 use crate::{
-    counters::RouteTotals, dns::DomainSnapshot, loader::WatchedRoute, rates::Rates, topk::Listed,
+    counters::{RouteTotals, UpstreamTotals},
+    dns::DomainSnapshot,
+    loader::{WatchedRoute, WatchedUpstream},
+    rates::Rates,
+    topk::Listed,
 };
 
 /// One route's figures.
@@ -26,6 +30,37 @@ pub struct RouteSnapshot {
     pub open_from_before: u64,
     /// Closes over the last minute, for the duration quantiles.
     pub last_minute: RouteLastMinute,
+}
+
+/// One upstream's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSnapshot {
+    pub upstream: WatchedUpstream,
+    pub totals: UpstreamTotals,
+    /// New connections (established) per second.
+    pub connection_rates: Rates,
+    /// Connections open since before the agent started, not yet closed.
+    pub open_from_before: u64,
+    /// Closes over the last minute, for the duration quantiles.
+    pub last_minute: RouteLastMinute,
+}
+
+impl UpstreamSnapshot {
+    /// Connections open now: established and not closed since the start, and those open
+    /// since before it.
+    #[must_use]
+    pub fn active(&self) -> u64 {
+        self.tracked() + self.open_from_before
+    }
+
+    /// Connections established and not closed since the start.
+    #[must_use]
+    pub fn tracked(&self) -> u64 {
+        self.totals
+            .conn
+            .opened
+            .saturating_sub(self.totals.conn.closed)
+    }
 }
 
 /// A route's closes over the last minute ([`crate::rates::AVERAGE`]): the durations of the
@@ -47,6 +82,15 @@ impl RouteLastMinute {
     /// The route's lifetime counts, as a base or as the figures of a first minute.
     #[must_use]
     pub fn of(totals: &RouteTotals) -> Self {
+        Self {
+            duration_us: totals.conn.duration_us,
+            durations: totals.durations,
+        }
+    }
+
+    /// The same for an upstream.
+    #[must_use]
+    pub fn of_upstream(totals: &UpstreamTotals) -> Self {
         Self {
             duration_us: totals.conn.duration_us,
             durations: totals.durations,
@@ -250,6 +294,7 @@ pub struct Snapshot {
     /// Milliseconds since the Unix epoch when the kernel maps were read.
     pub taken_at_ms: u64,
     pub routes: Vec<RouteSnapshot>,
+    pub upstreams: Vec<UpstreamSnapshot>,
     pub errors: [u64; ERROR_KINDS as usize],
     pub programs: Vec<ProgramStats>,
     pub connection_rates: Rates,
@@ -281,6 +326,36 @@ pub struct Snapshot {
     pub nft: Vec<crate::nft::CounterValue>,
 }
 
+/// An upstream with 4 connections established (1 of them open), 2 failed connects and one
+/// open from before the start.
+#[cfg(test)]
+fn example_upstream() -> UpstreamSnapshot {
+    let mut durations = [0; collector_common::CONN_DURATION_BUCKETS as usize];
+    durations[9] = 3;
+    let totals = UpstreamTotals {
+        conn: ConnCounters {
+            opened: 4,
+            closed: 3,
+            bytes_in: 7000,
+            bytes_out: 600,
+            duration_us: 2_400,
+        },
+        durations,
+        connect_failures: 2,
+    };
+    UpstreamSnapshot {
+        upstream: WatchedUpstream {
+            name: "app".into(),
+            ports: vec![9000],
+            slot: 1,
+        },
+        totals,
+        connection_rates: Rates::default(),
+        open_from_before: 1,
+        last_minute: RouteLastMinute::of_upstream(&totals),
+    }
+}
+
 #[cfg(test)]
 const EXAMPLE_ADDRESS_TABLE: crate::address_table::AddressTableUse =
     crate::address_table::AddressTableUse {
@@ -310,9 +385,11 @@ impl Snapshot {
     /// those the full table turned away (counted opened, never tracked).
     #[must_use]
     pub fn tracked_connections(&self) -> u64 {
+        let upstreams = self.upstreams.iter().map(UpstreamSnapshot::tracked);
         self.routes
             .iter()
             .map(RouteSnapshot::tracked)
+            .chain(upstreams)
             .sum::<u64>()
             .saturating_sub(self.errors[collector_common::error_kind::CONN_TABLE_FULL as usize])
     }
@@ -410,6 +487,7 @@ impl Snapshot {
                 open_from_before: 0,
                 last_minute: RouteLastMinute::of(&totals),
             }],
+            upstreams: vec![example_upstream()],
             errors: [1, 2, 0],
             programs: vec![ProgramStats {
                 name: "track_connections".into(),

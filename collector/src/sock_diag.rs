@@ -11,8 +11,9 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const IPPROTO_TCP: u8 = 6;
 /// `inet_diag_req_v2`: family, protocol, extensions, pad, states, then a 48-byte socket id.
 const REQUEST_LEN: usize = 56;
-/// Where `inet_diag_msg` keeps the local port (network order) and the cookie.
+/// Where `inet_diag_msg` keeps the local and remote ports (network order) and the cookie.
 const SPORT_AT: usize = 4;
+const DPORT_AT: usize = 6;
 const COOKIE_AT: usize = 44;
 const MESSAGE_LEN: usize = 72;
 
@@ -20,11 +21,12 @@ const MESSAGE_LEN: usize = 72;
 /// FIN waits, close wait, last ACK, closing.
 const OPEN_STATES: u32 = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 9 | 1 << 11;
 
-/// An open TCP connection: the socket's cookie (the one BPF programs read) and local port.
+/// An open TCP connection: the socket's cookie (the one BPF programs read) and its ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenSocket {
     pub cookie: u64,
     pub local_port: u16,
+    pub remote_port: u16,
 }
 
 /// Every open TCP connection of this namespace, IPv4 and IPv6.
@@ -42,6 +44,7 @@ pub fn open_tcp_connections() -> io::Result<Vec<OpenSocket>> {
                 found.push(OpenSocket {
                     cookie: u64::from(word(COOKIE_AT)) | u64::from(word(COOKIE_AT + 4)) << 32,
                     local_port: u16::from_be_bytes([body[SPORT_AT], body[SPORT_AT + 1]]),
+                    remote_port: u16::from_be_bytes([body[DPORT_AT], body[DPORT_AT + 1]]),
                 });
             }
         })?;
