@@ -47,6 +47,9 @@ fn owner(slot: *mut ConnState) -> *mut u64 {
 }
 
 /// Claims a free slot for `cookie` (compare-and-swap: two CPUs never take the same slot).
+/// Inlined, as [`find`] and [`release`] are: a BPF-to-BPF call on every callback of a
+/// followed socket costs more than the copies.
+#[inline(always)]
 fn claim(cookie: u64) -> Option<*mut ConnState> {
     for probe in 0..CONN_TABLE_PROBES {
         let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe)) else {
@@ -68,6 +71,7 @@ fn claim(cookie: u64) -> Option<*mut ConnState> {
 }
 
 /// The slot `cookie` claimed, if any.
+#[inline(always)]
 fn find(cookie: u64) -> Option<*mut ConnState> {
     for probe in 0..CONN_TABLE_PROBES {
         let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe)) else {
@@ -86,6 +90,7 @@ fn find(cookie: u64) -> Option<*mut ConnState> {
 /// Frees a slot for the next connection. A compare-and-swap rather than a store: it orders
 /// the freeing after this socket's last reads of the slot on every architecture (LLVM emits
 /// store-release only for BPF v4).
+#[inline(always)]
 fn release(slot: *mut ConnState, cookie: u64) {
     // SAFETY: as in `claim`.
     unsafe {
@@ -108,6 +113,7 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
 }
 
 /// The socket belongs to the namespace whose sockets are counted.
+#[inline(always)]
 fn in_counted_netns(ctx: &SockOpsContext) -> bool {
     let wanted_netns = NETNS_COOKIE.load();
     // SAFETY: the helper only reads the socket behind the context.
@@ -309,7 +315,7 @@ fn on_state_change(ctx: &SockOpsContext) {
             state.flags |= conn_flags::FIN_OUT | conn_flags::FIN_WAIT2_SEEN;
             state.rcv_nxt_fin_wait2 = tcp(ctx).rcv_nxt;
         }
-        BPF_TCP_CLOSE if state.flags & conn_flags::CONNECTING != 0 => {
+        BPF_TCP_CLOSE if upstreams_watched() && state.flags & conn_flags::CONNECTING != 0 => {
             if let Some(failures) = CONN_CONNECT_FAILURES.get_ptr_mut(state.route) {
                 add(failures, 1);
             }
@@ -353,7 +359,8 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         .saturating_sub(u64::from(flags & conn_flags::FIN_IN != 0));
     // The connecting side's SYN was acknowledged too, and counted in `bytes_acked` (the
     // accepting side's SYN-ACK is not: its ACK sets `snd_una` directly).
-    let syn_out = u64::from(flags & conn_flags::UPSTREAM != 0);
+    let upstream = upstreams_watched() && flags & conn_flags::UPSTREAM != 0;
+    let syn_out = u64::from(upstream);
     let bytes_out = sock
         .bytes_acked
         .saturating_sub(u64::from(flags & conn_flags::FIN_OUT != 0) + syn_out);
@@ -364,7 +371,7 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         return;
     }
     // Submitted before it is counted, as on open. Upstream connections have no client.
-    if client_events() && flags & conn_flags::UPSTREAM == 0 && stream_wanted() {
+    if client_events() && !upstream && stream_wanted() {
         emit(&ConnEvent {
             kind: CONN_EVENT_CLOSE,
             route: slot,
