@@ -1046,6 +1046,10 @@ type = "websocket"
 name = "raw"
 ports = [7000, 7001]
 
+[[upstreams]]
+name = "app"
+ports = [8080, 9000]
+
 [dns]
 ports = [53, 5353]
 upstream_ports = [5300]
@@ -1065,6 +1069,14 @@ match_every = 1
         assert_eq!(config.routes[0].kind, RouteKind::Websocket);
         assert_eq!(config.routes[1].kind, RouteKind::Tcp);
         assert_eq!(config.routes[1].ports, [7000, 7001]);
+        // An upstream port may be a route's too: one is local, the other remote.
+        assert_eq!(
+            config.upstreams,
+            [Upstream {
+                name: "app".into(),
+                ports: vec![8080, 9000],
+            }]
+        );
         assert_eq!(
             config.dns,
             DnsConfig {
@@ -1148,6 +1160,26 @@ match_every = 1
             text
         });
         assert_error(&text, 3 * MAX_ROUTES + 2, "at most 256");
+    }
+
+    #[test]
+    fn routes_and_upstreams_share_the_slots() {
+        let table =
+            |kind: &str, i: usize| format!("[[{kind}]]\nname = \"x{i}\"\nports = [{}]\n", 1000 + i);
+        let routes: String = (0..250).map(|i| table("routes", i)).collect();
+        let fits: String = (250..MAX_ROUTES).map(|i| table("upstreams", i)).collect();
+        let config = Config::from_toml("t", &format!("{routes}{fits}")).unwrap();
+        assert_eq!(config.routes.len() + config.upstreams.len(), MAX_ROUTES);
+        // The first upstream past the slots is named, on its own line.
+        let over: String = (250..=MAX_ROUTES).map(|i| table("upstreams", i)).collect();
+        assert_error(
+            &format!("{routes}{over}"),
+            3 * MAX_ROUTES + 2,
+            "250 routes and 7 upstreams configured; at most 256 in all",
+        );
+        // A route and an upstream may share a name: the kernel records them apart.
+        let both = "[[routes]]\nname = \"app\"\nports = [80]\n[[upstreams]]\nname = \"app\"\nports = [80]\n";
+        assert!(Config::from_toml("t", both).is_ok());
     }
 
     #[test]
