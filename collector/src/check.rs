@@ -508,19 +508,27 @@ fn routes(config: &Config) -> Verdict {
             status: Status::Warn,
             detail: warning.to_owned(),
         },
-        None => Verdict {
-            name: "routes",
-            status: Status::Pass,
-            detail: config
-                .routes
-                .iter()
-                .map(|route| {
-                    let ports: Vec<String> = route.ports.iter().map(u16::to_string).collect();
-                    format!("{} ({})", route.name, ports.join(", "))
-                })
-                .collect::<Vec<_>>()
-                .join(", "),
-        },
+        None => {
+            let listed = |items: &mut dyn Iterator<Item = (&String, &Vec<u16>)>| {
+                items
+                    .map(|(name, ports)| {
+                        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+                        format!("{name} ({})", ports.join(", "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let mut detail = listed(&mut config.routes.iter().map(|r| (&r.name, &r.ports)));
+            if !config.upstreams.is_empty() {
+                let upstreams = listed(&mut config.upstreams.iter().map(|u| (&u.name, &u.ports)));
+                detail = format!("{detail}; upstreams {upstreams}");
+            }
+            Verdict {
+                name: "routes",
+                status: Status::Pass,
+                detail,
+            }
+        }
     }
 }
 
@@ -598,6 +606,10 @@ mod tests {
         let verdict = routes(&Config::embedded_default());
         assert_eq!(verdict.status, Status::Pass);
         assert_eq!(verdict.detail, "web (80, 8080), tls (443, 8443)");
+        let verdict = without(
+            "[[routes]]\nname = \"web\"\nports = [80]\n[[upstreams]]\nname = \"app\"\nports = [8080, 9000]\n",
+        );
+        assert_eq!(verdict.detail, "web (80); upstreams app (8080, 9000)");
     }
 
     #[test]
