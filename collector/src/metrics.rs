@@ -1,15 +1,17 @@
 //! Prometheus exposition (`OpenMetrics` text) of a snapshot. Pure: renders whatever snapshot
 //! it is given, so the output is tested on fixed snapshots without a kernel.
 //!
-//! Label cardinality is bounded by the config: `route` takes the configured route names,
-//! `interface` the attached interfaces (the configured ones, or those watched by default),
-//! `direction` is `in` or `out`, `kind`, `reason`, `rcode` and `opcode` fixed sets, `qtype`
-//! at most 259 values; client addresses and domains never become labels.
+//! Label cardinality is bounded by the config: `route` and `upstream` take the configured
+//! route and upstream names, `interface` the attached interfaces (the configured ones, or
+//! those watched by default), `direction` is `in` or `out`, `kind`, `reason`, `rcode` and
+//! `opcode` fixed sets, `qtype` at most 259 values; client addresses and domains never become
+//! labels.
 
 use std::{fmt, sync::Arc};
 
 use collector_common::{
-    CONN_TABLE_SLOTS, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES, ERROR_KIND_NAMES, map_names,
+    CONN_DURATION_BUCKETS, CONN_TABLE_SLOTS, ConnCounters, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES,
+    ERROR_KIND_NAMES, map_names,
 };
 use prometheus_client::{
     collector::Collector,
@@ -21,13 +23,23 @@ use prometheus_client::{
 use crate::{
     dns::{COMMON_QTYPES, OPCODE_NAMES, RCODE_NAMES, qtype_name},
     process::ProcessStats,
-    snapshot::{RouteSnapshot, Snapshot, bucket_upper_seconds},
+    snapshot::{RouteSnapshot, Snapshot, UpstreamSnapshot, bucket_upper_seconds},
 };
 
 type Labels = Vec<(&'static str, String)>;
 
 fn route_labels(route: &RouteSnapshot) -> Labels {
     vec![("route", route.route.name.clone())]
+}
+
+fn upstream_labels(upstream: &UpstreamSnapshot) -> Labels {
+    vec![("upstream", upstream.upstream.name.clone())]
+}
+
+/// A route's or upstream's ports as one label value: `80,8080`.
+fn port_list(ports: &[u16]) -> String {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    ports.join(",")
 }
 
 /// An interface's label, escaped as the text formats say. Linux allows `"` and `\` in
@@ -122,7 +134,144 @@ fn single<M: EncodeMetric>(
     value.encode(encoder.encode_descriptor(name, help, unit, metric_type)?)
 }
 
-/// Renders the proxy's connection figures.
+/// The connection figures a route and an upstream both have, for [`connection_families`].
+struct ConnectionFigures<'a> {
+    labels: Labels,
+    conn: &'a ConnCounters,
+    durations: &'a [u64; CONN_DURATION_BUCKETS as usize],
+    active: u64,
+    open_from_before: u64,
+}
+
+impl<'a> ConnectionFigures<'a> {
+    fn of_route(route: &'a RouteSnapshot) -> Self {
+        Self {
+            labels: route_labels(route),
+            conn: &route.totals.conn,
+            durations: &route.totals.durations,
+            active: route.active(),
+            open_from_before: route.open_from_before,
+        }
+    }
+
+    fn of_upstream(upstream: &'a UpstreamSnapshot) -> Self {
+        Self {
+            labels: upstream_labels(upstream),
+            conn: &upstream.totals.conn,
+            durations: &upstream.totals.durations,
+            active: upstream.active(),
+            open_from_before: upstream.open_from_before,
+        }
+    }
+}
+
+/// The HELP texts of [`connection_families`]: whose connections they are.
+struct ConnectionHelp {
+    opened: &'static str,
+    closed: &'static str,
+    active: &'static str,
+    open_from_before: &'static str,
+    received: &'static str,
+    sent: &'static str,
+    duration: &'static str,
+}
+
+const ROUTE_HELP: ConnectionHelp = ConnectionHelp {
+    opened: "Connections accepted on the route's ports.",
+    closed: "Accepted connections that have closed.",
+    active: "Connections open now: opened minus closed, plus those open since before the collector started.",
+    open_from_before: "Connections open since before the collector started and not closed yet (listed over sock_diag); counted in active only.",
+    received: "Payload bytes received from clients, counted when each connection closes.",
+    sent: "Payload bytes sent to and acknowledged by clients, counted when each connection closes.",
+    duration: "Lifetime of closed connections.",
+};
+
+const UPSTREAM_HELP: ConnectionHelp = ConnectionHelp {
+    opened: "Connections to the upstream's ports that completed their handshake (connect failures not included).",
+    closed: "Connections to the upstream's ports that completed their handshake and have closed.",
+    active: "Connections to the upstream open now: opened minus closed, plus those open since before the collector started.",
+    open_from_before: "Connections to the upstream's ports open since before the collector started and not closed yet (listed over sock_diag); counted in active only.",
+    received: "Payload bytes received from the upstream, counted when each connection closes.",
+    sent: "Payload bytes sent to and acknowledged by the upstream, counted when each connection closes.",
+    duration: "Lifetime of closed connections to the upstream, from the completed handshake to the close.",
+};
+
+/// Writes the connection families of routes (`prefix` `collector_proxy`) or upstreams
+/// (`collector_proxy_upstream`): opened, closed, active, open from before the start, bytes
+/// and the duration histogram. Each family is written even with no samples.
+fn connection_families(
+    encoder: &mut DescriptorEncoder,
+    prefix: &str,
+    help: &ConnectionHelp,
+    figures: &[ConnectionFigures<'_>],
+) -> fmt::Result {
+    let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+    counters(
+        encoder,
+        &format!("{prefix}_connections_opened"),
+        help.opened,
+        None,
+        figures.iter().map(|f| (f.labels.clone(), f.conn.opened)),
+    )?;
+    counters(
+        encoder,
+        &format!("{prefix}_connections_closed"),
+        help.closed,
+        None,
+        figures.iter().map(|f| (f.labels.clone(), f.conn.closed)),
+    )?;
+    gauges(
+        encoder,
+        &format!("{prefix}_connections_active"),
+        help.active,
+        None,
+        figures.iter().map(|f| (f.labels.clone(), gauge(f.active))),
+    )?;
+    gauges(
+        encoder,
+        &format!("{prefix}_connections_open_from_before_start"),
+        help.open_from_before,
+        None,
+        figures
+            .iter()
+            .map(|f| (f.labels.clone(), gauge(f.open_from_before))),
+    )?;
+    counters(
+        encoder,
+        &format!("{prefix}_connection_received"),
+        help.received,
+        Some(&Unit::Bytes),
+        figures.iter().map(|f| (f.labels.clone(), f.conn.bytes_in)),
+    )?;
+    counters(
+        encoder,
+        &format!("{prefix}_connection_sent"),
+        help.sent,
+        Some(&Unit::Bytes),
+        figures.iter().map(|f| (f.labels.clone(), f.conn.bytes_out)),
+    )?;
+    let name = format!("{prefix}_connection_duration");
+    let mut histogram = encoder.encode_descriptor(
+        &name,
+        help.duration,
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    for figures in figures {
+        let buckets = log2_buckets(figures.durations);
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "microsecond sums as float seconds"
+        )]
+        let sum = figures.conn.duration_us as f64 / 1e6;
+        histogram
+            .encode_family(&figures.labels)?
+            .encode_histogram::<Labels>(sum, figures.durations.iter().sum(), &buckets, None)?;
+    }
+    Ok(())
+}
+
+/// Renders the proxy's connection figures per route.
 fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     let routes = &snapshot.routes;
     // Info as a gauge of 1 named `_info`: the classic text parser (promtool) has no info type.
@@ -132,94 +281,52 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
         "Configured routes: type and ports.",
         None,
         routes.iter().map(|route| {
-            let ports: Vec<String> = route.route.ports.iter().map(u16::to_string).collect();
             let labels: Labels = vec![
                 ("route", route.route.name.clone()),
                 ("type", route.route.kind.as_str().to_owned()),
-                ("ports", ports.join(",")),
+                ("ports", port_list(&route.route.ports)),
             ];
             (labels, 1i64)
         }),
     )?;
-    counters(
-        encoder,
-        "collector_proxy_connections_opened",
-        "Connections accepted on the route's ports.",
-        None,
-        routes
-            .iter()
-            .map(|r| (route_labels(r), r.totals.conn.opened)),
-    )?;
-    counters(
-        encoder,
-        "collector_proxy_connections_closed",
-        "Accepted connections that have closed.",
-        None,
-        routes
-            .iter()
-            .map(|r| (route_labels(r), r.totals.conn.closed)),
-    )?;
+    let figures: Vec<_> = routes.iter().map(ConnectionFigures::of_route).collect();
+    connection_families(encoder, "collector_proxy", &ROUTE_HELP, &figures)
+}
+
+/// Renders the connections the proxy opens to its upstreams: a route's figures, and the
+/// connects that failed.
+fn encode_upstreams(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let upstreams = &snapshot.upstreams;
     gauges(
         encoder,
-        "collector_proxy_connections_active",
-        "Connections open now: opened minus closed, plus those open since before the collector started.",
+        "collector_proxy_upstream_info",
+        "Configured upstreams: the remote ports of their backends.",
         None,
-        routes.iter().map(|r| {
-            (
-                route_labels(r),
-                i64::try_from(r.active()).unwrap_or(i64::MAX),
-            )
+        upstreams.iter().map(|upstream| {
+            let mut labels = upstream_labels(upstream);
+            labels.push(("ports", port_list(&upstream.upstream.ports)));
+            (labels, 1i64)
         }),
     )?;
-    gauges(
+    let figures: Vec<_> = upstreams
+        .iter()
+        .map(ConnectionFigures::of_upstream)
+        .collect();
+    connection_families(
         encoder,
-        "collector_proxy_connections_open_from_before_start",
-        "Connections open since before the collector started and not closed yet (listed over sock_diag); counted in active only.",
-        None,
-        routes.iter().map(|r| {
-            (
-                route_labels(r),
-                i64::try_from(r.open_from_before).unwrap_or(i64::MAX),
-            )
-        }),
+        "collector_proxy_upstream",
+        &UPSTREAM_HELP,
+        &figures,
     )?;
     counters(
         encoder,
-        "collector_proxy_connection_received",
-        "Payload bytes received from clients, counted when each connection closes.",
-        Some(&Unit::Bytes),
-        routes
+        "collector_proxy_upstream_connect_failures",
+        "Connects to the upstream's ports that closed before their handshake completed: refused, timed out, unreachable, or given up by the proxy. Not counted in opened.",
+        None,
+        upstreams
             .iter()
-            .map(|r| (route_labels(r), r.totals.conn.bytes_in)),
-    )?;
-    counters(
-        encoder,
-        "collector_proxy_connection_sent",
-        "Payload bytes sent to and acknowledged by clients, counted when each connection closes.",
-        Some(&Unit::Bytes),
-        routes
-            .iter()
-            .map(|r| (route_labels(r), r.totals.conn.bytes_out)),
-    )?;
-    let mut histogram = encoder.encode_descriptor(
-        "collector_proxy_connection_duration",
-        "Lifetime of closed connections.",
-        Some(&Unit::Seconds),
-        MetricType::Histogram,
-    )?;
-    for route in routes {
-        let labels = route_labels(route);
-        let buckets = log2_buckets(&route.totals.durations);
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "microsecond sums as float seconds"
-        )]
-        let sum = route.totals.conn.duration_us as f64 / 1e6;
-        histogram
-            .encode_family(&labels)?
-            .encode_histogram::<Labels>(sum, route.totals.durations.iter().sum(), &buckets, None)?;
-    }
-    Ok(())
+            .map(|u| (upstream_labels(u), u.totals.connect_failures)),
+    )
 }
 
 /// Renders the live traffic counted by tc.
@@ -901,6 +1008,7 @@ impl Collector for SnapshotCollector {
         let snapshot = self.latest.load();
         encode_connections(&snapshot, &mut encoder)?;
         encode_traffic(&snapshot, &mut encoder)?;
+        encode_upstreams(&snapshot, &mut encoder)?;
         encode_dns(&snapshot, &mut encoder)?;
         encode_interfaces_and_sources(&snapshot, &mut encoder)?;
         encode_self(&snapshot, &mut encoder)?;
@@ -988,6 +1096,36 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
         }
+    }
+
+    /// As the routes' families with no routes: declared, with no samples, so a config without
+    /// upstreams exports no `upstream` series at all.
+    #[test]
+    fn the_upstream_families_are_declared_without_samples_when_none_is_configured() {
+        let mut snapshot = Snapshot::example();
+        snapshot.upstreams.clear();
+        let latest = Arc::new(SharedSnapshot::default());
+        latest.store(snapshot);
+        let text = render(&registry(latest)).unwrap();
+        let declared: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE collector_proxy_upstream_"))
+            .collect();
+        assert_eq!(
+            declared,
+            [
+                "info gauge",
+                "connections_opened counter",
+                "connections_closed counter",
+                "connections_active gauge",
+                "connections_open_from_before_start gauge",
+                "connection_received_bytes counter",
+                "connection_sent_bytes counter",
+                "connection_duration_seconds histogram",
+                "connect_failures counter",
+            ]
+        );
+        assert!(!text.contains("upstream="), "{text}");
     }
 
     #[test]
