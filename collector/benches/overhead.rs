@@ -50,6 +50,13 @@ ports = [18090]
 type = "tcp"
 "#;
 
+/// The benchmark's own client, followed as a proxy's connections to a backend are.
+const UPSTREAM_OF_CONNECT: &str = r#"
+[[upstreams]]
+name = "connect"
+ports = [18080]
+"#;
+
 /// The mode that measures the method itself: pairs run exactly as in the other modes, but
 /// the agent is started on neither side, so every ratio should be 1.
 const NOISE_TITLE: &str = "Nothing attached on either side (the method's own noise)";
@@ -994,18 +1001,26 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
          pairs alternate which side runs first; ratio = with / without, median over pairs).\n",
         settings.pairs, settings.seconds, CLIENT_THREADS, settings.seconds
     );
+    // (title, top-level settings, tables after the routes)
     let modes = [
         (
             "With per-client figures (the default, `client_stats = true`)",
+            "",
             "",
         ),
         (
             "Without per-client figures (`client_stats = false`: no `connectionsByIP`, `topIPs` or connection events)",
             "client_stats = false\n",
+            "",
+        ),
+        (
+            "With the connecting side followed as an upstream too (`[[upstreams]]` on the route's port: each connection is followed at both ends, as a proxy's connections to a backend it opens one per request are)",
+            "",
+            UPSTREAM_OF_CONNECT,
         ),
     ];
-    for (title, setting) in modes {
-        let config = AgentConfig::shipped_poll(&format!("{setting}{ROUTES}"));
+    for (title, setting, tables) in modes {
+        let config = AgentConfig::shipped_poll(&format!("{setting}{ROUTES}{tables}"));
         let _ = writeln!(report, "### {title}\n");
         report.push_str(&proxy_mode(netns, Some(&config), settings));
         report.push('\n');
