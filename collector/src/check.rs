@@ -502,33 +502,31 @@ fn listen(addr: SocketAddr) -> Verdict {
 
 /// A config without routes is valid, and counts no proxy traffic: a warning, as at start.
 fn routes(config: &Config) -> Verdict {
-    match config.no_routes_warning() {
-        Some(warning) => Verdict {
+    if let Some(warning) = config.no_routes_warning() {
+        return Verdict {
             name: "routes",
             status: Status::Warn,
             detail: warning.to_owned(),
-        },
-        None => {
-            let listed = |items: &mut dyn Iterator<Item = (&String, &Vec<u16>)>| {
-                items
-                    .map(|(name, ports)| {
-                        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-                        format!("{name} ({})", ports.join(", "))
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let mut detail = listed(&mut config.routes.iter().map(|r| (&r.name, &r.ports)));
-            if !config.upstreams.is_empty() {
-                let upstreams = listed(&mut config.upstreams.iter().map(|u| (&u.name, &u.ports)));
-                detail = format!("{detail}; upstreams {upstreams}");
-            }
-            Verdict {
-                name: "routes",
-                status: Status::Pass,
-                detail,
-            }
-        }
+        };
+    }
+    let listed = |items: &mut dyn Iterator<Item = (&String, &Vec<u16>)>| {
+        items
+            .map(|(name, ports)| {
+                let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+                format!("{name} ({})", ports.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut detail = listed(&mut config.routes.iter().map(|r| (&r.name, &r.ports)));
+    if !config.upstreams.is_empty() {
+        let upstreams = listed(&mut config.upstreams.iter().map(|u| (&u.name, &u.ports)));
+        detail = format!("{detail}; upstreams {upstreams}");
+    }
+    Verdict {
+        name: "routes",
+        status: Status::Pass,
+        detail,
     }
 }
 
