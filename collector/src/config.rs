@@ -340,10 +340,11 @@ impl Config {
     }
 
     /// What to warn about a config without `[[routes]]`: it is valid, but a file of one's own
-    /// does not inherit the embedded default's routes, so no proxy traffic is counted.
+    /// does not inherit the embedded default's routes, so no proxy traffic is counted. One
+    /// with upstreams alone counts the connections to them, on purpose.
     #[must_use]
     pub fn no_routes_warning(&self) -> Option<&'static str> {
-        if !self.routes.is_empty() {
+        if !self.routes.is_empty() || !self.upstreams.is_empty() {
             None
         } else if self.dns.enabled {
             Some(
@@ -1093,6 +1094,9 @@ match_every = 1
 
     #[test]
     fn no_routes_is_a_dns_only_host() {
+        let upstreams_only =
+            Config::from_toml("t", "[[upstreams]]\nname = \"app\"\nports = [8080]\n").unwrap();
+        assert_eq!(upstreams_only.no_routes_warning(), None);
         assert!(Config::from_toml("t", "").unwrap().routes.is_empty());
     }
 
