@@ -9,7 +9,9 @@ use crate::{
     dns::{OPCODE_NAMES, RCODE_NAMES, is_error_rcode, qtype_name},
     nft::Protocol,
     rates::Rates,
-    snapshot::{DnsSnapshot, RouteSnapshot, Snapshot, histogram_quantile},
+    snapshot::{
+        DnsSnapshot, RouteLastMinute, RouteSnapshot, Snapshot, UpstreamSnapshot, histogram_quantile,
+    },
 };
 
 /// A rate over the standard windows (1 s, 10 s, 60 s), per second.
@@ -78,6 +80,26 @@ pub struct Durations {
     pub p99: Option<f64>,
 }
 
+impl Durations {
+    /// The lifetimes of the connections closed over the last minute, a route's or an
+    /// upstream's.
+    fn of_closes(closes: &RouteLastMinute) -> Self {
+        let count: u64 = closes.durations.iter().sum();
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "microsecond sums as float seconds"
+        )]
+        let mean = (count > 0).then(|| closes.duration_us as f64 / 1e6 / count as f64);
+        Self {
+            count,
+            mean,
+            p50: histogram_quantile(&closes.durations, 0.5),
+            p90: histogram_quantile(&closes.durations, 0.9),
+            p99: histogram_quantile(&closes.durations, 0.99),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteStats {
@@ -101,6 +123,50 @@ pub struct RouteStats {
     pub duration: Durations,
     /// Our nftables counters for the route's ports (also traffic no local socket sees).
     pub nftables: Option<NftCounts>,
+}
+
+/// An upstream of the proxy: the connections this namespace opened to its ports.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamStats {
+    pub name: String,
+    /// The remote TCP ports of its backends.
+    pub ports: Vec<u16>,
+    /// Connects whose handshake completed.
+    pub opened: u64,
+    pub closed: u64,
+    /// Opened minus closed, plus `open_from_before_start`.
+    pub active: u64,
+    /// Connections open since before the agent started and not closed yet: in no counter
+    /// but `active`.
+    pub open_from_before_start: u64,
+    /// Connects that closed before their handshake completed (refused, timed out,
+    /// unreachable, or given up by the proxy).
+    pub connect_failures: u64,
+    /// Payload bytes of closed connections, received from the upstream.
+    pub bytes_in: u64,
+    /// Payload bytes of closed connections, sent to the upstream (and acknowledged).
+    pub bytes_out: u64,
+    /// New connections (handshake completed) per second.
+    pub connections_per_second: RateWindows,
+    pub duration: Durations,
+}
+
+fn upstream_stats(upstream: &UpstreamSnapshot) -> UpstreamStats {
+    let conn = &upstream.totals.conn;
+    UpstreamStats {
+        name: upstream.upstream.name.clone(),
+        ports: upstream.upstream.ports.clone(),
+        opened: conn.opened,
+        closed: conn.closed,
+        active: upstream.active(),
+        open_from_before_start: upstream.open_from_before,
+        connect_failures: upstream.totals.connect_failures,
+        bytes_in: conn.bytes_in,
+        bytes_out: conn.bytes_out,
+        connections_per_second: RateWindows::new(upstream.connection_rates, None),
+        duration: Durations::of_closes(&upstream.last_minute),
+    }
 }
 
 /// What our nftables table counted for a route's or the DNS server's ports.
@@ -197,6 +263,9 @@ pub struct ProxyStats {
     #[serde(rename = "topIPs")]
     pub top_ips: Option<Vec<TopIp>>,
     pub routes: Vec<RouteStats>,
+    /// The upstreams (`[[upstreams]]`), in config order: the connections the proxy opens to
+    /// its backends, apart from the clients' (none of the figures above count them).
+    pub upstreams: Vec<UpstreamStats>,
     /// The interfaces the classifiers are attached to, with their own counters (netlink).
     pub interfaces: Vec<InterfaceStats>,
     pub sources: BTreeMap<String, Source>,
@@ -204,14 +273,6 @@ pub struct ProxyStats {
 
 fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
     let totals = &route.totals;
-    // Quantiles of the connections closed over the last minute.
-    let closes = &route.last_minute;
-    let count: u64 = closes.durations.iter().sum();
-    #[expect(
-        clippy::cast_precision_loss,
-        reason = "microsecond sums as float seconds"
-    )]
-    let mean = (count > 0).then(|| closes.duration_us as f64 / 1e6 / count as f64);
     RouteStats {
         name: route.route.name.clone(),
         kind: route.route.kind.as_str(),
@@ -235,13 +296,8 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
             payload_bytes_in: totals.traffic_in.payload_bytes,
             payload_bytes_out: totals.traffic_out.payload_bytes,
         },
-        duration: Durations {
-            count,
-            mean,
-            p50: histogram_quantile(&closes.durations, 0.5),
-            p90: histogram_quantile(&closes.durations, 0.9),
-            p99: histogram_quantile(&closes.durations, 0.99),
-        },
+        // Quantiles of the connections closed over the last minute.
+        duration: Durations::of_closes(&route.last_minute),
         nftables: nft_counts(snapshot, &route.route.name, Protocol::Tcp),
     }
 }
@@ -294,6 +350,7 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
             .iter()
             .map(|route| route_stats(snapshot, route))
             .collect(),
+        upstreams: snapshot.upstreams.iter().map(upstream_stats).collect(),
         interfaces: snapshot
             .interface_stats
             .iter()
@@ -515,6 +572,54 @@ mod tests {
         // Two of three closed within [8 µs, 16 µs): the median lies there.
         let p50 = web["duration"]["p50"].as_f64().unwrap();
         assert!((8e-6..16e-6).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn upstreams_have_their_own_figures_apart_from_the_clients() {
+        let mut snapshot = Snapshot::example();
+        snapshot.upstreams[0].connection_rates.instant = 0.5;
+        let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
+        // 2,400 µs over three closes, all in bucket 9, [512 µs, 1024 µs).
+        let within = |q: f64| 512e-6 + 512e-6 * q;
+        let mut app = json["upstreams"][0].clone();
+        for (key, expected) in [
+            ("mean", 800e-6),
+            ("p50", within(0.5)),
+            ("p90", within(0.9)),
+            ("p99", within(0.99)),
+        ] {
+            let value = app["duration"][key].take().as_f64().unwrap();
+            assert!((value - expected).abs() < 1e-12, "{key}: {value}");
+        }
+        assert_eq!(
+            app,
+            serde_json::json!({
+                "name": "app",
+                "ports": [9000],
+                "opened": 4,
+                "closed": 3,
+                "active": 2,
+                "openFromBeforeStart": 1,
+                "connectFailures": 2,
+                "bytesIn": 7000,
+                "bytesOut": 600,
+                "connectionsPerSecond": {"instant": 0.5, "recent": 0.0, "average": 0.0},
+                "duration": {"count": 3, "mean": null, "p50": null, "p90": null, "p99": null},
+            })
+        );
+        assert_eq!(json["upstreams"].as_array().unwrap().len(), 1);
+        // The clients' figures leave the upstream connections out.
+        assert_eq!(json["activeConnections"], 2);
+        assert_eq!(json["totalConnections"], 5);
+        assert_eq!(
+            json["connectionsByRoute"],
+            serde_json::json!({"web": 2}),
+            "{json}"
+        );
+
+        snapshot.upstreams.clear();
+        let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
+        assert_eq!(json["upstreams"], serde_json::json!([]));
     }
 
     #[test]
