@@ -777,7 +777,66 @@ pub fn proxy_table(json: &Value) -> String {
         count(&json["totalConnections"]),
         number(&json["requestsPerSecond"])
     );
+    upstream_table(&mut out, json);
     out
+}
+
+/// The `upstreams` of `/api/v1/proxy` as a table after the routes' totals, which leave
+/// them out; nothing when there are none (or the agent is older than upstreams).
+fn upstream_table(out: &mut String, json: &Value) {
+    use std::fmt::Write as _;
+    let Some(upstreams) = json["upstreams"].as_array().filter(|u| !u.is_empty()) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<11} {:>8} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
+        "UPSTREAM",
+        "PORTS",
+        "ACTIVE",
+        "OPENED",
+        "CLOSED",
+        "FAILED",
+        "FAIL %",
+        "IN BYTES",
+        "OUT BYTES",
+        "P50 S 1M",
+        "P99 S 1M"
+    );
+    for upstream in upstreams {
+        let ports = upstream["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let _ = writeln!(
+            out,
+            "{:<16} {:<11} {:>8} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
+            upstream["name"].as_str().unwrap_or(""),
+            ports,
+            count(&upstream["active"]),
+            count(&upstream["opened"]),
+            count(&upstream["closed"]),
+            count(&upstream["connectFailures"]),
+            percent(&failed_share(upstream)),
+            count(&upstream["bytesIn"]),
+            count(&upstream["bytesOut"]),
+            figure(&upstream["duration"]["p50"], 4),
+            figure(&upstream["duration"]["p99"], 4),
+        );
+    }
+}
+
+/// The share of an upstream's connects since the start that failed (of those that either
+/// completed their handshake or failed); `null` before the first.
+fn failed_share(upstream: &Value) -> Value {
+    let failed = count(&upstream["connectFailures"]);
+    let connects = count(&upstream["opened"]) + failed;
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let share = (connects > 0).then(|| failed as f64 / connects as f64);
+    Value::from(share)
 }
 
 /// `/api/v1/dns` as a few readable lines.
@@ -1184,6 +1243,78 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         assert_eq!(error(b"+3\r\nabc\r\n0\r\n\r\n"), InvalidData);
         assert_eq!(error(b";x\r\nabc\r\n0\r\n\r\n"), InvalidData);
         assert_eq!(error(b"10000000000000000\r\n"), InvalidData);
+    }
+
+    #[test]
+    fn upstreams_follow_the_routes_in_a_table_of_their_own() {
+        let snapshot = crate::snapshot::Snapshot::example();
+        let mut proxy = serde_json::to_value(crate::api::proxy_stats(&snapshot)).unwrap();
+        let table = proxy_table(&proxy);
+        let lines: Vec<&str> = table.lines().collect();
+        let heading = lines
+            .iter()
+            .position(|line| line.starts_with("UPSTREAM"))
+            .unwrap_or_else(|| panic!("{table}"));
+        // After the routes and their totals, which leave the upstreams out.
+        assert!(lines[heading - 2].starts_with("total: 2 active, 5 connections"));
+        assert_eq!(lines[heading - 1], "", "{table}");
+        let app = lines[heading + 1];
+        assert_eq!(
+            app.split_whitespace().collect::<Vec<_>>(),
+            [
+                "app", "9000", "2", "4", "3", "2", "33.3", "%", "7000", "600", "0.0008", "0.0010"
+            ],
+            "{table}"
+        );
+        // Every figure ends where its heading does.
+        let header = lines[heading];
+        for (heading, value) in [
+            ("ACTIVE", " 2"),
+            ("FAILED", " 2"),
+            ("FAIL %", "33.3 %"),
+            ("OUT BYTES", " 600"),
+            ("P99 S 1M", "0.0010"),
+        ] {
+            let end = header.find(heading).unwrap() + heading.len();
+            assert_eq!(&app[end - value.len()..end], value, "{heading}:\n{table}");
+        }
+
+        // Several ports; no connect yet, no close in the last minute: `-`, not zeros.
+        proxy["upstreams"] = serde_json::json!([{
+            "name": "db", "ports": [5432, 5433], "active": 0, "opened": 0, "closed": 0,
+            "connectFailures": 0, "bytesIn": 0, "bytesOut": 0,
+            "duration": {"count": 0, "p50": null, "p99": null}
+        }]);
+        let table = proxy_table(&proxy);
+        let db = table.lines().find(|line| line.starts_with("db")).unwrap();
+        assert_eq!(
+            db.split_whitespace().collect::<Vec<_>>(),
+            [
+                "db",
+                "5432,5433",
+                "0",
+                "0",
+                "0",
+                "0",
+                "-",
+                "0",
+                "0",
+                "-",
+                "-"
+            ],
+            "{table}"
+        );
+
+        // None configured, or an agent older than upstreams: no table at all.
+        let routes_only = |proxy: &Value| {
+            let table = proxy_table(proxy);
+            assert!(!table.contains("UPSTREAM"), "{table}");
+            assert!(table.ends_with("new/s\n"), "{table}");
+        };
+        proxy["upstreams"] = serde_json::json!([]);
+        routes_only(&proxy);
+        proxy.as_object_mut().unwrap().remove("upstreams");
+        routes_only(&proxy);
     }
 
     #[test]
