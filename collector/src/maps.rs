@@ -14,8 +14,8 @@ use anyhow::bail;
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters,
-    DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters, map_names,
-    traffic_index,
+    DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters, conn_flags,
+    map_names, traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -138,7 +138,8 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
     Ok(rows)
 }
 
-/// Route names by slot, for decoding the per-route maps.
+/// The owners recorded in `ROUTE_NAMES` by slot (a route's name, or an upstream's under
+/// [`crate::loader::upstream_slot_owner`]), for decoding the per-slot maps.
 fn route_names(pin_dir: &Path) -> anyhow::Result<Vec<(u32, String)>> {
     let names = array::<RouteName>(open(pin_dir, map_names::ROUTE_NAMES)?)?;
     let mut out = Vec::new();
@@ -157,6 +158,79 @@ fn route_names(pin_dir: &Path) -> anyhow::Result<Vec<(u32, String)>> {
 
 fn client(addr: [u8; 16], port: u16) -> String {
     std::net::SocketAddr::new(Ipv6Addr::from(addr).to_canonical(), port).to_string()
+}
+
+/// What a slot's recorded owner is, as the key a dump row names it under: `("upstream",
+/// "app")` for an upstream's slot (`upstream/app`), `("route", "web")` for a route's. Route
+/// names hold no '/', so a route is never taken for an upstream.
+fn slot_owner(owner: &str) -> (&'static str, &str) {
+    owner
+        .strip_prefix("upstream/")
+        .map_or(("route", owner), |name| ("upstream", name))
+}
+
+/// `fields` (an object) with the slot `slot` and its recorded owner (see [`slot_owner`]).
+fn slot_row(slot: u32, owner: &str, mut fields: Value) -> Value {
+    let (kind, name) = slot_owner(owner);
+    fields["slot"] = json!(slot);
+    fields[kind] = json!(name);
+    fields
+}
+
+/// A row for every slot with an owner, its `fields` read by `read`.
+fn owned_rows(
+    pin_dir: &Path,
+    mut read: impl FnMut(u32) -> anyhow::Result<Value>,
+) -> anyhow::Result<Value> {
+    let mut rows = Vec::new();
+    for (slot, owner) in route_names(pin_dir)? {
+        rows.push(slot_row(slot, &owner, read(slot)?));
+    }
+    Ok(json!(rows))
+}
+
+/// The names of the [`conn_flags`] set in `flags`, as the kernel's constants are named; a
+/// bit this build does not know is shown as a number.
+fn flag_names(flags: u32) -> Vec<String> {
+    const NAMES: [(u32, &str); 5] = [
+        (conn_flags::FIN_IN, "FIN_IN"),
+        (conn_flags::FIN_OUT, "FIN_OUT"),
+        (conn_flags::FIN_WAIT2_SEEN, "FIN_WAIT2_SEEN"),
+        (conn_flags::UPSTREAM, "UPSTREAM"),
+        (conn_flags::CONNECTING, "CONNECTING"),
+    ];
+    let known = NAMES.iter().fold(0, |all, (bit, _)| all | bit);
+    let mut names: Vec<String> = NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect();
+    if flags & !known != 0 {
+        names.push(format!("{:#x}", flags & !known));
+    }
+    names
+}
+
+/// One open connection of the connection table. A client's carries its client's address; an
+/// upstream connection's (flag `UPSTREAM`) the backend's it connects to, in the same field of
+/// the table; `owner` is its slot's.
+fn conn_state_row(slot: u32, state: &ConnState, owner: Option<&str>) -> Value {
+    let peer = if state.flags & conn_flags::UPSTREAM == 0 {
+        "client"
+    } else {
+        "backend"
+    };
+    let mut row = json!({
+        "slot": slot, "cookie": state.cookie, "routeSlot": state.route,
+        peer: client(state.client_addr, state.client_port),
+        "flags": flag_names(state.flags),
+        // From the accept; an upstream connection's from its connect, then its handshake.
+        "startNs": state.start_ns,
+    });
+    if let Some((kind, name)) = owner.map(slot_owner) {
+        row[kind] = json!(name);
+    }
+    row
 }
 
 /// Other builds' layout directories beside this build's (`v2` next to `v1`), as a sentence
@@ -196,28 +270,26 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         map_names::PIN_OWNER => json!({
             "netnsCookie": array::<u64>(open(pin_dir, name)?)?.get(&0, 0)?
         }),
-        map_names::ROUTE_NAMES => json!(
-            route_names(pin_dir)?
-                .into_iter()
-                .map(|(slot, route)| json!({"slot": slot, "route": route}))
-                .collect::<Vec<_>>()
-        ),
+        map_names::ROUTE_NAMES => owned_rows(pin_dir, |_| Ok(json!({})))?,
         map_names::CONN_COUNTERS => {
             let map = per_cpu::<ConnCounters>(open(pin_dir, name)?)?;
-            let mut rows = Vec::new();
-            for (slot, route) in route_names(pin_dir)? {
+            owned_rows(pin_dir, |slot| {
                 let c = sum_conn(&map, slot)?;
-                rows.push(json!({
-                    "slot": slot, "route": route, "opened": c.opened, "closed": c.closed,
-                    "bytesIn": c.bytes_in, "bytesOut": c.bytes_out, "durationUs": c.duration_us,
-                }));
-            }
-            json!(rows)
+                Ok(json!({
+                    "opened": c.opened, "closed": c.closed, "bytesIn": c.bytes_in,
+                    "bytesOut": c.bytes_out, "durationUs": c.duration_us,
+                }))
+            })?
+        }
+        map_names::CONN_CONNECT_FAILURES => {
+            let map = per_cpu::<u64>(open(pin_dir, name)?)?;
+            owned_rows(pin_dir, |slot| {
+                Ok(json!({"connectFailures": sum_u64(&map, slot)?}))
+            })?
         }
         map_names::CONN_DURATIONS => {
             let map = per_cpu::<ConnDurations>(open(pin_dir, name)?)?;
-            let mut rows = Vec::new();
-            for (slot, route) in route_names(pin_dir)? {
+            owned_rows(pin_dir, |slot| {
                 let buckets = sum_durations(&map, slot)?;
                 // Bucket b: durations below 2^(b+1) microseconds; the last is open-ended.
                 let last = collector_common::CONN_DURATION_BUCKETS - 1;
@@ -233,9 +305,8 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
                         (key, json!(count))
                     })
                     .collect();
-                rows.push(json!({"slot": slot, "route": route, "buckets": nonzero}));
-            }
-            json!(rows)
+                Ok(json!({"buckets": nonzero}))
+            })?
         }
         map_names::ROUTE_TRAFFIC => dump_traffic(pin_dir)?,
         map_names::ERRORS => {
@@ -248,15 +319,13 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         }
         map_names::CONN_STATE => {
             let map = array::<ConnState>(open(pin_dir, name)?)?;
+            let owners: HashMap<u32, String> = route_names(pin_dir)?.into_iter().collect();
             let mut rows = Vec::new();
             for (slot, state) in (0u32..).zip(map.iter()) {
                 let state = state?;
                 if state.cookie != 0 {
-                    rows.push(json!({
-                        "slot": slot, "cookie": state.cookie, "routeSlot": state.route,
-                        "client": client(state.client_addr, state.client_port),
-                        "startNs": state.start_ns,
-                    }));
+                    let owner = owners.get(&state.route).map(String::as_str);
+                    rows.push(conn_state_row(slot, &state, owner));
                 }
             }
             json!(rows)
@@ -306,13 +375,17 @@ fn dump_traffic(pin_dir: &Path) -> anyhow::Result<Value> {
     let name = map_names::ROUTE_TRAFFIC;
     let map = per_cpu::<TrafficCounters>(open(pin_dir, name)?)?;
     let mut rows = Vec::new();
-    for (slot, route) in route_names(pin_dir)? {
+    for (slot, owner) in route_names(pin_dir)? {
         for (dir, direction) in [(DIR_IN, "in"), (DIR_OUT, "out")] {
             let t = sum_traffic(&map, traffic_index(slot, dir))?;
-            rows.push(json!({
-                "slot": slot, "route": route, "direction": direction,
-                "packets": t.packets, "bytes": t.bytes, "payloadBytes": t.payload_bytes,
-            }));
+            rows.push(slot_row(
+                slot,
+                &owner,
+                json!({
+                    "direction": direction, "packets": t.packets, "bytes": t.bytes,
+                    "payloadBytes": t.payload_bytes,
+                }),
+            ));
         }
     }
     Ok(json!(rows))
@@ -465,16 +538,23 @@ pub fn watch(
 
 /// `maps list` as a table for people.
 pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
+    // As wide as the longest name (CONN_CONNECT_FAILURES), so the columns stay in line.
+    let width = rows
+        .iter()
+        .map(|row| row.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     writeln!(
         out,
-        "{:<16} {:<14} {:>5} {:>6} {:>9} {:>8}",
+        "{:<width$} {:<14} {:>5} {:>6} {:>9} {:>8}",
         "NAME", "TYPE", "KEY", "VALUE", "CAPACITY", "IN USE"
     )?;
     for row in rows {
         let in_use = row.in_use.map_or_else(|| "-".to_owned(), |n| n.to_string());
         writeln!(
             out,
-            "{:<16} {:<14} {:>5} {:>6} {:>9} {:>8}",
+            "{:<width$} {:<14} {:>5} {:>6} {:>9} {:>8}",
             row.name, row.kind, row.key_size, row.value_size, row.capacity, in_use
         )?;
     }
@@ -484,6 +564,100 @@ pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_shown_by_their_owner_a_route_or_an_upstream() {
+        let upstream = crate::loader::upstream_slot_owner("app");
+        assert_eq!(slot_owner(&upstream), ("upstream", "app"));
+        assert_eq!(slot_owner("web"), ("route", "web"));
+        assert_eq!(
+            slot_row(1, &upstream, json!({"connectFailures": 2})),
+            json!({"slot": 1, "upstream": "app", "connectFailures": 2})
+        );
+        assert_eq!(
+            slot_row(0, "web", json!({})),
+            json!({"slot": 0, "route": "web"})
+        );
+        // The owner is text, not a number to watch.
+        assert_eq!(
+            flatten(&json!([slot_row(
+                1,
+                &upstream,
+                json!({"connectFailures": 2})
+            )])),
+            [("slot1.connectFailures".to_owned(), 2.0)]
+        );
+    }
+
+    #[test]
+    fn connections_in_the_table_show_whose_they_are_and_their_flags() {
+        let mut state = ConnState {
+            cookie: 77,
+            start_ns: 5,
+            route: 1,
+            flags: conn_flags::UPSTREAM | conn_flags::CONNECTING,
+            client_port: 9000,
+            ..ConnState::default()
+        };
+        state.client_addr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 5]);
+        assert_eq!(
+            conn_state_row(40, &state, Some("upstream/app")),
+            json!({
+                "slot": 40, "cookie": 77, "routeSlot": 1, "upstream": "app",
+                "backend": "10.0.0.5:9000", "flags": ["UPSTREAM", "CONNECTING"], "startNs": 5,
+            })
+        );
+        state.flags = conn_flags::FIN_IN | conn_flags::FIN_OUT | conn_flags::FIN_WAIT2_SEEN;
+        state.client_port = 40_000;
+        state.route = 0;
+        assert_eq!(
+            conn_state_row(41, &state, Some("web")),
+            json!({
+                "slot": 41, "cookie": 77, "routeSlot": 0, "route": "web",
+                "client": "10.0.0.5:40000", "flags": ["FIN_IN", "FIN_OUT", "FIN_WAIT2_SEEN"],
+                "startNs": 5,
+            })
+        );
+        // A slot without a recorded owner; a flag of a newer build.
+        state.flags = 0x40 | conn_flags::UPSTREAM;
+        let row = conn_state_row(42, &state, None);
+        assert_eq!(row["flags"], json!(["UPSTREAM", "0x40"]));
+        assert!(
+            row.get("route").is_none() && row.get("upstream").is_none(),
+            "{row}"
+        );
+        assert_eq!(flag_names(0), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_map_list_keeps_its_columns_in_line_with_long_names() {
+        let row = |name, in_use| MapRow {
+            name,
+            kind: "PerCpuArray".to_owned(),
+            key_size: 4,
+            value_size: 8,
+            capacity: 256,
+            in_use,
+        };
+        let mut text = Vec::new();
+        print_list(
+            &mut text,
+            &[
+                row(map_names::ROUTE_NAMES, Some(2)),
+                row(map_names::CONN_CONNECT_FAILURES, None),
+            ],
+        )
+        .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let column = |line: &str| line.find("PerCpuArray").or_else(|| line.find("TYPE"));
+        assert_eq!(column(lines[0]), column(lines[1]), "{text}");
+        assert_eq!(column(lines[1]), column(lines[2]), "{text}");
+        assert!(
+            lines.iter().all(|line| line.len() == lines[0].len()),
+            "{text}"
+        );
+    }
 
     #[test]
     fn a_refresh_gives_each_number_its_change_per_second() {
