@@ -1,0 +1,508 @@
+//! Privileged integration tests of the upstream statistics: the connections the proxy opens
+//! to its backends (`[[upstreams]]`, by remote port), counted by the real kernel programs in
+//! a network namespace of each test's own, with a backend server in the test and exact counts.
+#![expect(
+    clippy::float_cmp,
+    clippy::cast_precision_loss,
+    reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
+)]
+
+mod support;
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use support::{Agent, AgentConfig, Netns, assert_no_pins, proxy_json, sample, scrape, wait_for};
+
+/// The backend's port, listened on.
+const BACKEND_PORT: u16 = 19000;
+/// The upstream's second port, where nothing listens: every connect to it is refused.
+const REFUSING_PORT: u16 = 19001;
+/// A port in no upstream.
+const UNLISTED_PORT: u16 = 19002;
+/// The route's port, where the test's clients connect to "the proxy".
+const ROUTE_PORT: u16 = 18080;
+
+const CONFIG: &str = r#"
+[[routes]]
+name = "web"
+ports = [18080]
+type = "tcp"
+
+[[upstreams]]
+name = "app"
+ports = [19000, 19001]
+"#;
+
+/// Who closes an upstream connection first: each takes the connecting side through
+/// different TCP states, and the byte counts must be exact on both.
+#[derive(Clone, Copy)]
+enum Closer {
+    Proxy,
+    Backend,
+}
+
+/// The backend, per connection: reads exactly `request` bytes, writes `response` bytes, then
+/// closes either first or after the proxy's FIN.
+fn backend(
+    listener: &TcpListener,
+    request: usize,
+    response: usize,
+    closer: Closer,
+    connections: usize,
+) {
+    for _ in 0..connections {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = vec![0; request];
+        stream.read_exact(&mut buf).unwrap();
+        stream.write_all(&vec![b'r'; response]).unwrap();
+        if let Closer::Proxy = closer {
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+        }
+    }
+}
+
+/// The proxy's side of one upstream connection: send `request` bytes, read `response`
+/// bytes, close (after the backend's FIN if it closes first).
+fn exchange(backend: SocketAddr, request: usize, response: usize, closer: Closer) {
+    let mut stream = TcpStream::connect(backend).unwrap();
+    stream.write_all(&vec![b'q'; request]).unwrap();
+    let mut buf = vec![0; response];
+    stream.read_exact(&mut buf).unwrap();
+    if let Closer::Backend = closer {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+}
+
+/// `count` exchanges with a backend on `address`, both inside `netns`.
+fn traffic(
+    netns: &Netns,
+    address: SocketAddr,
+    count: usize,
+    request: usize,
+    response: usize,
+    closer: Closer,
+) {
+    let listener = netns.run(move || TcpListener::bind(address).unwrap());
+    let server = thread::spawn(move || backend(&listener, request, response, closer, count));
+    netns.run(move || {
+        for _ in 0..count {
+            exchange(address, request, response, closer);
+        }
+    });
+    server.join().unwrap();
+}
+
+/// `count` connects to `address` in `netns`, each refused.
+fn refused(netns: &Netns, address: SocketAddr, count: usize) {
+    netns.run(move || {
+        for _ in 0..count {
+            let err = TcpStream::connect(address).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{address}: {err}");
+        }
+    });
+}
+
+/// A listener on `port` of localhost in `netns`.
+fn listen(netns: &Netns, port: u16) -> TcpListener {
+    netns.run(move || TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap())
+}
+
+/// `count` connections to `listener` from inside `netns`, held open: (the connecting ends,
+/// the accepted ends).
+fn hold_open(
+    netns: &Netns,
+    listener: &TcpListener,
+    count: usize,
+) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let address = listener.local_addr().unwrap();
+    let connected = netns.run(move || {
+        (0..count)
+            .map(|_| TcpStream::connect(address).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let accepted = (0..count).map(|_| listener.accept().unwrap().0).collect();
+    (connected, accepted)
+}
+
+fn at(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::from((ip.into(), port))
+}
+
+/// The sample `name{upstream="app"}`.
+fn app_value(metrics: &str, name: &str) -> f64 {
+    sample(metrics, name, &[("upstream", "app")])
+        .unwrap_or_else(|| panic!("{name}{{upstream=\"app\"}} missing:\n{metrics}"))
+}
+
+/// The upstream "app" of `/api/v1/proxy`.
+fn app_json(json: &serde_json::Value) -> serde_json::Value {
+    let upstreams = json["upstreams"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{json}"));
+    upstreams
+        .iter()
+        .find(|u| u["name"] == "app")
+        .unwrap_or_else(|| panic!("no upstream app: {json}"))
+        .clone()
+}
+
+/// What the upstream "app" shows, the same in `/metrics` and `/api/v1/proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Figures {
+    opened: usize,
+    closed: usize,
+    active: usize,
+    open_from_before_start: usize,
+    connect_failures: usize,
+    received_bytes: usize,
+    sent_bytes: usize,
+}
+
+impl Figures {
+    fn from_metrics(metrics: &str) -> Self {
+        let value = |name: &str| {
+            let value = app_value(metrics, &format!("collector_proxy_upstream_{name}"));
+            assert!(value >= 0.0 && value.fract() == 0.0, "{name} = {value}");
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "checked whole and not negative"
+            )]
+            let value = value as usize;
+            value
+        };
+        Self {
+            opened: value("connections_opened_total"),
+            closed: value("connections_closed_total"),
+            active: value("connections_active"),
+            open_from_before_start: value("connections_open_from_before_start"),
+            connect_failures: value("connect_failures_total"),
+            received_bytes: value("connection_received_bytes_total"),
+            sent_bytes: value("connection_sent_bytes_total"),
+        }
+    }
+
+    fn from_json(app: &serde_json::Value) -> Self {
+        let value = |name: &str| {
+            let value = app[name]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{name} is no count: {app}"));
+            usize::try_from(value).unwrap()
+        };
+        Self {
+            opened: value("opened"),
+            closed: value("closed"),
+            active: value("active"),
+            open_from_before_start: value("openFromBeforeStart"),
+            connect_failures: value("connectFailures"),
+            received_bytes: value("bytesIn"),
+            sent_bytes: value("bytesOut"),
+        }
+    }
+}
+
+/// Waits until `/metrics` shows `expected` for "app", then checks that `/api/v1/proxy`
+/// shows the same: returns that scrape and the upstream's JSON.
+fn wait_for_figures(netns: &Netns, expected: Figures) -> (String, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = scrape(netns);
+        let figures = Figures::from_metrics(&metrics);
+        if figures == expected {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream app: waited for {expected:?}, still {figures:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let app = app_json(&proxy_json(netns));
+    assert_eq!(Figures::from_json(&app), expected, "{app}");
+    (metrics, app)
+}
+
+#[test]
+fn counts_connections_and_bytes_exactly_in_both_closing_orders() {
+    // Per closing order and address family; requests and responses of different sizes.
+    const V4: usize = 50;
+    const V6: usize = 5;
+    const REQUEST: usize = 1_234;
+    const RESPONSE: usize = 56_789;
+    const ALL: usize = 2 * (V4 + V6);
+
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+
+    for closer in [Closer::Proxy, Closer::Backend] {
+        let v4 = at(Ipv4Addr::LOCALHOST, BACKEND_PORT);
+        let v6 = at(Ipv6Addr::LOCALHOST, BACKEND_PORT);
+        traffic(&netns, v4, V4, REQUEST, RESPONSE, closer);
+        traffic(&netns, v6, V6, REQUEST, RESPONSE, closer);
+    }
+
+    let (metrics, app) = wait_for_figures(
+        &netns,
+        Figures {
+            opened: ALL,
+            closed: ALL,
+            received_bytes: ALL * RESPONSE,
+            sent_bytes: ALL * REQUEST,
+            ..Figures::default()
+        },
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_upstream_info",
+            &[("upstream", "app"), ("ports", "19000,19001")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        app_value(
+            &metrics,
+            "collector_proxy_upstream_connection_duration_seconds_count"
+        ),
+        ALL as f64
+    );
+    assert_eq!(
+        app["ports"],
+        serde_json::json!([BACKEND_PORT, REFUSING_PORT])
+    );
+    assert_eq!(app["duration"]["count"], ALL);
+    assert!(app["duration"]["p50"].as_f64().unwrap() > 0.0, "{app}");
+    // The proxy's connections to its backends are no clients' connections.
+    let json = proxy_json(&netns);
+    assert_eq!(json["totalConnections"], 0, "{json}");
+    assert_eq!(json["connectionsByRoute"]["web"], 0, "{json}");
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn counts_refused_connects_as_failures_and_not_as_opened() {
+    const V4: usize = 7;
+    const V6: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+
+    refused(&netns, at(Ipv4Addr::LOCALHOST, REFUSING_PORT), V4);
+    refused(&netns, at(Ipv6Addr::LOCALHOST, REFUSING_PORT), V6);
+    // And one that succeeds, on the upstream's other port.
+    traffic(
+        &netns,
+        at(Ipv4Addr::LOCALHOST, BACKEND_PORT),
+        1,
+        10,
+        20,
+        Closer::Proxy,
+    );
+
+    let (metrics, app) = wait_for_figures(
+        &netns,
+        Figures {
+            opened: 1,
+            closed: 1,
+            connect_failures: V4 + V6,
+            received_bytes: 20,
+            sent_bytes: 10,
+            ..Figures::default()
+        },
+    );
+    // A failed connect has no lifetime.
+    assert_eq!(
+        app_value(
+            &metrics,
+            "collector_proxy_upstream_connection_duration_seconds_count"
+        ),
+        1.0
+    );
+    assert_eq!(app["duration"]["count"], 1);
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn held_connections_are_active_on_the_upstream_and_no_clients() {
+    const HELD: usize = 20;
+    const CLIENTS: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+
+    // Clients of the proxy on its route, and the proxy's connections to the backend, all
+    // between 127.0.0.1 and 127.0.0.1: only the clients' count as clients.
+    let (clients, accepted) = hold_open(&netns, &listen(&netns, ROUTE_PORT), CLIENTS);
+    let (to_backend, at_backend) = hold_open(&netns, &listen(&netns, BACKEND_PORT), HELD);
+
+    wait_for_figures(
+        &netns,
+        Figures {
+            opened: HELD,
+            active: HELD,
+            ..Figures::default()
+        },
+    );
+    let metrics = wait_for("the route's clients", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        let active = sample(
+            &metrics,
+            "collector_proxy_connections_active",
+            &[("route", "web")],
+        );
+        (active == Some(CLIENTS as f64)).then_some(metrics)
+    });
+    for (name, value) in [
+        ("collector_proxy_connections_opened_total", CLIENTS),
+        ("collector_proxy_connections_closed_total", 0),
+        ("collector_proxy_connections_active", CLIENTS),
+    ] {
+        assert_eq!(
+            sample(&metrics, name, &[("route", "web")]),
+            Some(value as f64),
+            "{name}"
+        );
+    }
+    let json = proxy_json(&netns);
+    assert_eq!(json["activeConnections"], CLIENTS, "{json}");
+    assert_eq!(json["totalConnections"], CLIENTS, "{json}");
+    assert_eq!(
+        json["connectionsByRoute"],
+        serde_json::json!({"web": CLIENTS})
+    );
+    assert_eq!(
+        json["connectionsByIP"],
+        serde_json::json!({"127.0.0.1": CLIENTS})
+    );
+    assert_eq!(
+        json["topIPs"],
+        serde_json::json!([{"ip": "127.0.0.1", "connections": CLIENTS, "maxUndercount": 0}])
+    );
+    assert_eq!(app_json(&json)["active"], HELD);
+
+    drop(to_backend);
+    drop(at_backend);
+    wait_for_figures(
+        &netns,
+        Figures {
+            opened: HELD,
+            closed: HELD,
+            ..Figures::default()
+        },
+    );
+    drop(clients);
+    drop(accepted);
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn connections_to_unlisted_ports_and_from_other_namespaces_are_not_counted() {
+    const UNLISTED: usize = 10;
+    const ELSEWHERE: usize = 10;
+    let netns = Netns::new();
+    let other = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+
+    let v4 = |port| at(Ipv4Addr::LOCALHOST, port);
+    traffic(&netns, v4(UNLISTED_PORT), UNLISTED, 10, 20, Closer::Proxy);
+    refused(&netns, v4(UNLISTED_PORT + 1), UNLISTED);
+    // Another namespace with a backend of its own on the upstream's port.
+    traffic(&other, v4(BACKEND_PORT), ELSEWHERE, 10, 20, Closer::Proxy);
+    refused(&other, v4(REFUSING_PORT), ELSEWHERE);
+    let (held_elsewhere, accepted_elsewhere) =
+        hold_open(&other, &listen(&other, BACKEND_PORT), ELSEWHERE);
+
+    // One that counts, made after all of those: once it shows, they would have too.
+    traffic(&netns, v4(BACKEND_PORT), 1, 3, 4, Closer::Proxy);
+    wait_for_figures(
+        &netns,
+        Figures {
+            opened: 1,
+            closed: 1,
+            received_bytes: 4,
+            sent_bytes: 3,
+            ..Figures::default()
+        },
+    );
+    drop(held_elsewhere);
+    drop(accepted_elsewhere);
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn connections_open_from_before_the_start_are_active_until_they_close() {
+    const BEFORE: usize = 4;
+    const AFTER: usize = 2;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let backend = listen(&netns, BACKEND_PORT);
+    let (old, old_accepted) = hold_open(&netns, &backend, BEFORE);
+    let agent = Agent::start(&netns, &config);
+    let (new, new_accepted) = hold_open(&netns, &backend, AFTER);
+
+    let (metrics, _) = wait_for_figures(
+        &netns,
+        Figures {
+            opened: AFTER,
+            active: BEFORE + AFTER,
+            open_from_before_start: BEFORE,
+            ..Figures::default()
+        },
+    );
+    // They are the upstream's, not the route's.
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connections_open_from_before_start",
+            &[("route", "web")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(proxy_json(&netns)["activeConnections"], 0);
+
+    // Their closes are seen by no kernel program: the agent finds them gone, and counts
+    // them as no run's closes.
+    drop(old);
+    drop(old_accepted);
+    wait_for_figures(
+        &netns,
+        Figures {
+            opened: AFTER,
+            active: AFTER,
+            ..Figures::default()
+        },
+    );
+    drop(new);
+    drop(new_accepted);
+    wait_for_figures(
+        &netns,
+        Figures {
+            opened: AFTER,
+            closed: AFTER,
+            ..Figures::default()
+        },
+    );
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
