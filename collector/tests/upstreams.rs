@@ -133,6 +133,14 @@ fn hold_open(
     (connected, accepted)
 }
 
+/// 192.0.2.0/24 (TEST-NET-1) on a veth from `netns` to a namespace of its own, where no
+/// one has 192.0.2.2: a connect to it waits for an ARP answer that never comes.
+fn unanswered_network(netns: &Netns) -> Netns {
+    let silent = Netns::new();
+    support::veth(netns, "up0", "192.0.2.1/24", &silent, "up1", "192.0.2.3/24");
+    silent
+}
+
 fn at(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::from((ip.into(), port))
 }
@@ -293,15 +301,25 @@ fn counts_connections_and_bytes_exactly_in_both_closing_orders() {
 }
 
 #[test]
-fn counts_refused_connects_as_failures_and_not_as_opened() {
+fn counts_refused_and_abandoned_connects_as_failures_and_not_as_opened() {
     const V4: usize = 7;
     const V6: usize = 3;
+    const ABANDONED: usize = 2;
     let netns = Netns::new();
     let config = AgentConfig::new(CONFIG);
     let agent = Agent::start(&netns, &config);
 
     refused(&netns, at(Ipv4Addr::LOCALHOST, REFUSING_PORT), V4);
     refused(&netns, at(Ipv6Addr::LOCALHOST, REFUSING_PORT), V6);
+    // Backends behind an interface that answers nothing: the proxy gives up on each connect.
+    let _silent = unanswered_network(&netns);
+    netns.run(|| {
+        for _ in 0..ABANDONED {
+            let backend = at(Ipv4Addr::new(192, 0, 2, 2), BACKEND_PORT);
+            let err = TcpStream::connect_timeout(&backend, Duration::from_millis(100)).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+        }
+    });
     // And one that succeeds, on the upstream's other port.
     traffic(
         &netns,
@@ -317,7 +335,7 @@ fn counts_refused_connects_as_failures_and_not_as_opened() {
         Figures {
             opened: 1,
             closed: 1,
-            connect_failures: V4 + V6,
+            connect_failures: V4 + V6 + ABANDONED,
             received_bytes: 20,
             sent_bytes: 10,
             ..Figures::default()
