@@ -52,9 +52,9 @@ pub mod map_names {
     /// `Array<u32>`, [`super::PORT_SLOTS`] entries: remote TCP port → upstream slot + 1
     /// (upstreams share the route slots). Written at every start, like [`ROUTE_BY_PORT`].
     pub const UPSTREAM_BY_PORT: &str = "UPSTREAM_BY_PORT";
-    /// `PerCpuArray<u64>`, `MAX_ROUTES` entries: connects to an upstream's port that closed
-    /// before their handshake completed (refused, timed out, unreachable, abandoned).
-    pub const CONN_CONNECT_FAILURES: &str = "CONN_CONNECT_FAILURES";
+    /// `PerCpuArray<UpstreamCounters>`, `MAX_ROUTES` entries: the connects of each
+    /// upstream's slot (a route's slots stay 0).
+    pub const UPSTREAM_COUNTERS: &str = "UPSTREAM_COUNTERS";
     /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
     /// in a slot found from its socket cookie (see [`super::conn_slot`]). Memory-mappable:
     /// the agent counts the open connections per client in it at every poll.
@@ -120,7 +120,7 @@ pub const PINNED_MAPS: [&str; 12] = [
     map_names::ROUTE_NAMES,
     map_names::CONN_COUNTERS,
     map_names::CONN_DURATIONS,
-    map_names::CONN_CONNECT_FAILURES,
+    map_names::UPSTREAM_COUNTERS,
     map_names::CONN_STATE,
     map_names::ROUTE_TRAFFIC,
     map_names::ERRORS,
@@ -700,6 +700,18 @@ pub struct ConnCounters {
     pub duration_us: u64,
 }
 
+/// The connects of one upstream (summed over CPUs by the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamCounters {
+    /// Connects to the upstream's ports that closed before their handshake completed.
+    pub connect_failures: u64,
+    /// Connects followed and not yet established or failed: 1 added on the connect's CPU,
+    /// 1 taken off (a wrapping add) on whichever CPU ends it, so only the sum over CPUs
+    /// means something, and it is exact. They hold slots of the connection table.
+    pub connecting: u64,
+}
+
 /// Closed connections of one route by duration ([`duration_bucket`]): one value per route,
 /// so that a poll reads a route's histogram with one lookup.
 #[repr(C)]
@@ -851,6 +863,7 @@ const _: () = assert!(core::mem::offset_of!(ConnState, route) == 32);
 const _: () = assert!(core::mem::offset_of!(ConnState, client_port) == 44);
 const _: () = assert!(CONN_TABLE_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<ConnEvent>() == 72);
+const _: () = assert!(size_of::<UpstreamCounters>() == 16);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
 const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 12));
@@ -930,6 +943,8 @@ mod pod {
     unsafe impl aya::Pod for super::RouteName {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UpstreamCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnDurations {}
     // SAFETY: as above.

@@ -29,9 +29,9 @@ use collector_common::{
 };
 
 use crate::{
-    CLIENT_EVENTS, CONN_CLIENTS, CONN_CLIENTS_BUSY, CONN_CONNECT_FAILURES, CONN_COUNTERS,
-    CONN_DURATIONS, CONN_EVENTS, CONN_STATE, CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT,
-    UPSTREAM_BY_PORT, UPSTREAMS_WATCHED, add, count_error,
+    CLIENT_EVENTS, CONN_CLIENTS, CONN_CLIENTS_BUSY, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS,
+    CONN_STATE, CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT, UPSTREAM_BY_PORT,
+    UPSTREAM_COUNTERS, UPSTREAMS_WATCHED, add, count_error,
     tally::{Tally, tally},
 };
 
@@ -205,7 +205,8 @@ fn follow_upstream(
 }
 
 /// A connect to an upstream's port: followed from here, so that a close before the
-/// handshake completes counts as a failure. A full table leaves it to [`on_connected`].
+/// handshake completes counts as a failure, and counted as connecting until then (it holds
+/// a slot of the table). A full table leaves it to [`on_connected`].
 fn on_connect(ctx: &SockOpsContext) {
     let Some(slot) = upstream_slot(ctx) else {
         return;
@@ -213,7 +214,9 @@ fn on_connect(ctx: &SockOpsContext) {
     if !in_counted_netns(ctx) {
         return;
     }
-    let _ = follow_upstream(ctx, socket_cookie(ctx), slot, conn_flags::CONNECTING);
+    if follow_upstream(ctx, socket_cookie(ctx), slot, conn_flags::CONNECTING).is_some() {
+        add_connecting(slot, 1);
+    }
 }
 
 /// An upstream connection established: counted opened, its lifetime measured from now. One
@@ -226,21 +229,37 @@ fn on_connected(ctx: &SockOpsContext) {
     if !in_counted_netns(ctx) {
         return;
     }
-    let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) else {
-        return;
-    };
-    // SAFETY: this CPU's value of our per-CPU map.
-    let opened = unsafe { &raw mut (*counters).opened };
     let cookie = socket_cookie(ctx);
-    if let Some(entry) = find(cookie) {
+    // Counted in the slot the connect took, where its close will count: the port map names
+    // another after a restart that gave the port to another upstream.
+    let slot = if let Some(entry) = find(cookie) {
         // SAFETY: the slot this socket claimed at its connect.
         let state = unsafe { &mut *entry };
         state.start_ns = ktime_ns();
-        state.flags &= !conn_flags::CONNECTING;
-    } else if follow_upstream(ctx, cookie, slot, 0).is_none() {
-        count_error(error_kind::CONN_TABLE_FULL);
+        if state.flags & conn_flags::CONNECTING != 0 {
+            state.flags &= !conn_flags::CONNECTING;
+            add_connecting(state.route, u64::MAX);
+        }
+        state.route
+    } else {
+        if follow_upstream(ctx, cookie, slot, 0).is_none() {
+            count_error(error_kind::CONN_TABLE_FULL);
+        }
+        slot
+    };
+    if let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's value of our per-CPU map.
+        add(unsafe { &raw mut (*counters).opened }, 1);
     }
-    add(opened, 1);
+}
+
+/// Adds `n` (`u64::MAX` takes one off) to the upstream's connects in progress on this CPU.
+#[inline(always)]
+fn add_connecting(slot: u32, n: u64) {
+    if let Some(counters) = UPSTREAM_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's value of our per-CPU map.
+        add(unsafe { &raw mut (*counters).connecting }, n);
+    }
 }
 
 /// Counts a connection for its client in this CPU's slot for it. A client new to the slot
@@ -315,10 +334,14 @@ fn on_state_change(ctx: &SockOpsContext) {
             state.flags |= conn_flags::FIN_OUT | conn_flags::FIN_WAIT2_SEEN;
             state.rcv_nxt_fin_wait2 = tcp(ctx).rcv_nxt;
         }
-        BPF_TCP_CLOSE if upstreams_watched() && state.flags & conn_flags::CONNECTING != 0 => {
-            if let Some(failures) = CONN_CONNECT_FAILURES.get_ptr_mut(state.route) {
-                add(failures, 1);
+        // Read from the slot, not from `upstreams_watched()`: a restart after a crash may
+        // drop the upstreams while their connections are still in the table.
+        BPF_TCP_CLOSE if state.flags & conn_flags::CONNECTING != 0 => {
+            if let Some(counters) = UPSTREAM_COUNTERS.get_ptr_mut(state.route) {
+                // SAFETY: this CPU's value of our per-CPU map.
+                add(unsafe { &raw mut (*counters).connect_failures }, 1);
             }
+            add_connecting(state.route, u64::MAX);
             release(entry, cookie);
         }
         BPF_TCP_CLOSE => {
@@ -359,7 +382,7 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
         .saturating_sub(u64::from(flags & conn_flags::FIN_IN != 0));
     // The connecting side's SYN was acknowledged too, and counted in `bytes_acked` (the
     // accepting side's SYN-ACK is not: its ACK sets `snd_una` directly).
-    let upstream = upstreams_watched() && flags & conn_flags::UPSTREAM != 0;
+    let upstream = flags & conn_flags::UPSTREAM != 0;
     let syn_out = u64::from(upstream);
     let bytes_out = sock
         .bytes_acked

@@ -33,7 +33,8 @@ use collector_common::{
     ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
     DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
     ERROR_KINDS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS,
-    PORT_SLOTS, RouteName, TALLY_SLOTS_PER_CPU, TrafficCounters, local_address_set_bits,
+    PORT_SLOTS, RouteName, TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters,
+    local_address_set_bits,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
@@ -76,7 +77,8 @@ static CONN_DURATIONS: PerCpuArray<ConnDurations, { MAX_ROUTES as usize }> = Per
 #[btf_map]
 static UPSTREAM_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();
 #[btf_map]
-static CONN_CONNECT_FAILURES: PerCpuArray<u64, { MAX_ROUTES as usize }> = PerCpuArray::new();
+static UPSTREAM_COUNTERS: PerCpuArray<UpstreamCounters, { MAX_ROUTES as usize }> =
+    PerCpuArray::new();
 #[btf_map]
 static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();

@@ -143,6 +143,8 @@ pub struct UpstreamStats {
     /// Connects that closed before their handshake completed (refused, timed out,
     /// unreachable, or given up by the proxy).
     pub connect_failures: u64,
+    /// Connects waiting for their handshake now.
+    pub connects_in_progress: u64,
     /// Payload bytes of closed connections, received from the upstream.
     pub bytes_in: u64,
     /// Payload bytes of closed connections, sent to the upstream (and acknowledged).
@@ -161,7 +163,8 @@ fn upstream_stats(upstream: &UpstreamSnapshot) -> UpstreamStats {
         closed: conn.closed,
         active: upstream.active(),
         open_from_before_start: upstream.open_from_before,
-        connect_failures: upstream.totals.connect_failures,
+        connect_failures: upstream.totals.connects.connect_failures,
+        connects_in_progress: upstream.totals.connects.connecting,
         bytes_in: conn.bytes_in,
         bytes_out: conn.bytes_out,
         connections_per_second: RateWindows::new(upstream.connection_rates, None),
@@ -601,6 +604,7 @@ mod tests {
                 "active": 2,
                 "openFromBeforeStart": 1,
                 "connectFailures": 2,
+                "connectsInProgress": 1,
                 "bytesIn": 7000,
                 "bytesOut": 600,
                 "connectionsPerSecond": {"instant": 0.5, "recent": 0.0, "average": 0.0},

@@ -518,11 +518,13 @@ fn routes(config: &Config) -> Verdict {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let mut detail = listed(&mut config.routes.iter().map(|r| (&r.name, &r.ports)));
-    if !config.upstreams.is_empty() {
-        let upstreams = listed(&mut config.upstreams.iter().map(|u| (&u.name, &u.ports)));
-        detail = format!("{detail}; upstreams {upstreams}");
-    }
+    let routes = listed(&mut config.routes.iter().map(|r| (&r.name, &r.ports)));
+    let upstreams = listed(&mut config.upstreams.iter().map(|u| (&u.name, &u.ports)));
+    let detail = match (routes.is_empty(), upstreams.is_empty()) {
+        (_, true) => routes,
+        (true, false) => format!("upstreams {upstreams}"),
+        (false, false) => format!("{routes}; upstreams {upstreams}"),
+    };
     Verdict {
         name: "routes",
         status: Status::Pass,
@@ -608,6 +610,11 @@ mod tests {
             "[[routes]]\nname = \"web\"\nports = [80]\n[[upstreams]]\nname = \"app\"\nports = [8080, 9000]\n",
         );
         assert_eq!(verdict.detail, "web (80); upstreams app (8080, 9000)");
+        let verdict = without("[[upstreams]]\nname = \"app\"\nports = [8080]\n");
+        assert_eq!(
+            (verdict.status, verdict.detail.as_str()),
+            (Status::Pass, "upstreams app (8080)")
+        );
     }
 
     #[test]

@@ -790,10 +790,11 @@ fn upstream_table(out: &mut String, json: &Value) {
     };
     let _ = writeln!(
         out,
-        "\n{:<16} {:<11} {:>8} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
+        "\n{:<16} {:<11} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
         "UPSTREAM",
         "PORTS",
         "ACTIVE",
+        "CONNECTING",
         "OPENED",
         "CLOSED",
         "FAILED",
@@ -813,10 +814,11 @@ fn upstream_table(out: &mut String, json: &Value) {
             .join(",");
         let _ = writeln!(
             out,
-            "{:<16} {:<11} {:>8} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
+            "{:<16} {:<11} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
             upstream["name"].as_str().unwrap_or(""),
             ports,
             count(&upstream["active"]),
+            count(&upstream["connectsInProgress"]),
             count(&upstream["opened"]),
             count(&upstream["closed"]),
             count(&upstream["connectFailures"]),
@@ -1262,7 +1264,8 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         assert_eq!(
             app.split_whitespace().collect::<Vec<_>>(),
             [
-                "app", "9000", "2", "4", "3", "2", "33.3", "%", "7000", "600", "0.0008", "0.0010"
+                "app", "9000", "2", "1", "4", "3", "2", "33.3", "%", "7000", "600", "0.0008",
+                "0.0010"
             ],
             "{table}"
         );
@@ -1270,6 +1273,7 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         let header = lines[heading];
         for (heading, value) in [
             ("ACTIVE", " 2"),
+            ("CONNECTING", " 1"),
             ("FAILED", " 2"),
             ("FAIL %", "33.3 %"),
             ("OUT BYTES", " 600"),
@@ -1292,6 +1296,7 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             [
                 "db",
                 "5432,5433",
+                "0",
                 "0",
                 "0",
                 "0",

@@ -728,7 +728,14 @@ fn validate_routes(source: &Source<'_>, raw: &[RawRoute]) -> Result<Vec<Route>, 
             .iter()
             .map(|r| (r.name.as_str(), r.ports.as_slice()))
             .collect();
-        let (name, ports) = named_ports(source, "route", &route.name, &route.ports, &earlier)?;
+        let (name, ports) = named_ports(
+            source,
+            "route",
+            ROUTE_NAME_MAX,
+            &route.name,
+            &route.ports,
+            &earlier,
+        )?;
         let kind = match &route.kind {
             None => RouteKind::Tcp,
             Some(kind) => RouteKind::ALL
@@ -773,6 +780,7 @@ fn validate_upstreams(
         let (name, ports) = named_ports(
             source,
             "upstream",
+            UPSTREAM_NAME_MAX,
             &upstream.name,
             &upstream.ports,
             &earlier,
@@ -782,18 +790,26 @@ fn validate_upstreams(
     Ok(upstreams)
 }
 
+/// Longest route name: the kernel records a slot's owner in 63 bytes.
+const ROUTE_NAME_MAX: usize = 63;
+/// Longest upstream name: recorded as `upstream/NAME` in the same 63 bytes (a longer one
+/// would read back cut, and lose its slot at the next start).
+const UPSTREAM_NAME_MAX: usize = ROUTE_NAME_MAX - "upstream/".len();
+
 /// The name and ports of a route or upstream (`what`), checked against the `earlier` ones of
-/// its kind: a valid name used once, one or more ports, each in one of them only.
+/// its kind: a valid name of up to `max_len` characters used once, one or more ports, each
+/// in one of them only.
 fn named_ports(
     source: &Source<'_>,
     what: &str,
+    max_len: usize,
     name: &Spanned<String>,
     ports: &Spanned<Vec<Spanned<u16>>>,
     earlier: &[(&str, &[u16])],
 ) -> Result<(String, Vec<u16>), ConfigError> {
     let text = name.get_ref();
     let name_ok = !text.is_empty()
-        && text.len() <= 63
+        && text.len() <= max_len
         && text
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -801,7 +817,7 @@ fn named_ports(
         return Err(source.at(
             name,
             format!(
-                "{what} name {text:?} is not valid: 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '-'"
+                "{what} name {text:?} is not valid: 1 to {max_len} characters of A-Z, a-z, 0-9, '_', '.', '-'"
             ),
         ));
     }
@@ -1236,6 +1252,19 @@ match_every = 1
             "[[upstreams]]\nname = \"a/b\"\nports = [9000]\n",
             2,
             "upstream name \"a/b\" is not valid",
+        );
+        // Recorded as upstream/NAME in the kernel's 63 bytes: 54 fit, 55 would read back cut.
+        let named = |len: usize| {
+            format!(
+                "[[upstreams]]\nname = \"{}\"\nports = [9000]\n",
+                "u".repeat(len)
+            )
+        };
+        assert!(Config::from_toml("t", &named(54)).is_ok());
+        assert_error(&named(55), 2, "1 to 54 characters");
+        assert_eq!(
+            crate::loader::upstream_slot_owner(&"u".repeat(54)).len(),
+            63
         );
         assert_error(
             "[[upstreams]]\nname = \"app\"\nports = []\n",

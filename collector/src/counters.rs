@@ -4,7 +4,7 @@
 use aya::maps::{MapData, PerCpuArray};
 use collector_common::{
     CONN_DURATION_BUCKETS, ConnCounters, ConnDurations, DIR_IN, DIR_OUT, DnsCounters, ERROR_KINDS,
-    TrafficCounters, traffic_index,
+    TrafficCounters, UpstreamCounters, traffic_index,
 };
 
 use crate::loader::{KernelMaps, WatchedRoute, WatchedUpstream};
@@ -38,8 +38,8 @@ pub struct UpstreamTotals {
     /// Connections established to the upstream's ports, and their close accounting.
     pub conn: ConnCounters,
     pub durations: [u64; CONN_DURATION_BUCKETS as usize],
-    /// Connects that closed before their handshake completed.
-    pub connect_failures: u64,
+    /// Connects that closed before their handshake completed, and those in their handshake.
+    pub connects: UpstreamCounters,
 }
 
 impl Default for UpstreamTotals {
@@ -47,7 +47,7 @@ impl Default for UpstreamTotals {
         Self {
             conn: ConnCounters::default(),
             durations: [0; CONN_DURATION_BUCKETS as usize],
-            connect_failures: 0,
+            connects: UpstreamCounters::default(),
         }
     }
 }
@@ -99,6 +99,21 @@ pub fn sum_durations(
         }
     }
     Ok(totals)
+}
+
+/// One upstream's connects, summed over CPUs (wrapping: `connecting` is raised on one CPU
+/// and lowered on another).
+pub fn sum_upstream(
+    map: &PerCpuArray<MapData, UpstreamCounters>,
+    index: u32,
+) -> Result<UpstreamCounters, aya::maps::MapError> {
+    Ok(map
+        .get(&index, 0)?
+        .iter()
+        .fold(UpstreamCounters::default(), |acc, v| UpstreamCounters {
+            connect_failures: acc.connect_failures.wrapping_add(v.connect_failures),
+            connecting: acc.connecting.wrapping_add(v.connecting),
+        }))
 }
 
 /// One entry of a per-CPU connection counter array, summed over CPUs.
@@ -174,7 +189,7 @@ pub fn read(
         totals.upstreams.push(UpstreamTotals {
             conn: sum_conn(&maps.conn_counters, upstream.slot)?,
             durations: sum_durations(&maps.conn_durations, upstream.slot)?,
-            connect_failures: sum_u64(&maps.connect_failures, upstream.slot)?,
+            connects: sum_upstream(&maps.upstream_counters, upstream.slot)?,
         });
     }
     for (kind, count) in (0..ERROR_KINDS).zip(totals.errors.iter_mut()) {

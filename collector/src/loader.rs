@@ -29,8 +29,8 @@ use collector_common::{
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE,
     GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
-    RouteName, TrafficCounters, dns_match_below, local_address_set_bits, map_names, port_bit,
-    program_names, tally_table_len, traffic_index,
+    RouteName, TrafficCounters, UpstreamCounters, dns_match_below, local_address_set_bits,
+    map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -123,7 +123,7 @@ pub fn upstream_slot_owner(name: &str) -> String {
 pub struct KernelMaps {
     pub conn_counters: PerCpuArray<MapData, ConnCounters>,
     pub conn_durations: PerCpuArray<MapData, ConnDurations>,
-    pub connect_failures: PerCpuArray<MapData, u64>,
+    pub upstream_counters: PerCpuArray<MapData, UpstreamCounters>,
     pub route_traffic: PerCpuArray<MapData, TrafficCounters>,
     pub errors: PerCpuArray<MapData, u64>,
     pub dns_counters: PerCpuArray<MapData, DnsCounters>,
@@ -216,6 +216,7 @@ impl Attachment {
         )?;
         remove_if_namespace_gone(&pin_dir, own_netns)?;
         orphans::reap_siblings(&pin_dir, own_netns);
+        remove_unowned_pins(&map_dir)?;
         check_pinned_maps(&pin_dir, own_netns)?;
         let inherited = PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
 
@@ -542,7 +543,7 @@ impl Attachment {
             conn_counters: take_map(&mut self.ebpf, map_names::CONN_COUNTERS)?,
             conn_durations: take_map(&mut self.ebpf, map_names::CONN_DURATIONS)?,
             route_traffic: take_map(&mut self.ebpf, map_names::ROUTE_TRAFFIC)?,
-            connect_failures: take_map(&mut self.ebpf, map_names::CONN_CONNECT_FAILURES)?,
+            upstream_counters: take_map(&mut self.ebpf, map_names::UPSTREAM_COUNTERS)?,
             errors: take_map(&mut self.ebpf, map_names::ERRORS)?,
             dns_counters: take_map(&mut self.ebpf, map_names::DNS_COUNTERS)?,
         })
@@ -824,7 +825,12 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
             remove_if_present(&entry?.path())?;
         }
     }
-    for name in PINNED_MAPS {
+    // The owner last: pins left without it by a stop cut short are not adopted again
+    // ([`remove_unowned_pins`]).
+    let (owner, counters): (Vec<&str>, Vec<&str>) = PINNED_MAPS
+        .iter()
+        .partition(|&&name| name == map_names::PIN_OWNER);
+    for name in counters.into_iter().chain(owner) {
         remove_if_present(&map_dir.join(name))?;
     }
     for dir in [links_dir.as_path(), map_dir.as_path(), pin_dir] {
@@ -1037,6 +1043,27 @@ const SHORT_LIVED_MAPS: [&str; 3] = [
 /// that an upgrade over a crashed older build's pins keeps its counters; its programs
 /// write on into the old map until this start replaces their links. Nothing is unpinned
 /// unless every counter map fits and the pins are this namespace's (or no one's yet).
+/// Removes pinned maps that no collector owns: without `PIN_OWNER` (pinned with the others
+/// at every load, removed last at a clean stop) they are what an older build's clean stop
+/// left, the maps it did not know. Adopting one would carry stale counts (a rollback after
+/// a crash, then a roll forward, brought back the old connect failures).
+fn remove_unowned_pins(map_dir: &Path) -> anyhow::Result<()> {
+    if map_dir.join(map_names::PIN_OWNER).exists() {
+        return Ok(());
+    }
+    for name in PINNED_MAPS {
+        let path = map_dir.join(name);
+        if path.exists() {
+            remove_if_present(&path)?;
+            tracing::warn!(
+                "removed {}, which no collector owned (left by an older build's stop)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")?;
@@ -1247,11 +1274,7 @@ fn zero_per_cpu<T: aya::Pod + Default>(
 fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
     zero_per_cpu::<ConnCounters>(ebpf, map_names::CONN_COUNTERS, std::iter::once(slot))?;
     zero_per_cpu::<ConnDurations>(ebpf, map_names::CONN_DURATIONS, std::iter::once(slot))?;
-    zero_per_cpu::<u64>(
-        ebpf,
-        map_names::CONN_CONNECT_FAILURES,
-        std::iter::once(slot),
-    )?;
+    zero_per_cpu::<UpstreamCounters>(ebpf, map_names::UPSTREAM_COUNTERS, std::iter::once(slot))?;
     zero_per_cpu::<TrafficCounters>(
         ebpf,
         map_names::ROUTE_TRAFFIC,

@@ -14,14 +14,14 @@ use anyhow::bail;
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters,
-    DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters, conn_flags,
-    map_names, traffic_index,
+    DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters,
+    UpstreamCounters, conn_flags, map_names, traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    counters::{sum_conn, sum_dns, sum_durations, sum_traffic, sum_u64},
+    counters::{sum_conn, sum_dns, sum_durations, sum_traffic, sum_u64, sum_upstream},
     dns::{OPCODE_NAMES, RCODE_NAMES, qtype_name},
     output, paths, privileges,
 };
@@ -281,10 +281,11 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
                 }))
             })?
         }
-        map_names::CONN_CONNECT_FAILURES => {
-            let map = per_cpu::<u64>(open(pin_dir, name)?)?;
+        map_names::UPSTREAM_COUNTERS => {
+            let map = per_cpu::<UpstreamCounters>(open(pin_dir, name)?)?;
             owned_rows(pin_dir, |slot| {
-                Ok(json!({"connectFailures": sum_u64(&map, slot)?}))
+                let c = sum_upstream(&map, slot)?;
+                Ok(json!({"connectFailures": c.connect_failures, "connecting": c.connecting}))
             })?
         }
         map_names::CONN_DURATIONS => {
@@ -538,7 +539,7 @@ pub fn watch(
 
 /// `maps list` as a table for people.
 pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
-    // As wide as the longest name (CONN_CONNECT_FAILURES), so the columns stay in line.
+    // As wide as the longest name (DNS_UPSTREAM_LATEST), so the columns stay in line.
     let width = rows
         .iter()
         .map(|row| row.name.len())
@@ -644,7 +645,7 @@ mod tests {
             &mut text,
             &[
                 row(map_names::ROUTE_NAMES, Some(2)),
-                row(map_names::CONN_CONNECT_FAILURES, None),
+                row(map_names::UPSTREAM_COUNTERS, None),
             ],
         )
         .unwrap();

@@ -325,7 +325,19 @@ fn encode_upstreams(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt
         None,
         upstreams
             .iter()
-            .map(|u| (upstream_labels(u), u.totals.connect_failures)),
+            .map(|u| (upstream_labels(u), u.totals.connects.connect_failures)),
+    )?;
+    gauges(
+        encoder,
+        "collector_proxy_upstream_connects_in_progress",
+        "Connects to the upstream's ports waiting for their handshake now (a backend that stopped answering SYNs shows here before the failures); each holds a slot of the connection table.",
+        None,
+        upstreams.iter().map(|u| {
+            (
+                upstream_labels(u),
+                i64::try_from(u.totals.connects.connecting).unwrap_or(i64::MAX),
+            )
+        }),
     )
 }
 
@@ -1123,6 +1135,7 @@ mod tests {
                 "connection_sent_bytes counter",
                 "connection_duration_seconds histogram",
                 "connect_failures counter",
+                "connects_in_progress gauge",
             ]
         );
         assert!(!text.contains("upstream="), "{text}");

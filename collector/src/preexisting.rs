@@ -25,10 +25,17 @@ enum Owner {
 struct Ports {
     route_of_port: HashMap<u16, usize>,
     upstream_of_port: HashMap<u16, usize>,
+    /// Local ports with a listening socket: a connection on one was accepted, so it is no
+    /// upstream's whatever its remote port (a client's source port can be 9000 too).
+    listening: HashSet<u16>,
 }
 
 impl Ports {
-    fn new(routes: &[WatchedRoute], upstreams: &[WatchedUpstream]) -> Self {
+    fn new(
+        routes: &[WatchedRoute],
+        upstreams: &[WatchedUpstream],
+        listening: HashSet<u16>,
+    ) -> Self {
         let by_port = |ports: &mut dyn Iterator<Item = (usize, &Vec<u16>)>| -> HashMap<u16, usize> {
             ports
                 .flat_map(|(index, ports)| ports.iter().map(move |&port| (port, index)))
@@ -37,20 +44,22 @@ impl Ports {
         Self {
             route_of_port: by_port(&mut routes.iter().map(|r| &r.ports).enumerate()),
             upstream_of_port: by_port(&mut upstreams.iter().map(|u| &u.ports).enumerate()),
+            listening,
         }
     }
 
     /// A socket on a route port is the route's (an accepted connection); otherwise one to an
-    /// upstream port is the upstream's.
+    /// upstream port that was not accepted is the upstream's.
     fn owner(&self, socket: &OpenSocket) -> Option<Owner> {
-        self.route_of_port
-            .get(&socket.local_port)
-            .map(|&index| Owner::Route(index))
-            .or_else(|| {
-                self.upstream_of_port
-                    .get(&socket.remote_port)
-                    .map(|&index| Owner::Upstream(index))
-            })
+        if let Some(&index) = self.route_of_port.get(&socket.local_port) {
+            return Some(Owner::Route(index));
+        }
+        if self.listening.contains(&socket.local_port) {
+            return None;
+        }
+        self.upstream_of_port
+            .get(&socket.remote_port)
+            .map(|&index| Owner::Upstream(index))
     }
 }
 
@@ -76,7 +85,13 @@ impl Preexisting {
         upstreams: &[WatchedUpstream],
         tracked: impl FnOnce() -> anyhow::Result<HashSet<u64>>,
     ) -> anyhow::Result<Self> {
-        let ports = Ports::new(routes, upstreams);
+        // Only upstreams need telling accepted connections from connected ones.
+        let listening = if upstreams.is_empty() {
+            HashSet::new()
+        } else {
+            sock_diag::listening_ports()?
+        };
+        let ports = Ports::new(routes, upstreams, listening);
         let before = sock_diag::open_tcp_connections()?;
         let tracked = tracked()?;
         let after = sock_diag::open_tcp_connections()?;
@@ -165,6 +180,7 @@ mod tests {
         let ports = Ports {
             route_of_port: HashMap::from([(80, 0), (443, 1)]),
             upstream_of_port: HashMap::new(),
+            listening: HashSet::new(),
         };
         let before = vec![
             socket(1, 80),  // open from before, still open: kept
@@ -192,6 +208,7 @@ mod tests {
         let ports = Ports {
             route_of_port: HashMap::from([(8080, 0)]),
             upstream_of_port: HashMap::from([(9000, 0), (8080, 1)]),
+            listening: HashSet::from([8080, 22]),
         };
         let socket = |local_port, remote_port| OpenSocket {
             cookie: 1,
@@ -205,6 +222,8 @@ mod tests {
         // The proxy's connection to a backend on 8080 (an upstream port too).
         assert_eq!(ports.owner(&socket(41000, 8080)), Some(Owner::Upstream(1)));
         assert_eq!(ports.owner(&socket(41000, 22)), None);
+        // Accepted on a listening port that is no route's (ssh), from a client port 9000.
+        assert_eq!(ports.owner(&socket(22, 9000)), None);
         let preexisting = Preexisting {
             open: HashMap::from([
                 (1, Owner::Upstream(1)),

@@ -341,7 +341,10 @@ fn example_upstream() -> UpstreamSnapshot {
             duration_us: 2_400,
         },
         durations,
-        connect_failures: 2,
+        connects: collector_common::UpstreamCounters {
+            connect_failures: 2,
+            connecting: 1,
+        },
     };
     UpstreamSnapshot {
         upstream: WatchedUpstream {
@@ -385,7 +388,11 @@ impl Snapshot {
     /// those the full table turned away (counted opened, never tracked).
     #[must_use]
     pub fn tracked_connections(&self) -> u64 {
-        let upstreams = self.upstreams.iter().map(UpstreamSnapshot::tracked);
+        // Connects in their handshake hold slots too.
+        let upstreams = self
+            .upstreams
+            .iter()
+            .map(|u| u.tracked() + u.totals.connects.connecting);
         self.routes
             .iter()
             .map(RouteSnapshot::tracked)

@@ -1,7 +1,7 @@
 //! The TCP sockets of this network namespace, listed over `NETLINK_SOCK_DIAG` (`inet_diag`):
 //! one dump per address family, no privilege needed.
 
-use std::io;
+use std::{collections::HashSet, io};
 
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
@@ -20,6 +20,8 @@ const MESSAGE_LEN: usize = 72;
 /// TCP states of a connection past its handshake and not yet closed: established, the two
 /// FIN waits, close wait, last ACK, closing.
 const OPEN_STATES: u32 = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 9 | 1 << 11;
+/// `TCP_LISTEN`.
+const LISTEN_STATE: u32 = 1 << 10;
 
 /// An open TCP connection: the socket's cookie (the one BPF programs read) and its ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,28 +33,47 @@ pub struct OpenSocket {
 
 /// Every open TCP connection of this namespace, IPv4 and IPv6.
 pub fn open_tcp_connections() -> io::Result<Vec<OpenSocket>> {
+    tcp_sockets(OPEN_STATES)
+}
+
+/// The local ports of this namespace's listening TCP sockets: a connection on one of them
+/// was accepted, not connected.
+pub fn listening_ports() -> io::Result<HashSet<u16>> {
+    Ok(tcp_sockets(LISTEN_STATE)?
+        .into_iter()
+        .map(|socket| socket.local_port)
+        .collect())
+}
+
+/// The TCP sockets of this namespace in `states` (a bit per TCP state), IPv4 and IPv6.
+fn tcp_sockets(states: u32) -> io::Result<Vec<OpenSocket>> {
     let mut found = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         let family = u8::try_from(family).map_err(io::Error::other)?;
-        netlink_dump::exchange(NETLINK_SOCK_DIAG, &request(family), |kind, message| {
-            let Some(body) = message.get(HEADER..HEADER + MESSAGE_LEN) else {
-                return;
-            };
-            if kind == SOCK_DIAG_BY_FAMILY {
-                let word =
-                    |at: usize| u32::from_ne_bytes(body[at..at + 4].try_into().unwrap_or([0; 4]));
-                found.push(OpenSocket {
-                    cookie: u64::from(word(COOKIE_AT)) | u64::from(word(COOKIE_AT + 4)) << 32,
-                    local_port: u16::from_be_bytes([body[SPORT_AT], body[SPORT_AT + 1]]),
-                    remote_port: u16::from_be_bytes([body[DPORT_AT], body[DPORT_AT + 1]]),
-                });
-            }
-        })?;
+        netlink_dump::exchange(
+            NETLINK_SOCK_DIAG,
+            &request(family, states),
+            |kind, message| {
+                let Some(body) = message.get(HEADER..HEADER + MESSAGE_LEN) else {
+                    return;
+                };
+                if kind == SOCK_DIAG_BY_FAMILY {
+                    let word = |at: usize| {
+                        u32::from_ne_bytes(body[at..at + 4].try_into().unwrap_or([0; 4]))
+                    };
+                    found.push(OpenSocket {
+                        cookie: u64::from(word(COOKIE_AT)) | u64::from(word(COOKIE_AT + 4)) << 32,
+                        local_port: u16::from_be_bytes([body[SPORT_AT], body[SPORT_AT + 1]]),
+                        remote_port: u16::from_be_bytes([body[DPORT_AT], body[DPORT_AT + 1]]),
+                    });
+                }
+            },
+        )?;
     }
     Ok(found)
 }
 
-fn request(family: u8) -> Vec<u8> {
+fn request(family: u8, states: u32) -> Vec<u8> {
     let len = u32::try_from(HEADER + REQUEST_LEN).unwrap_or(u32::MAX);
     let mut out = Vec::with_capacity(HEADER + REQUEST_LEN);
     out.extend_from_slice(&len.to_ne_bytes());
@@ -61,7 +82,7 @@ fn request(family: u8) -> Vec<u8> {
     out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
     out.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
-    out.extend_from_slice(&OPEN_STATES.to_ne_bytes());
+    out.extend_from_slice(&states.to_ne_bytes());
     out.resize(HEADER + REQUEST_LEN, 0); // any socket id
     out
 }

@@ -12,6 +12,7 @@ mod support;
 use std::{
     io::{ErrorKind, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -521,6 +522,234 @@ fn connections_open_from_before_the_start_are_active_until_they_close() {
         },
     );
 
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// A backend namespace behind a veth, listening on `BACKEND_PORT` of 198.18.0.2 but
+/// dropping every SYN to it until [`Firewalled::open`]: a connect waits in SYN_SENT,
+/// retrying, for as long as the test holds it.
+struct Firewalled {
+    netns: Netns,
+    _listener: TcpListener,
+}
+
+impl Firewalled {
+    const ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+    fn new(proxy: &Netns) -> Self {
+        let netns = Netns::new();
+        support::veth(
+            proxy,
+            "fw0",
+            "198.18.0.1/24",
+            &netns,
+            "fw1",
+            "198.18.0.2/24",
+        );
+        let listener = netns.run(|| TcpListener::bind((Self::ADDRESS, BACKEND_PORT)).unwrap());
+        let nft = |command: &str| {
+            support::run("ip", &["netns", "exec", &netns.name, "nft", command]);
+        };
+        nft("add table inet fw");
+        nft("add chain inet fw input { type filter hook input priority 0; }");
+        nft(&format!(
+            "add rule inet fw input tcp dport {BACKEND_PORT} drop"
+        ));
+        Self {
+            netns,
+            _listener: listener,
+        }
+    }
+
+    /// Lets the SYNs through: the next retransmission completes the handshake.
+    fn open(&self) {
+        support::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns.name,
+                "nft",
+                "delete table inet fw",
+            ],
+        );
+    }
+
+    /// `count` nonblocking connects to the backend from `proxy`, left in their handshake.
+    fn connects(proxy: &Netns, count: usize) -> Vec<socket2::Socket> {
+        proxy.run(move || {
+            (0..count)
+                .map(|_| {
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .unwrap();
+                    socket.set_nonblocking(true).unwrap();
+                    let err = socket
+                        .connect(&at(Self::ADDRESS, BACKEND_PORT).into())
+                        .unwrap_err();
+                    assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS), "{err}");
+                    socket
+                })
+                .collect()
+        })
+    }
+}
+
+/// `name{upstream="app"}` and the connection table's fill, as one scrape shows them.
+fn in_progress_and_table(netns: &Netns, upstream: &str) -> (f64, f64) {
+    let metrics = scrape(netns);
+    let in_progress = sample(
+        &metrics,
+        "collector_proxy_upstream_connects_in_progress",
+        &[("upstream", upstream)],
+    )
+    .unwrap_or_else(|| panic!("no connects in progress of {upstream}:\n{metrics}"));
+    let table = sample(
+        &metrics,
+        "collector_bpf_map_entries",
+        &[("map", "CONN_STATE")],
+    )
+    .unwrap();
+    (in_progress, table)
+}
+
+#[test]
+fn connects_in_their_handshake_are_in_progress_and_hold_table_slots() {
+    const WAITING: usize = 5;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let backend = Firewalled::new(&netns);
+
+    let waiting = Firewalled::connects(&netns, WAITING);
+    // Shown before any fails, in the upstream's gauge and in the table's fill (the alert on
+    // a filling table sees them).
+    wait_for("the connects in progress", Duration::from_secs(10), || {
+        (in_progress_and_table(&netns, "app") == (5.0, 5.0)).then_some(())
+    });
+    assert_eq!(app_json(&proxy_json(&netns))["connectsInProgress"], WAITING);
+    // Given up by the proxy: failures, and the slots are free again.
+    drop(waiting);
+    wait_for_figures(
+        &netns,
+        Figures {
+            connect_failures: WAITING,
+            ..Figures::default()
+        },
+    );
+    assert_eq!(in_progress_and_table(&netns, "app"), (0.0, 0.0));
+
+    drop(backend);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn a_connect_across_a_crash_counts_where_it_will_close_when_the_port_changed_upstream() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let backend = Firewalled::new(&netns);
+    let waiting = Firewalled::connects(&netns, 1);
+    wait_for("the connect in progress", Duration::from_secs(10), || {
+        (in_progress_and_table(&netns, "app").0 == 1.0).then_some(())
+    });
+
+    // A crash, and a restart whose config gave the port to another upstream.
+    agent.kill();
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    std::fs::write(
+        &config.path,
+        text.replace("name = \"app\"", "name = \"other\""),
+    )
+    .unwrap();
+    let agent = Agent::start(&netns, &config);
+    backend.open();
+    let socket = &waiting[0];
+    wait_for("the handshake", Duration::from_secs(10), || {
+        socket.peer_addr().ok()
+    });
+    // Two polls after the handshake: it counted in the slot it will close in (the retired
+    // "app"'s), not in the one the port names now.
+    let polls = || sample(&scrape(&netns), "collector_polls_total", &[]).unwrap();
+    let seen = polls();
+    wait_for("two polls", Duration::from_secs(10), || {
+        (polls() >= seen + 2.0).then_some(())
+    });
+    let metrics = scrape(&netns);
+    let other = |name: &str| {
+        sample(&metrics, name, &[("upstream", "other")])
+            .unwrap_or_else(|| panic!("no {name} of other:\n{metrics}"))
+    };
+    assert_eq!(
+        (
+            other("collector_proxy_upstream_connections_opened_total"),
+            other("collector_proxy_upstream_connections_active"),
+            other("collector_proxy_upstream_connects_in_progress"),
+        ),
+        (0.0, 0.0, 0.0),
+        "{metrics}"
+    );
+    // A connect made now is the new upstream's, and counts there.
+    let fresh = netns.run(|| TcpStream::connect(at(Firewalled::ADDRESS, BACKEND_PORT)).unwrap());
+    wait_for("the new connection", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        let opened = sample(
+            &metrics,
+            "collector_proxy_upstream_connections_opened_total",
+            &[("upstream", "other")],
+        )?;
+        (opened == 1.0).then_some(())
+    });
+    drop(fresh);
+    drop(waiting);
+    drop(backend);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn a_count_an_older_builds_stop_left_pinned_is_not_adopted() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    refused(&netns, at(Ipv4Addr::LOCALHOST, REFUSING_PORT), 2);
+    wait_for_figures(
+        &netns,
+        Figures {
+            connect_failures: 2,
+            ..Figures::default()
+        },
+    );
+    // An older build knows every pin but this one: its clean stop leaves it behind. Kept
+    // here by a second pin while this build's stop removes the rest, then put back.
+    let pins = config.pin_dir.join("v1");
+    let kept = PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test-kept"));
+    let counters = pins.join("UPSTREAM_COUNTERS");
+    support::run(
+        "bpftool",
+        &[
+            "map",
+            "pin",
+            "pinned",
+            counters.to_str().unwrap(),
+            kept.to_str().unwrap(),
+        ],
+    );
+    assert!(agent.stop().success());
+    std::fs::create_dir_all(&pins).unwrap();
+    std::fs::rename(&kept, &counters).unwrap();
+
+    let agent = Agent::start(&netns, &config);
+    refused(&netns, at(Ipv4Addr::LOCALHOST, REFUSING_PORT), 1);
+    wait_for_figures(
+        &netns,
+        Figures {
+            connect_failures: 1,
+            ..Figures::default()
+        },
+    );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
