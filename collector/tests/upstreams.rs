@@ -527,7 +527,7 @@ fn connections_open_from_before_the_start_are_active_until_they_close() {
 }
 
 /// A backend namespace behind a veth, listening on `BACKEND_PORT` of 198.18.0.2 but
-/// dropping every SYN to it until [`Firewalled::open`]: a connect waits in SYN_SENT,
+/// dropping every SYN to it until [`Firewalled::open`]: a connect waits in `SYN_SENT`,
 /// retrying, for as long as the test holds it.
 struct Firewalled {
     netns: Netns,
