@@ -115,6 +115,8 @@ pub mod map_names {
 
 /// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
 /// per-query state. Configuration maps and the event rings are recreated at every start.
+/// `PIN_OWNER` comes first: a clean stop removes it first, and a start removes the others
+/// where it is missing.
 pub const PINNED_MAPS: [&str; 12] = [
     map_names::PIN_OWNER,
     map_names::ROUTE_NAMES,
@@ -708,7 +710,9 @@ pub struct UpstreamCounters {
     pub connect_failures: u64,
     /// Connects followed and not yet established or failed: 1 added on the connect's CPU,
     /// 1 taken off (a wrapping add) on whichever CPU ends it, so only the sum over CPUs
-    /// means something, and it is exact. They hold slots of the connection table.
+    /// means something. The CPUs' values are read one after another, so a read amid a
+    /// handshake can see the end without the start: the agent reads a sum below 0 as 0.
+    /// They hold slots of the connection table.
     pub connecting: u64,
 }
 

@@ -101,19 +101,30 @@ pub fn sum_durations(
     Ok(totals)
 }
 
-/// One upstream's connects, summed over CPUs (wrapping: `connecting` is raised on one CPU
-/// and lowered on another).
+/// One upstream's connects, summed over CPUs. `connecting` is raised on one CPU and lowered
+/// on another (a wrapping add of `u64::MAX`), and the CPUs are read one after another: a
+/// handshake that ends while they are read can be seen ending and not starting, a sum
+/// below 0, which reads as 0.
 pub fn sum_upstream(
     map: &PerCpuArray<MapData, UpstreamCounters>,
     index: u32,
 ) -> Result<UpstreamCounters, aya::maps::MapError> {
-    Ok(map
+    let sum = map
         .get(&index, 0)?
         .iter()
         .fold(UpstreamCounters::default(), |acc, v| UpstreamCounters {
             connect_failures: acc.connect_failures.wrapping_add(v.connect_failures),
             connecting: acc.connecting.wrapping_add(v.connecting),
-        }))
+        });
+    Ok(UpstreamCounters {
+        connecting: connecting_or_zero(sum.connecting),
+        ..sum
+    })
+}
+
+/// A wrapping sum of per-CPU increments and decrements, below 0 read as 0.
+fn connecting_or_zero(sum: u64) -> u64 {
+    u64::try_from(sum.cast_signed()).unwrap_or(0)
 }
 
 /// One entry of a per-CPU connection counter array, summed over CPUs.
@@ -202,6 +213,18 @@ pub fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connects_in_progress_read_amid_a_handshake_are_never_below_zero() {
+        // One connect's 1 on CPU 0 not read yet, its end (u64::MAX) on CPU 1 read.
+        assert_eq!(connecting_or_zero(0u64.wrapping_add(u64::MAX)), 0);
+        // Three started on one CPU, two ended on another.
+        assert_eq!(
+            connecting_or_zero(3u64.wrapping_add(u64::MAX).wrapping_add(u64::MAX)),
+            1
+        );
+        assert_eq!(connecting_or_zero(0), 0);
+    }
 
     #[test]
     fn dns_counters_sum_every_field() {

@@ -825,12 +825,10 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
             remove_if_present(&entry?.path())?;
         }
     }
-    // The owner last: pins left without it by a stop cut short are not adopted again
+    // The owner first (PINNED_MAPS starts with it): what a stop cut short leaves after it
+    // is no collector's, and the next start removes it rather than adopt a part of a set
     // ([`remove_unowned_pins`]).
-    let (owner, counters): (Vec<&str>, Vec<&str>) = PINNED_MAPS
-        .iter()
-        .partition(|&&name| name == map_names::PIN_OWNER);
-    for name in counters.into_iter().chain(owner) {
+    for name in PINNED_MAPS {
         remove_if_present(&map_dir.join(name))?;
     }
     for dir in [links_dir.as_path(), map_dir.as_path(), pin_dir] {
@@ -1038,15 +1036,11 @@ const SHORT_LIVED_MAPS: [&str; 3] = [
     map_names::DNS_UPSTREAM_LATEST,
 ];
 
-/// Refuses pinned maps whose shape differs from this build's: reading them with the wrong
-/// layout would silently produce wrong numbers. A short-lived one is unpinned instead, so
-/// that an upgrade over a crashed older build's pins keeps its counters; its programs
-/// write on into the old map until this start replaces their links. Nothing is unpinned
-/// unless every counter map fits and the pins are this namespace's (or no one's yet).
 /// Removes pinned maps that no collector owns: without `PIN_OWNER` (pinned with the others
-/// at every load, removed last at a clean stop) they are what an older build's clean stop
-/// left, the maps it did not know. Adopting one would carry stale counts (a rollback after
-/// a crash, then a roll forward, brought back the old connect failures).
+/// at every load, removed first at a clean stop) they are what an older build's clean stop
+/// left of the maps it did not know, or what a stop cut short left. Adopting one would
+/// carry stale counts (a rollback after a crash, then a roll forward, brought back the old
+/// connect failures).
 fn remove_unowned_pins(map_dir: &Path) -> anyhow::Result<()> {
     if map_dir.join(map_names::PIN_OWNER).exists() {
         return Ok(());
@@ -1064,6 +1058,11 @@ fn remove_unowned_pins(map_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses pinned maps whose shape differs from this build's: reading them with the wrong
+/// layout would silently produce wrong numbers. A short-lived one is unpinned instead, so
+/// that an upgrade over a crashed older build's pins keeps its counters; its programs
+/// write on into the old map until this start replaces their links. Nothing is unpinned
+/// unless every counter map fits and the pins are this namespace's (or no one's yet).
 fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")?;

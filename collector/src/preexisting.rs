@@ -89,7 +89,12 @@ impl Preexisting {
         let listening = if upstreams.is_empty() {
             HashSet::new()
         } else {
-            sock_diag::listening_ports()?
+            // Without them the routes' listing still holds; an accepted socket from an
+            // upstream's port may then count as the upstream's until it closes.
+            sock_diag::listening_ports().unwrap_or_else(|err| {
+                tracing::warn!("listing the listening sockets over sock_diag failed: {err}");
+                HashSet::new()
+            })
         };
         let ports = Ports::new(routes, upstreams, listening);
         let before = sock_diag::open_tcp_connections()?;

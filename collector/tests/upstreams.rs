@@ -596,6 +596,29 @@ impl Firewalled {
     }
 }
 
+/// `field` of `upstream`'s slot in the pinned map `map`, from `collector maps dump` (which
+/// reads the pins: also those of a retired upstream, which /metrics no longer shows).
+fn slot_figure(config: &AgentConfig, map: &str, upstream: &str, field: &str) -> u64 {
+    let out = std::process::Command::new(support::COLLECTOR)
+        .args(["maps", "dump", "--config"])
+        .arg(&config.path)
+        .arg(map)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| row["upstream"] == upstream)
+        .and_then(|row| row[field].as_u64())
+        .unwrap_or_else(|| panic!("no {field} of {upstream} in {map}: {rows}"))
+}
+
 /// `name{upstream="app"}` and the connection table's fill, as one scrape shows them.
 fn in_progress_and_table(netns: &Netns, upstream: &str) -> (f64, f64) {
     let metrics = scrape(netns);
@@ -667,7 +690,9 @@ fn a_connect_across_a_crash_counts_where_it_will_close_when_the_port_changed_ups
     let agent = Agent::start(&netns, &config);
     backend.open();
     let socket = &waiting[0];
-    wait_for("the handshake", Duration::from_secs(10), || {
+    // The SYN is sent again 1, 3, 7, 15 and 31 s after the connect: the next one through
+    // completes the handshake.
+    wait_for("the handshake", Duration::from_secs(40), || {
         socket.peer_addr().ok()
     });
     // Two polls after the handshake: it counted in the slot it will close in (the retired
@@ -690,6 +715,14 @@ fn a_connect_across_a_crash_counts_where_it_will_close_when_the_port_changed_ups
         ),
         (0.0, 0.0, 0.0),
         "{metrics}"
+    );
+    // It counted in the retired "app"'s slot instead, its handshake over.
+    assert_eq!(
+        (
+            slot_figure(&config, "CONN_COUNTERS", "app", "opened"),
+            slot_figure(&config, "UPSTREAM_COUNTERS", "app", "connecting"),
+        ),
+        (1, 0)
     );
     // A connect made now is the new upstream's, and counts there.
     let fresh = netns.run(|| TcpStream::connect(at(Firewalled::ADDRESS, BACKEND_PORT)).unwrap());
@@ -750,6 +783,52 @@ fn a_count_an_older_builds_stop_left_pinned_is_not_adopted() {
             ..Figures::default()
         },
     );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
+fn a_connect_across_a_crash_whose_port_left_the_upstream_is_opened_and_closed_not_failed() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let backend = Firewalled::new(&netns);
+    let waiting = Firewalled::connects(&netns, 1);
+    wait_for("the connect in progress", Duration::from_secs(10), || {
+        (in_progress_and_table(&netns, "app").0 == 1.0).then_some(())
+    });
+
+    // A crash, and a restart whose config no longer has the backend's port: no callback of
+    // ours sees the handshake complete.
+    agent.kill();
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    std::fs::write(
+        &config.path,
+        text.replace("ports = [19000, 19001]", "ports = [19001]"),
+    )
+    .unwrap();
+    let agent = Agent::start(&netns, &config);
+    backend.open();
+    let socket = &waiting[0];
+    // The SYN is sent again 1, 3, 7, 15 and 31 s after the connect.
+    wait_for("the handshake", Duration::from_secs(40), || {
+        socket.peer_addr().ok()
+    });
+    // Reset: it closes at once, from ESTABLISHED.
+    socket.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(waiting);
+    // Counted opened at its close, then closed; no failure, nothing left in progress.
+    wait_for_figures(
+        &netns,
+        Figures {
+            opened: 1,
+            closed: 1,
+            ..Figures::default()
+        },
+    );
+    assert_eq!(in_progress_and_table(&netns, "app"), (0.0, 0.0));
+
+    drop(backend);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
