@@ -102,6 +102,16 @@ impl RateHistories {
         self.bytes_in.record(at, bytes_in);
         self.bytes_out.record(at, bytes_out);
     }
+
+    /// Records the lifetime counts `closes` at `at`: what they gained over the last minute
+    /// (all of them in the first).
+    fn last_minute(&mut self, at: Duration, closes: &RouteLastMinute) -> RouteLastMinute {
+        let closes = *closes;
+        self.closes.record(at, closes);
+        self.closes
+            .base(at, AVERAGE)
+            .map_or(closes, |base| closes.since(base))
+    }
 }
 
 /// The interfaces as read over netlink this poll.
@@ -229,12 +239,7 @@ impl Poller {
             .zip(open_from_before)
             .map(|(((upstream, totals), history), open_from_before)| {
                 history.opened.record(at, totals.conn.opened);
-                let closes = RouteLastMinute::of_upstream(totals);
-                history.closes.record(at, closes);
-                let last_minute = history
-                    .closes
-                    .base(at, AVERAGE)
-                    .map_or(closes, |base| closes.since(base));
+                let last_minute = history.last_minute(at, &RouteLastMinute::of_upstream(totals));
                 UpstreamSnapshot {
                     upstream: upstream.clone(),
                     totals: *totals,
@@ -289,12 +294,7 @@ impl Poller {
                 route_totals.traffic_in.payload_bytes,
                 route_totals.traffic_out.payload_bytes,
             );
-            let closes = RouteLastMinute::of(route_totals);
-            history.closes.record(at, closes);
-            let last_minute = history
-                .closes
-                .base(at, AVERAGE)
-                .map_or(closes, |base| closes.since(base));
+            let last_minute = history.last_minute(at, &RouteLastMinute::of(route_totals));
             opened += route_totals.conn.opened;
             bytes_in += route_totals.traffic_in.payload_bytes;
             bytes_out += route_totals.traffic_out.payload_bytes;

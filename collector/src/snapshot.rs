@@ -56,10 +56,7 @@ impl UpstreamSnapshot {
     /// Connections established and not closed since the start.
     #[must_use]
     pub fn tracked(&self) -> u64 {
-        self.totals
-            .conn
-            .opened
-            .saturating_sub(self.totals.conn.closed)
+        still_open(&self.totals.conn)
     }
 }
 
@@ -157,11 +154,14 @@ impl RouteSnapshot {
     /// Connections opened and not closed since the start.
     #[must_use]
     pub fn tracked(&self) -> u64 {
-        self.totals
-            .conn
-            .opened
-            .saturating_sub(self.totals.conn.closed)
+        still_open(&self.totals.conn)
     }
+}
+
+/// Opened and not closed: both counters exact and monotonic (a read between CPUs' values
+/// can see a close before its open, hence the floor at 0).
+fn still_open(conn: &collector_common::ConnCounters) -> u64 {
+    conn.opened.saturating_sub(conn.closed)
 }
 
 /// Kernel run-time statistics of one program (zero unless BPF stats are enabled).

@@ -19,9 +19,14 @@ use collector_common::{TALLY_SLOTS_PER_CPU, client_fingerprint};
 use socket2::{Domain, Socket, Type};
 
 use support::{
-    Agent, AgentConfig, Netns, assert_no_pins, proxy_json, proxy_json_counting, sample, scrape,
-    wait_for,
+    Agent, AgentConfig, Closer, Netns, assert_no_pins, exchanges, proxy_json, proxy_json_counting,
+    sample, scrape, wait_for,
 };
+
+/// `port` on 127.0.0.1.
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
 
 const WEB_PORT: u16 = 18080;
 const API_PORT: u16 = 18081;
@@ -38,69 +43,6 @@ name = "api"
 ports = [18081]
 type = "tcp"
 "#;
-
-/// Who closes a connection first: each takes a different path through TCP's states, and
-/// the byte counts must be exact on both.
-#[derive(Clone, Copy)]
-enum Closer {
-    Client,
-    Server,
-}
-
-/// Per connection: reads exactly `request` bytes, writes `response` bytes, then closes
-/// either first or after the client.
-fn serve(
-    listener: &TcpListener,
-    request: usize,
-    response: usize,
-    closer: Closer,
-    connections: usize,
-) {
-    for _ in 0..connections {
-        let (mut stream, _) = listener.accept().unwrap();
-        let mut buf = vec![0; request];
-        stream.read_exact(&mut buf).unwrap();
-        stream.write_all(&vec![b'r'; response]).unwrap();
-        if let Closer::Client = closer {
-            // Wait for the client's FIN before closing.
-            let mut rest = Vec::new();
-            stream.read_to_end(&mut rest).unwrap();
-            assert!(rest.is_empty());
-        }
-    }
-}
-
-/// A client connection: send `request` bytes, read `response` bytes, close.
-fn exchange(port: u16, request: usize, response: usize, closer: Closer) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.write_all(&vec![b'q'; request]).unwrap();
-    let mut buf = vec![0; response];
-    stream.read_exact(&mut buf).unwrap();
-    if let Closer::Server = closer {
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
-    }
-}
-
-/// `count` exchanges with a server on `port`, both inside `netns`.
-fn traffic(
-    netns: &Netns,
-    port: u16,
-    count: usize,
-    request: usize,
-    response: usize,
-    closer: Closer,
-) {
-    let listener = netns.run(move || TcpListener::bind(("127.0.0.1", port)).unwrap());
-    let server = thread::spawn(move || serve(&listener, request, response, closer, count));
-    netns.run(move || {
-        for _ in 0..count {
-            exchange(port, request, response, closer);
-        }
-    });
-    server.join().unwrap();
-}
 
 fn route_value(metrics: &str, name: &str, route: &str) -> f64 {
     sample(metrics, name, &[("route", route)])
@@ -122,23 +64,30 @@ fn counts_connections_and_bytes_exactly_per_route() {
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
 
-    traffic(
+    exchanges(
         &netns,
-        WEB_PORT,
+        local(WEB_PORT),
         WEB,
         WEB_REQUEST,
         WEB_RESPONSE,
-        Closer::Client,
+        Closer::Connecting,
     );
-    traffic(
+    exchanges(
         &netns,
-        API_PORT,
+        local(API_PORT),
         API,
         API_REQUEST,
         API_RESPONSE,
-        Closer::Server,
+        Closer::Accepting,
     );
-    traffic(&netns, UNWATCHED_PORT, UNWATCHED, 10, 10, Closer::Client);
+    exchanges(
+        &netns,
+        local(UNWATCHED_PORT),
+        UNWATCHED,
+        10,
+        10,
+        Closer::Connecting,
+    );
 
     let metrics = wait_for(
         "every connection to be counted closed",
@@ -257,13 +206,13 @@ fn without_client_stats_counts_the_same_and_reports_no_clients() {
     let config = AgentConfig::new(&format!("client_stats = false\n{ROUTES}"));
     let agent = Agent::start(&netns, &config);
 
-    traffic(
+    exchanges(
         &netns,
-        WEB_PORT,
+        local(WEB_PORT),
         CONNECTIONS,
         REQUEST,
         RESPONSE,
-        Closer::Server,
+        Closer::Accepting,
     );
 
     let metrics = support::wait_for_closed(&netns, "web", u32::try_from(CONNECTIONS).unwrap());
@@ -349,7 +298,9 @@ fn clients_that_take_each_others_slot_keep_exact_counts() {
     assert_eq!(sharing.len(), SHARING);
 
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", WEB_PORT)).unwrap());
-    let server = thread::spawn(move || serve(&listener, 1, 1, Closer::Client, 2 * HEAVY + SHARING));
+    let server = thread::spawn(move || {
+        support::serve_exchanges(&listener, 1, 1, Closer::Connecting, 2 * HEAVY + SHARING);
+    });
     let clients = sharing.clone();
     netns.run(move || {
         stay_on_this_cpu();
@@ -400,8 +351,8 @@ fn ipv6_clients_are_counted_by_their_address() {
         )
     });
     let servers = [
-        thread::spawn(move || serve(&v6, 1, 1, Closer::Client, V6)),
-        thread::spawn(move || serve(&v4, 1, 1, Closer::Client, V4)),
+        thread::spawn(move || support::serve_exchanges(&v6, 1, 1, Closer::Connecting, V6)),
+        thread::spawn(move || support::serve_exchanges(&v4, 1, 1, Closer::Connecting, V4)),
     ];
     netns.run(|| {
         for _ in 0..V6 {
@@ -760,7 +711,7 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
-    traffic(&netns, WEB_PORT, 10, 100, 100, Closer::Client);
+    exchanges(&netns, local(WEB_PORT), 10, 100, 100, Closer::Connecting);
     wait_for("10 closed connections", Duration::from_secs(10), || {
         (route_value(
             &scrape(&netns),
@@ -772,10 +723,10 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
 
     // A crash leaves the programs attached: they keep counting while the agent is down.
     agent.kill();
-    traffic(&netns, WEB_PORT, 5, 100, 100, Closer::Client);
+    exchanges(&netns, local(WEB_PORT), 5, 100, 100, Closer::Connecting);
 
     let agent = Agent::start(&netns, &config);
-    traffic(&netns, WEB_PORT, 7, 100, 100, Closer::Client);
+    exchanges(&netns, local(WEB_PORT), 7, 100, 100, Closer::Connecting);
     let metrics = wait_for("22 closed connections", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         (route_value(&metrics, "collector_proxy_connections_closed_total", "web") >= 22.0)
@@ -793,7 +744,7 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
-    traffic(&netns, WEB_PORT, 10, 100, 100, Closer::Client);
+    exchanges(&netns, local(WEB_PORT), 10, 100, 100, Closer::Connecting);
     support::wait_for_closed(&netns, "web", 10);
     agent.kill();
 
@@ -820,9 +771,9 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     assert!(stderr.contains("tun9 has no Ethernet framing"), "{stderr}");
 
     // The crashed run's links and maps are still there and still counting.
-    traffic(&netns, WEB_PORT, 5, 100, 100, Closer::Client);
+    exchanges(&netns, local(WEB_PORT), 5, 100, 100, Closer::Connecting);
     let agent = Agent::start(&netns, &config);
-    traffic(&netns, WEB_PORT, 7, 100, 100, Closer::Client);
+    exchanges(&netns, local(WEB_PORT), 7, 100, 100, Closer::Connecting);
     let metrics = support::wait_for_closed(&netns, "web", 22);
     assert_web_totals(&metrics, 22.0, 2200.0);
     assert!(agent.stop().success());
@@ -892,7 +843,7 @@ fn a_new_route_leaves_the_slot_of_a_removed_route_with_open_connections_alone() 
     let agent = Agent::start(&netns, &config);
     drop(clients);
     drop(accepted);
-    traffic(&netns, 31000, 2, 100, 100, Closer::Client);
+    exchanges(&netns, local(31000), 2, 100, 100, Closer::Connecting);
     let metrics = support::wait_for_closed(&netns, "new", 2);
     assert_eq!(
         route_value(&metrics, "collector_proxy_connections_opened_total", "new"),
@@ -1054,7 +1005,7 @@ fn a_dns_table_of_another_build_is_replaced_and_the_counters_kept() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let first = Agent::start(&netns, &config);
-    traffic(&netns, WEB_PORT, 3, 10, 10, Closer::Client);
+    exchanges(&netns, local(WEB_PORT), 3, 10, 10, Closer::Connecting);
     support::wait_for_closed(&netns, "web", 3);
     first.kill();
     let pins = config.pin_dir.join("v1");
@@ -1086,7 +1037,7 @@ fn a_live_scrape_passes_promtool() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let _agent = Agent::start(&netns, &config);
-    traffic(&netns, WEB_PORT, 3, 10, 10, Closer::Client);
+    exchanges(&netns, local(WEB_PORT), 3, 10, 10, Closer::Connecting);
     // Without an Accept header the agent answers in the classic text format promtool reads.
     let metrics = scrape(&netns);
     let mut check = std::process::Command::new("promtool")

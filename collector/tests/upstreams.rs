@@ -10,14 +10,17 @@
 mod support;
 
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::ErrorKind,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
 
-use support::{Agent, AgentConfig, Netns, assert_no_pins, proxy_json, sample, scrape, wait_for};
+use support::{
+    Agent, AgentConfig, Closer, Netns, assert_no_pins, exchanges, proxy_json, sample, scrape,
+    wait_for,
+};
 
 /// The backend's port, listened on.
 const BACKEND_PORT: u16 = 19000;
@@ -38,69 +41,6 @@ type = "tcp"
 name = "app"
 ports = [19000, 19001]
 "#;
-
-/// Who closes an upstream connection first: each takes the connecting side through
-/// different TCP states, and the byte counts must be exact on both.
-#[derive(Clone, Copy)]
-enum Closer {
-    Proxy,
-    Backend,
-}
-
-/// The backend, per connection: reads exactly `request` bytes, writes `response` bytes, then
-/// closes either first or after the proxy's FIN.
-fn backend(
-    listener: &TcpListener,
-    request: usize,
-    response: usize,
-    closer: Closer,
-    connections: usize,
-) {
-    for _ in 0..connections {
-        let (mut stream, _) = listener.accept().unwrap();
-        let mut buf = vec![0; request];
-        stream.read_exact(&mut buf).unwrap();
-        stream.write_all(&vec![b'r'; response]).unwrap();
-        if let Closer::Proxy = closer {
-            let mut rest = Vec::new();
-            stream.read_to_end(&mut rest).unwrap();
-            assert!(rest.is_empty());
-        }
-    }
-}
-
-/// The proxy's side of one upstream connection: send `request` bytes, read `response`
-/// bytes, close (after the backend's FIN if it closes first).
-fn exchange(backend: SocketAddr, request: usize, response: usize, closer: Closer) {
-    let mut stream = TcpStream::connect(backend).unwrap();
-    stream.write_all(&vec![b'q'; request]).unwrap();
-    let mut buf = vec![0; response];
-    stream.read_exact(&mut buf).unwrap();
-    if let Closer::Backend = closer {
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
-    }
-}
-
-/// `count` exchanges with a backend on `address`, both inside `netns`.
-fn traffic(
-    netns: &Netns,
-    address: SocketAddr,
-    count: usize,
-    request: usize,
-    response: usize,
-    closer: Closer,
-) {
-    let listener = netns.run(move || TcpListener::bind(address).unwrap());
-    let server = thread::spawn(move || backend(&listener, request, response, closer, count));
-    netns.run(move || {
-        for _ in 0..count {
-            exchange(address, request, response, closer);
-        }
-    });
-    server.join().unwrap();
-}
 
 /// `count` connects to `address` in `netns`, each refused.
 fn refused(netns: &Netns, address: SocketAddr, count: usize) {
@@ -253,11 +193,11 @@ fn counts_connections_and_bytes_exactly_in_both_closing_orders() {
     let config = AgentConfig::new(CONFIG);
     let agent = Agent::start(&netns, &config);
 
-    for closer in [Closer::Proxy, Closer::Backend] {
+    for closer in [Closer::Connecting, Closer::Accepting] {
         let v4 = at(Ipv4Addr::LOCALHOST, BACKEND_PORT);
         let v6 = at(Ipv6Addr::LOCALHOST, BACKEND_PORT);
-        traffic(&netns, v4, V4, REQUEST, RESPONSE, closer);
-        traffic(&netns, v6, V6, REQUEST, RESPONSE, closer);
+        exchanges(&netns, v4, V4, REQUEST, RESPONSE, closer);
+        exchanges(&netns, v6, V6, REQUEST, RESPONSE, closer);
     }
 
     let (metrics, app) = wait_for_figures(
@@ -322,13 +262,13 @@ fn counts_refused_and_abandoned_connects_as_failures_and_not_as_opened() {
         }
     });
     // And one that succeeds, on the upstream's other port.
-    traffic(
+    exchanges(
         &netns,
         at(Ipv4Addr::LOCALHOST, BACKEND_PORT),
         1,
         10,
         20,
-        Closer::Proxy,
+        Closer::Connecting,
     );
 
     let (metrics, app) = wait_for_figures(
@@ -441,16 +381,30 @@ fn connections_to_unlisted_ports_and_from_other_namespaces_are_not_counted() {
     let agent = Agent::start(&netns, &config);
 
     let v4 = |port| at(Ipv4Addr::LOCALHOST, port);
-    traffic(&netns, v4(UNLISTED_PORT), UNLISTED, 10, 20, Closer::Proxy);
+    exchanges(
+        &netns,
+        v4(UNLISTED_PORT),
+        UNLISTED,
+        10,
+        20,
+        Closer::Connecting,
+    );
     refused(&netns, v4(UNLISTED_PORT + 1), UNLISTED);
     // Another namespace with a backend of its own on the upstream's port.
-    traffic(&other, v4(BACKEND_PORT), ELSEWHERE, 10, 20, Closer::Proxy);
+    exchanges(
+        &other,
+        v4(BACKEND_PORT),
+        ELSEWHERE,
+        10,
+        20,
+        Closer::Connecting,
+    );
     refused(&other, v4(REFUSING_PORT), ELSEWHERE);
     let (held_elsewhere, accepted_elsewhere) =
         hold_open(&other, &listen(&other, BACKEND_PORT), ELSEWHERE);
 
     // One that counts, made after all of those: once it shows, they would have too.
-    traffic(&netns, v4(BACKEND_PORT), 1, 3, 4, Closer::Proxy);
+    exchanges(&netns, v4(BACKEND_PORT), 1, 3, 4, Closer::Connecting);
     wait_for_figures(
         &netns,
         Figures {
@@ -668,32 +622,40 @@ fn connects_in_their_handshake_are_in_progress_and_hold_table_slots() {
     assert_no_pins(&config.pin_dir);
 }
 
-#[test]
-fn a_connect_across_a_crash_counts_where_it_will_close_when_the_port_changed_upstream() {
-    let netns = Netns::new();
-    let config = AgentConfig::new(CONFIG);
-    let agent = Agent::start(&netns, &config);
-    let backend = Firewalled::new(&netns);
-    let waiting = Firewalled::connects(&netns, 1);
+/// One connect of "app" left in its handshake behind the firewall, the agent killed (a
+/// crash), its config rewritten by `change`, the agent started again and the firewall
+/// opened: the new agent, the backend and the connect, its handshake completed.
+fn connect_across_a_crash(
+    netns: &Netns,
+    config: &AgentConfig,
+    change: impl FnOnce(String) -> String,
+) -> (Agent, Firewalled, socket2::Socket) {
+    let agent = Agent::start(netns, config);
+    let backend = Firewalled::new(netns);
+    let socket = Firewalled::connects(netns, 1).remove(0);
     wait_for("the connect in progress", Duration::from_secs(10), || {
-        (in_progress_and_table(&netns, "app").0 == 1.0).then_some(())
+        (in_progress_and_table(netns, "app").0 == 1.0).then_some(())
     });
-
-    // A crash, and a restart whose config gave the port to another upstream.
     agent.kill();
     let text = std::fs::read_to_string(&config.path).unwrap();
-    std::fs::write(
-        &config.path,
-        text.replace("name = \"app\"", "name = \"other\""),
-    )
-    .unwrap();
-    let agent = Agent::start(&netns, &config);
+    std::fs::write(&config.path, change(text)).unwrap();
+    let agent = Agent::start(netns, config);
     backend.open();
-    let socket = &waiting[0];
     // The SYN is sent again 1, 3, 7, 15 and 31 s after the connect: the next one through
     // completes the handshake.
     wait_for("the handshake", Duration::from_secs(40), || {
         socket.peer_addr().ok()
+    });
+    (agent, backend, socket)
+}
+
+#[test]
+fn a_connect_across_a_crash_counts_where_it_will_close_when_the_port_changed_upstream() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    // A restart whose config gave the port to another upstream.
+    let (agent, backend, socket) = connect_across_a_crash(&netns, &config, |text| {
+        text.replace("name = \"app\"", "name = \"other\"")
     });
     // Two polls after the handshake: it counted in the slot it will close in (the retired
     // "app"'s), not in the one the port names now.
@@ -736,7 +698,7 @@ fn a_connect_across_a_crash_counts_where_it_will_close_when_the_port_changed_ups
         (opened == 1.0).then_some(())
     });
     drop(fresh);
-    drop(waiting);
+    drop(socket);
     drop(backend);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
@@ -791,32 +753,14 @@ fn a_count_an_older_builds_stop_left_pinned_is_not_adopted() {
 fn a_connect_across_a_crash_whose_port_left_the_upstream_is_opened_and_closed_not_failed() {
     let netns = Netns::new();
     let config = AgentConfig::new(CONFIG);
-    let agent = Agent::start(&netns, &config);
-    let backend = Firewalled::new(&netns);
-    let waiting = Firewalled::connects(&netns, 1);
-    wait_for("the connect in progress", Duration::from_secs(10), || {
-        (in_progress_and_table(&netns, "app").0 == 1.0).then_some(())
-    });
-
-    // A crash, and a restart whose config no longer has the backend's port: no callback of
-    // ours sees the handshake complete.
-    agent.kill();
-    let text = std::fs::read_to_string(&config.path).unwrap();
-    std::fs::write(
-        &config.path,
-        text.replace("ports = [19000, 19001]", "ports = [19001]"),
-    )
-    .unwrap();
-    let agent = Agent::start(&netns, &config);
-    backend.open();
-    let socket = &waiting[0];
-    // The SYN is sent again 1, 3, 7, 15 and 31 s after the connect.
-    wait_for("the handshake", Duration::from_secs(40), || {
-        socket.peer_addr().ok()
+    // A restart whose config no longer has the backend's port: no callback of ours sees the
+    // handshake complete.
+    let (agent, backend, socket) = connect_across_a_crash(&netns, &config, |text| {
+        text.replace("ports = [19000, 19001]", "ports = [19001]")
     });
     // Reset: it closes at once, from ESTABLISHED.
     socket.set_linger(Some(Duration::ZERO)).unwrap();
-    drop(waiting);
+    drop(socket);
     // Counted opened at its close, then closed; no failure, nothing left in progress.
     wait_for_figures(
         &netns,

@@ -633,6 +633,70 @@ pub fn pin_plain_array(path: &std::path::Path, value_size: u32, entries: u32) {
     unsafe { libc::close(i32::try_from(fd).unwrap()) };
 }
 
+/// Who closes a test connection first: each order takes both sockets through other TCP
+/// states, and the byte counts must be exact in both.
+#[derive(Clone, Copy)]
+pub enum Closer {
+    Connecting,
+    Accepting,
+}
+
+/// The accepting side, per connection: reads exactly `request` bytes, writes `response`
+/// bytes, then closes, first or after the connecting side's FIN.
+pub fn serve_exchanges(
+    listener: &std::net::TcpListener,
+    request: usize,
+    response: usize,
+    closer: Closer,
+    connections: usize,
+) {
+    for _ in 0..connections {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = vec![0; request];
+        stream.read_exact(&mut buf).unwrap();
+        stream.write_all(&vec![b'r'; response]).unwrap();
+        if let Closer::Connecting = closer {
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+        }
+    }
+}
+
+/// The connecting side of one exchange with `address`: sends `request` bytes, reads
+/// `response` bytes, closes (after the accepting side's FIN if it closes first).
+pub fn exchange(address: std::net::SocketAddr, request: usize, response: usize, closer: Closer) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.write_all(&vec![b'q'; request]).unwrap();
+    let mut buf = vec![0; response];
+    stream.read_exact(&mut buf).unwrap();
+    if let Closer::Accepting = closer {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+}
+
+/// `count` exchanges with a server on `address`, both inside `netns`.
+pub fn exchanges(
+    netns: &Netns,
+    address: std::net::SocketAddr,
+    count: usize,
+    request: usize,
+    response: usize,
+    closer: Closer,
+) {
+    let listener = netns.run(move || std::net::TcpListener::bind(address).unwrap());
+    let server =
+        thread::spawn(move || serve_exchanges(&listener, request, response, closer, count));
+    netns.run(move || {
+        for _ in 0..count {
+            exchange(address, request, response, closer);
+        }
+    });
+    server.join().unwrap();
+}
+
 /// `count` connections to port 18080 in `netns`, each sending 3 bytes and reading 5.
 pub fn connections_3_in_5_out(netns: &Netns, count: usize) {
     let listener = netns.run(|| std::net::TcpListener::bind("127.0.0.1:18080").unwrap());
