@@ -91,8 +91,12 @@ fn find(cookie: u64) -> Option<*mut ConnState> {
 /// Frees a slot for the next connection. A compare-and-swap rather than a store: it orders
 /// the freeing after this socket's last reads of the slot on every architecture (LLVM emits
 /// store-release only for BPF v4).
+/// Its flags are cleared first: the agent tells upstream entries by them while it reads the
+/// table, and the next claimer's first writes come after its claim.
 #[inline(always)]
 fn release(slot: *mut ConnState, cookie: u64) {
+    // SAFETY: as in `claim`; the slot is still ours.
+    unsafe { (*slot).flags = 0 };
     // SAFETY: as in `claim`.
     unsafe {
         atomic_cxchg::<u64, { AtomicOrdering::AcqRel }, { AtomicOrdering::Relaxed }>(
@@ -136,6 +140,15 @@ fn on_accepted(ctx: &SockOpsContext) {
         return;
     };
     let cookie = socket_cookie(ctx);
+    // A connect of ours that completed here (a simultaneous open, or a socket connected to
+    // its own port) on a port both a route's and an upstream's: already in the table, as
+    // the upstream's. Only such a socket has state callbacks before it is accepted.
+    if upstreams_watched()
+        && ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG != 0
+        && find(cookie).is_some()
+    {
+        return;
+    }
     let client = client_addr(ctx);
     if client_events() {
         count_client(&client);

@@ -776,3 +776,58 @@ fn a_connect_across_a_crash_whose_port_left_the_upstream_is_opened_and_closed_no
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+#[test]
+fn a_socket_connected_to_its_own_port_of_a_route_and_an_upstream_is_the_upstreams_alone() {
+    // A port may be a route's and an upstream's at once: one is local, the other remote.
+    const SHARED: &str = r#"
+[[routes]]
+name = "web"
+ports = [19000]
+type = "tcp"
+
+[[upstreams]]
+name = "app"
+ports = [19000]
+"#;
+    let netns = Netns::new();
+    let config = AgentConfig::new(SHARED);
+    let agent = Agent::start(&netns, &config);
+    // A connect to its own address and port completes as a simultaneous open, through the
+    // accepting side's callback.
+    netns.run(|| {
+        let own = at(Ipv4Addr::LOCALHOST, BACKEND_PORT);
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&own.into()).unwrap();
+        socket.connect(&own.into()).unwrap();
+    });
+    let figures = |metrics: &str| {
+        let value = |name: &str, labels: &[(&str, &str)]| sample(metrics, name, labels).unwrap();
+        (
+            value(
+                "collector_proxy_upstream_connections_closed_total",
+                &[("upstream", "app")],
+            ),
+            value(
+                "collector_proxy_upstream_connections_opened_total",
+                &[("upstream", "app")],
+            ),
+            value(
+                "collector_proxy_connections_opened_total",
+                &[("route", "web")],
+            ),
+            value("collector_proxy_connections_active", &[("route", "web")]),
+            value("collector_bpf_map_entries", &[("map", "CONN_STATE")]),
+        )
+    };
+    // Once its close is counted: the upstream's, once; no route connection, no slot left.
+    let metrics = wait_for("the close", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (figures(&metrics).0 == 1.0).then_some(metrics)
+    });
+    assert_eq!(figures(&metrics), (1.0, 1.0, 0.0, 0.0, 0.0), "{metrics}");
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
