@@ -11,6 +11,8 @@
 
 use core::mem::size_of;
 
+pub mod client_hello;
+
 /// Route slots in the kernel's per-route arrays. A route's slot is stable across restarts.
 pub const MAX_ROUTES: u32 = 256;
 /// One entry per TCP port in [`ROUTE_BY_PORT`].
@@ -55,6 +57,18 @@ pub mod map_names {
     /// `PerCpuArray<UpstreamCounters>`, `MAX_ROUTES` entries: the connects of each
     /// upstream's slot (a route's slots stay 0).
     pub const UPSTREAM_COUNTERS: &str = "UPSTREAM_COUNTERS";
+    /// `Array<u64>`, [`super::PORT_BITMAP_WORDS`] entries: the route ports some routes share
+    /// by server name (`sni`), whose connections wait for their ClientHello.
+    pub const SNI_PORT_BITS: &str = "SNI_PORT_BITS";
+    /// `HashMap<SniKey, u32>`, [`super::SNI_NAMES_MAX`] entries: port and server name →
+    /// route slot + 1. Written at every start.
+    pub const SNI_ROUTES: &str = "SNI_ROUTES";
+    /// `PerCpuArray<SniCounters>`, `MAX_ROUTES` entries: how the connections counted in each
+    /// route slot by server name were told apart, and those still waiting for their hello.
+    pub const SNI_COUNTERS: &str = "SNI_COUNTERS";
+    /// Socket storage of [`super::SniDecision`]: where a connection on a port shared by name
+    /// is counted, decided once, by its first segment or its close.
+    pub const SNI_DECISIONS: &str = "SNI_DECISIONS";
     /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
     /// in a slot found from its socket cookie (see [`super::conn_slot`]). Memory-mappable:
     /// the agent counts the open connections per client in it at every poll.
@@ -117,12 +131,14 @@ pub mod map_names {
 /// per-query state. Configuration maps and the event rings are recreated at every start.
 /// `PIN_OWNER` comes first: a clean stop removes it first, and a start removes the others
 /// where it is missing.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 14] = [
     map_names::PIN_OWNER,
     map_names::ROUTE_NAMES,
     map_names::CONN_COUNTERS,
     map_names::CONN_DURATIONS,
     map_names::UPSTREAM_COUNTERS,
+    map_names::SNI_COUNTERS,
+    map_names::SNI_DECISIONS,
     map_names::CONN_STATE,
     map_names::ROUTE_TRAFFIC,
     map_names::ERRORS,
@@ -136,6 +152,9 @@ pub const PINNED_MAPS: [&str; 12] = [
 pub mod program_names {
     /// `sock_ops` program on the cgroup2 root: connection lifecycle.
     pub const TRACK_CONNECTIONS: &str = "track_connections";
+    /// `cgroup_skb` ingress program on the cgroup2 root, attached only with routes by server
+    /// name: reads the ClientHello of connections on ports they share.
+    pub const READ_SERVER_NAMES: &str = "read_server_names";
     /// tc ingress classifier: live bytes and packets per route; DNS queries arriving for the
     /// server.
     pub const COUNT_INGRESS: &str = "count_ingress";
@@ -161,6 +180,10 @@ pub const GLOBAL_CLIENT_EVENTS: &str = "CLIENT_EVENTS";
 /// Global in the kernel object: 1 follows the connections this namespace opens to the
 /// upstream ports (`[[upstreams]]`), 0 (none configured) leaves that code out.
 pub const GLOBAL_UPSTREAMS_WATCHED: &str = "UPSTREAMS_WATCHED";
+
+/// Global in the kernel object: 1 when routes share ports by server name (`sni`), 0 leaves
+/// that code out of the `sock_ops` program.
+pub const GLOBAL_SNI_WATCHED: &str = "SNI_WATCHED";
 
 /// Global in the kernel object: 1 to count DNS in the classifiers, 0 to leave it out.
 pub const GLOBAL_DNS_ENABLED: &str = "DNS_ENABLED";
@@ -758,6 +781,102 @@ pub mod conn_flags {
     pub const UPSTREAM: u32 = 8;
     /// An upstream connect whose handshake has not completed: a close now is a failure.
     pub const CONNECTING: u32 = 16;
+    /// Accepted on a port shared by server name: its route is decided by its ClientHello
+    /// (`SNI_DECISIONS`); `route` is the port's route without a name until its close.
+    pub const BY_NAME: u32 = 32;
+}
+
+/// Server names (port and name pairs) the kernel's name map holds.
+pub const SNI_NAMES_MAX: u32 = 4096;
+
+/// Key of [`map_names::SNI_ROUTES`]: a local port and a server name in lower case, zero
+/// after `len` bytes. A wildcard (`*.example.com`) is kept as the name after its first
+/// label (`example.com`) with `wildcard` set: it stands for exactly one label more.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SniKey {
+    pub port: u16,
+    pub wildcard: u8,
+    pub len: u8,
+    pub name: [u8; client_hello::SNI_NAME_MAX + 1],
+}
+
+impl SniKey {
+    /// The key of `name` (lower case, at most [`client_hello::SNI_NAME_MAX`] bytes) on
+    /// `port`.
+    #[must_use]
+    pub fn new(port: u16, wildcard: bool, name: &[u8]) -> Self {
+        let mut key = Self {
+            port,
+            wildcard: u8::from(wildcard),
+            len: name.len() as u8,
+            name: [0; client_hello::SNI_NAME_MAX + 1],
+        };
+        key.name[..name.len()].copy_from_slice(name);
+        key
+    }
+}
+
+/// Where a connection on a port shared by name is counted: [`SNI_UNDECIDED`] until its
+/// first segment or its close decides, then its route slot + 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SniDecision {
+    pub route: u32,
+    /// The slot of the port's route without a name, which takes what no name claims.
+    pub fallback: u32,
+}
+
+/// [`SniDecision::route`] before the decision.
+pub const SNI_UNDECIDED: u32 = 0;
+
+/// How the connections counted in a route by server name were told apart: indices of
+/// [`SniCounters::outcomes`].
+pub mod sni_outcome {
+    /// The ClientHello named a server name of the route.
+    pub const MATCHED: u32 = 0;
+    /// The ClientHello named a server name no route on the port has.
+    pub const UNKNOWN_NAME: u32 = 1;
+    /// A ClientHello without a server name.
+    pub const NO_NAME: u32 = 2;
+    /// The first segment was not a TLS ClientHello.
+    pub const NOT_TLS: u32 = 3;
+    /// The server name lay beyond the first segment (or the first TLS record).
+    pub const INCOMPLETE: u32 = 4;
+    /// A ClientHello whose lengths contradict each other, or a name over 255 bytes.
+    pub const MALFORMED: u32 = 5;
+    /// Closed before the client sent anything.
+    pub const NO_DATA: u32 = 6;
+    /// Data arrived that was not the connection's first (the first segment was not seen,
+    /// or its start was out of order), or the close came with a hello not yet read.
+    pub const MISSED: u32 = 7;
+}
+
+/// Slots of [`SniCounters::outcomes`].
+pub const SNI_OUTCOMES: u32 = 8;
+
+/// Names of the [`sni_outcome`]s, as metric labels.
+pub const SNI_OUTCOME_NAMES: [&str; SNI_OUTCOMES as usize] = [
+    "matched",
+    "unknown_name",
+    "no_name",
+    "not_tls",
+    "incomplete",
+    "malformed",
+    "no_data",
+    "missed",
+];
+
+/// The server-name figures of one route slot (summed over CPUs by the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SniCounters {
+    /// Connections counted opened in this route by [`sni_outcome`].
+    pub outcomes: [u64; SNI_OUTCOMES as usize],
+    /// Connections accepted on a port whose route without a name is this one, still waiting
+    /// for their first segment: counted opened nowhere yet, but holding table slots. A
+    /// wrapping sum over CPUs, read as [`UpstreamCounters::connecting`] is.
+    pub awaiting: u64,
 }
 
 /// State of a tracked connection, from accept to close: one slot of the connection table.
@@ -868,6 +987,9 @@ const _: () = assert!(core::mem::offset_of!(ConnState, client_port) == 44);
 const _: () = assert!(CONN_TABLE_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<ConnEvent>() == 72);
 const _: () = assert!(size_of::<UpstreamCounters>() == 16);
+const _: () = assert!(size_of::<SniKey>() == 260);
+const _: () = assert!(size_of::<SniDecision>() == 8);
+const _: () = assert!(size_of::<SniCounters>() == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
 const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 12));
@@ -949,6 +1071,12 @@ mod pod {
     unsafe impl aya::Pod for super::ConnCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::UpstreamCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SniKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SniDecision {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SniCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnDurations {}
     // SAFETY: as above.

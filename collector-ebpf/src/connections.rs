@@ -32,7 +32,7 @@ use collector_common::{
 use crate::{
     CLIENT_EVENTS, CONN_CLIENTS, CONN_CLIENTS_BUSY, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS,
     CONN_STATE, CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT, UPSTREAM_BY_PORT,
-    UPSTREAM_COUNTERS, UPSTREAMS_WATCHED, add, count_error,
+    UPSTREAM_COUNTERS, UPSTREAMS_WATCHED, add, count_error, server_names,
     tally::{Tally, tally},
 };
 
@@ -169,6 +169,14 @@ fn on_accepted(ctx: &SockOpsContext) {
     state.flags = 0;
     // Ask for state callbacks, keeping whatever callbacks other programs asked for.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // On a port shared by name the route waits for the ClientHello (server_names), which
+    // counts it opened; `slot` is the route without a name there.
+    if server_names::sni_watched() && server_names::shared_port(ctx.local_port()) {
+        if server_names::await_hello(ctx, slot) {
+            state.flags = conn_flags::BY_NAME;
+            return;
+        }
+    }
 
     if client_events() && stream_wanted() {
         emit(&ConnEvent {
@@ -371,6 +379,10 @@ fn on_state_change(ctx: &SockOpsContext) {
             release(entry, cookie);
         }
         BPF_TCP_CLOSE => {
+            if state.flags & conn_flags::BY_NAME != 0 {
+                state.route =
+                    server_names::decide_at_close(ctx, cookie, state, tcp(ctx).bytes_received);
+            }
             on_closed(ctx, cookie, state, old);
             release(entry, cookie);
         }
@@ -479,20 +491,20 @@ fn tcp(ctx: &SockOpsContext) -> TcpView {
 
 /// Connection events are on (`client_stats`); a load-time constant to the verifier.
 #[inline(always)]
-fn client_events() -> bool {
+pub(crate) fn client_events() -> bool {
     CLIENT_EVENTS.load() != 0
 }
 
 /// Someone reads the event stream, the only user of open and close events.
 #[inline(always)]
-fn stream_wanted() -> bool {
+pub(crate) fn stream_wanted() -> bool {
     CONN_STREAM_WANTED.get(0).is_some_and(|&wanted| wanted != 0)
 }
 
 /// No wakeup per event: waking the reader costs an irq_work and a context switch per record,
 /// which halved the new-connection rate in `cargo xtask bench`. The agent drains the ring on
 /// a short timer instead.
-fn emit(event: &ConnEvent) {
+pub(crate) fn emit(event: &ConnEvent) {
     if CONN_EVENTS
         .output(event, u64::from(BPF_RB_NO_WAKEUP))
         .is_err()
@@ -501,7 +513,7 @@ fn emit(event: &ConnEvent) {
     }
 }
 
-fn ktime_ns() -> u64 {
+pub(crate) fn ktime_ns() -> u64 {
     // SAFETY: no arguments, no side effects.
     unsafe { bpf_ktime_get_ns() }
 }

@@ -16,6 +16,7 @@
 mod connections;
 mod dns;
 mod packet;
+mod server_names;
 mod tally;
 mod traffic;
 
@@ -24,16 +25,16 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::TC_ACT_UNSPEC,
-    btf_maps::{Array, PerCpuArray, RingBuf},
-    macros::{btf_map, classifier, sock_ops},
-    programs::{SockOpsContext, TcContext},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SkStorage},
+    macros::{btf_map, cgroup_skb, classifier, sock_ops},
+    programs::{SkBuffContext, SockOpsContext, TcContext},
 };
 use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ClientSlot, ConnCounters, ConnDurations, ConnEvent,
     ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
     DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
     ERROR_KINDS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS,
-    PORT_SLOTS, RouteName, TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters,
+    PORT_SLOTS, RouteName, SNI_NAMES_MAX, SniCounters, SniDecision, SniKey, TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters,
     local_address_set_bits,
 };
 
@@ -79,6 +80,20 @@ static UPSTREAM_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();
 #[btf_map]
 static UPSTREAM_COUNTERS: PerCpuArray<UpstreamCounters, { MAX_ROUTES as usize }> =
     PerCpuArray::new();
+/// Local ports shared by routes told apart by server name; written by the agent at every
+/// start.
+#[btf_map]
+static SNI_PORT_BITS: Array<u64, { PORT_BITMAP_WORDS as usize }> = Array::new();
+/// Port and server name → route slot + 1; written by the agent at every start.
+#[btf_map]
+static SNI_ROUTES: HashMap<SniKey, u32, { SNI_NAMES_MAX as usize }> = HashMap::new();
+#[btf_map]
+static SNI_COUNTERS: PerCpuArray<SniCounters, { MAX_ROUTES as usize }> = PerCpuArray::new();
+#[btf_map]
+static SNI_DECISIONS: SkStorage<SniDecision> = SkStorage::new();
+/// The name as read and its wildcard form, per CPU: too big for the stack.
+#[btf_map]
+static SNI_SCRATCH: PerCpuArray<SniKey, 2> = PerCpuArray::new();
 #[btf_map]
 static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();
@@ -110,6 +125,11 @@ static CLIENT_EVENTS: Global<u32> = Global::new(1);
 /// code when it is 0.
 #[unsafe(no_mangle)]
 static UPSTREAMS_WATCHED: Global<u32> = Global::new(0);
+
+/// 1 when routes share ports by server name (`SNI_PORT_BITS`); 0 leaves that code out of the
+/// `sock_ops` program. Set at load; read-only.
+#[unsafe(no_mangle)]
+static SNI_WATCHED: Global<u32> = Global::new(0);
 
 /// DNS: 0 leaves DNS out of the classifiers (`[dns] enabled = false`). Set at load;
 /// read-only, so the verifier drops the DNS code when it is 0.
@@ -180,6 +200,15 @@ fn add(counter: *mut u64, n: u64) {
 pub fn track_connections(ctx: SockOpsContext) -> u32 {
     connections::on_sock_op(&ctx);
     // 1 = carry on: sock_ops must never veto anything here.
+    1
+}
+
+/// Reads the ClientHello of connections on ports shared by server name; attached only when
+/// some are.
+#[cgroup_skb]
+pub fn read_server_names(ctx: SkBuffContext) -> i32 {
+    server_names::on_segment(&ctx);
+    // 1 = pass: counting only.
     1
 }
 

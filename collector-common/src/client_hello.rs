@@ -1,0 +1,199 @@
+//! The server name (SNI) of a TLS ClientHello, from the first segment a client sends: the
+//! kernel reads it to count a connection on a port shared by routes told apart by name, and
+//! the agent's tests run the same code against rustls. Bounded: a fixed number of
+//! extensions, a name of at most [`SNI_NAME_MAX`] bytes, every read checked against the
+//! lengths the hello declares and the bytes the segment has.
+//!
+//! Layout (RFC 8446 section 4.1.2, RFC 6066 section 3): a handshake record (type 22) whose
+//! first message is a ClientHello (type 1): version, random, session id, cipher suites,
+//! compression methods, extensions; the `server_name` extension (type 0) holds a list whose
+//! `host_name` entry (type 0) is the name.
+
+/// Longest server name read: a DNS name has at most 253 characters; 255 leaves room for a
+/// trailing dot, which matches no configured name.
+pub const SNI_NAME_MAX: usize = 255;
+
+/// Extensions looked through before the server name is given up on. Browsers send about 20;
+/// the limit bounds the kernel's loop.
+pub const SNI_MAX_EXTENSIONS: u32 = 64;
+
+/// Where the payload of a segment is read from: the kernel's socket buffer or a test's bytes.
+pub trait HelloBytes {
+    /// The `N` bytes at `offset`, if the data has them.
+    fn array<const N: usize>(&self, offset: u32) -> Option<[u8; N]>;
+    /// Copies `len` bytes (1 to [`SNI_NAME_MAX`]) at `offset` to the front of `out`.
+    fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool;
+}
+
+/// What the first segment of a connection says about its server name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hello {
+    /// A ClientHello naming this many bytes, copied to the front of the name buffer.
+    Name(usize),
+    /// A ClientHello without a `host_name` server name.
+    NoName,
+    /// Not a TLS handshake starting with a ClientHello.
+    NotHello,
+    /// A ClientHello whose server name lies beyond this segment (or this record).
+    Incomplete,
+    /// A ClientHello whose lengths contradict each other, or a name too long.
+    Malformed,
+}
+
+/// Reads bounded by what the hello declares (`hello_end`: beyond it is malformed) and by
+/// what the segment and the first record hold (`have_end`: beyond it is incomplete).
+struct Bounds {
+    hello_end: u32,
+    have_end: u32,
+}
+
+impl Bounds {
+    #[inline(always)]
+    fn check(&self, offset: u32, len: u32) -> Result<(), Hello> {
+        let end = offset.checked_add(len).ok_or(Hello::Malformed)?;
+        if end > self.hello_end {
+            Err(Hello::Malformed)
+        } else if end > self.have_end {
+            Err(Hello::Incomplete)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The server name of the ClientHello that should start the payload `start..end` of `data`.
+#[inline(always)]
+pub fn server_name<B: HelloBytes>(
+    data: &B,
+    start: u32,
+    end: u32,
+    name: &mut [u8; SNI_NAME_MAX + 1],
+) -> Hello {
+    match parse(data, start, end, name) {
+        Ok(found) | Err(found) => found,
+    }
+}
+
+#[inline(always)]
+fn parse<B: HelloBytes>(
+    data: &B,
+    start: u32,
+    end: u32,
+    name: &mut [u8; SNI_NAME_MAX + 1],
+) -> Result<Hello, Hello> {
+    let Some([content_type]) = data.array::<1>(start) else {
+        return Ok(Hello::NotHello);
+    };
+    if content_type != 22 {
+        return Ok(Hello::NotHello);
+    }
+    // Record header (5 bytes) and handshake header (4 bytes).
+    let Some(header) = data.array::<9>(start) else {
+        return Ok(Hello::Incomplete);
+    };
+    if header[1] != 3 || header[5] != 1 {
+        return Ok(Hello::NotHello);
+    }
+    let record_len = u32::from(u16::from_be_bytes([header[3], header[4]]));
+    let hello_len = u32::from_be_bytes([0, header[6], header[7], header[8]]);
+    let body = start + 9;
+    let bounds = Bounds {
+        hello_end: body.checked_add(hello_len).ok_or(Hello::Malformed)?,
+        have_end: end.min(start + 5 + record_len),
+    };
+    // Version (2), random (32), session id length (1).
+    bounds.check(body, 35)?;
+    let [session_id_len] = data.array::<1>(body + 34).ok_or(Hello::Incomplete)?;
+    if session_id_len > 32 {
+        return Err(Hello::Malformed);
+    }
+    let mut at = body + 35 + u32::from(session_id_len);
+    let suites_len = u32::from(u16::from_be_bytes(read(data, &bounds, at)?));
+    if suites_len < 2 || suites_len % 2 != 0 {
+        return Err(Hello::Malformed);
+    }
+    at += 2 + suites_len;
+    let [compression_len] = read::<1, B>(data, &bounds, at)?;
+    if compression_len == 0 {
+        return Err(Hello::Malformed);
+    }
+    at += 1 + u32::from(compression_len);
+    if at == bounds.hello_end {
+        return Ok(Hello::NoName);
+    }
+    let extensions_len = u32::from(u16::from_be_bytes(read(data, &bounds, at)?));
+    at += 2;
+    if at + extensions_len != bounds.hello_end {
+        return Err(Hello::Malformed);
+    }
+    for _ in 0..SNI_MAX_EXTENSIONS {
+        if at == bounds.hello_end {
+            return Ok(Hello::NoName);
+        }
+        let [t0, t1, l0, l1] = read(data, &bounds, at)?;
+        let len = u32::from(u16::from_be_bytes([l0, l1]));
+        let body = at + 4;
+        if body + len > bounds.hello_end {
+            return Err(Hello::Malformed);
+        }
+        if [t0, t1] == [0, 0] {
+            return host_name(data, &bounds, body, len, name);
+        }
+        at = body + len;
+    }
+    Ok(Hello::Incomplete)
+}
+
+/// The `host_name` entry of a `server_name` extension of `len` bytes at `at`.
+#[inline(always)]
+fn host_name<B: HelloBytes>(
+    data: &B,
+    bounds: &Bounds,
+    at: u32,
+    len: u32,
+    name: &mut [u8; SNI_NAME_MAX + 1],
+) -> Result<Hello, Hello> {
+    // List length (2), entry type (1), name length (2).
+    if len < 5 {
+        return Err(Hello::Malformed);
+    }
+    let [list0, list1, kind, n0, n1] = read(data, bounds, at)?;
+    if u32::from(u16::from_be_bytes([list0, list1])) + 2 != len {
+        return Err(Hello::Malformed);
+    }
+    if kind != 0 {
+        return Ok(Hello::NoName);
+    }
+    let name_len = usize::from(u16::from_be_bytes([n0, n1]));
+    if name_len == 0 || 5 + name_len as u32 > len || name_len > SNI_NAME_MAX {
+        return Err(Hello::Malformed);
+    }
+    bounds.check(at + 5, name_len as u32)?;
+    if !data.name(at + 5, name_len, name) {
+        return Err(Hello::Incomplete);
+    }
+    Ok(Hello::Name(name_len))
+}
+
+#[inline(always)]
+fn read<const N: usize, B: HelloBytes>(
+    data: &B,
+    bounds: &Bounds,
+    at: u32,
+) -> Result<[u8; N], Hello> {
+    bounds.check(at, N as u32)?;
+    data.array::<N>(at).ok_or(Hello::Incomplete)
+}
+
+/// ASCII lower case of the first `len` bytes (server names compare without case).
+#[inline(always)]
+pub fn lowercase(name: &mut [u8; SNI_NAME_MAX + 1], len: usize) {
+    for (i, byte) in name.iter_mut().enumerate() {
+        if i >= len {
+            break;
+        }
+        if byte.is_ascii_uppercase() {
+            *byte += b'a' - b'A';
+        }
+    }
+}

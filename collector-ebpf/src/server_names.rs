@@ -1,0 +1,414 @@
+//! Routes told apart by server name (SNI) on a port they share. A connection accepted on such
+//! a port takes its table slot as any other, with its route left open (`BY_NAME`, a
+//! [`SniDecision`] in its socket storage, counted as awaiting). Its first segment decides
+//! the route, read here by a `cgroup_skb` ingress program: the route whose name the
+//! ClientHello gives, or the port's route without a name for anything else. A connection
+//! that closes undecided is decided at its close, for that same route. The decision is a
+//! compare-and-swap in the socket's own storage, so the reader (which runs without the
+//! socket lock) and the close never both count a connection, and `opened` is counted once,
+//! where its close will count.
+
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    ptr,
+};
+
+use aya_ebpf::{
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
+    },
+    programs::{SkBuffContext, SockOpsContext},
+};
+use collector_common::{
+    CONN_EVENT_OPEN, ConnEvent, ConnState, MAX_ROUTES, SNI_UNDECIDED, SniDecision, SniKey,
+    client_hello::{self, Hello, HelloBytes, SNI_NAME_MAX},
+    port_bit, sni_outcome,
+};
+
+use crate::{
+    CONN_COUNTERS, SNI_COUNTERS, SNI_DECISIONS, SNI_PORT_BITS, SNI_ROUTES, SNI_SCRATCH,
+    SNI_WATCHED, add,
+    connections::{client_events, emit, ktime_ns, stream_wanted},
+};
+
+const IPPROTO_TCP: u8 = 6;
+
+/// Routes share ports by name (a load-time constant to the verifier).
+#[inline(always)]
+pub fn sni_watched() -> bool {
+    SNI_WATCHED.load() != 0
+}
+
+/// `port` is shared by routes told apart by name.
+#[inline(always)]
+pub fn shared_port(port: u32) -> bool {
+    let (word, bit) = port_bit(port as u16);
+    SNI_PORT_BITS.get(word).is_some_and(|&bits| bits & bit != 0)
+}
+
+/// The socket's decision, made if `create`.
+#[inline(always)]
+fn decision(sk: *mut bpf_sock, create: bool) -> Option<*mut SniDecision> {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    let map = ptr::from_ref(&SNI_DECISIONS).cast_mut().cast::<c_void>();
+    // SAFETY: the helper checks the socket (a full one, or NULL is returned).
+    let value = unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), flags) };
+    (!value.is_null()).then_some(value.cast::<SniDecision>())
+}
+
+/// An accepted connection on a shared port, whose slot the caller took: left undecided, its
+/// port's route without a name (`fallback`) counting it as awaiting. `false` if its storage
+/// could not be made (out of memory): counted as missed, and the caller counts it opened
+/// there at once.
+#[inline(always)]
+pub fn await_hello(ctx: &SockOpsContext, fallback: u32) -> bool {
+    // SAFETY: a context field, the full socket in the callbacks this runs from.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    let Some(decision) = decision(sk, true) else {
+        count_outcome(fallback, sni_outcome::MISSED);
+        return false;
+    };
+    // SAFETY: the socket's own storage, made just now for this accept (a socket is accepted
+    // once), which no reader touches before the decision field below says undecided.
+    unsafe { (*decision).fallback = fallback };
+    add_awaiting(fallback, 1);
+    true
+}
+
+/// Decides at the close a connection its first segment did not: for the port's route without
+/// a name. Returns the route slot the connection counts in.
+#[inline(always)]
+pub fn decide_at_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState, bytes_in: u64) -> u32 {
+    let fallback = state.route;
+    // SAFETY: as in `await_hello`.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    let Some(decision) = decision(sk, false) else {
+        // Its storage is gone (a restart replaced the map): counted as a missed hello.
+        count_opened(fallback, sni_outcome::MISSED);
+        return fallback;
+    };
+    // Only the FIN arrived (1 byte of sequence space), or nothing: no data. A segment with
+    // data would have been read, unless it came before the storage or out of sight.
+    let outcome = if bytes_in <= 1 {
+        sni_outcome::NO_DATA
+    } else {
+        sni_outcome::MISSED
+    };
+    match decide(decision, fallback, fallback, outcome) {
+        Some(()) => {
+            open_event(cookie, fallback, (state.client_addr, state.client_port));
+            fallback
+        }
+        // SAFETY: the socket's storage; the reader decided it.
+        None => unsafe { decided_slot(decision, fallback) },
+    }
+}
+
+/// The slot the reader decided for, read after its compare-and-swap.
+///
+/// # Safety
+/// `decision` points to the socket's storage.
+#[inline(always)]
+unsafe fn decided_slot(decision: *mut SniDecision, fallback: u32) -> u32 {
+    // SAFETY: the caller's.
+    let route = unsafe { ptr::read_volatile(&raw const (*decision).route) };
+    if route == SNI_UNDECIDED || route > MAX_ROUTES {
+        fallback
+    } else {
+        route - 1
+    }
+}
+
+/// Decides for `slot` unless decided already; counts the connection opened there and ends
+/// its wait in `fallback`. `None` if another decided first.
+#[inline(always)]
+fn decide(decision: *mut SniDecision, slot: u32, fallback: u32, outcome: u32) -> Option<()> {
+    // SAFETY: an aligned word of the socket's storage, valid for the program's run.
+    let (_, won) = unsafe {
+        atomic_cxchg::<u32, { AtomicOrdering::AcqRel }, { AtomicOrdering::Acquire }>(
+            &raw mut (*decision).route,
+            SNI_UNDECIDED,
+            slot + 1,
+        )
+    };
+    if !won {
+        return None;
+    }
+    add_awaiting(fallback, u64::MAX);
+    count_opened(slot, outcome);
+    Some(())
+}
+
+#[inline(always)]
+fn count_opened(slot: u32, outcome: u32) {
+    count_outcome(slot, outcome);
+    if let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: as above.
+        add(unsafe { &raw mut (*counters).opened }, 1);
+    }
+}
+
+#[inline(always)]
+fn count_outcome(slot: u32, outcome: u32) {
+    if let Some(sni) = SNI_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's value of our per-CPU map.
+        let outcomes = unsafe { &mut (*sni).outcomes };
+        if let Some(count) = outcomes.get_mut(outcome as usize) {
+            add(count, 1);
+        }
+    }
+}
+
+/// Adds `n` (`u64::MAX` takes one off) to the connections awaiting their hello on `slot`.
+#[inline(always)]
+fn add_awaiting(slot: u32, n: u64) {
+    if let Some(counters) = SNI_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's value of our per-CPU map.
+        add(unsafe { &raw mut (*counters).awaiting }, n);
+    }
+}
+
+/// The open event of a connection decided now: the stream learns its route only here.
+#[inline(always)]
+fn open_event(cookie: u64, slot: u32, (client_addr, client_port): ([u8; 16], u16)) {
+    if client_events() && stream_wanted() {
+        emit(&ConnEvent {
+            kind: CONN_EVENT_OPEN,
+            route: slot,
+            cookie,
+            timestamp_ns: ktime_ns(),
+            client_addr,
+            client_port,
+            ..ConnEvent::default()
+        });
+    }
+}
+
+/// The bytes of the segment, for the ClientHello parser.
+struct Segment<'a>(&'a SkBuffContext);
+
+impl HelloBytes for Segment<'_> {
+    #[inline(always)]
+    fn array<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
+        let mut out = [0u8; N];
+        // SAFETY: the helper checks the offset and length against the packet.
+        let read = unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb.cast(),
+                offset,
+                out.as_mut_ptr().cast(),
+                N as u32,
+            )
+        };
+        (read == 0).then_some(out)
+    }
+
+    #[inline(always)]
+    fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool {
+        // The mask shows the verifier the bound the parser checked.
+        let len = (len & SNI_NAME_MAX) as u32;
+        if len == 0 {
+            return false;
+        }
+        // SAFETY: as above; `out` has room for `len` bytes.
+        unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb.cast(),
+                offset,
+                out.as_mut_ptr().cast(),
+                len,
+            ) == 0
+        }
+    }
+}
+
+/// A segment arriving for a socket: decides its connection's route if it is the first with
+/// data of one accepted on a shared port and still undecided.
+#[inline(always)]
+pub fn on_segment(ctx: &SkBuffContext) {
+    // SAFETY: a context field: the socket the segment is for, or NULL.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: a field of the socket's common part (the local port, host byte order).
+    let port = unsafe { (*sk).src_port };
+    if !shared_port(port) {
+        return;
+    }
+    let Some(decision) = decision(sk, false) else {
+        return;
+    };
+    // SAFETY: the socket's storage, valid for the program's run.
+    let (route, fallback) = unsafe {
+        (
+            ptr::read_volatile(&raw const (*decision).route),
+            (*decision).fallback,
+        )
+    };
+    if route != SNI_UNDECIDED || fallback >= MAX_ROUTES {
+        return;
+    }
+    let Some(segment) = parse_headers(ctx) else {
+        return;
+    };
+    if segment.payload_start >= ctx.len() {
+        return;
+    }
+    // SAFETY: the helper checks the socket (NULL unless a TCP socket).
+    let tcp = unsafe { bpf_tcp_sock(sk) };
+    if tcp.is_null() {
+        return;
+    }
+    // SAFETY: fields of the TCP socket the helper returned.
+    let (rcv_nxt, bytes_received) = unsafe { ((*tcp).rcv_nxt, (*tcp).bytes_received) };
+    let (slot, outcome) = if bytes_received != 0 {
+        // Data came before this without being read here.
+        (fallback, sni_outcome::MISSED)
+    } else if segment.seq != rcv_nxt {
+        // A later segment ahead of the first, or a stale copy: the first decides.
+        return;
+    } else {
+        let (named, outcome) = read_hello(ctx, &segment, port as u16);
+        (named.unwrap_or(fallback), outcome)
+    };
+    if decide(decision, slot, fallback, outcome).is_some() {
+        // SAFETY: the helper reads the socket behind the context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+        open_event(cookie, slot, (segment.client, segment.client_port));
+    }
+}
+
+/// Where the segment's payload starts, its sequence number and its sender.
+struct Headers {
+    payload_start: u32,
+    seq: u32,
+    client: [u8; 16],
+    client_port: u16,
+}
+
+/// IPv4 or IPv6 (without extension headers) and TCP, from the network header on (where
+/// `cgroup_skb` programs see the packet start).
+#[inline(always)]
+fn parse_headers(ctx: &SkBuffContext) -> Option<Headers> {
+    let bytes = Segment(ctx);
+    let [version] = bytes.array::<1>(0)?;
+    let mut client = [0u8; 16];
+    let l4 = match version >> 4 {
+        4 => {
+            let ip = bytes.array::<20>(0)?;
+            if ip[9] != IPPROTO_TCP {
+                return None;
+            }
+            client[10] = 0xff;
+            client[11] = 0xff;
+            client[12..16].copy_from_slice(&ip[12..16]);
+            u32::from(ip[0] & 0x0f) * 4
+        }
+        6 => {
+            let ip = bytes.array::<40>(0)?;
+            if ip[6] != IPPROTO_TCP {
+                return None;
+            }
+            client.copy_from_slice(&ip[8..24]);
+            40
+        }
+        _ => return None,
+    };
+    let tcp = bytes.array::<13>(l4)?;
+    Some(Headers {
+        payload_start: l4 + u32::from(tcp[12] >> 4) * 4,
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        client,
+        client_port: u16::from_be_bytes([tcp[0], tcp[1]]),
+    })
+}
+
+/// The route the ClientHello names (`None`: the port's route without a name takes it), and
+/// how it was found.
+#[inline(always)]
+fn read_hello(ctx: &SkBuffContext, segment: &Headers, port: u16) -> (Option<u32>, u32) {
+    let outcome = match scratch_name(ctx, segment) {
+        Some(Hello::Name(len)) => {
+            return match match_name(port, len) {
+                Some(slot) => (Some(slot), sni_outcome::MATCHED),
+                None => (None, sni_outcome::UNKNOWN_NAME),
+            };
+        }
+        Some(Hello::NoName) => sni_outcome::NO_NAME,
+        Some(Hello::NotHello) => sni_outcome::NOT_TLS,
+        Some(Hello::Incomplete) => sni_outcome::INCOMPLETE,
+        Some(Hello::Malformed) | None => sni_outcome::MALFORMED,
+    };
+    (None, outcome)
+}
+
+/// This CPU's two name keys: the name as read, and its wildcard form.
+#[inline(always)]
+fn scratch() -> Option<(&'static mut SniKey, &'static mut SniKey)> {
+    let exact = SNI_SCRATCH.get_ptr_mut(0)?;
+    let wildcard = SNI_SCRATCH.get_ptr_mut(1)?;
+    // SAFETY: this CPU's scratch values; a program runs on one CPU at a time and this one
+    // does not nest (it runs from the protocol handler, never inside another of itself).
+    Some(unsafe { (&mut *exact, &mut *wildcard) })
+}
+
+/// Parses the ClientHello into the exact key's name.
+#[inline(always)]
+fn scratch_name(ctx: &SkBuffContext, segment: &Headers) -> Option<Hello> {
+    let (exact, _) = scratch()?;
+    exact.name = [0; SNI_NAME_MAX + 1];
+    Some(client_hello::server_name(
+        &Segment(ctx),
+        segment.payload_start,
+        ctx.len(),
+        &mut exact.name,
+    ))
+}
+
+/// The slot of the route whose name on `port` is the `len` bytes read, exactly or by
+/// wildcard.
+#[inline(always)]
+fn match_name(port: u16, len: usize) -> Option<u32> {
+    let (exact, wildcard) = scratch()?;
+    let len = len & SNI_NAME_MAX;
+    client_hello::lowercase(&mut exact.name, len);
+    exact.port = port;
+    exact.wildcard = 0;
+    exact.len = len as u8;
+    if let Some(route) = SNI_ROUTES.get_ptr(&*exact) {
+        // SAFETY: a value of the name map, read-only here.
+        return slot_of(unsafe { *route });
+    }
+    // `*.example.com` stands for one label before `example.com`: the name after the first
+    // dot, if that label is not empty.
+    let dot = exact.name.iter().position(|&b| b == b'.')?;
+    if dot == 0 || dot + 1 >= len {
+        return None;
+    }
+    wildcard.name = [0; SNI_NAME_MAX + 1];
+    for i in 0..SNI_NAME_MAX {
+        let from = i + dot + 1;
+        if from >= len {
+            break;
+        }
+        wildcard.name[i] = exact.name[from & SNI_NAME_MAX];
+    }
+    wildcard.port = port;
+    wildcard.wildcard = 1;
+    wildcard.len = (len - dot - 1) as u8;
+    let route = SNI_ROUTES.get_ptr(&*wildcard)?;
+    // SAFETY: as above.
+    slot_of(unsafe { *route })
+}
+
+#[inline(always)]
+fn slot_of(route: u32) -> Option<u32> {
+    (route != 0 && route <= MAX_ROUTES).then(|| route - 1)
+}
