@@ -28,8 +28,9 @@ pub trait HelloBytes {
 /// What the first segment of a connection says about its server name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hello {
-    /// A ClientHello naming this many bytes, copied to the front of the name buffer.
-    Name(usize),
+    /// A ClientHello naming `len` bytes, found at `offset` of the data and copied to the
+    /// front of the name buffer.
+    Name { offset: u32, len: usize },
     /// A ClientHello without a `host_name` server name.
     NoName,
     /// Not a TLS handshake starting with a ClientHello.
@@ -172,7 +173,10 @@ fn host_name<B: HelloBytes>(
     if !data.name(at + 5, name_len, name) {
         return Err(Hello::Incomplete);
     }
-    Ok(Hello::Name(name_len))
+    Ok(Hello::Name {
+        offset: at + 5,
+        len: name_len,
+    })
 }
 
 #[inline(always)]
@@ -185,15 +189,41 @@ fn read<const N: usize, B: HelloBytes>(
     data.array::<N>(at).ok_or(Hello::Incomplete)
 }
 
-/// ASCII lower case of the first `len` bytes (server names compare without case).
+/// ASCII lower case (server names compare without case), a word at a time and with no
+/// branch: the kernel's verifier then walks it once, not once per possible length.
 #[inline(always)]
-pub fn lowercase(name: &mut [u8; SNI_NAME_MAX + 1], len: usize) {
-    for (i, byte) in name.iter_mut().enumerate() {
-        if i >= len {
-            break;
-        }
-        if byte.is_ascii_uppercase() {
-            *byte += b'a' - b'A';
-        }
+pub fn lowercase(name: &mut [u8; SNI_NAME_MAX + 1]) {
+    for chunk in name.chunks_exact_mut(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let lower = crate::dns_lowercase_word(u64::from_le_bytes(word));
+        chunk.copy_from_slice(&lower.to_le_bytes());
     }
+}
+
+/// The index of the first `.` in `name`, or [`SNI_NAME_MAX`] + 1 if there is none. A word
+/// at a time and with no branch, as [`lowercase`].
+#[inline(always)]
+#[must_use]
+pub fn first_dot(name: &[u8; SNI_NAME_MAX + 1]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Byte j of this, read from the top after a shift by 8j, is j.
+    const BYTE_INDEX: u64 = 0x0001_0203_0405_0607;
+    let mut first = (SNI_NAME_MAX + 1) as u64;
+    // From the last word back, so that the first word with a dot has the last say.
+    for (k, chunk) in name.chunks_exact(8).enumerate().rev() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word) ^ (ONES * u64::from(b'.'));
+        // The high bit of each zero byte of `x` (a dot), exact for the lowest one, which is
+        // all that is used.
+        let dots = x.wrapping_sub(ONES) & !x & HIGH;
+        let lowest = dots & dots.wrapping_neg();
+        let byte = (lowest >> 7).wrapping_mul(BYTE_INDEX) >> 56;
+        let found = (dots | dots.wrapping_neg()) >> 63;
+        let mask = 0u64.wrapping_sub(found);
+        first = ((k as u64 * 8 + byte) & mask) | (first & !mask);
+    }
+    first as usize
 }

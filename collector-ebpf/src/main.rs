@@ -91,9 +91,8 @@ static SNI_ROUTES: HashMap<SniKey, u32, { SNI_NAMES_MAX as usize }> = HashMap::n
 static SNI_COUNTERS: PerCpuArray<SniCounters, { MAX_ROUTES as usize }> = PerCpuArray::new();
 #[btf_map]
 static SNI_DECISIONS: SkStorage<SniDecision> = SkStorage::new();
-/// The name as read and its wildcard form, per CPU: too big for the stack.
 #[btf_map]
-static SNI_SCRATCH: PerCpuArray<SniKey, 2> = PerCpuArray::new();
+static SNI_SCRATCH: PerCpuArray<server_names::SniScratch, 1> = PerCpuArray::new();
 #[btf_map]
 static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();
@@ -205,7 +204,7 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
 
 /// Reads the ClientHello of connections on ports shared by server name; attached only when
 /// some are.
-#[cgroup_skb]
+#[cgroup_skb(ingress)]
 pub fn read_server_names(ctx: SkBuffContext) -> i32 {
     server_names::on_segment(&ctx);
     // 1 = pass: counting only.

@@ -51,6 +51,9 @@ pub fn shared_port(port: u32) -> bool {
 /// The socket's decision, made if `create`.
 #[inline(always)]
 fn decision(sk: *mut bpf_sock, create: bool) -> Option<*mut SniDecision> {
+    if sk.is_null() {
+        return None;
+    }
     let flags = if create {
         u64::from(BPF_SK_STORAGE_GET_F_CREATE)
     } else {
@@ -211,11 +214,13 @@ impl HelloBytes for Segment<'_> {
 
     #[inline(always)]
     fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool {
-        // The mask shows the verifier the bound the parser checked.
-        let len = (len & SNI_NAME_MAX) as u32;
         if len == 0 {
             return false;
         }
+        // 1 to 256 whatever `len` is, in a form the verifier follows (the buffer has 256
+        // bytes). Hidden from LLVM, which knows the parser's bound and would drop the mask,
+        // leaving the verifier a register it has no bound for.
+        let len = ((core::hint::black_box(len as u32) - 1) & SNI_NAME_MAX as u32) + 1;
         // SAFETY: as above; `out` has room for `len` bytes.
         unsafe {
             bpf_skb_load_bytes(
@@ -330,55 +335,81 @@ fn parse_headers(ctx: &SkBuffContext) -> Option<Headers> {
     })
 }
 
+/// This CPU's working memory for a hello: too big for the stack.
+#[repr(C)]
+pub struct SniScratch {
+    /// The name as read.
+    exact: SniKey,
+    /// Its wildcard form.
+    wildcard: SniKey,
+    /// The parser's verdict ([`sni_outcome`], or [`NAMED`]) and where the name is.
+    verdict: u32,
+    offset: u32,
+    len: u32,
+    _pad: u32,
+}
+
+/// [`SniScratch::verdict`] of a hello with a name.
+const NAMED: u32 = u32::MAX;
+
 /// The route the ClientHello names (`None`: the port's route without a name takes it), and
 /// how it was found.
 #[inline(always)]
 fn read_hello(ctx: &SkBuffContext, segment: &Headers, port: u16) -> (Option<u32>, u32) {
-    let outcome = match scratch_name(ctx, segment) {
-        Some(Hello::Name(len)) => {
-            return match match_name(port, len) {
-                Some(slot) => (Some(slot), sni_outcome::MATCHED),
-                None => (None, sni_outcome::UNKNOWN_NAME),
-            };
-        }
-        Some(Hello::NoName) => sni_outcome::NO_NAME,
-        Some(Hello::NotHello) => sni_outcome::NOT_TLS,
-        Some(Hello::Incomplete) => sni_outcome::INCOMPLETE,
-        Some(Hello::Malformed) | None => sni_outcome::MALFORMED,
+    let Some(scratch) = SNI_SCRATCH.get_ptr_mut(0) else {
+        return (None, sni_outcome::MALFORMED);
     };
-    (None, outcome)
-}
-
-/// This CPU's two name keys: the name as read, and its wildcard form.
-#[inline(always)]
-fn scratch() -> Option<(&'static mut SniKey, &'static mut SniKey)> {
-    let exact = SNI_SCRATCH.get_ptr_mut(0)?;
-    let wildcard = SNI_SCRATCH.get_ptr_mut(1)?;
-    // SAFETY: this CPU's scratch values; a program runs on one CPU at a time and this one
-    // does not nest (it runs from the protocol handler, never inside another of itself).
-    Some(unsafe { (&mut *exact, &mut *wildcard) })
-}
-
-/// Parses the ClientHello into the exact key's name.
-#[inline(always)]
-fn scratch_name(ctx: &SkBuffContext, segment: &Headers) -> Option<Hello> {
-    let (exact, _) = scratch()?;
-    exact.name = [0; SNI_NAME_MAX + 1];
-    Some(client_hello::server_name(
+    // SAFETY: this CPU's scratch value; a program runs on one CPU at a time and this one does
+    // not nest (it runs from the protocol handler, never inside another of itself).
+    let scratch = unsafe { &mut *scratch };
+    scratch.exact.name = [0; SNI_NAME_MAX + 1];
+    let (verdict, offset, len) = match client_hello::server_name(
         &Segment(ctx),
         segment.payload_start,
         ctx.len(),
-        &mut exact.name,
-    ))
+        &mut scratch.exact.name,
+    ) {
+        Hello::Name { offset, len } => (NAMED, offset, len as u32),
+        Hello::NoName => (sni_outcome::NO_NAME, 0, 0),
+        Hello::NotHello => (sni_outcome::NOT_TLS, 0, 0),
+        Hello::Incomplete => (sni_outcome::INCOMPLETE, 0, 0),
+        Hello::Malformed => (sni_outcome::MALFORMED, 0, 0),
+    };
+    // Through memory, so that the verifier, which cannot follow values there, goes on from
+    // here in one state rather than once for each of the parser's hundreds of exits.
+    // SAFETY: fields of the scratch value above.
+    let (verdict, offset, len) = unsafe {
+        ptr::write_volatile(&raw mut scratch.verdict, verdict);
+        ptr::write_volatile(&raw mut scratch.offset, offset);
+        ptr::write_volatile(&raw mut scratch.len, len);
+        (
+            ptr::read_volatile(&raw const scratch.verdict),
+            ptr::read_volatile(&raw const scratch.offset),
+            ptr::read_volatile(&raw const scratch.len),
+        )
+    };
+    if verdict != NAMED {
+        return (None, verdict);
+    }
+    match match_name(ctx, scratch, port, offset, len as usize) {
+        Some(slot) => (Some(slot), sni_outcome::MATCHED),
+        None => (None, sni_outcome::UNKNOWN_NAME),
+    }
 }
 
-/// The slot of the route whose name on `port` is the `len` bytes read, exactly or by
-/// wildcard.
+/// The slot of the route whose name on `port` is the `len` bytes read (from `offset` of the
+/// segment), exactly or by wildcard.
 #[inline(always)]
-fn match_name(port: u16, len: usize) -> Option<u32> {
-    let (exact, wildcard) = scratch()?;
+fn match_name(
+    ctx: &SkBuffContext,
+    scratch: &mut SniScratch,
+    port: u16,
+    offset: u32,
+    len: usize,
+) -> Option<u32> {
     let len = len & SNI_NAME_MAX;
-    client_hello::lowercase(&mut exact.name, len);
+    let exact = &mut scratch.exact;
+    client_hello::lowercase(&mut exact.name);
     exact.port = port;
     exact.wildcard = 0;
     exact.len = len as u8;
@@ -387,22 +418,22 @@ fn match_name(port: u16, len: usize) -> Option<u32> {
         return slot_of(unsafe { *route });
     }
     // `*.example.com` stands for one label before `example.com`: the name after the first
-    // dot, if that label is not empty.
-    let dot = exact.name.iter().position(|&b| b == b'.')?;
+    // dot, if that label is not empty, read again from the segment (no loop over a length
+    // the verifier would walk once per value).
+    let dot = client_hello::first_dot(&exact.name);
     if dot == 0 || dot + 1 >= len {
         return None;
     }
+    let rest = len - dot - 1;
+    let wildcard = &mut scratch.wildcard;
     wildcard.name = [0; SNI_NAME_MAX + 1];
-    for i in 0..SNI_NAME_MAX {
-        let from = i + dot + 1;
-        if from >= len {
-            break;
-        }
-        wildcard.name[i] = exact.name[from & SNI_NAME_MAX];
+    if !Segment(ctx).name(offset + dot as u32 + 1, rest, &mut wildcard.name) {
+        return None;
     }
+    client_hello::lowercase(&mut wildcard.name);
     wildcard.port = port;
     wildcard.wildcard = 1;
-    wildcard.len = (len - dot - 1) as u8;
+    wildcard.len = rest as u8;
     let route = SNI_ROUTES.get_ptr(&*wildcard)?;
     // SAFETY: as above.
     slot_of(unsafe { *route })

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use collector_common::DNS_MAX_PORTS;
+use collector_common::{DNS_MAX_PORTS, SNI_NAMES_MAX};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -100,12 +100,16 @@ pub enum NftEnabled {
     Auto,
 }
 
-/// A route of the proxy: a name and the local TCP ports it listens on.
+/// A route of the proxy: a name and the local TCP ports it listens on, and the TLS server
+/// names (SNI) that tell it apart on ports it shares with other routes (lower case; a
+/// leading `*.` stands for one label). A port shared by name has one route without names,
+/// which counts that port's other connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub name: String,
     pub ports: Vec<u16>,
     pub kind: RouteKind,
+    pub sni: Vec<String>,
 }
 
 /// An upstream of the proxy: a name and the remote TCP ports of the backends behind it. The
@@ -235,6 +239,7 @@ struct RawRoute {
     ports: Spanned<Vec<Spanned<u16>>>,
     #[serde(rename = "type")]
     kind: Option<Spanned<String>>,
+    sni: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -724,9 +729,17 @@ fn validate_routes(source: &Source<'_>, raw: &[RawRoute]) -> Result<Vec<Route>, 
     }
     let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
     for route in raw {
+        // Routes by name share their ports; the others keep theirs to themselves.
         let earlier: Vec<(&str, &[u16])> = routes
             .iter()
-            .map(|r| (r.name.as_str(), r.ports.as_slice()))
+            .map(|r| {
+                let ports = if route.sni.is_some() || !r.sni.is_empty() {
+                    &[][..]
+                } else {
+                    r.ports.as_slice()
+                };
+                (r.name.as_str(), ports)
+            })
             .collect();
         let (name, ports) = named_ports(
             source,
@@ -751,9 +764,121 @@ fn validate_routes(source: &Source<'_>, raw: &[RawRoute]) -> Result<Vec<Route>, 
                     )
                 })?,
         };
-        routes.push(Route { name, ports, kind });
+        let sni = match &route.sni {
+            None => Vec::new(),
+            Some(names) => server_names(source, &name, kind, &ports, names, &routes)?,
+        };
+        routes.push(Route {
+            name,
+            ports,
+            kind,
+            sni,
+        });
+    }
+    for (route, raw_route) in routes.iter().zip(raw) {
+        let Some(names) = &raw_route.sni else {
+            continue;
+        };
+        for &port in &route.ports {
+            let plain = routes
+                .iter()
+                .any(|r| r.sni.is_empty() && r.ports.contains(&port));
+            if !plain {
+                return Err(source.at(
+                    names,
+                    format!(
+                        "route {:?} is told apart by server name on port {port}, but no route without `sni` has port {port} to count its other connections (no name, a name no route has, not TLS): add one, e.g. [[routes]] name = \"tls-other\" ports = [{port}]",
+                        route.name
+                    ),
+                ));
+            }
+        }
+    }
+    let entries: usize = routes.iter().map(|r| r.sni.len() * r.ports.len()).sum();
+    if entries > SNI_NAMES_MAX as usize {
+        let last = raw.iter().rev().find_map(|r| r.sni.as_ref());
+        return Err(source.error(
+            last.map(Spanned::span),
+            format!(
+                "{entries} server names over all ports of the routes; at most {SNI_NAMES_MAX} fit the kernel's name map"
+            ),
+        ));
     }
     Ok(routes)
+}
+
+/// The server names of route `name` (on `ports`), each a DNS name or `*.` and one, lower
+/// case, and on each port no other route's.
+fn server_names(
+    source: &Source<'_>,
+    name: &str,
+    kind: RouteKind,
+    ports: &[u16],
+    names: &Spanned<Vec<Spanned<String>>>,
+    earlier: &[Route],
+) -> Result<Vec<String>, ConfigError> {
+    if kind == RouteKind::Http {
+        return Err(source.at(
+            names,
+            format!(
+                "route {name:?} is of type http, which carries no TLS server name; `sni` needs https, websocket or tcp"
+            ),
+        ));
+    }
+    if names.get_ref().is_empty() {
+        return Err(source.at(
+            names,
+            format!(
+                "route {name:?}: sni = [] names nothing; leave `sni` out of the route that counts the port's other connections"
+            ),
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(names.get_ref().len());
+    for server in names.get_ref() {
+        let text = server.get_ref().to_ascii_lowercase();
+        if !valid_server_name(&text) {
+            return Err(source.at(
+                server,
+                format!(
+                    "route {name:?}: {:?} is not a server name: a DNS name (labels of 1 to 63 of a-z, 0-9, '-', '_', at most 253 characters), optionally after \"*.\" for any one label",
+                    server.get_ref()
+                ),
+            ));
+        }
+        if out.contains(&text) {
+            return Err(source.at(
+                server,
+                format!("route {name:?} lists server name {text:?} twice"),
+            ));
+        }
+        if let Some(other) = earlier
+            .iter()
+            .find(|r| r.sni.contains(&text) && r.ports.iter().any(|p| ports.contains(p)))
+        {
+            return Err(source.at(
+                server,
+                format!(
+                    "server name {text:?} is in routes {:?} and {name:?} on a port they share; a name on a port belongs to one route",
+                    other.name
+                ),
+            ));
+        }
+        out.push(text);
+    }
+    Ok(out)
+}
+
+/// A DNS name (lower case) of at most 253 characters, or `*.` and one.
+fn valid_server_name(name: &str) -> bool {
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        })
 }
 
 /// The upstreams, after the routes: both take slots of the kernel's route arrays.

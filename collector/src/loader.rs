@@ -19,8 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, MapType, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
-        CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, links::FdLink,
-        tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
+        TcAttachType, links::FdLink, tc::TcAttachOptions,
     },
 };
 use collector_common::{
@@ -28,8 +28,8 @@ use collector_common::{
     DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE,
-    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
-    RouteName, TrafficCounters, UpstreamCounters, dns_match_below, local_address_set_bits,
+    GLOBAL_SNI_WATCHED, GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS,
+    PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters, dns_match_below, local_address_set_bits,
     map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
@@ -68,6 +68,9 @@ pub const TC_LINK_PINS: [&str; 6] = [
     STATS_FLOOR_LOOPBACK_PIN,
 ];
 
+/// Pin name of the link of the server name reader (`cgroup_skb`).
+const SERVER_NAMES_PIN: &str = "cgroup_skb_server_names";
+
 /// How long a start waits for the pin directory's lock before it takes it for a running
 /// collector's: another collector's start holds it for a moment while it removes pins a
 /// namespace that is gone left there (`orphans`), and `collector cleanup` while it runs.
@@ -100,6 +103,8 @@ pub struct WatchedRoute {
     pub name: String,
     pub kind: RouteKind,
     pub ports: Vec<u16>,
+    /// Server names that tell it apart on ports it shares (none: it has its ports).
+    pub sni: Vec<String>,
     pub slot: u32,
 }
 
@@ -243,6 +248,7 @@ impl Attachment {
         claim_pins(&mut ebpf, &pin_dir, own_netns)?;
         let (routes, upstreams) = bind_slots(&mut ebpf, config)?;
         fill_port_map(&mut ebpf, &routes)?;
+        fill_server_name_maps(&mut ebpf, &routes)?;
         fill_upstream_port_map(&mut ebpf, &upstreams)?;
         hold_off_upstream_shortcut(&mut ebpf)?;
 
@@ -268,10 +274,18 @@ impl Attachment {
         if options.bpf_stats {
             sock_ops.push((program_names::STATS_FLOOR_SOCK_OPS, "sock_ops_stats_floor"));
         }
+        let by_name = config.routes.iter().any(|route| !route.sni.is_empty());
         let attached = sock_ops
             .into_iter()
             .try_for_each(|(program, pin)| {
                 attachment.attach_sock_ops(program, &links_dir.join(pin), &cgroup)
+            })
+            .and_then(|()| {
+                if by_name {
+                    attachment.attach_server_name_reader(&links_dir.join(SERVER_NAMES_PIN), &cgroup)
+                } else {
+                    Ok(())
+                }
             })
             // Before any classifier runs (till then the table counts as incomplete: by port).
             .and_then(|()| {
@@ -322,6 +336,33 @@ impl Attachment {
             let link: FdLink = program.take_link(id)?.try_into()?;
             link.pin(pin)
                 .with_context(|| format!("pinning the sock_ops link at {}", pin.display()))?;
+            if let Some(created) = &mut self.created_pins {
+                created.push(pin.to_owned());
+            }
+        }
+        self.link_pins.push(pin.to_owned());
+        Ok(())
+    }
+
+    /// The `cgroup_skb` ingress program that reads the ClientHello of connections on ports
+    /// shared by server name, on the cgroup2 root beside the `sock_ops` program.
+    fn attach_server_name_reader(&mut self, pin: &Path, cgroup: &File) -> anyhow::Result<()> {
+        let name = program_names::READ_SERVER_NAMES;
+        let program: &mut CgroupSkb = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the kernel object has no program {name}"))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        if adopt_link(pin, program.fd()?.as_fd())? {
+            self.inherited = true;
+        } else {
+            let id = program
+                .attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to the {}", self.cgroup2))?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            link.pin(pin)
+                .with_context(|| format!("pinning the {name} link at {}", pin.display()))?;
             if let Some(created) = &mut self.created_pins {
                 created.push(pin.to_owned());
             }
@@ -1194,6 +1235,7 @@ fn bind_slots(
             name: route.name.clone(),
             kind: route.kind,
             ports: route.ports.clone(),
+            sni: route.sni.clone(),
             slot,
         })
         .collect();
@@ -1274,6 +1316,7 @@ fn zero_slot(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
     zero_per_cpu::<ConnCounters>(ebpf, map_names::CONN_COUNTERS, std::iter::once(slot))?;
     zero_per_cpu::<ConnDurations>(ebpf, map_names::CONN_DURATIONS, std::iter::once(slot))?;
     zero_per_cpu::<UpstreamCounters>(ebpf, map_names::UPSTREAM_COUNTERS, std::iter::once(slot))?;
+    zero_per_cpu::<SniCounters>(ebpf, map_names::SNI_COUNTERS, std::iter::once(slot))?;
     zero_per_cpu::<TrafficCounters>(
         ebpf,
         map_names::ROUTE_TRAFFIC,
@@ -1307,6 +1350,8 @@ fn load(
     loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
     let upstreams_watched = u32::from(!config.upstreams.is_empty());
     loader.override_global(GLOBAL_UPSTREAMS_WATCHED, &upstreams_watched, true);
+    let sni_watched = u32::from(config.routes.iter().any(|route| !route.sni.is_empty()));
+    loader.override_global(GLOBAL_SNI_WATCHED, &sni_watched, true);
     let dns_enabled = u32::from(config.dns.enabled);
     loader.override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true);
     loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
@@ -1346,7 +1391,9 @@ fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()>
         ebpf.map_mut(map_names::ROUTE_BY_PORT)
             .context("the kernel object has no port map")?,
     )?;
-    for route in routes {
+    // A port shared by name maps to its route without a name: the accept starts there, and
+    // live traffic, counted per packet by port, is that route's.
+    for route in routes.iter().filter(|route| route.sni.is_empty()) {
         for &port in &route.ports {
             ports.set(u32::from(port), route.slot + 1, 0)?;
             let (word, bit) = port_bit(port);
@@ -1356,6 +1403,39 @@ fn fill_port_map(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()>
     let mut bitmap: Array<&mut MapData, u64> = Array::try_from(
         ebpf.map_mut(map_names::ROUTE_PORT_BITS)
             .context("the kernel object has no port bitmap")?,
+    )?;
+    for (word, &value) in (0..).zip(&bits) {
+        if value != 0 {
+            bitmap.set(word, value, 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the ports shared by name and each (port, server name) → slot + 1. Both maps are new
+/// at every start.
+fn fill_server_name_maps(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Result<()> {
+    let mut bits = vec![0u64; PORT_BITMAP_WORDS as usize];
+    let mut names: aya::maps::HashMap<&mut MapData, SniKey, u32> = aya::maps::HashMap::try_from(
+        ebpf.map_mut(map_names::SNI_ROUTES)
+            .context("the kernel object has no server name map")?,
+    )?;
+    for route in routes.iter().filter(|route| !route.sni.is_empty()) {
+        for &port in &route.ports {
+            let (word, bit) = port_bit(port);
+            bits[word as usize] |= bit;
+            for name in &route.sni {
+                let (wildcard, host) = match name.strip_prefix("*.") {
+                    Some(host) => (true, host),
+                    None => (false, name.as_str()),
+                };
+                names.insert(SniKey::new(port, wildcard, host.as_bytes()), route.slot + 1, 0)?;
+            }
+        }
+    }
+    let mut bitmap: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(map_names::SNI_PORT_BITS)
+            .context("the kernel object has no shared port bitmap")?,
     )?;
     for (word, &value) in (0..).zip(&bits) {
         if value != 0 {
