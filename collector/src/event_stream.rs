@@ -393,6 +393,7 @@ mod tests {
             name: "web".into(),
             kind: RouteKind::Https,
             ports: vec![443],
+            sni: Vec::new(),
             slot: 3,
         }]);
         let open = Connection {

@@ -485,6 +485,7 @@ impl Snapshot {
                     name: "web".into(),
                     kind: crate::config::RouteKind::Http,
                     ports: vec![80, 8080],
+                    sni: Vec::new(),
                     slot: 0,
                 },
                 totals,
