@@ -10,7 +10,7 @@
 //! `host_name` entry (type 0) is the name.
 
 /// Longest server name read: a DNS name has at most 253 characters; 255 leaves room for a
-/// trailing dot, which matches no configured name.
+/// trailing dot, which is taken off.
 pub const SNI_NAME_MAX: usize = 255;
 
 /// Extensions looked through before the server name is given up on. Browsers send about 20;
@@ -82,14 +82,14 @@ fn parse<B: HelloBytes>(
     end: u32,
     name: &mut [u8; SNI_NAME_MAX + 1],
 ) -> Result<Hello, Hello> {
-    let Some([content_type]) = data.array::<1>(start) else {
+    let Some([content_type]) = data.array::<1>(start).filter(|_| start < end) else {
         return Ok(Hello::NotHello);
     };
     if content_type != 22 {
         return Ok(Hello::NotHello);
     }
     // Record header (5 bytes) and handshake header (4 bytes).
-    let Some(header) = data.array::<9>(start) else {
+    let Some(header) = data.array::<9>(start).filter(|_| start + 9 <= end) else {
         return Ok(Hello::Incomplete);
     };
     if header[1] != 3 || header[5] != 1 {
@@ -172,6 +172,19 @@ fn host_name<B: HelloBytes>(
     bounds.check(at + 5, name_len as u32)?;
     if !data.name(at + 5, name_len, name) {
         return Err(Hello::Incomplete);
+    }
+    // A trailing dot is not sent (RFC 6066), but servers take `example.com.` for
+    // `example.com`, as rustls does: so does this.
+    let last = (name_len - 1) & SNI_NAME_MAX;
+    if name[last] == b'.' {
+        name[last] = 0;
+        if last == 0 {
+            return Err(Hello::Malformed);
+        }
+        return Ok(Hello::Name {
+            offset: at + 5,
+            len: last,
+        });
     }
     Ok(Hello::Name {
         offset: at + 5,

@@ -7,6 +7,11 @@
 //! compare-and-swap in the socket's own storage, so the reader (which runs without the
 //! socket lock) and the close never both count a connection, and `opened` is counted once,
 //! where its close will count.
+//!
+//! A decision for a named route also moves the table slot to it (the agent reads open
+//! connections per route from the table). The reader marks the decision `WRITING` while it
+//! does; a close that comes meanwhile marks it `CLOSED` and leaves the slot to the reader to
+//! free, so the slot the reader writes is never one freed and taken by another socket.
 
 use core::{
     ffi::c_void,
@@ -30,7 +35,7 @@ use collector_common::{
 use crate::{
     CONN_COUNTERS, SNI_COUNTERS, SNI_DECISIONS, SNI_PORT_BITS, SNI_ROUTES, SNI_SCRATCH,
     SNI_WATCHED, add,
-    connections::{client_events, emit, ktime_ns, stream_wanted},
+    connections::{client_events, emit, find, ktime_ns, release, stream_wanted},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -84,17 +89,29 @@ pub fn await_hello(ctx: &SockOpsContext, fallback: u32) -> bool {
     true
 }
 
+/// [`SniDecision::route`]: the reader is moving the table slot to the route decided.
+const WRITING: u32 = 1 << 31;
+/// [`SniDecision::route`]: the connection closed while the reader was at it; the reader
+/// frees the slot.
+const CLOSED: u32 = 1 << 30;
+
 /// Decides at the close a connection its first segment did not: for the port's route without
-/// a name. Returns the route slot the connection counts in.
+/// a name. Returns the route slot the connection counts in, and whether the reader frees
+/// the slot (it is moving it to that route right now).
 #[inline(always)]
-pub fn decide_at_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState, bytes_in: u64) -> u32 {
+pub fn decide_at_close(
+    ctx: &SockOpsContext,
+    cookie: u64,
+    state: &ConnState,
+    bytes_in: u64,
+) -> (u32, bool) {
     let fallback = state.route;
     // SAFETY: as in `await_hello`.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     let Some(decision) = decision(sk, false) else {
         // Its storage is gone (a restart replaced the map): counted as a missed hello.
         count_opened(fallback, sni_outcome::MISSED);
-        return fallback;
+        return (fallback, false);
     };
     // Only the FIN arrived (1 byte of sequence space), or nothing: no data. A segment with
     // data would have been read, unless it came before the storage or out of sight.
@@ -103,49 +120,49 @@ pub fn decide_at_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState, byt
     } else {
         sni_outcome::MISSED
     };
-    match decide(decision, fallback, fallback, outcome) {
-        Some(()) => {
+    let decided = match decide(decision, fallback, fallback, outcome, 0) {
+        Ok(()) => {
             open_event(cookie, fallback, (state.client_addr, state.client_port));
-            fallback
+            return (fallback, false);
         }
-        // SAFETY: the socket's storage; the reader decided it.
-        None => unsafe { decided_slot(decision, fallback) },
+        Err(decided) => decided,
+    };
+    let slot = slot_of(decided & !(WRITING | CLOSED)).unwrap_or(fallback);
+    if decided & WRITING != 0 && swap(decision, decided, decided | CLOSED).is_ok() {
+        return (slot, true);
     }
+    (slot, false)
 }
 
-/// The slot the reader decided for, read after its compare-and-swap.
-///
-/// # Safety
-/// `decision` points to the socket's storage.
+/// Compare-and-swap of the decision word: `Err` holds what it was.
 #[inline(always)]
-unsafe fn decided_slot(decision: *mut SniDecision, fallback: u32) -> u32 {
-    // SAFETY: the caller's.
-    let route = unsafe { ptr::read_volatile(&raw const (*decision).route) };
-    if route == SNI_UNDECIDED || route > MAX_ROUTES {
-        fallback
-    } else {
-        route - 1
-    }
-}
-
-/// Decides for `slot` unless decided already; counts the connection opened there and ends
-/// its wait in `fallback`. `None` if another decided first.
-#[inline(always)]
-fn decide(decision: *mut SniDecision, slot: u32, fallback: u32, outcome: u32) -> Option<()> {
+fn swap(decision: *mut SniDecision, from: u32, to: u32) -> Result<(), u32> {
     // SAFETY: an aligned word of the socket's storage, valid for the program's run.
-    let (_, won) = unsafe {
+    let (was, done) = unsafe {
         atomic_cxchg::<u32, { AtomicOrdering::AcqRel }, { AtomicOrdering::Acquire }>(
             &raw mut (*decision).route,
-            SNI_UNDECIDED,
-            slot + 1,
+            from,
+            to,
         )
     };
-    if !won {
-        return None;
-    }
+    if done { Ok(()) } else { Err(was) }
+}
+
+/// Decides for `slot` (with `mark` set in the word) unless decided already; counts the
+/// connection opened there and ends its wait in `fallback`. `Err` holds the decision made
+/// before.
+#[inline(always)]
+fn decide(
+    decision: *mut SniDecision,
+    slot: u32,
+    fallback: u32,
+    outcome: u32,
+    mark: u32,
+) -> Result<(), u32> {
+    swap(decision, SNI_UNDECIDED, (slot + 1) | mark)?;
     add_awaiting(fallback, u64::MAX);
     count_opened(slot, outcome);
-    Some(())
+    Ok(())
 }
 
 #[inline(always)]
@@ -283,10 +300,35 @@ pub fn on_segment(ctx: &SkBuffContext) {
         let (named, outcome) = read_hello(ctx, &segment, port as u16);
         (named.unwrap_or(fallback), outcome)
     };
-    if decide(decision, slot, fallback, outcome).is_some() {
-        // SAFETY: the helper reads the socket behind the context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-        open_event(cookie, slot, (segment.client, segment.client_port));
+    // A named route also takes the table slot over from the port's route, under `WRITING`.
+    let mark = if slot == fallback { 0 } else { WRITING };
+    if decide(decision, slot, fallback, outcome, mark).is_err() {
+        return;
+    }
+    // SAFETY: the helper reads the socket behind the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    if mark == WRITING {
+        move_slot(decision, cookie, slot);
+    }
+    open_event(cookie, slot, (segment.client, segment.client_port));
+}
+
+/// Moves the connection's table slot to route `slot`, then ends `WRITING`; frees the slot if
+/// the connection closed meanwhile. The slot stays the socket's throughout: its close frees
+/// it only after `WRITING` ends, and leaves it to this otherwise.
+#[inline(always)]
+fn move_slot(decision: *mut SniDecision, cookie: u64, slot: u32) {
+    let entry = find(cookie);
+    if let Some(entry) = entry {
+        // SAFETY: the socket's slot, kept from being freed while `WRITING` is set.
+        unsafe { ptr::write_volatile(&raw mut (*entry).route, slot) };
+    }
+    let writing = (slot + 1) | WRITING;
+    if swap(decision, writing, slot + 1).is_err()
+        && let Some(entry) = entry
+    {
+        // The close came meanwhile, counted it and left the slot to us.
+        release(entry, cookie);
     }
 }
 
