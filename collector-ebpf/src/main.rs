@@ -34,8 +34,8 @@ use collector_common::{
     ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
     DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
     ERROR_KINDS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS,
-    PORT_SLOTS, RouteName, SNI_NAMES_MAX, SniCounters, SniDecision, SniKey, TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters,
-    local_address_set_bits,
+    PORT_SLOTS, RouteName, SNI_NAMES_MAX, SniCounters, SniDecision, SniKey, TALLY_SLOTS_PER_CPU,
+    TrafficCounters, UpstreamCounters, local_address_set_bits,
 };
 
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.

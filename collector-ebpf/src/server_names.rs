@@ -240,12 +240,7 @@ impl HelloBytes for Segment<'_> {
         let len = ((core::hint::black_box(len as u32) - 1) & SNI_NAME_MAX as u32) + 1;
         // SAFETY: as above; `out` has room for `len` bytes.
         unsafe {
-            bpf_skb_load_bytes(
-                self.0.skb.skb.cast(),
-                offset,
-                out.as_mut_ptr().cast(),
-                len,
-            ) == 0
+            bpf_skb_load_bytes(self.0.skb.skb.cast(), offset, out.as_mut_ptr().cast(), len) == 0
         }
     }
 }

@@ -27,10 +27,10 @@ use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameSlot,
     DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
-    GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE,
-    GLOBAL_SNI_WATCHED, GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS,
-    PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters, dns_match_below, local_address_set_bits,
-    map_names, port_bit, program_names, tally_table_len, traffic_index,
+    GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
+    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
+    RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters, dns_match_below,
+    local_address_set_bits, map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -358,7 +358,11 @@ impl Attachment {
             self.inherited = true;
         } else {
             let id = program
-                .attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                .attach(
+                    cgroup,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
                 .with_context(|| format!("attaching {name} to the {}", self.cgroup2))?;
             let link: FdLink = program.take_link(id)?.try_into()?;
             link.pin(pin)
@@ -1429,7 +1433,11 @@ fn fill_server_name_maps(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Re
                     Some(host) => (true, host),
                     None => (false, name.as_str()),
                 };
-                names.insert(SniKey::new(port, wildcard, host.as_bytes()), route.slot + 1, 0)?;
+                names.insert(
+                    SniKey::new(port, wildcard, host.as_bytes()),
+                    route.slot + 1,
+                    0,
+                )?;
             }
         }
     }

@@ -39,8 +39,19 @@ fn span(offset: u32, len: usize) -> Option<Range<usize>> {
     Some(start..start.checked_add(len)?)
 }
 
+/// The parser's verdict, with the name's length but not where it was found (checked in
+/// [`parse`]), so that expectations can be written without the offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Name(usize),
+    NoName,
+    NotHello,
+    Incomplete,
+    Malformed,
+}
+
 /// The parser's verdict on the payload `start..end` of `data`, and the name it copied.
-fn parse(data: &[u8], start: usize, end: usize) -> (Hello, Vec<u8>) {
+fn parse(data: &[u8], start: usize, end: usize) -> (Verdict, Vec<u8>) {
     let mut name = [0; SNI_NAME_MAX + 1];
     let hello = client_hello::server_name(
         &Bytes(data),
@@ -48,14 +59,25 @@ fn parse(data: &[u8], start: usize, end: usize) -> (Hello, Vec<u8>) {
         u32::try_from(end).unwrap(),
         &mut name,
     );
-    let copied = match hello {
-        Hello::Name(len) => name[..len].to_vec(),
-        _ => Vec::new(),
-    };
-    (hello, copied)
+    match hello {
+        Hello::Name { offset, len } => {
+            let offset = offset as usize;
+            assert_eq!(
+                &data[offset..offset + len],
+                &name[..len],
+                "the name's offset"
+            );
+            assert!(name[len..].iter().all(|&b| b == 0), "zero after the name");
+            (Verdict::Name(len), name[..len].to_vec())
+        }
+        Hello::NoName => (Verdict::NoName, Vec::new()),
+        Hello::NotHello => (Verdict::NotHello, Vec::new()),
+        Hello::Incomplete => (Verdict::Incomplete, Vec::new()),
+        Hello::Malformed => (Verdict::Malformed, Vec::new()),
+    }
 }
 
-fn parse_payload(payload: &[u8]) -> (Hello, Vec<u8>) {
+fn parse_payload(payload: &[u8]) -> (Verdict, Vec<u8>) {
     parse(payload, 0, payload.len())
 }
 
@@ -374,7 +396,7 @@ fn names_rustls_clients_send_read_as_rustls_reads_them() {
             assert_eq!(&flight[name.clone()], on_wire.as_bytes(), "{server}");
             assert_eq!(
                 parse_payload(&flight),
-                (Hello::Name(name.len()), on_wire.as_bytes().to_vec()),
+                (Verdict::Name(name.len()), on_wire.as_bytes().to_vec()),
                 "{server}"
             );
         }
@@ -404,7 +426,7 @@ fn a_trailing_dot_reads_as_rustls_reads_it() {
     );
     assert_eq!(
         parse_payload(&hello),
-        (Hello::Name(1), b"a".to_vec()),
+        (Verdict::Name(1), b"a".to_vec()),
         "parser bug: it keeps the trailing dot rustls drops, so the name matches no route \
          where rustls serves the hello as \"a\""
     );
@@ -417,7 +439,7 @@ fn a_client_connecting_to_an_address_sends_no_name() {
             assert_eq!(rustls_reads(&flight), Reference::Accepted(None), "{server}");
             assert_eq!(
                 parse_payload(&flight),
-                (Hello::NoName, Vec::new()),
+                (Verdict::NoName, Vec::new()),
                 "{server}"
             );
         }
@@ -450,15 +472,15 @@ fn a_hello_cut_short_is_incomplete_until_its_name_is_whole() {
             packet.extend(&flight);
             assert_eq!(
                 parse(&packet[..HEADERS], HEADERS, HEADERS),
-                (Hello::NotHello, Vec::new()),
+                (Verdict::NotHello, Vec::new()),
                 "an empty payload"
             );
             for cut in 1..flight.len() {
                 let end = HEADERS + cut;
                 let expected = if name.end <= cut {
-                    (Hello::Name(name.len()), flight[name.clone()].to_vec())
+                    (Verdict::Name(name.len()), flight[name.clone()].to_vec())
                 } else {
-                    (Hello::Incomplete, Vec::new())
+                    (Verdict::Incomplete, Vec::new())
                 };
                 assert_eq!(
                     parse(&packet[..end], HEADERS, end),
@@ -489,30 +511,40 @@ fn other_protocols_are_not_hellos() {
         assert_eq!(rustls_reads(payload), Reference::Rejected, "{payload:?}");
         assert_eq!(
             parse_payload(payload),
-            (Hello::NotHello, Vec::new()),
+            (Verdict::NotHello, Vec::new()),
             "{payload:?}"
         );
     }
 }
 
 #[test]
-fn lowercase_changes_only_ascii_capitals_before_len() {
+fn lowercase_changes_only_ascii_capitals() {
     // Bytes on either side of A-Z and a-z, and non-ASCII (UTF-8 and Latin-1 capitals).
     let given = b"UPPER.Example-COM_09@[`{\xc3\x84\xc4";
     let expected = b"upper.example-com_09@[`{\xc3\x84\xc4";
-    let mut name = [b'Q'; SNI_NAME_MAX + 1];
+    let mut name = [0; SNI_NAME_MAX + 1];
     name[..given.len()].copy_from_slice(given);
-    client_hello::lowercase(&mut name, given.len());
+    client_hello::lowercase(&mut name);
     assert_eq!(&name[..given.len()], expected);
-    assert!(name[given.len()..].iter().all(|&byte| byte == b'Q'));
+    assert!(name[given.len()..].iter().all(|&byte| byte == 0));
 
     let mut whole = [b'Q'; SNI_NAME_MAX + 1];
-    client_hello::lowercase(&mut whole, SNI_NAME_MAX + 1);
+    client_hello::lowercase(&mut whole);
     assert_eq!(whole, [b'q'; SNI_NAME_MAX + 1]);
+}
 
-    let mut none = [b'Q'; SNI_NAME_MAX + 1];
-    client_hello::lowercase(&mut none, 0);
-    assert_eq!(none, [b'Q'; SNI_NAME_MAX + 1]);
+#[test]
+fn the_first_dot_is_found_in_every_word() {
+    let mut name = [b'a'; SNI_NAME_MAX + 1];
+    assert_eq!(client_hello::first_dot(&name), SNI_NAME_MAX + 1, "no dot");
+    for first in (0..=SNI_NAME_MAX).rev() {
+        name[first] = b'.';
+        assert_eq!(client_hello::first_dot(&name), first);
+    }
+    // Bytes just off a dot, and a zero before one.
+    let mut near = [0u8; SNI_NAME_MAX + 1];
+    near[..6].copy_from_slice(b"-/\xae\x2e\x00.");
+    assert_eq!(client_hello::first_dot(&near), 3);
 }
 
 /// The design's rule: the parser agrees with rustls on every hello rustls accepts.
@@ -561,13 +593,13 @@ fn mutated_hellos_agree_with_rustls() {
 }
 
 /// The parser's verdict agrees with the name rustls read (lower case, or none).
-fn agrees(reference: Option<&str>, (hello, name): &(Hello, Vec<u8>)) -> bool {
+fn agrees(reference: Option<&str>, (hello, name): &(Verdict, Vec<u8>)) -> bool {
     match (reference, hello) {
-        (Some(reference), Hello::Name(_)) => name.to_ascii_lowercase() == reference.as_bytes(),
-        (None, Hello::NoName) => true,
+        (Some(reference), Verdict::Name(_)) => name.to_ascii_lowercase() == reference.as_bytes(),
+        (None, Verdict::NoName) => true,
         // rustls takes an IP address given as a host_name for no name, and rejects a hello
         // with any other name that is not a DNS name: a name read there is no DNS name.
-        (None, Hello::Name(_)) => !matches!(
+        (None, Verdict::Name(_)) => !matches!(
             ServerName::try_from(name.as_slice()),
             Ok(ServerName::DnsName(_))
         ),
