@@ -175,7 +175,10 @@ fn host_name<B: HelloBytes>(
     }
     // A trailing dot is not sent (RFC 6066), but servers take `example.com.` for
     // `example.com`, as rustls does: so does this.
-    let last = (name_len - 1) & SNI_NAME_MAX;
+    // The mask bounds the index for the kernel's verifier; read through memory, as LLVM
+    // knows the bound checked above and would drop it.
+    // SAFETY: a read of a local.
+    let last = unsafe { core::ptr::read_volatile(&(name_len - 1)) } & SNI_NAME_MAX;
     if name[last] == b'.' {
         name[last] = 0;
         if last == 0 {

@@ -73,7 +73,7 @@ fn claim(cookie: u64) -> Option<*mut ConnState> {
 
 /// The slot `cookie` claimed, if any.
 #[inline(always)]
-pub(crate) fn find(cookie: u64) -> Option<*mut ConnState> {
+fn find(cookie: u64) -> Option<*mut ConnState> {
     for probe in 0..CONN_TABLE_PROBES {
         let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe)) else {
             continue;
@@ -94,7 +94,7 @@ pub(crate) fn find(cookie: u64) -> Option<*mut ConnState> {
 /// Its flags are cleared first: the agent tells upstream entries by them while it reads the
 /// table, and the next claimer's first writes come after its claim.
 #[inline(always)]
-pub(crate) fn release(slot: *mut ConnState, cookie: u64) {
+fn release(slot: *mut ConnState, cookie: u64) {
     // SAFETY: as in `claim`; the slot is still ours.
     unsafe { (*slot).flags = 0 };
     // SAFETY: as in `claim`.
@@ -378,19 +378,11 @@ fn on_state_change(ctx: &SockOpsContext) {
             }
             release(entry, cookie);
         }
-        BPF_TCP_CLOSE if state.flags & conn_flags::BY_NAME != 0 => {
-            // A copy: the reader of the hello may free the slot from here on (see
-            // `server_names::decide_at_close`).
-            let mut closing = *state;
-            let (route, reader_frees) =
-                server_names::decide_at_close(ctx, cookie, &closing, tcp(ctx).bytes_received);
-            closing.route = route;
-            on_closed(ctx, cookie, &closing, old);
-            if !reader_frees {
-                release(entry, cookie);
-            }
-        }
         BPF_TCP_CLOSE => {
+            if state.flags & conn_flags::BY_NAME != 0 {
+                state.route =
+                    server_names::decide_at_close(ctx, cookie, state, tcp(ctx).bytes_received);
+            }
             on_closed(ctx, cookie, state, old);
             release(entry, cookie);
         }

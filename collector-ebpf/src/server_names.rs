@@ -8,10 +8,9 @@
 //! socket lock) and the close never both count a connection, and `opened` is counted once,
 //! where its close will count.
 //!
-//! A decision for a named route also moves the table slot to it (the agent reads open
-//! connections per route from the table). The reader marks the decision `WRITING` while it
-//! does; a close that comes meanwhile marks it `CLOSED` and leaves the slot to the reader to
-//! free, so the slot the reader writes is never one freed and taken by another socket.
+//! The table slot keeps the port's route without a name; the close counts in the route the
+//! storage names. (The agent, which cannot read socket storage, keeps a slot bound while the
+//! counters show connections open in it.)
 
 use core::{
     ffi::c_void,
@@ -35,7 +34,7 @@ use collector_common::{
 use crate::{
     CONN_COUNTERS, SNI_COUNTERS, SNI_DECISIONS, SNI_PORT_BITS, SNI_ROUTES, SNI_SCRATCH,
     SNI_WATCHED, add,
-    connections::{client_events, emit, find, ktime_ns, release, stream_wanted},
+    connections::{client_events, emit, ktime_ns, stream_wanted},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -89,29 +88,17 @@ pub fn await_hello(ctx: &SockOpsContext, fallback: u32) -> bool {
     true
 }
 
-/// [`SniDecision::route`]: the reader is moving the table slot to the route decided.
-const WRITING: u32 = 1 << 31;
-/// [`SniDecision::route`]: the connection closed while the reader was at it; the reader
-/// frees the slot.
-const CLOSED: u32 = 1 << 30;
-
 /// Decides at the close a connection its first segment did not: for the port's route without
-/// a name. Returns the route slot the connection counts in, and whether the reader frees
-/// the slot (it is moving it to that route right now).
+/// a name. Returns the route slot the connection counts in.
 #[inline(always)]
-pub fn decide_at_close(
-    ctx: &SockOpsContext,
-    cookie: u64,
-    state: &ConnState,
-    bytes_in: u64,
-) -> (u32, bool) {
+pub fn decide_at_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState, bytes_in: u64) -> u32 {
     let fallback = state.route;
     // SAFETY: as in `await_hello`.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     let Some(decision) = decision(sk, false) else {
         // Its storage is gone (a restart replaced the map): counted as a missed hello.
         count_opened(fallback, sni_outcome::MISSED);
-        return (fallback, false);
+        return fallback;
     };
     // Only the FIN arrived (1 byte of sequence space), or nothing: no data. A segment with
     // data would have been read, unless it came before the storage or out of sight.
@@ -120,18 +107,13 @@ pub fn decide_at_close(
     } else {
         sni_outcome::MISSED
     };
-    let decided = match decide(decision, fallback, fallback, outcome, 0) {
+    match decide(decision, fallback, fallback, outcome) {
         Ok(()) => {
             open_event(cookie, fallback, (state.client_addr, state.client_port));
-            return (fallback, false);
+            fallback
         }
-        Err(decided) => decided,
-    };
-    let slot = slot_of(decided & !(WRITING | CLOSED)).unwrap_or(fallback);
-    if decided & WRITING != 0 && swap(decision, decided, decided | CLOSED).is_ok() {
-        return (slot, true);
+        Err(decided) => slot_of(decided).unwrap_or(fallback),
     }
-    (slot, false)
 }
 
 /// Compare-and-swap of the decision word: `Err` holds what it was.
@@ -148,18 +130,11 @@ fn swap(decision: *mut SniDecision, from: u32, to: u32) -> Result<(), u32> {
     if done { Ok(()) } else { Err(was) }
 }
 
-/// Decides for `slot` (with `mark` set in the word) unless decided already; counts the
-/// connection opened there and ends its wait in `fallback`. `Err` holds the decision made
-/// before.
+/// Decides for `slot` unless decided already; counts the connection opened there and ends
+/// its wait in `fallback`. `Err` holds the decision made before.
 #[inline(always)]
-fn decide(
-    decision: *mut SniDecision,
-    slot: u32,
-    fallback: u32,
-    outcome: u32,
-    mark: u32,
-) -> Result<(), u32> {
-    swap(decision, SNI_UNDECIDED, (slot + 1) | mark)?;
+fn decide(decision: *mut SniDecision, slot: u32, fallback: u32, outcome: u32) -> Result<(), u32> {
+    swap(decision, SNI_UNDECIDED, slot + 1)?;
     add_awaiting(fallback, u64::MAX);
     count_opened(slot, outcome);
     Ok(())
@@ -231,13 +206,13 @@ impl HelloBytes for Segment<'_> {
 
     #[inline(always)]
     fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool {
-        if len == 0 {
+        // Read through memory: LLVM knows the bound the parser checked and would drop this
+        // check, and the verifier, which does not, needs it.
+        // SAFETY: a read of a local.
+        let len = unsafe { ptr::read_volatile(&len) } as u32;
+        if len == 0 || len > SNI_NAME_MAX as u32 + 1 {
             return false;
         }
-        // 1 to 256 whatever `len` is, in a form the verifier follows (the buffer has 256
-        // bytes). Hidden from LLVM, which knows the parser's bound and would drop the mask,
-        // leaving the verifier a register it has no bound for.
-        let len = ((core::hint::black_box(len as u32) - 1) & SNI_NAME_MAX as u32) + 1;
         // SAFETY: as above; `out` has room for `len` bytes.
         unsafe {
             bpf_skb_load_bytes(self.0.skb.skb.cast(), offset, out.as_mut_ptr().cast(), len) == 0
@@ -295,36 +270,32 @@ pub fn on_segment(ctx: &SkBuffContext) {
         let (named, outcome) = read_hello(ctx, &segment, port as u16);
         (named.unwrap_or(fallback), outcome)
     };
-    // A named route also takes the table slot over from the port's route, under `WRITING`.
-    let mark = if slot == fallback { 0 } else { WRITING };
-    if decide(decision, slot, fallback, outcome, mark).is_err() {
+    finish(
+        ctx,
+        decision,
+        slot,
+        fallback,
+        outcome,
+        (segment.client, segment.client_port),
+    );
+}
+
+/// Decides for `slot` and sends the open event.
+#[inline(always)]
+fn finish(
+    ctx: &SkBuffContext,
+    decision: *mut SniDecision,
+    slot: u32,
+    fallback: u32,
+    outcome: u32,
+    client: ([u8; 16], u16),
+) {
+    if decide(decision, slot, fallback, outcome).is_err() {
         return;
     }
     // SAFETY: the helper reads the socket behind the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    if mark == WRITING {
-        move_slot(decision, cookie, slot);
-    }
-    open_event(cookie, slot, (segment.client, segment.client_port));
-}
-
-/// Moves the connection's table slot to route `slot`, then ends `WRITING`; frees the slot if
-/// the connection closed meanwhile. The slot stays the socket's throughout: its close frees
-/// it only after `WRITING` ends, and leaves it to this otherwise.
-#[inline(always)]
-fn move_slot(decision: *mut SniDecision, cookie: u64, slot: u32) {
-    let entry = find(cookie);
-    if let Some(entry) = entry {
-        // SAFETY: the socket's slot, kept from being freed while `WRITING` is set.
-        unsafe { ptr::write_volatile(&raw mut (*entry).route, slot) };
-    }
-    let writing = (slot + 1) | WRITING;
-    if swap(decision, writing, slot + 1).is_err()
-        && let Some(entry) = entry
-    {
-        // The close came meanwhile, counted it and left the slot to us.
-        release(entry, cookie);
-    }
+    open_event(cookie, slot, client);
 }
 
 /// Where the segment's payload starts, its sequence number and its sender.
