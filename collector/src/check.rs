@@ -518,7 +518,16 @@ fn routes(config: &Config) -> Verdict {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let routes = listed(&mut config.routes.iter().map(|r| (&r.name, &r.ports)));
+    let mut routes = listed(&mut config.routes.iter().map(|r| (&r.name, &r.ports)));
+    let by_name: Vec<String> = config
+        .routes
+        .iter()
+        .filter(|r| !r.sni.is_empty())
+        .map(|r| format!("{} by {}", r.name, r.sni.join(", ")))
+        .collect();
+    if !by_name.is_empty() {
+        routes = format!("{routes}; server names: {}", by_name.join("; "));
+    }
     let upstreams = listed(&mut config.upstreams.iter().map(|u| (&u.name, &u.ports)));
     let detail = match (routes.is_empty(), upstreams.is_empty()) {
         (_, true) => routes,

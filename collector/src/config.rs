@@ -1327,6 +1327,67 @@ match_every = 1
         assert!(Config::from_toml("t", both).is_ok());
     }
 
+    /// Three routes on 443: two by name and the one that counts the rest.
+    const SHARED: &str = "[[routes]]\nname = \"api\"\nports = [443]\ntype = \"https\"\nsni = [\"API.example.com\", \"*.api.example.com\"]\n\
+        [[routes]]\nname = \"sites\"\nports = [443, 8443]\nsni = [\"www.example.com\"]\n\
+        [[routes]]\nname = \"tls\"\nports = [443, 8443]\ntype = \"https\"\n";
+
+    #[test]
+    fn routes_share_a_port_by_server_name() {
+        let config = Config::from_toml("t", SHARED).unwrap();
+        let names: Vec<(&str, Vec<&str>)> = config
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.sni.iter().map(String::as_str).collect()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("api", vec!["api.example.com", "*.api.example.com"]),
+                ("sites", vec!["www.example.com"]),
+                ("tls", vec![]),
+            ]
+        );
+        // The same name on two ports of one route, or on ports no route shares.
+        let apart = "[[routes]]\nname = \"a\"\nports = [443]\nsni = [\"x.org\"]\n\
+            [[routes]]\nname = \"b\"\nports = [8443]\nsni = [\"x.org\"]\n\
+            [[routes]]\nname = \"rest\"\nports = [443, 8443]\n";
+        assert!(Config::from_toml("t", apart).is_ok());
+    }
+
+    #[test]
+    fn server_name_rules() {
+        let route = |sni: &str| {
+            format!(
+                "[[routes]]\nname = \"a\"\nports = [443]\nsni = {sni}\n[[routes]]\nname = \"rest\"\nports = [443]\n"
+            )
+        };
+        assert_error(&route("[]"), 4, "names nothing");
+        assert_error(&route("[\"a..b\"]"), 4, "is not a server name");
+        assert_error(&route("[\"*.\"]"), 4, "is not a server name");
+        assert_error(&route("[\"a.*.b\"]"), 4, "is not a server name");
+        assert_error(&route("[\"caf\u{e9}.fr\"]"), 4, "is not a server name");
+        assert_error(
+            &route(&format!("[\"{}.org\"]", "a".repeat(64))),
+            4,
+            "is not a server name",
+        );
+        assert_error(&route("[\"x.org\", \"X.org\"]"), 4, "twice");
+        // A port shared by name needs a route without names.
+        let alone = "[[routes]]\nname = \"a\"\nports = [443, 8443]\nsni = [\"x.org\"]\n[[routes]]\nname = \"rest\"\nports = [443]\n";
+        assert_error(alone, 4, "no route without `sni` has port 8443");
+        // Plain HTTP has no ClientHello.
+        let http = "[[routes]]\nname = \"a\"\nports = [80]\ntype = \"http\"\nsni = [\"x.org\"]\n";
+        assert_error(http, 5, "carries no TLS server name");
+        // A name on a shared port belongs to one route.
+        let twice = "[[routes]]\nname = \"a\"\nports = [443]\nsni = [\"x.org\"]\n[[routes]]\nname = \"b\"\nports = [443]\nsni = [\"x.org\"]\n[[routes]]\nname = \"rest\"\nports = [443]\n";
+        assert_error(twice, 8, "in routes \"a\" and \"b\"");
+        // Two routes without names still cannot share a port.
+        let plain =
+            "[[routes]]\nname = \"a\"\nports = [443]\n[[routes]]\nname = \"b\"\nports = [443]\n";
+        assert_error(plain, 6, "a port belongs to one route");
+    }
+
     #[test]
     fn agent_settings_rules() {
         assert_error("listen = \"localhost\"\n", 1, "not a socket address");

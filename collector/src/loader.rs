@@ -29,7 +29,7 @@ use collector_common::{
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
     GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
-    RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters, dns_match_below,
+    RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, dns_match_below,
     local_address_set_bits, map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
@@ -1275,20 +1275,40 @@ fn route_owners(ebpf: &Ebpf) -> anyhow::Result<Vec<Option<String>>> {
         .collect()
 }
 
-/// The connections the (pinned) connection table holds open, per route slot.
+/// The connections open per route slot: those the (pinned) connection table holds, or, while
+/// it holds any accepted on a port shared by server name, those the counters show opened and
+/// not closed where more. Such a connection (`BY_NAME`) keeps the port's route in its table
+/// slot (its route is in socket storage, which only the kernel reads), so only the counters
+/// show the route it counts in. (Not always: they also keep connections counted while the
+/// table was full, which close uncounted.)
 fn open_connections_by_slot(ebpf: &Ebpf) -> anyhow::Result<Vec<u64>> {
     let table: Array<&MapData, ConnState> = Array::try_from(
         ebpf.map(map_names::CONN_STATE)
             .context("the kernel object has no connection table")?,
     )?;
     let mut open = vec![0u64; MAX_ROUTES as usize];
+    let mut by_name = false;
     for entry in table.iter() {
         let entry = entry?;
         if entry.cookie != 0
             && let Some(count) = open.get_mut(entry.route as usize)
         {
             *count += 1;
+            by_name |= entry.flags & conn_flags::BY_NAME != 0;
         }
+    }
+    if !by_name {
+        return Ok(open);
+    }
+    let counters: PerCpuArray<&MapData, ConnCounters> = PerCpuArray::try_from(
+        ebpf.map(map_names::CONN_COUNTERS)
+            .context("the kernel object has no connection counters")?,
+    )?;
+    for (slot, count) in (0..).zip(open.iter_mut()) {
+        let values = counters.get(&slot, 0)?;
+        let opened: u64 = values.iter().map(|c| c.opened).fold(0, u64::wrapping_add);
+        let closed: u64 = values.iter().map(|c| c.closed).fold(0, u64::wrapping_add);
+        *count = (*count).max(opened.saturating_sub(closed));
     }
     Ok(open)
 }
