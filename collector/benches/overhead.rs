@@ -57,6 +57,24 @@ name = "connect"
 ports = [18080]
 "#;
 
+/// Both ports shared by server name: a route by name beside each. The benchmark's clients
+/// send no ClientHello, so every connection waits for its first segment and goes to the
+/// route without a name, and the server name reader runs on every packet arriving for any
+/// socket.
+const SHARED_BY_NAME: &str = r#"
+[[routes]]
+name = "connect-by-name"
+ports = [18080]
+type = "https"
+sni = ["connect.example"]
+
+[[routes]]
+name = "bulk-by-name"
+ports = [18090]
+type = "tcp"
+sni = ["bulk.example"]
+"#;
+
 /// The mode that measures the method itself: pairs run exactly as in the other modes, but
 /// the agent is started on neither side, so every ratio should be 1.
 const NOISE_TITLE: &str = "Nothing attached on either side (the method's own noise)";
@@ -374,6 +392,7 @@ fn program_costs(netns: &Netns, config: &AgentConfig, load: impl FnOnce()) -> Ve
         &[
             "track_connections",
             "stats_floor_sock_ops",
+            "read_server_names",
             "count_loopback",
             "count_ingress",
             "count_egress",
@@ -989,7 +1008,8 @@ fn nginx_mode_report(report: &mut String, pairs: &[(NginxRun, NginxRun)]) {
     );
 }
 
-/// Both proxy modes: with the per-client figures (the default) and without.
+/// The proxy modes: with the per-client figures (the default), without, with both ends followed,
+/// and with the ports shared by server name; then the method's own noise.
 fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
     let stop = Arc::new(AtomicBool::new(false));
     start_servers(netns, &stop);
@@ -1017,6 +1037,11 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
             "With the connecting side followed as an upstream too (`[[upstreams]]` on the route's port: each connection is followed at both ends, as a proxy's connections to a backend it opens one per request are)",
             "",
             UPSTREAM_OF_CONNECT,
+        ),
+        (
+            "With the ports shared by server name (a route with `sni` beside each: each connection waits for its first segment, and the server name reader runs on every packet arriving for a socket)",
+            "",
+            SHARED_BY_NAME,
         ),
     ];
     for (title, setting, tables) in modes {
