@@ -615,6 +615,7 @@ fn the_readmes_config_is_the_embedded_default() {
         "basic_auth_users_file",
         "tls_cert_file",
         "tls_key_file",
+        "sni",
     ] {
         assert!(block.contains(&format!("# {key} = ")), "{key}");
     }
