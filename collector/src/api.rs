@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use collector_common::sni_outcome;
 use serde::Serialize;
 
 use crate::{
+    counters::{NameRole, ServerNameTotals},
     dns::{OPCODE_NAMES, RCODE_NAMES, is_error_rcode, qtype_name},
     nft::Protocol,
     rates::Rates,
@@ -123,6 +125,54 @@ pub struct RouteStats {
     pub duration: Durations,
     /// Our nftables counters for the route's ports (also traffic no local socket sees).
     pub nftables: Option<NftCounts>,
+    /// The TLS server names that tell the route apart on ports it shares (empty for none).
+    pub server_names: Vec<String>,
+    /// On ports shared by server name only: the connections counted opened in the route, by
+    /// how their route was decided (a route with names has `matched` alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name_outcomes: Option<ServerNameOutcomes>,
+    /// The route without names of ports shared by server name only: connections accepted
+    /// there waiting for their ClientHello, counted opened in no route yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub awaiting_server_name: Option<u64>,
+}
+
+/// How the connections counted in a route on ports shared by server name were told apart
+/// (see `collector_common::sni_outcome`).
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerNameOutcomes {
+    /// The ClientHello named one of the route's names.
+    pub matched: u64,
+    /// A name no route of the port has.
+    pub unknown_name: u64,
+    /// A ClientHello without a name.
+    pub no_name: u64,
+    /// The first segment was no TLS ClientHello.
+    pub not_tls: u64,
+    /// The name lay beyond the first segment (or TLS record).
+    pub incomplete: u64,
+    pub malformed: u64,
+    /// Closed before the client sent anything.
+    pub no_data: u64,
+    /// The first segment was not seen.
+    pub missed: u64,
+}
+
+impl ServerNameOutcomes {
+    fn of(totals: &ServerNameTotals) -> Self {
+        let count = |outcome: u32| totals.counters.outcomes[outcome as usize];
+        Self {
+            matched: count(sni_outcome::MATCHED),
+            unknown_name: count(sni_outcome::UNKNOWN_NAME),
+            no_name: count(sni_outcome::NO_NAME),
+            not_tls: count(sni_outcome::NOT_TLS),
+            incomplete: count(sni_outcome::INCOMPLETE),
+            malformed: count(sni_outcome::MALFORMED),
+            no_data: count(sni_outcome::NO_DATA),
+            missed: count(sni_outcome::MISSED),
+        }
+    }
 }
 
 /// An upstream of the proxy: the connections this namespace opened to its ports.
@@ -252,6 +302,9 @@ pub struct ProxyStats {
     /// Open connections per route.
     pub connections_by_route: BTreeMap<String, u64>,
     pub total_connections: u64,
+    /// Connections waiting for their ClientHello on ports shared by server name, over every
+    /// route: in none of the figures above yet.
+    pub connections_awaiting_server_name: u64,
     /// New connections per second over the last second (until L7 requests are counted).
     pub requests_per_second: f64,
     pub connection_rates: RateWindows,
@@ -302,6 +355,13 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
         // Quantiles of the connections closed over the last minute.
         duration: Durations::of_closes(&route.last_minute),
         nftables: nft_counts(snapshot, &route.route.name, Protocol::Tcp),
+        server_names: route.route.sni.clone(),
+        server_name_outcomes: totals.server_names.as_ref().map(ServerNameOutcomes::of),
+        awaiting_server_name: totals
+            .server_names
+            .as_ref()
+            .filter(|by_name| by_name.role == NameRole::Fallback)
+            .map(ServerNameTotals::awaiting),
     }
 }
 
@@ -316,6 +376,7 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
             .map(|r| (r.route.name.clone(), r.active()))
             .collect(),
         total_connections: snapshot.total_connections(),
+        connections_awaiting_server_name: snapshot.awaiting_server_name(),
         requests_per_second: snapshot.connection_rates.instant,
         connection_rates: RateWindows::new(
             snapshot.connection_rates,
@@ -539,7 +600,8 @@ mod tests {
         snapshot.connection_rates.instant = 4.5;
         let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
         assert_eq!(json["activeConnections"], 2);
-        assert_eq!(json["totalConnections"], 5);
+        // web's 5, and the 4 and 3 of port 443's routes by server name.
+        assert_eq!(json["totalConnections"], 12);
         assert_eq!(json["connectionsByRoute"]["web"], 2);
         assert_eq!(json["requestsPerSecond"], 4.5);
         assert_eq!(json["connectionsByIP"]["192.0.2.7"], 2);
@@ -614,10 +676,10 @@ mod tests {
         assert_eq!(json["upstreams"].as_array().unwrap().len(), 1);
         // The clients' figures leave the upstream connections out.
         assert_eq!(json["activeConnections"], 2);
-        assert_eq!(json["totalConnections"], 5);
+        assert_eq!(json["totalConnections"], 12);
         assert_eq!(
             json["connectionsByRoute"],
-            serde_json::json!({"web": 2}),
+            serde_json::json!({"web": 2, "tls": 0, "api": 0}),
             "{json}"
         );
 
@@ -633,7 +695,57 @@ mod tests {
         let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
         assert!(json["connectionsByIP"].is_null(), "{json}");
         assert!(json["topIPs"].is_null(), "{json}");
-        assert_eq!(json["totalConnections"], 5);
+        assert_eq!(json["totalConnections"], 12);
+    }
+
+    #[test]
+    fn routes_on_a_port_shared_by_server_name_say_how_their_connections_were_told_apart() {
+        let snapshot = Snapshot::example();
+        let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
+        let route = |name: &str| {
+            json["routes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|route| route["name"] == name)
+                .unwrap_or_else(|| panic!("no route {name} in {json}"))
+                .clone()
+        };
+        // The fallback: every outcome, zeros included, and its connections waiting.
+        let tls = route("tls");
+        assert_eq!(tls["serverNames"], serde_json::json!([]));
+        assert_eq!(
+            tls["serverNameOutcomes"],
+            serde_json::json!({
+                "matched": 0, "unknownName": 1, "noName": 1, "notTls": 0, "incomplete": 1,
+                "malformed": 0, "noData": 1, "missed": 0,
+            })
+        );
+        assert_eq!(tls["awaitingServerName"], 2);
+        // A route with names: its names, its outcomes (matched alone), no wait of its own.
+        let api = route("api");
+        assert_eq!(
+            api["serverNames"],
+            serde_json::json!(["api.example.com", "*.api.example.com"])
+        );
+        assert_eq!(api["serverNameOutcomes"]["matched"], 3);
+        assert_eq!(api["serverNameOutcomes"]["unknownName"], 0);
+        assert!(api.get("awaitingServerName").is_none(), "{api}");
+        // A route with its ports to itself has neither.
+        let web = route("web");
+        assert_eq!(web["serverNames"], serde_json::json!([]));
+        for key in ["serverNameOutcomes", "awaitingServerName"] {
+            assert!(web.get(key).is_none(), "{key}: {web}");
+        }
+        // Waiting in no route's figures yet: apart from the totals.
+        assert_eq!(json["connectionsAwaitingServerName"], 2);
+        assert_eq!(json["activeConnections"], 2);
+        assert_eq!(json["connectionsByRoute"]["tls"], 0);
+
+        let mut without = Snapshot::example();
+        without.routes.truncate(1);
+        let json = serde_json::to_value(proxy_stats(&without)).unwrap();
+        assert_eq!(json["connectionsAwaitingServerName"], 0);
     }
 
     /// A week of good answers, then a minute of failures: the ratios and quantiles show the

@@ -1258,7 +1258,7 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             .position(|line| line.starts_with("UPSTREAM"))
             .unwrap_or_else(|| panic!("{table}"));
         // After the routes and their totals, which leave the upstreams out.
-        assert!(lines[heading - 2].starts_with("total: 2 active, 5 connections"));
+        assert!(lines[heading - 2].starts_with("total: 2 active, 12 connections"));
         assert_eq!(lines[heading - 1], "", "{table}");
         let app = lines[heading + 1];
         assert_eq!(

@@ -1,13 +1,19 @@
 //! Reading the kernel's counters: per-CPU values summed for each watched route. Runs on the
 //! poller only; scrapes never reach the kernel.
 
-use aya::maps::{MapData, PerCpuArray};
+use std::{collections::HashSet, path::Path};
+
+use anyhow::Context as _;
+use aya::maps::{Map, MapData, PerCpuArray};
 use collector_common::{
     CONN_DURATION_BUCKETS, ConnCounters, ConnDurations, DIR_IN, DIR_OUT, DnsCounters, ERROR_KINDS,
-    TrafficCounters, UpstreamCounters, traffic_index,
+    SniCounters, TrafficCounters, UpstreamCounters, map_names, traffic_index,
 };
 
-use crate::loader::{KernelMaps, WatchedRoute, WatchedUpstream};
+use crate::{
+    loader::{KernelMaps, WatchedRoute, WatchedUpstream},
+    paths,
+};
 
 /// Totals of one route, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +24,8 @@ pub struct RouteTotals {
     pub durations: [u64; CONN_DURATION_BUCKETS as usize],
     pub traffic_in: TrafficCounters,
     pub traffic_out: TrafficCounters,
+    /// On ports shared by TLS server name only: how its connections were told apart.
+    pub server_names: Option<ServerNameTotals>,
 }
 
 // Arrays over 32 have no derived `Default`.
@@ -28,7 +36,98 @@ impl Default for RouteTotals {
             durations: [0; CONN_DURATION_BUCKETS as usize],
             traffic_in: TrafficCounters::default(),
             traffic_out: TrafficCounters::default(),
+            server_names: None,
         }
+    }
+}
+
+/// A route's part where routes share ports by TLS server name (SNI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameRole {
+    /// It has server names (`sni`): it counts the connections whose ClientHello names one.
+    Named,
+    /// It has none, on a port routes with names share: it counts that port's other
+    /// connections, which wait in it for their first segment.
+    Fallback,
+}
+
+/// Each route's part in telling connections apart by server name, in the routes' order:
+/// `None` for a route no route with names shares a port with. The config gives each shared
+/// port exactly one route without names.
+#[must_use]
+pub fn name_roles(routes: &[WatchedRoute]) -> Vec<Option<NameRole>> {
+    let shared: HashSet<u16> = routes
+        .iter()
+        .filter(|route| !route.sni.is_empty())
+        .flat_map(|route| route.ports.iter().copied())
+        .collect();
+    routes
+        .iter()
+        .map(|route| {
+            if !route.sni.is_empty() {
+                Some(NameRole::Named)
+            } else if route.ports.iter().any(|port| shared.contains(port)) {
+                Some(NameRole::Fallback)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// The server-name figures of a route on shared ports, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerNameTotals {
+    pub role: NameRole,
+    /// `outcomes`: connections counted opened in the route by how their route was decided
+    /// (`collector_common::sni_outcome`; a named route's are all matched). `awaiting`, a
+    /// fallback's only: connections accepted on its shared ports still waiting for their
+    /// first segment, counted opened in no route yet but holding table slots.
+    pub counters: SniCounters,
+}
+
+impl ServerNameTotals {
+    /// Connections waiting for their ClientHello in this route (a fallback's; 0 otherwise).
+    #[must_use]
+    pub fn awaiting(&self) -> u64 {
+        match self.role {
+            NameRole::Fallback => self.counters.awaiting,
+            NameRole::Named => 0,
+        }
+    }
+}
+
+/// The maps a poll reads: the loader's, and the server-name counters where routes share ports
+/// by name, opened from their pin (the loader's [`KernelMaps`] does not hand them over).
+pub struct Maps {
+    pub kernel: KernelMaps,
+    pub server_names: Option<PerCpuArray<MapData, SniCounters>>,
+}
+
+impl Maps {
+    /// `kernel`, and the pinned `SNI_COUNTERS` under `pin_dir` if any of `routes` has server
+    /// names. Called after the attach, which pinned it there (or kept a crashed run's pin).
+    pub fn new(
+        kernel: KernelMaps,
+        routes: &[WatchedRoute],
+        pin_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let server_names = if routes.iter().any(|route| !route.sni.is_empty()) {
+            let path = paths::map_pin_dir(pin_dir).join(map_names::SNI_COUNTERS);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening the pinned map {}", path.display()))?;
+            Some(
+                PerCpuArray::try_from(Map::from_map_data(data)?).with_context(|| {
+                    format!("map {} has an unexpected type", map_names::SNI_COUNTERS)
+                })?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            kernel,
+            server_names,
+        })
     }
 }
 
@@ -117,14 +216,39 @@ pub fn sum_upstream(
             connecting: acc.connecting.wrapping_add(v.connecting),
         });
     Ok(UpstreamCounters {
-        connecting: connecting_or_zero(sum.connecting),
+        connecting: floor_at_zero(sum.connecting),
         ..sum
     })
 }
 
 /// A wrapping sum of per-CPU increments and decrements, below 0 read as 0.
-fn connecting_or_zero(sum: u64) -> u64 {
+fn floor_at_zero(sum: u64) -> u64 {
     u64::try_from(sum.cast_signed()).unwrap_or(0)
+}
+
+/// One route slot's server-name counters, summed over CPUs (see [`sum_sni_values`]).
+pub fn sum_server_names(
+    map: &PerCpuArray<MapData, SniCounters>,
+    index: u32,
+) -> Result<SniCounters, aya::maps::MapError> {
+    Ok(sum_sni_values(map.get(&index, 0)?.iter()))
+}
+
+/// Per-CPU server-name counters summed. `awaiting` is raised on the CPU that accepts and
+/// lowered (a wrapping add of `u64::MAX`) on the one that reads the hello, as upstream
+/// `connecting` is: a read amid a decision can see it end and not start, a sum below 0,
+/// which reads as 0.
+fn sum_sni_values<'a>(values: impl IntoIterator<Item = &'a SniCounters>) -> SniCounters {
+    let sum = values
+        .into_iter()
+        .fold(SniCounters::default(), |acc, v| SniCounters {
+            outcomes: std::array::from_fn(|i| acc.outcomes[i].wrapping_add(v.outcomes[i])),
+            awaiting: acc.awaiting.wrapping_add(v.awaiting),
+        });
+    SniCounters {
+        awaiting: floor_at_zero(sum.awaiting),
+        ..sum
+    }
 }
 
 /// One entry of a per-CPU connection counter array, summed over CPUs.
@@ -179,14 +303,15 @@ pub fn sum_dns<'a>(values: impl IntoIterator<Item = &'a DnsCounters>) -> DnsCoun
 }
 
 /// Reads the counters of every watched route and upstream, the error counters and the DNS
-/// counters.
+/// counters; the server-name counters of the routes on ports shared by name.
 pub fn read(
-    maps: &KernelMaps,
+    all: &Maps,
     routes: &[WatchedRoute],
     upstreams: &[WatchedUpstream],
 ) -> Result<KernelTotals, aya::maps::MapError> {
+    let maps = &all.kernel;
     let mut totals = KernelTotals::default();
-    for route in routes {
+    for (route, role) in routes.iter().zip(name_roles(routes)) {
         let mut route_totals = RouteTotals {
             conn: sum_conn(&maps.conn_counters, route.slot)?,
             traffic_in: sum_traffic(&maps.route_traffic, traffic_index(route.slot, DIR_IN))?,
@@ -194,6 +319,12 @@ pub fn read(
             ..RouteTotals::default()
         };
         route_totals.durations = sum_durations(&maps.conn_durations, route.slot)?;
+        if let (Some(role), Some(map)) = (role, &all.server_names) {
+            route_totals.server_names = Some(ServerNameTotals {
+                role,
+                counters: sum_server_names(map, route.slot)?,
+            });
+        }
         totals.routes.push(route_totals);
     }
     for upstream in upstreams {
@@ -217,13 +348,92 @@ mod tests {
     #[test]
     fn connects_in_progress_read_amid_a_handshake_are_never_below_zero() {
         // One connect's 1 on CPU 0 not read yet, its end (u64::MAX) on CPU 1 read.
-        assert_eq!(connecting_or_zero(0u64.wrapping_add(u64::MAX)), 0);
+        assert_eq!(floor_at_zero(0u64.wrapping_add(u64::MAX)), 0);
         // Three started on one CPU, two ended on another.
         assert_eq!(
-            connecting_or_zero(3u64.wrapping_add(u64::MAX).wrapping_add(u64::MAX)),
+            floor_at_zero(3u64.wrapping_add(u64::MAX).wrapping_add(u64::MAX)),
             1
         );
-        assert_eq!(connecting_or_zero(0), 0);
+        assert_eq!(floor_at_zero(0), 0);
+    }
+
+    #[test]
+    fn server_name_counters_sum_per_cpu_with_the_wait_never_below_zero() {
+        use collector_common::sni_outcome::{INCOMPLETE, MATCHED, MISSED};
+        let cpu = |matched, missed, awaiting| {
+            let mut counters = SniCounters {
+                awaiting,
+                ..SniCounters::default()
+            };
+            counters.outcomes[MATCHED as usize] = matched;
+            counters.outcomes[MISSED as usize] = missed;
+            counters
+        };
+        // Three accepted on CPU 0; two decided on CPU 1 (each a wrapping add of u64::MAX).
+        let lowered = u64::MAX.wrapping_add(u64::MAX);
+        let sum = sum_sni_values(&[cpu(4, 0, 3), cpu(1, 1, lowered)]);
+        assert_eq!(sum.outcomes[MATCHED as usize], 5);
+        assert_eq!(sum.outcomes[MISSED as usize], 1);
+        assert_eq!(sum.outcomes[INCOMPLETE as usize], 0);
+        assert_eq!(sum.awaiting, 1);
+        // CPU 1's decision read, CPU 0's accept not yet: -1, read as 0.
+        assert_eq!(
+            sum_sni_values(&[cpu(0, 0, 0), cpu(1, 0, u64::MAX)]).awaiting,
+            0
+        );
+        // Counts that wrapped on one CPU still sum as the kernel counted them.
+        assert_eq!(
+            sum_sni_values(&[cpu(u64::MAX, 0, 0), cpu(2, 0, 0)]).outcomes[MATCHED as usize],
+            1
+        );
+        assert_eq!(sum_sni_values(&[]), SniCounters::default());
+    }
+
+    fn route(name: &str, ports: &[u16], sni: &[&str]) -> WatchedRoute {
+        WatchedRoute {
+            name: name.into(),
+            kind: crate::config::RouteKind::Https,
+            ports: ports.to_vec(),
+            sni: sni.iter().map(|&s| s.to_owned()).collect(),
+            slot: 0,
+        }
+    }
+
+    #[test]
+    fn a_route_without_names_that_shares_a_port_with_named_ones_is_their_fallback() {
+        let routes = [
+            route("web", &[80], &[]),
+            route("tls", &[443, 8443], &[]),
+            route("api", &[443], &["api.example.com"]),
+            route("admin", &[443, 9443], &["*.admin.example.com"]),
+            route("other", &[9443], &[]),
+        ];
+        assert_eq!(
+            name_roles(&routes),
+            [
+                None,
+                Some(NameRole::Fallback),
+                Some(NameRole::Named),
+                Some(NameRole::Named),
+                Some(NameRole::Fallback),
+            ]
+        );
+        // Without names anywhere, no route takes part.
+        assert_eq!(name_roles(&routes[..2]), [None, None]);
+        let waiting = |role| {
+            ServerNameTotals {
+                role,
+                counters: SniCounters {
+                    awaiting: 4,
+                    ..SniCounters::default()
+                },
+            }
+            .awaiting()
+        };
+        assert_eq!(
+            (waiting(NameRole::Fallback), waiting(NameRole::Named)),
+            (4, 0)
+        );
     }
 
     #[test]

@@ -2,16 +2,17 @@
 //! it is given, so the output is tested on fixed snapshots without a kernel.
 //!
 //! Label cardinality is bounded by the config: `route` and `upstream` take the configured
-//! route and upstream names, `interface` the attached interfaces (the configured ones, or
-//! those watched by default), `direction` is `in` or `out`, `kind`, `reason`, `rcode` and
-//! `opcode` fixed sets, `qtype` at most 259 values; client addresses and domains never become
-//! labels.
+//! route and upstream names (`server_names` a route's configured names, on its info only),
+//! `interface` the attached interfaces (the configured ones, or those watched by default),
+//! `direction` is `in` or `out`, `kind`, `reason`, `rcode`, `opcode` and `outcome` fixed
+//! sets, `qtype` at most 259 values; client addresses, domains and the server names clients
+//! send never become labels.
 
 use std::{fmt, sync::Arc};
 
 use collector_common::{
     CONN_DURATION_BUCKETS, CONN_TABLE_SLOTS, ConnCounters, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES,
-    ERROR_KIND_NAMES, map_names,
+    ERROR_KIND_NAMES, SNI_OUTCOME_NAMES, map_names, sni_outcome,
 };
 use prometheus_client::{
     collector::Collector,
@@ -21,6 +22,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    counters::NameRole,
     dns::{COMMON_QTYPES, OPCODE_NAMES, RCODE_NAMES, qtype_name},
     process::ProcessStats,
     snapshot::{RouteSnapshot, Snapshot, UpstreamSnapshot, bucket_upper_seconds},
@@ -278,19 +280,68 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
     gauges(
         encoder,
         "collector_proxy_route_info",
-        "Configured routes: type and ports.",
+        "Configured routes: type, ports, and the TLS server names that tell the route apart on ports it shares (empty for none).",
         None,
         routes.iter().map(|route| {
             let labels: Labels = vec![
                 ("route", route.route.name.clone()),
                 ("type", route.route.kind.as_str().to_owned()),
                 ("ports", port_list(&route.route.ports)),
+                ("server_names", route.route.sni.join(",")),
             ];
             (labels, 1i64)
         }),
     )?;
     let figures: Vec<_> = routes.iter().map(ConnectionFigures::of_route).collect();
     connection_families(encoder, "collector_proxy", &ROUTE_HELP, &figures)
+}
+
+/// Renders how the connections on ports shared by TLS server name were told apart: every
+/// outcome of a fallback route (zeros included, so that `rate()` works from the first
+/// scrape), `matched` alone of a route with names, nothing of the other routes; and the
+/// fallbacks' connections waiting for their ClientHello. Both families are written even with
+/// no samples.
+fn encode_server_names(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let by_name: Vec<_> = snapshot
+        .routes
+        .iter()
+        .filter_map(|route| Some((route, route.totals.server_names?)))
+        .collect();
+    counters(
+        encoder,
+        "collector_proxy_sni_connections",
+        "Connections counted opened in the route on a port shared by TLS server name (SNI), by how their route was decided: matched (the ClientHello named one of the route's names, the only outcome of a route with names); on the port's route without names, unknown_name (a name no route of the port has), no_name, not_tls, incomplete (the name lay beyond the first segment or TLS record), malformed, no_data (closed before the client sent anything), missed (the first segment was not seen).",
+        None,
+        by_name.iter().flat_map(|(route, totals)| {
+            let outcomes = match totals.role {
+                NameRole::Fallback => 0..SNI_OUTCOME_NAMES.len(),
+                NameRole::Named => {
+                    let matched = sni_outcome::MATCHED as usize;
+                    matched..matched + 1
+                }
+            };
+            outcomes.map(move |outcome| {
+                let mut labels = route_labels(route);
+                labels.push(("outcome", SNI_OUTCOME_NAMES[outcome].to_owned()));
+                (labels, totals.counters.outcomes[outcome])
+            })
+        }),
+    )?;
+    gauges(
+        encoder,
+        "collector_proxy_sni_awaiting_connections",
+        "Connections accepted on the route's ports shared by TLS server name, waiting for their ClientHello: counted opened in no route yet (their hello, or their close, decides which); each holds a slot of the connection table.",
+        None,
+        by_name
+            .iter()
+            .filter(|(_, totals)| totals.role == NameRole::Fallback)
+            .map(|(route, totals)| {
+                (
+                    route_labels(route),
+                    i64::try_from(totals.awaiting()).unwrap_or(i64::MAX),
+                )
+            }),
+    )
 }
 
 /// Renders the connections the proxy opens to its upstreams: a route's figures, and the
@@ -725,7 +776,8 @@ fn encode_attachment(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
 }
 
 /// Fill of the fixed-size tables, as `node_exporter` reports conntrack: the connection
-/// table's from the counters (every tracked connection holds one slot), the in-flight
+/// table's from the counters (every tracked connection holds one slot, those waiting for
+/// their ClientHello and upstream connects in their handshake included), the in-flight
 /// table's from the queries waiting in it (the poll counts them in its memory mapping), the
 /// local address table's from the agent's copy, with whether it holds every address.
 fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
@@ -1019,6 +1071,7 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let snapshot = self.latest.load();
         encode_connections(&snapshot, &mut encoder)?;
+        encode_server_names(&snapshot, &mut encoder)?;
         encode_traffic(&snapshot, &mut encoder)?;
         encode_upstreams(&snapshot, &mut encoder)?;
         encode_dns(&snapshot, &mut encoder)?;
@@ -1139,6 +1192,55 @@ mod tests {
             ]
         );
         assert!(!text.contains("upstream="), "{text}");
+    }
+
+    /// Connections on a shared port waiting for their hello hold table slots in no route's
+    /// counts: the table's fill counts them; without routes by name, the families have no
+    /// samples and the info's label is empty.
+    #[test]
+    fn connections_waiting_for_a_hello_fill_the_table_and_no_names_leave_no_outcomes() {
+        let rendered = |snapshot: Snapshot| {
+            let latest = Arc::new(SharedSnapshot::default());
+            latest.store(snapshot);
+            render(&registry(latest)).unwrap()
+        };
+        let mut snapshot = Snapshot::example();
+        let entries = |text: &str| {
+            text.lines()
+                .find_map(|line| {
+                    line.strip_prefix("collector_bpf_map_entries{map=\"CONN_STATE\"} ")
+                })
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(entries(&rendered(snapshot.clone())), "5");
+        let fallback = snapshot.routes[1].totals.server_names.as_mut().unwrap();
+        fallback.counters.awaiting = 40;
+        assert_eq!(entries(&rendered(snapshot.clone())), "43");
+
+        snapshot.routes.truncate(1);
+        let text = rendered(snapshot);
+        for family in [
+            "# TYPE collector_proxy_sni_connections counter",
+            "# TYPE collector_proxy_sni_awaiting_connections gauge",
+        ] {
+            assert!(text.lines().any(|line| line == family), "{family}:\n{text}");
+        }
+        assert!(
+            !text.contains("collector_proxy_sni_connections_total{"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("collector_proxy_sni_awaiting_connections{"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "collector_proxy_route_info{route=\"web\",type=\"http\",ports=\"80,8080\",server_names=\"\"} 1"
+            ),
+            "{text}"
+        );
+        assert_eq!(entries(&text), "3");
     }
 
     #[test]

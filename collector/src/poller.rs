@@ -14,7 +14,7 @@ use crate::{
     dns::DomainStats,
     event_stream::EventHub,
     events::{ClientStats, SharedDrain},
-    loader::{KernelMaps, WatchedRoute, WatchedUpstream},
+    loader::{WatchedRoute, WatchedUpstream},
     preexisting::Preexisting,
     rates::{AVERAGE, CounterHistory, CountsHistory},
     snapshot::{
@@ -173,7 +173,7 @@ pub struct Watched {
 }
 
 pub struct Poller {
-    maps: KernelMaps,
+    maps: counters::Maps,
     routes: Vec<WatchedRoute>,
     upstreams: Vec<WatchedUpstream>,
     kernel: SourceHealth,
@@ -195,7 +195,7 @@ pub struct Poller {
 impl Poller {
     #[must_use]
     pub fn new(
-        maps: KernelMaps,
+        maps: counters::Maps,
         Watched { routes, upstreams }: Watched,
         clients: Arc<Mutex<ClientStats>>,
         rings: Vec<SharedDrain>,

@@ -156,6 +156,16 @@ impl RouteSnapshot {
     pub fn tracked(&self) -> u64 {
         still_open(&self.totals.conn)
     }
+
+    /// Connections accepted on the route's ports shared by server name that wait for their
+    /// ClientHello: counted opened in no route yet (a fallback's; 0 for any other route).
+    #[must_use]
+    pub fn awaiting_server_name(&self) -> u64 {
+        self.totals
+            .server_names
+            .as_ref()
+            .map_or(0, crate::counters::ServerNameTotals::awaiting)
+    }
 }
 
 /// Opened and not closed: both counters exact and monotonic (a read between CPUs' values
@@ -359,6 +369,137 @@ fn example_upstream() -> UpstreamSnapshot {
     }
 }
 
+/// Route `web` (http, ports 80 and 8080): 5 connections, 2 of them open.
+#[cfg(test)]
+fn example_web_route() -> RouteSnapshot {
+    let mut durations = [0u64; collector_common::CONN_DURATION_BUCKETS as usize];
+    durations[3] = 2;
+    durations[collector_common::CONN_DURATION_BUCKETS as usize - 1] = 1;
+    let totals = RouteTotals {
+        conn: ConnCounters {
+            opened: 5,
+            closed: 3,
+            bytes_in: 300,
+            bytes_out: 4000,
+            duration_us: 1_500_000,
+        },
+        durations,
+        traffic_in: TrafficCounters {
+            packets: 11,
+            bytes: 900,
+            payload_bytes: 340,
+        },
+        traffic_out: TrafficCounters {
+            packets: 9,
+            bytes: 4600,
+            payload_bytes: 4100,
+        },
+        server_names: None,
+    };
+    RouteSnapshot {
+        route: WatchedRoute {
+            name: "web".into(),
+            kind: crate::config::RouteKind::Http,
+            ports: vec![80, 8080],
+            sni: Vec::new(),
+            slot: 0,
+        },
+        totals,
+        connection_rates: Rates::default(),
+        bytes_in_rates: Rates::default(),
+        bytes_out_rates: Rates::default(),
+        open_from_before: 0,
+        last_minute: RouteLastMinute::of(&totals),
+    }
+}
+
+/// Port 443 shared by server name: `tls`, its fallback, counted 4 connections (all closed)
+/// that named no route of it or whose hello went unread, and 2 wait for their hello there;
+/// `api` matched 3 (all closed). The port's live traffic is the fallback's, counted per
+/// packet by port.
+#[cfg(test)]
+fn example_server_name_routes() -> [RouteSnapshot; 2] {
+    use collector_common::sni_outcome;
+
+    use crate::counters::{NameRole, ServerNameTotals};
+    let route = |name: &str, sni: &[&str], slot, totals: RouteTotals| RouteSnapshot {
+        route: WatchedRoute {
+            name: name.into(),
+            kind: crate::config::RouteKind::Https,
+            ports: vec![443],
+            sni: sni.iter().map(|&name| name.to_owned()).collect(),
+            slot,
+        },
+        totals,
+        connection_rates: Rates::default(),
+        bytes_in_rates: Rates::default(),
+        bytes_out_rates: Rates::default(),
+        open_from_before: 0,
+        last_minute: RouteLastMinute::of(&totals),
+    };
+    let mut fallback = collector_common::SniCounters {
+        awaiting: 2,
+        ..collector_common::SniCounters::default()
+    };
+    for outcome in [
+        sni_outcome::UNKNOWN_NAME,
+        sni_outcome::NO_NAME,
+        sni_outcome::INCOMPLETE,
+        sni_outcome::NO_DATA,
+    ] {
+        fallback.outcomes[outcome as usize] = 1;
+    }
+    let mut durations = [0u64; collector_common::CONN_DURATION_BUCKETS as usize];
+    durations[5] = 4;
+    let tls = RouteTotals {
+        conn: ConnCounters {
+            opened: 4,
+            closed: 4,
+            bytes_in: 2000,
+            bytes_out: 9000,
+            duration_us: 200,
+        },
+        durations,
+        traffic_in: TrafficCounters {
+            packets: 30,
+            bytes: 6000,
+            payload_bytes: 4400,
+        },
+        traffic_out: TrafficCounters {
+            packets: 25,
+            bytes: 12_000,
+            payload_bytes: 10_500,
+        },
+        server_names: Some(ServerNameTotals {
+            role: NameRole::Fallback,
+            counters: fallback,
+        }),
+    };
+    let mut matched = collector_common::SniCounters::default();
+    matched.outcomes[sni_outcome::MATCHED as usize] = 3;
+    let mut durations = [0u64; collector_common::CONN_DURATION_BUCKETS as usize];
+    durations[10] = 3;
+    let api = RouteTotals {
+        conn: ConnCounters {
+            opened: 3,
+            closed: 3,
+            bytes_in: 1500,
+            bytes_out: 1200,
+            duration_us: 4500,
+        },
+        durations,
+        server_names: Some(ServerNameTotals {
+            role: NameRole::Named,
+            counters: matched,
+        }),
+        ..RouteTotals::default()
+    };
+    [
+        route("tls", &[], 2, tls),
+        route("api", &["api.example.com", "*.api.example.com"], 3, api),
+    ]
+}
+
 #[cfg(test)]
 const EXAMPLE_ADDRESS_TABLE: crate::address_table::AddressTableUse =
     crate::address_table::AddressTableUse {
@@ -388,17 +529,28 @@ impl Snapshot {
     /// those the full table turned away (counted opened, never tracked).
     #[must_use]
     pub fn tracked_connections(&self) -> u64 {
-        // Connects in their handshake hold slots too.
+        // Connects in their handshake hold slots too, and so do connections waiting for
+        // their ClientHello, which no route counts opened yet.
         let upstreams = self
             .upstreams
             .iter()
             .map(|u| u.tracked() + u.totals.connects.connecting);
         self.routes
             .iter()
-            .map(RouteSnapshot::tracked)
+            .map(|r| r.tracked() + r.awaiting_server_name())
             .chain(upstreams)
             .sum::<u64>()
             .saturating_sub(self.errors[collector_common::error_kind::CONN_TABLE_FULL as usize])
+    }
+
+    /// Connections waiting for their ClientHello on ports shared by server name, over every
+    /// route: counted opened in none yet.
+    #[must_use]
+    pub fn awaiting_server_name(&self) -> u64 {
+        self.routes
+            .iter()
+            .map(RouteSnapshot::awaiting_server_name)
+            .sum()
     }
 
     #[must_use]
@@ -456,45 +608,10 @@ pub fn histogram_quantile<const N: usize>(buckets: &[u64; N], q: f64) -> Option<
 impl Snapshot {
     /// A snapshot with every kind of figure set to a distinct value, for output tests.
     pub fn example() -> Snapshot {
-        let mut durations = [0u64; collector_common::CONN_DURATION_BUCKETS as usize];
-        durations[3] = 2;
-        durations[collector_common::CONN_DURATION_BUCKETS as usize - 1] = 1;
-        let totals = RouteTotals {
-            conn: ConnCounters {
-                opened: 5,
-                closed: 3,
-                bytes_in: 300,
-                bytes_out: 4000,
-                duration_us: 1_500_000,
-            },
-            durations,
-            traffic_in: TrafficCounters {
-                packets: 11,
-                bytes: 900,
-                payload_bytes: 340,
-            },
-            traffic_out: TrafficCounters {
-                packets: 9,
-                bytes: 4600,
-                payload_bytes: 4100,
-            },
-        };
+        let web = example_web_route();
+        let [tls, api] = example_server_name_routes();
         Snapshot {
-            routes: vec![RouteSnapshot {
-                route: WatchedRoute {
-                    name: "web".into(),
-                    kind: crate::config::RouteKind::Http,
-                    ports: vec![80, 8080],
-                    sni: Vec::new(),
-                    slot: 0,
-                },
-                totals,
-                connection_rates: Rates::default(),
-                bytes_in_rates: Rates::default(),
-                bytes_out_rates: Rates::default(),
-                open_from_before: 0,
-                last_minute: RouteLastMinute::of(&totals),
-            }],
+            routes: vec![web, tls, api],
             upstreams: vec![example_upstream()],
             errors: [1, 2, 0],
             programs: vec![ProgramStats {
