@@ -509,26 +509,32 @@ fn routes(config: &Config) -> Verdict {
             detail: warning.to_owned(),
         };
     }
-    let listed = |items: &mut dyn Iterator<Item = (&String, &Vec<u16>)>| {
+    // A route's server names after its ports, under the config's own key.
+    let listed = |items: &mut dyn Iterator<Item = (&String, &Vec<u16>, &[String])>| {
         items
-            .map(|(name, ports)| {
+            .map(|(name, ports, sni)| {
                 let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-                format!("{name} ({})", ports.join(", "))
+                if sni.is_empty() {
+                    format!("{name} ({})", ports.join(", "))
+                } else {
+                    format!("{name} ({}; sni {})", ports.join(", "), sni.join(", "))
+                }
             })
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let mut routes = listed(&mut config.routes.iter().map(|r| (&r.name, &r.ports)));
-    let by_name: Vec<String> = config
-        .routes
-        .iter()
-        .filter(|r| !r.sni.is_empty())
-        .map(|r| format!("{} by {}", r.name, r.sni.join(", ")))
-        .collect();
-    if !by_name.is_empty() {
-        routes = format!("{routes}; server names: {}", by_name.join("; "));
-    }
-    let upstreams = listed(&mut config.upstreams.iter().map(|u| (&u.name, &u.ports)));
+    let routes = listed(
+        &mut config
+            .routes
+            .iter()
+            .map(|r| (&r.name, &r.ports, r.sni.as_slice())),
+    );
+    let upstreams = listed(
+        &mut config
+            .upstreams
+            .iter()
+            .map(|u| (&u.name, &u.ports, &[][..])),
+    );
     let detail = match (routes.is_empty(), upstreams.is_empty()) {
         (_, true) => routes,
         (true, false) => format!("upstreams {upstreams}"),
@@ -619,6 +625,13 @@ mod tests {
             "[[routes]]\nname = \"web\"\nports = [80]\n[[upstreams]]\nname = \"app\"\nports = [8080, 9000]\n",
         );
         assert_eq!(verdict.detail, "web (80); upstreams app (8080, 9000)");
+        let verdict = without(
+            "[[routes]]\nname = \"tls\"\nports = [443]\ntype = \"https\"\n[[routes]]\nname = \"api\"\nports = [443]\ntype = \"https\"\nsni = [\"api.example.com\", \"*.api.example.com\"]\n",
+        );
+        assert_eq!(
+            verdict.detail,
+            "tls (443), api (443; sni api.example.com, *.api.example.com)"
+        );
         let verdict = without("[[upstreams]]\nname = \"app\"\nports = [8080]\n");
         assert_eq!(
             (verdict.status, verdict.detail.as_str()),

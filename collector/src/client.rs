@@ -745,23 +745,50 @@ fn count(value: &Value) -> u64 {
     value.as_u64().unwrap_or(0)
 }
 
-/// `/api/v1/proxy` as a table: one line per route, then the totals.
+/// `/api/v1/proxy` as a table: one line per route, then the routes' server names, then the
+/// totals. Where routes share ports by server name, an AWAITING column after ACTIVE: the
+/// connections waiting for their ClientHello in each fallback route (`-` in the others),
+/// which no other column counts yet.
 #[must_use]
 pub fn proxy_table(json: &Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
+    let routes = json["routes"].as_array().map_or(&[][..], Vec::as_slice);
+    let by_name = routes
+        .iter()
+        .any(|route| route.get("awaitingServerName").is_some());
+    let awaiting = |cell: &dyn std::fmt::Display| {
+        if by_name {
+            format!(" {cell:>8}")
+        } else {
+            String::new()
+        }
+    };
     let _ = writeln!(
         out,
-        "{:<16} {:<9} {:>8} {:>10} {:>10} {:>9} {:>12} {:>12} {:>10}",
-        "ROUTE", "TYPE", "ACTIVE", "OPENED", "CLOSED", "CONN/S", "IN B/S", "OUT B/S", "P50 S 1M"
+        "{:<16} {:<9} {:>8}{} {:>10} {:>10} {:>9} {:>12} {:>12} {:>10}",
+        "ROUTE",
+        "TYPE",
+        "ACTIVE",
+        awaiting(&"AWAITING"),
+        "OPENED",
+        "CLOSED",
+        "CONN/S",
+        "IN B/S",
+        "OUT B/S",
+        "P50 S 1M"
     );
-    for route in json["routes"].as_array().into_iter().flatten() {
+    for route in routes {
+        let waiting = route["awaitingServerName"]
+            .as_u64()
+            .map_or_else(|| "-".to_owned(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{:<16} {:<9} {:>8} {:>10} {:>10} {:>9.1} {:>12.0} {:>12.0} {:>10}",
+            "{:<16} {:<9} {:>8}{} {:>10} {:>10} {:>9.1} {:>12.0} {:>12.0} {:>10}",
             route["name"].as_str().unwrap_or(""),
             route["type"].as_str().unwrap_or(""),
             count(&route["active"]),
+            awaiting(&waiting),
             count(&route["opened"]),
             count(&route["closed"]),
             number(&route["connectionsPerSecond"]["instant"]),
@@ -769,6 +796,22 @@ pub fn proxy_table(json: &Value) -> String {
             number(&route["throughput"]["bytesOut"]["instant"]),
             figure(&route["duration"]["p50"], 4),
         );
+    }
+    for route in routes {
+        let names: Vec<&str> = route["serverNames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !names.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {} by server name: {}",
+                route["name"].as_str().unwrap_or(""),
+                names.join(", ")
+            );
+        }
     }
     let _ = writeln!(
         out,
@@ -1320,6 +1363,66 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         routes_only(&proxy);
         proxy.as_object_mut().unwrap().remove("upstreams");
         routes_only(&proxy);
+    }
+
+    #[test]
+    fn routes_on_ports_shared_by_server_name_show_their_wait_and_their_names() {
+        let snapshot = crate::snapshot::Snapshot::example();
+        let mut proxy = serde_json::to_value(crate::api::proxy_stats(&snapshot)).unwrap();
+        let table = proxy_table(&proxy);
+        let lines: Vec<&str> = table.lines().collect();
+        let header = lines[0];
+        let row = |name: &str| {
+            *lines
+                .iter()
+                .find(|line| line.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no {name} in\n{table}"))
+        };
+        // After ACTIVE, as CONNECTING is in the upstream table; `-` where a route has none.
+        assert!(
+            header.starts_with("ROUTE") && header.contains("ACTIVE AWAITING     OPENED"),
+            "{table}"
+        );
+        for (route, value) in [("tls", " 2"), ("api", " -"), ("web", " -")] {
+            let end = header.find("AWAITING").unwrap() + "AWAITING".len();
+            assert_eq!(
+                &row(route)[end - value.len()..end],
+                value,
+                "{route}:\n{table}"
+            );
+        }
+        // Every figure after it stays under its heading.
+        let opened = header.find("OPENED").unwrap() + "OPENED".len();
+        assert_eq!(&row("tls")[opened - 2..opened], " 4", "{table}");
+        assert!(
+            lines.contains(&"  api by server name: api.example.com, *.api.example.com"),
+            "{table}"
+        );
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|line| line.contains("by server name"))
+                .count(),
+            1,
+            "{table}"
+        );
+
+        // No route on a shared port (or an agent older than server names): the table as
+        // before, without the column or the names.
+        proxy["routes"].as_array_mut().unwrap().truncate(1);
+        let table = proxy_table(&proxy);
+        assert!(
+            !table.contains("AWAITING") && !table.contains("server name"),
+            "{table}"
+        );
+        assert!(
+            table
+                .lines()
+                .next()
+                .unwrap()
+                .starts_with("ROUTE            TYPE        ACTIVE     OPENED"),
+            "{table}"
+        );
     }
 
     #[test]
