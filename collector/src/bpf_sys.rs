@@ -2,9 +2,10 @@
 //! object and swapping the program inside a link, used to adopt links that a crashed agent
 //! left pinned, replacing their program atomically so nothing is missed or counted twice;
 //! and listing a TCX hook's programs in the order they run; reading a TCX link's interface
-//! (0 once the device is gone), to tell the pins of a namespace that is gone. Also a
-//! throwaway map pinned for a moment, for `collector check` to try what `run` needs of the
-//! pin directory.
+//! (0 once the device is gone), to tell the pins of a namespace that is gone; reading the
+//! program behind a pinned link, whose maps `collector maps dump` reads where they are not
+//! pinned. Also a throwaway map pinned for a moment, for `collector check` to try what `run`
+//! needs of the pin directory.
 
 use std::{
     ffi::CString,
@@ -176,6 +177,16 @@ pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
 /// kernel's `tcx_uninstall` drops the link's device, and `tcx_link_fill_info` reports 0; a
 /// namespace's devices go when the namespace does). `None` if `link` is not a TCX link.
 pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    let info = link_info(link)?;
+    Ok((info.link_type == BPF_LINK_TYPE_TCX).then_some(info.tcx_ifindex))
+}
+
+/// The id of the program attached through `link` (any link type).
+pub fn link_program_id(link: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(link_info(link)?.prog_id)
+}
+
+fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     let mut info = LinkInfo::default();
     let mut attr = InfoByFdAttr {
         bpf_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
@@ -183,7 +194,7 @@ pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<Option<u32>> {
         info: std::ptr::from_mut(&mut info) as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok((info.link_type == BPF_LINK_TYPE_TCX).then_some(info.tcx_ifindex))
+    Ok(info)
 }
 
 /// The ids of the programs on interface `ifindex`'s TCX hook `attach_type`, in the order they

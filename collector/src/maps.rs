@@ -3,28 +3,41 @@
 //! per-CPU values summed.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{self, Write},
     net::Ipv6Addr,
+    os::fd::AsFd as _,
     path::Path,
     time::Instant,
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters,
-    DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, TrafficCounters,
-    UpstreamCounters, conn_flags, map_names, traffic_index,
+    DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES,
+    SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, map_names, traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    counters::{sum_conn, sum_dns, sum_durations, sum_traffic, sum_u64, sum_upstream},
+    bpf_sys,
+    counters::{
+        sum_conn, sum_dns, sum_durations, sum_server_names, sum_traffic, sum_u64, sum_upstream,
+    },
     dns::{OPCODE_NAMES, RCODE_NAMES, qtype_name},
-    output, paths, privileges,
+    loader, output, paths, privileges,
 };
+
+/// Maps `dump` decodes that are not pinned: the configuration maps of routes by server name,
+/// read through the programs this pin directory's links hold.
+const LINKED_MAPS: [&str; 2] = [map_names::SNI_ROUTES, map_names::SNI_PORT_BITS];
+
+/// What `maps list` and `maps dump` say of `SNI_DECISIONS`.
+const SOCKET_STORAGE: &str = "socket storage: a value per socket, reached from its socket \
+    only, so it cannot be listed or dumped; CONN_STATE's rows flagged BY_NAME are the \
+    connections it decides (their routeSlot the port's route without names until they close)";
 
 /// One pinned map, as `maps list` shows it.
 #[derive(Debug, Serialize)]
@@ -39,6 +52,9 @@ pub struct MapRow {
     /// Entries holding something, for the tables that fill up (connections, DNS in flight,
     /// upstream names, route names); `None` for counter arrays, whose entries always exist.
     pub in_use: Option<u32>,
+    /// What the figures cannot say of this map (socket storage has no entries to count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
@@ -125,6 +141,7 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
             value_size: info.value_size(),
             capacity: info.max_entries(),
             in_use,
+            note: (name == map_names::SNI_DECISIONS).then_some(SOCKET_STORAGE),
         });
     }
     if rows.is_empty() {
@@ -192,12 +209,13 @@ fn owned_rows(
 /// The names of the [`conn_flags`] set in `flags`, as the kernel's constants are named; a
 /// bit this build does not know is shown as a number.
 fn flag_names(flags: u32) -> Vec<String> {
-    const NAMES: [(u32, &str); 5] = [
+    const NAMES: [(u32, &str); 6] = [
         (conn_flags::FIN_IN, "FIN_IN"),
         (conn_flags::FIN_OUT, "FIN_OUT"),
         (conn_flags::FIN_WAIT2_SEEN, "FIN_WAIT2_SEEN"),
         (conn_flags::UPSTREAM, "UPSTREAM"),
         (conn_flags::CONNECTING, "CONNECTING"),
+        (conn_flags::BY_NAME, "BY_NAME"),
     ];
     let known = NAMES.iter().fold(0, |all, (bit, _)| all | bit);
     let mut names: Vec<String> = NAMES
@@ -351,11 +369,170 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         map_names::DNS_UPSTREAM_LATEST => json!({
             "latestUpstreamNs": array::<u64>(open(pin_dir, name)?)?.get(&0, 0)?
         }),
+        map_names::SNI_COUNTERS
+        | map_names::SNI_DECISIONS
+        | map_names::SNI_ROUTES
+        | map_names::SNI_PORT_BITS => dump_server_names(pin_dir, name)?,
         _ => bail!(
-            "no pinned map {name}: the pinned maps are {}",
-            PINNED_MAPS.join(", ")
+            "no map {name}: the pinned maps are {}, and {} are read through the programs",
+            PINNED_MAPS.join(", "),
+            LINKED_MAPS.join(" and ")
         ),
     })
+}
+
+/// The maps of routes told apart by server name: the counters per slot, the decisions
+/// (socket storage, which cannot be dumped), the names by port and the shared ports.
+fn dump_server_names(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
+    Ok(match name {
+        map_names::SNI_COUNTERS => {
+            let map = per_cpu::<SniCounters>(open(pin_dir, name)?)?;
+            owned_rows(pin_dir, |slot| {
+                Ok(sni_counters_fields(&sum_server_names(&map, slot)?))
+            })?
+        }
+        // Opened all the same: a pin missing is an error, as with the other maps.
+        map_names::SNI_DECISIONS => {
+            open(pin_dir, name)?;
+            json!({ "note": SOCKET_STORAGE })
+        }
+        map_names::SNI_ROUTES => match linked_map(pin_dir, name)? {
+            None => json!([]),
+            Some(data) => {
+                let map: aya::maps::HashMap<MapData, SniKey, u32> =
+                    aya::maps::HashMap::try_from(Map::from_map_data(data)?)?;
+                let entries = map.iter().collect::<Result<Vec<_>, _>>()?;
+                let owners: HashMap<u32, String> = route_names(pin_dir)?.into_iter().collect();
+                sni_route_rows(entries, &owners)
+            }
+        },
+        map_names::SNI_PORT_BITS => {
+            let words = match linked_map(pin_dir, name)? {
+                None => Vec::new(),
+                Some(data) => array::<u64>(data)?.iter().collect::<Result<Vec<_>, _>>()?,
+            };
+            json!({ "ports": bitmap_ports(&words) })
+        }
+        _ => bail!("{name} is no map of the routes by server name"),
+    })
+}
+
+/// A slot's server-name counters: connections counted opened there by how their route was
+/// decided, by outcome label, and those waiting for their ClientHello there.
+fn sni_counters_fields(counters: &SniCounters) -> Value {
+    let outcomes: serde_json::Map<String, Value> = SNI_OUTCOME_NAMES
+        .iter()
+        .zip(counters.outcomes)
+        .map(|(name, count)| ((*name).to_owned(), json!(count)))
+        .collect();
+    json!({"outcomes": outcomes, "awaiting": counters.awaiting})
+}
+
+/// A server name as configured: a wildcard's key holds the name after its `*.`.
+fn server_name(key: &SniKey) -> String {
+    let len = usize::from(key.len).min(key.name.len());
+    let host = String::from_utf8_lossy(&key.name[..len]);
+    if key.wildcard == 0 {
+        host.into_owned()
+    } else {
+        format!("*.{host}")
+    }
+}
+
+/// The entries of `SNI_ROUTES` (port and name → slot + 1), by port and name, each with the
+/// route its slot's owner is.
+fn sni_route_rows(entries: Vec<(SniKey, u32)>, owners: &HashMap<u32, String>) -> Value {
+    let mut rows: Vec<(u16, String, u32)> = entries
+        .into_iter()
+        .map(|(key, slot)| (key.port, server_name(&key), slot))
+        .collect();
+    rows.sort();
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|(port, name, stored)| {
+            // Not `slot`: rows of one route's names would share a path in `maps watch`.
+            let mut row = json!({"port": port, "serverName": name});
+            if let Some(slot) = stored.checked_sub(1) {
+                row["routeSlot"] = json!(slot);
+                if let Some(owner) = owners.get(&slot) {
+                    row["route"] = json!(owner);
+                }
+            }
+            row
+        })
+        .collect();
+    json!(rows)
+}
+
+/// The ports whose bits are set in a port bitmap (see `collector_common::port_bit`).
+fn bitmap_ports(words: &[u64]) -> Vec<u16> {
+    (0u32..)
+        .zip(words)
+        .flat_map(|(word, &bits)| {
+            (0..64)
+                .filter(move |bit| bits & (1u64 << bit) != 0)
+                .map(move |bit| word * 64 + bit)
+        })
+        .filter_map(|port| u16::try_from(port).ok())
+        .collect()
+}
+
+/// The map named `name` of the programs this pin directory's links hold: the configuration
+/// maps are not pinned, and live as long as a program uses them. `None` where no linked
+/// program uses one (the server name reader is attached only with routes by name); an error
+/// where there are no links (no collector running, nor one crashed, with this `pin_dir`).
+fn linked_map(pin_dir: &Path, name: &str) -> anyhow::Result<Option<MapData>> {
+    let links_dir = paths::map_pin_dir(pin_dir).join(loader::LINKS_DIR);
+    let no_links = || {
+        anyhow::anyhow!(
+            "no links pinned under {}, whose programs hold {name} (is a collector running, or \
+             did one crash, with this pin_dir?)",
+            links_dir.display()
+        )
+    };
+    let entries = match std::fs::read_dir(&links_dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(no_links()),
+        Err(err) => {
+            return Err(err).with_context(|| format!("reading {}", links_dir.display()));
+        }
+    };
+    let mut programs = HashSet::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", links_dir.display()))?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let path = entry.path();
+        let link = match bpf_sys::open_pinned(&path) {
+            Ok(link) => link,
+            // Removed meanwhile: a stop under way.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => {
+                return Err(err).with_context(|| format!("opening the link {}", path.display()));
+            }
+        };
+        programs.insert(
+            bpf_sys::link_program_id(link.as_fd())
+                .with_context(|| format!("reading the link {}", path.display()))?,
+        );
+    }
+    if programs.is_empty() {
+        return Err(no_links());
+    }
+    for program in aya::programs::loaded_programs() {
+        let program = program.context("listing the loaded programs")?;
+        if !programs.contains(&program.id()) {
+            continue;
+        }
+        for id in program.map_ids()?.unwrap_or_default() {
+            let map = MapData::from_id(id)?;
+            if map.info()?.name_as_str() == Some(name) {
+                return Ok(Some(map));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Slots hold when the host last asked an upstream for a name and type hashed there
@@ -559,6 +736,12 @@ pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
             row.name, row.kind, row.key_size, row.value_size, row.capacity, in_use
         )?;
     }
+    // Under the table, where they leave its columns alone.
+    for row in rows {
+        if let Some(note) = row.note {
+            writeln!(out, "{}: {note}", row.name)?;
+        }
+    }
     Ok(())
 }
 
@@ -639,6 +822,7 @@ mod tests {
             value_size: 8,
             capacity: 256,
             in_use,
+            note: None,
         };
         let mut text = Vec::new();
         print_list(
@@ -657,6 +841,114 @@ mod tests {
         assert!(
             lines.iter().all(|line| line.len() == lines[0].len()),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn socket_storage_is_listed_with_a_note_under_the_table() {
+        let row = |name, kind: &str, note| MapRow {
+            name,
+            kind: kind.to_owned(),
+            key_size: 4,
+            value_size: 8,
+            capacity: 0,
+            in_use: None,
+            note,
+        };
+        let rows = [
+            row(map_names::SNI_DECISIONS, "SkStorage", Some(SOCKET_STORAGE)),
+            row(map_names::SNI_COUNTERS, "PerCpuArray", None),
+        ];
+        let mut text = Vec::new();
+        print_list(&mut text, &rows).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[..3].iter().all(|line| line.len() == lines[0].len()),
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with("SNI_DECISIONS: socket storage: a value per socket")
+                && lines[3].contains("cannot be listed or dumped"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&rows).unwrap();
+        assert_eq!(json[0]["note"], SOCKET_STORAGE);
+        assert!(json[1].get("note").is_none(), "{json}");
+    }
+
+    #[test]
+    fn server_name_counters_dump_every_outcome_by_its_label() {
+        let mut counters = SniCounters {
+            awaiting: 2,
+            ..SniCounters::default()
+        };
+        counters.outcomes[collector_common::sni_outcome::NO_NAME as usize] = 5;
+        counters.outcomes[collector_common::sni_outcome::MISSED as usize] = 1;
+        let row = slot_row(2, "tls", sni_counters_fields(&counters));
+        assert_eq!(
+            row,
+            json!({
+                "slot": 2, "route": "tls", "awaiting": 2,
+                "outcomes": {
+                    "matched": 0, "unknown_name": 0, "no_name": 5, "not_tls": 0,
+                    "incomplete": 0, "malformed": 0, "no_data": 0, "missed": 1,
+                },
+            })
+        );
+        let paths = flatten(&json!([row]));
+        assert!(
+            paths.contains(&("slot2.outcomes.no_name".to_owned(), 5.0))
+                && paths.contains(&("slot2.awaiting".to_owned(), 2.0)),
+            "{paths:?}"
+        );
+    }
+
+    #[test]
+    fn server_names_dump_by_port_and_name_with_their_route() {
+        let owners: HashMap<u32, String> = [(2, "tls".to_owned()), (3, "api".to_owned())]
+            .into_iter()
+            .collect();
+        let entries = vec![
+            (SniKey::new(8443, false, b"api.example.com"), 4),
+            (SniKey::new(443, true, b"api.example.com"), 4),
+            (SniKey::new(443, false, b"api.example.com"), 4),
+            // A slot no route owns (a config changed since), and a value that is no slot.
+            (SniKey::new(443, false, b"old.example.com"), 8),
+            (SniKey::new(443, false, b"zero.example.com"), 0),
+        ];
+        assert_eq!(
+            sni_route_rows(entries, &owners),
+            json!([
+                {"port": 443, "serverName": "*.api.example.com", "routeSlot": 3, "route": "api"},
+                {"port": 443, "serverName": "api.example.com", "routeSlot": 3, "route": "api"},
+                {"port": 443, "serverName": "old.example.com", "routeSlot": 7},
+                {"port": 443, "serverName": "zero.example.com"},
+                {"port": 8443, "serverName": "api.example.com", "routeSlot": 3, "route": "api"},
+            ])
+        );
+        // A name of the longest length the key holds.
+        let long = [b'a'; 253];
+        assert_eq!(server_name(&SniKey::new(443, false, &long)).len(), 253);
+    }
+
+    #[test]
+    fn shared_ports_are_read_from_their_bits() {
+        let mut words = vec![0u64; collector_common::PORT_BITMAP_WORDS as usize];
+        for port in [0u16, 443, 8443, u16::MAX] {
+            let (word, bit) = collector_common::port_bit(port);
+            words[word as usize] |= bit;
+        }
+        assert_eq!(bitmap_ports(&words), [0, 443, 8443, u16::MAX]);
+        assert!(bitmap_ports(&[0; 4]).is_empty());
+    }
+
+    #[test]
+    fn connections_waiting_for_their_hello_are_flagged_by_name() {
+        assert_eq!(
+            flag_names(conn_flags::BY_NAME | conn_flags::FIN_IN),
+            ["FIN_IN", "BY_NAME"]
         );
     }
 
