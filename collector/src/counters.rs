@@ -1,19 +1,15 @@
 //! Reading the kernel's counters: per-CPU values summed for each watched route. Runs on the
 //! poller only; scrapes never reach the kernel.
 
-use std::{collections::HashSet, path::Path};
+use std::collections::HashSet;
 
-use anyhow::Context as _;
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use collector_common::{
     CONN_DURATION_BUCKETS, ConnCounters, ConnDurations, DIR_IN, DIR_OUT, DnsCounters, ERROR_KINDS,
-    SniCounters, TrafficCounters, UpstreamCounters, map_names, traffic_index,
+    SniCounters, TrafficCounters, UpstreamCounters, traffic_index,
 };
 
-use crate::{
-    loader::{KernelMaps, WatchedRoute, WatchedUpstream},
-    paths,
-};
+use crate::loader::{KernelMaps, WatchedRoute, WatchedUpstream};
 
 /// Totals of one route, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,40 +90,6 @@ impl ServerNameTotals {
             NameRole::Fallback => self.counters.awaiting,
             NameRole::Named => 0,
         }
-    }
-}
-
-/// The maps a poll reads: the loader's, and the server-name counters where routes share ports
-/// by name, opened from their pin (the loader's [`KernelMaps`] does not hand them over).
-pub struct Maps {
-    pub kernel: KernelMaps,
-    pub server_names: Option<PerCpuArray<MapData, SniCounters>>,
-}
-
-impl Maps {
-    /// `kernel`, and the pinned `SNI_COUNTERS` under `pin_dir` if any of `routes` has server
-    /// names. Called after the attach, which pinned it there (or kept a crashed run's pin).
-    pub fn new(
-        kernel: KernelMaps,
-        routes: &[WatchedRoute],
-        pin_dir: &Path,
-    ) -> anyhow::Result<Self> {
-        let server_names = if routes.iter().any(|route| !route.sni.is_empty()) {
-            let path = paths::map_pin_dir(pin_dir).join(map_names::SNI_COUNTERS);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening the pinned map {}", path.display()))?;
-            Some(
-                PerCpuArray::try_from(Map::from_map_data(data)?).with_context(|| {
-                    format!("map {} has an unexpected type", map_names::SNI_COUNTERS)
-                })?,
-            )
-        } else {
-            None
-        };
-        Ok(Self {
-            kernel,
-            server_names,
-        })
     }
 }
 
@@ -305,11 +267,10 @@ pub fn sum_dns<'a>(values: impl IntoIterator<Item = &'a DnsCounters>) -> DnsCoun
 /// Reads the counters of every watched route and upstream, the error counters and the DNS
 /// counters; the server-name counters of the routes on ports shared by name.
 pub fn read(
-    all: &Maps,
+    maps: &KernelMaps,
     routes: &[WatchedRoute],
     upstreams: &[WatchedUpstream],
 ) -> Result<KernelTotals, aya::maps::MapError> {
-    let maps = &all.kernel;
     let mut totals = KernelTotals::default();
     for (route, role) in routes.iter().zip(name_roles(routes)) {
         let mut route_totals = RouteTotals {
@@ -319,10 +280,10 @@ pub fn read(
             ..RouteTotals::default()
         };
         route_totals.durations = sum_durations(&maps.conn_durations, route.slot)?;
-        if let (Some(role), Some(map)) = (role, &all.server_names) {
+        if let Some(role) = role {
             route_totals.server_names = Some(ServerNameTotals {
                 role,
-                counters: sum_server_names(map, route.slot)?,
+                counters: sum_server_names(&maps.sni_counters, route.slot)?,
             });
         }
         totals.routes.push(route_totals);

@@ -129,6 +129,7 @@ pub struct KernelMaps {
     pub conn_counters: PerCpuArray<MapData, ConnCounters>,
     pub conn_durations: PerCpuArray<MapData, ConnDurations>,
     pub upstream_counters: PerCpuArray<MapData, UpstreamCounters>,
+    pub sni_counters: PerCpuArray<MapData, SniCounters>,
     pub route_traffic: PerCpuArray<MapData, TrafficCounters>,
     pub errors: PerCpuArray<MapData, u64>,
     pub dns_counters: PerCpuArray<MapData, DnsCounters>,
@@ -589,6 +590,7 @@ impl Attachment {
             conn_durations: take_map(&mut self.ebpf, map_names::CONN_DURATIONS)?,
             route_traffic: take_map(&mut self.ebpf, map_names::ROUTE_TRAFFIC)?,
             upstream_counters: take_map(&mut self.ebpf, map_names::UPSTREAM_COUNTERS)?,
+            sni_counters: take_map(&mut self.ebpf, map_names::SNI_COUNTERS)?,
             errors: take_map(&mut self.ebpf, map_names::ERRORS)?,
             dns_counters: take_map(&mut self.ebpf, map_names::DNS_COUNTERS)?,
         })

@@ -493,7 +493,7 @@ async fn serve_until_signal(
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let preexisting = connections_from_before(attachment);
-    let maps = counters::Maps::new(attachment.take_maps()?, &attachment.routes, &config.pin_dir)?;
+    let maps = attachment.take_maps()?;
     let ring = attachment.take_conn_events()?;
     let clients = if config.client_stats {
         ClientStats::new(

@@ -128,12 +128,14 @@ pub struct PlannedCounter {
     pub service: String,
 }
 
-/// The counters a config wants: every route port (TCP) and DNS port (UDP), each way.
+/// The counters a config wants: every route port (TCP) and DNS port (UDP), each way. A port
+/// shared by server name is its route's without names (packets carry no name).
 #[must_use]
 pub fn plan(config: &Config) -> Vec<PlannedCounter> {
     let mut wanted: Vec<(Protocol, u16, String)> = config
         .routes
         .iter()
+        .filter(|route| route.sni.is_empty())
         .flat_map(|route| {
             route
                 .ports
@@ -876,6 +878,27 @@ fn legacy_ip_hooks() -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_shared_by_name_is_counted_once_for_its_route_without_names() {
+        let config = Config::from_toml(
+            "test.toml",
+            "[[routes]]\nname = \"api\"\nports = [443]\nsni = [\"api.example.com\"]\n\
+             [[routes]]\nname = \"tls\"\nports = [443]\n[dns]\nenabled = false\n",
+        )
+        .unwrap();
+        let planned: Vec<(String, String)> = plan(&config)
+            .into_iter()
+            .map(|c| (c.name, c.service))
+            .collect();
+        assert_eq!(
+            planned,
+            [
+                ("tcp_443_in".to_owned(), "tls".to_owned()),
+                ("tcp_443_out".to_owned(), "tls".to_owned())
+            ]
+        );
+    }
 
     #[test]
     fn every_route_and_dns_port_gets_a_counter_each_way() {

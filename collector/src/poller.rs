@@ -14,7 +14,7 @@ use crate::{
     dns::DomainStats,
     event_stream::EventHub,
     events::{ClientStats, SharedDrain},
-    loader::{WatchedRoute, WatchedUpstream},
+    loader::{KernelMaps, WatchedRoute, WatchedUpstream},
     preexisting::Preexisting,
     rates::{AVERAGE, CounterHistory, CountsHistory},
     snapshot::{
@@ -173,7 +173,7 @@ pub struct Watched {
 }
 
 pub struct Poller {
-    maps: counters::Maps,
+    maps: KernelMaps,
     routes: Vec<WatchedRoute>,
     upstreams: Vec<WatchedUpstream>,
     kernel: SourceHealth,
@@ -195,7 +195,7 @@ pub struct Poller {
 impl Poller {
     #[must_use]
     pub fn new(
-        maps: counters::Maps,
+        maps: KernelMaps,
         Watched { routes, upstreams }: Watched,
         clients: Arc<Mutex<ClientStats>>,
         rings: Vec<SharedDrain>,

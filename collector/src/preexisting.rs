@@ -42,7 +42,15 @@ impl Ports {
                 .collect()
         };
         Self {
-            route_of_port: by_port(&mut routes.iter().map(|r| &r.ports).enumerate()),
+            // A port shared by server name is its route's without names: what name a
+            // connection from before gave is not known.
+            route_of_port: by_port(
+                &mut routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.sni.is_empty())
+                    .map(|(index, r)| (index, &r.ports)),
+            ),
             upstream_of_port: by_port(&mut upstreams.iter().map(|u| &u.ports).enumerate()),
             listening,
         }
@@ -174,6 +182,26 @@ fn untracked_in_both(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_shared_by_name_is_its_route_without_names() {
+        let route = |name: &str, sni: &[&str], slot| WatchedRoute {
+            name: name.to_owned(),
+            kind: crate::config::RouteKind::Https,
+            ports: vec![443],
+            sni: sni.iter().map(|&n| n.to_owned()).collect(),
+            slot,
+        };
+        // In either order: the route without names has the port.
+        for routes in [
+            vec![route("tls", &[], 0), route("api", &["api.example.com"], 1)],
+            vec![route("api", &["api.example.com"], 1), route("tls", &[], 0)],
+        ] {
+            let ports = Ports::new(&routes, &[], HashSet::new());
+            let owner = ports.route_of_port[&443];
+            assert_eq!(routes[owner].name, "tls");
+        }
+    }
 
     #[test]
     fn only_untracked_sockets_open_through_the_table_read_are_from_before() {
