@@ -8,6 +8,14 @@
 //! first message is a ClientHello (type 1): version, random, session id, cipher suites,
 //! compression methods, extensions; the `server_name` extension (type 0) holds a list whose
 //! `host_name` entry (type 0) is the name.
+#![expect(
+    clippy::inline_always,
+    reason = "the kernel's reader inlines all of it: a BPF call per read costs more"
+)]
+#![expect(
+    clippy::cast_possible_truncation,
+    reason = "lengths here are at most 2^24 (a hello's) and names at most 255 bytes"
+)]
 
 /// Longest server name read: a DNS name has at most 253 characters; 255 leaves room for a
 /// trailing dot, which is taken off.

@@ -805,6 +805,10 @@ impl SniKey {
     /// The key of `name` (lower case, at most [`client_hello::SNI_NAME_MAX`] bytes) on
     /// `port`.
     #[must_use]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "names are at most 255 bytes (the config allows 253)"
+    )]
     pub fn new(port: u16, wildcard: bool, name: &[u8]) -> Self {
         let mut key = Self {
             port,

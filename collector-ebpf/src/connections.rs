@@ -171,11 +171,12 @@ fn on_accepted(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     // On a port shared by name the route waits for the ClientHello (server_names), which
     // counts it opened; `slot` is the route without a name there.
-    if server_names::sni_watched() && server_names::shared_port(ctx.local_port()) {
-        if server_names::await_hello(ctx, slot) {
-            state.flags = conn_flags::BY_NAME;
-            return;
-        }
+    if server_names::sni_watched()
+        && server_names::shared_port(ctx.local_port())
+        && server_names::await_hello(ctx, slot)
+    {
+        state.flags = conn_flags::BY_NAME;
+        return;
     }
 
     if client_events() && stream_wanted() {

@@ -408,6 +408,10 @@ fn read_hello(ctx: &SkBuffContext, segment: &Headers, port: u16) -> (Option<u32>
 /// The slot of the route whose name on `port` is the `len` bytes read (from `offset` of the
 /// segment), exactly or by wildcard.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key by value would be a 260-byte copy on the stack"
+)]
 fn match_name(
     ctx: &SkBuffContext,
     scratch: &mut SniScratch,

@@ -271,23 +271,8 @@ impl Attachment {
             _lock: lock,
             _stats: stats,
         };
-        let mut sock_ops = vec![(program_names::TRACK_CONNECTIONS, "sock_ops")];
-        if options.bpf_stats {
-            sock_ops.push((program_names::STATS_FLOOR_SOCK_OPS, "sock_ops_stats_floor"));
-        }
-        let by_name = config.routes.iter().any(|route| !route.sni.is_empty());
-        let attached = sock_ops
-            .into_iter()
-            .try_for_each(|(program, pin)| {
-                attachment.attach_sock_ops(program, &links_dir.join(pin), &cgroup)
-            })
-            .and_then(|()| {
-                if by_name {
-                    attachment.attach_server_name_reader(&links_dir.join(SERVER_NAMES_PIN), &cgroup)
-                } else {
-                    Ok(())
-                }
-            })
+        let attached = attachment
+            .attach_cgroup_programs(config, options.bpf_stats, &links_dir, &cgroup)
             // Before any classifier runs (till then the table counts as incomplete: by port).
             .and_then(|()| {
                 attachment.refresh_local_addresses();
@@ -317,6 +302,33 @@ impl Attachment {
                 Err(err)
             }
         }
+    }
+
+    /// The programs on the cgroup2 root: `sock_ops` (and its empty twin for `--bpf-stats`),
+    /// and the server name reader where routes share ports by name.
+    fn attach_cgroup_programs(
+        &mut self,
+        config: &Config,
+        bpf_stats: bool,
+        links_dir: &Path,
+        cgroup: &File,
+    ) -> anyhow::Result<()> {
+        self.attach_sock_ops(
+            program_names::TRACK_CONNECTIONS,
+            &links_dir.join("sock_ops"),
+            cgroup,
+        )?;
+        if bpf_stats {
+            self.attach_sock_ops(
+                program_names::STATS_FLOOR_SOCK_OPS,
+                &links_dir.join("sock_ops_stats_floor"),
+                cgroup,
+            )?;
+        }
+        if config.routes.iter().any(|route| !route.sni.is_empty()) {
+            self.attach_server_name_reader(&links_dir.join(SERVER_NAMES_PIN), cgroup)?;
+        }
+        Ok(())
     }
 
     fn attach_sock_ops(&mut self, name: &str, pin: &Path, cgroup: &File) -> anyhow::Result<()> {
