@@ -1,0 +1,1003 @@
+//! Privileged integration tests of routes told apart by TLS server name (SNI) on a port they
+//! share: the real agent and kernel programs in a network namespace of each test's own,
+//! clients sending real TLS `ClientHello` messages (made by rustls, whose handshake is never
+//! completed) to a plain TCP server that reads exactly what they send, and exact counts per
+//! route and per outcome.
+#![expect(
+    clippy::float_cmp,
+    clippy::cast_precision_loss,
+    reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
+)]
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use collector_common::client_hello::{self, Hello, HelloBytes, SNI_NAME_MAX};
+use rustls::pki_types::ServerName;
+
+use support::{Agent, AgentConfig, Closer, Netns, assert_no_pins, proxy_json, scrape};
+
+/// The port the three TLS routes share.
+const SHARED_PORT: u16 = 18443;
+/// A plain route's port, beside them.
+const WEB_PORT: u16 = 18080;
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "api"
+ports = [18443]
+type = "https"
+sni = ["api.example.com"]
+
+[[routes]]
+name = "sites"
+ports = [18443]
+type = "https"
+sni = ["*.example.com"]
+
+[[routes]]
+name = "tls-other"
+ports = [18443]
+type = "https"
+
+[[routes]]
+name = "web"
+ports = [18080]
+type = "http"
+"#;
+
+/// The routes of [`ROUTES`], in the order the figures are compared.
+const ROUTE_NAMES: [&str; 4] = ["api", "sites", "tls-other", "web"];
+/// The route without a name on the shared port: it takes whatever no name claims.
+const FALLBACK: &str = "tls-other";
+
+/// The outcome counter and the awaiting gauge (both per route).
+const OUTCOMES: &str = "collector_proxy_sni_connections_total";
+const AWAITING: &str = "collector_proxy_sni_awaiting_connections";
+
+fn at(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::from((ip.into(), port))
+}
+
+/// The first flight of a TLS client for `name`: its `ClientHello`, as rustls (ring) writes it.
+fn client_hello(name: ServerName<'static>) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut hello).unwrap();
+    }
+    hello
+}
+
+/// The `ClientHello` rustls sends for the DNS name `name`, checked to name exactly `name` (as
+/// written, case kept) by the parser the kernel runs.
+fn hello_for(name: &str) -> Vec<u8> {
+    let hello = client_hello(ServerName::try_from(name.to_owned()).unwrap());
+    assert_eq!(parsed(&hello).1.as_deref(), Some(name), "{hello:?}");
+    hello
+}
+
+/// The `ClientHello` rustls sends for an IP address: one without a server name.
+fn hello_without_name() -> Vec<u8> {
+    let hello = client_hello(ServerName::IpAddress(
+        IpAddr::from(Ipv4Addr::new(192, 0, 2, 1)).into(),
+    ));
+    assert_eq!(parsed(&hello).0, Hello::NoName);
+    hello
+}
+
+/// A `ClientHello` for `name` whose server name is not its last extension (rustls puts its
+/// extensions in a random order for each connection), and where the name ends in it.
+fn hello_with_more_after_the_name(name: &str) -> (Vec<u8>, usize) {
+    for _ in 0..1_000 {
+        let hello = hello_for(name);
+        let Hello::Name { offset, len } = parsed(&hello).0 else {
+            unreachable!()
+        };
+        let end = usize::try_from(offset).unwrap() + len;
+        if end < hello.len() {
+            return (hello, end);
+        }
+    }
+    panic!("rustls put the server name last in 1,000 hellos");
+}
+
+/// A test's bytes as the `ClientHello` parser reads them.
+struct Bytes<'a>(&'a [u8]);
+
+impl HelloBytes for Bytes<'_> {
+    fn array<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
+        let start = usize::try_from(offset).ok()?;
+        self.0.get(start..start.checked_add(N)?)?.try_into().ok()
+    }
+
+    fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool {
+        let start = usize::try_from(offset).unwrap();
+        match self.0.get(start..start + len) {
+            Some(name) => {
+                out[..len].copy_from_slice(name);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// What the kernel's parser makes of `bytes` as a first segment, and the name it read.
+fn parsed(bytes: &[u8]) -> (Hello, Option<String>) {
+    let mut name = [0u8; SNI_NAME_MAX + 1];
+    let end = u32::try_from(bytes.len()).unwrap();
+    let hello = client_hello::server_name(&Bytes(bytes), 0, end, &mut name);
+    let text = match hello {
+        Hello::Name { len, .. } => Some(String::from_utf8(name[..len].to_vec()).unwrap()),
+        _ => None,
+    };
+    (hello, text)
+}
+
+/// `hello` followed by `extra` bytes of application data, sent as one write (one segment
+/// on loopback): the server reads exactly this many bytes.
+fn with_extra(hello: &[u8], extra: usize) -> Vec<u8> {
+    let mut payload = hello.to_vec();
+    payload.resize(hello.len() + extra, b'x');
+    payload
+}
+
+/// How a client sends its payload: at once, or its first `n` bytes in a segment of their
+/// own, the rest 50 ms later.
+#[derive(Clone, Copy)]
+enum Send {
+    AtOnce,
+    SplitAfter(usize),
+}
+
+/// The connecting side of one exchange with `address`: sends `payload`, reads `response`
+/// bytes, closes (after the accepting side's FIN if it closes first).
+fn exchange_sending(
+    address: SocketAddr,
+    payload: &[u8],
+    send: Send,
+    response: usize,
+    closer: Closer,
+) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    match send {
+        Send::AtOnce => stream.write_all(payload).unwrap(),
+        Send::SplitAfter(n) => {
+            // Each write its own segment, the second not held back for the first's ACK.
+            stream.set_nodelay(true).unwrap();
+            stream.write_all(&payload[..n]).unwrap();
+            thread::sleep(Duration::from_millis(50));
+            stream.write_all(&payload[n..]).unwrap();
+        }
+    }
+    let mut buf = vec![0; response];
+    stream.read_exact(&mut buf).unwrap();
+    if let Closer::Accepting = closer {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+}
+
+/// `count` exchanges with the server on `listener` from inside `netns`, each sending
+/// `payload` (as `send` says) and reading `response` bytes; the server reads exactly the
+/// payload's length, answers and closes (`support::serve_exchanges`).
+fn exchanges_sending(
+    netns: &Netns,
+    listener: &Arc<TcpListener>,
+    count: usize,
+    payload: &[u8],
+    send: Send,
+    response: usize,
+    closer: Closer,
+) {
+    let address = listener.local_addr().unwrap();
+    let request = payload.len();
+    let server = {
+        let listener = Arc::clone(listener);
+        thread::spawn(move || {
+            support::serve_exchanges(&listener, request, response, closer, count);
+        })
+    };
+    let payload = payload.to_vec();
+    netns.run(move || {
+        for _ in 0..count {
+            exchange_sending(address, &payload, send, response, closer);
+        }
+    });
+    server.join().unwrap();
+}
+
+/// A listener on `address` in `netns`, shared with the server threads.
+fn listen(netns: &Netns, address: SocketAddr) -> Arc<TcpListener> {
+    Arc::new(netns.run(move || TcpListener::bind(address).unwrap()))
+}
+
+/// `count` connections to `listener` from inside `netns` that send nothing yet: (the
+/// connecting ends, the accepted ends).
+fn hold_open(
+    netns: &Netns,
+    listener: &TcpListener,
+    count: usize,
+) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let address = listener.local_addr().unwrap();
+    let connected = netns.run(move || {
+        (0..count)
+            .map(|_| TcpStream::connect(address).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let accepted = (0..count)
+        .map(|_| {
+            let stream = listener.accept().unwrap().0;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream
+        })
+        .collect();
+    (connected, accepted)
+}
+
+/// Each held client sends `payload`.
+fn send_from_each(clients: &mut [TcpStream], payload: &[u8]) {
+    for client in clients {
+        client.write_all(payload).unwrap();
+    }
+}
+
+/// Each accepted end reads the `request` bytes its client sent, answers `response` bytes and
+/// closes first; each client reads the answer and the close.
+fn answer_and_close(
+    (clients, accepted): (Vec<TcpStream>, Vec<TcpStream>),
+    request: usize,
+    response: usize,
+) {
+    for mut server in accepted {
+        let mut buf = vec![0; request];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(&vec![b'r'; response]).unwrap();
+    }
+    for mut client in clients {
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = Vec::new();
+        client.read_to_end(&mut buf).unwrap();
+        assert_eq!(buf.len(), response);
+    }
+}
+
+/// Each held client sends `payload`, then as [`answer_and_close`].
+fn finish_held(
+    (mut clients, accepted): (Vec<TcpStream>, Vec<TcpStream>),
+    payload: &[u8],
+    response: usize,
+) {
+    send_from_each(&mut clients, payload);
+    answer_and_close((clients, accepted), payload.len(), response);
+}
+
+/// Held clients that close without having sent anything; their accepted ends see the close
+/// and close too.
+fn close_held_silently((clients, accepted): (Vec<TcpStream>, Vec<TcpStream>)) {
+    drop(clients);
+    for mut server in accepted {
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+}
+
+/// Every sample of `name` in `metrics`: its labels (in any order) and value.
+fn samples(metrics: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    let prefix = format!("{name}{{");
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .map(|rest| {
+            let (labels, value) = rest.split_once("} ").unwrap();
+            let labels = labels
+                .split(',')
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap();
+                    (key.to_owned(), value.trim_matches('"').to_owned())
+                })
+                .collect();
+            let value = value.split_whitespace().next().unwrap().parse().unwrap();
+            (labels, value)
+        })
+        .collect()
+}
+
+/// The sample of `name` for `route`, if any.
+fn route_sample(metrics: &str, name: &str, route: &str) -> Option<f64> {
+    samples(metrics, name)
+        .into_iter()
+        .find(|(labels, _)| {
+            labels.len() == 1 && labels.get("route").map(String::as_str) == Some(route)
+        })
+        .map(|(_, value)| value)
+}
+
+/// A count, checked whole and not negative.
+fn count(value: f64, what: &str) -> usize {
+    assert!(value >= 0.0 && value.fract() == 0.0, "{what} = {value}");
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "checked whole and not negative"
+    )]
+    let value = value as usize;
+    value
+}
+
+/// What `/metrics` shows of one route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Figures {
+    opened: usize,
+    closed: usize,
+    active: usize,
+    open_from_before_start: usize,
+    received_bytes: usize,
+    sent_bytes: usize,
+    /// Closes in the duration histogram.
+    durations: usize,
+}
+
+impl Figures {
+    fn of(metrics: &str, route: &str) -> Self {
+        let value = |name: &str| {
+            let name = format!("collector_proxy_{name}");
+            let value = route_sample(metrics, &name, route)
+                .unwrap_or_else(|| panic!("no {name}{{route=\"{route}\"}}:\n{metrics}"));
+            count(value, &name)
+        };
+        Self {
+            opened: value("connections_opened_total"),
+            closed: value("connections_closed_total"),
+            active: value("connections_active"),
+            open_from_before_start: value("connections_open_from_before_start"),
+            received_bytes: value("connection_received_bytes_total"),
+            sent_bytes: value("connection_sent_bytes_total"),
+            durations: value("connection_duration_seconds_count"),
+        }
+    }
+
+    /// The same route in `/api/v1/proxy`.
+    fn of_json(json: &serde_json::Value, route: &str) -> Self {
+        let route = json["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == route)
+            .unwrap_or_else(|| panic!("no route {route}: {json}"));
+        let value = |name: &str| {
+            usize::try_from(
+                route[name]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{name} is no count: {route}")),
+            )
+            .unwrap()
+        };
+        Self {
+            opened: value("opened"),
+            closed: value("closed"),
+            active: value("active"),
+            open_from_before_start: value("openFromBeforeStart"),
+            received_bytes: value("bytesIn"),
+            sent_bytes: value("bytesOut"),
+            durations: usize::try_from(route["duration"]["count"].as_u64().unwrap()).unwrap(),
+        }
+    }
+}
+
+/// Everything a test expects of the routes: each route's figures, the connections counted
+/// per route and outcome (those not listed: none), and those awaiting their hello.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Expected {
+    routes: BTreeMap<String, Figures>,
+    outcomes: BTreeMap<(String, String), usize>,
+    awaiting: usize,
+}
+
+impl Expected {
+    fn new() -> Self {
+        Self {
+            routes: ROUTE_NAMES
+                .iter()
+                .map(|&route| (route.to_owned(), Figures::default()))
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    fn route(&mut self, route: &str) -> &mut Figures {
+        self.routes.get_mut(route).unwrap()
+    }
+
+    /// `count` connections decided for `route` with `outcome` (`None` on a plain route),
+    /// still open.
+    fn opened(&mut self, route: &str, outcome: Option<&str>, count: usize) {
+        let figures = self.route(route);
+        figures.opened += count;
+        figures.active += count;
+        if let Some(outcome) = outcome {
+            *self
+                .outcomes
+                .entry((route.to_owned(), outcome.to_owned()))
+                .or_default() += count;
+        }
+    }
+
+    /// `count` connections of `route` closed, each having received `bytes_in` and sent
+    /// `bytes_out`.
+    fn closed(&mut self, route: &str, count: usize, bytes_in: usize, bytes_out: usize) {
+        let figures = self.route(route);
+        figures.closed += count;
+        figures.active -= count;
+        figures.durations += count;
+        figures.received_bytes += count * bytes_in;
+        figures.sent_bytes += count * bytes_out;
+    }
+
+    /// `count` connections decided for `route`, each having received `bytes_in` and sent
+    /// `bytes_out`, and closed.
+    fn exchanged(
+        &mut self,
+        route: &str,
+        outcome: Option<&str>,
+        count: usize,
+        bytes_in: usize,
+        bytes_out: usize,
+    ) {
+        self.opened(route, outcome, count);
+        self.closed(route, count, bytes_in, bytes_out);
+    }
+
+    /// What one scrape shows, in the same terms.
+    fn seen(metrics: &str) -> Self {
+        let outcomes = samples(metrics, OUTCOMES)
+            .into_iter()
+            .filter(|(_, value)| *value != 0.0)
+            .map(|(labels, value)| {
+                let route = labels["route"].clone();
+                let outcome = labels["outcome"].clone();
+                let value = count(value, &format!("{OUTCOMES} {route} {outcome}"));
+                ((route, outcome), value)
+            })
+            .collect();
+        let awaiting = ROUTE_NAMES
+            .iter()
+            .filter_map(|&route| route_sample(metrics, AWAITING, route).map(|v| (route, v)))
+            .map(|(route, value)| {
+                // Only the route without a name waits for hellos.
+                if route != FALLBACK {
+                    assert_eq!(value, 0.0, "{AWAITING} of {route}");
+                }
+                count(value, AWAITING)
+            })
+            .sum();
+        Self {
+            routes: ROUTE_NAMES
+                .iter()
+                .map(|&route| (route.to_owned(), Figures::of(metrics, route)))
+                .collect(),
+            outcomes,
+            awaiting,
+        }
+    }
+}
+
+/// Waits until `/metrics` shows exactly `expected`, checks that it still does three polls
+/// later (nothing counted twice late) and that `/api/v1/proxy` agrees: returns that scrape.
+fn wait_for_exactly(netns: &Netns, expected: &Expected) -> String {
+    assert!(
+        route_sample(&scrape(netns), AWAITING, FALLBACK).is_some(),
+        "no {AWAITING}{{route=\"{FALLBACK}\"}}:\n{}",
+        scrape(netns)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = scrape(netns);
+        let seen = Expected::seen(&metrics);
+        if seen == *expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited for\n{expected:#?}\nstill\n{seen:#?}\n{metrics}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(300));
+    let metrics = scrape(netns);
+    assert_eq!(Expected::seen(&metrics), *expected, "{metrics}");
+    let json = proxy_json(netns);
+    for route in ROUTE_NAMES {
+        assert_eq!(
+            Figures::of_json(&json, route),
+            expected.routes[route],
+            "{route} in {json}"
+        );
+    }
+    metrics
+}
+
+/// The id of the `cgroup_skb` link the agent pinned for the server name reader.
+fn server_name_link(config: &AgentConfig) -> u64 {
+    let pin = config.pin_dir.join("v1/links/cgroup_skb_server_names");
+    let out = support::stdout_of(
+        std::process::Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(&pin),
+    );
+    let link: serde_json::Value = serde_json::from_str(&out).unwrap();
+    link["id"].as_u64().unwrap()
+}
+
+/// A clean stop leaves nothing: no pins, and the server name reader's link is gone.
+fn stop_leaving_nothing(agent: Agent, config: &AgentConfig) {
+    let link = server_name_link(config);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+    let shown = std::process::Command::new("bpftool")
+        .args(["link", "show", "id", &link.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        !shown.status.success(),
+        "the server name reader's link {link} is still there: {}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+}
+
+/// One kind of client of the shared port: what it sends first and the application data
+/// after it, the response it reads, who closes first, and where its connections count.
+struct Client {
+    what: &'static str,
+    first: Vec<u8>,
+    extra: usize,
+    response: usize,
+    closer: Closer,
+    route: &'static str,
+    outcome: &'static str,
+}
+
+impl Client {
+    /// `count` exchanges of this kind with the server on `listener`, added to `expected`.
+    fn exchange(
+        &self,
+        netns: &Netns,
+        listener: &Arc<TcpListener>,
+        count: usize,
+        expected: &mut Expected,
+    ) {
+        let payload = with_extra(&self.first, self.extra);
+        let (bytes_in, bytes_out) = (payload.len(), self.response);
+        eprintln!(
+            "{}: {count} x {bytes_in} bytes in, {bytes_out} out",
+            self.what
+        );
+        exchanges_sending(
+            netns,
+            listener,
+            count,
+            &payload,
+            Send::AtOnce,
+            self.response,
+            self.closer,
+        );
+        expected.exchanged(self.route, Some(self.outcome), count, bytes_in, bytes_out);
+    }
+}
+
+/// A client of each outcome: names matched exactly, in another case and by the wildcard,
+/// names no route has, a hello without a name, not TLS, and no data at all.
+fn clients_of_every_kind() -> Vec<Client> {
+    let client = |what, first, (extra, response), closer, route, outcome| Client {
+        what,
+        first,
+        extra,
+        response,
+        closer,
+        route,
+        outcome,
+    };
+    let (connecting, accepting) = (Closer::Connecting, Closer::Accepting);
+    let http = b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n".to_vec();
+    vec![
+        client(
+            "exact",
+            hello_for("api.example.com"),
+            (100, 1_000),
+            connecting,
+            "api",
+            "matched",
+        ),
+        client(
+            "upper case",
+            hello_for("API.Example.COM"),
+            (200, 2_000),
+            accepting,
+            "api",
+            "matched",
+        ),
+        client(
+            "one label",
+            hello_for("www.example.com"),
+            (300, 3_000),
+            connecting,
+            "sites",
+            "matched",
+        ),
+        client(
+            "two labels",
+            hello_for("a.b.example.com"),
+            (0, 400),
+            accepting,
+            FALLBACK,
+            "unknown_name",
+        ),
+        client(
+            "no label",
+            hello_for("example.com"),
+            (10, 450),
+            connecting,
+            FALLBACK,
+            "unknown_name",
+        ),
+        client(
+            "unknown",
+            hello_for("other.org"),
+            (50, 500),
+            connecting,
+            FALLBACK,
+            "unknown_name",
+        ),
+        client(
+            "no name",
+            hello_without_name(),
+            (60, 600),
+            accepting,
+            FALLBACK,
+            "no_name",
+        ),
+        client("not TLS", http, (0, 700), connecting, FALLBACK, "not_tls"),
+        client(
+            "no data",
+            Vec::new(),
+            (0, 0),
+            connecting,
+            FALLBACK,
+            "no_data",
+        ),
+    ]
+}
+
+#[test]
+fn server_names_decide_the_route_and_the_rest_goes_to_the_route_without_names() {
+    const N: usize = 10;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+
+    let mut expected = Expected::new();
+    for client in clients_of_every_kind() {
+        client.exchange(&netns, &listener, N, &mut expected);
+    }
+
+    wait_for_exactly(&netns, &expected);
+    assert_eq!(proxy_json(&netns)["activeConnections"], 0);
+    stop_leaving_nothing(agent, &config);
+}
+
+#[test]
+fn connections_await_their_hello_counted_nowhere_then_count_where_it_names() {
+    const HELD: usize = 10;
+    const RESPONSE: usize = 5_000;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+
+    let held = hold_open(&netns, &listener, HELD);
+    // Accepted, holding table slots, opened in no route yet.
+    let mut expected = Expected::new();
+    expected.awaiting = HELD;
+    let metrics = wait_for_exactly(&netns, &expected);
+    // They hold slots of the connection table: its fill, which the alert on a filling
+    // table watches, should show them (checked at the end, after the rest).
+    let table_fill = support::sample(
+        &metrics,
+        "collector_bpf_map_entries",
+        &[("map", "CONN_STATE")],
+    );
+    assert_eq!(proxy_json(&netns)["activeConnections"], 0);
+
+    // The hellos arrive, the servers do not read them yet: decided, open in api.
+    let hello = hello_for("api.example.com");
+    let (mut clients, accepted) = held;
+    send_from_each(&mut clients, &hello);
+    expected.awaiting = 0;
+    expected.opened("api", Some("matched"), HELD);
+    wait_for_exactly(&netns, &expected);
+    assert_eq!(proxy_json(&netns)["connectionsByRoute"]["api"], HELD);
+
+    // The servers read them, answer and close.
+    answer_and_close((clients, accepted), hello.len(), RESPONSE);
+    expected.closed("api", HELD, hello.len(), RESPONSE);
+    wait_for_exactly(&netns, &expected);
+    stop_leaving_nothing(agent, &config);
+    assert_eq!(
+        table_fill,
+        Some(HELD as f64),
+        "collector_bpf_map_entries{{map=\"CONN_STATE\"}} while {HELD} connections awaited their hello"
+    );
+}
+
+#[test]
+fn only_the_first_segment_decides_and_a_plain_route_counts_as_before() {
+    const N: usize = 5;
+    const WEB: usize = 7;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+    let (hello, name_end) = hello_with_more_after_the_name("api.example.com");
+    let mut expected = Expected::new();
+
+    // The first 20 bytes (record and handshake headers, part of the random) alone.
+    exchanges_sending(
+        &netns,
+        &listener,
+        N,
+        &hello,
+        Send::SplitAfter(20),
+        100,
+        Closer::Connecting,
+    );
+    expected.exchanged(FALLBACK, Some("incomplete"), N, hello.len(), 100);
+    // Cut just after the name: the first segment has it, though not the whole hello.
+    exchanges_sending(
+        &netns,
+        &listener,
+        N,
+        &hello,
+        Send::SplitAfter(name_end),
+        200,
+        Closer::Accepting,
+    );
+    expected.exchanged("api", Some("matched"), N, hello.len(), 200);
+    // Cut one byte before the name's end.
+    exchanges_sending(
+        &netns,
+        &listener,
+        N,
+        &hello,
+        Send::SplitAfter(name_end - 1),
+        300,
+        Closer::Connecting,
+    );
+    expected.exchanged(FALLBACK, Some("incomplete"), N, hello.len(), 300);
+    // The whole hello first, application data in a later segment.
+    let payload = with_extra(&hello, 1_000);
+    exchanges_sending(
+        &netns,
+        &listener,
+        N,
+        &payload,
+        Send::SplitAfter(hello.len()),
+        400,
+        Closer::Accepting,
+    );
+    expected.exchanged("api", Some("matched"), N, payload.len(), 400);
+    // The plain route on its own port, unaffected.
+    support::exchanges(
+        &netns,
+        at(Ipv4Addr::LOCALHOST, WEB_PORT),
+        WEB,
+        1_234,
+        5_678,
+        Closer::Connecting,
+    );
+    expected.exchanged("web", None, WEB, 1_234, 5_678);
+
+    let metrics = wait_for_exactly(&netns, &expected);
+    // The plain route's live traffic counts as ever.
+    for (direction, bytes) in [("in", WEB * 1_234), ("out", WEB * 5_678)] {
+        assert_eq!(
+            support::sample(
+                &metrics,
+                "collector_proxy_traffic_payload_bytes_total",
+                &[("route", "web"), ("direction", direction)]
+            ),
+            Some(bytes as f64),
+            "{direction}"
+        );
+    }
+    stop_leaving_nothing(agent, &config);
+}
+
+#[test]
+fn ipv6_connections_are_told_apart_as_ipv4_ones_are() {
+    const N: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let v6 = listen(&netns, at(Ipv6Addr::LOCALHOST, SHARED_PORT));
+    let v4 = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+
+    // Every kind of client over both families, in turn.
+    let mut expected = Expected::new();
+    let clients = clients_of_every_kind();
+    for client in &clients {
+        for listener in [&v6, &v4] {
+            client.exchange(&netns, listener, N, &mut expected);
+        }
+    }
+    wait_for_exactly(&netns, &expected);
+    let json = proxy_json(&netns);
+    let top: Vec<_> = json["topIPs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|client| {
+            (
+                client["ip"].as_str().unwrap().to_owned(),
+                client["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let each = u64::try_from(N * clients.len()).unwrap();
+    assert!(
+        top.contains(&("::1".to_owned(), each)) && top.contains(&("127.0.0.1".to_owned(), each)),
+        "{json}"
+    );
+    stop_leaving_nothing(agent, &config);
+}
+
+#[test]
+fn connections_awaiting_their_hello_across_a_crash_count_once_where_they_are_decided() {
+    const BEFORE: usize = 2;
+    const API: usize = 4;
+    const SITES: usize = 3;
+    const UNKNOWN: usize = 2;
+    const SILENT: usize = 1;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+    let api = hello_for("api.example.com");
+    let sites = hello_for("www.example.com");
+    let unknown = hello_for("other.org");
+
+    // Decided before the crash, closed after it.
+    let (mut decided_clients, decided_accepted) = hold_open(&netns, &listener, BEFORE);
+    send_from_each(&mut decided_clients, &api);
+    let mut expected = Expected::new();
+    expected.opened("api", Some("matched"), BEFORE);
+    wait_for_exactly(&netns, &expected);
+    // Awaiting their hello through the crash.
+    let api_held = hold_open(&netns, &listener, API);
+    let sites_held = hold_open(&netns, &listener, SITES);
+    let unknown_held = hold_open(&netns, &listener, UNKNOWN);
+    let silent_held = hold_open(&netns, &listener, SILENT);
+    expected.awaiting = API + SITES + UNKNOWN + SILENT;
+    wait_for_exactly(&netns, &expected);
+
+    agent.kill();
+    let agent = Agent::start(&netns, &config);
+    // The crashed run's table, counters and socket storage carry over: still awaiting, none
+    // of them open from before the start.
+    wait_for_exactly(&netns, &expected);
+
+    answer_and_close((decided_clients, decided_accepted), api.len(), 10);
+    expected.closed("api", BEFORE, api.len(), 10);
+    finish_held(api_held, &api, 20);
+    expected.exchanged("api", Some("matched"), API, api.len(), 20);
+    finish_held(sites_held, &sites, 30);
+    expected.exchanged("sites", Some("matched"), SITES, sites.len(), 30);
+    finish_held(unknown_held, &unknown, 40);
+    expected.exchanged(FALLBACK, Some("unknown_name"), UNKNOWN, unknown.len(), 40);
+    close_held_silently(silent_held);
+    expected.exchanged(FALLBACK, Some("no_data"), SILENT, 0, 0);
+    expected.awaiting = 0;
+    wait_for_exactly(&netns, &expected);
+    stop_leaving_nothing(agent, &config);
+}
+
+#[test]
+fn a_route_by_name_on_a_port_no_route_without_names_has_is_refused() {
+    let netns = Netns::new();
+    // No route at all counts the port's other connections.
+    let alone = AgentConfig::new(
+        r#"
+[[routes]]
+name = "api"
+ports = [18443]
+type = "https"
+sni = ["api.example.com"]
+"#,
+    );
+    let stderr = support::refused_start(&netns, &alone.path);
+    assert!(
+        stderr.contains("route \"api\" is told apart by server name on port 18443")
+            && stderr.contains("no route without `sni` has port 18443"),
+        "{stderr}"
+    );
+    assert_no_pins(&alone.pin_dir);
+
+    // One of its two ports has such a route, the other not: the message names the other.
+    let half = AgentConfig::new(
+        r#"
+[[routes]]
+name = "api"
+ports = [18443, 18444]
+type = "https"
+sni = ["api.example.com"]
+
+[[routes]]
+name = "tls-other"
+ports = [18443]
+type = "https"
+"#,
+    );
+    let stderr = support::refused_start(&netns, &half.path);
+    assert!(
+        stderr.contains("no route without `sni` has port 18444") && !stderr.contains("port 18443"),
+        "{stderr}"
+    );
+    assert_no_pins(&half.pin_dir);
+}
+
+/// Connections a clean stop forgot, open across the next start on the shared port: their
+/// route is unknown (undecided, or decided in the pins the stop removed), so they are the
+/// port's route without a name's, whichever order the routes are listed in.
+#[test]
+fn connections_from_before_a_clean_start_on_a_shared_port_are_the_unnamed_routes() {
+    const HELD: usize = 4;
+    // The route without a name listed first, the named ones after it.
+    let unnamed = "[[routes]]\nname = \"tls-other\"\nports = [18443]\ntype = \"https\"\n";
+    assert!(ROUTES.contains(unnamed));
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("{unnamed}{}", ROUTES.replace(unnamed, "")));
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+    let held = hold_open(&netns, &listener, HELD);
+    let mut expected = Expected::new();
+    expected.awaiting = HELD;
+    wait_for_exactly(&netns, &expected);
+
+    // A rollout: the clean stop forgets them, the next start finds them open.
+    assert!(agent.stop().success());
+    let agent = Agent::start(&netns, &config);
+    let mut expected = Expected::new();
+    let fallback = expected.route(FALLBACK);
+    fallback.open_from_before_start = HELD;
+    fallback.active = HELD;
+    wait_for_exactly(&netns, &expected);
+
+    // Their hellos and closes are no new run's: counted nowhere, and gone from `active`.
+    finish_held(held, &hello_for("www.example.com"), 10);
+    wait_for_exactly(&netns, &Expected::new());
+    stop_leaving_nothing(agent, &config);
+}
