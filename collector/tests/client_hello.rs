@@ -3,41 +3,22 @@
 //! mutated hellos, on which the parser must agree with rustls's server side whenever that
 //! side accepts the hello.
 
-use std::{
-    ops::Range,
-    sync::{Arc, Mutex},
-};
+mod support;
 
-use collector_common::client_hello::{self, Hello, HelloBytes, SNI_NAME_MAX};
+use std::ops::Range;
+
+use collector_common::client_hello::{self, Hello, SNI_NAME_MAX};
 use rustls::{
-    ClientConfig, ClientConnection, RootCertStore, SupportedProtocolVersion,
-    crypto::{CryptoProvider, GetRandomFailed, SecureRandom},
+    SupportedProtocolVersion,
     pki_types::ServerName,
-    server::Acceptor,
     version::{TLS12, TLS13},
 };
+use support::hello::{
+    Bytes, Reference, Xorshift, client_hello, length_fields, mutate, rustls_reads,
+};
 
-/// A test's bytes: reads past their end fail, as the kernel's reads past the packet do.
-struct Bytes<'a>(&'a [u8]);
-
-impl HelloBytes for Bytes<'_> {
-    fn array<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
-        self.0.get(span(offset, N)?)?.try_into().ok()
-    }
-
-    fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool {
-        let Some(name) = span(offset, len).and_then(|span| self.0.get(span)) else {
-            return false;
-        };
-        out[..len].copy_from_slice(name);
-        true
-    }
-}
-
-fn span(offset: u32, len: usize) -> Option<Range<usize>> {
-    let start = usize::try_from(offset).ok()?;
-    Some(start..start.checked_add(len)?)
-}
+/// The seed of the hellos: the same on every run, but for the key shares ring draws.
+const SEED: u64 = 0x7e57;
 
 /// The parser's verdict, with the name's length but not where it was found (checked in
 /// [`parse`]), so that expectations can be written without the offset.
@@ -81,67 +62,20 @@ fn parse_payload(payload: &[u8]) -> (Verdict, Vec<u8>) {
     parse(payload, 0, payload.len())
 }
 
-/// What rustls's server side makes of a client's first bytes.
-#[derive(Debug, PartialEq, Eq)]
-enum Reference {
-    /// Not a `ClientHello` it accepts (or not a whole one).
-    Rejected,
-    /// A `ClientHello`, with the server name rustls read (in lower case), if any.
-    Accepted(Option<String>),
-}
-
-fn rustls_reads(flight: &[u8]) -> Reference {
-    let mut acceptor = Acceptor::default();
-    let mut unread = flight;
-    // It takes a bounded amount per call, and needs every record of the hello.
-    while !unread.is_empty() {
-        if !matches!(acceptor.read_tls(&mut unread), Ok(read) if read > 0) {
-            break;
-        }
-    }
-    match acceptor.accept() {
-        Ok(Some(accepted)) => {
-            Reference::Accepted(accepted.client_hello().server_name().map(str::to_owned))
-        }
-        Ok(None) | Err(_) => Reference::Rejected,
-    }
-}
-
 const VERSION_CHOICES: [&[&SupportedProtocolVersion]; 3] =
     [&[&TLS13], &[&TLS12], &[&TLS13, &TLS12]];
 
-/// The first bytes a rustls client offering `versions` (and ALPN if `alpn`) sends to `server`.
-fn client_hello(
-    versions: &[&'static SupportedProtocolVersion],
-    alpn: bool,
-    server: &str,
-) -> Vec<u8> {
-    // The same hellos on every run, but for the key shares ring draws.
-    let seeded = SeededRandom(Mutex::new(Xorshift(0x7e57)));
-    let provider = CryptoProvider {
-        secure_random: Box::leak(Box::new(seeded)),
-        ..rustls::crypto::ring::default_provider()
-    };
-    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(RootCertStore::empty())
-        .with_no_client_auth();
-    if alpn {
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    }
+/// The hello of a client offering `versions` (and ALPN if `alpn`) to `server`.
+fn hello(versions: &[&'static SupportedProtocolVersion], alpn: bool, server: &str) -> Vec<u8> {
     let server = ServerName::try_from(server).unwrap().to_owned();
-    let mut connection = ClientConnection::new(Arc::new(config), server).unwrap();
-    let mut flight = Vec::new();
-    connection.write_tls(&mut flight).unwrap();
-    flight
+    client_hello(versions, alpn, server, SEED)
 }
 
 /// The hellos of every client configuration: each version choice, with and without ALPN.
 fn every_client_hello(server: &str) -> Vec<Vec<u8>> {
     VERSION_CHOICES
         .iter()
-        .flat_map(|versions| [false, true].map(|alpn| client_hello(versions, alpn, server)))
+        .flat_map(|versions| [false, true].map(|alpn| hello(versions, alpn, server)))
         .collect()
 }
 
@@ -167,213 +101,6 @@ fn name_on_wire(flight: &[u8], name: &str) -> Range<usize> {
         .collect();
     assert_eq!(found.len(), 1, "{name} is once in the hello");
     found[0]..found[0] + name.len()
-}
-
-/// A seeded xorshift64: the same bytes on every run.
-#[derive(Debug)]
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// Uniform enough in `0..n` for tests.
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % u64::try_from(n).unwrap()).unwrap()
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next().to_le_bytes()[0]
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.byte()).collect()
-    }
-
-    /// One to eight bytes.
-    fn few_bytes(&mut self) -> Vec<u8> {
-        let len = 1 + self.below(8);
-        self.bytes(len)
-    }
-}
-
-/// rustls's randomness (its random, session id and order of extensions) from a seed.
-#[derive(Debug)]
-struct SeededRandom(Mutex<Xorshift>);
-
-impl SecureRandom for SeededRandom {
-    fn fill(&self, buf: &mut [u8]) -> Result<(), GetRandomFailed> {
-        let mut rng = self.0.lock().unwrap();
-        buf.fill_with(|| rng.byte());
-        Ok(())
-    }
-}
-
-/// A length field of a hello: `width` big-endian bytes at `at`, counting the bytes after it.
-#[derive(Debug, Clone, Copy)]
-struct LengthField {
-    at: usize,
-    width: usize,
-}
-
-impl LengthField {
-    fn value(self, bytes: &[u8]) -> usize {
-        bytes[self.at..self.at + self.width]
-            .iter()
-            .fold(0, |value, &byte| value << 8 | usize::from(byte))
-    }
-
-    fn set(self, bytes: &mut [u8], value: usize) {
-        let value = value.to_be_bytes();
-        bytes[self.at..self.at + self.width].copy_from_slice(&value[value.len() - self.width..]);
-    }
-
-    /// The bytes it counts.
-    fn body(self, bytes: &[u8]) -> Range<usize> {
-        let start = self.at + self.width;
-        start..start + self.value(bytes)
-    }
-}
-
-/// The length fields of a well-formed hello record down to its server name (outermost
-/// first): record, handshake, session id, cipher suites, compression methods, extensions,
-/// each extension, and last the server name list and name.
-fn length_fields(hello: &[u8]) -> Vec<LengthField> {
-    // Record header, handshake header, version, random.
-    let session_id = LengthField {
-        at: 5 + 4 + 2 + 32,
-        width: 1,
-    };
-    let suites = LengthField {
-        at: session_id.body(hello).end,
-        width: 2,
-    };
-    let compression = LengthField {
-        at: suites.body(hello).end,
-        width: 1,
-    };
-    let extensions = LengthField {
-        at: compression.body(hello).end,
-        width: 2,
-    };
-    let mut fields = vec![
-        LengthField { at: 3, width: 2 },
-        LengthField { at: 6, width: 3 },
-        session_id,
-        suites,
-        compression,
-        extensions,
-    ];
-    let mut server_name = None;
-    let mut at = extensions.body(hello).start;
-    while at < extensions.body(hello).end {
-        let extension = LengthField {
-            at: at + 2,
-            width: 2,
-        };
-        fields.push(extension);
-        if hello[at..at + 2] == [0, 0] {
-            server_name = Some(extension);
-        }
-        at = extension.body(hello).end;
-    }
-    let list = LengthField {
-        at: server_name.unwrap().body(hello).start,
-        width: 2,
-    };
-    fields.extend([
-        list,
-        LengthField {
-            at: list.at + 3,
-            width: 2,
-        },
-    ]);
-    fields
-}
-
-/// Replaces `range` of `bytes` by `with`, and keeps every field that counts the whole range
-/// counting right.
-fn splice(bytes: &mut Vec<u8>, fields: &[LengthField], range: Range<usize>, with: &[u8]) {
-    for field in fields {
-        let body = field.body(bytes);
-        if body.start <= range.start && range.end <= body.end {
-            let value = field.value(bytes) + with.len() - range.len();
-            field.set(bytes, value);
-        }
-    }
-    bytes.splice(range, with.iter().copied());
-}
-
-/// A server name to put in a hello: mostly short, from the characters of DNS names and the
-/// few around them, some of them IPv4 addresses, some about as long as names can be.
-fn random_name(rng: &mut Xorshift) -> Vec<u8> {
-    const CHARACTERS: &[u8] = b"abcxyzABCXYZ0129-_..";
-    if rng.below(4) == 0 {
-        let [a, b, c, d] = [rng.byte(), rng.byte(), rng.byte(), rng.byte()];
-        return format!("{a}.{b}.{c}.{d}").into_bytes();
-    }
-    let len = if rng.below(8) == 0 {
-        240 + rng.below(20)
-    } else {
-        1 + rng.below(24)
-    };
-    (0..len)
-        .map(|_| match rng.below(32) {
-            0 => rng.byte(),
-            _ => CHARACTERS[rng.below(CHARACTERS.len())],
-        })
-        .collect()
-}
-
-/// `hello` changed at random: first through its structure (a length field set at random,
-/// bytes added to or taken from a field with the lengths around it kept right, or the name
-/// replaced), then up to two blind changes (a byte flipped, bytes added or taken, the end
-/// cut off).
-fn mutate(hello: &[u8], fields: &[LengthField], rng: &mut Xorshift) -> Vec<u8> {
-    let mut bytes = hello.to_vec();
-    let field = fields[rng.below(fields.len())];
-    let body = field.body(hello);
-    match rng.below(4) {
-        0 => {
-            let value = match rng.below(2) {
-                0 => rng.below(1 << (8 * field.width)),
-                _ => (field.value(hello) + rng.below(9)).saturating_sub(4),
-            };
-            field.set(&mut bytes, value);
-        }
-        1 => {
-            let at = body.start + rng.below(body.len() + 1);
-            splice(&mut bytes, fields, at..at, &rng.few_bytes());
-        }
-        2 => {
-            let start = body.start + rng.below(body.len() + 1);
-            let end = start + rng.below(body.end - start + 1);
-            splice(&mut bytes, fields, start..end, &[]);
-        }
-        _ => {
-            let name = fields.last().unwrap().body(hello);
-            splice(&mut bytes, fields, name, &random_name(rng));
-        }
-    }
-    for _ in 0..rng.below(3) {
-        let at = rng.below(bytes.len());
-        match rng.below(4) {
-            0 => bytes[at] ^= 1 + rng.below(255).to_le_bytes()[0],
-            1 => bytes.splice(at..at, rng.few_bytes()).for_each(drop),
-            2 => bytes
-                .drain(at..bytes.len().min(at + 1 + rng.below(8)))
-                .for_each(drop),
-            _ => bytes.truncate(at),
-        }
-        if bytes.is_empty() {
-            break;
-        }
-    }
-    bytes
 }
 
 #[test]
@@ -496,7 +223,7 @@ fn a_hello_cut_short_is_incomplete_until_its_name_is_whole() {
 
 #[test]
 fn other_protocols_are_not_hellos() {
-    let hello = client_hello(&[&TLS13], false, "api.example.com");
+    let hello = hello(&[&TLS13], false, "api.example.com");
     let mut application_data = hello.clone();
     application_data[0] = 23;
     let mut server_hello = hello.clone();

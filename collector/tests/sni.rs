@@ -15,15 +15,25 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
-use collector_common::client_hello::{self, Hello, HelloBytes, SNI_NAME_MAX};
-use rustls::pki_types::ServerName;
+use collector_common::client_hello::{self, Hello, SNI_NAME_MAX};
+use rustls::{
+    pki_types::ServerName,
+    version::{TLS12, TLS13},
+};
 
-use support::{Agent, AgentConfig, Closer, Netns, assert_no_pins, proxy_json, scrape};
+use support::{
+    Agent, AgentConfig, Closer, Netns, assert_no_pins,
+    hello::{self, Bytes},
+    proxy_json, scrape,
+};
 
 /// The port the three TLS routes share.
 const SHARED_PORT: u16 = 18443;
@@ -67,20 +77,12 @@ fn at(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::from((ip.into(), port))
 }
 
-/// The first flight of a TLS client for `name`: its `ClientHello`, as rustls (ring) writes it.
+/// The first flight of a TLS client for `name`: its `ClientHello`, as rustls (ring) writes it,
+/// each with randomness of its own (rustls orders its extensions at random).
 fn client_hello(name: ServerName<'static>) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut hello = Vec::new();
-    while client.wants_write() {
-        client.write_tls(&mut hello).unwrap();
-    }
-    hello
+    static SEED: AtomicU64 = AtomicU64::new(1);
+    let seed = SEED.fetch_add(1, Ordering::Relaxed);
+    hello::client_hello(&[&TLS13, &TLS12], false, name, seed)
 }
 
 /// The `ClientHello` rustls sends for the DNS name `name`, checked to name exactly `name` (as
@@ -116,37 +118,22 @@ fn hello_with_more_after_the_name(name: &str) -> (Vec<u8>, usize) {
     panic!("rustls put the server name last in 1,000 hellos");
 }
 
-/// A test's bytes as the `ClientHello` parser reads them.
-struct Bytes<'a>(&'a [u8]);
-
-impl HelloBytes for Bytes<'_> {
-    fn array<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
-        let start = usize::try_from(offset).ok()?;
-        self.0.get(start..start.checked_add(N)?)?.try_into().ok()
-    }
-
-    fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool {
-        let start = usize::try_from(offset).unwrap();
-        match self.0.get(start..start + len) {
-            Some(name) => {
-                out[..len].copy_from_slice(name);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// What the kernel's parser makes of `bytes` as a first segment, and the name it read.
-fn parsed(bytes: &[u8]) -> (Hello, Option<String>) {
+fn parsed_bytes(bytes: &[u8]) -> (Hello, Option<Vec<u8>>) {
     let mut name = [0u8; SNI_NAME_MAX + 1];
     let end = u32::try_from(bytes.len()).unwrap();
     let hello = client_hello::server_name(&Bytes(bytes), 0, end, &mut name);
-    let text = match hello {
-        Hello::Name { len, .. } => Some(String::from_utf8(name[..len].to_vec()).unwrap()),
+    let read = match hello {
+        Hello::Name { len, .. } => Some(name[..len].to_vec()),
         _ => None,
     };
-    (hello, text)
+    (hello, read)
+}
+
+/// [`parsed_bytes`], of a hello whose name is text.
+fn parsed(bytes: &[u8]) -> (Hello, Option<String>) {
+    let (hello, name) = parsed_bytes(bytes);
+    (hello, name.map(|name| String::from_utf8(name).unwrap()))
 }
 
 /// `hello` followed by `extra` bytes of application data, sent as one write (one segment
@@ -999,5 +986,90 @@ fn connections_from_before_a_clean_start_on_a_shared_port_are_the_unnamed_routes
     // Their hellos and closes are no new run's: counted nowhere, and gone from `active`.
     finish_held(held, &hello_for("www.example.com"), 10);
     wait_for_exactly(&netns, &Expected::new());
+    stop_leaving_nothing(agent, &config);
+}
+
+/// Where the kernel's rules put a name read from a hello (`None`: no name), and how.
+fn route_of(read: Hello, name: Option<&[u8]>) -> (&'static str, &'static str) {
+    let outcome = match read {
+        Hello::Name { .. } => {
+            let name = name.unwrap().to_ascii_lowercase();
+            let one_label_before = |rest: &[u8]| {
+                let dot = name.iter().position(|&b| b == b'.');
+                dot.is_some_and(|dot| dot > 0 && &name[dot + 1..] == rest)
+            };
+            return if name == b"api.example.com" {
+                ("api", "matched")
+            } else if one_label_before(b"example.com") {
+                ("sites", "matched")
+            } else {
+                (FALLBACK, "unknown_name")
+            };
+        }
+        Hello::NoName => "no_name",
+        Hello::NotHello => "not_tls",
+        Hello::Incomplete => "incomplete",
+        Hello::Malformed => "malformed",
+    };
+    (FALLBACK, outcome)
+}
+
+/// The kernel reads every first segment as the parser it shares with the agent does in
+/// userspace (which tests/client_hello.rs holds to rustls): hellos mutated at random, sent
+/// over real connections, are counted in the route and with the outcome that parser's
+/// reading gives, each exactly.
+#[test]
+fn mutated_hellos_count_where_the_parser_reads_them() {
+    const PER_NAME: usize = 100;
+    const RESPONSE: usize = 10;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+
+    let mut rng = hello::Xorshift(0x5eed);
+    let mut expected = Expected::new();
+    let mut outcomes = BTreeMap::<&str, usize>::new();
+    for name in [
+        "api.example.com",
+        "www.example.com",
+        "API.Example.COM",
+        "other.org",
+    ] {
+        let base = hello_for(name);
+        let fields = hello::length_fields(&base);
+        for _ in 0..PER_NAME {
+            let payload = hello::mutate(&base, &fields, &mut rng);
+            let (read, text) = parsed_bytes(&payload);
+            let (route, outcome) = route_of(read, text.as_deref());
+            *outcomes.entry(outcome).or_default() += 1;
+            exchanges_sending(
+                &netns,
+                &listener,
+                1,
+                &payload,
+                Send::AtOnce,
+                RESPONSE,
+                Closer::Connecting,
+            );
+            expected.exchanged(route, Some(outcome), 1, payload.len(), RESPONSE);
+        }
+    }
+    eprintln!("outcomes of the mutated hellos: {outcomes:?}");
+    // The mutations reach every way the parser reads a hello but `no_data`.
+    for outcome in [
+        "matched",
+        "unknown_name",
+        "no_name",
+        "not_tls",
+        "incomplete",
+        "malformed",
+    ] {
+        assert!(
+            outcomes.contains_key(outcome),
+            "no {outcome} among {outcomes:?}"
+        );
+    }
+    wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
 }

@@ -7,6 +7,7 @@
 )]
 
 pub mod dns;
+pub mod hello;
 
 use std::{
     fs,
