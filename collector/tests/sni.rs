@@ -1015,7 +1015,7 @@ fn route_of(read: Hello, name: Option<&[u8]>) -> (&'static str, &'static str) {
 }
 
 /// The kernel reads every first segment as the parser it shares with the agent does in
-/// userspace (which tests/client_hello.rs holds to rustls): hellos mutated at random, sent
+/// userspace (which `tests/client_hello.rs` holds to rustls): hellos mutated at random, sent
 /// over real connections, are counted in the route and with the outcome that parser's
 /// reading gives, each exactly.
 #[test]
