@@ -157,6 +157,9 @@ fn on_accepted(ctx: &SockOpsContext) {
     let opened = unsafe { &raw mut (*counters).opened };
     let Some(entry) = claim(cookie) else {
         count_error(error_kind::CONN_TABLE_FULL);
+        if server_names::sni_watched() && server_names::shared_port(ctx.local_port()) {
+            server_names::count_unfollowed(slot);
+        }
         add(opened, 1);
         return;
     };

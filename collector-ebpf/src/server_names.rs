@@ -52,20 +52,24 @@ pub fn shared_port(port: u32) -> bool {
     SNI_PORT_BITS.get(word).is_some_and(|&bits| bits & bit != 0)
 }
 
-/// The socket's decision, made if `create`.
+/// The socket's decision: looked up, or made from `init` (the kernel copies it in before
+/// any other program can see the storage).
 #[inline(always)]
-fn decision(sk: *mut bpf_sock, create: bool) -> Option<*mut SniDecision> {
+fn decision(sk: *mut bpf_sock, init: Option<&mut SniDecision>) -> Option<*mut SniDecision> {
     if sk.is_null() {
         return None;
     }
-    let flags = if create {
-        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
-    } else {
-        0
+    let (init, flags) = match init {
+        Some(init) => (
+            ptr::from_mut(init).cast::<c_void>(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        ),
+        None => (ptr::null_mut(), 0),
     };
     let map = ptr::from_ref(&SNI_DECISIONS).cast_mut().cast::<c_void>();
-    // SAFETY: the helper checks the socket (a full one, or NULL is returned).
-    let value = unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), flags) };
+    // SAFETY: the helper checks the socket (a full one, or NULL is returned) and copies
+    // `init` (a value of the map's size) if it makes the storage.
+    let value = unsafe { bpf_sk_storage_get(map, sk.cast(), init, flags) };
     (!value.is_null()).then_some(value.cast::<SniDecision>())
 }
 
@@ -75,17 +79,27 @@ fn decision(sk: *mut bpf_sock, create: bool) -> Option<*mut SniDecision> {
 /// there at once.
 #[inline(always)]
 pub fn await_hello(ctx: &SockOpsContext, fallback: u32) -> bool {
+    // Made with its route without a name in it: a reader on another CPU may see the storage
+    // as soon as it exists.
+    let mut init = SniDecision {
+        route: SNI_UNDECIDED,
+        fallback,
+    };
     // SAFETY: a context field, the full socket in the callbacks this runs from.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    let Some(decision) = decision(sk, true) else {
+    if decision(sk, Some(&mut init)).is_none() {
         count_outcome(fallback, sni_outcome::MISSED);
         return false;
-    };
-    // SAFETY: the socket's own storage, made just now for this accept (a socket is accepted
-    // once), which no reader touches before the decision field below says undecided.
-    unsafe { (*decision).fallback = fallback };
+    }
     add_awaiting(fallback, 1);
     true
+}
+
+/// A connection on a shared port that found the connection table full: counted opened in the
+/// port's route without a name by the caller, its hello never read.
+#[inline(always)]
+pub fn count_unfollowed(fallback: u32) {
+    count_outcome(fallback, sni_outcome::MISSED);
 }
 
 /// Decides at the close a connection its first segment did not: for the port's route without
@@ -95,8 +109,9 @@ pub fn decide_at_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState, byt
     let fallback = state.route;
     // SAFETY: as in `await_hello`.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    let Some(decision) = decision(sk, false) else {
+    let Some(decision) = decision(sk, None) else {
         // Its storage is gone (a restart replaced the map): counted as a missed hello.
+        add_awaiting(fallback, u64::MAX);
         count_opened(fallback, sni_outcome::MISSED);
         return fallback;
     };
@@ -234,7 +249,7 @@ pub fn on_segment(ctx: &SkBuffContext) {
     if !shared_port(port) {
         return;
     }
-    let Some(decision) = decision(sk, false) else {
+    let Some(decision) = decision(sk, None) else {
         return;
     };
     // SAFETY: the socket's storage, valid for the program's run.

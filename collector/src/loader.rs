@@ -304,8 +304,8 @@ impl Attachment {
         }
     }
 
-    /// The programs on the cgroup2 root: `sock_ops` (and its empty twin for `--bpf-stats`),
-    /// and the server name reader where routes share ports by name.
+    /// The programs on the cgroup2 root: the server name reader where routes share ports by
+    /// name, and `sock_ops` (and its empty twin for `--bpf-stats`).
     fn attach_cgroup_programs(
         &mut self,
         config: &Config,
@@ -313,6 +313,11 @@ impl Attachment {
         links_dir: &Path,
         cgroup: &File,
     ) -> anyhow::Result<()> {
+        // The reader first: it does nothing before `sock_ops` gives sockets their storage,
+        // and the other way round the connections accepted in between would go unread.
+        if config.routes.iter().any(|route| !route.sni.is_empty()) {
+            self.attach_server_name_reader(&links_dir.join(SERVER_NAMES_PIN), cgroup)?;
+        }
         self.attach_sock_ops(
             program_names::TRACK_CONNECTIONS,
             &links_dir.join("sock_ops"),
@@ -324,9 +329,6 @@ impl Attachment {
                 &links_dir.join("sock_ops_stats_floor"),
                 cgroup,
             )?;
-        }
-        if config.routes.iter().any(|route| !route.sni.is_empty()) {
-            self.attach_server_name_reader(&links_dir.join(SERVER_NAMES_PIN), cgroup)?;
         }
         Ok(())
     }

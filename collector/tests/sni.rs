@@ -4,7 +4,6 @@
 //! completed) to a plain TCP server that reads exactly what they send, and exact counts per
 //! route and per outcome.
 #![expect(
-    clippy::float_cmp,
     clippy::cast_precision_loss,
     reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
 )]
@@ -15,6 +14,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -475,10 +475,8 @@ impl Expected {
             .iter()
             .filter_map(|&route| route_sample(metrics, AWAITING, route).map(|v| (route, v)))
             .map(|(route, value)| {
-                // Only the route without a name waits for hellos.
-                if route != FALLBACK {
-                    assert_eq!(value, 0.0, "{AWAITING} of {route}");
-                }
+                // Only the route without a name waits for hellos: the others have no series.
+                assert_eq!(route, FALLBACK, "{AWAITING} has a series for {route}");
                 count(value, AWAITING)
             })
             .sum();
@@ -1069,6 +1067,49 @@ fn mutated_hellos_count_where_the_parser_reads_them() {
             outcomes.contains_key(outcome),
             "no {outcome} among {outcomes:?}"
         );
+    }
+    wait_for_exactly(&netns, &expected);
+    stop_leaving_nothing(agent, &config);
+}
+
+/// With `TCP_DEFER_ACCEPT` (nginx's `deferred`, `HAProxy`'s `defer-accept`) the handshake's last
+/// ACK is dropped and the connection accepted with its first data, its hello, which goes
+/// through the listening socket's filter, before the socket the reader could tie it to
+/// exists. Not read (a known limit, docs/DESIGN.md): every such connection is counted in the
+/// route without names as `missed`, at its close, with its bytes. This test says so exactly,
+/// and fails the day the hello is read there.
+#[test]
+fn hellos_that_complete_a_deferred_accept_are_counted_missed_where_no_name_is() {
+    const N: usize = 5;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+    let seconds: libc::c_int = 5;
+    // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
+    let set = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const seconds).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+
+    let mut expected = Expected::new();
+    // A connection that sends nothing is never accepted here.
+    for client in clients_of_every_kind()
+        .into_iter()
+        .filter(|client| !client.first.is_empty())
+    {
+        let counted_as = Client {
+            route: FALLBACK,
+            outcome: "missed",
+            ..client
+        };
+        counted_as.exchange(&netns, &listener, N, &mut expected);
     }
     wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
