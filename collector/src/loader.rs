@@ -334,28 +334,23 @@ impl Attachment {
     }
 
     fn attach_sock_ops(&mut self, name: &str, pin: &Path, cgroup: &File) -> anyhow::Result<()> {
+        let cgroup2 = self.cgroup2.clone();
         let program: &mut SockOps = self
             .ebpf
             .program_mut(name)
             .with_context(|| format!("the kernel object has no program {name}"))?
             .try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;
-        if adopt_link(pin, program.fd()?.as_fd())? {
-            self.inherited = true;
-        } else {
+        let fd = program.fd()?.try_clone()?;
+        let adopted = pin_cgroup_link(pin, fd.as_fd(), || {
             // Link-based attachment always coexists with other programs on the cgroup; the
             // kernel rejects the ALLOW_MULTI flag on links (EINVAL), so pass none.
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching sock_ops to the {}", self.cgroup2))?;
-            let link: FdLink = program.take_link(id)?.try_into()?;
-            link.pin(pin)
-                .with_context(|| format!("pinning the sock_ops link at {}", pin.display()))?;
-            if let Some(created) = &mut self.created_pins {
-                created.push(pin.to_owned());
-            }
-        }
-        self.link_pins.push(pin.to_owned());
+                .with_context(|| format!("attaching {name} to the {cgroup2}"))?;
+            Ok(program.take_link(id)?.try_into()?)
+        })?;
+        self.note_link(pin, adopted);
         Ok(())
     }
 
@@ -363,31 +358,37 @@ impl Attachment {
     /// shared by server name, on the cgroup2 root beside the `sock_ops` program.
     fn attach_server_name_reader(&mut self, pin: &Path, cgroup: &File) -> anyhow::Result<()> {
         let name = program_names::READ_SERVER_NAMES;
+        let cgroup2 = self.cgroup2.clone();
         let program: &mut CgroupSkb = self
             .ebpf
             .program_mut(name)
             .with_context(|| format!("the kernel object has no program {name}"))?
             .try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;
-        if adopt_link(pin, program.fd()?.as_fd())? {
-            self.inherited = true;
-        } else {
+        let fd = program.fd()?.try_clone()?;
+        let adopted = pin_cgroup_link(pin, fd.as_fd(), || {
             let id = program
                 .attach(
                     cgroup,
                     CgroupSkbAttachType::Ingress,
                     CgroupAttachMode::Single,
                 )
-                .with_context(|| format!("attaching {name} to the {}", self.cgroup2))?;
-            let link: FdLink = program.take_link(id)?.try_into()?;
-            link.pin(pin)
-                .with_context(|| format!("pinning the {name} link at {}", pin.display()))?;
-            if let Some(created) = &mut self.created_pins {
-                created.push(pin.to_owned());
-            }
+                .with_context(|| format!("attaching {name} to the {cgroup2}"))?;
+            Ok(program.take_link(id)?.try_into()?)
+        })?;
+        self.note_link(pin, adopted);
+        Ok(())
+    }
+
+    /// Records a cgroup link pin: in use from now on, and made by this start unless adopted
+    /// from a previous run (which this start then carries on from).
+    fn note_link(&mut self, pin: &Path, adopted: bool) {
+        if adopted {
+            self.inherited = true;
+        } else if let Some(created) = &mut self.created_pins {
+            created.push(pin.to_owned());
         }
         self.link_pins.push(pin.to_owned());
-        Ok(())
     }
 
     /// Loads the tc programs and attaches them to the selected interfaces. A configured
@@ -937,6 +938,22 @@ fn attach_tcx(
         .pin(pin)
         .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
     Ok(())
+}
+
+/// Adopts the link a previous run pinned at `pin` (swapping `program` in), or makes one
+/// with `attach` and pins it there. Returns whether it was adopted.
+fn pin_cgroup_link(
+    pin: &Path,
+    program: std::os::fd::BorrowedFd<'_>,
+    attach: impl FnOnce() -> anyhow::Result<FdLink>,
+) -> anyhow::Result<bool> {
+    if adopt_link(pin, program)? {
+        return Ok(true);
+    }
+    attach()?
+        .pin(pin)
+        .with_context(|| format!("pinning the link at {}", pin.display()))?;
+    Ok(false)
 }
 
 /// Swaps `program` into the link pinned at `pin`, if a previous run left one. Returns

@@ -378,13 +378,7 @@ fn ipv6_clients_are_counted_by_their_address() {
 /// `count` connections to the api route, held open: the clients' ends and the server's.
 fn hold_open(netns: &Netns, count: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
-    let clients = netns.run(move || {
-        (0..count)
-            .map(|_| TcpStream::connect(("127.0.0.1", API_PORT)).unwrap())
-            .collect::<Vec<_>>()
-    });
-    let accepted = (0..count).map(|_| listener.accept().unwrap().0).collect();
-    (clients, accepted)
+    support::hold_open(netns, &listener, count)
 }
 
 #[test]

@@ -32,7 +32,7 @@ use rustls::{
 use support::{
     Agent, AgentConfig, Closer, Netns, assert_no_pins,
     hello::{self, Bytes},
-    proxy_json, scrape,
+    hold_open, proxy_json, scrape,
 };
 
 /// The port the three TLS routes share.
@@ -216,31 +216,6 @@ fn exchanges_sending(
 /// A listener on `address` in `netns`, shared with the server threads.
 fn listen(netns: &Netns, address: SocketAddr) -> Arc<TcpListener> {
     Arc::new(netns.run(move || TcpListener::bind(address).unwrap()))
-}
-
-/// `count` connections to `listener` from inside `netns` that send nothing yet: (the
-/// connecting ends, the accepted ends).
-fn hold_open(
-    netns: &Netns,
-    listener: &TcpListener,
-    count: usize,
-) -> (Vec<TcpStream>, Vec<TcpStream>) {
-    let address = listener.local_addr().unwrap();
-    let connected = netns.run(move || {
-        (0..count)
-            .map(|_| TcpStream::connect(address).unwrap())
-            .collect::<Vec<_>>()
-    });
-    let accepted = (0..count)
-        .map(|_| {
-            let stream = listener.accept().unwrap().0;
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            stream
-        })
-        .collect();
-    (connected, accepted)
 }
 
 /// Each held client sends `payload`.

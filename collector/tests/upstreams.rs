@@ -18,8 +18,8 @@ use std::{
 };
 
 use support::{
-    Agent, AgentConfig, Closer, Netns, assert_no_pins, exchanges, proxy_json, sample, scrape,
-    wait_for,
+    Agent, AgentConfig, Closer, Netns, assert_no_pins, exchanges, hold_open, proxy_json, sample,
+    scrape, wait_for,
 };
 
 /// The backend's port, listened on.
@@ -55,23 +55,6 @@ fn refused(netns: &Netns, address: SocketAddr, count: usize) {
 /// A listener on `port` of localhost in `netns`.
 fn listen(netns: &Netns, port: u16) -> TcpListener {
     netns.run(move || TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap())
-}
-
-/// `count` connections to `listener` from inside `netns`, held open: (the connecting ends,
-/// the accepted ends).
-fn hold_open(
-    netns: &Netns,
-    listener: &TcpListener,
-    count: usize,
-) -> (Vec<TcpStream>, Vec<TcpStream>) {
-    let address = listener.local_addr().unwrap();
-    let connected = netns.run(move || {
-        (0..count)
-            .map(|_| TcpStream::connect(address).unwrap())
-            .collect::<Vec<_>>()
-    });
-    let accepted = (0..count).map(|_| listener.accept().unwrap().0).collect();
-    (connected, accepted)
 }
 
 /// 192.0.2.0/24 (TEST-NET-1) on a veth from `netns` to a namespace of its own, where no

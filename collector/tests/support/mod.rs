@@ -720,3 +720,28 @@ pub fn connections_3_in_5_out(netns: &Netns, count: usize) {
     });
     server.join().unwrap();
 }
+
+/// `count` connections to `listener` from inside `netns`, held open: (the connecting ends,
+/// the accepted ends, which time out reads after 10 s).
+pub fn hold_open(
+    netns: &Netns,
+    listener: &std::net::TcpListener,
+    count: usize,
+) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let address = listener.local_addr().unwrap();
+    let connected = netns.run(move || {
+        (0..count)
+            .map(|_| TcpStream::connect(address).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let accepted = (0..count)
+        .map(|_| {
+            let stream = listener.accept().unwrap().0;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream
+        })
+        .collect();
+    (connected, accepted)
+}
