@@ -110,8 +110,9 @@ pub fn decide_at_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState, byt
     // SAFETY: as in `await_hello`.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     let Some(decision) = decision(sk, None) else {
-        // Its storage is gone (a restart replaced the map): counted as a missed hello.
-        add_awaiting(fallback, u64::MAX);
+        // Its storage is gone: not through the agent, which keeps the pinned map or refuses
+        // it whole, but by hand. Whether it was counted opened is lost with it; counted as
+        // a missed hello.
         count_opened(fallback, sni_outcome::MISSED);
         return fallback;
     };
