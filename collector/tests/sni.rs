@@ -23,7 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use collector_common::client_hello::{self, Hello, SNI_NAME_MAX};
+use collector_common::{
+    SNI_OUTCOME_NAMES,
+    client_hello::{self, Hello, SNI_NAME_MAX},
+};
 use rustls::{
     pki_types::ServerName,
     version::{TLS12, TLS13},
@@ -175,13 +178,7 @@ fn exchange_sending(
             stream.write_all(&payload[n..]).unwrap();
         }
     }
-    let mut buf = vec![0; response];
-    stream.read_exact(&mut buf).unwrap();
-    if let Closer::Accepting = closer {
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
-    }
+    support::read_response_and_close(stream, response, closer);
 }
 
 /// `count` exchanges with the server on `listener` from inside `netns`, each sending
@@ -1030,14 +1027,10 @@ fn mutated_hellos_count_where_the_parser_reads_them() {
     }
     eprintln!("outcomes of the mutated hellos: {outcomes:?}");
     // The mutations reach every way the parser reads a hello but `no_data`.
-    for outcome in [
-        "matched",
-        "unknown_name",
-        "no_name",
-        "not_tls",
-        "incomplete",
-        "malformed",
-    ] {
+    for outcome in SNI_OUTCOME_NAMES
+        .into_iter()
+        .filter(|&outcome| outcome != "no_data")
+    {
         assert!(
             outcomes.contains_key(outcome),
             "no {outcome} among {outcomes:?}"

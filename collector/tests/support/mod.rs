@@ -669,6 +669,12 @@ pub fn serve_exchanges(
 pub fn exchange(address: std::net::SocketAddr, request: usize, response: usize, closer: Closer) {
     let mut stream = TcpStream::connect(address).unwrap();
     stream.write_all(&vec![b'q'; request]).unwrap();
+    read_response_and_close(stream, response, closer);
+}
+
+/// The end of a connecting side's exchange: reads `response` bytes, then closes (after the
+/// accepting side's FIN, and nothing more, if that side closes first).
+pub fn read_response_and_close(mut stream: TcpStream, response: usize, closer: Closer) {
     let mut buf = vec![0; response];
     stream.read_exact(&mut buf).unwrap();
     if let Closer::Accepting = closer {
