@@ -246,7 +246,11 @@ pub fn first_dot(name: &[u8; SNI_NAME_MAX + 1]) -> usize {
         let lowest = dots & dots.wrapping_neg();
         let byte = (lowest >> 7).wrapping_mul(BYTE_INDEX) >> 56;
         let found = (dots | dots.wrapping_neg()) >> 63;
-        let mask = 0u64.wrapping_sub(found);
+        // Read through memory: LLVM turns the masked choice below back into a branch where it
+        // can see that the mask is all ones or none, and the kernel's verifier then walks
+        // each of the 2^32 ways through the words (as it did in `read_early_hellos`).
+        // SAFETY: a read of a local.
+        let mask = unsafe { core::ptr::read_volatile(&0u64.wrapping_sub(found)) };
         first = ((k as u64 * 8 + byte) & mask) | (first & !mask);
     }
     first as usize

@@ -63,6 +63,11 @@ pub mod map_names {
     /// `HashMap<SniKey, u32>`, [`super::SNI_NAMES_MAX`] entries: port and server name →
     /// route slot + 1. Written at every start.
     pub const SNI_ROUTES: &str = "SNI_ROUTES";
+    /// `ProgramArray`, one entry: `read_early_hellos`, which `read_server_names` tail-calls
+    /// for segments arriving on listening sockets; set at every start, not pinned (a crashed
+    /// agent's entry is cleared with its last descriptor, and hellos before the accept count
+    /// as missed until the next start).
+    pub const EARLY_HELLO_READER: &str = "EARLY_HELLO_READER";
     /// `PerCpuArray<SniCounters>`, `MAX_ROUTES` entries: how the connections counted in each
     /// route slot by server name were told apart, and those still waiting for their hello.
     pub const SNI_COUNTERS: &str = "SNI_COUNTERS";
@@ -155,6 +160,9 @@ pub mod program_names {
     /// `cgroup_skb` ingress program on the cgroup2 root, attached only with routes by server
     /// name: reads the ClientHello of connections on ports they share.
     pub const READ_SERVER_NAMES: &str = "read_server_names";
+    /// `cgroup_skb` ingress program reached from [`READ_SERVER_NAMES`] by a tail call: reads
+    /// the hellos that arrive before their connection is accepted.
+    pub const READ_EARLY_HELLOS: &str = "read_early_hellos";
     /// tc ingress classifier: live bytes and packets per route; DNS queries arriving for the
     /// server.
     pub const COUNT_INGRESS: &str = "count_ingress";

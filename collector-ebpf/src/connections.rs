@@ -176,7 +176,7 @@ fn on_accepted(ctx: &SockOpsContext) {
     // counts it opened; `slot` is the route without a name there.
     if server_names::sni_watched()
         && server_names::shared_port(ctx.local_port())
-        && server_names::await_hello(ctx, slot)
+        && server_names::await_hello(ctx, slot, cookie, (state.client_addr, state.client_port))
     {
         state.flags = conn_flags::BY_NAME;
         return;

@@ -25,7 +25,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::TC_ACT_UNSPEC,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SkStorage},
+    btf_maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf, SkStorage},
     macros::{btf_map, cgroup_skb, classifier, sock_ops},
     programs::{SkBuffContext, SockOpsContext, TcContext},
 };
@@ -93,6 +93,12 @@ static SNI_COUNTERS: PerCpuArray<SniCounters, { MAX_ROUTES as usize }> = PerCpuA
 static SNI_DECISIONS: SkStorage<SniDecision> = SkStorage::new();
 #[btf_map]
 static SNI_SCRATCH: PerCpuArray<server_names::SniScratch, 1> = PerCpuArray::new();
+/// `read_early_hellos`, set by the agent at load: `read_server_names` hands it the segments
+/// of listening sockets.
+#[btf_map]
+static EARLY_HELLO_READER: ProgramArray<1> = ProgramArray::new();
+#[btf_map]
+static EARLY_HELLO: PerCpuArray<server_names::EarlyHello, 1> = PerCpuArray::new();
 #[btf_map]
 static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();
@@ -207,6 +213,15 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
 #[cgroup_skb(ingress)]
 pub fn read_server_names(ctx: SkBuffContext) -> i32 {
     server_names::on_segment(&ctx);
+    // 1 = pass: counting only.
+    1
+}
+
+/// Reads hellos that arrive on a listening socket of a port shared by name, before their
+/// connection is accepted; reached from `read_server_names` by a tail call, never attached.
+#[cgroup_skb(ingress)]
+pub fn read_early_hellos(ctx: SkBuffContext) -> i32 {
+    server_names::on_early_segment(&ctx);
     // 1 = pass: counting only.
     1
 }

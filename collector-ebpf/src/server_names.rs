@@ -32,12 +32,16 @@ use collector_common::{
 };
 
 use crate::{
-    CONN_COUNTERS, SNI_COUNTERS, SNI_DECISIONS, SNI_PORT_BITS, SNI_ROUTES, SNI_SCRATCH,
-    SNI_WATCHED, add,
+    CONN_COUNTERS, EARLY_HELLO, EARLY_HELLO_READER, SNI_COUNTERS, SNI_DECISIONS, SNI_PORT_BITS,
+    SNI_ROUTES, SNI_SCRATCH, SNI_WATCHED, add,
     connections::{client_events, emit, ktime_ns, stream_wanted},
 };
 
 const IPPROTO_TCP: u8 = 6;
+/// `sk_state` of a listening socket.
+const TCP_LISTEN: u32 = 10;
+/// The SYN bit of the TCP flags byte.
+const TCP_SYN: u8 = 0x02;
 
 /// Routes share ports by name (a load-time constant to the verifier).
 #[inline(always)]
@@ -74,11 +78,17 @@ fn decision(sk: *mut bpf_sock, init: Option<&mut SniDecision>) -> Option<*mut Sn
 }
 
 /// An accepted connection on a shared port, whose slot the caller took: left undecided, its
-/// port's route without a name (`fallback`) counting it as awaiting. `false` if its storage
-/// could not be made (out of memory): counted as missed, and the caller counts it opened
-/// there at once.
+/// port's route without a name (`fallback`) counting it as awaiting, unless its hello came
+/// with the handshake's end and was read on the listening socket (then decided here).
+/// `false` if its storage could not be made (out of memory): counted as missed, and the
+/// caller counts it opened there at once.
 #[inline(always)]
-pub fn await_hello(ctx: &SockOpsContext, fallback: u32) -> bool {
+pub fn await_hello(
+    ctx: &SockOpsContext,
+    fallback: u32,
+    cookie: u64,
+    client: ([u8; 16], u16),
+) -> bool {
     // Made with its route without a name in it: a reader on another CPU may see the storage
     // as soon as it exists.
     let mut init = SniDecision {
@@ -87,12 +97,39 @@ pub fn await_hello(ctx: &SockOpsContext, fallback: u32) -> bool {
     };
     // SAFETY: a context field, the full socket in the callbacks this runs from.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if decision(sk, Some(&mut init)).is_none() {
+    let Some(decision) = decision(sk, Some(&mut init)) else {
         count_outcome(fallback, sni_outcome::MISSED);
         return false;
-    }
+    };
     add_awaiting(fallback, 1);
+    if let Some((named, outcome)) = take_early_hello(ctx, &client) {
+        let slot = slot_of(named).unwrap_or(fallback);
+        if decide(decision, slot, fallback, outcome).is_ok() {
+            open_event(cookie, slot, client);
+        }
+    }
     true
+}
+
+/// The verdict on this connection's hello if [`on_early_segment`] read it: the route slot + 1
+/// it names (0: none) and the outcome. Taken once.
+#[inline(always)]
+fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<(u32, u32)> {
+    let early = EARLY_HELLO.get_ptr_mut(0)?;
+    // SAFETY: this CPU's value, written by the reader in the same call that runs this one.
+    let early = unsafe { &mut *early };
+    // SAFETY: a context field of the full socket this callback is for.
+    let rcv_nxt = unsafe { (*ctx.ops).rcv_nxt };
+    let ours = early.local_port != 0
+        && u32::from(early.local_port) == ctx.local_port()
+        && early.client_port == client.1
+        && early.seq == rcv_nxt
+        && early.client == client.0;
+    if !ours {
+        return None;
+    }
+    early.local_port = 0;
+    Some((early.route, early.outcome))
 }
 
 /// A connection on a shared port that found the connection table full: counted opened in the
@@ -250,6 +287,16 @@ pub fn on_segment(ctx: &SkBuffContext) {
     if !shared_port(port) {
         return;
     }
+    // SAFETY: a field of the socket's common part.
+    if unsafe { (*sk).state } == TCP_LISTEN {
+        // Data before the accept (a deferred accept, data on the handshake's last ACK, Fast
+        // Open): read by a program of its own, so that this one's verification stays what it
+        // was (docs/DESIGN.md, Routes by server name).
+        // SAFETY: the map holds only `read_early_hellos`, a program of this type; a failed
+        // call (none set) returns here.
+        unsafe { EARLY_HELLO_READER.tail_call(ctx, 0) };
+        return;
+    }
     let Some(decision) = decision(sk, None) else {
         return;
     };
@@ -296,6 +343,74 @@ pub fn on_segment(ctx: &SkBuffContext) {
     );
 }
 
+/// A hello that a listening socket of a shared port received, read before the socket it
+/// belongs to exists: its verdict waits in this CPU's [`EarlyHello`] for that socket's
+/// accept, which comes next on this CPU (the kernel makes the socket and runs its
+/// `PASSIVE_ESTABLISHED` in the same call that ran this filter, before it takes another
+/// packet).
+#[inline(always)]
+pub fn on_early_segment(ctx: &SkBuffContext) {
+    // SAFETY: as in `on_segment`.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: as in `on_segment`.
+    let port = unsafe { (*sk).src_port };
+    if !shared_port(port) {
+        return;
+    }
+    let Some(segment) = parse_headers(ctx) else {
+        return;
+    };
+    if segment.payload_start >= ctx.len() {
+        return;
+    }
+    // The connection first and the verdict after the parse, each written to the map as it
+    // is known: with the connection kept in registers across the parser, the verifier
+    // exceeded its limit.
+    let Some(early) = EARLY_HELLO.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value of our per-CPU map.
+    unsafe {
+        *early = EarlyHello {
+            client: segment.client,
+            client_port: segment.client_port,
+            // Not to be taken until the verdict is in.
+            local_port: 0,
+            // Fast Open's data follows the SYN's own sequence number.
+            seq: segment.seq.wrapping_add(u32::from(segment.syn)),
+            route: 0,
+            outcome: 0,
+        };
+    }
+    let (named, outcome) = read_hello(ctx, &segment, port as u16);
+    let Some(early) = EARLY_HELLO.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as above.
+    unsafe {
+        (*early).route = named.map_or(0, |slot| slot + 1);
+        (*early).outcome = outcome;
+        (*early).local_port = port as u16;
+    }
+}
+
+/// A hello read on a listening socket ([`on_early_segment`]), waiting for its accept.
+#[repr(C)]
+pub struct EarlyHello {
+    client: [u8; 16],
+    client_port: u16,
+    /// The listening port; 0 once taken.
+    local_port: u16,
+    /// Sequence number of the hello's first byte: the new socket's `rcv_nxt` at its accept.
+    seq: u32,
+    /// The slot + 1 of the route the name gave, or 0.
+    route: u32,
+    outcome: u32,
+}
+
 /// Decides for `slot` and sends the open event.
 #[inline(always)]
 fn finish(
@@ -318,6 +433,7 @@ fn finish(
 struct Headers {
     payload_start: u32,
     seq: u32,
+    syn: bool,
     client: [u8; 16],
     client_port: u16,
 }
@@ -350,10 +466,11 @@ fn parse_headers(ctx: &SkBuffContext) -> Option<Headers> {
         }
         _ => return None,
     };
-    let tcp = bytes.array::<13>(l4)?;
+    let tcp = bytes.array::<14>(l4)?;
     Some(Headers {
         payload_start: l4 + u32::from(tcp[12] >> 4) * 4,
         seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        syn: tcp[13] & TCP_SYN != 0,
         client,
         client_port: u16::from_be_bytes([tcp[0], tcp[1]]),
     })

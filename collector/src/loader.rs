@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapType, PerCpuArray, PerCpuValues, RingBuf},
+    maps::{Array, MapData, MapType, PerCpuArray, PerCpuValues, ProgramArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
         TcAttachType, links::FdLink, tc::TcAttachOptions,
@@ -357,6 +357,7 @@ impl Attachment {
     /// The `cgroup_skb` ingress program that reads the ClientHello of connections on ports
     /// shared by server name, on the cgroup2 root beside the `sock_ops` program.
     fn attach_server_name_reader(&mut self, pin: &Path, cgroup: &File) -> anyhow::Result<()> {
+        self.set_early_hello_reader()?;
         let name = program_names::READ_SERVER_NAMES;
         let cgroup2 = self.cgroup2.clone();
         let program: &mut CgroupSkb = self
@@ -377,6 +378,28 @@ impl Attachment {
             Ok(program.take_link(id)?.try_into()?)
         })?;
         self.note_link(pin, adopted);
+        Ok(())
+    }
+
+    /// Loads `read_early_hellos` into the program array the reader tail-calls, before the
+    /// reader runs: a hello that completes the handshake goes through the listening socket.
+    fn set_early_hello_reader(&mut self) -> anyhow::Result<()> {
+        let name = program_names::READ_EARLY_HELLOS;
+        let program: &mut CgroupSkb = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the kernel object has no program {name}"))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let fd = program.fd()?.try_clone()?;
+        let mut readers = ProgramArray::try_from(
+            self.ebpf
+                .map_mut(map_names::EARLY_HELLO_READER)
+                .context("the kernel object has no early hello reader map")?,
+        )?;
+        readers
+            .set(0, &fd, 0)
+            .with_context(|| format!("setting {name} in {}", map_names::EARLY_HELLO_READER))?;
         Ok(())
     }
 

@@ -1043,12 +1043,11 @@ fn mutated_hellos_count_where_the_parser_reads_them() {
 
 /// With `TCP_DEFER_ACCEPT` (nginx's `deferred`, `HAProxy`'s `defer-accept`) the handshake's last
 /// ACK is dropped and the connection accepted with its first data, its hello, which goes
-/// through the listening socket's filter, before the socket the reader could tie it to
-/// exists. Not read (a known limit, docs/DESIGN.md): every such connection is counted in the
-/// route without names as `missed`, at its close, with its bytes. This test says so exactly,
-/// and fails the day the hello is read there.
+/// through the listening socket's filter before the connection's own socket exists: read
+/// there (`read_early_hellos`) and decided at the accept, each kind of client counted as it
+/// is without deferral.
 #[test]
-fn hellos_that_complete_a_deferred_accept_are_counted_missed_where_no_name_is() {
+fn hellos_that_complete_a_deferred_accept_are_read() {
     const N: usize = 5;
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
@@ -1073,12 +1072,7 @@ fn hellos_that_complete_a_deferred_accept_are_counted_missed_where_no_name_is() 
         .into_iter()
         .filter(|client| !client.first.is_empty())
     {
-        let counted_as = Client {
-            route: FALLBACK,
-            outcome: "missed",
-            ..client
-        };
-        counted_as.exchange(&netns, &listener, N, &mut expected);
+        client.exchange(&netns, &listener, N, &mut expected);
     }
     wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
