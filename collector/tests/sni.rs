@@ -148,11 +148,70 @@ fn with_extra(hello: &[u8], extra: usize) -> Vec<u8> {
 }
 
 /// How a client sends its payload: at once, or its first `n` bytes in a segment of their
-/// own, the rest 50 ms later.
+/// own, the rest 50 ms later, or in its SYN (TCP Fast Open).
 #[derive(Clone, Copy)]
 enum Send {
     AtOnce,
     SplitAfter(usize),
+    FastOpen,
+}
+
+/// `TCPI_OPT_SYN_DATA` of `tcp_info.tcpi_options`: the SYN carried data and the server took it.
+const TCPI_OPT_SYN_DATA: u8 = 0x20;
+
+/// A connection to `address` whose SYN carries the start of `payload` (the rest follows once
+/// it is connected), asserted taken by the server with the SYN.
+fn connect_fast_open(address: SocketAddr, payload: &[u8]) -> TcpStream {
+    let SocketAddr::V4(v4) = address else {
+        panic!("Fast Open clients here are IPv4: {address}");
+    };
+    // SAFETY: a new socket, owned by the stream below once it is made.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: the descriptor was just made and is owned only here.
+    let mut stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: the payload and the address are valid for their lengths.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            payload.as_ptr().cast(),
+            payload.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const to).cast(),
+            libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).unwrap(),
+        )
+    };
+    let sent = usize::try_from(sent)
+        .unwrap_or_else(|_| panic!("sendto: {}", std::io::Error::last_os_error()));
+    stream.write_all(&payload[sent..]).unwrap();
+    // SAFETY: a zeroed tcp_info is valid, and the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).unwrap();
+    // SAFETY: as above.
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(got, 0, "{}", std::io::Error::last_os_error());
+    assert_ne!(
+        info.tcpi_options & TCPI_OPT_SYN_DATA,
+        0,
+        "the SYN to {address} carried no data the server took"
+    );
+    stream
 }
 
 /// The connecting side of one exchange with `address`: sends `payload`, reads `response`
@@ -164,11 +223,15 @@ fn exchange_sending(
     response: usize,
     closer: Closer,
 ) {
-    let mut stream = TcpStream::connect(address).unwrap();
+    let mut stream = match send {
+        Send::FastOpen => connect_fast_open(address, payload),
+        Send::AtOnce | Send::SplitAfter(_) => TcpStream::connect(address).unwrap(),
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     match send {
+        Send::FastOpen => {}
         Send::AtOnce => stream.write_all(payload).unwrap(),
         Send::SplitAfter(n) => {
             // Each write its own segment, the second not held back for the first's ACK.
@@ -547,6 +610,18 @@ impl Client {
         count: usize,
         expected: &mut Expected,
     ) {
+        self.exchange_sending(netns, listener, count, Send::AtOnce, expected);
+    }
+
+    /// As [`Client::exchange`], the payload sent as `send` says.
+    fn exchange_sending(
+        &self,
+        netns: &Netns,
+        listener: &Arc<TcpListener>,
+        count: usize,
+        send: Send,
+        expected: &mut Expected,
+    ) {
         let payload = with_extra(&self.first, self.extra);
         let (bytes_in, bytes_out) = (payload.len(), self.response);
         eprintln!(
@@ -558,7 +633,7 @@ impl Client {
             listener,
             count,
             &payload,
-            Send::AtOnce,
+            send,
             self.response,
             self.closer,
         );
@@ -1073,6 +1148,51 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
         .filter(|client| !client.first.is_empty())
     {
         client.exchange(&netns, &listener, N, &mut expected);
+    }
+    wait_for_exactly(&netns, &expected);
+    stop_leaving_nothing(agent, &config);
+}
+
+/// TCP Fast Open: the hello rides in the SYN, which the listening socket takes and answers
+/// with the new socket already made. Read there too, each kind of client counted as it is
+/// without Fast Open (the agent and the check of each SYN's data are this test's own; the
+/// namespace lets SYNs carry data without a cookie).
+#[test]
+fn hellos_in_a_fast_open_syn_are_read() {
+    const N: usize = 5;
+    // Client and server on, data in a SYN without a cookie to ask for first (the
+    // kernel's TFO_CLIENT_NO_COOKIE and TFO_SERVER_COOKIE_NOT_REQD).
+    const FAST_OPEN: &str = "0x207";
+    let netns = Netns::new();
+    netns.run(|| {
+        std::fs::write(
+            "/proc/sys/net/ipv4/tcp_fastopen",
+            i32::from_str_radix(&FAST_OPEN[2..], 16).unwrap().to_string(),
+        )
+        .unwrap();
+    });
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+    let queue: libc::c_int = 64;
+    // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
+    let set = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&raw const queue).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+
+    let mut expected = Expected::new();
+    for client in clients_of_every_kind()
+        .into_iter()
+        .filter(|client| !client.first.is_empty())
+    {
+        client.exchange_sending(&netns, &listener, N, Send::FastOpen, &mut expected);
     }
     wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
