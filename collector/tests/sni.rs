@@ -1127,19 +1127,24 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
-    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+    let listeners = [
+        listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT)),
+        listen(&netns, at(Ipv6Addr::LOCALHOST, SHARED_PORT)),
+    ];
     let seconds: libc::c_int = 5;
-    // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
-    let set = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&raw const seconds).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
-        )
-    };
-    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    for listener in &listeners {
+        // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
+        let set = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&raw const seconds).cast(),
+                libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
+            )
+        };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    }
 
     let mut expected = Expected::new();
     // A connection that sends nothing is never accepted here.
@@ -1147,7 +1152,9 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
         .into_iter()
         .filter(|client| !client.first.is_empty())
     {
-        client.exchange(&netns, &listener, N, &mut expected);
+        for listener in &listeners {
+            client.exchange(&netns, listener, N, &mut expected);
+        }
     }
     wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
