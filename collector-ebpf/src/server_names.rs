@@ -8,6 +8,9 @@
 //! socket lock) and the close never both count a connection, and `opened` is counted once,
 //! where its close will count.
 //!
+//! A hello that arrives before the accept (a deferred accept, Fast Open) goes through the
+//! listening socket: `read_early_hellos` reads it there, and the accept decides.
+//!
 //! The table slot keeps the port's route without a name; the close counts in the route the
 //! storage names. (The agent, which cannot read socket storage, keeps a slot bound while the
 //! counters show connections open in it.)

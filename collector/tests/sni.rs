@@ -171,7 +171,7 @@ fn connect_fast_open(address: SocketAddr, payload: &[u8]) -> TcpStream {
     // SAFETY: the descriptor was just made and is owned only here.
     let mut stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let to = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
         sin_port: v4.port().to_be(),
         sin_addr: libc::in_addr {
             s_addr: u32::from(*v4.ip()).to_be(),
@@ -1174,7 +1174,9 @@ fn hellos_in_a_fast_open_syn_are_read() {
     netns.run(|| {
         std::fs::write(
             "/proc/sys/net/ipv4/tcp_fastopen",
-            i32::from_str_radix(&FAST_OPEN[2..], 16).unwrap().to_string(),
+            i32::from_str_radix(&FAST_OPEN[2..], 16)
+                .unwrap()
+                .to_string(),
         )
         .unwrap();
     });
