@@ -225,22 +225,29 @@ pub fn lowercase(name: &mut [u8; SNI_NAME_MAX + 1]) {
     }
 }
 
-/// The index of the first `.` in `name`, or [`SNI_NAME_MAX`] + 1 if there is none. A word
-/// at a time and with no branch, as [`lowercase`].
+/// The index of the first `.` in `name`, or [`SNI_NAME_MAX`] + 1 if there is none.
 #[inline(always)]
 #[must_use]
 pub fn first_dot(name: &[u8; SNI_NAME_MAX + 1]) -> usize {
+    first_of(name, b'.')
+}
+
+/// The index of the first `byte` in `bytes`, or [`SNI_NAME_MAX`] + 1 if there is none. A
+/// word at a time and with no branch, as [`lowercase`].
+#[inline(always)]
+#[must_use]
+pub fn first_of(bytes: &[u8; SNI_NAME_MAX + 1], byte: u8) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     // Byte j of this, read from the top after a shift by 8j, is j.
     const BYTE_INDEX: u64 = 0x0001_0203_0405_0607;
     let mut first = (SNI_NAME_MAX + 1) as u64;
-    // From the last word back, so that the first word with a dot has the last say.
-    for (k, chunk) in name.chunks_exact(8).enumerate().rev() {
+    // From the last word back, so that the first word with one has the last say.
+    for (k, chunk) in bytes.chunks_exact(8).enumerate().rev() {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let x = u64::from_le_bytes(word) ^ (ONES * u64::from(b'.'));
-        // The high bit of each zero byte of `x` (a dot), exact for the lowest one, which is
+        let x = u64::from_le_bytes(word) ^ (ONES * u64::from(byte));
+        // The high bit of each zero byte of `x` (a `byte`), exact for the lowest one, which is
         // all that is used.
         let dots = x.wrapping_sub(ONES) & !x & HIGH;
         let lowest = dots & dots.wrapping_neg();

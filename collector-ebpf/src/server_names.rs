@@ -31,12 +31,14 @@ use aya_ebpf::{
 use collector_common::{
     CONN_EVENT_OPEN, ConnEvent, ConnState, MAX_ROUTES, SNI_UNDECIDED, SniDecision, SniKey,
     client_hello::{self, Hello, HelloBytes, SNI_NAME_MAX},
-    port_bit, sni_outcome,
+    port_bit,
+    proxy_header::{ProxyHeader, proxy_header},
+    sni_outcome,
 };
 
 use crate::{
     CONN_COUNTERS, EARLY_HELLO, EARLY_HELLO_READER, SNI_COUNTERS, SNI_DECISIONS, SNI_PORT_BITS,
-    SNI_ROUTES, SNI_SCRATCH, SNI_WATCHED, add,
+    SNI_ROUTES, SNI_SCRATCH, SNI_SKIPS, SNI_WATCHED, add,
     connections::{client_events, emit, ktime_ns, stream_wanted},
 };
 
@@ -105,19 +107,22 @@ pub fn await_hello(
         return false;
     };
     add_awaiting(fallback, 1);
-    if let Some((named, outcome)) = take_early_hello(ctx, &client) {
-        let slot = slot_of(named).unwrap_or(fallback);
-        if decide(decision, slot, fallback, outcome).is_ok() {
-            open_event(cookie, slot, client);
+    if let Some(early) = take_early_hello(ctx, &client) {
+        if early.outcome == AWAITING {
+            skip_ahead(sk, early.seq.wrapping_add(early.skipped), early.skipped);
+        } else {
+            let slot = slot_of(early.route).unwrap_or(fallback);
+            if decide(decision, slot, fallback, early.outcome).is_ok() {
+                open_event(cookie, slot, client);
+            }
         }
     }
     true
 }
 
-/// The verdict on this connection's hello if [`on_early_segment`] read it: the route slot + 1
-/// it names (0: none) and the outcome. Taken once.
+/// The verdict on this connection's hello if [`on_early_segment`] read it. Taken once.
 #[inline(always)]
-fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<(u32, u32)> {
+fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<EarlyHello> {
     let early = EARLY_HELLO.get_ptr_mut(0)?;
     // SAFETY: this CPU's value, written by the reader in the same call that runs this one.
     let early = unsafe { &mut *early };
@@ -132,7 +137,7 @@ fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<(u
         return None;
     }
     early.local_port = 0;
-    Some((early.route, early.outcome))
+    Some(*early)
 }
 
 /// A connection on a shared port that found the connection table full: counted opened in the
@@ -156,9 +161,15 @@ pub fn decide_at_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState, byt
         count_opened(fallback, sni_outcome::MISSED);
         return fallback;
     };
-    // Only the FIN arrived (1 byte of sequence space), or nothing: no data. A segment with
-    // data would have been read, unless it came before the storage or out of sight.
-    let outcome = if bytes_in <= 1 {
+    // Only the FIN arrived (1 byte of sequence space), or nothing, after a PROXY header if
+    // one came (a balancer's check): no data. A segment with data would have been read,
+    // unless it came before the storage or out of sight.
+    let header = if bytes_in > 1 {
+        skip_of(sk).map_or(0, |skip| u64::from(skip.skipped))
+    } else {
+        0
+    };
+    let outcome = if bytes_in <= 1 + header {
         sni_outcome::NO_DATA
     } else {
         sni_outcome::MISSED
@@ -326,15 +337,33 @@ pub fn on_segment(ctx: &SkBuffContext) {
     }
     // SAFETY: fields of the TCP socket the helper returned.
     let (rcv_nxt, bytes_received) = unsafe { ((*tcp).rcv_nxt, (*tcp).bytes_received) };
-    let (slot, outcome) = if bytes_received != 0 {
+    // The segment to read: the first with data, or after a PROXY header that ended the
+    // first, the one that starts where the hello does. (The header's own segment may not be
+    // counted received yet: the socket's owner may hold it in its backlog.)
+    let skip = skip_of(sk);
+    let read = match skip {
+        Some(skip) if segment.seq == skip.hello_seq => true,
+        // The hello is yet to come; this segment is ahead of it.
+        Some(skip) if bytes_received <= u64::from(skip.skipped) => return,
         // Data came before this without being read here.
-        (fallback, sni_outcome::MISSED)
-    } else if segment.seq != rcv_nxt {
+        Some(_) => false,
+        None if bytes_received != 0 => false,
         // A later segment ahead of the first, or a stale copy: the first decides.
-        return;
+        None if segment.seq != rcv_nxt => return,
+        None => true,
+    };
+    let (slot, outcome) = if read {
+        match read_hello(ctx, segment.payload_start, port as u16) {
+            Verdict::Decided(named, outcome) => (named.unwrap_or(fallback), outcome),
+            // A second header.
+            Verdict::After(_) if skip.is_some() => (fallback, sni_outcome::MALFORMED),
+            Verdict::After(skipped) => {
+                skip_ahead(sk, segment.seq.wrapping_add(skipped), skipped);
+                return;
+            }
+        }
     } else {
-        let (named, outcome) = read_hello(ctx, &segment, port as u16);
-        (named.unwrap_or(fallback), outcome)
+        (fallback, sni_outcome::MISSED)
     };
     finish(
         ctx,
@@ -386,22 +415,31 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
             seq: segment.seq.wrapping_add(u32::from(segment.syn)),
             route: 0,
             outcome: 0,
+            skipped: 0,
         };
     }
-    let (named, outcome) = read_hello(ctx, &segment, port as u16);
+    let (route, outcome, skipped) = match read_hello(ctx, segment.payload_start, port as u16) {
+        Verdict::Decided(named, outcome) => (named.map_or(0, |slot| slot + 1), outcome, 0),
+        Verdict::After(skipped) => (0, AWAITING, skipped),
+    };
     let Some(early) = EARLY_HELLO.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: as above.
     unsafe {
-        (*early).route = named.map_or(0, |slot| slot + 1);
+        (*early).route = route;
         (*early).outcome = outcome;
+        (*early).skipped = skipped;
         (*early).local_port = port as u16;
     }
 }
 
+/// [`EarlyHello::outcome`] of a PROXY header alone: the hello is still to come.
+const AWAITING: u32 = u32::MAX;
+
 /// A hello read on a listening socket ([`on_early_segment`]), waiting for its accept.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct EarlyHello {
     client: [u8; 16],
     client_port: u16,
@@ -411,7 +449,54 @@ pub struct EarlyHello {
     seq: u32,
     /// The slot + 1 of the route the name gave, or 0.
     route: u32,
+    /// How it was decided, or [`AWAITING`].
     outcome: u32,
+    /// Bytes of the PROXY header before the hello.
+    skipped: u32,
+}
+
+/// A PROXY header read ahead of a connection's hello (kept in `SNI_SKIPS`, the socket's
+/// storage, made only then).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SniSkip {
+    /// Sequence number of the hello's first byte.
+    hello_seq: u32,
+    /// Bytes of the header.
+    skipped: u32,
+}
+
+/// The socket's PROXY header read ahead, if any.
+#[inline(always)]
+fn skip_of(sk: *mut bpf_sock) -> Option<SniSkip> {
+    let map = ptr::from_ref(&SNI_SKIPS).cast_mut().cast::<c_void>();
+    // SAFETY: as in `decision`, without making the storage.
+    let value = unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) };
+    let value = value.cast::<SniSkip>();
+    // SAFETY: the socket's storage, valid for the program's run.
+    (!value.is_null()).then(|| unsafe {
+        SniSkip {
+            hello_seq: (*value).hello_seq,
+            skipped: (*value).skipped,
+        }
+    })
+}
+
+/// Records that the hello follows a PROXY header of `skipped` bytes, at `hello_seq`.
+#[inline(always)]
+fn skip_ahead(sk: *mut bpf_sock, hello_seq: u32, skipped: u32) {
+    let mut init = SniSkip { hello_seq, skipped };
+    let map = ptr::from_ref(&SNI_SKIPS).cast_mut().cast::<c_void>();
+    // SAFETY: as in `decision`: the kernel copies `init` in before the storage is visible.
+    // Out of memory, the hello is not read: the close counts it missed.
+    unsafe {
+        bpf_sk_storage_get(
+            map,
+            sk.cast(),
+            ptr::from_mut(&mut init).cast(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        );
+    }
 }
 
 /// Decides for `slot` and sends the open event.
@@ -496,21 +581,47 @@ pub struct SniScratch {
 /// [`SniScratch::verdict`] of a hello with a name.
 const NAMED: u32 = u32::MAX;
 
-/// The route the ClientHello names (`None`: the port's route without a name takes it), and
-/// how it was found.
+/// What a connection's first bytes decide.
+enum Verdict {
+    /// The route the ClientHello names (`None`: the port's route without a name takes it),
+    /// and how it was found.
+    Decided(Option<u32>, u32),
+    /// A PROXY header of this many bytes ended the segment: the hello comes in the next.
+    After(u32),
+}
+
+/// Reads the ClientHello that starts the payload at `start`, after a PROXY header if a load
+/// balancer sent one.
 #[inline(always)]
-fn read_hello(ctx: &SkBuffContext, segment: &Headers, port: u16) -> (Option<u32>, u32) {
+fn read_hello(ctx: &SkBuffContext, start: u32, port: u16) -> Verdict {
     let Some(scratch) = SNI_SCRATCH.get_ptr_mut(0) else {
-        return (None, sni_outcome::MALFORMED);
+        return Verdict::Decided(None, sni_outcome::MALFORMED);
     };
     // SAFETY: this CPU's scratch value; a program runs on one CPU at a time and this one does
     // not nest (it runs from the protocol handler, never inside another of itself).
     let scratch = unsafe { &mut *scratch };
+    let end = ctx.len();
+    let skip = match proxy_header(&Segment(ctx), start, end, &mut scratch.exact.name) {
+        ProxyHeader::Absent => 0,
+        ProxyHeader::Whole(len) => len,
+        ProxyHeader::Incomplete => return Verdict::Decided(None, sni_outcome::INCOMPLETE),
+        ProxyHeader::Malformed => return Verdict::Decided(None, sni_outcome::MALFORMED),
+    };
+    // Through memory, as the verdict below: the hello is then parsed from one state.
+    // SAFETY: a field of the scratch value above.
+    let skip = unsafe {
+        ptr::write_volatile(&raw mut scratch.offset, skip);
+        ptr::read_volatile(&raw const scratch.offset)
+    };
+    let start = start + skip;
+    if skip != 0 && start >= end {
+        return Verdict::After(skip);
+    }
     scratch.exact.name = [0; SNI_NAME_MAX + 1];
     let (verdict, offset, len) = match client_hello::server_name(
         &Segment(ctx),
-        segment.payload_start,
-        ctx.len(),
+        start,
+        end,
         &mut scratch.exact.name,
     ) {
         Hello::Name { offset, len } => (NAMED, offset, len as u32),
@@ -533,11 +644,11 @@ fn read_hello(ctx: &SkBuffContext, segment: &Headers, port: u16) -> (Option<u32>
         )
     };
     if verdict != NAMED {
-        return (None, verdict);
+        return Verdict::Decided(None, verdict);
     }
     match match_name(ctx, scratch, port, offset, len as usize) {
-        Some(slot) => (Some(slot), sni_outcome::MATCHED),
-        None => (None, sni_outcome::UNKNOWN_NAME),
+        Some(slot) => Verdict::Decided(Some(slot), sni_outcome::MATCHED),
+        None => Verdict::Decided(None, sni_outcome::UNKNOWN_NAME),
     }
 }
 

@@ -26,6 +26,7 @@ use std::{
 use collector_common::{
     SNI_OUTCOME_NAMES,
     client_hello::{self, Hello, SNI_NAME_MAX},
+    proxy_header::{ProxyHeader, proxy_header},
 };
 use rustls::{
     pki_types::ServerName,
@@ -125,7 +126,17 @@ fn hello_with_more_after_the_name(name: &str) -> (Vec<u8>, usize) {
 fn parsed_bytes(bytes: &[u8]) -> (Hello, Option<Vec<u8>>) {
     let mut name = [0u8; SNI_NAME_MAX + 1];
     let end = u32::try_from(bytes.len()).unwrap();
-    let hello = client_hello::server_name(&Bytes(bytes), 0, end, &mut name);
+    // As the kernel's reader: a PROXY header first, if a balancer sent one.
+    let start = match proxy_header(&Bytes(bytes), 0, end, &mut name) {
+        ProxyHeader::Absent => 0,
+        ProxyHeader::Whole(len) => {
+            assert!(len < end, "a PROXY header alone: {bytes:?}");
+            len
+        }
+        ProxyHeader::Incomplete => return (Hello::Incomplete, None),
+        ProxyHeader::Malformed => return (Hello::Malformed, None),
+    };
+    let hello = client_hello::server_name(&Bytes(bytes), start, end, &mut name);
     let read = match hello {
         Hello::Name { len, .. } => Some(name[..len].to_vec()),
         _ => None,
@@ -145,6 +156,41 @@ fn with_extra(hello: &[u8], extra: usize) -> Vec<u8> {
     let mut payload = hello.to_vec();
     payload.resize(hello.len() + extra, b'x');
     payload
+}
+
+/// A PROXY protocol version 1 header, as a load balancer sends before its client's bytes.
+fn proxy_v1() -> Vec<u8> {
+    b"PROXY TCP4 192.0.2.1 198.51.100.1 51234 443\r\n".to_vec()
+}
+
+/// The version 2 signature, version and command (`command`: 0 LOCAL, 1 PROXY).
+fn proxy_v2_start(command: u8) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.push(0x20 | command);
+    header
+}
+
+/// A PROXY protocol version 2 header for a TCP client over IPv4, with an authority TLV.
+fn proxy_v2() -> Vec<u8> {
+    let authority = b"api.example.com";
+    let mut rest = vec![192, 0, 2, 1, 198, 51, 100, 1];
+    rest.extend_from_slice(&51234u16.to_be_bytes());
+    rest.extend_from_slice(&443u16.to_be_bytes());
+    rest.push(0x02);
+    rest.extend_from_slice(&u16::try_from(authority.len()).unwrap().to_be_bytes());
+    rest.extend_from_slice(authority);
+    let mut header = proxy_v2_start(1);
+    header.push(0x11);
+    header.extend_from_slice(&u16::try_from(rest.len()).unwrap().to_be_bytes());
+    header.extend_from_slice(&rest);
+    header
+}
+
+/// A balancer's own check: a version 2 LOCAL header, and nothing after it.
+fn proxy_v2_local() -> Vec<u8> {
+    let mut header = proxy_v2_start(0);
+    header.extend_from_slice(&[0, 0, 0]);
+    header
 }
 
 /// How a client sends its payload: at once, or its first `n` bytes in a segment of their
@@ -1063,6 +1109,57 @@ fn route_of(read: Hello, name: Option<&[u8]>) -> (&'static str, &'static str) {
 /// userspace (which `tests/client_hello.rs` holds to rustls): hellos mutated at random, sent
 /// over real connections, are counted in the route and with the outcome that parser's
 /// reading gives, each exactly.
+/// Behind a load balancer that speaks the PROXY protocol, every connection starts with its
+/// header: skipped, in the hello's segment or in one of its own before it, and each kind of
+/// client counted as it is without it (its bytes with the header's). The balancer's own
+/// checks (a LOCAL header, then nothing) count as no data; a header cut short or a version
+/// 1 line with no end, as such.
+#[test]
+fn hellos_after_a_proxy_protocol_header_are_read() {
+    const N: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+
+    let mut expected = Expected::new();
+    for header in [proxy_v1(), proxy_v2()] {
+        for client in clients_of_every_kind()
+            .into_iter()
+            .filter(|client| !client.first.is_empty())
+        {
+            let behind = Client {
+                first: [header.as_slice(), &client.first].concat(),
+                ..client
+            };
+            for send in [Send::AtOnce, Send::SplitAfter(header.len())] {
+                behind.exchange_sending(&netns, &listener, N, send, &mut expected);
+            }
+        }
+    }
+    let v2 = proxy_v2();
+    let mut endless = b"PROXY ".to_vec();
+    endless.resize(200, b'x');
+    for (what, first, outcome) in [
+        ("balancer check", proxy_v2_local(), "no_data"),
+        ("header cut short", v2[..v2.len() - 1].to_vec(), "incomplete"),
+        ("line with no end", endless, "malformed"),
+    ] {
+        let client = Client {
+            what,
+            first,
+            extra: 0,
+            response: 100,
+            closer: Closer::Accepting,
+            route: FALLBACK,
+            outcome,
+        };
+        client.exchange(&netns, &listener, N, &mut expected);
+    }
+    wait_for_exactly(&netns, &expected);
+    stop_leaving_nothing(agent, &config);
+}
+
 #[test]
 fn mutated_hellos_count_where_the_parser_reads_them() {
     const PER_NAME: usize = 100;
@@ -1120,7 +1217,8 @@ fn mutated_hellos_count_where_the_parser_reads_them() {
 /// ACK is dropped and the connection accepted with its first data, its hello, which goes
 /// through the listening socket's filter before the connection's own socket exists: read
 /// there (`read_early_hellos`) and decided at the accept, each kind of client counted as it
-/// is without deferral.
+/// is without deferral; behind a balancer, its PROXY header completes the accept, and the
+/// hello after it is read.
 #[test]
 fn hellos_that_complete_a_deferred_accept_are_read() {
     const N: usize = 5;
@@ -1155,6 +1253,14 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
         for listener in &listeners {
             client.exchange(&netns, listener, N, &mut expected);
         }
+        // Behind a balancer, whose PROXY header alone completes the accept.
+        let header = proxy_v2();
+        let behind = Client {
+            first: [header.as_slice(), &client.first].concat(),
+            ..client
+        };
+        let split = Send::SplitAfter(header.len());
+        behind.exchange_sending(&netns, &listeners[0], N, split, &mut expected);
     }
     wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
