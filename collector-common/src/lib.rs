@@ -852,13 +852,15 @@ pub mod sni_outcome {
     pub const UNKNOWN_NAME: u32 = 1;
     /// A ClientHello without a server name.
     pub const NO_NAME: u32 = 2;
-    /// The first segment was not a TLS ClientHello.
+    /// The first segment (after a PROXY header, if any) was not a TLS ClientHello.
     pub const NOT_TLS: u32 = 3;
-    /// The server name lay beyond the first segment (or the first TLS record).
+    /// The server name lay beyond the first segment (or the first TLS record), or a PROXY
+    /// header was cut short.
     pub const INCOMPLETE: u32 = 4;
-    /// A ClientHello whose lengths contradict each other, or a name over 255 bytes.
+    /// A ClientHello whose lengths contradict each other, a name over 255 bytes, or a broken
+    /// PROXY header.
     pub const MALFORMED: u32 = 5;
-    /// Closed before the client sent anything.
+    /// Closed before the client sent anything (after a PROXY header, if any).
     pub const NO_DATA: u32 = 6;
     /// Data arrived that was not the connection's first (the first segment was not seen,
     /// or its start was out of order), or the close came with a hello not yet read.
