@@ -1,4 +1,4 @@
-//! The PROXY protocol header (HAProxy's, versions 1 and 2) that a load balancer may send
+//! The PROXY protocol header (`HAProxy`'s, versions 1 and 2) that a load balancer may send
 //! before the client's own bytes: its length, so that the kernel's reader skips it and reads
 //! the ClientHello after it. Layout: <https://www.haproxy.org/download/3.0/doc/proxy-protocol.txt>
 //! (version 1: `PROXY ` and a text line of at most 107 bytes ending in CRLF; version 2: a
@@ -6,6 +6,10 @@
 #![expect(
     clippy::inline_always,
     reason = "the kernel's reader inlines all of it, as the ClientHello parser"
+)]
+#![expect(
+    clippy::cast_possible_truncation,
+    reason = "lengths and indices here are at most 256"
 )]
 
 use crate::client_hello::{HelloBytes, SNI_NAME_MAX, first_of};

@@ -618,18 +618,14 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16) -> Verdict {
         return Verdict::After(skip);
     }
     scratch.exact.name = [0; SNI_NAME_MAX + 1];
-    let (verdict, offset, len) = match client_hello::server_name(
-        &Segment(ctx),
-        start,
-        end,
-        &mut scratch.exact.name,
-    ) {
-        Hello::Name { offset, len } => (NAMED, offset, len as u32),
-        Hello::NoName => (sni_outcome::NO_NAME, 0, 0),
-        Hello::NotHello => (sni_outcome::NOT_TLS, 0, 0),
-        Hello::Incomplete => (sni_outcome::INCOMPLETE, 0, 0),
-        Hello::Malformed => (sni_outcome::MALFORMED, 0, 0),
-    };
+    let (verdict, offset, len) =
+        match client_hello::server_name(&Segment(ctx), start, end, &mut scratch.exact.name) {
+            Hello::Name { offset, len } => (NAMED, offset, len as u32),
+            Hello::NoName => (sni_outcome::NO_NAME, 0, 0),
+            Hello::NotHello => (sni_outcome::NOT_TLS, 0, 0),
+            Hello::Incomplete => (sni_outcome::INCOMPLETE, 0, 0),
+            Hello::Malformed => (sni_outcome::MALFORMED, 0, 0),
+        };
     // Through memory, so that the verifier, which cannot follow values there, goes on from
     // here in one state rather than once for each of the parser's hundreds of exits.
     // SAFETY: fields of the scratch value above.

@@ -59,11 +59,11 @@ fn reference(bytes: &[u8]) -> ProxyHeader {
         .position(|&byte| byte == b'\n')
     {
         None if bytes.len() < longest => ProxyHeader::Incomplete,
-        None => ProxyHeader::Malformed,
         Some(newline) if bytes[newline - 1] == b'\r' => {
             ProxyHeader::Whole(u32::try_from(newline + 1).unwrap())
         }
-        Some(_) => ProxyHeader::Malformed,
+        // No line end within the longest line, or one without its CR.
+        None | Some(_) => ProxyHeader::Malformed,
     }
 }
 

@@ -1142,7 +1142,11 @@ fn hellos_after_a_proxy_protocol_header_are_read() {
     endless.resize(200, b'x');
     for (what, first, outcome) in [
         ("balancer check", proxy_v2_local(), "no_data"),
-        ("header cut short", v2[..v2.len() - 1].to_vec(), "incomplete"),
+        (
+            "header cut short",
+            v2[..v2.len() - 1].to_vec(),
+            "incomplete",
+        ),
         ("line with no end", endless, "malformed"),
     ] {
         let client = Client {
