@@ -47,13 +47,45 @@ pub enum Hello {
     Incomplete,
     /// A ClientHello whose lengths contradict each other, or a name too long.
     Malformed,
+    /// The segment ended in the extensions, outside the server name, the hello and its
+    /// record going on: [`server_name_after`] reads on from the extension at `next` (at or
+    /// past the segment's end) in the data that follows. Offsets are the data's.
+    Continues {
+        next: u32,
+        hello_end: u32,
+        record_end: u32,
+    },
 }
 
 /// Reads bounded by what the hello declares (`hello_end`: beyond it is malformed) and by
-/// what the segment and the first record hold (`have_end`: beyond it is incomplete).
+/// what the segment and the first record hold (`have_end`: beyond it is incomplete, or
+/// continues in the next segment where the segment ended before the record).
+#[expect(
+    clippy::struct_field_names,
+    reason = "the ends of three spans, each named by its span"
+)]
 struct Bounds {
     hello_end: u32,
     have_end: u32,
+    record_end: u32,
+}
+
+impl Bounds {
+    /// Bounds for the data `..end`.
+    #[inline(always)]
+    fn new(hello_end: u32, record_end: u32, end: u32) -> Self {
+        Self {
+            hello_end,
+            have_end: end.min(record_end),
+            record_end,
+        }
+    }
+
+    /// The segment, not the record, ends the data: what is missing comes next.
+    #[inline(always)]
+    fn continues(&self) -> bool {
+        self.have_end < self.record_end
+    }
 }
 
 impl Bounds {
@@ -83,6 +115,22 @@ pub fn server_name<B: HelloBytes>(
     }
 }
 
+/// The server name, read on where a [`Hello::Continues`] left off: the extension at `next` of
+/// the data `..end` that follows, `hello_end` and `record_end` given in its offsets.
+#[inline(always)]
+pub fn server_name_after<B: HelloBytes>(
+    data: &B,
+    next: u32,
+    hello_end: u32,
+    record_end: u32,
+    end: u32,
+    name: &mut [u8; SNI_NAME_MAX + 1],
+) -> Hello {
+    match extensions(data, &Bounds::new(hello_end, record_end, end), next, name) {
+        Ok(found) | Err(found) => found,
+    }
+}
+
 #[inline(always)]
 fn parse<B: HelloBytes>(
     data: &B,
@@ -106,10 +154,11 @@ fn parse<B: HelloBytes>(
     let record_len = u32::from(u16::from_be_bytes([header[3], header[4]]));
     let hello_len = u32::from_be_bytes([0, header[6], header[7], header[8]]);
     let body = start + 9;
-    let bounds = Bounds {
-        hello_end: body.checked_add(hello_len).ok_or(Hello::Malformed)?,
-        have_end: end.min(start + 5 + record_len),
-    };
+    let bounds = Bounds::new(
+        body.checked_add(hello_len).ok_or(Hello::Malformed)?,
+        start + 5 + record_len,
+        end,
+    );
     // Version (2), random (32), session id length (1).
     bounds.check(body, 35)?;
     let [session_id_len] = data.array::<1>(body + 34).ok_or(Hello::Incomplete)?;
@@ -135,18 +184,38 @@ fn parse<B: HelloBytes>(
     if at + extensions_len != bounds.hello_end {
         return Err(Hello::Malformed);
     }
+    extensions(data, &bounds, at, name)
+}
+
+/// Walks the extensions from the one at `at` to the server name.
+#[inline(always)]
+fn extensions<B: HelloBytes>(
+    data: &B,
+    bounds: &Bounds,
+    mut at: u32,
+    name: &mut [u8; SNI_NAME_MAX + 1],
+) -> Result<Hello, Hello> {
     for _ in 0..SNI_MAX_EXTENSIONS {
         if at == bounds.hello_end {
             return Ok(Hello::NoName);
         }
-        let [t0, t1, l0, l1] = read(data, &bounds, at)?;
+        // Past the segment, at an extension's start: the walk goes on in the next. (An
+        // extension's header cut in two is incomplete: its bytes are not kept.)
+        if at >= bounds.have_end && bounds.continues() {
+            return Ok(Hello::Continues {
+                next: at,
+                hello_end: bounds.hello_end,
+                record_end: bounds.record_end,
+            });
+        }
+        let [t0, t1, l0, l1] = read(data, bounds, at)?;
         let len = u32::from(u16::from_be_bytes([l0, l1]));
         let body = at + 4;
         if body + len > bounds.hello_end {
             return Err(Hello::Malformed);
         }
         if [t0, t1] == [0, 0] {
-            return host_name(data, &bounds, body, len, name);
+            return host_name(data, bounds, body, len, name);
         }
         at = body + len;
     }

@@ -91,9 +91,9 @@ static SNI_ROUTES: HashMap<SniKey, u32, { SNI_NAMES_MAX as usize }> = HashMap::n
 static SNI_COUNTERS: PerCpuArray<SniCounters, { MAX_ROUTES as usize }> = PerCpuArray::new();
 #[btf_map]
 static SNI_DECISIONS: SkStorage<SniDecision> = SkStorage::new();
-/// A PROXY header read ahead of a connection's hello; made only then.
+/// Where a connection's hello goes on in a later segment; made only then.
 #[btf_map]
-static SNI_SKIPS: SkStorage<server_names::SniSkip> = SkStorage::new();
+static SNI_RESUME: SkStorage<server_names::SniResume> = SkStorage::new();
 #[btf_map]
 static SNI_SCRATCH: PerCpuArray<server_names::SniScratch, 1> = PerCpuArray::new();
 /// `read_early_hellos`, set by the agent at load: `read_server_names` hands it the segments

@@ -38,7 +38,7 @@ use collector_common::{
 
 use crate::{
     CONN_COUNTERS, EARLY_HELLO, EARLY_HELLO_READER, SNI_COUNTERS, SNI_DECISIONS, SNI_PORT_BITS,
-    SNI_ROUTES, SNI_SCRATCH, SNI_SKIPS, SNI_WATCHED, add,
+    SNI_RESUME, SNI_ROUTES, SNI_SCRATCH, SNI_WATCHED, add,
     connections::{client_events, emit, ktime_ns, stream_wanted},
 };
 
@@ -109,7 +109,7 @@ pub fn await_hello(
     add_awaiting(fallback, 1);
     if let Some(early) = take_early_hello(ctx, &client) {
         if early.outcome == AWAITING {
-            skip_ahead(sk, early.seq.wrapping_add(early.skipped), early.skipped);
+            save_resume(sk, &early.resume);
         } else {
             let slot = slot_of(early.route).unwrap_or(fallback);
             if decide(decision, slot, fallback, early.outcome).is_ok() {
@@ -165,7 +165,7 @@ pub fn decide_at_close(ctx: &SockOpsContext, cookie: u64, state: &ConnState, byt
     // one came (a balancer's check): no data. A segment with data would have been read,
     // unless it came before the storage or out of sight.
     let header = if bytes_in > 1 {
-        skip_of(sk).map_or(0, |skip| u64::from(skip.skipped))
+        resume_of(sk).map_or(0, |resume| u64::from(resume.skipped))
     } else {
         0
     };
@@ -337,14 +337,15 @@ pub fn on_segment(ctx: &SkBuffContext) {
     }
     // SAFETY: fields of the TCP socket the helper returned.
     let (rcv_nxt, bytes_received) = unsafe { ((*tcp).rcv_nxt, (*tcp).bytes_received) };
-    // The segment to read: the first with data, or after a PROXY header that ended the
-    // first, the one that starts where the hello does. (The header's own segment may not be
-    // counted received yet: the socket's owner may hold it in its backlog.)
-    let skip = skip_of(sk);
-    let read = match skip {
-        Some(skip) if segment.seq == skip.hello_seq => true,
-        // The hello is yet to come; this segment is ahead of it.
-        Some(skip) if bytes_received <= u64::from(skip.skipped) => return,
+    // The segment to read: the first with data, or the one an earlier segment left the
+    // hello to (after a PROXY header, or a hello longer than a segment), found by its
+    // sequence number. (Rather than by the bytes received: the earlier one may still sit in
+    // the socket owner's backlog.)
+    let resume = resume_of(sk);
+    let read = match resume {
+        Some(resume) if segment.seq == resume.expect_seq => true,
+        // Not there yet: this segment is ahead of it.
+        Some(resume) if resume.expect_seq.wrapping_sub(rcv_nxt) as i32 >= 0 => return,
         // Data came before this without being read here.
         Some(_) => false,
         None if bytes_received != 0 => false,
@@ -353,12 +354,18 @@ pub fn on_segment(ctx: &SkBuffContext) {
         None => true,
     };
     let (slot, outcome) = if read {
-        match read_hello(ctx, segment.payload_start, port as u16) {
+        let walk = resume.and_then(|resume| walk_offsets(&resume, &segment));
+        match read_hello(ctx, segment.payload_start, port as u16, walk) {
             Verdict::Decided(named, outcome) => (named.unwrap_or(fallback), outcome),
             // A second header.
-            Verdict::After(_) if skip.is_some() => (fallback, sni_outcome::MALFORMED),
-            Verdict::After(skipped) => {
-                skip_ahead(sk, segment.seq.wrapping_add(skipped), skipped);
+            Verdict::After(_) if resume.is_some() => (fallback, sni_outcome::MALFORMED),
+            more => {
+                let skipped = resume.map_or(0, |resume| resume.skipped);
+                let data_end = ctx.len();
+                save_resume(
+                    sk,
+                    &resume_at(&more, &segment, segment.seq, data_end, skipped),
+                );
                 return;
             }
         }
@@ -415,13 +422,16 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
             seq: segment.seq.wrapping_add(u32::from(segment.syn)),
             route: 0,
             outcome: 0,
-            skipped: 0,
+            resume: SniResume::default(),
         };
     }
-    let (route, outcome, skipped) = match read_hello(ctx, segment.payload_start, port as u16) {
-        Verdict::Decided(named, outcome) => (named.map_or(0, |slot| slot + 1), outcome, 0),
-        Verdict::After(skipped) => (0, AWAITING, skipped),
+    let verdict = read_hello(ctx, segment.payload_start, port as u16, None);
+    let (route, outcome) = match verdict {
+        Verdict::Decided(named, outcome) => (named.map_or(0, |slot| slot + 1), outcome),
+        Verdict::After(_) | Verdict::Continues { .. } => (0, AWAITING),
     };
+    let data_seq = segment.seq.wrapping_add(u32::from(segment.syn));
+    let resume = resume_at(&verdict, &segment, data_seq, ctx.len(), 0);
     let Some(early) = EARLY_HELLO.get_ptr_mut(0) else {
         return;
     };
@@ -429,12 +439,64 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
     unsafe {
         (*early).route = route;
         (*early).outcome = outcome;
-        (*early).skipped = skipped;
+        (*early).resume = resume;
         (*early).local_port = port as u16;
     }
 }
 
-/// [`EarlyHello::outcome`] of a PROXY header alone: the hello is still to come.
+/// Where the hello goes on after this segment, from its [`Verdict`] (`After` or
+/// `Continues`), the sequence number of the payload's first byte, the data's end and the
+/// PROXY header bytes skipped before.
+#[inline(always)]
+fn resume_at(
+    verdict: &Verdict,
+    segment: &Headers,
+    data_seq: u32,
+    end: u32,
+    skipped: u32,
+) -> SniResume {
+    // The sequence number of an offset of this segment's data.
+    let seq_of = |offset: u32| data_seq.wrapping_add(offset.wrapping_sub(segment.payload_start));
+    match *verdict {
+        Verdict::Continues {
+            next,
+            hello_end,
+            record_end,
+        } => SniResume {
+            expect_seq: seq_of(end),
+            skipped,
+            walking: 1,
+            next_seq: seq_of(next),
+            hello_end_seq: seq_of(hello_end),
+            record_end_seq: seq_of(record_end),
+        },
+        Verdict::After(header) => SniResume {
+            expect_seq: seq_of(segment.payload_start + header),
+            skipped: header,
+            ..SniResume::default()
+        },
+        Verdict::Decided(..) => SniResume::default(),
+    }
+}
+
+/// The offsets in this segment of where the extensions go on (`None`: the hello starts it).
+#[inline(always)]
+fn walk_offsets(resume: &SniResume, segment: &Headers) -> Option<(u32, u32, u32)> {
+    if resume.walking == 0 {
+        return None;
+    }
+    let offset_of = |seq: u32| {
+        seq.wrapping_sub(segment.seq)
+            .wrapping_add(segment.payload_start)
+    };
+    Some((
+        offset_of(resume.next_seq),
+        offset_of(resume.hello_end_seq),
+        offset_of(resume.record_end_seq),
+    ))
+}
+
+/// [`EarlyHello::outcome`] of a hello still to come (after a PROXY header, or in part).
 const AWAITING: u32 = u32::MAX;
 
 /// A hello read on a listening socket ([`on_early_segment`]), waiting for its accept.
@@ -451,51 +513,58 @@ pub struct EarlyHello {
     route: u32,
     /// How it was decided, or [`AWAITING`].
     outcome: u32,
-    /// Bytes of the PROXY header before the hello.
-    skipped: u32,
+    /// Where the hello goes on, if [`AWAITING`].
+    resume: SniResume,
 }
 
-/// A PROXY header read ahead of a connection's hello (kept in `SNI_SKIPS`, the socket's
-/// storage, made only then).
+/// Where a connection's hello goes on in a later segment: after a PROXY header that ended
+/// the first, or past a segment the hello is longer than (kept in `SNI_RESUME`, the
+/// socket's storage, made only then).
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SniSkip {
-    /// Sequence number of the hello's first byte.
-    hello_seq: u32,
-    /// Bytes of the header.
+#[derive(Clone, Copy, Default)]
+pub struct SniResume {
+    /// Sequence number of the segment to read next.
+    expect_seq: u32,
+    /// Bytes of a PROXY header before the hello (0: none).
     skipped: u32,
+    /// 0: the hello starts at `expect_seq`; 1: its extensions go on at `next_seq`, up to
+    /// `hello_end_seq` and `record_end_seq`.
+    walking: u32,
+    next_seq: u32,
+    hello_end_seq: u32,
+    record_end_seq: u32,
 }
 
-/// The socket's PROXY header read ahead, if any.
+/// Where the socket's hello goes on, if an earlier segment said.
 #[inline(always)]
-fn skip_of(sk: *mut bpf_sock) -> Option<SniSkip> {
-    let map = ptr::from_ref(&SNI_SKIPS).cast_mut().cast::<c_void>();
+fn resume_of(sk: *mut bpf_sock) -> Option<SniResume> {
+    let map = ptr::from_ref(&SNI_RESUME).cast_mut().cast::<c_void>();
     // SAFETY: as in `decision`, without making the storage.
     let value = unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) };
-    let value = value.cast::<SniSkip>();
+    let value = value.cast::<SniResume>();
     // SAFETY: the socket's storage, valid for the program's run.
-    (!value.is_null()).then(|| unsafe {
-        SniSkip {
-            hello_seq: (*value).hello_seq,
-            skipped: (*value).skipped,
-        }
-    })
+    (!value.is_null()).then(|| unsafe { ptr::read_volatile(value) })
 }
 
-/// Records that the hello follows a PROXY header of `skipped` bytes, at `hello_seq`.
+/// Records where the socket's hello goes on.
 #[inline(always)]
-fn skip_ahead(sk: *mut bpf_sock, hello_seq: u32, skipped: u32) {
-    let mut init = SniSkip { hello_seq, skipped };
-    let map = ptr::from_ref(&SNI_SKIPS).cast_mut().cast::<c_void>();
+fn save_resume(sk: *mut bpf_sock, resume: &SniResume) {
+    let mut init = *resume;
+    let map = ptr::from_ref(&SNI_RESUME).cast_mut().cast::<c_void>();
     // SAFETY: as in `decision`: the kernel copies `init` in before the storage is visible.
     // Out of memory, the hello is not read: the close counts it missed.
-    unsafe {
+    let value = unsafe {
         bpf_sk_storage_get(
             map,
             sk.cast(),
             ptr::from_mut(&mut init).cast(),
             u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-        );
+        )
+    };
+    // Made before: written over (a hello past two segments).
+    if !value.is_null() {
+        // SAFETY: the socket's storage, valid for the program's run.
+        unsafe { ptr::write_volatile(value.cast::<SniResume>(), *resume) };
     }
 }
 
@@ -588,12 +657,24 @@ enum Verdict {
     Decided(Option<u32>, u32),
     /// A PROXY header of this many bytes ended the segment: the hello comes in the next.
     After(u32),
+    /// The hello goes on past the segment ([`Hello::Continues`]).
+    Continues {
+        next: u32,
+        hello_end: u32,
+        record_end: u32,
+    },
 }
 
 /// Reads the ClientHello that starts the payload at `start`, after a PROXY header if a load
-/// balancer sent one.
+/// balancer sent one; or with `walk` (the offsets of the next extension, the hello's end and
+/// its record's end), reads on in the extensions of one that an earlier segment began.
 #[inline(always)]
-fn read_hello(ctx: &SkBuffContext, start: u32, port: u16) -> Verdict {
+fn read_hello(
+    ctx: &SkBuffContext,
+    start: u32,
+    port: u16,
+    walk: Option<(u32, u32, u32)>,
+) -> Verdict {
     let Some(scratch) = SNI_SCRATCH.get_ptr_mut(0) else {
         return Verdict::Decided(None, sni_outcome::MALFORMED);
     };
@@ -601,31 +682,41 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16) -> Verdict {
     // not nest (it runs from the protocol handler, never inside another of itself).
     let scratch = unsafe { &mut *scratch };
     let end = ctx.len();
-    let skip = match proxy_header(&Segment(ctx), start, end, &mut scratch.exact.name) {
-        ProxyHeader::Absent => 0,
-        ProxyHeader::Whole(len) => len,
-        ProxyHeader::Incomplete => return Verdict::Decided(None, sni_outcome::INCOMPLETE),
-        ProxyHeader::Malformed => return Verdict::Decided(None, sni_outcome::MALFORMED),
+    let hello = match walk {
+        Some((next, hello_end, record_end)) => {
+            scratch.exact.name = [0; SNI_NAME_MAX + 1];
+            client_hello::server_name_after(
+                &Segment(ctx),
+                next,
+                hello_end,
+                record_end,
+                end,
+                &mut scratch.exact.name,
+            )
+        }
+        None => match first_hello(ctx, scratch, start, end) {
+            Ok(hello) => hello,
+            Err(verdict) => return verdict,
+        },
     };
-    // Through memory, as the verdict below: the hello is then parsed from one state.
-    // SAFETY: a field of the scratch value above.
-    let skip = unsafe {
-        ptr::write_volatile(&raw mut scratch.offset, skip);
-        ptr::read_volatile(&raw const scratch.offset)
+    let (verdict, offset, len) = match hello {
+        Hello::Name { offset, len } => (NAMED, offset, len as u32),
+        Hello::NoName => (sni_outcome::NO_NAME, 0, 0),
+        Hello::NotHello => (sni_outcome::NOT_TLS, 0, 0),
+        Hello::Incomplete => (sni_outcome::INCOMPLETE, 0, 0),
+        Hello::Malformed => (sni_outcome::MALFORMED, 0, 0),
+        Hello::Continues {
+            next,
+            hello_end,
+            record_end,
+        } => {
+            return Verdict::Continues {
+                next,
+                hello_end,
+                record_end,
+            };
+        }
     };
-    let start = start + skip;
-    if skip != 0 && start >= end {
-        return Verdict::After(skip);
-    }
-    scratch.exact.name = [0; SNI_NAME_MAX + 1];
-    let (verdict, offset, len) =
-        match client_hello::server_name(&Segment(ctx), start, end, &mut scratch.exact.name) {
-            Hello::Name { offset, len } => (NAMED, offset, len as u32),
-            Hello::NoName => (sni_outcome::NO_NAME, 0, 0),
-            Hello::NotHello => (sni_outcome::NOT_TLS, 0, 0),
-            Hello::Incomplete => (sni_outcome::INCOMPLETE, 0, 0),
-            Hello::Malformed => (sni_outcome::MALFORMED, 0, 0),
-        };
     // Through memory, so that the verifier, which cannot follow values there, goes on from
     // here in one state rather than once for each of the parser's hundreds of exits.
     // SAFETY: fields of the scratch value above.
@@ -646,6 +737,43 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16) -> Verdict {
         Some(slot) => Verdict::Decided(Some(slot), sni_outcome::MATCHED),
         None => Verdict::Decided(None, sni_outcome::UNKNOWN_NAME),
     }
+}
+
+/// The hello that starts the payload at `start`, after a PROXY header if one came (`Err`: a
+/// header alone, or a broken one, decides).
+#[inline(always)]
+fn first_hello(
+    ctx: &SkBuffContext,
+    scratch: &mut SniScratch,
+    start: u32,
+    end: u32,
+) -> Result<Hello, Verdict> {
+    let skip = match proxy_header(&Segment(ctx), start, end, &mut scratch.exact.name) {
+        ProxyHeader::Absent => 0,
+        ProxyHeader::Whole(len) => len,
+        ProxyHeader::Incomplete => {
+            return Err(Verdict::Decided(None, sni_outcome::INCOMPLETE));
+        }
+        ProxyHeader::Malformed => return Err(Verdict::Decided(None, sni_outcome::MALFORMED)),
+    };
+    // Through memory, as the verdict after the parse: the hello is then parsed from one
+    // state.
+    // SAFETY: a field of the scratch value.
+    let skip = unsafe {
+        ptr::write_volatile(&raw mut scratch.offset, skip);
+        ptr::read_volatile(&raw const scratch.offset)
+    };
+    let start = start + skip;
+    if skip != 0 && start >= end {
+        return Err(Verdict::After(skip));
+    }
+    scratch.exact.name = [0; SNI_NAME_MAX + 1];
+    Ok(client_hello::server_name(
+        &Segment(ctx),
+        start,
+        end,
+        &mut scratch.exact.name,
+    ))
 }
 
 /// The slot of the route whose name on `port` is the `len` bytes read (from `offset` of the

@@ -14,7 +14,8 @@ use rustls::{
     version::{TLS12, TLS13},
 };
 use support::hello::{
-    Bytes, Reference, Xorshift, client_hello, length_fields, mutate, rustls_reads,
+    Bytes, Reference, Walk, Xorshift, client_hello, length_fields, mutate, rustls_reads,
+    with_extension,
 };
 
 /// The seed of the hellos: the same on every run, but for the key shares ring draws.
@@ -29,6 +30,8 @@ enum Verdict {
     NotHello,
     Incomplete,
     Malformed,
+    /// Goes on in the next segment, at this offset.
+    Continues(usize),
 }
 
 /// The parser's verdict on the payload `start..end` of `data`, and the name it copied.
@@ -55,6 +58,7 @@ fn parse(data: &[u8], start: usize, end: usize) -> (Verdict, Vec<u8>) {
         Hello::NotHello => (Verdict::NotHello, Vec::new()),
         Hello::Incomplete => (Verdict::Incomplete, Vec::new()),
         Hello::Malformed => (Verdict::Malformed, Vec::new()),
+        Hello::Continues { next, .. } => (Verdict::Continues(next as usize), Vec::new()),
     }
 }
 
@@ -189,7 +193,7 @@ fn a_hello_after_other_bytes_reads_the_same() {
 }
 
 #[test]
-fn a_hello_cut_short_is_incomplete_until_its_name_is_whole() {
+fn a_hello_cut_short_goes_on_at_an_extension_or_is_incomplete_until_its_name_is_whole() {
     const HEADERS: usize = 40;
     let mut rng = Xorshift(0x00c0_ffee);
     for server in ["api.example.com", &longest_name()] {
@@ -202,10 +206,13 @@ fn a_hello_cut_short_is_incomplete_until_its_name_is_whole() {
                 (Verdict::NotHello, Vec::new()),
                 "an empty payload"
             );
+            let walk = Walk::of(&flight);
             for cut in 1..flight.len() {
                 let end = HEADERS + cut;
                 let expected = if name.end <= cut {
                     (Verdict::Name(name.len()), flight[name.clone()].to_vec())
+                } else if let Some(next) = walk.goes_on(cut) {
+                    (Verdict::Continues(HEADERS + next), Vec::new())
                 } else {
                     (Verdict::Incomplete, Vec::new())
                 };
@@ -332,4 +339,92 @@ fn agrees(reference: Option<&str>, (hello, name): &(Verdict, Vec<u8>)) -> bool {
         ),
         _ => false,
     }
+}
+
+/// What the kernel's reader makes of `flight` sent in segments cut at `cuts`: the first
+/// segment parsed, then each next one read on from where the last left off, each with IP and
+/// TCP headers of its own before it.
+fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdict, Vec<u8>) {
+    let mut bounds: Vec<usize> = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(flight.len());
+    let mut name = [0; SNI_NAME_MAX + 1];
+    // The hello's offsets where it goes on, in the flight's terms.
+    let mut resume: Option<(usize, usize, usize)> = None;
+    for segment in bounds.windows(2) {
+        let (from, to) = (segment[0], segment[1]);
+        let headers = 40 + rng.below(3) * 12;
+        let mut packet = rng.bytes(headers);
+        packet.extend_from_slice(&flight[from..to]);
+        let offset = |at: usize| u32::try_from(at - from + headers).unwrap();
+        let end = offset(to);
+        let hello = match resume {
+            None => client_hello::server_name(&Bytes(&packet), offset(from), end, &mut name),
+            Some((next, hello_end, record_end)) => client_hello::server_name_after(
+                &Bytes(&packet),
+                offset(next),
+                offset(hello_end),
+                offset(record_end),
+                end,
+                &mut name,
+            ),
+        };
+        let in_flight = |at: u32| at as usize + from - headers;
+        match hello {
+            Hello::Continues {
+                next,
+                hello_end,
+                record_end,
+            } => {
+                resume = Some((in_flight(next), in_flight(hello_end), in_flight(record_end)));
+            }
+            Hello::Name { len, .. } => return (Verdict::Name(len), name[..len].to_vec()),
+            Hello::NoName => return (Verdict::NoName, Vec::new()),
+            Hello::NotHello => return (Verdict::NotHello, Vec::new()),
+            Hello::Incomplete => return (Verdict::Incomplete, Vec::new()),
+            Hello::Malformed => return (Verdict::Malformed, Vec::new()),
+        }
+    }
+    panic!("the walk went on past the hello's end: {flight:?} cut at {cuts:?}");
+}
+
+/// Hellos longer than a segment (a 1,200-byte extension before, after or around the name):
+/// cut once anywhere, or twice, the name is read in the segment it lies in whenever every
+/// cut before it falls where the walk can go on; otherwise incomplete.
+#[test]
+fn a_hello_over_segments_is_read_on_to_its_name() {
+    let mut rng = Xorshift(0x5e6_3e47);
+    let (mut read, mut incomplete) = (0, 0);
+    for server in ["api.example.com", &longest_name()] {
+        for flight in every_client_hello(server) {
+            let sni_index = Walk::of(&flight).headers.len() - 1;
+            for index in [0, sni_index, sni_index + 1] {
+                let long = with_extension(&flight, index, 0x0015, 1_200);
+                let name = name_on_wire(&long, server);
+                let walk = Walk::of(&long);
+                let fits = |cut: usize| name.end <= cut || walk.goes_on(cut).is_some();
+                let whole = (Verdict::Name(name.len()), long[name.clone()].to_vec());
+                assert_eq!(parse_payload(&long), whole);
+                let mut cut_sets: Vec<Vec<usize>> = (1..long.len()).map(|cut| vec![cut]).collect();
+                for _ in 0..500 {
+                    let first = 1 + rng.below(long.len() - 2);
+                    let second = first + 1 + rng.below(long.len() - first - 1);
+                    cut_sets.push(vec![first, second]);
+                }
+                for cuts in cut_sets {
+                    let expected = if cuts.iter().all(|&cut| fits(cut)) {
+                        read += 1;
+                        whole.clone()
+                    } else {
+                        incomplete += 1;
+                        (Verdict::Incomplete, Vec::new())
+                    };
+                    let got = read_in_segments(&long, &cuts, &mut rng);
+                    assert_eq!(got, expected, "cut at {cuts:?}");
+                }
+            }
+        }
+    }
+    println!("{read} cut hellos read, {incomplete} incomplete");
+    assert!(read > incomplete, "{read} read, {incomplete} incomplete");
 }

@@ -297,3 +297,71 @@ pub fn mutate(hello: &[u8], fields: &[LengthField], rng: &mut Xorshift) -> Vec<u
     }
     bytes
 }
+
+/// Where the extensions of a whole hello start (a plain walk, apart from the parser): the
+/// offset of the list and of each extension's header up to the server name's, inclusive.
+pub struct Walk {
+    pub list: usize,
+    pub headers: Vec<usize>,
+}
+
+impl Walk {
+    pub fn of(flight: &[u8]) -> Self {
+        let session = 9 + 34;
+        let suites = session + 1 + usize::from(flight[session]);
+        let compression =
+            suites + 2 + usize::from(u16::from_be_bytes([flight[suites], flight[suites + 1]]));
+        let list = compression + 1 + usize::from(flight[compression]) + 2;
+        let mut headers = Vec::new();
+        let mut at = list;
+        loop {
+            headers.push(at);
+            if flight[at..at + 2] == [0, 0] {
+                return Self { list, headers };
+            }
+            at += 4 + usize::from(u16::from_be_bytes([flight[at + 2], flight[at + 3]]));
+        }
+    }
+
+    /// Where the walk goes on if a segment ends at `cut` before the name is whole: the first
+    /// extension header at or past the cut, unless the cut falls before the list, in a
+    /// header, or in the server name's extension.
+    pub fn goes_on(&self, cut: usize) -> Option<usize> {
+        if cut < self.list {
+            return None;
+        }
+        let last = self.headers.len() - 1;
+        for (i, &header) in self.headers.iter().enumerate() {
+            if header >= cut {
+                return Some(header);
+            }
+            if header + 4 > cut || i == last {
+                return None;
+            }
+        }
+        None
+    }
+}
+
+/// `flight` with an extension of type `kind` and `len` bytes inserted before its `index`-th
+/// (as browsers' post-quantum key shares, about 1,200 bytes, make a hello longer than a
+/// segment), its record, hello and extension list lengths grown to match.
+pub fn with_extension(flight: &[u8], index: usize, kind: u16, len: usize) -> Vec<u8> {
+    let walk = Walk::of(flight);
+    let at = walk.headers.get(index).copied().unwrap_or(walk.list);
+    let grow = 4 + len;
+    let mut out = flight[..at].to_vec();
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+    out.resize(out.len() + len, 0);
+    out.extend_from_slice(&flight[at..]);
+    let add16 = |bytes: &mut [u8], at: usize| {
+        let value = usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]])) + grow;
+        bytes[at..at + 2].copy_from_slice(&u16::try_from(value).unwrap().to_be_bytes());
+    };
+    add16(&mut out, 3);
+    add16(&mut out, walk.list - 2);
+    let hello_len = u32::from_be_bytes([0, out[6], out[7], out[8]]) + u32::try_from(grow).unwrap();
+    out[6..9].copy_from_slice(&hello_len.to_be_bytes()[1..]);
+    out
+}
