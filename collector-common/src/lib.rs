@@ -854,7 +854,8 @@ pub mod sni_outcome {
     pub const NO_NAME: u32 = 2;
     /// The first segment (after a PROXY header, if any) was not a TLS ClientHello.
     pub const NOT_TLS: u32 = 3;
-    /// The server name lay beyond the first segment (or the first TLS record), or a PROXY
+    /// The hello was cut where it cannot be read on (in its name's extension, in an
+    /// extension's header, before its extensions, or over two TLS records), or a PROXY
     /// header was cut short.
     pub const INCOMPLETE: u32 = 4;
     /// A ClientHello whose lengths contradict each other, a name over 255 bytes, or a broken

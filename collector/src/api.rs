@@ -150,7 +150,7 @@ pub struct ServerNameOutcomes {
     pub no_name: u64,
     /// The first segment was no TLS ClientHello.
     pub not_tls: u64,
-    /// The name lay beyond the first segment (or TLS record).
+    /// The hello was cut where it cannot be read on, or a PROXY header was cut short.
     pub incomplete: u64,
     pub malformed: u64,
     /// Closed before the client sent anything.
