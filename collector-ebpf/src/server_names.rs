@@ -306,9 +306,11 @@ pub fn on_segment(ctx: &SkBuffContext) {
         // Data before the accept (a deferred accept, data on the handshake's last ACK, Fast
         // Open): read by a program of its own, so that this one's verification stays what it
         // was (docs/DESIGN.md, Routes by server name).
-        // SAFETY: the map holds only `read_early_hellos`, a program of this type; a failed
-        // call (none set) returns here.
-        unsafe { EARLY_HELLO_READER.tail_call(ctx, 0) };
+        if may_carry_data(ctx) {
+            // SAFETY: the map holds only `read_early_hellos`, a program of this type; a
+            // failed call (none set) returns here.
+            unsafe { EARLY_HELLO_READER.tail_call(ctx, 0) };
+        }
         return;
     }
     let Some(decision) = decision(sk, None) else {
@@ -380,6 +382,41 @@ pub fn on_segment(ctx: &SkBuffContext) {
         outcome,
         (segment.client, segment.client_port),
     );
+}
+
+/// The segment may carry data: SYNs and bare ACKs, most of what a listening socket gets, do
+/// not, and spare the early reader a run. Read in place; headers beyond the socket buffer's
+/// linear part (or IPv6 extension headers, taken for the TCP header) leave it to the reader.
+#[inline(always)]
+fn may_carry_data(ctx: &SkBuffContext) -> bool {
+    // SAFETY: context fields, which the verifier turns into packet pointers. The end goes
+    // through memory: LLVM, knowing both for 32-bit values, would compare them as such, and
+    // the verifier takes no 32-bit comparison of pointers for a bounds check.
+    let (data, end) = unsafe {
+        (
+            (*ctx.skb.skb).data as usize,
+            ptr::read_volatile(&((*ctx.skb.skb).data_end as usize)),
+        )
+    };
+    // The shortest IP and TCP headers (also a check the verifier takes, where LLVM would
+    // turn one of a single byte into a comparison it does not).
+    if data + 40 > end {
+        return true;
+    }
+    // SAFETY: inside the packet, checked above.
+    let first = unsafe { *(data as *const u8) };
+    let ip_len = match first >> 4 {
+        4 => usize::from(first & 0x0f) * 4,
+        6 => 40,
+        _ => return true,
+    };
+    let tcp = data + ip_len;
+    if tcp + 13 > end {
+        return true;
+    }
+    // SAFETY: inside the packet, checked above.
+    let data_offset = unsafe { *((tcp + 12) as *const u8) };
+    ctx.len() as usize > ip_len + usize::from(data_offset >> 4) * 4
 }
 
 /// A hello that a listening socket of a shared port received, read before the socket it
