@@ -1592,13 +1592,14 @@ fn dns_ports(config: &Config) -> DnsPorts {
 }
 
 /// Says what to do when something was refused: missing privileges, or, for root with every
-/// capability, a security module ([`privileges::denial_advice`]).
+/// capability, a security module ([`privileges::denial_advice`]). Not where the verifier
+/// refused a program (it answers EACCES too, and says why in its log): no privilege helps.
 fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
     let denied = privileges::denied_in(&err)
         || err
             .chain()
             .any(|cause| cause.to_string().contains("Operation not permitted"));
-    if denied {
+    if denied && !privileges::verifier_refused(&err) {
         err.context(privileges::denial_advice_here())
     } else {
         err

@@ -98,6 +98,18 @@ pub fn denied_in(err: &anyhow::Error) -> bool {
         .any(denied)
 }
 
+/// The kernel's verifier refused a program: its log, which aya puts after `Verifier output:`,
+/// has something in it (a security module refuses before the verifier runs, with no log).
+#[must_use]
+pub fn verifier_refused(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .to_string()
+            .split_once("Verifier output:")
+            .is_some_and(|(_, log)| !log.trim().is_empty())
+    })
+}
+
 /// This process's effective capability bits (`CapEff` of /proc/self/status); 0 if unreadable.
 #[must_use]
 pub fn effective() -> u64 {
@@ -245,6 +257,23 @@ mod tests {
 
     /// The three capabilities the agent always needs, without `CAP_SYS_ADMIN`.
     const NEEDED: u64 = (1 << 39) | (1 << 38) | (1 << 12);
+
+    #[test]
+    fn a_refusal_with_a_verifier_log_is_the_verifiers() {
+        let load = |log: &str| {
+            anyhow::anyhow!(
+                "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier \
+                 output: {log}"
+            )
+            .context("loading read_server_names")
+        };
+        let refused = load("0: R1=ctx() R10=fp0\ninvalid access to packet, off=0 size=1");
+        assert!(verifier_refused(&refused));
+        assert!(!verifier_refused(&load("")));
+        assert!(!verifier_refused(&anyhow::anyhow!(
+            "pinning the link: Permission denied (os error 13)"
+        )));
+    }
 
     #[test]
     fn root_with_every_capability_is_told_of_the_security_module_not_to_run_as_root() {
