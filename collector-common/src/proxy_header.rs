@@ -28,7 +28,7 @@ pub enum ProxyHeader {
     Absent,
     /// A whole header of this many bytes.
     Whole(u32),
-    /// The start of a header, cut off by the end of the data.
+    /// A header (its whole signature or prefix arrived) cut off by the end of the data.
     Incomplete,
     /// A header that breaks the format.
     Malformed,
@@ -55,14 +55,16 @@ pub fn proxy_header<B: HelloBytes>(
         u64::from_le_bytes(bytes)
     };
     let (head, tail) = (word(0), word(8));
-    // Every byte of the signature that arrived matches (bytes past `have` are zero in
-    // `line`, and masked off).
+    // A header only once its whole signature (or prefix) arrived: balancers write it in one
+    // piece, and shorter bytes that merely begin like one (a scanner's bare CRLFs) are no
+    // header, and not TLS either.
     let mut signature = [0u8; 16];
     signature[..12].copy_from_slice(&V2_SIGNATURE);
     let signature_head = u64::from_le_bytes(signature[..8].try_into().unwrap_or([0; 8]));
     let signature_tail = u64::from_le_bytes(signature[8..].try_into().unwrap_or([0; 8]));
-    let v2 = (head ^ signature_head) & first_bytes(have) == 0
-        && (tail ^ signature_tail) & first_bytes(have.saturating_sub(8).min(4)) == 0;
+    let v2 = have >= V2_SIGNATURE.len() as u32
+        && head == signature_head
+        && (tail ^ signature_tail) & first_bytes(4) == 0;
     if v2 {
         if have < V2_FIXED {
             return ProxyHeader::Incomplete;
@@ -81,11 +83,10 @@ pub fn proxy_header<B: HelloBytes>(
     }
     let mut prefix = [0u8; 8];
     prefix[..6].copy_from_slice(&V1_PREFIX);
-    if (head ^ u64::from_le_bytes(prefix)) & first_bytes(have.min(6)) != 0 {
+    if have < V1_PREFIX.len() as u32
+        || (head ^ u64::from_le_bytes(prefix)) & first_bytes(V1_PREFIX.len() as u32) != 0
+    {
         return ProxyHeader::Absent;
-    }
-    if have < V1_PREFIX.len() as u32 {
-        return ProxyHeader::Incomplete;
     }
     let newline = first_of(line, b'\n') as u32;
     if newline >= read {

@@ -123,9 +123,11 @@ pub fn await_hello(
 /// The verdict on this connection's hello if [`on_early_segment`] read it. Taken once.
 #[inline(always)]
 fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<EarlyHello> {
-    let early = EARLY_HELLO.get_ptr_mut(0)?;
-    // SAFETY: this CPU's value, written by the reader in the same call that runs this one.
-    let early = unsafe { &mut *early };
+    let slot = EARLY_HELLO.get_ptr_mut(0)?;
+    // Copied before it is checked: where the accept runs later, from the socket's backlog in
+    // process context, a softirq on this CPU may write the slot meanwhile.
+    // SAFETY: this CPU's value of our per-CPU map.
+    let early = unsafe { ptr::read_volatile(slot) };
     // SAFETY: a context field of the full socket this callback is for.
     let rcv_nxt = unsafe { (*ctx.ops).rcv_nxt };
     let ours = early.local_port != 0
@@ -136,8 +138,17 @@ fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<Ea
     if !ours {
         return None;
     }
-    early.local_port = 0;
-    Some(*early)
+    forget_early_hello();
+    Some(early)
+}
+
+/// Empties this CPU's [`EarlyHello`].
+#[inline(always)]
+fn forget_early_hello() {
+    if let Some(slot) = EARLY_HELLO.get_ptr_mut(0) {
+        // SAFETY: this CPU's value of our per-CPU map.
+        unsafe { ptr::write_volatile(&raw mut (*slot).local_port, 0) };
+    }
 }
 
 /// A connection on a shared port that found the connection table full: counted opened in the
@@ -310,6 +321,10 @@ pub fn on_segment(ctx: &SkBuffContext) {
             // SAFETY: the map holds only `read_early_hellos`, a program of this type; a
             // failed call (none set) returns here.
             unsafe { EARLY_HELLO_READER.tail_call(ctx, 0) };
+        } else {
+            // A verdict whose accept never came (its data dropped: a full accept queue, a
+            // Fast Open cookie refused) must not meet the accept a bare ACK completes.
+            forget_early_hello();
         }
         return;
     }
@@ -356,11 +371,9 @@ pub fn on_segment(ctx: &SkBuffContext) {
         None => true,
     };
     let (slot, outcome) = if read {
-        let walk = resume.and_then(|resume| walk_offsets(&resume, &segment));
-        match read_hello(ctx, segment.payload_start, port as u16, walk) {
+        let reading = reading_of(resume.as_ref(), &segment);
+        match read_hello(ctx, segment.payload_start, port as u16, reading) {
             Verdict::Decided(named, outcome) => (named.unwrap_or(fallback), outcome),
-            // A second header.
-            Verdict::After(_) if resume.is_some() => (fallback, sni_outcome::MALFORMED),
             more => {
                 let skipped = resume.map_or(0, |resume| resume.skipped);
                 let data_end = ctx.len();
@@ -462,7 +475,7 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
             resume: SniResume::default(),
         };
     }
-    let verdict = read_hello(ctx, segment.payload_start, port as u16, None);
+    let verdict = read_hello(ctx, segment.payload_start, port as u16, Reading::First);
     let (route, outcome) = match verdict {
         Verdict::Decided(named, outcome) => (named.map_or(0, |slot| slot + 1), outcome),
         Verdict::After(_) | Verdict::Continues { .. } => (0, AWAITING),
@@ -516,21 +529,24 @@ fn resume_at(
     }
 }
 
-/// The offsets in this segment of where the extensions go on (`None`: the hello starts it).
+/// How this segment is read, from where an earlier one left the hello.
 #[inline(always)]
-fn walk_offsets(resume: &SniResume, segment: &Headers) -> Option<(u32, u32, u32)> {
+fn reading_of(resume: Option<&SniResume>, segment: &Headers) -> Reading {
+    let Some(resume) = resume else {
+        return Reading::First;
+    };
     if resume.walking == 0 {
-        return None;
+        return Reading::AfterHeader;
     }
     let offset_of = |seq: u32| {
         seq.wrapping_sub(segment.seq)
             .wrapping_add(segment.payload_start)
     };
-    Some((
-        offset_of(resume.next_seq),
-        offset_of(resume.hello_end_seq),
-        offset_of(resume.record_end_seq),
-    ))
+    Reading::Walk {
+        next: offset_of(resume.next_seq),
+        hello_end: offset_of(resume.hello_end_seq),
+        record_end: offset_of(resume.record_end_seq),
+    }
 }
 
 /// [`EarlyHello::outcome`] of a hello still to come (after a PROXY header, or in part).
@@ -544,7 +560,8 @@ pub struct EarlyHello {
     client_port: u16,
     /// The listening port; 0 once taken.
     local_port: u16,
-    /// Sequence number of the hello's first byte: the new socket's `rcv_nxt` at its accept.
+    /// Sequence number of the data's first byte (the hello's, or a PROXY header's before
+    /// it): the new socket's `rcv_nxt` at its accept.
     seq: u32,
     /// The slot + 1 of the route the name gave, or 0.
     route: u32,
@@ -702,16 +719,27 @@ enum Verdict {
     },
 }
 
-/// Reads the ClientHello that starts the payload at `start`, after a PROXY header if a load
-/// balancer sent one; or with `walk` (the offsets of the next extension, the hello's end and
-/// its record's end), reads on in the extensions of one that an earlier segment began.
+/// Where a segment's reading starts.
+#[derive(Clone, Copy)]
+enum Reading {
+    /// The connection's first data: a PROXY header if a load balancer sent one, then the
+    /// hello.
+    First,
+    /// The hello, after a PROXY header that ended an earlier segment (a second header is no
+    /// hello: `not_tls`, as one in the same segment as the first).
+    AfterHeader,
+    /// The extensions of a hello an earlier segment began: the offsets in this segment of
+    /// the next extension, the hello's end and its record's end.
+    Walk {
+        next: u32,
+        hello_end: u32,
+        record_end: u32,
+    },
+}
+
+/// Reads the ClientHello in the segment's payload from `start`, as `reading` says.
 #[inline(always)]
-fn read_hello(
-    ctx: &SkBuffContext,
-    start: u32,
-    port: u16,
-    walk: Option<(u32, u32, u32)>,
-) -> Verdict {
+fn read_hello(ctx: &SkBuffContext, start: u32, port: u16, reading: Reading) -> Verdict {
     let Some(scratch) = SNI_SCRATCH.get_ptr_mut(0) else {
         return Verdict::Decided(None, sni_outcome::MALFORMED);
     };
@@ -719,8 +747,12 @@ fn read_hello(
     // not nest (it runs from the protocol handler, never inside another of itself).
     let scratch = unsafe { &mut *scratch };
     let end = ctx.len();
-    let hello = match walk {
-        Some((next, hello_end, record_end)) => {
+    let hello = match reading {
+        Reading::Walk {
+            next,
+            hello_end,
+            record_end,
+        } => {
             scratch.exact.name = [0; SNI_NAME_MAX + 1];
             client_hello::server_name_after(
                 &Segment(ctx),
@@ -731,10 +763,13 @@ fn read_hello(
                 &mut scratch.exact.name,
             )
         }
-        None => match first_hello(ctx, scratch, start, end) {
-            Ok(hello) => hello,
-            Err(verdict) => return verdict,
-        },
+        Reading::First | Reading::AfterHeader => {
+            let header_allowed = matches!(reading, Reading::First);
+            match first_hello(ctx, scratch, start, end, header_allowed) {
+                Ok(hello) => hello,
+                Err(verdict) => return verdict,
+            }
+        }
     };
     let (verdict, offset, len) = match hello {
         Hello::Name { offset, len } => (NAMED, offset, len as u32),
@@ -776,22 +811,29 @@ fn read_hello(
     }
 }
 
-/// The hello that starts the payload at `start`, after a PROXY header if one came (`Err`: a
-/// header alone, or a broken one, decides).
+/// The hello that starts the payload at `start`, after a PROXY header if one came and
+/// `header_allowed` (`Err`: a header alone, or a broken one, decides).
 #[inline(always)]
 fn first_hello(
     ctx: &SkBuffContext,
     scratch: &mut SniScratch,
     start: u32,
     end: u32,
+    header_allowed: bool,
 ) -> Result<Hello, Verdict> {
-    let skip = match proxy_header(&Segment(ctx), start, end, &mut scratch.exact.name) {
-        ProxyHeader::Absent => 0,
-        ProxyHeader::Whole(len) => len,
-        ProxyHeader::Incomplete => {
-            return Err(Verdict::Decided(None, sni_outcome::INCOMPLETE));
+    let skip = if header_allowed {
+        match proxy_header(&Segment(ctx), start, end, &mut scratch.exact.name) {
+            ProxyHeader::Absent => 0,
+            ProxyHeader::Whole(len) => len,
+            ProxyHeader::Incomplete => {
+                return Err(Verdict::Decided(None, sni_outcome::INCOMPLETE));
+            }
+            ProxyHeader::Malformed => {
+                return Err(Verdict::Decided(None, sni_outcome::MALFORMED));
+            }
         }
-        ProxyHeader::Malformed => return Err(Verdict::Decided(None, sni_outcome::MALFORMED)),
+    } else {
+        0
     };
     // Through memory, as the verdict after the parse: the hello is then parsed from one
     // state.
