@@ -75,6 +75,10 @@ pub mod map_names {
     /// Socket storage of [`super::SniDecision`]: where a connection on a port shared by name
     /// is counted, decided once, by its first segment or its close.
     pub const SNI_DECISIONS: &str = "SNI_DECISIONS";
+    /// Socket storage, made only for a connection whose hello goes on past a segment or
+    /// after a PROXY header's own: the sequence numbers the reader reads on from. Pinned with
+    /// the decisions, so that a restart reads on where it left off.
+    pub const SNI_RESUME: &str = "SNI_RESUME";
     /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
     /// in a slot found from its socket cookie (see [`super::conn_slot`]). Memory-mappable:
     /// the agent counts the open connections per client in it at every poll.
@@ -137,7 +141,7 @@ pub mod map_names {
 /// per-query state. Configuration maps and the event rings are recreated at every start.
 /// `PIN_OWNER` comes first: a clean stop removes it first, and a start removes the others
 /// where it is missing.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     map_names::PIN_OWNER,
     map_names::ROUTE_NAMES,
     map_names::CONN_COUNTERS,
@@ -145,6 +149,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     map_names::UPSTREAM_COUNTERS,
     map_names::SNI_COUNTERS,
     map_names::SNI_DECISIONS,
+    map_names::SNI_RESUME,
     map_names::CONN_STATE,
     map_names::ROUTE_TRAFFIC,
     map_names::ERRORS,

@@ -39,6 +39,20 @@ const SOCKET_STORAGE: &str = "socket storage: a value per socket, reached from i
     only, so it cannot be listed or dumped; CONN_STATE's rows flagged BY_NAME are the \
     connections it decides (their routeSlot the port's route without names until they close)";
 
+/// What `maps list` and `maps dump` say of `SNI_RESUME`.
+const RESUME_STORAGE: &str = "socket storage: a value per socket whose hello goes on past a \
+    segment or after a PROXY header, reached from its socket only, so it cannot be listed or \
+    dumped";
+
+/// The note on a map of socket storage, which cannot be read from outside its sockets.
+fn storage_note(name: &str) -> Option<&'static str> {
+    match name {
+        map_names::SNI_DECISIONS => Some(SOCKET_STORAGE),
+        map_names::SNI_RESUME => Some(RESUME_STORAGE),
+        _ => None,
+    }
+}
+
 /// One pinned map, as `maps list` shows it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -141,7 +155,7 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
             value_size: info.value_size(),
             capacity: info.max_entries(),
             in_use,
-            note: (name == map_names::SNI_DECISIONS).then_some(SOCKET_STORAGE),
+            note: storage_note(name),
         });
     }
     if rows.is_empty() {
@@ -371,6 +385,7 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         }),
         map_names::SNI_COUNTERS
         | map_names::SNI_DECISIONS
+        | map_names::SNI_RESUME
         | map_names::SNI_ROUTES
         | map_names::SNI_PORT_BITS => dump_server_names(pin_dir, name)?,
         _ => bail!(
@@ -392,9 +407,9 @@ fn dump_server_names(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             })?
         }
         // Opened all the same: a pin missing is an error, as with the other maps.
-        map_names::SNI_DECISIONS => {
+        map_names::SNI_DECISIONS | map_names::SNI_RESUME => {
             open(pin_dir, name)?;
-            json!({ "note": SOCKET_STORAGE })
+            json!({ "note": storage_note(name) })
         }
         map_names::SNI_ROUTES => match linked_map(pin_dir, name)? {
             None => json!([]),
