@@ -397,8 +397,9 @@ fn a_hello_over_segments_is_read_on_to_its_name() {
     let (mut read, mut incomplete) = (0, 0);
     for server in ["api.example.com", &longest_name()] {
         for flight in every_client_hello(server) {
-            let sni_index = Walk::of(&flight).headers.len() - 1;
-            for index in [0, sni_index, sni_index + 1] {
+            let walk = Walk::of(&flight);
+            // First, right before the name's, right after it, and last.
+            for index in [0, walk.name, walk.name + 1, walk.headers.len()] {
                 let long = with_extension(&flight, index, 0x0015, 1_200);
                 let name = name_on_wire(&long, server);
                 let walk = Walk::of(&long);

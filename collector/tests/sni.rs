@@ -894,7 +894,7 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
         ("other.org", FALLBACK, "unknown_name"),
     ] {
         let hello = hello_for(name);
-        let name_index = Walk::of(&hello).headers.len() - 1;
+        let name_index = Walk::of(&hello).name;
         // The long extension right before the name's.
         let long = with_extension(&hello, name_index, 0x0015, 1_300);
         let walk = Walk::of(&long);
@@ -1206,10 +1206,6 @@ fn route_of(read: Hello, name: Option<&[u8]>) -> (&'static str, &'static str) {
     (FALLBACK, outcome)
 }
 
-/// The kernel reads every first segment as the parser it shares with the agent does in
-/// userspace (which `tests/client_hello.rs` holds to rustls): hellos mutated at random, sent
-/// over real connections, are counted in the route and with the outcome that parser's
-/// reading gives, each exactly.
 /// Behind a load balancer that speaks the PROXY protocol, every connection starts with its
 /// header: skipped, in the hello's segment or in one of its own before it, and each kind of
 /// client counted as it is without it (its bytes with the header's). The balancer's own
@@ -1265,6 +1261,10 @@ fn hellos_after_a_proxy_protocol_header_are_read() {
     stop_leaving_nothing(agent, &config);
 }
 
+/// The kernel reads every first segment as the parser it shares with the agent does in
+/// userspace (which `tests/client_hello.rs` holds to rustls): hellos mutated at random, sent
+/// over real connections, are counted in the route and with the outcome that parser's
+/// reading gives, each exactly.
 #[test]
 fn mutated_hellos_count_where_the_parser_reads_them() {
     const PER_NAME: usize = 100;

@@ -298,11 +298,14 @@ pub fn mutate(hello: &[u8], fields: &[LengthField], rng: &mut Xorshift) -> Vec<u
     bytes
 }
 
-/// Where the extensions of a whole hello start (a plain walk, apart from the parser): the
-/// offset of the list and of each extension's header up to the server name's, inclusive.
+/// Where the extensions of a whole hello lie (a plain walk, apart from the parser): the
+/// offset of the list, of each extension's header, and of the list's end.
 pub struct Walk {
     pub list: usize,
     pub headers: Vec<usize>,
+    /// Which of `headers` is the server name's.
+    pub name: usize,
+    pub end: usize,
 }
 
 impl Walk {
@@ -312,14 +315,23 @@ impl Walk {
         let compression =
             suites + 2 + usize::from(u16::from_be_bytes([flight[suites], flight[suites + 1]]));
         let list = compression + 1 + usize::from(flight[compression]) + 2;
+        let end = list + usize::from(u16::from_be_bytes([flight[list - 2], flight[list - 1]]));
         let mut headers = Vec::new();
         let mut at = list;
-        loop {
+        while at < end {
             headers.push(at);
-            if flight[at..at + 2] == [0, 0] {
-                return Self { list, headers };
-            }
             at += 4 + usize::from(u16::from_be_bytes([flight[at + 2], flight[at + 3]]));
+        }
+        assert_eq!(at, end, "the extensions fill their list");
+        let name = headers
+            .iter()
+            .position(|&header| flight[header..header + 2] == [0, 0])
+            .expect("a server name extension");
+        Self {
+            list,
+            headers,
+            name,
+            end,
         }
     }
 
@@ -330,12 +342,11 @@ impl Walk {
         if cut < self.list {
             return None;
         }
-        let last = self.headers.len() - 1;
-        for (i, &header) in self.headers.iter().enumerate() {
+        for (i, &header) in self.headers[..=self.name].iter().enumerate() {
             if header >= cut {
                 return Some(header);
             }
-            if header + 4 > cut || i == last {
+            if header + 4 > cut || i == self.name {
                 return None;
             }
         }
@@ -344,11 +355,12 @@ impl Walk {
 }
 
 /// `flight` with an extension of type `kind` and `len` bytes inserted before its `index`-th
-/// (as browsers' post-quantum key shares, about 1,200 bytes, make a hello longer than a
-/// segment), its record, hello and extension list lengths grown to match.
+/// (after the last for an index past them; as browsers' post-quantum key shares, about
+/// 1,200 bytes, make a hello longer than a segment), its record, hello and extension list
+/// lengths grown to match.
 pub fn with_extension(flight: &[u8], index: usize, kind: u16, len: usize) -> Vec<u8> {
     let walk = Walk::of(flight);
-    let at = walk.headers.get(index).copied().unwrap_or(walk.list);
+    let at = walk.headers.get(index).copied().unwrap_or(walk.end);
     let grow = 4 + len;
     let mut out = flight[..at].to_vec();
     out.extend_from_slice(&kind.to_be_bytes());
