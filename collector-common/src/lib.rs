@@ -13,6 +13,7 @@ use core::mem::size_of;
 
 pub mod client_hello;
 pub mod proxy_header;
+pub mod tcp_seq;
 
 /// Route slots in the kernel's per-route arrays. A route's slot is stable across restarts.
 pub const MAX_ROUTES: u32 = 256;

@@ -34,6 +34,7 @@ use collector_common::{
     port_bit,
     proxy_header::{ProxyHeader, proxy_header},
     sni_outcome,
+    tcp_seq::{at_or_after, offset_at, seq_at},
 };
 
 use crate::{
@@ -362,7 +363,7 @@ pub fn on_segment(ctx: &SkBuffContext) {
     let read = match resume {
         Some(resume) if segment.seq == resume.expect_seq => true,
         // Not there yet: this segment is ahead of it.
-        Some(resume) if resume.expect_seq.wrapping_sub(rcv_nxt) as i32 >= 0 => return,
+        Some(resume) if at_or_after(resume.expect_seq, rcv_nxt) => return,
         // Data came before this without being read here.
         Some(_) => false,
         None if bytes_received != 0 => false,
@@ -505,8 +506,7 @@ fn resume_at(
     end: u32,
     skipped: u32,
 ) -> SniResume {
-    // The sequence number of an offset of this segment's data.
-    let seq_of = |offset: u32| data_seq.wrapping_add(offset.wrapping_sub(segment.payload_start));
+    let seq_of = |offset: u32| seq_at(data_seq, segment.payload_start, offset);
     match *verdict {
         Verdict::Continues {
             next,
@@ -538,10 +538,7 @@ fn reading_of(resume: Option<&SniResume>, segment: &Headers) -> Reading {
     if resume.walking == 0 {
         return Reading::AfterHeader;
     }
-    let offset_of = |seq: u32| {
-        seq.wrapping_sub(segment.seq)
-            .wrapping_add(segment.payload_start)
-    };
+    let offset_of = |seq: u32| offset_at(segment.seq, segment.payload_start, seq);
     Reading::Walk {
         next: offset_of(resume.next_seq),
         hello_end: offset_of(resume.hello_end_seq),
