@@ -21,8 +21,9 @@
 /// trailing dot, which is taken off.
 pub const SNI_NAME_MAX: usize = 255;
 
-/// Extensions looked through before the server name is given up on. Browsers send about 20;
-/// the limit bounds the kernel's loop.
+/// Extensions looked through in one segment before the server name is given up on (a hello
+/// read on over segments walks this many in each). Browsers send about 20; the limit bounds
+/// the kernel's loop.
 pub const SNI_MAX_EXTENSIONS: u32 = 64;
 
 /// Where the payload of a segment is read from: the kernel's socket buffer or a test's bytes.
@@ -43,7 +44,8 @@ pub enum Hello {
     NoName,
     /// Not a TLS handshake starting with a ClientHello.
     NotHello,
-    /// A ClientHello whose server name lies beyond this segment (or this record).
+    /// A ClientHello cut where it cannot be read on: in its name's extension, in an
+    /// extension's header, before its extensions, or by the end of its record.
     Incomplete,
     /// A ClientHello whose lengths contradict each other, or a name too long.
     Malformed,
