@@ -1,6 +1,10 @@
 //! TCP sequence numbers (modulo 2^32) against offsets in a segment's data: where the kernel's
 //! server name reader keeps a hello that goes on past its segment, and finds it again in the
 //! next.
+#![expect(
+    clippy::inline_always,
+    reason = "the kernel's reader inlines all of it, as the ClientHello parser"
+)]
 
 /// The sequence number of `offset` in a segment whose data starts at offset `data_start`
 /// with sequence number `data_seq`.

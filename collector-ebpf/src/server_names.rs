@@ -125,10 +125,20 @@ pub fn await_hello(
 #[inline(always)]
 fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<EarlyHello> {
     let slot = EARLY_HELLO.get_ptr_mut(0)?;
-    // Copied before it is checked: where the accept runs later, from the socket's backlog in
-    // process context, a softirq on this CPU may write the slot meanwhile.
+    // Copied, and kept only if no write began or ended meanwhile (the generation is odd while
+    // one is under way): where the accept runs later, from the socket's backlog in process
+    // context, a softirq on this CPU may write the slot between two of the copy's loads.
     // SAFETY: this CPU's value of our per-CPU map.
-    let early = unsafe { ptr::read_volatile(slot) };
+    let (before, early, after) = unsafe {
+        (
+            ptr::read_volatile(&raw const (*slot).generation),
+            ptr::read_volatile(slot),
+            ptr::read_volatile(&raw const (*slot).generation),
+        )
+    };
+    if before != after || before & 1 != 0 {
+        return None;
+    }
     // SAFETY: a context field of the full socket this callback is for.
     let rcv_nxt = unsafe { (*ctx.ops).rcv_nxt };
     let ours = early.local_port != 0
@@ -462,19 +472,17 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
     let Some(early) = EARLY_HELLO.get_ptr_mut(0) else {
         return;
     };
+    // The generation is odd while the slot is written (see `take_early_hello`).
     // SAFETY: this CPU's value of our per-CPU map.
     unsafe {
-        *early = EarlyHello {
-            client: segment.client,
-            client_port: segment.client_port,
-            // Not to be taken until the verdict is in.
-            local_port: 0,
-            // Fast Open's data follows the SYN's own sequence number.
-            seq: segment.seq.wrapping_add(u32::from(segment.syn)),
-            route: 0,
-            outcome: 0,
-            resume: SniResume::default(),
-        };
+        let generation = ptr::read_volatile(&raw const (*early).generation);
+        ptr::write_volatile(&raw mut (*early).generation, generation | 1);
+        ptr::write_volatile(&raw mut (*early).local_port, 0);
+        ptr::write_volatile(&raw mut (*early).client, segment.client);
+        ptr::write_volatile(&raw mut (*early).client_port, segment.client_port);
+        // Fast Open's data follows the SYN's own sequence number.
+        let data_seq = segment.seq.wrapping_add(u32::from(segment.syn));
+        ptr::write_volatile(&raw mut (*early).seq, data_seq);
     }
     let verdict = read_hello(ctx, segment.payload_start, port as u16, Reading::First);
     let (route, outcome) = match verdict {
@@ -488,10 +496,12 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
     };
     // SAFETY: as above.
     unsafe {
-        (*early).route = route;
-        (*early).outcome = outcome;
-        (*early).resume = resume;
-        (*early).local_port = port as u16;
+        ptr::write_volatile(&raw mut (*early).route, route);
+        ptr::write_volatile(&raw mut (*early).outcome, outcome);
+        ptr::write_volatile(&raw mut (*early).resume, resume);
+        ptr::write_volatile(&raw mut (*early).local_port, port as u16);
+        let generation = ptr::read_volatile(&raw const (*early).generation);
+        ptr::write_volatile(&raw mut (*early).generation, generation.wrapping_add(1));
     }
 }
 
@@ -553,6 +563,8 @@ const AWAITING: u32 = u32::MAX;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct EarlyHello {
+    /// Odd while the slot is being written; one more at each write's start and end.
+    generation: u32,
     client: [u8; 16],
     client_port: u16,
     /// The listening port; 0 once taken.

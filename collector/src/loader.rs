@@ -1130,11 +1130,13 @@ fn remove_if_namespace_gone(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()
 }
 
 /// Maps whose contents matter for seconds only (queries waiting for their answer, recent
-/// upstream queries): one of another build's shape is replaced, not refused.
-const SHORT_LIVED_MAPS: [&str; 3] = [
+/// upstream queries, hellos read on over segments): one of another build's shape is
+/// replaced, not refused.
+const SHORT_LIVED_MAPS: [&str; 4] = [
     map_names::DNS_INFLIGHT,
     map_names::DNS_UPSTREAM,
     map_names::DNS_UPSTREAM_LATEST,
+    map_names::SNI_RESUME,
 ];
 
 /// Removes pinned maps that no collector owns: without `PIN_OWNER` (pinned with the others
@@ -1241,8 +1243,8 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
         tracing::warn!(
             "replaced the pinned map {} of another build ({difference}): it held only the last \
-             seconds' DNS matching state, so answers to queries asked before now count as \
-             unmatched",
+             seconds' state (DNS answers to queries asked before now count as unmatched; TLS \
+             hellos in the middle of being read, as missed)",
             path.display()
         );
     }
@@ -1599,7 +1601,7 @@ fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
         || err
             .chain()
             .any(|cause| cause.to_string().contains("Operation not permitted"));
-    if denied && !privileges::verifier_refused(&err) {
+    if denied && !privileges::verifier_refused(&err, privileges::effective()) {
         err.context(privileges::denial_advice_here())
     } else {
         err

@@ -98,11 +98,16 @@ pub fn denied_in(err: &anyhow::Error) -> bool {
         .any(denied)
 }
 
-/// The kernel's verifier refused a program: its log, which aya puts after `Verifier output:`,
-/// has something in it (a security module refuses before the verifier runs, with no log).
+/// The kernel's verifier refused a program for itself, not for a missing privilege: its log,
+/// which aya puts after `Verifier output:`, has something in it (a security module refuses
+/// before the verifier runs, with no log), and the process holds every capability the agent
+/// needs (without `CAP_PERFMON` the verifier refuses pointer arithmetic, with a log too).
 #[must_use]
-pub fn verifier_refused(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
+pub fn verifier_refused(err: &anyhow::Error, capabilities: u64) -> bool {
+    let all = CAPABILITIES
+        .iter()
+        .all(|(bit, ..)| capabilities & (1 << bit) != 0);
+    all && err.chain().any(|cause| {
         cause
             .to_string()
             .split_once("Verifier output:")
@@ -268,11 +273,14 @@ mod tests {
             .context("loading read_server_names")
         };
         let refused = load("0: R1=ctx() R10=fp0\ninvalid access to packet, off=0 size=1");
-        assert!(verifier_refused(&refused));
-        assert!(!verifier_refused(&load("")));
-        assert!(!verifier_refused(&anyhow::anyhow!(
-            "pinning the link: Permission denied (os error 13)"
-        )));
+        assert!(verifier_refused(&refused, NEEDED));
+        assert!(!verifier_refused(&load(""), NEEDED));
+        let pinning = anyhow::anyhow!("pinning the link: Permission denied (os error 13)");
+        assert!(!verifier_refused(&pinning, NEEDED));
+        // Without CAP_PERFMON the verifier refuses pointer arithmetic, with a log: that one
+        // is for the privileges advice.
+        let arithmetic = load("0: R1=ctx() R10=fp0\nR1 pointer arithmetic prohibited");
+        assert!(!verifier_refused(&arithmetic, NEEDED & !(1 << 38)));
     }
 
     #[test]

@@ -1058,6 +1058,8 @@ fn connections_awaiting_their_hello_across_a_crash_count_once_where_they_are_dec
     const SITES: usize = 3;
     const UNKNOWN: usize = 2;
     const SILENT: usize = 1;
+    const LONG: usize = 2;
+    const CHECKS: usize = 2;
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
@@ -1077,7 +1079,26 @@ fn connections_awaiting_their_hello_across_a_crash_count_once_where_they_are_dec
     let sites_held = hold_open(&netns, &listener, SITES);
     let unknown_held = hold_open(&netns, &listener, UNKNOWN);
     let silent_held = hold_open(&netns, &listener, SILENT);
-    expected.awaiting = API + SITES + UNKNOWN + SILENT;
+    // Halfway through a hello longer than a segment (`SNI_RESUME` keeps where it goes on),
+    // and a balancer's check that sent its PROXY header alone: read by the server, so the
+    // reader has seen them before the crash.
+    let name_index = Walk::of(&api).name;
+    let long = with_extension(&api, name_index, 0x0015, 1_300);
+    let cut = Walk::of(&long).headers[name_index] + 600;
+    let (mut long_clients, mut long_accepted) = hold_open(&netns, &listener, LONG);
+    let check = proxy_v2_local();
+    let (mut check_clients, mut check_accepted) = hold_open(&netns, &listener, CHECKS);
+    for (clients, accepted, first) in [
+        (&mut long_clients, &mut long_accepted, &long[..cut]),
+        (&mut check_clients, &mut check_accepted, &check[..]),
+    ] {
+        send_from_each(clients, first);
+        for server in accepted {
+            let mut buf = vec![0; first.len()];
+            server.read_exact(&mut buf).unwrap();
+        }
+    }
+    expected.awaiting = API + SITES + UNKNOWN + SILENT + LONG + CHECKS;
     wait_for_exactly(&netns, &expected);
 
     agent.kill();
@@ -1096,6 +1117,13 @@ fn connections_awaiting_their_hello_across_a_crash_count_once_where_they_are_dec
     expected.exchanged(FALLBACK, Some("unknown_name"), UNKNOWN, unknown.len(), 40);
     close_held_silently(silent_held);
     expected.exchanged(FALLBACK, Some("no_data"), SILENT, 0, 0);
+    // The rest of the long hello, read on where the crashed run left off.
+    send_from_each(&mut long_clients, &long[cut..]);
+    answer_and_close((long_clients, long_accepted), long.len() - cut, 50);
+    expected.exchanged("api", Some("matched"), LONG, long.len(), 50);
+    // The checks close with nothing after their header.
+    close_held_silently((check_clients, check_accepted));
+    expected.exchanged(FALLBACK, Some("no_data"), CHECKS, check.len(), 0);
     expected.awaiting = 0;
     wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
@@ -1237,6 +1265,7 @@ fn hellos_after_a_proxy_protocol_header_are_read() {
     let v2 = proxy_v2();
     let mut endless = b"PROXY ".to_vec();
     endless.resize(200, b'x');
+    let api = hello_for("api.example.com");
     for (what, first, outcome) in [
         ("balancer check", proxy_v2_local(), "no_data"),
         (
@@ -1245,6 +1274,15 @@ fn hellos_after_a_proxy_protocol_header_are_read() {
             "incomplete",
         ),
         ("line with no end", endless, "malformed"),
+        // A second header is no hello.
+        (
+            "two headers",
+            [proxy_v1(), v2.clone(), api.clone()].concat(),
+            "not_tls",
+        ),
+        // Bytes that only begin like a header are none: a scanner's bare CRLFs.
+        ("bare CRLFs", b"\r\n\r\n".to_vec(), "not_tls"),
+        ("a prefix alone", b"PROXY".to_vec(), "not_tls"),
     ] {
         let client = Client {
             what,
@@ -1257,6 +1295,19 @@ fn hellos_after_a_proxy_protocol_header_are_read() {
         };
         client.exchange(&netns, &listener, N, &mut expected);
     }
+    // A second header in the segment after the first's own.
+    let header = proxy_v1();
+    let second = Client {
+        what: "a second header after the first's segment",
+        first: [header.clone(), v2, api].concat(),
+        extra: 0,
+        response: 100,
+        closer: Closer::Connecting,
+        route: FALLBACK,
+        outcome: "not_tls",
+    };
+    let split = Send::SplitAfter(header.len());
+    second.exchange_sending(&netns, &listener, N, split, &mut expected);
     wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
 }
