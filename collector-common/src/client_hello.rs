@@ -45,7 +45,8 @@ pub enum Hello {
     /// Not a TLS handshake starting with a ClientHello.
     NotHello,
     /// A ClientHello cut where it cannot be read on: in its name's extension, in an
-    /// extension's header, before its extensions, or by the end of its record.
+    /// extension's header, before its extensions, or by the end of its record; or one whose
+    /// name lies past [`SNI_MAX_EXTENSIONS`] extensions in this segment.
     Incomplete,
     /// A ClientHello whose lengths contradict each other, or a name too long.
     Malformed,

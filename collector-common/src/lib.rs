@@ -78,7 +78,7 @@ pub mod map_names {
     pub const SNI_DECISIONS: &str = "SNI_DECISIONS";
     /// Socket storage, made only for a connection whose hello goes on past a segment or
     /// after a PROXY header's own: the sequence numbers the reader reads on from. Pinned with
-    /// the decisions, so that a restart reads on where it left off.
+    /// the decisions, so that a start after a crash reads on where the crashed run left off.
     pub const SNI_RESUME: &str = "SNI_RESUME";
     /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
     /// in a slot found from its socket cookie (see [`super::conn_slot`]). Memory-mappable:
@@ -861,8 +861,8 @@ pub mod sni_outcome {
     /// The first segment (after a PROXY header, if any) was not a TLS ClientHello.
     pub const NOT_TLS: u32 = 3;
     /// The hello was cut where it cannot be read on (in its name's extension, in an
-    /// extension's header, before its extensions, or over two TLS records), or a PROXY
-    /// header was cut short.
+    /// extension's header, before its extensions, or over two TLS records), its name lay
+    /// past 64 extensions in a segment, or a PROXY header was cut short.
     pub const INCOMPLETE: u32 = 4;
     /// A ClientHello whose lengths contradict each other, a name over 255 bytes, or a broken
     /// PROXY header.

@@ -410,7 +410,8 @@ pub fn on_segment(ctx: &SkBuffContext) {
 
 /// The segment may carry data: SYNs and bare ACKs, most of what a listening socket gets, do
 /// not, and spare the early reader a run. Read in place; headers beyond the socket buffer's
-/// linear part (or IPv6 extension headers, taken for the TCP header) leave it to the reader.
+/// linear part leave it to the reader. (With IPv6 extension headers the answer is a guess,
+/// and harmless: the reader does not parse past them.)
 #[inline(always)]
 fn may_carry_data(ctx: &SkBuffContext) -> bool {
     // SAFETY: context fields, which the verifier turns into packet pointers. The end goes

@@ -310,7 +310,7 @@ fn encode_server_names(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
     counters(
         encoder,
         "collector_proxy_sni_connections",
-        "Connections counted opened in the route on a port shared by TLS server name (SNI), by how their route was decided: matched (the ClientHello named one of the route's names, the only outcome of a route with names); on the port's route without names, unknown_name (a name no route of the port has), no_name, not_tls, incomplete (the hello was cut where it cannot be read on: in its name, in an extension's header, before its extensions, or over two TLS records; or a PROXY header was cut short), malformed, no_data (closed before the client sent anything after a PROXY header, if one came), missed (the first segment, or the next one a hello went on in, was not seen before later data or the close).",
+        "Connections counted opened in the route on a port shared by TLS server name (SNI), by how their route was decided: matched (the ClientHello named one of the route's names, the only outcome of a route with names); on the port's route without names, unknown_name (a name no route of the port has), no_name, not_tls, incomplete (the hello was cut where it cannot be read on: in its name, in an extension's header, before its extensions, or over two TLS records; its name past 64 extensions in a segment; or a PROXY header was cut short), malformed, no_data (closed before the client sent anything after a PROXY header, if one came), missed (the first segment, or the next one a hello went on in, was not seen before later data or the close).",
         None,
         by_name.iter().flat_map(|(route, totals)| {
             let outcomes = match totals.role {
