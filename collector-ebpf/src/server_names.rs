@@ -309,20 +309,26 @@ impl HelloBytes for Segment<'_> {
     }
 }
 
+/// The socket the segment is for and its local port, if that port is shared by name.
+#[inline(always)]
+fn shared_port_socket(ctx: &SkBuffContext) -> Option<(*mut bpf_sock, u32)> {
+    // SAFETY: a context field: the socket the segment is for, or NULL.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a field of the socket's common part (the local port, host byte order).
+    let port = unsafe { (*sk).src_port };
+    shared_port(port).then_some((sk, port))
+}
+
 /// A segment arriving for a socket: decides its connection's route if it is the first with
 /// data of one accepted on a shared port and still undecided.
 #[inline(always)]
 pub fn on_segment(ctx: &SkBuffContext) {
-    // SAFETY: a context field: the socket the segment is for, or NULL.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some((sk, port)) = shared_port_socket(ctx) else {
         return;
-    }
-    // SAFETY: a field of the socket's common part (the local port, host byte order).
-    let port = unsafe { (*sk).src_port };
-    if !shared_port(port) {
-        return;
-    }
+    };
     // SAFETY: a field of the socket's common part.
     if unsafe { (*sk).state } == TCP_LISTEN {
         // Data before the accept (a deferred accept, data on the handshake's last ACK, Fast
@@ -451,16 +457,9 @@ fn may_carry_data(ctx: &SkBuffContext) -> bool {
 /// packet).
 #[inline(always)]
 pub fn on_early_segment(ctx: &SkBuffContext) {
-    // SAFETY: as in `on_segment`.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some((_, port)) = shared_port_socket(ctx) else {
         return;
-    }
-    // SAFETY: as in `on_segment`.
-    let port = unsafe { (*sk).src_port };
-    if !shared_port(port) {
-        return;
-    }
+    };
     let Some(segment) = parse_headers(ctx) else {
         return;
     };

@@ -339,6 +339,22 @@ fn listen(netns: &Netns, address: SocketAddr) -> Arc<TcpListener> {
     Arc::new(netns.run(move || TcpListener::bind(address).unwrap()))
 }
 
+/// Sets the TCP socket option `option` of `listener` to `value` (`TCP_DEFER_ACCEPT`'s
+/// seconds, `TCP_FASTOPEN`'s queue).
+fn set_tcp_option(listener: &TcpListener, option: libc::c_int, value: libc::c_int) {
+    // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
+    let set = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            (&raw const value).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+}
+
 /// Each held client sends `payload`.
 fn send_from_each(clients: &mut [TcpStream], payload: &[u8]) {
     for client in clients {
@@ -860,18 +876,7 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
     let agent = Agent::start(&netns, &config);
     let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
     let deferred = listen(&netns, at(Ipv6Addr::LOCALHOST, SHARED_PORT));
-    let seconds: libc::c_int = 5;
-    // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
-    let set = unsafe {
-        libc::setsockopt(
-            deferred.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&raw const seconds).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
-        )
-    };
-    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    set_tcp_option(&deferred, libc::TCP_DEFER_ACCEPT, 5);
 
     let mut expected = Expected::new();
     let mut response = 100;
@@ -1385,19 +1390,8 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
         listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT)),
         listen(&netns, at(Ipv6Addr::LOCALHOST, SHARED_PORT)),
     ];
-    let seconds: libc::c_int = 5;
     for listener in &listeners {
-        // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
-        let set = unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                (&raw const seconds).cast(),
-                libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
-            )
-        };
-        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+        set_tcp_option(listener, libc::TCP_DEFER_ACCEPT, 5);
     }
 
     let mut expected = Expected::new();
@@ -1445,18 +1439,7 @@ fn hellos_in_a_fast_open_syn_are_read() {
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
-    let queue: libc::c_int = 64;
-    // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
-    let set = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_FASTOPEN,
-            (&raw const queue).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
-        )
-    };
-    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    set_tcp_option(&listener, libc::TCP_FASTOPEN, 64);
 
     let mut expected = Expected::new();
     for client in clients_of_every_kind()
