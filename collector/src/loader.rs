@@ -19,8 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, MapType, PerCpuArray, PerCpuValues, ProgramArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
-        TcAttachType, links::FdLink, tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, Program, ProgramError,
+        SchedClassifier, SockOps, TcAttachType, links::FdLink, tc::TcAttachOptions,
     },
 };
 use collector_common::{
@@ -335,12 +335,7 @@ impl Attachment {
 
     fn attach_sock_ops(&mut self, name: &str, pin: &Path, cgroup: &File) -> anyhow::Result<()> {
         let cgroup2 = self.cgroup2.clone();
-        let program: &mut SockOps = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("the kernel object has no program {name}"))?
-            .try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
+        let program = loaded(&mut self.ebpf, name, SockOps::load)?;
         let fd = program.fd()?.try_clone()?;
         let adopted = pin_cgroup_link(pin, fd.as_fd(), || {
             // Link-based attachment always coexists with other programs on the cgroup; the
@@ -360,12 +355,7 @@ impl Attachment {
         self.set_early_hello_reader()?;
         let name = program_names::READ_SERVER_NAMES;
         let cgroup2 = self.cgroup2.clone();
-        let program: &mut CgroupSkb = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("the kernel object has no program {name}"))?
-            .try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
+        let program = loaded(&mut self.ebpf, name, CgroupSkb::load)?;
         let fd = program.fd()?.try_clone()?;
         let adopted = pin_cgroup_link(pin, fd.as_fd(), || {
             let id = program
@@ -385,13 +375,9 @@ impl Attachment {
     /// reader runs: a hello that completes the handshake goes through the listening socket.
     fn set_early_hello_reader(&mut self) -> anyhow::Result<()> {
         let name = program_names::READ_EARLY_HELLOS;
-        let program: &mut CgroupSkb = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("the kernel object has no program {name}"))?
-            .try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        let fd = program.fd()?.try_clone()?;
+        let fd = loaded(&mut self.ebpf, name, CgroupSkb::load)?
+            .fd()?
+            .try_clone()?;
         let mut readers = ProgramArray::try_from(
             self.ebpf
                 .map_mut(map_names::EARLY_HELLO_READER)
@@ -477,14 +463,7 @@ impl Attachment {
         let names: std::collections::BTreeSet<&str> =
             self.classifiers.iter().map(|&(name, ..)| name).collect();
         for program_name in names {
-            let program: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(program_name)
-                .with_context(|| format!("the kernel object has no program {program_name}"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("loading {program_name}"))?;
+            loaded(&mut self.ebpf, program_name, SchedClassifier::load)?;
         }
         for link in selected.links {
             self.attach_interface(link)?;
@@ -1591,6 +1570,23 @@ fn dns_ports(config: &Config) -> DnsPorts {
         *slot = port;
     }
     ports
+}
+
+/// The kernel object's program `name`, of type `P`, loaded by `load` (its type's `load`).
+fn loaded<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    load: impl FnOnce(&mut P) -> Result<(), ProgramError>,
+) -> anyhow::Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program: &mut P = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the kernel object has no program {name}"))?
+        .try_into()?;
+    load(program).with_context(|| format!("loading {name}"))?;
+    Ok(program)
 }
 
 /// Says what to do when something was refused: missing privileges, or, for root with every
