@@ -318,6 +318,27 @@ fn exchanges_sending(
     closer: Closer,
 ) {
     let address = listener.local_addr().unwrap();
+    exchanges_to(
+        netns, listener, address, count, payload, send, response, closer,
+    );
+}
+
+/// As [`exchanges_sending`], the clients connecting to `address` (for a listener on an
+/// unspecified address).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the exchange's parts, each set by its caller"
+)]
+fn exchanges_to(
+    netns: &Netns,
+    listener: &Arc<TcpListener>,
+    address: SocketAddr,
+    count: usize,
+    payload: &[u8],
+    send: Send,
+    response: usize,
+    closer: Closer,
+) {
     let request = payload.len();
     let server = {
         let listener = Arc::clone(listener);
@@ -1411,6 +1432,52 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
         };
         let split = Send::SplitAfter(header.len());
         behind.exchange_sending(&netns, &listeners[0], N, split, &mut expected);
+    }
+    wait_for_exactly(&netns, &expected);
+    stop_leaving_nothing(agent, &config);
+}
+
+/// A dual-stack listener (`[::]`, not IPv6-only) takes IPv4 clients on IPv4-mapped IPv6
+/// sockets: the early reader's client address, from the IPv4 packet, and the accepted
+/// socket's must compare equal for a deferred accept's verdict to be taken, as IPv6 ones do.
+#[test]
+fn a_dual_stack_listener_reads_ipv4_and_ipv6_hellos_before_the_accept() {
+    const N: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv6Addr::UNSPECIFIED, SHARED_PORT));
+    set_tcp_option(&listener, libc::TCP_DEFER_ACCEPT, 5);
+
+    let mut expected = Expected::new();
+    for client in clients_of_every_kind()
+        .into_iter()
+        .filter(|client| !client.first.is_empty())
+    {
+        let payload = with_extra(&client.first, client.extra);
+        for address in [
+            at(Ipv4Addr::LOCALHOST, SHARED_PORT),
+            at(Ipv6Addr::LOCALHOST, SHARED_PORT),
+        ] {
+            let (response, closer) = (client.response, client.closer);
+            exchanges_to(
+                &netns,
+                &listener,
+                address,
+                N,
+                &payload,
+                Send::AtOnce,
+                response,
+                closer,
+            );
+            expected.exchanged(
+                client.route,
+                Some(client.outcome),
+                N,
+                payload.len(),
+                response,
+            );
+        }
     }
     wait_for_exactly(&netns, &expected);
     stop_leaving_nothing(agent, &config);
