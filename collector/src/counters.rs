@@ -213,21 +213,38 @@ fn sum_sni_values<'a>(values: impl IntoIterator<Item = &'a SniCounters>) -> SniC
     }
 }
 
-/// One entry of a per-CPU connection counter array, summed over CPUs.
+/// One entry of a per-CPU connection counter array, summed over CPUs: what the closes count
+/// from one copy of the entry, `opened` from a second. A copy reads the CPUs one after
+/// another, so in one copy a connection opened on a CPU read before its open and closed on
+/// one read after its close counted closed and not opened, and `active` dipped by one for a
+/// poll; every close in the first copy has its open in the second.
 pub fn sum_conn(
     map: &PerCpuArray<MapData, ConnCounters>,
     index: u32,
 ) -> Result<ConnCounters, aya::maps::MapError> {
-    Ok(map
-        .get(&index, 0)?
-        .iter()
+    let closes = map.get(&index, 0)?;
+    let opens = map.get(&index, 0)?;
+    Ok(closes_then_opens(closes.iter(), opens.iter()))
+}
+
+/// The sums of the close-side counters of `closes` and of `opened` of `opens`, a later copy.
+fn closes_then_opens<'a>(
+    closes: impl IntoIterator<Item = &'a ConnCounters>,
+    opens: impl IntoIterator<Item = &'a ConnCounters>,
+) -> ConnCounters {
+    let mut sum = closes
+        .into_iter()
         .fold(ConnCounters::default(), |acc, v| ConnCounters {
-            opened: acc.opened.wrapping_add(v.opened),
+            opened: 0,
             closed: acc.closed.wrapping_add(v.closed),
             bytes_in: acc.bytes_in.wrapping_add(v.bytes_in),
             bytes_out: acc.bytes_out.wrapping_add(v.bytes_out),
             duration_us: acc.duration_us.wrapping_add(v.duration_us),
-        }))
+        });
+    sum.opened = opens
+        .into_iter()
+        .fold(0u64, |acc, v| acc.wrapping_add(v.opened));
+    sum
 }
 
 /// The counters of a `DnsCounters` as one slice of words.
@@ -305,6 +322,26 @@ pub fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_opened_and_closed_on_two_cpus_amid_a_copy_never_dips_active() {
+        let cpu = |opened, closed| ConnCounters {
+            opened,
+            closed,
+            bytes_in: closed * 10,
+            ..ConnCounters::default()
+        };
+        // The first copy read CPU 0 before the open there, CPU 1 after the close there; the
+        // second copy reads both after.
+        let first = [cpu(5, 0), cpu(0, 6)];
+        let second = [cpu(6, 0), cpu(0, 6)];
+        let sum = closes_then_opens(&first, &second);
+        assert_eq!((sum.opened, sum.closed, sum.bytes_in), (6, 6, 60));
+        // A close after the first copy and an open after that: counted open, not closed.
+        let second = [cpu(7, 0), cpu(0, 7)];
+        let sum = closes_then_opens(&first, &second);
+        assert_eq!(sum.opened - sum.closed, 1);
+    }
 
     #[test]
     fn connects_in_progress_read_amid_a_handshake_are_never_below_zero() {
