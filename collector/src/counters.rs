@@ -1,7 +1,7 @@
 //! Reading the kernel's counters: per-CPU values summed for each watched route. Runs on the
 //! poller only; scrapes never reach the kernel.
 
-use std::collections::HashSet;
+use std::{borrow::Borrow, collections::HashSet};
 
 use aya::maps::{MapData, PerCpuArray};
 use collector_common::{
@@ -217,9 +217,10 @@ fn sum_sni_values<'a>(values: impl IntoIterator<Item = &'a SniCounters>) -> SniC
 /// from one copy of the entry, `opened` from a second. A copy reads the CPUs one after
 /// another, so in one copy a connection opened on a CPU read before its open and closed on
 /// one read after its close counted closed and not opened, and `active` dipped by one for a
-/// poll; every close in the first copy has its open in the second.
-pub fn sum_conn(
-    map: &PerCpuArray<MapData, ConnCounters>,
+/// poll; every close in the first copy has its open in the second (but where a route by name
+/// counts the open just after the decision, and a close on another CPU counted first).
+pub fn sum_conn<T: Borrow<MapData>>(
+    map: &PerCpuArray<T, ConnCounters>,
     index: u32,
 ) -> Result<ConnCounters, aya::maps::MapError> {
     let closes = map.get(&index, 0)?;

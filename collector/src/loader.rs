@@ -1342,10 +1342,9 @@ fn open_connections_by_slot(ebpf: &Ebpf) -> anyhow::Result<Vec<u64>> {
             .context("the kernel object has no connection counters")?,
     )?;
     for (slot, count) in (0..).zip(open.iter_mut()) {
-        let values = counters.get(&slot, 0)?;
-        let opened: u64 = values.iter().map(|c| c.opened).fold(0, u64::wrapping_add);
-        let closed: u64 = values.iter().map(|c| c.closed).fold(0, u64::wrapping_add);
-        *count = (*count).max(opened.saturating_sub(closed));
+        // Read as the poll reads it, so that no close is seen without its open.
+        let totals = crate::counters::sum_conn(&counters, slot)?;
+        *count = (*count).max(totals.opened.saturating_sub(totals.closed));
     }
     Ok(open)
 }

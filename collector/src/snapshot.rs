@@ -168,8 +168,9 @@ impl RouteSnapshot {
     }
 }
 
-/// Opened and not closed: both counters exact and monotonic (a read between CPUs' values
-/// can see a close before its open, hence the floor at 0).
+/// Opened and not closed: both counters exact and monotonic. The floor at 0 is for a close
+/// counted before its open (a route by name decided on one CPU as it closes on another; see
+/// `counters::sum_conn`).
 fn still_open(conn: &collector_common::ConnCounters) -> u64 {
     conn.opened.saturating_sub(conn.closed)
 }
