@@ -297,8 +297,8 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
 }
 
 /// Renders how the connections on ports shared by TLS server name were told apart: every
-/// outcome of a fallback route (zeros included, so that `rate()` works from the first
-/// scrape), `matched` alone of a route with names, nothing of the other routes; and the
+/// outcome of a fallback route but `matched` (zeros included, so that `rate()` works from the
+/// first scrape), `matched` alone of a route with names, nothing of the other routes; and the
 /// fallbacks' connections waiting for their ClientHello. Both families are written even with
 /// no samples.
 fn encode_server_names(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
@@ -313,13 +313,12 @@ fn encode_server_names(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
         "Connections counted opened in the route on a port shared by TLS server name (SNI), by how their route was decided: matched (the ClientHello named one of the route's names, the only outcome of a route with names); on the port's route without names, unknown_name (a name no route of the port has), no_name, not_tls, incomplete (the hello was cut where it cannot be read on: in its name, in an extension's header, before its extensions, or over two TLS records; its name past 64 extensions in a segment; or a PROXY header was cut short), malformed, no_data (closed before the client sent anything after a PROXY header, if one came), missed (the first segment, or the next one a hello went on in, was not seen before later data or the close).",
         None,
         by_name.iter().flat_map(|(route, totals)| {
-            let outcomes = match totals.role {
-                NameRole::Fallback => 0..SNI_OUTCOME_NAMES.len(),
-                NameRole::Named => {
-                    let matched = sni_outcome::MATCHED as usize;
-                    matched..matched + 1
-                }
-            };
+            // `matched` on the routes with names, the rest on the route without: the others
+            // are 0 by construction.
+            let named = matches!(totals.role, NameRole::Named);
+            let matched = sni_outcome::MATCHED as usize;
+            let outcomes =
+                (0..SNI_OUTCOME_NAMES.len()).filter(move |&outcome| (outcome == matched) == named);
             outcomes.map(move |outcome| {
                 let mut labels = route_labels(route);
                 labels.push(("outcome", SNI_OUTCOME_NAMES[outcome].to_owned()));
