@@ -10,7 +10,7 @@
 use std::{
     fs::{self, File},
     io,
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -1569,6 +1569,34 @@ fn dns_ports(config: &Config) -> DnsPorts {
         *slot = port;
     }
     ports
+}
+
+/// The link pins under `links_dir` whose file names `keep` takes, opened: name, path and
+/// link. Pins are files (a symbolic link is not followed); one removed meanwhile (a stop or
+/// a cleanup under way) is left out.
+pub fn open_link_pins(
+    links_dir: &Path,
+    keep: impl Fn(&std::ffi::OsStr) -> bool,
+) -> anyhow::Result<Vec<(std::ffi::OsString, PathBuf, OwnedFd)>> {
+    let mut links = Vec::new();
+    for entry in
+        fs::read_dir(links_dir).with_context(|| format!("reading {}", links_dir.display()))?
+    {
+        let entry = entry.with_context(|| format!("reading {}", links_dir.display()))?;
+        let name = entry.file_name();
+        if !entry.file_type()?.is_file() || !keep(&name) {
+            continue;
+        }
+        let path = entry.path();
+        match bpf_sys::open_pinned(&path) {
+            Ok(link) => links.push((name, path, link)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("opening the link {}", path.display()));
+            }
+        }
+    }
+    Ok(links)
 }
 
 /// The kernel object's program `name`, of type `P`, loaded by `load` (its type's `load`).

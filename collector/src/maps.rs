@@ -505,28 +505,11 @@ fn linked_map(pin_dir: &Path, name: &str) -> anyhow::Result<Option<MapData>> {
             links_dir.display()
         )
     };
-    let entries = match std::fs::read_dir(&links_dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(no_links()),
-        Err(err) => {
-            return Err(err).with_context(|| format!("reading {}", links_dir.display()));
-        }
-    };
+    if !links_dir.is_dir() {
+        return Err(no_links());
+    }
     let mut programs = HashSet::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("reading {}", links_dir.display()))?;
-        if !entry.file_type()?.is_file() {
-            continue;
-        }
-        let path = entry.path();
-        let link = match bpf_sys::open_pinned(&path) {
-            Ok(link) => link,
-            // Removed meanwhile: a stop under way.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => {
-                return Err(err).with_context(|| format!("opening the link {}", path.display()));
-            }
-        };
+    for (_, path, link) in loader::open_link_pins(&links_dir, |_| true)? {
         programs.insert(
             bpf_sys::link_program_id(link.as_fd())
                 .with_context(|| format!("reading the link {}", path.display()))?,

@@ -113,28 +113,12 @@ fn tc_links(links_dir: &Path) -> anyhow::Result<Vec<TcLink>> {
         return Ok(Vec::new());
     }
     let mut links = Vec::new();
-    for entry in
-        fs::read_dir(links_dir).with_context(|| format!("reading {}", links_dir.display()))?
-    {
-        let entry = entry.with_context(|| format!("reading {}", links_dir.display()))?;
-        // Pins are files; a symbolic link is not followed.
-        if !entry.file_type()?.is_file() || !is_tc_link_pin(&entry.file_name()) {
-            continue;
-        }
-        let path = entry.path();
-        let link = match bpf_sys::open_pinned(&path) {
-            Ok(link) => link,
-            // Removed meanwhile: a stop or a cleanup under way.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => {
-                return Err(err).with_context(|| format!("opening the link {}", path.display()));
-            }
-        };
+    for (name, path, link) in loader::open_link_pins(links_dir, is_tc_link_pin)? {
         let ifindex = bpf_sys::tcx_link_ifindex(link.as_fd())
             .with_context(|| format!("reading the link {}", path.display()))?
             .with_context(|| format!("{} is not a TCX link", path.display()))?;
         links.push(TcLink {
-            loopback: is_loopback_link_pin(&entry.file_name()),
+            loopback: is_loopback_link_pin(&name),
             ifindex,
         });
     }
