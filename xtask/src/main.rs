@@ -43,6 +43,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "apache2-utils",
     "curl",
+    // Reads the agent's pinned links in the tests (their ids, whether they are gone).
+    "bpftool",
     // Builds deploy/container/Containerfile in the tests, on a Debian base made locally.
     "podman",
     "debootstrap",
