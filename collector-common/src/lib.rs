@@ -203,8 +203,10 @@ pub const GLOBAL_SNI_WATCHED: &str = "SNI_WATCHED";
 /// Global in the kernel object: 1 to count DNS in the classifiers, 0 to leave it out.
 pub const GLOBAL_DNS_ENABLED: &str = "DNS_ENABLED";
 
-/// Global in the kernel object: count one query or answer event in this many (1 = all).
-pub const GLOBAL_DNS_SAMPLE_EVERY: &str = "DNS_SAMPLE_EVERY";
+/// Global in the kernel object: a query (its name, its events) is sampled when its
+/// [`dns_name_sample`] is below this ([`dns_match_below`] of `[dns] sample_every`; 2^32
+/// samples every query).
+pub const GLOBAL_DNS_SAMPLE_BELOW: &str = "DNS_SAMPLE_BELOW";
 
 /// Global in the kernel object: 1 to match responses to their queries (latency, cache hits
 /// and misses, unanswered queries), 0 to count without the in-flight table.
@@ -690,8 +692,23 @@ pub fn dns_match_sample(client_port: u16, id: u16) -> u32 {
     (key.wrapping_mul(FACTOR) >> 32) as u32
 }
 
-/// The bound under which [`dns_match_sample`] falls for one query in `every` (exactly for a
-/// power of two); 2^32, every query, for 1.
+/// A hash of the query's client port and id for `[dns] sample_every`: the query's name and
+/// events, and its answer's event, are sampled when it is below [`dns_match_below`] of that.
+/// From what the query and its answer both carry, so that the event stream holds both or
+/// neither (a draw each left one streamed answer in N with its query); another factor than
+/// [`dns_match_sample`]'s, so that the two samples are independent.
+#[must_use]
+pub fn dns_name_sample(client_port: u16, id: u16) -> u32 {
+    // The fraction of √2 in 64 bits: consecutive ids (a client counting up) step by it round
+    // the circle, which spreads any run of them evenly over the range. A factor near 2^64
+    // stepped by a sliver of it, and a run of 64 ids fell all in or all out of a sample.
+    const FACTOR: u64 = 0x6a09_e667_f3bc_c909;
+    let key = u64::from(client_port) << 16 | u64::from(id);
+    (key.wrapping_mul(FACTOR) >> 32) as u32
+}
+
+/// The bound under which [`dns_match_sample`] (or [`dns_name_sample`]) falls for one query in
+/// `every` (exactly for a power of two); 2^32, every query, for 1.
 #[must_use]
 pub const fn dns_match_below(every: u32) -> u64 {
     (1u64 << 32) / if every == 0 { 1 } else { every as u64 }
@@ -1254,6 +1271,32 @@ mod tests {
         // Near the clock's start (a VM's monotonic clock starts at boot).
         assert!(!dns_query_given_up(5, 7));
         assert!(dns_query_given_up(DNS_ANSWER_TIMEOUT_NS + 8, 7));
+    }
+
+    #[test]
+    fn any_run_of_consecutive_ids_has_its_share_in_the_name_sample() {
+        for every in [2u32, 4, 16] {
+            let below = dns_match_below(every);
+            for port in (1024..=u16::MAX).step_by(1021) {
+                let mut all = 0;
+                for start in (0..u16::MAX - 64).step_by(64) {
+                    let run = (start..start + 64)
+                        .filter(|&id| u64::from(dns_name_sample(port, id)) < below)
+                        .count();
+                    let expected = 64 / every as usize;
+                    assert!(
+                        run.abs_diff(expected) <= 2,
+                        "1 in {every}, port {port}, ids {start}..: {run}"
+                    );
+                    all += run;
+                }
+                let runs = usize::from((u16::MAX - 64) / 64 + 1);
+                assert!(
+                    all.abs_diff(runs * 64 / every as usize) <= runs / 8,
+                    "{every} {port}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -30,22 +30,20 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::generated::{
-        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes,
-    },
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use collector_common::{
     DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_INFLIGHT_WAYS,
     DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS, DnsAnswerEvent,
     DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint, dns_inflight_set,
-    dns_lowercase_word, dns_malformed, dns_match_sample, dns_port_listed, dns_qtype_index,
-    dns_query_given_up, duration_bucket,
+    dns_lowercase_word, dns_malformed, dns_match_sample, dns_name_sample, dns_port_listed,
+    dns_qtype_index, dns_query_given_up, duration_bucket,
 };
 
 use crate::{
     DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAMES,
-    DNS_PORTS, DNS_SAMPLE_EVERY, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
+    DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, ours,
         ptr_at, read_be16, read_u8,
@@ -529,13 +527,25 @@ fn matching() -> bool {
     DNS_MATCH_RESPONSES.load() != 0
 }
 
-/// The query with this id from the client's port is in the matched sample (`[dns]
-/// match_every`): the query and its response decide it from the same hash, so one not in it
-/// costs no read of the client's address, no clock read and no look-up.
+/// The query with this id from the client's `port` is in a sample: `hash` of port and id
+/// below `below` (2^32: every query). The query and its response decide it from the same
+/// hash: one outside the matched sample (`[dns] match_every`) costs no read of the client's
+/// address, no clock read and no look-up, and an answer is streamed only for a query that
+/// was sampled (`[dns] sample_every`).
 #[inline(always)]
-fn in_match_sample(ctx: &TcContext, at: &Located, id: u16, query: bool) -> bool {
+fn in_sample(port: Option<u16>, id: u16, below: u64, hash: impl Fn(u16, u16) -> u32) -> bool {
+    below > u64::from(u32::MAX) || port.is_some_and(|port| u64::from(hash(port, id)) < below)
+}
+
+/// The client's port (the source of a query, the destination of a response), read only
+/// where a sample needs it: with every query in both samples (the default), not at all.
+#[inline(always)]
+fn sample_port(ctx: &TcContext, at: &Located, query: bool) -> Option<u16> {
+    let every = u64::from(u32::MAX);
+    if DNS_SAMPLE_BELOW.load() > every && DNS_MATCH_BELOW.load() > every {
+        return None;
+    }
     read_be16(ctx, at.l4 + if query { 0 } else { 2 })
-        .is_some_and(|port| u64::from(dns_match_sample(port, id)) < DNS_MATCH_BELOW.load())
 }
 
 /// Remembers the query for its response, and samples its name: to the ring whole while
@@ -549,12 +559,13 @@ fn on_query(
     buf: &mut [u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
-    let sample = sampled();
+    let port = sample_port(ctx, at, true);
+    let sample = in_sample(port, id, DNS_SAMPLE_BELOW.load(), dns_name_sample);
     let streamed = sample && stream_wanted();
     if sample && !streamed {
         count_name(question, buf, counters);
     }
-    let matched = matching() && in_match_sample(ctx, at, id, true);
+    let matched = matching() && in_sample(port, id, DNS_MATCH_BELOW.load(), dns_match_sample);
     if !matched {
         counters.queries_unmatched += 1;
         if !streamed {
@@ -668,13 +679,6 @@ const fn in_flight(client: u32, client_port: u16, id: u16, start_ns: u64) -> Dns
     }
 }
 
-#[inline(always)]
-fn sampled() -> bool {
-    let every = DNS_SAMPLE_EVERY.load();
-    // SAFETY: no arguments.
-    every <= 1 || unsafe { bpf_get_prandom_u32() } % every == 0
-}
-
 /// Sends the query, with its name, to the ring for the event stream.
 #[inline(always)]
 fn sample_query(
@@ -747,7 +751,8 @@ fn on_response(
     buf: &[u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
-    if !in_match_sample(ctx, at, id, false) {
+    let port = sample_port(ctx, at, false);
+    if !in_sample(port, id, DNS_MATCH_BELOW.load(), dns_match_sample) {
         return;
     }
     let Some((addr, port)) = client(ctx, at, false) else {
@@ -781,8 +786,9 @@ fn on_response(
     } else {
         counters.cache_hits += 1;
     }
-    // Answer events feed only the event stream: none while nobody reads it.
-    if !stream_wanted() || !sampled() {
+    // Answer events feed only the event stream: none while nobody reads it, nor for a query
+    // that was not streamed.
+    if !stream_wanted() || !in_sample(Some(port), id, DNS_SAMPLE_BELOW.load(), dns_name_sample) {
         return;
     }
     let event = DnsAnswerEvent {

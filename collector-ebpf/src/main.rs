@@ -144,9 +144,12 @@ static SNI_WATCHED: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static DNS_ENABLED: Global<u32> = Global::new(1);
 
-/// DNS: sample one query or answer in this many into the event ring (1 = all). Set at load.
+/// DNS: a query whose hash of client port and id falls below this is sampled: its name
+/// counted, and while the event stream is read, the query and its answer streamed (`[dns]
+/// sample_every`). Set at load; 2^32 samples every query, and the verifier then drops the
+/// check.
 #[unsafe(no_mangle)]
-static DNS_SAMPLE_EVERY: Global<u32> = Global::new(1);
+static DNS_SAMPLE_BELOW: Global<u64> = Global::new(1 << 32);
 
 /// DNS: 1 matches responses to queries, 0 counts without the in-flight table. Set at load;
 /// read-only, so the verifier drops the matching code when it is 0.

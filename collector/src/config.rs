@@ -147,7 +147,8 @@ impl RouteKind {
 /// DNS settings (used by the DNS counters).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsConfig {
-    /// Count DNS at all (the classifiers are not attached when false).
+    /// Count DNS at all (when false the classifiers count live TCP traffic only: the
+    /// verifier drops their DNS path).
     pub enabled: bool,
     /// UDP ports of the DNS server.
     pub ports: Vec<u16>,
@@ -156,7 +157,8 @@ pub struct DnsConfig {
     pub upstream_ports: Vec<u16>,
     /// Domains kept in the top list.
     pub top_k: usize,
-    /// Sample one query name in this many.
+    /// Sample one query in this many, by a hash of its client port and id: its name for the
+    /// top domains, and while the stream is read, its event and its answer's.
     pub sample_every: u32,
     /// Match responses to queries: latency, cache hits and misses, unanswered queries. Off,
     /// the same messages are counted at half or less of the kernel's cost per packet.

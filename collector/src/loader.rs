@@ -26,7 +26,7 @@ use aya::{
 use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameSlot,
     DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
-    GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_EVERY,
+    GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
     GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
     RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, dns_match_below,
@@ -1414,7 +1414,8 @@ fn load(
     loader.override_global(GLOBAL_SNI_WATCHED, &sni_watched, true);
     let dns_enabled = u32::from(config.dns.enabled);
     loader.override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true);
-    loader.override_global(GLOBAL_DNS_SAMPLE_EVERY, &config.dns.sample_every, true);
+    let sample_below = dns_match_below(config.dns.sample_every);
+    loader.override_global(GLOBAL_DNS_SAMPLE_BELOW, &sample_below, true);
     let match_responses = u32::from(config.dns.match_responses);
     loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
     let match_below = dns_match_below(config.dns.match_every);

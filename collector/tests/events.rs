@@ -172,30 +172,29 @@ fn assert_every_connection_in_top_ips(netns: &Netns, all: usize) {
     );
 }
 
-/// Reads `collector events` from an agent with `config` while the test makes 20 connections
-/// and 5 queries (after 6 connections and 7 queries nobody streamed); checks the counts of
-/// each kind (`answers`: the answer events expected) and their details, and the top clients
-/// and domains, which count both kinds; returns the events with the wall-clock times of the
-/// phases.
-fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value>, Phases) {
-    let netns = Netns::new();
-    let agent = Agent::start(&netns, config);
-    let _server = Unbound::start(&netns, false);
-    query_www(&netns, QUERIES_UNSTREAMED);
-    let web = netns.run(|| TcpListener::bind(("127.0.0.1", 18080)).unwrap());
-    let server = echo_once(web, CONNECTIONS_UNSTREAMED + CONNECTIONS);
-    for _ in 0..CONNECTIONS_UNSTREAMED {
-        netns.run(|| round_trip(18080));
-    }
+/// `collector events` reading the agent in `netns`, its lines parsed, once its stream is
+/// subscribed.
+struct Tail {
+    child: std::process::Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    reader: thread::JoinHandle<()>,
+    /// What came before the subscription showed (the probes' own left out).
+    events: Vec<serde_json::Value>,
+    /// Connections made to the route "probe" until one showed.
+    probes_made: usize,
+}
 
-    let mut tail = netns
+/// Starts `collector events` against the agent in `netns` (its config has the route "probe"
+/// on 18081) and probes that route until a probe shows in the stream.
+fn tail_events(netns: &Netns) -> Tail {
+    let mut child = netns
         .command(COLLECTOR)
         .args(["events", "--listen", LISTEN])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let (lines_tx, lines) = mpsc::channel::<serde_json::Value>();
-    let stdout = tail.stdout.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
     let reader = thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
@@ -208,8 +207,9 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
     });
 
     // Probe on a route of its own until the stream is subscribed; its events are left out.
+    // The probing thread answers for as long as the test runs.
     let probe = netns.run(|| TcpListener::bind(("127.0.0.1", 18081)).unwrap());
-    let probes = thread::spawn(move || {
+    thread::spawn(move || {
         while let Ok((mut stream, _)) = probe.accept() {
             let mut byte = [0u8; 1];
             if stream.read_exact(&mut byte).is_ok() {
@@ -231,6 +231,38 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
             events.push(event);
         }
     }
+    Tail {
+        child,
+        lines,
+        reader,
+        events,
+        probes_made,
+    }
+}
+
+/// Reads `collector events` from an agent with `config` while the test makes 20 connections
+/// and 5 queries (after 6 connections and 7 queries nobody streamed); checks the counts of
+/// each kind (`answers`: the answer events expected) and their details, and the top clients
+/// and domains, which count both kinds; returns the events with the wall-clock times of the
+/// phases.
+fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value>, Phases) {
+    let netns = Netns::new();
+    let agent = Agent::start(&netns, config);
+    let _server = Unbound::start(&netns, false);
+    query_www(&netns, QUERIES_UNSTREAMED);
+    let web = netns.run(|| TcpListener::bind(("127.0.0.1", 18080)).unwrap());
+    let server = echo_once(web, CONNECTIONS_UNSTREAMED + CONNECTIONS);
+    for _ in 0..CONNECTIONS_UNSTREAMED {
+        netns.run(|| round_trip(18080));
+    }
+
+    let Tail {
+        mut child,
+        lines,
+        reader,
+        mut events,
+        probes_made,
+    } = tail_events(&netns);
 
     let connections = wall_ms();
     for _ in 0..CONNECTIONS {
@@ -276,9 +308,8 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
 
     // Stopping the agent ends the stream, and `collector events` with it.
     assert!(agent.stop().success());
-    assert!(tail.wait().unwrap().success());
+    assert!(child.wait().unwrap().success());
     reader.join().unwrap();
-    drop(probes);
     let phases = Phases {
         connections,
         queries,
@@ -294,6 +325,91 @@ fn events_prints_every_connection_and_query_at_a_low_rate() {
     assert_stamped_within(&events, &connection_events, (at.connections, at.queries), 5);
     let dns_events = ["query-received", "query-answered"];
     assert_stamped_within(&events, &dns_events, (at.queries, at.end), 5);
+}
+
+/// With `sample_every = 4` the stream holds the queries the kernel's hash of client port and
+/// id picks, each with its answer, so that every streamed answer joins its query; and the
+/// top domains count them four times.
+#[test]
+fn a_sampled_query_is_streamed_with_its_answer() {
+    const EVERY: u32 = 4;
+    const ASKED: u16 = 64;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("{CONFIG}\n[dns]\nsample_every = {EVERY}\n"));
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+    let Tail {
+        mut child,
+        lines,
+        reader,
+        ..
+    } = tail_events(&netns);
+
+    let port = netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for _ in 0..ASKED {
+            assert_eq!(
+                client.query("www.test.", RecordType::A),
+                ResponseCode::NoError
+            );
+        }
+        client.port()
+    });
+    let below = collector_common::dns_match_below(EVERY);
+    let picked: Vec<u64> = (1..=ASKED)
+        .filter(|&id| u64::from(collector_common::dns_name_sample(port, id)) < below)
+        .map(u64::from)
+        .collect();
+    assert!(
+        !picked.is_empty() && picked.len() < usize::from(ASKED),
+        "a sample, not none or all: {picked:?}"
+    );
+
+    let ids_of = |events: &[serde_json::Value], kind: &str| -> Vec<u64> {
+        events
+            .iter()
+            .filter(|e| e["event"] == kind)
+            .map(|e| e["id"].as_u64().unwrap())
+            .collect()
+    };
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ids_of(&events, "query-answered").len() < picked.len() && Instant::now() < deadline {
+        if let Ok(event) = lines.recv_timeout(Duration::from_millis(200)) {
+            events.push(event);
+        }
+    }
+    // Anything late would still arrive within a few drain intervals.
+    while let Ok(event) = lines.recv_timeout(Duration::from_millis(300)) {
+        events.push(event);
+    }
+    assert_eq!(ids_of(&events, "query-received"), picked, "{events:#?}");
+    assert_eq!(ids_of(&events, "query-answered"), picked, "{events:#?}");
+    let source = format!("127.0.0.1:{port}");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["event"] == "query-received")
+            .all(|e| e["source"] == source.as_str()),
+        "{events:#?}"
+    );
+    let json = wait_for(
+        "a snapshot with every query",
+        Duration::from_secs(5),
+        || {
+            let json = support::dns_json(&netns);
+            (json["totalQueries"] == ASKED).then_some(json)
+        },
+    );
+    assert_eq!(json["topDomains"][0]["domain"], "www.test");
+    assert_eq!(
+        json["topDomains"][0]["count"],
+        u64::from(EVERY) * u64::try_from(picked.len()).unwrap()
+    );
+
+    assert!(agent.stop().success());
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
 }
 
 /// Without matching there are no answer events, and query events carry the time of the

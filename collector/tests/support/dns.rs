@@ -234,6 +234,11 @@ impl Client {
         Self { socket, next_id: 1 }
     }
 
+    /// The client's port.
+    pub fn port(&self) -> u16 {
+        self.socket.local_addr().unwrap().port()
+    }
+
     /// Sends one query and waits for its answer: exactly one query on the wire, no retries.
     pub fn query(&mut self, name: &str, qtype: RecordType) -> ResponseCode {
         let id = self.send(name, qtype);
