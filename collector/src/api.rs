@@ -271,7 +271,10 @@ pub struct Source {
     pub up: bool,
     pub last_read_seconds: f64,
     pub errors: u64,
+    /// The last failure, also after the source recovered, and when it was (milliseconds
+    /// since the Unix epoch).
     pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
 }
 
 fn sources(snapshot: &Snapshot) -> BTreeMap<String, Source> {
@@ -286,6 +289,7 @@ fn sources(snapshot: &Snapshot) -> BTreeMap<String, Source> {
                     last_read_seconds: h.last_duration_seconds,
                     errors: h.errors,
                     last_error: h.last_error.clone(),
+                    last_error_at: h.last_error_at_ms,
                 },
             )
         })
@@ -477,8 +481,9 @@ pub struct DnsStats {
     /// Queries by OPCODE (codes seen only).
     pub opcodes: BTreeMap<String, u64>,
     pub total_responses: u64,
-    /// Share of the last minute's responses that are server failures (any RCODE but NOERROR
-    /// and NXDOMAIN); `null` without a response then.
+    /// Share of the last minute's responses with an RCODE other than NOERROR and NXDOMAIN
+    /// (server failures, and also refusals and format errors); `null` without a response
+    /// then.
     pub error_rate: Option<f64>,
     /// Query-to-response time in seconds, of the last minute's answers.
     pub latency: Option<Durations>,
@@ -616,6 +621,11 @@ mod tests {
             json["sources"]["netlink"]["lastError"],
             "Operation not permitted"
         );
+        assert_eq!(
+            json["sources"]["netlink"]["lastErrorAt"],
+            1_700_000_000_000_u64
+        );
+        assert!(json["sources"]["ebpf"]["lastErrorAt"].is_null());
         let web = &json["routes"][0];
         assert_eq!(web["type"], "http");
         assert_eq!(web["ports"], serde_json::json!([80, 8080]));

@@ -1,4 +1,14 @@
-//! The kernel programs' clock (`bpf_ktime_get_ns`: `CLOCK_MONOTONIC`), read from here.
+//! The kernel programs' clock (`bpf_ktime_get_ns`: `CLOCK_MONOTONIC`), read from here, and
+//! the wall clock the outputs stamp with.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the time base of every kernel stamp.
 pub fn monotonic_ns() -> u64 {

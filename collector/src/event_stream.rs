@@ -23,7 +23,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -114,7 +114,7 @@ impl StreamEvent {
     #[must_use]
     pub fn heartbeat() -> Self {
         Self::Heartbeat {
-            timestamp: wall_now_ms(),
+            timestamp: crate::clock::unix_ms(),
         }
     }
 }
@@ -131,17 +131,10 @@ impl Streamed for DnsEvent {
     }
 }
 
-/// Milliseconds since the Unix epoch, now.
-fn wall_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Converts the kernel's `CLOCK_MONOTONIC` nanoseconds into wall-clock milliseconds.
 fn wall_ms(monotonic_ns: u64) -> u64 {
     let now_ns = crate::clock::monotonic_ns();
-    wall_now_ms().saturating_sub(now_ns.saturating_sub(monotonic_ns) / 1_000_000)
+    crate::clock::unix_ms().saturating_sub(now_ns.saturating_sub(monotonic_ns) / 1_000_000)
 }
 
 #[expect(clippy::cast_precision_loss, reason = "nanoseconds as float seconds")]
@@ -316,7 +309,7 @@ impl Subscription {
                     hub.lagged.fetch_add(lost, Ordering::Relaxed);
                     return Some(StreamEvent::Lost {
                         count: lost,
-                        timestamp: wall_now_ms(),
+                        timestamp: crate::clock::unix_ms(),
                     });
                 }
                 Err(RecvError::Closed) => return None,

@@ -6,7 +6,7 @@ use std::{
         Arc, Mutex, PoisonError, RwLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -319,9 +319,7 @@ impl Poller {
             .snapshot();
         let dns = self.dns_snapshot(at, &totals.dns);
         Polled::Fresh(Box::new(Snapshot {
-            taken_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            taken_at_ms: crate::clock::unix_ms(),
             routes,
             upstreams,
             errors: totals.errors,
@@ -461,6 +459,7 @@ mod tests {
             last_duration_seconds: 0.001,
             errors: 1,
             last_error: Some("Operation not permitted".to_owned()),
+            last_error_at_ms: Some(1_700_000_000_000),
         };
         let poll = PollStats {
             polls: good.poll.polls,

@@ -262,7 +262,11 @@ pub struct SourceHealth {
     pub last_duration_seconds: f64,
     /// Failed reads since start.
     pub errors: u64,
+    /// The last failure, kept after the source recovers (a flapping source's cause), with
+    /// when it was, so that an old one is not taken for the current state.
     pub last_error: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub last_error_at_ms: Option<u64>,
 }
 
 impl SourceHealth {
@@ -279,6 +283,7 @@ impl SourceHealth {
                 self.up = false;
                 self.errors += 1;
                 self.last_error = Some(err.to_string());
+                self.last_error_at_ms = Some(crate::clock::unix_ms());
             }
         }
     }
@@ -647,6 +652,7 @@ impl Snapshot {
                         last_duration_seconds: 0.25,
                         errors: 0,
                         last_error: None,
+                        last_error_at_ms: None,
                     },
                 ),
                 (
@@ -656,6 +662,7 @@ impl Snapshot {
                         last_duration_seconds: 0.5,
                         errors: 1,
                         last_error: Some("Operation not permitted".into()),
+                        last_error_at_ms: Some(1_700_000_000_000),
                     },
                 ),
             ],
@@ -727,6 +734,26 @@ impl DnsSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recovered_source_keeps_its_last_error_and_when_it_was() {
+        let mut health = SourceHealth::default();
+        let before = crate::clock::unix_ms();
+        health.record(
+            &Err::<(), _>("Operation not permitted"),
+            std::time::Duration::ZERO,
+        );
+        let at = health.last_error_at_ms.expect("stamped");
+        assert!(at >= before, "{at} {before}");
+        health.record(&Ok::<(), &str>(()), std::time::Duration::ZERO);
+        assert!(health.up);
+        assert_eq!(health.errors, 1);
+        assert_eq!(
+            health.last_error.as_deref(),
+            Some("Operation not permitted")
+        );
+        assert_eq!(health.last_error_at_ms, Some(at));
+    }
 
     #[test]
     fn bucket_bounds_are_powers_of_two_microseconds() {
