@@ -671,7 +671,7 @@ fn dns_sources(
     };
     let sources = poller::DnsSources {
         enabled: config.dns.enabled,
-        match_responses: config.dns.match_responses,
+        match_responses: config.dns.enabled && config.dns.match_responses,
         match_every: config.dns.match_every,
         domains,
         listed: config.dns.top_k,

@@ -498,7 +498,22 @@ fn with_dns_off_the_shared_classifier_counts_tcp_and_no_dns() {
         sample(&metrics, "collector_dns_queries_total", &[("qtype", "A")]),
         None
     );
-    assert_eq!(dns_json(&netns)["enabled"], false);
+    // The in-flight table's figures too: absent, not a measured 0.
+    for family in [
+        "collector_bpf_map_entries",
+        "collector_bpf_map_entries_limit",
+    ] {
+        assert_eq!(
+            sample(&metrics, family, &[("map", "DNS_INFLIGHT")]),
+            None,
+            "{family}"
+        );
+    }
+    let json = dns_json(&netns);
+    assert_eq!(json["enabled"], false);
+    for field in ["inFlight", "unansweredQueries", "cacheStats", "latency"] {
+        assert!(json[field].is_null(), "{field}: {json}");
+    }
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
