@@ -166,7 +166,7 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         return next.run(request).await;
     }
     // Credentials before the permit: a token or a remembered password is judged at once, and
-    // wrong passwords waiting for their bcrypt check (`auth` runs two at a time) hold no
+    // wrong passwords waiting for their bcrypt check (`auth` runs one at a time) hold no
     // permit that scrapes need.
     match guard.credentials.judge(request.headers()) {
         auth::Judgement::Admitted => {}
