@@ -178,12 +178,37 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
+/// What went wrong with the nft tool, in nft's own words where it ran and failed: the
+/// crate's message leaves out its standard error, where a refused rule, a missing kernel
+/// module or a missing permission is named.
+fn tool_failure(err: &nftables::helper::NftablesError) -> String {
+    use nftables::helper::NftablesError;
+    match err {
+        NftablesError::NftFailed {
+            program,
+            hint,
+            stderr,
+            ..
+        } if !stderr.trim().is_empty() => {
+            format!(
+                "{} failed while {hint}: {}",
+                program.display(),
+                stderr.trim()
+            )
+        }
+        NftablesError::NftExecution { inner, .. }
+            if inner.kind() == std::io::ErrorKind::NotFound =>
+        {
+            format!("{err}; is nft installed (apt install nftables)?")
+        }
+        _ => format!("the nft tool failed: {err}"),
+    }
+}
+
 /// Why the nftables source is not available; the rest of the agent carries on.
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    #[error(
-        "the nft tool failed ({0}); is it installed (apt install nftables) and does the kernel have nf_tables?"
-    )]
+    #[error("{}", tool_failure(.0))]
     Tool(#[from] nftables::helper::NftablesError),
     #[error("reading nftables over nfnetlink: {0}")]
     Netlink(#[from] std::io::Error),
@@ -649,6 +674,9 @@ pub struct Source {
     polls_until_retry: u32,
     /// `auto` stopped counting because the table was removed: the next look says so.
     removed: bool,
+    /// A poll found our table removed or changed, and no table has been made since: what
+    /// is left of it (its chains, still hooked, if only its rules were flushed) is ours.
+    found_changed: bool,
 }
 
 /// When `auto` looks at netfilter's hooks, for what it logs.
@@ -674,6 +702,7 @@ impl Source {
             health: SourceHealth::default(),
             polls_until_retry: POLLS_BETWEEN_RETRIES,
             removed: false,
+            found_changed: false,
         };
         source.enabled = match config.nftables.enabled {
             NftEnabled::On => true,
@@ -761,7 +790,10 @@ impl Source {
             .and_then(|()| NftTable::setup(&self.config));
         self.health.record(&setup, began.elapsed());
         match setup {
-            Ok(table) => self.table = Some(table),
+            Ok(table) => {
+                self.table = Some(table);
+                self.found_changed = false;
+            }
             Err(err) => tracing::warn!("nftables counters are off for now: {err}"),
         }
     }
@@ -786,6 +818,7 @@ impl Source {
         if let Err(err @ NftError::Removed { .. }) = &read {
             tracing::warn!("{err}");
             self.table = None;
+            self.found_changed = true;
             self.polls_until_retry = 0;
             // `auto` looks at the hooks again before it makes the table again: what removed
             // ours (nft flush ruleset) may have removed the firewall whose hooks it rode on.
@@ -838,6 +871,22 @@ impl Source {
         use anyhow::Context as _;
         match self.table {
             Some(table) => table.remove().context("removing our nftables table"),
+            // A poll found our table changed (its rules flushed) and it is not made again
+            // yet: what is left of it is still ours, and may still hook every packet.
+            None if self.found_changed => {
+                match remove_leftover(&self.config.nftables.table) {
+                    Ok(Leftover::Ours) => tracing::info!(
+                        "removed what was left of our nftables table inet {}",
+                        self.config.nftables.table
+                    ),
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(
+                        "removing what was left of our nftables table inet {}: {err}",
+                        self.config.nftables.table
+                    ),
+                }
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -878,6 +927,32 @@ fn legacy_ip_hooks() -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_of_nft_says_what_nft_said() {
+        use nftables::helper::NftablesError;
+        let failed = NftError::from(NftablesError::NftFailed {
+            program: "nft".into(),
+            hint: "applying ruleset".into(),
+            stdout: String::new(),
+            stderr: "Error: Could not process rule: Operation not permitted\n".into(),
+        });
+        assert_eq!(
+            failed.to_string(),
+            "nft failed while applying ruleset: Error: Could not process rule: Operation not \
+             permitted"
+        );
+        let missing = NftError::from(NftablesError::NftExecution {
+            program: "nft".into(),
+            inner: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert!(
+            missing
+                .to_string()
+                .ends_with("is nft installed (apt install nftables)?"),
+            "{missing}"
+        );
+    }
 
     #[test]
     fn a_port_shared_by_name_is_counted_once_for_its_route_without_names() {
