@@ -43,9 +43,10 @@ pub struct Endpoint {
 /// `kubernetes.io/tls` Secrets from cert-manager carry it.
 const CA_BESIDE_CERT: &str = "ca.crt";
 
-/// How long the CLI waits for the agent to accept, and then for each read of an answer (not
-/// of the event stream, which may stay quiet): an agent that is stopped, or an address that
-/// drops packets, is an error in seconds rather than after the kernel's SYN retries.
+/// How long the CLI waits for the agent to accept, and then for each read of an answer (the
+/// event stream, which may stay quiet, waits three of its heartbeats): an agent that is
+/// stopped, or an address that drops packets, is an error in seconds rather than after the
+/// kernel's SYN retries.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,8 +54,22 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 type Trusted = (PathBuf, Vec<TrustAnchor<'static>>);
 
 /// A plain or TLS connection to the agent.
-trait Connection: Read + Write {}
-impl<T: Read + Write> Connection for T {}
+trait Connection: Read + Write {
+    /// The TCP socket underneath, whose timeouts apply to the connection.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Connection for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Connection for StreamOwned<ClientConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
 
 impl Endpoint {
     /// `listen` overrides the config's address; `cacert` (PEM) is what HTTPS trusts, by
@@ -450,9 +465,18 @@ fn dialled(listen: SocketAddr) -> SocketAddr {
 pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
     let mut reader = agent.exchange(
         &agent.request("/api/v1/events", "Accept: application/x-ndjson\r\n"),
-        None,
+        Some(ANSWER_TIMEOUT),
     )?;
-    let mut body: Box<dyn Read> = match agent.expect_ok(&mut reader)? {
+    let framing = agent.expect_ok(&mut reader)?;
+    // The agent sends a heartbeat line on a quiet stream: three missed mean it is stopped,
+    // frozen or cut off, and a tail under a supervisor had better end and say so.
+    let silence = 3 * crate::event_stream::HEARTBEAT_INTERVAL;
+    reader
+        .get_ref()
+        .tcp()
+        .set_read_timeout(Some(silence))
+        .context("setting the socket's timeout")?;
+    let mut body: Box<dyn Read> = match framing {
         Framing::Chunked => Box::new(Chunked::new(reader)),
         Framing::Length(length) => Box::new(reader.take(length)),
         Framing::UntilClose => Box::new(reader),
@@ -466,6 +490,20 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
             // close_notify): what it sent has been written.
             Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => 0,
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(anyhow::Error::new(err).context(format!(
+                    "nothing from the collector at {} for {} s, not even its heartbeat (one \
+                     every {} s): it is stopped, frozen or cut off",
+                    agent.addr,
+                    silence.as_secs(),
+                    crate::event_stream::HEARTBEAT_INTERVAL.as_secs()
+                )));
+            }
             Err(err) => return Err(agent.explain(err).context("reading the event stream")),
         };
         if read == 0 || !forward(&mut out, &buf[..read])? {
