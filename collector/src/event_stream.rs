@@ -241,6 +241,16 @@ impl EventHub {
         self.stopping.send_replace(true);
     }
 
+    /// Tells the kernel nobody reads either stream, whoever is subscribed.
+    pub fn switch_off(&self) {
+        set_switch(&self.dns_wanted, false, "streamed DNS events");
+        set_switch(
+            &self.connections_wanted,
+            false,
+            "streamed connection events",
+        );
+    }
+
     fn route(&self, slot: u32) -> Option<&WatchedRoute> {
         self.routes.iter().find(|r| r.slot == slot)
     }

@@ -171,6 +171,24 @@ pub fn list() -> io::Result<Vec<Link>> {
     with_stats(links)
 }
 
+/// Whether the interface named as `link` is still the device of `link`'s index: not
+/// deleted, renamed or recreated (a new device, a new index) since `link` was read. A look-up
+/// that fails for another reason than a missing device (no socket to ask with) says nothing
+/// either way: taken as there, so that what is attached stays and a real error is reported.
+pub fn still_there(link: &Link) -> bool {
+    let Ok(name) = std::ffi::CString::new(link.name.as_str()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated name; the call reads nothing else.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => !matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENODEV | libc::ENXIO)
+        ),
+        index => index == link.index,
+    }
+}
+
 #[cfg(test)]
 thread_local! {
     /// How many link dumps [`list`] made on this thread, for the tests.
@@ -436,6 +454,21 @@ mod tests {
             kind: kind.into(),
             ..link(index, name, true, true)
         }
+    }
+
+    #[test]
+    fn an_interface_is_still_there_only_under_its_name_and_index() {
+        let lo = list()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.loopback)
+            .expect("lo is listed");
+        assert!(still_there(&lo));
+        // Recreated (a new index), renamed or deleted (the name means another device, or
+        // none), or a name no device can have.
+        assert!(!still_there(&link(lo.index + 100_000, "lo", true, true)));
+        assert!(!still_there(&link(lo.index, "collector-none0", true, true)));
+        assert!(!still_there(&link(lo.index, "l\0o", true, true)));
     }
 
     #[test]

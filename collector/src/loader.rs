@@ -244,14 +244,27 @@ impl Attachment {
         let address_slots = local_addresses
             .as_ref()
             .map_or(LOCAL_ADDRESS_SLOTS, LocalAddresses::slots);
-        let mut ebpf = load(config, &map_dir, netns_cookie, address_slots)?;
-
-        claim_pins(&mut ebpf, &pin_dir, own_netns)?;
-        let (routes, upstreams) = bind_slots(&mut ebpf, config)?;
-        fill_port_map(&mut ebpf, &routes)?;
-        fill_server_name_maps(&mut ebpf, &routes)?;
-        fill_upstream_port_map(&mut ebpf, &upstreams)?;
-        hold_off_upstream_shortcut(&mut ebpf)?;
+        let prepared = load(config, &map_dir, netns_cookie, address_slots).and_then(|mut ebpf| {
+            claim_pins(&mut ebpf, &pin_dir, own_netns)?;
+            let (routes, upstreams) = bind_slots(&mut ebpf, config)?;
+            fill_port_map(&mut ebpf, &routes)?;
+            fill_server_name_maps(&mut ebpf, &routes)?;
+            fill_upstream_port_map(&mut ebpf, &upstreams)?;
+            hold_off_upstream_shortcut(&mut ebpf)?;
+            Ok((ebpf, routes, upstreams))
+        });
+        let (ebpf, routes, upstreams) = match prepared {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                // A start from zero has pinned its maps by now: left, the next start would
+                // take them for a crashed run's, and a pod deleted meanwhile would leave them
+                // pinned with nothing to reap them (the reaper looks for link pins).
+                if !inherited && let Err(cleanup) = remove_pins(&pin_dir) {
+                    tracing::warn!("removing the maps a failed start pinned: {cleanup:#}");
+                }
+                return Err(err);
+            }
+        };
 
         let mut attachment = Self {
             ebpf,
@@ -466,7 +479,18 @@ impl Attachment {
             loaded(&mut self.ebpf, program_name, SchedClassifier::load)?;
         }
         for link in selected.links {
-            self.attach_interface(link)?;
+            if let Err(err) = self.attach_interface(link) {
+                // Pod veths come and go while a node starts or drains: one that went during
+                // the start is the polls' to follow, not a reason to refuse the start.
+                if links::still_there(link) {
+                    return Err(err);
+                }
+                tracing::warn!(
+                    interface = %link.name,
+                    "the interface went away or changed during the start; the polls attach it \
+                     if it is back: {err:#}"
+                );
+            }
         }
         Ok(())
     }
@@ -515,6 +539,15 @@ impl Attachment {
                 created.push(pin.clone());
             }
             pins.push(pin);
+        }
+        // The attach found the device by name: a device recreated under the name since the
+        // list was read got links pinned under the old one's index, which the next poll
+        // would take for a gone interface's (and so detach the new device).
+        if !links::still_there(link) {
+            anyhow::bail!(
+                "{} was deleted, renamed or recreated during the attach",
+                link.name
+            );
         }
         self.attached.insert(link.index, (link.name.clone(), pins));
         Ok(())
@@ -974,6 +1007,14 @@ fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Resul
             remove_if_present(pin)?;
             Ok(false)
         }
+        // The pinned link holds a program of another type or attach point: another build's.
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => Err(err).with_context(|| {
+            format!(
+                "replacing the program in the pinned link {}: it is another build's; `collector \
+                 cleanup --apply` removes what it left",
+                pin.display()
+            )
+        }),
         Err(err) => Err(err)
             .with_context(|| format!("replacing the program in the pinned link {}", pin.display())),
     }

@@ -270,12 +270,17 @@ fn main() -> std::process::ExitCode {
             source,
             listen,
             bpf_stats,
-        } => source.load().and_then(|mut config| {
-            if let Some(listen) = listen {
-                config.listen = listen;
-            }
-            run(&config, bpf_stats)
-        }),
+        } => signals::catch_while_starting()
+            .context("installing the signal handlers")
+            // Before anything else: the agent is PID 1 in a container, where a signal
+            // without a handler is dropped (the kubelet would wait its grace period out).
+            .and_then(|()| source.load())
+            .and_then(|mut config| {
+                if let Some(listen) = listen {
+                    config.listen = listen;
+                }
+                run(&config, bpf_stats)
+            }),
         Command::Events { agent } => agent.endpoint().and_then(|agent| client::events(&agent)),
         Command::Top { agent, once } => {
             agent.endpoint().and_then(|agent| client::top(&agent, once))
@@ -359,7 +364,6 @@ fn main() -> std::process::ExitCode {
 /// The agent: bind, load and attach, drop the capabilities no longer needed, then serve on
 /// the async runtime until SIGINT/SIGTERM, and detach.
 fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
-    signals::catch_while_starting().context("installing the signal handlers")?;
     // Bind first: a taken address, an unreadable secret or a bad certificate is refused
     // before anything is attached.
     let listener = serve::bind(config.listen)?;
@@ -413,6 +417,16 @@ fn serve_attached(
     } else {
         serve_until_stopped(&mut attachment, &mut nft, config, listener, guard, tls)
     };
+    if let Err(err) = &result
+        && err.is::<FailedWhileRunning>()
+    {
+        tracing::error!(
+            "stopping on an error: programs, pins and the nftables table stay, as after a crash, \
+             for the next start to take over with every counter (`collector cleanup --apply` \
+             removes them)"
+        );
+        return result;
+    }
     tracing::info!("stopping: detaching programs and removing pins");
     let removed = nft.stop();
     let detached = attachment.detach();
@@ -523,7 +537,7 @@ async fn serve_until_signal(
         .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let liveness = serve::Liveness::new(config.poll_interval);
-    let server = tokio::spawn(serve::serve(
+    let mut server = tokio::spawn(serve::serve(
         http.listener,
         http.tls,
         serve::Sources {
@@ -585,13 +599,50 @@ async fn serve_until_signal(
             }
             ended = &mut events => break Err(reader_stopped(ended, "connection")),
             ended = &mut dns_events => break Err(reader_stopped(ended, "DNS")),
+            ended = &mut server => break Err(server_ended(ended)),
         }
     };
     hub.stop();
     let _ = stop_server.send(());
     events.abort();
     dns_events.abort();
-    outcome.and(wait_for_server(server).await)
+    finish(outcome, server, &hub).await
+}
+
+/// How the run ends: after a stop, once the HTTP server has drained; after an error, at
+/// once, with what it attached left running for the next start.
+async fn finish(
+    outcome: anyhow::Result<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    hub: &event_stream::EventHub,
+) -> anyhow::Result<()> {
+    match outcome {
+        Ok(()) => wait_for_server(server).await,
+        Err(err) => {
+            server.abort();
+            // The programs stay attached: with the switches on they would send whole events
+            // to a ring nobody reads until the next start, rather than count names.
+            hub.switch_off();
+            Err(FailedWhileRunning(err).into())
+        }
+    }
+}
+
+/// What the running agent stopped on, other than a signal: a task it needs ended. What it
+/// attached stays, as after a crash, so that the supervisor's restart takes it over with
+/// every counter (a clean stop here would reset them all, at every repeat of the fault).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct FailedWhileRunning(anyhow::Error);
+
+/// Why the HTTP server ended before the stop.
+fn server_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    let why = match ended {
+        Ok(Err(err)) => err.into(),
+        Ok(Ok(())) => anyhow::anyhow!("it returned"),
+        Err(err) => err.into(),
+    };
+    why.context("the HTTP server stopped")
 }
 
 /// Refreshes the local address table on an announced change; a signal that failed is

@@ -72,7 +72,7 @@ const STALL_INTERVALS: u32 = 10;
 
 /// How long the poll loop may go without finishing a poll before `/healthz` fails:
 /// `max(STALL_FLOOR, STALL_INTERVALS × poll_interval)`, 60 s at the default 1 s. With the
-/// shipped probes (every 10 s, 3 or 6 failures) a stuck loop is restarted within about two
+/// shipped probes (every 10 s, 6 failures) a stuck loop is restarted within about two
 /// minutes, before `CollectorPollStalled` (5 minutes) would page anyone.
 #[must_use]
 pub fn stall_limit(poll_interval: Duration) -> Duration {
