@@ -849,17 +849,7 @@ impl Source {
             // What was found "removed" may be our table changed (its rules flushed), still
             // hooked: with counting off it would be the namespace's first hook for good.
             if !self.enabled && look == Look::AfterRemoval {
-                match remove_leftover(&self.config.nftables.table) {
-                    Ok(Leftover::Ours) => tracing::info!(
-                        "removed what was left of our nftables table inet {}",
-                        self.config.nftables.table
-                    ),
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(
-                        "removing what was left of our nftables table inet {}: {err}",
-                        self.config.nftables.table
-                    ),
-                }
+                self.remove_what_is_left();
             }
         }
         if self.enabled {
@@ -874,20 +864,25 @@ impl Source {
             // A poll found our table changed (its rules flushed) and it is not made again
             // yet: what is left of it is still ours, and may still hook every packet.
             None if self.found_changed => {
-                match remove_leftover(&self.config.nftables.table) {
-                    Ok(Leftover::Ours) => tracing::info!(
-                        "removed what was left of our nftables table inet {}",
-                        self.config.nftables.table
-                    ),
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(
-                        "removing what was left of our nftables table inet {}: {err}",
-                        self.config.nftables.table
-                    ),
-                }
+                self.remove_what_is_left();
                 Ok(())
             }
             None => Ok(()),
+        }
+    }
+
+    /// Removes what is left of our table after a poll found it changed, if it is still
+    /// recognisably ours; says what it did.
+    fn remove_what_is_left(&self) {
+        let table = &self.config.nftables.table;
+        match remove_leftover(table) {
+            Ok(Leftover::Ours) => {
+                tracing::info!("removed what was left of our nftables table inet {table}");
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!("removing what was left of our nftables table inet {table}: {err}");
+            }
         }
     }
 }
