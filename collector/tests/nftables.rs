@@ -991,6 +991,42 @@ fn a_table_whose_rules_were_flushed_is_made_again() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A stop between the poll that found our table's rules flushed and the poll that would make
+/// it again removes what is left of it: its chains, still hooked, would otherwise charge
+/// every packet of the namespace until a cleanup. Polls 5 s apart leave the stop in between.
+#[test]
+fn a_stop_right_after_a_flush_removes_what_is_left_of_the_table() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft_polling_every(ROUTES, 5_000);
+    let name = &config.nft_table;
+    let agent = Agent::start(&netns, &config);
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "nft",
+            "flush",
+            "table",
+            "inet",
+            name,
+        ],
+    );
+    wait_for("the flush to be noticed", Duration::from_secs(15), || {
+        let text = scrape(&netns);
+        (sample(&text, "collector_source_up", &[("source", "nft")]) == Some(0.0)).then_some(())
+    });
+    assert!(tables(&netns).contains(name.as_str()), "{}", tables(&netns));
+    assert!(agent.stop().success());
+    assert!(
+        !tables(&netns).contains(name.as_str()),
+        "{}",
+        tables(&netns)
+    );
+    assert_no_pins(&config.pin_dir);
+}
+
 /// With `auto`, a table removed along with the firewall whose hooks it rode on (`nft flush
 /// ruleset`) is not made again while nothing else hooks netfilter: the nft source goes as
 /// at a start in a bare namespace, and comes back with the firewall.

@@ -233,6 +233,15 @@ impl AgentConfig {
         Self::write(routes, "enabled = true\n", "poll_interval_ms = 100\n")
     }
 
+    /// As [`Self::with_nft`], polling every `ms` milliseconds.
+    pub fn with_nft_polling_every(routes: &str, ms: u64) -> Self {
+        Self::write(
+            routes,
+            "enabled = true\n",
+            &format!("poll_interval_ms = {ms}\n"),
+        )
+    }
+
     /// As [`Self::new`], polling at the embedded default's interval, as deployed: for the
     /// benchmark, which measures what the agent costs as shipped.
     pub fn shipped_poll(routes: &str) -> Self {
