@@ -9,6 +9,7 @@
 mod support;
 
 use std::{
+    fmt::Write as _,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     thread,
@@ -100,6 +101,74 @@ fn exchange_counted_exactly(netns: &Netns, peer: &Netns, address: &'static str) 
         );
     }
     metrics
+}
+
+/// Pod veths come and go while a node boots or drains: interfaces deleted while the start
+/// attaches them are left to the polls, not a reason to refuse the start. The deletions
+/// begin once the first veth is attached, from the last one down, so the start meets
+/// interfaces it listed that are gone.
+#[test]
+fn interfaces_deleted_while_the_start_attaches_them_do_not_fail_it() {
+    const VETHS: usize = 150;
+    let netns = Netns::new();
+    let pods = Netns::new();
+    let mut additions = String::new();
+    let mut deletions = String::new();
+    for i in 0..VETHS {
+        writeln!(
+            additions,
+            "link add vd{i} type veth peer name vp{i} netns {}\nlink set vd{i} up",
+            pods.name
+        )
+        .unwrap();
+        // The last first: the start attaches in the listed order.
+        deletions.insert_str(0, &format!("link del vd{i}\n"));
+    }
+    ip_batch(&netns.name, &additions);
+    let config = AgentConfig::new(ROUTES);
+    let links = config.pin_dir.join("v1/links");
+    let name = netns.name.clone();
+    let deleter = thread::spawn(move || {
+        wait_for(
+            "the start to attach a veth",
+            Duration::from_secs(30),
+            || {
+                std::fs::read_dir(&links).ok()?.flatten().find_map(|entry| {
+                    entry
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("tc_ingress_")
+                        .then_some(())
+                })
+            },
+        );
+        ip_batch(&name, &deletions);
+    });
+    let agent = Agent::start(&netns, &config);
+    deleter.join().unwrap();
+    // The polls forget what went: loopback is all that is left.
+    wait_for(
+        "the polls to forget the veths",
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(&netns);
+            let interfaces = metrics
+                .lines()
+                .filter(|line| line.starts_with("collector_interface_info{"))
+                .count();
+            (interfaces == 1 && attached(&metrics, "lo")).then_some(())
+        },
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Runs `ip -batch` with `lines` in the namespace named `netns`.
+fn ip_batch(netns: &str, lines: &str) {
+    let dir = ScratchDir::new("ip-batch");
+    let file = dir.path("batch");
+    std::fs::write(&file, lines).unwrap();
+    run("ip", &["-n", netns, "-batch", file.to_str().unwrap()]);
 }
 
 #[test]
