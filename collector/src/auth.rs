@@ -383,9 +383,11 @@ fn read_users(path: &Path) -> anyhow::Result<Users> {
     })
 }
 
-/// The costs bcrypt takes (the crate's bounds: a hash outside them never verifies).
+/// The least cost bcrypt takes (a hash below it never verifies).
 const BCRYPT_MIN_COST: u32 = 4;
-const BCRYPT_MAX_COST: u32 = 31;
+/// The most this endpoint takes: a check at cost 16 takes seconds (each step doubles it), and
+/// it holds the one turn all password checks share (htpasswd -B makes 5; 10 to 12 is usual).
+const BCRYPT_MAX_COST: u32 = 16;
 
 /// `user:bcrypt-hash` per line; blank lines and `#` comments are skipped.
 fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, (usize, String)> {
@@ -404,15 +406,26 @@ fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, (usize, String)
         }
         // The form alone: checking each hash (verifying a password against it) would run
         // bcrypt at its full cost once per user, at every change of the file.
-        if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
-            || !hash
-                .parse::<bcrypt::HashParts>()
-                .is_ok_and(|parts| (BCRYPT_MIN_COST..=BCRYPT_MAX_COST).contains(&parts.get_cost()))
-        {
+        let parts = ["$2a$", "$2b$", "$2y$"]
+            .iter()
+            .any(|p| hash.starts_with(p))
+            .then(|| hash.parse::<bcrypt::HashParts>().ok())
+            .flatten();
+        let Some(parts) = parts.filter(|parts| parts.get_cost() >= BCRYPT_MIN_COST) else {
             return Err((
                 number,
                 format!(
                     "the hash of {user:?} is not bcrypt (only bcrypt is accepted: htpasswd -B)"
+                ),
+            ));
+        };
+        if parts.get_cost() > BCRYPT_MAX_COST {
+            return Err((
+                number,
+                format!(
+                    "the hash of {user:?} has cost {}: at most {BCRYPT_MAX_COST} is taken, as each \
+                     check would take seconds and hold up every other (htpasswd -B -C 12)",
+                    parts.get_cost()
                 ),
             ));
         }
@@ -468,10 +481,14 @@ mod tests {
             let err = parse_htpasswd(&format!("a:{hash}\nb:{wrong}\n")).unwrap_err();
             assert_eq!(err.0, 2, "{what}");
         }
-        // A cost of 31 takes days to verify: accepted as its form is right, and not run
-        // (this test would not finish if it were).
-        let costly = hash.replacen("$04$", "$31$", 1);
+        // A cost of 16 takes seconds to verify: accepted as its form is right, and not run;
+        // above it, refused by its line.
+        let costly = hash.replacen("$04$", "$16$", 1);
         assert!(parse_htpasswd(&format!("a:{costly}\n")).is_ok());
+        let too_costly = hash.replacen("$04$", "$17$", 1);
+        let err = parse_htpasswd(&format!("a:{hash}\nb:{too_costly}\n")).unwrap_err();
+        assert_eq!(err.0, 2);
+        assert!(err.1.contains("cost 17"), "{}", err.1);
     }
 
     #[tokio::test]

@@ -850,6 +850,7 @@ impl Source {
             // hooked: with counting off it would be the namespace's first hook for good.
             if !self.enabled && look == Look::AfterRemoval {
                 self.remove_what_is_left();
+                self.found_changed = false;
             }
         }
         if self.enabled {
