@@ -1300,6 +1300,27 @@ mod tests {
     }
 
     #[test]
+    fn the_name_sample_and_the_matched_sample_are_independent() {
+        for (match_every, sample_every) in [(4u32, 4u32), (16, 4), (2, 16)] {
+            let (match_below, sample_below) =
+                (dns_match_below(match_every), dns_match_below(sample_every));
+            for port in (1024..=u16::MAX).step_by(4093) {
+                let both = (0..=u16::MAX)
+                    .filter(|&id| {
+                        u64::from(dns_match_sample(port, id)) < match_below
+                            && u64::from(dns_name_sample(port, id)) < sample_below
+                    })
+                    .count();
+                let expected = 65_536 / (match_every * sample_every) as usize;
+                assert!(
+                    both.abs_diff(expected) <= expected / 50,
+                    "1 in {match_every} and 1 in {sample_every}, port {port}: {both}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn one_query_in_n_is_matched_and_the_sample_spreads_over_every_set() {
         let client = client_fingerprint(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
         assert_eq!(dns_match_below(1), 1 << 32);
