@@ -1000,19 +1000,7 @@ fn a_stop_right_after_a_flush_removes_what_is_left_of_the_table() {
     let config = AgentConfig::with_nft_polling_every(ROUTES, 5_000);
     let name = &config.nft_table;
     let agent = Agent::start(&netns, &config);
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &netns.name,
-            "nft",
-            "flush",
-            "table",
-            "inet",
-            name,
-        ],
-    );
+    nft_script(&netns, &format!("flush table inet {name}\n"));
     wait_for("the flush to be noticed", Duration::from_secs(15), || {
         let text = scrape(&netns);
         (sample(&text, "collector_source_up", &[("source", "nft")]) == Some(0.0)).then_some(())
