@@ -736,8 +736,8 @@ fn the_pod_monitor_scrapes_what_the_kubernetes_job_does() {
 }
 
 /// `CollectorPodsUnavailable` picks the `DaemonSet` by name (kube-state-metrics exports no
-/// workload labels by default): each of its matchers must name the manifest's `DaemonSet`,
-/// or the alert never fires.
+/// workload labels by default): each of its matchers must name the manifest's `DaemonSet`
+/// and its namespace, or the alert never fires (or fires for another namespace's).
 #[test]
 fn the_pods_unavailable_alert_selects_the_manifests_daemonset() {
     let daemonset = yaml("kubernetes/daemonset.yaml")
@@ -745,6 +745,7 @@ fn the_pods_unavailable_alert_selects_the_manifests_daemonset() {
         .find(|doc| doc["kind"] == "DaemonSet")
         .expect("a DaemonSet");
     let name = daemonset["metadata"]["name"].as_str().unwrap();
+    let namespace = daemonset["metadata"]["namespace"].as_str().unwrap();
     let alerts = yaml("prometheus/alerts.yml").remove(0);
     let rule = alerts["groups"]
         .as_array()
@@ -761,6 +762,12 @@ fn the_pods_unavailable_alert_selects_the_manifests_daemonset() {
         .collect();
     // Desired, available and updated pods: the three places its comment speaks of.
     assert_eq!(selected, [name; 3], "{expr}");
+    let namespaces: Vec<&str> = expr
+        .split("namespace=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    assert_eq!(namespaces, [namespace; 3], "{expr}");
 }
 
 /// The head of deploy/prometheus/prometheusrule.yaml; `spec:` follows, then alerts.yml's
@@ -859,13 +866,17 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// Every sample name of the golden exposition (a snapshot with every kind of figure set).
-fn exported() -> BTreeSet<String> {
-    let golden = std::fs::read_to_string(
+/// The golden exposition: a snapshot with every kind of figure set.
+fn golden() -> String {
+    std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/testdata/metrics.golden"),
     )
-    .unwrap();
-    golden
+    .unwrap()
+}
+
+/// Every sample name of the golden exposition.
+fn exported() -> BTreeSet<String> {
+    golden()
         .lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| line.split(['{', ' ']).next())
@@ -919,4 +930,51 @@ fn the_dashboard_and_alerts_query_valid_promql_over_metrics_we_export() {
             "{name} is queried but not exported"
         );
     }
+    // A label value matched exactly must be one the agent exports: an alert on a histogram
+    // bucket the agent does not have (`le="0.5"` where its edges are powers of two) never
+    // fires, and promtool's own tests, fed the same made-up series, cannot tell.
+    let golden = golden();
+    let queries = format!("{}\n{}", exprs.join("\n"), read("prometheus/alerts.yml"));
+    let matchers = equality_matchers(&queries);
+    assert!(matchers.len() >= 10, "{matchers:?}");
+    for (name, label, value) in matchers {
+        let pair = format!("{label}=\"{value}\"");
+        let exported = golden.lines().any(|line| {
+            line.strip_prefix(name.as_str())
+                .and_then(|rest| rest.strip_prefix('{'))
+                .and_then(|rest| rest.split_once('}'))
+                .is_some_and(|(labels, _)| labels.split(',').any(|p| p == pair))
+        });
+        assert!(
+            exported,
+            "{name}{{{pair}}} is queried but no such series is exported"
+        );
+    }
+}
+
+/// The `metric{label="value"}` matchers (`=` only, not `=~` or `!=`) of PromQL text, for
+/// the `collector_` metrics.
+fn equality_matchers(text: &str) -> Vec<(String, String, String)> {
+    let mut found = Vec::new();
+    for name in metric_names(text) {
+        let opening = format!("{name}{{");
+        for (at, _) in text.match_indices(&opening) {
+            let inside = &text[at + opening.len()..];
+            let Some(end) = inside.find('}') else {
+                continue;
+            };
+            for matcher in inside[..end].split(',') {
+                let Some((label, value)) = matcher.split_once('=') else {
+                    continue;
+                };
+                let label = label.trim();
+                if label.ends_with('!') || value.starts_with('~') {
+                    continue;
+                }
+                let value = value.trim().trim_matches('"');
+                found.push((name.clone(), label.to_owned(), value.to_owned()));
+            }
+        }
+    }
+    found
 }
