@@ -415,14 +415,7 @@ fn refused(netns: &Netns, http: &str) -> String {
     let config = AgentConfig::new(&format!(
         "[[routes]]\nname = \"web\"\nports = [{PORT}]\ntype = \"http\"\n\n[http]\n{http}"
     ));
-    let out = netns
-        .command(COLLECTOR)
-        .args(["run", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "started with [http] {http}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    support::refused_start(netns, &config.path)
 }
 
 #[test]

@@ -188,7 +188,7 @@ fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
     assert!(!attached(&scrape(&netns), "vcoll0"));
 
     add_veth(&netns, &peer);
-    wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
         attached(&scrape(&netns), "vcoll0").then_some(())
     });
 
@@ -205,7 +205,7 @@ fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
 
     // The veth goes away: forgotten, no error, still serving.
     run("ip", &["-n", &netns.name, "link", "del", "vcoll0"]);
-    wait_for("vcoll0 to be forgotten", Duration::from_secs(2), || {
+    wait_for("vcoll0 to be forgotten", Duration::from_secs(10), || {
         let text = scrape(&netns);
         (!attached(&text, "vcoll0") && attached(&text, "lo")).then_some(())
     });
@@ -874,7 +874,7 @@ fn a_program_that_ends_the_chain_ahead_of_ours_hides_nothing() {
     let links = netns.run(|| chain_ending_programs("vcoll0", false));
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
-    wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
         attached(&scrape(&netns), "vcoll0").then_some(())
     });
     exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
@@ -900,7 +900,7 @@ fn a_program_put_ahead_of_ours_later_is_reported() {
     let config = AgentConfig::new(ROUTES);
     // With the statistics' empty programs too: they go behind ours.
     let agent = Agent::start_with(&netns, &config, &["--bpf-stats"]);
-    let metrics = wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+    let metrics = wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         attached(&metrics, "vcoll0").then_some(metrics)
     });
@@ -917,7 +917,7 @@ fn a_program_put_ahead_of_ours_later_is_reported() {
     let links = netns.run(|| chain_ending_programs("vcoll0", true));
     wait_for(
         "the programs ahead to be reported",
-        Duration::from_secs(2),
+        Duration::from_secs(10),
         || {
             let metrics = scrape(&netns);
             ["ingress", "egress"]
@@ -927,7 +927,7 @@ fn a_program_put_ahead_of_ours_later_is_reported() {
         },
     );
     drop(links);
-    wait_for("ours to be first again", Duration::from_secs(2), || {
+    wait_for("ours to be first again", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         ["ingress", "egress"]
             .iter()
@@ -1027,7 +1027,7 @@ fn a_detached_link_is_attached_again_and_counts_exactly() {
     let logs = ScratchDir::new("detached");
     let log = logs.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
-    let metrics = wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+    let metrics = wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         attached(&metrics, "vcoll0").then_some(metrics)
     });
@@ -1041,7 +1041,7 @@ fn a_detached_link_is_attached_again_and_counts_exactly() {
     }
     let metrics = wait_for(
         "the links to be attached again",
-        Duration::from_secs(2),
+        Duration::from_secs(10),
         || {
             let metrics = scrape(&netns);
             ["ingress", "egress"]
@@ -1098,7 +1098,7 @@ fn a_configured_interface_that_appears_later_is_attached_and_counted() {
     assert_eq!(missing(&metrics, "lo"), None);
 
     add_veth(&netns, &peer);
-    wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         (attached(&metrics, "vcoll0") && missing(&metrics, "vcoll0").is_none()).then_some(())
     });
@@ -1120,7 +1120,7 @@ fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
     let logs = ScratchDir::new("renamed");
     let log = logs.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
-    wait_for("vcoll0 to be attached", Duration::from_secs(2), || {
+    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
         attached(&scrape(&netns), "vcoll0").then_some(())
     });
     let index = netns.run(|| ifindex("vcoll0"));
@@ -1137,7 +1137,7 @@ fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
         ip(&netns, &format!("link set dev {from} name {to}"));
         wait_for(
             &format!("{to} to be attached"),
-            Duration::from_secs(2),
+            Duration::from_secs(10),
             || {
                 let metrics = scrape(&netns);
                 (attached(&metrics, to) && !attached(&metrics, from)).then_some(())
@@ -1147,7 +1147,7 @@ fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
         assert_eq!(pins(), before, "{from} -> {to}");
     }
     ip(&netns, "link set dev vcoll0 name vren2");
-    wait_for("vren2 to be attached", Duration::from_secs(2), || {
+    wait_for("vren2 to be attached", Duration::from_secs(10), || {
         attached(&scrape(&netns), "vren2").then_some(())
     });
     let metrics = exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");

@@ -535,7 +535,8 @@ fn connections_opened_during_a_clean_start_count_once() {
         Arc,
         atomic::{AtomicBool, Ordering},
     };
-    // Both ends of every connection are this process's: room for a few thousand.
+    // Both ends of every connection are this process's: room for the most the connector
+    // makes below (20,000 is the hard limit where the suite runs).
     let limit = libc::rlimit {
         rlim_cur: 20_000,
         rlim_max: 20_000,
@@ -554,9 +555,11 @@ fn connections_opened_during_a_clean_start_count_once() {
         let stop = Arc::clone(&stop);
         netns.spawn(move || {
             let mut held = Vec::new();
-            while !stop.load(Ordering::Relaxed) && held.len() < 6_000 {
+            // Until the agent is ready: 6,000 every 200 µs (about 2 s) could end before a
+            // slow start had attached anything; 9,000 every 500 µs take over 4.5 s.
+            while !stop.load(Ordering::Relaxed) && held.len() < 9_000 {
                 held.push(TcpStream::connect(("127.0.0.1", API_PORT)).unwrap());
-                thread::sleep(Duration::from_micros(200));
+                thread::sleep(Duration::from_micros(500));
             }
             held
         })
@@ -944,14 +947,7 @@ fn under_steady_traffic_a_crash_and_restart_lose_nothing_and_never_go_back() {
 
 /// Starts the agent over the pins a killed one left, expecting a refusal: its stderr.
 fn refused_start(netns: &Netns, config: &AgentConfig) -> String {
-    let out = netns
-        .command(support::COLLECTOR)
-        .args(["run", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    support::refused_start(netns, &config.path)
 }
 
 #[test]

@@ -219,13 +219,9 @@ fn json_logs_are_one_object_a_line_with_the_fields_at_the_top() {
         "[[routes]]\nname = \"web\"\nports = [0]\ntype = \"http\"\n",
     )
     .unwrap();
-    let out = Command::new(COLLECTOR)
-        .args(["run", "--log-format", "json", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // In a namespace of its own, with a time limit: a start wrongly let through would
+    // otherwise attach to the host and never end.
+    let stderr = support::refused_start_with(&Netns::new(), &bad, &["--log-format", "json"]);
     let refusal: serde_json::Value =
         serde_json::from_str(stderr.trim()).unwrap_or_else(|err| panic!("{err}: {stderr}"));
     assert_eq!(refusal["level"], "ERROR");
@@ -235,57 +231,42 @@ fn json_logs_are_one_object_a_line_with_the_fields_at_the_top() {
     );
 }
 
-fn run_with_config(text: &str) -> (bool, String) {
-    // Tests run in parallel: one directory per call.
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("collector-config-{}-{call}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("bad.toml");
+/// Starts the agent on `text` as bad.toml, in a namespace of its own with a time limit
+/// (a start wrongly let through would otherwise attach to the host and never end),
+/// expecting a refusal: its stderr.
+fn refused_config(text: &str) -> String {
+    let dir = ScratchDir::new("refused-config");
+    let path = dir.path("bad.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(COLLECTOR)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    support::refused_start(&Netns::new(), &path)
 }
 
 #[test]
 fn an_invalid_config_is_refused_with_file_line_and_reason() {
-    let (ok, stderr) = run_with_config(
+    let stderr = refused_config(
         "listen = \"127.0.0.1:9464\"\n\n[[routes]]\nname = \"web\"\nports = [0]\ntype = \"http\"\n",
     );
-    assert!(!ok);
     assert!(stderr.contains("bad.toml:5:"), "{stderr}");
     assert!(stderr.to_lowercase().contains("port"), "{stderr}");
 
-    let (ok, stderr) =
-        run_with_config("[[routes]]\nname = \"web\"\nports = [80]\ntyp = \"http\"\n");
-    assert!(!ok);
+    let stderr = refused_config("[[routes]]\nname = \"web\"\nports = [80]\ntyp = \"http\"\n");
     assert!(stderr.contains("bad.toml:4:"), "{stderr}");
 }
 
 #[test]
 fn a_pin_directory_off_bpffs_is_refused_with_the_fix() {
-    let (ok, stderr) = run_with_config(
+    let stderr = refused_config(
         "pin_dir = \"/tmp/not-bpffs\"\n[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n",
     );
-    assert!(!ok);
     assert!(
         stderr.contains("/tmp/not-bpffs is not on a bpffs mount")
             && stderr.contains("mount -t bpf"),
         "{stderr}"
     );
     // bpffs refuses a dot in a name with EPERM, which must not read as missing privileges.
-    let (ok, stderr) = run_with_config(
+    let stderr = refused_config(
         "pin_dir = \"/sys/fs/bpf/collector.prod\"\n[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n",
     );
-    assert!(!ok);
     assert!(
         stderr.contains("bpffs refuses names with a dot") && !stderr.contains("run as root"),
         "{stderr}"

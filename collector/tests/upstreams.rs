@@ -687,6 +687,16 @@ fn a_connect_across_a_crash_counts_where_it_will_close_when_the_port_changed_ups
     assert_no_pins(&config.pin_dir);
 }
 
+/// A second pin of a map, removed should the test fail before it is put back: a pin holds
+/// its map, and bpffs outlives the test.
+struct KeptPin(PathBuf);
+
+impl Drop for KeptPin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn a_count_an_older_builds_stop_left_pinned_is_not_adopted() {
     let netns = Netns::new();
@@ -703,7 +713,9 @@ fn a_count_an_older_builds_stop_left_pinned_is_not_adopted() {
     // An older build knows every pin but this one: its clean stop leaves it behind. Kept
     // here by a second pin while this build's stop removes the rest, then put back.
     let pins = config.pin_dir.join("v1");
-    let kept = PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test-kept"));
+    let kept_pin =
+        KeptPin(PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test-kept")));
+    let kept = &kept_pin.0;
     let counters = pins.join("UPSTREAM_COUNTERS");
     support::run(
         "bpftool",
@@ -717,7 +729,7 @@ fn a_count_an_older_builds_stop_left_pinned_is_not_adopted() {
     );
     assert!(agent.stop().success());
     std::fs::create_dir_all(&pins).unwrap();
-    std::fs::rename(&kept, &counters).unwrap();
+    std::fs::rename(kept, &counters).unwrap();
 
     let agent = Agent::start(&netns, &config);
     refused(&netns, at(Ipv4Addr::LOCALHOST, REFUSING_PORT), 1);

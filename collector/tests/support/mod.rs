@@ -385,10 +385,14 @@ impl Agent {
         }
     }
 
-    /// SIGTERM and wait: returns the exit status.
-    pub fn stop(mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        self.child.take().unwrap().wait().unwrap()
+    /// SIGTERM and wait: returns the exit status. Panics if the agent has not exited
+    /// [`STOP_TIMEOUT`] later (it is killed then), so a stop that hangs fails its test
+    /// instead of the whole run.
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.stop_within(libc::SIGTERM, STOP_TIMEOUT)
+            .unwrap_or_else(|| {
+                panic!("the agent was still running {STOP_TIMEOUT:?} after SIGTERM (killed)")
+            })
     }
 
     /// `signal`, then waits up to `timeout` for the agent to exit: its exit status, or
@@ -398,18 +402,7 @@ impl Agent {
         signal: libc::c_int,
         timeout: Duration,
     ) -> Option<std::process::ExitStatus> {
-        self.signal(signal);
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        end_child(&mut self.child.take().unwrap(), signal, timeout)
     }
 
     /// The agent's process id (`nsenter` and `ip netns exec` exec it).
@@ -436,11 +429,37 @@ fn signal_child(child: &Child, signal: libc::c_int) {
     unsafe { libc::kill(pid, signal) };
 }
 
+/// How long a stop may take before the agent is killed: its own stop waits at most 5 s for
+/// HTTP requests, then detaches.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends `signal` (after SIGCONT, so that a paused child takes it) and waits up to `timeout`
+/// for the child to exit: its exit status, or `None` if it was still running (then it is
+/// killed).
+fn end_child(
+    child: &mut Child,
+    signal: libc::c_int,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    signal_child(child, libc::SIGCONT);
+    signal_child(child, signal);
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
+        // A test that failed while the agent was paused must not hang the run on it.
         if let Some(mut child) = self.child.take() {
-            signal_child(&child, libc::SIGTERM);
-            let _ = child.wait();
+            end_child(&mut child, libc::SIGTERM, STOP_TIMEOUT);
         }
     }
 }
@@ -474,10 +493,17 @@ impl Drop for Reaped {
 /// if it exits successfully or is still running after 20 s (then it is killed, so that a
 /// start that was wrongly let through cannot hang the test). Returns its stderr.
 pub fn refused_start(netns: &Netns, config: &Path) -> String {
+    refused_start_with(netns, config, &[])
+}
+
+/// [`refused_start`] with `args` after `run`.
+pub fn refused_start_with(netns: &Netns, config: &Path, args: &[&str]) -> String {
     let mut child = Reaped(
         netns
             .command(COLLECTOR)
-            .args(["run", "--config"])
+            .arg("run")
+            .args(args)
+            .arg("--config")
             .arg(config)
             .stderr(Stdio::piped())
             .spawn()
