@@ -934,8 +934,8 @@ fn the_dashboard_and_alerts_query_valid_promql_over_metrics_we_export() {
     // bucket the agent does not have (`le="0.5"` where its edges are powers of two) never
     // fires, and promtool's own tests, fed the same made-up series, cannot tell.
     let golden = golden();
-    let queries = format!("{}\n{}", exprs.join("\n"), read("prometheus/alerts.yml"));
-    let matchers = equality_matchers(&queries);
+    let promql = format!("{}\n{}", exprs.join("\n"), read("prometheus/alerts.yml"));
+    let matchers = equality_matchers(&promql);
     assert!(matchers.len() >= 10, "{matchers:?}");
     for (name, label, value) in matchers {
         let pair = format!("{label}=\"{value}\"");
@@ -952,7 +952,7 @@ fn the_dashboard_and_alerts_query_valid_promql_over_metrics_we_export() {
     }
 }
 
-/// The `metric{label="value"}` matchers (`=` only, not `=~` or `!=`) of PromQL text, for
+/// The `metric{label="value"}` matchers (`=` only, not `=~` or `!=`) of `PromQL` text, for
 /// the `collector_` metrics.
 fn equality_matchers(text: &str) -> Vec<(String, String, String)> {
     let mut found = Vec::new();
