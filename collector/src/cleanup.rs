@@ -208,13 +208,7 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         }
         let left = found.other_pins().count();
         if left > 0 {
-            let dirs = found
-                .other_layouts
-                .iter()
-                .filter(|(_, pins)| !pins.is_empty())
-                .map(|(dir, _)| dir.display().to_string())
-                .collect::<Vec<_>>()
-                .join(" ");
+            let dirs = other_layout_dirs(&found);
             anyhow::bail!(
                 "{left} pin(s) under {} are not this build's pin layout ({}) and were left in \
                  place (another build's: its link pins, if any, keep their programs attached); \
@@ -226,6 +220,17 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         }
     }
     listed
+}
+
+/// The directories of other layouts that hold pins, for an `rm -r`.
+fn other_layout_dirs(found: &Found) -> String {
+    found
+        .other_layouts
+        .iter()
+        .filter(|(_, pins)| !pins.is_empty())
+        .map(|(dir, _)| dir.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Writes what `run` found and does about it.
@@ -251,6 +256,14 @@ fn list(
             out,
             "{} (not this build's pin layout: {leaves})",
             path.display()
+        )?;
+    }
+    if !apply && found.other_pins().count() > 0 {
+        writeln!(
+            out,
+            "once no collector of that build runs with this pin directory, remove them with \
+             `rm -r {}` (--apply leaves them, and its status is then 1)",
+            other_layout_dirs(found)
         )?;
     }
     for (dir, pid) in &found.probes {
@@ -370,9 +383,23 @@ fn find_table(table: &str) -> anyhow::Result<nft::Leftover> {
             "looking for the nftables table inet {table}: permission denied: run as root (or with \
              CAP_NET_ADMIN)"
         ),
-        // Without nf_tables support there is no table of ours to find.
-        Err(_) => Ok(nft::Leftover::Absent),
+        Err(nft::NftError::Netlink(err)) if without_nf_tables(&err) => Ok(nft::Leftover::Absent),
+        // Anything else (the ruleset changing all through the read, say) leaves the question
+        // open: saying "nothing in nftables" would leave a crashed run's chains hooked.
+        Err(err) => {
+            Err(anyhow::Error::new(err)
+                .context(format!("looking for the nftables table inet {table}")))
+        }
     }
+}
+
+/// The kernel has no `nf_tables` (nor nfnetlink): no table of ours can be there. nfnetlink
+/// answers EINVAL for a subsystem it does not have; a kernel without it refuses the socket.
+fn without_nf_tables(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EINVAL | libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT | libc::EOPNOTSUPP)
+    )
 }
 
 /// Reads the pins' owner from `PIN_OWNER` under `map_dir`.
@@ -475,6 +502,21 @@ fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_kernel_without_nf_tables_means_no_table() {
+        for errno in [libc::EINVAL, libc::EPROTONOSUPPORT, libc::EAFNOSUPPORT] {
+            assert!(without_nf_tables(&io::Error::from_raw_os_error(errno)));
+        }
+        // The ruleset changing all through the read, or a lost reply: not known.
+        for errno in [libc::EINTR, libc::ENOBUFS, libc::EBUSY] {
+            assert!(!without_nf_tables(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!without_nf_tables(&io::Error::new(
+            io::ErrorKind::Interrupted,
+            "the nftables ruleset changed while our table was read"
+        )));
+    }
 
     #[test]
     fn only_layout_directories_are_taken_for_a_collectors_pins() {

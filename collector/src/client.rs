@@ -476,6 +476,9 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
         .tcp()
         .set_read_timeout(Some(silence))
         .context("setting the socket's timeout")?;
+    // A chunked stream ends with its last chunk when the agent stops; one cut off before
+    // it is an agent that died (killed, crashed) or a connection lost.
+    let marks_its_end = framing == Framing::Chunked;
     let mut body: Box<dyn Read> = match framing {
         Framing::Chunked => Box::new(Chunked::new(reader)),
         Framing::Length(length) => Box::new(reader.take(length)),
@@ -486,8 +489,15 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
     loop {
         let read = match body.read(&mut buf) {
             Ok(read) => read,
-            // The agent went without ending the stream (killed, or a TLS close without
-            // close_notify): what it sent has been written.
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof && marks_its_end => {
+                return Err(anyhow::anyhow!(
+                    "the event stream from the collector at {} was cut off before its end: the \
+                     agent was killed or crashed, or the connection was lost ({err})",
+                    agent.addr
+                ));
+            }
+            // A body that ends with the connection (a TLS close without close_notify reads
+            // so too): what was sent has been written.
             Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => 0,
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(err)
@@ -922,11 +932,54 @@ fn failed_share(upstream: &Value) -> Value {
     Value::from(share)
 }
 
+/// Figures this old or older are said to be: with the default 1 s polls, two polls missed.
+const STALE_AFTER_MS: u64 = 3_000;
+
+/// What a table's figures are worth, said above them (nothing when all is well): none yet
+/// (an agent that has not finished its first poll answers with empty figures), how old
+/// they are when the polls have stopped moving them (a poll that cannot read the kernel
+/// keeps the last figures, rates included), and each source that is down, with its error.
+#[must_use]
+pub fn freshness(json: &Value, now_ms: u64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    match json["timestamp"].as_u64() {
+        None | Some(0) => {
+            let _ = writeln!(
+                out,
+                "no poll has finished yet (the agent is starting): every figure below is empty"
+            );
+        }
+        Some(read) if now_ms.saturating_sub(read) >= STALE_AFTER_MS => {
+            let _ = writeln!(
+                out,
+                "figures as read {:.0} s ago: the agent's polls have not moved them since",
+                Duration::from_millis(now_ms.saturating_sub(read)).as_secs_f64()
+            );
+        }
+        Some(_) => {}
+    }
+    for (name, source) in json["sources"].as_object().into_iter().flatten() {
+        if source["up"] == false {
+            let why = source["lastError"].as_str().unwrap_or("no error recorded");
+            let _ = writeln!(out, "source {name} is down: {why}");
+        }
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
 /// `/api/v1/dns` as a few readable lines.
 #[must_use]
 pub fn dns_table(json: &Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
+    if json["enabled"] == false {
+        let _ = writeln!(out, "DNS counting is off ([dns] enabled = false)");
+        return out;
+    }
     let pairs = |value: &Value| -> String {
         value
             .as_object()
@@ -997,32 +1050,58 @@ pub fn dns_table(json: &Value) -> String {
 /// Clears the screen and homes the cursor, like watch(1).
 const CLEAR: &str = "\x1b[2J\x1b[H";
 
-/// Shows `fetch`'s text every second (`clear`: on a cleared screen). The first failure ends
-/// it (a wrong address or credentials); a later one, such as the agent restarting, is shown
-/// in place of the figures and tried again a second later.
+/// How `refresh` shows each refresh.
+#[derive(Clone, Copy)]
+enum Refreshes {
+    /// Tables: on a cleared screen on a terminal, one after another (a blank line between)
+    /// into a file or a pipe.
+    Tables,
+    /// One JSON document a line, nothing else on standard output.
+    JsonLines,
+}
+
+/// Shows `fetch`'s text every second. The first failure ends it (a wrong address or
+/// credentials); a later one, such as the agent restarting, is shown in place of the figures
+/// on a terminal, and on standard error otherwise (a reader of JSON lines, `jq` say, would
+/// stop at a line of text), and tried again a second later.
 fn refresh(
     agent: &Endpoint,
-    clear: bool,
+    refreshes: Refreshes,
     mut fetch: impl FnMut() -> anyhow::Result<String>,
 ) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let screen = matches!(refreshes, Refreshes::Tables) && std::io::stdout().is_terminal();
     let mut shown = false;
     loop {
         let text = match fetch() {
-            Ok(text) => text,
+            Ok(text) => Some(text),
             Err(err) if !shown => return Err(err),
-            Err(err) => format!(
-                "the collector at {} did not answer: {err:#}\ntrying again every second \
-                 (Ctrl-C to stop)\n",
-                agent.addr
-            ),
-        };
-        shown = true;
-        output::write(|out| {
-            if clear {
-                write!(out, "{CLEAR}")?;
+            Err(err) => {
+                let failure = format!(
+                    "the collector at {} did not answer: {err:#}\ntrying again every second \
+                     (Ctrl-C to stop)\n",
+                    agent.addr
+                );
+                if screen {
+                    Some(failure)
+                } else {
+                    eprint!("{failure}");
+                    None
+                }
             }
-            write!(out, "{text}")
-        })?;
+        };
+        if let Some(text) = text {
+            let separate = shown && matches!(refreshes, Refreshes::Tables);
+            output::write(|out| {
+                if screen {
+                    write!(out, "{CLEAR}")?;
+                } else if separate {
+                    writeln!(out)?;
+                }
+                write!(out, "{text}")
+            })?;
+            shown = true;
+        }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
@@ -1034,14 +1113,22 @@ pub fn stats(agent: &Endpoint, dns: bool, json: bool, watch: bool) -> anyhow::Re
         let value = get_json(agent, path)?;
         Ok(if json {
             format!("{value}\n")
-        } else if dns {
-            dns_table(&value)
         } else {
-            proxy_table(&value)
+            let table = if dns {
+                dns_table(&value)
+            } else {
+                proxy_table(&value)
+            };
+            freshness(&value, crate::clock::unix_ms()) + &table
         })
     };
     if watch {
-        return refresh(agent, !json, fetch);
+        let refreshes = if json {
+            Refreshes::JsonLines
+        } else {
+            Refreshes::Tables
+        };
+        return refresh(agent, refreshes, fetch);
     }
     let text = fetch()?;
     output::write(|out| write!(out, "{text}"))
@@ -1052,7 +1139,12 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
     let fetch = || -> anyhow::Result<String> {
         let proxy = get_json(agent, "/api/v1/proxy")?;
         let dns = get_json(agent, "/api/v1/dns")?;
-        let mut text = format!("collector at {}\n\n{}", agent.addr, proxy_table(&proxy));
+        let mut text = format!(
+            "collector at {}\n\n{}{}",
+            agent.addr,
+            freshness(&proxy, crate::clock::unix_ms()),
+            proxy_table(&proxy)
+        );
         if dns["enabled"] == true {
             text.push('\n');
             text.push_str(&dns_table(&dns));
@@ -1060,7 +1152,7 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
         Ok(text)
     };
     if !once {
-        return refresh(agent, true, fetch);
+        return refresh(agent, Refreshes::Tables, fetch);
     }
     let text = fetch()?;
     output::write(|out| write!(out, "{text}"))
@@ -1542,6 +1634,43 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             text.contains("hit rate 88.8 % (last minute) (one query in 16 matched)")
                 && text.contains("(9 answered in the last minute) (one query in 16 matched)"),
             "{text}"
+        );
+
+        // DNS off: said so, not a table of zeros "not measured" for another reason.
+        let off = serde_json::json!({
+            "enabled": false, "totalQueries": 0, "matchResponses": false,
+            "queryTypeBreakdown": {}, "responseCodes": {}, "topDomains": []
+        });
+        assert_eq!(dns_table(&off), "DNS counting is off ([dns] enabled = false)\n");
+    }
+
+    #[test]
+    fn stale_empty_or_partial_figures_are_said_to_be() {
+        let now = 1_700_000_010_000;
+        let fresh = serde_json::json!({
+            "timestamp": now - 900,
+            "sources": {"ebpf": {"up": true}, "nftables": {"up": true}}
+        });
+        assert_eq!(freshness(&fresh, now), "");
+        // Before a first poll the agent answers with empty figures, read at time 0.
+        let starting = serde_json::json!({"timestamp": 0, "sources": {}});
+        assert!(
+            freshness(&starting, now).starts_with("no poll has finished yet"),
+            "{}",
+            freshness(&starting, now)
+        );
+        // A poll that cannot read the kernel keeps the last figures: their age, and why.
+        let stuck = serde_json::json!({
+            "timestamp": now - 12_400,
+            "sources": {
+                "ebpf": {"up": false, "lastError": "reading CONN_COUNTERS: EBADF"},
+                "netlink": {"up": true}
+            }
+        });
+        assert_eq!(
+            freshness(&stuck, now),
+            "figures as read 12 s ago: the agent's polls have not moved them since\n\
+             source ebpf is down: reading CONN_COUNTERS: EBADF\n\n"
         );
     }
 }

@@ -212,11 +212,12 @@ enum MapsAction {
         name: String,
         #[command(flatten)]
         source: ConfigSource,
-        /// Milliseconds between refreshes.
-        #[arg(long, default_value_t = 1000)]
+        /// Milliseconds between refreshes (100 or more: a dump of the connection table reads
+        /// 65,536 slots).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
         interval_ms: u64,
-        /// Stop after this many refreshes.
-        #[arg(long)]
+        /// Stop after this many refreshes (1 or more).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
     },
     /// One map's contents, decoded, per-CPU values summed (JSON).
@@ -316,7 +317,7 @@ fn main() -> std::process::ExitCode {
             maps::watch(
                 &config.pin_dir,
                 &name,
-                std::time::Duration::from_millis(interval_ms.max(100)),
+                std::time::Duration::from_millis(interval_ms),
                 count,
             )
         }),

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{self, Write},
+    io::{self, IsTerminal as _, Write},
     net::Ipv6Addr,
     os::fd::AsFd as _,
     path::Path,
@@ -657,6 +657,30 @@ pub fn flatten(value: &Value) -> Vec<(String, f64)> {
     out
 }
 
+/// Fields that name or time something rather than count it: a change per second of a
+/// cookie, a query id or a start time is noise (a slot taken by another connection read as
+/// billions a second).
+const NOT_COUNTED: &[&str] = &[
+    "askedNs",
+    "clientFingerprint",
+    "clientPort",
+    "cookie",
+    "id",
+    "latestUpstreamNs",
+    "netnsCookie",
+    "port",
+    "ports",
+    "routeSlot",
+    "startNs",
+];
+
+/// Whether the number at `path` (as [`flatten`] names it) counts something.
+fn counts(path: &str) -> bool {
+    !path
+        .split('.')
+        .any(|segment| NOT_COUNTED.contains(&segment))
+}
+
 /// One refresh of `maps watch`: its numbers by path, for the next one's rates. A hash map: a
 /// dump of the connection table holds up to 65,536 rows of five numbers, and a search of
 /// the previous list for each number took quadratic time.
@@ -687,13 +711,19 @@ pub fn watch(
         let now = Instant::now();
         let values = flatten(&dump(pin_dir, name)?);
         output::write(|out| {
-            // Clear the screen and home the cursor, like watch(1).
-            write!(out, "\x1b[2J\x1b[H")?;
+            if std::io::stdout().is_terminal() {
+                // Clear the screen and home the cursor, like watch(1).
+                write!(out, "\x1b[2J\x1b[H")?;
+            } else if refreshes > 0 {
+                // Into a file or a pipe: refreshes one after another.
+                writeln!(out)?;
+            }
             writeln!(out, "{name} every {:.1} s", interval.as_secs_f64())?;
             writeln!(out, "{:<40} {:>16} {:>14}", "FIELD", "VALUE", "PER SECOND")?;
             for (path, value) in &values {
                 let rate = previous
                     .as_ref()
+                    .filter(|_| counts(path))
                     .and_then(|previous| previous.per_second(path, *value, now));
                 let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"));
                 writeln!(out, "{path:<40} {value:>16} {rate:>14}")?;
@@ -977,6 +1007,29 @@ mod tests {
                 ("1.x.y".to_owned(), 1.5)
             ]
         );
+    }
+
+    #[test]
+    fn only_counters_get_a_change_per_second() {
+        for counted in [
+            "slot41.bytesIn",
+            "slot0.in.packets",
+            "queriesByQtype.A",
+            "0.opened",
+        ] {
+            assert!(counts(counted), "{counted}");
+        }
+        for named in [
+            "slot41.cookie",
+            "slot41.startNs",
+            "slot41.routeSlot",
+            "slot7.id",
+            "slot7.clientPort",
+            "0.netnsCookie",
+            "ports.3",
+        ] {
+            assert!(!counts(named), "{named}");
+        }
     }
 
     #[test]

@@ -707,11 +707,10 @@ fn a_refusal_says_the_agents_reason() {
     server.join().unwrap();
 }
 
-/// `stats --watch` shows a failed refresh (an agent restarting) in place of the figures and
-/// goes on; only a first failure ends it.
-#[test]
-fn watching_goes_on_through_a_failed_refresh() {
-    use std::io::Read as _;
+/// `stats proxy ARGS --watch` against answers of 3 active connections, a failure, and 4: its
+/// standard output up to the one with 4, and its standard error (killed then).
+fn watch_through_a_failure(args: &[&str]) -> (String, String) {
+    use std::{io::Read as _, sync::mpsc};
     let ok = |active: u32| {
         let body = format!("{{\"activeConnections\":{active},\"routes\":[]}}");
         format!(
@@ -721,34 +720,118 @@ fn watching_goes_on_through_a_failed_refresh() {
         .into_bytes()
     };
     let (addr, server) = answering(vec![ok(3), Vec::new(), ok(4)]);
-    let mut watch = Command::new(COLLECTOR)
-        .args(["stats", "proxy", "--watch", "--listen", &addr])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = watch.stdout.take().unwrap();
-    let mut seen = String::new();
-    let mut buf = [0u8; 4096];
-    while !seen.contains("total: 4 active") {
-        let read = stdout.read(&mut buf).unwrap();
-        assert!(read > 0, "the watch ended:\n{seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..read]));
-    }
-    watch.kill().unwrap();
-    watch.wait().unwrap();
-    server.join().unwrap();
-    let (first, rest) = seen.split_once("total: 3 active").unwrap();
-    assert!(!first.contains("did not answer"), "{seen}");
-    let (failed, _) = rest.split_once("total: 4 active").unwrap();
-    assert!(
-        failed.contains("did not answer") && failed.contains("trying again every second"),
-        "{seen}"
+    let mut watch = support::Reaped::spawn(
+        Command::new(COLLECTOR)
+            .args(["stats", "proxy", "--watch", "--listen", &addr])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
     );
+    let mut stdout = watch.stdout().unwrap();
+    let (seen_tx, seen_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(read @ 1..) = stdout.read(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..read]));
+            if seen_tx.send(seen.clone()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen = String::new();
+    while !seen.contains("total: 4 active") && !seen.contains("\"activeConnections\":4") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        seen = seen_rx
+            .recv_timeout(left)
+            .unwrap_or_else(|err| panic!("no refresh with 4 ({err}):\n{seen}"));
+    }
+    watch.signal(libc::SIGKILL);
+    let mut stderr = String::new();
+    watch.stderr().unwrap().read_to_string(&mut stderr).unwrap();
+    server.join().unwrap();
 
     // A first failure is an error, as without --watch.
     let out = Command::new(COLLECTOR)
         .args(["stats", "proxy", "--watch", "--listen", &addr])
+        .args(args)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
+    (seen, stderr)
+}
+
+/// `stats --watch` goes on through a failed refresh (an agent restarting), which it reports
+/// on standard error when its output is not a terminal: refreshes follow one another on
+/// standard output, a blank line apart, with no text in between. Only a first failure ends
+/// it.
+#[test]
+fn watching_goes_on_through_a_failed_refresh() {
+    let (seen, stderr) = watch_through_a_failure(&[]);
+    assert!(!seen.contains("did not answer"), "{seen}");
+    let (first, rest) = seen.split_once("total: 3 active").unwrap();
+    assert!(!first.contains("total:"), "{seen}");
+    assert!(
+        rest.contains("\n\n") && rest.contains("total: 4 active"),
+        "{seen}"
+    );
+    // Not a terminal: no screen clearing.
+    assert!(!seen.contains('\x1b'), "{seen:?}");
+    assert!(
+        stderr.contains("did not answer") && stderr.contains("trying again every second"),
+        "{stderr}"
+    );
+}
+
+/// `stats --json --watch` writes JSON lines only, so that `| jq` reads on through a failed
+/// refresh; the failure goes to standard error.
+#[test]
+fn watching_json_keeps_failures_off_standard_output() {
+    let (seen, stderr) = watch_through_a_failure(&["--json"]);
+    let active: Vec<u64> = seen
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|err| panic!("not JSON ({err}): {line:?}"));
+            value["activeConnections"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(active, [3, 4], "{seen}");
+    assert!(stderr.contains("did not answer"), "{stderr}");
+}
+
+/// `collector events` ends with status 0 when the agent ends the stream (its last chunk, as
+/// a stopping agent sends it), and with status 1 and the reason when the stream is cut off
+/// before it (an agent killed or crashed): a supervisor of the tail can tell the two apart.
+#[test]
+fn an_event_stream_cut_off_is_an_error() {
+    let line = "{\"event\":\"query-received\"}\n";
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n";
+    let chunk = format!("{:X}\r\n{line}\r\n", line.len());
+    let (addr, server) = answering(vec![
+        format!("{head}{chunk}0\r\n\r\n").into_bytes(),
+        format!("{head}{chunk}").into_bytes(),
+    ]);
+    let tail = || {
+        Command::new(COLLECTOR)
+            .args(["events", "--listen", &addr])
+            .output()
+            .unwrap()
+    };
+    let ended = tail();
+    assert!(
+        ended.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ended.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ended.stdout), line);
+
+    let cut = tail();
+    let stderr = String::from_utf8_lossy(&cut.stderr);
+    assert_eq!(cut.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cut off before its end"), "{stderr}");
+    // What came before the cut was passed on.
+    assert_eq!(String::from_utf8_lossy(&cut.stdout), line);
+    server.join().unwrap();
 }

@@ -546,6 +546,14 @@ fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
         )) && stdout.contains(&format!("{} (a `collector check` probe", probe.display())),
         "{stdout}"
     );
+    // The command that removes the other build's pins is named before --apply too.
+    assert!(
+        stdout.contains(&format!(
+            "remove them with `rm -r {}` (--apply leaves them, and its status is then 1)",
+            v2.display()
+        )),
+        "{stdout}"
+    );
     assert_eq!(lines_naming_tc(&stdout), tc_left, "{stdout}");
 
     let apply = cleanup(&["--apply"]);

@@ -480,6 +480,16 @@ impl Reaped {
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
         self.0.try_wait().unwrap()
     }
+
+    /// Its standard output, if piped and not taken yet.
+    pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.0.stdout.take()
+    }
+
+    /// Its standard error, if piped and not taken yet.
+    pub fn stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.0.stderr.take()
+    }
 }
 
 impl Drop for Reaped {
