@@ -1641,7 +1641,10 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             "enabled": false, "totalQueries": 0, "matchResponses": false,
             "queryTypeBreakdown": {}, "responseCodes": {}, "topDomains": []
         });
-        assert_eq!(dns_table(&off), "DNS counting is off ([dns] enabled = false)\n");
+        assert_eq!(
+            dns_table(&off),
+            "DNS counting is off ([dns] enabled = false)\n"
+        );
     }
 
     #[test]

@@ -32,7 +32,9 @@ fn run_ok(command: &mut Command, what: &str) -> String {
 /// The documents of a YAML file as JSON, parsed by `PyYAML` (yamllint's own parser).
 fn yaml(relative: &str) -> Vec<serde_json::Value> {
     let out = run_ok(
-        Command::new("python3")
+        // Debian's, which yamllint's package brings PyYAML to; another python3 first on
+        // PATH (pyenv's) may lack it.
+        Command::new("/usr/bin/python3")
             .args([
                 "-c",
                 "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",

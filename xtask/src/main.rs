@@ -48,6 +48,8 @@ const APT_PACKAGES: &[&str] = &[
     // Builds deploy/container/Containerfile in the tests, on a Debian base made locally.
     "podman",
     "debootstrap",
+    // The build-info test compares the revision built with the checkout's.
+    "git",
 ];
 /// Services that packages above bring and enable, each on a port of the host (53, 80,
 /// 9090): installed for their binaries only, which the tests and the benchmark start in
