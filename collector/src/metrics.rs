@@ -3,7 +3,9 @@
 //!
 //! Label cardinality is bounded by the config: `route` and `upstream` take the configured
 //! route and upstream names (`server_names` a route's configured names, on its info only),
-//! `interface` the attached interfaces (the configured ones, or those watched by default),
+//! `interface` the attached interfaces (the configured ones, or those watched by default,
+//! which on a Kubernetes node with a routed CNI include each pod's veth: series that come
+//! and go with the pods, as the README says),
 //! `direction` is `in` or `out`, `kind`, `reason`, `rcode`, `opcode` and `outcome` fixed
 //! sets, `qtype` at most 259 values; client addresses, domains and the server names clients
 //! send never become labels.

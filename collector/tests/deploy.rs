@@ -648,6 +648,31 @@ fn spelled(rule: &serde_json::Value, names: [&str; 5]) -> serde_json::Value {
 /// the same namespace, the collector containers' metrics port, HTTPS with the same server
 /// name, the token and CA from the Secrets the manifests mount, the same relabelings. (No
 /// Operator here: its schema was checked by hand, see docs/DESIGN.md, "Deployment".)
+/// The Role for Prometheus grants pod discovery where `kubernetes.yml` discovers, bound to
+/// it: a Prometheus without it finds no target (`CollectorTargetsAbsent`).
+#[test]
+fn the_prometheus_role_lets_the_kubernetes_job_list_its_pods() {
+    let job = yaml("prometheus/kubernetes.yml").remove(0)["scrape_configs"][0].clone();
+    let discovered = &job["kubernetes_sd_configs"][0];
+    assert_eq!(discovered["role"], "pod");
+    let namespaces = discovered["namespaces"]["names"].as_array().unwrap();
+    let rbac = yaml("kubernetes/prometheus-rbac.yaml");
+    let role = rbac.iter().find(|doc| doc["kind"] == "Role").unwrap();
+    let binding = rbac
+        .iter()
+        .find(|doc| doc["kind"] == "RoleBinding")
+        .unwrap();
+    assert_eq!(namespaces, &[role["metadata"]["namespace"].clone()]);
+    assert_eq!(
+        binding["metadata"]["namespace"],
+        role["metadata"]["namespace"]
+    );
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let rule = &role["rules"][0];
+    assert_eq!(rule["resources"], serde_json::json!(["pods"]));
+    assert_eq!(rule["verbs"], serde_json::json!(["get", "list", "watch"]));
+}
+
 #[test]
 fn the_pod_monitor_scrapes_what_the_kubernetes_job_does() {
     let monitor = yaml("prometheus/podmonitor.yaml").remove(0);
