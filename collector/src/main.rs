@@ -40,6 +40,7 @@ mod signals;
 mod slots;
 mod snapshot;
 mod sock_diag;
+mod systemd;
 mod tally;
 mod tls;
 mod topk;
@@ -551,15 +552,9 @@ async fn serve_until_signal(
             let _ = server_stopped.await;
         },
     ));
-    tracing::info!(
-        listen = %listening,
-        routes = attachment.routes.len(),
-        upstreams = attachment.upstreams.len(),
-        interfaces = ?attachment.interfaces(),
-        cgroup2 = %attachment.cgroup2,
-        inherited = attachment.inherited(),
-        "collector running"
-    );
+    log_running(attachment, &listening);
+    systemd::ready();
+    let watchdog = tokio::spawn(systemd::feed_watchdog(Arc::clone(&liveness)));
 
     let mut poller = Poller::new(
         maps,
@@ -603,11 +598,28 @@ async fn serve_until_signal(
             ended = &mut server => break Err(server_ended(ended)),
         }
     };
+    if outcome.is_ok() {
+        systemd::stopping();
+    }
+    watchdog.abort();
     hub.stop();
     let _ = stop_server.send(());
     events.abort();
     dns_events.abort();
     finish(outcome, server, &hub).await
+}
+
+/// The line that says the agent runs, and with what.
+fn log_running(attachment: &Attachment, listening: &str) {
+    tracing::info!(
+        listen = %listening,
+        routes = attachment.routes.len(),
+        upstreams = attachment.upstreams.len(),
+        interfaces = ?attachment.interfaces(),
+        cgroup2 = %attachment.cgroup2,
+        inherited = attachment.inherited(),
+        "collector running"
+    );
 }
 
 /// How the run ends: after a stop, once the HTTP server has drained; after an error, at

@@ -115,6 +115,12 @@ impl Liveness {
         self.last_poll_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
+    /// A poll has finished within the limit (or the limit has not passed since the start).
+    #[must_use]
+    pub fn alive(&self) -> bool {
+        self.stalled(Instant::now()).is_none()
+    }
+
     /// How long no poll has finished, as of `now`, when that is longer than the limit.
     fn stalled(&self, now: Instant) -> Option<Duration> {
         let last = Duration::from_millis(self.last_poll_ms.load(Ordering::Relaxed));

@@ -668,9 +668,12 @@ fn the_prometheus_role_lets_the_kubernetes_job_list_its_pods() {
         role["metadata"]["namespace"]
     );
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
-    let rule = &role["rules"][0];
-    assert_eq!(rule["resources"], serde_json::json!(["pods"]));
-    assert_eq!(rule["verbs"], serde_json::json!(["get", "list", "watch"]));
+    let granted = &role["rules"][0];
+    assert_eq!(granted["resources"], serde_json::json!(["pods"]));
+    assert_eq!(
+        granted["verbs"],
+        serde_json::json!(["get", "list", "watch"])
+    );
 }
 
 #[test]

@@ -786,3 +786,49 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`), the agent says it is ready once it serves,
+/// feeds the watchdog every half period while it polls, and says when a clean stop begins.
+#[test]
+fn systemd_is_told_ready_fed_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let dir = ScratchDir::new("notify");
+    let socket_path = dir.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 256];
+        let len = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    };
+    let mut launcher = netns.command(COLLECTOR);
+    // A 400 ms watchdog: fed every 200 ms.
+    launcher
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000");
+    let agent = Agent::spawn_until(&netns, launcher, &config, &[], || true);
+
+    assert_eq!(next(), "READY=1\n");
+    // Ready means serving.
+    assert_eq!(
+        netns.run(|| support::get("/healthz")).unwrap().0,
+        200,
+        "ready before serving"
+    );
+    for _ in 0..5 {
+        assert_eq!(next(), "WATCHDOG=1\n");
+    }
+
+    // The datagrams wait in the socket: the stop first, then what it said.
+    assert!(agent.stop().success());
+    let mut after_feeds = next();
+    while after_feeds == "WATCHDOG=1\n" {
+        after_feeds = next();
+    }
+    assert_eq!(after_feeds, "STOPPING=1\n");
+    support::assert_no_pins(&config.pin_dir);
+}
