@@ -291,6 +291,8 @@ impl Drop for AgentConfig {
 pub struct Agent {
     child: Option<Child>,
     pub netns_name: String,
+    /// Its pin directory: the config's, or `--pin-dir`'s.
+    pin_dir: PathBuf,
 }
 
 impl Agent {
@@ -358,9 +360,15 @@ impl Agent {
             .stderr(stderr)
             .spawn()
             .unwrap();
+        let pin_dir = extra
+            .iter()
+            .position(|arg| *arg == "--pin-dir")
+            .and_then(|at| extra.get(at + 1))
+            .map_or_else(|| config.pin_dir.clone(), PathBuf::from);
         let mut agent = Self {
             child: Some(child),
             netns_name: netns.name.clone(),
+            pin_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -388,11 +396,24 @@ impl Agent {
     /// SIGTERM and wait: returns the exit status. Panics if the agent has not exited
     /// [`STOP_TIMEOUT`] later (it is killed then), so a stop that hangs fails its test
     /// instead of the whole run.
+    ///
+    /// A clean stop (status 0) must have removed its pins: every test that stops an agent
+    /// checks that much.
     pub fn stop(self) -> std::process::ExitStatus {
-        self.stop_within(libc::SIGTERM, STOP_TIMEOUT)
+        let layout = self.pin_dir.join("v1");
+        let status = self
+            .stop_within(libc::SIGTERM, STOP_TIMEOUT)
             .unwrap_or_else(|| {
                 panic!("the agent was still running {STOP_TIMEOUT:?} after SIGTERM (killed)")
-            })
+            });
+        if status.success() {
+            assert!(
+                !layout.exists(),
+                "a clean stop left pins: {:?}",
+                fs::read_dir(&layout).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            );
+        }
+        status
     }
 
     /// `signal`, then waits up to `timeout` for the agent to exit: its exit status, or
