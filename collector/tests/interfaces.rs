@@ -124,7 +124,7 @@ fn interfaces_deleted_while_the_start_attaches_them_do_not_fail_it() {
         // The last first: the start attaches in the listed order.
         deletions.insert_str(0, &format!("link del vd{i}\n"));
     }
-    ip_batch(&netns.name, &additions);
+    support::ip_batch(&netns.name, &additions);
     let config = AgentConfig::new(ROUTES);
     let links = config.pin_dir.join("v1/links");
     let name = netns.name.clone();
@@ -142,7 +142,7 @@ fn interfaces_deleted_while_the_start_attaches_them_do_not_fail_it() {
                 })
             },
         );
-        ip_batch(&name, &deletions);
+        support::ip_batch(&name, &deletions);
     });
     let scratch = ScratchDir::new("vanishing");
     let log = scratch.path("agent.log");
@@ -169,14 +169,6 @@ fn interfaces_deleted_while_the_start_attaches_them_do_not_fail_it() {
     );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
-}
-
-/// Runs `ip -batch` with `lines` in the namespace named `netns`.
-fn ip_batch(netns: &str, lines: &str) {
-    let dir = ScratchDir::new("ip-batch");
-    let file = dir.path("batch");
-    std::fs::write(&file, lines).unwrap();
-    run("ip", &["-n", netns, "-batch", file.to_str().unwrap()]);
 }
 
 #[test]

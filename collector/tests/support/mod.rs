@@ -53,6 +53,15 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Runs `ip -batch` with `lines` in the namespace named `netns`: hundreds of links in one
+/// process.
+pub fn ip_batch(netns: &str, lines: &str) {
+    let dir = ScratchDir::new("ip-batch");
+    let file = dir.path("batch");
+    fs::write(&file, lines).unwrap();
+    run("ip", &["-n", netns, "-batch", file.to_str().unwrap()]);
+}
+
 pub fn run(program: &str, args: &[&str]) {
     let out = Command::new(program).args(args).output().unwrap();
     assert!(
