@@ -296,12 +296,38 @@ fn sources(snapshot: &Snapshot) -> BTreeMap<String, Source> {
         .collect()
 }
 
+/// How old the figures are as served, by the agent's own clock (a client's may differ), and
+/// how often they are read: a client can tell figures that polls keep moving from figures
+/// left standing (a poll that cannot read the kernel keeps the last ones).
+#[derive(Debug, Default, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Age {
+    /// Milliseconds since the kernel maps were read; `null` before the first read.
+    pub age_ms: Option<u64>,
+    /// `poll_interval_ms` of the config.
+    pub poll_interval_ms: u64,
+}
+
+impl Age {
+    /// For figures read at `timestamp` (0: never), served at `now_ms`.
+    #[must_use]
+    pub fn at(timestamp: u64, now_ms: u64, poll_interval: std::time::Duration) -> Self {
+        Self {
+            age_ms: (timestamp != 0).then(|| now_ms.saturating_sub(timestamp)),
+            poll_interval_ms: u64::try_from(poll_interval.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
 /// `/api/v1/proxy`.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyStats {
     /// When the kernel maps were read, milliseconds since the Unix epoch.
     pub timestamp: u64,
+    /// Set where the figures are served (see [`Age`]).
+    #[serde(flatten)]
+    pub age: Age,
     pub active_connections: u64,
     /// Open connections per route.
     pub connections_by_route: BTreeMap<String, u64>,
@@ -373,6 +399,7 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
 pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
     ProxyStats {
         timestamp: snapshot.taken_at_ms,
+        age: Age::default(),
         active_connections: snapshot.active_connections(),
         connections_by_route: snapshot
             .routes
@@ -460,6 +487,9 @@ pub struct TopDomain {
 pub struct DnsStats {
     /// When the kernel maps were read, milliseconds since the Unix epoch.
     pub timestamp: u64,
+    /// Set where the figures are served (see [`Age`]).
+    #[serde(flatten)]
+    pub age: Age,
     /// False when DNS counting is off in the config.
     pub enabled: bool,
     pub total_queries: u64,
@@ -527,6 +557,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
     let decided = recent.cache_hits + recent.cache_misses;
     DnsStats {
         timestamp: snapshot.taken_at_ms,
+        age: Age::default(),
         enabled: dns.enabled,
         total_queries: dns.total_queries(),
         queries_per_second: dns.query_rates.instant,

@@ -932,32 +932,36 @@ fn failed_share(upstream: &Value) -> Value {
     Value::from(share)
 }
 
-/// Figures this old or older are said to be: with the default 1 s polls, two polls missed.
-const STALE_AFTER_MS: u64 = 3_000;
+/// Figures are said to be stale at this many poll intervals old (and 3 s at the least):
+/// between polls they age by up to one.
+const STALE_AFTER_POLLS: f64 = 2.5;
+const STALE_AFTER_AT_LEAST_MS: f64 = 3_000.0;
 
 /// What a table's figures are worth, said above them (nothing when all is well): none yet
 /// (an agent that has not finished its first poll answers with empty figures), how old
 /// they are when the polls have stopped moving them (a poll that cannot read the kernel
 /// keeps the last figures, rates included), and each source that is down, with its error.
+/// The age is the agent's own (`ageMs`), so that neither a remote agent's clock nor this
+/// one's skews it.
 #[must_use]
-pub fn freshness(json: &Value, now_ms: u64) -> String {
+pub fn freshness(json: &Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    match json["timestamp"].as_u64() {
-        None | Some(0) => {
-            let _ = writeln!(
-                out,
-                "no poll has finished yet (the agent is starting): every figure below is empty"
-            );
-        }
-        Some(read) if now_ms.saturating_sub(read) >= STALE_AFTER_MS => {
-            let _ = writeln!(
-                out,
-                "figures as read {:.0} s ago: the agent's polls have not moved them since",
-                Duration::from_millis(now_ms.saturating_sub(read)).as_secs_f64()
-            );
-        }
-        Some(_) => {}
+    let interval_ms = json["pollIntervalMs"].as_f64().unwrap_or(1_000.0);
+    let stale_ms = (interval_ms * STALE_AFTER_POLLS).max(STALE_AFTER_AT_LEAST_MS);
+    if json["timestamp"].as_u64().unwrap_or(0) == 0 {
+        let _ = writeln!(
+            out,
+            "no poll has finished yet (the agent is starting): every figure below is empty"
+        );
+    } else if let Some(age_ms) = json["ageMs"].as_f64().filter(|age| *age >= stale_ms) {
+        let _ = writeln!(
+            out,
+            "figures as read {:.0} s ago (polls every {} s): the agent's polls have not moved \
+             them since",
+            age_ms / 1000.0,
+            interval_ms / 1000.0
+        );
     }
     for (name, source) in json["sources"].as_object().into_iter().flatten() {
         if source["up"] == false {
@@ -1119,7 +1123,7 @@ pub fn stats(agent: &Endpoint, dns: bool, json: bool, watch: bool) -> anyhow::Re
             } else {
                 proxy_table(&value)
             };
-            freshness(&value, crate::clock::unix_ms()) + &table
+            freshness(&value) + &table
         })
     };
     if watch {
@@ -1142,7 +1146,7 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
         let mut text = format!(
             "collector at {}\n\n{}{}",
             agent.addr,
-            freshness(&proxy, crate::clock::unix_ms()),
+            freshness(&proxy),
             proxy_table(&proxy)
         );
         if dns["enabled"] == true {
@@ -1649,31 +1653,35 @@ OA88hICOTwNepzhcGqC1TF91Wg==
 
     #[test]
     fn stale_empty_or_partial_figures_are_said_to_be() {
-        let now = 1_700_000_010_000;
         let fresh = serde_json::json!({
-            "timestamp": now - 900,
+            "timestamp": 1_700_000_000_000_u64, "ageMs": 900, "pollIntervalMs": 1000,
             "sources": {"ebpf": {"up": true}, "nftables": {"up": true}}
         });
-        assert_eq!(freshness(&fresh, now), "");
+        assert_eq!(freshness(&fresh), "");
         // Before a first poll the agent answers with empty figures, read at time 0.
-        let starting = serde_json::json!({"timestamp": 0, "sources": {}});
+        let starting = serde_json::json!({"timestamp": 0, "ageMs": null, "sources": {}});
         assert!(
-            freshness(&starting, now).starts_with("no poll has finished yet"),
+            freshness(&starting).starts_with("no poll has finished yet"),
             "{}",
-            freshness(&starting, now)
+            freshness(&starting)
         );
+        // 4 s old is fresh at 5 s polls, stale at 1 s polls.
+        let slow_polls = serde_json::json!({
+            "timestamp": 1_700_000_000_000_u64, "ageMs": 4_000, "pollIntervalMs": 5000
+        });
+        assert_eq!(freshness(&slow_polls), "");
         // A poll that cannot read the kernel keeps the last figures: their age, and why.
         let stuck = serde_json::json!({
-            "timestamp": now - 12_400,
+            "timestamp": 1_700_000_000_000_u64, "ageMs": 12_400, "pollIntervalMs": 1000,
             "sources": {
                 "ebpf": {"up": false, "lastError": "reading CONN_COUNTERS: EBADF"},
                 "netlink": {"up": true}
             }
         });
         assert_eq!(
-            freshness(&stuck, now),
-            "figures as read 12 s ago: the agent's polls have not moved them since\n\
-             source ebpf is down: reading CONN_COUNTERS: EBADF\n\n"
+            freshness(&stuck),
+            "figures as read 12 s ago (polls every 1 s): the agent's polls have not moved them \
+             since\nsource ebpf is down: reading CONN_COUNTERS: EBADF\n\n"
         );
     }
 }

@@ -553,8 +553,7 @@ async fn serve_until_signal(
         },
     ));
     log_running(attachment, &listening);
-    systemd::ready();
-    let watchdog = tokio::spawn(systemd::feed_watchdog(Arc::clone(&liveness)));
+    let watchdog = tokio::spawn(systemd::notify(Arc::clone(&liveness)));
 
     let mut poller = Poller::new(
         maps,

@@ -91,6 +91,7 @@ pub struct Liveness {
     /// limit then counts from the start).
     last_poll_ms: AtomicU64,
     limit: Duration,
+    poll_interval: Duration,
 }
 
 impl Liveness {
@@ -101,7 +102,21 @@ impl Liveness {
             started: Instant::now(),
             last_poll_ms: AtomicU64::new(0),
             limit: stall_limit(poll_interval),
+            poll_interval,
         })
+    }
+
+    /// The age of figures read at `timestamp` (milliseconds since the Unix epoch, 0 for
+    /// none), now.
+    #[must_use]
+    pub fn age(&self, timestamp: u64) -> crate::api::Age {
+        crate::api::Age::at(timestamp, crate::clock::unix_ms(), self.poll_interval)
+    }
+
+    /// A poll has finished since the start.
+    #[must_use]
+    pub fn has_polled(&self) -> bool {
+        self.last_poll_ms.load(Ordering::Relaxed) > 0
     }
 
     /// A poll finished, its read of the kernel maps successful or not.
@@ -110,8 +125,10 @@ impl Liveness {
     }
 
     fn polled_at(&self, at: Instant) {
+        // At least 1: 0 means no poll yet.
         let ms = u64::try_from(at.saturating_duration_since(self.started).as_millis())
-            .unwrap_or(u64::MAX);
+            .unwrap_or(u64::MAX)
+            .max(1);
         self.last_poll_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
@@ -391,11 +408,15 @@ fn quality(ranges: &[MediaRange<'_>], kind: &str, subtype: &str) -> Option<(u8, 
 }
 
 async fn serve_proxy(State(state): State<AppState>) -> Json<api::ProxyStats> {
-    Json(api::proxy_stats(&state.latest.load()))
+    let mut proxy = api::proxy_stats(&state.latest.load());
+    proxy.age = state.liveness.age(proxy.timestamp);
+    Json(proxy)
 }
 
 async fn serve_dns(State(state): State<AppState>) -> Json<api::DnsStats> {
-    Json(api::dns_stats(&state.latest.load()))
+    let mut dns = api::dns_stats(&state.latest.load());
+    dns.age = state.liveness.age(dns.timestamp);
+    Json(dns)
 }
 
 /// NDJSON, one event per line, until the client goes away or the agent stops; a heartbeat

@@ -1,5 +1,6 @@
 //! systemd's service notifications (`Type=notify`, `sd_notify(3)`): `READY=1` once the agent
-//! has attached and serves, so that `systemctl start` returns only then and reports a
+//! has attached, serves and has finished a first poll (so that `/readyz` answers and the
+//! figures are no longer empty), so that `systemctl start` returns only then and reports a
 //! refused start as a failed one; `STOPPING=1` when a clean stop begins; and, where the unit
 //! sets `WatchdogSec=`, `WATCHDOG=1` every half period for as long as the poll loop is alive
 //! by `/healthz`'s measure ([`Liveness`]). A stuck loop then gets the agent killed with
@@ -7,36 +8,46 @@
 //! kubelet's liveness probe does the same job in Kubernetes. Without `NOTIFY_SOCKET` (not run
 //! by systemd, or another `Type=`) nothing is sent.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use sd_notify::NotifyState;
 
 use crate::serve::Liveness;
 
-/// Attached and serving.
-pub fn ready() {
-    tell(&NotifyState::Ready, "that the agent is ready");
-}
+/// How often the start looks for its first finished poll.
+const FIRST_POLL_CHECK: Duration = Duration::from_millis(20);
 
 /// A clean stop has begun.
 pub fn stopping() {
     tell(&NotifyState::Stopping, "that the agent is stopping");
 }
 
-/// Feeds systemd's watchdog while `liveness` says the poll loop runs; returns at once when
-/// the unit has no watchdog.
-pub async fn feed_watchdog(liveness: Arc<Liveness>) {
+/// Says the agent is ready once `liveness` has seen a poll finish, then feeds systemd's
+/// watchdog while the poll loop runs (where the unit has one). Runs until aborted.
+///
+/// The sends block while the receiver's queue is full, so they run on blocking threads,
+/// not on an async worker (which a manager that stopped reading would otherwise hold, and
+/// with it the HTTP side); a feed still under way skips the next.
+pub async fn notify(liveness: Arc<Liveness>) {
+    let mut first_poll = tokio::time::interval(FIRST_POLL_CHECK);
+    while !liveness.has_polled() {
+        first_poll.tick().await;
+    }
+    let mut under_way =
+        tokio::task::spawn_blocking(|| tell(&NotifyState::Ready, "that the agent is ready"));
     let Some(period) = sd_notify::watchdog_enabled() else {
         return;
     };
     let mut ticks = tokio::time::interval(period / 2);
     loop {
         ticks.tick().await;
-        if liveness.alive() {
-            tell(
-                &NotifyState::Watchdog,
-                "the watchdog that the agent is alive",
-            );
+        if liveness.alive() && under_way.is_finished() {
+            under_way = tokio::task::spawn_blocking(|| {
+                tell(
+                    &NotifyState::Watchdog,
+                    "the watchdog that the agent is alive",
+                );
+            });
         }
     }
 }

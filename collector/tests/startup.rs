@@ -745,15 +745,42 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
         AgentConfig::with_nft("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
     let stall = config.dir.join("stall");
     let bin = stalling_nft(&config.dir, &stall);
+    // systemd's watchdog, fed every 500 ms while the loop runs, by the same measure: the
+    // feeds as they arrive, read all along as systemd reads them.
+    let notify_path = config.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let fed_at = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::time::Instant>::new()));
+    {
+        let fed_at = std::sync::Arc::clone(&fed_at);
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok(len) = notify.recv(&mut buf) {
+                if &buf[..len] == b"WATCHDOG=1\n" {
+                    fed_at.lock().unwrap().push(std::time::Instant::now());
+                }
+            }
+        });
+    }
+    let feeds_since = |since: std::time::Instant| {
+        fed_at
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&at| at > since)
+            .count()
+    };
     let mut launcher = netns.command(COLLECTOR);
-    launcher.env(
-        "PATH",
-        format!(
-            "{}:{}",
-            bin.display(),
-            std::env::var("PATH").unwrap_or_default()
-        ),
-    );
+    launcher
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "1000000");
     let agent = Agent::spawn(&netns, launcher, &config, &[]);
     let unstall = Unstall(stall.clone());
     let probe = |path: &'static str| netns.run(move || support::get(path).unwrap());
@@ -778,17 +805,30 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     assert!(body.starts_with("no poll finished for "), "{body}");
     // Readiness is not liveness: a proxy pod's sidecar stays ready.
     assert_eq!(probe("/readyz").0, 200);
+    // Nor is the watchdog fed any more (it was before): none in four periods of feeding,
+    // after a margin for a feed already on its way when the stall was seen.
+    assert!(!fed_at.lock().unwrap().is_empty(), "never fed");
+    let stuck = std::time::Instant::now() + Duration::from_millis(200);
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(feeds_since(stuck), 0, "fed while stuck");
 
     drop(unstall);
     wait_for("/healthz to pass again", Duration::from_secs(10), || {
         (probe("/healthz").0 == 200).then_some(())
     });
+    let running = std::time::Instant::now();
+    wait_for(
+        "the watchdog to be fed again",
+        Duration::from_secs(5),
+        || (feeds_since(running) > 0).then_some(()),
+    );
     assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);
 }
 
-/// Under systemd (`Type=notify`, `WatchdogSec=`), the agent says it is ready once it serves,
-/// feeds the watchdog every half period while it polls, and says when a clean stop begins.
+/// Under systemd (`Type=notify`, `WatchdogSec=`), the agent says it is ready once it serves
+/// its first poll's figures, feeds the watchdog every half period while it polls, and says
+/// when a clean stop begins.
 #[test]
 fn systemd_is_told_ready_fed_and_stopping() {
     use std::os::unix::net::UnixDatagram;
@@ -813,11 +853,11 @@ fn systemd_is_told_ready_fed_and_stopping() {
     let agent = Agent::spawn_until(&netns, launcher, &config, &[], || true);
 
     assert_eq!(next(), "READY=1\n");
-    // Ready means serving.
+    // Ready means serving, a first poll done: figures, not the empty ones of a start.
     assert_eq!(
-        netns.run(|| support::get("/healthz")).unwrap().0,
+        netns.run(|| support::get("/readyz")).unwrap().0,
         200,
-        "ready before serving"
+        "ready before the first poll"
     );
     for _ in 0..5 {
         assert_eq!(next(), "WATCHDOG=1\n");
@@ -831,4 +871,22 @@ fn systemd_is_told_ready_fed_and_stopping() {
     }
     assert_eq!(after_feeds, "STOPPING=1\n");
     support::assert_no_pins(&config.pin_dir);
+}
+
+/// The JSON says how often its figures are read and how old they are, by the agent's own
+/// clock: a client tells figures the polls keep moving from figures left standing.
+#[test]
+fn the_json_figures_say_how_old_they_are() {
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let agent = Agent::start(&netns, &config);
+    for json in [support::proxy_json(&netns), support::dns_json(&netns)] {
+        // The tests' agents poll every 100 ms.
+        assert_eq!(json["pollIntervalMs"], 100, "{json}");
+        let age = json["ageMs"].as_u64().unwrap_or_else(|| panic!("{json}"));
+        // Read at most a few polls ago, whatever the machine: not since the start.
+        assert!(age < 10_000, "{json}");
+        assert!(json["timestamp"].as_u64().unwrap() > 0, "{json}");
+    }
+    assert!(agent.stop().success());
 }

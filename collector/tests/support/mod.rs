@@ -371,8 +371,12 @@ impl Agent {
             .unwrap();
         let pin_dir = extra
             .iter()
-            .position(|arg| *arg == "--pin-dir")
-            .and_then(|at| extra.get(at + 1))
+            .enumerate()
+            .find_map(|(at, arg)| match arg.strip_prefix("--pin-dir") {
+                Some("") => extra.get(at + 1).copied(),
+                Some(value) => value.strip_prefix('='),
+                None => None,
+            })
             .map_or_else(|| config.pin_dir.clone(), PathBuf::from);
         let mut agent = Self {
             child: Some(child),
@@ -409,6 +413,8 @@ impl Agent {
     /// A clean stop (status 0) must have removed its pins: every test that stops an agent
     /// checks that much.
     pub fn stop(self) -> std::process::ExitStatus {
+        // This build's pin layout (`paths::PIN_LAYOUT_VERSION`); other layouts' directories,
+        // which some tests leave there, are not the agent's to remove.
         let layout = self.pin_dir.join("v1");
         let status = self
             .stop_within(libc::SIGTERM, STOP_TIMEOUT)
