@@ -588,7 +588,10 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
         max_event_streams: 8,
         request_timeout: Duration::from_secs(10),
         max_connections: 512,
-        max_connections_per_address: 64,
+        // Above max_concurrent_requests + max_event_streams (72): one address (a node's,
+        // under hostNetwork) holding every request and stream still leaves its probes a
+        // place to take.
+        max_connections_per_address: 80,
     };
     let Some(raw) = raw else {
         return Ok(http);
@@ -1165,7 +1168,7 @@ mod tests {
         assert_eq!(config.http.max_concurrent_requests, 64);
         assert_eq!(config.http.max_event_streams, 8);
         assert_eq!(config.http.max_connections, 512);
-        assert_eq!(config.http.max_connections_per_address, 64);
+        assert_eq!(config.http.max_connections_per_address, 80);
     }
 
     #[test]

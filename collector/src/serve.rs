@@ -870,6 +870,22 @@ mod tests {
         gone
     }
 
+    /// With the default caps, one address (a node's, under hostNetwork) holding every
+    /// request and event stream it may still has a place for its kubelet's probe. At 64 per
+    /// address, the default until 2026-12-02, the probe was refused.
+    #[test]
+    fn the_default_caps_leave_a_probe_a_place_beside_every_request_from_its_address() {
+        let http = crate::config::Config::from_toml("t.toml", "").unwrap().http;
+        let busy_at_most = http.max_concurrent_requests + http.max_event_streams;
+        let admission = admission(http.max_connections, http.max_connections_per_address);
+        let node = address(1);
+        let held: Vec<Ticket> = (0..busy_at_most).map(|_| admit(&admission, node)).collect();
+        let _busy: Vec<Busy> = held.iter().map(|ticket| ticket.place().busy()).collect();
+        let probe = Admission::admit(&admission, node);
+        assert!(probe.is_some(), "the probe was refused");
+        assert!(!held.iter().any(told_to_close));
+    }
+
     #[test]
     fn at_an_addresss_cap_its_own_idlest_connection_gives_way() {
         let admission = admission(16, 3);

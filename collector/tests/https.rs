@@ -492,7 +492,7 @@ fn tls_agent(
 fn silent_connections_from_one_address_leave_everyone_else_served() {
     const SILENT: usize = 100;
     // The agent's default cap per address (`[http] max_connections_per_address`).
-    const PER_ADDRESS: usize = 64;
+    const PER_ADDRESS: usize = 80;
     let netns = Netns::new();
     let (_scratch, cert, _config, agent) = tls_agent(&netns, "silent", "silent", "");
     // One client (another pod, say) opens connections and never starts a handshake.
@@ -524,7 +524,7 @@ fn silent_connections_from_one_address_leave_everyone_else_served() {
 #[test]
 fn silent_connections_from_the_probes_own_address_give_way_to_them() {
     // The agent's default cap per address (`[http] max_connections_per_address`).
-    const PER_ADDRESS: usize = 64;
+    const PER_ADDRESS: usize = 80;
     let netns = Netns::new();
     let (_scratch, cert, _config, agent) = tls_agent(&netns, "silent-node", "silent", "");
     // With hostNetwork the kubelet's probes come from the node's address, as does everything
