@@ -942,19 +942,26 @@ const STALE_AFTER_AT_LEAST_MS: f64 = 3_000.0;
 /// they are when the polls have stopped moving them (a poll that cannot read the kernel
 /// keeps the last figures, rates included), and each source that is down, with its error.
 /// The age is the agent's own (`ageMs`), so that neither a remote agent's clock nor this
-/// one's skews it.
+/// one's skews it; from an agent too old to send it, the read's `timestamp` against `now_ms`.
 #[must_use]
-pub fn freshness(json: &Value) -> String {
+pub fn freshness(json: &Value, now_ms: u64) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let interval_ms = json["pollIntervalMs"].as_f64().unwrap_or(1_000.0);
     let stale_ms = (interval_ms * STALE_AFTER_POLLS).max(STALE_AFTER_AT_LEAST_MS);
-    if json["timestamp"].as_u64().unwrap_or(0) == 0 {
+    let read_at = json["timestamp"].as_u64().unwrap_or(0);
+    #[expect(clippy::cast_precision_loss, reason = "milliseconds far below 2^52")]
+    let age_ms = json["ageMs"].as_f64().or_else(|| {
+        json.get("ageMs")
+            .is_none()
+            .then(|| now_ms.saturating_sub(read_at) as f64)
+    });
+    if read_at == 0 {
         let _ = writeln!(
             out,
             "no poll has finished yet (the agent is starting): every figure below is empty"
         );
-    } else if let Some(age_ms) = json["ageMs"].as_f64().filter(|age| *age >= stale_ms) {
+    } else if let Some(age_ms) = age_ms.filter(|age| *age >= stale_ms) {
         let _ = writeln!(
             out,
             "figures as read {:.0} s ago (polls every {} s): the agent's polls have not moved \
@@ -1123,7 +1130,7 @@ pub fn stats(agent: &Endpoint, dns: bool, json: bool, watch: bool) -> anyhow::Re
             } else {
                 proxy_table(&value)
             };
-            freshness(&value) + &table
+            freshness(&value, crate::clock::unix_ms()) + &table
         })
     };
     if watch {
@@ -1146,7 +1153,7 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
         let mut text = format!(
             "collector at {}\n\n{}{}",
             agent.addr,
-            freshness(&proxy),
+            freshness(&proxy, crate::clock::unix_ms()),
             proxy_table(&proxy)
         );
         if dns["enabled"] == true {
@@ -1653,23 +1660,24 @@ OA88hICOTwNepzhcGqC1TF91Wg==
 
     #[test]
     fn stale_empty_or_partial_figures_are_said_to_be() {
+        let now = 1_700_000_010_000;
         let fresh = serde_json::json!({
             "timestamp": 1_700_000_000_000_u64, "ageMs": 900, "pollIntervalMs": 1000,
             "sources": {"ebpf": {"up": true}, "nftables": {"up": true}}
         });
-        assert_eq!(freshness(&fresh), "");
+        assert_eq!(freshness(&fresh, now), "");
         // Before a first poll the agent answers with empty figures, read at time 0.
         let starting = serde_json::json!({"timestamp": 0, "ageMs": null, "sources": {}});
         assert!(
-            freshness(&starting).starts_with("no poll has finished yet"),
+            freshness(&starting, now).starts_with("no poll has finished yet"),
             "{}",
-            freshness(&starting)
+            freshness(&starting, now)
         );
         // 4 s old is fresh at 5 s polls, stale at 1 s polls.
         let slow_polls = serde_json::json!({
             "timestamp": 1_700_000_000_000_u64, "ageMs": 4_000, "pollIntervalMs": 5000
         });
-        assert_eq!(freshness(&slow_polls), "");
+        assert_eq!(freshness(&slow_polls, now), "");
         // A poll that cannot read the kernel keeps the last figures: their age, and why.
         let stuck = serde_json::json!({
             "timestamp": 1_700_000_000_000_u64, "ageMs": 12_400, "pollIntervalMs": 1000,
@@ -1679,9 +1687,21 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             }
         });
         assert_eq!(
-            freshness(&stuck),
+            freshness(&stuck, now),
             "figures as read 12 s ago (polls every 1 s): the agent's polls have not moved them \
              since\nsource ebpf is down: reading CONN_COUNTERS: EBADF\n\n"
+        );
+        // An agent from before `ageMs`: the read's time against this clock, the interval
+        // taken as the default.
+        let older = serde_json::json!({"timestamp": now - 5_000});
+        assert!(
+            freshness(&older, now).starts_with("figures as read 5 s ago"),
+            "{}",
+            freshness(&older, now)
+        );
+        assert_eq!(
+            freshness(&serde_json::json!({"timestamp": now - 1_000}), now),
+            ""
         );
     }
 }

@@ -1,7 +1,6 @@
 //! systemd's service notifications (`Type=notify`, `sd_notify(3)`): `READY=1` once the agent
-//! has attached, serves and has finished a first poll (so that `/readyz` answers and the
-//! figures are no longer empty), so that `systemctl start` returns only then and reports a
-//! refused start as a failed one; `STOPPING=1` when a clean stop begins; and, where the unit
+//! has attached, serves and has finished a first poll (read or not), so that `systemctl
+//! start` returns only then and reports a refused start as a failed one; `STOPPING=1` when a clean stop begins; and, where the unit
 //! sets `WatchdogSec=`, `WATCHDOG=1` every half period for as long as the poll loop is alive
 //! by `/healthz`'s measure ([`Liveness`]). A stuck loop then gets the agent killed with
 //! `SIGABRT`, as a crash, whose pins the next start takes over with every counter; the
@@ -23,14 +22,17 @@ pub fn stopping() {
 }
 
 /// Says the agent is ready once `liveness` has seen a poll finish, then feeds systemd's
-/// watchdog while the poll loop runs (where the unit has one). Runs until aborted.
+/// watchdog while the poll loop runs (where the unit has one). Runs until aborted. A first
+/// poll stuck past the stall limit is said ready all the same: systemd arms the watchdog
+/// only then, and the feeds it then misses get the agent restarted, where waiting for that
+/// poll would hold the start until `TimeoutStartSec`.
 ///
 /// The sends block while the receiver's queue is full, so they run on blocking threads,
 /// not on an async worker (which a manager that stopped reading would otherwise hold, and
 /// with it the HTTP side); a feed still under way skips the next.
 pub async fn notify(liveness: Arc<Liveness>) {
     let mut first_poll = tokio::time::interval(FIRST_POLL_CHECK);
-    while !liveness.has_polled() {
+    while !liveness.has_polled() && liveness.alive() {
         first_poll.tick().await;
     }
     let mut under_way =
