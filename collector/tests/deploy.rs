@@ -785,19 +785,16 @@ fn the_pods_unavailable_alert_selects_the_manifests_daemonset() {
         .find(|rule| rule["alert"] == "CollectorPodsUnavailable")
         .expect("the CollectorPodsUnavailable rule");
     let expr = rule["expr"].as_str().unwrap();
-    let selected: Vec<&str> = expr
-        .split("daemonset=\"")
-        .skip(1)
-        .map(|rest| rest.split('"').next().unwrap())
-        .collect();
+    // The values `label` is matched to, in order.
+    let matched = |label: &str| -> Vec<&str> {
+        expr.split(&format!("{label}=\""))
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap())
+            .collect()
+    };
     // Desired, available and updated pods: the three places its comment speaks of.
-    assert_eq!(selected, [name; 3], "{expr}");
-    let namespaces: Vec<&str> = expr
-        .split("namespace=\"")
-        .skip(1)
-        .map(|rest| rest.split('"').next().unwrap())
-        .collect();
-    assert_eq!(namespaces, [namespace; 3], "{expr}");
+    assert_eq!(matched("daemonset"), [name; 3], "{expr}");
+    assert_eq!(matched("namespace"), [namespace; 3], "{expr}");
 }
 
 /// The head of deploy/prometheus/prometheusrule.yaml; `spec:` follows, then alerts.yml's
