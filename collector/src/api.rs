@@ -296,8 +296,8 @@ fn sources(snapshot: &Snapshot) -> BTreeMap<String, Source> {
         .collect()
 }
 
-/// How old the figures are as served, by the agent's own clock (a client's may differ), and
-/// how often they are read: a client can tell figures that polls keep moving from figures
+/// How old the figures are as served, by the agent's own monotonic clock (a client's clock
+/// may differ, and a wall clock may step), and how often they are read: a client can tell figures that polls keep moving from figures
 /// left standing (a poll that cannot read the kernel keeps the last ones).
 #[derive(Debug, Default, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -309,12 +309,14 @@ pub struct Age {
 }
 
 impl Age {
-    /// For figures read at `timestamp` (0: never), served at `now_ms`.
+    /// For figures read `age` ago (`None`: never).
     #[must_use]
-    pub fn at(timestamp: u64, now_ms: u64, poll_interval: std::time::Duration) -> Self {
+    pub fn new(age: Option<std::time::Duration>, poll_interval: std::time::Duration) -> Self {
+        let ms =
+            |duration: std::time::Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
         Self {
-            age_ms: (timestamp != 0).then(|| now_ms.saturating_sub(timestamp)),
-            poll_interval_ms: u64::try_from(poll_interval.as_millis()).unwrap_or(u64::MAX),
+            age_ms: age.map(ms),
+            poll_interval_ms: ms(poll_interval),
         }
     }
 }

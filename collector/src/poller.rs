@@ -31,6 +31,9 @@ const HISTORY_SAMPLES: usize = 60;
 pub struct SharedSnapshot {
     latest: RwLock<Arc<Snapshot>>,
     ready: AtomicBool,
+    /// When the kernel maps were last read, on the monotonic clock (the snapshot's
+    /// `taken_at_ms` is the wall clock's, which may step).
+    read_at: Mutex<Option<Instant>>,
 }
 
 impl SharedSnapshot {
@@ -41,7 +44,17 @@ impl SharedSnapshot {
 
     pub fn store(&self, snapshot: Snapshot) {
         *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
+        *self.read_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// How long ago the kernel maps were last read; `None` before the first read.
+    #[must_use]
+    pub fn age(&self) -> Option<Duration> {
+        self.read_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|read_at| read_at.elapsed())
     }
 
     /// Publishes a poll that could not read the kernel maps: the counters last read stay,

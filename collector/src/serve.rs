@@ -106,11 +106,10 @@ impl Liveness {
         })
     }
 
-    /// The age of figures read at `timestamp` (milliseconds since the Unix epoch, 0 for
-    /// none), now.
+    /// The poll interval it was made for.
     #[must_use]
-    pub fn age(&self, timestamp: u64) -> crate::api::Age {
-        crate::api::Age::at(timestamp, crate::clock::unix_ms(), self.poll_interval)
+    pub fn poll_interval(&self) -> Duration {
+        self.poll_interval
     }
 
     /// A poll has finished since the start.
@@ -409,13 +408,13 @@ fn quality(ranges: &[MediaRange<'_>], kind: &str, subtype: &str) -> Option<(u8, 
 
 async fn serve_proxy(State(state): State<AppState>) -> Json<api::ProxyStats> {
     let mut proxy = api::proxy_stats(&state.latest.load());
-    proxy.age = state.liveness.age(proxy.timestamp);
+    proxy.age = api::Age::new(state.latest.age(), state.liveness.poll_interval());
     Json(proxy)
 }
 
 async fn serve_dns(State(state): State<AppState>) -> Json<api::DnsStats> {
     let mut dns = api::dns_stats(&state.latest.load());
-    dns.age = state.liveness.age(dns.timestamp);
+    dns.age = api::Age::new(state.latest.age(), state.liveness.poll_interval());
     Json(dns)
 }
 
