@@ -368,6 +368,25 @@ impl Config {
         }
     }
 
+    /// What to warn about a cap per address that one address's requests and streams can fill:
+    /// valid (a client may be held below the requests), but then the kubelet's probes, which
+    /// share the node's address under hostNetwork, can be refused.
+    #[must_use]
+    pub fn probe_place_warning(&self) -> Option<String> {
+        let http = &self.http;
+        let busy = http.max_concurrent_requests + http.max_event_streams;
+        (http.max_connections_per_address <= busy).then(|| {
+            format!(
+                "[http] max_connections_per_address = {} is not above max_concurrent_requests + \
+                 max_event_streams ({} + {} = {busy}): requests from one address can hold all its \
+                 places, and a kubelet probe from that address (hostNetwork) is then refused",
+                http.max_connections_per_address,
+                http.max_concurrent_requests,
+                http.max_event_streams
+            )
+        })
+    }
+
     /// Parses and checks configuration text; `source_name` names it in errors.
     pub fn from_toml(source_name: &str, text: &str) -> Result<Self, ConfigError> {
         let source = Source {
@@ -394,20 +413,35 @@ impl Config {
     }
 }
 
+/// Why a listen address needs a port of its own: with 0 the kernel picks one.
+#[must_use]
+pub fn fixed_port_needed(listen: &str) -> String {
+    format!(
+        "listen = {listen:?} has port 0, which binds a port the kernel picks and that probes and \
+         Prometheus cannot know: give a port, e.g. 9464"
+    )
+}
+
 fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError> {
     let listen = match &raw.listen {
         None => DEFAULT_LISTEN
             .parse()
             .map_err(|_| source.error(None, "bad built-in listen address"))?,
-        Some(value) => value.get_ref().parse().map_err(|_| {
-            source.at(
-                value,
-                format!(
-                    "listen = {:?} is not a socket address; write IP:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"",
-                    value.get_ref()
-                ),
-            )
-        })?,
+        Some(value) => {
+            let listen: SocketAddr = value.get_ref().parse().map_err(|_| {
+                source.at(
+                    value,
+                    format!(
+                        "listen = {:?} is not a socket address; write IP:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                        value.get_ref()
+                    ),
+                )
+            })?;
+            if listen.port() == 0 {
+                return Err(source.at(value, fixed_port_needed(&listen.to_string())));
+            }
+            listen
+        }
     };
     let pin_dir = absolute_path(source, raw.pin_dir.as_ref(), "pin_dir")?
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
@@ -1243,6 +1277,12 @@ match_every = 1
         let upstreams_only =
             Config::from_toml("t", "[[upstreams]]\nname = \"app\"\nports = [8080]\n").unwrap();
         assert_eq!(upstreams_only.no_routes_warning(), None);
+        assert_eq!(upstreams_only.probe_place_warning(), None);
+        let crowded = Config::from_toml("t.toml", "[http]\nmax_concurrent_requests = 100\n")
+            .unwrap()
+            .probe_place_warning()
+            .unwrap();
+        assert!(crowded.contains("(100 + 8 = 108)"), "{crowded}");
         assert!(Config::from_toml("t", "").unwrap().routes.is_empty());
     }
 
@@ -1478,6 +1518,12 @@ match_every = 1
         let sampled = Config::from_toml("t.toml", "[dns]\nmatch_every = 16\n").unwrap();
         assert_eq!(sampled.dns.match_every, 16);
         assert_error("[http]\nmax_event_streams = 0\n", 2, "out of range");
+        // Port 0 binds where the kernel likes, where no probe or scrape looks.
+        assert_error(
+            "pin_dir = \"/sys/fs/bpf/t\"\nlisten = \"127.0.0.1:0\"\n",
+            2,
+            "has port 0",
+        );
         assert_error("[http]\nmax_connections = 0\n", 2, "out of range");
         let capped = Config::from_toml(
             "t.toml",

@@ -279,6 +279,12 @@ fn main() -> std::process::ExitCode {
             .and_then(|()| source.load())
             .and_then(|mut config| {
                 if let Some(listen) = listen {
+                    if listen.port() == 0 {
+                        anyhow::bail!(
+                            "--listen: {}",
+                            config::fixed_port_needed(&listen.to_string())
+                        );
+                    }
                     config.listen = listen;
                 }
                 run(&config, bpf_stats)
@@ -378,6 +384,9 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         .transpose()?;
     warn_if_exposed(config, &guard, tls.is_some());
     if let Some(warning) = config.no_routes_warning() {
+        tracing::warn!("{warning}");
+    }
+    if let Some(warning) = config.probe_place_warning() {
         tracing::warn!("{warning}");
     }
     if signals::stop_requested() {
