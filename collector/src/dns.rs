@@ -240,7 +240,10 @@ impl DomainStats {
 
     /// The top list as of now, the name table read first.
     #[must_use]
-    pub fn snapshot(&mut self, listed: usize) -> DomainSnapshot {
+    /// The `listed` heaviest domains. `lost_samples` is how many samples the kernel could not
+    /// deliver since the start (a full ring): any of them could have been any listed name's,
+    /// so each name's bound on what it may have had more grows by all of them.
+    pub fn snapshot(&mut self, listed: usize, lost_samples: u64) -> DomainSnapshot {
         for (domain, queries) in self.names.read() {
             self.fold(domain.as_ref(), queries);
         }
@@ -252,7 +255,9 @@ impl DomainStats {
                 .map(|entry| Listed {
                     key: entry.key.to_string(),
                     count: entry.count,
-                    error: entry.error,
+                    error: entry
+                        .error
+                        .saturating_add(lost_samples.saturating_mul(self.weight)),
                 })
                 .collect(),
             events_received: self.events_received,
@@ -439,10 +444,15 @@ mod tests {
         let mut stats = DomainStats::new(10, 2, TallyTable::unmapped(0));
         stats.apply(&event);
         stats.apply(&event);
-        let snapshot = stats.snapshot(10);
+        let snapshot = stats.snapshot(10, 0);
         // Each sample stands for two queries.
         assert_eq!(counts(&snapshot.top), [("a.example".to_owned(), 4)]);
         assert_eq!(snapshot.events_received, 2);
+        assert_eq!(snapshot.top[0].error, 0);
+        // Three samples the kernel dropped (a full ring) could each have been this name's:
+        // six queries it may have had more.
+        let widened = stats.snapshot(10, 3);
+        assert_eq!((widened.top[0].count, widened.top[0].error), (4, 6));
     }
 
     #[test]
@@ -493,7 +503,7 @@ mod tests {
     }
 
     fn top(stats: &mut DomainStats) -> Vec<(String, u64)> {
-        counts(&stats.snapshot(10).top)
+        counts(&stats.snapshot(10, 0).top)
     }
 
     #[test]
@@ -524,7 +534,7 @@ mod tests {
         // A name that did not decode counts its queries as undecodable.
         stats.apply(&name_event(0, 1, 0, None));
         stats.fold_table(table(&[(1, 4), (3, 4)]));
-        let snapshot = stats.snapshot(10);
+        let snapshot = stats.snapshot(10, 0);
         assert_eq!(snapshot.undecodable_names, 5);
         assert_eq!(snapshot.events_received, 4);
     }
@@ -538,7 +548,7 @@ mod tests {
         // So do those whose name did not decode.
         stats.apply(&name_event(1, 1, 0, None));
         stats.fold_table(table(&[(1, 2), (1, 3)]));
-        assert_eq!(stats.snapshot(10).undecodable_names, 16);
+        assert_eq!(stats.snapshot(10, 0).undecodable_names, 16);
     }
 
     #[test]

@@ -166,13 +166,20 @@ impl ClientStats {
 
     /// The figures as of now, the client table read first.
     #[must_use]
-    pub fn snapshot(&mut self) -> ClientSnapshot {
+    /// `lost` is how many client events the kernel could not deliver since the start (a full
+    /// ring): any of them could have been any listed client's, so each client's bound on
+    /// what it may have opened more grows by all of them.
+    pub fn snapshot(&mut self, lost: u64) -> ClientSnapshot {
         for (client, opened) in self.clients.read() {
             self.opened_by_client.observe(&client, opened);
         }
+        let mut top = self.opened_by_client.top(LISTED_CLIENTS);
+        for listed in &mut top {
+            listed.error = listed.error.saturating_add(lost);
+        }
         ClientSnapshot {
             enabled: self.enabled,
-            top: self.opened_by_client.top(LISTED_CLIENTS),
+            top,
             active: self
                 .table
                 .as_ref()
@@ -367,7 +374,7 @@ mod tests {
         stats.apply(&client_claim(0, 2, 6, "2001:db8::2"));
         // One connection of `b` counted outside the table.
         stats.apply(&client_claim(CLIENT_NO_SLOT, 0, 0, "2001:db8::2"));
-        let snapshot = stats.snapshot();
+        let snapshot = stats.snapshot(0);
         let top: Vec<_> = snapshot
             .top
             .iter()
@@ -375,6 +382,14 @@ mod tests {
             .collect();
         assert_eq!(top, [(a, 7, 0), (b, 2, 0)]);
         assert_eq!(snapshot.events_received, 3);
+        // Five client events the kernel dropped could each have been either's.
+        let widened: Vec<_> = stats
+            .snapshot(5)
+            .top
+            .iter()
+            .map(|listed| (listed.count, listed.error))
+            .collect();
+        assert_eq!(widened, [(7, 5), (2, 5)]);
     }
 
     #[test]
@@ -425,7 +440,7 @@ mod tests {
             opened: false,
             ..open
         }));
-        let snapshot = stats.snapshot();
+        let snapshot = stats.snapshot(0);
         // The kernel counted those connections in its client table, not through the events.
         assert!(snapshot.top.is_empty());
         assert!(snapshot.active.is_empty());

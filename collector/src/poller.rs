@@ -198,6 +198,8 @@ pub struct Poller {
     dns_queries: CounterHistory,
     dns_last_minute: CountsHistory<DnsLastMinute>,
     started: Instant,
+    /// DNS samples and client events dropped (pinned counters) at the first read.
+    dropped_at_start: Option<(u64, u64)>,
     total: RateHistories,
     per_route: Vec<RateHistories>,
     per_upstream: Vec<RateHistories>,
@@ -230,6 +232,7 @@ impl Poller {
             dns_queries: CounterHistory::new(AVERAGE + Duration::from_secs(5)),
             dns_last_minute: CountsHistory::new(AVERAGE + Duration::from_secs(5)),
             started: Instant::now(),
+            dropped_at_start: None,
             total: RateHistories::new(),
             per_route,
             per_upstream,
@@ -325,12 +328,13 @@ impl Poller {
         self.total.record(at, opened, bytes_in, bytes_out);
         self.poll.polls += 1;
         self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
+        let (names_lost, clients_lost) = self.lost_since_start(&totals);
         let clients = self
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .snapshot();
-        let dns = self.dns_snapshot(at, &totals.dns);
+            .snapshot(clients_lost);
+        let dns = self.dns_snapshot(at, &totals.dns, names_lost);
         Polled::Fresh(Box::new(Snapshot {
             taken_at_ms: crate::clock::unix_ms(),
             routes,
@@ -357,11 +361,28 @@ impl Poller {
         }))
     }
 
-    /// The DNS figures of a poll at `at`, with their rates.
+    /// The DNS samples and the client events the kernel dropped since this start (a full
+    /// ring), from the pinned counters, which count from the first start: the top lists are
+    /// this start's.
+    fn lost_since_start(&mut self, totals: &counters::KernelTotals) -> (u64, u64) {
+        let dropped = (
+            totals.dns.events_dropped,
+            totals.errors[collector_common::error_kind::CONN_EVENT_DROPPED as usize],
+        );
+        let at_start = *self.dropped_at_start.get_or_insert(dropped);
+        (
+            dropped.0.saturating_sub(at_start.0),
+            dropped.1.saturating_sub(at_start.1),
+        )
+    }
+
+    /// The DNS figures of a poll at `at`, with their rates; `names_lost` samples the kernel
+    /// dropped since the start widen the top domains' bounds.
     fn dns_snapshot(
         &mut self,
         at: Duration,
         counters: &collector_common::DnsCounters,
+        names_lost: u64,
     ) -> DnsSnapshot {
         let mut dns = DnsSnapshot {
             enabled: self.dns.enabled,
@@ -373,7 +394,7 @@ impl Poller {
                 .domains
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .snapshot(self.dns.listed),
+                .snapshot(self.dns.listed, names_lost),
             waiting: self
                 .dns
                 .in_flight
