@@ -297,8 +297,9 @@ fn sources(snapshot: &Snapshot) -> BTreeMap<String, Source> {
 }
 
 /// How old the figures are as served, by the agent's own monotonic clock (a client's clock
-/// may differ, and a wall clock may step), and how often they are read: a client can tell figures that polls keep moving from figures
-/// left standing (a poll that cannot read the kernel keeps the last ones).
+/// may differ, and a wall clock may step), and how often they are read: a client can tell
+/// figures that polls keep moving from figures left standing (a poll that cannot read the
+/// kernel keeps the last ones).
 #[derive(Debug, Default, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Age {
