@@ -394,7 +394,8 @@ impl Config {
             text,
         };
         let raw: RawConfig = toml::from_str(text).map_err(|err| {
-            let message = err.message().trim();
+            let message = in_words(err.message().trim());
+            let message = message.as_str();
             // `[routes]` where `[[routes]]` was meant: say how a list of tables is written.
             let table = err
                 .span()
@@ -411,6 +412,14 @@ impl Config {
         })?;
         validate(&source, &raw)
     }
+}
+
+/// serde's Rust type names said as what the key takes: every `u16` here is a port, and
+/// every `u64` is range-checked after parsing, so only its sign and wholeness can fail here.
+fn in_words(message: &str) -> String {
+    message
+        .replace("expected u16", "expected a port number (1 to 65535)")
+        .replace("expected u64", "expected a whole number, 0 or more")
 }
 
 /// Why a listen address needs a port of its own: with 0 the kernel picks one.
@@ -1302,7 +1311,16 @@ match_every = 1
             2,
             "unclosed array",
         );
-        assert_error("[[routes]]\nname = \"web\"\nports = [70000]\n", 3, "");
+        assert_error(
+            "[[routes]]\nname = \"web\"\nports = [70000]\n",
+            3,
+            "invalid value: integer `70000`, expected a port number (1 to 65535)",
+        );
+        assert_error(
+            "[dns]\ntop_k = -1\n",
+            2,
+            "integer `-1`, expected a whole number, 0 or more",
+        );
         assert_error("poll_interval_ms = \"fast\"\n", 1, "");
     }
 
