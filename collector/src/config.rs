@@ -387,6 +387,16 @@ impl Config {
         })
     }
 
+    /// What a start warns of in a valid config.
+    #[must_use]
+    pub fn start_warnings(&self) -> Vec<String> {
+        self.no_routes_warning()
+            .map(str::to_owned)
+            .into_iter()
+            .chain(self.probe_place_warning())
+            .collect()
+    }
+
     /// Parses and checks configuration text; `source_name` names it in errors.
     pub fn from_toml(source_name: &str, text: &str) -> Result<Self, ConfigError> {
         let source = Source {

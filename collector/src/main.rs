@@ -147,6 +147,11 @@ enum Command {
         /// The listen address to try, overriding the config's `listen`, as `run --listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Check the configuration file alone (no kernel, mounts or privileges, so no root):
+        /// for a pipeline that checks a ConfigMap before it reaches the nodes. Prints the
+        /// warnings a start would log; exits 1 with the file, line and reason when invalid.
+        #[arg(long, conflicts_with = "listen")]
+        config_only: bool,
     },
     /// List what a crashed collector left in bpffs (pinned maps and links) and nftables;
     /// remove it with --apply. Refused while a collector runs with the pin directory.
@@ -339,7 +344,14 @@ fn main() -> std::process::ExitCode {
             };
             output::write(|out| writeln!(out, "{text}"))
         }),
-        Command::Check { source, listen } => source.load().and_then(|mut config| {
+        Command::Check {
+            source,
+            listen,
+            config_only,
+        } => source.load().and_then(|mut config| {
+            if config_only {
+                return check_config(&config);
+            }
             if let Some(listen) = listen {
                 config.listen = listen;
             }
@@ -383,10 +395,7 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         .map(tls::server_config)
         .transpose()?;
     warn_if_exposed(config, &guard, tls.is_some());
-    if let Some(warning) = config.no_routes_warning() {
-        tracing::warn!("{warning}");
-    }
-    if let Some(warning) = config.probe_place_warning() {
+    for warning in config.start_warnings() {
         tracing::warn!("{warning}");
     }
     if signals::stop_requested() {
@@ -839,6 +848,14 @@ fn reader_stopped(
 }
 
 /// `collector check`: one line per requirement, and status 1 if one is not met.
+/// A config that parsed is valid; what a start would warn of goes to stderr.
+fn check_config(config: &Config) -> anyhow::Result<()> {
+    for warning in config.start_warnings() {
+        eprintln!("warning: {warning}");
+    }
+    output::write(|out| writeln!(out, "config valid"))
+}
+
 fn check_host(config: &Config) -> anyhow::Result<()> {
     let verdicts = check::verdicts(config)?;
     let printed = output::write(|out| {

@@ -58,6 +58,66 @@ fn check_warns_of_a_config_without_routes() {
     assert!(passed, "{lines:?}");
 }
 
+/// `collector check --config-only` on `config`, run as nobody: status, stdout and stderr.
+fn check_config_as_nobody(config: &str) -> (bool, String, String) {
+    // Root is needed only to become nobody; the check itself must not need it.
+    support::require_root();
+    let dir = ScratchDir::new("check-config");
+    fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755)).unwrap();
+    let config_path = dir.path("collector.toml");
+    fs::write(&config_path, config).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            COLLECTOR,
+        ])
+        .args([
+            "check",
+            "--config-only",
+            "--config",
+            config_path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_only_judges_the_file_without_root() {
+    let (passed, stdout, stderr) =
+        check_config_as_nobody("[[routes]]\nname = \"web\"\nports = [8080]\n");
+    assert!(passed, "{stdout}{stderr}");
+    assert_eq!(stdout, "config valid\n");
+    assert!(stderr.is_empty(), "{stderr}");
+    // What a start would warn of is said, and the file still passes.
+    let (passed, stdout, stderr) =
+        check_config_as_nobody("[http]\nmax_connections_per_address = 8\n");
+    assert!(passed, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("warning: no [[routes]] configured"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warning: [http] max_connections_per_address = 8"),
+        "{stderr}"
+    );
+    // An invalid file fails with its line and reason.
+    let (passed, stdout, stderr) =
+        check_config_as_nobody("[[routes]]\nname = \"web\"\nports = [70000]\n");
+    assert!(!passed, "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("collector.toml:3:10: invalid value: integer `70000`, expected a port"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn check_needs_the_nft_tool_only_where_nftables_may_count() {
     let (passed, line) = check_without_nft("false");
