@@ -11,11 +11,15 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const IPPROTO_TCP: u8 = 6;
 /// `inet_diag_req_v2`: family, protocol, extensions, pad, states, then a 48-byte socket id.
 const REQUEST_LEN: usize = 56;
-/// Where `inet_diag_msg` keeps the local and remote ports (network order) and the cookie.
+/// Where `inet_diag_msg` keeps its timer kind, the local and remote ports (network order)
+/// and the cookie.
+const TIMER_AT: usize = 2;
 const SPORT_AT: usize = 4;
 const DPORT_AT: usize = 6;
 const COOKIE_AT: usize = 44;
 const MESSAGE_LEN: usize = 72;
+/// The timer kind the kernel gives time-wait sockets alone (`inet_twsk_diag_fill`).
+const TIME_WAIT_TIMER: u8 = 3;
 
 /// TCP states of a connection past its handshake and not yet closed: established, the two
 /// FIN waits, close wait, last ACK, closing.
@@ -57,7 +61,10 @@ fn tcp_sockets(states: u32) -> io::Result<Vec<OpenSocket>> {
                 let Some(body) = message.get(HEADER..HEADER + MESSAGE_LEN) else {
                     return;
                 };
-                if kind == SOCK_DIAG_BY_FAMILY {
+                // A time-wait socket is matched by the state it was closed in (FIN_WAIT2
+                // for a proxy that closed first) and keeps its socket's cookie, but its
+                // connection is closed, and was counted so.
+                if kind == SOCK_DIAG_BY_FAMILY && body[TIMER_AT] != TIME_WAIT_TIMER {
                     let word = |at: usize| {
                         u32::from_ne_bytes(body[at..at + 4].try_into().unwrap_or([0; 4]))
                     };

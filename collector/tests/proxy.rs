@@ -485,6 +485,59 @@ fn connections_open_across_a_clean_restart_stay_active_until_they_close() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// Connections the proxy closed first, whose clients have not closed yet: the closed sockets
+/// linger in the kernel as time-wait sockets in FIN_WAIT2 (with the cookie of the socket
+/// they were) for up to `tcp_fin_timeout`, and a start must not take them for open ones.
+#[test]
+fn connections_the_proxy_closed_first_are_not_open_at_the_next_start() {
+    const HELD: usize = 5;
+    const CLOSED_BY_PROXY: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let (clients, mut accepted) = hold_open(&netns, HELD);
+    accepted.truncate(HELD - CLOSED_BY_PROXY);
+    let open = (HELD - CLOSED_BY_PROXY) as f64;
+    wait_for(
+        "the proxy's closes counted",
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(&netns);
+            (route_value(&metrics, "collector_proxy_connections_active", "api") == open
+                && route_value(&metrics, "collector_proxy_connections_closed_total", "api")
+                    == CLOSED_BY_PROXY as f64)
+                .then_some(())
+        },
+    );
+    // The kernel still lists them, as time-wait sockets in FIN_WAIT2.
+    let fin_wait2 = netns.run(|| {
+        std::process::Command::new("ss")
+            .args([
+                "-Htn",
+                "state",
+                "fin-wait-2",
+                &format!("sport = :{API_PORT}"),
+            ])
+            .output()
+            .unwrap()
+    });
+    let listed = String::from_utf8_lossy(&fin_wait2.stdout).lines().count();
+    assert_eq!(listed, CLOSED_BY_PROXY, "{fin_wait2:?}");
+    assert!(agent.stop().success());
+
+    let agent = Agent::start(&netns, &config);
+    let metrics = scrape(&netns);
+    for (name, value) in [
+        ("collector_proxy_connections_active", open),
+        ("collector_proxy_connections_open_from_before_start", open),
+    ] {
+        assert_eq!(route_value(&metrics, name, "api"), value, "{name}");
+    }
+    drop((clients, accepted));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// A crash after a clean start: the connections that start found open from before are in no
 /// table the next start inherits, and still count as active until they close.
 #[test]
