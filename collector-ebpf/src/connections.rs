@@ -292,23 +292,27 @@ fn add_connecting(slot: u32, n: u64) {
 /// goes to the agent once, with the final count of the client it replaces; while it keeps
 /// the slot its connections cost an increment, not a ring record each.
 ///
-/// Unlike the classifiers, accept callbacks can nest on a CPU: one processed from a socket's
-/// backlog (a packet that arrived while a system call held the new socket's lock) runs in
-/// process context, where one in softirq can interrupt it. The nested one leaves the table
-/// alone and sends a client event for no slot, which the agent counts once.
+/// Unlike the classifiers, accept callbacks can share a CPU's slots: one processed from a
+/// socket's backlog (a packet that arrived while a system call held the new socket's lock)
+/// runs in process context, where one in softirq can interrupt it, and where another task
+/// can preempt it on a kernel with full preemption (programs run with migration disabled,
+/// not preemption). The one that finds the CPU's word taken leaves the table alone and
+/// sends a client event for no slot, which the agent counts once.
 #[inline(always)]
 fn count_client(client: &[u8; 16]) {
     let Some(busy) = CONN_CLIENTS_BUSY.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: this CPU's value of our per-CPU map. Nesting is strictly last in, first out,
-    // so a callback that reads 0 here is not interrupted by one that still sees it set.
-    let busy = unsafe { &mut *busy };
-    if *busy != 0 {
+    // SAFETY: a 4-byte-aligned word of this CPU's value of our per-CPU map. Taken by a
+    // compare-and-swap: a task preempted between a read of 0 and a store of 1 would let
+    // another tally in beside it.
+    let (_, taken) = unsafe {
+        atomic_cxchg::<u32, { AtomicOrdering::AcqRel }, { AtomicOrdering::Relaxed }>(busy, 0, 1)
+    };
+    if !taken {
         send_client(client, CLIENT_NO_SLOT, 0, 0);
         return;
     }
-    *busy = 1;
     let key = address_words(client);
     match tally(&CONN_CLIENTS, &key, client_fingerprint(client)) {
         Tally::Counted => {}
@@ -323,7 +327,8 @@ fn count_client(client: &[u8; 16]) {
             }
         }
     }
-    *busy = 0;
+    // SAFETY: as above; the word is ours until this store.
+    unsafe { busy.write_volatile(0) };
 }
 
 /// Sends a client taking `slot` for `tenure` (ending the one before at `replaced_count`),
