@@ -903,6 +903,19 @@ fn server_names(
                 ),
             ));
         }
+        // No top-level domain is all digits: this is an IPv4 address, or one in part.
+        if text
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(source.at(
+                server,
+                format!(
+                    "route {name:?}: {text:?} is an IP address, which TLS never sends as a server name (RFC 6066): clients that connect by address send no name, and count as no_name in the route without `sni`"
+                ),
+            ));
+        }
         if out.contains(&text) {
             return Err(source.at(
                 server,
@@ -1446,6 +1459,9 @@ match_every = 1
             "is not a server name",
         );
         assert_error(&route("[\"x.org\", \"X.org\"]"), 4, "twice");
+        assert_error(&route("[\"10.0.0.5\"]"), 4, "is an IP address");
+        assert_error(&route("[\"*.0.0.5\"]"), 4, "is an IP address");
+        assert!(Config::from_toml("t.toml", &route("[\"10.0.0.5.nip.io\", \"3com.com\"]")).is_ok());
         // A port shared by name needs a route without names.
         let alone = "[[routes]]\nname = \"a\"\nports = [443, 8443]\nsni = [\"x.org\"]\n[[routes]]\nname = \"rest\"\nports = [443]\n";
         assert_error(alone, 4, "no route without `sni` has port 8443");
