@@ -153,9 +153,10 @@ pub struct ServerNameOutcomes {
     /// The hello was cut where it cannot be read on, or a PROXY header was cut short.
     pub incomplete: u64,
     pub malformed: u64,
-    /// Closed before the client sent anything.
+    /// Closed before the client sent anything (after a PROXY header, if one came).
     pub no_data: u64,
-    /// The first segment was not seen.
+    /// The first segment, or the next one a hello went on in, was not seen; or the
+    /// connection found no place to wait for its name (the connection table full).
     pub missed: u64,
 }
 
