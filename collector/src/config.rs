@@ -6,8 +6,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Range,
-    path::Path,
-    path::PathBuf,
+    path::{Component, Path, PathBuf},
     time::Duration,
 };
 
@@ -15,6 +14,7 @@ use collector_common::{DNS_MAX_PORTS, SNI_NAMES_MAX};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::paths;
 pub use crate::tls::TlsFiles;
 
 /// Route slots in the kernel maps (`collector_common::MAX_ROUTES`).
@@ -387,12 +387,33 @@ impl Config {
         })
     }
 
+    /// What to warn about an endpoint served beyond loopback: open to anyone who reaches it,
+    /// or with credentials that cross the network in clear text.
+    #[must_use]
+    pub fn exposure_warning(&self) -> Option<String> {
+        let http = &self.http;
+        let listen = self.listen;
+        if listen.ip().is_loopback() {
+            None
+        } else if http.bearer_token_file.is_none() && http.basic_auth_users_file.is_none() {
+            Some(format!(
+                "serving beyond loopback ({listen}) without credentials (see [http] in the config)"
+            ))
+        } else if http.tls.is_none() {
+            Some(format!(
+                "credentials cross the network in clear text ({listen}): configure tls_cert_file and tls_key_file"
+            ))
+        } else {
+            None
+        }
+    }
+
     /// What a start warns of in a valid config.
     #[must_use]
     pub fn start_warnings(&self) -> Vec<String> {
-        self.no_routes_warning()
-            .map(str::to_owned)
+        self.exposure_warning()
             .into_iter()
+            .chain(self.no_routes_warning().map(str::to_owned))
             .chain(self.probe_place_warning())
             .collect()
     }
@@ -462,8 +483,10 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
             listen
         }
     };
-    let pin_dir = absolute_path(source, raw.pin_dir.as_ref(), "pin_dir")?
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+    let pin_dir = match &raw.pin_dir {
+        Some(value) => bpffs_pin_dir(source, value)?,
+        None => PathBuf::from(DEFAULT_PIN_DIR),
+    };
     let cgroup2 = absolute_path(source, raw.cgroup2.as_ref(), "cgroup2")?;
     let interfaces = raw
         .interfaces
@@ -749,6 +772,44 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
         nftables.table.clone_from(name);
     }
     Ok(nftables)
+}
+
+/// An absolute `pin_dir`, refused where `run` would refuse it below the usual bpffs mount
+/// whatever the host: the mount itself, or a name with a dot (bpffs refuses those). Other
+/// mounts are judged at start, where /proc/mounts is at hand.
+fn bpffs_pin_dir(source: &Source<'_>, value: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    let pin_dir = absolute(source, value, "pin_dir")?;
+    // `..` taken lexically, as the kernel resolves it below a mount point.
+    let mut lexical = PathBuf::new();
+    for part in pin_dir.components() {
+        match part {
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            Component::CurDir => {}
+            other => lexical.push(other),
+        }
+    }
+    let mount = Path::new(paths::BPFFS_ROOT);
+    if lexical == mount {
+        return Err(source.at(
+            value,
+            format!(
+                "pin_dir = {:?} is the bpffs mount itself, where other tools pin too: set it to a directory of its own on it, such as {DEFAULT_PIN_DIR:?}",
+                value.get_ref()
+            ),
+        ));
+    }
+    if paths::dot_below(mount, &lexical) {
+        return Err(source.at(
+            value,
+            format!(
+                "pin_dir = {:?}: bpffs refuses names with a dot in them; use one without",
+                value.get_ref()
+            ),
+        ));
+    }
+    Ok(pin_dir)
 }
 
 fn absolute_path(
@@ -1481,6 +1542,25 @@ match_every = 1
     fn agent_settings_rules() {
         assert_error("listen = \"localhost\"\n", 1, "not a socket address");
         assert_error("pin_dir = \"bpf/x\"\n", 1, "absolute");
+        for root in [
+            "/sys/fs/bpf",
+            "/sys/fs/bpf/",
+            "/sys/fs/bpf/x/..",
+            "/sys/fs/./bpf",
+        ] {
+            assert_error(
+                &format!("pin_dir = {root:?}\n"),
+                1,
+                "is the bpffs mount itself",
+            );
+        }
+        assert_error(
+            "pin_dir = \"/sys/fs/bpf/collector.prod\"\n",
+            1,
+            "refuses names with a dot",
+        );
+        let elsewhere = Config::from_toml("t.toml", "pin_dir = \"/run/x.y/c\"\n").unwrap();
+        assert_eq!(elsewhere.pin_dir, PathBuf::from("/run/x.y/c"));
         assert_error("cgroup2 = \"cg\"\n", 1, "absolute");
         assert_error(
             "interfaces = [\"lo\", \"a/b\"]\n",

@@ -394,7 +394,6 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         .as_ref()
         .map(tls::server_config)
         .transpose()?;
-    warn_if_exposed(config, &guard, tls.is_some());
     for warning in config.start_warnings() {
         tracing::warn!("{warning}");
     }
@@ -508,17 +507,6 @@ struct Http {
 
 /// Says so when the endpoint is reachable beyond this host without credentials, or when
 /// credentials would cross the network in clear text.
-fn warn_if_exposed(config: &Config, guard: &serve::Guard, tls: bool) {
-    if config.listen.ip().is_loopback() {
-        return;
-    }
-    if !guard.credentials.required() {
-        tracing::warn!(listen = %config.listen, "serving beyond loopback without credentials (see [http] in the config)");
-    } else if !tls {
-        tracing::warn!(listen = %config.listen, "credentials cross the network in clear text: configure tls_cert_file and tls_key_file");
-    }
-}
-
 async fn serve_until_signal(
     attachment: &mut Attachment,
     nft: &mut nft::Source,

@@ -107,6 +107,17 @@ fn check_config_only_judges_the_file_without_root() {
         stderr.contains("warning: [http] max_connections_per_address = 8"),
         "{stderr}"
     );
+    // Served beyond loopback without credentials: warned of, as at start.
+    let (passed, stdout, stderr) = check_config_as_nobody("listen = \"0.0.0.0:9464\"\n");
+    assert!(passed, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("warning: serving beyond loopback (0.0.0.0:9464) without credentials"),
+        "{stderr}"
+    );
+    // What run refuses below the usual bpffs mount, whatever the host, is refused here.
+    let (passed, stdout, stderr) = check_config_as_nobody("pin_dir = \"/sys/fs/bpf\"\n");
+    assert!(!passed, "{stdout}{stderr}");
+    assert!(stderr.contains("collector.toml:1:11: pin_dir"), "{stderr}");
     // An invalid file fails with its line and reason.
     let (passed, stdout, stderr) =
         check_config_as_nobody("[[routes]]\nname = \"web\"\nports = [70000]\n");

@@ -263,9 +263,23 @@ fn a_pin_directory_off_bpffs_is_refused_with_the_fix() {
             && stderr.contains("mount -t bpf"),
         "{stderr}"
     );
-    // bpffs refuses a dot in a name with EPERM, which must not read as missing privileges.
-    let stderr = refused_config(
-        "pin_dir = \"/sys/fs/bpf/collector.prod\"\n[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n",
+    // bpffs refuses a dot in a name with EPERM, which must not read as missing privileges:
+    // in the file, with its line; by --pin-dir, when the start looks at the mount.
+    let routes = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
+    let stderr = refused_config(&format!(
+        "pin_dir = \"/sys/fs/bpf/collector.prod\"\n{routes}"
+    ));
+    assert!(
+        stderr.contains("bad.toml:1:") && stderr.contains("bpffs refuses names with a dot"),
+        "{stderr}"
+    );
+    let dir = ScratchDir::new("dotted-pin-dir");
+    let path = dir.path("collector.toml");
+    std::fs::write(&path, routes).unwrap();
+    let stderr = support::refused_start_with(
+        &Netns::new(),
+        &path,
+        &["--pin-dir", "/sys/fs/bpf/collector.prod"],
     );
     assert!(
         stderr.contains("bpffs refuses names with a dot") && !stderr.contains("run as root"),
