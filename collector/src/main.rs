@@ -119,13 +119,14 @@ enum Command {
         what: StatsOf,
         #[command(flatten)]
         agent: AgentAddress,
+        /// The agent's JSON answer, on one line (with --watch, a line per refresh, for jq).
         #[arg(long)]
         json: bool,
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
     },
-    /// A live view of routes and DNS, refreshed every second, like top.
+    /// A live view of routes, upstreams and DNS, refreshed every second, like top.
     Top {
         #[command(flatten)]
         agent: AgentAddress,
