@@ -434,7 +434,7 @@ impl Config {
                 .map(str::trim)
                 .filter(|line| line.starts_with('[') && line.ends_with(']'));
             let hint = match table {
-                Some(table) if message == "invalid type: map, expected a sequence" => {
+                Some(table) if message == "invalid type: map, expected an array, as [...]" => {
                     format!(" (a list of tables takes double brackets: [{table}])")
                 }
                 _ => String::new(),
@@ -445,12 +445,14 @@ impl Config {
     }
 }
 
-/// serde's Rust type names said as what the key takes: every `u16` here is a port, and
-/// every `u64` is range-checked after parsing, so only its sign and wholeness can fail here.
+/// serde's type names said as what the key takes: every `u16` here is a port, every `u64`
+/// is range-checked after parsing (each range starts at 1 or more), and a sequence is a TOML
+/// array.
 fn in_words(message: &str) -> String {
     message
         .replace("expected u16", "expected a port number (1 to 65535)")
-        .replace("expected u64", "expected a whole number, 0 or more")
+        .replace("expected u64", "expected a positive whole number")
+        .replace("expected a sequence", "expected an array, as [...]")
 }
 
 /// Why a listen address needs a port of its own: with 0 the kernel picks one.
@@ -1403,7 +1405,12 @@ match_every = 1
         assert_error(
             "[dns]\ntop_k = -1\n",
             2,
-            "integer `-1`, expected a whole number, 0 or more",
+            "integer `-1`, expected a positive whole number",
+        );
+        assert_error(
+            "[[routes]]\nname = \"web\"\nports = 80\n",
+            3,
+            "integer `80`, expected an array, as [...]",
         );
         assert_error("poll_interval_ms = \"fast\"\n", 1, "");
     }
