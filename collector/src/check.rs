@@ -479,16 +479,26 @@ fn http(http: &HttpConfig) -> Verdict {
 /// Whether the listen address can be bound here. Taken is a warning: most likely by the
 /// collector running now, which a check before its restart finds.
 fn listen(addr: SocketAddr) -> Verdict {
-    let (status, detail) = match std::net::TcpListener::bind(addr) {
+    // As `run --listen` does: a port the kernel picks is none a probe or scrape knows.
+    let bound = if addr.port() == 0 {
+        Err(None)
+    } else {
+        std::net::TcpListener::bind(addr).map_err(Some)
+    };
+    let (status, detail) = match bound {
+        Err(None) => (
+            Status::Fail,
+            crate::config::fixed_port_needed(&addr.to_string()),
+        ),
         Ok(_) => (Status::Pass, format!("{addr} can be bound")),
-        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => (
+        Err(Some(err)) if err.kind() == std::io::ErrorKind::AddrInUse => (
             Status::Warn,
             format!(
                 "{addr} is in use: `run` fails while it is taken ({})",
                 serve::bind_advice(addr, &err)
             ),
         ),
-        Err(err) => (
+        Err(Some(err)) => (
             Status::Fail,
             format!("{addr}: {err}: {}", serve::bind_advice(addr, &err)),
         ),

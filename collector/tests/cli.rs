@@ -322,13 +322,23 @@ fn check_tries_the_listen_address_and_only_warns_when_it_is_taken() {
         "{}",
         lines["listen"]
     );
-    // (The port just taken is not tried again once free: a test running meanwhile may get it.)
+    // The same port on another loopback address is free. (The port just taken is not tried
+    // again once free: a test running meanwhile may get it.)
+    let free = format!("127.0.0.2:{}", taken.local_addr().unwrap().port());
+    let (passed, lines) = check("[nftables]\nenabled = false\n", &["--listen", &free]);
+    assert!(passed && lines["listen"].starts_with("pass"), "{lines:?}");
+    drop(taken);
+    // Port 0 fails, as `run --listen` refuses it.
     let (passed, lines) = check(
         "[nftables]\nenabled = false\n",
         &["--listen", "127.0.0.1:0"],
     );
-    assert!(passed && lines["listen"].starts_with("pass"), "{lines:?}");
-    drop(taken);
+    assert!(!passed, "{lines:?}");
+    assert!(
+        lines["listen"].starts_with("FAIL") && lines["listen"].contains("has port 0"),
+        "{}",
+        lines["listen"]
+    );
     // TEST-NET-1: an address of no interface here.
     let (passed, lines) = check(
         "listen = \"192.0.2.1:9464\"\n[nftables]\nenabled = false\n",
