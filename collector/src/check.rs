@@ -550,10 +550,17 @@ fn routes(config: &Config) -> Verdict {
         (true, false) => format!("upstreams {upstreams}"),
         (false, false) => format!("{routes}; upstreams {upstreams}"),
     };
-    Verdict {
-        name: "routes",
-        status: Status::Pass,
-        detail,
+    match crate::ephemeral_ports::warning(config) {
+        Some(warning) => Verdict {
+            name: "routes",
+            status: Status::Warn,
+            detail: format!("{detail}; {warning}"),
+        },
+        None => Verdict {
+            name: "routes",
+            status: Status::Pass,
+            detail,
+        },
     }
 }
 

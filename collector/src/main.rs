@@ -13,6 +13,7 @@ mod clock;
 mod config;
 mod counters;
 mod dns;
+mod ephemeral_ports;
 mod event_stream;
 mod events;
 mod file_version;
@@ -396,6 +397,9 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         .map(tls::server_config)
         .transpose()?;
     for warning in config.start_warnings() {
+        tracing::warn!("{warning}");
+    }
+    if let Some(warning) = ephemeral_ports::warning(config) {
         tracing::warn!("{warning}");
     }
     if signals::stop_requested() {

@@ -129,6 +129,54 @@ fn check_config_only_judges_the_file_without_root() {
     );
 }
 
+/// A route port in the namespace's ephemeral range can be an outgoing connection's source
+/// port, whose traffic the classifiers would count as the route's: a warning with the fix,
+/// which the fix clears.
+#[test]
+fn check_warns_of_route_ports_the_kernel_may_pick_as_source_ports() {
+    support::require_root();
+    let netns = support::Netns::new();
+    let dir = ScratchDir::new("check-ephemeral");
+    let config = dir.path("collector.toml");
+    fs::write(
+        &config,
+        "[[routes]]\nname = \"grpc\"\nports = [50051, 8080]\n[nftables]\nenabled = false\n",
+    )
+    .unwrap();
+    let routes_line = || {
+        let out = netns
+            .command(COLLECTOR)
+            .args(["check", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|line| line.split_whitespace().nth(1) == Some("routes"))
+            .expect("a routes line")
+            .to_owned()
+    };
+    let sysctl = |setting: &str| {
+        let out = netns
+            .command("sysctl")
+            .args(["-w", setting])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    sysctl("net.ipv4.ip_local_port_range=50000 50100");
+    let line = routes_line();
+    assert!(
+        line.starts_with("warn")
+            && line.contains("route port(s) 50051 lie in")
+            && line.contains("(50000-50100)")
+            && line.contains("ip_local_reserved_ports=50051"),
+        "{line}"
+    );
+    sysctl("net.ipv4.ip_local_reserved_ports=50051");
+    let line = routes_line();
+    assert!(line.starts_with("pass"), "{line}");
+}
+
 #[test]
 fn check_needs_the_nft_tool_only_where_nftables_may_count() {
     let (passed, line) = check_without_nft("false");

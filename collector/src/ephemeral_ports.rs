@@ -1,0 +1,81 @@
+//! Route ports inside this namespace's ephemeral port range. A connection out of the host
+//! (or a pod's, masqueraded through it with its port kept) can take such a port as its
+//! source port; on the interfaces its packets then carry the route's port on a local
+//! address, and the classifiers count them as the route's live traffic. Reserving the port
+//! (`net.ipv4.ip_local_reserved_ports`) keeps the kernel from picking it.
+
+use std::{fs, ops::RangeInclusive};
+
+use crate::config::Config;
+
+const RANGE_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+const RESERVED_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// What to warn about route ports the kernel may pick as source ports, if any; `None` also
+/// when the sysctls cannot be read (nothing to say then).
+#[must_use]
+pub fn warning(config: &Config) -> Option<String> {
+    let range = parse_range(&fs::read_to_string(RANGE_SYSCTL).ok()?)?;
+    let reserved = parse_reserved(&fs::read_to_string(RESERVED_SYSCTL).ok()?)?;
+    let mut exposed: Vec<u16> = config
+        .routes
+        .iter()
+        .flat_map(|route| route.ports.iter().copied())
+        .filter(|port| range.contains(port) && !reserved.iter().any(|r| r.contains(port)))
+        .collect();
+    exposed.sort_unstable();
+    exposed.dedup();
+    if exposed.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = exposed.iter().map(u16::to_string).collect();
+    let list = list.join(",");
+    Some(format!(
+        "route port(s) {list} lie in this namespace's ephemeral port range ({}-{}): a \
+         connection out of the host, or a pod's masqueraded through it, may take one as its \
+         source port, and its traffic on the interfaces then counts as the route's live bytes; \
+         reserve them: sysctl -w net.ipv4.ip_local_reserved_ports={list} (adding any already \
+         reserved)",
+        range.start(),
+        range.end()
+    ))
+}
+
+/// `ip_local_port_range`: two numbers, the first and last port.
+fn parse_range(text: &str) -> Option<RangeInclusive<u16>> {
+    let mut numbers = text.split_whitespace().map(str::parse::<u16>);
+    let (first, last) = (numbers.next()?.ok()?, numbers.next()?.ok()?);
+    Some(first..=last)
+}
+
+/// `ip_local_reserved_ports`: ports and ranges separated by commas, or nothing.
+fn parse_reserved(text: &str) -> Option<Vec<RangeInclusive<u16>>> {
+    text.trim()
+        .split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('-') {
+            Some((first, last)) => Some(first.parse().ok()?..=last.parse().ok()?),
+            None => {
+                let port = item.parse().ok()?;
+                Some(port..=port)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sysctls_parse_as_the_kernel_writes_them() {
+        assert_eq!(parse_range("32768\t60999\n"), Some(32768..=60999));
+        assert_eq!(parse_range("32768\n"), None);
+        assert_eq!(parse_reserved("\n"), Some(vec![]));
+        assert_eq!(
+            parse_reserved("8080,50000-50010\n"),
+            Some(vec![8080..=8080, 50000..=50010])
+        );
+        assert_eq!(parse_reserved("8080,x\n"), None);
+    }
+}
