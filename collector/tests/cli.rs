@@ -155,15 +155,11 @@ fn check_warns_of_route_ports_the_kernel_may_pick_as_source_ports() {
             .expect("a routes line")
             .to_owned()
     };
-    let sysctl = |setting: &str| {
-        let out = netns
-            .command("sysctl")
-            .args(["-w", setting])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+    // Written from a thread in the namespace: /proc/sys/net is the writer's namespace's.
+    let sysctl = |name: &'static str, value: &'static str| {
+        netns.run(move || fs::write(format!("/proc/sys/net/ipv4/{name}"), value).unwrap());
     };
-    sysctl("net.ipv4.ip_local_port_range=50000 50100");
+    sysctl("ip_local_port_range", "50000 50100");
     let line = routes_line();
     assert!(
         line.starts_with("warn")
@@ -172,7 +168,7 @@ fn check_warns_of_route_ports_the_kernel_may_pick_as_source_ports() {
             && line.contains("ip_local_reserved_ports=50051"),
         "{line}"
     );
-    sysctl("net.ipv4.ip_local_reserved_ports=50051");
+    sysctl("ip_local_reserved_ports", "50051");
     let line = routes_line();
     assert!(line.starts_with("pass"), "{line}");
 }
