@@ -53,12 +53,9 @@ fn parse_reserved(text: &str) -> Option<Vec<RangeInclusive<u16>>> {
     text.trim()
         .split(',')
         .filter(|item| !item.is_empty())
-        .map(|item| match item.split_once('-') {
-            Some((first, last)) => Some(first.parse().ok()?..=last.parse().ok()?),
-            None => {
-                let port = item.parse().ok()?;
-                Some(port..=port)
-            }
+        .map(|item| {
+            let (first, last) = item.split_once('-').unwrap_or((item, item));
+            Some(first.parse().ok()?..=last.parse().ok()?)
         })
         .collect()
 }

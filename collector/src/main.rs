@@ -150,7 +150,7 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
         /// Check the configuration file alone (no kernel, mounts or privileges, so no root):
-        /// for a pipeline that checks a ConfigMap before it reaches the nodes. Prints the
+        /// for a pipeline that checks a `ConfigMap` before it reaches the nodes. Prints the
         /// warnings a start would log; exits 1 with the file, line and reason when invalid.
         #[arg(long, conflicts_with = "listen")]
         config_only: bool,
@@ -350,15 +350,9 @@ fn main() -> std::process::ExitCode {
             source,
             listen,
             config_only,
-        } => source.load().and_then(|mut config| {
-            if config_only {
-                return check_config(&config);
-            }
-            if let Some(listen) = listen {
-                config.listen = listen;
-            }
-            check_host(&config)
-        }),
+        } => source
+            .load()
+            .and_then(|config| check(config, listen, config_only)),
         Command::Cleanup { source, apply } => source
             .load()
             .and_then(|config| cleanup::run(&config, apply)),
@@ -841,6 +835,17 @@ fn reader_stopped(
 }
 
 /// `collector check`: one line per requirement, and status 1 if one is not met.
+/// `collector check`: the config file alone, or the host as `run` would use it.
+fn check(mut config: Config, listen: Option<SocketAddr>, config_only: bool) -> anyhow::Result<()> {
+    if config_only {
+        return check_config(&config);
+    }
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    check_host(&config)
+}
+
 /// A config that parsed is valid; what a start would warn of goes to stderr.
 fn check_config(config: &Config) -> anyhow::Result<()> {
     for warning in config.start_warnings() {

@@ -486,7 +486,7 @@ fn connections_open_across_a_clean_restart_stay_active_until_they_close() {
 }
 
 /// Connections the proxy closed first, whose clients have not closed yet: the closed sockets
-/// linger in the kernel as time-wait sockets in FIN_WAIT2 (with the cookie of the socket
+/// linger in the kernel as time-wait sockets in `FIN_WAIT2` (with the cookie of the socket
 /// they were) for up to `tcp_fin_timeout`, and a start must not take them for open ones.
 #[test]
 fn connections_the_proxy_closed_first_are_not_open_at_the_next_start() {
