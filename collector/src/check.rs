@@ -313,10 +313,27 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     let mut verdicts = judge(&facts, config.nftables.enabled);
     verdicts.push(pin_dir(&config.pin_dir, facts.bpffs.as_deref()));
     verdicts.push(interfaces(&config.interfaces));
-    verdicts.push(http(&config.http));
-    verdicts.push(listen(config.listen));
+    verdicts.push(with_warning(
+        http(&config.http),
+        config.probe_place_warning(),
+    ));
+    verdicts.push(with_warning(
+        listen(config.listen),
+        config.exposure_warning(),
+    ));
     verdicts.push(routes(config));
     Ok(verdicts)
+}
+
+/// `verdict` with a warning of the config's about the same thing: at least a warning then.
+fn with_warning(mut verdict: Verdict, warning: Option<String>) -> Verdict {
+    if let Some(warning) = warning {
+        if matches!(verdict.status, Status::Pass | Status::Skip) {
+            verdict.status = Status::Warn;
+        }
+        verdict.detail = format!("{}; {warning}", verdict.detail);
+    }
+    verdict
 }
 
 /// Whether `run` can make its pin directory and pin maps in it (a non-root user, a security

@@ -777,38 +777,34 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
 }
 
 /// An absolute `pin_dir`, refused where `run` would refuse it below the usual bpffs mount
-/// whatever the host: the mount itself, or a name with a dot (bpffs refuses those). Other
-/// mounts are judged at start, where /proc/mounts is at hand.
+/// whatever the host: the mount itself, or a name with a dot (bpffs refuses those; `..`
+/// too, which `run` takes for one). Other mounts are judged at start, where /proc/mounts is
+/// at hand.
 fn bpffs_pin_dir(source: &Source<'_>, value: &Spanned<String>) -> Result<PathBuf, ConfigError> {
     let pin_dir = absolute(source, value, "pin_dir")?;
-    // `..` taken lexically, as the kernel resolves it below a mount point.
-    let mut lexical = PathBuf::new();
-    for part in pin_dir.components() {
-        match part {
-            Component::ParentDir => {
-                lexical.pop();
-            }
-            Component::CurDir => {}
-            other => lexical.push(other),
-        }
+    let text = value.get_ref();
+    if pin_dir
+        .components()
+        .any(|part| part == Component::ParentDir)
+    {
+        return Err(source.at(
+            value,
+            format!("pin_dir = {text:?} has a `..`: write the directory without it"),
+        ));
     }
     let mount = Path::new(paths::BPFFS_ROOT);
-    if lexical == mount {
+    if pin_dir == mount {
         return Err(source.at(
             value,
             format!(
-                "pin_dir = {:?} is the bpffs mount itself, where other tools pin too: set it to a directory of its own on it, such as {DEFAULT_PIN_DIR:?}",
-                value.get_ref()
+                "pin_dir = {text:?} is the bpffs mount itself, where other tools pin too: set it to a directory of its own on it, such as {DEFAULT_PIN_DIR:?}"
             ),
         ));
     }
-    if paths::dot_below(mount, &lexical) {
+    if paths::dot_below(mount, &pin_dir) {
         return Err(source.at(
             value,
-            format!(
-                "pin_dir = {:?}: bpffs refuses names with a dot in them; use one without",
-                value.get_ref()
-            ),
+            format!("pin_dir = {text:?}: bpffs refuses names with a dot in them; use one without"),
         ));
     }
     Ok(pin_dir)
@@ -975,7 +971,7 @@ fn server_names(
             return Err(source.at(
                 server,
                 format!(
-                    "route {name:?}: {text:?} is an IP address, which TLS never sends as a server name (RFC 6066): clients that connect by address send no name, and count as no_name in the route without `sni`"
+                    "route {name:?}: {text:?} ends in an all-digit label, as an IPv4 address does, and TLS never sends an address as a server name (RFC 6066): clients that connect by address send no name, and count as no_name in the route without `sni`"
                 ),
             ));
         }
@@ -1527,8 +1523,8 @@ match_every = 1
             "is not a server name",
         );
         assert_error(&route("[\"x.org\", \"X.org\"]"), 4, "twice");
-        assert_error(&route("[\"10.0.0.5\"]"), 4, "is an IP address");
-        assert_error(&route("[\"*.0.0.5\"]"), 4, "is an IP address");
+        assert_error(&route("[\"10.0.0.5\"]"), 4, "as an IPv4 address does");
+        assert_error(&route("[\"*.0.0.5\"]"), 4, "all-digit label");
         assert!(Config::from_toml("t.toml", &route("[\"10.0.0.5.nip.io\", \"3com.com\"]")).is_ok());
         // A port shared by name needs a route without names.
         let alone = "[[routes]]\nname = \"a\"\nports = [443, 8443]\nsni = [\"x.org\"]\n[[routes]]\nname = \"rest\"\nports = [443]\n";
@@ -1547,12 +1543,7 @@ match_every = 1
 
     #[test]
     fn pin_dir_rules() {
-        for root in [
-            "/sys/fs/bpf",
-            "/sys/fs/bpf/",
-            "/sys/fs/bpf/x/..",
-            "/sys/fs/./bpf",
-        ] {
+        for root in ["/sys/fs/bpf", "/sys/fs/bpf/", "/sys/fs/./bpf"] {
             assert_error(
                 &format!("pin_dir = {root:?}\n"),
                 1,
@@ -1564,6 +1555,7 @@ match_every = 1
             1,
             "refuses names with a dot",
         );
+        assert_error("pin_dir = \"/sys/fs/bpf/x/..\"\n", 1, "has a `..`");
         let elsewhere = Config::from_toml("t.toml", "pin_dir = \"/run/x.y/c\"\n").unwrap();
         assert_eq!(elsewhere.pin_dir, PathBuf::from("/run/x.y/c"));
     }

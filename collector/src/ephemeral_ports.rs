@@ -1,8 +1,9 @@
-//! Route ports inside this namespace's ephemeral port range. A connection out of the host
-//! (or a pod's, masqueraded through it with its port kept) can take such a port as its
-//! source port; on the interfaces its packets then carry the route's port on a local
-//! address, and the classifiers count them as the route's live traffic. Reserving the port
-//! (`net.ipv4.ip_local_reserved_ports`) keeps the kernel from picking it.
+//! Route ports inside the ephemeral port range. A pod's connection masqueraded through the
+//! node keeps its source port where it can, and the pods' range is most likely the node's
+//! (the default); when that port is a route's, the packets leave from and return to a local
+//! address on the route's port, and the classifiers count them as the route's live traffic.
+//! This namespace's own connections skip a port the proxy listens on, but not while it does
+//! not (a restart), and then also keep the proxy from binding it.
 
 use std::{fs, ops::RangeInclusive};
 
@@ -31,11 +32,12 @@ pub fn warning(config: &Config) -> Option<String> {
     let list: Vec<String> = exposed.iter().map(u16::to_string).collect();
     let list = list.join(",");
     Some(format!(
-        "route port(s) {list} lie in this namespace's ephemeral port range ({}-{}): a \
-         connection out of the host, or a pod's masqueraded through it, may take one as its \
-         source port, and its traffic on the interfaces then counts as the route's live bytes; \
-         reserve them: sysctl -w net.ipv4.ip_local_reserved_ports={list} (adding any already \
-         reserved)",
+        "route port(s) {list} lie in the ephemeral port range ({}-{}): a pod's connection \
+         masqueraded through this host may keep one as its source port, and its traffic on the \
+         interfaces then counts as the route's live bytes; this host's own connections may take \
+         one while the proxy is not listening. Move the route below the range, or reserve the \
+         port(s) in this namespace and the pods' (net.ipv4.ip_local_reserved_ports={list}, a \
+         per-namespace sysctl, kept in /etc/sysctl.d)",
         range.start(),
         range.end()
     ))

@@ -152,7 +152,7 @@ enum Command {
         /// Check the configuration file alone (no kernel, mounts or privileges, so no root):
         /// for a pipeline that checks a `ConfigMap` before it reaches the nodes. Prints the
         /// warnings a start would log; exits 1 with the file, line and reason when invalid.
-        #[arg(long, conflicts_with = "listen")]
+        #[arg(long, requires = "config", conflicts_with_all = ["listen", "pin_dir"])]
         config_only: bool,
     },
     /// List what a crashed collector left in bpffs (pinned maps and links) and nftables;
@@ -504,8 +504,6 @@ struct Http {
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
-/// Says so when the endpoint is reachable beyond this host without credentials, or when
-/// credentials would cross the network in clear text.
 async fn serve_until_signal(
     attachment: &mut Attachment,
     nft: &mut nft::Source,
@@ -834,7 +832,6 @@ fn reader_stopped(
     why.context(format!("the {which} event reader stopped"))
 }
 
-/// `collector check`: one line per requirement, and status 1 if one is not met.
 /// `collector check`: the config file alone, or the host as `run` would use it.
 fn check(mut config: Config, listen: Option<SocketAddr>, config_only: bool) -> anyhow::Result<()> {
     if config_only {
@@ -854,6 +851,7 @@ fn check_config(config: &Config) -> anyhow::Result<()> {
     output::write(|out| writeln!(out, "config valid"))
 }
 
+/// `collector check` on the host: one line per requirement, and status 1 if one is not met.
 fn check_host(config: &Config) -> anyhow::Result<()> {
     let verdicts = check::verdicts(config)?;
     let printed = output::write(|out| {

@@ -118,6 +118,17 @@ fn check_config_only_judges_the_file_without_root() {
     let (passed, stdout, stderr) = check_config_as_nobody("pin_dir = \"/sys/fs/bpf\"\n");
     assert!(!passed, "{stdout}{stderr}");
     assert!(stderr.contains("collector.toml:1:11: pin_dir"), "{stderr}");
+    // Without a file it would judge the embedded default: a pipeline that forgot the file
+    // must not pass.
+    let out = Command::new(COLLECTOR)
+        .args(["check", "--config-only"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--config <CONFIG>"),
+        "{out:?}"
+    );
     // An invalid file fails with its line and reason.
     let (passed, stdout, stderr) =
         check_config_as_nobody("[[routes]]\nname = \"web\"\nports = [70000]\n");
@@ -163,7 +174,7 @@ fn check_warns_of_route_ports_the_kernel_may_pick_as_source_ports() {
     let line = routes_line();
     assert!(
         line.starts_with("warn")
-            && line.contains("route port(s) 50051 lie in")
+            && line.contains("route port(s) 50051 lie in the ephemeral port range")
             && line.contains("(50000-50100)")
             && line.contains("ip_local_reserved_ports=50051"),
         "{line}"
@@ -372,6 +383,19 @@ fn check_tries_the_listen_address_and_only_warns_when_it_is_taken() {
     let (passed, lines) = check("[nftables]\nenabled = false\n", &["--listen", &free]);
     assert!(passed && lines["listen"].starts_with("pass"), "{lines:?}");
     drop(taken);
+    // Beyond loopback without credentials: a warning, as at start.
+    let (passed, lines) = check(
+        "listen = \"0.0.0.0:19464\"\n[nftables]\nenabled = false\n",
+        &[],
+    );
+    assert!(passed, "{lines:?}");
+    assert!(
+        lines["listen"].starts_with("warn")
+            && lines["listen"]
+                .contains("serving beyond loopback (0.0.0.0:19464) without credentials"),
+        "{}",
+        lines["listen"]
+    );
     // Port 0 fails, as `run --listen` refuses it.
     let (passed, lines) = check(
         "[nftables]\nenabled = false\n",

@@ -36,8 +36,10 @@ const APT_PACKAGES: &[&str] = &[
     "dnsperf",
     // The reverse proxy of the benchmark's proxied load.
     "nginx-light",
-    // Lints the deployment YAML (collector/tests/deploy.rs); systemd-analyze checks the unit.
+    // Lints the deployment YAML (collector/tests/deploy.rs), which also reads it with
+    // PyYAML; systemd-analyze checks the unit.
     "yamllint",
+    "python3-yaml",
     "systemd",
     // The HTTPS and basic-auth tests: a test certificate, an htpasswd file, an HTTPS client.
     "openssl",
@@ -50,6 +52,9 @@ const APT_PACKAGES: &[&str] = &[
     "debootstrap",
     // The build-info test compares the revision built with the checkout's.
     "git",
+    // sysctl, for the forwarding and IPv6 settings of the tests' and benchmark's namespaces
+    // (priority important, not required: a minimal system lacks it).
+    "procps",
 ];
 /// Services that packages above bring and enable, each on a port of the host (53, 80,
 /// 9090): installed for their binaries only, which the tests and the benchmark start in
