@@ -154,15 +154,23 @@ impl<T> CountsHistory<T> {
     }
 
     /// The counts as they stood `window` before `now`: the newest copy at least that old, or
-    /// the oldest there is.
+    /// the oldest there is. After a stall of the polls (a throttled pod) the newest copy that
+    /// old may be far older, and "the last minute" would take in the whole stall: past twice
+    /// the window, the oldest copy since serves, as after a start.
     #[must_use]
     pub fn base(&self, now: Duration, window: Duration) -> Option<&T> {
-        self.samples
-            .iter()
-            .rev()
-            .find(|(at, _)| now.saturating_sub(*at) >= window)
-            .or_else(|| self.samples.front())
-            .map(|(_, counts)| counts)
+        let mut younger = None;
+        for (at, counts) in self.samples.iter().rev() {
+            let age = now.saturating_sub(*at);
+            if age >= window {
+                return match younger {
+                    Some(since_stall) if age > window * 2 => Some(since_stall),
+                    _ => Some(counts),
+                };
+            }
+            younger = Some(counts);
+        }
+        younger
     }
 }
 
@@ -189,6 +197,33 @@ mod tests {
         young.record(secs(1.0), 9);
         assert_eq!(young.base(secs(30.0), AVERAGE), Some(&7));
         assert_eq!(young.samples.len(), 2);
+    }
+
+    #[test]
+    fn after_a_stall_the_window_starts_after_it() {
+        let mut history = CountsHistory::new(secs(65.0));
+        // A count a second for two minutes, then five minutes without a poll.
+        for second in 0..=120u32 {
+            history.record(secs(f64::from(second)), second);
+        }
+        let resumed = 420.0;
+        history.record(secs(resumed), 1_000);
+        // The stall's counts are no part of the last minute: at first it is empty.
+        assert_eq!(history.base(secs(resumed), AVERAGE), Some(&1_000));
+        for second in 1..=30u32 {
+            history.record(secs(resumed + f64::from(second)), 1_000 + second);
+        }
+        assert_eq!(history.base(secs(resumed + 30.0), AVERAGE), Some(&1_000));
+        // A minute after, the window is a minute again.
+        for second in 31..=70u32 {
+            history.record(secs(resumed + f64::from(second)), 1_000 + second);
+        }
+        assert_eq!(history.base(secs(resumed + 70.0), AVERAGE), Some(&1_010));
+        // A copy up to twice the window old still serves (slow polls).
+        let mut slow = CountsHistory::new(secs(130.0));
+        slow.record(secs(0.0), 1);
+        slow.record(secs(110.0), 2);
+        assert_eq!(slow.base(secs(110.0), AVERAGE), Some(&1));
     }
 
     fn secs(s: f64) -> Duration {
