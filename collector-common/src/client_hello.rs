@@ -44,15 +44,17 @@ pub enum Hello {
     NoName,
     /// Not a TLS handshake starting with a ClientHello.
     NotHello,
-    /// A ClientHello cut where it cannot be read on: in its name's extension, in an
-    /// extension's header, before its extensions, or by the end of its record; or one whose
-    /// name lies past [`SNI_MAX_EXTENSIONS`] extensions in this segment.
+    /// A ClientHello cut where it cannot be read on: in its name's extension past its
+    /// header, before its extensions, or by the end of its record; or one whose name lies
+    /// past [`SNI_MAX_EXTENSIONS`] extensions in this segment.
     Incomplete,
     /// A ClientHello whose lengths contradict each other, or a name too long.
     Malformed,
-    /// The segment ended in the extensions, outside the server name, the hello and its
-    /// record going on: [`server_name_after`] reads on from the extension at `next` (at or
-    /// past the segment's end) in the data that follows. Offsets are the data's.
+    /// The segment ended in the extensions, outside the server name's body, the hello and
+    /// its record going on: [`server_name_after`] reads on from the extension at `next` in
+    /// the data that follows. Offsets are the data's. A `next` before the segment's end is
+    /// an extension's header the segment cut in two: the caller keeps its first bytes (from
+    /// `next` to the end) for the next segment, as a [`CutHeader`].
     Continues {
         next: u32,
         hello_end: u32,
@@ -118,20 +120,83 @@ pub fn server_name<B: HelloBytes>(
     }
 }
 
+/// The first bytes (`len`, 1 to 3; 0 for none) of an extension header a segment cut in two,
+/// as a big-endian number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CutHeader {
+    pub bytes: u32,
+    pub len: u32,
+}
+
+/// Bytes of an extension's header: type (2) and length (2).
+const EXTENSION_HEADER: u32 = 4;
+
 /// The server name, read on where a [`Hello::Continues`] left off: the extension at `next` of
-/// the data `..end` that follows, `hello_end` and `record_end` given in its offsets.
+/// the data `..end` that follows, `hello_end` and `record_end` given in its offsets; after a
+/// header cut in two, its rest at `next` completes `cut`.
 #[inline(always)]
 pub fn server_name_after<B: HelloBytes>(
     data: &B,
     next: u32,
+    cut: CutHeader,
     hello_end: u32,
     record_end: u32,
     end: u32,
     name: &mut [u8; SNI_NAME_MAX + 1],
 ) -> Hello {
-    match extensions(data, &Bounds::new(hello_end, record_end, end), next, name) {
+    let bounds = Bounds::new(hello_end, record_end, end);
+    let next = match completed_header(data, &bounds, next, cut, name) {
+        Ok(next) => next,
+        Err(found) => return found,
+    };
+    match extensions(data, &bounds, next, name) {
         Ok(found) | Err(found) => found,
     }
+}
+
+/// Completes the extension header a segment cut, if it did, with its rest at `at`: then
+/// where the next extension is, or, for the server name's, the verdict on the name in its
+/// body (as `Err`, which ends the reading as a failure does). Otherwise `at`.
+#[inline(always)]
+fn completed_header<B: HelloBytes>(
+    data: &B,
+    bounds: &Bounds,
+    at: u32,
+    cut: CutHeader,
+    name: &mut [u8; SNI_NAME_MAX + 1],
+) -> Result<u32, Hello> {
+    // Masked: whatever the storage held, the shift below stays in range.
+    let kept = cut.len & 3;
+    if kept == 0 {
+        return Ok(at);
+    }
+    let missing = EXTENSION_HEADER - kept;
+    let Some(rest) = big_endian(data, bounds, at, missing) else {
+        return Err(Hello::Incomplete);
+    };
+    let header = cut.bytes << (8 * missing) | rest;
+    let len = header & 0xffff;
+    let body = at + missing;
+    if body + len > bounds.hello_end {
+        return Err(Hello::Malformed);
+    }
+    if header >> 16 == 0 {
+        return Err(host_name(data, bounds, body, len, name).unwrap_or_else(|failed| failed));
+    }
+    Ok(body + len)
+}
+
+/// The first bytes of the extension header a [`Hello::Continues`] cut, from the segment
+/// `..end` it ended: none where it ended at an extension's start.
+#[inline(always)]
+pub fn cut_header<B: HelloBytes>(data: &B, next: u32, end: u32) -> CutHeader {
+    let len = end.saturating_sub(next);
+    if len == 0 || len >= EXTENSION_HEADER {
+        return CutHeader::default();
+    }
+    let bounds = Bounds::new(end, end + 1, end);
+    big_endian(data, &bounds, next, len)
+        .map_or(CutHeader::default(), |bytes| CutHeader { bytes, len })
 }
 
 #[inline(always)]
@@ -202,9 +267,14 @@ fn extensions<B: HelloBytes>(
         if at == bounds.hello_end {
             return Ok(Hello::NoName);
         }
-        // Past the segment, at an extension's start: the walk goes on in the next. (An
-        // extension's header cut in two is incomplete: its bytes are not kept.)
-        if at >= bounds.have_end && bounds.continues() {
+        // Past the segment, or in an extension's header the segment cut in two: the walk
+        // goes on in the next (with the header's first bytes, which the caller keeps).
+        // Browsers' hellos are longer than a segment, their extensions in random order, so
+        // such cuts are common.
+        if bounds.continues()
+            && at + EXTENSION_HEADER > bounds.have_end
+            && at + EXTENSION_HEADER <= bounds.hello_end
+        {
             return Ok(Hello::Continues {
                 next: at,
                 hello_end: bounds.hello_end,
@@ -273,6 +343,25 @@ fn host_name<B: HelloBytes>(
         offset: at + 5,
         len: name_len,
     })
+}
+
+/// The `len` bytes (1 to 3) at `at` as a big-endian number, if the data has them. An
+/// `Option`, not a `Result` carrying a [`Hello`]: LLVM filled the unset rest of such a
+/// `Result` from a register a helper call had clobbered, which the verifier refuses.
+#[inline(always)]
+fn big_endian<B: HelloBytes>(data: &B, bounds: &Bounds, at: u32, len: u32) -> Option<u32> {
+    if at.checked_add(len)? > bounds.have_end {
+        return None;
+    }
+    match len {
+        1 => data.array::<1>(at).map(|[a]| u32::from(a)),
+        2 => data
+            .array::<2>(at)
+            .map(|[a, b]| u32::from_be_bytes([0, 0, a, b])),
+        _ => data
+            .array::<3>(at)
+            .map(|[a, b, c]| u32::from_be_bytes([0, a, b, c])),
+    }
 }
 
 #[inline(always)]

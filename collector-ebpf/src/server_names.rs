@@ -30,7 +30,7 @@ use aya_ebpf::{
 };
 use collector_common::{
     CONN_EVENT_OPEN, ConnEvent, ConnState, MAX_ROUTES, SNI_UNDECIDED, SniDecision, SniKey,
-    client_hello::{self, Hello, HelloBytes, SNI_NAME_MAX},
+    client_hello::{self, CutHeader, Hello, HelloBytes, SNI_NAME_MAX},
     port_bit,
     proxy_header::{ProxyHeader, proxy_header},
     sni_outcome,
@@ -522,20 +522,40 @@ fn resume_at(
             next,
             hello_end,
             record_end,
-        } => SniResume {
-            expect_seq: seq_of(end),
-            skipped,
-            walking: 1,
-            next_seq: seq_of(next),
-            hello_end_seq: seq_of(hello_end),
-            record_end_seq: seq_of(record_end),
-        },
+        } => {
+            let cut = parked_cut();
+            SniResume {
+                expect_seq: seq_of(end),
+                skipped,
+                walking: 1,
+                next_seq: seq_of(next),
+                hello_end_seq: seq_of(hello_end),
+                record_end_seq: seq_of(record_end),
+                cut_bytes: cut.bytes,
+                cut_len: cut.len,
+            }
+        }
         Verdict::After(header) => SniResume {
             expect_seq: seq_of(segment.payload_start + header),
             skipped: header,
             ..SniResume::default()
         },
         Verdict::Decided(..) => SniResume::default(),
+    }
+}
+
+/// The cut header [`read_hello`] parked with its last `Continues` on this CPU.
+#[inline(always)]
+fn parked_cut() -> CutHeader {
+    let Some(scratch) = SNI_SCRATCH.get_ptr_mut(0) else {
+        return CutHeader::default();
+    };
+    // SAFETY: this CPU's scratch value, written by `read_hello` in this same run.
+    unsafe {
+        CutHeader {
+            bytes: ptr::read_volatile(&raw const (*scratch).cut_bytes),
+            len: ptr::read_volatile(&raw const (*scratch).cut_len),
+        }
     }
 }
 
@@ -551,6 +571,10 @@ fn reading_of(resume: Option<&SniResume>, segment: &Headers) -> Reading {
     let offset_of = |seq: u32| offset_at(segment.seq, segment.payload_start, seq);
     Reading::Walk {
         next: offset_of(resume.next_seq),
+        cut: CutHeader {
+            bytes: resume.cut_bytes,
+            len: resume.cut_len,
+        },
         hello_end: offset_of(resume.hello_end_seq),
         record_end: offset_of(resume.record_end_seq),
     }
@@ -596,6 +620,10 @@ pub struct SniResume {
     next_seq: u32,
     hello_end_seq: u32,
     record_end_seq: u32,
+    /// The first bytes of an extension header the last segment cut ([`CutHeader`]): its
+    /// rest starts the segment at `next_seq`.
+    cut_bytes: u32,
+    cut_len: u32,
 }
 
 /// Where the socket's hello goes on, if an earlier segment said.
@@ -707,6 +735,10 @@ pub struct SniScratch {
     verdict: u32,
     offset: u32,
     len: u32,
+    /// The first bytes of an extension header the segment cut ([`CutHeader`]), parked here
+    /// for [`resume_at`].
+    cut_len: u32,
+    cut_bytes: u32,
     _pad: u32,
 }
 
@@ -738,9 +770,11 @@ enum Reading {
     /// hello: `not_tls`, as one in the same segment as the first).
     AfterHeader,
     /// The extensions of a hello an earlier segment began: the offsets in this segment of
-    /// the next extension, the hello's end and its record's end.
+    /// the next extension (or the rest of the header `cut` begins), the hello's end and its
+    /// record's end.
     Walk {
         next: u32,
+        cut: CutHeader,
         hello_end: u32,
         record_end: u32,
     },
@@ -759,6 +793,7 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16, reading: Reading) -> V
     let hello = match reading {
         Reading::Walk {
             next,
+            cut,
             hello_end,
             record_end,
         } => {
@@ -766,6 +801,7 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16, reading: Reading) -> V
             client_hello::server_name_after(
                 &Segment(ctx),
                 next,
+                cut,
                 hello_end,
                 record_end,
                 end,
@@ -791,8 +827,16 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16, reading: Reading) -> V
             hello_end,
             record_end,
         } => {
+            // A header cut in two: its first bytes go on, parked for `resume_at`, and its
+            // rest starts the next segment.
+            let cut = client_hello::cut_header(&Segment(ctx), next, end);
+            // SAFETY: fields of the scratch value above.
+            unsafe {
+                ptr::write_volatile(&raw mut scratch.cut_len, cut.len);
+                ptr::write_volatile(&raw mut scratch.cut_bytes, cut.bytes);
+            }
             return Verdict::Continues {
-                next,
+                next: if cut.len == 0 { next } else { end },
                 hello_end,
                 record_end,
             };

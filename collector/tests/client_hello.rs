@@ -7,7 +7,7 @@ mod support;
 
 use std::ops::Range;
 
-use collector_common::client_hello::{self, Hello, SNI_NAME_MAX};
+use collector_common::client_hello::{self, CutHeader, Hello, SNI_NAME_MAX};
 use rustls::{
     SupportedProtocolVersion,
     pki_types::ServerName,
@@ -349,8 +349,10 @@ fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdi
     bounds.extend_from_slice(cuts);
     bounds.push(flight.len());
     let mut name = [0; SNI_NAME_MAX + 1];
-    // The hello's offsets where it goes on, in the flight's terms.
+    // The hello's offsets where it goes on, in the flight's terms, and the first bytes of a
+    // header the last segment cut.
     let mut resume: Option<(usize, usize, usize)> = None;
+    let mut cut = CutHeader::default();
     for segment in bounds.windows(2) {
         let (from, to) = (segment[0], segment[1]);
         let headers = 40 + rng.below(3) * 12;
@@ -363,6 +365,7 @@ fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdi
             Some((next, hello_end, record_end)) => client_hello::server_name_after(
                 &Bytes(&packet),
                 offset(next),
+                cut,
                 offset(hello_end),
                 offset(record_end),
                 end,
@@ -376,7 +379,10 @@ fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdi
                 hello_end,
                 record_end,
             } => {
-                resume = Some((in_flight(next), in_flight(hello_end), in_flight(record_end)));
+                cut = client_hello::cut_header(&Bytes(&packet), next, end);
+                // In a header: its rest starts the next segment.
+                let next = if cut.len > 0 { to } else { in_flight(next) };
+                resume = Some((next, in_flight(hello_end), in_flight(record_end)));
             }
             Hello::Name { len, .. } => return (Verdict::Name(len), name[..len].to_vec()),
             Hello::NoName => return (Verdict::NoName, Vec::new()),

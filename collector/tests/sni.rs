@@ -887,8 +887,9 @@ fn connections_await_their_hello_counted_nowhere_then_count_where_it_names() {
 /// Browsers' post-quantum hellos are longer than a segment (about 1.8 KB: a 1,200-byte key
 /// share among extensions in random order). Cut in the long extension before the name, or
 /// at an extension's start, once or twice, the hello is read on in the next segments to its
-/// name, also where the first segment completes a deferred accept. Cut in an extension's
-/// header, it is incomplete (its bytes are not kept).
+/// name, also where the first segment completes a deferred accept; cut in an extension's
+/// header too (the header's first bytes are kept). Cut in the name's extension past its
+/// header, it is incomplete.
 #[test]
 fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
     const N: usize = 3;
@@ -940,9 +941,18 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
             route,
             outcome,
         );
+        // In the name's extension's header (before this was read on, incomplete), and in
+        // the extension's body.
         exchange(
             &long,
             Send::SplitAfter(after + 2),
+            &listener,
+            route,
+            outcome,
+        );
+        exchange(
+            &long,
+            Send::SplitAfter(after + 6),
             &listener,
             FALLBACK,
             "incomplete",

@@ -336,8 +336,9 @@ impl Walk {
     }
 
     /// Where the walk goes on if a segment ends at `cut` before the name is whole: the first
-    /// extension header at or past the cut, unless the cut falls before the list, in a
-    /// header, or in the server name's extension.
+    /// extension header past the cut, or the one the cut falls in (whose first bytes are
+    /// kept); not where it falls before the list or in the body of the server name's
+    /// extension.
     pub fn goes_on(&self, cut: usize) -> Option<usize> {
         if cut < self.list {
             return None;
@@ -346,7 +347,10 @@ impl Walk {
             if header >= cut {
                 return Some(header);
             }
-            if header + 4 > cut || i == self.name {
+            if header + 4 > cut {
+                return Some(header);
+            }
+            if i == self.name {
                 return None;
             }
         }
