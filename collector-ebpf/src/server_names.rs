@@ -830,16 +830,22 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16, reading: Reading) -> V
             // A header cut in two: its first bytes go on, parked for `resume_at`, and its
             // rest starts the next segment.
             let cut = client_hello::cut_header(&Segment(ctx), next, end);
-            // SAFETY: fields of the scratch value above.
-            unsafe {
-                ptr::write_volatile(&raw mut scratch.cut_len, cut.len);
-                ptr::write_volatile(&raw mut scratch.cut_bytes, cut.bytes);
+            if cut.len == 0 && next < end {
+                // The header's bytes could not be read (not seen to happen): the walk cannot
+                // go on.
+                (sni_outcome::INCOMPLETE, 0, 0)
+            } else {
+                // SAFETY: fields of the scratch value above.
+                unsafe {
+                    ptr::write_volatile(&raw mut scratch.cut_len, cut.len);
+                    ptr::write_volatile(&raw mut scratch.cut_bytes, cut.bytes);
+                }
+                return Verdict::Continues {
+                    next: if cut.len == 0 { next } else { end },
+                    hello_end,
+                    record_end,
+                };
             }
-            return Verdict::Continues {
-                next: if cut.len == 0 { next } else { end },
-                hello_end,
-                record_end,
-            };
         }
     };
     // Through memory, so that the verifier, which cannot follow values there, goes on from

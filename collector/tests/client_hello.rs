@@ -380,7 +380,10 @@ fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdi
                 record_end,
             } => {
                 cut = client_hello::cut_header(&Bytes(&packet), next, end);
-                // In a header: its rest starts the next segment.
+                // In a header: its rest starts the next segment (as the kernel's reader).
+                if cut.len == 0 && next < end {
+                    return (Verdict::Incomplete, Vec::new());
+                }
                 let next = if cut.len > 0 { to } else { in_flight(next) };
                 resume = Some((next, in_flight(hello_end), in_flight(record_end)));
             }
@@ -418,8 +421,24 @@ fn a_hello_over_segments_is_read_on_to_its_name() {
                     let second = first + 1 + rng.below(long.len() - first - 1);
                     cut_sets.push(vec![first, second]);
                 }
+                // Each header up to the name's cut twice within its four bytes, and cut in
+                // two with its rest whole in the next segment.
+                for &header in &walk.headers[..=walk.name] {
+                    for pair in [[1, 2], [1, 3], [2, 3], [1, 4], [3, 9]] {
+                        cut_sets.push(pair.iter().map(|&at| header + at).collect());
+                    }
+                }
+                // A header cut in two needs its rest whole in the next segment: a cut in a
+                // header with the next cut before the header's end is incomplete.
+                let header_whole_after = |cuts: &[usize]| {
+                    cuts.windows(2).all(|pair| {
+                        walk.goes_on(pair[0])
+                            .is_none_or(|header| header >= pair[0] || pair[1] >= header + 4)
+                    })
+                };
                 for cuts in cut_sets {
-                    let expected = if cuts.iter().all(|&cut| fits(cut)) {
+                    let expected = if cuts.iter().all(|&cut| fits(cut)) && header_whole_after(&cuts)
+                    {
                         read += 1;
                         whole.clone()
                     } else {

@@ -941,12 +941,20 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
             route,
             outcome,
         );
-        // In the name's extension's header (before this was read on, incomplete), and in
-        // the extension's body.
+        // In an extension's header (before this was read on, incomplete): the long one's,
+        // the name's, both, and the name's where the hello completes a deferred accept;
+        // then in the name's extension's body.
+        for send in [
+            Send::SplitAfter(padding + 2),
+            Send::SplitAfter(after + 2),
+            Send::SplitTwice(padding + 1, after + 3),
+        ] {
+            exchange(&long, send, &listener, route, outcome);
+        }
         exchange(
             &long,
-            Send::SplitAfter(after + 2),
-            &listener,
+            Send::SplitAfter(after + 1),
+            &deferred,
             route,
             outcome,
         );
