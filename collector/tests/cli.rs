@@ -66,21 +66,12 @@ fn check_config_as_nobody(config: &str) -> (bool, String, String) {
     fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755)).unwrap();
     let config_path = dir.path("collector.toml");
     fs::write(&config_path, config).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            COLLECTOR,
-        ])
-        .args([
-            "check",
-            "--config-only",
-            "--config",
-            config_path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = as_nobody(&[
+        "check",
+        "--config-only",
+        "--config",
+        config_path.to_str().unwrap(),
+    ]);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -420,10 +411,9 @@ fn check_tries_the_listen_address_and_only_warns_when_it_is_taken() {
     );
 }
 
-/// `collector args` as nobody; fails the test unless it is refused with the advice to run as
-/// root.
-fn assert_refused_without_root(args: &[&str]) {
-    let out = Command::new("setpriv")
+/// `collector args` run as nobody, without root's groups.
+fn as_nobody(args: &[&str]) -> Output {
+    Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -432,7 +422,13 @@ fn assert_refused_without_root(args: &[&str]) {
         ])
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `collector args` as nobody; fails the test unless it is refused with the advice to run as
+/// root.
+fn assert_refused_without_root(args: &[&str]) {
+    let out = as_nobody(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("permission denied: run as root"),
@@ -640,16 +636,7 @@ fn an_unreadable_ca_beside_the_certificate_is_warned_of() {
     }
     let (config, listen) = https_config_to_nowhere(&dir, &cert, &key);
     // As nobody: the config and the certificate are readable, ca.crt (root's, 0600) is not.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            COLLECTOR,
-        ])
-        .args(["stats", "proxy", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = as_nobody(&["stats", "proxy", "--config", config.to_str().unwrap()]);
     assert_ca_left_out(&out, &ca, "it cannot be read (Permission denied", listen);
 }
 
