@@ -321,7 +321,8 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
         listen(config.listen),
         config.exposure_warning(),
     ));
-    verdicts.push(routes(config));
+    // What is counted: the routes, and DNS keys that count nothing.
+    verdicts.push(with_warning(routes(config), config.dns_ignored_warning()));
     Ok(verdicts)
 }
 

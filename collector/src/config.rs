@@ -166,6 +166,8 @@ pub struct DnsConfig {
     /// Match one query in this many (chosen by a hash of client port and id), the rest only
     /// counted: latency, cache and unanswered figures then come from that sample.
     pub match_every: u32,
+    /// Keys set beside `enabled = false`, which then have no effect: warned of.
+    pub ignored: Vec<&'static str>,
 }
 
 /// A configuration that cannot be used, and where.
@@ -408,6 +410,18 @@ impl Config {
         }
     }
 
+    /// What to warn about DNS keys set while DNS is off: a switch flipped for a while, or a
+    /// mistake that would otherwise go unseen.
+    #[must_use]
+    pub fn dns_ignored_warning(&self) -> Option<String> {
+        (!self.dns.ignored.is_empty()).then(|| {
+            format!(
+                "[dns] enabled = false: {} set but not used (DNS is not counted)",
+                self.dns.ignored.join(", ")
+            )
+        })
+    }
+
     /// What a start warns of in a valid config.
     #[must_use]
     pub fn start_warnings(&self) -> Vec<String> {
@@ -415,6 +429,7 @@ impl Config {
             .into_iter()
             .chain(self.no_routes_warning().map(str::to_owned))
             .chain(self.probe_place_warning())
+            .chain(self.dns_ignored_warning())
             .collect()
     }
 
@@ -1113,11 +1128,27 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
         sample_every: 1,
         match_responses: true,
         match_every: 1,
+        ignored: Vec::new(),
     };
     let Some(raw) = raw else {
         return Ok(dns);
     };
     dns.enabled = raw.enabled.unwrap_or(true);
+    if !dns.enabled {
+        let set = [
+            ("ports", raw.ports.is_some()),
+            ("upstream_ports", raw.upstream_ports.is_some()),
+            ("top_k", raw.top_k.is_some()),
+            ("sample_every", raw.sample_every.is_some()),
+            ("match_responses", raw.match_responses.is_some()),
+            ("match_every", raw.match_every.is_some()),
+        ];
+        dns.ignored = set
+            .iter()
+            .filter(|(_, given)| *given)
+            .map(|(key, _)| *key)
+            .collect();
+    }
     dns.match_responses = raw.match_responses.unwrap_or(true);
     if let Some(ports) = &raw.ports {
         dns.ports = port_list(source, ports, "ports")?;
@@ -1359,6 +1390,7 @@ match_every = 1
                 sample_every: 4,
                 match_responses: false,
                 match_every: 1,
+                ignored: Vec::new(),
             }
         );
     }
@@ -1539,6 +1571,29 @@ match_every = 1
         let plain =
             "[[routes]]\nname = \"a\"\nports = [443]\n[[routes]]\nname = \"b\"\nports = [443]\n";
         assert_error(plain, 6, "a port belongs to one route");
+    }
+
+    #[test]
+    fn dns_keys_beside_enabled_false_are_warned_of() {
+        let config = |text: &str| Config::from_toml("t.toml", text).unwrap();
+        let off = config("[dns]\nenabled = false\nports = [5353]\nmatch_every = 4\n");
+        assert_eq!(
+            off.dns_ignored_warning().as_deref(),
+            Some("[dns] enabled = false: ports, match_every set but not used (DNS is not counted)")
+        );
+        assert!(
+            off.start_warnings()
+                .iter()
+                .any(|w| w.starts_with("[dns] enabled = false"))
+        );
+        assert_eq!(
+            config("[dns]\nenabled = false\n").dns_ignored_warning(),
+            None
+        );
+        assert_eq!(
+            config("[dns]\nports = [5353]\n").dns_ignored_warning(),
+            None
+        );
     }
 
     #[test]
