@@ -45,8 +45,9 @@ pub enum Hello {
     /// Not a TLS handshake starting with a ClientHello.
     NotHello,
     /// A ClientHello cut where it cannot be read on: in its name's extension past its
-    /// header, before its extensions, or by the end of its record; or one whose name lies
-    /// past [`SNI_MAX_EXTENSIONS`] extensions in this segment.
+    /// header, before its extensions, in an extension's header over three segments, or by
+    /// the end of its record; or one whose name lies past [`SNI_MAX_EXTENSIONS`] extensions
+    /// in this segment.
     Incomplete,
     /// A ClientHello whose lengths contradict each other, or a name too long.
     Malformed,
@@ -171,7 +172,7 @@ fn completed_header<B: HelloBytes>(
         return Ok(at);
     }
     let missing = EXTENSION_HEADER - kept;
-    let Some(rest) = big_endian(data, bounds, at, missing) else {
+    let Some(rest) = big_endian(data, bounds.have_end, at, missing) else {
         return Err(Hello::Incomplete);
     };
     let header = cut.bytes << (8 * missing) | rest;
@@ -194,9 +195,7 @@ pub fn cut_header<B: HelloBytes>(data: &B, next: u32, end: u32) -> CutHeader {
     if len == 0 || len >= EXTENSION_HEADER {
         return CutHeader::default();
     }
-    let bounds = Bounds::new(end, end + 1, end);
-    big_endian(data, &bounds, next, len)
-        .map_or(CutHeader::default(), |bytes| CutHeader { bytes, len })
+    big_endian(data, end, next, len).map_or(CutHeader::default(), |bytes| CutHeader { bytes, len })
 }
 
 #[inline(always)]
@@ -345,12 +344,12 @@ fn host_name<B: HelloBytes>(
     })
 }
 
-/// The `len` bytes (1 to 3) at `at` as a big-endian number, if the data has them. An
+/// The `len` bytes (1 to 3) at `at` as a big-endian number, if they end by `have_end`. An
 /// `Option`, not a `Result` carrying a [`Hello`]: LLVM filled the unset rest of such a
 /// `Result` from a register a helper call had clobbered, which the verifier refuses.
 #[inline(always)]
-fn big_endian<B: HelloBytes>(data: &B, bounds: &Bounds, at: u32, len: u32) -> Option<u32> {
-    if at.checked_add(len)? > bounds.have_end {
+fn big_endian<B: HelloBytes>(data: &B, have_end: u32, at: u32, len: u32) -> Option<u32> {
+    if at.checked_add(len)? > have_end {
         return None;
     }
     match len {
