@@ -238,6 +238,65 @@ fn without_client_stats_counts_the_same_and_reports_no_clients() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A SYN flood turns on SYN cookies: the listener then keeps no request socket, and the
+/// connection's socket is made from the cookie on the handshake's last ACK. Such
+/// connections must count as any other, bytes included.
+#[test]
+fn connections_accepted_by_syn_cookie_count_exactly() {
+    const CONNECTIONS: usize = 60;
+    const REQUEST: usize = 3_000;
+    const RESPONSE: usize = 40_000;
+    let netns = Netns::new();
+    // 2: a cookie for every SYN, flood or not (a per-namespace setting).
+    netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2").unwrap());
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+
+    // The agent's own HTTP connections get cookies too: count only the exchanges'.
+    let cookies = |field: &str| tcp_ext(&netns, field);
+    let (sent, received) = (cookies("SyncookiesSent"), cookies("SyncookiesRecv"));
+    exchanges(
+        &netns,
+        local(WEB_PORT),
+        CONNECTIONS,
+        REQUEST,
+        RESPONSE,
+        Closer::Accepting,
+    );
+    // The kernel did answer with cookies, and took each back.
+    assert_eq!(cookies("SyncookiesSent") - sent, CONNECTIONS as u64);
+    assert_eq!(cookies("SyncookiesRecv") - received, CONNECTIONS as u64);
+    assert_eq!(cookies("SyncookiesFailed"), 0);
+
+    let metrics = support::wait_for_closed(&netns, "web", u32::try_from(CONNECTIONS).unwrap());
+    assert_route_metrics(
+        &metrics,
+        "web",
+        CONNECTIONS,
+        CONNECTIONS * REQUEST,
+        CONNECTIONS * RESPONSE,
+    );
+    let json = proxy_json(&netns);
+    assert_eq!(json["totalConnections"], CONNECTIONS);
+    assert_eq!(json["topIPs"][0]["connections"], CONNECTIONS);
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// A `TcpExt` counter of the namespace, from /proc/net/netstat (a header line of names, then
+/// a line of values).
+fn tcp_ext(netns: &Netns, field: &str) -> u64 {
+    let text = netns.run(|| std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap());
+    let mut lines = text.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|name| name == field)
+        .unwrap_or_else(|| panic!("no TcpExt {field}"));
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
 /// Connects from `client` to `server`, sends a byte, reads one, closes.
 fn round_trip_from(client: impl Into<IpAddr>, server: impl Into<SocketAddr>) {
     let server = server.into();
