@@ -7,7 +7,10 @@
 //! kubelet's liveness probe does the same job in Kubernetes. Without `NOTIFY_SOCKET` (not run
 //! by systemd, or another `Type=`) nothing is sent.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use sd_notify::NotifyState;
 
@@ -16,9 +19,27 @@ use crate::serve::Liveness;
 /// How often the start looks for its first finished poll.
 const FIRST_POLL_CHECK: Duration = Duration::from_millis(20);
 
+/// Set once `STOPPING=1` is sent. Held across each send, so that a `READY=1` or a feed of
+/// the watchdog already under way on a blocking thread goes out before it, never after.
+static STOPPED: Mutex<bool> = Mutex::new(false);
+
 /// A clean stop has begun.
 pub fn stopping() {
+    let mut stopped = STOPPED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *stopped = true;
     tell(&NotifyState::Stopping, "that the agent is stopping");
+}
+
+/// Sends `state` unless the stop has been told.
+fn tell_while_running(state: &NotifyState<'_>, what: &str) {
+    let stopped = STOPPED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !*stopped {
+        tell(state, what);
+    }
 }
 
 /// Says the agent is ready once `liveness` has seen a poll finish, then feeds systemd's
@@ -35,8 +56,9 @@ pub async fn notify(liveness: Arc<Liveness>) {
     while !liveness.has_polled() && liveness.alive() {
         first_poll.tick().await;
     }
-    let mut under_way =
-        tokio::task::spawn_blocking(|| tell(&NotifyState::Ready, "that the agent is ready"));
+    let mut under_way = tokio::task::spawn_blocking(|| {
+        tell_while_running(&NotifyState::Ready, "that the agent is ready")
+    });
     let Some(period) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -45,7 +67,7 @@ pub async fn notify(liveness: Arc<Liveness>) {
         ticks.tick().await;
         if liveness.alive() && under_way.is_finished() {
             under_way = tokio::task::spawn_blocking(|| {
-                tell(
+                tell_while_running(
                     &NotifyState::Watchdog,
                     "the watchdog that the agent is alive",
                 );

@@ -884,6 +884,13 @@ fn systemd_is_told_ready_fed_and_stopping() {
         after_feeds = next();
     }
     assert_eq!(after_feeds, "STOPPING=1\n");
+    // And nothing after it: the agent has exited, so anything left would be waiting.
+    socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    let late = socket
+        .recv(&mut buf)
+        .map(|len| String::from_utf8_lossy(&buf[..len]).into_owned());
+    assert!(late.is_err(), "{late:?} after STOPPING=1");
     support::assert_no_pins(&config.pin_dir);
 }
 
