@@ -902,31 +902,74 @@ impl Attachment {
         Ok(())
     }
 
-    /// Detaches everything and removes every pin: a clean stop leaves nothing of ours.
+    /// Detaches everything and removes every pin: a clean stop leaves nothing of ours. A pin
+    /// that cannot be removed does not keep the others: each is tried, and every failure
+    /// reported.
     pub fn detach(self) -> anyhow::Result<()> {
+        let mut failures = Failures::default();
         for pin in &self.pins_in_use() {
-            remove_if_present(pin)?;
+            failures.note(remove_if_present(pin));
         }
         let Self { ebpf, pin_dir, .. } = self;
         drop(ebpf);
-        remove_pins(&pin_dir)
+        failures.note(remove_pins(&pin_dir));
+        failures.into_result()
+    }
+}
+
+/// The errors of steps that go on past a failure.
+#[derive(Default)]
+struct Failures(Vec<String>);
+
+impl Failures {
+    fn note(&mut self, result: anyhow::Result<()>) {
+        if let Err(err) = result {
+            self.0.push(format!("{err:#}"));
+        }
+    }
+
+    fn into_result(self) -> anyhow::Result<()> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(self.0.join("; ")))
+        }
     }
 }
 
 /// Removes every pin under `pin_dir` that this build creates, and the directories if empty.
+/// Past a pin it cannot remove it goes on with the rest, but for the owner's: while that
+/// stays, the maps stay whole with it, for the next start to take over as a set.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
+    let mut failures = Failures::default();
     let map_dir = paths::map_pin_dir(pin_dir);
     let links_dir = map_dir.join(LINKS_DIR);
     if links_dir.exists() {
-        for entry in fs::read_dir(&links_dir)? {
-            remove_if_present(&entry?.path())?;
+        match fs::read_dir(&links_dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    failures.note(
+                        entry
+                            .map_err(anyhow::Error::from)
+                            .and_then(|entry| remove_if_present(&entry.path())),
+                    );
+                }
+            }
+            Err(err) => {
+                failures.note(Err(err).with_context(|| format!("listing {}", links_dir.display())))
+            }
         }
     }
     // The owner first (PINNED_MAPS starts with it): what a stop cut short leaves after it
     // is no collector's, and the next start removes it rather than adopt a part of a set
     // ([`remove_unowned_pins`]).
-    for name in PINNED_MAPS {
-        remove_if_present(&map_dir.join(name))?;
+    let [owner, maps @ ..] = PINNED_MAPS;
+    if let Err(err) = remove_if_present(&map_dir.join(owner)) {
+        failures.note(Err(err));
+        return failures.into_result();
+    }
+    for name in maps {
+        failures.note(remove_if_present(&map_dir.join(name)));
     }
     for dir in [links_dir.as_path(), map_dir.as_path(), pin_dir] {
         match fs::remove_dir(dir) {
@@ -934,10 +977,12 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
             // Not empty: something else lives there, which is not ours to remove.
             Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) => {}
-            Err(err) => return Err(err).with_context(|| format!("removing {}", dir.display())),
+            Err(err) => {
+                failures.note(Err(err).with_context(|| format!("removing {}", dir.display())))
+            }
         }
     }
-    Ok(())
+    failures.into_result()
 }
 
 fn remove_if_present(path: &Path) -> anyhow::Result<()> {

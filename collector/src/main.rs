@@ -429,26 +429,57 @@ fn serve_attached(
     }
     // After the drop: the log's writer thread starts with the reduced set.
     logging::write_from_queue();
+    let mut polling = false;
     let result = if signals::stop_requested() {
         tracing::info!("asked to stop while starting");
         Ok(())
     } else {
-        serve_until_stopped(&mut attachment, &mut nft, config, listener, guard, tls)
+        serve_until_stopped(
+            &mut attachment,
+            &mut nft,
+            config,
+            Serving {
+                listener,
+                guard,
+                tls,
+                polling: &mut polling,
+            },
+        )
     };
-    if let Err(err) = &result
-        && err.is::<FailedWhileRunning>()
-    {
-        tracing::error!(
-            "stopping on an error: programs, pins and the nftables table stay, as after a crash, \
-             for the next start to take over with every counter (`collector cleanup --apply` \
-             removes them)"
-        );
-        return result;
+    if let Err(err) = &result {
+        if err.is::<FailedWhileRunning>() {
+            tracing::error!(
+                "stopping on an error: programs, pins and the nftables table stay, as after a \
+                 crash, for the next start to take over with every counter (`collector cleanup \
+                 --apply` removes them)"
+            );
+            return result;
+        }
+        // Failed before its first poll, after taking over a crashed run's pins: a detach
+        // would throw away the counters the crashed run left, as a failed attach does not.
+        if !polling && attachment.inherited() {
+            tracing::error!(
+                "the start failed after taking over what a crashed collector left: its pins, \
+                 with every counter, and this start's programs stay for the next start \
+                 (`collector cleanup --apply` removes them)"
+            );
+            return result;
+        }
     }
     tracing::info!("stopping: detaching programs and removing pins");
-    let removed = nft.stop();
+    // The programs first: a hung `nft` then leaves only its table behind when the
+    // supervisor's kill comes, not programs on the host's cgroup.
     let detached = attachment.detach();
+    let removed = nft.stop();
     result.and(detached).and(removed)
+}
+
+/// What [`serve_until_stopped`] serves with, and where it says its poll loop began.
+struct Serving<'a> {
+    listener: std::net::TcpListener,
+    guard: serve::Guard,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    polling: &'a mut bool,
 }
 
 /// Runs the async side until SIGINT or SIGTERM. A SIGHUP is logged and changes nothing.
@@ -456,14 +487,18 @@ fn serve_until_stopped(
     attachment: &mut Attachment,
     nft: &mut nft::Source,
     config: &Config,
-    listener: std::net::TcpListener,
-    guard: serve::Guard,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    serving: Serving<'_>,
 ) -> anyhow::Result<()> {
+    let Serving {
+        listener,
+        guard,
+        tls,
+        polling,
+    } = serving;
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .and_then(|runtime| {
-            runtime.block_on(async {
+            let result = runtime.block_on(async {
                 let mut sigterm =
                     signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
                 let mut sigint =
@@ -477,7 +512,7 @@ fn serve_until_stopped(
                     guard,
                     tls,
                 };
-                serve_until_signal(attachment, nft, config, http, async move {
+                serve_until_signal(attachment, nft, config, http, polling, async move {
                     // One that came before these handlers were in place.
                     if signals::stop_requested() {
                         return;
@@ -493,9 +528,16 @@ fn serve_until_stopped(
                     }
                 })
                 .await
-            })
+            });
+            // Blocking threads still under way (a systemd send to a manager that stopped
+            // reading) must not hold the detach that follows.
+            runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+            result
         })
 }
+
+/// How long the stop waits for the runtime's blocking threads.
+const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The HTTP side: where it listens, what guards it, and its TLS.
 struct Http {
@@ -509,6 +551,7 @@ async fn serve_until_signal(
     nft: &mut nft::Source,
     config: &Config,
     http: Http,
+    polling: &mut bool,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let preexisting = connections_from_before(attachment);
@@ -575,6 +618,7 @@ async fn serve_until_signal(
     let mut ticks = tokio::time::interval(config.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
+    *polling = true;
     let outcome = loop {
         tokio::select! {
             () = &mut stop => break Ok(()),

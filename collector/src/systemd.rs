@@ -8,7 +8,10 @@
 //! by systemd, or another `Type=`) nothing is sent.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -19,25 +22,36 @@ use crate::serve::Liveness;
 /// How often the start looks for its first finished poll.
 const FIRST_POLL_CHECK: Duration = Duration::from_millis(20);
 
-/// Set once `STOPPING=1` is sent. Held across each send, so that a `READY=1` or a feed of
-/// the watchdog already under way on a blocking thread goes out before it, never after.
-static STOPPED: Mutex<bool> = Mutex::new(false);
+/// Set when the stop begins: no `READY=1` or feed of the watchdog starts after it.
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
-/// A clean stop has begun.
+/// Held across each send, so that `STOPPING=1` goes out after a send already under way.
+static SENDING: Mutex<()> = Mutex::new(());
+
+/// How long the stop waits to tell systemd: a send blocks while the manager's queue is
+/// full, and the stop must go on to detach whatever happens to the message.
+const STOP_TELL_WAIT: Duration = Duration::from_secs(1);
+
+/// A clean stop has begun. Sent from a thread of its own, waited for a second at most.
 pub fn stopping() {
-    let mut stopped = STOPPED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    *stopped = true;
-    tell(&NotifyState::Stopping, "that the agent is stopping");
+    STOPPING.store(true, Ordering::SeqCst);
+    let (told, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _sending = SENDING.lock().unwrap_or_else(PoisonError::into_inner);
+        tell(&NotifyState::Stopping, "that the agent is stopping");
+        let _ = told.send(());
+    });
+    if wait.recv_timeout(STOP_TELL_WAIT).is_err() {
+        tracing::warn!(
+            "telling systemd that the agent is stopping is still under way; stopping all the same"
+        );
+    }
 }
 
-/// Sends `state` unless the stop has been told.
+/// Sends `state` unless the stop has begun.
 fn tell_while_running(state: &NotifyState<'_>, what: &str) {
-    let stopped = STOPPED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !*stopped {
+    let _sending = SENDING.lock().unwrap_or_else(PoisonError::into_inner);
+    if !STOPPING.load(Ordering::SeqCst) {
         tell(state, what);
     }
 }

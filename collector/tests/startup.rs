@@ -718,6 +718,117 @@ fn a_log_nobody_reads_costs_counted_lines_and_stalls_nothing() {
     support::assert_no_pins(&config.pin_dir);
 }
 
+/// Removes the stall file when dropped: whatever happens, the tool stops waiting, so that
+/// the agent can stop.
+struct Unstall(std::path::PathBuf);
+
+impl Drop for Unstall {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `PATH` with `bin` first.
+fn path_with(bin: &std::path::Path) -> String {
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// A stop removes the programs and pins before the nftables table: a hung `nft` (its lock
+/// held by a firewall reload) then holds only the table, and the supervisor's kill that
+/// follows leaves no program attached to the host.
+#[test]
+fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
+    let netns = Netns::new();
+    let config =
+        AgentConfig::with_nft("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let stall = config.dir.join("stall");
+    let bin = stalling_nft(&config.dir, &stall);
+    let mut launcher = netns.command(COLLECTOR);
+    launcher.env("PATH", path_with(&bin));
+    let agent = Agent::spawn(&netns, launcher, &config, &[]);
+    let table = || {
+        support::stdout_of(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &netns.name,
+            "nft",
+            "list",
+            "tables",
+        ]))
+    };
+    assert!(table().contains(&config.nft_table), "{}", table());
+
+    std::fs::write(&stall, "").unwrap();
+    let unstall = Unstall(stall.clone());
+    agent.signal(libc::SIGTERM);
+    let layout = config.pin_dir.join("v1");
+    wait_for(
+        "the pins to go while nft hangs",
+        Duration::from_secs(20),
+        || (!layout.exists()).then_some(()),
+    );
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid())).unwrap();
+    let state = state.rsplit(") ").next().unwrap().chars().next().unwrap();
+    assert_ne!(state, 'Z', "the agent exited without waiting on nft");
+    assert!(
+        table().contains(&config.nft_table),
+        "the table went before nft was let go"
+    );
+
+    drop(unstall);
+    assert!(agent.stop().success());
+    assert!(!table().contains(&config.nft_table), "{}", table());
+    support::assert_no_pins(&config.pin_dir);
+}
+
+/// A pin the stop cannot remove (here a directory someone made among the link pins) keeps
+/// none of the others: the stop removes every other pin, and so every program, and says
+/// what it could not remove. Until 2026-12-03 it gave up at the first, with every map pinned.
+#[test]
+fn a_pin_the_stop_cannot_remove_keeps_none_of_the_others() {
+    /// Removes the directory whatever happens (bpffs is the host's).
+    struct RemoveAll(std::path::PathBuf);
+    impl Drop for RemoveAll {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let netns = Netns::new();
+    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let _remove = RemoveAll(config.pin_dir.clone());
+    let logs = ScratchDir::new("stuck-pin");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let links = config.pin_dir.join("v1").join("links");
+    let stuck = links.join("stuck");
+    std::fs::create_dir(&stuck).unwrap();
+
+    let status = agent.stop();
+    assert!(!status.success(), "{status}");
+    let left: Vec<_> = walk(&config.pin_dir);
+    assert_eq!(left, [stuck.clone()], "left besides the stuck one");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(&stuck.display().to_string()), "{text}");
+}
+
+/// Every file and directory with nothing in it under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut leaves = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() && std::fs::read_dir(&path).unwrap().next().is_some() {
+            leaves.extend(walk(&path));
+        } else {
+            leaves.push(path);
+        }
+    }
+    leaves
+}
+
 /// An `nft` in front of the real one that waits while `stall` exists: a tool that hangs, as
 /// one blocked on the nftables lock or a slow kernel would.
 fn stalling_nft(dir: &std::path::Path, stall: &std::path::Path) -> std::path::PathBuf {
@@ -745,13 +856,6 @@ fn stalling_nft(dir: &std::path::Path, stall: &std::path::Path) -> std::path::Pa
 
 #[test]
 fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
-    /// Whatever happens, the tool stops waiting, so that the agent can stop.
-    struct Unstall(std::path::PathBuf);
-    impl Drop for Unstall {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
     // `serve::stall_limit` at the tests' 100 ms poll interval.
     const STALL_LIMIT: Duration = Duration::from_mins(1);
     let netns = Netns::new();
@@ -785,14 +889,7 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     };
     let mut launcher = netns.command(COLLECTOR);
     launcher
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                bin.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
+        .env("PATH", path_with(&bin))
         .env("NOTIFY_SOCKET", &notify_path)
         .env("WATCHDOG_USEC", "1000000");
     let agent = Agent::spawn(&netns, launcher, &config, &[]);
