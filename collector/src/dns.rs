@@ -8,6 +8,7 @@
 
 use std::{
     collections::HashMap,
+    fmt::Write as _,
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex},
 };
@@ -144,16 +145,36 @@ impl EventDecoder {
 
 /// A wire-form name as lower-case presentation text without the trailing dot (the root is
 /// "."). Names compare case-insensitively in DNS, so `Example.COM` and `example.com` are one
-/// domain in the top list.
+/// domain in the top list. Written as dig and the servers write names (RFC 1035, 5.1): a
+/// byte outside printable ASCII as `\DDD` in decimal, where hickory's text has octal, which
+/// dig reads as another byte or refuses.
 #[must_use]
 pub fn decode_name(wire: &[u8]) -> Option<String> {
     let mut decoder = BinDecoder::new(wire);
     let name = Name::read(&mut decoder).ok()?;
-    let text = name.to_lowercase().to_ascii();
-    Some(match text.strip_suffix('.') {
-        Some("") | None => text,
-        Some(stripped) => stripped.to_owned(),
-    })
+    if name.is_root() {
+        return Some(".".to_owned());
+    }
+    let mut text = String::with_capacity(wire.len());
+    for (index, label) in name.iter().enumerate() {
+        if index > 0 {
+            text.push('.');
+        }
+        for &byte in label {
+            let byte = byte.to_ascii_lowercase();
+            match byte {
+                b'.' | b';' | b'\\' | b'(' | b')' | b'@' | b'$' | b'"' => {
+                    text.push('\\');
+                    text.push(char::from(byte));
+                }
+                0x21..=0x7e => text.push(char::from(byte)),
+                _ => {
+                    let _ = write!(text, "\\{byte:03}");
+                }
+            }
+        }
+    }
+    Some(text)
 }
 
 /// Top domains folded from query events and from the kernel's name table.
@@ -403,6 +424,15 @@ mod tests {
             Some("www.example.com")
         );
         assert_eq!(decode_name(&[0]).as_deref(), Some("."));
+        // Bytes outside printable ASCII in decimal (dig's `\195`, not hickory's octal
+        // `\303`), and the characters that mean something in a name's text escaped.
+        assert_eq!(
+            decode_name(&[
+                7, b'A', 0xc3, 0x08, b' ', b'.', b'\\', b'-', 3, b'c', b'o', b'm', 0
+            ])
+            .as_deref(),
+            Some("a\\195\\008\\032\\.\\\\-.com")
+        );
         // A label running past the end, and a reserved label type.
         assert_eq!(decode_name(&[5, b'a', b'b']), None);
         assert_eq!(decode_name(&[0x40, 0]), None);

@@ -138,6 +138,12 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
     let collector = collector_container(&daemonset);
     assert_eq!(collector["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(collector["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // A slow start is given minutes before liveness counts, as systemd gives it.
+    let startup = &collector["startupProbe"];
+    assert_eq!(startup["httpGet"]["path"], "/healthz");
+    let budget =
+        startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+    assert!(budget >= 300, "{budget} s for a start");
     // `--listen $(X_IP):9464` is refused for an IPv6 address: each manifest says how.
     for (manifest, ip) in [
         ("kubernetes/daemonset.yaml", "NODE_IP"),
