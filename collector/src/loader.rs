@@ -956,7 +956,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
                 }
             }
             Err(err) => {
-                failures.note(Err(err).with_context(|| format!("listing {}", links_dir.display())))
+                failures.note(Err(err).with_context(|| format!("listing {}", links_dir.display())));
             }
         }
     }
@@ -978,7 +978,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
             // Not empty: something else lives there, which is not ours to remove.
             Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) => {}
             Err(err) => {
-                failures.note(Err(err).with_context(|| format!("removing {}", dir.display())))
+                failures.note(Err(err).with_context(|| format!("removing {}", dir.display())));
             }
         }
     }

@@ -71,7 +71,7 @@ pub async fn notify(liveness: Arc<Liveness>) {
         first_poll.tick().await;
     }
     let mut under_way = tokio::task::spawn_blocking(|| {
-        tell_while_running(&NotifyState::Ready, "that the agent is ready")
+        tell_while_running(&NotifyState::Ready, "that the agent is ready");
     });
     let Some(period) = sd_notify::watchdog_enabled() else {
         return;

@@ -810,7 +810,11 @@ fn a_pin_the_stop_cannot_remove_keeps_none_of_the_others() {
     let status = agent.stop();
     assert!(!status.success(), "{status}");
     let left: Vec<_> = walk(&config.pin_dir);
-    assert_eq!(left, [stuck.clone()], "left besides the stuck one");
+    assert_eq!(
+        left,
+        std::slice::from_ref(&stuck),
+        "left besides the stuck one"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains(&stuck.display().to_string()), "{text}");
 }
