@@ -787,7 +787,7 @@ fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
 
 /// A pin the stop cannot remove (here a directory someone made among the link pins) keeps
 /// none of the others: the stop removes every other pin, and so every program, and says
-/// what it could not remove. Until 2026-12-03 it gave up at the first, with every map pinned.
+/// what it could not remove. Until 2026-12-02 it gave up at the first, with every map pinned.
 #[test]
 fn a_pin_the_stop_cannot_remove_keeps_none_of_the_others() {
     /// Removes the directory whatever happens (bpffs is the host's).
