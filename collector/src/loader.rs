@@ -902,18 +902,12 @@ impl Attachment {
         Ok(())
     }
 
-    /// Detaches everything and removes every pin: a clean stop leaves nothing of ours. A pin
-    /// that cannot be removed does not keep the others: each is tried, and every failure
-    /// reported.
+    /// Detaches everything and removes every pin: a clean stop leaves nothing of ours (the
+    /// link pins, all under the links directory, go first in [`remove_pins`]).
     pub fn detach(self) -> anyhow::Result<()> {
-        let mut failures = Failures::default();
-        for pin in &self.pins_in_use() {
-            failures.note(remove_if_present(pin));
-        }
         let Self { ebpf, pin_dir, .. } = self;
         drop(ebpf);
-        failures.note(remove_pins(&pin_dir));
-        failures.into_result()
+        remove_pins(&pin_dir)
     }
 }
 
@@ -938,36 +932,34 @@ impl Failures {
 }
 
 /// Removes every pin under `pin_dir` that this build creates, and the directories if empty.
-/// Past a pin it cannot remove it goes on with the rest, but for the owner's: while that
-/// stays, the maps stay whole with it, for the next start to take over as a set.
+/// Each link pin is tried, whatever became of the one before, and every failure reported.
+/// While a link stays, its program counts on into the maps: they stay with their owner, a
+/// set as a crash leaves it, for the next start to take over. Only files are pins: anything
+/// else among them (a directory) is not ours, and stays.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     let mut failures = Failures::default();
     let map_dir = paths::map_pin_dir(pin_dir);
     let links_dir = map_dir.join(LINKS_DIR);
     if links_dir.exists() {
-        match fs::read_dir(&links_dir) {
-            Ok(entries) => {
-                for entry in entries {
-                    failures.note(
-                        entry
-                            .map_err(anyhow::Error::from)
-                            .and_then(|entry| remove_if_present(&entry.path())),
-                    );
+        match link_pin_files(&links_dir) {
+            Ok(pins) => {
+                for pin in pins {
+                    failures.note(remove_if_present(&pin));
                 }
             }
-            Err(err) => {
-                failures.note(Err(err).with_context(|| format!("listing {}", links_dir.display())));
-            }
+            Err(err) => failures.note(Err(err)),
         }
+    }
+    if !failures.0.is_empty() {
+        return failures.into_result();
     }
     // The owner first (PINNED_MAPS starts with it): what a stop cut short leaves after it
     // is no collector's, and the next start removes it rather than adopt a part of a set
-    // ([`remove_unowned_pins`]).
+    // ([`remove_unowned_pins`]). An owner that cannot be removed keeps its maps with it: the
+    // next start takes them over as a crashed run's, the connections that closed meanwhile
+    // still open in its table (left as it is: an unlink of our own file refused).
     let [owner, maps @ ..] = PINNED_MAPS;
-    if let Err(err) = remove_if_present(&map_dir.join(owner)) {
-        failures.note(Err(err));
-        return failures.into_result();
-    }
+    remove_if_present(&map_dir.join(owner))?;
     for name in maps {
         failures.note(remove_if_present(&map_dir.join(name)));
     }
@@ -983,6 +975,20 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
         }
     }
     failures.into_result()
+}
+
+/// The files under `links_dir`: our link pins (a symbolic link is not followed, and
+/// nothing else there is ours).
+fn link_pin_files(links_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let reading = || format!("reading {}", links_dir.display());
+    let mut pins = Vec::new();
+    for entry in fs::read_dir(links_dir).with_context(reading)? {
+        let entry = entry.with_context(reading)?;
+        if entry.file_type().with_context(reading)?.is_file() {
+            pins.push(entry.path());
+        }
+    }
+    Ok(pins)
 }
 
 fn remove_if_present(path: &Path) -> anyhow::Result<()> {
@@ -1068,10 +1074,9 @@ fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Resul
 /// Link pins left by an earlier run that this run does not use (an interface that went away
 /// or was dropped from the config): removing the pin detaches the program.
 fn remove_stale_links(links_dir: &Path, in_use: &[PathBuf]) -> anyhow::Result<()> {
-    for entry in fs::read_dir(links_dir)? {
-        let path = entry?.path();
-        if !in_use.contains(&path) {
-            remove_if_present(&path)?;
+    for pin in link_pin_files(links_dir)? {
+        if !in_use.contains(&pin) {
+            remove_if_present(&pin)?;
         }
     }
     Ok(())

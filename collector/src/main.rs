@@ -456,7 +456,8 @@ fn serve_attached(
             return result;
         }
         // Failed before its first poll, after taking over a crashed run's pins: a detach
-        // would throw away the counters the crashed run left, as a failed attach does not.
+        // would throw away the counters the crashed run left. Everything stays, as on an
+        // error while running.
         if !polling && attachment.inherited() {
             tracing::error!(
                 "the start failed after taking over what a crashed collector left: its pins, \

@@ -715,7 +715,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     single(
         encoder,
         "collector_poll_duration",
-        "Duration of the last poll: the read of the kernel maps, the drain of the event ring buffers and, now and then, the listing of connections open from before the start (sock_diag).",
+        "Duration of the last poll's read of the kernel: the counter maps, the event ring buffers, the per-client and per-domain tables and, now and then, the listing of connections open from before the start (sock_diag); the nftables and interface reads before it are not included.",
         Some(&Unit::Seconds),
         MetricType::Gauge,
         &ConstGauge::new(snapshot.poll.last_duration_seconds),

@@ -36,11 +36,16 @@ const STOP_TELL_WAIT: Duration = Duration::from_secs(1);
 pub fn stopping() {
     STOPPING.store(true, Ordering::SeqCst);
     let (told, wait) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let sender = std::thread::Builder::new().spawn(move || {
         let _sending = SENDING.lock().unwrap_or_else(PoisonError::into_inner);
         tell(&NotifyState::Stopping, "that the agent is stopping");
         let _ = told.send(());
     });
+    // No thread to be had: the stop goes on without the message (systemd sees the exit).
+    if let Err(err) = sender {
+        tracing::warn!("telling systemd that the agent is stopping: no thread for it: {err}");
+        return;
+    }
     if wait.recv_timeout(STOP_TELL_WAIT).is_err() {
         tracing::warn!(
             "telling systemd that the agent is stopping is still under way; stopping all the same"

@@ -785,38 +785,95 @@ fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
     support::assert_no_pins(&config.pin_dir);
 }
 
-/// A pin the stop cannot remove (here a directory someone made among the link pins) keeps
-/// none of the others: the stop removes every other pin, and so every program, and says
-/// what it could not remove. Until 2026-12-02 it gave up at the first, with every map pinned.
+/// Removes a directory in bpffs (the host's) whatever happens to the test.
+struct RemoveAll(std::path::PathBuf);
+
+impl Drop for RemoveAll {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const WEB_ROUTE: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
+
+/// Something not ours among the link pins (a directory someone made) is left alone: the
+/// stop removes every pin of ours around it, and the next start runs. Until 2026-12-02 the
+/// stop gave up at it with every map pinned, and every later start was refused.
 #[test]
-fn a_pin_the_stop_cannot_remove_keeps_none_of_the_others() {
-    /// Removes the directory whatever happens (bpffs is the host's).
-    struct RemoveAll(std::path::PathBuf);
-    impl Drop for RemoveAll {
+fn a_directory_among_the_link_pins_is_left_alone() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let _remove = RemoveAll(config.pin_dir.clone());
+    let stray = config.pin_dir.join("v1").join("links").join("stray");
+    let agent = Agent::start(&netns, &config);
+    std::fs::create_dir(&stray).unwrap();
+
+    let status = agent.stop_within(libc::SIGTERM, Duration::from_secs(30));
+    assert_eq!(status.map(|status| status.success()), Some(true));
+    assert_eq!(walk(&config.pin_dir), std::slice::from_ref(&stray));
+
+    let agent = Agent::start(&netns, &config);
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    assert!(
+        agent
+            .stop_within(libc::SIGTERM, Duration::from_secs(30))
+            .is_some_and(|s| s.success())
+    );
+    assert_eq!(walk(&config.pin_dir), std::slice::from_ref(&stray));
+}
+
+/// A link pin the stop cannot remove (a mount over it: EBUSY) keeps its program attached
+/// and counting, so the maps stay with it, a whole set, as after a crash: the stop says
+/// so and exits 1, every other link is gone, and the next start takes the set over with
+/// its counters.
+#[test]
+fn a_link_pin_the_stop_cannot_remove_keeps_the_maps_it_counts_into() {
+    /// Unmounts whatever happens to the test.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
         }
     }
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
-    let _remove = RemoveAll(config.pin_dir.clone());
-    let logs = ScratchDir::new("stuck-pin");
+    let config = AgentConfig::new(WEB_ROUTE);
+    let logs = ScratchDir::new("stuck-link");
     let log = logs.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
-    let links = config.pin_dir.join("v1").join("links");
-    let stuck = links.join("stuck");
-    std::fs::create_dir(&stuck).unwrap();
-
-    let status = agent.stop();
-    assert!(!status.success(), "{status}");
-    let left: Vec<_> = walk(&config.pin_dir);
-    assert_eq!(
-        left,
-        std::slice::from_ref(&stuck),
-        "left besides the stuck one"
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    let layout = config.pin_dir.join("v1");
+    let stuck = layout.join("links").join("sock_ops");
+    let cover = logs.path("cover");
+    std::fs::write(&cover, "").unwrap();
+    support::run(
+        "mount",
+        &["--bind", cover.to_str().unwrap(), stuck.to_str().unwrap()],
     );
+    let unmount = Unmount(stuck.clone());
+
+    let status = agent.stop_within(libc::SIGTERM, Duration::from_secs(30));
+    assert_eq!(status.map(|status| status.success()), Some(false));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains(&stuck.display().to_string()), "{text}");
+    let left = walk(&config.pin_dir);
+    let links: Vec<_> = left
+        .iter()
+        .filter(|pin| pin.parent().unwrap().ends_with("links"))
+        .collect();
+    assert_eq!(links, [&stuck], "{left:?}");
+    for map in collector_common::PINNED_MAPS {
+        assert!(left.contains(&layout.join(map)), "{map} went: {left:?}");
+    }
+
+    // The program still counts into the maps, and the next start takes them over.
+    drop(unmount);
+    support::connections_3_in_5_out(&netns, 3);
+    let agent = Agent::start_logging(&netns, &config, &[], &logs.path("second.log"));
+    wait_for_closed(&netns, "web", 5);
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
 }
 
 /// Every file and directory with nothing in it under `dir`.
