@@ -433,7 +433,14 @@ async fn serve_events(State(state): State<AppState>) -> Response {
         Some((Ok::<_, std::convert::Infallible>(line), subscription))
     });
     (
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            // A reverse proxy in front (nginx buffers by default) must pass each line on as
+            // it comes: held back, the heartbeats would not reach the reader, which gives up
+            // after three missed.
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
         axum::body::Body::from_stream(lines),
     )
         .into_response()
@@ -470,6 +477,8 @@ async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str
 /// for one: so also how long an idle kept-alive connection stays open (Prometheus, scraping
 /// every 15 s, keeps its own).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes a connection buffers while it reads a request's head (hyper's floor is 8 KiB).
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
 /// Longest data sent on a connection may go unacknowledged before the kernel gives the
 /// connection up (`TCP_USER_TIMEOUT`): what ends an event stream whose reader was lost
 /// without a word (a partition, a node gone), and frees its stream permit. Not keepalive:
@@ -535,6 +544,9 @@ pub async fn serve(
             }
         });
     }
+    // Closed before the drain: a probe or scrape meanwhile is refused at once rather than
+    // left in the backlog until its timeout.
+    drop(listener);
     graceful.shutdown().await;
     Ok(())
 }
@@ -569,6 +581,11 @@ where
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Before any credentials are checked, a request's head is held whole: hyper's
+        // default of about 400 KiB a connection let unauthenticated clients at the
+        // connection cap hold more than the pod's memory limit. A scrape's head is a few
+        // hundred bytes; a longer one gets 431.
+        .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(TokioIo::new(io), service);
     if let Err(err) = watcher.watch(connection).await {
         tracing::debug!("HTTP connection ended: {err}");
@@ -1275,6 +1292,8 @@ mod tests {
             .unwrap();
         let response = hyper::service::Service::call(&app, request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-cache");
+        assert_eq!(response.headers()["x-accel-buffering"], "no");
         let mut body = response.into_body().into_data_stream();
         let mut line = async || -> serde_json::Value {
             let chunk = body.next().await.unwrap().unwrap();

@@ -503,6 +503,37 @@ fn get_with(
     })
 }
 
+/// A request head past 16 KiB is refused (431) before anything of it is checked: each
+/// connection buffers that much at most, where hyper's default let unauthenticated clients
+/// at the connection cap hold hundreds of megabytes. A normal request still answers.
+#[test]
+fn an_oversized_request_head_is_refused() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let agent = Agent::start(&netns, &config);
+    let answer = netns.run(|| {
+        let mut stream = std::net::TcpStream::connect(support::LISTEN).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
+            "a".repeat(20_000)
+        );
+        // The agent may close while the rest is still being written.
+        let _ = stream.write_all(head.as_bytes());
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    });
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    assert_eq!(
+        netns.run(|| support::get("/healthz").unwrap()),
+        (200, "ok\n".to_owned())
+    );
+    assert!(agent.stop().success());
+}
+
 #[test]
 fn with_a_bearer_token_only_the_probes_answer_without_it() {
     let netns = Netns::new();
