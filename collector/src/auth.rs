@@ -195,11 +195,11 @@ pub enum Judgement {
 
 /// A real user's password to check against its bcrypt hash ([`PasswordCheck::run`]).
 pub struct PasswordCheck {
-    users: Arc<Users>,
+    /// The users file, read again once the check has its turn.
+    source: Arc<SecretFile<Users>>,
     checks: Arc<PasswordChecks>,
     user: String,
     password: String,
-    hash: String,
     challenge: Challenge,
 }
 
@@ -257,21 +257,20 @@ impl Credentials {
             (None, Some(_)) => "Basic realm=\"collector\"",
             _ => "Bearer",
         });
-        if let (Some(users), Some(given)) =
+        if let (Some(source), Some(given)) =
             (&self.users, given.and_then(|v| v.strip_prefix("Basic ")))
             && let Some((user, password)) = decode_basic(given)
         {
-            let users = users.current();
-            if let Some(hash) = users.hashes.get(&user).cloned() {
+            let users = source.current();
+            if users.hashes.contains_key(&user) {
                 if users.remembered(&user, &password) {
                     return Judgement::Admitted;
                 }
                 return Judgement::Check(PasswordCheck {
-                    users,
+                    source: Arc::clone(source),
                     checks: Arc::clone(&self.checks),
                     user,
                     password,
-                    hash,
                     challenge,
                 });
             }
@@ -302,14 +301,19 @@ impl PasswordCheck {
     /// is remembered for its user if it matches.
     pub async fn run(self, within: Duration) -> Result<(), CheckRefused> {
         let Self {
-            users,
+            source,
             checks,
             user,
             password,
-            hash,
             challenge,
         } = self;
         let turn = checks.turn(within).await.ok_or(CheckRefused::NoTurn)?;
+        // The file as it is now decides: a user removed, or given another password, while
+        // the request waited for its turn is judged by what replaced the old hash.
+        let users = source.current();
+        let Some(hash) = users.hashes.get(&user).cloned() else {
+            return Err(CheckRefused::Wrong(challenge));
+        };
         // The same password may have passed while this request waited for its turn.
         if users.remembered(&user, &password) {
             return Ok(());
@@ -660,6 +664,39 @@ mod tests {
             (1..=PASSWORD_CHECKS_AT_ONCE).contains(&most),
             "{most} bcrypt checks ran at once"
         );
+    }
+
+    /// A check that waited for its turn while the users file changed is judged by the new
+    /// file: a password given since passes, a user removed since does not.
+    #[tokio::test]
+    async fn a_check_that_waited_is_judged_by_the_file_as_it_is_then() {
+        let scratch = Scratch::new("waited");
+        let hash = |password: &str| bcrypt::hash(password, 4).unwrap();
+        let credentials = Credentials::from_config(&config(
+            None,
+            Some(scratch.write(
+                "users",
+                &format!("u:{}\nw:{}\n", hash("old"), hash("wpw")),
+                1,
+            )),
+        ))
+        .unwrap();
+        let waiting = |given: &str| {
+            let Judgement::Check(check) = credentials.judge(&basic(given)) else {
+                panic!("{given} judged without a check");
+            };
+            check
+        };
+
+        let held = credentials.hold_password_turns();
+        let (changed, removed) = (waiting("u:new"), waiting("w:wpw"));
+        scratch.write("users", &format!("u:{}\n", hash("new")), 2);
+        drop(held);
+        assert_eq!(changed.run(Duration::from_mins(1)).await, Ok(()));
+        assert!(matches!(
+            removed.run(Duration::from_mins(1)).await,
+            Err(CheckRefused::Wrong(_))
+        ));
     }
 
     #[tokio::test]
