@@ -155,8 +155,8 @@ impl Endpoint {
 
     /// A GET request's head, with the credentials.
     fn request(&self, path: &str, extra: &str) -> String {
-        let auth = self.token.as_ref().map_or(String::new(), |(token, _)| {
-            format!("Authorization: Bearer {token}\r\n")
+        let auth = self.token.as_ref().map_or(String::new(), |(token, file)| {
+            format!("Authorization: Bearer {}\r\n", current_token(token, file))
         });
         format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}{extra}\r\n",
@@ -1075,6 +1075,17 @@ enum Refreshes {
 /// credentials); a later one, such as the agent restarting, is shown in place of the figures
 /// on a terminal, and on standard error otherwise (a reader of JSON lines, `jq` say, would
 /// stop at a line of text), and tried again a second later.
+/// The token in `file` now, read again for each request: a watch (`--watch`, `top`) outlives
+/// a rotation of the Secret, which the agent takes without a restart. What was read at the
+/// start if the file cannot be read now or is empty (a rotation half done).
+fn current_token(first: &str, file: &Path) -> String {
+    std::fs::read_to_string(file)
+        .ok()
+        .map(|text| text.trim().to_owned())
+        .filter(|token| !token.is_empty())
+        .unwrap_or_else(|| first.to_owned())
+}
+
 fn refresh(
     agent: &Endpoint,
     refreshes: Refreshes,

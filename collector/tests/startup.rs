@@ -503,6 +503,58 @@ fn get_with(
     })
 }
 
+/// `collector stats --watch` follows a rotated token: the agent takes the new one without a
+/// restart, and so must a watch that outlives the rotation. Until 2026-12-02 it sent the
+/// first token for as long as it ran, and was refused every second after a rotation.
+#[test]
+fn a_watching_cli_follows_a_rotated_token() {
+    let netns = Netns::new();
+    let secrets = support::ScratchDir::new("rotated-token");
+    let token_file = secrets.path("token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+    let config = AgentConfig::new(&format!(
+        "[http]\nbearer_token_file = \"{}\"\n",
+        token_file.display()
+    ));
+    let agent = Agent::start(&netns, &config);
+    let mut watch = support::Reaped::spawn(
+        netns
+            .command(COLLECTOR)
+            .args(["stats", "proxy", "--json", "--watch", "--config"])
+            .arg(&config.path)
+            .stdout(std::process::Stdio::piped()),
+    );
+    let (lines, read) = std::sync::mpsc::channel();
+    let stdout = watch.stdout().unwrap();
+    thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            if lines.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || {
+        read.recv_timeout(Duration::from_secs(10))
+            .expect("a line from the watch")
+    };
+    assert!(next().starts_with('{'));
+
+    // Longer than the first: the agent sees the change within the second.
+    std::fs::write(&token_file, "the-second-token\n").unwrap();
+    wait_for(
+        "the agent to take the new token",
+        Duration::from_secs(10),
+        || (get_with(&netns, "/metrics", Some("Bearer first-token")).0 == 401).then_some(()),
+    );
+    // Lines written before the agent took it may be queued: three more after it.
+    while read.try_recv().is_ok() {}
+    for _ in 0..3 {
+        assert!(next().starts_with('{'));
+    }
+    watch.signal(libc::SIGTERM);
+    assert!(agent.stop().success());
+}
+
 /// A request head past 16 KiB is refused (431) before anything of it is checked: each
 /// connection buffers that much at most, where hyper's default let unauthenticated clients
 /// at the connection cap hold hundreds of megabytes. A normal request still answers.
