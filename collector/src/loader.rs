@@ -70,6 +70,8 @@ pub const TC_LINK_PINS: [&str; 6] = [
 
 /// Pin name of the link of the server name reader (`cgroup_skb`).
 const SERVER_NAMES_PIN: &str = "cgroup_skb_server_names";
+/// Pin name of the link of the connection program (`sock_ops`).
+const SOCK_OPS_PIN: &str = "sock_ops";
 
 /// How long a start waits for the pin directory's lock before it takes it for a running
 /// collector's: another collector's start holds it for a moment while it removes pins a
@@ -333,7 +335,7 @@ impl Attachment {
         }
         self.attach_sock_ops(
             program_names::TRACK_CONNECTIONS,
-            &links_dir.join("sock_ops"),
+            &links_dir.join(SOCK_OPS_PIN),
             cgroup,
         )?;
         if bpf_stats {
@@ -932,26 +934,40 @@ impl Failures {
 }
 
 /// Removes every pin under `pin_dir` that this build creates, and the directories if empty.
-/// Each link pin is tried, whatever became of the one before, and every failure reported.
-/// While a link stays, its program counts on into the maps: they stay with their owner, a
-/// set as a crash leaves it, for the next start to take over. Only files are pins: anything
-/// else among them (a directory) is not ours, and stays.
+/// Only files are pins: anything else among them (a directory) is not ours, and stays.
+///
+/// A link pin that cannot be removed is reported, and what a crash would leave stays while
+/// it does: the links go in an order that keeps `sock_ops` (which keeps the connection
+/// table true) attached until every other link is gone, and the loopback tc links (by which
+/// a sibling collector's start judges the set orphaned) until `sock_ops` is; the owner and
+/// the maps stay while `sock_ops` does, for the next start to take over.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
-    let mut failures = Failures::default();
     let map_dir = paths::map_pin_dir(pin_dir);
     let links_dir = map_dir.join(LINKS_DIR);
+    let mut failures = Failures::default();
     if links_dir.exists() {
-        match link_pin_files(&links_dir) {
-            Ok(pins) => {
-                for pin in pins {
-                    failures.note(remove_if_present(&pin));
-                }
+        let pins = link_pin_files(&links_dir)?;
+        let named = |pin: &Path, is: &dyn Fn(&std::ffi::OsStr) -> bool| {
+            pin.file_name().is_some_and(|name| is(name))
+        };
+        let (loopback, rest): (Vec<_>, Vec<_>) = pins
+            .into_iter()
+            .partition(|pin| named(pin, &crate::orphans::is_loopback_link_pin));
+        let (sock_ops, others): (Vec<_>, Vec<_>) = rest
+            .into_iter()
+            .partition(|pin| named(pin, &|name| name == SOCK_OPS_PIN));
+        for group in [others, sock_ops] {
+            for pin in &group {
+                failures.note(remove_if_present(pin));
             }
-            Err(err) => failures.note(Err(err)),
+            if !failures.0.is_empty() {
+                return failures.into_result();
+            }
         }
-    }
-    if !failures.0.is_empty() {
-        return failures.into_result();
+        // `sock_ops` is gone: nothing left counts what the maps need kept.
+        for pin in &loopback {
+            failures.note(remove_if_present(pin));
+        }
     }
     // The owner first (PINNED_MAPS starts with it): what a stop cut short leaves after it
     // is no collector's, and the next start removes it rather than adopt a part of a set
@@ -959,7 +975,10 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     // next start takes them over as a crashed run's, the connections that closed meanwhile
     // still open in its table (left as it is: an unlink of our own file refused).
     let [owner, maps @ ..] = PINNED_MAPS;
-    remove_if_present(&map_dir.join(owner))?;
+    if let Err(err) = remove_if_present(&map_dir.join(owner)) {
+        failures.note(Err(err));
+        return failures.into_result();
+    }
     for name in maps {
         failures.note(remove_if_present(&map_dir.join(name)));
     }

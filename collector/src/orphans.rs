@@ -80,7 +80,7 @@ pub fn is_tc_link_pin(name: &OsStr) -> bool {
 }
 
 /// Whether the tc link pin called `name` is on loopback.
-fn is_loopback_link_pin(name: &OsStr) -> bool {
+pub fn is_loopback_link_pin(name: &OsStr) -> bool {
     name.to_str().is_some_and(|name| {
         loader::TC_LOOPBACK_LINK_PINS
             .iter()

@@ -906,12 +906,13 @@ fn a_directory_among_the_link_pins_is_left_alone() {
     assert_eq!(walk(&config.pin_dir), std::slice::from_ref(&stray));
 }
 
-/// A link pin the stop cannot remove (a mount over it: EBUSY) keeps its program attached
-/// and counting, so the maps stay with it, a whole set, as after a crash: the stop says
-/// so and exits 1, every other link is gone, and the next start takes the set over with
-/// its counters.
+/// A link pin the stop cannot remove (a mount over it: EBUSY) is named, the stop exits 1,
+/// and what a crash leaves stays: `sock_ops` goes only after every other link, so here (the
+/// server name reader's link stuck) it stays attached and keeps the connection table true,
+/// with the loopback links, the owner and the maps; the next start takes the set over, the
+/// connections closed meanwhile counted. The other links are gone.
 #[test]
-fn a_link_pin_the_stop_cannot_remove_keeps_the_maps_it_counts_into() {
+fn a_link_pin_the_stop_cannot_remove_keeps_what_a_crash_keeps() {
     /// Unmounts whatever happens to the test.
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
@@ -920,14 +921,19 @@ fn a_link_pin_the_stop_cannot_remove_keeps_the_maps_it_counts_into() {
         }
     }
     let netns = Netns::new();
-    let config = AgentConfig::new(WEB_ROUTE);
+    // A port shared by name: the server name reader's link is pinned too.
+    let config = AgentConfig::new(&format!(
+        "{WEB_ROUTE}\n[[routes]]\nname = \"named\"\nports = [18443]\ntype = \"https\"\n\
+         sni = [\"a.test\"]\n\n[[routes]]\nname = \"rest\"\nports = [18443]\ntype = \"https\"\n"
+    ));
     let logs = ScratchDir::new("stuck-link");
     let log = logs.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
     support::connections_3_in_5_out(&netns, 2);
     wait_for_closed(&netns, "web", 2);
     let layout = config.pin_dir.join("v1");
-    let stuck = layout.join("links").join("sock_ops");
+    let links_dir = layout.join("links");
+    let stuck = links_dir.join("cgroup_skb_server_names");
     let cover = logs.path("cover");
     std::fs::write(&cover, "").unwrap();
     support::run(
@@ -941,20 +947,33 @@ fn a_link_pin_the_stop_cannot_remove_keeps_the_maps_it_counts_into() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains(&stuck.display().to_string()), "{text}");
     let left = walk(&config.pin_dir);
-    let links: Vec<_> = left
+    let mut links: Vec<String> = left
         .iter()
-        .filter(|pin| pin.parent().unwrap().ends_with("links"))
+        .filter(|pin| pin.parent() == Some(links_dir.as_path()))
+        .map(|pin| pin.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(links, [&stuck], "{left:?}");
+    links.sort();
+    assert_eq!(links.len(), 3, "{links:?}");
+    assert_eq!(links[0], "cgroup_skb_server_names", "{links:?}");
+    assert_eq!(links[1], "sock_ops", "{links:?}");
+    assert!(links[2].starts_with("tc_loopback_"), "{links:?}");
     for map in collector_common::PINNED_MAPS {
         assert!(left.contains(&layout.join(map)), "{map} went: {left:?}");
     }
 
-    // The program still counts into the maps, and the next start takes them over.
+    // `sock_ops` still counts into the maps, and the next start takes them over.
     drop(unmount);
     support::connections_3_in_5_out(&netns, 3);
     let agent = Agent::start_logging(&netns, &config, &[], &logs.path("second.log"));
     wait_for_closed(&netns, "web", 5);
+    assert_eq!(
+        sample(
+            &scrape(&netns),
+            "collector_proxy_connections_active",
+            &[("route", "web")]
+        ),
+        Some(0.0)
+    );
     assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);
 }
