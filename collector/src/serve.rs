@@ -667,7 +667,7 @@ struct Waiting(Place);
 fn admitted_as(peer: IpAddr) -> IpAddr {
     match peer.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-        v4 @ IpAddr::V4(_) => v4,
+        v4 => v4,
     }
 }
 
