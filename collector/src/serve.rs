@@ -514,7 +514,7 @@ pub async fn serve(
             accepted = axum::serve::Listener::accept(&mut listener) => accepted,
             () = &mut shutdown => break,
         };
-        let Some(ticket) = Admission::admit(&admission, admitted_as(peer.ip())) else {
+        let Some(ticket) = Admission::admit(&admission, peer.ip()) else {
             tracing::debug!(%peer, "too many connections: closing a new one");
             continue;
         };
@@ -660,16 +660,6 @@ struct Busy(Place);
 /// A request that waits for a password check: its connection counts as idle until this is
 /// dropped.
 struct Waiting(Place);
-
-/// The address a connection counts under for the per-address cap: an IPv6 peer by its /64,
-/// which one host holds whole (SLAAC, privacy addresses: a client may take a new address of
-/// it for each connection), an IPv4 one (mapped or not) by its address.
-fn admitted_as(peer: IpAddr) -> IpAddr {
-    match peer.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-        v4 => v4,
-    }
-}
 
 impl Admission {
     fn new(limits: ConnectionLimits) -> Self {
@@ -1332,16 +1322,6 @@ mod tests {
         }
         drop(body);
         assert_eq!(lagged(), 5 + (backlog - 10) + (backlog + 7));
-    }
-
-    #[test]
-    fn ipv6_peers_count_by_their_64_and_ipv4_ones_by_their_address() {
-        let v6 = |text: &str| admitted_as(text.parse().unwrap());
-        assert_eq!(v6("2001:db8:1:2:aaaa::1"), v6("2001:db8:1:2:bbbb::9"));
-        assert_eq!(v6("2001:db8:1:2:aaaa::1").to_string(), "2001:db8:1:2::");
-        assert_ne!(v6("2001:db8:1:2::1"), v6("2001:db8:1:3::1"));
-        assert_eq!(v6("::ffff:10.0.0.7").to_string(), "10.0.0.7");
-        assert_ne!(v6("10.0.0.7"), v6("10.0.0.8"));
     }
 
     #[test]
