@@ -319,10 +319,12 @@ impl PasswordCheck {
             return Ok(());
         }
         let matches = checks
-            .verify(turn, password.clone(), hash)
+            .verify(turn, password.clone(), hash.clone())
             .await
             .unwrap_or(false);
-        if !matches {
+        // And as it is after the check, which takes a while: a user removed, or given
+        // another password, meanwhile is refused (a client with the new one asks again).
+        if !matches || source.current().hashes.get(&user) != Some(&hash) {
             return Err(CheckRefused::Wrong(challenge));
         }
         users

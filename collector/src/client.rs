@@ -1071,10 +1071,6 @@ enum Refreshes {
     JsonLines,
 }
 
-/// Shows `fetch`'s text every second. The first failure ends it (a wrong address or
-/// credentials); a later one, such as the agent restarting, is shown in place of the figures
-/// on a terminal, and on standard error otherwise (a reader of JSON lines, `jq` say, would
-/// stop at a line of text), and tried again a second later.
 /// The token in `file` now, read again for each request: a watch (`--watch`, `top`) outlives
 /// a rotation of the Secret, which the agent takes without a restart. What was read at the
 /// start if the file cannot be read now or is empty (a rotation half done).
@@ -1086,6 +1082,10 @@ fn current_token(first: &str, file: &Path) -> String {
         .unwrap_or_else(|| first.to_owned())
 }
 
+/// Shows `fetch`'s text every second. The first failure ends it (a wrong address or
+/// credentials); a later one, such as the agent restarting, is shown in place of the figures
+/// on a terminal, and on standard error otherwise (a reader of JSON lines, `jq` say, would
+/// stop at a line of text), and tried again a second later.
 fn refresh(
     agent: &Endpoint,
     refreshes: Refreshes,

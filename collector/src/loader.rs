@@ -948,7 +948,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     if links_dir.exists() {
         let pins = link_pin_files(&links_dir)?;
         let named = |pin: &Path, is: &dyn Fn(&std::ffi::OsStr) -> bool| {
-            pin.file_name().is_some_and(|name| is(name))
+            pin.file_name().is_some_and(is)
         };
         let (loopback, rest): (Vec<_>, Vec<_>) = pins
             .into_iter()
