@@ -947,9 +947,8 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     let mut failures = Failures::default();
     if links_dir.exists() {
         let pins = link_pin_files(&links_dir)?;
-        let named = |pin: &Path, is: &dyn Fn(&std::ffi::OsStr) -> bool| {
-            pin.file_name().is_some_and(is)
-        };
+        let named =
+            |pin: &Path, is: &dyn Fn(&std::ffi::OsStr) -> bool| pin.file_name().is_some_and(is);
         let (loopback, rest): (Vec<_>, Vec<_>) = pins
             .into_iter()
             .partition(|pin| named(pin, &crate::orphans::is_loopback_link_pin));
