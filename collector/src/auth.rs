@@ -324,7 +324,8 @@ impl PasswordCheck {
             .unwrap_or(false);
         // And as it is after the check, which takes a while: a user removed, or given
         // another password, meanwhile is refused (a client with the new one asks again).
-        if !matches || source.current().hashes.get(&user) != Some(&hash) {
+        let users = source.current();
+        if !matches || users.hashes.get(&user) != Some(&hash) {
             return Err(CheckRefused::Wrong(challenge));
         }
         users

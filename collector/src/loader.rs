@@ -938,9 +938,12 @@ impl Failures {
 ///
 /// A link pin that cannot be removed is reported, and what a crash would leave stays while
 /// it does: the links go in an order that keeps `sock_ops` (which keeps the connection
-/// table true) attached until every other link is gone, and the loopback tc links (by which
-/// a sibling collector's start judges the set orphaned) until `sock_ops` is; the owner and
-/// the maps stay while `sock_ops` does, for the next start to take over.
+/// table true) attached until every other link is gone, the loopback tc links (by which a
+/// sibling collector's start judges the set orphaned) until the other tc links are; at the
+/// first group with a link that stays, the rest stay, and the owner and the maps with
+/// them, for the next start to take over. (With `sock_ops` itself stuck the set keeps no
+/// loopback link, and only `collector cleanup --apply` removes it once its namespace is
+/// gone.)
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let links_dir = map_dir.join(LINKS_DIR);
@@ -955,17 +958,13 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
         let (sock_ops, others): (Vec<_>, Vec<_>) = rest
             .into_iter()
             .partition(|pin| named(pin, &|name| name == SOCK_OPS_PIN));
-        for group in [others, sock_ops] {
+        for group in [others, loopback, sock_ops] {
             for pin in &group {
                 failures.note(remove_if_present(pin));
             }
             if !failures.0.is_empty() {
                 return failures.into_result();
             }
-        }
-        // `sock_ops` is gone: nothing left counts what the maps need kept.
-        for pin in &loopback {
-            failures.note(remove_if_present(pin));
         }
     }
     // The owner first (PINNED_MAPS starts with it): what a stop cut short leaves after it

@@ -907,12 +907,32 @@ fn a_directory_among_the_link_pins_is_left_alone() {
 }
 
 /// A link pin the stop cannot remove (a mount over it: EBUSY) is named, the stop exits 1,
-/// and what a crash leaves stays: `sock_ops` goes only after every other link, so here (the
-/// server name reader's link stuck) it stays attached and keeps the connection table true,
-/// with the loopback links, the owner and the maps; the next start takes the set over, the
-/// connections closed meanwhile counted. The other links are gone.
+/// and what a crash leaves stays: `sock_ops` goes only after every other link, the
+/// loopback links only after the other tc links, so here (the server name reader's link
+/// stuck) `sock_ops` stays attached and keeps the connection table true, with the loopback
+/// links, the owner and the maps; the next start takes the set over, the connections
+/// closed meanwhile counted.
 #[test]
-fn a_link_pin_the_stop_cannot_remove_keeps_what_a_crash_keeps() {
+fn a_stuck_reader_link_keeps_what_a_crash_keeps() {
+    a_stuck_link_keeps_what_a_crash_keeps(
+        |name| name == "cgroup_skb_server_names",
+        &["cgroup_skb_server_names", "sock_ops", "tc_loopback_"],
+    );
+}
+
+/// As above, the loopback link stuck: `sock_ops`, which goes after it, stays too.
+#[test]
+fn a_stuck_loopback_link_keeps_what_a_crash_keeps() {
+    a_stuck_link_keeps_what_a_crash_keeps(
+        |name| name.starts_with("tc_loopback_"),
+        &["sock_ops", "tc_loopback_"],
+    );
+}
+
+/// Mounts over the link pin `stuck` picks, stops the agent, and checks that the link pins
+/// left are those `kept` names (sorted; a name ending in `_` stands for that prefix), the
+/// maps with them, and that the next start counts the connections closed meanwhile.
+fn a_stuck_link_keeps_what_a_crash_keeps(stuck: fn(&str) -> bool, kept: &[&str]) {
     /// Unmounts whatever happens to the test.
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
@@ -933,7 +953,20 @@ fn a_link_pin_the_stop_cannot_remove_keeps_what_a_crash_keeps() {
     wait_for_closed(&netns, "web", 2);
     let layout = config.pin_dir.join("v1");
     let links_dir = layout.join("links");
-    let stuck = links_dir.join("cgroup_skb_server_names");
+    let link_names = || {
+        let mut names: Vec<String> = std::fs::read_dir(&links_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let stuck = links_dir.join(
+        link_names()
+            .into_iter()
+            .find(|name| stuck(name))
+            .expect("the link to hold"),
+    );
     let cover = logs.path("cover");
     std::fs::write(&cover, "").unwrap();
     support::run(
@@ -946,19 +979,25 @@ fn a_link_pin_the_stop_cannot_remove_keeps_what_a_crash_keeps() {
     assert_eq!(status.map(|status| status.success()), Some(false));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains(&stuck.display().to_string()), "{text}");
-    let left = walk(&config.pin_dir);
-    let mut links: Vec<String> = left
-        .iter()
-        .filter(|pin| pin.parent() == Some(links_dir.as_path()))
-        .map(|pin| pin.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    links.sort();
-    assert_eq!(links.len(), 3, "{links:?}");
-    assert_eq!(links[0], "cgroup_skb_server_names", "{links:?}");
-    assert_eq!(links[1], "sock_ops", "{links:?}");
-    assert!(links[2].starts_with("tc_loopback_"), "{links:?}");
+    let left = link_names();
+    let matches = |name: &String, kept: &&str| {
+        if kept.ends_with('_') {
+            name.starts_with(kept)
+        } else {
+            name == kept
+        }
+    };
+    assert!(
+        left.len() == kept.len()
+            && left
+                .iter()
+                .zip(kept)
+                .all(|(name, kept)| matches(name, kept)),
+        "left {left:?}, expected {kept:?}"
+    );
+    let pins = walk(&config.pin_dir);
     for map in collector_common::PINNED_MAPS {
-        assert!(left.contains(&layout.join(map)), "{map} went: {left:?}");
+        assert!(pins.contains(&layout.join(map)), "{map} went: {pins:?}");
     }
 
     // `sock_ops` still counts into the maps, and the next start takes them over.
