@@ -548,8 +548,9 @@ fn sample_port(ctx: &TcContext, at: &Located, query: bool) -> Option<u16> {
     read_be16(ctx, at.l4 + if query { 0 } else { 2 })
 }
 
-/// Remembers the query for its response, and samples its name: to the ring whole while
-/// someone reads the event stream, counted in the name table otherwise.
+/// Remembers the query for its response, and samples its name: counted in the name table,
+/// and while someone reads the event stream also sent to the ring whole, for the stream
+/// only (a full ring then loses a stream line, not a count of the top list).
 #[inline(always)]
 fn on_query(
     ctx: &TcContext,
@@ -562,7 +563,7 @@ fn on_query(
     let port = sample_port(ctx, at, true);
     let sample = in_sample(port, id, DNS_SAMPLE_BELOW.load(), dns_name_sample);
     let streamed = sample && stream_wanted();
-    if sample && !streamed {
+    if sample {
         count_name(question, buf, counters);
     }
     let matched = matching() && in_sample(port, id, DNS_MATCH_BELOW.load(), dns_match_sample);

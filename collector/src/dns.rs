@@ -177,7 +177,8 @@ pub fn decode_name(wire: &[u8]) -> Option<String> {
     Some(text)
 }
 
-/// Top domains folded from query events and from the kernel's name table.
+/// Top domains folded from the kernel's name table (its counts, and the name events that
+/// name its slots); query events are the stream's alone.
 #[derive(Debug)]
 pub struct DomainStats {
     domains: TopK<Arc<str>>,
@@ -220,7 +221,8 @@ impl DomainStats {
     pub fn apply(&mut self, event: &DnsEvent) {
         self.events_received += 1;
         match event {
-            DnsEvent::Query { domain, .. } => self.fold(domain.as_ref(), 1),
+            // The kernel counted its name in the table too: the event is the stream's.
+            DnsEvent::Query { .. } | DnsEvent::Answer { .. } => {}
             DnsEvent::Name {
                 slot,
                 tenure,
@@ -236,7 +238,6 @@ impl DomainStats {
                     self.fold(replaced.as_ref(), unfolded);
                 }
             }
-            DnsEvent::Answer { .. } => {}
         }
     }
 
@@ -471,13 +472,23 @@ mod tests {
         // Decoded again from memory, as the same name.
         assert_eq!(decoder.decode(&bytes), Some(event.clone()));
 
+        // The stream's alone: the kernel counted the name in its table as well.
         let mut stats = DomainStats::new(10, 2, TallyTable::unmapped(0));
         stats.apply(&event);
         stats.apply(&event);
         let snapshot = stats.snapshot(10, 0);
+        assert!(snapshot.top.is_empty(), "{:?}", snapshot.top);
+        assert_eq!(snapshot.events_received, 2);
+    }
+
+    #[test]
+    fn samples_stand_for_their_weight_and_lost_ones_widen_every_bound() {
+        let mut stats = with_slots(2, 2);
+        stats.apply(&name_event(1, 1, 0, Some("a.example")));
+        stats.fold_table(table(&[(0, 0), (1, 1)]));
+        let snapshot = stats.snapshot(10, 0);
         // Each sample stands for two queries.
         assert_eq!(counts(&snapshot.top), [("a.example".to_owned(), 4)]);
-        assert_eq!(snapshot.events_received, 2);
         assert_eq!(snapshot.top[0].error, 0);
         // Three samples the kernel dropped (a full ring) could each have been this name's:
         // six queries it may have had more.

@@ -318,6 +318,44 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
     (events, phases)
 }
 
+/// While someone reads the stream, the top domains stay exact when the ring overflows: the
+/// kernel counts every sampled name in its table, and a full ring loses stream lines only.
+/// Until 2026-12-02 streamed names went to the ring instead of the table, and those a full
+/// ring dropped were lost to the list for the rest of the run.
+#[test]
+fn top_domains_stay_exact_while_a_stream_overflows_the_ring() {
+    /// More than the 2 MiB ring holds with every query's and answer's event (about 136
+    /// bytes a query).
+    const ASKED: usize = 24_000;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+    let Tail {
+        mut child, reader, ..
+    } = tail_events(&netns);
+
+    // Nothing drains the ring while the agent is stopped; the kernel keeps streaming.
+    agent.pause(true);
+    query_www(&netns, ASKED);
+    agent.pause(false);
+    let json = wait_for("every query counted", Duration::from_secs(30), || {
+        let json = support::dns_json(&netns);
+        (json["totalQueries"] == ASKED).then_some(json)
+    });
+    let dropped = sample(&scrape(&netns), "collector_dns_events_dropped_total", &[]);
+    assert!(
+        dropped.is_some_and(|dropped| dropped > 0.0),
+        "the ring never filled: {dropped:?}"
+    );
+    assert_eq!(json["topDomains"][0]["domain"], "www.test", "{json}");
+    assert_eq!(json["topDomains"][0]["count"], ASKED, "{json}");
+
+    assert!(agent.stop().success());
+    let _ = child.wait();
+    reader.join().unwrap();
+}
+
 #[test]
 fn events_prints_every_connection_and_query_at_a_low_rate() {
     let (events, at) = stream_events(&AgentConfig::new(CONFIG), QUERIES);
