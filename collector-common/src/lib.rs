@@ -119,8 +119,8 @@ pub mod map_names {
     /// `PerCpuArray<DnsScratch>`, one entry: parse space, not data.
     pub const DNS_SCRATCH: &str = "DNS_SCRATCH";
     /// `Array<u32>`, one entry: nonzero while someone reads the event stream. Then every
-    /// sampled query goes to the ring whole, and answers too; otherwise answers are not sent
-    /// and query names are counted in [`DNS_NAMES`].
+    /// sampled query goes to the ring whole, and answers too; otherwise neither is sent.
+    /// Query names are counted in [`DNS_NAMES`] either way.
     pub const DNS_STREAM_WANTED: &str = "DNS_STREAM_WANTED";
     /// `Array<DnsNameSlot>` (memory-mappable), [`super::TALLY_SLOTS_PER_CPU`] entries per
     /// possible CPU, each CPU writing only its own: the names its queries asked for lately,

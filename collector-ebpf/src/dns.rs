@@ -24,7 +24,7 @@
 //!
 //! Names: a sampled query's name is counted in this CPU's slot of the name table, and goes
 //! to the ring only when it takes the slot; while someone reads the event stream, every
-//! sampled query goes to the ring whole instead.
+//! sampled query also goes to the ring whole, for the stream.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
@@ -333,8 +333,8 @@ fn count_message(
                 return Err(dns_malformed::NO_QUESTION);
             }
             let question = walked.valid()?;
-            // The name is counted (in its slot, or in an event) before the query is, so that a
-            // snapshot's top domains cover every query its counters show.
+            // The name is counted (in its slot, or in the event that claims it) before the
+            // query is, so that a snapshot's top domains cover every query its counters show.
             on_query(ctx, &at, id, &question, buf, counters);
             counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
             counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
@@ -550,7 +550,8 @@ fn sample_port(ctx: &TcContext, at: &Located, query: bool) -> Option<u16> {
 
 /// Remembers the query for its response, and samples its name: counted in the name table,
 /// and while someone reads the event stream also sent to the ring whole, for the stream
-/// only (a full ring then loses a stream line, not a count of the top list).
+/// only (a full ring then loses a stream line; a name that holds its slot counts on, one
+/// that must claim a slot still needs its name event through the ring).
 #[inline(always)]
 fn on_query(
     ctx: &TcContext,

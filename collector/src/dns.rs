@@ -440,7 +440,7 @@ mod tests {
     }
 
     #[test]
-    fn query_events_decode_and_feed_the_top_domains() {
+    fn query_events_decode_and_are_the_streams_alone() {
         let name = wire("a.example");
         let event = DnsQueryEvent {
             kind: DNS_EVENT_QUERY,

@@ -531,7 +531,7 @@ fn encode_dns_latency_and_health(
             ),
             (
                 "collector_dns_events_dropped",
-                "Names, streamed queries and streamed answers the kernel could not hand to the agent: the ring buffer was full, or the query's CPU had no slot in the name table (counters are unaffected; top domains and the event stream miss them).",
+                "Names, streamed queries and streamed answers the kernel could not hand to the agent: the ring buffer was full, or the query's CPU had no slot in the name table (counters are unaffected; the event stream misses them, and top domains the queries of a dropped name).",
                 c.events_dropped,
             ),
             (

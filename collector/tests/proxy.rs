@@ -311,22 +311,6 @@ fn round_trip_from(client: impl Into<IpAddr>, server: impl Into<SocketAddr>) {
     stream.read_exact(&mut byte).unwrap();
 }
 
-/// Keeps the calling thread on the CPU it runs on, so that the kernel accepts its
-/// connections there (on loopback the handshake's last ACK is processed on the sender's CPU).
-fn stay_on_this_cpu() {
-    // SAFETY: sched_getcpu has no preconditions; a zeroed cpu_set_t is a valid empty set,
-    // which sched_setaffinity only reads.
-    unsafe {
-        let cpu = usize::try_from(libc::sched_getcpu()).unwrap();
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
-            0
-        );
-    }
-}
-
 /// `count` addresses of 127.1.0.0/16 whose slot of the kernel's client table is that of
 /// 127.0.0.1.
 fn clients_sharing_the_slot_of_localhost(count: usize) -> Vec<Ipv4Addr> {
@@ -362,7 +346,7 @@ fn clients_that_take_each_others_slot_keep_exact_counts() {
     });
     let clients = sharing.clone();
     netns.run(move || {
-        stay_on_this_cpu();
+        support::stay_on_this_cpu();
         // 127.0.0.1 takes the slot, each sharing client takes it in turn, 127.0.0.1 again.
         let server = (Ipv4Addr::LOCALHOST, WEB_PORT);
         for _ in 0..HEAVY {

@@ -832,3 +832,20 @@ pub fn hold_open(
         .collect();
     (connected, accepted)
 }
+
+/// Keeps the calling thread on the CPU it runs on, so that the kernel handles its packets
+/// there (on loopback a packet is received on its sender's CPU): one CPU's slots of the
+/// kernel's per-CPU tables.
+pub fn stay_on_this_cpu() {
+    // SAFETY: sched_getcpu has no preconditions; a zeroed cpu_set_t is a valid empty set,
+    // which sched_setaffinity only reads.
+    unsafe {
+        let cpu = usize::try_from(libc::sched_getcpu()).unwrap();
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
+            0
+        );
+    }
+}
