@@ -16,10 +16,13 @@ use support::{
     Agent, AgentConfig, COLLECTOR, Netns, ScratchDir, sample, scrape, wait_for, wait_for_closed,
 };
 
+/// The one route most tests count on.
+const WEB_ROUTE: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
+
 #[test]
 fn runs_and_counts_under_ip_netns_exec() {
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     // `ip netns exec` gives the agent a fresh /sys without the host's bpffs and cgroup2.
     let agent = Agent::spawn(&netns, netns.ip_netns_exec(COLLECTOR), &config, &[]);
     support::connections_3_in_5_out(&netns, 5);
@@ -52,7 +55,7 @@ fn runs_and_counts_under_ip_netns_exec() {
 fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_namespaces() {
     // Two sidecars on one node: one config for both, as from one ConfigMap, and a pin
     // directory each from the command line.
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let (first, second) = (Netns::new(), Netns::new());
     let pin_dirs = ["first", "second"].map(|which| {
         let mut name = config.pin_dir.clone().into_os_string();
@@ -93,7 +96,7 @@ fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_
 
 #[test]
 fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let (first, second) = (Netns::new(), Netns::new());
     Agent::start(&first, &config).kill();
     // A DNS table of another build's shape among them, which a start of the owner's would
@@ -137,7 +140,7 @@ fn running_line(log: &std::path::Path) -> String {
 #[test]
 fn a_start_after_a_crash_says_it_took_over_the_crashed_runs_programs_and_counters() {
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let logs = ScratchDir::new("takeover");
     let (first, second) = (logs.path("first.log"), logs.path("second.log"));
     Agent::start_logging(&netns, &config, &[], &first).kill();
@@ -265,7 +268,7 @@ fn a_pin_directory_off_bpffs_is_refused_with_the_fix() {
     );
     // bpffs refuses a dot in a name with EPERM, which must not read as missing privileges:
     // in the file, with its line; by --pin-dir, when the start looks at the mount.
-    let routes = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
+    let routes = WEB_ROUTE;
     let stderr = refused_config(&format!(
         "pin_dir = \"/sys/fs/bpf/collector.prod\"\n{routes}"
     ));
@@ -297,7 +300,7 @@ fn the_bpffs_mount_itself_as_pin_directory_is_refused_by_run_and_check() {
     let layout = std::path::Path::new("/sys/fs/bpf/v1");
     let layout_before = layout.exists();
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let log = config.dir.join("run.log");
     // In a namespace of its own: a build that let it through would count there, and is
     // killed after 20 s.
@@ -344,7 +347,7 @@ fn the_bpffs_mount_itself_as_pin_directory_is_refused_by_run_and_check() {
 #[test]
 fn without_privileges_the_error_says_what_is_needed() {
     support::require_root();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     // Readable by the unprivileged user, as an operator's config would be.
     let out = Command::new("setpriv")
         .args([
@@ -432,8 +435,7 @@ fn check_names_a_missing_bpffs_and_the_fix() {
 #[test]
 fn after_attaching_the_agent_keeps_only_cap_bpf_and_cap_net_admin_and_still_counts() {
     let netns = Netns::new();
-    let config =
-        AgentConfig::with_nft("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::with_nft(WEB_ROUTE);
     let agent = Agent::start(&netns, &config);
     // Every thread of the agent: capabilities are per thread.
     let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid())).unwrap();
@@ -656,7 +658,7 @@ fn with_a_bearer_token_only_the_probes_answer_without_it() {
 #[test]
 fn a_sighup_changes_nothing_and_the_agent_counts_on() {
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let agent = Agent::start(&netns, &config);
     support::connections_3_in_5_out(&netns, 2);
     wait_for_closed(&netns, "web", 2);
@@ -670,7 +672,7 @@ fn a_sighup_changes_nothing_and_the_agent_counts_on() {
 #[test]
 fn a_stop_asked_for_while_starting_detaches_what_the_start_attached() {
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let mut child = support::Reaped::spawn(
         netns
             .command(COLLECTOR)
@@ -773,7 +775,7 @@ impl LogPipe {
 #[test]
 fn a_log_nobody_reads_costs_counted_lines_and_stalls_nothing() {
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let log = LogPipe::open(config.dir.join("agent-log"));
     let agent = Agent::start_logging(&netns, &config, &[], &log.path);
     let _resume = log.resumed_on_drop();
@@ -826,8 +828,7 @@ fn path_with(bin: &std::path::Path) -> String {
 #[test]
 fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
     let netns = Netns::new();
-    let config =
-        AgentConfig::with_nft("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::with_nft(WEB_ROUTE);
     let stall = config.dir.join("stall");
     let bin = stalling_nft(&config.dir, &stall);
     let mut launcher = netns.command(COLLECTOR);
@@ -876,8 +877,6 @@ impl Drop for RemoveAll {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
-
-const WEB_ROUTE: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
 
 /// Something not ours among the link pins (a directory someone made) is left alone: the
 /// stop removes every pin of ours around it, and the next start runs. Until 2026-12-02 the
@@ -1061,8 +1060,7 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     // `serve::stall_limit` at the tests' 100 ms poll interval.
     const STALL_LIMIT: Duration = Duration::from_mins(1);
     let netns = Netns::new();
-    let config =
-        AgentConfig::with_nft("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::with_nft(WEB_ROUTE);
     let stall = config.dir.join("stall");
     let bin = stalling_nft(&config.dir, &stall);
     // systemd's watchdog, fed every 500 ms while the loop runs, by the same measure: the
@@ -1146,7 +1144,7 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
 fn systemd_is_told_ready_fed_and_stopping() {
     use std::os::unix::net::UnixDatagram;
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let dir = ScratchDir::new("notify");
     let socket_path = dir.path("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
@@ -1198,7 +1196,7 @@ fn systemd_is_told_ready_fed_and_stopping() {
 #[test]
 fn the_json_figures_say_how_old_they_are() {
     let netns = Netns::new();
-    let config = AgentConfig::new("[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n");
+    let config = AgentConfig::new(WEB_ROUTE);
     let agent = Agent::start(&netns, &config);
     for json in [support::proxy_json(&netns), support::dns_json(&netns)] {
         // The tests' agents poll every 100 ms.
