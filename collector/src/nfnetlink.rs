@@ -194,15 +194,23 @@ fn text(payload: &[u8]) -> String {
 
 /// The comment in libnftnl user data, if it has one.
 #[must_use]
-pub fn comment(mut userdata: &[u8]) -> Option<String> {
+pub fn comment(userdata: &[u8]) -> Option<String> {
+    userdata_records(userdata)?
+        .into_iter()
+        .find(|&(kind, _)| kind == NFTNL_UDATA_COMMENT)
+        .map(|(_, value)| text(value))
+}
+
+/// libnftnl user data as (type, value) records; `None` if a record runs past the end.
+#[must_use]
+pub fn userdata_records(mut userdata: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let mut records = Vec::new();
     while let [kind, len, rest @ ..] = userdata {
         let value = rest.get(..usize::from(*len))?;
-        if *kind == NFTNL_UDATA_COMMENT {
-            return Some(text(value));
-        }
+        records.push((*kind, value));
         userdata = &rest[value.len()..];
     }
-    None
+    userdata.is_empty().then_some(records)
 }
 
 /// An `nf_tables` request for the inet family with `attributes`.

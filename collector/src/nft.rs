@@ -301,11 +301,15 @@ fn direction_of_chain(chain: &str) -> Option<&'static Direction> {
 /// even a comment on the table. A table holding none of that is not ours either: nothing in
 /// it says so.
 fn not_ours(contents: &TableContents) -> Option<String> {
+    // nft 1.1.6 and later stamp every table they make with their version and build time
+    // (user data records 1 and 2), ours included: only a comment says someone else's.
     if let Some(userdata) = &contents.userdata {
-        return Some(match nfnetlink::comment(userdata) {
-            Some(comment) => format!("has a comment of its own ({comment:?})"),
-            None => "carries user data the collector never writes".to_owned(),
-        });
+        if let Some(comment) = nfnetlink::comment(userdata) {
+            return Some(format!("has a comment of its own ({comment:?})"));
+        }
+        if nfnetlink::userdata_records(userdata).is_none() {
+            return Some("carries user data nft never writes".to_owned());
+        }
     }
     for chain in &contents.chains {
         if direction_of_chain(&chain.name).is_none() {
@@ -1231,6 +1235,17 @@ mod tests {
         ));
         let why = not_ours(&|t| t.userdata = Some(vec![0, 3, b'f', b'w', 0]));
         assert!(why.contains("\"fw\""), "{why}");
+        // What nft 1.1.6 and later write into each table they make: its version (12 bytes)
+        // and build time (8 bytes). Still ours.
+        let mut stamped = made.clone();
+        let mut stamp = vec![1, 12];
+        stamp.extend([1, 1, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        stamp.extend([2, 8, 0x68, 0x9a, 0, 0, 0, 0, 0, 0]);
+        stamped.userdata = Some(stamp.clone());
+        assert!(matches!(judge(&plan, Some(&stamped)), Verdict::AsPlanned));
+        stamp.push(5);
+        let why = not_ours(&|t| t.userdata = Some(stamp.clone()));
+        assert!(why.contains("never writes"), "{why}");
         assert!(not_ours(&|t| *t = TableContents::default()).contains("empty"));
         // An earlier build's table (no comments), its rules flushed: still ours, replaced.
         let mut earlier = made.clone();
