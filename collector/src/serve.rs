@@ -286,8 +286,13 @@ pub fn router(sources: Sources, guard_with: Guard) -> Router {
 }
 
 /// OpenMetrics for scrapers that prefer it (Prometheus does), the classic text format for
-/// everyone else.
+/// everyone else. 503 until the first read of the kernel maps: the counters before it are
+/// zeros, and after a crash the pinned ones go on from where they were, so a scrape then
+/// would show Prometheus a reset and count their whole past again in `increase()`.
 async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !state.latest.is_ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, NOT_READY).into_response();
+    }
     let wants_openmetrics = prefers_openmetrics(
         headers
             .get_all(header::ACCEPT)
@@ -462,14 +467,13 @@ async fn serve_health(State(state): State<AppState>) -> (StatusCode, String) {
     }
 }
 
+const NOT_READY: &str = "waiting for the first read of the kernel maps\n";
+
 async fn serve_ready(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if state.latest.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the first read of the kernel maps\n",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, NOT_READY)
     }
 }
 
@@ -1001,11 +1005,13 @@ mod tests {
         let credentials = guard.credentials.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
+        let latest = Arc::new(SharedSnapshot::default());
+        latest.store(crate::snapshot::Snapshot::default());
         let server = tokio::spawn(serve(
             listener,
             None,
             Sources {
-                latest: Arc::new(SharedSnapshot::default()),
+                latest,
                 hub: EventHub::new(Vec::new()),
                 liveness: Liveness::new(Duration::from_secs(1)),
             },
@@ -1264,14 +1270,39 @@ mod tests {
 
     /// The agent's router with no credentials, and its event hub.
     fn events_router() -> (Router, Arc<EventHub>) {
+        let (app, hub, _) = router_before_the_first_poll();
+        (app, hub)
+    }
+
+    /// The agent's router with no credentials, its event hub and its snapshot, unread.
+    fn router_before_the_first_poll() -> (Router, Arc<EventHub>, Arc<SharedSnapshot>) {
         let http = crate::config::Config::embedded_default().http;
         let hub = EventHub::new(Vec::new());
+        let latest = Arc::new(SharedSnapshot::default());
         let sources = Sources {
-            latest: Arc::new(SharedSnapshot::default()),
+            latest: Arc::clone(&latest),
             hub: Arc::clone(&hub),
             liveness: Liveness::new(Duration::from_secs(1)),
         };
-        (router(sources, Guard::from_config(&http).unwrap()), hub)
+        (router(sources, Guard::from_config(&http).unwrap()), hub, latest)
+    }
+
+    #[tokio::test]
+    async fn metrics_wait_for_the_first_read_of_the_kernel_maps() {
+        let (app, _hub, latest) = router_before_the_first_poll();
+        let app = TowerToHyperService::new(app);
+        let scrape = || {
+            let request = axum::http::Request::get("/metrics")
+                .body(axum::body::Body::empty())
+                .unwrap();
+            hyper::service::Service::call(&app, request)
+        };
+        // Zeros now would read as a reset of the pinned counters a crashed run left.
+        let response = scrape().await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        latest.store(crate::snapshot::Snapshot::default());
+        let response = scrape().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
     }
 
     fn open(cookie: u64) -> crate::events::ConnRecord {
