@@ -74,7 +74,9 @@ impl Facts {
             cgroup2: match paths::cgroup2_root(cgroup2) {
                 Ok(paths::Cgroup2::Mounted(path)) => Ok(Some(path)),
                 Ok(paths::Cgroup2::Unmounted) => Ok(None),
-                Err(err @ paths::PathError::NotCgroup2(_)) => Err(err.to_string()),
+                Err(
+                    err @ (paths::PathError::NotCgroup2(_) | paths::PathError::NotCgroup2Root(_)),
+                ) => Err(err.to_string()),
                 Err(err) => return Err(err.into()),
             },
             pin_dir: pin_dir.to_path_buf(),

@@ -26,6 +26,10 @@ const CGROUP2: &str = "cgroup2";
 pub enum PathError {
     #[error("cgroup2 path {0} is not a mounted cgroup2 filesystem (see /proc/mounts)")]
     NotCgroup2(PathBuf),
+    #[error(
+        "the cgroup2 mount at {0} is a cgroup below the hierarchy's root (a container's own cgroup namespace?), where sock_ops would see only that cgroup's sockets; mount the host's cgroup2 (a hostPath of /sys/fs/cgroup) or run in the host's cgroup namespace, and set `cgroup2` to it"
+    )]
+    NotCgroup2Root(PathBuf),
     #[error("opening the cgroup2 root at {0}: {1}")]
     OpenCgroup2(PathBuf, #[source] std::io::Error),
     #[error(
@@ -100,12 +104,24 @@ fn read_mounts() -> Result<String, PathError> {
     fs::read_to_string("/proc/self/mounts").map_err(PathError::Mounts)
 }
 
-/// The first cgroup2 mount in `mounts_text` (hybrid hosts mount it at
+/// The cgroup2 mounts in `mounts_text`, in order (hybrid hosts mount it at
 /// /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup).
-fn find_cgroup2(mounts_text: &str) -> Option<PathBuf> {
+fn cgroup2_mounts(mounts_text: &str) -> impl Iterator<Item = PathBuf> + '_ {
     parse_mounts(mounts_text)
-        .find(|m| m.fstype == CGROUP2)
+        .filter(|m| m.fstype == CGROUP2)
         .map(|m| unescape_mount_path(m.target))
+}
+
+/// The root directory of a cgroup2 hierarchy is kernfs's first node, inode 1; a mount made
+/// inside a cgroup namespace, or a bind mount of a cgroup below, shows another.
+const CGROUP2_ROOT_INODE: u64 = 1;
+
+fn is_hierarchy_root(metadata: &fs::Metadata) -> bool {
+    std::os::unix::fs::MetadataExt::ino(metadata) == CGROUP2_ROOT_INODE
+}
+
+fn mount_is_hierarchy_root(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|metadata| is_hierarchy_root(&metadata))
 }
 
 /// The bpffs mount that holds `pin_dir`, if any.
@@ -122,20 +138,33 @@ pub enum Cgroup2 {
     Unmounted,
 }
 
-/// The configured cgroup2 mount (checked), else the first one in /proc/self/mounts.
+/// The configured cgroup2 mount, else the first in /proc/self/mounts that shows the
+/// hierarchy's root; checked to be a cgroup2 mount of the root: `sock_ops` attached below
+/// it would count only the sockets of that cgroup, silently.
 pub fn cgroup2_root(configured: Option<&Path>) -> Result<Cgroup2, PathError> {
     let mounts = read_mounts()?;
-    match configured {
-        None => Ok(find_cgroup2(&mounts).map_or(Cgroup2::Unmounted, Cgroup2::Mounted)),
-        Some(path) => {
-            let is_mount = parse_mounts(&mounts)
-                .any(|m| m.fstype == CGROUP2 && unescape_mount_path(m.target) == path);
-            if is_mount {
-                Ok(Cgroup2::Mounted(path.to_path_buf()))
-            } else {
-                Err(PathError::NotCgroup2(path.to_path_buf()))
-            }
+    let path = match configured {
+        None => {
+            let mut found = cgroup2_mounts(&mounts);
+            let Some(first) = found.next() else {
+                return Ok(Cgroup2::Unmounted);
+            };
+            std::iter::once(first.clone())
+                .chain(found)
+                .find(|path| mount_is_hierarchy_root(path))
+                .unwrap_or(first)
         }
+        Some(path) => {
+            if !cgroup2_mounts(&mounts).any(|mount| mount == path) {
+                return Err(PathError::NotCgroup2(path.to_path_buf()));
+            }
+            path.to_path_buf()
+        }
+    };
+    if mount_is_hierarchy_root(&path) {
+        Ok(Cgroup2::Mounted(path))
+    } else {
+        Err(PathError::NotCgroup2Root(path))
     }
 }
 
@@ -158,9 +187,12 @@ pub fn open_cgroup2(cgroup: &Cgroup2) -> Result<(fs::File, String), PathError> {
                 file
             });
             let _ = fs::remove_dir(&dir);
-            opened
-                .map(|file| (file, "cgroup2 root (mounted privately)".to_owned()))
-                .map_err(fail)
+            let file = opened.map_err(fail)?;
+            // In a cgroup namespace of its own, a fresh mount shows the namespace's root.
+            if !is_hierarchy_root(&file.metadata().map_err(fail)?) {
+                return Err(PathError::NotCgroup2Root(dir));
+            }
+            Ok((file, "cgroup2 root (mounted privately)".to_owned()))
         }
     }
 }
@@ -343,10 +375,10 @@ bpf /sys/fs/bpf/with\\040space bpf rw 0 0
     #[test]
     fn finds_cgroup2_on_hybrid_hosts() {
         assert_eq!(
-            find_cgroup2(HYBRID),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            cgroup2_mounts(HYBRID).collect::<Vec<_>>(),
+            [PathBuf::from("/sys/fs/cgroup/unified")]
         );
-        assert_eq!(find_cgroup2("proc /proc proc rw 0 0\n"), None);
+        assert_eq!(cgroup2_mounts("proc /proc proc rw 0 0\n").next(), None);
     }
 
     #[test]

@@ -1284,7 +1284,11 @@ mod tests {
             hub: Arc::clone(&hub),
             liveness: Liveness::new(Duration::from_secs(1)),
         };
-        (router(sources, Guard::from_config(&http).unwrap()), hub, latest)
+        (
+            router(sources, Guard::from_config(&http).unwrap()),
+            hub,
+            latest,
+        )
     }
 
     #[tokio::test]

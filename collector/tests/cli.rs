@@ -778,6 +778,89 @@ fn run_says_what_to_do_when_the_listen_address_is_not_here() {
     assert!(!pins.path("pins").exists(), "{stderr}");
 }
 
+/// A cgroup2 mount that shows a cgroup below the root (as a container's own cgroup namespace
+/// does) is refused by `check` and by `run`: `sock_ops` there would count only that
+/// cgroup's sockets, none of the proxy's.
+#[test]
+fn a_cgroup2_mount_below_the_root_is_refused() {
+    /// The child cgroup and the mount of it, gone whatever happens to the test.
+    struct ChildCgroup {
+        cgroup: std::path::PathBuf,
+        mount: std::path::PathBuf,
+    }
+    impl Drop for ChildCgroup {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.mount).status();
+            let _ = fs::remove_dir(&self.mount);
+            let _ = fs::remove_dir(&self.cgroup);
+        }
+    }
+    support::require_root();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
+        })
+        .expect("a cgroup2 mount");
+    let id = std::process::id();
+    let child = ChildCgroup {
+        cgroup: Path::new(&root).join(format!("collector-test-{id}")),
+        mount: std::env::temp_dir().join(format!("collector-test-cgroup-{id}")),
+    };
+    fs::create_dir(&child.cgroup).unwrap();
+    fs::create_dir(&child.mount).unwrap();
+    support::run(
+        "mount",
+        &[
+            "--bind",
+            child.cgroup.to_str().unwrap(),
+            child.mount.to_str().unwrap(),
+        ],
+    );
+    let mount = child.mount.to_str().unwrap();
+    let config = format!("cgroup2 = \"{mount}\"\n[nftables]\nenabled = false\n");
+    let (passed, lines) = check(&config, &[]);
+    assert!(!passed, "{lines:?}");
+    assert!(
+        lines["cgroup2"].starts_with("FAIL")
+            && lines["cgroup2"].contains(mount)
+            && lines["cgroup2"].contains("below the hierarchy's root"),
+        "{lines:?}"
+    );
+    // The host's own mount passes.
+    let (_, lines) = check(
+        &format!("cgroup2 = \"{root}\"\n[nftables]\nenabled = false\n"),
+        &[],
+    );
+    assert!(lines["cgroup2"].starts_with("pass"), "{lines:?}");
+    let dir = ScratchDir::new("cgroup-below");
+    let config_path = dir.path("collector.toml");
+    fs::write(&config_path, &config).unwrap();
+    // In a namespace of the test's own, stopped after a minute should it start after all.
+    let netns = support::Netns::new();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns.name,
+            "timeout",
+            "-s",
+            "INT",
+            "60",
+            COLLECTOR,
+        ])
+        .args(["run", "--config", config_path.to_str().unwrap()])
+        .arg("--pin-dir")
+        .arg(dir.path("pins"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("below the hierarchy's root"), "{stderr}");
+}
+
 #[test]
 fn check_judges_the_configured_interfaces_and_cgroup2_as_run_takes_them() {
     let (passed, lines) = check(
