@@ -390,6 +390,12 @@ fn anchors(text: &[u8]) -> anyhow::Result<Vec<TrustAnchor<'static>>> {
 fn read_pem(path: &Path) -> anyhow::Result<Trusted> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let anchors = anchors(&text).with_context(|| format!("reading {}", path.display()))?;
+    // A key or a DER file trusts nothing, and the refusal that follows would blame the agent.
+    anyhow::ensure!(
+        !anchors.is_empty(),
+        "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        path.display()
+    );
     Ok((path.to_owned(), anchors))
 }
 
@@ -1183,6 +1189,22 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_to_trust_without_a_certificate_is_refused() {
+        let path = std::env::temp_dir().join(format!("collector-no-cert-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = read_pem(&path).map(|_| ()).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            format!("{err:#}").contains("holds no PEM certificate"),
+            "{err:#}"
+        );
+    }
 
     #[test]
     fn an_agent_on_every_address_is_dialled_on_loopback() {
