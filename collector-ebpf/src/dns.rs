@@ -45,8 +45,8 @@ use crate::{
     DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAMES,
     DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, ours,
-        ptr_at, read_be16, read_u8,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded,
+        ours, ptr_at, read_be16, read_u8,
     },
     tally::{Tally, tally},
 };
@@ -164,8 +164,12 @@ pub fn count_packet(ctx: &TcContext, hook: u32) {
     } else {
         return;
     };
-    // A query to this namespace's server, or a message from it; on loopback, all are.
-    if hook != HOOK_LOOPBACK && !ours(ctx, datagram.ipv6, role == Role::Query) {
+    // A query to this namespace's server, or a message from it; on loopback, all are. A
+    // query it forwards to an upstream port is another host's, even masqueraded.
+    if hook != HOOK_LOOPBACK
+        && (!ours(ctx, datagram.ipv6, role == Role::Query)
+            || (role == Role::Upstream && forwarded(ctx)))
+    {
         return;
     }
     let Some(counters) = DNS_COUNTERS.get_ptr_mut(0) else {

@@ -61,6 +61,16 @@ pub fn may_carry_tcp(ctx: &TcContext) -> bool {
     }
 }
 
+/// A packet this namespace forwards rather than sends (it came in on an interface), while
+/// only this namespace's traffic counts (`LOCAL_ONLY`). tc egress runs after source NAT,
+/// so a masqueraded packet carries a local source address and only this tells it apart.
+#[inline(always)]
+pub fn forwarded(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer the kernel passed; tc programs may read `ingress_ifindex`
+    // (the skb's `skb_iif`: 0 for a packet made here).
+    LOCAL_ONLY.load() != 0 && unsafe { (*ctx.skb.skb).ingress_ifindex } != 0
+}
+
 /// Whether the packet is to (`inbound`) or from this namespace: its destination or source
 /// address is in `LOCAL_ADDRESSES`; or `LOCAL_ONLY` is off (`all_namespaces`), or the table
 /// is not complete, and the port alone decides. A host that forwards sees others' packets

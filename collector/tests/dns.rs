@@ -744,6 +744,18 @@ fn ask(netns: &Netns, server: &'static str, count: u16) -> u16 {
 /// forwards are no local server's, and not counted; those to a server of its own are.
 #[test]
 fn dns_the_host_only_forwards_is_not_counted() {
+    dns_the_host_forwards(false);
+}
+
+/// As above with the forwarded queries masqueraded (a Docker or Kubernetes node, a NAT
+/// gateway): they leave with the host's own address, and are still no upstream queries of
+/// its server (which would make its answers for those names cache misses).
+#[test]
+fn dns_the_host_forwards_masqueraded_is_no_upstream_query() {
+    dns_the_host_forwards(true);
+}
+
+fn dns_the_host_forwards(masquerade: bool) {
     let netns = Netns::new();
     let client = Netns::new();
     let server = Netns::new();
@@ -770,6 +782,19 @@ fn dns_the_host_only_forwards_is_not_counted() {
         );
     }
     netns.forward();
+    if masquerade {
+        support::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns.name,
+                "nft",
+                "add table ip nat; add chain ip nat out { type nat hook postrouting priority 100; }; \
+                 add rule ip nat out oifname vdn2 masquerade",
+            ],
+        );
+    }
     let config = AgentConfig::new(&dns_config());
     let agent = Agent::start(&netns, &config);
 
@@ -790,6 +815,12 @@ fn dns_the_host_only_forwards_is_not_counted() {
         (&json["totalQueries"], &json["totalResponses"]),
         (&serde_json::json!(2), &serde_json::json!(2)),
         "{json}"
+    );
+    let metrics = scrape(&netns);
+    assert_eq!(
+        sample(&metrics, "collector_dns_upstream_queries_total", &[]),
+        Some(0.0),
+        "{metrics}"
     );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
