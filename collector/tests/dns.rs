@@ -795,7 +795,8 @@ fn dns_the_host_forwards(masquerade: bool) {
             ],
         );
     }
-    let config = AgentConfig::new(&dns_config());
+    // The default ports: the forwarded queries go to an upstream port.
+    let config = AgentConfig::new("[dns]\nports = [53]\nupstream_ports = [53]\n");
     let agent = Agent::start(&netns, &config);
 
     let remote = answer(&server, "10.79.4.2:53", 3);
