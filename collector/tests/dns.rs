@@ -741,7 +741,8 @@ fn ask(netns: &Netns, server: &'static str, count: u16) -> u16 {
 }
 
 /// The agent's namespace routes between a client's and a server's: the queries it only
-/// forwards are no local server's, and not counted; those to a server of its own are.
+/// forwards are no local server's, and not counted (nor as upstream queries); those to a
+/// server of its own are, and so is an upstream query it sends itself.
 #[test]
 fn dns_the_host_only_forwards_is_not_counted() {
     dns_the_host_forwards(false);
@@ -799,8 +800,10 @@ fn dns_the_host_forwards(masquerade: bool) {
     let config = AgentConfig::new("[dns]\nports = [53]\nupstream_ports = [53]\n");
     let agent = Agent::start(&netns, &config);
 
-    let remote = answer(&server, "10.79.4.2:53", 3);
+    // 3 forwarded, and 1 the agent's namespace sends itself: its only upstream query.
+    let remote = answer(&server, "10.79.4.2:53", 4);
     ask(&client, "10.79.4.2:53", 3);
+    ask(&netns, "10.79.4.2:53", 1);
     remote.join().unwrap();
     let local = answer(&netns, "10.79.3.1:53", 2);
     ask(&client, "10.79.3.1:53", 2);
@@ -820,7 +823,7 @@ fn dns_the_host_forwards(masquerade: bool) {
     let metrics = scrape(&netns);
     assert_eq!(
         sample(&metrics, "collector_dns_upstream_queries_total", &[]),
-        Some(0.0),
+        Some(1.0),
         "{metrics}"
     );
     assert!(agent.stop().success());
