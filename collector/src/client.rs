@@ -96,7 +96,7 @@ impl Endpoint {
             .and_then(|config| config.http.tls.as_ref())
             .map(|tls| tls.cert.as_path());
         let pems: Vec<Trusted> = match (cacert, served_cert) {
-            (Some(cacert), _) => vec![read_pem(cacert)?],
+            (Some(cacert), _) => vec![read_cacert(cacert)?],
             (None, Some(cert)) => {
                 let mut pems = vec![read_pem(cert)?];
                 match ca_beside(cert) {
@@ -390,13 +390,19 @@ fn anchors(text: &[u8]) -> anyhow::Result<Vec<TrustAnchor<'static>>> {
 fn read_pem(path: &Path) -> anyhow::Result<Trusted> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let anchors = anchors(&text).with_context(|| format!("reading {}", path.display()))?;
-    // A key or a DER file trusts nothing, and the refusal that follows would blame the agent.
+    Ok((path.to_owned(), anchors))
+}
+
+/// The `--cacert` file, which must hold a certificate: a key or a DER file trusts nothing,
+/// and the refusal that followed blamed the agent's certificate.
+fn read_cacert(path: &Path) -> anyhow::Result<Trusted> {
+    let trusted = read_pem(path)?;
     anyhow::ensure!(
-        !anchors.is_empty(),
-        "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        !trusted.1.is_empty(),
+        "--cacert {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
         path.display()
     );
-    Ok((path.to_owned(), anchors))
+    Ok(trusted)
 }
 
 /// The [`CA_BESIDE_CERT`] beside the served certificate `cert`, read and parsed: `None` if
@@ -1198,7 +1204,7 @@ mod tests {
             "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
         )
         .unwrap();
-        let err = read_pem(&path).map(|_| ()).unwrap_err();
+        let err = read_cacert(&path).map(|_| ()).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert!(
             format!("{err:#}").contains("holds no PEM certificate"),
