@@ -160,16 +160,16 @@ pub fn count_packet(ctx: &TcContext, hook: u32) {
     } else if hook != HOOK_INGRESS && dns_port_listed(&ports.server, src_port) {
         Role::Response
     } else if hook != HOOK_INGRESS && dns_port_listed(&ports.upstream, dst_port) {
+        // A query this namespace forwards is another host's, even masqueraded.
+        if hook == HOOK_EGRESS && forwarded(ctx) {
+            return;
+        }
         Role::Upstream
     } else {
         return;
     };
-    // A query to this namespace's server, or a message from it; on loopback, all are. A
-    // query it forwards to an upstream port is another host's, even masqueraded.
-    if hook != HOOK_LOOPBACK
-        && (!ours(ctx, datagram.ipv6, role == Role::Query)
-            || (role == Role::Upstream && forwarded(ctx)))
-    {
+    // A query to this namespace's server, or a message from it; on loopback, all are.
+    if hook != HOOK_LOOPBACK && !ours(ctx, datagram.ipv6, role == Role::Query) {
         return;
     }
     let Some(counters) = DNS_COUNTERS.get_ptr_mut(0) else {
