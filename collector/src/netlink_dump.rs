@@ -53,45 +53,48 @@ fn exchange_on(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let size = socket.recv(&mut &mut buf[..], 0)?;
-        let mut at = 0;
-        while at + HEADER <= size {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
-            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            if len < HEADER || at + len > size {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a truncated netlink message",
-                ));
-            }
-            let message = &buf[at..at + len];
-            match kind {
-                // A dump's end carries its outcome: the kernel may refuse a dump (a filter
-                // strict checking rejects) with nothing before it.
-                NLMSG_DONE => {
-                    let code = message.get(HEADER..HEADER + 4).map_or(0, |bytes| {
-                        i32::from_ne_bytes(bytes.try_into().unwrap_or([0; 4]))
-                    });
-                    return if code < 0 {
-                        Err(io::Error::from_raw_os_error(-code))
-                    } else {
-                        Ok(())
-                    };
-                }
-                NLMSG_ERROR => {
-                    let code = i32::from_ne_bytes(
-                        message[HEADER..HEADER + 4].try_into().unwrap_or([0; 4]),
-                    );
-                    return if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-code))
-                    };
-                }
-                _ => each(kind, message),
-            }
-            at += align4(len);
+        if let Some(outcome) = replies(&buf[..size.min(buf.len())], &mut each) {
+            return outcome;
         }
     }
+}
+
+/// Hands each message of one received batch to `each`; `Some` with the exchange's outcome
+/// once its end (or an error) is among them, `None` while more is to come.
+fn replies(batch: &[u8], each: &mut impl FnMut(u16, &[u8])) -> Option<io::Result<()>> {
+    let mut at = 0;
+    while let Some(header) = batch.get(at..at + HEADER) {
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = u16::from_ne_bytes([header[4], header[5]]);
+        let Some(message) = batch.get(at..at + len).filter(|_| len >= HEADER) else {
+            return Some(Err(malformed("a truncated message")));
+        };
+        // The outcome is the payload's first word: a dump's end carries it too, since the
+        // kernel may refuse a dump (a filter strict checking rejects) with nothing before it.
+        let code = || {
+            message
+                .get(HEADER..HEADER + 4)
+                .map(|bytes| i32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        };
+        match kind {
+            NLMSG_DONE => {
+                return Some(match code().unwrap_or(0) {
+                    code if code < 0 => Err(io::Error::from_raw_os_error(-code)),
+                    _ => Ok(()),
+                });
+            }
+            NLMSG_ERROR => {
+                return Some(match code() {
+                    Some(0) => Ok(()),
+                    Some(code) => Err(io::Error::from_raw_os_error(-code)),
+                    None => Err(malformed("an error message without its code")),
+                });
+            }
+            _ => each(kind, message),
+        }
+        at += align4(len);
+    }
+    None
 }
 
 /// An rtnetlink dump of `request` (strict checking on: its header's fields filter), each
@@ -279,6 +282,49 @@ mod tests {
         }
         // Stray bytes shorter than a header.
         assert_eq!(walk(&[8, 0, 3]), [Err(())]);
+    }
+
+    fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&((HEADER + payload.len()) as u32).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(&[0; 10]);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn a_batch_ends_at_its_outcome_and_refuses_what_is_cut_short() {
+        let mut seen = Vec::new();
+        let mut batch = message(16, &[1, 2, 3, 4]);
+        batch.extend(message(NLMSG_ERROR, &(-13i32).to_ne_bytes()));
+        let outcome = replies(&batch, &mut |kind, _: &[u8]| seen.push(kind));
+        assert_eq!(seen, [16]);
+        assert_eq!(outcome.unwrap().unwrap_err().raw_os_error(), Some(13));
+
+        assert!(replies(&message(16, &[]), &mut |_, _: &[u8]| {}).is_none());
+        assert!(
+            replies(&message(NLMSG_DONE, &[]), &mut |_, _: &[u8]| {})
+                .unwrap()
+                .is_ok()
+        );
+        assert!(
+            replies(
+                &message(NLMSG_ERROR, &0i32.to_ne_bytes()),
+                &mut |_, _: &[u8]| {}
+            )
+            .unwrap()
+            .is_ok()
+        );
+        // An error message of the header alone (it once panicked), and one whose length runs
+        // past the batch.
+        for batch in [
+            message(NLMSG_ERROR, &[]),
+            message(16, &[0; 8])[..20].to_vec(),
+        ] {
+            let outcome = replies(&batch, &mut |_, _: &[u8]| {}).unwrap();
+            assert_eq!(outcome.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        }
     }
 
     #[test]
