@@ -461,24 +461,44 @@ pub struct NftTable {
     /// The ruleset's generation at which the table was last read whole and found as
     /// planned: while it stands, nothing can have changed it.
     verified: Option<u32>,
+    /// The kernel's handle of the table this run made or adopted. A table of that name with
+    /// another handle was made by someone else since, even if it reads as planned: a saved
+    /// ruleset restored brings our table back with the counts it had when it was saved.
+    handle: Option<u64>,
+}
+
+/// Whether [`NftTable::setup`] may keep a table of ours that is as planned, counts and all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopt {
+    /// The eBPF counters continue from a crashed run's pins: so do its table's.
+    CrashedRuns,
+    /// Counting starts from zero: a table found as planned was not made by this run (a
+    /// saved ruleset restored at boot, say), and its counts would be an old run's.
+    Nothing,
 }
 
 impl NftTable {
-    /// Makes the table, adopts a leftover one that is exactly as planned, or replaces one
-    /// of ours that is not. A table of that name that is not ours is left alone: an error.
-    pub fn setup(config: &Config) -> Result<Self, NftError> {
+    /// Makes the table, adopts a crashed run's one that is exactly as planned, or replaces
+    /// one of ours otherwise. A table of that name that is not ours is left alone: an error.
+    pub fn setup(config: &Config, adopt: Adopt) -> Result<Self, NftError> {
         let mut table = Self {
             name: config.nftables.table.clone(),
             counters: plan(config),
             verified: None,
+            handle: None,
         };
         let (contents, generation) = nfnetlink::read_table(&table.name)?.unzip();
         let replace = match judge(&table.counters, contents.as_ref()) {
             Verdict::Absent => None,
-            Verdict::AsPlanned => {
+            Verdict::AsPlanned if adopt == Adopt::CrashedRuns => {
                 tracing::info!(table = %table.name, "adopting the nftables table a previous run left: its counters continue");
                 table.verified = generation;
+                table.handle = contents.map(|c| c.handle);
                 return Ok(table);
+            }
+            Verdict::AsPlanned => {
+                tracing::info!(table = %table.name, "replacing our nftables table, which this run did not make (restored from a saved ruleset?): its counters start from zero");
+                contents.map(|c| c.handle)
             }
             Verdict::Differs(why) => {
                 tracing::info!(table = %table.name, "replacing our nftables table, which {why}: its counters start from zero");
@@ -492,6 +512,8 @@ impl NftTable {
             }
         };
         apply(&table.ruleset(replace))?;
+        // Learns the new table's handle, and checks it came out as planned.
+        table.verify()?;
         Ok(table)
     }
 
@@ -507,7 +529,9 @@ impl NftTable {
         if let Some(handle) = replace {
             commands.push(json!({"delete": {"table": {"family": "inet", "handle": handle}}}));
         }
-        commands.push(json!({"add": {"table": {"family": "inet", "name": table}}}));
+        // `create`, not `add`: a table of that name made since it was judged absent (or
+        // replaced) fails the transaction rather than have our chains merged into it.
+        commands.push(json!({"create": {"table": {"family": "inet", "name": table}}}));
         for counter in &self.counters {
             commands.push(json!({"add": {"counter": {
                 "family": "inet", "table": table, "name": counter.name, "comment": COMMENT,
@@ -582,8 +606,16 @@ impl NftTable {
         }
         let (contents, generation) = nfnetlink::read_table(&self.name)?.unzip();
         let what = match judge(&self.counters, contents.as_ref()) {
+            Verdict::AsPlanned
+                if self
+                    .handle
+                    .is_some_and(|handle| contents.as_ref().is_some_and(|c| c.handle != handle)) =>
+            {
+                "was made again by someone else (a saved ruleset restored?), with counts that are not this run's".to_owned()
+            }
             Verdict::AsPlanned => {
                 self.verified = generation;
+                self.handle = contents.map(|c| c.handle);
                 return Ok(());
             }
             Verdict::Absent => "is gone".to_owned(),
@@ -681,6 +713,8 @@ pub struct Source {
     /// A poll found our table removed or changed, and no table has been made since: what
     /// is left of it (its chains, still hooked, if only its rules were flushed) is ours.
     found_changed: bool,
+    /// What the next table made may adopt: a crashed run's, until this run has made one.
+    adopt: Adopt,
 }
 
 /// When `auto` looks at netfilter's hooks, for what it logs.
@@ -707,6 +741,11 @@ impl Source {
             polls_until_retry: POLLS_BETWEEN_RETRIES,
             removed: false,
             found_changed: false,
+            adopt: if after_crash {
+                Adopt::CrashedRuns
+            } else {
+                Adopt::Nothing
+            },
         };
         source.enabled = match config.nftables.enabled {
             NftEnabled::On => true,
@@ -791,12 +830,13 @@ impl Source {
         let began = std::time::Instant::now();
         let setup = self
             .claim_name()
-            .and_then(|()| NftTable::setup(&self.config));
+            .and_then(|()| NftTable::setup(&self.config, self.adopt));
         self.health.record(&setup, began.elapsed());
         match setup {
             Ok(table) => {
                 self.table = Some(table);
                 self.found_changed = false;
+                self.adopt = Adopt::Nothing;
             }
             Err(err) => tracing::warn!("nftables counters are off for now: {err}"),
         }
@@ -1009,9 +1049,15 @@ mod tests {
             name: "collector".into(),
             counters: plan(&config),
             verified: None,
+            handle: None,
         };
         let json = table.ruleset(None);
         let objects = json["nftables"].as_array().unwrap();
+        // Made with `create`: a table of that name made meanwhile fails it, not merges.
+        assert_eq!(
+            objects[0],
+            json!({"create": {"table": {"family": "inet", "name": "collector"}}})
+        );
         // Table, four counters, then (map, chain, rule) per direction.
         assert_eq!(objects.len(), 1 + 4 + 2 * 3);
         let map = &objects[5]["add"]["map"];

@@ -810,6 +810,63 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A saved ruleset restored (`nft list ruleset > /etc/nftables.conf` while the agent ran, then
+/// a reload, or the boot that loads it) brings our table back with the counts it had when it
+/// was saved. Adopted, it would show Prometheus a drop to an old count, which `increase()`
+/// takes for a reset and counts again. A running agent replaces it, and so does a start that
+/// does not continue a crashed run's counters: both count from zero.
+#[test]
+fn a_table_restored_from_a_saved_ruleset_is_replaced_and_counts_from_zero() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let ours = format!("table inet {}", config.nft_table);
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 3);
+    let saved_packets = assert_nft_equals_ebpf(&netns, 3);
+    let saved = table(&netns, &config.nft_table);
+    assert!(
+        saved.contains(&format!("packets {saved_packets} ")),
+        "the save holds the counts: {saved}"
+    );
+    connections(&netns, 2);
+    assert_nft_equals_ebpf(&netns, 5);
+
+    nft_script(&netns, &format!("flush ruleset\n{saved}"));
+    let text = wait_for(
+        "the restored table to be noticed and replaced",
+        Duration::from_secs(10),
+        || {
+            let text = scrape(&netns);
+            (sample(&text, "collector_source_errors_total", &[("source", "nft")]) == Some(1.0)
+                && sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0))
+            .then_some(text)
+        },
+    );
+    assert_eq!(
+        route_packets(&text, "in").1,
+        Some(0.0),
+        "{}",
+        table(&netns, &config.nft_table)
+    );
+    assert!(agent.stop().success());
+    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+
+    // The boot that loads the saved ruleset before the agent starts.
+    nft_script(&netns, &saved);
+    let agent = Agent::start(&netns, &config);
+    let text = scrape(&netns);
+    assert_eq!(
+        route_packets(&text, "in").1,
+        Some(0.0),
+        "{}",
+        table(&netns, &config.nft_table)
+    );
+    assert_eq!(tables(&netns).matches(&ours).count(), 1);
+    assert!(agent.stop().success());
+    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_pins(&config.pin_dir);
+}
+
 /// The table a host firewall has (Debian's /etc/nftables.conf, its forward policy drop),
 /// named as the config names ours. It is never replaced or deleted: the nft source is down
 /// naming it, a stop leaves it, a start after a crash with counting off leaves it, and so
