@@ -559,9 +559,16 @@ fn elements(table: &str, set: &str) -> io::Result<Vec<Element>> {
     Ok(elements)
 }
 
-/// The IP hook numbers (`NF_INET_PRE_ROUTING` = 0 … `NF_INET_POST_ROUTING` = 4) that base
-/// chains of the ip, ip6 and inet families hook, tables named `except` in inet left out.
-pub fn ip_hooks_in_use(except: &str) -> io::Result<Vec<u32>> {
+/// A base chain of the ip, ip6 or inet family: where it hooks, and its table.
+pub struct IpHook {
+    /// `NF_INET_PRE_ROUTING` = 0 … `NF_INET_POST_ROUTING` = 4.
+    pub hook: u32,
+    pub inet: bool,
+    pub table: String,
+}
+
+/// Every base chain of the ip, ip6 and inet families.
+pub fn ip_hooks() -> io::Result<Vec<IpHook>> {
     netlink_dump::retry_interrupted(|| {
         let mut hooks = Vec::new();
         exchange(
@@ -572,19 +579,19 @@ pub fn ip_hooks_in_use(except: &str) -> io::Result<Vec<u32>> {
                     return;
                 }
                 let attrs = attributes(body);
-                if family == NFPROTO_INET
-                    && find_text(&attrs, NFTA_CHAIN_TABLE).as_deref() == Some(except)
-                {
-                    return;
-                }
                 let Some(hook) = find(&attrs, NFTA_CHAIN_HOOK) else {
                     return;
                 };
-                hooks.extend(find_be32(&attributes(hook), NFTA_HOOK_HOOKNUM));
+                let Some(hook) = find_be32(&attributes(hook), NFTA_HOOK_HOOKNUM) else {
+                    return;
+                };
+                hooks.push(IpHook {
+                    hook,
+                    inet: family == NFPROTO_INET,
+                    table: find_text(&attrs, NFTA_CHAIN_TABLE).unwrap_or_default(),
+                });
             },
         )?;
-        hooks.sort_unstable();
-        hooks.dedup();
         Ok(hooks)
     })
 }

@@ -936,13 +936,30 @@ impl Source {
 const NF_INET_PRE_ROUTING: u32 = 0;
 const NF_INET_POST_ROUTING: u32 = 4;
 
-/// Whether something other than our table already hooks netfilter at prerouting and at
+/// Whether something other than our tables already hooks netfilter at prerouting and at
 /// postrouting in this namespace (nftables base chains of ip, ip6 or inet, or legacy
 /// iptables tables). Then our chains ride on hooks every packet already passes; otherwise
 /// they would be the first, and the first hook of a namespace costs every packet
-/// (docs/DESIGN.md has the measurement).
+/// (docs/DESIGN.md has the measurement). Left out: the table named `ours`, and any other
+/// table that is recognisably a collector's (a crashed run's under an earlier name, or
+/// another collector's here), whose hooks are no firewall's.
 pub fn netfilter_already_hooks(ours: &str) -> Result<bool, NftError> {
-    let mut hooks = nfnetlink::ip_hooks_in_use(ours)?;
+    let mut judged: Vec<(String, bool)> = Vec::new();
+    let mut a_collectors = |table: &str| -> Result<bool, NftError> {
+        if let Some((_, verdict)) = judged.iter().find(|(name, _)| name == table) {
+            return Ok(*verdict);
+        }
+        let verdict = nfnetlink::read_table(table)?
+            .is_some_and(|(contents, _)| not_ours(&contents).is_none());
+        judged.push((table.to_owned(), verdict));
+        Ok(verdict)
+    };
+    let mut hooks = Vec::new();
+    for chain in nfnetlink::ip_hooks()? {
+        if !(chain.inet && (chain.table == ours || a_collectors(&chain.table)?)) {
+            hooks.push(chain.hook);
+        }
+    }
     hooks.extend(legacy_ip_hooks());
     Ok(hooks.contains(&NF_INET_PRE_ROUTING) && hooks.contains(&NF_INET_POST_ROUTING))
 }
