@@ -1,10 +1,7 @@
 //! `collector check`: one line per requirement of the kernel programs, pass or fail, with the
 //! fix. The facts are gathered from the host; judging them is pure and unit-tested.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use crate::{
     bpf_sys,
@@ -319,10 +316,7 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
         http(&config.http),
         config.probe_place_warning(),
     ));
-    verdicts.push(with_warning(
-        listen(config.listen),
-        config.exposure_warning(),
-    ));
+    verdicts.push(with_warning(listen(config), config.exposure_warning()));
     // What is counted: the routes, and DNS keys that count nothing.
     verdicts.push(with_warning(routes(config), config.dns_ignored_warning()));
     Ok(verdicts)
@@ -498,30 +492,25 @@ fn http(http: &HttpConfig) -> Verdict {
 
 /// Whether the listen address can be bound here. Taken is a warning: most likely by the
 /// collector running now, which a check before its restart finds.
-fn listen(addr: SocketAddr) -> Verdict {
-    // As `run --listen` does: a port the kernel picks is none a probe or scrape knows.
-    let bound = if addr.port() == 0 {
-        Err(None)
-    } else {
-        std::net::TcpListener::bind(addr).map_err(Some)
-    };
-    let (status, detail) = match bound {
-        Err(None) => (
-            Status::Fail,
-            crate::config::fixed_port_needed(&addr.to_string()),
-        ),
-        Ok(_) => (Status::Pass, format!("{addr} can be bound")),
-        Err(Some(err)) if err.kind() == std::io::ErrorKind::AddrInUse => (
-            Status::Warn,
-            format!(
-                "{addr} is in use: `run` fails while it is taken ({})",
-                serve::bind_advice(addr, &err)
+fn listen(config: &Config) -> Verdict {
+    let addr = config.listen;
+    // As `run --listen` refuses: port 0, or a route's.
+    let (status, detail) = match crate::config::listen_refused(addr, &config.routes) {
+        Some(reason) => (Status::Fail, reason),
+        None => match std::net::TcpListener::bind(addr) {
+            Ok(_) => (Status::Pass, format!("{addr} can be bound")),
+            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => (
+                Status::Warn,
+                format!(
+                    "{addr} is in use: `run` fails while it is taken ({})",
+                    serve::bind_advice(addr, &err)
+                ),
             ),
-        ),
-        Err(Some(err)) => (
-            Status::Fail,
-            format!("{addr}: {err}: {}", serve::bind_advice(addr, &err)),
-        ),
+            Err(err) => (
+                Status::Fail,
+                format!("{addr}: {err}: {}", serve::bind_advice(addr, &err)),
+            ),
+        },
     };
     Verdict {
         name: "listen",

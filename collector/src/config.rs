@@ -470,13 +470,25 @@ fn in_words(message: &str) -> String {
         .replace("expected a sequence", "expected an array, as [...]")
 }
 
-/// Why a listen address needs a port of its own: with 0 the kernel picks one.
+/// Why the agent cannot serve on `listen`, if it cannot: port 0 binds a port the kernel
+/// picks, and a route's port would count every scrape and probe of the agent as that route's
+/// traffic (the programs count a port on every local address).
 #[must_use]
-pub fn fixed_port_needed(listen: &str) -> String {
-    format!(
-        "listen = {listen:?} has port 0, which binds a port the kernel picks and that probes and \
-         Prometheus cannot know: give a port, e.g. 9464"
-    )
+pub fn listen_refused(listen: SocketAddr, routes: &[Route]) -> Option<String> {
+    if listen.port() == 0 {
+        return Some(format!(
+            "listen = \"{listen}\" has port 0, which binds a port the kernel picks and that \
+             probes and Prometheus cannot know: give a port, e.g. 9464"
+        ));
+    }
+    let route = routes.iter().find(|r| r.ports.contains(&listen.port()))?;
+    Some(format!(
+        "listen = \"{listen}\" has port {}, a port of route {:?}: the route would count every \
+         scrape and probe of the collector as its traffic; give the collector a port of its own, \
+         e.g. 9464",
+        listen.port(),
+        route.name
+    ))
 }
 
 fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError> {
@@ -494,9 +506,6 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
                     ),
                 )
             })?;
-            if listen.port() == 0 {
-                return Err(source.at(value, fixed_port_needed(&listen.to_string())));
-            }
             listen
         }
     };
@@ -551,6 +560,20 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         }
     };
     let routes = validate_routes(source, &raw.routes)?;
+    if let Some(reason) = listen_refused(listen, &routes) {
+        // At the listen line, or (the default listen) at the route's port.
+        let route_port = raw
+            .routes
+            .iter()
+            .flat_map(|route| route.ports.get_ref())
+            .find(|port| *port.get_ref() == listen.port());
+        let span = raw
+            .listen
+            .as_ref()
+            .map(Spanned::span)
+            .or_else(|| route_port.map(Spanned::span));
+        return Err(source.error(span, reason));
+    }
     let upstreams = validate_upstreams(source, &raw.upstreams, routes.len())?;
     let dns = validate_dns(source, raw.dns.as_ref())?;
     let nftables = validate_nftables(source, raw.nftables.as_ref())?;
@@ -1705,6 +1728,20 @@ match_every = 1
             "pin_dir = \"/sys/fs/bpf/t\"\nlisten = \"127.0.0.1:0\"\n",
             2,
             "has port 0",
+        );
+        // A route's port: the route would count the collector's own scrapes. At the listen
+        // line, or at the route's port when the listen address is the default.
+        assert_error(
+            "listen = \"127.0.0.1:8080\"\n[[routes]]\nname = \"web\"\nports = [80, 8080]\n",
+            1,
+            "a port of route \"web\"",
+        );
+        let err = error("[[routes]]\nname = \"metrics\"\nports = [\n  80,\n  9464,\n]\n");
+        assert_eq!((err.line, err.column), (Some(5), Some(3)), "{err}");
+        assert!(
+            err.reason
+                .contains("port 9464, a port of route \"metrics\""),
+            "{err}"
         );
         assert_error("[http]\nmax_connections = 0\n", 2, "out of range");
         let capped = Config::from_toml(

@@ -286,11 +286,8 @@ fn main() -> std::process::ExitCode {
             .and_then(|()| source.load())
             .and_then(|mut config| {
                 if let Some(listen) = listen {
-                    if listen.port() == 0 {
-                        anyhow::bail!(
-                            "--listen: {}",
-                            config::fixed_port_needed(&listen.to_string())
-                        );
+                    if let Some(reason) = config::listen_refused(listen, &config.routes) {
+                        anyhow::bail!("--listen: {reason}");
                     }
                     config.listen = listen;
                 }
