@@ -26,12 +26,55 @@
 use std::{
     io::{self, Write},
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use anyhow::Context as _;
 use collector_common::map_names;
 
 use crate::{config::Config, loader, netns, nft, nft_claim, output, paths, privileges};
+
+/// The cleanup command for what this process attaches and pins, as its recovery hints name it.
+static COMMAND: OnceLock<String> = OnceLock::new();
+
+/// Records how this process was started: the `cleanup` that its hints name then gets the same
+/// `--config` and `--pin-dir`, so that it looks for the pins and the nftables table where this
+/// run put them (with the default's it would find and remove nothing).
+pub fn note_invocation(config_file: Option<&Path>, pin_dir: Option<&Path>) {
+    // Set once, at start; a second call changes nothing.
+    let _ = COMMAND.set(command_for(config_file, pin_dir));
+}
+
+/// `collector cleanup --apply` with these options (the config file's path made absolute).
+fn command_for(config_file: Option<&Path>, pin_dir: Option<&Path>) -> String {
+    let mut command = String::from("collector cleanup --apply");
+    if let Some(file) = config_file {
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+        command.push_str(&format!(" --config {}", shell_word(&file)));
+    }
+    if let Some(pin_dir) = pin_dir {
+        command.push_str(&format!(" --pin-dir {}", shell_word(pin_dir)));
+    }
+    command
+}
+
+/// `collector cleanup --apply`, with the options this process was started with.
+pub fn command() -> &'static str {
+    COMMAND
+        .get()
+        .map_or("collector cleanup --apply", String::as_str)
+}
+
+/// `path` as one word of a shell command line: quoted unless it needs none.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
 
 /// Whose the pins are, as `PIN_OWNER` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -502,6 +545,26 @@ fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cleanup_hint_names_the_config_and_pin_dir_of_the_run() {
+        assert_eq!(command_for(None, None), "collector cleanup --apply");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            command_for(
+                Some(Path::new("c.toml")),
+                Some(Path::new("/sys/fs/bpf/pod-1"))
+            ),
+            format!(
+                "collector cleanup --apply --config {} --pin-dir /sys/fs/bpf/pod-1",
+                cwd.join("c.toml").display()
+            )
+        );
+        assert_eq!(
+            command_for(Some(Path::new("/etc/my collector/it's.toml")), None),
+            r"collector cleanup --apply --config '/etc/my collector/it'\''s.toml'"
+        );
+    }
 
     #[test]
     fn only_a_kernel_without_nf_tables_means_no_table() {

@@ -898,8 +898,8 @@ impl Attachment {
         tracing::warn!(
             pin_dir = %self.pin_dir.display(),
             "the start failed after taking over what a crashed collector left: its links keep \
-             counting into its pinned maps until a start succeeds (`collector cleanup --apply` \
-             removes them)"
+             counting into its pinned maps until a start succeeds (`{}` removes them)",
+            crate::cleanup::command()
         );
         Ok(())
     }
@@ -1078,9 +1078,10 @@ fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Resul
         // The pinned link holds a program of another type or attach point: another build's.
         Err(err) if err.raw_os_error() == Some(libc::EINVAL) => Err(err).with_context(|| {
             format!(
-                "replacing the program in the pinned link {}: it is another build's; `collector \
-                 cleanup --apply` removes what it left",
-                pin.display()
+                "replacing the program in the pinned link {}: it is another build's; `{}` removes \
+                 what it left",
+                pin.display(),
+                crate::cleanup::command()
             )
         }),
         Err(err) => Err(err)
@@ -1309,8 +1310,9 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
                 continue;
             }
             bail!(
-                "the pinned map {} has {what} {pinned}, but this build expects {expected}; it was made by another build. Remove the old pins with `collector cleanup --apply` (or `rm -r {}`) and start again: its counters restart from zero",
+                "the pinned map {} has {what} {pinned}, but this build expects {expected}; it was made by another build. Remove the old pins with `{}` (or `rm -r {}`) and start again: its counters restart from zero",
                 path.display(),
+                crate::cleanup::command(),
                 map_dir.display()
             );
         }

@@ -254,6 +254,7 @@ struct ConfigSource {
 
 impl ConfigSource {
     fn load(&self) -> anyhow::Result<Config> {
+        cleanup::note_invocation(self.config.as_deref(), self.pin_dir.as_deref());
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::embedded_default(),
@@ -447,8 +448,8 @@ fn serve_attached(
         if err.is::<FailedWhileRunning>() {
             tracing::error!(
                 "stopping on an error: programs, pins and the nftables table stay, as after a \
-                 crash, for the next start to take over with every counter (`collector cleanup \
-                 --apply` removes them)"
+                 crash, for the next start to take over with every counter (`{}` removes them)",
+                cleanup::command()
             );
             return result;
         }
@@ -459,7 +460,8 @@ fn serve_attached(
             tracing::error!(
                 "the start failed after taking over what a crashed collector left: its pins, \
                  with every counter, and this start's programs stay for the next start \
-                 (`collector cleanup --apply` removes them)"
+                 (`{}` removes them)",
+                cleanup::command()
             );
             return result;
         }

@@ -88,9 +88,10 @@ fn no_idle_slot(owners: &[Option<String>], taken: &[bool], open: &[u64]) -> anyh
         "no free route slot: all {} are used, and the removed routes whose slots a new route \
          could take still have connections open from before the restart: {}; start with the \
          previous config and stop it cleanly (a clean stop frees every slot), or remove \
-         everything with `collector cleanup --apply` (the counters restart from zero)",
+         everything with `{}` (the counters restart from zero)",
         taken.len(),
-        busy.join(", ")
+        busy.join(", "),
+        crate::cleanup::command()
     )
 }
 

@@ -1060,7 +1060,11 @@ fn an_incompatible_pinned_map_is_refused_with_the_fix() {
     let stderr = refused_start(&netns, &config);
     assert!(
         stderr.contains("CONN_COUNTERS has value size 8, but this build expects 40")
-            && stderr.contains("collector cleanup --apply"),
+            // The cleanup that looks where this run's config put its pins and table.
+            && stderr.contains(&format!(
+                "`collector cleanup --apply --config {}`",
+                config.path.display()
+            )),
         "{stderr}"
     );
 }
