@@ -559,12 +559,13 @@ fn elements(table: &str, set: &str) -> io::Result<Vec<Element>> {
     Ok(elements)
 }
 
-/// A base chain of the ip, ip6 or inet family: where it hooks, and its table.
+/// A base chain of the ip, ip6 or inet family: where it hooks, its table and its name.
 pub struct IpHook {
     /// `NF_INET_PRE_ROUTING` = 0 … `NF_INET_POST_ROUTING` = 4.
     pub hook: u32,
     pub inet: bool,
     pub table: String,
+    pub chain: String,
 }
 
 /// Every base chain of the ip, ip6 and inet families.
@@ -589,6 +590,7 @@ pub fn ip_hooks() -> io::Result<Vec<IpHook>> {
                     hook,
                     inet: family == NFPROTO_INET,
                     table: find_text(&attrs, NFTA_CHAIN_TABLE).unwrap_or_default(),
+                    chain: find_text(&attrs, NFTA_CHAIN_NAME).unwrap_or_default(),
                 });
             },
         )?;

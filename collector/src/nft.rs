@@ -942,10 +942,11 @@ const NF_INET_POST_ROUTING: u32 = 4;
 /// they would be the first, and the first hook of a namespace costs every packet
 /// (docs/DESIGN.md has the measurement). Left out: the table named `ours`, and any other
 /// table that is recognisably a collector's (a crashed run's under an earlier name, or
-/// another collector's here), whose hooks are no firewall's.
+/// another collector's here), whose hooks are no firewall's. Only a table with a chain named
+/// as ours is read whole to tell: a firewall's (firewalld's thousands of rules) is not.
 pub fn netfilter_already_hooks(ours: &str) -> Result<bool, NftError> {
     let mut judged: Vec<(String, bool)> = Vec::new();
-    let mut a_collectors = |table: &str| -> Result<bool, NftError> {
+    let mut is_a_collectors = |table: &str| -> Result<bool, NftError> {
         if let Some((_, verdict)) = judged.iter().find(|(name, _)| name == table) {
             return Ok(*verdict);
         }
@@ -956,7 +957,10 @@ pub fn netfilter_already_hooks(ours: &str) -> Result<bool, NftError> {
     };
     let mut hooks = Vec::new();
     for chain in nfnetlink::ip_hooks()? {
-        if !(chain.inet && (chain.table == ours || a_collectors(&chain.table)?)) {
+        let named_as_ours = direction_of_chain(&chain.chain).is_some();
+        let a_collectors_hook = chain.inet
+            && (chain.table == ours || (named_as_ours && is_a_collectors(&chain.table)?));
+        if !a_collectors_hook {
             hooks.push(chain.hook);
         }
     }
