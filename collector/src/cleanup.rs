@@ -24,6 +24,7 @@
 //! functions ([`remove_layout`], see `orphans`).
 
 use std::{
+    fmt::Write as _,
     io::{self, Write},
     path::{Path, PathBuf},
     sync::OnceLock,
@@ -50,10 +51,10 @@ fn command_for(config_file: Option<&Path>, pin_dir: Option<&Path>) -> String {
     let mut command = String::from("collector cleanup --apply");
     if let Some(file) = config_file {
         let file = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
-        command.push_str(&format!(" --config {}", shell_word(&file)));
+        let _ = write!(command, " --config {}", shell_word(&file));
     }
     if let Some(pin_dir) = pin_dir {
-        command.push_str(&format!(" --pin-dir {}", shell_word(pin_dir)));
+        let _ = write!(command, " --pin-dir {}", shell_word(pin_dir));
     }
     command
 }

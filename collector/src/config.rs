@@ -1729,8 +1729,12 @@ match_every = 1
             2,
             "has port 0",
         );
-        // A route's port: the route would count the collector's own scrapes. At the listen
-        // line, or at the route's port when the listen address is the default.
+    }
+
+    #[test]
+    fn a_listen_port_of_a_route_is_refused() {
+        // The route would count the collector's own scrapes. At the listen line, or at the
+        // route's port when the listen address is the default.
         assert_error(
             "listen = \"127.0.0.1:8080\"\n[[routes]]\nname = \"web\"\nports = [80, 8080]\n",
             1,
@@ -1743,6 +1747,16 @@ match_every = 1
                 .contains("port 9464, a port of route \"metrics\""),
             "{err}"
         );
+        // IPv6 alike: the programs count the port on every address.
+        assert_error(
+            "listen = \"[::1]:443\"\n[[routes]]\nname = \"tls\"\nports = [443]\n",
+            1,
+            "a port of route \"tls\"",
+        );
+    }
+
+    #[test]
+    fn http_limits_are_bounded() {
         assert_error("[http]\nmax_connections = 0\n", 2, "out of range");
         let capped = Config::from_toml(
             "t.toml",

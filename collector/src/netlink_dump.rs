@@ -286,7 +286,7 @@ mod tests {
 
     fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(&((HEADER + payload.len()) as u32).to_ne_bytes());
+        out.extend_from_slice(&u32::try_from(HEADER + payload.len()).unwrap().to_ne_bytes());
         out.extend_from_slice(&kind.to_ne_bytes());
         out.extend_from_slice(&[0; 10]);
         out.extend_from_slice(payload);
