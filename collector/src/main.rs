@@ -287,10 +287,15 @@ fn main() -> std::process::ExitCode {
             .and_then(|()| source.load())
             .and_then(|mut config| {
                 if let Some(listen) = listen {
-                    if let Some(reason) = config::listen_refused(listen, &config.routes) {
-                        anyhow::bail!("--listen: {reason}");
-                    }
                     config.listen = listen;
+                }
+                if let Some(reason) = config::listen_refused(config.listen, &config.routes) {
+                    let given = if listen.is_some() {
+                        "--listen"
+                    } else {
+                        "the default listen address"
+                    };
+                    anyhow::bail!("{given}: {reason}");
                 }
                 run(&config, bpf_stats)
             }),

@@ -512,8 +512,10 @@ impl NftTable {
             }
         };
         apply(&table.ruleset(replace))?;
-        // Learns the new table's handle, and checks it came out as planned.
-        table.verify()?;
+        // Learns the new table's handle. The table is made, so it is returned whatever this
+        // finds: a table gone or changed already, or a failed read, shows again at the first
+        // read, whose error handling mends the table and removes what is left of it.
+        let _ = table.verify();
         Ok(table)
     }
 
@@ -778,7 +780,7 @@ impl Source {
     fn auto_wants_counting(&self, look: Look) -> bool {
         let off = "nftables counters off ([nftables] enabled = \"auto\")";
         match netfilter_already_hooks(&self.config.nftables.table) {
-            Ok(true) => {
+            Ok(Hooks { firewall: true, .. }) => {
                 if look == Look::Later {
                     tracing::info!(
                         "nftables counters on: netfilter now hooks prerouting and postrouting here ([nftables] enabled = \"auto\")"
@@ -786,10 +788,25 @@ impl Source {
                 }
                 true
             }
-            Ok(false) => {
+            Ok(Hooks {
+                firewall: false,
+                collectors,
+            }) => {
+                // A collector's table hooks, and is no firewall: one a crashed run left under
+                // another name costs every packet until someone deletes it.
+                let others = if collectors.is_empty() {
+                    String::new()
+                } else {
+                    let tables: Vec<String> =
+                        collectors.iter().map(|t| format!("inet {t}")).collect();
+                    format!(
+                        " (only collector tables do: {}; one a crashed run left under another name goes with `nft delete table inet NAME`)",
+                        tables.join(", ")
+                    )
+                };
                 match look {
                     Look::AtStart => tracing::info!(
-                        "{off}: nothing else hooks netfilter's prerouting and postrouting here, and a first hook slows every packet; set enabled = true to count anyway"
+                        "{off}: nothing else hooks netfilter's prerouting and postrouting here{others}, and a first hook slows every packet; set enabled = true to count anyway"
                     ),
                     Look::AfterRemoval => tracing::info!(
                         "{off}: our table was removed, and nothing else hooks netfilter's prerouting and postrouting here any more (the removal took the firewall too?); looked at again every {POLLS_BETWEEN_RETRIES} polls"
@@ -831,12 +848,14 @@ impl Source {
         let setup = self
             .claim_name()
             .and_then(|()| NftTable::setup(&self.config, self.adopt));
+        // Only the first try may adopt: a table found later may be a saved ruleset's,
+        // restored meanwhile with its old counts.
+        self.adopt = Adopt::Nothing;
         self.health.record(&setup, began.elapsed());
         match setup {
             Ok(table) => {
                 self.table = Some(table);
                 self.found_changed = false;
-                self.adopt = Adopt::Nothing;
             }
             Err(err) => tracing::warn!("nftables counters are off for now: {err}"),
         }
@@ -944,7 +963,7 @@ const NF_INET_POST_ROUTING: u32 = 4;
 /// table that is recognisably a collector's (a crashed run's under an earlier name, or
 /// another collector's here), whose hooks are no firewall's. Only a table with a chain named
 /// as ours is read whole to tell: a firewall's (firewalld's thousands of rules) is not.
-pub fn netfilter_already_hooks(ours: &str) -> Result<bool, NftError> {
+pub fn netfilter_already_hooks(ours: &str) -> Result<Hooks, NftError> {
     let mut judged: Vec<(String, bool)> = Vec::new();
     let mut is_a_collectors = |table: &str| -> Result<bool, NftError> {
         if let Some((_, verdict)) = judged.iter().find(|(name, _)| name == table) {
@@ -965,7 +984,22 @@ pub fn netfilter_already_hooks(ours: &str) -> Result<bool, NftError> {
         }
     }
     hooks.extend(legacy_ip_hooks());
-    Ok(hooks.contains(&NF_INET_PRE_ROUTING) && hooks.contains(&NF_INET_POST_ROUTING))
+    let collectors = judged
+        .into_iter()
+        .filter_map(|(table, collectors)| collectors.then_some(table))
+        .collect();
+    Ok(Hooks {
+        firewall: hooks.contains(&NF_INET_PRE_ROUTING) && hooks.contains(&NF_INET_POST_ROUTING),
+        collectors,
+    })
+}
+
+/// What hooks netfilter in this namespace, as `auto` judges it.
+pub struct Hooks {
+    /// Something other than collectors' tables hooks both prerouting and postrouting.
+    pub firewall: bool,
+    /// Collectors' tables found hooking, other than ours (named as in the config).
+    pub collectors: Vec<String>,
 }
 
 /// The prerouting and postrouting hooks of legacy iptables tables in this namespace.
