@@ -562,10 +562,10 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
     let routes = validate_routes(source, &raw.routes)?;
     // A listen line of the file's own, at its line. The default one is checked where it is
     // used (`run`, `check`): `--listen` may replace it.
-    if let Some(value) = &raw.listen {
-        if let Some(reason) = listen_refused(listen, &routes) {
-            return Err(source.at(value, reason));
-        }
+    if let Some(value) = &raw.listen
+        && let Some(reason) = listen_refused(listen, &routes)
+    {
+        return Err(source.at(value, reason));
     }
     let upstreams = validate_upstreams(source, &raw.upstreams, routes.len())?;
     let dns = validate_dns(source, raw.dns.as_ref())?;

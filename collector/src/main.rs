@@ -271,6 +271,24 @@ impl ConfigSource {
     }
 }
 
+/// Sets `--listen`, if given, and refuses the address the agent would serve on if it must.
+/// A listen line of the file's own was checked with the file; the default is checked here,
+/// since `--listen` may replace it.
+fn serve_on(config: &mut Config, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if let Some(reason) = config::listen_refused(config.listen, &config.routes) {
+        let given = if listen.is_some() {
+            "--listen"
+        } else {
+            "the default listen address"
+        };
+        anyhow::bail!("{given}: {reason}");
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let log_format = cli.log_format;
@@ -286,17 +304,7 @@ fn main() -> std::process::ExitCode {
             // without a handler is dropped (the kubelet would wait its grace period out).
             .and_then(|()| source.load())
             .and_then(|mut config| {
-                if let Some(listen) = listen {
-                    config.listen = listen;
-                }
-                if let Some(reason) = config::listen_refused(config.listen, &config.routes) {
-                    let given = if listen.is_some() {
-                        "--listen"
-                    } else {
-                        "the default listen address"
-                    };
-                    anyhow::bail!("{given}: {reason}");
-                }
+                serve_on(&mut config, listen)?;
                 run(&config, bpf_stats)
             }),
         Command::Events { agent } => agent.endpoint().and_then(|agent| client::events(&agent)),
