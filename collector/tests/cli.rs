@@ -789,6 +789,36 @@ fn run_says_what_to_do_when_the_listen_address_is_not_here() {
     assert!(!pins.path("pins").exists(), "{stderr}");
 }
 
+/// The default listen address is refused where a route has its port, unless `--listen`
+/// gives another: the route would count the collector's own scrapes. Refused before anything
+/// is loaded.
+#[test]
+fn run_refuses_to_serve_on_a_routes_port() {
+    support::require_root();
+    let dir = ScratchDir::new("run-route-port");
+    let config = dir.path("collector.toml");
+    fs::write(&config, "[[routes]]\nname = \"metrics\"\nports = [9464]\n").unwrap();
+    let out = Command::new(COLLECTOR)
+        .args(["run", "--config", config.to_str().unwrap(), "--pin-dir"])
+        .arg(dir.path("pins"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the default listen address")
+            && stderr.contains("port 9464, a port of route \"metrics\""),
+        "{stderr}"
+    );
+    assert!(!dir.path("pins").exists(), "{stderr}");
+    // Another port given: the file is fine (the check passes that line).
+    let (_, lines) = check(
+        "[[routes]]\nname = \"metrics\"\nports = [9464]\n[nftables]\nenabled = false\n",
+        &["--listen", "127.0.0.1:19465"],
+    );
+    assert!(!lines["listen"].starts_with("FAIL"), "{}", lines["listen"]);
+}
+
 /// A cgroup2 mount that shows a cgroup below the root (as a container's own cgroup namespace
 /// does) is refused by `check` and by `run`: `sock_ops` there would count only that
 /// cgroup's sockets, none of the proxy's.
