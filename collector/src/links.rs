@@ -61,6 +61,9 @@ pub struct InterfaceStats {
     pub rx_packets: u64,
     pub rx_errors: u64,
     pub rx_dropped: u64,
+    /// Dropped by the device for lack of buffer space (`rx_missed_errors`: its receive ring
+    /// was full), which `rx_dropped` leaves out; `ip -s -s link` shows it as "missed".
+    pub rx_missed: u64,
     pub tx_bytes: u64,
     pub tx_packets: u64,
     pub tx_errors: u64,
@@ -330,7 +333,8 @@ fn parse_stats(body: &[u8]) -> io::Result<(u32, InterfaceStats)> {
     let mut stats = InterfaceStats::default();
     for attribute in netlink_dump::attributes(&body[IF_STATS_MSG..]) {
         if let (IFLA_STATS_LINK_64, payload) = attribute? {
-            // struct rtnl_link_stats64 begins rx and tx packets, bytes, errors, dropped.
+            // struct rtnl_link_stats64 begins rx and tx packets, bytes, errors, dropped;
+            // rx_missed_errors is its sixteenth.
             let counter = |n: usize| {
                 payload
                     .get(n * 8..n * 8 + 8)
@@ -347,6 +351,7 @@ fn parse_stats(body: &[u8]) -> io::Result<(u32, InterfaceStats)> {
                 tx_errors: counter(5)?,
                 rx_dropped: counter(6)?,
                 tx_dropped: counter(7)?,
+                rx_missed: counter(15)?,
             };
         }
     }
@@ -649,7 +654,7 @@ mod tests {
     }
 
     #[test]
-    fn stats_messages_give_the_index_and_the_first_eight_counters() {
+    fn stats_messages_give_the_index_and_the_counters_exported() {
         let counters: Vec<u8> = (1..=24u64).flat_map(u64::to_ne_bytes).collect();
         let mut body = vec![0, 0, 0, 0];
         body.extend_from_slice(&7u32.to_ne_bytes());
@@ -668,12 +673,13 @@ mod tests {
                 tx_errors: 6,
                 rx_dropped: 7,
                 tx_dropped: 8,
+                rx_missed: 16,
             }
         );
         for cut in 0..body.len() {
             let _ = parse_stats(&body[..cut]);
         }
-        // rtnl_link_stats64 shorter than its eight first counters.
+        // rtnl_link_stats64 cut short of a counter exported.
         let mut short = body[..IF_STATS_MSG].to_vec();
         netlink_dump::put_attribute(&mut short, IFLA_STATS_LINK_64, &counters[..60]);
         assert!(parse_stats(&short).is_err());

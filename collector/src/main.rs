@@ -626,7 +626,7 @@ async fn serve_until_signal(
         Arc::clone(&hub),
         preexisting,
     );
-    let mut netlink_health = snapshot::SourceHealth::default();
+    let mut netlink = NetlinkSource::default();
     let mut address_changes = attachment.address_change_signal();
     let mut ticks = tokio::time::interval(config.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -641,7 +641,7 @@ async fn serve_until_signal(
                     .into_iter()
                     .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats { name, run_time_ns, run_count })
                     .collect();
-                let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink_health);
+                let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink);
                 hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
                     Polled::Fresh(snapshot) => latest.store(*snapshot),
@@ -843,36 +843,44 @@ fn connections_from_before(attachment: &Attachment) -> Preexisting {
     }
 }
 
-/// Reads the interfaces over netlink and keeps the attached set current: a failed read is
-/// reported as the netlink source being down, and the kernel figures still flow.
+/// The interfaces as netlink last listed them, and how its reads went.
+#[derive(Default)]
+struct NetlinkSource {
+    health: snapshot::SourceHealth,
+    links: Vec<links::Link>,
+}
+
+/// Reads the interfaces over netlink and keeps the attached set current. A failed read is
+/// reported as the netlink source being down, and the interfaces' counters stay as last
+/// read, as the kernel maps' do after a failed read: series that vanished for a poll would
+/// end in Prometheus and fire alerts on absence.
 fn read_interfaces(
     attachment: &mut Attachment,
     configured: &[String],
-    health: &mut snapshot::SourceHealth,
+    netlink: &mut NetlinkSource,
 ) -> poller::InterfaceView {
     let began = std::time::Instant::now();
     let read = links::list();
-    health.record(&read, began.elapsed());
-    let links = match read {
+    netlink.health.record(&read, began.elapsed());
+    match read {
         Ok(links) => {
             for failure in attachment.sync_interfaces(&links, configured) {
                 tracing::warn!("attaching a new interface failed: {failure}");
             }
-            links
+            netlink.links = links;
         }
         Err(err) => {
             tracing::warn!("listing interfaces over netlink failed: {err}");
-            Vec::new()
         }
-    };
+    }
     attachment.refresh_local_addresses();
     let hooks = attachment.check_hooks();
     poller::InterfaceView {
         attached: attachment.interfaces(),
-        links,
+        links: netlink.links.clone(),
         hooks,
         address_table: attachment.address_table_use(),
-        health: health.clone(),
+        health: netlink.health.clone(),
     }
 }
 

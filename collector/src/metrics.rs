@@ -876,7 +876,7 @@ fn encode_interfaces_and_sources(
     encoder: &mut DescriptorEncoder,
 ) -> fmt::Result {
     type Pick = fn(&crate::links::InterfaceStats) -> u64;
-    let families: [(&str, &str, Option<&Unit>, Pick); 8] = [
+    let families: [(&str, &str, Option<&Unit>, Pick); 9] = [
         (
             "collector_interface_receive",
             "Bytes received, the interface's own count.",
@@ -900,6 +900,12 @@ fn encode_interfaces_and_sources(
             "Received packets dropped, the interface's own count.",
             None,
             |s| s.rx_dropped,
+        ),
+        (
+            "collector_interface_receive_missed",
+            "Received packets the device dropped for lack of buffer space (rx_missed_errors: its receive ring full), which the receive drops leave out; the interface's own count.",
+            None,
+            |s| s.rx_missed,
         ),
         (
             "collector_interface_transmit",

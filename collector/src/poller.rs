@@ -132,7 +132,7 @@ impl RateHistories {
 pub struct InterfaceView {
     /// Interfaces the classifiers are attached to.
     pub attached: Vec<String>,
-    /// Every interface, with its counters (empty when the read failed).
+    /// Every interface, with its counters (as last read when this poll's read failed).
     pub links: Vec<crate::links::Link>,
     /// Each attached hook as the poll's check found it, and the configured interfaces missing.
     pub hooks: crate::loader::HookCheck,
@@ -479,7 +479,7 @@ mod tests {
             json["interfaces"],
             serde_json::json!([{
                 "name": "lo", "rxBytes": 7, "rxPackets": 0, "rxErrors": 0, "rxDropped": 0,
-                "txBytes": 0, "txPackets": 0, "txErrors": 0, "txDropped": 0,
+                "rxMissed": 0, "txBytes": 0, "txPackets": 0, "txErrors": 0, "txDropped": 0,
             }])
         );
     }

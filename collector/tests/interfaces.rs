@@ -254,12 +254,13 @@ fn with_interfaces_configured_no_other_interface_is_exported() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// The kernel's own counters of `interface` in `netns` as `ip -s link` reads them, named as
+/// The kernel's own counters of `interface` in `netns` as `ip -s -s link` reads them, named as
 /// the agent's metrics are.
 fn kernel_counters(netns: &Netns, interface: &str) -> Vec<(String, f64)> {
     let json = stdout_of(std::process::Command::new("ip").args([
         "-n",
         &netns.name,
+        "-s",
         "-s",
         "-j",
         "link",
@@ -282,6 +283,11 @@ fn kernel_counters(netns: &Netns, interface: &str) -> Vec<(String, f64)> {
             ));
         }
     }
+    let missed = link[0]["stats64"]["rx"]["missed_errors"].as_f64().unwrap();
+    counters.push((
+        "collector_interface_receive_missed_total".to_owned(),
+        missed,
+    ));
     counters
 }
 
