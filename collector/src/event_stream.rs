@@ -97,6 +97,9 @@ pub enum StreamEvent {
         /// As in `QueryReceived`; `TYPE0` for a response without a question.
         #[serde(rename = "type")]
         qtype: String,
+        /// Client address and port, as its query's: with `id`, what joins the two (one
+        /// address alone sends many queries at once from a resolver or a NAT).
+        source: String,
         client_ip: String,
         id: u16,
         truncated: bool,
@@ -163,11 +166,13 @@ pub struct EventHub {
 type Switch = std::sync::Mutex<Option<aya::maps::Array<aya::maps::MapData, u32>>>;
 
 /// Sets `switch` to `wanted` unless it is set already; `what` names it in a warning.
-fn set_switch(switch: &Switch, wanted: bool, what: &str) {
-    let wanted = u32::from(wanted);
+fn set_switch(switch: &Switch, wanted: impl FnOnce() -> bool, what: &str) {
     let mut guard = switch
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Judged under the lock: judged before it, a poll that saw no reader could take the
+    // lock after a new reader's switch-on and turn the events off under it.
+    let wanted = u32::from(wanted());
     if let Some(switch) = guard.as_mut()
         && switch.get(&0, 0).ok() != Some(wanted)
         && let Err(err) = switch.set(0, wanted, 0)
@@ -214,12 +219,12 @@ impl EventHub {
     pub fn update_switches(&self) {
         set_switch(
             &self.dns_wanted,
-            self.dns.receiver_count() > 0,
+            || self.dns.receiver_count() > 0,
             "streamed DNS events",
         );
         set_switch(
             &self.connections_wanted,
-            self.connections.receiver_count() > 0,
+            || self.connections.receiver_count() > 0,
             "streamed connection events",
         );
     }
@@ -243,10 +248,10 @@ impl EventHub {
 
     /// Tells the kernel nobody reads either stream, whoever is subscribed.
     pub fn switch_off(&self) {
-        set_switch(&self.dns_wanted, false, "streamed DNS events");
+        set_switch(&self.dns_wanted, || false, "streamed DNS events");
         set_switch(
             &self.connections_wanted,
-            false,
+            || false,
             "streamed connection events",
         );
     }
@@ -368,14 +373,15 @@ pub fn dns_event(event: &DnsEvent) -> Option<StreamEvent> {
             truncated,
             latency_ns,
             client,
+            client_port,
             id,
             timestamp_ns,
-            ..
         } => StreamEvent::QueryAnswered {
             cached: !cache_miss,
             response_time: seconds(*latency_ns),
             response_code: RCODE_NAMES[usize::from(*rcode & 0x0f)],
             qtype: qtype_mnemonic(*qtype),
+            source: source(*client, *client_port),
             client_ip: client.to_string(),
             id: *id,
             truncated: *truncated,
@@ -438,6 +444,7 @@ mod tests {
         assert_eq!(json["responseCode"], "NXDOMAIN");
         assert_eq!(json["type"], "AAAA");
         assert_eq!(json["responseTime"], 0.000_25);
+        assert_eq!(json["source"], "192.0.2.9:5353");
 
         let json = serde_json::to_value(StreamEvent::Heartbeat { timestamp: 5 }).unwrap();
         assert_eq!(

@@ -91,6 +91,13 @@ fn assert_event_details(events: &[serde_json::Value]) {
         assert_eq!(query["clientIp"], "127.0.0.1");
     }
     for answer in events.iter().filter(|e| e["event"] == "query-answered") {
+        // Joined to its query by source (address and port) and id.
+        assert!(
+            events.iter().any(|query| query["event"] == "query-received"
+                && query["source"] == answer["source"]
+                && query["id"] == answer["id"]),
+            "{answer}"
+        );
         assert_eq!(answer["responseCode"], "NOERROR");
         assert_eq!(answer["cached"], true);
         assert!(answer["responseTime"].as_f64().unwrap() > 0.0);
