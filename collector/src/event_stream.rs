@@ -3,7 +3,9 @@
 //! `query-answered`). Events come from the kernel's ring buffers through broadcast channels;
 //! a subscriber that falls behind loses the oldest ones. Its stream then says so where the
 //! gap is, with a `lost` line carrying how many it lost there, and
-//! `collector_event_stream_lagged_total` counts them; a stream that ends (its reader gone,
+//! `collector_event_stream_lagged_total` counts them. Events the kernel's rings had no room
+//! for never reach the agent: each stream says how many it lost so at the next poll (a
+//! `lost` line of its own cause), from the kernel's drop counters. A stream that ends (its reader gone,
 //! or cut off by `TCP_USER_TIMEOUT`) adds there what was sent to it and it never took, so
 //! that a reader that stops reading for good is counted too. Only events that would be
 //! lines go to subscribers ([`crate::events::Streamed`]), so both count lines. Lines the
@@ -107,9 +109,26 @@ pub enum StreamEvent {
     },
     /// Nothing else to send for [`HEARTBEAT_INTERVAL`].
     Heartbeat { timestamp: u64 },
-    /// `count` events were lost here: the stream fell that far behind, and the oldest of
-    /// what it had not read were dropped.
-    Lost { count: u64, timestamp: u64 },
+    /// `count` events were lost here, for the `cause` given.
+    Lost {
+        count: u64,
+        timestamp: u64,
+        cause: LostCause,
+    },
+}
+
+/// Why a stream lost events.
+#[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+pub enum LostCause {
+    /// The stream fell that far behind, and the oldest of what it had not read were
+    /// dropped.
+    ReaderBehind,
+    /// The kernel's ring buffers were full (the agent fell behind, or was paused): that
+    /// many events never reached the agent, at most, since the DNS count also holds name
+    /// samples, which are not lines. Said at the first poll after, so within a poll of
+    /// where.
+    KernelRingFull,
 }
 
 impl StreamEvent {
@@ -160,6 +179,9 @@ pub struct EventHub {
     /// and connection events (opens and closes), on while anyone reads the stream.
     dns_wanted: Switch,
     connections_wanted: Switch,
+    /// Events the kernel could not put in its rings (connection and DNS, the pinned
+    /// counters), as the last poll read them.
+    ring_dropped: tokio::sync::watch::Sender<u64>,
 }
 
 /// A one-entry kernel map that turns a kind of event on (1) or off (0).
@@ -192,7 +214,18 @@ impl EventHub {
             stopping: tokio::sync::watch::channel(false).0,
             dns_wanted: std::sync::Mutex::new(None),
             connections_wanted: std::sync::Mutex::new(None),
+            ring_dropped: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// The kernel's count of events its rings had no room for, as a poll read it: each
+    /// stream says how many it lost since it began, or since it last said so.
+    pub fn ring_dropped(&self, total: u64) {
+        self.ring_dropped.send_if_modified(|seen| {
+            let changed = *seen != total;
+            *seen = total;
+            changed
+        });
     }
 
     /// Hands over the kernel's switch for streamed DNS events.
@@ -232,10 +265,14 @@ impl EventHub {
     /// A new reader, with streamed events switched on.
     #[must_use]
     pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        let ring_dropped = self.ring_dropped.subscribe();
+        let ring_dropped_seen = *ring_dropped.borrow();
         let subscription = Subscription {
             hub: Arc::clone(self),
             connections: self.connections.subscribe(),
             dns: self.dns.subscribe(),
+            ring_dropped,
+            ring_dropped_seen,
         };
         self.update_switches();
         subscription
@@ -295,6 +332,10 @@ pub struct Subscription {
     hub: Arc<EventHub>,
     connections: broadcast::Receiver<ConnRecord>,
     dns: broadcast::Receiver<DnsEvent>,
+    /// The kernel's count of events its rings dropped, and its value when this stream last
+    /// said so (or began).
+    ring_dropped: tokio::sync::watch::Receiver<u64>,
+    ring_dropped_seen: u64,
 }
 
 impl Subscription {
@@ -315,6 +356,22 @@ impl Subscription {
                 }),
                 event = self.dns.recv() => event.map(|e| dns_event(&e)),
                 _ = stopping.changed() => continue,
+                changed = self.ring_dropped.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    let total = *self.ring_dropped.borrow_and_update();
+                    let lost = total.saturating_sub(self.ring_dropped_seen);
+                    self.ring_dropped_seen = total;
+                    if lost > 0 {
+                        return Some(StreamEvent::Lost {
+                            count: lost,
+                            timestamp: crate::clock::unix_ms(),
+                            cause: LostCause::KernelRingFull,
+                        });
+                    }
+                    continue;
+                }
             };
             match received {
                 Ok(Some(event)) => return Some(event),
@@ -325,6 +382,7 @@ impl Subscription {
                     return Some(StreamEvent::Lost {
                         count: lost,
                         timestamp: crate::clock::unix_ms(),
+                        cause: LostCause::ReaderBehind,
                     });
                 }
                 Err(RecvError::Closed) => return None,
@@ -473,6 +531,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn events_the_kernel_had_no_room_for_are_a_lost_line_of_each_stream_since_it_began() {
+        let hub = EventHub::new(Vec::new());
+        hub.ring_dropped(3);
+        let mut reader = hub.subscribe();
+        // A poll that reads no more dropped says nothing.
+        hub.ring_dropped(3);
+        hub.ring_dropped(10);
+        let lost = reader.next().await.unwrap();
+        assert!(
+            matches!(
+                lost,
+                StreamEvent::Lost {
+                    count: 7,
+                    cause: LostCause::KernelRingFull,
+                    ..
+                }
+            ),
+            "{lost:?}"
+        );
+        // Not the reader's doing: not counted as lagged.
+        assert_eq!(lagged(&hub), 0);
+        hub.connections.send(open(1)).unwrap();
+        assert!(matches!(
+            reader.next().await,
+            Some(StreamEvent::ConnectionOpen { .. })
+        ));
+        let json = serde_json::to_value(&lost).unwrap();
+        assert_eq!(json["cause"], "kernel-ring-full");
+    }
+
+    #[tokio::test]
     async fn a_reader_that_falls_behind_gets_a_lost_line_where_the_gap_is() {
         let hub = EventHub::new(Vec::new());
         let mut reader = hub.subscribe();
@@ -481,14 +570,24 @@ mod tests {
             hub.connections.send(open(cookie as u64)).unwrap();
         }
         let lost = reader.next().await.unwrap();
-        let StreamEvent::Lost { count, timestamp } = lost else {
+        let StreamEvent::Lost {
+            count,
+            timestamp,
+            cause,
+        } = lost
+        else {
             panic!("not a lost line: {lost:?}");
         };
         assert_eq!(count, 5);
         assert_eq!(lagged(&hub), 5);
         assert_eq!(
-            serde_json::to_value(StreamEvent::Lost { count, timestamp }).unwrap(),
-            serde_json::json!({"event": "lost", "count": 5, "timestamp": timestamp})
+            serde_json::to_value(StreamEvent::Lost {
+                count,
+                timestamp,
+                cause
+            })
+            .unwrap(),
+            serde_json::json!({"event": "lost", "count": 5, "timestamp": timestamp, "cause": "reader-behind"})
         );
         // Then the events after the gap, the oldest kept first.
         let Some(StreamEvent::ConnectionOpen { connection_id, .. }) = reader.next().await else {

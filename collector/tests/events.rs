@@ -339,7 +339,10 @@ fn top_domains_stay_exact_while_a_stream_overflows_the_ring() {
     let agent = Agent::start(&netns, &config);
     let _server = Unbound::start(&netns, false);
     let Tail {
-        mut child, reader, ..
+        mut child,
+        reader,
+        lines,
+        ..
     } = tail_events(&netns);
     // `www.test` takes this CPU's slot while the ring has room.
     netns.run(|| {
@@ -373,6 +376,23 @@ fn top_domains_stay_exact_while_a_stream_overflows_the_ring() {
     );
     assert_eq!(json["topDomains"][0]["domain"], "www.test", "{json}");
     assert_eq!(json["topDomains"][0]["count"], ASKED + 1, "{json}");
+    // The stream says where it lost what the full ring dropped: at most that many (the
+    // count holds name samples too), and never silently.
+    let lost = wait_for(
+        "a lost line for the full ring",
+        Duration::from_secs(20),
+        || {
+            lines.try_iter().find_map(|event| {
+                (event["event"] == "lost" && event["cause"] == "kernel-ring-full")
+                    .then(|| event["count"].as_f64().unwrap())
+            })
+        },
+    );
+    let dropped = dropped.unwrap();
+    assert!(
+        lost > 0.0 && lost <= dropped,
+        "{lost} lost, {dropped} dropped"
+    );
 
     assert!(agent.stop().success());
     let _ = child.wait();
@@ -797,7 +817,10 @@ fn a_reader_that_fell_behind_reads_how_many_events_it_lost_where_and_they_are_co
                     assert_eq!(event["routeName"], "probe", "{event}");
                     shown += 1;
                 }
-                "lost" => lost += event["count"].as_u64().unwrap(),
+                "lost" => {
+                    assert_eq!(event["cause"], "reader-behind", "{event}");
+                    lost += event["count"].as_u64().unwrap();
+                }
                 "heartbeat" => {}
                 other => panic!("unexpected {other}: {event}"),
             }
