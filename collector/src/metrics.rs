@@ -870,69 +870,73 @@ fn encode_nft(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     )
 }
 
+/// Which of an interface's counters a family exports.
+type Pick = fn(&crate::links::InterfaceStats) -> u64;
+
+/// The interface counter families: name, help, unit, and the counter each exports.
+const INTERFACE_FAMILIES: [(&str, &str, Option<&Unit>, Pick); 9] = [
+    (
+        "collector_interface_receive",
+        "Bytes received, the interface's own count.",
+        Some(&Unit::Bytes),
+        |s| s.rx_bytes,
+    ),
+    (
+        "collector_interface_receive_packets",
+        "Packets received, the interface's own count.",
+        None,
+        |s| s.rx_packets,
+    ),
+    (
+        "collector_interface_receive_errors",
+        "Receive errors, the interface's own count.",
+        None,
+        |s| s.rx_errors,
+    ),
+    (
+        "collector_interface_receive_drops",
+        "Received packets dropped, the interface's own count.",
+        None,
+        |s| s.rx_dropped,
+    ),
+    (
+        "collector_interface_receive_missed",
+        "Received packets the device dropped for lack of buffer space (rx_missed_errors: its receive ring full), which the receive drops leave out; the interface's own count.",
+        None,
+        |s| s.rx_missed,
+    ),
+    (
+        "collector_interface_transmit",
+        "Bytes sent, the interface's own count.",
+        Some(&Unit::Bytes),
+        |s| s.tx_bytes,
+    ),
+    (
+        "collector_interface_transmit_packets",
+        "Packets sent, the interface's own count.",
+        None,
+        |s| s.tx_packets,
+    ),
+    (
+        "collector_interface_transmit_errors",
+        "Transmit errors, the interface's own count.",
+        None,
+        |s| s.tx_errors,
+    ),
+    (
+        "collector_interface_transmit_drops",
+        "Packets dropped on transmit, the interface's own count.",
+        None,
+        |s| s.tx_dropped,
+    ),
+];
+
 /// Renders the interfaces' own counters (netlink) and each source's health.
 fn encode_interfaces_and_sources(
     snapshot: &Snapshot,
     encoder: &mut DescriptorEncoder,
 ) -> fmt::Result {
-    type Pick = fn(&crate::links::InterfaceStats) -> u64;
-    let families: [(&str, &str, Option<&Unit>, Pick); 9] = [
-        (
-            "collector_interface_receive",
-            "Bytes received, the interface's own count.",
-            Some(&Unit::Bytes),
-            |s| s.rx_bytes,
-        ),
-        (
-            "collector_interface_receive_packets",
-            "Packets received, the interface's own count.",
-            None,
-            |s| s.rx_packets,
-        ),
-        (
-            "collector_interface_receive_errors",
-            "Receive errors, the interface's own count.",
-            None,
-            |s| s.rx_errors,
-        ),
-        (
-            "collector_interface_receive_drops",
-            "Received packets dropped, the interface's own count.",
-            None,
-            |s| s.rx_dropped,
-        ),
-        (
-            "collector_interface_receive_missed",
-            "Received packets the device dropped for lack of buffer space (rx_missed_errors: its receive ring full), which the receive drops leave out; the interface's own count.",
-            None,
-            |s| s.rx_missed,
-        ),
-        (
-            "collector_interface_transmit",
-            "Bytes sent, the interface's own count.",
-            Some(&Unit::Bytes),
-            |s| s.tx_bytes,
-        ),
-        (
-            "collector_interface_transmit_packets",
-            "Packets sent, the interface's own count.",
-            None,
-            |s| s.tx_packets,
-        ),
-        (
-            "collector_interface_transmit_errors",
-            "Transmit errors, the interface's own count.",
-            None,
-            |s| s.tx_errors,
-        ),
-        (
-            "collector_interface_transmit_drops",
-            "Packets dropped on transmit, the interface's own count.",
-            None,
-            |s| s.tx_dropped,
-        ),
-    ];
-    for (name, help, unit, pick) in families {
+    for (name, help, unit, pick) in INTERFACE_FAMILIES {
         counters(
             encoder,
             name,
