@@ -556,8 +556,8 @@ impl Attachment {
     }
 
     /// Keeps the attached set current: attaches interfaces that appeared (or came up),
-    /// forgets those that went away or down, and follows those renamed. Returns what could
-    /// not be attached.
+    /// forgets those that went away (or down, unless configured), and follows those renamed.
+    /// Returns what could not be attached.
     pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) -> Vec<String> {
         let wanted: Vec<&Link> = links
             .iter()
@@ -565,7 +565,10 @@ impl Attachment {
                 if configured.is_empty() {
                     links::watched_by_default(l, links)
                 } else {
-                    l.up && l.ethernet_framing && configured.contains(&l.name)
+                    // Down or up, as at the start: a configured interface taken down (a
+                    // bond in maintenance) keeps its hooks and its series, where forgotten
+                    // it vanished from every signal, `collector_interface_missing` too.
+                    l.ethernet_framing && configured.contains(&l.name)
                 }
             })
             .collect();

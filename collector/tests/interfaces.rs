@@ -1101,6 +1101,22 @@ fn a_configured_interface_that_appears_later_is_attached_and_counted() {
         (attached(&metrics, "vcoll0") && missing(&metrics, "vcoll0").is_none()).then_some(())
     });
     exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+
+    // Taken down, it stays: attached, its counters exported as they stand.
+    let received = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_interface_receive_bytes_total",
+            &[("interface", "vcoll0")],
+        )
+    };
+    let before = received(&scrape(&netns));
+    ip(&netns, "link set vcoll0 down");
+    let metrics = after_two_polls(&netns);
+    assert!(attached(&metrics, "vcoll0"), "{metrics}");
+    assert_eq!(missing(&metrics, "vcoll0"), None);
+    assert!(before.is_some());
+    assert_eq!(received(&metrics), before);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
