@@ -140,6 +140,9 @@ pub struct KernelMaps {
 /// Everything the agent attached, held until [`Attachment::detach`].
 pub struct Attachment {
     ebpf: Ebpf,
+    /// DNS samples and connection events the kernel had dropped (a full ring; the pinned
+    /// counters) before this start's programs were attached.
+    dropped_before_attach: Option<(u64, u64)>,
     pub routes: Vec<WatchedRoute>,
     pub upstreams: Vec<WatchedUpstream>,
     /// The tc programs: (name, hook, pin prefix, for loopback).
@@ -268,8 +271,12 @@ impl Attachment {
             }
         };
 
+        // Before any program of this start runs: samples its programs drop from here on are
+        // this start's, and widen the bounds of its lists (`maxUndercount`).
+        let dropped_before_attach = events_dropped(&ebpf);
         let mut attachment = Self {
             ebpf,
+            dropped_before_attach,
             routes,
             upstreams,
             classifiers: Vec::new(),
@@ -654,6 +661,13 @@ impl Attachment {
     /// Takes the connection event ring buffer.
     pub fn take_conn_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         take_map(&mut self.ebpf, map_names::CONN_EVENTS)
+    }
+
+    /// DNS samples and connection events the kernel had dropped before this start's programs
+    /// were attached (`None` if they could not be read).
+    #[must_use]
+    pub fn dropped_before_attach(&self) -> Option<(u64, u64)> {
+        self.dropped_before_attach
     }
 
     /// Whether this start took over what a crashed run left (its connection table among it).
@@ -1644,6 +1658,29 @@ pub fn read_pin_owner(path: &Path) -> anyhow::Result<u64> {
     let data = MapData::from_pin(path)?;
     let owner = Array::<MapData, u64>::try_from(aya::maps::Map::from_map_data(data)?)?;
     Ok(owner.get(&0, 0)?)
+}
+
+/// DNS samples and connection events dropped to a full ring (the pinned counters), summed
+/// over the CPUs; `None`, said in the log, if they cannot be read.
+fn events_dropped(ebpf: &Ebpf) -> Option<(u64, u64)> {
+    read_events_dropped(ebpf)
+        .inspect_err(|err| tracing::warn!("reading the dropped-event counters: {err:#}"))
+        .ok()
+}
+
+fn read_events_dropped(ebpf: &Ebpf) -> anyhow::Result<(u64, u64)> {
+    let dns: PerCpuArray<&MapData, DnsCounters> = PerCpuArray::try_from(
+        ebpf.map(map_names::DNS_COUNTERS)
+            .context("no DNS_COUNTERS")?,
+    )?;
+    let errors: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map(map_names::ERRORS).context("no ERRORS")?)?;
+    let dns = crate::counters::sum_dns(dns.get(&0, 0)?.iter()).events_dropped;
+    let connections = errors
+        .get(&collector_common::error_kind::CONN_EVENT_DROPPED, 0)?
+        .iter()
+        .fold(0u64, |sum, value| sum.wrapping_add(*value));
+    Ok((dns, connections))
 }
 
 /// The refusal of pins that a collector of another network namespace made.

@@ -625,7 +625,8 @@ async fn serve_until_signal(
         dns_sources,
         Arc::clone(&hub),
         preexisting,
-    );
+    )
+    .counting_drops_from(attachment.dropped_before_attach());
     let mut netlink = NetlinkSource::default();
     let mut address_changes = attachment.address_change_signal();
     let mut ticks = tokio::time::interval(config.poll_interval);

@@ -198,7 +198,8 @@ pub struct Poller {
     dns_queries: CounterHistory,
     dns_last_minute: CountsHistory<DnsLastMinute>,
     started: Instant,
-    /// DNS samples and client events dropped (pinned counters) at the first read.
+    /// DNS samples and client events dropped (pinned counters) before this start's
+    /// programs were attached, else at the first read.
     dropped_at_start: Option<(u64, u64)>,
     total: RateHistories,
     per_route: Vec<RateHistories>,
@@ -360,6 +361,15 @@ impl Poller {
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
         }))
+    }
+
+    /// Counts the samples the kernel drops from these totals on (read before this start's
+    /// programs were attached) rather than from the first poll's: those dropped in between
+    /// (the nftables setup, the listing of open connections) widen the lists' bounds too.
+    #[must_use]
+    pub fn counting_drops_from(mut self, dropped: Option<(u64, u64)>) -> Self {
+        self.dropped_at_start = dropped;
+        self
     }
 
     /// The DNS samples and the client events the kernel dropped since this start (a full
