@@ -125,9 +125,9 @@ pub enum LostCause {
     /// dropped.
     ReaderBehind,
     /// The kernel's ring buffers were full (the agent fell behind, or was paused): that
-    /// many events never reached the agent, at most, since the DNS count also holds name
-    /// samples, which are not lines. Said at the first poll after, so within a poll of
-    /// where.
+    /// many events never reached the agent, at most, since the counts also hold name
+    /// samples and client records, which are not lines. Said at the first poll after, so
+    /// within a poll of where.
     KernelRingFull,
 }
 
@@ -180,8 +180,8 @@ pub struct EventHub {
     dns_wanted: Switch,
     connections_wanted: Switch,
     /// Events the kernel could not put in its rings (connection and DNS, the pinned
-    /// counters), as the last poll read them.
-    ring_dropped: tokio::sync::watch::Sender<u64>,
+    /// counters), as the last poll read them; `None` until a poll has.
+    ring_dropped: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 /// A one-entry kernel map that turns a kind of event on (1) or off (0).
@@ -204,8 +204,10 @@ fn set_switch(switch: &Switch, wanted: impl FnOnce() -> bool, what: &str) {
 }
 
 impl EventHub {
+    /// `dropped`: the kernel's drop counters (DNS, connections) before the programs were
+    /// attached, where streams that begin before the first poll count the drops from.
     #[must_use]
-    pub fn new(routes: Vec<WatchedRoute>) -> Arc<Self> {
+    pub fn new(routes: Vec<WatchedRoute>, dropped: Option<(u64, u64)>) -> Arc<Self> {
         Arc::new(Self {
             connections: broadcast::channel(CONNECTION_BACKLOG).0,
             dns: broadcast::channel(DNS_BACKLOG).0,
@@ -214,16 +216,21 @@ impl EventHub {
             stopping: tokio::sync::watch::channel(false).0,
             dns_wanted: std::sync::Mutex::new(None),
             connections_wanted: std::sync::Mutex::new(None),
-            ring_dropped: tokio::sync::watch::channel(0).0,
+            ring_dropped: tokio::sync::watch::channel(
+                dropped.map(|(dns, connections)| dns.wrapping_add(connections)),
+            )
+            .0,
         })
     }
 
-    /// The kernel's count of events its rings had no room for, as a poll read it: each
-    /// stream says how many it lost since it began, or since it last said so.
-    pub fn ring_dropped(&self, total: u64) {
+    /// The kernel's counts of events its rings had no room for (DNS, connections), as a
+    /// poll read them: each stream says how many it lost since it began, or since it last
+    /// said so.
+    pub fn ring_dropped(&self, (dns, connections): (u64, u64)) {
+        let total = dns.wrapping_add(connections);
         self.ring_dropped.send_if_modified(|seen| {
-            let changed = *seen != total;
-            *seen = total;
+            let changed = *seen != Some(total);
+            *seen = Some(total);
             changed
         });
     }
@@ -333,9 +340,10 @@ pub struct Subscription {
     connections: broadcast::Receiver<ConnRecord>,
     dns: broadcast::Receiver<DnsEvent>,
     /// The kernel's count of events its rings dropped, and its value when this stream last
-    /// said so (or began).
-    ring_dropped: tokio::sync::watch::Receiver<u64>,
-    ring_dropped_seen: u64,
+    /// said so (or began; `None`: no poll had read it then, and the first reading is where
+    /// this stream begins, not the count since the first start).
+    ring_dropped: tokio::sync::watch::Receiver<Option<u64>>,
+    ring_dropped_seen: Option<u64>,
 }
 
 impl Subscription {
@@ -361,8 +369,11 @@ impl Subscription {
                         return None;
                     }
                     let total = *self.ring_dropped.borrow_and_update();
-                    let lost = total.saturating_sub(self.ring_dropped_seen);
-                    self.ring_dropped_seen = total;
+                    let lost = match (self.ring_dropped_seen, total) {
+                        (Some(seen), Some(total)) => total.saturating_sub(seen),
+                        _ => 0,
+                    };
+                    self.ring_dropped_seen = total.or(self.ring_dropped_seen);
                     if lost > 0 {
                         return Some(StreamEvent::Lost {
                             count: lost,
@@ -456,13 +467,16 @@ mod tests {
 
     #[test]
     fn lines_are_tagged_and_camel_cased() {
-        let hub = EventHub::new(vec![WatchedRoute {
-            name: "web".into(),
-            kind: RouteKind::Https,
-            ports: vec![443],
-            sni: Vec::new(),
-            slot: 3,
-        }]);
+        let hub = EventHub::new(
+            vec![WatchedRoute {
+                name: "web".into(),
+                kind: RouteKind::Https,
+                ports: vec![443],
+                sni: Vec::new(),
+                slot: 3,
+            }],
+            None,
+        );
         let open = Connection {
             route: 3,
             ..Connection::opened_for_test(42)
@@ -532,12 +546,13 @@ mod tests {
 
     #[tokio::test]
     async fn events_the_kernel_had_no_room_for_are_a_lost_line_of_each_stream_since_it_began() {
-        let hub = EventHub::new(Vec::new());
-        hub.ring_dropped(3);
+        // As the start seeds it, before the first poll: a stream begins there, not at 0
+        // (the pinned count holds every drop since the first start).
+        let hub = EventHub::new(Vec::new(), Some((2, 1)));
         let mut reader = hub.subscribe();
         // A poll that reads no more dropped says nothing.
-        hub.ring_dropped(3);
-        hub.ring_dropped(10);
+        hub.ring_dropped((1, 2));
+        hub.ring_dropped((6, 4));
         let lost = reader.next().await.unwrap();
         assert!(
             matches!(
@@ -563,7 +578,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_falls_behind_gets_a_lost_line_where_the_gap_is() {
-        let hub = EventHub::new(Vec::new());
+        let hub = EventHub::new(Vec::new(), None);
         let mut reader = hub.subscribe();
         // 5 more connection events than the backlog holds: the 5 oldest go.
         for cookie in 0..CONNECTION_BACKLOG + 5 {
@@ -606,7 +621,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_dropped_while_behind_counts_everything_it_never_took() {
-        let hub = EventHub::new(Vec::new());
+        let hub = EventHub::new(Vec::new(), None);
         let reader = hub.subscribe();
         let mut keeping_up = hub.subscribe();
         let sent = DNS_BACKLOG + 1000;

@@ -559,6 +559,21 @@ struct Http {
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
+/// The per-client figures, over the kernel's tables (none with `client_stats = false`).
+fn client_stats(attachment: &mut Attachment, config: &Config) -> anyhow::Result<ClientStats> {
+    Ok(if config.client_stats {
+        ClientStats::new(
+            Some(ClientTable::map(attachment.take_conn_state()?)?),
+            TallyTable::map(
+                attachment.take_conn_clients()?,
+                collector_common::map_names::CONN_CLIENTS,
+            )?,
+        )
+    } else {
+        ClientStats::new(None, TallyTable::unmapped(0))
+    })
+}
+
 async fn serve_until_signal(
     attachment: &mut Attachment,
     nft: &mut nft::Source,
@@ -570,19 +585,11 @@ async fn serve_until_signal(
     let preexisting = connections_from_before(attachment);
     let maps = attachment.take_maps()?;
     let ring = attachment.take_conn_events()?;
-    let clients = if config.client_stats {
-        ClientStats::new(
-            Some(ClientTable::map(attachment.take_conn_state()?)?),
-            TallyTable::map(
-                attachment.take_conn_clients()?,
-                collector_common::map_names::CONN_CLIENTS,
-            )?,
-        )
-    } else {
-        ClientStats::new(None, TallyTable::unmapped(0))
-    };
-    let clients = Arc::new(Mutex::new(clients));
-    let hub = event_stream::EventHub::new(attachment.routes.clone());
+    let clients = Arc::new(Mutex::new(client_stats(attachment, config)?));
+    let hub = event_stream::EventHub::new(
+        attachment.routes.clone(),
+        attachment.dropped_before_attach(),
+    );
     hub.control_connections(attachment.take_conn_stream_wanted()?);
     let connection_drain =
         events::connection_drain(ring, Arc::clone(&clients), hub.connections.clone());

@@ -380,7 +380,7 @@ impl Poller {
             totals.dns.events_dropped,
             totals.errors[collector_common::error_kind::CONN_EVENT_DROPPED as usize],
         );
-        self.hub.ring_dropped(dropped.0.wrapping_add(dropped.1));
+        self.hub.ring_dropped(dropped);
         let at_start = *self.dropped_at_start.get_or_insert(dropped);
         (
             dropped.0.saturating_sub(at_start.0),

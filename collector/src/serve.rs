@@ -1012,7 +1012,7 @@ mod tests {
             None,
             Sources {
                 latest,
-                hub: EventHub::new(Vec::new()),
+                hub: EventHub::new(Vec::new(), None),
                 liveness: Liveness::new(Duration::from_secs(1)),
             },
             guard,
@@ -1277,7 +1277,7 @@ mod tests {
     /// The agent's router with no credentials, its event hub and its snapshot, unread.
     fn router_before_the_first_poll() -> (Router, Arc<EventHub>, Arc<SharedSnapshot>) {
         let http = crate::config::Config::embedded_default().http;
-        let hub = EventHub::new(Vec::new());
+        let hub = EventHub::new(Vec::new(), None);
         let latest = Arc::new(SharedSnapshot::default());
         let sources = Sources {
             latest: Arc::clone(&latest),
