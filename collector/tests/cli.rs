@@ -387,28 +387,23 @@ fn check_tries_the_listen_address_and_only_warns_when_it_is_taken() {
         "{}",
         lines["listen"]
     );
-    // Port 0 fails, as `run --listen` refuses it.
-    let (passed, lines) = check(
-        "[nftables]\nenabled = false\n",
-        &["--listen", "127.0.0.1:0"],
-    );
-    assert!(!passed, "{lines:?}");
-    assert!(
-        lines["listen"].starts_with("FAIL") && lines["listen"].contains("has port 0"),
-        "{}",
-        lines["listen"]
-    );
-    // So does a route's port: the route would count the collector's own scrapes.
-    let (passed, lines) = check(
-        "[[routes]]\nname = \"web\"\nports = [18080]\n[nftables]\nenabled = false\n",
-        &["--listen", "127.0.0.1:18080"],
-    );
-    assert!(!passed, "{lines:?}");
-    assert!(
-        lines["listen"].starts_with("FAIL") && lines["listen"].contains("a port of route \"web\""),
-        "{}",
-        lines["listen"]
-    );
+    // Port 0 fails, as `run --listen` refuses it; so does a route's port, which would count
+    // the collector's own scrapes.
+    for (listen, why) in [
+        ("127.0.0.1:0", "has port 0"),
+        ("127.0.0.1:18080", "a port of route \"web\""),
+    ] {
+        let (passed, lines) = check(
+            "[[routes]]\nname = \"web\"\nports = [18080]\n[nftables]\nenabled = false\n",
+            &["--listen", listen],
+        );
+        assert!(!passed, "{lines:?}");
+        assert!(
+            lines["listen"].starts_with("FAIL") && lines["listen"].contains(why),
+            "{}",
+            lines["listen"]
+        );
+    }
     // TEST-NET-1: an address of no interface here.
     let (passed, lines) = check(
         "listen = \"192.0.2.1:9464\"\n[nftables]\nenabled = false\n",

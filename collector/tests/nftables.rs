@@ -139,6 +139,17 @@ fn previous_builds_table(name: &str) -> String {
     format!("table inet {name} {{\n{counters}{maps}{chains}}}\n")
 }
 
+/// The scrape once the nft source has seen one error (the table found removed or changed)
+/// and is up again (the table made anew).
+fn mended(netns: &Netns, what: &str) -> String {
+    wait_for(what, Duration::from_secs(10), || {
+        let text = scrape(netns);
+        (sample(&text, "collector_source_errors_total", &[("source", "nft")]) == Some(1.0)
+            && sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0))
+        .then_some(text)
+    })
+}
+
 /// A scrape taken once `counts` of it is `ready` and has stood still for half a second (five
 /// polls). A connection's last packets can cross after its close is counted, and a poll reads
 /// nftables a moment before the maps, so a scrape in between can catch one source ahead.
@@ -804,16 +815,7 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
         "ip",
         &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
     );
-    let text = wait_for(
-        "the removal to be noticed and mended",
-        Duration::from_secs(10),
-        || {
-            let text = scrape(&netns);
-            (sample(&text, "collector_source_errors_total", &[("source", "nft")]) == Some(1.0)
-                && sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0))
-            .then_some(text)
-        },
-    );
+    let text = mended(&netns, "the removal to be noticed and mended");
     assert!(tables(&netns).contains(&config.nft_table));
     // Made anew, from zero.
     assert_eq!(route_packets(&text, "in").1, Some(0.0));
@@ -854,16 +856,7 @@ fn a_table_restored_from_a_saved_ruleset_is_replaced_and_counts_from_zero() {
     assert_nft_equals_ebpf(&netns, 5);
 
     nft_script(&netns, &format!("flush ruleset\n{saved}"));
-    let text = wait_for(
-        "the restored table to be noticed and replaced",
-        Duration::from_secs(10),
-        || {
-            let text = scrape(&netns);
-            (sample(&text, "collector_source_errors_total", &[("source", "nft")]) == Some(1.0)
-                && sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0))
-            .then_some(text)
-        },
-    );
+    let text = mended(&netns, "the restored table to be noticed and replaced");
     assert_eq!(
         route_packets(&text, "in").1,
         Some(0.0),
@@ -1044,16 +1037,7 @@ fn a_table_whose_rules_were_flushed_is_made_again() {
     assert_eq!(nft_5, ebpf_5 - before);
 
     flush();
-    let text = wait_for(
-        "the flush to be noticed and mended",
-        Duration::from_secs(10),
-        || {
-            let text = scrape(&netns);
-            (sample(&text, "collector_source_errors_total", &[("source", "nft")]) == Some(1.0)
-                && sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0))
-            .then_some(text)
-        },
-    );
+    let text = mended(&netns, "the flush to be noticed and mended");
     assert!(
         table(&netns, name).contains(rule),
         "{}",
