@@ -412,10 +412,8 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let attachment = Attachment::attach(&Options { config, bpf_stats })?;
-    if signals::stop_requested() {
-        tracing::info!("asked to stop while starting: detaching programs and removing pins");
-        return attachment.detach();
-    }
+    // A stop asked for meanwhile is taken there, after the nftables source started: a
+    // crashed run's table, whose pins this start took over, then goes with them.
     serve_attached(config, attachment, listener, guard, tls)
 }
 
@@ -483,6 +481,12 @@ fn serve_attached(
     // The programs first: a hung `nft` then leaves only its table behind when the
     // supervisor's kill comes, not programs on the host's cgroup.
     let detached = attachment.detach();
+    // Pins that could not all be removed stay for the next start to take over, as after a
+    // crash: so does the table, whose counts go on with theirs.
+    if detached.is_err() {
+        tracing::warn!("the nftables table stays with the pins left");
+        return result.and(detached);
+    }
     let removed = nft.stop();
     result.and(detached).and(removed)
 }

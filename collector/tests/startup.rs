@@ -940,8 +940,9 @@ fn a_stuck_link_keeps_what_a_crash_keeps(stuck: fn(&str) -> bool, kept: &[&str])
         }
     }
     let netns = Netns::new();
-    // A port shared by name: the server name reader's link is pinned too.
-    let config = AgentConfig::new(&format!(
+    // A port shared by name: the server name reader's link is pinned too. With the
+    // nftables table, which stays with the pins.
+    let config = AgentConfig::with_nft(&format!(
         "{WEB_ROUTE}\n[[routes]]\nname = \"named\"\nports = [18443]\ntype = \"https\"\n\
          sni = [\"a.test\"]\n\n[[routes]]\nname = \"rest\"\nports = [18443]\ntype = \"https\"\n"
     ));
@@ -998,6 +999,9 @@ fn a_stuck_link_keeps_what_a_crash_keeps(stuck: fn(&str) -> bool, kept: &[&str])
     for map in collector_common::PINNED_MAPS {
         assert!(pins.contains(&layout.join(map)), "{map} went: {pins:?}");
     }
+    let tables = || support::stdout_of(netns.command("nft").args(["list", "tables"]));
+    let ours = format!("table inet {}\n", config.nft_table);
+    assert!(tables().contains(&ours), "the table went: {}", tables());
 
     // `sock_ops` still counts into the maps, and the next start takes them over.
     drop(unmount);
@@ -1012,8 +1016,14 @@ fn a_stuck_link_keeps_what_a_crash_keeps(stuck: fn(&str) -> bool, kept: &[&str])
         ),
         Some(0.0)
     );
+    assert!(text_of(&logs.path("second.log")).contains("adopting the nftables table"));
     assert!(agent.stop().success());
     support::assert_no_pins(&config.pin_dir);
+    assert!(!tables().contains(&ours), "{}", tables());
+}
+
+fn text_of(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap()
 }
 
 /// Every file and directory with nothing in it under `dir`.
