@@ -715,7 +715,7 @@ pub struct Source {
     /// A poll found our table removed or changed, and no table has been made since: what
     /// is left of it (its chains, still hooked, if only its rules were flushed) is ours.
     found_changed: bool,
-    /// What the next table made may adopt: a crashed run's, until this run has made one.
+    /// What the next table made may adopt: a crashed run's at the first try only.
     adopt: Adopt,
 }
 
@@ -998,7 +998,7 @@ pub fn netfilter_already_hooks(ours: &str) -> Result<Hooks, NftError> {
 pub struct Hooks {
     /// Something other than collectors' tables hooks both prerouting and postrouting.
     pub firewall: bool,
-    /// Collectors' tables found hooking, other than ours (named as in the config).
+    /// Collectors' tables found hooking, other than the one the config names.
     pub collectors: Vec<String>,
 }
 
