@@ -5,8 +5,8 @@
 //! gap is, with a `lost` line carrying how many it lost there, and
 //! `collector_event_stream_lagged_total` counts them. Events the kernel's rings had no room
 //! for never reach the agent: each stream says how many it lost so at the next poll (a
-//! `lost` line of its own cause), from the kernel's drop counters. A stream that ends (its reader gone,
-//! or cut off by `TCP_USER_TIMEOUT`) adds there what was sent to it and it never took, so
+//! `lost` line of its own cause), from the kernel's drop counters. A stream that ends (its
+//! reader gone, or cut off by `TCP_USER_TIMEOUT`) adds there what was sent to it and it never took, so
 //! that a reader that stops reading for good is counted too. Only events that would be
 //! lines go to subscribers ([`crate::events::Streamed`]), so both count lines. Lines the
 //! stream wrote that were still in the socket's buffers when the reader went are beyond
@@ -153,6 +153,11 @@ impl Streamed for DnsEvent {
     }
 }
 
+/// The kernel's drop counters (DNS, connections) as one count of events lost to full rings.
+fn ring_total((dns, connections): (u64, u64)) -> u64 {
+    dns.wrapping_add(connections)
+}
+
 /// Converts the kernel's `CLOCK_MONOTONIC` nanoseconds into wall-clock milliseconds.
 fn wall_ms(monotonic_ns: u64) -> u64 {
     let now_ns = crate::clock::monotonic_ns();
@@ -216,18 +221,15 @@ impl EventHub {
             stopping: tokio::sync::watch::channel(false).0,
             dns_wanted: std::sync::Mutex::new(None),
             connections_wanted: std::sync::Mutex::new(None),
-            ring_dropped: tokio::sync::watch::channel(
-                dropped.map(|(dns, connections)| dns.wrapping_add(connections)),
-            )
-            .0,
+            ring_dropped: tokio::sync::watch::channel(dropped.map(ring_total)).0,
         })
     }
 
     /// The kernel's counts of events its rings had no room for (DNS, connections), as a
     /// poll read them: each stream says how many it lost since it began, or since it last
     /// said so.
-    pub fn ring_dropped(&self, (dns, connections): (u64, u64)) {
-        let total = dns.wrapping_add(connections);
+    pub fn ring_dropped(&self, dropped: (u64, u64)) {
+        let total = ring_total(dropped);
         self.ring_dropped.send_if_modified(|seen| {
             let changed = *seen != Some(total);
             *seen = Some(total);

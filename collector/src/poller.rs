@@ -208,6 +208,14 @@ pub struct Poller {
     preexisting: Preexisting,
 }
 
+/// DNS samples and connection events the kernel dropped to a full ring (pinned counters).
+fn ring_dropped(totals: &counters::KernelTotals) -> (u64, u64) {
+    (
+        totals.dns.events_dropped,
+        totals.errors[collector_common::error_kind::CONN_EVENT_DROPPED as usize],
+    )
+}
+
 impl Poller {
     #[must_use]
     pub fn new(
@@ -328,6 +336,8 @@ impl Poller {
         let upstreams = self.upstream_snapshots(at, &totals.upstreams);
         self.total.record(at, opened, bytes_in, bytes_out);
         self.poll.polls += 1;
+        // Each event stream says what the kernel's full rings lost since it last did.
+        self.hub.ring_dropped(ring_dropped(&totals));
         let (names_lost, clients_lost) = self.lost_since_start(&totals);
         let clients = self
             .clients
@@ -376,11 +386,7 @@ impl Poller {
     /// ring), from the pinned counters, which count from the first start: the top lists are
     /// this start's.
     fn lost_since_start(&mut self, totals: &counters::KernelTotals) -> (u64, u64) {
-        let dropped = (
-            totals.dns.events_dropped,
-            totals.errors[collector_common::error_kind::CONN_EVENT_DROPPED as usize],
-        );
-        self.hub.ring_dropped(dropped);
+        let dropped = ring_dropped(totals);
         let at_start = *self.dropped_at_start.get_or_insert(dropped);
         (
             dropped.0.saturating_sub(at_start.0),
