@@ -8,8 +8,8 @@
 //!   source port is one. Behind DNAT or REDIRECT a reply's source port is the backend's
 //!   until source NAT puts the address it was sent to back: before it, `out` read 0.
 //!
-//! Both count ports as on the wire. The table is made and removed with `nft -j` (the
-//! `nftables` crate); its counters are read over nfnetlink ([`crate::nfnetlink`]), which
+//! Both count ports as on the wire. The table is made and removed with `nft -j`, within a
+//! deadline ([`crate::nft_tool`]); its counters are read over nfnetlink ([`crate::nfnetlink`]), which
 //! costs tens of microseconds where `nft -j list` costs milliseconds (see docs/DESIGN.md).
 //!
 //! Only a table that is recognisably ours is ever adopted, replaced or deleted
@@ -33,7 +33,7 @@ use crate::{
     config::{Config, NftEnabled},
     nfnetlink::{self, TableContents},
     nft_claim::{self, Holder, TableClaim},
-    poller,
+    nft_tool, poller,
     snapshot::SourceHealth,
 };
 
@@ -178,38 +178,11 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
-/// What went wrong with the nft tool, in nft's own words where it ran and failed: the
-/// crate's message leaves out its standard error, where a refused rule, a missing kernel
-/// module or a missing permission is named.
-fn tool_failure(err: &nftables::helper::NftablesError) -> String {
-    use nftables::helper::NftablesError;
-    match err {
-        NftablesError::NftFailed {
-            program,
-            hint,
-            stderr,
-            ..
-        } if !stderr.trim().is_empty() => {
-            format!(
-                "{} failed while {hint}: {}",
-                program.display(),
-                stderr.trim()
-            )
-        }
-        NftablesError::NftExecution { inner, .. }
-            if inner.kind() == std::io::ErrorKind::NotFound =>
-        {
-            format!("{err}; is nft installed (apt install nftables)?")
-        }
-        _ => format!("the nft tool failed: {err}"),
-    }
-}
-
 /// Why the nftables source is not available; the rest of the agent carries on.
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    #[error("{}", tool_failure(.0))]
-    Tool(#[from] nftables::helper::NftablesError),
+    #[error(transparent)]
+    Tool(#[from] nft_tool::ToolError),
     #[error("reading nftables over nfnetlink: {0}")]
     Netlink(#[from] std::io::Error),
     #[error(
@@ -647,11 +620,7 @@ impl NftTable {
 }
 
 fn apply(ruleset: &serde_json::Value) -> Result<(), NftError> {
-    nftables::helper::apply_ruleset_raw(
-        &ruleset.to_string(),
-        None::<&str>,
-        std::iter::empty::<&str>(),
-    )?;
+    nft_tool::apply(ruleset.to_string(), nft_tool::DEADLINE)?;
     Ok(())
 }
 
@@ -1022,32 +991,6 @@ fn legacy_ip_hooks() -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_failure_of_nft_says_what_nft_said() {
-        use nftables::helper::NftablesError;
-        let failed = NftError::from(NftablesError::NftFailed {
-            program: "nft".into(),
-            hint: "applying ruleset".into(),
-            stdout: String::new(),
-            stderr: "Error: Could not process rule: Operation not permitted\n".into(),
-        });
-        assert_eq!(
-            failed.to_string(),
-            "nft failed while applying ruleset: Error: Could not process rule: Operation not \
-             permitted"
-        );
-        let missing = NftError::from(NftablesError::NftExecution {
-            program: "nft".into(),
-            inner: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
-        assert!(
-            missing
-                .to_string()
-                .ends_with("is nft installed (apt install nftables)?"),
-            "{missing}"
-        );
-    }
 
     #[test]
     fn a_port_shared_by_name_is_counted_once_for_its_route_without_names() {

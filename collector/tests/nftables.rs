@@ -306,6 +306,73 @@ fn without_nft_only_the_nft_source_is_down() {
 }
 
 #[test]
+fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    // An `nft` that never finishes, as one waiting on a lock would not.
+    let tools = config.dir.join("stuck-tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let pid_file = tools.join("nft.pid");
+    let script = tools.join("nft");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec /bin/sleep 600\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut launcher = Command::new("/usr/bin/nsenter");
+    launcher
+        .arg(format!("--net=/var/run/netns/{}", netns.name))
+        .arg(COLLECTOR)
+        .env("PATH", &tools);
+    let began = Instant::now();
+    let agent = Agent::spawn(&netns, launcher, &config, &[]);
+    let started_in = began.elapsed();
+    // The start waited for nft's deadline (10 s), not for nft.
+    assert!(
+        started_in >= Duration::from_secs(10) && started_in < Duration::from_secs(40),
+        "{started_in:?}"
+    );
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_for(
+        "the stuck nft to be killed and reaped",
+        Duration::from_secs(5),
+        || (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
+    );
+    connections(&netns, 3);
+    let metrics = wait_for_closed(&netns, "web", 3);
+    assert_eq!(
+        sample(&metrics, "collector_source_up", &[("source", "nft")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&metrics, "collector_source_up", &[("source", "ebpf")]),
+        Some(1.0)
+    );
+    let proxy = proxy_json(&netns);
+    let error = proxy["sources"]["nft"]["lastError"].as_str().unwrap();
+    assert!(
+        error.contains("nft did not finish within 10 s and was killed"),
+        "{error}"
+    );
+    let stopping = Instant::now();
+    assert!(agent.stop().success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert_no_pins(&config.pin_dir);
+}
+
+#[test]
 fn cleanup_after_a_crash_leaves_nothing_of_ours() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(ROUTES);

@@ -1,0 +1,156 @@
+//! Runs the `nft` tool, which makes and removes our table, within a deadline. A stuck `nft`
+//! (waiting on a kernel lock another process holds, say) would otherwise hold the start, a
+//! poll that makes the table again, or `cleanup`, for good. What `nft` writes to its
+//! standard error goes into the error: the `nftables` crate's helper lets it through to the
+//! agent's own, apart from the failure it explains.
+
+use std::{
+    ffi::OsString,
+    io::{Read as _, Write as _},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nftables::helper::NftablesError;
+
+/// How long `nft` may take to apply a ruleset: milliseconds as a rule, a few seconds where it
+/// must first read a ruleset of hundreds of thousands of rules.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+const PROGRAM: &str = "nft";
+
+/// How often a running `nft` is looked at: it takes about 10 ms to apply our table.
+const LOOK_EVERY: Duration = Duration::from_millis(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("{}", failure(.0))]
+    Run(#[from] NftablesError),
+    #[error(
+        "nft did not finish within {} s and was killed (is another process holding nftables' lock, or is nft stuck in the kernel?)",
+        .0.as_secs()
+    )]
+    TimedOut(Duration),
+}
+
+/// What went wrong, in nft's own words where it ran and failed: a refused rule, a missing
+/// kernel module or a missing permission is named there.
+fn failure(err: &NftablesError) -> String {
+    match err {
+        NftablesError::NftFailed {
+            program,
+            hint,
+            stderr,
+            ..
+        } if !stderr.trim().is_empty() => {
+            format!(
+                "{} failed while {hint}: {}",
+                program.display(),
+                stderr.trim()
+            )
+        }
+        NftablesError::NftExecution { inner, .. }
+            if inner.kind() == std::io::ErrorKind::NotFound =>
+        {
+            format!("{err}; is nft installed (apt install nftables)?")
+        }
+        _ => format!("the nft tool failed: {err}"),
+    }
+}
+
+/// Applies `ruleset` (nft's JSON) with `nft -j -f -`, killing `nft` if it takes longer than
+/// `deadline`.
+pub fn apply(ruleset: String, deadline: Duration) -> Result<(), ToolError> {
+    let program = OsString::from(PROGRAM);
+    let execution = |inner| NftablesError::NftExecution {
+        program: program.clone(),
+        inner,
+    };
+    let mut child = Command::new(&program)
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(execution)?;
+    let (Some(mut stdin), Some(mut stderr)) = (child.stdin.take(), child.stderr.take()) else {
+        abandon(child);
+        return Err(execution(std::io::Error::other("no pipes to nft")).into());
+    };
+    // Another thread feeds the ruleset and gathers what nft says, so that this one keeps the
+    // deadline whatever nft does with its pipes.
+    let io = thread::spawn(move || {
+        let fed = stdin.write_all(ruleset.as_bytes());
+        drop(stdin);
+        let mut said = Vec::new();
+        let _ = stderr.read_to_end(&mut said);
+        (fed, said)
+    });
+    let began = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if began.elapsed() < deadline => thread::sleep(LOOK_EVERY),
+            Ok(None) => {
+                abandon(child);
+                return Err(ToolError::TimedOut(deadline));
+            }
+            Err(err) => {
+                abandon(child);
+                return Err(execution(err).into());
+            }
+        }
+    };
+    let (fed, said) = io
+        .join()
+        .map_err(|_| execution(std::io::Error::other("feeding nft failed")))?;
+    if !status.success() {
+        return Err(NftablesError::NftFailed {
+            program,
+            hint: "applying ruleset".to_owned(),
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&said).into_owned(),
+        }
+        .into());
+    }
+    fed.map_err(execution)?;
+    Ok(())
+}
+
+/// Kills `nft` and reaps it on a thread of its own: a process stuck in the kernel dies only
+/// when it leaves it, and must not hold the agent until then.
+fn abandon(mut child: Child) {
+    let _ = child.kill();
+    thread::spawn(move || child.wait());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_of_nft_says_what_nft_said() {
+        let failed = ToolError::from(NftablesError::NftFailed {
+            program: "nft".into(),
+            hint: "applying ruleset".into(),
+            stdout: String::new(),
+            stderr: "Error: Could not process rule: Operation not permitted\n".into(),
+        });
+        assert_eq!(
+            failed.to_string(),
+            "nft failed while applying ruleset: Error: Could not process rule: Operation not \
+             permitted"
+        );
+        let missing = ToolError::from(NftablesError::NftExecution {
+            program: "nft".into(),
+            inner: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert!(
+            missing
+                .to_string()
+                .ends_with("is nft installed (apt install nftables)?"),
+            "{missing}"
+        );
+    }
+}
