@@ -242,7 +242,8 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         remove_empty_dirs(&map_dir)?;
         remove_dir_if_empty(pin_dir)?;
         if table == Table::Remove {
-            let found = nft::remove_leftover(table_name).context("removing our nftables table")?;
+            let found = nft::remove_leftover(table_name, config.nftables.nft_timeout)
+                .context("removing our nftables table")?;
             if let nft::Leftover::NotOurs(why) = found {
                 anyhow::bail!(
                     "the nftables table inet {table_name} changed while cleanup looked at it and \

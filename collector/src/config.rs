@@ -87,6 +87,8 @@ pub struct NftConfig {
     pub enabled: NftEnabled,
     /// Name of our table (family inet).
     pub table: String,
+    /// How long the `nft` tool may take to make or remove the table before it is killed.
+    pub nft_timeout: Duration,
 }
 
 /// `[nftables] enabled`: `true`, `false`, or `"auto"`.
@@ -234,6 +236,7 @@ struct RawHttp {
 struct RawNft {
     enabled: Option<Spanned<RawSwitch>>,
     table: Option<Spanned<String>>,
+    nft_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -772,6 +775,7 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
     let mut nftables = NftConfig {
         enabled: NftEnabled::Auto,
         table: "collector".to_owned(),
+        nft_timeout: Duration::from_secs(10),
     };
     let Some(raw) = raw else {
         return Ok(nftables);
@@ -803,6 +807,10 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
             ));
         }
         nftables.table.clone_from(name);
+    }
+    if let Some(timeout) = &raw.nft_timeout_ms {
+        let ms: u64 = in_range(source, timeout, "nft_timeout_ms", 1000, 600_000)?;
+        nftables.nft_timeout = Duration::from_millis(ms);
     }
     Ok(nftables)
 }
@@ -1268,6 +1276,22 @@ mod tests {
             enabled("[nftables]\nenabled = \"auto\"\n"),
             NftEnabled::Auto
         );
+    }
+
+    #[test]
+    fn the_nft_tool_gets_ten_seconds_unless_told_otherwise() {
+        let timeout = |text: &str| {
+            Config::from_toml("t.toml", text)
+                .unwrap()
+                .nftables
+                .nft_timeout
+        };
+        assert_eq!(timeout(""), Duration::from_secs(10));
+        assert_eq!(
+            timeout("[nftables]\nnft_timeout_ms = 120000\n"),
+            Duration::from_mins(2)
+        );
+        assert_error("[nftables]\nnft_timeout_ms = 999\n", 2, "nft_timeout_ms");
     }
 
     #[test]

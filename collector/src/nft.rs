@@ -27,6 +27,8 @@
 //! and a table changed in any way that stops or skews its counting (its rules flushed, a
 //! chain or map element gone, made dormant) is made again, as a table removed is.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::{
@@ -438,6 +440,7 @@ pub struct NftTable {
     /// another handle was made by someone else since, even if it reads as planned: a saved
     /// ruleset restored brings our table back with the counts it had when it was saved.
     handle: Option<u64>,
+    nft_timeout: Duration,
 }
 
 /// Whether [`NftTable::setup`] may keep a table of ours that is as planned, counts and all.
@@ -459,6 +462,7 @@ impl NftTable {
             counters: plan(config),
             verified: None,
             handle: None,
+            nft_timeout: config.nftables.nft_timeout,
         };
         let (contents, generation) = nfnetlink::read_table(&table.name)?.unzip();
         let replace = match judge(&table.counters, contents.as_ref()) {
@@ -484,7 +488,7 @@ impl NftTable {
                 });
             }
         };
-        apply(&table.ruleset(replace))?;
+        apply(&table.ruleset(replace), table.nft_timeout)?;
         // Learns the new table's handle. The table is made, so it is returned whatever this
         // finds: a table gone or changed already, or a failed read, shows again at the first
         // read, whose error handling mends the table and removes what is left of it.
@@ -609,7 +613,7 @@ impl NftTable {
     /// Removes the table: a clean stop leaves nothing of ours in nftables. One that someone
     /// else removed already is no error; one of that name that is no longer ours is left.
     pub fn remove(self) -> Result<(), NftError> {
-        if let Leftover::NotOurs(why) = remove_leftover(&self.name)? {
+        if let Leftover::NotOurs(why) = remove_leftover(&self.name, self.nft_timeout)? {
             tracing::warn!(
                 "left the nftables table inet {}: it is no longer the one the collector made (it {why})",
                 self.name
@@ -619,8 +623,8 @@ impl NftTable {
     }
 }
 
-fn apply(ruleset: &serde_json::Value) -> Result<(), NftError> {
-    nft_tool::apply(ruleset.to_string(), nft_tool::DEADLINE)?;
+fn apply(ruleset: &serde_json::Value, timeout: Duration) -> Result<(), NftError> {
+    nft_tool::apply(ruleset.to_string(), timeout)?;
     Ok(())
 }
 
@@ -651,12 +655,15 @@ fn judge_leftover(table: &str) -> Result<(Leftover, u64), NftError> {
 
 /// Removes the inet table `table` if it is recognisably ours (a crashed run's; `collector
 /// cleanup --apply`), by the handle it was judged by; returns what it found.
-pub fn remove_leftover(table: &str) -> Result<Leftover, NftError> {
+pub fn remove_leftover(table: &str, nft_timeout: Duration) -> Result<Leftover, NftError> {
     let (found, handle) = judge_leftover(table)?;
     if found == Leftover::Ours {
-        apply(&json!({"nftables": [
-            {"delete": {"table": {"family": "inet", "handle": handle}}},
-        ]}))?;
+        apply(
+            &json!({"nftables": [
+                {"delete": {"table": {"family": "inet", "handle": handle}}},
+            ]}),
+            nft_timeout,
+        )?;
     }
     Ok(found)
 }
@@ -726,7 +733,7 @@ impl Source {
         if source.enabled {
             source.make_table();
         } else if after_crash && source.claim_name().is_ok() {
-            match remove_leftover(&config.nftables.table) {
+            match remove_leftover(&config.nftables.table, config.nftables.nft_timeout) {
                 Ok(Leftover::Ours) => tracing::info!(
                     "removed the nftables table inet {} a crashed run left: counting is off now",
                     config.nftables.table
@@ -908,7 +915,7 @@ impl Source {
     /// recognisably ours; says what it did.
     fn remove_what_is_left(&self) {
         let table = &self.config.nftables.table;
-        match remove_leftover(table) {
+        match remove_leftover(table, self.config.nftables.nft_timeout) {
             Ok(Leftover::Ours) => {
                 tracing::info!("removed what was left of our nftables table inet {table}");
             }
@@ -1048,6 +1055,7 @@ mod tests {
             counters: plan(&config),
             verified: None,
             handle: None,
+            nft_timeout: config.nftables.nft_timeout,
         };
         let json = table.ruleset(None);
         let objects = json["nftables"].as_array().unwrap();

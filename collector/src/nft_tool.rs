@@ -1,4 +1,6 @@
-//! Runs the `nft` tool, which makes and removes our table, within a deadline. A stuck `nft`
+//! Runs the `nft` tool, which makes and removes our table, within a deadline
+//! (`[nftables] nft_timeout_ms`, 10 s by default: applying our table takes milliseconds, a
+//! few seconds where `nft` must first read a ruleset of hundreds of thousands of rules). A stuck `nft`
 //! (waiting on a kernel lock another process holds, say) would otherwise hold the start, a
 //! poll that makes the table again, or `cleanup`, for good. What `nft` writes to its
 //! standard error goes into the error: the `nftables` crate's helper lets it through to the
@@ -13,10 +15,6 @@ use std::{
 };
 
 use nftables::helper::NftablesError;
-
-/// How long `nft` may take to apply a ruleset: milliseconds as a rule, a few seconds where it
-/// must first read a ruleset of hundreds of thousands of rules.
-pub const DEADLINE: Duration = Duration::from_secs(10);
 
 const PROGRAM: &str = "nft";
 

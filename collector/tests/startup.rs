@@ -813,6 +813,17 @@ impl Drop for Unstall {
     }
 }
 
+/// Gives the `nft` tool `timeout` before it is killed: here, longer than any stall the test
+/// makes.
+fn nft_may_take(config: &AgentConfig, timeout: Duration) {
+    // `[nftables]` ends the file.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&config.path)
+        .unwrap();
+    writeln!(file, "nft_timeout_ms = {}", timeout.as_millis()).unwrap();
+}
+
 /// `PATH` with `bin` first.
 fn path_with(bin: &std::path::Path) -> String {
     format!(
@@ -829,6 +840,7 @@ fn path_with(bin: &std::path::Path) -> String {
 fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(WEB_ROUTE);
+    nft_may_take(&config, Duration::from_mins(10));
     let stall = config.dir.join("stall");
     let bin = stalling_nft(&config.dir, &stall);
     let mut launcher = netns.command(COLLECTOR);
@@ -1071,6 +1083,7 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     const STALL_LIMIT: Duration = Duration::from_mins(1);
     let netns = Netns::new();
     let config = AgentConfig::with_nft(WEB_ROUTE);
+    nft_may_take(&config, Duration::from_mins(10));
     let stall = config.dir.join("stall");
     let bin = stalling_nft(&config.dir, &stall);
     // systemd's watchdog, fed every 500 ms while the loop runs, by the same measure: the
