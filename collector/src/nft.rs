@@ -201,6 +201,8 @@ pub enum NftError {
     InUse { table: String, holder: Holder },
     #[error("claiming the nftables table's name: {0}")]
     Claim(std::io::Error),
+    #[error("making the nftables table failed: the thread making it panicked")]
+    MakingPanicked,
 }
 
 /// What a table of our name is, against a plan.
@@ -693,6 +695,14 @@ pub struct Source {
     found_changed: bool,
     /// What the next table made may adopt: a crashed run's at the first try only.
     adopt: Adopt,
+    /// A later try at making the table, on a thread of its own: a stuck `nft` holds it, not
+    /// the poll loop, for up to `[nftables] nft_timeout_ms`.
+    making: Option<Making>,
+}
+
+struct Making {
+    began: std::time::Instant,
+    thread: std::thread::JoinHandle<Result<NftTable, NftError>>,
 }
 
 /// When `auto` looks at netfilter's hooks, for what it logs.
@@ -724,6 +734,7 @@ impl Source {
             } else {
                 Adopt::Nothing
             },
+            making: None,
         };
         source.enabled = match config.nftables.enabled {
             NftEnabled::On => true,
@@ -819,6 +830,8 @@ impl Source {
         }
     }
 
+    /// Makes the table now: at the start, which serves only once it is made or known not to
+    /// be.
     fn make_table(&mut self) {
         let began = std::time::Instant::now();
         let setup = self
@@ -827,6 +840,45 @@ impl Source {
         // Only the first try may adopt: a table found later may be a saved ruleset's,
         // restored meanwhile with its old counts.
         self.adopt = Adopt::Nothing;
+        self.made(setup, began);
+    }
+
+    /// Starts making the table on a thread; a later poll takes it ([`Self::take_made`]).
+    fn start_making(&mut self) {
+        let began = std::time::Instant::now();
+        if let Err(err) = self.claim_name() {
+            self.made(Err(err), began);
+            return;
+        }
+        let config = self.config.clone();
+        let adopt = std::mem::replace(&mut self.adopt, Adopt::Nothing);
+        self.making = Some(Making {
+            began,
+            thread: std::thread::spawn(move || NftTable::setup(&config, adopt)),
+        });
+    }
+
+    /// Takes the table a thread made, once it is done (`wait`: waits for it).
+    fn take_made(&mut self, wait: bool) {
+        if !wait
+            && self
+                .making
+                .as_ref()
+                .is_none_or(|making| !making.thread.is_finished())
+        {
+            return;
+        }
+        let Some(making) = self.making.take() else {
+            return;
+        };
+        let setup = making
+            .thread
+            .join()
+            .unwrap_or(Err(NftError::MakingPanicked));
+        self.made(setup, making.began);
+    }
+
+    fn made(&mut self, setup: Result<NftTable, NftError>, began: std::time::Instant) {
         self.health.record(&setup, began.elapsed());
         match setup {
             Ok(table) => {
@@ -842,7 +894,8 @@ impl Source {
         if let Some(claim) = &self.claim {
             claim.drain();
         }
-        if self.table.is_none() {
+        self.take_made(false);
+        if self.table.is_none() && self.making.is_none() {
             self.retry_now_and_then();
         }
         let Some(table) = &mut self.table else {
@@ -893,12 +946,14 @@ impl Source {
             }
         }
         if self.enabled {
-            self.make_table();
+            self.start_making();
         }
     }
 
-    pub fn stop(self) -> anyhow::Result<()> {
+    pub fn stop(mut self) -> anyhow::Result<()> {
         use anyhow::Context as _;
+        // A table being made is ours to remove too.
+        self.take_made(true);
         match self.table {
             Some(table) => table.remove().context("removing our nftables table"),
             // A poll found our table changed (its rules flushed) and it is not made again

@@ -881,6 +881,94 @@ fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
     support::assert_no_pins(&config.pin_dir);
 }
 
+/// A table made again while the agent runs is made on a thread of its own: an `nft` that
+/// hangs holds that thread, and the polls go on. Until 2026-12-03 it held the poll loop.
+#[test]
+fn a_stuck_nft_making_the_table_again_holds_up_no_poll() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(WEB_ROUTE);
+    nft_may_take(&config, Duration::from_mins(10));
+    let stall = config.dir.join("stall");
+    let bin = stalling_nft(&config.dir, &stall);
+    let mut launcher = netns.command(COLLECTOR);
+    launcher.env("PATH", path_with(&bin));
+    let agent = Agent::spawn(&netns, launcher, &config, &[]);
+    let tables = || {
+        support::stdout_of(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &netns.name,
+            "nft",
+            "list",
+            "tables",
+        ]))
+    };
+    assert!(tables().contains(&config.nft_table), "{}", tables());
+
+    // Our table goes (a firewall reload); a poll makes it again with `nft`, which hangs.
+    std::fs::write(&stall, "").unwrap();
+    let unstall = Unstall(stall.clone());
+    support::run(
+        "ip",
+        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
+    );
+    let script = bin.join("nft").display().to_string();
+    wait_for(
+        "the agent to run the stuck nft",
+        Duration::from_secs(20),
+        || children_running(agent.pid(), &script).then_some(()),
+    );
+    // Polls go on meanwhile: these connections are counted only by a poll after them.
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    assert!(
+        children_running(agent.pid(), &script),
+        "nft stopped hanging"
+    );
+    assert_eq!(
+        netns.run(|| support::get("/healthz")).unwrap(),
+        (200, "ok\n".to_owned())
+    );
+
+    drop(unstall);
+    wait_for(
+        "the table to be made again",
+        Duration::from_secs(20),
+        || {
+            let metrics = scrape(&netns);
+            (tables().contains(&config.nft_table)
+                && sample(&metrics, "collector_source_up", &[("source", "nft")]) == Some(1.0))
+            .then_some(())
+        },
+    );
+    assert!(agent.stop().success());
+    assert!(!tables().contains(&config.nft_table), "{}", tables());
+    support::assert_no_pins(&config.pin_dir);
+}
+
+/// Some child of `pid` (of any of its threads) runs `program` (a script: its interpreter's
+/// command line names it).
+fn children_running(pid: u32, program: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|child| std::fs::read(format!("/proc/{child}/cmdline")).ok())
+        .any(|cmdline| {
+            cmdline
+                .split(|&b| b == 0)
+                .any(|arg| arg == program.as_bytes())
+        })
+}
+
 /// Removes a directory in bpffs (the host's) whatever happens to the test.
 struct RemoveAll(std::path::PathBuf);
 
@@ -1077,15 +1165,43 @@ fn stalling_nft(dir: &std::path::Path, stall: &std::path::Path) -> std::path::Pa
     bin
 }
 
+/// Stops the agent's main thread, which runs the poll loop, and only it: ptrace stops the
+/// one thread it is attached to, and the HTTP server and the watchdog's feeding run on the
+/// async runtime's workers. Resumes it when dropped; the same thread must drop it.
+struct Frozen(libc::pid_t);
+
+impl Frozen {
+    fn main_thread(pid: u32) -> Self {
+        let pid = libc::pid_t::try_from(pid).unwrap();
+        // SAFETY: plain system calls on a child of ours; no memory is passed.
+        unsafe {
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0),
+                0,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0), 0);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &raw mut status, libc::__WALL), pid);
+        }
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
+    }
+}
+
 #[test]
 fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     // `serve::stall_limit` at the tests' 100 ms poll interval.
     const STALL_LIMIT: Duration = Duration::from_mins(1);
     let netns = Netns::new();
-    let config = AgentConfig::with_nft(WEB_ROUTE);
-    nft_may_take(&config, Duration::from_mins(10));
-    let stall = config.dir.join("stall");
-    let bin = stalling_nft(&config.dir, &stall);
+    let config = AgentConfig::new(WEB_ROUTE);
     // systemd's watchdog, fed every 500 ms while the loop runs, by the same measure: the
     // feeds as they arrive, read all along as systemd reads them.
     let notify_path = config.dir.join("notify.sock");
@@ -1112,21 +1228,14 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     };
     let mut launcher = netns.command(COLLECTOR);
     launcher
-        .env("PATH", path_with(&bin))
         .env("NOTIFY_SOCKET", &notify_path)
         .env("WATCHDOG_USEC", "1000000");
     let agent = Agent::spawn(&netns, launcher, &config, &[]);
-    let unstall = Unstall(stall.clone());
     let probe = |path: &'static str| netns.run(move || support::get(path).unwrap());
     assert_eq!(probe("/healthz"), (200, "ok\n".to_owned()));
 
-    // Our table goes (a firewall reload); the poll loop makes it again with `nft`, which
-    // hangs: the loop with it. HTTP runs on other threads.
-    std::fs::write(&stall, "").unwrap();
-    support::run(
-        "ip",
-        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
-    );
+    // The poll loop stops, as one stuck in a read that never returns would.
+    let frozen = Frozen::main_thread(agent.pid());
     let (status, body) = wait_for(
         "/healthz to fail",
         STALL_LIMIT + Duration::from_secs(30),
@@ -1146,7 +1255,7 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     thread::sleep(Duration::from_secs(2));
     assert_eq!(feeds_since(stuck), 0, "fed while stuck");
 
-    drop(unstall);
+    drop(frozen);
     wait_for("/healthz to pass again", Duration::from_secs(10), || {
         (probe("/healthz").0 == 200).then_some(())
     });
