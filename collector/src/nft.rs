@@ -702,7 +702,8 @@ pub struct Source {
 
 struct Making {
     began: std::time::Instant,
-    thread: std::thread::JoinHandle<Result<NftTable, NftError>>,
+    /// The table made, or `None` for a removal of what is left of one.
+    thread: std::thread::JoinHandle<Option<Result<NftTable, NftError>>>,
 }
 
 /// When `auto` looks at netfilter's hooks, for what it logs.
@@ -854,7 +855,19 @@ impl Source {
         let adopt = std::mem::replace(&mut self.adopt, Adopt::Nothing);
         self.making = Some(Making {
             began,
-            thread: std::thread::spawn(move || NftTable::setup(&config, adopt)),
+            thread: std::thread::spawn(move || Some(NftTable::setup(&config, adopt))),
+        });
+    }
+
+    /// Starts removing what is left of our table on a thread, as [`Self::start_making`].
+    fn start_removing_what_is_left(&mut self) {
+        let config = self.config.clone();
+        self.making = Some(Making {
+            began: std::time::Instant::now(),
+            thread: std::thread::spawn(move || {
+                remove_what_is_left(&config);
+                None
+            }),
         });
     }
 
@@ -871,11 +884,13 @@ impl Source {
         let Some(making) = self.making.take() else {
             return;
         };
-        let setup = making
+        if let Some(setup) = making
             .thread
             .join()
-            .unwrap_or(Err(NftError::MakingPanicked));
-        self.made(setup, making.began);
+            .unwrap_or(Some(Err(NftError::MakingPanicked)))
+        {
+            self.made(setup, making.began);
+        }
     }
 
     fn made(&mut self, setup: Result<NftTable, NftError>, began: std::time::Instant) {
@@ -885,7 +900,13 @@ impl Source {
                 self.table = Some(table);
                 self.found_changed = false;
             }
-            Err(err) => tracing::warn!("nftables counters are off for now: {err}"),
+            Err(err) => {
+                // A killed `nft` may still have made the table: it is ours to remove.
+                if matches!(err, NftError::Tool(nft_tool::ToolError::TimedOut(_))) {
+                    self.found_changed = true;
+                }
+                tracing::warn!("nftables counters are off for now: {err}");
+            }
         }
     }
 
@@ -941,7 +962,7 @@ impl Source {
             // What was found "removed" may be our table changed (its rules flushed), still
             // hooked: with counting off it would be the namespace's first hook for good.
             if !self.enabled && look == Look::AfterRemoval {
-                self.remove_what_is_left();
+                self.start_removing_what_is_left();
                 self.found_changed = false;
             }
         }
@@ -956,28 +977,29 @@ impl Source {
         self.take_made(true);
         match self.table {
             Some(table) => table.remove().context("removing our nftables table"),
-            // A poll found our table changed (its rules flushed) and it is not made again
-            // yet: what is left of it is still ours, and may still hook every packet.
+            // A poll found our table changed (its rules flushed), or an `nft` killed at its
+            // deadline may have made it after all, and it is not made again yet: what is
+            // left of it is still ours, and may still hook every packet.
             None if self.found_changed => {
-                self.remove_what_is_left();
+                remove_what_is_left(&self.config);
                 Ok(())
             }
             None => Ok(()),
         }
     }
+}
 
-    /// Removes what is left of our table after a poll found it changed, if it is still
-    /// recognisably ours; says what it did.
-    fn remove_what_is_left(&self) {
-        let table = &self.config.nftables.table;
-        match remove_leftover(table, self.config.nftables.nft_timeout) {
-            Ok(Leftover::Ours) => {
-                tracing::info!("removed what was left of our nftables table inet {table}");
-            }
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!("removing what was left of our nftables table inet {table}: {err}");
-            }
+/// Removes what is left of our table after a poll found it changed, if it is still
+/// recognisably ours; says what it did.
+fn remove_what_is_left(config: &Config) {
+    let table = &config.nftables.table;
+    match remove_leftover(table, config.nftables.nft_timeout) {
+        Ok(Leftover::Ours) => {
+            tracing::info!("removed what was left of our nftables table inet {table}");
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!("removing what was left of our nftables table inet {table}: {err}");
         }
     }
 }

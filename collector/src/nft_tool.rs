@@ -10,6 +10,7 @@ use std::{
     ffi::OsString,
     io::{Read as _, Write as _},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -21,15 +22,23 @@ const PROGRAM: &str = "nft";
 /// How often a running `nft` is looked at: it takes about 10 ms to apply our table.
 const LOOK_EVERY: Duration = Duration::from_millis(2);
 
+/// `nft` processes killed at their deadline that have not exited yet: stuck in the kernel,
+/// where a kill takes effect only when they leave it. No other is started meanwhile, so that
+/// tries do not pile up stuck processes (and their threads).
+static STILL_EXITING: AtomicUsize = AtomicUsize::new(0);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     #[error("{}", failure(.0))]
     Run(#[from] NftablesError),
     #[error(
-        "nft did not finish within {} s and was killed (is another process holding nftables' lock, or is nft stuck in the kernel?)",
-        .0.as_secs()
+        "nft did not finish within {0:?} and was killed (stuck on the kernel's nftables lock?); a table it was still making is removed at the next try or at the stop"
     )]
     TimedOut(Duration),
+    #[error(
+        "an nft killed at its deadline has not exited yet (stuck in the kernel): no other is started until it has"
+    )]
+    StillExiting,
 }
 
 /// What went wrong, in nft's own words where it ran and failed: a refused rule, a missing
@@ -60,6 +69,9 @@ fn failure(err: &NftablesError) -> String {
 /// Applies `ruleset` (nft's JSON) with `nft -j -f -`, killing `nft` if it takes longer than
 /// `deadline`.
 pub fn apply(ruleset: String, deadline: Duration) -> Result<(), ToolError> {
+    if STILL_EXITING.load(Ordering::Relaxed) > 0 {
+        return Err(ToolError::StillExiting);
+    }
     let program = OsString::from(PROGRAM);
     let execution = |inner| NftablesError::NftExecution {
         program: program.clone(),
@@ -103,14 +115,18 @@ pub fn apply(ruleset: String, deadline: Duration) -> Result<(), ToolError> {
     let (fed, said) = io
         .join()
         .map_err(|_| execution(std::io::Error::other("feeding nft failed")))?;
+    let said = String::from_utf8_lossy(&said).into_owned();
     if !status.success() {
         return Err(NftablesError::NftFailed {
             program,
             hint: "applying ruleset".to_owned(),
             stdout: String::new(),
-            stderr: String::from_utf8_lossy(&said).into_owned(),
+            stderr: said,
         }
         .into());
+    }
+    if !said.trim().is_empty() {
+        tracing::warn!("nft applied our ruleset and said: {}", said.trim());
     }
     fed.map_err(execution)?;
     Ok(())
@@ -120,7 +136,11 @@ pub fn apply(ruleset: String, deadline: Duration) -> Result<(), ToolError> {
 /// when it leaves it, and must not hold the agent until then.
 fn abandon(mut child: Child) {
     let _ = child.kill();
-    thread::spawn(move || child.wait());
+    STILL_EXITING.fetch_add(1, Ordering::Relaxed);
+    thread::spawn(move || {
+        let _ = child.wait();
+        STILL_EXITING.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 #[cfg(test)]

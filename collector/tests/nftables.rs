@@ -308,23 +308,40 @@ fn without_nft_only_the_nft_source_is_down() {
 #[test]
 fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
     let netns = Netns::new();
-    let config = AgentConfig::with_nft(ROUTES);
+    // Polls a second apart: the next try at making the table comes 30 s later.
+    let config = AgentConfig::with_nft_polling_every(ROUTES, 1000);
     // `[nftables]` ends the file.
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .open(&config.path)
         .unwrap();
     file.write_all(b"nft_timeout_ms = 2000\n").unwrap();
-    // An `nft` that never finishes, as one waiting on a lock would not.
+    // The first `nft` never finishes, as one waiting on the kernel's lock would not, and
+    // what it was given is applied a second after it was killed, as such an `nft` may still
+    // commit once it has the lock. Later ones are the real one.
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v nft"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let real = real.trim();
     let tools = config.dir.join("stuck-tools");
     std::fs::create_dir_all(&tools).unwrap();
     let pid_file = tools.join("nft.pid");
     let script = tools.join("nft");
+    let [mark, ruleset] = [tools.join("called"), tools.join("ruleset.json")];
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\necho $$ > {}\nexec /bin/sleep 600\n",
-            pid_file.display()
+            "#!/bin/sh\n[ -e {mark} ] && exec {real} \"$@\"\n: > {mark}\n/bin/cat > {ruleset}\n\
+             echo $$ > {pid}\n( /bin/sleep 3; {real} -j -f {ruleset} ) > /dev/null 2>&1 &\n\
+             exec /bin/sleep 600\n",
+            mark = mark.display(),
+            ruleset = ruleset.display(),
+            pid = pid_file.display(),
         ),
     )
     .unwrap();
@@ -365,15 +382,24 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
     let proxy = proxy_json(&netns);
     let error = proxy["sources"]["nft"]["lastError"].as_str().unwrap();
     assert!(
-        error.contains("nft did not finish within 2 s and was killed"),
+        error.contains("nft did not finish within 2s and was killed"),
         "{error}"
     );
+    // The killed nft's table appears after all; the stop removes it.
+    wait_for("the late table", Duration::from_secs(10), || {
+        tables(&netns).contains(&config.nft_table).then_some(())
+    });
     let stopping = Instant::now();
     assert!(agent.stop().success());
     assert!(
         stopping.elapsed() < Duration::from_secs(5),
         "{:?}",
         stopping.elapsed()
+    );
+    assert!(
+        !tables(&netns).contains(&config.nft_table),
+        "{}",
+        tables(&netns)
     );
     assert_no_pins(&config.pin_dir);
 }

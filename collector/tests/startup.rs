@@ -1171,21 +1171,40 @@ fn stalling_nft(dir: &std::path::Path, stall: &std::path::Path) -> std::path::Pa
 struct Frozen(libc::pid_t);
 
 impl Frozen {
+    /// Stops the thread where it waits (for the next tick), not in the middle of a poll,
+    /// where it may hold a lock that the HTTP server's tasks then wait on.
     fn main_thread(pid: u32) -> Self {
         let pid = libc::pid_t::try_from(pid).unwrap();
-        // SAFETY: plain system calls on a child of ours; no memory is passed.
-        unsafe {
-            assert_eq!(
-                libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0),
-                0,
-                "{}",
-                std::io::Error::last_os_error()
-            );
-            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0), 0);
-            let mut status = 0;
-            assert_eq!(libc::waitpid(pid, &raw mut status, libc::__WALL), pid);
+        let waiting = [libc::SYS_futex, libc::SYS_epoll_wait, libc::SYS_epoll_pwait];
+        for _ in 0..1000 {
+            // SAFETY: plain system calls on a child of ours; no memory is passed but the
+            // status.
+            unsafe {
+                assert_eq!(
+                    libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0),
+                    0,
+                    "{}",
+                    std::io::Error::last_os_error()
+                );
+                assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0), 0);
+                let mut status = 0;
+                assert_eq!(libc::waitpid(pid, &raw mut status, libc::__WALL), pid);
+            }
+            let frozen = Self(pid);
+            // The first field: the system call it is in, or "running".
+            let syscall = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/syscall"))
+                .unwrap_or_default();
+            let number = syscall
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok());
+            if number.is_some_and(|n: i64| waiting.contains(&n)) {
+                return frozen;
+            }
+            drop(frozen);
+            thread::sleep(Duration::from_millis(7));
         }
-        Self(pid)
+        panic!("the agent's main thread was never found waiting");
     }
 }
 
