@@ -176,6 +176,11 @@ pub mod program_names {
     /// tc egress classifier: live bytes and packets per route; DNS responses from the server
     /// and its upstream queries.
     pub const COUNT_EGRESS: &str = "count_egress";
+    /// [`COUNT_INGRESS`] for interfaces whose packets start at the IP header (WireGuard,
+    /// tun).
+    pub const COUNT_INGRESS_IP: &str = "count_ingress_ip";
+    /// [`COUNT_EGRESS`] for interfaces whose packets start at the IP header.
+    pub const COUNT_EGRESS_IP: &str = "count_egress_ip";
     /// tc ingress classifier for loopback, counting both directions and all DNS messages
     /// (every packet sent on lo comes back in through its ingress).
     pub const COUNT_LOOPBACK: &str = "count_loopback";

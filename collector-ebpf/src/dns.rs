@@ -45,8 +45,8 @@ use crate::{
     DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAMES,
     DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded,
-        ours, ptr_at, read_be16, read_u8,
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded, ours,
+        ptr_at, read_be16, read_u8,
     },
     tally::{Tally, tally},
 };
@@ -144,8 +144,8 @@ impl Question {
 /// Counts one packet, if it is DNS on a watched port. Always inlined so that `hook` is a
 /// constant in each classifier and the port choice folds away.
 #[inline(always)]
-pub fn count_packet(ctx: &TcContext, hook: u32) {
-    let Some(datagram) = locate(ctx) else {
+pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
+    let Some(datagram) = locate::<L2>(ctx) else {
         return;
     };
     let (Some(src_port), Some(dst_port)) =
@@ -169,7 +169,7 @@ pub fn count_packet(ctx: &TcContext, hook: u32) {
         return;
     };
     // A query to this namespace's server, or a message from it; on loopback, all are.
-    if hook != HOOK_LOOPBACK && !ours(ctx, datagram.ipv6, role == Role::Query) {
+    if hook != HOOK_LOOPBACK && !ours::<L2>(ctx, datagram.ipv6, role == Role::Query) {
         return;
     }
     let Some(counters) = DNS_COUNTERS.get_ptr_mut(0) else {
@@ -178,7 +178,7 @@ pub fn count_packet(ctx: &TcContext, hook: u32) {
     // SAFETY: this CPU's value; BPF programs run with migration disabled, and tc programs do
     // not nest on a CPU.
     let counters = unsafe { &mut *counters };
-    if let Err(reason) = count_message(ctx, &datagram, role, counters) {
+    if let Err(reason) = count_message::<L2>(ctx, &datagram, role, counters) {
         counters.malformed[(reason & 7) as usize] += 1;
     }
 }
@@ -186,15 +186,15 @@ pub fn count_packet(ctx: &TcContext, hook: u32) {
 /// Ethernet → IPv4/IPv6 (extension headers walked) → UDP. `None` for anything else: not
 /// ours to count.
 #[inline(always)]
-fn locate(ctx: &TcContext) -> Option<Datagram> {
+fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
     let skb_len = ctx.len() as usize;
     match ether_type(ctx) {
         ETH_P_IP => {
-            let version_ihl = read_u8(ctx, ETH_HLEN)?;
-            if read_u8(ctx, ETH_HLEN + 9)? != IPPROTO_UDP {
+            let version_ihl = read_u8(ctx, L2)?;
+            if read_u8(ctx, L2 + 9)? != IPPROTO_UDP {
                 return None;
             }
-            let fragment = read_be16(ctx, ETH_HLEN + 6)?;
+            let fragment = read_be16(ctx, L2 + 6)?;
             // Later fragments carry no UDP header.
             if fragment & 0x1fff != 0 {
                 return None;
@@ -203,8 +203,8 @@ fn locate(ctx: &TcContext) -> Option<Datagram> {
             if ihl < 20 {
                 return None;
             }
-            let total = usize::from(read_be16(ctx, ETH_HLEN + 2)?);
-            let l4 = ETH_HLEN + ihl;
+            let total = usize::from(read_be16(ctx, L2 + 2)?);
+            let l4 = L2 + ihl;
             Some(Datagram {
                 l4,
                 available: total.saturating_sub(ihl).min(skb_len.saturating_sub(l4)),
@@ -213,9 +213,9 @@ fn locate(ctx: &TcContext) -> Option<Datagram> {
             })
         }
         ETH_P_IPV6 => {
-            let payload = usize::from(read_be16(ctx, ETH_HLEN + 4)?);
-            let mut next = read_u8(ctx, ETH_HLEN + 6)?;
-            let mut l4 = ETH_HLEN + IPV6_HLEN;
+            let payload = usize::from(read_be16(ctx, L2 + 4)?);
+            let mut next = read_u8(ctx, L2 + 6)?;
+            let mut l4 = L2 + IPV6_HLEN;
             let mut fragmented = false;
             for _ in 0..MAX_EXT_HEADERS {
                 if next == IPPROTO_UDP {
@@ -251,7 +251,7 @@ fn locate(ctx: &TcContext) -> Option<Datagram> {
             }
             Some(Datagram {
                 l4,
-                available: (ETH_HLEN + IPV6_HLEN + payload)
+                available: (L2 + IPV6_HLEN + payload)
                     .saturating_sub(l4)
                     .min(skb_len.saturating_sub(l4)),
                 fragmented,
@@ -264,7 +264,7 @@ fn locate(ctx: &TcContext) -> Option<Datagram> {
 
 /// Parses and counts one message; `Err` carries the malformed reason.
 #[inline(always)]
-fn count_message(
+fn count_message<const L2: usize>(
     ctx: &TcContext,
     datagram: &Datagram,
     role: Role,
@@ -339,7 +339,7 @@ fn count_message(
             let question = walked.valid()?;
             // The name is counted (in its slot, or in the event that claims it) before the
             // query is, so that a snapshot's top domains cover every query its counters show.
-            on_query(ctx, &at, id, &question, buf, counters);
+            on_query::<L2>(ctx, &at, id, &question, buf, counters);
             counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
             counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
         }
@@ -362,7 +362,7 @@ fn count_message(
                 counters.responses_truncated += 1;
             }
             if matching() {
-                on_response(
+                on_response::<L2>(
                     ctx,
                     &at,
                     id,
@@ -506,15 +506,15 @@ fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize, qtype: u16) -> u64 
 
 /// The client's address and port: the source of a query, the destination of a response.
 #[inline(always)]
-fn client(ctx: &TcContext, at: &Located, source: bool) -> Option<([u8; 16], u16)> {
+fn client<const L2: usize>(ctx: &TcContext, at: &Located, source: bool) -> Option<([u8; 16], u16)> {
     let mut addr = [0u8; 16];
     if at.ipv6 {
-        let at = ETH_HLEN + if source { 8 } else { 24 };
+        let at = L2 + if source { 8 } else { 24 };
         let ptr = ptr_at::<[u8; 16]>(ctx, at)?;
         // SAFETY: ptr_at checked the 16 bytes.
         addr = unsafe { *ptr };
     } else {
-        let at = ETH_HLEN + if source { 12 } else { 16 };
+        let at = L2 + if source { 12 } else { 16 };
         let ptr = ptr_at::<[u8; 4]>(ctx, at)?;
         addr[10] = 0xff;
         addr[11] = 0xff;
@@ -557,7 +557,7 @@ fn sample_port(ctx: &TcContext, at: &Located, query: bool) -> Option<u16> {
 /// only (a full ring then loses a stream line; a name that holds its slot counts on, one
 /// that must claim a slot still needs its name event through the ring).
 #[inline(always)]
-fn on_query(
+fn on_query<const L2: usize>(
     ctx: &TcContext,
     at: &Located,
     id: u16,
@@ -578,7 +578,7 @@ fn on_query(
             return;
         }
     }
-    let Some((addr, port)) = client(ctx, at, true) else {
+    let Some((addr, port)) = client::<L2>(ctx, at, true) else {
         return;
     };
     // Without matching the time only stamps the streamed event, where the last tick is
@@ -747,7 +747,7 @@ fn send_with_name<E>(
     reason = "inlined into the classifier: a struct would only be unpacked again"
 )]
 #[inline(always)]
-fn on_response(
+fn on_response<const L2: usize>(
     ctx: &TcContext,
     at: &Located,
     id: u16,
@@ -761,7 +761,7 @@ fn on_response(
     if !in_sample(port, id, DNS_MATCH_BELOW.load(), dns_match_sample) {
         return;
     }
-    let Some((addr, port)) = client(ctx, at, false) else {
+    let Some((addr, port)) = client::<L2>(ctx, at, false) else {
         counters.unmatched_responses += 1;
         return;
     };

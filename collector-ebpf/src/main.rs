@@ -38,6 +38,8 @@ use collector_common::{
     TrafficCounters, UpstreamCounters, local_address_set_bits,
 };
 
+use crate::packet::{ETH_HLEN, NO_LINK_HEADER};
+
 /// Network namespace whose sockets are counted; 0 counts all. Set by the agent at load.
 #[unsafe(no_mangle)]
 static NETNS_COOKIE: Global<u64> = Global::new(0);
@@ -235,8 +237,8 @@ pub fn read_early_hellos(ctx: SkBuffContext) -> i32 {
 /// One classifier per hook does both jobs, since a second program on a hook costs a
 /// dispatch on every packet: TCP goes to the route counters, the rest to DNS while it is on.
 #[inline(always)]
-fn for_dns(ctx: &TcContext) -> bool {
-    DNS_ENABLED.load() != 0 && !packet::may_carry_tcp(ctx)
+fn for_dns<const L2: usize>(ctx: &TcContext) -> bool {
+    DNS_ENABLED.load() != 0 && !packet::may_carry_tcp::<L2>(ctx)
 }
 
 /// A packet still carrying a VLAN tag in its metadata crosses the VLAN's own device too
@@ -252,36 +254,60 @@ fn tagged(ctx: &TcContext) -> bool {
     }
 }
 
-#[classifier]
-pub fn count_ingress(ctx: TcContext) -> i32 {
-    if tagged(&ctx) {
+/// Counts one packet at ingress, after a link-layer header of `L2` bytes.
+#[inline(always)]
+fn count_arriving<const L2: usize>(ctx: &TcContext) -> i32 {
+    if tagged(ctx) {
         return TC_ACT_UNSPEC;
     }
-    if for_dns(&ctx) {
-        dns::count_packet(&ctx, dns::HOOK_INGRESS);
+    if for_dns::<L2>(ctx) {
+        dns::count_packet::<L2>(ctx, dns::HOOK_INGRESS);
     } else {
-        traffic::count_packet(&ctx, DIR_IN);
+        traffic::count_packet::<L2>(ctx, DIR_IN);
     }
     TC_ACT_UNSPEC
+}
+
+/// Counts one packet at egress, after a link-layer header of `L2` bytes.
+#[inline(always)]
+fn count_leaving<const L2: usize>(ctx: &TcContext) -> i32 {
+    if tagged(ctx) {
+        return TC_ACT_UNSPEC;
+    }
+    if for_dns::<L2>(ctx) {
+        dns::count_packet::<L2>(ctx, dns::HOOK_EGRESS);
+    } else {
+        traffic::count_packet::<L2>(ctx, DIR_OUT);
+    }
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn count_ingress(ctx: TcContext) -> i32 {
+    count_arriving::<ETH_HLEN>(&ctx)
 }
 
 #[classifier]
 pub fn count_egress(ctx: TcContext) -> i32 {
-    if tagged(&ctx) {
-        return TC_ACT_UNSPEC;
-    }
-    if for_dns(&ctx) {
-        dns::count_packet(&ctx, dns::HOOK_EGRESS);
-    } else {
-        traffic::count_packet(&ctx, DIR_OUT);
-    }
-    TC_ACT_UNSPEC
+    count_leaving::<ETH_HLEN>(&ctx)
+}
+
+/// For interfaces whose packets start at the IP header (WireGuard, tun); attached only there.
+#[classifier]
+pub fn count_ingress_ip(ctx: TcContext) -> i32 {
+    count_arriving::<NO_LINK_HEADER>(&ctx)
+}
+
+/// The egress counterpart of [`count_ingress_ip`].
+#[classifier]
+pub fn count_egress_ip(ctx: TcContext) -> i32 {
+    count_leaving::<NO_LINK_HEADER>(&ctx)
 }
 
 #[classifier]
 pub fn count_loopback(ctx: TcContext) -> i32 {
-    if for_dns(&ctx) {
-        dns::count_packet(&ctx, dns::HOOK_LOOPBACK);
+    if for_dns::<ETH_HLEN>(&ctx) {
+        dns::count_packet::<ETH_HLEN>(&ctx, dns::HOOK_LOOPBACK);
     } else {
         traffic::count_loopback_packet(&ctx);
     }

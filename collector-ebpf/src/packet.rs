@@ -8,7 +8,10 @@ use collector_common::{LOCAL_ADDRESS_WAYS, address_words, local_address_sets};
 
 use crate::{LOCAL_ADDRESS_SET_BITS, LOCAL_ADDRESSES, LOCAL_ADDRESSES_COMPLETE, LOCAL_ONLY};
 
+/// The link-layer header before the IP header (`L2` in the parsers): Ethernet's, or none on
+/// an interface whose packets start at the IP header (WireGuard, tun).
 pub const ETH_HLEN: usize = 14;
+pub const NO_LINK_HEADER: usize = 0;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_TCP: u8 = 6;
@@ -51,11 +54,11 @@ pub fn ether_type(ctx: &TcContext) -> u16 {
 /// jumbo packet's hop-by-hop header, which the TCP counting looks into). Also true when that
 /// byte cannot be read, so that the TCP counting sees the truncated header.
 #[inline(always)]
-pub fn may_carry_tcp(ctx: &TcContext) -> bool {
+pub fn may_carry_tcp<const L2: usize>(ctx: &TcContext) -> bool {
     match ether_type(ctx) {
-        ETH_P_IP => read_u8(ctx, ETH_HLEN + 9).is_none_or(|protocol| protocol == IPPROTO_TCP),
-        ETH_P_IPV6 => read_u8(ctx, ETH_HLEN + 6).is_none_or(|next| {
-            next == IPPROTO_TCP || (next == NEXTHDR_HOP && read_be16(ctx, ETH_HLEN + 4) == Some(0))
+        ETH_P_IP => read_u8(ctx, L2 + 9).is_none_or(|protocol| protocol == IPPROTO_TCP),
+        ETH_P_IPV6 => read_u8(ctx, L2 + 6).is_none_or(|next| {
+            next == IPPROTO_TCP || (next == NEXTHDR_HOP && read_be16(ctx, L2 + 4) == Some(0))
         }),
         _ => false,
     }
@@ -76,20 +79,20 @@ pub fn forwarded(ctx: &TcContext) -> bool {
 /// is not complete, and the port alone decides. A host that forwards sees others' packets
 /// on the ports we watch; they are not ours to count.
 #[inline(always)]
-pub fn ours(ctx: &TcContext, ipv6: bool, inbound: bool) -> bool {
+pub fn ours<const L2: usize>(ctx: &TcContext, ipv6: bool, inbound: bool) -> bool {
     if LOCAL_ONLY.load() == 0 || LOCAL_ADDRESSES_COMPLETE.get(0).is_none_or(|&c| c == 0) {
         return true;
     }
     let mut address = [0u8; 16];
     if ipv6 {
-        let at = ETH_HLEN + if inbound { 24 } else { 8 };
+        let at = L2 + if inbound { 24 } else { 8 };
         let Some(ptr) = ptr_at::<[u8; 16]>(ctx, at) else {
             return false;
         };
         // SAFETY: ptr_at checked the 16 bytes.
         address = unsafe { *ptr };
     } else {
-        let at = ETH_HLEN + if inbound { 16 } else { 12 };
+        let at = L2 + if inbound { 16 } else { 12 };
         let Some(ptr) = ptr_at::<[u8; 4]>(ctx, at) else {
             return false;
         };

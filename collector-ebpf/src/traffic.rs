@@ -44,8 +44,8 @@ struct Segment {
 /// into a select between two packet pointers, which the verifier rejects ("bitwise operator
 /// on pointer").
 #[inline(always)]
-pub fn count_packet(ctx: &TcContext, dir: u32) {
-    let Some(segment) = parse(ctx) else {
+pub fn count_packet<const L2: usize>(ctx: &TcContext, dir: u32) {
+    let Some(segment) = parse::<L2>(ctx) else {
         return;
     };
     let port = if dir == DIR_IN {
@@ -54,7 +54,7 @@ pub fn count_packet(ctx: &TcContext, dir: u32) {
         segment.src_port
     };
     if let Some(counters) = route_counters(port, dir)
-        && ours(ctx, segment.ipv6, dir == DIR_IN)
+        && ours::<L2>(ctx, segment.ipv6, dir == DIR_IN)
     {
         add(counters, &segment);
     }
@@ -64,7 +64,7 @@ pub fn count_packet(ctx: &TcContext, dir: u32) {
 /// port.
 #[inline(always)]
 pub fn count_loopback_packet(ctx: &TcContext) {
-    let Some(segment) = parse(ctx) else {
+    let Some(segment) = parse::<ETH_HLEN>(ctx) else {
         return;
     };
     for (port, dir) in [(segment.dst_port, DIR_IN), (segment.src_port, DIR_OUT)] {
@@ -105,35 +105,35 @@ fn add(counters: *mut TrafficCounters, segment: &Segment) {
 /// Ethernet → IPv4/IPv6 → TCP. `None` for anything else (not ours) and for truncated
 /// headers (counted).
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Segment> {
+fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
     let proto = ether_type(ctx);
-    let skb_l3_len = u64::from(ctx.len()).saturating_sub(ETH_HLEN as u64);
+    let skb_l3_len = u64::from(ctx.len()).saturating_sub(L2 as u64);
     let (l4_offset, ip_len) = match proto {
         ETH_P_IP => {
-            let Some(version_ihl) = read_u8(ctx, ETH_HLEN) else {
+            let Some(version_ihl) = read_u8(ctx, L2) else {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
-            if read_u8(ctx, ETH_HLEN + 9)? != IPPROTO_TCP {
+            if read_u8(ctx, L2 + 9)? != IPPROTO_TCP {
                 return None;
             }
             // Later fragments carry no TCP header.
-            if read_be16(ctx, ETH_HLEN + 6)? & 0x1fff != 0 {
+            if read_be16(ctx, L2 + 6)? & 0x1fff != 0 {
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
             if ihl < 20 {
                 return None;
             }
-            let total = u64::from(read_be16(ctx, ETH_HLEN + 2)?);
-            (ETH_HLEN + ihl, total)
+            let total = u64::from(read_be16(ctx, L2 + 2)?);
+            (L2 + ihl, total)
         }
         ETH_P_IPV6 => {
-            let Some(next_header) = read_u8(ctx, ETH_HLEN + 6) else {
+            let Some(next_header) = read_u8(ctx, L2 + 6) else {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
-            let payload = u64::from(read_be16(ctx, ETH_HLEN + 4)?);
+            let payload = u64::from(read_be16(ctx, L2 + 4)?);
             if next_header == IPPROTO_TCP {
                 // A payload length of 0 is BIG TCP without the hop-by-hop header (below).
                 let ip_len = if payload == 0 {
@@ -141,16 +141,16 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
                 } else {
                     payload + IPV6_HLEN as u64
                 };
-                (ETH_HLEN + IPV6_HLEN, ip_len)
+                (L2 + IPV6_HLEN, ip_len)
             } else if next_header == NEXTHDR_HOP && payload == 0 {
                 // A GSO packet over 64 KiB as kernels with IPv6 BIG TCP have built it: a
                 // hop-by-hop header holding only the jumbo payload option, then TCP.
-                let hop = ptr_at::<[u8; 4]>(ctx, ETH_HLEN + IPV6_HLEN)?;
+                let hop = ptr_at::<[u8; 4]>(ctx, L2 + IPV6_HLEN)?;
                 // SAFETY: ptr_at checked the four bytes.
                 if unsafe { *hop } != [IPPROTO_TCP, 0, IPV6_TLV_JUMBO, 4] {
                     return None;
                 }
-                (ETH_HLEN + IPV6_HLEN + 8, 0)
+                (L2 + IPV6_HLEN + 8, 0)
             } else {
                 // Other extension headers before TCP are rare on a proxy's connections; not
                 // counted.
@@ -178,7 +178,7 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
     let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
     let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
     let data_offset = tcp[12];
-    let headers = (l4_offset - ETH_HLEN) as u64 + u64::from(data_offset >> 4) * 4;
+    let headers = (l4_offset - L2) as u64 + u64::from(data_offset >> 4) * 4;
     Some(Segment {
         src_port,
         dst_port,

@@ -811,7 +811,7 @@ mod tests {
             index,
             name: name.into(),
             up,
-            ethernet_framing: true,
+            framing: links::Framing::Ethernet,
             loopback: name == "lo",
             controller: None,
             lower: None,
@@ -833,13 +833,16 @@ mod tests {
             detail.starts_with("eth9 not here (yet)") && detail.ends_with("attached now: lo"),
             "{detail}"
         );
-        let tun = links::Link {
-            ethernet_framing: false,
-            ..link(4, "tun9", true)
+        let infiniband = links::Link {
+            framing: links::Framing::Other,
+            ..link(4, "ib0", true)
         };
-        let (status, detail) = judge_interfaces(&[tun], &["tun9".to_owned()]);
+        let (status, detail) = judge_interfaces(&[infiniband], &["ib0".to_owned()]);
         assert_eq!(status, Status::Fail);
-        assert!(detail.contains("no Ethernet framing"), "{detail}");
+        assert!(
+            detail.contains("framing the tc classifiers do not parse"),
+            "{detail}"
+        );
         let (status, _) = judge_interfaces(&[link(2, "eth0", false)], &[]);
         assert_eq!(status, Status::Warn);
     }

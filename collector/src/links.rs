@@ -1,5 +1,5 @@
 //! Network interfaces of the agent's namespace, read over rtnetlink: which ones exist, are
-//! up, carry Ethernet framing that the tc classifiers parse, and their kernel counters
+//! up, carry a framing that the tc classifiers parse ([`Framing`]), and their kernel counters
 //! (stats64). Read on every poll: that keeps the attached set current (an interface that
 //! appears is attached at the next poll) and the counters fresh. The links are dumped again
 //! only after the kernel announced a change (`RTNLGRP_LINK`), with no counters and only the
@@ -26,8 +26,8 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub up: bool,
-    /// Ethernet or loopback framing: the tc classifiers find the IP header at offset 14.
-    pub ethernet_framing: bool,
+    /// Where the tc classifiers find the IP header.
+    pub framing: Framing,
     pub loopback: bool,
     /// Index of the device this one is enslaved to (`IFLA_MASTER`), if any.
     pub controller: Option<u32>,
@@ -87,8 +87,38 @@ const IFLA_STATS_LINK_64: u16 = 1;
 const IFF_UP: u32 = 1;
 const ARPHRD_ETHER: u16 = 1;
 const ARPHRD_LOOPBACK: u16 = 772;
+/// No link-layer header: WireGuard and tun devices.
+const ARPHRD_NONE: u16 = 0xfffe;
 /// `struct ifinfomsg`.
 const IFINFOMSG: usize = 16;
+
+/// How an interface's packets begin, for the tc classifiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// An Ethernet header (loopback's has the same 14 bytes): the IP header at offset 14.
+    Ethernet,
+    /// No link-layer header (`ARPHRD_NONE`: WireGuard, tun): the IP header first.
+    Ip,
+    /// Anything else (IP-in-IP and GRE tunnels, PPP, InfiniBand, ...): not parsed, and so
+    /// not watched.
+    Other,
+}
+
+impl Framing {
+    fn of(link_layer_type: u16) -> Self {
+        match link_layer_type {
+            ARPHRD_ETHER | ARPHRD_LOOPBACK => Self::Ethernet,
+            ARPHRD_NONE => Self::Ip,
+            _ => Self::Other,
+        }
+    }
+
+    /// The tc classifiers can parse it.
+    #[must_use]
+    pub fn parsed(self) -> bool {
+        self != Self::Other
+    }
+}
 /// `struct if_stats_msg`.
 const IF_STATS_MSG: usize = 12;
 
@@ -294,7 +324,7 @@ fn parse_link(body: &[u8]) -> io::Result<Link> {
         index,
         name: String::new(),
         up: flags & IFF_UP != 0,
-        ethernet_framing: matches!(link_layer_type, ARPHRD_ETHER | ARPHRD_LOOPBACK),
+        framing: Framing::of(link_layer_type),
         loopback: link_layer_type == ARPHRD_LOOPBACK,
         controller: None,
         lower: None,
@@ -358,7 +388,7 @@ fn parse_stats(body: &[u8]) -> io::Result<(u32, InterfaceStats)> {
     Ok((index, stats))
 }
 
-/// Whether `link` is watched when no interfaces are configured: up, with Ethernet framing,
+/// Whether `link` is watched when no interfaces are configured: up, with a parsed framing,
 /// not the port of a bond, bridge, team or Open vSwitch, whose packets the controller's
 /// own device sees again (counting both would count them twice; a VRF's ports stay, as the
 /// VRF device's hooks do not see their packets), and not a macvlan whose lower device is
@@ -372,13 +402,13 @@ pub fn watched_by_default(link: &Link, all: &[Link]) -> bool {
     countable_on_its_own(link, all) && !upper_of_watched
 }
 
-/// Up, with Ethernet framing, and not the port of a layer-2 controller.
+/// Up, with a parsed framing, and not the port of a layer-2 controller.
 fn countable_on_its_own(link: &Link, all: &[Link]) -> bool {
     let port_of_layer2_controller = link.controller.is_some_and(|index| {
         all.iter()
             .any(|other| other.index == index && LAYER2_CONTROLLERS.contains(&other.kind.as_str()))
     });
-    link.up && link.ethernet_framing && !port_of_layer2_controller
+    link.up && link.framing.parsed() && !port_of_layer2_controller
 }
 
 /// The links to attach to at start, and the configured names not there yet.
@@ -389,7 +419,7 @@ pub struct Selection<'a> {
     pub missing: Vec<String>,
 }
 
-/// The links to attach to: the configured names that exist (each with Ethernet framing),
+/// The links to attach to: the configured names that exist (each with a parsed framing),
 /// the others left to appear later, or with none configured those [`watched_by_default`],
 /// loopback included.
 pub fn selection<'a>(links: &'a [Link], configured: &[String]) -> Result<Selection<'a>, String> {
@@ -409,10 +439,10 @@ pub fn selection<'a>(links: &'a [Link], configured: &[String]) -> Result<Selecti
     for name in configured {
         match links.iter().find(|l| &l.name == name) {
             None => selected.missing.push(name.clone()),
-            Some(link) if link.ethernet_framing => selected.links.push(link),
+            Some(link) if link.framing.parsed() => selected.links.push(link),
             Some(_) => {
                 return Err(format!(
-                    "interface {name} has no Ethernet framing; the tc classifiers only parse Ethernet and loopback"
+                    "interface {name} has a link-layer framing the tc classifiers do not parse; they parse Ethernet, loopback and none (WireGuard, tun)"
                 ));
             }
         }
@@ -420,11 +450,11 @@ pub fn selection<'a>(links: &'a [Link], configured: &[String]) -> Result<Selecti
     Ok(selected)
 }
 
-/// The configured names that no interface with Ethernet framing has (yet): not attached.
+/// The configured names that no interface with a parsed framing has (yet): not attached.
 pub fn missing(links: &[Link], configured: &[String]) -> Vec<String> {
     configured
         .iter()
-        .filter(|name| !links.iter().any(|l| &&l.name == name && l.ethernet_framing))
+        .filter(|name| !links.iter().any(|l| &&l.name == name && l.framing.parsed()))
         .cloned()
         .collect()
 }
@@ -433,12 +463,16 @@ pub fn missing(links: &[Link], configured: &[String]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn link(index: u32, name: &str, up: bool, ethernet_framing: bool) -> Link {
+    fn link(index: u32, name: &str, up: bool, parsed: bool) -> Link {
         Link {
             index,
             name: name.into(),
             up,
-            ethernet_framing,
+            framing: if parsed {
+                Framing::Ethernet
+            } else {
+                Framing::Other
+            },
             loopback: name == "lo",
             controller: None,
             lower: None,
@@ -551,20 +585,20 @@ mod tests {
 
     #[test]
     fn configured_links_must_be_ethernet_and_may_come_later() {
-        let links = [link(1, "lo", true, true), link(4, "wg0", true, false)];
+        let links = [link(1, "lo", true, true), link(4, "ib0", true, false)];
         assert_eq!(selection(&links, &["lo".into()]).unwrap().links.len(), 1);
         let selected = selection(&links, &["eth9".into(), "lo".into()]).unwrap();
         assert_eq!(selected.links.len(), 1);
         assert_eq!(selected.missing, ["eth9"]);
         assert!(
-            selection(&links, &["wg0".into()])
+            selection(&links, &["ib0".into()])
                 .map(|s| s.links)
                 .unwrap_err()
-                .contains("no Ethernet framing")
+                .contains("a link-layer framing the tc classifiers do not parse")
         );
         assert_eq!(
-            missing(&links, &["lo".into(), "wg0".into(), "eth9".into()]),
-            ["wg0", "eth9"]
+            missing(&links, &["lo".into(), "ib0".into(), "eth9".into()]),
+            ["ib0", "eth9"]
         );
     }
 
@@ -606,7 +640,7 @@ mod tests {
                 index: 5,
                 name: "vrrp.51".into(),
                 up: true,
-                ethernet_framing: true,
+                framing: Framing::Ethernet,
                 loopback: false,
                 controller: Some(9),
                 lower: Some(2),
@@ -622,12 +656,15 @@ mod tests {
         lo[2..4].copy_from_slice(&ARPHRD_LOOPBACK.to_ne_bytes());
         lo[8..12].copy_from_slice(&0u32.to_ne_bytes());
         let lo = parse_link(&lo).unwrap();
-        assert!(!lo.up && lo.ethernet_framing && lo.loopback);
+        assert!(!lo.up && lo.framing == Framing::Ethernet && lo.loopback);
         assert_eq!((lo.name.as_str(), lo.kind.as_str()), ("", ""));
-        // No Ethernet framing (ARPHRD_NONE, a WireGuard or tun device).
+        // No link-layer header (ARPHRD_NONE, a WireGuard or tun device).
         let mut none = link_message(3, &[]);
         none[2..4].copy_from_slice(&0xfffeu16.to_ne_bytes());
-        assert!(!parse_link(&none).unwrap().ethernet_framing);
+        assert_eq!(parse_link(&none).unwrap().framing, Framing::Ip);
+        // IP-in-IP (ARPHRD_TUNNEL): not parsed.
+        none[2..4].copy_from_slice(&768u16.to_ne_bytes());
+        assert_eq!(parse_link(&none).unwrap().framing, Framing::Other);
     }
 
     #[test]
@@ -731,10 +768,11 @@ mod tests {
                     })
                     .unwrap_or_default(),
                 up: theirs.header.flags.contains(LinkFlags::Up),
-                ethernet_framing: matches!(
-                    theirs.header.link_layer_type,
-                    LinkLayerType::Ether | LinkLayerType::Loopback
-                ),
+                framing: match theirs.header.link_layer_type {
+                    LinkLayerType::Ether | LinkLayerType::Loopback => Framing::Ethernet,
+                    LinkLayerType::None => Framing::Ip,
+                    _ => Framing::Other,
+                },
                 loopback: theirs.header.link_layer_type == LinkLayerType::Loopback,
                 controller: attribute(|a| match a {
                     LinkAttribute::Controller(index) => Some(*index),

@@ -38,7 +38,7 @@ use crate::{
     addresses::ChangeSignal,
     bpf_sys, cleanup,
     config::{Config, RouteKind},
-    links::{self, Link},
+    links::{self, Framing, Link},
     netns, orphans, paths, privileges, slots,
 };
 
@@ -49,9 +49,12 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 pub const LINKS_DIR: &str = "links";
 
 /// Pin names of the tc links (TCX), each followed by `_` and the interface index: the
-/// counting programs on ingress, egress and loopback, and the statistics' empty ones.
+/// counting programs on ingress, egress and loopback, and the statistics' empty ones. An
+/// interface without a link-layer header has programs of its own, with pins of their own.
 const TC_INGRESS_PIN: &str = "tc_ingress";
 const TC_EGRESS_PIN: &str = "tc_egress";
+const TC_INGRESS_IP_PIN: &str = "tc_ingress_ip";
+const TC_EGRESS_IP_PIN: &str = "tc_egress_ip";
 const TC_LOOPBACK_PIN: &str = "tc_loopback";
 const STATS_FLOOR_INGRESS_PIN: &str = "stats_floor_ingress";
 const STATS_FLOOR_EGRESS_PIN: &str = "stats_floor_egress";
@@ -59,14 +62,38 @@ const STATS_FLOOR_LOOPBACK_PIN: &str = "stats_floor_loopback";
 /// The tc link pin names on loopback.
 pub const TC_LOOPBACK_LINK_PINS: [&str; 2] = [TC_LOOPBACK_PIN, STATS_FLOOR_LOOPBACK_PIN];
 /// Every tc link pin name (before the `_` and the interface index).
-pub const TC_LINK_PINS: [&str; 6] = [
+pub const TC_LINK_PINS: [&str; 8] = [
     TC_INGRESS_PIN,
     TC_EGRESS_PIN,
+    TC_INGRESS_IP_PIN,
+    TC_EGRESS_IP_PIN,
     TC_LOOPBACK_PIN,
     STATS_FLOOR_INGRESS_PIN,
     STATS_FLOOR_EGRESS_PIN,
     STATS_FLOOR_LOOPBACK_PIN,
 ];
+
+/// Which interfaces a tc program goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GoesOn {
+    Loopback,
+    /// Ethernet framing, loopback aside.
+    Ethernet,
+    /// No link-layer header (WireGuard, tun).
+    Ip,
+    AllButLoopback,
+}
+
+impl GoesOn {
+    fn fits(self, link: &Link) -> bool {
+        match self {
+            Self::Loopback => link.loopback,
+            Self::Ethernet => !link.loopback && link.framing == Framing::Ethernet,
+            Self::Ip => link.framing == Framing::Ip,
+            Self::AllButLoopback => !link.loopback,
+        }
+    }
+}
 
 /// Pin name of the link of the server name reader (`cgroup_skb`).
 const SERVER_NAMES_PIN: &str = "cgroup_skb_server_names";
@@ -145,8 +172,8 @@ pub struct Attachment {
     dropped_before_attach: Option<(u64, u64)>,
     pub routes: Vec<WatchedRoute>,
     pub upstreams: Vec<WatchedUpstream>,
-    /// The tc programs: (name, hook, pin prefix, for loopback).
-    classifiers: Vec<(&'static str, TcAttachType, &'static str, bool)>,
+    /// The tc programs: (name, hook, pin prefix, the interfaces it goes on).
+    classifiers: Vec<(&'static str, TcAttachType, &'static str, GoesOn)>,
     /// Attached interfaces by index: name and link pins.
     attached: std::collections::BTreeMap<u32, (String, Vec<PathBuf>)>,
     /// The programs last seen ahead of ours, by interface index and hook (for the log).
@@ -439,25 +466,38 @@ impl Attachment {
             );
         }
         self.missing_interfaces = selected.missing;
-        // Loopback: one ingress classifier sees every packet once; elsewhere, both hooks.
+        // Loopback: one ingress classifier sees every packet once; elsewhere, both hooks,
+        // with the programs for the interface's framing.
         self.classifiers = vec![
             (
                 program_names::COUNT_INGRESS,
                 TcAttachType::Ingress,
                 TC_INGRESS_PIN,
-                false,
+                GoesOn::Ethernet,
             ),
             (
                 program_names::COUNT_EGRESS,
                 TcAttachType::Egress,
                 TC_EGRESS_PIN,
-                false,
+                GoesOn::Ethernet,
+            ),
+            (
+                program_names::COUNT_INGRESS_IP,
+                TcAttachType::Ingress,
+                TC_INGRESS_IP_PIN,
+                GoesOn::Ip,
+            ),
+            (
+                program_names::COUNT_EGRESS_IP,
+                TcAttachType::Egress,
+                TC_EGRESS_IP_PIN,
+                GoesOn::Ip,
             ),
             (
                 program_names::COUNT_LOOPBACK,
                 TcAttachType::Ingress,
                 TC_LOOPBACK_PIN,
-                true,
+                GoesOn::Loopback,
             ),
         ];
         if stats_floor {
@@ -466,24 +506,30 @@ impl Attachment {
                     program_names::STATS_FLOOR_TC,
                     TcAttachType::Ingress,
                     STATS_FLOOR_INGRESS_PIN,
-                    false,
+                    GoesOn::AllButLoopback,
                 ),
                 (
                     program_names::STATS_FLOOR_TC,
                     TcAttachType::Egress,
                     STATS_FLOOR_EGRESS_PIN,
-                    false,
+                    GoesOn::AllButLoopback,
                 ),
                 (
                     program_names::STATS_FLOOR_TC,
                     TcAttachType::Ingress,
                     STATS_FLOOR_LOOPBACK_PIN,
-                    true,
+                    GoesOn::Loopback,
                 ),
             ]);
         }
-        let names: std::collections::BTreeSet<&str> =
-            self.classifiers.iter().map(|&(name, ..)| name).collect();
+        // The programs for interfaces without a link-layer header are loaded when one is
+        // attached: most hosts have none, and each load costs a verification.
+        let names: std::collections::BTreeSet<&str> = self
+            .classifiers
+            .iter()
+            .filter(|&&(.., goes_on)| goes_on != GoesOn::Ip)
+            .map(|&(name, ..)| name)
+            .collect();
         for program_name in names {
             loaded(&mut self.ebpf, program_name, SchedClassifier::load)?;
         }
@@ -531,8 +577,8 @@ impl Attachment {
     ) -> anyhow::Result<()> {
         let links_dir = paths::map_pin_dir(&self.pin_dir).join(LINKS_DIR);
         let mut pins = Vec::new();
-        for &(program_name, attach_type, prefix, on_loopback) in &self.classifiers {
-            if link.loopback != on_loopback {
+        for &(program_name, attach_type, prefix, goes_on) in &self.classifiers {
+            if !goes_on.fits(link) {
                 continue;
             }
             let program: &mut SchedClassifier = self
@@ -540,6 +586,11 @@ impl Attachment {
                 .program_mut(program_name)
                 .with_context(|| format!("the kernel object has no program {program_name}"))?
                 .try_into()?;
+            if program.fd().is_err() {
+                program
+                    .load()
+                    .with_context(|| format!("loading {program_name}"))?;
+            }
             let pin = links_dir.join(format!("{prefix}_{}", link.index));
             if adopt_link(&pin, program.fd()?.as_fd())? {
                 self.inherited = true;
@@ -575,7 +626,7 @@ impl Attachment {
                     // Down or up, as at the start: a configured interface taken down (a
                     // bond in maintenance) keeps its hooks and its series, where forgotten
                     // it vanished from every signal, `collector_interface_missing` too.
-                    l.ethernet_framing && configured.contains(&l.name)
+                    l.framing.parsed() && configured.contains(&l.name)
                 }
             })
             .collect();
@@ -622,8 +673,8 @@ impl Attachment {
         {
             tracing::warn!(
                 %interface,
-                "the configured interface is gone, or has no Ethernet framing: not counted until \
-                 it is back (collector_interface_missing is 1 meanwhile)"
+                "the configured interface is gone, or has a framing the classifiers do not parse: \
+                 not counted until it is back (collector_interface_missing is 1 meanwhile)"
             );
         }
         for interface in self

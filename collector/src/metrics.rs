@@ -739,7 +739,7 @@ fn encode_attachment(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
     gauges(
         encoder,
         "collector_interface_missing",
-        "Configured interfaces that this network namespace does not have, or has without Ethernet framing: not counted until they appear (then attached).",
+        "Configured interfaces that this network namespace does not have, or has with a framing the classifiers do not parse: not counted until they appear (then attached).",
         None,
         snapshot
             .missing_interfaces

@@ -305,6 +305,7 @@ mod tests {
         for name in [
             "tc_ingress_1",
             "tc_egress_12",
+            "tc_ingress_ip_3",
             "tc_loopback_1",
             "stats_floor_ingress_3",
             "stats_floor_egress_3",

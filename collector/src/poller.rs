@@ -460,7 +460,7 @@ mod tests {
             index,
             name: name.into(),
             up: true,
-            ethernet_framing: true,
+            framing: crate::links::Framing::Ethernet,
             loopback: index == 1,
             controller: None,
             lower: None,

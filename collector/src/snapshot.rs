@@ -332,7 +332,7 @@ pub struct Snapshot {
     /// Each attached hook: the TCX programs that run before ours, and how often ours was
     /// found detached and attached again.
     pub tc_hooks: Vec<crate::loader::TcHook>,
-    /// Configured interfaces not there to attach (absent, or without Ethernet framing).
+    /// Configured interfaces not there to attach (absent, or with a framing not parsed).
     pub missing_interfaces: Vec<String>,
     /// The local address table's use (`None` with `all_namespaces`).
     pub address_table: Option<crate::address_table::AddressTableUse>,

@@ -3,6 +3,7 @@
 //! Only the attached interfaces have series.
 #![expect(
     clippy::cast_precision_loss,
+    clippy::float_cmp,
     reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
 )]
 
@@ -101,6 +102,194 @@ fn exchange_counted_exactly(netns: &Netns, peer: &Netns, address: &'static str) 
         );
     }
     metrics
+}
+
+/// A tun device in each of two namespaces, `tcoll0` (10.77.0.1) in `netns` and `tcoll1`
+/// (10.77.0.2) in `peer`, joined by a thread that copies each one's packets to the other: a
+/// link whose packets have no link-layer header, as WireGuard's have none. Stops when
+/// dropped.
+struct TunPair {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    relay: Option<thread::JoinHandle<()>>,
+}
+
+impl TunPair {
+    fn new(netns: &Netns, peer: &Netns) -> Self {
+        use std::os::fd::AsRawFd as _;
+        let ours = open_tun(netns, "tcoll0");
+        let theirs = open_tun(peer, "tcoll1");
+        for (ns, name, address) in [
+            (netns, "tcoll0", "10.77.0.1/24"),
+            (peer, "tcoll1", "10.77.0.2/24"),
+        ] {
+            support::ip_batch(
+                &ns.name,
+                &format!("addr add {address} dev {name}\nlink set {name} up\n"),
+            );
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let relay = thread::spawn(move || {
+            let mut ends = [ours, theirs];
+            let mut packet = vec![0u8; 65536];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut ready = ends.each_ref().map(|end| libc::pollfd {
+                    fd: end.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                // SAFETY: two pollfds, as passed.
+                unsafe { libc::poll(ready.as_mut_ptr(), 2, 100) };
+                for (from, ready) in ready.iter().enumerate() {
+                    if ready.revents & libc::POLLIN == 0 {
+                        continue;
+                    }
+                    if let Ok(len) = ends[from].read(&mut packet) {
+                        // A device not up yet refuses it, as a wire would lose it.
+                        let _ = ends[1 - from].write(&packet[..len]);
+                    }
+                }
+            }
+        });
+        Self {
+            stop,
+            relay: Some(relay),
+        }
+    }
+}
+
+impl Drop for TunPair {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(relay) = self.relay.take() {
+            let _ = relay.join();
+        }
+    }
+}
+
+/// A tun device named `name` in `netns` (no packet information before each packet: they
+/// begin at the IP header), gone when the file is closed.
+fn open_tun(netns: &Netns, name: &'static str) -> std::fs::File {
+    netns.run(move || {
+        use std::os::fd::AsRawFd as _;
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        // `struct ifreq`: the name, then the flags.
+        let mut request = [0u8; 40];
+        request[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = i16::try_from(libc::IFF_TUN | libc::IFF_NO_PI).unwrap();
+        request[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `request` is.
+        let made = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, request.as_mut_ptr()) };
+        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+        tun
+    })
+}
+
+/// WireGuard and tun devices carry packets that begin at the IP header: they are watched by
+/// default, and their own classifiers count the proxy's traffic and DNS over them exactly.
+/// Until 2026-12-03 such devices were not watched, and what crossed them not counted.
+#[test]
+fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query, ResponseCode},
+        rr::{Name, RecordType},
+    };
+    const QUERIES: usize = 12;
+    let netns = Netns::new();
+    let peer = Netns::new();
+    let _tun = TunPair::new(&netns, &peer);
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    assert!(attached(&scrape(&netns), "tcoll0"));
+    exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+
+    // DNS: a server that answers every query, NXDOMAIN for the names under "missing.".
+    let server = netns.run(|| std::net::UdpSocket::bind("10.77.0.1:53").unwrap());
+    let answering = thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..QUERIES {
+            let (len, client) = server.recv_from(&mut buf).unwrap();
+            let mut message = Message::from_vec(&buf[..len]).unwrap();
+            let missing = message.queries()[0]
+                .name()
+                .to_ascii()
+                .starts_with("x.missing");
+            message
+                .set_message_type(MessageType::Response)
+                .set_response_code(if missing {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                });
+            server.send_to(&message.to_vec().unwrap(), client).unwrap();
+        }
+    });
+    peer.run(|| {
+        let socket = std::net::UdpSocket::bind("10.77.0.2:0").unwrap();
+        socket.connect("10.77.0.1:53").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        for n in 0..QUERIES {
+            let (name, qtype) = if n % 3 == 0 {
+                ("x.missing.example.", RecordType::AAAA)
+            } else {
+                ("www.example.", RecordType::A)
+            };
+            let mut query = Message::new();
+            query
+                .set_id(u16::try_from(n).unwrap())
+                .set_message_type(MessageType::Query)
+                .set_op_code(OpCode::Query)
+                .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+            socket.send(&query.to_vec().unwrap()).unwrap();
+            let mut buf = [0u8; 512];
+            socket.recv(&mut buf).unwrap();
+        }
+    });
+    answering.join().unwrap();
+    let dns = |metrics: &str, name: &str, label: (&str, &str)| {
+        sample(metrics, name, &[label]).unwrap_or(0.0)
+    };
+    let metrics = wait_for("the answers to be counted", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (dns(
+            &metrics,
+            "collector_dns_responses_total",
+            ("rcode", "NOERROR"),
+        ) == 8.0)
+            .then_some(metrics)
+    });
+    assert_eq!(
+        dns(&metrics, "collector_dns_queries_total", ("qtype", "A")),
+        8.0
+    );
+    assert_eq!(
+        dns(&metrics, "collector_dns_queries_total", ("qtype", "AAAA")),
+        4.0
+    );
+    assert_eq!(
+        dns(
+            &metrics,
+            "collector_dns_responses_total",
+            ("rcode", "NXDOMAIN")
+        ),
+        4.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_dns_response_latency_seconds_count",
+            &[]
+        ),
+        Some(QUERIES as f64)
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
 }
 
 /// Pod veths come and go while a node boots or drains: interfaces deleted while the start

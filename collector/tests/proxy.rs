@@ -832,6 +832,52 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A device whose packets begin with a header the classifiers do not parse: a tun device
+/// given IP-in-IP's link type (`ARPHRD_TUNNEL`), since this kernel may have no IP-in-IP.
+fn unparsed_device(netns: &Netns, name: &'static str) {
+    const ARPHRD_TUNNEL: libc::c_ulong = 768;
+    support::run(
+        "ip",
+        &[
+            "-n",
+            &netns.name,
+            "tuntap",
+            "add",
+            "dev",
+            name,
+            "mode",
+            "tun",
+        ],
+    );
+    netns.run(move || {
+        use std::os::fd::AsRawFd as _;
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        // `struct ifreq`: the name, then the flags (as `ip tuntap` made it).
+        let mut request = [0u8; 40];
+        request[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = i16::try_from(libc::IFF_TUN | libc::IFF_NO_PI).unwrap();
+        request[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `request` is;
+        // TUNSETLINK takes the type as its argument.
+        unsafe {
+            assert_eq!(
+                libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, request.as_mut_ptr()),
+                0
+            );
+            assert_eq!(
+                libc::ioctl(tun.as_raw_fd(), libc::TUNSETLINK, ARPHRD_TUNNEL),
+                0,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+        }
+    });
+}
+
 #[test]
 fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     let netns = Netns::new();
@@ -842,26 +888,17 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     agent.kill();
 
     // A start that fails after taking over the crashed run's sock_ops link: a configured
-    // interface without Ethernet framing is an error when the classifiers are attached,
-    // which comes later (one that does not exist yet no longer is).
+    // interface with a framing the classifiers do not parse is an error when they are
+    // attached, which comes later (one that does not exist yet no longer is).
     let broken = config.dir.join("broken.toml");
     let text = std::fs::read_to_string(&config.path).unwrap();
-    support::run(
-        "ip",
-        &[
-            "-n",
-            &netns.name,
-            "tuntap",
-            "add",
-            "dev",
-            "tun9",
-            "mode",
-            "tun",
-        ],
-    );
+    unparsed_device(&netns, "tun9");
     std::fs::write(&broken, format!("interfaces = [\"tun9\"]\n{text}")).unwrap();
     let stderr = support::refused_start(&netns, &broken);
-    assert!(stderr.contains("tun9 has no Ethernet framing"), "{stderr}");
+    assert!(
+        stderr.contains("tun9 has a link-layer framing the tc classifiers do not parse"),
+        "{stderr}"
+    );
 
     // The crashed run's links and maps are still there and still counting.
     exchanges(&netns, local(WEB_PORT), 5, 100, 100, Closer::Connecting);
