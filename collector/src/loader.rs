@@ -122,7 +122,8 @@ pub struct TcHook {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HookCheck {
     pub hooks: Vec<TcHook>,
-    /// Configured interfaces this namespace has no Ethernet-framed interface of: not counted.
+    /// Configured interfaces this namespace has no interface of with a framing the
+    /// classifiers parse: not counted.
     pub missing_interfaces: Vec<String>,
 }
 
@@ -522,14 +523,12 @@ impl Attachment {
                 ),
             ]);
         }
-        // The programs for interfaces without a link-layer header are loaded when one is
-        // attached: most hosts have none, and each load costs a verification.
-        let names: std::collections::BTreeSet<&str> = self
-            .classifiers
-            .iter()
-            .filter(|&&(.., goes_on)| goes_on != GoesOn::Ip)
-            .map(|&(name, ..)| name)
-            .collect();
+        // All of them now, the ones for interfaces without a link-layer header too, though
+        // most hosts have none: an interface that appears later is attached after the
+        // capability drop, and without CAP_PERFMON the verifier would hold them to the rules
+        // for unprivileged programs.
+        let names: std::collections::BTreeSet<&str> =
+            self.classifiers.iter().map(|&(name, ..)| name).collect();
         for program_name in names {
             loaded(&mut self.ebpf, program_name, SchedClassifier::load)?;
         }
@@ -586,11 +585,6 @@ impl Attachment {
                 .program_mut(program_name)
                 .with_context(|| format!("the kernel object has no program {program_name}"))?
                 .try_into()?;
-            if program.fd().is_err() {
-                program
-                    .load()
-                    .with_context(|| format!("loading {program_name}"))?;
-            }
             let pin = links_dir.join(format!("{prefix}_{}", link.index));
             if adopt_link(&pin, program.fd()?.as_fd())? {
                 self.inherited = true;

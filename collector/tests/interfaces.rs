@@ -191,7 +191,9 @@ fn open_tun(netns: &Netns, name: &'static str) -> std::fs::File {
 
 /// WireGuard and tun devices carry packets that begin at the IP header: they are watched by
 /// default, and their own classifiers count the proxy's traffic and DNS over them exactly.
-/// Until 2026-12-03 such devices were not watched, and what crossed them not counted.
+/// Until 2026-12-03 such devices were not watched, and what crossed them not counted. Made
+/// after the start, as `wg-quick up` on a running host makes one: attached by a poll, after
+/// the capability drop.
 #[test]
 fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
     use hickory_proto::{
@@ -201,10 +203,12 @@ fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
     const QUERIES: usize = 12;
     let netns = Netns::new();
     let peer = Netns::new();
-    let _tun = TunPair::new(&netns, &peer);
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
-    assert!(attached(&scrape(&netns), "tcoll0"));
+    let _tun = TunPair::new(&netns, &peer);
+    wait_for("tcoll0 to be attached", Duration::from_secs(10), || {
+        attached(&scrape(&netns), "tcoll0").then_some(())
+    });
     exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
 
     // DNS: a server that answers every query, NXDOMAIN for the names under "missing.".
