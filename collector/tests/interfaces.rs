@@ -104,10 +104,10 @@ fn exchange_counted_exactly(netns: &Netns, peer: &Netns, address: &'static str) 
     metrics
 }
 
-/// A tun device in each of two namespaces, `tcoll0` (10.77.0.1) in `netns` and `tcoll1`
-/// (10.77.0.2) in `peer`, joined by a thread that copies each one's packets to the other: a
-/// link whose packets have no link-layer header, as WireGuard's have none. Stops when
-/// dropped.
+/// A tun device in each of two namespaces, `tcoll0` (10.77.0.1, `fd00:77::1`) in `netns`
+/// and `tcoll1` (10.77.0.2, `fd00:77::2`) in `peer`, joined by a thread that copies each
+/// one's packets to the other: a link whose packets have no link-layer header, as
+/// WireGuard's have none. Stops when dropped.
 struct TunPair {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     relay: Option<thread::JoinHandle<()>>,
@@ -118,13 +118,14 @@ impl TunPair {
         use std::os::fd::AsRawFd as _;
         let ours = open_tun(netns, "tcoll0");
         let theirs = open_tun(peer, "tcoll1");
-        for (ns, name, address) in [
-            (netns, "tcoll0", "10.77.0.1/24"),
-            (peer, "tcoll1", "10.77.0.2/24"),
-        ] {
+        for (ns, name, host) in [(netns, "tcoll0", 1), (peer, "tcoll1", 2)] {
             support::ip_batch(
                 &ns.name,
-                &format!("addr add {address} dev {name}\nlink set {name} up\n"),
+                &format!(
+                    "addr add 10.77.0.{host}/24 dev {name}\n\
+                     addr add fd00:77::{host}/64 dev {name} nodad\n\
+                     link set {name} up\n"
+                ),
             );
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -211,51 +212,59 @@ fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
     });
     exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
 
-    // DNS: a server that answers every query, NXDOMAIN for the names under "missing.".
-    let server = netns.run(|| std::net::UdpSocket::bind("10.77.0.1:53").unwrap());
-    let answering = thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        for _ in 0..QUERIES {
-            let (len, client) = server.recv_from(&mut buf).unwrap();
-            let mut message = Message::from_vec(&buf[..len]).unwrap();
-            let missing = message.queries()[0]
-                .name()
-                .to_ascii()
-                .starts_with("x.missing");
-            message
-                .set_message_type(MessageType::Response)
-                .set_response_code(if missing {
-                    ResponseCode::NXDomain
-                } else {
-                    ResponseCode::NoError
-                });
-            server.send_to(&message.to_vec().unwrap(), client).unwrap();
-        }
-    });
-    peer.run(|| {
-        let socket = std::net::UdpSocket::bind("10.77.0.2:0").unwrap();
-        socket.connect("10.77.0.1:53").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        for n in 0..QUERIES {
-            let (name, qtype) = if n % 3 == 0 {
-                ("x.missing.example.", RecordType::AAAA)
-            } else {
-                ("www.example.", RecordType::A)
-            };
-            let mut query = Message::new();
-            query
-                .set_id(u16::try_from(n).unwrap())
-                .set_message_type(MessageType::Query)
-                .set_op_code(OpCode::Query)
-                .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
-            socket.send(&query.to_vec().unwrap()).unwrap();
+    // DNS over IPv4 and IPv6: a server that answers every query, NXDOMAIN for the names
+    // under "missing.".
+    for (server, client) in [
+        ("10.77.0.1:53", "10.77.0.2:0"),
+        ("[fd00:77::1]:53", "[fd00:77::2]:0"),
+    ] {
+        let listening = netns.run(move || std::net::UdpSocket::bind(server).unwrap());
+        let answering = thread::spawn(move || {
             let mut buf = [0u8; 512];
-            socket.recv(&mut buf).unwrap();
-        }
-    });
-    answering.join().unwrap();
+            for _ in 0..QUERIES {
+                let (len, client) = listening.recv_from(&mut buf).unwrap();
+                let mut message = Message::from_vec(&buf[..len]).unwrap();
+                let missing = message.queries()[0]
+                    .name()
+                    .to_ascii()
+                    .starts_with("x.missing");
+                message
+                    .set_message_type(MessageType::Response)
+                    .set_response_code(if missing {
+                        ResponseCode::NXDomain
+                    } else {
+                        ResponseCode::NoError
+                    });
+                listening
+                    .send_to(&message.to_vec().unwrap(), client)
+                    .unwrap();
+            }
+        });
+        peer.run(move || {
+            let socket = std::net::UdpSocket::bind(client).unwrap();
+            socket.connect(server).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            for n in 0..QUERIES {
+                let (name, qtype) = if n % 3 == 0 {
+                    ("x.missing.example.", RecordType::AAAA)
+                } else {
+                    ("www.example.", RecordType::A)
+                };
+                let mut query = Message::new();
+                query
+                    .set_id(u16::try_from(n).unwrap())
+                    .set_message_type(MessageType::Query)
+                    .set_op_code(OpCode::Query)
+                    .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+                socket.send(&query.to_vec().unwrap()).unwrap();
+                let mut buf = [0u8; 512];
+                socket.recv(&mut buf).unwrap();
+            }
+        });
+        answering.join().unwrap();
+    }
     let dns = |metrics: &str, name: &str, label: (&str, &str)| {
         sample(metrics, name, &[label]).unwrap_or(0.0)
     };
@@ -265,16 +274,16 @@ fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
             &metrics,
             "collector_dns_responses_total",
             ("rcode", "NOERROR"),
-        ) == 8.0)
+        ) == 16.0)
             .then_some(metrics)
     });
     assert_eq!(
         dns(&metrics, "collector_dns_queries_total", ("qtype", "A")),
-        8.0
+        16.0
     );
     assert_eq!(
         dns(&metrics, "collector_dns_queries_total", ("qtype", "AAAA")),
-        4.0
+        8.0
     );
     assert_eq!(
         dns(
@@ -282,7 +291,7 @@ fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
             "collector_dns_responses_total",
             ("rcode", "NXDOMAIN")
         ),
-        4.0
+        8.0
     );
     assert_eq!(
         sample(
@@ -290,7 +299,7 @@ fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
             "collector_dns_response_latency_seconds_count",
             &[]
         ),
-        Some(QUERIES as f64)
+        Some((2 * QUERIES) as f64)
     );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
