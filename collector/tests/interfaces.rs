@@ -190,6 +190,68 @@ fn open_tun(netns: &Netns, name: &'static str) -> std::fs::File {
     })
 }
 
+/// `queries` DNS queries from `client` in `peer` to a server on `server` in `netns`, one at a
+/// time, each answered: NXDOMAIN for every third (AAAA for x.missing.example.), NOERROR for
+/// the others (A for www.example.).
+fn ask_and_answer(
+    netns: &Netns,
+    server: &'static str,
+    peer: &Netns,
+    client: &'static str,
+    queries: usize,
+) {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query, ResponseCode},
+        rr::{Name, RecordType},
+    };
+    let listening = netns.run(move || std::net::UdpSocket::bind(server).unwrap());
+    let answering = thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..queries {
+            let (len, client) = listening.recv_from(&mut buf).unwrap();
+            let mut message = Message::from_vec(&buf[..len]).unwrap();
+            let missing = message.queries()[0]
+                .name()
+                .to_ascii()
+                .starts_with("x.missing");
+            message
+                .set_message_type(MessageType::Response)
+                .set_response_code(if missing {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                });
+            listening
+                .send_to(&message.to_vec().unwrap(), client)
+                .unwrap();
+        }
+    });
+    peer.run(move || {
+        let socket = std::net::UdpSocket::bind(client).unwrap();
+        socket.connect(server).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        for n in 0..queries {
+            let (name, qtype) = if n % 3 == 0 {
+                ("x.missing.example.", RecordType::AAAA)
+            } else {
+                ("www.example.", RecordType::A)
+            };
+            let mut query = Message::new();
+            query
+                .set_id(u16::try_from(n).unwrap())
+                .set_message_type(MessageType::Query)
+                .set_op_code(OpCode::Query)
+                .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+            socket.send(&query.to_vec().unwrap()).unwrap();
+            let mut buf = [0u8; 512];
+            socket.recv(&mut buf).unwrap();
+        }
+    });
+    answering.join().unwrap();
+}
+
 /// WireGuard and tun devices carry packets that begin at the IP header: they are watched by
 /// default, and their own classifiers count the proxy's traffic and DNS over them exactly.
 /// Until 2026-12-03 such devices were not watched, and what crossed them not counted. Made
@@ -197,10 +259,6 @@ fn open_tun(netns: &Netns, name: &'static str) -> std::fs::File {
 /// the capability drop.
 #[test]
 fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
-    use hickory_proto::{
-        op::{Message, MessageType, OpCode, Query, ResponseCode},
-        rr::{Name, RecordType},
-    };
     const QUERIES: usize = 12;
     let netns = Netns::new();
     let peer = Netns::new();
@@ -218,52 +276,7 @@ fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
         ("10.77.0.1:53", "10.77.0.2:0"),
         ("[fd00:77::1]:53", "[fd00:77::2]:0"),
     ] {
-        let listening = netns.run(move || std::net::UdpSocket::bind(server).unwrap());
-        let answering = thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            for _ in 0..QUERIES {
-                let (len, client) = listening.recv_from(&mut buf).unwrap();
-                let mut message = Message::from_vec(&buf[..len]).unwrap();
-                let missing = message.queries()[0]
-                    .name()
-                    .to_ascii()
-                    .starts_with("x.missing");
-                message
-                    .set_message_type(MessageType::Response)
-                    .set_response_code(if missing {
-                        ResponseCode::NXDomain
-                    } else {
-                        ResponseCode::NoError
-                    });
-                listening
-                    .send_to(&message.to_vec().unwrap(), client)
-                    .unwrap();
-            }
-        });
-        peer.run(move || {
-            let socket = std::net::UdpSocket::bind(client).unwrap();
-            socket.connect(server).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            for n in 0..QUERIES {
-                let (name, qtype) = if n % 3 == 0 {
-                    ("x.missing.example.", RecordType::AAAA)
-                } else {
-                    ("www.example.", RecordType::A)
-                };
-                let mut query = Message::new();
-                query
-                    .set_id(u16::try_from(n).unwrap())
-                    .set_message_type(MessageType::Query)
-                    .set_op_code(OpCode::Query)
-                    .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
-                socket.send(&query.to_vec().unwrap()).unwrap();
-                let mut buf = [0u8; 512];
-                socket.recv(&mut buf).unwrap();
-            }
-        });
-        answering.join().unwrap();
+        ask_and_answer(&netns, server, &peer, client, QUERIES);
     }
     let dns = |metrics: &str, name: &str, label: (&str, &str)| {
         sample(metrics, name, &[label]).unwrap_or(0.0)
