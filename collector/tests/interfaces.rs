@@ -116,8 +116,8 @@ struct TunPair {
 impl TunPair {
     fn new(netns: &Netns, peer: &Netns) -> Self {
         use std::os::fd::AsRawFd as _;
-        let ours = open_tun(netns, "tcoll0");
-        let theirs = open_tun(peer, "tcoll1");
+        let ours = support::open_tun(netns, "tcoll0");
+        let theirs = support::open_tun(peer, "tcoll1");
         for (ns, name, host) in [(netns, "tcoll0", 1), (peer, "tcoll1", 2)] {
             support::ip_batch(
                 &ns.name,
@@ -166,28 +166,6 @@ impl Drop for TunPair {
             let _ = relay.join();
         }
     }
-}
-
-/// A tun device named `name` in `netns` (no packet information before each packet: they
-/// begin at the IP header), gone when the file is closed.
-fn open_tun(netns: &Netns, name: &'static str) -> std::fs::File {
-    netns.run(move || {
-        use std::os::fd::AsRawFd as _;
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .unwrap();
-        // `struct ifreq`: the name, then the flags.
-        let mut request = [0u8; 40];
-        request[..name.len()].copy_from_slice(name.as_bytes());
-        let flags = i16::try_from(libc::IFF_TUN | libc::IFF_NO_PI).unwrap();
-        request[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `request` is.
-        let made = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, request.as_mut_ptr()) };
-        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
-        tun
-    })
 }
 
 /// `queries` DNS queries from `client` in `peer` to a server on `server` in `netns`, one at a

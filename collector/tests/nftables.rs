@@ -277,6 +277,25 @@ fn a_start_with_counting_off_removes_the_table_a_crash_left() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// Three connections are counted exactly while the nft source is down and the eBPF one up;
+/// the nft source's last error.
+fn only_nft_down(netns: &Netns) -> String {
+    connections(netns, 3);
+    let metrics = wait_for_closed(netns, "web", 3);
+    assert_eq!(
+        sample(&metrics, "collector_source_up", &[("source", "nft")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&metrics, "collector_source_up", &[("source", "ebpf")]),
+        Some(1.0)
+    );
+    proxy_json(netns)["sources"]["nft"]["lastError"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[test]
 fn without_nft_only_the_nft_source_is_down() {
     let netns = Netns::new();
@@ -288,18 +307,7 @@ fn without_nft_only_the_nft_source_is_down() {
         .arg(COLLECTOR)
         .env("PATH", "/nonexistent");
     let agent = Agent::spawn(&netns, launcher, &config, &[]);
-    connections(&netns, 3);
-    let metrics = wait_for_closed(&netns, "web", 3);
-    assert_eq!(
-        sample(&metrics, "collector_source_up", &[("source", "nft")]),
-        Some(0.0)
-    );
-    assert_eq!(
-        sample(&metrics, "collector_source_up", &[("source", "ebpf")]),
-        Some(1.0)
-    );
-    let proxy = proxy_json(&netns);
-    let error = proxy["sources"]["nft"]["lastError"].as_str().unwrap();
+    let error = only_nft_down(&netns);
     assert!(error.contains("apt install nftables"), "{error}");
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
@@ -369,18 +377,7 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
         Duration::from_secs(5),
         || (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
     );
-    connections(&netns, 3);
-    let metrics = wait_for_closed(&netns, "web", 3);
-    assert_eq!(
-        sample(&metrics, "collector_source_up", &[("source", "nft")]),
-        Some(0.0)
-    );
-    assert_eq!(
-        sample(&metrics, "collector_source_up", &[("source", "ebpf")]),
-        Some(1.0)
-    );
-    let proxy = proxy_json(&netns);
-    let error = proxy["sources"]["nft"]["lastError"].as_str().unwrap();
+    let error = only_nft_down(&netns);
     assert!(
         error.contains("nft did not finish within 2s and was killed"),
         "{error}"

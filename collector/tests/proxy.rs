@@ -849,33 +849,17 @@ fn unparsed_device(netns: &Netns, name: &'static str) {
             "tun",
         ],
     );
-    netns.run(move || {
-        use std::os::fd::AsRawFd as _;
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .unwrap();
-        // `struct ifreq`: the name, then the flags (as `ip tuntap` made it).
-        let mut request = [0u8; 40];
-        request[..name.len()].copy_from_slice(name.as_bytes());
-        let flags = i16::try_from(libc::IFF_TUN | libc::IFF_NO_PI).unwrap();
-        request[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `request` is;
-        // TUNSETLINK takes the type as its argument.
-        unsafe {
-            assert_eq!(
-                libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, request.as_mut_ptr()),
-                0
-            );
-            assert_eq!(
-                libc::ioctl(tun.as_raw_fd(), libc::TUNSETLINK, ARPHRD_TUNNEL),
-                0,
-                "{}",
-                std::io::Error::last_os_error()
-            );
-        }
-    });
+    // Opened with the flags `ip tuntap` made it with.
+    let tun = support::open_tun(netns, name);
+    // SAFETY: TUNSETLINK takes the type as its argument.
+    let set = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&tun),
+            libc::TUNSETLINK,
+            ARPHRD_TUNNEL,
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
 }
 
 #[test]

@@ -833,6 +833,32 @@ fn path_with(bin: &std::path::Path) -> String {
     )
 }
 
+/// Starts the agent with nft on and [`stalling_nft`] in front of the real `nft` (given all
+/// the time it needs): the stall file's path and the tool's directory.
+fn start_with_stalling_nft(
+    netns: &Netns,
+    config: &AgentConfig,
+) -> (Agent, std::path::PathBuf, std::path::PathBuf) {
+    nft_may_take(config, Duration::from_mins(10));
+    let stall = config.dir.join("stall");
+    let bin = stalling_nft(&config.dir, &stall);
+    let mut launcher = netns.command(COLLECTOR);
+    launcher.env("PATH", path_with(&bin));
+    (Agent::spawn(netns, launcher, config, &[]), stall, bin)
+}
+
+/// `nft list tables` in `netns`.
+fn nft_tables(netns: &Netns) -> String {
+    support::stdout_of(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        &netns.name,
+        "nft",
+        "list",
+        "tables",
+    ]))
+}
+
 /// A stop removes the programs and pins before the nftables table: a hung `nft` (its lock
 /// held by a firewall reload) then holds only the table, and the supervisor's kill that
 /// follows leaves no program attached to the host.
@@ -840,22 +866,8 @@ fn path_with(bin: &std::path::Path) -> String {
 fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(WEB_ROUTE);
-    nft_may_take(&config, Duration::from_mins(10));
-    let stall = config.dir.join("stall");
-    let bin = stalling_nft(&config.dir, &stall);
-    let mut launcher = netns.command(COLLECTOR);
-    launcher.env("PATH", path_with(&bin));
-    let agent = Agent::spawn(&netns, launcher, &config, &[]);
-    let table = || {
-        support::stdout_of(std::process::Command::new("ip").args([
-            "netns",
-            "exec",
-            &netns.name,
-            "nft",
-            "list",
-            "tables",
-        ]))
-    };
+    let (agent, stall, _) = start_with_stalling_nft(&netns, &config);
+    let table = || nft_tables(&netns);
     assert!(table().contains(&config.nft_table), "{}", table());
 
     std::fs::write(&stall, "").unwrap();
@@ -887,22 +899,8 @@ fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
 fn a_stuck_nft_making_the_table_again_holds_up_no_poll() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(WEB_ROUTE);
-    nft_may_take(&config, Duration::from_mins(10));
-    let stall = config.dir.join("stall");
-    let bin = stalling_nft(&config.dir, &stall);
-    let mut launcher = netns.command(COLLECTOR);
-    launcher.env("PATH", path_with(&bin));
-    let agent = Agent::spawn(&netns, launcher, &config, &[]);
-    let tables = || {
-        support::stdout_of(std::process::Command::new("ip").args([
-            "netns",
-            "exec",
-            &netns.name,
-            "nft",
-            "list",
-            "tables",
-        ]))
-    };
+    let (agent, stall, bin) = start_with_stalling_nft(&netns, &config);
+    let tables = || nft_tables(&netns);
     assert!(tables().contains(&config.nft_table), "{}", tables());
 
     // Our table goes (a firewall reload); a poll makes it again with `nft`, which hangs.

@@ -849,3 +849,25 @@ pub fn stay_on_this_cpu() {
         );
     }
 }
+
+/// A tun device named `name` in `netns` (no packet information before each packet: they
+/// begin at the IP header), gone when the file is closed unless made persistent before.
+pub fn open_tun(netns: &Netns, name: &'static str) -> fs::File {
+    netns.run(move || {
+        use std::os::fd::AsRawFd as _;
+        let tun = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        // `struct ifreq`: the name, then the flags.
+        let mut request = [0u8; 40];
+        request[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = i16::try_from(libc::IFF_TUN | libc::IFF_NO_PI).unwrap();
+        request[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `request` is.
+        let made = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, request.as_mut_ptr()) };
+        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+        tun
+    })
+}
