@@ -183,7 +183,8 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
     }
 }
 
-/// A link-layer header of `L2` bytes → IPv4/IPv6 (extension headers walked) → UDP. `None` for anything else: not
+/// A link-layer header of `L2` bytes → IPv4/IPv6 (extension headers walked) → UDP. `None`
+/// for anything else: not
 /// ours to count.
 #[inline(always)]
 fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {

@@ -8,9 +8,9 @@ use collector_common::{LOCAL_ADDRESS_WAYS, address_words, local_address_sets};
 
 use crate::{LOCAL_ADDRESS_SET_BITS, LOCAL_ADDRESSES, LOCAL_ADDRESSES_COMPLETE, LOCAL_ONLY};
 
-/// The link-layer header before the IP header (`L2` in the parsers): Ethernet's, or none on
-/// an interface whose packets start at the IP header (WireGuard, tun).
+/// The link-layer header before the IP header (`L2` in the parsers) on Ethernet and loopback.
 pub const ETH_HLEN: usize = 14;
+/// `L2` on an interface whose packets start at the IP header (WireGuard, tun).
 pub const NO_LINK_HEADER: usize = 0;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;

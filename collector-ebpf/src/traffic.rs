@@ -102,7 +102,8 @@ fn add(counters: *mut TrafficCounters, segment: &Segment) {
     counters.payload_bytes += segment.payload_len;
 }
 
-/// A link-layer header of `L2` bytes → IPv4/IPv6 → TCP. `None` for anything else (not ours) and for truncated
+/// A link-layer header of `L2` bytes → IPv4/IPv6 → TCP. `None` for anything else (not
+/// ours) and for truncated
 /// headers (counted).
 #[inline(always)]
 fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {

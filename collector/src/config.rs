@@ -809,7 +809,7 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
         nftables.table.clone_from(name);
     }
     if let Some(timeout) = &raw.nft_timeout_ms {
-        let ms: u64 = in_range(source, timeout, "nft_timeout_ms", 1000, 600_000)?;
+        let ms: u64 = in_range(source, timeout, "nft_timeout_ms", 1000, 60_000)?;
         nftables.nft_timeout = Duration::from_millis(ms);
     }
     Ok(nftables)
@@ -1288,10 +1288,11 @@ mod tests {
         };
         assert_eq!(timeout(""), Duration::from_secs(10));
         assert_eq!(
-            timeout("[nftables]\nnft_timeout_ms = 120000\n"),
-            Duration::from_mins(2)
+            timeout("[nftables]\nnft_timeout_ms = 60000\n"),
+            Duration::from_mins(1)
         );
         assert_error("[nftables]\nnft_timeout_ms = 999\n", 2, "nft_timeout_ms");
+        assert_error("[nftables]\nnft_timeout_ms = 60001\n", 2, "nft_timeout_ms");
     }
 
     #[test]

@@ -201,7 +201,9 @@ pub enum NftError {
     InUse { table: String, holder: Holder },
     #[error("claiming the nftables table's name: {0}")]
     Claim(std::io::Error),
-    #[error("making the nftables table failed: the thread making it panicked")]
+    #[error(
+        "a try at making the nftables table, or at removing what is left of it, failed: its thread panicked"
+    )]
     MakingPanicked,
 }
 
@@ -973,8 +975,16 @@ impl Source {
 
     pub fn stop(mut self) -> anyhow::Result<()> {
         use anyhow::Context as _;
-        // A table being made is ours to remove too.
+        // A table being made is ours to remove too, and so is one a killed `nft` may still
+        // make once it leaves the kernel.
         self.take_made(true);
+        if !nft_tool::wait_for_killed(self.config.nftables.nft_timeout) {
+            tracing::warn!(
+                "an nft killed at its deadline has still not exited: a table inet {} it may make                  later is left; `{}` removes it",
+                self.config.nftables.table,
+                crate::cleanup::command()
+            );
+        }
         match self.table {
             Some(table) => table.remove().context("removing our nftables table"),
             // A poll found our table changed (its rules flushed), or an `nft` killed at its

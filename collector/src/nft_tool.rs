@@ -1,10 +1,11 @@
 //! Runs the `nft` tool, which makes and removes our table, within a deadline
 //! (`[nftables] nft_timeout_ms`, 10 s by default: applying our table takes milliseconds, a
-//! few seconds where `nft` must first read a ruleset of hundreds of thousands of rules). A stuck `nft`
-//! (waiting on a kernel lock another process holds, say) would otherwise hold the start, a
+//! few seconds where `nft` must first read a ruleset of hundreds of thousands of rules). A
+//! stuck `nft` (waiting on the kernel's nftables lock, say) would otherwise hold the start, a
 //! poll that makes the table again, or `cleanup`, for good. What `nft` writes to its
-//! standard error goes into the error: the `nftables` crate's helper lets it through to the
-//! agent's own, apart from the failure it explains.
+//! standard error goes into the error: the `nftables` crate's helper, which has no deadline
+//! either, lets it through to the agent's own, apart from the failure it explains. The
+//! crate's error type is kept.
 
 use std::{
     ffi::OsString,
@@ -27,14 +28,18 @@ const LOOK_EVERY: Duration = Duration::from_millis(2);
 /// tries do not pile up stuck processes (and their threads).
 static STILL_EXITING: AtomicUsize = AtomicUsize::new(0);
 
+/// Why `nft` did not apply a ruleset.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
+    /// It could not be run, or ran and failed.
     #[error("{}", failure(.0))]
     Run(#[from] NftablesError),
+    /// It ran past its deadline and was killed.
     #[error(
         "nft did not finish within {0:?} and was killed (stuck on the kernel's nftables lock?); a table it was still making is removed at the next try or at the stop"
     )]
     TimedOut(Duration),
+    /// One killed earlier is still in the kernel.
     #[error(
         "an nft killed at its deadline has not exited yet (stuck in the kernel): no other is started until it has"
     )]
@@ -130,6 +135,20 @@ pub fn apply(ruleset: String, deadline: Duration) -> Result<(), ToolError> {
     }
     fed.map_err(execution)?;
     Ok(())
+}
+
+/// Waits up to `limit` for the `nft` processes killed at their deadline to exit; false if
+/// one has not. A stop waits so: a killed `nft` waiting on the kernel's lock may still commit
+/// our table once it has it, and the stop must find that table to remove it.
+pub fn wait_for_killed(limit: Duration) -> bool {
+    let began = Instant::now();
+    while STILL_EXITING.load(Ordering::Relaxed) > 0 {
+        if began.elapsed() >= limit {
+            return false;
+        }
+        thread::sleep(LOOK_EVERY);
+    }
+    true
 }
 
 /// Kills `nft` and reaps it on a thread of its own: a process stuck in the kernel dies only

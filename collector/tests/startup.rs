@@ -839,7 +839,7 @@ fn start_with_stalling_nft(
     netns: &Netns,
     config: &AgentConfig,
 ) -> (Agent, std::path::PathBuf, std::path::PathBuf) {
-    nft_may_take(config, Duration::from_mins(10));
+    nft_may_take(config, Duration::from_mins(1));
     let stall = config.dir.join("stall");
     let bin = stalling_nft(&config.dir, &stall);
     let mut launcher = netns.command(COLLECTOR);
