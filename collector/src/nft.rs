@@ -9,8 +9,9 @@
 //!   until source NAT puts the address it was sent to back: before it, `out` read 0.
 //!
 //! Both count ports as on the wire. The table is made and removed with `nft -j`, within a
-//! deadline ([`crate::nft_tool`]); its counters are read over nfnetlink ([`crate::nfnetlink`]), which
-//! costs tens of microseconds where `nft -j list` costs milliseconds (see docs/DESIGN.md).
+//! deadline ([`crate::nft_tool`]); its counters are read over nfnetlink
+//! ([`crate::nfnetlink`]), which costs tens of microseconds where `nft -j list` costs
+//! milliseconds (see docs/DESIGN.md).
 //!
 //! Only a table that is recognisably ours is ever adopted, replaced or deleted
 //! ([`judge`]): one holding nothing but our chains, their rules, our maps and counters named
@@ -697,8 +698,9 @@ pub struct Source {
     found_changed: bool,
     /// What the next table made may adopt: a crashed run's at the first try only.
     adopt: Adopt,
-    /// A later try at making the table, on a thread of its own: a stuck `nft` holds it, not
-    /// the poll loop, for up to `[nftables] nft_timeout_ms`.
+    /// A later try at making the table (or at removing what is left of one), on a thread of
+    /// its own: a stuck `nft` holds it, not the poll loop, for up to `[nftables]
+    /// nft_timeout_ms`.
     making: Option<Making>,
 }
 
