@@ -523,12 +523,23 @@ impl Attachment {
                 ),
             ]);
         }
-        // All of them now, the ones for interfaces without a link-layer header too, though
-        // most hosts have none: an interface that appears later is attached after the
+        // Now, not when an interface needs them: one that appears later is attached after the
         // capability drop, and without CAP_PERFMON the verifier would hold them to the rules
-        // for unprivileged programs.
-        let names: std::collections::BTreeSet<&str> =
-            self.classifiers.iter().map(|&(name, ..)| name).collect();
+        // for unprivileged programs. The ones for interfaces without a link-layer header only
+        // where such an interface is here or may come: each costs half a second of
+        // verification at every start.
+        let ip_possible = config.interfaces.is_empty()
+            || !self.missing_interfaces.is_empty()
+            || selected
+                .links
+                .iter()
+                .any(|link| link.framing == Framing::Ip);
+        let names: std::collections::BTreeSet<&str> = self
+            .classifiers
+            .iter()
+            .filter(|&&(.., goes_on)| ip_possible || goes_on != GoesOn::Ip)
+            .map(|&(name, ..)| name)
+            .collect();
         for program_name in names {
             loaded(&mut self.ebpf, program_name, SchedClassifier::load)?;
         }
@@ -586,7 +597,15 @@ impl Attachment {
                 .with_context(|| format!("the kernel object has no program {program_name}"))?
                 .try_into()?;
             let pin = links_dir.join(format!("{prefix}_{}", link.index));
-            if adopt_link(&pin, program.fd()?.as_fd())? {
+            let fd = program.fd().with_context(|| {
+                format!(
+                    "{program_name} was not loaded at the start, where every configured \
+                     interface was there with Ethernet framing; restart the collector to count \
+                     {}",
+                    link.name
+                )
+            })?;
+            if adopt_link(&pin, fd.as_fd())? {
                 self.inherited = true;
             } else {
                 attach_tcx(program, program_name, attach_type, &link.name, &pin)?;

@@ -246,6 +246,7 @@ fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
     wait_for("tcoll0 to be attached", Duration::from_secs(10), || {
         attached(&scrape(&netns), "tcoll0").then_some(())
     });
+    assert_eq!(ip_programs_loaded(&scrape(&netns)), [true, true]);
     exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
 
     // DNS over IPv4 and IPv6: a server that answers every query, NXDOMAIN for the names
@@ -443,8 +444,24 @@ fn with_interfaces_configured_no_other_interface_is_exported() {
         .map(|i| i["name"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(names, ["lo"]);
+    // Every configured interface is here with Ethernet framing: the programs for those
+    // without a link-layer header are not loaded (half a second each at the start).
+    assert_eq!(ip_programs_loaded(&metrics), [false, false]);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
+}
+
+/// Whether `count_ingress_ip` and `count_egress_ip` are loaded (their run statistics
+/// exported).
+fn ip_programs_loaded(metrics: &str) -> [bool; 2] {
+    ["count_ingress_ip", "count_egress_ip"].map(|program| {
+        sample(
+            metrics,
+            "collector_bpf_program_runs_total",
+            &[("program", program)],
+        )
+        .is_some()
+    })
 }
 
 /// The kernel's own counters of `interface` in `netns` as `ip -s -s link` reads them (the
