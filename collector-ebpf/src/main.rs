@@ -254,54 +254,41 @@ fn tagged(ctx: &TcContext) -> bool {
     }
 }
 
-/// Counts one packet at ingress, after a link-layer header of `L2` bytes.
+/// Counts one packet after a link-layer header of `L2` bytes: at ingress (`dir` DIR_IN,
+/// `dns_hook` HOOK_INGRESS) or egress. Inlined, so both are constants in each classifier.
 #[inline(always)]
-fn count_arriving<const L2: usize>(ctx: &TcContext) -> i32 {
+fn count<const L2: usize>(ctx: &TcContext, dir: u32, dns_hook: u32) -> i32 {
     if tagged(ctx) {
         return TC_ACT_UNSPEC;
     }
     if for_dns::<L2>(ctx) {
-        dns::count_packet::<L2>(ctx, dns::HOOK_INGRESS);
+        dns::count_packet::<L2>(ctx, dns_hook);
     } else {
-        traffic::count_packet::<L2>(ctx, DIR_IN);
-    }
-    TC_ACT_UNSPEC
-}
-
-/// Counts one packet at egress, after a link-layer header of `L2` bytes.
-#[inline(always)]
-fn count_leaving<const L2: usize>(ctx: &TcContext) -> i32 {
-    if tagged(ctx) {
-        return TC_ACT_UNSPEC;
-    }
-    if for_dns::<L2>(ctx) {
-        dns::count_packet::<L2>(ctx, dns::HOOK_EGRESS);
-    } else {
-        traffic::count_packet::<L2>(ctx, DIR_OUT);
+        traffic::count_packet::<L2>(ctx, dir);
     }
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn count_ingress(ctx: TcContext) -> i32 {
-    count_arriving::<ETH_HLEN>(&ctx)
+    count::<ETH_HLEN>(&ctx, DIR_IN, dns::HOOK_INGRESS)
 }
 
 #[classifier]
 pub fn count_egress(ctx: TcContext) -> i32 {
-    count_leaving::<ETH_HLEN>(&ctx)
+    count::<ETH_HLEN>(&ctx, DIR_OUT, dns::HOOK_EGRESS)
 }
 
 /// For interfaces whose packets start at the IP header (WireGuard, tun); attached only there.
 #[classifier]
 pub fn count_ingress_ip(ctx: TcContext) -> i32 {
-    count_arriving::<NO_LINK_HEADER>(&ctx)
+    count::<NO_LINK_HEADER>(&ctx, DIR_IN, dns::HOOK_INGRESS)
 }
 
 /// The egress counterpart of [`count_ingress_ip`].
 #[classifier]
 pub fn count_egress_ip(ctx: TcContext) -> i32 {
-    count_leaving::<NO_LINK_HEADER>(&ctx)
+    count::<NO_LINK_HEADER>(&ctx, DIR_OUT, dns::HOOK_EGRESS)
 }
 
 #[classifier]
