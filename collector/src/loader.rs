@@ -39,7 +39,7 @@ use crate::{
     bpf_sys, cleanup,
     config::{Config, RouteKind},
     links::{self, Framing, Link},
-    netns, orphans, paths, privileges, slots,
+    netns, orphans, paths, privileges, program_loading, slots,
 };
 
 /// The kernel object built by build.rs from `collector-ebpf`.
@@ -322,12 +322,7 @@ impl Attachment {
             _stats: stats,
         };
         let attached = attachment
-            .attach_cgroup_programs(config, options.bpf_stats, &links_dir, &cgroup)
-            // Before any classifier runs (till then the table counts as incomplete: by port).
-            .and_then(|()| {
-                attachment.refresh_local_addresses();
-                attachment.attach_classifiers(config, options.bpf_stats)
-            })
+            .load_and_attach(config, options.bpf_stats, &links_dir, &cgroup)
             .and_then(|()| remove_stale_links(&links_dir, &attachment.pins_in_use()));
         match attached {
             Ok(()) => {
@@ -352,6 +347,24 @@ impl Attachment {
                 Err(err)
             }
         }
+    }
+
+    /// Loads every program this start needs, then attaches them: the cgroup ones, then the
+    /// classifiers on the interfaces selected before the load.
+    fn load_and_attach(
+        &mut self,
+        config: &Config,
+        bpf_stats: bool,
+        links_dir: &Path,
+        cgroup: &File,
+    ) -> anyhow::Result<()> {
+        let all = links::list().context("listing network interfaces over rtnetlink")?;
+        let selected = links::selection(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
+        self.load_programs(config, bpf_stats, &selected)?;
+        self.attach_cgroup_programs(config, bpf_stats, links_dir, cgroup)?;
+        // Before any classifier runs (till then the table counts as incomplete: by port).
+        self.refresh_local_addresses();
+        self.attach_classifiers(selected)
     }
 
     /// The programs on the cgroup2 root: the server name reader where routes share ports by
@@ -385,7 +398,7 @@ impl Attachment {
 
     fn attach_sock_ops(&mut self, name: &str, pin: &Path, cgroup: &File) -> anyhow::Result<()> {
         let cgroup2 = self.cgroup2.clone();
-        let program = loaded(&mut self.ebpf, name, SockOps::load)?;
+        let program: &mut SockOps = loaded(&mut self.ebpf, name)?;
         let fd = program.fd()?.try_clone()?;
         let adopted = pin_cgroup_link(pin, fd.as_fd(), || {
             // Link-based attachment always coexists with other programs on the cgroup; the
@@ -405,7 +418,7 @@ impl Attachment {
         self.set_early_hello_reader()?;
         let name = program_names::READ_SERVER_NAMES;
         let cgroup2 = self.cgroup2.clone();
-        let program = loaded(&mut self.ebpf, name, CgroupSkb::load)?;
+        let program: &mut CgroupSkb = loaded(&mut self.ebpf, name)?;
         let fd = program.fd()?.try_clone()?;
         let adopted = pin_cgroup_link(pin, fd.as_fd(), || {
             let id = program
@@ -425,7 +438,7 @@ impl Attachment {
     /// reader runs: a hello that completes the handshake goes through the listening socket.
     fn set_early_hello_reader(&mut self) -> anyhow::Result<()> {
         let name = program_names::READ_EARLY_HELLOS;
-        let fd = loaded(&mut self.ebpf, name, CgroupSkb::load)?
+        let fd = loaded::<CgroupSkb>(&mut self.ebpf, name)?
             .fd()?
             .try_clone()?;
         let mut readers = ProgramArray::try_from(
@@ -450,15 +463,50 @@ impl Attachment {
         self.link_pins.push(pin.to_owned());
     }
 
-    /// Loads the tc programs and attaches them to the selected interfaces. A configured
-    /// interface that does not exist yet is left to the polls, which attach it when it
-    /// appears (a VLAN or a second NIC made after the agent starts, or a name that differs
-    /// on this node: a refused start would crash-loop the pod). With `stats_floor`, an
-    /// empty program goes last on each hook, so that the statistics' own cost is measured on
-    /// the same packets.
-    fn attach_classifiers(&mut self, config: &Config, stats_floor: bool) -> anyhow::Result<()> {
-        let all = links::list().context("listing network interfaces over rtnetlink")?;
-        let selected = links::selection(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
+    /// Loads every program this start attaches, at once (`program_loading`): the classifiers
+    /// for each framing now, not when an interface needs them, since one that appears later
+    /// is attached after the capability drop, and without `CAP_PERFMON` the verifier would hold
+    /// them to the rules for unprivileged programs. The ones for interfaces without a
+    /// link-layer header only where such an interface is here or may come: each costs half a
+    /// second of a CPU's verification at every start.
+    fn load_programs(
+        &mut self,
+        config: &Config,
+        bpf_stats: bool,
+        selected: &links::Selection<'_>,
+    ) -> anyhow::Result<()> {
+        self.classifiers = classifier_table(bpf_stats);
+        let ip_possible = config.interfaces.is_empty()
+            || !selected.missing.is_empty()
+            || selected
+                .links
+                .iter()
+                .any(|link| link.framing == Framing::Ip);
+        let mut names = Vec::new();
+        if config.routes.iter().any(|route| !route.sni.is_empty()) {
+            names.extend([
+                program_names::READ_EARLY_HELLOS,
+                program_names::READ_SERVER_NAMES,
+            ]);
+        }
+        names.push(program_names::TRACK_CONNECTIONS);
+        if bpf_stats {
+            names.push(program_names::STATS_FLOOR_SOCK_OPS);
+        }
+        names.extend(
+            self.classifiers
+                .iter()
+                .filter(|&&(.., goes_on)| ip_possible || goes_on != GoesOn::Ip)
+                .map(|&(name, ..)| name),
+        );
+        program_loading::load_all(&mut self.ebpf, &names)
+    }
+
+    /// Attaches the loaded classifiers to the selected interfaces. A configured interface
+    /// that does not exist yet is left to the polls, which attach it when it appears (a VLAN
+    /// or a second NIC made after the agent starts, or a name that differs on this node: a
+    /// refused start would crash-loop the pod).
+    fn attach_classifiers(&mut self, selected: links::Selection<'_>) -> anyhow::Result<()> {
         for interface in &selected.missing {
             tracing::warn!(
                 %interface,
@@ -467,82 +515,6 @@ impl Attachment {
             );
         }
         self.missing_interfaces = selected.missing;
-        // Loopback: one ingress classifier sees every packet once; elsewhere, both hooks,
-        // with the programs for the interface's framing.
-        self.classifiers = vec![
-            (
-                program_names::COUNT_INGRESS,
-                TcAttachType::Ingress,
-                TC_INGRESS_PIN,
-                GoesOn::Ethernet,
-            ),
-            (
-                program_names::COUNT_EGRESS,
-                TcAttachType::Egress,
-                TC_EGRESS_PIN,
-                GoesOn::Ethernet,
-            ),
-            (
-                program_names::COUNT_INGRESS_IP,
-                TcAttachType::Ingress,
-                TC_INGRESS_IP_PIN,
-                GoesOn::Ip,
-            ),
-            (
-                program_names::COUNT_EGRESS_IP,
-                TcAttachType::Egress,
-                TC_EGRESS_IP_PIN,
-                GoesOn::Ip,
-            ),
-            (
-                program_names::COUNT_LOOPBACK,
-                TcAttachType::Ingress,
-                TC_LOOPBACK_PIN,
-                GoesOn::Loopback,
-            ),
-        ];
-        if stats_floor {
-            self.classifiers.extend([
-                (
-                    program_names::STATS_FLOOR_TC,
-                    TcAttachType::Ingress,
-                    STATS_FLOOR_INGRESS_PIN,
-                    GoesOn::AllButLoopback,
-                ),
-                (
-                    program_names::STATS_FLOOR_TC,
-                    TcAttachType::Egress,
-                    STATS_FLOOR_EGRESS_PIN,
-                    GoesOn::AllButLoopback,
-                ),
-                (
-                    program_names::STATS_FLOOR_TC,
-                    TcAttachType::Ingress,
-                    STATS_FLOOR_LOOPBACK_PIN,
-                    GoesOn::Loopback,
-                ),
-            ]);
-        }
-        // Now, not when an interface needs them: one that appears later is attached after the
-        // capability drop, and without CAP_PERFMON the verifier would hold them to the rules
-        // for unprivileged programs. The ones for interfaces without a link-layer header only
-        // where such an interface is here or may come: each costs half a second of
-        // verification at every start.
-        let ip_possible = config.interfaces.is_empty()
-            || !self.missing_interfaces.is_empty()
-            || selected
-                .links
-                .iter()
-                .any(|link| link.framing == Framing::Ip);
-        let names: std::collections::BTreeSet<&str> = self
-            .classifiers
-            .iter()
-            .filter(|&&(.., goes_on)| ip_possible || goes_on != GoesOn::Ip)
-            .map(|&(name, ..)| name)
-            .collect();
-        for program_name in names {
-            loaded(&mut self.ebpf, program_name, SchedClassifier::load)?;
-        }
         for link in selected.links {
             if let Err(err) = self.attach_interface(link) {
                 // Pod veths come and go while a node starts or drains: one that went during
@@ -1814,21 +1786,77 @@ pub fn open_link_pins(
     Ok(links)
 }
 
-/// The kernel object's program `name`, of type `P`, loaded by `load` (its type's `load`).
-fn loaded<'a, P>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-    load: impl FnOnce(&mut P) -> Result<(), ProgramError>,
-) -> anyhow::Result<&'a mut P>
+/// The kernel object's program `name`, of type `P`, as `program_loading` loaded it.
+fn loaded<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut P>
 where
     &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
 {
-    let program: &mut P = ebpf
+    Ok(ebpf
         .program_mut(name)
         .with_context(|| format!("the kernel object has no program {name}"))?
-        .try_into()?;
-    load(program).with_context(|| format!("loading {name}"))?;
-    Ok(program)
+        .try_into()?)
+}
+
+/// The tc programs, the hooks they go on, their pin names and the interfaces they fit.
+/// Loopback: one ingress classifier sees every packet once; elsewhere, both hooks, with the
+/// programs for the interface's framing. With `stats_floor`, an empty program goes last on
+/// each hook, so that the statistics' own cost is measured on the same packets.
+fn classifier_table(stats_floor: bool) -> Vec<(&'static str, TcAttachType, &'static str, GoesOn)> {
+    let mut table = vec![
+        (
+            program_names::COUNT_INGRESS,
+            TcAttachType::Ingress,
+            TC_INGRESS_PIN,
+            GoesOn::Ethernet,
+        ),
+        (
+            program_names::COUNT_EGRESS,
+            TcAttachType::Egress,
+            TC_EGRESS_PIN,
+            GoesOn::Ethernet,
+        ),
+        (
+            program_names::COUNT_INGRESS_IP,
+            TcAttachType::Ingress,
+            TC_INGRESS_IP_PIN,
+            GoesOn::Ip,
+        ),
+        (
+            program_names::COUNT_EGRESS_IP,
+            TcAttachType::Egress,
+            TC_EGRESS_IP_PIN,
+            GoesOn::Ip,
+        ),
+        (
+            program_names::COUNT_LOOPBACK,
+            TcAttachType::Ingress,
+            TC_LOOPBACK_PIN,
+            GoesOn::Loopback,
+        ),
+    ];
+    if stats_floor {
+        table.extend([
+            (
+                program_names::STATS_FLOOR_TC,
+                TcAttachType::Ingress,
+                STATS_FLOOR_INGRESS_PIN,
+                GoesOn::AllButLoopback,
+            ),
+            (
+                program_names::STATS_FLOOR_TC,
+                TcAttachType::Egress,
+                STATS_FLOOR_EGRESS_PIN,
+                GoesOn::AllButLoopback,
+            ),
+            (
+                program_names::STATS_FLOOR_TC,
+                TcAttachType::Ingress,
+                STATS_FLOOR_LOOPBACK_PIN,
+                GoesOn::Loopback,
+            ),
+        ]);
+    }
+    table
 }
 
 /// Says what to do when something was refused: missing privileges, or, for root with every

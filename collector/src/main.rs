@@ -36,6 +36,7 @@ mod poller;
 mod preexisting;
 mod privileges;
 mod process;
+mod program_loading;
 mod rates;
 mod serve;
 mod signals;
