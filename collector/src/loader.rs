@@ -463,7 +463,7 @@ impl Attachment {
         self.link_pins.push(pin.to_owned());
     }
 
-    /// Loads every program this start attaches, at once (`program_loading`): the classifiers
+    /// Loads every program this start needs, at once (`program_loading`): the classifiers
     /// for each framing now, not when an interface needs them, since one that appears later
     /// is attached after the capability drop, and without `CAP_PERFMON` the verifier would hold
     /// them to the rules for unprivileged programs. The ones for interfaces without a

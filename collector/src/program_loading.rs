@@ -11,8 +11,11 @@ use aya::{
     programs::{Program, ProgramError},
 };
 
+use crate::signals;
+
 /// Loads the programs `names` (each once, whatever the repeats) on up to as many threads as
-/// the process may run at once (`available_parallelism` heeds a cgroup's CPU quota). A
+/// the process may run at once (`available_parallelism` heeds a cgroup's CPU quota), this
+/// one among them: a thread the system refuses (a pids limit) only means fewer at once. A
 /// failure is the first in `names`' order, so the same start fails the same way.
 pub fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
     let mut unique: Vec<&str> = Vec::with_capacity(names.len());
@@ -37,28 +40,31 @@ pub fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
         .map_or(1, NonZeroUsize::get)
         .min(programs.len());
     let queue = Mutex::new(programs.into_iter().enumerate());
+    // A stop asked for meanwhile is taken once every program is loaded (`signals::hold`).
+    let held = signals::hold().context("holding back the stop signals while loading")?;
+    // The lock only hands out the next program; it is not held while loading.
+    let work = || {
+        let mut done = Vec::new();
+        while let Some((order, (name, program))) = next(&queue) {
+            done.push((order, name, load(program)));
+        }
+        done
+    };
     let mut outcomes: Vec<(usize, &str, Result<(), ProgramError>)> = thread::scope(|scope| {
-        let threads: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    // The lock only hands out the next program; it is not held while loading.
-                    while let Some((order, (name, program))) = next(&queue) {
-                        done.push((order, name, load(program)));
-                    }
-                    done
-                })
-            })
+        let helpers: Vec<_> = (1..workers)
+            .filter_map(|_| thread::Builder::new().spawn_scoped(scope, work).ok())
             .collect();
-        threads
-            .into_iter()
-            .flat_map(|thread| {
-                thread
+        let mut outcomes = work();
+        for helper in helpers {
+            outcomes.extend(
+                helper
                     .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
+        }
+        outcomes
     });
+    drop(held);
     outcomes.sort_by_key(|&(order, ..)| order);
     for (_, name, outcome) in outcomes {
         outcome.with_context(|| format!("loading {name}"))?;

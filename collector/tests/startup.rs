@@ -695,6 +695,42 @@ fn a_stop_asked_for_while_starting_detaches_what_the_start_attached() {
     support::assert_no_pins(&config.pin_dir);
 }
 
+/// A stop asked for again and again while the programs load (an operator's repeated Ctrl-C, a
+/// supervisor sending SIGTERM anew) is one clean stop. Until 2026-12-03 a signal handled
+/// during a load interrupted the verifier (EAGAIN), aya loaded the program again with a
+/// verifier log, and the next signal interrupted that too: the start failed with "Resource
+/// temporarily unavailable" after a page of verifier log (and a single signal made the start
+/// take about 12 s of loads with logs instead of 2).
+#[test]
+fn stop_signals_while_the_programs_load_make_one_clean_stop() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let log_path = config.dir.join("agent.log");
+    let mut child = support::Reaped::spawn(
+        netns
+            .command(COLLECTOR)
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+    );
+    // The maps are made and pinned first; the programs are loaded right after.
+    let first_map = config
+        .pin_dir
+        .join("v1")
+        .join(collector_common::map_names::CONN_COUNTERS);
+    wait_for("the first map pins", Duration::from_secs(20), || {
+        first_map.exists().then_some(())
+    });
+    let status = wait_for("the agent to exit", Duration::from_secs(30), || {
+        child.signal(libc::SIGTERM);
+        child.try_wait()
+    });
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("asked to stop"), "{log}");
+    support::assert_no_pins(&config.pin_dir);
+}
+
 /// The agent's log (stderr) through a FIFO of the test's own, one page deep, read by a thread
 /// that the test can stop: a log reader that stops reading (a stuck journald or container
 /// log pipe) makes the agent's next log write block.
