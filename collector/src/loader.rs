@@ -39,7 +39,7 @@ use crate::{
     bpf_sys, cleanup,
     config::{Config, RouteKind},
     links::{self, Framing, Link},
-    netns, orphans, paths, privileges, program_loading, slots,
+    netns, orphans, paths, privileges, program_loading, signals, slots,
 };
 
 /// The kernel object built by build.rs from `collector-ebpf`.
@@ -236,8 +236,12 @@ impl Attachment {
         self.local_addresses.as_ref().map(LocalAddresses::usage)
     }
 
-    /// Loads the programs, binds the routes to their slots and attaches everything.
+    /// Loads the programs, binds the routes to their slots and attaches everything. Stop
+    /// signals wait till then (`signals::hold`): one handled while the kernel verifies a
+    /// program, aya's feature probes at the object's load included, makes the verifier give
+    /// up, and a probe given up reads as a feature missing.
     pub fn attach(options: &Options<'_>) -> anyhow::Result<Self> {
+        let _held = signals::hold().context("holding back the stop signals while attaching")?;
         Self::try_attach(options).map_err(privilege_hint)
     }
 

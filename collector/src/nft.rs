@@ -905,8 +905,13 @@ impl Source {
                 self.found_changed = false;
             }
             Err(err) => {
-                // A killed `nft` may still have made the table: it is ours to remove.
-                if matches!(err, NftError::Tool(nft_tool::ToolError::TimedOut(_))) {
+                // A killed `nft` may have made the table, or may still: it is ours to remove.
+                if matches!(
+                    err,
+                    NftError::Tool(
+                        nft_tool::ToolError::TimedOut(_) | nft_tool::ToolError::Killed(_)
+                    )
+                ) {
                     self.found_changed = true;
                 }
                 tracing::warn!("nftables counters are off for now: {err}");

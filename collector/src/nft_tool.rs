@@ -10,6 +10,7 @@
 use std::{
     ffi::OsString,
     io::{Read as _, Write as _},
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
     thread,
@@ -39,6 +40,13 @@ pub enum ToolError {
         "nft did not finish within {0:?} and was killed (stuck on the kernel's nftables lock?); a table it was still making is removed at the next try or at the stop"
     )]
     TimedOut(Duration),
+    /// Something else killed it (a terminal's Ctrl-C, the OOM killer, a stop signal sent to
+    /// every process of the service) before it said whether it applied the ruleset: the
+    /// kernel applies a batch whole before `nft` reads the answer, so it may have.
+    #[error(
+        "nft was killed by signal {0} before it said whether it applied our ruleset; a table it may have made is removed at the next try or at the stop"
+    )]
+    Killed(i32),
     /// One killed earlier is still in the kernel.
     #[error(
         "an nft killed at its deadline has not exited yet (stuck in the kernel): no other is started until it has"
@@ -87,6 +95,9 @@ pub fn apply(ruleset: String, deadline: Duration) -> Result<(), ToolError> {
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        // Its own process group: a Ctrl-C in the agent's terminal is the agent's to handle
+        // (a clean stop), not a kill of the `nft` making or removing its table.
+        .process_group(0)
         .spawn()
         .map_err(execution)?;
     let (Some(mut stdin), Some(mut stderr)) = (child.stdin.take(), child.stderr.take()) else {
@@ -121,6 +132,9 @@ pub fn apply(ruleset: String, deadline: Duration) -> Result<(), ToolError> {
         .join()
         .map_err(|_| execution(std::io::Error::other("feeding nft failed")))?;
     let said = String::from_utf8_lossy(&said).into_owned();
+    if let Some(signal) = status.signal() {
+        return Err(ToolError::Killed(signal));
+    }
     if !status.success() {
         return Err(NftablesError::NftFailed {
             program,

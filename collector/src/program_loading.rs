@@ -11,8 +11,6 @@ use aya::{
     programs::{Program, ProgramError},
 };
 
-use crate::signals;
-
 /// Loads the programs `names` (each once, whatever the repeats) on up to as many threads as
 /// the process may run at once (`available_parallelism` heeds a cgroup's CPU quota), this
 /// one among them: a thread the system refuses (a pids limit) only means fewer at once. A
@@ -40,8 +38,6 @@ pub fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
         .map_or(1, NonZeroUsize::get)
         .min(programs.len());
     let queue = Mutex::new(programs.into_iter().enumerate());
-    // A stop asked for meanwhile is taken once every program is loaded (`signals::hold`).
-    let held = signals::hold().context("holding back the stop signals while loading")?;
     // The lock only hands out the next program; it is not held while loading.
     let work = || {
         let mut done = Vec::new();
@@ -64,7 +60,6 @@ pub fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
         }
         outcomes
     });
-    drop(held);
     outcomes.sort_by_key(|&(order, ..)| order);
     for (_, name, outcome) in outcomes {
         outcome.with_context(|| format!("loading {name}"))?;

@@ -45,7 +45,8 @@ pub fn catch_while_starting() -> std::io::Result<()> {
 /// meanwhile, until dropped; then a signal that came is handled as any other. For loading
 /// programs: a signal handled during a load interrupts the verifier, which gives up with
 /// EAGAIN, and aya then loads the program again with a verifier log, over and over with a
-/// larger log each time, which took a stop asked for during a start from 2 to 14 s here.
+/// larger log each time, which took a stop asked for during a start from 2 to 14 s here
+/// (at aeec46e), and signals sent again and again failed the start.
 pub fn hold() -> std::io::Result<Held> {
     // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialise it.
     let mut held: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -61,12 +62,17 @@ pub fn hold() -> std::io::Result<Held> {
     if blocked != 0 {
         return Err(std::io::Error::from_raw_os_error(blocked));
     }
-    Ok(Held { before })
+    Ok(Held {
+        before,
+        _this_thread: std::marker::PhantomData,
+    })
 }
 
-/// The signal mask from before [`hold`], put back when dropped.
+/// The signal mask from before [`hold`], put back when dropped, on the thread that held it
+/// (not `Send`: a signal mask is per thread).
 pub struct Held {
     before: libc::sigset_t,
+    _this_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Drop for Held {

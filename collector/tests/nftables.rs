@@ -326,39 +326,21 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
     file.write_all(b"nft_timeout_ms = 2000\n").unwrap();
     // The first `nft` never finishes, as one waiting on the kernel's lock would not, and
     // what it was given is applied a second after it was killed, as such an `nft` may still
-    // commit once it has the lock. Later ones are the real one.
-    let real = String::from_utf8(
-        Command::new("sh")
-            .args(["-c", "command -v nft"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let real = real.trim();
+    // commit once it has the lock.
     let tools = config.dir.join("stuck-tools");
-    std::fs::create_dir_all(&tools).unwrap();
     let pid_file = tools.join("nft.pid");
-    let script = tools.join("nft");
-    let [mark, ruleset] = [tools.join("called"), tools.join("ruleset.json")];
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n[ -e {mark} ] && exec {real} \"$@\"\n: > {mark}\n/bin/cat > {ruleset}\n\
-             echo $$ > {pid}\n( /bin/sleep 3; {real} -j -f {ruleset} ) > /dev/null 2>&1 &\n\
+    let ruleset = tools.join("ruleset.json");
+    let launcher = with_first_nft(
+        &netns,
+        &tools,
+        &format!(
+            "/bin/cat > {ruleset}\necho $$ > {pid}\n\
+             ( /bin/sleep 3; \"$REAL_NFT\" -j -f {ruleset} ) > /dev/null 2>&1 &\n\
              exec /bin/sleep 600\n",
-            mark = mark.display(),
             ruleset = ruleset.display(),
             pid = pid_file.display(),
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut launcher = Command::new("/usr/bin/nsenter");
-    launcher
-        .arg(format!("--net=/var/run/netns/{}", netns.name))
-        .arg(COLLECTOR)
-        .env("PATH", &tools);
+    );
     let began = Instant::now();
     let agent = Agent::spawn(&netns, launcher, &config, &[]);
     let started_in = began.elapsed();
@@ -399,6 +381,67 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
         tables(&netns)
     );
     assert_no_pins(&config.pin_dir);
+}
+
+/// An `nft` killed by a signal once the kernel has applied its batch (a Ctrl-C, the OOM
+/// killer, a stop signal sent to every process of a service: the kernel applies a batch
+/// before `nft` reads the answer) made a table the agent heard nothing of. Until 2026-12-03
+/// that table stayed after the stop, hooked, with no collector to remove it.
+#[test]
+fn a_table_made_by_an_nft_killed_after_applying_it_is_removed_at_the_stop() {
+    let netns = Netns::new();
+    // Polls a second apart: the next try at making the table comes 30 s later.
+    let config = AgentConfig::with_nft_polling_every(ROUTES, 1000);
+    let launcher = with_first_nft(
+        &netns,
+        &config.dir.join("killed-tools"),
+        "\"$REAL_NFT\" \"$@\"\nkill -KILL $$\n",
+    );
+    let agent = Agent::spawn(&netns, launcher, &config, &[]);
+    let error = only_nft_down(&netns);
+    assert!(error.contains("nft was killed by signal 9"), "{error}");
+    assert!(tables(&netns).contains(&config.nft_table));
+    assert!(agent.stop().success());
+    assert!(
+        !tables(&netns).contains(&config.nft_table),
+        "{}",
+        tables(&netns)
+    );
+    assert_no_pins(&config.pin_dir);
+}
+
+/// A launcher of the agent in `netns` whose `PATH` is `tools`, where `nft` runs `first` (a
+/// shell script, with the real `nft` in `$REAL_NFT`) the first time it is called and the
+/// real `nft` after that.
+fn with_first_nft(netns: &Netns, tools: &std::path::Path, first: &str) -> Command {
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v nft"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    std::fs::create_dir_all(tools).unwrap();
+    let script = tools.join("nft");
+    let mark = tools.join("called");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nREAL_NFT={real}\n[ -e {mark} ] && exec \"$REAL_NFT\" \"$@\"\n: > {mark}\n\
+             {first}",
+            real = real.trim(),
+            mark = mark.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut launcher = Command::new("/usr/bin/nsenter");
+    launcher
+        .arg(format!("--net=/var/run/netns/{}", netns.name))
+        .arg(COLLECTOR)
+        .env("PATH", tools);
+    launcher
 }
 
 #[test]
