@@ -673,20 +673,7 @@ fn a_sighup_changes_nothing_and_the_agent_counts_on() {
 fn a_stop_asked_for_while_starting_detaches_what_the_start_attached() {
     let netns = Netns::new();
     let config = AgentConfig::new(WEB_ROUTE);
-    let mut child = support::Reaped::spawn(
-        netns
-            .command(COLLECTOR)
-            .args(["run", "--config"])
-            .arg(&config.path),
-    );
-    // The maps are pinned as they are loaded, before the programs are attached.
-    let first_map = config
-        .pin_dir
-        .join("v1")
-        .join(collector_common::map_names::CONN_COUNTERS);
-    wait_for("the first map pins", Duration::from_secs(20), || {
-        first_map.exists().then_some(())
-    });
+    let mut child = spawn_till_the_maps_are_pinned(&netns, &config, std::process::Stdio::inherit());
     child.signal(libc::SIGTERM);
     let status = wait_for("the agent to exit", Duration::from_secs(20), || {
         child.try_wait()
@@ -706,21 +693,8 @@ fn stop_signals_while_the_programs_load_make_one_clean_stop() {
     let netns = Netns::new();
     let config = AgentConfig::new(WEB_ROUTE);
     let log_path = config.dir.join("agent.log");
-    let mut child = support::Reaped::spawn(
-        netns
-            .command(COLLECTOR)
-            .args(["run", "--config"])
-            .arg(&config.path)
-            .stderr(std::fs::File::create(&log_path).unwrap()),
-    );
-    // The maps are made and pinned first; the programs are loaded right after.
-    let first_map = config
-        .pin_dir
-        .join("v1")
-        .join(collector_common::map_names::CONN_COUNTERS);
-    wait_for("the first map pins", Duration::from_secs(20), || {
-        first_map.exists().then_some(())
-    });
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = spawn_till_the_maps_are_pinned(&netns, &config, log.into());
     let status = wait_for("the agent to exit", Duration::from_secs(30), || {
         child.signal(libc::SIGTERM);
         child.try_wait()
@@ -729,6 +703,31 @@ fn stop_signals_while_the_programs_load_make_one_clean_stop() {
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("asked to stop"), "{log}");
     support::assert_no_pins(&config.pin_dir);
+}
+
+/// Starts the agent in `netns` with `config` and its log to `stderr`, and waits till its
+/// first map is pinned: the maps are made and pinned first, the programs loaded and
+/// attached right after.
+fn spawn_till_the_maps_are_pinned(
+    netns: &Netns,
+    config: &AgentConfig,
+    stderr: std::process::Stdio,
+) -> support::Reaped {
+    let child = support::Reaped::spawn(
+        netns
+            .command(COLLECTOR)
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .stderr(stderr),
+    );
+    let first_map = config
+        .pin_dir
+        .join("v1")
+        .join(collector_common::map_names::CONN_COUNTERS);
+    wait_for("the first map pins", Duration::from_secs(20), || {
+        first_map.exists().then_some(())
+    });
+    child
 }
 
 /// The agent's log (stderr) through a FIFO of the test's own, one page deep, read by a thread
