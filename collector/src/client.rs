@@ -183,7 +183,12 @@ impl Endpoint {
     /// do about it, and tells how the body is delimited.
     fn expect_ok(&self, reader: &mut impl BufRead) -> anyhow::Result<Framing> {
         let mut status = Vec::new();
-        match reader.read_until(b'\n', &mut status) {
+        // At most a line's worth: something else on the port may send without end.
+        match reader
+            .by_ref()
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut status)
+        {
             Ok(_) => {}
             // A TLS peer that closes without close_notify: judged by what it sent, if anything.
             Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {}
@@ -232,7 +237,12 @@ impl Endpoint {
             );
         }
         let line = String::from_utf8_lossy(status);
-        let line = line.trim_end();
+        let mut line = line.trim_end().to_owned();
+        // Not HTTP, or a status line no agent sends: enough of it to tell what answered.
+        if let Some((cut, _)) = line.char_indices().nth(SHOWN_STATUS_CHARS) {
+            line.truncate(cut);
+            line.push('…');
+        }
         if line.starts_with("HTTP/1.1 401") || line.starts_with("HTTP/1.0 401") {
             match &self.token {
                 None => bail!(
@@ -597,6 +607,9 @@ enum Framing {
 
 /// Longest header, chunk-size or trailer line taken: an endless one is refused.
 const MAX_LINE: u64 = 64 * 1024;
+
+/// How much of an unexpected status line an error shows.
+const SHOWN_STATUS_CHARS: usize = 120;
 
 fn invalid(what: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what)
@@ -1218,6 +1231,22 @@ mod tests {
         assert_eq!(dialled("0.0.0.0:9464"), "127.0.0.1:9464");
         assert_eq!(dialled("[::]:9464"), "[::1]:9464");
         assert_eq!(dialled("10.0.0.7:9464"), "10.0.0.7:9464");
+    }
+
+    #[test]
+    fn an_answer_without_an_end_of_line_is_read_no_further_than_a_line() {
+        let plain =
+            Endpoint::new(Some("127.0.0.1:9464".parse().unwrap()), None, None, None).unwrap();
+        let mut endless = std::io::Cursor::new(vec![b'x'; 1 << 20]);
+        let refused = plain.expect_ok(&mut endless).unwrap_err().to_string();
+        assert_eq!(endless.position(), MAX_LINE);
+        assert_eq!(
+            refused,
+            format!(
+                "the collector at 127.0.0.1:9464 answered {}…",
+                "x".repeat(SHOWN_STATUS_CHARS)
+            )
+        );
     }
 
     #[test]

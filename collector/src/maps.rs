@@ -16,13 +16,15 @@ use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters,
     DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES,
-    SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, map_names, traffic_index,
+    SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, dns_query_given_up,
+    map_names, traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
     bpf_sys,
+    clock::monotonic_ns,
     counters::{
         sum_conn, sum_dns, sum_durations, sum_server_names, sum_traffic, sum_u64, sum_upstream,
     },
@@ -114,7 +116,7 @@ fn explain(err: anyhow::Error, name: &str) -> anyhow::Error {
 }
 
 /// Counts the entries of an array map for which `used` holds.
-fn count_used<T: aya::Pod>(data: MapData, used: fn(&T) -> bool) -> anyhow::Result<u32> {
+fn count_used<T: aya::Pod>(data: MapData, used: impl Fn(&T) -> bool) -> anyhow::Result<u32> {
     let map = array::<T>(data)?;
     let mut count = 0;
     for value in map.iter() {
@@ -131,6 +133,9 @@ fn count_used<T: aya::Pod>(data: MapData, used: fn(&T) -> bool) -> anyhow::Resul
 pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let mut rows = Vec::new();
+    // A query waiting past the answer timeout is given up, its slot free for the next
+    // query of its set, as the kernel and the agent's gauge count it.
+    let now = monotonic_ns();
     for name in PINNED_MAPS {
         if !paths::pin_exists(&map_dir.join(name))? {
             continue;
@@ -139,7 +144,9 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
         let info = data.info()?;
         let in_use = match name {
             map_names::CONN_STATE => Some(count_used::<ConnState>(data, |s| s.cookie != 0)),
-            map_names::DNS_INFLIGHT => Some(count_used::<DnsInFlight>(data, |s| s.start_ns != 0)),
+            map_names::DNS_INFLIGHT => Some(count_used::<DnsInFlight>(data, |s| {
+                s.start_ns != 0 && !dns_query_given_up(now, s.start_ns)
+            })),
             map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |stamp| *stamp != 0)),
             map_names::ROUTE_NAMES => Some(count_used::<RouteName>(data, |n| n.bytes[0] != 0)),
             _ => None,
@@ -366,6 +373,7 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         map_names::DNS_COUNTERS => dump_dns_counters(pin_dir)?,
         map_names::DNS_INFLIGHT => {
             let map = array::<DnsInFlight>(open(pin_dir, name)?)?;
+            let now = monotonic_ns();
             let mut rows = Vec::new();
             for (slot, entry) in (0u32..).zip(map.iter()) {
                 let entry = entry?;
@@ -374,6 +382,9 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
                         "slot": slot, "clientFingerprint": format!("{:08x}", entry.client),
                         "clientPort": entry.client_port, "id": entry.id,
                         "startNs": entry.start_ns,
+                        // Past the answer timeout: free for the next query of its set, which
+                        // counts it unanswered.
+                        "givenUp": dns_query_given_up(now, entry.start_ns),
                     }));
                 }
             }
@@ -505,7 +516,8 @@ fn linked_map(pin_dir: &Path, name: &str) -> anyhow::Result<Option<MapData>> {
             links_dir.display()
         )
     };
-    if !links_dir.is_dir() {
+    // Not `is_dir`, which takes a refusal (bpffs is root's alone) for absence.
+    if !paths::pin_exists(&links_dir)? {
         return Err(no_links());
     }
     let mut programs = HashSet::new();

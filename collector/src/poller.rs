@@ -117,7 +117,7 @@ impl RateHistories {
     }
 
     /// Records the lifetime counts `closes` at `at`: what they gained over the last minute
-    /// (all of them in the first).
+    /// (in the first minute, since the first poll: the oldest copy is then the base).
     fn last_minute(&mut self, at: Duration, closes: &RouteLastMinute) -> RouteLastMinute {
         let closes = *closes;
         self.closes.record(at, closes);

@@ -76,7 +76,7 @@ impl Default for RouteLastMinute {
 }
 
 impl RouteLastMinute {
-    /// The route's lifetime counts, as a base or as the figures of a first minute.
+    /// The route's lifetime counts, the figures the last minute's are taken from.
     #[must_use]
     pub fn of(totals: &RouteTotals) -> Self {
         Self {

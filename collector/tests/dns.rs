@@ -670,6 +670,40 @@ fn queries_given_up_leave_the_in_flight_gauge() {
     wait_for("the queries in flight", Duration::from_secs(5), || {
         (in_flight() == Some(u64::from(QUERIES))).then_some(())
     });
+    // `collector maps` reads the pinned table the same way.
+    let maps = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&support::stdout_of(
+            std::process::Command::new(support::COLLECTOR)
+                .args(["maps"])
+                .args(args)
+                .arg("--config")
+                .arg(&config.path)
+                .arg("--json"),
+        ))
+        .unwrap()
+    };
+    let in_use = || {
+        maps(&["list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["name"] == map_names::DNS_INFLIGHT)
+            .unwrap()["inUse"]
+            .clone()
+    };
+    let given_up = || -> Vec<serde_json::Value> {
+        maps(&["dump", map_names::DNS_INFLIGHT])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["givenUp"].clone())
+            .collect()
+    };
+    assert_eq!(in_use(), u64::from(QUERIES));
+    assert_eq!(
+        given_up(),
+        vec![serde_json::Value::Bool(false); QUERIES.into()]
+    );
 
     // Eleven seconds on: their arrival moved back past the 10 s timeout in the pinned table.
     let pin = config.pin_dir.join("v1").join(map_names::DNS_INFLIGHT);
@@ -687,6 +721,12 @@ fn queries_given_up_leave_the_in_flight_gauge() {
     wait_for("no query in flight", Duration::from_secs(5), || {
         (in_flight() == Some(0)).then_some(())
     });
+    // Until 2026-12-03 `maps list` counted these as in use till a query of their set came.
+    assert_eq!(in_use(), 0);
+    assert_eq!(
+        given_up(),
+        vec![serde_json::Value::Bool(true); QUERIES.into()]
+    );
     assert_eq!(
         sample(
             &scrape(&netns),
