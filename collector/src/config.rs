@@ -494,23 +494,24 @@ pub fn listen_refused(listen: SocketAddr, routes: &[Route]) -> Option<String> {
     ))
 }
 
+/// `value` as a listen address, or why not and what to write: an IP and a port, since no
+/// host name is resolved. The config's `listen` and the `--listen` options alike.
+pub fn listen_address(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        format!(
+            "{value:?} is not a socket address; write IP:PORT, e.g. \"127.0.0.1:9464\" or \
+             \"[::1]:9464\" (host names are not resolved)"
+        )
+    })
+}
+
 fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError> {
     let listen = match &raw.listen {
         None => DEFAULT_LISTEN
             .parse()
             .map_err(|_| source.error(None, "bad built-in listen address"))?,
-        Some(value) => {
-            let listen: SocketAddr = value.get_ref().parse().map_err(|_| {
-                source.at(
-                    value,
-                    format!(
-                        "listen = {:?} is not a socket address; write IP:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"",
-                        value.get_ref()
-                    ),
-                )
-            })?;
-            listen
-        }
+        Some(value) => listen_address(value.get_ref())
+            .map_err(|why| source.at(value, format!("listen = {why}")))?,
     };
     let pin_dir = match &raw.pin_dir {
         Some(value) => bpffs_pin_dir(source, value)?,
@@ -1746,6 +1747,21 @@ match_every = 1
             "pin_dir = \"/sys/fs/bpf/t\"\nlisten = \"127.0.0.1:0\"\n",
             2,
             "has port 0",
+        );
+    }
+
+    #[test]
+    fn a_listen_address_is_an_ip_and_a_port() {
+        // A host name is not resolved: refused at its line, saying what to write.
+        assert_error(
+            "# the agent's address\n\nlisten = \"localhost:9464\"\n",
+            3,
+            "listen = \"localhost:9464\" is not a socket address; write IP:PORT",
+        );
+        assert_error("listen = \"9464\"\n", 1, "(host names are not resolved)");
+        assert_eq!(
+            listen_address("[::1]:9464"),
+            Ok(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 9464)))
         );
     }
 

@@ -104,7 +104,7 @@ enum Command {
         #[command(flatten)]
         source: ConfigSource,
         /// Listen address for HTTP, overriding the config's `listen`.
-        #[arg(long)]
+        #[arg(long, value_parser = config::listen_address)]
         listen: Option<SocketAddr>,
         /// Turn on the kernel's per-program run-time statistics while running (they cost
         /// two clock reads per program run, so they are off by default).
@@ -149,7 +149,7 @@ enum Command {
         #[command(flatten)]
         source: ConfigSource,
         /// The listen address to try, overriding the config's `listen`, as `run --listen`.
-        #[arg(long)]
+        #[arg(long, value_parser = config::listen_address)]
         listen: Option<SocketAddr>,
         /// Check the configuration file alone (no kernel, mounts or privileges, so no root):
         /// for a pipeline that checks a `ConfigMap` before it reaches the nodes. Prints the
@@ -172,7 +172,7 @@ enum Command {
 #[derive(clap::Args)]
 struct AgentAddress {
     /// The agent's listen address [default: the config's, else 127.0.0.1:9464].
-    #[arg(long)]
+    #[arg(long, value_parser = config::listen_address)]
     listen: Option<SocketAddr>,
     /// The agent's config: its listen address, and its HTTPS and bearer token if it has them.
     #[arg(long, short)]

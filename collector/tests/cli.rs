@@ -766,6 +766,28 @@ fn the_log_format_is_taken_in_any_case_from_the_environment() {
     assert_eq!(line["level"], "ERROR", "{stderr}");
 }
 
+/// `--listen` says what to write, as the config's `listen` does: until 2026-12-03 clap said
+/// only "invalid socket address syntax".
+#[test]
+fn every_listen_option_says_what_to_write() {
+    for args in [
+        &["run", "--listen", "localhost:9464"][..],
+        &["check", "--listen", "localhost:9464"],
+        &["stats", "--listen", "localhost:9464"],
+    ] {
+        let out = Command::new(COLLECTOR).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(
+                "\"localhost:9464\" is not a socket address; write IP:PORT, e.g. \
+                 \"127.0.0.1:9464\" or \"[::1]:9464\" (host names are not resolved)"
+            ),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn run_says_what_to_do_when_the_listen_address_is_not_here() {
     support::require_root();
