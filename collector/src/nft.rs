@@ -905,7 +905,8 @@ impl Source {
                 self.found_changed = false;
             }
             Err(err) => {
-                // A killed `nft` may have made the table, or may still: it is ours to remove.
+                // A killed `nft` may have made the table, or may still: it is ours to remove,
+                // at the next try or at the stop.
                 if matches!(
                     err,
                     NftError::Tool(

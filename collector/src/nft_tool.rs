@@ -40,11 +40,11 @@ pub enum ToolError {
         "nft did not finish within {0:?} and was killed (stuck on the kernel's nftables lock?); a table it was still making is removed at the next try or at the stop"
     )]
     TimedOut(Duration),
-    /// Something else killed it (a terminal's Ctrl-C, the OOM killer, a stop signal sent to
-    /// every process of the service) before it said whether it applied the ruleset: the
-    /// kernel applies a batch whole before `nft` reads the answer, so it may have.
+    /// Something else killed it (the OOM killer, a kill of every process of the agent's
+    /// container or service) before it said whether it applied the ruleset: the kernel
+    /// applies a batch whole before `nft` reads the answer, so it may have.
     #[error(
-        "nft was killed by signal {0} before it said whether it applied our ruleset; a table it may have made is removed at the next try or at the stop"
+        "nft was killed by signal {0} before it said whether it applied its ruleset (it may have)"
     )]
     Killed(i32),
     /// One killed earlier is still in the kernel.

@@ -3,7 +3,14 @@
 //! not wait for each other in the kernel (only unprivileged ones share a lock), so a start
 //! verifies on as many CPUs as the process may use instead of one program after another.
 
-use std::{num::NonZeroUsize, sync::Mutex, thread};
+use std::{
+    num::NonZeroUsize,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -13,8 +20,10 @@ use aya::{
 
 /// Loads the programs `names` (each once, whatever the repeats) on up to as many threads as
 /// the process may run at once (`available_parallelism` heeds a cgroup's CPU quota), this
-/// one among them: a thread the system refuses (a pids limit) only means fewer at once. A
-/// failure is the first in `names`' order, so the same start fails the same way.
+/// one among them: a thread the system refuses (a pids limit) only means fewer at once.
+/// After a refusal no further load begins (aya loads a refused program again with a
+/// verifier log, which takes seconds), and the error is the first in `names`' order of
+/// those tried.
 pub fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
     let mut unique: Vec<&str> = Vec::with_capacity(names.len());
     for &name in names {
@@ -38,11 +47,18 @@ pub fn load_all(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
         .map_or(1, NonZeroUsize::get)
         .min(programs.len());
     let queue = Mutex::new(programs.into_iter().enumerate());
+    let refused = AtomicBool::new(false);
     // The lock only hands out the next program; it is not held while loading.
     let work = || {
         let mut done = Vec::new();
-        while let Some((order, (name, program))) = next(&queue) {
-            done.push((order, name, load(program)));
+        while !refused.load(Ordering::Relaxed)
+            && let Some((order, (name, program))) = next(&queue)
+        {
+            let outcome = load(program);
+            if outcome.is_err() {
+                refused.store(true, Ordering::Relaxed);
+            }
+            done.push((order, name, outcome));
         }
         done
     };

@@ -48,9 +48,10 @@ pub fn catch_while_starting() -> std::io::Result<()> {
 /// larger log each time, which took a stop asked for during a start from 2 to 14 s here
 /// (at aeec46e), and signals sent again and again failed the start.
 pub fn hold() -> std::io::Result<Held> {
-    // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialise it.
-    let mut held: libc::sigset_t = unsafe { std::mem::zeroed() };
-    let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset_t is plain data, for which all zeroes is a valid value; sigemptyset
+    // initialises `held`, and pthread_sigmask writes `before`.
+    let (mut held, mut before): (libc::sigset_t, libc::sigset_t) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
     // SAFETY: valid pointers to sets owned here.
     let blocked = unsafe {
         libc::sigemptyset(&raw mut held);
