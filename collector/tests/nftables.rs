@@ -81,6 +81,33 @@ fn tables(netns: &Netns) -> String {
     support::stdout_of(netns.command("nft").args(["list", "tables"]))
 }
 
+/// How many inet tables `netns` has named `name`: the whole name, not the start of another.
+fn table_count(netns: &Netns, name: &str) -> usize {
+    let line = format!("table inet {name}");
+    tables(netns)
+        .lines()
+        .filter(|listed| *listed == line)
+        .count()
+}
+
+fn has_table(netns: &Netns, name: &str) -> bool {
+    table_count(netns, name) > 0
+}
+
+#[track_caller]
+fn assert_has_table(netns: &Netns, name: &str) {
+    assert!(has_table(netns, name), "no table {name}: {}", tables(netns));
+}
+
+#[track_caller]
+fn assert_no_table(netns: &Netns, name: &str) {
+    assert!(
+        !has_table(netns, name),
+        "table {name} is there: {}",
+        tables(netns)
+    );
+}
+
 /// `nft -f -` of `script` in `netns`.
 fn nft_script(netns: &Netns, script: &str) {
     let mut nft = netns
@@ -209,8 +236,7 @@ fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
     let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
     let _server = Unbound::start(&netns, false);
-    let ours = format!("table inet {}\n", config.nft_table);
-    assert_eq!(tables(&netns).matches(&ours).count(), 1);
+    assert_eq!(table_count(&netns, &config.nft_table), 1);
 
     connections(&netns, 20);
     let before = assert_nft_equals_ebpf(&netns, 20);
@@ -241,7 +267,7 @@ fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
     connections(&netns, 5);
     let agent = Agent::start(&netns, &config);
     assert_eq!(
-        tables(&netns).matches(&ours).count(),
+        table_count(&netns, &config.nft_table),
         1,
         "one table after the restart"
     );
@@ -253,7 +279,7 @@ fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
     );
 
     assert!(agent.stop().success());
-    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -264,15 +290,14 @@ fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
 fn a_start_with_counting_off_removes_the_table_a_crash_left() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(ROUTES);
-    let ours = format!("table inet {}\n", config.nft_table);
     Agent::start(&netns, &config).kill();
-    assert!(tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_has_table(&netns, &config.nft_table);
     let text = std::fs::read_to_string(&config.path)
         .unwrap()
         .replace("enabled = true\n", "");
     std::fs::write(&config.path, text).unwrap();
     let agent = Agent::start(&netns, &config);
-    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_table(&netns, &config.nft_table);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -366,7 +391,7 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
     );
     // The killed nft's table appears after all; the stop removes it.
     wait_for("the late table", Duration::from_secs(10), || {
-        tables(&netns).contains(&config.nft_table).then_some(())
+        has_table(&netns, &config.nft_table).then_some(())
     });
     let stopping = Instant::now();
     assert!(agent.stop().success());
@@ -375,11 +400,7 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
         "{:?}",
         stopping.elapsed()
     );
-    assert!(
-        !tables(&netns).contains(&config.nft_table),
-        "{}",
-        tables(&netns)
-    );
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -400,13 +421,9 @@ fn a_table_made_by_an_nft_killed_after_applying_it_is_removed_at_the_stop() {
     let agent = Agent::spawn(&netns, launcher, &config, &[]);
     let error = only_nft_down(&netns);
     assert!(error.contains("nft was killed by signal 9"), "{error}");
-    assert!(tables(&netns).contains(&config.nft_table));
+    assert_has_table(&netns, &config.nft_table);
     assert!(agent.stop().success());
-    assert!(
-        !tables(&netns).contains(&config.nft_table),
-        "{}",
-        tables(&netns)
-    );
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -451,8 +468,7 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
     let agent = Agent::start(&netns, &config);
     connections(&netns, 2);
     agent.kill();
-    let ours = format!("table inet {}\n", config.nft_table);
-    assert!(tables(&netns).contains(&ours));
+    assert_has_table(&netns, &config.nft_table);
     assert!(config.pin_dir.exists());
 
     // Listing changes nothing; --apply removes the pins (so the links) and the table.
@@ -480,7 +496,7 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
         "{}",
         String::from_utf8_lossy(&apply.stderr)
     );
-    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -550,9 +566,8 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
         )),
         "{stdout}"
     );
-    let ours = format!("table inet {}\n", config.nft_table);
     assert_eq!(
-        tables(&netns).matches(&ours).count(),
+        table_count(&netns, &config.nft_table),
         1,
         "{}",
         tables(&netns)
@@ -563,7 +578,7 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
     assert_eq!(first_nft["errors"], 0, "{first_nft}");
 
     assert!(first.stop().success());
-    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
     assert_no_pins(&second_pins.0);
 }
@@ -589,8 +604,7 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
     let pod_pin_dir = ["--pin-dir", pod_pins.0.to_str().unwrap()];
     Agent::start_with(&pod, &config, &pod_pin_dir).kill();
     let agent = Agent::start(&node, &config);
-    let ours = format!("table inet {}\n", config.nft_table);
-    assert!(tables(&node).contains(&ours), "{}", tables(&node));
+    assert_has_table(&node, &config.nft_table);
 
     let cleanup_pod_pins = || {
         node.command(COLLECTOR)
@@ -617,8 +631,8 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
     );
     assert_no_pins(&pod_pins.0);
     // The node collector's table is still there, and so is the pod's in its own namespace.
-    assert!(tables(&node).contains(&ours), "{}", tables(&node));
-    assert!(tables(&pod).contains(&ours), "{}", tables(&pod));
+    assert_has_table(&node, &config.nft_table);
+    assert_has_table(&pod, &config.nft_table);
     // Run again, with the pins gone, nothing says whose the node's table is: it is named, and
     // left.
     let again = cleanup_pod_pins();
@@ -628,7 +642,7 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
             && stdout.contains(&format!("nft delete table inet {}", config.nft_table)),
         "{stdout}"
     );
-    assert!(tables(&node).contains(&ours), "{}", tables(&node));
+    assert_has_table(&node, &config.nft_table);
     // Still counting, and equal to eBPF once both stand still (a scrape right after the
     // closes may find one source a poll ahead).
     connections(&node, 2);
@@ -758,8 +772,7 @@ fn cleanup_refuses_while_a_collector_runs_and_it_keeps_counting() {
         !apply.status.success() && stderr.contains("a collector is running"),
         "{stderr}"
     );
-    let ours = format!("table inet {}\n", config.nft_table);
-    assert!(tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_has_table(&netns, &config.nft_table);
 
     // Its links are still pinned, so still attached: the next connections count.
     connections(&netns, 3);
@@ -881,7 +894,7 @@ fn auto_counts_only_where_netfilter_already_hooks() {
         None,
         "no nft source in a bare namespace"
     );
-    assert!(!tables(&netns).contains(&config.nft_table));
+    assert_no_table(&netns, &config.nft_table);
 
     // A host firewall as NAT sets one up: base chains at prerouting and postrouting. The
     // running agent sees it within 30 polls (3 s here) and makes its table.
@@ -901,14 +914,14 @@ fn auto_counts_only_where_netfilter_already_hooks() {
         .unwrap();
     assert!(nft.wait().unwrap().success());
     wait_for("our table, made late", Duration::from_secs(10), || {
-        tables(&netns).contains(&config.nft_table).then_some(())
+        has_table(&netns, &config.nft_table).then_some(())
     });
     assert!(agent.stop().success());
-    assert!(!tables(&netns).contains(&config.nft_table));
+    assert_no_table(&netns, &config.nft_table);
 
     // Started with the firewall there: counted from the start.
     let agent = Agent::start(&netns, &config);
-    assert!(tables(&netns).contains(&config.nft_table));
+    assert_has_table(&netns, &config.nft_table);
     connections(&netns, 3);
     assert_nft_equals_ebpf(&netns, 3);
     assert!(agent.stop().success());
@@ -936,9 +949,9 @@ fn auto_takes_no_collectors_table_for_a_firewall() {
         "no nft source: {}",
         tables(&netns)
     );
-    assert!(!tables(&netns).contains(&format!("{}\n", config.nft_table)));
+    assert_no_table(&netns, &config.nft_table);
     assert!(agent.stop().success());
-    assert!(tables(&netns).contains(&earlier));
+    assert_has_table(&netns, &earlier);
 }
 
 #[test]
@@ -955,7 +968,7 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
         &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
     );
     let text = mended(&netns, "the removal to be noticed and mended");
-    assert!(tables(&netns).contains(&config.nft_table));
+    assert_has_table(&netns, &config.nft_table);
     // Made anew, from zero.
     assert_eq!(route_packets(&text, "in").1, Some(0.0));
 
@@ -969,7 +982,7 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
     let (ebpf_in, nft_in) = route_packets(&metrics, "in");
     assert_eq!(nft_in.unwrap(), ebpf_in.unwrap() - before);
     assert!(agent.stop().success());
-    assert!(!tables(&netns).contains(&config.nft_table));
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -982,7 +995,6 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
 fn a_table_restored_from_a_saved_ruleset_is_replaced_and_counts_from_zero() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(ROUTES);
-    let ours = format!("table inet {}", config.nft_table);
     let agent = Agent::start(&netns, &config);
     connections(&netns, 3);
     let saved_packets = assert_nft_equals_ebpf(&netns, 3);
@@ -1003,7 +1015,7 @@ fn a_table_restored_from_a_saved_ruleset_is_replaced_and_counts_from_zero() {
         table(&netns, &config.nft_table)
     );
     assert!(agent.stop().success());
-    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_table(&netns, &config.nft_table);
 
     // The boot that loads the saved ruleset before the agent starts.
     nft_script(&netns, &saved);
@@ -1015,9 +1027,9 @@ fn a_table_restored_from_a_saved_ruleset_is_replaced_and_counts_from_zero() {
         "{}",
         table(&netns, &config.nft_table)
     );
-    assert_eq!(tables(&netns).matches(&ours).count(), 1);
+    assert_eq!(table_count(&netns, &config.nft_table), 1);
     assert!(agent.stop().success());
-    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -1102,13 +1114,12 @@ fn the_previous_builds_table_is_replaced_with_out_counted_after_source_nat() {
     let agent = Agent::start(&netns, &config);
     assert_eq!(chain_priority(&netns, name, "count_out"), 300);
     assert_eq!(chain_priority(&netns, name, "count_in"), -300);
-    let ours = format!("table inet {name}\n");
-    assert_eq!(tables(&netns).matches(&ours).count(), 1);
+    assert_eq!(table_count(&netns, &config.nft_table), 1);
     assert!(table(&netns, name).contains("comment \"made by collector"));
     connections(&netns, 3);
     assert_nft_equals_ebpf(&netns, 3);
     assert!(agent.stop().success());
-    assert!(!tables(&netns).contains(&ours), "{}", tables(&netns));
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -1195,7 +1206,7 @@ fn a_table_whose_rules_were_flushed_is_made_again() {
     let (ebpf_9, nft_9) = settled(9.0);
     assert_eq!(nft_9, ebpf_9 - ebpf_5);
     assert!(agent.stop().success());
-    assert!(!tables(&netns).contains(name.as_str()));
+    assert_no_table(&netns, name);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -1222,11 +1233,7 @@ fn a_stop_right_after_a_flush_removes_what_is_left_of_the_table() {
         "{left}"
     );
     assert!(agent.stop().success());
-    assert!(
-        !tables(&netns).contains(name.as_str()),
-        "{}",
-        tables(&netns)
-    );
+    assert_no_table(&netns, name);
     assert_no_pins(&config.pin_dir);
 }
 
@@ -1242,7 +1249,7 @@ fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
         chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
     nft_script(&netns, firewall);
     let agent = Agent::start(&netns, &config);
-    assert!(tables(&netns).contains(&config.nft_table));
+    assert_has_table(&netns, &config.nft_table);
     let nft_up = || sample(&scrape(&netns), "collector_source_up", &[("source", "nft")]);
     assert_eq!(nft_up(), Some(1.0));
 
@@ -1253,15 +1260,11 @@ fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
     wait_for("the nft source to go", Duration::from_secs(10), || {
         nft_up().is_none().then_some(())
     });
-    assert!(
-        !tables(&netns).contains(&config.nft_table),
-        "{}",
-        tables(&netns)
-    );
+    assert_no_table(&netns, &config.nft_table);
 
     nft_script(&netns, firewall);
     wait_for("our table, made again", Duration::from_secs(10), || {
-        (tables(&netns).contains(&config.nft_table) && nft_up() == Some(1.0)).then_some(())
+        (has_table(&netns, &config.nft_table) && nft_up() == Some(1.0)).then_some(())
     });
 
     // The firewall goes and our rules with it, our table staying (its chains still hooked):
@@ -1281,9 +1284,9 @@ fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
     wait_for(
         "what was left of our table to go",
         Duration::from_secs(10),
-        || (!tables(&netns).contains(&config.nft_table)).then_some(()),
+        || (!has_table(&netns, &config.nft_table)).then_some(()),
     );
     assert!(agent.stop().success());
-    assert!(!tables(&netns).contains(&config.nft_table));
+    assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
