@@ -446,6 +446,8 @@ pub struct NftTable {
     /// ruleset restored brings our table back with the counts it had when it was saved.
     handle: Option<u64>,
     nft_timeout: Duration,
+    /// The counters as last read, kept for a poll whose read fails.
+    last_read: Vec<CounterValue>,
 }
 
 /// Whether [`NftTable::setup`] may keep a table of ours that is as planned, counts and all.
@@ -468,6 +470,7 @@ impl NftTable {
             verified: None,
             handle: None,
             nft_timeout: config.nftables.nft_timeout,
+            last_read: Vec::new(),
         };
         let (contents, generation) = nfnetlink::read_table(&table.name)?.unzip();
         let replace = match judge(&table.counters, contents.as_ref()) {
@@ -563,7 +566,8 @@ impl NftTable {
     pub fn read(&mut self) -> Result<Vec<CounterValue>, NftError> {
         self.verify()?;
         let read = nfnetlink::read_counters(&self.name)?;
-        self.counters
+        let counters = self
+            .counters
             .iter()
             .map(|counter| {
                 let value = read
@@ -579,7 +583,9 @@ impl NftTable {
                     bytes: value.bytes,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, NftError>>()?;
+        self.last_read.clone_from(&counters);
+        Ok(counters)
     }
 
     /// Checks that the table is still as made, unless the ruleset has not changed since
@@ -938,21 +944,34 @@ impl Source {
         let began = std::time::Instant::now();
         let read = table.read();
         self.health.record(&read, began.elapsed());
-        if let Err(err @ NftError::Removed { .. }) = &read {
-            tracing::warn!("{err}");
-            self.table = None;
-            self.found_changed = true;
-            self.polls_until_retry = 0;
-            // `auto` looks at the hooks again before it makes the table again: what removed
-            // ours (nft flush ruleset) may have removed the firewall whose hooks it rode on.
-            if self.config.nftables.enabled == NftEnabled::Auto {
-                self.enabled = false;
-                self.removed = true;
+        let counters = match read {
+            Ok(counters) => counters,
+            Err(err @ NftError::Removed { .. }) => {
+                self.forget_removed_table(&err);
+                Vec::new()
             }
-        }
+            // A read that failed otherwise (a dump interrupted again and again, ENOBUFS)
+            // leaves the table as it was: its series go on at their last counts, for series
+            // missing from a scrape end in Prometheus. The source's health says it failed.
+            Err(_) => table.last_read.clone(),
+        };
         poller::NftView {
-            counters: read.unwrap_or_default(),
+            counters,
             health: Some(self.health.clone()),
+        }
+    }
+
+    /// After a read found our table removed or changed: made again at the next try.
+    fn forget_removed_table(&mut self, err: &NftError) {
+        tracing::warn!("{err}");
+        self.table = None;
+        self.found_changed = true;
+        self.polls_until_retry = 0;
+        // `auto` looks at the hooks again before it makes the table again: what removed
+        // ours (nft flush ruleset) may have removed the firewall whose hooks it rode on.
+        if self.config.nftables.enabled == NftEnabled::Auto {
+            self.enabled = false;
+            self.removed = true;
         }
     }
 
@@ -1151,6 +1170,7 @@ mod tests {
             verified: None,
             handle: None,
             nft_timeout: config.nftables.nft_timeout,
+            last_read: Vec::new(),
         };
         let json = table.ruleset(None);
         let objects = json["nftables"].as_array().unwrap();
