@@ -417,6 +417,10 @@ pub struct DnsCounters {
     /// Matched responses whose name and type the server asked an upstream for after the
     /// client asked.
     pub cache_misses: u64,
+    /// Matched responses that this namespace forwards rather than sends: their server is in
+    /// another namespace behind a DNAT (a container's published port, a Service), whose
+    /// upstream queries are not seen here, so they are neither hit nor miss.
+    pub cache_undecided: u64,
     /// Queries from the host to an upstream port.
     pub upstream_queries: u64,
     /// Events lost because the ring buffer was full.
@@ -444,6 +448,7 @@ impl Default for DnsCounters {
             unanswered_queries: 0,
             cache_hits: 0,
             cache_misses: 0,
+            cache_undecided: 0,
             upstream_queries: 0,
             events_dropped: 0,
             queries_unmatched: 0,
@@ -599,6 +604,9 @@ pub struct DnsQueryEvent {
     pub _pad: u32,
 }
 
+/// [`DnsAnswerEvent::cache_miss`] of a response relayed from another namespace's server.
+pub const DNS_CACHE_UNDECIDED: u8 = 2;
+
 /// A sampled response matched to its query.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -606,7 +614,8 @@ pub struct DnsAnswerEvent {
     /// [`DNS_EVENT_ANSWER`].
     pub kind: u32,
     pub rcode: u8,
-    /// 1 if an upstream was asked for the name (a cache miss), 0 for a hit.
+    /// 1 if an upstream was asked for the name (a cache miss), 0 for a hit,
+    /// [`DNS_CACHE_UNDECIDED`] for neither (see [`DnsCounters::cache_undecided`]).
     pub cache_miss: u8,
     /// 1 if the TC bit was set.
     pub truncated: u8,
@@ -1037,7 +1046,7 @@ const _: () = assert!(size_of::<SniDecision>() == 8);
 const _: () = assert!(size_of::<SniCounters>() == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
-const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 12));
+const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 13));
 const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 332);
 const _: () = assert!(size_of::<DnsInFlight>() == 16);
 const _: () = assert!(size_of::<DnsPorts>() == 32);

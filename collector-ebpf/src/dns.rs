@@ -15,7 +15,8 @@
 //! table indexed by a hash of its name and QTYPE; a response whose name and QTYPE were stamped
 //! after its query arrived is a miss.
 //! A response whose query arrived after the latest upstream query, for any name, is a hit
-//! without that look-up.
+//! without that look-up. A response this namespace forwards (its server is behind a DNAT in
+//! another namespace, whose upstream queries leave from there) is neither: undecided.
 //! With `[dns] match_every = N` only the queries whose hash of client port and id falls in one
 //! N-th of its range are remembered, and only their responses looked for: the others cost
 //! neither the clock nor the table.
@@ -34,11 +35,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use collector_common::{
-    DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_INFLIGHT_WAYS,
-    DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS, DnsAnswerEvent,
-    DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint, dns_inflight_set,
-    dns_lowercase_word, dns_malformed, dns_match_sample, dns_name_sample, dns_port_listed,
-    dns_qtype_index, dns_query_given_up, duration_bucket,
+    DNS_CACHE_UNDECIDED, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
+    DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS,
+    DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint,
+    dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample, dns_name_sample,
+    dns_port_listed, dns_qtype_index, dns_query_given_up, duration_bucket,
 };
 
 use crate::{
@@ -91,6 +92,9 @@ enum Role {
     Response,
     /// The server's query to an upstream.
     Upstream,
+    /// A response this namespace forwards from a server port: its server is another
+    /// namespace's, behind a DNAT to it.
+    Relayed,
 }
 
 /// Where the UDP datagram sits in the packet.
@@ -158,7 +162,13 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
     let role = if to_server {
         Role::Query
     } else if hook != HOOK_INGRESS && dns_port_listed(&ports.server, src_port) {
-        Role::Response
+        // After the DNAT's reverse its source is ours, but the server that answered, and
+        // whatever it asked upstream, lie behind another interface.
+        if hook == HOOK_EGRESS && forwarded(ctx) {
+            Role::Relayed
+        } else {
+            Role::Response
+        }
     } else if hook != HOOK_INGRESS && dns_port_listed(&ports.upstream, dst_port) {
         // A query this namespace forwards is another host's, even masqueraded.
         if hook == HOOK_EGRESS && forwarded(ctx) {
@@ -317,7 +327,8 @@ fn count_message<const L2: usize>(
     let role = match unpark(buf, PARK_ROLE) {
         0 => Role::Query,
         1 => Role::Response,
-        _ => Role::Upstream,
+        2 => Role::Upstream,
+        _ => Role::Relayed,
     };
     let at = Located {
         l4: unpark(buf, PARK_L4) as usize & (MAX_L4_OFFSET * 2 - 1),
@@ -344,7 +355,7 @@ fn count_message<const L2: usize>(
             counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
             counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
         }
-        Role::Response => {
+        Role::Response | Role::Relayed => {
             if !is_response {
                 return Err(dns_malformed::WRONG_DIRECTION);
             }
@@ -370,6 +381,7 @@ fn count_message<const L2: usize>(
                     rcode,
                     truncated,
                     asked.as_ref(),
+                    role == Role::Response,
                     buf,
                     counters,
                 );
@@ -742,7 +754,9 @@ fn send_with_name<E>(
     true
 }
 
-/// Matches the response to its query: latency, cache hit or miss, the answer event.
+/// Matches the response to its query: latency, cache hit or miss (neither unless `judged`:
+/// a relayed response's server asks its upstreams where this namespace does not see), the
+/// answer event.
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined into the classifier: a struct would only be unpacked again"
@@ -755,6 +769,7 @@ fn on_response<const L2: usize>(
     rcode: u8,
     truncated: bool,
     asked: Option<&Question>,
+    judged: bool,
     buf: &[u8; DNS_SCRATCH_BYTES],
     counters: &mut DnsCounters,
 ) {
@@ -779,16 +794,19 @@ fn on_response<const L2: usize>(
     counters.latency_ns += latency;
     // Most answers come while nothing has gone upstream since their query arrived: those are
     // hits without hashing the name or reading its stamp (a cold line).
-    let miss = asked.is_some_and(|question| {
-        upstream_since(started)
-            && DNS_UPSTREAM
-                .get_ptr_mut(upstream_slot(buf, question))
-                .is_some_and(|stamp| {
-                    // SAFETY: as in `count_message`.
-                    (unsafe { core::ptr::read_volatile(stamp) }) >= started
-                })
-    });
-    if miss {
+    let miss = judged
+        && asked.is_some_and(|question| {
+            upstream_since(started)
+                && DNS_UPSTREAM
+                    .get_ptr_mut(upstream_slot(buf, question))
+                    .is_some_and(|stamp| {
+                        // SAFETY: as in `count_message`.
+                        (unsafe { core::ptr::read_volatile(stamp) }) >= started
+                    })
+        });
+    if !judged {
+        counters.cache_undecided += 1;
+    } else if miss {
         counters.cache_misses += 1;
     } else {
         counters.cache_hits += 1;
@@ -801,7 +819,11 @@ fn on_response<const L2: usize>(
     let event = DnsAnswerEvent {
         kind: DNS_EVENT_ANSWER,
         rcode,
-        cache_miss: u8::from(miss),
+        cache_miss: if judged {
+            u8::from(miss)
+        } else {
+            DNS_CACHE_UNDECIDED
+        },
         truncated: u8::from(truncated),
         _pad: 0,
         latency_ns: latency,

@@ -467,6 +467,9 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
 pub struct CacheStats {
     pub hits: u64,
     pub misses: u64,
+    /// Answers relayed from a server in another network namespace (a DNAT to it): neither
+    /// hit nor miss, and left out of the rate.
+    pub undecided: u64,
     /// hits / (hits + misses) over the last minute (the counts are since the start); `null`
     /// without an answer then.
     pub hit_rate: Option<f64>,
@@ -571,6 +574,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         cache_stats: dns.match_responses.then_some(CacheStats {
             hits: c.cache_hits,
             misses: c.cache_misses,
+            undecided: c.cache_undecided,
             hit_rate: (decided > 0).then(|| recent.cache_hits as f64 / decided as f64),
         }),
         top_domains: dns

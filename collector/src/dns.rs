@@ -58,7 +58,9 @@ pub enum DnsEvent {
     Answer {
         qtype: u16,
         rcode: u8,
-        cache_miss: bool,
+        /// Whether it was answered from the cache; `None` where that cannot be told (a
+        /// response relayed from another namespace's server).
+        cached: Option<bool>,
         truncated: bool,
         latency_ns: u64,
         client: IpAddr,
@@ -116,7 +118,11 @@ impl EventDecoder {
                 Some(DnsEvent::Answer {
                     qtype: event.qtype,
                     rcode: event.rcode,
-                    cache_miss: event.cache_miss != 0,
+                    cached: match event.cache_miss {
+                        0 => Some(true),
+                        1 => Some(false),
+                        _ => None,
+                    },
                     truncated: event.truncated != 0,
                     latency_ns: event.latency_ns,
                     client: Ipv6Addr::from(event.client_addr).to_canonical(),

@@ -91,8 +91,9 @@ pub enum StreamEvent {
     },
     #[serde(rename_all = "camelCase")]
     QueryAnswered {
-        /// True for an inferred cache hit (no upstream query for the name and type).
-        cached: bool,
+        /// True for an inferred cache hit (no upstream query for the name and type); `null`
+        /// for a response relayed from another namespace's server, which cannot be told.
+        cached: Option<bool>,
         /// Seconds from query to response.
         response_time: f64,
         response_code: &'static str,
@@ -440,7 +441,7 @@ pub fn dns_event(event: &DnsEvent) -> Option<StreamEvent> {
         DnsEvent::Answer {
             qtype,
             rcode,
-            cache_miss,
+            cached,
             truncated,
             latency_ns,
             client,
@@ -448,7 +449,7 @@ pub fn dns_event(event: &DnsEvent) -> Option<StreamEvent> {
             id,
             timestamp_ns,
         } => StreamEvent::QueryAnswered {
-            cached: !cache_miss,
+            cached: *cached,
             response_time: seconds(*latency_ns),
             response_code: RCODE_NAMES[usize::from(*rcode & 0x0f)],
             qtype: qtype_mnemonic(*qtype),
@@ -504,7 +505,7 @@ mod tests {
         let answer = DnsEvent::Answer {
             qtype: 28,
             rcode: 3,
-            cache_miss: true,
+            cached: Some(false),
             truncated: false,
             latency_ns: 250_000,
             client: "192.0.2.9".parse().unwrap(),
@@ -683,7 +684,7 @@ mod tests {
         let answer = |qtype| DnsEvent::Answer {
             qtype,
             rcode: 0,
-            cache_miss: false,
+            cached: Some(true),
             truncated: false,
             latency_ns: 1000,
             client: "192.0.2.9".parse().unwrap(),

@@ -611,6 +611,7 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
         "unansweredQueries": c.unanswered_queries,
         "cacheHits": c.cache_hits,
         "cacheMisses": c.cache_misses,
+        "cacheUndecided": c.cache_undecided,
         "upstreamQueries": c.upstream_queries,
         "eventsDropped": c.events_dropped,
         "queriesUnmatched": c.queries_unmatched,

@@ -601,6 +601,11 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
                 c.cache_misses,
             ),
             (
+                "collector_dns_cache_undecided",
+                "Answered queries neither hit nor miss: relayed from a server in another network namespace (a DNAT to it), whose upstream queries are not seen here.",
+                c.cache_undecided,
+            ),
+            (
                 "collector_dns_responses_unmatched",
                 "Responses with no query in the in-flight table (it went untracked, or came before the collector).",
                 c.unmatched_responses,

@@ -869,3 +869,78 @@ fn dns_the_host_forwards(masquerade: bool) {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+/// A DNS server in another namespace that the agent's namespace publishes on its own address
+/// by DNAT (a container's published port, a pod's `hostPort: 53`): its clients' queries and
+/// its answers are counted, but the server asks its upstreams from its own namespace, out of
+/// sight here, so its answers are neither hits nor misses but `undecided`, left out of the
+/// hit rate. Until 2026-12-03 each was a hit: a hit rate of 1 whatever that server's cache
+/// did. The answers of the agent's namespace's own server are judged as before.
+#[test]
+fn answers_relayed_from_a_server_behind_a_dnat_are_neither_hit_nor_miss() {
+    let netns = Netns::new();
+    let client = Netns::new();
+    let server = Netns::new();
+    support::veth(
+        &netns,
+        "vdd0",
+        "10.79.5.1/24",
+        &client,
+        "vdd1",
+        "10.79.5.2/24",
+    );
+    support::veth(
+        &netns,
+        "vdd2",
+        "10.79.6.1/24",
+        &server,
+        "vdd3",
+        "10.79.6.2/24",
+    );
+    for (ns, gateway) in [(&client, "10.79.5.1"), (&server, "10.79.6.1")] {
+        support::run(
+            "ip",
+            &["-n", &ns.name, "route", "add", "default", "via", gateway],
+        );
+    }
+    netns.forward();
+    support::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "nft",
+            "add table ip nat; add chain ip nat pre { type nat hook prerouting priority dstnat; }; \
+             add rule ip nat pre ip daddr 10.79.5.1 udp dport 53 dnat to 10.79.6.2",
+        ],
+    );
+    let config = AgentConfig::new("[dns]\nports = [53]\n");
+    let agent = Agent::start(&netns, &config);
+
+    let published = answer(&server, "10.79.6.2:53", 3);
+    ask(&client, "10.79.5.1:53", 3);
+    published.join().unwrap();
+    let own = answer(&netns, "127.0.0.1:53", 2);
+    ask(&netns, "127.0.0.1:53", 2);
+    own.join().unwrap();
+
+    let json = wait_for("the five answers", Duration::from_secs(5), || {
+        let json = dns_json(&netns);
+        (json["totalResponses"] == 5).then_some(json)
+    });
+    assert_eq!(json["totalQueries"], 5, "{json}");
+    assert_eq!(
+        json["cacheStats"],
+        serde_json::json!({"hits": 2, "misses": 0, "undecided": 3, "hitRate": 1.0}),
+        "{json}"
+    );
+    let metrics = scrape(&netns);
+    assert_eq!(
+        sample(&metrics, "collector_dns_cache_undecided_total", &[]),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
