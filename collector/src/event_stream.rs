@@ -502,10 +502,10 @@ mod tests {
         assert_eq!(json["duration"], 1.5);
         assert_eq!(json["bytesTransferred"], 42);
 
-        let answer = DnsEvent::Answer {
+        let answer = |cached| DnsEvent::Answer {
             qtype: 28,
             rcode: 3,
-            cached: Some(false),
+            cached,
             truncated: false,
             latency_ns: 250_000,
             client: "192.0.2.9".parse().unwrap(),
@@ -513,13 +513,16 @@ mod tests {
             id: 7,
             timestamp_ns: 0,
         };
-        let json = serde_json::to_value(dns_event(&answer).unwrap()).unwrap();
+        let json = serde_json::to_value(dns_event(&answer(Some(false))).unwrap()).unwrap();
         assert_eq!(json["event"], "query-answered");
         assert_eq!(json["cached"], false);
         assert_eq!(json["responseCode"], "NXDOMAIN");
         assert_eq!(json["type"], "AAAA");
         assert_eq!(json["responseTime"], 0.000_25);
         assert_eq!(json["source"], "192.0.2.9:5353");
+        // Relayed from another namespace's server: whether it was cached cannot be told.
+        let json = serde_json::to_value(dns_event(&answer(None)).unwrap()).unwrap();
+        assert!(json["cached"].is_null(), "{json}");
 
         let json = serde_json::to_value(StreamEvent::Heartbeat { timestamp: 5 }).unwrap();
         assert_eq!(
