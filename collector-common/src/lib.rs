@@ -289,6 +289,13 @@ pub const CONN_TABLE_SLOTS: u32 = 65536;
 /// own slot, then four from a slot scattered from it (see [`conn_slot`]).
 pub const CONN_TABLE_PROBES: u32 = 8;
 
+/// What the pinned maps' entries mean, beyond their shape: a start refuses a crashed run's
+/// pins of another layout (the second word of [`map_names::PIN_OWNER`]) rather than misread
+/// them. Raise it with any change that keeps a pinned map's shape and changes its meaning:
+/// [`conn_slot`]'s probe order (a close looked for in other slots is never counted, and its
+/// slot never freed), the bits of [`conn_flags`], what a counter counts. 1: from 2026-12-03.
+pub const PIN_LAYOUT: u64 = 1;
+
 /// Byte size of the connection event ring buffer.
 pub const CONN_EVENTS_BYTES: u32 = 1 << 20;
 
@@ -1213,8 +1220,15 @@ mod tests {
         assert_eq!(lifetime(u64::MAX), CONN_DURATION_BUCKETS - 1);
     }
 
+    /// A pinned connection table is read with the probe order it was written with: a
+    /// change here must raise [`PIN_LAYOUT`], then these figures may follow.
     #[test]
     fn connection_slots_run_from_the_cookie_then_from_a_scattered_slot() {
+        assert_eq!(PIN_LAYOUT, 1);
+        assert_eq!(
+            [1, 5, 1 << 20, u64::MAX].map(|cookie| conn_slot(cookie, 4)),
+            [40_503, 5_909, 39_831, 25_032]
+        );
         let slots = CONN_TABLE_SLOTS - 1;
         assert_eq!(conn_slot(5, 0), 5);
         assert_eq!(conn_slot(5, 3), 8);

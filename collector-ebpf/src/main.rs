@@ -65,9 +65,10 @@ static LOCAL_ADDRESSES_COMPLETE: Array<u32, 1> = Array::new();
 static ROUTE_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();
 #[btf_map]
 static ROUTE_PORT_BITS: Array<u64, { PORT_BITMAP_WORDS as usize }> = Array::new();
-/// The network namespace whose collector owns the pins; only the agent reads and writes it.
+/// The network namespace whose collector owns the pins, and the layout its maps were made
+/// with (`PIN_LAYOUT`); only the agent reads and writes it.
 #[btf_map]
-static PIN_OWNER: Array<u64, 1> = Array::new();
+static PIN_OWNER: Array<u64, 2> = Array::new();
 /// Kept beside the counters so that slots stay bound to the same route across restarts; only
 /// the agent reads and writes it.
 #[btf_map]

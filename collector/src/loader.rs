@@ -28,9 +28,10 @@ use collector_common::{
     DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
-    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PINNED_MAPS, PORT_BITMAP_WORDS,
-    RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, dns_match_below,
-    local_address_set_bits, map_names, port_bit, program_names, tally_table_len, traffic_index,
+    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PIN_LAYOUT, PINNED_MAPS,
+    PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters,
+    conn_flags, dns_match_below, local_address_set_bits, map_names, port_bit, program_names,
+    tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -1678,8 +1679,9 @@ fn fill_server_name_maps(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Re
 }
 
 /// Refuses pins a collector of another network namespace left (its links are on that
-/// namespace's interfaces, named by an index that means another interface here), before
-/// anything in them is touched; otherwise marks them as this namespace's.
+/// namespace's interfaces, named by an index that means another interface here), and pins
+/// of another layout ([`PIN_LAYOUT`]), before anything in them is touched; otherwise marks
+/// them as this namespace's and this layout's.
 fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     let mut owner: Array<&mut MapData, u64> = Array::try_from(
         ebpf.map_mut(map_names::PIN_OWNER)
@@ -1689,7 +1691,19 @@ fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result
     if found != 0 && found != own_netns {
         return Err(foreign_pins(pin_dir, found, own_netns));
     }
+    let layout = owner.get(&1, 0)?;
+    if found != 0 && layout != PIN_LAYOUT {
+        bail!(
+            "the pins under {} were made by a build whose maps mean other things, though \
+             shaped alike (layout {layout}; this build's is {PIN_LAYOUT}): read as this \
+             build's, the connections open in them would never be seen closing. Remove them \
+             with `{}` and start again: the counters restart from zero",
+            pin_dir.display(),
+            crate::cleanup::command()
+        );
+    }
     owner.set(0, own_netns, 0)?;
+    owner.set(1, PIN_LAYOUT, 0)?;
     Ok(())
 }
 

@@ -306,9 +306,10 @@ pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
 
 fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
     Ok(match name {
-        map_names::PIN_OWNER => json!({
-            "netnsCookie": array::<u64>(open(pin_dir, name)?)?.get(&0, 0)?
-        }),
+        map_names::PIN_OWNER => {
+            let owner = array::<u64>(open(pin_dir, name)?)?;
+            json!({"netnsCookie": owner.get(&0, 0)?, "layout": owner.get(&1, 0)?})
+        }
         map_names::ROUTE_NAMES => owned_rows(pin_dir, |_| Ok(json!({})))?,
         map_names::CONN_COUNTERS => {
             let map = per_cpu::<ConnCounters>(open(pin_dir, name)?)?;

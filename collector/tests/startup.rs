@@ -128,6 +128,44 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     support::assert_no_pins(&config.pin_dir);
 }
 
+/// Pins a crashed run left whose maps are shaped as this build's but mean other things (its
+/// connection table probed in another order, say) are refused with the fix, not misread:
+/// a close looked for in the wrong slots would never be counted, nor its slot freed.
+/// `PIN_OWNER`'s second word holds the layout they were made with.
+#[test]
+fn pins_of_another_layout_are_refused_with_the_fix() {
+    let config = AgentConfig::new(WEB_ROUTE);
+    let netns = Netns::new();
+    Agent::start(&netns, &config).kill();
+    let owner = config.pin_dir.join("v1/PIN_OWNER");
+    let data = aya::maps::MapData::from_pin(&owner).unwrap();
+    let mut words: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let layout = words.get(&1, 0).unwrap();
+    assert_eq!(layout, collector_common::PIN_LAYOUT);
+    words.set(1, layout + 1, 0).unwrap();
+    drop(words);
+
+    let stderr = support::refused_start(&netns, &config.path);
+    assert!(
+        stderr.contains("maps mean other things") && stderr.contains("collector cleanup --apply"),
+        "{stderr}"
+    );
+    // The fix it names: then a start counts from zero.
+    let cleanup = support::stdout_of(netns.command(support::COLLECTOR).args([
+        "cleanup",
+        "--apply",
+        "--config",
+        config.path.to_str().unwrap(),
+    ]));
+    assert!(!config.pin_dir.join("v1").exists(), "{cleanup}");
+    let agent = Agent::start(&netns, &config);
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
+}
+
 /// The "collector running" line of an agent's log.
 fn running_line(log: &std::path::Path) -> String {
     let text = std::fs::read_to_string(log).unwrap();
