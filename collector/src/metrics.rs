@@ -470,12 +470,12 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
         "collector_dns_query_opcodes",
         "Client queries by OPCODE.",
         None,
+        // All sixteen, from 0: a series that first appears at 1 loses that first count to
+        // rate() and increase().
         OPCODE_NAMES
             .iter()
             .zip(c.queries_by_opcode)
-            .enumerate()
-            .filter(|&(opcode, (_, count))| count > 0 || opcode == 0)
-            .map(|(_, (name, count))| (vec![("opcode", (*name).to_owned())], count)),
+            .map(|(name, count)| (vec![("opcode", (*name).to_owned())], count)),
     )?;
     counters(
         encoder,
@@ -485,9 +485,7 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
         RCODE_NAMES
             .iter()
             .zip(c.responses_by_rcode)
-            .enumerate()
-            .filter(|&(rcode, (_, count))| count > 0 || rcode <= 5)
-            .map(|(_, (name, count))| (vec![("rcode", (*name).to_owned())], count)),
+            .map(|(name, count)| (vec![("rcode", (*name).to_owned())], count)),
     )?;
     single(
         encoder,
