@@ -479,6 +479,12 @@ pub const DNS_EVENTS_BYTES: u32 = 1 << 21;
 /// Longest name in wire form (RFC 1035 2.3.4).
 pub const DNS_NAME_MAX: usize = 255;
 
+/// Low bits of [`DnsInFlight::start_ns`] that hold a tag of the query's question instead of
+/// time (a start up to 255 ns early): a response matches a waiting query only if it answers
+/// the same question, so an id used again while an earlier query waits (a forwarder that
+/// numbers its queries in turn, wrapping every 65,536) is another query, not that one.
+pub const DNS_QUESTION_TAG_MASK: u64 = 0xff;
+
 /// A query waiting for its response: one slot of the in-flight table. 16 bytes, four to a
 /// cache line: the slot a query takes is cold and the response reads it on another CPU, so
 /// its size is most of what latency tracking costs. The client address is kept as a
@@ -486,7 +492,8 @@ pub const DNS_NAME_MAX: usize = 255;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsInFlight {
-    /// `bpf_ktime_get_ns` when the query arrived; 0 = free slot.
+    /// `bpf_ktime_get_ns` when the query arrived, its low bits the question's tag
+    /// ([`DNS_QUESTION_TAG_MASK`]); 0 = free slot.
     pub start_ns: u64,
     /// [`client_fingerprint`] of the client address.
     pub client: u32,

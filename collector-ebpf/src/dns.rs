@@ -36,10 +36,10 @@ use aya_ebpf::{
 };
 use collector_common::{
     DNS_CACHE_UNDECIDED, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
-    DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS, DURATION_BUCKETS,
-    DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent, client_fingerprint,
-    dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample, dns_name_sample,
-    dns_port_listed, dns_qtype_index, dns_query_given_up, duration_bucket,
+    DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_QUESTION_TAG_MASK, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS,
+    DURATION_BUCKETS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent,
+    client_fingerprint, dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample,
+    dns_name_sample, dns_port_listed, dns_qtype_index, dns_query_given_up, duration_bucket,
 };
 
 use crate::{
@@ -602,7 +602,14 @@ fn on_query<const L2: usize>(
         coarse_ktime_ns()
     };
     if matched {
-        remember(&addr, port, id, now, counters);
+        let tag = question_tag(buf, question);
+        remember(
+            &addr,
+            port,
+            id,
+            (now & !DNS_QUESTION_TAG_MASK) | tag,
+            counters,
+        );
     }
     if streamed {
         sample_query(id, question, addr, port, now, buf, counters);
@@ -643,10 +650,31 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
     }
 }
 
+/// A tag of the question for the in-flight slot: the name's first eight bytes as sent (a
+/// response echoes the question, case and all), its length and its QTYPE, folded into
+/// [`DNS_QUESTION_TAG_MASK`]'s bits. One load and a multiply: hashing the whole name again
+/// for every response would cost what the name table's hash does.
+#[inline(always)]
+fn question_tag(buf: &[u8; DNS_SCRATCH_BYTES], question: &Question) -> u64 {
+    // SAFETY: as in `name_hash`: an 8-aligned u64 at NAME_AT, inside the scratch value.
+    let first = unsafe { buf.as_ptr().add(NAME_AT).cast::<u64>().read() };
+    let name_len = question.name_len & 0xff;
+    // Past a short name lie its QTYPE, its QCLASS and the next section, which a response's
+    // differs in.
+    let first = if name_len < 8 {
+        first & ((1u64 << (name_len * 8)) - 1)
+    } else {
+        first
+    };
+    let mixed = first ^ ((name_len as u64) << 48) ^ (u64::from(question.qtype) << 32);
+    mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56 & DNS_QUESTION_TAG_MASK
+}
+
 /// Takes a free slot of the query's in-flight set (a retransmission keeps the first one's).
-/// A slot whose query waited past the timeout is given up (unanswered) and free again. With
-/// every slot held by a query still waiting, this one goes untracked: the waiting ones are
-/// not thrown out, since the slowest answers would then be the ones lost.
+/// A slot whose query waited past the timeout is given up (unanswered) and free again, and
+/// so is one of the same client, port and id asking another question. With every slot held
+/// by a query still waiting, this one goes untracked: the waiting ones are not thrown out,
+/// since the slowest answers would then be the ones lost. `now` carries the question's tag.
 #[inline(always)]
 fn remember(addr: &[u8; 16], port: u16, id: u16, now: u64, counters: &mut DnsCounters) {
     let client = client_fingerprint(addr);
@@ -665,9 +693,10 @@ fn remember(addr: &[u8; 16], port: u16, id: u16, now: u64, counters: &mut DnsCou
         }
         let given_up = dns_query_given_up(now, slot.start_ns);
         if slot.client == client && slot.client_port == port && slot.id == id {
-            if given_up {
-                // The same client, port and id after the timeout: a new query, and the first
-                // one went unanswered.
+            if given_up || (slot.start_ns ^ now) & DNS_QUESTION_TAG_MASK != 0 {
+                // The same client, port and id after the timeout, or asking another question
+                // (the id used again while the first waits): a new query, and the first one
+                // went unanswered (an answer to it now counts as unmatched).
                 counters.unanswered_queries += 1;
                 *slot = in_flight(client, port, id, now);
             } else {
@@ -781,11 +810,13 @@ fn on_response<const L2: usize>(
         counters.unmatched_responses += 1;
         return;
     };
-    let Some(slot) = waiting(client_fingerprint(&addr), port, id) else {
+    // A response without a question (some FORMERR answers) matches on the flow alone.
+    let tag = asked.map(|question| question_tag(buf, question));
+    let Some(slot) = waiting(client_fingerprint(&addr), port, id, tag) else {
         counters.unmatched_responses += 1;
         return;
     };
-    let started = slot.start_ns;
+    let started = slot.start_ns & !DNS_QUESTION_TAG_MASK;
     slot.start_ns = 0;
     let now = ktime_ns();
     let latency = now.wrapping_sub(started);
@@ -842,15 +873,20 @@ fn on_response<const L2: usize>(
     }
 }
 
-/// The in-flight slot of the query a response answers, if it is waiting.
+/// The in-flight slot of the query a response answers, if it is waiting: its flow, and its
+/// question's `tag` where the response has a question.
 #[inline(always)]
-fn waiting(client: u32, port: u16, id: u16) -> Option<&'static mut DnsInFlight> {
+fn waiting(client: u32, port: u16, id: u16, tag: Option<u64>) -> Option<&'static mut DnsInFlight> {
     let set = dns_inflight_set(client, port, id);
     for way in 0..DNS_INFLIGHT_WAYS {
         let slot = DNS_INFLIGHT.get_ptr_mut(set + way)?;
         // SAFETY: as in `remember`.
         let slot = unsafe { &mut *slot };
-        if slot.start_ns != 0 && slot.client == client && slot.client_port == port && slot.id == id
+        if slot.start_ns != 0
+            && slot.client == client
+            && slot.client_port == port
+            && slot.id == id
+            && tag.is_none_or(|tag| slot.start_ns & DNS_QUESTION_TAG_MASK == tag)
         {
             return Some(slot);
         }

@@ -14,10 +14,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
-    ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES, DnsCounters,
-    DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES,
-    SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, dns_query_given_up,
-    map_names, traffic_index,
+    ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES,
+    DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS,
+    RouteName, SNI_OUTCOME_NAMES, SniCounters, SniKey, TrafficCounters, UpstreamCounters,
+    conn_flags, dns_query_given_up, map_names, traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -382,7 +382,8 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
                     rows.push(json!({
                         "slot": slot, "clientFingerprint": format!("{:08x}", entry.client),
                         "clientPort": entry.client_port, "id": entry.id,
-                        "startNs": entry.start_ns,
+                        "startNs": entry.start_ns & !DNS_QUESTION_TAG_MASK,
+                        "questionTag": entry.start_ns & DNS_QUESTION_TAG_MASK,
                         // Past the answer timeout: free for the next query of its set, which
                         // counts it unanswered.
                         "givenUp": dns_query_given_up(now, entry.start_ns),
@@ -681,9 +682,11 @@ const NOT_COUNTED: &[&str] = &[
     "cookie",
     "id",
     "latestUpstreamNs",
+    "layout",
     "netnsCookie",
     "port",
     "ports",
+    "questionTag",
     "routeSlot",
     "startNs",
 ];

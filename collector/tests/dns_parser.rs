@@ -15,8 +15,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DNS_INFLIGHT_WAYS, DnsCounters, DnsInFlight, DnsPorts, GLOBAL_DNS_PORTS, client_fingerprint,
-    dns_inflight_set, dns_malformed, dns_qtype_index, map_names, program_names, tally_table_len,
+    DNS_INFLIGHT_WAYS, DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsPorts, GLOBAL_DNS_PORTS,
+    client_fingerprint, dns_inflight_set, dns_malformed, dns_qtype_index, map_names, program_names,
+    tally_table_len,
 };
 use hickory_proto::{
     op::{Header, MessageType, Query},
@@ -1115,7 +1116,10 @@ fn waiting_queries_keep_their_in_flight_slots() {
             })
             .unwrap();
         let mut entry = table.get(&slot, 0).unwrap();
-        entry.start_ns = entry.start_ns.checked_add_signed(by).unwrap();
+        // The low bits are the question's tag, not time: kept.
+        let tag = entry.start_ns & DNS_QUESTION_TAG_MASK;
+        entry.start_ns =
+            (entry.start_ns.checked_add_signed(by).unwrap() & !DNS_QUESTION_TAG_MASK) | tag;
         table.set(slot, entry, 0).unwrap();
     };
     // Moves it back past the timeout.
@@ -1181,4 +1185,23 @@ fn waiting_queries_keep_their_in_flight_slots() {
     answer(&classifiers, ids[0]);
     answer(&classifiers, ids[1]);
     assert_eq!(totals(&classifiers), [11, 1, 1, 2, 2]);
+
+    // The id used again while the first query waits, for another question (a forwarder
+    // that numbers its queries in turn): a new query, and the first one unanswered. The
+    // first's late answer is unmatched (until 2026-12-03 the second query was taken for a
+    // retransmission of the first, and its answer got the first's start for a latency).
+    let mail = question(&[b"mail", b"example", b"org"], 15);
+    let run_mail = |direction, flags, outcome| {
+        let mut payload = message(flags, 1, &mail);
+        payload[..2].copy_from_slice(&ids[0].to_be_bytes());
+        let frame = Packet::new(direction, payload).frame();
+        assert_eq!(classifiers.run(direction, &frame), outcome);
+    };
+    ask(&classifiers, ids[0]);
+    run_mail(Direction::ToServer, QUERY, Outcome::Query(15));
+    assert_eq!(totals(&classifiers), [11, 1, 1, 3, 2]);
+    answer(&classifiers, ids[0]);
+    assert_eq!(totals(&classifiers), [11, 2, 1, 3, 2]);
+    run_mail(Direction::FromServer, RESPONSE, Outcome::Response(0));
+    assert_eq!(totals(&classifiers), [12, 2, 1, 3, 2]);
 }
