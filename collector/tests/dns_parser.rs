@@ -1185,23 +1185,39 @@ fn waiting_queries_keep_their_in_flight_slots() {
     answer(&classifiers, ids[0]);
     answer(&classifiers, ids[1]);
     assert_eq!(totals(&classifiers), [11, 1, 1, 2, 2]);
+}
 
-    // The id used again while the first query waits, for another question (a forwarder
-    // that numbers its queries in turn): a new query, and the first one unanswered. The
-    // first's late answer is unmatched (until 2026-12-03 the second query was taken for a
-    // retransmission of the first, and its answer got the first's start for a latency).
-    let mail = question(&[b"mail", b"example", b"org"], 15);
-    let run_mail = |direction, flags, outcome| {
-        let mut payload = message(flags, 1, &mail);
-        payload[..2].copy_from_slice(&ids[0].to_be_bytes());
+/// The id used again while the first query waits, for another question (a forwarder that
+/// numbers its queries in turn, the first dropped by the server): a new query, and the first
+/// one unanswered; the first's late answer is unmatched, the second's is the second's. Until
+/// 2026-12-03 the second query was taken for a retransmission of the first, and its answer
+/// got the first's start for a latency.
+#[test]
+fn an_id_used_again_for_another_question_is_a_new_query() {
+    let classifiers = Classifiers::load();
+    let run = |direction, flags, asked: &[u8], outcome| {
+        let mut payload = message(flags, 1, asked);
+        payload[..2].copy_from_slice(&7u16.to_be_bytes());
         let frame = Packet::new(direction, payload).frame();
         assert_eq!(classifiers.run(direction, &frame), outcome);
     };
-    ask(&classifiers, ids[0]);
-    run_mail(Direction::ToServer, QUERY, Outcome::Query(15));
-    assert_eq!(totals(&classifiers), [11, 1, 1, 3, 2]);
-    answer(&classifiers, ids[0]);
-    assert_eq!(totals(&classifiers), [11, 2, 1, 3, 2]);
-    run_mail(Direction::FromServer, RESPONSE, Outcome::Response(0));
-    assert_eq!(totals(&classifiers), [12, 2, 1, 3, 2]);
+    let totals = || {
+        let t = classifiers.totals();
+        [
+            t.answered,
+            t.unmatched_responses,
+            t.unanswered_queries,
+            t.duplicate_queries,
+        ]
+    };
+    let (www, mail) = (www_example(1), question(&[b"mail", b"example", b"org"], 15));
+    run(Direction::ToServer, QUERY, &www, Outcome::Query(1));
+    run(Direction::ToServer, QUERY, &www, Outcome::Query(1));
+    assert_eq!(totals(), [0, 0, 0, 1], "a retransmission");
+    run(Direction::ToServer, QUERY, &mail, Outcome::Query(15));
+    assert_eq!(totals(), [0, 0, 1, 1]);
+    run(Direction::FromServer, RESPONSE, &www, Outcome::Response(0));
+    assert_eq!(totals(), [0, 1, 1, 1]);
+    run(Direction::FromServer, RESPONSE, &mail, Outcome::Response(0));
+    assert_eq!(totals(), [1, 1, 1, 1]);
 }
