@@ -408,8 +408,8 @@ pub struct DnsCounters {
     pub answered: u64,
     /// Responses with no query in the in-flight table (untracked, or sent before we started).
     pub unmatched_responses: u64,
-    /// Queries repeated with the same client address, port and id while in flight: the
-    /// first one's time is kept.
+    /// Queries repeated with the same client address, port, id and question (its tag, see
+    /// [`DNS_QUESTION_TAG_MASK`]) while in flight: the first one's time is kept.
     pub duplicate_queries: u64,
     /// Queries that found every slot of their in-flight set held by a query still waiting
     /// (younger than [`DNS_ANSWER_TIMEOUT_NS`]): not tracked, their latency is lost. The

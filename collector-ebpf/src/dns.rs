@@ -650,14 +650,15 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
     }
 }
 
-/// A tag of the question for the in-flight slot: the name's first eight bytes as sent (a
-/// response echoes the question, case and all), its length and its QTYPE, folded into
+/// A tag of the question for the in-flight slot: the name's first eight bytes with A to Z
+/// folded (a response echoes the question, but a retry may change its 0x20 case), its
+/// length and its QTYPE, folded into
 /// [`DNS_QUESTION_TAG_MASK`]'s bits. One load and a multiply: hashing the whole name again
 /// for every response would cost what the name table's hash does.
 #[inline(always)]
 fn question_tag(buf: &[u8; DNS_SCRATCH_BYTES], question: &Question) -> u64 {
     // SAFETY: as in `name_hash`: an 8-aligned u64 at NAME_AT, inside the scratch value.
-    let first = unsafe { buf.as_ptr().add(NAME_AT).cast::<u64>().read() };
+    let first = dns_lowercase_word(unsafe { buf.as_ptr().add(NAME_AT).cast::<u64>().read() });
     let name_len = question.name_len & 0xff;
     // Past a short name lie its QTYPE, its QCLASS and the next section, which a response's
     // differs in.
@@ -670,11 +671,12 @@ fn question_tag(buf: &[u8; DNS_SCRATCH_BYTES], question: &Question) -> u64 {
     mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56 & DNS_QUESTION_TAG_MASK
 }
 
-/// Takes a free slot of the query's in-flight set (a retransmission keeps the first one's).
-/// A slot whose query waited past the timeout is given up (unanswered) and free again, and
-/// so is one of the same client, port and id asking another question. With every slot held
-/// by a query still waiting, this one goes untracked: the waiting ones are not thrown out,
-/// since the slowest answers would then be the ones lost. `now` carries the question's tag.
+/// Takes a free slot of the query's in-flight set (a retransmission, the same client, port,
+/// id and question's tag, keeps the first one's; the same id for another question is
+/// another query). A slot whose query waited past the timeout is given up (unanswered) and
+/// free again. With every slot held by a query still waiting, this one goes untracked: the
+/// waiting ones are not thrown out, since the slowest answers would then be the ones lost.
+/// `now` carries the question's tag.
 #[inline(always)]
 fn remember(addr: &[u8; 16], port: u16, id: u16, now: u64, counters: &mut DnsCounters) {
     let client = client_fingerprint(addr);
@@ -692,11 +694,14 @@ fn remember(addr: &[u8; 16], port: u16, id: u16, now: u64, counters: &mut DnsCou
             continue;
         }
         let given_up = dns_query_given_up(now, slot.start_ns);
-        if slot.client == client && slot.client_port == port && slot.id == id {
-            if given_up || (slot.start_ns ^ now) & DNS_QUESTION_TAG_MASK != 0 {
-                // The same client, port and id after the timeout, or asking another question
-                // (the id used again while the first waits): a new query, and the first one
-                // went unanswered (an answer to it now counts as unmatched).
+        if slot.client == client
+            && slot.client_port == port
+            && slot.id == id
+            && (slot.start_ns ^ now) & DNS_QUESTION_TAG_MASK == 0
+        {
+            if given_up {
+                // The same query after the timeout: a new one, and the first one went
+                // unanswered.
                 counters.unanswered_queries += 1;
                 *slot = in_flight(client, port, id, now);
             } else {

@@ -1049,6 +1049,17 @@ pub fn dns_table(json: &Value) -> String {
             count(&json["cacheStats"]["misses"]),
             percent(&json["cacheStats"]["hitRate"])
         );
+        if json["cacheStats"]["undecided"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+        {
+            let _ = writeln!(
+                out,
+                "cache: {} undecided (answers relayed from a server behind a DNAT, whose \
+                 upstream queries are not seen here)",
+                count(&json["cacheStats"]["undecided"])
+            );
+        }
     }
     let _ = writeln!(out, "types: {}", pairs(&json["queryTypeBreakdown"]));
     let _ = writeln!(out, "codes: {}", pairs(&json["responseCodes"]));
@@ -1671,6 +1682,13 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             "{text}"
         );
         assert!(text.contains("error rate 0.0 % (last minute)"), "{text}");
+        assert!(!text.contains("undecided"), "{text}");
+        let mut relayed = dns.clone();
+        relayed["cacheStats"]["undecided"] = 4.into();
+        assert!(
+            dns_table(&relayed).contains("cache: 4 undecided (answers relayed"),
+            "{text}"
+        );
         assert!(
             text.contains("latency: p50 1.00 ms, p99 2.00 ms (9 answered"),
             "{text}"

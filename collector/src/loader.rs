@@ -1311,7 +1311,8 @@ fn remove_unowned_pins(map_dir: &Path) -> anyhow::Result<()> {
 /// layout would silently produce wrong numbers. A short-lived one is unpinned instead, so
 /// that an upgrade over a crashed older build's pins keeps its counters; its programs
 /// write on into the old map until this start replaces their links. Nothing is unpinned
-/// unless every counter map fits and the pins are this namespace's (or no one's yet).
+/// unless every counter map fits and the pins are this namespace's (or no one's yet) and
+/// of this build's [`PIN_LAYOUT`]: shaped alike, maps of another layout mean other things.
 fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")?;
@@ -1375,9 +1376,6 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
             );
         }
     }
-    if replace.is_empty() {
-        return Ok(());
-    }
     let owner_pin = map_dir.join(map_names::PIN_OWNER);
     if owner_pin.exists() {
         let owner = read_pin_owner(&owner_pin)
@@ -1385,6 +1383,14 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
         if owner != 0 && owner != own_netns {
             return Err(foreign_pins(pin_dir, owner, own_netns));
         }
+        let layout = read_pin_word(&owner_pin, 1)
+            .with_context(|| format!("reading {}", owner_pin.display()))?;
+        if owner != 0 && layout != PIN_LAYOUT {
+            return Err(other_layout(pin_dir, layout));
+        }
+    }
+    if replace.is_empty() {
+        return Ok(());
     }
     for (path, difference) in replace {
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
@@ -1679,9 +1685,9 @@ fn fill_server_name_maps(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Re
 }
 
 /// Refuses pins a collector of another network namespace left (its links are on that
-/// namespace's interfaces, named by an index that means another interface here), and pins
-/// of another layout ([`PIN_LAYOUT`]), before anything in them is touched; otherwise marks
-/// them as this namespace's and this layout's.
+/// namespace's interfaces, named by an index that means another interface here), before
+/// anything in them is touched; otherwise marks them as this namespace's and this layout's
+/// ([`PIN_LAYOUT`], which [`check_pinned_maps`] compares).
 fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     let mut owner: Array<&mut MapData, u64> = Array::try_from(
         ebpf.map_mut(map_names::PIN_OWNER)
@@ -1691,27 +1697,34 @@ fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result
     if found != 0 && found != own_netns {
         return Err(foreign_pins(pin_dir, found, own_netns));
     }
-    let layout = owner.get(&1, 0)?;
-    if found != 0 && layout != PIN_LAYOUT {
-        bail!(
-            "the pins under {} were made by a build whose maps mean other things, though \
-             shaped alike (layout {layout}; this build's is {PIN_LAYOUT}): read as this \
-             build's, the connections open in them would never be seen closing. Remove them \
-             with `{}` and start again: the counters restart from zero",
-            pin_dir.display(),
-            crate::cleanup::command()
-        );
-    }
-    owner.set(0, own_netns, 0)?;
+    // The layout first: pins with an owner and no layout would be refused as another's.
     owner.set(1, PIN_LAYOUT, 0)?;
+    owner.set(0, own_netns, 0)?;
     Ok(())
+}
+
+/// Pins of another [`PIN_LAYOUT`]: maps shaped as this build's that mean other things.
+fn other_layout(pin_dir: &Path, layout: u64) -> anyhow::Error {
+    anyhow!(
+        "the pins under {} were made by a build whose maps mean other things, though shaped \
+         alike (layout {layout}; this build's is {PIN_LAYOUT}): read as this build's, the \
+         connections open in them would never be seen closing. Remove them with `{}` and \
+         start again: the counters restart from zero",
+        pin_dir.display(),
+        crate::cleanup::command()
+    )
 }
 
 /// The network namespace cookie in the pinned `PIN_OWNER` at `path` (0: never claimed).
 pub fn read_pin_owner(path: &Path) -> anyhow::Result<u64> {
+    read_pin_word(path, 0)
+}
+
+/// Word `index` of the pinned `PIN_OWNER` at `path`: 0 the owner, 1 the layout.
+fn read_pin_word(path: &Path, index: u32) -> anyhow::Result<u64> {
     let data = MapData::from_pin(path)?;
     let owner = Array::<MapData, u64>::try_from(aya::maps::Map::from_map_data(data)?)?;
-    Ok(owner.get(&0, 0)?)
+    Ok(owner.get(&index, 0)?)
 }
 
 /// DNS samples and connection events dropped to a full ring (the pinned counters), summed

@@ -308,7 +308,8 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
     Ok(match name {
         map_names::PIN_OWNER => {
             let owner = array::<u64>(open(pin_dir, name)?)?;
-            json!({"netnsCookie": owner.get(&0, 0)?, "layout": owner.get(&1, 0)?})
+            // An older build's has one word: no layout (null).
+            json!({"netnsCookie": owner.get(&0, 0)?, "layout": owner.get(&1, 0).ok()})
         }
         map_names::ROUTE_NAMES => owned_rows(pin_dir, |_| Ok(json!({})))?,
         map_names::CONN_COUNTERS => {

@@ -610,7 +610,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
             ),
             (
                 "collector_dns_queries_duplicate",
-                "Queries repeated with the same client address, port and id while waiting.",
+                "Queries repeated with the same client address, port, id and question while waiting.",
                 c.duplicate_queries,
             ),
             (

@@ -13,9 +13,9 @@ use thiserror::Error;
 /// matching tables (`DNS_INFLIGHT`, `DNS_UPSTREAM`, `DNS_UPSTREAM_LATEST`: seconds of
 /// state) of another shape are unpinned and made afresh, with a warning; any other map of
 /// another shape (the counters, the connection table) is refused, with the fix. This is
-/// bumped only for a change of meaning that keeps the shape, which that check cannot tell.
-/// A new directory would leave a crashed run's links attached beside the new ones, counting
-/// twice, so checking in place is the safer way where it can tell.
+/// A change of meaning that keeps the shape raises `collector_common::PIN_LAYOUT` instead,
+/// which the pins record: a new directory would leave a crashed run's links attached beside
+/// the new ones, counting twice.
 pub const PIN_LAYOUT_VERSION: &str = "v1";
 /// Filesystem type of bpffs in /proc/mounts.
 const BPFFS: &str = "bpf";

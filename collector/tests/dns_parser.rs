@@ -1188,16 +1188,18 @@ fn waiting_queries_keep_their_in_flight_slots() {
 }
 
 /// The id used again while the first query waits, for another question (a forwarder that
-/// numbers its queries in turn, the first dropped by the server): a new query, and the first
-/// one unanswered; the first's late answer is unmatched, the second's is the second's. Until
-/// 2026-12-03 the second query was taken for a retransmission of the first, and its answer
-/// got the first's start for a latency.
+/// numbers its queries in turn, the first dropped by the server): another query, each
+/// answered with its own latency. Until 2026-12-03 the second was taken for a
+/// retransmission of the first, and its answer got the first's start for a latency. The
+/// tag a query and its answer share holds where their bytes differ: past a short name (the
+/// query's OPT record, the answer's record) and in letter case.
 #[test]
 fn an_id_used_again_for_another_question_is_a_new_query() {
     let classifiers = Classifiers::load();
-    let run = |direction, flags, asked: &[u8], outcome| {
-        let mut payload = message(flags, 1, asked);
-        payload[..2].copy_from_slice(&7u16.to_be_bytes());
+    let run = |direction, flags, id: u16, message: Vec<u8>, outcome| {
+        let mut payload = message;
+        payload[..2].copy_from_slice(&id.to_be_bytes());
+        payload[2..4].copy_from_slice(&u16::to_be_bytes(flags));
         let frame = Packet::new(direction, payload).frame();
         assert_eq!(classifiers.run(direction, &frame), outcome);
     };
@@ -1210,14 +1212,67 @@ fn an_id_used_again_for_another_question_is_a_new_query() {
             t.duplicate_queries,
         ]
     };
-    let (www, mail) = (www_example(1), question(&[b"mail", b"example", b"org"], 15));
-    run(Direction::ToServer, QUERY, &www, Outcome::Query(1));
-    run(Direction::ToServer, QUERY, &www, Outcome::Query(1));
+    let www = || message(0, 1, &www_example(1));
+    let mail = |labels: &[&[u8]]| message(0, 1, &question(labels, 15));
+    run(Direction::ToServer, QUERY, 7, www(), Outcome::Query(1));
+    run(Direction::ToServer, QUERY, 7, www(), Outcome::Query(1));
     assert_eq!(totals(), [0, 0, 0, 1], "a retransmission");
-    run(Direction::ToServer, QUERY, &mail, Outcome::Query(15));
-    assert_eq!(totals(), [0, 0, 1, 1]);
-    run(Direction::FromServer, RESPONSE, &www, Outcome::Response(0));
-    assert_eq!(totals(), [0, 1, 1, 1]);
-    run(Direction::FromServer, RESPONSE, &mail, Outcome::Response(0));
-    assert_eq!(totals(), [1, 1, 1, 1]);
+    let lower: [&[u8]; 3] = [b"mail", b"example", b"org"];
+    run(
+        Direction::ToServer,
+        QUERY,
+        7,
+        mail(&lower),
+        Outcome::Query(15),
+    );
+    assert_eq!(totals(), [0, 0, 0, 1]);
+    run(
+        Direction::FromServer,
+        RESPONSE,
+        7,
+        mail(&lower),
+        Outcome::Response(0),
+    );
+    run(
+        Direction::FromServer,
+        RESPONSE,
+        7,
+        www(),
+        Outcome::Response(0),
+    );
+    assert_eq!(totals(), [2, 0, 0, 1]);
+
+    // "a." A, the query with an OPT record after its question and the answer with an A
+    // record: the bytes past the three of the name differ.
+    let mut asked = message(0, 1, &question(&[b"a"], 1));
+    asked[11] = 1;
+    asked.extend_from_slice(&[0, 0, 41, 16, 0, 0, 0, 0, 0, 0, 0]);
+    let mut answered = message(0, 1, &question(&[b"a"], 1));
+    answered[7] = 1;
+    answered.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+    run(Direction::ToServer, QUERY, 9, asked, Outcome::Query(1));
+    run(
+        Direction::FromServer,
+        RESPONSE,
+        9,
+        answered,
+        Outcome::Response(0),
+    );
+    assert_eq!(totals(), [3, 0, 0, 1]);
+    // Asked in one case, echoed in another.
+    run(
+        Direction::ToServer,
+        QUERY,
+        11,
+        mail(&[b"MaIl", b"example", b"ORG"]),
+        Outcome::Query(15),
+    );
+    run(
+        Direction::FromServer,
+        RESPONSE,
+        11,
+        mail(&lower),
+        Outcome::Response(0),
+    );
+    assert_eq!(totals(), [4, 0, 0, 1]);
 }
