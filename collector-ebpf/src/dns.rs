@@ -652,9 +652,9 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
 
 /// A tag of the question for the in-flight slot: the name's first eight bytes with A to Z
 /// folded (a response echoes the question, but a retry may change its 0x20 case), its
-/// length and its QTYPE, folded into
-/// [`DNS_QUESTION_TAG_MASK`]'s bits. One load and a multiply: hashing the whole name again
-/// for every response would cost what the name table's hash does.
+/// length and its QTYPE, folded into [`DNS_QUESTION_TAG_MASK`]'s bits. One load and a
+/// multiply: hashing the whole name again for every response would cost what the name
+/// table's hash does.
 #[inline(always)]
 fn question_tag(buf: &[u8; DNS_SCRATCH_BYTES], question: &Question) -> u64 {
     // SAFETY: as in `name_hash`: an 8-aligned u64 at NAME_AT, inside the scratch value.

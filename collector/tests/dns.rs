@@ -780,6 +780,28 @@ fn ask(netns: &Netns, server: &'static str, count: u16) -> u16 {
     })
 }
 
+/// `netns` between `client` and `server`, which it forwards for: a veth to each
+/// (`{prefix}0`-`{prefix}1` on 10.79.`nets[0]`.0/24, `{prefix}2`-`{prefix}3` on
+/// 10.79.`nets[1]`.0/24, `netns` at .1), and each peer's default route through it.
+fn route_between(netns: &Netns, client: &Netns, server: &Netns, prefix: &str, nets: [u8; 2]) {
+    for (peer, net, first) in [(client, nets[0], 0), (server, nets[1], 2)] {
+        support::veth(
+            netns,
+            &format!("{prefix}{first}"),
+            &format!("10.79.{net}.1/24"),
+            peer,
+            &format!("{prefix}{}", first + 1),
+            &format!("10.79.{net}.2/24"),
+        );
+        let gateway = format!("10.79.{net}.1");
+        support::run(
+            "ip",
+            &["-n", &peer.name, "route", "add", "default", "via", &gateway],
+        );
+    }
+    netns.forward();
+}
+
 /// The agent's namespace routes between a client's and a server's: the queries it only
 /// forwards are no local server's, and not counted (nor as upstream queries); those to a
 /// server of its own are, and so is an upstream query it sends itself.
@@ -797,32 +819,8 @@ fn dns_the_host_forwards_masqueraded_is_no_upstream_query() {
 }
 
 fn dns_the_host_forwards(masquerade: bool) {
-    let netns = Netns::new();
-    let client = Netns::new();
-    let server = Netns::new();
-    support::veth(
-        &netns,
-        "vdn0",
-        "10.79.3.1/24",
-        &client,
-        "vdn1",
-        "10.79.3.2/24",
-    );
-    support::veth(
-        &netns,
-        "vdn2",
-        "10.79.4.1/24",
-        &server,
-        "vdn3",
-        "10.79.4.2/24",
-    );
-    for (ns, gateway) in [(&client, "10.79.3.1"), (&server, "10.79.4.1")] {
-        support::run(
-            "ip",
-            &["-n", &ns.name, "route", "add", "default", "via", gateway],
-        );
-    }
-    netns.forward();
+    let (netns, client, server) = (Netns::new(), Netns::new(), Netns::new());
+    route_between(&netns, &client, &server, "vdn", [3, 4]);
     if masquerade {
         support::run(
             "ip",
@@ -878,32 +876,8 @@ fn dns_the_host_forwards(masquerade: bool) {
 /// did. The answers of the agent's namespace's own server are judged as before.
 #[test]
 fn answers_relayed_from_a_server_behind_a_dnat_are_neither_hit_nor_miss() {
-    let netns = Netns::new();
-    let client = Netns::new();
-    let server = Netns::new();
-    support::veth(
-        &netns,
-        "vdd0",
-        "10.79.5.1/24",
-        &client,
-        "vdd1",
-        "10.79.5.2/24",
-    );
-    support::veth(
-        &netns,
-        "vdd2",
-        "10.79.6.1/24",
-        &server,
-        "vdd3",
-        "10.79.6.2/24",
-    );
-    for (ns, gateway) in [(&client, "10.79.5.1"), (&server, "10.79.6.1")] {
-        support::run(
-            "ip",
-            &["-n", &ns.name, "route", "add", "default", "via", gateway],
-        );
-    }
-    netns.forward();
+    let (netns, client, server) = (Netns::new(), Netns::new(), Netns::new());
+    route_between(&netns, &client, &server, "vdd", [5, 6]);
     support::run(
         "ip",
         &[
