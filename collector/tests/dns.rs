@@ -781,10 +781,10 @@ fn ask(netns: &Netns, server: &'static str, count: u16) -> u16 {
 }
 
 /// `netns` between `client` and `server`, which it forwards for: a veth to each
-/// (`{prefix}0`-`{prefix}1` on 10.79.`nets[0]`.0/24, `{prefix}2`-`{prefix}3` on
-/// 10.79.`nets[1]`.0/24, `netns` at .1), and each peer's default route through it.
-fn route_between(netns: &Netns, client: &Netns, server: &Netns, prefix: &str, nets: [u8; 2]) {
-    for (peer, net, first) in [(client, nets[0], 0), (server, nets[1], 2)] {
+/// (`{prefix}0`-`{prefix}1` on 10.79.`subnets[0]`.0/24, `{prefix}2`-`{prefix}3` on
+/// 10.79.`subnets[1]`.0/24, `netns` at .1), and each peer's default route through it.
+fn route_between(netns: &Netns, client: &Netns, server: &Netns, prefix: &str, subnets: [u8; 2]) {
+    for (peer, net, first) in [(client, subnets[0], 0), (server, subnets[1], 2)] {
         support::veth(
             netns,
             &format!("{prefix}{first}"),
