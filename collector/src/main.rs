@@ -603,7 +603,10 @@ async fn serve_until_signal(
     let (dns_sources, domain_drain) = dns_sources(attachment, config, &hub)?;
     let mut dns_events = tokio::spawn(events::drain_periodically(Arc::clone(&domain_drain)));
 
-    let latest = Arc::new(SharedSnapshot::default());
+    let latest = Arc::new(SharedSnapshot::new(snapshot::Snapshot {
+        dns: dns_sources.before_first_read(),
+        ..snapshot::Snapshot::default()
+    }));
     // What was bound: with port 0 the kernel chose it.
     let listening = http
         .listener

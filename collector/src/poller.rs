@@ -37,6 +37,17 @@ pub struct SharedSnapshot {
 }
 
 impl SharedSnapshot {
+    /// Serves `before_first_read` (zeros, and what the config says) until the first poll
+    /// stores its figures: the JSON endpoints answer from the bind on, and would otherwise
+    /// say DNS counting is off.
+    #[must_use]
+    pub fn new(before_first_read: Snapshot) -> Self {
+        Self {
+            latest: RwLock::new(Arc::new(before_first_read)),
+            ..Self::default()
+        }
+    }
+
     #[must_use]
     pub fn load(&self) -> Arc<Snapshot> {
         Arc::clone(&self.latest.read().unwrap_or_else(PoisonError::into_inner))
@@ -177,6 +188,19 @@ pub struct DnsSources {
     pub listed: usize,
     /// The in-flight table, while responses are matched.
     pub in_flight: Option<crate::dns::InFlightTable>,
+}
+
+impl DnsSources {
+    /// The DNS figures before the first read: none, with the settings they are counted by.
+    #[must_use]
+    pub fn before_first_read(&self) -> DnsSnapshot {
+        DnsSnapshot {
+            enabled: self.enabled,
+            match_responses: self.match_responses,
+            match_every: self.match_every,
+            ..DnsSnapshot::default()
+        }
+    }
 }
 
 /// What the poller reads the counters of: the routes and the upstreams, with their slots.
@@ -453,6 +477,34 @@ fn sources(
 mod tests {
     use super::*;
     use crate::metrics;
+
+    #[test]
+    fn before_the_first_read_the_dns_figures_say_how_they_will_be_counted() {
+        let sources = DnsSources {
+            enabled: true,
+            match_responses: true,
+            match_every: 4,
+            domains: Arc::new(Mutex::new(crate::dns::DomainStats::new(
+                10,
+                1,
+                crate::tally::TallyTable::unmapped(0),
+            ))),
+            listed: 10,
+            in_flight: None,
+        };
+        let shared = SharedSnapshot::new(Snapshot {
+            dns: sources.before_first_read(),
+            ..Snapshot::default()
+        });
+        assert!(!shared.is_ready());
+        assert_eq!(shared.age(), None);
+        let json = serde_json::to_value(crate::api::dns_stats(&shared.load())).unwrap();
+        assert_eq!(json["enabled"], true, "{json}");
+        assert_eq!(json["matchResponses"], true, "{json}");
+        assert_eq!(json["matchEvery"], 4, "{json}");
+        assert_eq!(json["totalQueries"], 0, "{json}");
+        assert_eq!(json["cacheStats"]["hits"], 0, "{json}");
+    }
 
     #[test]
     fn only_the_attached_interfaces_are_exported() {
