@@ -1430,3 +1430,41 @@ fn the_json_figures_say_how_old_they_are() {
     }
     assert!(agent.stop().success());
 }
+
+/// A test run killed before its guards ran (a Ctrl-C, a CI timeout) leaves its namespace,
+/// and an agent there still counting, its `sock_ops` program on the host's cgroup root. The
+/// next run's first namespace sweeps them: the agent gets SIGTERM and stops cleanly, the
+/// namespace goes; a running test's namespace stays.
+#[test]
+fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
+    // The sweep at the first namespace of this process is over once this returns.
+    let live = Netns::new();
+    let mut exited = Command::new("true").spawn().unwrap();
+    let gone = exited.id();
+    exited.wait().unwrap();
+    let stale = Netns {
+        name: format!("colltest-{gone}-0"),
+    };
+    support::run("ip", &["netns", "add", &stale.name]);
+    support::run("ip", &["-n", &stale.name, "link", "set", "lo", "up"]);
+    let config = AgentConfig::new(WEB_ROUTE);
+    let agent = Agent::start(&stale, &config);
+
+    support::sweep_killed_runs();
+
+    let listed = support::stdout_of(Command::new("ip").args(["netns", "list"]));
+    let listed_names: Vec<&str> = listed
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert!(!listed_names.contains(&stale.name.as_str()), "{listed}");
+    assert!(listed_names.contains(&live.name.as_str()), "{listed}");
+    // Gone: nothing left for its guard to remove.
+    std::mem::forget(stale);
+    // Already ended: no signal, no wait beyond a moment.
+    let status = agent
+        .stop_within(0, Duration::from_secs(1))
+        .expect("the swept agent still ran");
+    assert!(status.success(), "{status}");
+    support::assert_no_pins(&config.pin_dir);
+}

@@ -116,7 +116,9 @@ impl Netns {
 
     pub fn new() -> Self {
         require_root();
-        let name = unique("colltest");
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_killed_runs);
+        let name = unique(NETNS_PREFIX.trim_end_matches('-'));
         run("ip", &["netns", "add", &name]);
         let netns = Self { name };
         run("ip", &["-n", &netns.name, "link", "set", "lo", "up"]);
@@ -158,6 +160,55 @@ impl Netns {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name, program]);
         command
+    }
+}
+
+/// The prefix of every test namespace's name, followed by the test process's id.
+const NETNS_PREFIX: &str = "colltest-";
+
+/// Removes the namespaces of test runs that were killed before their guards ran (a Ctrl-C,
+/// a CI timeout, a SIGKILL): those named after a process that is gone. What still runs in
+/// them gets SIGTERM first (an agent among them then detaches what it attached: its
+/// `sock_ops` program sits on the host's cgroup root), and SIGKILL after 10 s.
+pub fn sweep_killed_runs() {
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    for line in String::from_utf8_lossy(&listed.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let pids = |name: &str| -> Vec<i32> {
+            let out = Command::new("ip")
+                .args(["netns", "pids", name])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect()
+        };
+        let signal_all = |signal: i32| {
+            for pid in pids(name) {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(pid, signal) };
+            }
+        };
+        signal_all(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pids(name).is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        signal_all(libc::SIGKILL);
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        eprintln!("removed {name}, left by a test run that was killed");
     }
 }
 
