@@ -21,6 +21,8 @@ pub use crate::tls::TlsFiles;
 pub const MAX_ROUTES: usize = collector_common::MAX_ROUTES as usize;
 const DEFAULT_TOML: &str = include_str!("default.toml");
 const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+/// [`DEFAULT_LISTEN`]'s port.
+const DEFAULT_LISTEN_PORT: u16 = 9464;
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/collector";
 const POLL_INTERVAL_MS: Range<u64> = 100..60_001;
 
@@ -212,9 +214,39 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     upstreams: Vec<RawUpstream>,
+    #[serde(default, deserialize_with = "single_table")]
     dns: Option<RawDns>,
+    #[serde(default, deserialize_with = "single_table")]
     nftables: Option<RawNft>,
+    #[serde(default, deserialize_with = "single_table")]
     http: Option<RawHttp>,
+}
+
+const SINGLE_TABLE: &str = "a table, in single brackets";
+
+/// A table given once (`[dns]`), and only as a table: serde's derived structs also take an
+/// array, field by field, so `[[dns]]` (the brackets of `[[routes]]`) was refused for the
+/// type of the first field, and `dns = [false, ...]` accepted.
+fn single_table<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct TableOnly<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for TableOnly<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(SINGLE_TABLE)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+
+    deserializer.deserialize_map(TableOnly(std::marker::PhantomData))
 }
 
 #[derive(Deserialize)]
@@ -342,12 +374,13 @@ impl Config {
     /// Reads and checks a configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+        let bytes = std::fs::read(path).map_err(|err| ConfigError {
             source_name: name.clone(),
             line: None,
             column: None,
             reason: format!("cannot read the file: {err}"),
         })?;
+        let text = String::from_utf8(bytes).map_err(|err| not_utf8(&name, &err))?;
         Self::from_toml(&name, &text)
     }
 
@@ -455,11 +488,36 @@ impl Config {
                 Some(table) if message == "invalid type: map, expected an array, as [...]" => {
                     format!(" (a list of tables takes double brackets: [{table}])")
                 }
+                Some(table) if message.ends_with(SINGLE_TABLE) && table.starts_with("[[") => {
+                    format!(": {}", &table[1..table.len() - 1])
+                }
                 _ => String::new(),
             };
             source.error(err.span(), format!("{message}{hint}"))
         })?;
         validate(&source, &raw)
+    }
+}
+
+/// A file that is not UTF-8 (TOML's encoding), refused at its first byte that is not: a
+/// stray Latin-1 byte from an editor is found by its line.
+fn not_utf8(name: &str, err: &std::string::FromUtf8Error) -> ConfigError {
+    let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+    // UTF-8 up to `valid_up_to`, by its definition.
+    let before = std::str::from_utf8(valid).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |last| last.chars().count())
+        + 1;
+    ConfigError {
+        source_name: name.to_owned(),
+        line: Some(line),
+        column: Some(column),
+        reason: "not UTF-8 text: TOML files are UTF-8 (an editor may have saved this one as \
+                 Latin-1)"
+            .to_owned(),
     }
 }
 
@@ -480,15 +538,19 @@ fn in_words(message: &str) -> String {
 pub fn listen_refused(listen: SocketAddr, routes: &[Route]) -> Option<String> {
     if listen.port() == 0 {
         return Some(format!(
-            "listen = \"{listen}\" has port 0, which binds a port the kernel picks and that \
-             probes and Prometheus cannot know: give a port, e.g. 9464"
+            "{listen} has port 0, which binds a port the kernel picks and that probes and \
+             Prometheus cannot know: give a port, e.g. {DEFAULT_LISTEN_PORT}"
         ));
     }
     let route = routes.iter().find(|r| r.ports.contains(&listen.port()))?;
+    // The default port or the next one no route has: the advice must not be refused too.
+    let free = (DEFAULT_LISTEN_PORT..)
+        .find(|port| !routes.iter().any(|r| r.ports.contains(port)))
+        .unwrap_or(DEFAULT_LISTEN_PORT);
     Some(format!(
-        "listen = \"{listen}\" has port {}, a port of route {:?}: the route would count every \
-         scrape and probe of the collector as its traffic; give the collector a port of its own, \
-         e.g. 9464",
+        "{listen} has port {}, a port of route {:?}: the route would count every scrape and \
+         probe of the collector as its traffic; give the collector a port of its own, e.g. \
+         {free}",
         listen.port(),
         route.name
     ))
@@ -1268,6 +1330,32 @@ mod tests {
     }
 
     #[test]
+    fn a_table_given_once_takes_single_brackets_and_no_array() {
+        assert_error(
+            "[[routes]]\nname = \"web\"\nports = [80]\n\n[[dns]]\nports = [53]\n",
+            5,
+            "invalid type: sequence, expected a table, in single brackets: [dns]",
+        );
+        assert_error(
+            "[[nftables]]\nenabled = true\n",
+            1,
+            "expected a table, in single brackets: [nftables]",
+        );
+        assert_error(
+            "http = [\"x\"]\n",
+            1,
+            "expected a table, in single brackets",
+        );
+        assert_error(
+            "dns = [false, [53]]\n",
+            1,
+            "expected a table, in single brackets",
+        );
+        // Spans inside still name the line.
+        assert_error("[dns]\nports = [0]\n", 2, "port");
+    }
+
+    #[test]
     fn nftables_counting_is_on_off_or_auto() {
         let enabled = |text: &str| Config::from_toml("t.toml", text).unwrap().nftables.enabled;
         assert_eq!(enabled(""), NftEnabled::Auto);
@@ -1775,12 +1863,17 @@ match_every = 1
         );
         // The default listen address is checked where it is used, since `--listen` may
         // replace it: the file is valid.
-        let config =
-            Config::from_toml("t.toml", "[[routes]]\nname = \"metrics\"\nports = [9464]\n")
-                .unwrap();
+        let config = Config::from_toml(
+            "t.toml",
+            "[[routes]]\nname = \"metrics\"\nports = [9464, 9465]\n",
+        )
+        .unwrap();
+        assert!(DEFAULT_LISTEN.ends_with(&format!(":{DEFAULT_LISTEN_PORT}")));
         let reason = listen_refused(config.listen, &config.routes).unwrap();
+        // The port it advises is one no route has.
         assert!(
-            reason.contains("port 9464, a port of route \"metrics\""),
+            reason.starts_with("127.0.0.1:9464 has port 9464, a port of route \"metrics\"")
+                && reason.ends_with("e.g. 9466"),
             "{reason}"
         );
         // IPv6 alike: the programs count the port on every address.
@@ -1834,6 +1927,18 @@ match_every = 1
             http("[http]\nmax_concurrent_requests = 503\n").max_concurrent_requests,
             503
         );
+    }
+
+    #[test]
+    fn a_file_not_in_utf8_is_refused_at_its_first_stray_byte() {
+        let dir = std::env::temp_dir().join(format!("collector-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("latin1.toml");
+        std::fs::write(&path, b"[[routes]]\nname = \"caf\xe9\"\nports = [80]\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((err.line, err.column), (Some(2), Some(12)), "{err}");
+        assert!(err.reason.starts_with("not UTF-8 text"), "{err}");
     }
 
     #[test]

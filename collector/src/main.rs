@@ -917,6 +917,8 @@ fn reader_stopped(
 /// `collector check`: the config file alone, or the host as `run` would use it.
 fn check(mut config: Config, listen: Option<SocketAddr>, config_only: bool) -> anyhow::Result<()> {
     if config_only {
+        // What `run` refuses of the address it would serve on, the default's included.
+        serve_on(&mut config, listen)?;
         return check_config(&config);
     }
     if let Some(listen) = listen {

@@ -129,6 +129,16 @@ fn check_config_only_judges_the_file_without_root() {
         stderr.contains("collector.toml:3:10: invalid value: integer `70000`, expected a port"),
         "{stderr}"
     );
+    // A route on the default listen port, which `run` refuses, fails here too.
+    let (passed, stdout, stderr) =
+        check_config_as_nobody("[[routes]]\nname = \"metrics\"\nports = [9464]\n");
+    assert!(!passed, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(
+            "the default listen address: 127.0.0.1:9464 has port 9464, a port of route \"metrics\""
+        ) && stderr.contains("e.g. 9465"),
+        "{stderr}"
+    );
 }
 
 /// A route port in the namespace's ephemeral range can be an outgoing connection's source
