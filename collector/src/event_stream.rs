@@ -29,7 +29,10 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
 
 use crate::{
     dns::{DnsEvent, RCODE_NAMES, qtype_mnemonic},
@@ -40,9 +43,19 @@ use crate::{
 /// Longest a stream goes without a line: then a [`StreamEvent::Heartbeat`].
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 
-/// Connection events a subscriber may fall behind by before it loses the oldest.
-pub const CONNECTION_BACKLOG: usize = 4096;
-/// DNS events a subscriber may fall behind by before it loses the oldest.
+/// Connection events a subscriber may fall behind by before it loses the oldest: as many as
+/// the kernel's ring holds (a power of two, as the channel rounds to), since a drain sends
+/// what it took from the ring at once. A drain held up (a sidecar's CPU quota throttled for
+/// its 100 ms period, a slow poll) then does not outrun a reader that keeps up; with 4096,
+/// 150 ms of 14,000 connections a second did, and the reader was blamed.
+pub const CONNECTION_BACKLOG: usize = (collector_common::CONN_EVENTS_BYTES as usize
+    / (RING_RECORD_HEADER + size_of::<collector_common::ConnEvent>()))
+.next_power_of_two();
+/// The kernel ring's header before each record.
+const RING_RECORD_HEADER: usize = 8;
+/// DNS events a subscriber may fall behind by before it loses the oldest. Less than the
+/// ring's 37,000 shortest records: each slot is allocated at start, and a reader of every
+/// query and answer at the rates that would fill it falls behind on its own.
 pub const DNS_BACKLOG: usize = 16384;
 
 /// One line of the stream.
@@ -260,14 +273,20 @@ impl EventHub {
     /// otherwise (called on subscribe and at every poll, which notices readers that went
     /// away).
     pub fn update_switches(&self) {
+        self.switch_for_readers_but(0);
+    }
+
+    /// The switches, judged with `leaving` readers whose receivers are still there not
+    /// counted (a subscription in its drop).
+    fn switch_for_readers_but(&self, leaving: usize) {
         set_switch(
             &self.dns_wanted,
-            || self.dns.receiver_count() > 0,
+            || self.dns.receiver_count() > leaving,
             "streamed DNS events",
         );
         set_switch(
             &self.connections_wanted,
-            || self.connections.receiver_count() > 0,
+            || self.connections.receiver_count() > leaving,
             "streamed connection events",
         );
     }
@@ -288,9 +307,19 @@ impl EventHub {
         subscription
     }
 
-    /// Ends every open stream.
+    /// Ends every open stream, each after the lines it was sent before.
     pub fn stop(&self) {
         self.stopping.send_replace(true);
+    }
+
+    /// A reader fell `lost` events behind: counted, and its `lost` line.
+    fn reader_behind(&self, lost: u64) -> StreamEvent {
+        self.lagged.fetch_add(lost, Ordering::Relaxed);
+        StreamEvent::Lost {
+            count: lost,
+            timestamp: crate::clock::unix_ms(),
+            cause: LostCause::ReaderBehind,
+        }
     }
 
     /// Tells the kernel nobody reads either stream, whoever is subscribed.
@@ -350,21 +379,18 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next line, waiting for it; `None` when the agent stops. A [`StreamEvent::Lost`]
-    /// where the reader fell behind. Cut short, it loses nothing: what it waits on are
-    /// broadcast receivers.
+    /// The next line, waiting for it; `None` once the agent stops and what was sent before
+    /// the stop has gone out. A [`StreamEvent::Lost`] where the reader fell behind. Cut
+    /// short, it loses nothing: what it waits on are broadcast receivers.
     pub async fn next(&mut self) -> Option<StreamEvent> {
         let hub = &*self.hub;
         let mut stopping = hub.stopping.subscribe();
         loop {
             if *stopping.borrow_and_update() {
-                return None;
+                return self.sent_before_the_stop();
             }
             let received = tokio::select! {
-                event = self.connections.recv() => event.map(|record| match record {
-                    ConnRecord::Connection(event) => Some(hub.connection_event(&event)),
-                    ConnRecord::Client { .. } => None,
-                }),
+                event = self.connections.recv() => event.map(|record| connection_line(hub, &record)),
                 event = self.dns.recv() => event.map(|e| dns_event(&e)),
                 _ = stopping.changed() => continue,
                 changed = self.ring_dropped.changed() => {
@@ -391,17 +417,43 @@ impl Subscription {
                 Ok(Some(event)) => return Some(event),
                 // Not streamed, and not sent to subscribers either (see `Streamed`).
                 Ok(None) => {}
-                Err(RecvError::Lagged(lost)) => {
-                    hub.lagged.fetch_add(lost, Ordering::Relaxed);
-                    return Some(StreamEvent::Lost {
-                        count: lost,
-                        timestamp: crate::clock::unix_ms(),
-                        cause: LostCause::ReaderBehind,
-                    });
-                }
+                Err(RecvError::Lagged(lost)) => return Some(hub.reader_behind(lost)),
                 Err(RecvError::Closed) => return None,
             }
         }
+    }
+
+    /// After the stop: the lines sent before it (the agent's last drain of the rings
+    /// among them), without waiting, then `None`. A clean stop thus ends a reader's stream
+    /// after everything it was sent, rather than with its backlog thrown away unsaid.
+    fn sent_before_the_stop(&mut self) -> Option<StreamEvent> {
+        let hub = &*self.hub;
+        loop {
+            let received = match self.connections.try_recv() {
+                Ok(record) => Ok(connection_line(hub, &record)),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => match self.dns.try_recv() {
+                    Ok(event) => Ok(dns_event(&event)),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+                    Err(lagged) => Err(lagged),
+                },
+                Err(lagged) => Err(lagged),
+            };
+            match received {
+                Ok(Some(line)) => return Some(line),
+                Ok(None) => {}
+                Err(TryRecvError::Lagged(lost)) => return Some(hub.reader_behind(lost)),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// The stream line of a connection record; `None` for a client record, which is not
+/// streamed.
+fn connection_line(hub: &EventHub, record: &ConnRecord) -> Option<StreamEvent> {
+    match record {
+        ConnRecord::Connection(event) => Some(hub.connection_event(event)),
+        ConnRecord::Client { .. } => None,
     }
 }
 
@@ -412,6 +464,9 @@ impl Drop for Subscription {
         self.hub
             .lagged
             .fetch_add(u64::try_from(unread).unwrap_or(u64::MAX), Ordering::Relaxed);
+        // The last reader gone, the kernel stops sending what nobody reads now, not at the
+        // next poll (up to a minute later with `poll_interval_ms`).
+        self.hub.switch_for_readers_but(1);
     }
 }
 
@@ -580,6 +635,29 @@ mod tests {
         ));
         let json = serde_json::to_value(&lost).unwrap();
         assert_eq!(json["cause"], "kernel-ring-full");
+    }
+
+    #[tokio::test]
+    async fn what_was_sent_before_the_stop_still_goes_out_then_the_stream_ends() {
+        let hub = EventHub::new(Vec::new(), None);
+        let mut reader = hub.subscribe();
+        hub.connections.send(open(1)).unwrap();
+        hub.dns.send(query(2)).unwrap();
+        hub.stop();
+        assert!(matches!(
+            reader.next().await,
+            Some(StreamEvent::ConnectionOpen {
+                connection_id: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            reader.next().await,
+            Some(StreamEvent::QueryReceived { .. })
+        ));
+        assert!(reader.next().await.is_none());
+        drop(reader);
+        assert_eq!(lagged(&hub), 0);
     }
 
     #[tokio::test]

@@ -678,6 +678,7 @@ async fn serve_until_signal(
         systemd::stopping();
     }
     watchdog.abort();
+    poller.drain_rings();
     hub.stop();
     let _ = stop_server.send(());
     events.abort();

@@ -322,9 +322,7 @@ impl Poller {
                 });
             }
         };
-        for ring in &self.rings {
-            ring.lock().unwrap_or_else(PoisonError::into_inner).drain();
-        }
+        self.drain_rings();
         let at = began.duration_since(self.started);
         self.preexisting.refresh_now_and_then();
         let open_from_before = self.preexisting.per_route(self.routes.len());
@@ -395,6 +393,14 @@ impl Poller {
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
         }))
+    }
+
+    /// Takes what the kernel queued in the event rings, for the figures and the streams.
+    /// Also once more at a clean stop, so that the readers get what came since the last.
+    pub fn drain_rings(&self) {
+        for ring in &self.rings {
+            ring.lock().unwrap_or_else(PoisonError::into_inner).drain();
+        }
     }
 
     /// Counts the samples the kernel drops from these totals on (read before this start's

@@ -694,7 +694,7 @@ fn stalled_reader(netns: &Netns) -> TcpStream {
 }
 
 /// Round trips on the `probe` route while a reader is behind: two events each, about 10 MB
-/// of lines, far more than the buffers on the way and the agent's backlog of 4096
+/// of lines, far more than the buffers on the way and the agent's backlog of 16384
 /// connection events hold.
 const BEHIND_ROUND_TRIPS: usize = 20_000;
 /// Round trips from client addresses of their own (127.0.0.2 on), midway, where the reader
@@ -858,5 +858,121 @@ fn a_reader_gone_while_behind_still_counts_the_events_it_lost() {
         (lagged >= sent - IN_BUFFERS).then_some(lagged)
     });
     assert!(lagged <= sent, "{lagged} counted lost of {sent}");
+    assert!(agent.stop().success());
+}
+
+/// A clean stop ends a stream after every event the kernel queued before it: the agent
+/// drains its rings once more, and each stream writes what it was sent before it ends.
+#[test]
+fn a_clean_stop_ends_the_stream_after_every_event_before_it() {
+    const ROUND_TRIPS: usize = 300;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let tail = tail_events(&netns);
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
+    let server = echo_once(listener, ROUND_TRIPS);
+    netns.run(|| (0..ROUND_TRIPS).for_each(|_| round_trip(18080)));
+    server.join().unwrap();
+    // At once: the last connections' events are still in the kernel's ring.
+    let status = agent.stop_within(libc::SIGTERM, Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the agent did not stop within 15 s: {status:?}"
+    );
+    let Tail {
+        mut child,
+        lines,
+        reader,
+        mut events,
+        ..
+    } = tail;
+    // Until the CLI ends with the stream.
+    while let Ok(event) = lines.recv_timeout(Duration::from_secs(20)) {
+        events.push(event);
+    }
+    reader.join().unwrap();
+    assert!(child.wait().unwrap().success());
+    let count = |kind: &str| {
+        events
+            .iter()
+            .filter(|event| event["event"] == kind && event["routeName"] == "web")
+            .count()
+    };
+    assert_eq!(
+        (count("connection-open"), count("connection-close")),
+        (ROUND_TRIPS, ROUND_TRIPS)
+    );
+    support::assert_no_pins(&config.pin_dir);
+}
+
+/// The kernel's switch for streamed events (one per kind), as the agent holds it: its maps
+/// are found through its open descriptors (`map_id` in their fdinfo), by name (the kernel
+/// keeps 15 characters).
+fn stream_switches(agent: &Agent) -> (u8, u8) {
+    let mut switches = (None, None);
+    let fdinfo = format!("/proc/{}/fdinfo", agent.pid());
+    for entry in std::fs::read_dir(&fdinfo).unwrap().flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|line| line.strip_prefix("map_id:"))
+            .map(str::trim)
+        else {
+            continue;
+        };
+        let shown: serde_json::Value = serde_json::from_str(&stdout_of(
+            std::process::Command::new("bpftool").args(["-j", "map", "show", "id", id]),
+        ))
+        .unwrap();
+        let slot = match shown["name"].as_str() {
+            Some("DNS_STREAM_WANT") => &mut switches.0,
+            Some("CONN_STREAM_WAN") => &mut switches.1,
+            _ => continue,
+        };
+        let value: serde_json::Value = serde_json::from_str(&stdout_of(
+            std::process::Command::new("bpftool")
+                .args(["-j", "map", "lookup", "id", id, "key", "0", "0", "0", "0"]),
+        ))
+        .unwrap();
+        let byte = value["value"][0].as_str().unwrap().trim_start_matches("0x");
+        *slot = Some(u8::from_str_radix(byte, 16).unwrap());
+    }
+    (
+        switches.0.expect("the agent holds no DNS stream switch"),
+        switches
+            .1
+            .expect("the agent holds no connection stream switch"),
+    )
+}
+
+/// The kernel sends streamed events only while someone reads them: switched on by the first
+/// reader, and off as soon as the last one leaves, not at the next poll (a minute here).
+#[test]
+fn the_kernel_stops_sending_stream_events_when_the_last_reader_leaves() {
+    let netns = Netns::new();
+    let config = AgentConfig::polling_every(CONFIG, 60_000);
+    let agent = Agent::start(&netns, &config);
+    assert_eq!(stream_switches(&agent), (0, 0));
+    let (first, second) = netns.run(|| {
+        let mut first = TcpStream::connect(LISTEN).unwrap();
+        ask_for_events(&mut first);
+        let mut second = TcpStream::connect(LISTEN).unwrap();
+        ask_for_events(&mut second);
+        (first, second)
+    });
+    assert_eq!(stream_switches(&agent), (1, 1));
+    // One reader left: still on.
+    drop(first);
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(stream_switches(&agent), (1, 1));
+    drop(second);
+    wait_for(
+        "the stream switches to go off",
+        Duration::from_secs(10),
+        || (stream_switches(&agent) == (0, 0)).then_some(()),
+    );
     assert!(agent.stop().success());
 }
