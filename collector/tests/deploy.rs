@@ -124,7 +124,8 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
     }
     for manifest in ["kubernetes/daemonset.yaml", "kubernetes/sidecar.yaml"] {
         // The runtime's default AppArmor profile denies writes under /sys/fs/bpf, and
-        // SELinux's container_t may not create files on bpffs: pinning would fail.
+        // SELinux's container_t may not create files on bpffs: pinning would fail. Runtime
+        // default seccomp profiles allow bpf() only with SYS_ADMIN: loading would.
         let spec = pod_spec(manifest);
         let security = &collector_container(&spec)["securityContext"];
         assert_eq!(
@@ -132,6 +133,10 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
             "{manifest}"
         );
         assert_eq!(security["seLinuxOptions"]["type"], "spc_t", "{manifest}");
+        assert_eq!(
+            security["seccompProfile"]["type"], "Unconfined",
+            "{manifest}"
+        );
     }
     // The DaemonSet is Ready once its programs are attached and read.
     let daemonset = pod_spec("kubernetes/daemonset.yaml");
