@@ -544,7 +544,7 @@ pub fn listen_refused(listen: SocketAddr, routes: &[Route]) -> Option<String> {
     }
     let route = routes.iter().find(|r| r.ports.contains(&listen.port()))?;
     // The default port or the next one no route has: the advice must not be refused too.
-    let free = (DEFAULT_LISTEN_PORT..)
+    let free = (DEFAULT_LISTEN_PORT..=u16::MAX)
         .find(|port| !routes.iter().any(|r| r.ports.contains(port)))
         .unwrap_or(DEFAULT_LISTEN_PORT);
     Some(format!(

@@ -115,8 +115,8 @@ impl Netns {
     }
 
     pub fn new() -> Self {
-        require_root();
         static SWEPT: std::sync::Once = std::sync::Once::new();
+        require_root();
         SWEPT.call_once(sweep_killed_runs);
         let name = unique(NETNS_PREFIX.trim_end_matches('-'));
         run("ip", &["netns", "add", &name]);
