@@ -506,7 +506,7 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
         Framing::Length(length) => Box::new(reader.take(length)),
         Framing::UntilClose => Box::new(reader),
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = Lines::new(std::io::stdout().lock());
     let mut buf = [0; 8192];
     loop {
         let read = match body.read(&mut buf) {
@@ -538,19 +538,66 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
             }
             Err(err) => return Err(agent.explain(err).context("reading the event stream")),
         };
-        if read == 0 || !forward(&mut out, &buf[..read])? {
+        if read == 0 {
+            return out.finish().with_context(|| {
+                format!(
+                    "the event stream from the collector at {} ended inside a line: the agent \
+                     was killed or crashed, or the connection was lost",
+                    agent.addr
+                )
+            });
+        }
+        if !out.forward(&buf[..read])? {
             return Ok(());
         }
     }
 }
 
-/// Writes `bytes` to standard output at once; `false` once its reader has gone (a closed
-/// pipe, as under `| head`), which ends a tail without an error.
-fn forward(out: &mut impl Write, bytes: &[u8]) -> anyhow::Result<bool> {
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Ok(()) => Ok(true),
-        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(err) => Err(anyhow::Error::new(err).context("writing to standard output")),
+/// Standard output for the stream's lines, written whole: a stream cut inside a line leaves
+/// no half line for `| jq` to choke on.
+struct Lines<W> {
+    out: W,
+    /// The start of a line whose end has not come yet.
+    pending: Vec<u8>,
+}
+
+impl<W: Write> Lines<W> {
+    const fn new(out: W) -> Self {
+        Self {
+            out,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Writes the lines `bytes` completes at once; `false` once the reader has gone (a
+    /// closed pipe, as under `| head`), which ends a tail without an error.
+    fn forward(&mut self, bytes: &[u8]) -> anyhow::Result<bool> {
+        let Some(last) = bytes.iter().rposition(|&byte| byte == b'\n') else {
+            self.pending.extend_from_slice(bytes);
+            return Ok(true);
+        };
+        let written = self
+            .out
+            .write_all(&self.pending)
+            .and_then(|()| self.out.write_all(&bytes[..=last]))
+            .and_then(|()| self.out.flush());
+        self.pending.clear();
+        self.pending.extend_from_slice(&bytes[last + 1..]);
+        match written {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+            Err(err) => Err(anyhow::Error::new(err).context("writing to standard output")),
+        }
+    }
+
+    /// The stream's end: an error if it came inside a line (that part is not written).
+    fn finish(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.pending.is_empty(),
+            "{} bytes of an unfinished line left out",
+            self.pending.len()
+        );
+        Ok(())
     }
 }
 
@@ -1218,6 +1265,21 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stream_lines_are_written_whole() {
+        let mut lines = super::Lines::new(Vec::new());
+        assert!(lines.forward(b"{\"a\":1}\n{\"b\"").unwrap());
+        assert_eq!(lines.out, b"{\"a\":1}\n");
+        assert!(lines.forward(b":2}\n").unwrap());
+        assert_eq!(lines.out, b"{\"a\":1}\n{\"b\":2}\n");
+        lines.finish().unwrap();
+        // Cut inside a line: that part is not written, and the end says so.
+        assert!(lines.forward(b"{\"c\"").unwrap());
+        assert_eq!(lines.out, b"{\"a\":1}\n{\"b\":2}\n");
+        let err = lines.finish().unwrap_err().to_string();
+        assert_eq!(err, "4 bytes of an unfinished line left out");
+    }
+
     use super::*;
 
     #[test]

@@ -1351,7 +1351,9 @@ mod tests {
             1,
             "expected a table, in single brackets",
         );
-        // Spans inside still name the line.
+        // Errors inside still name their line, serde's and the checks' alike.
+        assert_error("[dns]\nports = \"x\"\n", 2, "expected an array");
+        assert_error("[dns]\nport = [53]\n", 2, "unknown field `port`");
         assert_error("[dns]\nports = [0]\n", 2, "port");
     }
 

@@ -23,7 +23,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -198,6 +198,11 @@ pub struct EventHub {
     /// and connection events (opens and closes), on while anyone reads the stream.
     dns_wanted: Switch,
     connections_wanted: Switch,
+    /// Open subscriptions: what the switches are judged by. Counted apart from the channels'
+    /// receivers, which a leaving subscription still holds while it judges.
+    readers: AtomicUsize,
+    /// Set by [`Self::switch_off`]: the switches stay off whoever reads or leaves after.
+    switched_off: AtomicBool,
     /// Events the kernel could not put in its rings (connection and DNS, the pinned
     /// counters), as the last poll read them; `None` until a poll has.
     ring_dropped: tokio::sync::watch::Sender<Option<u64>>,
@@ -235,6 +240,8 @@ impl EventHub {
             stopping: tokio::sync::watch::channel(false).0,
             dns_wanted: std::sync::Mutex::new(None),
             connections_wanted: std::sync::Mutex::new(None),
+            readers: AtomicUsize::new(0),
+            switched_off: AtomicBool::new(false),
             ring_dropped: tokio::sync::watch::channel(dropped.map(ring_total)).0,
         })
     }
@@ -273,20 +280,14 @@ impl EventHub {
     /// otherwise (called on subscribe and at every poll, which notices readers that went
     /// away).
     pub fn update_switches(&self) {
-        self.switch_for_readers_but(0);
-    }
-
-    /// The switches, judged with `leaving` readers whose receivers are still there not
-    /// counted (a subscription in its drop).
-    fn switch_for_readers_but(&self, leaving: usize) {
-        set_switch(
-            &self.dns_wanted,
-            || self.dns.receiver_count() > leaving,
-            "streamed DNS events",
-        );
+        // Each change of the count is followed by a judgement, read under the switch's lock:
+        // the last one judged reads the count after every change before it.
+        let wanted =
+            || !self.switched_off.load(Ordering::SeqCst) && self.readers.load(Ordering::SeqCst) > 0;
+        set_switch(&self.dns_wanted, wanted, "streamed DNS events");
         set_switch(
             &self.connections_wanted,
-            || self.connections.receiver_count() > leaving,
+            wanted,
             "streamed connection events",
         );
     }
@@ -303,6 +304,7 @@ impl EventHub {
             ring_dropped,
             ring_dropped_seen,
         };
+        self.readers.fetch_add(1, Ordering::SeqCst);
         self.update_switches();
         subscription
     }
@@ -324,6 +326,7 @@ impl EventHub {
 
     /// Tells the kernel nobody reads either stream, whoever is subscribed.
     pub fn switch_off(&self) {
+        self.switched_off.store(true, Ordering::SeqCst);
         set_switch(&self.dns_wanted, || false, "streamed DNS events");
         set_switch(
             &self.connections_wanted,
@@ -466,7 +469,8 @@ impl Drop for Subscription {
             .fetch_add(u64::try_from(unread).unwrap_or(u64::MAX), Ordering::Relaxed);
         // The last reader gone, the kernel stops sending what nobody reads now, not at the
         // next poll (up to a minute later with `poll_interval_ms`).
-        self.hub.switch_for_readers_but(1);
+        self.hub.readers.fetch_sub(1, Ordering::SeqCst);
+        self.hub.update_switches();
     }
 }
 

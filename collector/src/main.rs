@@ -678,7 +678,11 @@ async fn serve_until_signal(
         systemd::stopping();
     }
     watchdog.abort();
-    poller.drain_rings();
+    // After a clean stop only: after an error, a reader that panicked in its drain would
+    // only panic again, before `finish` switched the events off.
+    if outcome.is_ok() {
+        poller.drain_rings();
+    }
     hub.stop();
     let _ = stop_server.send(());
     events.abort();

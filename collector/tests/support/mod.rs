@@ -179,9 +179,12 @@ pub fn sweep_killed_runs() {
         let Some(pid) = name
             .strip_prefix(NETNS_PREFIX)
             .and_then(|rest| rest.split('-').next())
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|byte| byte.is_ascii_digit()))
         else {
             continue;
         };
+        // A pid taken again by another process keeps the namespace: the safe side. (Test
+        // runs share the host's pid namespace, where /run/netns is.)
         if Path::new("/proc").join(pid).exists() {
             continue;
         }
