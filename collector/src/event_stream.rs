@@ -277,8 +277,8 @@ impl EventHub {
     }
 
     /// Turns streamed DNS and connection events on while someone reads the stream, off
-    /// otherwise (called on subscribe and at every poll, which notices readers that went
-    /// away).
+    /// otherwise (called when a reader comes or goes, and at every poll, which puts back a
+    /// switch set from outside).
     pub fn update_switches(&self) {
         // Each change of the count is followed by a judgement, read under the switch's lock:
         // the last one judged reads the count after every change before it.
