@@ -458,6 +458,23 @@ impl Config {
         })
     }
 
+    /// What to warn about an upstream on the collector's own listen port: upstreams are
+    /// followed by the remote port of this namespace's connects, so every request to the
+    /// collector made from here would count as one. A backend may listen there, so it is
+    /// not refused.
+    #[must_use]
+    pub fn upstream_on_listen_warning(&self) -> Option<String> {
+        let port = self.listen.port();
+        let upstream = self.upstreams.iter().find(|u| u.ports.contains(&port))?;
+        Some(format!(
+            "upstream {:?} has port {port}, the collector's own listen port: every request to \
+             the collector made from this namespace (kubelet probes under hostNetwork, a local \
+             Prometheus, `collector stats`) counts as a connect to it; give the collector \
+             another port unless a backend of the proxy listens on {port}",
+            upstream.name
+        ))
+    }
+
     /// What a start warns of in a valid config.
     #[must_use]
     pub fn start_warnings(&self) -> Vec<String> {
@@ -466,6 +483,7 @@ impl Config {
             .chain(self.no_routes_warning().map(str::to_owned))
             .chain(self.probe_place_warning())
             .chain(self.dns_ignored_warning())
+            .chain(self.upstream_on_listen_warning())
             .collect()
     }
 
@@ -1703,6 +1721,21 @@ match_every = 1
         let plain =
             "[[routes]]\nname = \"a\"\nports = [443]\n[[routes]]\nname = \"b\"\nports = [443]\n";
         assert_error(plain, 6, "a port belongs to one route");
+    }
+
+    #[test]
+    fn an_upstream_on_the_listen_port_is_warned_of() {
+        let config = |text: &str| Config::from_toml("t.toml", text).unwrap();
+        let on_listen = config("[[upstreams]]\nname = \"api\"\nports = [8080, 9464]\n");
+        let warning = on_listen.upstream_on_listen_warning().unwrap();
+        assert!(
+            warning.starts_with("upstream \"api\" has port 9464, the collector's own listen port"),
+            "{warning}"
+        );
+        assert!(on_listen.start_warnings().contains(&warning));
+        let elsewhere =
+            config("listen = \"127.0.0.1:9100\"\n[[upstreams]]\nname = \"api\"\nports = [9464]\n");
+        assert_eq!(elsewhere.upstream_on_listen_warning(), None);
     }
 
     #[test]
