@@ -539,13 +539,18 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
             Err(err) => return Err(agent.explain(err).context("reading the event stream")),
         };
         if read == 0 {
-            return out.finish().with_context(|| {
+            let cut = || {
                 format!(
-                    "the event stream from the collector at {} ended inside a line: the agent \
-                     was killed or crashed, or the connection was lost",
+                    "the event stream from the collector at {} was cut off: the agent was \
+                     killed or crashed, or the connection was lost",
                     agent.addr
                 )
-            });
+            };
+            out.finish().with_context(cut)?;
+            // Without chunked framing (an HTTP/1.0 proxy in between) the agent's `end` line
+            // is what tells its stop from a connection closed under the stream.
+            anyhow::ensure!(marks_its_end || out.ended, "{}: no end line", cut());
+            return Ok(());
         }
         if !out.forward(&buf[..read])? {
             return Ok(());
@@ -559,13 +564,19 @@ struct Lines<W> {
     out: W,
     /// The start of a line whose end has not come yet.
     pending: Vec<u8>,
+    /// The last whole line was the agent's `end` line.
+    ended: bool,
 }
+
+/// The agent's last line of a stream it ends (`StreamEvent::End`, its tag first).
+const END_LINE_START: &[u8] = br#"{"event":"end""#;
 
 impl<W: Write> Lines<W> {
     const fn new(out: W) -> Self {
         Self {
             out,
             pending: Vec::new(),
+            ended: false,
         }
     }
 
@@ -575,6 +586,12 @@ impl<W: Write> Lines<W> {
         let Some(last) = bytes.iter().rposition(|&byte| byte == b'\n') else {
             self.pending.extend_from_slice(bytes);
             return Ok(true);
+        };
+        self.ended = match bytes[..last].iter().rposition(|&byte| byte == b'\n') {
+            Some(before) => bytes[before + 1..last].starts_with(END_LINE_START),
+            None => [self.pending.as_slice(), &bytes[..last]]
+                .concat()
+                .starts_with(END_LINE_START),
         };
         let written = self
             .out
@@ -1278,6 +1295,18 @@ mod tests {
         assert_eq!(lines.out, b"{\"a\":1}\n{\"b\":2}\n");
         let err = lines.finish().unwrap_err().to_string();
         assert_eq!(err, "4 bytes of an unfinished line left out");
+        // The agent's end line, split across reads, is seen as the last.
+        let mut lines = super::Lines::new(Vec::new());
+        assert!(
+            lines
+                .forward(b"{\"event\":\"heartbeat\"}\n{\"event\":\"e")
+                .unwrap()
+        );
+        assert!(!lines.ended);
+        assert!(lines.forward(b"nd\",\"timestamp\":1}\n").unwrap());
+        assert!(lines.ended);
+        assert!(lines.forward(b"{\"event\":\"heartbeat\"}\n").unwrap());
+        assert!(!lines.ended);
     }
 
     use super::*;

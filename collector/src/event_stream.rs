@@ -129,6 +129,10 @@ pub enum StreamEvent {
         timestamp: u64,
         cause: LostCause,
     },
+    /// The agent stops and the stream ends here, with everything sent before the stop: a
+    /// reader can tell that from a stream cut off, also where no chunked framing marks it
+    /// (an HTTP/1.0 proxy in between).
+    End { timestamp: u64 },
 }
 
 /// Why a stream lost events.
@@ -303,6 +307,7 @@ impl EventHub {
             dns: self.dns.subscribe(),
             ring_dropped,
             ring_dropped_seen,
+            ended: false,
         };
         self.readers.fetch_add(1, Ordering::SeqCst);
         self.update_switches();
@@ -379,18 +384,24 @@ pub struct Subscription {
     /// this stream begins, not the count since the first start).
     ring_dropped: tokio::sync::watch::Receiver<Option<u64>>,
     ring_dropped_seen: Option<u64>,
+    /// The stream's `end` line has gone out.
+    ended: bool,
 }
 
 impl Subscription {
-    /// The next line, waiting for it; `None` once the agent stops and what was sent before
-    /// the stop has gone out. A [`StreamEvent::Lost`] where the reader fell behind. Cut
-    /// short, it loses nothing: what it waits on are broadcast receivers.
+    /// The next line, waiting for it; once the agent stops, what was sent before the stop,
+    /// then [`StreamEvent::End`], then `None`. A [`StreamEvent::Lost`] where the reader fell
+    /// behind. Cut short, it loses nothing: what it waits on are broadcast receivers.
     pub async fn next(&mut self) -> Option<StreamEvent> {
         let hub = &*self.hub;
         let mut stopping = hub.stopping.subscribe();
         loop {
             if *stopping.borrow_and_update() {
-                return self.sent_before_the_stop();
+                return self.sent_before_the_stop().or_else(|| {
+                    (!std::mem::replace(&mut self.ended, true)).then(|| StreamEvent::End {
+                        timestamp: crate::clock::unix_ms(),
+                    })
+                });
             }
             let received = tokio::select! {
                 event = self.connections.recv() => event.map(|record| connection_line(hub, &record)),
@@ -659,6 +670,9 @@ mod tests {
             reader.next().await,
             Some(StreamEvent::QueryReceived { .. })
         ));
+        let end = reader.next().await.unwrap();
+        assert!(matches!(end, StreamEvent::End { .. }), "{end:?}");
+        assert_eq!(serde_json::to_value(&end).unwrap()["event"], "end");
         assert!(reader.next().await.is_none());
         drop(reader);
         assert_eq!(lagged(&hub), 0);

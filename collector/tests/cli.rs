@@ -574,12 +574,16 @@ fn assert_prints(addr: &str, commands: &[(&[&str], &str)]) {
 }
 
 /// `collector stats --json` and `collector events` through a proxy that answers in HTTP/1.0
-/// and ends each body with the connection: both print what it sent, status 0.
+/// and ends each body with the connection: both print what it sent, status 0. There only
+/// the agent's `end` line tells its stop from a stream cut off: without it, the stream's
+/// lines are printed and the status is 1.
 #[test]
 fn an_http_1_0_answer_is_taken() {
+    let events = "{\"event\":\"query-received\"}\n{\"event\":\"end\",\"timestamp\":1}\n";
     let (addr, server) = answering(
         [
             "{\"activeConnections\":3}",
+            events,
             "{\"event\":\"query-received\"}\n",
         ]
         .map(|body| format!("HTTP/1.0 200 OK\r\n\r\n{body}").into_bytes())
@@ -589,8 +593,19 @@ fn an_http_1_0_answer_is_taken() {
         &addr,
         &[
             (&["stats", "proxy", "--json"], "{\"activeConnections\":3}\n"),
-            (&["events"], "{\"event\":\"query-received\"}\n"),
+            (&["events"], events),
         ],
+    );
+    let cut = Command::new(COLLECTOR)
+        .args(["events", "--listen", &addr])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cut.stderr);
+    assert_eq!(cut.status.code(), Some(1), "{stderr}");
+    assert_eq!(cut.stdout, b"{\"event\":\"query-received\"}\n");
+    assert!(
+        stderr.contains("was cut off") && stderr.contains("no end line"),
+        "{stderr}"
     );
     server.join().unwrap();
 }

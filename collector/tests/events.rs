@@ -893,6 +893,11 @@ fn a_clean_stop_ends_the_stream_after_every_event_before_it() {
     }
     reader.join().unwrap();
     assert!(child.wait().unwrap().success());
+    // Its last line says the agent ended it.
+    assert_eq!(
+        events.last().map(|event| &event["event"]),
+        Some(&"end".into())
+    );
     let count = |kind: &str| {
         events
             .iter()
