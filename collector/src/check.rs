@@ -316,7 +316,11 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
         http(&config.http),
         config.probe_place_warning(),
     ));
-    verdicts.push(with_warning(listen(config), config.exposure_warning()));
+    let listen_verdict = with_warning(listen(config), config.exposure_warning());
+    verdicts.push(with_warning(
+        listen_verdict,
+        config.upstream_on_listen_warning(),
+    ));
     // What is counted: the routes, and DNS keys that count nothing.
     verdicts.push(with_warning(routes(config), config.dns_ignored_warning()));
     Ok(verdicts)

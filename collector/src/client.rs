@@ -511,6 +511,11 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
     loop {
         let read = match body.read(&mut buf) {
             Ok(read) => read,
+            // Cut after the agent's end line (its last chunk held up past the stop's grace):
+            // everything was sent.
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof && out.ended => {
+                return out.finish();
+            }
             Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof && marks_its_end => {
                 return Err(anyhow::anyhow!(
                     "the event stream from the collector at {} was cut off before its end: the \

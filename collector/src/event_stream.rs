@@ -1,6 +1,6 @@
 //! The event stream, `/api/v1/events`: connection and DNS events as NDJSON, one JSON object
 //! per line, tagged by `event` (`connection-open`, `connection-close`, `query-received`,
-//! `query-answered`). Events come from the kernel's ring buffers through broadcast channels;
+//! `query-answered`; and `heartbeat`, `lost` and, at a clean stop, `end`). Events come from the kernel's ring buffers through broadcast channels;
 //! a subscriber that falls behind loses the oldest ones. Its stream then says so where the
 //! gap is, with a `lost` line carrying how many it lost there, and
 //! `collector_event_stream_lagged_total` counts them. Events the kernel's rings had no room
@@ -207,6 +207,8 @@ pub struct EventHub {
     readers: AtomicUsize,
     /// Set by [`Self::switch_off`]: the switches stay off whoever reads or leaves after.
     switched_off: AtomicBool,
+    /// The agent stops cleanly: streams end with their `end` line (see [`Self::stop`]).
+    clean_stop: AtomicBool,
     /// Events the kernel could not put in its rings (connection and DNS, the pinned
     /// counters), as the last poll read them; `None` until a poll has.
     ring_dropped: tokio::sync::watch::Sender<Option<u64>>,
@@ -246,6 +248,7 @@ impl EventHub {
             connections_wanted: std::sync::Mutex::new(None),
             readers: AtomicUsize::new(0),
             switched_off: AtomicBool::new(false),
+            clean_stop: AtomicBool::new(false),
             ring_dropped: tokio::sync::watch::channel(dropped.map(ring_total)).0,
         })
     }
@@ -314,8 +317,11 @@ impl EventHub {
         subscription
     }
 
-    /// Ends every open stream, each after the lines it was sent before.
-    pub fn stop(&self) {
+    /// Ends every open stream, each after the lines it was sent before, and after a `clean`
+    /// stop with its `end` line (after an error the agent leaves its programs attached, as
+    /// after a crash, and a reader must not take the stream's end for a stop).
+    pub fn stop(&self, clean: bool) {
+        self.clean_stop.store(clean, Ordering::SeqCst);
         self.stopping.send_replace(true);
     }
 
@@ -393,12 +399,17 @@ impl Subscription {
     /// then [`StreamEvent::End`], then `None`. A [`StreamEvent::Lost`] where the reader fell
     /// behind. Cut short, it loses nothing: what it waits on are broadcast receivers.
     pub async fn next(&mut self) -> Option<StreamEvent> {
+        if self.ended {
+            return None;
+        }
         let hub = &*self.hub;
         let mut stopping = hub.stopping.subscribe();
         loop {
             if *stopping.borrow_and_update() {
+                let clean = hub.clean_stop.load(Ordering::SeqCst);
                 return self.sent_before_the_stop().or_else(|| {
-                    (!std::mem::replace(&mut self.ended, true)).then(|| StreamEvent::End {
+                    self.ended = true;
+                    clean.then(|| StreamEvent::End {
                         timestamp: crate::clock::unix_ms(),
                     })
                 });
@@ -658,7 +669,7 @@ mod tests {
         let mut reader = hub.subscribe();
         hub.connections.send(open(1)).unwrap();
         hub.dns.send(query(2)).unwrap();
-        hub.stop();
+        hub.stop(true);
         assert!(matches!(
             reader.next().await,
             Some(StreamEvent::ConnectionOpen {
@@ -674,8 +685,15 @@ mod tests {
         assert!(matches!(end, StreamEvent::End { .. }), "{end:?}");
         assert_eq!(serde_json::to_value(&end).unwrap()["event"], "end");
         assert!(reader.next().await.is_none());
+        // Nothing after the end line, whatever comes late.
+        hub.connections.send(open(3)).unwrap();
+        assert!(reader.next().await.is_none());
         drop(reader);
-        assert_eq!(lagged(&hub), 0);
+        // After an error, no end line: the stream just ends.
+        let failed = EventHub::new(Vec::new(), None);
+        let mut reader = failed.subscribe();
+        failed.stop(false);
+        assert!(reader.next().await.is_none());
     }
 
     #[tokio::test]

@@ -678,15 +678,17 @@ async fn serve_until_signal(
         systemd::stopping();
     }
     watchdog.abort();
+    // The periodic drains end first: none can then send after the streams' `end` line (one
+    // under way finishes before the last drain takes the same lock).
+    events.abort();
+    dns_events.abort();
     // After a clean stop only: after an error, a reader that panicked in its drain would
     // only panic again, before `finish` switched the events off.
     if outcome.is_ok() {
         poller.drain_rings();
     }
-    hub.stop();
+    hub.stop(outcome.is_ok());
     let _ = stop_server.send(());
-    events.abort();
-    dns_events.abort();
     finish(outcome, server, &hub).await
 }
 
