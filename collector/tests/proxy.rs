@@ -795,7 +795,7 @@ fn live_byte_counters_grow_while_a_connection_streams() {
     // least what was sent and at most that plus each retransmitted segment (up to 64 KiB
     // on loopback).
     let live = web["traffic"]["payloadBytesIn"].as_u64().unwrap();
-    let retransmitted = u64::from(total_retransmissions(&client));
+    let retransmitted = u64::from(support::tcp_info(&client).tcpi_total_retrans);
     if retransmitted == 0 {
         assert_eq!(live, sent as u64);
     } else {
@@ -806,26 +806,6 @@ fn live_byte_counters_grow_while_a_connection_streams() {
     }
     drop(client);
     assert_eq!(sink.join().unwrap(), sent);
-}
-
-/// Segments `stream` sent again (`tcp_info.tcpi_total_retrans`).
-fn total_retransmissions(stream: &TcpStream) -> u32 {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: a zeroed tcp_info is valid, and the kernel fills at most `len` bytes of it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).unwrap();
-    // SAFETY: as above, on the stream's own descriptor.
-    let got = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    assert_eq!(got, 0, "{}", std::io::Error::last_os_error());
-    info.tcpi_total_retrans
 }
 
 /// The web route's connections opened and closed, and the bytes it received, are these.

@@ -240,20 +240,7 @@ fn connect_fast_open(address: SocketAddr, payload: &[u8]) -> TcpStream {
     let sent = usize::try_from(sent)
         .unwrap_or_else(|_| panic!("sendto: {}", std::io::Error::last_os_error()));
     stream.write_all(&payload[sent..]).unwrap();
-    // SAFETY: a zeroed tcp_info is valid, and the kernel fills at most `len` bytes of it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).unwrap();
-    // SAFETY: as above.
-    let got = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    assert_eq!(got, 0, "{}", std::io::Error::last_os_error());
+    let info = support::tcp_info(&stream);
     assert_ne!(
         info.tcpi_options & TCPI_OPT_SYN_DATA,
         0,

@@ -223,6 +223,25 @@ impl Drop for Netns {
     }
 }
 
+/// The kernel's `tcp_info` of `stream` (`TCP_INFO`).
+pub fn tcp_info(stream: &TcpStream) -> libc::tcp_info {
+    // SAFETY: a zeroed tcp_info is valid, and the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).unwrap();
+    // SAFETY: as above, on the stream's own descriptor.
+    let got = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(got, 0, "{}", std::io::Error::last_os_error());
+    info
+}
+
 /// Runs `command`, asserts it succeeded (showing its stderr if not) and returns its stdout.
 pub fn stdout_of(command: &mut Command) -> String {
     let out = command.output().unwrap();
