@@ -9,7 +9,10 @@ use collector_common::{
     SniCounters, TrafficCounters, UpstreamCounters, traffic_index,
 };
 
-use crate::loader::{KernelMaps, WatchedRoute, WatchedUpstream};
+use crate::{
+    event_stream::RingDrops,
+    loader::{KernelMaps, WatchedRoute, WatchedUpstream},
+};
 
 /// Totals of one route, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +321,18 @@ pub fn read(
     }
     totals.dns = sum_dns(maps.dns_counters.get(&0, 0)?.iter());
     Ok(totals)
+}
+
+/// What the kernel's full rings dropped (pinned counters): read at a clean stop without the
+/// rest.
+pub fn read_ring_drops(maps: &KernelMaps) -> Result<RingDrops, aya::maps::MapError> {
+    Ok(RingDrops {
+        dns: sum_dns(maps.dns_counters.get(&0, 0)?.iter()).events_dropped,
+        connections: sum_u64(
+            &maps.errors,
+            collector_common::error_kind::CONN_EVENT_DROPPED,
+        )?,
+    })
 }
 
 #[cfg(test)]

@@ -123,11 +123,12 @@ pub enum StreamEvent {
     },
     /// Nothing else to send for [`HEARTBEAT_INTERVAL`].
     Heartbeat { timestamp: u64 },
-    /// `count` events were lost here, for the `cause` given.
+    /// `count` events of `stream` were lost here, for the `cause` given.
     Lost {
         count: u64,
         timestamp: u64,
         cause: LostCause,
+        stream: LostStream,
     },
     /// The agent stops and the stream ends here, with everything sent before the stop: a
     /// reader can tell that from a stream cut off, also where no chunked framing marks it
@@ -147,6 +148,27 @@ pub enum LostCause {
     /// samples and client records, which are not lines. Said at the first poll after, so
     /// within a poll of where.
     KernelRingFull,
+}
+
+/// Which events a `lost` line speaks of: each kind has its own kernel ring and its own
+/// backlog, and a reader that follows only one kind needs to know whether its gap is there.
+#[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+pub enum LostStream {
+    /// `connection-open` and `connection-close` lines.
+    Connections,
+    /// `query-received` and `query-answered` lines.
+    Dns,
+}
+
+/// The kernel's counts of records its rings had no room for (pinned counters, summed over
+/// the CPUs), ring by ring.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RingDrops {
+    /// The DNS ring: streamed queries and answers, and name samples.
+    pub dns: u64,
+    /// The connection ring: connection events, and client records.
+    pub connections: u64,
 }
 
 impl StreamEvent {
@@ -169,11 +191,6 @@ impl Streamed for DnsEvent {
     fn streamed(&self) -> bool {
         !matches!(self, Self::Name { .. })
     }
-}
-
-/// The kernel's drop counters (DNS, connections) as one count of events lost to full rings.
-fn ring_total((dns, connections): (u64, u64)) -> u64 {
-    dns.wrapping_add(connections)
 }
 
 /// Converts the kernel's `CLOCK_MONOTONIC` nanoseconds into wall-clock milliseconds.
@@ -209,9 +226,9 @@ pub struct EventHub {
     switched_off: AtomicBool,
     /// The agent stops cleanly: streams end with their `end` line (see [`Self::stop`]).
     clean_stop: AtomicBool,
-    /// Events the kernel could not put in its rings (connection and DNS, the pinned
-    /// counters), as the last poll read them; `None` until a poll has.
-    ring_dropped: tokio::sync::watch::Sender<Option<u64>>,
+    /// Events the kernel could not put in its rings, as the last poll (or the stop) read
+    /// them; `None` until a poll has.
+    ring_dropped: tokio::sync::watch::Sender<Option<RingDrops>>,
 }
 
 /// A one-entry kernel map that turns a kind of event on (1) or off (0).
@@ -234,10 +251,10 @@ fn set_switch(switch: &Switch, wanted: impl FnOnce() -> bool, what: &str) {
 }
 
 impl EventHub {
-    /// `dropped`: the kernel's drop counters (DNS, connections) before the programs were
-    /// attached, where streams that begin before the first poll count the drops from.
+    /// `dropped`: the kernel's drop counters before the programs were attached, where
+    /// streams that begin before the first poll count the drops from.
     #[must_use]
-    pub fn new(routes: Vec<WatchedRoute>, dropped: Option<(u64, u64)>) -> Arc<Self> {
+    pub fn new(routes: Vec<WatchedRoute>, dropped: Option<RingDrops>) -> Arc<Self> {
         Arc::new(Self {
             connections: broadcast::channel(CONNECTION_BACKLOG).0,
             dns: broadcast::channel(DNS_BACKLOG).0,
@@ -249,18 +266,17 @@ impl EventHub {
             readers: AtomicUsize::new(0),
             switched_off: AtomicBool::new(false),
             clean_stop: AtomicBool::new(false),
-            ring_dropped: tokio::sync::watch::channel(dropped.map(ring_total)).0,
+            ring_dropped: tokio::sync::watch::channel(dropped).0,
         })
     }
 
-    /// The kernel's counts of events its rings had no room for (DNS, connections), as a
-    /// poll read them: each stream says how many it lost since it began, or since it last
-    /// said so.
-    pub fn ring_dropped(&self, dropped: (u64, u64)) {
-        let total = ring_total(dropped);
+    /// The kernel's counts of events its rings had no room for, as a poll (or the stop)
+    /// read them: each stream says how many it lost since it began, or since it last said
+    /// so.
+    pub fn ring_dropped(&self, dropped: RingDrops) {
         self.ring_dropped.send_if_modified(|seen| {
-            let changed = *seen != Some(total);
-            *seen = Some(total);
+            let changed = *seen != Some(dropped);
+            *seen = Some(dropped);
             changed
         });
     }
@@ -310,6 +326,7 @@ impl EventHub {
             dns: self.dns.subscribe(),
             ring_dropped,
             ring_dropped_seen,
+            ring_loss_pending: false,
             ended: false,
         };
         self.readers.fetch_add(1, Ordering::SeqCst);
@@ -325,13 +342,14 @@ impl EventHub {
         self.stopping.send_replace(true);
     }
 
-    /// A reader fell `lost` events behind: counted, and its `lost` line.
-    fn reader_behind(&self, lost: u64) -> StreamEvent {
+    /// A reader fell `lost` events of `stream` behind: counted, and its `lost` line.
+    fn reader_behind(&self, lost: u64, stream: LostStream) -> StreamEvent {
         self.lagged.fetch_add(lost, Ordering::Relaxed);
         StreamEvent::Lost {
             count: lost,
             timestamp: crate::clock::unix_ms(),
             cause: LostCause::ReaderBehind,
+            stream,
         }
     }
 
@@ -385,11 +403,13 @@ pub struct Subscription {
     hub: Arc<EventHub>,
     connections: broadcast::Receiver<ConnRecord>,
     dns: broadcast::Receiver<DnsEvent>,
-    /// The kernel's count of events its rings dropped, and its value when this stream last
-    /// said so (or began; `None`: no poll had read it then, and the first reading is where
-    /// this stream begins, not the count since the first start).
-    ring_dropped: tokio::sync::watch::Receiver<Option<u64>>,
-    ring_dropped_seen: Option<u64>,
+    /// The kernel's counts of events its rings dropped, and their values when this stream
+    /// last said so (or began; `None`: no poll had read them then, and the first reading is
+    /// where this stream begins, not the counts since the first start).
+    ring_dropped: tokio::sync::watch::Receiver<Option<RingDrops>>,
+    ring_dropped_seen: Option<RingDrops>,
+    /// The counts changed, and a ring's loss may not have been said yet.
+    ring_loss_pending: bool,
     /// The stream's `end` line has gone out.
     ended: bool,
 }
@@ -407,34 +427,36 @@ impl Subscription {
         loop {
             if *stopping.borrow_and_update() {
                 let clean = hub.clean_stop.load(Ordering::SeqCst);
-                return self.sent_before_the_stop().or_else(|| {
-                    self.ended = true;
-                    clean.then(|| StreamEvent::End {
-                        timestamp: crate::clock::unix_ms(),
-                    })
-                });
+                // The rings' drops the stop read come after the lines drained with them.
+                return self
+                    .sent_before_the_stop()
+                    .or_else(|| ring_loss(&mut self.ring_dropped, &mut self.ring_dropped_seen))
+                    .or_else(|| {
+                        self.ended = true;
+                        clean.then(|| StreamEvent::End {
+                            timestamp: crate::clock::unix_ms(),
+                        })
+                    });
+            }
+            if self.ring_loss_pending {
+                match ring_loss(&mut self.ring_dropped, &mut self.ring_dropped_seen) {
+                    Some(lost) => return Some(lost),
+                    None => self.ring_loss_pending = false,
+                }
             }
             let received = tokio::select! {
-                event = self.connections.recv() => event.map(|record| connection_line(hub, &record)),
-                event = self.dns.recv() => event.map(|e| dns_event(&e)),
+                event = self.connections.recv() => event
+                    .map(|record| connection_line(hub, &record))
+                    .map_err(|err| (err, LostStream::Connections)),
+                event = self.dns.recv() => event
+                    .map(|e| dns_event(&e))
+                    .map_err(|err| (err, LostStream::Dns)),
                 _ = stopping.changed() => continue,
                 changed = self.ring_dropped.changed() => {
                     if changed.is_err() {
                         return None;
                     }
-                    let total = *self.ring_dropped.borrow_and_update();
-                    let lost = match (self.ring_dropped_seen, total) {
-                        (Some(seen), Some(total)) => total.saturating_sub(seen),
-                        _ => 0,
-                    };
-                    self.ring_dropped_seen = total.or(self.ring_dropped_seen);
-                    if lost > 0 {
-                        return Some(StreamEvent::Lost {
-                            count: lost,
-                            timestamp: crate::clock::unix_ms(),
-                            cause: LostCause::KernelRingFull,
-                        });
-                    }
+                    self.ring_loss_pending = true;
                     continue;
                 }
             };
@@ -442,8 +464,10 @@ impl Subscription {
                 Ok(Some(event)) => return Some(event),
                 // Not streamed, and not sent to subscribers either (see `Streamed`).
                 Ok(None) => {}
-                Err(RecvError::Lagged(lost)) => return Some(hub.reader_behind(lost)),
-                Err(RecvError::Closed) => return None,
+                Err((RecvError::Lagged(lost), stream)) => {
+                    return Some(hub.reader_behind(lost, stream));
+                }
+                Err((RecvError::Closed, _)) => return None,
             }
         }
     }
@@ -459,18 +483,55 @@ impl Subscription {
                 Err(TryRecvError::Empty | TryRecvError::Closed) => match self.dns.try_recv() {
                     Ok(event) => Ok(dns_event(&event)),
                     Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
-                    Err(lagged) => Err(lagged),
+                    Err(lagged) => Err((lagged, LostStream::Dns)),
                 },
-                Err(lagged) => Err(lagged),
+                Err(lagged) => Err((lagged, LostStream::Connections)),
             };
             match received {
                 Ok(Some(line)) => return Some(line),
                 Ok(None) => {}
-                Err(TryRecvError::Lagged(lost)) => return Some(hub.reader_behind(lost)),
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+                Err((TryRecvError::Lagged(lost), stream)) => {
+                    return Some(hub.reader_behind(lost, stream));
+                }
+                Err((TryRecvError::Empty | TryRecvError::Closed, _)) => return None,
             }
         }
     }
+}
+
+/// A `lost` line for the first ring that dropped events since this stream last said so
+/// (a line for each ring), or `None` once every drop read is said; `said`: the counts
+/// this stream said last.
+fn ring_loss(
+    dropped: &mut tokio::sync::watch::Receiver<Option<RingDrops>>,
+    said: &mut Option<RingDrops>,
+) -> Option<StreamEvent> {
+    let now = (*dropped.borrow_and_update())?;
+    let Some(seen) = said else {
+        // No poll had read the counts when this stream began: it begins here.
+        *said = Some(now);
+        return None;
+    };
+    for (stream, now, seen) in [
+        (
+            LostStream::Connections,
+            now.connections,
+            &mut seen.connections,
+        ),
+        (LostStream::Dns, now.dns, &mut seen.dns),
+    ] {
+        let count = now.saturating_sub(*seen);
+        *seen = now;
+        if count > 0 {
+            return Some(StreamEvent::Lost {
+                count,
+                timestamp: crate::clock::unix_ms(),
+                cause: LostCause::KernelRingFull,
+                stream,
+            });
+        }
+    }
+    None
 }
 
 /// The stream line of a connection record; `None` for a client record, which is not
@@ -635,23 +696,36 @@ mod tests {
     async fn events_the_kernel_had_no_room_for_are_a_lost_line_of_each_stream_since_it_began() {
         // As the start seeds it, before the first poll: a stream begins there, not at 0
         // (the pinned count holds every drop since the first start).
-        let hub = EventHub::new(Vec::new(), Some((2, 1)));
+        let hub = EventHub::new(
+            Vec::new(),
+            Some(RingDrops {
+                dns: 2,
+                connections: 1,
+            }),
+        );
         let mut reader = hub.subscribe();
         // A poll that reads no more dropped says nothing.
-        hub.ring_dropped((1, 2));
-        hub.ring_dropped((6, 4));
-        let lost = reader.next().await.unwrap();
-        assert!(
-            matches!(
+        hub.ring_dropped(RingDrops {
+            dns: 2,
+            connections: 1,
+        });
+        hub.ring_dropped(RingDrops {
+            dns: 6,
+            connections: 4,
+        });
+        // A line for each ring, saying which.
+        for (count, stream) in [(3, LostStream::Connections), (4, LostStream::Dns)] {
+            let lost = reader.next().await.unwrap();
+            assert_eq!(
                 lost,
                 StreamEvent::Lost {
-                    count: 7,
+                    count,
+                    timestamp: timestamp_of(&lost),
                     cause: LostCause::KernelRingFull,
-                    ..
+                    stream,
                 }
-            ),
-            "{lost:?}"
-        );
+            );
+        }
         // Not the reader's doing: not counted as lagged.
         assert_eq!(lagged(&hub), 0);
         hub.connections.send(open(1)).unwrap();
@@ -659,8 +733,56 @@ mod tests {
             reader.next().await,
             Some(StreamEvent::ConnectionOpen { .. })
         ));
+        // Only the ring that dropped more since.
+        hub.ring_dropped(RingDrops {
+            dns: 7,
+            connections: 4,
+        });
+        let lost = reader.next().await.unwrap();
         let json = serde_json::to_value(&lost).unwrap();
-        assert_eq!(json["cause"], "kernel-ring-full");
+        assert_eq!(
+            json,
+            serde_json::json!({"event": "lost", "count": 1, "timestamp": timestamp_of(&lost),
+                "cause": "kernel-ring-full", "stream": "dns"})
+        );
+    }
+
+    fn timestamp_of(line: &StreamEvent) -> u64 {
+        serde_json::to_value(line).unwrap()["timestamp"]
+            .as_u64()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn what_the_rings_dropped_since_the_last_poll_is_said_before_the_end() {
+        let hub = EventHub::new(Vec::new(), Some(RingDrops::default()));
+        let mut reader = hub.subscribe();
+        hub.dns.send(query(1)).unwrap();
+        // The stop's own read of the counters, after its last drain.
+        hub.ring_dropped(RingDrops {
+            dns: 5,
+            connections: 0,
+        });
+        hub.stop(true);
+        assert!(matches!(
+            reader.next().await,
+            Some(StreamEvent::QueryReceived { .. })
+        ));
+        let lost = reader.next().await.unwrap();
+        assert!(
+            matches!(
+                lost,
+                StreamEvent::Lost {
+                    count: 5,
+                    cause: LostCause::KernelRingFull,
+                    stream: LostStream::Dns,
+                    ..
+                }
+            ),
+            "{lost:?}"
+        );
+        assert!(matches!(reader.next().await, Some(StreamEvent::End { .. })));
+        assert!(reader.next().await.is_none());
     }
 
     #[tokio::test]
@@ -705,24 +827,11 @@ mod tests {
             hub.connections.send(open(cookie as u64)).unwrap();
         }
         let lost = reader.next().await.unwrap();
-        let StreamEvent::Lost {
-            count,
-            timestamp,
-            cause,
-        } = lost
-        else {
-            panic!("not a lost line: {lost:?}");
-        };
-        assert_eq!(count, 5);
         assert_eq!(lagged(&hub), 5);
         assert_eq!(
-            serde_json::to_value(StreamEvent::Lost {
-                count,
-                timestamp,
-                cause
-            })
-            .unwrap(),
-            serde_json::json!({"event": "lost", "count": 5, "timestamp": timestamp, "cause": "reader-behind"})
+            serde_json::to_value(&lost).unwrap(),
+            serde_json::json!({"event": "lost", "count": 5, "timestamp": timestamp_of(&lost),
+                "cause": "reader-behind", "stream": "connections"})
         );
         // Then the events after the gap, the oldest kept first.
         let Some(StreamEvent::ConnectionOpen { connection_id, .. }) = reader.next().await else {
@@ -753,7 +862,12 @@ mod tests {
         drop(reader);
         assert_eq!(lagged(&hub), sent as u64);
         // Another reader's losses are its own.
-        let Some(StreamEvent::Lost { count: 1000, .. }) = keeping_up.next().await else {
+        let Some(StreamEvent::Lost {
+            count: 1000,
+            stream: LostStream::Dns,
+            ..
+        }) = keeping_up.next().await
+        else {
             panic!("no lost line");
         };
         for _ in 0..DNS_BACKLOG {

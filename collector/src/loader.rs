@@ -39,6 +39,7 @@ use crate::{
     addresses::ChangeSignal,
     bpf_sys, cleanup,
     config::{Config, RouteKind},
+    event_stream::RingDrops,
     links::{self, Framing, Link},
     netns, orphans, paths, privileges, program_loading, signals, slots,
 };
@@ -171,7 +172,7 @@ pub struct Attachment {
     ebpf: Ebpf,
     /// DNS samples and connection events the kernel had dropped (a full ring; the pinned
     /// counters) before this start's programs were attached.
-    dropped_before_attach: Option<(u64, u64)>,
+    dropped_before_attach: Option<RingDrops>,
     pub routes: Vec<WatchedRoute>,
     pub upstreams: Vec<WatchedUpstream>,
     /// The tc programs: (name, hook, pin prefix, the interfaces it goes on).
@@ -707,7 +708,7 @@ impl Attachment {
     /// DNS samples and connection events the kernel had dropped before this start's programs
     /// were attached (`None` if they could not be read).
     #[must_use]
-    pub fn dropped_before_attach(&self) -> Option<(u64, u64)> {
+    pub fn dropped_before_attach(&self) -> Option<RingDrops> {
         self.dropped_before_attach
     }
 
@@ -1729,13 +1730,13 @@ fn read_pin_word(path: &Path, index: u32) -> anyhow::Result<u64> {
 
 /// DNS samples and connection events dropped to a full ring (the pinned counters), summed
 /// over the CPUs; `None`, said in the log, if they cannot be read.
-fn events_dropped(ebpf: &Ebpf) -> Option<(u64, u64)> {
+fn events_dropped(ebpf: &Ebpf) -> Option<RingDrops> {
     read_events_dropped(ebpf)
         .inspect_err(|err| tracing::warn!("reading the dropped-event counters: {err:#}"))
         .ok()
 }
 
-fn read_events_dropped(ebpf: &Ebpf) -> anyhow::Result<(u64, u64)> {
+fn read_events_dropped(ebpf: &Ebpf) -> anyhow::Result<RingDrops> {
     let dns: PerCpuArray<&MapData, DnsCounters> = PerCpuArray::try_from(
         ebpf.map(map_names::DNS_COUNTERS)
             .context("no DNS_COUNTERS")?,
@@ -1747,7 +1748,7 @@ fn read_events_dropped(ebpf: &Ebpf) -> anyhow::Result<(u64, u64)> {
         .get(&collector_common::error_kind::CONN_EVENT_DROPPED, 0)?
         .iter()
         .fold(0u64, |sum, value| sum.wrapping_add(*value));
-    Ok((dns, connections))
+    Ok(RingDrops { dns, connections })
 }
 
 /// The refusal of pins that a collector of another network namespace made.

@@ -685,7 +685,7 @@ async fn serve_until_signal(
     // After a clean stop only: after an error, a reader that panicked in its drain would
     // only panic again, before `finish` switched the events off.
     if outcome.is_ok() {
-        poller.drain_rings();
+        poller.last_drain();
     }
     hub.stop(outcome.is_ok());
     let _ = stop_server.send(());

@@ -12,7 +12,7 @@ use std::{
 use crate::{
     counters::{self, UpstreamTotals},
     dns::DomainStats,
-    event_stream::EventHub,
+    event_stream::{EventHub, RingDrops},
     events::{ClientStats, SharedDrain},
     loader::{KernelMaps, WatchedRoute, WatchedUpstream},
     preexisting::Preexisting,
@@ -224,7 +224,7 @@ pub struct Poller {
     started: Instant,
     /// DNS samples and client events dropped (pinned counters) before this start's
     /// programs were attached, else at the first read.
-    dropped_at_start: Option<(u64, u64)>,
+    dropped_at_start: Option<RingDrops>,
     total: RateHistories,
     per_route: Vec<RateHistories>,
     per_upstream: Vec<RateHistories>,
@@ -233,11 +233,11 @@ pub struct Poller {
 }
 
 /// DNS samples and connection events the kernel dropped to a full ring (pinned counters).
-fn ring_dropped(totals: &counters::KernelTotals) -> (u64, u64) {
-    (
-        totals.dns.events_dropped,
-        totals.errors[collector_common::error_kind::CONN_EVENT_DROPPED as usize],
-    )
+fn ring_dropped(totals: &counters::KernelTotals) -> RingDrops {
+    RingDrops {
+        dns: totals.dns.events_dropped,
+        connections: totals.errors[collector_common::error_kind::CONN_EVENT_DROPPED as usize],
+    }
 }
 
 impl Poller {
@@ -396,10 +396,20 @@ impl Poller {
     }
 
     /// Takes what the kernel queued in the event rings, for the figures and the streams.
-    /// Also once more at a clean stop, so that the readers get what came since the last.
     pub fn drain_rings(&self) {
         for ring in &self.rings {
             ring.lock().unwrap_or_else(PoisonError::into_inner).drain();
+        }
+    }
+
+    /// At a clean stop: takes what the rings still hold, and reads what the kernel's full
+    /// rings dropped since the last poll, so that the readers get both before their streams
+    /// end (with a minute between polls, that could be a minute's worth of each).
+    pub fn last_drain(&self) {
+        self.drain_rings();
+        match counters::read_ring_drops(&self.maps) {
+            Ok(dropped) => self.hub.ring_dropped(dropped),
+            Err(err) => tracing::warn!("reading the dropped-event counters at the stop: {err}"),
         }
     }
 
@@ -407,7 +417,7 @@ impl Poller {
     /// programs were attached) rather than from the first poll's: those dropped in between
     /// (the nftables setup, the listing of open connections) widen the lists' bounds too.
     #[must_use]
-    pub fn counting_drops_from(mut self, dropped: Option<(u64, u64)>) -> Self {
+    pub fn counting_drops_from(mut self, dropped: Option<RingDrops>) -> Self {
         self.dropped_at_start = dropped;
         self
     }
@@ -419,8 +429,8 @@ impl Poller {
         let dropped = ring_dropped(totals);
         let at_start = *self.dropped_at_start.get_or_insert(dropped);
         (
-            dropped.0.saturating_sub(at_start.0),
-            dropped.1.saturating_sub(at_start.1),
+            dropped.dns.saturating_sub(at_start.dns),
+            dropped.connections.saturating_sub(at_start.connections),
         )
     }
 

@@ -1343,8 +1343,12 @@ mod tests {
         }
         let lost = line().await;
         assert_eq!(
-            (lost["event"].as_str(), lost["count"].as_u64()),
-            (Some("lost"), Some(5))
+            (
+                lost["event"].as_str(),
+                lost["count"].as_u64(),
+                lost["stream"].as_str()
+            ),
+            (Some("lost"), Some(5), Some("connections"))
         );
         assert_eq!(lagged(), 5);
         for cookie in 5..15 {
