@@ -31,7 +31,7 @@ use std::{
 };
 
 use ratio::RatioSummary;
-use support::{Agent, AgentConfig, Netns, dns::Unbound, dns_json, sample, scrape, wait_for};
+use support::{Agent, AgentConfig, Netns, dns::Unbound, dns_json, sample, scrape};
 
 const CONNECT_PORT: u16 = 18080;
 const BULK_PORT: u16 = 18090;
@@ -110,7 +110,11 @@ fn settings() -> Settings {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--pairs" => {
-                settings.pairs = args.next().and_then(|v| v.parse().ok()).expect("--pairs N");
+                settings.pairs = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&pairs| pairs > 0)
+                    .expect("--pairs N, N at least 1 (the issues' targets ask for 5 or more)");
             }
             "--seconds" => {
                 settings.seconds = args
@@ -472,10 +476,7 @@ fn measure_dns(
     let counted = agent.map(|agent| {
         let cpu = cpu_seconds(agent.pid()) - cpu_before;
         // dnsperf stops waiting for late answers; the kernel counted every query it saw.
-        let counted = wait_for("the agent's poll", Duration::from_secs(5), || {
-            let total = dns_json(netns)["totalQueries"].as_u64()?;
-            (total >= sent).then_some(total)
-        });
+        let counted = settled_count(sent, || dns_json(netns)["totalQueries"].as_u64());
         assert!(agent.stop().success());
         DnsCount {
             sent,
@@ -486,21 +487,74 @@ fn measure_dns(
     (qps, counted)
 }
 
-/// User plus system CPU time a process has used, in seconds.
+/// CPU time every thread of a process has used so far, in seconds: from the scheduler's
+/// nanoseconds, since `/proc/PID/stat`'s 10 ms ticks are 0.003 cores of a 3 s run.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    #[expect(clippy::cast_precision_loss, reason = "clock ticks per second")]
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / per_second
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds as float seconds")]
+    let seconds = cpu_ns(pid) as f64 / 1e9;
+    seconds
+}
+
+/// "at commit 1a2b3c4 on 2026-12-03, on 2 CPUs and Linux 6.18.0": what the numbers were
+/// measured on, so that a reader can tell them from the code changed since.
+fn measured_where() -> String {
+    let output = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    let commit = output("git", &["rev-parse", "--short", "HEAD"]).map_or_else(
+        || String::from("an unknown commit"),
+        |commit| format!("commit {commit}"),
+    );
+    let changed = output("git", &["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|status| !status.is_empty());
+    let date = output("date", &["-u", "+%F"]).unwrap_or_default();
+    let cpus = thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "at {commit}{} on {date}, on {cpus} CPUs and Linux {} (a VM)",
+        if changed {
+            " with uncommitted changes"
+        } else {
+            ""
+        },
+        kernel.trim()
+    )
+}
+
+/// The agent's count once it reached `expected`, or what it read after a few polls more: a
+/// count short of it is a result to report, not a reason to abort the run.
+fn settled_count(expected: u64, mut read: impl FnMut() -> Option<u64>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let count = read();
+        if count.is_some_and(|count| count >= expected) || Instant::now() >= deadline {
+            return count.unwrap_or_else(|| panic!("the agent's count could not be read"));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// "0 in every run", or the sum of `counted − expected` with how many runs fell short and
+/// how many went over.
+fn count_differences(runs: impl Iterator<Item = (u64, u64)>) -> String {
+    let (mut sum, mut short, mut over) = (0i128, 0, 0);
+    for (counted, expected) in runs {
+        let difference = i128::from(counted) - i128::from(expected);
+        sum += difference;
+        short += usize::from(difference < 0);
+        over += usize::from(difference > 0);
+    }
+    if short + over == 0 {
+        String::from("0 in every run")
+    } else {
+        format!("{sum:+} ({short} runs short, {over} over)")
+    }
 }
 
 struct DnsPair {
@@ -734,14 +788,15 @@ fn dns_mode_report(report: &mut String, mode: &DnsMode) {
         );
         return;
     };
-    let lost: u64 = pairs
-        .iter()
-        .filter_map(|p| p.count.as_ref())
-        .map(|count| count.sent.abs_diff(count.counted))
-        .sum();
+    let differences = count_differences(
+        pairs
+            .iter()
+            .filter_map(|p| p.count.as_ref())
+            .map(|count| (count.counted, count.sent)),
+    );
     let _ = writeln!(
         report,
-        "\n**Median qps ratio {}; counted − sent over all runs: {lost} (target 0).**\n",
+        "\n**Median qps ratio {}; counted − sent: {differences} (target 0).**\n",
         qps.describe(Some(0.985))
     );
     for (placement, costs) in costs {
@@ -942,10 +997,9 @@ fn measure_nginx(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> N
     let (made, rate) = nginx::connection_rate(netns, seconds);
     let counted = agent.map(|agent| {
         let cpu = (cpu_seconds(agent.pid()) - cpu_before) / seconds;
-        let closed = wait_for("the agent's poll", Duration::from_secs(5), || {
-            let metrics = scrape(netns);
+        let closed = settled_count(made, || {
             let closed = sample(
-                &metrics,
+                &scrape(netns),
                 "collector_proxy_connections_closed_total",
                 &[("route", "nginx")],
             )?;
@@ -954,8 +1008,7 @@ fn measure_nginx(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> N
                 clippy::cast_sign_loss,
                 reason = "a count"
             )]
-            let closed = closed as u64;
-            (closed >= made).then_some(closed)
+            Some(closed as u64)
         });
         assert!(agent.stop().success());
         (closed, cpu)
@@ -1059,13 +1112,14 @@ fn nginx_mode_report(report: &mut String, pairs: &[(NginxRun, NginxRun)]) {
         );
         return;
     }
-    let lost: u64 = pairs
-        .iter()
-        .filter_map(|(_, with)| with.counted.map(|(counted, _)| counted.abs_diff(with.made)))
-        .sum();
+    let differences = count_differences(
+        pairs
+            .iter()
+            .filter_map(|(_, with)| with.counted.map(|(counted, _)| (counted, with.made))),
+    );
     let _ = writeln!(
         report,
-        "\n**Median ratio: new connections {}; counted − made over all runs: {lost}.**\n",
+        "\n**Median ratio: new connections {}; counted − made: {differences}.**\n",
         summary.describe(Some(0.98))
     );
 }
@@ -1195,8 +1249,8 @@ fn main() {
     println!("{report}");
     if settings.write_docs {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/BENCHMARKS.md");
-        let header = "# Benchmarks\n\nMeasured by `cargo xtask bench` on the project's machine (2 cores, \
-            Linux 6.18, a VM); numbers from one run, rerun to refresh this file. The proxy load \
+        let header = format!(
+            "# Benchmarks\n\nMeasured by `cargo xtask bench` {}; numbers from one run, rerun to refresh this file. The proxy load \
             is one client thread and one server thread on loopback in a namespace of the \
             benchmark's own, then one client thread and nginx (from apt) proxying to a backend \
             there, the DNS load dnsperf against unbound there; \"with\" means the agent running with its default programs, its \
@@ -1212,7 +1266,9 @@ fn main() {
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \
             only for that last phase), which include the kernel's timing of each run; the empty \
             programs `--bpf-stats` attaches beside ours measure that timing, and the last column \
-            takes it off.\n\n";
+            takes it off.\n\n",
+            measured_where()
+        );
         std::fs::write(path, format!("{header}{report}")).unwrap();
         eprintln!("wrote docs/BENCHMARKS.md");
     }

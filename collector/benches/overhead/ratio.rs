@@ -2,6 +2,9 @@
 //! interval for it, and whether that settles a target. On this VM single pairs swing by 5 to
 //! 15 %, so a median a point or two short of a target may be noise; the interval says when.
 
+/// The interval's bounds are shown to four decimals (1/10,000ths).
+const BOUND_SCALE: f64 = 10_000.0;
+
 /// The median ratio of a mode's pairs, with the interval it lies in at 95 % confidence.
 pub struct RatioSummary {
     median: f64,
@@ -15,7 +18,14 @@ impl RatioSummary {
         sorted.sort_by(f64::total_cmp);
         Self {
             median: crate::median(&mut sorted),
-            interval: median_interval(&sorted),
+            // Widened to the digits shown, so that the verdict is the one the printed bounds
+            // give: a bound of 0.97999 printed as 0.980 was "not settled" for a target of 0.98.
+            interval: median_interval(&sorted).map(|(low, high)| {
+                (
+                    (low * BOUND_SCALE).floor() / BOUND_SCALE,
+                    (high * BOUND_SCALE).ceil() / BOUND_SCALE,
+                )
+            }),
         }
     }
 
@@ -25,7 +35,7 @@ impl RatioSummary {
     pub fn describe(&self, target: Option<f64>) -> String {
         let interval = self.interval.map_or_else(
             || String::from("too few pairs for a 95 % interval"),
-            |(low, high)| format!("95 % interval {low:.3}–{high:.3}"),
+            |(low, high)| format!("95 % interval {low:.4}–{high:.4}"),
         );
         let verdict = target.map_or_else(String::new, |target| {
             format!("; target ≥ {target}: {}", self.settles(target))
