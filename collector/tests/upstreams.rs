@@ -772,21 +772,23 @@ fn a_connect_across_a_crash_whose_port_left_the_upstream_is_opened_and_closed_no
     assert_no_pins(&config.pin_dir);
 }
 
-#[test]
-fn a_socket_connected_to_its_own_port_of_a_route_and_an_upstream_is_the_upstreams_alone() {
-    // A port may be a route's and an upstream's at once: one is local, the other remote.
-    const SHARED: &str = r#"
+/// A port that is a route's and an upstream's at once: one is local, the other remote.
+const SHARED_ROUTE: &str = r#"
 [[routes]]
 name = "web"
 ports = [19000]
 type = "tcp"
-
+"#;
+const SHARED_UPSTREAM: &str = r#"
 [[upstreams]]
 name = "app"
 ports = [19000]
 "#;
+
+#[test]
+fn a_socket_connected_to_its_own_port_of_a_route_and_an_upstream_is_the_upstreams_alone() {
     let netns = Netns::new();
-    let config = AgentConfig::new(SHARED);
+    let config = AgentConfig::new(&format!("{SHARED_ROUTE}{SHARED_UPSTREAM}"));
     let agent = Agent::start(&netns, &config);
     // A connect to its own address and port completes as a simultaneous open, through the
     // accepting side's callback.
@@ -823,6 +825,73 @@ ports = [19000]
     });
     assert_eq!(figures(&metrics), (1.0, 1.0, 0.0, 0.0, 0.0), "{metrics}");
 
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// The same socket, its handshake held up over a crash and a restart without upstreams: it
+/// completes as the route's accept would, and the table already holds it as the crashed
+/// run's connect. Until 2026-12-03 the accept looked for it only while upstreams were
+/// watched, took a second slot, and the route's `active` stayed one too high for good.
+#[test]
+fn a_self_connect_held_over_a_crash_that_dropped_the_upstreams_takes_no_second_slot() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("{SHARED_ROUTE}{SHARED_UPSTREAM}"));
+    let agent = Agent::start(&netns, &config);
+    let nft = |command: &str| support::run("ip", &["netns", "exec", &netns.name, "nft", command]);
+    // Its SYNs dropped on their way out: the connect waits in SYN_SENT, as the upstream's.
+    nft("add table inet held");
+    nft("add chain inet held output { type filter hook output priority 0; }");
+    nft(&format!(
+        "add rule inet held output tcp dport {BACKEND_PORT} drop"
+    ));
+    let socket = netns.run(|| {
+        let own = at(Ipv4Addr::LOCALHOST, BACKEND_PORT);
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        socket.bind(&own.into()).unwrap();
+        let err = socket.connect(&own.into()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS), "{err}");
+        socket
+    });
+    wait_for("the connect in progress", Duration::from_secs(10), || {
+        (in_progress_and_table(&netns, "app") == (1.0, 1.0)).then_some(())
+    });
+    agent.kill();
+    // The rest of the file (its pin directory) stays.
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    assert!(text.contains(SHARED_UPSTREAM), "{text}");
+    std::fs::write(&config.path, text.replace(SHARED_UPSTREAM, "")).unwrap();
+    let agent = Agent::start(&netns, &config);
+    nft("delete table inet held");
+    // The SYN is sent again 1, 3, 7, 15 and 31 s after the connect.
+    wait_for("the handshake", Duration::from_secs(40), || {
+        socket.peer_addr().ok()
+    });
+    socket.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(socket);
+    // Its close frees its one slot; the route counted no connection.
+    let entries = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_bpf_map_entries",
+            &[("map", "CONN_STATE")],
+        )
+    };
+    let metrics = wait_for("the table empty", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (entries(&metrics) == Some(0.0)).then_some(metrics)
+    });
+    let route = |name: &str| sample(&metrics, name, &[("route", "web")]);
+    assert_eq!(
+        (
+            route("collector_proxy_connections_opened_total"),
+            route("collector_proxy_connections_active"),
+        ),
+        (Some(0.0), Some(0.0)),
+        "{metrics}"
+    );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
