@@ -332,22 +332,7 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         map_names::CONN_DURATIONS => {
             let map = per_cpu::<ConnDurations>(open(pin_dir, name)?)?;
             owned_rows(pin_dir, |slot| {
-                let buckets = sum_durations(&map, slot)?;
-                // Bucket b: durations below 2^(b+1) microseconds; the last is open-ended.
-                let last = collector_common::CONN_DURATION_BUCKETS - 1;
-                let nonzero: serde_json::Map<String, Value> = (0u32..)
-                    .zip(buckets)
-                    .filter(|&(_, count)| count != 0)
-                    .map(|(bucket, count)| {
-                        let key = if bucket == last {
-                            "longer".to_owned()
-                        } else {
-                            format!("lt_{}us", 1u64 << (bucket + 1))
-                        };
-                        (key, json!(count))
-                    })
-                    .collect();
-                Ok(json!({"buckets": nonzero}))
+                Ok(json!({"buckets": log2_us_buckets(&sum_durations(&map, slot)?)}))
             })?
         }
         map_names::ROUTE_TRAFFIC => dump_traffic(pin_dir)?,
@@ -408,6 +393,27 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             LINKED_MAPS.join(" and ")
         ),
     })
+}
+
+/// Log2 buckets of microseconds ([`collector_common::duration_bucket`]), those not empty by
+/// their upper bound (`lt_4us`: from 2 to 4 µs, the first also under 1 µs; the last,
+/// open-ended, `longer`): the bounds of the histograms `/metrics` shows, in one shape for
+/// connection durations and DNS latency.
+fn log2_us_buckets(counts: &[u64]) -> serde_json::Map<String, Value> {
+    let last = counts.len().saturating_sub(1);
+    counts
+        .iter()
+        .enumerate()
+        .filter(|&(_, &count)| count != 0)
+        .map(|(bucket, &count)| {
+            let key = if bucket == last {
+                "longer".to_owned()
+            } else {
+                format!("lt_{}us", 1u64 << (bucket + 1))
+            };
+            (key, json!(count))
+        })
+        .collect()
 }
 
 /// The maps of routes told apart by server name: the counters per slot, the decisions
@@ -604,7 +610,7 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
         "queriesByOpcode": named(&OPCODE_NAMES, &c.queries_by_opcode),
         "responsesByRcode": named(&RCODE_NAMES, &c.responses_by_rcode),
         "malformed": named(&DNS_MALFORMED_NAMES, &c.malformed),
-        "latencyBuckets": c.latency.to_vec(),
+        "latencyBuckets": log2_us_buckets(&c.latency),
         "latencyNs": c.latency_ns,
         "responsesTruncated": c.responses_truncated,
         "answered": c.answered,
@@ -794,6 +800,27 @@ pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log2_buckets_are_named_by_their_upper_bound_and_empty_ones_left_out() {
+        let mut dns = [0u64; collector_common::DURATION_BUCKETS as usize];
+        dns[0] = 3;
+        dns[9] = 1;
+        dns[31] = 2;
+        assert_eq!(
+            Value::Object(log2_us_buckets(&dns)),
+            json!({"lt_2us": 3, "lt_1024us": 1, "longer": 2})
+        );
+        // Connection durations: the same names, more of them.
+        let mut durations = [0u64; collector_common::CONN_DURATION_BUCKETS as usize];
+        durations[31] = 5;
+        durations[39] = 1;
+        assert_eq!(
+            Value::Object(log2_us_buckets(&durations)),
+            json!({"lt_4294967296us": 5, "longer": 1})
+        );
+        assert!(log2_us_buckets(&[0; 4]).is_empty());
+    }
 
     #[test]
     fn slots_are_shown_by_their_owner_a_route_or_an_upstream() {

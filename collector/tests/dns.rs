@@ -151,10 +151,65 @@ fn counts_a_known_query_mix_exactly() {
     assert_eq!(stats["total.num.queries"], 575.0);
     assert_eq!(stats["total.num.cachehits"], 575.0);
 
-    assert_mix_in_metrics(&scrape(&netns));
+    let metrics = scrape(&netns);
+    assert_mix_in_metrics(&metrics);
+    assert_latency_dump_matches_the_histogram(&config, &metrics);
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
+}
+
+/// `maps dump DNS_COUNTERS` shows the latency histogram `/metrics` shows: its buckets named
+/// by their upper bound (`lt_1024us`), the empty ones left out.
+fn assert_latency_dump_matches_the_histogram(config: &AgentConfig, metrics: &str) {
+    let out = support::stdout_of(
+        std::process::Command::new(support::COLLECTOR)
+            .args(["maps", "dump", map_names::DNS_COUNTERS, "--config"])
+            .arg(&config.path)
+            .arg("--json"),
+    );
+    let counters: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut dumped: Vec<(f64, f64)> = counters["latencyBuckets"]
+        .as_object()
+        .unwrap_or_else(|| panic!("latencyBuckets: {counters}"))
+        .iter()
+        .map(|(name, count)| {
+            let bound = match name.as_str() {
+                "longer" => f64::INFINITY,
+                name => {
+                    let micros = name.strip_prefix("lt_").and_then(|n| n.strip_suffix("us"));
+                    micros.and_then(|n| n.parse::<f64>().ok()).unwrap() / 1e6
+                }
+            };
+            (bound, count.as_f64().unwrap())
+        })
+        .collect();
+    dumped.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!(
+        dumped.iter().map(|&(_, n)| n).sum::<f64>(),
+        575.0,
+        "{counters}"
+    );
+    // Each bucket dumped is the step of the cumulative histogram at its bound.
+    let mut below = 0.0;
+    for (bound, count) in dumped {
+        below += count;
+        let le = metrics
+            .lines()
+            .filter_map(|line| {
+                let rest =
+                    line.strip_prefix("collector_dns_response_latency_seconds_bucket{le=\"")?;
+                let (le, value) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, value.parse::<f64>().ok()?))
+            })
+            .find(|&(le, _)| le == bound || ((le - bound) / bound).abs() < 1e-9);
+        assert_eq!(le.map(|(_, v)| v), Some(below), "le {bound}: {metrics}");
+    }
 }
 
 /// The same mix, as `/metrics` shows it.
