@@ -385,25 +385,36 @@ impl Config {
     }
 
     /// What to warn about a config without `[[routes]]`: it is valid, but a file of one's own
-    /// does not inherit the embedded default's routes, so no proxy traffic is counted. One
-    /// with upstreams alone counts the connections to them, on purpose.
+    /// does not inherit the embedded default's routes, so no client connection is counted.
+    /// One with upstreams alone is warned of too, saying what it counts: written by one who
+    /// thought the default's routes inherited, it would count no client connection, silently.
     #[must_use]
     pub fn no_routes_warning(&self) -> Option<&'static str> {
-        if !self.routes.is_empty() || !self.upstreams.is_empty() {
-            None
-        } else if self.dns.enabled {
-            Some(
+        if !self.routes.is_empty() {
+            return None;
+        }
+        Some(match (self.upstreams.is_empty(), self.dns.enabled) {
+            (true, true) => {
                 "no [[routes]] configured: only DNS is counted, no proxy connections (a config \
                  file does not inherit the embedded default's routes: add [[routes]] tables with \
-                 the proxy's ports)",
-            )
-        } else {
-            Some(
+                 the proxy's ports)"
+            }
+            (true, false) => {
                 "no [[routes]] configured and [dns] enabled = false: neither proxy connections \
                  nor DNS are counted, only the interfaces (add [[routes]] tables with the \
-                 proxy's ports)",
-            )
-        }
+                 proxy's ports)"
+            }
+            (false, true) => {
+                "no [[routes]] configured: only the upstreams' connections and DNS are counted, \
+                 no client connections to the proxy (a config file does not inherit the \
+                 embedded default's routes: add [[routes]] tables with the proxy's ports)"
+            }
+            (false, false) => {
+                "no [[routes]] configured: only the upstreams' connections are counted, no \
+                 client connections to the proxy (a config file does not inherit the embedded \
+                 default's routes: add [[routes]] tables with the proxy's ports)"
+            }
+        })
     }
 
     /// What to warn about a cap per address that one address's requests and streams can fill:
@@ -1549,7 +1560,25 @@ match_every = 1
     fn no_routes_is_a_dns_only_host() {
         let upstreams_only =
             Config::from_toml("t", "[[upstreams]]\nname = \"app\"\nports = [8080]\n").unwrap();
-        assert_eq!(upstreams_only.no_routes_warning(), None);
+        assert!(
+            upstreams_only
+                .no_routes_warning()
+                .unwrap()
+                .starts_with("no [[routes]] configured: only the upstreams' connections and DNS")
+        );
+        let without_dns = Config::from_toml(
+            "t",
+            "[dns]\nenabled = false\n[[upstreams]]\nname = \"app\"\nports = [8080]\n",
+        )
+        .unwrap();
+        assert!(
+            without_dns
+                .no_routes_warning()
+                .unwrap()
+                .starts_with("no [[routes]] configured: only the upstreams' connections are")
+        );
+        let routed = Config::from_toml("t", "[[routes]]\nname = \"web\"\nports = [8080]\n");
+        assert_eq!(routed.unwrap().no_routes_warning(), None);
         assert_eq!(upstreams_only.probe_place_warning(), None);
         let crowded = Config::from_toml("t.toml", "[http]\nmax_concurrent_requests = 100\n")
             .unwrap()

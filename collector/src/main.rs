@@ -29,6 +29,7 @@ mod nfnetlink;
 mod nft;
 mod nft_claim;
 mod nft_tool;
+mod open_files;
 mod orphans;
 mod output;
 mod paths;
@@ -154,7 +155,8 @@ enum Command {
         /// Check the configuration file alone (no kernel, mounts or privileges, so no root):
         /// for a pipeline that checks a `ConfigMap` before it reaches the nodes. Prints the
         /// warnings a start would log; exits 1 with the file, line and reason when invalid.
-        #[arg(long, requires = "config", conflicts_with_all = ["listen", "pin_dir"])]
+        /// With `--listen`, judges the address the pods are started with.
+        #[arg(long, requires = "config", conflicts_with = "pin_dir")]
         config_only: bool,
     },
     /// List what a crashed collector left in bpffs (pinned maps and links) and nftables;
@@ -393,6 +395,14 @@ fn main() -> std::process::ExitCode {
 /// The agent: bind, load and attach, drop the capabilities no longer needed, then serve on
 /// the async runtime until SIGINT/SIGTERM, and detach.
 fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
+    match open_files::raise_to_hard() {
+        Ok(limit) => {
+            if let Some(warning) = open_files::warning(limit, config) {
+                tracing::warn!("{warning}");
+            }
+        }
+        Err(err) => tracing::warn!("reading the open-file limit: {err}"),
+    }
     // Bind first: a taken address, an unreadable secret or a bad certificate is refused
     // before anything is attached.
     let listener = serve::bind(config.listen)?;

@@ -60,18 +60,25 @@ fn check_warns_of_a_config_without_routes() {
 
 /// `collector check --config-only` on `config`, run as nobody: status, stdout and stderr.
 fn check_config_as_nobody(config: &str) -> (bool, String, String) {
+    check_config_as_nobody_with(config, &[])
+}
+
+/// As [`check_config_as_nobody`], with more arguments (`--listen ADDR`).
+fn check_config_as_nobody_with(config: &str, more: &[&str]) -> (bool, String, String) {
     // Root is needed only to become nobody; the check itself must not need it.
     support::require_root();
     let dir = ScratchDir::new("check-config");
     fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755)).unwrap();
     let config_path = dir.path("collector.toml");
     fs::write(&config_path, config).unwrap();
-    let out = as_nobody(&[
+    let mut args = vec![
         "check",
         "--config-only",
         "--config",
         config_path.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(more);
+    let out = as_nobody(&args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -137,6 +144,28 @@ fn check_config_only_judges_the_file_without_root() {
         stderr.contains(
             "the default listen address: 127.0.0.1:9464 has port 9464, a port of route \"metrics\""
         ) && stderr.contains("e.g. 9465"),
+        "{stderr}"
+    );
+    // The address the pods are started with (`--listen`, as the DaemonSet passes its node's
+    // address) is judged instead of the default: the same route refused there...
+    let (passed, stdout, stderr) = check_config_as_nobody_with(
+        "[[routes]]\nname = \"metrics\"\nports = [9100]\n",
+        &["--listen", "192.0.2.7:9100"],
+    );
+    assert!(!passed, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("--listen: 192.0.2.7:9100 has port 9100, a port of route \"metrics\""),
+        "{stderr}"
+    );
+    // ...one on the default's port passes, and serving beyond loopback without
+    // credentials is warned of, as the start would.
+    let (passed, stdout, stderr) = check_config_as_nobody_with(
+        "[[routes]]\nname = \"metrics\"\nports = [9464]\n",
+        &["--listen", "192.0.2.7:9100"],
+    );
+    assert!(passed, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("warning: serving beyond loopback (192.0.2.7:9100) without credentials"),
         "{stderr}"
     );
 }

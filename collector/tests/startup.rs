@@ -6,7 +6,7 @@ mod support;
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::fs::OpenOptionsExt as _,
+    os::unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
     process::Command,
     thread,
     time::Duration,
@@ -213,6 +213,51 @@ fn a_config_without_routes_is_warned_about_at_start() {
             && line.contains("no [[routes]] configured: only DNS is counted")),
         "{text}"
     );
+}
+
+/// Started as systemd starts a unit, with a soft open-file limit far under the hard one
+/// (1024 under 524288 there; 512 under 2048 here), the agent raises the soft one to the hard
+/// one, and warns when even that leaves too few descriptors beside `max_connections`.
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_one_and_a_short_one_warned_of() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("{WEB_ROUTE}[http]\nmax_connections = 5000\n"));
+    let logs = ScratchDir::new("open-files");
+    let log = logs.path("agent.log");
+    let mut launcher = netns.command(COLLECTOR);
+    // SAFETY: setrlimit is async-signal-safe, and the child runs nothing else before exec.
+    unsafe {
+        launcher.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 512,
+                rlim_max: 2048,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let agent = Agent::spawn_logging(&netns, launcher, &config, &[], &log);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .unwrap_or_else(|| panic!("{limits}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(open_files[..2], ["2048", "2048"], "{limits}");
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().any(|line| line.contains(" WARN ")
+            && line.contains(
+                "the open-file limit is 2048, fewer than [http] max_connections = 5000 and 512"
+            )),
+        "{text}"
+    );
+    support::assert_no_pins(&config.pin_dir);
 }
 
 /// With `--log-format json` every line the agent writes is a JSON object with its level,

@@ -410,20 +410,24 @@ impl Agent {
 
     /// As [`Self::start_with`], its log (stderr) written to `log`, for tests that read it.
     pub fn start_logging(netns: &Netns, config: &AgentConfig, extra: &[&str], log: &Path) -> Self {
+        Self::spawn_logging(netns, netns.command(COLLECTOR), config, extra, log)
+    }
+
+    /// As [`Self::start_logging`], started with `launcher` (e.g. one that sets limits).
+    pub fn spawn_logging(
+        netns: &Netns,
+        launcher: Command,
+        config: &AgentConfig,
+        extra: &[&str],
+        log: &Path,
+    ) -> Self {
         let file = fs::File::create(log).unwrap();
-        Self::spawn_logging_until(
-            netns,
-            netns.command(COLLECTOR),
-            config,
-            extra,
-            file.into(),
-            || {
-                matches!(
-                    netns.run(|| get("/readyz").map(|(status, _)| status)),
-                    Ok(200)
-                )
-            },
-        )
+        Self::spawn_logging_until(netns, launcher, config, extra, file.into(), || {
+            matches!(
+                netns.run(|| get("/readyz").map(|(status, _)| status)),
+                Ok(200)
+            )
+        })
     }
 
     fn spawn_logging_until(
