@@ -339,7 +339,8 @@ pub struct ProxyStats {
     /// Connections waiting for their ClientHello on ports shared by server name, over every
     /// route: in none of the figures above yet.
     pub connections_awaiting_server_name: u64,
-    /// New connections per second over the last second (until L7 requests are counted).
+    /// New connections per second over the last poll, a second at the default interval
+    /// (until L7 requests are counted).
     pub requests_per_second: f64,
     pub connection_rates: RateWindows,
     /// Live payload bytes per second, towards (in) and from (out) the proxy.
@@ -500,7 +501,7 @@ pub struct DnsStats {
     /// False when DNS counting is off in the config.
     pub enabled: bool,
     pub total_queries: u64,
-    /// Client queries per second over the last second.
+    /// Client queries per second over the last poll, a second at the default interval.
     pub queries_per_second: f64,
     pub query_rates: RateWindows,
     /// False when `[dns] match_responses = false`: the figures that need a response matched

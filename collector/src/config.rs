@@ -723,7 +723,7 @@ fn extra_local_addresses(
 }
 
 /// An address (`203.0.113.10`) or range (`203.0.113.0/28`) of `extra_local_addresses`,
-/// as its network and prefix length (host bits cleared).
+/// as its network and prefix length; a range with host bits set is refused.
 fn extra_local_address(
     source: &Source<'_>,
     entry: &Spanned<String>,
@@ -780,6 +780,18 @@ fn extra_local_address(
             u128::from(v6) & u128::MAX.checked_shl(u32::from(128 - prefix)).unwrap_or(0),
         )),
     };
+    // `ip addr` writes an interface's address with its subnet's prefix (203.0.113.10/24):
+    // taken as a range, it would count the neighbours' traffic as this host's.
+    if network != address {
+        return Err(source.at(
+            entry,
+            format!(
+                "extra_local_addresses: {text:?} has bits set past its /{prefix}, so it stands \
+                 for all of {network}/{prefix}; write \"{address}\" for the one address or \
+                 \"{network}/{prefix}\" for the range"
+            ),
+        ));
+    }
     Ok((network, prefix))
 }
 
@@ -1419,7 +1431,7 @@ mod tests {
     fn extra_local_addresses_are_addresses_or_small_ranges() {
         let config = Config::from_toml(
             "t.toml",
-            "extra_local_addresses = [\"203.0.113.10\", \"198.51.100.7/28\", \"2001:db8::/112\"]\n",
+            "extra_local_addresses = [\"203.0.113.10\", \"198.51.100.0/28\", \"2001:db8::/112\"]\n",
         )
         .unwrap();
         assert_eq!(
@@ -1434,6 +1446,18 @@ mod tests {
             "\nextra_local_addresses = [\"203.0.113.0/15\"]\n",
             2,
             "covers 2^17 addresses; each entry may cover at most 65536 (/16 for IPv4, /112 for IPv6)",
+        );
+        assert_error(
+            "extra_local_addresses = [\"198.51.100.7/24\"]\n",
+            1,
+            "extra_local_addresses: \"198.51.100.7/24\" has bits set past its /24, so it stands \
+             for all of 198.51.100.0/24; write \"198.51.100.7\" for the one address or \
+             \"198.51.100.0/24\" for the range",
+        );
+        assert_error(
+            "extra_local_addresses = [\"2001:db8::1/112\"]\n",
+            1,
+            "stands for all of 2001:db8::/112",
         );
         assert_error(
             "extra_local_addresses = [\"203.0.113.0/33\"]\n",

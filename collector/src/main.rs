@@ -269,6 +269,14 @@ impl ConfigSource {
                 "--pin-dir {}: must be an absolute path",
                 pin_dir.display()
             );
+            // As the file's `pin_dir`: bpffs would refuse it as a name with a dot.
+            anyhow::ensure!(
+                !pin_dir
+                    .components()
+                    .any(|part| part == std::path::Component::ParentDir),
+                "--pin-dir {}: has a `..`: write the directory without it",
+                pin_dir.display()
+            );
             config.pin_dir.clone_from(pin_dir);
         }
         Ok(config)

@@ -702,7 +702,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     single(
         encoder,
         "collector_polls",
-        "Reads of the kernel maps.",
+        "Reads of the kernel maps that succeeded; failed reads count in collector_poll_failures_total.",
         None,
         MetricType::Counter,
         &ConstCounter::new(snapshot.poll.polls),

@@ -371,6 +371,16 @@ fn a_pin_directory_off_bpffs_is_refused_with_the_fix() {
         stderr.contains("bpffs refuses names with a dot") && !stderr.contains("run as root"),
         "{stderr}"
     );
+    // A `..` is refused as the file's is, for what it is, not as a name with a dot.
+    let stderr = support::refused_start_with(
+        &Netns::new(),
+        &path,
+        &["--pin-dir", "/sys/fs/bpf/collector/../x"],
+    );
+    assert!(
+        stderr.contains("--pin-dir /sys/fs/bpf/collector/../x: has a `..`"),
+        "{stderr}"
+    );
 }
 
 /// `--pin-dir /sys/fs/bpf`, the bpffs mount itself, is refused by `run` and failed by
