@@ -312,9 +312,13 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     let mut verdicts = judge(&facts, config.nftables.enabled);
     verdicts.push(pin_dir(&config.pin_dir, facts.bpffs.as_deref()));
     verdicts.push(interfaces(&config.interfaces));
+    // The hard open-file limit, which `run` raises the soft one to, started as this was.
+    let open_files = crate::open_files::hard_limit()
+        .ok()
+        .and_then(|limit| crate::open_files::warning(limit, config));
     verdicts.push(with_warning(
-        http(&config.http),
-        config.probe_place_warning(),
+        with_warning(http(&config.http), config.probe_place_warning()),
+        open_files,
     ));
     let listen_verdict = with_warning(listen(config), config.exposure_warning());
     verdicts.push(with_warning(
@@ -523,15 +527,9 @@ fn listen(config: &Config) -> Verdict {
     }
 }
 
-/// A config without routes is valid, and counts no proxy traffic: a warning, as at start.
+/// A config without routes is valid, and counts no client connection: a warning, as at
+/// start, after the upstreams it counts, if any.
 fn routes(config: &Config) -> Verdict {
-    if let Some(warning) = config.no_routes_warning() {
-        return Verdict {
-            name: "routes",
-            status: Status::Warn,
-            detail: warning.to_owned(),
-        };
-    }
     // A route's server names after its ports, under the config's own key.
     let listed = |items: &mut dyn Iterator<Item = (&String, &Vec<u16>, &[String])>| {
         items
@@ -563,6 +561,18 @@ fn routes(config: &Config) -> Verdict {
         (true, false) => format!("upstreams {upstreams}"),
         (false, false) => format!("{routes}; upstreams {upstreams}"),
     };
+    if let Some(warning) = config.no_routes_warning() {
+        let detail = if detail.is_empty() {
+            warning.to_owned()
+        } else {
+            format!("{detail}; {warning}")
+        };
+        return Verdict {
+            name: "routes",
+            status: Status::Warn,
+            detail,
+        };
+    }
     match crate::ephemeral_ports::warning(config) {
         Some(warning) => Verdict {
             name: "routes",
@@ -662,10 +672,15 @@ mod tests {
             verdict.detail,
             "tls (443), api (443; sni api.example.com, *.api.example.com)"
         );
+        // Upstreams alone: what is counted, and that no client connection is.
         let verdict = without("[[upstreams]]\nname = \"app\"\nports = [8080]\n");
-        assert_eq!(
-            (verdict.status, verdict.detail.as_str()),
-            (Status::Pass, "upstreams app (8080)")
+        assert_eq!(verdict.status, Status::Warn);
+        assert!(
+            verdict.detail.starts_with(
+                "upstreams app (8080); no [[routes]] configured: only the upstreams' connections"
+            ),
+            "{}",
+            verdict.detail
         );
     }
 

@@ -409,7 +409,7 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
                 tracing::warn!("{warning}");
             }
         }
-        Err(err) => tracing::warn!("reading the open-file limit: {err}"),
+        Err(err) => tracing::warn!("raising the open-file limit to the hard one: {err}"),
     }
     // Bind first: a taken address, an unreadable secret or a bad certificate is refused
     // before anything is attached.

@@ -15,9 +15,28 @@ use crate::config::Config;
 /// couple of hundred pods.
 const BESIDE_HTTP: u64 = 512;
 
-/// Raises the soft limit on open files to the hard one: the soft limit now. A hard limit
-/// the kernel refuses as a soft one (unlimited, above `fs.nr_open`) leaves it as it was.
+/// Raises the soft limit on open files to the hard one: the soft limit now.
 pub fn raise_to_hard() -> io::Result<u64> {
+    let limit = read()?;
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: a valid rlimit, read above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_max)
+}
+
+/// The hard limit on open files: what [`raise_to_hard`] makes the soft one.
+pub fn hard_limit() -> io::Result<u64> {
+    read().map(|limit| limit.rlim_max)
+}
+
+fn read() -> io::Result<libc::rlimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -26,17 +45,7 @@ pub fn raise_to_hard() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: a valid rlimit, read above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
-            return Ok(raised.rlim_cur);
-        }
-    }
-    Ok(limit.rlim_cur)
+    Ok(limit)
 }
 
 /// What to warn of when `limit` leaves too few descriptors for `max_connections`.

@@ -4,7 +4,7 @@ mod support;
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
@@ -42,7 +42,9 @@ fn check_without_nft(enabled: &str) -> (bool, String) {
     let (passed, mut lines) = check_in(
         &format!("[nftables]\nenabled = {enabled}\n"),
         &[],
-        Some(&empty.0),
+        |command| {
+            command.env("PATH", &empty.0);
+        },
     );
     (passed, lines.remove("nft").expect("an nft line"))
 }
@@ -258,14 +260,14 @@ impl Drop for PinDir {
 /// `collector check` with `config` as the config file's text and `args`: whether it passed,
 /// and its lines by name.
 fn check(config: &str, args: &[&str]) -> (bool, std::collections::HashMap<String, String>) {
-    check_in(config, args, None)
+    check_in(config, args, |_| {})
 }
 
-/// [`check`] with `path` as its PATH, if given.
+/// [`check`], its command prepared by `prepare` (a PATH, limits).
 fn check_in(
     config: &str,
     args: &[&str],
-    path: Option<&Path>,
+    prepare: impl FnOnce(&mut Command),
 ) -> (bool, std::collections::HashMap<String, String>) {
     support::require_root();
     let dir = ScratchDir::new("check");
@@ -275,9 +277,7 @@ fn check_in(
     command
         .args(["check", "--config", config_path.to_str().unwrap()])
         .args(args);
-    if let Some(path) = path {
-        command.env("PATH", path);
-    }
+    prepare(&mut command);
     let out = command.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines = stdout
@@ -362,6 +362,44 @@ fn checks_at_once_leave_nothing_of_their_probes() {
         !absent.exists(),
         "{:?}",
         fs::read_dir(&absent).map(Iterator::count)
+    );
+}
+
+/// A hard open-file limit too low for `max_connections` is warned of on the http line, as
+/// `run` warns of it at start; the soft one is what `run` raises to it.
+#[test]
+fn check_warns_of_an_open_file_limit_too_low_for_the_connections() {
+    let config = "[nftables]\nenabled = false\n[http]\nmax_connections = 5000\n";
+    let limited = |hard: u64| {
+        move |command: &mut Command| {
+            // SAFETY: setrlimit is async-signal-safe, and the child runs nothing else before
+            // exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: 256,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+    };
+    let (_, lines) = check_in(config, &[], limited(2048));
+    assert!(
+        lines["http"].starts_with("warn")
+            && lines["http"]
+                .contains("the open-file limit is 2048, fewer than [http] max_connections = 5000"),
+        "{lines:?}"
+    );
+    let (_, lines) = check_in(config, &[], limited(8192));
+    assert!(
+        lines["http"].starts_with("skip") && !lines["http"].contains("open-file"),
+        "{lines:?}"
     );
 }
 

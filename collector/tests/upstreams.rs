@@ -865,7 +865,7 @@ fn a_self_connect_held_over_a_crash_that_dropped_the_upstreams_takes_no_second_s
     std::fs::write(&config.path, text.replace(SHARED_UPSTREAM, "")).unwrap();
     let agent = Agent::start(&netns, &config);
     nft("delete table inet held");
-    // The SYN is sent again 1, 3, 7, 15 and 31 s after the connect.
+    // The SYN is sent again with backoff, at most 32 s apart.
     wait_for("the handshake", Duration::from_secs(40), || {
         socket.peer_addr().ok()
     });
