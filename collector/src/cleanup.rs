@@ -213,8 +213,10 @@ fn refuse_bpffs_root(config: &Config) -> anyhow::Result<()> {
 pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     refuse_bpffs_root(config)?;
     let pin_dir = &config.pin_dir;
-    // Held to the end, so that no collector starts meanwhile.
-    let _lock = if paths::pin_exists(pin_dir)? {
+    // Held to the end, so that no collector starts meanwhile. Without it (no pin directory
+    // yet) nothing in bpffs is removed: a collector starting meanwhile makes its directories
+    // under its own lock, and they are not ours to take away.
+    let lock = if paths::pin_exists(pin_dir)? {
         Some(lock_unless_running(pin_dir)?)
     } else {
         None
@@ -225,12 +227,18 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     let here = netns::current_cookie()
         .context("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)")?;
     let table_name = &config.nftables.table;
+    // The table's claim, held until the table is gone: a collector of this namespace that
+    // started meanwhile would adopt the table, and lose it to the removal.
+    let mut claim = None;
     let table = match table_plan(&owner, here, || find_table(table_name))? {
-        Table::Remove => match nft_claim::held(table_name)
+        Table::Remove => match nft_claim::claim(table_name)
             .context("looking for a running collector with our nftables table")?
         {
-            Some(holder) => Table::InUse(holder),
-            None => Table::Remove,
+            Some(held) => {
+                claim = Some(held);
+                Table::Remove
+            }
+            None => Table::InUse(nft_claim::holder(table_name)),
         },
         table => table,
     };
@@ -238,9 +246,11 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
     let listed = output::write(|out| list(out, pin_dir, &found, &table, table_name, apply));
     if apply {
-        remove(&map_dir, &found.ours)?;
-        remove_empty_dirs(&map_dir)?;
-        remove_dir_if_empty(pin_dir)?;
+        if lock.is_some() {
+            remove(&map_dir, &found.ours)?;
+            remove_empty_dirs(&map_dir)?;
+            remove_dir_if_empty(pin_dir)?;
+        }
         if table == Table::Remove {
             let found = nft::remove_leftover(table_name, config.nftables.nft_timeout)
                 .context("removing our nftables table")?;
@@ -251,6 +261,7 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
                 );
             }
         }
+        drop(claim);
         let left = found.other_pins().count();
         if left > 0 {
             let dirs = other_layout_dirs(&found);

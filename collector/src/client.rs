@@ -1211,6 +1211,8 @@ fn refresh(
                 );
                 if screen {
                     Some(failure)
+                } else if output::reader_gone() {
+                    return Err(output::ReaderGone.into());
                 } else {
                     eprint!("{failure}");
                     None

@@ -711,29 +711,55 @@ fn counts(path: &str) -> bool {
 struct Refresh {
     at: Instant,
     values: HashMap<String, f64>,
+    /// The map's dump leaves counts of 0 out (`DNS_COUNTERS`' codes and buckets,
+    /// `CONN_DURATIONS`): a path missing from it was 0.
+    absent_is_zero: bool,
 }
 
 impl Refresh {
-    /// `value`'s change per second since this refresh, if `path` had a number then.
+    /// `value`'s change per second since this refresh, if `path` had a number then that
+    /// was not more: a count that went down was reset (the pins made anew by a restart, a
+    /// slot given to another route), and its change says nothing.
     fn per_second(&self, path: &str, value: f64, now: Instant) -> Option<f64> {
-        let old = self.values.get(path)?;
-        Some((value - old) / now.duration_since(self.at).as_secs_f64())
+        let old = match self.values.get(path) {
+            Some(&old) => old,
+            None if self.absent_is_zero => 0.0,
+            None => return None,
+        };
+        (value >= old).then(|| (value - old) / now.duration_since(self.at).as_secs_f64())
     }
 }
 
 /// `maps watch NAME`: the map's numbers every `interval`, each with its change per second
-/// since the previous refresh; `count` refreshes, or until interrupted.
+/// since the previous refresh; `count` refreshes shown, or until interrupted. The first
+/// read that fails ends it (a wrong name or pin directory); a later one (the pins gone
+/// while the agent restarts) is said on standard error and tried again at the next.
 pub fn watch(
     pin_dir: &Path,
     name: &str,
     interval: std::time::Duration,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
+    let absent_is_zero = matches!(name, map_names::DNS_COUNTERS | map_names::CONN_DURATIONS);
     let mut previous: Option<Refresh> = None;
     let mut refreshes = 0u64;
     loop {
         let now = Instant::now();
-        let values = flatten(&dump(pin_dir, name)?);
+        let values = match dump(pin_dir, name) {
+            Ok(value) => flatten(&value),
+            Err(err) if refreshes == 0 => return Err(err),
+            Err(err) => {
+                if output::reader_gone() {
+                    return Err(output::ReaderGone.into());
+                }
+                eprintln!(
+                    "reading {name} failed: {err:#}\ntrying again every {:.1} s (Ctrl-C to stop)",
+                    interval.as_secs_f64()
+                );
+                std::thread::sleep(interval);
+                continue;
+            }
+        };
         output::write(|out| {
             if std::io::stdout().is_terminal() {
                 // Clear the screen and home the cursor, like watch(1).
@@ -757,6 +783,7 @@ pub fn watch(
         previous = Some(Refresh {
             at: now,
             values: values.into_iter().collect(),
+            absent_is_zero,
         });
         refreshes += 1;
         if count.is_some_and(|count| refreshes >= count) {
@@ -1033,12 +1060,37 @@ mod tests {
             values: flatten(&json!([{"opened": 10, "closed": 4}]))
                 .into_iter()
                 .collect(),
+            absent_is_zero: false,
         };
         let now = then + std::time::Duration::from_secs(2);
         assert_eq!(refresh.per_second("0.opened", 30.0, now), Some(10.0));
         assert_eq!(refresh.per_second("0.closed", 4.0, now), Some(0.0));
         // A row new since then has no rate yet.
         assert_eq!(refresh.per_second("1.opened", 3.0, now), None);
+        // A count that went down was reset (the agent restarted): no rate, not a negative one.
+        assert_eq!(refresh.per_second("0.opened", 2.0, now), None);
+    }
+
+    #[test]
+    fn a_count_first_seen_in_a_dump_that_leaves_zeros_out_has_its_rate_from_zero() {
+        let then = Instant::now();
+        let refresh = Refresh {
+            at: then,
+            values: flatten(&json!({"responsesByRcode": {"NOERROR": 10}}))
+                .into_iter()
+                .collect(),
+            absent_is_zero: true,
+        };
+        let now = then + std::time::Duration::from_secs(2);
+        // The first SERVFAIL burst: 8 in 2 s, where it was 0 (left out).
+        assert_eq!(
+            refresh.per_second("responsesByRcode.SERVFAIL", 8.0, now),
+            Some(4.0)
+        );
+        assert_eq!(
+            refresh.per_second("responsesByRcode.NOERROR", 10.0, now),
+            Some(0.0)
+        );
     }
 
     #[test]
@@ -1098,6 +1150,7 @@ mod tests {
         let refresh = Refresh {
             at: then,
             values: flatten(&traffic).into_iter().collect(),
+            absent_is_zero: false,
         };
         let now = then + std::time::Duration::from_secs(1);
         let values = flatten(&json!([

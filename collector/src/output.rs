@@ -20,3 +20,17 @@ pub fn write(write: impl FnOnce(&mut StdoutLock<'static>) -> io::Result<()>) -> 
         }
     })
 }
+
+/// Whether standard output is a pipe whose reader went away. A watch that writes nothing
+/// while its source is down (the figures' failure goes to standard error) learns it here,
+/// where a write would tell it: `| head` ends it then, not when the source comes back.
+pub fn reader_gone() -> bool {
+    let mut stdout = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, and a zero timeout: it only reads the descriptor's state.
+    let ready = unsafe { libc::poll(&raw mut stdout, 1, 0) };
+    ready == 1 && stdout.revents & libc::POLLERR != 0
+}

@@ -105,6 +105,105 @@ fn assert_watch_shows_opened(config: &AgentConfig, opened_count: usize) {
     );
 }
 
+/// Lines of `reader` as they come, on a channel: a test follows a running command's output.
+fn lines_of(reader: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (send, receive) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(reader)) {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+/// The next line from `lines` for which `wanted` says so, within 30 s; the lines passed
+/// over are added to `seen`.
+fn next_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|err| panic!("{err}; the lines so far:\n{}", seen.join("\n")));
+        seen.push(line.clone());
+        if wanted(&line) {
+            return line;
+        }
+    }
+}
+
+/// `maps watch` goes on over a restart of the agent: a read while the pins are gone is
+/// said on standard error and tried again, and a count the new run starts from zero gets no
+/// rate, where it read as a large negative one.
+#[test]
+fn a_watch_goes_on_over_a_restart_and_gives_a_reset_count_no_rate() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    drop(done_and_held(&netns));
+    support::wait_for_closed(&netns, "web", u32::try_from(DONE + HELD).unwrap());
+    let mut watch = support::Reaped::spawn(
+        std::process::Command::new(COLLECTOR)
+            .args([
+                "maps",
+                "watch",
+                map_names::CONN_COUNTERS,
+                "--interval-ms",
+                "200",
+            ])
+            .arg("--config")
+            .arg(&config.path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let (stdout, stderr) = (
+        lines_of(watch.stdout().unwrap()),
+        lines_of(watch.stderr().unwrap()),
+    );
+    let mut seen = Vec::new();
+    let opened = |line: &str| -> Option<Vec<String>> {
+        let fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        (fields.first().map(String::as_str) == Some("slot0.opened")).then_some(fields)
+    };
+    let before = (DONE + HELD).to_string();
+    next_line(&stdout, &mut seen, |line| {
+        opened(line).is_some_and(|fields| fields[1] == before)
+    });
+    // A clean stop removes the pins: the next reads fail, and the watch says so and goes on.
+    assert!(agent.stop().success());
+    let mut errors = Vec::new();
+    next_line(&stderr, &mut errors, |line| {
+        line.starts_with("reading CONN_COUNTERS failed")
+    });
+    assert_eq!(watch.try_wait(), None, "the watch ended: {errors:?}");
+    let agent = Agent::start(&netns, &config);
+    // The new run's count, from zero: below the last one read, so no rate.
+    let after = next_line(&stdout, &mut seen, |line| {
+        opened(line).is_some_and(|fields| fields[1] != before)
+    });
+    assert_eq!(opened(&after).unwrap()[2], "-", "{after}");
+    // And the next refresh has one again.
+    let next = next_line(&stdout, &mut seen, |line| opened(line).is_some());
+    assert_eq!(opened(&next).unwrap()[2], "0.0", "{next}");
+    assert!(
+        !seen.iter().any(|line| line
+            .split_whitespace()
+            .nth(2)
+            .is_some_and(|rate| rate.starts_with('-') && rate.len() > 1)),
+        "a negative rate: {}",
+        seen.join("\n")
+    );
+    drop(watch);
+    assert!(agent.stop().success());
+}
+
 const SECOND_NS: u64 = 1_000_000_000;
 
 /// `CLOCK_MONOTONIC` now: the kernel programs' clock.
