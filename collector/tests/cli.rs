@@ -4,7 +4,7 @@ mod support;
 
 use std::{
     fs,
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
@@ -370,25 +370,8 @@ fn checks_at_once_leave_nothing_of_their_probes() {
 #[test]
 fn check_warns_of_an_open_file_limit_too_low_for_the_connections() {
     let config = "[nftables]\nenabled = false\n[http]\nmax_connections = 5000\n";
-    let limited = |hard: u64| {
-        move |command: &mut Command| {
-            // SAFETY: setrlimit is async-signal-safe, and the child runs nothing else before
-            // exec.
-            unsafe {
-                command.pre_exec(move || {
-                    let limit = libc::rlimit {
-                        rlim_cur: 256,
-                        rlim_max: hard,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
-        }
-    };
+    let limited =
+        |hard: u64| move |command: &mut Command| support::limit_open_files(command, 256, hard);
     let (_, lines) = check_in(config, &[], limited(2048));
     assert!(
         lines["http"].starts_with("warn")

@@ -6,7 +6,7 @@ mod support;
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
+    os::unix::fs::OpenOptionsExt as _,
     process::Command,
     thread,
     time::Duration,
@@ -225,20 +225,7 @@ fn the_open_file_limit_is_raised_to_the_hard_one_and_a_short_one_warned_of() {
     let logs = ScratchDir::new("open-files");
     let log = logs.path("agent.log");
     let mut launcher = netns.command(COLLECTOR);
-    // SAFETY: setrlimit is async-signal-safe, and the child runs nothing else before exec.
-    unsafe {
-        launcher.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 512,
-                rlim_max: 2048,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    support::limit_open_files(&mut launcher, 512, 2048);
     let agent = Agent::spawn_logging(&netns, launcher, &config, &[], &log);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
     let open_files: Vec<&str> = limits

@@ -26,6 +26,26 @@ pub const COLLECTOR: &str = env!("CARGO_BIN_EXE_collector");
 /// Where the agent listens inside each test's namespace.
 pub const LISTEN: &str = "127.0.0.1:9464";
 
+/// Starts `command` with the open-file limits `soft` and `hard`, as systemd starts a unit
+/// (1024 under 524288).
+pub fn limit_open_files(command: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setrlimit is async-signal-safe, and the child runs nothing else before exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// Fails loudly without root: a privileged test that skips proves nothing.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
