@@ -18,7 +18,7 @@ use aya_ebpf::{
         BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
-        BPF_TCP_SYN_SENT,
+        BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockOpsContext,
@@ -367,15 +367,17 @@ fn on_state_change(ctx: &SockOpsContext) {
         // drop the upstreams while their connections are still in the table.
         BPF_TCP_CLOSE if state.flags & conn_flags::CONNECTING != 0 => {
             add_connecting(state.route, u64::MAX);
-            if old == BPF_TCP_SYN_SENT {
+            // Never established: refused or abandoned in SYN_SENT, or a simultaneous open
+            // that failed in SYN_RECV (its SYN-ACK unanswered or reset).
+            if old == BPF_TCP_SYN_SENT || old == BPF_TCP_SYN_RECV {
                 if let Some(counters) = UPSTREAM_COUNTERS.get_ptr_mut(state.route) {
                     // SAFETY: this CPU's value of our per-CPU map.
                     add(unsafe { &raw mut (*counters).connect_failures }, 1);
                 }
             } else {
                 // Established without an ACTIVE_ESTABLISHED of ours: a restart dropped its
-                // port or every upstream meanwhile, or a simultaneous open. Counted opened
-                // now, then closed.
+                // port or every upstream meanwhile, or a simultaneous open (whose accepting
+                // side's callback goes to `on_accepted`). Counted opened now, then closed.
                 state.flags &= !conn_flags::CONNECTING;
                 if let Some(counters) = CONN_COUNTERS.get_ptr_mut(state.route) {
                     // SAFETY: this CPU's value of our per-CPU map.

@@ -14,7 +14,6 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -345,22 +344,6 @@ fn exchanges_to(
 /// A listener on `address` in `netns`, shared with the server threads.
 fn listen(netns: &Netns, address: SocketAddr) -> Arc<TcpListener> {
     Arc::new(netns.run(move || TcpListener::bind(address).unwrap()))
-}
-
-/// Sets the TCP socket option `option` of `listener` to `value` (`TCP_DEFER_ACCEPT`'s
-/// seconds, `TCP_FASTOPEN`'s queue).
-fn set_tcp_option(listener: &TcpListener, option: libc::c_int, value: libc::c_int) {
-    // SAFETY: a socket option of the listener's open descriptor, from a local of its size.
-    let set = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            option,
-            (&raw const value).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
-        )
-    };
-    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
 }
 
 /// Each held client sends `payload`.
@@ -885,7 +868,7 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
     let agent = Agent::start(&netns, &config);
     let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
     let deferred = listen(&netns, at(Ipv6Addr::LOCALHOST, SHARED_PORT));
-    set_tcp_option(&deferred, libc::TCP_DEFER_ACCEPT, 5);
+    support::set_tcp_option(&deferred, libc::TCP_DEFER_ACCEPT, 5);
 
     let mut expected = Expected::new();
     let mut response = 100;
@@ -1417,7 +1400,7 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
         listen(&netns, at(Ipv6Addr::LOCALHOST, SHARED_PORT)),
     ];
     for listener in &listeners {
-        set_tcp_option(listener, libc::TCP_DEFER_ACCEPT, 5);
+        support::set_tcp_option(listener, libc::TCP_DEFER_ACCEPT, 5);
     }
 
     let mut expected = Expected::new();
@@ -1452,7 +1435,7 @@ fn a_dual_stack_listener_reads_ipv4_and_ipv6_hellos_before_the_accept() {
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     let listener = listen(&netns, at(Ipv6Addr::UNSPECIFIED, SHARED_PORT));
-    set_tcp_option(&listener, libc::TCP_DEFER_ACCEPT, 5);
+    support::set_tcp_option(&listener, libc::TCP_DEFER_ACCEPT, 5);
 
     let mut expected = Expected::new();
     for client in clients_of_every_kind()
@@ -1511,7 +1494,7 @@ fn hellos_in_a_fast_open_syn_are_read() {
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
-    set_tcp_option(&listener, libc::TCP_FASTOPEN, 64);
+    support::set_tcp_option(&listener, libc::TCP_FASTOPEN, 64);
 
     let mut expected = Expected::new();
     for client in clients_of_every_kind()

@@ -895,3 +895,47 @@ fn a_self_connect_held_over_a_crash_that_dropped_the_upstreams_takes_no_second_s
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+/// A simultaneous open that fails in `SYN_RECV` was never established: a connect failure, as
+/// one refused in `SYN_SENT`. Until 2026-12-04 it was counted opened and closed.
+#[test]
+fn a_simultaneous_open_given_up_in_its_handshake_is_a_connect_failure() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let nft = |command: &str| support::run("ip", &["netns", "exec", &netns.name, "nft", command]);
+    // Its SYN-ACKs dropped on their way out: having met its own SYN, the socket waits in
+    // SYN_RECV for an answer that never comes.
+    nft("add table inet held");
+    nft("add chain inet held output { type filter hook output priority 0; }");
+    nft(&format!(
+        "add rule inet held output tcp sport {BACKEND_PORT} tcp flags & (syn | ack) == syn | ack drop"
+    ));
+    let socket = netns.run(|| {
+        let own = at(Ipv4Addr::LOCALHOST, BACKEND_PORT);
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // One retry: given up about 3 s after the connect.
+        support::set_tcp_option(&socket, libc::TCP_SYNCNT, 1);
+        socket.set_nonblocking(true).unwrap();
+        socket.bind(&own.into()).unwrap();
+        let err = socket.connect(&own.into()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS), "{err}");
+        socket
+    });
+    let err = wait_for("the handshake given up", Duration::from_secs(30), || {
+        socket.take_error().unwrap()
+    });
+    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
+    nft("delete table inet held");
+    wait_for_figures(
+        &netns,
+        Figures {
+            connect_failures: 1,
+            ..Figures::default()
+        },
+    );
+    assert_eq!(in_progress_and_table(&netns, "app"), (0.0, 0.0));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}

@@ -46,6 +46,22 @@ pub fn limit_open_files(command: &mut Command, soft: u64, hard: u64) {
     }
 }
 
+/// Sets the TCP socket option `option` of `socket` to `value` (`TCP_DEFER_ACCEPT`'s
+/// seconds, `TCP_FASTOPEN`'s queue, `TCP_SYNCNT`'s retries).
+pub fn set_tcp_option(socket: &impl std::os::fd::AsRawFd, option: libc::c_int, value: libc::c_int) {
+    // SAFETY: a socket option of the socket's open descriptor, from a local of its size.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            (&raw const value).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
+        )
+    };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+}
+
 /// Fails loudly without root: a privileged test that skips proves nothing.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
