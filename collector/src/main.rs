@@ -28,6 +28,7 @@ mod netns;
 mod nfnetlink;
 mod nft;
 mod nft_claim;
+mod nft_continuity;
 mod nft_tool;
 mod open_files;
 mod orphans;

@@ -254,11 +254,11 @@ fn find_be32(attrs: &[(u16, &[u8])], kind: u16) -> Option<u32> {
         .map(u32::from_be_bytes)
 }
 
-fn be64(payload: &[u8]) -> u64 {
+fn be64(payload: &[u8]) -> Option<u64> {
     payload
         .get(..8)
         .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
+        .map(u64::from_be_bytes)
 }
 
 /// Whether the kernel marked `message` (a reply, its header included) as part of a dump
@@ -294,19 +294,28 @@ fn exchange(message: &[u8], wanted: u16, mut each: impl FnMut(u8, &[u8])) -> io:
 pub fn read_counters(table: &str) -> io::Result<Vec<Counter>> {
     netlink_dump::retry_interrupted(|| {
         let mut counters = Vec::new();
+        let mut unreadable = None;
         objects_dump(table, Some(NFT_OBJECT_COUNTER), |name, _, attrs| {
-            let Some(data) = find(attrs, NFTA_OBJ_DATA) else {
-                return;
-            };
-            let data = attributes(data);
-            let value = |kind| find(&data, kind).map_or(0, be64);
-            counters.push(Counter {
-                name,
-                packets: value(NFTA_COUNTER_PACKETS),
-                bytes: value(NFTA_COUNTER_BYTES),
-            });
+            let data = find(attrs, NFTA_OBJ_DATA).map(attributes);
+            let value = |kind| data.as_ref().and_then(|data| be64(find(data, kind)?));
+            match (value(NFTA_COUNTER_PACKETS), value(NFTA_COUNTER_BYTES)) {
+                (Some(packets), Some(bytes)) => counters.push(Counter {
+                    name,
+                    packets,
+                    bytes,
+                }),
+                _ => unreadable = Some(name),
+            }
         })?;
-        Ok(counters)
+        // An error, not a zero: a count read as 0 and then read again would look reset, and
+        // a counter left out as removed.
+        match unreadable {
+            Some(name) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the nf_tables counter {name} came without its counts"),
+            )),
+            None => Ok(counters),
+        }
     })
 }
 
@@ -352,7 +361,7 @@ fn table_header(table: &str) -> io::Result<Option<TableContents>> {
         |_, body| {
             let attrs = attributes(body);
             found = Some(TableContents {
-                handle: find(&attrs, NFTA_TABLE_HANDLE).map_or(0, be64),
+                handle: find(&attrs, NFTA_TABLE_HANDLE).and_then(be64).unwrap_or(0),
                 flags: find_be32(&attrs, NFTA_TABLE_FLAGS).unwrap_or(0),
                 use_count: find_be32(&attrs, NFTA_TABLE_USE).unwrap_or(0),
                 userdata: find(&attrs, NFTA_TABLE_USERDATA).map(<[u8]>::to_vec),
@@ -616,7 +625,8 @@ mod tests {
         let parsed = attributes(&message[HEADERS..]);
         assert_eq!(parsed[0], (NFTA_OBJ_TABLE, &b"collector\0"[..]));
         assert_eq!(parsed[1], (NFTA_OBJ_TYPE, &[0, 0, 0, 1][..]));
-        assert_eq!(be64(&7u64.to_be_bytes()), 7);
+        assert_eq!(be64(&7u64.to_be_bytes()), Some(7));
+        assert_eq!(be64(&[0; 4]), None);
         // A length running past the end stops the walk instead of panicking.
         assert!(attributes(&[200, 0, 1, 0, 0, 0]).is_empty());
         // Only a reply the kernel marked is an interrupted dump's.

@@ -36,6 +36,7 @@ use crate::{
     config::{Config, NftEnabled},
     nfnetlink::{self, TableContents},
     nft_claim::{self, Holder, TableClaim},
+    nft_continuity::Continuity,
     nft_tool, poller,
     snapshot::SourceHealth,
 };
@@ -434,6 +435,9 @@ fn element_key(protocol: Protocol, port: u16) -> [u8; 8] {
     [protocol.number(), 0, 0, 0, high, low, 0, 0]
 }
 
+/// Reads of the counters before a ruleset that changes under each gives up for this poll.
+const READ_TRIES: usize = 3;
+
 /// Our table, made at start and removed at stop.
 pub struct NftTable {
     name: String,
@@ -564,8 +568,28 @@ impl NftTable {
     /// table is read whole again. A table gone, changed or missing a counter is
     /// [`NftError::Removed`].
     pub fn read(&mut self) -> Result<Vec<CounterValue>, NftError> {
-        self.verify()?;
-        let read = nfnetlink::read_counters(&self.name)?;
+        // The counters are read by name: a table made again between the check and the read
+        // (a saved ruleset restored, with its old counts) would pass for ours. So the
+        // generation is read again after them, and a read the ruleset moved under is done
+        // again, after a new check.
+        for _ in 0..READ_TRIES {
+            self.verify()?;
+            let read = nfnetlink::read_counters(&self.name)?;
+            if self.verified == Some(nfnetlink::generation()?) {
+                return self.counters_from(&read);
+            }
+        }
+        Err(NftError::Netlink(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            format!("the ruleset changed during each of {READ_TRIES} reads of our counters"),
+        )))
+    }
+
+    /// The planned counters' values in `read`, kept as the last read.
+    fn counters_from(
+        &mut self,
+        read: &[nfnetlink::Counter],
+    ) -> Result<Vec<CounterValue>, NftError> {
         let counters = self
             .counters
             .iter()
@@ -708,6 +732,8 @@ pub struct Source {
     /// its own: a stuck `nft` holds it, not the poll loop, for up to `[nftables]
     /// nft_timeout_ms`.
     making: Option<Making>,
+    /// Carries the counts over a table made again or a reset, so that the series only grow.
+    continuity: Continuity,
 }
 
 struct Making {
@@ -746,6 +772,7 @@ impl Source {
                 Adopt::Nothing
             },
             making: None,
+            continuity: Continuity::default(),
         };
         source.enabled = match config.nftables.enabled {
             NftEnabled::On => true,
@@ -945,7 +972,7 @@ impl Source {
         let read = table.read();
         self.health.record(&read, began.elapsed());
         let counters = match read {
-            Ok(counters) => counters,
+            Ok(counters) => self.continuity.continued(counters),
             Err(err @ NftError::Removed { .. }) => {
                 self.forget_removed_table(&err);
                 Vec::new()
@@ -953,7 +980,7 @@ impl Source {
             // A read that failed otherwise (a dump interrupted again and again, ENOBUFS)
             // leaves the table as it was: its series go on at their last counts, for series
             // missing from a scrape end in Prometheus. The source's health says it failed.
-            Err(_) => table.last_read.clone(),
+            Err(_) => self.continuity.continued(table.last_read.clone()),
         };
         poller::NftView {
             counters,
@@ -965,6 +992,7 @@ impl Source {
     fn forget_removed_table(&mut self, err: &NftError) {
         tracing::warn!("{err}");
         self.table = None;
+        self.continuity.table_gone();
         self.found_changed = true;
         self.polls_until_retry = 0;
         // `auto` looks at the hooks again before it makes the table again: what removed
@@ -1034,7 +1062,14 @@ fn remove_what_is_left(config: &Config) {
         Ok(Leftover::Ours) => {
             tracing::info!("removed what was left of our nftables table inet {table}");
         }
-        Ok(_) => {}
+        // Changed by someone into one we do not recognise (a chain or set added): its
+        // chains may still hook every packet.
+        Ok(Leftover::NotOurs(why)) => {
+            tracing::warn!(
+                "left the nftables table inet {table}: it is no longer the one the collector made (it {why}), and its chains may still hook every packet; `nft delete table inet {table}` removes it once nobody needs what was added"
+            );
+        }
+        Ok(Leftover::Absent) => {}
         Err(err) => {
             tracing::warn!("removing what was left of our nftables table inet {table}: {err}");
         }

@@ -969,18 +969,59 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
     );
     let text = mended(&netns, "the removal to be noticed and mended");
     assert_has_table(&netns, &config.nft_table);
-    // Made anew, from zero.
-    assert_eq!(route_packets(&text, "in").1, Some(0.0));
+    // Made anew, its counts from zero, the series goes on from where it was: no drop that
+    // a count climbing past it before the next scrape would hide from Prometheus.
+    assert_eq!(route_packets(&text, "in").1, Some(before));
+
+    // And counts on with eBPF, as if nothing happened.
+    connections(&netns, 4);
+    assert_nft_equals_ebpf(&netns, 7);
+    assert!(agent.stop().success());
+    assert_no_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Our counters zeroed under the running agent (`nft reset counters`, as a script that takes
+/// deltas might run): the series go on from their last counts, and on counting exactly.
+/// Until 2026-12-04 they fell to zero, a reset that a count climbing back past the old value
+/// before the next scrape hid from Prometheus.
+#[test]
+fn counters_reset_under_the_agent_go_on_from_their_last_counts() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 3);
+    let before = assert_nft_equals_ebpf(&netns, 3);
+
+    let polls = || sample(&scrape(&netns), "collector_polls_total", &[]).unwrap();
+    let polls_at_reset = polls();
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "nft",
+            "reset",
+            "counters",
+            "table",
+            "inet",
+            &config.nft_table,
+        ],
+    );
+    assert!(
+        table(&netns, &config.nft_table).contains("packets 0 bytes 0"),
+        "{}",
+        table(&netns, &config.nft_table)
+    );
+    // Two polls on, the reset was read: as no drop.
+    wait_for("two polls", Duration::from_secs(10), || {
+        (polls() >= polls_at_reset + 2.0).then_some(())
+    });
+    assert_eq!(route_packets(&scrape(&netns), "in").1, Some(before));
 
     connections(&netns, 4);
-    let metrics = settled_scrape(
-        &netns,
-        "the new connections, with both sources standing still",
-        |text| (route_packets(text, "in"), route_packets(text, "out")),
-        |((_, nft_in), _)| nft_in.is_some_and(|packets| packets > 0.0),
-    );
-    let (ebpf_in, nft_in) = route_packets(&metrics, "in");
-    assert_eq!(nft_in.unwrap(), ebpf_in.unwrap() - before);
+    assert_nft_equals_ebpf(&netns, 7);
     assert!(agent.stop().success());
     assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
@@ -989,10 +1030,11 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
 /// A saved ruleset restored (`nft list ruleset > /etc/nftables.conf` while the agent ran, then
 /// a reload, or the boot that loads it) brings our table back with the counts it had when it
 /// was saved. Adopted, it would show Prometheus a drop to an old count, which `increase()`
-/// takes for a reset and counts again. A running agent replaces it, and so does a start that
-/// does not continue a crashed run's counters: both count from zero.
+/// takes for a reset and counts again. A running agent replaces it, its series going on from
+/// its own last counts; so does a start that does not continue a crashed run's counters,
+/// which counts from zero.
 #[test]
-fn a_table_restored_from_a_saved_ruleset_is_replaced_and_counts_from_zero() {
+fn a_table_restored_from_a_saved_ruleset_is_replaced_and_its_counts_not_taken() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
@@ -1004,13 +1046,13 @@ fn a_table_restored_from_a_saved_ruleset_is_replaced_and_counts_from_zero() {
         "the save holds the counts: {saved}"
     );
     connections(&netns, 2);
-    assert_nft_equals_ebpf(&netns, 5);
+    let last_packets = assert_nft_equals_ebpf(&netns, 5);
 
     nft_script(&netns, &format!("flush ruleset\n{saved}"));
     let text = mended(&netns, "the restored table to be noticed and replaced");
     assert_eq!(
         route_packets(&text, "in").1,
-        Some(0.0),
+        Some(last_packets),
         "{}",
         table(&netns, &config.nft_table)
     );
@@ -1193,7 +1235,8 @@ fn a_table_whose_rules_were_flushed_is_made_again() {
         "{}",
         table(&netns, name)
     );
-    assert_eq!(route_packets(&text, "in").1, Some(0.0));
+    // Made anew under the running agent: the series goes on from its last count.
+    assert_eq!(route_packets(&text, "in").1, Some(nft_5));
     let error = proxy_json(&netns)["sources"]["nft"]["lastError"].clone();
     assert!(
         error
@@ -1204,7 +1247,7 @@ fn a_table_whose_rules_were_flushed_is_made_again() {
     );
     connections(&netns, 4);
     let (ebpf_9, nft_9) = settled(9.0);
-    assert_eq!(nft_9, ebpf_9 - ebpf_5);
+    assert_eq!(nft_9 - nft_5, ebpf_9 - ebpf_5);
     assert!(agent.stop().success());
     assert_no_table(&netns, name);
     assert_no_pins(&config.pin_dir);
