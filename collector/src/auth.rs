@@ -26,7 +26,11 @@ use anyhow::{Context as _, bail};
 use axum::http::{HeaderMap, header};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 
-use crate::{config::HttpConfig, file_version::FileVersion};
+use crate::{
+    config::HttpConfig,
+    file_version::FileVersion,
+    secret_reloads::{Secret, SecretReloads},
+};
 
 /// bcrypt checks run at once, over all users and requests: one, so that wrong passwords
 /// sent by anyone who can reach the port take at most one CPU from the proxy beside us.
@@ -141,21 +145,32 @@ struct Users {
 }
 
 /// A secret read from a file, and read again when the file changes (one stat per request).
-/// A file that fails to read or parse keeps the previous secret, and says so once per change.
+/// A file that fails to read or parse keeps the previous secret, and says so once per change,
+/// in the log and to `reloads`.
 struct SecretFile<T> {
     path: PathBuf,
     read: fn(&Path) -> anyhow::Result<T>,
     current: Mutex<(Option<FileVersion>, Arc<T>)>,
+    secret: Secret,
+    reloads: Arc<SecretReloads>,
 }
 
 impl<T> SecretFile<T> {
-    fn open(path: &Path, read: fn(&Path) -> anyhow::Result<T>) -> anyhow::Result<Arc<Self>> {
+    fn open(
+        path: &Path,
+        read: fn(&Path) -> anyhow::Result<T>,
+        secret: Secret,
+        reloads: &Arc<SecretReloads>,
+    ) -> anyhow::Result<Arc<Self>> {
         let stamp = FileVersion::of(path).ok();
         let value = read(path)?;
+        reloads.read_at_start(secret);
         Ok(Arc::new(Self {
             path: path.to_owned(),
             read,
             current: Mutex::new((stamp, Arc::new(value))),
+            secret,
+            reloads: Arc::clone(reloads),
         }))
     }
 
@@ -168,10 +183,14 @@ impl<T> SecretFile<T> {
                 Ok(value) => {
                     tracing::info!(file = %self.path.display(), "reloaded the credentials");
                     current.1 = Arc::new(value);
+                    self.reloads.reloaded(self.secret, true);
                 }
-                Err(err) => tracing::warn!(
-                    "keeping the previous credentials: reloading them failed: {err:#}"
-                ),
+                Err(err) => {
+                    tracing::warn!(
+                        "keeping the previous credentials: reloading them failed: {err:#}"
+                    );
+                    self.reloads.reloaded(self.secret, false);
+                }
             }
         }
         Arc::clone(&current.1)
@@ -213,14 +232,25 @@ pub enum CheckRefused {
 }
 
 impl Credentials {
-    /// Reads the token and user files the config names.
-    pub fn from_config(http: &HttpConfig) -> anyhow::Result<Self> {
+    /// Reads the token and user files the config names; `reloads` hears how each later
+    /// read went.
+    pub fn from_config(http: &HttpConfig, reloads: &Arc<SecretReloads>) -> anyhow::Result<Self> {
         let token = match &http.bearer_token_file {
-            Some(path) => Some(SecretFile::open(path, read_token)?),
+            Some(path) => Some(SecretFile::open(
+                path,
+                read_token,
+                Secret::BearerToken,
+                reloads,
+            )?),
             None => None,
         };
         let users = match &http.basic_auth_users_file {
-            Some(path) => Some(SecretFile::open(path, read_users)?),
+            Some(path) => Some(SecretFile::open(
+                path,
+                read_users,
+                Secret::BasicAuthUsers,
+                reloads,
+            )?),
             None => None,
         };
         Ok(Self {
@@ -571,10 +601,13 @@ mod tests {
     /// Credentials with the token `tok` and the user `u`, password `pw`, in files of `scratch`.
     fn token_and_user(scratch: &Scratch) -> Credentials {
         let hash = bcrypt::hash("pw", 4).unwrap();
-        Credentials::from_config(&config(
-            Some(scratch.write("token", "tok\n", 1)),
-            Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
-        ))
+        Credentials::from_config(
+            &config(
+                Some(scratch.write("token", "tok\n", 1)),
+                Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
+            ),
+            &Arc::default(),
+        )
         .unwrap()
     }
 
@@ -642,10 +675,13 @@ mod tests {
         let scratch = Scratch::new("turns");
         // A cost that keeps each check busy long enough for the others to pile up.
         let hash = bcrypt::hash("pw", 8).unwrap();
-        let credentials = Credentials::from_config(&config(
-            None,
-            Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
-        ))
+        let credentials = Credentials::from_config(
+            &config(
+                None,
+                Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
+            ),
+            &Arc::default(),
+        )
         .unwrap();
         let attempts: Vec<_> = (0..WRONG + RIGHT)
             .map(|attempt| {
@@ -675,14 +711,17 @@ mod tests {
     async fn a_check_that_waited_is_judged_by_the_file_as_it_is_then() {
         let scratch = Scratch::new("waited");
         let hash = |password: &str| bcrypt::hash(password, 4).unwrap();
-        let credentials = Credentials::from_config(&config(
-            None,
-            Some(scratch.write(
-                "users",
-                &format!("u:{}\nw:{}\n", hash("old"), hash("wpw")),
-                1,
-            )),
-        ))
+        let credentials = Credentials::from_config(
+            &config(
+                None,
+                Some(scratch.write(
+                    "users",
+                    &format!("u:{}\nw:{}\n", hash("old"), hash("wpw")),
+                    1,
+                )),
+            ),
+            &Arc::default(),
+        )
         .unwrap();
         let waiting = |given: &str| {
             let Judgement::Check(check) = credentials.judge(&basic(given)) else {
@@ -706,10 +745,13 @@ mod tests {
     async fn rotated_secrets_are_taken_without_a_restart() {
         let scratch = Scratch::new("rotation");
         let old_hash = bcrypt::hash("old", 4).unwrap();
-        let credentials = Credentials::from_config(&config(
-            Some(scratch.write("token", "first\n", 1)),
-            Some(scratch.write("users", &format!("u:{old_hash}\n"), 1)),
-        ))
+        let credentials = Credentials::from_config(
+            &config(
+                Some(scratch.write("token", "first\n", 1)),
+                Some(scratch.write("users", &format!("u:{old_hash}\n"), 1)),
+            ),
+            &Arc::default(),
+        )
         .unwrap();
         assert_eq!(admit(&credentials, &with("Bearer first")).await, Ok(()));
         assert_eq!(admit(&credentials, &basic("u:old")).await, Ok(()));

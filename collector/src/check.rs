@@ -487,8 +487,12 @@ fn http(http: &HttpConfig) -> Verdict {
             "no credentials or TLS configured ([http])".to_owned(),
         );
     }
-    let loaded = serve::Guard::from_config(http)
-        .and_then(|_| http.tls.as_ref().map(tls::server_config).transpose());
+    let loaded = serve::Guard::from_config(http).and_then(|guard| {
+        http.tls
+            .as_ref()
+            .map(|files| tls::server_config(files, guard.reloads))
+            .transpose()
+    });
     match loaded {
         Ok(_) => verdict(Status::Pass, format!("loaded: {}", files.join(", "))),
         Err(err) => verdict(

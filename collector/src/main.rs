@@ -40,6 +40,7 @@ mod privileges;
 mod process;
 mod program_loading;
 mod rates;
+mod secret_reloads;
 mod serve;
 mod signals;
 mod slots;
@@ -420,7 +421,7 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         .http
         .tls
         .as_ref()
-        .map(tls::server_config)
+        .map(|files| tls::server_config(files, Arc::clone(&guard.reloads)))
         .transpose()?;
     for warning in config.start_warnings() {
         tracing::warn!("{warning}");

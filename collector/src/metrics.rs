@@ -27,6 +27,7 @@ use crate::{
     counters::NameRole,
     dns::{COMMON_QTYPES, OPCODE_NAMES, RCODE_NAMES, qtype_name},
     process::ProcessStats,
+    secret_reloads::SecretReloads,
     snapshot::{RouteSnapshot, Snapshot, UpstreamSnapshot, bucket_upper_seconds},
 };
 
@@ -1073,11 +1074,37 @@ fn encode_process(process: Option<&ProcessStats>, encoder: &mut DescriptorEncode
     )
 }
 
+/// The endpoint's secret files: how their last reload went, and when the certificate
+/// served expires.
+fn encode_secrets(reloads: &SecretReloads, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    gauges(
+        encoder,
+        "collector_http_secret_last_reload_successful",
+        "Whether the last read of each secret file the endpoint serves with succeeded (tls: the certificate and key as a pair; bearer_token; basic_auth_users). A file is read again when it changes, at the next request (tls: the next handshake); 0 keeps the previous secret in use.",
+        None,
+        reloads
+            .last_reloads()
+            .map(|(secret, ok)| (vec![("secret", secret.label().to_owned())], i64::from(ok))),
+    )?;
+    if let Some(not_after) = reloads.certificate_not_after() {
+        single(
+            encoder,
+            "collector_http_tls_certificate_expiration_timestamp",
+            "When the TLS certificate the endpoint serves expires (its notAfter), since the epoch.",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+            &ConstGauge::new(not_after),
+        )?;
+    }
+    Ok(())
+}
+
 /// Exposes the latest snapshot on every scrape, and the process as it is at the scrape:
 /// its CPU and memory move on while the poll is stuck or failing, when they matter most.
 #[derive(Debug)]
 pub struct SnapshotCollector {
     latest: Arc<crate::poller::SharedSnapshot>,
+    secrets: Arc<SecretReloads>,
     process: fn() -> Option<ProcessStats>,
 }
 
@@ -1091,23 +1118,32 @@ impl Collector for SnapshotCollector {
         encode_dns(&snapshot, &mut encoder)?;
         encode_interfaces_and_sources(&snapshot, &mut encoder)?;
         encode_self(&snapshot, &mut encoder)?;
+        encode_secrets(&self.secrets, &mut encoder)?;
         encode_process((self.process)().as_ref(), &mut encoder)
     }
 }
 
-/// A registry exposing the shared snapshot and this process.
+/// A registry exposing the shared snapshot, the endpoint's secret files and this process.
 #[must_use]
-pub fn registry(latest: Arc<crate::poller::SharedSnapshot>) -> Registry {
-    registry_reading(latest, ProcessStats::read_or_log)
+pub fn registry(
+    latest: Arc<crate::poller::SharedSnapshot>,
+    secrets: Arc<SecretReloads>,
+) -> Registry {
+    registry_reading(latest, secrets, ProcessStats::read_or_log)
 }
 
 /// [`registry`], with the process figures from `process`.
 fn registry_reading(
     latest: Arc<crate::poller::SharedSnapshot>,
+    secrets: Arc<SecretReloads>,
     process: fn() -> Option<ProcessStats>,
 ) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector { latest, process }));
+    registry.register_collector(Box::new(SnapshotCollector {
+        latest,
+        secrets,
+        process,
+    }));
     registry
 }
 
@@ -1148,7 +1184,7 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::poller::SharedSnapshot;
+    use crate::{poller::SharedSnapshot, secret_reloads::Secret};
 
     #[test]
     fn classic_text_names_counters_by_their_samples() {
@@ -1168,7 +1204,7 @@ mod tests {
         snapshot.interface_stats[0].name = name.into();
         let latest = Arc::new(SharedSnapshot::default());
         latest.store(snapshot);
-        let text = render(&registry(latest)).unwrap();
+        let text = render(&registry(latest, Arc::default())).unwrap();
         for line in [
             r#"collector_interface_info{interface="a\"b\\c"} 1"#,
             r#"collector_interface_receive_bytes_total{interface="a\"b\\c"} 1000"#,
@@ -1185,7 +1221,7 @@ mod tests {
         snapshot.upstreams.clear();
         let latest = Arc::new(SharedSnapshot::default());
         latest.store(snapshot);
-        let text = render(&registry(latest)).unwrap();
+        let text = render(&registry(latest, Arc::default())).unwrap();
         let declared: Vec<&str> = text
             .lines()
             .filter_map(|line| line.strip_prefix("# TYPE collector_proxy_upstream_"))
@@ -1216,7 +1252,7 @@ mod tests {
         let rendered = |snapshot: Snapshot| {
             let latest = Arc::new(SharedSnapshot::default());
             latest.store(snapshot);
-            render(&registry(latest)).unwrap()
+            render(&registry(latest, Arc::default())).unwrap()
         };
         let mut snapshot = Snapshot::example();
         let entries = |text: &str| {
@@ -1261,17 +1297,25 @@ mod tests {
     fn renders_the_golden_exposition() {
         let latest = Arc::new(SharedSnapshot::default());
         latest.store(Snapshot::example());
-        let text = render(&registry_reading(latest, || Some(ProcessStats::EXAMPLE)))
-            .unwrap()
-            // The golden file holds for every version.
-            .replace(
-                concat!("version=\"", env!("CARGO_PKG_VERSION"), "\""),
-                "version=\"VERSION\"",
-            )
-            .replace(
-                concat!("revision=\"", env!("COLLECTOR_REVISION"), "\""),
-                "revision=\"REVISION\"",
-            );
+        // TLS and users in use, the users' last reload failed.
+        let secrets = Arc::new(SecretReloads::default());
+        secrets.read_at_start(Secret::Tls);
+        secrets.read_at_start(Secret::BasicAuthUsers);
+        secrets.reloaded(Secret::BasicAuthUsers, false);
+        secrets.certificate_served(Some(1_800_000_000));
+        let text = render(&registry_reading(latest, secrets, || {
+            Some(ProcessStats::EXAMPLE)
+        }))
+        .unwrap()
+        // The golden file holds for every version.
+        .replace(
+            concat!("version=\"", env!("CARGO_PKG_VERSION"), "\""),
+            "version=\"VERSION\"",
+        )
+        .replace(
+            concat!("revision=\"", env!("COLLECTOR_REVISION"), "\""),
+            "revision=\"REVISION\"",
+        );
         let golden = include_str!("testdata/metrics.golden");
         assert_eq!(text, golden, "rendered:\n{text}");
     }

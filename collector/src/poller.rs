@@ -553,7 +553,8 @@ mod tests {
             ..Snapshot::example()
         });
 
-        let text = metrics::render(&metrics::registry(Arc::clone(&shared))).unwrap();
+        let text =
+            metrics::render(&metrics::registry(Arc::clone(&shared), Arc::default())).unwrap();
         assert!(
             text.contains("collector_interface_receive_bytes_total{interface=\"lo\"} 7"),
             "{text}"
@@ -597,7 +598,8 @@ mod tests {
         assert_eq!(after.routes, good.routes);
         assert_eq!(after.dns, good.dns);
         assert_eq!(after.poll, poll);
-        let text = metrics::render(&metrics::registry(Arc::clone(&shared))).unwrap();
+        let text =
+            metrics::render(&metrics::registry(Arc::clone(&shared), Arc::default())).unwrap();
         let line = |name: &str| {
             text.lines()
                 .find(|line| line.starts_with(name))

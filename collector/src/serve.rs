@@ -47,6 +47,7 @@ use crate::{
     event_stream::{EventHub, HEARTBEAT_INTERVAL, StreamEvent},
     metrics,
     poller::SharedSnapshot,
+    secret_reloads::SecretReloads,
     tls,
 };
 
@@ -155,6 +156,8 @@ pub struct Guard {
     pub streams: Arc<tokio::sync::Semaphore>,
     pub timeout: std::time::Duration,
     pub connections: ConnectionLimits,
+    /// How the secret files' reloads went (the TLS certificate's too), for `/metrics`.
+    pub reloads: Arc<SecretReloads>,
 }
 
 /// Connections open at once, in all and from one address.
@@ -168,8 +171,9 @@ impl Guard {
     /// From the config; reads the token and user files (a missing or malformed one is an
     /// error).
     pub fn from_config(http: &crate::config::HttpConfig) -> anyhow::Result<Self> {
+        let reloads = Arc::default();
         Ok(Self {
-            credentials: auth::Credentials::from_config(http)?,
+            credentials: auth::Credentials::from_config(http, &reloads)?,
             permits: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_requests)),
             streams: Arc::new(tokio::sync::Semaphore::new(http.max_event_streams)),
             timeout: http.request_timeout,
@@ -177,6 +181,7 @@ impl Guard {
                 total: http.max_connections,
                 per_address: http.max_connections_per_address,
             },
+            reloads,
         })
     }
 }
@@ -268,7 +273,10 @@ pub fn router(sources: Sources, guard_with: Guard) -> Router {
         hub,
         liveness,
     } = sources;
-    let registry = Arc::new(metrics::registry(Arc::clone(&latest)));
+    let registry = Arc::new(metrics::registry(
+        Arc::clone(&latest),
+        Arc::clone(&guard_with.reloads),
+    ));
     Router::new()
         .route("/metrics", get(serve_metrics))
         .route("/api/v1/proxy", get(serve_proxy))

@@ -22,7 +22,10 @@ use rustls::{
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-use crate::file_version::FileVersion;
+use crate::{
+    file_version::FileVersion,
+    secret_reloads::{Secret, SecretReloads},
+};
 
 /// Longest a client may take over its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,14 +37,20 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// A server config whose certificate follows its files.
-pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
+/// A server config whose certificate follows its files; `reloads` hears how each reload
+/// went and when the certificate served expires.
+pub fn server_config(
+    files: &TlsFiles,
+    reloads: Arc<SecretReloads>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let stamp = stamp(files)?;
+    let (key, not_after) = load(files)?;
+    reloads.read_at_start(Secret::Tls);
+    reloads.certificate_served(not_after);
     let resolver = ReloadingCert {
-        current: Mutex::new(Loaded {
-            stamp: stamp(files)?,
-            key: load(files)?,
-        }),
+        current: Mutex::new(Loaded { stamp, key }),
         files: files.clone(),
+        reloads,
     };
     let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -60,6 +69,7 @@ struct Loaded {
 struct ReloadingCert {
     files: TlsFiles,
     current: Mutex<Loaded>,
+    reloads: Arc<SecretReloads>,
 }
 
 impl fmt::Debug for ReloadingCert {
@@ -81,13 +91,18 @@ impl ResolvesServerCert for ReloadingCert {
             // changes, not logged on every handshake.
             current.stamp = stamp;
             match load(&self.files) {
-                Ok(key) => {
+                Ok((key, not_after)) => {
                     tracing::info!(cert = %self.files.cert.display(), "reloaded the TLS certificate");
                     current.key = key;
+                    self.reloads.certificate_served(not_after);
+                    self.reloads.reloaded(Secret::Tls, true);
                 }
-                Err(err) => tracing::warn!(
-                    "keeping the previous TLS certificate: reloading it failed: {err:#}"
-                ),
+                Err(err) => {
+                    tracing::warn!(
+                        "keeping the previous TLS certificate: reloading it failed: {err:#}"
+                    );
+                    self.reloads.reloaded(Secret::Tls, false);
+                }
             }
         }
         Some(Arc::clone(&current.key))
@@ -100,7 +115,9 @@ fn stamp(files: &TlsFiles) -> anyhow::Result<(FileVersion, FileVersion)> {
     Ok((version(&files.cert)?, version(&files.key)?))
 }
 
-fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
+/// The certificate and key, and when the certificate expires (seconds since the epoch; `None`
+/// if that cannot be read from a certificate rustls takes).
+fn load(files: &TlsFiles) -> anyhow::Result<(Arc<CertifiedKey>, Option<i64>)> {
     let chain = CertificateDer::pem_file_iter(&files.cert)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .with_context(|| format!("reading the TLS certificate {}", files.cert.display()))?;
@@ -109,6 +126,9 @@ fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
         "the TLS certificate file {} holds no certificate",
         files.cert.display()
     );
+    let not_after = x509_parser::parse_x509_certificate(&chain[0])
+        .ok()
+        .map(|(_, certificate)| certificate.validity().not_after.timestamp());
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("reading the TLS key {}", files.key.display()))?;
     let certified =
@@ -119,7 +139,7 @@ fn load(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
                 files.cert.display()
             )
         })?;
-    Ok(Arc::new(certified))
+    Ok((Arc::new(certified), not_after))
 }
 
 /// The TLS handshake of an accepted connection, within [`HANDSHAKE_TIMEOUT`]; `None` (said

@@ -120,6 +120,35 @@ fn curl(netns: &Netns, ca: &Path, path: &str, user: Option<&str>) -> (u16, Strin
     (code.trim().parse().unwrap_or(0), response.to_owned())
 }
 
+/// A users file with [`USER`] and [`PASSWORD`], in `scratch`.
+fn users_file(scratch: &ScratchDir) -> PathBuf {
+    let users = scratch.path("users");
+    // The tool operators are told to use; -C 4 keeps the test quick.
+    stdout_of(
+        Command::new("htpasswd")
+            .args(["-B", "-C", "4", "-b", "-c"])
+            .arg(&users)
+            .args([USER, PASSWORD]),
+    );
+    users
+}
+
+/// When `cert` expires (its notAfter), in seconds since the epoch.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "a date in seconds, exact in f64"
+)]
+fn not_after(cert: &Path) -> f64 {
+    let end = stdout_of(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-enddate", "-in"])
+            .arg(cert),
+    );
+    let date = end.trim().strip_prefix("notAfter=").unwrap().to_owned();
+    let seconds = stdout_of(Command::new("date").args(["-u", "-d", &date, "+%s"]));
+    seconds.trim().parse::<u64>().unwrap() as f64
+}
+
 fn authorized() -> String {
     format!("{USER}:{PASSWORD}")
 }
@@ -131,14 +160,7 @@ fn https_and_basic_auth_guard_exact_counts() {
     let netns = Netns::new();
     let scratch = ScratchDir::new("https");
     let (cert, key) = self_signed(&scratch.0, "first");
-    let users = scratch.path("users");
-    // The tool operators are told to use; -C 4 keeps the test quick.
-    stdout_of(
-        Command::new("htpasswd")
-            .args(["-B", "-C", "4", "-b", "-c"])
-            .arg(&users)
-            .args([USER, PASSWORD]),
-    );
+    let users = users_file(&scratch);
     let token = scratch.path("token");
     fs::write(&token, "cli-token\n").unwrap();
     let (served_cert, served_key) = (scratch.path("tls.crt"), scratch.path("tls.key"));
@@ -684,5 +706,73 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     assert!(stream.try_wait().is_none(), "the event stream was closed");
     drop(stream);
     drop((bystander, silent, over, refill));
+    assert!(agent.stop().success());
+}
+
+/// A secret file that fails to load again keeps the previous secret in use, and `/metrics`
+/// says so, beside when the certificate served expires: a renewal that cannot be loaded was
+/// found only when the old certificate expired and every scrape failed.
+#[test]
+fn a_failed_reload_keeps_the_previous_secret_and_the_metrics_say_so() {
+    let netns = Netns::new();
+    let scratch = ScratchDir::new("reloads");
+    let (cert, key) = self_signed(&scratch.0, "first");
+    let users = users_file(&scratch);
+    let (served_cert, served_key) = (scratch.path("tls.crt"), scratch.path("tls.key"));
+    fs::copy(&cert, &served_cert).unwrap();
+    fs::copy(&key, &served_key).unwrap();
+    let config = AgentConfig::new(&format!(
+        "[[routes]]\nname = \"web\"\nports = [{PORT}]\ntype = \"tcp\"\n\n[http]\nbasic_auth_users_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        users.display(),
+        served_cert.display(),
+        served_key.display()
+    ));
+    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
+        curl(&netns, &cert, "/readyz", None).0 == 200
+    });
+    // The last reloads of the certificate and the users, and when the certificate served
+    // expires, as a scrape trusting `ca` with the user's password reads them.
+    let figures = |ca: &Path| {
+        let (status, metrics) = curl(&netns, ca, "/metrics", Some(&authorized()));
+        assert_eq!(status, 200, "{metrics}");
+        let reload = |secret: &str| {
+            sample(
+                &metrics,
+                "collector_http_secret_last_reload_successful",
+                &[("secret", secret)],
+            )
+        };
+        (
+            reload("tls"),
+            reload("basic_auth_users"),
+            sample(
+                &metrics,
+                "collector_http_tls_certificate_expiration_timestamp_seconds",
+                &[],
+            ),
+        )
+    };
+    let first_expires = not_after(&cert);
+    assert_eq!(figures(&cert), (Some(1.0), Some(1.0), Some(first_expires)));
+
+    // A renewal that is no certificate, and a line without a hash added to the users: this
+    // scrape's handshake and its password read them again, and keep the previous ones.
+    fs::write(&served_cert, "not a certificate\n").unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&users)
+        .unwrap()
+        .write_all(b"no-hash-here\n")
+        .unwrap();
+    assert_eq!(figures(&cert), (Some(0.0), Some(0.0), Some(first_expires)));
+
+    // Good ones again.
+    rotate_in_place(&netns, &scratch, &cert, (&served_cert, &served_key));
+    users_file(&scratch);
+    let second_expires = not_after(&served_cert);
+    assert_eq!(
+        figures(&served_cert),
+        (Some(1.0), Some(1.0), Some(second_expires))
+    );
     assert!(agent.stop().success());
 }
