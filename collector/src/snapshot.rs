@@ -633,12 +633,17 @@ impl Snapshot {
             interfaces: vec!["lo".into()],
             interface_stats: vec![InterfaceSnapshot {
                 name: "lo".into(),
+                // Each count its own, so that one exported in another's place shows.
                 stats: crate::links::InterfaceStats {
                     rx_bytes: 1000,
                     rx_packets: 10,
-                    tx_bytes: 1000,
-                    tx_packets: 10,
-                    ..crate::links::InterfaceStats::default()
+                    rx_errors: 1,
+                    rx_dropped: 2,
+                    rx_missed: 3,
+                    tx_bytes: 2000,
+                    tx_packets: 20,
+                    tx_errors: 4,
+                    tx_dropped: 5,
                 },
             }],
             tc_hooks: vec![example_tc_hook()],

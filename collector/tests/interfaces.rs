@@ -400,6 +400,8 @@ fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
         sample(&metrics, "collector_source_up", &[("source", "netlink")]),
         Some(1.0)
     );
+    // No series of it is left, counters and hooks alike.
+    assert!(!metrics.contains("interface=\"vcoll0\""), "{metrics}");
     assert_eq!(
         sample(
             &metrics,
