@@ -277,7 +277,7 @@ impl Credentials {
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok());
         if let (Some(token), Some(given)) =
-            (&self.token, given.and_then(|v| v.strip_prefix("Bearer ")))
+            (&self.token, given.and_then(|v| credentials_of(v, "Bearer")))
             && same_secret(given.as_bytes(), token.current().as_bytes())
         {
             return Judgement::Admitted;
@@ -288,7 +288,7 @@ impl Credentials {
             _ => "Bearer",
         });
         if let (Some(source), Some(given)) =
-            (&self.users, given.and_then(|v| v.strip_prefix("Basic ")))
+            (&self.users, given.and_then(|v| credentials_of(v, "Basic")))
             && let Some((user, password)) = decode_basic(given)
         {
             let users = source.current();
@@ -386,6 +386,15 @@ fn decode_basic(given: &str) -> Option<(String, String)> {
 }
 
 /// Compares in time independent of where the first difference is.
+/// The credentials of an `Authorization` value in `scheme`, which HTTP matches without
+/// regard to case, after one or more spaces (RFC 9110, 11.4): `bearer  tok` is a token too.
+fn credentials_of<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let (given, credentials) = value.split_once(' ')?;
+    given
+        .eq_ignore_ascii_case(scheme)
+        .then(|| credentials.trim_start_matches(' '))
+}
+
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len()
         && given
@@ -656,6 +665,10 @@ mod tests {
         let credentials = token_and_user(&scratch);
         assert_eq!(admit(&credentials, &with("Bearer tok")).await, Ok(()));
         assert!(admit(&credentials, &with("Bearer nope")).await.is_err());
+        // The scheme in any case, after any number of spaces.
+        assert_eq!(admit(&credentials, &with("bearer  tok")).await, Ok(()));
+        assert_eq!(admit(&credentials, &with("BASIC dTpwdw==")).await, Ok(()));
+        assert!(admit(&credentials, &with("Bearertok")).await.is_err());
         // Twice: the second is answered from the remembered password.
         assert_eq!(admit(&credentials, &basic("u:pw")).await, Ok(()));
         assert_eq!(admit(&credentials, &basic("u:pw")).await, Ok(()));
