@@ -790,7 +790,7 @@ fn send_with_name<E>(
 
 /// Matches the response to its query: latency, cache hit or miss (neither unless `judged`:
 /// a relayed response's server asks its upstreams where this namespace does not see), the
-/// answer event.
+/// answer event. An answer to a query already given up is unmatched.
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined into the classifier: a struct would only be unpacked again"
@@ -824,6 +824,14 @@ fn on_response<const L2: usize>(
     let started = slot.start_ns & !DNS_QUESTION_TAG_MASK;
     slot.start_ns = 0;
     let now = ktime_ns();
+    // Past the timeout the query was given up, whether or not another query of its set has
+    // taken the slot back yet: a late answer comes out the same either way, unanswered and
+    // unmatched, and never as an answer of that latency.
+    if dns_query_given_up(now, started) {
+        counters.unanswered_queries += 1;
+        counters.unmatched_responses += 1;
+        return;
+    }
     let latency = now.wrapping_sub(started);
     counters.answered += 1;
     counters.latency[duration_bucket::<DURATION_BUCKETS>(latency) as usize & 31] += 1;

@@ -1185,6 +1185,18 @@ fn waiting_queries_keep_their_in_flight_slots() {
     answer(&classifiers, ids[0]);
     answer(&classifiers, ids[1]);
     assert_eq!(totals(&classifiers), [11, 1, 1, 2, 2]);
+
+    // An answer after the timeout, before any query of its set took its slot back: its
+    // query was given up, so it is unanswered, and the answer unmatched, as it would be once
+    // the slot was taken. Until 2026-12-04 it was answered, with a latency past the timeout.
+    ask(&classifiers, ids[0]);
+    age(&mut classifiers, ids[0]);
+    answer(&classifiers, ids[0]);
+    assert_eq!(totals(&classifiers), [11, 2, 1, 3, 2]);
+    // Its slot is free: the next query of the flow is a new one, not a retransmission.
+    ask(&classifiers, ids[0]);
+    answer(&classifiers, ids[0]);
+    assert_eq!(totals(&classifiers), [12, 2, 1, 3, 2]);
 }
 
 /// The id used again while the first query waits, for another question (a forwarder that
