@@ -105,6 +105,13 @@ impl Classifiers {
             {
                 *acc += v;
             }
+            for (acc, v) in total
+                .queries_by_opcode
+                .iter_mut()
+                .zip(value.queries_by_opcode)
+            {
+                *acc += v;
+            }
             for (acc, v) in total.malformed.iter_mut().zip(value.malformed) {
                 *acc += v;
             }
@@ -124,6 +131,11 @@ impl Classifiers {
 
     /// Runs the classifier for `direction` on `frame` and says where the packet was counted.
     fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
+        self.run_with_opcode(direction, frame).0
+    }
+
+    /// [`Self::run`], and the opcode a query was counted under.
+    fn run_with_opcode(&self, direction: Direction, frame: &[u8]) -> (Outcome, Option<u8>) {
         let before = self.totals();
         let name = match direction {
             Direction::ToServer => program_names::COUNT_INGRESS,
@@ -161,7 +173,18 @@ impl Classifiers {
             outcomes.len() <= 1,
             "one packet counted more than once: {outcomes:?}"
         );
-        outcomes.first().copied().unwrap_or(Outcome::Ignored)
+        let outcome = outcomes.first().copied().unwrap_or(Outcome::Ignored);
+        let opcodes: Vec<u8> = (0u8..)
+            .zip(after.queries_by_opcode.iter().zip(before.queries_by_opcode))
+            .flat_map(|(opcode, (a, b))| (0..a - b).map(move |_| opcode))
+            .collect();
+        // An opcode for each query counted, and for nothing else.
+        assert_eq!(
+            opcodes.len(),
+            usize::from(matches!(outcome, Outcome::Query(_))),
+            "{outcome:?} counted under opcodes {opcodes:?}"
+        );
+        (outcome, opcodes.first().copied())
     }
 
     fn malformed_reasons(&self) -> [u64; 8] {
@@ -863,7 +886,12 @@ fn seed_message(rng: &mut Rng) -> Vec<u8> {
         .collect();
     let slices: Vec<&[u8]> = labels.iter().map(Vec::as_slice).collect();
     let flags = if rng.below(2) == 0 {
-        QUERY
+        // Now and then another opcode (NOTIFY, UPDATE, unassigned ones).
+        if rng.below(4) == 0 {
+            QUERY | (u16::from(rng.byte() % 16) << 11)
+        } else {
+            QUERY
+        }
     } else {
         RESPONSE | u16::from(rng.byte() % 16)
     };
@@ -922,22 +950,37 @@ fn random_and_mutated_packets_agree_with_hickory() {
     let classifiers = Classifiers::load();
     let mut rng = Rng(SEED);
     let (mut counted, mut malformed) = (0, 0);
+    let mut opcodes_seen = std::collections::BTreeSet::new();
     for n in 0..PACKETS {
         let packet = random_packet(&mut rng);
         let expected = packet.expected();
-        let got = classifiers.run(packet.direction, &packet.frame());
+        let (got, opcode) = classifiers.run_with_opcode(packet.direction, &packet.frame());
         assert_eq!(
             got, expected,
             "packet {n} (seed {SEED:#x}), {:?}, udp_len {:?}: {:02x?}",
             packet.direction, packet.udp_len, packet.payload
         );
+        // A query is counted under the opcode hickory reads.
+        if let Outcome::Query(_) = expected {
+            let header = Header::read(&mut BinDecoder::new(&packet.payload)).unwrap();
+            assert_eq!(
+                opcode,
+                Some(u8::from(header.op_code())),
+                "packet {n} (seed {SEED:#x}): {:02x?}",
+                packet.payload
+            );
+            opcodes_seen.insert(u8::from(header.op_code()));
+        }
         if expected == Outcome::Malformed {
             malformed += 1;
         } else {
             counted += 1;
         }
     }
-    eprintln!("{PACKETS} packets: {counted} counted as DNS, {malformed} malformed");
+    eprintln!(
+        "{PACKETS} packets: {counted} counted as DNS, {malformed} malformed; query opcodes {opcodes_seen:?}"
+    );
+    assert!(opcodes_seen.len() >= 8, "{opcodes_seen:?}");
     // Both sides of the parser were exercised.
     assert!(
         counted > PACKETS / 5 && malformed > PACKETS / 5,
