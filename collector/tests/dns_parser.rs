@@ -199,8 +199,11 @@ struct Packet {
     ipv6: bool,
     /// IPv4 options (a multiple of 4 bytes, at most 40): the header length grows with them.
     ip_options: Vec<u8>,
-    /// IPv6 extension headers (next-header values), each 8 bytes.
+    /// IPv6 extension headers (next-header values).
     extensions: Vec<u8>,
+    /// Their Hdr Ext Len fields, by position (0 where none is given): a header is
+    /// `(len + 1) * 8` bytes long, AH `(len + 2) * 4`, a fragment header 8.
+    extension_lengths: Vec<u8>,
     /// Where the packet lies in a fragmented datagram: IPv4's flags and offset, or those of
     /// the IPv6 fragment header (which `extensions` must hold). The default is a whole
     /// datagram (IPv4 DF, an IPv6 atomic fragment).
@@ -232,17 +235,42 @@ impl Fragment {
 
 const IPPROTO_UDP: u8 = 17;
 
+/// An IPv6 extension header's size from its Hdr Ext Len.
+fn extension_size(kind: u8, len: u8) -> usize {
+    match kind {
+        44 => 8,
+        51 => (usize::from(len) + 2) * 4,
+        _ => (usize::from(len) + 1) * 8,
+    }
+}
+
 impl Packet {
     fn new(direction: Direction, payload: Vec<u8>) -> Self {
         Self {
             ipv6: false,
             ip_options: Vec::new(),
             extensions: Vec::new(),
+            extension_lengths: Vec::new(),
             fragment: Fragment::default(),
             direction,
             udp_len: None,
             payload,
         }
+    }
+
+    fn extension_length(&self, index: usize) -> u8 {
+        self.extension_lengths.get(index).copied().unwrap_or(0)
+    }
+
+    /// Where the UDP header starts in the frame.
+    fn udp_offset(&self) -> usize {
+        if !self.ipv6 {
+            return 14 + 20 + self.ip_options.len();
+        }
+        let extensions: usize = (0..self.extensions.len())
+            .map(|i| extension_size(self.extensions[i], self.extension_length(i)))
+            .sum();
+        14 + 40 + extensions
     }
 
     fn frame(&self) -> Vec<u8> {
@@ -265,14 +293,15 @@ impl Packet {
             let mut next_values = self.extensions.clone();
             next_values.push(IPPROTO_UDP);
             for (i, &kind) in self.extensions.iter().enumerate() {
-                let mut header = [0u8; 8];
+                let len = self.extension_length(i);
+                let mut header = vec![0u8; extension_size(kind, len)];
                 header[0] = next_values[i + 1];
                 if kind == 44 {
                     // Fragment header: offset, two reserved bits, M.
                     let offset_flags = self.fragment.offset << 3 | u16::from(self.fragment.more);
                     header[2..4].copy_from_slice(&offset_flags.to_be_bytes());
                 } else {
-                    header[1] = 0; // (0 + 1) * 8 bytes
+                    header[1] = len;
                 }
                 extensions.extend_from_slice(&header);
             }
@@ -325,6 +354,11 @@ impl Packet {
     /// it do (a first fragment cut inside the question counts as malformed).
     fn expected(&self) -> Outcome {
         if self.fragment.offset > 0 {
+            return Outcome::Ignored;
+        }
+        // The classifier walks six IPv6 extension headers at most, and none past 512 bytes
+        // into the frame: beyond, it leaves the packet alone.
+        if self.extensions.len() > 6 || self.udp_offset() > 512 {
             return Outcome::Ignored;
         }
         let udp_len = usize::from(
@@ -608,15 +642,58 @@ fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
     trailing.udp_len = Some(u16::try_from(8 + trailing.payload.len()).unwrap());
     trailing.payload.extend_from_slice(&[0xff; 9]);
     cases.push(("bytes after the UDP length", trailing, Outcome::Query(16)));
-    for (name, extensions) in [
-        ("IPv6", vec![]),
-        ("IPv6 hop-by-hop + destination options", vec![0, 60]),
-        ("IPv6 routing + atomic fragment", vec![43, 44]),
+    // Each header's length by its own rule (AH counts 4-byte units less two); the walk stops
+    // after six headers, or past 512 bytes into the frame, and the packet is left alone.
+    for (name, extensions, lengths, outcome) in [
+        ("IPv6", vec![], vec![], Outcome::Query(15)),
+        (
+            "IPv6 hop-by-hop + destination options",
+            vec![0, 60],
+            vec![],
+            Outcome::Query(15),
+        ),
+        (
+            "IPv6 routing + atomic fragment",
+            vec![43, 44],
+            vec![],
+            Outcome::Query(15),
+        ),
+        (
+            "IPv6 AH of 24 bytes + destination options of 24",
+            vec![51, 60],
+            vec![4, 2],
+            Outcome::Query(15),
+        ),
+        (
+            "IPv6 six extension headers",
+            vec![0, 60, 43, 44, 51, 60],
+            vec![1, 0, 3, 0, 1, 2],
+            Outcome::Query(15),
+        ),
+        (
+            "IPv6 seven extension headers",
+            vec![0, 60, 43, 44, 51, 60, 60],
+            vec![],
+            Outcome::Ignored,
+        ),
+        (
+            "IPv6 extension headers ending 502 bytes into the frame",
+            vec![60],
+            vec![55],
+            Outcome::Query(15),
+        ),
+        (
+            "IPv6 extension headers ending 542 bytes into the frame",
+            vec![60],
+            vec![60],
+            Outcome::Ignored,
+        ),
     ] {
         let mut packet = Packet::new(to, message(QUERY, 1, &www_example(15)));
         packet.ipv6 = true;
         packet.extensions = extensions;
-        cases.push((name, packet, Outcome::Query(15)));
+        packet.extension_lengths = lengths;
+        cases.push((name, packet, outcome));
     }
     // Messages longer than the part the classifier copies (EDNS padding pads responses to
     // blocks of 468 bytes; DNSSEC and TXT answers run long): counted by what their header
@@ -935,7 +1012,11 @@ fn random_packet(rng: &mut Rng) -> Packet {
     let mut packet = Packet::new(direction, payload);
     packet.ipv6 = rng.below(3) == 0;
     if packet.ipv6 && rng.below(2) == 0 {
-        packet.extensions = vec![[0u8, 43, 60][rng.below(3)]];
+        let count = 1 + rng.below(3);
+        packet.extensions = (0..count)
+            .map(|_| [0u8, 43, 51, 60][rng.below(4)])
+            .collect();
+        packet.extension_lengths = (0..count).map(|_| rng.byte() % 4).collect();
     }
     if rng.below(10) == 0 {
         packet.udp_len = Some(u16::try_from(rng.below(packet.payload.len() + 40)).unwrap());
