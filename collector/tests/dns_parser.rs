@@ -1220,6 +1220,10 @@ fn go_upstream(classifiers: &Classifiers, asked: Asked) {
 /// lost; one waiting past the timeout is given up when its flow or its set asks again, and one
 /// whose start lies a moment ahead of the clock (stored in a race) is not.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one sequence of a set's states, each step starting from the last"
+)]
 fn waiting_queries_keep_their_in_flight_slots() {
     const SECOND_NS: u64 = 1_000_000_000;
     const SECOND_NS_I64: i64 = 1_000_000_000;
