@@ -176,10 +176,14 @@ impl<T> SecretFile<T> {
 
     fn current(&self) -> Arc<T> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let stamp = FileVersion::of(&self.path).ok();
-        if stamp.is_some() && stamp != current.0 {
+        // A file gone (deleted to revoke it, say) fails as one that does not parse: the
+        // previous secret stays, the failure is said, and the file is read when it is back.
+        let found =
+            FileVersion::of(&self.path).with_context(|| format!("reading {}", self.path.display()));
+        let stamp = found.as_ref().ok().copied();
+        if stamp != current.0 {
             current.0 = stamp;
-            match (self.read)(&self.path) {
+            match found.and_then(|_| (self.read)(&self.path)) {
                 Ok(value) => {
                     tracing::info!(file = %self.path.display(), "reloaded the credentials");
                     current.1 = Arc::new(value);
@@ -385,7 +389,6 @@ fn decode_basic(given: &str) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-/// Compares in time independent of where the first difference is.
 /// The credentials of an `Authorization` value in `scheme`, which HTTP matches without
 /// regard to case, after one or more spaces (RFC 9110, 11.4): `bearer  tok` is a token too.
 fn credentials_of<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
@@ -395,6 +398,7 @@ fn credentials_of<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
         .then(|| credentials.trim_start_matches(' '))
 }
 
+/// Compares in time independent of where the first difference is.
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len()
         && given
@@ -758,14 +762,20 @@ mod tests {
     async fn rotated_secrets_are_taken_without_a_restart() {
         let scratch = Scratch::new("rotation");
         let old_hash = bcrypt::hash("old", 4).unwrap();
+        let reloads = Arc::new(SecretReloads::default());
         let credentials = Credentials::from_config(
             &config(
                 Some(scratch.write("token", "first\n", 1)),
                 Some(scratch.write("users", &format!("u:{old_hash}\n"), 1)),
             ),
-            &Arc::default(),
+            &reloads,
         )
         .unwrap();
+        let last_reloads = || reloads.last_reloads().collect::<Vec<_>>();
+        assert_eq!(
+            last_reloads(),
+            [(Secret::BearerToken, true), (Secret::BasicAuthUsers, true)]
+        );
         assert_eq!(admit(&credentials, &with("Bearer first")).await, Ok(()));
         assert_eq!(admit(&credentials, &basic("u:old")).await, Ok(()));
 
@@ -782,11 +792,35 @@ mod tests {
         scratch.write("users", "u:not-bcrypt\n", 3);
         assert_eq!(admit(&credentials, &with("Bearer second")).await, Ok(()));
         assert_eq!(admit(&credentials, &basic("u:new")).await, Ok(()));
+        assert_eq!(
+            last_reloads(),
+            [
+                (Secret::BearerToken, false),
+                (Secret::BasicAuthUsers, false)
+            ]
+        );
         // Its completion within the same tick of the clock is still seen: the length moved.
         scratch.write("token", "third-token\n", 3);
         assert_eq!(
             admit(&credentials, &with("Bearer third-token")).await,
             Ok(())
         );
+        assert_eq!(
+            last_reloads(),
+            [(Secret::BearerToken, true), (Secret::BasicAuthUsers, false)]
+        );
+        // A file gone keeps what worked, and says it failed until the file is back.
+        std::fs::remove_file(scratch.0.join("token")).unwrap();
+        assert_eq!(
+            admit(&credentials, &with("Bearer third-token")).await,
+            Ok(())
+        );
+        assert_eq!(last_reloads()[0], (Secret::BearerToken, false));
+        scratch.write("token", "fourth-token\n", 4);
+        assert_eq!(
+            admit(&credentials, &with("Bearer fourth-token")).await,
+            Ok(())
+        );
+        assert_eq!(last_reloads()[0], (Secret::BearerToken, true));
     }
 }

@@ -6,8 +6,8 @@
 //! `interface` the attached interfaces (the configured ones, or those watched by default,
 //! which on a Kubernetes node with a routed CNI include each pod's veth: series that come
 //! and go with the pods, as the README says),
-//! `direction` is `in` or `out`, `kind`, `reason`, `rcode`, `opcode` and `outcome` fixed
-//! sets, `qtype` at most 259 values; client addresses, domains and the server names clients
+//! `direction` is `in` or `out`, `kind`, `reason`, `rcode`, `opcode`, `outcome` and
+//! `secret` fixed sets, `qtype` at most 259 values; client addresses, domains and the server names clients
 //! send never become labels.
 
 use std::{fmt, sync::Arc};

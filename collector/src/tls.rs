@@ -48,7 +48,10 @@ pub fn server_config(
     reloads.read_at_start(Secret::Tls);
     reloads.certificate_served(not_after);
     let resolver = ReloadingCert {
-        current: Mutex::new(Loaded { stamp, key }),
+        current: Mutex::new(Loaded {
+            stamp: Some(stamp),
+            key,
+        }),
         files: files.clone(),
         reloads,
     };
@@ -62,7 +65,8 @@ pub fn server_config(
 }
 
 struct Loaded {
-    stamp: (FileVersion, FileVersion),
+    /// `None` while a file is gone.
+    stamp: Option<(FileVersion, FileVersion)>,
     key: Arc<CertifiedKey>,
 }
 
@@ -83,14 +87,15 @@ impl fmt::Debug for ReloadingCert {
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        // Two stats per handshake; the files are read only when one changed.
-        if let Ok(stamp) = stamp(&self.files)
-            && stamp != current.stamp
-        {
+        // Two stats per handshake; the files are read only when one changed. A file gone
+        // fails as one that does not load, and is read again when it is back.
+        let found = stamp(&self.files);
+        let now = found.as_ref().ok().copied();
+        if now != current.stamp {
             // Remembered even on failure: a half-done rotation is retried when the other file
             // changes, not logged on every handshake.
-            current.stamp = stamp;
-            match load(&self.files) {
+            current.stamp = now;
+            match found.and_then(|_| load(&self.files)) {
                 Ok((key, not_after)) => {
                     tracing::info!(cert = %self.files.cert.display(), "reloaded the TLS certificate");
                     current.key = key;

@@ -774,5 +774,18 @@ fn a_failed_reload_keeps_the_previous_secret_and_the_metrics_say_so() {
         figures(&served_cert),
         (Some(1.0), Some(1.0), Some(second_expires))
     );
+
+    // A file gone fails the same way, and is read again once it is back.
+    let key = fs::read(&served_key).unwrap();
+    fs::remove_file(&served_key).unwrap();
+    assert_eq!(
+        figures(&served_cert),
+        (Some(0.0), Some(1.0), Some(second_expires))
+    );
+    fs::write(&served_key, key).unwrap();
+    assert_eq!(
+        figures(&served_cert),
+        (Some(1.0), Some(1.0), Some(second_expires))
+    );
     assert!(agent.stop().success());
 }
