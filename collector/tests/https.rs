@@ -163,9 +163,7 @@ fn https_and_basic_auth_guard_exact_counts() {
     let users = users_file(&scratch);
     let token = scratch.path("token");
     fs::write(&token, "cli-token\n").unwrap();
-    let (served_cert, served_key) = (scratch.path("tls.crt"), scratch.path("tls.key"));
-    fs::copy(&cert, &served_cert).unwrap();
-    fs::copy(&key, &served_key).unwrap();
+    let (served_cert, served_key) = served_copy(&scratch, &cert, &key);
     let config = AgentConfig::new(&format!(
         "[[routes]]\nname = \"secure\"\nports = [{PORT}]\ntype = \"tcp\"\n\n[http]\nbasic_auth_users_file = \"{}\"\nbearer_token_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
         users.display(),
@@ -173,9 +171,7 @@ fn https_and_basic_auth_guard_exact_counts() {
         served_cert.display(),
         served_key.display()
     ));
-    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
-        curl(&netns, &cert, "/readyz", None).0 == 200
-    });
+    let agent = ready_tls_agent(&netns, &config, &cert);
 
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", PORT)).unwrap());
     let server = thread::spawn(move || {
@@ -310,9 +306,7 @@ fn the_cli_trusts_the_ca_beside_the_certificate_and_names_the_fix_when_refused()
         served_cert.display(),
         served_key.display()
     ));
-    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
-        curl(&netns, &ca, "/readyz", None).0 == 200
-    });
+    let agent = ready_tls_agent(&netns, &config, &ca);
     let stats = |args: &[&str]| {
         let out = netns
             .command(COLLECTOR)
@@ -504,10 +498,24 @@ fn tls_agent(
         cert.display(),
         key.display()
     ));
-    let agent = Agent::spawn_until(netns, netns.command(COLLECTOR), &config, &[], || {
-        curl(netns, &cert, "/readyz", None).0 == 200
-    });
+    let agent = ready_tls_agent(netns, &config, &cert);
     (scratch, cert, config, agent)
+}
+
+/// The agent in `netns` with `config`, once `/readyz` answers over HTTPS trusting `ca`.
+fn ready_tls_agent(netns: &Netns, config: &AgentConfig, ca: &Path) -> Agent {
+    Agent::spawn_until(netns, netns.command(COLLECTOR), config, &[], || {
+        curl(netns, ca, "/readyz", None).0 == 200
+    })
+}
+
+/// `cert` and `key` copied to `tls.crt` and `tls.key` in `scratch`: the files the agent
+/// serves, which a rotation replaces.
+fn served_copy(scratch: &ScratchDir, cert: &Path, key: &Path) -> (PathBuf, PathBuf) {
+    let served = (scratch.path("tls.crt"), scratch.path("tls.key"));
+    fs::copy(cert, &served.0).unwrap();
+    fs::copy(key, &served.1).unwrap();
+    served
 }
 
 #[test]
@@ -718,18 +726,14 @@ fn a_failed_reload_keeps_the_previous_secret_and_the_metrics_say_so() {
     let scratch = ScratchDir::new("reloads");
     let (cert, key) = self_signed(&scratch.0, "first");
     let users = users_file(&scratch);
-    let (served_cert, served_key) = (scratch.path("tls.crt"), scratch.path("tls.key"));
-    fs::copy(&cert, &served_cert).unwrap();
-    fs::copy(&key, &served_key).unwrap();
+    let (served_cert, served_key) = served_copy(&scratch, &cert, &key);
     let config = AgentConfig::new(&format!(
         "[[routes]]\nname = \"web\"\nports = [{PORT}]\ntype = \"tcp\"\n\n[http]\nbasic_auth_users_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
         users.display(),
         served_cert.display(),
         served_key.display()
     ));
-    let agent = Agent::spawn_until(&netns, netns.command(COLLECTOR), &config, &[], || {
-        curl(&netns, &cert, "/readyz", None).0 == 200
-    });
+    let agent = ready_tls_agent(&netns, &config, &cert);
     // The last reloads of the certificate and the users, and when the certificate served
     // expires, as a scrape trusting `ca` with the user's password reads them.
     let figures = |ca: &Path| {

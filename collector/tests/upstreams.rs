@@ -772,6 +772,47 @@ fn a_connect_across_a_crash_whose_port_left_the_upstream_is_opened_and_closed_no
     assert_no_pins(&config.pin_dir);
 }
 
+/// A socket bound to 127.0.0.1:[`BACKEND_PORT`] in `netns`, connecting to itself without
+/// waiting, its handshake held up by an output rule `held_by` (in a table `inet held`, which
+/// goes with the namespace or [`release_handshakes`]); `syn_retries` sets `TCP_SYNCNT`.
+fn held_self_connect(
+    netns: &Netns,
+    held_by: &str,
+    syn_retries: Option<libc::c_int>,
+) -> socket2::Socket {
+    let nft = |command: &str| support::run("ip", &["netns", "exec", &netns.name, "nft", command]);
+    nft("add table inet held");
+    nft("add chain inet held output { type filter hook output priority 0; }");
+    nft(&format!("add rule inet held output {held_by}"));
+    netns.run(move || {
+        let own = at(Ipv4Addr::LOCALHOST, BACKEND_PORT);
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        if let Some(retries) = syn_retries {
+            support::set_tcp_option(&socket, libc::TCP_SYNCNT, retries);
+        }
+        socket.set_nonblocking(true).unwrap();
+        socket.bind(&own.into()).unwrap();
+        let err = socket.connect(&own.into()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS), "{err}");
+        socket
+    })
+}
+
+/// Lets the handshakes [`held_self_connect`] held up go on.
+fn release_handshakes(netns: &Netns) {
+    support::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "nft",
+            "delete table inet held",
+        ],
+    );
+}
+
 /// A port that is a route's and an upstream's at once: one is local, the other remote.
 const SHARED_ROUTE: &str = r#"
 [[routes]]
@@ -838,23 +879,8 @@ fn a_self_connect_held_over_a_crash_that_dropped_the_upstreams_takes_no_second_s
     let netns = Netns::new();
     let config = AgentConfig::new(&format!("{SHARED_ROUTE}{SHARED_UPSTREAM}"));
     let agent = Agent::start(&netns, &config);
-    let nft = |command: &str| support::run("ip", &["netns", "exec", &netns.name, "nft", command]);
     // Its SYNs dropped on their way out: the connect waits in SYN_SENT, as the upstream's.
-    nft("add table inet held");
-    nft("add chain inet held output { type filter hook output priority 0; }");
-    nft(&format!(
-        "add rule inet held output tcp dport {BACKEND_PORT} drop"
-    ));
-    let socket = netns.run(|| {
-        let own = at(Ipv4Addr::LOCALHOST, BACKEND_PORT);
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_nonblocking(true).unwrap();
-        socket.bind(&own.into()).unwrap();
-        let err = socket.connect(&own.into()).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS), "{err}");
-        socket
-    });
+    let socket = held_self_connect(&netns, &format!("tcp dport {BACKEND_PORT} drop"), None);
     wait_for("the connect in progress", Duration::from_secs(10), || {
         (in_progress_and_table(&netns, "app") == (1.0, 1.0)).then_some(())
     });
@@ -864,7 +890,7 @@ fn a_self_connect_held_over_a_crash_that_dropped_the_upstreams_takes_no_second_s
     assert!(text.contains(SHARED_UPSTREAM), "{text}");
     std::fs::write(&config.path, text.replace(SHARED_UPSTREAM, "")).unwrap();
     let agent = Agent::start(&netns, &config);
-    nft("delete table inet held");
+    release_handshakes(&netns);
     // The SYN is sent again with backoff, at most 32 s apart.
     wait_for("the handshake", Duration::from_secs(40), || {
         socket.peer_addr().ok()
@@ -903,31 +929,19 @@ fn a_simultaneous_open_given_up_in_its_handshake_is_a_connect_failure() {
     let netns = Netns::new();
     let config = AgentConfig::new(CONFIG);
     let agent = Agent::start(&netns, &config);
-    let nft = |command: &str| support::run("ip", &["netns", "exec", &netns.name, "nft", command]);
     // Its SYN-ACKs dropped on their way out: having met its own SYN, the socket waits in
-    // SYN_RECV for an answer that never comes.
-    nft("add table inet held");
-    nft("add chain inet held output { type filter hook output priority 0; }");
-    nft(&format!(
-        "add rule inet held output tcp sport {BACKEND_PORT} tcp flags & (syn | ack) == syn | ack drop"
-    ));
-    let socket = netns.run(|| {
-        let own = at(Ipv4Addr::LOCALHOST, BACKEND_PORT);
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        // One retry: given up about 3 s after the connect.
-        support::set_tcp_option(&socket, libc::TCP_SYNCNT, 1);
-        socket.set_nonblocking(true).unwrap();
-        socket.bind(&own.into()).unwrap();
-        let err = socket.connect(&own.into()).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS), "{err}");
-        socket
-    });
+    // SYN_RECV for an answer that never comes. One retry: given up about 3 s after the
+    // connect.
+    let socket = held_self_connect(
+        &netns,
+        &format!("tcp sport {BACKEND_PORT} tcp flags & (syn | ack) == syn | ack drop"),
+        Some(1),
+    );
     let err = wait_for("the handshake given up", Duration::from_secs(30), || {
         socket.take_error().unwrap()
     });
     assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
-    nft("delete table inet held");
+    release_handshakes(&netns);
     wait_for_figures(
         &netns,
         Figures {
