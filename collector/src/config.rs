@@ -919,38 +919,35 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
     Ok(nftables)
 }
 
-/// An absolute `pin_dir`, refused where `run` would refuse it below the usual bpffs mount
-/// whatever the host: the mount itself, or a name with a dot (bpffs refuses those; `..`
-/// too, which `run` takes for one). Other mounts are judged at start, where /proc/mounts is
-/// at hand.
+/// An absolute `pin_dir`, refused where [`pin_dir_refused`] refuses it.
 fn bpffs_pin_dir(source: &Source<'_>, value: &Spanned<String>) -> Result<PathBuf, ConfigError> {
     let pin_dir = absolute(source, value, "pin_dir")?;
-    let text = value.get_ref();
+    match pin_dir_refused(&pin_dir) {
+        Some(reason) => Err(source.at(value, format!("pin_dir = {:?}: {reason}", value.get_ref()))),
+        None => Ok(pin_dir),
+    }
+}
+
+/// Why `run` would refuse the pin directory below the usual bpffs mount, whatever the host:
+/// the mount itself, or a name with a dot (bpffs refuses those; `..` too, which `run` takes
+/// for one). Other mounts are judged at start, where /proc/mounts is at hand. For the
+/// file's `pin_dir` and `--pin-dir` alike.
+pub fn pin_dir_refused(pin_dir: &Path) -> Option<String> {
+    let mount = Path::new(paths::BPFFS_ROOT);
     if pin_dir
         .components()
         .any(|part| part == Component::ParentDir)
     {
-        return Err(source.at(
-            value,
-            format!("pin_dir = {text:?} has a `..`: write the directory without it"),
-        ));
+        Some("has a `..`: write the directory without it".into())
+    } else if pin_dir == mount {
+        Some(format!(
+            "is the bpffs mount itself, where other tools pin too: set it to a directory of its own on it, such as {DEFAULT_PIN_DIR:?}"
+        ))
+    } else if paths::dot_below(mount, pin_dir) {
+        Some("bpffs refuses names with a dot in them; use one without".into())
+    } else {
+        None
     }
-    let mount = Path::new(paths::BPFFS_ROOT);
-    if pin_dir == mount {
-        return Err(source.at(
-            value,
-            format!(
-                "pin_dir = {text:?} is the bpffs mount itself, where other tools pin too: set it to a directory of its own on it, such as {DEFAULT_PIN_DIR:?}"
-            ),
-        ));
-    }
-    if paths::dot_below(mount, &pin_dir) {
-        return Err(source.at(
-            value,
-            format!("pin_dir = {text:?}: bpffs refuses names with a dot in them; use one without"),
-        ));
-    }
-    Ok(pin_dir)
 }
 
 fn absolute_path(

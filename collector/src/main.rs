@@ -157,8 +157,9 @@ enum Command {
         /// Check the configuration file alone (no kernel, mounts or privileges, so no root):
         /// for a pipeline that checks a `ConfigMap` before it reaches the nodes. Prints the
         /// warnings a start would log; exits 1 with the file, line and reason when invalid.
-        /// With `--listen`, judges the address the pods are started with.
-        #[arg(long, requires = "config", conflicts_with = "pin_dir")]
+        /// With `--listen`, judges the address the pods are started with; with `--pin-dir`,
+        /// the directory's own rules (absolute, no `..`), not its mount.
+        #[arg(long, requires = "config")]
         config_only: bool,
     },
     /// List what a crashed collector left in bpffs (pinned maps and links) and nftables;
@@ -375,9 +376,16 @@ fn main() -> std::process::ExitCode {
             source,
             listen,
             config_only,
-        } => source
-            .load()
-            .and_then(|config| check(config, listen, config_only)),
+        } => source.load().and_then(|config| {
+            // The start refuses these below the usual bpffs mount, whatever the host: the
+            // file alone has its `pin_dir` judged so, at its line.
+            if let Some(pin_dir) = source.pin_dir.as_ref().filter(|_| config_only)
+                && let Some(reason) = config::pin_dir_refused(pin_dir)
+            {
+                anyhow::bail!("--pin-dir {}: {reason}", pin_dir.display());
+            }
+            check(config, listen, config_only)
+        }),
         Command::Cleanup { source, apply } => source
             .load()
             .and_then(|config| cleanup::run(&config, apply)),
