@@ -1308,6 +1308,53 @@ fn remove_unowned_pins(map_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel object embedded in this build, parsed: the maps as this build makes them.
+pub fn embedded_object() -> anyhow::Result<aya_obj::Object> {
+    aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")
+}
+
+/// How a pinned map differs from this build's `expected`, if it does: what differs, the
+/// pinned map's value and this build's.
+pub fn shape_difference(
+    expected: &aya_obj::Map,
+    info: &aya::maps::MapInfo,
+) -> Option<(&'static str, String, String)> {
+    let expected_type = aya_obj::generated::bpf_map_type::try_from(expected.map_type())
+        .ok()
+        .and_then(|t| MapType::try_from(t).ok());
+    let pinned_type = info.map_type().ok();
+    [
+        (
+            "type",
+            format!("{pinned_type:?}"),
+            format!("{expected_type:?}"),
+        ),
+        (
+            "key size",
+            info.key_size().to_string(),
+            expected.key_size().to_string(),
+        ),
+        (
+            "value size",
+            info.value_size().to_string(),
+            expected.value_size().to_string(),
+        ),
+        (
+            "capacity",
+            info.max_entries().to_string(),
+            expected.max_entries().to_string(),
+        ),
+        // A connection table from before it was memory-mappable cannot be read.
+        (
+            "flags",
+            format!("{:#x}", info.map_flags()),
+            format!("{:#x}", expected.map_flags()),
+        ),
+    ]
+    .into_iter()
+    .find(|(_, pinned, expected)| pinned != expected)
+}
+
 /// Refuses pinned maps whose shape differs from this build's: reading them with the wrong
 /// layout would silently produce wrong numbers. A short-lived one is unpinned instead, so
 /// that an upgrade over a crashed older build's pins keeps its counters; its programs
@@ -1316,7 +1363,7 @@ fn remove_unowned_pins(map_dir: &Path) -> anyhow::Result<()> {
 /// of this build's [`PIN_LAYOUT`]: shaped alike, maps of another layout mean other things.
 fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     let map_dir = paths::map_pin_dir(pin_dir);
-    let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")?;
+    let object = embedded_object()?;
     let mut replace = Vec::new();
     for name in PINNED_MAPS {
         let path = map_dir.join(name);
@@ -1329,41 +1376,7 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
             .with_context(|| format!("the kernel object has no map {name}"))?;
         let pinned = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        let info = pinned.info()?;
-        let expected_type = aya_obj::generated::bpf_map_type::try_from(expected.map_type())
-            .ok()
-            .and_then(|t| MapType::try_from(t).ok());
-        let pinned_type = info.map_type().ok();
-        let mismatch = [
-            (
-                "type",
-                format!("{pinned_type:?}"),
-                format!("{expected_type:?}"),
-            ),
-            (
-                "key size",
-                info.key_size().to_string(),
-                expected.key_size().to_string(),
-            ),
-            (
-                "value size",
-                info.value_size().to_string(),
-                expected.value_size().to_string(),
-            ),
-            (
-                "capacity",
-                info.max_entries().to_string(),
-                expected.max_entries().to_string(),
-            ),
-            // A connection table from before it was memory-mappable cannot be read.
-            (
-                "flags",
-                format!("{:#x}", info.map_flags()),
-                format!("{:#x}", expected.map_flags()),
-            ),
-        ]
-        .into_iter()
-        .find(|(_, pinned, expected)| pinned != expected);
+        let mismatch = shape_difference(expected, &pinned.info()?);
         if let Some((what, pinned, expected)) = mismatch {
             if SHORT_LIVED_MAPS.contains(&name) {
                 replace.push((path, format!("{what} {pinned}, this build's {expected}")));

@@ -15,9 +15,9 @@ use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES,
-    DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PINNED_MAPS,
-    RouteName, SNI_OUTCOME_NAMES, SniCounters, SniKey, TrafficCounters, UpstreamCounters,
-    conn_flags, dns_query_given_up, map_names, traffic_index,
+    DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PIN_LAYOUT,
+    PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES, SniCounters, SniKey, TrafficCounters,
+    UpstreamCounters, conn_flags, dns_query_given_up, map_names, traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -73,7 +73,55 @@ pub struct MapRow {
     pub note: Option<&'static str>,
 }
 
+/// The pinned map `name`, refused if another build shaped it otherwise: decoded with this
+/// build's types, its values would read as other fields (a table of fewer slots fails
+/// halfway).
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let data = open_pin(pin_dir, name)?;
+    if let Some(expected) = this_build()?.maps.get(name)
+        && let Some((what, pinned, expected)) = loader::shape_difference(expected, &data.info()?)
+    {
+        bail!(
+            "the pinned map {name} has another shape than this build's: another build of the \
+             collector pinned it ({what} {pinned}, this build's {expected}; read it with that \
+             build's `collector maps`)"
+        );
+    }
+    Ok(data)
+}
+
+/// This build's kernel object, parsed once (a watch opens its maps at every refresh).
+fn this_build() -> anyhow::Result<&'static aya_obj::Object> {
+    static PARSED: std::sync::OnceLock<aya_obj::Object> = std::sync::OnceLock::new();
+    if let Some(object) = PARSED.get() {
+        return Ok(object);
+    }
+    let object = loader::embedded_object()?;
+    Ok(PARSED.get_or_init(|| object))
+}
+
+/// Refuses pins that a build of another [`PIN_LAYOUT`] claimed: shaped as this build's, its
+/// maps mean other things (`start` refuses them for the same reason).
+fn check_layout(pin_dir: &Path) -> anyhow::Result<()> {
+    let name = map_names::PIN_OWNER;
+    if !paths::pin_exists(&paths::map_pin_dir(pin_dir).join(name))? {
+        return Ok(());
+    }
+    let owner = array::<u64>(open(pin_dir, name)?)?;
+    let layout = owner.get(&1, 0)?;
+    if owner.get(&0, 0)? != 0 && layout != PIN_LAYOUT {
+        bail!(
+            "the pins under {} were made by a build whose maps mean other things, though shaped \
+             alike (layout {layout}; this build's is {PIN_LAYOUT}): read them with that build's \
+             `collector maps`",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The pinned map `name` as it is, whoever shaped it.
+fn open_pin(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = paths::map_pin_dir(pin_dir).join(name);
     MapData::from_pin(&path).map_err(|err| {
         let err = anyhow::Error::from(err);
@@ -131,6 +179,7 @@ fn count_used<T: aya::Pod>(data: MapData, used: impl Fn(&T) -> bool) -> anyhow::
 /// pins but an older one did not is left out (a crashed older build's pins lack it); none at
 /// all is an error.
 pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
+    check_layout(pin_dir)?;
     let map_dir = paths::map_pin_dir(pin_dir);
     let mut rows = Vec::new();
     // A query waiting past the answer timeout is given up, its slot free for the next
@@ -140,7 +189,7 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
         if !paths::pin_exists(&map_dir.join(name))? {
             continue;
         }
-        let data = open(pin_dir, name)?;
+        let data = open(pin_dir, name).map_err(|err| explain(err, name))?;
         let info = data.info()?;
         let in_use = match name {
             map_names::CONN_STATE => Some(count_used::<ConnState>(data, |s| s.cookie != 0)),
@@ -301,13 +350,17 @@ fn other_layouts(pin_dir: &Path) -> String {
 
 /// The decoded contents of one pinned map, as JSON (summed over CPUs where per-CPU).
 pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
+    // `PIN_OWNER` says which layout made the pins, whichever it is.
+    if name != map_names::PIN_OWNER {
+        check_layout(pin_dir)?;
+    }
     decode(pin_dir, name).map_err(|err| explain(err, name))
 }
 
 fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
     Ok(match name {
         map_names::PIN_OWNER => {
-            let owner = array::<u64>(open(pin_dir, name)?)?;
+            let owner = array::<u64>(open_pin(pin_dir, name)?)?;
             // An older build's has one word: no layout (null).
             json!({"netnsCookie": owner.get(&0, 0)?, "layout": owner.get(&1, 0).ok()})
         }
@@ -540,7 +593,19 @@ fn linked_map(pin_dir: &Path, name: &str) -> anyhow::Result<Option<MapData>> {
         return Err(no_links());
     }
     for program in aya::programs::loaded_programs() {
-        let program = program.context("listing the loaded programs")?;
+        let program = program.map_err(anyhow::Error::from).map_err(|err| {
+            // By id: the kernel lets only CAP_SYS_ADMIN walk its programs.
+            let why = if privileges::denied_in(&err) {
+                format!(
+                    ": permission denied: {name} is read through the running programs, which \
+                     needs CAP_SYS_ADMIN (the container's BPF, PERFMON and NET_ADMIN are not \
+                     enough): run it as root on the host"
+                )
+            } else {
+                String::new()
+            };
+            err.context(format!("listing the loaded programs{why}"))
+        })?;
         if !programs.contains(&program.id()) {
             continue;
         }
@@ -681,11 +746,13 @@ pub fn flatten(value: &Value) -> Vec<(String, f64)> {
 
 /// Fields that name or time something rather than count it: a change per second of a
 /// cookie, a query id or a start time is noise (a slot taken by another connection read as
-/// billions a second).
+/// billions a second). Gauges too (`connecting`, `awaiting`): they go down without a reset.
 const NOT_COUNTED: &[&str] = &[
     "askedNs",
+    "awaiting",
     "clientFingerprint",
     "clientPort",
+    "connecting",
     "cookie",
     "id",
     "latestUpstreamNs",
@@ -731,9 +798,10 @@ impl Refresh {
 }
 
 /// `maps watch NAME`: the map's numbers every `interval`, each with its change per second
-/// since the previous refresh; `count` refreshes shown, or until interrupted. The first
-/// read that fails ends it (a wrong name or pin directory); a later one (the pins gone
-/// while the agent restarts) is said on standard error and tried again at the next.
+/// since the previous refresh; `count` refreshes, or until interrupted. The first read that
+/// fails ends it (a wrong name or pin directory); a later one (the pins gone while the agent
+/// restarts) is said on standard error, once until it reads again or fails otherwise, and
+/// counts as a refresh: a watch bounded by `count` ends, with an error if its last failed.
 pub fn watch(
     pin_dir: &Path,
     name: &str,
@@ -743,28 +811,44 @@ pub fn watch(
     let absent_is_zero = matches!(name, map_names::DNS_COUNTERS | map_names::CONN_DURATIONS);
     let mut previous: Option<Refresh> = None;
     let mut refreshes = 0u64;
+    let mut failing: Option<String> = None;
+    // Refreshes keep their pace whatever a dump takes (a full connection table's is long).
+    let mut due = Instant::now();
     loop {
         let now = Instant::now();
-        let values = match dump(pin_dir, name) {
+        let read = dump(pin_dir, name);
+        refreshes += 1;
+        let last = count.is_some_and(|count| refreshes >= count);
+        let values = match read {
             Ok(value) => flatten(&value),
-            Err(err) if refreshes == 0 => return Err(err),
+            Err(err) if previous.is_none() => return Err(err),
             Err(err) => {
                 if output::reader_gone() {
                     return Err(output::ReaderGone.into());
                 }
-                eprintln!(
-                    "reading {name} failed: {err:#}\ntrying again every {:.1} s (Ctrl-C to stop)",
-                    interval.as_secs_f64()
-                );
-                std::thread::sleep(interval);
+                if last {
+                    return Err(err.context(format!("the last refresh of {name} failed")));
+                }
+                let said = format!("{err:#}");
+                if failing.as_ref() != Some(&said) {
+                    eprintln!(
+                        "reading {name} failed: {said}\ntrying again every {:.1} s (Ctrl-C to stop)",
+                        interval.as_secs_f64()
+                    );
+                    failing = Some(said);
+                }
+                sleep_until_due(&mut due, interval);
                 continue;
             }
         };
+        if failing.take().is_some() {
+            eprintln!("reading {name} again");
+        }
         output::write(|out| {
             if std::io::stdout().is_terminal() {
                 // Clear the screen and home the cursor, like watch(1).
                 write!(out, "\x1b[2J\x1b[H")?;
-            } else if refreshes > 0 {
+            } else if refreshes > 1 {
                 // Into a file or a pipe: refreshes one after another.
                 writeln!(out)?;
             }
@@ -785,12 +869,19 @@ pub fn watch(
             values: values.into_iter().collect(),
             absent_is_zero,
         });
-        refreshes += 1;
-        if count.is_some_and(|count| refreshes >= count) {
+        if last {
             return Ok(());
         }
-        std::thread::sleep(interval);
+        sleep_until_due(&mut due, interval);
     }
+}
+
+/// Sleeps until the next refresh is due, `interval` after the last was; one that is late
+/// (a dump that took longer than the interval) starts at once, and the pace goes on from it.
+fn sleep_until_due(due: &mut Instant, interval: std::time::Duration) {
+    let now = Instant::now();
+    *due = (*due + interval).max(now);
+    std::thread::sleep(*due - now);
 }
 
 /// `maps list` as a table for people.
@@ -1124,6 +1215,8 @@ mod tests {
             "slot7.clientPort",
             "0.netnsCookie",
             "ports.3",
+            "slot1.connecting",
+            "slot2.awaiting",
         ] {
             assert!(!counts(named), "{named}");
         }

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use collector_common::map_names;
+use collector_common::{MAX_ROUTES, PIN_LAYOUT, map_names};
 use support::{Agent, AgentConfig, COLLECTOR, Netns, sample, scrape, wait_for};
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
@@ -189,6 +189,9 @@ fn a_watch_goes_on_over_a_restart_and_gives_a_reset_count_no_rate() {
         opened(line).is_some_and(|fields| fields[1] != before)
     });
     assert_eq!(opened(&after).unwrap()[2], "-", "{after}");
+    next_line(&stderr, &mut errors, |line| {
+        line == "reading CONN_COUNTERS again"
+    });
     // And the next refresh has one again.
     let next = next_line(&stdout, &mut seen, |line| opened(line).is_some());
     assert_eq!(opened(&next).unwrap()[2], "0.0", "{next}");
@@ -202,6 +205,44 @@ fn a_watch_goes_on_over_a_restart_and_gives_a_reset_count_no_rate() {
     );
     drop(watch);
     assert!(agent.stop().success());
+}
+
+/// A watch of `--count N` ends at its Nth refresh even when the reads fail, with status 1,
+/// where it waited for an agent that was gone for good; the failure is said once, not at
+/// every refresh.
+#[test]
+fn a_counted_watch_ends_on_its_last_refresh_failed_or_not() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let mut watch = support::Reaped::spawn(
+        std::process::Command::new(COLLECTOR)
+            .args(["maps", "watch", map_names::CONN_COUNTERS])
+            .args(["--interval-ms", "200", "--count", "12"])
+            .arg("--config")
+            .arg(&config.path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let stdout = lines_of(watch.stdout().unwrap());
+    let mut seen = Vec::new();
+    next_line(&stdout, &mut seen, |line| line.starts_with("slot0.opened"));
+    assert!(agent.stop().success());
+    let status = wait_for("the watch to end", Duration::from_secs(30), || {
+        watch.try_wait()
+    });
+    let mut stderr = String::new();
+    watch.stderr().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the last refresh of CONN_COUNTERS failed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("reading CONN_COUNTERS failed").count(),
+        1,
+        "{stderr}"
+    );
 }
 
 const SECOND_NS: u64 = 1_000_000_000;
@@ -380,4 +421,43 @@ fn pins_of_another_build_are_said_to_be_so() {
             "{args:?}: {stderr}"
         );
     }
+    let v1 = pin_dir.join("v1");
+    std::fs::remove_file(v1.join(map_names::CONN_STATE)).unwrap();
+    // A route-name table of fewer slots: its size is this build's, and it read as one
+    // until the slot past its end.
+    support::pin_plain_array(&v1.join(map_names::ROUTE_NAMES), 64, 4);
+    let stderr = maps(&["dump", map_names::ROUTE_NAMES]);
+    assert!(
+        stderr.contains("the pinned map ROUTE_NAMES has another shape than this build's")
+            && stderr.contains(&format!("capacity 4, this build's {MAX_ROUTES}")),
+        "{stderr}"
+    );
+    std::fs::remove_file(v1.join(map_names::ROUTE_NAMES)).unwrap();
+    // Shaped alike, claimed by a build of another layout: its maps mean other things.
+    support::pin_plain_array(&v1.join(map_names::ROUTE_NAMES), 64, MAX_ROUTES);
+    let (owner, layout) = (7u64.to_ne_bytes(), (PIN_LAYOUT + 1).to_ne_bytes());
+    support::pin_plain_array_holding(
+        &v1.join(map_names::PIN_OWNER),
+        8,
+        2,
+        &[(0, &owner), (1, &layout)],
+    );
+    let refusal = format!(
+        "were made by a build whose maps mean other things, though shaped alike (layout {}; \
+         this build's is {PIN_LAYOUT})",
+        PIN_LAYOUT + 1
+    );
+    for args in [&["list"][..], &["dump", map_names::ROUTE_NAMES]] {
+        let stderr = maps(args);
+        assert!(stderr.contains(&refusal), "{args:?}: {stderr}");
+    }
+    // Which layout made them is what `PIN_OWNER` is read for.
+    let out = std::process::Command::new(COLLECTOR)
+        .args(["maps", "dump", map_names::PIN_OWNER, "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let owner: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(owner["layout"], PIN_LAYOUT + 1, "{owner}");
 }

@@ -799,7 +799,18 @@ pub fn assert_no_pins(pin_dir: &Path) {
 /// Creates an array map of `entries` values of `value_size` bytes, without flags, and pins
 /// it at `path`: what a build from before a map became memory-mappable left pinned.
 pub fn pin_plain_array(path: &std::path::Path, value_size: u32, entries: u32) {
+    pin_plain_array_holding(path, value_size, entries, &[]);
+}
+
+/// As [`pin_plain_array`], with `values` written at their indexes (each `value_size` bytes).
+pub fn pin_plain_array_holding(
+    path: &std::path::Path,
+    value_size: u32,
+    entries: u32,
+    values: &[(u32, &[u8])],
+) {
     const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     // `union bpf_attr` for BPF_MAP_CREATE: type, key size, value size, entries, flags.
@@ -818,6 +829,32 @@ pub fn pin_plain_array(path: &std::path::Path, value_size: u32, entries: u32) {
         "BPF_MAP_CREATE: {}",
         std::io::Error::last_os_error()
     );
+    for (index, value) in values {
+        assert_eq!(value.len(), value_size as usize);
+        // `union bpf_attr` for BPF_MAP_UPDATE_ELEM: map fd (and padding), key and value
+        // pointers, flags.
+        let mut update = [
+            u64::try_from(fd).unwrap(),
+            std::ptr::from_ref(index) as u64,
+            value.as_ptr() as u64,
+            0,
+        ];
+        // SAFETY: a bpf_attr prefix of the size passed; key and value outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_ELEM,
+                update.as_mut_ptr(),
+                size_of_val(&update),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_MAP_UPDATE_ELEM: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // `union bpf_attr` for BPF_OBJ_PIN: path pointer, fd, flags.
     let mut pin = [path.as_ptr() as u64, u64::try_from(fd).unwrap()];
