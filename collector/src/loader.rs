@@ -1355,16 +1355,29 @@ pub fn shape_difference(
     .find(|(_, pinned, expected)| pinned != expected)
 }
 
-/// Refuses pinned maps whose shape differs from this build's: reading them with the wrong
-/// layout would silently produce wrong numbers. A short-lived one is unpinned instead, so
-/// that an upgrade over a crashed older build's pins keeps its counters; its programs
-/// write on into the old map until this start replaces their links. Nothing is unpinned
-/// unless every counter map fits and the pins are this namespace's (or no one's yet) and
-/// of this build's [`PIN_LAYOUT`]: shaped alike, maps of another layout mean other things.
+/// Takes over pinned maps only if they are this build's: read with the wrong shape or
+/// layout, they would give wrong numbers. Pins of another namespace are refused untouched
+/// (see [`foreign_pins`]). Of this namespace's (or no one's yet), a short-lived map of
+/// another shape is unpinned, so that an upgrade over a crashed older build's pins keeps its
+/// counters; its programs write on into the old map until this start replaces their links.
+/// A counter map of another shape, or pins of another [`PIN_LAYOUT`] (shaped alike, maps
+/// that mean other things), are removed whole, links first, and counting starts from zero,
+/// as after a clean upgrade: refused, an upgrade after a crash crash-looped on every such
+/// node until someone ran `cleanup` there.
 fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     let map_dir = paths::map_pin_dir(pin_dir);
+    let owner_pin = map_dir.join(map_names::PIN_OWNER);
+    let owner = if owner_pin.exists() {
+        read_pin_owner(&owner_pin).with_context(|| format!("reading {}", owner_pin.display()))?
+    } else {
+        0
+    };
+    if owner != 0 && owner != own_netns {
+        return Err(foreign_pins(pin_dir, owner, own_netns));
+    }
     let object = embedded_object()?;
     let mut replace = Vec::new();
+    let mut other_build = None;
     for name in PINNED_MAPS {
         let path = map_dir.join(name);
         if !path.exists() {
@@ -1376,34 +1389,37 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
             .with_context(|| format!("the kernel object has no map {name}"))?;
         let pinned = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        let mismatch = shape_difference(expected, &pinned.info()?);
-        if let Some((what, pinned, expected)) = mismatch {
+        if let Some((what, pinned, expected)) = shape_difference(expected, &pinned.info()?) {
+            let difference = format!("{what} {pinned}, this build's {expected}");
             if SHORT_LIVED_MAPS.contains(&name) {
-                replace.push((path, format!("{what} {pinned}, this build's {expected}")));
-                continue;
+                replace.push((path, difference));
+            } else {
+                other_build.get_or_insert(format!("{name} has {difference}"));
             }
-            bail!(
-                "the pinned map {} has {what} {pinned}, but this build expects {expected}; it was made by another build. Remove the old pins with `{}` (or `rm -r {}`) and start again: its counters restart from zero",
-                path.display(),
-                crate::cleanup::command(),
-                map_dir.display()
-            );
         }
     }
-    let owner_pin = map_dir.join(map_names::PIN_OWNER);
-    if owner_pin.exists() {
-        let owner = read_pin_owner(&owner_pin)
-            .with_context(|| format!("reading {}", owner_pin.display()))?;
-        if owner != 0 && owner != own_netns {
-            return Err(foreign_pins(pin_dir, owner, own_netns));
-        }
+    if other_build.is_none() && owner != 0 {
         let layout = read_pin_word(&owner_pin, 1)
             .with_context(|| format!("reading {}", owner_pin.display()))?;
-        if owner != 0 && layout != PIN_LAYOUT {
-            return Err(other_layout(pin_dir, layout));
+        if layout != PIN_LAYOUT {
+            other_build = Some(format!("layout {layout}, this build's {PIN_LAYOUT}"));
         }
     }
-    if replace.is_empty() {
+    if let Some(difference) = other_build {
+        cleanup::remove_layout(&map_dir).with_context(|| {
+            format!(
+                "removing the pins under {} that a crashed run of another build left ({difference})",
+                pin_dir.display()
+            )
+        })?;
+        let links_dir = map_dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
+        tracing::warn!(
+            "the pins under {} were left by a crashed run of another build ({difference}): \
+             removed them with its programs, counters start from zero as after a clean upgrade",
+            pin_dir.display()
+        );
         return Ok(());
     }
     for (path, difference) in replace {
@@ -1715,18 +1731,6 @@ fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result
     owner.set(1, PIN_LAYOUT, 0)?;
     owner.set(0, own_netns, 0)?;
     Ok(())
-}
-
-/// Pins of another [`PIN_LAYOUT`]: maps shaped as this build's that mean other things.
-fn other_layout(pin_dir: &Path, layout: u64) -> anyhow::Error {
-    anyhow!(
-        "the pins under {} were made by a build whose maps mean other things, though shaped \
-         alike (layout {layout}; this build's is {PIN_LAYOUT}): read as this build's, the \
-         connections open in them would never be seen closing. Remove them with `{}` and \
-         start again: the counters restart from zero",
-        pin_dir.display(),
-        crate::cleanup::command()
-    )
 }
 
 /// The network namespace cookie in the pinned `PIN_OWNER` at `path` (0: never claimed).

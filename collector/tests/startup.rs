@@ -128,42 +128,104 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     support::assert_no_pins(&config.pin_dir);
 }
 
-/// Pins a crashed run left whose maps are shaped as this build's but mean other things (its
-/// connection table probed in another order, say) are refused with the fix, not misread:
-/// a close looked for in the wrong slots would never be counted, nor its slot freed.
-/// `PIN_OWNER`'s second word holds the layout they were made with.
+/// Pins a crashed run of another build left are removed with their programs, and counting
+/// starts from zero, as after a clean upgrade: maps shaped otherwise (a counter table of
+/// another type), or shaped alike and meaning other things (its connection table probed in
+/// another order, say), which `PIN_OWNER`'s second word, the layout, tells. Refused, they
+/// made a DaemonSet upgrade after a crash crash-loop on that node until someone ran
+/// `cleanup` there; misread, a close looked for in the wrong slots would never be counted,
+/// nor its slot freed.
 #[test]
-fn pins_of_another_layout_are_refused_with_the_fix() {
+fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero() {
     let config = AgentConfig::new(WEB_ROUTE);
     let netns = Netns::new();
-    Agent::start(&netns, &config).kill();
-    let owner = config.pin_dir.join("v1/PIN_OWNER");
-    let data = aya::maps::MapData::from_pin(&owner).unwrap();
-    let mut words: aya::maps::Array<_, u64> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
-    let layout = words.get(&1, 0).unwrap();
-    assert_eq!(layout, collector_common::PIN_LAYOUT);
-    words.set(1, layout + 1, 0).unwrap();
-    drop(words);
+    let logs = ScratchDir::new("other-build");
+    let v1 = config.pin_dir.join("v1");
+    let make_other_layout = || {
+        let owner = v1.join("PIN_OWNER");
+        let data = aya::maps::MapData::from_pin(&owner).unwrap();
+        let mut words: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        let layout = words.get(&1, 0).unwrap();
+        assert_eq!(layout, collector_common::PIN_LAYOUT);
+        words.set(1, layout + 1, 0).unwrap();
+    };
+    let make_other_shape = || {
+        let counters = v1.join("CONN_COUNTERS");
+        std::fs::remove_file(&counters).unwrap();
+        support::pin_plain_array(&counters, 16, collector_common::MAX_ROUTES);
+    };
+    let cases: [(&str, &dyn Fn(), String); 2] = [
+        (
+            "layout",
+            &make_other_layout,
+            format!(
+                "(layout {}, this build's {})",
+                collector_common::PIN_LAYOUT + 1,
+                collector_common::PIN_LAYOUT
+            ),
+        ),
+        (
+            "shape",
+            &make_other_shape,
+            "(CONN_COUNTERS has type Some(Array), this build's Some(PerCpuArray))".to_owned(),
+        ),
+    ];
+    for (case, make_other_build, difference) in cases {
+        let crashed = Agent::start(&netns, &config);
+        support::connections_3_in_5_out(&netns, 3);
+        wait_for_closed(&netns, "web", 3);
+        crashed.kill();
+        let old_links = link_ids(&v1.join("links"));
+        assert!(!old_links.is_empty());
+        make_other_build();
+        let log = logs.path(&format!("{case}.log"));
+        let agent = Agent::start_logging(&netns, &config, &[], &log);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.lines().any(|line| line.contains(" WARN ")
+                && line.contains("were left by a crashed run of another build")
+                && line.contains(&difference)),
+            "{case}: {text}"
+        );
+        // The crashed run's programs are detached: its links went with their pins.
+        let live = link_ids(&v1.join("links"));
+        assert!(
+            old_links.iter().all(|id| !live.contains(id)),
+            "{case}: {old_links:?} still in {live:?}"
+        );
+        // From zero: the crashed run's 3 are not taken over.
+        support::connections_3_in_5_out(&netns, 2);
+        let metrics = wait_for_closed(&netns, "web", 2);
+        assert_eq!(
+            sample(
+                &metrics,
+                "collector_proxy_connections_opened_total",
+                &[("route", "web")]
+            ),
+            Some(2.0),
+            "{case}"
+        );
+        assert!(agent.stop().success());
+        support::assert_no_pins(&config.pin_dir);
+    }
+}
 
-    let stderr = support::refused_start(&netns, &config.path);
-    assert!(
-        stderr.contains("maps mean other things") && stderr.contains("collector cleanup --apply"),
-        "{stderr}"
-    );
-    // The fix it names: then a start counts from zero.
-    let cleanup = support::stdout_of(netns.command(support::COLLECTOR).args([
-        "cleanup",
-        "--apply",
-        "--config",
-        config.path.to_str().unwrap(),
-    ]));
-    assert!(!config.pin_dir.join("v1").exists(), "{cleanup}");
-    let agent = Agent::start(&netns, &config);
-    support::connections_3_in_5_out(&netns, 2);
-    wait_for_closed(&netns, "web", 2);
-    assert!(agent.stop().success());
-    support::assert_no_pins(&config.pin_dir);
+/// The ids of the links pinned under `links_dir`, as bpftool reads them.
+fn link_ids(links_dir: &std::path::Path) -> Vec<u64> {
+    std::fs::read_dir(links_dir)
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let out = support::stdout_of(
+                Command::new("bpftool")
+                    .args(["-j", "link", "show", "pinned"])
+                    .arg(&path),
+            );
+            let link: serde_json::Value = serde_json::from_str(&out).unwrap();
+            link["id"].as_u64().unwrap_or_else(|| panic!("{out}"))
+        })
+        .collect()
 }
 
 /// The "collector running" line of an agent's log.
