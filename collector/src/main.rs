@@ -107,7 +107,7 @@ enum Command {
         #[command(flatten)]
         source: ConfigSource,
         /// Listen address for HTTP, overriding the config's `listen`.
-        #[arg(long, value_parser = config::listen_address)]
+        #[arg(long, value_parser = config::listen_address, env = "COLLECTOR_LISTEN")]
         listen: Option<SocketAddr>,
         /// Turn on the kernel's per-program run-time statistics while running (they cost
         /// two clock reads per program run, so they are off by default).
@@ -152,7 +152,7 @@ enum Command {
         #[command(flatten)]
         source: ConfigSource,
         /// The listen address to try, overriding the config's `listen`, as `run --listen`.
-        #[arg(long, value_parser = config::listen_address)]
+        #[arg(long, value_parser = config::listen_address, env = "COLLECTOR_LISTEN")]
         listen: Option<SocketAddr>,
         /// Check the configuration file alone (no kernel, mounts or privileges, so no root):
         /// for a pipeline that checks a `ConfigMap` before it reaches the nodes. Prints the
@@ -177,10 +177,10 @@ enum Command {
 #[derive(clap::Args)]
 struct AgentAddress {
     /// The agent's listen address [default: the config's, else 127.0.0.1:9464].
-    #[arg(long, value_parser = config::listen_address)]
+    #[arg(long, value_parser = config::listen_address, env = "COLLECTOR_LISTEN")]
     listen: Option<SocketAddr>,
     /// The agent's config: its listen address, and its HTTPS and bearer token if it has them.
-    #[arg(long, short)]
+    #[arg(long, short, env = "COLLECTOR_CONFIG")]
     config: Option<PathBuf>,
     /// PEM certificates to trust for HTTPS [default: the config's TLS certificate].
     #[arg(long)]
@@ -251,11 +251,11 @@ enum MapsAction {
 #[derive(clap::Args)]
 struct ConfigSource {
     /// TOML configuration; without it the embedded default is used.
-    #[arg(long, short)]
+    #[arg(long, short, env = "COLLECTOR_CONFIG")]
     config: Option<PathBuf>,
     /// bpffs directory for the pins, overriding the config's `pin_dir`: one collector per
     /// directory, so each sidecar needs its own (deploy/kubernetes/sidecar.yaml).
-    #[arg(long)]
+    #[arg(long, env = "COLLECTOR_PIN_DIR")]
     pin_dir: Option<PathBuf>,
 }
 

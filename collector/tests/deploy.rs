@@ -149,23 +149,77 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
     let budget =
         startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
     assert!(budget >= 300, "{budget} s for a start");
-    // `--listen $(X_IP):9464` is refused for an IPv6 address: each manifest says how.
+    assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
     for (manifest, ip) in [
         ("kubernetes/daemonset.yaml", "NODE_IP"),
         ("kubernetes/sidecar.yaml", "POD_IP"),
     ] {
-        let text = read(manifest);
-        assert!(text.contains(&format!("- $({ip}):9464\n")), "{manifest}");
-        assert!(text.contains(&format!("\"[$({ip})]:9464\"")), "{manifest}");
+        // Settings as environment, which `kubectl exec` commands inherit.
+        let spec = pod_spec(manifest);
+        let container = collector_container(&spec);
+        assert_eq!(container["args"], serde_json::json!(["run"]), "{manifest}");
+        let env = environment(container);
+        assert_eq!(
+            setting(&env, "COLLECTOR_CONFIG"),
+            "/etc/collector/collector.toml",
+            "{manifest}"
+        );
+        assert_eq!(
+            setting(&env, "COLLECTOR_LISTEN"),
+            format!("$({ip}):9464"),
+            "{manifest}"
+        );
+        // `$(X_IP):9464` is refused for an IPv6 address: each manifest says how.
+        assert!(
+            read(manifest).contains(&format!("\"[$({ip})]:9464\"")),
+            "{manifest}"
+        );
     }
-    assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
     // One collector per pin directory: each sidecar pod pins under its own.
-    let sidecar = read("kubernetes/sidecar.yaml");
-    assert!(
-        sidecar.contains("- --pin-dir\n            - /sys/fs/bpf/collector-$(POD_UID)\n")
-            && sidecar.contains("name: POD_UID\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.uid"),
+    let sidecar = pod_spec("kubernetes/sidecar.yaml");
+    let env = environment(collector_container(&sidecar));
+    assert_eq!(
+        setting(&env, "COLLECTOR_PIN_DIR"),
+        "/sys/fs/bpf/collector-$(POD_UID)",
         "the sidecar needs a pin directory of its own pod"
     );
+    assert_eq!(setting(&env, "POD_UID"), "fieldRef metadata.uid");
+}
+
+/// A container's environment in order: each variable's value, or `fieldRef PATH` for one
+/// taken from the pod. Each `$(NAME)` in a value names a variable above it: Kubernetes
+/// leaves any other as written (`--listen $(NODE_IP):9464` would then be refused).
+fn environment(container: &serde_json::Value) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for variable in container["env"].as_array().expect("an env list") {
+        let name = variable["name"].as_str().unwrap().to_owned();
+        let value = match variable["value"].as_str() {
+            Some(value) => value.to_owned(),
+            None => format!(
+                "fieldRef {}",
+                variable["valueFrom"]["fieldRef"]["fieldPath"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{variable}"))
+            ),
+        };
+        for reference in value.split("$(").skip(1) {
+            let referred = reference.split(')').next().unwrap();
+            assert!(
+                env.iter().any(|(above, _)| above == referred),
+                "{name} refers to $({referred}), which no variable above it sets"
+            );
+        }
+        env.push((name, value));
+    }
+    env
+}
+
+/// The value of `name` in `env`.
+fn setting<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
+    env.iter()
+        .find(|(set, _)| set == name)
+        .map(|(_, value)| value.as_str())
+        .unwrap_or_else(|| panic!("no {name} in {env:?}"))
 }
 
 /// The sidecar is a native sidecar, stopped after the proxy, and never gates it.
@@ -246,21 +300,20 @@ fn the_daemonset_config_is_valid_and_watches_every_up_interface() {
         interfaces.unwrap()
     );
     // The agent's own check, as a pipeline would run it on the ConfigMap, with the address
-    // the pods listen on (`--listen $(NODE_IP):9464`): valid, and nothing a start would
-    // warn of.
+    // the pods listen on (`COLLECTOR_LISTEN`, `$(NODE_IP):9464`), given as the pods give it:
+    // valid, and nothing a start would warn of.
     let dir = std::env::temp_dir().join(format!("collector-configmap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("collector.toml");
     std::fs::write(&path, toml).unwrap();
+    let env = environment(collector_container(&pod_spec("kubernetes/daemonset.yaml")));
     let out = Command::new(COLLECTOR)
-        .args([
-            "check",
-            "--config-only",
-            "--listen",
-            "192.0.2.1:9464",
-            "--config",
-        ])
-        .arg(&path)
+        .args(["check", "--config-only"])
+        .env(
+            "COLLECTOR_LISTEN",
+            setting(&env, "COLLECTOR_LISTEN").replace("$(NODE_IP)", "192.0.2.1"),
+        )
+        .env("COLLECTOR_CONFIG", &path)
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);

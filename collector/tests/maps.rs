@@ -332,6 +332,16 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
 
     // The route counters, as the CLI decodes them, equal /metrics.
     let dump = collector(&["maps", "dump", map_names::CONN_COUNTERS], &config);
+    // The pin directory from the environment, as the sidecar's `kubectl exec` gets it.
+    let from_environment = support::stdout_of(
+        std::process::Command::new(COLLECTOR)
+            .args(["maps", "dump", map_names::CONN_COUNTERS, "--json"])
+            .env("COLLECTOR_PIN_DIR", &config.pin_dir),
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&from_environment).unwrap(),
+        dump
+    );
     let web = &dump[0];
     assert_eq!(web["route"], "web");
     for (field, metric) in [
