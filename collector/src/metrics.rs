@@ -283,16 +283,33 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
     gauges(
         encoder,
         "collector_proxy_route_info",
-        "Configured routes: type, ports, and the TLS server names that tell the route apart on ports it shares (empty for none).",
+        "Configured routes: type and ports (their TLS server names in collector_proxy_route_server_name_info).",
         None,
         routes.iter().map(|route| {
             let labels: Labels = vec![
                 ("route", route.route.name.clone()),
                 ("type", route.route.kind.as_str().to_owned()),
                 ("ports", port_list(&route.route.ports)),
-                ("server_names", route.route.sni.join(",")),
             ];
             (labels, 1i64)
+        }),
+    )?;
+    // A series per name, not one label of them all: a route of a hundred names made a label
+    // value past the 2 KiB that Mimir and Cortex refuse by default (and a scrape past
+    // Prometheus's `label_value_length_limit` fails whole).
+    gauges(
+        encoder,
+        "collector_proxy_route_server_name_info",
+        "TLS server names (SNI) that tell a route apart on the ports it shares with others, one series each; none for a route without names.",
+        None,
+        routes.iter().flat_map(|route| {
+            route.route.sni.iter().map(|name| {
+                let labels: Labels = vec![
+                    ("route", route.route.name.clone()),
+                    ("server_name", name.clone()),
+                ];
+                (labels, 1i64)
+            })
         }),
     )?;
     let figures: Vec<_> = routes.iter().map(ConnectionFigures::of_route).collect();
@@ -1244,9 +1261,38 @@ mod tests {
         assert!(!text.contains("upstream="), "{text}");
     }
 
+    /// A route of many server names gets a series per name: in one label they made a value
+    /// past the 2 KiB that Mimir and Cortex refuse (and a Prometheus with
+    /// `label_value_length_limit` fails the whole scrape).
+    #[test]
+    fn many_server_names_make_many_series_and_no_long_label() {
+        let mut snapshot = Snapshot::example();
+        let names: Vec<String> = (0..200)
+            .map(|n| format!("tenant-{n:03}.customers.example.com"))
+            .collect();
+        snapshot.routes[2].route.sni.clone_from(&names);
+        let latest = Arc::new(SharedSnapshot::default());
+        latest.store(snapshot);
+        let text = render(&registry(latest, Arc::default())).unwrap();
+        for name in &names {
+            let series = format!(
+                "collector_proxy_route_server_name_info{{route=\"api\",server_name=\"{name}\"}} 1"
+            );
+            assert!(text.lines().any(|line| line == series), "{series}");
+        }
+        let longest = text
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::len)
+            .max()
+            .unwrap();
+        assert!(longest < 256, "a label value of {longest} bytes");
+    }
+
     /// Connections on a shared port waiting for their hello hold table slots in no route's
     /// counts: the table's fill counts them; without routes by name, the families have no
-    /// samples and the info's label is empty.
+    /// samples and no server name series.
     #[test]
     fn connections_waiting_for_a_hello_fill_the_table_and_no_names_leave_no_outcomes() {
         let rendered = |snapshot: Snapshot| {
@@ -1286,7 +1332,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "collector_proxy_route_info{route=\"web\",type=\"http\",ports=\"80,8080\",server_names=\"\"} 1"
+                "collector_proxy_route_info{route=\"web\",type=\"http\",ports=\"80,8080\"} 1"
             ),
             "{text}"
         );
