@@ -33,7 +33,7 @@ use std::{
 use anyhow::Context as _;
 use collector_common::map_names;
 
-use crate::{config::Config, loader, netns, nft, nft_claim, output, paths, privileges};
+use crate::{config::Config, loader, netns, nfnetlink, nft, nft_claim, output, paths, privileges};
 
 /// The cleanup command for what this process attaches and pins, as its recovery hints name it.
 static COMMAND: OnceLock<String> = OnceLock::new();
@@ -439,7 +439,9 @@ fn find_table(table: &str) -> anyhow::Result<nft::Leftover> {
             "looking for the nftables table inet {table}: permission denied: run as root (or with \
              CAP_NET_ADMIN)"
         ),
-        Err(nft::NftError::Netlink(err)) if without_nf_tables(&err) => Ok(nft::Leftover::Absent),
+        Err(nft::NftError::Netlink(err)) if nfnetlink::without_nf_tables(&err) => {
+            Ok(nft::Leftover::Absent)
+        }
         // Anything else (the ruleset changing all through the read, say) leaves the question
         // open: saying "nothing in nftables" would leave a crashed run's chains hooked.
         Err(err) => {
@@ -447,15 +449,6 @@ fn find_table(table: &str) -> anyhow::Result<nft::Leftover> {
                 .context(format!("looking for the nftables table inet {table}")))
         }
     }
-}
-
-/// The kernel has no `nf_tables` (nor nfnetlink): no table of ours can be there. nfnetlink
-/// answers EINVAL for a subsystem it does not have; a kernel without it refuses the socket.
-fn without_nf_tables(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EINVAL | libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT | libc::EOPNOTSUPP)
-    )
 }
 
 /// Reads the pins' owner from `PIN_OWNER` under `map_dir`.
@@ -577,21 +570,6 @@ mod tests {
             command_for(Some(Path::new("/etc/my collector/it's.toml")), None),
             r"collector cleanup --apply --config '/etc/my collector/it'\''s.toml'"
         );
-    }
-
-    #[test]
-    fn only_a_kernel_without_nf_tables_means_no_table() {
-        for errno in [libc::EINVAL, libc::EPROTONOSUPPORT, libc::EAFNOSUPPORT] {
-            assert!(without_nf_tables(&io::Error::from_raw_os_error(errno)));
-        }
-        // The ruleset changing all through the read, or a lost reply: not known.
-        for errno in [libc::EINTR, libc::ENOBUFS, libc::EBUSY] {
-            assert!(!without_nf_tables(&io::Error::from_raw_os_error(errno)));
-        }
-        assert!(!without_nf_tables(&io::Error::new(
-            io::ErrorKind::Interrupted,
-            "the nftables ruleset changed while our table was read"
-        )));
     }
 
     #[test]

@@ -607,6 +607,15 @@ pub fn ip_hooks() -> io::Result<Vec<IpHook>> {
     })
 }
 
+/// The kernel has no `nf_tables` (nor nfnetlink): no table of ours can be there. nfnetlink
+/// answers EINVAL for a subsystem it does not have; a kernel without it refuses the socket.
+pub fn without_nf_tables(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EINVAL | libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT | libc::EOPNOTSUPP)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,5 +715,20 @@ mod tests {
             .write_all(input.as_bytes())
             .unwrap();
         assert!(child.wait().unwrap().success(), "nft {args:?}");
+    }
+
+    #[test]
+    fn only_a_kernel_without_nf_tables_means_no_table() {
+        for errno in [libc::EINVAL, libc::EPROTONOSUPPORT, libc::EAFNOSUPPORT] {
+            assert!(without_nf_tables(&io::Error::from_raw_os_error(errno)));
+        }
+        // The ruleset changing all through the read, or a lost reply: not known.
+        for errno in [libc::EINTR, libc::ENOBUFS, libc::EBUSY] {
+            assert!(!without_nf_tables(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!without_nf_tables(&io::Error::new(
+            io::ErrorKind::Interrupted,
+            "the nftables ruleset changed while our table was read"
+        )));
     }
 }

@@ -753,9 +753,8 @@ enum Look {
 }
 
 impl Source {
-    /// Starts counting if wanted. `after_crash`: this start took over a crashed run's pins,
-    /// whose table, if counting is not wanted now, would otherwise stay and charge every
-    /// packet for its chains.
+    /// Starts counting if wanted, or removes the table an earlier run left if not.
+    /// `after_crash`: this start took over a crashed run's pins, whose table it may adopt.
     pub fn start(config: &Config, after_crash: bool) -> Self {
         let mut source = Self {
             config: config.clone(),
@@ -781,24 +780,36 @@ impl Source {
         };
         if source.enabled {
             source.make_table();
-        } else if after_crash && source.claim_name().is_ok() {
-            match remove_leftover(&config.nftables.table, config.nftables.nft_timeout) {
-                Ok(Leftover::Ours) => tracing::info!(
-                    "removed the nftables table inet {} a crashed run left: counting is off now",
-                    config.nftables.table
-                ),
-                Ok(Leftover::Absent) => {}
-                Ok(Leftover::NotOurs(why)) => tracing::info!(
-                    "left the nftables table inet {}: it is not the collector's (it {why})",
-                    config.nftables.table
-                ),
-                Err(err) => tracing::warn!(
-                    "removing the nftables table inet {} a crashed run left: {err}",
-                    config.nftables.table
-                ),
-            }
+        } else if source.claim_name().is_ok() {
+            source.remove_leftover_at_start();
+            // Claimed only for the look: a collector of this namespace that counts may take
+            // the name next.
+            source.claim = None;
         }
         source
+    }
+
+    /// With counting off, removes our table an earlier run left hooked: a crash, or a stop
+    /// cut short (its `nft` stuck on the ruleset lock past the stop timeout) after its pins
+    /// were gone, which no later start would have taken for a crash. Left, its chains hook
+    /// every packet for nothing; `auto` does not see it as a firewall, so it stayed off and
+    /// left it for good. Found over netlink: `nft` runs only to delete one.
+    fn remove_leftover_at_start(&self) {
+        let table = &self.config.nftables.table;
+        match remove_leftover(table, self.config.nftables.nft_timeout) {
+            Ok(Leftover::Ours) => tracing::info!(
+                "removed the nftables table inet {table} an earlier run left: counting is off now"
+            ),
+            Ok(Leftover::Absent) => {}
+            Ok(Leftover::NotOurs(why)) => tracing::info!(
+                "left the nftables table inet {table}: it is not the collector's (it {why})"
+            ),
+            // No nf_tables here: no table can be left either.
+            Err(NftError::Netlink(err)) if nfnetlink::without_nf_tables(&err) => {}
+            Err(err) => tracing::warn!(
+                "removing the nftables table inet {table} an earlier run left: {err}"
+            ),
+        }
     }
 
     /// `auto`: counting only rides on hooks that netfilter already has here.

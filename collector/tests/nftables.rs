@@ -285,21 +285,29 @@ fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
 
 /// A crash leaves the table; a start where counting is off (here `auto`, in a namespace where
 /// nothing else hooks netfilter) removes it rather than leave every packet paying for its
-/// chains.
+/// chains. So does a stop cut short after its pins went and before its table did (an `nft`
+/// stuck past the stop timeout, then SIGKILL): no pins, so not a crash to the next start,
+/// which left the table hooked for good.
 #[test]
-fn a_start_with_counting_off_removes_the_table_a_crash_left() {
+fn a_start_with_counting_off_removes_the_table_an_earlier_run_left() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(ROUTES);
-    Agent::start(&netns, &config).kill();
-    assert_has_table(&netns, &config.nft_table);
-    let text = std::fs::read_to_string(&config.path)
-        .unwrap()
-        .replace("enabled = true\n", "");
-    std::fs::write(&config.path, text).unwrap();
-    let agent = Agent::start(&netns, &config);
-    assert_no_table(&netns, &config.nft_table);
-    assert!(agent.stop().success());
-    assert_no_pins(&config.pin_dir);
+    let counting = std::fs::read_to_string(&config.path).unwrap();
+    let auto = counting.replace("enabled = true\n", "");
+    for pins_left in [true, false] {
+        std::fs::write(&config.path, &counting).unwrap();
+        Agent::start(&netns, &config).kill();
+        assert_has_table(&netns, &config.nft_table);
+        if !pins_left {
+            // The stop's first part: its pins gone, links and all.
+            std::fs::remove_dir_all(&config.pin_dir).unwrap();
+        }
+        std::fs::write(&config.path, &auto).unwrap();
+        let agent = Agent::start(&netns, &config);
+        assert_no_table(&netns, &config.nft_table);
+        assert!(agent.stop().success());
+        assert_no_pins(&config.pin_dir);
+    }
 }
 
 /// Three connections are counted exactly while the nft source is down and the eBPF one up;
