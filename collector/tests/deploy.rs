@@ -216,10 +216,10 @@ fn environment(container: &serde_json::Value) -> Vec<(String, String)> {
 
 /// The value of `name` in `env`.
 fn setting<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
-    env.iter()
-        .find(|(set, _)| set == name)
-        .map(|(_, value)| value.as_str())
-        .unwrap_or_else(|| panic!("no {name} in {env:?}"))
+    env.iter().find(|(set, _)| set == name).map_or_else(
+        || panic!("no {name} in {env:?}"),
+        |(_, value)| value.as_str(),
+    )
 }
 
 /// The sidecar is a native sidecar, stopped after the proxy, and never gates it.

@@ -245,6 +245,17 @@ fn a_counted_watch_ends_on_its_last_refresh_failed_or_not() {
     );
 }
 
+/// `collector maps dump NAME` with the pin directory from the environment, as a sidecar's
+/// `kubectl exec` gets it.
+fn dumped_by_environment(name: &str, config: &AgentConfig) -> serde_json::Value {
+    let out = support::stdout_of(
+        std::process::Command::new(COLLECTOR)
+            .args(["maps", "dump", name, "--json"])
+            .env("COLLECTOR_PIN_DIR", &config.pin_dir),
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
 const SECOND_NS: u64 = 1_000_000_000;
 
 /// `CLOCK_MONOTONIC` now: the kernel programs' clock.
@@ -332,14 +343,8 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
 
     // The route counters, as the CLI decodes them, equal /metrics.
     let dump = collector(&["maps", "dump", map_names::CONN_COUNTERS], &config);
-    // The pin directory from the environment, as the sidecar's `kubectl exec` gets it.
-    let from_environment = support::stdout_of(
-        std::process::Command::new(COLLECTOR)
-            .args(["maps", "dump", map_names::CONN_COUNTERS, "--json"])
-            .env("COLLECTOR_PIN_DIR", &config.pin_dir),
-    );
     assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&from_environment).unwrap(),
+        dumped_by_environment(map_names::CONN_COUNTERS, &config),
         dump
     );
     let web = &dump[0];
