@@ -1092,7 +1092,9 @@ fn server_names(
     }
     let mut out: Vec<String> = Vec::with_capacity(names.get_ref().len());
     for server in names.get_ref() {
-        let text = server.get_ref().to_ascii_lowercase();
+        let lower = server.get_ref().to_ascii_lowercase();
+        // A name copied from a zone file ends in its root's dot; the kernel drops a client's.
+        let text = lower.strip_suffix('.').unwrap_or(&lower).to_owned();
         if !valid_server_name(&text) {
             return Err(source.at(
                 server,
@@ -1111,7 +1113,7 @@ fn server_names(
             return Err(source.at(
                 server,
                 format!(
-                    "route {name:?}: {text:?} ends in an all-digit label, as an IPv4 address does, and TLS never sends an address as a server name (RFC 6066): clients that connect by address send no name, and count as no_name in the route without `sni`"
+                    "route {name:?}: {text:?} ends in an all-digit label, as an IPv4 address does, and TLS never sends an address as a server name (RFC 6066): clients that connect by address send no name, and count as no_name in the route without `sni` (one that sends the address anyway, as unknown_name)"
                 ),
             ));
         }
@@ -1758,6 +1760,12 @@ match_every = 1
         assert_error(&route("[\"10.0.0.5\"]"), 4, "as an IPv4 address does");
         assert_error(&route("[\"*.0.0.5\"]"), 4, "all-digit label");
         assert!(Config::from_toml("t.toml", &route("[\"10.0.0.5.nip.io\", \"3com.com\"]")).is_ok());
+        // A zone file's trailing dot is dropped, as the kernel drops a client's; its name
+        // then counts once.
+        let dotted = Config::from_toml("t.toml", &route("[\"WWW.Example.com.\"]")).unwrap();
+        assert_eq!(dotted.routes[0].sni, ["www.example.com"]);
+        assert_error(&route("[\"x.org.\", \"x.org\"]"), 4, "twice");
+        assert_error(&route("[\"x.org..\"]"), 4, "is not a server name");
         // A port shared by name needs a route without names.
         let alone = "[[routes]]\nname = \"a\"\nports = [443, 8443]\nsni = [\"x.org\"]\n[[routes]]\nname = \"rest\"\nports = [443]\n";
         assert_error(alone, 4, "no route without `sni` has port 8443");

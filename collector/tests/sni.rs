@@ -96,6 +96,14 @@ fn hello_for(name: &str) -> Vec<u8> {
     hello
 }
 
+/// A `ClientHello` naming `name` with the root's trailing dot, which rustls never sends; read
+/// by the kernel's parser as `name`.
+fn hello_ending_in_a_dot(name: &str) -> Vec<u8> {
+    let hello = hello::with_name(&hello_for(name), format!("{name}.").as_bytes());
+    assert_eq!(parsed(&hello).1.as_deref(), Some(name), "{hello:?}");
+    hello
+}
+
 /// The `ClientHello` rustls sends for an IP address: one without a server name.
 fn hello_without_name() -> Vec<u8> {
     let hello = client_hello(ServerName::IpAddress(
@@ -744,6 +752,23 @@ fn clients_of_every_kind() -> Vec<Client> {
             "one label",
             hello_for("www.example.com"),
             (300, 3_000),
+            connecting,
+            "sites",
+            "matched",
+        ),
+        // The root's dot some clients send, as the config's names may end in it too.
+        client(
+            "trailing dot",
+            hello_ending_in_a_dot("api.example.com"),
+            (110, 1_100),
+            accepting,
+            "api",
+            "matched",
+        ),
+        client(
+            "one label, trailing dot",
+            hello_ending_in_a_dot("www.example.com"),
+            (310, 3_100),
             connecting,
             "sites",
             "matched",

@@ -217,6 +217,16 @@ pub fn length_fields(hello: &[u8]) -> Vec<LengthField> {
     fields
 }
 
+/// `hello` with its server name replaced by `name` (written as is: rustls would not send a
+/// trailing dot, some clients do), every length around it kept right.
+pub fn with_name(hello: &[u8], name: &[u8]) -> Vec<u8> {
+    let fields = length_fields(hello);
+    let mut bytes = hello.to_vec();
+    let range = fields.last().unwrap().body(hello);
+    splice(&mut bytes, &fields, range, name);
+    bytes
+}
+
 /// Replaces `range` of `bytes` by `with`, and keeps every field that counts the whole range
 /// counting right.
 fn splice(bytes: &mut Vec<u8>, fields: &[LengthField], range: Range<usize>, with: &[u8]) {
