@@ -129,6 +129,23 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
+/// Why the kernel `release` cannot run the collector, if it reads as too old: `run` refuses
+/// it before attaching anything, where the first TCX attach failed with a bare "Invalid
+/// argument" after the `sock_ops` program was on the cgroup. One it cannot read is tried.
+#[must_use]
+pub fn kernel_too_old(release: &str) -> Option<String> {
+    kernel_version(release)
+        .is_some_and(|version| version < MIN_KERNEL)
+        .then(|| too_old(release))
+}
+
+fn too_old(release: &str) -> String {
+    format!(
+        "Linux {release} is older than {}.{} (TCX links); upgrade the kernel",
+        MIN_KERNEL.0, MIN_KERNEL.1
+    )
+}
+
 /// Judges the facts against a config's `[nftables] enabled`: every requirement, in a fixed
 /// order.
 #[must_use]
@@ -141,10 +158,7 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
         detail: if kernel_ok {
             format!("Linux {}", facts.kernel_release)
         } else {
-            format!(
-                "Linux {} is older than {}.{} (TCX links); upgrade the kernel",
-                facts.kernel_release, MIN_KERNEL.0, MIN_KERNEL.1
-            )
+            too_old(&facts.kernel_release)
         },
     });
     verdicts.push(Verdict {
@@ -627,6 +641,17 @@ fn nft(version: Option<&str>, nftables: NftEnabled) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_older_than_tcx_is_refused_and_one_unread_is_tried() {
+        assert_eq!(
+            kernel_too_old("6.1.0-18-amd64").as_deref(),
+            Some("Linux 6.1.0-18-amd64 is older than 6.6 (TCX links); upgrade the kernel")
+        );
+        for release in ["6.6.0", "6.18.0-1-amd64", "7.0.0", "custom"] {
+            assert_eq!(kernel_too_old(release), None, "{release}");
+        }
+    }
 
     fn healthy() -> Facts {
         Facts {

@@ -249,6 +249,10 @@ impl Attachment {
 
     fn try_attach(options: &Options<'_>) -> anyhow::Result<Self> {
         let config = options.config;
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        if let Some(why) = crate::check::kernel_too_old(release.trim()) {
+            bail!("{why} (`collector check` lists what else the host lacks)");
+        }
         let (cgroup, cgroup2) =
             paths::open_cgroup2(&paths::cgroup2_root(config.cgroup2.as_deref())?)?;
         paths::ensure_bpffs(&config.pin_dir)?;
@@ -411,7 +415,8 @@ impl Attachment {
             // kernel rejects the ALLOW_MULTI flag on links (EINVAL), so pass none.
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to the {cgroup2}"))?;
+                .with_context(|| format!("attaching {name} to the {cgroup2}"))
+                .map_err(|err| cgroup_hook_full_hint(err, &cgroup2))?;
             Ok(program.take_link(id)?.try_into()?)
         })?;
         self.note_link(pin, adopted);
@@ -433,7 +438,8 @@ impl Attachment {
                     CgroupSkbAttachType::Ingress,
                     CgroupAttachMode::Single,
                 )
-                .with_context(|| format!("attaching {name} to the {cgroup2}"))?;
+                .with_context(|| format!("attaching {name} to the {cgroup2}"))
+                .map_err(|err| cgroup_hook_full_hint(err, &cgroup2))?;
             Ok(program.take_link(id)?.try_into()?)
         })?;
         self.note_link(pin, adopted);
@@ -1911,6 +1917,25 @@ fn classifier_table(stats_floor: bool) -> Vec<(&'static str, TcAttachType, &'sta
 /// Says what to do when something was refused: missing privileges, or, for root with every
 /// capability, a security module ([`privileges::denial_advice`]). Not where the verifier
 /// refused a program (it answers EACCES too, and says why in its log): no privilege helps.
+/// `err`, from attaching a program to the cgroup2 root at `cgroup2`, with what E2BIG means
+/// there: the hook holds the kernel's 64 programs already (`BPF_CGROUP_MAX_PROGS`).
+fn cgroup_hook_full_hint(err: anyhow::Error, cgroup2: &str) -> anyhow::Error {
+    let full = err
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|cause| cause.raw_os_error() == Some(libc::E2BIG));
+    if !full {
+        return err;
+    }
+    err.context(format!(
+        "the cgroup2 root {cgroup2} holds the kernel's limit of 64 programs on this hook \
+         already: every collector on the node attaches its own (one per sidecar pod, and a \
+         DaemonSet's), and so do the pin directories crashed ones left until removed \
+         (`collector cleanup --apply --pin-dir DIR`); `bpftool cgroup show {cgroup2}` lists \
+         them"
+    ))
+}
+
 fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
     let denied = privileges::denied_in(&err)
         || err
@@ -1920,5 +1945,36 @@ fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
         err.context(privileges::denial_advice_here())
     } else {
         err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_cgroup_hook_is_named_with_its_limit_and_the_fix() {
+        let attaching = |errno| {
+            anyhow::Error::from(io::Error::from_raw_os_error(errno))
+                .context("attaching sock_ops to the /sys/fs/cgroup")
+        };
+        let full = format!(
+            "{:#}",
+            cgroup_hook_full_hint(attaching(libc::E2BIG), "/sys/fs/cgroup")
+        );
+        assert!(
+            full.starts_with("the cgroup2 root /sys/fs/cgroup holds the kernel's limit of 64")
+                && full.contains("collector cleanup --apply --pin-dir DIR")
+                && full.contains("bpftool cgroup show /sys/fs/cgroup")
+                && full.ends_with(
+                    "attaching sock_ops to the /sys/fs/cgroup: Argument list too long (os error 7)"
+                ),
+            "{full}"
+        );
+        let other = format!(
+            "{:#}",
+            cgroup_hook_full_hint(attaching(libc::EPERM), "/sys/fs/cgroup")
+        );
+        assert!(!other.contains("limit"), "{other}");
     }
 }
