@@ -129,9 +129,8 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Why the kernel `release` cannot run the collector, if it reads as too old: `run` refuses
-/// it before attaching anything, where the first TCX attach failed with a bare "Invalid
-/// argument" after the `sock_ops` program was on the cgroup. One it cannot read is tried.
+/// Why the kernel `release` cannot run the collector, if it reads as too old: `run` adds it
+/// to the "Invalid argument" of its first TCX attach there. One it cannot read, no.
 #[must_use]
 pub fn kernel_too_old(release: &str) -> Option<String> {
     kernel_version(release)
@@ -643,7 +642,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_kernel_older_than_tcx_is_refused_and_one_unread_is_tried() {
+    fn a_kernel_older_than_tcx_is_named_and_one_unread_is_not() {
         assert_eq!(
             kernel_too_old("6.1.0-18-amd64").as_deref(),
             Some("Linux 6.1.0-18-amd64 is older than 6.6 (TCX links); upgrade the kernel")

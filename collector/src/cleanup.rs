@@ -33,7 +33,9 @@ use std::{
 use anyhow::Context as _;
 use collector_common::map_names;
 
-use crate::{config::Config, loader, netns, nfnetlink, nft, nft_claim, output, paths, privileges};
+use crate::{
+    config::Config, loader, netns, nfnetlink, nft, nft_claim, output, paths, pin_lock, privileges,
+};
 
 /// The cleanup command for what this process attaches and pins, as its recovery hints name it.
 static COMMAND: OnceLock<String> = OnceLock::new();
@@ -390,7 +392,7 @@ fn list(
 fn lock_unless_running(pin_dir: &Path) -> anyhow::Result<std::fs::File> {
     // The lock on the directory that is at the path once locked: a start may have removed
     // the one opened (orphaned pins, `orphans`) and made a new one there, its own.
-    if let Some(lock) = loader::lock_pin_dir_if_current(pin_dir)? {
+    if let Some(lock) = pin_lock::lock_if_current(pin_dir)? {
         return Ok(lock);
     }
     if !paths::pin_exists(pin_dir)? {
@@ -401,10 +403,11 @@ fn lock_unless_running(pin_dir: &Path) -> anyhow::Result<std::fs::File> {
         );
     }
     anyhow::bail!(
-        "a collector is running with the pin directory {}: stop it instead (at SIGTERM it \
+        "a collector is running with the pin directory {} ({}): stop it instead (at SIGTERM it \
          detaches its programs and removes its pins and nftables table); `cleanup` is for \
          what a crashed one left",
-        pin_dir.display()
+        pin_dir.display(),
+        pin_lock::Holder::describe(pin_lock::holder(pin_dir).as_ref())
     )
 }
 

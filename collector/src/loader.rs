@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, MapType, PerCpuArray, PerCpuValues, ProgramArray, RingBuf},
@@ -41,7 +41,7 @@ use crate::{
     config::{Config, RouteKind},
     event_stream::RingDrops,
     links::{self, Framing, Link},
-    netns, orphans, paths, privileges, program_loading, signals, slots,
+    netns, orphans, paths, pin_lock, privileges, program_loading, signals, slots,
 };
 
 /// The kernel object built by build.rs from `collector-ebpf`.
@@ -101,11 +101,6 @@ impl GoesOn {
 const SERVER_NAMES_PIN: &str = "cgroup_skb_server_names";
 /// Pin name of the link of the connection program (`sock_ops`).
 const SOCK_OPS_PIN: &str = "sock_ops";
-
-/// How long a start waits for the pin directory's lock before it takes it for a running
-/// collector's: another collector's start holds it for a moment while it removes pins a
-/// namespace that is gone left there (`orphans`), and `collector cleanup` while it runs.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One attached interface's hook, as the last poll found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,17 +244,15 @@ impl Attachment {
 
     fn try_attach(options: &Options<'_>) -> anyhow::Result<Self> {
         let config = options.config;
-        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        if let Some(why) = crate::check::kernel_too_old(release.trim()) {
-            bail!("{why} (`collector check` lists what else the host lacks)");
-        }
         let (cgroup, cgroup2) =
             paths::open_cgroup2(&paths::cgroup2_root(config.cgroup2.as_deref())?)?;
         paths::ensure_bpffs(&config.pin_dir)?;
         let pin_dir = config.pin_dir.clone();
         let map_dir = paths::map_pin_dir(&pin_dir);
         let links_dir = map_dir.join(LINKS_DIR);
-        let lock = lock_pin_dir(&pin_dir, &links_dir)?;
+        // A cleanup holds the lock through its `nft`, which it gives `nft_timeout`.
+        let cleanup_wait = config.nftables.nft_timeout + std::time::Duration::from_secs(5);
+        let lock = pin_lock::lock_for_start(&pin_dir, &links_dir, cleanup_wait)?;
         let own_netns = netns::current_cookie().context(
             "reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)",
         )?;
@@ -1100,7 +1093,8 @@ fn attach_tcx(
     };
     let id = program
         .attach_with_options(interface, attach_type, TcAttachOptions::TcxOrder(order))
-        .with_context(|| format!("attaching {program_name} to {interface} ({attach_type:?})"))?;
+        .with_context(|| format!("attaching {program_name} to {interface} ({attach_type:?})"))
+        .map_err(old_kernel_hint)?;
     let fd_link: FdLink = program.take_link(id)?.try_into()?;
     fd_link
         .pin(pin)
@@ -1173,76 +1167,6 @@ where
         .take_map(name)
         .with_context(|| format!("the kernel object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
-}
-
-/// Makes the pin directory and locks it (flock works on any inode, bpffs included): the lock
-/// goes with the process, and the directory with a clean stop, so nothing is left
-/// elsewhere. A lock held for a moment by another collector's start or by `cleanup` is
-/// waited for ([`LOCK_WAIT`]); a directory removed meanwhile (orphaned pins, reaped by
-/// another start) is made again. The links directory is made once locked, when nothing
-/// else removes anything there.
-fn lock_pin_dir(pin_dir: &Path, links_dir: &Path) -> anyhow::Result<File> {
-    let create = |dir: &Path| {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("creating the pin directory {}", dir.display()))
-    };
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        create(pin_dir)?;
-        if let Some(lock) = lock_pin_dir_if_current(pin_dir)? {
-            create(links_dir)?;
-            return Ok(lock);
-        }
-        if std::time::Instant::now() >= deadline {
-            bail!(
-                "another collector is running with the pin directory {}; stop it first or give this one its own `pin_dir`",
-                pin_dir.display()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// Locks the pin directory, which a running collector holds locked; `None` while one does.
-/// The lock is on the directory that was at `pin_dir` when it was opened, which is no lock
-/// on `pin_dir` once another start has removed it (`orphans`): `None` too, unless it is
-/// still the one there.
-pub fn lock_pin_dir_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
-    use std::os::unix::fs::MetadataExt as _;
-    let dir = match File::open(pin_dir) {
-        Ok(dir) => dir,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => {
-            return Err(err)
-                .with_context(|| format!("opening the pin directory {}", pin_dir.display()));
-        }
-    };
-    let Some(lock) = flock_nonblocking(dir) else {
-        return Ok(None);
-    };
-    let held = lock
-        .metadata()
-        .with_context(|| format!("looking at the pin directory {}", pin_dir.display()))?;
-    match fs::symlink_metadata(pin_dir) {
-        Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => Ok(Some(lock)),
-        Ok(_) => Ok(None),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(err) => {
-            Err(err).with_context(|| format!("looking at the pin directory {}", pin_dir.display()))
-        }
-    }
-}
-
-/// `dir`, locked exclusively, or `None` if another holds the lock.
-fn flock_nonblocking(dir: File) -> Option<File> {
-    // SAFETY: flock on a valid open fd.
-    let rc = unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&dir),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    };
-    (rc == 0).then_some(dir)
 }
 
 /// Removes the pins under `pin_dir` (locked) if a collector of a network namespace that is
@@ -1914,9 +1838,25 @@ fn classifier_table(stats_floor: bool) -> Vec<(&'static str, TcAttachType, &'sta
     table
 }
 
-/// Says what to do when something was refused: missing privileges, or, for root with every
-/// capability, a security module ([`privileges::denial_advice`]). Not where the verifier
-/// refused a program (it answers EACCES too, and says why in its log): no privilege helps.
+/// `err`, from attaching a TCX link, with what EINVAL means on a kernel that reads as older
+/// than TCX (Linux 6.6); one whose vendor backported TCX attaches, so the version alone
+/// refuses nothing.
+fn old_kernel_hint(err: anyhow::Error) -> anyhow::Error {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    old_kernel_hint_for(err, release.trim())
+}
+
+fn old_kernel_hint_for(err: anyhow::Error, release: &str) -> anyhow::Error {
+    let invalid = err
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|cause| cause.raw_os_error() == Some(libc::EINVAL));
+    match crate::check::kernel_too_old(release) {
+        Some(why) if invalid => err.context(why),
+        _ => err,
+    }
+}
+
 /// `err`, from attaching a program to the cgroup2 root at `cgroup2`, with what E2BIG means
 /// there: the hook holds the kernel's 64 programs already (`BPF_CGROUP_MAX_PROGS`).
 fn cgroup_hook_full_hint(err: anyhow::Error, cgroup2: &str) -> anyhow::Error {
@@ -1936,6 +1876,9 @@ fn cgroup_hook_full_hint(err: anyhow::Error, cgroup2: &str) -> anyhow::Error {
     ))
 }
 
+/// Says what to do when something was refused: missing privileges, or, for root with every
+/// capability, a security module ([`privileges::denial_advice`]). Not where the verifier
+/// refused a program (it answers EACCES too, and says why in its log): no privilege helps.
 fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
     let denied = privileges::denied_in(&err)
         || err
@@ -1976,5 +1919,20 @@ mod tests {
             cgroup_hook_full_hint(attaching(libc::EPERM), "/sys/fs/cgroup")
         );
         assert!(!other.contains("limit"), "{other}");
+    }
+
+    #[test]
+    fn a_tcx_link_refused_by_a_kernel_older_than_tcx_says_so() {
+        let attaching = || {
+            anyhow::Error::from(io::Error::from_raw_os_error(libc::EINVAL))
+                .context("attaching classify to lo (Ingress)")
+        };
+        let old = format!("{:#}", old_kernel_hint_for(attaching(), "6.1.0-18-amd64"));
+        assert!(
+            old.starts_with("Linux 6.1.0-18-amd64 is older than 6.6 (TCX links)"),
+            "{old}"
+        );
+        let new = format!("{:#}", old_kernel_hint_for(attaching(), "6.18.0"));
+        assert!(new.starts_with("attaching classify"), "{new}");
     }
 }

@@ -70,7 +70,7 @@ pub struct MapRow {
     pub in_use: Option<u32>,
     /// What the figures cannot say of this map (socket storage has no entries to count).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<&'static str>,
+    pub note: Option<String>,
 }
 
 /// The pinned map `name`, refused if another build shaped it otherwise: decoded with this
@@ -177,9 +177,11 @@ fn count_used<T: aya::Pod>(data: MapData, used: impl Fn(&T) -> bool) -> anyhow::
 
 /// Every pinned map of this build under `pin_dir`, with its shape and fill. A map this build
 /// pins but an older one did not is left out (a crashed older build's pins lack it); none at
-/// all is an error.
+/// all is an error. Another build's pins are listed with what differs in their notes, and
+/// no fill (counted with this build's meanings, it would be wrong): the list is where one
+/// sees what a crash of another build left.
 pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
-    check_layout(pin_dir)?;
+    let other_layout = check_layout(pin_dir).err().map(|err| format!("{err:#}"));
     let map_dir = paths::map_pin_dir(pin_dir);
     let mut rows = Vec::new();
     // A query waiting past the answer timeout is given up, its slot free for the next
@@ -189,19 +191,38 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
         if !paths::pin_exists(&map_dir.join(name))? {
             continue;
         }
-        let data = open(pin_dir, name).map_err(|err| explain(err, name))?;
+        let data = open_pin(pin_dir, name)?;
         let info = data.info()?;
-        let in_use = match name {
-            map_names::CONN_STATE => Some(count_used::<ConnState>(data, |s| s.cookie != 0)),
-            map_names::DNS_INFLIGHT => Some(count_used::<DnsInFlight>(data, |s| {
-                s.start_ns != 0 && !dns_query_given_up(now, s.start_ns)
-            })),
-            map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |stamp| *stamp != 0)),
-            map_names::ROUTE_NAMES => Some(count_used::<RouteName>(data, |n| n.bytes[0] != 0)),
-            _ => None,
-        }
-        .transpose()
-        .map_err(|err| explain(err, name))?;
+        let other_shape = this_build()?.maps.get(name).and_then(|expected| {
+            loader::shape_difference(expected, &info).map(|(what, pinned, expected)| {
+                format!(
+                    "another build's map: {what} {pinned}, this build's {expected} (read it \
+                     with that build's `collector maps`)"
+                )
+            })
+        });
+        let note = other_shape
+            .or_else(|| {
+                other_layout
+                    .clone()
+                    .filter(|_| name == map_names::PIN_OWNER)
+            })
+            .or_else(|| storage_note(name).map(str::to_owned));
+        let in_use = if note.is_some() || other_layout.is_some() {
+            None
+        } else {
+            match name {
+                map_names::CONN_STATE => Some(count_used::<ConnState>(data, |s| s.cookie != 0)),
+                map_names::DNS_INFLIGHT => Some(count_used::<DnsInFlight>(data, |s| {
+                    s.start_ns != 0 && !dns_query_given_up(now, s.start_ns)
+                })),
+                map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |stamp| *stamp != 0)),
+                map_names::ROUTE_NAMES => Some(count_used::<RouteName>(data, |n| n.bytes[0] != 0)),
+                _ => None,
+            }
+            .transpose()
+            .map_err(|err| explain(err, name))?
+        };
         rows.push(MapRow {
             name,
             kind: info
@@ -211,7 +232,7 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
             value_size: info.value_size(),
             capacity: info.max_entries(),
             in_use,
-            note: storage_note(name),
+            note,
         });
     }
     if rows.is_empty() {
@@ -908,7 +929,7 @@ pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
     }
     // Under the table, where they leave its columns alone.
     for row in rows {
-        if let Some(note) = row.note {
+        if let Some(note) = &row.note {
             writeln!(out, "{}: {note}", row.name)?;
         }
     }
@@ -1047,7 +1068,11 @@ mod tests {
             note,
         };
         let rows = [
-            row(map_names::SNI_DECISIONS, "SkStorage", Some(SOCKET_STORAGE)),
+            row(
+                map_names::SNI_DECISIONS,
+                "SkStorage",
+                Some(SOCKET_STORAGE.to_owned()),
+            ),
             row(map_names::SNI_COUNTERS, "PerCpuArray", None),
         ];
         let mut text = Vec::new();

@@ -796,6 +796,14 @@ impl Source {
     /// left it for good. Found over netlink: `nft` runs only to delete one.
     fn remove_leftover_at_start(&self) {
         let table = &self.config.nftables.table;
+        // With counting off, nf_tables is not loaded for the look: asking nfnetlink for it
+        // would load the module on a host that does not use nftables. Not loaded, it holds
+        // no table. (`auto` asks anyway, for the hooks.)
+        if self.config.nftables.enabled == NftEnabled::Off
+            && !std::path::Path::new("/sys/module/nf_tables").exists()
+        {
+            return;
+        }
         match remove_leftover(table, self.config.nftables.nft_timeout) {
             Ok(Leftover::Ours) => tracing::info!(
                 "removed the nftables table inet {table} an earlier run left: counting is off now"

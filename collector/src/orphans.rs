@@ -23,7 +23,7 @@ use std::{ffi::OsStr, fs, io, os::fd::AsFd as _, path::Path};
 use anyhow::Context as _;
 use collector_common::map_names;
 
-use crate::{bpf_sys, cleanup, loader, paths};
+use crate::{bpf_sys, cleanup, loader, paths, pin_lock};
 
 /// Base name of the documented pin directories: `collector` (the `DaemonSet`, systemd) and
 /// `collector-<pod UID>` (sidecars). Only directories named so are looked at as siblings.
@@ -183,7 +183,7 @@ fn reap(dir: &Path, own_netns: u64) -> anyhow::Result<Option<u64>> {
     if !is_dir(&map_dir)? || gone_owner(&map_dir, own_netns)?.is_none() {
         return Ok(None);
     }
-    let Some(_lock) = loader::lock_pin_dir_if_current(dir)? else {
+    let Some(_lock) = pin_lock::lock_if_current(dir)? else {
         return Ok(None);
     };
     let Some(owner) = gone_owner(&map_dir, own_netns)? else {

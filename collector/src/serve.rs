@@ -28,7 +28,7 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Router,
     extract::{Request, State},
     http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
@@ -41,12 +41,11 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use prometheus_client::registry::Registry;
-use tower_http::compression::CompressionLayer;
 
 use crate::{
     api, auth,
     event_stream::{EventHub, HEARTBEAT_INTERVAL, StreamEvent},
-    metrics,
+    gzip, metrics,
     poller::SharedSnapshot,
     secret_reloads::SecretReloads,
     tls,
@@ -282,10 +281,6 @@ pub fn router(sources: Sources, guard_with: Guard) -> Router {
         .route("/metrics", get(serve_metrics))
         .route("/api/v1/proxy", get(serve_proxy))
         .route("/api/v1/dns", get(serve_dns))
-        // gzip for the routes above, when asked (Prometheus asks at every scrape): the
-        // exposition of a node of many interfaces and routes shrinks about tenfold. Not for
-        // the event stream below, whose lines must leave as they come, nor the probes.
-        .layer(CompressionLayer::new().gzip(true))
         .route("/api/v1/events", get(serve_events))
         .route("/healthz", get(serve_health))
         .route("/readyz", get(serve_ready))
@@ -313,14 +308,12 @@ async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Res
             .filter_map(|value| value.to_str().ok()),
     );
     match metrics::render(&state.registry) {
-        Ok(body) if wants_openmetrics => {
-            ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
-        }
-        Ok(body) => (
-            [(header::CONTENT_TYPE, CLASSIC_TEXT)],
-            metrics::to_classic_text(&body),
-        )
-            .into_response(),
+        Ok(body) if wants_openmetrics => gzip::respond(&headers, OPENMETRICS, body.into_bytes()),
+        Ok(body) => gzip::respond(
+            &headers,
+            CLASSIC_TEXT,
+            metrics::to_classic_text(&body).into_bytes(),
+        ),
         Err(err) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("rendering metrics: {err}\n"),
@@ -402,7 +395,7 @@ impl<'a> MediaRange<'a> {
 }
 
 /// A `qvalue` (`0`, `0.5`, `1.000`, at most three decimals) in thousandths.
-fn qvalue(text: &str) -> Option<u16> {
+pub(crate) fn qvalue(text: &str) -> Option<u16> {
     let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
     if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -424,16 +417,28 @@ fn quality(ranges: &[MediaRange<'_>], kind: &str, subtype: &str) -> Option<(u8, 
         .max()
 }
 
-async fn serve_proxy(State(state): State<AppState>) -> Json<api::ProxyStats> {
+async fn serve_proxy(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let mut proxy = api::proxy_stats(&state.latest.load());
     proxy.age = api::Age::new(state.latest.age(), state.liveness.poll_interval());
-    Json(proxy)
+    json(&headers, &proxy)
 }
 
-async fn serve_dns(State(state): State<AppState>) -> Json<api::DnsStats> {
+async fn serve_dns(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let mut dns = api::dns_stats(&state.latest.load());
     dns.age = api::Age::new(state.latest.age(), state.liveness.poll_interval());
-    Json(dns)
+    json(&headers, &dns)
+}
+
+/// `value` as JSON, gzipped if the request takes it.
+fn json(request: &HeaderMap, value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => gzip::respond(request, "application/json", body),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering JSON: {err}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// NDJSON, one event per line, until the client goes away or the agent stops; a heartbeat

@@ -207,6 +207,25 @@ fn a_watch_goes_on_over_a_restart_and_gives_a_reset_count_no_rate() {
     assert!(agent.stop().success());
 }
 
+/// A directory moved aside (renamed) until dropped, when it goes back, the test passed or
+/// not: the agent's stop removes its pins where they were.
+struct MovedAway(std::path::PathBuf, std::ffi::OsString);
+
+impl MovedAway {
+    fn new(dir: &std::path::Path) -> Self {
+        let mut aside = dir.as_os_str().to_owned();
+        aside.push("-moved");
+        std::fs::rename(dir, &aside).unwrap();
+        Self(dir.to_owned(), aside)
+    }
+}
+
+impl Drop for MovedAway {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(&self.1, &self.0);
+    }
+}
+
 /// A watch of `--count N` ends at its Nth refresh even when the reads fail, with status 1,
 /// where it waited for an agent that was gone for good; the failure is said once, not at
 /// every refresh.
@@ -227,10 +246,14 @@ fn a_counted_watch_ends_on_its_last_refresh_failed_or_not() {
     let stdout = lines_of(watch.stdout().unwrap());
     let mut seen = Vec::new();
     next_line(&stdout, &mut seen, |line| line.starts_with("slot0.opened"));
-    assert!(agent.stop().success());
+    // The pins gone at once, not one by one as a stop removes them: each refresh fails the
+    // same way.
+    let moved = MovedAway::new(&config.pin_dir);
     let status = wait_for("the watch to end", Duration::from_secs(30), || {
         watch.try_wait()
     });
+    drop(moved);
+    assert!(agent.stop().success());
     let mut stderr = String::new();
     watch.stderr().unwrap().read_to_string(&mut stderr).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -395,27 +418,57 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
 
 /// Pins another build made: a map of another shape is named, with whose it is, and a pin
 /// directory holding only another build's layout says so.
+/// A pin directory of the test's own on bpffs, removed on drop.
+struct ScratchPins(std::path::PathBuf);
+
+impl ScratchPins {
+    fn new() -> Self {
+        Self(std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test")))
+    }
+}
+
+impl Drop for ScratchPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `collector maps ARGS` on `pin_dir`, expecting it to fail: its stderr.
+fn maps_refused(pin_dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(COLLECTOR)
+        .arg("maps")
+        .args(args)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The row of `name` in `maps list` on `pin_dir`, which shows another build's pins with what
+/// differs, and counts nothing in them.
+fn listed_row(pin_dir: &std::path::Path, name: &str) -> serde_json::Value {
+    let out = std::process::Command::new(COLLECTOR)
+        .args(["maps", "list", "--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["name"] == name);
+    row.unwrap_or_else(|| panic!("no {name} in {rows}")).clone()
+}
+
 #[test]
 fn pins_of_another_build_are_said_to_be_so() {
-    struct Removed(std::path::PathBuf);
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test"));
-    let _removed = Removed(pin_dir.clone());
-    let maps = |args: &[&str]| {
-        let out = std::process::Command::new(COLLECTOR)
-            .arg("maps")
-            .args(args)
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1));
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let pins = ScratchPins::new();
+    let pin_dir = &pins.0;
+    let maps = |args: &[&str]| maps_refused(pin_dir, args);
     // Only another layout's directory.
     std::fs::create_dir_all(pin_dir.join("v2")).unwrap();
     let stderr = maps(&["list"]);
@@ -423,20 +476,27 @@ fn pins_of_another_build_are_said_to_be_so() {
         stderr.contains("no pinned maps under") && stderr.contains("another build's layout (v2)"),
         "{stderr}"
     );
+    let listed = |name: &str| listed_row(pin_dir, name);
     // A CONN_STATE of another value size in this build's layout.
-    std::fs::create_dir_all(pin_dir.join("v1")).unwrap();
-    support::pin_plain_array(&pin_dir.join("v1").join(map_names::CONN_STATE), 16, 16);
-    for args in [&["list"][..], &["dump", map_names::CONN_STATE]] {
-        let stderr = maps(args);
-        assert!(
-            stderr.contains(
-                "the pinned map CONN_STATE has another shape than this build's: another build of \
-                 the collector pinned it"
-            ),
-            "{args:?}: {stderr}"
-        );
-    }
     let v1 = pin_dir.join("v1");
+    std::fs::create_dir_all(&v1).unwrap();
+    support::pin_plain_array(&v1.join(map_names::CONN_STATE), 16, 16);
+    let stderr = maps(&["dump", map_names::CONN_STATE]);
+    assert!(
+        stderr.contains(
+            "the pinned map CONN_STATE has another shape than this build's: another build of \
+             the collector pinned it"
+        ),
+        "{stderr}"
+    );
+    let row = listed(map_names::CONN_STATE);
+    assert!(
+        row["note"]
+            .as_str()
+            .is_some_and(|note| note.starts_with("another build's map: value size 16")),
+        "{row}"
+    );
+    assert_eq!(row["inUse"], serde_json::Value::Null, "{row}");
     std::fs::remove_file(v1.join(map_names::CONN_STATE)).unwrap();
     // A route-name table of fewer slots: its size is this build's, and it read as one
     // until the slot past its end.
@@ -448,6 +508,16 @@ fn pins_of_another_build_are_said_to_be_so() {
         "{stderr}"
     );
     std::fs::remove_file(v1.join(map_names::ROUTE_NAMES)).unwrap();
+}
+
+/// Pins claimed by a build of another layout are listed, with the layout in `PIN_OWNER`'s
+/// note and nothing counted in them, and refused where they would be decoded.
+#[test]
+fn pins_of_another_layout_are_listed_but_not_decoded() {
+    let pins = ScratchPins::new();
+    let pin_dir = &pins.0;
+    let v1 = pin_dir.join("v1");
+    std::fs::create_dir_all(&v1).unwrap();
     // Shaped alike, claimed by a build of another layout: its maps mean other things.
     support::pin_plain_array(&v1.join(map_names::ROUTE_NAMES), 64, MAX_ROUTES);
     let (owner, layout) = (7u64.to_ne_bytes(), (PIN_LAYOUT + 1).to_ne_bytes());
@@ -462,14 +532,23 @@ fn pins_of_another_build_are_said_to_be_so() {
          this build's is {PIN_LAYOUT})",
         PIN_LAYOUT + 1
     );
-    for args in [&["list"][..], &["dump", map_names::ROUTE_NAMES]] {
-        let stderr = maps(args);
-        assert!(stderr.contains(&refusal), "{args:?}: {stderr}");
-    }
+    let stderr = maps_refused(pin_dir, &["dump", map_names::ROUTE_NAMES]);
+    assert!(stderr.contains(&refusal), "{stderr}");
+    let owner_row = listed_row(pin_dir, map_names::PIN_OWNER);
+    assert!(
+        owner_row["note"]
+            .as_str()
+            .is_some_and(|note| note.contains(&refusal)),
+        "{owner_row}"
+    );
+    assert_eq!(
+        listed_row(pin_dir, map_names::ROUTE_NAMES)["inUse"],
+        serde_json::Value::Null
+    );
     // Which layout made them is what `PIN_OWNER` is read for.
     let out = std::process::Command::new(COLLECTOR)
         .args(["maps", "dump", map_names::PIN_OWNER, "--pin-dir"])
-        .arg(&pin_dir)
+        .arg(pin_dir)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

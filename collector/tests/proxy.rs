@@ -1082,53 +1082,6 @@ fn under_steady_traffic_a_crash_and_restart_lose_nothing_and_never_go_back() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// Starts the agent over the pins a killed one left, expecting a refusal: its stderr.
-fn refused_start(netns: &Netns, config: &AgentConfig) -> String {
-    support::refused_start(netns, &config.path)
-}
-
-#[test]
-fn an_incompatible_pinned_map_is_refused_with_the_fix() {
-    let netns = Netns::new();
-    let config = AgentConfig::new(ROUTES);
-    Agent::start(&netns, &config).kill();
-    // Put a map of another shape where the route counters were pinned, as an older build
-    // with another layout would have left it.
-    let pins = config.pin_dir.join("v1");
-    std::fs::remove_file(pins.join("CONN_COUNTERS")).unwrap();
-    std::fs::rename(pins.join("ERRORS"), pins.join("CONN_COUNTERS")).unwrap();
-
-    let stderr = refused_start(&netns, &config);
-    assert!(
-        stderr.contains("CONN_COUNTERS has value size 8, but this build expects 40")
-            // The cleanup that looks where this run's config put its pins and table.
-            && stderr.contains(&format!(
-                "`collector cleanup --apply --config {}`",
-                config.path.display()
-            )),
-        "{stderr}"
-    );
-}
-
-#[test]
-fn a_connection_table_that_cannot_be_mapped_is_refused_with_the_fix() {
-    let netns = Netns::new();
-    let config = AgentConfig::new(ROUTES);
-    Agent::start(&netns, &config).kill();
-    // The same shape as the connection table, but not memory-mappable, as pinned by a build
-    // from before the agent read it that way.
-    let pins = config.pin_dir.join("v1");
-    std::fs::remove_file(pins.join("CONN_STATE")).unwrap();
-    support::pin_plain_array(&pins.join("CONN_STATE"), 48, 65536);
-
-    let stderr = refused_start(&netns, &config);
-    assert!(
-        stderr.contains("CONN_STATE has flags 0x0, but this build expects 0x400")
-            && stderr.contains("collector cleanup --apply"),
-        "{stderr}"
-    );
-}
-
 /// A DNS table from before it was memory-mappable holds seconds of state: it is replaced,
 /// and the counters a crashed older build left are kept.
 #[test]

@@ -150,12 +150,18 @@ fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero()
         assert_eq!(layout, collector_common::PIN_LAYOUT);
         words.set(1, layout + 1, 0).unwrap();
     };
-    let make_other_shape = || {
-        let counters = v1.join("CONN_COUNTERS");
-        std::fs::remove_file(&counters).unwrap();
-        support::pin_plain_array(&counters, 16, collector_common::MAX_ROUTES);
+    // A map of another value size where the route counters were pinned.
+    let make_other_value_size = || {
+        std::fs::remove_file(v1.join("CONN_COUNTERS")).unwrap();
+        std::fs::rename(v1.join("ERRORS"), v1.join("CONN_COUNTERS")).unwrap();
     };
-    let cases: [(&str, &dyn Fn(), String); 2] = [
+    // The connection table, shaped alike but not memory-mappable, as a build from before
+    // the agent read it that way pinned it.
+    let make_other_flags = || {
+        std::fs::remove_file(v1.join("CONN_STATE")).unwrap();
+        support::pin_plain_array(&v1.join("CONN_STATE"), 48, 65536);
+    };
+    let cases: [(&str, &dyn Fn(), String); 3] = [
         (
             "layout",
             &make_other_layout,
@@ -166,9 +172,14 @@ fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero()
             ),
         ),
         (
-            "shape",
-            &make_other_shape,
-            "(CONN_COUNTERS has type Some(Array), this build's Some(PerCpuArray))".to_owned(),
+            "value size",
+            &make_other_value_size,
+            "(CONN_COUNTERS has value size 8, this build's 40)".to_owned(),
+        ),
+        (
+            "flags",
+            &make_other_flags,
+            "(CONN_STATE has flags 0x0, this build's 0x400)".to_owned(),
         ),
     ];
     for (case, make_other_build, difference) in cases {
@@ -188,12 +199,14 @@ fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero()
                 && line.contains(&difference)),
             "{case}: {text}"
         );
-        // The crashed run's programs are detached: its links went with their pins.
-        let live = link_ids(&v1.join("links"));
-        assert!(
-            old_links.iter().all(|id| !live.contains(id)),
-            "{case}: {old_links:?} still in {live:?}"
-        );
+        // The crashed run's programs are detached: its links are gone from the kernel.
+        for id in &old_links {
+            let shown = Command::new("bpftool")
+                .args(["link", "show", "id", &id.to_string()])
+                .output()
+                .unwrap();
+            assert!(!shown.status.success(), "{case}: link {id} is still there");
+        }
         // From zero: the crashed run's 3 are not taken over.
         support::connections_3_in_5_out(&netns, 2);
         let metrics = wait_for_closed(&netns, "web", 2);
@@ -226,6 +239,83 @@ fn link_ids(links_dir: &std::path::Path) -> Vec<u64> {
             link["id"].as_u64().unwrap_or_else(|| panic!("{out}"))
         })
         .collect()
+}
+
+/// A start while `collector cleanup` holds the pin directory (through its `nft`, here held
+/// up as a firewall reload holds the ruleset; the directory stays while it holds another
+/// layout's) waits for it, saying so, where it was refused after 2 s as if a collector ran
+/// there. Held by anything else, the start is refused naming the process.
+#[test]
+fn a_start_waits_for_a_cleanup_holding_the_pin_directory_and_names_any_other_holder() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(WEB_ROUTE);
+    nft_may_take(&config, Duration::from_mins(1));
+    Agent::start(&netns, &config).kill();
+    let other_layout = config.pin_dir.join("v2");
+    std::fs::create_dir(&other_layout).unwrap();
+    let stall = config.dir.join("stall");
+    let bin = stalling_nft(&config.dir, &stall);
+    std::fs::write(&stall, "").unwrap();
+    let unstall = Unstall(stall);
+    let mut cleanup = support::Reaped::spawn(
+        netns
+            .command(COLLECTOR)
+            .args(["cleanup", "--apply", "--config"])
+            .arg(&config.path)
+            .env("PATH", path_with(&bin))
+            .stdout(std::process::Stdio::null()),
+    );
+    let script = bin.join("nft").display().to_string();
+    wait_for(
+        "the cleanup to run the stuck nft",
+        Duration::from_secs(20),
+        || children_running(cleanup.pid(), &script).then_some(()),
+    );
+    // Let go after 4 s, twice what a start waits for another holder.
+    let letting_go = thread::spawn(move || {
+        thread::sleep(Duration::from_secs(4));
+        drop(unstall);
+    });
+    let logs = ScratchDir::new("cleanup-wait");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    letting_go.join().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().any(|line| line.contains(&format!(
+            "waiting for process {}: {COLLECTOR} cleanup --apply --config",
+            cleanup.pid()
+        ))),
+        "{text}"
+    );
+    let status = wait_for("the cleanup to end", Duration::from_secs(20), || {
+        cleanup.try_wait()
+    });
+    assert!(status.success());
+    std::fs::remove_dir(&other_layout).unwrap();
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    assert!(agent.stop().success());
+
+    // Any other holder is named.
+    std::fs::create_dir_all(&config.pin_dir).unwrap();
+    let holder = support::Reaped::spawn(
+        Command::new("flock")
+            .arg(&config.pin_dir)
+            .args(["sleep", "60"]),
+    );
+    let stderr = support::refused_start(&netns, &config.path);
+    assert!(
+        stderr.contains(&format!(
+            "another collector is running with the pin directory {} (process {}: flock {} sleep 60)",
+            config.pin_dir.display(),
+            holder.pid(),
+            config.pin_dir.display()
+        )),
+        "{stderr}"
+    );
+    drop(holder);
+    std::fs::remove_dir(&config.pin_dir).unwrap();
 }
 
 /// The "collector running" line of an agent's log.

@@ -639,6 +639,10 @@ impl Reaped {
     pub fn stderr(&mut self) -> Option<std::process::ChildStderr> {
         self.0.stderr.take()
     }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
 }
 
 impl Drop for Reaped {

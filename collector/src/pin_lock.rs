@@ -1,0 +1,233 @@
+//! The pin directory's lock: one collector per pin directory. flock works on any inode,
+//! bpffs included; the lock goes with its process, and the directory with a clean stop, so
+//! nothing is left elsewhere. Who holds it is read from /proc/locks, so that a refusal names
+//! the process, and a start waits out a `collector cleanup` rather than take it for a
+//! running collector.
+
+use std::{
+    fs::{self, File},
+    io,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// How long a start waits for the lock before it takes it for a running collector's:
+/// another collector's start holds it for a moment while it removes pins a namespace that
+/// is gone left there (`orphans`).
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Makes the pin directory and locks it for a start. A lock held for a moment by another
+/// collector's start is waited for ([`LOCK_WAIT`]), one held by `collector cleanup` for up
+/// to `cleanup_wait` (it holds it through its `nft`, which may wait on the ruleset); a
+/// directory removed meanwhile (orphaned pins, reaped by another start; or by the cleanup)
+/// is made again. The links directory is made once locked, when nothing else removes
+/// anything there.
+pub fn lock_for_start(
+    pin_dir: &Path,
+    links_dir: &Path,
+    cleanup_wait: Duration,
+) -> anyhow::Result<File> {
+    let create = |dir: &Path| {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating the pin directory {}", dir.display()))
+    };
+    let began = Instant::now();
+    let mut said_waiting = false;
+    loop {
+        create(pin_dir)?;
+        if let Some(lock) = lock_if_current(pin_dir)? {
+            create(links_dir)?;
+            return Ok(lock);
+        }
+        let waited = began.elapsed();
+        if waited >= LOCK_WAIT {
+            let holder = holder(pin_dir);
+            let cleanup = holder.as_ref().is_some_and(Holder::is_cleanup);
+            if cleanup && waited < cleanup_wait {
+                if !std::mem::replace(&mut said_waiting, true) {
+                    tracing::info!(
+                        "waiting for {} to finish with the pin directory {}",
+                        Holder::describe(holder.as_ref()),
+                        pin_dir.display()
+                    );
+                }
+            } else if cleanup {
+                bail!(
+                    "{} has held the pin directory {} for {} s: start again once it is done",
+                    Holder::describe(holder.as_ref()),
+                    pin_dir.display(),
+                    waited.as_secs()
+                );
+            } else {
+                bail!(
+                    "another collector is running with the pin directory {} ({}); stop it first or give this one its own `pin_dir`",
+                    pin_dir.display(),
+                    Holder::describe(holder.as_ref())
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Locks the pin directory, which a running collector holds locked; `None` while one does.
+/// The lock is on the directory that was at `pin_dir` when it was opened, which is no lock
+/// on `pin_dir` once another start has removed it (`orphans`): `None` too, unless it is
+/// still the one there.
+pub fn lock_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = match File::open(pin_dir) {
+        Ok(dir) => dir,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("opening the pin directory {}", pin_dir.display()));
+        }
+    };
+    let Some(lock) = flock_nonblocking(dir) else {
+        return Ok(None);
+    };
+    let held = lock
+        .metadata()
+        .with_context(|| format!("looking at the pin directory {}", pin_dir.display()))?;
+    match fs::symlink_metadata(pin_dir) {
+        Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => Ok(Some(lock)),
+        Ok(_) => Ok(None),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => {
+            Err(err).with_context(|| format!("looking at the pin directory {}", pin_dir.display()))
+        }
+    }
+}
+
+/// `dir`, locked exclusively, or `None` if another holds the lock.
+fn flock_nonblocking(dir: File) -> Option<File> {
+    // SAFETY: flock on a valid open fd.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    (rc == 0).then_some(dir)
+}
+
+/// The process holding a pin directory's lock.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// As this process sees it; 0 for one in a PID namespace it cannot see.
+    pid: u32,
+    /// Its arguments, as /proc/PID/cmdline has them (none if it could not be read).
+    arguments: Vec<String>,
+}
+
+impl Holder {
+    /// A `collector cleanup`, which holds the lock only while it works.
+    fn is_cleanup(&self) -> bool {
+        let mut arguments = self.arguments.iter().map(String::as_str);
+        if arguments
+            .next()
+            .and_then(|program| program.rsplit('/').next())
+            != Some("collector")
+        {
+            return false;
+        }
+        // The subcommand: the first word that is no flag, nor the global flag's value.
+        while let Some(argument) = arguments.next() {
+            match argument {
+                "--log-format" => {
+                    arguments.next();
+                }
+                flag if flag.starts_with('-') => {}
+                subcommand => return subcommand == "cleanup",
+            }
+        }
+        false
+    }
+
+    /// "process PID: COMMAND", or what is known of it.
+    pub fn describe(holder: Option<&Self>) -> String {
+        match holder {
+            Some(Self { pid: 0, .. }) | None => "a process this one cannot see".to_owned(),
+            Some(Self { pid, arguments }) if arguments.is_empty() => format!("process {pid}"),
+            Some(Self { pid, arguments }) => {
+                format!("process {pid}: {}", arguments.join(" "))
+            }
+        }
+    }
+}
+
+/// The holder of the flock on `dir`, from /proc/locks; `None` if none is found (released
+/// since, or /proc unreadable).
+pub fn holder(dir: &Path) -> Option<Holder> {
+    use std::os::unix::fs::MetadataExt as _;
+    let held = fs::metadata(dir).ok()?;
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    let pid = flock_holder(&locks, held.dev(), held.ino())?;
+    let arguments = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|line| {
+            line.split(|&byte| byte == 0)
+                .filter(|argument| !argument.is_empty())
+                .map(|argument| String::from_utf8_lossy(argument).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Holder { pid, arguments })
+}
+
+/// The pid holding a flock on the inode `ino` of device `dev`, in the text of /proc/locks
+/// (`1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF`, the device numbers in hex; a
+/// waiter's line has `->` after its number).
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let inode = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, at, ..] if *at == inode => pid.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holder_is_the_flock_on_the_inode_and_not_a_waiter() {
+        let dev = libc::makedev(0, 0x1f);
+        let locks = "1: POSIX  ADVISORY  WRITE 10 00:1f:77 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 11 00:1e:77 0 EOF\n\
+                     3: -> FLOCK  ADVISORY  WRITE 12 00:1f:77 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE 13 00:1f:77 0 EOF\n";
+        assert_eq!(flock_holder(locks, dev, 77), Some(13));
+        assert_eq!(flock_holder(locks, dev, 78), None);
+    }
+
+    #[test]
+    fn only_a_collector_cleanup_is_waited_for() {
+        let holder = |arguments: &[&str]| Holder {
+            pid: 7,
+            arguments: arguments.iter().map(|&a| a.to_owned()).collect(),
+        };
+        assert!(holder(&["/usr/bin/collector", "cleanup", "--apply"]).is_cleanup());
+        assert!(holder(&["collector", "cleanup"]).is_cleanup());
+        assert!(holder(&["collector", "--log-format", "json", "cleanup"]).is_cleanup());
+        assert!(!holder(&["collector", "run", "--config", "cleanup"]).is_cleanup());
+        assert!(!holder(&["flock", "/sys/fs/bpf/collector", "cleanup"]).is_cleanup());
+        assert!(!holder(&["/usr/bin/collector", "run"]).is_cleanup());
+        assert_eq!(
+            Holder::describe(Some(&holder(&["collector", "run"]))),
+            "process 7: collector run"
+        );
+        assert_eq!(
+            Holder::describe(Some(&Holder {
+                pid: 0,
+                arguments: Vec::new()
+            })),
+            "a process this one cannot see"
+        );
+    }
+}
