@@ -378,7 +378,7 @@ impl Users {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(user)
-            .is_some_and(|known| same_secret(known.as_bytes(), password.as_bytes()))
+            .is_some_and(|known| same_secret(password.as_bytes(), known.as_bytes()))
     }
 }
 
@@ -398,14 +398,18 @@ fn credentials_of<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
         .then(|| credentials.trim_start_matches(' '))
 }
 
-/// Compares in time independent of where the first difference is.
+/// Compares in a time that depends on the expected secret's length alone: not on where the
+/// first difference is, nor on whether the lengths match (an early return on a length told a
+/// client, by timing, when it had guessed the token's length).
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    let lengths_differ = u8::from(given.len() != expected.len());
+    expected
+        .iter()
+        .enumerate()
+        .fold(lengths_differ, |acc, (at, byte)| {
+            acc | (byte ^ given.get(at).copied().unwrap_or(!byte))
+        })
+        == 0
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
@@ -499,6 +503,11 @@ mod tests {
         assert!(!same_secret(b"s3cre", b"s3cret"));
         assert!(!same_secret(b"s3creT", b"s3cret"));
         assert!(!same_secret(b"", b"s3cret"));
+        // Longer, with the secret as its start; and a secret of zero bytes, given nothing.
+        assert!(!same_secret(b"s3cret!", b"s3cret"));
+        assert!(!same_secret(b"s3cret\0", b"s3cret"));
+        assert!(same_secret(b"", b""));
+        assert!(!same_secret(b"x", b""));
     }
 
     #[test]
