@@ -237,22 +237,37 @@ impl Attachment {
     /// signals wait till then (`signals::hold`): one handled while the kernel verifies a
     /// program, aya's feature probes at the object's load included, makes the verifier give
     /// up, and a probe given up reads as a feature missing.
-    pub fn attach(options: &Options<'_>) -> anyhow::Result<Self> {
+    /// The pin directory is locked first, the stop signals still handled: the wait for a
+    /// cleanup's `nft` may last `nft_timeout`, and a stop asked for meanwhile ends it (`None`).
+    pub fn attach(options: &Options<'_>) -> anyhow::Result<Option<Self>> {
+        let config = options.config;
+        paths::ensure_bpffs(&config.pin_dir).map_err(|err| privilege_hint(err.into()))?;
+        let links_dir = paths::map_pin_dir(&config.pin_dir).join(LINKS_DIR);
+        // A cleanup holds the lock through its `nft`, which it gives `nft_timeout`.
+        let cleanup_wait = config.nftables.nft_timeout + std::time::Duration::from_secs(5);
+        let Some(lock) = pin_lock::lock_for_start(
+            &config.pin_dir,
+            &links_dir,
+            cleanup_wait,
+            signals::stop_requested,
+        )
+        .map_err(privilege_hint)?
+        else {
+            return Ok(None);
+        };
         let _held = signals::hold().context("holding back the stop signals while attaching")?;
-        Self::try_attach(options).map_err(privilege_hint)
+        Self::try_attach(options, lock)
+            .map(Some)
+            .map_err(privilege_hint)
     }
 
-    fn try_attach(options: &Options<'_>) -> anyhow::Result<Self> {
+    fn try_attach(options: &Options<'_>, lock: File) -> anyhow::Result<Self> {
         let config = options.config;
         let (cgroup, cgroup2) =
             paths::open_cgroup2(&paths::cgroup2_root(config.cgroup2.as_deref())?)?;
-        paths::ensure_bpffs(&config.pin_dir)?;
         let pin_dir = config.pin_dir.clone();
         let map_dir = paths::map_pin_dir(&pin_dir);
         let links_dir = map_dir.join(LINKS_DIR);
-        // A cleanup holds the lock through its `nft`, which it gives `nft_timeout`.
-        let cleanup_wait = config.nftables.nft_timeout + std::time::Duration::from_secs(5);
-        let lock = pin_lock::lock_for_start(&pin_dir, &links_dir, cleanup_wait)?;
         let own_netns = netns::current_cookie().context(
             "reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)",
         )?;

@@ -443,7 +443,10 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
         tracing::info!("asked to stop before attaching anything");
         return Ok(());
     }
-    let attachment = Attachment::attach(&Options { config, bpf_stats })?;
+    let Some(attachment) = Attachment::attach(&Options { config, bpf_stats })? else {
+        tracing::info!("asked to stop while waiting for the pin directory's lock");
+        return Ok(());
+    };
     // A stop asked for meanwhile is taken there, after the nftables source started: a
     // crashed run's table, whose pins this start took over, then goes with them.
     serve_attached(config, attachment, listener, guard, tls)

@@ -100,24 +100,23 @@ fn this_build() -> anyhow::Result<&'static aya_obj::Object> {
     Ok(PARSED.get_or_init(|| object))
 }
 
-/// Refuses pins that a build of another [`PIN_LAYOUT`] claimed: shaped as this build's, its
-/// maps mean other things (`start` refuses them for the same reason).
-fn check_layout(pin_dir: &Path) -> anyhow::Result<()> {
+/// Why pins that a build of another [`PIN_LAYOUT`] claimed cannot be read: shaped as this
+/// build's, its maps mean other things (a start replaces them for the same reason).
+fn other_layout(pin_dir: &Path) -> anyhow::Result<Option<String>> {
     let name = map_names::PIN_OWNER;
     if !paths::pin_exists(&paths::map_pin_dir(pin_dir).join(name))? {
-        return Ok(());
+        return Ok(None);
     }
     let owner = array::<u64>(open(pin_dir, name)?)?;
     let layout = owner.get(&1, 0)?;
-    if owner.get(&0, 0)? != 0 && layout != PIN_LAYOUT {
-        bail!(
+    Ok((owner.get(&0, 0)? != 0 && layout != PIN_LAYOUT).then(|| {
+        format!(
             "the pins under {} were made by a build whose maps mean other things, though shaped \
              alike (layout {layout}; this build's is {PIN_LAYOUT}): read them with that build's \
              `collector maps`",
             pin_dir.display()
-        );
-    }
-    Ok(())
+        )
+    }))
 }
 
 /// The pinned map `name` as it is, whoever shaped it.
@@ -181,7 +180,7 @@ fn count_used<T: aya::Pod>(data: MapData, used: impl Fn(&T) -> bool) -> anyhow::
 /// no fill (counted with this build's meanings, it would be wrong): the list is where one
 /// sees what a crash of another build left.
 pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
-    let other_layout = check_layout(pin_dir).err().map(|err| format!("{err:#}"));
+    let other_layout = other_layout(pin_dir)?;
     let map_dir = paths::map_pin_dir(pin_dir);
     let mut rows = Vec::new();
     // A query waiting past the answer timeout is given up, its slot free for the next
@@ -372,8 +371,10 @@ fn other_layouts(pin_dir: &Path) -> String {
 /// The decoded contents of one pinned map, as JSON (summed over CPUs where per-CPU).
 pub fn dump(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
     // `PIN_OWNER` says which layout made the pins, whichever it is.
-    if name != map_names::PIN_OWNER {
-        check_layout(pin_dir)?;
+    if name != map_names::PIN_OWNER
+        && let Some(refusal) = other_layout(pin_dir)?
+    {
+        bail!(refusal);
     }
     decode(pin_dir, name).map_err(|err| explain(err, name))
 }

@@ -799,9 +799,7 @@ impl Source {
         // With counting off, nf_tables is not loaded for the look: asking nfnetlink for it
         // would load the module on a host that does not use nftables. Not loaded, it holds
         // no table. (`auto` asks anyway, for the hooks.)
-        if self.config.nftables.enabled == NftEnabled::Off
-            && !std::path::Path::new("/sys/module/nf_tables").exists()
-        {
+        if self.config.nftables.enabled == NftEnabled::Off && !nf_tables_in_kernel() {
             return;
         }
         match remove_leftover(table, self.config.nftables.nft_timeout) {
@@ -1136,6 +1134,17 @@ pub fn netfilter_already_hooks(ours: &str) -> Result<Hooks, NftError> {
         firewall: hooks.contains(&NF_INET_PRE_ROUTING) && hooks.contains(&NF_INET_POST_ROUTING),
         collectors,
     })
+}
+
+/// Whether the kernel has `nf_tables` now: loaded as a module, or built in (which
+/// /sys/module shows only for modules with parameters).
+fn nf_tables_in_kernel() -> bool {
+    if std::path::Path::new("/sys/module/nf_tables").exists() {
+        return true;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    std::fs::read_to_string(format!("/lib/modules/{}/modules.builtin", release.trim()))
+        .is_ok_and(|builtin| builtin.lines().any(|line| line.ends_with("/nf_tables.ko")))
 }
 
 /// What hooks netfilter in this namespace, as `auto` judges it.

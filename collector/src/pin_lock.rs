@@ -18,17 +18,19 @@ use anyhow::{Context as _, bail};
 /// is gone left there (`orphans`).
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
-/// Makes the pin directory and locks it for a start. A lock held for a moment by another
-/// collector's start is waited for ([`LOCK_WAIT`]), one held by `collector cleanup` for up
-/// to `cleanup_wait` (it holds it through its `nft`, which may wait on the ruleset); a
-/// directory removed meanwhile (orphaned pins, reaped by another start; or by the cleanup)
-/// is made again. The links directory is made once locked, when nothing else removes
-/// anything there.
+/// Makes the pin directory and locks it for a start; `None` if `stop` says to stop first.
+/// A lock held for a moment by another collector's start is waited for ([`LOCK_WAIT`]), one
+/// held by `collector cleanup` for up to `cleanup_wait` (it holds it through its `nft`, which
+/// may wait on the ruleset), and so is one whose holder this process cannot see (a cleanup
+/// run on the node, from a container without the host's PIDs); a directory removed
+/// meanwhile (orphaned pins, reaped by another start; or by the cleanup) is made again. The
+/// links directory is made once locked, when nothing else removes anything there.
 pub fn lock_for_start(
     pin_dir: &Path,
     links_dir: &Path,
     cleanup_wait: Duration,
-) -> anyhow::Result<File> {
+    stop: impl Fn() -> bool,
+) -> anyhow::Result<Option<File>> {
     let create = |dir: &Path| {
         fs::create_dir_all(dir)
             .with_context(|| format!("creating the pin directory {}", dir.display()))
@@ -39,32 +41,33 @@ pub fn lock_for_start(
         create(pin_dir)?;
         if let Some(lock) = lock_if_current(pin_dir)? {
             create(links_dir)?;
-            return Ok(lock);
+            return Ok(Some(lock));
+        }
+        if stop() {
+            return Ok(None);
         }
         let waited = began.elapsed();
         if waited >= LOCK_WAIT {
             let holder = holder(pin_dir);
-            let cleanup = holder.as_ref().is_some_and(Holder::is_cleanup);
-            if cleanup && waited < cleanup_wait {
-                if !std::mem::replace(&mut said_waiting, true) {
-                    tracing::info!(
-                        "waiting for {} to finish with the pin directory {}",
-                        Holder::describe(holder.as_ref()),
-                        pin_dir.display()
-                    );
-                }
-            } else if cleanup {
+            let described = Holder::describe(holder.as_ref());
+            // Seen, and no cleanup: a collector runs there.
+            if holder.as_ref().is_some_and(|holder| !holder.is_cleanup()) {
                 bail!(
-                    "{} has held the pin directory {} for {} s: start again once it is done",
-                    Holder::describe(holder.as_ref()),
+                    "another collector is running with the pin directory {} ({described}); stop it first or give this one its own `pin_dir`",
+                    pin_dir.display()
+                );
+            }
+            if waited >= cleanup_wait {
+                bail!(
+                    "{described} has held the pin directory {} for {} s (a `collector cleanup`, or a collector running there); start again once it is done, or give this one its own `pin_dir`",
                     pin_dir.display(),
                     waited.as_secs()
                 );
-            } else {
-                bail!(
-                    "another collector is running with the pin directory {} ({}); stop it first or give this one its own `pin_dir`",
-                    pin_dir.display(),
-                    Holder::describe(holder.as_ref())
+            }
+            if !std::mem::replace(&mut said_waiting, true) {
+                tracing::info!(
+                    "waiting for {described} to let go of the pin directory {}",
+                    pin_dir.display()
                 );
             }
         }
@@ -114,10 +117,10 @@ fn flock_nonblocking(dir: File) -> Option<File> {
     (rc == 0).then_some(dir)
 }
 
-/// The process holding a pin directory's lock.
+/// The process holding a pin directory's lock, as this process sees it (/proc/locks leaves
+/// out the locks of processes in PID namespaces it cannot see).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Holder {
-    /// As this process sees it; 0 for one in a PID namespace it cannot see.
     pid: u32,
     /// Its arguments, as /proc/PID/cmdline has them (none if it could not be read).
     arguments: Vec<String>,
@@ -150,7 +153,7 @@ impl Holder {
     /// "process PID: COMMAND", or what is known of it.
     pub fn describe(holder: Option<&Self>) -> String {
         match holder {
-            Some(Self { pid: 0, .. }) | None => "a process this one cannot see".to_owned(),
+            None => "a process this one cannot see".to_owned(),
             Some(Self { pid, arguments }) if arguments.is_empty() => format!("process {pid}"),
             Some(Self { pid, arguments }) => {
                 format!("process {pid}: {}", arguments.join(" "))
@@ -222,12 +225,6 @@ mod tests {
             Holder::describe(Some(&holder(&["collector", "run"]))),
             "process 7: collector run"
         );
-        assert_eq!(
-            Holder::describe(Some(&Holder {
-                pid: 0,
-                arguments: Vec::new()
-            })),
-            "a process this one cannot see"
-        );
+        assert_eq!(Holder::describe(None), "a process this one cannot see");
     }
 }

@@ -416,8 +416,6 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
     // AgentConfig's drop runs `collector cleanup --apply` on the crashed agent's pins.
 }
 
-/// Pins another build made: a map of another shape is named, with whose it is, and a pin
-/// directory holding only another build's layout says so.
 /// A pin directory of the test's own on bpffs, removed on drop.
 struct ScratchPins(std::path::PathBuf);
 
@@ -464,6 +462,8 @@ fn listed_row(pin_dir: &std::path::Path, name: &str) -> serde_json::Value {
     row.unwrap_or_else(|| panic!("no {name} in {rows}")).clone()
 }
 
+/// Pins another build made: a map of another shape is named, with whose it is, and a pin
+/// directory holding only another build's layout says so.
 #[test]
 fn pins_of_another_build_are_said_to_be_so() {
     let pins = ScratchPins::new();
