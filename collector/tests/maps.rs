@@ -417,18 +417,10 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
 }
 
 /// A pin directory of the test's own on bpffs, removed on drop.
-struct ScratchPins(std::path::PathBuf);
-
-impl ScratchPins {
-    fn new() -> Self {
-        Self(std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test")))
-    }
-}
-
-impl Drop for ScratchPins {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn scratch_pins() -> support::RemovedOnDrop {
+    support::RemovedOnDrop(
+        std::path::PathBuf::from("/sys/fs/bpf").join(support::unique("collector-test")),
+    )
 }
 
 /// `collector maps ARGS` on `pin_dir`, expecting it to fail: its stderr.
@@ -466,7 +458,7 @@ fn listed_row(pin_dir: &std::path::Path, name: &str) -> serde_json::Value {
 /// directory holding only another build's layout says so.
 #[test]
 fn pins_of_another_build_are_said_to_be_so() {
-    let pins = ScratchPins::new();
+    let pins = scratch_pins();
     let pin_dir = &pins.0;
     let maps = |args: &[&str]| maps_refused(pin_dir, args);
     // Only another layout's directory.
@@ -514,7 +506,7 @@ fn pins_of_another_build_are_said_to_be_so() {
 /// note and nothing counted in them, and refused where they would be decoded.
 #[test]
 fn pins_of_another_layout_are_listed_but_not_decoded() {
-    let pins = ScratchPins::new();
+    let pins = scratch_pins();
     let pin_dir = &pins.0;
     let v1 = pin_dir.join("v1");
     std::fs::create_dir_all(&v1).unwrap();

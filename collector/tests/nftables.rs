@@ -520,7 +520,7 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
     let first = Agent::start(&netns, &config);
     let mut name = config.pin_dir.clone().into_os_string();
     name.push("-second");
-    let second_pins = RemovedOnDrop(name.into());
+    let second_pins = support::RemovedOnDrop(name.into());
     let second_json = |path: &'static str| -> serde_json::Value {
         let (status, body) = netns.run(move || get_from(SECOND, path)).unwrap();
         assert_eq!(status, 200, "{body}");
@@ -592,13 +592,6 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
 }
 
 /// A pin directory removed whole on drop, whatever the test left in it.
-struct RemovedOnDrop(std::path::PathBuf);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
@@ -608,7 +601,7 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
     let (node, pod) = (Netns::new(), Netns::new());
     let mut name = config.pin_dir.clone().into_os_string();
     name.push("-pod");
-    let pod_pins = RemovedOnDrop(name.into());
+    let pod_pins = support::RemovedOnDrop(name.into());
     let pod_pin_dir = ["--pin-dir", pod_pins.0.to_str().unwrap()];
     Agent::start_with(&pod, &config, &pod_pin_dir).kill();
     let agent = Agent::start(&node, &config);
@@ -664,7 +657,7 @@ fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     Agent::start(&netns, &config).kill();
-    let pins = RemovedOnDrop(config.pin_dir.clone());
+    let pins = support::RemovedOnDrop(config.pin_dir.clone());
     let v1 = pins.0.join("v1");
     // A map this build does not pin, as another build leaves one.
     std::fs::rename(v1.join("DNS_UPSTREAM"), v1.join("OLD_BUILD_MAP")).unwrap();

@@ -252,6 +252,8 @@ fn link_ids(links_dir: &std::path::Path) -> Vec<u64> {
 fn a_start_waits_for_a_cleanup_holding_the_pin_directory_and_names_any_other_holder() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(WEB_ROUTE);
+    // Another layout's directory is made below: gone with the rest, the test passed or not.
+    let _removed = support::RemovedOnDrop(config.pin_dir.clone());
     nft_may_take(&config, Duration::from_mins(1));
     Agent::start(&netns, &config).kill();
     let other_layout = config.pin_dir.join("v2");

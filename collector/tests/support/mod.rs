@@ -791,6 +791,16 @@ pub fn wait_for_closed(netns: &Netns, route: &str, closed: u32) -> String {
     )
 }
 
+/// A directory removed with everything in it when dropped: what a test made goes, even when
+/// the test fails (pins removed detach their links).
+pub struct RemovedOnDrop(pub PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Nothing of ours is left in bpffs under `pin_dir`.
 pub fn assert_no_pins(pin_dir: &Path) {
     assert!(
