@@ -1203,10 +1203,19 @@ fn remove_if_namespace_gone(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()
             return Ok(());
         }
     };
+    remove_left_pins(
+        pin_dir,
+        &format!("a collector whose network namespace is gone (cookie {owner})"),
+    )
+}
+
+/// Removes this layout's pins under `pin_dir`, links first (their programs detached), for a
+/// start from zero; `left_by` says whose they were, in the error or the warning.
+fn remove_left_pins(pin_dir: &Path, left_by: &str) -> anyhow::Result<()> {
+    let map_dir = paths::map_pin_dir(pin_dir);
     cleanup::remove_layout(&map_dir).with_context(|| {
         format!(
-            "removing the pins under {} that a collector of a network namespace now gone left \
-             (cookie {owner})",
+            "removing the pins under {} that {left_by} left",
             pin_dir.display()
         )
     })?;
@@ -1214,8 +1223,8 @@ fn remove_if_namespace_gone(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()
     fs::create_dir_all(&links_dir)
         .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
     tracing::warn!(
-        "the pins under {} were left by a collector whose network namespace is gone (cookie \
-         {owner}): removed them, counters start from zero",
+        "the pins under {} were left by {left_by}: removed them with their programs, counters \
+         start from zero",
         pin_dir.display()
     );
     Ok(())
@@ -1351,21 +1360,11 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
         }
     }
     if let Some(difference) = other_build {
-        cleanup::remove_layout(&map_dir).with_context(|| {
-            format!(
-                "removing the pins under {} that a crashed run of another build left ({difference})",
-                pin_dir.display()
-            )
-        })?;
-        let links_dir = map_dir.join(LINKS_DIR);
-        fs::create_dir_all(&links_dir)
-            .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
-        tracing::warn!(
-            "the pins under {} were left by a crashed run of another build ({difference}): \
-             removed them with its programs, counters start from zero as after a clean upgrade",
-            pin_dir.display()
+        // As a clean upgrade would have.
+        return remove_left_pins(
+            pin_dir,
+            &format!("a crashed run of another build ({difference})"),
         );
-        return Ok(());
     }
     for (path, difference) in replace {
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
