@@ -241,6 +241,9 @@ impl Attachment {
     /// cleanup's `nft` may last `nft_timeout`, and a stop asked for meanwhile ends it (`None`).
     pub fn attach(options: &Options<'_>) -> anyhow::Result<Option<Self>> {
         let config = options.config;
+        let cgroup2 = paths::cgroup2_root(config.cgroup2.as_deref())
+            .and_then(|root| paths::open_cgroup2(&root))
+            .map_err(|err| privilege_hint(err.into()))?;
         paths::ensure_bpffs(&config.pin_dir).map_err(|err| privilege_hint(err.into()))?;
         let links_dir = paths::map_pin_dir(&config.pin_dir).join(LINKS_DIR);
         // A cleanup holds the lock through its `nft`, which it gives `nft_timeout`.
@@ -256,15 +259,17 @@ impl Attachment {
             return Ok(None);
         };
         let _held = signals::hold().context("holding back the stop signals while attaching")?;
-        Self::try_attach(options, lock)
+        Self::try_attach(options, lock, cgroup2)
             .map(Some)
             .map_err(privilege_hint)
     }
 
-    fn try_attach(options: &Options<'_>, lock: File) -> anyhow::Result<Self> {
+    fn try_attach(
+        options: &Options<'_>,
+        lock: File,
+        (cgroup, cgroup2): (File, String),
+    ) -> anyhow::Result<Self> {
         let config = options.config;
-        let (cgroup, cgroup2) =
-            paths::open_cgroup2(&paths::cgroup2_root(config.cgroup2.as_deref())?)?;
         let pin_dir = config.pin_dir.clone();
         let map_dir = paths::map_pin_dir(&pin_dir);
         let links_dir = map_dir.join(LINKS_DIR);
