@@ -142,8 +142,9 @@ fn per_cpu<T: aya::Pod>(data: MapData) -> anyhow::Result<PerCpuArray<MapData, T>
     Ok(PerCpuArray::try_from(Map::from_map_data(data)?)?)
 }
 
-/// `err`, from reading the pinned map `name`, with what it means: a key or value of another
-/// size than this build's is a map another build pinned.
+/// `err`, from reading the map `name`, with what it means: a key or value of another size
+/// than this build's is a map another build made. Pinned maps are refused for that at
+/// [`open`]; the linked ones (`SNI_ROUTES`, read through the running programs) reach here.
 fn explain(err: anyhow::Error, name: &str) -> anyhow::Error {
     use aya::maps::MapError;
     let other_build = err.chain().any(|cause| {
