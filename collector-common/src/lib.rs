@@ -289,9 +289,9 @@ pub const CONN_TABLE_SLOTS: u32 = 65536;
 /// own slot, then four from a slot scattered from it (see [`conn_slot`]).
 pub const CONN_TABLE_PROBES: u32 = 8;
 
-/// What the pinned maps' entries mean, beyond their shape: a start refuses a crashed run's
+/// What the pinned maps' entries mean, beyond their shape: a start replaces a crashed run's
 /// pins of another layout (the second word of [`map_names::PIN_OWNER`]) rather than misread
-/// them. Raise it with any change that keeps a pinned map's shape and changes its meaning:
+/// them, and `collector maps` refuses to decode them. Raise it with any change that keeps a pinned map's shape and changes its meaning:
 /// [`conn_slot`]'s probe order (a close looked for in other slots is never counted, and its
 /// slot never freed), the bits of [`conn_flags`], what a counter counts. 1: from 2026-12-03.
 pub const PIN_LAYOUT: u64 = 1;

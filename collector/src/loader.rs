@@ -1237,7 +1237,7 @@ fn remove_left_pins(pin_dir: &Path, left_by: &str) -> anyhow::Result<()> {
 
 /// Maps whose contents matter for seconds only (queries waiting for their answer, recent
 /// upstream queries, hellos read on over segments): one of another build's shape is
-/// replaced, not refused.
+/// replaced alone, where any other map of another shape has the whole set removed.
 const SHORT_LIVED_MAPS: [&str; 4] = [
     map_names::DNS_INFLIGHT,
     map_names::DNS_UPSTREAM,
@@ -1272,12 +1272,9 @@ pub fn embedded_object() -> anyhow::Result<aya_obj::Object> {
     aya_obj::Object::parse(OBJECT).context("parsing the embedded kernel object")
 }
 
-/// How a pinned map differs from this build's `expected`, if it does: what differs, the
-/// pinned map's value and this build's.
-pub fn shape_difference(
-    expected: &aya_obj::Map,
-    info: &aya::maps::MapInfo,
-) -> Option<(&'static str, String, String)> {
+/// How a pinned map differs from this build's `expected`, if it does: "WHAT PINNED, this
+/// build's EXPECTED" (`value size 8, this build's 40`).
+pub fn shape_difference(expected: &aya_obj::Map, info: &aya::maps::MapInfo) -> Option<String> {
     let expected_type = aya_obj::generated::bpf_map_type::try_from(expected.map_type())
         .ok()
         .and_then(|t| MapType::try_from(t).ok());
@@ -1312,6 +1309,7 @@ pub fn shape_difference(
     ]
     .into_iter()
     .find(|(_, pinned, expected)| pinned != expected)
+    .map(|(what, pinned, expected)| format!("{what} {pinned}, this build's {expected}"))
 }
 
 /// Takes over pinned maps only if they are this build's: read with the wrong shape or
@@ -1348,8 +1346,7 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
             .with_context(|| format!("the kernel object has no map {name}"))?;
         let pinned = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        if let Some((what, pinned, expected)) = shape_difference(expected, &pinned.info()?) {
-            let difference = format!("{what} {pinned}, this build's {expected}");
+        if let Some(difference) = shape_difference(expected, &pinned.info()?) {
             if SHORT_LIVED_MAPS.contains(&name) {
                 replace.push((path, difference));
             } else {
@@ -1676,7 +1673,7 @@ fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result
     if found != 0 && found != own_netns {
         return Err(foreign_pins(pin_dir, found, own_netns));
     }
-    // The layout first: pins with an owner and no layout would be refused as another's.
+    // The layout first: pins with an owner and no layout would be taken for another build's.
     owner.set(1, PIN_LAYOUT, 0)?;
     owner.set(0, own_netns, 0)?;
     Ok(())
@@ -1866,24 +1863,23 @@ fn old_kernel_hint(err: anyhow::Error) -> anyhow::Error {
 }
 
 fn old_kernel_hint_for(err: anyhow::Error, release: &str) -> anyhow::Error {
-    let invalid = err
-        .chain()
-        .filter_map(|cause| cause.downcast_ref::<io::Error>())
-        .any(|cause| cause.raw_os_error() == Some(libc::EINVAL));
     match crate::check::kernel_too_old(release) {
-        Some(why) if invalid => err.context(why),
+        Some(why) if caused_by(&err, libc::EINVAL) => err.context(why),
         _ => err,
     }
+}
+
+/// Whether the kernel's `errno` is among `err`'s causes.
+fn caused_by(err: &anyhow::Error, errno: i32) -> bool {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|cause| cause.raw_os_error() == Some(errno))
 }
 
 /// `err`, from attaching a program to the cgroup2 root at `cgroup2`, with what E2BIG means
 /// there: the hook holds the kernel's 64 programs already (`BPF_CGROUP_MAX_PROGS`).
 fn cgroup_hook_full_hint(err: anyhow::Error, cgroup2: &str) -> anyhow::Error {
-    let full = err
-        .chain()
-        .filter_map(|cause| cause.downcast_ref::<io::Error>())
-        .any(|cause| cause.raw_os_error() == Some(libc::E2BIG));
-    if !full {
+    if !caused_by(&err, libc::E2BIG) {
         return err;
     }
     err.context(format!(

@@ -160,7 +160,8 @@ enum Command {
         /// for a pipeline that checks a `ConfigMap` before it reaches the nodes. Prints the
         /// warnings a start would log; exits 1 with the file, line and reason when invalid.
         /// With `--listen`, judges the address the pods are started with; with `--pin-dir`,
-        /// the directory's own rules (absolute, no `..`), not its mount.
+        /// the rules the file's `pin_dir` has (absolute, no `..`, not the bpffs mount itself,
+        /// no dot in a name below it), not its mount.
         #[arg(long, requires = "config")]
         config_only: bool,
     },

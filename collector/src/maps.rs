@@ -79,12 +79,11 @@ pub struct MapRow {
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let data = open_pin(pin_dir, name)?;
     if let Some(expected) = this_build()?.maps.get(name)
-        && let Some((what, pinned, expected)) = loader::shape_difference(expected, &data.info()?)
+        && let Some(difference) = loader::shape_difference(expected, &data.info()?)
     {
         bail!(
             "the pinned map {name} has another shape than this build's: another build of the \
-             collector pinned it ({what} {pinned}, this build's {expected}; read it with that \
-             build's `collector maps`)"
+             collector pinned it ({difference}; read it with that build's `collector maps`)"
         );
     }
     Ok(data)
@@ -107,9 +106,11 @@ fn other_layout(pin_dir: &Path) -> anyhow::Result<Option<String>> {
     if !paths::pin_exists(&paths::map_pin_dir(pin_dir).join(name))? {
         return Ok(None);
     }
-    let owner = array::<u64>(open(pin_dir, name)?)?;
-    let layout = owner.get(&1, 0)?;
-    Ok((owner.get(&0, 0)? != 0 && layout != PIN_LAYOUT).then(|| {
+    // As it is: an older build's has one word, no layout.
+    let owner = array::<u64>(open_pin(pin_dir, name)?)?;
+    let layout = owner.get(&1, 0).ok();
+    Ok((owner.get(&0, 0)? != 0 && layout != Some(PIN_LAYOUT)).then(|| {
+        let layout = layout.map_or_else(|| "none".to_owned(), |layout| layout.to_string());
         format!(
             "the pins under {} were made by a build whose maps mean other things, though shaped \
              alike (layout {layout}; this build's is {PIN_LAYOUT}): read them with that build's \
@@ -194,10 +195,10 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
         let data = open_pin(pin_dir, name)?;
         let info = data.info()?;
         let other_shape = this_build()?.maps.get(name).and_then(|expected| {
-            loader::shape_difference(expected, &info).map(|(what, pinned, expected)| {
+            loader::shape_difference(expected, &info).map(|difference| {
                 format!(
-                    "another build's map: {what} {pinned}, this build's {expected} (read it \
-                     with that build's `collector maps`)"
+                    "another build's map: {difference} (read it with that build's `collector \
+                     maps`)"
                 )
             })
         });

@@ -2,7 +2,8 @@
 //! it is given, so the output is tested on fixed snapshots without a kernel.
 //!
 //! Label cardinality is bounded by the config: `route` and `upstream` take the configured
-//! route and upstream names (`server_names` a route's configured names, on its info only),
+//! route and upstream names (`server_name` a route's configured names, on its server name
+//! info only),
 //! `interface` the attached interfaces (the configured ones, or those watched by default,
 //! which on a Kubernetes node with a routed CNI include each pod's veth: series that come
 //! and go with the pods, as the README says),

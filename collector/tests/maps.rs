@@ -512,12 +512,12 @@ fn pins_of_another_layout_are_listed_but_not_decoded() {
     std::fs::create_dir_all(&v1).unwrap();
     // Shaped alike, claimed by a build of another layout: its maps mean other things.
     support::pin_plain_array(&v1.join(map_names::ROUTE_NAMES), 64, MAX_ROUTES);
-    let (owner, layout) = (7u64.to_ne_bytes(), (PIN_LAYOUT + 1).to_ne_bytes());
+    let (owner_word, layout) = (7u64.to_ne_bytes(), (PIN_LAYOUT + 1).to_ne_bytes());
     support::pin_plain_array_holding(
         &v1.join(map_names::PIN_OWNER),
         8,
         2,
-        &[(0, &owner), (1, &layout)],
+        &[(0, &owner_word), (1, &layout)],
     );
     let refusal = format!(
         "were made by a build whose maps mean other things, though shaped alike (layout {}; \
@@ -546,4 +546,16 @@ fn pins_of_another_layout_are_listed_but_not_decoded() {
     assert!(out.status.success(), "{out:?}");
     let owner: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(owner["layout"], PIN_LAYOUT + 1, "{owner}");
+    // An older build's `PIN_OWNER` has one word: no layout. Listed, not decoded.
+    std::fs::remove_file(v1.join(map_names::PIN_OWNER)).unwrap();
+    support::pin_plain_array_holding(&v1.join(map_names::PIN_OWNER), 8, 1, &[(0, &owner_word)]);
+    let stderr = maps_refused(pin_dir, &["dump", map_names::ROUTE_NAMES]);
+    assert!(stderr.contains("(layout none; this build's is"), "{stderr}");
+    let owner_row = listed_row(pin_dir, map_names::PIN_OWNER);
+    assert!(
+        owner_row["note"]
+            .as_str()
+            .is_some_and(|note| note.contains("capacity 1, this build's 2")),
+        "{owner_row}"
+    );
 }

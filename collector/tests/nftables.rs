@@ -591,8 +591,6 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
     assert_no_pins(&second_pins.0);
 }
 
-/// A pin directory removed whole on drop, whatever the test left in it.
-
 #[test]
 fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
     // A sidecar crashed in its pod's namespace; its pins are cleaned up on the node, where

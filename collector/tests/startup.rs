@@ -130,7 +130,7 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
 
 /// Pins a crashed run of another build left are removed with their programs, and counting
 /// starts from zero, as after a clean upgrade: maps shaped otherwise (a counter table of
-/// another type), or shaped alike and meaning other things (its connection table probed in
+/// another value size, a connection table without the mmap flag), or shaped alike and meaning other things (its connection table probed in
 /// another order, say), which `PIN_OWNER`'s second word, the layout, tells. Refused, they
 /// made a `DaemonSet` upgrade after a crash crash-loop on that node until someone ran
 /// `cleanup` there; misread, a close looked for in the wrong slots would never be counted,
