@@ -94,14 +94,19 @@ fn serve_and_connect(server: &Netns, bind: &'static str, client: &Netns, address
 /// [`exchange`], and the classifiers counted every payload byte of it, each way.
 fn exchange_counted_exactly(netns: &Netns, peer: &Netns, address: &'static str) -> String {
     let metrics = exchange(netns, peer, address);
-    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
-        assert_eq!(
-            payload_bytes(&metrics, direction),
-            Some((CONNECTIONS * bytes) as f64),
-            "{direction}"
-        );
-    }
+    assert_payload(&metrics, CONNECTIONS, &[netns, peer], address);
     metrics
+}
+
+/// The web route's live payload bytes in `metrics` are `connections` exchanges' worth each
+/// way, as [`support::assert_live_bytes`] holds them (segments sent again in `namespaces`).
+fn assert_payload(metrics: &str, connections: usize, namespaces: &[&Netns], what: &str) {
+    let retransmitted = support::retransmitted_segments(namespaces);
+    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
+        let live = payload_bytes(metrics, direction);
+        let what = format!("{what} {direction}");
+        support::assert_live_bytes(live, connections * bytes, retransmitted, &what);
+    }
 }
 
 /// A tun device in each of two namespaces, `tcoll0` (10.77.0.1, `fd00:77::1`) in `netns`
@@ -717,13 +722,12 @@ fn traffic_to_addresses_given_after_the_start_is_counted() {
     exchange_counted_exactly(&netns, &peer, "10.77.0.9:18080");
     connect_and_serve(&netns, &peer, "10.201.0.1:18080");
     let metrics = after_two_polls(&netns);
-    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
-        assert_eq!(
-            payload_bytes(&metrics, direction),
-            Some((2 * CONNECTIONS * bytes) as f64),
-            "{direction}"
-        );
-    }
+    assert_payload(
+        &metrics,
+        2 * CONNECTIONS,
+        &[&netns, &peer],
+        "both addresses",
+    );
     assert_eq!(
         sample(&metrics, "collector_local_address_table_complete", &[]),
         Some(1.0)
@@ -769,6 +773,7 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
             .arg(&config.path),
     );
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let retransmitted = support::retransmitted_segments(&[&netns, &peer]);
     for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
         let row = rows
             .as_array()
@@ -776,11 +781,9 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
             .iter()
             .find(|row| row["route"] == "web" && row["direction"] == direction)
             .unwrap();
-        assert_eq!(
-            row["payloadBytes"],
-            CONNECTIONS * bytes,
-            "{direction}: {out}"
-        );
+        let what = format!("{direction}: {out}");
+        let live = row["payloadBytes"].as_f64();
+        support::assert_live_bytes(live, CONNECTIONS * bytes, retransmitted, &what);
     }
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
@@ -807,13 +810,7 @@ fn traffic_to_a_local_range_is_counted_by_port_with_a_warning() {
         sample(&metrics, "collector_local_address_table_complete", &[]),
         Some(0.0)
     );
-    for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
-        assert_eq!(
-            payload_bytes(&metrics, direction),
-            Some((CONNECTIONS * bytes) as f64),
-            "{direction}"
-        );
-    }
+    assert_payload(&metrics, CONNECTIONS, &[&netns, &peer], "by port alone");
     assert!(agent.stop().success());
     let text = std::fs::read_to_string(&log).unwrap();
     let warnings: Vec<&str> = text
@@ -856,13 +853,7 @@ fn traffic_to_a_vip_dnatted_here_counts_when_named_local() {
 
         serve_and_connect(&netns, "10.77.0.1:18080", &peer, "10.203.0.1:18080");
         let metrics = after_two_polls(&netns);
-        for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
-            assert_eq!(
-                payload_bytes(&metrics, direction),
-                Some((counted * bytes) as f64),
-                "{extra}{direction}"
-            );
-        }
+        assert_payload(&metrics, counted, &[&netns, &peer], extra);
         assert!(agent.stop().success());
         assert_no_pins(&config.pin_dir);
     }

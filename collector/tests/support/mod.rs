@@ -278,6 +278,46 @@ pub fn tcp_info(stream: &TcpStream) -> libc::tcp_info {
     info
 }
 
+/// A counter of `netns` from one of its /proc/net tables (`snmp`, `netstat`): `group` names
+/// a header line of names (`Tcp:`, `TcpExt:`), the next line of that group holds the values.
+/// A namespace's counters start at zero when it is made.
+pub fn proc_net_counter(netns: &Netns, table: &'static str, group: &str, field: &str) -> u64 {
+    let text = netns.run(move || fs::read_to_string(format!("/proc/thread-self/net/{table}")));
+    let text = text.unwrap();
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|name| name == field)
+        .unwrap_or_else(|| panic!("no {group} {field} in /proc/net/{table}"));
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// TCP segments sent again in these namespaces since they were made (`RetransSegs`): a tail
+/// loss probe or a timeout on a loaded machine, even on loopback.
+pub fn retransmitted_segments(namespaces: &[&Netns]) -> u64 {
+    namespaces
+        .iter()
+        .map(|netns| proc_net_counter(netns, "snmp", "Tcp", "RetransSegs"))
+        .sum()
+}
+
+/// Live payload bytes, counted on the wire where a segment sent again counts again, against
+/// the `sent` bytes: exact when no segment was sent again, otherwise at most one 64 KiB
+/// segment more per retransmission (none when nothing was counted: a segment sent again is
+/// counted again only where it was counted once). Read `retransmitted` after `live`, so that
+/// it covers every retransmission `live` may hold.
+pub fn assert_live_bytes(live: Option<f64>, sent: usize, retransmitted: u64, what: &str) {
+    let sent = sent as f64;
+    let again = if sent == 0.0 { 0 } else { retransmitted };
+    let most = sent + again as f64 * 65_536.0;
+    assert!(
+        live.is_some_and(|live| live >= sent && live <= most),
+        "{what}: {live:?} live payload bytes for {sent} sent, {retransmitted} segments sent again"
+    );
+}
+
 /// Runs `command`, asserts it succeeded (showing its stderr if not) and returns its stdout.
 pub fn stdout_of(command: &mut Command) -> String {
     let out = command.output().unwrap();
