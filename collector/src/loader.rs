@@ -384,10 +384,26 @@ impl Attachment {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
         let selected = links::selection(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
         self.load_programs(config, bpf_stats, &selected)?;
-        self.attach_cgroup_programs(config, bpf_stats, links_dir, cgroup)?;
         // Before any classifier runs (till then the table counts as incomplete: by port).
         self.refresh_local_addresses();
-        self.attach_classifiers(selected)
+        // Loopback's classifiers before the cgroup programs: the orphan reaper knows a
+        // layout's namespace by its loopback link, so a start killed in between leaves pins
+        // it can judge, where a `sock_ops` link alone would run on the host's cgroup2 root
+        // with nothing to remove it.
+        let (loopback, others): (Vec<&Link>, Vec<&Link>) =
+            selected.links.iter().partition(|link| link.loopback);
+        self.attach_classifiers(&loopback)?;
+        self.attach_cgroup_programs(config, bpf_stats, links_dir, cgroup)?;
+        self.attach_classifiers(&others)?;
+        for interface in &selected.missing {
+            tracing::warn!(
+                %interface,
+                "the configured interface does not exist in this network namespace: attached \
+                 when it appears (collector_interface_missing is 1 meanwhile)"
+            );
+        }
+        self.missing_interfaces = selected.missing;
+        Ok(())
     }
 
     /// The programs on the cgroup2 root: the server name reader where routes share ports by
@@ -531,16 +547,8 @@ impl Attachment {
     /// that does not exist yet is left to the polls, which attach it when it appears (a VLAN
     /// or a second NIC made after the agent starts, or a name that differs on this node: a
     /// refused start would crash-loop the pod).
-    fn attach_classifiers(&mut self, selected: links::Selection<'_>) -> anyhow::Result<()> {
-        for interface in &selected.missing {
-            tracing::warn!(
-                %interface,
-                "the configured interface does not exist in this network namespace: attached \
-                 when it appears (collector_interface_missing is 1 meanwhile)"
-            );
-        }
-        self.missing_interfaces = selected.missing;
-        for link in selected.links {
+    fn attach_classifiers(&mut self, links: &[&Link]) -> anyhow::Result<()> {
+        for &link in links {
             if let Err(err) = self.attach_interface(link) {
                 // Pod veths come and go while a node starts or drains: one that went during
                 // the start is the polls' to follow, not a reason to refuse the start.

@@ -194,6 +194,13 @@ fn crashed_collector(config: &AgentConfig, pin_dir: &Path, netns: &Netns) -> (u3
         "{ifindexes:?}"
     );
     let (_, sock_ops, _) = link_info(&pin_dir.join("v1/links/sock_ops"));
+    // Loopback's link was made first (link ids rise): a start killed before it leaves no
+    // `sock_ops` link without the link that tells whether its namespace is gone.
+    let (_, loopback, _) = link_info(&pin_dir.join("v1/links/tc_loopback_1"));
+    assert!(
+        loopback < sock_ops,
+        "loopback link {loopback}, sock_ops {sock_ops}"
+    );
     agent.kill();
     (sock_ops, owner)
 }
