@@ -294,6 +294,11 @@ pub fn proc_net_counter(netns: &Netns, table: &'static str, group: &str, field: 
     values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }
 
+/// A count as the f64 a scrape gives it (exact: counts in tests fit 32 bits).
+fn as_f64(count: impl TryInto<u32, Error: std::fmt::Debug>) -> f64 {
+    f64::from(count.try_into().unwrap())
+}
+
 /// TCP segments sent again in these namespaces since they were made (`RetransSegs`): a tail
 /// loss probe or a timeout on a loaded machine, even on loopback.
 pub fn retransmitted_segments(namespaces: &[&Netns]) -> u64 {
@@ -309,9 +314,9 @@ pub fn retransmitted_segments(namespaces: &[&Netns]) -> u64 {
 /// counted again only where it was counted once). Read `retransmitted` after `live`, so that
 /// it covers every retransmission `live` may hold.
 pub fn assert_live_bytes(live: Option<f64>, sent: usize, retransmitted: u64, what: &str) {
-    let sent = sent as f64;
-    let again = if sent == 0.0 { 0 } else { retransmitted };
-    let most = sent + again as f64 * 65_536.0;
+    let again = if sent == 0 { 0 } else { retransmitted };
+    let most = u64::try_from(sent).unwrap() + again * 65_536;
+    let (sent, most) = (as_f64(sent), as_f64(most));
     assert!(
         live.is_some_and(|live| live >= sent && live <= most),
         "{what}: {live:?} live payload bytes for {sent} sent, {retransmitted} segments sent again"
