@@ -63,9 +63,7 @@ impl Facts {
             .filter(|out| out.status.success())
             .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
         Ok(Self {
-            kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
-                .trim()
-                .to_owned(),
+            kernel_release: kernel_release()?,
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             // As `run` picks it.
             cgroup2: match paths::cgroup2_root(cgroup2) {
@@ -127,6 +125,13 @@ pub struct Verdict {
 fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(['.', '-']);
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+        .trim()
+        .to_owned())
 }
 
 /// Why the kernel `release` cannot run the collector, if it reads as too old: `run` adds it

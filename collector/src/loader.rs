@@ -1866,8 +1866,8 @@ fn classifier_table(stats_floor: bool) -> Vec<(&'static str, TcAttachType, &'sta
 /// than TCX (Linux 6.6); one whose vendor backported TCX attaches, so the version alone
 /// refuses nothing.
 fn old_kernel_hint(err: anyhow::Error) -> anyhow::Error {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    old_kernel_hint_for(err, release.trim())
+    let release = crate::check::kernel_release().unwrap_or_default();
+    old_kernel_hint_for(err, &release)
 }
 
 fn old_kernel_hint_for(err: anyhow::Error, release: &str) -> anyhow::Error {

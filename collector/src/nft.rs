@@ -1142,8 +1142,8 @@ fn nf_tables_in_kernel() -> bool {
     if std::path::Path::new("/sys/module/nf_tables").exists() {
         return true;
     }
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    std::fs::read_to_string(format!("/lib/modules/{}/modules.builtin", release.trim()))
+    let release = crate::check::kernel_release().unwrap_or_default();
+    std::fs::read_to_string(format!("/lib/modules/{release}/modules.builtin"))
         .is_ok_and(|builtin| builtin.lines().any(|line| line.ends_with("/nf_tables.ko")))
 }
 
