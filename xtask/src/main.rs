@@ -24,6 +24,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const TOOLCHAIN_OVERRIDE: &str = "RUSTUP_TOOLCHAIN";
 /// Debian packages the build and the test suite need.
 const APT_PACKAGES: &[&str] = &[
+    // cc and c++: bpf-linker's build links LLVM with the C++ library.
+    "build-essential",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
