@@ -135,16 +135,28 @@ impl EventDecoder {
         }
     }
 
-    /// The presentation form of a wire-form name, decoded by hickory the first time.
+    /// The presentation form of a wire-form name, decoded by hickory the first time its
+    /// letters are seen in any case: clients that mix the case of their queries' letters
+    /// (DNS 0x20) would otherwise make each query a new name. Folding changes no length
+    /// byte (at most 63, below `A`), and the decoded text is lower case anyway.
     fn name(&mut self, wire: &[u8]) -> Option<Arc<str>> {
-        if let Some(known) = self.names.get(wire) {
+        let mut folded = [0u8; 256];
+        let key = match folded.get_mut(..wire.len()) {
+            Some(key) => {
+                key.copy_from_slice(wire);
+                key.make_ascii_lowercase();
+                &*key
+            }
+            None => wire,
+        };
+        if let Some(known) = self.names.get(key) {
             return known.clone();
         }
-        let decoded: Option<Arc<str>> = decode_name(wire).map(Arc::from);
+        let decoded: Option<Arc<str>> = decode_name(key).map(Arc::from);
         if self.names.len() >= Self::NAMES {
             self.names.clear();
         }
-        self.names.insert(wire.into(), decoded.clone());
+        self.names.insert(key.into(), decoded.clone());
         decoded
     }
 }
@@ -422,6 +434,18 @@ mod tests {
         .to_vec();
         bytes.extend_from_slice(name);
         bytes
+    }
+
+    #[test]
+    fn a_name_in_mixed_case_is_decoded_once() {
+        let mut decoder = EventDecoder::default();
+        let first = decoder.name(&wire("WwW.Example.COM")).unwrap();
+        let second = decoder.name(&wire("www.eXAMPLE.com")).unwrap();
+        assert_eq!(&*first, "www.example.com");
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(decoder.names.len(), 1);
+        // A wire form no name decodes from stays undecodable, folded or not.
+        assert_eq!(decoder.name(&[0x4a, b'A', 0]), None);
     }
 
     #[test]
