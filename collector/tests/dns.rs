@@ -714,7 +714,7 @@ fn queries_given_up_leave_the_in_flight_gauge() {
         }
     });
     let in_flight = || dns_json(&netns)["inFlight"].as_u64();
-    wait_for("the queries in flight", Duration::from_secs(5), || {
+    wait_for("the queries in flight", Duration::from_secs(15), || {
         (in_flight() == Some(u64::from(QUERIES))).then_some(())
     });
     // `collector maps` reads the pinned table the same way.
@@ -765,7 +765,7 @@ fn queries_given_up_leave_the_in_flight_gauge() {
             table.set(slot, entry, 0).unwrap();
         }
     }
-    wait_for("no query in flight", Duration::from_secs(5), || {
+    wait_for("no query in flight", Duration::from_secs(15), || {
         (in_flight() == Some(0)).then_some(())
     });
     // Until 2026-12-03 `maps list` counted these as in use till a query of their set came.
@@ -896,7 +896,7 @@ fn dns_the_host_forwards(masquerade: bool) {
 
     let polls = |metrics: &str| sample(metrics, "collector_polls_total", &[]).unwrap();
     let after = polls(&scrape(&netns)) + 2.0;
-    wait_for("two more polls", Duration::from_secs(5), || {
+    wait_for("two more polls", Duration::from_secs(15), || {
         (polls(&scrape(&netns)) >= after).then_some(())
     });
     let json = dns_json(&netns);
@@ -946,7 +946,7 @@ fn answers_relayed_from_a_server_behind_a_dnat_are_neither_hit_nor_miss() {
     ask(&netns, "127.0.0.1:53", 2);
     own.join().unwrap();
 
-    let json = wait_for("the five answers", Duration::from_secs(5), || {
+    let json = wait_for("the five answers", Duration::from_secs(15), || {
         let json = dns_json(&netns);
         (json["totalResponses"] == 5).then_some(json)
     });

@@ -156,7 +156,7 @@ fn assert_every_query_in_top_domains(netns: &Netns) {
     let all = QUERIES_UNSTREAMED + QUERIES;
     let json = support::wait_for(
         "a snapshot with every query",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || {
             let json = support::dns_json(netns);
             (json["totalQueries"] == all).then_some(json)
@@ -478,7 +478,7 @@ fn a_sampled_query_is_streamed_with_its_answer() {
     );
     let json = wait_for(
         "a snapshot with every query",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || {
             let json = support::dns_json(&netns);
             (json["totalQueries"] == ASKED).then_some(json)

@@ -105,7 +105,7 @@ fn ca_issued(dir: &Path) -> PathBuf {
 fn curl(netns: &Netns, ca: &Path, path: &str, user: Option<&str>) -> (u16, String) {
     let mut command = netns.command("curl");
     command
-        .args(["-sS", "-i", "--max-time", "5", "--cacert"])
+        .args(["-sS", "-i", "--max-time", "30", "--cacert"])
         .arg(ca)
         .args(["-w", "\n%{http_code}"]);
     if let Some(user) = user {
@@ -233,7 +233,7 @@ fn https_and_basic_auth_guard_exact_counts() {
         .args([
             "-sS",
             "--max-time",
-            "5",
+            "30",
             "-o",
             "/dev/null",
             "-w",

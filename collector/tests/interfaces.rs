@@ -557,7 +557,7 @@ fn interface_counters_are_the_kernels_exactly() {
     assert!(sent(&expected, "collector_interface_receive_packets_total") < 25.0);
     wait_for(
         "the agent's counters to be the kernel's",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || {
             let metrics = scrape(&netns);
             let exported: Vec<(String, f64)> = expected
@@ -698,7 +698,7 @@ fn traffic_the_host_only_forwards_is_not_counted() {
 fn after_two_polls(netns: &Netns) -> String {
     let polls = |metrics: &str| sample(metrics, "collector_polls_total", &[]).unwrap();
     let after = polls(&scrape(netns)) + 2.0;
-    wait_for("two more polls", Duration::from_secs(5), || {
+    wait_for("two more polls", Duration::from_secs(15), || {
         let metrics = scrape(netns);
         (polls(&metrics) >= after).then_some(metrics)
     })
@@ -947,7 +947,7 @@ fn vlan_tagged_packets_are_left_to_the_vlan_device() {
         }
     });
     let counted = 2 * FRAMES;
-    let metrics = wait_for("the untagged frames", Duration::from_secs(5), || {
+    let metrics = wait_for("the untagged frames", Duration::from_secs(15), || {
         let text = scrape(&netns);
         (payload_bytes(&text, "in") == Some((counted * PAYLOAD) as f64)).then_some(text)
     });

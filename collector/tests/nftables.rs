@@ -249,9 +249,11 @@ fn nft_counts_equal_the_ebpf_counts_and_continue_after_a_crash() {
             );
         }
     });
+    // A poll reads nft before the maps: the last answer may be in the maps' read and not yet
+    // in nft's, so the wait is for both.
     let dns = wait_for("10 answers", Duration::from_secs(10), || {
         let json = dns_json(&netns);
-        (json["totalResponses"] == 10).then_some(json)
+        (json["totalResponses"] == 10 && json["nftables"]["packetsOut"] == 10).then_some(json)
     });
     // One UDP packet per query and per response, on port 53 each way.
     assert_eq!(dns["nftables"]["packetsIn"], 10, "{dns}");
@@ -403,8 +405,9 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
     });
     let stopping = Instant::now();
     assert!(agent.stop().success());
+    // Far below the 600 s the stuck `nft` would take, and room for a loaded machine.
     assert!(
-        stopping.elapsed() < Duration::from_secs(5),
+        stopping.elapsed() < Duration::from_secs(15),
         "{:?}",
         stopping.elapsed()
     );

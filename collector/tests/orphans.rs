@@ -215,13 +215,6 @@ fn lines_with(log: &Path, needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// The "collector running" line of an agent's log.
-fn running_line(log: &Path) -> String {
-    let lines = lines_with(log, "collector running");
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    lines[0].clone()
-}
-
 fn opened(netns: &Netns) -> Option<f64> {
     sample(
         &scrape(netns),
@@ -288,7 +281,7 @@ fn a_start_over_pins_whose_namespace_is_gone_removes_them_and_counts_from_zero()
     let agent = start_with_pins(&again, &config, &pin_dir, &log);
     let warned = warned_once_of(&log, &pin_dir, old_owner);
     assert!(warned.contains("counters start from zero"), "{warned}");
-    assert!(running_line(&log).contains("inherited=false"));
+    assert!(support::running_line(&log).contains("inherited=false"));
     // Fresh pins, this namespace's, and the gone one's sock_ops program off the cgroup root.
     assert_eq!(
         pinned_u64(&pin_dir.join("v1/PIN_OWNER")),
@@ -330,7 +323,7 @@ fn a_start_beside_pins_whose_namespace_is_gone_removes_them() {
     warned_once_of(&log, &gone_pins, old_owner);
     wait_released(sock_ops);
     // The start itself is a fresh one, and counts.
-    assert!(running_line(&log).contains("inherited=false"));
+    assert!(support::running_line(&log).contains("inherited=false"));
     support::connections_3_in_5_out(&other, 2);
     wait_for_closed(&other, "web", 2);
     assert!(agent.stop().success());
@@ -376,7 +369,7 @@ fn a_start_beside_a_crashed_collector_whose_namespace_is_there_leaves_its_pins()
         &["--pin-dir", crashed_pins.to_str().unwrap()],
         &restarted_log,
     );
-    assert!(running_line(&restarted_log).contains("inherited=true"));
+    assert!(support::running_line(&restarted_log).contains("inherited=true"));
     support::connections_3_in_5_out(&alive, 2);
     wait_for_closed(&alive, "web", 5);
     assert_eq!(opened(&alive), Some(5.0));

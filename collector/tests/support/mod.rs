@@ -541,7 +541,7 @@ impl Agent {
             netns_name: netns.name.clone(),
             pin_dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("the agent exited before it was ready: {status}");
@@ -551,7 +551,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent was not ready within 30 s"
+                "the agent was not ready within a minute"
             );
             thread::sleep(Duration::from_millis(100));
         }
@@ -740,7 +740,7 @@ pub fn get(path: &str) -> std::io::Result<(u16, String)> {
 /// As [`get`], from an agent listening on `address`.
 pub fn get_from(address: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: collector\r\nConnection: close\r\n\r\n"
@@ -844,6 +844,32 @@ impl Drop for RemovedOnDrop {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// The lines of the agent's `log` that hold `needle`, once there is one: lines logged after
+/// the start go through the agent's log writer thread, which may write them after
+/// `/readyz` answers.
+pub fn logged_lines(log: &Path, needle: &str) -> Vec<String> {
+    wait_for(
+        &format!("{needle:?} in {}", log.display()),
+        Duration::from_secs(10),
+        || {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|line| line.contains(needle))
+                .map(str::to_owned)
+                .collect();
+            (!lines.is_empty()).then_some(lines)
+        },
+    )
+}
+
+/// The one "collector running" line of an agent's log.
+pub fn running_line(log: &Path) -> String {
+    let lines = logged_lines(log, "collector running");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    lines[0].clone()
 }
 
 /// Nothing of ours is left in bpffs under `pin_dir`.
