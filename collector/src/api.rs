@@ -14,6 +14,7 @@ use crate::{
     snapshot::{
         DnsSnapshot, RouteLastMinute, RouteSnapshot, Snapshot, UpstreamSnapshot, histogram_quantile,
     },
+    topk::Listed,
 };
 
 /// A rate over the standard windows (1 s, 10 s, 60 s), per second.
@@ -511,7 +512,12 @@ pub struct DnsStats {
     /// that sample. `null` while matching is off.
     pub match_every: Option<u32>,
     pub cache_stats: Option<CacheStats>,
+    /// Since the agent started.
     pub top_domains: Vec<TopDomain>,
+    /// As `topDomains`, over the last `topDomainsRecentSeconds` only: the last one to two
+    /// windows of 5 minutes (since the start, if that is less).
+    pub top_domains_recent: Vec<TopDomain>,
+    pub top_domains_recent_seconds: f64,
     /// Queries by QTYPE (types seen only).
     pub query_type_breakdown: BTreeMap<String, u64>,
     /// Responses by RCODE (codes seen only).
@@ -538,6 +544,17 @@ pub struct DnsStats {
     /// Our nftables counters for the DNS ports.
     pub nftables: Option<NftCounts>,
     pub sources: BTreeMap<String, Source>,
+}
+
+fn top_domains(listed: &[Listed<String>]) -> Vec<TopDomain> {
+    listed
+        .iter()
+        .map(|listed| TopDomain {
+            domain: listed.key.clone(),
+            count: listed.count,
+            max_undercount: listed.error,
+        })
+        .collect()
 }
 
 #[must_use]
@@ -578,16 +595,9 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
             undecided: c.cache_undecided,
             hit_rate: (decided > 0).then(|| recent.cache_hits as f64 / decided as f64),
         }),
-        top_domains: dns
-            .domains
-            .top
-            .iter()
-            .map(|listed| TopDomain {
-                domain: listed.key.clone(),
-                count: listed.count,
-                max_undercount: listed.error,
-            })
-            .collect(),
+        top_domains: top_domains(&dns.domains.top),
+        top_domains_recent: top_domains(&dns.domains.recent),
+        top_domains_recent_seconds: dns.domains.recent_seconds,
         query_type_breakdown: c
             .queries_by_qtype
             .iter()
@@ -626,8 +636,6 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
-
-    use crate::topk::Listed;
 
     use super::*;
 
@@ -854,6 +862,11 @@ mod tests {
         assert_eq!(json["cacheStats"]["hitRate"], 0.75);
         assert_eq!(json["topDomains"][0]["domain"], "example.com");
         assert_eq!(json["topDomains"][0]["count"], 7);
+        assert_eq!(
+            json["topDomainsRecent"],
+            serde_json::json!([{"domain": "example.org", "count": 2, "maxUndercount": 0}])
+        );
+        assert_eq!(json["topDomainsRecentSeconds"], 420.0);
         assert_eq!(json["latency"]["count"], 8);
         assert_eq!(json["malformed"]["bad_name"], 1);
         assert_eq!(json["inFlight"], 2);

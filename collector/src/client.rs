@@ -1146,8 +1146,24 @@ pub fn dns_table(json: &Value) -> String {
             "cache and latency: not measured ([dns] match_responses = false)"
         );
     }
-    let _ = writeln!(out, "top domains:");
-    for domain in json["topDomains"].as_array().into_iter().flatten().take(10) {
+    if let Some(seconds) = json["topDomainsRecentSeconds"].as_f64() {
+        let span = if seconds < 120.0 {
+            format!("{seconds:.0} s")
+        } else {
+            format!("{:.0} min", seconds / 60.0)
+        };
+        let _ = writeln!(out, "top domains, last {span}:");
+        list_domains(&mut out, &json["topDomainsRecent"]);
+    }
+    let _ = writeln!(out, "top domains since the start:");
+    list_domains(&mut out, &json["topDomains"]);
+    out
+}
+
+/// The first ten of a JSON list of domains, one a line.
+fn list_domains(out: &mut String, domains: &serde_json::Value) {
+    use std::fmt::Write as _;
+    for domain in domains.as_array().into_iter().flatten().take(10) {
         // Past the tracked set a count may be short by its inherited count: say by how much.
         let undercount = match count(&domain["maxUndercount"]) {
             0 => String::new(),
@@ -1160,7 +1176,6 @@ pub fn dns_table(json: &Value) -> String {
             domain["domain"].as_str().unwrap_or("")
         );
     }
-    out
 }
 
 /// Clears the screen and homes the cursor, like watch(1).
@@ -1772,9 +1787,15 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             "cacheStats": {"hits": 8, "misses": 1, "hitRate": 0.888},
             "queryTypeBreakdown": {"A": 9}, "responseCodes": {"NOERROR": 9},
             "latency": {"p50": 0.001, "p99": 0.002, "count": 9},
-            "topDomains": [{"domain": "example.com", "count": 9}]
+            "topDomains": [{"domain": "example.com", "count": 9}],
+            "topDomainsRecent": [{"domain": "example.com", "count": 2}],
+            "topDomainsRecentSeconds": 420.0
         });
         let text = dns_table(&dns);
+        assert!(
+            text.contains("top domains, last 7 min:\n           2  example.com\n"),
+            "{text}"
+        );
         assert!(
             text.contains("cache: 8 hits, 1 misses, hit rate 88.8 % (last minute)"),
             "{text}"
@@ -1793,7 +1814,10 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         );
         assert!(!text.contains("matched"), "{text}");
         assert!(text.contains("types: A 9"));
-        assert!(text.contains("\n           9  example.com"), "{text}");
+        assert!(
+            text.contains("top domains since the start:\n           9  example.com"),
+            "{text}"
+        );
 
         let unmatched = serde_json::json!({
             "totalQueries": 9, "matchResponses": false, "cacheStats": null, "latency": null,

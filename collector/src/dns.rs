@@ -11,6 +11,7 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use aya::maps::{Array, MapData, RingBuf};
@@ -28,7 +29,7 @@ use crate::{
     events::read_record,
     mapped::MappedArray,
     tally::TallyTable,
-    topk::{Listed, TopK},
+    topk::{Listed, TopK, top_of},
 };
 
 /// A decoded DNS event.
@@ -195,17 +196,45 @@ pub fn decode_name(wire: &[u8]) -> Option<String> {
     Some(text)
 }
 
+/// How long each recent list of domains counts: the recent top domains are those of the last
+/// one to two of these, where the list since the start shows, after weeks, the same names
+/// whatever happens now.
+pub const RECENT_WINDOW: Duration = Duration::from_mins(5);
+
 /// Top domains folded from the kernel's name table (its counts, and the name events that
 /// name its slots); query events are the stream's alone.
 #[derive(Debug)]
 pub struct DomainStats {
+    /// Since the start.
     domains: TopK<Arc<str>>,
+    /// The window being counted, and the one before it ([`RECENT_WINDOW`] each).
+    recent: [Window; 2],
     /// Each sample stands for this many queries.
     weight: u64,
     events_received: u64,
     undecodable_names: u64,
     /// The kernel's name table: the name of each slot (`None`: it did not decode).
     names: TallyTable<u64, Option<Arc<str>>>,
+}
+
+/// The domains of one stretch of time, from the poll that began it.
+#[derive(Debug)]
+struct Window {
+    domains: TopK<Arc<str>>,
+    /// When it began, on the poller's clock (`None`: nothing counted in it).
+    began: Option<Duration>,
+    /// Samples the kernel had dropped since the start, when it began.
+    lost_before: u64,
+}
+
+impl Window {
+    fn new(capacity: usize, began: Option<Duration>, lost_before: u64) -> Self {
+        Self {
+            domains: TopK::new(capacity),
+            began,
+            lost_before,
+        }
+    }
 }
 
 /// A copy of the DNS event statistics for a snapshot.
@@ -215,6 +244,11 @@ pub struct DomainSnapshot {
     /// distinct names fit the tracked set; otherwise counts since each was tracked, with the
     /// error by which it may have had more (scaled by the sampling).
     pub top: Vec<Listed<String>>,
+    /// As `top`, over the last `recent_seconds` only.
+    pub recent: Vec<Listed<String>>,
+    /// How far back `recent` reaches: from one to two [`RECENT_WINDOW`]s, less since the
+    /// start.
+    pub recent_seconds: f64,
     pub events_received: u64,
     /// Queries left out of `top` because their sampled name did not decode (scaled by the
     /// sampling, like the counts in `top`).
@@ -227,8 +261,10 @@ impl DomainStats {
     /// kernel's name table, mapped.
     #[must_use]
     pub fn new(listed: usize, sample_every: u32, names: TallyTable<u64, Option<Arc<str>>>) -> Self {
+        let tracked = listed.saturating_mul(10).clamp(1000, 100_000);
         Self {
-            domains: TopK::new(listed.saturating_mul(10).clamp(1000, 100_000)),
+            domains: TopK::new(tracked),
+            recent: [Window::new(tracked, None, 0), Window::new(tracked, None, 0)],
             weight: u64::from(sample_every.max(1)),
             events_received: 0,
             undecodable_names: 0,
@@ -273,36 +309,68 @@ impl DomainStats {
         let queries = queries.saturating_mul(self.weight);
         match domain {
             _ if queries == 0 => {}
-            Some(domain) => self.domains.observe(domain, queries),
+            Some(domain) => {
+                self.domains.observe(domain, queries);
+                self.recent[1].domains.observe(domain, queries);
+            }
             None => self.undecodable_names += queries,
         }
     }
 
-    /// The top list as of now, the name table read first.
-    #[must_use]
-    /// The `listed` heaviest domains. `lost_samples` is how many samples the kernel could not
-    /// deliver since the start (a full ring): any of them could have been any listed name's,
-    /// so each name's bound on what it may have had more grows by all of them.
-    pub fn snapshot(&mut self, listed: usize, lost_samples: u64) -> DomainSnapshot {
+    /// The `listed` heaviest domains since the start and of late, at `now` on the poller's
+    /// clock, the name table read first. `lost_samples` is how many samples the kernel could
+    /// not deliver since the start (a full ring): any of them could have been any listed
+    /// name's, so each name's bound on what it may have had more grows by all of them (of
+    /// late, by those lost since the recent lists began).
+    pub fn snapshot(&mut self, listed: usize, lost_samples: u64, now: Duration) -> DomainSnapshot {
         for (domain, queries) in self.names.read() {
             self.fold(domain.as_ref(), queries);
         }
+        // After the fold: what the table counted since the last poll is the ending window's.
+        self.advance(now, lost_samples);
+        let [previous, current] = &self.recent;
+        let oldest = if previous.began.is_some() {
+            previous
+        } else {
+            current
+        };
+        let recent_lost = lost_samples.saturating_sub(oldest.lost_before);
         DomainSnapshot {
-            top: self
-                .domains
-                .top(listed)
-                .into_iter()
-                .map(|entry| Listed {
-                    key: entry.key.to_string(),
-                    count: entry.count,
-                    error: entry
-                        .error
-                        .saturating_add(lost_samples.saturating_mul(self.weight)),
-                })
-                .collect(),
+            top: self.listed(&[&self.domains], listed, lost_samples),
+            recent: self.listed(&[&previous.domains, &current.domains], listed, recent_lost),
+            recent_seconds: now
+                .saturating_sub(oldest.began.unwrap_or(now))
+                .as_secs_f64(),
             events_received: self.events_received,
             undecodable_names: self.undecodable_names,
         }
+    }
+
+    /// Begins a new recent window once the one being counted is [`RECENT_WINDOW`] old. (After
+    /// polls that stalled, the one ended is older: `recent_seconds` says how far back.)
+    fn advance(&mut self, now: Duration, lost_samples: u64) {
+        let current = &mut self.recent[1];
+        let Some(began) = current.began else {
+            current.began = Some(now);
+            current.lost_before = lost_samples;
+            return;
+        };
+        if now.saturating_sub(began) >= RECENT_WINDOW {
+            let fresh = Window::new(self.domains.capacity(), Some(now), lost_samples);
+            self.recent[0] = std::mem::replace(&mut self.recent[1], fresh);
+        }
+    }
+
+    /// The `listed` heaviest of `lists`, their bounds widened by `lost` samples, as text.
+    fn listed(&self, lists: &[&TopK<Arc<str>>], listed: usize, lost: u64) -> Vec<Listed<String>> {
+        top_of(lists, listed)
+            .into_iter()
+            .map(|entry| Listed {
+                key: entry.key.to_string(),
+                count: entry.count,
+                error: entry.error.saturating_add(lost.saturating_mul(self.weight)),
+            })
+            .collect()
     }
 }
 
@@ -506,7 +574,7 @@ mod tests {
         let mut stats = DomainStats::new(10, 2, TallyTable::unmapped(0));
         stats.apply(&event);
         stats.apply(&event);
-        let snapshot = stats.snapshot(10, 0);
+        let snapshot = stats.snapshot(10, 0, Duration::ZERO);
         assert!(snapshot.top.is_empty(), "{:?}", snapshot.top);
         assert_eq!(snapshot.events_received, 2);
     }
@@ -516,14 +584,63 @@ mod tests {
         let mut stats = with_slots(2, 2);
         stats.apply(&name_event(1, 1, 0, Some("a.example")));
         stats.fold_table(table(&[(0, 0), (1, 1)]));
-        let snapshot = stats.snapshot(10, 0);
+        let snapshot = stats.snapshot(10, 0, Duration::ZERO);
         // Each sample stands for two queries.
         assert_eq!(counts(&snapshot.top), [("a.example".to_owned(), 4)]);
         assert_eq!(snapshot.top[0].error, 0);
         // Three samples the kernel dropped (a full ring) could each have been this name's:
         // six queries it may have had more.
-        let widened = stats.snapshot(10, 3);
+        let widened = stats.snapshot(10, 3, Duration::ZERO);
         assert_eq!((widened.top[0].count, widened.top[0].error), (4, 6));
+    }
+
+    #[test]
+    fn recent_domains_are_those_of_the_last_one_to_two_windows() {
+        let mut stats = DomainStats::new(10, 1, TallyTable::unmapped(0));
+        let fold = |stats: &mut DomainStats, name: &str, queries| {
+            stats.fold(Some(&Arc::from(name)), queries);
+        };
+        let span = |snapshot: &DomainSnapshot| Duration::from_secs_f64(snapshot.recent_seconds);
+        fold(&mut stats, "old.example", 50);
+        let first = stats.snapshot(10, 0, Duration::from_secs(1));
+        assert_eq!(first.recent, first.top);
+        assert_eq!(span(&first), Duration::ZERO);
+        // A window on: the next begins, and the first still counts.
+        fold(&mut stats, "new.example", 7);
+        let later = stats.snapshot(10, 0, Duration::from_secs(301));
+        assert_eq!(
+            counts(&later.recent),
+            [
+                ("old.example".to_owned(), 50),
+                ("new.example".to_owned(), 7)
+            ]
+        );
+        assert_eq!(span(&later), Duration::from_mins(5));
+        // Two windows on: the first one's queries (those folded before the poll that ended
+        // it) are gone from the recent list, not from the list since the start; of the 2
+        // samples lost since the start, all were lost since the recent list began.
+        fold(&mut stats, "new.example", 3);
+        let last = stats.snapshot(10, 2, Duration::from_secs(601));
+        let bounds = |listed: &[Listed<String>]| -> Vec<(String, u64, u64)> {
+            listed
+                .iter()
+                .map(|entry| (entry.key.clone(), entry.count, entry.error))
+                .collect()
+        };
+        assert_eq!(bounds(&last.recent), [("new.example".to_owned(), 3, 2)]);
+        assert_eq!(span(&last), Duration::from_mins(5));
+        assert_eq!(
+            bounds(&last.top),
+            [
+                ("old.example".to_owned(), 50, 2),
+                ("new.example".to_owned(), 10, 2)
+            ]
+        );
+        // After polls that stalled, the ended window reaches back as far as it began.
+        fold(&mut stats, "late.example", 1);
+        let stalled = stats.snapshot(10, 2, Duration::from_secs(1801));
+        assert_eq!(counts(&stalled.recent), [("late.example".to_owned(), 1)]);
+        assert_eq!(span(&stalled), Duration::from_mins(20));
     }
 
     #[test]
@@ -574,7 +691,7 @@ mod tests {
     }
 
     fn top(stats: &mut DomainStats) -> Vec<(String, u64)> {
-        counts(&stats.snapshot(10, 0).top)
+        counts(&stats.snapshot(10, 0, Duration::ZERO).top)
     }
 
     #[test]
@@ -605,7 +722,7 @@ mod tests {
         // A name that did not decode counts its queries as undecodable.
         stats.apply(&name_event(0, 1, 0, None));
         stats.fold_table(table(&[(1, 4), (3, 4)]));
-        let snapshot = stats.snapshot(10, 0);
+        let snapshot = stats.snapshot(10, 0, Duration::ZERO);
         assert_eq!(snapshot.undecodable_names, 5);
         assert_eq!(snapshot.events_received, 4);
     }
@@ -619,7 +736,7 @@ mod tests {
         // So do those whose name did not decode.
         stats.apply(&name_event(1, 1, 0, None));
         stats.fold_table(table(&[(1, 2), (1, 3)]));
-        assert_eq!(stats.snapshot(10, 0).undecodable_names, 16);
+        assert_eq!(stats.snapshot(10, 0, Duration::ZERO).undecodable_names, 16);
     }
 
     #[test]

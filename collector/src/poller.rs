@@ -455,7 +455,7 @@ impl Poller {
                 .domains
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .snapshot(self.dns.listed, names_lost),
+                .snapshot(self.dns.listed, names_lost, at),
             waiting: self
                 .dns
                 .in_flight

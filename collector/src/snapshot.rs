@@ -728,6 +728,12 @@ impl DnsSnapshot {
                         error: 0,
                     },
                 ],
+                recent: vec![Listed {
+                    key: "example.org".into(),
+                    count: 2,
+                    error: 0,
+                }],
+                recent_seconds: 420.0,
                 events_received: 18,
                 undecodable_names: 0,
             },

@@ -35,6 +35,8 @@ pub struct TopK<K: Eq + Hash + Clone> {
     /// Key → position in `heap`.
     position: HashMap<K, usize>,
     total: u64,
+    /// A key has been replaced: keys not tracked may have been seen.
+    replaced: bool,
 }
 
 impl<K: Eq + Hash + Clone> TopK<K> {
@@ -47,7 +49,14 @@ impl<K: Eq + Hash + Clone> TopK<K> {
             heap: Vec::with_capacity(capacity),
             position: HashMap::with_capacity(capacity),
             total: 0,
+            replaced: false,
         }
+    }
+
+    /// How many keys it tracks at most.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Adds `weight` to `key`. A new key arriving when full replaces the smallest, inheriting
@@ -68,6 +77,7 @@ impl<K: Eq + Hash + Clone> TopK<K> {
             self.sift_up(at);
         } else {
             let smallest = self.heap[0].count;
+            self.replaced = true;
             self.position.remove(&self.heap[0].key);
             self.heap[0] = Entry {
                 key: key.clone(),
@@ -80,32 +90,24 @@ impl<K: Eq + Hash + Clone> TopK<K> {
     }
 
     /// The `n` heaviest keys by their certain count (the count since tracked, a lower bound
-    /// of the true one), highest first; then by the estimate, then by key, so that the order
-    /// does not change from one snapshot to the next. Ranked by the estimate, a long tail of
-    /// keys seen once, each inheriting the evicted minimum, filled the list with counts in
-    /// the hundreds above keys truly seen ten times.
+    /// of the true one), highest first; ranked as [`top_of`] ranks.
     #[must_use]
     pub fn top(&self, n: usize) -> Vec<Listed<K>>
     where
         K: Ord,
     {
-        let mut listed: Vec<Listed<K>> = self
-            .heap
-            .iter()
-            .map(|entry| Listed {
-                key: entry.key.clone(),
-                count: entry.count - entry.error,
-                error: entry.error,
-            })
-            .collect();
-        listed.sort_by(|a, b| {
-            b.count
-                .cmp(&a.count)
-                .then(b.error.cmp(&a.error))
-                .then_with(|| a.key.cmp(&b.key))
-        });
-        listed.truncate(n);
-        listed
+        top_of(&[self], n)
+    }
+
+    /// What a key not tracked may have had: the smallest tracked count once a key was
+    /// replaced (every key replaced had at most that), nothing before (every key seen is
+    /// tracked).
+    fn untracked_bound(&self) -> u64 {
+        if self.replaced {
+            self.heap.first().map_or(0, |smallest| smallest.count)
+        } else {
+            0
+        }
     }
 
     /// Total weight observed, keys no longer tracked included.
@@ -149,6 +151,48 @@ impl<K: Eq + Hash + Clone> TopK<K> {
             at = smallest;
         }
     }
+}
+
+/// The `n` heaviest keys of `lists`, each the list of one stretch of a stream (a window of
+/// time): a key's certain count is the sum of its certain counts where it is tracked, and it
+/// may have had more by its errors there and, where it is not, by what a key not tracked
+/// may have had. Highest certain count first; then by the estimate, then by key, so that the
+/// order does not change from one snapshot to the next. Ranked by the estimate, a long tail
+/// of keys seen once, each inheriting the evicted minimum, filled the list with counts in the
+/// hundreds above keys truly seen ten times.
+#[must_use]
+pub fn top_of<K: Eq + Hash + Clone + Ord>(lists: &[&TopK<K>], n: usize) -> Vec<Listed<K>> {
+    let mut merged: HashMap<&K, Listed<K>> = HashMap::new();
+    for list in lists {
+        for entry in &list.heap {
+            let listed = merged.entry(&entry.key).or_insert_with(|| Listed {
+                key: entry.key.clone(),
+                count: 0,
+                error: 0,
+            });
+            listed.count = listed.count.saturating_add(entry.count - entry.error);
+            listed.error = listed.error.saturating_add(entry.error);
+        }
+    }
+    let mut listed: Vec<Listed<K>> = merged
+        .into_values()
+        .map(|mut listed| {
+            for list in lists {
+                if !list.position.contains_key(&listed.key) {
+                    listed.error = listed.error.saturating_add(list.untracked_bound());
+                }
+            }
+            listed
+        })
+        .collect();
+    listed.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(b.error.cmp(&a.error))
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    listed.truncate(n);
+    listed
 }
 
 #[cfg(test)]
@@ -203,6 +247,28 @@ mod tests {
         }
         assert_eq!(top.heap.len(), 50);
         assert_eq!(top.total(), exact.iter().map(|(_, c)| c).sum::<u64>());
+    }
+
+    #[test]
+    fn lists_of_two_stretches_add_up_and_bound_what_one_left_out() {
+        let mut earlier = TopK::new(2);
+        earlier.observe(&"a", 5);
+        earlier.observe(&"b", 3);
+        // Full: "c" takes b's place with b's 3 as its error.
+        earlier.observe(&"c", 1);
+        let mut later = TopK::new(2);
+        later.observe(&"a", 2);
+        later.observe(&"d", 4);
+        let got: Vec<(&str, u64, u64)> = top_of(&[&earlier, &later], 10)
+            .iter()
+            .map(|e| (e.key, e.count, e.error))
+            .collect();
+        // d: not tracked earlier, where an untracked key had at most 4 (the smallest, c's).
+        // c: 1 certain and 3 more possible earlier; later, full but never replacing a key,
+        // saw none.
+        assert_eq!(got, [("a", 7, 0), ("d", 4, 4), ("c", 1, 3)]);
+        // A list alone ranks as `top` does.
+        assert_eq!(top_of(&[&earlier], 10), earlier.top(10));
     }
 
     #[test]

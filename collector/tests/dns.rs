@@ -64,6 +64,7 @@ fn dns_after(netns: &Netns, responses: u64) -> serde_json::Value {
 fn counts_a_known_query_mix_exactly() {
     let netns = Netns::new();
     let config = AgentConfig::new(&dns_config());
+    let started = std::time::Instant::now();
     let agent = Agent::start(&netns, &config);
     let server = Unbound::start(&netns, false);
 
@@ -121,6 +122,15 @@ fn counts_a_known_query_mix_exactly() {
         top[5..]
             .iter()
             .all(|(name, count)| name.starts_with("nx") && *count == 1)
+    );
+    // Everything came within the first recent window: the recent list is the same, and
+    // reaches back no further than the agent's first poll.
+    assert_eq!(json["topDomainsRecent"], json["topDomains"]);
+    let recent_seconds = json["topDomainsRecentSeconds"].as_f64().unwrap();
+    let running = started.elapsed().as_secs_f64();
+    assert!(
+        (0.0..running).contains(&recent_seconds),
+        "{recent_seconds} s recent, {running} s since the start"
     );
 
     // Every response matched its query: latency for each, all positive and under the
