@@ -1,7 +1,7 @@
 //! JSON shapes of the HTTP API, in the camelCase the proxy's own consumers expect. Pure:
 //! built from a snapshot.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use collector_common::sni_outcome;
 use serde::Serialize;
@@ -354,6 +354,12 @@ pub struct ProxyStats {
     /// `client_stats = false`.
     #[serde(rename = "topIPs")]
     pub top_ips: Option<Vec<TopIp>>,
+    /// As `topIPs`, over the last `topIPsRecentSeconds` only: the last one to two windows
+    /// of 5 minutes (since the start, if that is less).
+    #[serde(rename = "topIPsRecent")]
+    pub top_ips_recent: Option<Vec<TopIp>>,
+    #[serde(rename = "topIPsRecentSeconds")]
+    pub top_ips_recent_seconds: Option<f64>,
     pub routes: Vec<RouteStats>,
     /// The upstreams (`[[upstreams]]`), in config order: the connections the proxy opens to
     /// its backends, apart from the clients' (none of the figures above count them).
@@ -434,18 +440,18 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
                 .map(|(ip, n)| (ip.to_string(), *n))
                 .collect()
         }),
-        top_ips: snapshot.clients.enabled.then(|| {
-            snapshot
-                .clients
-                .top
-                .iter()
-                .map(|listed| TopIp {
-                    ip: listed.key.to_string(),
-                    connections: listed.count,
-                    max_undercount: listed.error,
-                })
-                .collect()
-        }),
+        top_ips: snapshot
+            .clients
+            .enabled
+            .then(|| top_ips(&snapshot.clients.top)),
+        top_ips_recent: snapshot
+            .clients
+            .enabled
+            .then(|| top_ips(&snapshot.clients.recent)),
+        top_ips_recent_seconds: snapshot
+            .clients
+            .enabled
+            .then_some(snapshot.clients.recent_seconds),
         routes: snapshot
             .routes
             .iter()
@@ -544,6 +550,17 @@ pub struct DnsStats {
     /// Our nftables counters for the DNS ports.
     pub nftables: Option<NftCounts>,
     pub sources: BTreeMap<String, Source>,
+}
+
+fn top_ips(listed: &[Listed<IpAddr>]) -> Vec<TopIp> {
+    listed
+        .iter()
+        .map(|listed| TopIp {
+            ip: listed.key.to_string(),
+            connections: listed.count,
+            max_undercount: listed.error,
+        })
+        .collect()
 }
 
 fn top_domains(listed: &[Listed<String>]) -> Vec<TopDomain> {
@@ -649,6 +666,12 @@ mod tests {
             count: 5,
             error: 0,
         }];
+        snapshot.clients.recent = vec![Listed {
+            key: client,
+            count: 1,
+            error: 0,
+        }];
+        snapshot.clients.recent_seconds = 330.0;
         snapshot.clients.active = vec![(client, 2)];
         snapshot.connection_rates.instant = 4.5;
         let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
@@ -660,6 +683,11 @@ mod tests {
         assert_eq!(json["connectionsByIP"]["192.0.2.7"], 2);
         assert_eq!(json["topIPs"][0]["ip"], "192.0.2.7");
         assert_eq!(json["topIPs"][0]["connections"], 5);
+        assert_eq!(
+            json["topIPsRecent"],
+            serde_json::json!([{"ip": "192.0.2.7", "connections": 1, "maxUndercount": 0}])
+        );
+        assert_eq!(json["topIPsRecentSeconds"], 330.0);
         assert!(json["throughput"]["bytesIn"]["history"].is_array());
         assert_eq!(json["interfaces"][0]["name"], "lo");
         assert_eq!(json["interfaces"][0]["rxBytes"], 1000);
@@ -753,6 +781,8 @@ mod tests {
         let json = serde_json::to_value(proxy_stats(&snapshot)).unwrap();
         assert!(json["connectionsByIP"].is_null(), "{json}");
         assert!(json["topIPs"].is_null(), "{json}");
+        assert!(json["topIPsRecent"].is_null(), "{json}");
+        assert!(json["topIPsRecentSeconds"].is_null(), "{json}");
         assert_eq!(json["totalConnections"], 12);
     }
 

@@ -29,7 +29,7 @@ use crate::{
     events::read_record,
     mapped::MappedArray,
     tally::TallyTable,
-    topk::{Listed, TopK, top_of},
+    topk::{Listed, RecentTopK, TopK},
 };
 
 /// A decoded DNS event.
@@ -196,45 +196,20 @@ pub fn decode_name(wire: &[u8]) -> Option<String> {
     Some(text)
 }
 
-/// How long each recent list of domains counts: the recent top domains are those of the last
-/// one to two of these, where the list since the start shows, after weeks, the same names
-/// whatever happens now.
-pub const RECENT_WINDOW: Duration = Duration::from_mins(5);
-
 /// Top domains folded from the kernel's name table (its counts, and the name events that
 /// name its slots); query events are the stream's alone.
 #[derive(Debug)]
 pub struct DomainStats {
     /// Since the start.
     domains: TopK<Arc<str>>,
-    /// The window being counted, and the one before it ([`RECENT_WINDOW`] each).
-    recent: [Window; 2],
+    /// Of late.
+    recent: RecentTopK<Arc<str>>,
     /// Each sample stands for this many queries.
     weight: u64,
     events_received: u64,
     undecodable_names: u64,
     /// The kernel's name table: the name of each slot (`None`: it did not decode).
     names: TallyTable<u64, Option<Arc<str>>>,
-}
-
-/// The domains of one stretch of time, from the poll that began it.
-#[derive(Debug)]
-struct Window {
-    domains: TopK<Arc<str>>,
-    /// When it began, on the poller's clock (`None`: nothing counted in it).
-    began: Option<Duration>,
-    /// Samples the kernel had dropped since the start, when it began.
-    lost_before: u64,
-}
-
-impl Window {
-    fn new(capacity: usize, began: Option<Duration>, lost_before: u64) -> Self {
-        Self {
-            domains: TopK::new(capacity),
-            began,
-            lost_before,
-        }
-    }
 }
 
 /// A copy of the DNS event statistics for a snapshot.
@@ -246,8 +221,8 @@ pub struct DomainSnapshot {
     pub top: Vec<Listed<String>>,
     /// As `top`, over the last `recent_seconds` only.
     pub recent: Vec<Listed<String>>,
-    /// How far back `recent` reaches: from one to two [`RECENT_WINDOW`]s, less since the
-    /// start.
+    /// How far back `recent` reaches: from one to two [`crate::topk::RECENT_WINDOW`]s, less since the
+    /// start, more after polls that stalled.
     pub recent_seconds: f64,
     pub events_received: u64,
     /// Queries left out of `top` because their sampled name did not decode (scaled by the
@@ -264,7 +239,7 @@ impl DomainStats {
         let tracked = listed.saturating_mul(10).clamp(1000, 100_000);
         Self {
             domains: TopK::new(tracked),
-            recent: [Window::new(tracked, None, 0), Window::new(tracked, None, 0)],
+            recent: RecentTopK::new(tracked),
             weight: u64::from(sample_every.max(1)),
             events_received: 0,
             undecodable_names: 0,
@@ -311,7 +286,7 @@ impl DomainStats {
             _ if queries == 0 => {}
             Some(domain) => {
                 self.domains.observe(domain, queries);
-                self.recent[1].domains.observe(domain, queries);
+                self.recent.observe(domain, queries);
             }
             None => self.undecodable_names += queries,
         }
@@ -327,43 +302,19 @@ impl DomainStats {
             self.fold(domain.as_ref(), queries);
         }
         // After the fold: what the table counted since the last poll is the ending window's.
-        self.advance(now, lost_samples);
-        let [previous, current] = &self.recent;
-        let oldest = if previous.began.is_some() {
-            previous
-        } else {
-            current
-        };
-        let recent_lost = lost_samples.saturating_sub(oldest.lost_before);
+        let recent = self.recent.top(listed, now, lost_samples);
         DomainSnapshot {
-            top: self.listed(&[&self.domains], listed, lost_samples),
-            recent: self.listed(&[&previous.domains, &current.domains], listed, recent_lost),
-            recent_seconds: now
-                .saturating_sub(oldest.began.unwrap_or(now))
-                .as_secs_f64(),
+            top: self.as_text(self.domains.top(listed), lost_samples),
+            recent: self.as_text(recent.top, recent.lost),
+            recent_seconds: recent.reach.as_secs_f64(),
             events_received: self.events_received,
             undecodable_names: self.undecodable_names,
         }
     }
 
-    /// Begins a new recent window once the one being counted is [`RECENT_WINDOW`] old. (After
-    /// polls that stalled, the one ended is older: `recent_seconds` says how far back.)
-    fn advance(&mut self, now: Duration, lost_samples: u64) {
-        let current = &mut self.recent[1];
-        let Some(began) = current.began else {
-            current.began = Some(now);
-            current.lost_before = lost_samples;
-            return;
-        };
-        if now.saturating_sub(began) >= RECENT_WINDOW {
-            let fresh = Window::new(self.domains.capacity(), Some(now), lost_samples);
-            self.recent[0] = std::mem::replace(&mut self.recent[1], fresh);
-        }
-    }
-
-    /// The `listed` heaviest of `lists`, their bounds widened by `lost` samples, as text.
-    fn listed(&self, lists: &[&TopK<Arc<str>>], listed: usize, lost: u64) -> Vec<Listed<String>> {
-        top_of(lists, listed)
+    /// `listed` domains as text, their bounds widened by `lost` samples.
+    fn as_text(&self, listed: Vec<Listed<Arc<str>>>, lost: u64) -> Vec<Listed<String>> {
+        listed
             .into_iter()
             .map(|entry| Listed {
                 key: entry.key.to_string(),

@@ -18,7 +18,12 @@ use collector_common::{
     CONN_EVENT_CLIENT, CONN_EVENT_CLOSE, CONN_EVENT_OPEN, ConnClientEvent, ConnEvent,
 };
 
-use crate::{client_table::ClientTable, snapshot::ClientSnapshot, tally::TallyTable, topk::TopK};
+use crate::{
+    client_table::ClientTable,
+    snapshot::ClientSnapshot,
+    tally::TallyTable,
+    topk::{Listed, RecentTopK, TopK},
+};
 
 /// Clients tracked for the heavy-hitter list (Space-Saving: exact for the real heavy hitters).
 const TRACKED_CLIENTS: usize = 1024;
@@ -123,6 +128,8 @@ pub struct ClientStats {
     /// The kernel keeps per-client figures (`client_stats`).
     enabled: bool,
     opened_by_client: TopK<IpAddr>,
+    /// Of late.
+    recent: RecentTopK<IpAddr>,
     table: Option<ClientTable>,
     /// The kernel's client table: the client of each slot.
     clients: TallyTable<[u64; 2], IpAddr>,
@@ -137,6 +144,7 @@ impl ClientStats {
         Self {
             enabled: table.is_some(),
             opened_by_client: TopK::new(TRACKED_CLIENTS),
+            recent: RecentTopK::new(TRACKED_CLIENTS),
             table,
             clients,
             events_received: 0,
@@ -154,32 +162,44 @@ impl ClientStats {
                 client,
             } => {
                 // The connection that brought the client.
-                self.opened_by_client.observe(&client, 1);
+                self.observe(&client, 1);
                 if let Some((replaced, unfolded)) =
                     self.clients.claim(slot, tenure, replaced_count, client)
                 {
-                    self.opened_by_client.observe(&replaced, unfolded);
+                    self.observe(&replaced, unfolded);
                 }
             }
         }
     }
 
-    /// The figures as of now, the client table read first.
-    #[must_use]
+    fn observe(&mut self, client: &IpAddr, opened: u64) {
+        self.opened_by_client.observe(client, opened);
+        self.recent.observe(client, opened);
+    }
+
+    /// The figures as of a poll at `now` (the poller's clock), the client table read first.
     /// `lost` is how many client events the kernel could not deliver since the start (a full
     /// ring): any of them could have been any listed client's, so each client's bound on
-    /// what it may have opened more grows by all of them.
-    pub fn snapshot(&mut self, lost: u64) -> ClientSnapshot {
+    /// what it may have opened more grows by all of them (of late, by those lost since the
+    /// recent lists began).
+    #[must_use]
+    pub fn snapshot(&mut self, lost: u64, now: std::time::Duration) -> ClientSnapshot {
         for (client, opened) in self.clients.read() {
-            self.opened_by_client.observe(&client, opened);
+            self.observe(&client, opened);
         }
-        let mut top = self.opened_by_client.top(LISTED_CLIENTS);
-        for listed in &mut top {
-            listed.error = listed.error.saturating_add(lost);
-        }
+        let widened = |mut top: Vec<Listed<IpAddr>>, lost: u64| {
+            for listed in &mut top {
+                listed.error = listed.error.saturating_add(lost);
+            }
+            top
+        };
+        // After the reads: what the table counted since the last poll is the ending window's.
+        let recent = self.recent.top(LISTED_CLIENTS, now, lost);
         ClientSnapshot {
             enabled: self.enabled,
-            top,
+            top: widened(self.opened_by_client.top(LISTED_CLIENTS), lost),
+            recent: widened(recent.top, recent.lost),
+            recent_seconds: recent.reach.as_secs_f64(),
             active: self
                 .table
                 .as_ref()
@@ -374,7 +394,7 @@ mod tests {
         stats.apply(&client_claim(0, 2, 6, "2001:db8::2"));
         // One connection of `b` counted outside the table.
         stats.apply(&client_claim(CLIENT_NO_SLOT, 0, 0, "2001:db8::2"));
-        let snapshot = stats.snapshot(0);
+        let snapshot = stats.snapshot(0, std::time::Duration::ZERO);
         let top: Vec<_> = snapshot
             .top
             .iter()
@@ -383,13 +403,16 @@ mod tests {
         assert_eq!(top, [(a, 7, 0), (b, 2, 0)]);
         assert_eq!(snapshot.events_received, 3);
         // Five client events the kernel dropped could each have been either's.
-        let widened: Vec<_> = stats
-            .snapshot(5)
-            .top
-            .iter()
-            .map(|listed| (listed.count, listed.error))
-            .collect();
-        assert_eq!(widened, [(7, 5), (2, 5)]);
+        // The recent list, within its first window, is the same.
+        assert_eq!(snapshot.recent, snapshot.top);
+        let widened = stats.snapshot(5, std::time::Duration::from_secs(1));
+        let bounds = |top: &[Listed<IpAddr>]| -> Vec<(u64, u64)> {
+            top.iter()
+                .map(|listed| (listed.count, listed.error))
+                .collect()
+        };
+        assert_eq!(bounds(&widened.top), [(7, 5), (2, 5)]);
+        assert_eq!(bounds(&widened.recent), [(7, 5), (2, 5)]);
     }
 
     #[test]
@@ -440,7 +463,7 @@ mod tests {
             opened: false,
             ..open
         }));
-        let snapshot = stats.snapshot(0);
+        let snapshot = stats.snapshot(0, std::time::Duration::ZERO);
         // The kernel counted those connections in its client table, not through the events.
         assert!(snapshot.top.is_empty());
         assert!(snapshot.active.is_empty());

@@ -368,7 +368,7 @@ impl Poller {
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .snapshot(clients_lost);
+            .snapshot(clients_lost, at);
         let dns = self.dns_snapshot(at, &totals.dns, names_lost);
         // After the clients' and the domains' tables too, which on a large host are most of it.
         self.poll.last_duration_seconds = began.elapsed().as_secs_f64();

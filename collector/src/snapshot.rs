@@ -191,6 +191,11 @@ pub struct ClientSnapshot {
     pub enabled: bool,
     /// Heaviest clients by connections opened, highest first.
     pub top: Vec<Listed<IpAddr>>,
+    /// As `top`, over the last `recent_seconds` only.
+    pub recent: Vec<Listed<IpAddr>>,
+    /// How far back `recent` reaches: from one to two [`crate::topk::RECENT_WINDOW`]s, less
+    /// since the start, more after polls that stalled.
+    pub recent_seconds: f64,
     /// Clients with the most open connections, highest first.
     pub active: Vec<(IpAddr, u64)>,
     /// Connection events read from the kernel.

@@ -6,7 +6,7 @@
 //! is tracked. The list shows what is certain: the count since a key was tracked, a lower
 //! bound of the true count, and the error, by which the true count may exceed it.
 
-use std::{collections::HashMap, hash::Hash};
+use std::{collections::HashMap, hash::Hash, time::Duration};
 
 /// A tracked key: the true count lies in `[count - error, count]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +149,99 @@ impl<K: Eq + Hash + Clone> TopK<K> {
             }
             self.swap(at, smallest);
             at = smallest;
+        }
+    }
+}
+
+/// How long each window of a [`RecentTopK`] counts: its lists show the last one to two of
+/// these, where a list since the start shows, after weeks, the same keys whatever happens
+/// now.
+pub const RECENT_WINDOW: Duration = Duration::from_mins(5);
+
+/// The heaviest keys of late: a list for the window being counted and one for the window
+/// before it ([`RECENT_WINDOW`] each), the pair moved on at the first poll past the
+/// window's end.
+#[derive(Debug)]
+pub struct RecentTopK<K: Eq + Hash + Clone> {
+    /// The window before, and the one being counted.
+    windows: [Window<K>; 2],
+}
+
+#[derive(Debug)]
+struct Window<K: Eq + Hash + Clone> {
+    keys: TopK<K>,
+    /// When it began, on the caller's clock (`None`: not yet).
+    began: Option<Duration>,
+    /// What the caller had lost since its start when it began.
+    lost_before: u64,
+}
+
+impl<K: Eq + Hash + Clone> Window<K> {
+    fn new(capacity: usize, began: Option<Duration>, lost_before: u64) -> Self {
+        Self {
+            keys: TopK::new(capacity),
+            began,
+            lost_before,
+        }
+    }
+}
+
+/// A [`RecentTopK`]'s list at one poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentListed<K> {
+    /// The heaviest keys; each `error` leaves out what was lost (`lost`).
+    pub top: Vec<Listed<K>>,
+    /// Of what the caller lost since its start, what it lost since the list began.
+    pub lost: u64,
+    /// How far back the list reaches.
+    pub reach: Duration,
+}
+
+impl<K: Eq + Hash + Clone + Ord> RecentTopK<K> {
+    /// Tracks up to `capacity` keys in each window.
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            windows: [
+                Window::new(capacity, None, 0),
+                Window::new(capacity, None, 0),
+            ],
+        }
+    }
+
+    /// Adds `weight` to `key` in the window being counted.
+    pub fn observe(&mut self, key: &K, weight: u64) {
+        self.windows[1].keys.observe(key, weight);
+    }
+
+    /// The `n` heaviest keys of both windows at a poll at `now` (the caller's clock, which
+    /// only goes forward), having lost `lost` since its start (items it could not count,
+    /// which the caller's bounds widen by). Call after the poll's observations: a window
+    /// that ends here keeps them. After polls that stalled, the window that ended reaches
+    /// back to where it began.
+    pub fn top(&mut self, n: usize, now: Duration, lost: u64) -> RecentListed<K> {
+        let current = &mut self.windows[1];
+        match current.began {
+            None => {
+                current.began = Some(now);
+                current.lost_before = lost;
+            }
+            Some(began) if now.saturating_sub(began) >= RECENT_WINDOW => {
+                let fresh = Window::new(current.keys.capacity(), Some(now), lost);
+                self.windows[0] = std::mem::replace(&mut self.windows[1], fresh);
+            }
+            Some(_) => {}
+        }
+        let [previous, current] = &self.windows;
+        let oldest = if previous.began.is_some() {
+            previous
+        } else {
+            current
+        };
+        RecentListed {
+            top: top_of(&[&previous.keys, &current.keys], n),
+            lost: lost.saturating_sub(oldest.lost_before),
+            reach: now.saturating_sub(oldest.began.unwrap_or(now)),
         }
     }
 }

@@ -117,6 +117,8 @@ fn counts_connections_and_bytes_exactly_per_route() {
     assert_eq!(json["connectionsByRoute"]["web"], 0);
     assert_eq!(json["topIPs"][0]["ip"], "127.0.0.1");
     assert_eq!(json["topIPs"][0]["connections"], WEB + API);
+    // All within the first recent window: the recent list is the same.
+    assert_eq!(json["topIPsRecent"], json["topIPs"]);
     assert_eq!(json["connectionsByIP"], serde_json::json!({}));
     // Opens and closes go out only while someone reads the event stream, and nobody does
     // here: the kernel counted the client in place, after one event per CPU that took it.
@@ -227,6 +229,8 @@ fn without_client_stats_counts_the_same_and_reports_no_clients() {
     // Absent, not empty: an empty list would read as "no clients".
     assert!(json["connectionsByIP"].is_null(), "{json}");
     assert!(json["topIPs"].is_null(), "{json}");
+    assert!(json["topIPsRecent"].is_null(), "{json}");
+    assert!(json["topIPsRecentSeconds"].is_null(), "{json}");
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
