@@ -321,13 +321,20 @@ impl<E: Clone + Send + Streamed, S: Fold<E> + Send> Drain for RingDrain<E, S> {
 
 pub type SharedDrain = Arc<Mutex<dyn Drain>>;
 
-/// Drains every [`DRAIN_INTERVAL`] until the task is dropped.
+/// Drains every [`DRAIN_INTERVAL`] until the task is dropped. Each drain runs on the
+/// runtime's blocking threads: one decodes up to [`MAX_RECORDS_PER_DRAIN`] records (tens of
+/// milliseconds under a flood of new names), and in a container of one CPU the runtime has
+/// one worker, whose HTTP handlers would wait behind it.
 pub async fn drain_periodically(drain: SharedDrain) -> anyhow::Result<()> {
     let mut ticks = tokio::time::interval(DRAIN_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        drain.lock().unwrap_or_else(PoisonError::into_inner).drain();
+        let drain = Arc::clone(&drain);
+        tokio::task::spawn_blocking(move || {
+            drain.lock().unwrap_or_else(PoisonError::into_inner).drain();
+        })
+        .await?;
     }
 }
 
