@@ -1161,7 +1161,7 @@ pub fn dns_table(json: &Value) -> String {
 }
 
 /// The first ten of a JSON list of domains, one a line.
-fn list_domains(out: &mut String, domains: &serde_json::Value) {
+fn list_domains(out: &mut String, domains: &Value) {
     use std::fmt::Write as _;
     for domain in domains.as_array().into_iter().flatten().take(10) {
         // Past the tracked set a count may be short by its inherited count: say by how much.

@@ -297,6 +297,7 @@ impl DomainStats {
     /// not deliver since the start (a full ring): any of them could have been any listed
     /// name's, so each name's bound on what it may have had more grows by all of them (of
     /// late, by those lost since the recent lists began).
+    #[must_use]
     pub fn snapshot(&mut self, listed: usize, lost_samples: u64, now: Duration) -> DomainSnapshot {
         for (domain, queries) in self.names.read() {
             self.fold(domain.as_ref(), queries);
@@ -553,12 +554,15 @@ mod tests {
         };
         let span = |snapshot: &DomainSnapshot| Duration::from_secs_f64(snapshot.recent_seconds);
         fold(&mut stats, "old.example", 50);
-        let first = stats.snapshot(10, 0, Duration::from_secs(1));
+        // The first window holds everything since the start, the sample lost before the
+        // first poll included.
+        let first = stats.snapshot(10, 1, Duration::from_secs(1));
         assert_eq!(first.recent, first.top);
-        assert_eq!(span(&first), Duration::ZERO);
+        assert_eq!(first.top[0].error, 1);
+        assert_eq!(span(&first), Duration::from_secs(1));
         // A window on: the next begins, and the first still counts.
         fold(&mut stats, "new.example", 7);
-        let later = stats.snapshot(10, 0, Duration::from_secs(301));
+        let later = stats.snapshot(10, 1, Duration::from_mins(5));
         assert_eq!(
             counts(&later.recent),
             [
@@ -568,10 +572,10 @@ mod tests {
         );
         assert_eq!(span(&later), Duration::from_mins(5));
         // Two windows on: the first one's queries (those folded before the poll that ended
-        // it) are gone from the recent list, not from the list since the start; of the 2
-        // samples lost since the start, all were lost since the recent list began.
+        // it) are gone from the recent list, not from the list since the start; of the 3
+        // samples lost since the start, 2 were lost since the recent list began.
         fold(&mut stats, "new.example", 3);
-        let last = stats.snapshot(10, 2, Duration::from_secs(601));
+        let last = stats.snapshot(10, 3, Duration::from_mins(10));
         let bounds = |listed: &[Listed<String>]| -> Vec<(String, u64, u64)> {
             listed
                 .iter()
@@ -583,13 +587,13 @@ mod tests {
         assert_eq!(
             bounds(&last.top),
             [
-                ("old.example".to_owned(), 50, 2),
-                ("new.example".to_owned(), 10, 2)
+                ("old.example".to_owned(), 50, 3),
+                ("new.example".to_owned(), 10, 3)
             ]
         );
         // After polls that stalled, the ended window reaches back as far as it began.
         fold(&mut stats, "late.example", 1);
-        let stalled = stats.snapshot(10, 2, Duration::from_secs(1801));
+        let stalled = stats.snapshot(10, 3, Duration::from_mins(30));
         assert_eq!(counts(&stalled.recent), [("late.example".to_owned(), 1)]);
         assert_eq!(span(&stalled), Duration::from_mins(20));
     }

@@ -372,8 +372,11 @@ impl Attachment {
         }
     }
 
-    /// Loads every program this start needs, then attaches them: the cgroup ones, then the
-    /// classifiers on the interfaces selected before the load.
+    /// Loads every program this start needs, then attaches them: loopback's classifiers, the
+    /// cgroup ones, then the classifiers on the other interfaces selected before the load. A
+    /// configured interface that does not exist yet is left to the polls, which attach it
+    /// when it appears (a VLAN or a second NIC made after the agent starts, or a name that
+    /// differs on this node: a refused start would crash-loop the pod).
     fn load_and_attach(
         &mut self,
         config: &Config,
@@ -543,10 +546,7 @@ impl Attachment {
         program_loading::load_all(&mut self.ebpf, &names)
     }
 
-    /// Attaches the loaded classifiers to the selected interfaces. A configured interface
-    /// that does not exist yet is left to the polls, which attach it when it appears (a VLAN
-    /// or a second NIC made after the agent starts, or a name that differs on this node: a
-    /// refused start would crash-loop the pod).
+    /// Attaches the loaded classifiers to `links`.
     fn attach_classifiers(&mut self, links: &[&Link]) -> anyhow::Result<()> {
         for &link in links {
             if let Err(err) = self.attach_interface(link) {

@@ -22,7 +22,8 @@ pub struct Listed<K> {
     pub key: K,
     /// Counted since the key was tracked: never more than the true count.
     pub count: u64,
-    /// How much more the true count may be (what the key it replaced had counted).
+    /// How much more the true count may be: what the key it replaced had counted, and
+    /// where lists were merged, what a key one of them did not track may have had there.
     pub error: u64,
 }
 
@@ -51,6 +52,14 @@ impl<K: Eq + Hash + Clone> TopK<K> {
             total: 0,
             replaced: false,
         }
+    }
+
+    /// Forgets every key, as if new.
+    pub fn clear(&mut self) {
+        self.heap.clear();
+        self.position.clear();
+        self.total = 0;
+        self.replaced = false;
     }
 
     /// How many keys it tracks at most.
@@ -163,27 +172,18 @@ pub const RECENT_WINDOW: Duration = Duration::from_mins(5);
 /// window's end.
 #[derive(Debug)]
 pub struct RecentTopK<K: Eq + Hash + Clone> {
-    /// The window before, and the one being counted.
-    windows: [Window<K>; 2],
+    /// The window before, once one ended.
+    previous: Option<Window<K>>,
+    current: Window<K>,
 }
 
 #[derive(Debug)]
 struct Window<K: Eq + Hash + Clone> {
     keys: TopK<K>,
-    /// When it began, on the caller's clock (`None`: not yet).
-    began: Option<Duration>,
+    /// When it began, on the caller's clock.
+    began: Duration,
     /// What the caller had lost since its start when it began.
     lost_before: u64,
-}
-
-impl<K: Eq + Hash + Clone> Window<K> {
-    fn new(capacity: usize, began: Option<Duration>, lost_before: u64) -> Self {
-        Self {
-            keys: TopK::new(capacity),
-            began,
-            lost_before,
-        }
-    }
 }
 
 /// A [`RecentTopK`]'s list at one poll.
@@ -198,20 +198,23 @@ pub struct RecentListed<K> {
 }
 
 impl<K: Eq + Hash + Clone + Ord> RecentTopK<K> {
-    /// Tracks up to `capacity` keys in each window.
+    /// Tracks up to `capacity` keys in each window. The first window begins at zero on the
+    /// caller's clock, with nothing lost: it holds all the caller counts until it ends.
     #[must_use]
     pub fn new(capacity: usize) -> Self {
         Self {
-            windows: [
-                Window::new(capacity, None, 0),
-                Window::new(capacity, None, 0),
-            ],
+            previous: None,
+            current: Window {
+                keys: TopK::new(capacity),
+                began: Duration::ZERO,
+                lost_before: 0,
+            },
         }
     }
 
     /// Adds `weight` to `key` in the window being counted.
     pub fn observe(&mut self, key: &K, weight: u64) {
-        self.windows[1].keys.observe(key, weight);
+        self.current.keys.observe(key, weight);
     }
 
     /// The `n` heaviest keys of both windows at a poll at `now` (the caller's clock, which
@@ -220,28 +223,31 @@ impl<K: Eq + Hash + Clone + Ord> RecentTopK<K> {
     /// that ends here keeps them. After polls that stalled, the window that ended reaches
     /// back to where it began.
     pub fn top(&mut self, n: usize, now: Duration, lost: u64) -> RecentListed<K> {
-        let current = &mut self.windows[1];
-        match current.began {
-            None => {
-                current.began = Some(now);
-                current.lost_before = lost;
-            }
-            Some(began) if now.saturating_sub(began) >= RECENT_WINDOW => {
-                let fresh = Window::new(current.keys.capacity(), Some(now), lost);
-                self.windows[0] = std::mem::replace(&mut self.windows[1], fresh);
-            }
-            Some(_) => {}
+        if now.saturating_sub(self.current.began) >= RECENT_WINDOW {
+            // The retired window's memory, emptied, counts the next one.
+            let mut keys = self.previous.take().map_or_else(
+                || TopK::new(self.current.keys.capacity()),
+                |retired| retired.keys,
+            );
+            keys.clear();
+            let next = Window {
+                keys,
+                began: now,
+                lost_before: lost,
+            };
+            self.previous = Some(std::mem::replace(&mut self.current, next));
         }
-        let [previous, current] = &self.windows;
-        let oldest = if previous.began.is_some() {
-            previous
-        } else {
-            current
-        };
+        let oldest = self.previous.as_ref().unwrap_or(&self.current);
+        let lists: Vec<&TopK<K>> = self
+            .previous
+            .iter()
+            .chain([&self.current])
+            .map(|window| &window.keys)
+            .collect();
         RecentListed {
-            top: top_of(&[&previous.keys, &current.keys], n),
+            top: top_of(&lists, n),
             lost: lost.saturating_sub(oldest.lost_before),
-            reach: now.saturating_sub(oldest.began.unwrap_or(now)),
+            reach: now.saturating_sub(oldest.began),
         }
     }
 }
@@ -255,37 +261,61 @@ impl<K: Eq + Hash + Clone + Ord> RecentTopK<K> {
 /// hundreds above keys truly seen ten times.
 #[must_use]
 pub fn top_of<K: Eq + Hash + Clone + Ord>(lists: &[&TopK<K>], n: usize) -> Vec<Listed<K>> {
-    let mut merged: HashMap<&K, Listed<K>> = HashMap::new();
-    for list in lists {
-        for entry in &list.heap {
-            let listed = merged.entry(&entry.key).or_insert_with(|| Listed {
-                key: entry.key.clone(),
-                count: 0,
-                error: 0,
-            });
-            listed.count = listed.count.saturating_add(entry.count - entry.error);
-            listed.error = listed.error.saturating_add(entry.error);
-        }
-    }
-    let mut listed: Vec<Listed<K>> = merged
-        .into_values()
-        .map(|mut listed| {
-            for list in lists {
-                if !list.position.contains_key(&listed.key) {
-                    listed.error = listed.error.saturating_add(list.untracked_bound());
-                }
+    let certain = |entry: &Entry<K>| entry.count - entry.error;
+    let mut listed: Vec<Listed<&K>> = if let [list] = lists {
+        list.heap
+            .iter()
+            .map(|entry| Listed {
+                key: &entry.key,
+                count: certain(entry),
+                error: entry.error,
+            })
+            .collect()
+    } else {
+        let mut merged: HashMap<&K, Listed<&K>> = HashMap::new();
+        for list in lists {
+            for entry in &list.heap {
+                let listed = merged.entry(&entry.key).or_insert(Listed {
+                    key: &entry.key,
+                    count: 0,
+                    error: 0,
+                });
+                listed.count = listed.count.saturating_add(certain(entry));
+                listed.error = listed.error.saturating_add(entry.error);
             }
-            listed
-        })
-        .collect();
-    listed.sort_by(|a, b| {
+        }
+        merged
+            .into_values()
+            .map(|mut listed| {
+                for list in lists {
+                    if !list.position.contains_key(listed.key) {
+                        listed.error = listed.error.saturating_add(list.untracked_bound());
+                    }
+                }
+                listed
+            })
+            .collect()
+    };
+    let order = |a: &Listed<&K>, b: &Listed<&K>| {
         b.count
             .cmp(&a.count)
             .then(b.error.cmp(&a.error))
-            .then_with(|| a.key.cmp(&b.key))
-    });
-    listed.truncate(n);
+            .then_with(|| a.key.cmp(b.key))
+    };
+    // The first `n` found before any sorting: the lists may track 100,000 keys each.
+    if listed.len() > n {
+        listed.select_nth_unstable_by(n, order);
+        listed.truncate(n);
+    }
+    listed.sort_unstable_by(order);
     listed
+        .into_iter()
+        .map(|listed| Listed {
+            key: listed.key.clone(),
+            count: listed.count,
+            error: listed.error,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -360,8 +390,14 @@ mod tests {
         // c: 1 certain and 3 more possible earlier; later, full but never replacing a key,
         // saw none.
         assert_eq!(got, [("a", 7, 0), ("d", 4, 4), ("c", 1, 3)]);
-        // A list alone ranks as `top` does.
-        assert_eq!(top_of(&[&earlier], 10), earlier.top(10));
+        // A list alone, as it tracks them.
+        let alone: Vec<(&str, u64, u64)> = earlier
+            .top(10)
+            .iter()
+            .map(|e| (e.key, e.count, e.error))
+            .collect();
+        assert_eq!(alone, [("a", 5, 0), ("c", 1, 3)]);
+        assert_eq!(top_of(&[&earlier, &later], 1)[0].key, "a");
     }
 
     #[test]

@@ -534,7 +534,7 @@ fn with_dns_off_the_shared_classifier_counts_tcp_and_no_dns() {
             "collector_proxy_traffic_payload_bytes_total",
             &[("route", "web"), ("direction", "in")],
         ),
-        CONNECTIONS as usize,
+        (CONNECTIONS as usize, 1),
         support::retransmitted_segments(&[&netns]),
         "web in",
     );

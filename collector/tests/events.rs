@@ -262,6 +262,13 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
     for _ in 0..CONNECTIONS_UNSTREAMED {
         netns.run(|| round_trip(18080));
     }
+    // Their closes counted before the stream begins: on a loaded machine the last one's may
+    // come after the round trip returns.
+    wait_for_closed(
+        &netns,
+        "web",
+        u32::try_from(CONNECTIONS_UNSTREAMED).unwrap(),
+    );
 
     let Tail {
         mut child,
@@ -277,6 +284,13 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
         thread::sleep(Duration::from_millis(20));
     }
     server.join().unwrap();
+    // Every close stamped before the queries' phase begins: the kernel stamps a close before
+    // it counts it, and the last one's may come after the round trip returns.
+    wait_for_closed(
+        &netns,
+        "web",
+        u32::try_from(CONNECTIONS_UNSTREAMED + CONNECTIONS).unwrap(),
+    );
     let queries = wall_ms();
     query_www(&netns, QUERIES);
     let end = wall_ms();
@@ -877,6 +891,20 @@ fn a_clean_stop_ends_the_stream_after_every_event_before_it() {
     let server = echo_once(listener, ROUND_TRIPS);
     netns.run(|| (0..ROUND_TRIPS).for_each(|_| round_trip(18080)));
     server.join().unwrap();
+    // Every close counted in the kernel, read from the pins (which drains no ring): on a
+    // loaded machine the last close may come after its round trip returns, and after the
+    // stop's last drain.
+    wait_for("every close in the kernel", Duration::from_secs(10), || {
+        let out = stdout_of(
+            std::process::Command::new(COLLECTOR)
+                .args(["maps", "dump", collector_common::map_names::CONN_COUNTERS])
+                .args(["--json", "--config"])
+                .arg(&config.path),
+        );
+        let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let web = rows.as_array()?.iter().find(|row| row["route"] == "web")?;
+        (web["closed"].as_u64()? == ROUND_TRIPS as u64).then_some(())
+    });
     // At once: the last connections' events are still in the kernel's ring.
     let status = agent.stop_within(libc::SIGTERM, Duration::from_secs(15));
     assert!(

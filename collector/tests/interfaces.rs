@@ -92,7 +92,7 @@ fn serve_and_connect(server: &Netns, bind: &'static str, client: &Netns, address
 }
 
 /// [`exchange`], and the classifiers counted every payload byte of it, each way.
-fn exchange_counted_exactly(netns: &Netns, peer: &Netns, address: &'static str) -> String {
+fn exchange_counted(netns: &Netns, peer: &Netns, address: &'static str) -> String {
     let metrics = exchange(netns, peer, address);
     assert_payload(&metrics, CONNECTIONS, &[netns, peer], address);
     metrics
@@ -105,7 +105,7 @@ fn assert_payload(metrics: &str, connections: usize, namespaces: &[&Netns], what
     for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
         let live = payload_bytes(metrics, direction);
         let what = format!("{what} {direction}");
-        support::assert_live_bytes(live, connections * bytes, retransmitted, &what);
+        support::assert_live_bytes(live, (connections, bytes), retransmitted, &what);
     }
 }
 
@@ -252,7 +252,7 @@ fn traffic_over_a_device_without_a_link_layer_header_is_counted_exactly() {
         attached(&scrape(&netns), "tcoll0").then_some(())
     });
     assert_eq!(ip_programs_loaded(&scrape(&netns)), [true, true]);
-    exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    exchange_counted(&netns, &peer, "10.77.0.1:18080");
 
     // DNS over IPv4 and IPv6: a server that answers every query, NXDOMAIN for the names
     // under "missing.".
@@ -384,7 +384,7 @@ fn an_interface_added_after_start_is_attached_counted_and_forgotten() {
     });
 
     // The tc classifiers on vcoll0 saw every payload byte, each way.
-    let metrics = exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    let metrics = exchange_counted(&netns, &peer, "10.77.0.1:18080");
     // The interface's own counters (netlink) saw at least those bytes.
     let received = sample(
         &metrics,
@@ -605,7 +605,7 @@ fn traffic_through_a_bridge_is_counted_once() {
     assert!(attached(&metrics, "brcoll"));
     assert!(!attached(&metrics, "vbr0"));
 
-    exchange_counted_exactly(&netns, &peer, "10.78.5.1:18080");
+    exchange_counted(&netns, &peer, "10.78.5.1:18080");
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -645,7 +645,7 @@ fn traffic_through_an_upper_device_is_counted_once(kind: &str) {
     assert!(attached(&metrics, "vlow0"));
     assert!(!attached(&metrics, "vup0"));
 
-    exchange_counted_exactly(&netns, &peer, "10.78.7.1:18080");
+    exchange_counted(&netns, &peer, "10.78.7.1:18080");
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -689,7 +689,7 @@ fn traffic_the_host_only_forwards_is_not_counted() {
     for direction in ["in", "out"] {
         assert_eq!(payload_bytes(&metrics, direction), Some(0.0), "{direction}");
     }
-    exchange_counted_exactly(&netns, &pod, "10.79.1.1:18080");
+    exchange_counted(&netns, &pod, "10.79.1.1:18080");
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -719,7 +719,7 @@ fn traffic_to_addresses_given_after_the_start_is_counted() {
     ip(&peer, "route add 10.201.0.1/32 via 10.77.0.1");
     after_two_polls(&netns);
 
-    exchange_counted_exactly(&netns, &peer, "10.77.0.9:18080");
+    exchange_counted(&netns, &peer, "10.77.0.9:18080");
     connect_and_serve(&netns, &peer, "10.201.0.1:18080");
     let metrics = after_two_polls(&netns);
     assert_payload(
@@ -783,7 +783,7 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
             .unwrap();
         let what = format!("{direction}: {out}");
         let live = row["payloadBytes"].as_f64();
-        support::assert_live_bytes(live, CONNECTIONS * bytes, retransmitted, &what);
+        support::assert_live_bytes(live, (CONNECTIONS, bytes), retransmitted, &what);
     }
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
@@ -1079,7 +1079,7 @@ fn a_program_that_ends_the_chain_ahead_of_ours_hides_nothing() {
     wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
         attached(&scrape(&netns), "vcoll0").then_some(())
     });
-    exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    exchange_counted(&netns, &peer, "10.77.0.1:18080");
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
     drop(links);
@@ -1261,7 +1261,7 @@ fn a_detached_link_is_attached_again_and_counts_exactly() {
         );
     }
 
-    exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    exchange_counted(&netns, &peer, "10.77.0.1:18080");
     // Found once: the fresh links are ours, on the hooks.
     let metrics = after_two_polls(&netns);
     for hook in ["ingress", "egress"] {
@@ -1304,7 +1304,7 @@ fn a_configured_interface_that_appears_later_is_attached_and_counted() {
         let metrics = scrape(&netns);
         (attached(&metrics, "vcoll0") && missing(&metrics, "vcoll0").is_none()).then_some(())
     });
-    exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    exchange_counted(&netns, &peer, "10.77.0.1:18080");
 
     // Taken down, it stays: attached, its counters exported, standing still (read twice
     // after the down, so that nothing that arrived before it moves them in between).
@@ -1368,7 +1368,7 @@ fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
     wait_for("vren2 to be attached", Duration::from_secs(10), || {
         attached(&scrape(&netns), "vren2").then_some(())
     });
-    let metrics = exchange_counted_exactly(&netns, &peer, "10.77.0.1:18080");
+    let metrics = exchange_counted(&netns, &peer, "10.77.0.1:18080");
     for hook in ["ingress", "egress"] {
         assert_eq!(programs_ahead(&metrics, "vren2", hook), Some(0.0), "{hook}");
     }

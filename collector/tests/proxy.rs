@@ -166,7 +166,8 @@ fn assert_route_metrics(
             "collector_proxy_traffic_payload_bytes_total",
             &[("route", route), ("direction", direction)],
         );
-        support::assert_live_bytes(live, sent, retransmitted, &format!("{route} {direction}"));
+        let each = (connections, sent / connections);
+        support::assert_live_bytes(live, each, retransmitted, &format!("{route} {direction}"));
     }
 }
 
@@ -187,7 +188,12 @@ fn assert_route(
     assert_eq!(route["bytesOut"], bytes_out);
     for (field, sent) in [("payloadBytesIn", bytes_in), ("payloadBytesOut", bytes_out)] {
         let live = route["traffic"][field].as_f64();
-        support::assert_live_bytes(live, sent, retransmitted, field);
+        support::assert_live_bytes(
+            live,
+            (connections, sent / connections),
+            retransmitted,
+            field,
+        );
     }
     assert_eq!(route["duration"]["count"], connections);
     assert!(route["duration"]["p50"].as_f64().unwrap() > 0.0);
@@ -229,8 +235,14 @@ fn without_client_stats_counts_the_same_and_reports_no_clients() {
     // Absent, not empty: an empty list would read as "no clients".
     assert!(json["connectionsByIP"].is_null(), "{json}");
     assert!(json["topIPs"].is_null(), "{json}");
-    assert!(json["topIPsRecent"].is_null(), "{json}");
-    assert!(json["topIPsRecentSeconds"].is_null(), "{json}");
+    // Null, not absent.
+    for key in ["topIPsRecent", "topIPsRecentSeconds"] {
+        assert_eq!(
+            json.get(key),
+            Some(&serde_json::Value::Null),
+            "{key}: {json}"
+        );
+    }
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
@@ -262,12 +274,15 @@ fn connections_accepted_by_syn_cookie_count_exactly() {
         RESPONSE,
         Closer::Accepting,
     );
-    // The kernel did answer with cookies (one more for each SYN a loaded machine had sent
-    // again), and took each connection's back.
+    // The kernel did answer with cookies (one more for each SYN a loaded machine sent again,
+    // unless the first was dropped before the listener saw it), and took each connection's
+    // back.
     let syns_again = cookies("TCPSynRetrans") - syns_again;
-    assert_eq!(
-        cookies("SyncookiesSent") - sent,
-        CONNECTIONS as u64 + syns_again
+    let cookies_sent = cookies("SyncookiesSent") - sent;
+    let connections = CONNECTIONS as u64;
+    assert!(
+        (connections..=connections + syns_again).contains(&cookies_sent),
+        "{cookies_sent} cookies sent for {connections} connections, {syns_again} SYNs sent again"
     );
     assert_eq!(cookies("SyncookiesRecv") - received, CONNECTIONS as u64);
     assert_eq!(cookies("SyncookiesFailed"), 0);
@@ -790,7 +805,7 @@ fn live_byte_counters_grow_while_a_connection_streams() {
     // counted again when it is sent again.
     let live = web["traffic"]["payloadBytesIn"].as_f64();
     let retransmitted = u64::from(support::tcp_info(&client).tcpi_total_retrans);
-    support::assert_live_bytes(live, sent, retransmitted, "web in");
+    support::assert_live_bytes(live, (1, sent), retransmitted, "web in");
     drop(client);
     assert_eq!(sink.join().unwrap(), sent);
 }

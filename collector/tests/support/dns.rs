@@ -76,6 +76,7 @@ fn unconfined_unbound(dir: &std::path::Path) -> PathBuf {
     let copy = dir.join("unbound");
     fs::copy("/usr/sbin/unbound", &copy)
         .expect("copying /usr/sbin/unbound (apt install unbound; cargo xtask prereqs does)");
+    // Run from the temporary directory: one mounted noexec refuses it.
     copy
 }
 
@@ -125,7 +126,7 @@ impl Unbound {
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
-                .expect("starting unbound (apt install unbound; cargo xtask prereqs does)");
+                .expect("starting the copy of unbound (is the temporary directory noexec?)");
             children.push(child);
         }
         let server = Self {

@@ -294,11 +294,6 @@ pub fn proc_net_counter(netns: &Netns, table: &'static str, group: &str, field: 
     values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }
 
-/// A count as the f64 a scrape gives it (exact: counts in tests fit 32 bits).
-fn as_f64(count: impl TryInto<u32, Error: std::fmt::Debug>) -> f64 {
-    f64::from(count.try_into().unwrap())
-}
-
 /// TCP segments sent again in these namespaces since they were made (`RetransSegs`): a tail
 /// loss probe or a timeout on a loaded machine, even on loopback.
 pub fn retransmitted_segments(namespaces: &[&Netns]) -> u64 {
@@ -309,14 +304,21 @@ pub fn retransmitted_segments(namespaces: &[&Netns]) -> u64 {
 }
 
 /// Live payload bytes, counted on the wire where a segment sent again counts again, against
-/// the `sent` bytes: exact when no segment was sent again, otherwise at most one 64 KiB
-/// segment more per retransmission (none when nothing was counted: a segment sent again is
-/// counted again only where it was counted once). Read `retransmitted` after `live`, so that
-/// it covers every retransmission `live` may hold.
-pub fn assert_live_bytes(live: Option<f64>, sent: usize, retransmitted: u64, what: &str) {
-    let again = if sent == 0 { 0 } else { retransmitted };
-    let most = u64::try_from(sent).unwrap() + again * 65_536;
-    let (sent, most) = (as_f64(sent), as_f64(most));
+/// what `connections` sent, `each` bytes apiece: exact when no segment was sent again,
+/// otherwise at most one segment more per retransmission, a segment holding at most 64 KiB
+/// and one connection's bytes (none when nothing was sent: a segment sent again is counted
+/// again only where it was counted once). Read `retransmitted` after `live`, so that it
+/// covers every retransmission `live` may hold.
+#[expect(clippy::cast_precision_loss, reason = "test counts far below 2^52")]
+pub fn assert_live_bytes(
+    live: Option<f64>,
+    (connections, each): (usize, usize),
+    retransmitted: u64,
+    what: &str,
+) {
+    let sent = (connections * each) as f64;
+    let segment = each.min(65_536) as f64;
+    let most = sent + retransmitted as f64 * segment;
     assert!(
         live.is_some_and(|live| live >= sent && live <= most),
         "{what}: {live:?} live payload bytes for {sent} sent, {retransmitted} segments sent again"
