@@ -31,9 +31,6 @@ const HISTORY_SAMPLES: usize = 60;
 pub struct SharedSnapshot {
     latest: RwLock<Arc<Snapshot>>,
     ready: AtomicBool,
-    /// When the kernel maps were last read, on the monotonic clock (the snapshot's
-    /// `taken_at_ms` is the wall clock's, which may step).
-    read_at: Mutex<Option<Instant>>,
 }
 
 impl SharedSnapshot {
@@ -55,17 +52,7 @@ impl SharedSnapshot {
 
     pub fn store(&self, snapshot: Snapshot) {
         *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
-        *self.read_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         self.ready.store(true, Ordering::Release);
-    }
-
-    /// How long ago the kernel maps were last read; `None` before the first read.
-    #[must_use]
-    pub fn age(&self) -> Option<Duration> {
-        self.read_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .map(|read_at| read_at.elapsed())
     }
 
     /// Publishes a poll that could not read the kernel maps: the counters last read stay,
@@ -310,7 +297,7 @@ impl Poller {
         interfaces: InterfaceView,
         nft: NftView,
     ) -> Polled {
-        let began = Instant::now();
+        let (began, began_ms) = (Instant::now(), crate::clock::unix_ms());
         let read = counters::read(&self.maps, &self.routes, &self.upstreams);
         self.kernel.record(&read, began.elapsed());
         let totals = match read {
@@ -373,7 +360,9 @@ impl Poller {
         // After the clients' and the domains' tables too, which on a large host are most of it.
         self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
         Polled::Fresh(Box::new(Snapshot {
-            taken_at_ms: crate::clock::unix_ms(),
+            // When the maps were read, not when the lists built after them were done.
+            taken_at_ms: began_ms,
+            read_at: Some(began),
             routes,
             upstreams,
             errors: totals.errors,
@@ -516,7 +505,7 @@ mod tests {
             ..Snapshot::default()
         });
         assert!(!shared.is_ready());
-        assert_eq!(shared.age(), None);
+        assert_eq!(shared.load().read_at, None);
         let json = serde_json::to_value(crate::api::dns_stats(&shared.load())).unwrap();
         assert_eq!(json["enabled"], true, "{json}");
         assert_eq!(json["matchResponses"], true, "{json}");

@@ -418,14 +418,16 @@ fn quality(ranges: &[MediaRange<'_>], kind: &str, subtype: &str) -> Option<(u8, 
 }
 
 async fn serve_proxy(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let mut proxy = api::proxy_stats(&state.latest.load());
-    proxy.age = api::Age::new(state.latest.age(), state.liveness.poll_interval());
+    let snapshot = state.latest.load();
+    let mut proxy = api::proxy_stats(&snapshot);
+    proxy.age = api::Age::new(snapshot.age(), state.liveness.poll_interval());
     json(&headers, &proxy)
 }
 
 async fn serve_dns(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let mut dns = api::dns_stats(&state.latest.load());
-    dns.age = api::Age::new(state.latest.age(), state.liveness.poll_interval());
+    let snapshot = state.latest.load();
+    let mut dns = api::dns_stats(&snapshot);
+    dns.age = api::Age::new(snapshot.age(), state.liveness.poll_interval());
     json(&headers, &dns)
 }
 
@@ -1325,6 +1327,35 @@ mod tests {
         latest.store(crate::snapshot::Snapshot::default());
         let response = scrape().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
+    }
+
+    /// `ageMs` is the age of the figures served: counted from when the poll read the kernel
+    /// maps (a poll's lists can take long after that on a large host), `null` before.
+    #[tokio::test]
+    async fn the_json_age_counts_from_the_read_of_the_kernel_maps() {
+        let (app, _hub, latest) = router_before_the_first_poll();
+        let app = TowerToHyperService::new(app);
+        let age_ms = |path: &'static str| {
+            let request = axum::http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let response = hyper::service::Service::call(&app, request);
+            async move {
+                let body = axum::body::to_bytes(response.await.unwrap().into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap()["ageMs"].as_u64()
+            }
+        };
+        assert_eq!(age_ms("/api/v1/dns").await, None);
+        latest.store(crate::snapshot::Snapshot {
+            read_at: Instant::now().checked_sub(Duration::from_secs(3)),
+            ..crate::snapshot::Snapshot::example()
+        });
+        for path in ["/api/v1/proxy", "/api/v1/dns"] {
+            let age = age_ms(path).await.unwrap();
+            assert!((3000..60_000).contains(&age), "{path}: {age} ms");
+        }
     }
 
     /// gzip where the client asks for it, on the exposition and the JSON, never on the event

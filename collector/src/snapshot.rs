@@ -314,6 +314,10 @@ pub struct PollStats {
 pub struct Snapshot {
     /// Milliseconds since the Unix epoch when the kernel maps were read.
     pub taken_at_ms: u64,
+    /// The same moment on the monotonic clock (the wall clock may step), for the figures'
+    /// age; `None` before the first read. In the snapshot, so that a reader gets the age of
+    /// the figures it has, not of a poll stored after it loaded them.
+    pub read_at: Option<std::time::Instant>,
     pub routes: Vec<RouteSnapshot>,
     pub upstreams: Vec<UpstreamSnapshot>,
     pub errors: [u64; ERROR_KINDS as usize],
@@ -531,6 +535,12 @@ fn example_tc_hook() -> crate::loader::TcHook {
 }
 
 impl Snapshot {
+    /// How long ago the kernel maps were read; `None` before the first read.
+    #[must_use]
+    pub fn age(&self) -> Option<std::time::Duration> {
+        self.read_at.map(|read_at| read_at.elapsed())
+    }
+
     #[must_use]
     pub fn active_connections(&self) -> u64 {
         self.routes.iter().map(RouteSnapshot::active).sum()
