@@ -32,9 +32,14 @@ use crate::{
     loader, output, paths, privileges,
 };
 
-/// Maps `dump` decodes that are not pinned: the configuration maps of routes by server name,
-/// read through the programs this pin directory's links hold.
-const LINKED_MAPS: [&str; 2] = [map_names::SNI_ROUTES, map_names::SNI_PORT_BITS];
+/// Maps `dump` decodes that are not pinned: the configuration maps of routes by server name
+/// and the table of local addresses, read through the programs this pin directory's links
+/// hold.
+const LINKED_MAPS: [&str; 3] = [
+    map_names::SNI_ROUTES,
+    map_names::SNI_PORT_BITS,
+    map_names::LOCAL_ADDRESSES,
+];
 
 /// What `maps list` and `maps dump` say of `SNI_DECISIONS`.
 const SOCKET_STORAGE: &str = "socket storage: a value per socket, reached from its socket \
@@ -464,10 +469,11 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         | map_names::SNI_RESUME
         | map_names::SNI_ROUTES
         | map_names::SNI_PORT_BITS => dump_server_names(pin_dir, name)?,
+        map_names::LOCAL_ADDRESSES => dump_local_addresses(pin_dir)?,
         _ => bail!(
             "no map {name}: the pinned maps are {}, and {} are read through the programs",
             PINNED_MAPS.join(", "),
-            LINKED_MAPS.join(" and ")
+            LINKED_MAPS.join(", ")
         ),
     })
 }
@@ -508,7 +514,7 @@ fn dump_server_names(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             open(pin_dir, name)?;
             json!({ "note": storage_note(name) })
         }
-        map_names::SNI_ROUTES => match linked_map(pin_dir, name)? {
+        map_names::SNI_ROUTES => match linked_map(pin_dir, name, size_of::<u32>())? {
             None => json!([]),
             Some(data) => {
                 let map: aya::maps::HashMap<MapData, SniKey, u32> =
@@ -519,7 +525,7 @@ fn dump_server_names(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             }
         },
         map_names::SNI_PORT_BITS => {
-            let words = match linked_map(pin_dir, name)? {
+            let words = match linked_map(pin_dir, name, size_of::<u64>())? {
                 None => Vec::new(),
                 Some(data) => array::<u64>(data)?.iter().collect::<Result<Vec<_>, _>>()?,
             };
@@ -589,11 +595,42 @@ fn bitmap_ports(words: &[u64]) -> Vec<u16> {
         .collect()
 }
 
-/// The map named `name` of the programs this pin directory's links hold: the configuration
+/// The addresses the classifiers count live traffic and DNS to and from, each in its slot,
+/// and whether they are all of the namespace's (`complete`; while false, they count by port
+/// alone). `complete` `null` and no addresses where no linked program keeps the table
+/// (`all_namespaces`).
+fn dump_local_addresses(pin_dir: &Path) -> anyhow::Result<Value> {
+    let name = map_names::LOCAL_ADDRESSES;
+    let Some(table) = linked_map(pin_dir, name, size_of::<[u64; 2]>())? else {
+        return Ok(json!({"complete": null, "addresses": []}));
+    };
+    let mut addresses = Vec::new();
+    for (slot, words) in (0u32..).zip(array::<[u64; 2]>(table)?.iter()) {
+        let words = words?;
+        if words != [0, 0] {
+            addresses
+                .push(json!({"slot": slot, "address": crate::addresses::ip(words).to_string()}));
+        }
+    }
+    // Its flag's name is cut to the same 15 characters in the kernel: told apart by its size.
+    let complete = match linked_map(
+        pin_dir,
+        map_names::LOCAL_ADDRESSES_COMPLETE,
+        size_of::<u32>(),
+    )? {
+        Some(flag) => Some(array::<u32>(flag)?.get(&0, 0)? == 1),
+        None => None,
+    };
+    Ok(json!({"complete": complete, "addresses": addresses}))
+}
+
+/// The map named `name` (as far as the kernel keeps of a name: 15 characters) with values of
+/// `value_size` bytes, of the programs this pin directory's links hold: the configuration
 /// maps are not pinned, and live as long as a program uses them. `None` where no linked
 /// program uses one (the server name reader is attached only with routes by name); an error
 /// where there are no links (no collector running, nor one crashed, with this `pin_dir`).
-fn linked_map(pin_dir: &Path, name: &str) -> anyhow::Result<Option<MapData>> {
+fn linked_map(pin_dir: &Path, name: &str, value_size: usize) -> anyhow::Result<Option<MapData>> {
+    let kernel_name = &name[..name.len().min(KERNEL_NAME_LEN)];
     let links_dir = paths::map_pin_dir(pin_dir).join(loader::LINKS_DIR);
     let no_links = || {
         anyhow::anyhow!(
@@ -635,13 +672,19 @@ fn linked_map(pin_dir: &Path, name: &str) -> anyhow::Result<Option<MapData>> {
         }
         for id in program.map_ids()?.unwrap_or_default() {
             let map = MapData::from_id(id)?;
-            if map.info()?.name_as_str() == Some(name) {
+            let info = map.info()?;
+            if info.name_as_str() == Some(kernel_name)
+                && usize::try_from(info.value_size()) == Ok(value_size)
+            {
                 return Ok(Some(map));
             }
         }
     }
     Ok(None)
 }
+
+/// What the kernel keeps of an object's name (`BPF_OBJ_NAME_LEN` less its NUL).
+const KERNEL_NAME_LEN: usize = 15;
 
 /// Slots hold when the host last asked an upstream for a name and type hashed there
 /// (monotonic ns); the names themselves are not kept.

@@ -541,6 +541,7 @@ fn without_root_the_pins_are_refused_not_reported_missing() {
     assert_refused_without_root(&["maps", "dump", "CONN_STATE", "--pin-dir", pin_dir]);
     // Read through the links' programs: until 2026-12-03 said "no links pinned".
     assert_refused_without_root(&["maps", "dump", "SNI_ROUTES", "--pin-dir", pin_dir]);
+    assert_refused_without_root(&["maps", "dump", "LOCAL_ADDRESSES", "--pin-dir", pin_dir]);
     // And nftables its tables: with no pin directory to look into, cleanup still cannot
     // tell that none of ours is left.
     let absent = std::env::temp_dir().join(format!("collector-cli-{}", std::process::id()));

@@ -744,12 +744,35 @@ fn traffic_to_addresses_given_after_the_start_is_counted() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// The table of local addresses as `collector maps dump LOCAL_ADDRESSES` shows it: its
+/// addresses, and whether they are all of the namespace's.
+fn local_addresses(config: &AgentConfig) -> (Vec<String>, bool) {
+    let out = stdout_of(
+        std::process::Command::new(COLLECTOR)
+            .args([
+                "maps",
+                "dump",
+                map_names::LOCAL_ADDRESSES,
+                "--json",
+                "--config",
+            ])
+            .arg(&config.path),
+    );
+    let table: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let addresses = table["addresses"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .map(|row| row["address"].as_str().unwrap().to_owned())
+        .collect();
+    (addresses, table["complete"] == true)
+}
+
 /// An address that appears while the agent runs counts from its first packets, not from
 /// the next poll (a VIP taken over in a failover): the agent polls once a minute here, so
-/// only a sync on the kernel's announcement puts the address in the table before the
-/// traffic, which starts a second after the address (a margin for a loaded machine: the
-/// sync takes milliseconds). The kernel's counters are read through the CLI, which needs no
-/// poll.
+/// only a sync on the kernel's announcement puts the address in the table (read through
+/// the CLI) before the traffic starts. The kernel's counters are read through the CLI too,
+/// which needs no poll.
 #[test]
 fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
     let netns = Netns::new();
@@ -757,8 +780,18 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
     add_veth(&netns, &peer);
     let config = AgentConfig::polling_every(ROUTES, 60_000);
     let agent = Agent::start(&netns, &config);
+    let (before, complete) = local_addresses(&config);
+    assert!(complete, "{before:?}");
+    for address in ["127.0.0.1", "::1", "10.77.0.1"] {
+        assert!(before.iter().any(|a| a == address), "{address}: {before:?}");
+    }
+    assert!(!before.iter().any(|a| a == "10.77.0.9"), "{before:?}");
     ip(&netns, "addr add 10.77.0.9/24 dev vcoll0");
-    thread::sleep(Duration::from_secs(1));
+    // Well within the minute to the next poll.
+    wait_for("10.77.0.9 in the table", Duration::from_secs(15), || {
+        let (addresses, complete) = local_addresses(&config);
+        (complete && addresses.iter().any(|a| a == "10.77.0.9")).then_some(())
+    });
 
     connect_and_serve(&netns, &peer, "10.77.0.9:18080");
     let out = stdout_of(
