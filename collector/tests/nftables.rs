@@ -391,7 +391,7 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
         .unwrap();
     wait_for(
         "the stuck nft to be killed and reaped",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
     );
     let error = only_nft_down(&netns);
