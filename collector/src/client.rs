@@ -1085,16 +1085,17 @@ pub fn dns_table(json: &Value) -> String {
         let _ = writeln!(out, "DNS counting is off ([dns] enabled = false)");
         return out;
     }
+    // `-` for none seen yet, as for a rate of nothing.
     let pairs = |value: &Value| -> String {
-        value
-            .as_object()
-            .map(|map| {
+        value.as_object().filter(|map| !map.is_empty()).map_or_else(
+            || "-".to_owned(),
+            |map| {
                 map.iter()
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect::<Vec<_>>()
                     .join(", ")
-            })
-            .unwrap_or_default()
+            },
+        )
     };
     let _ = writeln!(
         out,
@@ -1814,6 +1815,11 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         );
         assert!(!text.contains("matched"), "{text}");
         assert!(text.contains("types: A 9"));
+        let mut quiet = dns.clone();
+        quiet["queryTypeBreakdown"] = serde_json::json!({});
+        quiet["responseCodes"] = serde_json::json!({});
+        let quiet = dns_table(&quiet);
+        assert!(quiet.contains("types: -\ncodes: -\n"), "{quiet}");
         assert!(
             text.contains("top domains since the start:\n           9  example.com"),
             "{text}"
