@@ -329,7 +329,7 @@ mod tests {
             // 1 ms to 1.75 s between polls (never two at one instant), on whole 250 ms steps
             // now and then, so that ages tie.
             let gap = seed >> 33;
-            at_ms += if gap % 3 == 0 {
+            at_ms += if gap.is_multiple_of(3) {
                 (gap % 7 + 1) * 250
             } else {
                 1 + gap % 1_500

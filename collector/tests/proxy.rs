@@ -671,7 +671,7 @@ fn connections_opened_during_a_clean_start_count_once() {
                 held.push(TcpStream::connect(("127.0.0.1", API_PORT)).unwrap());
                 thread::sleep(Duration::from_micros(match held.len() {
                     ..4_000 => 500,
-                    ..8_000 => 4_000,
+                    4_000..8_000 => 4_000,
                     _ => 50_000,
                 }));
             }
