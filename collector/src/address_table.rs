@@ -45,6 +45,9 @@ pub struct Placement {
     pub writes: Vec<(u32, [u64; 2])>,
     /// Addresses with both sets full: not in the table.
     pub unplaced: Vec<[u64; 2]>,
+    /// The searches used up [`SEARCH_PER_SYNC`]: some of `unplaced` may fit at the next
+    /// placement.
+    pub searched_out: bool,
 }
 
 impl AddressTable {
@@ -84,10 +87,16 @@ impl AddressTable {
                 None => placement.unplaced.push(address),
             }
         }
+        placement.searched_out = budget == 0;
         if std::mem::take(&mut self.rewrite_all) {
             placement.writes = (0..).zip(self.slots.iter().copied()).collect();
         }
         placement
+    }
+
+    /// The addresses the table holds.
+    pub fn addresses(&self) -> impl Iterator<Item = [u64; 2]> + '_ {
+        self.slots.iter().copied().filter(|&slot| slot != [0, 0])
     }
 
     /// Slots in use.
@@ -186,6 +195,14 @@ enum Problem {
     Failed,
 }
 
+/// What a sync found wrong, if anything, and whether to sync again at the next poll.
+struct Synced {
+    problem: Option<(Problem, String)>,
+    again: bool,
+    /// Changes interrupted every read: see [`LocalAddresses::sync`].
+    interrupted: bool,
+}
+
 /// How full `LOCAL_ADDRESSES` is, and whether it holds every local address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AddressTableUse {
@@ -271,26 +288,39 @@ impl LocalAddresses {
         if !(announced || self.due) {
             return;
         }
-        let problem = match self.sync(ebpf) {
-            Ok(None) => None,
-            Ok(Some((kind, incomplete))) => Some((
-                kind,
-                format!(
-                    "counting live traffic and DNS on the interfaces by port alone, the host's \
-                     forwarded packets included: {incomplete}"
-                ),
-            )),
+        let (problem, again, interrupted) = match self.sync(ebpf) {
+            Ok(Synced {
+                problem,
+                again,
+                interrupted,
+            }) => (
+                problem.map(|(kind, incomplete)| {
+                    (
+                        kind,
+                        format!(
+                            "counting live traffic and DNS on the interfaces by port alone, the \
+                             host's forwarded packets included: {incomplete}"
+                        ),
+                    )
+                }),
+                again,
+                interrupted,
+            ),
             Err(err) => {
                 let _ = self.set_complete(ebpf, false);
-                Some((
+                let problem = (
                     Problem::Failed,
                     format!("the address table is not current, counting by port alone: {err:#}"),
-                ))
+                );
+                (Some(problem), true, false)
             }
         };
-        self.due = problem
-            .as_ref()
-            .is_some_and(|(kind, _)| *kind == Problem::Failed);
+        self.due = again;
+        // An interrupted read that leaves the flag off ends no problem: it stands (and its
+        // log line with it) until a read completes.
+        if interrupted && problem.is_none() && !self.complete {
+            return;
+        }
         let kind = |problem: &Option<(Problem, String)>| problem.as_ref().map(|p| p.0);
         if kind(&problem) != kind(&self.problem) {
             if let Some((_, text)) = &problem {
@@ -302,11 +332,28 @@ impl LocalAddresses {
         self.problem = problem;
     }
 
-    /// One sync; the returned problem says why the table is incomplete (`None`: complete).
-    fn sync(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<Option<(Problem, String)>> {
+    /// One sync: the problem says why the table is incomplete (`None`: complete).
+    ///
+    /// A read that changes kept interrupting may lack addresses that stay: what it found is
+    /// added and nothing freed, the flag left as it was (never set by such a read, never
+    /// cleared), and the next poll reads again; the announcements of the changes bring the
+    /// syncs sooner. During a burst the table then only grows, and counts no less than it
+    /// did; failing instead would have counted by port alone for as long as the burst
+    /// lasted (and refused the start).
+    fn sync(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<Synced> {
         let mut local = addresses::list().context("listing this namespace's addresses")?;
         local.addresses.extend(&self.extra);
+        if local.interrupted {
+            local.addresses.extend(self.table.addresses());
+        }
+        let placed_before = self.table.placed();
         let placement = self.table.place(&local.addresses);
+        // Searches cut short by the sync's budget go on at the next poll while they place
+        // more; a table that is full stops there until a change.
+        let again = local.interrupted
+            || (placement.searched_out
+                && !placement.unplaced.is_empty()
+                && self.table.placed() > placed_before);
         let incomplete = match (placement.unplaced.first(), &local.wide_route) {
             (Some(&first), _) => Some((
                 Problem::Full,
@@ -338,8 +385,20 @@ impl LocalAddresses {
                 return Err(err.into());
             }
         }
-        self.set_complete(ebpf, incomplete.is_none())?;
-        Ok(incomplete)
+        let complete = incomplete.is_none() && (self.complete || !local.interrupted);
+        self.set_complete(ebpf, complete)?;
+        if local.interrupted {
+            tracing::debug!(
+                complete,
+                "changes interrupted every read of the addresses: added what was read, freed \
+                 nothing; reading again at the next poll"
+            );
+        }
+        Ok(Synced {
+            problem: incomplete,
+            again,
+            interrupted: local.interrupted,
+        })
     }
 
     fn set_complete(&mut self, ebpf: &mut Ebpf, complete: bool) -> anyhow::Result<()> {
@@ -440,6 +499,33 @@ mod tests {
         table.rewrite_all();
         let placement = table.place(&now);
         assert_eq!(placement.writes.len(), slots as usize);
+    }
+
+    /// A node whose agent started before kube-proxy: the smallest table, then service
+    /// addresses to fill it near 90 % at once. What one sync's searches leave unplaced, the
+    /// next ones place, each placing more.
+    #[test]
+    fn a_burst_that_outruns_one_syncs_searches_is_placed_by_the_next() {
+        let slots = local_address_slots(0);
+        let count = usize::try_from(slots).unwrap() * 88 / 100;
+        let addresses: BTreeSet<[u64; 2]> = service_addresses(count, 11).into_iter().collect();
+        let mut table = AddressTable::new(slots, local_address_set_bits(slots));
+        let mut placement = table.place(&addresses);
+        let mut syncs = 1;
+        while !placement.unplaced.is_empty() {
+            assert!(
+                placement.searched_out,
+                "{} unplaced with searches left, after {syncs} syncs",
+                placement.unplaced.len()
+            );
+            let before = table.placed();
+            placement = table.place(&addresses);
+            assert!(table.placed() > before, "no progress at sync {syncs}");
+            syncs += 1;
+        }
+        assert_eq!(table.placed(), count);
+        // 3 syncs for these 57,671: one alone would not show the searches going on.
+        assert!(syncs > 1, "all placed by the first sync");
     }
 
     #[test]

@@ -45,32 +45,57 @@ pub struct Local {
     /// A `local` route wider than one address (an `AnyIP` range), other than loopback's
     /// 127.0.0.0/8: no table of addresses covers it.
     pub wide_route: Option<String>,
+    /// Changes interrupted every read (`NLM_F_DUMP_INTR`): what the last one found, which
+    /// may lack an address that was there all along. The kernel interrupts an address dump
+    /// at every IPv4 address added or removed meanwhile, and a dump of 20,000 takes about 50
+    /// reads, so while kube-proxy adds thousands of service addresses few reads finish
+    /// uninterrupted.
+    pub interrupted: bool,
 }
 
-/// What is local to the current network namespace now.
+/// Reads of the addresses and `local` routes a [`list`] makes, at most, while changes
+/// interrupt them.
+const LIST_TRIES: usize = 4;
+
+/// What is local to the current network namespace now: read again while changes interrupt
+/// the read, [`LIST_TRIES`] times at most, then what the last read found.
 pub fn list() -> io::Result<Local> {
-    netlink_dump::retry_interrupted(list_once)
+    let mut tries = 1;
+    loop {
+        let local = list_once()?;
+        if !local.interrupted || tries == LIST_TRIES {
+            return Ok(local);
+        }
+        tries += 1;
+    }
 }
 
 fn list_once() -> io::Result<Local> {
     let mut local = Local::default();
-    netlink_dump::route_dump(
+    let addresses = netlink_dump::route_dump(
         RouteNetlinkMessage::GetAddress(AddressMessage::default()),
         |message| {
             if let RouteNetlinkMessage::NewAddress(address) = message {
                 local.addresses.extend(own_address(&address).map(key));
             }
         },
-    )?;
+    );
     // The `local` table only (the kernel filters with strict checking on): a router's main
     // table may hold a million routes.
     let mut routes = RouteMessage::default();
     routes.header.table = RT_TABLE_LOCAL;
-    netlink_dump::route_dump(RouteNetlinkMessage::GetRoute(routes), |message| {
+    let routes = netlink_dump::route_dump(RouteNetlinkMessage::GetRoute(routes), |message| {
         if let RouteNetlinkMessage::NewRoute(route) = message {
             local_route(&route, &mut local);
         }
-    })?;
+    });
+    for read in [addresses, routes] {
+        match read {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => local.interrupted = true,
+            Err(err) => return Err(err),
+        }
+    }
     Ok(local)
 }
 

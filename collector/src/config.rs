@@ -792,6 +792,17 @@ fn extra_local_address(
             ),
         ));
     }
+    // `::` is what a free slot of the kernel's address table holds, and neither it nor
+    // 0.0.0.0 is an address a packet to or from this host carries.
+    if network.is_unspecified() {
+        return Err(source.at(
+            entry,
+            format!(
+                "extra_local_addresses: {text:?} starts at the unspecified address {network}, \
+                 which no packet is to or from; list the addresses the host answers on"
+            ),
+        ));
+    }
     Ok((network, prefix))
 }
 
@@ -1463,6 +1474,13 @@ mod tests {
             1,
             "a prefix of /33 is longer than the address's 32 bits",
         );
+        for unspecified in ["::", "::/112", "0.0.0.0", "0.0.0.0/24"] {
+            assert_error(
+                &format!("extra_local_addresses = [\"{unspecified}\"]\n"),
+                1,
+                "starts at the unspecified address",
+            );
+        }
         assert_error(
             "all_namespaces = true\nextra_local_addresses = [\"203.0.113.10\"]\n",
             2,

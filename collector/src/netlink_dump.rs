@@ -78,8 +78,11 @@ fn replies(batch: &[u8], each: &mut impl FnMut(u16, &[u8])) -> Option<io::Result
         };
         match kind {
             NLMSG_DONE => {
+                let flags = u16::from_ne_bytes([header[6], header[7]]);
                 return Some(match code().unwrap_or(0) {
                     code if code < 0 => Err(io::Error::from_raw_os_error(-code)),
+                    // A change after the last batch flags the dump's end alone.
+                    _ if flags & NLM_F_DUMP_INTR != 0 => Err(interrupted_dump()),
                     _ => Ok(()),
                 });
             }
@@ -141,12 +144,17 @@ pub fn route_dump_raw(
     })?;
     match (failed, interrupted) {
         (Some(err), _) => Err(err),
-        (None, true) => Err(io::Error::new(
-            io::ErrorKind::Interrupted,
-            "the dump was interrupted by a change",
-        )),
+        (None, true) => Err(interrupted_dump()),
         (None, false) => Ok(()),
     }
+}
+
+/// A dump that a change interrupted (`NLM_F_DUMP_INTR`).
+fn interrupted_dump() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Interrupted,
+        "the dump was interrupted by a change",
+    )
 }
 
 /// A netlink request: the header (sequence 1, the kernel as destination) and `body`.
@@ -308,6 +316,11 @@ mod tests {
                 .unwrap()
                 .is_ok()
         );
+        // The end of a dump that a change interrupted.
+        let mut done = message(NLMSG_DONE, &0i32.to_ne_bytes());
+        done[6..8].copy_from_slice(&NLM_F_DUMP_INTR.to_ne_bytes());
+        let outcome = replies(&done, &mut |_, _: &[u8]| {}).unwrap();
+        assert_eq!(outcome.unwrap_err().kind(), io::ErrorKind::Interrupted);
         assert!(
             replies(
                 &message(NLMSG_ERROR, &0i32.to_ne_bytes()),

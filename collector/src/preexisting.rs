@@ -74,10 +74,16 @@ impl Ports {
 /// Polls between two listings: each walks every TCP socket of the namespace.
 const POLLS_BETWEEN_LISTINGS: u32 = 5;
 
+/// What a `sock_diag` dump may leave out: it walks the kernel's socket hash by position
+/// within each bucket, so a socket whose bucket lost an earlier one between two of the dump's
+/// batches is skipped. So a connection is taken as open when either of two listings holds
+/// it, and as closed when two listings in a row miss it.
 #[derive(Debug, Default)]
 pub struct Preexisting {
     /// Socket cookie → its route or upstream.
     open: HashMap<u64, Owner>,
+    /// Those the last listing missed: the next one missing them too forgets them.
+    missed_once: HashSet<u64>,
     polls_until_listing: u32,
 }
 
@@ -105,11 +111,12 @@ impl Preexisting {
             })
         };
         let ports = Ports::new(routes, upstreams, listening);
-        let before = sock_diag::open_tcp_connections()?;
+        let before = listed_twice()?;
         let tracked = tracked()?;
-        let after = sock_diag::open_tcp_connections()?;
+        let after = listed_twice()?;
         Ok(Self {
             open: untracked_in_both(&ports, before, &tracked, &after),
+            missed_once: HashSet::new(),
             polls_until_listing: POLLS_BETWEEN_LISTINGS,
         })
     }
@@ -126,12 +133,22 @@ impl Preexisting {
         }
         self.polls_until_listing = POLLS_BETWEEN_LISTINGS;
         match sock_diag::open_tcp_connections() {
-            Ok(sockets) => {
-                let still: HashSet<u64> = sockets.iter().map(|socket| socket.cookie).collect();
-                self.open.retain(|cookie, _| still.contains(cookie));
-            }
+            Ok(sockets) => self.forget_closed(&sockets.iter().map(|s| s.cookie).collect()),
             Err(err) => tracing::warn!("listing the sockets over sock_diag failed: {err}"),
         }
+    }
+
+    /// Forgets the connections that `listed` and the listing before both miss.
+    fn forget_closed(&mut self, listed: &HashSet<u64>) {
+        let missed_before = std::mem::take(&mut self.missed_once);
+        self.open
+            .retain(|cookie, _| listed.contains(cookie) || !missed_before.contains(cookie));
+        self.missed_once = self
+            .open
+            .keys()
+            .filter(|cookie| !listed.contains(cookie))
+            .copied()
+            .collect();
     }
 
     /// Per route, for `routes` routes in their order.
@@ -161,6 +178,18 @@ impl Preexisting {
         }
         counts
     }
+}
+
+/// The open connections that either of two listings holds (see [`Preexisting`]).
+fn listed_twice() -> anyhow::Result<Vec<OpenSocket>> {
+    let mut sockets = sock_diag::open_tcp_connections()?;
+    let first: HashSet<u64> = sockets.iter().map(|socket| socket.cookie).collect();
+    sockets.extend(
+        sock_diag::open_tcp_connections()?
+            .into_iter()
+            .filter(|socket| !first.contains(&socket.cookie)),
+    );
+    Ok(sockets)
 }
 
 /// Cookie → owner of the sockets of a route or upstream in both listings and not in the
@@ -263,9 +292,37 @@ mod tests {
                 (2, Owner::Route(0)),
                 (3, Owner::Upstream(1)),
             ]),
+            missed_once: HashSet::new(),
             polls_until_listing: 0,
         };
         assert_eq!(preexisting.per_route(1), [1]);
         assert_eq!(preexisting.per_upstream(2), [0, 2]);
+    }
+
+    /// A listing that skips a socket still open (a dump walks the hash by position) does not
+    /// take it out of `active`: only a second listing in a row without it does.
+    #[test]
+    fn a_connection_is_forgotten_when_two_listings_in_a_row_miss_it() {
+        let mut preexisting = Preexisting {
+            open: HashMap::from([(1, Owner::Route(0)), (2, Owner::Route(0))]),
+            ..Preexisting::default()
+        };
+        let listed = |cookies: &[u64]| cookies.iter().copied().collect::<HashSet<u64>>();
+        // 2 skipped once, then listed again: kept.
+        preexisting.forget_closed(&listed(&[1]));
+        preexisting.forget_closed(&listed(&[1, 2]));
+        assert_eq!(preexisting.per_route(1), [2]);
+        // 1 closed: missed twice, forgotten at the second.
+        preexisting.forget_closed(&listed(&[2]));
+        assert_eq!(preexisting.per_route(1), [2]);
+        preexisting.forget_closed(&listed(&[2]));
+        assert_eq!(preexisting.per_route(1), [1]);
+        // A miss, a listing, a miss: never two in a row.
+        preexisting.forget_closed(&listed(&[]));
+        preexisting.forget_closed(&listed(&[2]));
+        preexisting.forget_closed(&listed(&[]));
+        assert_eq!(preexisting.per_route(1), [1]);
+        preexisting.forget_closed(&listed(&[]));
+        assert_eq!(preexisting.per_route(1), [0]);
     }
 }

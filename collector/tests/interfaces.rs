@@ -848,6 +848,51 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// kube-proxy in IPVS mode adding thousands of service addresses while the agent starts (a
+/// node booting): every address added interrupts a dump of the addresses under way, so
+/// few reads finish. The start goes on with what the reads found, and the table holds every
+/// address, complete, once the burst is over. Until 2026-12-04 four interrupted reads in a
+/// row refused the start.
+#[test]
+fn a_start_during_a_burst_of_new_addresses_goes_on_and_the_table_catches_up() {
+    const BEFORE: usize = 4_000;
+    const DURING: usize = 16_000;
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    let addresses = |from: usize, count: usize| -> String {
+        (from..from + count).fold(String::new(), |mut lines, i| {
+            let _ = writeln!(
+                lines,
+                "addr add 10.96.{}.{}/32 dev vcoll0",
+                i / 250,
+                i % 250 + 1
+            );
+            lines
+        })
+    };
+    support::ip_batch(&netns.name, &addresses(0, BEFORE));
+    let burst = {
+        let (name, lines) = (netns.name.clone(), addresses(BEFORE, DURING));
+        thread::spawn(move || support::ip_batch(&name, &lines))
+    };
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    burst.join().unwrap();
+    // The burst's, the veth's, loopback's two (IPv6 link-local ones may add).
+    let all = BEFORE + DURING + 3;
+    wait_for(
+        "every address in the table",
+        Duration::from_secs(30),
+        || {
+            let (listed, complete) = local_addresses(&config);
+            (complete && listed.len() >= all).then_some(())
+        },
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// A `local` route wider than one address (`AnyIP`: every address of a range is this
 /// host's) cannot be listed address by address: live traffic counts by port alone then,
 /// and the log says so once.
