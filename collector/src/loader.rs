@@ -1508,11 +1508,22 @@ fn open_connections_by_slot(ebpf: &Ebpf) -> anyhow::Result<Vec<u64>> {
 }
 
 /// Size of the tally tables (DNS names, connection clients): their slots for every possible
-/// CPU.
+/// CPU id, which the programs index by.
 fn tally_slots() -> anyhow::Result<u32> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
-    tally_table_len(cpus)
-        .with_context(|| format!("{cpus} possible CPUs: too many for the tally tables"))
+    const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
+    let possible =
+        std::fs::read_to_string(POSSIBLE).with_context(|| format!("reading {POSSIBLE}"))?;
+    let ids = cpu_ids(&possible)
+        .with_context(|| format!("{POSSIBLE} holds {possible:?}, not a list of CPU ids"))?;
+    tally_table_len(ids)
+        .with_context(|| format!("CPU ids up to {ids}: too many for the tally tables"))
+}
+
+/// How many CPU ids a possible-CPU list (`0-3,8-11`) spans: up to its highest, which a list
+/// with gaps puts past the count of its CPUs (what `nr_cpus` gives).
+fn cpu_ids(possible: &str) -> Option<usize> {
+    let highest: usize = possible.trim().rsplit([',', '-']).next()?.parse().ok()?;
+    highest.checked_add(1)
 }
 
 fn zero_per_cpu<T: aya::Pod + Default>(
@@ -1917,6 +1928,17 @@ fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tally_tables_span_every_possible_cpu_id() {
+        assert_eq!(cpu_ids("0-1\n"), Some(2));
+        assert_eq!(cpu_ids("0"), Some(1));
+        // A list with gaps: eight CPUs, ids up to 11.
+        assert_eq!(cpu_ids("0-3,8-11\n"), Some(12));
+        assert_eq!(cpu_ids("0-3,6"), Some(7));
+        assert_eq!(cpu_ids(""), None);
+        assert_eq!(cpu_ids("0-x"), None);
+    }
 
     #[test]
     fn a_full_cgroup_hook_is_named_with_its_limit_and_the_fix() {
