@@ -27,8 +27,8 @@ use tokio::{
 
 use crate::netlink_dump;
 
-/// The kernel's `local` routing table.
-const RT_TABLE_LOCAL: u8 = 255;
+/// `rtmsg.rtm_type` of a route that delivers to this host (`RTN_LOCAL`).
+const RTN_LOCAL: u8 = 2;
 /// rtnetlink multicast groups (`linux/rtnetlink.h`).
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
@@ -80,10 +80,12 @@ fn list_once() -> io::Result<Local> {
             }
         },
     );
-    // The `local` table only (the kernel filters with strict checking on): a router's main
-    // table may hold a million routes.
+    // Routes that deliver to this host, of every table: the `local` table's, and those a
+    // policy rule reaches, as TPROXY's (`local 0.0.0.0/0 dev lo table 100`), which takes in
+    // packets for any address. The kernel filters by type with strict checking on, so a
+    // router's million routes are walked but not sent.
     let mut routes = RouteMessage::default();
-    routes.header.table = RT_TABLE_LOCAL;
+    routes.header.kind = RouteType::Local;
     let routes = netlink_dump::route_dump(RouteNetlinkMessage::GetRoute(routes), |message| {
         if let RouteNetlinkMessage::NewRoute(route) = message {
             local_route(&route, &mut local);
@@ -195,7 +197,8 @@ impl ChangeSignal {
 }
 
 /// Whether the netlink messages in `datagram` include an address change or a change of a
-/// `local` table route (`rtmsg.rtm_table`, the fifth byte after the header).
+/// route that delivers to this host (`rtmsg.rtm_type`, the eighth byte after the header),
+/// in whatever table.
 fn announces_a_change(datagram: &[u8]) -> bool {
     const RTM_NEWROUTE: u16 = 24;
     const RTM_DELROUTE: u16 = 25;
@@ -204,8 +207,8 @@ fn announces_a_change(datagram: &[u8]) -> bool {
         let len = u32::from_ne_bytes(datagram[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
         let kind = u16::from_ne_bytes([datagram[at + 4], datagram[at + 5]]);
         let route = matches!(kind, RTM_NEWROUTE | RTM_DELROUTE);
-        let table = datagram.get(at + netlink_dump::HEADER + 4).copied();
-        if !route || table.is_none_or(|table| table == RT_TABLE_LOCAL) {
+        let kind_of_route = datagram.get(at + netlink_dump::HEADER + 7).copied();
+        if !route || kind_of_route.is_none_or(|kind| kind == RTN_LOCAL) {
             return true;
         }
         if len < netlink_dump::HEADER {
@@ -229,9 +232,9 @@ fn own_address(message: &AddressMessage) -> Option<IpAddr> {
     find(true).or_else(|| find(false))
 }
 
-/// Takes a route of the `local` table that delivers to this host.
+/// Takes a route that delivers to this host.
 fn local_route(route: &RouteMessage, local: &mut Local) {
-    if route.header.table != RT_TABLE_LOCAL || route.header.kind != RouteType::Local {
+    if route.header.kind != RouteType::Local {
         return;
     }
     let prefix = route.header.destination_prefix_length;
@@ -257,7 +260,20 @@ fn local_route(route: &RouteMessage, local: &mut Local) {
     if prefix == single {
         local.addresses.insert(key(destination));
     } else if !is_loopback_range(destination, prefix) && local.wide_route.is_none() {
-        local.wide_route = Some(format!("{destination}/{prefix}"));
+        // Its table tells a TPROXY rule's from an AnyIP range in the `local` table.
+        let table = route
+            .attributes
+            .iter()
+            .find_map(|attr| match attr {
+                RouteAttribute::Table(table) => Some(*table),
+                _ => None,
+            })
+            .unwrap_or(u32::from(route.header.table));
+        let table = match table {
+            255 => "local".to_owned(),
+            table => table.to_string(),
+        };
+        local.wide_route = Some(format!("{destination}/{prefix} (table {table})"));
     }
 }
 
@@ -327,21 +343,22 @@ mod tests {
     }
 
     #[test]
-    fn only_address_and_local_table_changes_are_announced() {
-        // nlmsghdr (length, type) and an rtmsg with its table in its fifth byte.
-        let route = |kind: u16, table: u8| {
+    fn only_address_and_local_route_changes_are_announced() {
+        // nlmsghdr (length, type) and an rtmsg with its route type in its eighth byte.
+        const RTN_UNICAST: u8 = 1;
+        let route = |kind: u16, route_type: u8| {
             let mut message = vec![0u8; 28];
             message[..4].copy_from_slice(&28u32.to_ne_bytes());
             message[4..6].copy_from_slice(&kind.to_ne_bytes());
-            message[20] = table;
+            message[23] = route_type;
             message
         };
-        assert!(!announces_a_change(&route(24, 254)));
+        assert!(!announces_a_change(&route(24, RTN_UNICAST)));
         assert!(!announces_a_change(
-            &[route(24, 254), route(25, 253)].concat()
+            &[route(24, RTN_UNICAST), route(25, RTN_UNICAST)].concat()
         ));
         assert!(announces_a_change(
-            &[route(24, 254), route(25, 255)].concat()
+            &[route(24, RTN_UNICAST), route(25, RTN_LOCAL)].concat()
         ));
         // RTM_NEWADDR.
         assert!(announces_a_change(&route(20, 0)));
@@ -364,15 +381,21 @@ mod tests {
         // The kernel sends no destination for it: `ip route add local 0.0.0.0/0 dev lo
         // table local` makes every IPv4 address this host's.
         let mut route = RouteMessage::default();
-        route.header.table = RT_TABLE_LOCAL;
         route.header.kind = RouteType::Local;
         route.header.address_family = AddressFamily::Inet;
         let mut local = Local::default();
         local_route(&route, &mut local);
-        assert_eq!(local.wide_route.as_deref(), Some("0.0.0.0/0"));
+        assert_eq!(local.wide_route.as_deref(), Some("0.0.0.0/0 (table 0)"));
+        // TPROXY's, reached by a policy rule: every IPv6 address, in table 100.
         route.header.address_family = AddressFamily::Inet6;
+        route.attributes.push(RouteAttribute::Table(100));
         let mut local = Local::default();
         local_route(&route, &mut local);
-        assert_eq!(local.wide_route.as_deref(), Some("::/0"));
+        assert_eq!(local.wide_route.as_deref(), Some("::/0 (table 100)"));
+        route.header.table = 255;
+        route.attributes.clear();
+        let mut local = Local::default();
+        local_route(&route, &mut local);
+        assert_eq!(local.wide_route.as_deref(), Some("::/0 (table local)"));
     }
 }

@@ -898,34 +898,62 @@ fn a_start_during_a_burst_of_new_addresses_goes_on_and_the_table_catches_up() {
 /// and the log says so once.
 #[test]
 fn traffic_to_a_local_range_is_counted_by_port_with_a_warning() {
-    let netns = Netns::new();
-    let peer = Netns::new();
-    add_veth(&netns, &peer);
-    ip(&netns, "route add local 10.202.0.0/24 dev lo table local");
-    ip(&peer, "route add 10.202.0.0/24 via 10.77.0.1");
-    let config = AgentConfig::new(ROUTES);
-    let logs = ScratchDir::new("local-range");
-    let log = logs.path("agent.log");
-    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    // In the `local` table (AnyIP), and in a table a policy rule reaches (as TPROXY's
+    // `local 0.0.0.0/0 dev lo table 100`), which until 2026-12-04 was not looked at: the
+    // table read complete, and the range's live traffic 0. (Traffic there needs a
+    // transparent socket, as TPROXY's proxy has: the first case shows the counting.)
+    for (setup, range, traffic) in [
+        (
+            &["route add local 10.202.0.0/24 dev lo table local"][..],
+            "10.202.0.0/24 (table local)",
+            true,
+        ),
+        (
+            &[
+                "route add local 10.202.0.0/24 dev lo table 100",
+                "rule add to 10.202.0.0/24 lookup 100",
+            ][..],
+            "10.202.0.0/24 (table 100)",
+            false,
+        ),
+    ] {
+        let netns = Netns::new();
+        let peer = Netns::new();
+        add_veth(&netns, &peer);
+        for line in setup {
+            ip(&netns, line);
+        }
+        ip(&peer, "route add 10.202.0.0/24 via 10.77.0.1");
+        let config = AgentConfig::new(ROUTES);
+        let logs = ScratchDir::new("local-range");
+        let log = logs.path("agent.log");
+        let agent = Agent::start_logging(&netns, &config, &[], &log);
 
-    connect_and_serve(&netns, &peer, "10.202.0.7:18080");
-    let metrics = after_two_polls(&netns);
-    assert_eq!(
-        sample(&metrics, "collector_local_address_table_complete", &[]),
-        Some(0.0)
-    );
-    assert_payload(&metrics, CONNECTIONS, &[&netns, &peer], "by port alone");
-    assert!(agent.stop().success());
-    let text = std::fs::read_to_string(&log).unwrap();
-    let warnings: Vec<&str> = text
-        .lines()
-        .filter(|line| line.contains(" WARN ") && line.contains("by port alone"))
-        .collect();
-    assert!(
-        warnings.len() == 1 && warnings[0].contains("10.202.0.0/24 covers more than one address"),
-        "{text}"
-    );
-    assert_no_pins(&config.pin_dir);
+        if traffic {
+            connect_and_serve(&netns, &peer, "10.202.0.7:18080");
+        }
+        let metrics = after_two_polls(&netns);
+        assert_eq!(
+            sample(&metrics, "collector_local_address_table_complete", &[]),
+            Some(0.0),
+            "{range}"
+        );
+        if traffic {
+            assert_payload(&metrics, CONNECTIONS, &[&netns, &peer], "by port alone");
+        }
+        assert!(agent.stop().success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        let warnings: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains(" WARN ") && line.contains("by port alone"))
+            .collect();
+        assert!(
+            warnings.len() == 1
+                && warnings[0].contains(&format!("{range} covers more than one address")),
+            "{text}"
+        );
+        assert_no_pins(&config.pin_dir);
+    }
 }
 
 /// A VIP DNAT'd to this host (`MetalLB` or `externalIPs` with kube-proxy in iptables or
