@@ -16,7 +16,7 @@ use collector_common::{
     LOCAL_ADDRESS_WAYS, local_address_set_bits, local_address_sets, local_address_slots, map_names,
 };
 
-use crate::addresses::{self, ChangeSignal, ChangeWatch};
+use crate::addresses::{self, ChangeSignal, ChangeWatch, Changes};
 
 /// The agent's copy of `LOCAL_ADDRESSES`, and where each address goes: a free slot of
 /// either of its two sets.
@@ -226,6 +226,11 @@ pub struct LocalAddresses {
     complete: bool,
     /// The addresses of `extra_local_addresses`, always in the table.
     extra: BTreeSet<[u64; 2]>,
+    /// The routes of type `local` of the tables other than `local`, as last read.
+    other_tables: addresses::Local,
+    /// They are to be read at the next sync: at the start, after one was announced, after
+    /// an interrupted read.
+    other_tables_due: bool,
 }
 
 impl LocalAddresses {
@@ -253,6 +258,8 @@ impl LocalAddresses {
             problem: None,
             complete: false,
             extra,
+            other_tables: addresses::Local::default(),
+            other_tables_due: true,
         })
     }
 
@@ -284,8 +291,12 @@ impl LocalAddresses {
     /// is marked incomplete and the port alone decides, as without it. A problem is logged when it starts or
     /// changes kind, not every second, and when it ends.
     pub fn refresh(&mut self, ebpf: &mut Ebpf) {
-        let announced = self.watch.as_mut().is_none_or(ChangeWatch::changed);
-        if !(announced || self.due) {
+        let changes = self
+            .watch
+            .as_mut()
+            .map_or(Changes::ALL, ChangeWatch::changed);
+        self.other_tables_due |= changes.other_tables;
+        if !(changes.local || changes.other_tables || self.due) {
             return;
         }
         let (problem, again, interrupted) = match self.sync(ebpf) {
@@ -341,7 +352,13 @@ impl LocalAddresses {
     /// did; failing instead would have counted by port alone for as long as the burst
     /// lasted (and refused the start).
     fn sync(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<Synced> {
+        if self.other_tables_due {
+            self.other_tables = addresses::list_other_tables()
+                .context("listing the local routes of the routing tables other than local")?;
+            self.other_tables_due = self.other_tables.interrupted;
+        }
         let mut local = addresses::list().context("listing this namespace's addresses")?;
+        local.merge(&self.other_tables);
         local.addresses.extend(&self.extra);
         if local.interrupted {
             local.addresses.extend(self.table.addresses());

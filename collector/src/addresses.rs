@@ -27,6 +27,8 @@ use tokio::{
 
 use crate::netlink_dump;
 
+/// The kernel's `local` routing table.
+const RT_TABLE_LOCAL: u8 = 255;
 /// `rtmsg.rtm_type` of a route that delivers to this host (`RTN_LOCAL`).
 const RTN_LOCAL: u8 = 2;
 /// rtnetlink multicast groups (`linux/rtnetlink.h`).
@@ -53,16 +55,26 @@ pub struct Local {
     pub interrupted: bool,
 }
 
-/// Reads of the addresses and `local` routes a [`list`] makes, at most, while changes
-/// interrupt them.
+impl Local {
+    /// Adds what `other` found.
+    pub fn merge(&mut self, other: &Local) {
+        self.addresses.extend(&other.addresses);
+        if self.wide_route.is_none() {
+            self.wide_route.clone_from(&other.wide_route);
+        }
+        self.interrupted |= other.interrupted;
+    }
+}
+
+/// Reads a [`list`] makes, at most, while changes interrupt them.
 const LIST_TRIES: usize = 4;
 
-/// What is local to the current network namespace now: read again while changes interrupt
-/// the read, [`LIST_TRIES`] times at most, then what the last read found.
-pub fn list() -> io::Result<Local> {
+/// Reads again while changes interrupt the read, [`LIST_TRIES`] times at most, then returns
+/// what the last read found.
+fn read_settled(read: impl Fn() -> io::Result<Local>) -> io::Result<Local> {
     let mut tries = 1;
     loop {
-        let local = list_once()?;
+        let local = read()?;
         if !local.interrupted || tries == LIST_TRIES {
             return Ok(local);
         }
@@ -70,35 +82,65 @@ pub fn list() -> io::Result<Local> {
     }
 }
 
-fn list_once() -> io::Result<Local> {
-    let mut local = Local::default();
-    let addresses = netlink_dump::route_dump(
-        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-        |message| {
-            if let RouteNetlinkMessage::NewAddress(address) = message {
-                local.addresses.extend(own_address(&address).map(key));
-            }
-        },
-    );
-    // Routes that deliver to this host, of every table: the `local` table's, and those a
-    // policy rule reaches, as TPROXY's (`local 0.0.0.0/0 dev lo table 100`), which takes in
-    // packets for any address. The kernel filters by type with strict checking on, so a
-    // router's million routes are walked but not sent.
+/// The addresses of the current network namespace now, and the routes of its `local` table.
+pub fn list() -> io::Result<Local> {
+    read_settled(|| {
+        let mut local = Local::default();
+        let addresses = netlink_dump::route_dump(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            |message| {
+                if let RouteNetlinkMessage::NewAddress(address) = message {
+                    local.addresses.extend(own_address(&address).map(key));
+                }
+            },
+        );
+        // The `local` table only (the kernel filters with strict checking on): a router's
+        // main table may hold a million routes.
+        let routes = local_routes(RT_TABLE_LOCAL, &mut local);
+        for read in [addresses, routes] {
+            noting_interruption(read, &mut local)?;
+        }
+        Ok(local)
+    })
+}
+
+/// The routes of type `local` in the namespace's other tables: those a policy rule
+/// reaches, as TPROXY's (`local 0.0.0.0/0 dev lo table 100`, for packets of a mark), which
+/// take in packets for addresses of no interface. The kernel filters by type, but walks
+/// every route of every table to do it (a tenth of a second for 200,000), so these are
+/// read at the start and when such a route is announced, not at every change of addresses.
+pub fn list_other_tables() -> io::Result<Local> {
+    read_settled(|| {
+        let mut local = Local::default();
+        let read = local_routes(0, &mut local);
+        noting_interruption(read, &mut local)?;
+        Ok(local)
+    })
+}
+
+/// The routes of type `local` of `table` (0: every table but `local`) into `local`.
+fn local_routes(table: u8, local: &mut Local) -> io::Result<()> {
     let mut routes = RouteMessage::default();
+    routes.header.table = table;
     routes.header.kind = RouteType::Local;
-    let routes = netlink_dump::route_dump(RouteNetlinkMessage::GetRoute(routes), |message| {
-        if let RouteNetlinkMessage::NewRoute(route) = message {
-            local_route(&route, &mut local);
+    netlink_dump::route_dump(RouteNetlinkMessage::GetRoute(routes), |message| {
+        if let RouteNetlinkMessage::NewRoute(route) = message
+            && (table != 0 || table_of(&route) != u32::from(RT_TABLE_LOCAL))
+        {
+            local_route(&route, local);
         }
-    });
-    for read in [addresses, routes] {
-        match read {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => local.interrupted = true,
-            Err(err) => return Err(err),
+    })
+}
+
+/// A read's error, but for an interruption, which `local` notes.
+fn noting_interruption(read: io::Result<()>, local: &mut Local) -> io::Result<()> {
+    match read {
+        Err(err) if err.kind() == io::ErrorKind::Interrupted => {
+            local.interrupted = true;
+            Ok(())
         }
+        read => read,
     }
-    Ok(local)
 }
 
 /// Tells whether the namespace's addresses or routes changed since it last looked: a
@@ -128,23 +170,23 @@ impl ChangeWatch {
         })
     }
 
-    /// Whether anything was announced since the last call (reads every announcement there
-    /// is): an address, or a route of the `local` table (a router's others change all the
-    /// time). Announcements lost to a full socket buffer count as a change. The socket is
-    /// read until it is empty, past an overrun too: the [`ChangeSignal`] only wakes again
-    /// for what arrives after that.
-    pub fn changed(&mut self) -> bool {
-        let mut changed = false;
+    /// What was announced since the last call (reads every announcement there is): an
+    /// address, or a route of type `local` (a router's others change all the time), in the
+    /// `local` table or another. Announcements lost to a full socket buffer count as
+    /// changes of both. The socket is read until it is empty, past an overrun too: the
+    /// [`ChangeSignal`] only wakes again for what arrives after that.
+    pub fn changed(&mut self) -> Changes {
+        let mut changed = Changes::default();
         loop {
             match self.socket.recv(&mut &mut self.buf[..], 0) {
                 Ok(0) => return changed,
-                Ok(size) => changed |= announces_a_change(&self.buf[..size]),
+                Ok(size) => changed = changed.and(announced(&self.buf[..size])),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return changed,
                 // Announcements were lost: the addresses are read again, and the socket
                 // still holds those queued before the overrun.
-                Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => changed = true,
+                Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => changed = Changes::ALL,
                 // Anything else: look again, and read on at the next call.
-                Err(_) => return true,
+                Err(_) => return Changes::ALL,
             }
         }
     }
@@ -196,27 +238,58 @@ impl ChangeSignal {
     }
 }
 
-/// Whether the netlink messages in `datagram` include an address change or a change of a
+/// What changed, to read again: the addresses and the `local` table's routes, and the
+/// routes of type `local` of the other tables ([`list_other_tables`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub local: bool,
+    pub other_tables: bool,
+}
+
+impl Changes {
+    /// What is not known, as after lost announcements: everything may have changed.
+    pub const ALL: Self = Self {
+        local: true,
+        other_tables: true,
+    };
+
+    #[must_use]
+    pub fn and(self, more: Self) -> Self {
+        Self {
+            local: self.local || more.local,
+            other_tables: self.other_tables || more.other_tables,
+        }
+    }
+}
+
+/// What the netlink messages in `datagram` announce: an address change, or a change of a
 /// route that delivers to this host (`rtmsg.rtm_type`, the eighth byte after the header),
-/// in whatever table.
-fn announces_a_change(datagram: &[u8]) -> bool {
+/// by its table (`rtm_table`, the fifth).
+fn announced(datagram: &[u8]) -> Changes {
     const RTM_NEWROUTE: u16 = 24;
     const RTM_DELROUTE: u16 = 25;
+    let mut changes = Changes::default();
     let mut at = 0;
     while at + netlink_dump::HEADER <= datagram.len() {
         let len = u32::from_ne_bytes(datagram[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
         let kind = u16::from_ne_bytes([datagram[at + 4], datagram[at + 5]]);
-        let route = matches!(kind, RTM_NEWROUTE | RTM_DELROUTE);
-        let kind_of_route = datagram.get(at + netlink_dump::HEADER + 7).copied();
-        if !route || kind_of_route.is_none_or(|kind| kind == RTN_LOCAL) {
-            return true;
+        let rtmsg = |offset: usize| datagram.get(at + netlink_dump::HEADER + offset).copied();
+        if !matches!(kind, RTM_NEWROUTE | RTM_DELROUTE) {
+            changes.local = true;
+        } else {
+            match (rtmsg(4), rtmsg(7)) {
+                (Some(RT_TABLE_LOCAL), Some(RTN_LOCAL)) => changes.local = true,
+                (Some(_), Some(RTN_LOCAL)) => changes.other_tables = true,
+                (Some(_), Some(_)) => {}
+                _ => return Changes::ALL,
+            }
         }
         if len < netlink_dump::HEADER {
-            return true;
+            return Changes::ALL;
         }
         at += netlink_dump::align4(len);
     }
-    false
+    changes
 }
 
 /// The interface's own address: `IFA_LOCAL` where there is one (on a point-to-point link
@@ -230,6 +303,18 @@ fn own_address(message: &AddressMessage) -> Option<IpAddr> {
         })
     };
     find(true).or_else(|| find(false))
+}
+
+/// A route's table: `RTA_TABLE`, which holds ids past 255, or the header's.
+fn table_of(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|attr| match attr {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
 }
 
 /// Takes a route that delivers to this host.
@@ -261,15 +346,7 @@ fn local_route(route: &RouteMessage, local: &mut Local) {
         local.addresses.insert(key(destination));
     } else if !is_loopback_range(destination, prefix) && local.wide_route.is_none() {
         // Its table tells a TPROXY rule's from an AnyIP range in the `local` table.
-        let table = route
-            .attributes
-            .iter()
-            .find_map(|attr| match attr {
-                RouteAttribute::Table(table) => Some(*table),
-                _ => None,
-            })
-            .unwrap_or(u32::from(route.header.table));
-        let table = match table {
+        let table = match table_of(route) {
             255 => "local".to_owned(),
             table => table.to_string(),
         };
@@ -344,24 +421,45 @@ mod tests {
 
     #[test]
     fn only_address_and_local_route_changes_are_announced() {
-        // nlmsghdr (length, type) and an rtmsg with its route type in its eighth byte.
+        // nlmsghdr (length, type) and an rtmsg with its table in its fifth byte and its
+        // route type in its eighth.
         const RTN_UNICAST: u8 = 1;
-        let route = |kind: u16, route_type: u8| {
+        let route = |kind: u16, table: u8, route_type: u8| {
             let mut message = vec![0u8; 28];
             message[..4].copy_from_slice(&28u32.to_ne_bytes());
             message[4..6].copy_from_slice(&kind.to_ne_bytes());
+            message[20] = table;
             message[23] = route_type;
             message
         };
-        assert!(!announces_a_change(&route(24, RTN_UNICAST)));
-        assert!(!announces_a_change(
-            &[route(24, RTN_UNICAST), route(25, RTN_UNICAST)].concat()
-        ));
-        assert!(announces_a_change(
-            &[route(24, RTN_UNICAST), route(25, RTN_LOCAL)].concat()
-        ));
+        let none = Changes::default();
+        let local = Changes {
+            local: true,
+            other_tables: false,
+        };
+        let other_tables = Changes {
+            local: false,
+            other_tables: true,
+        };
+        assert_eq!(announced(&route(24, 254, RTN_UNICAST)), none);
+        assert_eq!(
+            announced(&[route(24, 254, RTN_UNICAST), route(25, 100, RTN_UNICAST)].concat()),
+            none
+        );
+        assert_eq!(
+            announced(&[route(24, 254, RTN_UNICAST), route(25, 255, RTN_LOCAL)].concat()),
+            local
+        );
+        // TPROXY's route.
+        assert_eq!(announced(&route(24, 100, RTN_LOCAL)), other_tables);
+        assert_eq!(
+            announced(&[route(24, 100, RTN_LOCAL), route(20, 0, 0)].concat()),
+            Changes::ALL
+        );
         // RTM_NEWADDR.
-        assert!(announces_a_change(&route(20, 0)));
+        assert_eq!(announced(&route(20, 0, 0)), local);
+        // A route message cut short: what it was is not known.
+        assert_eq!(announced(&route(24, 100, RTN_LOCAL)[..20]), Changes::ALL);
     }
 
     #[test]

@@ -901,33 +901,51 @@ fn traffic_to_a_local_range_is_counted_by_port_with_a_warning() {
     // In the `local` table (AnyIP), and in a table a policy rule reaches (as TPROXY's
     // `local 0.0.0.0/0 dev lo table 100`), which until 2026-12-04 was not looked at: the
     // table read complete, and the range's live traffic 0. (Traffic there needs a
-    // transparent socket, as TPROXY's proxy has: the first case shows the counting.)
-    for (setup, range, traffic) in [
+    // transparent socket, as TPROXY's proxy has: the first case shows the counting.) The
+    // other tables are read at the start and when a route of type `local` is announced in
+    // one of them, not at every change of addresses: the last case adds it while the agent
+    // runs.
+    let tproxy = &[
+        "route add local 10.202.0.0/24 dev lo table 100",
+        "rule add to 10.202.0.0/24 lookup 100",
+    ][..];
+    for (setup, range, traffic, while_running) in [
         (
             &["route add local 10.202.0.0/24 dev lo table local"][..],
             "10.202.0.0/24 (table local)",
             true,
-        ),
-        (
-            &[
-                "route add local 10.202.0.0/24 dev lo table 100",
-                "rule add to 10.202.0.0/24 lookup 100",
-            ][..],
-            "10.202.0.0/24 (table 100)",
             false,
         ),
+        (tproxy, "10.202.0.0/24 (table 100)", false, false),
+        (tproxy, "10.202.0.0/24 (table 100)", false, true),
     ] {
         let netns = Netns::new();
         let peer = Netns::new();
         add_veth(&netns, &peer);
-        for line in setup {
-            ip(&netns, line);
+        let set_up = || {
+            for line in setup {
+                ip(&netns, line);
+            }
+        };
+        if !while_running {
+            set_up();
         }
         ip(&peer, "route add 10.202.0.0/24 via 10.77.0.1");
         let config = AgentConfig::new(ROUTES);
         let logs = ScratchDir::new("local-range");
         let log = logs.path("agent.log");
         let agent = Agent::start_logging(&netns, &config, &[], &log);
+        if while_running {
+            assert_eq!(
+                sample(
+                    &scrape(&netns),
+                    "collector_local_address_table_complete",
+                    &[]
+                ),
+                Some(1.0)
+            );
+            set_up();
+        }
 
         if traffic {
             connect_and_serve(&netns, &peer, "10.202.0.7:18080");
