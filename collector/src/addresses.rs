@@ -274,15 +274,15 @@ fn announced(datagram: &[u8]) -> Changes {
         let len = u32::from_ne_bytes(datagram[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
         let kind = u16::from_ne_bytes([datagram[at + 4], datagram[at + 5]]);
         let rtmsg = |offset: usize| datagram.get(at + netlink_dump::HEADER + offset).copied();
-        if !matches!(kind, RTM_NEWROUTE | RTM_DELROUTE) {
-            changes.local = true;
-        } else {
+        if matches!(kind, RTM_NEWROUTE | RTM_DELROUTE) {
             match (rtmsg(4), rtmsg(7)) {
                 (Some(RT_TABLE_LOCAL), Some(RTN_LOCAL)) => changes.local = true,
                 (Some(_), Some(RTN_LOCAL)) => changes.other_tables = true,
                 (Some(_), Some(_)) => {}
                 _ => return Changes::ALL,
             }
+        } else {
+            changes.local = true;
         }
         if len < netlink_dump::HEADER {
             return Changes::ALL;

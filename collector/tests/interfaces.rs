@@ -770,21 +770,21 @@ fn traffic_to_addresses_given_after_the_start_is_counted() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// `collector maps dump MAP --json` of the agent run with `config`: its text and JSON.
+fn dump_map(config: &AgentConfig, map: &str) -> (String, serde_json::Value) {
+    let out = stdout_of(
+        std::process::Command::new(COLLECTOR)
+            .args(["maps", "dump", map, "--json", "--config"])
+            .arg(&config.path),
+    );
+    let json = serde_json::from_str(&out).unwrap_or_else(|err| panic!("{err}: {out}"));
+    (out, json)
+}
+
 /// The table of local addresses as `collector maps dump LOCAL_ADDRESSES` shows it: its
 /// addresses, and whether they are all of the namespace's.
 fn local_addresses(config: &AgentConfig) -> (Vec<String>, bool) {
-    let out = stdout_of(
-        std::process::Command::new(COLLECTOR)
-            .args([
-                "maps",
-                "dump",
-                map_names::LOCAL_ADDRESSES,
-                "--json",
-                "--config",
-            ])
-            .arg(&config.path),
-    );
-    let table: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (out, table) = dump_map(config, map_names::LOCAL_ADDRESSES);
     let addresses = table["addresses"]
         .as_array()
         .unwrap_or_else(|| panic!("{out}"))
@@ -820,18 +820,7 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
     });
 
     connect_and_serve(&netns, &peer, "10.77.0.9:18080");
-    let out = stdout_of(
-        std::process::Command::new(COLLECTOR)
-            .args([
-                "maps",
-                "dump",
-                map_names::ROUTE_TRAFFIC,
-                "--json",
-                "--config",
-            ])
-            .arg(&config.path),
-    );
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (out, rows) = dump_map(&config, map_names::ROUTE_TRAFFIC);
     let retransmitted = support::retransmitted_segments(&[&netns, &peer]);
     for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
         let row = rows
