@@ -515,10 +515,11 @@ pub const DNS_EVENT_NAME: u32 = 5;
 /// sends it to the agent only when it takes the slot.
 pub const TALLY_SLOTS_PER_CPU: u32 = 1024;
 
-/// Entries of a tally table for a host with `possible_cpus` CPUs (`None`: too many).
+/// Entries of a tally table for a host whose possible CPU ids run below `cpu_ids` (`None`:
+/// too many).
 #[must_use]
-pub fn tally_table_len(possible_cpus: usize) -> Option<u32> {
-    u32::try_from(possible_cpus)
+pub fn tally_table_len(cpu_ids: usize) -> Option<u32> {
+    u32::try_from(cpu_ids)
         .ok()?
         .checked_mul(TALLY_SLOTS_PER_CPU)
 }

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeSet, HashMap, VecDeque, hash_map},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -48,6 +49,8 @@ pub struct Placement {
     /// The searches used up [`SEARCH_PER_SYNC`]: some of `unplaced` may fit at the next
     /// placement.
     pub searched_out: bool,
+    /// Addresses that found a slot.
+    pub newly_placed: usize,
 }
 
 impl AddressTable {
@@ -83,7 +86,10 @@ impl AddressTable {
                 continue;
             }
             match self.path_to_free_slot(address, &mut budget) {
-                Some(path) => self.move_along(&path, address, &mut placement.writes),
+                Some(path) => {
+                    self.move_along(&path, address, &mut placement.writes);
+                    placement.newly_placed += 1;
+                }
                 None => placement.unplaced.push(address),
             }
         }
@@ -218,7 +224,8 @@ pub struct LocalAddresses {
     /// Announces changes of addresses and routes (`None`: none could be had; every poll
     /// reads them).
     watch: Option<ChangeWatch>,
-    /// The addresses are to be read at the next poll: at the start, after a failure.
+    /// The addresses are to be read at the next poll: at the start, after a failure, after
+    /// an interrupted read, while searches cut short place more.
     due: bool,
     /// What is wrong, if anything, and its kind (logged once per change of kind).
     problem: Option<(Problem, String)>,
@@ -229,9 +236,19 @@ pub struct LocalAddresses {
     /// The routes of type `local` of the tables other than `local`, as last read.
     other_tables: addresses::Local,
     /// They are to be read at the next sync: at the start, after one was announced, after
-    /// an interrupted read.
+    /// an interrupted or failed read, and every [`OTHER_TABLES_MAX_AGE`].
     other_tables_due: bool,
+    other_tables_read_at: Option<Instant>,
+    /// Syncs in a row whose reads changes all interrupted.
+    interrupted_syncs: u32,
 }
+
+/// How long a read of the other tables' `local` routes serves: the routes of a link that
+/// goes away leave IPv4's tables unannounced, and without a watch nothing is announced.
+const OTHER_TABLES_MAX_AGE: Duration = Duration::from_mins(5);
+/// Syncs in a row with every read interrupted before the log says so: the flag may stay
+/// off, and nothing is freed, until a read completes.
+const INTERRUPTED_SYNCS_WARNED: u32 = 30;
 
 impl LocalAddresses {
     /// A table sized for the addresses there are now, with room for seven times as many,
@@ -260,6 +277,8 @@ impl LocalAddresses {
             extra,
             other_tables: addresses::Local::default(),
             other_tables_due: true,
+            other_tables_read_at: None,
+            interrupted_syncs: 0,
         })
     }
 
@@ -291,12 +310,19 @@ impl LocalAddresses {
     /// is marked incomplete and the port alone decides, as without it. A problem is logged when it starts or
     /// changes kind, not every second, and when it ends.
     pub fn refresh(&mut self, ebpf: &mut Ebpf) {
-        let changes = self
-            .watch
-            .as_mut()
-            .map_or(Changes::ALL, ChangeWatch::changed);
-        self.other_tables_due |= changes.other_tables;
-        if !(changes.local || changes.other_tables || self.due) {
+        // Without a watch every poll reads the addresses, and the other tables as they age.
+        let changes = self.watch.as_mut().map_or(
+            Changes {
+                local: true,
+                other_tables: false,
+            },
+            ChangeWatch::changed,
+        );
+        let aged = self
+            .other_tables_read_at
+            .is_none_or(|read_at| read_at.elapsed() >= OTHER_TABLES_MAX_AGE);
+        self.other_tables_due |= changes.other_tables || aged;
+        if !(changes.local || self.other_tables_due || self.due) {
             return;
         }
         let (problem, again, interrupted) = match self.sync(ebpf) {
@@ -327,6 +353,7 @@ impl LocalAddresses {
             }
         };
         self.due = again;
+        self.note_interruptions(interrupted);
         // An interrupted read that leaves the flag off ends no problem: it stands (and its
         // log line with it) until a read completes.
         if interrupted && problem.is_none() && !self.complete {
@@ -343,19 +370,49 @@ impl LocalAddresses {
         self.problem = problem;
     }
 
+    /// Counts syncs in a row whose reads were all interrupted, and says when they reach
+    /// [`INTERRUPTED_SYNCS_WARNED`] and when a read completes after that.
+    fn note_interruptions(&mut self, interrupted: bool) {
+        if interrupted {
+            self.interrupted_syncs += 1;
+            if self.interrupted_syncs == INTERRUPTED_SYNCS_WARNED {
+                tracing::warn!(
+                    complete = self.complete,
+                    "changes of addresses interrupted every read of them for {} syncs in a \
+                     row: the address table takes what the reads find and frees nothing, and \
+                     its completeness stays as it was, until a read completes",
+                    self.interrupted_syncs
+                );
+            }
+        } else {
+            if self.interrupted_syncs >= INTERRUPTED_SYNCS_WARNED {
+                tracing::info!("a read of the addresses completed again");
+            }
+            self.interrupted_syncs = 0;
+        }
+    }
+
     /// One sync: the problem says why the table is incomplete (`None`: complete).
     ///
     /// A read that changes kept interrupting may lack addresses that stay: what it found is
-    /// added and nothing freed, the flag left as it was (never set by such a read, never
-    /// cleared), and the next poll reads again; the announcements of the changes bring the
-    /// syncs sooner. During a burst the table then only grows, and counts no less than it
-    /// did; failing instead would have counted by port alone for as long as the burst
-    /// lasted (and refused the start).
+    /// added and nothing freed, the flag is never set by it (it is cleared if the read finds
+    /// a problem: an address that does not fit, a wide route), and the next poll reads
+    /// again; the announcements of the changes bring the syncs sooner. During a burst the
+    /// table then only grows, and counts no less than it did; failing instead would have
+    /// counted by port alone for as long as the burst lasted (and refused the start). A
+    /// failed read of the other tables keeps what they last held, syncs the rest, and counts
+    /// by port alone until a read of them succeeds.
     fn sync(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<Synced> {
+        let mut other_tables_failed = None;
         if self.other_tables_due {
-            self.other_tables = addresses::list_other_tables()
-                .context("listing the local routes of the routing tables other than local")?;
-            self.other_tables_due = self.other_tables.interrupted;
+            match addresses::list_other_tables() {
+                Ok(other_tables) => {
+                    self.other_tables_due = other_tables.interrupted;
+                    self.other_tables = other_tables;
+                    self.other_tables_read_at = Some(Instant::now());
+                }
+                Err(err) => other_tables_failed = Some(err),
+            }
         }
         let mut local = addresses::list().context("listing this namespace's addresses")?;
         local.merge(&self.other_tables);
@@ -363,14 +420,13 @@ impl LocalAddresses {
         if local.interrupted {
             local.addresses.extend(self.table.addresses());
         }
-        let placed_before = self.table.placed();
         let placement = self.table.place(&local.addresses);
         // Searches cut short by the sync's budget go on at the next poll while they place
         // more; a table that is full stops there until a change.
         let again = local.interrupted
             || (placement.searched_out
                 && !placement.unplaced.is_empty()
-                && self.table.placed() > placed_before);
+                && placement.newly_placed > 0);
         let incomplete = match (placement.unplaced.first(), &local.wide_route) {
             (Some(&first), _) => Some((
                 Problem::Full,
@@ -386,7 +442,14 @@ impl LocalAddresses {
                 Problem::WideRoute,
                 format!("the local route {route} covers more than one address"),
             )),
-            (None, None) => None,
+            (None, None) => other_tables_failed.map(|err| {
+                (
+                    Problem::Failed,
+                    format!(
+                        "listing the local routes of the routing tables other than local: {err}"
+                    ),
+                )
+            }),
         };
         // A write fills a free slot, moves an address to its other set before its old slot
         // is overwritten, or frees a gone address's slot: no address that stays is ever
@@ -537,7 +600,8 @@ mod tests {
             );
             let before = table.placed();
             placement = table.place(&addresses);
-            assert!(table.placed() > before, "no progress at sync {syncs}");
+            assert!(placement.newly_placed > 0, "no progress at sync {syncs}");
+            assert_eq!(table.placed(), before + placement.newly_placed);
             syncs += 1;
         }
         assert_eq!(table.placed(), count);

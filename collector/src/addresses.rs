@@ -70,16 +70,17 @@ impl Local {
 const LIST_TRIES: usize = 4;
 
 /// Reads again while changes interrupt the read, [`LIST_TRIES`] times at most, then returns
-/// what the last read found.
+/// what those reads found together (each may lack what another has).
 fn read_settled(read: impl Fn() -> io::Result<Local>) -> io::Result<Local> {
-    let mut tries = 1;
-    loop {
+    let mut found = Local::default();
+    for _ in 0..LIST_TRIES {
         let local = read()?;
-        if !local.interrupted || tries == LIST_TRIES {
+        if !local.interrupted {
             return Ok(local);
         }
-        tries += 1;
+        found.merge(&local);
     }
+    Ok(found)
 }
 
 /// The addresses of the current network namespace now, and the routes of its `local` table.
