@@ -370,6 +370,17 @@ impl LocalAddresses {
         self.problem = problem;
     }
 
+    /// Clears the flag for good: see [`crate::loader::Attachment::leave_addresses_to_the_ports`].
+    pub fn leave_to_the_ports(&mut self, ebpf: &mut Ebpf) {
+        match self.set_complete(ebpf, false) {
+            Ok(()) => tracing::info!(
+                "live traffic and DNS on the interfaces count by port alone until the next \
+                 start: no agent keeps the address table meanwhile"
+            ),
+            Err(err) => tracing::warn!("clearing the address table's flag: {err:#}"),
+        }
+    }
+
     /// Counts syncs in a row whose reads were all interrupted, and says when they reach
     /// [`INTERRUPTED_SYNCS_WARNED`] and when a read completes after that.
     fn note_interruptions(&mut self, interrupted: bool) {

@@ -213,6 +213,16 @@ impl Attachment {
         }
     }
 
+    /// Before an exit that leaves the programs attached (a task the agent needs ended): the
+    /// address table will not follow changes until the next start, so the programs count
+    /// by port alone until then, as they do before a start fills it, rather than miss a VIP
+    /// taken over meanwhile.
+    pub fn leave_addresses_to_the_ports(&mut self) {
+        if let Some(local) = &mut self.local_addresses {
+            local.leave_to_the_ports(&mut self.ebpf);
+        }
+    }
+
     /// Wakes the run loop when the namespace's addresses change, to bring the address table
     /// up to date at once (`None` with `all_namespaces`, or if it cannot be had: logged, and
     /// the polls still do).

@@ -722,6 +722,9 @@ async fn serve_until_signal(
         poller.last_drain();
     }
     hub.stop(outcome.is_ok());
+    if outcome.is_err() {
+        attachment.leave_addresses_to_the_ports();
+    }
     let _ = stop_server.send(());
     finish(outcome, server, &hub).await
 }
