@@ -755,18 +755,26 @@ impl Attachment {
         self.inherited
     }
 
-    /// The cookies of the connections the connection table holds (a read slot by slot:
-    /// once, at start).
+    /// The cookies of the connections the connection table holds in the slots of this
+    /// start's routes and upstreams (a read slot by slot: once, at start). Those in a slot
+    /// no longer watched (a crashed run's route renamed or removed since) count in no
+    /// exported series, so they are left to the listing of connections from before.
     pub fn tracked_cookies(&self) -> anyhow::Result<std::collections::HashSet<u64>> {
         let table: Array<&MapData, ConnState> = Array::try_from(
             self.ebpf
                 .map(map_names::CONN_STATE)
                 .context("the kernel object has no connection table")?,
         )?;
+        let watched: std::collections::HashSet<u32> = self
+            .routes
+            .iter()
+            .map(|route| route.slot)
+            .chain(self.upstreams.iter().map(|upstream| upstream.slot))
+            .collect();
         let mut cookies = std::collections::HashSet::new();
         for entry in table.iter() {
             let entry = entry?;
-            if entry.cookie != 0 {
+            if entry.cookie != 0 && watched.contains(&entry.route) {
                 cookies.insert(entry.cookie);
             }
         }

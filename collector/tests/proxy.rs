@@ -592,6 +592,53 @@ fn connections_the_proxy_closed_first_are_not_open_at_the_next_start() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A crash, then a start whose config renamed a route (same port): the connections the
+/// crashed run tracked are in its table under the old name's slot, which nothing exports
+/// now, so they count as open from before on the renamed route, as those the crashed run
+/// had found open do, until they close. Until 2026-12-04 every connection in the table was
+/// left out whatever its slot, and the renamed route's `active` read only the latter.
+#[test]
+fn connections_of_a_route_renamed_across_a_crash_stay_active() {
+    const BEFORE: usize = 5;
+    const ACCEPTED: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let (old_clients, old_accepted) = hold_open(&netns, BEFORE);
+    let agent = Agent::start(&netns, &config);
+    let (new_clients, new_accepted) = hold_open(&netns, ACCEPTED);
+    wait_for("8 active connections", Duration::from_secs(10), || {
+        (route_value(&scrape(&netns), "collector_proxy_connections_active", "api") == 8.0)
+            .then_some(())
+    });
+    agent.kill();
+    let renamed = std::fs::read_to_string(&config.path)
+        .unwrap()
+        .replace("name = \"api\"", "name = \"backend\"");
+    std::fs::write(&config.path, renamed).unwrap();
+    let agent = Agent::start(&netns, &config);
+    let metrics = scrape(&netns);
+    for (name, value) in [
+        ("collector_proxy_connections_active", 8.0),
+        ("collector_proxy_connections_open_from_before_start", 8.0),
+        ("collector_proxy_connections_opened_total", 0.0),
+    ] {
+        assert_eq!(route_value(&metrics, name, "backend"), value, "{name}");
+    }
+    assert!(!metrics.contains("route=\"api\""), "{metrics}");
+
+    drop((old_clients, old_accepted, new_clients, new_accepted));
+    wait_for("every connection gone", Duration::from_secs(10), || {
+        (route_value(
+            &scrape(&netns),
+            "collector_proxy_connections_active",
+            "backend",
+        ) == 0.0)
+            .then_some(())
+    });
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// A crash after a clean start: the connections that start found open from before are in no
 /// table the next start inherits, and still count as active until they close.
 #[test]
