@@ -95,7 +95,9 @@ pub fn lock_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
     let held = lock
         .metadata()
         .with_context(|| format!("looking at the pin directory {}", pin_dir.display()))?;
-    match fs::symlink_metadata(pin_dir) {
+    // Through a symlink, as the open went: a `pin_dir` given as a link to the directory
+    // compared the link's own inode, and could never be locked.
+    match fs::metadata(pin_dir) {
         Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => Ok(Some(lock)),
         Ok(_) => Ok(None),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -207,6 +209,19 @@ mod tests {
                      4: FLOCK  ADVISORY  WRITE 13 00:1f:77 0 EOF\n";
         assert_eq!(flock_holder(locks, dev, 77), Some(13));
         assert_eq!(flock_holder(locks, dev, 78), None);
+    }
+
+    #[test]
+    fn a_pin_directory_given_through_a_symlink_is_locked() {
+        let base = std::env::temp_dir().join(format!("collector-pin-lock-{}", std::process::id()));
+        let (real, link) = (base.join("real"), base.join("link"));
+        fs::create_dir_all(&real).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let held = lock_if_current(&link).unwrap();
+        let again = lock_if_current(&real).unwrap();
+        fs::remove_dir_all(&base).unwrap();
+        assert!(held.is_some(), "not locked through the link");
+        assert!(again.is_none(), "locked twice");
     }
 
     #[test]
