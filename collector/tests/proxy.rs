@@ -592,6 +592,30 @@ fn connections_the_proxy_closed_first_are_not_open_at_the_next_start() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// Connections on `api` open from before a start of the agent.
+const BEFORE: usize = 5;
+/// Connections on `api` the agent accepts.
+const ACCEPTED: usize = 3;
+
+/// Starts the agent with [`BEFORE`] connections on `api` open from before and [`ACCEPTED`]
+/// it accepts, waits until it counts them all active, and kills it (SIGKILL, as a crash):
+/// the connections, still open.
+fn crash_with_connections_open(netns: &Netns, config: &AgentConfig) -> Vec<TcpStream> {
+    let before = hold_open(netns, BEFORE);
+    let agent = Agent::start(netns, config);
+    let accepted = hold_open(netns, ACCEPTED);
+    wait_for("every connection active", Duration::from_secs(10), || {
+        (route_value(&scrape(netns), "collector_proxy_connections_active", "api")
+            == (BEFORE + ACCEPTED) as f64)
+            .then_some(())
+    });
+    agent.kill();
+    [before.0, before.1, accepted.0, accepted.1]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// A crash, then a start whose config renamed a route (same port): the connections the
 /// crashed run tracked are in its table under the old name's slot, which nothing exports
 /// now, so they count as open from before on the renamed route, as those the crashed run
@@ -599,18 +623,9 @@ fn connections_the_proxy_closed_first_are_not_open_at_the_next_start() {
 /// left out whatever its slot, and the renamed route's `active` read only the latter.
 #[test]
 fn connections_of_a_route_renamed_across_a_crash_stay_active() {
-    const BEFORE: usize = 5;
-    const ACCEPTED: usize = 3;
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
-    let (old_clients, old_accepted) = hold_open(&netns, BEFORE);
-    let agent = Agent::start(&netns, &config);
-    let (new_clients, new_accepted) = hold_open(&netns, ACCEPTED);
-    wait_for("8 active connections", Duration::from_secs(10), || {
-        (route_value(&scrape(&netns), "collector_proxy_connections_active", "api") == 8.0)
-            .then_some(())
-    });
-    agent.kill();
+    let held = crash_with_connections_open(&netns, &config);
     let renamed = std::fs::read_to_string(&config.path)
         .unwrap()
         .replace("name = \"api\"", "name = \"backend\"");
@@ -626,7 +641,7 @@ fn connections_of_a_route_renamed_across_a_crash_stay_active() {
     }
     assert!(!metrics.contains("route=\"api\""), "{metrics}");
 
-    drop((old_clients, old_accepted, new_clients, new_accepted));
+    drop(held);
     wait_for("every connection gone", Duration::from_secs(10), || {
         (route_value(
             &scrape(&netns),
@@ -643,18 +658,9 @@ fn connections_of_a_route_renamed_across_a_crash_stay_active() {
 /// table the next start inherits, and still count as active until they close.
 #[test]
 fn connections_open_from_before_a_start_stay_active_across_a_crash() {
-    const BEFORE: usize = 5;
-    const ACCEPTED: usize = 3;
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
-    let (old_clients, old_accepted) = hold_open(&netns, BEFORE);
-    let agent = Agent::start(&netns, &config);
-    let (new_clients, new_accepted) = hold_open(&netns, ACCEPTED);
-    wait_for("8 active connections", Duration::from_secs(10), || {
-        (route_value(&scrape(&netns), "collector_proxy_connections_active", "api") == 8.0)
-            .then_some(())
-    });
-    agent.kill();
+    let held = crash_with_connections_open(&netns, &config);
     let agent = Agent::start(&netns, &config);
     let metrics = scrape(&netns);
     for (name, value) in [
@@ -666,7 +672,7 @@ fn connections_open_from_before_a_start_stay_active_across_a_crash() {
     }
     assert_eq!(proxy_json(&netns)["activeConnections"], BEFORE + ACCEPTED);
 
-    drop((old_clients, old_accepted, new_clients, new_accepted));
+    drop(held);
     let metrics = wait_for("every connection gone", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         (route_value(&metrics, "collector_proxy_connections_active", "api") == 0.0)
