@@ -47,8 +47,8 @@ pub struct Local {
     /// A `local` route wider than one address (an `AnyIP` range), other than loopback's
     /// 127.0.0.0/8: no table of addresses covers it.
     pub wide_route: Option<String>,
-    /// Changes interrupted every read (`NLM_F_DUMP_INTR`): what the last one found, which
-    /// may lack an address that was there all along. The kernel interrupts an address dump
+    /// Changes interrupted every read (`NLM_F_DUMP_INTR`): what the reads found together,
+    /// which may lack an address that was there all along. The kernel interrupts an address dump
     /// at every IPv4 address added or removed meanwhile, and a dump of 20,000 takes about 50
     /// reads, so while kube-proxy adds thousands of service addresses few reads finish
     /// uninterrupted.
