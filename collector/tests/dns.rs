@@ -169,22 +169,10 @@ fn counts_a_known_query_mix_exactly() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// The JSON output of a `collector` command (`maps dump ...`) on the agent's pins.
-fn collector_json(config: &AgentConfig, args: &[&str]) -> serde_json::Value {
-    let out = support::stdout_of(
-        std::process::Command::new(support::COLLECTOR)
-            .args(args)
-            .arg("--config")
-            .arg(&config.path)
-            .arg("--json"),
-    );
-    serde_json::from_str(&out).unwrap()
-}
-
 /// `maps dump DNS_COUNTERS` shows the latency histogram `/metrics` shows: its buckets named
 /// by their upper bound (`lt_1024us`), the empty ones left out.
 fn assert_latency_dump_matches_the_histogram(config: &AgentConfig, metrics: &str) {
-    let counters = collector_json(config, &["maps", "dump", map_names::DNS_COUNTERS]);
+    let counters = support::collector_json(config, &["maps", "dump", map_names::DNS_COUNTERS]);
     let mut dumped: Vec<(f64, f64)> = counters["latencyBuckets"]
         .as_object()
         .unwrap_or_else(|| panic!("latencyBuckets: {counters}"))
@@ -481,11 +469,11 @@ fn without_response_matching_counts_the_same_and_leaves_matched_figures_out() {
 
     // In the kernel: every query counted as unmatched, nothing matched, no upstream name
     // stamped (with matching on, the 5 forwarded names would be).
-    let counters = collector_json(&config, &["maps", "dump", map_names::DNS_COUNTERS]);
+    let counters = support::collector_json(&config, &["maps", "dump", map_names::DNS_COUNTERS]);
     assert_eq!(counters["queriesUnmatched"], 30, "{counters}");
     assert_eq!(counters["answered"], 0);
     assert_eq!(counters["cacheHits"], 0);
-    let upstream = collector_json(&config, &["maps", "list"])
+    let upstream = support::collector_json(&config, &["maps", "list"])
         .as_array()
         .unwrap()
         .iter()
@@ -539,7 +527,7 @@ fn with_dns_off_the_shared_classifier_counts_tcp_and_no_dns() {
         "web in",
     );
     // ...and left DNS out: nothing in the kernel's DNS counters, no DNS families served.
-    let counters = collector_json(&config, &["maps", "dump", map_names::DNS_COUNTERS]);
+    let counters = support::collector_json(&config, &["maps", "dump", map_names::DNS_COUNTERS]);
     assert_eq!(
         counters["queriesByQtype"],
         serde_json::json!({}),

@@ -905,13 +905,10 @@ fn a_clean_stop_ends_the_stream_after_every_event_before_it() {
     // loaded machine the last close may come after its round trip returns, and after the
     // stop's last drain.
     wait_for("every close in the kernel", Duration::from_secs(10), || {
-        let out = stdout_of(
-            std::process::Command::new(COLLECTOR)
-                .args(["maps", "dump", collector_common::map_names::CONN_COUNTERS])
-                .args(["--json", "--config"])
-                .arg(&config.path),
+        let rows = support::collector_json(
+            &config,
+            &["maps", "dump", collector_common::map_names::CONN_COUNTERS],
         );
-        let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
         let web = rows.as_array()?.iter().find(|row| row["route"] == "web")?;
         (web["closed"].as_u64()? == ROUND_TRIPS as u64).then_some(())
     });

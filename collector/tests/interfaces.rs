@@ -19,8 +19,7 @@ use std::{
 
 use collector_common::map_names;
 use support::{
-    Agent, AgentConfig, COLLECTOR, Netns, ScratchDir, assert_no_pins, run, sample, scrape,
-    stdout_of, wait_for,
+    Agent, AgentConfig, Netns, ScratchDir, assert_no_pins, run, sample, scrape, stdout_of, wait_for,
 };
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
@@ -775,24 +774,13 @@ fn traffic_to_addresses_given_after_the_start_is_counted() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// `collector maps dump MAP --json` of the agent run with `config`: its text and JSON.
-fn dump_map(config: &AgentConfig, map: &str) -> (String, serde_json::Value) {
-    let out = stdout_of(
-        std::process::Command::new(COLLECTOR)
-            .args(["maps", "dump", map, "--json", "--config"])
-            .arg(&config.path),
-    );
-    let json = serde_json::from_str(&out).unwrap_or_else(|err| panic!("{err}: {out}"));
-    (out, json)
-}
-
 /// The table of local addresses as `collector maps dump LOCAL_ADDRESSES` shows it: its
 /// addresses, and whether they are all of the namespace's.
 fn local_addresses(config: &AgentConfig) -> (Vec<String>, bool) {
-    let (out, table) = dump_map(config, map_names::LOCAL_ADDRESSES);
+    let table = support::collector_json(config, &["maps", "dump", map_names::LOCAL_ADDRESSES]);
     let addresses = table["addresses"]
         .as_array()
-        .unwrap_or_else(|| panic!("{out}"))
+        .unwrap_or_else(|| panic!("{table}"))
         .iter()
         .map(|row| row["address"].as_str().unwrap().to_owned())
         .collect();
@@ -825,7 +813,7 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
     });
 
     connect_and_serve(&netns, &peer, "10.77.0.9:18080");
-    let (out, rows) = dump_map(&config, map_names::ROUTE_TRAFFIC);
+    let rows = support::collector_json(&config, &["maps", "dump", map_names::ROUTE_TRAFFIC]);
     let retransmitted = support::retransmitted_segments(&[&netns, &peer]);
     for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
         let row = rows
@@ -834,7 +822,7 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
             .iter()
             .find(|row| row["route"] == "web" && row["direction"] == direction)
             .unwrap();
-        let what = format!("{direction}: {out}");
+        let what = format!("{direction}: {rows}");
         let live = row["payloadBytes"].as_f64();
         support::assert_live_bytes(live, (CONNECTIONS, bytes), retransmitted, &what);
     }

@@ -21,17 +21,6 @@ const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http
 const DONE: usize = 10;
 const HELD: usize = 5;
 
-fn collector(args: &[&str], config: &AgentConfig) -> serde_json::Value {
-    let out = support::stdout_of(
-        std::process::Command::new(COLLECTOR)
-            .args(args)
-            .arg("--config")
-            .arg(&config.path)
-            .arg("--json"),
-    );
-    serde_json::from_str(&out).unwrap()
-}
-
 /// `DONE` connections made and closed, `HELD` more left open: (client ends, server ends).
 fn done_and_held(netns: &Netns) -> (Vec<TcpStream>, Vec<TcpStream>) {
     let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
@@ -331,7 +320,7 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
         },
     );
 
-    let list = collector(&["maps", "list"], &config);
+    let list = support::collector_json(&config, &["maps", "list"]);
     let names: Vec<&str> = list
         .as_array()
         .unwrap()
@@ -341,9 +330,10 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
     for name in collector_common::PINNED_MAPS {
         assert!(names.contains(&name), "{name} missing from {list}");
         // Every map the list shows has a decoder.
-        collector(&["maps", "dump", name], &config);
+        support::collector_json(&config, &["maps", "dump", name]);
     }
-    let latest_dumped = collector(&["maps", "dump", map_names::DNS_UPSTREAM_LATEST], &config);
+    let latest_dumped =
+        support::collector_json(&config, &["maps", "dump", map_names::DNS_UPSTREAM_LATEST]);
     assert_eq!(latest_dumped["latestUpstreamNs"], latest);
     let conn_state = list
         .as_array()
@@ -365,7 +355,7 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
     );
 
     // The route counters, as the CLI decodes them, equal /metrics.
-    let dump = collector(&["maps", "dump", map_names::CONN_COUNTERS], &config);
+    let dump = support::collector_json(&config, &["maps", "dump", map_names::CONN_COUNTERS]);
     assert_eq!(
         dumped_by_environment(map_names::CONN_COUNTERS, &config),
         dump
@@ -387,7 +377,7 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
     assert_eq!(web["opened"], DONE + HELD);
     assert_eq!(web["bytesIn"], DONE * 4);
     // Every closed connection is in exactly one duration bucket.
-    let durations = collector(&["maps", "dump", map_names::CONN_DURATIONS], &config);
+    let durations = support::collector_json(&config, &["maps", "dump", map_names::CONN_DURATIONS]);
     assert_eq!(durations[0]["route"], "web");
     let bucketed: u64 = durations[0]["buckets"]
         .as_object()
@@ -401,9 +391,9 @@ fn maps_list_and_dump_read_the_live_maps_and_the_pins() {
 
     // From the pins alone: the agent crashed, the maps stay readable.
     agent.kill();
-    let after_crash = collector(&["maps", "dump", map_names::CONN_COUNTERS], &config);
+    let after_crash = support::collector_json(&config, &["maps", "dump", map_names::CONN_COUNTERS]);
     assert_eq!(after_crash[0]["opened"], DONE + HELD);
-    let state = collector(&["maps", "dump", map_names::CONN_STATE], &config);
+    let state = support::collector_json(&config, &["maps", "dump", map_names::CONN_STATE]);
     assert_eq!(state.as_array().unwrap().len(), HELD);
     assert!(
         state

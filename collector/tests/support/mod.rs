@@ -325,6 +325,19 @@ pub fn assert_live_bytes(
     );
 }
 
+/// The JSON output of a `collector` command run with the agent's config (`maps dump ...`:
+/// the pins, read without the agent's HTTP side).
+pub fn collector_json(config: &AgentConfig, args: &[&str]) -> serde_json::Value {
+    let out = stdout_of(
+        Command::new(COLLECTOR)
+            .args(args)
+            .arg("--config")
+            .arg(&config.path)
+            .arg("--json"),
+    );
+    serde_json::from_str(&out).unwrap_or_else(|err| panic!("{args:?}: {err}: {out}"))
+}
+
 /// Runs `command`, asserts it succeeded (showing its stderr if not) and returns its stdout.
 pub fn stdout_of(command: &mut Command) -> String {
     let out = command.output().unwrap();
