@@ -71,6 +71,8 @@ pub struct HttpConfig {
     /// Longest time a request may take (event streams excepted), and apart from that,
     /// longest a password may wait for its bcrypt check; then 503.
     pub request_timeout: Duration,
+    /// Longest a client may take over its TLS handshake; then its connection is closed.
+    pub tls_handshake_timeout: Duration,
     /// Connections open at once. At the cap, a new connection closes the one that has
     /// waited longest for a request's header of the address holding the most, or is closed
     /// itself if every one is busy. Above `max_concurrent_requests + max_event_streams`, so
@@ -259,6 +261,7 @@ struct RawHttp {
     max_concurrent_requests: Option<Spanned<u64>>,
     max_event_streams: Option<Spanned<u64>>,
     request_timeout_ms: Option<Spanned<u64>>,
+    tls_handshake_timeout_ms: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
     max_connections_per_address: Option<Spanned<u64>>,
 }
@@ -814,6 +817,7 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
         max_concurrent_requests: 64,
         max_event_streams: 8,
         request_timeout: Duration::from_secs(10),
+        tls_handshake_timeout: Duration::from_secs(10),
         max_connections: 512,
         // Above max_concurrent_requests + max_event_streams (72): one address (a node's,
         // under hostNetwork) holding every request and stream still leaves its probes a
@@ -853,6 +857,10 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
     if let Some(timeout) = &raw.request_timeout_ms {
         let ms: u64 = in_range(source, timeout, "request_timeout_ms", 100, 600_000)?;
         http.request_timeout = Duration::from_millis(ms);
+    }
+    if let Some(timeout) = &raw.tls_handshake_timeout_ms {
+        let ms: u64 = in_range(source, timeout, "tls_handshake_timeout_ms", 1000, 600_000)?;
+        http.tls_handshake_timeout = Duration::from_millis(ms);
     }
     if let Some(limit) = &raw.max_connections {
         http.max_connections = in_range(source, limit, "max_connections", 1, 100_000)?;
@@ -1417,6 +1425,31 @@ mod tests {
         assert_eq!(
             enabled("[nftables]\nenabled = \"auto\"\n"),
             NftEnabled::Auto
+        );
+    }
+
+    #[test]
+    fn a_tls_handshake_gets_ten_seconds_unless_told_otherwise() {
+        let timeout = |text: &str| {
+            Config::from_toml("t.toml", text)
+                .unwrap()
+                .http
+                .tls_handshake_timeout
+        };
+        assert_eq!(timeout(""), Duration::from_secs(10));
+        assert_eq!(
+            timeout("[http]\ntls_handshake_timeout_ms = 600000\n"),
+            Duration::from_mins(10)
+        );
+        assert_error(
+            "[http]\ntls_handshake_timeout_ms = 999\n",
+            2,
+            "tls_handshake_timeout_ms",
+        );
+        assert_error(
+            "[http]\ntls_handshake_timeout_ms = 600001\n",
+            2,
+            "tls_handshake_timeout_ms",
         );
     }
 

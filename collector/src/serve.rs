@@ -155,6 +155,7 @@ pub struct Guard {
     pub permits: Arc<tokio::sync::Semaphore>,
     pub streams: Arc<tokio::sync::Semaphore>,
     pub timeout: std::time::Duration,
+    pub tls_handshake_timeout: std::time::Duration,
     pub connections: ConnectionLimits,
     /// How the secret files' reloads went (the TLS certificate's too), for `/metrics`.
     pub reloads: Arc<SecretReloads>,
@@ -177,6 +178,7 @@ impl Guard {
             permits: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_requests)),
             streams: Arc::new(tokio::sync::Semaphore::new(http.max_event_streams)),
             timeout: http.request_timeout,
+            tls_handshake_timeout: http.tls_handshake_timeout,
             connections: ConnectionLimits {
                 total: http.max_connections,
                 per_address: http.max_connections_per_address,
@@ -528,6 +530,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let admission = Arc::new(Mutex::new(Admission::new(guard.connections)));
+    let handshake_timeout = guard.tls_handshake_timeout;
     let app = router(sources, guard);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
@@ -553,7 +556,9 @@ pub async fn serve(
             let served = async {
                 match acceptor {
                     Some(acceptor) => {
-                        if let Some(stream) = tls::handshake(&acceptor, tcp, peer).await {
+                        if let Some(stream) =
+                            tls::handshake(&acceptor, tcp, peer, handshake_timeout).await
+                        {
                             serve_connection(stream, app, watcher, &ticket).await;
                         }
                     }

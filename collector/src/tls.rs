@@ -27,9 +27,6 @@ use crate::{
     secret_reloads::{Secret, SecretReloads},
 };
 
-/// Longest a client may take over its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The certificate chain and private key files (PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -147,14 +144,15 @@ fn load(files: &TlsFiles) -> anyhow::Result<(Arc<CertifiedKey>, Option<i64>)> {
     Ok((Arc::new(certified), not_after))
 }
 
-/// The TLS handshake of an accepted connection, within [`HANDSHAKE_TIMEOUT`]; `None` (said
-/// at debug level) when it fails or takes too long.
+/// The TLS handshake of an accepted connection, within `within` (`[http]
+/// tls_handshake_timeout_ms`); `None` (said at debug level) when it fails or takes too long.
 pub async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
+    within: Duration,
 ) -> Option<TlsStream<TcpStream>> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    match tokio::time::timeout(within, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(err)) => {
             tracing::debug!(%peer, "TLS handshake failed: {err}");

@@ -524,30 +524,48 @@ fn silent_connections_from_one_address_leave_everyone_else_served() {
     // The agent's default cap per address (`[http] max_connections_per_address`).
     const PER_ADDRESS: usize = 80;
     let netns = Netns::new();
-    let (_scratch, cert, _config, agent) = tls_agent(&netns, "silent", "silent", "");
+    let (_scratch, cert, _config, agent) =
+        tls_agent(&netns, "silent", "silent", PATIENT_HANDSHAKES);
     // One client (another pod, say) opens connections and never starts a handshake.
-    let opened = std::time::Instant::now();
-    let silent = netns.run(|| {
-        (0..SILENT)
-            .map(|_| silent_from("127.0.0.2"))
-            .collect::<Vec<_>>()
-    });
+    let silent: Vec<TcpStream> = (0..SILENT)
+        .map(|_| held(&netns, netns.run(|| silent_from("127.0.0.2"))))
+        .collect();
     // Everyone else is served meanwhile: the kubelet's probe, a scrape.
     assert_eq!(curl(&netns, &cert, "/healthz", None).0, 200);
     assert_eq!(curl(&netns, &cert, "/metrics", None).0, 200);
-    // Each one beyond its share closes its oldest at once; the rest wait for their handshake,
-    // until its 10 s time limit closes them too (on a machine slow enough to get there).
+    // Each one beyond its share closed its oldest at once; the rest wait for their handshake.
+    let (oldest, newest) = silent.split_at(SILENT - PER_ADDRESS);
     wait_for(
         "its oldest connections to be closed",
         Duration::from_secs(5),
-        || {
-            let (oldest, newest) = silent.split_at(SILENT - PER_ADDRESS);
-            let handshakes_timed_out = opened.elapsed() >= Duration::from_secs(10);
-            (oldest.iter().all(closed) && (handshakes_timed_out || !newest.iter().any(closed)))
-                .then_some(())
-        },
+        || oldest.iter().all(closed).then_some(()),
+    );
+    assert_eq!(
+        newest.iter().filter(|s| closed(s)).count(),
+        0,
+        "connections within the address's share were closed"
     );
     drop(silent);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_silent_connection_is_closed_at_the_handshake_time_limit() {
+    let netns = Netns::new();
+    let (_scratch, cert, _config, agent) = tls_agent(
+        &netns,
+        "handshake-limit",
+        "silent",
+        "tls_handshake_timeout_ms = 1000\n",
+    );
+    let silent = held(&netns, netns.run(|| silent_from("127.0.0.2")));
+    wait_for(
+        "the silent connection to be closed",
+        Duration::from_secs(10),
+        || closed(&silent).then_some(()),
+    );
+    // A client that does its handshake is served as before.
+    assert_eq!(curl(&netns, &cert, "/healthz", None).0, 200);
     assert!(agent.stop().success());
 }
 
@@ -556,13 +574,13 @@ fn silent_connections_from_the_probes_own_address_give_way_to_them() {
     // The agent's default cap per address (`[http] max_connections_per_address`).
     const PER_ADDRESS: usize = 80;
     let netns = Netns::new();
-    let (_scratch, cert, _config, agent) = tls_agent(&netns, "silent-node", "silent", "");
+    let (_scratch, cert, _config, agent) =
+        tls_agent(&netns, "silent-node", "silent", PATIENT_HANDSHAKES);
     // With hostNetwork the kubelet's probes come from the node's address, as does everything
     // any other process on the node opens: here 127.0.0.1, curl's address too. Its whole share
     // taken by connections that never start a handshake, opened one at a time in this order.
-    let opened = std::time::Instant::now();
     let silent: Vec<TcpStream> = (0..PER_ADDRESS)
-        .map(|_| netns.run(|| silent_from("127.0.0.1")))
+        .map(|_| held(&netns, netns.run(|| silent_from("127.0.0.1"))))
         .collect();
     thread::sleep(Duration::from_millis(100));
     assert!(!silent.iter().any(closed), "closed below the cap");
@@ -574,21 +592,18 @@ fn silent_connections_from_the_probes_own_address_give_way_to_them() {
         || closed(&silent[0]).then_some(()),
     );
     // Once more, at the cap again: the next oldest goes.
-    let refill = netns.run(|| silent_from("127.0.0.1"));
-    thread::sleep(Duration::from_millis(20));
+    let refill = held(&netns, netns.run(|| silent_from("127.0.0.1")));
     assert_eq!(curl(&netns, &cert, "/readyz", None).0, 200);
     wait_for(
         "the next oldest silent connection to close",
         Duration::from_secs(5),
         || closed(&silent[1]).then_some(()),
     );
-    // The others are left alone (unless their handshake's 10 s ran out meanwhile).
-    if opened.elapsed() < Duration::from_secs(8) {
-        assert!(
-            !silent[2..].iter().chain([&refill]).any(closed),
-            "connections wrongly closed"
-        );
-    }
+    // The others are left alone.
+    assert!(
+        !silent[2..].iter().chain([&refill]).any(closed),
+        "connections wrongly closed"
+    );
     drop((silent, refill));
     assert!(agent.stop().success());
 }
@@ -603,6 +618,34 @@ fn silent_from(own: &str) -> TcpStream {
     socket.connect(&server.into()).unwrap();
     let stream = TcpStream::from(socket);
     stream.set_nonblocking(true).unwrap();
+    stream
+}
+
+/// `[http]` lines that give TLS handshakes ten minutes: the silent connections of a test are
+/// then closed only for another connection's sake, never by the handshake's time limit.
+const PATIENT_HANDSHAKES: &str = "tls_handshake_timeout_ms = 600000\n";
+
+/// `stream`, once the agent has accepted it (`ss` names the process holding its end): the
+/// agent then has the connections in the order they were opened.
+fn held(netns: &Netns, stream: TcpStream) -> TcpStream {
+    let filter = format!(
+        "( sport = :{} and dport = :{} )",
+        LISTEN.rsplit(':').next().unwrap(),
+        stream.local_addr().unwrap().port()
+    );
+    wait_for(
+        "the agent to accept a connection",
+        Duration::from_secs(10),
+        || {
+            let listed = stdout_of(
+                netns
+                    .command("ss")
+                    .args(["-tnpH", "state", "established"])
+                    .arg(&filter),
+            );
+            listed.contains("users:").then_some(())
+        },
+    );
     stream
 }
 
@@ -623,16 +666,13 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     const PER_ADDRESS: usize = 3;
     const REQUESTS: usize = 4;
     const STREAMS: usize = 1;
-    // Well within the agent's 10 s for a TLS handshake, after which the silent connections
-    // are closed anyway.
-    const WITHIN_HANDSHAKE_LIMIT: Duration = Duration::from_secs(8);
     let netns = Netns::new();
     let (scratch, cert, _config, agent) = tls_agent(
         &netns,
         "idle-cap",
         "idle",
         &format!(
-            "max_connections = {TOTAL}\nmax_connections_per_address = {PER_ADDRESS}\nmax_concurrent_requests = {REQUESTS}\nmax_event_streams = {STREAMS}\n"
+            "max_connections = {TOTAL}\nmax_connections_per_address = {PER_ADDRESS}\nmax_concurrent_requests = {REQUESTS}\nmax_event_streams = {STREAMS}\n{PATIENT_HANDSHAKES}"
         ),
     );
     // An event stream: in a request all along, so never taken for an idle connection.
@@ -655,9 +695,7 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
 
     // Someone else's connection in its TLS handshake (a scrape's, say), from an address of
     // its own: of all the silent connections, the one that has waited longest.
-    let opened = std::time::Instant::now();
-    let bystander = netns.run(|| silent_from("127.0.0.3"));
-    thread::sleep(Duration::from_millis(20));
+    let bystander = held(&netns, netns.run(|| silent_from("127.0.0.3")));
     // Every other place taken by connections that never start a handshake, from several
     // addresses, each at its own cap or below.
     let addresses = ["127.0.0.2", "127.0.0.2", "127.0.0.2"].into_iter().chain([
@@ -666,12 +704,8 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
         "127.0.0.5",
     ]);
     let silent: Vec<TcpStream> = addresses
-        .map(|own| {
-            // One at a time, so that the agent has them in this order.
-            let stream = netns.run(move || silent_from(own));
-            thread::sleep(Duration::from_millis(20));
-            stream
-        })
+        // One at a time, so that the agent has them in this order.
+        .map(|own| held(&netns, netns.run(move || silent_from(own))))
         .collect();
     assert_eq!(silent.len() + 2, TOTAL);
     // One more from an address at its cap takes the place of that address's oldest.
@@ -692,25 +726,21 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     );
     // Once more, at the cap again, with three addresses holding two each: the oldest of
     // their connections goes.
-    let refill = netns.run(|| silent_from("127.0.0.5"));
-    thread::sleep(Duration::from_millis(20));
+    let refill = held(&netns, netns.run(|| silent_from("127.0.0.5")));
     assert_eq!(curl(&netns, &cert, "/readyz", None).0, 200);
     wait_for(
         "the oldest connection of the addresses holding the most to close",
         Duration::from_secs(5),
         || closed(&silent[2]).then_some(()),
     );
-    // The rest, the bystander first, are left alone (unless their handshake's time ran out
-    // meanwhile, on a machine slow enough to get there), and the stream goes on.
-    if opened.elapsed() < WITHIN_HANDSHAKE_LIMIT {
-        assert!(!closed(&bystander), "the bystander's connection was closed");
-        let open = silent[3..]
-            .iter()
-            .chain([&over, &refill])
-            .filter(|s| !closed(s))
-            .count();
-        assert_eq!(open, silent.len() - 1, "connections wrongly closed");
-    }
+    // The rest, the bystander first, are left alone, and the stream goes on.
+    assert!(!closed(&bystander), "the bystander's connection was closed");
+    let open = silent[3..]
+        .iter()
+        .chain([&over, &refill])
+        .filter(|s| !closed(s))
+        .count();
+    assert_eq!(open, silent.len() - 1, "connections wrongly closed");
     assert!(stream.try_wait().is_none(), "the event stream was closed");
     drop(stream);
     drop((bystander, silent, over, refill));
