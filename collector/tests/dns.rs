@@ -892,11 +892,7 @@ fn dns_the_host_forwards(masquerade: bool) {
     ask(&client, "10.79.3.1:53", 2);
     local.join().unwrap();
 
-    let polls = |metrics: &str| sample(metrics, "collector_polls_total", &[]).unwrap();
-    let after = polls(&scrape(&netns)) + 2.0;
-    wait_for("two more polls", Duration::from_secs(15), || {
-        (polls(&scrape(&netns)) >= after).then_some(())
-    });
+    support::after_polls(&netns, 2);
     let json = dns_json(&netns);
     assert_eq!(
         (&json["totalQueries"], &json["totalResponses"]),

@@ -881,6 +881,7 @@ fn crafted_packets_are_counted_where_they_belong() {
     let classifiers = Classifiers::load();
     let to = Direction::ToServer;
     let cases = crafted_cases();
+    let before = classifiers.malformed_reasons();
     for (name, packet, outcome) in &cases {
         assert_eq!(
             packet.expected(),
@@ -892,6 +893,27 @@ fn crafted_packets_are_counted_where_they_belong() {
             *outcome,
             "{name}"
         );
+    }
+    // Each malformed packet under one reason, and every reason among them.
+    let reasons: Vec<u64> = classifiers
+        .malformed_reasons()
+        .iter()
+        .zip(before)
+        .map(|(after, before)| after - before)
+        .collect();
+    let malformed = cases
+        .iter()
+        .filter(|(.., outcome)| *outcome == Outcome::Malformed)
+        .count();
+    assert_eq!(reasons.iter().sum::<u64>(), malformed as u64, "{reasons:?}");
+    for reason in [
+        dns_malformed::TRUNCATED,
+        dns_malformed::BAD_LENGTH,
+        dns_malformed::NO_QUESTION,
+        dns_malformed::BAD_NAME,
+        dns_malformed::WRONG_DIRECTION,
+    ] {
+        assert!(reasons[reason as usize] > 0, "reason {reason}: {reasons:?}");
     }
 
     // Not DNS on a watched port: not counted at all.
@@ -926,18 +948,6 @@ fn crafted_packets_are_counted_where_they_belong() {
         classifiers.run(packet.direction, &packet.frame());
         let after = classifiers.malformed_reasons()[reason as usize];
         assert_eq!(after - before, 1, "{name}");
-    }
-
-    // The reasons are told apart.
-    let reasons = classifiers.malformed_reasons();
-    for reason in [
-        dns_malformed::TRUNCATED,
-        dns_malformed::BAD_LENGTH,
-        dns_malformed::NO_QUESTION,
-        dns_malformed::BAD_NAME,
-        dns_malformed::WRONG_DIRECTION,
-    ] {
-        assert!(reasons[reason as usize] > 0, "reason {reason}: {reasons:?}");
     }
     assert_eq!(classifiers.totals().responses_truncated, 1);
 }

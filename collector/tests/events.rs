@@ -10,12 +10,12 @@ use std::{
     process::Stdio,
     sync::mpsc,
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
-    Agent, AgentConfig, COLLECTOR, LISTEN, Netns,
+    Agent, AgentConfig, COLLECTOR, LISTEN, Netns, Reaped,
     dns::{Client, SERVER, Unbound},
     sample, scrape, stdout_of, wait_for, wait_for_closed,
 };
@@ -104,12 +104,6 @@ fn assert_event_details(events: &[serde_json::Value]) {
     }
 }
 
-/// Milliseconds since the epoch, as the stream's `timestamp` counts them.
-fn wall_ms() -> u64 {
-    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    u64::try_from(since_epoch.as_millis()).unwrap()
-}
-
 /// Wall milliseconds before and after the test's connections, and after its queries.
 struct Phases {
     connections: u64,
@@ -182,7 +176,7 @@ fn assert_every_connection_in_top_ips(netns: &Netns, all: usize) {
 /// `collector events` reading the agent in `netns`, its lines parsed, once its stream is
 /// subscribed.
 struct Tail {
-    child: std::process::Child,
+    child: Reaped,
     lines: mpsc::Receiver<serde_json::Value>,
     reader: thread::JoinHandle<()>,
     /// What came before the subscription showed (the probes' own left out).
@@ -194,14 +188,14 @@ struct Tail {
 /// Starts `collector events` against the agent in `netns` (its config has the route "probe"
 /// on 18081) and probes that route until a probe shows in the stream.
 fn tail_events(netns: &Netns) -> Tail {
-    let mut child = netns
-        .command(COLLECTOR)
-        .args(["events", "--listen", LISTEN])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::spawn(
+        netns
+            .command(COLLECTOR)
+            .args(["events", "--listen", LISTEN])
+            .stdout(Stdio::piped()),
+    );
     let (lines_tx, lines) = mpsc::channel::<serde_json::Value>();
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.stdout().unwrap();
     let reader = thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
@@ -278,7 +272,7 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
         probes_made,
     } = tail_events(&netns);
 
-    let connections = wall_ms();
+    let connections = support::wall_ms();
     for _ in 0..CONNECTIONS {
         netns.run(|| round_trip(18080));
         thread::sleep(Duration::from_millis(20));
@@ -291,9 +285,9 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
         "web",
         u32::try_from(CONNECTIONS_UNSTREAMED + CONNECTIONS).unwrap(),
     );
-    let queries = wall_ms();
+    let queries = support::wall_ms();
     query_www(&netns, QUERIES);
-    let end = wall_ms();
+    let end = support::wall_ms();
 
     // Every web open and close, every query and answer; probes and nothing else beside.
     let count = |events: &[serde_json::Value], kind: &str| {
@@ -329,7 +323,7 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
 
     // Stopping the agent ends the stream, and `collector events` with it.
     assert!(agent.stop().success());
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
     reader.join().unwrap();
     let phases = Phases {
         connections,
@@ -505,7 +499,7 @@ fn a_sampled_query_is_streamed_with_its_answer() {
     );
 
     assert!(agent.stop().success());
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
     reader.join().unwrap();
 }
 
@@ -578,8 +572,18 @@ fn a_stop_detaches_even_while_a_stream_reader_has_stopped_reading() {
     let server = echo_once(listener, ROUND_TRIPS);
     netns.run(|| (0..ROUND_TRIPS).for_each(|_| round_trip(18081)));
     server.join().unwrap();
-    // Time for the agent's drains to stream them all, as far as the reader lets it.
-    thread::sleep(Duration::from_secs(1));
+    // The reader is behind: the agent's end holds lines it cannot send.
+    let reader = stalled.local_addr().unwrap();
+    wait_for(
+        "lines waiting in the agent's end of the stalled reader's connection",
+        Duration::from_secs(10),
+        || {
+            let end = agents_end(&netns, reader);
+            // Recv-Q Send-Q Local Peer [users]
+            let unsent: u64 = end.split_whitespace().nth(2)?.parse().ok()?;
+            (unsent > 0).then_some(())
+        },
+    );
 
     let status = agent.stop_within(libc::SIGTERM, Duration::from_secs(15));
     assert!(
@@ -590,21 +594,25 @@ fn a_stop_detaches_even_while_a_stream_reader_has_stopped_reading() {
     drop(stalled);
 }
 
+/// `ss`'s line for the agent's end of its connection from `client`, in any state, with the
+/// process holding it (`users:`) while one does; empty once the socket is gone.
+fn agents_end(netns: &Netns, client: SocketAddr) -> String {
+    let listen: SocketAddr = LISTEN.parse().unwrap();
+    stdout_of(netns.command("ss").args([
+        "-tanpH",
+        &format!(
+            "( sport = :{} and dport = :{} )",
+            listen.port(),
+            client.port()
+        ),
+    ]))
+}
+
 /// The agent's own end of its connection from `client`, copied into this process
 /// (`pidfd_getfd`, which root may use on any process): socket options set on the sockets the
 /// agent accepts can be read only there.
 fn agents_socket(netns: &Netns, agent: &Agent, client: SocketAddr) -> OwnedFd {
-    let listen: SocketAddr = LISTEN.parse().unwrap();
-    let filter = format!(
-        "( sport = :{} and dport = :{} )",
-        listen.port(),
-        client.port()
-    );
-    let sockets = stdout_of(
-        netns
-            .command("ss")
-            .args(["-tnpH", "state", "established", &filter]),
-    );
+    let sockets = agents_end(netns, client);
     // users:(("collector",pid=1234,fd=12))
     let fd: i32 = sockets
         .split("fd=")
@@ -655,7 +663,7 @@ fn an_idle_stream_carries_heartbeats_and_the_agents_socket_times_out_unacknowled
         Some(UNACKNOWLEDGED)
     );
 
-    let sent = wall_ms();
+    let sent = support::wall_ms();
     let mut stream = stream;
     stream
         .set_read_timeout(Some(HEARTBEAT + Duration::from_secs(10)))
@@ -679,7 +687,7 @@ fn an_idle_stream_carries_heartbeats_and_the_agents_socket_times_out_unacknowled
     let heartbeat: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(heartbeat.as_object().unwrap().len(), 2, "{line}");
     let stamped = heartbeat["timestamp"].as_u64().unwrap();
-    assert!((sent..=wall_ms()).contains(&stamped), "{line}");
+    assert!((sent..=support::wall_ms()).contains(&stamped), "{line}");
     drop(stream);
     assert!(agent.stop().success());
 }
@@ -930,7 +938,7 @@ fn a_clean_stop_ends_the_stream_after_every_event_before_it() {
         events.push(event);
     }
     reader.join().unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
     // Its last line says the agent ended it.
     assert_eq!(
         events.last().map(|event| &event["event"]),
@@ -986,7 +994,7 @@ fn a_clean_stop_says_what_the_full_ring_dropped_since_the_last_poll() {
         events.push(event);
     }
     reader.join().unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
     assert_eq!(
         events.last().map(|event| &event["event"]),
         Some(&"end".into())
@@ -1078,9 +1086,14 @@ fn the_kernel_stops_sending_stream_events_when_the_last_reader_leaves() {
         (first, second)
     });
     assert_eq!(stream_switches(&agent), (1, 1));
-    // One reader left: still on.
+    // One reader left, and the agent has let its connection go: still on.
+    let first_address = first.local_addr().unwrap();
     drop(first);
-    thread::sleep(Duration::from_secs(1));
+    wait_for(
+        "the agent to let the first reader's connection go",
+        Duration::from_secs(10),
+        || (!agents_end(&netns, first_address).contains("users:")).then_some(()),
+    );
     assert_eq!(stream_switches(&agent), (1, 1));
     drop(second);
     wait_for(

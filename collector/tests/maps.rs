@@ -177,6 +177,8 @@ fn a_watch_goes_on_over_a_restart_and_gives_a_reset_count_no_rate() {
     let after = next_line(&stdout, &mut seen, |line| {
         opened(line).is_some_and(|fields| fields[1] != before)
     });
+    // Nothing opened since (the held connections are open from before, not opened).
+    assert_eq!(opened(&after).unwrap()[1], "0", "{after}");
     assert_eq!(opened(&after).unwrap()[2], "-", "{after}");
     next_line(&stderr, &mut errors, |line| {
         line == "reading CONN_COUNTERS again"

@@ -376,13 +376,28 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
             pid = pid_file.display(),
         ),
     );
+    // The stuck nft goes with the test, should the agent fail to kill it (the fault under
+    // test): found by its pid and its command line, never another process given the pid.
+    let _stuck_killed = support::OnDrop(|| {
+        let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|pid| pid.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"/bin/sleep\0600\0") {
+            // SAFETY: a plain system call.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
     let began = Instant::now();
+    // Within the time `Agent::spawn` gives a start, far below the 600 s of the stuck nft.
     let agent = Agent::spawn(&netns, launcher, &config, &[]);
-    let started_in = began.elapsed();
-    // The start waited for nft's deadline, not for nft.
+    // The start waited for nft's deadline.
     assert!(
-        started_in >= Duration::from_secs(2) && started_in < Duration::from_secs(30),
-        "{started_in:?}"
+        began.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
     );
     let pid: u32 = std::fs::read_to_string(&pid_file)
         .unwrap()
@@ -403,14 +418,8 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
     wait_for("the late table", Duration::from_secs(10), || {
         has_table(&netns, &config.nft_table).then_some(())
     });
-    let stopping = Instant::now();
+    // Within the time `Agent::stop` gives, far below the 600 s of the stuck nft.
     assert!(agent.stop().success());
-    // Far below the 600 s the stuck `nft` would take, and room for a loaded machine.
-    assert!(
-        stopping.elapsed() < Duration::from_secs(15),
-        "{:?}",
-        stopping.elapsed()
-    );
     assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
@@ -995,8 +1004,6 @@ fn counters_reset_under_the_agent_go_on_from_their_last_counts() {
     connections(&netns, 3);
     let before = assert_nft_equals_ebpf(&netns, 3);
 
-    let polls = || sample(&scrape(&netns), "collector_polls_total", &[]).unwrap();
-    let polls_at_reset = polls();
     run(
         "ip",
         &[
@@ -1017,10 +1024,8 @@ fn counters_reset_under_the_agent_go_on_from_their_last_counts() {
         table(&netns, &config.nft_table)
     );
     // Two polls on, the reset was read: as no drop.
-    wait_for("two polls", Duration::from_secs(10), || {
-        (polls() >= polls_at_reset + 2.0).then_some(())
-    });
-    assert_eq!(route_packets(&scrape(&netns), "in").1, Some(before));
+    let metrics = support::after_polls(&netns, 2);
+    assert_eq!(route_packets(&metrics, "in").1, Some(before));
 
     connections(&netns, 4);
     assert_nft_equals_ebpf(&netns, 7);

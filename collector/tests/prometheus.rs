@@ -150,6 +150,32 @@ fn epoch_seconds() -> f64 {
         .as_secs_f64()
 }
 
+/// What `/proc/PID/status` says of a process's memory (bytes) and threads.
+struct ProcStatus {
+    resident: f64,
+    virtual_size: f64,
+    threads: f64,
+}
+
+impl ProcStatus {
+    fn of(proc_dir: &Path) -> Self {
+        let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+        let field = |name: &str| -> f64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+        };
+        Self {
+            resident: field("VmRSS:") * 1024.0,
+            virtual_size: field("VmSize:") * 1024.0,
+            threads: field("Threads:"),
+        }
+    }
+}
+
 /// The agent's `process_*` figures are its own, as `/proc` shows them to the test: started
 /// while the test started it, its open-file limit, its file descriptors and CPU time.
 #[test]
@@ -159,22 +185,24 @@ fn the_agent_exports_its_own_process_figures() {
     let before_start = epoch_seconds();
     let agent = Agent::start(&netns, &config);
     let ready = epoch_seconds();
-    let metrics = scrape(&netns);
     let proc_dir = Path::new("/proc").join(agent.pid().to_string());
+    let status_before = ProcStatus::of(&proc_dir);
+    let metrics = scrape(&netns);
+    let status_after = ProcStatus::of(&proc_dir);
     let value = |name: &str| sample(&metrics, name, &[]).unwrap_or_else(|| panic!("no {name}"));
 
-    // The commit built, which the version alone does not tell (unless the build was told
-    // another, as a build outside git is).
-    if std::env::var_os("COLLECTOR_REVISION").is_none() {
-        let head = support::stdout_of(Command::new("git").args([
+    // The commit built, which the version alone does not tell, or the one the build was
+    // told (a build outside git is).
+    let revision = std::env::var("COLLECTOR_REVISION").unwrap_or_else(|_| {
+        support::stdout_of(Command::new("git").args([
             "-C",
             env!("CARGO_MANIFEST_DIR"),
             "rev-parse",
             "--short=12",
             "HEAD",
-        ]));
-        assert_eq!(env!("COLLECTOR_REVISION"), head.trim());
-    }
+        ]))
+    });
+    assert_eq!(env!("COLLECTOR_REVISION"), revision.trim());
     assert_eq!(
         sample(
             &metrics,
@@ -221,10 +249,34 @@ fn the_agent_exports_its_own_process_figures() {
     let cpu_now = (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0;
     let cpu = value("process_cpu_seconds_total");
     assert!(cpu > 0.0 && cpu <= cpu_now, "{cpu} against {cpu_now} now");
-    let resident = value("process_resident_memory_bytes");
-    assert!(resident > f64::from(1u32 << 20), "{resident}");
-    assert!(value("process_virtual_memory_bytes") >= resident);
-    assert!(value("process_threads") >= 2.0);
+    // Read during the scrape, so between what /proc showed before and after it (memory give
+    // or take a MiB the rendering may have taken and given back).
+    let within = |name: &str, before: f64, after: f64, slack: f64| {
+        let value = value(name);
+        assert!(
+            value >= before.min(after) - slack && value <= before.max(after) + slack,
+            "{name} {value}: /proc read {before} before the scrape, {after} after"
+        );
+    };
+    let mib = f64::from(1u32 << 20);
+    within(
+        "process_resident_memory_bytes",
+        status_before.resident,
+        status_after.resident,
+        mib,
+    );
+    within(
+        "process_virtual_memory_bytes",
+        status_before.virtual_size,
+        status_after.virtual_size,
+        mib,
+    );
+    within(
+        "process_threads",
+        status_before.threads,
+        status_after.threads,
+        0.0,
+    );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }

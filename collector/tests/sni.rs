@@ -623,8 +623,7 @@ fn wait_for_exactly(netns: &Netns, expected: &Expected) -> String {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    thread::sleep(Duration::from_millis(300));
-    let metrics = scrape(netns);
+    let metrics = support::after_polls(netns, 3);
     assert_eq!(Expected::seen(&metrics), *expected, "{metrics}");
     let json = proxy_json(netns);
     for route in ROUTE_NAMES {
@@ -635,6 +634,12 @@ fn wait_for_exactly(netns: &Netns, expected: &Expected) -> String {
         );
     }
     metrics
+}
+
+/// Handshakes' last ACKs a deferring listener dropped in `netns` (`TCPDeferAcceptDrop`): one
+/// per connection whose accept its data completed, which shows the deferral took effect.
+fn deferred_accept_drops(netns: &Netns) -> u64 {
+    support::proc_net_counter(netns, "netstat", "TcpExt", "TCPDeferAcceptDrop")
 }
 
 /// The id of the `cgroup_skb` link the agent pinned for the server name reader.
@@ -894,6 +899,7 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
     let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
     let deferred = listen(&netns, at(Ipv6Addr::LOCALHOST, SHARED_PORT));
     support::set_tcp_option(&deferred, libc::TCP_DEFER_ACCEPT, 5);
+    let drops_before = deferred_accept_drops(&netns);
 
     let mut expected = Expected::new();
     let mut response = 100;
@@ -962,6 +968,11 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
         );
     }
     wait_for_exactly(&netns, &expected);
+    // Two exchanges of N per name went to the deferring listener, each accepted by its data.
+    assert_eq!(
+        deferred_accept_drops(&netns) - drops_before,
+        3 * 2 * N as u64
+    );
     stop_leaving_nothing(agent, &config);
 }
 
@@ -1069,7 +1080,7 @@ fn ipv6_connections_are_told_apart_as_ipv4_ones_are() {
     }
     wait_for_exactly(&netns, &expected);
     let json = proxy_json(&netns);
-    let top: Vec<_> = json["topIPs"]
+    let mut top: Vec<_> = json["topIPs"]
         .as_array()
         .unwrap()
         .iter()
@@ -1077,12 +1088,18 @@ fn ipv6_connections_are_told_apart_as_ipv4_ones_are() {
             (
                 client["ip"].as_str().unwrap().to_owned(),
                 client["connections"].as_u64().unwrap(),
+                client["maxUndercount"].as_u64().unwrap(),
             )
         })
         .collect();
+    top.sort();
     let each = u64::try_from(N * clients.len()).unwrap();
-    assert!(
-        top.contains(&("::1".to_owned(), each)) && top.contains(&("127.0.0.1".to_owned(), each)),
+    assert_eq!(
+        top,
+        [
+            ("127.0.0.1".to_owned(), each, 0),
+            ("::1".to_owned(), each, 0)
+        ],
         "{json}"
     );
     stop_leaving_nothing(agent, &config);
@@ -1425,6 +1442,8 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
     for listener in &listeners {
         support::set_tcp_option(listener, libc::TCP_DEFER_ACCEPT, 5);
     }
+    let drops_before = deferred_accept_drops(&netns);
+    let mut deferred = 0;
 
     let mut expected = Expected::new();
     // A connection that sends nothing is never accepted here.
@@ -1443,8 +1462,10 @@ fn hellos_that_complete_a_deferred_accept_are_read() {
         };
         let split = Send::SplitAfter(header.len());
         behind.exchange_sending(&netns, &listeners[0], N, split, &mut expected);
+        deferred += 3 * N as u64;
     }
     wait_for_exactly(&netns, &expected);
+    assert_eq!(deferred_accept_drops(&netns) - drops_before, deferred);
     stop_leaving_nothing(agent, &config);
 }
 
@@ -1459,6 +1480,8 @@ fn a_dual_stack_listener_reads_ipv4_and_ipv6_hellos_before_the_accept() {
     let agent = Agent::start(&netns, &config);
     let listener = listen(&netns, at(Ipv6Addr::UNSPECIFIED, SHARED_PORT));
     support::set_tcp_option(&listener, libc::TCP_DEFER_ACCEPT, 5);
+    let drops_before = deferred_accept_drops(&netns);
+    let mut deferred = 0;
 
     let mut expected = Expected::new();
     for client in clients_of_every_kind()
@@ -1488,9 +1511,11 @@ fn a_dual_stack_listener_reads_ipv4_and_ipv6_hellos_before_the_accept() {
                 payload.len(),
                 response,
             );
+            deferred += N as u64;
         }
     }
     wait_for_exactly(&netns, &expected);
+    assert_eq!(deferred_accept_drops(&netns) - drops_before, deferred);
     stop_leaving_nothing(agent, &config);
 }
 

@@ -62,6 +62,9 @@ fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_
         name.push(format!("-{which}"));
         std::path::PathBuf::from(name)
     });
+    // Removed also when the test fails (an agent killed leaves its pins, and its link on the
+    // host's cgroup root with them).
+    let _removed = pin_dirs.clone().map(support::RemovedOnDrop);
     let agents = [(&first, &pin_dirs[0]), (&second, &pin_dirs[1])].map(|(netns, pin_dir)| {
         Agent::start_with(netns, &config, &["--pin-dir", pin_dir.to_str().unwrap()])
     });
@@ -1646,14 +1649,34 @@ fn systemd_is_told_ready_fed_and_stopping() {
 fn the_json_figures_say_how_old_they_are() {
     let netns = Netns::new();
     let config = AgentConfig::new(WEB_ROUTE);
+    let started = support::wall_ms();
     let agent = Agent::start(&netns, &config);
-    for json in [support::proxy_json(&netns), support::dns_json(&netns)] {
+    let read_at = |json: fn(&Netns) -> serde_json::Value| {
+        let before = support::wall_ms();
+        let json = json(&netns);
+        let after = support::wall_ms();
         // The tests' agents poll every 100 ms.
         assert_eq!(json["pollIntervalMs"], 100, "{json}");
         let age = json["ageMs"].as_u64().unwrap_or_else(|| panic!("{json}"));
-        // Read at most a few polls ago, whatever the machine: not since the start.
-        assert!(age < 10_000, "{json}");
-        assert!(json["timestamp"].as_u64().unwrap() > 0, "{json}");
+        let timestamp = json["timestamp"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{json}"));
+        // A poll's read of this run's, as old as it says at the answer (each figure whole
+        // milliseconds, cut down).
+        assert!(
+            timestamp >= started,
+            "{json} read before the start at {started}"
+        );
+        assert!(
+            (before..=after + 1).contains(&(timestamp + age + 1)),
+            "{json}: answered between {before} and {after}"
+        );
+        timestamp
+    };
+    for json in [support::proxy_json, support::dns_json] {
+        let first = read_at(json);
+        support::after_polls(&netns, 2);
+        assert!(read_at(json) > first, "the figures were not read again");
     }
     assert!(agent.stop().success());
 }

@@ -642,12 +642,7 @@ fn a_connect_across_a_crash_counts_where_it_will_close_when_the_port_changed_ups
     });
     // Two polls after the handshake: it counted in the slot it will close in (the retired
     // "app"'s), not in the one the port names now.
-    let polls = || sample(&scrape(&netns), "collector_polls_total", &[]).unwrap();
-    let seen = polls();
-    wait_for("two polls", Duration::from_secs(10), || {
-        (polls() >= seen + 2.0).then_some(())
-    });
-    let metrics = scrape(&netns);
+    let metrics = support::after_polls(&netns, 2);
     let other = |name: &str| {
         sample(&metrics, name, &[("upstream", "other")])
             .unwrap_or_else(|| panic!("no {name} of other:\n{metrics}"))

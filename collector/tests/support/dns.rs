@@ -114,7 +114,12 @@ impl Unbound {
         }
         configs.push(("main.conf", main));
         let unbound = unconfined_unbound(&dir);
-        let mut children = Vec::new();
+        // Made first, so that its drop stops whichever servers started should one fail to.
+        let mut server = Self {
+            main_config: dir.join("main.conf"),
+            dir: dir.clone(),
+            children: Vec::new(),
+        };
         for (file, text) in &configs {
             let path = dir.join(file);
             fs::write(&path, text).unwrap();
@@ -127,13 +132,8 @@ impl Unbound {
                 .stderr(Stdio::inherit())
                 .spawn()
                 .expect("starting the copy of unbound (is the temporary directory noexec?)");
-            children.push(child);
+            server.children.push(child);
         }
-        let server = Self {
-            main_config: dir.join("main.conf"),
-            dir,
-            children,
-        };
         server.wait_until_answering(netns);
         server
     }

@@ -685,6 +685,11 @@ impl Reaped {
         signal_child(&self.0, signal);
     }
 
+    /// Its exit status, once it has exited.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+
     /// Its exit status, if it has exited.
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
         self.0.try_wait().unwrap()
@@ -781,6 +786,17 @@ pub fn scrape(netns: &Netns) -> String {
     body
 }
 
+/// Waits until `n` more polls of the agent in `netns` have finished, and returns the scrape
+/// after them: what a poll would count late is in it.
+pub fn after_polls(netns: &Netns, n: u32) -> String {
+    let polls = |metrics: &str| sample(metrics, "collector_polls_total", &[]).unwrap();
+    let after = polls(&scrape(netns)) + f64::from(n);
+    wait_for("more polls", Duration::from_secs(15), || {
+        let metrics = scrape(netns);
+        (polls(&metrics) >= after).then_some(metrics)
+    })
+}
+
 /// `/api/v1/proxy` of the agent in `netns`.
 pub fn proxy_json(netns: &Netns) -> serde_json::Value {
     let (status, body) = netns.run(|| get("/api/v1/proxy")).unwrap();
@@ -858,6 +874,23 @@ pub struct RemovedOnDrop(pub PathBuf);
 impl Drop for RemovedOnDrop {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Milliseconds since the epoch, as the JSON's and the stream's `timestamp` count them.
+pub fn wall_ms() -> u64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    u64::try_from(since_epoch.as_millis()).unwrap()
+}
+
+/// Runs its function when dropped: tells a test's threads to stop, also when the test fails.
+pub struct OnDrop<F: FnMut()>(pub F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
 
