@@ -53,6 +53,11 @@ const LAYER2_CONTROLLERS: [&str; 4] = ["bond", "bridge", "team", "openvswitch"];
 /// would belong here too, but the kernels the tests run on lack it.)
 const UPPER_DEVICES: [&str; 2] = ["macvlan", "macvtap"];
 
+/// Devices that only carry packets other devices' hooks see: an ifb gets them redirected from
+/// another device's tc hook (egress or ingress shaping) and hands them back to it, so
+/// watching it would count each of them again. Left out of the default selection.
+const REDIRECT_TARGETS: [&str; 1] = ["ifb"];
+
 /// An interface's own counters, as `ip -s link` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -391,15 +396,17 @@ fn parse_stats(body: &[u8]) -> io::Result<(u32, InterfaceStats)> {
 /// Whether `link` is watched when no interfaces are configured: up, with a parsed framing,
 /// not the port of a bond, bridge, team or Open vSwitch, whose packets the controller's
 /// own device sees again (counting both would count them twice; a VRF's ports stay, as the
-/// VRF device's hooks do not see their packets), and not a macvlan whose lower device is
-/// watched, which sees its packets too.
+/// VRF device's hooks do not see their packets), not a macvlan whose lower device is
+/// watched, which sees its packets too, and not an ifb.
 pub fn watched_by_default(link: &Link, all: &[Link]) -> bool {
     let upper_of_watched = UPPER_DEVICES.contains(&link.kind.as_str())
         && link.lower.is_some_and(|index| {
             all.iter()
                 .any(|other| other.index == index && countable_on_its_own(other, all))
         });
-    countable_on_its_own(link, all) && !upper_of_watched
+    countable_on_its_own(link, all)
+        && !upper_of_watched
+        && !REDIRECT_TARGETS.contains(&link.kind.as_str())
 }
 
 /// Up, with a parsed framing, and not the port of a layer-2 controller.
@@ -581,6 +588,24 @@ mod tests {
             .map(|l| l.name.as_str())
             .collect();
         assert_eq!(names, ["lo", "eth0"]);
+    }
+
+    #[test]
+    fn an_ifb_is_left_to_the_devices_that_redirect_to_it() {
+        let ifb = Link {
+            kind: "ifb".into(),
+            ..link(3, "ifb0", true, true)
+        };
+        let links = [link(1, "lo", true, true), link(2, "eth0", true, true), ifb];
+        let names: Vec<_> = selection(&links, &[])
+            .unwrap()
+            .links
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(names, ["lo", "eth0"]);
+        // Named, it is watched.
+        assert_eq!(selection(&links, &["ifb0".into()]).unwrap().links.len(), 1);
     }
 
     #[test]
