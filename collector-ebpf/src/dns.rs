@@ -46,8 +46,8 @@ use crate::{
     DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAMES,
     DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
     packet::{
-        ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded, ours,
-        ptr_at, read_be16, read_u8,
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded,
+        or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
     },
     tally::{Tally, tally},
 };
@@ -152,11 +152,16 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
     let Some(datagram) = locate::<L2>(ctx) else {
         return;
     };
-    let (Some(src_port), Some(dst_port)) =
-        (read_be16(ctx, datagram.l4), read_be16(ctx, datagram.l4 + 2))
-    else {
+    // Headers outside the linear part are pulled in (see `locate`), the UDP header here if
+    // the IP header was linear without it. Only headers: the message is copied to scratch with
+    // `bpf_skb_load_bytes`, which reads pages too, so pulling it would only copy it twice.
+    let Some(ports) = ptr_at_or_pulled::<[u8; 4]>(ctx, datagram.l4, datagram.l4 + UDP_HLEN) else {
         return;
     };
+    // SAFETY: ptr_at checked the four bytes.
+    let [src_high, src_low, dst_high, dst_low] = unsafe { *ports };
+    let src_port = u16::from_be_bytes([src_high, src_low]);
+    let dst_port = u16::from_be_bytes([dst_high, dst_low]);
     let ports = DNS_PORTS.load();
     let to_server = hook != HOOK_EGRESS && dns_port_listed(&ports.server, dst_port);
     let role = if to_server {
@@ -194,14 +199,14 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
 }
 
 /// A link-layer header of `L2` bytes → IPv4/IPv6 (extension headers walked) → UDP. `None`
-/// for anything else: not
-/// ours to count.
+/// for anything else: not ours to count. An IP header outside the linear part is pulled in
+/// with the UDP header after it (IPv6: when no extension header comes between).
 #[inline(always)]
 fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
     let skb_len = ctx.len() as usize;
     match ether_type(ctx) {
         ETH_P_IP => {
-            let version_ihl = read_u8(ctx, L2)?;
+            let version_ihl = or_pulled::<L2, _>(ctx, UDP_HLEN, |ctx| read_u8(ctx, L2))?;
             if read_u8(ctx, L2 + 9)? != IPPROTO_UDP {
                 return None;
             }
@@ -224,7 +229,9 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
             })
         }
         ETH_P_IPV6 => {
-            let payload = usize::from(read_be16(ctx, L2 + 4)?);
+            let payload = usize::from(or_pulled::<L2, _>(ctx, UDP_HLEN, |ctx| {
+                read_be16(ctx, L2 + 4)
+            })?);
             let mut next = read_u8(ctx, L2 + 6)?;
             let mut l4 = L2 + IPV6_HLEN;
             let mut fragmented = false;

@@ -1,5 +1,11 @@
 //! Bounds-checked reads from a packet's linear data: every direct packet read of the
 //! classifiers goes through [`ptr_at`].
+//!
+//! Headers are not always linear: drivers that build received packets from pages
+//! (`napi_gro_frags`: gve, sfc, mlx4, tun with `IFF_NAPI_FRAGS`) leave only the Ethernet
+//! header there when GRO is off, and tc ingress runs before IP pulls its header in. Where a
+//! first read of a header fails, the parsers pull the headers in ([`pull`]) and read again:
+//! the pull is on that branch only, so linear headers cost nothing more.
 
 use core::mem::size_of;
 
@@ -31,6 +37,61 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// Makes the packet's first `len` bytes linear, as far as the packet has them, where its
+/// linear part is shorter. `true` if something was pulled: read again then, through
+/// [`ptr_at`] (the verifier forgets every packet pointer taken before a pull). A packet
+/// really too short for a header still fails that read, and is counted as before.
+#[inline(always)]
+pub fn pull(ctx: &TcContext, len: usize) -> bool {
+    let len = len.min(ctx.len() as usize);
+    // Compared as `ptr_at` does: the verifier refuses to subtract packet pointers.
+    ctx.data() + len > ctx.data_end() && ctx.pull_data(len as u32).is_ok()
+}
+
+/// Pulls the link-layer and IP headers and the first `l4_bytes` after them: for the branch
+/// where a read of the IP header failed. IPv4's header length is read with
+/// `bpf_skb_load_bytes`, which reads pages too; IPv6 extension headers are not covered.
+#[inline(always)]
+pub fn pull_headers<const L2: usize>(ctx: &TcContext, l4_bytes: usize) -> bool {
+    let ip_header = if ether_type(ctx) == ETH_P_IP {
+        match ctx.load::<u8>(L2) {
+            Ok(version_ihl) => usize::from(version_ihl & 0x0f) * 4,
+            Err(_) => return false,
+        }
+    } else {
+        IPV6_HLEN
+    };
+    pull(ctx, L2 + ip_header + l4_bytes)
+}
+
+/// `read` of the IP header, and where it fails, `read` again after [`pull_headers`].
+#[inline(always)]
+pub fn or_pulled<const L2: usize, R>(
+    ctx: &TcContext,
+    l4_bytes: usize,
+    read: impl Fn(&TcContext) -> Option<R>,
+) -> Option<R> {
+    read(ctx).or_else(|| {
+        if pull_headers::<L2>(ctx, l4_bytes) {
+            read(ctx)
+        } else {
+            None
+        }
+    })
+}
+
+/// [`ptr_at`], and where it fails, again after pulling the packet's first `len` bytes.
+#[inline(always)]
+pub fn ptr_at_or_pulled<T>(ctx: &TcContext, offset: usize, len: usize) -> Option<*const T> {
+    ptr_at(ctx, offset).or_else(|| {
+        if pull(ctx, len) {
+            ptr_at(ctx, offset)
+        } else {
+            None
+        }
+    })
+}
+
 #[inline(always)]
 pub fn read_u8(ctx: &TcContext, offset: usize) -> Option<u8> {
     // SAFETY: ptr_at checked that the byte is inside the packet.
@@ -52,16 +113,29 @@ pub fn ether_type(ctx: &TcContext) -> u16 {
 
 /// Whether the IP header says TCP follows (IPv6: with no extension header between, or a
 /// jumbo packet's hop-by-hop header, which the TCP counting looks into). Also true when that
-/// byte cannot be read, so that the TCP counting sees the truncated header.
+/// byte cannot be read, so that the TCP counting sees the truncated header. Headers outside
+/// the linear part are read with `bpf_skb_load_bytes`, and left for the parser to pull.
 #[inline(always)]
 pub fn may_carry_tcp<const L2: usize>(ctx: &TcContext) -> bool {
     match ether_type(ctx) {
-        ETH_P_IP => read_u8(ctx, L2 + 9).is_none_or(|protocol| protocol == IPPROTO_TCP),
-        ETH_P_IPV6 => read_u8(ctx, L2 + 6).is_none_or(|next| {
-            next == IPPROTO_TCP || (next == NEXTHDR_HOP && read_be16(ctx, L2 + 4) == Some(0))
+        ETH_P_IP => load_u8(ctx, L2 + 9).is_none_or(|protocol| protocol == IPPROTO_TCP),
+        ETH_P_IPV6 => load_u8(ctx, L2 + 6).is_none_or(|next| {
+            next == IPPROTO_TCP || (next == NEXTHDR_HOP && load_be16(ctx, L2 + 4) == Some(0))
         }),
         _ => false,
     }
+}
+
+/// [`read_u8`], or where the byte is outside the linear part, `bpf_skb_load_bytes`.
+#[inline(always)]
+fn load_u8(ctx: &TcContext, offset: usize) -> Option<u8> {
+    read_u8(ctx, offset).or_else(|| ctx.load(offset).ok())
+}
+
+/// [`read_be16`], or where the bytes are outside the linear part, `bpf_skb_load_bytes`.
+#[inline(always)]
+fn load_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
+    read_be16(ctx, offset).or_else(|| ctx.load(offset).ok().map(u16::from_be_bytes))
 }
 
 /// A packet this namespace forwards rather than sends (it came in on an interface), while

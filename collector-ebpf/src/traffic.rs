@@ -28,12 +28,14 @@ use crate::{
     ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded,
-        ours, ptr_at, read_be16, read_u8,
+        or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
     },
 };
 
 /// The jumbo payload option (RFC 2675).
 const IPV6_TLV_JUMBO: u8 = 0xc2;
+/// Bytes of the TCP header read: the ports and the data offset.
+const TCP_READ: usize = 13;
 
 /// The parts of a TCP segment that the counters need.
 struct Segment {
@@ -109,15 +111,16 @@ fn add(counters: *mut TrafficCounters, segment: &Segment) {
 }
 
 /// A link-layer header of `L2` bytes → IPv4/IPv6 → TCP. `None` for anything else (not
-/// ours) and for truncated
-/// headers (counted).
+/// ours) and for truncated headers (counted). Headers outside the linear part are pulled in
+/// at the first read that misses them, the IP header's or the TCP header's.
 #[inline(always)]
 fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
     let proto = ether_type(ctx);
     let skb_l3_len = u64::from(ctx.len()).saturating_sub(L2 as u64);
     let (l4_offset, ip_len) = match proto {
         ETH_P_IP => {
-            let Some(version_ihl) = read_u8(ctx, L2) else {
+            let Some(version_ihl) = or_pulled::<L2, _>(ctx, TCP_READ, |ctx| read_u8(ctx, L2))
+            else {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
@@ -136,7 +139,8 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
             (L2 + ihl, total)
         }
         ETH_P_IPV6 => {
-            let Some(next_header) = read_u8(ctx, L2 + 6) else {
+            let Some(next_header) = or_pulled::<L2, _>(ctx, TCP_READ, |ctx| read_u8(ctx, L2 + 6))
+            else {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
@@ -176,11 +180,11 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
     }
     // Ports and data offset with one bounds check: separate checks let LLVM merge paths in a
     // way the verifier cannot follow (a port register unset on a path it cannot rule out).
-    let Some(tcp) = ptr_at::<[u8; 13]>(ctx, l4_offset) else {
+    let Some(tcp) = ptr_at_or_pulled::<[u8; TCP_READ]>(ctx, l4_offset, l4_offset + TCP_READ) else {
         count_error(error_kind::PACKET_TRUNCATED);
         return None;
     };
-    // SAFETY: ptr_at checked the 13 bytes.
+    // SAFETY: ptr_at checked the bytes.
     let tcp = unsafe { &*tcp };
     let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
     let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);

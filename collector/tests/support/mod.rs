@@ -1136,6 +1136,11 @@ pub fn stay_on_this_cpu() {
 /// A tun device named `name` in `netns` (no packet information before each packet: they
 /// begin at the IP header), gone when the file is closed unless made persistent before.
 pub fn open_tun(netns: &Netns, name: &'static str) -> fs::File {
+    open_tun_with(netns, name, libc::IFF_TUN | libc::IFF_NO_PI)
+}
+
+/// A tun or tap device named `name` in `netns`, made with the `TUNSETIFF` `flags`.
+pub fn open_tun_with(netns: &Netns, name: &'static str, flags: libc::c_int) -> fs::File {
     netns.run(move || {
         use std::os::fd::AsRawFd as _;
         let tun = fs::OpenOptions::new()
@@ -1146,7 +1151,7 @@ pub fn open_tun(netns: &Netns, name: &'static str) -> fs::File {
         // `struct ifreq`: the name, then the flags.
         let mut request = [0u8; 40];
         request[..name.len()].copy_from_slice(name.as_bytes());
-        let flags = i16::try_from(libc::IFF_TUN | libc::IFF_NO_PI).unwrap();
+        let flags = i16::try_from(flags).unwrap();
         request[16..18].copy_from_slice(&flags.to_ne_bytes());
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `request` is.
         let made = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, request.as_mut_ptr()) };

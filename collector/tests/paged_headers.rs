@@ -1,0 +1,273 @@
+//! Packets whose headers are outside the skb's linear part, as drivers that build received
+//! packets from pages leave them with GRO off (`napi_gro_frags`: gve, sfc, mlx4, tun with
+//! `IFF_NAPI_FRAGS`): only the Ethernet header is linear. Live traffic and DNS count them
+//! exactly; a packet really too short for its headers is still counted truncated.
+#![expect(
+    clippy::cast_precision_loss,
+    clippy::float_cmp,
+    reason = "OpenMetrics values are floats; the counts compared are small integers, exact in f64"
+)]
+
+mod support;
+
+use std::{os::fd::AsRawFd as _, time::Duration};
+
+use support::{Agent, AgentConfig, Netns, assert_no_pins, sample, scrape, wait_for};
+
+const TAP: &str = "pgcoll0";
+/// The tap, and lo: its classifier runs the same parsers, and is loaded only where watched.
+const CONFIG: &str = "interfaces = [\"lo\", \"pgcoll0\"]\n\n[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n\n[dns]\nports = [53]\n";
+const TAP_MAC: [u8; 6] = [0x02, 0, 0, 0x20, 0x03, 0x01];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0x20, 0x03, 0x02];
+const TAP_ADDR: [u8; 4] = [10, 203, 0, 1];
+const PEER_ADDR: [u8; 4] = [10, 203, 0, 2];
+const TAP_ADDR6: [u8; 16] = [0xfd, 0, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const PEER_ADDR6: [u8; 16] = [0xfd, 0, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+/// TCP payloads, sent over IPv4 and IPv6 each.
+const PAYLOADS: [usize; 4] = [1, 100, 536, 1400];
+/// Names and QTYPEs of the queries, sent over IPv4 and IPv6 each: 3 A (one with a 63-byte
+/// label), 2 AAAA, 1 MX.
+const QUERIES: [(&str, u16); 6] = [
+    ("www.example.", 1),
+    ("api.example.", 1),
+    (
+        "a23456789012345678901234567890123456789012345678901234567890123.example.",
+        1,
+    ),
+    ("www.example.", 28),
+    ("v6.example.", 28),
+    ("example.", 15),
+];
+
+/// Turns GRO off on `interface` of the calling thread's namespace (`ethtool -K gro off`).
+fn gro_off(interface: &str) {
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    // `struct ethtool_value`: the command, then the value.
+    let mut value = [ETHTOOL_SGRO, 0];
+    // `struct ifreq`: the name, then a pointer to `value`.
+    let mut request = [0u8; 40];
+    request[..interface.len()].copy_from_slice(interface.as_bytes());
+    request[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: SIOCETHTOOL reads a `struct ifreq` whose data points to `value`; both outlive
+    // the call, and the socket is closed before return.
+    let done = unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let done = libc::ioctl(socket, libc::SIOCETHTOOL, request.as_mut_ptr());
+        libc::close(socket);
+        done
+    };
+    assert_eq!(done, 0, "GRO off: {}", std::io::Error::last_os_error());
+}
+
+/// The Internet checksum of `bytes`.
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum = bytes.chunks(2).fold(0u32, |sum, pair| {
+        sum + u32::from(u16::from_be_bytes([
+            pair[0],
+            pair.get(1).copied().unwrap_or(0),
+        ]))
+    });
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap()
+}
+
+/// An IP packet from the peer to the tap (IPv6 if `v6`) carrying `l4`, a transport header
+/// and its payload, with the checksums filled in (the transport one at `l4_checksum`).
+fn ip(v6: bool, protocol: u8, mut l4: Vec<u8>, l4_checksum: usize) -> Vec<u8> {
+    let len = u16::try_from(l4.len()).unwrap();
+    let addresses = if v6 {
+        [PEER_ADDR6, TAP_ADDR6].concat()
+    } else {
+        [PEER_ADDR, TAP_ADDR].concat()
+    };
+    // IPv6's pseudo-header holds the same 16-bit words as IPv4's, in another order.
+    let mut pseudo = addresses.clone();
+    pseudo.extend_from_slice(&[0, protocol]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    pseudo.extend_from_slice(&l4);
+    let sum = checksum(&pseudo);
+    l4[l4_checksum..l4_checksum + 2].copy_from_slice(&sum.to_be_bytes());
+    let mut packet = if v6 {
+        let mut header = vec![0x60, 0, 0, 0];
+        header.extend_from_slice(&len.to_be_bytes());
+        header.extend_from_slice(&[protocol, 64]);
+        header
+    } else {
+        let mut header = vec![0x45, 0];
+        header.extend_from_slice(&(20 + len).to_be_bytes());
+        header.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0]);
+        header
+    };
+    packet.extend_from_slice(&addresses);
+    if !v6 {
+        let sum = checksum(&packet);
+        packet[10..12].copy_from_slice(&sum.to_be_bytes());
+    }
+    packet.extend_from_slice(&l4);
+    packet
+}
+
+/// A TCP segment (ACK) to port 18080 with `payload` bytes, in its IP packet.
+fn tcp(v6: bool, payload: usize) -> Vec<u8> {
+    let mut segment = 40000u16.to_be_bytes().to_vec();
+    segment.extend_from_slice(&18080u16.to_be_bytes());
+    segment.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    segment.extend(std::iter::repeat_n(b'p', payload));
+    ip(v6, IPPROTO_TCP, segment, 16)
+}
+
+/// A DNS query (recursion desired) for `name` of `qtype` to port 53, in its IP packet.
+fn dns_query(v6: bool, id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut message = id.to_be_bytes().to_vec();
+    message.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split_terminator('.') {
+        message.push(u8::try_from(label.len()).unwrap());
+        message.extend_from_slice(label.as_bytes());
+    }
+    message.push(0);
+    message.extend_from_slice(&qtype.to_be_bytes());
+    message.extend_from_slice(&1u16.to_be_bytes());
+    let mut datagram = (40000 + id).to_be_bytes().to_vec();
+    datagram.extend_from_slice(&53u16.to_be_bytes());
+    datagram.extend_from_slice(&u16::try_from(8 + message.len()).unwrap().to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]);
+    datagram.extend_from_slice(&message);
+    ip(v6, IPPROTO_UDP, datagram, 6)
+}
+
+/// Writes `packet` to the tap as an Ethernet frame, in two pieces: tun puts the first, the
+/// Ethernet header, in the linear part, and the rest in pages.
+fn receive(tap: &std::fs::File, packet: &[u8]) {
+    let mut header = TAP_MAC.to_vec();
+    header.extend_from_slice(&PEER_MAC);
+    header.extend_from_slice(if packet[0] >> 4 == 6 {
+        &[0x86, 0xdd]
+    } else {
+        &[0x08, 0x00]
+    });
+    let pieces = [
+        libc::iovec {
+            iov_base: header.as_ptr().cast_mut().cast(),
+            iov_len: header.len(),
+        },
+        libc::iovec {
+            iov_base: packet.as_ptr().cast_mut().cast(),
+            iov_len: packet.len(),
+        },
+    ];
+    // SAFETY: two iovecs over buffers that outlive the call, which only reads them.
+    let written = unsafe { libc::writev(tap.as_raw_fd(), pieces.as_ptr(), 2) };
+    assert_eq!(
+        usize::try_from(written).ok(),
+        Some(14 + packet.len()),
+        "{}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// What the agent has seen of the frames: packets counted on the route, queries, and
+/// packets counted truncated.
+fn seen(metrics: &str) -> f64 {
+    let count = |name, labels: &[(&str, &str)]| sample(metrics, name, labels).unwrap_or(0.0);
+    count(
+        "collector_proxy_packets_total",
+        &[("route", "web"), ("direction", "in")],
+    ) + ["A", "AAAA", "MX"]
+        .iter()
+        .map(|&qtype| count("collector_dns_queries_total", &[("qtype", qtype)]))
+        .sum::<f64>()
+        + truncated(metrics)
+}
+
+/// Packets counted as too short for their headers.
+fn truncated(metrics: &str) -> f64 {
+    sample(
+        metrics,
+        "collector_bpf_errors_total",
+        &[("kind", "packet_truncated")],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Until 2026-12-04 such packets were counted as `packet_truncated` and their bytes and
+/// queries lost.
+#[test]
+fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
+    let netns = Netns::new();
+    let tap = support::open_tun_with(
+        &netns,
+        TAP,
+        libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_NAPI | libc::IFF_NAPI_FRAGS,
+    );
+    support::ip_batch(
+        &netns.name,
+        &format!(
+            "link set {TAP} address 02:00:00:20:03:01\n\
+             addr add 10.203.0.1/24 dev {TAP}\n\
+             addr add fd00:203::1/64 dev {TAP} nodad\n\
+             neigh add 10.203.0.2 lladdr 02:00:00:20:03:02 dev {TAP}\n\
+             neigh add fd00:203::2 lladdr 02:00:00:20:03:02 dev {TAP}\n\
+             link set {TAP} up\n"
+        ),
+    );
+    netns.run(|| gro_off(TAP));
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+
+    for v6 in [false, true] {
+        for payload in PAYLOADS {
+            receive(&tap, &tcp(v6, payload));
+        }
+        for (id, (name, qtype)) in (1..).zip(QUERIES) {
+            receive(&tap, &dns_query(v6, id, name, qtype));
+        }
+    }
+    let frames = 2.0 * (PAYLOADS.len() + QUERIES.len()) as f64;
+    let sent = 2 * PAYLOADS.iter().sum::<usize>();
+    let metrics = wait_for("every frame to be seen", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (seen(&metrics) >= frames).then_some(metrics)
+    });
+    let payload = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_proxy_traffic_payload_bytes_total",
+            &[("route", "web"), ("direction", "in")],
+        )
+    };
+    assert_eq!(
+        payload(&metrics),
+        Some(sent as f64),
+        "live payload bytes in; {} packets counted truncated",
+        truncated(&metrics)
+    );
+    for (qtype, count) in [("A", 6.0), ("AAAA", 4.0), ("MX", 2.0)] {
+        assert_eq!(
+            sample(&metrics, "collector_dns_queries_total", &[("qtype", qtype)]),
+            Some(count),
+            "{qtype} queries"
+        );
+    }
+    assert_eq!(truncated(&metrics), 0.0);
+
+    // A packet that ends inside its TCP header is pulled in as far as it goes, and truncated.
+    let mut short = tcp(false, 0);
+    short.truncate(20 + 6);
+    short[2..4].copy_from_slice(&26u16.to_be_bytes());
+    short[10..12].fill(0);
+    let sum = checksum(&short[..20]);
+    short[10..12].copy_from_slice(&sum.to_be_bytes());
+    receive(&tap, &short);
+    let metrics = wait_for("the short packet", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (truncated(&metrics) >= 1.0).then_some(metrics)
+    });
+    assert_eq!(truncated(&metrics), 1.0);
+    assert_eq!(payload(&metrics), Some(sent as f64));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
