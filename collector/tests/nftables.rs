@@ -385,7 +385,9 @@ fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
         else {
             return;
         };
-        if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"/bin/sleep\0600\0") {
+        if std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c == b"/bin/sleep\x00600\x00")
+        {
             // SAFETY: a plain system call.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
