@@ -136,7 +136,15 @@ pub mod map_names {
     /// load, or when one did not fit or a local route is wider than one address) counts by
     /// port alone, as without the table.
     pub const LOCAL_ADDRESSES_COMPLETE: &str = "LOCAL_ADDRESSES_COMPLETE";
+    /// `Array<[u32; MAX_REDIRECT_DEVICES]>`, 1 entry: the indexes of this namespace's ifb
+    /// devices (0 where unused), kept by the agent; not pinned. A packet an ifb hands back
+    /// to the device that redirected it crosses that device's egress hook a second time,
+    /// with the ifb as the interface it came in on: the classifiers leave that pass.
+    pub const REDIRECT_DEVICES: &str = "REDIRECT_DEVICES";
 }
+
+/// Most ifb devices [`map_names::REDIRECT_DEVICES`] holds (compared in registers).
+pub const MAX_REDIRECT_DEVICES: usize = 8;
 
 /// Maps that outlive the agent, pinned under the pin directory: counters and per-socket and
 /// per-query state. Configuration maps and the event rings are recreated at every start.

@@ -47,7 +47,7 @@ use crate::{
     DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
     packet::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded,
-        or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
+        handed_back_by_ifb, or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
     },
     tally::{Tally, tally},
 };
@@ -183,8 +183,11 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
     } else {
         return;
     };
-    // A query to this namespace's server, or a message from it; on loopback, all are.
-    if hook != HOOK_LOOPBACK && !ours::<L2>(ctx, datagram.ipv6, role == Role::Query) {
+    // A query to this namespace's server, or a message from it; on loopback, all are. An
+    // ifb's second pass through an egress hook was counted at the first.
+    if (hook != HOOK_LOOPBACK && !ours::<L2>(ctx, datagram.ipv6, role == Role::Query))
+        || (hook == HOOK_EGRESS && handed_back_by_ifb(ctx))
+    {
         return;
     }
     let Some(counters) = DNS_COUNTERS.get_ptr_mut(0) else {

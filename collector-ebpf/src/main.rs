@@ -33,9 +33,9 @@ use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ClientSlot, ConnCounters, ConnDurations, ConnEvent,
     ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
     DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
-    ERROR_KINDS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_ROUTES, PORT_BITMAP_WORDS,
-    PORT_SLOTS, RouteName, SNI_NAMES_MAX, SniCounters, SniDecision, SniKey, TALLY_SLOTS_PER_CPU,
-    TrafficCounters, UpstreamCounters, local_address_set_bits,
+    ERROR_KINDS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_REDIRECT_DEVICES, MAX_ROUTES,
+    PORT_BITMAP_WORDS, PORT_SLOTS, RouteName, SNI_NAMES_MAX, SniCounters, SniDecision, SniKey,
+    TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters, local_address_set_bits,
 };
 
 use crate::packet::{ETH_HLEN, NO_LINK_HEADER};
@@ -60,6 +60,9 @@ static LOCAL_ADDRESSES: Array<[u64; 2], { LOCAL_ADDRESS_SLOTS as usize }, MAP_FL
 /// 1 while `LOCAL_ADDRESSES` holds every local address; 0 counts by port alone.
 #[btf_map]
 static LOCAL_ADDRESSES_COMPLETE: Array<u32, 1> = Array::new();
+/// The namespace's ifb devices by index, 0 where unused; kept by the agent.
+#[btf_map]
+static REDIRECT_DEVICES: Array<[u32; MAX_REDIRECT_DEVICES], 1> = Array::new();
 
 #[btf_map]
 static ROUTE_BY_PORT: Array<u32, { PORT_SLOTS as usize }> = Array::new();

@@ -12,7 +12,9 @@ use core::mem::size_of;
 use aya_ebpf::programs::TcContext;
 use collector_common::{LOCAL_ADDRESS_WAYS, address_words, local_address_sets};
 
-use crate::{LOCAL_ADDRESS_SET_BITS, LOCAL_ADDRESSES, LOCAL_ADDRESSES_COMPLETE, LOCAL_ONLY};
+use crate::{
+    LOCAL_ADDRESS_SET_BITS, LOCAL_ADDRESSES, LOCAL_ADDRESSES_COMPLETE, LOCAL_ONLY, REDIRECT_DEVICES,
+};
 
 /// The link-layer header before the IP header (`L2` in the parsers) on Ethernet and loopback.
 pub const ETH_HLEN: usize = 14;
@@ -146,6 +148,19 @@ pub fn forwarded(ctx: &TcContext) -> bool {
     // SAFETY: the context pointer the kernel passed; tc programs may read `ingress_ifindex`
     // (the skb's `skb_iif`: 0 for a packet made here).
     LOCAL_ONLY.load() != 0 && unsafe { (*ctx.skb.skb).ingress_ifindex } != 0
+}
+
+/// A packet an ifb hands back to the device whose egress hook redirected it there (egress
+/// shaping): its second pass through that hook, the first one counted. The ifb is then the
+/// interface it came in on. Read only for packets the caller would count.
+#[inline(always)]
+pub fn handed_back_by_ifb(ctx: &TcContext) -> bool {
+    // SAFETY: as in `forwarded`.
+    let came_in_on = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    came_in_on != 0
+        && REDIRECT_DEVICES
+            .get(0)
+            .is_some_and(|devices| devices.contains(&came_in_on))
 }
 
 /// Whether the packet is to (`inbound`) or from this namespace: its destination or source

@@ -14,10 +14,8 @@
 //! this namespace's own packets. The check comes after the port's, so it costs only packets
 //! on route ports.
 //!
-//! At egress, a packet that came in on an interface (`forwarded`) is not the proxy's either,
-//! whatever its addresses: source NAT runs before tc egress, so a masqueraded one carries a
-//! local source address, and a packet an ifb hands back to the device that redirected it to
-//! the ifb (egress shaping) crosses that device's egress hook a second time.
+//! At egress, a packet an ifb hands back (egress shaping) crosses the hook a second time:
+//! that pass is left ([`handed_back_by_ifb`]).
 
 use aya_ebpf::programs::TcContext;
 use collector_common::{
@@ -27,8 +25,8 @@ use collector_common::{
 use crate::{
     ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded,
-        or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type,
+        handed_back_by_ifb, or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
     },
 };
 
@@ -61,7 +59,7 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, dir: u32) {
         segment.src_port
     };
     if let Some(counters) = route_counters(port, dir)
-        && !(dir == DIR_OUT && forwarded(ctx))
+        && !(dir == DIR_OUT && handed_back_by_ifb(ctx))
         && ours::<L2>(ctx, segment.ipv6, dir == DIR_IN)
     {
         add(counters, &segment);

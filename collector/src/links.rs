@@ -393,6 +393,14 @@ fn parse_stats(body: &[u8]) -> io::Result<(u32, InterfaceStats)> {
     Ok((index, stats))
 }
 
+/// The indexes of the ifb devices among `links`.
+pub fn redirect_devices(links: &[Link]) -> impl Iterator<Item = u32> + '_ {
+    links
+        .iter()
+        .filter(|link| REDIRECT_TARGETS.contains(&link.kind.as_str()))
+        .map(|link| link.index)
+}
+
 /// Whether `link` is watched when no interfaces are configured: up, with a parsed framing,
 /// not the port of a bond, bridge, team or Open vSwitch, whose packets the controller's
 /// own device sees again (counting both would count them twice; a VRF's ports stay, as the

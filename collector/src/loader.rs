@@ -28,10 +28,10 @@ use collector_common::{
     DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
-    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_ROUTES, PIN_LAYOUT, PINNED_MAPS,
-    PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey, TrafficCounters, UpstreamCounters,
-    conn_flags, dns_match_below, local_address_set_bits, map_names, port_bit, program_names,
-    tally_table_len, traffic_index,
+    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_REDIRECT_DEVICES, MAX_ROUTES, PIN_LAYOUT,
+    PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey, TrafficCounters,
+    UpstreamCounters, conn_flags, dns_match_below, local_address_set_bits, map_names, port_bit,
+    program_names, tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -192,6 +192,8 @@ pub struct Attachment {
     inherited: bool,
     /// Keeps `LOCAL_ADDRESSES` (`None` with `all_namespaces`, which does not use it).
     local_addresses: Option<LocalAddresses>,
+    /// What `REDIRECT_DEVICES` holds: the namespace's ifb devices by index.
+    redirect_devices: [u32; MAX_REDIRECT_DEVICES],
     /// Locked while running: a second agent on the same pin directory would count twice.
     _lock: File,
     /// Keeps the kernel's BPF run-time statistics on while held (`--bpf-stats`).
@@ -351,6 +353,7 @@ impl Attachment {
             created_pins: Some(Vec::new()),
             inherited,
             local_addresses,
+            redirect_devices: [0; MAX_REDIRECT_DEVICES],
             _lock: lock,
             _stats: stats,
         };
@@ -397,6 +400,7 @@ impl Attachment {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
         let selected = links::selection(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
         self.load_programs(config, bpf_stats, &selected)?;
+        self.keep_redirect_devices(&all);
         // Before any classifier runs (till then the table counts as incomplete: by port).
         self.refresh_local_addresses();
         // Loopback's classifiers before the cgroup programs: the orphan reaper knows a
@@ -645,6 +649,7 @@ impl Attachment {
     /// forgets those that went away (or down, unless configured), and follows those renamed.
     /// Returns what could not be attached.
     pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) -> Vec<String> {
+        self.keep_redirect_devices(links);
         let wanted: Vec<&Link> = links
             .iter()
             .filter(|l| {
@@ -691,6 +696,39 @@ impl Attachment {
             }
         }
         failures
+    }
+
+    /// Tells the classifiers the namespace's ifb devices (`REDIRECT_DEVICES`), when they
+    /// changed: the packets one hands back to the device that redirected them cross that
+    /// device's egress hook a second time.
+    fn keep_redirect_devices(&mut self, links: &[Link]) {
+        let ifbs: Vec<u32> = links::redirect_devices(links).collect();
+        let mut devices = [0; MAX_REDIRECT_DEVICES];
+        for (slot, &index) in devices.iter_mut().zip(&ifbs) {
+            *slot = index;
+        }
+        if devices == self.redirect_devices {
+            return;
+        }
+        if ifbs.len() > MAX_REDIRECT_DEVICES {
+            tracing::warn!(
+                ifbs = ifbs.len(),
+                "more ifb devices than the {MAX_REDIRECT_DEVICES} the classifiers know: packets                  the others hand back count twice out"
+            );
+        }
+        let written = self
+            .ebpf
+            .map_mut(map_names::REDIRECT_DEVICES)
+            .context("the kernel object has no ifb table")
+            .and_then(|map| {
+                let mut map: Array<&mut MapData, [u32; MAX_REDIRECT_DEVICES]> =
+                    Array::try_from(map)?;
+                Ok(map.set(0, devices, 0)?)
+            });
+        match written {
+            Ok(()) => self.redirect_devices = devices,
+            Err(err) => tracing::warn!("telling the classifiers the ifb devices: {err:#}"),
+        }
     }
 
     /// Logs the configured interfaces that went missing or came, and keeps the list.

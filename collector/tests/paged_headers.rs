@@ -140,8 +140,9 @@ fn dns_query(v6: bool, id: u16, name: &str, qtype: u16) -> Vec<u8> {
 }
 
 /// Writes `packet` to the tap as an Ethernet frame, in two pieces: tun puts the first, the
-/// Ethernet header, in the linear part, and the rest in pages.
-fn receive(tap: &std::fs::File, packet: &[u8]) {
+/// Ethernet header and the packet's first `linear` bytes, in the linear part, and the rest
+/// in pages.
+fn receive(tap: &std::fs::File, packet: &[u8], linear: usize) {
     let mut header = TAP_MAC.to_vec();
     header.extend_from_slice(&PEER_MAC);
     header.extend_from_slice(if packet[0] >> 4 == 6 {
@@ -149,6 +150,8 @@ fn receive(tap: &std::fs::File, packet: &[u8]) {
     } else {
         &[0x08, 0x00]
     });
+    header.extend_from_slice(&packet[..linear]);
+    let packet = &packet[linear..];
     let pieces = [
         libc::iovec {
             iov_base: header.as_ptr().cast_mut().cast(),
@@ -163,7 +166,7 @@ fn receive(tap: &std::fs::File, packet: &[u8]) {
     let written = unsafe { libc::writev(tap.as_raw_fd(), pieces.as_ptr(), 2) };
     assert_eq!(
         usize::try_from(written).ok(),
-        Some(14 + packet.len()),
+        Some(header.len() + packet.len()),
         "{}",
         std::io::Error::last_os_error()
     );
@@ -218,16 +221,19 @@ fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
     let config = AgentConfig::new(CONFIG);
     let agent = Agent::start(&netns, &config);
 
+    // The IP header in pages too, or linear with only the TCP or UDP header in pages.
     for v6 in [false, true] {
-        for payload in PAYLOADS {
-            receive(&tap, &tcp(v6, payload));
-        }
-        for (id, (name, qtype)) in (1..).zip(QUERIES) {
-            receive(&tap, &dns_query(v6, id, name, qtype));
+        for linear in [0, if v6 { 40 } else { 20 }] {
+            for payload in PAYLOADS {
+                receive(&tap, &tcp(v6, payload), linear);
+            }
+            for (id, (name, qtype)) in (1..).zip(QUERIES) {
+                receive(&tap, &dns_query(v6, id, name, qtype), linear);
+            }
         }
     }
-    let frames = 2.0 * (PAYLOADS.len() + QUERIES.len()) as f64;
-    let sent = 2 * PAYLOADS.iter().sum::<usize>();
+    let frames = 4.0 * (PAYLOADS.len() + QUERIES.len()) as f64;
+    let sent = 4 * PAYLOADS.iter().sum::<usize>();
     let metrics = wait_for("every frame to be seen", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         (seen(&metrics) >= frames).then_some(metrics)
@@ -245,7 +251,7 @@ fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
         "live payload bytes in; {} packets counted truncated",
         truncated(&metrics)
     );
-    for (qtype, count) in [("A", 6.0), ("AAAA", 4.0), ("MX", 2.0)] {
+    for (qtype, count) in [("A", 12.0), ("AAAA", 8.0), ("MX", 4.0)] {
         assert_eq!(
             sample(&metrics, "collector_dns_queries_total", &[("qtype", qtype)]),
             Some(count),
@@ -261,7 +267,7 @@ fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
     short[10..12].fill(0);
     let sum = checksum(&short[..20]);
     short[10..12].copy_from_slice(&sum.to_be_bytes());
-    receive(&tap, &short);
+    receive(&tap, &short, 0);
     let metrics = wait_for("the short packet", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         (truncated(&metrics) >= 1.0).then_some(metrics)
