@@ -496,6 +496,16 @@ mod tests {
         }
     }
 
+    /// The names of the links watched by default among `links`.
+    fn selected_by_default(links: &[Link]) -> Vec<&str> {
+        selection(links, &[])
+            .unwrap()
+            .links
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect()
+    }
+
     fn port(index: u32, name: &str, controller: u32) -> Link {
         Link {
             controller: Some(controller),
@@ -538,12 +548,7 @@ mod tests {
             port(8, "eth2", 7),
             controller(9, "bond0.100", "vlan"),
         ];
-        let names: Vec<_> = selection(&links, &[])
-            .unwrap()
-            .links
-            .iter()
-            .map(|l| l.name.as_str())
-            .collect();
+        let names = selected_by_default(&links);
         assert_eq!(
             names,
             ["lo", "bond0", "br0", "vrf-blue", "eth2", "bond0.100"]
@@ -571,12 +576,7 @@ mod tests {
             upper(6, "mv1", "macvlan", 5),
             upper(7, "eth0.7", "vlan", 2),
         ];
-        let names: Vec<_> = selection(&links, &[])
-            .unwrap()
-            .links
-            .iter()
-            .map(|l| l.name.as_str())
-            .collect();
+        let names = selected_by_default(&links);
         // mv1's lower device is down, and so not watched: mv1 counts its own packets.
         assert_eq!(names, ["lo", "eth0", "mv1", "eth0.7"]);
     }
@@ -589,12 +589,7 @@ mod tests {
             link(3, "eth1", false, true),
             link(4, "wg0", true, false),
         ];
-        let names: Vec<_> = selection(&links, &[])
-            .unwrap()
-            .links
-            .iter()
-            .map(|l| l.name.as_str())
-            .collect();
+        let names = selected_by_default(&links);
         assert_eq!(names, ["lo", "eth0"]);
     }
 
@@ -605,12 +600,7 @@ mod tests {
             ..link(3, "ifb0", true, true)
         };
         let links = [link(1, "lo", true, true), link(2, "eth0", true, true), ifb];
-        let names: Vec<_> = selection(&links, &[])
-            .unwrap()
-            .links
-            .iter()
-            .map(|l| l.name.as_str())
-            .collect();
+        let names = selected_by_default(&links);
         assert_eq!(names, ["lo", "eth0"]);
         // Named, it is watched.
         assert_eq!(selection(&links, &["ifb0".into()]).unwrap().links.len(), 1);
