@@ -308,16 +308,23 @@ impl LocalAddresses {
     /// the interfaces, live traffic and DNS count packets to and from them only. While one
     /// does not fit, or a local route is wider than one address, or a sync failed, the table
     /// is marked incomplete and the port alone decides, as without it. A problem is logged when it starts or
-    /// changes kind, not every second, and when it ends.
-    pub fn refresh(&mut self, ebpf: &mut Ebpf) {
+    /// changes kind, not every second, and when it ends. Returns whether the watch announced
+    /// a change of the links too (which `links::list` reads).
+    pub fn refresh(&mut self, ebpf: &mut Ebpf) -> bool {
         // Without a watch every poll reads the addresses, and the other tables as they age.
         let changes = self.watch.as_mut().map_or(
             Changes {
                 local: true,
-                other_tables: false,
+                ..Changes::default()
             },
             ChangeWatch::changed,
         );
+        self.sync_on(changes, ebpf);
+        changes.links
+    }
+
+    /// [`Self::refresh`] once the changes are known.
+    fn sync_on(&mut self, changes: Changes, ebpf: &mut Ebpf) {
         let aged = self
             .other_tables_read_at
             .is_none_or(|read_at| read_at.elapsed() >= OTHER_TABLES_MAX_AGE);

@@ -32,6 +32,7 @@ const RT_TABLE_LOCAL: u8 = 255;
 /// `rtmsg.rtm_type` of a route that delivers to this host (`RTN_LOCAL`).
 const RTN_LOCAL: u8 = 2;
 /// rtnetlink multicast groups (`linux/rtnetlink.h`).
+const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV6_IFADDR: u32 = 9;
@@ -144,8 +145,9 @@ fn noting_interruption(read: io::Result<()>, local: &mut Local) -> io::Result<()
     }
 }
 
-/// Tells whether the namespace's addresses or routes changed since it last looked: a
-/// netlink socket in their multicast groups, read without waiting.
+/// Tells whether the namespace's addresses, routes or links changed since it last looked: a
+/// netlink socket in their multicast groups, read without waiting. Links too, so that the
+/// same wake attaches a new interface at once rather than at the next poll.
 pub struct ChangeWatch {
     socket: Socket,
     buf: Vec<u8>,
@@ -157,6 +159,7 @@ impl ChangeWatch {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         for group in [
+            RTNLGRP_LINK,
             RTNLGRP_IPV4_IFADDR,
             RTNLGRP_IPV4_ROUTE,
             RTNLGRP_IPV6_IFADDR,
@@ -207,7 +210,7 @@ impl ChangeWatch {
 }
 
 /// Wakes the agent when a [`ChangeWatch`] has announcements waiting, so that the address
-/// table follows a change within milliseconds. A burst of changes (kube-proxy adding
+/// table and the attached interfaces follow a change within milliseconds. A burst of changes (kube-proxy adding
 /// thousands of service addresses) does not keep a core busy with dumps: after a sync the next
 /// waits [`SYNC_SPACING_FACTOR`] times as long as that one took, 50 ms at least, and the
 /// changes in between are read together.
@@ -239,12 +242,13 @@ impl ChangeSignal {
     }
 }
 
-/// What changed, to read again: the addresses and the `local` table's routes, and the
-/// routes of type `local` of the other tables ([`list_other_tables`]).
+/// What changed, to read again: the addresses and the `local` table's routes, the routes
+/// of type `local` of the other tables ([`list_other_tables`]), and the links.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Changes {
     pub local: bool,
     pub other_tables: bool,
+    pub links: bool,
 }
 
 impl Changes {
@@ -252,6 +256,7 @@ impl Changes {
     pub const ALL: Self = Self {
         local: true,
         other_tables: true,
+        links: true,
     };
 
     #[must_use]
@@ -259,6 +264,7 @@ impl Changes {
         Self {
             local: self.local || more.local,
             other_tables: self.other_tables || more.other_tables,
+            links: self.links || more.links,
         }
     }
 }
@@ -267,6 +273,8 @@ impl Changes {
 /// route that delivers to this host (`rtmsg.rtm_type`, the eighth byte after the header),
 /// by its table (`rtm_table`, the fifth).
 fn announced(datagram: &[u8]) -> Changes {
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_DELLINK: u16 = 17;
     const RTM_NEWROUTE: u16 = 24;
     const RTM_DELROUTE: u16 = 25;
     let mut changes = Changes::default();
@@ -282,6 +290,8 @@ fn announced(datagram: &[u8]) -> Changes {
                 (Some(_), Some(_)) => {}
                 _ => return Changes::ALL,
             }
+        } else if matches!(kind, RTM_NEWLINK | RTM_DELLINK) {
+            changes.links = true;
         } else {
             changes.local = true;
         }
@@ -421,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn only_address_and_local_route_changes_are_announced() {
+    fn address_local_route_and_link_changes_are_told_apart() {
         // nlmsghdr (length, type) and an rtmsg with its table in its fifth byte and its
         // route type in its eighth.
         const RTN_UNICAST: u8 = 1;
@@ -436,11 +446,11 @@ mod tests {
         let none = Changes::default();
         let local = Changes {
             local: true,
-            other_tables: false,
+            ..none
         };
         let other_tables = Changes {
-            local: false,
             other_tables: true,
+            ..none
         };
         assert_eq!(announced(&route(24, 254, RTN_UNICAST)), none);
         assert_eq!(
@@ -455,10 +465,20 @@ mod tests {
         assert_eq!(announced(&route(24, 100, RTN_LOCAL)), other_tables);
         assert_eq!(
             announced(&[route(24, 100, RTN_LOCAL), route(20, 0, 0)].concat()),
-            Changes::ALL
+            local.and(other_tables)
         );
         // RTM_NEWADDR.
         assert_eq!(announced(&route(20, 0, 0)), local);
+        // RTM_NEWLINK and RTM_DELLINK: the links alone.
+        let links = Changes {
+            links: true,
+            ..none
+        };
+        assert_eq!(announced(&route(16, 0, 0)), links);
+        assert_eq!(
+            announced(&[route(17, 0, 0), route(20, 0, 0)].concat()),
+            local.and(links)
+        );
         // A route message cut short: what it was is not known.
         assert_eq!(announced(&route(24, 100, RTN_LOCAL)[..20]), Changes::ALL);
     }

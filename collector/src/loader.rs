@@ -209,10 +209,12 @@ pub struct Options<'a> {
 
 impl Attachment {
     /// Brings `LOCAL_ADDRESSES` up to date, if it is used and a change is due (on a poll).
-    pub fn refresh_local_addresses(&mut self) {
-        if let Some(local) = &mut self.local_addresses {
-            local.refresh(&mut self.ebpf);
-        }
+    /// Returns whether the kernel announced a change of the links as well: the run loop,
+    /// woken by the announcement, then attaches new interfaces at once.
+    pub fn refresh_local_addresses(&mut self) -> bool {
+        self.local_addresses
+            .as_mut()
+            .is_some_and(|local| local.refresh(&mut self.ebpf))
     }
 
     /// Before an exit that leaves the programs attached (a task the agent needs ended): the
@@ -225,9 +227,9 @@ impl Attachment {
         }
     }
 
-    /// Wakes the run loop when the namespace's addresses change, to bring the address table
-    /// up to date at once (`None` with `all_namespaces`, or if it cannot be had: logged, and
-    /// the polls still do).
+    /// Wakes the run loop when the namespace's addresses or links change, to bring the
+    /// address table and the attached interfaces up to date at once (`None` with
+    /// `all_namespaces`, or if it cannot be had: logged, and the polls still do).
     #[must_use]
     pub fn address_change_signal(&self) -> Option<ChangeSignal> {
         match self.local_addresses.as_ref()?.change_signal()? {

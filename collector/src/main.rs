@@ -701,7 +701,7 @@ async fn serve_until_signal(
                 liveness.polled();
             }
             announced = address_change(address_changes.as_ref()) => {
-                on_address_change(attachment, &mut address_changes, announced);
+                on_change(attachment, &mut address_changes, announced, &config.interfaces, &mut netlink);
             }
             ended = &mut events => break Err(reader_stopped(ended, "connection")),
             ended = &mut dns_events => break Err(reader_stopped(ended, "DNS")),
@@ -778,17 +778,22 @@ fn server_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> a
     why.context("the HTTP server stopped")
 }
 
-/// Refreshes the local address table on an announced change; a signal that failed is
-/// given up, and the polls read address changes from then on.
-fn on_address_change(
+/// Refreshes the local address table, and the attached interfaces if the links changed, on
+/// an announced change; a signal that failed is given up, and the polls read the changes
+/// from then on.
+fn on_change(
     attachment: &mut Attachment,
     signal: &mut Option<ChangeSignal>,
     announced: std::io::Result<()>,
+    configured: &[String],
+    netlink: &mut NetlinkSource,
 ) {
     match announced {
         Ok(()) => {
             let began = std::time::Instant::now();
-            attachment.refresh_local_addresses();
+            if attachment.refresh_local_addresses() {
+                sync_links(attachment, configured, netlink);
+            }
             if let Some(signal) = signal {
                 signal.synced(began.elapsed());
             }
@@ -920,6 +925,22 @@ fn read_interfaces(
     configured: &[String],
     netlink: &mut NetlinkSource,
 ) -> poller::InterfaceView {
+    sync_links(attachment, configured, netlink);
+    attachment.refresh_local_addresses();
+    let hooks = attachment.check_hooks();
+    poller::InterfaceView {
+        attached: attachment.interfaces(),
+        links: netlink.links.clone(),
+        hooks,
+        address_table: attachment.address_table_use(),
+        health: netlink.health.clone(),
+    }
+}
+
+/// Lists the links and keeps the attached set current: at every poll, and when the kernel
+/// announces a change of the links (a pod's veth counts from its first packets, not from the
+/// next poll).
+fn sync_links(attachment: &mut Attachment, configured: &[String], netlink: &mut NetlinkSource) {
     let began = std::time::Instant::now();
     let read = links::list();
     netlink.health.record(&read, began.elapsed());
@@ -933,15 +954,6 @@ fn read_interfaces(
         Err(err) => {
             tracing::warn!("listing interfaces over netlink failed: {err}");
         }
-    }
-    attachment.refresh_local_addresses();
-    let hooks = attachment.check_hooks();
-    poller::InterfaceView {
-        attached: attachment.interfaces(),
-        links: netlink.links.clone(),
-        hooks,
-        address_table: attachment.address_table_use(),
-        health: netlink.health.clone(),
     }
 }
 

@@ -894,8 +894,16 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
     });
 
     connect_and_serve(&netns, &peer, "10.77.0.9:18080");
-    let rows = support::collector_json(&config, &["maps", "dump", map_names::ROUTE_TRAFFIC]);
-    let retransmitted = support::retransmitted_segments(&[&netns, &peer]);
+    assert_kernel_payload(&config, &[&netns, &peer]);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// The web route's live payload bytes as the kernel holds them (read through the CLI, with
+/// no poll): [`CONNECTIONS`] exchanges' worth each way.
+fn assert_kernel_payload(config: &AgentConfig, namespaces: &[&Netns]) {
+    let rows = support::collector_json(config, &["maps", "dump", map_names::ROUTE_TRAFFIC]);
+    let retransmitted = support::retransmitted_segments(namespaces);
     for (direction, bytes) in [("in", REQUEST), ("out", RESPONSE)] {
         let row = rows
             .as_array()
@@ -907,6 +915,35 @@ fn a_new_address_counts_from_its_first_packets_not_from_the_next_poll() {
         let live = row["payloadBytes"].as_f64();
         support::assert_live_bytes(live, (CONNECTIONS, bytes), retransmitted, &what);
     }
+}
+
+/// An interface that appears while the agent runs (a pod's veth) counts from its first
+/// packets, not from the next poll: the agent polls once a minute here, so only a sync on
+/// the kernel's announcement attaches it (its link pins show it) before the traffic starts.
+/// The kernel's counters are read through the CLI, which needs no poll.
+#[test]
+fn a_new_interface_counts_from_its_first_packets_not_from_the_next_poll() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    let config = AgentConfig::polling_every(ROUTES, 60_000);
+    let agent = Agent::start(&netns, &config);
+    add_veth(&netns, &peer);
+    let index = netns.run(|| ifindex("vcoll0"));
+    // Well within the minute to the next poll.
+    wait_for(
+        "vcoll0 attached, its address in the table",
+        Duration::from_secs(15),
+        || {
+            let (addresses, complete) = local_addresses(&config);
+            let attached = ["tc_ingress", "tc_egress"]
+                .iter()
+                .all(|prefix| link_pin(&config, prefix, index).exists());
+            (attached && complete && addresses.iter().any(|a| a == "10.77.0.1")).then_some(())
+        },
+    );
+
+    connect_and_serve(&netns, &peer, "10.77.0.1:18080");
+    assert_kernel_payload(&config, &[&netns, &peer]);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
