@@ -578,8 +578,8 @@ fn a_stop_detaches_even_while_a_stream_reader_has_stopped_reading() {
         "lines waiting in the agent's end of the stalled reader's connection",
         Duration::from_secs(10),
         || {
-            let end = agents_end(&netns, reader);
-            // Recv-Q Send-Q Local Peer [users]
+            let end = support::agents_end(&netns, reader);
+            // State Recv-Q Send-Q Local Peer [users]: Send-Q third
             let unsent: u64 = end.split_whitespace().nth(2)?.parse().ok()?;
             (unsent > 0).then_some(())
         },
@@ -594,25 +594,11 @@ fn a_stop_detaches_even_while_a_stream_reader_has_stopped_reading() {
     drop(stalled);
 }
 
-/// `ss`'s line for the agent's end of its connection from `client`, in any state, with the
-/// process holding it (`users:`) while one does; empty once the socket is gone.
-fn agents_end(netns: &Netns, client: SocketAddr) -> String {
-    let listen: SocketAddr = LISTEN.parse().unwrap();
-    stdout_of(netns.command("ss").args([
-        "-tanpH",
-        &format!(
-            "( sport = :{} and dport = :{} )",
-            listen.port(),
-            client.port()
-        ),
-    ]))
-}
-
 /// The agent's own end of its connection from `client`, copied into this process
 /// (`pidfd_getfd`, which root may use on any process): socket options set on the sockets the
 /// agent accepts can be read only there.
 fn agents_socket(netns: &Netns, agent: &Agent, client: SocketAddr) -> OwnedFd {
-    let sockets = agents_end(netns, client);
+    let sockets = support::agents_end(netns, client);
     // users:(("collector",pid=1234,fd=12))
     let fd: i32 = sockets
         .split("fd=")
@@ -1092,7 +1078,7 @@ fn the_kernel_stops_sending_stream_events_when_the_last_reader_leaves() {
     wait_for(
         "the agent to let the first reader's connection go",
         Duration::from_secs(10),
-        || (!agents_end(&netns, first_address).contains("users:")).then_some(()),
+        || (!support::agents_end(&netns, first_address).contains("users:")).then_some(()),
     );
     assert_eq!(stream_switches(&agent), (1, 1));
     drop(second);

@@ -629,22 +629,14 @@ const PATIENT_HANDSHAKES: &str = "tls_handshake_timeout_ms = 600000\n";
 /// `stream`, once the agent has accepted it (`ss` names the process holding its end): the
 /// agent then has the connections in the order they were opened.
 fn held(netns: &Netns, stream: TcpStream) -> TcpStream {
-    let filter = format!(
-        "( sport = :{} and dport = :{} )",
-        LISTEN.rsplit(':').next().unwrap(),
-        stream.local_addr().unwrap().port()
-    );
+    let client = stream.local_addr().unwrap();
     wait_for(
         "the agent to accept a connection",
         Duration::from_secs(10),
         || {
-            let listed = stdout_of(
-                netns
-                    .command("ss")
-                    .args(["-tnpH", "state", "established"])
-                    .arg(&filter),
-            );
-            listed.contains("users:").then_some(())
+            support::agents_end(netns, client)
+                .contains("users:")
+                .then_some(())
         },
     );
     stream

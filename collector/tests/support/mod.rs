@@ -877,6 +877,21 @@ impl Drop for RemovedOnDrop {
     }
 }
 
+/// `ss`'s line for the agent's end of its connection from `client` (the agent listening on
+/// [`LISTEN`]), in any state: `State Recv-Q Send-Q Local Peer`, then the process holding it
+/// (`users:`) once the agent has accepted it and while it holds it; empty once it is gone.
+pub fn agents_end(netns: &Netns, client: std::net::SocketAddr) -> String {
+    let listen: std::net::SocketAddr = LISTEN.parse().unwrap();
+    stdout_of(netns.command("ss").args([
+        "-tanpH",
+        &format!(
+            "( sport = :{} and dport = :{} )",
+            listen.port(),
+            client.port()
+        ),
+    ]))
+}
+
 /// Milliseconds since the epoch, as the JSON's and the stream's `timestamp` count them.
 pub fn wall_ms() -> u64 {
     let since_epoch = std::time::SystemTime::now()
