@@ -925,8 +925,10 @@ fn read_interfaces(
     configured: &[String],
     netlink: &mut NetlinkSource,
 ) -> poller::InterfaceView {
-    sync_links(attachment, configured, netlink);
+    // Addresses first: their watch announces links too, and what it announced before this
+    // point the list below covers (after it, the watch wakes the run loop).
     attachment.refresh_local_addresses();
+    sync_links(attachment, configured, netlink);
     let hooks = attachment.check_hooks();
     poller::InterfaceView {
         attached: attachment.interfaces(),
