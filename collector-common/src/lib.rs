@@ -320,12 +320,21 @@ pub mod error_kind {
     /// A packet on a watched interface was too short to parse its headers, or shorter than
     /// its IP header says (the stack drops it; its claimed bytes are not counted).
     pub const PACKET_TRUNCATED: u32 = 2;
+    /// A TCP packet on a watched interface whose headers contradict themselves: an IPv4
+    /// header under 20 bytes, a TCP data offset under 5 words or past the IP length, a zero
+    /// IP length on a packet that is no GSO packet (only those over 64 KiB have one). The
+    /// stack drops it; nothing of it is counted.
+    pub const PACKET_MALFORMED: u32 = 3;
 }
 /// Number of error kinds (entries of [`map_names::ERRORS`]).
-pub const ERROR_KINDS: u32 = 3;
+pub const ERROR_KINDS: u32 = 4;
 /// Names of the error kinds, indexed by kind, as exported in metric labels.
-pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] =
-    ["conn_table_full", "conn_event_dropped", "packet_truncated"];
+pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
+    "conn_table_full",
+    "conn_event_dropped",
+    "packet_truncated",
+    "packet_malformed",
+];
 
 /// Most UDP ports of each kind in [`DnsPorts`].
 pub const DNS_MAX_PORTS: usize = 8;

@@ -113,6 +113,14 @@ pub fn ether_type(ctx: &TcContext) -> u16 {
     u16::from_be(ctx.skb.protocol() as u16)
 }
 
+/// Whether the packet is a GSO packet (segmented, or to be, by size): only such a packet may
+/// carry a zero IP length, BIG TCP's mark of a packet over 64 KiB.
+#[inline(always)]
+pub fn is_gso(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer the kernel passed; tc programs may read `gso_size`.
+    unsafe { (*ctx.skb.skb).gso_size != 0 }
+}
+
 /// Whether the IP header says TCP follows (IPv6: with no extension header between, or a
 /// jumbo packet's hop-by-hop header, which the TCP counting looks into). Also true when that
 /// byte cannot be read, so that the TCP counting sees the truncated header. Headers outside

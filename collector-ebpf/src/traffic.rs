@@ -26,7 +26,7 @@ use crate::{
     ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type,
-        handed_back_by_ifb, or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
+        handed_back_by_ifb, is_gso, or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
     },
 };
 
@@ -109,8 +109,9 @@ fn add(counters: *mut TrafficCounters, segment: &Segment) {
 }
 
 /// A link-layer header of `L2` bytes → IPv4/IPv6 → TCP. `None` for anything else (not
-/// ours) and for truncated headers (counted). Headers outside the linear part are pulled in
-/// at the first read that misses them, the IP header's or the TCP header's.
+/// ours) and for truncated or self-contradicting headers (counted). Headers outside the
+/// linear part are pulled in at the first read that misses them, the IP header's or the TCP
+/// header's.
 #[inline(always)]
 fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
     let proto = ether_type(ctx);
@@ -130,7 +131,10 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
+            // The stack drops it (`ip_rcv_core`), as it does a total length under the header
+            // length (below: the TCP header cannot fit).
             if ihl < 20 {
+                count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
             let total = u64::from(read_be16(ctx, L2 + 2)?);
@@ -169,8 +173,8 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
         _ => return None,
     };
     // A zero length means a GSO packet over 64 KiB (BIG TCP): the skb's length is the
-    // packet's. A length beyond the skb's is a lie the stack drops the packet for: counted as
-    // truncated, not as the bytes it claims.
+    // packet's (only GSO packets may have one: checked below). A length beyond the skb's is a
+    // lie the stack drops the packet for: counted as truncated, not as the bytes it claims.
     let l3_len = if ip_len == 0 { skb_l3_len } else { ip_len };
     if l3_len > skb_l3_len {
         count_error(error_kind::PACKET_TRUNCATED);
@@ -186,13 +190,21 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
     let tcp = unsafe { &*tcp };
     let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
     let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    let data_offset = tcp[12];
-    let headers = (l4_offset - L2) as u64 + u64::from(data_offset >> 4) * 4;
+    let tcp_header = u64::from(tcp[12] >> 4) * 4;
+    let headers = (l4_offset - L2) as u64 + tcp_header;
+    // The stack drops all three (`tcp_v4_rcv`, `tcp_v6_rcv`, `ip_rcv_core`): counting them
+    // would add bytes no connection carries, or payload that is header. Checked after the
+    // reads, and the length hidden from LLVM (`black_box`): otherwise it threads the zero
+    // length's branch back through the TCP read, and the verifier loses the packet pointer.
+    if tcp_header < 20 || headers > l3_len || (core::hint::black_box(ip_len) == 0 && !is_gso(ctx)) {
+        count_error(error_kind::PACKET_MALFORMED);
+        return None;
+    }
     Some(Segment {
         src_port,
         dst_port,
         l3_len,
-        payload_len: l3_len.saturating_sub(headers),
+        payload_len: l3_len - headers,
         ipv6: proto == ETH_P_IPV6,
     })
 }

@@ -1,7 +1,8 @@
 //! Packets whose headers are outside the skb's linear part, as drivers that build received
 //! packets from pages leave them with GRO off (`napi_gro_frags`: gve, sfc, mlx4, tun with
 //! `IFF_NAPI_FRAGS`): only the Ethernet header is linear. Live traffic and DNS count them
-//! exactly; a packet really too short for its headers is still counted truncated.
+//! exactly; a packet really too short for its headers is still counted truncated, and one
+//! whose headers contradict themselves malformed.
 #![expect(
     clippy::cast_precision_loss,
     clippy::float_cmp,
@@ -196,6 +197,16 @@ fn truncated(metrics: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// Packets counted as headers that contradict themselves.
+fn malformed(metrics: &str) -> f64 {
+    sample(
+        metrics,
+        "collector_bpf_errors_total",
+        &[("kind", "packet_malformed")],
+    )
+    .unwrap_or(0.0)
+}
+
 /// Until 2026-12-04 such packets were counted as `packet_truncated` and their bytes and
 /// queries lost.
 #[test]
@@ -272,6 +283,25 @@ fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
         let metrics = scrape(&netns);
         (truncated(&metrics) >= 1.0).then_some(metrics)
     });
+    assert_eq!(truncated(&metrics), 1.0);
+    assert_eq!(payload(&metrics), Some(sent as f64));
+
+    // Headers that contradict themselves, pulled in and counted malformed, not as traffic:
+    // a TCP data offset of 4 words (the stack drops it), and a total length of 0, which only
+    // a GSO packet over 64 KiB may have (GRO is off: none is).
+    assert_eq!(malformed(&metrics), 0.0);
+    let mut short_offset = tcp(false, 100);
+    short_offset[20 + 12] = 0x40;
+    let mut zero_length = tcp(true, 100);
+    zero_length[4..6].fill(0);
+    for packet in [short_offset, zero_length] {
+        receive(&tap, &packet, 0);
+    }
+    let metrics = wait_for("the malformed packets", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (malformed(&metrics) >= 2.0).then_some(metrics)
+    });
+    assert_eq!(malformed(&metrics), 2.0);
     assert_eq!(truncated(&metrics), 1.0);
     assert_eq!(payload(&metrics), Some(sent as f64));
     assert!(agent.stop().success());

@@ -1,6 +1,7 @@
 //! The live traffic counting of the classifiers on crafted TCP packets, run in the kernel
 //! through `BPF_PROG_TEST_RUN`: the bytes counted are those the packet carries, never what
-//! a header claims beyond them, and GSO packets over 64 KiB (BIG TCP) count whole.
+//! a header claims beyond them, GSO packets over 64 KiB (BIG TCP) count whole, and headers
+//! that contradict themselves count as malformed, not as traffic.
 
 mod support;
 
@@ -27,14 +28,22 @@ struct Ingress {
     ebpf: aya::Ebpf,
 }
 
-/// What one packet added: to the route's inbound counters, and to the truncated packets.
+/// What one packet added: to the route's inbound counters, and to the truncated and
+/// malformed packets.
 #[derive(Debug, PartialEq, Eq)]
 struct Counted {
     packets: u64,
     bytes: u64,
     payload_bytes: u64,
     truncated: u64,
+    malformed: u64,
 }
+
+/// Offsets in `struct __sk_buff` (`linux/bpf.h`) of the two GSO fields a test run takes
+/// from its context, and the struct's size.
+const SKB_GSO_SEGS: usize = 164;
+const SKB_GSO_SIZE: usize = 176;
+const SKB_SIZE: usize = 192;
 
 impl Ingress {
     /// The kernel object on its own, with [`ROUTE_PORT`] as route slot 0.
@@ -90,21 +99,25 @@ impl Ingress {
             PerCpuArray::try_from(self.ebpf.map(map_names::ROUTE_TRAFFIC).unwrap()).unwrap();
         let errors: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map(map_names::ERRORS).unwrap()).unwrap();
+        let error = |kind| errors.get(&kind, 0).unwrap().iter().sum();
         let per_cpu = traffic.get(&traffic_index(0, DIR_IN), 0).unwrap();
         Counted {
             packets: per_cpu.iter().map(|c| c.packets).sum(),
             bytes: per_cpu.iter().map(|c| c.bytes).sum(),
             payload_bytes: per_cpu.iter().map(|c| c.payload_bytes).sum(),
-            truncated: errors
-                .get(&error_kind::PACKET_TRUNCATED, 0)
-                .unwrap()
-                .iter()
-                .sum(),
+            truncated: error(error_kind::PACKET_TRUNCATED),
+            malformed: error(error_kind::PACKET_MALFORMED),
         }
     }
 
     /// Runs the ingress classifier on `frame`; what it counted.
     fn run(&self, frame: &[u8]) -> Counted {
+        self.run_as_gso(frame, 0)
+    }
+
+    /// [`Self::run`] on a GSO packet of `gso_size`-byte segments (0: not GSO), as GRO
+    /// builds at ingress.
+    fn run_as_gso(&self, frame: &[u8], gso_size: u32) -> Counted {
         let before = self.totals();
         let program: &SchedClassifier = self
             .ebpf
@@ -112,8 +125,15 @@ impl Ingress {
             .unwrap()
             .try_into()
             .unwrap();
+        let mut skb = [0u8; SKB_SIZE];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
+        if gso_size != 0 {
+            let segments = (frame.len() as u32).div_ceil(gso_size);
+            skb[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segments.to_ne_bytes());
+            skb[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
+            opts.ctx_in = Some(&skb);
+        }
         let result = program.test_run(opts).unwrap();
         assert_eq!(result.return_value, PASS, "the classifier changed a fate");
         let after = self.totals();
@@ -122,6 +142,7 @@ impl Ingress {
             bytes: after.bytes - before.bytes,
             payload_bytes: after.payload_bytes - before.payload_bytes,
             truncated: after.truncated - before.truncated,
+            malformed: after.malformed - before.malformed,
         }
     }
 }
@@ -179,15 +200,26 @@ fn counted(bytes: u64, payload_bytes: u64) -> Counted {
         packets: 1,
         bytes,
         payload_bytes,
-        truncated: 0,
+        ..NOTHING
     }
 }
 
-const TRUNCATED: Counted = Counted {
+const NOTHING: Counted = Counted {
     packets: 0,
     bytes: 0,
     payload_bytes: 0,
+    truncated: 0,
+    malformed: 0,
+};
+
+const TRUNCATED: Counted = Counted {
     truncated: 1,
+    ..NOTHING
+};
+
+const MALFORMED: Counted = Counted {
+    malformed: 1,
+    ..NOTHING
 };
 
 #[test]
@@ -209,24 +241,95 @@ fn bytes_are_those_the_packet_carries() {
 #[test]
 fn gso_packets_over_64_kib_count_whole() {
     let ingress = Ingress::load();
+    // A test run cannot build a packet over 64 KiB; what marks one is its zero length on a
+    // GSO packet, here of 500-byte segments.
     // IPv4 BIG TCP: a total length of 0.
-    assert_eq!(ingress.run(&ipv4(0, 1000, 0)), counted(1040, 1000));
+    assert_eq!(
+        ingress.run_as_gso(&ipv4(0, 1000, 0), 500),
+        counted(1040, 1000)
+    );
     // IPv6 BIG TCP without a hop-by-hop header: a payload length of 0.
-    assert_eq!(ingress.run(&ipv6(0, &[], 1000)), counted(1060, 1000));
+    assert_eq!(
+        ingress.run_as_gso(&ipv6(0, &[], 1000), 500),
+        counted(1060, 1000)
+    );
     // IPv6 BIG TCP as it has been built with one, holding only the jumbo payload option.
     let jumbo = [6, 0, 0xc2, 4, 0, 1, 0, 0];
-    assert_eq!(ingress.run(&ipv6(0, &jumbo, 1000)), counted(1068, 1000));
+    assert_eq!(
+        ingress.run_as_gso(&ipv6(0, &jumbo, 1000), 500),
+        counted(1068, 1000)
+    );
     // Any other hop-by-hop header before TCP is not counted, as before.
     let other = [6, 0, 1, 4, 0, 0, 0, 0];
+    assert_eq!(ingress.run(&ipv6(28 + 1000, &other, 1000)), NOTHING);
+    // The same zero lengths on packets that are not GSO packets: the stack drops them.
+    assert_eq!(ingress.run(&ipv4(0, 1000, 0)), MALFORMED);
+    assert_eq!(ingress.run(&ipv6(0, &[], 1000)), MALFORMED);
+    assert_eq!(ingress.run(&ipv6(0, &jumbo, 1000)), MALFORMED);
+    // A GSO packet with its length set is counted at that length, as any other.
     assert_eq!(
-        ingress.run(&ipv6(28 + 1000, &other, 1000)),
-        Counted {
-            packets: 0,
-            bytes: 0,
-            payload_bytes: 0,
-            truncated: 0
-        }
+        ingress.run_as_gso(&ipv4(1040, 1000, 0), 500),
+        counted(1040, 1000)
     );
+}
+
+/// Headers that contradict themselves are dropped by the stack (`ip_rcv_core`,
+/// `tcp_v4_rcv`, `tcp_v6_rcv`) and were counted as traffic: a data offset under 5 words
+/// made header bytes payload, one past the IP length counted a packet no connection took.
+#[test]
+fn self_contradicting_headers_count_as_malformed_not_as_traffic() {
+    let ingress = Ingress::load();
+    let with = |mut frame: Vec<u8>, offset: usize, byte: u8| {
+        frame[offset] = byte;
+        frame
+    };
+    let ip4 = 14;
+    let tcp4 = ip4 + 20;
+    let tcp6 = 14 + 40;
+    // The well-formed packet first, so that the cases below differ from it by their one
+    // byte alone.
+    assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
+    // IPv4 header lengths under 20 bytes, and 0.
+    assert_eq!(ingress.run(&with(ipv4(140, 100, 0), ip4, 0x44)), MALFORMED);
+    assert_eq!(ingress.run(&with(ipv4(140, 100, 0), ip4, 0x40)), MALFORMED);
+    // A total length shorter than the IPv4 header.
+    assert_eq!(ingress.run(&ipv4(19, 100, 0)), MALFORMED);
+    // TCP data offsets under 5 words.
+    for words in [0u8, 4] {
+        assert_eq!(
+            ingress.run(&with(ipv4(140, 100, 0), tcp4 + 12, words << 4)),
+            MALFORMED
+        );
+        assert_eq!(
+            ingress.run(&with(ipv6(120, &[], 100), tcp6 + 12, words << 4)),
+            MALFORMED
+        );
+    }
+    // A TCP header longer than the IP length leaves room for: 60 bytes of TCP header in a
+    // 40-byte IPv4 packet padded to 80 bytes of frame.
+    assert_eq!(
+        ingress.run(&with(ipv4(40, 0, 26), tcp4 + 12, 15 << 4)),
+        MALFORMED
+    );
+    assert_eq!(
+        ingress.run(&with(ipv6(20, &[], 0), tcp6 + 12, 6 << 4)),
+        MALFORMED
+    );
+    // Options the IP length holds: counted, the options not as payload.
+    assert_eq!(
+        ingress.run(&with(ipv4(140, 100, 0), tcp4 + 12, 15 << 4)),
+        counted(140, 60)
+    );
+    assert_eq!(
+        ingress.run(&with(ipv6(120, &[], 100), tcp6 + 12, 6 << 4)),
+        counted(160, 96)
+    );
+    // An IPv4 header with options (24 bytes) is read past them.
+    let mut options = ipv4(144, 100, 0);
+    options[ip4] = 0x46;
+    options.splice(tcp4..tcp4, [1, 1, 1, 1]);
+    options.truncate(14 + 144);
+    assert_eq!(ingress.run(&options), counted(144, 100));
 }
 
 /// The address look-up finds an address in any way of either of its two sets (the agent
@@ -258,17 +361,11 @@ fn the_address_table_is_searched_in_both_sets_and_every_way() {
     assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
     // Gone from the table: another host's packet now.
     ingress.set_address(first + LOCAL_ADDRESS_WAYS - 1, [0, 0]);
-    let nothing = Counted {
-        packets: 0,
-        bytes: 0,
-        payload_bytes: 0,
-        truncated: 0,
-    };
-    assert_eq!(ingress.run(&ipv4(140, 100, 0)), nothing);
+    assert_eq!(ingress.run(&ipv4(140, 100, 0)), NOTHING);
     // `::`, what the free slots hold, is no one's.
     let mut unspecified = ipv6(120, &[], 100);
     unspecified[14 + 39] = 0;
-    assert_eq!(ingress.run(&unspecified), nothing);
+    assert_eq!(ingress.run(&unspecified), NOTHING);
     // Incomplete: by port alone.
     ingress.set_table_complete(0);
     assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
