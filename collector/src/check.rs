@@ -320,6 +320,23 @@ fn judge_interfaces(all: &[links::Link], configured: &[String]) -> (Status, Stri
             "none is up: no live traffic is counted until one comes up".to_owned(),
         );
     }
+    let unparsed: Vec<String> = if configured.is_empty() {
+        links::unparsed_up(all)
+            .map(links::describe_unparsed)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if !unparsed.is_empty() {
+        return (
+            Status::Warn,
+            format!(
+                "{names}; up but of a framing the tc classifiers do not parse, so their live \
+                 traffic and DNS go uncounted: {}",
+                unparsed.join(", ")
+            ),
+        );
+    }
     (Status::Pass, names)
 }
 
@@ -886,14 +903,39 @@ mod tests {
             "{detail}"
         );
         let infiniband = links::Link {
-            framing: links::Framing::Other,
+            framing: links::Framing::Other(32),
             ..link(4, "ib0", true)
         };
-        let (status, detail) = judge_interfaces(&[infiniband], &["ib0".to_owned()]);
+        let (status, detail) = judge_interfaces(&[infiniband.clone()], &["ib0".to_owned()]);
         assert_eq!(status, Status::Fail);
         assert!(
             detail.contains("framing the tc classifiers do not parse"),
             "{detail}"
+        );
+        // Left out of the default selection, and said: its live traffic goes uncounted.
+        let tunnel = links::Link {
+            framing: links::Framing::Other(768),
+            ..link(5, "tunl0", true)
+        };
+        let (status, detail) = judge_interfaces(&[all[0].clone(), tunnel.clone()], &[]);
+        assert_eq!(status, Status::Warn);
+        assert_eq!(
+            detail,
+            "lo; up but of a framing the tc classifiers do not parse, so their live traffic and \
+             DNS go uncounted: tunl0 (link type 768)"
+        );
+        // Down, it carries nothing to miss; configured away, it is not asked for.
+        let down = links::Link {
+            up: false,
+            ..tunnel
+        };
+        assert_eq!(
+            judge_interfaces(&[all[0].clone(), down], &[]),
+            (Status::Pass, "lo".to_owned())
+        );
+        assert_eq!(
+            judge_interfaces(&[all[0].clone(), infiniband], &["lo".to_owned()]),
+            (Status::Pass, "lo".to_owned())
         );
         let (status, _) = judge_interfaces(&[link(2, "eth0", false)], &[]);
         assert_eq!(status, Status::Warn);

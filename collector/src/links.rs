@@ -104,9 +104,9 @@ pub enum Framing {
     Ethernet,
     /// No link-layer header (`ARPHRD_NONE`: WireGuard, tun): the IP header first.
     Ip,
-    /// Anything else (IP-in-IP and GRE tunnels, PPP, InfiniBand, ...): not parsed, and so
-    /// not watched.
-    Other,
+    /// Anything else (IP-in-IP and GRE tunnels, PPP, InfiniBand, ...), by its link-layer
+    /// type (`ARPHRD_*`): not parsed, and so not watched.
+    Other(u16),
 }
 
 impl Framing {
@@ -114,14 +114,14 @@ impl Framing {
         match link_layer_type {
             ARPHRD_ETHER | ARPHRD_LOOPBACK => Self::Ethernet,
             ARPHRD_NONE => Self::Ip,
-            _ => Self::Other,
+            other => Self::Other(other),
         }
     }
 
     /// The tc classifiers can parse it.
     #[must_use]
     pub fn parsed(self) -> bool {
-        self != Self::Other
+        !matches!(self, Self::Other(_))
     }
 }
 /// `struct if_stats_msg`.
@@ -417,6 +417,23 @@ pub fn watched_by_default(link: &Link, all: &[Link]) -> bool {
         && !REDIRECT_TARGETS.contains(&link.kind.as_str())
 }
 
+/// Up interfaces that the default selection leaves out for their framing alone (an IP-in-IP
+/// tunnel such as Calico's `tunl0`, GRE, PPP, InfiniBand): their live traffic and DNS go
+/// uncounted, where the connections' figures (from the sockets) do not. Said, not hidden.
+pub fn unparsed_up(links: &[Link]) -> impl Iterator<Item = &Link> {
+    links
+        .iter()
+        .filter(|link| link.up && !link.framing.parsed())
+}
+
+/// How [`unparsed_up`] links are named to the user: with their link-layer type.
+pub fn describe_unparsed(link: &Link) -> String {
+    match link.framing {
+        Framing::Other(link_type) => format!("{} (link type {link_type})", link.name),
+        _ => link.name.clone(),
+    }
+}
+
 /// Up, with a parsed framing, and not the port of a layer-2 controller.
 fn countable_on_its_own(link: &Link, all: &[Link]) -> bool {
     let port_of_layer2_controller = link.controller.is_some_and(|index| {
@@ -486,7 +503,7 @@ mod tests {
             framing: if parsed {
                 Framing::Ethernet
             } else {
-                Framing::Other
+                Framing::Other(32)
             },
             loopback: name == "lo",
             controller: None,
@@ -687,7 +704,7 @@ mod tests {
         assert_eq!(parse_link(&none).unwrap().framing, Framing::Ip);
         // IP-in-IP (ARPHRD_TUNNEL): not parsed.
         none[2..4].copy_from_slice(&768u16.to_ne_bytes());
-        assert_eq!(parse_link(&none).unwrap().framing, Framing::Other);
+        assert_eq!(parse_link(&none).unwrap().framing, Framing::Other(768));
     }
 
     #[test]
@@ -794,7 +811,7 @@ mod tests {
                 framing: match theirs.header.link_layer_type {
                     LinkLayerType::Ether | LinkLayerType::Loopback => Framing::Ethernet,
                     LinkLayerType::None => Framing::Ip,
-                    _ => Framing::Other,
+                    other => Framing::Other(u16::from(other)),
                 },
                 loopback: theirs.header.link_layer_type == LinkLayerType::Loopback,
                 controller: attribute(|a| match a {

@@ -180,6 +180,9 @@ pub struct Attachment {
     reattached: std::collections::BTreeMap<(u32, &'static str), u64>,
     /// Configured interfaces not there to attach (see [`links::missing`]).
     missing_interfaces: Vec<String>,
+    /// Up interfaces of a framing not parsed, by index, once said in the log (see
+    /// [`links::unparsed_up`]).
+    unparsed_noted: std::collections::BTreeSet<u32>,
     /// Where the `sock_ops` program is attached, for the logs.
     pub cgroup2: String,
     pin_dir: PathBuf,
@@ -349,6 +352,7 @@ impl Attachment {
             ahead_seen: std::collections::BTreeMap::new(),
             reattached: std::collections::BTreeMap::new(),
             missing_interfaces: Vec::new(),
+            unparsed_noted: std::collections::BTreeSet::new(),
             cgroup2,
             pin_dir,
             link_pins: Vec::new(),
@@ -403,6 +407,7 @@ impl Attachment {
         let selected = links::selection(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
         self.load_programs(config, bpf_stats, &selected)?;
         self.keep_redirect_devices(&all);
+        self.note_unparsed(&all, &config.interfaces);
         // Before any classifier runs (till then the table counts as incomplete: by port).
         self.refresh_local_addresses();
         // Loopback's classifiers before the cgroup programs: the orphan reaper knows a
@@ -683,6 +688,7 @@ impl Attachment {
         self.reattached
             .retain(|(index, _), _| links.iter().any(|l| l.index == *index));
         self.note_missing(links::missing(links, configured));
+        self.note_unparsed(links, configured);
         let mut failures = Vec::new();
         for link in wanted {
             if let Some((name, _)) = self.attached.get_mut(&link.index) {
@@ -753,6 +759,25 @@ impl Attachment {
             tracing::info!(%interface, "the configured interface is there");
         }
         self.missing_interfaces = missing;
+    }
+
+    /// Says in the log, once each, which up interfaces the default selection leaves out for
+    /// their framing (configured ones are refused or missing instead).
+    fn note_unparsed(&mut self, links: &[Link], configured: &[String]) {
+        if !configured.is_empty() {
+            return;
+        }
+        let unparsed: Vec<&Link> = links::unparsed_up(links).collect();
+        for link in &unparsed {
+            if self.unparsed_noted.insert(link.index) {
+                tracing::warn!(
+                    interface = %links::describe_unparsed(link),
+                    "the interface is up, but its framing is not one the classifiers parse                      (Ethernet, loopback, none): its live traffic and DNS go uncounted; its                      connections count, at their close"
+                );
+            }
+        }
+        self.unparsed_noted
+            .retain(|index| unparsed.iter().any(|link| link.index == *index));
     }
 
     /// Names of the interfaces the classifiers are attached to.

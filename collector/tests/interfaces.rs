@@ -1640,3 +1640,54 @@ fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
     assert!(!text.contains(" WARN "), "{text}");
     assert_no_pins(&config.pin_dir);
 }
+
+/// A tun device of `link_type` (`ARPHRD_*`, set with `TUNSETLINK` while it is down), up:
+/// framed as an IP-in-IP tunnel's, a PPP link's or an InfiniBand port's are, which this
+/// kernel cannot make.
+fn tun_of_link_type(netns: &Netns, name: &'static str, link_type: u16) -> std::fs::File {
+    use std::os::fd::AsRawFd as _;
+    /// `_IOW('T', 205, int)`.
+    const TUNSETLINK: libc::c_ulong = 0x4004_54cd;
+    let tun = support::open_tun_with(netns, name, libc::IFF_TUN | libc::IFF_NO_PI);
+    // SAFETY: TUNSETLINK takes its argument by value.
+    let set = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETLINK, libc::c_ulong::from(link_type)) };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    support::ip_batch(&netns.name, &format!("link set {name} up\n"));
+    tun
+}
+
+/// Up interfaces of a framing the classifiers do not parse are left out of the default
+/// selection, as before, and now said in the log, with their link type: at the start, and
+/// when one appears later. Until 2026-12-04 nothing said that their live traffic went
+/// uncounted.
+#[test]
+fn an_up_interface_of_a_framing_not_parsed_is_named_in_the_log() {
+    const ARPHRD_TUNNEL: u16 = 768;
+    const ARPHRD_PPP: u16 = 512;
+    const NOT_PARSED: &str = "its framing is not one the classifiers parse";
+    let netns = Netns::new();
+    let _tunnel = tun_of_link_type(&netns, "ipcoll0", ARPHRD_TUNNEL);
+    let config = AgentConfig::new(ROUTES);
+    let scratch = ScratchDir::new("unparsed");
+    let log = scratch.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let lines = support::logged_lines(&log, NOT_PARSED);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("ipcoll0 (link type 768)"), "{lines:?}");
+    let metrics = scrape(&netns);
+    assert!(attached(&metrics, "lo") && !attached(&metrics, "ipcoll0"));
+
+    let _ppp = tun_of_link_type(&netns, "pppcoll0", ARPHRD_PPP);
+    let lines = wait_for("the second one in the log", Duration::from_secs(10), || {
+        let lines = support::logged_lines(&log, NOT_PARSED);
+        (lines.len() >= 2).then_some(lines)
+    });
+    // Each once, however many polls saw them.
+    support::after_polls(&netns, 3);
+    let again = support::logged_lines(&log, NOT_PARSED);
+    assert_eq!(again, lines);
+    assert!(lines[1].contains("pppcoll0 (link type 512)"), "{lines:?}");
+    assert!(!attached(&scrape(&netns), "pppcoll0"));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
