@@ -321,9 +321,11 @@ pub mod error_kind {
     /// its IP header says (the stack drops it; its claimed bytes are not counted).
     pub const PACKET_TRUNCATED: u32 = 2;
     /// A TCP packet on a watched interface whose headers contradict themselves: an IPv4
-    /// header under 20 bytes, a TCP data offset under 5 words or past the IP length, a zero
-    /// IP length on a packet that is no GSO packet (only those over 64 KiB have one). The
-    /// stack drops it; nothing of it is counted.
+    /// header under 20 bytes, a TCP header (20 bytes, or its data offset) past the IP length,
+    /// a data offset under 5 words, a zero IP length on a packet that is no GSO packet (only
+    /// those over 64 KiB have one). A receiving stack drops it; nothing of it is counted.
+    /// Like [`PACKET_TRUNCATED`], any TCP packet, whoever it is for, once per hook it
+    /// crosses.
     pub const PACKET_MALFORMED: u32 = 3;
 }
 /// Number of error kinds (entries of [`map_names::ERRORS`]).

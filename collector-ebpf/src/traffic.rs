@@ -34,6 +34,8 @@ use crate::{
 const IPV6_TLV_JUMBO: u8 = 0xc2;
 /// Bytes of the TCP header read: the ports and the data offset.
 const TCP_READ: usize = 13;
+/// A TCP header without options.
+const TCP_HLEN: usize = 20;
 
 /// The parts of a TCP segment that the counters need.
 struct Segment {
@@ -131,8 +133,8 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
-            // The stack drops it (`ip_rcv_core`), as it does a total length under the header
-            // length (below: the TCP header cannot fit).
+            // A receiving stack drops it (`ip_rcv_core`), as it does a total length under
+            // the header length (below: the TCP header cannot fit).
             if ihl < 20 {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
@@ -180,6 +182,13 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
         count_error(error_kind::PACKET_TRUNCATED);
         return None;
     }
+    // No room for a TCP header in the IP length: malformed whether or not Ethernet padding
+    // follows (without, the TCP read below would fail and call it truncated). `black_box`
+    // as below: without it the verifier loses the packet pointer.
+    if core::hint::black_box(l3_len) < (l4_offset - L2 + TCP_HLEN) as u64 {
+        count_error(error_kind::PACKET_MALFORMED);
+        return None;
+    }
     // Ports and data offset with one bounds check: separate checks let LLVM merge paths in a
     // way the verifier cannot follow (a port register unset on a path it cannot rule out).
     let Some(tcp) = ptr_at_or_pulled::<[u8; TCP_READ]>(ctx, l4_offset, l4_offset + TCP_READ) else {
@@ -192,11 +201,15 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
     let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
     let tcp_header = u64::from(tcp[12] >> 4) * 4;
     let headers = (l4_offset - L2) as u64 + tcp_header;
-    // The stack drops all three (`tcp_v4_rcv`, `tcp_v6_rcv`, `ip_rcv_core`): counting them
-    // would add bytes no connection carries, or payload that is header. Checked after the
-    // reads, and the length hidden from LLVM (`black_box`): otherwise it threads the zero
-    // length's branch back through the TCP read, and the verifier loses the packet pointer.
-    if tcp_header < 20 || headers > l3_len || (core::hint::black_box(ip_len) == 0 && !is_gso(ctx)) {
+    // A receiving stack drops all three (`tcp_v4_rcv`, `tcp_v6_rcv`; the zero length
+    // `ip_rcv_core`, `ip6_rcv_core`): counting them would add bytes no connection carries,
+    // or payload that is header. Checked after the reads, and the length hidden from LLVM
+    // (`black_box`): otherwise it threads the zero length's branch back through the TCP
+    // read, and the verifier loses the packet pointer (a regression fails every load).
+    if tcp_header < TCP_HLEN as u64
+        || headers > l3_len
+        || (core::hint::black_box(ip_len) == 0 && !is_gso(ctx))
+    {
         count_error(error_kind::PACKET_MALFORMED);
         return None;
     }

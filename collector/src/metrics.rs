@@ -669,7 +669,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     counters(
         encoder,
         "collector_bpf_errors",
-        "What the kernel programs could not count, by kind: conn_table_full (a connection found no slot: its close, duration and bytes are lost), conn_event_dropped (a connection event lost to a full ring buffer; counters unaffected), packet_truncated (packets too short for their headers or shorter than their IP header says, which anyone can send; the stack drops them), packet_malformed (TCP packets whose headers contradict themselves: an IP header or TCP data offset under its minimum, a TCP header past the IP length, a zero IP length on a packet not GSO; the stack drops them too). The packets always pass.",
+        "What the kernel programs could not count, by kind: conn_table_full (a connection found no slot: its close, duration and bytes are lost), conn_event_dropped (a connection event lost to a full ring buffer; counters unaffected), packet_truncated (packets too short for their headers or shorter than their IP header says, which anyone can send; the stack drops them), packet_malformed (TCP packets whose headers contradict themselves: an IP header or TCP data offset under its minimum, a TCP header past the IP length, a zero IP length on a packet not GSO; a receiving stack drops them too). Both count any TCP packet on a watched interface, once per hook it crosses. The packets always pass.",
         None,
         ERROR_KIND_NAMES
             .iter()

@@ -26,6 +26,9 @@ const PASS: u32 = u32::MAX;
 
 struct Ingress {
     ebpf: aya::Ebpf,
+    /// The classifier run: the interfaces' ingress one, or loopback's, which counts a
+    /// packet to the route port as inbound too.
+    program: &'static str,
 }
 
 /// What one packet added: to the route's inbound counters, and to the truncated and
@@ -62,12 +65,10 @@ impl Ingress {
             .override_global(GLOBAL_LOCAL_ONLY, &local_only, true)
             .load(OBJECT)
             .unwrap();
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(program_names::COUNT_INGRESS)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        program.load().unwrap();
+        for name in [program_names::COUNT_INGRESS, program_names::COUNT_LOOPBACK] {
+            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap();
+        }
         let mut ports: Array<_, u32> =
             Array::try_from(ebpf.map_mut(map_names::ROUTE_BY_PORT).unwrap()).unwrap();
         ports.set(u32::from(ROUTE_PORT), 1, 0).unwrap();
@@ -75,7 +76,18 @@ impl Ingress {
         let mut bits: Array<_, u64> =
             Array::try_from(ebpf.map_mut(map_names::ROUTE_PORT_BITS).unwrap()).unwrap();
         bits.set(word, bit, 0).unwrap();
-        Self { ebpf }
+        Self {
+            ebpf,
+            program: program_names::COUNT_INGRESS,
+        }
+    }
+
+    /// Runs loopback's classifier from now on.
+    fn on_loopback(self) -> Self {
+        Self {
+            program: program_names::COUNT_LOOPBACK,
+            ..self
+        }
     }
 
     fn set_address(&mut self, slot: u32, address: [u64; 2]) {
@@ -119,17 +131,13 @@ impl Ingress {
     /// builds at ingress.
     fn run_as_gso(&self, frame: &[u8], gso_size: u32) -> Counted {
         let before = self.totals();
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(program_names::COUNT_INGRESS)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let program: &SchedClassifier =
+            self.ebpf.program(self.program).unwrap().try_into().unwrap();
         let mut skb = [0u8; SKB_SIZE];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         if gso_size != 0 {
-            let segments = (frame.len() as u32).div_ceil(gso_size);
+            let segments = u32::try_from(frame.len()).unwrap().div_ceil(gso_size);
             skb[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segments.to_ne_bytes());
             skb[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
             opts.ctx_in = Some(&skb);
@@ -276,9 +284,15 @@ fn gso_packets_over_64_kib_count_whole() {
 /// Headers that contradict themselves are dropped by the stack (`ip_rcv_core`,
 /// `tcp_v4_rcv`, `tcp_v6_rcv`) and were counted as traffic: a data offset under 5 words
 /// made header bytes payload, one past the IP length counted a packet no connection took.
+/// The interfaces' ingress classifier and loopback's, each with its own copy of the parser.
 #[test]
 fn self_contradicting_headers_count_as_malformed_not_as_traffic() {
-    let ingress = Ingress::load();
+    for ingress in [Ingress::load(), Ingress::load().on_loopback()] {
+        self_contradicting_headers_on(&ingress);
+    }
+}
+
+fn self_contradicting_headers_on(ingress: &Ingress) {
     let with = |mut frame: Vec<u8>, offset: usize, byte: u8| {
         frame[offset] = byte;
         frame
@@ -294,6 +308,18 @@ fn self_contradicting_headers_count_as_malformed_not_as_traffic() {
     assert_eq!(ingress.run(&with(ipv4(140, 100, 0), ip4, 0x40)), MALFORMED);
     // A total length shorter than the IPv4 header.
     assert_eq!(ingress.run(&ipv4(19, 100, 0)), MALFORMED);
+    // One with no room for a TCP header (26 bytes: 6 of TCP), whether the frame ends there
+    // or Ethernet padding follows: malformed both ways, not truncated where it ends.
+    let mut unpadded = ipv4(26, 0, 0);
+    unpadded.truncate(14 + 26);
+    assert_eq!(ingress.run(&unpadded), MALFORMED);
+    assert_eq!(ingress.run(&ipv4(26, 0, 0)), MALFORMED);
+    // Both wrong, the length past the frame as well: truncated, as the stack checks that
+    // first.
+    assert_eq!(
+        ingress.run(&with(ipv4(200, 100, 0), tcp4 + 12, 4 << 4)),
+        TRUNCATED
+    );
     // TCP data offsets under 5 words.
     for words in [0u8, 4] {
         assert_eq!(
