@@ -314,30 +314,29 @@ fn judge_interfaces(all: &[links::Link], configured: &[String]) -> (Status, Stri
             ),
         );
     }
-    if names.is_empty() {
-        return (
-            Status::Warn,
-            "none is up: no live traffic is counted until one comes up".to_owned(),
-        );
-    }
     let unparsed: Vec<String> = if configured.is_empty() {
-        links::unparsed_up(all)
-            .map(links::describe_unparsed)
-            .collect()
+        links::unparsed_up(all).map(|(_, name)| name).collect()
     } else {
         Vec::new()
     };
+    let status = if names.is_empty() || !unparsed.is_empty() {
+        Status::Warn
+    } else {
+        Status::Pass
+    };
+    let mut detail = if names.is_empty() {
+        "none is up: no live traffic is counted until one comes up".to_owned()
+    } else {
+        names
+    };
     if !unparsed.is_empty() {
-        return (
-            Status::Warn,
-            format!(
-                "{names}; up but of a framing the tc classifiers do not parse, so their live \
-                 traffic and DNS go uncounted: {}",
-                unparsed.join(", ")
-            ),
+        detail = format!(
+            "{detail}; up but of a framing the tc classifiers do not parse, so their live \
+             traffic and DNS go uncounted: {}",
+            unparsed.join(", ")
         );
     }
-    (Status::Pass, names)
+    (status, detail)
 }
 
 /// Every verdict `collector check` prints for `config`: the host's requirements, then what
@@ -906,7 +905,8 @@ mod tests {
             framing: links::Framing::Other(32),
             ..link(4, "ib0", true)
         };
-        let (status, detail) = judge_interfaces(&[infiniband.clone()], &["ib0".to_owned()]);
+        let (status, detail) =
+            judge_interfaces(std::slice::from_ref(&infiniband), &["ib0".to_owned()]);
         assert_eq!(status, Status::Fail);
         assert!(
             detail.contains("framing the tc classifiers do not parse"),
@@ -923,6 +923,17 @@ mod tests {
             detail,
             "lo; up but of a framing the tc classifiers do not parse, so their live traffic and \
              DNS go uncounted: tunl0 (link type 768)"
+        );
+        // Alone: neither hides the other.
+        assert_eq!(
+            judge_interfaces(std::slice::from_ref(&tunnel), &[]),
+            (
+                Status::Warn,
+                "none is up: no live traffic is counted until one comes up; up but of a \
+                 framing the tc classifiers do not parse, so their live traffic and DNS go \
+                 uncounted: tunl0 (link type 768)"
+                    .to_owned()
+            )
         );
         // Down, it carries nothing to miss; configured away, it is not asked for.
         let down = links::Link {

@@ -419,19 +419,15 @@ pub fn watched_by_default(link: &Link, all: &[Link]) -> bool {
 
 /// Up interfaces that the default selection leaves out for their framing alone (an IP-in-IP
 /// tunnel such as Calico's `tunl0`, GRE, PPP, InfiniBand): their live traffic and DNS go
-/// uncounted, where the connections' figures (from the sockets) do not. Said, not hidden.
-pub fn unparsed_up(links: &[Link]) -> impl Iterator<Item = &Link> {
-    links
-        .iter()
-        .filter(|link| link.up && !link.framing.parsed())
-}
-
-/// How [`unparsed_up`] links are named to the user: with their link-layer type.
-pub fn describe_unparsed(link: &Link) -> String {
-    match link.framing {
-        Framing::Other(link_type) => format!("{} (link type {link_type})", link.name),
-        _ => link.name.clone(),
-    }
+/// uncounted, where the connections' figures (from the sockets) do not. Said, not hidden:
+/// by index, and named with their link-layer type.
+pub fn unparsed_up(links: &[Link]) -> impl Iterator<Item = (u32, String)> + '_ {
+    links.iter().filter(|link| link.up).filter_map(|link| {
+        let Framing::Other(link_type) = link.framing else {
+            return None;
+        };
+        Some((link.index, format!("{} (link type {link_type})", link.name)))
+    })
 }
 
 /// Up, with a parsed framing, and not the port of a layer-2 controller.

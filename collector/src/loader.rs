@@ -721,7 +721,8 @@ impl Attachment {
         if ifbs.len() > MAX_REDIRECT_DEVICES {
             tracing::warn!(
                 ifbs = ifbs.len(),
-                "more ifb devices than the {MAX_REDIRECT_DEVICES} the classifiers know: packets                  the others hand back count twice out"
+                "more ifb devices than the {MAX_REDIRECT_DEVICES} the classifiers know: packets \
+                 the others hand back count twice out"
             );
         }
         let written = self
@@ -761,23 +762,26 @@ impl Attachment {
         self.missing_interfaces = missing;
     }
 
-    /// Says in the log, once each, which up interfaces the default selection leaves out for
-    /// their framing (configured ones are refused or missing instead).
+    /// Says in the log, once each time it is up, which interfaces the default selection
+    /// leaves out for their framing (configured ones are refused or missing instead).
     fn note_unparsed(&mut self, links: &[Link], configured: &[String]) {
         if !configured.is_empty() {
             return;
         }
-        let unparsed: Vec<&Link> = links::unparsed_up(links).collect();
-        for link in &unparsed {
-            if self.unparsed_noted.insert(link.index) {
+        let unparsed: Vec<(u32, String)> = links::unparsed_up(links).collect();
+        for (index, interface) in &unparsed {
+            if self.unparsed_noted.insert(*index) {
                 tracing::warn!(
-                    interface = %links::describe_unparsed(link),
-                    "the interface is up, but its framing is not one the classifiers parse                      (Ethernet, loopback, none): its live traffic and DNS go uncounted; its                      connections count, at their close"
+                    %interface,
+                    "the interface is up, but its framing is not one the classifiers parse \
+                     (Ethernet, loopback, none): its live traffic and DNS go uncounted; its \
+                     connections count, at their close"
                 );
             }
         }
+        // One taken down is said again when it comes back up.
         self.unparsed_noted
-            .retain(|index| unparsed.iter().any(|link| link.index == *index));
+            .retain(|index| unparsed.iter().any(|(up, _)| up == index));
     }
 
     /// Names of the interfaces the classifiers are attached to.
