@@ -1175,6 +1175,9 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
 
 fn main() {
     let settings = settings();
+    // Read before the run, as the build it measures was made: sources edited while it runs
+    // are not in it.
+    let measured_where = measured_where();
     support::require_root();
     let netns = Netns::new();
     // Many short connections: keep the namespace from running out of ports.
@@ -1250,7 +1253,7 @@ fn main() {
     if settings.write_docs {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/BENCHMARKS.md");
         let header = format!(
-            "# Benchmarks\n\nMeasured by `cargo xtask bench` {}; numbers from one run, rerun to refresh this file. The proxy load \
+            "# Benchmarks\n\nMeasured by `cargo xtask bench` {measured_where}; numbers from one run, rerun to refresh this file. The proxy load \
             is one client thread and one server thread on loopback in a namespace of the \
             benchmark's own, then one client thread and nginx (from apt) proxying to a backend \
             there, the DNS load dnsperf against unbound there; \"with\" means the agent running with its default programs, its \
@@ -1267,7 +1270,6 @@ fn main() {
             only for that last phase), which include the kernel's timing of each run; the empty \
             programs `--bpf-stats` attaches beside ours measure that timing, and the last column \
             takes it off.\n\n",
-            measured_where()
         );
         std::fs::write(path, format!("{header}{report}")).unwrap();
         eprintln!("wrote docs/BENCHMARKS.md");
