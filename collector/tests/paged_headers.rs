@@ -189,22 +189,16 @@ fn seen(metrics: &str) -> f64 {
 
 /// Packets counted as too short for their headers.
 fn truncated(metrics: &str) -> f64 {
-    sample(
-        metrics,
-        "collector_bpf_errors_total",
-        &[("kind", "packet_truncated")],
-    )
-    .unwrap_or(0.0)
+    kernel_errors(metrics, "packet_truncated")
 }
 
 /// Packets counted as headers that contradict themselves.
 fn malformed(metrics: &str) -> f64 {
-    sample(
-        metrics,
-        "collector_bpf_errors_total",
-        &[("kind", "packet_malformed")],
-    )
-    .unwrap_or(0.0)
+    kernel_errors(metrics, "packet_malformed")
+}
+
+fn kernel_errors(metrics: &str, kind: &str) -> f64 {
+    sample(metrics, "collector_bpf_errors_total", &[("kind", kind)]).unwrap_or(0.0)
 }
 
 /// Until 2026-12-04 such packets were counted as `packet_truncated` and their bytes and
