@@ -210,10 +210,10 @@ impl ChangeWatch {
 }
 
 /// Wakes the agent when a [`ChangeWatch`] has announcements waiting, so that the address
-/// table and the attached interfaces follow a change within milliseconds. A burst of changes (kube-proxy adding
-/// thousands of service addresses) does not keep a core busy with dumps: after a sync the next
-/// waits [`SYNC_SPACING_FACTOR`] times as long as that one took, 50 ms at least, and the
-/// changes in between are read together.
+/// table and the attached interfaces follow a change within milliseconds. A burst of
+/// changes (kube-proxy adding thousands of service addresses) does not keep a core busy with
+/// dumps: after a sync the next waits [`SYNC_SPACING_FACTOR`] times as long as that one
+/// took, 50 ms at least, and the changes in between are read together.
 pub struct ChangeSignal {
     socket: AsyncFd<OwnedFd>,
     not_before: Instant,

@@ -700,9 +700,9 @@ async fn serve_until_signal(
                 }
                 liveness.polled();
             }
-            announced = address_change(address_changes.as_ref()) => {
-                on_change(attachment, &mut address_changes, announced, &config.interfaces, &mut netlink);
-            }
+            announced = address_change(address_changes.as_ref()) => on_change(
+                attachment, &mut address_changes, announced, &config.interfaces, &mut netlink,
+            ),
             ended = &mut events => break Err(reader_stopped(ended, "connection")),
             ended = &mut dns_events => break Err(reader_stopped(ended, "DNS")),
             ended = &mut server => break Err(server_ended(ended)),
