@@ -96,7 +96,7 @@ pub mod map_names {
     pub const CONN_CLIENTS: &str = "CONN_CLIENTS";
     /// `PerCpuArray<TrafficCounters>`, `MAX_ROUTES * 2` entries indexed by `slot * 2 + dir`.
     pub const ROUTE_TRAFFIC: &str = "ROUTE_TRAFFIC";
-    /// `PerCpuArray<u64>`, [`super::ERROR_KINDS`] entries: kernel-side failures by kind.
+    /// `PerCpuArray<u64>`, [`super::ERROR_SLOTS`] entries: kernel-side failures by kind.
     pub const ERRORS: &str = "ERRORS";
     /// `PerCpuArray<DnsCounters>`, one entry.
     pub const DNS_COUNTERS: &str = "DNS_COUNTERS";
@@ -325,17 +325,29 @@ pub mod error_kind {
     /// a data offset under 5 words, a zero IP length on a packet that is no GSO packet (only
     /// those over 64 KiB have one). A receiving stack drops it; nothing of it is counted.
     /// Like [`PACKET_TRUNCATED`], any TCP packet, whoever it is for, once per hook it
-    /// crosses.
+    /// crosses. While DNS is counted, a UDP packet with an IPv4 header under 20 bytes too
+    /// (its ports cannot be read).
     pub const PACKET_MALFORMED: u32 = 3;
+    /// A TCP packet on a watched interface whose ports the live counters cannot read: an
+    /// IPv4 fragment after the first, or IPv6 with extension headers before TCP (BIG TCP's
+    /// hop-by-hop header aside; its fragments alike). Its bytes are in no route's live
+    /// counters (a connection's exact bytes at its close do not depend on them). Like
+    /// [`PACKET_TRUNCATED`], any TCP packet, once per hook it crosses.
+    pub const PACKET_UNPARSED: u32 = 4;
 }
-/// Number of error kinds (entries of [`map_names::ERRORS`]).
-pub const ERROR_KINDS: u32 = 4;
+/// Number of error kinds.
+pub const ERROR_KINDS: u32 = 5;
+/// Entries of [`map_names::ERRORS`]: room beyond [`ERROR_KINDS`], so that a kind added
+/// later keeps the pinned map's shape, and its counters across an upgrade.
+pub const ERROR_SLOTS: u32 = 8;
+const _: () = assert!(ERROR_KINDS <= ERROR_SLOTS);
 /// Names of the error kinds, indexed by kind, as exported in metric labels.
 pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "conn_table_full",
     "conn_event_dropped",
     "packet_truncated",
     "packet_malformed",
+    "packet_unparsed",
 ];
 
 /// Most UDP ports of each kind in [`DnsPorts`].

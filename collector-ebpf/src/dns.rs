@@ -40,14 +40,17 @@ use collector_common::{
     DURATION_BUCKETS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent,
     client_fingerprint, dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample,
     dns_name_sample, dns_port_listed, dns_qtype_index, dns_query_given_up, duration_bucket,
+    error_kind,
 };
 
 use crate::{
     DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAMES,
     DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
+    count_error,
     packet::{
-        ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV6_HLEN, NEXTHDR_HOP, ether_type, forwarded,
-        handed_back_by_ifb, or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN, MAX_L4_OFFSET, ether_type,
+        forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled, ours, ptr_at, ptr_at_or_pulled,
+        read_be16, read_u8,
     },
     tally::{Tally, tally},
 };
@@ -70,15 +73,6 @@ const NAME_AT: usize = DNS_AT + DNS_HLEN;
 const _: () = assert!(NAME_AT.is_multiple_of(8) && NAME_AT + DNS_NAME_MAX <= PARK_END);
 /// Keeps scratch offsets provably inside the buffer for the verifier.
 const MASK: usize = DNS_SCRATCH_BYTES - 1;
-
-/// IPv6 extension headers walked before giving up on finding UDP.
-const MAX_EXT_HEADERS: usize = 6;
-/// Upper bound for the UDP header's offset, so that offsets stay small for the verifier.
-const MAX_L4_OFFSET: usize = 512;
-const NEXTHDR_ROUTING: u8 = 43;
-const NEXTHDR_FRAGMENT: u8 = 44;
-const NEXTHDR_AUTH: u8 = 51;
-const NEXTHDR_DEST: u8 = 60;
 
 /// Compare-and-swap attempts at raising `DNS_UPSTREAM_LATEST`.
 const UPSTREAM_LATEST_TRIES: usize = 8;
@@ -219,7 +213,9 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
+            // Its ports cannot be read; a receiving stack drops it (`ip_rcv_core`).
             if ihl < 20 {
+                count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
             let total = usize::from(read_be16(ctx, L2 + 2)?);
@@ -235,47 +231,23 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
             let payload = usize::from(or_pulled::<L2, _>(ctx, UDP_HLEN, |ctx| {
                 read_be16(ctx, L2 + 4)
             })?);
-            let mut next = read_u8(ctx, L2 + 6)?;
-            let mut l4 = L2 + IPV6_HLEN;
-            let mut fragmented = false;
-            for _ in 0..MAX_EXT_HEADERS {
-                if next == IPPROTO_UDP {
-                    break;
-                }
-                // Next header, length and (fragment header) offset and flags in one read:
-                // the verifier loses the bounds of separate reads at a variable offset.
-                let ptr = ptr_at::<[u8; 4]>(ctx, l4)?;
-                // SAFETY: ptr_at checked the four bytes.
-                let [next_header, len, offset_high, offset_low] = unsafe { *ptr };
-                match next {
-                    NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                        l4 += (usize::from(len) + 1) * 8;
-                    }
-                    NEXTHDR_AUTH => l4 += (usize::from(len) + 2) * 4,
-                    NEXTHDR_FRAGMENT => {
-                        let offset_flags = u16::from_be_bytes([offset_high, offset_low]);
-                        if offset_flags & 0xfff8 != 0 {
-                            return None;
-                        }
-                        fragmented = offset_flags & 1 != 0;
-                        l4 += 8;
-                    }
-                    _ => return None,
-                }
-                next = next_header;
-                if l4 > MAX_L4_OFFSET {
-                    return None;
-                }
-            }
-            if next != IPPROTO_UDP {
+            let upper = ipv6_upper_layer::<L2>(ctx, read_u8(ctx, L2 + 6)?)?;
+            // TCP comes here only behind extension headers (`may_carry_tcp`), which the
+            // live counters do not read past.
+            if upper.protocol == IPPROTO_TCP {
+                count_error(error_kind::PACKET_UNPARSED);
                 return None;
             }
+            if upper.protocol != IPPROTO_UDP || upper.later_fragment {
+                return None;
+            }
+            let l4 = upper.offset;
             Some(Datagram {
                 l4,
                 available: (L2 + IPV6_HLEN + payload)
                     .saturating_sub(l4)
                     .min(skb_len.saturating_sub(l4)),
-                fragmented,
+                fragmented: upper.more_fragments,
                 ipv6: true,
             })
         }

@@ -33,7 +33,7 @@ use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ClientSlot, ConnCounters, ConnDurations, ConnEvent,
     ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
     DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
-    ERROR_KINDS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_REDIRECT_DEVICES, MAX_ROUTES,
+    ERROR_SLOTS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_REDIRECT_DEVICES, MAX_ROUTES,
     PORT_BITMAP_WORDS, PORT_SLOTS, RouteName, SNI_NAMES_MAX, SniCounters, SniDecision, SniKey,
     TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters, local_address_set_bits,
 };
@@ -126,7 +126,7 @@ static CONN_CLIENTS: Array<ClientSlot, { TALLY_SLOTS_PER_CPU as usize }, MAP_FLA
 static ROUTE_TRAFFIC: PerCpuArray<TrafficCounters, { (MAX_ROUTES * 2) as usize }> =
     PerCpuArray::new();
 #[btf_map]
-static ERRORS: PerCpuArray<u64, { ERROR_KINDS as usize }> = PerCpuArray::new();
+static ERRORS: PerCpuArray<u64, { ERROR_SLOTS as usize }> = PerCpuArray::new();
 
 /// 1 keeps per-client figures (clients counted in `CONN_CLIENTS`, opens and closes sent to
 /// the event stream); 0 counts without them. Set at load; read-only, so the verifier drops

@@ -27,6 +27,14 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPV6_HLEN: usize = 40;
 /// IPv6 hop-by-hop options header.
 pub const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// IPv6 extension headers walked before giving up on finding the upper layer.
+const MAX_EXT_HEADERS: usize = 6;
+/// Upper bound for the upper layer's offset, so that offsets stay small for the verifier.
+pub const MAX_L4_OFFSET: usize = 512;
 
 /// Bounds-checked pointer to a `T` at `offset` in the packet's linear data.
 #[inline(always)]
@@ -134,6 +142,69 @@ pub fn may_carry_tcp<const L2: usize>(ctx: &TcContext) -> bool {
         }),
         _ => false,
     }
+}
+
+/// What follows an IPv6 packet's extension headers.
+pub struct Ipv6Upper {
+    /// The upper-layer protocol: the last next-header field walked (still an extension
+    /// header's where the walk gave up at [`MAX_EXT_HEADERS`]).
+    pub protocol: u8,
+    /// Offset of its header in the packet.
+    pub offset: usize,
+    /// A fragment header said more fragments follow: this is the first.
+    pub more_fragments: bool,
+    /// A fragment after the first: `protocol` is the datagram's, but its header is in the
+    /// first fragment, not here.
+    pub later_fragment: bool,
+}
+
+/// Walks the extension headers of an IPv6 packet whose fixed header names `next` (the
+/// fixed header read). `None` where a header cannot be read or lies past
+/// [`MAX_L4_OFFSET`].
+#[inline(always)]
+pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Option<Ipv6Upper> {
+    let mut offset = L2 + IPV6_HLEN;
+    let mut more_fragments = false;
+    for _ in 0..MAX_EXT_HEADERS {
+        if !matches!(
+            next,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+        ) {
+            break;
+        }
+        // Next header, length and (fragment header) offset and flags in one read: the
+        // verifier loses the bounds of separate reads at a variable offset.
+        let ptr = ptr_at::<[u8; 4]>(ctx, offset)?;
+        // SAFETY: ptr_at checked the four bytes.
+        let [next_header, len, offset_high, offset_low] = unsafe { *ptr };
+        match next {
+            NEXTHDR_FRAGMENT => {
+                let offset_flags = u16::from_be_bytes([offset_high, offset_low]);
+                more_fragments = offset_flags & 1 != 0;
+                if offset_flags & 0xfff8 != 0 {
+                    return Some(Ipv6Upper {
+                        protocol: next_header,
+                        offset,
+                        more_fragments,
+                        later_fragment: true,
+                    });
+                }
+                offset += 8;
+            }
+            NEXTHDR_AUTH => offset += (usize::from(len) + 2) * 4,
+            _ => offset += (usize::from(len) + 1) * 8,
+        }
+        next = next_header;
+        if offset > MAX_L4_OFFSET {
+            return None;
+        }
+    }
+    Some(Ipv6Upper {
+        protocol: next,
+        offset,
+        more_fragments,
+        later_fragment: false,
+    })
 }
 
 /// [`read_u8`], or where the byte is outside the linear part, `bpf_skb_load_bytes`.

@@ -26,7 +26,8 @@ use crate::{
     ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type,
-        handed_back_by_ifb, is_gso, or_pulled, ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
+        handed_back_by_ifb, ipv6_upper_layer, is_gso, or_pulled, ours, ptr_at, ptr_at_or_pulled,
+        read_be16, read_u8,
     },
 };
 
@@ -128,8 +129,9 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
             if read_u8(ctx, L2 + 9)? != IPPROTO_TCP {
                 return None;
             }
-            // Later fragments carry no TCP header.
+            // Later fragments carry no TCP header: their bytes go uncounted, and say so.
             if read_be16(ctx, L2 + 6)? & 0x1fff != 0 {
+                count_error(error_kind::PACKET_UNPARSED);
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
@@ -168,7 +170,13 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 (L2 + IPV6_HLEN + 8, 0)
             } else {
                 // Other extension headers before TCP are rare on a proxy's connections; not
-                // counted.
+                // read past, but counted as such. (While DNS is counted, such packets go to
+                // its parser, which does the same: see `may_carry_tcp`.)
+                if ipv6_upper_layer::<L2>(ctx, next_header)
+                    .is_some_and(|upper| upper.protocol == IPPROTO_TCP)
+                {
+                    count_error(error_kind::PACKET_UNPARSED);
+                }
                 return None;
             }
         }

@@ -1,7 +1,8 @@
 //! The live traffic counting of the classifiers on crafted TCP packets, run in the kernel
 //! through `BPF_PROG_TEST_RUN`: the bytes counted are those the packet carries, never what
-//! a header claims beyond them, GSO packets over 64 KiB (BIG TCP) count whole, and headers
-//! that contradict themselves count as malformed, not as traffic.
+//! a header claims beyond them, GSO packets over 64 KiB (BIG TCP) count whole, headers that
+//! contradict themselves count as malformed, not as traffic, and packets whose ports cannot
+//! be read (fragments, extension headers) count as unparsed.
 
 mod support;
 
@@ -11,9 +12,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DIR_IN, GLOBAL_LOCAL_ONLY, LOCAL_ADDRESS_SLOTS, LOCAL_ADDRESS_WAYS, TrafficCounters,
-    address_words, error_kind, local_address_set_bits, local_address_sets, map_names, port_bit,
-    program_names, tally_table_len, traffic_index,
+    DIR_IN, DIR_OUT, GLOBAL_DNS_ENABLED, GLOBAL_LOCAL_ONLY, LOCAL_ADDRESS_SLOTS,
+    LOCAL_ADDRESS_WAYS, TrafficCounters, address_words, error_kind, local_address_set_bits,
+    local_address_sets, map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector"));
@@ -26,13 +27,15 @@ const PASS: u32 = u32::MAX;
 
 struct Ingress {
     ebpf: aya::Ebpf,
-    /// The classifier run: the interfaces' ingress one, or loopback's, which counts a
-    /// packet to the route port as inbound too.
+    /// The classifier run: the interfaces' ingress one, loopback's, which counts a packet to
+    /// the route port as inbound too, or the interfaces' egress one ([`Self::on_egress`]).
     program: &'static str,
+    /// The direction whose counters are read.
+    dir: u32,
 }
 
-/// What one packet added: to the route's inbound counters, and to the truncated and
-/// malformed packets.
+/// What one packet added: to the route's counters, and to the truncated, malformed and
+/// unparsed packets.
 #[derive(Debug, PartialEq, Eq)]
 struct Counted {
     packets: u64,
@@ -40,6 +43,7 @@ struct Counted {
     payload_bytes: u64,
     truncated: u64,
     malformed: u64,
+    unparsed: u64,
 }
 
 /// Offsets in `struct __sk_buff` (`linux/bpf.h`) of the two GSO fields a test run takes
@@ -51,41 +55,64 @@ const SKB_SIZE: usize = 192;
 impl Ingress {
     /// The kernel object on its own, with [`ROUTE_PORT`] as route slot 0.
     fn load() -> Self {
-        Self::load_with(0)
+        Self::load_with(0, 1)
     }
 
     /// [`Self::load`], counting only packets to or from `LOCAL_ADDRESSES` if `local_only`
-    /// is 1, as the agent loads it without `all_namespaces`.
-    fn load_with(local_only: u32) -> Self {
+    /// is 1, as the agent loads it without `all_namespaces`, and DNS if `dns_enabled` is 1.
+    fn load_with(local_only: u32, dns_enabled: u32) -> Self {
         support::require_root();
         let table_len = tally_table_len(aya::util::nr_cpus().unwrap()).unwrap();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::DNS_NAMES, table_len)
             .map_max_entries(map_names::CONN_CLIENTS, table_len)
             .override_global(GLOBAL_LOCAL_ONLY, &local_only, true)
+            .override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true)
             .load(OBJECT)
             .unwrap();
-        for name in [program_names::COUNT_INGRESS, program_names::COUNT_LOOPBACK] {
+        for name in [
+            program_names::COUNT_INGRESS,
+            program_names::COUNT_LOOPBACK,
+            program_names::COUNT_EGRESS,
+        ] {
             let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             program.load().unwrap();
         }
-        let mut ports: Array<_, u32> =
-            Array::try_from(ebpf.map_mut(map_names::ROUTE_BY_PORT).unwrap()).unwrap();
-        ports.set(u32::from(ROUTE_PORT), 1, 0).unwrap();
-        let (word, bit) = port_bit(ROUTE_PORT);
-        let mut bits: Array<_, u64> =
-            Array::try_from(ebpf.map_mut(map_names::ROUTE_PORT_BITS).unwrap()).unwrap();
-        bits.set(word, bit, 0).unwrap();
-        Self {
+        let mut ingress = Self {
             ebpf,
             program: program_names::COUNT_INGRESS,
-        }
+            dir: DIR_IN,
+        };
+        ingress.add_route_port(ROUTE_PORT);
+        ingress
+    }
+
+    fn add_route_port(&mut self, port: u16) {
+        let mut ports: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(map_names::ROUTE_BY_PORT).unwrap()).unwrap();
+        ports.set(u32::from(port), 1, 0).unwrap();
+        let (word, bit) = port_bit(port);
+        let mut bits: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::ROUTE_PORT_BITS).unwrap()).unwrap();
+        let bits_before = bits.get(&word, 0).unwrap();
+        bits.set(word, bits_before | bit, 0).unwrap();
     }
 
     /// Runs loopback's classifier from now on.
     fn on_loopback(self) -> Self {
         Self {
             program: program_names::COUNT_LOOPBACK,
+            ..self
+        }
+    }
+
+    /// Runs the interfaces' egress classifier from now on, which counts by source port: the
+    /// frames' client port is made a port of the same route, and its outbound counters read.
+    fn on_egress(mut self) -> Self {
+        self.add_route_port(CLIENT_PORT);
+        Self {
+            program: program_names::COUNT_EGRESS,
+            dir: DIR_OUT,
             ..self
         }
     }
@@ -112,13 +139,14 @@ impl Ingress {
         let errors: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map(map_names::ERRORS).unwrap()).unwrap();
         let error = |kind| errors.get(&kind, 0).unwrap().iter().sum();
-        let per_cpu = traffic.get(&traffic_index(0, DIR_IN), 0).unwrap();
+        let per_cpu = traffic.get(&traffic_index(0, self.dir), 0).unwrap();
         Counted {
             packets: per_cpu.iter().map(|c| c.packets).sum(),
             bytes: per_cpu.iter().map(|c| c.bytes).sum(),
             payload_bytes: per_cpu.iter().map(|c| c.payload_bytes).sum(),
             truncated: error(error_kind::PACKET_TRUNCATED),
             malformed: error(error_kind::PACKET_MALFORMED),
+            unparsed: error(error_kind::PACKET_UNPARSED),
         }
     }
 
@@ -151,6 +179,7 @@ impl Ingress {
             payload_bytes: after.payload_bytes - before.payload_bytes,
             truncated: after.truncated - before.truncated,
             malformed: after.malformed - before.malformed,
+            unparsed: after.unparsed - before.unparsed,
         }
     }
 }
@@ -184,15 +213,21 @@ fn ipv4(total_len: u16, payload: usize, padding: usize) -> Vec<u8> {
 }
 
 /// An Ethernet frame of IPv6 whose header says `payload_len`, with `extension` (bytes
-/// between the IPv6 header and TCP, the first being the next header's type) and TCP
-/// carrying `payload` bytes.
+/// between the IPv6 header and TCP; a hop-by-hop header if any) and TCP carrying `payload`
+/// bytes.
 fn ipv6(payload_len: u16, extension: &[u8], payload: usize) -> Vec<u8> {
+    let next = if extension.is_empty() { 6 } else { 0 };
+    ipv6_after(next, payload_len, extension, payload)
+}
+
+/// [`ipv6`] with the fixed header's next header `next`.
+fn ipv6_after(next: u8, payload_len: u16, extension: &[u8], payload: usize) -> Vec<u8> {
     let mut frame = vec![0u8; 12];
     frame.extend_from_slice(&0x86ddu16.to_be_bytes());
     let mut ip = vec![0u8; 40];
     ip[0] = 0x60;
     ip[4..6].copy_from_slice(&payload_len.to_be_bytes());
-    ip[6] = if extension.is_empty() { 6 } else { 0 };
+    ip[6] = next;
     ip[7] = 64;
     ip[23] = 2;
     ip[39] = 1;
@@ -218,6 +253,7 @@ const NOTHING: Counted = Counted {
     payload_bytes: 0,
     truncated: 0,
     malformed: 0,
+    unparsed: 0,
 };
 
 const TRUNCATED: Counted = Counted {
@@ -227,6 +263,11 @@ const TRUNCATED: Counted = Counted {
 
 const MALFORMED: Counted = Counted {
     malformed: 1,
+    ..NOTHING
+};
+
+const UNPARSED: Counted = Counted {
+    unparsed: 1,
     ..NOTHING
 };
 
@@ -267,9 +308,9 @@ fn gso_packets_over_64_kib_count_whole() {
         ingress.run_as_gso(&ipv6(0, &jumbo, 1000), 500),
         counted(1068, 1000)
     );
-    // Any other hop-by-hop header before TCP is not counted, as before.
+    // Any other hop-by-hop header before TCP is not read past: unparsed.
     let other = [6, 0, 1, 4, 0, 0, 0, 0];
-    assert_eq!(ingress.run(&ipv6(28 + 1000, &other, 1000)), NOTHING);
+    assert_eq!(ingress.run(&ipv6(28 + 1000, &other, 1000)), UNPARSED);
     // The same zero lengths on packets that are not GSO packets: the stack drops them.
     assert_eq!(ingress.run(&ipv4(0, 1000, 0)), MALFORMED);
     assert_eq!(ingress.run(&ipv6(0, &[], 1000)), MALFORMED);
@@ -284,12 +325,23 @@ fn gso_packets_over_64_kib_count_whole() {
 /// Headers that contradict themselves are dropped by the stack (`ip_rcv_core`,
 /// `tcp_v4_rcv`, `tcp_v6_rcv`) and were counted as traffic: a data offset under 5 words
 /// made header bytes payload, one past the IP length counted a packet no connection took.
-/// The interfaces' ingress classifier and loopback's, each with its own copy of the parser.
+/// Every classifier, each with its own copy of the parser, and ingress's with DNS off too.
 #[test]
 fn self_contradicting_headers_count_as_malformed_not_as_traffic() {
-    for ingress in [Ingress::load(), Ingress::load().on_loopback()] {
+    for ingress in every_classifier() {
         self_contradicting_headers_on(&ingress);
     }
+}
+
+/// The interfaces' ingress and egress classifiers and loopback's, and ingress's without
+/// DNS (whose parser then sees no packet that is not TCP).
+fn every_classifier() -> [Ingress; 4] {
+    [
+        Ingress::load(),
+        Ingress::load().on_loopback(),
+        Ingress::load().on_egress(),
+        Ingress::load_with(0, 0),
+    ]
 }
 
 fn self_contradicting_headers_on(ingress: &Ingress) {
@@ -363,7 +415,7 @@ fn self_contradicting_headers_on(ingress: &Ingress) {
 /// incomplete the port alone decides.
 #[test]
 fn the_address_table_is_searched_in_both_sets_and_every_way() {
-    let mut ingress = Ingress::load_with(1);
+    let mut ingress = Ingress::load_with(1, 1);
     // The frames' destination, 10.0.0.1, IPv4 mapped into IPv6 as the table keys it.
     let ours = address_words(
         &std::net::Ipv4Addr::new(10, 0, 0, 1)
@@ -395,4 +447,76 @@ fn the_address_table_is_searched_in_both_sets_and_every_way() {
     // Incomplete: by port alone.
     ingress.set_table_complete(0);
     assert_eq!(ingress.run(&ipv4(140, 100, 0)), counted(140, 100));
+}
+
+/// Packets whose ports the classifiers cannot read were left without a word: their bytes
+/// missing from the live counters with nothing saying so. Now each TCP one counts as
+/// unparsed, and nothing else does.
+#[test]
+fn fragments_and_extension_headers_before_tcp_count_as_unparsed() {
+    for ingress in every_classifier() {
+        unparsed_on(&ingress);
+    }
+}
+
+fn unparsed_on(ingress: &Ingress) {
+    let ip4 = 14;
+    let with_fragment = |flags_offset: u16| {
+        let mut frame = ipv4(140, 100, 0);
+        frame[ip4 + 6..ip4 + 8].copy_from_slice(&flags_offset.to_be_bytes());
+        frame
+    };
+    // IPv4: the first fragment carries the TCP header, and counts what it carries; a later
+    // one (offset 1,480 bytes) has none.
+    assert_eq!(ingress.run(&with_fragment(0x2000)), counted(140, 100));
+    assert_eq!(ingress.run(&with_fragment(0x2000 | 185)), UNPARSED);
+    assert_eq!(ingress.run(&with_fragment(185)), UNPARSED);
+    // IPv6: a destination options header before TCP (PadN only), a fragment header of a
+    // first fragment, of a later one, and two headers (hop-by-hop with a router alert,
+    // then destination options).
+    let destination = [6, 0, 1, 4, 0, 0, 0, 0];
+    assert_eq!(
+        ingress.run(&ipv6_after(60, 128, &destination, 100)),
+        UNPARSED
+    );
+    let first_fragment = [6, 0, 0, 1, 0, 0, 0, 7];
+    assert_eq!(
+        ingress.run(&ipv6_after(44, 128, &first_fragment, 100)),
+        UNPARSED
+    );
+    let later_fragment = [6, 0, 0x05, 0xc8, 0, 0, 0, 7];
+    assert_eq!(
+        ingress.run(&ipv6_after(44, 128, &later_fragment, 100)),
+        UNPARSED
+    );
+    let two = [60, 0, 5, 2, 0, 0, 1, 0, 6, 0, 1, 4, 0, 0, 0, 0];
+    assert_eq!(ingress.run(&ipv6_after(0, 136, &two, 100)), UNPARSED);
+    // Not TCP: a later fragment of a UDP datagram, ICMPv6 behind a hop-by-hop header (MLD
+    // reports carry one), ICMPv6 behind a fragment header. Nothing counted.
+    let udp_fragment = [17, 0, 0x05, 0xc8, 0, 0, 0, 7];
+    assert_eq!(
+        ingress.run(&ipv6_after(44, 128, &udp_fragment, 100)),
+        NOTHING
+    );
+    let mld = [58, 0, 5, 2, 0, 0, 1, 0];
+    assert_eq!(ingress.run(&ipv6_after(0, 128, &mld, 100)), NOTHING);
+    let icmp_fragment = [58, 0, 0, 1, 0, 0, 0, 7];
+    assert_eq!(
+        ingress.run(&ipv6_after(44, 128, &icmp_fragment, 100)),
+        NOTHING
+    );
+}
+
+/// A UDP packet with an IPv4 header under 20 bytes: no port can be read, so no DNS counter
+/// takes it; malformed while DNS is counted, as a TCP one is always.
+#[test]
+fn a_udp_packet_with_a_short_ipv4_header_counts_as_malformed_while_dns_is_counted() {
+    let mut frame = ipv4(140, 100, 0);
+    frame[14] = 0x44;
+    frame[14 + 9] = 17;
+    let [ingress, loopback, egress, without_dns] = every_classifier();
+    for dns in [ingress, loopback, egress] {
+        assert_eq!(dns.run(&frame), MALFORMED);
+    }
+    assert_eq!(without_dns.run(&frame), NOTHING);
 }
