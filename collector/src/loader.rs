@@ -162,6 +162,14 @@ pub struct KernelMaps {
     pub dns_counters: PerCpuArray<MapData, DnsCounters>,
 }
 
+/// An interface the classifiers are attached to: its name and framing as of the last sync,
+/// and its link pins.
+struct AttachedInterface {
+    name: String,
+    framing: Framing,
+    pins: Vec<PathBuf>,
+}
+
 /// Everything the agent attached, held until [`Attachment::detach`].
 pub struct Attachment {
     ebpf: Ebpf,
@@ -172,8 +180,8 @@ pub struct Attachment {
     pub upstreams: Vec<WatchedUpstream>,
     /// The tc programs: (name, hook, pin prefix, the interfaces it goes on).
     classifiers: Vec<(&'static str, TcAttachType, &'static str, GoesOn)>,
-    /// Attached interfaces by index: name and link pins.
-    attached: std::collections::BTreeMap<u32, (String, Vec<PathBuf>)>,
+    /// Attached interfaces by index.
+    attached: std::collections::BTreeMap<u32, AttachedInterface>,
     /// The programs last seen ahead of ours, by interface index and hook (for the log).
     ahead_seen: std::collections::BTreeMap<(u32, &'static str), usize>,
     /// Times ours were found detached and attached again, by interface index and hook.
@@ -648,7 +656,14 @@ impl Attachment {
                 link.name
             );
         }
-        self.attached.insert(link.index, (link.name.clone(), pins));
+        self.attached.insert(
+            link.index,
+            AttachedInterface {
+                name: link.name.clone(),
+                framing: link.framing,
+                pins,
+            },
+        );
         Ok(())
     }
 
@@ -680,8 +695,8 @@ impl Attachment {
             .copied()
             .collect();
         for index in gone {
-            if let Some((name, _)) = self.attached.get(&index) {
-                tracing::info!(interface = %name, "interface gone or down: forgetting it");
+            if let Some(interface) = self.attached.get(&index) {
+                tracing::info!(interface = %interface.name, "interface gone or down: forgetting it");
             }
             self.forget(index);
         }
@@ -691,11 +706,7 @@ impl Attachment {
         self.note_unparsed(links, configured);
         let mut failures = Vec::new();
         for link in wanted {
-            if let Some((name, _)) = self.attached.get_mut(&link.index) {
-                if *name != link.name {
-                    tracing::info!(interface = %link.name, was = %name, "interface renamed: its links stay");
-                    link.name.clone_into(name);
-                }
+            if self.attached.contains_key(&link.index) && !self.replaced(link) {
                 continue;
             }
             match self.attach_interface(link) {
@@ -704,6 +715,42 @@ impl Attachment {
             }
         }
         failures
+    }
+
+    /// Whether attached interface `link.index` has to be attached anew, having forgotten it
+    /// if so; a rename is followed in place. A new name or framing under a known index is a
+    /// rename, or another device that took the index of one deleted since the last sync (an
+    /// index given at its creation, or moved in from another namespace with it): the
+    /// deleted device's links are defunct then (their device reads 0), and the new one had
+    /// been taken for a rename, its dead links then counted as our programs detached.
+    fn replaced(&mut self, link: &Link) -> bool {
+        let Some(interface) = self.attached.get_mut(&link.index) else {
+            return true;
+        };
+        if interface.name == link.name && interface.framing == link.framing {
+            return false;
+        }
+        let defunct = interface.pins.first().is_some_and(|pin| {
+            bpf_sys::open_pinned(pin)
+                .and_then(|link| bpf_sys::tcx_link_ifindex(link.as_fd()))
+                .is_ok_and(|ifindex| ifindex == Some(0))
+        });
+        if !defunct && interface.framing == link.framing {
+            tracing::info!(interface = %link.name, was = %interface.name, "interface renamed: its links stay");
+            link.name.clone_into(&mut interface.name);
+            return false;
+        }
+        let was = interface.name.clone();
+        self.forget(link.index);
+        if defunct {
+            tracing::info!(interface = %link.name, %was, "interface deleted, and another made with its index: attached anew");
+            return true;
+        }
+        // The same device (a tun's link type changed while down): its links hold the old
+        // framing's programs, and the kernel lets them go after a delay (`bpf_link_put`),
+        // which an attach of the same program now would meet ("File exists").
+        tracing::info!(interface = %link.name, "interface changed its framing: attached anew at the next sync");
+        false
     }
 
     /// Tells the classifiers the namespace's ifb devices (`REDIRECT_DEVICES`), when they
@@ -789,7 +836,7 @@ impl Attachment {
     pub fn interfaces(&self) -> Vec<String> {
         self.attached
             .values()
-            .map(|(name, _)| name.clone())
+            .map(|interface| interface.name.clone())
             .collect()
     }
 
@@ -925,7 +972,7 @@ impl Attachment {
         let attached: Vec<(u32, String, Vec<PathBuf>)> = self
             .attached
             .iter()
-            .map(|(&index, (name, pins))| (index, name.clone(), pins.clone()))
+            .map(|(&index, attached)| (index, attached.name.clone(), attached.pins.clone()))
             .collect();
         for (ifindex, interface, pins) in attached {
             for &(program_name, attach_type, prefix, ours) in &ours {
@@ -1028,8 +1075,8 @@ impl Attachment {
     /// its links.
     fn forget(&mut self, index: u32) {
         self.ahead_seen.retain(|&(seen, _), _| seen != index);
-        if let Some((_, pins)) = self.attached.remove(&index) {
-            for pin in pins {
+        if let Some(interface) = self.attached.remove(&index) {
+            for pin in interface.pins {
                 if let Err(err) = remove_if_present(&pin) {
                     tracing::warn!("{err:#}");
                 }
@@ -1052,7 +1099,7 @@ impl Attachment {
     fn pins_in_use(&self) -> Vec<PathBuf> {
         self.link_pins
             .iter()
-            .chain(self.attached.values().flat_map(|(_, pins)| pins))
+            .chain(self.attached.values().flat_map(|interface| &interface.pins))
             .cloned()
             .collect()
     }

@@ -1691,3 +1691,107 @@ fn an_up_interface_of_a_framing_not_parsed_is_named_in_the_log() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+/// A veth `ours` with interface index `index` (10.77.0.1) in `netns`, its peer `vcoll1`
+/// (10.77.0.2) in `peer`.
+fn veth_with_index(netns: &Netns, ours: &str, index: u32, peer: &Netns) {
+    support::ip_batch(
+        &netns.name,
+        &format!(
+            "link add {ours} index {index} type veth peer name vcoll1 netns {}\n\
+             addr add 10.77.0.1/24 dev {ours}\n\
+             link set {ours} up\n",
+            peer.name
+        ),
+    );
+    support::ip_batch(
+        &peer.name,
+        "addr add 10.77.0.2/24 dev vcoll1\nlink set vcoll1 up\n",
+    );
+}
+
+/// Runs `change` with the agent started with `config` stopped (SIGSTOP), so that its next
+/// sync sees all of it at once, as two changes between syncs are seen.
+fn while_stopped(config: &AgentConfig, change: impl FnOnce()) {
+    let pid = agent_pid(&config.path).expect("the agent's pid");
+    // SAFETY: kill has no memory arguments.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let continued = support::OnDrop(move || {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    change();
+    drop(continued);
+}
+
+/// An interface deleted and another made with its index between two syncs (an index given
+/// at creation, a device moved in from another namespace with it, or a fresh namespace's
+/// next index after the last one went) is attached anew. Until 2026-12-04 it was taken for
+/// a rename: its dead links then counted as our programs detached from the hooks, and a
+/// device of another framing got the old framing's programs back.
+#[test]
+fn a_device_that_takes_a_deleted_ones_index_is_attached_anew() {
+    const INDEX: u32 = 2;
+    let netns = Netns::new();
+    let peer = Netns::new();
+    veth_with_index(&netns, "vold0", INDEX, &peer);
+    let config = AgentConfig::new(ROUTES);
+    let logs = ScratchDir::new("index_reused");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    wait_for("vold0 to be attached", Duration::from_secs(10), || {
+        attached(&scrape(&netns), "vold0").then_some(())
+    });
+    let pins =
+        |prefixes: [&str; 2]| prefixes.map(|prefix| link_pin(&config, prefix, INDEX).exists());
+    const ETHERNET: [&str; 2] = ["tc_ingress", "tc_egress"];
+    const IP: [&str; 2] = ["tc_ingress_ip", "tc_egress_ip"];
+
+    // Another veth, Ethernet framed as the first was.
+    while_stopped(&config, || {
+        ip(&netns, "link del vold0");
+        veth_with_index(&netns, "vcoll0", INDEX, &peer);
+    });
+    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (attached(&metrics, "vcoll0") && !attached(&metrics, "vold0")).then_some(())
+    });
+    exchange_counted(&netns, &peer, "10.77.0.1:18080");
+    let metrics = support::after_polls(&netns, 2);
+    for hook in ["ingress", "egress"] {
+        assert_eq!(reattached(&metrics, "vcoll0", hook), Some(0.0), "{hook}");
+    }
+    assert_eq!(pins(ETHERNET), [true, true]);
+
+    // A tun, without a link-layer header: the next index the namespace hands out is the
+    // one freed (a fresh namespace's lo has 1, and indexes given do not move that count).
+    let tun = std::cell::OnceCell::new();
+    while_stopped(&config, || {
+        ip(&netns, "link del vcoll0");
+        let _ = tun.set(TunPair::new(&netns, &peer));
+        assert_eq!(
+            netns.run(|| ifindex("tcoll0")),
+            INDEX,
+            "the tun did not get the index freed"
+        );
+    });
+    wait_for("tcoll0 to be attached", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (attached(&metrics, "tcoll0") && !attached(&metrics, "vcoll0")).then_some(())
+    });
+    assert_eq!(pins(IP), [true, true]);
+    assert_eq!(pins(ETHERNET), [false, false]);
+    exchange_counted(&netns, &peer, "10.77.0.1:18080");
+    let metrics = support::after_polls(&netns, 2);
+    for hook in ["ingress", "egress"] {
+        assert_eq!(reattached(&metrics, "tcoll0", hook), Some(0.0), "{hook}");
+    }
+    assert!(agent.stop().success());
+    let replaced = support::logged_lines(&log, "another made with its index");
+    assert_eq!(replaced.len(), 2, "{replaced:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(" WARN "), "{text}");
+    assert!(!text.contains("renamed"), "{text}");
+    drop(tun);
+    assert_no_pins(&config.pin_dir);
+}
