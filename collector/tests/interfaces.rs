@@ -1732,6 +1732,8 @@ fn while_stopped(config: &AgentConfig, change: impl FnOnce()) {
 #[test]
 fn a_device_that_takes_a_deleted_ones_index_is_attached_anew() {
     const INDEX: u32 = 2;
+    const ETHERNET: [&str; 2] = ["tc_ingress", "tc_egress"];
+    const IP: [&str; 2] = ["tc_ingress_ip", "tc_egress_ip"];
     let netns = Netns::new();
     let peer = Netns::new();
     veth_with_index(&netns, "vold0", INDEX, &peer);
@@ -1744,8 +1746,6 @@ fn a_device_that_takes_a_deleted_ones_index_is_attached_anew() {
     });
     let pins =
         |prefixes: [&str; 2]| prefixes.map(|prefix| link_pin(&config, prefix, INDEX).exists());
-    const ETHERNET: [&str; 2] = ["tc_ingress", "tc_egress"];
-    const IP: [&str; 2] = ["tc_ingress_ip", "tc_egress_ip"];
 
     // Another veth, Ethernet framed as the first was.
     while_stopped(&config, || {

@@ -469,8 +469,9 @@ fn unparsed_on(ingress: &Ingress) {
     // IPv4: the first fragment carries the TCP header, and counts what it carries; a later
     // one (offset 1,480 bytes) has none.
     assert_eq!(ingress.run(&with_fragment(0x2000)), counted(140, 100));
-    assert_eq!(ingress.run(&with_fragment(0x2000 | 185)), UNPARSED);
-    assert_eq!(ingress.run(&with_fragment(185)), UNPARSED);
+    let later = 1480 / 8;
+    assert_eq!(ingress.run(&with_fragment(0x2000 | later)), UNPARSED);
+    assert_eq!(ingress.run(&with_fragment(later)), UNPARSED);
     // IPv6: a destination options header before TCP (PadN only), a fragment header of a
     // first fragment, of a later one, and two headers (hop-by-hop with a router alert,
     // then destination options).
