@@ -329,8 +329,9 @@ pub mod error_kind {
     /// (its ports cannot be read).
     pub const PACKET_MALFORMED: u32 = 3;
     /// A TCP packet on a watched interface whose ports the live counters cannot read: an
-    /// IPv4 fragment after the first, or IPv6 with extension headers before TCP (BIG TCP's
-    /// hop-by-hop header aside; its fragments alike). Its bytes are in no route's live
+    /// IPv4 fragment after the first, IPv6 with extension headers before TCP (BIG TCP's
+    /// hop-by-hop header aside; its fragments alike), or a VLAN tag inside the frame (a VLAN
+    /// device with `reorder_hdr off`). Its bytes are in no route's live
     /// counters (a connection's exact bytes at its close do not depend on them). Like
     /// [`PACKET_TRUNCATED`], any TCP packet, once per hook it crosses.
     pub const PACKET_UNPARSED: u32 = 4;

@@ -262,7 +262,7 @@ fn tagged(ctx: &TcContext) -> bool {
 /// `dns_hook` HOOK_INGRESS) or egress. Inlined, so both are constants in each classifier.
 #[inline(always)]
 fn count<const L2: usize>(ctx: &TcContext, dir: u32, dns_hook: u32) -> i32 {
-    if tagged(ctx) {
+    if tagged(ctx) || (L2 == ETH_HLEN && packet::tag_in_frame(ctx)) {
         return TC_ACT_UNSPEC;
     }
     if for_dns::<L2>(ctx) {

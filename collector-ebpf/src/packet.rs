@@ -10,10 +10,11 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use collector_common::{LOCAL_ADDRESS_WAYS, address_words, local_address_sets};
+use collector_common::{LOCAL_ADDRESS_WAYS, address_words, error_kind, local_address_sets};
 
 use crate::{
-    LOCAL_ADDRESS_SET_BITS, LOCAL_ADDRESSES, LOCAL_ADDRESSES_COMPLETE, LOCAL_ONLY, REDIRECT_DEVICES,
+    LOCAL_ADDRESS_SET_BITS, LOCAL_ADDRESSES, LOCAL_ADDRESSES_COMPLETE, LOCAL_ONLY,
+    REDIRECT_DEVICES, count_error,
 };
 
 /// The link-layer header before the IP header (`L2` in the parsers) on Ethernet and loopback.
@@ -22,6 +23,9 @@ pub const ETH_HLEN: usize = 14;
 pub const NO_LINK_HEADER: usize = 0;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const VLAN_HLEN: usize = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPV6_HLEN: usize = 40;
@@ -119,6 +123,31 @@ pub fn read_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
 pub fn ether_type(ctx: &TcContext) -> u16 {
     // The skb keeps the protocol in network byte order in a u32 field.
     u16::from_be(ctx.skb.protocol() as u16)
+}
+
+/// Whether an Ethernet frame carries a VLAN tag in its bytes rather than in the skb's
+/// metadata: a VLAN device with `reorder_hdr off` keeps it there, at ingress with the skb
+/// saying IP (the IP header then 4 bytes past where the parsers read it) and at egress, on
+/// it and its lower device, with the skb saying 802.1Q. Not parsed: a TCP one counts as
+/// unparsed. Read for every Ethernet frame: two bytes of the line the IP header is in.
+#[inline(always)]
+pub fn tag_in_frame(ctx: &TcContext) -> bool {
+    let Some(frame_type) = read_be16(ctx, ETH_HLEN - 2) else {
+        return false;
+    };
+    if frame_type != ETH_P_8021Q && frame_type != ETH_P_8021AD {
+        return false;
+    }
+    let inner = ETH_HLEN + VLAN_HLEN;
+    let tcp = match read_be16(ctx, inner - 2) {
+        Some(ETH_P_IP) => read_u8(ctx, inner + 9) == Some(IPPROTO_TCP),
+        Some(ETH_P_IPV6) => read_u8(ctx, inner + 6) == Some(IPPROTO_TCP),
+        _ => false,
+    };
+    if tcp {
+        count_error(error_kind::PACKET_UNPARSED);
+    }
+    true
 }
 
 /// Whether the packet is a GSO packet (segmented, or to be, by size): only such a packet may

@@ -521,3 +521,34 @@ fn a_udp_packet_with_a_short_ipv4_header_counts_as_malformed_while_dns_is_counte
     }
     assert_eq!(without_dns.run(&frame), NOTHING);
 }
+
+/// [`ipv4`]'s or [`ipv6`]'s frame with an 802.1Q tag inside it, after the addresses.
+fn tagged_in_frame(mut frame: Vec<u8>) -> Vec<u8> {
+    frame.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+    frame
+}
+
+/// A VLAN tag inside the frame (a VLAN device with `reorder_hdr off` keeps it there): the
+/// parsers read the IP header at 14 bytes and would take the tag for it. A TCP packet counts
+/// as unparsed, anything else as nothing. (A test run gives the skb the frame's own type,
+/// 802.1Q, as egress has it; `tests/interfaces.rs` has the ingress case, where the skb says
+/// IP.)
+#[test]
+fn a_vlan_tag_inside_the_frame_counts_as_unparsed() {
+    let [ingress, _, egress, without_dns] = every_classifier();
+    for classifier in [ingress, egress, without_dns] {
+        assert_eq!(
+            classifier.run(&tagged_in_frame(ipv4(140, 100, 0))),
+            UNPARSED
+        );
+        assert_eq!(
+            classifier.run(&tagged_in_frame(ipv6(120, &[], 100))),
+            UNPARSED
+        );
+        let mut udp = tagged_in_frame(ipv4(140, 100, 0));
+        udp[18 + 9] = 17;
+        assert_eq!(classifier.run(&udp), NOTHING);
+        // Untagged, the same frame counts as ever.
+        assert_eq!(classifier.run(&ipv4(140, 100, 0)), counted(140, 100));
+    }
+}
