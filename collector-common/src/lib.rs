@@ -299,9 +299,10 @@ pub const CONN_TABLE_PROBES: u32 = 8;
 
 /// What the pinned maps' entries mean, beyond their shape: a start replaces a crashed run's
 /// pins of another layout (the second word of [`map_names::PIN_OWNER`]) rather than misread
-/// them, and `collector maps` refuses to decode them. Raise it with any change that keeps a pinned map's shape and changes its meaning:
-/// [`conn_slot`]'s probe order (a close looked for in other slots is never counted, and its
-/// slot never freed), the bits of [`conn_flags`], what a counter counts. 1: from 2026-12-03.
+/// them, and `collector maps` refuses to decode them. Raise it with any change that keeps a
+/// pinned map's shape and changes its meaning: [`conn_slot`]'s probe order (a close looked
+/// for in other slots is never counted, and its slot never freed), the bits of
+/// [`conn_flags`], what a counter counts. 1: from 2026-12-03.
 pub const PIN_LAYOUT: u64 = 1;
 
 /// Byte size of the connection event ring buffer.
@@ -330,8 +331,8 @@ pub mod error_kind {
     pub const PACKET_MALFORMED: u32 = 3;
     /// A TCP packet on a watched interface whose ports the live counters cannot read: an
     /// IPv4 fragment after the first, IPv6 with extension headers before TCP (BIG TCP's
-    /// hop-by-hop header aside; its fragments alike), or a VLAN tag inside the frame (a VLAN
-    /// device with `reorder_hdr off`). Its bytes are in no route's live
+    /// hop-by-hop header aside; fragment headers included), or a VLAN tag inside the frame (a
+    /// VLAN device with `reorder_hdr off`). Its bytes are in no route's live
     /// counters (a connection's exact bytes at its close do not depend on them). Like
     /// [`PACKET_TRUNCATED`], any TCP packet, once per hook it crosses.
     pub const PACKET_UNPARSED: u32 = 4;

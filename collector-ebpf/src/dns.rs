@@ -196,8 +196,10 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
 }
 
 /// A link-layer header of `L2` bytes → IPv4/IPv6 (extension headers walked) → UDP. `None`
-/// for anything else: not ours to count. An IP header outside the linear part is pulled in
-/// with the UDP header after it (IPv6: when no extension header comes between).
+/// for anything else: not ours to count, but for TCP behind extension headers (unparsed)
+/// and an IPv4 header too short to hold its ports (malformed), counted here. An IP header
+/// outside the linear part is pulled in with the UDP header after it (IPv6: when no
+/// extension header comes between).
 #[inline(always)]
 fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
     let skb_len = ctx.len() as usize;
@@ -207,15 +209,15 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
             if read_u8(ctx, L2 + 9)? != IPPROTO_UDP {
                 return None;
             }
-            let fragment = read_be16(ctx, L2 + 6)?;
-            // Later fragments carry no UDP header.
-            if fragment & 0x1fff != 0 {
-                return None;
-            }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
             // Its ports cannot be read; a receiving stack drops it (`ip_rcv_core`).
             if ihl < 20 {
                 count_error(error_kind::PACKET_MALFORMED);
+                return None;
+            }
+            let fragment = read_be16(ctx, L2 + 6)?;
+            // Later fragments carry no UDP header.
+            if fragment & 0x1fff != 0 {
                 return None;
             }
             let total = usize::from(read_be16(ctx, L2 + 2)?);

@@ -163,8 +163,8 @@ static DNS_SAMPLE_BELOW: Global<u64> = Global::new(1 << 32);
 static DNS_MATCH_RESPONSES: Global<u32> = Global::new(1);
 
 /// DNS: with matching on, a query whose hash of client port and id falls below this is
-/// matched to its response, the others are only counted (`[dns] match_every`). Set at load; 2^32 matches
-/// every query, and the verifier then drops the check.
+/// matched to its response, the others are only counted (`[dns] match_every`). Set at load;
+/// 2^32 matches every query, and the verifier then drops the check.
 #[unsafe(no_mangle)]
 static DNS_MATCH_BELOW: Global<u64> = Global::new(1 << 32);
 
@@ -239,7 +239,9 @@ pub fn read_early_hellos(ctx: SkBuffContext) -> i32 {
 }
 
 /// One classifier per hook does both jobs, since a second program on a hook costs a
-/// dispatch on every packet: TCP goes to the route counters, the rest to DNS while it is on.
+/// dispatch on every packet: TCP goes to the route counters, the rest to DNS while it is on
+/// (TCP behind IPv6 extension headers too: the DNS parser walks them, and counts it as
+/// unparsed).
 #[inline(always)]
 fn for_dns<const L2: usize>(ctx: &TcContext) -> bool {
     DNS_ENABLED.load() != 0 && !packet::may_carry_tcp::<L2>(ctx)

@@ -178,9 +178,10 @@ pub struct Ipv6Upper {
     /// The upper-layer protocol: the last next-header field walked (still an extension
     /// header's where the walk gave up at [`MAX_EXT_HEADERS`]).
     pub protocol: u8,
-    /// Offset of its header in the packet.
+    /// Offset of its header in the packet. Meaningless in a later fragment.
     pub offset: usize,
-    /// A fragment header said more fragments follow: this is the first.
+    /// A fragment header said more fragments follow: with `later_fragment` unset, this is
+    /// the first fragment.
     pub more_fragments: bool,
     /// A fragment after the first: `protocol` is the datagram's, but its header is in the
     /// first fragment, not here.
@@ -188,8 +189,9 @@ pub struct Ipv6Upper {
 }
 
 /// Walks the extension headers of an IPv6 packet whose fixed header names `next` (the
-/// fixed header read). `None` where a header cannot be read or lies past
-/// [`MAX_L4_OFFSET`].
+/// fixed header read). Headers outside the linear part are read with
+/// `bpf_skb_load_bytes`, which reads pages too. `None` where a header cannot be read or lies
+/// past [`MAX_L4_OFFSET`].
 #[inline(always)]
 pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Option<Ipv6Upper> {
     let mut offset = L2 + IPV6_HLEN;
@@ -203,9 +205,11 @@ pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Optio
         }
         // Next header, length and (fragment header) offset and flags in one read: the
         // verifier loses the bounds of separate reads at a variable offset.
-        let ptr = ptr_at::<[u8; 4]>(ctx, offset)?;
-        // SAFETY: ptr_at checked the four bytes.
-        let [next_header, len, offset_high, offset_low] = unsafe { *ptr };
+        let [next_header, len, offset_high, offset_low] = match ptr_at::<[u8; 4]>(ctx, offset) {
+            // SAFETY: ptr_at checked the four bytes.
+            Some(ptr) => unsafe { *ptr },
+            None => ctx.load::<[u8; 4]>(offset).ok()?,
+        };
         match next {
             NEXTHDR_FRAGMENT => {
                 let offset_flags = u16::from_be_bytes([offset_high, offset_low]);

@@ -129,16 +129,16 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
             if read_u8(ctx, L2 + 9)? != IPPROTO_TCP {
                 return None;
             }
-            // Later fragments carry no TCP header: their bytes go uncounted, and say so.
-            if read_be16(ctx, L2 + 6)? & 0x1fff != 0 {
-                count_error(error_kind::PACKET_UNPARSED);
-                return None;
-            }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
             // A receiving stack drops it (`ip_rcv_core`), as it does a total length under
             // the header length (below: the TCP header cannot fit).
             if ihl < 20 {
                 count_error(error_kind::PACKET_MALFORMED);
+                return None;
+            }
+            // Later fragments carry no TCP header: their bytes go uncounted, and say so.
+            if read_be16(ctx, L2 + 6)? & 0x1fff != 0 {
+                count_error(error_kind::PACKET_UNPARSED);
                 return None;
             }
             let total = u64::from(read_be16(ctx, L2 + 2)?);
@@ -159,19 +159,21 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                     payload + IPV6_HLEN as u64
                 };
                 (L2 + IPV6_HLEN, ip_len)
-            } else if next_header == NEXTHDR_HOP && payload == 0 {
+            } else if next_header == NEXTHDR_HOP
+                && payload == 0
+                // SAFETY: ptr_at checked the four bytes.
+                && ptr_at::<[u8; 4]>(ctx, L2 + IPV6_HLEN).is_some_and(|hop| unsafe {
+                    *hop == [IPPROTO_TCP, 0, IPV6_TLV_JUMBO, 4]
+                })
+            {
                 // A GSO packet over 64 KiB as kernels with IPv6 BIG TCP have built it: a
                 // hop-by-hop header holding only the jumbo payload option, then TCP.
-                let hop = ptr_at::<[u8; 4]>(ctx, L2 + IPV6_HLEN)?;
-                // SAFETY: ptr_at checked the four bytes.
-                if unsafe { *hop } != [IPPROTO_TCP, 0, IPV6_TLV_JUMBO, 4] {
-                    return None;
-                }
                 (L2 + IPV6_HLEN + 8, 0)
             } else {
                 // Other extension headers before TCP are rare on a proxy's connections; not
-                // read past, but counted as such. (While DNS is counted, such packets go to
-                // its parser, which does the same: see `may_carry_tcp`.)
+                // read past, but counted as such. (While DNS is counted, only a hop-by-hop
+                // header with a zero length comes here: the DNS parser walks the others, and
+                // does the same. See `may_carry_tcp`.)
                 if ipv6_upper_layer::<L2>(ctx, next_header)
                     .is_some_and(|upper| upper.protocol == IPPROTO_TCP)
                 {

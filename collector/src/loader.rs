@@ -717,12 +717,17 @@ impl Attachment {
         failures
     }
 
-    /// Whether attached interface `link.index` has to be attached anew, having forgotten it
-    /// if so; a rename is followed in place. A new name or framing under a known index is a
-    /// rename, or another device that took the index of one deleted since the last sync (an
-    /// index given at its creation, or moved in from another namespace with it): the
-    /// deleted device's links are defunct then (their device reads 0), and the new one had
-    /// been taken for a rename, its dead links then counted as our programs detached.
+    /// Whether attached interface `link.index` must be attached anew; if so it has been
+    /// forgotten. A new name or framing under a known index is a rename, or another device
+    /// that took the index of one deleted since the last sync (an index given at its
+    /// creation, or moved in from another namespace with it), which was taken for a rename:
+    /// its dead links then counted as ours detached, and the old framing's programs went on
+    /// a device of another. The deleted device's links are defunct (their device reads 0).
+    /// What this cannot tell: a link detached by hand (`bpftool link detach`, defunct too) on
+    /// a device renamed in the same interval is taken for a replacement, and a device moved
+    /// out to another namespace (its links go with it, alive) and replaced here under the
+    /// same framing is taken for a rename (the hook check then attaches ours again, counted
+    /// as reattached).
     fn replaced(&mut self, link: &Link) -> bool {
         let Some(interface) = self.attached.get_mut(&link.index) else {
             return true;
@@ -742,15 +747,17 @@ impl Attachment {
         }
         let was = interface.name.clone();
         self.forget(link.index);
+        // A new device: its hooks' figures start afresh.
+        self.reattached.retain(|&(index, _), _| index != link.index);
         if defunct {
             tracing::info!(interface = %link.name, %was, "interface deleted, and another made with its index: attached anew");
-            return true;
+        } else {
+            // The same device (a configured tun's link type changed while down): the old
+            // framing's programs leave the hook after a delay (`bpf_link_put`), behind the
+            // new ones, which go first.
+            tracing::info!(interface = %link.name, "interface changed its framing: attached anew");
         }
-        // The same device (a tun's link type changed while down): its links hold the old
-        // framing's programs, and the kernel lets them go after a delay (`bpf_link_put`),
-        // which an attach of the same program now would meet ("File exists").
-        tracing::info!(interface = %link.name, "interface changed its framing: attached anew at the next sync");
-        false
+        true
     }
 
     /// Tells the classifiers the namespace's ifb devices (`REDIRECT_DEVICES`), when they

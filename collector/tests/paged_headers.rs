@@ -140,6 +140,35 @@ fn dns_query(v6: bool, id: u16, name: &str, qtype: u16) -> Vec<u8> {
     ip(v6, IPPROTO_UDP, datagram, 6)
 }
 
+/// `packet` (IPv6, its transport `protocol`) with two extension headers before its
+/// transport header: hop-by-hop, then destination options, each holding only padding.
+fn behind_extension_headers(mut packet: Vec<u8>, protocol: u8) -> Vec<u8> {
+    const NEXTHDR_DEST: u8 = 60;
+    let payload = u16::from_be_bytes([packet[4], packet[5]]) + 16;
+    packet[4..6].copy_from_slice(&payload.to_be_bytes());
+    packet[6] = 0;
+    let headers = [
+        NEXTHDR_DEST,
+        0,
+        1,
+        4,
+        0,
+        0,
+        0,
+        0,
+        protocol,
+        0,
+        1,
+        4,
+        0,
+        0,
+        0,
+        0,
+    ];
+    packet.splice(40..40, headers);
+    packet
+}
+
 /// Writes `packet` to the tap as an Ethernet frame, in two pieces: tun puts the first, the
 /// Ethernet header and the packet's first `linear` bytes, in the linear part, and the rest
 /// in pages.
@@ -292,6 +321,31 @@ fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
         let metrics = scrape(&netns);
         (malformed(&metrics) >= 2.0).then_some(metrics)
     });
+    assert_eq!(malformed(&metrics), 2.0);
+    assert_eq!(truncated(&metrics), 1.0);
+    assert_eq!(payload(&metrics), Some(sent as f64));
+
+    // Extension headers in pages, past what the first pull brings in: walked all the same.
+    // A query behind them is counted; a TCP segment behind them, which live traffic does
+    // not read past, counts as unparsed (both went silently before 2026-12-04).
+    let query = behind_extension_headers(dns_query(true, 99, "www.example.", 1), IPPROTO_UDP);
+    let segment = behind_extension_headers(tcp(true, 100), IPPROTO_TCP);
+    receive(&tap, &query, 0);
+    receive(&tap, &segment, 0);
+    let a_queries = |metrics: &str| {
+        sample(metrics, "collector_dns_queries_total", &[("qtype", "A")]).unwrap_or(0.0)
+    };
+    let metrics = wait_for(
+        "the packets behind extension headers",
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(&netns);
+            (a_queries(&metrics) >= 13.0 && kernel_errors(&metrics, "packet_unparsed") >= 1.0)
+                .then_some(metrics)
+        },
+    );
+    assert_eq!(a_queries(&metrics), 13.0);
+    assert_eq!(kernel_errors(&metrics, "packet_unparsed"), 1.0);
     assert_eq!(malformed(&metrics), 2.0);
     assert_eq!(truncated(&metrics), 1.0);
     assert_eq!(payload(&metrics), Some(sent as f64));
