@@ -311,6 +311,8 @@ fn gso_packets_over_64_kib_count_whole() {
     // Any other hop-by-hop header before TCP is not read past: unparsed.
     let other = [6, 0, 1, 4, 0, 0, 0, 0];
     assert_eq!(ingress.run(&ipv6(28 + 1000, &other, 1000)), UNPARSED);
+    // Also with a zero length, which sends it to the TCP counting rather than DNS's walk.
+    assert_eq!(ingress.run_as_gso(&ipv6(0, &other, 1000), 500), UNPARSED);
     // The same zero lengths on packets that are not GSO packets: the stack drops them.
     assert_eq!(ingress.run(&ipv4(0, 1000, 0)), MALFORMED);
     assert_eq!(ingress.run(&ipv6(0, &[], 1000)), MALFORMED);
