@@ -1152,6 +1152,18 @@ fn tcp_frame(vlan: Option<u16>, payload: usize) -> Vec<u8> {
     frame
 }
 
+/// [`tcp_frame`] the other way: from the route's port on this namespace's address, out, as
+/// the proxy's replies are.
+fn reply_frame(vlan: Option<u16>, payload: usize) -> Vec<u8> {
+    let mut frame = tcp_frame(vlan, payload);
+    let ip = if vlan.is_some() { 18 } else { 14 };
+    let (source, destination) = frame.split_at_mut(ip + 16);
+    source[ip + 12..].swap_with_slice(&mut destination[..4]);
+    let (source, destination) = frame.split_at_mut(ip + 22);
+    source[ip + 20..].swap_with_slice(&mut destination[..2]);
+    frame
+}
+
 /// Sends `frame` out of `interface` of the calling thread's namespace, as it is.
 fn send_raw(interface: &str, frame: &[u8]) {
     send_raw_as(interface, frame, 0);
@@ -1263,20 +1275,10 @@ fn a_vlan_tag_inside_a_frame_the_skb_calls_ip_counts_as_unparsed() {
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     assert!(attached(&scrape(&netns), "vraw0"));
-    // From the route's port on this namespace's address: out, as the proxy's replies.
-    fn reply(vlan: Option<u16>) -> Vec<u8> {
-        let mut frame = tcp_frame(vlan, PAYLOAD);
-        let ip = if vlan.is_some() { 18 } else { 14 };
-        let (source, destination) = frame.split_at_mut(ip + 16);
-        source[ip + 12..].swap_with_slice(&mut destination[..4]);
-        let (source, destination) = frame.split_at_mut(ip + 22);
-        source[ip + 20..].swap_with_slice(&mut destination[..2]);
-        frame
-    }
     netns.run(|| {
         for _ in 0..FRAMES {
-            send_raw_as("vraw0", &reply(Some(7)), libc::ETH_P_IP);
-            send_raw_as("vraw0", &reply(None), libc::ETH_P_IP);
+            send_raw_as("vraw0", &reply_frame(Some(7), PAYLOAD), libc::ETH_P_IP);
+            send_raw_as("vraw0", &reply_frame(None, PAYLOAD), libc::ETH_P_IP);
         }
     });
     let unparsed = |metrics: &str| {
