@@ -1195,10 +1195,10 @@ fn send_raw_as(interface: &str, frame: &[u8], protocol: i32) {
     }
 }
 
-#[test]
-fn vlan_tagged_packets_are_left_to_the_vlan_device() {
-    const FRAMES: usize = 5;
-    const PAYLOAD: usize = 100;
+/// A veth `vraw0` (10.78.6.1) in a new namespace, `vraw1` in a peer namespace, and an
+/// agent watching the first, for frames sent raw: those for or from 10.78.6.1 are this
+/// namespace's, as traffic counts only those.
+fn raw_veth_watched() -> (Netns, Netns, AgentConfig, Agent) {
     let netns = Netns::new();
     let peer = Netns::new();
     ip(
@@ -1208,13 +1208,20 @@ fn vlan_tagged_packets_are_left_to_the_vlan_device() {
             peer.name
         ),
     );
-    // The frames are for 10.78.6.1: this namespace's address, as traffic counts only that.
     ip(&netns, "addr add 10.78.6.1/24 dev vraw0");
     ip(&netns, "link set vraw0 up");
     ip(&peer, "link set vraw1 up");
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     assert!(attached(&scrape(&netns), "vraw0"));
+    (netns, peer, config, agent)
+}
+
+#[test]
+fn vlan_tagged_packets_are_left_to_the_vlan_device() {
+    const FRAMES: usize = 5;
+    const PAYLOAD: usize = 100;
+    let (netns, peer, config, agent) = raw_veth_watched();
 
     // Tagged frames arrive with the tag taken into the packet's metadata: a VLAN device,
     // where there is one, sees them again untagged and counts them; vraw0 must not. The
@@ -1260,21 +1267,7 @@ fn vlan_tagged_packets_are_left_to_the_vlan_device() {
 fn a_vlan_tag_inside_a_frame_the_skb_calls_ip_counts_as_unparsed() {
     const FRAMES: usize = 5;
     const PAYLOAD: usize = 100;
-    let netns = Netns::new();
-    let peer = Netns::new();
-    ip(
-        &netns,
-        &format!(
-            "link add vraw0 type veth peer name vraw1 netns {}",
-            peer.name
-        ),
-    );
-    ip(&netns, "addr add 10.78.6.1/24 dev vraw0");
-    ip(&netns, "link set vraw0 up");
-    ip(&peer, "link set vraw1 up");
-    let config = AgentConfig::new(ROUTES);
-    let agent = Agent::start(&netns, &config);
-    assert!(attached(&scrape(&netns), "vraw0"));
+    let (netns, peer, config, agent) = raw_veth_watched();
     netns.run(|| {
         for _ in 0..FRAMES {
             send_raw_as("vraw0", &reply_frame(Some(7), PAYLOAD), libc::ETH_P_IP);
