@@ -1267,7 +1267,7 @@ fn vlan_tagged_packets_are_left_to_the_vlan_device() {
 fn a_vlan_tag_inside_a_frame_the_skb_calls_ip_counts_as_unparsed() {
     const FRAMES: usize = 5;
     const PAYLOAD: usize = 100;
-    let (netns, peer, config, agent) = raw_veth_watched();
+    let (netns, _peer, config, agent) = raw_veth_watched();
     netns.run(|| {
         for _ in 0..FRAMES {
             send_raw_as("vraw0", &reply_frame(Some(7), PAYLOAD), libc::ETH_P_IP);
