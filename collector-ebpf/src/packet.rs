@@ -138,10 +138,17 @@ pub fn tag_in_frame(ctx: &TcContext) -> bool {
     if frame_type != ETH_P_8021Q && frame_type != ETH_P_8021AD {
         return false;
     }
+    // SAFETY: a context field read, rewritten by the verifier.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        // A priority tag (VLAN 0) in the metadata, a real tag inside: the stack takes the
+        // inner one into the metadata next and runs this hook again, and the VLAN device
+        // counts the packet.
+        return true;
+    }
     let inner = ETH_HLEN + VLAN_HLEN;
-    let tcp = match read_be16(ctx, inner - 2) {
-        Some(ETH_P_IP) => read_u8(ctx, inner + 9) == Some(IPPROTO_TCP),
-        Some(ETH_P_IPV6) => read_u8(ctx, inner + 6) == Some(IPPROTO_TCP),
+    let tcp = match load_be16(ctx, inner - 2) {
+        Some(ETH_P_IP) => load_u8(ctx, inner + 9) == Some(IPPROTO_TCP),
+        Some(ETH_P_IPV6) => load_u8(ctx, inner + 6) == Some(IPPROTO_TCP),
         _ => false,
     };
     if tcp {

@@ -1715,15 +1715,20 @@ fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
 /// framed as an IP-in-IP tunnel's, a PPP link's or an InfiniBand port's are, which this
 /// kernel cannot make.
 fn tun_of_link_type(netns: &Netns, name: &'static str, link_type: u16) -> std::fs::File {
+    let tun = support::open_tun_with(netns, name, libc::IFF_TUN | libc::IFF_NO_PI);
+    set_link_type(&tun, link_type);
+    support::ip_batch(&netns.name, &format!("link set {name} up\n"));
+    tun
+}
+
+/// Sets the link type (`ARPHRD_*`) of the tun device open as `tun`, which must be down.
+fn set_link_type(tun: &std::fs::File, link_type: u16) {
     use std::os::fd::AsRawFd as _;
     /// `_IOW('T', 205, int)`.
     const TUNSETLINK: libc::c_ulong = 0x4004_54cd;
-    let tun = support::open_tun_with(netns, name, libc::IFF_TUN | libc::IFF_NO_PI);
     // SAFETY: TUNSETLINK takes its argument by value.
     let set = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETLINK, libc::c_ulong::from(link_type)) };
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
-    support::ip_batch(&netns.name, &format!("link set {name} up\n"));
-    tun
 }
 
 /// Up interfaces of a framing the classifiers do not parse are left out of the default
@@ -1816,6 +1821,18 @@ fn a_device_that_takes_a_deleted_ones_index_is_attached_anew() {
     });
     let pins =
         |prefixes: [&str; 2]| prefixes.map(|prefix| link_pin(&config, prefix, INDEX).exists());
+    // The old device had its programs detached by hand once, and counted it: the new one
+    // starts from 0.
+    for prefix in ETHERNET {
+        detach_pinned_link(&link_pin(&config, prefix, INDEX));
+    }
+    wait_for("vold0's reattaches", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        ["ingress", "egress"]
+            .iter()
+            .all(|hook| reattached(&metrics, "vold0", hook) == Some(1.0))
+            .then_some(())
+    });
 
     // Another veth, Ethernet framed as the first was.
     while_stopped(&config, || {
@@ -1860,8 +1877,62 @@ fn a_device_that_takes_a_deleted_ones_index_is_attached_anew() {
     let replaced = support::logged_lines(&log, "another made with its index");
     assert_eq!(replaced.len(), 2, "{replaced:?}");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(!text.contains(" WARN "), "{text}");
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(" WARN "))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{text}");
+    assert!(
+        warnings
+            .iter()
+            .all(|line| line.contains("vold0") && line.contains("detached from the hook")),
+        "{text}"
+    );
     assert!(!text.contains("renamed"), "{text}");
+    drop(tun);
+    assert_no_pins(&config.pin_dir);
+}
+
+/// A configured tun whose link type is changed while it is down (kept attached, as a
+/// configured interface is) now has another framing: the old framing's programs leave its
+/// hooks and the new one's are attached, at once.
+#[test]
+fn a_configured_interface_that_changes_its_framing_gets_that_framings_programs() {
+    const ARPHRD_ETHER: u16 = 1;
+    let netns = Netns::new();
+    let tun = support::open_tun_with(&netns, "tcfg0", libc::IFF_TUN | libc::IFF_NO_PI);
+    ip(&netns, "link set tcfg0 up");
+    let index = netns.run(|| ifindex("tcfg0"));
+    let config = AgentConfig::new(&format!("interfaces = [\"lo\", \"tcfg0\"]\n{ROUTES}"));
+    let logs = ScratchDir::new("framing_changed");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let pins =
+        |prefixes: [&str; 2]| prefixes.map(|prefix| link_pin(&config, prefix, index).exists());
+    assert!(attached(&scrape(&netns), "tcfg0"));
+    assert_eq!(pins(["tc_ingress_ip", "tc_egress_ip"]), [true, true]);
+    assert_eq!(pins(["tc_ingress", "tc_egress"]), [false, false]);
+
+    ip(&netns, "link set tcfg0 down");
+    set_link_type(&tun, ARPHRD_ETHER);
+    wait_for(
+        "the Ethernet programs' pins",
+        Duration::from_secs(10),
+        || {
+            (pins(["tc_ingress", "tc_egress"]) == [true, true]
+                && pins(["tc_ingress_ip", "tc_egress_ip"]) == [false, false])
+            .then_some(())
+        },
+    );
+    let metrics = support::after_polls(&netns, 2);
+    assert!(attached(&metrics, "tcfg0"));
+    for hook in ["ingress", "egress"] {
+        assert_eq!(reattached(&metrics, "tcfg0", hook), Some(0.0), "{hook}");
+    }
+    assert_eq!(support::logged_lines(&log, "changed its framing").len(), 1);
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(" WARN "), "{text}");
     drop(tun);
     assert_no_pins(&config.pin_dir);
 }

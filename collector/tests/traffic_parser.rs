@@ -536,8 +536,8 @@ fn tagged_in_frame(mut frame: Vec<u8>) -> Vec<u8> {
 /// A VLAN tag inside the frame (a VLAN device with `reorder_hdr off` keeps it there): the
 /// parsers read the IP header at 14 bytes and would take the tag for it. A TCP packet counts
 /// as unparsed, anything else as nothing. (A test run gives the skb the frame's own type,
-/// 802.1Q, as egress has it; `tests/interfaces.rs` has the ingress case, where the skb says
-/// IP.)
+/// 802.1Q, as a VLAN device's egress has it; `tests/interfaces.rs` has the case where the
+/// skb says IP, as its ingress has it, sent out of an egress hook.)
 #[test]
 fn a_vlan_tag_inside_the_frame_counts_as_unparsed() {
     let [ingress, _, egress, without_dns] = every_classifier();
