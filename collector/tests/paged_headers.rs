@@ -230,13 +230,10 @@ fn kernel_errors(metrics: &str, kind: &str) -> f64 {
     sample(metrics, "collector_bpf_errors_total", &[("kind", kind)]).unwrap_or(0.0)
 }
 
-/// Until 2026-12-04 such packets were counted as `packet_truncated` and their bytes and
-/// queries lost.
-#[test]
-fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
-    let netns = Netns::new();
+/// The tap in `netns` that builds received packets from pages, GRO off, addressed and up.
+fn paged_tap(netns: &Netns) -> std::fs::File {
     let tap = support::open_tun_with(
-        &netns,
+        netns,
         TAP,
         libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_NAPI | libc::IFF_NAPI_FRAGS,
     );
@@ -252,6 +249,15 @@ fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
         ),
     );
     netns.run(|| gro_off(TAP));
+    tap
+}
+
+/// Until 2026-12-04 such packets were counted as `packet_truncated` and their bytes and
+/// queries lost.
+#[test]
+fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
+    let netns = Netns::new();
+    let tap = paged_tap(&netns);
     let config = AgentConfig::new(CONFIG);
     let agent = Agent::start(&netns, &config);
 
@@ -357,4 +363,35 @@ fn extension_headers_in_pages_are_walked(netns: &Netns, tap: &std::fs::File) {
     );
     assert_eq!(a_queries(&metrics), 13.0);
     assert_eq!(kernel_errors(&metrics, "packet_unparsed"), 1.0);
+}
+
+/// With DNS off the TCP counting walks IPv6 extension headers itself (with DNS on, the DNS
+/// parser does): in pages too, a segment behind them counts as unparsed, and a segment
+/// without them as traffic.
+#[test]
+fn with_dns_off_a_segment_behind_extension_headers_in_pages_counts_as_unparsed() {
+    let netns = Netns::new();
+    let tap = paged_tap(&netns);
+    let config = AgentConfig::new(&CONFIG.replace("[dns]\n", "[dns]\nenabled = false\n"));
+    let agent = Agent::start(&netns, &config);
+    receive(
+        &tap,
+        &behind_extension_headers(tcp(true, 100), IPPROTO_TCP),
+        0,
+    );
+    receive(&tap, &tcp(true, 100), 0);
+    let metrics = wait_for("both segments", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (kernel_errors(&metrics, "packet_unparsed") >= 1.0
+            && sample(
+                &metrics,
+                "collector_proxy_traffic_payload_bytes_total",
+                &[("route", "web"), ("direction", "in")],
+            ) == Some(100.0))
+        .then_some(metrics)
+    });
+    assert_eq!(kernel_errors(&metrics, "packet_unparsed"), 1.0);
+    assert_eq!(truncated(&metrics), 0.0);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
 }
