@@ -141,30 +141,24 @@ fn dns_query(v6: bool, id: u16, name: &str, qtype: u16) -> Vec<u8> {
 }
 
 /// `packet` (IPv6, its transport `protocol`) with two extension headers before its
-/// transport header: hop-by-hop, then destination options, each holding only padding.
-fn behind_extension_headers(mut packet: Vec<u8>, protocol: u8) -> Vec<u8> {
+/// transport header: hop-by-hop of `hop_by_hop_units` 8-byte units, then destination
+/// options of one, each holding only padding.
+fn behind_extension_headers(mut packet: Vec<u8>, protocol: u8, hop_by_hop_units: u8) -> Vec<u8> {
     const NEXTHDR_DEST: u8 = 60;
-    let payload = u16::from_be_bytes([packet[4], packet[5]]) + 16;
+    let hop_by_hop = usize::from(hop_by_hop_units) * 8;
+    let added = u16::try_from(hop_by_hop + 8).unwrap();
+    let payload = u16::from_be_bytes([packet[4], packet[5]]) + added;
     packet[4..6].copy_from_slice(&payload.to_be_bytes());
     packet[6] = 0;
-    let headers = [
+    // Each header: next header, length in 8-byte units after the first, one PadN option.
+    let mut headers = vec![
         NEXTHDR_DEST,
-        0,
+        hop_by_hop_units - 1,
         1,
-        4,
-        0,
-        0,
-        0,
-        0,
-        protocol,
-        0,
-        1,
-        4,
-        0,
-        0,
-        0,
-        0,
+        u8::try_from(hop_by_hop - 4).unwrap(),
     ];
+    headers.resize(hop_by_hop, 0);
+    headers.extend_from_slice(&[protocol, 0, 1, 4, 0, 0, 0, 0]);
     packet.splice(40..40, headers);
     packet
 }
@@ -345,8 +339,8 @@ fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
 /// read past, counts as unparsed (both went silently before 2026-12-04). The 12 A queries
 /// sent before are counted already.
 fn extension_headers_in_pages_are_walked(netns: &Netns, tap: &std::fs::File) {
-    let query = behind_extension_headers(dns_query(true, 99, "www.example.", 1), IPPROTO_UDP);
-    let segment = behind_extension_headers(tcp(true, 100), IPPROTO_TCP);
+    let query = behind_extension_headers(dns_query(true, 99, "www.example.", 1), IPPROTO_UDP, 1);
+    let segment = behind_extension_headers(tcp(true, 100), IPPROTO_TCP, 1);
     receive(tap, &query, 0);
     receive(tap, &segment, 0);
     let a_queries = |metrics: &str| {
@@ -366,8 +360,9 @@ fn extension_headers_in_pages_are_walked(netns: &Netns, tap: &std::fs::File) {
 }
 
 /// With DNS off the TCP counting walks IPv6 extension headers itself (with DNS on, the DNS
-/// parser does): in pages too, a segment behind them counts as unparsed, and a segment
-/// without them as traffic.
+/// parser does): a segment behind them counts as unparsed, and one without as traffic. The
+/// hop-by-hop header is 16 bytes long, so the second header lies past what the first pull
+/// brings in (the IPv6 header and 13 bytes), and is read from the pages.
 #[test]
 fn with_dns_off_a_segment_behind_extension_headers_in_pages_counts_as_unparsed() {
     let netns = Netns::new();
@@ -376,7 +371,7 @@ fn with_dns_off_a_segment_behind_extension_headers_in_pages_counts_as_unparsed()
     let agent = Agent::start(&netns, &config);
     receive(
         &tap,
-        &behind_extension_headers(tcp(true, 100), IPPROTO_TCP),
+        &behind_extension_headers(tcp(true, 100), IPPROTO_TCP, 2),
         0,
     );
     receive(&tap, &tcp(true, 100), 0);
