@@ -80,14 +80,14 @@ impl Classifiers {
             .map_max_entries(map_names::DNS_NAMES, name_table_len)
             .load(OBJECT)
             .unwrap();
-        for name in [
-            program_names::COUNT_INGRESS,
-            program_names::COUNT_EGRESS,
-            program_names::COUNT_LOOPBACK,
-        ] {
-            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            program.load().unwrap();
-        }
+        support::load_classifiers(
+            &mut ebpf,
+            &[
+                program_names::COUNT_INGRESS,
+                program_names::COUNT_EGRESS,
+                program_names::COUNT_LOOPBACK,
+            ],
+        );
         let counters =
             PerCpuArray::try_from(ebpf.take_map(map_names::DNS_COUNTERS).unwrap()).unwrap();
         Self { ebpf, counters }

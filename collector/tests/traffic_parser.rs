@@ -70,14 +70,14 @@ impl Ingress {
             .override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true)
             .load(OBJECT)
             .unwrap();
-        for name in [
-            program_names::COUNT_INGRESS,
-            program_names::COUNT_LOOPBACK,
-            program_names::COUNT_EGRESS,
-        ] {
-            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            program.load().unwrap();
-        }
+        support::load_classifiers(
+            &mut ebpf,
+            &[
+                program_names::COUNT_INGRESS,
+                program_names::COUNT_LOOPBACK,
+                program_names::COUNT_EGRESS,
+            ],
+        );
         let mut ingress = Self {
             ebpf,
             program: program_names::COUNT_INGRESS,

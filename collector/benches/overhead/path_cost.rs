@@ -77,14 +77,14 @@ fn load(match_responses: bool, match_every: u32) -> Ebpf {
     let mut complete: Array<_, u32> =
         Array::try_from(ebpf.map_mut(map_names::LOCAL_ADDRESSES_COMPLETE).unwrap()).unwrap();
     complete.set(0, 1, 0).unwrap();
-    for name in [
-        program_names::COUNT_INGRESS,
-        program_names::COUNT_EGRESS,
-        program_names::STATS_FLOOR_TC,
-    ] {
-        let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        program.load().unwrap();
-    }
+    crate::support::load_classifiers(
+        &mut ebpf,
+        &[
+            program_names::COUNT_INGRESS,
+            program_names::COUNT_EGRESS,
+            program_names::STATS_FLOOR_TC,
+        ],
+    );
     ebpf
 }
 

@@ -901,6 +901,16 @@ pub fn wall_ms() -> u64 {
 }
 
 /// Runs its function when dropped: tells a test's threads to stop, also when the test fails.
+/// Loads the classifiers `names` of the kernel object `ebpf` into the kernel, for
+/// `BPF_PROG_TEST_RUN`.
+pub fn load_classifiers(ebpf: &mut aya::Ebpf, names: &[&str]) {
+    for &name in names {
+        let program: &mut aya::programs::SchedClassifier =
+            ebpf.program_mut(name).unwrap().try_into().unwrap();
+        program.load().unwrap();
+    }
+}
+
 pub struct OnDrop<F: FnMut()>(pub F);
 
 impl<F: FnMut()> Drop for OnDrop<F> {
