@@ -535,6 +535,12 @@ pub struct DnsStats {
     /// (server failures, and also refusals and format errors); `null` without a response
     /// then.
     pub error_rate: Option<f64>,
+    /// Share of the last minute's client queries that no response of that minute stands
+    /// for: 1 - responses / queries, 0 at the least; `null` without a query then. A server
+    /// that stops answering reads 1 within a poll, where `unansweredQueries` counts a query
+    /// only when a later one takes its slot back (10 s later, and minutes on a quiet server).
+    /// It needs no matching, so a retransmission the server leaves unanswered counts too.
+    pub unanswered_rate: Option<f64>,
     /// Query-to-response time in seconds, of the last minute's answers.
     pub latency: Option<Durations>,
     pub truncated_responses: u64,
@@ -626,6 +632,9 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         opcodes: seen(&OPCODE_NAMES, &c.queries_by_opcode),
         total_responses,
         error_rate: (recent_responses > 0).then(|| recent_errors as f64 / recent_responses as f64),
+        unanswered_rate: (recent.queries > 0).then(|| {
+            recent.queries.saturating_sub(recent_responses) as f64 / recent.queries as f64
+        }),
         latency: dns.match_responses.then(|| Durations {
             count: answered,
             mean: (answered > 0).then(|| recent.latency_ns as f64 / 1e9 / answered as f64),
@@ -853,6 +862,7 @@ mod tests {
         dns.counters.cache_hits = 1_000_000;
         dns.counters.latency[5] = 1_000_000;
         let mut minute = DnsLastMinute::default();
+        minute.queries = 80;
         minute.responses_by_rcode[0] = 5;
         minute.responses_by_rcode[2] = 15;
         minute.cache_hits = 1;
@@ -864,6 +874,8 @@ mod tests {
         route.last_minute.durations[20] = 2;
         let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
         assert_eq!(json["errorRate"], 0.75);
+        // 60 of the minute's 80 queries without a response in it.
+        assert_eq!(json["unansweredRate"], 0.75);
         assert_eq!(json["cacheStats"]["hits"], 1_000_000);
         assert_eq!(json["cacheStats"]["hitRate"], 0.25);
         assert_eq!(json["latency"]["count"], 4);
@@ -878,6 +890,12 @@ mod tests {
         snapshot.dns.last_minute = DnsLastMinute::default();
         let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
         assert!(json["errorRate"].is_null() && json["cacheStats"]["hitRate"].is_null());
+        assert!(json["unansweredRate"].is_null());
+        // Responses to the queries of the minute before outnumber this minute's queries.
+        snapshot.dns.last_minute.queries = 3;
+        snapshot.dns.last_minute.responses_by_rcode[0] = 5;
+        let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
+        assert_eq!(json["unansweredRate"], 0.0);
     }
 
     #[test]
@@ -893,6 +911,8 @@ mod tests {
         assert_eq!(json["responseCodes"]["NXDOMAIN"], 1);
         // Only SERVFAIL is a server failure: NXDOMAIN is an answer.
         assert!((json["errorRate"].as_f64().unwrap() - 2.0 / 9.0).abs() < 1e-12);
+        // 10 queries, 9 responses.
+        assert!((json["unansweredRate"].as_f64().unwrap() - 0.1).abs() < 1e-12);
         assert_eq!(json["cacheStats"]["hits"], 6);
         assert_eq!(json["cacheStats"]["misses"], 2);
         assert_eq!(json["cacheStats"]["hitRate"], 0.75);

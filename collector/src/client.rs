@@ -1099,11 +1099,12 @@ pub fn dns_table(json: &Value) -> String {
     };
     let _ = writeln!(
         out,
-        "queries {} ({:.1}/s), responses {}, error rate {} (last minute)",
+        "queries {} ({:.1}/s), responses {}, error rate {}, unanswered {} (last minute)",
         count(&json["totalQueries"]),
         number(&json["queriesPerSecond"]),
         count(&json["totalResponses"]),
-        percent(&json["errorRate"])
+        percent(&json["errorRate"]),
+        percent(&json["unansweredRate"])
     );
     let matching = json["matchResponses"] != false;
     // With `[dns] match_every` above 1, the matched figures count a sample: say of what.
@@ -1785,6 +1786,7 @@ OA88hICOTwNepzhcGqC1TF91Wg==
 
         let dns = serde_json::json!({
             "totalQueries": 9, "queriesPerSecond": 3.0, "totalResponses": 9, "errorRate": 0.0,
+            "unansweredRate": 0.25,
             "cacheStats": {"hits": 8, "misses": 1, "hitRate": 0.888},
             "queryTypeBreakdown": {"A": 9}, "responseCodes": {"NOERROR": 9},
             "latency": {"p50": 0.001, "p99": 0.002, "count": 9},
@@ -1801,7 +1803,10 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             text.contains("cache: 8 hits, 1 misses, hit rate 88.8 % (last minute)"),
             "{text}"
         );
-        assert!(text.contains("error rate 0.0 % (last minute)"), "{text}");
+        assert!(
+            text.contains("error rate 0.0 %, unanswered 25.0 % (last minute)"),
+            "{text}"
+        );
         assert!(!text.contains("undecided"), "{text}");
         let mut relayed = dns.clone();
         relayed["cacheStats"]["undecided"] = 4.into();
@@ -1847,7 +1852,10 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         let web = proxy_table(&idle).lines().nth(1).unwrap().to_owned();
         assert!(web.ends_with(" -"), "{web}");
         let text = dns_table(&idle);
-        assert!(text.contains("error rate - (last minute)"), "{text}");
+        assert!(
+            text.contains("error rate -, unanswered - (last minute)"),
+            "{text}"
+        );
         assert!(text.contains("hit rate - (last minute)"), "{text}");
         assert!(text.contains("latency: p50 7.8 µs, p99 -"), "{text}");
         assert!(text.contains("5  a.example  (up to 410 more)"), "{text}");

@@ -107,6 +107,8 @@ impl RouteLastMinute {
 /// The DNS counts that ratios and quantiles come from, over the last minute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DnsLastMinute {
+    /// Client queries, whatever their type.
+    pub queries: u64,
     pub responses_by_rcode: [u64; 16],
     pub latency: [u64; collector_common::DURATION_BUCKETS as usize],
     pub latency_ns: u64,
@@ -119,6 +121,7 @@ impl DnsLastMinute {
     #[must_use]
     pub fn of(counters: &DnsCounters) -> Self {
         Self {
+            queries: counters.queries_by_qtype.iter().sum(),
             responses_by_rcode: counters.responses_by_rcode,
             latency: counters.latency,
             latency_ns: counters.latency_ns,
@@ -132,6 +135,7 @@ impl DnsLastMinute {
     pub fn since(&self, base: &Self) -> Self {
         let minus = |now: &[u64], then: &[u64], i: usize| now[i].saturating_sub(then[i]);
         Self {
+            queries: self.queries.saturating_sub(base.queries),
             responses_by_rcode: std::array::from_fn(|i| {
                 minus(&self.responses_by_rcode, &base.responses_by_rcode, i)
             }),

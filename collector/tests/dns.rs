@@ -695,11 +695,12 @@ fn matching_one_query_in_four_matches_exactly_the_sampled_flows() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// Queries nobody answers are in flight until the answer timeout, then no more: the gauge
-/// and the table's fill come from the in-flight table itself, where a given-up query stays
-/// until a query of its set comes (minutes, at a few queries a second).
+/// Queries nobody answers read as unanswered at once (`unansweredRate`), and are in flight
+/// until the answer timeout, then no more: the gauge and the table's fill come from the
+/// in-flight table itself, where a given-up query stays until a query of its set comes
+/// (minutes, at a few queries a second).
 #[test]
-fn queries_given_up_leave_the_in_flight_gauge() {
+fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge() {
     const QUERIES: u16 = 12;
     let netns = Netns::new();
     let config = AgentConfig::new(&dns_config());
@@ -715,6 +716,26 @@ fn queries_given_up_leave_the_in_flight_gauge() {
     wait_for("the queries in flight", Duration::from_secs(15), || {
         (in_flight() == Some(u64::from(QUERIES))).then_some(())
     });
+    // The timely figure says so at once; the count of queries given up waits for their slots.
+    // (The poll reads the table after the counters: a snapshot may hold the queries there
+    // only.)
+    let json = wait_for("the queries counted", Duration::from_secs(15), || {
+        let json = dns_json(&netns);
+        (json["totalQueries"] == u64::from(QUERIES)).then_some(json)
+    });
+    assert_eq!(json["unansweredRate"], 1.0, "{json}");
+    assert_eq!(json["unansweredQueries"], 0, "{json}");
+    // A server comes and answers four more: 12 of the minute's 16 queries are unanswered.
+    let server = answer(&netns, SERVER, 4);
+    ask(&netns, SERVER, 4);
+    server.join().unwrap();
+    let json = wait_for("the four answers", Duration::from_secs(15), || {
+        let json = dns_json(&netns);
+        (json["totalResponses"] == 4).then_some(json)
+    });
+    assert_eq!(json["totalQueries"], u64::from(QUERIES) + 4, "{json}");
+    assert_eq!(json["unansweredRate"], 0.75, "{json}");
+    assert_eq!(in_flight(), Some(u64::from(QUERIES)));
     // `collector maps` reads the pinned table the same way.
     let maps = |args: &[&str]| -> serde_json::Value {
         serde_json::from_str(&support::stdout_of(
