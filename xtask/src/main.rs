@@ -126,16 +126,16 @@ fn run(task: Task) -> anyhow::Result<()> {
             require_root("running the collector")?;
             prereqs()?;
             cargo(&root, &["build", "--release", "--package", "collector"])?;
+            let collector = target_dir(&root)?.join("release/collector");
             let mut args = args;
             if args.first().is_none_or(|first| first.starts_with('-')) {
                 args.insert(0, "run".into());
             }
             // Replaces this process (as `cargo run` replaced cargo's), so that a SIGTERM to
             // what was started reaches the collector, which then detaches everything.
-            let err = std::os::unix::process::CommandExt::exec(
-                Command::new(root.join("target/release/collector")).args(&args),
-            );
-            Err(err).context("starting target/release/collector")
+            let err =
+                std::os::unix::process::CommandExt::exec(Command::new(&collector).args(&args));
+            Err(err).with_context(|| format!("starting {}", collector.display()))
         }
         Task::Test { args } => {
             require_root("the privileged integration tests")?;
@@ -167,6 +167,46 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` or a `build.target-dir` of cargo's config
+/// files move it from `target/` under the workspace, so cargo is asked.
+fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
+    let metadata = metadata_command(root)
+        .output()
+        .context("running cargo metadata")?;
+    if !metadata.status.success() {
+        bail!(
+            "cargo metadata failed ({}): {}",
+            metadata.status,
+            String::from_utf8_lossy(&metadata.stderr).trim()
+        );
+    }
+    target_directory(&metadata.stdout)
+}
+
+fn metadata_command(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(root);
+    command
+}
+
+/// `target_directory` of `cargo metadata`'s output.
+fn target_directory(metadata: &[u8]) -> anyhow::Result<PathBuf> {
+    let metadata: serde_json::Value =
+        serde_json::from_slice(metadata).context("reading cargo metadata's output")?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata names no target_directory")
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
@@ -262,13 +302,11 @@ fn run_checked(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Re
 /// The release binary is the build context: the BPF programs are inside it.
 fn image(root: &Path, tag: &str, base: Option<&str>) -> anyhow::Result<()> {
     cargo(root, &["build", "--release", "--package", "collector"])?;
-    let context = root.join("target/image");
+    let target = target_dir(root)?;
+    let context = target.join("image");
     std::fs::create_dir_all(&context)?;
-    std::fs::copy(
-        root.join("target/release/collector"),
-        context.join("collector"),
-    )
-    .context("staging the binary for the image")?;
+    std::fs::copy(target.join("release/collector"), context.join("collector"))
+        .context("staging the binary for the image")?;
     let containerfile = root.join("deploy/container/Containerfile");
     // chroot isolation: the one RUN step needs no OCI runtime, and crun refuses hosts with
     // the hybrid cgroup layout.
@@ -514,6 +552,27 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// The binary `cargo xtask run` starts is where cargo built it, also with the target
+    /// directory moved by the environment.
+    #[test]
+    fn the_target_directory_is_cargos() {
+        let root = workspace_root();
+        let output = metadata_command(&root)
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .unwrap();
+        assert_eq!(
+            target_directory(&output.stdout).unwrap(),
+            root.join("target")
+        );
+        let elsewhere = TempDir::new("target-dir");
+        let output = metadata_command(&root)
+            .env("CARGO_TARGET_DIR", &elsewhere.0)
+            .output()
+            .unwrap();
+        assert_eq!(target_directory(&output.stdout).unwrap(), elsewhere.0);
     }
 
     /// cargo's record as it reads on the project's machine, with `entry` for bpf-linker.
