@@ -195,6 +195,8 @@ fn the_agent_exports_its_own_process_figures() {
     // told (a build outside git is).
     let revision = std::env::var("COLLECTOR_REVISION").unwrap_or_else(|_| {
         support::stdout_of(Command::new("git").args([
+            "-c",
+            "safe.directory=*",
             "-C",
             env!("CARGO_MANIFEST_DIR"),
             "rev-parse",
