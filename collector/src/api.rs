@@ -861,8 +861,10 @@ mod tests {
         dns.counters.responses_by_rcode[0] = 1_000_000;
         dns.counters.cache_hits = 1_000_000;
         dns.counters.latency[5] = 1_000_000;
-        let mut minute = DnsLastMinute::default();
-        minute.queries = 80;
+        let mut minute = DnsLastMinute {
+            queries: 80,
+            ..DnsLastMinute::default()
+        };
         minute.responses_by_rcode[0] = 5;
         minute.responses_by_rcode[2] = 15;
         minute.cache_hits = 1;
