@@ -11,6 +11,7 @@ mod client;
 mod client_table;
 mod clock;
 mod config;
+mod config_watch;
 mod counters;
 mod dns;
 mod ephemeral_ports;
@@ -68,6 +69,7 @@ use crate::{
     addresses::ChangeSignal,
     client_table::ClientTable,
     config::Config,
+    config_watch::ConfigWatch,
     events::ClientStats,
     loader::{Attachment, Options},
     poller::{Polled, Poller, SharedSnapshot},
@@ -251,7 +253,7 @@ enum MapsAction {
 }
 
 /// Where the configuration comes from.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct ConfigSource {
     /// TOML configuration; without it the embedded default is used.
     #[arg(long, short, env = "COLLECTOR_CONFIG")]
@@ -323,7 +325,16 @@ fn main() -> std::process::ExitCode {
             .and_then(|()| source.load())
             .and_then(|mut config| {
                 serve_on(&mut config, listen)?;
-                run(&config, bpf_stats)
+                let watch = source.config.clone().map(|path| {
+                    let source = source.clone();
+                    let reread: config_watch::Reread = Box::new(move || {
+                        let mut config = source.load()?;
+                        serve_on(&mut config, listen)?;
+                        Ok(config)
+                    });
+                    ConfigWatch::new(path, config.clone(), reread)
+                });
+                run(&config, bpf_stats, watch)
             }),
         Command::Events { agent } => agent.endpoint().and_then(|agent| client::events(&agent)),
         Command::Top { agent, once } => {
@@ -415,7 +426,7 @@ fn main() -> std::process::ExitCode {
 
 /// The agent: bind, load and attach, drop the capabilities no longer needed, then serve on
 /// the async runtime until SIGINT/SIGTERM, and detach.
-fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
+fn run(config: &Config, bpf_stats: bool, watch: Option<ConfigWatch>) -> anyhow::Result<()> {
     match open_files::raise_to_hard() {
         Ok(limit) => {
             if let Some(warning) = open_files::warning(limit, config) {
@@ -450,7 +461,7 @@ fn run(config: &Config, bpf_stats: bool) -> anyhow::Result<()> {
     };
     // A stop asked for meanwhile is taken there, after the nftables source started: a
     // crashed run's table, whose pins this start took over, then goes with them.
-    serve_attached(config, attachment, listener, guard, tls)
+    serve_attached(config, attachment, listener, guard, tls, watch)
 }
 
 /// The rest of [`run`], once the programs are attached: the nftables table, the capability
@@ -461,6 +472,7 @@ fn serve_attached(
     listener: std::net::TcpListener,
     guard: serve::Guard,
     tls: Option<Arc<rustls::ServerConfig>>,
+    watch: Option<ConfigWatch>,
 ) -> anyhow::Result<()> {
     let mut nft = nft::Source::start(config, attachment.inherited());
     // Before the runtime's threads exist: capabilities are per thread, and they inherit.
@@ -488,6 +500,7 @@ fn serve_attached(
                 guard,
                 tls,
                 polling: &mut polling,
+                watch,
             },
         )
     };
@@ -533,6 +546,8 @@ struct Serving<'a> {
     guard: serve::Guard,
     tls: Option<Arc<rustls::ServerConfig>>,
     polling: &'a mut bool,
+    /// The config file, when one was given.
+    watch: Option<ConfigWatch>,
 }
 
 /// Runs the async side until SIGINT or SIGTERM. A SIGHUP is logged and changes nothing.
@@ -547,6 +562,7 @@ fn serve_until_stopped(
         guard,
         tls,
         polling,
+        watch,
     } = serving;
     tokio::runtime::Runtime::new()
         .context("starting the async runtime")
@@ -564,6 +580,7 @@ fn serve_until_stopped(
                     listener,
                     guard,
                     tls,
+                    watch,
                 };
                 serve_until_signal(attachment, nft, config, http, polling, async move {
                     // One that came before these handlers were in place.
@@ -592,11 +609,13 @@ fn serve_until_stopped(
 /// How long the stop waits for the runtime's blocking threads.
 const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The HTTP side: where it listens, what guards it, and its TLS.
+/// The HTTP side: where it listens, what guards it, and its TLS; and the config file, whose
+/// state it serves.
 struct Http {
     listener: tokio::net::TcpListener,
     guard: serve::Guard,
     tls: Option<Arc<rustls::ServerConfig>>,
+    watch: Option<ConfigWatch>,
 }
 
 /// The per-client figures, over the kernel's tables (none with `client_stats = false`).
@@ -646,6 +665,7 @@ async fn serve_until_signal(
         .listener
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
+    let mut watch = http.watch;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let liveness = serve::Liveness::new(config.poll_interval);
     let mut server = tokio::spawn(serve::serve(
@@ -695,7 +715,10 @@ async fn serve_until_signal(
                 let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink);
                 hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
-                    Polled::Fresh(snapshot) => latest.store(*snapshot),
+                    Polled::Fresh(mut snapshot) => {
+                        snapshot.config_file = watch.as_mut().map(ConfigWatch::look);
+                        latest.store(*snapshot);
+                    }
                     Polled::Failed(health) => latest.store_failed(health),
                 }
                 liveness.polled();

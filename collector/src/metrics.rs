@@ -1004,6 +1004,30 @@ fn encode_interfaces_and_sources(
     )
 }
 
+/// Whether the config file (if one was given) would be accepted by a start, and whether it
+/// still reads as the config running: the file is read only at the start.
+fn encode_config_file(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let Some(file) = snapshot.config_file else {
+        return Ok(());
+    };
+    single(
+        encoder,
+        "collector_config_file_valid",
+        "Whether the config file as it is now would be accepted by a start (0: the next start, a restart or a reboot, is refused; the log names the line and the reason).",
+        None,
+        MetricType::Gauge,
+        &ConstGauge::new(i64::from(file.valid)),
+    )?;
+    single(
+        encoder,
+        "collector_config_file_applied",
+        "Whether the config file as it is now reads as the config running (0: it changed since the start, and the change applies at the next start).",
+        None,
+        MetricType::Gauge,
+        &ConstGauge::new(i64::from(file.applied)),
+    )
+}
+
 /// Renders the build and the agent's own process, under the names every client library
 /// uses (`process_*` unprefixed, so that generic exporter dashboards find them).
 fn encode_process(process: Option<&ProcessStats>, encoder: &mut DescriptorEncoder) -> fmt::Result {
@@ -1137,6 +1161,7 @@ impl Collector for SnapshotCollector {
         encode_interfaces_and_sources(&snapshot, &mut encoder)?;
         encode_self(&snapshot, &mut encoder)?;
         encode_secrets(&self.secrets, &mut encoder)?;
+        encode_config_file(&snapshot, &mut encoder)?;
         encode_process((self.process)().as_ref(), &mut encoder)
     }
 }

@@ -384,6 +384,8 @@ impl Poller {
             address_table: interfaces.address_table,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
+            // The agent's loop sets it: the poll reads the kernel and the sources.
+            config_file: None,
         }))
     }
 

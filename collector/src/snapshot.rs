@@ -353,6 +353,8 @@ pub struct Snapshot {
     pub sources: Vec<(&'static str, SourceHealth)>,
     /// Our nftables table's counters (empty when off or unavailable).
     pub nft: Vec<crate::nft::CounterValue>,
+    /// What the config file says now (`None`: run with the embedded default).
+    pub config_file: Option<crate::config_watch::ConfigFileState>,
 }
 
 /// An upstream with 4 connections established (1 of them open), 2 failed connects and one
@@ -702,6 +704,11 @@ impl Snapshot {
                 packets: 11,
                 bytes: 900,
             }],
+            // Edited since the start, into a config a start would accept.
+            config_file: Some(crate::config_watch::ConfigFileState {
+                valid: true,
+                applied: false,
+            }),
             ..Snapshot::default()
         }
     }
