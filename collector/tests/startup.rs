@@ -1718,3 +1718,63 @@ fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
     assert!(status.success(), "{status}");
     support::assert_no_pins(&config.pin_dir);
 }
+
+/// The config is read at the start only. An edit of the file shows in `/metrics` and the log
+/// within a poll: one a start would accept as not applied, one a start would refuse with its
+/// line; a comment alone, or the file back as it was, reads as the running config.
+#[test]
+fn an_edited_config_file_is_reported_until_the_next_start() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let logs = ScratchDir::new("config-edit");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let original = std::fs::read_to_string(&config.path).unwrap();
+    let state = |metrics: &str| {
+        (
+            sample(metrics, "collector_config_file_valid", &[]),
+            sample(metrics, "collector_config_file_applied", &[]),
+        )
+    };
+    assert_eq!(state(&scrape(&netns)), (Some(1.0), Some(1.0)));
+    // Replaced as a ConfigMap's file is: a new file renamed over it.
+    let replace = |text: &str| {
+        let next = config.path.with_extension("next");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &config.path).unwrap();
+    };
+    replace(&format!("# the proxy's routes\n{original}"));
+    assert_eq!(
+        state(&support::after_polls(&netns, 2)),
+        (Some(1.0), Some(1.0))
+    );
+    replace(&original.replace("18080", "18081"));
+    assert_eq!(
+        state(&support::after_polls(&netns, 2)),
+        (Some(1.0), Some(0.0))
+    );
+    support::logged_lines(
+        &log,
+        "changed since the start: the change applies at the next start",
+    );
+    let refused = original.replace("type = \"http\"", "type = \"htp\"");
+    let line = 1 + refused.lines().position(|l| l.contains("htp")).unwrap();
+    replace(&refused);
+    assert_eq!(
+        state(&support::after_polls(&netns, 2)),
+        (Some(0.0), Some(0.0))
+    );
+    let said = support::logged_lines(&log, "would be refused at the next start");
+    let at = format!("{}:{line}:", config.path.display());
+    assert!(said[0].contains(&at), "{at} not in {said:?}");
+    replace(&original);
+    assert_eq!(
+        state(&support::after_polls(&netns, 2)),
+        (Some(1.0), Some(1.0))
+    );
+    support::logged_lines(&log, "reads as the running config again");
+    // Nothing of it changed what runs: the route still counts on its port.
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    assert!(agent.stop().success());
+}
