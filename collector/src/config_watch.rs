@@ -1,9 +1,10 @@
 //! Whether the config file still reads as the config the agent runs with. It is read once,
-//! at the start: an edit (a ConfigMap changed, a file replaced by configuration management)
+//! at the start: an edit (a `ConfigMap` changed, a file replaced by configuration management)
 //! applies at the next start, and an edit that start would refuse showed only then, as a
 //! crash loop days later on whichever node restarted first. The file is looked at every
 //! poll (its size, time and inode; it is read again only when they change), and `/metrics`
-//! says whether a start would accept it and whether it still reads as what runs.
+//! says whether a start would accept it (its lines, and the credential and certificate files
+//! it names) and whether it still reads as what runs.
 
 use std::path::PathBuf;
 
@@ -31,11 +32,12 @@ pub struct ConfigWatch {
 }
 
 impl ConfigWatch {
-    /// For the file at `path`, read at the start into `running`.
+    /// For the file at `path`, read at the start into `running`. The first look reads it
+    /// again: an edit between the start's read and this one is then not taken for what runs.
     #[must_use]
     pub fn new(path: PathBuf, running: Config, reread: Reread) -> Self {
         Self {
-            seen: FileVersion::of(&path).ok(),
+            seen: None,
             path,
             reread,
             running,
@@ -64,7 +66,9 @@ impl ConfigWatch {
             // Also a new version refused anew, for what may be another line; a file still
             // missing is said once.
             Err(err) if state != self.state || version.is_some() => {
-                tracing::warn!("the config file {path} would be refused at the next start: {err:#}")
+                tracing::warn!(
+                    "the config file {path} would be refused at the next start: {err:#}"
+                );
             }
             Ok(_) if state != self.state && state.applied => {
                 tracing::info!("the config file {path} reads as the running config again");
@@ -100,7 +104,7 @@ mod tests {
         (ConfigWatch::new(path.clone(), running, reread), path)
     }
 
-    /// Rewritten as a ConfigMap is: a new file renamed over the old one.
+    /// Rewritten as a `ConfigMap`'s file is: a new file renamed over the old one.
     fn replace(path: &std::path::Path, text: &str) {
         let next = path.with_extension("next");
         std::fs::write(&next, text).unwrap();

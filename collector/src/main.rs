@@ -291,6 +291,17 @@ impl ConfigSource {
     }
 }
 
+/// Reads the credential and certificate files `config` names, as a start does before it
+/// attaches anything: a config file edited to name one that is not there would refuse the
+/// next start as surely as a bad line.
+fn read_http_files(config: &Config) -> anyhow::Result<()> {
+    auth::Credentials::from_config(&config.http, &Arc::default())?;
+    if let Some(files) = &config.http.tls {
+        tls::server_config(files, Arc::default())?;
+    }
+    Ok(())
+}
+
 /// Sets `--listen`, if given, and refuses the address the agent would serve on if it must.
 /// A listen line of the file's own was checked with the file; the default is checked here,
 /// since `--listen` may replace it.
@@ -330,6 +341,7 @@ fn main() -> std::process::ExitCode {
                     let reread: config_watch::Reread = Box::new(move || {
                         let mut config = source.load()?;
                         serve_on(&mut config, listen)?;
+                        read_http_files(&config)?;
                         Ok(config)
                     });
                     ConfigWatch::new(path, config.clone(), reread)

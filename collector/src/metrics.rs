@@ -1013,7 +1013,7 @@ fn encode_config_file(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
     single(
         encoder,
         "collector_config_file_valid",
-        "Whether the config file as it is now would be accepted by a start (0: the next start, a restart or a reboot, is refused; the log names the line and the reason).",
+        "Whether the config file as it is now would be accepted by a start: its lines, and the credential and certificate files it names (0: the next start, a restart or a reboot, is refused; the log says why).",
         None,
         MetricType::Gauge,
         &ConstGauge::new(i64::from(file.valid)),

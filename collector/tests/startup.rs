@@ -1767,6 +1767,25 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     let said = support::logged_lines(&log, "would be refused at the next start");
     let at = format!("{}:{line}:", config.path.display());
     assert!(said[0].contains(&at), "{at} not in {said:?}");
+    // Said once, not at every poll.
+    support::after_polls(&netns, 3);
+    assert_eq!(
+        support::logged_lines(&log, "would be refused at the next start").len(),
+        1
+    );
+    // Its lines are fine, but a start would not find the token file it names.
+    replace(&format!(
+        "{original}[http]\nbearer_token_file = \"/nonexistent/token\"\n"
+    ));
+    assert_eq!(
+        state(&support::after_polls(&netns, 2)),
+        (Some(0.0), Some(0.0))
+    );
+    let said = support::logged_lines(&log, "would be refused at the next start");
+    assert!(
+        said.len() == 2 && said[1].contains("/nonexistent/token"),
+        "{said:?}"
+    );
     replace(&original);
     assert_eq!(
         state(&support::after_polls(&netns, 2)),
