@@ -537,8 +537,9 @@ pub struct DnsStats {
     pub error_rate: Option<f64>,
     /// Share of the last minute's client queries that no response of that minute stands
     /// for: 1 - responses / queries, 0 at the least; `null` without a query then. A server
-    /// that stops answering reads 1 within a poll, where `unansweredQueries` counts a query
-    /// only when a later one takes its slot back (10 s later, and minutes on a quiet server).
+    /// that stops answering moves it from the next poll on, and it reads 1 once a minute has
+    /// passed without an answer; `unansweredQueries` counts a query only when a later one
+    /// takes its slot back (10 s later, and minutes on a quiet server).
     /// It needs no matching, so a retransmission the server leaves unanswered counts too.
     pub unanswered_rate: Option<f64>,
     /// Query-to-response time in seconds, of the last minute's answers.

@@ -291,6 +291,24 @@ impl ConfigSource {
     }
 }
 
+/// A watch on the config file `source` names, if any, which reads it again as this start
+/// read it into `running`.
+fn watch_config_file(
+    source: &ConfigSource,
+    listen: Option<SocketAddr>,
+    running: &Config,
+) -> Option<ConfigWatch> {
+    let path = source.config.clone()?;
+    let source = source.clone();
+    let reread: config_watch::Reread = Box::new(move || {
+        let mut config = source.load()?;
+        serve_on(&mut config, listen)?;
+        read_http_files(&config)?;
+        Ok(config)
+    });
+    Some(ConfigWatch::new(path, running.clone(), reread))
+}
+
 /// Reads the credential and certificate files `config` names, as a start does before it
 /// attaches anything: a config file edited to name one that is not there would refuse the
 /// next start as surely as a bad line.
@@ -336,16 +354,7 @@ fn main() -> std::process::ExitCode {
             .and_then(|()| source.load())
             .and_then(|mut config| {
                 serve_on(&mut config, listen)?;
-                let watch = source.config.clone().map(|path| {
-                    let source = source.clone();
-                    let reread: config_watch::Reread = Box::new(move || {
-                        let mut config = source.load()?;
-                        serve_on(&mut config, listen)?;
-                        read_http_files(&config)?;
-                        Ok(config)
-                    });
-                    ConfigWatch::new(path, config.clone(), reread)
-                });
+                let watch = watch_config_file(&source, listen, &config);
                 run(&config, bpf_stats, watch)
             }),
         Command::Events { agent } => agent.endpoint().and_then(|agent| client::events(&agent)),
@@ -672,12 +681,7 @@ async fn serve_until_signal(
         dns: dns_sources.before_first_read(),
         ..snapshot::Snapshot::default()
     }));
-    // What was bound: with port 0 the kernel chose it.
-    let listening = http
-        .listener
-        .local_addr()
-        .map_or_else(|_| config.listen.to_string(), |addr| addr.to_string());
-    let mut watch = http.watch;
+    let listening = bound_address(&http.listener, config.listen);
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let liveness = serve::Liveness::new(config.poll_interval);
     let mut server = tokio::spawn(serve::serve(
@@ -708,7 +712,8 @@ async fn serve_until_signal(
         Arc::clone(&hub),
         preexisting,
     )
-    .counting_drops_from(attachment.dropped_before_attach());
+    .counting_drops_from(attachment.dropped_before_attach())
+    .watching_config(http.watch);
     let mut netlink = NetlinkSource::default();
     let mut address_changes = attachment.address_change_signal();
     let mut ticks = tokio::time::interval(config.poll_interval);
@@ -727,10 +732,7 @@ async fn serve_until_signal(
                 let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink);
                 hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
-                    Polled::Fresh(mut snapshot) => {
-                        snapshot.config_file = watch.as_mut().map(ConfigWatch::look);
-                        latest.store(*snapshot);
-                    }
+                    Polled::Fresh(snapshot) => latest.store(*snapshot),
                     Polled::Failed(health) => latest.store_failed(health),
                 }
                 liveness.polled();
@@ -762,6 +764,13 @@ async fn serve_until_signal(
     }
     let _ = stop_server.send(());
     finish(outcome, server, &hub).await
+}
+
+/// What was bound: with port 0 the kernel chose it.
+fn bound_address(listener: &tokio::net::TcpListener, configured: SocketAddr) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| configured.to_string(), |addr| addr.to_string())
 }
 
 /// The line that says the agent runs, and with what.

@@ -10,6 +10,7 @@ use std::{
 };
 
 use crate::{
+    config_watch::ConfigWatch,
     counters::{self, UpstreamTotals},
     dns::DomainStats,
     event_stream::{EventHub, RingDrops},
@@ -220,6 +221,8 @@ pub struct Poller {
     per_upstream: Vec<RateHistories>,
     poll: PollStats,
     preexisting: Preexisting,
+    /// The config file, looked at every poll (`None`: the embedded default).
+    config_watch: Option<ConfigWatch>,
 }
 
 /// DNS samples and connection events the kernel dropped to a full ring (pinned counters).
@@ -261,6 +264,7 @@ impl Poller {
             per_upstream,
             poll: PollStats::default(),
             preexisting,
+            config_watch: None,
         }
     }
 
@@ -384,8 +388,7 @@ impl Poller {
             address_table: interfaces.address_table,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
-            // The agent's loop sets it: the poll reads the kernel and the sources.
-            config_file: None,
+            config_file: self.config_watch.as_mut().map(ConfigWatch::look),
         }))
     }
 
@@ -413,6 +416,13 @@ impl Poller {
     #[must_use]
     pub fn counting_drops_from(mut self, dropped: Option<RingDrops>) -> Self {
         self.dropped_at_start = dropped;
+        self
+    }
+
+    /// Says in each snapshot what the config file says now.
+    #[must_use]
+    pub fn watching_config(mut self, watch: Option<ConfigWatch>) -> Self {
+        self.config_watch = watch;
         self
     }
 

@@ -154,36 +154,6 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
     let budget =
         startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
     assert!(budget >= 300, "{budget} s for a start");
-    // The kubelet's default of 1 s fails a loaded node's TLS handshake now and then.
-    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
-        let timeout = collector[probe]["timeoutSeconds"].as_u64().unwrap_or(1);
-        assert!(timeout >= 5, "{probe}: {timeout} s");
-    }
-    // A pinned image, not pulled at every start.
-    for manifest in ["kubernetes/daemonset.yaml", "kubernetes/sidecar.yaml"] {
-        let spec = pod_spec(manifest);
-        let container = collector_container(&spec);
-        let image = container["image"].as_str().unwrap();
-        assert!(!image.ends_with(":latest"), "{manifest}: {image}");
-        assert_eq!(container["imagePullPolicy"], "IfNotPresent", "{manifest}");
-    }
-    // The stop's worst: 5 s for HTTP requests under way, a killed nft and the table's
-    // removal at the default nft_timeout_ms each, the runtime's second; twice that, for a
-    // SIGTERM that waits for a start's attach. A kill past it leaves the programs attached.
-    let worst_stop = 5 + 2 * 10 + 1;
-    let grace = daemonset["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace >= 2 * worst_stop, "{grace} s");
-    let unit = read("systemd/collector.service");
-    assert!(
-        unit.contains(&format!("\nTimeoutStopSec={grace}s\n")),
-        "the unit gives the stop other than the DaemonSet's {grace} s"
-    );
-    assert!(
-        pod_spec("kubernetes/sidecar.yaml")["terminationGracePeriodSeconds"]
-            .as_u64()
-            .is_some_and(|grace| grace >= 300 + worst_stop),
-        "the sidecar's pod leaves the collector no time after a 300 s drain"
-    );
     assert!(read("kubernetes/daemonset.yaml").contains("hostNetwork: true"));
     for (manifest, ip) in [
         ("kubernetes/daemonset.yaml", "NODE_IP"),
@@ -315,6 +285,65 @@ fn the_sidecar_is_native_and_never_gates_the_proxy() {
         }
     }
     assert_eq!(optional, 3, "the config, token and tls volumes");
+}
+
+/// What a production rollout needs of the manifests: probes that a loaded node answers in
+/// time, an image that names one build, and room for the slowest stop.
+#[test]
+fn the_manifests_give_a_rollout_what_it_needs() {
+    for manifest in ["kubernetes/daemonset.yaml", "kubernetes/sidecar.yaml"] {
+        let spec = pod_spec(manifest);
+        let container = collector_container(&spec);
+        // The kubelet's default of 1 s fails a loaded node's TLS handshake now and then.
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            if container[probe].is_object() {
+                let timeout = container[probe]["timeoutSeconds"].as_u64().unwrap_or(1);
+                assert!(timeout >= 5, "{manifest} {probe}: {timeout} s");
+            }
+        }
+        // One build, not pulled at every start: a digest, or a tag other than latest (a
+        // name without one is latest).
+        let image = container["image"].as_str().unwrap();
+        let name = image.rsplit('/').next().unwrap();
+        let tag = name.split_once(':').map(|(_, tag)| tag);
+        assert!(
+            image.contains("@sha256:") || tag.is_some_and(|tag| tag != "latest"),
+            "{manifest}: {image}"
+        );
+        assert_eq!(container["imagePullPolicy"], "IfNotPresent", "{manifest}");
+    }
+    // The stop's worst: 5 s for HTTP requests under way, a killed nft and the table's
+    // removal at the ConfigMap's nft_timeout_ms each, the runtime's second; twice that, for a
+    // SIGTERM that waits for a start's attach. A kill past it leaves the programs attached.
+    let configmap = yaml("kubernetes/daemonset.yaml")
+        .into_iter()
+        .find(|doc| doc["kind"] == "ConfigMap")
+        .expect("the DaemonSet's ConfigMap");
+    let config: toml::Table =
+        toml::from_str(configmap["data"]["collector.toml"].as_str().unwrap()).unwrap();
+    let nft_timeout_s = config
+        .get("nftables")
+        .and_then(|nft| nft.get("nft_timeout_ms"))
+        .and_then(toml::Value::as_integer)
+        .map_or(10, |ms| u64::try_from(ms).unwrap().div_ceil(1000));
+    let worst_stop = 5 + 2 * nft_timeout_s + 1;
+    let daemonset = pod_spec("kubernetes/daemonset.yaml");
+    let grace = daemonset["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace >= 2 * worst_stop,
+        "{grace} s for a stop of up to {worst_stop} s"
+    );
+    let unit = read("systemd/collector.service");
+    assert!(
+        unit.contains(&format!("\nTimeoutStopSec={grace}s\n")),
+        "the unit gives the stop other than the DaemonSet's {grace} s"
+    );
+    assert!(
+        pod_spec("kubernetes/sidecar.yaml")["terminationGracePeriodSeconds"]
+            .as_u64()
+            .is_some_and(|grace| grace >= 300 + worst_stop),
+        "the sidecar's pod leaves the collector no time after a 300 s drain"
+    );
 }
 
 #[test]
