@@ -516,11 +516,20 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
             Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof && out.ended => {
                 return out.finish();
             }
-            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof && marks_its_end => {
+            Err(err)
+                if marks_its_end
+                    && matches!(
+                        err.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+            {
                 return Err(anyhow::anyhow!(
-                    "the event stream from the collector at {} was cut off before its end: the \
-                     agent was killed or crashed, or the connection was lost ({err})",
-                    agent.addr
+                    "the event stream from the collector at {} was cut off before its end: {} \
+                     ({err})",
+                    agent.addr,
+                    CUT_OFF_CAUSES
                 ));
             }
             // A body that ends with the connection (a TLS close without close_notify reads
@@ -546,15 +555,27 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
         if read == 0 {
             let cut = || {
                 format!(
-                    "the event stream from the collector at {} was cut off: the agent was \
-                     killed or crashed, or the connection was lost",
+                    "the event stream from the collector at {} was cut off: {CUT_OFF_CAUSES}",
                     agent.addr
                 )
             };
             out.finish().with_context(cut)?;
-            // Without chunked framing (an HTTP/1.0 proxy in between) the agent's `end` line
-            // is what tells its stop from a connection closed under the stream.
-            anyhow::ensure!(marks_its_end || out.ended, "{}: no end line", cut());
+            // Only the agent's `end` line says it stopped cleanly: one stopping on an error
+            // ends its streams without it, and without chunked framing (an HTTP/1.0 proxy in
+            // between) a connection closed under the stream ends the body too.
+            anyhow::ensure!(
+                out.ended,
+                "{}",
+                if marks_its_end {
+                    format!(
+                        "the event stream from the collector at {} ended without its end line: \
+                         the agent stopped on an error (its log says which)",
+                        agent.addr
+                    )
+                } else {
+                    format!("{}: no end line", cut())
+                }
+            );
             return Ok(());
         }
         if !out.forward(&buf[..read])? {
@@ -562,6 +583,11 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Why an event stream ends before its `end` line, as far as the reader can tell.
+const CUT_OFF_CAUSES: &str = "the agent was killed or crashed, the connection was lost, or \
+                              this reader stopped reading (a paused pager, a stuck pipe) for the \
+                              60 s after which the agent lets a reader go";
 
 /// Standard output for the stream's lines, written whole: a stream cut inside a line leaves
 /// no half line for `| jq` to choke on.
@@ -887,6 +913,17 @@ fn count(value: &Value) -> u64 {
     value.as_u64().unwrap_or(0)
 }
 
+/// The name column's width: 16, or the longest name's, so that a long name moves the whole
+/// column and no figure leaves its heading.
+fn name_width(rows: &[Value]) -> usize {
+    rows.iter()
+        .filter_map(|row| row["name"].as_str())
+        .map(|name| name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(16)
+}
+
 /// `/api/v1/proxy` as a table: one line per route, then the routes' server names, then the
 /// totals. Where routes share ports by server name, an AWAITING column after ACTIVE: the
 /// connections waiting for their ClientHello in each fallback route (`-` in the others),
@@ -906,9 +943,10 @@ pub fn proxy_table(json: &Value) -> String {
             String::new()
         }
     };
+    let width = name_width(routes);
     let _ = writeln!(
         out,
-        "{:<16} {:<9} {:>8}{} {:>10} {:>10} {:>9} {:>12} {:>12} {:>10}",
+        "{:<width$} {:<9} {:>8}{} {:>10} {:>10} {:>9} {:>12} {:>12} {:>10}",
         "ROUTE",
         "TYPE",
         "ACTIVE",
@@ -926,7 +964,7 @@ pub fn proxy_table(json: &Value) -> String {
             .map_or_else(|| "-".to_owned(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{:<16} {:<9} {:>8}{} {:>10} {:>10} {:>9.1} {:>12.0} {:>12.0} {:>10}",
+            "{:<width$} {:<9} {:>8}{} {:>10} {:>10} {:>9.1} {:>12.0} {:>12.0} {:>10}",
             route["name"].as_str().unwrap_or(""),
             route["type"].as_str().unwrap_or(""),
             count(&route["active"]),
@@ -973,9 +1011,10 @@ fn upstream_table(out: &mut String, json: &Value) {
     let Some(upstreams) = json["upstreams"].as_array().filter(|u| !u.is_empty()) else {
         return;
     };
+    let width = name_width(upstreams);
     let _ = writeln!(
         out,
-        "\n{:<16} {:<11} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
+        "\n{:<width$} {:<11} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
         "UPSTREAM",
         "PORTS",
         "ACTIVE",
@@ -999,7 +1038,7 @@ fn upstream_table(out: &mut String, json: &Value) {
             .join(",");
         let _ = writeln!(
             out,
-            "{:<16} {:<11} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
+            "{:<width$} {:<11} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
             upstream["name"].as_str().unwrap_or(""),
             ports,
             count(&upstream["active"]),
@@ -1099,7 +1138,8 @@ pub fn dns_table(json: &Value) -> String {
     };
     let _ = writeln!(
         out,
-        "queries {} ({:.1}/s), responses {}, error rate {}, unanswered {} (last minute)",
+        "queries {} ({:.1}/s), responses {} since the start; error rate {}, unanswered {} \
+         (last minute)",
         count(&json["totalQueries"]),
         number(&json["queriesPerSecond"]),
         count(&json["totalResponses"]),
@@ -1115,7 +1155,7 @@ pub fn dns_table(json: &Value) -> String {
     if matching {
         let _ = writeln!(
             out,
-            "cache: {} hits, {} misses, hit rate {} (last minute){sample}",
+            "cache since the start: {} hits, {} misses; hit rate {} (last minute){sample}",
             count(&json["cacheStats"]["hits"]),
             count(&json["cacheStats"]["misses"]),
             percent(&json["cacheStats"]["hitRate"])
@@ -1132,8 +1172,17 @@ pub fn dns_table(json: &Value) -> String {
             );
         }
     }
-    let _ = writeln!(out, "types: {}", pairs(&json["queryTypeBreakdown"]));
-    let _ = writeln!(out, "codes: {}", pairs(&json["responseCodes"]));
+    // Since the start, as the counts above: a spike of the last minute is in the rates.
+    let _ = writeln!(
+        out,
+        "types since the start: {}",
+        pairs(&json["queryTypeBreakdown"])
+    );
+    let _ = writeln!(
+        out,
+        "codes since the start: {}",
+        pairs(&json["responseCodes"])
+    );
     if matching {
         let _ = writeln!(
             out,
@@ -1280,15 +1329,30 @@ pub fn stats(agent: &Endpoint, dns: bool, json: bool, watch: bool) -> anyhow::Re
     output::write(|out| write!(out, "{text}"))
 }
 
+/// `HH:MM:SS UTC` of a time in milliseconds since the Unix epoch.
+fn time_of_day_utc(unix_ms: u64) -> String {
+    let seconds = unix_ms / 1000 % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
 /// `collector top`: routes and DNS together, refreshed every second (or once).
 pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
     let fetch = || -> anyhow::Result<String> {
         let proxy = get_json(agent, "/api/v1/proxy")?;
         let dns = get_json(agent, "/api/v1/dns")?;
+        let now_ms = crate::clock::unix_ms();
+        // The time of this fetch: a screen that stops changing it is not being refreshed
+        // (an agent frozen with its socket open holds each fetch for the read timeout).
         let mut text = format!(
-            "collector at {}\n\n{}{}",
+            "collector at {}, {}\n\n{}{}",
             agent.addr,
-            freshness(&proxy, crate::clock::unix_ms()),
+            time_of_day_utc(now_ms),
+            freshness(&proxy, now_ms),
             proxy_table(&proxy)
         );
         if dns["enabled"] == true {
@@ -1306,6 +1370,13 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_time_of_day_is_utcs() {
+        // 2026-12-04 23:59:58.999 UTC.
+        assert_eq!(super::time_of_day_utc(1_796_428_798_999), "23:59:58 UTC");
+        assert_eq!(super::time_of_day_utc(0), "00:00:00 UTC");
+    }
+
     #[test]
     fn stream_lines_are_written_whole() {
         let mut lines = super::Lines::new(Vec::new());
@@ -1783,6 +1854,13 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             let end = header.find(heading).unwrap() + heading.len();
             assert_eq!(&web[end - value.len()..end], value, "{heading}:\n{table}");
         }
+        // Also under a name longer than the column.
+        let mut long = proxy.clone();
+        long["routes"][0]["name"] = "payments-gateway-internal".into();
+        let table = proxy_table(&long);
+        let (header, row) = (table.lines().next().unwrap(), table.lines().nth(1).unwrap());
+        let end = header.find("CLOSED").unwrap() + "CLOSED".len();
+        assert_eq!(&row[end - 2..end], " 3", "{table}");
         // Nothing to take a figure from is `-`, not a zero.
         let idle = serde_json::json!({"routes": [{"name": "web", "duration": {"p50": null}}]});
         let web = proxy_table(&idle).lines().nth(1).unwrap().to_owned();
@@ -1807,7 +1885,7 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             "{text}"
         );
         assert!(
-            text.contains("cache: 8 hits, 1 misses, hit rate 88.8 % (last minute)"),
+            text.contains("cache since the start: 8 hits, 1 misses; hit rate 88.8 % (last minute)"),
             "{text}"
         );
         assert!(
@@ -1826,12 +1904,15 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             "{text}"
         );
         assert!(!text.contains("matched"), "{text}");
-        assert!(text.contains("types: A 9"));
+        assert!(text.contains("types since the start: A 9"));
         let mut quiet = dns.clone();
         quiet["queryTypeBreakdown"] = serde_json::json!({});
         quiet["responseCodes"] = serde_json::json!({});
         let quiet = dns_table(&quiet);
-        assert!(quiet.contains("types: -\ncodes: -\n"), "{quiet}");
+        assert!(
+            quiet.contains("types since the start: -\ncodes since the start: -\n"),
+            "{quiet}"
+        );
         assert!(
             text.contains("top domains since the start:\n           9  example.com"),
             "{text}"

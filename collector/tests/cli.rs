@@ -709,7 +709,7 @@ fn chunked(body: &str, cuts: &[usize]) -> String {
 #[test]
 fn a_chunked_answer_is_decoded() {
     let json = "{\"activeConnections\":3}";
-    let events = "{\"event\":\"query-received\"}\n{\"event\":\"response-sent\"}\n";
+    let events = "{\"event\":\"query-received\"}\n{\"event\":\"end\",\"timestamp\":1}\n";
     let (addr, server) = answering(vec![
         format!(
             "HTTP/1.1 200 OK\r\nCONTENT-TYPE: application/json\r\nTRANSFER-ENCODING:  Chunked\r\n\r\n{}",
@@ -1183,17 +1183,20 @@ fn watching_json_keeps_failures_off_standard_output() {
     assert!(stderr.contains("did not answer"), "{stderr}");
 }
 
-/// `collector events` ends with status 0 when the agent ends the stream (its last chunk, as
-/// a stopping agent sends it), and with status 1 and the reason when the stream is cut off
-/// before it (an agent killed or crashed): a supervisor of the tail can tell the two apart.
+/// `collector events` ends with status 0 when the agent ends the stream with its `end` line
+/// and last chunk, as a clean stop sends them; with status 1 and the reason when the stream
+/// is cut off before its end (an agent killed or crashed), and when it ends without the
+/// `end` line (an agent stopping on an error): a supervisor of the tail can tell them apart.
 #[test]
 fn an_event_stream_cut_off_is_an_error() {
     let line = "{\"event\":\"query-received\"}\n";
+    let end = "{\"event\":\"end\",\"timestamp\":1}\n";
     let head = "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n";
-    let chunk = format!("{:X}\r\n{line}\r\n", line.len());
+    let chunk = |line: &str| format!("{:X}\r\n{line}\r\n", line.len());
     let (addr, server) = answering(vec![
-        format!("{head}{chunk}0\r\n\r\n").into_bytes(),
-        format!("{head}{chunk}").into_bytes(),
+        format!("{head}{}{}0\r\n\r\n", chunk(line), chunk(end)).into_bytes(),
+        format!("{head}{}", chunk(line)).into_bytes(),
+        format!("{head}{}0\r\n\r\n", chunk(line)).into_bytes(),
     ]);
     let tail = || {
         Command::new(COLLECTOR)
@@ -1207,7 +1210,10 @@ fn an_event_stream_cut_off_is_an_error() {
         "{}",
         String::from_utf8_lossy(&ended.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&ended.stdout), line);
+    assert_eq!(
+        String::from_utf8_lossy(&ended.stdout),
+        format!("{line}{end}")
+    );
 
     let cut = tail();
     let stderr = String::from_utf8_lossy(&cut.stderr);
@@ -1215,5 +1221,14 @@ fn an_event_stream_cut_off_is_an_error() {
     assert!(stderr.contains("cut off before its end"), "{stderr}");
     // What came before the cut was passed on.
     assert_eq!(String::from_utf8_lossy(&cut.stdout), line);
+
+    let failed = tail();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ended without its end line: the agent stopped on an error"),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&failed.stdout), line);
     server.join().unwrap();
 }
