@@ -15,7 +15,7 @@ use std::{fmt, sync::Arc};
 
 use collector_common::{
     CONN_DURATION_BUCKETS, CONN_TABLE_SLOTS, ConnCounters, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES,
-    ERROR_KIND_NAMES, SNI_OUTCOME_NAMES, map_names, sni_outcome,
+    DNS_QTYPE_OTHER, ERROR_KIND_NAMES, SNI_OUTCOME_NAMES, map_names, sni_outcome,
 };
 use prometheus_client::{
     collector::Collector,
@@ -428,21 +428,21 @@ fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
     counters(
         encoder,
         "collector_proxy_packets",
-        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it); a GSO or GRO batch counts as one.",
+        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it); a GSO or GRO batch counts as one. On ports shared by server name all of it counts in the route without names (the named routes' bytes come at each close).",
         None,
         per_direction(|t| t.packets),
     )?;
     counters(
         encoder,
         "collector_proxy_traffic",
-        "IP bytes (headers included, once per GSO or GRO batch) on the route's ports seen at the interfaces.",
+        "IP bytes (headers included, once per GSO or GRO batch) on the route's ports seen at the interfaces. On ports shared by server name all of it counts in the route without names (the named routes' bytes come at each close).",
         Some(&Unit::Bytes),
         per_direction(|t| t.bytes),
     )?;
     counters(
         encoder,
         "collector_proxy_traffic_payload",
-        "TCP payload bytes on the route's ports seen at the interfaces, live (before connections close).",
+        "TCP payload bytes on the route's ports seen at the interfaces, live (before connections close). On ports shared by server name all of it counts in the route without names (the named routes' bytes come at each close).",
         Some(&Unit::Bytes),
         per_direction(|t| t.payload_bytes),
     )
@@ -474,13 +474,17 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     counters(
         encoder,
         "collector_dns_queries",
-        "Client queries over UDP to the DNS server, by QTYPE of the first question (common types always, others once seen).",
+        "Client queries over UDP to the DNS server, by QTYPE of the first question (the common types and OTHER always, others once seen).",
         None,
         c.queries_by_qtype
             .iter()
             .zip(0u32..)
             .filter(|&(&count, slot)| {
-                count > 0 || COMMON_QTYPES.iter().any(|&t| u32::from(t) == slot)
+                // OTHER too: every type above 257 lands there, and a series that first
+                // appears at 1 loses that count to rate() and increase().
+                count > 0
+                    || slot == DNS_QTYPE_OTHER
+                    || COMMON_QTYPES.iter().any(|&t| u32::from(t) == slot)
             })
             .map(|(&count, slot)| (vec![("qtype", qtype_name(slot))], count)),
     )?;
@@ -829,7 +833,7 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
     gauges(
         encoder,
         "collector_bpf_map_entries",
-        "Slots in use in the kernel's fixed-size tables.",
+        "Slots in use in the kernel's fixed-size tables: CONN_STATE's from the counters (the connections tracked, those in their handshake included), DNS_INFLIGHT's the queries awaiting an answer, LOCAL_ADDRESSES' the addresses placed.",
         None,
         tables.iter().map(|(map, used, _)| {
             (
@@ -1285,6 +1289,23 @@ mod tests {
             ]
         );
         assert!(!text.contains("upstream="), "{text}");
+    }
+
+    /// OTHER is exported from 0, as the common types are; a rare type only once seen.
+    #[test]
+    fn the_other_qtype_is_exported_before_its_first_query() {
+        let mut snapshot = Snapshot::example();
+        let counters = &mut snapshot.dns.counters;
+        counters.queries_by_qtype[collector_common::DNS_QTYPE_OTHER as usize] = 0;
+        counters.queries_by_qtype[99] = 0;
+        let latest = Arc::new(SharedSnapshot::default());
+        latest.store(snapshot);
+        let text = render(&registry(latest, Arc::default())).unwrap();
+        assert!(
+            text.contains("collector_dns_queries_total{qtype=\"OTHER\"} 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("qtype=\"SPF\""), "{text}");
     }
 
     /// A route of many server names gets a series per name: in one label they made a value

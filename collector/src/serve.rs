@@ -30,7 +30,7 @@ use std::{
 use axum::{
     Router,
     extract::{Request, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
@@ -299,6 +299,17 @@ pub fn router(sources: Sources, guard_with: Guard) -> Router {
 /// everyone else. 503 until the first read of the kernel maps: the counters before it are
 /// zeros, and after a crash the pinned ones go on from where they were, so a scrape then
 /// would show Prometheus a reset and count their whole past again in `increase()`.
+/// The format follows `Accept` as well as the coding `Accept-Encoding`: a cache between that
+/// kept one answer for both would hand OpenMetrics to a scraper that asked for the classic
+/// text, or the reverse.
+fn varies_with_accept(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::VARY,
+        HeaderValue::from_static("accept, accept-encoding"),
+    );
+    response
+}
+
 async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if !state.latest.is_ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, NOT_READY).into_response();
@@ -310,12 +321,14 @@ async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Res
             .filter_map(|value| value.to_str().ok()),
     );
     match metrics::render(&state.registry) {
-        Ok(body) if wants_openmetrics => gzip::respond(&headers, OPENMETRICS, body.into_bytes()),
-        Ok(body) => gzip::respond(
+        Ok(body) if wants_openmetrics => {
+            varies_with_accept(gzip::respond(&headers, OPENMETRICS, body.into_bytes()))
+        }
+        Ok(body) => varies_with_accept(gzip::respond(
             &headers,
             CLASSIC_TEXT,
             metrics::to_classic_text(&body).into_bytes(),
-        ),
+        )),
         Err(err) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("rendering metrics: {err}\n"),
@@ -1410,7 +1423,12 @@ mod tests {
                 "gzip",
                 "{path}"
             );
-            assert_eq!(gzipped.headers()[header::VARY], "accept-encoding", "{path}");
+            let vary = if path == "/metrics" {
+                "accept, accept-encoding"
+            } else {
+                "accept-encoding"
+            };
+            assert_eq!(gzipped.headers()[header::VARY], vary, "{path}");
             let compressed = body(gzipped).await;
             let mut text = String::new();
             flate2::read::GzDecoder::new(&compressed[..])
