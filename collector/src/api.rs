@@ -24,7 +24,8 @@ pub struct RateWindows {
     pub instant: f64,
     pub recent: f64,
     pub average: f64,
-    /// Per-poll rates, oldest first (only on totals).
+    /// Per-poll rates, oldest first (only on totals): of the last 60 polls, within the
+    /// last 65 s (a minute at the default interval, 6 s at 100 ms, 6 rates at 10 s).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<Vec<f64>>,
 }
@@ -340,8 +341,9 @@ pub struct ProxyStats {
     /// Connections waiting for their ClientHello on ports shared by server name, over every
     /// route: in none of the figures above yet.
     pub connections_awaiting_server_name: u64,
-    /// New connections per second over the last poll, a second at the default interval
-    /// (until L7 requests are counted).
+    /// New connections per second over about the last second: back to the poll nearest a
+    /// second ago, one poll at intervals of a second or more, the whole stall after polls
+    /// that stalled (until L7 requests are counted).
     pub requests_per_second: f64,
     pub connection_rates: RateWindows,
     /// Live payload bytes per second, towards (in) and from (out) the proxy.
@@ -479,7 +481,7 @@ pub struct CacheStats {
     /// hit nor miss, and left out of the rate.
     pub undecided: u64,
     /// hits / (hits + misses) over the last minute (the counts are since the start); `null`
-    /// without an answer then.
+    /// without a hit or a miss then (answers that were all `undecided` included).
     pub hit_rate: Option<f64>,
 }
 
@@ -508,7 +510,7 @@ pub struct DnsStats {
     /// False when DNS counting is off in the config.
     pub enabled: bool,
     pub total_queries: u64,
-    /// Client queries per second over the last poll, a second at the default interval.
+    /// Client queries per second over about the last second, as `requestsPerSecond`.
     pub queries_per_second: f64,
     pub query_rates: RateWindows,
     /// False when `[dns] match_responses = false`: the figures that need a response matched

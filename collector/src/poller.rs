@@ -122,7 +122,8 @@ impl RateHistories {
         self.closes.record(at, closes);
         self.closes
             .base(at, AVERAGE)
-            .map_or(closes, |base| closes.since(base))
+            // `base` has the copy just recorded at least; lifetime counts are never a minute's.
+            .map_or_else(RouteLastMinute::default, |base| closes.since(base))
     }
 }
 
@@ -470,7 +471,7 @@ impl Poller {
         dns.last_minute = self
             .dns_last_minute
             .base(at, AVERAGE)
-            .map_or(counts, |base| counts.since(base));
+            .map_or_else(DnsLastMinute::default, |base| counts.since(base));
         dns.query_rates = self.dns_queries.rates();
         dns.query_history = self.dns_queries.history(HISTORY_SAMPLES);
         dns

@@ -10,6 +10,9 @@ pub const INSTANT: Duration = Duration::from_secs(1);
 pub const RECENT: Duration = Duration::from_secs(10);
 /// The last minute.
 pub const AVERAGE: Duration = Duration::from_mins(1);
+/// How much less than a second apart two copies of counts may be: polls a second apart are
+/// timed from when each began, and often come a millisecond early.
+const COPY_JITTER: Duration = Duration::from_millis(50);
 
 /// Per-second rates over the standard windows.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -74,7 +77,9 @@ impl CounterHistory {
     /// fewer than two samples. Polls are a poll interval apart measured from when each began,
     /// so the previous poll is often a millisecond under a second old: "at least `window`
     /// old" then took the one before it, and the 1 s rate covered two polls half the time
-    /// (a rate that fell to zero showed as half the old one for a second more).
+    /// (a rate that fell to zero showed as half the old one for a second more). After polls
+    /// that stalled, the nearest sample can be older than `window`: the rate is then the
+    /// stall's average, for one poll.
     #[must_use]
     pub fn rate(&self, window: Duration) -> f64 {
         let Some(&newest) = self.samples.back() else {
@@ -144,12 +149,13 @@ impl<T> CountsHistory<T> {
         }
     }
 
-    /// Keeps `counts` as they stood at `at`, unless the newest copy is under a second old.
+    /// Keeps `counts` as they stood at `at`, unless the newest copy is under a second old
+    /// (less [`COPY_JITTER`]: polls a millisecond under a second apart kept every other copy).
     pub fn record(&mut self, at: Duration, counts: T) {
         if self
             .samples
             .back()
-            .is_some_and(|(newest, _)| at < *newest + INSTANT)
+            .is_some_and(|(newest, _)| at + COPY_JITTER < *newest + INSTANT)
         {
             return;
         }
@@ -209,6 +215,16 @@ mod tests {
         young.record(secs(1.0), 9);
         assert_eq!(young.base(secs(30.0), AVERAGE), Some(&7));
         assert_eq!(young.samples.len(), 2);
+        // Polls a millisecond early each: every one is kept, so the minute's base is the
+        // poll 60 back (0.999 × 59 s is the newest copy a minute old at 0.999 × 120 s).
+        let mut early = CountsHistory::new(secs(65.0));
+        for poll in 0..=120u32 {
+            early.record(Duration::from_millis(u64::from(poll) * 999), poll);
+        }
+        assert_eq!(
+            early.base(Duration::from_millis(120 * 999), AVERAGE),
+            Some(&59)
+        );
     }
 
     #[test]

@@ -98,7 +98,8 @@ impl RouteLastMinute {
     #[must_use]
     pub fn since(&self, base: &Self) -> Self {
         Self {
-            duration_us: self.duration_us.saturating_sub(base.duration_us),
+            // Sums wrap in the kernel and in the per-CPU sum; the difference is exact mod 2^64.
+            duration_us: self.duration_us.wrapping_sub(base.duration_us),
             durations: std::array::from_fn(|i| self.durations[i].saturating_sub(base.durations[i])),
         }
     }
@@ -117,7 +118,7 @@ pub struct DnsLastMinute {
 }
 
 impl DnsLastMinute {
-    /// The lifetime counts, as a base or as the figures of a first minute.
+    /// The lifetime counts, as a base.
     #[must_use]
     pub fn of(counters: &DnsCounters) -> Self {
         Self {
@@ -140,7 +141,9 @@ impl DnsLastMinute {
                 minus(&self.responses_by_rcode, &base.responses_by_rcode, i)
             }),
             latency: std::array::from_fn(|i| minus(&self.latency, &base.latency, i)),
-            latency_ns: self.latency_ns.saturating_sub(base.latency_ns),
+            // A sum of nanoseconds: at 100,000 answers a second of 1 ms it wraps in six
+            // years, and the pins keep it over restarts. The difference is exact mod 2^64.
+            latency_ns: self.latency_ns.wrapping_sub(base.latency_ns),
             cache_hits: self.cache_hits.saturating_sub(base.cache_hits),
             cache_misses: self.cache_misses.saturating_sub(base.cache_misses),
         }
@@ -394,8 +397,9 @@ fn example_upstream() -> UpstreamSnapshot {
 #[cfg(test)]
 fn example_web_route() -> RouteSnapshot {
     let mut durations = [0u64; collector_common::CONN_DURATION_BUCKETS as usize];
+    // Two closes of about 10 µs and one of about 1.5 s: 1.5 s in all.
     durations[3] = 2;
-    durations[collector_common::CONN_DURATION_BUCKETS as usize - 1] = 1;
+    durations[20] = 1;
     let totals = RouteTotals {
         conn: ConnCounters {
             opened: 5,
@@ -729,7 +733,8 @@ impl DnsSnapshot {
         counters.malformed[collector_common::dns_malformed::BAD_NAME as usize] = 1;
         counters.latency[5] = 6;
         counters.latency[12] = 2;
-        counters.latency_ns = 20_000_000;
+        // Six answers under 64 µs and two under 8.192 ms.
+        counters.latency_ns = 14_000_000;
         counters.answered = 8;
         counters.unmatched_responses = 1;
         counters.cache_hits = 6;
@@ -773,6 +778,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_minute_over_a_wrapped_sum_reads_what_was_added() {
+        let before = DnsLastMinute {
+            latency_ns: u64::MAX - 499,
+            ..DnsLastMinute::default()
+        };
+        let after = DnsLastMinute {
+            latency_ns: 1_500,
+            ..before
+        };
+        assert_eq!(after.since(&before).latency_ns, 2_000);
+        let route = RouteLastMinute {
+            duration_us: 100,
+            durations: [0; collector_common::CONN_DURATION_BUCKETS as usize],
+        };
+        let earlier = RouteLastMinute {
+            duration_us: u64::MAX,
+            ..route
+        };
+        assert_eq!(route.since(&earlier).duration_us, 101);
+    }
+
+    #[test]
     fn a_recovered_source_keeps_its_last_error_and_when_it_was() {
         let mut health = SourceHealth::default();
         let before = crate::clock::unix_ms();
@@ -812,10 +839,45 @@ mod tests {
             (median - (1.048_576 + 1.048_576 * 0.5)).abs() < 1e-9,
             "{median}"
         );
-        // 10 fast ones in bucket 0 move p05 below 2 µs.
+        // 10 fast ones in bucket 0, [0, 2 µs): rank 5.5 of 110 lies 0.55 into it, rank 108.9
+        // is 98.9 into bucket 20's 100.
         buckets[0] = 10;
-        assert!(histogram_quantile(&buckets, 0.05).unwrap() < 2e-6);
-        assert!(histogram_quantile(&buckets, 0.99).unwrap() > 1.048_576);
+        let close = |q: f64, expected: f64| {
+            let got = histogram_quantile(&buckets, q).unwrap();
+            assert!(
+                (got - expected).abs() < 1e-12,
+                "q {q}: {got}, not {expected}"
+            );
+        };
+        close(0.05, 2e-6 * 0.55);
+        close(0.99, 1.048_576 * (1.0 + 0.989));
+        close(1.0, 2.097_152);
+        close(0.0, 0.0);
+        // A rank on a bucket's upper edge is that edge; the empty buckets between are passed.
+        let mut edge = [0u64; collector_common::DURATION_BUCKETS as usize];
+        edge[0] = 1;
+        edge[5] = 1;
+        let on_edge = histogram_quantile(&edge, 0.5).unwrap();
+        assert!((on_edge - 2e-6).abs() < 1e-15, "{on_edge}");
+        let above = histogram_quantile(&edge, 0.75).unwrap();
+        assert!((above - (32e-6 + 32e-6 * 0.5)).abs() < 1e-15, "{above}");
+    }
+
+    #[test]
+    fn the_open_ended_last_bucket_reads_as_its_lower_bound() {
+        use collector_common::CONN_DURATION_BUCKETS;
+        let mut buckets = [0u64; CONN_DURATION_BUCKETS as usize];
+        let last = CONN_DURATION_BUCKETS - 1;
+        buckets[3] = 2;
+        buckets[last as usize] = 1;
+        for q in [0.9, 0.99, 1.0] {
+            assert_eq!(
+                histogram_quantile(&buckets, q),
+                Some(bucket_lower_seconds(last)),
+                "{q}"
+            );
+        }
+        assert!(histogram_quantile(&buckets, 0.5).unwrap() < 16e-6);
     }
 
     #[test]
