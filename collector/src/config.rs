@@ -84,6 +84,20 @@ pub struct HttpConfig {
     pub max_connections_per_address: usize,
 }
 
+impl HttpConfig {
+    /// The files a start reads: the token, the users, the certificate and its key.
+    #[must_use]
+    pub fn files(&self) -> Vec<PathBuf> {
+        let tls = self.tls.iter().flat_map(|tls| [&tls.cert, &tls.key]);
+        [&self.bearer_token_file, &self.basic_auth_users_file]
+            .into_iter()
+            .flatten()
+            .chain(tls)
+            .cloned()
+            .collect()
+    }
+}
+
 /// nftables settings: the agent's own table of counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftConfig {

@@ -2,8 +2,9 @@
 //! at the start: an edit (a `ConfigMap` changed, a file replaced by configuration management)
 //! applies at the next start, and an edit that start would refuse showed only then, as a
 //! crash loop days later on whichever node restarted first. The file is looked at every
-//! poll (its size, time and inode; it is read again only when they change), and `/metrics`
-//! says whether a start would accept it (its lines, and the credential and certificate files
+//! poll (its size, time and inode, and those of the credential and certificate files it
+//! names; it is read again when one of them changes, and every poll while a start would
+//! refuse it), and `/metrics` says whether a start would accept it (its lines, and the files
 //! it names) and whether it still reads as what runs.
 
 use std::path::PathBuf;
@@ -25,50 +26,75 @@ pub type Reread = Box<dyn Fn() -> anyhow::Result<Config> + Send>;
 pub struct ConfigWatch {
     path: PathBuf,
     reread: Reread,
+    /// The running config, as [`what_runs`] has it.
     running: Config,
-    /// The file as last looked at (`None`: it could not be read).
-    seen: Option<FileVersion>,
+    /// The credential and certificate files the file named when last read.
+    named: Vec<PathBuf>,
+    /// The versions of the file and of `named` as last read (`None`: read it again; a file
+    /// that could not be looked at is `None` within).
+    seen: Option<Vec<Option<FileVersion>>>,
     state: ConfigFileState,
+    /// The refusal last logged, so that a file read again each poll is said once.
+    refusal: Option<String>,
 }
 
 impl ConfigWatch {
     /// For the file at `path`, read at the start into `running`. The first look reads it
     /// again: an edit between the start's read and this one is then not taken for what runs.
     #[must_use]
-    pub fn new(path: PathBuf, running: Config, reread: Reread) -> Self {
+    pub fn new(path: PathBuf, running: &Config, reread: Reread) -> Self {
         Self {
+            named: running.http.files(),
+            running: what_runs(running),
             seen: None,
             path,
             reread,
-            running,
             state: ConfigFileState {
                 valid: true,
                 applied: true,
             },
+            refusal: None,
         }
     }
 
-    /// Looks at the file, reads it again if it changed, and says in the log when what it
-    /// says changes.
+    /// Looks at the file and the files it names, reads it again if one changed or while a
+    /// start would refuse it (a file it names may have appeared since), and says in the log
+    /// when what it says changes.
     pub fn look(&mut self) -> ConfigFileState {
-        let version = FileVersion::of(&self.path).ok();
-        if version.is_some() && version == self.seen {
+        let versions: Vec<_> = std::iter::once(&self.path)
+            .chain(&self.named)
+            .map(|path| FileVersion::of(path).ok())
+            .collect();
+        if self.state.valid && self.seen.as_ref() == Some(&versions) {
             return self.state;
         }
-        self.seen = version;
         let reread = (self.reread)();
         let state = ConfigFileState {
             valid: reread.is_ok(),
-            applied: reread.as_ref().is_ok_and(|config| *config == self.running),
+            applied: reread
+                .as_ref()
+                .is_ok_and(|config| what_runs(config) == self.running),
         };
+        self.seen = Some(versions);
+        if let Ok(config) = &reread {
+            let named = config.http.files();
+            if named != self.named {
+                // The versions taken were of the files the last read named: read it again
+                // at the next look, which takes them of these.
+                self.named = named;
+                self.seen = None;
+            }
+        }
         let path = self.path.display();
         match &reread {
-            // Also a new version refused anew, for what may be another line; a file still
-            // missing is said once.
-            Err(err) if state != self.state || version.is_some() => {
-                tracing::warn!(
-                    "the config file {path} would be refused at the next start: {err:#}"
-                );
+            Err(err) => {
+                let refusal = format!("{err:#}");
+                if self.refusal.as_ref() != Some(&refusal) {
+                    tracing::warn!(
+                        "the config file {path} would be refused at the next start: {refusal}"
+                    );
+                    self.refusal = Some(refusal);
+                }
             }
             Ok(_) if state != self.state && state.applied => {
                 tracing::info!("the config file {path} reads as the running config again");
@@ -77,11 +103,22 @@ impl ConfigWatch {
                 "the config file {path} changed since the start: the change applies at the next \
                  start"
             ),
-            _ => {}
+            Ok(_) => {}
+        }
+        if reread.is_ok() {
+            self.refusal = None;
         }
         self.state = state;
         state
     }
+}
+
+/// What a config runs: the keys a start warns have no effect are not part of it, so that
+/// removing one, as the warning asks, is no change.
+fn what_runs(config: &Config) -> Config {
+    let mut config = config.clone();
+    config.dns.ignored.clear();
+    config
 }
 
 #[cfg(test)]
@@ -100,8 +137,15 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let running = Config::from_file(&path).unwrap();
         let reread_path = path.clone();
-        let reread: Reread = Box::new(move || Ok(Config::from_file(&reread_path)?));
-        (ConfigWatch::new(path.clone(), running, reread), path)
+        // As a start: the lines, then the files they name.
+        let reread: Reread = Box::new(move || {
+            let config = Config::from_file(&reread_path)?;
+            for file in config.http.files() {
+                std::fs::read(&file)?;
+            }
+            Ok(config)
+        });
+        (ConfigWatch::new(path.clone(), &running, reread), path)
     }
 
     /// Rewritten as a `ConfigMap`'s file is: a new file renamed over the old one.
@@ -129,6 +173,40 @@ mod tests {
         assert_eq!(watch.look(), state(false, false));
         replace(&path, ROUTES);
         assert_eq!(watch.look(), state(true, true));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// A file the config names is looked at as the config is: its removal alone would
+    /// refuse the next start, and its return alone would not.
+    #[test]
+    fn the_files_it_names_count_without_an_edit() {
+        let dir = std::env::temp_dir().join(format!("collector-named-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "secret\n").unwrap();
+        let text = format!("[http]\nbearer_token_file = \"{}\"\n", token.display());
+        let (mut watch, path) = watch(&text);
+        let state = |valid, applied| ConfigFileState { valid, applied };
+        assert_eq!(watch.look(), state(true, true));
+        std::fs::remove_file(&token).unwrap();
+        assert_eq!(watch.look(), state(false, false));
+        assert_eq!(watch.look(), state(false, false));
+        std::fs::write(&token, "renewed\n").unwrap();
+        assert_eq!(watch.look(), state(true, true));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Keys the start warned have no effect are not what runs: removing one changes nothing.
+    #[test]
+    fn removing_a_key_without_effect_is_no_change() {
+        let (mut watch, path) = watch("[dns]\nenabled = false\nports = [53]\n");
+        let state = |valid, applied| ConfigFileState { valid, applied };
+        assert_eq!(watch.look(), state(true, true));
+        replace(&path, "[dns]\nenabled = false\n");
+        assert_eq!(watch.look(), state(true, true));
+        replace(&path, "[dns]\nenabled = true\n");
+        assert_eq!(watch.look(), state(true, false));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

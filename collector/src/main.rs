@@ -306,7 +306,7 @@ fn watch_config_file(
         read_http_files(&config)?;
         Ok(config)
     });
-    Some(ConfigWatch::new(path, running.clone(), reread))
+    Some(ConfigWatch::new(path, running, reread))
 }
 
 /// Reads the credential and certificate files `config` names, as a start does before it
