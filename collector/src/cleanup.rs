@@ -146,6 +146,9 @@ fn classify(name: &std::ffi::OsStr, is_dir: bool) -> Entry {
 /// What is under the pin directory, by [`Entry`]; only layout directories are looked into.
 #[derive(Debug, Default)]
 struct Found {
+    /// Whether this build's layout directory was there: the pin directory is a collector's,
+    /// and removed once empty.
+    has_layout: bool,
     /// The files (pins) under this build's layout directory.
     ours: Vec<PathBuf>,
     /// Other layout versions' directories, each with the files under it.
@@ -173,7 +176,10 @@ impl Found {
         entries.sort();
         for (path, is_dir) in entries {
             match classify(path.file_name().unwrap_or_default(), is_dir) {
-                Entry::Ours => found.ours = walk(&path)?,
+                Entry::Ours => {
+                    found.has_layout = true;
+                    found.ours = walk(&path)?;
+                }
                 Entry::OtherLayout => {
                     let pins = walk(&path)?;
                     found.other_layouts.push((path, pins));
@@ -251,7 +257,11 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         if lock.is_some() {
             remove(&map_dir, &found.ours)?;
             remove_empty_dirs(&map_dir)?;
-            remove_dir_if_empty(pin_dir)?;
+            // Only a collector's: a --pin-dir mistyped as another tool's empty directory
+            // (iproute2's tc/globals) is left.
+            if found.has_layout {
+                remove_dir_if_empty(pin_dir)?;
+            }
         }
         if table == Table::Remove {
             let found = nft::remove_leftover(table_name, config.nftables.nft_timeout)

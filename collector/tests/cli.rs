@@ -549,6 +549,24 @@ fn without_root_the_pins_are_refused_not_reported_missing() {
 }
 
 #[test]
+fn cleanup_leaves_a_pin_directory_without_a_collectors_layout() {
+    let dir = PinDir::new();
+    fs::remove_dir(dir.0.join("v1")).unwrap();
+    let out = Command::new(COLLECTOR)
+        .args(["cleanup", "--apply", "--pin-dir", dir.0.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An empty directory of another tool's, given by mistake, is still there.
+    assert!(dir.0.is_dir(), "{} removed", dir.0.display());
+}
+
+#[test]
 fn cleanup_refuses_the_bpffs_mount_itself() {
     // Listing only: on a build without the refusal, --apply would remove every empty
     // directory of the host's bpffs.
