@@ -193,6 +193,17 @@ mod tests {
         assert_eq!(watch.look(), state(false, false));
         std::fs::write(&token, "renewed\n").unwrap();
         assert_eq!(watch.look(), state(true, true));
+        // Edited to name a file not there yet (the last read that succeeded named the
+        // other): refused until it is put there.
+        let next = dir.join("next-token");
+        replace(
+            &path,
+            &format!("[http]\nbearer_token_file = \"{}\"\n", next.display()),
+        );
+        assert_eq!(watch.look(), state(false, false));
+        assert_eq!(watch.look(), state(false, false));
+        std::fs::write(&next, "secret\n").unwrap();
+        assert_eq!(watch.look(), state(true, false));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
         let _ = std::fs::remove_dir_all(dir);
     }
