@@ -459,7 +459,8 @@ impl Config {
     pub fn exposure_warning(&self) -> Option<String> {
         let http = &self.http;
         let listen = self.listen;
-        if listen.ip().is_loopback() {
+        // An IPv4-mapped loopback address ([::ffff:127.0.0.1]) is loopback too.
+        if listen.ip().to_canonical().is_loopback() {
             None
         } else if http.bearer_token_file.is_none() && http.basic_auth_users_file.is_none() {
             Some(format!(
@@ -1400,6 +1401,21 @@ mod tests {
         let err = error(text);
         assert_eq!(err.line, Some(line), "{err}");
         assert!(err.reason.contains(needle), "{err}");
+    }
+
+    #[test]
+    fn loopback_in_any_spelling_is_no_exposure() {
+        let warned = |listen: &str| {
+            Config::from_toml("t.toml", &format!("listen = \"{listen}\"\n"))
+                .unwrap()
+                .exposure_warning()
+        };
+        for local in ["127.0.0.1:9464", "[::1]:9464", "[::ffff:127.0.0.1]:9464"] {
+            assert_eq!(warned(local), None, "{local}");
+        }
+        for exposed in ["0.0.0.0:9464", "[::]:9464", "[::ffff:192.0.2.7]:9464"] {
+            assert!(warned(exposed).is_some(), "{exposed}");
+        }
     }
 
     #[test]
