@@ -1403,6 +1403,15 @@ mod tests {
         assert!(err.reason.contains(needle), "{err}");
     }
 
+    /// The values a file leaves out are the embedded default's, which the README shows: a
+    /// default changed in one place only would make an empty file run otherwise.
+    #[test]
+    fn a_file_without_keys_runs_as_the_embedded_default_less_its_routes() {
+        let mut default = Config::embedded_default();
+        default.routes.clear();
+        assert_eq!(Config::from_toml("t.toml", "").unwrap(), default);
+    }
+
     #[test]
     fn loopback_in_any_spelling_is_no_exposure() {
         let warned = |listen: &str| {
