@@ -329,8 +329,9 @@ impl Age {
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyStats {
-    /// When the kernel maps were read, milliseconds since the Unix epoch.
-    pub timestamp: u64,
+    /// When the kernel maps were read, milliseconds since the Unix epoch; `null` before the
+    /// first read (as `ageMs`), not 0, a time in 1970.
+    pub timestamp: Option<u64>,
     /// Set where the figures are served (see [`Age`]).
     #[serde(flatten)]
     pub age: Age,
@@ -412,7 +413,7 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
 #[must_use]
 pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
     ProxyStats {
-        timestamp: snapshot.taken_at_ms,
+        timestamp: snapshot.read_at.map(|_| snapshot.taken_at_ms),
         age: Age::default(),
         active_connections: snapshot.active_connections(),
         connections_by_route: snapshot
@@ -502,8 +503,9 @@ pub struct TopDomain {
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DnsStats {
-    /// When the kernel maps were read, milliseconds since the Unix epoch.
-    pub timestamp: u64,
+    /// When the kernel maps were read, milliseconds since the Unix epoch; `null` before the
+    /// first read (as `ageMs`), not 0, a time in 1970.
+    pub timestamp: Option<u64>,
     /// Set where the figures are served (see [`Age`]).
     #[serde(flatten)]
     pub age: Age,
@@ -607,7 +609,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
     let answered: u64 = recent.latency.iter().sum();
     let decided = recent.cache_hits + recent.cache_misses;
     DnsStats {
-        timestamp: snapshot.taken_at_ms,
+        timestamp: snapshot.read_at.map(|_| snapshot.taken_at_ms),
         age: Age::default(),
         enabled: dns.enabled,
         total_queries: dns.total_queries(),
@@ -667,6 +669,28 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
+
+    #[test]
+    fn before_the_first_read_the_time_of_the_read_is_null() {
+        let starting = Snapshot::default();
+        for json in [
+            serde_json::to_value(proxy_stats(&starting)).unwrap(),
+            serde_json::to_value(dns_stats(&starting)).unwrap(),
+        ] {
+            assert_eq!(
+                json.get("timestamp"),
+                Some(&serde_json::Value::Null),
+                "{json}"
+            );
+        }
+        let mut read = Snapshot::example();
+        read.read_at = Some(std::time::Instant::now());
+        read.taken_at_ms = 1_700_000_000_000;
+        assert_eq!(
+            serde_json::to_value(proxy_stats(&read)).unwrap()["timestamp"],
+            1_700_000_000_000_u64
+        );
+    }
 
     #[test]
     fn proxy_json_has_the_shape_consumers_expect() {

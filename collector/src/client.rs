@@ -1973,8 +1973,9 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             "sources": {"ebpf": {"up": true}, "nftables": {"up": true}}
         });
         assert_eq!(freshness(&fresh, now), "");
-        // Before a first poll the agent answers with empty figures, read at time 0.
-        let starting = serde_json::json!({"timestamp": 0, "ageMs": null, "sources": {}});
+        // Before a first poll the agent answers with empty figures, read at no time (0 from
+        // an agent before 2026-12-05).
+        let starting = serde_json::json!({"timestamp": null, "ageMs": null, "sources": {}});
         assert!(
             freshness(&starting, now).starts_with("no poll has finished yet"),
             "{}",
