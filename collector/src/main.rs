@@ -426,10 +426,12 @@ fn main() -> std::process::ExitCode {
             .and_then(|config| cleanup::run(&config, apply)),
     };
     let failed = result.err().filter(|err| !err.is::<output::ReaderGone>());
-    // The reason it stopped is a log line like the others where a pipeline parses them.
-    if let Some(err) = &failed
+    // The reason it stopped is a log line like the others where a pipeline parses them; where
+    // `RUST_LOG` filters errors out, the plain line below still says it.
+    let logged = failed.is_some()
         && log_format == LogFormat::Json
-    {
+        && tracing::enabled!(tracing::Level::ERROR);
+    if let Some(err) = failed.as_ref().filter(|_| logged) {
         tracing::error!("{err:#}");
     }
     // The lines still queued go before the exit, and before the reason below.
@@ -437,7 +439,7 @@ fn main() -> std::process::ExitCode {
     match failed {
         None => std::process::ExitCode::SUCCESS,
         Some(err) => {
-            if log_format == LogFormat::Text {
+            if !logged {
                 eprintln!("collector: {err:#}");
             }
             std::process::ExitCode::FAILURE

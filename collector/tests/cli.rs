@@ -887,6 +887,32 @@ fn the_log_format_is_taken_in_any_case_from_the_environment() {
     assert_eq!(line["level"], "ERROR", "{stderr}");
 }
 
+/// A failure is said even where `RUST_LOG` filters every log line out: as a JSON log line it
+/// was filtered too, and the command exited 1 with nothing on stderr.
+#[test]
+fn a_failure_is_said_whatever_the_log_filter() {
+    for format in ["text", "json"] {
+        let out = Command::new(COLLECTOR)
+            .args([
+                "--log-format",
+                format,
+                "stats",
+                "dns",
+                "--listen",
+                "127.0.0.1:1",
+            ])
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{format}: {stderr}");
+        assert!(
+            stderr.starts_with("collector: ") && stderr.contains("127.0.0.1:1"),
+            "{format}: {stderr}"
+        );
+    }
+}
+
 /// `--listen` says what to write, as the config's `listen` does: until 2026-12-03 clap said
 /// only "invalid socket address syntax".
 #[test]
