@@ -190,6 +190,22 @@ pub struct DnsConfig {
     pub ignored: Vec<&'static str>,
 }
 
+/// What a `[dns]` table without keys gives.
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ports: vec![53],
+            upstream_ports: vec![53],
+            top_k: 100,
+            sample_every: 1,
+            match_responses: true,
+            match_every: 1,
+            ignored: Vec::new(),
+        }
+    }
+}
+
 /// A configuration that cannot be used, and where.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -1281,16 +1297,7 @@ fn named_ports(
 }
 
 fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, ConfigError> {
-    let mut dns = DnsConfig {
-        enabled: true,
-        ports: vec![53],
-        upstream_ports: vec![53],
-        top_k: 100,
-        sample_every: 1,
-        match_responses: true,
-        match_every: 1,
-        ignored: Vec::new(),
-    };
+    let mut dns = DnsConfig::default();
     let Some(raw) = raw else {
         return Ok(dns);
     };

@@ -9,7 +9,10 @@
 
 use std::path::PathBuf;
 
-use crate::{config::Config, file_version::FileVersion};
+use crate::{
+    config::{Config, DnsConfig},
+    file_version::FileVersion,
+};
 
 /// What the config file says now, against the config running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,11 +116,16 @@ impl ConfigWatch {
     }
 }
 
-/// What a config runs: the keys a start warns have no effect are not part of it, so that
-/// removing one, as the warning asks, is no change.
+/// What a config runs: with DNS off, the `[dns]` keys a start warns have no effect are not
+/// part of it, so that removing or changing one is no change.
 fn what_runs(config: &Config) -> Config {
     let mut config = config.clone();
-    config.dns.ignored.clear();
+    if !config.dns.enabled {
+        config.dns = DnsConfig {
+            enabled: false,
+            ..DnsConfig::default()
+        };
+    }
     config
 }
 
@@ -127,10 +135,12 @@ mod tests {
 
     /// The watch on a file of a test's own, read as `collector run --config` reads it.
     fn watch(text: &str) -> (ConfigWatch, PathBuf) {
+        // One per call: the tests run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!(
-            "collector-config-watch-{}-{}",
-            std::process::id(),
-            text.len()
+            "collector-config-watch-{}-{call}",
+            std::process::id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("collector.toml");
@@ -211,8 +221,10 @@ mod tests {
     /// Keys the start warned have no effect are not what runs: removing one changes nothing.
     #[test]
     fn removing_a_key_without_effect_is_no_change() {
-        let (mut watch, path) = watch("[dns]\nenabled = false\nports = [53]\n");
+        let (mut watch, path) = watch("[dns]\nenabled = false\nports = [5353]\n");
         let state = |valid, applied| ConfigFileState { valid, applied };
+        assert_eq!(watch.look(), state(true, true));
+        replace(&path, "[dns]\nenabled = false\nports = [5354]\ntop_k = 7\n");
         assert_eq!(watch.look(), state(true, true));
         replace(&path, "[dns]\nenabled = false\n");
         assert_eq!(watch.look(), state(true, true));
