@@ -258,7 +258,8 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
             remove(&map_dir, &found.ours)?;
             remove_empty_dirs(&map_dir)?;
             // Only a collector's: a --pin-dir mistyped as another tool's empty directory
-            // (iproute2's tc/globals) is left.
+            // (iproute2's tc/globals) is left, and so is an empty one without `v1` (a crash
+            // after the layout went): `rmdir` removes it.
             if found.has_layout {
                 remove_dir_if_empty(pin_dir)?;
             }

@@ -428,21 +428,21 @@ fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
     counters(
         encoder,
         "collector_proxy_packets",
-        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it); a GSO or GRO batch counts as one. On ports shared by server name all of it counts in the route without names (the named routes' bytes come at each close).",
+        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it); a GSO or GRO batch counts as one. On ports shared by server name all of it counts in the route without names (the named routes' are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
         None,
         per_direction(|t| t.packets),
     )?;
     counters(
         encoder,
         "collector_proxy_traffic",
-        "IP bytes (headers included, once per GSO or GRO batch) on the route's ports seen at the interfaces. On ports shared by server name all of it counts in the route without names (the named routes' bytes come at each close).",
+        "IP bytes (headers included, once per GSO or GRO batch) on the route's ports seen at the interfaces. On ports shared by server name all of it counts in the route without names (the named routes' are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
         Some(&Unit::Bytes),
         per_direction(|t| t.bytes),
     )?;
     counters(
         encoder,
         "collector_proxy_traffic_payload",
-        "TCP payload bytes on the route's ports seen at the interfaces, live (before connections close). On ports shared by server name all of it counts in the route without names (the named routes' bytes come at each close).",
+        "TCP payload bytes on the route's ports seen at the interfaces, live (before connections close). On ports shared by server name all of it counts in the route without names (the named routes' are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
         Some(&Unit::Bytes),
         per_direction(|t| t.payload_bytes),
     )

@@ -295,10 +295,6 @@ pub fn router(sources: Sources, guard_with: Guard) -> Router {
         .layer(middleware::from_fn_with_state(guard_with, guard))
 }
 
-/// OpenMetrics for scrapers that prefer it (Prometheus does), the classic text format for
-/// everyone else. 503 until the first read of the kernel maps: the counters before it are
-/// zeros, and after a crash the pinned ones go on from where they were, so a scrape then
-/// would show Prometheus a reset and count their whole past again in `increase()`.
 /// The format follows `Accept` as well as the coding `Accept-Encoding`: a cache between that
 /// kept one answer for both would hand OpenMetrics to a scraper that asked for the classic
 /// text, or the reverse.
@@ -310,6 +306,10 @@ fn varies_with_accept(mut response: Response) -> Response {
     response
 }
 
+/// OpenMetrics for scrapers that prefer it (Prometheus does), the classic text format for
+/// everyone else. 503 until the first read of the kernel maps: the counters before it are
+/// zeros, and after a crash the pinned ones go on from where they were, so a scrape then
+/// would show Prometheus a reset and count their whole past again in `increase()`.
 async fn serve_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if !state.latest.is_ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, NOT_READY).into_response();
