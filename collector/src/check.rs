@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::{
     bpf_sys,
     config::{Config, HttpConfig, NftEnabled},
-    links, paths, privileges, serve, tls,
+    links, paths, privileges, serve,
 };
 
 /// Oldest kernel with everything used: TCX links (6.6); also `BPF_CMPXCHG` (5.12) and
@@ -521,14 +521,8 @@ fn http(http: &HttpConfig) -> Verdict {
             "no credentials or TLS configured ([http])".to_owned(),
         );
     }
-    let loaded = serve::Guard::from_config(http).and_then(|guard| {
-        http.tls
-            .as_ref()
-            .map(|files| tls::server_config(files, guard.reloads))
-            .transpose()
-    });
-    match loaded {
-        Ok(_) => verdict(Status::Pass, format!("loaded: {}", files.join(", "))),
+    match serve::read_http_files(http) {
+        Ok(()) => verdict(Status::Pass, format!("loaded: {}", files.join(", "))),
         Err(err) => verdict(
             Status::Fail,
             format!("{err:#} (`run` would refuse to start)"),

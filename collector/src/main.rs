@@ -303,21 +303,11 @@ fn watch_config_file(
     let reread: config_watch::Reread = Box::new(move || {
         let mut config = source.load()?;
         serve_on(&mut config, listen)?;
-        read_http_files(&config)?;
+        // A file it names that is not there refuses the next start as surely as a bad line.
+        serve::read_http_files(&config.http)?;
         Ok(config)
     });
     Some(ConfigWatch::new(path, running, reread))
-}
-
-/// Reads the credential and certificate files `config` names, as a start does before it
-/// attaches anything: a config file edited to name one that is not there would refuse the
-/// next start as surely as a bad line.
-fn read_http_files(config: &Config) -> anyhow::Result<()> {
-    auth::Credentials::from_config(&config.http, &Arc::default())?;
-    if let Some(files) = &config.http.tls {
-        tls::server_config(files, Arc::default())?;
-    }
-    Ok(())
 }
 
 /// Sets `--listen`, if given, and refuses the address the agent would serve on if it must.

@@ -168,6 +168,16 @@ pub struct ConnectionLimits {
     pub per_address: usize,
 }
 
+/// Reads the credential and certificate files `http` names, with the functions a start
+/// loads them by (`collector check`, and the config watch, judge them so).
+pub fn read_http_files(http: &crate::config::HttpConfig) -> anyhow::Result<()> {
+    auth::Credentials::from_config(http, &Arc::default())?;
+    if let Some(files) = &http.tls {
+        tls::server_config(files, Arc::default())?;
+    }
+    Ok(())
+}
+
 impl Guard {
     /// From the config; reads the token and user files (a missing or malformed one is an
     /// error).
