@@ -378,21 +378,22 @@ fn list(
              running collector here ({holder}) uses it"
         )?,
     }
-    if !apply {
-        let removable = !found.ours.is_empty() || *table == Table::Remove;
-        let nothing_else =
-            found.other_layouts.is_empty() && found.probes.is_empty() && found.foreign.is_empty();
-        if removable {
+    // Said with --apply too: a silent success reads as "did something".
+    let removable = !found.ours.is_empty() || *table == Table::Remove;
+    let nothing_else =
+        found.other_layouts.is_empty() && found.probes.is_empty() && found.foreign.is_empty();
+    if removable {
+        if !apply {
             writeln!(out, "run again with --apply to remove these")?;
-        } else if nothing_else && *table == Table::Absent {
-            writeln!(
-                out,
-                "nothing of ours under {} or in nftables",
-                pin_dir.display()
-            )?;
-        } else if nothing_else {
-            writeln!(out, "nothing of ours under {}", pin_dir.display())?;
         }
+    } else if nothing_else && *table == Table::Absent {
+        writeln!(
+            out,
+            "nothing of ours under {} or in nftables",
+            pin_dir.display()
+        )?;
+    } else if nothing_else {
+        writeln!(out, "nothing of ours under {}", pin_dir.display())?;
     }
     Ok(())
 }

@@ -564,6 +564,9 @@ fn cleanup_leaves_a_pin_directory_without_a_collectors_layout() {
     );
     // An empty directory of another tool's, given by mistake, is still there.
     assert!(dir.0.is_dir(), "{} removed", dir.0.display());
+    // And --apply says it found nothing, rather than succeeding in silence.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("nothing of ours under"), "{stdout}");
 }
 
 #[test]
