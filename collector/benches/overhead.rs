@@ -15,6 +15,7 @@ mod nginx;
 mod path_cost;
 #[path = "overhead/ratio.rs"]
 mod ratio;
+use ratio::median;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -235,16 +236,6 @@ fn alternate<T>(
         .collect()
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        f64::midpoint(values[mid - 1], values[mid])
-    } else {
-        values[mid]
-    }
-}
-
 struct Pair {
     connect_without: f64,
     connect_with: f64,
@@ -318,6 +309,12 @@ fn cost_table(costs: &[Cost]) -> String {
             String::from("(the floor)")
         } else if cost.program == "track_connections" {
             format!("{:.1}", cost.per_run_ns - floor("stats_floor_sock_ops"))
+        } else if cost.program == "read_server_names" {
+            // No empty cgroup_skb program runs beside it: the tc one's timing stands in.
+            format!(
+                "{:.1} (the tc floor)",
+                cost.per_run_ns - floor("stats_floor_tc")
+            )
         } else {
             format!("{:.1}", cost.per_run_ns - floor("stats_floor_tc"))
         };
@@ -516,8 +513,10 @@ fn measured_where() -> String {
     let date = output("date", &["-u", "+%F"]).unwrap_or_default();
     let cpus = thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let machine = output("systemd-detect-virt", &["--vm"])
+        .map_or_else(String::new, |vm| format!(" (a {vm} VM)"));
     format!(
-        "at {commit}{} on {date}, on {cpus} CPUs and Linux {} (a VM)",
+        "at {commit}{} on {date}, on {cpus} CPUs and Linux {}{machine}",
         if changed {
             " with uncommitted changes"
         } else {
@@ -732,7 +731,7 @@ fn dns_report(settings: &Settings, modes: &[DnsMode]) -> String {
     let _ = writeln!(report, "## DNS overhead on loopback\n");
     let _ = writeln!(
         report,
-        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}`: dnsperf at its maximum rate \
+        "Command: `cargo xtask bench -- --pairs {} --seconds {}`: dnsperf at its maximum rate \
          against unbound (one thread, answering from local zones) on 127.0.0.1:53, {} s per run, \
          pairs alternating; \"counted\" is the agent's `totalQueries` after the run (a fresh \
          agent each run), \"sent\" what dnsperf reports. The cost per packet comes from the \
@@ -855,7 +854,7 @@ fn poll_costs(netns: &Netns, settings: &Settings) -> String {
     let _ = writeln!(report, "## One poll with 50 routes\n");
     let _ = writeln!(
         report,
-        "Command: `sudo cargo xtask bench -- --seconds {}`: an agent with 50 routes (100 nftables \
+        "Command: `cargo xtask bench -- --seconds {}`: an agent with 50 routes (100 nftables \
          counters with DNS) polling every 100 ms, no traffic; the agent's own per-source read \
          durations, median over the run:\n",
         settings.seconds
@@ -1033,7 +1032,7 @@ fn nginx_overhead(netns: &Netns, settings: &Settings) -> String {
     );
     let _ = writeln!(
         report,
-        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}`: nginx (one process, \
+        "Command: `cargo xtask bench -- --pairs {} --seconds {}`: nginx (one process, \
          `master_process off`) on port {} proxies every request to a backend server block of its \
          own over kept-alive upstream connections, as an ingress proxy does; one client thread \
          makes one request per new connection (`Connection: close`), {} s per run, pairs \
@@ -1047,7 +1046,10 @@ fn nginx_overhead(netns: &Netns, settings: &Settings) -> String {
         settings.seconds
     );
     let modes = [
-        ("With the embedded default configuration", Some(&config)),
+        (
+            "With the embedded default's settings (its polling; the nginx port as the one route)",
+            Some(&config),
+        ),
         (NOISE_TITLE, None),
     ];
     for (title, config) in modes {
@@ -1133,7 +1135,7 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
     let _ = writeln!(report, "## Proxy overhead on loopback\n");
     let _ = writeln!(
         report,
-        "Command: `sudo cargo xtask bench -- --pairs {} --seconds {}` ({} clients; {} s per run; \
+        "Command: `cargo xtask bench -- --pairs {} --seconds {}` ({} client thread(s); {} s per run; \
          pairs alternate which side runs first; ratio = with / without, median over pairs).\n",
         settings.pairs, settings.seconds, CLIENT_THREADS, settings.seconds
     );

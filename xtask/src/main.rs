@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask prereqs | run | test | bench`.
+//! Developer tasks: `cargo xtask prereqs | run | test | image | bench`.
 //!
 //! Every task first installs what is missing (Debian packages, with the services they bring
 //! disabled, the pinned nightly of collector-ebpf/rust-toolchain.toml with `rust-src`,
@@ -22,13 +22,19 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Set by cargo's rustup proxy for everything `cargo xtask` runs; it would override the
 /// kernel crate's rust-toolchain.toml.
 const TOOLCHAIN_OVERRIDE: &str = "RUSTUP_TOOLCHAIN";
-/// Debian packages the build and the test suite need.
-const APT_PACKAGES: &[&str] = &[
+/// Debian packages the build needs: all that `run` and a production host's
+/// `prereqs --build-only` install.
+const BUILD_PACKAGES: &[&str] = &[
     // cc and c++: bpf-linker's build links LLVM with the C++ library.
     "build-essential",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
+    // build.rs reads the revision for collector_build_info.
+    "git",
+];
+/// Debian packages the test suite and the benchmark need besides.
+const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     // promtool, to lint a live scrape in the tests.
@@ -52,8 +58,6 @@ const APT_PACKAGES: &[&str] = &[
     // Builds deploy/container/Containerfile in the tests, on a Debian base made locally.
     "podman",
     "debootstrap",
-    // The build-info test compares the revision built with the checkout's.
-    "git",
     // sysctl, for the forwarding and IPv6 settings of the tests' and benchmark's namespaces
     // (priority important, not required: a minimal system lacks it).
     "procps",
@@ -77,8 +81,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing prerequisites.
-    Prereqs,
+    /// Install missing prerequisites: for the build, the tests and the benchmark.
+    Prereqs {
+        /// Only what the build needs (a production host's: no DNS server, proxy or
+        /// Prometheus packages).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build and run the collector (as root) with the embedded default config or the
     /// arguments given after `--`.
     Run {
@@ -121,10 +130,10 @@ fn main() -> ExitCode {
 fn run(task: Task) -> anyhow::Result<()> {
     let root = workspace_root();
     match task {
-        Task::Prereqs => prereqs(),
+        Task::Prereqs { build_only } => prereqs(if build_only { Scope::Build } else { Scope::All }),
         Task::Run { args } => {
             require_root("running the collector")?;
-            prereqs()?;
+            prereqs(Scope::Build)?;
             cargo(&root, &["build", "--release", "--package", "collector"])?;
             let collector = target_dir(&root)?.join("release/collector");
             let mut args = args;
@@ -139,8 +148,24 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             require_root("the privileged integration tests")?;
-            prereqs()?;
+            prereqs(Scope::All)?;
             cargo(&root, &["fmt", "--all", "--check"])?;
+            // Also compiles the benchmark, which `cargo test` does not build. Release, as the
+            // tests are: the build script's kernel object is built once for both.
+            cargo(
+                &root,
+                &[
+                    "clippy",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "collector-ebpf",
+                    "--all-targets",
+                    "--",
+                    "--deny",
+                    "warnings",
+                ],
+            )?;
             let mut test = vec!["test", "--workspace", "--exclude", "collector-ebpf"];
             test.extend(args.iter().map(String::as_str));
             cargo_test(&root, &test)
@@ -148,7 +173,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Image { tag, base } => image(&root, &tag, base.as_deref()),
         Task::Bench { args } => {
             require_root("the benchmarks")?;
-            prereqs()?;
+            prereqs(Scope::All)?;
             let mut bench = vec![
                 "bench",
                 "--package",
@@ -215,7 +240,10 @@ fn require_root(what: &str) -> anyhow::Result<()> {
         .output()
         .context("running id -u")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        bail!("{what} need root (BPF, tc, network namespaces): run `sudo cargo xtask ...`");
+        bail!(
+            "{what} need root (BPF, tc, network namespaces): run `cargo xtask` in a root shell \
+             (`sudo -i`) with root's rustup (`sudo cargo` finds no cargo where sudo resets PATH)"
+        );
     }
     Ok(())
 }
@@ -387,6 +415,21 @@ fn units_of(installed: &[&str]) -> Vec<&'static str> {
         .collect()
 }
 
+/// The units among `units` that are enabled, under `root` when given.
+fn enabled_units(root: Option<&Path>, units: &[&'static str]) -> Vec<&'static str> {
+    let root = root.map(|root| format!("--root={}", root.display()));
+    units
+        .iter()
+        .copied()
+        .filter(|unit| {
+            let mut args = vec!["is-enabled", "--quiet"];
+            args.extend(root.as_deref());
+            args.push(unit);
+            succeeds("systemctl", &args)
+        })
+        .collect()
+}
+
 /// Disables `units` (nothing started them: see `NoServiceStarts`), under `root` when given
 /// (`systemctl --root`). systemctl changes the unit links itself where systemd is not running
 /// (a container, a chroot), and a host without systemctl has nothing to disable.
@@ -428,11 +471,28 @@ fn installed_crates() -> String {
     std::fs::read_to_string(home.join(".crates2.json")).unwrap_or_default()
 }
 
+/// What `prereqs` installs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Build,
+    /// The build's, the tests' and the benchmark's.
+    All,
+}
+
+impl Scope {
+    fn packages(self) -> impl Iterator<Item = &'static str> {
+        let tests: &[&str] = match self {
+            Self::Build => &[],
+            Self::All => TEST_PACKAGES,
+        };
+        BUILD_PACKAGES.iter().chain(tests).copied()
+    }
+}
+
 /// Installs what is missing; quick when everything is there.
-fn prereqs() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
+fn prereqs(scope: Scope) -> anyhow::Result<()> {
+    let missing: Vec<&str> = scope
+        .packages()
         .filter(|package| !installed(package))
         .collect();
     remove_stale_policy(Path::new(POLICY_RC_D))?;
@@ -441,15 +501,26 @@ fn prereqs() -> anyhow::Result<()> {
         run_checked("apt-get", &["update", "-q"], &[])?;
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(&missing);
+        // A unit enabled before (Debian's full nginx, the host's own proxy, shares
+        // nginx-light's unit) is the host's, and stays enabled.
+        let units = units_of(&missing);
+        let enabled_before = enabled_units(None, &units);
         let no_starts = NoServiceStarts::new(Path::new(POLICY_RC_D))?;
         run_checked("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])?;
         drop(no_starts);
-        disable_services(None, &units_of(&missing))?;
+        let brought: Vec<&str> = units
+            .into_iter()
+            .filter(|unit| !enabled_before.contains(unit))
+            .collect();
+        disable_services(None, &brought)?;
     }
-    // `cargo xtask test` checks the formatting with the host toolchain's rustfmt, which a
-    // minimal rustup profile leaves out. RUSTUP_TOOLCHAIN, set by cargo, names that toolchain.
-    if !succeeds("cargo", &["fmt", "--version"]) {
-        run_checked("rustup", &["component", "add", "rustfmt"], &[])?;
+    // `cargo xtask test` checks the formatting and the lints with the host toolchain's
+    // rustfmt and clippy, which a minimal rustup profile leaves out. RUSTUP_TOOLCHAIN, set by
+    // cargo, names that toolchain.
+    for (subcommand, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        if scope == Scope::All && !succeeds("cargo", &[subcommand, "--version"]) {
+            run_checked("rustup", &["component", "add", component], &[])?;
+        }
     }
     let ebpf_crate = workspace_root().join("collector-ebpf");
     if !ebpf_toolchain_has_rust_src(&ebpf_crate) {
@@ -644,7 +715,7 @@ mod tests {
     #[test]
     fn the_services_installed_are_disabled() {
         for (package, _) in SERVICES {
-            assert!(APT_PACKAGES.contains(package), "{package}");
+            assert!(TEST_PACKAGES.contains(package), "{package}");
         }
         assert_eq!(
             units_of(&["curl", "unbound", "nginx-light"]),
@@ -670,7 +741,10 @@ mod tests {
             std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), wants.join(unit))
                 .unwrap();
         }
-        disable_services(Some(&root.0), &units_of(APT_PACKAGES)).unwrap();
+        let all = units_of(TEST_PACKAGES);
+        assert_eq!(enabled_units(Some(&root.0), &all), all);
+        disable_services(Some(&root.0), &all).unwrap();
+        assert!(enabled_units(Some(&root.0), &all).is_empty());
         for (_, unit) in SERVICES {
             assert!(
                 wants.join(unit).symlink_metadata().is_err(),
@@ -684,9 +758,11 @@ mod tests {
     #[test]
     fn ci_asks_for_rust_before_anything_else() {
         let bin = TempDir::new("ci-path");
-        let stub = |name: &str, body: &str| {
+        // rustup's environment, which .ci/run loads: rustc is only on the PATH it sets.
+        let cargo_home = TempDir::new("ci-cargo-home");
+        let stub = |dir: &Path, name: &str, body: &str| {
             use std::os::unix::fs::PermissionsExt as _;
-            let path = bin.0.join(name);
+            let path = dir.join(name);
             std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         };
@@ -695,6 +771,7 @@ mod tests {
             let out = Command::new("bash")
                 .arg(&ci)
                 .env("PATH", format!("{}:/usr/bin:/bin", bin.0.display()))
+                .env("CARGO_HOME", &cargo_home.0)
                 .output()
                 .unwrap();
             (
@@ -702,15 +779,26 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr).into_owned(),
             )
         };
-        stub("cargo", "exit 0");
-        stub("rustup", "exit 0");
+        stub(&bin.0, "cargo", "exit 0");
+        stub(&bin.0, "rustup", "exit 0");
         let (status, stderr) = run();
         assert_eq!(status, Some(1), "{stderr}");
         assert!(
             stderr.contains("rustc is not on PATH") && stderr.contains("rustup"),
             "{stderr}"
         );
-        stub("rustc", "echo 'rustc 1.90.0 (1159e78c4 2025-09-14)'");
+        let rustup_bin = cargo_home.0.join("bin");
+        std::fs::create_dir(&rustup_bin).unwrap();
+        stub(
+            &rustup_bin,
+            "rustc",
+            "echo 'rustc 1.90.0 (1159e78c4 2025-09-14)'",
+        );
+        std::fs::write(
+            cargo_home.0.join("env"),
+            format!("PATH=\"{}:$PATH\"\n", rustup_bin.display()),
+        )
+        .unwrap();
         let (status, stderr) = run();
         assert_eq!(status, Some(1), "{stderr}");
         assert!(stderr.contains("rustc 1.91.0 or later"), "{stderr}");

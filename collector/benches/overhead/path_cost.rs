@@ -88,8 +88,9 @@ fn load(match_responses: bool, match_every: u32) -> Ebpf {
     ebpf
 }
 
-/// Median nanoseconds per run of each path in [`PATHS`], minus the empty program's, for
-/// each of `modes`. The modes take turns within each round, so drift favours neither.
+/// Nanoseconds per run of each path in [`PATHS`] (a [`trimmed_mean`]), minus the empty
+/// program's, for each of `modes`. The modes take turns within each round, so drift favours
+/// neither.
 fn measure(modes: &[Ebpf]) -> Vec<[f64; PATHS.len()]> {
     let runs = [
         (program_names::COUNT_INGRESS, query()),
@@ -112,10 +113,22 @@ fn measure(modes: &[Ebpf]) -> Vec<[f64; PATHS.len()]> {
         .iter_mut()
         .zip(samples)
         .map(|(floor, paths)| {
-            let floor = crate::median(floor);
-            paths.map(|mut path| crate::median(&mut path) - floor)
+            let floor = trimmed_mean(floor);
+            paths.map(|mut path| trimmed_mean(&mut path) - floor)
         })
         .collect()
+}
+
+/// The mean of the middle 80 % of `values` (sorted in place): the test runs' clock ticks in
+/// 10 ns on this VM, so any one run, and a median, reads a multiple of 10; the mean of many
+/// resolves what lies between, and the trim keeps an interrupted run out.
+fn trimmed_mean(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let trim = values.len() / 10;
+    let middle = &values[trim..values.len() - trim];
+    #[expect(clippy::cast_precision_loss, reason = "run counts far below 2^52")]
+    let count = middle.len() as f64;
+    middle.iter().sum::<f64>() / count
 }
 
 fn run_ns(ebpf: &Ebpf, program: &str, frame: &[u8]) -> f64 {
@@ -208,10 +221,11 @@ pub fn report() -> String {
     let mut report = String::from("## Instruction cost per classifier path\n\n");
     let _ = writeln!(
         report,
-        "Command: `sudo cargo xtask bench` (any arguments): the kernel object loaded on its own \
+        "Command: `cargo xtask bench` (any arguments): the kernel object loaded on its own \
          and run through `BPF_PROG_TEST_RUN` on crafted frames, {ROUNDS} runs of each path one \
-         at a time, each round also running the empty program `stats_floor_tc`, whose median \
-         is taken off (the test run's own timing). Caches are hot and a response runs on its \
+         at a time, each round also running the empty program `stats_floor_tc`, taken off (the \
+         test run's own timing); each figure is the mean of the middle 80 % of its runs, as the \
+         test runs' clock ticks in 10 ns here. Caches are hot and a response runs on its \
          query's CPU: this is what the instructions cost, the floor of a packet's cost under \
          load (the tables above), not all of it. It moves by a few nanoseconds between runs \
          where those move by a third, so it is the figure to compare builds by.\n"

@@ -68,7 +68,8 @@ pub fn require_root() {
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
         euid, 0,
-        "this test needs root (BPF, tc, network namespaces): run `sudo cargo xtask test`"
+        "this test needs root (BPF, tc, network namespaces): run `cargo xtask test` in a root \
+         shell (`sudo -i`)"
     );
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(
