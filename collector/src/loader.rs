@@ -163,6 +163,8 @@ pub struct Attachment {
     reattached: std::collections::BTreeMap<(u32, &'static str), u64>,
     /// Configured interfaces not there to attach (see [`links::missing`]).
     missing_interfaces: Vec<String>,
+    /// Interfaces there to count whose last attach failed, by index.
+    attach_failures: std::collections::BTreeMap<u32, interfaces::AttachFailure>,
     /// Up interfaces of a framing not parsed, by index, once said in the log (see
     /// [`links::unparsed_up`]).
     unparsed_noted: std::collections::BTreeSet<u32>,
@@ -335,6 +337,7 @@ impl Attachment {
             ahead_seen: std::collections::BTreeMap::new(),
             reattached: std::collections::BTreeMap::new(),
             missing_interfaces: Vec::new(),
+            attach_failures: std::collections::BTreeMap::new(),
             unparsed_noted: std::collections::BTreeSet::new(),
             cgroup2,
             pin_dir,

@@ -984,9 +984,7 @@ fn sync_links(attachment: &mut Attachment, configured: &[String], netlink: &mut 
     netlink.health.record(&read, began.elapsed());
     match read {
         Ok(links) => {
-            for failure in attachment.sync_interfaces(&links, configured) {
-                tracing::warn!("attaching a new interface failed: {failure}");
-            }
+            attachment.sync_interfaces(&links, configured);
             netlink.links = links;
         }
         Err(err) => {

@@ -772,6 +772,16 @@ fn encode_attachment(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
             .iter()
             .map(|name| (interface_labels(name), 1i64)),
     )?;
+    gauges(
+        encoder,
+        "collector_interface_attach_failed",
+        "Interfaces there to count (configured, or up under the default selection) whose last attach of the classifiers failed, the log saying why: not counted, tried again at each poll.",
+        None,
+        snapshot
+            .unattached_interfaces
+            .iter()
+            .map(|name| (interface_labels(name), 1i64)),
+    )?;
     let hook_labels = |hook: &crate::loader::TcHook| {
         let mut labels = interface_labels(&hook.interface);
         labels.push(("hook", hook.hook.to_owned()));

@@ -386,6 +386,7 @@ impl Poller {
             interfaces: interfaces.attached,
             tc_hooks: interfaces.hooks.hooks,
             missing_interfaces: interfaces.hooks.missing_interfaces,
+            unattached_interfaces: interfaces.hooks.unattached_interfaces,
             address_table: interfaces.address_table,
             sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,

@@ -350,6 +350,8 @@ pub struct Snapshot {
     pub tc_hooks: Vec<crate::loader::TcHook>,
     /// Configured interfaces not there to attach (absent, or with a framing not parsed).
     pub missing_interfaces: Vec<String>,
+    /// Interfaces there to count whose last attach failed.
+    pub unattached_interfaces: Vec<String>,
     /// The local address table's use (`None` with `all_namespaces`).
     pub address_table: Option<crate::address_table::AddressTableUse>,
     /// Health of each source: `ebpf` (the kernel maps), `netlink` (interfaces), `nft`.
@@ -673,6 +675,7 @@ impl Snapshot {
             }],
             tc_hooks: vec![example_tc_hook()],
             missing_interfaces: vec!["eth1".into()],
+            unattached_interfaces: vec!["wg0".into()],
             address_table: Some(EXAMPLE_ADDRESS_TABLE),
             sources: vec![
                 (

@@ -489,6 +489,79 @@ fn with_interfaces_configured_no_other_interface_is_exported() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// An interface whose attach fails (here: something not a link pinned where its link goes)
+/// says so in a series an alert can read, and once in the log however many polls try again;
+/// once the cause is gone, the next poll attaches it.
+#[test]
+fn an_interface_that_cannot_be_attached_is_exported_and_logged_once() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let logs = ScratchDir::new("attach-failed");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let failed = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_interface_attach_failed",
+            &[("interface", "tcoll0")],
+        )
+    };
+    // Down, it is not watched yet.
+    ip(&netns, "link add tcoll0 type veth peer name tcoll1");
+    let listed = stdout_of(std::process::Command::new("ip").args([
+        "-n",
+        &netns.name,
+        "-o",
+        "link",
+        "show",
+        "tcoll0",
+    ]));
+    let index = listed.split(':').next().unwrap().trim().to_owned();
+    let blocker = config.pin_dir.join(format!("v1/links/tc_ingress_{index}"));
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            blocker.to_str().unwrap(),
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "1",
+            "name",
+            "blocker",
+        ],
+    );
+    let _unpin = support::OnDrop(|| {
+        let _ = std::fs::remove_file(&blocker);
+    });
+
+    ip(&netns, "link set tcoll0 up");
+    let metrics = wait_for("tcoll0's failed attach", Duration::from_secs(10), || {
+        let text = scrape(&netns);
+        failed(&text).is_some().then_some(text)
+    });
+    assert_eq!(failed(&metrics), Some(1.0));
+    assert!(!attached(&metrics, "tcoll0"));
+    let said = "attaching the classifiers failed";
+    let lines = support::logged_lines(&log, said);
+    assert!(lines[0].contains("tcoll0"), "{lines:?}");
+    support::after_polls(&netns, 3);
+    assert_eq!(support::logged_lines(&log, said).len(), 1);
+
+    std::fs::remove_file(&blocker).unwrap();
+    wait_for("tcoll0 to be attached", Duration::from_secs(10), || {
+        let text = scrape(&netns);
+        (attached(&text, "tcoll0") && failed(&text).is_none()).then_some(())
+    });
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// Whether `count_ingress_ip` and `count_egress_ip` are loaded (their run statistics
 /// exported).
 fn ip_programs_loaded(metrics: &str) -> [bool; 2] {

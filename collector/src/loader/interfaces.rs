@@ -41,6 +41,16 @@ pub struct HookCheck {
     /// Configured interfaces this namespace has no interface of with a framing the
     /// classifiers parse: not counted.
     pub missing_interfaces: Vec<String>,
+    /// Interfaces there to count whose last attach failed: not counted, tried again at each
+    /// sync.
+    pub unattached_interfaces: Vec<String>,
+}
+
+/// Why an interface there to count is not attached.
+#[derive(PartialEq, Eq)]
+pub(super) struct AttachFailure {
+    interface: String,
+    error: String,
 }
 
 /// An interface the classifiers are attached to: its name and framing as of the last sync,
@@ -146,8 +156,9 @@ impl Attachment {
 
     /// Keeps the attached set current: attaches interfaces that appeared (or came up),
     /// forgets those that went away (or down, unless configured), and follows those renamed.
-    /// Returns what could not be attached.
-    pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) -> Vec<String> {
+    /// What could not be attached is remembered (exported, and logged when its error is
+    /// new: the sync runs at every poll and every link announcement).
+    pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) {
         self.keep_redirect_devices(links);
         let wanted: Vec<&Link> = links
             .iter()
@@ -181,17 +192,41 @@ impl Attachment {
             .retain(|(index, _), _| links.iter().any(|l| l.index == *index));
         self.note_missing(links::missing(links, configured));
         self.note_unparsed(links, configured);
-        let mut failures = Vec::new();
+        self.attach_failures
+            .retain(|index, _| wanted.iter().any(|l| l.index == *index));
         for link in wanted {
             if self.attached.contains_key(&link.index) && !self.replaced(link) {
                 continue;
             }
             match self.attach_interface(link) {
-                Ok(()) => tracing::info!(interface = %link.name, "new interface: attached"),
-                Err(err) => failures.push(format!("{}: {err:#}", link.name)),
+                Ok(()) => {
+                    self.attach_failures.remove(&link.index);
+                    tracing::info!(interface = %link.name, "new interface: attached");
+                }
+                // A pod's veth deleted while it was attached: not a failure (the next list
+                // has it gone).
+                Err(err) if !links::still_there(link) => {
+                    self.attach_failures.remove(&link.index);
+                    tracing::debug!(interface = %link.name, "went away during the attach: {err:#}");
+                }
+                Err(err) => {
+                    let failure = AttachFailure {
+                        interface: link.name.clone(),
+                        error: format!("{err:#}"),
+                    };
+                    if self.attach_failures.get(&link.index) != Some(&failure) {
+                        tracing::warn!(
+                            interface = %link.name,
+                            "attaching the classifiers failed, not counted until an attach \
+                             succeeds (tried again at each poll; \
+                             collector_interface_attach_failed is 1 meanwhile): {}",
+                            failure.error
+                        );
+                    }
+                    self.attach_failures.insert(link.index, failure);
+                }
             }
         }
-        failures
     }
 
     /// Whether attached interface `link.index` must be attached anew; if so it has been
@@ -425,6 +460,11 @@ impl Attachment {
                 .map(|(_, hook)| hook)
                 .collect(),
             missing_interfaces: self.missing_interfaces.clone(),
+            unattached_interfaces: self
+                .attach_failures
+                .values()
+                .map(|failure| failure.interface.clone())
+                .collect(),
         }
     }
 
