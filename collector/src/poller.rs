@@ -58,14 +58,16 @@ impl SharedSnapshot {
 
     /// Publishes a poll that could not read the kernel maps: the counters last read stay,
     /// with the time they were read, and the sources and poll counts say what failed, so that
-    /// `collector_source_up{source="ebpf"}` drops to 0 while it lasts. Readiness stays as it
-    /// is: in a sidecar, `/readyz` is the proxy pod's readiness, which a metrics fault must
-    /// not take out of its Service.
+    /// `collector_source_up{source="ebpf"}` drops to 0 while it lasts; what the other sources
+    /// read is published as a successful poll's is. Readiness stays as it is: in a sidecar,
+    /// `/readyz` is the proxy pod's readiness, which a metrics fault must not take out of
+    /// its Service.
     pub fn store_failed(&self, health: PollHealth) {
         let mut latest = self.latest.write().unwrap_or_else(PoisonError::into_inner);
         let mut snapshot = Snapshot::clone(&latest);
         snapshot.sources = health.sources;
         snapshot.poll = health.poll;
+        health.beside.publish_in(&mut snapshot);
         *latest = Arc::new(snapshot);
     }
 
@@ -83,10 +85,39 @@ pub enum Polled {
     Failed(PollHealth),
 }
 
-/// Every source's health and the poll counts, as of a poll that could not read the kernel.
+/// Every source's health and the poll counts, as of a poll that could not read the kernel,
+/// and what the other sources read.
 pub struct PollHealth {
     pub sources: Vec<(&'static str, SourceHealth)>,
     pub poll: PollStats,
+    pub beside: BesideTheMaps,
+}
+
+/// What a poll reads besides the kernel maps (netlink, nftables, the config file): fresh
+/// whether or not the maps could be read, where a failed map read froze the interface
+/// counters too while `collector_source_up{source="netlink"}` read 1.
+pub struct BesideTheMaps {
+    interface_stats: Vec<InterfaceSnapshot>,
+    interfaces: Vec<String>,
+    tc_hooks: Vec<crate::loader::TcHook>,
+    missing_interfaces: Vec<String>,
+    unattached_interfaces: Vec<String>,
+    address_table: Option<crate::address_table::AddressTableUse>,
+    nft: Vec<crate::nft::CounterValue>,
+    config_file: Option<crate::config_watch::ConfigFileState>,
+}
+
+impl BesideTheMaps {
+    fn publish_in(self, snapshot: &mut Snapshot) {
+        snapshot.interface_stats = self.interface_stats;
+        snapshot.interfaces = self.interfaces;
+        snapshot.tc_hooks = self.tc_hooks;
+        snapshot.missing_interfaces = self.missing_interfaces;
+        snapshot.unattached_interfaces = self.unattached_interfaces;
+        snapshot.address_table = self.address_table;
+        snapshot.nft = self.nft;
+        snapshot.config_file = self.config_file;
+    }
 }
 
 /// Histories of the counters that get rates, and of the closes that get quantiles.
@@ -312,8 +343,9 @@ impl Poller {
                 self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
                 tracing::warn!("reading the kernel maps failed: {err}");
                 return Polled::Failed(PollHealth {
-                    sources: sources(&self.kernel, interfaces.health, nft.health),
+                    sources: sources(&self.kernel, interfaces.health.clone(), nft.health.clone()),
                     poll: self.poll,
+                    beside: self.beside_the_maps(interfaces, nft),
                 });
             }
         };
@@ -364,6 +396,8 @@ impl Poller {
         let dns = self.dns_snapshot(at, &totals.dns, names_lost);
         // After the clients' and the domains' tables too, which on a large host are most of it.
         self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
+        let sources = sources(&self.kernel, interfaces.health.clone(), nft.health.clone());
+        let beside = self.beside_the_maps(interfaces, nft);
         Polled::Fresh(Box::new(Snapshot {
             // When the maps were read, not when the lists built after them were done.
             taken_at_ms: began_ms,
@@ -382,16 +416,29 @@ impl Poller {
             dns,
             stream_lagged: self.hub.lagged.load(std::sync::atomic::Ordering::Relaxed),
             poll: self.poll,
+            sources,
+            interface_stats: beside.interface_stats,
+            interfaces: beside.interfaces,
+            tc_hooks: beside.tc_hooks,
+            missing_interfaces: beside.missing_interfaces,
+            unattached_interfaces: beside.unattached_interfaces,
+            address_table: beside.address_table,
+            nft: beside.nft,
+            config_file: beside.config_file,
+        }))
+    }
+
+    fn beside_the_maps(&mut self, interfaces: InterfaceView, nft: NftView) -> BesideTheMaps {
+        BesideTheMaps {
             interface_stats: interfaces.attached_stats(),
             interfaces: interfaces.attached,
             tc_hooks: interfaces.hooks.hooks,
             missing_interfaces: interfaces.hooks.missing_interfaces,
             unattached_interfaces: interfaces.hooks.unattached_interfaces,
             address_table: interfaces.address_table,
-            sources: sources(&self.kernel, interfaces.health, nft.health),
             nft: nft.counters,
             config_file: self.config_watch.as_mut().map(ConfigWatch::look),
-        }))
+        }
     }
 
     /// Takes what the kernel queued in the event rings, for the figures and the streams.
@@ -577,7 +624,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_poll_keeps_the_counters_read_and_reports_the_kernel_source_down() {
+    fn a_failed_poll_keeps_the_counters_read_reports_the_kernel_source_down_and_the_rest_fresh() {
         let shared = Arc::new(SharedSnapshot::default());
         let good = Snapshot::example();
         shared.store(good.clone());
@@ -593,9 +640,22 @@ mod tests {
             failures: good.poll.failures + 1,
             last_duration_seconds: 0.001,
         };
+        // The interfaces read over netlink in the same poll, which did not fail.
+        let mut lo = good.interface_stats[0].clone();
+        lo.stats.rx_bytes += 500;
         shared.store_failed(PollHealth {
             sources: sources(&down, SourceHealth::default(), None),
             poll,
+            beside: BesideTheMaps {
+                interface_stats: vec![lo.clone()],
+                interfaces: vec!["lo".into()],
+                tc_hooks: Vec::new(),
+                missing_interfaces: Vec::new(),
+                unattached_interfaces: vec!["wg1".into()],
+                address_table: None,
+                nft: Vec::new(),
+                config_file: None,
+            },
         });
 
         let after = shared.load();
@@ -604,6 +664,8 @@ mod tests {
         assert_eq!(after.routes, good.routes);
         assert_eq!(after.dns, good.dns);
         assert_eq!(after.poll, poll);
+        assert_eq!(after.interface_stats, [lo]);
+        assert_eq!(after.unattached_interfaces, ["wg1"]);
         let text =
             metrics::render(&metrics::registry(Arc::clone(&shared), Arc::default())).unwrap();
         let line = |name: &str| {
