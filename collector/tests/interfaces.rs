@@ -1784,6 +1784,68 @@ fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// Under the default selection, an interface taken down stays attached with its series
+/// (standing still), not detached, and counts on exactly when it is up again: forgotten, its
+/// series vanished through the outage, and the attach at the up could meet the old links.
+#[test]
+fn a_watched_interface_taken_down_stays_attached_and_counts_on_when_up() {
+    use std::os::unix::fs::MetadataExt as _;
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(ROUTES);
+    let logs = ScratchDir::new("down-up");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
+        attached(&scrape(&netns), "vcoll0").then_some(())
+    });
+    let index = netns.run(|| ifindex("vcoll0"));
+    let pin = || {
+        std::fs::metadata(link_pin(&config, "tc_ingress", index))
+            .unwrap()
+            .ino()
+    };
+    let before = pin();
+    exchange_counted(&netns, &peer, "10.77.0.1:18080");
+
+    let received = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_interface_receive_bytes_total",
+            &[("interface", "vcoll0")],
+        )
+    };
+    ip(&netns, "link set vcoll0 down");
+    let down = support::after_polls(&netns, 2);
+    assert!(attached(&down, "vcoll0"), "{down}");
+    assert!(received(&down).is_some_and(|bytes| bytes > 0.0), "{down}");
+    assert_eq!(received(&support::after_polls(&netns, 2)), received(&down));
+
+    ip(&netns, "link set vcoll0 up");
+    connect_and_serve(&netns, &peer, "10.77.0.1:18080");
+    let metrics = wait_for(
+        "the second connections to close",
+        Duration::from_secs(10),
+        || {
+            let text = scrape(&netns);
+            (sample(
+                &text,
+                "collector_proxy_connections_closed_total",
+                &[("route", "web")],
+            ) == Some((2 * CONNECTIONS) as f64))
+            .then_some(text)
+        },
+    );
+    assert_payload(&metrics, 2 * CONNECTIONS, &[&netns, &peer], "after the up");
+    assert_eq!(pin(), before);
+    assert!(agent.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("forgetting"), "{text}");
+    assert!(!text.contains(" WARN "), "{text}");
+    assert_no_pins(&config.pin_dir);
+}
+
 /// A tun device of `link_type` (`ARPHRD_*`, set with `TUNSETLINK` while it is down), up:
 /// framed as an IP-in-IP tunnel's, a PPP link's or an InfiniBand port's are, which this
 /// kernel cannot make.

@@ -155,7 +155,7 @@ impl Attachment {
     }
 
     /// Keeps the attached set current: attaches interfaces that appeared (or came up),
-    /// forgets those that went away (or down, unless configured), and follows those renamed.
+    /// forgets those that went away, and follows those renamed.
     /// What could not be attached is remembered (exported, and logged when its error is
     /// new: the sync runs at every poll and every link announcement).
     pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) {
@@ -164,7 +164,20 @@ impl Attachment {
             .iter()
             .filter(|l| {
                 if configured.is_empty() {
+                    // One attached stays while down (a flapping uplink, `netplan apply`): its
+                    // series go on through the outage, when an SRE wants its error and drop
+                    // counts, and it is not detached and attached again (which met the old
+                    // links still on the hooks: "File exists").
                     links::watched_by_default(l, links)
+                        || (!l.up
+                            && self.attached.contains_key(&l.index)
+                            && links::watched_by_default(
+                                &Link {
+                                    up: true,
+                                    ..(*l).clone()
+                                },
+                                links,
+                            ))
                 } else {
                     // Down or up, as at the start: a configured interface taken down (a
                     // bond in maintenance) keeps its hooks and its series, where forgotten
