@@ -1,15 +1,25 @@
 //! The network namespace the agent runs in, as the kernel's namespace cookie: the `sock_ops`
 //! program counts only sockets whose namespace has this cookie.
 
-use std::{io, net::UdpSocket, os::fd::AsRawFd};
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 /// `SO_NETNS_COOKIE` (Linux 5.14), not yet in every libc binding.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// Cookie of the calling thread's network namespace.
 pub fn current_cookie() -> io::Result<u64> {
-    // Any socket will do: its namespace is the one it was created in, ours.
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    // Any socket will do: its namespace is the one it was created in, ours. Unbound: a bind
+    // took an ephemeral port at every poll, and a cgroup's bind hook could refuse it.
+    // SAFETY: plain arguments; the descriptor is checked, then owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut cookie: u64 = 0;
     let mut len = libc::socklen_t::try_from(size_of::<u64>()).map_err(io::Error::other)?;
     // SAFETY: valid fd, and `cookie`/`len` point to writable memory of the stated size.
