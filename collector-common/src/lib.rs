@@ -127,6 +127,9 @@ pub mod map_names {
     /// counted in place. Not pinned: its counts mean something only to the agent that knows
     /// the names.
     pub const DNS_NAMES: &str = "DNS_NAMES";
+    /// `Array<DnsNameKeys>`, 1 entry: the name hash's keys, random at each start (written
+    /// by the agent before anything is attached). Not pinned.
+    pub const DNS_NAME_KEYS: &str = "DNS_NAME_KEYS";
     /// `Array<[u64; 2]>`, sized by the agent at load ([`super::local_address_slots`]): the
     /// addresses of the agent's namespace (IPv4 mapped into IPv6, as
     /// [`super::address_words`]), each in a slot of one of its two sets
@@ -695,6 +698,36 @@ pub const DNS_COPY_BYTES: usize = 8 + 12 + DNS_NAME_MAX + 4;
 
 const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;
 
+/// Keys of a name's 32-bit halves in [`DnsNameKeys`]: 256 bytes' worth.
+pub const DNS_NAME_KEY_HALVES: usize = 64;
+
+/// The keys of the hash that names a DNS name in the kernel's tables ([`dns_name_hash_word`]),
+/// random at each start: whoever sends queries does not know them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsNameKeys {
+    /// The start value.
+    pub seed: u64,
+    /// The QTYPE's key (names hashed with their QTYPE: the upstream stamps).
+    pub qtype: u64,
+    /// One key per 32-bit half of the name's wire form.
+    pub halves: [u64; DNS_NAME_KEY_HALVES],
+}
+
+/// Adds the `word`-th eight bytes of a name's wire form (`value`, lower-cased, zero past
+/// its end) to `hash`: multilinear, each 32-bit half times its own random 64-bit key, summed
+/// mod 2^64, whose high 32 bits are strongly universal (Lemire and Kaser, 2016): two given
+/// names collide there with probability 2^-32, and whoever chooses them cannot do better
+/// without the keys. (The unkeyed multiply-and-rotate hash before it let anyone make a name
+/// that collides with any other, counting one's queries as the other's.)
+#[inline(always)]
+#[must_use]
+pub fn dns_name_hash_word(hash: u64, keys: &DnsNameKeys, word: usize, value: u64) -> u64 {
+    let at = (word & (DNS_NAME_KEY_HALVES / 2 - 1)) * 2;
+    hash.wrapping_add(keys.halves[at].wrapping_mul(value & 0xffff_ffff))
+        .wrapping_add(keys.halves[at + 1].wrapping_mul(value >> 32))
+}
+
 /// Eight bytes of a name with the ASCII capitals made small and every other byte left as
 /// it is, all at once: names compare case-insensitively in DNS, and only A to Z fold
 /// (setting bit 5 of every byte would also make `-` and `\r` one byte).
@@ -1207,6 +1240,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnClientEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsScratch {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsNameKeys {}
 }
 
 #[cfg(test)]

@@ -39,14 +39,14 @@ use collector_common::{
     DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_QUESTION_TAG_MASK, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS,
     DURATION_BUCKETS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent,
     client_fingerprint, dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample,
-    dns_name_sample, dns_port_listed, dns_qtype_index, dns_query_given_up, duration_bucket,
-    error_kind,
+    dns_name_hash_word, dns_name_sample, dns_port_listed, dns_qtype_index, dns_query_given_up,
+    duration_bucket, error_kind,
 };
 
 use crate::{
-    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAMES,
-    DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST,
-    count_error,
+    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAME_KEYS,
+    DNS_NAMES, DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM,
+    DNS_UPSTREAM_LATEST, count_error,
     packet::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN, MAX_L4_OFFSET, ether_type,
         forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled, ours, ptr_at, ptr_at_or_pulled,
@@ -473,11 +473,16 @@ fn question(buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Question {
 }
 
 /// Case-insensitive hash of the name's wire form (ASCII letters folded), eight bytes at a
-/// time, with `qtype` mixed in from the start (0: the name alone). An xor into the seed
-/// costs nothing where the QTYPE is a constant, and one instruction where it is not.
+/// time, keyed with this start's random keys ([`dns_name_hash_word`]), with `qtype` mixed
+/// in (0: the name alone). Its high half is the universal one: slots are chosen by it.
 #[inline(always)]
 fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize, qtype: u16) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(qtype);
+    let Some(keys) = DNS_NAME_KEYS.get(0) else {
+        return 0;
+    };
+    let mut hash = keys
+        .seed
+        .wrapping_add(keys.qtype.wrapping_mul(u64::from(qtype)));
     for word in 0..DNS_NAME_MAX.div_ceil(8) {
         let done = word * 8;
         if done >= name_len {
@@ -494,9 +499,7 @@ fn name_hash(buf: &[u8; DNS_SCRATCH_BYTES], name_len: usize, qtype: u16) -> u64 
         if left < 8 {
             value &= (1u64 << (left * 8)) - 1;
         }
-        hash = (hash ^ value)
-            .wrapping_mul(0x0000_0100_0000_01b3)
-            .rotate_left(23);
+        hash = dns_name_hash_word(hash, keys, word, value);
     }
     hash
 }
@@ -613,7 +616,7 @@ fn stream_wanted() -> bool {
 fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: &mut DnsCounters) {
     let name_len = question.name_len & 0xff;
     let hash = name_hash(buf, name_len, 0);
-    match tally(&DNS_NAMES, &hash, hash as u32) {
+    match tally(&DNS_NAMES, &hash, (hash >> 32) as u32) {
         Tally::Counted => {}
         // A CPU beyond the table the agent sized: the sample is lost, and said so.
         Tally::NoSlot => counters.events_dropped += 1,
@@ -895,7 +898,7 @@ fn waiting(client: u32, port: u16, id: u16, tag: Option<u64>) -> Option<&'static
 /// query for a name's AAAA says nothing of whether its A came from the cache.
 #[inline(always)]
 fn upstream_slot(buf: &[u8; DNS_SCRATCH_BYTES], question: &Question) -> u32 {
-    (name_hash(buf, question.name_len, question.qtype) as u32) & (DNS_UPSTREAM_SLOTS - 1)
+    ((name_hash(buf, question.name_len, question.qtype) >> 32) as u32) & (DNS_UPSTREAM_SLOTS - 1)
 }
 
 /// Something, for any name, went upstream at or after `since`.

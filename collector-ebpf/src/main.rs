@@ -32,10 +32,11 @@ use aya_ebpf::{
 use collector_common::{
     CONN_EVENTS_BYTES, CONN_TABLE_SLOTS, ClientSlot, ConnCounters, ConnDurations, ConnEvent,
     ConnState, DIR_IN, DIR_OUT, DNS_EVENTS_BYTES, DNS_INFLIGHT_SLOTS, DNS_MAX_PORTS,
-    DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameSlot, DnsPorts, DnsQueryEvent, DnsScratch,
-    ERROR_SLOTS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE, MAX_REDIRECT_DEVICES, MAX_ROUTES,
-    PORT_BITMAP_WORDS, PORT_SLOTS, RouteName, SNI_NAMES_MAX, SniCounters, SniDecision, SniKey,
-    TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters, local_address_set_bits,
+    DNS_UPSTREAM_SLOTS, DnsCounters, DnsInFlight, DnsNameKeys, DnsNameSlot, DnsPorts,
+    DnsQueryEvent, DnsScratch, ERROR_SLOTS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE,
+    MAX_REDIRECT_DEVICES, MAX_ROUTES, PORT_BITMAP_WORDS, PORT_SLOTS, RouteName, SNI_NAMES_MAX,
+    SniCounters, SniDecision, SniKey, TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters,
+    local_address_set_bits,
 };
 
 use crate::packet::{ETH_HLEN, NO_LINK_HEADER};
@@ -190,6 +191,9 @@ static DNS_EVENTS: RingBuf<DnsQueryEvent, { DNS_EVENTS_BYTES as usize }> = RingB
 static DNS_SCRATCH: PerCpuArray<DnsScratch, 1> = PerCpuArray::new();
 #[btf_map]
 static DNS_STREAM_WANTED: Array<u32, 1> = Array::new();
+/// Written by the agent at each start, before anything is attached.
+#[btf_map]
+static DNS_NAME_KEYS: Array<DnsNameKeys, 1> = Array::new();
 /// Sized by the agent at load: [`TALLY_SLOTS_PER_CPU`] slots per possible CPU.
 #[btf_map]
 static DNS_NAMES: Array<DnsNameSlot, { TALLY_SLOTS_PER_CPU as usize }, MAP_FLAGS_MMAPABLE> =

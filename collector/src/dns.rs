@@ -298,10 +298,17 @@ impl DomainStats {
     /// name's, so each name's bound on what it may have had more grows by all of them (of
     /// late, by those lost since the recent lists began).
     #[must_use]
-    pub fn snapshot(&mut self, listed: usize, lost_samples: u64, now: Duration) -> DomainSnapshot {
+    pub fn snapshot(
+        &mut self,
+        listed: usize,
+        lost_samples: impl FnOnce() -> u64,
+        now: Duration,
+    ) -> DomainSnapshot {
         for (domain, queries) in self.names.read() {
             self.fold(domain.as_ref(), queries);
         }
+        // Read after the table: a sample dropped meanwhile is missing from its counts.
+        let lost_samples = lost_samples();
         // After the fold: what the table counted since the last poll is the ending window's.
         let recent = self.recent.top(listed, now, lost_samples);
         DomainSnapshot {
@@ -526,7 +533,7 @@ mod tests {
         let mut stats = DomainStats::new(10, 2, TallyTable::unmapped(0));
         stats.apply(&event);
         stats.apply(&event);
-        let snapshot = stats.snapshot(10, 0, Duration::ZERO);
+        let snapshot = stats.snapshot(10, || 0, Duration::ZERO);
         assert!(snapshot.top.is_empty(), "{:?}", snapshot.top);
         assert_eq!(snapshot.events_received, 2);
     }
@@ -536,13 +543,13 @@ mod tests {
         let mut stats = with_slots(2, 2);
         stats.apply(&name_event(1, 1, 0, Some("a.example")));
         stats.fold_table(table(&[(0, 0), (1, 1)]));
-        let snapshot = stats.snapshot(10, 0, Duration::ZERO);
+        let snapshot = stats.snapshot(10, || 0, Duration::ZERO);
         // Each sample stands for two queries.
         assert_eq!(counts(&snapshot.top), [("a.example".to_owned(), 4)]);
         assert_eq!(snapshot.top[0].error, 0);
         // Three samples the kernel dropped (a full ring) could each have been this name's:
         // six queries it may have had more.
-        let widened = stats.snapshot(10, 3, Duration::ZERO);
+        let widened = stats.snapshot(10, || 3, Duration::ZERO);
         assert_eq!((widened.top[0].count, widened.top[0].error), (4, 6));
     }
 
@@ -556,13 +563,13 @@ mod tests {
         fold(&mut stats, "old.example", 50);
         // The first window holds everything since the start, the sample lost before the
         // first poll included.
-        let first = stats.snapshot(10, 1, Duration::from_secs(1));
+        let first = stats.snapshot(10, || 1, Duration::from_secs(1));
         assert_eq!(first.recent, first.top);
         assert_eq!(first.top[0].error, 1);
         assert_eq!(span(&first), Duration::from_secs(1));
         // A window on: the next begins, and the first still counts.
         fold(&mut stats, "new.example", 7);
-        let later = stats.snapshot(10, 1, Duration::from_mins(5));
+        let later = stats.snapshot(10, || 1, Duration::from_mins(5));
         assert_eq!(
             counts(&later.recent),
             [
@@ -575,7 +582,7 @@ mod tests {
         // it) are gone from the recent list, not from the list since the start; of the 3
         // samples lost since the start, 2 were lost since the recent list began.
         fold(&mut stats, "new.example", 3);
-        let last = stats.snapshot(10, 3, Duration::from_mins(10));
+        let last = stats.snapshot(10, || 3, Duration::from_mins(10));
         let bounds = |listed: &[Listed<String>]| -> Vec<(String, u64, u64)> {
             listed
                 .iter()
@@ -593,7 +600,7 @@ mod tests {
         );
         // After polls that stalled, the ended window reaches back as far as it began.
         fold(&mut stats, "late.example", 1);
-        let stalled = stats.snapshot(10, 3, Duration::from_mins(30));
+        let stalled = stats.snapshot(10, || 3, Duration::from_mins(30));
         assert_eq!(counts(&stalled.recent), [("late.example".to_owned(), 1)]);
         assert_eq!(span(&stalled), Duration::from_mins(20));
     }
@@ -646,7 +653,7 @@ mod tests {
     }
 
     fn top(stats: &mut DomainStats) -> Vec<(String, u64)> {
-        counts(&stats.snapshot(10, 0, Duration::ZERO).top)
+        counts(&stats.snapshot(10, || 0, Duration::ZERO).top)
     }
 
     #[test]
@@ -677,7 +684,7 @@ mod tests {
         // A name that did not decode counts its queries as undecodable.
         stats.apply(&name_event(0, 1, 0, None));
         stats.fold_table(table(&[(1, 4), (3, 4)]));
-        let snapshot = stats.snapshot(10, 0, Duration::ZERO);
+        let snapshot = stats.snapshot(10, || 0, Duration::ZERO);
         assert_eq!(snapshot.undecodable_names, 5);
         assert_eq!(snapshot.events_received, 4);
     }
@@ -691,7 +698,10 @@ mod tests {
         // So do those whose name did not decode.
         stats.apply(&name_event(1, 1, 0, None));
         stats.fold_table(table(&[(1, 2), (1, 3)]));
-        assert_eq!(stats.snapshot(10, 0, Duration::ZERO).undecodable_names, 16);
+        assert_eq!(
+            stats.snapshot(10, || 0, Duration::ZERO).undecodable_names,
+            16
+        );
     }
 
     #[test]

@@ -183,10 +183,16 @@ impl ClientStats {
     /// what it may have opened more grows by all of them (of late, by those lost since the
     /// recent lists began).
     #[must_use]
-    pub fn snapshot(&mut self, lost: u64, now: std::time::Duration) -> ClientSnapshot {
+    pub fn snapshot(
+        &mut self,
+        lost: impl FnOnce() -> u64,
+        now: std::time::Duration,
+    ) -> ClientSnapshot {
         for (client, opened) in self.clients.read() {
             self.observe(&client, opened);
         }
+        // Read after the table: a record dropped meanwhile is missing from its counts.
+        let lost = lost();
         let widened = |mut top: Vec<Listed<IpAddr>>, lost: u64| {
             for listed in &mut top {
                 listed.error = listed.error.saturating_add(lost);
@@ -401,7 +407,7 @@ mod tests {
         stats.apply(&client_claim(0, 2, 6, "2001:db8::2"));
         // One connection of `b` counted outside the table.
         stats.apply(&client_claim(CLIENT_NO_SLOT, 0, 0, "2001:db8::2"));
-        let snapshot = stats.snapshot(0, std::time::Duration::ZERO);
+        let snapshot = stats.snapshot(|| 0, std::time::Duration::ZERO);
         let top: Vec<_> = snapshot
             .top
             .iter()
@@ -412,7 +418,7 @@ mod tests {
         // Five client events the kernel dropped could each have been either's.
         // The recent list, within its first window, is the same.
         assert_eq!(snapshot.recent, snapshot.top);
-        let widened = stats.snapshot(5, std::time::Duration::from_secs(1));
+        let widened = stats.snapshot(|| 5, std::time::Duration::from_secs(1));
         let bounds = |top: &[Listed<IpAddr>]| -> Vec<(u64, u64)> {
             top.iter()
                 .map(|listed| (listed.count, listed.error))
@@ -470,7 +476,7 @@ mod tests {
             opened: false,
             ..open
         }));
-        let snapshot = stats.snapshot(0, std::time::Duration::ZERO);
+        let snapshot = stats.snapshot(|| 0, std::time::Duration::ZERO);
         // The kernel counted those connections in its client table, not through the events.
         assert!(snapshot.top.is_empty());
         assert!(snapshot.active.is_empty());

@@ -24,8 +24,8 @@ use aya::{
     },
 };
 use collector_common::{
-    ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameSlot,
-    DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
+    ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameKeys,
+    DnsNameSlot, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
     GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
     GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_REDIRECT_DEVICES, MAX_ROUTES, PIN_LAYOUT,
@@ -304,6 +304,7 @@ impl Attachment {
             .map_or(LOCAL_ADDRESS_SLOTS, LocalAddresses::slots);
         let prepared = load(config, &map_dir, netns_cookie, address_slots).and_then(|mut ebpf| {
             claim_pins(&mut ebpf, &pin_dir, own_netns)?;
+            set_dns_name_keys(&mut ebpf)?;
             let (routes, upstreams) = bind_slots(&mut ebpf, config)?;
             fill_port_map(&mut ebpf, &routes)?;
             fill_server_name_maps(&mut ebpf, &routes)?;
@@ -884,6 +885,44 @@ fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Resul
         Err(err) => Err(err)
             .with_context(|| format!("replacing the program in the pinned link {}", pin.display())),
     }
+}
+
+/// Gives the name hash this start's random keys, before any program runs: with the
+/// table's zeros every name would hash alike.
+fn set_dns_name_keys(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut random = [0u8; size_of::<DnsNameKeys>()];
+    let mut filled = 0;
+    while filled < random.len() {
+        // SAFETY: writes at most the rest of `random`.
+        let got = unsafe {
+            libc::getrandom(
+                random[filled..].as_mut_ptr().cast(),
+                random.len() - filled,
+                0,
+            )
+        };
+        match usize::try_from(got) {
+            Ok(got) => filled += got,
+            Err(_) if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                return Err(io::Error::last_os_error())
+                    .context("reading random keys for the DNS name hash");
+            }
+        }
+    }
+    let word =
+        |at: usize| u64::from_ne_bytes(random[at * 8..at * 8 + 8].try_into().unwrap_or_default());
+    let keys = DnsNameKeys {
+        seed: word(0),
+        qtype: word(1),
+        halves: std::array::from_fn(|half| word(2 + half)),
+    };
+    let map = ebpf
+        .map_mut(map_names::DNS_NAME_KEYS)
+        .context("the kernel object has no DNS name keys")?;
+    let mut map: Array<&mut MapData, DnsNameKeys> = Array::try_from(map)?;
+    map.set(0, keys, 0)
+        .context("writing the DNS name hash's keys")
 }
 
 /// Link pins left by an earlier run that this run does not use (an interface that went away

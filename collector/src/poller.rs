@@ -265,6 +265,19 @@ fn ring_dropped(totals: &counters::KernelTotals) -> RingDrops {
     }
 }
 
+/// The DNS samples and the client records the kernel dropped (a full ring) since this
+/// start's `at_start`, read from the pinned counters when called: after a tally table's read,
+/// so that a record dropped between the maps' read and the table's, missing from the table's
+/// counts, is in the bound too. `dropped` (as the maps' read found them) if they cannot be
+/// read again.
+fn lost_since(maps: &KernelMaps, at_start: RingDrops, dropped: RingDrops) -> RingDrops {
+    let now = counters::read_ring_drops(maps).unwrap_or(dropped);
+    RingDrops {
+        dns: now.dns.saturating_sub(at_start.dns),
+        connections: now.connections.saturating_sub(at_start.connections),
+    }
+}
+
 impl Poller {
     #[must_use]
     pub fn new(
@@ -387,13 +400,15 @@ impl Poller {
         self.poll.polls += 1;
         // Each event stream says what the kernel's full rings lost since it last did.
         self.hub.ring_dropped(ring_dropped(&totals));
-        let (names_lost, clients_lost) = self.lost_since_start(&totals);
+        let dropped = ring_dropped(&totals);
+        let at_start = *self.dropped_at_start.get_or_insert(dropped);
+        let maps = &self.maps;
         let clients = self
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .snapshot(clients_lost, at);
-        let dns = self.dns_snapshot(at, &totals.dns, names_lost);
+            .snapshot(|| lost_since(maps, at_start, dropped).connections, at);
+        let dns = self.dns_snapshot(at, &totals.dns, at_start, dropped);
         // After the clients' and the domains' tables too, which on a large host are most of it.
         self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
         let sources = sources(&self.kernel, interfaces.health.clone(), nft.health.clone());
@@ -475,26 +490,17 @@ impl Poller {
         self
     }
 
-    /// The DNS samples and the client events the kernel dropped since this start (a full
-    /// ring), from the pinned counters, which count from the first start: the top lists are
-    /// this start's.
-    fn lost_since_start(&mut self, totals: &counters::KernelTotals) -> (u64, u64) {
-        let dropped = ring_dropped(totals);
-        let at_start = *self.dropped_at_start.get_or_insert(dropped);
-        (
-            dropped.dns.saturating_sub(at_start.dns),
-            dropped.connections.saturating_sub(at_start.connections),
-        )
-    }
-
-    /// The DNS figures of a poll at `at`, with their rates; `names_lost` samples the kernel
-    /// dropped since the start widen the top domains' bounds.
+    /// The DNS figures of a poll at `at`, with their rates; the samples the kernel dropped
+    /// since the start (`at_start`; `dropped` as the maps' read found them) widen the top
+    /// domains' bounds.
     fn dns_snapshot(
         &mut self,
         at: Duration,
         counters: &collector_common::DnsCounters,
-        names_lost: u64,
+        at_start: RingDrops,
+        dropped: RingDrops,
     ) -> DnsSnapshot {
+        let maps = &self.maps;
         let mut dns = DnsSnapshot {
             enabled: self.dns.enabled,
             match_responses: self.dns.match_responses,
@@ -505,7 +511,11 @@ impl Poller {
                 .domains
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .snapshot(self.dns.listed, names_lost, at),
+                .snapshot(
+                    self.dns.listed,
+                    || lost_since(maps, at_start, dropped).dns,
+                    at,
+                ),
             waiting: self
                 .dns
                 .in_flight

@@ -805,6 +805,42 @@ fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge(
     assert_no_pins(&config.pin_dir);
 }
 
+/// Two names made to collide under the name hash before it was keyed (the first differs in
+/// the top bit of its first eight bytes, which the multiply keeps there and the rotation
+/// moves to bit 22, where the second difference takes it away): each is counted as itself.
+/// Under the old hash, whichever took its slot first counted both.
+#[test]
+fn names_crafted_to_collide_are_counted_apart() {
+    const NAMED: &[u8] = b"\x0aaaaaaaaaaa\x04test\x00";
+    const CRAFTED: &[u8] = b"\x0aaaaaaa\xe1aa!\x04test\x00";
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    netns.run(|| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for (id, name) in (0u16..).zip([NAMED; 5].into_iter().chain([CRAFTED; 3])) {
+            let mut query = id.to_be_bytes().to_vec();
+            query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            query.extend_from_slice(name);
+            query.extend_from_slice(&[0, 1, 0, 1]);
+            socket.send_to(&query, SERVER).unwrap();
+        }
+    });
+    let json = wait_for("the names counted", Duration::from_secs(15), || {
+        let json = dns_json(&netns);
+        let listed: u64 = top_domains(&json).iter().map(|(_, count)| count).sum();
+        (json["totalQueries"] == 8 && listed == 8).then_some(json)
+    });
+    let mut domains = top_domains(&json);
+    domains.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+    assert_eq!(domains.len(), 2, "{json}");
+    assert_eq!(domains[0], ("aaaaaaaaaa.test".to_owned(), 5), "{json}");
+    assert_eq!(domains[1].1, 3, "{json}");
+    assert!(domains[1].0.ends_with("aa!.test"), "{json}");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// A DNS server stand-in in `netns` on `address`: answers `count` queries (the query back,
 /// marked a response).
 fn answer(netns: &Netns, address: &'static str, count: usize) -> std::thread::JoinHandle<()> {
