@@ -720,7 +720,7 @@ pub struct DnsNameKeys {
 /// names collide there with probability 2^-32, and whoever chooses them cannot do better
 /// without the keys. (The unkeyed multiply-and-rotate hash before it let anyone make a name
 /// that collides with any other, counting one's queries as the other's.)
-#[inline(always)]
+#[inline]
 #[must_use]
 pub fn dns_name_hash_word(hash: u64, keys: &DnsNameKeys, word: usize, value: u64) -> u64 {
     let at = (word & (DNS_NAME_KEY_HALVES / 2 - 1)) * 2;

@@ -725,7 +725,7 @@ async fn serve_until_signal(
                 hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
                     Polled::Fresh(snapshot) => latest.store(*snapshot),
-                    Polled::Failed(health) => latest.store_failed(health),
+                    Polled::Failed(health) => latest.store_failed(*health),
                 }
                 liveness.polled();
             }

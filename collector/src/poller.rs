@@ -82,7 +82,7 @@ impl SharedSnapshot {
 pub enum Polled {
     Fresh(Box<Snapshot>),
     /// The kernel maps could not be read.
-    Failed(PollHealth),
+    Failed(Box<PollHealth>),
 }
 
 /// Every source's health and the poll counts, as of a poll that could not read the kernel,
@@ -355,11 +355,11 @@ impl Poller {
                 self.poll.failures += 1;
                 self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
                 tracing::warn!("reading the kernel maps failed: {err}");
-                return Polled::Failed(PollHealth {
+                return Polled::Failed(Box::new(PollHealth {
                     sources: sources(&self.kernel, interfaces.health.clone(), nft.health.clone()),
                     poll: self.poll,
                     beside: self.beside_the_maps(interfaces, nft),
-                });
+                }));
             }
         };
         self.drain_rings();
