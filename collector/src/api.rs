@@ -54,8 +54,9 @@ pub struct TopIp {
     pub ip: String,
     /// Opened since the client was tracked: never more than the true count.
     pub connections: u64,
-    /// How many more it may have opened: nonzero once more clients were seen than the list
-    /// tracks, for a client that took another's place.
+    /// How many more it may have opened: the count of the client it took the place of, once
+    /// more clients were seen than the list tracks, plus every client record the kernel's
+    /// full ring dropped since the start (any could have been this client's).
     pub max_undercount: u64,
 }
 
@@ -491,11 +492,13 @@ pub struct CacheStats {
 pub struct TopDomain {
     pub domain: String,
     /// Queries since the name was tracked: never more than the true count when every query
-    /// is sampled (`sample_every = 1`); with one in N sampled, the sampled count times N, an
-    /// estimate either way.
+    /// is sampled (`sample_every = 1`), but for a 2^-32 chance that another name shares its
+    /// keyed hash in the kernel's table; with one in N sampled, the sampled count times N,
+    /// an estimate either way.
     pub count: u64,
-    /// How many more it may have had: nonzero once more names were seen than the list
-    /// tracks, for a name that took another's place.
+    /// How many more it may have had: the count of the name it took the place of, once more
+    /// names were seen than the list tracks, plus every sample the kernel's full ring
+    /// dropped since the start (times `sample_every`; any could have been this name's).
     pub max_undercount: u64,
 }
 

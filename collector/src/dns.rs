@@ -232,8 +232,8 @@ pub struct DomainSnapshot {
 
 impl DomainStats {
     /// Keeps `listed` domains for the top list, tracking ten times as many so that the
-    /// listed ones are exact unless the name distribution is very flat; `table` is the
-    /// kernel's name table, mapped.
+    /// listed ones' bounds (`maxUndercount`) stay small unless the name distribution is very
+    /// flat; `table` is the kernel's name table, mapped.
     #[must_use]
     pub fn new(listed: usize, sample_every: u32, names: TallyTable<u64, Option<Arc<str>>>) -> Self {
         let tracked = listed.saturating_mul(10).clamp(1000, 100_000);

@@ -25,7 +25,9 @@ use crate::{
     topk::{Listed, RecentTopK, TopK},
 };
 
-/// Clients tracked for the heavy-hitter list (Space-Saving: exact for the real heavy hitters).
+/// Clients tracked for the heavy-hitter list (Space-Saving: a listed client's count is at
+/// most its `maxUndercount` below the true one, which stays small for the real heavy hitters
+/// unless the clients are many and alike).
 const TRACKED_CLIENTS: usize = 1024;
 /// Clients listed in the snapshot.
 const LISTED_CLIENTS: usize = 20;

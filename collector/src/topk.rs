@@ -35,7 +35,6 @@ pub struct TopK<K: Eq + Hash + Clone> {
     heap: Vec<Entry<K>>,
     /// Key → position in `heap`.
     position: HashMap<K, usize>,
-    total: u64,
     /// A key has been replaced: keys not tracked may have been seen.
     replaced: bool,
 }
@@ -49,7 +48,6 @@ impl<K: Eq + Hash + Clone> TopK<K> {
             capacity,
             heap: Vec::with_capacity(capacity),
             position: HashMap::with_capacity(capacity),
-            total: 0,
             replaced: false,
         }
     }
@@ -58,7 +56,6 @@ impl<K: Eq + Hash + Clone> TopK<K> {
     pub fn clear(&mut self) {
         self.heap.clear();
         self.position.clear();
-        self.total = 0;
         self.replaced = false;
     }
 
@@ -71,7 +68,6 @@ impl<K: Eq + Hash + Clone> TopK<K> {
     /// Adds `weight` to `key`. A new key arriving when full replaces the smallest, inheriting
     /// its count as error bound.
     pub fn observe(&mut self, key: &K, weight: u64) {
-        self.total = self.total.saturating_add(weight);
         if let Some(&at) = self.position.get(key) {
             self.heap[at].count = self.heap[at].count.saturating_add(weight);
             self.sift_down(at);
@@ -117,12 +113,6 @@ impl<K: Eq + Hash + Clone> TopK<K> {
         } else {
             0
         }
-    }
-
-    /// Total weight observed, keys no longer tracked included.
-    #[cfg(test)]
-    fn total(&self) -> u64 {
-        self.total
     }
 
     fn swap(&mut self, a: usize, b: usize) {
@@ -335,7 +325,6 @@ mod tests {
         let got: Vec<(&str, u64, u64)> =
             entries.iter().map(|e| (e.key, e.count, e.error)).collect();
         assert_eq!(got, [("c", 9, 0), ("a", 5, 0), ("b", 3, 0), ("d", 2, 0)]);
-        assert_eq!(top.total(), 19);
         assert_eq!(top.heap.len(), 4);
         assert_eq!(top.top(1)[0].key, "c");
     }
@@ -369,7 +358,6 @@ mod tests {
             assert!(entry.count <= *true_count && *true_count <= entry.count + entry.error);
         }
         assert_eq!(top.heap.len(), 50);
-        assert_eq!(top.total(), exact.iter().map(|(_, c)| c).sum::<u64>());
     }
 
     #[test]
