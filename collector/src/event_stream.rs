@@ -75,9 +75,13 @@ pub enum StreamEvent {
         /// Milliseconds since the Unix epoch.
         timestamp: u64,
     },
+    /// With the open's route type and client port: a stream that began after the open
+    /// (the usual case for a long connection) has the close alone.
     #[serde(rename_all = "camelCase")]
     ConnectionClose {
         connection_id: u64,
+        #[serde(rename = "type")]
+        kind: &'static str,
         route_name: String,
         /// Seconds.
         duration: f64,
@@ -86,6 +90,7 @@ pub enum StreamEvent {
         bytes_in: u64,
         bytes_out: u64,
         client_ip: String,
+        client_port: u16,
         timestamp: u64,
     },
     #[serde(rename_all = "camelCase")]
@@ -373,10 +378,11 @@ impl EventHub {
     pub fn connection_event(&self, event: &Connection) -> StreamEvent {
         let route = self.route(event.route);
         let route_name = route.map_or_else(String::new, |r| r.name.clone());
+        let kind = route.map_or("tcp", |r| r.kind.as_str());
         if event.opened {
             StreamEvent::ConnectionOpen {
                 connection_id: event.cookie,
-                kind: route.map_or("tcp", |r| r.kind.as_str()),
+                kind,
                 route_name,
                 client_ip: event.client.to_string(),
                 client_port: event.client_port,
@@ -385,12 +391,14 @@ impl EventHub {
         } else {
             StreamEvent::ConnectionClose {
                 connection_id: event.cookie,
+                kind,
                 route_name,
                 duration: seconds(event.duration_ns),
                 bytes_transferred: event.bytes_in + event.bytes_out,
                 bytes_in: event.bytes_in,
                 bytes_out: event.bytes_out,
                 client_ip: event.client.to_string(),
+                client_port: event.client_port,
                 timestamp: wall_ms(event.timestamp_ns),
             }
         }
@@ -641,6 +649,8 @@ mod tests {
         };
         let json = serde_json::to_value(hub.connection_event(&close)).unwrap();
         assert_eq!(json["event"], "connection-close");
+        assert_eq!(json["type"], "https");
+        assert_eq!(json["clientPort"], open.client_port);
         assert_eq!(json["duration"], 1.5);
         assert_eq!(json["bytesTransferred"], 42);
 

@@ -72,7 +72,8 @@ fn assert_event_details(events: &[serde_json::Value]) {
             .iter()
             .all(|e| e["type"] == "https" && e["clientIp"] == "127.0.0.1")
     );
-    // Each close names an open by its connection id, and carries the two bytes exchanged.
+    // Each close names an open by its connection id, with the open's type and client port
+    // (for a reader that joined after the open), and carries the two bytes exchanged.
     for close in events
         .iter()
         .filter(|e| e["event"] == "connection-close" && e["routeName"] == "web")
@@ -80,7 +81,11 @@ fn assert_event_details(events: &[serde_json::Value]) {
         assert!(
             opens
                 .iter()
-                .any(|open| open["connectionId"] == close["connectionId"])
+                .any(|open| open["connectionId"] == close["connectionId"]
+                    && open["type"] == close["type"]
+                    && open["clientPort"] == close["clientPort"]
+                    && close["clientPort"].as_u64().is_some_and(|port| port > 0)),
+            "{close}"
         );
         assert_eq!(close["bytesTransferred"], 2);
         assert!(close["duration"].as_f64().unwrap() > 0.0);
