@@ -776,8 +776,8 @@ fn send_with_name<E>(
 }
 
 /// Matches the response to its query: latency, cache hit or miss (neither unless `judged`:
-/// a relayed response's server asks its upstreams where this namespace does not see), the
-/// answer event. An answer to a query already given up is unmatched.
+/// a relayed response's server asks its upstreams where this namespace does not see; nor
+/// for a response without a question), the answer event. An answer to a query already given up is unmatched.
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined into the classifier: a struct would only be unpacked again"
@@ -823,6 +823,9 @@ fn on_response<const L2: usize>(
     counters.answered += 1;
     counters.latency[duration_bucket::<DURATION_BUCKETS>(latency) as usize & 31] += 1;
     counters.latency_ns += latency;
+    // A response without a question (some FORMERR answers) names nothing to have been asked
+    // upstream: neither a hit nor a miss, as a relayed one.
+    let judged = judged && asked.is_some();
     // Most answers come while nothing has gone upstream since their query arrived: those are
     // hits without hashing the name or reading its stamp (a cold line).
     let miss = judged

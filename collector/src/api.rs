@@ -479,8 +479,9 @@ pub fn proxy_stats(snapshot: &Snapshot) -> ProxyStats {
 pub struct CacheStats {
     pub hits: u64,
     pub misses: u64,
-    /// Answers relayed from a server in another network namespace (a DNAT to it): neither
-    /// hit nor miss, and left out of the rate.
+    /// Answers relayed from a server in another network namespace (a DNAT to it), and
+    /// answers without a question (some FORMERR ones): neither hit nor miss, and left out
+    /// of the rate.
     pub undecided: u64,
     /// hits / (hits + misses) over the last minute (the counts are since the start); `null`
     /// without a hit or a miss then (answers that were all `undecided` included).

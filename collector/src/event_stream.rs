@@ -110,7 +110,8 @@ pub enum StreamEvent {
     #[serde(rename_all = "camelCase")]
     QueryAnswered {
         /// True for an inferred cache hit (no upstream query for the name and type); `null`
-        /// for a response relayed from another namespace's server, which cannot be told.
+        /// for a response relayed from another namespace's server, or without a question,
+        /// which cannot be told.
         cached: Option<bool>,
         /// Seconds from query to response.
         response_time: f64,

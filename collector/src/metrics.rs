@@ -623,7 +623,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
             ),
             (
                 "collector_dns_cache_undecided",
-                "Answered queries neither hit nor miss: relayed from a server in another network namespace (a DNAT to it), whose upstream queries are not seen here.",
+                "Answered queries neither hit nor miss: relayed from a server in another network namespace (a DNAT to it), whose upstream queries are not seen here, or answered without a question (some FORMERR answers).",
                 c.cache_undecided,
             ),
             (

@@ -841,6 +841,53 @@ fn names_crafted_to_collide_are_counted_apart() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A response without a question (a FORMERR that echoes nothing) names nothing the server
+/// could have asked upstream: neither a hit nor a miss, where it counted as a hit.
+#[test]
+fn answers_without_a_question_are_neither_hit_nor_miss() {
+    const QUERIES: u16 = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let socket = netns.run(|| std::net::UdpSocket::bind(SERVER).unwrap());
+    let server = std::thread::spawn(move || {
+        for _ in 0..QUERIES {
+            let mut message = [0u8; 512];
+            let (_, from) = socket.recv_from(&mut message).unwrap();
+            // The id, QR and RD, RA and FORMERR; no section.
+            let header = [message[0], message[1], 0x81, 0x81, 0, 0, 0, 0, 0, 0, 0, 0];
+            socket.send_to(&header, from).unwrap();
+        }
+    });
+    netns.run(|| {
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+        for id in 0..QUERIES {
+            client.send_to(&www_test_query(id), SERVER).unwrap();
+            let mut answer = [0u8; 512];
+            let (len, _) = client.recv_from(&mut answer).unwrap();
+            assert_eq!((len, &answer[..2]), (12, &id.to_be_bytes()[..]));
+        }
+    });
+    server.join().unwrap();
+    let json = wait_for("the answers counted", Duration::from_secs(15), || {
+        let json = dns_json(&netns);
+        (json["totalResponses"] == u64::from(QUERIES)).then_some(json)
+    });
+    assert_eq!(
+        json["responseCodes"]["FORMERR"],
+        u64::from(QUERIES),
+        "{json}"
+    );
+    assert_eq!(
+        json["cacheStats"],
+        serde_json::json!({"hits": 0, "misses": 0, "undecided": QUERIES, "hitRate": null}),
+        "{json}"
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// A DNS server stand-in in `netns` on `address`: answers `count` queries (the query back,
 /// marked a response).
 fn answer(netns: &Netns, address: &'static str, count: usize) -> std::thread::JoinHandle<()> {
