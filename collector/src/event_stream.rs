@@ -10,7 +10,7 @@
 //! that a reader that stops reading for good is counted too. Only events that would be
 //! lines go to subscribers ([`crate::events::Streamed`]), so both count lines. Lines the
 //! stream wrote that were still in the socket's buffers when the reader went are beyond
-//! its sight and not counted. Counters never depend on events.
+//! its sight and not counted. The kernel's counters never depend on events.
 //!
 //! A stream with nothing to send for [`HEARTBEAT_INTERVAL`] sends a `heartbeat` line, with
 //! only a `timestamp` (NDJSON has no comment lines, so it is an event like the others, for

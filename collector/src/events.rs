@@ -4,8 +4,9 @@
 //! takes a slot there; opens and closes, for the event stream only, go out only while
 //! someone reads it.
 //! Open connections per client come from the kernel's connection table
-//! ([`crate::client_table`]). Counters never depend on events: a full ring loses events
-//! (counted in the kernel), not counts.
+//! ([`crate::client_table`]). The connection counters never depend on events: a full ring
+//! loses events (counted in the kernel), not counts (only the agent's count of records
+//! read, `collector_connection_events_received_total`, moves with the stream's readers).
 
 use std::{
     collections::HashMap,

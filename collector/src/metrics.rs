@@ -709,7 +709,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     single(
         encoder,
         "collector_connection_events_received",
-        "Connection events read from the kernel ring buffer.",
+        "Records read from the kernel's connection ring: client records (per-client figures) always, open and close events only while someone reads /api/v1/events.",
         None,
         MetricType::Counter,
         &ConstCounter::new(snapshot.clients.events_received),
@@ -717,7 +717,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     single(
         encoder,
         "collector_event_stream_lagged",
-        "Events that /api/v1/events readers lost: by reading too slowly, or not yet taken when their stream ended.",
+        "Events that /api/v1/events readers lost, summed over the readers (one event lost by two readers counts twice): by reading too slowly, or not yet taken when their stream ended.",
         None,
         MetricType::Counter,
         &ConstCounter::new(snapshot.stream_lagged),
