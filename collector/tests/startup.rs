@@ -1684,7 +1684,8 @@ fn the_json_figures_say_how_old_they_are() {
 /// A test run killed before its guards ran (a Ctrl-C, a CI timeout) leaves its namespace,
 /// and an agent there still counting, its `sock_ops` program on the host's cgroup root. The
 /// next run's first namespace sweeps them: the agent gets SIGTERM and stops cleanly, the
-/// namespace goes; a running test's namespace stays.
+/// namespace goes; a running test's namespace stays. An agent killed with its run leaves
+/// its pins, which the sweep removes.
 #[test]
 fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
     // The sweep at the first namespace of this process is over once this returns.
@@ -1699,8 +1700,19 @@ fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
     support::run("ip", &["-n", &stale.name, "link", "set", "lo", "up"]);
     let config = AgentConfig::new(WEB_ROUTE);
     let agent = Agent::start(&stale, &config);
+    // Killed with its run: its pins stay, under a directory named after the run.
+    let killed_pins = std::path::PathBuf::from(format!("/sys/fs/bpf/collector-test-{gone}-1"));
+    let killed_config = AgentConfig::new(WEB_ROUTE);
+    Agent::start_with(
+        &live,
+        &killed_config,
+        &["--pin-dir", killed_pins.to_str().unwrap()],
+    )
+    .kill();
+    assert!(killed_pins.join("v1").is_dir());
 
     support::sweep_killed_runs();
+    assert!(!killed_pins.exists(), "{} left", killed_pins.display());
 
     let listed = support::stdout_of(Command::new("ip").args(["netns", "list"]));
     let listed_names: Vec<&str> = listed

@@ -250,6 +250,42 @@ pub fn sweep_killed_runs() {
         let _ = Command::new("ip").args(["netns", "del", name]).status();
         eprintln!("removed {name}, left by a test run that was killed");
     }
+    sweep_killed_runs_pins();
+}
+
+/// Prefixes of the tests' pin directories under /sys/fs/bpf ([`unique`] names: the test
+/// process's id follows), the longer first.
+const PIN_DIR_PREFIXES: [&str; 3] = ["collector-test-kept-", "collector-test-", "orphans-test-"];
+
+/// Then the pin directories of those runs: an agent killed with its run (SIGKILL, the OOM
+/// killer) leaves its pins, its pinned `sock_ops` link keeping the program on the host's
+/// cgroup root. `collector cleanup` takes away what is a collector's; a directory an agent
+/// still runs with is locked, and left.
+fn sweep_killed_runs_pins() {
+    let Ok(entries) = fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = PIN_DIR_PREFIXES
+            .iter()
+            .find_map(|prefix| name.strip_prefix(prefix))
+            .and_then(|rest| rest.split('-').next())
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|byte| byte.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let swept = Command::new(COLLECTOR)
+            .args(["cleanup", "--apply", "--pin-dir"])
+            .arg(entry.path())
+            .output();
+        if swept.is_ok_and(|out| out.status.success()) {
+            eprintln!("removed /sys/fs/bpf/{name}, left by a test run that was killed");
+        }
+    }
 }
 
 impl Drop for Netns {
