@@ -127,8 +127,10 @@ pub mod map_names {
     /// counted in place. Not pinned: its counts mean something only to the agent that knows
     /// the names.
     pub const DNS_NAMES: &str = "DNS_NAMES";
-    /// `Array<DnsNameKeys>`, 1 entry: the name hash's keys, random at each start (written
-    /// by the agent before anything is attached). Not pinned.
+    /// `Array<DnsNameKeys>`, 1 entry: the name hash's keys, random (written by the agent
+    /// before anything is attached). Pinned, and kept by a start after a crash: the stamps
+    /// in [`DNS_UPSTREAM`] stay where the programs look for them, the crashed run's
+    /// programs (still attached until replaced) and the new ones alike.
     pub const DNS_NAME_KEYS: &str = "DNS_NAME_KEYS";
     /// `Array<[u64; 2]>`, sized by the agent at load ([`super::local_address_slots`]): the
     /// addresses of the agent's namespace (IPv4 mapped into IPv6, as
@@ -153,7 +155,7 @@ pub const MAX_REDIRECT_DEVICES: usize = 8;
 /// per-query state. Configuration maps and the event rings are recreated at every start.
 /// `PIN_OWNER` comes first: a clean stop removes it first, and a start removes the others
 /// where it is missing.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     map_names::PIN_OWNER,
     map_names::ROUTE_NAMES,
     map_names::CONN_COUNTERS,
@@ -169,6 +171,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     map_names::DNS_INFLIGHT,
     map_names::DNS_UPSTREAM,
     map_names::DNS_UPSTREAM_LATEST,
+    map_names::DNS_NAME_KEYS,
 ];
 
 /// Program names, as the kernel object declares them.
@@ -714,9 +717,32 @@ pub struct DnsNameKeys {
     pub halves: [u64; DNS_NAME_KEY_HALVES],
 }
 
+/// Random 64-bit words that make a [`DnsNameKeys`].
+pub const DNS_NAME_KEY_WORDS: usize = 2 + DNS_NAME_KEY_HALVES;
+
+impl DnsNameKeys {
+    /// The keys that `random` words make.
+    #[must_use]
+    pub fn from_random(random: &[u64; DNS_NAME_KEY_WORDS]) -> Self {
+        let mut halves = [0; DNS_NAME_KEY_HALVES];
+        halves.copy_from_slice(&random[2..]);
+        Self {
+            seed: random[0],
+            qtype: random[1],
+            halves,
+        }
+    }
+
+    /// Written: a table never written holds zeros, with which every name hashes alike.
+    #[must_use]
+    pub fn is_set(&self) -> bool {
+        *self != Self::from_random(&[0; DNS_NAME_KEY_WORDS])
+    }
+}
+
 /// Adds the `word`-th eight bytes of a name's wire form (`value`, lower-cased, zero past
 /// its end) to `hash`: multilinear, each 32-bit half times its own random 64-bit key, summed
-/// mod 2^64, whose high 32 bits are strongly universal (Lemire and Kaser, 2016): two given
+/// mod 2^64, whose high 32 bits are strongly universal (Lemire and Kaser, "Strongly universal string hashing is fast", 2014): two given
 /// names collide there with probability 2^-32, and whoever chooses them cannot do better
 /// without the keys. (The unkeyed multiply-and-rotate hash before it let anyone make a name
 /// that collides with any other, counting one's queries as the other's.)

@@ -24,9 +24,9 @@ use aya::{
     },
 };
 use collector_common::{
-    ClientSlot, ConnCounters, ConnDurations, ConnState, DnsCounters, DnsInFlight, DnsNameKeys,
-    DnsNameSlot, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW,
-    GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
+    ClientSlot, ConnCounters, ConnDurations, ConnState, DNS_NAME_KEY_WORDS, DnsCounters,
+    DnsInFlight, DnsNameKeys, DnsNameSlot, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED,
+    GLOBAL_DNS_MATCH_BELOW, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
     GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_REDIRECT_DEVICES, MAX_ROUTES, PIN_LAYOUT,
     PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey, TrafficCounters,
@@ -887,41 +887,25 @@ fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Resul
     }
 }
 
-/// Gives the name hash this start's random keys, before any program runs: with the
-/// table's zeros every name would hash alike.
+/// Gives the name hash random keys before any program of this start runs (with the
+/// table's zeros every name would hash alike), or keeps those of the pins a crashed run
+/// left, whose upstream stamps sit where its keys put them.
 fn set_dns_name_keys(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let mut random = [0u8; size_of::<DnsNameKeys>()];
-    let mut filled = 0;
-    while filled < random.len() {
-        // SAFETY: writes at most the rest of `random`.
-        let got = unsafe {
-            libc::getrandom(
-                random[filled..].as_mut_ptr().cast(),
-                random.len() - filled,
-                0,
-            )
-        };
-        match usize::try_from(got) {
-            Ok(got) => filled += got,
-            Err(_) if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                return Err(io::Error::last_os_error())
-                    .context("reading random keys for the DNS name hash");
-            }
-        }
-    }
-    let word =
-        |at: usize| u64::from_ne_bytes(random[at * 8..at * 8 + 8].try_into().unwrap_or_default());
-    let keys = DnsNameKeys {
-        seed: word(0),
-        qtype: word(1),
-        halves: std::array::from_fn(|half| word(2 + half)),
-    };
     let map = ebpf
         .map_mut(map_names::DNS_NAME_KEYS)
         .context("the kernel object has no DNS name keys")?;
     let mut map: Array<&mut MapData, DnsNameKeys> = Array::try_from(map)?;
-    map.set(0, keys, 0)
+    if map.get(&0, 0)?.is_set() {
+        return Ok(());
+    }
+    let mut random = [0u8; DNS_NAME_KEY_WORDS * 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut source| io::Read::read_exact(&mut source, &mut random))
+        .context("reading random keys for the DNS name hash from /dev/urandom")?;
+    let words = std::array::from_fn(|at| {
+        u64::from_ne_bytes(random[at * 8..at * 8 + 8].try_into().unwrap_or_default())
+    });
+    map.set(0, DnsNameKeys::from_random(&words), 0)
         .context("writing the DNS name hash's keys")
 }
 

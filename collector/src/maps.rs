@@ -15,8 +15,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
     ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES,
-    DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, ERROR_KIND_NAMES, MAX_ROUTES, PIN_LAYOUT,
-    PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES, SniCounters, SniKey, TrafficCounters,
+    DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsNameKeys, ERROR_KIND_NAMES, MAX_ROUTES,
+    PIN_LAYOUT, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES, SniCounters, SniKey, TrafficCounters,
     UpstreamCounters, conn_flags, dns_query_given_up, map_names, traffic_index,
 };
 use serde::Serialize;
@@ -461,6 +461,10 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             json!(rows)
         }
         map_names::DNS_UPSTREAM => dump_upstream(pin_dir)?,
+        // Whether they are set, not the keys: what a name hashes to is not for the screen.
+        map_names::DNS_NAME_KEYS => json!({
+            "set": array::<DnsNameKeys>(open(pin_dir, name)?)?.get(&0, 0)?.is_set()
+        }),
         map_names::DNS_UPSTREAM_LATEST => json!({
             "latestUpstreamNs": array::<u64>(open(pin_dir, name)?)?.get(&0, 0)?
         }),

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use collector_common::{dns_match_below, dns_match_sample, map_names};
+use collector_common::{DnsNameKeys, dns_match_below, dns_match_sample, map_names};
 use hickory_proto::{op::ResponseCode, rr::RecordType};
 use support::{
     Agent, AgentConfig, Netns, assert_no_pins,
@@ -837,6 +837,36 @@ fn names_crafted_to_collide_are_counted_apart() {
     assert_eq!(domains[0], ("aaaaaaaaaa.test".to_owned(), 5), "{json}");
     assert_eq!(domains[1].1, 3, "{json}");
     assert!(domains[1].0.ends_with("aa!.test"), "{json}");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// The name hash's keys: random at a start from nothing, kept by a start after a crash (the
+/// pinned upstream stamps sit where they put them, and the crashed run's programs hash with
+/// them until replaced), new after a clean stop.
+#[test]
+fn the_name_hash_keys_are_kept_over_a_crash_and_new_after_a_clean_stop() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let keys = || -> DnsNameKeys {
+        let pin = config.pin_dir.join("v1").join(map_names::DNS_NAME_KEYS);
+        let map: aya::maps::Array<_, DnsNameKeys> = aya::maps::Array::try_from(
+            aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
+        )
+        .unwrap();
+        map.get(&0, 0).unwrap()
+    };
+    Agent::start(&netns, &config).kill();
+    let first = keys();
+    assert!(first.is_set());
+    let agent = Agent::start(&netns, &config);
+    assert_eq!(keys(), first);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+    let agent = Agent::start(&netns, &config);
+    let fresh = keys();
+    assert!(fresh.is_set());
+    assert_ne!(fresh, first);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }

@@ -937,10 +937,22 @@ pub fn wall_ms() -> u64 {
     u64::try_from(since_epoch.as_millis()).unwrap()
 }
 
-/// Runs its function when dropped: tells a test's threads to stop, also when the test fails.
 /// Loads the classifiers `names` of the kernel object `ebpf` into the kernel, for
-/// `BPF_PROG_TEST_RUN`.
+/// `BPF_PROG_TEST_RUN`, with random keys for the DNS name hash as the agent gives it (with
+/// the table's zeros every name hashes alike).
 pub fn load_classifiers(ebpf: &mut aya::Ebpf, names: &[&str]) {
+    use collector_common::{DNS_NAME_KEY_WORDS, DnsNameKeys, map_names};
+    let mut random = [0u8; DNS_NAME_KEY_WORDS * 8];
+    fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut random)
+        .unwrap();
+    let words = std::array::from_fn(|at| {
+        u64::from_ne_bytes(random[at * 8..at * 8 + 8].try_into().unwrap())
+    });
+    let mut keys: aya::maps::Array<_, DnsNameKeys> =
+        aya::maps::Array::try_from(ebpf.map_mut(map_names::DNS_NAME_KEYS).unwrap()).unwrap();
+    keys.set(0, DnsNameKeys::from_random(&words), 0).unwrap();
     for &name in names {
         let program: &mut aya::programs::SchedClassifier =
             ebpf.program_mut(name).unwrap().try_into().unwrap();
@@ -948,6 +960,7 @@ pub fn load_classifiers(ebpf: &mut aya::Ebpf, names: &[&str]) {
     }
 }
 
+/// Runs its function when dropped: tells a test's threads to stop, also when the test fails.
 pub struct OnDrop<F: FnMut()>(pub F);
 
 impl<F: FnMut()> Drop for OnDrop<F> {
