@@ -777,7 +777,8 @@ fn send_with_name<E>(
 
 /// Matches the response to its query: latency, cache hit or miss (neither unless `judged`:
 /// a relayed response's server asks its upstreams where this namespace does not see; nor
-/// for a response without a question), the answer event. An answer to a query already given up is unmatched.
+/// for a response without a question), the answer event. An answer to a query already
+/// given up is unmatched.
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined into the classifier: a struct would only be unpacked again"

@@ -878,7 +878,7 @@ mod tests {
             controller: None,
             lower: None,
             kind: String::new(),
-            stats: links::InterfaceStats::default(),
+            stats: None,
         };
         let all = [
             link(1, "lo", true),

@@ -37,8 +37,10 @@ pub struct Link {
     /// The device's kind (`IFLA_INFO_KIND`: "bond", "bridge", "vlan", ...); empty for a
     /// physical one.
     pub kind: String,
-    /// The kernel's counters for the interface (`RTM_GETSTATS`'s `IFLA_STATS_LINK_64`).
-    pub stats: InterfaceStats,
+    /// The kernel's counters for the interface (`RTM_GETSTATS`'s `IFLA_STATS_LINK_64`);
+    /// `None` where the reply had none (never from a kernel that answers `RTM_GETSTATS`):
+    /// zeros would read as a counter reset.
+    pub stats: Option<InterfaceStats>,
 }
 
 /// Controllers that pass their ports' packets up through their own device, whose hooks then
@@ -257,11 +259,9 @@ fn with_stats(mut links: Vec<Link>) -> io::Result<Vec<Link>> {
         netlink_dump::route_dump_raw(&stats_request(), |kind, message| {
             if kind == RTM_NEWSTATS {
                 let (index, stats) = parse_stats(&message[HEADER..])?;
-                // Without its 64-bit counters (asked for, so never from this kernel) the
-                // link is left out, as one gone is: zeros would read as a counter reset.
-                if let (Some(stats), Ok(at)) =
-                    (stats, links.binary_search_by_key(&index, |l| l.index))
-                {
+                // Without its 64-bit counters the link stays listed (left out, it would be
+                // taken for gone, and detached), with no counters to export.
+                if let Ok(at) = links.binary_search_by_key(&index, |l| l.index) {
                     links[at].stats = stats;
                     counted[at] = true;
                 }
@@ -338,7 +338,7 @@ fn parse_link(body: &[u8]) -> io::Result<Link> {
         controller: None,
         lower: None,
         kind: String::new(),
-        stats: InterfaceStats::default(),
+        stats: None,
     };
     let (mut lower, mut lower_elsewhere) = (None, false);
     for attribute in netlink_dump::attributes(&body[IFINFOMSG..]) {
@@ -510,7 +510,7 @@ mod tests {
             controller: None,
             lower: None,
             kind: String::new(),
-            stats: InterfaceStats::default(),
+            stats: None,
         }
     }
 
@@ -686,7 +686,7 @@ mod tests {
                 controller: Some(9),
                 lower: Some(2),
                 kind: "macvlan".into(),
-                stats: InterfaceStats::default(),
+                stats: None,
             }
         );
         // With IFLA_LINK_NETNSID the lower device's index is another namespace's.
@@ -827,7 +827,7 @@ mod tests {
                 })
                 .filter(|&index| index != 0 && !elsewhere),
                 kind: kind.unwrap_or_default(),
-                stats: InterfaceStats::default(),
+                stats: None,
             };
             assert_eq!(ours, expected);
             compared += 1;
@@ -884,7 +884,7 @@ mod tests {
                 }),
                 0
             );
-            let lo_packets = || listed()[0].stats.tx_packets;
+            let lo_packets = || listed()[0].stats.unwrap().tx_packets;
             let before = lo_packets();
             let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             socket.send_to(b"x", socket.local_addr().unwrap()).unwrap();

@@ -183,9 +183,11 @@ impl InterfaceView {
         self.links
             .iter()
             .filter(|link| attached.contains(link.name.as_str()))
-            .map(|link| InterfaceSnapshot {
-                name: link.name.clone(),
-                stats: link.stats,
+            .filter_map(|link| {
+                Some(InterfaceSnapshot {
+                    name: link.name.clone(),
+                    stats: link.stats?,
+                })
             })
             .collect()
     }
@@ -596,10 +598,10 @@ mod tests {
             controller: None,
             lower: None,
             kind: String::new(),
-            stats: crate::links::InterfaceStats {
+            stats: Some(crate::links::InterfaceStats {
                 rx_bytes: 7,
                 ..crate::links::InterfaceStats::default()
-            },
+            }),
         };
         // `interfaces = ["lo"]` on a node with a pod's veth.
         let view = InterfaceView {

@@ -1,9 +1,10 @@
 //! Developer tasks: `cargo xtask prereqs | run | test | image | bench`.
 //!
-//! Every task first installs what is missing (Debian packages, with the services they bring
-//! disabled, the pinned nightly of collector-ebpf/rust-toolchain.toml with `rust-src`,
-//! rustfmt for the host toolchain, bpf-linker 0.13.0 built against LLVM 22), so the two
-//! commands in the README work on a machine with rustup.
+//! `prereqs`, `run`, `test` and `bench` first install what is missing (Debian packages, with
+//! the services they bring disabled unless enabled before, the pinned nightly of
+//! collector-ebpf/rust-toolchain.toml with `rust-src`, bpf-linker 0.13.0 built against LLVM
+//! 22; for `test` and `bench` also the test servers and tools, rustfmt and clippy for the
+//! host toolchain), so the two commands in the README work on a machine with rustup.
 
 use std::{
     path::{Path, PathBuf},
@@ -150,13 +151,12 @@ fn run(task: Task) -> anyhow::Result<()> {
             require_root("the privileged integration tests")?;
             prereqs(Scope::All)?;
             cargo(&root, &["fmt", "--all", "--check"])?;
-            // Also compiles the benchmark, which `cargo test` does not build. Release, as the
-            // tests are: the build script's kernel object is built once for both.
+            // Also compiles the benchmark, which `cargo test` does not build. In the tests'
+            // profile, whose build script run (the kernel object) it shares.
             cargo(
                 &root,
                 &[
                     "clippy",
-                    "--release",
                     "--workspace",
                     "--exclude",
                     "collector-ebpf",

@@ -164,13 +164,15 @@ impl Attachment {
             .iter()
             .filter(|l| {
                 if configured.is_empty() {
-                    // One attached stays while down (a flapping uplink, `netplan apply`): its
+                    // One attached (or failing to be) stays while down (a flapping uplink,
+                    // `netplan apply`): its
                     // series go on through the outage, when an SRE wants its error and drop
                     // counts, and it is not detached and attached again (which met the old
                     // links still on the hooks: "File exists").
                     links::watched_by_default(l, links)
                         || (!l.up
-                            && self.attached.contains_key(&l.index)
+                            && (self.attached.contains_key(&l.index)
+                                || self.attach_failures.contains_key(&l.index))
                             && links::watched_by_default(
                                 &Link {
                                     up: true,
@@ -239,6 +241,19 @@ impl Attachment {
                     self.attach_failures.insert(link.index, failure);
                 }
             }
+        }
+    }
+
+    /// Forgets the interfaces (index, name, error) whose hooks could not get ours again:
+    /// failing, not gone, they are exported as such until an attach succeeds.
+    fn forget_failing(&mut self, failed: &[(u32, String, String)]) {
+        for (index, interface, error) in failed {
+            self.forget(*index);
+            let failure = AttachFailure {
+                interface: interface.clone(),
+                error: error.clone(),
+            };
+            self.attach_failures.insert(*index, failure);
         }
     }
 
@@ -441,7 +456,8 @@ impl Attachment {
                                  again failed (the interface is attached anew at the next \
                                  poll): {err:#}"
                             );
-                            failed.push(ifindex);
+                            let error = format!("{err:#}");
+                            failed.push((ifindex, interface.clone(), error));
                             continue;
                         }
                     },
@@ -463,13 +479,11 @@ impl Attachment {
                 ));
             }
         }
-        for &index in &failed {
-            self.forget(index);
-        }
+        self.forget_failing(&failed);
         HookCheck {
             hooks: hooks
                 .into_iter()
-                .filter(|(index, _)| !failed.contains(index))
+                .filter(|(index, _)| !failed.iter().any(|(failed, ..)| failed == index))
                 .map(|(_, hook)| hook)
                 .collect(),
             missing_interfaces: self.missing_interfaces.clone(),
