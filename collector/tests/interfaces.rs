@@ -1554,6 +1554,22 @@ fn ifindex(interface: &str) -> u32 {
     index
 }
 
+/// The veth of [`add_veth`], and an agent logging to `log` once it is attached there: the
+/// agent and vcoll0's index.
+fn watching_a_veth(
+    netns: &Netns,
+    peer: &Netns,
+    config: &AgentConfig,
+    log: &std::path::Path,
+) -> (Agent, u32) {
+    add_veth(netns, peer);
+    let agent = Agent::start_logging(netns, config, &[], log);
+    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
+        attached(&scrape(netns), "vcoll0").then_some(())
+    });
+    (agent, netns.run(|| ifindex("vcoll0")))
+}
+
 /// The pin of the agent's tc link `prefix` on interface `index`.
 fn link_pin(config: &AgentConfig, prefix: &str, index: u32) -> std::path::PathBuf {
     config
@@ -1738,15 +1754,10 @@ fn a_renamed_interface_keeps_its_links_and_counts_exactly() {
     use std::os::unix::fs::MetadataExt as _;
     let netns = Netns::new();
     let peer = Netns::new();
-    add_veth(&netns, &peer);
     let config = AgentConfig::new(ROUTES);
     let logs = ScratchDir::new("renamed");
     let log = logs.path("agent.log");
-    let agent = Agent::start_logging(&netns, &config, &[], &log);
-    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
-        attached(&scrape(&netns), "vcoll0").then_some(())
-    });
-    let index = netns.run(|| ifindex("vcoll0"));
+    let (agent, index) = watching_a_veth(&netns, &peer, &config, &log);
     let pins = || {
         ["tc_ingress", "tc_egress"].map(|prefix| {
             std::fs::metadata(link_pin(&config, prefix, index))
@@ -1792,15 +1803,10 @@ fn a_watched_interface_taken_down_stays_attached_and_counts_on_when_up() {
     use std::os::unix::fs::MetadataExt as _;
     let netns = Netns::new();
     let peer = Netns::new();
-    add_veth(&netns, &peer);
     let config = AgentConfig::new(ROUTES);
     let logs = ScratchDir::new("down-up");
     let log = logs.path("agent.log");
-    let agent = Agent::start_logging(&netns, &config, &[], &log);
-    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
-        attached(&scrape(&netns), "vcoll0").then_some(())
-    });
-    let index = netns.run(|| ifindex("vcoll0"));
+    let (agent, index) = watching_a_veth(&netns, &peer, &config, &log);
     let pin = || {
         std::fs::metadata(link_pin(&config, "tc_ingress", index))
             .unwrap()

@@ -213,16 +213,7 @@ pub fn sweep_killed_runs() {
         let Some(name) = line.split_whitespace().next() else {
             continue;
         };
-        let Some(pid) = name
-            .strip_prefix(NETNS_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .filter(|pid| !pid.is_empty() && pid.bytes().all(|byte| byte.is_ascii_digit()))
-        else {
-            continue;
-        };
-        // A pid taken again by another process keeps the namespace: the safe side. (Test
-        // runs share the host's pid namespace, where /run/netns is.)
-        if Path::new("/proc").join(pid).exists() {
+        if !of_a_killed_run(name, &[NETNS_PREFIX]) {
             continue;
         }
         let pids = |name: &str| -> Vec<i32> {
@@ -253,6 +244,18 @@ pub fn sweep_killed_runs() {
     sweep_killed_runs_pins();
 }
 
+/// Whether `name` is one a test run made ([`unique`]: a prefix among `prefixes`, then the
+/// test process's id) and that run is gone. A pid taken again by another process keeps what
+/// it names: the safe side. (Test runs share the host's pid namespace.)
+fn of_a_killed_run(name: &str, prefixes: &[&str]) -> bool {
+    prefixes
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .and_then(|rest| rest.split('-').next())
+        .filter(|pid| !pid.is_empty() && pid.bytes().all(|byte| byte.is_ascii_digit()))
+        .is_some_and(|pid| !Path::new("/proc").join(pid).exists())
+}
+
 /// Prefixes of the tests' pin directories under /sys/fs/bpf ([`unique`] names: the test
 /// process's id follows), the longer first.
 const PIN_DIR_PREFIXES: [&str; 3] = ["collector-test-kept-", "collector-test-", "orphans-test-"];
@@ -267,15 +270,7 @@ fn sweep_killed_runs_pins() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = PIN_DIR_PREFIXES
-            .iter()
-            .find_map(|prefix| name.strip_prefix(prefix))
-            .and_then(|rest| rest.split('-').next())
-            .filter(|pid| !pid.is_empty() && pid.bytes().all(|byte| byte.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if Path::new("/proc").join(pid).exists() {
+        if !of_a_killed_run(&name, &PIN_DIR_PREFIXES) {
             continue;
         }
         let swept = Command::new(COLLECTOR)
