@@ -401,8 +401,8 @@ impl Poller {
         self.total.record(at, opened, bytes_in, bytes_out);
         self.poll.polls += 1;
         // Each event stream says what the kernel's full rings lost since it last did.
-        self.hub.ring_dropped(ring_dropped(&totals));
         let dropped = ring_dropped(&totals);
+        self.hub.ring_dropped(dropped);
         let at_start = *self.dropped_at_start.get_or_insert(dropped);
         let maps = &self.maps;
         let clients = self

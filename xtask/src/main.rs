@@ -1,10 +1,10 @@
 //! Developer tasks: `cargo xtask prereqs | run | test | image | bench`.
 //!
-//! `prereqs`, `run`, `test` and `bench` first install what is missing (Debian packages, with
-//! the services they bring disabled unless enabled before, the pinned nightly of
-//! collector-ebpf/rust-toolchain.toml with `rust-src`, bpf-linker 0.13.0 built against LLVM
-//! 22; for `test` and `bench` also the test servers and tools, rustfmt and clippy for the
-//! host toolchain), so the two commands in the README work on a machine with rustup.
+//! Every task first installs what is missing (Debian packages, with the services they bring
+//! disabled unless enabled before, the pinned nightly of collector-ebpf/rust-toolchain.toml
+//! with `rust-src`, bpf-linker 0.13.0 built against LLVM 22; for `test` and `bench` also the
+//! test servers and tools, rustfmt and clippy for the host toolchain), so the two commands in
+//! the README work on a machine with rustup. `image` needs podman besides.
 
 use std::{
     path::{Path, PathBuf},
@@ -170,7 +170,10 @@ fn run(task: Task) -> anyhow::Result<()> {
             test.extend(args.iter().map(String::as_str));
             cargo_test(&root, &test)
         }
-        Task::Image { tag, base } => image(&root, &tag, base.as_deref()),
+        Task::Image { tag, base } => {
+            prereqs(Scope::Build)?;
+            image(&root, &tag, base.as_deref())
+        }
         Task::Bench { args } => {
             require_root("the benchmarks")?;
             prereqs(Scope::All)?;

@@ -165,10 +165,9 @@ impl Attachment {
             .filter(|l| {
                 if configured.is_empty() {
                     // One attached (or failing to be) stays while down (a flapping uplink,
-                    // `netplan apply`): its
-                    // series go on through the outage, when an SRE wants its error and drop
-                    // counts, and it is not detached and attached again (which met the old
-                    // links still on the hooks: "File exists").
+                    // `netplan apply`): its series go on through the outage, when an SRE
+                    // wants its error and drop counts, and it is not detached and attached
+                    // again (which met the old links still on the hooks: "File exists").
                     links::watched_by_default(l, links)
                         || (!l.up
                             && (self.attached.contains_key(&l.index)
