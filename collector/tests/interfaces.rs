@@ -1554,6 +1554,25 @@ fn ifindex(interface: &str) -> u32 {
     index
 }
 
+/// Takes vcoll0 down, which stays attached, its counters exported and standing still (read
+/// twice after the down, so that nothing that arrived before it moves them in between); the
+/// scrape after the down.
+fn take_vcoll0_down(netns: &Netns) -> String {
+    let received = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_interface_receive_bytes_total",
+            &[("interface", "vcoll0")],
+        )
+    };
+    ip(netns, "link set vcoll0 down");
+    let down = support::after_polls(netns, 2);
+    assert!(attached(&down, "vcoll0"), "{down}");
+    assert!(received(&down).is_some_and(|bytes| bytes > 0.0), "{down}");
+    assert_eq!(received(&support::after_polls(netns, 2)), received(&down));
+    down
+}
+
 /// The veth of [`add_veth`], and an agent logging to `log` once it is attached there: the
 /// agent and vcoll0's index.
 fn watching_a_veth(
@@ -1727,21 +1746,9 @@ fn a_configured_interface_that_appears_later_is_attached_and_counted() {
     });
     exchange_counted(&netns, &peer, "10.77.0.1:18080");
 
-    // Taken down, it stays: attached, its counters exported, standing still (read twice
-    // after the down, so that nothing that arrived before it moves them in between).
-    let received = |metrics: &str| {
-        sample(
-            metrics,
-            "collector_interface_receive_bytes_total",
-            &[("interface", "vcoll0")],
-        )
-    };
-    ip(&netns, "link set vcoll0 down");
-    let down = support::after_polls(&netns, 2);
-    assert!(attached(&down, "vcoll0"), "{down}");
+    // Taken down, it stays, and is not missing.
+    let down = take_vcoll0_down(&netns);
     assert_eq!(missing(&down, "vcoll0"), None);
-    assert!(received(&down).is_some_and(|bytes| bytes > 0.0), "{down}");
-    assert_eq!(received(&support::after_polls(&netns, 2)), received(&down));
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -1815,18 +1822,7 @@ fn a_watched_interface_taken_down_stays_attached_and_counts_on_when_up() {
     let before = pin();
     exchange_counted(&netns, &peer, "10.77.0.1:18080");
 
-    let received = |metrics: &str| {
-        sample(
-            metrics,
-            "collector_interface_receive_bytes_total",
-            &[("interface", "vcoll0")],
-        )
-    };
-    ip(&netns, "link set vcoll0 down");
-    let down = support::after_polls(&netns, 2);
-    assert!(attached(&down, "vcoll0"), "{down}");
-    assert!(received(&down).is_some_and(|bytes| bytes > 0.0), "{down}");
-    assert_eq!(received(&support::after_polls(&netns, 2)), received(&down));
+    take_vcoll0_down(&netns);
 
     ip(&netns, "link set vcoll0 up");
     connect_and_serve(&netns, &peer, "10.77.0.1:18080");
