@@ -717,26 +717,30 @@ pub struct DnsNameKeys {
     pub halves: [u64; DNS_NAME_KEY_HALVES],
 }
 
-/// Random 64-bit words that make a [`DnsNameKeys`].
-pub const DNS_NAME_KEY_WORDS: usize = 2 + DNS_NAME_KEY_HALVES;
+/// Random bytes that make a [`DnsNameKeys`].
+pub const DNS_NAME_KEY_BYTES: usize = size_of::<DnsNameKeys>();
 
 impl DnsNameKeys {
-    /// The keys that `random` words make.
+    /// The keys that `random` bytes make (the agent's from /dev/urandom).
     #[must_use]
-    pub fn from_random(random: &[u64; DNS_NAME_KEY_WORDS]) -> Self {
-        let mut halves = [0; DNS_NAME_KEY_HALVES];
-        halves.copy_from_slice(&random[2..]);
+    pub fn from_random(random: &[u8; DNS_NAME_KEY_BYTES]) -> Self {
+        let mut words = random.chunks_exact(8).map(|word| {
+            u64::from_ne_bytes([
+                word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
+            ])
+        });
+        let mut next = || words.next().unwrap_or(0);
         Self {
-            seed: random[0],
-            qtype: random[1],
-            halves,
+            seed: next(),
+            qtype: next(),
+            halves: core::array::from_fn(|_| next()),
         }
     }
 
     /// Written: a table never written holds zeros, with which every name hashes alike.
     #[must_use]
     pub fn is_set(&self) -> bool {
-        *self != Self::from_random(&[0; DNS_NAME_KEY_WORDS])
+        *self != Self::from_random(&[0; DNS_NAME_KEY_BYTES])
     }
 }
 
@@ -744,8 +748,9 @@ impl DnsNameKeys {
 /// its end) to `hash`: multilinear, each 32-bit half times its own random 64-bit key, summed
 /// mod 2^64, whose high 32 bits are strongly universal (Lemire and Kaser, "Strongly
 /// universal string hashing is fast", 2014): two given names collide there with
-/// probability 2^-32, and whoever chooses them cannot do better without the keys. (The unkeyed multiply-and-rotate hash before it let anyone make a name
-/// that collides with any other, counting one's queries as the other's.)
+/// probability 2^-32, and whoever chooses them cannot do better without the keys. (The
+/// unkeyed multiply-and-rotate hash before it let anyone make a name that collides with any
+/// other, counting one's queries as the other's.)
 #[inline]
 #[must_use]
 pub fn dns_name_hash_word(hash: u64, keys: &DnsNameKeys, word: usize, value: u64) -> u64 {
@@ -1291,14 +1296,15 @@ mod tests {
 
     /// Keys from a splitmix64 sequence starting at `state`.
     fn keys(mut state: u64) -> DnsNameKeys {
-        let words = core::array::from_fn(|_| {
+        let mut random = [0u8; DNS_NAME_KEY_BYTES];
+        for word in random.chunks_exact_mut(8) {
             state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
             let mut z = state;
             z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        });
-        DnsNameKeys::from_random(&words)
+            word.copy_from_slice(&(z ^ (z >> 31)).to_ne_bytes());
+        }
+        DnsNameKeys::from_random(&random)
     }
 
     #[test]
@@ -1321,7 +1327,7 @@ mod tests {
             );
             let _ = name_hash(&keys, &[0x3f; 256]);
         }
-        assert!(!DnsNameKeys::from_random(&[0; DNS_NAME_KEY_WORDS]).is_set());
+        assert!(!DnsNameKeys::from_random(&[0; DNS_NAME_KEY_BYTES]).is_set());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use aya::{
     },
 };
 use collector_common::{
-    ClientSlot, ConnCounters, ConnDurations, ConnState, DNS_NAME_KEY_WORDS, DnsCounters,
+    ClientSlot, ConnCounters, ConnDurations, ConnState, DNS_NAME_KEY_BYTES, DnsCounters,
     DnsInFlight, DnsNameKeys, DnsNameSlot, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED,
     GLOBAL_DNS_MATCH_BELOW, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
     GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
@@ -898,14 +898,11 @@ fn set_dns_name_keys(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     if map.get(&0, 0)?.is_set() {
         return Ok(());
     }
-    let mut random = [0u8; DNS_NAME_KEY_WORDS * 8];
+    let mut random = [0u8; DNS_NAME_KEY_BYTES];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut source| io::Read::read_exact(&mut source, &mut random))
         .context("reading random keys for the DNS name hash from /dev/urandom")?;
-    let words = std::array::from_fn(|at| {
-        u64::from_ne_bytes(random[at * 8..at * 8 + 8].try_into().unwrap_or_default())
-    });
-    map.set(0, DnsNameKeys::from_random(&words), 0)
+    map.set(0, DnsNameKeys::from_random(&random), 0)
         .context("writing the DNS name hash's keys")
 }
 

@@ -936,18 +936,15 @@ pub fn wall_ms() -> u64 {
 /// `BPF_PROG_TEST_RUN`, with random keys for the DNS name hash as the agent gives it (with
 /// the table's zeros every name hashes alike).
 pub fn load_classifiers(ebpf: &mut aya::Ebpf, names: &[&str]) {
-    use collector_common::{DNS_NAME_KEY_WORDS, DnsNameKeys, map_names};
-    let mut random = [0u8; DNS_NAME_KEY_WORDS * 8];
+    use collector_common::{DNS_NAME_KEY_BYTES, DnsNameKeys, map_names};
+    let mut random = [0u8; DNS_NAME_KEY_BYTES];
     fs::File::open("/dev/urandom")
         .unwrap()
         .read_exact(&mut random)
         .unwrap();
-    let words = std::array::from_fn(|at| {
-        u64::from_ne_bytes(random[at * 8..at * 8 + 8].try_into().unwrap())
-    });
     let mut keys: aya::maps::Array<_, DnsNameKeys> =
         aya::maps::Array::try_from(ebpf.map_mut(map_names::DNS_NAME_KEYS).unwrap()).unwrap();
-    keys.set(0, DnsNameKeys::from_random(&words), 0).unwrap();
+    keys.set(0, DnsNameKeys::from_random(&random), 0).unwrap();
     for &name in names {
         let program: &mut aya::programs::SchedClassifier =
             ebpf.program_mut(name).unwrap().try_into().unwrap();
