@@ -9,6 +9,8 @@
 //!
 //! `cargo xtask bench [-- --pairs N --seconds S]`
 
+#[path = "overhead/empty_classifier.rs"]
+mod empty_classifier;
 #[path = "overhead/nginx.rs"]
 mod nginx;
 #[path = "overhead/path_cost.rs"]
@@ -31,6 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use empty_classifier::EmptyClassifier;
 use ratio::RatioSummary;
 use support::{Agent, AgentConfig, Netns, dns::Unbound, dns_json, sample, scrape};
 
@@ -83,6 +86,75 @@ const NOISE_TEXT: &str = "The same alternation with the agent started on neither
     is the run where the other modes start it): the true ratio is 1, so the interval should \
     cover 1, and the distance of the median from 1 shows how far this run's other medians \
     stray when nothing differs.";
+
+/// The mode that measures the hook: the agent's place taken by an empty classifier on lo.
+const EMPTY_CLASSIFIER_TITLE: &str =
+    "An empty classifier on lo in the agent's place (what any tc program costs these packets)";
+const EMPTY_CLASSIFIER_TEXT: &str = "The same alternation with no agent: the \"with\" side has \
+    only an empty classifier attached where the agent's loopback classifier goes (tcx ingress \
+    on lo, a program that returns at once). Its ratio is what putting any tc program on this \
+    path costs these packets, before one instruction of ours runs: a floor under the ratios \
+    above that no classifier can go below on this machine.";
+
+const AGAINST_EMPTY_TEXT: &str = "The agent counting only on the \"with\" side, the empty \
+    classifier of the mode above on the \"without\" side: both put a program on every packet, \
+    so the ratio is what the agent costs beyond the hook, the part its own instructions and \
+    maps decide.";
+
+/// What runs beside the load on one side of a pair.
+#[derive(Clone, Copy)]
+enum Beside<'a> {
+    Nothing,
+    /// The agent on this config, started fresh for the run.
+    Agent(&'a AgentConfig),
+    /// [`EmptyClassifier`], attached for the run.
+    EmptyClassifier,
+}
+
+impl<'a> Beside<'a> {
+    fn attach(self, netns: &Netns) -> Attached {
+        match self {
+            Self::Nothing => Attached::Nothing,
+            Self::Agent(config) => Attached::Agent(Agent::start(netns, config)),
+            Self::EmptyClassifier => Attached::EmptyClassifier {
+                _attached: EmptyClassifier::attach(netns),
+            },
+        }
+    }
+
+    fn config(self) -> Option<&'a AgentConfig> {
+        match self {
+            Self::Agent(config) => Some(config),
+            Self::Nothing | Self::EmptyClassifier => None,
+        }
+    }
+}
+
+/// What [`Beside::attach`] attached for one run.
+enum Attached {
+    Nothing,
+    Agent(Agent),
+    /// Held for its attachment, detached on drop.
+    EmptyClassifier {
+        _attached: EmptyClassifier,
+    },
+}
+
+impl Attached {
+    fn agent(&self) -> Option<&Agent> {
+        match self {
+            Self::Agent(agent) => Some(agent),
+            Self::Nothing | Self::EmptyClassifier { .. } => None,
+        }
+    }
+
+    /// Stops the agent, which must exit cleanly, or detaches the empty classifier.
+    fn detach(self) {
+        if let Self::Agent(agent) = self {
+            assert!(agent.stop().success());
+        }
+    }
+}
 
 struct Settings {
     pairs: usize,
@@ -245,19 +317,19 @@ struct Pair {
     agent_cpu: Option<f64>,
 }
 
-/// One run of each load, with the agent on `config` if there is one: (connections per
-/// second, bulk bytes per second, the agent's CPU use in cores during the connection load).
-fn measure(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> (f64, f64, Option<f64>) {
-    let agent = config.map(|config| Agent::start(netns, config));
-    let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
+/// One run of each load with `beside` attached: (connections per second, bulk bytes per
+/// second, the agent's CPU use in cores during the connection load if an agent ran).
+fn measure(netns: &Netns, beside: Beside, seconds: f64) -> (f64, f64, Option<f64>) {
+    let attached = beside.attach(netns);
+    let cpu_before = attached
+        .agent()
+        .map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let connect = connection_rate(netns, seconds);
-    let agent_cpu = agent
-        .as_ref()
+    let agent_cpu = attached
+        .agent()
         .map(|agent| (cpu_seconds(agent.pid()) - cpu_before) / seconds);
     let bulk = bulk_throughput(netns, seconds);
-    if let Some(agent) = agent {
-        assert!(agent.stop().success());
-    }
+    attached.detach();
     (connect, bulk, agent_cpu)
 }
 
@@ -327,9 +399,9 @@ fn cost_table(costs: &[Cost]) -> String {
     table
 }
 
-/// One mode's part of the report: per-pair table, medians, costs per run (none in the noise
-/// mode, which has no agent and no targets).
-fn mode_report(pairs: &[Pair], costs: Option<&[Cost]>) -> String {
+/// One mode's part of the report: per-pair table, medians, costs per run (only where the
+/// agent ran: `with` is what ran beside the load on the "with" side).
+fn mode_report(pairs: &[Pair], with: Beside, costs: Option<&[Cost]>) -> String {
     let connect_ratios: Vec<f64> = pairs
         .iter()
         .map(|p| p.connect_with / p.connect_without)
@@ -358,6 +430,15 @@ fn mode_report(pairs: &[Pair], costs: Option<&[Cost]>) -> String {
             p.bulk_with * 8e-9,
             p.bulk_with / p.bulk_without
         );
+    }
+    if matches!(with, Beside::EmptyClassifier) {
+        let _ = writeln!(
+            report,
+            "\n**Median ratio with an empty classifier on lo alone: new connections {}, bulk throughput {}.**",
+            connect.describe(Some(0.98)),
+            bulk.describe(Some(0.99))
+        );
+        return report;
     }
     let Some(costs) = costs else {
         let _ = writeln!(
@@ -459,28 +540,30 @@ struct DnsCount {
     agent_cpu: f64,
 }
 
-/// One DNS run, with the agent on `config` if there is one: queries per second, and what
-/// the agent counted.
+/// One DNS run with `beside` attached: queries per second, and what the agent counted if
+/// one ran.
 fn measure_dns(
     netns: &Netns,
-    config: Option<&AgentConfig>,
+    beside: Beside,
     queries: &std::path::Path,
     seconds: f64,
 ) -> (f64, Option<DnsCount>) {
-    let agent = config.map(|config| Agent::start(netns, config));
-    let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
+    let attached = beside.attach(netns);
+    let cpu_before = attached
+        .agent()
+        .map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let (sent, qps) = dnsperf(netns, queries, seconds);
-    let counted = agent.map(|agent| {
+    let counted = attached.agent().map(|agent| {
         let cpu = cpu_seconds(agent.pid()) - cpu_before;
         // dnsperf stops waiting for late answers; the kernel counted every query it saw.
         let counted = settled_count(sent, || dns_json(netns)["totalQueries"].as_u64());
-        assert!(agent.stop().success());
         DnsCount {
             sent,
             counted,
             agent_cpu: cpu / seconds,
         }
     });
+    attached.detach();
     (qps, counted)
 }
 
@@ -563,16 +646,19 @@ struct DnsPair {
     count: Option<DnsCount>,
 }
 
-/// Pairs of DNS runs without and with the agent on `config`, alternating; with no config,
-/// both sides run without it (the method's own noise).
+/// Pairs of DNS runs with `without` and with `with` attached, alternating.
 fn dns_pairs(
     netns: &Netns,
-    config: Option<&AgentConfig>,
+    without: Beside,
+    with: Beside,
     queries: &std::path::Path,
     settings: &Settings,
 ) -> Vec<DnsPair> {
     eprintln!("dns warm-up");
-    let run = |with: bool| measure_dns(netns, config.filter(|_| with), queries, settings.seconds);
+    let run = |on: bool| {
+        let beside = if on { with } else { without };
+        measure_dns(netns, beside, queries, settings.seconds)
+    };
     let pairs = alternate(settings, run, |i, without, (with, count)| {
         eprint!("dns pair {i}: qps {:.0} -> {with:.0}", without.0);
         if let Some(count) = &count {
@@ -696,33 +782,46 @@ fn pin(pid: u32, cpus: &str) {
     assert!(status.success(), "taskset -a -p -c {cpus} {pid}");
 }
 
-/// One DNS configuration's pairs and costs.
-struct DnsMode {
-    /// What the agent was configured with, for the report.
+/// One DNS mode's sides, pairs and costs.
+struct DnsMode<'a> {
+    /// What the sides ran, for the report.
     title: &'static str,
+    /// What the mode shows, where the title alone does not say.
+    text: Option<&'static str>,
+    without: Beside<'a>,
+    with: Beside<'a>,
     pairs: Vec<DnsPair>,
-    /// Per placement of dnsperf and unbound; none in the noise mode, which runs no agent.
+    /// Per placement of dnsperf and unbound, where the agent ran against nothing.
     costs: Option<Vec<(Placement, Vec<Cost>)>>,
 }
 
-/// Pairs, then costs, of the agent with `dns_section` in its config; with none, pairs with
-/// the agent on neither side (the method's own noise).
-fn dns_mode(
+/// The agent on `[dns] section` (with the benchmark's routes), for [`dns_mode`].
+fn dns_config(section: &str) -> AgentConfig {
+    AgentConfig::shipped_poll(&format!("{ROUTES}\n[dns]\n{section}"))
+}
+
+/// Pairs with `without` and `with` attached, then, where the agent runs against nothing,
+/// its programs' costs.
+fn dns_mode<'a>(
     netns: &Netns,
-    title: &'static str,
-    dns_section: Option<&str>,
+    (title, text): (&'static str, Option<&'static str>),
+    without: Beside<'a>,
+    with: Beside<'a>,
     queries: &std::path::Path,
     settings: &Settings,
     unbound: u32,
-) -> DnsMode {
-    let config = dns_section
-        .map(|section| AgentConfig::shipped_poll(&format!("{ROUTES}\n[dns]\n{section}")));
+) -> DnsMode<'a> {
+    let costs = match (without, with) {
+        (Beside::Nothing, Beside::Agent(config)) => Some(config),
+        _ => None,
+    };
     DnsMode {
         title,
-        pairs: dns_pairs(netns, config.as_ref(), queries, settings),
-        costs: config
-            .as_ref()
-            .map(|config| dns_costs(netns, config, queries, settings.seconds, unbound)),
+        text,
+        without,
+        with,
+        pairs: dns_pairs(netns, without, with, queries, settings),
+        costs: costs.map(|config| dns_costs(netns, config, queries, settings.seconds, unbound)),
     }
 }
 
@@ -746,8 +845,8 @@ fn dns_report(settings: &Settings, modes: &[DnsMode]) -> String {
     );
     for mode in modes {
         let _ = writeln!(report, "### {}\n", mode.title);
-        if mode.costs.is_none() {
-            let _ = writeln!(report, "{NOISE_TEXT}\n");
+        if let Some(text) = mode.text {
+            let _ = writeln!(report, "{text}\n");
         }
         dns_mode_report(&mut report, mode);
     }
@@ -779,26 +878,32 @@ fn dns_mode_report(report: &mut String, mode: &DnsMode) {
             p.with / p.without,
         );
     }
-    let Some(costs) = &mode.costs else {
-        let _ = writeln!(
-            report,
-            "\n**Median qps ratio with nothing attached on either side: {}.**\n",
-            qps.describe(None)
-        );
-        return;
-    };
     let differences = count_differences(
         pairs
             .iter()
             .filter_map(|p| p.count.as_ref())
             .map(|count| (count.counted, count.sent)),
     );
-    let _ = writeln!(
-        report,
-        "\n**Median qps ratio {}; counted − sent: {differences} (target 0).**\n",
-        qps.describe(Some(0.985))
-    );
-    for (placement, costs) in costs {
+    let summary = match (mode.without, mode.with) {
+        (Beside::Nothing, Beside::Nothing) => format!(
+            "Median qps ratio with nothing attached on either side: {}",
+            qps.describe(None)
+        ),
+        (Beside::Nothing, Beside::EmptyClassifier) => format!(
+            "Median qps ratio with an empty classifier on lo alone: {}",
+            qps.describe(Some(0.985))
+        ),
+        (Beside::Nothing, Beside::Agent(_)) => format!(
+            "Median qps ratio {}; counted − sent: {differences} (target 0)",
+            qps.describe(Some(0.985))
+        ),
+        _ => format!(
+            "Median qps ratio of the agent against the empty classifier: {}; counted − sent: {differences}",
+            qps.describe(None)
+        ),
+    };
+    let _ = writeln!(report, "\n**{summary}.**\n");
+    for (placement, costs) in mode.costs.iter().flatten() {
         let _ = writeln!(report, "Costs with {}:\n", placement.describe());
         report.push_str(&cost_table(costs));
         report.push('\n');
@@ -944,12 +1049,15 @@ fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-/// New-connection rate and bulk throughput, with and without the agent on `config`,
-/// alternating, against the servers already running; then the programs' cost per run. With
-/// no config, both sides of each pair run without the agent: the method's own noise.
-fn proxy_mode(netns: &Netns, config: Option<&AgentConfig>, settings: &Settings) -> String {
+/// New-connection rate and bulk throughput, with nothing attached and with `with`,
+/// alternating, against the servers already running; then the programs' cost per run where
+/// `with` is the agent. With nothing on both sides: the method's own noise.
+fn proxy_mode(netns: &Netns, with: Beside, settings: &Settings) -> String {
     eprintln!("warm-up");
-    let run = |with: bool| measure(netns, config.filter(|_| with), settings.seconds);
+    let run = |on: bool| {
+        let beside = if on { with } else { Beside::Nothing };
+        measure(netns, beside, settings.seconds)
+    };
     let pairs = alternate(settings, run, |i, without, with| {
         eprintln!(
             "pair {i}: connections/s {:.0} -> {:.0} (agent CPU {}), bulk Gbit/s {:.2} -> {:.2}",
@@ -970,13 +1078,13 @@ fn proxy_mode(netns: &Netns, config: Option<&AgentConfig>, settings: &Settings) 
             agent_cpu: with.2,
         })
         .collect();
-    let costs = config.map(|config| {
+    let costs = with.config().map(|config| {
         program_costs(netns, config, || {
             connection_rate(netns, settings.seconds);
             bulk_throughput(netns, settings.seconds);
         })
     });
-    mode_report(&pairs, costs.as_deref())
+    mode_report(&pairs, with, costs.as_deref())
 }
 
 /// One run of the nginx load, with the agent if there was one.
@@ -1127,7 +1235,8 @@ fn nginx_mode_report(report: &mut String, pairs: &[(NginxRun, NginxRun)]) {
 }
 
 /// The proxy modes: with the per-client figures (the default), without, with both ends followed,
-/// and with the ports shared by server name; then the method's own noise.
+/// and with the ports shared by server name; then an empty classifier in the agent's place,
+/// and the method's own noise.
 fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
     let stop = Arc::new(AtomicBool::new(false));
     start_servers(netns, &stop);
@@ -1165,14 +1274,85 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
     for (title, setting, tables) in modes {
         let config = AgentConfig::shipped_poll(&format!("{setting}{ROUTES}{tables}"));
         let _ = writeln!(report, "### {title}\n");
-        report.push_str(&proxy_mode(netns, Some(&config), settings));
+        report.push_str(&proxy_mode(netns, Beside::Agent(&config), settings));
         report.push('\n');
     }
-    let _ = writeln!(report, "### {NOISE_TITLE}\n\n{NOISE_TEXT}\n");
-    report.push_str(&proxy_mode(netns, None, settings));
-    report.push('\n');
+    for (title, text, with) in [
+        (
+            EMPTY_CLASSIFIER_TITLE,
+            EMPTY_CLASSIFIER_TEXT,
+            Beside::EmptyClassifier,
+        ),
+        (NOISE_TITLE, NOISE_TEXT, Beside::Nothing),
+    ] {
+        let _ = writeln!(report, "### {title}\n\n{text}\n");
+        report.push_str(&proxy_mode(netns, with, settings));
+        report.push('\n');
+    }
     stop.store(true, Ordering::Relaxed);
     report
+}
+
+/// Queries per second of unbound under dnsperf with the agent in each DNS mode, with an
+/// empty classifier in its place, and with nothing.
+fn dns_overhead(netns: &Netns, settings: &Settings) -> String {
+    let server = Unbound::start(netns, false);
+    let scratch = support::ScratchDir::new("dnsperf");
+    let queries = scratch.path("queries.txt");
+    std::fs::write(&queries, DNS_QUERIES).unwrap();
+    let unbound = server.main_pid();
+    let tracking = dns_config("match_responses = true\n");
+    let sampled = dns_config("match_every = 16\n");
+    let counting = dns_config("match_responses = false\n");
+    let mode = |described, without, with| {
+        dns_mode(netns, described, without, with, &queries, settings, unbound)
+    };
+    let modes = [
+        mode(
+            (
+                "With latency tracking (the default, `[dns] match_responses = true`)",
+                None,
+            ),
+            Beside::Nothing,
+            Beside::Agent(&tracking),
+        ),
+        mode(
+            (
+                "With latency tracking for one query in 16 (`[dns] match_every = 16`: latency, cache and in-flight figures from that sample)",
+                None,
+            ),
+            Beside::Nothing,
+            Beside::Agent(&sampled),
+        ),
+        mode(
+            (
+                "Counting only (`[dns] match_responses = false`: no latency, cache or in-flight figures)",
+                None,
+            ),
+            Beside::Nothing,
+            Beside::Agent(&counting),
+        ),
+        mode(
+            (EMPTY_CLASSIFIER_TITLE, Some(EMPTY_CLASSIFIER_TEXT)),
+            Beside::Nothing,
+            Beside::EmptyClassifier,
+        ),
+        mode(
+            (
+                "Counting only against the empty classifier (a classifier on lo on both sides)",
+                Some(AGAINST_EMPTY_TEXT),
+            ),
+            Beside::EmptyClassifier,
+            Beside::Agent(&counting),
+        ),
+        mode(
+            (NOISE_TITLE, Some(NOISE_TEXT)),
+            Beside::Nothing,
+            Beside::Nothing,
+        ),
+    ];
+    drop(server);
+    dns_report(settings, &modes)
 }
 
 fn main() {
@@ -1196,7 +1376,6 @@ fn main() {
                 .success()
         );
     }
-    let config = AgentConfig::shipped_poll(ROUTES);
     let mut report = String::new();
     if settings.runs("proxy") {
         report.push_str(&proxy_overhead(&netns, &settings));
@@ -1205,45 +1384,7 @@ fn main() {
         report.push_str(&nginx_overhead(&netns, &settings));
     }
     if settings.runs("dns") {
-        let server = Unbound::start(&netns, false);
-        let queries = config.dir.join("dnsperf-queries.txt");
-        std::fs::write(&queries, DNS_QUERIES).unwrap();
-        let modes = [
-            dns_mode(
-                &netns,
-                "With latency tracking (the default, `[dns] match_responses = true`)",
-                Some("match_responses = true\n"),
-                &queries,
-                &settings,
-                server.main_pid(),
-            ),
-            dns_mode(
-                &netns,
-                "With latency tracking for one query in 16 (`[dns] match_every = 16`: latency, cache and in-flight figures from that sample)",
-                Some("match_every = 16\n"),
-                &queries,
-                &settings,
-                server.main_pid(),
-            ),
-            dns_mode(
-                &netns,
-                "Counting only (`[dns] match_responses = false`: no latency, cache or in-flight figures)",
-                Some("match_responses = false\n"),
-                &queries,
-                &settings,
-                server.main_pid(),
-            ),
-            dns_mode(
-                &netns,
-                NOISE_TITLE,
-                None,
-                &queries,
-                &settings,
-                server.main_pid(),
-            ),
-        ];
-        drop(server);
-        report.push_str(&dns_report(&settings, &modes));
+        report.push_str(&dns_overhead(&netns, &settings));
     }
     if settings.runs("paths") {
         report.push_str(&path_cost::report());

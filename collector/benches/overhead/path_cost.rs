@@ -44,7 +44,7 @@ const PATHS: [&str; 4] = [
 
 /// The kernel object as the agent loads it for one DNS mode (matching off, or one query in
 /// `match_every`), with one route port.
-fn load(match_responses: bool, match_every: u32) -> Ebpf {
+pub fn load(match_responses: bool, match_every: u32) -> Ebpf {
     let ports = DnsPorts {
         server: [DNS_PORT, 0, 0, 0, 0, 0, 0, 0],
         upstream: [DNS_PORT, 0, 0, 0, 0, 0, 0, 0],
