@@ -2,8 +2,9 @@
 //! connections per second and bulk throughput on loopback, requests per second through a real
 //! reverse proxy (nginx), and the queries per second of a real DNS server (unbound) under
 //! dnsperf, alternately without and with the agent attached, in a network namespace of the
-//! benchmark's own. Each load ends with the same pairs run with the agent on neither side,
-//! which shows how far a median strays when nothing differs. Then the kernel's own run-time
+//! benchmark's own. The proxy and DNS loads also run with an empty classifier in the agent's
+//! place (what any tc program costs them), and each load ends with the same pairs run with
+//! the agent on neither side, which shows how far a median strays when nothing differs. Then the kernel's own run-time
 //! statistics give the cost per program run, and test runs the instruction cost of each
 //! classifier path (`path_cost`). Results go to docs/BENCHMARKS.md.
 //!
@@ -1406,9 +1407,11 @@ fn main() {
             (bulk by more), which is why the medians matter and why no test asserts on speed. \
             Each median comes with its 95 % confidence interval, from the order statistics of \
             the pairs (no assumption about their distribution): a target counts as met or \
-            missed only when the interval lies wholly on one side of it. Each load ends with \
-            its pairs run with the agent on neither side, whose medians show how far a median \
-            strays from 1 when nothing differs. \
+            missed only when the interval lies wholly on one side of it. The proxy and DNS \
+            loads also run with an empty classifier in the agent's place, whose medians show \
+            what any tc program costs them, and each load ends with its pairs run with the \
+            agent on neither side, whose medians show how far a median strays from 1 when \
+            nothing differs. \
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \
             only for that last phase), which include the kernel's timing of each run; the empty \
             programs `--bpf-stats` attaches beside ours measure that timing, and the last column \
