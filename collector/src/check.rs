@@ -280,10 +280,10 @@ fn bpffs(pin_dir: &Path, mount: Option<&Path>) -> Verdict {
 }
 
 /// The interfaces `run` attaches to, as it selects them.
-fn interfaces(configured: &[String]) -> Verdict {
+fn interfaces(watched: links::Watched<'_>) -> Verdict {
     let (status, detail) = match links::list() {
         Err(err) => (Status::Fail, format!("listing the interfaces: {err}")),
-        Ok(all) => judge_interfaces(&all, configured),
+        Ok(all) => judge_interfaces(&all, watched),
     };
     Verdict {
         name: "interfaces",
@@ -292,8 +292,8 @@ fn interfaces(configured: &[String]) -> Verdict {
     }
 }
 
-fn judge_interfaces(all: &[links::Link], configured: &[String]) -> (Status, String) {
-    let selected = match links::selection(all, configured) {
+fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status, String) {
+    let selected = match links::selection(all, watched) {
         Err(reason) => return (Status::Fail, format!("{reason}: `run` stops on it")),
         Ok(selected) => selected,
     };
@@ -314,11 +314,9 @@ fn judge_interfaces(all: &[links::Link], configured: &[String]) -> (Status, Stri
             ),
         );
     }
-    let unparsed: Vec<String> = if configured.is_empty() {
-        links::unparsed_up(all).map(|(_, name)| name).collect()
-    } else {
-        Vec::new()
-    };
+    let unparsed: Vec<String> = links::unparsed_up(all, watched)
+        .map(|(_, name)| name)
+        .collect();
     let status = if names.is_empty() || !unparsed.is_empty() {
         Status::Warn
     } else {
@@ -336,6 +334,17 @@ fn judge_interfaces(all: &[links::Link], configured: &[String]) -> (Status, Stri
             unparsed.join(", ")
         );
     }
+    let excluded: Vec<&str> = all
+        .iter()
+        .filter(|link| watched.by_default() && watched.excludes(&link.name))
+        .map(|link| link.name.as_str())
+        .collect();
+    if !excluded.is_empty() {
+        detail = format!(
+            "{detail}; left out by exclude_interfaces: {}",
+            excluded.join(", ")
+        );
+    }
     (status, detail)
 }
 
@@ -345,7 +354,7 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     let facts = Facts::gather(&config.pin_dir, config.cgroup2.as_deref())?;
     let mut verdicts = judge(&facts, config.nftables.enabled);
     verdicts.push(pin_dir(&config.pin_dir, facts.bpffs.as_deref()));
-    verdicts.push(interfaces(&config.interfaces));
+    verdicts.push(interfaces(links::Watched::of(config)));
     // The hard open-file limit, which `run` raises the soft one to, started as this was.
     let open_files = crate::open_files::hard_limit()
         .ok()
@@ -886,10 +895,13 @@ mod tests {
             link(3, "eth1", false),
         ];
         assert_eq!(
-            judge_interfaces(&all, &[]),
+            judge_interfaces(&all, links::Watched::listed(&[])),
             (Status::Pass, "lo, eth0".to_owned())
         );
-        let (status, detail) = judge_interfaces(&all, &["lo".to_owned(), "eth9".to_owned()]);
+        let (status, detail) = judge_interfaces(
+            &all,
+            links::Watched::listed(&["lo".to_owned(), "eth9".to_owned()]),
+        );
         assert_eq!(status, Status::Warn);
         assert!(
             detail.starts_with("eth9 not here (yet)") && detail.ends_with("attached now: lo"),
@@ -899,8 +911,10 @@ mod tests {
             framing: links::Framing::Other(32),
             ..link(4, "ib0", true)
         };
-        let (status, detail) =
-            judge_interfaces(std::slice::from_ref(&infiniband), &["ib0".to_owned()]);
+        let (status, detail) = judge_interfaces(
+            std::slice::from_ref(&infiniband),
+            links::Watched::listed(&["ib0".to_owned()]),
+        );
         assert_eq!(status, Status::Fail);
         assert!(
             detail.contains("framing the tc classifiers do not parse"),
@@ -911,7 +925,10 @@ mod tests {
             framing: links::Framing::Other(768),
             ..link(5, "tunl0", true)
         };
-        let (status, detail) = judge_interfaces(&[all[0].clone(), tunnel.clone()], &[]);
+        let (status, detail) = judge_interfaces(
+            &[all[0].clone(), tunnel.clone()],
+            links::Watched::listed(&[]),
+        );
         assert_eq!(status, Status::Warn);
         assert_eq!(
             detail,
@@ -920,7 +937,7 @@ mod tests {
         );
         // Alone: neither hides the other.
         assert_eq!(
-            judge_interfaces(std::slice::from_ref(&tunnel), &[]),
+            judge_interfaces(std::slice::from_ref(&tunnel), links::Watched::listed(&[])),
             (
                 Status::Warn,
                 "none is up: no live traffic is counted until one comes up; up but of a \
@@ -930,19 +947,40 @@ mod tests {
             )
         );
         // Down, it carries nothing to miss; configured away, it is not asked for.
+        let tunnel_up = tunnel.clone();
         let down = links::Link {
             up: false,
             ..tunnel
         };
         assert_eq!(
-            judge_interfaces(&[all[0].clone(), down], &[]),
+            judge_interfaces(&[all[0].clone(), down], links::Watched::listed(&[])),
             (Status::Pass, "lo".to_owned())
         );
         assert_eq!(
-            judge_interfaces(&[all[0].clone(), infiniband], &["lo".to_owned()]),
+            judge_interfaces(
+                &[all[0].clone(), infiniband],
+                links::Watched::listed(&["lo".to_owned()])
+            ),
             (Status::Pass, "lo".to_owned())
         );
-        let (status, _) = judge_interfaces(&[link(2, "eth0", false)], &[]);
+        let (status, _) = judge_interfaces(&[link(2, "eth0", false)], links::Watched::listed(&[]));
         assert_eq!(status, Status::Warn);
+        // Excluded by a pattern: not attached, and named as left out, not as uncounted.
+        let excluded = [
+            glob::Pattern::new("cali*").unwrap(),
+            glob::Pattern::new("tunl*").unwrap(),
+        ];
+        let watched = links::Watched {
+            listed: &[],
+            excluded: &excluded,
+        };
+        let pods = [all[0].clone(), link(6, "cali7f", true), tunnel_up];
+        assert_eq!(
+            judge_interfaces(&pods, watched),
+            (
+                Status::Pass,
+                "lo; left out by exclude_interfaces: cali7f, tunl0".to_owned()
+            )
+        );
     }
 }

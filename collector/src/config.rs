@@ -37,6 +37,9 @@ pub struct Config {
     pub cgroup2: Option<PathBuf>,
     /// Interfaces to watch; empty means every up interface, loopback included.
     pub interfaces: Vec<String>,
+    /// With `interfaces` empty: the names the default selection leaves out (globs), such as
+    /// a node's pod veths.
+    pub exclude_interfaces: Vec<glob::Pattern>,
     /// Count sockets of every network namespace, not only the agent's own.
     pub all_namespaces: bool,
     /// Addresses and ranges that are this host's for live traffic and DNS though it does
@@ -236,6 +239,8 @@ struct RawConfig {
     cgroup2: Option<Spanned<String>>,
     #[serde(default)]
     interfaces: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude_interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     all_namespaces: bool,
     #[serde(default)]
@@ -705,6 +710,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         pin_dir,
         cgroup2,
         interfaces,
+        exclude_interfaces: exclude_interfaces(source, raw)?,
         all_namespaces: raw.all_namespaces,
         extra_local_addresses: extra_local_addresses(source, raw)?,
         client_stats: raw.client_stats.unwrap_or(true),
@@ -723,6 +729,46 @@ const EXTRA_LOCAL_RANGE_MAX: u32 = 1 << 16;
 
 /// Most addresses all `extra_local_addresses` entries may stand for together.
 const EXTRA_LOCAL_ADDRESSES_MAX: u64 = 1 << 18;
+
+/// `exclude_interfaces`: glob patterns (`*`, `?`, `[...]`) of names the default selection
+/// leaves out. With `interfaces` listed there is no default selection to narrow, and a
+/// name both listed and excluded would be a contradiction: refused.
+fn exclude_interfaces(
+    source: &Source<'_>,
+    raw: &RawConfig,
+) -> Result<Vec<glob::Pattern>, ConfigError> {
+    let mut patterns = Vec::new();
+    for (index, entry) in raw.exclude_interfaces.iter().enumerate() {
+        let text = entry.get_ref();
+        if !raw.interfaces.is_empty() {
+            return Err(source.at(
+                entry,
+                "exclude_interfaces narrows the default selection (interfaces = []); with \
+                 interfaces listed, only those are watched: list them or exclude, not both",
+            ));
+        }
+        if raw.exclude_interfaces[..index]
+            .iter()
+            .any(|other| other.get_ref() == text)
+        {
+            return Err(source.at(entry, format!("pattern {text:?} is listed twice")));
+        }
+        let pattern = glob::Pattern::new(text)
+            .ok()
+            .filter(|_| !text.is_empty())
+            .ok_or_else(|| {
+                source.at(
+                    entry,
+                    format!(
+                        "{text:?} is not a pattern of interface names (a name, or a glob with \
+                         *, ? and [...], such as \"cali*\")"
+                    ),
+                )
+            })?;
+        patterns.push(pattern);
+    }
+    Ok(patterns)
+}
 
 /// `extra_local_addresses`, each checked, and their total.
 fn extra_local_addresses(
@@ -1933,6 +1979,34 @@ match_every = 1
         assert_error("pin_dir = \"/sys/fs/bpf/x/..\"\n", 1, "has a `..`");
         let elsewhere = Config::from_toml("t.toml", "pin_dir = \"/run/x.y/c\"\n").unwrap();
         assert_eq!(elsewhere.pin_dir, PathBuf::from("/run/x.y/c"));
+    }
+
+    #[test]
+    fn exclude_interfaces_rules() {
+        assert_error(
+            "interfaces = [\"eth0\"]\nexclude_interfaces = [\"veth*\"]\n",
+            2,
+            "list them or exclude, not both",
+        );
+        assert_error(
+            "exclude_interfaces = [\"cali*\",\n  \"lxc[\"]\n",
+            2,
+            "\"lxc[\" is not a pattern of interface names",
+        );
+        assert_error("exclude_interfaces = [\"\"]\n", 1, "not a pattern");
+        assert_error(
+            "exclude_interfaces = [\"cali*\", \"cali*\"]\n",
+            1,
+            "\"cali*\" is listed twice",
+        );
+        let config =
+            Config::from_toml("t.toml", "exclude_interfaces = [\"cali*\", \"veth?\"]\n").unwrap();
+        let names = ["cali12ab", "veth1", "veth12", "eth0"];
+        let excluded: Vec<&str> = names
+            .into_iter()
+            .filter(|name| config.exclude_interfaces.iter().any(|p| p.matches(name)))
+            .collect();
+        assert_eq!(excluded, ["cali12ab", "veth1"]);
     }
 
     #[test]

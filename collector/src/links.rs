@@ -425,14 +425,22 @@ pub fn watched_by_default(link: &Link, all: &[Link]) -> bool {
 /// Up interfaces that the default selection leaves out for their framing alone (an IP-in-IP
 /// tunnel such as Calico's `tunl0`, GRE, PPP, InfiniBand): their live traffic and DNS go
 /// uncounted, where the connections' figures (from the sockets) do not. Said, not hidden:
-/// by index, and named with their link-layer type.
-pub fn unparsed_up(links: &[Link]) -> impl Iterator<Item = (u32, String)> + '_ {
-    links.iter().filter(|link| link.up).filter_map(|link| {
-        let Framing::Other(link_type) = link.framing else {
-            return None;
-        };
-        Some((link.index, format!("{} (link type {link_type})", link.name)))
-    })
+/// by index, and named with their link-layer type. None where interfaces are listed, and
+/// none that a pattern excludes: those are left out on purpose.
+pub fn unparsed_up<'a>(
+    links: &'a [Link],
+    watched: Watched<'a>,
+) -> impl Iterator<Item = (u32, String)> + 'a {
+    let by_default = watched.by_default();
+    links
+        .iter()
+        .filter(move |link| by_default && link.up && !watched.excludes(&link.name))
+        .filter_map(|link| {
+            let Framing::Other(link_type) = link.framing else {
+                return None;
+            };
+            Some((link.index, format!("{} (link type {link_type})", link.name)))
+        })
 }
 
 /// Up, with a parsed framing, and not the port of a layer-2 controller.
@@ -442,6 +450,44 @@ fn countable_on_its_own(link: &Link, all: &[Link]) -> bool {
             .any(|other| other.index == index && LAYER2_CONTROLLERS.contains(&other.kind.as_str()))
     });
     link.up && link.framing.parsed() && !port_of_layer2_controller
+}
+
+/// Which interfaces the agent watches: those `listed` (`interfaces`), or with none listed
+/// the default selection ([`watched_by_default`]) less the names an `excluded` pattern
+/// matches (`exclude_interfaces`). Only the name is matched: an excluded bridge's ports or
+/// macvlan's lower device are not watched in its place.
+#[derive(Clone, Copy, Debug)]
+pub struct Watched<'a> {
+    pub listed: &'a [String],
+    pub excluded: &'a [glob::Pattern],
+}
+
+impl<'a> Watched<'a> {
+    pub fn of(config: &'a crate::config::Config) -> Self {
+        Self {
+            listed: &config.interfaces,
+            excluded: &config.exclude_interfaces,
+        }
+    }
+
+    /// The listed names, nothing excluded.
+    #[cfg(test)]
+    pub const fn listed(names: &'a [String]) -> Self {
+        Self {
+            listed: names,
+            excluded: &[],
+        }
+    }
+
+    /// Whether nothing is listed: the default selection applies.
+    pub const fn by_default(self) -> bool {
+        self.listed.is_empty()
+    }
+
+    /// Whether the default selection leaves the interface named `name` out.
+    pub fn excludes(self, name: &str) -> bool {
+        self.excluded.iter().any(|pattern| pattern.matches(name))
+    }
 }
 
 /// The links to attach to at start, and the configured names not there yet.
@@ -454,17 +500,18 @@ pub struct Selection<'a> {
 
 /// The links to attach to: the configured names that exist (each with a parsed framing),
 /// the others left to appear later, or with none configured those [`watched_by_default`],
-/// loopback included.
-pub fn selection<'a>(links: &'a [Link], configured: &[String]) -> Result<Selection<'a>, String> {
-    if configured.is_empty() {
+/// loopback included, that no pattern excludes.
+pub fn selection<'a>(links: &'a [Link], watched: Watched<'_>) -> Result<Selection<'a>, String> {
+    if watched.by_default() {
         return Ok(Selection {
             links: links
                 .iter()
-                .filter(|l| watched_by_default(l, links))
+                .filter(|l| watched_by_default(l, links) && !watched.excludes(&l.name))
                 .collect(),
             missing: Vec::new(),
         });
     }
+    let configured = watched.listed;
     let mut selected = Selection {
         links: Vec::new(),
         missing: Vec::new(),
@@ -516,7 +563,7 @@ mod tests {
 
     /// The names of the links watched by default among `links`.
     fn selected_by_default(links: &[Link]) -> Vec<&str> {
-        selection(links, &[])
+        selection(links, Watched::listed(&[]))
             .unwrap()
             .links
             .iter()
@@ -573,7 +620,10 @@ mod tests {
         );
         // Configured by name, a port is attached as asked.
         assert_eq!(
-            selection(&links, &["eth0".into()]).unwrap().links[0].name,
+            selection(&links, Watched::listed(&["eth0".into()]))
+                .unwrap()
+                .links[0]
+                .name,
             "eth0"
         );
     }
@@ -621,18 +671,64 @@ mod tests {
         let names = selected_by_default(&links);
         assert_eq!(names, ["lo", "eth0"]);
         // Named, it is watched.
-        assert_eq!(selection(&links, &["ifb0".into()]).unwrap().links.len(), 1);
+        assert_eq!(
+            selection(&links, Watched::listed(&["ifb0".into()]))
+                .unwrap()
+                .links
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn excluded_names_are_left_out_of_the_default_selection_only() {
+        let links = [
+            link(1, "lo", true, true),
+            link(2, "eth0", true, true),
+            link(3, "cali1a2b", true, true),
+            link(4, "lxc9", true, true),
+            link(5, "tunl0", true, false),
+            link(6, "gre0", true, false),
+        ];
+        let excluded = [
+            glob::Pattern::new("cali*").unwrap(),
+            glob::Pattern::new("lxc?").unwrap(),
+            glob::Pattern::new("tunl[0-9]").unwrap(),
+        ];
+        let watched = Watched {
+            listed: &[],
+            excluded: &excluded,
+        };
+        let names: Vec<&str> = selection(&links, watched)
+            .unwrap()
+            .links
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(names, ["lo", "eth0"]);
+        // An excluded tunnel is not reported as uncounted: it is left out on purpose.
+        let unparsed: Vec<String> = unparsed_up(&links, watched).map(|(_, name)| name).collect();
+        assert_eq!(unparsed, ["gre0 (link type 32)"]);
+        // Listed names: nothing reported, whatever the framing.
+        let listed = ["lo".to_owned()];
+        assert_eq!(unparsed_up(&links, Watched::listed(&listed)).count(), 0);
     }
 
     #[test]
     fn configured_links_must_be_ethernet_and_may_come_later() {
         let links = [link(1, "lo", true, true), link(4, "ib0", true, false)];
-        assert_eq!(selection(&links, &["lo".into()]).unwrap().links.len(), 1);
-        let selected = selection(&links, &["eth9".into(), "lo".into()]).unwrap();
+        assert_eq!(
+            selection(&links, Watched::listed(&["lo".into()]))
+                .unwrap()
+                .links
+                .len(),
+            1
+        );
+        let selected = selection(&links, Watched::listed(&["eth9".into(), "lo".into()])).unwrap();
         assert_eq!(selected.links.len(), 1);
         assert_eq!(selected.missing, ["eth9"]);
         assert!(
-            selection(&links, &["ib0".into()])
+            selection(&links, Watched::listed(&["ib0".into()]))
                 .map(|s| s.links)
                 .unwrap_err()
                 .contains("a link-layer framing the tc classifiers do not parse")

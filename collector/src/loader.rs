@@ -391,10 +391,11 @@ impl Attachment {
         cgroup: &File,
     ) -> anyhow::Result<()> {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
-        let selected = links::selection(&all, &config.interfaces).map_err(|err| anyhow!(err))?;
+        let watched = links::Watched::of(config);
+        let selected = links::selection(&all, watched).map_err(|err| anyhow!(err))?;
         self.load_programs(config, bpf_stats, &selected)?;
         self.keep_redirect_devices(&all);
-        self.note_unparsed(&all, &config.interfaces);
+        self.note_unparsed(&all, watched);
         // Before any classifier runs (till then the table counts as incomplete: by port).
         self.refresh_local_addresses();
         // Loopback's classifiers before the cgroup programs: the orphan reaper knows a

@@ -721,7 +721,7 @@ async fn serve_until_signal(
                     .into_iter()
                     .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats { name, run_time_ns, run_count })
                     .collect();
-                let interfaces = read_interfaces(attachment, &config.interfaces, &mut netlink);
+                let interfaces = read_interfaces(attachment, links::Watched::of(config), &mut netlink);
                 hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
                     Polled::Fresh(snapshot) => latest.store(*snapshot),
@@ -730,7 +730,7 @@ async fn serve_until_signal(
                 liveness.polled();
             }
             announced = address_change(address_changes.as_ref()) => on_change(
-                attachment, &mut address_changes, announced, &config.interfaces, &mut netlink,
+                attachment, &mut address_changes, announced, links::Watched::of(config), &mut netlink,
             ),
             ended = &mut events => break Err(reader_stopped(ended, "connection")),
             ended = &mut dns_events => break Err(reader_stopped(ended, "DNS")),
@@ -821,14 +821,14 @@ fn on_change(
     attachment: &mut Attachment,
     signal: &mut Option<ChangeSignal>,
     announced: std::io::Result<()>,
-    configured: &[String],
+    watched: links::Watched<'_>,
     netlink: &mut NetlinkSource,
 ) {
     match announced {
         Ok(()) => {
             let began = std::time::Instant::now();
             if attachment.refresh_local_addresses() {
-                sync_links(attachment, configured, netlink);
+                sync_links(attachment, watched, netlink);
             }
             if let Some(signal) = signal {
                 signal.synced(began.elapsed());
@@ -958,13 +958,13 @@ struct NetlinkSource {
 /// end in Prometheus and fire alerts on absence.
 fn read_interfaces(
     attachment: &mut Attachment,
-    configured: &[String],
+    watched: links::Watched<'_>,
     netlink: &mut NetlinkSource,
 ) -> poller::InterfaceView {
     // Addresses first: their watch announces links too, and what it announced before this
     // point the list below covers (after it, the watch wakes the run loop).
     attachment.refresh_local_addresses();
-    sync_links(attachment, configured, netlink);
+    sync_links(attachment, watched, netlink);
     let hooks = attachment.check_hooks();
     poller::InterfaceView {
         attached: attachment.interfaces(),
@@ -978,13 +978,17 @@ fn read_interfaces(
 /// Lists the links and keeps the attached set current: at every poll, and when the kernel
 /// announces a change of the links (a pod's veth counts from its first packets, not from the
 /// next poll).
-fn sync_links(attachment: &mut Attachment, configured: &[String], netlink: &mut NetlinkSource) {
+fn sync_links(
+    attachment: &mut Attachment,
+    watched: links::Watched<'_>,
+    netlink: &mut NetlinkSource,
+) {
     let began = std::time::Instant::now();
     let read = links::list();
     netlink.health.record(&read, began.elapsed());
     match read {
         Ok(links) => {
-            attachment.sync_interfaces(&links, configured);
+            attachment.sync_interfaces(&links, watched);
             netlink.links = links;
         }
         Err(err) => {

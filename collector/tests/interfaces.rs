@@ -489,6 +489,64 @@ fn with_interfaces_configured_no_other_interface_is_exported() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// Interfaces whose names `exclude_interfaces` matches (as a node's pod veths would be) are
+/// not attached, neither at the start nor when they appear later, and have no series: the
+/// connections over them count (from the sockets), their live bytes do not. One that no
+/// pattern matches, added after them, is attached as usual.
+#[test]
+fn excluded_interfaces_are_left_out_at_the_start_and_when_they_appear() {
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(&format!(
+        "exclude_interfaces = [\"vcoll*\", \"vexcl?\"]\n{ROUTES}"
+    ));
+    let agent = Agent::start(&netns, &config);
+    support::veth(
+        &netns,
+        "vexcl1",
+        "10.78.0.1/24",
+        &peer,
+        "pexcl1",
+        "10.78.0.2/24",
+    );
+    support::veth(
+        &netns,
+        "vwatch0",
+        "10.79.0.1/24",
+        &peer,
+        "pwatch0",
+        "10.79.0.2/24",
+    );
+    // The sync that attaches vwatch0 lists vexcl1 too.
+    wait_for("vwatch0 to be attached", Duration::from_secs(10), || {
+        attached(&scrape(&netns), "vwatch0").then_some(())
+    });
+
+    let metrics = exchange(&netns, &peer, "10.77.0.1:18080");
+    assert!(attached(&metrics, "lo"));
+    for excluded in ["vcoll0", "vexcl1"] {
+        let series: Vec<_> = metrics
+            .lines()
+            .filter(|line| line.contains(excluded))
+            .collect();
+        assert!(series.is_empty(), "{excluded}: {series:#?}");
+        let index = netns.run(move || ifindex(excluded));
+        let pins: Vec<_> = std::fs::read_dir(config.pin_dir.join("v1/links"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(&format!("_{index}")))
+            .collect();
+        assert!(pins.is_empty(), "{excluded}: {pins:?}");
+    }
+    // Over vcoll0 alone: no classifier saw the payload.
+    for direction in ["in", "out"] {
+        assert_eq!(payload_bytes(&metrics, direction).unwrap_or(0.0), 0.0);
+    }
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// An interface whose attach fails (here: something not a link pinned where its link goes)
 /// says so in a series an alert can read, and once in the log however many polls try again;
 /// once the cause is gone, the next poll attaches it.

@@ -158,12 +158,17 @@ impl Attachment {
     /// forgets those that went away, and follows those renamed.
     /// What could not be attached is remembered (exported, and logged when its error is
     /// new: the sync runs at every poll and every link announcement).
-    pub fn sync_interfaces(&mut self, links: &[Link], configured: &[String]) {
+    pub fn sync_interfaces(&mut self, links: &[Link], watched: links::Watched<'_>) {
         self.keep_redirect_devices(links);
+        let configured = watched.listed;
         let wanted: Vec<&Link> = links
             .iter()
             .filter(|l| {
-                if configured.is_empty() {
+                if watched.by_default() {
+                    // One renamed into an excluded name is forgotten, as one gone.
+                    if watched.excludes(&l.name) {
+                        return false;
+                    }
                     // One attached (or failing to be) stays while down (a flapping uplink,
                     // `netplan apply`): its series go on through the outage, when an SRE
                     // wants its error and drop counts, and it is not detached and attached
@@ -205,7 +210,7 @@ impl Attachment {
         self.reattached
             .retain(|(index, _), _| links.iter().any(|l| l.index == *index));
         self.note_missing(links::missing(links, configured));
-        self.note_unparsed(links, configured);
+        self.note_unparsed(links, watched);
         self.attach_failures
             .retain(|index, _| wanted.iter().any(|l| l.index == *index));
         for link in wanted {
@@ -357,11 +362,8 @@ impl Attachment {
 
     /// Says in the log, once each time it is up, which interfaces the default selection
     /// leaves out for their framing (configured ones are refused or missing instead).
-    pub(super) fn note_unparsed(&mut self, links: &[Link], configured: &[String]) {
-        if !configured.is_empty() {
-            return;
-        }
-        let unparsed: Vec<(u32, String)> = links::unparsed_up(links).collect();
+    pub(super) fn note_unparsed(&mut self, links: &[Link], watched: links::Watched<'_>) {
+        let unparsed: Vec<(u32, String)> = links::unparsed_up(links, watched).collect();
         for (index, interface) in &unparsed {
             if self.unparsed_noted.insert(*index) {
                 tracing::warn!(
