@@ -19,6 +19,7 @@ mod event_stream;
 mod events;
 mod file_version;
 mod gzip;
+mod http_load;
 mod links;
 mod loader;
 mod logging;

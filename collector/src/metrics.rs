@@ -27,6 +27,7 @@ use prometheus_client::{
 use crate::{
     counters::NameRole,
     dns::{COMMON_QTYPES, OPCODE_NAMES, RCODE_NAMES, qtype_name},
+    http_load::HttpLoad,
     process::ProcessStats,
     secret_reloads::SecretReloads,
     snapshot::{RouteSnapshot, Snapshot, UpstreamSnapshot, bucket_upper_seconds},
@@ -1155,12 +1156,34 @@ fn encode_secrets(reloads: &SecretReloads, encoder: &mut DescriptorEncoder) -> f
     Ok(())
 }
 
+/// What the endpoint's limits turned away, and its open event streams.
+fn encode_http_load(load: &HttpLoad, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    counters(
+        encoder,
+        "collector_http_refused",
+        "Turned away at an [http] limit, by limit: requests (max_concurrent_requests), event_streams (max_event_streams) and password_checks (wrong passwords waiting for their check) answered 503; connections (max_connections, max_connections_per_address, with none idle to close in their place) closed unanswered.",
+        None,
+        load.refusals()
+            .map(|(limit, count)| (vec![("limit", limit.label().to_owned())], count)),
+    )?;
+    single(
+        encoder,
+        "collector_http_event_streams",
+        "Open /api/v1/events streams (at most [http] max_event_streams).",
+        None,
+        MetricType::Gauge,
+        &ConstGauge::new(load.open_streams()),
+    )
+}
+
 /// Exposes the latest snapshot on every scrape, and the process as it is at the scrape:
 /// its CPU and memory move on while the poll is stuck or failing, when they matter most.
+/// The endpoint's own figures are read at the scrape too.
 #[derive(Debug)]
 pub struct SnapshotCollector {
     latest: Arc<crate::poller::SharedSnapshot>,
     secrets: Arc<SecretReloads>,
+    http: Arc<HttpLoad>,
     process: fn() -> Option<ProcessStats>,
 }
 
@@ -1175,6 +1198,7 @@ impl Collector for SnapshotCollector {
         encode_interfaces_and_sources(&snapshot, &mut encoder)?;
         encode_self(&snapshot, &mut encoder)?;
         encode_secrets(&self.secrets, &mut encoder)?;
+        encode_http_load(&self.http, &mut encoder)?;
         encode_config_file(&snapshot, &mut encoder)?;
         encode_process((self.process)().as_ref(), &mut encoder)
     }
@@ -1185,20 +1209,23 @@ impl Collector for SnapshotCollector {
 pub fn registry(
     latest: Arc<crate::poller::SharedSnapshot>,
     secrets: Arc<SecretReloads>,
+    http: Arc<HttpLoad>,
 ) -> Registry {
-    registry_reading(latest, secrets, ProcessStats::read_or_log)
+    registry_reading(latest, secrets, http, ProcessStats::read_or_log)
 }
 
 /// [`registry`], with the process figures from `process`.
 fn registry_reading(
     latest: Arc<crate::poller::SharedSnapshot>,
     secrets: Arc<SecretReloads>,
+    http: Arc<HttpLoad>,
     process: fn() -> Option<ProcessStats>,
 ) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(SnapshotCollector {
         latest,
         secrets,
+        http,
         process,
     }));
     registry
@@ -1261,7 +1288,7 @@ mod tests {
         snapshot.interface_stats[0].name = name.into();
         let latest = Arc::new(SharedSnapshot::default());
         latest.store(snapshot);
-        let text = render(&registry(latest, Arc::default())).unwrap();
+        let text = render(&registry(latest, Arc::default(), Arc::default())).unwrap();
         for line in [
             r#"collector_interface_info{interface="a\"b\\c"} 1"#,
             r#"collector_interface_receive_bytes_total{interface="a\"b\\c"} 1000"#,
@@ -1278,7 +1305,7 @@ mod tests {
         snapshot.upstreams.clear();
         let latest = Arc::new(SharedSnapshot::default());
         latest.store(snapshot);
-        let text = render(&registry(latest, Arc::default())).unwrap();
+        let text = render(&registry(latest, Arc::default(), Arc::default())).unwrap();
         let declared: Vec<&str> = text
             .lines()
             .filter_map(|line| line.strip_prefix("# TYPE collector_proxy_upstream_"))
@@ -1310,7 +1337,7 @@ mod tests {
         counters.queries_by_qtype[99] = 0;
         let latest = Arc::new(SharedSnapshot::default());
         latest.store(snapshot);
-        let text = render(&registry(latest, Arc::default())).unwrap();
+        let text = render(&registry(latest, Arc::default(), Arc::default())).unwrap();
         assert!(
             text.contains("collector_dns_queries_total{qtype=\"OTHER\"} 0\n"),
             "{text}"
@@ -1330,7 +1357,7 @@ mod tests {
         snapshot.routes[2].route.sni.clone_from(&names);
         let latest = Arc::new(SharedSnapshot::default());
         latest.store(snapshot);
-        let text = render(&registry(latest, Arc::default())).unwrap();
+        let text = render(&registry(latest, Arc::default(), Arc::default())).unwrap();
         for name in &names {
             let series = format!(
                 "collector_proxy_route_server_name_info{{route=\"api\",server_name=\"{name}\"}} 1"
@@ -1355,7 +1382,7 @@ mod tests {
         let rendered = |snapshot: Snapshot| {
             let latest = Arc::new(SharedSnapshot::default());
             latest.store(snapshot);
-            render(&registry(latest, Arc::default())).unwrap()
+            render(&registry(latest, Arc::default(), Arc::default())).unwrap()
         };
         let mut snapshot = Snapshot::example();
         let entries = |text: &str| {
@@ -1406,7 +1433,7 @@ mod tests {
         secrets.read_at_start(Secret::BasicAuthUsers);
         secrets.reloaded(Secret::BasicAuthUsers, false);
         secrets.certificate_served(Some(1_800_000_000));
-        let text = render(&registry_reading(latest, secrets, || {
+        let text = render(&registry_reading(latest, secrets, Arc::default(), || {
             Some(ProcessStats::EXAMPLE)
         }))
         .unwrap()

@@ -618,8 +618,12 @@ mod tests {
             ..Snapshot::example()
         });
 
-        let text =
-            metrics::render(&metrics::registry(Arc::clone(&shared), Arc::default())).unwrap();
+        let text = metrics::render(&metrics::registry(
+            Arc::clone(&shared),
+            Arc::default(),
+            Arc::default(),
+        ))
+        .unwrap();
         assert!(
             text.contains("collector_interface_receive_bytes_total{interface=\"lo\"} 7"),
             "{text}"
@@ -678,8 +682,12 @@ mod tests {
         assert_eq!(after.poll, poll);
         assert_eq!(after.interface_stats, [lo]);
         assert_eq!(after.unattached_interfaces, ["wg1"]);
-        let text =
-            metrics::render(&metrics::registry(Arc::clone(&shared), Arc::default())).unwrap();
+        let text = metrics::render(&metrics::registry(
+            Arc::clone(&shared),
+            Arc::default(),
+            Arc::default(),
+        ))
+        .unwrap();
         let line = |name: &str| {
             text.lines()
                 .find(|line| line.starts_with(name))

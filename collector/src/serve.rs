@@ -45,7 +45,9 @@ use prometheus_client::registry::Registry;
 use crate::{
     api, auth,
     event_stream::{EventHub, HEARTBEAT_INTERVAL, StreamEvent},
-    gzip, metrics,
+    gzip,
+    http_load::{HttpLoad, Limit},
+    metrics,
     poller::SharedSnapshot,
     secret_reloads::SecretReloads,
     tls,
@@ -159,6 +161,8 @@ pub struct Guard {
     pub connections: ConnectionLimits,
     /// How the secret files' reloads went (the TLS certificate's too), for `/metrics`.
     pub reloads: Arc<SecretReloads>,
+    /// What the limits turned away, and the open streams, for `/metrics`.
+    pub load: Arc<HttpLoad>,
 }
 
 /// Connections open at once, in all and from one address.
@@ -194,6 +198,7 @@ impl Guard {
                 per_address: http.max_connections_per_address,
             },
             reloads,
+            load: Arc::default(),
         })
     }
 }
@@ -218,6 +223,7 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 Ok(()) => {}
                 Err(auth::CheckRefused::Wrong(challenge)) => return unauthorized(challenge),
                 Err(auth::CheckRefused::NoTurn) => {
+                    guard.load.refuse(Limit::PasswordChecks);
                     return (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "too many password checks waiting\n",
@@ -228,6 +234,7 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         }
     }
     let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
+        guard.load.refuse(Limit::Requests);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "too many requests at once\n",
@@ -238,6 +245,7 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         // A stream lives as long as its body: it holds a stream permit for that long, and
         // gives the request permit back once admitted.
         let Ok(stream_permit) = guard.streams.clone().try_acquire_owned() else {
+            guard.load.refuse(Limit::EventStreams);
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many event streams at once\n",
@@ -245,12 +253,13 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 .into_response();
         };
         drop(permit);
+        let open = guard.load.stream_opened();
         let mut response = next.run(request).await;
         response.extensions_mut().insert(Streaming);
         return response.map(|body| {
             use futures_util::StreamExt as _;
             axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
-                let _held = &stream_permit;
+                let _held = (&stream_permit, &open);
                 chunk
             }))
         });
@@ -288,6 +297,7 @@ pub fn router(sources: Sources, guard_with: Guard) -> Router {
     let registry = Arc::new(metrics::registry(
         Arc::clone(&latest),
         Arc::clone(&guard_with.reloads),
+        Arc::clone(&guard_with.load),
     ));
     Router::new()
         .route("/metrics", get(serve_metrics))
@@ -553,6 +563,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let admission = Arc::new(Mutex::new(Admission::new(guard.connections)));
+    let load = Arc::clone(&guard.load);
     let handshake_timeout = guard.tls_handshake_timeout;
     let app = router(sources, guard);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -565,6 +576,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Some(ticket) = Admission::admit(&admission, peer.ip()) else {
+            load.refuse(Limit::Connections);
             tracing::debug!(%peer, "too many connections: closing a new one");
             continue;
         };

@@ -912,6 +912,21 @@ fn with_a_bearer_token_only_the_probes_answer_without_it() {
     );
     assert_eq!(open_stream().0, "HTTP/1.1 503");
     assert_eq!(get_with(&netns, "/readyz", None).0, 200);
+    // The refusal and the open stream are in the metrics, for an alert to read.
+    let (_, metrics) = get_with(&netns, "/metrics", Some("Bearer s3cret-token"));
+    let refused = |limit| {
+        support::sample(
+            &metrics,
+            "collector_http_refused_total",
+            &[("limit", limit)],
+        )
+    };
+    assert_eq!(refused("event_streams"), Some(1.0), "{metrics}");
+    assert_eq!(refused("requests"), Some(0.0));
+    assert_eq!(
+        support::sample(&metrics, "collector_http_event_streams", &[]),
+        Some(1.0)
+    );
     drop(stream);
     // The agent notices the closed stream on its own, without an event to write.
     wait_for(
