@@ -97,7 +97,8 @@ enum Task {
     },
     /// Run the whole test suite, privileged integration tests included (as root).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test`, as typed (a test name filter, `--test dns`,
+        /// `-- --test-threads=1`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -147,7 +148,9 @@ fn run(task: Task) -> anyhow::Result<()> {
                 std::os::unix::process::CommandExt::exec(Command::new(&collector).args(&args));
             Err(err).with_context(|| format!("starting {}", collector.display()))
         }
-        Task::Test { args } => {
+        // As typed: clap takes a leading `--` for the end of xtask's own options.
+        Task::Test { args: _ } => {
+            let args = cargo_test_args(std::env::args());
             require_root("the privileged integration tests")?;
             prereqs(Scope::All)?;
             cargo(&root, &["fmt", "--all", "--check"])?;
@@ -606,9 +609,35 @@ fn bpffs_mounted() -> bool {
     })
 }
 
+/// What follows `test` in xtask's command line, `--` included: clap takes a leading `--` for
+/// the end of xtask's own options and drops it, which handed `-- --test-threads=1` to
+/// `cargo test` as `--test-threads=1`, an option cargo refuses.
+fn cargo_test_args(typed: impl Iterator<Item = String>) -> Vec<String> {
+    typed
+        .skip(1)
+        .skip_while(|arg| arg != "test")
+        .skip(1)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_arguments_reach_cargo_test_as_typed() {
+        let typed = |line: &str| cargo_test_args(line.split(' ').map(str::to_owned));
+        assert_eq!(
+            typed("target/debug/xtask test -- --test-threads=1"),
+            ["--", "--test-threads=1"]
+        );
+        assert_eq!(
+            typed("target/debug/xtask test --test dns -- --nocapture"),
+            ["--test", "dns", "--", "--nocapture"]
+        );
+        assert_eq!(typed("target/debug/xtask test names"), ["names"]);
+        assert!(typed("target/debug/xtask test").is_empty());
+    }
 
     /// A directory of the test's own, removed when it ends.
     struct TempDir(PathBuf);
