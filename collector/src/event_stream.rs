@@ -58,10 +58,50 @@ const RING_RECORD_HEADER: usize = 8;
 /// query and answer at the rates that would fill it falls behind on its own.
 pub const DNS_BACKLOG: usize = 16384;
 
+/// What every stream of this run is made of, said in its first line: a reader scales the
+/// sampled lines by it, and one that connects again tells a restart by another
+/// `runStartedAt` (what happened between is lost).
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamTerms {
+    /// When this run of the agent began serving, in milliseconds since the Unix epoch.
+    pub run_started_at: u64,
+    /// Connection lines come (`client_stats = true`).
+    pub connection_events: bool,
+    /// DNS lines come (`[dns] enabled = true`).
+    pub dns_events: bool,
+    /// `query-received` lines are one query in this many (`[dns] sample_every`).
+    pub sample_every: u32,
+    /// `query-answered` lines are the streamed queries also in the one in this many that
+    /// are matched to their response (`[dns] match_every`); `None` with
+    /// `match_responses = false`, when there are none.
+    pub match_every: Option<u32>,
+}
+
+impl StreamTerms {
+    /// The terms `config` makes, for a run that began serving at `run_started_at`.
+    #[must_use]
+    pub fn of(config: &crate::config::Config, run_started_at: u64) -> Self {
+        Self {
+            run_started_at,
+            connection_events: config.client_stats,
+            dns_events: config.dns.enabled,
+            sample_every: config.dns.sample_every,
+            match_every: config.dns.match_responses.then_some(config.dns.match_every),
+        }
+    }
+}
+
 /// One line of the stream.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum StreamEvent {
+    /// The first line of every stream.
+    Start {
+        timestamp: u64,
+        #[serde(flatten)]
+        terms: StreamTerms,
+    },
     #[serde(rename_all = "camelCase")]
     ConnectionOpen {
         /// The socket cookie: the same in the connection's close event.
@@ -178,6 +218,15 @@ pub struct RingDrops {
 }
 
 impl StreamEvent {
+    /// A stream's first line, stamped now.
+    #[must_use]
+    pub fn start(terms: StreamTerms) -> Self {
+        Self::Start {
+            timestamp: crate::clock::unix_ms(),
+            terms,
+        }
+    }
+
     /// A heartbeat, stamped now.
     #[must_use]
     pub fn heartbeat() -> Self {
@@ -235,6 +284,8 @@ pub struct EventHub {
     /// Events the kernel could not put in its rings, as the last poll (or the stop) read
     /// them; `None` until a poll has.
     ring_dropped: tokio::sync::watch::Sender<Option<RingDrops>>,
+    /// What every stream is made of, for its `start` line.
+    pub terms: StreamTerms,
 }
 
 /// A one-entry kernel map that turns a kind of event on (1) or off (0).
@@ -260,7 +311,11 @@ impl EventHub {
     /// `dropped`: the kernel's drop counters before the programs were attached, where
     /// streams that begin before the first poll count the drops from.
     #[must_use]
-    pub fn new(routes: Vec<WatchedRoute>, dropped: Option<RingDrops>) -> Arc<Self> {
+    pub fn new(
+        routes: Vec<WatchedRoute>,
+        dropped: Option<RingDrops>,
+        terms: StreamTerms,
+    ) -> Arc<Self> {
         Arc::new(Self {
             connections: broadcast::channel(CONNECTION_BACKLOG).0,
             dns: broadcast::channel(DNS_BACKLOG).0,
@@ -273,6 +328,7 @@ impl EventHub {
             switched_off: AtomicBool::new(false),
             clean_stop: AtomicBool::new(false),
             ring_dropped: tokio::sync::watch::channel(dropped).0,
+            terms,
         })
     }
 
@@ -630,7 +686,22 @@ mod tests {
                 slot: 3,
             }],
             None,
+            StreamTerms::default(),
         );
+        let start = StreamEvent::start(StreamTerms {
+            run_started_at: 1_800_000_000_000,
+            connection_events: true,
+            dns_events: true,
+            sample_every: 4,
+            match_every: None,
+        });
+        let json = serde_json::to_value(&start).unwrap();
+        assert_eq!(json["event"], "start");
+        assert_eq!(json["runStartedAt"], 1_800_000_000_000_u64);
+        assert_eq!(json["connectionEvents"], true);
+        assert_eq!(json["sampleEvery"], 4);
+        assert_eq!(json["matchEvery"], serde_json::Value::Null);
+        assert!(json["timestamp"].as_u64().unwrap() > 0);
         let open = Connection {
             route: 3,
             ..Connection::opened_for_test(42)
@@ -713,6 +784,7 @@ mod tests {
                 dns: 2,
                 connections: 1,
             }),
+            StreamTerms::default(),
         );
         let mut reader = hub.subscribe();
         // A poll that reads no more dropped says nothing.
@@ -766,7 +838,11 @@ mod tests {
 
     #[tokio::test]
     async fn what_the_rings_dropped_since_the_last_poll_is_said_before_the_end() {
-        let hub = EventHub::new(Vec::new(), Some(RingDrops::default()));
+        let hub = EventHub::new(
+            Vec::new(),
+            Some(RingDrops::default()),
+            StreamTerms::default(),
+        );
         let mut reader = hub.subscribe();
         hub.dns.send(query(1)).unwrap();
         // The stop's own read of the counters, after its last drain.
@@ -798,7 +874,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_was_sent_before_the_stop_still_goes_out_then_the_stream_ends() {
-        let hub = EventHub::new(Vec::new(), None);
+        let hub = EventHub::new(Vec::new(), None, StreamTerms::default());
         let mut reader = hub.subscribe();
         hub.connections.send(open(1)).unwrap();
         hub.dns.send(query(2)).unwrap();
@@ -823,7 +899,7 @@ mod tests {
         assert!(reader.next().await.is_none());
         drop(reader);
         // After an error, no end line: the stream just ends.
-        let failed = EventHub::new(Vec::new(), None);
+        let failed = EventHub::new(Vec::new(), None, StreamTerms::default());
         let mut reader = failed.subscribe();
         failed.stop(false);
         assert!(reader.next().await.is_none());
@@ -831,7 +907,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_falls_behind_gets_a_lost_line_where_the_gap_is() {
-        let hub = EventHub::new(Vec::new(), None);
+        let hub = EventHub::new(Vec::new(), None, StreamTerms::default());
         let mut reader = hub.subscribe();
         // 5 more connection events than the backlog holds: the 5 oldest go.
         for cookie in 0..CONNECTION_BACKLOG + 5 {
@@ -861,7 +937,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_dropped_while_behind_counts_everything_it_never_took() {
-        let hub = EventHub::new(Vec::new(), None);
+        let hub = EventHub::new(Vec::new(), None, StreamTerms::default());
         let reader = hub.subscribe();
         let mut keeping_up = hub.subscribe();
         let sent = DNS_BACKLOG + 1000;

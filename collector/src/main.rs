@@ -662,6 +662,7 @@ async fn serve_until_signal(
     let hub = event_stream::EventHub::new(
         attachment.routes.clone(),
         attachment.dropped_before_attach(),
+        event_stream::StreamTerms::of(config, clock::unix_ms()),
     );
     hub.control_connections(attachment.take_conn_stream_wanted()?);
     let connection_drain =

@@ -482,16 +482,18 @@ fn json(request: &HeaderMap, value: &impl serde::Serialize) -> Response {
 /// after [`HEARTBEAT_INTERVAL`] without a line. The body owns the subscription: dropped with
 /// it, it counts what it had not taken (see [`crate::event_stream::Subscription`]).
 async fn serve_events(State(state): State<AppState>) -> Response {
+    use futures_util::StreamExt as _;
+    // Subscribed first: whatever comes meanwhile follows the start line.
     let subscription = state.hub.subscribe();
+    let start = futures_util::stream::iter(ndjson_line(&StreamEvent::start(state.hub.terms)));
     let lines = futures_util::stream::unfold(subscription, |mut subscription| async move {
         let event = match tokio::time::timeout(HEARTBEAT_INTERVAL, subscription.next()).await {
             Ok(event) => event?,
             Err(_) => StreamEvent::heartbeat(),
         };
-        let mut line = serde_json::to_vec(&event).ok()?;
-        line.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(line), subscription))
+        Some((ndjson_line(&event)?, subscription))
     });
+    let lines = start.chain(lines);
     (
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
@@ -504,6 +506,13 @@ async fn serve_events(State(state): State<AppState>) -> Response {
         axum::body::Body::from_stream(lines),
     )
         .into_response()
+}
+
+/// One line of the event stream, for the body.
+fn ndjson_line(event: &StreamEvent) -> Option<Result<Vec<u8>, std::convert::Infallible>> {
+    let mut line = serde_json::to_vec(event).ok()?;
+    line.push(b'\n');
+    Some(Ok(line))
 }
 
 /// 503 once no poll has finished for [`stall_limit`]: the poll loop is stuck, and only a
@@ -921,7 +930,10 @@ mod tests {
     use futures_util::FutureExt as _;
 
     use super::*;
-    use crate::{event_stream::EventHub, poller::SharedSnapshot};
+    use crate::{
+        event_stream::{EventHub, StreamTerms},
+        poller::SharedSnapshot,
+    };
 
     fn admission(total: usize, per_address: usize) -> Arc<Mutex<Admission>> {
         Arc::new(Mutex::new(Admission::new(ConnectionLimits {
@@ -1072,7 +1084,7 @@ mod tests {
             None,
             Sources {
                 latest,
-                hub: EventHub::new(Vec::new(), None),
+                hub: EventHub::new(Vec::new(), None, StreamTerms::default()),
                 liveness: Liveness::new(Duration::from_secs(1)),
             },
             guard,
@@ -1337,7 +1349,7 @@ mod tests {
     /// The agent's router with no credentials, its event hub and its snapshot, unread.
     fn router_before_the_first_poll() -> (Router, Arc<EventHub>, Arc<SharedSnapshot>) {
         let http = crate::config::Config::embedded_default().http;
-        let hub = EventHub::new(Vec::new(), None);
+        let hub = EventHub::new(Vec::new(), None, StreamTerms::default());
         let latest = Arc::new(SharedSnapshot::default());
         let sources = Sources {
             latest: Arc::clone(&latest),
@@ -1503,6 +1515,8 @@ mod tests {
         };
         let lagged = || hub.lagged.load(Ordering::Relaxed);
         let backlog = CONNECTION_BACKLOG as u64;
+        // First, what the stream is made of.
+        assert_eq!(line().await["event"], "start");
 
         // 5 beyond the backlog: a line says so, the counter agrees.
         for cookie in 0..backlog + 5 {

@@ -184,6 +184,8 @@ struct Tail {
     child: Reaped,
     lines: mpsc::Receiver<serde_json::Value>,
     reader: thread::JoinHandle<()>,
+    /// The stream's first line, `start`: what the stream is made of.
+    start: serde_json::Value,
     /// What came before the subscription showed (the probes' own left out).
     events: Vec<serde_json::Value>,
     /// Connections made to the route "probe" until one showed.
@@ -224,6 +226,10 @@ fn tail_events(netns: &Netns) -> Tail {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    let start = lines
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the stream's first line");
+    assert_eq!(start["event"], "start", "{start}");
     let mut events = Vec::new();
     let mut probes_made = 0;
     'subscribed: loop {
@@ -241,6 +247,7 @@ fn tail_events(netns: &Netns) -> Tail {
         child,
         lines,
         reader,
+        start,
         events,
         probes_made,
     }
@@ -275,6 +282,7 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
         reader,
         mut events,
         probes_made,
+        ..
     } = tail_events(&netns);
 
     let connections = support::wall_ms();
@@ -432,14 +440,24 @@ fn a_sampled_query_is_streamed_with_its_answer() {
     const ASKED: u16 = 64;
     let netns = Netns::new();
     let config = AgentConfig::new(&format!("{CONFIG}\n[dns]\nsample_every = {EVERY}\n"));
+    let started = support::wall_ms();
     let agent = Agent::start(&netns, &config);
+    let ready = support::wall_ms();
     let _server = Unbound::start(&netns, false);
     let Tail {
         mut child,
         lines,
         reader,
+        start,
         ..
     } = tail_events(&netns);
+    // The first line says what the stream is made of: a reader scales by it.
+    assert_eq!(start["sampleEvery"], EVERY, "{start}");
+    assert_eq!(start["matchEvery"], 1, "{start}");
+    assert_eq!(start["connectionEvents"], true, "{start}");
+    assert_eq!(start["dnsEvents"], true, "{start}");
+    let run_started = start["runStartedAt"].as_u64().unwrap();
+    assert!((started..=ready).contains(&run_started), "{start}");
 
     let port = netns.run(|| {
         let mut client = Client::new(SERVER);
@@ -847,7 +865,7 @@ fn a_reader_that_fell_behind_reads_how_many_events_it_lost_where_and_they_are_co
                     assert_eq!(event["stream"], "connections", "{event}");
                     lost += event["count"].as_u64().unwrap();
                 }
-                "heartbeat" => {}
+                "start" | "heartbeat" => {}
                 other => panic!("unexpected {other}: {event}"),
             }
         }
