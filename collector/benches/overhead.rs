@@ -94,8 +94,10 @@ const EMPTY_CLASSIFIER_TITLE: &str =
 const EMPTY_CLASSIFIER_TEXT: &str = "The same alternation with no agent: the \"with\" side has \
     only an empty classifier attached where the agent's loopback classifier goes (tcx ingress \
     on lo, a program that returns at once). Its ratio is what putting any tc program on this \
-    path costs these packets, before one instruction of ours runs: a floor under the ratios \
-    above that no classifier can go below on this machine.";
+    path costs these packets, before one instruction of ours runs: the best ratio a \
+    classifier on this hook can reach on this machine, so a bound above the agent's (the \
+    agent's targets are judged against it to say whether any classifier could meet them \
+    here).";
 
 const AGAINST_EMPTY_TEXT: &str = "The agent counting only on the \"with\" side, the empty \
     classifier of the mode above on the \"without\" side: both put a program on every packet, \

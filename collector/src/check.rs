@@ -292,6 +292,9 @@ fn interfaces(watched: links::Watched<'_>) -> Verdict {
     }
 }
 
+/// Names of excluded interfaces `collector check` shows before it only counts the rest.
+const EXCLUDED_SHOWN: usize = 10;
+
 fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status, String) {
     let selected = match links::selection(all, watched) {
         Err(reason) => return (Status::Fail, format!("{reason}: `run` stops on it")),
@@ -334,15 +337,28 @@ fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status
             unparsed.join(", ")
         );
     }
+    // Only those the default selection would have watched, and a node's hundreds of pod
+    // veths as a count with the first few.
     let excluded: Vec<&str> = all
         .iter()
-        .filter(|link| watched.by_default() && watched.excludes(&link.name))
+        .filter(|link| {
+            watched.by_default()
+                && watched.excludes(&link.name)
+                && links::watched_by_default(link, all)
+        })
         .map(|link| link.name.as_str())
         .collect();
     if !excluded.is_empty() {
+        let shown = excluded.len().min(EXCLUDED_SHOWN);
+        let more = excluded.len() - shown;
         detail = format!(
-            "{detail}; left out by exclude_interfaces: {}",
-            excluded.join(", ")
+            "{detail}; left out by exclude_interfaces: {}{}",
+            excluded[..shown].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         );
     }
     (status, detail)
@@ -947,7 +963,6 @@ mod tests {
             )
         );
         // Down, it carries nothing to miss; configured away, it is not asked for.
-        let tunnel_up = tunnel.clone();
         let down = links::Link {
             up: false,
             ..tunnel
@@ -965,7 +980,28 @@ mod tests {
         );
         let (status, _) = judge_interfaces(&[link(2, "eth0", false)], links::Watched::listed(&[]));
         assert_eq!(status, Status::Warn);
-        // Excluded by a pattern: not attached, and named as left out, not as uncounted.
+    }
+
+    #[test]
+    fn interfaces_left_out_by_a_pattern_are_named_in_check() {
+        let link = |index, name: &str| links::Link {
+            index,
+            name: name.into(),
+            up: true,
+            framing: links::Framing::Ethernet,
+            loopback: name == "lo",
+            controller: None,
+            lower: None,
+            kind: String::new(),
+            stats: None,
+        };
+        let tunnel_up = links::Link {
+            framing: links::Framing::Other(768),
+            ..link(5, "tunl0")
+        };
+        let all = [link(1, "lo")];
+        // Excluded by a pattern: not attached, and named as left out; an excluded tunnel,
+        // which the default would not watch anyway, is named neither so nor as uncounted.
         let excluded = [
             glob::Pattern::new("cali*").unwrap(),
             glob::Pattern::new("tunl*").unwrap(),
@@ -974,13 +1010,23 @@ mod tests {
             listed: &[],
             excluded: &excluded,
         };
-        let pods = [all[0].clone(), link(6, "cali7f", true), tunnel_up];
+        let pods = [all[0].clone(), link(6, "cali7f"), tunnel_up];
         assert_eq!(
             judge_interfaces(&pods, watched),
             (
                 Status::Pass,
-                "lo; left out by exclude_interfaces: cali7f, tunl0".to_owned()
+                "lo; left out by exclude_interfaces: cali7f".to_owned()
             )
+        );
+        // A node's hundreds of pod veths: the first few, and a count.
+        let mut node = vec![all[0].clone()];
+        node.extend((0..12).map(|i| link(10 + i, &format!("cali{i}"))));
+        let (_, detail) = judge_interfaces(&node, watched);
+        assert!(
+            detail.ends_with(
+                "cali0, cali1, cali2, cali3, cali4, cali5, cali6, cali7, cali8, cali9 and 2 more"
+            ),
+            "{detail}"
         );
     }
 }

@@ -60,7 +60,8 @@ pub const DNS_BACKLOG: usize = 16384;
 
 /// What every stream of this run is made of, said in its first line: a reader scales the
 /// sampled lines by it, and one that connects again tells a restart by another
-/// `runStartedAt` (what happened between is lost).
+/// `runStartedAt` (any reconnect loses what happened between; a restart also zeroed the
+/// agent's figures).
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamTerms {

@@ -19,14 +19,17 @@ pub enum Limit {
     /// `max_connections` or `max_connections_per_address`, with every connection that could
     /// give way in a request: closed unanswered.
     Connections,
+    /// `request_timeout_ms` passed before the answer was ready: answered 503.
+    RequestTimeout,
 }
 
 impl Limit {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Requests,
         Self::EventStreams,
         Self::PasswordChecks,
         Self::Connections,
+        Self::RequestTimeout,
     ];
 
     /// The `limit` label.
@@ -36,6 +39,7 @@ impl Limit {
             Self::EventStreams => "event_streams",
             Self::PasswordChecks => "password_checks",
             Self::Connections => "connections",
+            Self::RequestTimeout => "request_timeout",
         }
     }
 }
@@ -100,7 +104,8 @@ mod tests {
                 ("requests", 0),
                 ("event_streams", 2),
                 ("password_checks", 0),
-                ("connections", 1)
+                ("connections", 1),
+                ("request_timeout", 0)
             ]
         );
         let first = load.stream_opened();

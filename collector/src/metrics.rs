@@ -1161,7 +1161,7 @@ fn encode_http_load(load: &HttpLoad, encoder: &mut DescriptorEncoder) -> fmt::Re
     counters(
         encoder,
         "collector_http_refused",
-        "Turned away at an [http] limit, by limit: requests (max_concurrent_requests), event_streams (max_event_streams) and password_checks (wrong passwords waiting for their check) answered 503; connections (max_connections, max_connections_per_address, with none idle to close in their place) closed unanswered.",
+        "Turned away at an [http] limit, by limit: requests (max_concurrent_requests), event_streams (max_event_streams), password_checks (wrong passwords waiting for their check) and request_timeout (request_timeout_ms) answered 503; connections (max_connections, max_connections_per_address, with none idle to close in their place) closed unanswered. Idle connections closed to make room, and TLS handshakes past tls_handshake_timeout_ms, are not counted.",
         None,
         load.refusals()
             .map(|(limit, count)| (vec![("limit", limit.label().to_owned())], count)),

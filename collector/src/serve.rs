@@ -265,10 +265,12 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         });
     }
     let _permit = permit;
-    match tokio::time::timeout(guard.timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response(),
-    }
+    tokio::time::timeout(guard.timeout, next.run(request))
+        .await
+        .unwrap_or_else(|_| {
+            guard.load.refuse(Limit::RequestTimeout);
+            (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response()
+        })
 }
 
 fn unauthorized(auth::Challenge(challenge): auth::Challenge) -> Response {

@@ -150,7 +150,8 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         // As typed: clap takes a leading `--` for the end of xtask's own options.
         Task::Test { args: _ } => {
-            let args = cargo_test_args(std::env::args());
+            let args =
+                cargo_test_args(std::env::args_os().map(|arg| arg.to_string_lossy().into_owned()));
             require_root("the privileged integration tests")?;
             prereqs(Scope::All)?;
             cargo(&root, &["fmt", "--all", "--check"])?;

@@ -203,7 +203,10 @@ impl Attachment {
             .collect();
         for index in gone {
             if let Some(interface) = self.attached.get(&index) {
-                tracing::info!(interface = %interface.name, "interface gone or down: forgetting it");
+                tracing::info!(
+                    interface = %interface.name,
+                    "interface gone, down, or renamed into exclude_interfaces: forgetting it"
+                );
             }
             self.forget(index);
         }
