@@ -492,7 +492,8 @@ fn with_interfaces_configured_no_other_interface_is_exported() {
 /// Interfaces whose names `exclude_interfaces` matches (as a node's pod veths would be) are
 /// not attached, neither at the start nor when they appear later, and have no series: the
 /// connections over them count (from the sockets), their live bytes do not. One that no
-/// pattern matches, added after them, is attached as usual.
+/// pattern matches, added after them, is attached as usual, and forgotten once renamed into
+/// an excluded name.
 #[test]
 fn excluded_interfaces_are_left_out_at_the_start_and_when_they_appear() {
     let netns = Netns::new();
@@ -525,24 +526,39 @@ fn excluded_interfaces_are_left_out_at_the_start_and_when_they_appear() {
 
     let metrics = exchange(&netns, &peer, "10.77.0.1:18080");
     assert!(attached(&metrics, "lo"));
+    let pins_of = |index: u32| -> Vec<String> {
+        std::fs::read_dir(config.pin_dir.join("v1/links"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(&format!("_{index}")))
+            .collect()
+    };
     for excluded in ["vcoll0", "vexcl1"] {
         let series: Vec<_> = metrics
             .lines()
             .filter(|line| line.contains(excluded))
             .collect();
         assert!(series.is_empty(), "{excluded}: {series:#?}");
-        let index = netns.run(move || ifindex(excluded));
-        let pins: Vec<_> = std::fs::read_dir(config.pin_dir.join("v1/links"))
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-            .filter(|name| name.ends_with(&format!("_{index}")))
-            .collect();
+        let pins = pins_of(netns.run(move || ifindex(excluded)));
         assert!(pins.is_empty(), "{excluded}: {pins:?}");
     }
     // Over vcoll0 alone: no classifier saw the payload.
     for direction in ["in", "out"] {
         assert_eq!(payload_bytes(&metrics, direction).unwrap_or(0.0), 0.0);
     }
+
+    // A watched device renamed into an excluded name is forgotten, its hooks and series
+    // with it, as one gone.
+    let index = netns.run(|| ifindex("vwatch0"));
+    assert!(!pins_of(index).is_empty());
+    ip(&netns, "link set vwatch0 down");
+    ip(&netns, "link set vwatch0 name vexcl2");
+    ip(&netns, "link set vexcl2 up");
+    wait_for("vwatch0 to be forgotten", Duration::from_secs(10), || {
+        let text = scrape(&netns);
+        (!text.contains("vwatch0") && pins_of(index).is_empty()).then_some(text)
+    });
+    assert!(!scrape(&netns).contains("vexcl2"));
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
