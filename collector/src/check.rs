@@ -892,9 +892,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn interfaces_are_judged_as_run_selects_them() {
-        let link = |index, name: &str, up| links::Link {
+    /// An Ethernet interface (loopback's framing is the same) as `links::list` gives it.
+    fn link(index: u32, name: &str, up: bool) -> links::Link {
+        links::Link {
             index,
             name: name.into(),
             up,
@@ -904,7 +904,11 @@ mod tests {
             lower: None,
             kind: String::new(),
             stats: None,
-        };
+        }
+    }
+
+    #[test]
+    fn interfaces_are_judged_as_run_selects_them() {
         let all = [
             link(1, "lo", true),
             link(2, "eth0", true),
@@ -984,22 +988,11 @@ mod tests {
 
     #[test]
     fn interfaces_left_out_by_a_pattern_are_named_in_check() {
-        let link = |index, name: &str| links::Link {
-            index,
-            name: name.into(),
-            up: true,
-            framing: links::Framing::Ethernet,
-            loopback: name == "lo",
-            controller: None,
-            lower: None,
-            kind: String::new(),
-            stats: None,
-        };
         let tunnel_up = links::Link {
             framing: links::Framing::Other(768),
-            ..link(5, "tunl0")
+            ..link(5, "tunl0", true)
         };
-        let all = [link(1, "lo")];
+        let all = [link(1, "lo", true)];
         // Excluded by a pattern: not attached, and named as left out; an excluded tunnel,
         // which the default would not watch anyway, is named neither so nor as uncounted.
         let excluded = [
@@ -1010,7 +1003,7 @@ mod tests {
             listed: &[],
             excluded: &excluded,
         };
-        let pods = [all[0].clone(), link(6, "cali7f"), tunnel_up];
+        let pods = [all[0].clone(), link(6, "cali7f", true), tunnel_up];
         assert_eq!(
             judge_interfaces(&pods, watched),
             (
@@ -1020,7 +1013,7 @@ mod tests {
         );
         // A node's hundreds of pod veths: the first few, and a count.
         let mut node = vec![all[0].clone()];
-        node.extend((0..12).map(|i| link(10 + i, &format!("cali{i}"))));
+        node.extend((0..12).map(|i| link(10 + i, &format!("cali{i}"), true)));
         let (_, detail) = judge_interfaces(&node, watched);
         assert!(
             detail.ends_with(
