@@ -7,6 +7,8 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 /// The limit a request or a connection met.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
@@ -45,13 +47,24 @@ impl Limit {
 }
 
 /// Shared by the HTTP side, which counts, and the metrics, which read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HttpLoad {
     refused: [AtomicU64; Limit::ALL.len()],
-    open_streams: AtomicU64,
+    /// One permit per open event stream (`max_event_streams` in all): the cap, and what the
+    /// gauge of open streams reads.
+    streams: Arc<Semaphore>,
+    max_streams: usize,
 }
 
 impl HttpLoad {
+    pub fn new(max_streams: usize) -> Self {
+        Self {
+            refused: Default::default(),
+            streams: Arc::new(Semaphore::new(max_streams)),
+            max_streams,
+        }
+    }
+
     pub fn refuse(&self, limit: Limit) {
         self.refused[limit as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -63,24 +76,26 @@ impl HttpLoad {
             .map(|limit| (limit, self.refused[limit as usize].load(Ordering::Relaxed)))
     }
 
-    /// A stream was admitted: open until the returned value drops (with the stream's body).
-    pub fn stream_opened(self: &Arc<Self>) -> OpenStream {
-        self.open_streams.fetch_add(1, Ordering::Relaxed);
-        OpenStream(Arc::clone(self))
+    /// A place for one more event stream, held for as long as its body lives; `None` at the
+    /// cap, counted as refused.
+    pub fn stream_place(&self) -> Option<OwnedSemaphorePermit> {
+        let place = Arc::clone(&self.streams).try_acquire_owned().ok();
+        if place.is_none() {
+            self.refuse(Limit::EventStreams);
+        }
+        place
     }
 
     pub fn open_streams(&self) -> u64 {
-        self.open_streams.load(Ordering::Relaxed)
+        (self.max_streams - self.streams.available_permits()) as u64
     }
 }
 
-/// One open event stream, counted while held.
-#[derive(Debug)]
-pub struct OpenStream(Arc<HttpLoad>);
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+/// No stream place: for renderings of the metrics that serve none.
+#[cfg(test)]
+impl Default for HttpLoad {
+    fn default() -> Self {
+        Self::new(0)
     }
 }
 
@@ -90,9 +105,10 @@ mod tests {
 
     #[test]
     fn refusals_count_by_limit_and_streams_while_held() {
-        let load = Arc::new(HttpLoad::default());
-        load.refuse(Limit::EventStreams);
-        load.refuse(Limit::EventStreams);
+        let load = HttpLoad::new(1);
+        let first = load.stream_place().unwrap();
+        assert!(load.stream_place().is_none());
+        assert!(load.stream_place().is_none());
         load.refuse(Limit::Connections);
         let counted: Vec<(&str, u64)> = load
             .refusals()
@@ -108,12 +124,10 @@ mod tests {
                 ("request_timeout", 0)
             ]
         );
-        let first = load.stream_opened();
-        let second = load.stream_opened();
-        assert_eq!(load.open_streams(), 2);
-        drop(first);
         assert_eq!(load.open_streams(), 1);
-        drop(second);
+        drop(first);
         assert_eq!(load.open_streams(), 0);
+        let _second = load.stream_place().unwrap();
+        assert_eq!(load.open_streams(), 1);
     }
 }

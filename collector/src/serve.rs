@@ -155,7 +155,6 @@ impl Liveness {
 pub struct Guard {
     pub credentials: auth::Credentials,
     pub permits: Arc<tokio::sync::Semaphore>,
-    pub streams: Arc<tokio::sync::Semaphore>,
     pub timeout: std::time::Duration,
     pub tls_handshake_timeout: std::time::Duration,
     pub connections: ConnectionLimits,
@@ -190,7 +189,6 @@ impl Guard {
         Ok(Self {
             credentials: auth::Credentials::from_config(http, &reloads)?,
             permits: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_requests)),
-            streams: Arc::new(tokio::sync::Semaphore::new(http.max_event_streams)),
             timeout: http.request_timeout,
             tls_handshake_timeout: http.tls_handshake_timeout,
             connections: ConnectionLimits {
@@ -198,7 +196,7 @@ impl Guard {
                 per_address: http.max_connections_per_address,
             },
             reloads,
-            load: Arc::default(),
+            load: Arc::new(HttpLoad::new(http.max_event_streams)),
         })
     }
 }
@@ -244,8 +242,7 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
     if path == "/api/v1/events" {
         // A stream lives as long as its body: it holds a stream permit for that long, and
         // gives the request permit back once admitted.
-        let Ok(stream_permit) = guard.streams.clone().try_acquire_owned() else {
-            guard.load.refuse(Limit::EventStreams);
+        let Some(stream_place) = guard.load.stream_place() else {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many event streams at once\n",
@@ -253,13 +250,12 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 .into_response();
         };
         drop(permit);
-        let open = guard.load.stream_opened();
         let mut response = next.run(request).await;
         response.extensions_mut().insert(Streaming);
         return response.map(|body| {
             use futures_util::StreamExt as _;
             axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
-                let _held = (&stream_permit, &open);
+                let _held = &stream_place;
                 chunk
             }))
         });
