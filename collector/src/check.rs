@@ -292,9 +292,6 @@ fn interfaces(watched: links::Watched<'_>) -> Verdict {
     }
 }
 
-/// Names of excluded interfaces `collector check` shows before it only counts the rest.
-const EXCLUDED_SHOWN: usize = 10;
-
 fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status, String) {
     let selected = match links::selection(all, watched) {
         Err(reason) => return (Status::Fail, format!("{reason}: `run` stops on it")),
@@ -337,28 +334,13 @@ fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status
             unparsed.join(", ")
         );
     }
-    // Only those the default selection would have watched, and a node's hundreds of pod
-    // veths as a count with the first few.
-    let excluded: Vec<&str> = all
-        .iter()
-        .filter(|link| {
-            watched.by_default()
-                && watched.excludes(&link.name)
-                && links::watched_by_default(link, all)
-        })
+    let excluded: Vec<&str> = links::excluded(all, watched)
         .map(|link| link.name.as_str())
         .collect();
     if !excluded.is_empty() {
-        let shown = excluded.len().min(EXCLUDED_SHOWN);
-        let more = excluded.len() - shown;
         detail = format!(
-            "{detail}; left out by exclude_interfaces: {}{}",
-            excluded[..shown].join(", "),
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            }
+            "{detail}; left out by exclude_interfaces: {}",
+            links::name_list(&excluded, links::EXCLUDED_SHOWN)
         );
     }
     (status, detail)

@@ -443,6 +443,30 @@ pub fn unparsed_up<'a>(
         })
 }
 
+/// The interfaces the default selection would take that an `exclude_interfaces` pattern
+/// leaves out (none where interfaces are listed).
+pub fn excluded<'a>(links: &'a [Link], watched: Watched<'a>) -> impl Iterator<Item = &'a Link> {
+    links.iter().filter(move |link| {
+        watched.by_default() && watched.excludes(&link.name) && watched_by_default(link, links)
+    })
+}
+
+/// Names of excluded interfaces the start's log and `collector check` show before they only
+/// count the rest.
+pub const EXCLUDED_SHOWN: usize = 10;
+
+/// `names` for a log line or a verdict: the first `shown`, then how many more (a node's
+/// hundreds of pod veths as a count).
+pub fn name_list(names: &[&str], shown: usize) -> String {
+    let more = names.len().saturating_sub(shown);
+    let listed = names[..names.len() - more].join(", ");
+    if more > 0 {
+        format!("{listed} and {more} more")
+    } else {
+        listed
+    }
+}
+
 /// Up, with a parsed framing, and not the port of a layer-2 controller.
 fn countable_on_its_own(link: &Link, all: &[Link]) -> bool {
     let port_of_layer2_controller = link.controller.is_some_and(|index| {
@@ -690,14 +714,14 @@ mod tests {
             link(5, "tunl0", true, false),
             link(6, "gre0", true, false),
         ];
-        let excluded = [
+        let patterns = [
             glob::Pattern::new("cali*").unwrap(),
             glob::Pattern::new("lxc?").unwrap(),
             glob::Pattern::new("tunl[0-9]").unwrap(),
         ];
         let watched = Watched {
             listed: &[],
-            excluded: &excluded,
+            excluded: &patterns,
         };
         let names: Vec<&str> = selection(&links, watched)
             .unwrap()
@@ -706,12 +730,29 @@ mod tests {
             .map(|l| l.name.as_str())
             .collect();
         assert_eq!(names, ["lo", "eth0"]);
+        // Counted as excluded: what the default would have taken (not the tunnel).
+        let excluded_names: Vec<&str> =
+            excluded(&links, watched).map(|l| l.name.as_str()).collect();
+        assert_eq!(excluded_names, ["cali1a2b", "lxc9"]);
+        assert_eq!(name_list(&excluded_names, 1), "cali1a2b and 1 more");
+        assert_eq!(name_list(&excluded_names, 2), "cali1a2b, lxc9");
         // An excluded tunnel is not reported as uncounted: it is left out on purpose.
         let unparsed: Vec<String> = unparsed_up(&links, watched).map(|(_, name)| name).collect();
         assert_eq!(unparsed, ["gre0 (link type 32)"]);
         // Listed names: nothing reported, whatever the framing.
         let listed = ["lo".to_owned()];
         assert_eq!(unparsed_up(&links, Watched::listed(&listed)).count(), 0);
+        assert_eq!(
+            excluded(
+                &links,
+                Watched {
+                    listed: &listed,
+                    excluded: &patterns
+                }
+            )
+            .count(),
+            0
+        );
     }
 
     #[test]

@@ -168,6 +168,9 @@ pub struct Attachment {
     /// Up interfaces of a framing not parsed, by index, once said in the log (see
     /// [`links::unparsed_up`]).
     unparsed_noted: std::collections::BTreeSet<u32>,
+    /// Interfaces the default selection would take that `exclude_interfaces` leaves out, as
+    /// of the last sync.
+    excluded_interfaces: usize,
     /// Where the `sock_ops` program is attached, for the logs.
     pub cgroup2: String,
     pin_dir: PathBuf,
@@ -340,6 +343,7 @@ impl Attachment {
             missing_interfaces: Vec::new(),
             attach_failures: std::collections::BTreeMap::new(),
             unparsed_noted: std::collections::BTreeSet::new(),
+            excluded_interfaces: 0,
             cgroup2,
             pin_dir,
             link_pins: Vec::new(),
@@ -396,6 +400,7 @@ impl Attachment {
         self.load_programs(config, bpf_stats, &selected)?;
         self.keep_redirect_devices(&all);
         self.note_unparsed(&all, watched);
+        self.note_excluded(&all, watched, true);
         // Before any classifier runs (till then the table counts as incomplete: by port).
         self.refresh_local_addresses();
         // Loopback's classifiers before the cgroup programs: the orphan reaper knows a

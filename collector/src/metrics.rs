@@ -783,6 +783,15 @@ fn encode_attachment(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
             .iter()
             .map(|name| (interface_labels(name), 1i64)),
     )?;
+    // A count, not a series each: what is excluded is a node's pod veths, by the hundred.
+    single(
+        encoder,
+        "collector_interfaces_excluded",
+        "Interfaces the default selection would watch that exclude_interfaces leaves out, as the last poll found them: not counted (collector check, and the log at the start, name them).",
+        None,
+        MetricType::Gauge,
+        &ConstGauge::new(i64::try_from(snapshot.excluded_interfaces).unwrap_or(i64::MAX)),
+    )?;
     let hook_labels = |hook: &crate::loader::TcHook| {
         let mut labels = interface_labels(&hook.interface);
         labels.push(("hook", hook.hook.to_owned()));

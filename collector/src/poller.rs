@@ -102,6 +102,7 @@ pub struct BesideTheMaps {
     tc_hooks: Vec<crate::loader::TcHook>,
     missing_interfaces: Vec<String>,
     unattached_interfaces: Vec<String>,
+    excluded_interfaces: usize,
     address_table: Option<crate::address_table::AddressTableUse>,
     nft: Vec<crate::nft::CounterValue>,
     config_file: Option<crate::config_watch::ConfigFileState>,
@@ -114,6 +115,7 @@ impl BesideTheMaps {
         snapshot.tc_hooks = self.tc_hooks;
         snapshot.missing_interfaces = self.missing_interfaces;
         snapshot.unattached_interfaces = self.unattached_interfaces;
+        snapshot.excluded_interfaces = self.excluded_interfaces;
         snapshot.address_table = self.address_table;
         snapshot.nft = self.nft;
         snapshot.config_file = self.config_file;
@@ -439,6 +441,7 @@ impl Poller {
             tc_hooks: beside.tc_hooks,
             missing_interfaces: beside.missing_interfaces,
             unattached_interfaces: beside.unattached_interfaces,
+            excluded_interfaces: beside.excluded_interfaces,
             address_table: beside.address_table,
             nft: beside.nft,
             config_file: beside.config_file,
@@ -452,6 +455,7 @@ impl Poller {
             tc_hooks: interfaces.hooks.hooks,
             missing_interfaces: interfaces.hooks.missing_interfaces,
             unattached_interfaces: interfaces.hooks.unattached_interfaces,
+            excluded_interfaces: interfaces.hooks.excluded_interfaces,
             address_table: interfaces.address_table,
             nft: nft.counters,
             config_file: self.config_watch.as_mut().map(ConfigWatch::look),
@@ -668,6 +672,7 @@ mod tests {
                 tc_hooks: Vec::new(),
                 missing_interfaces: Vec::new(),
                 unattached_interfaces: vec!["wg1".into()],
+                excluded_interfaces: 3,
                 address_table: None,
                 nft: Vec::new(),
                 config_file: None,
@@ -682,6 +687,7 @@ mod tests {
         assert_eq!(after.poll, poll);
         assert_eq!(after.interface_stats, [lo]);
         assert_eq!(after.unattached_interfaces, ["wg1"]);
+        assert_eq!(after.excluded_interfaces, 3);
         let text = metrics::render(&metrics::registry(
             Arc::clone(&shared),
             Arc::default(),

@@ -352,6 +352,8 @@ pub struct Snapshot {
     pub missing_interfaces: Vec<String>,
     /// Interfaces there to count whose last attach failed.
     pub unattached_interfaces: Vec<String>,
+    /// Interfaces the default selection would take that `exclude_interfaces` leaves out.
+    pub excluded_interfaces: usize,
     /// The local address table's use (`None` with `all_namespaces`).
     pub address_table: Option<crate::address_table::AddressTableUse>,
     /// Health of each source: `ebpf` (the kernel maps), `netlink` (interfaces), `nft`.
@@ -676,6 +678,7 @@ impl Snapshot {
             tc_hooks: vec![example_tc_hook()],
             missing_interfaces: vec!["eth1".into()],
             unattached_interfaces: vec!["wg0".into()],
+            excluded_interfaces: 2,
             address_table: Some(EXAMPLE_ADDRESS_TABLE),
             sources: vec![
                 (

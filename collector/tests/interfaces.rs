@@ -526,6 +526,8 @@ fn excluded_interfaces_are_left_out_at_the_start_and_when_they_appear() {
 
     let metrics = exchange(&netns, &peer, "10.77.0.1:18080");
     assert!(attached(&metrics, "lo"));
+    let excluded_count = |metrics: &str| sample(metrics, "collector_interfaces_excluded", &[]);
+    assert_eq!(excluded_count(&metrics), Some(2.0));
     let pins_of = |index: u32| -> Vec<String> {
         std::fs::read_dir(config.pin_dir.join("v1/links"))
             .unwrap()
@@ -554,11 +556,15 @@ fn excluded_interfaces_are_left_out_at_the_start_and_when_they_appear() {
     ip(&netns, "link set vwatch0 down");
     ip(&netns, "link set vwatch0 name vexcl2");
     ip(&netns, "link set vexcl2 up");
-    wait_for("vwatch0 to be forgotten", Duration::from_secs(10), || {
+    // Counted once up again (down, the default selection would not take it either).
+    let metrics = wait_for("vwatch0 to be forgotten", Duration::from_secs(10), || {
         let text = scrape(&netns);
-        (!text.contains("vwatch0") && pins_of(index).is_empty()).then_some(text)
+        (!text.contains("vwatch0")
+            && pins_of(index).is_empty()
+            && excluded_count(&text) == Some(3.0))
+        .then_some(text)
     });
-    assert!(!scrape(&netns).contains("vexcl2"));
+    assert!(!metrics.contains("vexcl2"));
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }

@@ -44,6 +44,8 @@ pub struct HookCheck {
     /// Interfaces there to count whose last attach failed: not counted, tried again at each
     /// sync.
     pub unattached_interfaces: Vec<String>,
+    /// Interfaces the default selection would take that `exclude_interfaces` leaves out.
+    pub excluded_interfaces: usize,
 }
 
 /// Why an interface there to count is not attached.
@@ -214,6 +216,7 @@ impl Attachment {
             .retain(|(index, _), _| links.iter().any(|l| l.index == *index));
         self.note_missing(links::missing(links, configured));
         self.note_unparsed(links, watched);
+        self.note_excluded(links, watched, false);
         self.attach_failures
             .retain(|index, _| wanted.iter().any(|l| l.index == *index));
         for link in wanted {
@@ -382,6 +385,29 @@ impl Attachment {
             .retain(|index| unparsed.iter().any(|(up, _)| up == index));
     }
 
+    /// Keeps the count of interfaces `exclude_interfaces` leaves out, and names them in the
+    /// log at the start (after it only in the debug log: pods come and go all day).
+    pub(super) fn note_excluded(
+        &mut self,
+        links: &[Link],
+        watched: links::Watched<'_>,
+        start: bool,
+    ) {
+        let excluded: Vec<&str> = links::excluded(links, watched)
+            .map(|link| link.name.as_str())
+            .collect();
+        if start && !excluded.is_empty() {
+            tracing::info!(
+                count = excluded.len(),
+                "left out by exclude_interfaces (collector_interfaces_excluded): {}",
+                links::name_list(&excluded, links::EXCLUDED_SHOWN)
+            );
+        } else if excluded.len() != self.excluded_interfaces {
+            tracing::debug!(count = excluded.len(), "left out by exclude_interfaces");
+        }
+        self.excluded_interfaces = excluded.len();
+    }
+
     /// Names of the interfaces the classifiers are attached to.
     #[must_use]
     pub fn interfaces(&self) -> Vec<String> {
@@ -496,6 +522,7 @@ impl Attachment {
                 .values()
                 .map(|failure| failure.interface.clone())
                 .collect(),
+            excluded_interfaces: self.excluded_interfaces,
         }
     }
 
