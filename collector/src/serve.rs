@@ -1051,6 +1051,8 @@ mod tests {
         address: SocketAddr,
         /// The server's own, to see and hold its password checks.
         credentials: auth::Credentials,
+        /// What it turned away, by limit.
+        load: Arc<HttpLoad>,
         server: tokio::task::JoinHandle<std::io::Result<()>>,
     }
 
@@ -1073,6 +1075,7 @@ mod tests {
         limits(&mut http);
         let guard = Guard::from_config(&http).unwrap();
         let credentials = guard.credentials.clone();
+        let load = Arc::clone(&guard.load);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let latest = Arc::new(SharedSnapshot::default());
@@ -1091,6 +1094,7 @@ mod tests {
         Serving {
             address,
             credentials,
+            load,
             server,
         }
     }
@@ -1229,6 +1233,9 @@ mod tests {
             503
         );
         assert_eq!(agent.credentials.password_checks_waiting(), 0);
+        // Counted as a password that waited too long for its check, not as a slow answer.
+        let refused: Vec<(Limit, u64)> = agent.load.refusals().filter(|&(_, n)| n > 0).collect();
+        assert_eq!(refused, [(Limit::PasswordChecks, 1)]);
     }
 
     /// Whether `accept` (one header value) gets OpenMetrics.
