@@ -783,7 +783,13 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     for name in maps {
         failures.note(remove_if_present(&map_dir.join(name)));
     }
-    for dir in [links_dir.as_path(), map_dir.as_path(), pin_dir] {
+    // A pin directory given as a symbolic link is the operator's layout, and stays: removed
+    // through the link, it left the link dangling, which the next start cannot make again
+    // (and rmdir refuses a link: the stop failed, with the nftables table left hooked).
+    let pin_dir_is_link =
+        fs::symlink_metadata(pin_dir).is_ok_and(|found| found.file_type().is_symlink());
+    let ours = [links_dir.as_path(), map_dir.as_path(), pin_dir];
+    for dir in &ours[..if pin_dir_is_link { 2 } else { 3 }] {
         match fs::remove_dir(dir) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}

@@ -97,6 +97,30 @@ fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_
     }
 }
 
+/// A pin directory given as a symbolic link (bpffs laid out by the operator): the agent pins
+/// through it, and a clean stop removes the pins, leaves the link and its directory, and
+/// exits 0 (rmdir on the link failed the stop, and left the nftables table behind).
+#[test]
+fn a_pin_directory_given_through_a_symlink_is_emptied_by_a_clean_stop() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let mut real = config.pin_dir.clone().into_os_string();
+    real.push("-real");
+    let real = std::path::PathBuf::from(real);
+    let _removed = [real.clone(), config.pin_dir.clone()].map(support::RemovedOnDrop);
+    std::fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, &config.pin_dir).unwrap();
+    let agent = Agent::start(&netns, &config);
+    support::connections_3_in_5_out(&netns, 3);
+    wait_for_closed(&netns, "web", 3);
+    assert!(real.join("v1/CONN_COUNTERS").exists());
+    assert!(agent.stop().success());
+    let link = std::fs::symlink_metadata(&config.pin_dir).unwrap();
+    assert!(link.file_type().is_symlink());
+    let left: Vec<_> = std::fs::read_dir(&real).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     let config = AgentConfig::new(WEB_ROUTE);
