@@ -101,7 +101,18 @@ fn unescape_mount_path(path: &str) -> PathBuf {
 }
 
 fn read_mounts() -> Result<String, PathError> {
-    fs::read_to_string("/proc/self/mounts").map_err(PathError::Mounts)
+    fs::read("/proc/self/mounts")
+        .map(mounts_text)
+        .map_err(PathError::Mounts)
+}
+
+/// /proc/self/mounts as text. The kernel escapes only whitespace and backslashes in mount
+/// paths and passes other bytes through: read as UTF-8, one mount point named in Latin-1 (a
+/// user's FUSE mount) failed every start. Its bad bytes come out as U+FFFD, so that path is
+/// never the cgroup2 or bpffs mount looked for, which keep their names.
+fn mounts_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned())
 }
 
 /// The cgroup2 mounts in `mounts_text`, in order (hybrid hosts mount it at
@@ -379,6 +390,18 @@ bpf /sys/fs/bpf/with\\040space bpf rw 0 0
             [PathBuf::from("/sys/fs/cgroup/unified")]
         );
         assert_eq!(cgroup2_mounts("proc /proc proc rw 0 0\n").next(), None);
+        // A mount point that is not UTF-8 costs only its own name.
+        let mut bytes = b"fuse /home/u/caf\xe9 fuse rw 0 0\n".to_vec();
+        bytes.extend_from_slice(HYBRID.as_bytes());
+        let text = mounts_text(bytes);
+        assert_eq!(
+            cgroup2_mounts(&text).collect::<Vec<_>>(),
+            [PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        assert_eq!(
+            bpffs_containing(&text, Path::new("/sys/fs/bpf/collector")),
+            Some(PathBuf::from("/sys/fs/bpf"))
+        );
     }
 
     #[test]
