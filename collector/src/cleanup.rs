@@ -511,13 +511,9 @@ pub(crate) fn remove_dir_if_empty(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Removes the files `ours` under `map_dir`, link pins first: removing one detaches its
-/// program, so that nothing counts into the maps once they go.
+/// Removes the files `ours` under `map_dir` in [`removal_order`].
 fn remove(map_dir: &Path, ours: &[PathBuf]) -> anyhow::Result<()> {
-    let links_dir = map_dir.join(loader::LINKS_DIR);
-    let (links, maps): (Vec<&PathBuf>, Vec<&PathBuf>) =
-        ours.iter().partition(|path| path.starts_with(&links_dir));
-    for path in links.into_iter().chain(maps) {
+    for path in removal_order(map_dir, ours) {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -527,6 +523,22 @@ fn remove(map_dir: &Path, ours: &[PathBuf]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Link pins first: removing one detaches its program, so that nothing counts into the maps
+/// once they go. Loopback's tc links last among them: they are what tells a later start
+/// that the namespace is gone ([`crate::orphans::orphaned`]), so a removal killed halfway
+/// (the reaping start OOM-killed) leaves pins that start can judge, never a `sock_ops` link
+/// alone on the host's cgroup2 root.
+fn removal_order<'a>(map_dir: &Path, ours: &'a [PathBuf]) -> Vec<&'a PathBuf> {
+    let links_dir = map_dir.join(loader::LINKS_DIR);
+    let (links, maps): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        ours.iter().partition(|path| path.starts_with(&links_dir));
+    let (loopback, others): (Vec<&PathBuf>, Vec<&PathBuf>) = links.into_iter().partition(|path| {
+        path.file_name()
+            .is_some_and(crate::orphans::is_loopback_link_pin)
+    });
+    others.into_iter().chain(loopback).chain(maps).collect()
 }
 
 /// Removes `dir` and the directories below it that are (then) empty.
@@ -566,6 +578,33 @@ fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopbacks_links_go_after_the_other_links_and_before_the_maps() {
+        let map_dir = Path::new("/sys/fs/bpf/collector/v1");
+        let links = map_dir.join(loader::LINKS_DIR);
+        let ours = [
+            map_dir.join("CONN_COUNTERS"),
+            links.join("tc_loopback_1"),
+            links.join("sock_ops"),
+            links.join("tc_ingress_7"),
+            map_dir.join("PIN_OWNER"),
+        ];
+        let order: Vec<&Path> = removal_order(map_dir, &ours)
+            .into_iter()
+            .map(PathBuf::as_path)
+            .collect();
+        assert_eq!(
+            order,
+            [
+                links.join("sock_ops").as_path(),
+                links.join("tc_ingress_7").as_path(),
+                links.join("tc_loopback_1").as_path(),
+                map_dir.join("CONN_COUNTERS").as_path(),
+                map_dir.join("PIN_OWNER").as_path(),
+            ]
+        );
+    }
 
     #[test]
     fn the_cleanup_hint_names_the_config_and_pin_dir_of_the_run() {
