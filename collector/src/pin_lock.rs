@@ -89,7 +89,9 @@ pub fn lock_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
                 .with_context(|| format!("opening the pin directory {}", pin_dir.display()));
         }
     };
-    let Some(lock) = flock_nonblocking(dir) else {
+    let Some(lock) = flock_nonblocking(dir)
+        .with_context(|| format!("locking the pin directory {}", pin_dir.display()))?
+    else {
         return Ok(None);
     };
     let held = lock
@@ -107,8 +109,9 @@ pub fn lock_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
     }
 }
 
-/// `dir`, locked exclusively, or `None` if another holds the lock.
-fn flock_nonblocking(dir: File) -> Option<File> {
+/// `dir`, locked exclusively, or `None` if another holds the lock. Any other failure
+/// (`ENOLCK`) is an error: taken as held, it was waited on and then blamed on a holder.
+fn flock_nonblocking(dir: File) -> io::Result<Option<File>> {
     // SAFETY: flock on a valid open fd.
     let rc = unsafe {
         libc::flock(
@@ -116,7 +119,15 @@ fn flock_nonblocking(dir: File) -> Option<File> {
             libc::LOCK_EX | libc::LOCK_NB,
         )
     };
-    (rc == 0).then_some(dir)
+    if rc == 0 {
+        return Ok(Some(dir));
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(None)
+    } else {
+        Err(err)
+    }
 }
 
 /// The process holding a pin directory's lock, as this process sees it (/proc/locks leaves
