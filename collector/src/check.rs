@@ -350,7 +350,13 @@ fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status
 /// the config asks of it.
 pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     let facts = Facts::gather(&config.pin_dir, config.cgroup2.as_deref())?;
-    let mut verdicts = judge(&facts, config.nftables.enabled);
+    let mut verdicts: Vec<Verdict> = judge(&facts, config.nftables.enabled)
+        .into_iter()
+        .map(|verdict| match verdict.name {
+            "nft" => with_warning(verdict, config.stop_time_warning()),
+            _ => verdict,
+        })
+        .collect();
     verdicts.push(pin_dir(&config.pin_dir, facts.bpffs.as_deref()));
     verdicts.push(interfaces(links::Watched::of(config)));
     // The hard open-file limit, which `run` raises the soft one to, started as this was.

@@ -525,6 +525,28 @@ impl Config {
         ))
     }
 
+    /// What to warn about an `nft_timeout_ms` that a stop with a stuck `nft` can outlast the
+    /// shipped stop timeouts by: the stop waits for the killed `nft`, then for the table's
+    /// removal, each up to the timeout, after the eBPF side's detach.
+    #[must_use]
+    pub fn stop_time_warning(&self) -> Option<String> {
+        const SHIPPED_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+        const DETACH: Duration = Duration::from_secs(5);
+        let nftables = &self.nftables;
+        let longest = nftables.nft_timeout * 2 + DETACH;
+        (nftables.enabled != NftEnabled::Off && longest > SHIPPED_STOP_TIMEOUT).then(|| {
+            format!(
+                "[nftables] nft_timeout_ms = {}: with a stuck nft a stop can take {} s, past the \
+                 {} s the shipped systemd unit and DaemonSet allow before they kill it (its \
+                 programs and table then stay until the next start); lower it, or raise \
+                 TimeoutStopSec / terminationGracePeriodSeconds",
+                nftables.nft_timeout.as_millis(),
+                longest.as_secs(),
+                SHIPPED_STOP_TIMEOUT.as_secs()
+            )
+        })
+    }
+
     /// What a start warns of in a valid config.
     #[must_use]
     pub fn start_warnings(&self) -> Vec<String> {
@@ -534,6 +556,7 @@ impl Config {
             .chain(self.probe_place_warning())
             .chain(self.dns_ignored_warning())
             .chain(self.upstream_on_listen_warning())
+            .chain(self.stop_time_warning())
             .collect()
     }
 
@@ -1560,6 +1583,23 @@ mod tests {
         );
         assert_error("[nftables]\nnft_timeout_ms = 999\n", 2, "nft_timeout_ms");
         assert_error("[nftables]\nnft_timeout_ms = 60001\n", 2, "nft_timeout_ms");
+        // Twice the timeout and the detach past the shipped 60 s stop timeout: said, unless
+        // nftables is off.
+        let warning = |text: &str| {
+            Config::from_toml("t.toml", &format!("[nftables]\n{text}"))
+                .unwrap()
+                .stop_time_warning()
+        };
+        assert_eq!(warning("nft_timeout_ms = 27500\n"), None);
+        let said = warning("nft_timeout_ms = 28000\n").unwrap();
+        assert!(said.contains("a stop can take 61 s"), "{said}");
+        assert!(
+            Config::from_toml("t.toml", "[nftables]\nnft_timeout_ms = 28000\n")
+                .unwrap()
+                .start_warnings()
+                .contains(&said)
+        );
+        assert_eq!(warning("enabled = false\nnft_timeout_ms = 60000\n"), None);
     }
 
     #[test]
