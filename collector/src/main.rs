@@ -914,8 +914,9 @@ const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(
 /// The connections on the route ports open since before this start that no connection table
 /// of ours holds: after a clean stop, all that are open; after a crash, those the crashed run
 /// had itself found open at its start, and those on ports that were no route then (the ones
-/// it accepted are in the table it left). None if they cannot be listed (said in the log):
-/// `active` then leaves them out until they close.
+/// it accepted are in the table it left). None if they cannot be listed (said in the log,
+/// and by `collector_proxy_connections_from_before_start_known`): `active` then leaves them
+/// out until they close.
 fn connections_from_before(attachment: &Attachment) -> Preexisting {
     if attachment.inherited() {
         // The full table turned connections away, which count as opened and never close:
@@ -928,11 +929,11 @@ fn connections_from_before(attachment: &Attachment) -> Preexisting {
                     "the connection table the crashed run left had overflowed: connections open \
                      from before this start are left out of `active` until they close"
                 );
-                return Preexisting::default();
+                return Preexisting::unknown();
             }
             Err(err) => {
                 tracing::warn!("reading the inherited error counters: {err:#}");
-                return Preexisting::default();
+                return Preexisting::unknown();
             }
         }
     }
@@ -942,7 +943,7 @@ fn connections_from_before(attachment: &Attachment) -> Preexisting {
         Ok(preexisting) => preexisting,
         Err(err) => {
             tracing::warn!("listing the connections open from before the start: {err:#}");
-            Preexisting::default()
+            Preexisting::unknown()
         }
     }
 }

@@ -315,7 +315,15 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
         }),
     )?;
     let figures: Vec<_> = routes.iter().map(ConnectionFigures::of_route).collect();
-    connection_families(encoder, "collector_proxy", &ROUTE_HELP, &figures)
+    connection_families(encoder, "collector_proxy", &ROUTE_HELP, &figures)?;
+    single(
+        encoder,
+        "collector_proxy_connections_from_before_start_known",
+        "1 while active connections hold every connection open since before the collector started (routes' and upstreams'); 0 if the start could not list them (the log says why: sock_diag failed, or after a crash the connection table had overflowed), then active reads low by them until they close, or while a later listing fails, then active keeps the last count.",
+        None,
+        MetricType::Gauge,
+        &ConstGauge::new(i64::from(snapshot.connections_from_before_known)),
+    )
 }
 
 /// Renders how the connections on ports shared by TLS server name were told apart: every

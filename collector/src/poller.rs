@@ -434,6 +434,7 @@ impl Poller {
             clients,
             dns,
             stream_lagged: self.hub.lagged.load(std::sync::atomic::Ordering::Relaxed),
+            connections_from_before_known: self.preexisting.known(),
             poll: self.poll,
             sources,
             interface_stats: beside.interface_stats,

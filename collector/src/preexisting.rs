@@ -85,6 +85,11 @@ pub struct Preexisting {
     /// Those the last listing missed: the next one missing them too forgets them.
     missed_once: HashSet<u64>,
     polls_until_listing: u32,
+    /// The start's listing was made and the last one since went through: `active` holds
+    /// them all. False from a start that could not list them (none kept: `active` low by
+    /// them) until restart, and after a failed relisting until one goes through (the last
+    /// count kept: high by those closed meanwhile).
+    known: bool,
 }
 
 impl Preexisting {
@@ -118,11 +123,23 @@ impl Preexisting {
             open: untracked_in_both(&ports, before, &tracked, &after),
             missed_once: HashSet::new(),
             polls_until_listing: POLLS_BETWEEN_LISTINGS,
+            known: true,
         })
     }
 
+    /// None known: the start could not list them (said in the log).
+    pub fn unknown() -> Self {
+        Self::default()
+    }
+
+    /// Whether `active` holds every connection open from before (see `known`).
+    #[must_use]
+    pub const fn known(&self) -> bool {
+        self.known
+    }
+
     /// Forgets those that closed, listing the sockets again every few polls while any are
-    /// left. A failed listing keeps the last count.
+    /// left. A failed listing keeps the last count, known no more until one goes through.
     pub fn refresh_now_and_then(&mut self) {
         if self.open.is_empty() {
             return;
@@ -132,9 +149,21 @@ impl Preexisting {
             return;
         }
         self.polls_until_listing = POLLS_BETWEEN_LISTINGS;
-        match sock_diag::open_tcp_connections() {
-            Ok(sockets) => self.forget_closed(&sockets.iter().map(|s| s.cookie).collect()),
-            Err(err) => tracing::warn!("listing the sockets over sock_diag failed: {err}"),
+        self.relisted(sock_diag::open_tcp_connections().map_err(anyhow::Error::from));
+    }
+
+    fn relisted(&mut self, listing: anyhow::Result<Vec<OpenSocket>>) {
+        match listing {
+            Ok(sockets) => {
+                self.forget_closed(&sockets.iter().map(|s| s.cookie).collect());
+                // Only what the start listed is relisted: one that could not list them has
+                // none, and stays unknown.
+                self.known = true;
+            }
+            Err(err) => {
+                tracing::warn!("listing the sockets over sock_diag failed: {err:#}");
+                self.known = false;
+            }
         }
     }
 
@@ -266,6 +295,28 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_relisting_makes_them_unknown_until_one_goes_through() {
+        let socket = |cookie| OpenSocket {
+            cookie,
+            local_port: 80,
+            remote_port: 40000,
+        };
+        let mut preexisting = Preexisting {
+            open: HashMap::from([(1, Owner::Route(0)), (2, Owner::Route(0))]),
+            missed_once: HashSet::new(),
+            polls_until_listing: 0,
+            known: true,
+        };
+        preexisting.relisted(Err(anyhow::anyhow!("ENOBUFS")));
+        assert!(!preexisting.known());
+        // The last count is kept meanwhile.
+        assert_eq!(preexisting.per_route(1), [2]);
+        preexisting.relisted(Ok(vec![socket(1), socket(2)]));
+        assert!(preexisting.known());
+        assert!(!Preexisting::unknown().known());
+    }
+
+    #[test]
     fn a_socket_is_its_routes_by_local_port_before_an_upstreams_by_remote_port() {
         let ports = Ports {
             route_of_port: HashMap::from([(8080, 0)]),
@@ -294,6 +345,7 @@ mod tests {
             ]),
             missed_once: HashSet::new(),
             polls_until_listing: 0,
+            known: true,
         };
         assert_eq!(preexisting.per_route(1), [1]);
         assert_eq!(preexisting.per_upstream(2), [0, 2]);

@@ -340,6 +340,8 @@ pub struct Snapshot {
     pub dns: DnsSnapshot,
     /// Events that `/api/v1/events` subscribers lost by falling behind.
     pub stream_lagged: u64,
+    /// `active` holds every connection open from before the start (see `preexisting`).
+    pub connections_from_before_known: bool,
     pub poll: PollStats,
     /// Interfaces the classifiers are attached to.
     pub interfaces: Vec<String>,
@@ -679,6 +681,7 @@ impl Snapshot {
             missing_interfaces: vec!["eth1".into()],
             unattached_interfaces: vec!["wg0".into()],
             excluded_interfaces: 2,
+            connections_from_before_known: true,
             address_table: Some(EXAMPLE_ADDRESS_TABLE),
             sources: vec![
                 (

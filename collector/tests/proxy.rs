@@ -515,6 +515,14 @@ fn connections_open_across_a_clean_restart_stay_active_until_they_close() {
     ] {
         assert_eq!(route_value(&metrics, name, "api"), value, "{name}");
     }
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connections_from_before_start_known",
+            &[]
+        ),
+        Some(1.0)
+    );
     let json = proxy_json(&netns);
     assert_eq!(json["activeConnections"], HELD);
     assert_eq!(json["connectionsByRoute"]["api"], HELD);
