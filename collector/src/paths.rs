@@ -188,10 +188,19 @@ pub fn open_cgroup2(cgroup: &Cgroup2) -> Result<(fs::File, String), PathError> {
             .map(|file| (file, path.display().to_string()))
             .map_err(|err| PathError::OpenCgroup2(path.clone(), err)),
         Cgroup2::Unmounted => {
-            let dir =
-                std::env::temp_dir().join(format!("collector-cgroup2-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!(
+                "collector-cgroup2-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .subsec_nanos()
+            ));
             let fail = |err| PathError::OpenCgroup2(dir.clone(), err);
-            fs::create_dir_all(&dir).map_err(fail)?;
+            // Made here, or refused: one found there (a symbolic link someone put in a
+            // shared /tmp) would have the mount follow it elsewhere. Once made, the sticky
+            // /tmp keeps others from swapping it.
+            fs::create_dir(&dir).map_err(fail)?;
             let opened = mount("cgroup2", &dir, "cgroup2", c"").and_then(|()| {
                 let file = fs::File::open(&dir);
                 unmount_detached(&dir);
@@ -237,7 +246,7 @@ fn mount(
 fn unmount_detached(target: &Path) {
     if let Ok(target) = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()) {
         // SAFETY: a NUL-terminated path that outlives the call.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
     }
 }
 
