@@ -142,8 +142,10 @@ fn on_accepted(ctx: &SockOpsContext) {
     let cookie = socket_cookie(ctx);
     // A connect of ours that completed here (a simultaneous open, or a socket connected to
     // its own port) on a port both a route's and an upstream's: already in the table, as
-    // the upstream's. Only such a socket has state callbacks before it is accepted. Whether
-    // upstreams are watched now does not matter: one from before a crash may still be.
+    // the upstream's. Such a socket has state callbacks before it is accepted; so does the
+    // child of a listener another program gave them (the clone copies the flags), which
+    // costs only the look-up: its new cookie is in no table. Whether upstreams are watched
+    // now does not matter: one from before a crash may still be.
     if ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG != 0 && find(cookie).is_some() {
         return;
     }
