@@ -530,7 +530,7 @@ impl Config {
     /// removal, each up to the timeout, after the eBPF side's detach.
     #[must_use]
     pub fn stop_time_warning(&self) -> Option<String> {
-        const SHIPPED_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+        const SHIPPED_STOP_TIMEOUT: Duration = Duration::from_mins(1);
         const DETACH: Duration = Duration::from_secs(5);
         let nftables = &self.nftables;
         let longest = nftables.nft_timeout * 2 + DETACH;
