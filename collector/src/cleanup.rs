@@ -260,7 +260,7 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
             // Only a collector's: a --pin-dir mistyped as another tool's empty directory
             // (iproute2's tc/globals) is left, and so is an empty one without `v1` (a crash
             // after the layout went): `rmdir` removes it.
-            if found.has_layout {
+            if found.has_layout && !paths::given_as_link(pin_dir) {
                 remove_dir_if_empty(pin_dir)?;
             }
         }
@@ -529,7 +529,10 @@ fn remove(map_dir: &Path, ours: &[PathBuf]) -> anyhow::Result<()> {
 /// once they go. Loopback's tc links last among them: they are what tells a later start
 /// that the namespace is gone ([`crate::orphans::orphaned`]), so a removal killed halfway
 /// (the reaping start OOM-killed) leaves pins that start can judge, never a `sock_ops` link
-/// alone on the host's cgroup2 root.
+/// alone on the host's cgroup2 root. A clean stop keeps `sock_ops` last instead
+/// (`loader::remove_pins`): its namespace is alive, its maps must outlive the program that
+/// counts closes into them should a link be stuck, and its own next start takes over what a
+/// stop cut short leaves.
 fn removal_order<'a>(map_dir: &Path, ours: &'a [PathBuf]) -> Vec<&'a PathBuf> {
     let links_dir = map_dir.join(loader::LINKS_DIR);
     let (links, maps): (Vec<&PathBuf>, Vec<&PathBuf>) =

@@ -526,15 +526,19 @@ impl Config {
     }
 
     /// What to warn about an `nft_timeout_ms` that a stop with a stuck `nft` can outlast the
-    /// shipped stop timeouts by: the stop waits for the killed `nft`, then for the table's
-    /// removal, each up to the timeout, after the eBPF side's detach.
+    /// shipped stop timeouts by: after the HTTP side's grace, the runtime's wait and the
+    /// eBPF side's detach, the stop waits for the killed `nft`, then for the table's removal,
+    /// each up to the timeout.
     #[must_use]
     pub fn stop_time_warning(&self) -> Option<String> {
         const SHIPPED_STOP_TIMEOUT: Duration = Duration::from_mins(1);
-        const DETACH: Duration = Duration::from_secs(5);
+        const DETACH: Duration = Duration::from_secs(2);
         let nftables = &self.nftables;
-        let longest = nftables.nft_timeout * 2 + DETACH;
-        (nftables.enabled != NftEnabled::Off && longest > SHIPPED_STOP_TIMEOUT).then(|| {
+        let longest = nftables.nft_timeout * 2
+            + crate::HTTP_SHUTDOWN_GRACE
+            + crate::RUNTIME_SHUTDOWN_WAIT
+            + DETACH;
+        (nftables.enabled != NftEnabled::Off && longest >= SHIPPED_STOP_TIMEOUT).then(|| {
             format!(
                 "[nftables] nft_timeout_ms = {}: with a stuck nft a stop can take {} s, past the \
                  {} s the shipped systemd unit and DaemonSet allow before they kill it (its \
@@ -1040,11 +1044,19 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
 
 /// An absolute `pin_dir`, refused where [`pin_dir_refused`] refuses it.
 fn bpffs_pin_dir(source: &Source<'_>, value: &Spanned<String>) -> Result<PathBuf, ConfigError> {
-    let pin_dir = absolute(source, value, "pin_dir")?;
+    let pin_dir = normal_pin_dir(&absolute(source, value, "pin_dir")?);
     match pin_dir_refused(&pin_dir) {
         Some(reason) => Err(source.at(value, format!("pin_dir = {:?}: {reason}", value.get_ref()))),
         None => Ok(pin_dir),
     }
+}
+
+/// `pin_dir` without a trailing slash (or a doubled one): through a symbolic link,
+/// `/sys/fs/bpf/link/` is the directory it names, and judged so, where the stop must see the
+/// link ([`paths::given_as_link`]). For the file's `pin_dir` and `--pin-dir` alike.
+#[must_use]
+pub fn normal_pin_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.components().collect()
 }
 
 /// Why `run` would refuse the pin directory below the usual bpffs mount, whatever the host:
@@ -1583,18 +1595,18 @@ mod tests {
         );
         assert_error("[nftables]\nnft_timeout_ms = 999\n", 2, "nft_timeout_ms");
         assert_error("[nftables]\nnft_timeout_ms = 60001\n", 2, "nft_timeout_ms");
-        // Twice the timeout and the detach past the shipped 60 s stop timeout: said, unless
-        // nftables is off.
+        // Twice the timeout and the rest of the stop at the shipped 60 s stop timeout or past
+        // it: said, unless nftables is off.
         let warning = |text: &str| {
             Config::from_toml("t.toml", &format!("[nftables]\n{text}"))
                 .unwrap()
                 .stop_time_warning()
         };
-        assert_eq!(warning("nft_timeout_ms = 27500\n"), None);
-        let said = warning("nft_timeout_ms = 28000\n").unwrap();
-        assert!(said.contains("a stop can take 61 s"), "{said}");
+        assert_eq!(warning("nft_timeout_ms = 25000\n"), None);
+        let said = warning("nft_timeout_ms = 26000\n").unwrap();
+        assert!(said.contains("a stop can take 60 s"), "{said}");
         assert!(
-            Config::from_toml("t.toml", "[nftables]\nnft_timeout_ms = 28000\n")
+            Config::from_toml("t.toml", "[nftables]\nnft_timeout_ms = 26000\n")
                 .unwrap()
                 .start_warnings()
                 .contains(&said)
@@ -1692,6 +1704,23 @@ mod tests {
         assert_eq!(config.http.max_event_streams, 8);
         assert_eq!(config.http.max_connections, 512);
         assert_eq!(config.http.max_connections_per_address, 80);
+    }
+
+    #[test]
+    fn a_pin_dir_loses_its_trailing_and_doubled_slashes() {
+        let pin_dir = |text: &str| {
+            Config::from_toml("t.toml", &format!("pin_dir = {text:?}\n"))
+                .unwrap()
+                .pin_dir
+        };
+        // As strings: paths compare by their components, slashes aside.
+        for written in ["/sys/fs/bpf/edge/", "/sys/fs//bpf/edge", "/sys/fs/bpf/edge"] {
+            assert_eq!(
+                pin_dir(written).as_os_str(),
+                "/sys/fs/bpf/edge",
+                "{written}"
+            );
+        }
     }
 
     #[test]

@@ -783,13 +783,8 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     for name in maps {
         failures.note(remove_if_present(&map_dir.join(name)));
     }
-    // A pin directory given as a symbolic link is the operator's layout, and stays: removed
-    // through the link, it left the link dangling, which the next start cannot make again
-    // (and rmdir refuses a link: the stop failed, with the nftables table left hooked).
-    let pin_dir_is_link =
-        fs::symlink_metadata(pin_dir).is_ok_and(|found| found.file_type().is_symlink());
     let ours = [links_dir.as_path(), map_dir.as_path(), pin_dir];
-    for dir in &ours[..if pin_dir_is_link { 2 } else { 3 }] {
+    for dir in &ours[..if paths::given_as_link(pin_dir) { 2 } else { 3 }] {
         match fs::remove_dir(dir) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}

@@ -286,7 +286,7 @@ impl ConfigSource {
                 "--pin-dir {}: has a `..`: write the directory without it",
                 pin_dir.display()
             );
-            config.pin_dir.clone_from(pin_dir);
+            config.pin_dir = config::normal_pin_dir(pin_dir);
         }
         Ok(config)
     }
@@ -621,7 +621,7 @@ fn serve_until_stopped(
 }
 
 /// How long the stop waits for the runtime's blocking threads.
-const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The HTTP side: where it listens, what guards it, and its TLS; and the config file, whose
 /// state it serves.
@@ -908,8 +908,8 @@ fn dns_sources(
 }
 
 /// How long a stop waits for HTTP requests under way before it detaches; well inside the
-/// 30 s that systemd and the kubelet give before SIGKILL.
-const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// 60 s that the shipped systemd unit and `DaemonSet` give before SIGKILL.
+pub(crate) const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The connections on the route ports open since before this start that no connection table
 /// of ours holds: after a clean stop, all that are open; after a crash, those the crashed run

@@ -100,6 +100,14 @@ fn unescape_mount_path(path: &str) -> PathBuf {
     ))
 }
 
+/// Whether the pin directory was given as a symbolic link (bpffs laid out by the operator):
+/// its directory is then emptied but never removed, by a stop or `cleanup --apply`. Removed
+/// through the link, it left the link dangling, which the next start cannot make again; and
+/// `rmdir` refuses a link (ENOTDIR), which failed the stop and left the nftables table.
+pub fn given_as_link(pin_dir: &Path) -> bool {
+    fs::symlink_metadata(pin_dir).is_ok_and(|found| found.file_type().is_symlink())
+}
+
 fn read_mounts() -> Result<String, PathError> {
     fs::read("/proc/self/mounts")
         .map(mounts_text)

@@ -99,9 +99,10 @@ fn two_collectors_given_their_own_pin_dirs_run_side_by_side_and_count_their_own_
 
 /// A pin directory given as a symbolic link (bpffs laid out by the operator): the agent pins
 /// through it, and a clean stop removes the pins, leaves the link and its directory, and
-/// exits 0 (rmdir on the link failed the stop, and left the nftables table behind).
+/// exits 0 (rmdir on the link failed the stop, and left the nftables table behind); so does
+/// one given with a trailing slash, and `cleanup --apply` after a run killed.
 #[test]
-fn a_pin_directory_given_through_a_symlink_is_emptied_by_a_clean_stop() {
+fn a_pin_directory_given_through_a_symlink_is_emptied_by_a_clean_stop_and_a_cleanup() {
     let netns = Netns::new();
     let config = AgentConfig::new(WEB_ROUTE);
     let mut real = config.pin_dir.clone().into_os_string();
@@ -115,10 +116,37 @@ fn a_pin_directory_given_through_a_symlink_is_emptied_by_a_clean_stop() {
     wait_for_closed(&netns, "web", 3);
     assert!(real.join("v1/CONN_COUNTERS").exists());
     assert!(agent.stop().success());
-    let link = std::fs::symlink_metadata(&config.pin_dir).unwrap();
-    assert!(link.file_type().is_symlink());
-    let left: Vec<_> = std::fs::read_dir(&real).unwrap().flatten().collect();
-    assert!(left.is_empty(), "{left:?}");
+    let emptied = || {
+        let link = std::fs::symlink_metadata(&config.pin_dir).unwrap();
+        assert!(link.file_type().is_symlink());
+        let left: Vec<_> = std::fs::read_dir(&real).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
+    };
+    emptied();
+
+    // Written with a trailing slash, the path names the directory, not the link.
+    let mut slashed = config.pin_dir.clone().into_os_string();
+    slashed.push("/");
+    let agent = Agent::start_with(&netns, &config, &["--pin-dir", slashed.to_str().unwrap()]);
+    assert!(real.join("v1/CONN_COUNTERS").exists());
+    assert!(agent.stop().success());
+    emptied();
+
+    // A run killed leaves its pins, which `cleanup --apply` removes the same way.
+    let agent = Agent::start(&netns, &config);
+    agent.kill();
+    assert!(real.join("v1/CONN_COUNTERS").exists());
+    let out = Command::new(COLLECTOR)
+        .args(["cleanup", "--apply", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    emptied();
 }
 
 #[test]
