@@ -123,11 +123,16 @@ fn flock_nonblocking(dir: File) -> io::Result<Option<File>> {
         return Ok(Some(dir));
     }
     let err = io::Error::last_os_error();
-    if err.kind() == io::ErrorKind::WouldBlock {
+    if held_by_another(&err) {
         Ok(None)
     } else {
         Err(err)
     }
+}
+
+/// Whether `flock` failed because another holds the lock.
+fn held_by_another(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::WouldBlock
 }
 
 /// The process holding a pin directory's lock, as this process sees it (/proc/locks leaves
@@ -210,6 +215,19 @@ fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ewouldblock_means_another_holds_the_lock() {
+        assert!(held_by_another(&io::Error::from_raw_os_error(
+            libc::EWOULDBLOCK
+        )));
+        for errno in [libc::ENOLCK, libc::EBADF, libc::EINTR] {
+            assert!(
+                !held_by_another(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
 
     #[test]
     fn the_holder_is_the_flock_on_the_inode_and_not_a_waiter() {
