@@ -136,15 +136,10 @@ fn a_pin_directory_given_through_a_symlink_is_emptied_by_a_clean_stop_and_a_clea
     let agent = Agent::start(&netns, &config);
     agent.kill();
     assert!(real.join("v1/CONN_COUNTERS").exists());
-    let out = Command::new(COLLECTOR)
-        .args(["cleanup", "--apply", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::stdout_of(
+        Command::new(COLLECTOR)
+            .args(["cleanup", "--apply", "--config"])
+            .arg(&config.path),
     );
     emptied();
 }
