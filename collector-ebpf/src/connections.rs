@@ -161,6 +161,10 @@ fn on_accepted(ctx: &SockOpsContext) {
             server_names::count_unfollowed(slot);
         }
         add(opened, 1);
+        // After `opened`: the agent reads it with the closes, from a copy taken before the
+        // one it reads `opened` from, so it never takes off one it has not counted in.
+        // SAFETY: as `opened`.
+        add(unsafe { &raw mut (*counters).untracked }, 1);
         return;
     };
     // SAFETY: the slot is ours since the claim; only this socket's callbacks touch it.
@@ -258,6 +262,7 @@ fn on_connected(ctx: &SockOpsContext) {
     let cookie = socket_cookie(ctx);
     // Counted in the slot the connect took, where its close will count: the port map names
     // another after a restart that gave the port to another upstream.
+    let mut followed = true;
     let slot = if let Some(entry) = find(cookie) {
         // SAFETY: the slot this socket claimed at its connect.
         let state = unsafe { &mut *entry };
@@ -270,12 +275,17 @@ fn on_connected(ctx: &SockOpsContext) {
     } else {
         if follow_upstream(ctx, cookie, slot, 0).is_none() {
             count_error(error_kind::CONN_TABLE_FULL);
+            followed = false;
         }
         slot
     };
     if let Some(counters) = CONN_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: this CPU's value of our per-CPU map.
         add(unsafe { &raw mut (*counters).opened }, 1);
+        if !followed {
+            // After `opened`, as in `on_accepted`. SAFETY: as above.
+            add(unsafe { &raw mut (*counters).untracked }, 1);
+        }
     }
 }
 

@@ -114,7 +114,9 @@ pub struct RouteStats {
     pub ports: Vec<u16>,
     pub opened: u64,
     pub closed: u64,
-    /// Opened minus closed, plus `open_from_before_start`.
+    /// Opened and turned away by the full connection table: never closed, out of `active`.
+    pub untracked: u64,
+    /// Opened minus closed and untracked, plus `open_from_before_start`.
     pub active: u64,
     /// Connections open since before the agent started and not closed yet: in no counter
     /// but `active`.
@@ -189,7 +191,9 @@ pub struct UpstreamStats {
     /// Connects whose handshake completed.
     pub opened: u64,
     pub closed: u64,
-    /// Opened minus closed, plus `open_from_before_start`.
+    /// Opened and turned away by the full connection table: never closed, out of `active`.
+    pub untracked: u64,
+    /// Opened minus closed and untracked, plus `open_from_before_start`.
     pub active: u64,
     /// Connections open since before the agent started and not closed yet: in no counter
     /// but `active`.
@@ -215,6 +219,7 @@ fn upstream_stats(upstream: &UpstreamSnapshot) -> UpstreamStats {
         ports: upstream.upstream.ports.clone(),
         opened: conn.opened,
         closed: conn.closed,
+        untracked: conn.untracked,
         active: upstream.active(),
         open_from_before_start: upstream.open_from_before,
         connect_failures: upstream.totals.connects.connect_failures,
@@ -381,6 +386,7 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
         ports: route.route.ports.clone(),
         opened: totals.conn.opened,
         closed: totals.conn.closed,
+        untracked: totals.conn.untracked,
         active: route.active(),
         open_from_before_start: route.open_from_before,
         bytes_in: totals.conn.bytes_in,
@@ -789,6 +795,7 @@ mod tests {
                 "ports": [9000],
                 "opened": 4,
                 "closed": 3,
+                "untracked": 0,
                 "active": 2,
                 "openFromBeforeStart": 1,
                 "connectFailures": 2,

@@ -222,6 +222,7 @@ fn sum_sni_values<'a>(values: impl IntoIterator<Item = &'a SniCounters>) -> SniC
 /// one read after its close counted closed and not opened, and `active` dipped by one for a
 /// poll; every close in the first copy has its open in the second (but where a route by name
 /// counts the open just after the decision, and a close on another CPU counted first).
+/// `untracked` is read with the closes: the kernel counts it after `opened`.
 pub fn sum_conn<T: Borrow<MapData>>(
     map: &PerCpuArray<T, ConnCounters>,
     index: u32,
@@ -244,6 +245,7 @@ fn closes_then_opens<'a>(
             bytes_in: acc.bytes_in.wrapping_add(v.bytes_in),
             bytes_out: acc.bytes_out.wrapping_add(v.bytes_out),
             duration_us: acc.duration_us.wrapping_add(v.duration_us),
+            untracked: acc.untracked.wrapping_add(v.untracked),
         });
     sum.opened = opens
         .into_iter()

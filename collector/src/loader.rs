@@ -617,20 +617,6 @@ impl Attachment {
         Ok(cookies)
     }
 
-    /// Connections the full connection table turned away (counted opened, never tracked), as
-    /// the pinned error counter holds them.
-    pub fn turned_away(&self) -> anyhow::Result<u64> {
-        let errors: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map(map_names::ERRORS)
-                .context("the kernel object has no error counters")?,
-        )?;
-        let per_cpu = errors.get(&collector_common::error_kind::CONN_TABLE_FULL, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(0, |sum: u64, &count| sum.wrapping_add(count)))
-    }
-
     /// Takes the connection table, for the open connections per client (see `client_table`).
     pub fn take_conn_state(&mut self) -> anyhow::Result<Array<MapData, ConnState>> {
         take_map(&mut self.ebpf, map_names::CONN_STATE)

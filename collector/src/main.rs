@@ -917,26 +917,9 @@ pub(crate) const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration:
 /// it accepted are in the table it left). None if they cannot be listed (said in the log,
 /// and by `collector_proxy_connections_from_before_start_known`): `active` then leaves them
 /// out until they close.
+/// Those the crashed run's full table turned away are among them: counted `untracked`, they
+/// are out of `active` but for this listing.
 fn connections_from_before(attachment: &Attachment) -> Preexisting {
-    if attachment.inherited() {
-        // The full table turned connections away, which count as opened and never close:
-        // they would count again here, as open from before.
-        match attachment.turned_away() {
-            Ok(0) => {}
-            Ok(turned_away) => {
-                tracing::warn!(
-                    turned_away,
-                    "the connection table the crashed run left had overflowed: connections open \
-                     from before this start are left out of `active` until they close"
-                );
-                return Preexisting::unknown();
-            }
-            Err(err) => {
-                tracing::warn!("reading the inherited error counters: {err:#}");
-                return Preexisting::unknown();
-            }
-        }
-    }
     match Preexisting::list(&attachment.routes, &attachment.upstreams, || {
         attachment.tracked_cookies()
     }) {

@@ -400,7 +400,7 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
                 let c = sum_conn(&map, slot)?;
                 Ok(json!({
                     "opened": c.opened, "closed": c.closed, "bytesIn": c.bytes_in,
-                    "bytesOut": c.bytes_out, "durationUs": c.duration_us,
+                    "bytesOut": c.bytes_out, "durationUs": c.duration_us, "untracked": c.untracked,
                 }))
             })?
         }

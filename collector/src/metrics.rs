@@ -176,6 +176,7 @@ impl<'a> ConnectionFigures<'a> {
 struct ConnectionHelp {
     opened: &'static str,
     closed: &'static str,
+    untracked: &'static str,
     active: &'static str,
     open_from_before: &'static str,
     received: &'static str,
@@ -186,7 +187,8 @@ struct ConnectionHelp {
 const ROUTE_HELP: ConnectionHelp = ConnectionHelp {
     opened: "Connections accepted on the route's ports.",
     closed: "Accepted connections that have closed.",
-    active: "Connections open now: opened minus closed, plus those open since before the collector started.",
+    untracked: "Accepted connections the full connection table turned away (collector_bpf_errors_total{kind=\"conn_table_full\"}): counted opened, never closed (their close, duration and bytes are lost), and out of active.",
+    active: "Connections open now: opened minus closed and untracked, plus those open since before the collector started.",
     open_from_before: "Connections open since before the collector started and not closed yet (listed over sock_diag); counted in active only.",
     received: "Payload bytes received from clients, counted when each connection closes.",
     sent: "Payload bytes sent to and acknowledged by clients, counted when each connection closes.",
@@ -196,7 +198,8 @@ const ROUTE_HELP: ConnectionHelp = ConnectionHelp {
 const UPSTREAM_HELP: ConnectionHelp = ConnectionHelp {
     opened: "Connections to the upstream's ports that completed their handshake (connect failures not included).",
     closed: "Connections to the upstream's ports that completed their handshake and have closed.",
-    active: "Connections to the upstream open now: opened minus closed, plus those open since before the collector started.",
+    untracked: "Connections to the upstream's ports the full connection table turned away (collector_bpf_errors_total{kind=\"conn_table_full\"}): counted opened, never closed (their close, duration and bytes are lost), and out of active.",
+    active: "Connections to the upstream open now: opened minus closed and untracked, plus those open since before the collector started.",
     open_from_before: "Connections to the upstream's ports open since before the collector started and not closed yet (listed over sock_diag); counted in active only.",
     received: "Payload bytes received from the upstream, counted when each connection closes.",
     sent: "Payload bytes sent to and acknowledged by the upstream, counted when each connection closes.",
@@ -204,7 +207,7 @@ const UPSTREAM_HELP: ConnectionHelp = ConnectionHelp {
 };
 
 /// Writes the connection families of routes (`prefix` `collector_proxy`) or upstreams
-/// (`collector_proxy_upstream`): opened, closed, active, open from before the start, bytes
+/// (`collector_proxy_upstream`): opened, closed, untracked, active, open from before the start, bytes
 /// and the duration histogram. Each family is written even with no samples.
 fn connection_families(
     encoder: &mut DescriptorEncoder,
@@ -226,6 +229,13 @@ fn connection_families(
         help.closed,
         None,
         figures.iter().map(|f| (f.labels.clone(), f.conn.closed)),
+    )?;
+    counters(
+        encoder,
+        &format!("{prefix}_connections_untracked"),
+        help.untracked,
+        None,
+        figures.iter().map(|f| (f.labels.clone(), f.conn.untracked)),
     )?;
     gauges(
         encoder,
@@ -682,7 +692,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     counters(
         encoder,
         "collector_bpf_errors",
-        "What the kernel programs could not count, by kind: conn_table_full (a connection found no slot: its close, duration and bytes are lost), conn_event_dropped (a connection event lost to a full ring buffer; counters unaffected), packet_truncated (packets too short for their headers or shorter than their IP header says, which anyone can send; the stack drops them), packet_malformed (TCP packets whose headers contradict themselves: an IP header or TCP data offset under its minimum, a TCP header past the IP length, a zero IP length on a packet not GSO; a receiving stack drops them too; while DNS is counted, UDP packets with an IP header under its minimum too), packet_unparsed (TCP packets whose ports the live counters cannot read: IPv4 fragments after the first, IPv6 with extension headers before TCP, a VLAN tag inside the frame; their bytes are in no route's live counters). The packet kinds count any TCP packet on a watched interface, whoever it is for, once per hook it crosses. The packets always pass.",
+        "What the kernel programs could not count, by kind: conn_table_full (a connection found no slot: counted opened and untracked, its close, duration and bytes are lost), conn_event_dropped (a connection event lost to a full ring buffer; counters unaffected), packet_truncated (packets too short for their headers or shorter than their IP header says, which anyone can send; the stack drops them), packet_malformed (TCP packets whose headers contradict themselves: an IP header or TCP data offset under its minimum, a TCP header past the IP length, a zero IP length on a packet not GSO; a receiving stack drops them too; while DNS is counted, UDP packets with an IP header under its minimum too), packet_unparsed (TCP packets whose ports the live counters cannot read: IPv4 fragments after the first, IPv6 with extension headers before TCP, a VLAN tag inside the frame; their bytes are in no route's live counters). The packet kinds count any TCP packet on a watched interface, whoever it is for, once per hook it crosses. The packets always pass.",
         None,
         ERROR_KIND_NAMES
             .iter()
@@ -1333,6 +1343,7 @@ mod tests {
                 "info gauge",
                 "connections_opened counter",
                 "connections_closed counter",
+                "connections_untracked counter",
                 "connections_active gauge",
                 "connections_open_from_before_start gauge",
                 "connection_received_bytes counter",
@@ -1410,10 +1421,10 @@ mod tests {
                 .unwrap()
                 .to_owned()
         };
-        assert_eq!(entries(&rendered(snapshot.clone())), "5");
+        assert_eq!(entries(&rendered(snapshot.clone())), "6");
         let fallback = snapshot.routes[1].totals.server_names.as_mut().unwrap();
         fallback.counters.awaiting = 40;
-        assert_eq!(entries(&rendered(snapshot.clone())), "43");
+        assert_eq!(entries(&rendered(snapshot.clone())), "44");
 
         snapshot.routes.truncate(1);
         let text = rendered(snapshot);
@@ -1437,7 +1448,7 @@ mod tests {
             ),
             "{text}"
         );
-        assert_eq!(entries(&text), "3");
+        assert_eq!(entries(&text), "4");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use thiserror::Error;
 /// pinned map's type, sizes, capacity and flags with this build's: the short-lived DNS
 /// matching tables (`DNS_INFLIGHT`, `DNS_UPSTREAM`, `DNS_UPSTREAM_LATEST`: seconds of
 /// state) of another shape are unpinned and made afresh, with a warning; any other map of
-/// another shape (the counters, the connection table) is refused, with the fix. A change of
+/// another shape (the counters, the connection table) has every pin removed, links first,
+/// and counting starts from zero, as after a clean upgrade. A change of
 /// meaning that keeps the shape raises `collector_common::PIN_LAYOUT` instead of this,
 /// which the pins record: a new directory would leave a crashed run's links attached beside
 /// the new ones, counting twice.

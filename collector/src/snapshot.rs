@@ -178,8 +178,12 @@ impl RouteSnapshot {
 /// Opened and not closed: both counters exact and monotonic. The floor at 0 is for a close
 /// counted before its open (a route by name decided on one CPU as it closes on another; see
 /// `counters::sum_conn`).
+/// Opened and neither closed nor turned away by the full table (those of them still open
+/// are left out until a start lists them, as the connections from before it).
 fn still_open(conn: &collector_common::ConnCounters) -> u64 {
-    conn.opened.saturating_sub(conn.closed)
+    conn.opened
+        .saturating_sub(conn.closed)
+        .saturating_sub(conn.untracked)
 }
 
 /// Kernel run-time statistics of one program (zero unless BPF stats are enabled).
@@ -379,6 +383,7 @@ fn example_upstream() -> UpstreamSnapshot {
             bytes_in: 7000,
             bytes_out: 600,
             duration_us: 2_400,
+            untracked: 0,
         },
         durations,
         connects: collector_common::UpstreamCounters {
@@ -413,6 +418,7 @@ fn example_web_route() -> RouteSnapshot {
             bytes_in: 300,
             bytes_out: 4000,
             duration_us: 1_500_000,
+            untracked: 0,
         },
         durations,
         traffic_in: TrafficCounters {
@@ -489,6 +495,7 @@ fn example_server_name_routes() -> [RouteSnapshot; 2] {
             bytes_in: 2000,
             bytes_out: 9000,
             duration_us: 200,
+            untracked: 0,
         },
         durations,
         traffic_in: TrafficCounters {
@@ -517,6 +524,7 @@ fn example_server_name_routes() -> [RouteSnapshot; 2] {
             bytes_in: 1500,
             bytes_out: 1200,
             duration_us: 4500,
+            untracked: 0,
         },
         durations,
         server_names: Some(ServerNameTotals {
@@ -562,8 +570,7 @@ impl Snapshot {
         self.routes.iter().map(RouteSnapshot::active).sum()
     }
 
-    /// Connections holding a slot of the kernel's connection table: every open one but
-    /// those the full table turned away (counted opened, never tracked).
+    /// Connections holding a slot of the kernel's connection table.
     #[must_use]
     pub fn tracked_connections(&self) -> u64 {
         // Connects in their handshake hold slots too, and so do connections waiting for
@@ -577,7 +584,6 @@ impl Snapshot {
             .map(|r| r.tracked() + r.awaiting_server_name())
             .chain(upstreams)
             .sum::<u64>()
-            .saturating_sub(self.errors[collector_common::error_kind::CONN_TABLE_FULL as usize])
     }
 
     /// Connections waiting for their ClientHello on ports shared by server name, over every
@@ -785,6 +791,29 @@ impl DnsSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connections the full table turned away count opened and never closed: out of
+    /// `active` and of the table's fill from the start, where they once kept both high.
+    #[test]
+    fn connections_turned_away_by_the_full_table_are_neither_active_nor_in_it() {
+        let mut route = example_web_route();
+        route.totals.conn.opened += 4;
+        route.totals.conn.untracked = 4;
+        route.open_from_before = 1;
+        let mut upstream = example_upstream();
+        upstream.totals.conn.opened += 2;
+        upstream.totals.conn.untracked = 2;
+        assert_eq!((route.tracked(), route.active()), (2, 3));
+        assert_eq!((upstream.tracked(), upstream.active()), (1, 2));
+        let snapshot = Snapshot {
+            routes: vec![route],
+            upstreams: vec![upstream],
+            ..Snapshot::default()
+        };
+        // The upstream's connect in its handshake holds a slot too.
+        assert_eq!(snapshot.tracked_connections(), 2 + 1 + 1);
+        assert_eq!(snapshot.active_connections(), 3);
+    }
 
     #[test]
     fn a_minute_over_a_wrapped_sum_reads_what_was_added() {

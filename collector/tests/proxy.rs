@@ -493,6 +493,130 @@ fn active_connections_are_exact_while_held_open() {
     assert!((low..=high).contains(&sum), "{low} <= {sum} <= {high}");
 }
 
+/// Gives every slot of the agent's pinned connection table to a socket that does not exist
+/// (`full`), in a slot of no route, or frees every slot again.
+fn fill_connection_table(config: &AgentConfig, full: bool) {
+    use collector_common::{ConnState, MAX_ROUTES, map_names};
+    let pin = config.pin_dir.join("v1").join(map_names::CONN_STATE);
+    let mut table: aya::maps::Array<_, ConnState> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
+    )
+    .unwrap();
+    for slot in 0..table.len() {
+        let entry = ConnState {
+            // Far from any real cookie, which count up from 1.
+            cookie: if full { (1 << 63) | u64::from(slot) } else { 0 },
+            route: if full { MAX_ROUTES } else { 0 },
+            ..ConnState::default()
+        };
+        table.set(slot, entry, 0).unwrap();
+    }
+}
+
+/// A route's opened, untracked, closed and active connections in `metrics`.
+fn connection_counts(metrics: &str, route: &str) -> [f64; 4] {
+    ["opened_total", "untracked_total", "closed_total", "active"].map(|name| {
+        route_value(
+            metrics,
+            &format!("collector_proxy_connections_{name}"),
+            route,
+        )
+    })
+}
+
+#[test]
+fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active() {
+    const REQUEST: usize = 100;
+    const RESPONSE: usize = 200;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let table_full = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_bpf_errors_total",
+            &[("kind", "conn_table_full")],
+        )
+        .unwrap()
+    };
+    let table_entries = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_bpf_map_entries",
+            &[("map", "CONN_STATE")],
+        )
+        .unwrap()
+    };
+
+    // The table full: 3 connections come and go on web, 2 stay open on api.
+    fill_connection_table(&config, true);
+    exchanges(
+        &netns,
+        local(WEB_PORT),
+        3,
+        REQUEST,
+        RESPONSE,
+        Closer::Connecting,
+    );
+    let (clients, accepted) = hold_open(&netns, 2);
+    let metrics = wait_for("5 connections turned away", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (table_full(&metrics) == 5.0).then_some(metrics)
+    });
+    // Until 2026-12-05 they stayed active for good, as they never count closed.
+    assert_eq!(connection_counts(&metrics, "web"), [3.0, 3.0, 0.0, 0.0]);
+    assert_eq!(connection_counts(&metrics, "api"), [2.0, 2.0, 0.0, 0.0]);
+    assert_eq!(table_entries(&metrics), 0.0);
+    let json = proxy_json(&netns);
+    assert_eq!(json["totalConnections"], 5);
+    assert_eq!(json["activeConnections"], 0);
+    let untracked: Vec<_> = json["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|route| route["untracked"].clone())
+        .collect();
+    assert_eq!(untracked, [3, 2]);
+    drop((clients, accepted));
+
+    // Slots free again: 4 come and go on web, 1 stays open on api, each counted in full.
+    fill_connection_table(&config, false);
+    exchanges(
+        &netns,
+        local(WEB_PORT),
+        4,
+        REQUEST,
+        RESPONSE,
+        Closer::Connecting,
+    );
+    let (clients, accepted) = hold_open(&netns, 1);
+    let metrics = wait_for("4 closed and 1 open", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (connection_counts(&metrics, "web")[2] == 4.0
+            && connection_counts(&metrics, "api")[3] == 1.0)
+            .then_some(metrics)
+    });
+    assert_eq!(connection_counts(&metrics, "web"), [7.0, 3.0, 4.0, 0.0]);
+    assert_eq!(connection_counts(&metrics, "api"), [3.0, 2.0, 0.0, 1.0]);
+    let bytes = |direction| {
+        let name = format!("collector_proxy_connection_{direction}_bytes_total");
+        route_value(&metrics, &name, "web")
+    };
+    assert_eq!(
+        [bytes("received"), bytes("sent")],
+        [(4 * REQUEST) as f64, (4 * RESPONSE) as f64]
+    );
+    assert_eq!(table_entries(&metrics), 1.0);
+    assert_eq!(table_full(&metrics), 5.0);
+
+    drop((clients, accepted));
+    wait_for("the last one closed", Duration::from_secs(10), || {
+        (connection_counts(&scrape(&netns), "api") == [3.0, 2.0, 1.0, 0.0]).then_some(())
+    });
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn connections_open_across_a_clean_restart_stay_active_until_they_close() {
     const HELD: usize = 5;
