@@ -493,26 +493,6 @@ fn active_connections_are_exact_while_held_open() {
     assert!((low..=high).contains(&sum), "{low} <= {sum} <= {high}");
 }
 
-/// Gives every slot of the agent's pinned connection table to a socket that does not exist
-/// (`full`), in a slot of no route, or frees every slot again.
-fn fill_connection_table(config: &AgentConfig, full: bool) {
-    use collector_common::{ConnState, MAX_ROUTES, map_names};
-    let pin = config.pin_dir.join("v1").join(map_names::CONN_STATE);
-    let mut table: aya::maps::Array<_, ConnState> = aya::maps::Array::try_from(
-        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
-    )
-    .unwrap();
-    for slot in 0..table.len() {
-        let entry = ConnState {
-            // Far from any real cookie, which count up from 1.
-            cookie: if full { (1 << 63) | u64::from(slot) } else { 0 },
-            route: if full { MAX_ROUTES } else { 0 },
-            ..ConnState::default()
-        };
-        table.set(slot, entry, 0).unwrap();
-    }
-}
-
 /// A route's opened, untracked, closed and active connections in `metrics`.
 fn connection_counts(metrics: &str, route: &str) -> [f64; 4] {
     ["opened_total", "untracked_total", "closed_total", "active"].map(|name| {
@@ -549,7 +529,7 @@ fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active
     };
 
     // The table full: 3 connections come and go on web, 2 stay open on api.
-    fill_connection_table(&config, true);
+    support::fill_connection_table(&config, true);
     exchanges(
         &netns,
         local(WEB_PORT),
@@ -580,7 +560,7 @@ fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active
     drop((clients, accepted));
 
     // Slots free again: 4 come and go on web, 1 stays open on api, each counted in full.
-    fill_connection_table(&config, false);
+    support::fill_connection_table(&config, false);
     exchanges(
         &netns,
         local(WEB_PORT),

@@ -574,6 +574,46 @@ fn in_progress_and_table(netns: &Netns, upstream: &str) -> (f64, f64) {
     (in_progress, table)
 }
 
+/// A connect the full table turns away is still counted opened when its handshake completes,
+/// and untracked: never closed, never active.
+#[test]
+fn connections_the_full_table_turns_away_are_opened_and_untracked_never_active() {
+    const CONNECTIONS: usize = 3;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    support::fill_connection_table(&config, true);
+    exchanges(
+        &netns,
+        at(Ipv4Addr::LOCALHOST, BACKEND_PORT),
+        CONNECTIONS,
+        10,
+        20,
+        Closer::Connecting,
+    );
+    let metrics = wait_for("3 connections turned away", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (sample(
+            &metrics,
+            "collector_bpf_errors_total",
+            &[("kind", "conn_table_full")],
+        ) == Some(CONNECTIONS as f64))
+        .then_some(metrics)
+    });
+    let counts = ["opened_total", "untracked_total", "closed_total", "active"].map(|name| {
+        app_value(
+            &metrics,
+            &format!("collector_proxy_upstream_connections_{name}"),
+        )
+    });
+    // Until 2026-12-05 they stayed active for good.
+    assert_eq!(counts, [3.0, 3.0, 0.0, 0.0]);
+    let app = app_json(&proxy_json(&netns));
+    assert_eq!([&app["untracked"], &app["active"]], [CONNECTIONS, 0]);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn connects_in_their_handshake_are_in_progress_and_hold_table_slots() {
     const WAITING: usize = 5;

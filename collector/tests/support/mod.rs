@@ -1158,6 +1158,26 @@ pub fn connections_3_in_5_out(netns: &Netns, count: usize) {
     server.join().unwrap();
 }
 
+/// Gives every slot of the agent's pinned connection table to a socket that does not exist
+/// (`full`), in a slot of no route, or frees every slot again.
+pub fn fill_connection_table(config: &AgentConfig, full: bool) {
+    use collector_common::{ConnState, MAX_ROUTES, map_names};
+    let pin = config.pin_dir.join("v1").join(map_names::CONN_STATE);
+    let mut table: aya::maps::Array<_, ConnState> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
+    )
+    .unwrap();
+    for slot in 0..table.len() {
+        let entry = ConnState {
+            // Far from any real cookie, which count up from 1.
+            cookie: if full { (1 << 63) | u64::from(slot) } else { 0 },
+            route: if full { MAX_ROUTES } else { 0 },
+            ..ConnState::default()
+        };
+        table.set(slot, entry, 0).unwrap();
+    }
+}
+
 /// `count` connections to `listener` from inside `netns`, held open: (the connecting ends,
 /// the accepted ends, which time out reads after 10 s).
 pub fn hold_open(
