@@ -329,7 +329,7 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
     single(
         encoder,
         "collector_proxy_connections_from_before_start_known",
-        "1 while active connections hold every connection open since before the collector started (routes' and upstreams'); 0 from a start that could not list them (the log says why: sock_diag failed, or after a crash the connection table had overflowed) until the next start, active reading low by them until they close; or while a later listing fails, active keeping the last count.",
+        "1 while active connections hold every connection open since before the collector started (routes' and upstreams'); 0 from a start that could not list them (sock_diag failed: the log says why) until the next start, active reading low by them until they close; or while a later listing fails, active keeping the last count.",
         None,
         MetricType::Gauge,
         &ConstGauge::new(i64::from(snapshot.connections_from_before_known)),
