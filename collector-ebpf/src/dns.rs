@@ -190,7 +190,11 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
     // SAFETY: this CPU's value; BPF programs run with migration disabled, and tc programs do
     // not nest on a CPU.
     let counters = unsafe { &mut *counters };
-    if let Err(reason) = count_message::<L2>(ctx, &datagram, role, counters) {
+    // What goes upstream is told by its ports alone, so what does not parse there is some
+    // other program's (`traceroute -U` sends to port 53), not a malformed message.
+    if let Err(reason) = count_message::<L2>(ctx, &datagram, role, counters)
+        && role != Role::Upstream
+    {
         counters.malformed[(reason & 7) as usize] += 1;
     }
 }
@@ -372,9 +376,10 @@ fn count_message<const L2: usize>(
             }
         }
         Role::Upstream => {
-            // Only queries on their way out mean a miss; answers to other hosts' queries
-            // to a local port 53 are not ours.
-            if is_response || question_count == 0 {
+            // Only standard queries (opcode 0, one question) on their way out mean a miss;
+            // answers to other hosts' queries to a local port 53 are not ours, nor are
+            // other programs' datagrams that happen to parse.
+            if is_response || question_count != 1 || (flags >> 3) & 0x0f != 0 {
                 return Ok(());
             }
             let question = walked.valid()?;

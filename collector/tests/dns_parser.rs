@@ -1200,6 +1200,54 @@ fn ask_and_answer(classifiers: &Classifiers, asked: Asked, meanwhile: &[Asked]) 
     );
 }
 
+/// `payload` sent from a port of the host's own to port 53, where upstream queries go: the
+/// classifier's outcome and the upstream queries it counted.
+fn sent_upstream(classifiers: &Classifiers, payload: Vec<u8>) -> (Outcome, u64) {
+    let mut frame = Packet::new(Direction::FromServer, payload).frame();
+    let ports = [40021u16.to_be_bytes(), DNS_PORT.to_be_bytes()].concat();
+    frame[14 + 20..14 + 20 + 4].copy_from_slice(&ports);
+    let before = classifiers.totals().upstream_queries;
+    let outcome = classifiers.run(Direction::FromServer, &frame);
+    (outcome, classifiers.totals().upstream_queries - before)
+}
+
+/// What goes to port 53 from another port is taken for an upstream query by its ports
+/// alone: only a standard query with one well-formed question counts, and nothing else is
+/// counted at all, malformed included (until 2026-12-05 `traceroute -U`, whose probes go to
+/// port 53, counted each as a malformed name).
+#[test]
+fn only_standard_queries_count_on_their_way_upstream_and_nothing_else_as_malformed() {
+    let classifiers = Classifiers::load();
+    let www = question(&[b"www", b"example", b"com"], 1);
+    // traceroute's UDP probe: bytes 0x40 + i, so opcode 8, QDCOUNT 0x4445, a label of 0x4c.
+    let probe: Vec<u8> = (0u8..32).map(|i| 0x40 + (i & 0x3f)).collect();
+    let mut broken_name = www.clone();
+    broken_name[0] = 70;
+    for (what, payload) in [
+        ("a traceroute probe", probe),
+        ("too short for a header", vec![0; 11]),
+        ("a broken name", message(QUERY, 1, &broken_name)),
+        ("a question cut short", message(QUERY, 1, &www[..6])),
+        (
+            "two questions",
+            message(QUERY, 2, &[www.clone(), www.clone()].concat()),
+        ),
+        ("opcode NOTIFY", message(QUERY | 4 << 11, 1, &www)),
+        ("a response", message(QUERY | 0x8000, 1, &www)),
+    ] {
+        assert_eq!(
+            sent_upstream(&classifiers, payload),
+            (Outcome::Ignored, 0),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        sent_upstream(&classifiers, message(QUERY, 1, &www)),
+        (Outcome::Ignored, 1)
+    );
+    assert_eq!(classifiers.totals().malformed.iter().sum::<u64>(), 0);
+}
+
 /// The server asks an upstream `asked` (from a port of its own to port 53), which raises the
 /// latest upstream time to the largest stamp.
 fn go_upstream(classifiers: &Classifiers, asked: Asked) {
