@@ -647,7 +647,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
             ),
             (
                 "collector_dns_responses_unmatched",
-                "Responses with no query in the in-flight table (it went untracked, or came before the collector).",
+                "Responses with no query waiting in the in-flight table: it went untracked, came before the collector, was answered already (a second answer to a retransmission), or was given up after 10 s (a late answer).",
                 c.unmatched_responses,
             ),
             (
@@ -662,7 +662,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
             ),
             (
                 "collector_dns_queries_unanswered",
-                "Queries given up unanswered after 10 s, counted when a query of their set or their flow comes.",
+                "Queries given up unanswered after 10 s, counted when a query of their set or their flow comes, or when their answer comes late.",
                 c.unanswered_queries,
             ),
         ],
