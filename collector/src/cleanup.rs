@@ -84,8 +84,8 @@ fn shell_word(path: &Path) -> String {
 enum Owner {
     /// The cookie of the network namespace whose collector made them.
     Namespace(u64),
-    /// No pins, or none that says: why.
-    Unknown(String),
+    /// No pins, or none that says (its owner never set, or unreadable: logged).
+    Unknown,
 }
 
 /// What is done about the nftables table.
@@ -97,8 +97,6 @@ enum Table {
     Remove,
     /// The pins are of a collector of the namespace with this cookie: its table is there.
     Elsewhere { owner: u64, here: u64 },
-    /// One with our name is in this namespace, but no pins say it is a crashed collector's.
-    Unclaimed(String),
     /// One with our name is in this namespace, but it is not a collector's table (the words
     /// after "it"): never touched.
     NotOurs(String),
@@ -361,12 +359,6 @@ fn list(
              and is not touched from here (it went with the namespace if that is gone; \
              otherwise run this cleanup inside it)"
         )?,
-        Table::Unclaimed(why) => writeln!(
-            out,
-            "nftables table inet {table_name} in this network namespace: not touched, since \
-             {why}, and a running collector's table would lose its counters; if no collector \
-             runs here with that table, remove it with `nft delete table inet {table_name}`"
-        )?,
         Table::NotOurs(why) => writeln!(
             out,
             "nftables table inet {table_name} in this network namespace: not the collector's \
@@ -434,13 +426,11 @@ fn table_plan(
             owner: *owner,
             here,
         },
-        Owner::Namespace(_) => match find()? {
+        // Without pins to say whose it is (a stop removes its pins before its table, which
+        // a stuck `nft` may leave), a collector's table whose name no running collector of
+        // this namespace claims is left over too (`run` claims it before the removal).
+        Owner::Namespace(_) | Owner::Unknown => match find()? {
             nft::Leftover::Ours => Table::Remove,
-            nft::Leftover::NotOurs(why) => Table::NotOurs(why),
-            nft::Leftover::Absent => Table::Absent,
-        },
-        Owner::Unknown(why) => match find()? {
-            nft::Leftover::Ours => Table::Unclaimed(why.clone()),
             nft::Leftover::NotOurs(why) => Table::NotOurs(why),
             nft::Leftover::Absent => Table::Absent,
         },
@@ -470,26 +460,24 @@ fn find_table(table: &str) -> anyhow::Result<nft::Leftover> {
 fn pin_owner(map_dir: &Path) -> anyhow::Result<Owner> {
     let path = map_dir.join(map_names::PIN_OWNER);
     if !paths::pin_exists(&path)? {
-        return Ok(Owner::Unknown(format!(
-            "no pins under {} say whose it is",
-            map_dir.display()
-        )));
+        return Ok(Owner::Unknown);
     }
     let read = loader::read_pin_owner(&path);
     match read {
-        Ok(0) => Ok(Owner::Unknown(format!(
-            "the pins' owner in {} was never set (a start that stopped before it claimed them)",
-            path.display()
-        ))),
+        // A start that stopped before it claimed them.
+        Ok(0) => Ok(Owner::Unknown),
         Ok(cookie) => Ok(Owner::Namespace(cookie)),
         Err(err) if privileges::denied_in(&err) => Err(err.context(format!(
             "reading {}: permission denied: run as root (pinned maps open only with CAP_BPF)",
             path.display()
         ))),
-        Err(err) => Ok(Owner::Unknown(format!(
-            "the pins' owner could not be read from {}: {err:#}",
-            path.display()
-        ))),
+        Err(err) => {
+            tracing::warn!(
+                "the pins' owner could not be read from {}: {err:#}",
+                path.display()
+            );
+            Ok(Owner::Unknown)
+        }
     }
 }
 
@@ -666,7 +654,7 @@ mod tests {
         );
         // A table of that name that is not a collector's is never removed, whoever's the pins.
         let firewall = || Ok(nft::Leftover::NotOurs("holds the chain input".into()));
-        for owner in [Owner::Namespace(7), Owner::Unknown("no pins".into())] {
+        for owner in [Owner::Namespace(7), Owner::Unknown] {
             assert_eq!(
                 table_plan(&owner, here, firewall).unwrap(),
                 Table::NotOurs("holds the chain input".into())
@@ -678,11 +666,11 @@ mod tests {
             Table::Elsewhere { owner: 9, here }
         );
         assert_eq!(
-            table_plan(&Owner::Unknown("no pins".into()), here, present).unwrap(),
-            Table::Unclaimed("no pins".into())
+            table_plan(&Owner::Unknown, here, present).unwrap(),
+            Table::Remove
         );
         assert_eq!(
-            table_plan(&Owner::Unknown("no pins".into()), here, absent).unwrap(),
+            table_plan(&Owner::Unknown, here, absent).unwrap(),
             Table::Absent
         );
     }

@@ -1052,13 +1052,19 @@ impl Source {
         self.take_made(true);
         if !nft_tool::wait_for_killed(self.config.nftables.nft_timeout) {
             tracing::warn!(
-                "an nft killed at its deadline has still not exited: a table inet {} it may make                  later is left; `{}` removes it",
+                "an nft killed at its deadline has still not exited: a table inet {} it may make \
+                 later is left; `{}` removes it",
                 self.config.nftables.table,
                 crate::cleanup::command()
             );
         }
         match self.table {
-            Some(table) => table.remove().context("removing our nftables table"),
+            Some(table) => table.remove().with_context(|| {
+                format!(
+                    "removing our nftables table (once this process is gone, `{}` removes it)",
+                    crate::cleanup::command()
+                )
+            }),
             // A poll found our table changed (its rules flushed), or an `nft` killed at its
             // deadline may have made it after all, and it is not made again yet: what is
             // left of it is still ours, and may still hook every packet.
