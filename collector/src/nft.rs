@@ -28,7 +28,7 @@
 //! and a table changed in any way that stops or skews its counting (its rules flushed, a
 //! chain or map element gone, made dormant) is made again, as a table removed is.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use serde_json::json;
 
@@ -36,7 +36,7 @@ use crate::{
     config::{Config, NftEnabled},
     nfnetlink::{self, TableContents},
     nft_claim::{self, Holder, TableClaim},
-    nft_continuity::Continuity,
+    nft_continuity::{Continuity, Counts},
     nft_tool, poller,
     snapshot::SourceHealth,
 };
@@ -452,6 +452,9 @@ pub struct NftTable {
     nft_timeout: Duration,
     /// The counters as last read, kept for a poll whose read fails.
     last_read: Vec<CounterValue>,
+    /// Per counter name, the counts a table made by this value starts from (what this run
+    /// counted in tables before it: `nft_continuity`).
+    starting: HashMap<String, Counts>,
 }
 
 /// Whether [`NftTable::setup`] may keep a table of ours that is as planned, counts and all.
@@ -467,7 +470,12 @@ pub enum Adopt {
 impl NftTable {
     /// Makes the table, adopts a crashed run's one that is exactly as planned, or replaces
     /// one of ours otherwise. A table of that name that is not ours is left alone: an error.
-    pub fn setup(config: &Config, adopt: Adopt) -> Result<Self, NftError> {
+    /// A table made starts from `starting` (per counter name).
+    pub fn setup(
+        config: &Config,
+        adopt: Adopt,
+        starting: HashMap<String, Counts>,
+    ) -> Result<Self, NftError> {
         let mut table = Self {
             name: config.nftables.table.clone(),
             counters: plan(config),
@@ -475,6 +483,7 @@ impl NftTable {
             handle: None,
             nft_timeout: config.nftables.nft_timeout,
             last_read: Vec::new(),
+            starting,
         };
         let (contents, generation) = nfnetlink::read_table(&table.name)?.unzip();
         let replace = match judge(&table.counters, contents.as_ref()) {
@@ -524,8 +533,14 @@ impl NftTable {
         // replaced) fails the transaction rather than have our chains merged into it.
         commands.push(json!({"create": {"table": {"family": "inet", "name": table}}}));
         for counter in &self.counters {
+            let (packets, bytes) = self
+                .starting
+                .get(&counter.name)
+                .copied()
+                .unwrap_or_default();
             commands.push(json!({"add": {"counter": {
                 "family": "inet", "table": table, "name": counter.name, "comment": COMMENT,
+                "packets": packets, "bytes": bytes,
             }}}));
         }
         for direction in &DIRECTIONS {
@@ -889,9 +904,9 @@ impl Source {
     /// be.
     fn make_table(&mut self) {
         let began = std::time::Instant::now();
-        let setup = self
-            .claim_name()
-            .and_then(|()| NftTable::setup(&self.config, self.adopt));
+        let setup = self.claim_name().and_then(|()| {
+            NftTable::setup(&self.config, self.adopt, self.continuity.starting_counts())
+        });
         // Only the first try may adopt: a table found later may be a saved ruleset's,
         // restored meanwhile with its old counts.
         self.adopt = Adopt::Nothing;
@@ -907,9 +922,10 @@ impl Source {
         }
         let config = self.config.clone();
         let adopt = std::mem::replace(&mut self.adopt, Adopt::Nothing);
+        let starting = self.continuity.starting_counts();
         self.making = Some(Making {
             began,
-            thread: std::thread::spawn(move || Some(NftTable::setup(&config, adopt))),
+            thread: std::thread::spawn(move || Some(NftTable::setup(&config, adopt, starting))),
         });
     }
 
@@ -953,6 +969,7 @@ impl Source {
             Ok(table) => {
                 self.table = Some(table);
                 self.found_changed = false;
+                self.continuity.table_made();
             }
             Err(err) => {
                 // A killed `nft` may have made the table, or may still: it is ours to remove,
@@ -1240,6 +1257,7 @@ mod tests {
             handle: None,
             nft_timeout: config.nftables.nft_timeout,
             last_read: Vec::new(),
+            starting: HashMap::from([("udp_53_in".to_owned(), (4, 300))]),
         };
         let json = table.ruleset(None);
         let objects = json["nftables"].as_array().unwrap();
@@ -1267,6 +1285,17 @@ mod tests {
             "dport"
         );
         assert_eq!(objects[1]["add"]["counter"]["comment"], COMMENT);
+        // Each counter starts from what this run's tables before it counted.
+        let starting = |name: &str| {
+            let counter = objects[1..5]
+                .iter()
+                .map(|object| &object["add"]["counter"])
+                .find(|counter| counter["name"] == name)
+                .unwrap();
+            (counter["packets"].clone(), counter["bytes"].clone())
+        };
+        assert_eq!(starting("udp_53_in"), (json!(4), json!(300)));
+        assert_eq!(starting("tcp_80_in"), (json!(0), json!(0)));
         assert_eq!(objects[6]["add"]["chain"]["prio"], -300);
         assert_eq!(objects[10]["add"]["rule"]["chain"], "count_out");
         // Out after source NAT (100), which puts a DNATed reply's source port back.

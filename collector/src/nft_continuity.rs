@@ -4,15 +4,19 @@
 //! counters`): either way the kernel's counts start again from zero. Exported as read, such a
 //! count that climbs past its old value before the next scrape hides its reset from
 //! Prometheus, and `increase()` loses the old count. So what a table counted before it went,
-//! or before a reset, is carried and added to what is read after. A restart of the agent
-//! still starts from zero, a reset Prometheus sees (the value drops).
+//! or before a reset, is carried and added to what is read after; the next table is made
+//! with it as its counters' starting counts, so that from then on the kernel holds it and
+//! the table a crashed run leaves goes on from it when the next run adopts it (until
+//! 2026-12-05 the adopted counts dropped back by it, which Prometheus read as a reset and
+//! counted twice). Only what was carried over a reset is lost with a crash. A clean restart
+//! starts from zero, a reset Prometheus sees (the value drops).
 
 use std::collections::HashMap;
 
 use crate::nft::CounterValue;
 
 /// Packets and bytes of one counter.
-type Counts = (u64, u64);
+pub type Counts = (u64, u64);
 
 #[derive(Debug, Default)]
 pub struct Continuity {
@@ -49,6 +53,17 @@ impl Continuity {
         for (name, last) in std::mem::take(&mut self.last_read) {
             carry(&mut self.carried, &name, last);
         }
+    }
+
+    /// What the next table's counters start from: all that is carried.
+    #[must_use]
+    pub fn starting_counts(&self) -> HashMap<String, Counts> {
+        self.carried.clone()
+    }
+
+    /// A table was made with [`Self::starting_counts`]: the kernel holds them now.
+    pub fn table_made(&mut self) {
+        self.carried.clear();
     }
 }
 
@@ -100,6 +115,20 @@ mod tests {
         continuity.table_gone();
         assert_eq!(counts(&continuity.continued(read(0, 0))), (100, 10_000));
         assert_eq!(counts(&continuity.continued(read(1, 10))), (101, 10_010));
+    }
+
+    /// Made with what was carried as its starting counts, the next table's counts are the
+    /// exported ones: nothing is added twice, and a crash loses nothing of it.
+    #[test]
+    fn a_table_made_with_the_carried_counts_is_read_as_it_is() {
+        let mut continuity = Continuity::default();
+        continuity.continued(read(40, 4000));
+        continuity.table_gone();
+        let starting = continuity.starting_counts();
+        assert_eq!(starting["tcp_443_in"], (40, 4000));
+        continuity.table_made();
+        assert_eq!(counts(&continuity.continued(read(41, 4100))), (41, 4100));
+        assert!(continuity.starting_counts().is_empty());
     }
 
     #[test]
