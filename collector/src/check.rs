@@ -49,19 +49,75 @@ pub struct Facts {
     pub capabilities: u64,
     /// `nft --version`, when the tool runs.
     pub nft: Option<String>,
+    /// Whether that `nft` reads and writes JSON, which the agent drives it with (`None`: it
+    /// does not say).
+    pub nft_json: Option<bool>,
+    /// The configured table's name, and what it is in this network namespace (`None`: not
+    /// told, without `CAP_NET_ADMIN` or `nf_tables`).
+    pub table_name: String,
+    pub nft_table: Option<TableHere>,
+}
+
+/// The configured nftables table's name in this network namespace, as a start would find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableHere {
+    /// Free to make, or a crashed run's to adopt.
+    Free,
+    /// A table of that name that is not a collector's (the words after "it"): a start
+    /// leaves it, with the nft source down.
+    NotOurs(String),
+    /// Claimed by a running collector (`nft_claim`): `this_one` when it is the one running
+    /// with the configured pin directory.
+    Claimed {
+        holder: crate::nft_claim::Holder,
+        this_one: bool,
+    },
+}
+
+impl TableHere {
+    fn find(table: &str, pin_dir: &Path) -> Option<Self> {
+        if let crate::nft::Leftover::NotOurs(why) = crate::nft::find_leftover(table).ok()? {
+            return Some(Self::NotOurs(why));
+        }
+        // Claimed for a moment, to tell: a start meanwhile retries its claim.
+        if crate::nft_claim::claim(table).ok()?.is_some() {
+            return Some(Self::Free);
+        }
+        let holder = crate::nft_claim::holder(table);
+        let this_one = holder.pid.is_some()
+            && crate::pin_lock::holder(pin_dir).map(|running| running.pid()) == holder.pid;
+        Some(Self::Claimed { holder, this_one })
+    }
+}
+
+/// `nft -V`: its version (the first line) and whether it was built with JSON; `--version`
+/// (no JSON line) from an `nft` without `-V`.
+fn nft_tool() -> (Option<String>, Option<bool>) {
+    let run = |argument| {
+        std::process::Command::new("nft")
+            .arg(argument)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let Some(long) = run("-V") else {
+        return (run("--version").map(|out| out.trim().to_owned()), None);
+    };
+    let version = long.lines().next().map(|line| line.trim().to_owned());
+    let json = long.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("json:")?.trim();
+        Some(value == "yes")
+    });
+    (version, json)
 }
 
 impl Facts {
     /// Reads the facts of this host, as this process sees them, for the configured pin
     /// directory and cgroup2 mount.
-    pub fn gather(pin_dir: &Path, cgroup2: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn gather(pin_dir: &Path, cgroup2: Option<&Path>, table: &str) -> anyhow::Result<Self> {
         let capabilities = crate::privileges::effective();
-        let nft = std::process::Command::new("nft")
-            .arg("--version")
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        let (nft, nft_json) = nft_tool();
         Ok(Self {
             kernel_release: kernel_release()?,
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
@@ -78,6 +134,9 @@ impl Facts {
             bpffs: paths::bpffs_for(pin_dir)?,
             capabilities,
             nft,
+            nft_json,
+            table_name: table.to_owned(),
+            nft_table: TableHere::find(table, pin_dir),
         })
     }
 }
@@ -207,7 +266,7 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
         });
     }
     verdicts.push(sys_admin(facts));
-    verdicts.push(nft(facts.nft.as_deref(), nftables));
+    verdicts.push(nft(facts, nftables));
     verdicts
 }
 
@@ -349,7 +408,11 @@ fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status
 /// Every verdict `collector check` prints for `config`: the host's requirements, then what
 /// the config asks of it.
 pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
-    let facts = Facts::gather(&config.pin_dir, config.cgroup2.as_deref())?;
+    let facts = Facts::gather(
+        &config.pin_dir,
+        config.cgroup2.as_deref(),
+        &config.nftables.table,
+    )?;
     let mut verdicts: Vec<Verdict> = judge(&facts, config.nftables.enabled)
         .into_iter()
         .map(|verdict| match verdict.name {
@@ -634,34 +697,86 @@ fn routes(config: &Config) -> Verdict {
 
 /// The nft tool is needed only where the agent makes its table. Without it the agent still
 /// runs, with the nft source down (`collector_source_up{source="nft"} 0`, which the shipped
-/// `CollectorSourceDown` alert fires on).
-fn nft(version: Option<&str>, nftables: NftEnabled) -> Verdict {
-    let (status, detail) = match (nftables, version) {
-        (NftEnabled::Off, _) => (
-            Status::Skip,
-            "not used: [nftables] enabled = false".to_owned(),
-        ),
-        (_, Some(version)) => (Status::Pass, version.to_owned()),
-        (NftEnabled::On, None) => (
-            Status::Fail,
-            "the nft tool is missing, and [nftables] enabled = true: apt install nftables, or \
-             set enabled = false"
-                .to_owned(),
-        ),
-        // Whether "auto" makes the table depends on the netfilter hooks of the agent's
-        // namespace while it runs, which need not be this one's.
-        (NftEnabled::Auto, None) => (
-            Status::Warn,
-            "the nft tool is missing: where netfilter already hooks prerouting and postrouting \
-             (NAT, conntrack), [nftables] enabled = \"auto\" turns the nftables counters on and \
-             they will be down; apt install nftables, or set enabled = false"
-                .to_owned(),
-        ),
-    };
-    Verdict {
+/// `CollectorSourceDown` alert fires on), and so it does where it cannot make its table: an
+/// `nft` without JSON, or a table of that name here that is not a collector's or that another
+/// running collector uses. A failure with `enabled = true`, a warning with "auto", which
+/// makes the table only where netfilter already hooks (in the agent's namespace while it
+/// runs, which need not be this one's).
+fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
+    let verdict = |status, detail: String| Verdict {
         name: "nft",
         status,
         detail,
+    };
+    if nftables == NftEnabled::Off {
+        return verdict(
+            Status::Skip,
+            "not used: [nftables] enabled = false".to_owned(),
+        );
+    }
+    let unmet = if nftables == NftEnabled::On {
+        Status::Fail
+    } else {
+        Status::Warn
+    };
+    let when = if nftables == NftEnabled::On {
+        "[nftables] enabled = true"
+    } else {
+        "where netfilter already hooks prerouting and postrouting (NAT, conntrack), [nftables] \
+         enabled = \"auto\" turns the nftables counters on, and"
+    };
+    let Some(version) = facts.nft.as_deref() else {
+        return verdict(
+            unmet,
+            format!(
+                "the nft tool is missing: {when} they will be down; apt install nftables, or \
+                 set enabled = false"
+            ),
+        );
+    };
+    if facts.nft_json == Some(false) {
+        return verdict(
+            unmet,
+            format!(
+                "{version} was built without JSON, which the agent drives it with: {when} the \
+                 nftables counters will be down; install a build with JSON (Debian's nftables \
+                 package), or set enabled = false"
+            ),
+        );
+    }
+    match &facts.nft_table {
+        Some(TableHere::NotOurs(why)) => verdict(
+            unmet,
+            format!(
+                "the table inet {table} in this network namespace is not a collector's (it \
+                 {why}): the agent leaves it, and {when} the nftables counters will be down; \
+                 set [nftables] table to a name of the collector's own",
+                table = facts.table_name,
+            ),
+        ),
+        Some(TableHere::Claimed {
+            holder,
+            this_one: false,
+        }) => verdict(
+            unmet,
+            format!(
+                "a running collector here ({holder}) uses the table inet {table}: {when} this \
+                 one's nftables counters will be down; give each collector of a network \
+                 namespace a [nftables] table of its own",
+                table = facts.table_name,
+            ),
+        ),
+        Some(TableHere::Claimed {
+            holder,
+            this_one: true,
+        }) => verdict(
+            Status::Pass,
+            format!(
+                "{version}; the table inet {} is the running collector's ({holder})",
+                facts.table_name
+            ),
+        ),
+        Some(TableHere::Free) | None => verdict(Status::Pass, version.to_owned()),
     }
 }
 
@@ -689,6 +804,9 @@ mod tests {
             bpffs: Some("/sys/fs/bpf".into()),
             capabilities: u64::MAX,
             nft: Some("nftables v1.0.6".into()),
+            nft_json: Some(true),
+            table_name: "collector".into(),
+            nft_table: Some(TableHere::Free),
         }
     }
 
@@ -812,6 +930,71 @@ mod tests {
             judge(&healthy(), NftEnabled::Off).last().unwrap().status,
             Status::Skip
         );
+    }
+
+    /// Where the agent could not make its table, `check` says so before the rollout, as
+    /// the nft tool's absence is: until 2026-12-05 it passed on `nft --version` alone.
+    #[test]
+    fn a_table_the_agent_could_not_make_or_an_nft_without_json_fails_where_nftables_is_on() {
+        let nft_line = |facts: Facts, nftables| {
+            judge(&facts, nftables)
+                .into_iter()
+                .find(|v| v.name == "nft")
+                .unwrap()
+        };
+        let holder = crate::nft_claim::Holder { pid: Some(42) };
+        for (facts, says) in [
+            (
+                Facts {
+                    nft_json: Some(false),
+                    ..healthy()
+                },
+                "built without JSON",
+            ),
+            (
+                Facts {
+                    nft_table: Some(TableHere::NotOurs("holds the chain input".into())),
+                    ..healthy()
+                },
+                "inet collector in this network namespace is not a collector's (it holds the \
+                 chain input)",
+            ),
+            (
+                Facts {
+                    nft_table: Some(TableHere::Claimed {
+                        holder,
+                        this_one: false,
+                    }),
+                    ..healthy()
+                },
+                "a running collector here (process 42) uses the table inet collector",
+            ),
+        ] {
+            let on = nft_line(facts.clone(), NftEnabled::On);
+            assert_eq!(on.status, Status::Fail, "{}", on.detail);
+            assert!(on.detail.contains(says), "{}", on.detail);
+            assert_eq!(
+                nft_line(facts.clone(), NftEnabled::Auto).status,
+                Status::Warn
+            );
+            assert_eq!(nft_line(facts, NftEnabled::Off).status, Status::Skip);
+        }
+        // The collector running with this pin directory holds its own table: as it should.
+        let running = Facts {
+            nft_table: Some(TableHere::Claimed {
+                holder,
+                this_one: true,
+            }),
+            ..healthy()
+        };
+        assert_eq!(nft_line(running, NftEnabled::On).status, Status::Pass);
+        // Not told (no CAP_NET_ADMIN), or an `nft` that does not say: as before.
+        let untold = Facts {
+            nft_json: None,
+            nft_table: None,
+            ..healthy()
+        };
+        assert_eq!(nft_line(untold, NftEnabled::On).status, Status::Pass);
     }
 
     #[test]

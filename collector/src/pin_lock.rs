@@ -145,6 +145,11 @@ pub struct Holder {
 }
 
 impl Holder {
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// A `collector cleanup`, which holds the lock only while it works.
     fn is_cleanup(&self) -> bool {
         let mut arguments = self.arguments.iter().map(String::as_str);

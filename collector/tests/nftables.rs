@@ -526,6 +526,25 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
 /// but the same config, table name included (one config map for two containers): its nftables
 /// source says whose the table is and leaves it, and so does the cleanup after it crashes,
 /// so the first one's counts stay exact.
+/// `collector check` of `config` with `pin_dir` in `netns`: whether it passed, and its nft line.
+fn nft_check(netns: &Netns, config: &AgentConfig, pin_dir: &std::path::Path) -> (bool, String) {
+    let out = netns
+        .command(COLLECTOR)
+        .args(["check", "--config"])
+        .arg(&config.path)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = stdout
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some("nft"))
+        .unwrap_or_else(|| panic!("no nft line:\n{stdout}"))
+        .to_owned();
+    (out.status.success(), line)
+}
+
 #[test]
 fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
     const SECOND: &str = "127.0.0.1:9465";
@@ -565,6 +584,24 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
             first.pid()
         )),
         "{error}"
+    );
+
+    // `check` says so before such a start, and tells the first collector's own table from it.
+    let (passed, line) = nft_check(&netns, &config, &second_pins.0);
+    assert!(
+        !passed
+            && line.starts_with("FAIL")
+            && line.contains(&format!(
+                "a running collector here (process {}) uses the table inet {}",
+                first.pid(),
+                config.nft_table
+            )),
+        "{line}"
+    );
+    let (_, line) = nft_check(&netns, &config, &config.pin_dir);
+    assert!(
+        line.starts_with("pass") && line.contains("is the running collector's"),
+        "{line}"
     );
 
     connections(&netns, 3);
