@@ -749,6 +749,9 @@ pub struct Source {
     making: Option<Making>,
     /// Carries the counts over a table made again or a reset, so that the series only grow.
     continuity: Continuity,
+    /// The counts last served: served on, with the source down, while the table is away and
+    /// counting is wanted (series missing from a scrape end in Prometheus).
+    last_served: Vec<CounterValue>,
 }
 
 struct Making {
@@ -787,6 +790,7 @@ impl Source {
             },
             making: None,
             continuity: Continuity::default(),
+            last_served: Vec::new(),
         };
         source.enabled = match config.nftables.enabled {
             NftEnabled::On => true,
@@ -997,10 +1001,7 @@ impl Source {
             self.retry_now_and_then();
         }
         let Some(table) = &mut self.table else {
-            return poller::NftView {
-                counters: Vec::new(),
-                health: self.enabled.then(|| self.health.clone()),
-            };
+            return self.served_while_away();
         };
         let began = std::time::Instant::now();
         let read = table.read();
@@ -1009,16 +1010,29 @@ impl Source {
             Ok(counters) => self.continuity.continued(counters),
             Err(err @ NftError::Removed { .. }) => {
                 self.forget_removed_table(&err);
-                Vec::new()
+                return self.served_while_away();
             }
             // A read that failed otherwise (a dump interrupted again and again, ENOBUFS)
             // leaves the table as it was: its series go on at their last counts, for series
             // missing from a scrape end in Prometheus. The source's health says it failed.
             Err(_) => self.continuity.continued(table.last_read.clone()),
         };
+        self.last_served.clone_from(&counters);
         poller::NftView {
             counters,
             health: Some(self.health.clone()),
+        }
+    }
+
+    /// No table to read: the last counts served while counting is wanted (the table made
+    /// again goes on from them), none while it is not.
+    fn served_while_away(&mut self) -> poller::NftView {
+        if !self.enabled {
+            self.last_served.clear();
+        }
+        poller::NftView {
+            counters: self.last_served.clone(),
+            health: self.enabled.then(|| self.health.clone()),
         }
     }
 

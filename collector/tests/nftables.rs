@@ -452,6 +452,25 @@ fn a_table_made_by_an_nft_killed_after_applying_it_is_removed_at_the_stop() {
 /// A launcher of the agent in `netns` whose `PATH` is `tools`, where `nft` runs `first` (a
 /// shell script, with the real `nft` in `$REAL_NFT`) the first time it is called and the
 /// real `nft` after that.
+/// A launcher of the agent in `netns` whose `nft` fails while `refuse` exists, and is the
+/// real one otherwise.
+fn with_nft_refusing_while(
+    netns: &Netns,
+    tools: &std::path::Path,
+    refuse: &std::path::Path,
+) -> Command {
+    let launcher = with_first_nft(netns, tools, "exec \"$REAL_NFT\" \"$@\"\n");
+    let script = tools.join("nft");
+    let text = std::fs::read_to_string(&script).unwrap();
+    // Before anything else, after the `#!` line.
+    let check = format!(
+        "\n[ -e {} ] && {{ echo 'refused by the test' >&2; exit 1; }}\n",
+        refuse.display()
+    );
+    std::fs::write(&script, text.replacen('\n', &check, 1)).unwrap();
+    launcher
+}
+
 fn with_first_nft(netns: &Netns, tools: &std::path::Path, first: &str) -> Command {
     let real = String::from_utf8(
         Command::new("sh")
@@ -1058,6 +1077,43 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
     let agent = Agent::start(&netns, &config);
     connections(&netns, 2);
     assert_nft_equals_ebpf(&netns, 9);
+    assert!(agent.stop().success());
+    assert_no_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
+/// While the table is away and cannot be made again, its series stay at their last counts,
+/// the source down, and the table made again goes on from them: until 2026-12-05 they
+/// vanished meanwhile, and a series missing from a scrape ends in Prometheus.
+#[test]
+fn while_the_table_cannot_be_made_again_its_series_stay_at_their_last_counts() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let refuse = config.dir.join("refuse");
+    let launcher = with_nft_refusing_while(&netns, &config.dir.join("refusing-tools"), &refuse);
+    let agent = Agent::spawn(&netns, launcher, &config, &[]);
+    connections(&netns, 3);
+    let before = assert_nft_equals_ebpf(&netns, 3);
+
+    std::fs::write(&refuse, "").unwrap();
+    run(
+        "ip",
+        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
+    );
+    let nft_up = |text: &str| sample(text, "collector_source_up", &[("source", "nft")]);
+    wait_for("the nft source down", Duration::from_secs(10), || {
+        (nft_up(&scrape(&netns)) == Some(0.0)).then_some(())
+    });
+    let text = support::after_polls(&netns, 3);
+    assert_eq!(nft_up(&text), Some(0.0));
+    assert_eq!(route_packets(&text, "in").1, Some(before), "{text}");
+
+    std::fs::remove_file(&refuse).unwrap();
+    wait_for("the table made again", Duration::from_secs(15), || {
+        (nft_up(&scrape(&netns)) == Some(1.0)).then_some(())
+    });
+    connections(&netns, 2);
+    assert_nft_equals_ebpf(&netns, 5);
     assert!(agent.stop().success());
     assert_no_table(&netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
