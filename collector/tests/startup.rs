@@ -224,7 +224,10 @@ fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero()
         (
             "value size",
             &make_other_value_size,
-            "(CONN_COUNTERS has value size 8, this build's 40)".to_owned(),
+            format!(
+                "(CONN_COUNTERS has value size 8, this build's {})",
+                size_of::<collector_common::ConnCounters>()
+            ),
         ),
         (
             "flags",
