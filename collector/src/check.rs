@@ -67,25 +67,29 @@ pub enum TableHere {
     /// leaves it, with the nft source down.
     NotOurs(String),
     /// Claimed by a running collector (`nft_claim`): `this_one` when it is the one running
-    /// with the configured pin directory.
+    /// with the configured pin directory (`None`: its process cannot be seen from here).
     Claimed {
         holder: crate::nft_claim::Holder,
-        this_one: bool,
+        this_one: Option<bool>,
     },
 }
 
 impl TableHere {
+    /// Only looks: no module is loaded (a kernel without `nf_tables` loaded has no table),
+    /// and the name is not claimed (a start meanwhile would find it taken).
     fn find(table: &str, pin_dir: &Path) -> Option<Self> {
+        if !crate::nft::nf_tables_in_kernel() {
+            return Some(Self::Free);
+        }
         if let crate::nft::Leftover::NotOurs(why) = crate::nft::find_leftover(table).ok()? {
             return Some(Self::NotOurs(why));
         }
-        // Claimed for a moment, to tell: a start meanwhile retries its claim.
-        if crate::nft_claim::claim(table).ok()?.is_some() {
+        let Some(holder) = crate::nft_claim::held(table) else {
             return Some(Self::Free);
-        }
-        let holder = crate::nft_claim::holder(table);
-        let this_one = holder.pid.is_some()
-            && crate::pin_lock::holder(pin_dir).map(|running| running.pid()) == holder.pid;
+        };
+        let this_one = holder.pid.map(|pid| {
+            crate::pin_lock::holder(pin_dir).is_some_and(|running| running.pid() == pid)
+        });
         Some(Self::Claimed { holder, this_one })
     }
 }
@@ -115,7 +119,12 @@ fn nft_tool() -> (Option<String>, Option<bool>) {
 impl Facts {
     /// Reads the facts of this host, as this process sees them, for the configured pin
     /// directory and cgroup2 mount.
-    pub fn gather(pin_dir: &Path, cgroup2: Option<&Path>, table: &str) -> anyhow::Result<Self> {
+    /// `table`: the nftables table's name, `None` where nftables is off (not looked at).
+    pub fn gather(
+        pin_dir: &Path,
+        cgroup2: Option<&Path>,
+        table: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let capabilities = crate::privileges::effective();
         let (nft, nft_json) = nft_tool();
         Ok(Self {
@@ -135,8 +144,8 @@ impl Facts {
             capabilities,
             nft,
             nft_json,
-            table_name: table.to_owned(),
-            nft_table: TableHere::find(table, pin_dir),
+            table_name: table.unwrap_or_default().to_owned(),
+            nft_table: table.and_then(|table| TableHere::find(table, pin_dir)),
         })
     }
 }
@@ -411,7 +420,7 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     let facts = Facts::gather(
         &config.pin_dir,
         config.cgroup2.as_deref(),
-        &config.nftables.table,
+        (config.nftables.enabled != NftEnabled::Off).then_some(config.nftables.table.as_str()),
     )?;
     let mut verdicts: Vec<Verdict> = judge(&facts, config.nftables.enabled)
         .into_iter()
@@ -756,7 +765,7 @@ fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
         ),
         Some(TableHere::Claimed {
             holder,
-            this_one: false,
+            this_one: Some(false),
         }) => verdict(
             unmet,
             format!(
@@ -768,11 +777,20 @@ fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
         ),
         Some(TableHere::Claimed {
             holder,
-            this_one: true,
+            this_one: Some(true),
         }) => verdict(
             Status::Pass,
             format!(
                 "{version}; the table inet {} is the running collector's ({holder})",
+                facts.table_name
+            ),
+        ),
+        Some(TableHere::Claimed { this_one: None, .. }) => verdict(
+            Status::Warn,
+            format!(
+                "{version}; a running collector whose process this one cannot see uses the \
+                 table inet {}: if it is not the one running with this pin directory, this \
+                 one's nftables counters will be down",
                 facts.table_name
             ),
         ),
@@ -963,7 +981,7 @@ mod tests {
                 Facts {
                     nft_table: Some(TableHere::Claimed {
                         holder,
-                        this_one: false,
+                        this_one: Some(false),
                     }),
                     ..healthy()
                 },
@@ -983,11 +1001,20 @@ mod tests {
         let running = Facts {
             nft_table: Some(TableHere::Claimed {
                 holder,
-                this_one: true,
+                this_one: Some(true),
             }),
             ..healthy()
         };
         assert_eq!(nft_line(running, NftEnabled::On).status, Status::Pass);
+        // A holder this check cannot see (another container of the pod) may be its own.
+        let unseen = Facts {
+            nft_table: Some(TableHere::Claimed {
+                holder: crate::nft_claim::Holder { pid: None },
+                this_one: None,
+            }),
+            ..healthy()
+        };
+        assert_eq!(nft_line(unseen, NftEnabled::On).status, Status::Warn);
         // Not told (no CAP_NET_ADMIN), or an `nft` that does not say: as before.
         let untold = Facts {
             nft_json: None,

@@ -84,8 +84,8 @@ fn shell_word(path: &Path) -> String {
 enum Owner {
     /// The cookie of the network namespace whose collector made them.
     Namespace(u64),
-    /// No pins, or none that says (its owner never set, or unreadable: logged).
-    Unknown,
+    /// No pins, or none that says: why.
+    Unknown(String),
 }
 
 /// What is done about the nftables table.
@@ -97,6 +97,8 @@ enum Table {
     Remove,
     /// The pins are of a collector of the namespace with this cookie: its table is there.
     Elsewhere { owner: u64, here: u64 },
+    /// One with our name is in this namespace, but no pins say it is a crashed collector's.
+    Unclaimed(String),
     /// One with our name is in this namespace, but it is not a collector's table (the words
     /// after "it"): never touched.
     NotOurs(String),
@@ -246,6 +248,12 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
             }
             None => Table::InUse(nft_claim::holder(table_name)),
         },
+        // A running collector's, or a crashed one's whose restart would adopt it (its pins
+        // are elsewhere): only the second is left to the operator.
+        Table::Unclaimed(why) => match nft_claim::held(table_name) {
+            Some(holder) => Table::InUse(holder),
+            None => Table::Unclaimed(why),
+        },
         table => table,
     };
 
@@ -273,6 +281,14 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
             }
         }
         drop(claim);
+        // Said above; the status says something of ours is left to the operator.
+        if let Table::Unclaimed(_) = table {
+            anyhow::bail!(
+                "the nftables table inet {table_name} was left in place: no pins under {} say \
+                 whose it is",
+                pin_dir.display()
+            );
+        }
         let left = found.other_pins().count();
         if left > 0 {
             let dirs = other_layout_dirs(&found);
@@ -359,6 +375,13 @@ fn list(
              and is not touched from here (it went with the namespace if that is gone; \
              otherwise run this cleanup inside it)"
         )?,
+        Table::Unclaimed(why) => writeln!(
+            out,
+            "nftables table inet {table_name} in this network namespace: a collector's, which \
+             no running collector here uses, but not touched, since {why} (a crashed \
+             collector's restart would go on counting in it); if none of this namespace will \
+             start again with that table, remove it with `nft delete table inet {table_name}`"
+        )?,
         Table::NotOurs(why) => writeln!(
             out,
             "nftables table inet {table_name} in this network namespace: not the collector's \
@@ -426,11 +449,13 @@ fn table_plan(
             owner: *owner,
             here,
         },
-        // Without pins to say whose it is (a stop removes its pins before its table, which
-        // a stuck `nft` may leave), a collector's table whose name no running collector of
-        // this namespace claims is left over too (`run` claims it before the removal).
-        Owner::Namespace(_) | Owner::Unknown => match find()? {
+        Owner::Namespace(_) => match find()? {
             nft::Leftover::Ours => Table::Remove,
+            nft::Leftover::NotOurs(why) => Table::NotOurs(why),
+            nft::Leftover::Absent => Table::Absent,
+        },
+        Owner::Unknown(why) => match find()? {
+            nft::Leftover::Ours => Table::Unclaimed(why.clone()),
             nft::Leftover::NotOurs(why) => Table::NotOurs(why),
             nft::Leftover::Absent => Table::Absent,
         },
@@ -460,24 +485,26 @@ fn find_table(table: &str) -> anyhow::Result<nft::Leftover> {
 fn pin_owner(map_dir: &Path) -> anyhow::Result<Owner> {
     let path = map_dir.join(map_names::PIN_OWNER);
     if !paths::pin_exists(&path)? {
-        return Ok(Owner::Unknown);
+        return Ok(Owner::Unknown(format!(
+            "no pins under {} say whose it is",
+            map_dir.display()
+        )));
     }
     let read = loader::read_pin_owner(&path);
     match read {
-        // A start that stopped before it claimed them.
-        Ok(0) => Ok(Owner::Unknown),
+        Ok(0) => Ok(Owner::Unknown(format!(
+            "the pins' owner in {} was never set (a start that stopped before it claimed them)",
+            path.display()
+        ))),
         Ok(cookie) => Ok(Owner::Namespace(cookie)),
         Err(err) if privileges::denied_in(&err) => Err(err.context(format!(
             "reading {}: permission denied: run as root (pinned maps open only with CAP_BPF)",
             path.display()
         ))),
-        Err(err) => {
-            tracing::warn!(
-                "the pins' owner could not be read from {}: {err:#}",
-                path.display()
-            );
-            Ok(Owner::Unknown)
-        }
+        Err(err) => Ok(Owner::Unknown(format!(
+            "the pins' owner could not be read from {}: {err:#}",
+            path.display()
+        ))),
     }
 }
 
@@ -654,7 +681,7 @@ mod tests {
         );
         // A table of that name that is not a collector's is never removed, whoever's the pins.
         let firewall = || Ok(nft::Leftover::NotOurs("holds the chain input".into()));
-        for owner in [Owner::Namespace(7), Owner::Unknown] {
+        for owner in [Owner::Namespace(7), Owner::Unknown("no pins".into())] {
             assert_eq!(
                 table_plan(&owner, here, firewall).unwrap(),
                 Table::NotOurs("holds the chain input".into())
@@ -666,11 +693,11 @@ mod tests {
             Table::Elsewhere { owner: 9, here }
         );
         assert_eq!(
-            table_plan(&Owner::Unknown, here, present).unwrap(),
-            Table::Remove
+            table_plan(&Owner::Unknown("no pins".into()), here, present).unwrap(),
+            Table::Unclaimed("no pins".into())
         );
         assert_eq!(
-            table_plan(&Owner::Unknown, here, absent).unwrap(),
+            table_plan(&Owner::Unknown("no pins".into()), here, absent).unwrap(),
             Table::Absent
         );
     }

@@ -1015,6 +1015,8 @@ impl Source {
             // A read that failed otherwise (a dump interrupted again and again, ENOBUFS)
             // leaves the table as it was: its series go on at their last counts, for series
             // missing from a scrape end in Prometheus. The source's health says it failed.
+            // A table not read yet has the counts served before it.
+            Err(_) if table.last_read.is_empty() => self.last_served.clone(),
             Err(_) => self.continuity.continued(table.last_read.clone()),
         };
         self.last_served.clone_from(&counters);
@@ -1083,17 +1085,18 @@ impl Source {
         self.take_made(true);
         if !nft_tool::wait_for_killed(self.config.nftables.nft_timeout) {
             tracing::warn!(
-                "an nft killed at its deadline has still not exited: a table inet {} it may make \
-                 later is left; `{}` removes it",
-                self.config.nftables.table,
-                crate::cleanup::command()
+                "an nft killed at its deadline has still not exited: a table inet {table} it may \
+                 make later is left; once this process is gone, `nft delete table inet {table}` \
+                 removes it",
+                table = self.config.nftables.table,
             );
         }
         match self.table {
             Some(table) => table.remove().with_context(|| {
                 format!(
-                    "removing our nftables table (once this process is gone, `{}` removes it)",
-                    crate::cleanup::command()
+                    "removing our nftables table (once this process is gone, `nft delete table \
+                     inet {}` removes it)",
+                    self.config.nftables.table
                 )
             }),
             // A poll found our table changed (its rules flushed), or an `nft` killed at its
@@ -1173,15 +1176,19 @@ pub fn netfilter_already_hooks(ours: &str) -> Result<Hooks, NftError> {
     })
 }
 
-/// Whether the kernel has `nf_tables` now: loaded as a module, or built in (which
-/// /sys/module shows only for modules with parameters).
-fn nf_tables_in_kernel() -> bool {
+/// Whether asking nfnetlink for `nf_tables` loads no module: it is loaded, or built in
+/// (which /sys/module shows only for modules with parameters), or the kernel has no modules
+/// to load (no /lib/modules of its release, as in many VMs' and containers' kernels; until
+/// 2026-12-05 such a kernel, `nf_tables` built in, read as without it).
+pub(crate) fn nf_tables_in_kernel() -> bool {
     if std::path::Path::new("/sys/module/nf_tables").exists() {
         return true;
     }
     let release = crate::check::kernel_release().unwrap_or_default();
-    std::fs::read_to_string(format!("/lib/modules/{release}/modules.builtin"))
-        .is_ok_and(|builtin| builtin.lines().any(|line| line.ends_with("/nf_tables.ko")))
+    let modules = std::path::PathBuf::from(format!("/lib/modules/{release}"));
+    !modules.exists()
+        || std::fs::read_to_string(modules.join("modules.builtin"))
+            .is_ok_and(|builtin| builtin.lines().any(|line| line.ends_with("/nf_tables.ko")))
 }
 
 /// What hooks netfilter in this namespace, as `auto` judges it.

@@ -65,6 +65,19 @@ pub fn claim(table: &str) -> io::Result<Option<TableClaim>> {
     }
 }
 
+/// Who holds `table`'s claim, if a running collector of this network namespace does: told
+/// without taking it (a start meanwhile would find it taken and fail), by a connection to
+/// it (a full backlog is a holder too).
+pub fn held(table: &str) -> Option<Holder> {
+    match connect_without_waiting(&name(table)) {
+        Ok(stream) => Some(Holder {
+            pid: peer_pid(&stream),
+        }),
+        Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => Some(Holder { pid: None }),
+        Err(_) => None,
+    }
+}
+
 /// The process holding `table`'s claim, asked over a connection to it.
 pub fn holder(table: &str) -> Holder {
     Holder {

@@ -61,9 +61,11 @@ impl Continuity {
         self.carried.clone()
     }
 
-    /// A table was made with [`Self::starting_counts`]: the kernel holds them now.
+    /// A table was made with [`Self::starting_counts`]: the kernel holds them now, and they
+    /// are its counts until it is read, so that a table gone or reset before its first
+    /// read carries them still.
     pub fn table_made(&mut self) {
-        self.carried.clear();
+        self.last_read = std::mem::take(&mut self.carried);
     }
 }
 
@@ -129,6 +131,21 @@ mod tests {
         continuity.table_made();
         assert_eq!(counts(&continuity.continued(read(41, 4100))), (41, 4100));
         assert!(continuity.starting_counts().is_empty());
+    }
+
+    /// Its starting counts are its counts until it is read: gone or reset before its
+    /// first read, it carries them on.
+    #[test]
+    fn a_table_gone_or_reset_before_its_first_read_carries_its_starting_counts() {
+        let mut continuity = Continuity::default();
+        continuity.continued(read(40, 4000));
+        continuity.table_gone();
+        continuity.table_made();
+        continuity.table_gone();
+        assert_eq!(continuity.starting_counts()["tcp_443_in"], (40, 4000));
+        continuity.table_made();
+        // Reset before it was read: its 40 carried.
+        assert_eq!(counts(&continuity.continued(read(1, 10))), (41, 4010));
     }
 
     #[test]

@@ -449,9 +449,6 @@ fn a_table_made_by_an_nft_killed_after_applying_it_is_removed_at_the_stop() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// A launcher of the agent in `netns` whose `PATH` is `tools`, where `nft` runs `first` (a
-/// shell script, with the real `nft` in `$REAL_NFT`) the first time it is called and the
-/// real `nft` after that.
 /// A launcher of the agent in `netns` whose `nft` fails while `refuse` exists, and is the
 /// real one otherwise.
 fn with_nft_refusing_while(
@@ -471,6 +468,9 @@ fn with_nft_refusing_while(
     launcher
 }
 
+/// A launcher of the agent in `netns` whose `PATH` is `tools`, where `nft` runs `first` (a
+/// shell script, with the real `nft` in `$REAL_NFT`) the first time it is called and the
+/// real `nft` after that.
 fn with_first_nft(netns: &Netns, tools: &std::path::Path, first: &str) -> Command {
     let real = String::from_utf8(
         Command::new("sh")
@@ -541,10 +541,6 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// A second collector in the namespace, with a pin directory and listen address of its own
-/// but the same config, table name included (one config map for two containers): its nftables
-/// source says whose the table is and leaves it, and so does the cleanup after it crashes,
-/// so the first one's counts stay exact.
 /// `collector check` of `config` with `pin_dir` in `netns`: whether it passed, and its nft line.
 fn nft_check(netns: &Netns, config: &AgentConfig, pin_dir: &std::path::Path) -> (bool, String) {
     let out = netns
@@ -564,6 +560,10 @@ fn nft_check(netns: &Netns, config: &AgentConfig, pin_dir: &std::path::Path) -> 
     (out.status.success(), line)
 }
 
+/// A second collector in the namespace, with a pin directory and listen address of its own
+/// but the same config, table name included (one config map for two containers): its nftables
+/// source says whose the table is and leaves it, and so does the cleanup after it crashes,
+/// so the first one's counts stay exact.
 #[test]
 fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
     const SECOND: &str = "127.0.0.1:9465";
@@ -719,21 +719,18 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
     // closes may find one source a poll ahead).
     connections(&node, 2);
     assert_nft_equals_ebpf(&node, 2);
-    // Once nothing claims it, a table of ours without pins is left over, and goes: as after a
-    // stop whose `nft` got stuck, which had removed the pins first (until 2026-12-05 it was
-    // named and left, and the stop's hint to run the cleanup did nothing).
+    // Crashed, the node collector claims it no more, and its restart would go on counting
+    // in it: named and left, and the status says so (until 2026-12-05 it said success).
     agent.kill();
     let after_crash = cleanup_pod_pins();
     let stdout = String::from_utf8_lossy(&after_crash.stdout);
     assert!(
-        after_crash.status.success()
-            && stdout.contains(&format!(
-                "removing nftables table inet {}",
-                config.nft_table
-            )),
+        !after_crash.status.success()
+            && stdout.contains(&format!("nft delete table inet {}", config.nft_table)),
         "{stdout}"
     );
-    assert_no_table(&node, &config.nft_table);
+    assert_has_table(&node, &config.nft_table);
+    // Its own pins say whose it is: its cleanup removes it.
     let node_pins = node
         .command(COLLECTOR)
         .args(["cleanup", "--apply", "--config"])
@@ -741,6 +738,7 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
         .output()
         .unwrap();
     assert!(node_pins.status.success());
+    assert_no_table(&node, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 
