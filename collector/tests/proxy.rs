@@ -493,6 +493,27 @@ fn active_connections_are_exact_while_held_open() {
     assert!((low..=high).contains(&sum), "{low} <= {sum} <= {high}");
 }
 
+const REQUEST: usize = 100;
+const RESPONSE: usize = 200;
+
+/// `come_and_go` exchanges of `REQUEST` and `RESPONSE` bytes on web, then `held`
+/// connections held open on api: the open ends.
+fn come_and_go_then_hold(
+    netns: &Netns,
+    come_and_go: usize,
+    held: usize,
+) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    exchanges(
+        netns,
+        local(WEB_PORT),
+        come_and_go,
+        REQUEST,
+        RESPONSE,
+        Closer::Connecting,
+    );
+    hold_open(netns, held)
+}
+
 /// A route's opened, untracked, closed and active connections in `metrics`.
 fn connection_counts(metrics: &str, route: &str) -> [f64; 4] {
     ["opened_total", "untracked_total", "closed_total", "active"].map(|name| {
@@ -506,8 +527,6 @@ fn connection_counts(metrics: &str, route: &str) -> [f64; 4] {
 
 #[test]
 fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active() {
-    const REQUEST: usize = 100;
-    const RESPONSE: usize = 200;
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
@@ -530,15 +549,7 @@ fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active
 
     // The table full: 3 connections come and go on web, 2 stay open on api.
     support::fill_connection_table(&config, true);
-    exchanges(
-        &netns,
-        local(WEB_PORT),
-        3,
-        REQUEST,
-        RESPONSE,
-        Closer::Connecting,
-    );
-    let (clients, accepted) = hold_open(&netns, 2);
+    let held = come_and_go_then_hold(&netns, 3, 2);
     let metrics = wait_for("5 connections turned away", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         (table_full(&metrics) == 5.0).then_some(metrics)
@@ -557,19 +568,11 @@ fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active
         .map(|route| route["untracked"].clone())
         .collect();
     assert_eq!(untracked, [3, 2]);
-    drop((clients, accepted));
+    drop(held);
 
     // Slots free again: 4 come and go on web, 1 stays open on api, each counted in full.
     support::fill_connection_table(&config, false);
-    exchanges(
-        &netns,
-        local(WEB_PORT),
-        4,
-        REQUEST,
-        RESPONSE,
-        Closer::Connecting,
-    );
-    let (clients, accepted) = hold_open(&netns, 1);
+    let held = come_and_go_then_hold(&netns, 4, 1);
     let metrics = wait_for("4 closed and 1 open", Duration::from_secs(10), || {
         let metrics = scrape(&netns);
         (connection_counts(&metrics, "web")[2] == 4.0
@@ -589,7 +592,7 @@ fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active
     assert_eq!(table_entries(&metrics), 1.0);
     assert_eq!(table_full(&metrics), 5.0);
 
-    drop((clients, accepted));
+    drop(held);
     wait_for("the last one closed", Duration::from_secs(10), || {
         (connection_counts(&scrape(&netns), "api") == [3.0, 2.0, 1.0, 0.0]).then_some(())
     });
