@@ -821,6 +821,19 @@ mod tests {
         assert_eq!(json["upstreams"], serde_json::json!([]));
     }
 
+    /// Until the first poll, the per-client figures are empty where they are switched on:
+    /// `null` said `client_stats = false` (until 2026-12-05, and through polls that failed
+    /// from the start).
+    #[test]
+    fn before_the_first_read_the_client_figures_are_empty_not_null() {
+        let starting = Snapshot::before_first_read(true, crate::snapshot::DnsSnapshot::default());
+        let json = serde_json::to_value(proxy_stats(&starting)).unwrap();
+        assert_eq!(json["connectionsByIP"], serde_json::json!({}), "{json}");
+        assert_eq!(json["topIPs"], serde_json::json!([]), "{json}");
+        let off = Snapshot::before_first_read(false, crate::snapshot::DnsSnapshot::default());
+        assert!(serde_json::to_value(proxy_stats(&off)).unwrap()["topIPs"].is_null());
+    }
+
     #[test]
     fn without_client_stats_the_client_figures_are_null_not_empty() {
         let mut snapshot = Snapshot::example();

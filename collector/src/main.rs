@@ -671,10 +671,10 @@ async fn serve_until_signal(
     let (dns_sources, domain_drain) = dns_sources(attachment, config, &hub)?;
     let mut dns_events = tokio::spawn(events::drain_periodically(Arc::clone(&domain_drain)));
 
-    let latest = Arc::new(SharedSnapshot::new(snapshot::Snapshot {
-        dns: dns_sources.before_first_read(),
-        ..snapshot::Snapshot::default()
-    }));
+    let latest = Arc::new(SharedSnapshot::new(snapshot::Snapshot::before_first_read(
+        config.client_stats,
+        dns_sources.before_first_read(),
+    )));
     let listening = bound_address(&http.listener, config.listen);
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let liveness = serve::Liveness::new(config.poll_interval);

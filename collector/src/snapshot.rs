@@ -559,6 +559,20 @@ fn example_tc_hook() -> crate::loader::TcHook {
 }
 
 impl Snapshot {
+    /// What is served until a poll succeeds: no figures, but what is switched on says so
+    /// (`null` per-client figures would read as `client_stats = false`).
+    #[must_use]
+    pub fn before_first_read(client_stats: bool, dns: DnsSnapshot) -> Self {
+        Self {
+            clients: ClientSnapshot {
+                enabled: client_stats,
+                ..ClientSnapshot::default()
+            },
+            dns,
+            ..Self::default()
+        }
+    }
+
     /// How long ago the kernel maps were read; `None` before the first read.
     #[must_use]
     pub fn age(&self) -> Option<std::time::Duration> {
