@@ -80,11 +80,7 @@ pub fn held(table: &str) -> Option<Holder> {
 
 /// The process holding `table`'s claim, asked over a connection to it.
 pub fn holder(table: &str) -> Holder {
-    Holder {
-        pid: connect_without_waiting(&name(table))
-            .ok()
-            .and_then(|stream| peer_pid(&stream)),
-    }
+    held(table).unwrap_or(Holder { pid: None })
 }
 
 /// A connection to the abstract socket `name` that fails rather than waits when the

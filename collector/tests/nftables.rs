@@ -77,6 +77,14 @@ fn route_packets(metrics: &str, direction: &str) -> (Option<f64>, Option<f64>) {
     (tc, nft)
 }
 
+/// What a reload of Debian's nftables.conf does first, in `netns`.
+fn flush_ruleset(netns: &Netns) {
+    run(
+        "ip",
+        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
+    );
+}
+
 fn tables(netns: &Netns) -> String {
     support::stdout_of(netns.command("nft").args(["list", "tables"]))
 }
@@ -1053,11 +1061,7 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
     connections(&netns, 3);
     let before = assert_nft_equals_ebpf(&netns, 3);
 
-    // What a reload of Debian's nftables.conf does first.
-    run(
-        "ip",
-        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
-    );
+    flush_ruleset(&netns);
     let text = mended(&netns, "the removal to be noticed and mended");
     assert_has_table(&netns, &config.nft_table);
     // Made anew, its counts from zero, the series goes on from where it was: no drop that
@@ -1094,10 +1098,7 @@ fn while_the_table_cannot_be_made_again_its_series_stay_at_their_last_counts() {
     let before = assert_nft_equals_ebpf(&netns, 3);
 
     std::fs::write(&refuse, "").unwrap();
-    run(
-        "ip",
-        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
-    );
+    flush_ruleset(&netns);
     let nft_up = |text: &str| sample(text, "collector_source_up", &[("source", "nft")]);
     wait_for("the nft source down", Duration::from_secs(10), || {
         (nft_up(&scrape(&netns)) == Some(0.0)).then_some(())
@@ -1428,10 +1429,7 @@ fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
     let nft_up = || sample(&scrape(&netns), "collector_source_up", &[("source", "nft")]);
     assert_eq!(nft_up(), Some(1.0));
 
-    run(
-        "ip",
-        &["netns", "exec", &netns.name, "nft", "flush", "ruleset"],
-    );
+    flush_ruleset(&netns);
     wait_for("the nft source to go", Duration::from_secs(10), || {
         nft_up().is_none().then_some(())
     });

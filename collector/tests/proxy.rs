@@ -530,22 +530,16 @@ fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
+    let one = |metrics: &str, name: &str, label| sample(metrics, name, &[label]).unwrap();
     let table_full = |metrics: &str| {
-        sample(
+        one(
             metrics,
             "collector_bpf_errors_total",
-            &[("kind", "conn_table_full")],
+            ("kind", "conn_table_full"),
         )
-        .unwrap()
     };
-    let table_entries = |metrics: &str| {
-        sample(
-            metrics,
-            "collector_bpf_map_entries",
-            &[("map", "CONN_STATE")],
-        )
-        .unwrap()
-    };
+    let table_entries =
+        |metrics: &str| one(metrics, "collector_bpf_map_entries", ("map", "CONN_STATE"));
 
     // The table full: 3 connections come and go on web, 2 stay open on api.
     support::fill_connection_table(&config, true);
