@@ -136,6 +136,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Run { args } => {
             require_root("running the collector")?;
             prereqs(Scope::Build)?;
+            mount_bpffs()?;
             cargo(&root, &["build", "--release", "--package", "collector"])?;
             let collector = target_dir(&root)?.join("release/collector");
             let mut args = args;
@@ -154,6 +155,7 @@ fn run(task: Task) -> anyhow::Result<()> {
                 cargo_test_args(std::env::args_os().map(|arg| arg.to_string_lossy().into_owned()));
             require_root("the privileged integration tests")?;
             prereqs(Scope::All)?;
+            mount_bpffs()?;
             cargo(&root, &["fmt", "--all", "--check"])?;
             // Also compiles the benchmark, which `cargo test` does not build. In the tests'
             // profile, whose build script run (the kernel object) it shares.
@@ -170,7 +172,16 @@ fn run(task: Task) -> anyhow::Result<()> {
                     "warnings",
                 ],
             )?;
-            let mut test = vec!["test", "--workspace", "--exclude", "collector-ebpf"];
+            kernel_clippy(&root)?;
+            // Every test binary runs, whatever fails first: one CI run then shows every
+            // failure, and the closing totals cover the whole suite.
+            let mut test = vec![
+                "test",
+                "--workspace",
+                "--exclude",
+                "collector-ebpf",
+                "--no-fail-fast",
+            ];
             test.extend(args.iter().map(String::as_str));
             cargo_test(&root, &test)
         }
@@ -181,6 +192,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Bench { args } => {
             require_root("the benchmarks")?;
             prereqs(Scope::All)?;
+            mount_bpffs()?;
             let mut bench = vec![
                 "bench",
                 "--package",
@@ -264,6 +276,36 @@ fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Denies clippy's warnings in the kernel programs, built as they are for the kernel: with
+/// the nightly their directory pins (so through rustup's `cargo`, without the host
+/// toolchain that cargo names in `RUSTUP_TOOLCHAIN`) and `core` built for BPF.
+fn kernel_clippy(root: &Path) -> anyhow::Result<()> {
+    let args = [
+        "clippy",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "--deny",
+        "warnings",
+    ];
+    let status = Command::new("cargo")
+        .args(args)
+        .current_dir(root.join("collector-ebpf"))
+        .env_remove(TOOLCHAIN_OVERRIDE)
+        .status()
+        .context("running cargo clippy in collector-ebpf")?;
+    if !status.success() {
+        bail!(
+            "cargo {} in collector-ebpf failed ({status})",
+            args.join(" ")
+        );
     }
     Ok(())
 }
@@ -547,14 +589,6 @@ fn prereqs(scope: Scope) -> anyhow::Result<()> {
             );
         }
     }
-    if !bpffs_mounted() {
-        // The agent pins its maps there; the tests look for them there.
-        run_checked(
-            "mount",
-            &["-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"],
-            &[],
-        )?;
-    }
     // Another release, or one built against another LLVM (its default features pick one),
     // cannot read the nightly's bitcode or links it wrongly: it is replaced.
     if !succeeds("bpf-linker", &["--version"]) || !bpf_linker_as_pinned(&installed_crates()) {
@@ -600,6 +634,19 @@ fn ebpf_toolchain_has_rust_src(ebpf_crate: &Path) -> bool {
                     .lines()
                     .any(|line| line.starts_with("rust-src"))
         })
+}
+
+/// Mounts bpffs where it is missing, for the tasks that start the agent: it pins its maps
+/// there, and the tests look for them there. Building (`image`, `prereqs`) needs none.
+fn mount_bpffs() -> anyhow::Result<()> {
+    if !bpffs_mounted() {
+        run_checked(
+            "mount",
+            &["-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"],
+            &[],
+        )?;
+    }
+    Ok(())
 }
 
 fn bpffs_mounted() -> bool {
