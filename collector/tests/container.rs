@@ -19,11 +19,17 @@ use std::{
     thread,
 };
 
-use support::{Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins, sample, wait_for_closed};
+use support::{
+    Agent, AgentConfig, COLLECTOR, Netns, assert_no_pins, of_a_killed_run, sample, wait_for_closed,
+};
 
 const BASE: &str = "localhost/collector-test-base:bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 const PORT: u16 = 18081;
+/// The test's image, its process id after the colon.
+const IMAGE_PREFIX: &str = "localhost/collector-test:";
+/// The test's temporary directories, its process id after the prefix.
+const TEMP_PREFIXES: [&str; 2] = ["collector-base-", "collector-image-"];
 
 fn run_ok(command: &mut Command) -> String {
     let out = command
@@ -38,6 +44,43 @@ fn run_ok(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Removes what a killed run of this test left (its drop guards did not run): its
+/// containers (unmounted), its image and its temporary directories.
+fn sweep_killed_runs() {
+    let containers =
+        run_ok(Command::new("podman").args(["ps", "--all", "--format", "{{.ID}} {{.Image}}"]));
+    for line in containers.lines() {
+        let Some((container, image)) = line.split_once(' ') else {
+            continue;
+        };
+        if of_a_killed_run(image, &[IMAGE_PREFIX]) {
+            remove_container(container);
+        }
+    }
+    let images =
+        run_ok(Command::new("podman").args(["images", "--format", "{{.Repository}}:{{.Tag}}"]));
+    for image in images.lines() {
+        if of_a_killed_run(image, &[IMAGE_PREFIX]) {
+            remove_image(image);
+            eprintln!("removed {image}, left by a test run that was killed");
+        }
+    }
+    for entry in fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+        if of_a_killed_run(&entry.file_name().to_string_lossy(), &TEMP_PREFIXES) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A directory removed on drop, also when the test fails before its end.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A minimal Debian bookworm image standing in for `debian:bookworm-slim`.
 fn base_image() {
     let exists = Command::new("podman")
@@ -47,18 +90,18 @@ fn base_image() {
     if exists.success() {
         return;
     }
-    let rootfs = std::env::temp_dir().join(format!("collector-base-{}", std::process::id()));
+    let rootfs =
+        TempDir(std::env::temp_dir().join(format!("{}{}", TEMP_PREFIXES[0], std::process::id())));
     run_ok(
         Command::new("debootstrap")
             .args(["--variant=minbase", "bookworm"])
-            .arg(&rootfs)
+            .arg(&rootfs.0)
             .arg(MIRROR),
     );
     run_ok(Command::new("sh").arg("-c").arg(format!(
         "tar -C {} -c . | podman import - {BASE}",
-        rootfs.display()
+        rootfs.0.display()
     )));
-    let _ = fs::remove_dir_all(&rootfs);
 }
 
 /// The image built from the Containerfile; removed on drop.
@@ -66,10 +109,14 @@ struct Image(String);
 
 impl Image {
     fn build() -> Self {
-        let context = std::env::temp_dir().join(format!("collector-image-{}", std::process::id()));
-        fs::create_dir_all(&context).unwrap();
-        fs::copy(COLLECTOR, context.join("collector")).unwrap();
-        let image = Self(format!("localhost/collector-test:{}", std::process::id()));
+        let context = TempDir(std::env::temp_dir().join(format!(
+            "{}{}",
+            TEMP_PREFIXES[1],
+            std::process::id()
+        )));
+        fs::create_dir_all(&context.0).unwrap();
+        fs::copy(COLLECTOR, context.0.join("collector")).unwrap();
+        let image = Self(format!("{IMAGE_PREFIX}{}", std::process::id()));
         let containerfile =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/container/Containerfile");
         // chroot isolation: RUN steps need no OCI runtime (see the module comment).
@@ -79,10 +126,10 @@ impl Image {
             .arg("-f")
             .arg(&containerfile)
             .args(["-t", &image.0])
-            .arg(&context)
+            .arg(&context.0)
             .output()
             .unwrap();
-        let _ = fs::remove_dir_all(&context);
+        drop(context);
         assert!(
             built.status.success(),
             "podman build:\n{}",
@@ -94,8 +141,12 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        let _ = Command::new("podman").args(["rmi", "-f", &self.0]).output();
+        remove_image(&self.0);
     }
+}
+
+fn remove_image(image: &str) {
+    let _ = Command::new("podman").args(["rmi", "-f", image]).output();
 }
 
 /// A container's writable root filesystem, mounted; unmounted and removed on drop.
@@ -114,13 +165,15 @@ impl Rootfs {
 
 impl Drop for Rootfs {
     fn drop(&mut self) {
-        let _ = Command::new("podman")
-            .args(["umount", &self.container])
-            .output();
-        let _ = Command::new("podman")
-            .args(["rm", "-f", &self.container])
-            .output();
+        remove_container(&self.container);
     }
+}
+
+fn remove_container(container: &str) {
+    let _ = Command::new("podman").args(["umount", container]).output();
+    let _ = Command::new("podman")
+        .args(["rm", "-f", container])
+        .output();
 }
 
 /// The image's entrypoint as a runtime would start it: inside `netns`, in a private mount
@@ -147,6 +200,7 @@ fn launcher(netns: &Netns, rootfs: &Path, entrypoint: &str, config_dir: &Path) -
 fn the_containerfile_builds_an_image_that_counts() {
     const CONNECTIONS: u32 = 5;
     let netns = Netns::new();
+    sweep_killed_runs();
     base_image();
     let image = Image::build();
     let inspect = run_ok(Command::new("podman").args([

@@ -247,7 +247,7 @@ pub fn sweep_killed_runs() {
 /// Whether `name` is one a test run made ([`unique`]: a prefix among `prefixes`, then the
 /// test process's id) and that run is gone. A pid taken again by another process keeps what
 /// it names: the safe side. (Test runs share the host's pid namespace.)
-fn of_a_killed_run(name: &str, prefixes: &[&str]) -> bool {
+pub fn of_a_killed_run(name: &str, prefixes: &[&str]) -> bool {
     prefixes
         .iter()
         .find_map(|prefix| name.strip_prefix(prefix))
