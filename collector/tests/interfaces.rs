@@ -569,7 +569,7 @@ fn excluded_interfaces_are_left_out_at_the_start_and_when_they_appear() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// An interface whose attach fails (here: something not a link pinned where its link goes)
+/// An interface whose attach fails (here: a directory where its link's pin goes)
 /// says so in a series an alert can read, and once in the log however many polls try again;
 /// once the cause is gone, the next poll attaches it.
 #[test]
@@ -588,36 +588,9 @@ fn an_interface_that_cannot_be_attached_is_exported_and_logged_once() {
     };
     // Down, it is not watched yet.
     ip(&netns, "link add tcoll0 type veth peer name tcoll1");
-    let listed = stdout_of(std::process::Command::new("ip").args([
-        "-n",
-        &netns.name,
-        "-o",
-        "link",
-        "show",
-        "tcoll0",
-    ]));
-    let index = listed.split(':').next().unwrap().trim().to_owned();
-    let blocker = config.pin_dir.join(format!("v1/links/tc_ingress_{index}"));
-    run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            blocker.to_str().unwrap(),
-            "type",
-            "array",
-            "key",
-            "4",
-            "value",
-            "4",
-            "entries",
-            "1",
-            "name",
-            "blocker",
-        ],
-    );
+    let blocker = block_ingress_link(&netns, &config, "tcoll0");
     let _unpin = support::OnDrop(|| {
-        let _ = std::fs::remove_file(&blocker);
+        let _ = std::fs::remove_dir(&blocker);
     });
 
     ip(&netns, "link set tcoll0 up");
@@ -633,10 +606,66 @@ fn an_interface_that_cannot_be_attached_is_exported_and_logged_once() {
     support::after_polls(&netns, 3);
     assert_eq!(support::logged_lines(&log, said).len(), 1);
 
-    std::fs::remove_file(&blocker).unwrap();
+    std::fs::remove_dir(&blocker).unwrap();
     wait_for("tcoll0 to be attached", Duration::from_secs(10), || {
         let text = scrape(&netns);
         (attached(&text, "tcoll0") && failed(&text).is_none()).then_some(())
+    });
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Makes a directory where the agent pins `interface`'s ingress link, so that attaching it
+/// fails (something else there, which the start's sweep of stale link pins leaves): the
+/// path, for the test to remove.
+fn block_ingress_link(netns: &Netns, config: &AgentConfig, interface: &str) -> std::path::PathBuf {
+    let listed = stdout_of(std::process::Command::new("ip").args([
+        "-n",
+        &netns.name,
+        "-o",
+        "link",
+        "show",
+        interface,
+    ]));
+    let index = listed.split(':').next().unwrap().trim().to_owned();
+    let blocker = config.pin_dir.join(format!("v1/links/tc_ingress_{index}"));
+    std::fs::create_dir_all(&blocker).unwrap();
+    blocker
+}
+
+/// The same at the start: an interface there to count whose attach fails does not refuse
+/// the start (a node's hundreds of pod veths, one refusing), the interfaces after it are
+/// attached, and the polls attach it once the cause is gone.
+#[test]
+fn an_interface_that_cannot_be_attached_at_the_start_does_not_stop_it() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    ip(&netns, "link add tcoll0 type veth peer name tcoll1");
+    ip(&netns, "link set tcoll0 up");
+    ip(&netns, "link set tcoll1 up");
+    let blocker = block_ingress_link(&netns, &config, "tcoll0");
+    let _unpin = support::OnDrop(|| {
+        let _ = std::fs::remove_dir(&blocker);
+    });
+    let agent = Agent::start(&netns, &config);
+    let metrics = scrape(&netns);
+    let failed = |metrics: &str, interface| {
+        sample(
+            metrics,
+            "collector_interface_attach_failed",
+            &[("interface", interface)],
+        )
+    };
+    assert_eq!(failed(&metrics, "tcoll0"), Some(1.0), "{metrics}");
+    assert!(!attached(&metrics, "tcoll0"));
+    for interface in ["lo", "tcoll1"] {
+        assert!(attached(&metrics, interface), "{interface}: {metrics}");
+        assert_eq!(failed(&metrics, interface), None);
+    }
+    std::fs::remove_dir(&blocker).unwrap();
+    wait_for("tcoll0 to be attached", Duration::from_secs(10), || {
+        let text = scrape(&netns);
+        (attached(&text, "tcoll0") && failed(&text, "tcoll0").is_none()).then_some(())
     });
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);

@@ -64,23 +64,47 @@ pub(super) struct AttachedInterface {
 }
 
 impl Attachment {
-    /// Attaches the loaded classifiers to `links`.
+    /// Attaches the loaded classifiers to `links` at the start. Only loopback's failure
+    /// refuses the start (the orphan reaper judges a layout by its loopback link); any other
+    /// interface's is the polls' to retry, exported as after the start: one veth of hundreds
+    /// whose hook refuses ours would otherwise keep a node's collector from starting at all.
     pub(super) fn attach_classifiers(&mut self, links: &[&Link]) -> anyhow::Result<()> {
         for &link in links {
             if let Err(err) = self.attach_interface(link) {
                 // Pod veths come and go while a node starts or drains: one that went during
-                // the start is the polls' to follow, not a reason to refuse the start.
-                if links::still_there(link) {
+                // the start is the polls' to follow, and no failure.
+                if !links::still_there(link) {
+                    tracing::warn!(
+                        interface = %link.name,
+                        "the interface went away or changed during the start; the polls \
+                         attach it if it is back: {err:#}"
+                    );
+                } else if link.loopback {
                     return Err(err);
+                } else {
+                    self.note_attach_failure(link, &err);
                 }
-                tracing::warn!(
-                    interface = %link.name,
-                    "the interface went away or changed during the start; the polls attach it \
-                     if it is back: {err:#}"
-                );
             }
         }
         Ok(())
+    }
+
+    /// Remembers why `link`, there to count, could not be attached: exported until an attach
+    /// succeeds, and logged once per error.
+    fn note_attach_failure(&mut self, link: &Link, err: &anyhow::Error) {
+        let failure = AttachFailure {
+            interface: link.name.clone(),
+            error: format!("{err:#}"),
+        };
+        if self.attach_failures.get(&link.index) != Some(&failure) {
+            tracing::warn!(
+                interface = %link.name,
+                "attaching the classifiers failed, not counted until an attach succeeds (tried \
+                 again at each poll; collector_interface_attach_failed is 1 meanwhile): {}",
+                failure.error
+            );
+        }
+        self.attach_failures.insert(link.index, failure);
     }
 
     /// Attaches every classifier that belongs on `link` (adopting links a crashed run
@@ -234,22 +258,7 @@ impl Attachment {
                     self.attach_failures.remove(&link.index);
                     tracing::debug!(interface = %link.name, "went away during the attach: {err:#}");
                 }
-                Err(err) => {
-                    let failure = AttachFailure {
-                        interface: link.name.clone(),
-                        error: format!("{err:#}"),
-                    };
-                    if self.attach_failures.get(&link.index) != Some(&failure) {
-                        tracing::warn!(
-                            interface = %link.name,
-                            "attaching the classifiers failed, not counted until an attach \
-                             succeeds (tried again at each poll; \
-                             collector_interface_attach_failed is 1 meanwhile): {}",
-                            failure.error
-                        );
-                    }
-                    self.attach_failures.insert(link.index, failure);
-                }
+                Err(err) => self.note_attach_failure(link, &err),
             }
         }
     }
