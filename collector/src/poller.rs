@@ -175,13 +175,19 @@ pub struct InterfaceView {
 }
 
 impl InterfaceView {
-    /// The counters of the attached interfaces only. The rest of the namespace is not ours
-    /// to export: on a node whose `interfaces` are configured, every pod veth would be a
-    /// series of its own, coming and going with the pods.
-    fn attached_stats(&self) -> Vec<InterfaceSnapshot> {
+    /// The counters of the interfaces there to count only: attached, or failing to be (their
+    /// own counters do not depend on ours, and series gone while a re-attach fails would end
+    /// in Prometheus). The rest of the namespace is not ours to export: on a node whose
+    /// `interfaces` are configured, every pod veth would be a series of its own, coming and
+    /// going with the pods.
+    fn watched_stats(&self) -> Vec<InterfaceSnapshot> {
         // A set: on a node of a thousand pods both lists hold a thousand veths.
-        let attached: std::collections::HashSet<&str> =
-            self.attached.iter().map(String::as_str).collect();
+        let attached: std::collections::HashSet<&str> = self
+            .attached
+            .iter()
+            .chain(&self.hooks.unattached_interfaces)
+            .map(String::as_str)
+            .collect();
         self.links
             .iter()
             .filter(|link| attached.contains(link.name.as_str()))
@@ -451,7 +457,7 @@ impl Poller {
 
     fn beside_the_maps(&mut self, interfaces: InterfaceView, nft: NftView) -> BesideTheMaps {
         BesideTheMaps {
-            interface_stats: interfaces.attached_stats(),
+            interface_stats: interfaces.watched_stats(),
             interfaces: interfaces.attached,
             tc_hooks: interfaces.hooks.hooks,
             missing_interfaces: interfaces.hooks.missing_interfaces,
@@ -618,7 +624,7 @@ mod tests {
         };
         let shared = Arc::new(SharedSnapshot::default());
         shared.store(Snapshot {
-            interface_stats: view.attached_stats(),
+            interface_stats: view.watched_stats(),
             interfaces: view.attached,
             ..Snapshot::example()
         });

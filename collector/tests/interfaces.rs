@@ -600,6 +600,8 @@ fn an_interface_that_cannot_be_attached_is_exported_and_logged_once() {
     });
     assert_eq!(failed(&metrics), Some(1.0));
     assert!(!attached(&metrics, "tcoll0"));
+    // Its own counters go on: they do not depend on ours.
+    assert!(own_counters_exported(&metrics, "tcoll0"), "{metrics}");
     let said = "attaching the classifiers failed";
     let lines = support::logged_lines(&log, said);
     assert!(lines[0].contains("tcoll0"), "{lines:?}");
@@ -613,6 +615,16 @@ fn an_interface_that_cannot_be_attached_is_exported_and_logged_once() {
     });
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
+}
+
+/// Whether the interface's own kernel counters are exported.
+fn own_counters_exported(metrics: &str, interface: &str) -> bool {
+    sample(
+        metrics,
+        "collector_interface_receive_packets_total",
+        &[("interface", interface)],
+    )
+    .is_some()
 }
 
 /// Makes a directory where the agent pins `interface`'s ingress link, so that attaching it
@@ -658,6 +670,7 @@ fn an_interface_that_cannot_be_attached_at_the_start_does_not_stop_it() {
     };
     assert_eq!(failed(&metrics, "tcoll0"), Some(1.0), "{metrics}");
     assert!(!attached(&metrics, "tcoll0"));
+    assert!(own_counters_exported(&metrics, "tcoll0"), "{metrics}");
     for interface in ["lo", "tcoll1"] {
         assert!(attached(&metrics, interface), "{interface}: {metrics}");
         assert_eq!(failed(&metrics, interface), None);
