@@ -569,7 +569,8 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
                 if marks_its_end {
                     format!(
                         "the event stream from the collector at {} ended without its end line: \
-                         the agent stopped on an error (its log says which)",
+                         the agent stopped on an error, or no longer admits the credentials \
+                         it was opened with (its log says which)",
                         agent.addr
                     )
                 } else {

@@ -250,13 +250,27 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 .into_response();
         };
         drop(permit);
+        let mut authorization = HeaderMap::new();
+        if let Some(value) = request.headers().get(header::AUTHORIZATION) {
+            authorization.insert(header::AUTHORIZATION, value.clone());
+        }
+        let credentials = guard.credentials.clone();
+        let timeout = guard.timeout;
         let mut response = next.run(request).await;
         response.extensions_mut().insert(Streaming);
         return response.map(|body| {
             use futures_util::StreamExt as _;
-            axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+            let mut judged_at = Instant::now();
+            axum::body::Body::from_stream(body.into_data_stream().take_while(move |_| {
                 let _held = &stream_place;
-                chunk
+                // Judged once, a stream would outlive its credentials: a token rotated or a
+                // user removed to revoke a leak still streamed client addresses and names.
+                let judge = judged_at.elapsed() >= REJUDGE_INTERVAL;
+                if judge {
+                    judged_at = Instant::now();
+                }
+                let (credentials, authorization) = (credentials.clone(), authorization.clone());
+                async move { !judge || still_admitted(&credentials, &authorization, timeout).await }
             }))
         });
     }
@@ -267,6 +281,34 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
             guard.load.refuse(Limit::RequestTimeout);
             (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response()
         })
+}
+
+/// How often an open event stream's credentials are judged again (at its next line: a
+/// heartbeat comes every [`HEARTBEAT_INTERVAL`] at the latest).
+const REJUDGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Whether the credentials a stream was opened with still admit it. A password no longer
+/// remembered (the users file was read again) is checked again, in its turn; a check that
+/// gets no turn in `timeout` leaves the stream open, as the password passed before.
+async fn still_admitted(
+    credentials: &auth::Credentials,
+    authorization: &HeaderMap,
+    timeout: Duration,
+) -> bool {
+    let admitted = match credentials.judge(authorization) {
+        auth::Judgement::Admitted => true,
+        auth::Judgement::Refused(_) => false,
+        auth::Judgement::Check(check) => match check.run(timeout).await {
+            Ok(()) | Err(auth::CheckRefused::NoTurn) => true,
+            Err(auth::CheckRefused::Wrong(_)) => false,
+        },
+    };
+    if !admitted {
+        tracing::info!(
+            "ending an event stream: the credentials it was opened with no longer admit it"
+        );
+    }
+    admitted
 }
 
 fn unauthorized(auth::Challenge(challenge): auth::Challenge) -> Response {

@@ -874,6 +874,73 @@ fn a_watching_cli_follows_a_rotated_token() {
     assert!(agent.stop().success());
 }
 
+/// An event stream lives only as long as its credentials admit it: a token rotated to
+/// revoke a leak ends the streams opened with it (within seconds, at their next line, with
+/// no `end` line: the agent did not stop), where they streamed on for as long as the agent
+/// ran, holding their places. The new token opens a stream.
+#[test]
+fn an_event_stream_ends_once_its_token_is_rotated() {
+    let netns = Netns::new();
+    let secrets = support::ScratchDir::new("revoked-token");
+    let token_file = secrets.path("token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+    let config = AgentConfig::new(&format!(
+        "{WEB_ROUTE}\n[http]\nbearer_token_file = \"{}\"\nmax_event_streams = 1\n",
+        token_file.display()
+    ));
+    let agent = Agent::start(&netns, &config);
+    let open_stream = |token: &str| {
+        let token = token.to_owned();
+        netns.run(move || {
+            let mut stream = TcpStream::connect(support::LISTEN).unwrap();
+            write!(
+                stream,
+                "GET /api/v1/events HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer {token}\r\n\r\n"
+            )
+            .unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            stream
+        })
+    };
+    let mut stream = open_stream("first-token");
+    std::fs::write(&token_file, "the-second-token\n").unwrap();
+    wait_for(
+        "the agent to take the new token",
+        Duration::from_secs(10),
+        || (get_with(&netns, "/metrics", Some("Bearer first-token")).0 == 401).then_some(()),
+    );
+    // Connections make lines, at which the stream's credentials are judged again.
+    let mut body = Vec::new();
+    wait_for("the stream to end", Duration::from_secs(30), || {
+        support::connections_3_in_5_out(&netns, 1);
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) => return Some(()),
+                Ok(read) => body.extend_from_slice(&chunk[..read]),
+                Err(_) => break,
+            }
+        }
+        // Chunked: the last chunk ends the body on a connection kept open.
+        body.ends_with(b"\r\n0\r\n\r\n").then_some(())
+    });
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("\"event\":\"connection-open\""), "{body}");
+    assert!(!body.contains("\"event\":\"end\""), "{body}");
+    // Its place is free for the new token's stream.
+    let mut renewed = open_stream("the-second-token");
+    let mut head = [0u8; 12];
+    renewed
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    renewed.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    assert!(agent.stop().success());
+}
+
 /// A request head past 16 KiB is refused (431) before anything of it is checked: each
 /// connection buffers that much at most, where hyper's default let unauthenticated clients
 /// at the connection cap hold hundreds of megabytes. A normal request still answers.
