@@ -1161,10 +1161,12 @@ fn encode_process(process: Option<&ProcessStats>, encoder: &mut DescriptorEncode
 /// The endpoint's secret files: how their last reload went, and when the certificate
 /// served expires.
 fn encode_secrets(reloads: &SecretReloads, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    // Also at each scrape: one kept alive makes no handshake.
+    reloads.look_at_certificate();
     gauges(
         encoder,
         "collector_http_secret_last_reload_successful",
-        "Whether the last read of each secret file the endpoint serves with succeeded (tls: the certificate and key as a pair; bearer_token; basic_auth_users). A file is read again when it changes, at the next request (tls: the next handshake); 0 keeps the previous secret in use.",
+        "Whether the last read of each secret file the endpoint serves with succeeded (tls: the certificate and key as a pair; bearer_token; basic_auth_users). A file is read again when it changes, at the next request (tls: the next handshake or scrape); 0 keeps the previous secret in use.",
         None,
         reloads
             .last_reloads()

@@ -5,7 +5,13 @@
 //! it expired and every scrape failed; a users file edited to revoke a leaked password, with
 //! a typo on another line, left the old passwords valid.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::{
+    fmt,
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+};
 
 /// A secret the endpoint reads again when its file changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +50,17 @@ pub struct SecretReloads {
     /// The served certificate's `notAfter`, in seconds since the epoch; `i64::MIN` when it
     /// could not be read.
     certificate_not_after: AtomicI64,
+    /// Looks at the certificate's files again (set by `tls::server_config`).
+    certificate_look: OnceLock<CertificateLook>,
+}
+
+/// What reads the certificate's files again when they changed, for [`SecretReloads`].
+struct CertificateLook(Box<dyn Fn() + Send + Sync>);
+
+impl fmt::Debug for CertificateLook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertificateLook")
+    }
 }
 
 impl SecretReloads {
@@ -61,6 +78,22 @@ impl SecretReloads {
     pub fn certificate_served(&self, not_after: Option<i64>) {
         self.certificate_not_after
             .store(not_after.unwrap_or(i64::MIN), Ordering::Relaxed);
+    }
+
+    /// `look` reads the certificate's files again when they changed (the first one given
+    /// stays).
+    pub fn look_at_certificate_with(&self, look: impl Fn() + Send + Sync + 'static) {
+        let _ = self.certificate_look.set(CertificateLook(Box::new(look)));
+    }
+
+    /// Reads the certificate's files again if they changed, as a handshake does: a scraper
+    /// that keeps its connection open (Prometheus does) makes no handshake for weeks, and
+    /// the figures would tell of a certificate long replaced on disk, or hide a renewal
+    /// that cannot be loaded.
+    pub fn look_at_certificate(&self) {
+        if let Some(look) = self.certificate_look.get() {
+            (look.0)();
+        }
     }
 
     /// Each secret in use, and whether its last reload succeeded.

@@ -44,19 +44,26 @@ pub fn server_config(
     let (key, not_after) = load(files)?;
     reloads.read_at_start(Secret::Tls);
     reloads.certificate_served(not_after);
-    let resolver = ReloadingCert {
+    let resolver = Arc::new(ReloadingCert {
         current: Mutex::new(Loaded {
             stamp: Some(stamp),
             key,
         }),
         files: files.clone(),
         reloads,
-    };
+    });
+    // Weak: the resolver holds `reloads`.
+    let looked_at = Arc::downgrade(&resolver);
+    resolver.reloads.look_at_certificate_with(move || {
+        if let Some(resolver) = looked_at.upgrade() {
+            resolver.current();
+        }
+    });
     let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
         .with_safe_default_protocol_versions()
         .context("choosing the TLS versions")?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -83,6 +90,13 @@ impl fmt::Debug for ReloadingCert {
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl ReloadingCert {
+    /// The certificate to serve: read again if a file changed since the last look.
+    fn current(&self) -> Arc<CertifiedKey> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         // Two stats per handshake; the files are read only when one changed. A file gone
         // fails as one that does not load, and is read again when it is back.
@@ -107,7 +121,7 @@ impl ResolvesServerCert for ReloadingCert {
                 }
             }
         }
-        Some(Arc::clone(&current.key))
+        Arc::clone(&current.key)
     }
 }
 

@@ -740,6 +740,62 @@ fn silent_connections_filling_every_place_give_way_to_the_probes() {
     assert!(agent.stop().success());
 }
 
+/// A scraper that keeps its connection open (Prometheus does) makes no handshake, at which
+/// the certificate's files were read again: a renewal that cannot be loaded showed only once
+/// some other client connected, which on a host scraped every 15 s could be weeks. Each
+/// scrape looks at them too.
+#[test]
+fn a_kept_alive_scrape_sees_a_renewal_that_cannot_be_loaded() {
+    let netns = Netns::new();
+    let scratch = ScratchDir::new("kept-alive");
+    let (cert, key) = self_signed(&scratch.0, "first");
+    let (served_cert, served_key) = served_copy(&scratch, &cert, &key);
+    let config = AgentConfig::new(&format!(
+        "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        served_cert.display(),
+        served_key.display()
+    ));
+    let agent = ready_tls_agent(&netns, &config, &cert);
+    // One TLS connection for every scrape.
+    let mut client = support::Reaped::spawn(
+        netns
+            .command("openssl")
+            .args(["s_client", "-quiet", "-connect", LISTEN, "-CAfile"])
+            .arg(&cert)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    );
+    let mut requests = client.stdin().unwrap();
+    let mut answers = std::io::BufReader::new(client.stdout().unwrap());
+    let mut tls_reload = || {
+        write!(
+            requests,
+            "GET /metrics HTTP/1.1\r\nHost: c\r\nAccept: application/openmetrics-text\r\n\r\n"
+        )
+        .unwrap();
+        let mut metrics = String::new();
+        while !metrics.ends_with("# EOF\n") {
+            assert_ne!(
+                std::io::BufRead::read_line(&mut answers, &mut metrics).unwrap(),
+                0,
+                "{metrics}"
+            );
+        }
+        sample(
+            &metrics,
+            "collector_http_secret_last_reload_successful",
+            &[("secret", "tls")],
+        )
+    };
+    assert_eq!(tls_reload(), Some(1.0));
+    fs::write(&served_cert, "not a certificate\n").unwrap();
+    assert_eq!(tls_reload(), Some(0.0));
+    fs::copy(&cert, &served_cert).unwrap();
+    assert_eq!(tls_reload(), Some(1.0));
+    assert!(agent.stop().success());
+}
+
 /// A secret file that fails to load again keeps the previous secret in use, and `/metrics`
 /// says so, beside when the certificate served expires: a renewal that cannot be loaded was
 /// found only when the old certificate expired and every scrape failed.

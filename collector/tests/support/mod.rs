@@ -727,6 +727,11 @@ impl Reaped {
         self.0.try_wait().unwrap()
     }
 
+    /// Its standard input, if piped and not taken yet.
+    pub fn stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.0.stdin.take()
+    }
+
     /// Its standard output, if piped and not taken yet.
     pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
         self.0.stdout.take()
