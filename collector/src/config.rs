@@ -900,8 +900,9 @@ fn extra_local_address(
         ));
     }
     // `::` is what a free slot of the kernel's address table holds, and neither it nor
-    // 0.0.0.0 is an address a packet to or from this host carries.
-    if network.is_unspecified() {
+    // 0.0.0.0 (also spelt `::ffff:0.0.0.0`, its key in the table) is an address a packet to
+    // or from this host carries.
+    if network.to_canonical().is_unspecified() {
         return Err(source.at(
             entry,
             format!(
@@ -1651,7 +1652,14 @@ mod tests {
             1,
             "a prefix of /33 is longer than the address's 32 bits",
         );
-        for unspecified in ["::", "::/112", "0.0.0.0", "0.0.0.0/24"] {
+        for unspecified in [
+            "::",
+            "::/112",
+            "0.0.0.0",
+            "0.0.0.0/24",
+            "::ffff:0.0.0.0",
+            "::ffff:0.0.0.0/112",
+        ] {
             assert_error(
                 &format!("extra_local_addresses = [\"{unspecified}\"]\n"),
                 1,

@@ -117,9 +117,13 @@ impl ConfigWatch {
 }
 
 /// What a config runs: with DNS off, the `[dns]` keys a start warns have no effect are not
-/// part of it, so that removing or changing one is no change.
+/// part of it, so that removing or changing one is no change; nor, without TLS, the TLS
+/// handshake's time limit.
 fn what_runs(config: &Config) -> Config {
     let mut config = config.clone();
+    if config.http.tls.is_none() {
+        config.http.tls_handshake_timeout = std::time::Duration::ZERO;
+    }
     if !config.dns.enabled {
         config.dns = DnsConfig {
             enabled: false,
@@ -230,6 +234,11 @@ mod tests {
         assert_eq!(watch.look(), state(true, true));
         replace(&path, "[dns]\nenabled = true\n");
         assert_eq!(watch.look(), state(true, false));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        // Without TLS, no handshake is timed.
+        let (mut without_tls, path) = self::watch("[http]\ntls_handshake_timeout_ms = 10000\n");
+        replace(&path, "[http]\ntls_handshake_timeout_ms = 20000\n");
+        assert_eq!(without_tls.look(), state(true, true));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
