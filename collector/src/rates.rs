@@ -171,24 +171,28 @@ impl<T> CountsHistory<T> {
         }
     }
 
-    /// The counts as they stood `window` before `now`: the newest copy at least that old, or
-    /// the oldest there is. After a stall of the polls (a throttled pod) the newest copy that
-    /// old may be far older, and "the last minute" would take in the whole stall: past twice
-    /// the window, the oldest copy since serves, as after a start.
+    /// The counts as they stood `window` before `now`: the copy whose age is nearest
+    /// `window` (the older one of two as near), or the oldest there is. As in
+    /// [`CounterHistory::rate`]: at `poll_interval_ms = 60000` a poll a millisecond early
+    /// found the previous copy a millisecond under a minute old, and "the last minute" took
+    /// the one before it, two minutes, half the time. After a stall of the polls (a throttled
+    /// pod) the copy that old may be far older, and "the last minute" would take in the whole
+    /// stall: past twice the window, the oldest copy since serves, as after a start.
     #[must_use]
     pub fn base(&self, now: Duration, window: Duration) -> Option<&T> {
-        let mut younger = None;
+        let mut younger: Option<(Duration, &T)> = None;
         for (at, counts) in self.samples.iter().rev() {
             let age = now.saturating_sub(*at);
             if age >= window {
-                return match younger {
-                    Some(since_stall) if age > window * 2 => Some(since_stall),
-                    _ => Some(counts),
-                };
+                return Some(match younger {
+                    Some((_, since_stall)) if age > window * 2 => since_stall,
+                    Some((younger_age, nearer)) if window - younger_age < age - window => nearer,
+                    _ => counts,
+                });
             }
-            younger = Some(counts);
+            younger = Some((age, counts));
         }
-        younger
+        younger.map(|(_, counts)| counts)
     }
 }
 
@@ -216,15 +220,32 @@ mod tests {
         assert_eq!(young.base(secs(30.0), AVERAGE), Some(&7));
         assert_eq!(young.samples.len(), 2);
         // Polls a millisecond early each: every one is kept, so the minute's base is the
-        // poll 60 back (0.999 × 59 s is the newest copy a minute old at 0.999 × 120 s).
+        // poll 60 back (59.94 s old at 0.999 × 120 s, where the one before is 60.94 s old).
         let mut early = CountsHistory::new(secs(65.0));
         for poll in 0..=120u32 {
             early.record(Duration::from_millis(u64::from(poll) * 999), poll);
         }
         assert_eq!(
             early.base(Duration::from_millis(120 * 999), AVERAGE),
-            Some(&59)
+            Some(&60)
         );
+    }
+
+    /// Polls a minute apart, a millisecond early or late: the last minute is always the last
+    /// poll's, never two.
+    #[test]
+    fn polls_a_window_apart_give_one_window_early_or_late() {
+        for (gap_ms, label) in [(59_999, "early"), (60_001, "late")] {
+            let mut history = CountsHistory::new(AVERAGE + secs(5.0));
+            for poll in 0..=3u64 {
+                history.record(Duration::from_millis(poll * gap_ms), poll);
+            }
+            assert_eq!(
+                history.base(Duration::from_millis(3 * gap_ms), AVERAGE),
+                Some(&2),
+                "{label}"
+            );
+        }
     }
 
     #[test]
