@@ -186,7 +186,11 @@ impl<T> CountsHistory<T> {
             if age >= window {
                 return Some(match younger {
                     Some((_, since_stall)) if age > window * 2 => since_stall,
-                    Some((younger_age, nearer)) if window - younger_age < age - window => nearer,
+                    Some((younger_age, nearer))
+                        if younger_age.abs_diff(window) < age.abs_diff(window) =>
+                    {
+                        nearer
+                    }
                     _ => counts,
                 });
             }

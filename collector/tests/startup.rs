@@ -905,6 +905,20 @@ fn an_event_stream_ends_once_its_token_is_rotated() {
         })
     };
     let mut stream = open_stream("first-token");
+    // Admitted before the rotation.
+    let mut body = Vec::new();
+    wait_for("the stream's head", Duration::from_secs(10), || {
+        let mut chunk = [0u8; 4096];
+        if let Ok(read) = stream.read(&mut chunk) {
+            body.extend_from_slice(&chunk[..read]);
+        }
+        body.windows(4).any(|end| end == b"\r\n\r\n").then_some(())
+    });
+    assert!(
+        body.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     std::fs::write(&token_file, "the-second-token\n").unwrap();
     wait_for(
         "the agent to take the new token",
@@ -912,7 +926,6 @@ fn an_event_stream_ends_once_its_token_is_rotated() {
         || (get_with(&netns, "/metrics", Some("Bearer first-token")).0 == 401).then_some(()),
     );
     // Connections make lines, at which the stream's credentials are judged again.
-    let mut body = Vec::new();
     wait_for("the stream to end", Duration::from_secs(30), || {
         support::connections_3_in_5_out(&netns, 1);
         let mut chunk = [0u8; 4096];
@@ -927,7 +940,6 @@ fn an_event_stream_ends_once_its_token_is_rotated() {
         body.ends_with(b"\r\n0\r\n\r\n").then_some(())
     });
     let body = String::from_utf8_lossy(&body);
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("\"event\":\"connection-open\""), "{body}");
     assert!(!body.contains("\"event\":\"end\""), "{body}");
     // Its place is free for the new token's stream.
