@@ -556,7 +556,18 @@ fn removal_order<'a>(map_dir: &Path, ours: &'a [PathBuf]) -> Vec<&'a PathBuf> {
         path.file_name()
             .is_some_and(crate::orphans::is_loopback_link_pin)
     });
-    others.into_iter().chain(loopback).chain(maps).collect()
+    // The owner first among the maps: a removal killed after the links, with the owner still
+    // there, would leave a set no reaper judges (no loopback link) and that the pod's next
+    // namespace takes for another's; without it, the next start takes over what is left.
+    let (owner, maps): (Vec<&PathBuf>, Vec<&PathBuf>) = maps
+        .into_iter()
+        .partition(|path| path.ends_with(map_names::PIN_OWNER));
+    others
+        .into_iter()
+        .chain(loopback)
+        .chain(owner)
+        .chain(maps)
+        .collect()
 }
 
 /// Removes `dir` and the directories below it that are (then) empty.

@@ -355,7 +355,7 @@ impl Attachment {
             _stats: stats,
         };
         let attached = attachment
-            .load_and_attach(config, options.bpf_stats, &links_dir, &cgroup)
+            .load_and_attach(config, options.bpf_stats, &links_dir, &cgroup, own_netns)
             .and_then(|()| remove_stale_links(&links_dir, &attachment.pins_in_use()));
         match attached {
             Ok(()) => {
@@ -393,6 +393,7 @@ impl Attachment {
         bpf_stats: bool,
         links_dir: &Path,
         cgroup: &File,
+        own_netns: u64,
     ) -> anyhow::Result<()> {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
         let watched = links::Watched::of(config);
@@ -410,6 +411,7 @@ impl Attachment {
         let (loopback, others): (Vec<&Link>, Vec<&Link>) =
             selected.links.iter().partition(|link| link.loopback);
         self.attach_classifiers(&loopback)?;
+        self.own_pins(own_netns)?;
         self.attach_cgroup_programs(config, bpf_stats, links_dir, cgroup)?;
         self.attach_classifiers(&others)?;
         for interface in &selected.missing {
@@ -420,6 +422,17 @@ impl Attachment {
             );
         }
         self.missing_interfaces = selected.missing;
+        Ok(())
+    }
+
+    /// Marks the pins as this namespace's, once loopback's links are attached: a set with an
+    /// owner and no link was judged by no reaper (it looks for a loopback link whose device
+    /// is gone), so a start killed while its programs loaded (seconds of verifier time, an
+    /// OOM kill) left pins that refused every start of the pod's next namespace, and leaked
+    /// where the pod was deleted. Without an owner, what such a start leaves (maps nothing
+    /// ever counted into) is taken over by the next start, whichever namespace it runs in.
+    fn own_pins(&mut self, own_netns: u64) -> anyhow::Result<()> {
+        pin_owner(&mut self.ebpf)?.set(0, own_netns, 0)?;
         Ok(())
     }
 
@@ -1085,10 +1098,11 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
             }
         }
     }
-    if other_build.is_none() && owner != 0 {
+    if other_build.is_none() && owner_pin.exists() {
         let layout = read_pin_word(&owner_pin, 1)
             .with_context(|| format!("reading {}", owner_pin.display()))?;
-        if layout != PIN_LAYOUT {
+        // No layout: pins of a start that loaded no further, unless they have an owner.
+        if (owner != 0 || layout != 0) && layout != PIN_LAYOUT {
             other_build = Some(format!("layout {layout}, this build's {PIN_LAYOUT}"));
         }
     }
@@ -1407,18 +1421,22 @@ fn fill_server_name_maps(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Re
 /// anything in them is touched; otherwise marks them as this namespace's and this layout's
 /// ([`PIN_LAYOUT`], which [`check_pinned_maps`] compares).
 fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
-    let mut owner: Array<&mut MapData, u64> = Array::try_from(
-        ebpf.map_mut(map_names::PIN_OWNER)
-            .context("the kernel object has no pin owner map")?,
-    )?;
+    let mut owner = pin_owner(ebpf)?;
     let found = owner.get(&0, 0)?;
     if found != 0 && found != own_netns {
         return Err(foreign_pins(pin_dir, found, own_netns));
     }
     // The layout first: pins with an owner and no layout would be taken for another build's.
+    // The owner only once loopback's links are attached ([`Attachment::own_pins`]).
     owner.set(1, PIN_LAYOUT, 0)?;
-    owner.set(0, own_netns, 0)?;
     Ok(())
+}
+
+fn pin_owner(ebpf: &mut Ebpf) -> anyhow::Result<Array<&mut MapData, u64>> {
+    Ok(Array::try_from(
+        ebpf.map_mut(map_names::PIN_OWNER)
+            .context("the kernel object has no pin owner map")?,
+    )?)
 }
 
 /// The network namespace cookie in the pinned `PIN_OWNER` at `path` (0: never claimed).

@@ -303,6 +303,56 @@ fn a_start_over_pins_whose_namespace_is_gone_removes_them_and_counts_from_zero()
     assert_no_pins(&pin_dir);
 }
 
+/// A start killed while its programs load (seconds of verifier time: an OOM kill, a
+/// SIGKILL at the end of a pod's grace period) has pinned its maps and no link yet. Those
+/// pins are marked as no namespace's, so the pod's next namespace takes them over: marked as
+/// the killed start's, they were judged by no reaper (it looks for a loopback link whose
+/// device is gone) and refused every later start as another namespace's.
+#[test]
+fn a_start_killed_while_its_programs_load_leaves_pins_the_next_namespace_takes_over() {
+    let config = AgentConfig::new(ROUTES);
+    let pins = PinParent::new(&config);
+    let pin_dir = pins.pin_dir("collector-pod");
+    let (owner, links) = (pin_dir.join("v1/PIN_OWNER"), pin_dir.join("v1/links"));
+    let gone = Netns::new();
+    let mut killed = support::Reaped::spawn(
+        gone.command(COLLECTOR)
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .stderr(std::process::Stdio::null()),
+    );
+    wait_for("its maps to be pinned", Duration::from_secs(30), || {
+        owner.exists().then_some(())
+    });
+    killed.signal(libc::SIGKILL);
+    killed.wait();
+    let linked = std::fs::read_dir(&links).map_or(0, Iterator::count);
+    assert_eq!(
+        linked, 0,
+        "killed after its first link: not the case tested"
+    );
+    drop(gone);
+
+    let again = Netns::new();
+    let logs = ScratchDir::new("orphans-killed-start");
+    let agent = start_with_pins(&again, &config, &pin_dir, &logs.path("again.log"));
+    assert_eq!(pinned_u64(&owner), netns_cookie(&again));
+    support::connections_3_in_5_out(&again, 2);
+    let metrics = wait_for_closed(&again, "web", 2);
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connections_opened_total",
+            &[("route", "web")]
+        ),
+        Some(2.0)
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&pin_dir);
+}
+
 #[test]
 fn a_start_beside_pins_whose_namespace_is_gone_removes_them() {
     // A sidecar's pod deleted while its collector was down: another pod's collector on the
