@@ -264,7 +264,7 @@ fn nft_counts(snapshot: &Snapshot, service: &str, protocol: Protocol) -> Option<
     any.then_some(counts)
 }
 
-/// One attached interface with the kernel's own counters.
+/// One interface attached (or whose attach fails) with the kernel's own counters.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct InterfaceStats {

@@ -493,7 +493,7 @@ fn pin_owner(map_dir: &Path) -> anyhow::Result<Owner> {
     let read = loader::read_pin_owner(&path);
     match read {
         Ok(0) => Ok(Owner::Unknown(format!(
-            "the pins' owner in {} was never set (a start that stopped before it claimed them)",
+            "the pins' owner in {} was never set (a start that stopped before it attached loopback's classifiers)",
             path.display()
         ))),
         Ok(cookie) => Ok(Owner::Namespace(cookie)),
@@ -558,7 +558,7 @@ fn removal_order<'a>(map_dir: &Path, ours: &'a [PathBuf]) -> Vec<&'a PathBuf> {
     });
     // The owner first among the maps: a removal killed after the links, with the owner still
     // there, would leave a set no reaper judges (no loopback link) and that the pod's next
-    // namespace takes for another's; without it, the next start takes over what is left.
+    // namespace takes for another's; without it, the next start removes what is left.
     let (owner, maps): (Vec<&PathBuf>, Vec<&PathBuf>) = maps
         .into_iter()
         .partition(|path| path.ends_with(map_names::PIN_OWNER));
@@ -609,7 +609,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopbacks_links_go_after_the_other_links_and_before_the_maps() {
+    fn loopbacks_links_go_after_the_other_links_then_the_owner_then_the_maps() {
         let map_dir = Path::new("/sys/fs/bpf/collector/v1");
         let links = map_dir.join(loader::LINKS_DIR);
         let ours = [
@@ -629,8 +629,8 @@ mod tests {
                 links.join("sock_ops").as_path(),
                 links.join("tc_ingress_7").as_path(),
                 links.join("tc_loopback_1").as_path(),
-                map_dir.join("CONN_COUNTERS").as_path(),
                 map_dir.join("PIN_OWNER").as_path(),
+                map_dir.join("CONN_COUNTERS").as_path(),
             ]
         );
     }

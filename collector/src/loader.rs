@@ -284,8 +284,10 @@ impl Attachment {
         remove_if_namespace_gone(&pin_dir, own_netns)?;
         orphans::reap_siblings(&pin_dir, own_netns);
         remove_unowned_pins(&map_dir)?;
-        check_pinned_maps(&pin_dir, own_netns)?;
-        let inherited = PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
+        // Pins without an owner are a start's that attached nothing (see `own_pins`): nothing
+        // counted into them, and a failed start removes them as it removes its own.
+        let owner = check_pinned_maps(&pin_dir, own_netns)?;
+        let inherited = owner != 0 && PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
 
         let netns_cookie = if config.all_namespaces { 0 } else { own_netns };
         let stats = if options.bpf_stats {
@@ -414,6 +416,7 @@ impl Attachment {
         self.own_pins(own_netns)?;
         self.attach_cgroup_programs(config, bpf_stats, links_dir, cgroup)?;
         self.attach_classifiers(&others)?;
+        self.refuse_if_none_attached()?;
         for interface in &selected.missing {
             tracing::warn!(
                 %interface,
@@ -428,9 +431,10 @@ impl Attachment {
     /// Marks the pins as this namespace's, once loopback's links are attached: a set with an
     /// owner and no link was judged by no reaper (it looks for a loopback link whose device
     /// is gone), so a start killed while its programs loaded (seconds of verifier time, an
-    /// OOM kill) left pins that refused every start of the pod's next namespace, and leaked
-    /// where the pod was deleted. Without an owner, what such a start leaves (maps nothing
-    /// ever counted into) is taken over by the next start, whichever namespace it runs in.
+    /// OOM kill) left pins that refused every start of the pod's next namespace. Without an
+    /// owner, what such a start leaves (maps nothing ever counted into) is taken over by the
+    /// next start, whichever namespace it runs in (where the pod is deleted, they stay until
+    /// a `collector cleanup`, as they did).
     fn own_pins(&mut self, own_netns: u64) -> anyhow::Result<()> {
         pin_owner(&mut self.ebpf)?.set(0, own_netns, 0)?;
         Ok(())
@@ -1003,7 +1007,8 @@ fn remove_unowned_pins(map_dir: &Path) -> anyhow::Result<()> {
         if path.exists() {
             remove_if_present(&path)?;
             tracing::warn!(
-                "removed {}, which no collector owned (left by an older build's stop)",
+                "removed {}, which no collector owned (left by a stop or a removal cut short, or \
+                 an older build's stop)",
                 path.display()
             );
         }
@@ -1064,8 +1069,8 @@ pub fn shape_difference(expected: &aya_obj::Map, info: &aya::maps::MapInfo) -> O
 /// A counter map of another shape, or pins of another [`PIN_LAYOUT`] (shaped alike, maps
 /// that mean other things), are removed whole, links first, and counting starts from zero,
 /// as after a clean upgrade: refused, an upgrade after a crash crash-looped on every such
-/// node until someone ran `cleanup` there.
-fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
+/// node until someone ran `cleanup` there. Returns the pins' owner (0: none, or removed).
+fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<u64> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let owner_pin = map_dir.join(map_names::PIN_OWNER);
     let owner = if owner_pin.exists() {
@@ -1111,7 +1116,8 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
         return remove_left_pins(
             pin_dir,
             &format!("a crashed run of another build ({difference})"),
-        );
+        )
+        .map(|()| 0);
     }
     for (path, difference) in replace {
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
@@ -1122,7 +1128,7 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
             path.display()
         );
     }
-    Ok(())
+    Ok(owner)
 }
 
 /// Gives every configured route and upstream its slot (see [`slots::plan`]), records the
@@ -1418,8 +1424,8 @@ fn fill_server_name_maps(ebpf: &mut Ebpf, routes: &[WatchedRoute]) -> anyhow::Re
 
 /// Refuses pins a collector of another network namespace left (its links are on that
 /// namespace's interfaces, named by an index that means another interface here), before
-/// anything in them is touched; otherwise marks them as this namespace's and this layout's
-/// ([`PIN_LAYOUT`], which [`check_pinned_maps`] compares).
+/// anything in them is touched; otherwise marks them as this layout's ([`PIN_LAYOUT`], which
+/// [`check_pinned_maps`] compares). They become this namespace's in [`Attachment::own_pins`].
 fn claim_pins(ebpf: &mut Ebpf, pin_dir: &Path, own_netns: u64) -> anyhow::Result<()> {
     let mut owner = pin_owner(ebpf)?;
     let found = owner.get(&0, 0)?;

@@ -349,7 +349,8 @@ pub struct Snapshot {
     pub poll: PollStats,
     /// Interfaces the classifiers are attached to.
     pub interfaces: Vec<String>,
-    /// The attached interfaces with their own counters (netlink).
+    /// The attached interfaces, and those whose attach fails, with their own counters
+    /// (netlink).
     pub interface_stats: Vec<InterfaceSnapshot>,
     /// Each attached hook: the TCX programs that run before ours, and how often ours was
     /// found detached and attached again.

@@ -682,6 +682,21 @@ fn an_interface_that_cannot_be_attached_at_the_start_does_not_stop_it() {
     });
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
+
+    // Where it is the one interface there to count, the start would count nothing live:
+    // refused, with the reason, and nothing left behind.
+    let only = AgentConfig::new(&format!("interfaces = [\"tcoll0\"]\n{ROUTES}"));
+    let blocker = block_ingress_link(&netns, &only, "tcoll0");
+    let said = support::refused_start(&netns, &only.path);
+    assert!(
+        said.contains("no interface could be attached; tcoll0:"),
+        "{said}"
+    );
+    // What the failed start removed, all but the directories the blocker kept: empty.
+    std::fs::remove_dir(&blocker).unwrap();
+    for dir in ["v1/links", "v1", ""] {
+        std::fs::remove_dir(only.pin_dir.join(dir)).unwrap();
+    }
 }
 
 /// Whether `count_ingress_ip` and `count_egress_ip` are loaded (their run statistics

@@ -89,6 +89,20 @@ impl Attachment {
         Ok(())
     }
 
+    /// The start's refusal where interfaces were there to count and none could be attached
+    /// (a kernel without TCX where loopback is not watched, one cause refusing every hook):
+    /// such a start would count nothing live, with a warning and an alert ten minutes on.
+    pub(super) fn refuse_if_none_attached(&self) -> anyhow::Result<()> {
+        match self.attach_failures.values().next() {
+            Some(failure) if self.attached.is_empty() => Err(anyhow::anyhow!(
+                "no interface could be attached; {}: {}",
+                failure.interface,
+                failure.error
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Remembers why `link`, there to count, could not be attached: exported until an attach
     /// succeeds, and logged once per error.
     fn note_attach_failure(&mut self, link: &Link, err: &anyhow::Error) {
