@@ -41,7 +41,13 @@ pub fn lock_for_start(
         create(pin_dir)?;
         if let Some(lock) = lock_if_current(pin_dir)? {
             create(links_dir)?;
-            return Ok(Some(lock));
+            // Removed between the lock and here (`collector check` removes the empty one it
+            // made, which a lock does not stop), the directory was made again by that
+            // create, unlocked: lock that one.
+            if locks(&lock, pin_dir)? {
+                return Ok(Some(lock));
+            }
+            continue;
         }
         if stop() {
             return Ok(None);
@@ -80,7 +86,6 @@ pub fn lock_for_start(
 /// on `pin_dir` once another start has removed it (`orphans`): `None` too, unless it is
 /// still the one there.
 pub fn lock_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
-    use std::os::unix::fs::MetadataExt as _;
     let dir = match File::open(pin_dir) {
         Ok(dir) => dir,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -94,15 +99,20 @@ pub fn lock_if_current(pin_dir: &Path) -> anyhow::Result<Option<File>> {
     else {
         return Ok(None);
     };
+    Ok(locks(&lock, pin_dir)?.then_some(lock))
+}
+
+/// Whether `lock` is on the directory at `pin_dir` now.
+fn locks(lock: &File, pin_dir: &Path) -> anyhow::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
     let held = lock
         .metadata()
         .with_context(|| format!("looking at the pin directory {}", pin_dir.display()))?;
     // Through a symlink, as the open went: a `pin_dir` given as a link to the directory
     // compared the link's own inode, and could never be locked.
     match fs::metadata(pin_dir) {
-        Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => Ok(Some(lock)),
-        Ok(_) => Ok(None),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Ok(now) => Ok(now.dev() == held.dev() && now.ino() == held.ino()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(err) => {
             Err(err).with_context(|| format!("looking at the pin directory {}", pin_dir.display()))
         }
@@ -256,6 +266,20 @@ mod tests {
         fs::remove_dir_all(&base).unwrap();
         assert!(held.is_some(), "not locked through the link");
         assert!(again.is_none(), "locked twice");
+    }
+
+    /// A lock on a directory removed and made again is no lock on the one there now.
+    #[test]
+    fn a_lock_on_a_directory_made_again_locks_nothing() {
+        let dir = std::env::temp_dir().join(format!("collector-pin-relock-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let lock = lock_if_current(&dir).unwrap().unwrap();
+        assert!(locks(&lock, &dir).unwrap());
+        fs::remove_dir(&dir).unwrap();
+        fs::create_dir(&dir).unwrap();
+        let now = locks(&lock, &dir).unwrap();
+        fs::remove_dir(&dir).unwrap();
+        assert!(!now);
     }
 
     #[test]
