@@ -257,6 +257,23 @@ fn start_with_pins(netns: &Netns, config: &AgentConfig, pin_dir: &Path, log: &Pa
     )
 }
 
+/// Two connections in `netns` count exactly (from zero: nothing of the pins' past), then
+/// `agent` stops cleanly and leaves nothing under `pin_dir`.
+fn counts_two_exactly_then_stops(netns: &Netns, agent: Agent, pin_dir: &Path) {
+    support::connections_3_in_5_out(netns, 2);
+    let metrics = wait_for_closed(netns, "web", 2);
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connections_opened_total",
+            &[("route", "web")]
+        ),
+        Some(2.0)
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(pin_dir);
+}
+
 /// Waits until the gone namespace's `sock_ops` link (by id) is off the cgroup root.
 fn wait_released(sock_ops: u32) {
     wait_for(
@@ -289,18 +306,7 @@ fn a_start_over_pins_whose_namespace_is_gone_removes_them_and_counts_from_zero()
     );
     wait_released(sock_ops);
     assert_eq!(opened(&again), Some(0.0));
-    support::connections_3_in_5_out(&again, 2);
-    let metrics = wait_for_closed(&again, "web", 2);
-    assert_eq!(
-        sample(
-            &metrics,
-            "collector_proxy_connections_opened_total",
-            &[("route", "web")]
-        ),
-        Some(2.0)
-    );
-    assert!(agent.stop().success());
-    assert_no_pins(&pin_dir);
+    counts_two_exactly_then_stops(&again, agent, &pin_dir);
 }
 
 /// A start killed while its programs load (seconds of verifier time: an OOM kill, a
@@ -339,18 +345,7 @@ fn a_start_killed_while_its_programs_load_leaves_pins_the_next_namespace_takes_o
     let logs = ScratchDir::new("orphans-killed-start");
     let agent = start_with_pins(&again, &config, &pin_dir, &logs.path("again.log"));
     assert_eq!(pinned_u64(&owner), netns_cookie(&again));
-    support::connections_3_in_5_out(&again, 2);
-    let metrics = wait_for_closed(&again, "web", 2);
-    assert_eq!(
-        sample(
-            &metrics,
-            "collector_proxy_connections_opened_total",
-            &[("route", "web")]
-        ),
-        Some(2.0)
-    );
-    assert!(agent.stop().success());
-    assert_no_pins(&pin_dir);
+    counts_two_exactly_then_stops(&again, agent, &pin_dir);
 }
 
 #[test]
