@@ -822,15 +822,22 @@ fn get_with(
     })
 }
 
+/// A token file holding `first-token`, in a scratch directory of its own (held by the
+/// caller: its drop removes it).
+fn first_token_file(scratch: &str) -> (support::ScratchDir, std::path::PathBuf) {
+    let secrets = support::ScratchDir::new(scratch);
+    let token_file = secrets.path("token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+    (secrets, token_file)
+}
+
 /// `collector stats --watch` follows a rotated token: the agent takes the new one without a
 /// restart, and so must a watch that outlives the rotation. Until 2026-12-02 it sent the
 /// first token for as long as it ran, and was refused every second after a rotation.
 #[test]
 fn a_watching_cli_follows_a_rotated_token() {
     let netns = Netns::new();
-    let secrets = support::ScratchDir::new("rotated-token");
-    let token_file = secrets.path("token");
-    std::fs::write(&token_file, "first-token\n").unwrap();
+    let (_secrets, token_file) = first_token_file("rotated-token");
     let config = AgentConfig::new(&format!(
         "[http]\nbearer_token_file = \"{}\"\n",
         token_file.display()
@@ -881,9 +888,7 @@ fn a_watching_cli_follows_a_rotated_token() {
 #[test]
 fn an_event_stream_ends_once_its_token_is_rotated() {
     let netns = Netns::new();
-    let secrets = support::ScratchDir::new("revoked-token");
-    let token_file = secrets.path("token");
-    std::fs::write(&token_file, "first-token\n").unwrap();
+    let (_secrets, token_file) = first_token_file("revoked-token");
     let config = AgentConfig::new(&format!(
         "{WEB_ROUTE}\n[http]\nbearer_token_file = \"{}\"\nmax_event_streams = 1\n",
         token_file.display()
