@@ -1176,19 +1176,25 @@ pub fn netfilter_already_hooks(ours: &str) -> Result<Hooks, NftError> {
     })
 }
 
-/// Whether asking nfnetlink for `nf_tables` loads no module: it is loaded, or built in
-/// (which /sys/module shows only for modules with parameters), or the kernel has no modules
-/// to load (no /lib/modules of its release, as in many VMs' and containers' kernels; until
-/// 2026-12-05 such a kernel, `nf_tables` built in, read as without it).
+/// Whether asking nfnetlink for `nf_tables` loads no module: it is loaded (/proc/modules),
+/// or built in (/sys/module shows that only for modules with parameters; modules.builtin
+/// does, where /lib/modules is there), or the kernel loads no modules at all (no
+/// /proc/modules: many VMs' kernels, this one's with `nf_tables` built in). A container
+/// without the host's /lib/modules, on a kernel that loads modules, reads as without it
+/// until something loads it: its look-up would have loaded it on the host (until
+/// 2026-12-05 a missing /lib/modules counted as a kernel without modules).
 pub(crate) fn nf_tables_in_kernel() -> bool {
-    if std::path::Path::new("/sys/module/nf_tables").exists() {
+    let Ok(loaded) = std::fs::read_to_string("/proc/modules") else {
+        return true;
+    };
+    if std::path::Path::new("/sys/module/nf_tables").exists()
+        || loaded.lines().any(|line| line.starts_with("nf_tables "))
+    {
         return true;
     }
     let release = crate::check::kernel_release().unwrap_or_default();
-    let modules = std::path::PathBuf::from(format!("/lib/modules/{release}"));
-    !modules.exists()
-        || std::fs::read_to_string(modules.join("modules.builtin"))
-            .is_ok_and(|builtin| builtin.lines().any(|line| line.ends_with("/nf_tables.ko")))
+    std::fs::read_to_string(format!("/lib/modules/{release}/modules.builtin"))
+        .is_ok_and(|builtin| builtin.lines().any(|line| line.ends_with("/nf_tables.ko")))
 }
 
 /// What hooks netfilter in this namespace, as `auto` judges it.
