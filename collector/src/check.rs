@@ -13,11 +13,15 @@ use crate::{
 /// `SO_NETNS_COOKIE` (5.14).
 const MIN_KERNEL: (u32, u32) = (6, 6);
 
+/// Numbers from linux/capability.h.
+const CAP_BPF: u32 = 39;
+const CAP_PERFMON: u32 = 38;
+
 /// Capabilities the agent always needs, with why (numbers from linux/capability.h).
 pub const CAPABILITIES: [(u32, &str, &str); 3] = [
-    (39, "CAP_BPF", "load programs, create and pin maps"),
+    (CAP_BPF, "CAP_BPF", "load programs, create and pin maps"),
     (
-        38,
+        CAP_PERFMON,
         "CAP_PERFMON",
         "pointer arithmetic on packets in the classifiers",
     ),
@@ -38,6 +42,9 @@ pub const CAP_SYS_ADMIN: (u32, &str) = (21, "CAP_SYS_ADMIN");
 pub struct Facts {
     /// `uname -r`.
     pub kernel_release: String,
+    /// Whether the kernel has TCX, asked of it (`None`: it could not be asked, e.g. without
+    /// `CAP_NET_ADMIN`).
+    pub tcx: Option<bool>,
     pub btf: bool,
     /// The cgroup2 root `run` attaches to: `None` when none is visible (it mounts one), `Err`
     /// why the configured `cgroup2` is not one.
@@ -47,6 +54,9 @@ pub struct Facts {
     pub bpffs: Option<PathBuf>,
     /// Effective capability bits (`CapEff` of /proc/self/status).
     pub capabilities: u64,
+    /// The uid map of the user namespace this process runs in, where it is not the host's
+    /// (see `privileges::user_namespace`): its capabilities count only inside it.
+    pub user_namespace: Option<String>,
     /// `nft --version`, when the tool runs.
     pub nft: Option<String>,
     /// Whether that `nft` reads and writes JSON, which the agent drives it with (`None`: it
@@ -129,6 +139,7 @@ impl Facts {
         let (nft, nft_json) = nft_tool();
         Ok(Self {
             kernel_release: kernel_release()?,
+            tcx: tcx_in_kernel(),
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             // As `run` picks it.
             cgroup2: match paths::cgroup2_root(cgroup2) {
@@ -142,6 +153,7 @@ impl Facts {
             pin_dir: pin_dir.to_path_buf(),
             bpffs: paths::bpffs_for(pin_dir)?,
             capabilities,
+            user_namespace: crate::privileges::user_namespace_here(),
             nft,
             nft_json,
             table_name: table.unwrap_or_default().to_owned(),
@@ -202,6 +214,19 @@ pub fn kernel_release() -> std::io::Result<String> {
         .to_owned())
 }
 
+/// Whether the kernel has TCX, by a query of loopback's TCX ingress hook (which only reads):
+/// a kernel without it does not know the attach type (EINVAL). A vendor kernel older than
+/// 6.6 may have it backported, which the version alone cannot tell (`run` refuses nothing
+/// by the version either). `None` where the query is not allowed.
+fn tcx_in_kernel() -> Option<bool> {
+    const LOOPBACK: u32 = 1;
+    match crate::bpf_sys::tcx_programs(LOOPBACK, crate::bpf_sys::BPF_TCX_INGRESS) {
+        Ok(_) => Some(true),
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => Some(false),
+        Err(_) => None,
+    }
+}
+
 /// Why the kernel `release` cannot run the collector, if it reads as too old: `run` adds it
 /// to the "Invalid argument" of its first TCX attach there. One it cannot read, no.
 #[must_use]
@@ -222,17 +247,7 @@ fn too_old(release: &str) -> String {
 /// order.
 #[must_use]
 pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
-    let mut verdicts = Vec::new();
-    let kernel_ok = kernel_version(&facts.kernel_release).is_some_and(|v| v >= MIN_KERNEL);
-    verdicts.push(Verdict {
-        name: "kernel",
-        status: Status::from(kernel_ok),
-        detail: if kernel_ok {
-            format!("Linux {}", facts.kernel_release)
-        } else {
-            too_old(&facts.kernel_release)
-        },
-    });
+    let mut verdicts = vec![kernel(facts)];
     verdicts.push(Verdict {
         name: "btf",
         status: Status::from(facts.btf),
@@ -264,19 +279,59 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
     verdicts.push(bpffs(&facts.pin_dir, facts.bpffs.as_deref()));
     for (bit, name, why) in CAPABILITIES {
         let has = facts.capabilities & (1 << bit) != 0;
+        // bpf(2) asks for these in the host's user namespace (`capable()`): one held only
+        // inside another passed here, and `run` was refused at its first program.
+        let outside = [CAP_BPF, CAP_PERFMON]
+            .contains(&bit)
+            .then_some(facts.user_namespace.as_deref())
+            .flatten();
+        let (status, detail) = match outside {
+            Some(map) => (
+                Status::Fail,
+                format!(
+                    "held only inside a user namespace (uid_map {map}), and the kernel asks for it \
+                     in the host's ({why}): run the collector in the host's user namespace"
+                ),
+            ),
+            None if has => (Status::Pass, why.to_owned()),
+            None => (
+                Status::Fail,
+                format!("missing ({why}): run as root or grant {name}"),
+            ),
+        };
         verdicts.push(Verdict {
             name,
-            status: Status::from(has),
-            detail: if has {
-                why.to_owned()
-            } else {
-                format!("missing ({why}): run as root or grant {name}")
-            },
+            status,
+            detail,
         });
     }
     verdicts.push(sys_admin(facts));
     verdicts.push(nft(facts, nftables));
     verdicts
+}
+
+/// The kernel's TCX links, by asking it where it can be asked, else by its version: a
+/// vendor kernel older than 6.6 with TCX backported runs the collector, and failed here.
+fn kernel(facts: &Facts) -> Verdict {
+    let release = &facts.kernel_release;
+    let new_enough = kernel_version(release).is_some_and(|v| v >= MIN_KERNEL);
+    let (status, detail) = match facts.tcx {
+        Some(true) => (Status::Pass, format!("Linux {release}, with TCX links")),
+        Some(false) => (Status::Fail, too_old(release)),
+        None if new_enough => (Status::Pass, format!("Linux {release}")),
+        None => (
+            Status::Warn,
+            format!(
+                "{}, unless TCX is backported to it (whether it is could not be asked here:                  `check` with CAP_NET_ADMIN asks)",
+                too_old(release)
+            ),
+        ),
+    };
+    Verdict {
+        name: "kernel",
+        status,
+        detail,
+    }
 }
 
 /// `CAP_SYS_ADMIN`, needed only where `run` mounts bpffs or cgroup2 (or for `--bpf-stats`):
@@ -615,8 +670,10 @@ fn http(http: &HttpConfig) -> Verdict {
     }
 }
 
-/// Whether the listen address can be bound here. Taken is a warning: most likely by the
-/// collector running now, which a check before its restart finds.
+/// Whether the listen address can be bound here. Taken is a warning where a collector runs
+/// with the configured pin directory (most likely the one a check before its restart finds
+/// holding it), and a failure otherwise: something else holds it, and `run` would
+/// crash-loop on it.
 fn listen(config: &Config) -> Verdict {
     let addr = config.listen;
     // As `run --listen` refuses: port 0, or a route's.
@@ -624,13 +681,28 @@ fn listen(config: &Config) -> Verdict {
         Some(reason) => (Status::Fail, reason),
         None => match std::net::TcpListener::bind(addr) {
             Ok(_) => (Status::Pass, format!("{addr} can be bound")),
-            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => (
-                Status::Warn,
-                format!(
-                    "{addr} is in use: `run` fails while it is taken ({})",
-                    serve::bind_advice(addr, &err)
-                ),
-            ),
+            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+                let collector =
+                    crate::pin_lock::holder(&config.pin_dir).filter(|holder| !holder.is_cleanup());
+                (
+                    if collector.is_some() {
+                        Status::Warn
+                    } else {
+                        Status::Fail
+                    },
+                    format!(
+                        "{addr} is in use{}: `run` fails while it is taken ({})",
+                        collector.map_or_else(
+                            || ", and no collector runs with this pin directory".to_owned(),
+                            |holder| format!(
+                                " (a collector runs with this pin directory: {})",
+                                crate::pin_lock::Holder::describe(Some(&holder))
+                            )
+                        ),
+                        serve::bind_advice(addr, &err)
+                    ),
+                )
+            }
             Err(err) => (
                 Status::Fail,
                 format!("{addr}: {err}: {}", serve::bind_advice(addr, &err)),
@@ -816,15 +888,54 @@ mod tests {
     fn healthy() -> Facts {
         Facts {
             kernel_release: "6.18.0-1-amd64".into(),
+            tcx: Some(true),
             btf: true,
             cgroup2: Ok(Some("/sys/fs/cgroup/unified".into())),
             pin_dir: "/sys/fs/bpf/collector".into(),
             bpffs: Some("/sys/fs/bpf".into()),
             capabilities: u64::MAX,
+            user_namespace: None,
             nft: Some("nftables v1.0.6".into()),
             nft_json: Some(true),
             table_name: "collector".into(),
             nft_table: Some(TableHere::Free),
+        }
+    }
+
+    /// The kernel asked, its version aside: a vendor kernel older than 6.6 with TCX
+    /// backported passes; one that does not know TCX fails whatever its version says; one
+    /// that could not be asked is judged by its version, an old one only warned of.
+    #[test]
+    fn the_kernel_is_judged_by_its_tcx_where_it_can_be_asked() {
+        let kernel_of = |release: &str, tcx| {
+            let facts = Facts {
+                kernel_release: release.into(),
+                tcx,
+                ..healthy()
+            };
+            let verdict = kernel(&facts);
+            (verdict.status, verdict.detail)
+        };
+        assert_eq!(
+            kernel_of("5.14.0-427.el9.x86_64", Some(true)),
+            (
+                Status::Pass,
+                "Linux 5.14.0-427.el9.x86_64, with TCX links".to_owned()
+            )
+        );
+        assert_eq!(kernel_of("6.18.44-fc-v1252", Some(true)).0, Status::Pass);
+        assert_eq!(
+            kernel_of("6.1.0-18-amd64", Some(false)),
+            (
+                Status::Fail,
+                "Linux 6.1.0-18-amd64 is older than 6.6 (TCX links); upgrade the kernel".to_owned()
+            )
+        );
+        assert_eq!(kernel_of("6.18.44-fc-v1252", None).0, Status::Pass);
+        for release in ["6.1.0-18-amd64", "custom"] {
+            let (status, detail) = kernel_of(release, None);
+            assert_eq!(status, Status::Warn, "{release}");
+            assert!(detail.contains("unless TCX is backported"), "{detail}");
         }
     }
 
@@ -1034,6 +1145,7 @@ mod tests {
         };
         let old = failing(Facts {
             kernel_release: "5.15.0-91-generic".into(),
+            tcx: Some(false),
             ..healthy()
         });
         assert_eq!(old.len(), 1);

@@ -161,7 +161,7 @@ impl Holder {
     }
 
     /// A `collector cleanup`, which holds the lock only while it works.
-    fn is_cleanup(&self) -> bool {
+    pub(crate) fn is_cleanup(&self) -> bool {
         let mut arguments = self.arguments.iter().map(String::as_str);
         if arguments
             .next()

@@ -181,13 +181,14 @@ pub fn user_namespace(uid_map: io::Result<String>) -> Option<String> {
 /// refused by
 /// something else: a Linux security module (a container runtime's default AppArmor profile
 /// denies writes below /sys/fs/bpf; SELinux's `container_t` may not manage bpffs files),
-/// whose `label` is said when known.
+/// whose `label` is said when known, or a seccomp filter (`status`: /proc/self/status).
 #[must_use]
 pub fn denial_advice(
     euid: u32,
     capabilities: u64,
     label: Option<&str>,
     uid_map: Option<&str>,
+    status: &str,
 ) -> String {
     if let Some(uid_map) = uid_map {
         return format!(
@@ -220,9 +221,20 @@ pub fn denial_advice(
     } else {
         ""
     };
+    // A seccomp filter's refusal leaves nothing in the kernel's log: named first where one
+    // is on, as the runtimes' default profiles refuse bpf(2) without CAP_SYS_ADMIN.
+    let seccomp = if seccomp_filtered(status) {
+        "a seccomp filter is on (Seccomp: 2 in /proc/self/status): a container runtime's \
+         default profile (CRI-O's, podman's, older containerd's) refuses bpf(2) without \
+         CAP_SYS_ADMIN, which leaves nothing in the kernel's log; run the collector without it \
+         (Kubernetes: securityContext.seccompProfile.type: Unconfined; podman or docker: \
+         --security-opt seccomp=unconfined). Otherwise "
+    } else {
+        ""
+    };
     format!(
         "permission denied, although this process is root with CAP_BPF, CAP_PERFMON and \
-         CAP_NET_ADMIN: a Linux security module refused it{confined}{not_owned}, \
+         CAP_NET_ADMIN: {seccomp}a Linux security module refused it{confined}{not_owned}, \
          and the kernel's log (dmesg, journalctl -k) names the denial. Under AppArmor, whose default \
          container profile denies writes below /sys/fs/bpf, run the container unconfined \
          (Kubernetes: securityContext.appArmorProfile.type: Unconfined, or before 1.30 the \
@@ -242,8 +254,23 @@ pub fn denial_advice_here() -> String {
         euid,
         effective(),
         security_label().as_deref(),
-        user_namespace(std::fs::read_to_string(UID_MAP)).as_deref(),
+        user_namespace_here().as_deref(),
+        &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
     )
+}
+
+/// Whether a seccomp filter is on, by /proc/self/status (`Seccomp: 2`).
+fn seccomp_filtered(status: &str) -> bool {
+    status.lines().any(|line| {
+        line.strip_prefix("Seccomp:")
+            .is_some_and(|mode| mode.trim() == "2")
+    })
+}
+
+/// The uid map of this process's user namespace, where it is not the host's.
+#[must_use]
+pub fn user_namespace_here() -> Option<String> {
+    user_namespace(std::fs::read_to_string(UID_MAP))
 }
 
 /// Names of [`KEPT`], for the logs.
@@ -285,8 +312,9 @@ mod tests {
 
     #[test]
     fn root_with_every_capability_is_told_of_the_security_module_not_to_run_as_root() {
-        let advice = denial_advice(0, NEEDED, None, None);
+        let advice = denial_advice(0, NEEDED, None, None, "Seccomp:\t0\n");
         assert!(!advice.contains("run as root"), "{advice}");
+        assert!(!advice.contains("seccomp"), "{advice}");
         for fix in [
             "Linux security module",
             "appArmorProfile.type: Unconfined",
@@ -300,11 +328,21 @@ mod tests {
             u64::MAX,
             Some("cri-containerd.apparmor.d (enforce)"),
             None,
+            "",
         );
         assert!(
             confined.contains("runs as `cri-containerd.apparmor.d (enforce)`")
                 && !confined.contains("CAP_DAC_OVERRIDE"),
             "{confined}"
+        );
+        // Under a seccomp filter, which logs nothing, that is named first.
+        let filtered = denial_advice(0, NEEDED, None, None, "Name:\tcollector\nSeccomp:\t2\n");
+        assert!(
+            filtered.contains(
+                "CAP_NET_ADMIN: a seccomp filter is on (Seccomp: 2 in /proc/self/status)"
+            ) && filtered.contains("seccompProfile.type: Unconfined")
+                && filtered.contains("Otherwise a Linux security module"),
+            "{filtered}"
         );
     }
 
@@ -316,7 +354,7 @@ mod tests {
             (0, NEEDED & !(1 << 12)),
             (0, 0),
         ] {
-            let advice = denial_advice(euid, capabilities, None, None);
+            let advice = denial_advice(euid, capabilities, None, None, "Seccomp:\t2\n");
             assert!(
                 advice.starts_with("permission denied: run as root, or with CAP_BPF"),
                 "{euid} {capabilities:#x}: {advice}"
@@ -360,6 +398,7 @@ mod tests {
                 capabilities,
                 Some("unconfined_u:unconfined_r:container_t:s0"),
                 Some("0 100000 65536"),
+                "Seccomp:\t2\n",
             );
             assert!(
                 advice.starts_with(

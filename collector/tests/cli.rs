@@ -445,13 +445,16 @@ fn check_loads_the_http_files_as_run_does() {
 }
 
 #[test]
-fn check_tries_the_listen_address_and_only_warns_when_it_is_taken() {
+fn check_tries_the_listen_address_and_fails_when_something_else_holds_it() {
+    // Taken, and by no collector running with the pin directory: `run` would crash-loop.
+    // (Taken by one, it is a warning: `tests/nftables.rs` checks beside a running one.)
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let (passed, lines) = check("[nftables]\nenabled = false\n", &["--listen", &addr]);
-    assert!(passed, "{lines:?}");
+    assert!(!passed, "{lines:?}");
     assert!(
-        lines["listen"].starts_with("warn") && lines["listen"].contains("in use"),
+        lines["listen"].starts_with("FAIL")
+            && lines["listen"].contains("in use, and no collector runs with this pin directory"),
         "{}",
         lines["listen"]
     );
@@ -872,6 +875,17 @@ fn in_a_user_namespace_the_refusal_says_so() {
             && !line.contains("security module"),
         "{line}"
     );
+    // Its capabilities count only inside it: the two bpf(2) asks for in the host's fail.
+    for capability in ["CAP_BPF", "CAP_PERFMON"] {
+        let line = stdout
+            .lines()
+            .find(|line| line.split_whitespace().nth(1) == Some(capability))
+            .unwrap();
+        assert!(
+            line.starts_with("FAIL") && line.contains("held only inside a user namespace"),
+            "{line}"
+        );
+    }
     // What it made to try, it removed.
     assert!(!pin_dir.exists());
 }
