@@ -1013,9 +1013,33 @@ fn upstream_table(out: &mut String, json: &Value) {
         return;
     };
     let width = name_width(upstreams);
+    let ports_of = |upstream: &Value| {
+        upstream["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // As wide as the widest cell: a few ports, or the bytes of a long run (totals since the
+    // start), pushed every figure after them out from under its heading.
+    let widest = |cell: &dyn Fn(&Value) -> usize, heading: usize| {
+        upstreams.iter().map(cell).max().unwrap_or(0).max(heading)
+    };
+    let ports_width = widest(&|upstream| ports_of(upstream).len(), 11);
+    let bytes_width = widest(
+        &|upstream| {
+            count(&upstream["bytesIn"])
+                .to_string()
+                .len()
+                .max(count(&upstream["bytesOut"]).to_string().len())
+        },
+        12,
+    );
     let _ = writeln!(
         out,
-        "\n{:<width$} {:<11} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
+        "\n{:<width$} {:<ports_width$} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>bytes_width$} {:>bytes_width$} {:>10} {:>10}",
         "UPSTREAM",
         "PORTS",
         "ACTIVE",
@@ -1030,18 +1054,11 @@ fn upstream_table(out: &mut String, json: &Value) {
         "P99 S 1M"
     );
     for upstream in upstreams {
-        let ports = upstream["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(Value::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
         let _ = writeln!(
             out,
-            "{:<width$} {:<11} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12} {:>10} {:>10}",
+            "{:<width$} {:<ports_width$} {:>8} {:>10} {:>10} {:>10} {:>8} {:>7} {:>bytes_width$} {:>bytes_width$} {:>10} {:>10}",
             upstream["name"].as_str().unwrap_or(""),
-            ports,
+            ports_of(upstream),
             count(&upstream["active"]),
             count(&upstream["connectsInProgress"]),
             count(&upstream["opened"]),
@@ -1266,6 +1283,7 @@ fn refresh(
     use std::io::IsTerminal as _;
     let screen = matches!(refreshes, Refreshes::Tables) && std::io::stdout().is_terminal();
     let mut shown = false;
+    let mut due = std::time::Instant::now();
     loop {
         let text = match fetch() {
             Ok(text) => Some(text),
@@ -1298,7 +1316,7 @@ fn refresh(
             })?;
             shown = true;
         }
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        crate::clock::sleep_until_due(&mut due, std::time::Duration::from_secs(1));
     }
 }
 
@@ -1759,6 +1777,30 @@ OA88hICOTwNepzhcGqC1TF91Wg==
             ],
             "{table}"
         );
+
+        // Three ports and a long run's bytes, wider than their headings: the columns widen,
+        // and every figure still ends where its heading does.
+        proxy["upstreams"] = serde_json::json!([{
+            "name": "db", "ports": [8080, 8081, 8443], "active": 3, "opened": 9, "closed": 6,
+            "connectFailures": 0, "bytesIn": 5, "bytesOut": 1_234_567_890_123_u64,
+            "duration": {"count": 0, "p50": null, "p99": null}
+        }]);
+        let table = proxy_table(&proxy);
+        let lines: Vec<&str> = table.lines().collect();
+        let heading = lines
+            .iter()
+            .position(|l| l.starts_with("UPSTREAM"))
+            .unwrap();
+        let (header, db) = (lines[heading], lines[heading + 1]);
+        for (heading, value) in [
+            ("ACTIVE", " 3"),
+            ("IN BYTES", " 5"),
+            ("OUT BYTES", " 1234567890123"),
+            ("P99 S 1M", " -"),
+        ] {
+            let end = header.find(heading).unwrap() + heading.len();
+            assert_eq!(&db[end - value.len()..end], value, "{heading}:\n{table}");
+        }
 
         // None configured, or an agent older than upstreams: no table at all.
         let routes_only = |proxy: &Value| {

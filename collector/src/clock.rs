@@ -1,7 +1,16 @@
 //! The kernel programs' clock (`bpf_ktime_get_ns`: `CLOCK_MONOTONIC`), read from here, and
 //! the wall clock the outputs stamp with.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Sleeps until the next refresh is due, `interval` after the last was; one that is late
+/// (a fetch or dump that took longer than the interval) starts at once, and the pace goes on
+/// from it. A sleep after the work would stretch each period by the work's time.
+pub fn sleep_until_due(due: &mut Instant, interval: Duration) {
+    let now = Instant::now();
+    *due = (*due + interval).max(now);
+    std::thread::sleep(*due - now);
+}
 
 /// Milliseconds since the Unix epoch, now.
 pub fn unix_ms() -> u64 {

@@ -908,7 +908,7 @@ pub fn watch(
                     );
                     failing = Some(said);
                 }
-                sleep_until_due(&mut due, interval);
+                crate::clock::sleep_until_due(&mut due, interval);
                 continue;
             }
         };
@@ -943,16 +943,8 @@ pub fn watch(
         if last {
             return Ok(());
         }
-        sleep_until_due(&mut due, interval);
+        crate::clock::sleep_until_due(&mut due, interval);
     }
-}
-
-/// Sleeps until the next refresh is due, `interval` after the last was; one that is late
-/// (a dump that took longer than the interval) starts at once, and the pace goes on from it.
-fn sleep_until_due(due: &mut Instant, interval: std::time::Duration) {
-    let now = Instant::now();
-    *due = (*due + interval).max(now);
-    std::thread::sleep(*due - now);
 }
 
 /// `maps list` as a table for people.
