@@ -279,12 +279,10 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
     verdicts.push(bpffs(&facts.pin_dir, facts.bpffs.as_deref()));
     for (bit, name, why) in CAPABILITIES {
         let has = facts.capabilities & (1 << bit) != 0;
-        // bpf(2) asks for these in the host's user namespace (`capable()`): one held only
-        // inside another passed here, and `run` was refused at its first program.
-        let outside = [CAP_BPF, CAP_PERFMON]
-            .contains(&bit)
-            .then_some(facts.user_namespace.as_deref())
-            .flatten();
+        // bpf(2) asks for all three in the host's user namespace (`capable()`; CAP_NET_ADMIN
+        // to load a classifier): one held only inside another passed here, and `run` was
+        // refused at its first program.
+        let outside = has.then_some(facts.user_namespace.as_deref()).flatten();
         let (status, detail) = match outside {
             Some(map) => (
                 Status::Fail,
@@ -317,12 +315,20 @@ fn kernel(facts: &Facts) -> Verdict {
     let new_enough = kernel_version(release).is_some_and(|v| v >= MIN_KERNEL);
     let (status, detail) = match facts.tcx {
         Some(true) => (Status::Pass, format!("Linux {release}, with TCX links")),
+        Some(false) if new_enough => (
+            Status::Fail,
+            format!(
+                "Linux {release} has no TCX links (built without CONFIG_NET_XGRESS): use a \
+                 kernel built with it"
+            ),
+        ),
         Some(false) => (Status::Fail, too_old(release)),
         None if new_enough => (Status::Pass, format!("Linux {release}")),
         None => (
             Status::Warn,
             format!(
-                "{}, unless TCX is backported to it (whether it is could not be asked here:                  `check` with CAP_NET_ADMIN asks)",
+                "{}, unless TCX is backported to it (whether it is could not be asked here: \
+                 `check` with CAP_NET_ADMIN asks)",
                 too_old(release)
             ),
         ),
@@ -670,10 +676,10 @@ fn http(http: &HttpConfig) -> Verdict {
     }
 }
 
-/// Whether the listen address can be bound here. Taken is a warning where a collector runs
-/// with the configured pin directory (most likely the one a check before its restart finds
-/// holding it), and a failure otherwise: something else holds it, and `run` would
-/// crash-loop on it.
+/// Whether the listen address can be bound here. Taken is a warning where the collector
+/// running with the configured pin directory holds it (the one a check before its restart
+/// finds), or a process this one cannot see does; a failure where another process holds it
+/// (`run` would crash-loop on it), named.
 fn listen(config: &Config) -> Verdict {
     let addr = config.listen;
     // As `run --listen` refuses: port 0, or a route's.
@@ -682,23 +688,24 @@ fn listen(config: &Config) -> Verdict {
         None => match std::net::TcpListener::bind(addr) {
             Ok(_) => (Status::Pass, format!("{addr} can be bound")),
             Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
-                let collector =
-                    crate::pin_lock::holder(&config.pin_dir).filter(|holder| !holder.is_cleanup());
+                let collector = crate::pin_lock::holder(&config.pin_dir).map(|h| h.pid());
+                let (status, by) = match listener_pid(addr.port()) {
+                    Some(pid) if collector == Some(pid) => (
+                        Status::Warn,
+                        format!("the collector running with this pin directory (process {pid})"),
+                    ),
+                    Some(pid) => (
+                        Status::Fail,
+                        crate::pin_lock::Holder::describe(Some(&crate::pin_lock::Holder::process(
+                            pid,
+                        ))),
+                    ),
+                    None => (Status::Warn, "a process this one cannot see".to_owned()),
+                };
                 (
-                    if collector.is_some() {
-                        Status::Warn
-                    } else {
-                        Status::Fail
-                    },
+                    status,
                     format!(
-                        "{addr} is in use{}: `run` fails while it is taken ({})",
-                        collector.map_or_else(
-                            || ", and no collector runs with this pin directory".to_owned(),
-                            |holder| format!(
-                                " (a collector runs with this pin directory: {})",
-                                crate::pin_lock::Holder::describe(Some(&holder))
-                            )
-                        ),
+                        "{addr} is in use by {by}: `run` fails while it is taken ({})",
                         serve::bind_advice(addr, &err)
                     ),
                 )
@@ -714,6 +721,51 @@ fn listen(config: &Config) -> Verdict {
         status,
         detail,
     }
+}
+
+/// The process holding a listening TCP socket on `port`, as far as this one can see: the
+/// socket's inode from /proc/net/tcp and tcp6, then the /proc/PID/fd that holds it.
+fn listener_pid(port: u16) -> Option<u32> {
+    let wanted: std::collections::HashSet<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .into_iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| listening_inodes(&table, port))
+        .map(|inode| format!("socket:[{inode}]"))
+        .collect();
+    if wanted.is_empty() {
+        return None;
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+            fds.flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| wanted.contains(target.to_string_lossy().as_ref()))
+                })
+                .then_some(pid)
+        })
+}
+
+/// The inodes of the listening sockets on `port` in `table` (/proc/net/tcp's layout:
+/// `sl local_address rem_address st ... inode`, the port in hex after the address, state
+/// 0A for LISTEN).
+fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (_, local_port) = fields.get(1)?.rsplit_once(':')?;
+            let listening = *fields.get(3)? == "0A";
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| fields.get(9)?.parse().ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// A config without routes is valid, and counts no client connection: a warning, as at
@@ -931,6 +983,9 @@ mod tests {
                 "Linux 6.1.0-18-amd64 is older than 6.6 (TCX links); upgrade the kernel".to_owned()
             )
         );
+        let (status, detail) = kernel_of("6.8.0-31-generic", Some(false));
+        assert_eq!(status, Status::Fail);
+        assert!(detail.contains("CONFIG_NET_XGRESS"), "{detail}");
         assert_eq!(kernel_of("6.18.44-fc-v1252", None).0, Status::Pass);
         for release in ["6.1.0-18-amd64", "custom"] {
             let (status, detail) = kernel_of(release, None);

@@ -1178,11 +1178,10 @@ pub fn netfilter_already_hooks(ours: &str) -> Result<Hooks, NftError> {
 
 /// Whether asking nfnetlink for `nf_tables` loads no module: it is loaded (/proc/modules),
 /// or built in (/sys/module shows that only for modules with parameters; modules.builtin
-/// does, where /lib/modules is there), or the kernel loads no modules at all (no
-/// /proc/modules: many VMs' kernels, this one's with `nf_tables` built in). A container
-/// without the host's /lib/modules, on a kernel that loads modules, reads as without it
-/// until something loads it: its look-up would have loaded it on the host (until
-/// 2026-12-05 a missing /lib/modules counted as a kernel without modules).
+/// does, where /lib/modules is there; else its symbols in /proc/kallsyms), or the kernel
+/// loads no modules at all (no /proc/modules: many VMs' kernels). Until 2026-12-05 a missing
+/// /lib/modules counted as a kernel without modules: in a container on a kernel that loads
+/// them, a look-up then loaded `nf_tables` on the host.
 pub(crate) fn nf_tables_in_kernel() -> bool {
     let Ok(loaded) = std::fs::read_to_string("/proc/modules") else {
         return true;
@@ -1192,9 +1191,15 @@ pub(crate) fn nf_tables_in_kernel() -> bool {
     {
         return true;
     }
+    // Built in, where no /lib/modules says so (a container): its symbols are the kernel's.
     let release = crate::check::kernel_release().unwrap_or_default();
     std::fs::read_to_string(format!("/lib/modules/{release}/modules.builtin"))
         .is_ok_and(|builtin| builtin.lines().any(|line| line.ends_with("/nf_tables.ko")))
+        || std::fs::read_to_string("/proc/kallsyms").is_ok_and(|symbols| {
+            symbols
+                .lines()
+                .any(|line| line.split_whitespace().nth(2) == Some("nft_register_expr"))
+        })
 }
 
 /// What hooks netfilter in this namespace, as `auto` judges it.

@@ -161,7 +161,7 @@ impl Holder {
     }
 
     /// A `collector cleanup`, which holds the lock only while it works.
-    pub(crate) fn is_cleanup(&self) -> bool {
+    fn is_cleanup(&self) -> bool {
         let mut arguments = self.arguments.iter().map(String::as_str);
         if arguments
             .next()
@@ -201,16 +201,27 @@ pub fn holder(dir: &Path) -> Option<Holder> {
     use std::os::unix::fs::MetadataExt as _;
     let held = fs::metadata(dir).ok()?;
     let locks = fs::read_to_string("/proc/locks").ok()?;
-    let pid = flock_holder(&locks, held.dev(), held.ino())?;
-    let arguments = fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|line| {
-            line.split(|&byte| byte == 0)
-                .filter(|argument| !argument.is_empty())
-                .map(|argument| String::from_utf8_lossy(argument).into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    Some(Holder { pid, arguments })
+    Some(Holder::process(flock_holder(
+        &locks,
+        held.dev(),
+        held.ino(),
+    )?))
+}
+
+impl Holder {
+    /// Process `pid`, with its command line where it can be read.
+    #[must_use]
+    pub fn process(pid: u32) -> Self {
+        let arguments = fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|line| {
+                line.split(|&byte| byte == 0)
+                    .filter(|argument| !argument.is_empty())
+                    .map(|argument| String::from_utf8_lossy(argument).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self { pid, arguments }
+    }
 }
 
 /// The pid holding a flock on the inode `ino` of device `dev`, in the text of /proc/locks

@@ -446,15 +446,16 @@ fn check_loads_the_http_files_as_run_does() {
 
 #[test]
 fn check_tries_the_listen_address_and_fails_when_something_else_holds_it() {
-    // Taken, and by no collector running with the pin directory: `run` would crash-loop.
-    // (Taken by one, it is a warning: `tests/nftables.rs` checks beside a running one.)
+    // Taken, by another process than a collector running with the pin directory (this
+    // test): `run` would crash-loop, and the process is named. (Taken by that collector,
+    // it is a warning: `tests/nftables.rs` checks beside a running one.)
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let (passed, lines) = check("[nftables]\nenabled = false\n", &["--listen", &addr]);
     assert!(!passed, "{lines:?}");
     assert!(
         lines["listen"].starts_with("FAIL")
-            && lines["listen"].contains("in use, and no collector runs with this pin directory"),
+            && lines["listen"].contains(&format!("in use by process {}: ", std::process::id())),
         "{}",
         lines["listen"]
     );
@@ -875,8 +876,8 @@ fn in_a_user_namespace_the_refusal_says_so() {
             && !line.contains("security module"),
         "{line}"
     );
-    // Its capabilities count only inside it: the two bpf(2) asks for in the host's fail.
-    for capability in ["CAP_BPF", "CAP_PERFMON"] {
+    // Its capabilities count only inside it: those bpf(2) asks for in the host's fail.
+    for capability in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"] {
         let line = stdout
             .lines()
             .find(|line| line.split_whitespace().nth(1) == Some(capability))
