@@ -265,12 +265,19 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 let _held = &stream_place;
                 // Judged once, a stream would outlive its credentials: a token rotated or a
                 // user removed to revoke a leak still streamed client addresses and names.
-                let judge = judged_at.elapsed() >= REJUDGE_INTERVAL;
-                if judge {
+                // Copies only for a line that is judged: a busy stream's other lines cost nothing.
+                let judged = (judged_at.elapsed() >= REJUDGE_INTERVAL).then(|| {
                     judged_at = Instant::now();
+                    (credentials.clone(), authorization.clone())
+                });
+                async move {
+                    match judged {
+                        Some((credentials, authorization)) => {
+                            still_admitted(&credentials, &authorization, timeout).await
+                        }
+                        None => true,
+                    }
                 }
-                let (credentials, authorization) = (credentials.clone(), authorization.clone());
-                async move { !judge || still_admitted(&credentials, &authorization, timeout).await }
             }))
         });
     }
