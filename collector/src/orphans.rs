@@ -17,6 +17,12 @@
 //! (`collector`, `collector-<pod UID>`), each under its lock, as `collector cleanup --apply`
 //! does. A sibling whose pins are this namespace's is left, orphaned or not: a crashed run
 //! here may be started again and must keep its counters.
+//!
+//! A sibling's pins that were never claimed (a start killed while its programs loaded, before
+//! it marked them as its namespace's) are removed too, under the lock, when they have no tc
+//! link or only links whose devices are gone: nothing has counted into them, and the pod they
+//! belong to, if it still runs, takes over or makes anew the same empty maps. Where that pod
+//! was deleted, nothing else would ever remove them.
 
 use std::{ffi::OsStr, fs, io, os::fd::AsFd as _, path::Path};
 
@@ -51,6 +57,23 @@ pub fn orphaned(links: &[TcLink]) -> bool {
 #[must_use]
 pub fn removable(owner: u64, own_netns: u64, links: &[TcLink]) -> bool {
     owner != 0 && owner != own_netns && orphaned(links)
+}
+
+/// Whether a sibling's pins owned by `owner`, whose tc links read `links`, are a killed
+/// start's that never claimed them: no owner, and no link that still runs a program on a
+/// device (a start is killed before its loopback link, or between it and the claim).
+#[must_use]
+pub fn unclaimed_leftover(owner: u64, links: &[TcLink]) -> bool {
+    owner == 0 && (links.is_empty() || orphaned(links))
+}
+
+/// Why a sibling's pins are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leftover {
+    /// A collector of the namespace with this cookie, now gone.
+    GoneNamespace(u64),
+    /// A start killed before it claimed them.
+    Unclaimed,
 }
 
 /// Whether a directory entry called `name` is one of the documented pin directories
@@ -155,9 +178,14 @@ pub fn reap_siblings(pin_dir: &Path, own_netns: u64) {
         }
         let dir = entry.path();
         match reap(&dir, own_netns) {
-            Ok(Some(owner)) => tracing::warn!(
+            Ok(Some(Leftover::GoneNamespace(owner))) => tracing::warn!(
                 "the pins under {} were left by a collector whose network namespace is gone \
                  (cookie {owner}): removed them, with their programs",
+                dir.display()
+            ),
+            Ok(Some(Leftover::Unclaimed)) => tracing::warn!(
+                "the pins under {} were left by a start killed before it claimed them (nothing \
+                 counted into them): removed them",
                 dir.display()
             ),
             Ok(None) => {}
@@ -175,23 +203,41 @@ pub fn reap_siblings(pin_dir: &Path, own_netns: u64) {
 }
 
 /// Removes the layout under the sibling pin directory `dir`, and `dir` if nothing else is
-/// left in it, if its pins are [`removable`]: the owner they had. Judged first without the
-/// lock, so that a live collector's directory is never locked, even for a moment, by
-/// another's start; then again under it.
-fn reap(dir: &Path, own_netns: u64) -> anyhow::Result<Option<u64>> {
+/// left in it, if its pins are [`removable`] or an [`unclaimed_leftover`]: what left them.
+/// Judged first without the lock, so that a live collector's directory is never locked, even
+/// for a moment, by another's start; then again under it (a start under way holds it).
+fn reap(dir: &Path, own_netns: u64) -> anyhow::Result<Option<Leftover>> {
     let map_dir = paths::map_pin_dir(dir);
-    if !is_dir(&map_dir)? || gone_owner(&map_dir, own_netns)?.is_none() {
+    if !is_dir(&map_dir)? || leftover(&map_dir, own_netns)?.is_none() {
         return Ok(None);
     }
     let Some(_lock) = pin_lock::lock_if_current(dir)? else {
         return Ok(None);
     };
-    let Some(owner) = gone_owner(&map_dir, own_netns)? else {
+    let Some(left) = leftover(&map_dir, own_netns)? else {
         return Ok(None);
     };
     cleanup::remove_layout(&map_dir)?;
     cleanup::remove_dir_if_empty(dir)?;
-    Ok(Some(owner))
+    Ok(Some(left))
+}
+
+/// Why the sibling layout at `map_dir` is to be removed, if it is.
+fn leftover(map_dir: &Path, own_netns: u64) -> anyhow::Result<Option<Leftover>> {
+    if let Some(owner) = gone_owner(map_dir, own_netns)? {
+        return Ok(Some(Leftover::GoneNamespace(owner)));
+    }
+    let owner_pin = map_dir.join(map_names::PIN_OWNER);
+    if !is_file(&owner_pin)? {
+        return Ok(None);
+    }
+    let owner = loader::read_pin_owner(&owner_pin)
+        .with_context(|| format!("reading {}", owner_pin.display()))?;
+    if owner != 0 {
+        return Ok(None);
+    }
+    let links = tc_links(&map_dir.join(loader::LINKS_DIR))?;
+    Ok(unclaimed_leftover(owner, &links).then_some(Leftover::Unclaimed))
 }
 
 /// Whether `path` is a directory (not a symbolic link to one).
@@ -264,6 +310,25 @@ mod tests {
         assert!(!removable(0, own, &[LO_GONE]));
         assert!(!removable(other, own, &[]));
         assert!(!removable(other, own, &[LO_GONE, LIVE]));
+    }
+
+    #[test]
+    fn a_sibling_never_claimed_is_left_over_while_no_device_runs_its_programs() {
+        assert!(unclaimed_leftover(0, &[]));
+        assert!(unclaimed_leftover(0, &[LO_GONE, GONE]));
+        // Killed after its loopback link, in a namespace that lives on: its pod's next start
+        // takes them over.
+        assert!(!unclaimed_leftover(
+            0,
+            &[TcLink {
+                loopback: true,
+                ifindex: 1
+            }]
+        ));
+        assert!(!unclaimed_leftover(0, &[LO_GONE, LIVE]));
+        // Claimed: judged by `removable`.
+        assert!(!unclaimed_leftover(9, &[]));
+        assert!(!unclaimed_leftover(9, &[LO_GONE]));
     }
 
     #[test]

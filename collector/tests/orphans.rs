@@ -233,6 +233,32 @@ fn crashed_in_a_namespace_gone(config: &AgentConfig, pin_dir: &Path) -> (u32, u6
     crashed
 }
 
+/// A collector with `pin_dir` killed once its maps are pinned, before it attached anything
+/// (its verifier time), in a namespace that is then deleted.
+fn killed_while_loading_in_a_namespace_gone(config: &AgentConfig, pin_dir: &Path) {
+    let owner = pin_dir.join("v1/PIN_OWNER");
+    let gone = Netns::new();
+    let mut killed = support::Reaped::spawn(
+        gone.command(COLLECTOR)
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .stderr(std::process::Stdio::null()),
+    );
+    wait_for("its maps to be pinned", Duration::from_secs(30), || {
+        owner.exists().then_some(())
+    });
+    killed.signal(libc::SIGKILL);
+    killed.wait();
+    let linked = std::fs::read_dir(pin_dir.join("v1/links")).map_or(0, Iterator::count);
+    assert_eq!(
+        linked, 0,
+        "killed after its first link: not the case tested"
+    );
+    assert_eq!(pinned_u64(&owner), 0, "claimed: not the case tested");
+}
+
 /// The one warning in `log` that the pins under `dir`, of the namespace `owner`, were
 /// removed as orphaned.
 fn warned_once_of(log: &Path, dir: &Path, owner: u64) -> String {
@@ -319,27 +345,8 @@ fn a_start_killed_while_its_programs_load_leaves_pins_the_next_namespace_takes_o
     let config = AgentConfig::new(ROUTES);
     let pins = PinParent::new(&config);
     let pin_dir = pins.pin_dir("collector-pod");
-    let (owner, links) = (pin_dir.join("v1/PIN_OWNER"), pin_dir.join("v1/links"));
-    let gone = Netns::new();
-    let mut killed = support::Reaped::spawn(
-        gone.command(COLLECTOR)
-            .args(["run", "--config"])
-            .arg(&config.path)
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .stderr(std::process::Stdio::null()),
-    );
-    wait_for("its maps to be pinned", Duration::from_secs(30), || {
-        owner.exists().then_some(())
-    });
-    killed.signal(libc::SIGKILL);
-    killed.wait();
-    let linked = std::fs::read_dir(&links).map_or(0, Iterator::count);
-    assert_eq!(
-        linked, 0,
-        "killed after its first link: not the case tested"
-    );
-    drop(gone);
+    let owner = pin_dir.join("v1/PIN_OWNER");
+    killed_while_loading_in_a_namespace_gone(&config, &pin_dir);
 
     let again = Netns::new();
     let logs = ScratchDir::new("orphans-killed-start");
@@ -373,6 +380,38 @@ fn a_start_beside_pins_whose_namespace_is_gone_removes_them() {
     wait_for_closed(&other, "web", 2);
     assert!(agent.stop().success());
     assert_no_pins(&own_pins);
+    assert_eq!(
+        std::fs::read_dir(&pins.dir).unwrap().count(),
+        0,
+        "left in {}",
+        pins.dir.display()
+    );
+}
+
+#[test]
+fn a_start_beside_pins_a_start_killed_while_loading_never_claimed_removes_them() {
+    // A sidecar killed while its programs loaded, then its pod deleted: no start of its own
+    // comes to take the pins over.
+    let config = AgentConfig::new(ROUTES);
+    let pins = PinParent::new(&config);
+    let (killed_pins, own_pins) = (
+        pins.pin_dir("collector-killed"),
+        pins.pin_dir("collector-own"),
+    );
+    killed_while_loading_in_a_namespace_gone(&config, &killed_pins);
+
+    let other = Netns::new();
+    let logs = ScratchDir::new("orphans-unclaimed");
+    let log = logs.path("other.log");
+    let agent = start_with_pins(&other, &config, &own_pins, &log);
+    assert_no_pins(&killed_pins);
+    let warned = lines_with(&log, "killed before it claimed them");
+    assert!(
+        warned.len() == 1 && warned[0].contains(killed_pins.to_str().unwrap()),
+        "{warned:?}"
+    );
+    assert!(support::running_line(&log).contains("inherited=false"));
+    counts_two_exactly_then_stops(&other, agent, &own_pins);
     assert_eq!(
         std::fs::read_dir(&pins.dir).unwrap().count(),
         0,
