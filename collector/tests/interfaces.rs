@@ -686,6 +686,8 @@ fn an_interface_that_cannot_be_attached_at_the_start_does_not_stop_it() {
     // Where it is the one interface there to count, the start would count nothing live:
     // refused, with the reason, and nothing left behind.
     let only = AgentConfig::new(&format!("interfaces = [\"tcoll0\"]\n{ROUTES}"));
+    // `collector cleanup` leaves directories: the blocker's go with the test, whatever fails.
+    let _gone = support::RemovedOnDrop(only.pin_dir.clone());
     let blocker = block_ingress_link(&netns, &only, "tcoll0");
     let said = support::refused_start(&netns, &only.path);
     assert!(

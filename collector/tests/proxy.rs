@@ -1015,8 +1015,10 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
         (route_value(&metrics, "collector_proxy_connections_closed_total", "web") >= 22.0)
             .then_some(metrics)
     });
-    // Exactly once each: no connection lost across the crash, none counted twice.
+    // Exactly once each: no connection lost across the crash, none counted twice, and still
+    // so once the restarted agent has polled again.
     assert_web_totals(&metrics, 22.0, 2200.0);
+    assert_web_totals(&support::after_polls(&netns, 3), 22.0, 2200.0);
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);

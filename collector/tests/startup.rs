@@ -254,14 +254,7 @@ fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero()
         );
         // The crashed run's programs are detached: its links are gone from the kernel.
         for id in &old_links {
-            let shown = Command::new("bpftool")
-                .args(["link", "show", "id", &id.to_string()])
-                .output()
-                .unwrap();
-            assert!(
-                String::from_utf8_lossy(&shown.stderr).contains("No such file or directory"),
-                "{case}: link {id} is still there: {shown:?}"
-            );
+            assert!(link_gone(*id), "{case}: link {id} is still there");
         }
         // From zero: the crashed run's 3 are not taken over.
         support::connections_3_in_5_out(&netns, 2);
@@ -278,6 +271,23 @@ fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero()
         assert!(agent.stop().success());
         support::assert_no_pins(&config.pin_dir);
     }
+}
+
+/// Whether the kernel no longer has the link `id` (bpftool failing for any other reason
+/// fails the test).
+fn link_gone(id: u64) -> bool {
+    let shown = Command::new("bpftool")
+        .args(["link", "show", "id", &id.to_string()])
+        .output()
+        .unwrap();
+    if shown.status.success() {
+        return false;
+    }
+    assert!(
+        String::from_utf8_lossy(&shown.stderr).contains("No such file or directory"),
+        "bpftool link show id {id}: {shown:?}"
+    );
+    true
 }
 
 /// The ids of the links pinned under `links_dir`, as bpftool reads them.
@@ -1099,12 +1109,17 @@ fn a_sighup_changes_nothing_and_the_agent_counts_on() {
 fn a_stop_asked_for_while_starting_detaches_what_the_start_attached() {
     let netns = Netns::new();
     let config = AgentConfig::new(WEB_ROUTE);
-    let mut child = spawn_till_the_maps_are_pinned(&netns, &config, std::process::Stdio::inherit());
+    let log_path = config.dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = spawn_till_the_maps_are_pinned(&netns, &config, log.into());
     child.signal(libc::SIGTERM);
     let status = wait_for("the agent to exit", Duration::from_secs(20), || {
         child.try_wait()
     });
-    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    // Taken during the start (a start that had finished would make this an ordinary stop).
+    assert!(log.contains("asked to stop while starting"), "{log}");
     support::assert_no_pins(&config.pin_dir);
 }
 
@@ -1331,15 +1346,26 @@ fn a_stop_detaches_the_programs_before_it_waits_on_nft() {
     let table = || nft_tables(&netns);
     assert!(table().contains(&config.nft_table), "{}", table());
 
+    let layout = config.pin_dir.join("v1");
+    let links = link_ids(&layout.join("links"));
+    assert!(!links.is_empty());
     std::fs::write(&stall, "").unwrap();
     let unstall = Unstall(stall.clone());
     agent.signal(libc::SIGTERM);
-    let layout = config.pin_dir.join("v1");
     wait_for(
         "the pins to go while nft hangs",
         Duration::from_secs(20),
         || (!layout.exists()).then_some(()),
     );
+    // The programs are detached, not only unpinned: the links are gone from the kernel
+    // while the agent still waits on nft.
+    for id in &links {
+        wait_for(
+            &format!("link {id} to be released while nft hangs"),
+            Duration::from_secs(5),
+            || link_gone(*id).then_some(()),
+        );
+    }
     let state = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid())).unwrap();
     let state = state.rsplit(") ").next().unwrap().chars().next().unwrap();
     assert_ne!(state, 'Z', "the agent exited without waiting on nft");

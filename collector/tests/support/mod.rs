@@ -887,21 +887,29 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Opt
     }
 }
 
-/// Waits until `/metrics` shows `closed` closed connections on `route`; returns that scrape.
+/// Waits until `/metrics` shows `closed` closed connections on `route`, and shows them still
+/// two polls later (a count that a later poll would raise, counted twice or carried over
+/// from a crashed run, is not taken for the right one); returns that later scrape.
 pub fn wait_for_closed(netns: &Netns, route: &str, closed: u32) -> String {
+    let closed_in = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_proxy_connections_closed_total",
+            &[("route", route)],
+        )
+    };
     wait_for(
         &format!("{closed} closed connections on {route}"),
         Duration::from_secs(10),
-        || {
-            let metrics = scrape(netns);
-            (sample(
-                &metrics,
-                "collector_proxy_connections_closed_total",
-                &[("route", route)],
-            ) == Some(f64::from(closed)))
-            .then_some(metrics)
-        },
-    )
+        || (closed_in(&scrape(netns)) == Some(f64::from(closed))).then_some(()),
+    );
+    let later = after_polls(netns, 2);
+    assert_eq!(
+        closed_in(&later),
+        Some(f64::from(closed)),
+        "closed connections on {route} two polls later"
+    );
+    later
 }
 
 /// A directory removed with everything in it when dropped: what a test made goes, even when
