@@ -318,8 +318,8 @@ pub const CONN_EVENTS_BYTES: u32 = 1 << 20;
 /// packet's fate.
 pub mod error_kind {
     /// No free slot among the probed ones of the connection table: the connection is
-    /// counted as opened, but its close, duration and bytes are lost (`active` stays one
-    /// too high).
+    /// counted as opened and as untracked (out of `active` at once), and its close,
+    /// duration and bytes are lost.
     pub const CONN_TABLE_FULL: u32 = 0;
     /// The connection event ring buffer was full: the event is lost, counters are not (a
     /// lost client event leaves its connection out of the top clients).
