@@ -475,6 +475,8 @@ pub struct DnsCounters {
     /// outside the matched sample (`[dns] match_every`): they took no in-flight slot, so the
     /// in-flight figure leaves them out.
     pub queries_unmatched: u64,
+    /// Client queries by QCLASS of the first question ([`dns_qclass_index`]).
+    pub queries_by_qclass: [u64; DNS_QCLASS_SLOTS as usize],
 }
 
 impl Default for DnsCounters {
@@ -498,6 +500,7 @@ impl Default for DnsCounters {
             upstream_queries: 0,
             events_dropped: 0,
             queries_unmatched: 0,
+            queries_by_qclass: [0; DNS_QCLASS_SLOTS as usize],
         }
     }
 }
@@ -849,6 +852,25 @@ pub const fn dns_query_given_up(now: u64, start_ns: u64) -> bool {
     now.wrapping_sub(start_ns).cast_signed() > DNS_ANSWER_TIMEOUT_NS.cast_signed()
 }
 
+/// Entries of [`DnsCounters::queries_by_qclass`]: IN, CH, HS, NONE, ANY, and every other
+/// class in the last.
+pub const DNS_QCLASS_SLOTS: u32 = 6;
+
+/// Index into [`DnsCounters::queries_by_qclass`] for a QCLASS: the classes a query is seen
+/// with by name (IN; CH, the class of `version.bind` and `id.server` probes; HS; NONE and
+/// ANY, RFC 2136 and 1035), the rest together.
+#[must_use]
+pub const fn dns_qclass_index(qclass: u16) -> u32 {
+    match qclass {
+        1 => 0,
+        3 => 1,
+        4 => 2,
+        254 => 3,
+        255 => 4,
+        _ => DNS_QCLASS_SLOTS - 1,
+    }
+}
+
 /// Index into [`DnsCounters::queries_by_qtype`] for a QTYPE.
 #[must_use]
 pub const fn dns_qtype_index(qtype: u16) -> u32 {
@@ -1163,7 +1185,7 @@ const _: () = assert!(size_of::<SniDecision>() == 8);
 const _: () = assert!(size_of::<SniCounters>() == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
-const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 13));
+const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 13 + 6));
 const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 332);
 const _: () = assert!(size_of::<DnsInFlight>() == 16);
 const _: () = assert!(size_of::<DnsPorts>() == 32);

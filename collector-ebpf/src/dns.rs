@@ -39,8 +39,8 @@ use collector_common::{
     DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_QUESTION_TAG_MASK, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS,
     DURATION_BUCKETS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent,
     client_fingerprint, dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample,
-    dns_name_hash_word, dns_name_sample, dns_port_listed, dns_qtype_index, dns_query_given_up,
-    duration_bucket, error_kind,
+    dns_name_hash_word, dns_name_sample, dns_port_listed, dns_qclass_index, dns_qtype_index,
+    dns_query_given_up, duration_bucket, error_kind,
 };
 
 use crate::{
@@ -117,6 +117,7 @@ struct Question {
     /// Wire length of the name, root label included.
     name_len: usize,
     qtype: u16,
+    qclass: u16,
     /// The malformed reason when `name_len` is 0.
     malformed: u32,
 }
@@ -126,6 +127,7 @@ impl Question {
         Self {
             name_len: 0,
             qtype: 0,
+            qclass: 0,
             malformed: reason,
         }
     }
@@ -342,6 +344,12 @@ fn count_message<const L2: usize>(
             on_query::<L2>(ctx, &at, id, &question, buf, counters);
             counters.queries_by_qtype[dns_qtype_index(question.qtype) as usize & 511] += 1;
             counters.queries_by_opcode[usize::from((flags >> 3) & 0x0f)] += 1;
+            if let Some(class) = counters
+                .queries_by_qclass
+                .get_mut(dns_qclass_index(question.qclass) as usize)
+            {
+                *class += 1;
+            }
         }
         Role::Response | Role::Relayed => {
             if !is_response {
@@ -473,6 +481,7 @@ fn question(buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Question {
     Question {
         name_len,
         qtype: be16(buf, NAME_AT + name_len),
+        qclass: be16(buf, NAME_AT + name_len + 2),
         malformed: 0,
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     counters::{NameRole, ServerNameTotals},
-    dns::{OPCODE_NAMES, RCODE_NAMES, is_error_rcode, qtype_name},
+    dns::{OPCODE_NAMES, QCLASS_NAMES, RCODE_NAMES, is_error_rcode, qtype_name},
     nft::Protocol,
     rates::Rates,
     snapshot::{
@@ -540,6 +540,8 @@ pub struct DnsStats {
     pub top_domains_recent_seconds: f64,
     /// Queries by QTYPE (types seen only).
     pub query_type_breakdown: BTreeMap<String, u64>,
+    /// Queries by QCLASS (classes seen only): IN, and CH for `version.bind` probes.
+    pub query_class_breakdown: BTreeMap<String, u64>,
     /// Responses by RCODE (codes seen only).
     pub response_codes: BTreeMap<String, u64>,
     /// Queries by OPCODE (codes seen only).
@@ -643,6 +645,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
             .filter(|&(&n, _)| n > 0)
             .map(|(&n, slot)| (qtype_name(slot), n))
             .collect(),
+        query_class_breakdown: seen(&QCLASS_NAMES, &c.queries_by_qclass),
         response_codes: seen(&RCODE_NAMES, &c.responses_by_rcode),
         opcodes: seen(&OPCODE_NAMES, &c.queries_by_opcode),
         total_responses,

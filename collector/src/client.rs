@@ -1196,6 +1196,17 @@ pub fn dns_table(json: &Value) -> String {
         "types since the start: {}",
         pairs(&json["queryTypeBreakdown"])
     );
+    // Classes only where a query was not IN: a CH `version.bind` probe, say.
+    if json["queryClassBreakdown"]
+        .as_object()
+        .is_some_and(|classes| classes.keys().any(|class| class != "IN"))
+    {
+        let _ = writeln!(
+            out,
+            "classes since the start: {}",
+            pairs(&json["queryClassBreakdown"])
+        );
+    }
     let _ = writeln!(
         out,
         "codes since the start: {}",
@@ -1948,6 +1959,15 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         );
         assert!(!text.contains("matched"), "{text}");
         assert!(text.contains("types since the start: A 9"));
+        // Classes only where one is not IN.
+        assert!(!text.contains("classes"), "{text}");
+        let mut probed = dns.clone();
+        probed["queryClassBreakdown"] = serde_json::json!({"IN": 8, "CH": 1});
+        let probed = dns_table(&probed);
+        assert!(
+            probed.contains("classes since the start: CH 1, IN 8\n"),
+            "{probed}"
+        );
         let mut quiet = dns.clone();
         quiet["queryTypeBreakdown"] = serde_json::json!({});
         quiet["responseCodes"] = serde_json::json!({});

@@ -432,6 +432,10 @@ pub const OPCODE_NAMES: [&str; 16] = [
     "OPCODE9", "OPCODE10", "OPCODE11", "OPCODE12", "OPCODE13", "OPCODE14", "OPCODE15",
 ];
 
+/// QCLASS names, by [`collector_common::dns_qclass_index`] slot (RFC 6895 section 3.2).
+pub const QCLASS_NAMES: [&str; collector_common::DNS_QCLASS_SLOTS as usize] =
+    ["IN", "CH", "HS", "NONE", "ANY", "OTHER"];
+
 /// RCODEs that mean the server failed the client (NXDOMAIN is an answer, not an error).
 #[must_use]
 pub fn is_error_rcode(rcode: usize) -> bool {
@@ -718,5 +722,18 @@ mod tests {
         assert_eq!(RCODE_NAMES[3], "NXDOMAIN");
         assert_eq!(OPCODE_NAMES[5], "UPDATE");
         assert!(is_error_rcode(2) && is_error_rcode(5) && !is_error_rcode(3));
+    }
+
+    #[test]
+    fn query_classes_are_named_by_their_slot() {
+        let named = |qclass| QCLASS_NAMES[collector_common::dns_qclass_index(qclass) as usize];
+        assert_eq!(
+            [1, 3, 4, 254, 255].map(named),
+            ["IN", "CH", "HS", "NONE", "ANY"]
+        );
+        // CS (2, obsolete), class 0 and the private range share the last slot.
+        for other in [0, 2, 5, 253, 256, 0xff00, u16::MAX] {
+            assert_eq!(named(other), "OTHER", "{other}");
+        }
     }
 }

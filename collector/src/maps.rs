@@ -28,7 +28,7 @@ use crate::{
     counters::{
         sum_conn, sum_dns, sum_durations, sum_server_names, sum_traffic, sum_u64, sum_upstream,
     },
-    dns::{OPCODE_NAMES, RCODE_NAMES, qtype_name},
+    dns::{OPCODE_NAMES, QCLASS_NAMES, RCODE_NAMES, qtype_name},
     loader, output, paths, privileges,
 };
 
@@ -744,6 +744,7 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
     Ok(json!({
         "queriesByQtype": qtypes,
         "queriesByOpcode": named(&OPCODE_NAMES, &c.queries_by_opcode),
+        "queriesByQclass": named(&QCLASS_NAMES, &c.queries_by_qclass),
         "responsesByRcode": named(&RCODE_NAMES, &c.responses_by_rcode),
         "malformed": named(&DNS_MALFORMED_NAMES, &c.malformed),
         "latencyBuckets": log2_us_buckets(&c.latency),

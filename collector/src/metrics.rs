@@ -7,7 +7,7 @@
 //! `interface` the attached interfaces (the configured ones, or those watched by default,
 //! which on a Kubernetes node with a routed CNI include each pod's veth: series that come
 //! and go with the pods, as the README says),
-//! `direction` is `in` or `out`, `kind`, `reason`, `rcode`, `opcode`, `outcome` and
+//! `direction` is `in` or `out`, `kind`, `reason`, `rcode`, `opcode`, `qclass`, `outcome` and
 //! `secret` fixed sets, `qtype` at most 259 values; client addresses, domains and the server names clients
 //! send never become labels.
 
@@ -26,7 +26,7 @@ use prometheus_client::{
 
 use crate::{
     counters::NameRole,
-    dns::{COMMON_QTYPES, OPCODE_NAMES, RCODE_NAMES, qtype_name},
+    dns::{COMMON_QTYPES, OPCODE_NAMES, QCLASS_NAMES, RCODE_NAMES, qtype_name},
     http_load::HttpLoad,
     process::ProcessStats,
     secret_reloads::SecretReloads,
@@ -518,6 +518,16 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
             .iter()
             .zip(c.queries_by_opcode)
             .map(|(name, count)| (vec![("opcode", (*name).to_owned())], count)),
+    )?;
+    counters(
+        encoder,
+        "collector_dns_query_classes",
+        "Client queries by QCLASS of the first question: IN, CH (version.bind and id.server probes, which the server answers itself), HS, NONE, ANY, and OTHER for every other class.",
+        None,
+        QCLASS_NAMES
+            .iter()
+            .zip(c.queries_by_qclass)
+            .map(|(name, count)| (vec![("qclass", (*name).to_owned())], count)),
     )?;
     counters(
         encoder,

@@ -757,6 +757,9 @@ impl DnsSnapshot {
         counters.queries_by_qtype[28] = 3;
         counters.queries_by_qtype[collector_common::DNS_QTYPE_OTHER as usize] = 1;
         counters.queries_by_opcode[0] = 10;
+        // One of them a CH probe (`version.bind`).
+        counters.queries_by_qclass[0] = 9;
+        counters.queries_by_qclass[1] = 1;
         counters.responses_by_rcode[0] = 6;
         counters.responses_by_rcode[2] = 2;
         counters.responses_by_rcode[3] = 1;

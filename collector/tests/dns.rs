@@ -14,7 +14,10 @@ use std::{
 };
 
 use collector_common::{DnsNameKeys, dns_match_below, dns_match_sample, map_names};
-use hickory_proto::{op::ResponseCode, rr::RecordType};
+use hickory_proto::{
+    op::ResponseCode,
+    rr::{DNSClass, RecordType},
+};
 use support::{
     Agent, AgentConfig, Netns, assert_no_pins,
     dns::{CLIENT_TIMEOUT, Client, SERVER, UPSTREAM_PORT, Unbound},
@@ -165,6 +168,68 @@ fn counts_a_known_query_mix_exactly() {
     assert_mix_in_metrics(&metrics);
     assert_latency_dump_matches_the_histogram(&config, &metrics);
 
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Queries count by class too: `version.bind` probes in CH, which the server answers itself,
+/// beside the IN queries of its zones.
+#[test]
+fn counts_queries_by_class() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for _ in 0..7 {
+            assert_eq!(
+                client.query_in_class("version.bind.", RecordType::TXT, DNSClass::CH),
+                ResponseCode::NoError
+            );
+        }
+        for _ in 0..5 {
+            assert_eq!(
+                client.query("www.test.", RecordType::A),
+                ResponseCode::NoError
+            );
+        }
+    });
+
+    let json = dns_after(&netns, 12);
+    assert_eq!(
+        json["queryClassBreakdown"],
+        serde_json::json!({"IN": 5, "CH": 7})
+    );
+    assert_eq!(
+        json["queryTypeBreakdown"],
+        serde_json::json!({"A": 5, "TXT": 7})
+    );
+    let metrics = scrape(&netns);
+    for (qclass, count) in [
+        ("IN", 5.0),
+        ("CH", 7.0),
+        ("HS", 0.0),
+        ("NONE", 0.0),
+        ("ANY", 0.0),
+        ("OTHER", 0.0),
+    ] {
+        assert_eq!(
+            sample(
+                &metrics,
+                "collector_dns_query_classes_total",
+                &[("qclass", qclass)]
+            ),
+            Some(count),
+            "{qclass}"
+        );
+    }
+    let counters = support::collector_json(&config, &["maps", "dump", map_names::DNS_COUNTERS]);
+    assert_eq!(
+        counters["queriesByQclass"],
+        serde_json::json!({"IN": 5, "CH": 7}),
+        "{counters}"
+    );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }

@@ -1,6 +1,6 @@
 //! The DNS classifiers' parser on crafted and random packets, run in the kernel through
 //! `BPF_PROG_TEST_RUN`: every packet must pass (the verdict never changes), land in at most
-//! one counter (a query also under its opcode), and agree with hickory-proto, on the
+//! one counter (a query also under its opcode and class), and agree with hickory-proto, on the
 //! classifiers of other interfaces and on loopback's alike. And the cache inference on a
 //! crafted sequence.
 //!
@@ -18,8 +18,8 @@ use aya::{
 };
 use collector_common::{
     DNS_INFLIGHT_WAYS, DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsPorts, GLOBAL_DNS_PORTS,
-    client_fingerprint, dns_inflight_set, dns_malformed, dns_qtype_index, map_names, program_names,
-    tally_table_len,
+    client_fingerprint, dns_inflight_set, dns_malformed, dns_qclass_index, dns_qtype_index,
+    map_names, program_names, tally_table_len,
 };
 use hickory_proto::{
     op::{Header, MessageType, Query},
@@ -32,6 +32,9 @@ const DNS_PORT: u16 = 53;
 const CLIENT_PORT: u16 = 40000;
 /// `TC_ACT_UNSPEC` as the kernel returns it: the packet continues unchanged.
 const PASS: u32 = u32::MAX;
+
+/// The opcode and QCLASS slot a query was counted under (`None` for anything else).
+type QueryDetail = Option<(u8, u32)>;
 
 /// Where a packet ended up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +121,13 @@ impl Classifiers {
             {
                 *acc += v;
             }
+            for (acc, v) in total
+                .queries_by_qclass
+                .iter_mut()
+                .zip(value.queries_by_qclass)
+            {
+                *acc += v;
+            }
             for (acc, v) in total.malformed.iter_mut().zip(value.malformed) {
                 *acc += v;
             }
@@ -137,11 +147,11 @@ impl Classifiers {
 
     /// Runs the classifier for `direction` on `frame` and says where the packet was counted.
     fn run(&self, direction: Direction, frame: &[u8]) -> Outcome {
-        self.run_with_opcode(direction, frame).0
+        self.run_with_detail(direction, frame).0
     }
 
-    /// [`Self::run`], and the opcode a query was counted under.
-    fn run_with_opcode(&self, direction: Direction, frame: &[u8]) -> (Outcome, Option<u8>) {
+    /// [`Self::run`], and the opcode and class a query was counted under.
+    fn run_with_detail(&self, direction: Direction, frame: &[u8]) -> (Outcome, QueryDetail) {
         let name = match direction {
             Direction::ToServer => program_names::COUNT_INGRESS,
             Direction::FromServer => program_names::COUNT_EGRESS,
@@ -149,9 +159,9 @@ impl Classifiers {
         self.run_program(name, frame)
     }
 
-    /// Runs the classifier `name` on `frame`: where the packet was counted, and the opcode a
-    /// query was counted under.
-    fn run_program(&self, name: &str, frame: &[u8]) -> (Outcome, Option<u8>) {
+    /// Runs the classifier `name` on `frame`: where the packet was counted, and the opcode and
+    /// class a query was counted under.
+    fn run_program(&self, name: &str, frame: &[u8]) -> (Outcome, QueryDetail) {
         let before = self.totals();
         let program: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
         let mut opts = TestRunOptions::new();
@@ -190,13 +200,21 @@ impl Classifiers {
             .zip(after.queries_by_opcode.iter().zip(before.queries_by_opcode))
             .flat_map(|(opcode, (a, b))| (0..a - b).map(move |_| opcode))
             .collect();
-        // An opcode for each query counted, and for nothing else.
+        let classes: Vec<u32> = (0u32..)
+            .zip(after.queries_by_qclass.iter().zip(before.queries_by_qclass))
+            .flat_map(|(class, (a, b))| (0..a - b).map(move |_| class))
+            .collect();
+        // An opcode and a class for each query counted, and for nothing else.
+        let queries = usize::from(matches!(outcome, Outcome::Query(_)));
         assert_eq!(
-            opcodes.len(),
-            usize::from(matches!(outcome, Outcome::Query(_))),
-            "{outcome:?} counted under opcodes {opcodes:?}"
+            (opcodes.len(), classes.len()),
+            (queries, queries),
+            "{outcome:?} counted under opcodes {opcodes:?} and classes {classes:?}"
         );
-        (outcome, opcodes.first().copied())
+        (
+            outcome,
+            opcodes.first().copied().zip(classes.first().copied()),
+        )
     }
 
     fn malformed_reasons(&self) -> [u64; 8] {
@@ -431,6 +449,11 @@ fn message(flags: u16, qdcount: u16, question: &[u8]) -> Vec<u8> {
 
 /// A question for `labels` with `qtype`, class IN.
 fn question(labels: &[&[u8]], qtype: u16) -> Vec<u8> {
+    question_in(labels, qtype, 1)
+}
+
+/// A question for `labels` with `qtype` in `class`.
+fn question_in(labels: &[&[u8]], qtype: u16, class: u16) -> Vec<u8> {
     let mut out = Vec::new();
     for label in labels {
         out.push(u8::try_from(label.len()).unwrap());
@@ -438,7 +461,7 @@ fn question(labels: &[&[u8]], qtype: u16) -> Vec<u8> {
     }
     out.push(0);
     out.extend_from_slice(&qtype.to_be_bytes());
-    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&class.to_be_bytes());
     out
 }
 
@@ -976,6 +999,9 @@ impl Rng {
 fn seed_message(rng: &mut Rng) -> Vec<u8> {
     let qtypes = [1u16, 2, 5, 6, 12, 15, 16, 28, 33, 65, 255, 257, 4000, 65535];
     let qtype = qtypes[rng.below(qtypes.len())];
+    // Mostly IN; now and then CH (`version.bind`), HS, NONE, ANY, CS or a private class.
+    let classes = [1u16, 1, 1, 1, 1, 3, 4, 254, 255, 2, 0xff01];
+    let class = classes[rng.below(classes.len())];
     let labels: Vec<Vec<u8>> = (0..rng.below(5))
         .map(|_| {
             (0..=rng.below(20))
@@ -994,7 +1020,7 @@ fn seed_message(rng: &mut Rng) -> Vec<u8> {
     } else {
         RESPONSE | u16::from(rng.byte() % 16)
     };
-    message(flags, 1, &question(&slices, qtype))
+    message(flags, 1, &question_in(&slices, qtype, class))
 }
 
 /// One random packet: random bytes, or a valid message with a few mutations (bytes replaced,
@@ -1054,10 +1080,11 @@ fn random_and_mutated_packets_agree_with_hickory() {
     let mut rng = Rng(SEED);
     let (mut counted, mut malformed) = (0, 0);
     let mut opcodes_seen = std::collections::BTreeSet::new();
+    let mut classes_seen = std::collections::BTreeSet::new();
     for n in 0..PACKETS {
         let packet = random_packet(&mut rng);
         let expected = packet.expected();
-        let (got, opcode) = classifiers.run_with_opcode(packet.direction, &packet.frame());
+        let (got, detail) = classifiers.run_with_detail(packet.direction, &packet.frame());
         assert_eq!(
             got, expected,
             "packet {n} (seed {SEED:#x}), {:?}, udp_len {:?}: {:02x?}",
@@ -1067,22 +1094,25 @@ fn random_and_mutated_packets_agree_with_hickory() {
         // the same.
         assert_eq!(
             classifiers.run_program(program_names::COUNT_LOOPBACK, &packet.frame()),
-            (got, opcode),
+            (got, detail),
             "packet {n} on loopback (seed {SEED:#x}), {:?}, udp_len {:?}: {:02x?}",
             packet.direction,
             packet.udp_len,
             packet.payload
         );
-        // A query is counted under the opcode hickory reads.
+        // A query is counted under the opcode and class hickory reads.
         if let Outcome::Query(_) = expected {
-            let header = Header::read(&mut BinDecoder::new(&packet.payload)).unwrap();
+            let mut decoder = BinDecoder::new(&packet.payload);
+            let header = Header::read(&mut decoder).unwrap();
+            let class = u16::from(Query::read(&mut decoder).unwrap().query_class());
             assert_eq!(
-                opcode,
-                Some(u8::from(header.op_code())),
+                detail,
+                Some((u8::from(header.op_code()), dns_qclass_index(class))),
                 "packet {n} (seed {SEED:#x}): {:02x?}",
                 packet.payload
             );
             opcodes_seen.insert(u8::from(header.op_code()));
+            classes_seen.insert(class);
         }
         if expected == Outcome::Malformed {
             malformed += 1;
@@ -1091,9 +1121,10 @@ fn random_and_mutated_packets_agree_with_hickory() {
         }
     }
     eprintln!(
-        "{PACKETS} packets: {counted} counted as DNS, {malformed} malformed; query opcodes {opcodes_seen:?}"
+        "{PACKETS} packets: {counted} counted as DNS, {malformed} malformed; query opcodes {opcodes_seen:?}, classes {classes_seen:?}"
     );
     assert!(opcodes_seen.len() >= 8, "{opcodes_seen:?}");
+    assert!(classes_seen.len() >= 6, "{classes_seen:?}");
     // Both sides of the parser were exercised.
     assert!(
         counted > PACKETS / 5 && malformed > PACKETS / 5,

@@ -14,7 +14,7 @@ use std::{
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{Name, RecordType},
+    rr::{DNSClass, Name, RecordType},
 };
 
 use super::{Netns, unique};
@@ -262,8 +262,24 @@ impl Client {
         self.receive(id)
     }
 
+    /// [`Self::query`] in the class `class`.
+    pub fn query_in_class(
+        &mut self,
+        name: &str,
+        qtype: RecordType,
+        class: DNSClass,
+    ) -> ResponseCode {
+        let id = self.send_in_class(name, qtype, class);
+        self.receive(id)
+    }
+
     /// Sends one query; its id, for [`Self::receive`].
     pub fn send(&mut self, name: &str, qtype: RecordType) -> u16 {
+        self.send_in_class(name, qtype, DNSClass::IN)
+    }
+
+    /// [`Self::send`] in the class `class`.
+    pub fn send_in_class(&mut self, name: &str, qtype: RecordType, class: DNSClass) -> u16 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let mut message = Message::new();
@@ -272,7 +288,11 @@ impl Client {
             .set_message_type(MessageType::Query)
             .set_op_code(OpCode::Query)
             .set_recursion_desired(true)
-            .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+            .add_query(
+                Query::query(Name::from_ascii(name).unwrap(), qtype)
+                    .set_query_class(class)
+                    .clone(),
+            );
         self.socket.send(&message.to_vec().unwrap()).unwrap();
         id
     }
