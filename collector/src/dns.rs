@@ -20,7 +20,7 @@ use collector_common::{
     DnsInFlight, DnsNameEvent, DnsQueryEvent, dns_query_given_up, map_names,
 };
 use hickory_proto::{
-    rr::{Name, RecordType},
+    rr::Name,
     serialize::binary::{BinDecodable, BinDecoder},
 };
 
@@ -394,16 +394,111 @@ pub fn qtype_name(slot: u32) -> String {
     }
 }
 
-/// A QTYPE as a DNS tool writes it: its mnemonic where hickory-proto knows one, `TYPEn`
-/// (RFC 3597) otherwise. For the events, which carry the exact type.
+/// A QTYPE as a DNS tool writes it: its IANA mnemonic ([`iana_mnemonic`]), `TYPEn` (RFC 3597)
+/// otherwise. For the `qtype` label and the events, which carry the exact type.
 #[must_use]
 pub fn qtype_mnemonic(qtype: u16) -> String {
-    match RecordType::from(qtype) {
-        RecordType::Unknown(n) => format!("TYPE{n}"),
-        // hickory names type 0 "ZERO" and keeps some names it has no variant for as Unknown.
-        RecordType::ZERO => "TYPE0".to_owned(),
-        known => known.to_string(),
-    }
+    iana_mnemonic(qtype).map_or_else(|| format!("TYPE{qtype}"), str::to_owned)
+}
+
+/// The mnemonic IANA's registry gives a TYPE (ANY for `*`), from a table of our own: the
+/// `qtype` label values are then the same whatever hickory-proto's version knows (0.25 has
+/// no DNAME, URI or SPF, and names the private-use 65305 ANAME). Types assigned since 2020
+/// are left to `TYPEn` until they are common.
+#[must_use]
+pub fn iana_mnemonic(qtype: u16) -> Option<&'static str> {
+    Some(match qtype {
+        1 => "A",
+        2 => "NS",
+        3 => "MD",
+        4 => "MF",
+        5 => "CNAME",
+        6 => "SOA",
+        7 => "MB",
+        8 => "MG",
+        9 => "MR",
+        10 => "NULL",
+        11 => "WKS",
+        12 => "PTR",
+        13 => "HINFO",
+        14 => "MINFO",
+        15 => "MX",
+        16 => "TXT",
+        17 => "RP",
+        18 => "AFSDB",
+        19 => "X25",
+        20 => "ISDN",
+        21 => "RT",
+        22 => "NSAP",
+        23 => "NSAP-PTR",
+        24 => "SIG",
+        25 => "KEY",
+        26 => "PX",
+        27 => "GPOS",
+        28 => "AAAA",
+        29 => "LOC",
+        30 => "NXT",
+        31 => "EID",
+        32 => "NIMLOC",
+        33 => "SRV",
+        34 => "ATMA",
+        35 => "NAPTR",
+        36 => "KX",
+        37 => "CERT",
+        38 => "A6",
+        39 => "DNAME",
+        40 => "SINK",
+        41 => "OPT",
+        42 => "APL",
+        43 => "DS",
+        44 => "SSHFP",
+        45 => "IPSECKEY",
+        46 => "RRSIG",
+        47 => "NSEC",
+        48 => "DNSKEY",
+        49 => "DHCID",
+        50 => "NSEC3",
+        51 => "NSEC3PARAM",
+        52 => "TLSA",
+        53 => "SMIMEA",
+        55 => "HIP",
+        56 => "NINFO",
+        57 => "RKEY",
+        58 => "TALINK",
+        59 => "CDS",
+        60 => "CDNSKEY",
+        61 => "OPENPGPKEY",
+        62 => "CSYNC",
+        63 => "ZONEMD",
+        64 => "SVCB",
+        65 => "HTTPS",
+        99 => "SPF",
+        100 => "UINFO",
+        101 => "UID",
+        102 => "GID",
+        103 => "UNSPEC",
+        104 => "NID",
+        105 => "L32",
+        106 => "L64",
+        107 => "LP",
+        108 => "EUI48",
+        109 => "EUI64",
+        249 => "TKEY",
+        250 => "TSIG",
+        251 => "IXFR",
+        252 => "AXFR",
+        253 => "MAILB",
+        254 => "MAILA",
+        255 => "ANY",
+        256 => "URI",
+        257 => "CAA",
+        258 => "AVC",
+        259 => "DOA",
+        260 => "AMTRELAY",
+        32768 => "TA",
+        32769 => "DLV",
+        _ => return None,
+    })
 }
 
 /// RCODE mnemonics (RFC 6895 section 2.3), indexed by the header's four bits.
@@ -719,9 +814,36 @@ mod tests {
         assert!(qtype_name(200).starts_with("TYPE"));
         assert_eq!(qtype_name(u32::MAX), "OTHER");
         assert_eq!(qtype_mnemonic(65280), "TYPE65280");
+        assert_eq!(qtype_name(39), "DNAME");
+        assert_eq!(qtype_name(256), "URI");
+        assert_eq!(qtype_name(54), "TYPE54");
+        assert_eq!(qtype_mnemonic(65305), "TYPE65305");
+        assert_eq!(qtype_mnemonic(32769), "DLV");
         assert_eq!(RCODE_NAMES[3], "NXDOMAIN");
         assert_eq!(OPCODE_NAMES[5], "UPDATE");
         assert!(is_error_rcode(2) && is_error_rcode(5) && !is_error_rcode(3));
+    }
+
+    /// Every type hickory-proto names, ours names the same (the label values of the series
+    /// exported before the table was ours do not change), but the ones its names are wrong
+    /// for.
+    #[test]
+    fn our_type_names_keep_the_ones_hickory_gave() {
+        use hickory_proto::rr::RecordType;
+        for qtype in 0..=u16::MAX {
+            let known = RecordType::from(qtype);
+            if matches!(
+                known,
+                RecordType::Unknown(_) | RecordType::ZERO | RecordType::ANAME
+            ) {
+                continue;
+            }
+            assert_eq!(
+                iana_mnemonic(qtype),
+                Some(known.to_string().as_str()),
+                "{qtype}"
+            );
+        }
     }
 
     #[test]
