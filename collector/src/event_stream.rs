@@ -136,8 +136,8 @@ pub enum StreamEvent {
     },
     #[serde(rename_all = "camelCase")]
     QueryReceived {
-        /// The exact QTYPE: its mnemonic, or `TYPEn` (RFC 3597) where hickory-proto has none
-        /// (never the counters' `OTHER`).
+        /// The exact QTYPE: its mnemonic ([`crate::dns::iana_mnemonic`]), or `TYPEn` (RFC
+        /// 3597) where it has none (never the counters' `OTHER`).
         #[serde(rename = "type")]
         qtype: String,
         /// `None` when the name could not be decoded.
@@ -1011,15 +1011,17 @@ mod tests {
             id: 7,
             timestamp_ns: 0,
         };
-        // DLV and AMTRELAY, which hickory has no name for; a private-use type; the one type
-        // above 257 hickory names; types the counters have slots for.
+        // DLV and AMTRELAY, which hickory-proto has no name for; private-use types (65305,
+        // which hickory calls ANAME, among them); a type assigned since 2020; types the
+        // counters have slots for.
         for (qtype, name) in [
-            (32769, "TYPE32769"),
-            (260, "TYPE260"),
+            (32769, "DLV"),
+            (260, "AMTRELAY"),
             (65280, "TYPE65280"),
             (u16::MAX, "TYPE65535"),
-            (65305, "ANAME"),
-            (258, "TYPE258"),
+            (65305, "TYPE65305"),
+            (262, "TYPE262"),
+            (258, "AVC"),
             (257, "CAA"),
             (28, "AAAA"),
             (0, "TYPE0"),
