@@ -1235,3 +1235,141 @@ fn equality_matchers(text: &str) -> Vec<(String, String, String)> {
     }
     found
 }
+
+/// The head of docs/METRICS.md, before the table [`metrics_reference`] writes.
+const METRICS_REFERENCE_HEAD: &str = "# Metrics
+
+Every metric family `/metrics` serves, with its type, its labels and its help text, as the
+agent renders them for a snapshot with every kind of figure set
+(`collector/src/testdata/metrics.golden`, which a unit test keeps equal to the rendering).
+Some appear only where their figures exist (upstreams, routes by server name, nftables
+counting, the local address table): their help says when. `le` (histogram buckets) is
+Prometheus's own label and left out. Labels and their values are bounded by the
+configuration (README, How it counts); client addresses and domains are never labels.
+
+Written from the golden exposition by `collector/tests/deploy.rs`: after a change to the
+exposition, `UPDATE_DEPLOY=1 cargo test --test deploy metrics_reference` rewrites this file.
+
+| series | type | labels | what |
+|---|---|---|---|
+";
+
+/// The label names of one sample line (`name{a=\"x\",b=\"y\"} 1`), in order.
+fn label_names(line: &str) -> Vec<String> {
+    let Some((_, rest)) = line.split_once('{') else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    let mut chars = rest.chars();
+    loop {
+        let name: String = chars.by_ref().take_while(|&c| c != '=').collect();
+        if name.is_empty() {
+            return names;
+        }
+        names.push(name.trim_start_matches(',').to_owned());
+        // The quoted value, escapes and all.
+        assert_eq!(chars.next(), Some('"'), "{line}");
+        let mut escaped = false;
+        for c in chars.by_ref() {
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => break,
+                _ => escaped = false,
+            }
+        }
+        if chars.next() != Some(',') {
+            return names;
+        }
+    }
+}
+
+/// docs/METRICS.md as the golden exposition makes it: one row per family.
+fn metrics_reference(golden: &str) -> String {
+    struct Family {
+        name: String,
+        kind: String,
+        help: String,
+        labels: Vec<String>,
+    }
+    let mut families: Vec<Family> = Vec::new();
+    for line in golden.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            families.push(Family {
+                name: name.to_owned(),
+                kind: String::new(),
+                help: help.to_owned(),
+                labels: Vec::new(),
+            });
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            let family = families.last_mut().unwrap();
+            assert_eq!(family.name, name, "TYPE without its HELP before it");
+            family.kind = kind.to_owned();
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let family = families.last_mut().unwrap();
+            assert!(line.starts_with(&family.name), "{line} outside its family");
+            for label in label_names(line) {
+                if label != "le" && !family.labels.contains(&label) {
+                    family.labels.push(label);
+                }
+            }
+        }
+    }
+    let mut out = METRICS_REFERENCE_HEAD.to_owned();
+    for family in &families {
+        let series = match family.kind.as_str() {
+            "counter" => format!("`{}_total`", family.name),
+            "info" => format!("`{}_info`", family.name),
+            "histogram" => format!("`{0}_bucket`, `{0}_sum`, `{0}_count`", family.name),
+            _ => format!("`{}`", family.name),
+        };
+        let labels = if family.labels.is_empty() {
+            "-".to_owned()
+        } else {
+            family
+                .labels
+                .iter()
+                .map(|label| format!("`{label}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            out,
+            "| {series} | {} | {labels} | {} |",
+            family.kind,
+            family.help.replace('|', "\\|")
+        )
+        .unwrap();
+    }
+    out
+}
+
+#[test]
+fn the_metrics_reference_lists_every_family_the_agent_renders() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/METRICS.md");
+    let expected = metrics_reference(&golden());
+    if std::env::var_os("UPDATE_DEPLOY").is_some() {
+        std::fs::write(&path, &expected).unwrap();
+    }
+    let written = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        written == expected,
+        "{} is not the golden exposition's families; after a change to the exposition, \
+         rewrite it with `UPDATE_DEPLOY=1 cargo test --test deploy metrics_reference`",
+        path.display()
+    );
+    // Every family, each once.
+    let families = golden()
+        .lines()
+        .filter(|line| line.starts_with("# HELP "))
+        .count();
+    assert_eq!(
+        written
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .count(),
+        families
+    );
+    assert!(families > 80, "{families}");
+}
