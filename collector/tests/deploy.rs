@@ -1305,7 +1305,7 @@ fn metrics_reference(golden: &str) -> String {
             let (name, kind) = rest.split_once(' ').unwrap();
             let family = families.last_mut().unwrap();
             assert_eq!(family.name, name, "TYPE without its HELP before it");
-            family.kind = kind.to_owned();
+            kind.clone_into(&mut family.kind);
         } else if !line.starts_with('#') && !line.is_empty() {
             let family = families.last_mut().unwrap();
             assert!(line.starts_with(&family.name), "{line} outside its family");
