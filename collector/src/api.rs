@@ -540,7 +540,8 @@ pub struct DnsStats {
     pub top_domains_recent_seconds: f64,
     /// Queries by QTYPE (types seen only).
     pub query_type_breakdown: BTreeMap<String, u64>,
-    /// Queries by QCLASS (classes seen only): IN, and CH for `version.bind` probes.
+    /// Queries by QCLASS (classes seen only): IN, CH (`version.bind` probes), HS, NONE, ANY,
+    /// OTHER.
     pub query_class_breakdown: BTreeMap<String, u64>,
     /// Responses by RCODE (codes seen only).
     pub response_codes: BTreeMap<String, u64>,

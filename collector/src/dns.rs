@@ -403,8 +403,9 @@ pub fn qtype_mnemonic(qtype: u16) -> String {
 
 /// The mnemonic IANA's registry gives a TYPE (ANY for `*`), from a table of our own: the
 /// `qtype` label values are then the same whatever hickory-proto's version knows (0.25 has
-/// no DNAME, URI or SPF, and names the private-use 65305 ANAME). Types assigned since 2020
-/// are left to `TYPEn` until they are common.
+/// no DNAME, URI or SPF, and names the private-use 65305 ANAME). Types assigned after HTTPS
+/// (from 2023: DSYNC, NXNAME, RESINFO among them) are left to `TYPEn` until they are
+/// common.
 #[must_use]
 pub fn iana_mnemonic(qtype: u16) -> Option<&'static str> {
     Some(match qtype {

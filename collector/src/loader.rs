@@ -322,7 +322,7 @@ impl Attachment {
             Err(err) => {
                 // A start from zero has pinned its maps by now: left, the next start would
                 // take them for a crashed run's, and a pod deleted meanwhile would leave them
-                // pinned with nothing to reap them (the reaper looks for link pins).
+                // pinned until another start on the node reaped them.
                 if !inherited && let Err(cleanup) = remove_pins(&pin_dir) {
                     tracing::warn!("removing the maps a failed start pinned: {cleanup:#}");
                 }
@@ -433,8 +433,8 @@ impl Attachment {
     /// is gone), so a start killed while its programs loaded (seconds of verifier time, an
     /// OOM kill) left pins that refused every start of the pod's next namespace. Without an
     /// owner, what such a start leaves (maps nothing ever counted into) is taken over by the
-    /// next start, whichever namespace it runs in (where the pod is deleted, they stay until
-    /// a `collector cleanup`, as they did).
+    /// next start, whichever namespace it runs in (where the pod is deleted, the next start
+    /// on the node removes them: `orphans`).
     fn own_pins(&mut self, own_netns: u64) -> anyhow::Result<()> {
         pin_owner(&mut self.ebpf)?.set(0, own_netns, 0)?;
         Ok(())

@@ -184,8 +184,8 @@ pub fn reap_siblings(pin_dir: &Path, own_netns: u64) {
                 dir.display()
             ),
             Ok(Some(Leftover::Unclaimed)) => tracing::warn!(
-                "the pins under {} were left by a start killed before it claimed them (nothing \
-                 counted into them): removed them",
+                "the pins under {} were left by a start killed before it claimed them (no \
+                 collector ran with them): removed them",
                 dir.display()
             ),
             Ok(None) => {}
