@@ -1027,14 +1027,18 @@ impl Source {
     }
 
     /// No table to read: the last counts served while counting is wanted (the table made
-    /// again goes on from them), none while it is not.
+    /// again goes on from them), none while it is not. After a removal `auto` still wants it
+    /// until its next look at the hooks: a firewall reload (`flush ruleset` and the firewall
+    /// again, in one transaction) removes our table and keeps the hooks, and the series then
+    /// go on without a gap (until 2026-12-05 they vanished for two polls or more).
     fn served_while_away(&mut self) -> poller::NftView {
-        if !self.enabled {
+        let wanted = self.enabled || self.removed;
+        if !wanted {
             self.last_served.clear();
         }
         poller::NftView {
             counters: self.last_served.clone(),
-            health: self.enabled.then(|| self.health.clone()),
+            health: wanted.then(|| self.health.clone()),
         }
     }
 

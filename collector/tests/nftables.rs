@@ -1414,6 +1414,51 @@ fn a_stop_right_after_a_flush_removes_what_is_left_of_the_table() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A host firewall with netfilter hooks (NAT at prerouting and postrouting): `auto` counts
+/// where it is.
+const HOST_NAT: &str = "table ip hostnat {\n\
+    chain pre { type nat hook prerouting priority dstnat; policy accept; }\n\
+    chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
+
+/// A firewall reload under `auto` (`systemctl reload nftables`: `flush ruleset` and the
+/// firewall again, in one transaction) keeps counting wanted: every scrape has the series,
+/// at their last counts, until the table is made again, and they go on from them. Until
+/// 2026-12-05 `auto` stopped counting at the removal, before it looked at the hooks again,
+/// and the series vanished for two polls or more.
+#[test]
+fn auto_keeps_the_series_through_a_firewall_reload() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    nft_script(&netns, HOST_NAT);
+    let agent = Agent::start(&netns, &config);
+    assert_has_table(&netns, &config.nft_table);
+    connections(&netns, 3);
+    let before = assert_nft_equals_ebpf(&netns, 3);
+
+    nft_script(&netns, &format!("flush ruleset\n{HOST_NAT}"));
+    wait_for(
+        "the reload to be noticed and mended",
+        Duration::from_secs(10),
+        || {
+            let text = scrape(&netns);
+            assert_eq!(
+                route_packets(&text, "in").1,
+                Some(before),
+                "a scrape without the series' last count: {text}"
+            );
+            (sample(&text, "collector_source_errors_total", &[("source", "nft")]) == Some(1.0)
+                && sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0))
+            .then_some(())
+        },
+    );
+    assert_has_table(&netns, &config.nft_table);
+    connections(&netns, 4);
+    assert_nft_equals_ebpf(&netns, 7);
+    assert!(agent.stop().success());
+    assert_no_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
 /// With `auto`, a table removed along with the firewall whose hooks it rode on (`nft flush
 /// ruleset`) is not made again while nothing else hooks netfilter: the nft source goes as
 /// at a start in a bare namespace, and comes back with the firewall.
@@ -1421,9 +1466,7 @@ fn a_stop_right_after_a_flush_removes_what_is_left_of_the_table() {
 fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
     let netns = Netns::new();
     let config = AgentConfig::new(ROUTES);
-    let firewall = "table ip hostnat {\n\
-        chain pre { type nat hook prerouting priority dstnat; policy accept; }\n\
-        chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
+    let firewall = HOST_NAT;
     nft_script(&netns, firewall);
     let agent = Agent::start(&netns, &config);
     assert_has_table(&netns, &config.nft_table);
