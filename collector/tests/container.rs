@@ -30,6 +30,9 @@ const PORT: u16 = 18081;
 const IMAGE_PREFIX: &str = "localhost/collector-test:";
 /// The test's temporary directories, its process id after the prefix.
 const TEMP_PREFIXES: [&str; 2] = ["collector-base-", "collector-image-"];
+/// The directory of the host's bpffs the container gets as its /sys/fs/bpf, as the
+/// manifests mount /sys/fs/bpf/collectors; its process id after the prefix.
+const BPFFS_DIR_PREFIX: &str = "collectors-test-";
 
 fn run_ok(command: &mut Command) -> String {
     let out = command
@@ -69,6 +72,36 @@ fn sweep_killed_runs() {
         if of_a_killed_run(&entry.file_name().to_string_lossy(), &TEMP_PREFIXES) {
             let _ = fs::remove_dir_all(entry.path());
         }
+    }
+    for entry in fs::read_dir("/sys/fs/bpf").unwrap().flatten() {
+        if of_a_killed_run(&entry.file_name().to_string_lossy(), &[BPFFS_DIR_PREFIX]) {
+            drop(BpffsDir(entry.path()));
+        }
+    }
+}
+
+/// A directory of the host's bpffs given to the container as its /sys/fs/bpf; on drop the
+/// pins of any collector under it are removed (`collector cleanup`: links first), then it.
+struct BpffsDir(PathBuf);
+
+impl BpffsDir {
+    fn new() -> Self {
+        let dir =
+            PathBuf::from("/sys/fs/bpf").join(format!("{BPFFS_DIR_PREFIX}{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        for entry in fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let _ = Command::new(COLLECTOR)
+                .args(["cleanup", "--apply", "--pin-dir"])
+                .arg(entry.path())
+                .output();
+        }
+        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -177,17 +210,25 @@ fn remove_container(container: &str) {
 }
 
 /// The image's entrypoint as a runtime would start it: inside `netns`, in a private mount
-/// namespace (gone with the process) holding the host's /sys (bpffs, cgroup2), a fresh /proc
-/// and the test's config directory, rooted at `rootfs`, with only the capabilities the
+/// namespace (gone with the process) holding the host's /sys (cgroup2) with `bpffs_dir`, a
+/// directory of the host's bpffs, as its /sys/fs/bpf (as the manifests mount it), a fresh
+/// /proc and the test's config directory, rooted at `rootfs`, with only the capabilities the
 /// manifests add (`drop: ["ALL"]`, then `BPF`, `PERFMON` and `NET_ADMIN`; `tests/deploy.rs` checks
 /// that they are what `collector check` requires). The shell execs, so the child is the agent.
-fn launcher(netns: &Netns, rootfs: &Path, entrypoint: &str, config_dir: &Path) -> Command {
-    let (root, config) = (rootfs.display(), config_dir.display());
+fn launcher(
+    netns: &Netns,
+    rootfs: &Path,
+    entrypoint: &str,
+    config_dir: &Path,
+    bpffs_dir: &Path,
+) -> Command {
+    let (root, config, bpffs) = (rootfs.display(), config_dir.display(), bpffs_dir.display());
     let mut command = netns.command("unshare");
     command
         .args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg(format!(
-            "mount --rbind /sys {root}/sys && mount -t proc proc {root}/proc \
+            "mount --rbind /sys {root}/sys && mount --bind {bpffs} {root}/sys/fs/bpf \
+         && mount -t proc proc {root}/proc \
          && mkdir -p {root}{config} && mount --bind {config} {root}{config} \
          && exec chroot {root} setpriv --bounding-set=-all,+bpf,+perfmon,+net_admin \
          --inh-caps=-all {entrypoint} \"$@\""
@@ -216,6 +257,7 @@ fn the_containerfile_builds_an_image_that_counts() {
     let config = AgentConfig::with_nft(&format!(
         "[[routes]]\nname = \"web\"\nports = [{PORT}]\ntype = \"http\"\n"
     ));
+    let bpffs = BpffsDir::new();
     let agent = Agent::spawn(
         &netns,
         launcher(
@@ -223,10 +265,19 @@ fn the_containerfile_builds_an_image_that_counts() {
             &rootfs.path,
             "/usr/local/bin/collector",
             &config.dir,
+            &bpffs.0,
         ),
         &config,
         &[],
     );
+    // The pins are in the directory given, where the host sees them, and nowhere else.
+    let pins_on_the_host = bpffs.0.join(config.pin_dir.file_name().unwrap());
+    assert!(
+        pins_on_the_host.join("v1/PIN_OWNER").exists(),
+        "{} holds no pins",
+        pins_on_the_host.display()
+    );
+    assert!(!config.pin_dir.exists());
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", PORT)).unwrap());
     let server = thread::spawn(move || {
         for _ in 0..CONNECTIONS {
@@ -260,5 +311,5 @@ fn the_containerfile_builds_an_image_that_counts() {
         Some(1.0)
     );
     assert!(agent.stop().success());
-    assert_no_pins(&config.pin_dir);
+    assert_no_pins(&pins_on_the_host);
 }

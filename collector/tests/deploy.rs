@@ -115,6 +115,8 @@ fn the_kubernetes_manifests_grant_what_check_lists_and_probe_the_health_endpoint
             "privileged: false",
             "path: /healthz",
             "mountPath: /sys/fs/bpf",
+            // A directory of the host's bpffs, not all of it (no other tool's pins).
+            "path: /sys/fs/bpf/collectors\n            type: DirectoryOrCreate",
             "mountPath: /sys/fs/cgroup",
             "mountPath: /etc/collector/tls",
             "scheme: HTTPS",
