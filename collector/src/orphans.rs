@@ -115,18 +115,24 @@ pub fn is_loopback_link_pin(name: &OsStr) -> bool {
 /// `own_netns`; `None` if not, or if there are no pins (or none left: a collector removing
 /// them at its stop) to judge.
 pub fn gone_owner(map_dir: &Path, own_netns: u64) -> anyhow::Result<Option<u64>> {
+    // This namespace's, or never claimed: not removable whatever the links read.
+    let Some(owner) = pinned_owner(map_dir)?.filter(|&owner| owner != 0 && owner != own_netns)
+    else {
+        return Ok(None);
+    };
+    let links = tc_links(&map_dir.join(loader::LINKS_DIR))?;
+    Ok(removable(owner, own_netns, &links).then_some(owner))
+}
+
+/// The owner word of the layout at `map_dir` (0: never claimed); `None` without its pin.
+fn pinned_owner(map_dir: &Path) -> anyhow::Result<Option<u64>> {
     let owner_pin = map_dir.join(map_names::PIN_OWNER);
     if !is_file(&owner_pin)? {
         return Ok(None);
     }
-    let owner = loader::read_pin_owner(&owner_pin)
-        .with_context(|| format!("reading {}", owner_pin.display()))?;
-    // This namespace's, or never claimed: not removable whatever the links read.
-    if owner == 0 || owner == own_netns {
-        return Ok(None);
-    }
-    let links = tc_links(&map_dir.join(loader::LINKS_DIR))?;
-    Ok(removable(owner, own_netns, &links).then_some(owner))
+    loader::read_pin_owner(&owner_pin)
+        .with_context(|| format!("reading {}", owner_pin.display()))
+        .map(Some)
 }
 
 /// What each tc link pin under `links_dir` reads. A pin of that name that is not a TCX link
@@ -224,20 +230,18 @@ fn reap(dir: &Path, own_netns: u64) -> anyhow::Result<Option<Leftover>> {
 
 /// Why the sibling layout at `map_dir` is to be removed, if it is.
 fn leftover(map_dir: &Path, own_netns: u64) -> anyhow::Result<Option<Leftover>> {
-    if let Some(owner) = gone_owner(map_dir, own_netns)? {
-        return Ok(Some(Leftover::GoneNamespace(owner)));
-    }
-    let owner_pin = map_dir.join(map_names::PIN_OWNER);
-    if !is_file(&owner_pin)? {
+    // Read once: the owner pin, then the links only where they can decide.
+    let Some(owner) = pinned_owner(map_dir)?.filter(|&owner| owner != own_netns) else {
         return Ok(None);
-    }
-    let owner = loader::read_pin_owner(&owner_pin)
-        .with_context(|| format!("reading {}", owner_pin.display()))?;
-    if owner != 0 {
-        return Ok(None);
-    }
+    };
     let links = tc_links(&map_dir.join(loader::LINKS_DIR))?;
-    Ok(unclaimed_leftover(owner, &links).then_some(Leftover::Unclaimed))
+    Ok(if removable(owner, own_netns, &links) {
+        Some(Leftover::GoneNamespace(owner))
+    } else if unclaimed_leftover(owner, &links) {
+        Some(Leftover::Unclaimed)
+    } else {
+        None
+    })
 }
 
 /// Whether `path` is a directory (not a symbolic link to one).
