@@ -478,14 +478,19 @@ fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status
 /// Every verdict `collector check` prints for `config`: the host's requirements, then what
 /// the config asks of it.
 pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
+    let nftables = crate::nft::mode(config);
     let facts = Facts::gather(
         &config.pin_dir,
         config.cgroup2.as_deref(),
-        (config.nftables.enabled != NftEnabled::Off).then_some(config.nftables.table.as_str()),
+        (nftables != NftEnabled::Off).then_some(config.nftables.table.as_str()),
     )?;
-    let mut verdicts: Vec<Verdict> = judge(&facts, config.nftables.enabled)
+    let mut verdicts: Vec<Verdict> = judge(&facts, nftables)
         .into_iter()
         .map(|verdict| match verdict.name {
+            "nft" if nftables != config.nftables.enabled => Verdict {
+                detail: format!("not used: {}", crate::nft::NOTHING_TO_COUNT),
+                ..verdict
+            },
             "nft" => with_warning(verdict, config.stop_time_warning()),
             _ => verdict,
         })

@@ -174,6 +174,22 @@ pub fn plan(config: &Config) -> Vec<PlannedCounter> {
         .collect()
 }
 
+/// Whether nftables counting is on, off or up to `auto`: the config's `[nftables] enabled`,
+/// but off where the config has nothing for it to count (no route port, DNS off), since an
+/// empty table's chains would still hook every packet.
+#[must_use]
+pub fn mode(config: &Config) -> NftEnabled {
+    if plan(config).is_empty() {
+        NftEnabled::Off
+    } else {
+        config.nftables.enabled
+    }
+}
+
+/// What `collector run` and `check` say when [`mode`] turns counting off against the config.
+pub const NOTHING_TO_COUNT: &str =
+    "nothing to count: no [[routes]] port without server names, and [dns] enabled = false";
+
 /// A counter's value as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterValue {
@@ -729,6 +745,8 @@ const POLLS_BETWEEN_RETRIES: u32 = 30;
 /// kube-proxy may hook netfilter after the agent started.
 pub struct Source {
     config: Config,
+    /// The config's `[nftables] enabled`, as [`mode`] takes it.
+    mode: NftEnabled,
     /// Counting is wanted (on, or `auto` with netfilter hooked).
     enabled: bool,
     table: Option<NftTable>,
@@ -776,6 +794,7 @@ impl Source {
     pub fn start(config: &Config, after_crash: bool) -> Self {
         let mut source = Self {
             config: config.clone(),
+            mode: mode(config),
             enabled: false,
             table: None,
             claim: None,
@@ -792,7 +811,10 @@ impl Source {
             continuity: Continuity::default(),
             last_served: Vec::new(),
         };
-        source.enabled = match config.nftables.enabled {
+        if source.mode != config.nftables.enabled {
+            tracing::info!("nftables counters off: {NOTHING_TO_COUNT}");
+        }
+        source.enabled = match source.mode {
             NftEnabled::On => true,
             NftEnabled::Off => false,
             NftEnabled::Auto => source.auto_wants_counting(Look::AtStart),
@@ -818,7 +840,7 @@ impl Source {
         // With counting off, nf_tables is not loaded for the look: asking nfnetlink for it
         // would load the module on a host that does not use nftables. Not loaded, it holds
         // no table. (`auto` asks anyway, for the hooks.)
-        if self.config.nftables.enabled == NftEnabled::Off && !nf_tables_in_kernel() {
+        if self.mode == NftEnabled::Off && !nf_tables_in_kernel() {
             return;
         }
         match remove_leftover(table, self.config.nftables.nft_timeout) {
@@ -1051,7 +1073,7 @@ impl Source {
         self.polls_until_retry = 0;
         // `auto` looks at the hooks again before it makes the table again: what removed
         // ours (nft flush ruleset) may have removed the firewall whose hooks it rode on.
-        if self.config.nftables.enabled == NftEnabled::Auto {
+        if self.mode == NftEnabled::Auto {
             self.enabled = false;
             self.removed = true;
         }
@@ -1063,7 +1085,7 @@ impl Source {
             return;
         }
         self.polls_until_retry = POLLS_BETWEEN_RETRIES;
-        if !self.enabled && self.config.nftables.enabled == NftEnabled::Auto {
+        if !self.enabled && self.mode == NftEnabled::Auto {
             let look = if std::mem::take(&mut self.removed) {
                 Look::AfterRemoval
             } else {
@@ -1253,6 +1275,29 @@ mod tests {
                 ("tcp_443_in".to_owned(), "tls".to_owned()),
                 ("tcp_443_out".to_owned(), "tls".to_owned())
             ]
+        );
+    }
+
+    /// An empty table would cost every packet its chains' hooks for no counter: counting is
+    /// off whatever `enabled` says, with upstreams alone too (their ports get no counter).
+    #[test]
+    fn a_config_with_nothing_to_count_turns_counting_off() {
+        let mode_of = |toml: &str| mode(&Config::from_toml("test.toml", toml).unwrap());
+        let on = "[nftables]\nenabled = true\n";
+        assert_eq!(mode_of(on), NftEnabled::On, "DNS alone is counted");
+        let dns_off = "[dns]\nenabled = false\n";
+        assert_eq!(mode_of(&format!("{dns_off}{on}")), NftEnabled::Off);
+        assert_eq!(
+            mode_of(&format!(
+                "{dns_off}{on}[[upstreams]]\nname = \"app\"\nports = [8080]\n"
+            )),
+            NftEnabled::Off
+        );
+        assert_eq!(
+            mode_of(&format!(
+                "{dns_off}[nftables]\nenabled = \"auto\"\n[[routes]]\nname = \"web\"\nports = [80]\n"
+            )),
+            NftEnabled::Auto
         );
     }
 

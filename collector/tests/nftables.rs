@@ -320,6 +320,36 @@ fn a_start_with_counting_off_removes_the_table_an_earlier_run_left() {
     }
 }
 
+/// A config with nothing for nftables to count (no route, DNS off) makes no table even with
+/// `enabled = true`: its chains would hook every packet for no counter. A table a crashed run
+/// left is removed, as with counting off, and `check` says why nft is not used.
+#[test]
+fn a_config_with_nothing_to_count_makes_no_table() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let counting = std::fs::read_to_string(&config.path).unwrap();
+    Agent::start(&netns, &config).kill();
+    assert_has_table(&netns, &config.nft_table);
+    let nothing = counting.replace(ROUTES, "[dns]\nenabled = false\n");
+    assert!(nothing.contains("enabled = true\n") && !nothing.contains("[[routes]]"));
+    std::fs::write(&config.path, &nothing).unwrap();
+    let agent = Agent::start(&netns, &config);
+    assert_no_table(&netns, &config.nft_table);
+    assert_eq!(
+        sample(&scrape(&netns), "collector_source_up", &[("source", "nft")]),
+        None,
+        "no nft source without a counter to read"
+    );
+    let (_, line) = nft_check(&netns, &config, &config.pin_dir);
+    assert!(
+        line.contains("skip") && line.contains("nothing to count"),
+        "{line}"
+    );
+    assert!(agent.stop().success());
+    assert_no_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
 /// Three connections are counted exactly while the nft source is down and the eBPF one up;
 /// the nft source's last error.
 fn only_nft_down(netns: &Netns) -> String {
