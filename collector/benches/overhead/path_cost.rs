@@ -244,7 +244,7 @@ pub fn report() -> String {
          test runs' clock ticks in 10 ns here. Caches are hot and a response runs on its \
          query's CPU: this is what the instructions cost, the floor of a packet's cost under \
          load (the tables above), not all of it. It moves by a few nanoseconds between runs \
-         where those move by a third, so it is the figure to compare builds by.\n"
+         where those move by a third, so it compares builds better than they do (the steady state below, better still).\n"
     );
     let _ = writeln!(
         report,
