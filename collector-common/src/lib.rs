@@ -321,8 +321,8 @@ pub mod error_kind {
     /// counted as opened and as untracked (out of `active` at once), and its close,
     /// duration and bytes are lost.
     pub const CONN_TABLE_FULL: u32 = 0;
-    /// The connection event ring buffer was full: the event is lost, counters are not (a
-    /// lost client event leaves its connection out of the top clients).
+    /// The connection event ring buffer was full for an open or close event of the event
+    /// stream: the stream's line is lost, counters are not.
     pub const CONN_EVENT_DROPPED: u32 = 1;
     /// A packet on a watched interface was too short to parse its headers, or shorter than
     /// its IP header says (the stack drops it; its claimed bytes are not counted).
@@ -342,9 +342,14 @@ pub mod error_kind {
     /// counters (a connection's exact bytes at its close do not depend on them). Like
     /// [`PACKET_TRUNCATED`], any TCP packet, once per hook it crosses.
     pub const PACKET_UNPARSED: u32 = 4;
+    /// The connection event ring buffer was full for a client record (a client taking its
+    /// slot of the client table): its connection is left out of the top clients, whose
+    /// `maxUndercount` grows by these. Apart from [`CONN_EVENT_DROPPED`] since 2026-12-05,
+    /// so that a stream overflowing the ring no longer widens that bound.
+    pub const CONN_CLIENT_DROPPED: u32 = 5;
 }
 /// Number of error kinds.
-pub const ERROR_KINDS: u32 = 5;
+pub const ERROR_KINDS: u32 = 6;
 /// Entries of [`map_names::ERRORS`]: room beyond [`ERROR_KINDS`], so that a kind added
 /// later keeps the pinned map's shape, and its counters across an upgrade.
 pub const ERROR_SLOTS: u32 = 8;
@@ -356,6 +361,7 @@ pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "packet_truncated",
     "packet_malformed",
     "packet_unparsed",
+    "conn_client_dropped",
 ];
 
 /// Most UDP ports of each kind in [`DnsPorts`].

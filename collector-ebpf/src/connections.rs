@@ -350,7 +350,7 @@ fn send_client(client: &[u8; 16], slot: u32, tenure: u32, replaced_count: u64) -
         .output_untyped::<ConnClientEvent>(&event, u64::from(BPF_RB_NO_WAKEUP))
         .is_ok();
     if !sent {
-        count_error(error_kind::CONN_EVENT_DROPPED);
+        count_error(error_kind::CONN_CLIENT_DROPPED);
     }
     sent
 }

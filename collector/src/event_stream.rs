@@ -214,8 +214,10 @@ pub enum LostStream {
 pub struct RingDrops {
     /// The DNS ring: streamed queries and answers, and name samples.
     pub dns: u64,
-    /// The connection ring: connection events, and client records.
+    /// The connection ring's streamed opens and closes.
     pub connections: u64,
+    /// The connection ring's client records (the top clients' bound, no stream's lines).
+    pub clients: u64,
 }
 
 impl StreamEvent {
@@ -784,6 +786,7 @@ mod tests {
             Some(RingDrops {
                 dns: 2,
                 connections: 1,
+                clients: 0,
             }),
             StreamTerms::default(),
         );
@@ -792,10 +795,12 @@ mod tests {
         hub.ring_dropped(RingDrops {
             dns: 2,
             connections: 1,
+            clients: 0,
         });
         hub.ring_dropped(RingDrops {
             dns: 6,
             connections: 4,
+            clients: 0,
         });
         // A line for each ring, saying which.
         for (count, stream) in [(3, LostStream::Connections), (4, LostStream::Dns)] {
@@ -821,6 +826,7 @@ mod tests {
         hub.ring_dropped(RingDrops {
             dns: 7,
             connections: 4,
+            clients: 0,
         });
         let lost = reader.next().await.unwrap();
         let json = serde_json::to_value(&lost).unwrap();
@@ -850,6 +856,7 @@ mod tests {
         hub.ring_dropped(RingDrops {
             dns: 5,
             connections: 0,
+            clients: 0,
         });
         hub.stop(true);
         assert!(matches!(

@@ -1473,11 +1473,17 @@ fn read_events_dropped(ebpf: &Ebpf) -> anyhow::Result<RingDrops> {
     let errors: PerCpuArray<&MapData, u64> =
         PerCpuArray::try_from(ebpf.map(map_names::ERRORS).context("no ERRORS")?)?;
     let dns = crate::counters::sum_dns(dns.get(&0, 0)?.iter()).events_dropped;
-    let connections = errors
-        .get(&collector_common::error_kind::CONN_EVENT_DROPPED, 0)?
-        .iter()
-        .fold(0u64, |sum, value| sum.wrapping_add(*value));
-    Ok(RingDrops { dns, connections })
+    let summed = |kind: u32| -> anyhow::Result<u64> {
+        Ok(errors
+            .get(&kind, 0)?
+            .iter()
+            .fold(0u64, |sum, value| sum.wrapping_add(*value)))
+    };
+    Ok(RingDrops {
+        dns,
+        connections: summed(collector_common::error_kind::CONN_EVENT_DROPPED)?,
+        clients: summed(collector_common::error_kind::CONN_CLIENT_DROPPED)?,
+    })
 }
 
 /// The refusal of pins that a collector of another network namespace made.

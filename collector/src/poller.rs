@@ -267,11 +267,14 @@ pub struct Poller {
     config_watch: Option<ConfigWatch>,
 }
 
-/// DNS samples and connection events the kernel dropped to a full ring (pinned counters).
+/// DNS samples, connection events and client records the kernel dropped to a full ring
+/// (pinned counters).
 fn ring_dropped(totals: &counters::KernelTotals) -> RingDrops {
+    use collector_common::error_kind::{CONN_CLIENT_DROPPED, CONN_EVENT_DROPPED};
     RingDrops {
         dns: totals.dns.events_dropped,
-        connections: totals.errors[collector_common::error_kind::CONN_EVENT_DROPPED as usize],
+        connections: totals.errors[CONN_EVENT_DROPPED as usize],
+        clients: totals.errors[CONN_CLIENT_DROPPED as usize],
     }
 }
 
@@ -285,6 +288,7 @@ fn lost_since(maps: &KernelMaps, at_start: RingDrops, dropped: RingDrops) -> Rin
     RingDrops {
         dns: now.dns.saturating_sub(at_start.dns),
         connections: now.connections.saturating_sub(at_start.connections),
+        clients: now.clients.saturating_sub(at_start.clients),
     }
 }
 
@@ -417,7 +421,7 @@ impl Poller {
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .snapshot(|| lost_since(maps, at_start, dropped).connections, at);
+            .snapshot(|| lost_since(maps, at_start, dropped).clients, at);
         let dns = self.dns_snapshot(at, &totals.dns, at_start, dropped);
         // After the clients' and the domains' tables too, which on a large host are most of it.
         self.poll.last_duration_seconds = began.elapsed().as_secs_f64();

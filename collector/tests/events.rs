@@ -422,6 +422,70 @@ fn top_domains_stay_exact_while_a_stream_overflows_the_ring() {
     reader.join().unwrap();
 }
 
+/// The connection ring's counterpart: a stream that overflows it loses stream lines only,
+/// the kernel counts those apart from the client records the top clients rely on, and the
+/// stream says exactly how many it lost. Until 2026-12-05 one counter held both, so every
+/// listed client's `maxUndercount` grew by every stream line the ring dropped.
+#[test]
+fn top_ips_stay_exact_while_a_stream_overflows_the_ring() {
+    /// More than the 1 MiB ring holds with an open and a close event a connection (80
+    /// bytes each with the record's header).
+    const CONNECTED: usize = 10_000;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", 18080)).unwrap());
+    let server = echo_once(listener, CONNECTED + 1);
+    let Tail {
+        mut child,
+        reader,
+        lines,
+        probes_made,
+        ..
+    } = tail_events(&netns);
+    // 127.0.0.1 takes this CPU's client slot while the ring has room.
+    netns.run(|| {
+        support::stay_on_this_cpu();
+        round_trip(18080);
+    });
+
+    // Nothing drains the ring while the agent is stopped; the kernel keeps streaming. From
+    // the one CPU whose slot 127.0.0.1 holds: every connection counts in place.
+    agent.pause(true);
+    netns.run(move || {
+        support::stay_on_this_cpu();
+        for _ in 0..CONNECTED {
+            round_trip(18080);
+        }
+    });
+    agent.pause(false);
+    server.join().unwrap();
+    let all = probes_made + 1 + CONNECTED;
+    assert_every_connection_in_top_ips(&netns, all);
+    let metrics = scrape(&netns);
+    let dropped = |kind: &str| sample(&metrics, "collector_bpf_errors_total", &[("kind", kind)]);
+    assert_eq!(dropped("conn_client_dropped"), Some(0.0));
+    let lines_dropped = dropped("conn_event_dropped").unwrap();
+    assert!(lines_dropped > 0.0, "the ring never filled");
+    let lost = wait_for(
+        "a lost line for the full ring",
+        Duration::from_secs(20),
+        || {
+            lines.try_iter().find_map(|event| {
+                (event["event"] == "lost" && event["cause"] == "kernel-ring-full").then(|| {
+                    assert_eq!(event["stream"], "connections", "{event}");
+                    event["count"].as_f64().unwrap()
+                })
+            })
+        },
+    );
+    assert_eq!(lost, lines_dropped, "the stream's lost line");
+
+    assert!(agent.stop().success());
+    let _ = child.wait();
+    reader.join().unwrap();
+}
+
 #[test]
 fn events_prints_every_connection_and_query_at_a_low_rate() {
     let (events, at) = stream_events(&AgentConfig::new(CONFIG), QUERIES);
