@@ -486,6 +486,51 @@ fn top_ips_stay_exact_while_a_stream_overflows_the_ring() {
     reader.join().unwrap();
 }
 
+/// Client records that a full ring drops are counted as such, not as stream lines: with
+/// nobody streaming, a paused agent and more new clients than the 1 MiB ring holds records
+/// of (48 bytes each with the record's header), `conn_client_dropped` counts the records
+/// lost and `conn_event_dropped` nothing, and every listed client's bound covers them.
+#[test]
+fn client_records_a_full_ring_drops_are_counted_apart_from_stream_lines() {
+    const CLIENTS: usize = 25_000;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let listener = netns.run(|| TcpListener::bind(("127.0.0.1", 18081)).unwrap());
+    let server = echo_once(listener, CLIENTS);
+    agent.pause(true);
+    netns.run(|| {
+        for i in 0..CLIENTS {
+            let [_, high, low] = u32::try_from(i + 256).unwrap().to_be_bytes()[1..] else {
+                unreachable!()
+            };
+            round_trip_from(Ipv4Addr::new(127, 0, high, low), 18081);
+        }
+    });
+    agent.pause(false);
+    server.join().unwrap();
+    let json = support::proxy_json_counting(&netns, CLIENTS);
+    let metrics = scrape(&netns);
+    let dropped =
+        |kind: &str| sample(&metrics, "collector_bpf_errors_total", &[("kind", kind)]).unwrap();
+    assert_eq!(
+        dropped("conn_event_dropped"),
+        0.0,
+        "no stream, no line lost"
+    );
+    let records = dropped("conn_client_dropped");
+    assert!(records > 0.0, "the ring never filled");
+    let top = json["topIPs"].as_array().unwrap();
+    assert!(!top.is_empty());
+    for client in top {
+        assert!(
+            client["maxUndercount"].as_f64().unwrap() >= records,
+            "{client}: {records} records dropped"
+        );
+    }
+    assert!(agent.stop().success());
+}
+
 #[test]
 fn events_prints_every_connection_and_query_at_a_low_rate() {
     let (events, at) = stream_events(&AgentConfig::new(CONFIG), QUERIES);
