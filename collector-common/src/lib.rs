@@ -347,9 +347,15 @@ pub mod error_kind {
     /// `maxUndercount` grows by these. Apart from [`CONN_EVENT_DROPPED`] since 2026-12-05,
     /// so that a stream overflowing the ring no longer widens that bound.
     pub const CONN_CLIENT_DROPPED: u32 = 5;
+    /// A DNS name event (a name taking its slot of the name table) the full DNS ring had no
+    /// room for, or a sampled name on a CPU beyond the table: that query is left out of the
+    /// top domains, whose `maxUndercount` grows by these. Also counted in the DNS counters'
+    /// `events_dropped`, with the stream's lines, which do not widen that bound (since
+    /// 2026-12-05).
+    pub const DNS_NAME_DROPPED: u32 = 6;
 }
 /// Number of error kinds.
-pub const ERROR_KINDS: u32 = 6;
+pub const ERROR_KINDS: u32 = 7;
 /// Entries of [`map_names::ERRORS`]: room beyond [`ERROR_KINDS`], so that a kind added
 /// later keeps the pinned map's shape, and its counters across an upgrade.
 pub const ERROR_SLOTS: u32 = 8;
@@ -362,6 +368,7 @@ pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "packet_malformed",
     "packet_unparsed",
     "conn_client_dropped",
+    "dns_name_dropped",
 ];
 
 /// Most UDP ports of each kind in [`DnsPorts`].

@@ -633,7 +633,10 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
     match tally(&DNS_NAMES, &hash, (hash >> 32) as u32) {
         Tally::Counted => {}
         // A CPU beyond the table the agent sized: the sample is lost, and said so.
-        Tally::NoSlot => counters.events_dropped += 1,
+        Tally::NoSlot => {
+            counters.events_dropped += 1;
+            count_error(error_kind::DNS_NAME_DROPPED);
+        }
         Tally::Claim(claim) => {
             let event = DnsNameEvent {
                 kind: DNS_EVENT_NAME,
@@ -646,6 +649,8 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
             // A full ring leaves the slot to its name, whose count the agent can still read.
             if send_with_name(event, buf, name_len, counters) {
                 claim.take(&hash);
+            } else {
+                count_error(error_kind::DNS_NAME_DROPPED);
             }
         }
     }

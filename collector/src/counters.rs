@@ -328,11 +328,12 @@ pub fn read(
 /// What the kernel's full rings dropped (pinned counters): read at a clean stop without the
 /// rest.
 pub fn read_ring_drops(maps: &KernelMaps) -> Result<RingDrops, aya::maps::MapError> {
-    use collector_common::error_kind::{CONN_CLIENT_DROPPED, CONN_EVENT_DROPPED};
+    use collector_common::error_kind::{CONN_CLIENT_DROPPED, CONN_EVENT_DROPPED, DNS_NAME_DROPPED};
     Ok(RingDrops {
         dns: sum_dns(maps.dns_counters.get(&0, 0)?.iter()).events_dropped,
         connections: sum_u64(&maps.errors, CONN_EVENT_DROPPED)?,
         clients: sum_u64(&maps.errors, CONN_CLIENT_DROPPED)?,
+        names: sum_u64(&maps.errors, DNS_NAME_DROPPED)?,
     })
 }
 

@@ -218,6 +218,8 @@ pub struct RingDrops {
     pub connections: u64,
     /// The connection ring's client records (the top clients' bound, no stream's lines).
     pub clients: u64,
+    /// The DNS ring's name events, in `dns` too (the top domains' bound).
+    pub names: u64,
 }
 
 impl StreamEvent {
@@ -787,6 +789,7 @@ mod tests {
                 dns: 2,
                 connections: 1,
                 clients: 0,
+                names: 0,
             }),
             StreamTerms::default(),
         );
@@ -796,11 +799,13 @@ mod tests {
             dns: 2,
             connections: 1,
             clients: 0,
+            names: 0,
         });
         hub.ring_dropped(RingDrops {
             dns: 6,
             connections: 4,
             clients: 0,
+            names: 0,
         });
         // A line for each ring, saying which.
         for (count, stream) in [(3, LostStream::Connections), (4, LostStream::Dns)] {
@@ -827,6 +832,7 @@ mod tests {
             dns: 7,
             connections: 4,
             clients: 0,
+            names: 0,
         });
         let lost = reader.next().await.unwrap();
         let json = serde_json::to_value(&lost).unwrap();
@@ -857,6 +863,7 @@ mod tests {
             dns: 5,
             connections: 0,
             clients: 0,
+            names: 0,
         });
         hub.stop(true);
         assert!(matches!(

@@ -1483,6 +1483,7 @@ fn read_events_dropped(ebpf: &Ebpf) -> anyhow::Result<RingDrops> {
         dns,
         connections: summed(collector_common::error_kind::CONN_EVENT_DROPPED)?,
         clients: summed(collector_common::error_kind::CONN_CLIENT_DROPPED)?,
+        names: summed(collector_common::error_kind::DNS_NAME_DROPPED)?,
     })
 }
 

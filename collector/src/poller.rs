@@ -267,18 +267,19 @@ pub struct Poller {
     config_watch: Option<ConfigWatch>,
 }
 
-/// DNS samples, connection events and client records the kernel dropped to a full ring
-/// (pinned counters).
+/// DNS samples, connection events, client records and name events the kernel dropped to a
+/// full ring (pinned counters).
 fn ring_dropped(totals: &counters::KernelTotals) -> RingDrops {
-    use collector_common::error_kind::{CONN_CLIENT_DROPPED, CONN_EVENT_DROPPED};
+    use collector_common::error_kind::{CONN_CLIENT_DROPPED, CONN_EVENT_DROPPED, DNS_NAME_DROPPED};
     RingDrops {
         dns: totals.dns.events_dropped,
         connections: totals.errors[CONN_EVENT_DROPPED as usize],
         clients: totals.errors[CONN_CLIENT_DROPPED as usize],
+        names: totals.errors[DNS_NAME_DROPPED as usize],
     }
 }
 
-/// The DNS samples and the client records the kernel dropped (a full ring) since this
+/// The name events and the client records the kernel dropped (a full ring) since this
 /// start's `at_start`, read from the pinned counters when called: after a tally table's read,
 /// so that a record dropped between the maps' read and the table's, missing from the table's
 /// counts, is in the bound too. `dropped` (as the maps' read found them) if they cannot be
@@ -289,6 +290,7 @@ fn lost_since(maps: &KernelMaps, at_start: RingDrops, dropped: RingDrops) -> Rin
         dns: now.dns.saturating_sub(at_start.dns),
         connections: now.connections.saturating_sub(at_start.connections),
         clients: now.clients.saturating_sub(at_start.clients),
+        names: now.names.saturating_sub(at_start.names),
     }
 }
 
@@ -530,7 +532,7 @@ impl Poller {
                 .unwrap_or_else(PoisonError::into_inner)
                 .snapshot(
                     self.dns.listed,
-                    || lost_since(maps, at_start, dropped).dns,
+                    || lost_since(maps, at_start, dropped).names,
                     at,
                 ),
             waiting: self

@@ -397,6 +397,17 @@ fn top_domains_stay_exact_while_a_stream_overflows_the_ring() {
     );
     assert_eq!(json["topDomains"][0]["domain"], "www.test", "{json}");
     assert_eq!(json["topDomains"][0]["count"], ASKED + 1, "{json}");
+    // Only stream lines were lost: the name's bound stays 0 (since 2026-12-05, when name
+    // events lost are counted apart).
+    assert_eq!(json["topDomains"][0]["maxUndercount"], 0, "{json}");
+    assert_eq!(
+        sample(
+            &scrape(&netns),
+            "collector_bpf_errors_total",
+            &[("kind", "dns_name_dropped")]
+        ),
+        Some(0.0)
+    );
     // The stream says where it lost what the full ring dropped: at most that many (the
     // count holds name samples too), and never silently.
     let lost = wait_for(
@@ -526,6 +537,50 @@ fn client_records_a_full_ring_drops_are_counted_apart_from_stream_lines() {
         assert!(
             client["maxUndercount"].as_f64().unwrap() >= records,
             "{client}: {records} records dropped"
+        );
+    }
+    assert!(agent.stop().success());
+}
+
+/// Name events that a full ring drops are counted as such: with nobody streaming, a paused
+/// agent and more new names than the 2 MiB ring holds events of (48 bytes each here with
+/// the record's header), `dns_name_dropped` counts them, `collector_dns_events_dropped_total`
+/// holds them too, and every listed name's bound covers them.
+#[test]
+fn name_events_a_full_ring_drops_are_counted_apart_from_stream_lines() {
+    const NAMES: usize = 50_000;
+    let netns = Netns::new();
+    let config = AgentConfig::new(CONFIG);
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+    agent.pause(true);
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for i in 0..NAMES {
+            client.query(&format!("n{i}.test."), RecordType::A);
+        }
+    });
+    agent.pause(false);
+    let json = wait_for("every query counted", Duration::from_secs(30), || {
+        let json = support::dns_json(&netns);
+        (json["totalQueries"] == NAMES).then_some(json)
+    });
+    let metrics = scrape(&netns);
+    let names = sample(
+        &metrics,
+        "collector_bpf_errors_total",
+        &[("kind", "dns_name_dropped")],
+    )
+    .unwrap();
+    assert!(names > 0.0, "the ring never filled");
+    let all = sample(&metrics, "collector_dns_events_dropped_total", &[]).unwrap();
+    assert!(all >= names, "{all} events dropped, {names} of them names");
+    let top = json["topDomains"].as_array().unwrap();
+    assert!(!top.is_empty());
+    for domain in top {
+        assert!(
+            domain["maxUndercount"].as_f64().unwrap() >= names,
+            "{domain}: {names} name events dropped"
         );
     }
     assert!(agent.stop().success());
