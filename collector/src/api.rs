@@ -504,7 +504,7 @@ pub struct TopDomain {
     /// an estimate either way.
     pub count: u64,
     /// How many more it may have had: the count of the name it took the place of, once more
-    /// names were seen than the list tracks, plus every sample the kernel's full ring
+    /// names were seen than the list tracks, plus every name event the kernel's full ring
     /// dropped since the start (times `sample_every`; any could have been this name's).
     pub max_undercount: u64,
 }

@@ -538,7 +538,8 @@ impl Config {
             + crate::HTTP_SHUTDOWN_GRACE
             + crate::RUNTIME_SHUTDOWN_WAIT
             + DETACH;
-        (nftables.enabled != NftEnabled::Off && longest >= SHIPPED_STOP_TIMEOUT).then(|| {
+        // No `nft` runs at a stop where there is nothing to count.
+        (crate::nft::mode(self) != NftEnabled::Off && longest >= SHIPPED_STOP_TIMEOUT).then(|| {
             format!(
                 "[nftables] nft_timeout_ms = {}: with a stuck nft a stop can take {} s, past the \
                  {} s the shipped systemd unit and DaemonSet allow before they kill it (its \
@@ -1613,6 +1614,16 @@ mod tests {
                 .contains(&said)
         );
         assert_eq!(warning("enabled = false\nnft_timeout_ms = 60000\n"), None);
+        // Nor where nothing is counted: no `nft` runs at the stop.
+        assert_eq!(
+            Config::from_toml(
+                "t.toml",
+                "[dns]\nenabled = false\n[nftables]\nenabled = true\nnft_timeout_ms = 60000\n"
+            )
+            .unwrap()
+            .stop_time_warning(),
+            None
+        );
     }
 
     #[test]

@@ -191,9 +191,9 @@ pub enum LostCause {
     /// dropped.
     ReaderBehind,
     /// The kernel's ring buffers were full (the agent fell behind, or was paused): that
-    /// many events never reached the agent, at most, since the counts also hold name
-    /// samples and client records, which are not lines. Said at the first poll after, so
-    /// within a poll of where.
+    /// many events never reached the agent, exactly on the connection ring, at most on the
+    /// DNS ring, whose count also holds name events, which are not lines. Said at the first
+    /// poll after, so within a poll of where.
     KernelRingFull,
 }
 
@@ -342,7 +342,9 @@ impl EventHub {
     /// so.
     pub fn ring_dropped(&self, dropped: RingDrops) {
         self.ring_dropped.send_if_modified(|seen| {
-            let changed = *seen != Some(dropped);
+            // Only what the streams say: client records and name events are no lines.
+            let said = |drops: &RingDrops| (drops.dns, drops.connections);
+            let changed = seen.as_ref().map(said) != Some(said(&dropped));
             *seen = Some(dropped);
             changed
         });
@@ -841,6 +843,18 @@ mod tests {
             serde_json::json!({"event": "lost", "count": 1, "timestamp": timestamp_of(&lost),
                 "cause": "kernel-ring-full", "stream": "dns"})
         );
+        // Client records and name events lost are no stream's lines: no line for them.
+        hub.ring_dropped(RingDrops {
+            dns: 7,
+            connections: 4,
+            clients: 5,
+            names: 3,
+        });
+        hub.connections.send(open(2)).unwrap();
+        assert!(matches!(
+            reader.next().await,
+            Some(StreamEvent::ConnectionOpen { .. })
+        ));
     }
 
     fn timestamp_of(line: &StreamEvent) -> u64 {
