@@ -10,8 +10,8 @@
 //!
 //! `cargo xtask bench [-- --pairs N --seconds S]`
 
-#[path = "overhead/empty_classifier.rs"]
-mod empty_classifier;
+#[path = "overhead/empty_programs.rs"]
+mod empty_programs;
 #[path = "overhead/nginx.rs"]
 mod nginx;
 #[path = "overhead/path_cost.rs"]
@@ -34,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use empty_classifier::EmptyClassifier;
+use empty_programs::{EmptyPrograms, Hooks};
 use ratio::RatioSummary;
 use support::{Agent, AgentConfig, Netns, dns::Unbound, dns_json, sample, scrape};
 
@@ -99,6 +99,20 @@ const EMPTY_CLASSIFIER_TEXT: &str = "The same alternation with no agent: the \"w
     agent's targets are judged against it to say whether any classifier could meet them \
     here).";
 
+/// The proxy load's floor: both of the agent's hooks with an empty program each.
+const EMPTY_HOOKS_TITLE: &str = "Empty programs in both of the agent's places (what the hooks \
+    cost these connections)";
+const EMPTY_HOOKS_TEXT: &str = "As above, with an empty `sock_ops` program on the cgroup2 root \
+    as well, where the agent's `track_connections` goes. Once any program is attached there, \
+    the kernel calls it for every socket's lifecycle questions (the SYN's timeout, the initial \
+    window, ECN, connect and established), several calls a connection, whatever the program does: the best ratio any collector on these two hooks can reach here.";
+
+const AGAINST_EMPTY_HOOKS_TITLE: &str =
+    "The agent with its defaults against the empty programs (programs on both hooks on both sides)";
+const AGAINST_EMPTY_HOOKS_TEXT: &str = "The agent with its defaults on the \"with\" side, the \
+    empty programs of the mode above on the \"without\" side: both sides pay the hooks, so the \
+    ratio is what the agent costs beyond them, the part its own instructions and maps decide.";
+
 const AGAINST_EMPTY_TEXT: &str = "The agent counting only on the \"with\" side, the empty \
     classifier of the mode above on the \"without\" side: both put a program on every packet, \
     so the ratio is what the agent costs beyond the hook, the part its own instructions and \
@@ -110,8 +124,8 @@ enum Beside<'a> {
     Nothing,
     /// The agent on this config, started fresh for the run.
     Agent(&'a AgentConfig),
-    /// [`EmptyClassifier`], attached for the run.
-    EmptyClassifier,
+    /// [`EmptyPrograms`] on these hooks, attached for the run.
+    Empty(Hooks),
 }
 
 impl<'a> Beside<'a> {
@@ -119,8 +133,8 @@ impl<'a> Beside<'a> {
         match self {
             Self::Nothing => Attached::Nothing,
             Self::Agent(config) => Attached::Agent(Agent::start(netns, config)),
-            Self::EmptyClassifier => Attached::EmptyClassifier {
-                _attached: EmptyClassifier::attach(netns),
+            Self::Empty(hooks) => Attached::Empty {
+                _attached: EmptyPrograms::attach(netns, hooks),
             },
         }
     }
@@ -128,7 +142,7 @@ impl<'a> Beside<'a> {
     fn config(self) -> Option<&'a AgentConfig> {
         match self {
             Self::Agent(config) => Some(config),
-            Self::Nothing | Self::EmptyClassifier => None,
+            Self::Nothing | Self::Empty(_) => None,
         }
     }
 }
@@ -137,9 +151,9 @@ impl<'a> Beside<'a> {
 enum Attached {
     Nothing,
     Agent(Agent),
-    /// Held for its attachment, detached on drop.
-    EmptyClassifier {
-        _attached: EmptyClassifier,
+    /// Held for their attachments, detached on drop.
+    Empty {
+        _attached: EmptyPrograms,
     },
 }
 
@@ -147,11 +161,11 @@ impl Attached {
     fn agent(&self) -> Option<&Agent> {
         match self {
             Self::Agent(agent) => Some(agent),
-            Self::Nothing | Self::EmptyClassifier { .. } => None,
+            Self::Nothing | Self::Empty { .. } => None,
         }
     }
 
-    /// Stops the agent, which must exit cleanly, or detaches the empty classifier.
+    /// Stops the agent, which must exit cleanly, or detaches the empty programs.
     fn detach(self) {
         if let Self::Agent(agent) = self {
             assert!(agent.stop().success());
@@ -210,6 +224,28 @@ fn settings() -> Settings {
     settings
 }
 
+/// Pins the calling thread to the CPU the proxy load runs on, the first this process may use.
+/// Its client and server threads share that CPU: the loop is then bound by the CPU, so what
+/// the collector takes from it shows in full. Left to the scheduler on two CPUs, each
+/// connection waits on wake-ups across CPUs (about 15,000 a second here against 49,000 on
+/// one), which hide what it costs and spread the runs twice as wide (docs/DESIGN.md, proxy
+/// benchmark).
+fn pin_to_load_cpu() {
+    let cpu = allowed_cpus()[0];
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a cpu_set_t of the size passed; pid 0 is the calling thread.
+    let pinned =
+        unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
+    assert_eq!(
+        pinned,
+        0,
+        "sched_setaffinity to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Servers that run for the whole benchmark: one answers a byte with a byte and closes, one
 /// swallows bulk data.
 fn start_servers(netns: &Netns, stop: &Arc<AtomicBool>) {
@@ -219,6 +255,7 @@ fn start_servers(netns: &Netns, stop: &Arc<AtomicBool>) {
         let listener = Arc::clone(&connect);
         let stop = Arc::clone(stop);
         thread::spawn(move || {
+            pin_to_load_cpu();
             while !stop.load(Ordering::Relaxed) {
                 let Ok((mut stream, _)) = listener.accept() else {
                     continue;
@@ -232,6 +269,7 @@ fn start_servers(netns: &Netns, stop: &Arc<AtomicBool>) {
     }
     let bulk = netns.run(|| TcpListener::bind(("127.0.0.1", BULK_PORT)).unwrap());
     thread::spawn(move || {
+        pin_to_load_cpu();
         let mut buf = vec![0u8; CHUNK];
         for stream in bulk.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -247,6 +285,7 @@ fn connection_rate(netns: &Netns, seconds: f64) -> f64 {
     let clients: Vec<_> = (0..CLIENT_THREADS)
         .map(|_| {
             netns.spawn(move || {
+                pin_to_load_cpu();
                 let mut done = 0u64;
                 let mut byte = [7u8; 1];
                 while Instant::now() < deadline {
@@ -270,6 +309,7 @@ fn connection_rate(netns: &Netns, seconds: f64) -> f64 {
 /// Bulk throughput of one stream, in bytes per second.
 fn bulk_throughput(netns: &Netns, seconds: f64) -> f64 {
     netns.run(move || {
+        pin_to_load_cpu();
         let mut stream = TcpStream::connect(("127.0.0.1", BULK_PORT)).unwrap();
         let chunk = vec![b'b'; CHUNK];
         let started = Instant::now();
@@ -404,7 +444,7 @@ fn cost_table(costs: &[Cost]) -> String {
 
 /// One mode's part of the report: per-pair table, medians, costs per run (only where the
 /// agent ran: `with` is what ran beside the load on the "with" side).
-fn mode_report(pairs: &[Pair], with: Beside, costs: Option<&[Cost]>) -> String {
+fn mode_report(pairs: &[Pair], without: Beside, with: Beside, costs: Option<&[Cost]>) -> String {
     let connect_ratios: Vec<f64> = pairs
         .iter()
         .map(|p| p.connect_with / p.connect_without)
@@ -434,10 +474,25 @@ fn mode_report(pairs: &[Pair], with: Beside, costs: Option<&[Cost]>) -> String {
             p.bulk_with / p.bulk_without
         );
     }
-    if matches!(with, Beside::EmptyClassifier) {
+    if let Beside::Empty(_) = without {
         let _ = writeln!(
             report,
-            "\n**Median ratio with an empty classifier on lo alone: new connections {}, bulk throughput {}.**",
+            "\n**Median ratio of the agent against the empty programs: new connections {}, bulk throughput {}.**",
+            connect.describe(None),
+            bulk.describe(None)
+        );
+        return report;
+    }
+    if let Beside::Empty(hooks) = with {
+        let attached = match hooks {
+            Hooks::Classifier => "an empty classifier on lo alone",
+            Hooks::ClassifierAndSockOps => {
+                "an empty classifier on lo and an empty sock_ops program on the cgroup2 root"
+            }
+        };
+        let _ = writeln!(
+            report,
+            "\n**Median ratio with {attached}: new connections {}, bulk throughput {}.**",
             connect.describe(Some(0.98)),
             bulk.describe(Some(0.99))
         );
@@ -892,7 +947,7 @@ fn dns_mode_report(report: &mut String, mode: &DnsMode) {
             "Median qps ratio with nothing attached on either side: {}",
             qps.describe(None)
         ),
-        (Beside::Nothing, Beside::EmptyClassifier) => format!(
+        (Beside::Nothing, Beside::Empty(_)) => format!(
             "Median qps ratio with an empty classifier on lo alone: {}",
             qps.describe(Some(0.985))
         ),
@@ -1055,10 +1110,10 @@ fn cpu_ns(pid: u32) -> u64 {
 /// New-connection rate and bulk throughput, with nothing attached and with `with`,
 /// alternating, against the servers already running; then the programs' cost per run where
 /// `with` is the agent. With nothing on both sides: the method's own noise.
-fn proxy_mode(netns: &Netns, with: Beside, settings: &Settings) -> String {
+fn proxy_mode(netns: &Netns, without: Beside, with: Beside, settings: &Settings) -> String {
     eprintln!("warm-up");
     let run = |on: bool| {
-        let beside = if on { with } else { Beside::Nothing };
+        let beside = if on { with } else { without };
         measure(netns, beside, settings.seconds)
     };
     let pairs = alternate(settings, run, |i, without, with| {
@@ -1081,13 +1136,15 @@ fn proxy_mode(netns: &Netns, with: Beside, settings: &Settings) -> String {
             agent_cpu: with.2,
         })
         .collect();
-    let costs = with.config().map(|config| {
+    // Measured once per config: where the agent runs against nothing.
+    let against_nothing = matches!(without, Beside::Nothing);
+    let costs = with.config().filter(|_| against_nothing).map(|config| {
         program_costs(netns, config, || {
             connection_rate(netns, settings.seconds);
             bulk_throughput(netns, settings.seconds);
         })
     });
-    mode_report(&pairs, with, costs.as_deref())
+    mode_report(&pairs, without, with, costs.as_deref())
 }
 
 /// One run of the nginx load, with the agent if there was one.
@@ -1277,19 +1334,39 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
     for (title, setting, tables) in modes {
         let config = AgentConfig::shipped_poll(&format!("{setting}{ROUTES}{tables}"));
         let _ = writeln!(report, "### {title}\n");
-        report.push_str(&proxy_mode(netns, Beside::Agent(&config), settings));
+        report.push_str(&proxy_mode(
+            netns,
+            Beside::Nothing,
+            Beside::Agent(&config),
+            settings,
+        ));
         report.push('\n');
     }
-    for (title, text, with) in [
+    let default = AgentConfig::shipped_poll(ROUTES);
+    let empty_hooks = Beside::Empty(Hooks::ClassifierAndSockOps);
+    for (title, text, without, with) in [
         (
             EMPTY_CLASSIFIER_TITLE,
             EMPTY_CLASSIFIER_TEXT,
-            Beside::EmptyClassifier,
+            Beside::Nothing,
+            Beside::Empty(Hooks::Classifier),
         ),
-        (NOISE_TITLE, NOISE_TEXT, Beside::Nothing),
+        (
+            EMPTY_HOOKS_TITLE,
+            EMPTY_HOOKS_TEXT,
+            Beside::Nothing,
+            empty_hooks,
+        ),
+        (
+            AGAINST_EMPTY_HOOKS_TITLE,
+            AGAINST_EMPTY_HOOKS_TEXT,
+            empty_hooks,
+            Beside::Agent(&default),
+        ),
+        (NOISE_TITLE, NOISE_TEXT, Beside::Nothing, Beside::Nothing),
     ] {
         let _ = writeln!(report, "### {title}\n\n{text}\n");
-        report.push_str(&proxy_mode(netns, with, settings));
+        report.push_str(&proxy_mode(netns, without, with, settings));
         report.push('\n');
     }
     stop.store(true, Ordering::Relaxed);
@@ -1338,14 +1415,14 @@ fn dns_overhead(netns: &Netns, settings: &Settings) -> String {
         mode(
             (EMPTY_CLASSIFIER_TITLE, Some(EMPTY_CLASSIFIER_TEXT)),
             Beside::Nothing,
-            Beside::EmptyClassifier,
+            Beside::Empty(Hooks::Classifier),
         ),
         mode(
             (
                 "Counting only against the empty classifier (a classifier on lo on both sides)",
                 Some(AGAINST_EMPTY_TEXT),
             ),
-            Beside::EmptyClassifier,
+            Beside::Empty(Hooks::Classifier),
             Beside::Agent(&counting),
         ),
         mode(
