@@ -224,14 +224,19 @@ fn settings() -> Settings {
     settings
 }
 
-/// Pins the calling thread to the CPU the proxy load runs on, the first this process may use.
-/// Its client and server threads share that CPU: the loop is then bound by the CPU, so what
+/// The CPU the loads run on in the pairs: the first this process may use.
+fn load_cpu() -> usize {
+    allowed_cpus()[0]
+}
+
+/// Pins the calling thread to [`load_cpu`], where the proxy load runs: its client and
+/// server threads share that CPU: the loop is then bound by the CPU, so what
 /// the collector takes from it shows in full. Left to the scheduler on two CPUs, each
 /// connection waits on wake-ups across CPUs (about 15,000 a second here against 49,000 on
 /// one), which hide what it costs and spread the runs twice as wide (docs/DESIGN.md, proxy
 /// benchmark).
 fn pin_to_load_cpu() {
-    let cpu = allowed_cpus()[0];
+    let cpu = load_cpu();
     // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     unsafe { libc::CPU_SET(cpu, &mut set) };
@@ -544,12 +549,8 @@ fn program_costs(netns: &Netns, config: &AgentConfig, load: impl FnOnce()) -> Ve
 /// The queries dnsperf sends, round robin: names the server answers from its local zones.
 const DNS_QUERIES: &str = "www.test A\napi.test A\nwww.test AAAA\nmail.test MX\ntxt.test TXT\n";
 
-/// One dnsperf run at its maximum rate: (queries sent, queries per second).
-fn dnsperf(netns: &Netns, queries: &std::path::Path, seconds: f64) -> (u64, f64) {
-    dnsperf_on(netns, queries, seconds, None)
-}
-
-/// [`dnsperf`], on `cpu` only if given.
+/// One dnsperf run at its maximum rate, on `cpu` only if given: (queries sent, queries per
+/// second).
 fn dnsperf_on(
     netns: &Netns,
     queries: &std::path::Path,
@@ -610,7 +611,7 @@ fn measure_dns(
     let cpu_before = attached
         .agent()
         .map_or(0.0, |agent| cpu_seconds(agent.pid()));
-    let (sent, qps) = dnsperf(netns, queries, seconds);
+    let (sent, qps) = dnsperf_on(netns, queries, seconds, Some(load_cpu()));
     let counted = attached.agent().map(|agent| {
         let cpu = cpu_seconds(agent.pid()) - cpu_before;
         // dnsperf stops waiting for late answers; the kernel counted every query it saw.
@@ -704,14 +705,19 @@ struct DnsPair {
     count: Option<DnsCount>,
 }
 
-/// Pairs of DNS runs with `without` and with `with` attached, alternating.
+/// Pairs of DNS runs with `without` and with `with` attached, alternating, with dnsperf and
+/// unbound (`unbound`: its process id) on [`load_cpu`]: as with the proxy load, the loop is
+/// then bound by the CPU, which every packet's classifier takes from, and not by where the
+/// scheduler puts the two.
 fn dns_pairs(
     netns: &Netns,
     without: Beside,
     with: Beside,
     queries: &std::path::Path,
     settings: &Settings,
+    unbound: u32,
 ) -> Vec<DnsPair> {
+    pin(unbound, &load_cpu().to_string());
     eprintln!("dns warm-up");
     let run = |on: bool| {
         let beside = if on { with } else { without };
@@ -740,9 +746,9 @@ fn dns_pairs(
 /// Where dnsperf and unbound run while the classifier's cost is measured.
 #[derive(Clone, Copy)]
 enum Placement {
-    /// Where the scheduler puts them, as in the pairs.
+    /// Where the scheduler puts them.
     Scheduled,
-    /// Both on CPU 0: a query and its response run on one CPU.
+    /// Both on CPU 0, as in the pairs: a query and its response run on one CPU.
     OneCpu,
     /// unbound on CPU 0, dnsperf on CPU 1: a response runs on another CPU than its query.
     TwoCpus,
@@ -754,7 +760,9 @@ impl Placement {
     fn describe(self) -> &'static str {
         match self {
             Self::Scheduled => "dnsperf and unbound where the scheduler puts them",
-            Self::OneCpu => "both on one CPU (a query and its response run on one CPU)",
+            Self::OneCpu => {
+                "both on one CPU, as in the pairs (a query and its response run on one CPU)"
+            }
             Self::TwoCpus => {
                 "unbound on one CPU, dnsperf on another (each response on another CPU than its query)"
             }
@@ -878,7 +886,7 @@ fn dns_mode<'a>(
         text,
         without,
         with,
-        pairs: dns_pairs(netns, without, with, queries, settings),
+        pairs: dns_pairs(netns, without, with, queries, settings, unbound),
         costs: costs.map(|config| dns_costs(netns, config, queries, settings.seconds, unbound)),
     }
 }
@@ -889,14 +897,15 @@ fn dns_report(settings: &Settings, modes: &[DnsMode]) -> String {
     let _ = writeln!(
         report,
         "Command: `cargo xtask bench -- --pairs {} --seconds {}`: dnsperf at its maximum rate \
-         against unbound (one thread, answering from local zones) on 127.0.0.1:53, {} s per run, \
-         pairs alternating; \"counted\" is the agent's `totalQueries` after the run (a fresh \
+         against unbound (one thread, answering from local zones) on 127.0.0.1:53, both on one CPU \
+         (the loop bound by the CPU, which the classifier takes from), {} s per run, pairs \
+         alternating; \"counted\" is the agent's `totalQueries` after the run (a fresh \
          agent each run), \"sent\" what dnsperf reports. The cost per packet comes from the \
          kernel's run-time statistics (`--bpf-stats`) under the same load: `count_loopback`, the \
          one classifier on lo, takes its DNS path for every packet here, and the empty program \
          `stats_floor_tc` shows what the statistics' own timing costs per run. It is measured \
-         three times: with dnsperf and unbound where the scheduler puts them (as in the pairs), \
-         both on one CPU, and on two: on loopback a query is classified on dnsperf's CPU and its \
+         three times: with dnsperf and unbound where the scheduler puts them, both on one CPU (as \
+         in the pairs), and on two: on loopback a query is classified on dnsperf's CPU and its \
          response on unbound's, and latency tracking's in-flight slot then changes CPU twice a \
          query.\n",
         settings.pairs, settings.seconds, settings.seconds
