@@ -1313,8 +1313,9 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
     let _ = writeln!(report, "## Proxy overhead on loopback\n");
     let _ = writeln!(
         report,
-        "Command: `cargo xtask bench -- --pairs {} --seconds {}` ({} client thread(s); {} s per run; \
-         pairs alternate which side runs first; ratio = with / without, median over pairs).\n",
+        "Command: `cargo xtask bench -- --pairs {} --seconds {}` ({} client thread(s), with the \
+         server's threads on one CPU; {} s per run; pairs alternate which side runs first; ratio = \
+         with / without, median over pairs).\n",
         settings.pairs, settings.seconds, CLIENT_THREADS, settings.seconds
     );
     // (title, top-level settings, tables after the routes)
@@ -1487,8 +1488,10 @@ fn main() {
         let header = format!(
             "# Benchmarks\n\nMeasured by `cargo xtask bench` {measured_where}; numbers from one run, rerun to refresh this file. The proxy load \
             is one client thread and one server thread on loopback in a namespace of the \
-            benchmark's own, then one client thread and nginx (from apt) proxying to a backend \
-            there, the DNS load dnsperf against unbound there; \"with\" means the agent running with its default programs, its \
+            benchmark's own, both on one CPU, then one client thread and nginx (from apt) \
+            proxying to a backend there, the DNS load dnsperf against unbound there, both on \
+            one CPU (on one CPU a load is bound by the CPU, so all the collector takes from it \
+            shows; docs/DESIGN.md, Measuring the cost); \"with\" means the agent running with its default programs, its \
             1 MiB event ring and the embedded default's 1 s polling, and nftables counting at its default \"auto\": off \
             in that bare namespace, where it would be the first netfilter hook (docs/DESIGN.md, \
             nftables, has what that costs). Single pairs on this VM swing by 5 to 15 % \
@@ -1496,8 +1499,8 @@ fn main() {
             Each median comes with its 95 % confidence interval, from the order statistics of \
             the pairs (no assumption about their distribution): a target counts as met or \
             missed only when the interval lies wholly on one side of it. The proxy and DNS \
-            loads also run with an empty classifier in the agent's place, whose medians show \
-            what any tc program costs them, and each load ends with its pairs run with the \
+            loads also run with empty programs in the agent's places, whose medians show \
+            what any program on those hooks costs them, and each load ends with its pairs run with the \
             agent on neither side, whose medians show how far a median strays from 1 when \
             nothing differs. \
             The cost per run comes from the kernel's own statistics (`--bpf-stats`, switched on \
