@@ -128,7 +128,10 @@ pub struct KernelTotals {
 }
 
 /// One entry of a per-CPU `u64` array, summed over CPUs.
-pub fn sum_u64(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
+pub fn sum_u64<T: Borrow<MapData>>(
+    map: &PerCpuArray<T, u64>,
+    index: u32,
+) -> Result<u64, aya::maps::MapError> {
     Ok(map
         .get(&index, 0)?
         .iter()
@@ -328,12 +331,20 @@ pub fn read(
 /// What the kernel's full rings dropped (pinned counters): read at a clean stop without the
 /// rest.
 pub fn read_ring_drops(maps: &KernelMaps) -> Result<RingDrops, aya::maps::MapError> {
+    ring_drops(&maps.dns_counters, &maps.errors)
+}
+
+/// What the kernel's full rings dropped, from its DNS counters and its error counters.
+pub fn ring_drops<T: Borrow<MapData>>(
+    dns_counters: &PerCpuArray<T, DnsCounters>,
+    errors: &PerCpuArray<T, u64>,
+) -> Result<RingDrops, aya::maps::MapError> {
     use collector_common::error_kind::{CONN_CLIENT_DROPPED, CONN_EVENT_DROPPED, DNS_NAME_DROPPED};
     Ok(RingDrops {
-        dns: sum_dns(maps.dns_counters.get(&0, 0)?.iter()).events_dropped,
-        connections: sum_u64(&maps.errors, CONN_EVENT_DROPPED)?,
-        clients: sum_u64(&maps.errors, CONN_CLIENT_DROPPED)?,
-        names: sum_u64(&maps.errors, DNS_NAME_DROPPED)?,
+        dns: sum_dns(dns_counters.get(&0, 0)?.iter()).events_dropped,
+        connections: sum_u64(errors, CONN_EVENT_DROPPED)?,
+        clients: sum_u64(errors, CONN_CLIENT_DROPPED)?,
+        names: sum_u64(errors, DNS_NAME_DROPPED)?,
     })
 }
 

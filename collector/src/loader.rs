@@ -1472,19 +1472,7 @@ fn read_events_dropped(ebpf: &Ebpf) -> anyhow::Result<RingDrops> {
     )?;
     let errors: PerCpuArray<&MapData, u64> =
         PerCpuArray::try_from(ebpf.map(map_names::ERRORS).context("no ERRORS")?)?;
-    let dns = crate::counters::sum_dns(dns.get(&0, 0)?.iter()).events_dropped;
-    let summed = |kind: u32| -> anyhow::Result<u64> {
-        Ok(errors
-            .get(&kind, 0)?
-            .iter()
-            .fold(0u64, |sum, value| sum.wrapping_add(*value)))
-    };
-    Ok(RingDrops {
-        dns,
-        connections: summed(collector_common::error_kind::CONN_EVENT_DROPPED)?,
-        clients: summed(collector_common::error_kind::CONN_CLIENT_DROPPED)?,
-        names: summed(collector_common::error_kind::DNS_NAME_DROPPED)?,
-    })
+    Ok(crate::counters::ring_drops(&dns, &errors)?)
 }
 
 /// The refusal of pins that a collector of another network namespace made.
