@@ -105,7 +105,8 @@ const EMPTY_HOOKS_TITLE: &str = "Empty programs in both of the agent's places (w
 const EMPTY_HOOKS_TEXT: &str = "As above, with an empty `sock_ops` program on the cgroup2 root \
     as well, where the agent's `track_connections` goes. Once any program is attached there, \
     the kernel calls it for every socket's lifecycle questions (the SYN's timeout, the initial \
-    window, ECN, connect and established), several calls a connection, whatever the program does: the best ratio any collector on these two hooks can reach here.";
+    window, ECN, connect and established), several calls a connection, whatever the program \
+    does: the best ratio any collector on these two hooks can reach here.";
 
 const AGAINST_EMPTY_HOOKS_TITLE: &str =
     "The agent with its defaults against the empty programs (programs on both hooks on both sides)";
@@ -229,16 +230,16 @@ fn load_cpu() -> usize {
     allowed_cpus()[0]
 }
 
-/// Pins the calling thread to [`load_cpu`], where the proxy load runs: its client and
-/// server threads share that CPU: the loop is then bound by the CPU, so what
-/// the collector takes from it shows in full. Left to the scheduler on two CPUs, each
-/// connection waits on wake-ups across CPUs (about 15,000 a second here against 49,000 on
-/// one), which hide what it costs and spread the runs twice as wide (docs/DESIGN.md, proxy
-/// benchmark).
+/// Pins the calling thread to [`load_cpu`], where the proxy load's client and server threads
+/// all run. The loop is then bound by the CPU, so what the collector takes from it shows in
+/// full. Left to the scheduler on two CPUs, each connection waits on wake-ups across CPUs
+/// (about 15,000 a second here against 49,000 on one), which hide what it costs and spread
+/// the runs three times as wide (docs/DESIGN.md, Measuring the cost).
 fn pin_to_load_cpu() {
     let cpu = load_cpu();
-    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` came from the set the kernel filled, so it is below CPU_SETSIZE.
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: `set` is a cpu_set_t of the size passed; pid 0 is the calling thread.
     let pinned =
