@@ -480,48 +480,30 @@ fn mode_report(pairs: &[Pair], without: Beside, with: Beside, costs: Option<&[Co
             p.bulk_with / p.bulk_without
         );
     }
-    if let Beside::Empty(_) = without {
-        let _ = writeln!(
-            report,
-            "\n**Median ratio of the agent against the empty programs: new connections {}, bulk throughput {}.**",
-            connect.describe(None),
-            bulk.describe(None)
-        );
-        return report;
-    }
-    if let Beside::Empty(hooks) = with {
-        let attached = match hooks {
-            Hooks::Classifier => "an empty classifier on lo alone",
-            Hooks::ClassifierAndSockOps => {
-                "an empty classifier on lo and an empty sock_ops program on the cgroup2 root"
-            }
-        };
-        let _ = writeln!(
-            report,
-            "\n**Median ratio with {attached}: new connections {}, bulk throughput {}.**",
-            connect.describe(Some(0.98)),
-            bulk.describe(Some(0.99))
-        );
-        return report;
-    }
+    // What ran, and whether the targets apply: not where nothing differs, nor to the agent's
+    // share beyond the empty programs.
+    let (what, judged) = match (without, with) {
+        (Beside::Empty(_), _) => (" of the agent against the empty programs", false),
+        (_, Beside::Empty(Hooks::Classifier)) => (" with an empty classifier on lo alone", true),
+        (_, Beside::Empty(Hooks::ClassifierAndSockOps)) => (
+            " with an empty classifier on lo and an empty sock_ops program on the cgroup2 root",
+            true,
+        ),
+        (_, Beside::Nothing) => (" with nothing attached on either side", false),
+        (_, Beside::Agent(_)) => ("", true),
+    };
+    let _ = writeln!(
+        report,
+        "\n**Median ratio{what}: new connections {}, bulk throughput {}.**",
+        connect.describe(judged.then_some(0.98)),
+        bulk.describe(judged.then_some(0.99))
+    );
     let Some(costs) = costs else {
-        let _ = writeln!(
-            report,
-            "\n**Median ratio with nothing attached on either side: new connections {}, bulk throughput {}.**",
-            connect.describe(None),
-            bulk.describe(None)
-        );
         return report;
     };
     let _ = writeln!(
         report,
-        "\n**Median ratio: new connections {}, bulk throughput {}.**\n",
-        connect.describe(Some(0.98)),
-        bulk.describe(Some(0.99))
-    );
-    let _ = writeln!(
-        report,
-        "Cost per program run, from the kernel's run-time statistics (`--bpf-stats`) under the same loads; the empty programs (`stats_floor_*`) show what the statistics' own timing costs per run on this VM:\n"
+        "\nCost per program run, from the kernel's run-time statistics (`--bpf-stats`) under the same loads; the empty programs (`stats_floor_*`) show what the statistics' own timing costs per run on this VM:\n"
     );
     report.push_str(&cost_table(costs));
     report
