@@ -1182,7 +1182,9 @@ fn measure_nginx(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> N
 /// Requests through nginx with and without the agent (with the embedded default and a route
 /// for nginx's port), then the same pairs with the agent on neither side.
 fn nginx_overhead(netns: &Netns, settings: &Settings) -> String {
-    let _nginx = nginx::Nginx::start(netns);
+    let nginx = nginx::Nginx::start(netns);
+    // With its client, on one CPU as the other loads.
+    pin(nginx.pid(), &load_cpu().to_string());
     let config = AgentConfig::shipped_poll(nginx::ROUTE);
     let mut report = String::new();
     let _ = writeln!(
@@ -1195,8 +1197,8 @@ fn nginx_overhead(netns: &Netns, settings: &Settings) -> String {
         "Command: `cargo xtask bench -- --pairs {} --seconds {}`: nginx (one process, \
          `master_process off`) on port {} proxies every request to a backend server block of its \
          own over kept-alive upstream connections, as an ingress proxy does; one client thread \
-         makes one request per new connection (`Connection: close`), {} s per run, pairs \
-         alternating. \"counted\" is the agent's closed connections on the route after the run \
+         makes one request per new connection (`Connection: close`), on nginx's CPU, {} s per \
+         run, pairs alternating. \"counted\" is the agent's closed connections on the route after the run \
          (a fresh agent each run), \"made\" the requests the client completed. The bare server \
          above answers a byte and closes: its ratio is the collector's share of the cheapest \
          possible connection, this one its share of a proxied request.\n",

@@ -89,6 +89,11 @@ http {{
         });
         nginx
     }
+
+    /// Its process id (`nsenter` execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Nginx {
@@ -115,9 +120,10 @@ fn request() -> std::io::Result<()> {
 }
 
 /// Requests made by one client, each on a new connection that nginx closes, and how many
-/// per second.
+/// per second. The client runs on the load's CPU, as nginx does.
 pub fn connection_rate(netns: &Netns, seconds: f64) -> (u64, f64) {
     netns.run(move || {
+        crate::pin_to_load_cpu();
         let started = Instant::now();
         let deadline = started + Duration::from_secs_f64(seconds);
         let mut done = 0u64;
