@@ -114,6 +114,14 @@ const AGAINST_EMPTY_HOOKS_TEXT: &str = "The agent with its defaults on the \"wit
     empty programs of the mode above on the \"without\" side: both sides pay the hooks, so the \
     ratio is what the agent costs beyond them, the part its own instructions and maps decide.";
 
+/// The nginx load's floor, as [`EMPTY_HOOKS_TITLE`] for the bare server.
+const NGINX_EMPTY_HOOKS_TITLE: &str = "Empty programs in both of the agent's places (what the \
+    hooks cost these requests)";
+const NGINX_EMPTY_HOOKS_TEXT: &str = "The same alternation with no agent: the \"with\" side has \
+    an empty classifier on lo's ingress and an empty `sock_ops` program on the cgroup2 root, \
+    where the agent's programs go, and nothing else: the best ratio any collector on these two \
+    hooks can reach through this nginx.";
+
 const AGAINST_EMPTY_TEXT: &str = "The agent counting only on the \"with\" side, the empty \
     classifier of the mode above on the \"without\" side: both put a program on every packet, \
     so the ratio is what the agent costs beyond the hook, the part its own instructions and \
@@ -480,18 +488,7 @@ fn mode_report(pairs: &[Pair], without: Beside, with: Beside, costs: Option<&[Co
             p.bulk_with / p.bulk_without
         );
     }
-    // What ran, and whether the targets apply: not where nothing differs, nor to the agent's
-    // share beyond the empty programs.
-    let (what, judged) = match (without, with) {
-        (Beside::Empty(_), _) => (" of the agent against the empty programs", false),
-        (_, Beside::Empty(Hooks::Classifier)) => (" with an empty classifier on lo alone", true),
-        (_, Beside::Empty(Hooks::ClassifierAndSockOps)) => (
-            " with an empty classifier on lo and an empty sock_ops program on the cgroup2 root",
-            true,
-        ),
-        (_, Beside::Nothing) => (" with nothing attached on either side", false),
-        (_, Beside::Agent(_)) => ("", true),
-    };
+    let (what, judged) = what_ran(without, with);
     let _ = writeln!(
         report,
         "\n**Median ratio{what}: new connections {}, bulk throughput {}.**",
@@ -507,6 +504,21 @@ fn mode_report(pairs: &[Pair], without: Beside, with: Beside, costs: Option<&[Co
     );
     report.push_str(&cost_table(costs));
     report
+}
+
+/// What ran, for a mode's summary line, and whether the targets apply: not where nothing
+/// differs, nor to the agent's share beyond the empty programs.
+fn what_ran(without: Beside, with: Beside) -> (&'static str, bool) {
+    match (without, with) {
+        (Beside::Empty(_), _) => (" of the agent against the empty programs", false),
+        (_, Beside::Empty(Hooks::Classifier)) => (" with an empty classifier on lo alone", true),
+        (_, Beside::Empty(Hooks::ClassifierAndSockOps)) => (
+            " with an empty classifier on lo and an empty sock_ops program on the cgroup2 root",
+            true,
+        ),
+        (_, Beside::Nothing) => (" with nothing attached on either side", false),
+        (_, Beside::Agent(_)) => ("", true),
+    }
 }
 
 /// Average cost per run of each program, from the kernel's statistics, under `load`.
@@ -1150,11 +1162,13 @@ struct NginxRun {
     counted: Option<(u64, f64)>,
 }
 
-fn measure_nginx(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> NginxRun {
-    let agent = config.map(|config| Agent::start(netns, config));
-    let cpu_before = agent.as_ref().map_or(0.0, |agent| cpu_seconds(agent.pid()));
+fn measure_nginx(netns: &Netns, beside: Beside, seconds: f64) -> NginxRun {
+    let attached = beside.attach(netns);
+    let cpu_before = attached
+        .agent()
+        .map_or(0.0, |agent| cpu_seconds(agent.pid()));
     let (made, rate) = nginx::connection_rate(netns, seconds);
-    let counted = agent.map(|agent| {
+    let counted = attached.agent().map(|agent| {
         let cpu = (cpu_seconds(agent.pid()) - cpu_before) / seconds;
         let closed = settled_count(made, || {
             let closed = sample(
@@ -1169,9 +1183,9 @@ fn measure_nginx(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> N
             )]
             Some(closed as u64)
         });
-        assert!(agent.stop().success());
         (closed, cpu)
     });
+    attached.detach();
     NginxRun {
         rate,
         made,
@@ -1180,7 +1194,8 @@ fn measure_nginx(netns: &Netns, config: Option<&AgentConfig>, seconds: f64) -> N
 }
 
 /// Requests through nginx with and without the agent (with the embedded default and a route
-/// for nginx's port), then the same pairs with the agent on neither side.
+/// for nginx's port), with empty programs in its places, the agent against those, and the
+/// same pairs with nothing attached.
 fn nginx_overhead(netns: &Netns, settings: &Settings) -> String {
     let nginx = nginx::Nginx::start(netns);
     // With its client, on one CPU as the other loads.
@@ -1207,28 +1222,51 @@ fn nginx_overhead(netns: &Netns, settings: &Settings) -> String {
         nginx::PROXY_PORT,
         settings.seconds
     );
+    let agent = Beside::Agent(&config);
+    let empty_hooks = Beside::Empty(Hooks::ClassifierAndSockOps);
     let modes = [
         (
             "With the embedded default's settings (its polling; the nginx port as the one route)",
-            Some(&config),
+            None,
+            Beside::Nothing,
+            agent,
         ),
-        (NOISE_TITLE, None),
+        (
+            NGINX_EMPTY_HOOKS_TITLE,
+            Some(NGINX_EMPTY_HOOKS_TEXT),
+            Beside::Nothing,
+            empty_hooks,
+        ),
+        (
+            AGAINST_EMPTY_HOOKS_TITLE,
+            Some(AGAINST_EMPTY_HOOKS_TEXT),
+            empty_hooks,
+            agent,
+        ),
+        (
+            NOISE_TITLE,
+            Some(NOISE_TEXT),
+            Beside::Nothing,
+            Beside::Nothing,
+        ),
     ];
-    for (title, config) in modes {
+    for (title, text, without, with) in modes {
         let _ = writeln!(report, "### {title}\n");
-        if config.is_none() {
-            let _ = writeln!(report, "{NOISE_TEXT}\n");
+        if let Some(text) = text {
+            let _ = writeln!(report, "{text}\n");
         }
         eprintln!("nginx warm-up");
-        let run = |with: bool| measure_nginx(netns, config.filter(|_| with), settings.seconds);
+        let run =
+            |on: bool| measure_nginx(netns, if on { with } else { without }, settings.seconds);
         let pairs = alternate(settings, run, |i, without, with| {
             eprintln!(
                 "nginx pair {i}: requests/s {:.0} -> {:.0}",
                 without.rate, with.rate
             );
         });
-        nginx_mode_report(&mut report, &pairs);
-        if let Some(config) = config {
+        nginx_mode_report(&mut report, &pairs, without, with);
+        // Measured once, where the agent runs against nothing.
+        if let (Beside::Nothing, Some(config)) = (without, with.config()) {
             let costs = program_costs(netns, config, || {
                 nginx::connection_rate(netns, settings.seconds);
             });
@@ -1243,7 +1281,12 @@ fn nginx_overhead(netns: &Netns, settings: &Settings) -> String {
     report
 }
 
-fn nginx_mode_report(report: &mut String, pairs: &[(NginxRun, NginxRun)]) {
+fn nginx_mode_report(
+    report: &mut String,
+    pairs: &[(NginxRun, NginxRun)],
+    without: Beside,
+    with: Beside,
+) {
     let ratios: Vec<f64> = pairs
         .iter()
         .map(|(without, with)| with.rate / without.rate)
@@ -1268,12 +1311,13 @@ fn nginx_mode_report(report: &mut String, pairs: &[(NginxRun, NginxRun)]) {
             with.made,
         );
     }
-    if pairs.iter().all(|(_, with)| with.counted.is_none()) {
-        let _ = writeln!(
-            report,
-            "\n**Median ratio with nothing attached on either side: {}.**\n",
-            summary.describe(None)
-        );
+    let (what, judged) = what_ran(without, with);
+    let verdict = format!(
+        "\n**Median ratio{what}: new connections {}",
+        summary.describe(judged.then_some(0.98))
+    );
+    if with.config().is_none() {
+        let _ = writeln!(report, "{verdict}.**\n");
         return;
     }
     let differences = count_differences(
@@ -1281,11 +1325,7 @@ fn nginx_mode_report(report: &mut String, pairs: &[(NginxRun, NginxRun)]) {
             .iter()
             .filter_map(|(_, with)| with.counted.map(|(counted, _)| (counted, with.made))),
     );
-    let _ = writeln!(
-        report,
-        "\n**Median ratio: new connections {}; counted − made: {differences}.**\n",
-        summary.describe(Some(0.98))
-    );
+    let _ = writeln!(report, "{verdict}; counted − made: {differences}.**\n");
 }
 
 /// The proxy modes: with the per-client figures (the default), without, with both ends followed,
