@@ -20,7 +20,7 @@ use collector_common::{
     UpstreamCounters, conn_flags, dns_query_given_up, map_names, traffic_index,
 };
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::{Number, Value, json};
 
 use crate::{
     bpf_sys,
@@ -769,12 +769,13 @@ fn dump_dns_counters(pin_dir: &Path) -> anyhow::Result<Value> {
 /// by their place in the list, which shifts whenever an earlier row goes: a rate would then
 /// compare two different entries; the slot itself is left out of the numbers. `ROUTE_TRAFFIC`
 /// has a row per slot and direction, which go by both (`slot0.in.packets`,
-/// `slot0.out.packets`).
+/// `slot0.out.packets`). Numbers stay as read: through an f64 a counter over 2^53 (a route's
+/// bytes after months at 10 Gbit/s) would show rounded.
 #[must_use]
-pub fn flatten(value: &Value) -> Vec<(String, f64)> {
-    fn walk(value: &Value, path: String, out: &mut Vec<(String, f64)>) {
+pub fn flatten(value: &Value) -> Vec<(String, Number)> {
+    fn walk(value: &Value, path: String, out: &mut Vec<(String, Number)>) {
         match value {
-            Value::Number(n) => out.push((path, n.as_f64().unwrap_or(0.0))),
+            Value::Number(n) => out.push((path, n.clone())),
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
                     let slot = item.get("slot").and_then(Value::as_u64);
@@ -849,7 +850,7 @@ fn counts(path: &str) -> bool {
 /// the previous list for each number took quadratic time.
 struct Refresh {
     at: Instant,
-    values: HashMap<String, f64>,
+    values: HashMap<String, Number>,
     /// The map's dump leaves counts of 0 out (`DNS_COUNTERS`' codes and buckets,
     /// `CONN_DURATIONS`): a path missing from it was 0.
     absent_is_zero: bool,
@@ -859,13 +860,25 @@ impl Refresh {
     /// `value`'s change per second since this refresh, if `path` had a number then that
     /// was not more: a count that went down was reset (the pins made anew by a restart, a
     /// slot given to another route), and its change says nothing.
-    fn per_second(&self, path: &str, value: f64, now: Instant) -> Option<f64> {
+    fn per_second(&self, path: &str, value: &Number, now: Instant) -> Option<f64> {
+        let zero = Number::from(0u64);
         let old = match self.values.get(path) {
-            Some(&old) => old,
-            None if self.absent_is_zero => 0.0,
+            Some(old) => old,
+            None if self.absent_is_zero => &zero,
             None => return None,
         };
-        (value >= old).then(|| (value - old) / now.duration_since(self.at).as_secs_f64())
+        // Counters subtract as integers: as f64s, two reads over 2^53 lose their difference.
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a change per second, shown to 0.1"
+        )]
+        let change = if let (Some(value), Some(old)) = (value.as_u64(), old.as_u64()) {
+            value.checked_sub(old)? as f64
+        } else {
+            let (value, old) = (value.as_f64()?, old.as_f64()?);
+            (value >= old).then_some(value - old)?
+        };
+        Some(change / now.duration_since(self.at).as_secs_f64())
     }
 }
 
@@ -930,7 +943,7 @@ pub fn watch(
                 let rate = previous
                     .as_ref()
                     .filter(|_| counts(path))
-                    .and_then(|previous| previous.per_second(path, *value, now));
+                    .and_then(|previous| previous.per_second(path, value, now));
                 let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"));
                 writeln!(out, "{path:<40} {value:>16} {rate:>14}")?;
             }
@@ -1024,7 +1037,7 @@ mod tests {
                 &upstream,
                 json!({"connectFailures": 2})
             )])),
-            [("slot1.connectFailures".to_owned(), 2.0)]
+            [("slot1.connectFailures".to_owned(), 2.into())]
         );
     }
 
@@ -1158,8 +1171,8 @@ mod tests {
         );
         let paths = flatten(&json!([row]));
         assert!(
-            paths.contains(&("slot2.outcomes.no_name".to_owned(), 5.0))
-                && paths.contains(&("slot2.awaiting".to_owned(), 2.0)),
+            paths.contains(&("slot2.outcomes.no_name".to_owned(), 5.into()))
+                && paths.contains(&("slot2.awaiting".to_owned(), 2.into())),
             "{paths:?}"
         );
     }
@@ -1222,12 +1235,12 @@ mod tests {
             absent_is_zero: false,
         };
         let now = then + std::time::Duration::from_secs(2);
-        assert_eq!(refresh.per_second("0.opened", 30.0, now), Some(10.0));
-        assert_eq!(refresh.per_second("0.closed", 4.0, now), Some(0.0));
+        assert_eq!(refresh.per_second("0.opened", &30.into(), now), Some(10.0));
+        assert_eq!(refresh.per_second("0.closed", &4.into(), now), Some(0.0));
         // A row new since then has no rate yet.
-        assert_eq!(refresh.per_second("1.opened", 3.0, now), None);
+        assert_eq!(refresh.per_second("1.opened", &3.into(), now), None);
         // A count that went down was reset (the agent restarted): no rate, not a negative one.
-        assert_eq!(refresh.per_second("0.opened", 2.0, now), None);
+        assert_eq!(refresh.per_second("0.opened", &2.into(), now), None);
     }
 
     #[test]
@@ -1243,11 +1256,11 @@ mod tests {
         let now = then + std::time::Duration::from_secs(2);
         // The first SERVFAIL burst: 8 in 2 s, where it was 0 (left out).
         assert_eq!(
-            refresh.per_second("responsesByRcode.SERVFAIL", 8.0, now),
+            refresh.per_second("responsesByRcode.SERVFAIL", &8.into(), now),
             Some(4.0)
         );
         assert_eq!(
-            refresh.per_second("responsesByRcode.NOERROR", 10.0, now),
+            refresh.per_second("responsesByRcode.NOERROR", &10.into(), now),
             Some(0.0)
         );
     }
@@ -1258,10 +1271,29 @@ mod tests {
         assert_eq!(
             flatten(&value),
             [
-                ("0.closed".to_owned(), 2.0),
-                ("0.opened".to_owned(), 3.0),
-                ("1.x.y".to_owned(), 1.5)
+                ("0.closed".to_owned(), 2.into()),
+                ("0.opened".to_owned(), 3.into()),
+                ("1.x.y".to_owned(), Number::from_f64(1.5).unwrap())
             ]
+        );
+    }
+
+    #[test]
+    fn counters_past_2_to_the_53_show_whole_with_their_exact_change() {
+        let big = (1u64 << 60) + 1;
+        let values = flatten(&json!({"bytes": big}));
+        assert_eq!(values[0].1.to_string(), "1152921504606846977");
+        let then = Instant::now();
+        let refresh = Refresh {
+            at: then,
+            values: values.into_iter().collect(),
+            absent_is_zero: false,
+        };
+        // 3 more bytes: as f64s both reads are 2^60, and the change 0.
+        let now = then + std::time::Duration::from_secs(1);
+        assert_eq!(
+            refresh.per_second("bytes", &(big + 3).into(), now),
+            Some(3.0)
         );
     }
 
@@ -1294,7 +1326,7 @@ mod tests {
     fn table_rows_keep_their_slot_when_an_earlier_row_goes() {
         let before = flatten(&json!([{"slot": 3, "startNs": 10}, {"slot": 9, "startNs": 20}]));
         let after = flatten(&json!([{"slot": 9, "startNs": 20}]));
-        let slot9 = ("slot9.startNs".to_owned(), 20.0);
+        let slot9 = ("slot9.startNs".to_owned(), Number::from(20));
         assert!(
             before.contains(&slot9) && after.contains(&slot9),
             "{before:?} {after:?}"
@@ -1320,7 +1352,7 @@ mod tests {
         ]));
         let rates: Vec<_> = values
             .iter()
-            .map(|(path, value)| (path.as_str(), refresh.per_second(path, *value, now)))
+            .map(|(path, value)| (path.as_str(), refresh.per_second(path, value, now)))
             .collect();
         assert_eq!(
             rates,
