@@ -1513,9 +1513,8 @@ fn main() {
         let header = format!(
             "# Benchmarks\n\nMeasured by `cargo xtask bench` {measured_where}; numbers from one run, rerun to refresh this file. The proxy load \
             is one client thread and one server thread on loopback in a namespace of the \
-            benchmark's own, both on one CPU, then one client thread and nginx (from apt) \
-            proxying to a backend there, the DNS load dnsperf against unbound there, both on \
-            one CPU (on one CPU a load is bound by the CPU, so all the collector takes from it \
+            benchmark's own, then one client thread and nginx (from apt) proxying to a backend \
+            there, and the DNS load dnsperf against unbound there, each load on one CPU (on one CPU a load is bound by the CPU, so all the collector takes from it \
             shows; docs/DESIGN.md, Measuring the cost); \"with\" means the agent running with its default programs, its \
             1 MiB event ring and the embedded default's 1 s polling, and nftables counting at its default \"auto\": off \
             in that bare namespace, where it would be the first netfilter hook (docs/DESIGN.md, \
