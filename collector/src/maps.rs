@@ -882,6 +882,13 @@ impl Refresh {
     }
 }
 
+/// One row of `maps watch`, in columns. The value goes through a string: a JSON number
+/// writes itself whole, ignoring the width.
+fn watch_line(path: &str, value: &Number, rate: &str) -> String {
+    let value = value.to_string();
+    format!("{path:<40} {value:>16} {rate:>14}")
+}
+
 /// `maps watch NAME`: the map's numbers every `interval`, each with its change per second
 /// since the previous refresh; `count` refreshes, or until interrupted. The first read that
 /// fails ends it (a wrong name or pin directory); a later one (the pins gone while the agent
@@ -945,7 +952,7 @@ pub fn watch(
                     .filter(|_| counts(path))
                     .and_then(|previous| previous.per_second(path, value, now));
                 let rate = rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"));
-                writeln!(out, "{path:<40} {value:>16} {rate:>14}")?;
+                writeln!(out, "{}", watch_line(path, value, &rate))?;
             }
             Ok(())
         })?;
@@ -1276,6 +1283,13 @@ mod tests {
                 ("1.x.y".to_owned(), Number::from_f64(1.5).unwrap())
             ]
         );
+    }
+
+    #[test]
+    fn watch_rows_keep_their_columns() {
+        let row = watch_line("slot0.opened", &12.into(), "3.0");
+        assert_eq!(row.len(), 40 + 1 + 16 + 1 + 14, "{row:?}");
+        assert!(row.ends_with("              12            3.0"), "{row:?}");
     }
 
     #[test]
