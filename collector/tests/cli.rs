@@ -1021,14 +1021,7 @@ fn a_cgroup2_mount_below_the_root_is_refused() {
         }
     }
     support::require_root();
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-    let root = mounts
-        .lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
-        })
-        .expect("a cgroup2 mount");
+    let root = support::cgroup2_mount();
     let id = std::process::id();
     let child = ChildCgroup {
         cgroup: Path::new(&root).join(format!("collector-test-{id}")),

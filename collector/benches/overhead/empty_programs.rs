@@ -11,7 +11,7 @@ use aya::{
 };
 use collector_common::program_names;
 
-use crate::support::Netns;
+use crate::support::{self, Netns};
 
 /// Which of the agent's hooks get an empty program.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -52,23 +52,11 @@ impl EmptyPrograms {
                 .try_into()
                 .unwrap();
             program.load().expect("loading the empty sock_ops program");
-            let root = File::open(cgroup2_mount()).expect("opening the cgroup2 root");
+            let root = File::open(support::cgroup2_mount()).expect("opening the cgroup2 root");
             program
                 .attach(root, CgroupAttachMode::Single)
                 .expect("attaching the empty sock_ops program to the cgroup2 root");
         }
         Self { _ebpf: ebpf }
     }
-}
-
-/// Where cgroup2 is mounted (in a hybrid layout, not /sys/fs/cgroup).
-fn cgroup2_mount() -> String {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    mounts
-        .lines()
-        .find_map(|line| match line.split(' ').collect::<Vec<_>>()[..] {
-            [_, path, "cgroup2", ..] => Some(path.to_string()),
-            _ => None,
-        })
-        .expect("a cgroup2 mount in /proc/mounts")
 }

@@ -62,6 +62,19 @@ pub fn set_tcp_option(socket: &impl std::os::fd::AsRawFd, option: libc::c_int, v
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
 }
 
+/// Where cgroup2 is mounted: found in /proc/mounts, since a hybrid layout puts it below
+/// /sys/fs/cgroup (here /sys/fs/cgroup/unified).
+pub fn cgroup2_mount() -> String {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    mounts
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
+        })
+        .expect("a cgroup2 mount in /proc/self/mounts")
+}
+
 /// Fails loudly without root: a privileged test that skips proves nothing.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
