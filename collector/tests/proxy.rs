@@ -303,6 +303,83 @@ fn connections_accepted_by_syn_cookie_count_exactly() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// With TCP Fast Open the request rides in the SYN: the server's socket is made from the SYN,
+/// in SYN_RECV, with the request already received, and is accepted before the handshake
+/// completes. Such connections must count as any other, the SYN's data included.
+#[test]
+fn connections_opened_with_fast_open_count_exactly_with_the_data_of_their_syn() {
+    const CONNECTIONS: usize = 60;
+    // Under the loopback MSS: each request goes whole in its SYN.
+    const REQUEST: usize = 3_000;
+    const RESPONSE: usize = 40_000;
+    let netns = Netns::new();
+    // Client and server on, without cookies (0x4, 0x200), for every listener (0x400): a
+    // per-namespace setting.
+    netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_fastopen", "0x607").unwrap());
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+
+    let passive = tcp_ext(&netns, "TCPFastOpenPassive");
+    let address = local(WEB_PORT);
+    let listener = netns.run(move || TcpListener::bind(address).unwrap());
+    // Half close first from each side: the server may answer, and close, before the
+    // handshake's last ACK arrives.
+    let server = thread::spawn(move || {
+        for closer in [Closer::Connecting, Closer::Accepting] {
+            support::serve_exchanges(&listener, REQUEST, RESPONSE, closer, CONNECTIONS / 2);
+        }
+    });
+    netns.run(move || {
+        for closer in [Closer::Connecting, Closer::Accepting] {
+            for _ in 0..CONNECTIONS / 2 {
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                // connect() returns at once; the first write goes out in the SYN.
+                fast_open_connect(&socket);
+                socket.connect(&address.into()).unwrap();
+                let mut stream = TcpStream::from(socket);
+                stream.write_all(&[b'q'; REQUEST]).unwrap();
+                support::read_response_and_close(stream, RESPONSE, closer);
+            }
+        }
+    });
+    server.join().unwrap();
+    // The server took every request from its SYN.
+    assert_eq!(
+        tcp_ext(&netns, "TCPFastOpenPassive") - passive,
+        CONNECTIONS as u64
+    );
+
+    let metrics = support::wait_for_closed(&netns, "web", u32::try_from(CONNECTIONS).unwrap());
+    assert_route_metrics(
+        &metrics,
+        "web",
+        CONNECTIONS,
+        (CONNECTIONS * REQUEST, CONNECTIONS * RESPONSE),
+        support::retransmitted_segments(&[&netns]),
+    );
+    assert_eq!(proxy_json(&netns)["totalConnections"], CONNECTIONS);
+
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Sets `TCP_FASTOPEN_CONNECT`, which socket2 does not offer.
+fn fast_open_connect(socket: &Socket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN_CONNECT,
+            (&raw const on).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
 /// A `TcpExt` counter of the namespace.
 fn tcp_ext(netns: &Netns, field: &str) -> u64 {
     support::proc_net_counter(netns, "netstat", "TcpExt", field)
