@@ -24,8 +24,9 @@ pub struct RateWindows {
     pub instant: f64,
     pub recent: f64,
     pub average: f64,
-    /// Per-poll rates, oldest first (only on totals): of the last 60 polls, within the
-    /// last 65 s (a minute at the default interval, 6 s at 100 ms, 6 rates at 10 s).
+    /// Per-poll rates, oldest first (only on totals): of the last 60 polls, reaching one
+    /// poll past the last 65 s (a minute at the default interval, 6 s at 100 ms, 7 rates
+    /// over 70 s at 10 s).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<Vec<f64>>,
 }
