@@ -187,7 +187,7 @@ struct ConnectionHelp {
 const ROUTE_HELP: ConnectionHelp = ConnectionHelp {
     opened: "Connections accepted on the route's ports.",
     closed: "Accepted connections that have closed.",
-    untracked: "Accepted connections the full connection table turned away (collector_bpf_errors_total{kind=\"conn_table_full\"}): counted opened, never closed (their close, duration and bytes are lost), and out of active.",
+    untracked: "Accepted connections the full connection table turned away (collector_bpf_errors_total, kind conn_table_full): counted opened, never closed (their close, duration and bytes are lost), and out of active.",
     active: "Connections open now: opened minus closed and untracked, plus those open since before the collector started.",
     open_from_before: "Connections open since before the collector started and not closed yet (listed over sock_diag); counted in active only.",
     received: "Payload bytes received from clients, counted when each connection closes.",
@@ -198,7 +198,7 @@ const ROUTE_HELP: ConnectionHelp = ConnectionHelp {
 const UPSTREAM_HELP: ConnectionHelp = ConnectionHelp {
     opened: "Connections to the upstream's ports that completed their handshake (connect failures not included).",
     closed: "Connections to the upstream's ports that completed their handshake and have closed.",
-    untracked: "Connections to the upstream's ports the full connection table turned away (collector_bpf_errors_total{kind=\"conn_table_full\"}): counted opened, never closed (their close, duration and bytes are lost), and out of active.",
+    untracked: "Connections to the upstream's ports the full connection table turned away (collector_bpf_errors_total, kind conn_table_full): counted opened, never closed (their close, duration and bytes are lost), and out of active.",
     active: "Connections to the upstream open now: opened minus closed and untracked, plus those open since before the collector started.",
     open_from_before: "Connections to the upstream's ports open since before the collector started and not closed yet (listed over sock_diag); counted in active only.",
     received: "Payload bytes received from the upstream, counted when each connection closes.",
@@ -1488,5 +1488,21 @@ mod tests {
         );
         let golden = include_str!("testdata/metrics.golden");
         assert_eq!(text, golden, "rendered:\n{text}");
+    }
+
+    /// OpenMetrics writes HELP as an escaped string: a double quote or a backslash only
+    /// escaped. The library writes help texts as they are, so they must hold none bare.
+    #[test]
+    fn help_texts_are_openmetrics_escaped_strings() {
+        for line in include_str!("testdata/metrics.golden").lines() {
+            let Some(help) = line.strip_prefix("# HELP ") else {
+                continue;
+            };
+            let mut chars = help.chars();
+            while let Some(c) = chars.next() {
+                let escaped = c == '\\' && matches!(chars.next(), Some('\\' | 'n' | '"'));
+                assert!(c != '"' && (c != '\\' || escaped), "{line}");
+            }
+        }
     }
 }

@@ -304,7 +304,7 @@ fn connections_accepted_by_syn_cookie_count_exactly() {
 }
 
 /// With TCP Fast Open the request rides in the SYN: the server's socket is made from the SYN,
-/// in SYN_RECV, with the request already received, and is accepted before the handshake
+/// in `SYN_RECV`, with the request already received, and is accepted before the handshake
 /// completes. Such connections must count as any other, the SYN's data included.
 #[test]
 fn connections_opened_with_fast_open_count_exactly_with_the_data_of_their_syn() {
@@ -374,7 +374,7 @@ fn fast_open_connect(socket: &Socket) {
             libc::IPPROTO_TCP,
             libc::TCP_FASTOPEN_CONNECT,
             (&raw const on).cast(),
-            std::mem::size_of_val(&on) as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of_val(&on)).unwrap(),
         )
     };
     assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
