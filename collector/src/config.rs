@@ -3,6 +3,7 @@
 //! and what is wrong.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Range,
@@ -805,6 +806,9 @@ fn extra_local_addresses(
 ) -> Result<Vec<(IpAddr, u8)>, ConfigError> {
     let mut total = 0u64;
     let mut ranges = Vec::new();
+    // The entries so far as IPv6 spans (first, last) by first address, with their index:
+    // disjoint, as each new one is checked against its neighbours here.
+    let mut spans: BTreeMap<u128, (u128, usize)> = BTreeMap::new();
     for entry in &raw.extra_local_addresses {
         if raw.all_namespaces {
             return Err(source.at(
@@ -814,6 +818,27 @@ fn extra_local_addresses(
             ));
         }
         let (network, prefix) = extra_local_address(source, entry)?;
+        let (first, last) = ipv6_span(network, prefix);
+        let before = spans
+            .range(..=first)
+            .next_back()
+            .filter(|&(_, &(end, _))| end >= first);
+        let after = spans
+            .range(first..)
+            .next()
+            .filter(|&(&start, _)| start <= last);
+        if let Some((_, &(_, earlier))) = before.or(after) {
+            return Err(source.at(
+                entry,
+                format!(
+                    "extra_local_addresses: {:?} covers addresses {:?} covers already; list \
+                     each address once",
+                    entry.get_ref(),
+                    raw.extra_local_addresses[earlier].get_ref()
+                ),
+            ));
+        }
+        spans.insert(first, (last, ranges.len()));
         let bits = if network.is_ipv4() { 32 } else { 128 };
         total += 1 << (bits - prefix);
         if total > EXTRA_LOCAL_ADDRESSES_MAX {
@@ -828,6 +853,18 @@ fn extra_local_addresses(
         ranges.push((network, prefix));
     }
     Ok(ranges)
+}
+
+/// The first and last address of a range as IPv6 (an IPv4 one mapped, as the kernel's
+/// table keeps it).
+fn ipv6_span(network: IpAddr, prefix: u8) -> (u128, u128) {
+    let (first, prefix) = match network {
+        IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), prefix + 96),
+        IpAddr::V6(v6) => (u128::from(v6), prefix),
+    };
+    // `u128::MAX >> prefix` is the host part's mask; a prefix of 128 leaves none.
+    let hosts = u128::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
+    (first, first | hosts)
 }
 
 /// An address (`203.0.113.10`) or range (`203.0.113.0/28`) of `extra_local_addresses`,
@@ -1682,12 +1719,30 @@ mod tests {
             2,
             "no effect with all_namespaces = true",
         );
-        let five_ranges = "\"10.0.0.0/16\", ".repeat(5);
+        let five_ranges = (0..5)
+            .map(|n| format!("\"10.{n}.0.0/16\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         assert_error(
             &format!("extra_local_addresses = [{five_ranges}]\n"),
             1,
             "stand for more than 262144 addresses with this entry",
         );
+        // An address listed again, in another spelling, or inside a range listed before or
+        // after: refused at the later entry, naming the earlier one.
+        for (first, second) in [
+            ("203.0.113.10", "203.0.113.10"),
+            ("203.0.113.10", "::ffff:203.0.113.10"),
+            ("203.0.113.0/28", "203.0.113.15"),
+            ("203.0.113.4", "203.0.113.0/29"),
+            ("2001:db8::/120", "2001:db8::80/121"),
+        ] {
+            assert_error(
+                &format!("extra_local_addresses = [\n  {first:?},\n  {second:?},\n]\n"),
+                3,
+                &format!("covers addresses {first:?} covers already"),
+            );
+        }
         for bad in ["203.0.113", "eth0", "2001:db8::/x"] {
             assert_error(
                 &format!("extra_local_addresses = [{bad:?}]\n"),

@@ -296,7 +296,10 @@ const REJUDGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Whether the credentials a stream was opened with still admit it. A password no longer
 /// remembered (the users file was read again) is checked again, in its turn; a check that
-/// gets no turn in `timeout` leaves the stream open, as the password passed before.
+/// gets no turn in `timeout` ends the stream too. The password may be the one the new file
+/// revoked, and wrong passwords, which anyone can send, keep the checks from their turns for
+/// as long as they come: such a stream streamed on. A reader whose password holds opens the
+/// stream again.
 async fn still_admitted(
     credentials: &auth::Credentials,
     authorization: &HeaderMap,
@@ -306,8 +309,15 @@ async fn still_admitted(
         auth::Judgement::Admitted => true,
         auth::Judgement::Refused(_) => false,
         auth::Judgement::Check(check) => match check.run(timeout).await {
-            Ok(()) | Err(auth::CheckRefused::NoTurn) => true,
+            Ok(()) => true,
             Err(auth::CheckRefused::Wrong(_)) => false,
+            Err(auth::CheckRefused::NoTurn) => {
+                tracing::info!(
+                    "ending an event stream: its password, to be checked again, got no turn \
+                     within the request timeout"
+                );
+                return false;
+            }
         },
     };
     if !admitted {
@@ -1285,6 +1295,23 @@ mod tests {
         // Counted as a password that waited too long for its check, not as a slow answer.
         let refused: Vec<(Limit, u64)> = agent.load.refusals().filter(|&(_, n)| n > 0).collect();
         assert_eq!(refused, [(Limit::PasswordChecks, 1)]);
+    }
+
+    /// An open stream's password, judged again after the users file was read, gets no turn
+    /// to be checked (wrong passwords keep the checks busy): the stream ends, where it
+    /// streamed on for as long as they came, a revoked password included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_whose_password_gets_no_turn_to_be_checked_again_ends() {
+        let (users, token) = (users("stream"), Scratch::new("token-stream", "tok\n"));
+        let agent = serving(&users, &token, |_| {}).await;
+        let mut authorization = HeaderMap::new();
+        authorization.insert(header::AUTHORIZATION, basic("u:pw").parse().unwrap());
+        let turns = agent.credentials.hold_password_turns();
+        let short = Duration::from_millis(200);
+        assert!(!still_admitted(&agent.credentials, &authorization, short).await);
+        drop(turns);
+        let long = Duration::from_secs(10);
+        assert!(still_admitted(&agent.credentials, &authorization, long).await);
     }
 
     /// Whether `accept` (one header value) gets OpenMetrics.
