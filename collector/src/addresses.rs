@@ -16,7 +16,7 @@ use std::{
 use collector_common::address_words;
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    address::{AddressAttribute, AddressMessage},
+    address::{AddressAttribute, AddressHeaderFlags, AddressMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
@@ -91,7 +91,9 @@ pub fn list() -> io::Result<Local> {
         let addresses = netlink_dump::route_dump(
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
             |message| {
-                if let RouteNetlinkMessage::NewAddress(address) = message {
+                if let RouteNetlinkMessage::NewAddress(address) = message
+                    && delivered_to(&address)
+                {
                     local.addresses.extend(own_address(&address).map(key));
                 }
             },
@@ -303,6 +305,18 @@ fn announced(datagram: &[u8]) -> Changes {
     changes
 }
 
+/// The kernel delivers packets to the address: not an IPv6 one still in its duplicate
+/// address detection (unless optimistic, which takes packets meanwhile), nor one whose
+/// detection failed (a neighbour holds it: packets to it are that host's, forwarded). The
+/// kernel dumps both, without their local route; the end of a detection is announced, and
+/// read again then.
+fn delivered_to(message: &AddressMessage) -> bool {
+    let flags = message.header.flags;
+    !flags.contains(AddressHeaderFlags::Dadfailed)
+        && (!flags.contains(AddressHeaderFlags::Tentative)
+            || flags.contains(AddressHeaderFlags::Optimistic))
+}
+
 /// The interface's own address: `IFA_LOCAL` where there is one (on a point-to-point link
 /// `IFA_ADDRESS` is the peer's), else `IFA_ADDRESS`.
 fn own_address(message: &AddressMessage) -> Option<IpAddr> {
@@ -428,6 +442,69 @@ mod tests {
             ipv6
         );
         assert_eq!(ip(key("10.1.2.3".parse().unwrap())).to_string(), "10.1.2.3");
+    }
+
+    /// IPv6 addresses the kernel lists but does not deliver to are left out: one waiting for
+    /// its duplicate address detection (60 s here) and one whose detection failed (its
+    /// neighbour answered for it); one without detection and an optimistic one are in. In a
+    /// network namespace of the test's own (made by `unshare` on its thread): needs root.
+    #[test]
+    fn addresses_in_or_failed_in_their_duplicate_detection_are_not_local() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare on this thread only; no other state depends on its namespace.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "unshare(CLONE_NEWNET) needs root: {}",
+                io::Error::last_os_error()
+            );
+            let ip = |args: &str| {
+                let status = std::process::Command::new("ip")
+                    .args(args.split(' '))
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "ip {args}");
+            };
+            let sysctl = |path: &str, value: &str| {
+                std::fs::write(format!("/proc/sys/net/ipv6/{path}"), value).unwrap();
+            };
+            ip("link add vdad0 type veth peer name vdad1");
+            // The detection's wait for an answer, after its one probe.
+            sysctl("neigh/vdad0/retrans_time_ms", "60000");
+            sysctl("conf/vdad0/optimistic_dad", "1");
+            ip("link set vdad0 up");
+            ip("link set vdad1 up");
+            ip("addr add fd00:7e::1/64 dev vdad0");
+            // The peer holds ::2 and answers vdad0's probe for it; then gives it up.
+            ip("addr add fd00:7e::2/64 dev vdad1 nodad");
+            ip("addr add fd00:7e::2/64 dev vdad0");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !String::from_utf8(
+                std::process::Command::new("ip")
+                    .args(["-6", "addr", "show", "dev", "vdad0"])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap()
+            .contains("dadfailed")
+            {
+                assert!(std::time::Instant::now() < deadline, "no failed detection");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ip("addr del fd00:7e::2/64 dev vdad1");
+            ip("addr add fd00:7e::3/64 dev vdad0 nodad");
+            ip("addr add fd00:7e::4/64 dev vdad0 optimistic");
+            let local = list().unwrap();
+            let has = |address: &str| local.addresses.contains(&key(address.parse().unwrap()));
+            assert!(!has("fd00:7e::1"), "in its detection");
+            assert!(!has("fd00:7e::2"), "its detection failed");
+            assert!(has("fd00:7e::3"), "without detection");
+            assert!(has("fd00:7e::4"), "optimistic");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

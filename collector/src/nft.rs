@@ -821,11 +821,16 @@ impl Source {
         };
         if source.enabled {
             source.make_table();
-        } else if source.claim_name().is_ok() {
-            source.remove_leftover_at_start();
-            // Claimed only for the look: a collector of this namespace that counts may take
-            // the name next.
-            source.claim = None;
+        } else {
+            // Only the first try may adopt (see `make_table`): the crashed run's table is
+            // removed here, and one found when counting starts later may be a saved ruleset's.
+            source.adopt = Adopt::Nothing;
+            if source.claim_name().is_ok() {
+                source.remove_leftover_at_start();
+                // Claimed only for the look: a collector of this namespace that counts may
+                // take the name next.
+                source.claim = None;
+            }
         }
         source
     }

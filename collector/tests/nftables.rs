@@ -1239,6 +1239,51 @@ fn a_table_restored_from_a_saved_ruleset_is_replaced_and_its_counts_not_taken() 
     assert_no_pins(&config.pin_dir);
 }
 
+/// `auto` after a crash, with nothing else hooking netfilter at the restart: the start
+/// removes the crashed run's table. A firewall loaded later from a ruleset saved while the
+/// earlier run counted brings our table back with that run's old counts; the running agent,
+/// counting again, replaces it rather than adopt it (only a start's first try may adopt).
+/// Until 2026-12-05 it adopted it: a drop to old counts, which `increase()` counts again.
+#[test]
+fn auto_after_a_crash_replaces_a_table_restored_later_and_takes_not_its_counts() {
+    let netns = Netns::new();
+    let firewall = "table ip hostnat {\n\
+        chain pre { type nat hook prerouting priority dstnat; policy accept; }\n\
+        chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
+    nft_script(&netns, firewall);
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    assert_has_table(&netns, &config.nft_table);
+    connections(&netns, 3);
+    let saved_packets = assert_nft_equals_ebpf(&netns, 3);
+    let saved = support::stdout_of(netns.command("nft").args(["list", "ruleset"]));
+    assert!(
+        saved.contains(&format!("packets {saved_packets} ")),
+        "the save holds the counts: {saved}"
+    );
+
+    agent.kill();
+    nft_script(&netns, "delete table ip hostnat\n");
+    let agent = Agent::start(&netns, &config);
+    assert_no_table(&netns, &config.nft_table);
+    nft_script(&netns, &saved);
+    // The running agent sees the firewall's hooks within 30 polls (3 s here).
+    let text = wait_for("counting again", Duration::from_secs(10), || {
+        let text = scrape(&netns);
+        (sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0)).then_some(text)
+    });
+    assert_eq!(
+        route_packets(&text, "in").1,
+        Some(0.0),
+        "{}",
+        table(&netns, &config.nft_table)
+    );
+    assert_eq!(table_count(&netns, &config.nft_table), 1);
+    assert!(agent.stop().success());
+    assert_no_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
 /// The table a host firewall has (Debian's /etc/nftables.conf, its forward policy drop),
 /// named as the config names ours. It is never replaced or deleted: the nft source is down
 /// naming it, a stop leaves it, a start after a crash with counting off leaves it, and so
