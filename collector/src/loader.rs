@@ -694,10 +694,13 @@ impl Attachment {
     /// behind. A start that took over what a crashed run left removes only the links it
     /// added: the crashed run's maps and links stay (its links now run this start's
     /// programs), so counting goes on, with nothing lost, until a start succeeds.
-    fn undo_failed_start(self) -> anyhow::Result<()> {
+    fn undo_failed_start(mut self) -> anyhow::Result<()> {
         if !self.inherited {
             return self.detach();
         }
+        // The links now run this start's programs against its address table, which nothing
+        // keeps after it: count by port alone until a start succeeds.
+        self.leave_addresses_to_the_ports();
         for pin in self.created_pins.iter().flatten() {
             remove_if_present(pin)?;
         }

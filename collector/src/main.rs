@@ -531,6 +531,8 @@ fn serve_attached(
         // would throw away the counters the crashed run left. Everything stays, as on an
         // error while running.
         if !polling && attachment.inherited() {
+            // Nothing keeps the address table until the next start: count by port meanwhile.
+            attachment.leave_addresses_to_the_ports();
             tracing::error!(
                 "the start failed after taking over what a crashed collector left: its pins, \
                  with every counter, and this start's programs stay for the next start \
