@@ -450,22 +450,8 @@ mod tests {
     /// network namespace of the test's own (made by `unshare` on its thread): needs root.
     #[test]
     fn addresses_in_or_failed_in_their_duplicate_detection_are_not_local() {
-        std::thread::spawn(|| {
-            // SAFETY: unshare on this thread only; no other state depends on its namespace.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "unshare(CLONE_NEWNET) needs root: {}",
-                io::Error::last_os_error()
-            );
-            let ip = |args: &str| {
-                let status = std::process::Command::new("ip")
-                    .args(args.split(' '))
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "ip {args}");
-            };
+        use crate::netns::ip;
+        crate::netns::in_new_namespace(|| {
             let sysctl = |path: &str, value: &str| {
                 std::fs::write(format!("/proc/sys/net/ipv6/{path}"), value).unwrap();
             };
@@ -502,9 +488,7 @@ mod tests {
             assert!(!has("fd00:7e::2"), "its detection failed");
             assert!(has("fd00:7e::3"), "without detection");
             assert!(has("fd00:7e::4"), "optimistic");
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]

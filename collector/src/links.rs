@@ -566,6 +566,7 @@ pub fn missing(links: &[Link], configured: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netns::ip;
 
     fn link(index: u32, name: &str, up: bool, parsed: bool) -> Link {
         Link {
@@ -974,29 +975,12 @@ mod tests {
         assert!(compared > 0, "no links listed");
     }
 
-    /// Runs `ip` with `args` in the calling thread's network namespace.
-    fn ip(args: &str) {
-        let status = std::process::Command::new("ip")
-            .args(args.split(' '))
-            .status()
-            .unwrap();
-        assert!(status.success(), "ip {args}");
-    }
-
     /// `list` dumps the links again only after the kernel announced a change, and sees every
     /// change that matters at the next call. In a network namespace of the test's own (made
     /// by `unshare` on its thread, gone with it): needs root.
     #[test]
     fn links_are_dumped_again_only_after_an_announced_change() {
-        std::thread::spawn(|| {
-            // SAFETY: unshare on this thread only; no other state depends on its namespace.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "unshare(CLONE_NEWNET) needs root: {}",
-                io::Error::last_os_error()
-            );
+        crate::netns::in_new_namespace(|| {
             let names = |links: &[Link]| -> Vec<(String, bool)> {
                 links.iter().map(|l| (l.name.clone(), l.up)).collect()
             };
@@ -1049,8 +1033,6 @@ mod tests {
                 [("lo".into(), true), ("br0".into(), false)]
             );
             assert_eq!(dumps_for(&|| drop(listed())), 0);
-        })
-        .join()
-        .unwrap();
+        });
     }
 }

@@ -37,3 +37,32 @@ pub fn current_cookie() -> io::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// Runs `f` on a thread of its own in a new network namespace, gone with the thread: for the
+/// unit tests that need one (they run as root).
+#[cfg(test)]
+pub fn in_new_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(|| {
+        // SAFETY: unshare on this thread only; no other state depends on its namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET) needs root: {}",
+            io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Runs `ip` with `args` in the calling thread's network namespace, for the unit tests.
+#[cfg(test)]
+pub fn ip(args: &str) {
+    let status = std::process::Command::new("ip")
+        .args(args.split(' '))
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args}");
+}

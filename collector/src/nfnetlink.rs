@@ -662,15 +662,7 @@ mod tests {
     /// first part of a long dump is handed over (in a network namespace of this thread's own).
     #[test]
     fn a_dump_a_change_interrupted_is_noticed_and_read_again() {
-        std::thread::spawn(|| {
-            // SAFETY: unshare on this thread only; its network namespace goes with it.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "unshare (run as root): {}",
-                io::Error::last_os_error()
-            );
+        crate::netns::in_new_namespace(|| {
             // 2,000 counters: a dump of several parts, each made as the one before is read.
             let counters = (0..2000)
                 .map(|n| format!("counter c{n} {{ }}"))
@@ -695,9 +687,7 @@ mod tests {
             );
             // Read again, unchanged meanwhile: every counter, the new one included.
             assert_eq!(read_counters("t").unwrap().len(), 2001);
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     /// `nft args`, `input` on its standard input, in this thread's network namespace.
