@@ -687,7 +687,8 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
                 && text.len() <= 15
                 && text != "."
                 && text != ".."
-                && !text.contains(['/', ':']) && !text.chars().any(char::is_whitespace);
+                && !text.contains(NEVER_IN_INTERFACE_NAMES)
+                && !text.chars().any(char::is_whitespace);
             let listed_before = raw.interfaces[..index]
                 .iter()
                 .any(|other| other.get_ref() == text);
@@ -699,7 +700,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
                 Err(source.at(
                     name,
                     format!(
-                        "interface {text:?} is not a valid interface name (1 to 15 bytes, no '/', ':' or spaces)"
+                        "interface {text:?} is not a valid interface name (1 to 15 bytes, no '/', ':', spaces or NUL)"
                     ),
                 ))
             }
@@ -752,6 +753,9 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
     })
 }
 
+/// Characters the kernel allows in no interface name (`dev_valid_name`), beside whitespace.
+const NEVER_IN_INTERFACE_NAMES: [char; 3] = ['/', ':', '\0'];
+
 /// Most addresses one `extra_local_addresses` entry may stand for: each goes into the
 /// kernel's address table.
 const EXTRA_LOCAL_RANGE_MAX: u32 = 1 << 16;
@@ -794,6 +798,21 @@ fn exclude_interfaces(
                     ),
                 )
             })?;
+        // A pattern that can match no interface name would exclude nothing, silently.
+        let never =
+            if text.contains(NEVER_IN_INTERFACE_NAMES) || text.chars().any(char::is_whitespace) {
+                Some("holds a character no interface name has ('/', ':', a space or NUL)")
+            } else if text.len() > 15 && !text.contains(['*', '?', '[']) {
+                Some("is longer than an interface name's 15 bytes")
+            } else {
+                None
+            };
+        if let Some(why) = never {
+            return Err(source.at(
+                entry,
+                format!("exclude_interfaces: {text:?} {why}: it would exclude nothing"),
+            ));
+        }
         patterns.push(pattern);
     }
     Ok(patterns)
@@ -2137,6 +2156,13 @@ match_every = 1
             "\"lxc[\" is not a pattern of interface names",
         );
         assert_error("exclude_interfaces = [\"\"]\n", 1, "not a pattern");
+        for never in ["cali*:", "veth /*", "a/b*", "calico-tunnel-dev0"] {
+            assert_error(
+                &format!("exclude_interfaces = [\n  {never:?},\n]\n"),
+                2,
+                "it would exclude nothing",
+            );
+        }
         assert_error(
             "exclude_interfaces = [\"cali*\", \"cali*\"]\n",
             1,
@@ -2164,6 +2190,11 @@ match_every = 1
         );
         assert_error(
             "interfaces = [\"sixteen-chars-xx\"]\n",
+            1,
+            "not a valid interface name",
+        );
+        assert_error(
+            "interfaces = [\"eth0\\u0000\"]\n",
             1,
             "not a valid interface name",
         );
