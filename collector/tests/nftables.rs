@@ -1028,21 +1028,7 @@ fn auto_counts_only_where_netfilter_already_hooks() {
 
     // A host firewall as NAT sets one up: base chains at prerouting and postrouting. The
     // running agent sees it within 30 polls (3 s here) and makes its table.
-    let firewall = "table ip hostnat {\n\
-        chain pre { type nat hook prerouting priority dstnat; policy accept; }\n\
-        chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
-    let mut nft = netns
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    nft.stdin
-        .take()
-        .unwrap()
-        .write_all(firewall.as_bytes())
-        .unwrap();
-    assert!(nft.wait().unwrap().success());
+    nft_script(&netns, HOST_NAT);
     wait_for("our table, made late", Duration::from_secs(10), || {
         has_table(&netns, &config.nft_table).then_some(())
     });
@@ -1226,17 +1212,7 @@ fn a_table_restored_from_a_saved_ruleset_is_replaced_and_its_counts_not_taken() 
     // The boot that loads the saved ruleset before the agent starts.
     nft_script(&netns, &saved);
     let agent = Agent::start(&netns, &config);
-    let text = scrape(&netns);
-    assert_eq!(
-        route_packets(&text, "in").1,
-        Some(0.0),
-        "{}",
-        table(&netns, &config.nft_table)
-    );
-    assert_eq!(table_count(&netns, &config.nft_table), 1);
-    assert!(agent.stop().success());
-    assert_no_table(&netns, &config.nft_table);
-    assert_no_pins(&config.pin_dir);
+    assert_made_anew_then_stop(&netns, &config, agent, &scrape(&netns));
 }
 
 /// `auto` after a crash, with nothing else hooking netfilter at the restart: the start
@@ -1247,10 +1223,7 @@ fn a_table_restored_from_a_saved_ruleset_is_replaced_and_its_counts_not_taken() 
 #[test]
 fn auto_after_a_crash_replaces_a_table_restored_later_and_takes_not_its_counts() {
     let netns = Netns::new();
-    let firewall = "table ip hostnat {\n\
-        chain pre { type nat hook prerouting priority dstnat; policy accept; }\n\
-        chain post { type nat hook postrouting priority srcnat; policy accept; }\n}\n";
-    nft_script(&netns, firewall);
+    nft_script(&netns, HOST_NAT);
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     assert_has_table(&netns, &config.nft_table);
@@ -1272,15 +1245,21 @@ fn auto_after_a_crash_replaces_a_table_restored_later_and_takes_not_its_counts()
         let text = scrape(&netns);
         (sample(&text, "collector_source_up", &[("source", "nft")]) == Some(1.0)).then_some(text)
     });
+    assert_made_anew_then_stop(&netns, &config, agent, &text);
+}
+
+/// Our table, one of it, counting from 0 in `text` (a saved one with old counts was not
+/// taken); then a clean stop leaves neither it nor the pins.
+fn assert_made_anew_then_stop(netns: &Netns, config: &AgentConfig, agent: Agent, text: &str) {
     assert_eq!(
-        route_packets(&text, "in").1,
+        route_packets(text, "in").1,
         Some(0.0),
         "{}",
-        table(&netns, &config.nft_table)
+        table(netns, &config.nft_table)
     );
-    assert_eq!(table_count(&netns, &config.nft_table), 1);
+    assert_eq!(table_count(netns, &config.nft_table), 1);
     assert!(agent.stop().success());
-    assert_no_table(&netns, &config.nft_table);
+    assert_no_table(netns, &config.nft_table);
     assert_no_pins(&config.pin_dir);
 }
 

@@ -287,16 +287,7 @@ fn connections_accepted_by_syn_cookie_count_exactly() {
     assert_eq!(cookies("SyncookiesRecv") - received, CONNECTIONS as u64);
     assert_eq!(cookies("SyncookiesFailed"), 0);
 
-    let metrics = support::wait_for_closed(&netns, "web", u32::try_from(CONNECTIONS).unwrap());
-    assert_route_metrics(
-        &metrics,
-        "web",
-        CONNECTIONS,
-        (CONNECTIONS * REQUEST, CONNECTIONS * RESPONSE),
-        support::retransmitted_segments(&[&netns]),
-    );
-    let json = proxy_json(&netns);
-    assert_eq!(json["totalConnections"], CONNECTIONS);
+    let json = assert_web_exchanges_exact(&netns, CONNECTIONS, REQUEST, RESPONSE);
     assert_eq!(json["topIPs"][0]["connections"], CONNECTIONS);
 
     assert!(agent.stop().success());
@@ -349,18 +340,32 @@ fn connections_opened_with_fast_open_count_exactly_with_the_data_of_their_syn() 
         CONNECTIONS as u64
     );
 
-    let metrics = support::wait_for_closed(&netns, "web", u32::try_from(CONNECTIONS).unwrap());
-    assert_route_metrics(
-        &metrics,
-        "web",
-        CONNECTIONS,
-        (CONNECTIONS * REQUEST, CONNECTIONS * RESPONSE),
-        support::retransmitted_segments(&[&netns]),
-    );
-    assert_eq!(proxy_json(&netns)["totalConnections"], CONNECTIONS);
+    assert_web_exchanges_exact(&netns, CONNECTIONS, REQUEST, RESPONSE);
 
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
+}
+
+/// Waits for `connections` exchanges of `request` bytes in and `response` out on the web
+/// route to close, and asserts their counts exact in `/metrics` and the JSON total; returns
+/// `/api/v1/proxy`.
+fn assert_web_exchanges_exact(
+    netns: &Netns,
+    connections: usize,
+    request: usize,
+    response: usize,
+) -> serde_json::Value {
+    let metrics = support::wait_for_closed(netns, "web", u32::try_from(connections).unwrap());
+    assert_route_metrics(
+        &metrics,
+        "web",
+        connections,
+        (connections * request, connections * response),
+        support::retransmitted_segments(&[netns]),
+    );
+    let json = proxy_json(netns);
+    assert_eq!(json["totalConnections"], connections);
+    json
 }
 
 /// Sets `TCP_FASTOPEN_CONNECT`, which socket2 does not offer.
