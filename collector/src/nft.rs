@@ -774,8 +774,16 @@ pub struct Source {
 
 struct Making {
     began: std::time::Instant,
-    /// The table made, or `None` for a removal of what is left of one.
-    thread: std::thread::JoinHandle<Option<Result<NftTable, NftError>>>,
+    thread: std::thread::JoinHandle<Finished>,
+}
+
+/// What a [`Making`] thread did.
+enum Finished {
+    Made(Result<NftTable, NftError>),
+    /// Removed what was left of our table; `failed`: it may still be there, and hooked.
+    Removed {
+        failed: bool,
+    },
 }
 
 /// When `auto` looks at netfilter's hooks, for what it logs.
@@ -956,7 +964,9 @@ impl Source {
         let starting = self.continuity.starting_counts();
         self.making = Some(Making {
             began,
-            thread: std::thread::spawn(move || Some(NftTable::setup(&config, adopt, starting))),
+            thread: std::thread::spawn(move || {
+                Finished::Made(NftTable::setup(&config, adopt, starting))
+            }),
         });
     }
 
@@ -965,9 +975,8 @@ impl Source {
         let config = self.config.clone();
         self.making = Some(Making {
             began: std::time::Instant::now(),
-            thread: std::thread::spawn(move || {
-                remove_what_is_left(&config);
-                None
+            thread: std::thread::spawn(move || Finished::Removed {
+                failed: !remove_what_is_left(&config),
             }),
         });
     }
@@ -985,12 +994,14 @@ impl Source {
         let Some(making) = self.making.take() else {
             return;
         };
-        if let Some(setup) = making
+        match making
             .thread
             .join()
-            .unwrap_or(Some(Err(NftError::MakingPanicked)))
+            .unwrap_or(Finished::Made(Err(NftError::MakingPanicked)))
         {
-            self.made(setup, making.began);
+            Finished::Made(setup) => self.made(setup, making.began),
+            // Still ours to remove: at the next look, or at the stop.
+            Finished::Removed { failed } => self.found_changed |= failed,
         }
     }
 
@@ -1099,7 +1110,8 @@ impl Source {
             self.enabled = self.auto_wants_counting(look);
             // What was found "removed" may be our table changed (its rules flushed), still
             // hooked: with counting off it would be the namespace's first hook for good.
-            if !self.enabled && look == Look::AfterRemoval {
+            // Looked at again after a removal that failed.
+            if !self.enabled && self.found_changed {
                 self.start_removing_what_is_left();
                 self.found_changed = false;
             }
@@ -1134,8 +1146,15 @@ impl Source {
             // deadline may have made it after all, and it is not made again yet: what is
             // left of it is still ours, and may still hook every packet.
             None if self.found_changed => {
-                remove_what_is_left(&self.config);
-                Ok(())
+                if remove_what_is_left(&self.config) {
+                    Ok(())
+                } else {
+                    anyhow::bail!(
+                        "what was left of our nftables table stays (once this process is gone, \
+                         `nft delete table inet {}` removes it)",
+                        self.config.nftables.table
+                    )
+                }
             }
             None => Ok(()),
         }
@@ -1143,12 +1162,13 @@ impl Source {
 }
 
 /// Removes what is left of our table after a poll found it changed, if it is still
-/// recognisably ours; says what it did.
-fn remove_what_is_left(config: &Config) {
+/// recognisably ours; says what it did. `false`: the removal failed, the table may be left.
+fn remove_what_is_left(config: &Config) -> bool {
     let table = &config.nftables.table;
     match remove_leftover(table, config.nftables.nft_timeout) {
         Ok(Leftover::Ours) => {
             tracing::info!("removed what was left of our nftables table inet {table}");
+            true
         }
         // Changed by someone into one we do not recognise (a chain or set added): its
         // chains may still hook every packet.
@@ -1156,10 +1176,12 @@ fn remove_what_is_left(config: &Config) {
             tracing::warn!(
                 "left the nftables table inet {table}: it is no longer the one the collector made (it {why}), and its chains may still hook every packet; `nft delete table inet {table}` removes it once nobody needs what was added"
             );
+            true
         }
-        Ok(Leftover::Absent) => {}
+        Ok(Leftover::Absent) => true,
         Err(err) => {
             tracing::warn!("removing what was left of our nftables table inet {table}: {err}");
+            false
         }
     }
 }

@@ -487,8 +487,8 @@ fn a_table_made_by_an_nft_killed_after_applying_it_is_removed_at_the_stop() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// A launcher of the agent in `netns` whose `nft` fails while `refuse` exists, and is the
-/// real one otherwise.
+/// A launcher of the agent in `netns` whose `nft` fails while `refuse` exists (and then
+/// makes `tools/refused`), and is the real one otherwise.
 fn with_nft_refusing_while(
     netns: &Netns,
     tools: &std::path::Path,
@@ -499,8 +499,9 @@ fn with_nft_refusing_while(
     let text = std::fs::read_to_string(&script).unwrap();
     // Before anything else, after the `#!` line.
     let check = format!(
-        "\n[ -e {} ] && {{ echo 'refused by the test' >&2; exit 1; }}\n",
-        refuse.display()
+        "\n[ -e {} ] && {{ : > {}; echo 'refused by the test' >&2; exit 1; }}\n",
+        refuse.display(),
+        tools.join("refused").display()
     );
     std::fs::write(&script, text.replacen('\n', &check, 1)).unwrap();
     launcher
@@ -1559,5 +1560,41 @@ fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
     );
     assert!(agent.stop().success());
     assert_no_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
+/// With `auto`, a removal of what is left of our table that fails (here `nft` refuses it)
+/// is tried again at the next look. Until 2026-12-06 the failure was forgotten: the table,
+/// its chains still hooked, stayed, and outlived the stop.
+#[test]
+fn auto_tries_again_a_removal_of_what_is_left_that_failed() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    nft_script(&netns, HOST_NAT);
+    let tools = config.dir.join("refusing-tools");
+    let refuse = config.dir.join("refuse");
+    let launcher = with_nft_refusing_while(&netns, &tools, &refuse);
+    let agent = Agent::spawn(&netns, launcher, &config, &[]);
+    assert_has_table(&netns, &config.nft_table);
+
+    std::fs::write(&refuse, "").unwrap();
+    nft_script(
+        &netns,
+        &format!(
+            "flush table inet {}\ndelete table ip hostnat\n",
+            config.nft_table
+        ),
+    );
+    wait_for("the removal refused", Duration::from_secs(15), || {
+        tools.join("refused").exists().then_some(())
+    });
+    assert_has_table(&netns, &config.nft_table);
+    std::fs::remove_file(&refuse).unwrap();
+    wait_for(
+        "what was left of our table to go at the next look",
+        Duration::from_secs(15),
+        || (!has_table(&netns, &config.nft_table)).then_some(()),
+    );
+    assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
