@@ -321,10 +321,12 @@ pub fn read(
             connects: sum_upstream(&maps.upstream_counters, upstream.slot)?,
         });
     }
+    // The DNS counters before the error counters, as in `ring_drops`: a name event dropped
+    // between the reads is then in neither drop count or in the error counter's alone.
+    totals.dns = sum_dns(maps.dns_counters.get(&0, 0)?.iter());
     for (kind, count) in (0..ERROR_KINDS).zip(totals.errors.iter_mut()) {
         *count = sum_u64(&maps.errors, kind)?;
     }
-    totals.dns = sum_dns(maps.dns_counters.get(&0, 0)?.iter());
     Ok(totals)
 }
 

@@ -191,9 +191,9 @@ pub enum LostCause {
     /// dropped.
     ReaderBehind,
     /// The kernel's ring buffers were full (the agent fell behind, or was paused): that
-    /// many events never reached the agent, exactly on the connection ring, at most on the
-    /// DNS ring, whose count also holds name events, which are not lines. Said at the first
-    /// poll after, so within a poll of where.
+    /// many of the stream's lines never reached the agent (the rings' other records, client
+    /// records and name events, are counted apart). Said at the first poll after, so within
+    /// a poll of where.
     KernelRingFull,
 }
 
@@ -220,6 +220,15 @@ pub struct RingDrops {
     pub clients: u64,
     /// The DNS ring's name events, in `dns` too (the top domains' bound).
     pub names: u64,
+}
+
+impl RingDrops {
+    /// The DNS stream's lines lost: the DNS ring's drops that were no name events. (Its
+    /// two counters are read the DNS counters first, so a name event dropped between the
+    /// reads makes this short for a poll, never long.)
+    fn dns_lines(&self) -> u64 {
+        self.dns.saturating_sub(self.names)
+    }
 }
 
 impl StreamEvent {
@@ -343,7 +352,7 @@ impl EventHub {
     pub fn ring_dropped(&self, dropped: RingDrops) {
         self.ring_dropped.send_if_modified(|seen| {
             // Only what the streams say: client records and name events are no lines.
-            let said = |drops: &RingDrops| (drops.dns, drops.connections);
+            let said = |drops: &RingDrops| (drops.dns_lines(), drops.connections);
             let changed = seen.as_ref().map(said) != Some(said(&dropped));
             *seen = Some(dropped);
             changed
@@ -584,26 +593,25 @@ fn ring_loss(
         *said = Some(now);
         return None;
     };
-    for (stream, now, seen) in [
-        (
-            LostStream::Connections,
-            now.connections,
-            &mut seen.connections,
-        ),
-        (LostStream::Dns, now.dns, &mut seen.dns),
-    ] {
-        let count = now.saturating_sub(*seen);
-        *seen = now;
-        if count > 0 {
-            return Some(StreamEvent::Lost {
-                count,
-                timestamp: crate::clock::unix_ms(),
-                cause: LostCause::KernelRingFull,
-                stream,
-            });
-        }
-    }
-    None
+    // The largest count said stands: the DNS ring's may read short for a poll
+    // (`RingDrops::dns_lines`).
+    let (stream, count) = if now.connections > seen.connections {
+        let count = now.connections - seen.connections;
+        seen.connections = now.connections;
+        (LostStream::Connections, count)
+    } else if now.dns_lines() > seen.dns_lines() {
+        let count = now.dns_lines() - seen.dns_lines();
+        (seen.dns, seen.names) = (now.dns, now.names);
+        (LostStream::Dns, count)
+    } else {
+        return None;
+    };
+    Some(StreamEvent::Lost {
+        count,
+        timestamp: crate::clock::unix_ms(),
+        cause: LostCause::KernelRingFull,
+        stream,
+    })
 }
 
 /// The stream line of a connection record; `None` for a client record, which is not
@@ -843,9 +851,10 @@ mod tests {
             serde_json::json!({"event": "lost", "count": 1, "timestamp": timestamp_of(&lost),
                 "cause": "kernel-ring-full", "stream": "dns"})
         );
-        // Client records and name events lost are no stream's lines: no line for them.
+        // Client records and name events lost are no stream's lines: no line for them (a
+        // name event is in the DNS ring's count too).
         hub.ring_dropped(RingDrops {
-            dns: 7,
+            dns: 10,
             connections: 4,
             clients: 5,
             names: 3,
@@ -855,6 +864,30 @@ mod tests {
             reader.next().await,
             Some(StreamEvent::ConnectionOpen { .. })
         ));
+        // A read that took a name event dropped after the DNS count was read says nothing,
+        // and the next read says only the lines lost since the last said.
+        hub.ring_dropped(RingDrops {
+            dns: 10,
+            connections: 4,
+            clients: 5,
+            names: 4,
+        });
+        hub.ring_dropped(RingDrops {
+            dns: 13,
+            connections: 4,
+            clients: 5,
+            names: 4,
+        });
+        let lost = reader.next().await.unwrap();
+        assert_eq!(
+            lost,
+            StreamEvent::Lost {
+                count: 2,
+                timestamp: timestamp_of(&lost),
+                cause: LostCause::KernelRingFull,
+                stream: LostStream::Dns,
+            }
+        );
     }
 
     fn timestamp_of(line: &StreamEvent) -> u64 {

@@ -1564,7 +1564,7 @@ fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
 }
 
 /// With `auto`, a removal of what is left of our table that fails (here `nft` refuses it)
-/// is tried again at the next look. Until 2026-12-06 the failure was forgotten: the table,
+/// is tried again at the next look. Until 2026-12-05 the failure was forgotten: the table,
 /// its chains still hooked, stayed, and outlived the stop.
 #[test]
 fn auto_tries_again_a_removal_of_what_is_left_that_failed() {
