@@ -1217,11 +1217,11 @@ fn route_owners(ebpf: &Ebpf) -> anyhow::Result<Vec<Option<String>>> {
 }
 
 /// The connections open per route slot: those the (pinned) connection table holds, or, while
-/// it holds any accepted on a port shared by server name, those the counters show opened and
-/// not closed where more. Such a connection (`BY_NAME`) keeps the port's route in its table
-/// slot (its route is in socket storage, which only the kernel reads), so only the counters
-/// show the route it counts in. (Not always: they also keep connections counted while the
-/// table was full, which close uncounted.)
+/// it holds any accepted on a port shared by server name, those the counters show open (as
+/// the poll does: opened, and neither closed nor turned away by the full table) where more.
+/// Such a connection (`BY_NAME`) keeps the port's route in its table slot (its route is in
+/// socket storage, which only the kernel reads), so only the counters show the route it
+/// counts in.
 fn open_connections_by_slot(ebpf: &Ebpf) -> anyhow::Result<Vec<u64>> {
     let table: Array<&MapData, ConnState> = Array::try_from(
         ebpf.map(map_names::CONN_STATE)
@@ -1248,7 +1248,7 @@ fn open_connections_by_slot(ebpf: &Ebpf) -> anyhow::Result<Vec<u64>> {
     for (slot, count) in (0..).zip(open.iter_mut()) {
         // Read as the poll reads it, so that no close is seen without its open.
         let totals = crate::counters::sum_conn(&counters, slot)?;
-        *count = (*count).max(totals.opened.saturating_sub(totals.closed));
+        *count = (*count).max(crate::snapshot::still_open(&totals));
     }
     Ok(open)
 }

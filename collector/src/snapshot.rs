@@ -175,12 +175,11 @@ impl RouteSnapshot {
     }
 }
 
-/// Opened and not closed: both counters exact and monotonic. The floor at 0 is for a close
-/// counted before its open (a route by name decided on one CPU as it closes on another; see
-/// `counters::sum_conn`).
 /// Opened and neither closed nor turned away by the full table (those of them still open
-/// are left out until a start lists them, as the connections from before it).
-fn still_open(conn: &collector_common::ConnCounters) -> u64 {
+/// are left out until a start lists them, as the connections from before it): counters
+/// exact and monotonic. The floor at 0 is for a close counted before its open (a route by
+/// name decided on one CPU as it closes on another; see `counters::sum_conn`).
+pub fn still_open(conn: &collector_common::ConnCounters) -> u64 {
     conn.opened
         .saturating_sub(conn.closed)
         .saturating_sub(conn.untracked)

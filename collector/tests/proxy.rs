@@ -1184,6 +1184,75 @@ fn every_slot_used(leaving_out: &[u16], new: bool) -> String {
     routes
 }
 
+/// The agent's config with `routes` in place of its routes.
+fn rewrite_routes(config: &AgentConfig, routes: &str) {
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    let start = text.find("[[routes]]").unwrap();
+    let end = text.find("[nftables]").unwrap();
+    std::fs::write(
+        &config.path,
+        format!("{}{routes}{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
+}
+
+/// A removed route whose only connections the full table turned away (`untracked`) has none
+/// open: its slot goes to a new route, also while the table holds a connection decided by
+/// server name (when the counters, not the table, say what is open). Until 2026-12-05 those
+/// turned away read as open for good, and the start was refused for want of a slot.
+#[test]
+fn a_removed_routes_connections_turned_away_by_the_full_table_leave_its_slot_free() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&every_slot_used(&[], false));
+    let agent = Agent::start(&netns, &config);
+    support::fill_connection_table(&config, true);
+    exchanges(&netns, local(30007), 2, 10, 10, Closer::Connecting);
+    wait_for(
+        "r7's 2 connections turned away",
+        Duration::from_secs(10),
+        || {
+            let metrics = scrape(&netns);
+            (route_value(
+                &metrics,
+                "collector_proxy_connections_untracked_total",
+                "r7",
+            ) == 2.0
+                && route_value(&metrics, "collector_proxy_connections_active", "r7") == 0.0)
+                .then_some(())
+        },
+    );
+    support::fill_connection_table(&config, false);
+    // A connection of r8's decided by server name, as the table holds one (its socket gone
+    // with the crash below, as far as the start can tell: nothing reads socket storage).
+    support::connection_table(&config)
+        .set(
+            0,
+            collector_common::ConnState {
+                cookie: 1 << 63,
+                route: 8,
+                flags: collector_common::conn_flags::BY_NAME,
+                ..collector_common::ConnState::default()
+            },
+            0,
+        )
+        .unwrap();
+    agent.kill();
+
+    rewrite_routes(&config, &every_slot_used(&[7], true));
+    let agent = Agent::start(&netns, &config);
+    exchanges(&netns, local(31000), 3, 100, 100, Closer::Connecting);
+    let metrics = support::wait_for_closed(&netns, "new", 3);
+    for (name, value) in [
+        ("collector_proxy_connections_opened_total", 3.0),
+        ("collector_proxy_connections_untracked_total", 0.0),
+        ("collector_proxy_connections_active", 0.0),
+    ] {
+        assert_eq!(route_value(&metrics, name, "new"), value, "{name}");
+    }
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn a_new_route_leaves_the_slot_of_a_removed_route_with_open_connections_alone() {
     const HELD: usize = 3;
@@ -1209,17 +1278,7 @@ fn a_new_route_leaves_the_slot_of_a_removed_route_with_open_connections_alone() 
 
     // r7 removed and `new` added: the only slot `new` could take is r7's, whose connections
     // are still open and would close into it.
-    let rewrite = |routes: String| {
-        let text = std::fs::read_to_string(&config.path).unwrap();
-        let start = text.find("[[routes]]").unwrap();
-        let end = text.find("[nftables]").unwrap();
-        std::fs::write(
-            &config.path,
-            format!("{}{routes}{}", &text[..start], &text[end..]),
-        )
-        .unwrap();
-    };
-    rewrite(every_slot_used(&[7], true));
+    rewrite_routes(&config, &every_slot_used(&[7], true));
     let stderr = support::refused_start(&netns, &config.path);
     assert!(
         stderr.contains("no free route slot") && stderr.contains("r7 (3 open)"),
@@ -1227,7 +1286,7 @@ fn a_new_route_leaves_the_slot_of_a_removed_route_with_open_connections_alone() 
     );
 
     // With r9 (no connection open) removed too, `new` takes r9's slot.
-    rewrite(every_slot_used(&[7, 9], true));
+    rewrite_routes(&config, &every_slot_used(&[7, 9], true));
     let agent = Agent::start(&netns, &config);
     drop(clients);
     drop(accepted);

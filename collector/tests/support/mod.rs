@@ -1184,15 +1184,25 @@ pub fn connections_3_in_5_out(netns: &Netns, count: usize) {
     server.join().unwrap();
 }
 
+/// The agent's pinned connection table.
+pub fn connection_table(
+    config: &AgentConfig,
+) -> aya::maps::Array<aya::maps::MapData, collector_common::ConnState> {
+    let pin = config
+        .pin_dir
+        .join("v1")
+        .join(collector_common::map_names::CONN_STATE);
+    aya::maps::Array::try_from(aya::maps::Map::Array(
+        aya::maps::MapData::from_pin(&pin).unwrap(),
+    ))
+    .unwrap()
+}
+
 /// Gives every slot of the agent's pinned connection table to a socket that does not exist
 /// (`full`), in a slot of no route, or frees every slot again.
 pub fn fill_connection_table(config: &AgentConfig, full: bool) {
-    use collector_common::{ConnState, MAX_ROUTES, map_names};
-    let pin = config.pin_dir.join("v1").join(map_names::CONN_STATE);
-    let mut table: aya::maps::Array<_, ConnState> = aya::maps::Array::try_from(
-        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
-    )
-    .unwrap();
+    use collector_common::{ConnState, MAX_ROUTES};
+    let mut table = connection_table(config);
     for slot in 0..table.len() {
         let entry = ConnState {
             // Far from any real cookie, which count up from 1.
