@@ -264,9 +264,19 @@ impl Attachment {
             return Ok(None);
         };
         let _held = signals::hold().context("holding back the stop signals while attaching")?;
-        Self::try_attach(options, lock, cgroup2)
-            .map(Some)
-            .map_err(privilege_hint)
+        // A start that fails leaves no empty directory of its own behind; removed under the
+        // lock, which this duplicate holds past the failed start's.
+        let lock_held = lock
+            .try_clone()
+            .context("duplicating the pin directory's lock")?;
+        let attached = Self::try_attach(options, lock, cgroup2);
+        if attached.is_err()
+            && let Err(err) = remove_empty_dirs(&config.pin_dir)
+        {
+            tracing::warn!("{err:#}");
+        }
+        drop(lock_held);
+        attached.map(Some).map_err(privilege_hint)
     }
 
     fn try_attach(
@@ -291,10 +301,7 @@ impl Attachment {
 
         let netns_cookie = if config.all_namespaces { 0 } else { own_netns };
         let stats = if options.bpf_stats {
-            Some(
-                aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                    .context("enabling BPF run-time statistics")?,
-            )
+            Some(enable_run_time_stats()?)
         } else {
             None
         };
@@ -789,6 +796,15 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     for name in maps {
         failures.note(remove_if_present(&map_dir.join(name)));
     }
+    failures.note(remove_empty_dirs(pin_dir));
+    failures.into_result()
+}
+
+/// Removes our directories under `pin_dir`, and it, where they are empty.
+fn remove_empty_dirs(pin_dir: &Path) -> anyhow::Result<()> {
+    let map_dir = paths::map_pin_dir(pin_dir);
+    let links_dir = map_dir.join(LINKS_DIR);
+    let mut failures = Failures::default();
     let ours = [links_dir.as_path(), map_dir.as_path(), pin_dir];
     for dir in &ours[..if paths::given_as_link(pin_dir) { 2 } else { 3 }] {
         match fs::remove_dir(dir) {
@@ -1640,6 +1656,24 @@ fn caused_by(err: &anyhow::Error, errno: i32) -> bool {
         .any(|cause| cause.raw_os_error() == Some(errno))
 }
 
+/// Switches the kernel's run-time statistics on, for as long as the returned descriptor is
+/// open (`--bpf-stats`).
+fn enable_run_time_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|err| {
+        let denied = privileges::denied(&err.io_error);
+        let err = anyhow::Error::from(err).context("enabling BPF run-time statistics");
+        if denied {
+            err.context(privileges::Explained(
+                "--bpf-stats: the kernel switches its run-time statistics on only for \
+                 CAP_SYS_ADMIN; run with it, or without --bpf-stats"
+                    .to_owned(),
+            ))
+        } else {
+            err
+        }
+    })
+}
+
 /// `err`, from attaching a program to the cgroup2 root at `cgroup2`, with what E2BIG means
 /// there: the hook holds the kernel's 64 programs already (`BPF_CGROUP_MAX_PROGS`).
 fn cgroup_hook_full_hint(err: anyhow::Error, cgroup2: &str) -> anyhow::Error {
@@ -1659,6 +1693,13 @@ fn cgroup_hook_full_hint(err: anyhow::Error, cgroup2: &str) -> anyhow::Error {
 /// capability, a security module ([`privileges::denial_advice`]). Not where the verifier
 /// refused a program (it answers EACCES too, and says why in its log): no privilege helps.
 fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
+    let explained = err.downcast_ref::<privileges::Explained>().is_some()
+        || err
+            .downcast_ref::<paths::PathError>()
+            .is_some_and(paths::PathError::explains_denial);
+    if explained {
+        return err;
+    }
     let denied = privileges::denied_in(&err)
         || err
             .chain()

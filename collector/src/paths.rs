@@ -34,11 +34,15 @@ pub enum PathError {
     #[error("opening the cgroup2 root at {0}: {1}")]
     OpenCgroup2(PathBuf, #[source] std::io::Error),
     #[error(
+        "no cgroup2 mount is visible here (/proc/self/mounts): mount the host's cgroup2 into this container (a hostPath of its mount, /sys/fs/cgroup or /sys/fs/cgroup/unified) and set `cgroup2` to it where it is not found; mounting one at {0} to open its root needs CAP_SYS_ADMIN and a writable temporary directory (TMPDIR), and failed"
+    )]
+    MountCgroup2(PathBuf, #[source] std::io::Error),
+    #[error(
         "{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` or set `pin_dir` to a directory on bpffs"
     )]
     NoBpffs(PathBuf),
     #[error(
-        "mounting bpffs at {0} (needs CAP_SYS_ADMIN; or mount it yourself: `mount -t bpf bpf /sys/fs/bpf`): {1}"
+        "mounting bpffs at {0} (needs CAP_SYS_ADMIN; or mount it yourself: `mount -t bpf bpf /sys/fs/bpf`)"
     )]
     MountBpffs(PathBuf, #[source] std::io::Error),
     #[error("reading /proc/mounts: {0}")]
@@ -61,6 +65,14 @@ pub enum PathError {
         layout: PathBuf,
         suggested: PathBuf,
     },
+}
+
+impl PathError {
+    /// Says itself what a refusal needs (a mount that needs `CAP_SYS_ADMIN`).
+    #[must_use]
+    pub fn explains_denial(&self) -> bool {
+        matches!(self, Self::MountBpffs(..) | Self::MountCgroup2(..))
+    }
 }
 
 /// One line of /proc/mounts.
@@ -205,7 +217,7 @@ pub fn open_cgroup2(cgroup: &Cgroup2) -> Result<(fs::File, String), PathError> {
                     .unwrap_or_default()
                     .subsec_nanos()
             ));
-            let fail = |err| PathError::OpenCgroup2(dir.clone(), err);
+            let fail = |err| PathError::MountCgroup2(dir.clone(), err);
             // Made here, or refused: one found there (a symbolic link someone put in a
             // shared /tmp) would have the mount follow it elsewhere. Once made, the sticky
             // /tmp keeps others from swapping it.

@@ -90,6 +90,12 @@ pub fn denied(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::EPERM | libc::EACCES))
 }
 
+/// A refusal whose cause is known and said in the message: the privilege advice
+/// ([`denial_advice`]), a guess, is left off it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Explained(pub String);
+
 /// Whether any cause in `err`'s chain is [`denied`].
 #[must_use]
 pub fn denied_in(err: &anyhow::Error) -> bool {

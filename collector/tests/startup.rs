@@ -693,6 +693,53 @@ fn without_privileges_the_error_says_what_is_needed() {
     assert!(stderr.contains("run as root, or with CAP_BPF"), "{stderr}");
 }
 
+/// Root with only the three capabilities the manifests grant: what needs `CAP_SYS_ADMIN` as
+/// well says so, rather than blame a security module (until 2026-12-05 both starts below
+/// read "a Linux security module refused it", and the first left empty directories in
+/// bpffs).
+#[test]
+fn what_needs_cap_sys_admin_says_so() {
+    support::require_root();
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let refused = |mut launcher: Command, args: &[&str]| {
+        let out = launcher
+            .args([
+                "--bounding-set=-all,+bpf,+perfmon,+net_admin",
+                "--inh-caps=-all",
+                COLLECTOR,
+                "run",
+                "--config",
+            ])
+            .arg(&config.path)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success() && !stderr.contains("security module"),
+            "{stderr}"
+        );
+        assert!(!config.pin_dir.exists(), "{}", config.pin_dir.display());
+        stderr
+    };
+    // With the host's mounts (nsenter keeps them).
+    let stderr = refused(netns.command("setpriv"), &["--bpf-stats"]);
+    assert!(
+        stderr.contains(
+            "--bpf-stats: the kernel switches its run-time statistics on only for CAP_SYS_ADMIN"
+        ),
+        "{stderr}"
+    );
+    // `ip netns exec` gives a fresh /sys without the cgroup2 mount.
+    let stderr = refused(netns.ip_netns_exec("setpriv"), &[]);
+    assert!(
+        stderr.contains("no cgroup2 mount is visible here")
+            && stderr.contains("needs CAP_SYS_ADMIN"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn check_passes_on_this_host() {
     support::require_root();
