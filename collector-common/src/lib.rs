@@ -476,9 +476,10 @@ pub struct DnsCounters {
     /// Matched responses whose name and type the server asked an upstream for after the
     /// client asked.
     pub cache_misses: u64,
-    /// Matched responses that this namespace forwards rather than sends: their server is in
-    /// another namespace behind a DNAT (a container's published port, a Service), whose
-    /// upstream queries are not seen here, so they are neither hit nor miss.
+    /// Matched responses neither hit nor miss: those this namespace forwards rather than
+    /// sends (their server is in another namespace behind a DNAT, a container's published
+    /// port or a Service, whose upstream queries are not seen here), and those without a
+    /// question (some FORMERR answers), whose name cannot be looked up.
     pub cache_undecided: u64,
     /// Queries from the host to an upstream port.
     pub upstream_queries: u64,
@@ -982,6 +983,10 @@ pub mod conn_flags {
     /// Accepted on a port shared by server name: its route is decided by its ClientHello
     /// (`SNI_DECISIONS`); `route` is the port's route without a name until its close.
     pub const BY_NAME: u32 = 32;
+    /// Established by our own SYN meeting a SYN (a socket connected to its own port, or
+    /// crossed SYNs), not accepted from a listener: `bytes_acked` counts that SYN as one
+    /// byte, as an upstream's does.
+    pub const SYN_ACKED: u32 = 64;
 }
 
 /// Server names (port and name pairs) the kernel's name map holds.

@@ -173,7 +173,14 @@ fn on_accepted(ctx: &SockOpsContext) {
     state.client_addr = client;
     state.route = slot;
     state.client_port = client_port(ctx);
-    state.flags = 0;
+    // A child of a listener starts with nothing acknowledged; a socket whose own SYN was
+    // met by a SYN (connected to its own port, or crossed SYNs) with its SYN.
+    // SAFETY: a context field read, as in `tcp`.
+    state.flags = if unsafe { (*ctx.ops).bytes_acked } == 0 {
+        0
+    } else {
+        conn_flags::SYN_ACKED
+    };
     // Ask for state callbacks, keeping whatever callbacks other programs asked for.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     // On a port shared by name the route waits for the ClientHello (server_names), which
@@ -182,7 +189,7 @@ fn on_accepted(ctx: &SockOpsContext) {
         && server_names::shared_port(ctx.local_port())
         && server_names::await_hello(ctx, slot, cookie, (state.client_addr, state.client_port))
     {
-        state.flags = conn_flags::BY_NAME;
+        state.flags |= conn_flags::BY_NAME;
         return;
     }
 
@@ -442,7 +449,7 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
     // The connecting side's SYN was acknowledged too, and counted in `bytes_acked` (the
     // accepting side's SYN-ACK is not: its ACK sets `snd_una` directly).
     let upstream = flags & conn_flags::UPSTREAM != 0;
-    let syn_out = u64::from(upstream);
+    let syn_out = u64::from(flags & (conn_flags::UPSTREAM | conn_flags::SYN_ACKED) != 0);
     let bytes_out = sock
         .bytes_acked
         .saturating_sub(u64::from(flags & conn_flags::FIN_OUT != 0) + syn_out);

@@ -227,10 +227,9 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
                 return None;
             }
             let total = usize::from(read_be16(ctx, L2 + 2)?);
-            let l4 = L2 + ihl;
             Some(Datagram {
-                l4,
-                available: total.saturating_sub(ihl).min(skb_len.saturating_sub(l4)),
+                l4: L2 + ihl,
+                available: within(L2 + total, skb_len).saturating_sub(L2 + ihl),
                 fragmented: fragment & 0x2000 != 0,
                 ipv6: false,
             })
@@ -249,18 +248,23 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
             if upper.protocol != IPPROTO_UDP || upper.later_fragment {
                 return None;
             }
-            let l4 = upper.offset;
             Some(Datagram {
-                l4,
-                available: (L2 + IPV6_HLEN + payload)
-                    .saturating_sub(l4)
-                    .min(skb_len.saturating_sub(l4)),
+                l4: upper.offset,
+                available: within(L2 + IPV6_HLEN + payload, skb_len).saturating_sub(upper.offset),
                 fragmented: upper.more_fragments,
                 ipv6: true,
             })
         }
         _ => None,
     }
+}
+
+/// Where the IP length says the packet ends, or 0 (no datagram: malformed, its length bad)
+/// past the frame's end: a lie the stack drops the packet for (`ip_rcv_core`,
+/// `ip6_rcv_core`), so no message reaches a socket. (Ethernet padding may follow the end.)
+#[inline(always)]
+fn within(ip_end: usize, skb_len: usize) -> usize {
+    if ip_end > skb_len { 0 } else { ip_end }
 }
 
 /// Parses and counts one message; `Err` carries the malformed reason.

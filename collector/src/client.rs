@@ -1185,7 +1185,7 @@ pub fn dns_table(json: &Value) -> String {
             let _ = writeln!(
                 out,
                 "cache: {} undecided (answers relayed from a server behind a DNAT, whose \
-                 upstream queries are not seen here)",
+                 upstream queries are not seen here, or without a question)",
                 count(&json["cacheStats"]["undecided"])
             );
         }

@@ -306,13 +306,14 @@ fn owned_rows(
 /// The names of the [`conn_flags`] set in `flags`, as the kernel's constants are named; a
 /// bit this build does not know is shown as a number.
 fn flag_names(flags: u32) -> Vec<String> {
-    const NAMES: [(u32, &str); 6] = [
+    const NAMES: [(u32, &str); 7] = [
         (conn_flags::FIN_IN, "FIN_IN"),
         (conn_flags::FIN_OUT, "FIN_OUT"),
         (conn_flags::FIN_WAIT2_SEEN, "FIN_WAIT2_SEEN"),
         (conn_flags::UPSTREAM, "UPSTREAM"),
         (conn_flags::CONNECTING, "CONNECTING"),
         (conn_flags::BY_NAME, "BY_NAME"),
+        (conn_flags::SYN_ACKED, "SYN_ACKED"),
     ];
     let known = NAMES.iter().fold(0, |all, (bit, _)| all | bit);
     let mut names: Vec<String> = NAMES
@@ -1078,9 +1079,9 @@ mod tests {
             })
         );
         // A slot without a recorded owner; a flag of a newer build.
-        state.flags = 0x40 | conn_flags::UPSTREAM;
+        state.flags = 0x80 | conn_flags::UPSTREAM;
         let row = conn_state_row(42, &state, None);
-        assert_eq!(row["flags"], json!(["UPSTREAM", "0x40"]));
+        assert_eq!(row["flags"], json!(["UPSTREAM", "0x80"]));
         assert!(
             row.get("route").is_none() && row.get("upstream").is_none(),
             "{row}"

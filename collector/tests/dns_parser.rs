@@ -954,6 +954,24 @@ fn crafted_packets_are_counted_where_they_belong() {
         classifiers.run(to, &query[..14 + 20 + 6]),
         Outcome::Malformed
     );
+    // An IP length past the frame's end: the stack drops it (`ip_rcv_core`, `ip6_rcv_core`),
+    // so it is no query, whatever its message holds (until 2026-12-05 counted as one).
+    for ipv6 in [false, true] {
+        let mut packet = Packet::new(to, message(QUERY, 1, &www_example(1)));
+        packet.ipv6 = ipv6;
+        let mut frame = packet.frame();
+        let at = if ipv6 { 14 + 4 } else { 14 + 2 };
+        let claimed = u16::from_be_bytes([frame[at], frame[at + 1]]) + 100;
+        frame[at..at + 2].copy_from_slice(&claimed.to_be_bytes());
+        let bad_length = || classifiers.malformed_reasons()[dns_malformed::BAD_LENGTH as usize];
+        let before = bad_length();
+        assert_eq!(
+            classifiers.run(to, &frame),
+            Outcome::Malformed,
+            "IPv6 {ipv6}"
+        );
+        assert_eq!(bad_length() - before, 1, "IPv6 {ipv6}");
+    }
 
     // First fragments are malformed for the reasons whole datagrams are.
     for (name, reason) in [

@@ -1184,6 +1184,39 @@ fn every_slot_used(leaving_out: &[u16], new: bool) -> String {
     routes
 }
 
+/// A socket connected to its own route port (nothing listens there; a probe whose source
+/// port came out the same) is established by its own SYN, which `bytes_acked` counts, not
+/// accepted: its bytes count exactly all the same. Until 2026-12-05 those sent read one
+/// more (the SYN).
+#[test]
+fn a_socket_connected_to_its_own_route_port_counts_its_bytes_exactly() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    netns.run(|| {
+        let own = local(WEB_PORT);
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.bind(&own.into()).unwrap();
+        socket.connect(&own.into()).unwrap();
+        let mut stream = TcpStream::from(socket);
+        stream.write_all(b"1234567").unwrap();
+        let mut echoed = [0u8; 7];
+        stream.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"1234567");
+    });
+    let metrics = support::wait_for_closed(&netns, "web", 1);
+    for (name, value) in [
+        ("collector_proxy_connections_opened_total", 1.0),
+        ("collector_proxy_connection_received_bytes_total", 7.0),
+        ("collector_proxy_connection_sent_bytes_total", 7.0),
+        ("collector_proxy_connections_active", 0.0),
+    ] {
+        assert_eq!(route_value(&metrics, name, "web"), value, "{name}");
+    }
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// The agent's config with `routes` in place of its routes.
 fn rewrite_routes(config: &AgentConfig, routes: &str) {
     let text = std::fs::read_to_string(&config.path).unwrap();

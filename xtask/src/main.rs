@@ -572,7 +572,7 @@ fn prereqs(scope: Scope) -> anyhow::Result<()> {
         }
     }
     let ebpf_crate = workspace_root().join("collector-ebpf");
-    if !ebpf_toolchain_has_rust_src(&ebpf_crate) {
+    if !ebpf_toolchain_complete(&ebpf_crate) {
         // Given no name, rustup installs the toolchain (and components) that the directory's
         // rust-toolchain.toml names: the pinned nightly, never an update of `nightly`.
         eprintln!("xtask: rustup toolchain install (collector-ebpf/rust-toolchain.toml)");
@@ -621,18 +621,31 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
 }
 
-/// The toolchain of collector-ebpf/rust-toolchain.toml is installed, with `rust-src`.
-fn ebpf_toolchain_has_rust_src(ebpf_crate: &Path) -> bool {
+/// The toolchain of collector-ebpf/rust-toolchain.toml is installed, with every component
+/// the file lists (`rust-src` to build the programs, `clippy` to lint them): one added by
+/// hand with `rust-src` alone failed the kernel lints.
+fn ebpf_toolchain_complete(ebpf_crate: &Path) -> bool {
+    let listed = std::fs::read_to_string(ebpf_crate.join("rust-toolchain.toml"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("components").map(str::to_owned))
+        .unwrap_or_default();
+    let wanted: Vec<&str> = listed.split('"').skip(1).step_by(2).collect();
     Command::new("rustup")
         .args(["component", "list", "--installed"])
         .current_dir(ebpf_crate)
         .env_remove(TOOLCHAIN_OVERRIDE)
         .output()
         .is_ok_and(|out| {
+            let installed = String::from_utf8_lossy(&out.stdout);
             out.status.success()
-                && String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .any(|line| line.starts_with("rust-src"))
+                && !wanted.is_empty()
+                && wanted.iter().all(|component| {
+                    // Named alone (`rust-src`) or with the host's triple (`clippy-x86_64-...`).
+                    installed.lines().any(|line| {
+                        line == *component || line.starts_with(&format!("{component}-"))
+                    })
+                })
         })
 }
 
