@@ -142,14 +142,7 @@ impl Facts {
             tcx: tcx_in_kernel(),
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             // As `run` picks it.
-            cgroup2: match paths::cgroup2_root(cgroup2) {
-                Ok(paths::Cgroup2::Mounted(path)) => Ok(Some(path)),
-                Ok(paths::Cgroup2::Unmounted) => Ok(None),
-                Err(
-                    err @ (paths::PathError::NotCgroup2(_) | paths::PathError::NotCgroup2Root(_)),
-                ) => Err(err.to_string()),
-                Err(err) => return Err(err.into()),
-            },
+            cgroup2: cgroup2_fact(paths::cgroup2_root(cgroup2))?,
             pin_dir: pin_dir.to_path_buf(),
             bpffs: paths::bpffs_for(pin_dir)?,
             capabilities,
@@ -243,6 +236,24 @@ fn too_old(release: &str) -> String {
     )
 }
 
+/// The cgroup2 root as [`Facts::cgroup2`] holds it, from what `run` would pick.
+fn cgroup2_fact(
+    picked: Result<paths::Cgroup2, paths::PathError>,
+) -> anyhow::Result<Result<Option<PathBuf>, String>> {
+    Ok(match picked {
+        Ok(paths::Cgroup2::Mounted(path)) => Ok(Some(path)),
+        Ok(paths::Cgroup2::Unmounted) => Ok(None),
+        // Configured: another may do, and so may none.
+        Err(err @ paths::PathError::NotCgroup2(_)) => Err(format!(
+            "{err}: set `cgroup2` to a cgroup2 mount, or leave it out for the first one"
+        )),
+        // Its message says what to mount and set (leaving `cgroup2` out may be what found
+        // this one).
+        Err(err @ paths::PathError::NotCgroup2Root(_)) => Err(err.to_string()),
+        Err(err) => return Err(err.into()),
+    })
+}
+
 /// Judges the facts against a config's `[nftables] enabled`: every requirement, in a fixed
 /// order.
 #[must_use]
@@ -264,12 +275,7 @@ pub fn judge(facts: &Facts, nftables: NftEnabled) -> Vec<Verdict> {
             "none visible: the agent mounts one for a moment to attach (needs CAP_SYS_ADMIN)"
                 .to_owned(),
         ),
-        Err(reason) => (
-            Status::Fail,
-            format!(
-                "{reason}: set `cgroup2` to a cgroup2 mount, or leave it out for the first one"
-            ),
-        ),
+        Err(reason) => (Status::Fail, reason.clone()),
     };
     verdicts.push(Verdict {
         name: "cgroup2",
@@ -1218,12 +1224,30 @@ mod tests {
         assert_eq!(no_bpffs[0].name, "bpffs");
         assert!(no_bpffs[0].detail.contains("mount -t bpf bpf /sys/fs/bpf"));
         assert!(no_bpffs[0].detail.contains("or set `pin_dir`"));
+        let configured =
+            cgroup2_fact(Err(paths::PathError::NotCgroup2("/sys/fs/cgroup".into()))).unwrap();
         let not_cgroup2 = failing(Facts {
-            cgroup2: Err("cgroup2 path /sys/fs/cgroup is not a mounted cgroup2 filesystem".into()),
+            cgroup2: configured,
             ..healthy()
         });
         assert_eq!(not_cgroup2[0].name, "cgroup2");
-        assert!(not_cgroup2[0].detail.contains("set `cgroup2`"));
+        assert!(
+            not_cgroup2[0]
+                .detail
+                .contains("set `cgroup2` to a cgroup2 mount, or leave it out"),
+            "{}",
+            not_cgroup2[0].detail
+        );
+        // Below the root, maybe found with `cgroup2` left out: not told to leave it out.
+        let below_root = cgroup2_fact(Err(paths::PathError::NotCgroup2Root(
+            "/sys/fs/cgroup".into(),
+        )))
+        .unwrap()
+        .unwrap_err();
+        assert!(
+            below_root.contains("set `cgroup2` to it") && !below_root.contains("leave it out"),
+            "{below_root}"
+        );
         let no_bpf_cap = failing(Facts {
             capabilities: !(1 << 39),
             ..healthy()

@@ -1310,7 +1310,7 @@ fn refresh(
                 } else if output::reader_gone() {
                     return Err(output::ReaderGone.into());
                 } else {
-                    eprint!("{failure}");
+                    let _ = write!(std::io::stderr(), "{failure}");
                     None
                 }
             }

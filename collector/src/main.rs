@@ -430,8 +430,9 @@ fn main() -> std::process::ExitCode {
     match failed {
         None => std::process::ExitCode::SUCCESS,
         Some(err) => {
+            // Not `eprintln!`, which panics (status 101) on a closed stderr (`2>&1 | head`).
             if !logged {
-                eprintln!("collector: {err:#}");
+                let _ = writeln!(std::io::stderr(), "collector: {err:#}");
             }
             std::process::ExitCode::FAILURE
         }
@@ -550,10 +551,28 @@ fn serve_attached(
     // crash: so does the table, whose counts go on with theirs.
     if detached.is_err() {
         tracing::warn!("the nftables table stays with the pins left");
-        return result.and(detached);
+        return first_failure(result, [detached]);
     }
     let removed = nft.stop();
-    result.and(detached).and(removed)
+    first_failure(result, [detached, removed])
+}
+
+/// `result`, or else the first of `then` that failed; the failures not returned are logged,
+/// so that what the stop left is said also after a failed run (`Err(a).and(Err(b))` drops
+/// `b`).
+fn first_failure(
+    result: anyhow::Result<()>,
+    then: impl IntoIterator<Item = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    then.into_iter()
+        .fold(result, |first, next| match (first, next) {
+            (Err(first), Err(next)) => {
+                tracing::error!("{next:#}");
+                Err(first)
+            }
+            (Ok(()), next) => next,
+            (first, Ok(())) => first,
+        })
 }
 
 /// What [`serve_until_stopped`] serves with, and where it says its poll loop began.
@@ -1014,7 +1033,7 @@ fn check(mut config: Config, listen: Option<SocketAddr>, config_only: bool) -> a
 /// A config that parsed is valid; what a start would warn of goes to stderr.
 fn check_config(config: &Config) -> anyhow::Result<()> {
     for warning in config.start_warnings() {
-        eprintln!("warning: {warning}");
+        let _ = writeln!(std::io::stderr(), "warning: {warning}");
     }
     output::write(|out| writeln!(out, "config valid"))
 }

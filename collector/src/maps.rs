@@ -924,7 +924,8 @@ pub fn watch(
                 }
                 let said = format!("{err:#}");
                 if failing.as_ref() != Some(&said) {
-                    eprintln!(
+                    let _ = writeln!(
+                        io::stderr(),
                         "reading {name} failed: {said}\ntrying again every {:.1} s (Ctrl-C to stop)",
                         interval.as_secs_f64()
                     );
@@ -935,7 +936,7 @@ pub fn watch(
             }
         };
         if failing.take().is_some() {
-            eprintln!("reading {name} again");
+            let _ = writeln!(io::stderr(), "reading {name} again");
         }
         output::write(|out| {
             if std::io::stdout().is_terminal() {

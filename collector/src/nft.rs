@@ -214,6 +214,10 @@ pub enum NftError {
     )]
     NotOurs { table: String, why: String },
     #[error(
+        "left the nftables table inet {table}: it is no longer the one the collector made (it {why}), and its chains may still hook every packet; `nft delete table inet {table}` removes it once nobody needs what was added"
+    )]
+    LeftChanged { table: String, why: String },
+    #[error(
         "the nftables table inet {table} is another running collector's in this network namespace ({holder}): give this one a table of its own ([nftables] table = \"...\") or set [nftables] enabled = false; it is looked at again now and then"
     )]
     InUse { table: String, holder: Holder },
@@ -679,13 +683,7 @@ impl NftTable {
     /// Removes the table: a clean stop leaves nothing of ours in nftables. One that someone
     /// else removed already is no error; one of that name that is no longer ours is left.
     pub fn remove(self) -> Result<(), NftError> {
-        if let Leftover::NotOurs(why) = remove_leftover(&self.name, self.nft_timeout)? {
-            tracing::warn!(
-                "left the nftables table inet {}: it is no longer the one the collector made (it {why})",
-                self.name
-            );
-        }
-        Ok(())
+        removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
     }
 }
 
@@ -975,8 +973,15 @@ impl Source {
         let config = self.config.clone();
         self.making = Some(Making {
             began: std::time::Instant::now(),
-            thread: std::thread::spawn(move || Finished::Removed {
-                failed: !remove_what_is_left(&config),
+            thread: std::thread::spawn(move || {
+                let removal = remove_what_is_left(&config);
+                if let Err(err) = &removal {
+                    tracing::warn!("{err}");
+                }
+                // One changed into a table not ours is left, as a later look would leave it.
+                Finished::Removed {
+                    failed: matches!(removal, Err(err) if !matches!(err, NftError::LeftChanged { .. })),
+                }
             }),
         });
     }
@@ -1145,44 +1150,38 @@ impl Source {
             // A poll found our table changed (its rules flushed), or an `nft` killed at its
             // deadline may have made it after all, and it is not made again yet: what is
             // left of it is still ours, and may still hook every packet.
-            None if self.found_changed => {
-                if remove_what_is_left(&self.config) {
-                    Ok(())
-                } else {
-                    anyhow::bail!(
-                        "what was left of our nftables table stays (once this process is gone, \
-                         `nft delete table inet {}` removes it)",
-                        self.config.nftables.table
-                    )
-                }
-            }
+            None if self.found_changed => remove_what_is_left(&self.config).with_context(|| {
+                format!(
+                    "removing what was left of our nftables table (once this process is gone, \
+                     `nft delete table inet {}` removes it)",
+                    self.config.nftables.table
+                )
+            }),
             None => Ok(()),
         }
     }
 }
 
 /// Removes what is left of our table after a poll found it changed, if it is still
-/// recognisably ours; says what it did. `false`: the removal failed, the table may be left.
-fn remove_what_is_left(config: &Config) -> bool {
+/// recognisably ours.
+fn remove_what_is_left(config: &Config) -> Result<(), NftError> {
     let table = &config.nftables.table;
-    match remove_leftover(table, config.nftables.nft_timeout) {
-        Ok(Leftover::Ours) => {
-            tracing::info!("removed what was left of our nftables table inet {table}");
-            true
-        }
-        // Changed by someone into one we do not recognise (a chain or set added): its
-        // chains may still hook every packet.
-        Ok(Leftover::NotOurs(why)) => {
-            tracing::warn!(
-                "left the nftables table inet {table}: it is no longer the one the collector made (it {why}), and its chains may still hook every packet; `nft delete table inet {table}` removes it once nobody needs what was added"
-            );
-            true
-        }
-        Ok(Leftover::Absent) => true,
-        Err(err) => {
-            tracing::warn!("removing what was left of our nftables table inet {table}: {err}");
-            false
-        }
+    let removal = remove_leftover(table, config.nftables.nft_timeout);
+    if matches!(removal, Ok(Leftover::Ours)) {
+        tracing::info!("removed what was left of our nftables table inet {table}");
+    }
+    removed_or_left(table, removal)
+}
+
+/// A removal's outcome: one that left the table, changed by someone into one we do not
+/// recognise (a chain or set added, whose chains may still hook every packet), failed too.
+fn removed_or_left(table: &str, removal: Result<Leftover, NftError>) -> Result<(), NftError> {
+    match removal? {
+        Leftover::Ours | Leftover::Absent => Ok(()),
+        Leftover::NotOurs(why) => Err(NftError::LeftChanged {
+            table: table.to_owned(),
+            why,
+        }),
     }
 }
 

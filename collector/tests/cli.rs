@@ -35,6 +35,22 @@ fn a_reader_gone_ends_a_command_quietly() {
     assert!(stderr.is_empty(), "{stderr}");
 }
 
+/// A failure with its standard error a pipe whose reader is gone too (`2>&1 | head`) exits 1,
+/// its message lost: until 2026-12-05 the lost message panicked it into status 101.
+#[test]
+fn a_failure_with_its_reader_gone_still_exits_1() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    // Nothing listens on port 1 of loopback: the command fails.
+    let out = Command::new(COLLECTOR)
+        .args(["stats", "dns", "--listen", "127.0.0.1:1"])
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", out.status);
+}
+
 /// `collector check` with `[nftables] enabled = ENABLED` on a host without the nft tool.
 fn check_without_nft(enabled: &str) -> (bool, String) {
     // An empty directory as the PATH: no nft to run.

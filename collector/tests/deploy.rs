@@ -1247,7 +1247,10 @@ agent renders them for a snapshot with every kind of figure set
 Some appear only where their figures exist (upstreams, routes by server name, nftables
 counting, the local address table): their help says when. `le` (histogram buckets) is
 Prometheus's own label and left out. Labels and their values are bounded by the
-configuration (README, How it counts); client addresses and domains are never labels.
+configuration (README, How it counts), but for `interface`: with the default selection
+(`interfaces = []`) it takes every watched interface's name, a pod's veth on a Kubernetes
+node among them, so its series come and go with the pods (a veth's go with it). Client
+addresses and domains are never labels.
 
 Written from the golden exposition by `collector/tests/deploy.rs`: after a change to the
 exposition, `UPDATE_DEPLOY=1 cargo test --test deploy metrics_reference` rewrites this file.

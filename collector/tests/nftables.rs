@@ -1598,3 +1598,20 @@ fn auto_tries_again_a_removal_of_what_is_left_that_failed() {
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
+
+/// Our table changed by someone into one we do not recognise (a chain added) is left at the
+/// stop, its chains still hooking every packet: the stop says so and fails, as `collector
+/// cleanup --apply` does. Until 2026-12-05 it exited 0.
+#[test]
+fn a_stop_that_leaves_our_table_changed_by_someone_fails() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    nft_script(
+        &netns,
+        &format!("add chain inet {} extra\n", config.nft_table),
+    );
+    assert!(!agent.stop().success());
+    assert_has_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
