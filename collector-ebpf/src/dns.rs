@@ -95,7 +95,8 @@ enum Role {
 struct Datagram {
     /// Offset of the UDP header.
     l4: usize,
-    /// Bytes from the UDP header to the end of the IP payload (capped by the packet).
+    /// Bytes from the UDP header to the end of the IP payload; 0 when the IP length runs
+    /// past the packet (see `within`).
     available: usize,
     /// First fragment of a fragmented datagram: the rest of it is in later packets.
     fragmented: bool,
@@ -638,8 +639,9 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
         Tally::Counted => {}
         // A CPU beyond the table the agent sized: the sample is lost, and said so.
         Tally::NoSlot => {
-            counters.events_dropped += 1;
+            // The name counter first, as in `send_with_name`.
             count_error(error_kind::DNS_NAME_DROPPED);
+            counters.events_dropped += 1;
         }
         Tally::Claim(claim) => {
             let event = DnsNameEvent {
@@ -651,10 +653,8 @@ fn count_name(question: &Question, buf: &mut [u8; DNS_SCRATCH_BYTES], counters: 
                 _pad: 0,
             };
             // A full ring leaves the slot to its name, whose count the agent can still read.
-            if send_with_name(event, buf, name_len, counters) {
+            if send_with_name(event, buf, name_len, counters, true) {
                 claim.take(&hash);
-            } else {
-                count_error(error_kind::DNS_NAME_DROPPED);
             }
         }
     }
@@ -764,18 +764,21 @@ fn sample_query(
         name_len: name_len as u16,
         _pad: 0,
     };
-    send_with_name(event, buf, name_len, counters);
+    send_with_name(event, buf, name_len, counters, false);
 }
 
 /// Sends `event` and the question's name as one ring record: the event is written into
 /// scratch right before the name, over headers already read, and both go out in one copy.
-/// `false` if the ring had no room (counted as dropped).
+/// `false` if the ring had no room (counted as dropped; `name_event`: as a name event too,
+/// counted first, so that the agent, which reads the DNS counters first, never reads a
+/// name event in `events_dropped` without it in `DNS_NAME_DROPPED`).
 #[inline(always)]
 fn send_with_name<E>(
     event: E,
     buf: &mut [u8; DNS_SCRATCH_BYTES],
     name_len: usize,
     counters: &mut DnsCounters,
+    name_event: bool,
 ) -> bool {
     let at = const {
         let at = NAME_AT - size_of::<E>();
@@ -792,6 +795,9 @@ fn send_with_name<E>(
         .output_untyped::<[u8]>(record, u64::from(BPF_RB_NO_WAKEUP))
         .is_err()
     {
+        if name_event {
+            count_error(error_kind::DNS_NAME_DROPPED);
+        }
         counters.events_dropped += 1;
         return false;
     }

@@ -142,7 +142,15 @@ impl Facts {
             tcx: tcx_in_kernel(),
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             // As `run` picks it.
-            cgroup2: cgroup2_fact(paths::cgroup2_root(cgroup2))?,
+            cgroup2: match paths::cgroup2_root(cgroup2) {
+                Ok(paths::Cgroup2::Mounted(path)) => Ok(Some(path)),
+                Ok(paths::Cgroup2::Unmounted) => Ok(None),
+                // Each says what to mount or set.
+                Err(
+                    err @ (paths::PathError::NotCgroup2(_) | paths::PathError::NotCgroup2Root(_)),
+                ) => Err(err.to_string()),
+                Err(err) => return Err(err.into()),
+            },
             pin_dir: pin_dir.to_path_buf(),
             bpffs: paths::bpffs_for(pin_dir)?,
             capabilities,
@@ -234,24 +242,6 @@ fn too_old(release: &str) -> String {
         "Linux {release} is older than {}.{} (TCX links); upgrade the kernel",
         MIN_KERNEL.0, MIN_KERNEL.1
     )
-}
-
-/// The cgroup2 root as [`Facts::cgroup2`] holds it, from what `run` would pick.
-fn cgroup2_fact(
-    picked: Result<paths::Cgroup2, paths::PathError>,
-) -> anyhow::Result<Result<Option<PathBuf>, String>> {
-    Ok(match picked {
-        Ok(paths::Cgroup2::Mounted(path)) => Ok(Some(path)),
-        Ok(paths::Cgroup2::Unmounted) => Ok(None),
-        // Configured: another may do, and so may none.
-        Err(err @ paths::PathError::NotCgroup2(_)) => Err(format!(
-            "{err}: set `cgroup2` to a cgroup2 mount, or leave it out for the first one"
-        )),
-        // Its message says what to mount and set (leaving `cgroup2` out may be what found
-        // this one).
-        Err(err @ paths::PathError::NotCgroup2Root(_)) => Err(err.to_string()),
-        Err(err) => return Err(err.into()),
-    })
 }
 
 /// Judges the facts against a config's `[nftables] enabled`: every requirement, in a fixed
@@ -1224,10 +1214,8 @@ mod tests {
         assert_eq!(no_bpffs[0].name, "bpffs");
         assert!(no_bpffs[0].detail.contains("mount -t bpf bpf /sys/fs/bpf"));
         assert!(no_bpffs[0].detail.contains("or set `pin_dir`"));
-        let configured =
-            cgroup2_fact(Err(paths::PathError::NotCgroup2("/sys/fs/cgroup".into()))).unwrap();
         let not_cgroup2 = failing(Facts {
-            cgroup2: configured,
+            cgroup2: Err(paths::PathError::NotCgroup2("/sys/fs/cgroup".into()).to_string()),
             ..healthy()
         });
         assert_eq!(not_cgroup2[0].name, "cgroup2");
@@ -1239,11 +1227,7 @@ mod tests {
             not_cgroup2[0].detail
         );
         // Below the root, maybe found with `cgroup2` left out: not told to leave it out.
-        let below_root = cgroup2_fact(Err(paths::PathError::NotCgroup2Root(
-            "/sys/fs/cgroup".into(),
-        )))
-        .unwrap()
-        .unwrap_err();
+        let below_root = paths::PathError::NotCgroup2Root("/sys/fs/cgroup".into()).to_string();
         assert!(
             below_root.contains("set `cgroup2` to it") && !below_root.contains("leave it out"),
             "{below_root}"

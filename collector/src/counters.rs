@@ -321,8 +321,9 @@ pub fn read(
             connects: sum_upstream(&maps.upstream_counters, upstream.slot)?,
         });
     }
-    // The DNS counters before the error counters, as in `ring_drops`: a name event dropped
-    // between the reads is then in neither drop count or in the error counter's alone.
+    // The DNS counters before the error counters, as in `ring_drops`: the kernel counts a
+    // dropped name event the other way round, so one dropped between the reads is in neither
+    // drop count or in the error counter's alone (`RingDrops::dns_lines`).
     totals.dns = sum_dns(maps.dns_counters.get(&0, 0)?.iter());
     for (kind, count) in (0..ERROR_KINDS).zip(totals.errors.iter_mut()) {
         *count = sum_u64(&maps.errors, kind)?;

@@ -223,9 +223,10 @@ pub struct RingDrops {
 }
 
 impl RingDrops {
-    /// The DNS stream's lines lost: the DNS ring's drops that were no name events. (Its
-    /// two counters are read the DNS counters first, so a name event dropped between the
-    /// reads makes this short for a poll, never long.)
+    /// The DNS stream's lines lost: the DNS ring's drops that were no name events. (The
+    /// kernel counts a dropped name event in `names` first, and the agent reads the DNS
+    /// counters first, so a name event dropped between the reads makes this short for a
+    /// poll, never long.)
     fn dns_lines(&self) -> u64 {
         self.dns.saturating_sub(self.names)
     }

@@ -271,7 +271,7 @@ impl Attachment {
             .context("duplicating the pin directory's lock")?;
         let attached = Self::try_attach(options, lock, cgroup2);
         if attached.is_err()
-            && let Err(err) = remove_empty_dirs(&config.pin_dir)
+            && let Err(err) = remove_empty_layout(&config.pin_dir)
         {
             tracing::warn!("{err:#}");
         }
@@ -796,26 +796,19 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     for name in maps {
         failures.note(remove_if_present(&map_dir.join(name)));
     }
-    failures.note(remove_empty_dirs(pin_dir));
+    failures.note(remove_empty_layout(pin_dir));
     failures.into_result()
 }
 
 /// Removes our directories under `pin_dir`, and it, where they are empty.
-fn remove_empty_dirs(pin_dir: &Path) -> anyhow::Result<()> {
+fn remove_empty_layout(pin_dir: &Path) -> anyhow::Result<()> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let links_dir = map_dir.join(LINKS_DIR);
     let mut failures = Failures::default();
     let ours = [links_dir.as_path(), map_dir.as_path(), pin_dir];
+    // Not empty: something else lives there, which is not ours to remove.
     for dir in &ours[..if paths::given_as_link(pin_dir) { 2 } else { 3 }] {
-        match fs::remove_dir(dir) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            // Not empty: something else lives there, which is not ours to remove.
-            Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) => {}
-            Err(err) => {
-                failures.note(Err(err).with_context(|| format!("removing {}", dir.display())));
-            }
-        }
+        failures.note(crate::cleanup::remove_dir_if_empty(dir));
     }
     failures.into_result()
 }
@@ -1663,7 +1656,7 @@ fn enable_run_time_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
         let denied = privileges::denied(&err.io_error);
         let err = anyhow::Error::from(err).context("enabling BPF run-time statistics");
         if denied {
-            err.context(privileges::Explained(
+            err.context(privileges::NeedsSysAdmin(
                 "--bpf-stats: the kernel switches its run-time statistics on only for \
                  CAP_SYS_ADMIN; run with it, or without --bpf-stats"
                     .to_owned(),
@@ -1693,11 +1686,14 @@ fn cgroup_hook_full_hint(err: anyhow::Error, cgroup2: &str) -> anyhow::Error {
 /// capability, a security module ([`privileges::denial_advice`]). Not where the verifier
 /// refused a program (it answers EACCES too, and says why in its log): no privilege helps.
 fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
-    let explained = err.downcast_ref::<privileges::Explained>().is_some()
+    // Says itself that it needs CAP_SYS_ADMIN: right when this process lacks it; with it, a
+    // security module's refusal (a runtime's default AppArmor profile denies mounts) is the
+    // likelier cause, and the advice below stays.
+    let needs_sys_admin = err.downcast_ref::<privileges::NeedsSysAdmin>().is_some()
         || err
             .downcast_ref::<paths::PathError>()
             .is_some_and(paths::PathError::explains_denial);
-    if explained {
+    if needs_sys_admin && privileges::effective() & (1 << crate::check::CAP_SYS_ADMIN.0) == 0 {
         return err;
     }
     let denied = privileges::denied_in(&err)

@@ -554,7 +554,7 @@ fn serve_attached(
         return first_failure(result, [detached]);
     }
     let removed = nft.stop();
-    first_failure(result, [detached, removed])
+    first_failure(result, [removed])
 }
 
 /// `result`, or else the first of `then` that failed; the failures not returned are logged,

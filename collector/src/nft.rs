@@ -681,7 +681,8 @@ impl NftTable {
     }
 
     /// Removes the table: a clean stop leaves nothing of ours in nftables. One that someone
-    /// else removed already is no error; one of that name that is no longer ours is left.
+    /// else removed already is no error; one of that name that is no longer ours is left, and
+    /// an error ([`NftError::LeftChanged`]).
     pub fn remove(self) -> Result<(), NftError> {
         removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
     }
@@ -754,9 +755,9 @@ pub struct Source {
     polls_until_retry: u32,
     /// `auto` stopped counting because the table was removed: the next look says so.
     removed: bool,
-    /// A poll found our table removed or changed, and no table has been made since: what
-    /// is left of it (its chains, still hooked, if only its rules were flushed) is ours.
-    found_changed: bool,
+    /// What is left of our table, found removed or changed, while no table has been made
+    /// since.
+    left: Left,
     /// What the next table made may adopt: a crashed run's at the first try only.
     adopt: Adopt,
     /// A later try at making the table (or at removing what is left of one), on a thread of
@@ -770,6 +771,19 @@ pub struct Source {
     last_served: Vec<CounterValue>,
 }
 
+/// What is left of our table when none is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Left {
+    Nothing,
+    /// A poll found it removed or changed (what is left, its chains still hooked if only its
+    /// rules were flushed, is ours to remove), or an `nft` killed at its deadline may have
+    /// made it.
+    Ours,
+    /// A removal found it changed by someone into a table we do not recognise, and left it:
+    /// looked at again at the stop, which fails if it is still there.
+    Changed,
+}
+
 struct Making {
     began: std::time::Instant,
     thread: std::thread::JoinHandle<Finished>,
@@ -778,10 +792,8 @@ struct Making {
 /// What a [`Making`] thread did.
 enum Finished {
     Made(Result<NftTable, NftError>),
-    /// Removed what was left of our table; `failed`: it may still be there, and hooked.
-    Removed {
-        failed: bool,
-    },
+    /// Removed what was left of our table, or why not.
+    Removed(Result<(), NftError>),
 }
 
 /// When `auto` looks at netfilter's hooks, for what it logs.
@@ -807,7 +819,7 @@ impl Source {
             health: SourceHealth::default(),
             polls_until_retry: POLLS_BETWEEN_RETRIES,
             removed: false,
-            found_changed: false,
+            left: Left::Nothing,
             adopt: if after_crash {
                 Adopt::CrashedRuns
             } else {
@@ -975,13 +987,15 @@ impl Source {
             began: std::time::Instant::now(),
             thread: std::thread::spawn(move || {
                 let removal = remove_what_is_left(&config);
-                if let Err(err) = &removal {
-                    tracing::warn!("{err}");
+                match &removal {
+                    Ok(()) => {}
+                    Err(err @ NftError::LeftChanged { .. }) => tracing::warn!("{err}"),
+                    Err(err) => tracing::warn!(
+                        "removing what was left of our nftables table inet {}: {err}",
+                        config.nftables.table
+                    ),
                 }
-                // One changed into a table not ours is left, as a later look would leave it.
-                Finished::Removed {
-                    failed: matches!(removal, Err(err) if !matches!(err, NftError::LeftChanged { .. })),
-                }
+                Finished::Removed(removal)
             }),
         });
     }
@@ -1006,7 +1020,11 @@ impl Source {
         {
             Finished::Made(setup) => self.made(setup, making.began),
             // Still ours to remove: at the next look, or at the stop.
-            Finished::Removed { failed } => self.found_changed |= failed,
+            Finished::Removed(Ok(())) => {}
+            // Left as someone made it: not tried again at every look.
+            Finished::Removed(Err(NftError::LeftChanged { .. })) => self.left = Left::Changed,
+            // Still ours to remove: at the next look, or at the stop.
+            Finished::Removed(Err(_)) => self.left = Left::Ours,
         }
     }
 
@@ -1015,7 +1033,7 @@ impl Source {
         match setup {
             Ok(table) => {
                 self.table = Some(table);
-                self.found_changed = false;
+                self.left = Left::Nothing;
                 self.continuity.table_made();
             }
             Err(err) => {
@@ -1027,7 +1045,7 @@ impl Source {
                         nft_tool::ToolError::TimedOut(_) | nft_tool::ToolError::Killed(_)
                     )
                 ) {
-                    self.found_changed = true;
+                    self.left = Left::Ours;
                 }
                 tracing::warn!("nftables counters are off for now: {err}");
             }
@@ -1090,7 +1108,7 @@ impl Source {
         tracing::warn!("{err}");
         self.table = None;
         self.continuity.table_gone();
-        self.found_changed = true;
+        self.left = Left::Ours;
         self.polls_until_retry = 0;
         // `auto` looks at the hooks again before it makes the table again: what removed
         // ours (nft flush ruleset) may have removed the firewall whose hooks it rode on.
@@ -1116,9 +1134,9 @@ impl Source {
             // What was found "removed" may be our table changed (its rules flushed), still
             // hooked: with counting off it would be the namespace's first hook for good.
             // Looked at again after a removal that failed.
-            if !self.enabled && self.found_changed {
+            if !self.enabled && self.left == Left::Ours {
                 self.start_removing_what_is_left();
-                self.found_changed = false;
+                self.left = Left::Nothing;
             }
         }
         if self.enabled {
@@ -1127,7 +1145,6 @@ impl Source {
     }
 
     pub fn stop(mut self) -> anyhow::Result<()> {
-        use anyhow::Context as _;
         // A table being made is ours to remove too, and so is one a killed `nft` may still
         // make once it leaves the kernel.
         self.take_made(true);
@@ -1139,27 +1156,31 @@ impl Source {
                 table = self.config.nftables.table,
             );
         }
+        let table = &self.config.nftables.table;
         match self.table {
-            Some(table) => table.remove().with_context(|| {
-                format!(
-                    "removing our nftables table (once this process is gone, `nft delete table \
-                     inet {}` removes it)",
-                    self.config.nftables.table
-                )
-            }),
+            Some(made) => made
+                .remove()
+                .map_err(|err| left_at_stop(err, "our nftables table", table)),
             // A poll found our table changed (its rules flushed), or an `nft` killed at its
             // deadline may have made it after all, and it is not made again yet: what is
-            // left of it is still ours, and may still hook every packet.
-            None if self.found_changed => remove_what_is_left(&self.config).with_context(|| {
-                format!(
-                    "removing what was left of our nftables table (once this process is gone, \
-                     `nft delete table inet {}` removes it)",
-                    self.config.nftables.table
-                )
-            }),
+            // left of it is still ours, and may still hook every packet. One left changed by
+            // someone is looked at again: still there, the stop fails.
+            None if self.left != Left::Nothing => remove_what_is_left(&self.config)
+                .map_err(|err| left_at_stop(err, "what was left of our nftables table", table)),
             None => Ok(()),
         }
     }
+}
+
+/// The stop's error for a table it could not remove: one changed by someone says itself what
+/// to do; otherwise the command that removes it once this process is gone.
+fn left_at_stop(err: NftError, what: &str, table: &str) -> anyhow::Error {
+    if matches!(err, NftError::LeftChanged { .. }) {
+        return err.into();
+    }
+    anyhow::Error::from(err).context(format!(
+        "removing {what} (once this process is gone, `nft delete table inet {table}` removes it)"
+    ))
 }
 
 /// Removes what is left of our table after a poll found it changed, if it is still

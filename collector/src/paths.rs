@@ -25,7 +25,9 @@ const CGROUP2: &str = "cgroup2";
 
 #[derive(Debug, Error)]
 pub enum PathError {
-    #[error("cgroup2 path {0} is not a mounted cgroup2 filesystem (see /proc/mounts)")]
+    #[error(
+        "cgroup2 path {0} is not a mounted cgroup2 filesystem (see /proc/mounts): set `cgroup2` to a cgroup2 mount, or leave it out for the first one"
+    )]
     NotCgroup2(PathBuf),
     #[error(
         "the cgroup2 mount at {0} is a cgroup below the hierarchy's root (a container's own cgroup namespace?), where sock_ops would see only that cgroup's sockets; mount the host's cgroup2 (a hostPath of /sys/fs/cgroup) or run in the host's cgroup namespace, and set `cgroup2` to it"
@@ -68,7 +70,7 @@ pub enum PathError {
 }
 
 impl PathError {
-    /// Says itself what a refusal needs (a mount that needs `CAP_SYS_ADMIN`).
+    /// Says itself that a refusal needs `CAP_SYS_ADMIN` (a mount).
     #[must_use]
     pub fn explains_denial(&self) -> bool {
         matches!(self, Self::MountBpffs(..) | Self::MountCgroup2(..))

@@ -90,11 +90,11 @@ pub fn denied(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::EPERM | libc::EACCES))
 }
 
-/// A refusal whose cause is known and said in the message: the privilege advice
-/// ([`denial_advice`]), a guess, is left off it.
+/// A refusal whose message says it needs `CAP_SYS_ADMIN`: where this process lacks it, the
+/// privilege advice ([`denial_advice`]), a guess, is left off it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Explained(pub String);
+pub struct NeedsSysAdmin(pub String);
 
 /// Whether any cause in `err`'s chain is [`denied`].
 #[must_use]

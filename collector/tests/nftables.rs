@@ -1563,23 +1563,21 @@ fn auto_makes_a_removed_table_again_only_where_netfilter_still_hooks() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// With `auto`, a removal of what is left of our table that fails (here `nft` refuses it)
-/// is tried again at the next look. Until 2026-12-05 the failure was forgotten: the table,
-/// its chains still hooked, stayed, and outlived the stop.
-#[test]
-fn auto_tries_again_a_removal_of_what_is_left_that_failed() {
-    let netns = Netns::new();
-    let config = AgentConfig::new(ROUTES);
-    nft_script(&netns, HOST_NAT);
+/// With `auto`, our table's rules flushed and the firewall gone: the removal of what is left
+/// of our table, which `nft` refuses while the returned file exists. Returns once it was.
+fn a_refused_removal_of_what_is_left(
+    netns: &Netns,
+    config: &AgentConfig,
+) -> (Agent, std::path::PathBuf) {
+    nft_script(netns, HOST_NAT);
     let tools = config.dir.join("refusing-tools");
     let refuse = config.dir.join("refuse");
-    let launcher = with_nft_refusing_while(&netns, &tools, &refuse);
-    let agent = Agent::spawn(&netns, launcher, &config, &[]);
-    assert_has_table(&netns, &config.nft_table);
-
+    let launcher = with_nft_refusing_while(netns, &tools, &refuse);
+    let agent = Agent::spawn(netns, launcher, config, &[]);
+    assert_has_table(netns, &config.nft_table);
     std::fs::write(&refuse, "").unwrap();
     nft_script(
-        &netns,
+        netns,
         &format!(
             "flush table inet {}\ndelete table ip hostnat\n",
             config.nft_table
@@ -1588,7 +1586,18 @@ fn auto_tries_again_a_removal_of_what_is_left_that_failed() {
     wait_for("the removal refused", Duration::from_secs(15), || {
         tools.join("refused").exists().then_some(())
     });
-    assert_has_table(&netns, &config.nft_table);
+    assert_has_table(netns, &config.nft_table);
+    (agent, refuse)
+}
+
+/// With `auto`, a removal of what is left of our table that fails (here `nft` refuses it)
+/// is tried again at the next look. Until 2026-12-05 the failure was forgotten: the table,
+/// its chains still hooked, stayed, and outlived the stop.
+#[test]
+fn auto_tries_again_a_removal_of_what_is_left_that_failed() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let (agent, refuse) = a_refused_removal_of_what_is_left(&netns, &config);
     std::fs::remove_file(&refuse).unwrap();
     wait_for(
         "what was left of our table to go at the next look",
@@ -1599,6 +1608,40 @@ fn auto_tries_again_a_removal_of_what_is_left_that_failed() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// As above, the removal refused at the stop too: the table stays, and the stop fails.
+#[test]
+fn a_removal_of_what_is_left_refused_at_the_stop_fails_it() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let (agent, _refuse) = a_refused_removal_of_what_is_left(&netns, &config);
+    assert!(!agent.stop().success());
+    assert_has_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
+/// With `auto`, the firewall gone and our table changed by someone (its rules flushed, a
+/// chain added): the removal of what is left leaves it, and so does the stop, which fails.
+#[test]
+fn auto_leaves_our_table_changed_by_someone_and_the_stop_fails() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    nft_script(&netns, HOST_NAT);
+    let log = config.dir.join("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    assert_has_table(&netns, &config.nft_table);
+    nft_script(
+        &netns,
+        &format!(
+            "flush table inet {table}\nadd chain inet {table} extra\ndelete table ip hostnat\n",
+            table = config.nft_table
+        ),
+    );
+    support::logged_lines(&log, "left the nftables table");
+    assert!(!agent.stop().success());
+    assert_has_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
 /// Our table changed by someone into one we do not recognise (a chain added) is left at the
 /// stop, its chains still hooking every packet: the stop says so and fails, as `collector
 /// cleanup --apply` does. Until 2026-12-05 it exited 0.
@@ -1606,12 +1649,16 @@ fn auto_tries_again_a_removal_of_what_is_left_that_failed() {
 fn a_stop_that_leaves_our_table_changed_by_someone_fails() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(ROUTES);
-    let agent = Agent::start(&netns, &config);
+    let log = config.dir.join("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
     nft_script(
         &netns,
         &format!("add chain inet {} extra\n", config.nft_table),
     );
     assert!(!agent.stop().success());
     assert_has_table(&netns, &config.nft_table);
+    let said = support::logged_lines(&log, "left the nftables table");
+    let fix = format!("`nft delete table inet {}`", config.nft_table);
+    assert!(said.iter().any(|line| line.contains(&fix)), "{said:?}");
     assert_no_pins(&config.pin_dir);
 }

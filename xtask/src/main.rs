@@ -630,7 +630,11 @@ fn ebpf_toolchain_complete(ebpf_crate: &Path) -> bool {
         .lines()
         .find_map(|line| line.trim().strip_prefix("components").map(str::to_owned))
         .unwrap_or_default();
-    let wanted: Vec<&str> = listed.split('"').skip(1).step_by(2).collect();
+    let mut wanted: Vec<&str> = listed.split('"').skip(1).step_by(2).collect();
+    // A list this cannot read (another layout of the file): what the build needs at least.
+    if wanted.is_empty() {
+        wanted.push("rust-src");
+    }
     Command::new("rustup")
         .args(["component", "list", "--installed"])
         .current_dir(ebpf_crate)
@@ -639,7 +643,6 @@ fn ebpf_toolchain_complete(ebpf_crate: &Path) -> bool {
         .is_ok_and(|out| {
             let installed = String::from_utf8_lossy(&out.stdout);
             out.status.success()
-                && !wanted.is_empty()
                 && wanted.iter().all(|component| {
                     // Named alone (`rust-src`) or with the host's triple (`clippy-x86_64-...`).
                     installed.lines().any(|line| {
