@@ -324,8 +324,9 @@ fn connections_opened_with_fast_open_count_exactly_with_the_data_of_their_syn() 
         for closer in [Closer::Connecting, Closer::Accepting] {
             for _ in 0..CONNECTIONS / 2 {
                 let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-                // connect() returns at once; the first write goes out in the SYN.
-                fast_open_connect(&socket);
+                // connect() returns at once; the first write goes out in the SYN (an option
+                // socket2 does not offer).
+                support::set_tcp_option(&socket, libc::TCP_FASTOPEN_CONNECT, 1);
                 socket.connect(&address.into()).unwrap();
                 let mut stream = TcpStream::from(socket);
                 stream.write_all(&[b'q'; REQUEST]).unwrap();
@@ -366,23 +367,6 @@ fn assert_web_exchanges_exact(
     let json = proxy_json(netns);
     assert_eq!(json["totalConnections"], connections);
     json
-}
-
-/// Sets `TCP_FASTOPEN_CONNECT`, which socket2 does not offer.
-fn fast_open_connect(socket: &Socket) {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and an int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_FASTOPEN_CONNECT,
-            (&raw const on).cast(),
-            libc::socklen_t::try_from(std::mem::size_of_val(&on)).unwrap(),
-        )
-    };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
 }
 
 /// A `TcpExt` counter of the namespace.
