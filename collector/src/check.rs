@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::{
     bpf_sys,
     config::{Config, HttpConfig, NftEnabled},
-    links, paths, privileges, serve,
+    links, orphans, paths, pin_lock, privileges, serve,
 };
 
 /// Oldest kernel with everything used: TCX links (6.6); also `BPF_CMPXCHG` (5.12) and
@@ -553,10 +553,13 @@ fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>) -> Verdict {
         );
     }
     match probe_pin_dir(pin_dir) {
-        Ok(()) => verdict(
-            Status::Pass,
-            format!("{} can be made, and maps pinned in it", pin_dir.display()),
-        ),
+        Ok(()) => match in_use(pin_dir) {
+            Some((status, detail)) => verdict(status, detail),
+            None => verdict(
+                Status::Pass,
+                format!("{} can be made, and maps pinned in it", pin_dir.display()),
+            ),
+        },
         Err((step, err)) => {
             let advice = if privileges::denied(&err) {
                 format!("{}: ", privileges::denial_advice_here())
@@ -566,6 +569,53 @@ fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>) -> Verdict {
             verdict(Status::Fail, format!("{advice}{step}: {err}"))
         }
     }
+}
+
+/// What `run` finds in `pin_dir` that stops it or resets its counters: pins of a collector
+/// of another network namespace (refused while that namespace lives, removed with their
+/// counters once it is gone), or a collector running with it (its lock: `run` refuses to
+/// start beside it; a check before its restart finds it, hence a warning).
+fn in_use(pin_dir: &Path) -> Option<(Status, String)> {
+    let map_dir = paths::map_pin_dir(pin_dir);
+    let own_netns = crate::netns::current_cookie().ok()?;
+    let foreign = orphans::pinned_owner(&map_dir)
+        .ok()
+        .flatten()
+        .filter(|&owner| owner != 0 && owner != own_netns);
+    if let Some(owner) = foreign {
+        return Some(match orphans::gone_owner(&map_dir, own_netns) {
+            Ok(Some(_)) => (
+                Status::Warn,
+                format!(
+                    "the pins under {} were left by a collector whose network namespace is \
+                     gone (cookie {owner}): `run` removes them with their programs, and its \
+                     counters start from zero",
+                    pin_dir.display()
+                ),
+            ),
+            _ => (
+                Status::Fail,
+                crate::loader::foreign_pins(pin_dir, owner, own_netns).to_string(),
+            ),
+        });
+    }
+    let holder = match pin_lock::holder(pin_dir) {
+        Some(holder) => pin_lock::Holder::describe(Some(&holder)),
+        // Not in /proc/locks, which leaves out processes of PID namespaces this one cannot
+        // see: tried.
+        None if pin_lock::held_by_another(pin_dir).unwrap_or(false) => {
+            pin_lock::Holder::describe(None)
+        }
+        None => return None,
+    };
+    Some((
+        Status::Warn,
+        format!(
+            "{} is in use by {holder}: `run` refuses to start beside the collector running \
+             with it",
+            pin_dir.display()
+        ),
+    ))
 }
 
 /// Makes what is missing of `pin_dir` and a probe directory in it, pins a map there, and

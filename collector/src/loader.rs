@@ -1488,7 +1488,7 @@ fn read_events_dropped(ebpf: &Ebpf) -> anyhow::Result<RingDrops> {
 }
 
 /// The refusal of pins that a collector of another network namespace made.
-fn foreign_pins(pin_dir: &Path, owner: u64, own_netns: u64) -> anyhow::Error {
+pub fn foreign_pins(pin_dir: &Path, owner: u64, own_netns: u64) -> anyhow::Error {
     anyhow::anyhow!(
         "the pins under {} belong to a collector of another network namespace (cookie {owner}; \
          this one's is {own_netns}): give this one its own pin directory (`pin_dir`, or \

@@ -125,7 +125,7 @@ pub fn gone_owner(map_dir: &Path, own_netns: u64) -> anyhow::Result<Option<u64>>
 }
 
 /// The owner word of the layout at `map_dir` (0: never claimed); `None` without its pin.
-fn pinned_owner(map_dir: &Path) -> anyhow::Result<Option<u64>> {
+pub fn pinned_owner(map_dir: &Path) -> anyhow::Result<Option<u64>> {
     let owner_pin = map_dir.join(map_names::PIN_OWNER);
     if !is_file(&owner_pin)? {
         return Ok(None);

@@ -119,29 +119,46 @@ fn locks(lock: &File, pin_dir: &Path) -> anyhow::Result<bool> {
     }
 }
 
-/// `dir`, locked exclusively, or `None` if another holds the lock. Any other failure
-/// (`ENOLCK`) is an error: taken as held, it was waited on and then blamed on a holder.
+/// `dir`, locked exclusively, or `None` if another holds the lock.
 fn flock_nonblocking(dir: File) -> io::Result<Option<File>> {
-    // SAFETY: flock on a valid open fd.
+    Ok(try_flock(&dir, libc::LOCK_EX)?.then_some(dir))
+}
+
+/// Whether another process holds the pin directory's lock (`false` where there is none),
+/// tried with a shared lock that goes at once (a start trying meanwhile tries again 50 ms
+/// later): for a holder that /proc/locks does not show.
+pub fn held_by_another(pin_dir: &Path) -> io::Result<bool> {
+    match File::open(pin_dir) {
+        Ok(dir) => Ok(!try_flock(&dir, libc::LOCK_SH)?),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+/// `flock(dir, operation)` without waiting: `false` if another holds the lock. Any other
+/// failure (`ENOLCK`) is an error: taken as held, it was waited on and then blamed on a
+/// holder.
+fn try_flock(dir: &File, operation: libc::c_int) -> io::Result<bool> {
+    // SAFETY: flock on a valid open fd; the lock goes when `dir` closes.
     let rc = unsafe {
         libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&dir),
-            libc::LOCK_EX | libc::LOCK_NB,
+            std::os::fd::AsRawFd::as_raw_fd(dir),
+            operation | libc::LOCK_NB,
         )
     };
     if rc == 0 {
-        return Ok(Some(dir));
+        return Ok(true);
     }
     let err = io::Error::last_os_error();
-    if held_by_another(&err) {
-        Ok(None)
+    if held_elsewhere(&err) {
+        Ok(false)
     } else {
         Err(err)
     }
 }
 
 /// Whether `flock` failed because another holds the lock.
-fn held_by_another(err: &io::Error) -> bool {
+fn held_elsewhere(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::WouldBlock
 }
 
@@ -244,12 +261,12 @@ mod tests {
 
     #[test]
     fn only_ewouldblock_means_another_holds_the_lock() {
-        assert!(held_by_another(&io::Error::from_raw_os_error(
+        assert!(held_elsewhere(&io::Error::from_raw_os_error(
             libc::EWOULDBLOCK
         )));
         for errno in [libc::ENOLCK, libc::EBADF, libc::EINTR] {
             assert!(
-                !held_by_another(&io::Error::from_raw_os_error(errno)),
+                !held_elsewhere(&io::Error::from_raw_os_error(errno)),
                 "{errno}"
             );
         }

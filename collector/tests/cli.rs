@@ -376,6 +376,47 @@ fn check_tries_the_pin_directory_as_run_uses_it() {
     );
 }
 
+/// A pin directory a collector runs with is one `run` refuses: check warns of it, naming the
+/// lock's holder, or, where /proc/locks does not show it (a PID namespace of its own, as a
+/// container without the host's PIDs), saying it cannot see it.
+#[test]
+fn check_says_who_holds_the_pin_directory() {
+    let dir = PinDir::new();
+    let pin_dir = dir.0.to_str().unwrap();
+    let config = "[nftables]\nenabled = false\n";
+    let lock = fs::File::open(&dir.0).unwrap();
+    // SAFETY: flock on a valid open fd, released when `lock` closes.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let (passed, lines) = check(config, &["--pin-dir", pin_dir]);
+    assert!(passed, "{lines:?}");
+    assert!(
+        lines["pin_dir"].starts_with("warn")
+            && lines["pin_dir"].contains(&format!("is in use by process {}: ", std::process::id()))
+            && lines["pin_dir"].contains("`run` refuses to start beside"),
+        "{}",
+        lines["pin_dir"]
+    );
+    let (_, lines) = check_in(config, &["--pin-dir", pin_dir], |command| {
+        let program = command.get_program().to_owned();
+        let args: Vec<_> = command.get_args().map(ToOwned::to_owned).collect();
+        *command = Command::new("unshare");
+        command
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(program)
+            .args(args);
+    });
+    assert!(
+        lines["pin_dir"].starts_with("warn")
+            && lines["pin_dir"].contains("is in use by a process this one cannot see"),
+        "{}",
+        lines["pin_dir"]
+    );
+    drop(lock);
+    let (passed, lines) = check(config, &["--pin-dir", pin_dir]);
+    assert!(passed && lines["pin_dir"].starts_with("pass"), "{lines:?}");
+}
+
 #[test]
 fn checks_at_once_leave_nothing_of_their_probes() {
     // Several checks of one pin directory that is not there, as the parallel tests (or

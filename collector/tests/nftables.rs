@@ -582,21 +582,12 @@ fn cleanup_after_a_crash_leaves_nothing_of_ours() {
 
 /// `collector check` of `config` with `pin_dir` in `netns`: whether it passed, and its nft line.
 fn nft_check(netns: &Netns, config: &AgentConfig, pin_dir: &std::path::Path) -> (bool, String) {
-    let out = netns
-        .command(COLLECTOR)
-        .args(["check", "--config"])
-        .arg(&config.path)
-        .arg("--pin-dir")
-        .arg(pin_dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = stdout
-        .lines()
-        .find(|line| line.split_whitespace().nth(1) == Some("nft"))
-        .unwrap_or_else(|| panic!("no nft line:\n{stdout}"))
-        .to_owned();
-    (out.status.success(), line)
+    support::check_line(
+        netns,
+        &config.path,
+        &["--pin-dir", pin_dir.to_str().unwrap()],
+        "nft",
+    )
 }
 
 /// A second collector in the namespace, with a pin directory and listen address of its own

@@ -320,6 +320,21 @@ fn a_start_over_pins_whose_namespace_is_gone_removes_them_and_counts_from_zero()
     let (sock_ops, old_owner) = crashed_in_a_namespace_gone(&config, &pin_dir);
 
     let again = Netns::new();
+    // `collector check` says what the start will do.
+    let (passed, line) = support::check_line(
+        &again,
+        &config.path,
+        &["--pin-dir", pin_dir.to_str().unwrap()],
+        "pin_dir",
+    );
+    assert!(
+        passed
+            && line.starts_with("warn")
+            && line.contains(&format!(
+                "left by a collector whose network namespace is gone (cookie {old_owner})"
+            )),
+        "{line}"
+    );
     let log = logs.path("again.log");
     let agent = start_with_pins(&again, &config, &pin_dir, &log);
     let warned = warned_once_of(&log, &pin_dir, old_owner);

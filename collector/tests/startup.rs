@@ -170,8 +170,27 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
         before,
         "the other namespace's start replaced a pin"
     );
+    // `collector check` there fails on them as the start did; in the first namespace they
+    // pass, and a check beside its running collector warns that `run` would be refused.
+    let pin_dir_line = |netns: &Netns| support::check_line(netns, &config.path, &[], "pin_dir");
+    let (passed, line) = pin_dir_line(&second);
+    assert!(
+        !passed
+            && line.starts_with("FAIL")
+            && line.contains("belong to a collector of another network namespace"),
+        "{line}"
+    );
+    let (passed, line) = pin_dir_line(&first);
+    assert!(passed && line.starts_with("pass"), "{line}");
     // Untouched: the first namespace's next collector takes them over and counts on.
     let agent = Agent::start(&first, &config);
+    let (passed, line) = pin_dir_line(&first);
+    assert!(
+        passed
+            && line.starts_with("warn")
+            && line.contains(&format!("is in use by process {}: ", agent.pid())),
+        "{line}"
+    );
     support::connections_3_in_5_out(&first, 2);
     wait_for_closed(&first, "web", 2);
     assert!(agent.stop().success());

@@ -394,6 +394,25 @@ pub fn stdout_of(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `collector check --config CONFIG ARGS` in `netns`: whether it passed, and its line for
+/// `name` (the second word of a line).
+pub fn check_line(netns: &Netns, config: &Path, args: &[&str], name: &str) -> (bool, String) {
+    let out = netns
+        .command(COLLECTOR)
+        .args(["check", "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some(name))
+        .unwrap_or_else(|| panic!("no {name} line:\n{stdout}"))
+        .to_owned();
+    (out.status.success(), line)
+}
+
 /// A veth pair, both ends up: `ours` with `our_addr` (CIDR) in `netns`, `theirs` with
 /// `their_addr` in `peer`.
 pub fn veth(
