@@ -26,6 +26,13 @@ const BPF_LINK_TYPE_TCX: u32 = 11;
 /// Attach types of the TCX hooks.
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
+/// Attach types of the cgroup hooks: the server name reader's and `sock_ops`.
+pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+/// Attach flags of a cgroup hook's programs: others may override them in a child cgroup
+/// (`BPF_F_ALLOW_OVERRIDE`), others may join them (`BPF_F_ALLOW_MULTI`, as links always do).
+pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
+const BPF_F_ALLOW_MULTI: u32 = 2;
 
 /// `union bpf_attr` for `BPF_MAP_CREATE`, as far as a plain array needs.
 #[repr(C)]
@@ -200,10 +207,29 @@ fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
 /// The ids of the programs on interface `ifindex`'s TCX hook `attach_type`, in the order they
 /// run.
 pub fn tcx_programs(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
+    query_programs(ifindex, attach_type).map(|(_, ids)| ids)
+}
+
+/// The programs on the cgroup `cgroup`'s hook `attach_type` if they were attached without
+/// `BPF_F_ALLOW_MULTI` (exclusively, or to be overridden), which lets no other program join
+/// them (the kernel refuses a link there with EPERM): their attach flags and ids. `None`
+/// where the hook is empty or open to more.
+pub fn cgroup_hook_closed(
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<Option<(u32, Vec<u32>)>> {
+    let fd = u32::try_from(cgroup.as_raw_fd()).map_err(io::Error::other)?;
+    let (flags, ids) = query_programs(fd, attach_type)?;
+    Ok((!ids.is_empty() && flags & BPF_F_ALLOW_MULTI == 0).then_some((flags, ids)))
+}
+
+/// `BPF_PROG_QUERY` of `target` (an interface index, or a cgroup's descriptor) for the hook
+/// `attach_type`: the hook's attach flags and its programs' ids, in the order they run.
+fn query_programs(target: u32, attach_type: u32) -> io::Result<(u32, Vec<u32>)> {
     // More than any host runs on one hook; the kernel says ENOSPC if not.
     let mut ids = vec![0u32; 64];
     let mut attr = ProgQueryAttr {
-        target_ifindex: ifindex,
+        target_ifindex: target,
         attach_type,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: u32::try_from(ids.len()).map_err(io::Error::other)?,
@@ -211,5 +237,105 @@ pub fn tcx_programs(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
     };
     bpf(BPF_PROG_QUERY, &mut attr)?;
     ids.truncate(attr.prog_cnt as usize);
-    Ok(ids)
+    Ok((attr.attach_flags, ids))
+}
+
+/// A program that does nothing, attached to a cgroup as the agent attaches (a link) or the
+/// way before links, for tests of what the second does to the first.
+#[cfg(test)]
+pub mod test_programs {
+    use super::{BorrowedFd, FromRawFd, OwnedFd, bpf, io};
+    use std::os::fd::AsRawFd;
+
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_PROG_DETACH: libc::c_long = 9;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
+
+    /// `union bpf_attr` for `BPF_PROG_LOAD`, as far as a program without maps needs.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+    }
+
+    /// `union bpf_attr` for `BPF_PROG_ATTACH` and `BPF_PROG_DETACH`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgAttachAttr {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+    }
+
+    /// A `sock_ops` program that returns 1 at once: `r0 = 1; exit`.
+    pub fn load_sock_ops_returning() -> io::Result<OwnedFd> {
+        let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x95];
+        let license = c"GPL";
+        let mut attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_SOCK_OPS,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+        };
+        let fd = i32::try_from(bpf(BPF_PROG_LOAD, &mut attr)?).map_err(io::Error::other)?;
+        // SAFETY: BPF_PROG_LOAD returned a new file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Links `program` to `cgroup`'s hook `attach_type` (`BPF_LINK_CREATE`, as aya does): the
+    /// link's descriptor, which detaches it when closed.
+    pub fn link(
+        cgroup: BorrowedFd<'_>,
+        program: BorrowedFd<'_>,
+        attach_type: u32,
+    ) -> io::Result<OwnedFd> {
+        // `link_create`'s first four words: the program, the target, the type, the flags.
+        let mut attr = attach_attr(cgroup, program, attach_type)?;
+        (attr.target_fd, attr.attach_bpf_fd) = (attr.attach_bpf_fd, attr.target_fd);
+        let fd = i32::try_from(bpf(BPF_LINK_CREATE, &mut attr)?).map_err(io::Error::other)?;
+        // SAFETY: BPF_LINK_CREATE returned a new file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Attaches `program` to `cgroup`'s hook `attach_type` the way before links, with `flags`
+    /// (0: exclusively).
+    pub fn attach(
+        cgroup: BorrowedFd<'_>,
+        program: BorrowedFd<'_>,
+        attach_type: u32,
+        flags: u32,
+    ) -> io::Result<()> {
+        let mut attr = attach_attr(cgroup, program, attach_type)?;
+        attr.attach_flags = flags;
+        bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
+    }
+
+    /// Detaches `program` from `cgroup`'s hook `attach_type`.
+    pub fn detach(
+        cgroup: BorrowedFd<'_>,
+        program: BorrowedFd<'_>,
+        attach_type: u32,
+    ) -> io::Result<()> {
+        let mut attr = attach_attr(cgroup, program, attach_type)?;
+        bpf(BPF_PROG_DETACH, &mut attr).map(|_| ())
+    }
+
+    fn attach_attr(
+        cgroup: BorrowedFd<'_>,
+        program: BorrowedFd<'_>,
+        attach_type: u32,
+    ) -> io::Result<ProgAttachAttr> {
+        Ok(ProgAttachAttr {
+            target_fd: u32::try_from(cgroup.as_raw_fd()).map_err(io::Error::other)?,
+            attach_bpf_fd: u32::try_from(program.as_raw_fd()).map_err(io::Error::other)?,
+            attach_type,
+            attach_flags: 0,
+        })
+    }
 }

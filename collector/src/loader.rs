@@ -486,7 +486,9 @@ impl Attachment {
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to the {cgroup2}"))
-                .map_err(|err| cgroup_hook_full_hint(err, &cgroup2))?;
+                .map_err(|err| {
+                    cgroup_hook_hint(err, cgroup, bpf_sys::BPF_CGROUP_SOCK_OPS, &cgroup2)
+                })?;
             Ok(program.take_link(id)?.try_into()?)
         })?;
         self.note_link(pin, adopted);
@@ -509,7 +511,9 @@ impl Attachment {
                     CgroupAttachMode::Single,
                 )
                 .with_context(|| format!("attaching {name} to the {cgroup2}"))
-                .map_err(|err| cgroup_hook_full_hint(err, &cgroup2))?;
+                .map_err(|err| {
+                    cgroup_hook_hint(err, cgroup, bpf_sys::BPF_CGROUP_INET_INGRESS, &cgroup2)
+                })?;
             Ok(program.take_link(id)?.try_into()?)
         })?;
         self.note_link(pin, adopted);
@@ -1667,20 +1671,49 @@ fn enable_run_time_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
     })
 }
 
-/// `err`, from attaching a program to the cgroup2 root at `cgroup2`, with what E2BIG means
-/// there: the hook holds the kernel's 64 programs already (`BPF_CGROUP_MAX_PROGS`).
-fn cgroup_hook_full_hint(err: anyhow::Error, cgroup2: &str) -> anyhow::Error {
-    if !caused_by(&err, libc::E2BIG) {
+/// `err`, from attaching a program to the hook `attach_type` of the cgroup2 root `cgroup` (at
+/// `cgroup2`), with what the kernel means by E2BIG there (the hook holds its 64 programs
+/// already, `BPF_CGROUP_MAX_PROGS`) or by EPERM where a program on the hook was attached
+/// without `BPF_F_ALLOW_MULTI` (it lets no other join it, whatever the privileges).
+fn cgroup_hook_hint(
+    err: anyhow::Error,
+    cgroup: &File,
+    attach_type: u32,
+    cgroup2: &str,
+) -> anyhow::Error {
+    if caused_by(&err, libc::E2BIG) {
+        return err.context(format!(
+            "the cgroup2 root {cgroup2} holds the kernel's limit of 64 programs on this hook \
+             already: every collector on the node attaches its own (one per sidecar pod, and a \
+             DaemonSet's), and so do the pin directories crashed ones left until removed \
+             (`collector cleanup --apply --pin-dir DIR`); `bpftool cgroup show {cgroup2}` lists \
+             them"
+        ));
+    }
+    if !caused_by(&err, libc::EPERM) {
         return err;
     }
-    err.context(format!(
-        "the cgroup2 root {cgroup2} holds the kernel's limit of 64 programs on this hook \
-         already: every collector on the node attaches its own (one per sidecar pod, and a \
-         DaemonSet's), and so do the pin directories crashed ones left until removed \
-         (`collector cleanup --apply --pin-dir DIR`); `bpftool cgroup show {cgroup2}` lists \
-         them"
-    ))
+    let Ok(Some((flags, ids))) = bpf_sys::cgroup_hook_closed(cgroup.as_fd(), attach_type) else {
+        return err;
+    };
+    let how = if flags & bpf_sys::BPF_F_ALLOW_OVERRIDE == 0 {
+        "exclusively"
+    } else {
+        "with `override`"
+    };
+    err.context(CgroupHookClosed(format!(
+        "the cgroup2 root {cgroup2} has programs {ids:?} (ids) attached {how} on this hook, \
+         which lets no other program join them (as `bpftool cgroup attach` does without \
+         `multi`): `bpftool cgroup show {cgroup2}` lists them; detach them, or attach them \
+         again with `multi`"
+    )))
 }
+
+/// A cgroup hook closed to our link by a program on it ([`cgroup_hook_hint`]): no privilege
+/// helps, so [`privilege_hint`] adds no advice.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CgroupHookClosed(String);
 
 /// Says what to do when something was refused: missing privileges, or, for root with every
 /// capability, a security module ([`privileges::denial_advice`]). Not where the verifier
@@ -1693,7 +1726,9 @@ fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
         || err
             .downcast_ref::<paths::PathError>()
             .is_some_and(paths::PathError::explains_denial);
-    if needs_sys_admin && privileges::effective() & (1 << crate::check::CAP_SYS_ADMIN.0) == 0 {
+    if needs_sys_admin && privileges::effective() & (1 << crate::check::CAP_SYS_ADMIN.0) == 0
+        || err.downcast_ref::<CgroupHookClosed>().is_some()
+    {
         return err;
     }
     let denied = privileges::denied_in(&err)
@@ -1710,6 +1745,60 @@ fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A program attached to a cgroup's `sock_ops` hook without `multi` (the way before
+    /// links) closes the hook: the kernel refuses our link with EPERM, and the error names
+    /// the programs and how to open the hook, where it blamed a security module. On a child
+    /// cgroup of the root, whose hook no other test uses.
+    #[test]
+    fn a_cgroup_hook_closed_by_a_program_on_it_is_named() {
+        use bpf_sys::{BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_OVERRIDE, test_programs};
+        struct Removed<'a>(&'a Path);
+        impl Drop for Removed<'_> {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir(self.0);
+            }
+        }
+        let paths::Cgroup2::Mounted(root) = paths::cgroup2_root(None).unwrap() else {
+            panic!("no cgroup2 mount is visible");
+        };
+        let child = root.join(format!("collector-test-closed-{}", std::process::id()));
+        fs::create_dir(&child).unwrap();
+        let cgroup = File::open(&child).unwrap();
+        let _removed = Removed(&child);
+        let theirs = test_programs::load_sock_ops_returning().unwrap();
+        let ours = test_programs::load_sock_ops_returning().unwrap();
+        for (flags, how) in [
+            (0, "exclusively"),
+            (BPF_F_ALLOW_OVERRIDE, "with `override`"),
+        ] {
+            test_programs::attach(cgroup.as_fd(), theirs.as_fd(), BPF_CGROUP_SOCK_OPS, flags)
+                .unwrap();
+            let refused = test_programs::link(cgroup.as_fd(), ours.as_fd(), BPF_CGROUP_SOCK_OPS);
+            let err = anyhow::Error::from(refused.expect_err("linked to a closed hook"))
+                .context("attaching ours");
+            let message = format!(
+                "{:#}",
+                privilege_hint(cgroup_hook_hint(
+                    err,
+                    &cgroup,
+                    BPF_CGROUP_SOCK_OPS,
+                    &child.display().to_string()
+                ))
+            );
+            test_programs::detach(cgroup.as_fd(), theirs.as_fd(), BPF_CGROUP_SOCK_OPS).unwrap();
+            assert!(
+                message.contains("has programs [")
+                    && message.contains(&format!("] (ids) attached {how} on this hook"))
+                    && message.contains("attach them again with `multi`")
+                    && message.ends_with("attaching ours: Operation not permitted (os error 1)")
+                    && !message.contains("security module"),
+                "{message}"
+            );
+        }
+        // Open again, the hook takes the link.
+        drop(test_programs::link(cgroup.as_fd(), ours.as_fd(), BPF_CGROUP_SOCK_OPS).unwrap());
+    }
 
     #[test]
     fn the_tally_tables_span_every_possible_cpu_id() {
@@ -1728,10 +1817,17 @@ mod tests {
             anyhow::Error::from(io::Error::from_raw_os_error(errno))
                 .context("attaching sock_ops to the /sys/fs/cgroup")
         };
-        let full = format!(
-            "{:#}",
-            cgroup_hook_full_hint(attaching(libc::E2BIG), "/sys/fs/cgroup")
-        );
+        // Not a cgroup: the EPERM below is not looked into further.
+        let not_a_cgroup = File::open("/").unwrap();
+        let hint = |errno| {
+            cgroup_hook_hint(
+                attaching(errno),
+                &not_a_cgroup,
+                bpf_sys::BPF_CGROUP_SOCK_OPS,
+                "/sys/fs/cgroup",
+            )
+        };
+        let full = format!("{:#}", hint(libc::E2BIG));
         assert!(
             full.starts_with("the cgroup2 root /sys/fs/cgroup holds the kernel's limit of 64")
                 && full.contains("collector cleanup --apply --pin-dir DIR")
@@ -1741,11 +1837,11 @@ mod tests {
                 ),
             "{full}"
         );
-        let other = format!(
-            "{:#}",
-            cgroup_hook_full_hint(attaching(libc::EPERM), "/sys/fs/cgroup")
+        let other = format!("{:#}", hint(libc::EPERM));
+        assert_eq!(
+            other,
+            "attaching sock_ops to the /sys/fs/cgroup: Operation not permitted (os error 1)"
         );
-        assert!(!other.contains("limit"), "{other}");
     }
 
     #[test]
