@@ -353,9 +353,14 @@ pub mod error_kind {
     /// `events_dropped`, with the stream's lines, which do not widen that bound (since
     /// 2026-12-05).
     pub const DNS_NAME_DROPPED: u32 = 6;
+    /// DNS messages not counted because the kernel merged their datagrams into one packet
+    /// with others of their flow (UDP GSO on sending, `rx-gro-list` or
+    /// `rx-udp-gro-forwarding` on receiving): the first message of such a packet is counted,
+    /// these are the others.
+    pub const DNS_MERGED_UNCOUNTED: u32 = 7;
 }
 /// Number of error kinds.
-pub const ERROR_KINDS: u32 = 7;
+pub const ERROR_KINDS: u32 = 8;
 /// Entries of [`map_names::ERRORS`]: room beyond [`ERROR_KINDS`], so that a kind added
 /// later keeps the pinned map's shape, and its counters across an upgrade.
 pub const ERROR_SLOTS: u32 = 8;
@@ -369,6 +374,7 @@ pub const ERROR_KIND_NAMES: [&str; ERROR_KINDS as usize] = [
     "packet_unparsed",
     "conn_client_dropped",
     "dns_name_dropped",
+    "dns_merged_uncounted",
 ];
 
 /// Most UDP ports of each kind in [`DnsPorts`].

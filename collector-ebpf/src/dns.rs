@@ -46,7 +46,7 @@ use collector_common::{
 use crate::{
     DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAME_KEYS,
     DNS_NAMES, DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM,
-    DNS_UPSTREAM_LATEST, count_error,
+    DNS_UPSTREAM_LATEST, count_error, count_errors,
     packet::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN, MAX_L4_OFFSET, ether_type,
         forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled, ours, ptr_at, ptr_at_or_pulled,
@@ -193,12 +193,48 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
     // SAFETY: this CPU's value; BPF programs run with migration disabled, and tc programs do
     // not nest on a CPU.
     let counters = unsafe { &mut *counters };
+    let merged = merged_segments(ctx, &datagram);
     // What goes upstream is told by its ports alone, so what does not parse there is some
     // other program's (`traceroute -U` sends to port 53), not a malformed message.
-    if let Err(reason) = count_message::<L2>(ctx, &datagram, role, counters)
+    if let Err(reason) = count_message::<L2>(ctx, &datagram, merged.size, role, counters)
         && role != Role::Upstream
     {
         counters.malformed[(reason & 7) as usize] += 1;
+    }
+    if merged.count > 1 {
+        count_errors(error_kind::DNS_MERGED_UNCOUNTED, merged.count - 1);
+    }
+}
+
+/// The datagrams in a packet: one, or where the kernel merged a flow's datagrams into one
+/// packet (UDP GSO on sending, UDP GRO on receiving: one UDP header, then each datagram's
+/// payload in turn, `gso_size` bytes each but the last), one per segment. Only the first
+/// segment's message is parsed and counted: a walk of the others, inlined or in a
+/// `bpf_loop` callback, takes the verifier past its million instructions (docs/DESIGN.md,
+/// DNS), so they are said apart.
+struct Merged {
+    count: u64,
+    /// The first message's most bytes: the segment size (`usize::MAX` where not merged).
+    size: usize,
+}
+
+#[inline(always)]
+fn merged_segments(ctx: &TcContext, datagram: &Datagram) -> Merged {
+    // SAFETY: the context pointer the kernel passed; tc programs may read these fields.
+    let (segments, size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    let size = size as usize;
+    if segments < 2 || size == 0 || datagram.fragmented {
+        return Merged {
+            count: 1,
+            size: usize::MAX,
+        };
+    }
+    // From the payload, which the kernel's merge and split both follow, not the packet's word
+    // for it.
+    let payload = datagram.available.saturating_sub(UDP_HLEN);
+    Merged {
+        count: payload.div_ceil(size) as u64,
+        size,
     }
 }
 
@@ -273,6 +309,7 @@ fn within(ip_end: usize, skb_len: usize) -> usize {
 fn count_message<const L2: usize>(
     ctx: &TcContext,
     datagram: &Datagram,
+    segment_size: usize,
     role: Role,
     counters: &mut DnsCounters,
 ) -> Result<(), u32> {
@@ -283,8 +320,9 @@ fn count_message<const L2: usize>(
     if udp_len < UDP_HLEN || (!datagram.fragmented && udp_len > datagram.available) {
         return Err(dns_malformed::BAD_LENGTH);
     }
-    // What the receiving socket gets (for a first fragment: what this packet holds of it).
-    let message_len = udp_len.min(datagram.available) - UDP_HLEN;
+    // What the receiving socket gets (for a first fragment: what this packet holds of it; of
+    // merged datagrams, the first).
+    let message_len = (udp_len.min(datagram.available) - UDP_HLEN).min(segment_size);
     if message_len < DNS_HLEN {
         return Err(dns_malformed::TRUNCATED);
     }

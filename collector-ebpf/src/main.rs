@@ -202,8 +202,13 @@ static DNS_NAMES: Array<DnsNameSlot, { TALLY_SLOTS_PER_CPU as usize }, MAP_FLAGS
 /// Count a kernel-side failure by kind (see `collector_common::error_kind`).
 #[inline(always)]
 fn count_error(kind: u32) {
+    count_errors(kind, 1);
+}
+
+#[inline(always)]
+fn count_errors(kind: u32, n: u64) {
     if let Some(counter) = ERRORS.get_ptr_mut(kind) {
-        add(counter, 1);
+        add(counter, n);
     }
 }
 

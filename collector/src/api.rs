@@ -570,6 +570,9 @@ pub struct DnsStats {
     pub unmatched_responses: Option<u64>,
     pub upstream_queries: u64,
     pub events_dropped: u64,
+    /// Messages not counted because the kernel merged their datagrams into another's packet
+    /// (UDP GSO, UDP GRO): that packet's first message is counted, these are the others.
+    pub merged_uncounted: u64,
     /// Queries left out of `topDomains` because their name did not decode.
     pub undecodable_names: u64,
     /// Our nftables counters for the DNS ports.
@@ -673,6 +676,8 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         unmatched_responses: dns.match_responses.then_some(c.unmatched_responses),
         upstream_queries: c.upstream_queries,
         events_dropped: c.events_dropped,
+        merged_uncounted: snapshot.errors
+            [collector_common::error_kind::DNS_MERGED_UNCOUNTED as usize],
         undecodable_names: dns.domains.undecodable_names,
         nftables: nft_counts(snapshot, "dns", Protocol::Udp),
         sources: sources(snapshot),

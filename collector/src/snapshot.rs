@@ -670,7 +670,7 @@ impl Snapshot {
         Snapshot {
             routes: vec![web, tls, api],
             upstreams: vec![example_upstream()],
-            errors: [1, 2, 0, 3, 4, 5, 6],
+            errors: [1, 2, 0, 3, 4, 5, 6, 7],
             programs: vec![ProgramStats {
                 name: "track_connections".into(),
                 run_time_ns: 2_500_000_000,

@@ -983,6 +983,64 @@ fn answers_without_a_question_are_neither_hit_nor_miss() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// Queries a client sends merged into one packet (`UDP_SEGMENT`: UDP GSO; on loopback the
+/// packet reaches the classifier whole, and the receiving socket splits it) count the first
+/// and the others as `dns_merged_uncounted`, exactly; the server answers each, and each
+/// answer counts.
+#[test]
+fn queries_merged_into_one_packet_count_the_first_and_the_others_apart() {
+    /// `UDP_SEGMENT` of linux/udp.h (the libc crate has it for some targets only).
+    const UDP_SEGMENT: libc::c_int = 103;
+    const QUERIES: u16 = 4;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let server = answer(&netns, SERVER, usize::from(QUERIES));
+    netns.run(|| {
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+        let size = www_test_query(0).len();
+        support::set_socket_option(
+            &client,
+            libc::IPPROTO_UDP,
+            UDP_SEGMENT,
+            libc::c_int::try_from(size).unwrap(),
+        );
+        let merged: Vec<u8> = (0..QUERIES).flat_map(www_test_query).collect();
+        assert_eq!(client.send_to(&merged, SERVER).unwrap(), merged.len());
+        for _ in 0..QUERIES {
+            let mut answer = [0u8; 512];
+            assert_eq!(client.recv_from(&mut answer).unwrap().0, size);
+        }
+    });
+    server.join().unwrap();
+    wait_for("the answers counted", Duration::from_secs(15), || {
+        (dns_json(&netns)["totalResponses"] == u64::from(QUERIES)).then_some(())
+    });
+    // Two polls on: nothing counted late.
+    let metrics = support::after_polls(&netns, 2);
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_bpf_errors_total",
+            &[("kind", "dns_merged_uncounted")]
+        ),
+        Some(f64::from(QUERIES - 1)),
+        "{metrics}"
+    );
+    let json = dns_json(&netns);
+    assert_eq!(
+        (
+            json["totalQueries"].as_u64(),
+            json["totalResponses"].as_u64()
+        ),
+        (Some(1), Some(u64::from(QUERIES))),
+        "{json}"
+    );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// A DNS server stand-in in `netns` on `address`: answers `count` queries (the query back,
 /// marked a response).
 fn answer(netns: &Netns, address: &'static str, count: usize) -> std::thread::JoinHandle<()> {

@@ -19,7 +19,7 @@ use aya::{
 use collector_common::{
     DNS_INFLIGHT_WAYS, DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsPorts, GLOBAL_DNS_PORTS,
     client_fingerprint, dns_inflight_set, dns_malformed, dns_qclass_index, dns_qtype_index,
-    map_names, program_names, tally_table_len,
+    error_kind, map_names, program_names, tally_table_len,
 };
 use hickory_proto::{
     op::{Header, MessageType, Query},
@@ -162,10 +162,21 @@ impl Classifiers {
     /// Runs the classifier `name` on `frame`: where the packet was counted, and the opcode and
     /// class a query was counted under.
     fn run_program(&self, name: &str, frame: &[u8]) -> (Outcome, QueryDetail) {
+        self.run_program_with(name, frame, None)
+    }
+
+    /// [`Self::run_program`] with the `__sk_buff` fields in `context`, if any.
+    fn run_program_with(
+        &self,
+        name: &str,
+        frame: &[u8],
+        context: Option<&[u8]>,
+    ) -> (Outcome, QueryDetail) {
         let before = self.totals();
         let program: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
+        opts.ctx_in = context;
         let result = program
             .test_run(opts)
             .unwrap_or_else(|err| panic!("test run of {} bytes: {err}", frame.len()));
@@ -219,6 +230,13 @@ impl Classifiers {
 
     fn malformed_reasons(&self) -> [u64; 8] {
         self.totals().malformed
+    }
+
+    /// The kernel's count of error `kind`, over every CPU.
+    fn errors(&self, kind: u32) -> u64 {
+        let errors: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::ERRORS).unwrap()).unwrap();
+        errors.get(&kind, 0).unwrap().iter().sum()
     }
 }
 
@@ -1544,4 +1562,65 @@ fn an_id_used_again_for_another_question_is_a_new_query() {
         Outcome::Response(0),
     );
     assert_eq!(totals(), [4, 0, 0, 1]);
+}
+
+/// A packet the kernel merged from a flow's datagrams (UDP GSO on sending, UDP GRO on
+/// receiving: `gso_segs` and `gso_size` set, one UDP header, then each datagram's payload in
+/// turn) counts its first message, parsed within its segment, and the others as
+/// `dns_merged_uncounted`, as many as the payload holds whatever `gso_segs` says. (A real
+/// merged packet, sent with `UDP_SEGMENT` on loopback: `tests/dns.rs`.)
+#[test]
+fn merged_datagrams_count_their_first_message_and_the_others_apart() {
+    let classifiers = Classifiers::load();
+    // `struct __sk_buff` up to `gso_size`: `gso_segs` at 164, `gso_size` at 176.
+    let context = |segments: u32, size: u32| {
+        let mut context = vec![0u8; 180];
+        context[164..168].copy_from_slice(&segments.to_ne_bytes());
+        context[176..180].copy_from_slice(&size.to_ne_bytes());
+        context
+    };
+    let run = |direction: Direction, flags: u16, segments: u32, size: usize| {
+        // Three messages of one size, the last cut short by 5 bytes, as GSO sends them.
+        let first = message(flags, 1, &www_example(1));
+        let second = message(flags, 1, &www_example(28));
+        let payload = [&first[..], &second[..], &first[..first.len() - 5]].concat();
+        let frame = Packet::new(direction, payload).frame();
+        let name = match direction {
+            Direction::ToServer => program_names::COUNT_INGRESS,
+            Direction::FromServer => program_names::COUNT_EGRESS,
+        };
+        let before = classifiers.errors(error_kind::DNS_MERGED_UNCOUNTED);
+        let context = context(segments, u32::try_from(size).unwrap());
+        let (outcome, _) = classifiers.run_program_with(name, &frame, Some(&context));
+        let uncounted = classifiers.errors(error_kind::DNS_MERGED_UNCOUNTED) - before;
+        (outcome, uncounted)
+    };
+    let size = message(QUERY, 1, &www_example(1)).len();
+    assert_eq!(
+        run(Direction::ToServer, QUERY, 3, size),
+        (Outcome::Query(1), 2)
+    );
+    assert_eq!(
+        run(Direction::FromServer, RESPONSE, 3, size),
+        (Outcome::Response(0), 2)
+    );
+    // The packet's word for its segments is not taken: the payload holds three.
+    assert_eq!(
+        run(Direction::ToServer, QUERY, 60, size),
+        (Outcome::Query(1), 2)
+    );
+    // Not merged: one message, and the bytes after it are no other.
+    assert_eq!(
+        run(Direction::ToServer, QUERY, 0, size),
+        (Outcome::Query(1), 0)
+    );
+    // A first segment too short for its question is malformed, not completed from the next.
+    let segments_of_20 = (3 * size - 5).div_ceil(20);
+    assert_eq!(
+        run(Direction::ToServer, QUERY, 9, 20),
+        (
+            Outcome::Malformed,
+            u64::try_from(segments_of_20 - 1).unwrap()
+        )
+    );
 }

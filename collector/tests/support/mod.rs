@@ -49,11 +49,21 @@ pub fn limit_open_files(command: &mut Command, soft: u64, hard: u64) {
 /// Sets the TCP socket option `option` of `socket` to `value` (`TCP_DEFER_ACCEPT`'s
 /// seconds, `TCP_FASTOPEN`'s queue, `TCP_SYNCNT`'s retries).
 pub fn set_tcp_option(socket: &impl std::os::fd::AsRawFd, option: libc::c_int, value: libc::c_int) {
+    set_socket_option(socket, libc::IPPROTO_TCP, option, value);
+}
+
+/// Sets the socket option `option` of protocol `level` to `value`, or panics.
+pub fn set_socket_option(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) {
     // SAFETY: a socket option of the socket's open descriptor, from a local of its size.
     let set = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
+            level,
             option,
             (&raw const value).cast(),
             libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
