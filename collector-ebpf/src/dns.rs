@@ -48,9 +48,9 @@ use crate::{
     DNS_NAMES, DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM,
     DNS_UPSTREAM_LATEST, count_error, count_errors,
     packet::{
-        ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN, MAX_L4_OFFSET, ether_type,
-        forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled, ours, ptr_at, ptr_at_or_pulled,
-        read_be16, read_u8,
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, MAX_L4_OFFSET,
+        ether_type, fixed_header_byte, forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled,
+        ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
     },
     tally::{Tally, tally},
 };
@@ -248,13 +248,14 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
     let skb_len = ctx.len() as usize;
     match ether_type(ctx) {
         ETH_P_IP => {
-            let version_ihl = or_pulled::<L2, _>(ctx, UDP_HLEN, |ctx| read_u8(ctx, L2))?;
+            let version_ihl =
+                or_pulled::<L2, _>(ctx, UDP_HLEN, fixed_header_byte::<L2, IPV4_HLEN, 0>)?;
             if read_u8(ctx, L2 + 9)? != IPPROTO_UDP {
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
             // Its ports cannot be read; a receiving stack drops it (`ip_rcv_core`).
-            if ihl < 20 {
+            if ihl < IPV4_HLEN {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
@@ -272,10 +273,9 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
             })
         }
         ETH_P_IPV6 => {
-            let payload = usize::from(or_pulled::<L2, _>(ctx, UDP_HLEN, |ctx| {
-                read_be16(ctx, L2 + 4)
-            })?);
-            let upper = ipv6_upper_layer::<L2>(ctx, read_u8(ctx, L2 + 6)?)?;
+            let next = or_pulled::<L2, _>(ctx, UDP_HLEN, fixed_header_byte::<L2, IPV6_HLEN, 6>)?;
+            let payload = usize::from(read_be16(ctx, L2 + 4)?);
+            let upper = ipv6_upper_layer::<L2>(ctx, next)?;
             // TCP comes here only behind extension headers (`may_carry_tcp`), which the
             // live counters do not read past.
             if upper.protocol == IPPROTO_TCP {

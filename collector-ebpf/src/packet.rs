@@ -29,6 +29,8 @@ const VLAN_HLEN: usize = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPV6_HLEN: usize = 40;
+/// IPv4's fixed header, without options.
+pub const IPV4_HLEN: usize = 20;
 /// IPv6 hop-by-hop options header.
 pub const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
@@ -49,6 +51,21 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
         return None;
     }
     Some((start + offset) as *const T)
+}
+
+/// Byte `AT` of the IP header, read where its fixed part (`FIXED` bytes: IPv4's 20, IPv6's
+/// 40) is whole in the linear part; `None` otherwise, for [`or_pulled`] to pull it in, so
+/// that the reads of the fixed part after this one find it there. (Reading the one byte, a
+/// linear part that ended inside the header failed those reads, and the packet went
+/// uncounted and unsaid.)
+#[inline(always)]
+pub fn fixed_header_byte<const L2: usize, const FIXED: usize, const AT: usize>(
+    ctx: &TcContext,
+) -> Option<u8> {
+    const { assert!(AT < FIXED) };
+    let header = ptr_at::<[u8; FIXED]>(ctx, L2)?;
+    // SAFETY: ptr_at checked the FIXED bytes.
+    Some(unsafe { (*header)[AT] })
 }
 
 /// Makes the packet's first `len` bytes linear, as far as the packet has them, where its

@@ -25,9 +25,9 @@ use collector_common::{
 use crate::{
     ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV6_HLEN, NEXTHDR_HOP, ether_type,
-        handed_back_by_ifb, ipv6_upper_layer, is_gso, or_pulled, ours, ptr_at, ptr_at_or_pulled,
-        read_be16, read_u8,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, NEXTHDR_HOP, ether_type,
+        fixed_header_byte, handed_back_by_ifb, ipv6_upper_layer, is_gso, or_pulled, ours, ptr_at,
+        ptr_at_or_pulled, read_be16, read_u8,
     },
 };
 
@@ -121,7 +121,8 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
     let skb_l3_len = u64::from(ctx.len()).saturating_sub(L2 as u64);
     let (l4_offset, ip_len) = match proto {
         ETH_P_IP => {
-            let Some(version_ihl) = or_pulled::<L2, _>(ctx, TCP_READ, |ctx| read_u8(ctx, L2))
+            let Some(version_ihl) =
+                or_pulled::<L2, _>(ctx, TCP_READ, fixed_header_byte::<L2, IPV4_HLEN, 0>)
             else {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
@@ -132,7 +133,7 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
             let ihl = usize::from(version_ihl & 0x0f) * 4;
             // A receiving stack drops it (`ip_rcv_core`), as it does a total length under
             // the header length (below: the TCP header cannot fit).
-            if ihl < 20 {
+            if ihl < IPV4_HLEN {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
@@ -145,7 +146,8 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
             (L2 + ihl, total)
         }
         ETH_P_IPV6 => {
-            let Some(next_header) = or_pulled::<L2, _>(ctx, TCP_READ, |ctx| read_u8(ctx, L2 + 6))
+            let Some(next_header) =
+                or_pulled::<L2, _>(ctx, TCP_READ, fixed_header_byte::<L2, IPV6_HLEN, 6>)
             else {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
