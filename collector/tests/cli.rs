@@ -1012,14 +1012,16 @@ fn every_listen_option_says_what_to_write() {
 
 #[test]
 fn run_says_what_to_do_when_the_listen_address_is_not_here() {
-    support::require_root();
+    let netns = support::Netns::new();
     let pins = ScratchDir::new("run-listen");
     // TEST-NET-1: an address of no interface here. The bind comes before anything is loaded.
-    let out = Command::new(COLLECTOR)
-        .args(["run", "--listen", "192.0.2.1:9464", "--pin-dir"])
-        .arg(pins.path("pins"))
-        .output()
-        .unwrap();
+    let out = support::output_within(
+        netns
+            .command(COLLECTOR)
+            .args(["run", "--listen", "192.0.2.1:9464", "--pin-dir"])
+            .arg(pins.path("pins")),
+        std::time::Duration::from_secs(20),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -1035,15 +1037,17 @@ fn run_says_what_to_do_when_the_listen_address_is_not_here() {
 /// is loaded.
 #[test]
 fn run_refuses_to_serve_on_a_routes_port() {
-    support::require_root();
+    let netns = support::Netns::new();
     let dir = ScratchDir::new("run-route-port");
     let config = dir.path("collector.toml");
     fs::write(&config, "[[routes]]\nname = \"metrics\"\nports = [9464]\n").unwrap();
-    let out = Command::new(COLLECTOR)
-        .args(["run", "--config", config.to_str().unwrap(), "--pin-dir"])
-        .arg(dir.path("pins"))
-        .output()
-        .unwrap();
+    let out = support::output_within(
+        netns
+            .command(COLLECTOR)
+            .args(["run", "--config", config.to_str().unwrap(), "--pin-dir"])
+            .arg(dir.path("pins")),
+        std::time::Duration::from_secs(20),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

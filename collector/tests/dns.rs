@@ -44,23 +44,41 @@ fn top_domains(json: &serde_json::Value) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Waits until the agent has counted `responses` responses, and returns its JSON.
+/// Waits until the agent has counted `responses` responses, and returns its JSON two polls
+/// later (what a late count would change, checked unchanged but for its time).
 fn dns_after(netns: &Netns, responses: u64) -> serde_json::Value {
-    wait_for(
+    let counted = |json: &serde_json::Value| -> Option<()> {
+        // Top domains come from events drained every 50 ms: wait for those too.
+        let sampled: u64 = json["topDomains"]
+            .as_array()?
+            .iter()
+            .filter_map(|d| d["count"].as_u64())
+            .sum();
+        (json["totalResponses"] == responses && sampled == json["totalQueries"].as_u64()?)
+            .then_some(())
+    };
+    let first = wait_for(
         "the agent to count every response",
         Duration::from_secs(10),
         || {
             let json = dns_json(netns);
-            // Top domains come from events drained every 50 ms: wait for those too.
-            let sampled: u64 = json["topDomains"]
-                .as_array()?
-                .iter()
-                .filter_map(|d| d["count"].as_u64())
-                .sum();
-            (json["totalResponses"] == responses && sampled == json["totalQueries"].as_u64()?)
-                .then_some(json)
+            counted(&json).map(|()| json)
         },
-    )
+    );
+    support::after_polls(netns, 2);
+    let json = dns_json(netns);
+    for key in [
+        "totalQueries",
+        "totalResponses",
+        "queryTypeBreakdown",
+        "responseCodes",
+    ] {
+        assert_eq!(
+            json[key], first[key],
+            "{key} changed after it was reached: {json}"
+        );
+    }
+    json
 }
 
 #[test]
@@ -790,6 +808,25 @@ fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge(
     });
     assert_eq!(json["unansweredRate"], 1.0, "{json}");
     assert_eq!(json["unansweredQueries"], 0, "{json}");
+    // The queries' arrival moved to now in the pinned table, so that a slow machine's waits
+    // above leave the checks below within their 10 s; then moved back past them.
+    let pin = config.pin_dir.join("v1").join(map_names::DNS_INFLIGHT);
+    let mut table: aya::maps::Array<_, collector_common::DnsInFlight> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
+    )
+    .unwrap();
+    let mut move_arrivals = |to: &dyn Fn(u64) -> u64| {
+        for slot in 0..table.len() {
+            let mut entry = table.get(&slot, 0).unwrap();
+            if entry.start_ns != 0 {
+                let tag = entry.start_ns & collector_common::DNS_QUESTION_TAG_MASK;
+                entry.start_ns =
+                    (to(entry.start_ns) & !collector_common::DNS_QUESTION_TAG_MASK) | tag;
+                table.set(slot, entry, 0).unwrap();
+            }
+        }
+    };
+    move_arrivals(&|_| support::monotonic_ns());
     // `collector maps` reads the pinned table the same way.
     let maps = |args: &[&str]| -> serde_json::Value {
         serde_json::from_str(&support::stdout_of(
@@ -825,19 +862,8 @@ fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge(
         vec![serde_json::Value::Bool(false); QUERIES.into()]
     );
 
-    // Eleven seconds on: their arrival moved back past the 10 s timeout in the pinned table.
-    let pin = config.pin_dir.join("v1").join(map_names::DNS_INFLIGHT);
-    let mut table: aya::maps::Array<_, collector_common::DnsInFlight> = aya::maps::Array::try_from(
-        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
-    )
-    .unwrap();
-    for slot in 0..table.len() {
-        let mut entry = table.get(&slot, 0).unwrap();
-        if entry.start_ns != 0 {
-            entry.start_ns -= 11_000_000_000;
-            table.set(slot, entry, 0).unwrap();
-        }
-    }
+    // Eleven seconds on: their arrival moved back past the 10 s timeout.
+    move_arrivals(&|start| start - 11_000_000_000);
     wait_for("no query in flight", Duration::from_secs(15), || {
         (in_flight() == Some(0)).then_some(())
     });

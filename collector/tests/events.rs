@@ -334,10 +334,19 @@ fn stream_events(config: &AgentConfig, answers: usize) -> (Vec<serde_json::Value
     assert_every_query_in_top_domains(&netns);
     assert_every_connection_in_top_ips(&netns, CONNECTIONS_UNSTREAMED + CONNECTIONS + probes_made);
 
-    // Stopping the agent ends the stream, and `collector events` with it.
+    // Stopping the agent ends the stream, and `collector events` with it; the stream to its
+    // end holds no event more than the 300 ms above saw.
     assert!(agent.stop().success());
     assert!(child.wait().success());
     reader.join().unwrap();
+    events.extend(lines.try_iter());
+    for (kind, n) in expected {
+        assert_eq!(
+            count(&events, kind),
+            n,
+            "{kind} events to the end: {events:#?}"
+        );
+    }
     let phases = Phases {
         connections,
         queries,
@@ -687,6 +696,10 @@ fn a_sampled_query_is_streamed_with_its_answer() {
     assert!(agent.stop().success());
     assert!(child.wait().success());
     reader.join().unwrap();
+    // The stream to its end: no event more than the 300 ms above saw.
+    events.extend(lines.try_iter());
+    assert_eq!(ids_of(&events, "query-received"), picked, "{events:#?}");
+    assert_eq!(ids_of(&events, "query-answered"), picked, "{events:#?}");
 }
 
 /// Without matching there are no answer events, and query events carry the time of the

@@ -722,18 +722,19 @@ fn what_needs_cap_sys_admin_says_so() {
     let netns = Netns::new();
     let config = AgentConfig::new(WEB_ROUTE);
     let refused = |mut launcher: Command, args: &[&str]| {
-        let out = launcher
-            .args([
-                "--bounding-set=-all,+bpf,+perfmon,+net_admin",
-                "--inh-caps=-all",
-                COLLECTOR,
-                "run",
-                "--config",
-            ])
-            .arg(&config.path)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = support::output_within(
+            launcher
+                .args([
+                    "--bounding-set=-all,+bpf,+perfmon,+net_admin",
+                    "--inh-caps=-all",
+                    COLLECTOR,
+                    "run",
+                    "--config",
+                ])
+                .arg(&config.path)
+                .args(args),
+            Duration::from_secs(20),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
             !out.status.success() && !stderr.contains("security module"),

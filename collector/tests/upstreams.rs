@@ -160,6 +160,9 @@ fn wait_for_figures(netns: &Netns, expected: Figures) -> (String, serde_json::Va
     };
     let app = app_json(&proxy_json(netns));
     assert_eq!(Figures::from_json(&app), expected, "{app}");
+    // Two polls on, still the same: nothing counted late.
+    let later = support::after_polls(netns, 2);
+    assert_eq!(Figures::from_metrics(&later), expected, "{later}");
     (metrics, app)
 }
 

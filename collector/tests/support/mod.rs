@@ -72,6 +72,20 @@ pub fn set_socket_option(
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of the kernel's `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a clock the kernel always has, written into a local.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) },
+        0
+    );
+    u64::try_from(now.tv_sec).unwrap() * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap()
+}
+
 /// Where cgroup2 is mounted: found in /proc/mounts, since a hybrid layout puts it below
 /// /sys/fs/cgroup (here /sys/fs/cgroup/unified).
 pub fn cgroup2_mount() -> String {
@@ -805,30 +819,38 @@ pub fn refused_start(netns: &Netns, config: &Path) -> String {
 
 /// [`refused_start`] with `args` after `run`.
 pub fn refused_start_with(netns: &Netns, config: &Path, args: &[&str]) -> String {
-    let mut child = Reaped(
+    let out = output_within(
         netns
             .command(COLLECTOR)
             .arg("run")
             .args(args)
             .arg("--config")
-            .arg(config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(config),
+        Duration::from_secs(20),
     );
-    let status = wait_for("the refused start to exit", Duration::from_secs(20), || {
-        child.0.try_wait().unwrap()
-    });
-    let mut stderr = String::new();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert!(!status.success(), "the start was not refused: {stderr}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the start was not refused: {stderr}");
     stderr
+}
+
+/// Runs `command` to its end, its output captured; fails the test, the process killed, if
+/// it runs past `limit` (a start that stopped refusing would run on).
+pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = Reaped::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()));
+    let status = wait_for("the command to exit", limit, || child.try_wait());
+    let read = |pipe: Option<&mut dyn std::io::Read>| {
+        let mut bytes = Vec::new();
+        if let Some(pipe) = pipe {
+            pipe.read_to_end(&mut bytes).unwrap();
+        }
+        bytes
+    };
+    let (mut stdout, mut stderr) = (child.stdout(), child.stderr());
+    std::process::Output {
+        status,
+        stdout: read(stdout.as_mut().map(|pipe| pipe as &mut dyn std::io::Read)),
+        stderr: read(stderr.as_mut().map(|pipe| pipe as &mut dyn std::io::Read)),
+    }
 }
 
 /// GET `path` from the agent (call from inside the namespace). Returns status and body.
