@@ -361,8 +361,10 @@ pub mod error_kind {
 }
 /// Number of error kinds.
 pub const ERROR_KINDS: u32 = 8;
-/// Entries of [`map_names::ERRORS`]: room beyond [`ERROR_KINDS`], so that a kind added
-/// later keeps the pinned map's shape, and its counters across an upgrade.
+/// Entries of [`map_names::ERRORS`]: room for [`ERROR_KINDS`], with the kinds added since
+/// the map was made (a kind added within it keeps the pinned map's shape, and its counters
+/// across an upgrade after a crash). Full since `DNS_MERGED_UNCOUNTED`: the next kind takes
+/// a larger map, whose pins a start after a crash replaces, counters from zero.
 pub const ERROR_SLOTS: u32 = 8;
 const _: () = assert!(ERROR_KINDS <= ERROR_SLOTS);
 /// Names of the error kinds, indexed by kind, as exported in metric labels.

@@ -195,7 +195,9 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
     let counters = unsafe { &mut *counters };
     let merged = merged_segments(ctx, &datagram);
     // What goes upstream is told by its ports alone, so what does not parse there is some
-    // other program's (`traceroute -U` sends to port 53), not a malformed message.
+    // other program's (`traceroute -U` sends to port 53), not a malformed message. (The
+    // datagrams merged with it are said apart all the same: a branch on what the parse
+    // found took the verifier past its limit.)
     if let Err(reason) = count_message::<L2>(ctx, &datagram, merged.size, role, counters)
         && role != Role::Upstream
     {

@@ -86,7 +86,9 @@ pub fn pull(ctx: &TcContext, len: usize) -> bool {
 pub fn pull_headers<const L2: usize>(ctx: &TcContext, l4_bytes: usize) -> bool {
     let ip_header = if ether_type(ctx) == ETH_P_IP {
         match ctx.load::<u8>(L2) {
-            Ok(version_ihl) => usize::from(version_ihl & 0x0f) * 4,
+            // At least the fixed header, which the first read takes whole: one that claims
+            // less is then read, and counted malformed, not truncated.
+            Ok(version_ihl) => (usize::from(version_ihl & 0x0f) * 4).max(IPV4_HLEN),
             Err(_) => return false,
         }
     } else {

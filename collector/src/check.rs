@@ -576,46 +576,63 @@ fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>) -> Verdict {
 /// counters once it is gone), or a collector running with it (its lock: `run` refuses to
 /// start beside it; a check before its restart finds it, hence a warning).
 fn in_use(pin_dir: &Path) -> Option<(Status, String)> {
+    foreign_pins(pin_dir).or_else(|| locked(pin_dir))
+}
+
+/// Pins of a collector of another network namespace in `pin_dir`, as `run` judges them.
+fn foreign_pins(pin_dir: &Path) -> Option<(Status, String)> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let own_netns = crate::netns::current_cookie().ok()?;
-    let foreign = orphans::pinned_owner(&map_dir)
+    let owner = orphans::pinned_owner(&map_dir)
         .ok()
         .flatten()
-        .filter(|&owner| owner != 0 && owner != own_netns);
-    if let Some(owner) = foreign {
-        return Some(match orphans::gone_owner(&map_dir, own_netns) {
-            Ok(Some(_)) => (
-                Status::Warn,
-                format!(
-                    "the pins under {} were left by a collector whose network namespace is \
-                     gone (cookie {owner}): `run` removes them with their programs, and its \
-                     counters start from zero",
-                    pin_dir.display()
-                ),
+        .filter(|&owner| owner != 0 && owner != own_netns)?;
+    Some(match orphans::gone_owner(&map_dir, own_netns) {
+        Ok(Some(_)) => (
+            Status::Warn,
+            format!(
+                "the pins under {} were left by a collector whose network namespace is gone \
+                 (cookie {owner}): `run` removes them with their programs, and its counters \
+                 start from zero",
+                pin_dir.display()
             ),
-            _ => (
-                Status::Fail,
-                crate::loader::foreign_pins(pin_dir, owner, own_netns).to_string(),
-            ),
-        });
-    }
-    let holder = match pin_lock::holder(pin_dir) {
-        Some(holder) => pin_lock::Holder::describe(Some(&holder)),
-        // Not in /proc/locks, which leaves out processes of PID namespaces this one cannot
-        // see: tried.
-        None if pin_lock::held_by_another(pin_dir).unwrap_or(false) => {
+        ),
+        _ => (
+            Status::Fail,
+            crate::loader::foreign_pins(pin_dir, owner, own_netns).to_string(),
+        ),
+    })
+}
+
+/// Who holds `pin_dir`'s lock, if anyone: a collector running with it, which `run` refuses
+/// to start beside, or a cleanup, which it waits for.
+fn locked(pin_dir: &Path) -> Option<(Status, String)> {
+    let holder = pin_lock::holder(pin_dir);
+    let by = match &holder {
+        Some(holder) => pin_lock::Holder::describe(Some(holder)),
+        // /proc/locks leaves out the processes of PID namespaces this one cannot see: tried,
+        // only where there may be such (in a PID namespace of its own, all are seen).
+        None if in_child_pid_namespace() && pin_lock::held_by_another(pin_dir).unwrap_or(false) => {
             pin_lock::Holder::describe(None)
         }
         None => return None,
     };
+    let what = if holder.as_ref().is_some_and(pin_lock::Holder::is_cleanup) {
+        "`run` waits for it to end"
+    } else {
+        "`run` refuses to start beside the collector running with it"
+    };
     Some((
         Status::Warn,
-        format!(
-            "{} is in use by {holder}: `run` refuses to start beside the collector running \
-             with it",
-            pin_dir.display()
-        ),
+        format!("{} is in use by {by}: {what}", pin_dir.display()),
     ))
+}
+
+/// Whether this process runs in a PID namespace other than the initial one, whose inode
+/// number the kernel fixes (`PROC_PID_INIT_INO`): processes outside it are hidden from it.
+fn in_child_pid_namespace() -> bool {
+    std::fs::read_link("/proc/self/ns/pid")
+        .is_ok_and(|namespace| namespace.as_os_str() != "pid:[4026531836]")
 }
 
 /// Makes what is missing of `pin_dir` and a probe directory in it, pins a map there, and

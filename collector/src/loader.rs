@@ -1763,7 +1763,12 @@ mod tests {
             panic!("no cgroup2 mount is visible");
         };
         let child = root.join(format!("collector-test-closed-{}", std::process::id()));
-        fs::create_dir(&child).unwrap();
+        fs::create_dir(&child).unwrap_or_else(|err| {
+            panic!(
+                "making the cgroup {} (this test needs root and a writable cgroup2): {err}",
+                child.display()
+            )
+        });
         let cgroup = File::open(&child).unwrap();
         let _removed = Removed(&child);
         let theirs = test_programs::load_sock_ops_returning().unwrap();

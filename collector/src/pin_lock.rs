@@ -125,8 +125,9 @@ fn flock_nonblocking(dir: File) -> io::Result<Option<File>> {
 }
 
 /// Whether another process holds the pin directory's lock (`false` where there is none),
-/// tried with a shared lock that goes at once (a start trying meanwhile tries again 50 ms
-/// later): for a holder that /proc/locks does not show.
+/// tried with a shared lock that goes at once: for a holder that /proc/locks does not show,
+/// to a process in a PID namespace of its own. (A start trying meanwhile tries again 50 ms
+/// later; a cleanup refuses, as beside a running collector.)
 pub fn held_by_another(pin_dir: &Path) -> io::Result<bool> {
     match File::open(pin_dir) {
         Ok(dir) => Ok(!try_flock(&dir, libc::LOCK_SH)?),
@@ -178,7 +179,7 @@ impl Holder {
     }
 
     /// A `collector cleanup`, which holds the lock only while it works.
-    fn is_cleanup(&self) -> bool {
+    pub fn is_cleanup(&self) -> bool {
         let mut arguments = self.arguments.iter().map(String::as_str);
         if arguments
             .next()
@@ -212,7 +213,7 @@ impl Holder {
     }
 }
 
-/// The holder of the flock on `dir`, from /proc/locks; `None` if none is found (released
+/// The holder of the exclusive flock on `dir`, from /proc/locks; `None` if none is found (released
 /// since, or /proc unreadable).
 pub fn holder(dir: &Path) -> Option<Holder> {
     use std::os::unix::fs::MetadataExt as _;
@@ -249,7 +250,9 @@ fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
     locks.lines().find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
-            [_, "FLOCK", _, _, pid, at, ..] if *at == inode => pid.parse().ok(),
+            // WRITE: an exclusive lock, a collector's or a cleanup's; a check's shared try
+            // (READ) holds nothing.
+            [_, "FLOCK", _, "WRITE", pid, at, ..] if *at == inode => pid.parse().ok(),
             _ => None,
         }
     })
@@ -278,8 +281,13 @@ mod tests {
         let locks = "1: POSIX  ADVISORY  WRITE 10 00:1f:77 0 EOF\n\
                      2: FLOCK  ADVISORY  WRITE 11 00:1e:77 0 EOF\n\
                      3: -> FLOCK  ADVISORY  WRITE 12 00:1f:77 0 EOF\n\
-                     4: FLOCK  ADVISORY  WRITE 13 00:1f:77 0 EOF\n";
+                     4: FLOCK  ADVISORY  READ  14 00:1f:77 0 EOF\n\
+                     5: FLOCK  ADVISORY  WRITE 13 00:1f:77 0 EOF\n";
         assert_eq!(flock_holder(locks, dev, 77), Some(13));
+        assert_eq!(
+            flock_holder(&locks.replace("WRITE 13", "READ  13"), dev, 77),
+            None
+        );
         assert_eq!(flock_holder(locks, dev, 78), None);
     }
 

@@ -837,19 +837,23 @@ pub fn refused_start_with(netns: &Netns, config: &Path, args: &[&str]) -> String
 /// it runs past `limit` (a start that stopped refusing would run on).
 pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
     let mut child = Reaped::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()));
-    let status = wait_for("the command to exit", limit, || child.try_wait());
-    let read = |pipe: Option<&mut dyn std::io::Read>| {
-        let mut bytes = Vec::new();
-        if let Some(pipe) = pipe {
-            pipe.read_to_end(&mut bytes).unwrap();
-        }
-        bytes
+    // Read while it runs: a pipe left full would stop it.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                pipe.read_to_end(&mut bytes).unwrap();
+            }
+            bytes
+        })
     };
-    let (mut stdout, mut stderr) = (child.stdout(), child.stderr());
+    let stdout = drain(child.stdout().map(|pipe| Box::new(pipe) as Box<_>));
+    let stderr = drain(child.stderr().map(|pipe| Box::new(pipe) as Box<_>));
+    let status = wait_for("the command to exit", limit, || child.try_wait());
     std::process::Output {
         status,
-        stdout: read(stdout.as_mut().map(|pipe| pipe as &mut dyn std::io::Read)),
-        stderr: read(stderr.as_mut().map(|pipe| pipe as &mut dyn std::io::Read)),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
     }
 }
 
