@@ -222,14 +222,19 @@ struct Merged {
 
 #[inline(always)]
 fn merged_segments(ctx: &TcContext, datagram: &Datagram) -> Merged {
+    let whole = Merged {
+        count: 1,
+        size: usize::MAX,
+    };
     // SAFETY: the context pointer the kernel passed; tc programs may read these fields.
-    let (segments, size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
-    let size = size as usize;
-    if segments < 2 || size == 0 || datagram.fragmented {
-        return Merged {
-            count: 1,
-            size: usize::MAX,
-        };
+    let size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    // Most packets are no GSO packet: their segment count is not read.
+    if size == 0 || datagram.fragmented {
+        return whole;
+    }
+    // SAFETY: as above.
+    if unsafe { (*ctx.skb.skb).gso_segs } < 2 {
+        return whole;
     }
     // From the payload, which the kernel's merge and split both follow, not the packet's word
     // for it.
