@@ -1019,7 +1019,7 @@ impl Source {
             .unwrap_or(Finished::Made(Err(NftError::MakingPanicked)))
         {
             Finished::Made(setup) => self.made(setup, making.began),
-            // Still ours to remove: at the next look, or at the stop.
+            // Removed: nothing is left.
             Finished::Removed(Ok(())) => {}
             // Left as someone made it: not tried again at every look.
             Finished::Removed(Err(NftError::LeftChanged { .. })) => self.left = Left::Changed,
