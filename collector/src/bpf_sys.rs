@@ -33,6 +33,8 @@ pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 /// (`BPF_F_ALLOW_OVERRIDE`), others may join them (`BPF_F_ALLOW_MULTI`, as links always do).
 pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
 const BPF_F_ALLOW_MULTI: u32 = 2;
+/// `BPF_CGROUP_MAX_PROGS`: the programs one cgroup hook holds at most.
+pub const CGROUP_MAX_PROGRAMS: usize = 64;
 
 /// `union bpf_attr` for `BPF_MAP_CREATE`, as far as a plain array needs.
 #[repr(C)]
@@ -210,24 +212,42 @@ pub fn tcx_programs(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
     query_programs(ifindex, attach_type).map(|(_, ids)| ids)
 }
 
-/// The programs on the cgroup `cgroup`'s hook `attach_type` if they were attached without
-/// `BPF_F_ALLOW_MULTI` (exclusively, or to be overridden), which lets no other program join
-/// them (the kernel refuses a link there with EPERM): their attach flags and ids. `None`
-/// where the hook is empty or open to more.
-pub fn cgroup_hook_closed(
-    cgroup: BorrowedFd<'_>,
-    attach_type: u32,
-) -> io::Result<Option<(u32, Vec<u32>)>> {
-    let fd = u32::try_from(cgroup.as_raw_fd()).map_err(io::Error::other)?;
-    let (flags, ids) = query_programs(fd, attach_type)?;
-    Ok((!ids.is_empty() && flags & BPF_F_ALLOW_MULTI == 0).then_some((flags, ids)))
+/// The programs on one hook of a cgroup, as `BPF_PROG_QUERY` tells them.
+pub struct CgroupHook {
+    /// How they were attached (`BPF_F_ALLOW_OVERRIDE`, `BPF_F_ALLOW_MULTI`, or neither).
+    pub flags: u32,
+    /// Their ids, in the order they run.
+    pub ids: Vec<u32>,
+}
+
+impl CgroupHook {
+    /// The programs on the cgroup `cgroup`'s hook `attach_type`.
+    pub fn query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Self> {
+        let fd = u32::try_from(cgroup.as_raw_fd()).map_err(io::Error::other)?;
+        let (flags, ids) = query_programs(fd, attach_type)?;
+        Ok(Self { flags, ids })
+    }
+
+    /// Whether its programs were attached without `BPF_F_ALLOW_MULTI` (exclusively, or to be
+    /// overridden), which lets no other program join them: the kernel refuses a link there
+    /// with EPERM.
+    pub fn closed(&self) -> bool {
+        !self.ids.is_empty() && self.flags & BPF_F_ALLOW_MULTI == 0
+    }
+
+    /// Whether it holds the kernel's limit of programs (`BPF_CGROUP_MAX_PROGS`): a link more
+    /// is refused with E2BIG.
+    pub fn full(&self) -> bool {
+        self.ids.len() >= CGROUP_MAX_PROGRAMS
+    }
 }
 
 /// `BPF_PROG_QUERY` of `target` (an interface index, or a cgroup's descriptor) for the hook
 /// `attach_type`: the hook's attach flags and its programs' ids, in the order they run.
 fn query_programs(target: u32, attach_type: u32) -> io::Result<(u32, Vec<u32>)> {
-    // More than any host runs on one hook; the kernel says ENOSPC if not.
-    let mut ids = vec![0u32; 64];
+    // A cgroup hook's limit, more than any host runs on one TCX hook; the kernel says ENOSPC
+    // if not.
+    let mut ids = vec![0u32; CGROUP_MAX_PROGRAMS];
     let mut attr = ProgQueryAttr {
         target_ifindex: target,
         attach_type,
@@ -324,6 +344,38 @@ pub mod test_programs {
     ) -> io::Result<()> {
         let mut attr = attach_attr(cgroup, program, attach_type)?;
         bpf(BPF_PROG_DETACH, &mut attr).map(|_| ())
+    }
+
+    /// A cgroup of a test's own below the cgroup2 root, whose hooks no other test uses:
+    /// removed when dropped, after whatever was attached to it.
+    pub struct TestCgroup {
+        pub path: std::path::PathBuf,
+        pub file: std::fs::File,
+    }
+
+    impl TestCgroup {
+        /// `collector-test-{tag}-{pid}` below the visible cgroup2 root.
+        pub fn make(tag: &str) -> Self {
+            let crate::paths::Cgroup2::Mounted(root) = crate::paths::cgroup2_root(None).unwrap()
+            else {
+                panic!("no cgroup2 mount is visible");
+            };
+            let path = root.join(format!("collector-test-{tag}-{}", std::process::id()));
+            std::fs::create_dir(&path).unwrap_or_else(|err| {
+                panic!(
+                    "making the cgroup {} (this test needs root and a writable cgroup2): {err}",
+                    path.display()
+                )
+            });
+            let file = std::fs::File::open(&path).unwrap();
+            Self { path, file }
+        }
+    }
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.path);
+        }
     }
 
     fn attach_attr(

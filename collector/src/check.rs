@@ -488,6 +488,17 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
                 ..verdict
             },
             "nft" => with_warning(verdict, config.stop_time_warning()),
+            "cgroup2" => match &facts.cgroup2 {
+                Ok(Some(root)) => match cgroup_hooks(root, &crate::loader::cgroup_hooks(config)) {
+                    Some((status, detail)) => Verdict {
+                        status,
+                        detail: format!("{}; {detail}", verdict.detail),
+                        ..verdict
+                    },
+                    None => verdict,
+                },
+                _ => verdict,
+            },
             _ => verdict,
         })
         .collect();
@@ -509,6 +520,32 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     // What is counted: the routes, and DNS keys that count nothing.
     verdicts.push(with_warning(routes(config), config.dns_ignored_warning()));
     Ok(verdicts)
+}
+
+/// Whether the cgroup2 root at `root` takes the links `run` makes on its `hooks` (attach
+/// types, with where `run` pins each link): a program attached there without `multi` closes
+/// a hook to every link, and a hook at the kernel's limit of programs takes none but a link
+/// pinned before, which a start adopts. Unasked where the kernel refuses the query (it needs
+/// `CAP_NET_ADMIN`, whose own line fails then).
+fn cgroup_hooks(root: &Path, hooks: &[(u32, PathBuf)]) -> Option<(Status, String)> {
+    use std::os::fd::AsFd;
+    let cgroup = std::fs::File::open(root).ok()?;
+    let cgroup2 = root.display().to_string();
+    hooks.iter().find_map(|(attach_type, pin)| {
+        let hook = bpf_sys::CgroupHook::query(cgroup.as_fd(), *attach_type).ok()?;
+        if hook.closed() {
+            let advice = crate::loader::closed_hook_advice(&hook, *attach_type, &cgroup2);
+            return Some((Status::Fail, advice));
+        }
+        (hook.full() && !pin.exists()).then(|| {
+            let detail = format!(
+                "{}; `run` would add one, having no link of its own pinned at {}",
+                crate::loader::full_hook_advice(*attach_type, &cgroup2),
+                pin.display(),
+            );
+            (Status::Fail, detail)
+        })
+    })
 }
 
 /// `verdict` with a warning of the config's about the same thing: at least a warning then.
@@ -1107,6 +1144,66 @@ mod tests {
             ),
             "{}",
             verdict.detail
+        );
+    }
+
+    /// A hook closed by a program attached without `multi`, or holding the kernel's limit of
+    /// programs, fails the cgroup2 line as `run` would be refused there; a full hook where
+    /// `run` has its link pinned (a restart adopts it) passes. On a cgroup of the test's own,
+    /// whose hooks no other test uses.
+    #[test]
+    fn a_cgroup_hook_that_refuses_the_link_fails_the_check() {
+        use bpf_sys::{BPF_CGROUP_INET_INGRESS, BPF_CGROUP_SOCK_OPS, test_programs};
+        use std::os::fd::AsFd;
+        let child = test_programs::TestCgroup::make("check");
+        let cgroup = child.file.as_fd();
+        let pinned =
+            std::env::temp_dir().join(format!("collector-check-pin-{}", std::process::id()));
+        let unpinned = pinned.with_extension("absent");
+        let hooks = [
+            (BPF_CGROUP_INET_INGRESS, unpinned.clone()),
+            (BPF_CGROUP_SOCK_OPS, unpinned.clone()),
+        ];
+        assert_eq!(cgroup_hooks(&child.path, &hooks), None, "an empty cgroup");
+        let theirs = test_programs::load_sock_ops_returning().unwrap();
+        test_programs::attach(cgroup, theirs.as_fd(), BPF_CGROUP_SOCK_OPS, 0).unwrap();
+        let closed = cgroup_hooks(&child.path, &hooks);
+        test_programs::detach(cgroup, theirs.as_fd(), BPF_CGROUP_SOCK_OPS).unwrap();
+        let (status, detail) = closed.expect("a closed hook passed");
+        assert_eq!(status, Status::Fail);
+        assert!(
+            detail.starts_with(&format!(
+                "the cgroup2 root {} has programs [",
+                child.path.display()
+            )) && detail.contains("] (ids) attached exclusively on its sock_ops hook")
+                && detail.ends_with("detach them, or attach them again with `multi`"),
+            "{detail}"
+        );
+        // Links, as collectors attach, up to the kernel's limit: full, one short of it: not.
+        let mut links: Vec<_> = (0..bpf_sys::CGROUP_MAX_PROGRAMS)
+            .map(|_| test_programs::link(cgroup, theirs.as_fd(), BPF_CGROUP_SOCK_OPS).unwrap())
+            .collect();
+        test_programs::link(cgroup, theirs.as_fd(), BPF_CGROUP_SOCK_OPS)
+            .expect_err("a link past the kernel's limit");
+        let (status, detail) = cgroup_hooks(&child.path, &hooks).expect("a full hook passed");
+        assert_eq!(status, Status::Fail);
+        assert!(
+            detail.contains("holds the kernel's limit of 64 programs on its sock_ops hook")
+                && detail.ends_with(&format!(
+                    "`run` would add one, having no link of its own pinned at {}",
+                    unpinned.display()
+                )),
+            "{detail}"
+        );
+        std::fs::write(&pinned, "").unwrap();
+        let adopted = cgroup_hooks(&child.path, &[(BPF_CGROUP_SOCK_OPS, pinned.clone())]);
+        std::fs::remove_file(&pinned).unwrap();
+        assert_eq!(adopted, None, "a full hook where the link is pinned");
+        drop(links.pop());
+        assert_eq!(
+            cgroup_hooks(&child.path, &hooks),
+            None,
+            "a hook one short of full"
         );
     }
 

@@ -526,6 +526,12 @@ impl Config {
         ))
     }
 
+    /// Whether routes share ports by server name: the server name reader is attached then.
+    #[must_use]
+    pub fn shares_ports_by_name(&self) -> bool {
+        self.routes.iter().any(|route| !route.sni.is_empty())
+    }
+
     /// What to warn about an `nft_timeout_ms` that a stop with a stuck `nft` can outlast the
     /// shipped stop timeouts by: after the HTTP side's grace, the runtime's wait and the
     /// eBPF side's detach, the stop waits for the killed `nft`, then for the table's removal,

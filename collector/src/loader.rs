@@ -107,6 +107,21 @@ const SERVER_NAMES_PIN: &str = "cgroup_skb_server_names";
 /// Pin name of the link of the connection program (`sock_ops`).
 const SOCK_OPS_PIN: &str = "sock_ops";
 
+/// The cgroup2 root's hooks `run` attaches to with `config` (attach types), each with where
+/// its link is pinned under `pin_dir`: a start adopts a link pinned there, needing no new
+/// place on the hook.
+pub fn cgroup_hooks(config: &Config) -> Vec<(u32, PathBuf)> {
+    let links_dir = paths::map_pin_dir(&config.pin_dir).join(LINKS_DIR);
+    let mut hooks = vec![(bpf_sys::BPF_CGROUP_SOCK_OPS, links_dir.join(SOCK_OPS_PIN))];
+    if config.shares_ports_by_name() {
+        hooks.push((
+            bpf_sys::BPF_CGROUP_INET_INGRESS,
+            links_dir.join(SERVER_NAMES_PIN),
+        ));
+    }
+    hooks
+}
+
 /// A configured route and the kernel slot its counters live in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchedRoute {
@@ -458,7 +473,7 @@ impl Attachment {
     ) -> anyhow::Result<()> {
         // The reader first: it does nothing before `sock_ops` gives sockets their storage,
         // and the other way round the connections accepted in between would go unread.
-        if config.routes.iter().any(|route| !route.sni.is_empty()) {
+        if config.shares_ports_by_name() {
             self.attach_server_name_reader(&links_dir.join(SERVER_NAMES_PIN), cgroup)?;
         }
         self.attach_sock_ops(
@@ -569,7 +584,7 @@ impl Attachment {
                 .iter()
                 .any(|link| link.framing == Framing::Ip);
         let mut names = Vec::new();
-        if config.routes.iter().any(|route| !route.sni.is_empty()) {
+        if config.shares_ports_by_name() {
             names.extend([
                 program_names::READ_EARLY_HELLOS,
                 program_names::READ_SERVER_NAMES,
@@ -1338,7 +1353,7 @@ fn load(
     loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
     let upstreams_watched = u32::from(!config.upstreams.is_empty());
     loader.override_global(GLOBAL_UPSTREAMS_WATCHED, &upstreams_watched, true);
-    let sni_watched = u32::from(config.routes.iter().any(|route| !route.sni.is_empty()));
+    let sni_watched = u32::from(config.shares_ports_by_name());
     loader.override_global(GLOBAL_SNI_WATCHED, &sni_watched, true);
     let dns_enabled = u32::from(config.dns.enabled);
     loader.override_global(GLOBAL_DNS_ENABLED, &dns_enabled, true);
@@ -1682,31 +1697,60 @@ fn cgroup_hook_hint(
     cgroup2: &str,
 ) -> anyhow::Error {
     if caused_by(&err, libc::E2BIG) {
-        return err.context(format!(
-            "the cgroup2 root {cgroup2} holds the kernel's limit of 64 programs on this hook \
-             already: every collector on the node attaches its own (one per sidecar pod, and a \
-             DaemonSet's), and so do the pin directories crashed ones left until removed \
-             (`collector cleanup --apply --pin-dir DIR`); `bpftool cgroup show {cgroup2}` lists \
-             them"
-        ));
+        return err.context(full_hook_advice(attach_type, cgroup2));
     }
     if !caused_by(&err, libc::EPERM) {
         return err;
     }
-    let Ok(Some((flags, ids))) = bpf_sys::cgroup_hook_closed(cgroup.as_fd(), attach_type) else {
-        return err;
-    };
-    let how = if flags & bpf_sys::BPF_F_ALLOW_OVERRIDE == 0 {
+    match bpf_sys::CgroupHook::query(cgroup.as_fd(), attach_type) {
+        Ok(hook) if hook.closed() => err.context(CgroupHookClosed(closed_hook_advice(
+            &hook,
+            attach_type,
+            cgroup2,
+        ))),
+        _ => err,
+    }
+}
+
+/// What closed the cgroup2 root's hook `attach_type` (`hook.closed()`), and how to open it:
+/// said by `run` when refused there and by `check` before.
+pub fn closed_hook_advice(hook: &bpf_sys::CgroupHook, attach_type: u32, cgroup2: &str) -> String {
+    let how = if hook.flags & bpf_sys::BPF_F_ALLOW_OVERRIDE == 0 {
         "exclusively"
     } else {
         "with `override`"
     };
-    err.context(CgroupHookClosed(format!(
-        "the cgroup2 root {cgroup2} has programs {ids:?} (ids) attached {how} on this hook, \
-         which lets no other program join them (as `bpftool cgroup attach` does without \
+    format!(
+        "the cgroup2 root {cgroup2} has programs {ids:?} (ids) attached {how} on its {name} \
+         hook, which lets no other program join them (as `bpftool cgroup attach` does without \
          `multi`): `bpftool cgroup show {cgroup2}` lists them; detach them, or attach them \
-         again with `multi`"
-    )))
+         again with `multi`",
+        ids = hook.ids,
+        name = cgroup_hook_name(attach_type),
+    )
+}
+
+/// What filled the cgroup2 root's hook `attach_type` to the kernel's limit, and how to find
+/// them: said by `run` when refused there and by `check` before.
+pub fn full_hook_advice(attach_type: u32, cgroup2: &str) -> String {
+    format!(
+        "the cgroup2 root {cgroup2} holds the kernel's limit of {} programs on its {} hook \
+         already: every collector on the node attaches its own (one per sidecar pod, and a \
+         DaemonSet's), and so do the pin directories crashed ones left until removed \
+         (`collector cleanup --apply --pin-dir DIR`); `bpftool cgroup show {cgroup2}` lists \
+         them",
+        bpf_sys::CGROUP_MAX_PROGRAMS,
+        cgroup_hook_name(attach_type),
+    )
+}
+
+/// A cgroup hook's name, as `bpftool cgroup show` writes it.
+pub fn cgroup_hook_name(attach_type: u32) -> &'static str {
+    match attach_type {
+        bpf_sys::BPF_CGROUP_SOCK_OPS => "sock_ops",
+        bpf_sys::BPF_CGROUP_INET_INGRESS => "ingress",
+        _ => "this",
+    }
 }
 
 /// A cgroup hook closed to our link by a program on it ([`cgroup_hook_hint`]): no privilege
@@ -1753,24 +1797,8 @@ mod tests {
     #[test]
     fn a_cgroup_hook_closed_by_a_program_on_it_is_named() {
         use bpf_sys::{BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_OVERRIDE, test_programs};
-        struct Removed<'a>(&'a Path);
-        impl Drop for Removed<'_> {
-            fn drop(&mut self) {
-                let _ = fs::remove_dir(self.0);
-            }
-        }
-        let paths::Cgroup2::Mounted(root) = paths::cgroup2_root(None).unwrap() else {
-            panic!("no cgroup2 mount is visible");
-        };
-        let child = root.join(format!("collector-test-closed-{}", std::process::id()));
-        fs::create_dir(&child).unwrap_or_else(|err| {
-            panic!(
-                "making the cgroup {} (this test needs root and a writable cgroup2): {err}",
-                child.display()
-            )
-        });
-        let cgroup = File::open(&child).unwrap();
-        let _removed = Removed(&child);
+        let child = test_programs::TestCgroup::make("closed");
+        let cgroup = &child.file;
         let theirs = test_programs::load_sock_ops_returning().unwrap();
         let ours = test_programs::load_sock_ops_returning().unwrap();
         for (flags, how) in [
@@ -1786,15 +1814,15 @@ mod tests {
                 "{:#}",
                 privilege_hint(cgroup_hook_hint(
                     err,
-                    &cgroup,
+                    cgroup,
                     BPF_CGROUP_SOCK_OPS,
-                    &child.display().to_string()
+                    &child.path.display().to_string()
                 ))
             );
             test_programs::detach(cgroup.as_fd(), theirs.as_fd(), BPF_CGROUP_SOCK_OPS).unwrap();
             assert!(
                 message.contains("has programs [")
-                    && message.contains(&format!("] (ids) attached {how} on this hook"))
+                    && message.contains(&format!("] (ids) attached {how} on its sock_ops hook"))
                     && message.contains("attach them again with `multi`")
                     && message.ends_with("attaching ours: Operation not permitted (os error 1)")
                     && !message.contains("security module"),
