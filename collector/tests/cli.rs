@@ -7,6 +7,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use support::{COLLECTOR, ScratchDir};
@@ -425,15 +426,17 @@ fn checks_at_once_leave_nothing_of_their_probes() {
     let absent = dir.0.join("shared");
     let checks: Vec<_> = (0..32)
         .map(|_| {
-            Command::new(COLLECTOR)
-                .args(["check", "--pin-dir", absent.to_str().unwrap()])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
+            let absent = absent.clone();
+            std::thread::spawn(move || {
+                support::output_within(
+                    Command::new(COLLECTOR).args(["check", "--pin-dir", absent.to_str().unwrap()]),
+                    Duration::from_secs(60),
+                )
+            })
         })
         .collect();
     for check in checks {
-        let out = check.wait_with_output().unwrap();
+        let out = check.join().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             stdout
@@ -674,21 +677,24 @@ fn an_unchunked_event_stream_ends_quietly_when_its_reader_goes() {
         let line = b"{\"event\":\"query-received\"}\n";
         while stream.write_all(line).is_ok() {}
     });
-    let mut child = Command::new(COLLECTOR)
-        .args(["events", "--listen", &addr.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = support::Reaped::spawn(
+        Command::new(COLLECTOR)
+            .args(["events", "--listen", &addr.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(child.stdout().unwrap())
         .read_line(&mut first)
         .unwrap();
     assert_eq!(first, "{\"event\":\"query-received\"}\n");
     // The reader is gone (dropped with the BufReader): the next write finds the pipe closed.
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let status = support::wait_for("the CLI to exit", Duration::from_secs(20), || {
+        child.try_wait()
+    });
+    let mut stderr = String::new();
+    child.stderr().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.is_empty(), "{stderr}");
     server.join().unwrap();
 }
@@ -1020,7 +1026,7 @@ fn run_says_what_to_do_when_the_listen_address_is_not_here() {
             .command(COLLECTOR)
             .args(["run", "--listen", "192.0.2.1:9464", "--pin-dir"])
             .arg(pins.path("pins")),
-        std::time::Duration::from_secs(20),
+        Duration::from_secs(20),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -1046,7 +1052,7 @@ fn run_refuses_to_serve_on_a_routes_port() {
             .command(COLLECTOR)
             .args(["run", "--config", config.to_str().unwrap(), "--pin-dir"])
             .arg(dir.path("pins")),
-        std::time::Duration::from_secs(20),
+        Duration::from_secs(20),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -1237,7 +1243,7 @@ fn watch_through_a_failure(args: &[&str]) -> (String, String) {
             }
         }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut seen = String::new();
     while !seen.contains("total: 4 active") && !seen.contains("\"activeConnections\":4") {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

@@ -2,6 +2,8 @@
 //! Kubernetes manifests and the systemd unit grant exactly the capabilities `collector check`
 //! lists, and every metric the dashboard and the alerts query is one the agent exports.
 
+mod support;
+
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
@@ -9,7 +11,7 @@ use std::{
     process::Command,
 };
 
-const COLLECTOR: &str = env!("CARGO_BIN_EXE_collector");
+use support::COLLECTOR;
 
 fn deploy(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -368,8 +370,8 @@ fn the_daemonset_config_is_valid_and_watches_every_up_interface() {
     // The agent's own check, as a pipeline would run it on the ConfigMap, with the address
     // the pods listen on (`COLLECTOR_LISTEN`, `$(NODE_IP):9464`), given as the pods give it:
     // valid, and nothing a start would warn of.
-    let dir = std::env::temp_dir().join(format!("collector-configmap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = support::ScratchDir::new("configmap");
+    let dir = &scratch.0;
     let path = dir.join("collector.toml");
     std::fs::write(&path, toml).unwrap();
     let env = environment(collector_container(&pod_spec("kubernetes/daemonset.yaml")));
@@ -382,7 +384,6 @@ fn the_daemonset_config_is_valid_and_watches_every_up_interface() {
         .env("COLLECTOR_CONFIG", &path)
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.is_empty(), "{out:?}");
 }
@@ -402,15 +403,14 @@ fn the_systemd_unit_passes_systemd_analyze_and_grants_what_check_lists() {
         assert_eq!(granted, capabilities, "{key}");
     }
     // systemd-analyze checks that ExecStart exists: point it at the binary under test.
-    let dir = std::env::temp_dir().join(format!("collector-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = support::ScratchDir::new("unit");
+    let dir = &scratch.0;
     let path = dir.join("collector.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/collector", COLLECTOR)).unwrap();
     run_ok(
         Command::new("systemd-analyze").arg("verify").arg(&path),
         "systemd-analyze verify",
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -509,8 +509,8 @@ fn the_kubernetes_scrape_job_finds_the_manifests_collectors_and_passes_promtool(
     let job = &mut config["scrape_configs"][0];
     job.as_object_mut().unwrap().remove("kubernetes_sd_configs");
     job["file_sd_configs"] = serde_json::json!([{ "files": ["targets.json"] }]);
-    let dir = std::env::temp_dir().join(format!("collector-kubernetes-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = support::ScratchDir::new("kubernetes");
+    let dir = &scratch.0;
     let path = dir.join("kubernetes.yml");
     std::fs::write(&path, config.to_string()).unwrap();
     run_ok(
@@ -519,7 +519,6 @@ fn the_kubernetes_scrape_job_finds_the_manifests_collectors_and_passes_promtool(
             .arg(&path),
         "promtool check config (the Kubernetes job, file discovery in its place)",
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A section of README.md: from its `## heading` line to the next `## ` heading.
@@ -684,9 +683,8 @@ fn the_readmes_openssl_commands_make_a_certificate_for_the_scraped_name() {
         .filter(|line| !line.starts_with("kubectl"))
         .map(str::to_owned)
         .collect();
-    let dir = std::env::temp_dir().join(format!("collector-readme-tls-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = support::ScratchDir::new("readme-tls");
+    let dir = &scratch.0;
     run_ok(
         Command::new("bash")
             .args(["-euo", "pipefail", "-c", &commands.join("\n")])
@@ -744,7 +742,6 @@ fn the_readmes_openssl_commands_make_a_certificate_for_the_scraped_name() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// README's configuration block is the embedded default: the same keys and values as
@@ -1168,8 +1165,8 @@ fn the_dashboard_and_alerts_query_valid_promql_over_metrics_we_export() {
         )
         .unwrap();
     }
-    let dir = std::env::temp_dir().join(format!("collector-dashboard-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = support::ScratchDir::new("dashboard");
+    let dir = &scratch.0;
     let path = dir.join("dashboard-rules.yml");
     std::fs::write(&path, rules).unwrap();
     run_ok(
@@ -1177,7 +1174,6 @@ fn the_dashboard_and_alerts_query_valid_promql_over_metrics_we_export() {
         "promtool check rules (dashboard queries)",
     );
     assert_build_info_joins_hold_over_a_pod_replacement(&exprs, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
 
     let exported = exported();
     let queried = metric_names(&exprs.join("\n"))

@@ -185,24 +185,22 @@ fn mended(netns: &Netns, what: &str) -> String {
     })
 }
 
-/// A scrape taken once `counts` of it is `ready` and has stood still for half a second (five
-/// polls). A connection's last packets can cross after its close is counted, and a poll reads
-/// nftables a moment before the maps, so a scrape in between can catch one source ahead.
+/// A scrape taken once `counts` of it is `ready` and stands still over two more polls. A
+/// connection's last packets can cross after its close is counted, and a poll reads nftables
+/// a moment before the maps, so a scrape in between can catch one source ahead.
 fn settled_scrape<T: PartialEq + Copy>(
     netns: &Netns,
     what: &str,
     counts: impl Fn(&str) -> T,
     ready: impl Fn(T) -> bool,
 ) -> String {
-    let mut last_change: (Option<T>, Instant) = (None, Instant::now());
-    wait_for(what, Duration::from_secs(10), || {
-        let text = scrape(netns);
-        let now = counts(&text);
-        if last_change.0 != Some(now) {
-            last_change = (Some(now), Instant::now());
+    wait_for(what, Duration::from_secs(20), || {
+        let now = counts(&scrape(netns));
+        if !ready(now) {
             return None;
         }
-        (ready(now) && last_change.1.elapsed() >= Duration::from_millis(500)).then_some(text)
+        let later = support::after_polls(netns, 2);
+        (counts(&later) == now).then_some(later)
     })
 }
 

@@ -868,7 +868,7 @@ fn connections_open_from_before_a_start_stay_active_across_a_crash() {
 fn connections_opened_during_a_clean_start_count_once() {
     use std::sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     };
     // Both ends of every connection are this process's: room for the most the connector
     // makes below (20,000 is the hard limit where the suite runs).
@@ -886,8 +886,9 @@ fn connections_opened_during_a_clean_start_count_once() {
     let listener = netns.run(|| TcpListener::bind(("127.0.0.1", API_PORT)).unwrap());
     listener.set_nonblocking(true).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicUsize::new(0));
     let connector = {
-        let stop = Arc::clone(&stop);
+        let (stop, made) = (Arc::clone(&stop), Arc::clone(&made));
         netns.spawn(move || {
             let mut held = Vec::new();
             // Until the agent is ready: 6,000 every 200 µs (about 2 s) could end before a
@@ -897,6 +898,7 @@ fn connections_opened_during_a_clean_start_count_once() {
             // the agent is given to be ready, so the start falls among them.
             while !stop.load(Ordering::Relaxed) && held.len() < 9_000 {
                 held.push(TcpStream::connect(("127.0.0.1", API_PORT)).unwrap());
+                made.store(held.len(), Ordering::Relaxed);
                 thread::sleep(Duration::from_micros(match held.len() {
                     ..4_000 => 500,
                     4_000..8_000 => 4_000,
@@ -922,7 +924,12 @@ fn connections_opened_during_a_clean_start_count_once() {
     };
     // The connector and the acceptor stop also when the start fails.
     let _stopped = support::OnDrop(|| stop.store(true, Ordering::Relaxed));
-    thread::sleep(Duration::from_millis(200));
+    // Some open before the start, which finds them open.
+    wait_for(
+        "connections made before the start",
+        Duration::from_secs(10),
+        || (made.load(Ordering::Relaxed) >= 100).then_some(()),
+    );
     let agent = Agent::start(&netns, &config);
     stop.store(true, Ordering::Relaxed);
     let clients = connector.join().unwrap();

@@ -278,25 +278,33 @@ fn exchange_sending(
         Send::FastOpen => {}
         Send::AtOnce => stream.write_all(payload).unwrap(),
         Send::SplitAfter(n) => {
-            // Each write its own segment, the second not held back for the first's ACK.
             stream.set_nodelay(true).unwrap();
-            stream.write_all(&payload[..n]).unwrap();
-            thread::sleep(Duration::from_millis(50));
+            send_alone(&mut stream, &payload[..n]);
             stream.write_all(&payload[n..]).unwrap();
         }
         Send::SplitTwice(first, second) => {
             stream.set_nodelay(true).unwrap();
-            for part in [
-                &payload[..first],
-                &payload[first..second],
-                &payload[second..],
-            ] {
-                stream.write_all(part).unwrap();
-                thread::sleep(Duration::from_millis(50));
-            }
+            send_alone(&mut stream, &payload[..first]);
+            send_alone(&mut stream, &payload[first..second]);
+            stream.write_all(&payload[second..]).unwrap();
         }
     }
     support::read_response_and_close(stream, response, closer);
+}
+
+/// Sends `part` in a segment of its own, received before anything sent after it: waits until
+/// it has left and been acknowledged (with `TCP_NODELAY` set, nothing holds it back for an
+/// earlier one's ACK).
+fn send_alone(stream: &mut TcpStream, part: &[u8]) {
+    stream.write_all(part).unwrap();
+    support::wait_for(
+        "the part to be acknowledged",
+        Duration::from_secs(10),
+        || {
+            let info = support::tcp_info(stream);
+            (info.tcpi_notsent_bytes == 0 && info.tcpi_unacked == 0).then_some(())
+        },
+    );
 }
 
 /// `count` exchanges with the server on `listener` from inside `netns`, each sending
