@@ -430,7 +430,7 @@ fn checks_at_once_leave_nothing_of_their_probes() {
             std::thread::spawn(move || {
                 support::output_within(
                     Command::new(COLLECTOR).args(["check", "--pin-dir", absent.to_str().unwrap()]),
-                    Duration::from_secs(60),
+                    Duration::from_mins(1),
                 )
             })
         })

@@ -688,7 +688,7 @@ fn the_readmes_openssl_commands_make_a_certificate_for_the_scraped_name() {
     run_ok(
         Command::new("bash")
             .args(["-euo", "pipefail", "-c", &commands.join("\n")])
-            .current_dir(&dir),
+            .current_dir(dir),
         "README's openssl commands",
     );
     let server_name = scraped_server_name();
@@ -702,7 +702,7 @@ fn the_readmes_openssl_commands_make_a_certificate_for_the_scraped_name() {
                 &server_name,
                 "tls.crt",
             ])
-            .current_dir(&dir),
+            .current_dir(dir),
         "the certificate for the scrape configs' server name",
     );
     let constraints = run_ok(
@@ -715,7 +715,7 @@ fn the_readmes_openssl_commands_make_a_certificate_for_the_scraped_name() {
                 "-ext",
                 "basicConstraints",
             ])
-            .current_dir(&dir),
+            .current_dir(dir),
         "openssl x509",
     );
     assert!(constraints.contains("CA:FALSE"), "{constraints}");
@@ -1173,7 +1173,7 @@ fn the_dashboard_and_alerts_query_valid_promql_over_metrics_we_export() {
         Command::new("promtool").args(["check", "rules"]).arg(&path),
         "promtool check rules (dashboard queries)",
     );
-    assert_build_info_joins_hold_over_a_pod_replacement(&exprs, &dir);
+    assert_build_info_joins_hold_over_a_pod_replacement(&exprs, dir);
 
     let exported = exported();
     let queried = metric_names(&exprs.join("\n"))
