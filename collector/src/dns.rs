@@ -84,18 +84,17 @@ impl EventDecoder {
     /// Distinct names remembered; a flood of unique names empties the memory now and then.
     const NAMES: usize = 8192;
 
-    /// One ring-buffer item; `None` for an item of unknown kind or size.
+    /// One ring-buffer item; `None` for an item of unknown kind or shorter than its fixed
+    /// part. A name that runs past the item's end is one that did not decode: a name event
+    /// still hands its slot over, and its queries count as undecodable, not lost unsaid.
     pub fn decode(&mut self, record: &[u8]) -> Option<DnsEvent> {
         let kind = u32::from_ne_bytes(record.get(..4)?.try_into().ok()?);
         match kind {
             DNS_EVENT_QUERY => {
                 let event: DnsQueryEvent = read_record(record)?;
-                let name = record
-                    .get(size_of::<DnsQueryEvent>()..)?
-                    .get(..usize::from(event.name_len))?;
                 Some(DnsEvent::Query {
                     qtype: event.qtype,
-                    domain: self.name(name),
+                    domain: self.name_after::<DnsQueryEvent>(record, event.name_len),
                     client: Ipv6Addr::from(event.client_addr).to_canonical(),
                     client_port: event.client_port,
                     id: event.id,
@@ -104,14 +103,11 @@ impl EventDecoder {
             }
             DNS_EVENT_NAME => {
                 let event: DnsNameEvent = read_record(record)?;
-                let name = record
-                    .get(size_of::<DnsNameEvent>()..)?
-                    .get(..usize::from(event.name_len))?;
                 Some(DnsEvent::Name {
                     slot: event.slot,
                     tenure: event.tenure,
                     replaced_count: event.replaced_count,
-                    domain: self.name(name),
+                    domain: self.name_after::<DnsNameEvent>(record, event.name_len),
                 })
             }
             DNS_EVENT_ANSWER => {
@@ -140,6 +136,12 @@ impl EventDecoder {
     /// letters are seen in any case: clients that mix the case of their queries' letters
     /// (DNS 0x20) would otherwise make each query a new name. Folding changes no length
     /// byte (at most 63, below `A`), and the decoded text is lower case anyway.
+    /// The name of `name_len` bytes that follows an event `E`'s fixed part in `record`.
+    fn name_after<E>(&mut self, record: &[u8], name_len: u16) -> Option<Arc<str>> {
+        let name = record.get(size_of::<E>()..)?.get(..usize::from(name_len))?;
+        self.name(name)
+    }
+
     fn name(&mut self, wire: &[u8]) -> Option<Arc<str>> {
         let mut folded = [0u8; 256];
         let key = match folded.get_mut(..wire.len()) {
@@ -623,8 +625,13 @@ mod tests {
                 timestamp_ns: 9,
             }
         );
-        // A name cut short by the record, and a record shorter than the fixed part.
-        assert_eq!(decoder.decode(&bytes[..bytes.len() - 1]), None);
+        // A name cut short by the record (a query without its name), and a record shorter
+        // than the fixed part.
+        let DnsEvent::Query { domain, .. } = decoder.decode(&bytes[..bytes.len() - 1]).unwrap()
+        else {
+            panic!("not a query");
+        };
+        assert_eq!(domain, None);
         assert_eq!(decoder.decode(&bytes[..20]), None);
         // Decoded again from memory, as the same name.
         assert_eq!(decoder.decode(&bytes), Some(event.clone()));
@@ -722,7 +729,16 @@ mod tests {
             decoder.decode(&bytes),
             Some(name_event(1030, 4, 9, Some("b.example")))
         );
-        assert_eq!(decoder.decode(&bytes[..bytes.len() - 1]), None);
+        // Its name cut short: undecodable, its slot still handed over; its fixed part cut
+        // short: nothing.
+        assert_eq!(
+            decoder.decode(&bytes[..bytes.len() - 1]),
+            Some(name_event(1030, 4, 9, None))
+        );
+        assert_eq!(
+            decoder.decode(&bytes[..size_of::<DnsNameEvent>() - 1]),
+            None
+        );
     }
 
     fn name_event(slot: u32, tenure: u32, replaced_count: u64, domain: Option<&str>) -> DnsEvent {
