@@ -168,6 +168,9 @@ pub struct Attachment {
     dropped_before_attach: Option<RingDrops>,
     pub routes: Vec<WatchedRoute>,
     pub upstreams: Vec<WatchedUpstream>,
+    /// Slots of routes and upstreams no longer configured, left by a crashed run: its
+    /// connections there hold places in the connection table until they close.
+    pub retired_slots: Vec<u32>,
     /// The tc programs: (name, hook, pin prefix, the interfaces it goes on).
     classifiers: Vec<(&'static str, TcAttachType, &'static str, GoesOn)>,
     /// Attached interfaces by index.
@@ -332,14 +335,14 @@ impl Attachment {
         let prepared = load(config, &map_dir, netns_cookie, address_slots).and_then(|mut ebpf| {
             claim_pins(&mut ebpf, &pin_dir, own_netns)?;
             set_dns_name_keys(&mut ebpf)?;
-            let (routes, upstreams) = bind_slots(&mut ebpf, config)?;
+            let (routes, upstreams, retired_slots) = bind_slots(&mut ebpf, config)?;
             fill_port_map(&mut ebpf, &routes)?;
             fill_server_name_maps(&mut ebpf, &routes)?;
             fill_upstream_port_map(&mut ebpf, &upstreams)?;
             hold_off_upstream_shortcut(&mut ebpf)?;
-            Ok((ebpf, routes, upstreams))
+            Ok((ebpf, routes, upstreams, retired_slots))
         });
-        let (ebpf, routes, upstreams) = match prepared {
+        let (ebpf, routes, upstreams, retired_slots) = match prepared {
             Ok(prepared) => prepared,
             Err(err) => {
                 // A start from zero has pinned its maps by now: left, the next start would
@@ -360,6 +363,7 @@ impl Attachment {
             dropped_before_attach,
             routes,
             upstreams,
+            retired_slots,
             classifiers: Vec::new(),
             attached: std::collections::BTreeMap::new(),
             ahead_seen: std::collections::BTreeMap::new(),
@@ -1163,11 +1167,12 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<u64> {
 }
 
 /// Gives every configured route and upstream its slot (see [`slots::plan`]), records the
-/// owners and zeroes the counters of slots taken over from retired ones.
+/// owners and zeroes the counters of slots taken over from retired ones. Returns the
+/// routes, the upstreams and the retired slots still left (see [`Attachment::retired_slots`]).
 fn bind_slots(
     ebpf: &mut Ebpf,
     config: &Config,
-) -> anyhow::Result<(Vec<WatchedRoute>, Vec<WatchedUpstream>)> {
+) -> anyhow::Result<(Vec<WatchedRoute>, Vec<WatchedUpstream>, Vec<u32>)> {
     let owners = route_owners(ebpf)?;
     let names: Vec<String> = config
         .routes
@@ -1199,6 +1204,11 @@ fn bind_slots(
     for &slot in &plan.reclaimed {
         zero_slot(ebpf, slot)?;
     }
+    let retired = (0..)
+        .zip(&owners)
+        .filter(|&(slot, owner)| owner.is_some() && !plan.slots.contains(&slot))
+        .map(|(slot, _)| slot)
+        .collect();
     let (route_slots, upstream_slots) = plan.slots.split_at(config.routes.len());
     let routes = config
         .routes
@@ -1222,7 +1232,7 @@ fn bind_slots(
             slot,
         })
         .collect();
-    Ok((routes, upstreams))
+    Ok((routes, upstreams, retired))
 }
 
 /// The route recorded as each slot's owner (`None`: never used).

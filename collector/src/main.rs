@@ -720,6 +720,7 @@ async fn serve_until_signal(
         poller::Watched {
             routes: attachment.routes.clone(),
             upstreams: attachment.upstreams.clone(),
+            retired_slots: attachment.retired_slots.clone(),
         },
         clients,
         vec![connection_drain, domain_drain],

@@ -881,7 +881,7 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
     gauges(
         encoder,
         "collector_bpf_map_entries",
-        "Slots in use in the kernel's fixed-size tables: CONN_STATE's from the counters (the connections tracked, those in their handshake included), DNS_INFLIGHT's the queries awaiting an answer, LOCAL_ADDRESSES' the addresses placed.",
+        "Slots in use in the kernel's fixed-size tables: CONN_STATE's from the counters (the connections tracked, those in their handshake included, and those a crashed run left under routes no longer configured), DNS_INFLIGHT's the queries awaiting an answer, LOCAL_ADDRESSES' the addresses placed.",
         None,
         tables.iter().map(|(map, used, _)| {
             (

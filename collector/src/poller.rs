@@ -236,16 +236,20 @@ impl DnsSources {
     }
 }
 
-/// What the poller reads the counters of: the routes and the upstreams, with their slots.
+/// What the poller reads the counters of: the routes and the upstreams, with their slots,
+/// and the slots a crashed run left to routes no longer configured.
 pub struct Watched {
     pub routes: Vec<WatchedRoute>,
     pub upstreams: Vec<WatchedUpstream>,
+    pub retired_slots: Vec<u32>,
 }
 
 pub struct Poller {
     maps: KernelMaps,
     routes: Vec<WatchedRoute>,
     upstreams: Vec<WatchedUpstream>,
+    /// Retired slots whose connections may still be in the table (see [`Self::retired_open`]).
+    retired_slots: Vec<u32>,
     kernel: SourceHealth,
     clients: Arc<Mutex<ClientStats>>,
     /// Event rings drained after each counter read (see [`crate::events::RingDrain`]).
@@ -298,7 +302,11 @@ impl Poller {
     #[must_use]
     pub fn new(
         maps: KernelMaps,
-        Watched { routes, upstreams }: Watched,
+        Watched {
+            routes,
+            upstreams,
+            retired_slots,
+        }: Watched,
         clients: Arc<Mutex<ClientStats>>,
         rings: Vec<SharedDrain>,
         dns: DnsSources,
@@ -311,6 +319,7 @@ impl Poller {
             maps,
             routes,
             upstreams,
+            retired_slots,
             kernel: SourceHealth::default(),
             clients,
             rings,
@@ -412,6 +421,7 @@ impl Poller {
             });
         }
         let upstreams = self.upstream_snapshots(at, &totals.upstreams);
+        let retired_connections = self.retired_open();
         self.total.record(at, opened, bytes_in, bytes_out);
         self.poll.polls += 1;
         // Each event stream says what the kernel's full rings lost since it last did.
@@ -435,6 +445,7 @@ impl Poller {
             read_at: Some(began),
             routes,
             upstreams,
+            retired_connections,
             errors: totals.errors,
             programs,
             connection_rates: self.total.opened.rates(),
@@ -459,6 +470,25 @@ impl Poller {
             nft: beside.nft,
             config_file: beside.config_file,
         }))
+    }
+
+    /// Connections a crashed run left in the table under the slots of routes or upstreams no
+    /// longer configured: open by their slot's counters, they hold places in the table until
+    /// they close. A slot found empty is read no more, as nothing counts into it now.
+    fn retired_open(&mut self) -> u64 {
+        let mut open = 0;
+        self.retired_slots.retain(|&slot| {
+            match counters::sum_conn(&self.maps.conn_counters, slot) {
+                Ok(totals) => {
+                    let still_open = crate::snapshot::still_open(&totals);
+                    open += still_open;
+                    still_open > 0
+                }
+                // Tried again at the next poll; the kernel read as a whole said why.
+                Err(_) => true,
+            }
+        });
+        open
     }
 
     fn beside_the_maps(&mut self, interfaces: InterfaceView, nft: NftView) -> BesideTheMaps {

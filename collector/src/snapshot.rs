@@ -330,6 +330,9 @@ pub struct Snapshot {
     pub read_at: Option<std::time::Instant>,
     pub routes: Vec<RouteSnapshot>,
     pub upstreams: Vec<UpstreamSnapshot>,
+    /// Connections in the table under slots of routes no longer configured, left by a
+    /// crashed run (counted in no route).
+    pub retired_connections: u64,
     pub errors: [u64; ERROR_KINDS as usize],
     pub programs: Vec<ProgramStats>,
     pub connection_rates: Rates,
@@ -598,6 +601,7 @@ impl Snapshot {
             .map(|r| r.tracked() + r.awaiting_server_name())
             .chain(upstreams)
             .sum::<u64>()
+            + self.retired_connections
     }
 
     /// Connections waiting for their ClientHello on ports shared by server name, over every

@@ -795,7 +795,8 @@ fn crash_with_connections_open(netns: &Netns, config: &AgentConfig) -> Vec<TcpSt
 /// crashed run tracked are in its table under the old name's slot, which nothing exports
 /// now, so they count as open from before on the renamed route, as those the crashed run
 /// had found open do, until they close. Until 2026-12-04 every connection in the table was
-/// left out whatever its slot, and the renamed route's `active` read only the latter.
+/// left out whatever its slot, and the renamed route's `active` read only the latter; until
+/// 2026-12-06 the table's fill left out those under the old slot (it read 0 for 3).
 #[test]
 fn connections_of_a_route_renamed_across_a_crash_stay_active() {
     let netns = Netns::new();
@@ -815,14 +816,22 @@ fn connections_of_a_route_renamed_across_a_crash_stay_active() {
         assert_eq!(route_value(&metrics, name, "backend"), value, "{name}");
     }
     assert!(!metrics.contains("route=\"api\""), "{metrics}");
+    let table_entries = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_bpf_map_entries",
+            &[("map", "CONN_STATE")],
+        )
+        .unwrap()
+    };
+    // Those the crashed run accepted, in its table.
+    assert_eq!(table_entries(&metrics), ACCEPTED as f64);
 
     drop(held);
     wait_for("every connection gone", Duration::from_secs(10), || {
-        (route_value(
-            &scrape(&netns),
-            "collector_proxy_connections_active",
-            "backend",
-        ) == 0.0)
+        let metrics = scrape(&netns);
+        (route_value(&metrics, "collector_proxy_connections_active", "backend") == 0.0
+            && table_entries(&metrics) == 0.0)
             .then_some(())
     });
     assert!(agent.stop().success());
