@@ -489,14 +489,17 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
             },
             "nft" => with_warning(verdict, config.stop_time_warning()),
             "cgroup2" => match &facts.cgroup2 {
-                Ok(Some(root)) => match cgroup_hooks(root, &crate::loader::cgroup_hooks(config)) {
-                    Some((status, detail)) => Verdict {
-                        status,
-                        detail: format!("{}; {detail}", verdict.detail),
-                        ..verdict
-                    },
-                    None => verdict,
-                },
+                Ok(Some(root)) => {
+                    match cgroup_hooks(root, &crate::loader::cgroup_hooks(config), &config.pin_dir)
+                    {
+                        Some((status, detail)) => Verdict {
+                            status,
+                            detail: format!("{}; {detail}", verdict.detail),
+                            ..verdict
+                        },
+                        None => verdict,
+                    }
+                }
                 _ => verdict,
             },
             _ => verdict,
@@ -525,9 +528,11 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
 /// Whether the cgroup2 root at `root` takes the links `run` makes on its `hooks` (attach
 /// types, with where `run` pins each link): a program attached there without `multi` closes
 /// a hook to every link, and a hook at the kernel's limit of programs takes none but a link
-/// pinned before, which a start adopts. Unasked where the kernel refuses the query (it needs
-/// `CAP_NET_ADMIN`, whose own line fails then).
-fn cgroup_hooks(root: &Path, hooks: &[(u32, PathBuf)]) -> Option<(Status, String)> {
+/// pinned before, which a start adopts, unless the start frees places first by removing the
+/// pins that collectors of namespaces now gone left beside `pin_dir` (then a warning).
+/// Unasked where the kernel refuses the query (it needs `CAP_NET_ADMIN`, whose own line
+/// fails then) or the pin cannot be looked at.
+fn cgroup_hooks(root: &Path, hooks: &[(u32, PathBuf)], pin_dir: &Path) -> Option<(Status, String)> {
     use std::os::fd::AsFd;
     let cgroup = std::fs::File::open(root).ok()?;
     let cgroup2 = root.display().to_string();
@@ -537,13 +542,25 @@ fn cgroup_hooks(root: &Path, hooks: &[(u32, PathBuf)]) -> Option<(Status, String
             let advice = crate::loader::closed_hook_advice(&hook, *attach_type, &cgroup2);
             return Some((Status::Fail, advice));
         }
-        (hook.full() && !pin.exists()).then(|| {
-            let detail = format!(
-                "{}; `run` would add one, having no link of its own pinned at {}",
-                crate::loader::full_hook_advice(*attach_type, &cgroup2),
-                pin.display(),
-            );
-            (Status::Fail, detail)
+        if !hook.full() || pin.try_exists().ok()? {
+            return None;
+        }
+        let full = format!(
+            "{}; `run` would add one, having no link of its own pinned at {}",
+            crate::loader::full_hook_advice(*attach_type, &cgroup2),
+            pin.display(),
+        );
+        let own_netns = crate::netns::current_cookie().ok()?;
+        Some(match orphans::sibling_leftovers(pin_dir, own_netns) {
+            0 => (Status::Fail, full),
+            left => (
+                Status::Warn,
+                format!(
+                    "{full}, though it first removes the pins that collectors of network \
+                     namespaces now gone left in {left} directories beside it, with their \
+                     links"
+                ),
+            ),
         })
     })
 }
@@ -1160,14 +1177,20 @@ mod tests {
         let pinned =
             std::env::temp_dir().join(format!("collector-check-pin-{}", std::process::id()));
         let unpinned = pinned.with_extension("absent");
+        // A pin directory with no pins of other collectors beside it to remove.
+        let no_siblings = unpinned.join("collector");
         let hooks = [
             (BPF_CGROUP_INET_INGRESS, unpinned.clone()),
             (BPF_CGROUP_SOCK_OPS, unpinned.clone()),
         ];
-        assert_eq!(cgroup_hooks(&child.path, &hooks), None, "an empty cgroup");
+        assert_eq!(
+            cgroup_hooks(&child.path, &hooks, &no_siblings),
+            None,
+            "an empty cgroup"
+        );
         let theirs = test_programs::load_sock_ops_returning().unwrap();
         test_programs::attach(cgroup, theirs.as_fd(), BPF_CGROUP_SOCK_OPS, 0).unwrap();
-        let closed = cgroup_hooks(&child.path, &hooks);
+        let closed = cgroup_hooks(&child.path, &hooks, &no_siblings);
         test_programs::detach(cgroup, theirs.as_fd(), BPF_CGROUP_SOCK_OPS).unwrap();
         let (status, detail) = closed.expect("a closed hook passed");
         assert_eq!(status, Status::Fail);
@@ -1185,7 +1208,8 @@ mod tests {
             .collect();
         test_programs::link(cgroup, theirs.as_fd(), BPF_CGROUP_SOCK_OPS)
             .expect_err("a link past the kernel's limit");
-        let (status, detail) = cgroup_hooks(&child.path, &hooks).expect("a full hook passed");
+        let (status, detail) =
+            cgroup_hooks(&child.path, &hooks, &no_siblings).expect("a full hook passed");
         assert_eq!(status, Status::Fail);
         assert!(
             detail.contains("holds the kernel's limit of 64 programs on its sock_ops hook")
@@ -1196,12 +1220,16 @@ mod tests {
             "{detail}"
         );
         std::fs::write(&pinned, "").unwrap();
-        let adopted = cgroup_hooks(&child.path, &[(BPF_CGROUP_SOCK_OPS, pinned.clone())]);
+        let adopted = cgroup_hooks(
+            &child.path,
+            &[(BPF_CGROUP_SOCK_OPS, pinned.clone())],
+            &no_siblings,
+        );
         std::fs::remove_file(&pinned).unwrap();
         assert_eq!(adopted, None, "a full hook where the link is pinned");
         drop(links.pop());
         assert_eq!(
-            cgroup_hooks(&child.path, &hooks),
+            cgroup_hooks(&child.path, &hooks, &no_siblings),
             None,
             "a hook one short of full"
         );

@@ -132,16 +132,16 @@ impl EventDecoder {
         }
     }
 
-    /// The presentation form of a wire-form name, decoded by hickory the first time its
-    /// letters are seen in any case: clients that mix the case of their queries' letters
-    /// (DNS 0x20) would otherwise make each query a new name. Folding changes no length
-    /// byte (at most 63, below `A`), and the decoded text is lower case anyway.
     /// The name of `name_len` bytes that follows an event `E`'s fixed part in `record`.
     fn name_after<E>(&mut self, record: &[u8], name_len: u16) -> Option<Arc<str>> {
         let name = record.get(size_of::<E>()..)?.get(..usize::from(name_len))?;
         self.name(name)
     }
 
+    /// The presentation form of a wire-form name, decoded by hickory the first time its
+    /// letters are seen in any case: clients that mix the case of their queries' letters
+    /// (DNS 0x20) would otherwise make each query a new name. Folding changes no length
+    /// byte (at most 63, below `A`), and the decoded text is lower case anyway.
     fn name(&mut self, wire: &[u8]) -> Option<Arc<str>> {
         let mut folded = [0u8; 256];
         let key = match folded.get_mut(..wire.len()) {

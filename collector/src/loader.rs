@@ -1204,11 +1204,6 @@ fn bind_slots(
     for &slot in &plan.reclaimed {
         zero_slot(ebpf, slot)?;
     }
-    let retired = (0..)
-        .zip(&owners)
-        .filter(|&(slot, owner)| owner.is_some() && !plan.slots.contains(&slot))
-        .map(|(slot, _)| slot)
-        .collect();
     let (route_slots, upstream_slots) = plan.slots.split_at(config.routes.len());
     let routes = config
         .routes
@@ -1232,7 +1227,7 @@ fn bind_slots(
             slot,
         })
         .collect();
-    Ok((routes, upstreams, retired))
+    Ok((routes, upstreams, plan.retired))
 }
 
 /// The route recorded as each slot's owner (`None`: never used).
@@ -1754,12 +1749,12 @@ pub fn full_hook_advice(attach_type: u32, cgroup2: &str) -> String {
     )
 }
 
-/// A cgroup hook's name, as `bpftool cgroup show` writes it.
-pub fn cgroup_hook_name(attach_type: u32) -> &'static str {
-    match attach_type {
-        bpf_sys::BPF_CGROUP_SOCK_OPS => "sock_ops",
-        bpf_sys::BPF_CGROUP_INET_INGRESS => "ingress",
-        _ => "this",
+/// A cgroup hook's name, as `bpftool cgroup show` writes it (the two the agent uses).
+fn cgroup_hook_name(attach_type: u32) -> &'static str {
+    if attach_type == bpf_sys::BPF_CGROUP_INET_INGRESS {
+        "ingress"
+    } else {
+        "sock_ops"
     }
 }
 

@@ -159,30 +159,17 @@ fn tc_links(links_dir: &Path) -> anyhow::Result<Vec<TcLink>> {
 /// collector's are locked, and skipped. Says what it removed, and what it could not judge
 /// or remove, as warnings: this never fails a start.
 pub fn reap_siblings(pin_dir: &Path, own_netns: u64) {
-    let (Some(parent), Some(own_name)) = (pin_dir.parent(), pin_dir.file_name()) else {
-        return;
-    };
-    if !is_pin_dir_name(own_name) {
-        return;
-    }
-    let entries = match fs::read_dir(parent) {
-        Ok(entries) => entries,
+    let dirs = match siblings(pin_dir) {
+        Ok(dirs) => dirs,
         Err(err) => {
             tracing::warn!(
-                "looking in {} for pins that collectors of namespaces now gone left: {err}",
-                parent.display()
+                "looking beside {} for pins that collectors of namespaces now gone left: {err}",
+                pin_dir.display()
             );
             return;
         }
     };
-    for entry in entries.flatten() {
-        // A directory itself, not a symbolic link to one.
-        if !is_sibling(own_name, &entry.file_name())
-            || !entry.file_type().is_ok_and(|kind| kind.is_dir())
-        {
-            continue;
-        }
-        let dir = entry.path();
+    for dir in dirs {
         match reap(&dir, own_netns) {
             Ok(Some(Leftover::GoneNamespace(owner))) => tracing::warn!(
                 "the pins under {} were left by a collector whose network namespace is gone \
@@ -206,6 +193,39 @@ pub fn reap_siblings(pin_dir: &Path, own_netns: u64) {
             ),
         }
     }
+}
+
+/// How many sibling pin directories of `pin_dir` hold pins that [`reap_siblings`] would
+/// remove now, with their links (judged without their locks, as `collector check` asks).
+#[must_use]
+pub fn sibling_leftovers(pin_dir: &Path, own_netns: u64) -> usize {
+    siblings(pin_dir)
+        .unwrap_or_default()
+        .iter()
+        .filter(|dir| {
+            leftover(&paths::map_pin_dir(dir), own_netns).is_ok_and(|left| left.is_some())
+        })
+        .count()
+}
+
+/// The sibling pin directories of `pin_dir`: the other documented pin directories beside
+/// it, directories themselves (not symbolic links to one). None where `pin_dir` is not a
+/// documented one.
+fn siblings(pin_dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+    let (Some(parent), Some(own_name)) = (pin_dir.parent(), pin_dir.file_name()) else {
+        return Ok(Vec::new());
+    };
+    if !is_pin_dir_name(own_name) {
+        return Ok(Vec::new());
+    }
+    Ok(fs::read_dir(parent)?
+        .flatten()
+        .filter(|entry| {
+            is_sibling(own_name, &entry.file_name())
+                && entry.file_type().is_ok_and(|kind| kind.is_dir())
+        })
+        .map(|entry| entry.path())
+        .collect())
 }
 
 /// Removes the layout under the sibling pin directory `dir`, and `dir` if nothing else is

@@ -473,22 +473,27 @@ impl Poller {
     }
 
     /// Connections a crashed run left in the table under the slots of routes or upstreams no
-    /// longer configured: open by their slot's counters, they hold places in the table until
-    /// they close. A slot found empty is read no more, as nothing counts into it now.
+    /// longer configured: open by their slot's counters, or an upstream's connects in their
+    /// handshake, they hold places in the table until they close. A slot found empty is read
+    /// no more, as nothing counts into it now.
     fn retired_open(&mut self) -> u64 {
-        let mut open = 0;
+        let maps = &self.maps;
+        let mut tracked = 0;
         self.retired_slots.retain(|&slot| {
-            match counters::sum_conn(&self.maps.conn_counters, slot) {
-                Ok(totals) => {
-                    let still_open = crate::snapshot::still_open(&totals);
-                    open += still_open;
-                    still_open > 0
+            let read = counters::sum_conn(&maps.conn_counters, slot).and_then(|totals| {
+                let connecting = counters::sum_upstream(&maps.upstream_counters, slot)?;
+                Ok(crate::snapshot::still_open(&totals) + connecting.connecting)
+            });
+            match read {
+                Ok(held) => {
+                    tracked += held;
+                    held > 0
                 }
-                // Tried again at the next poll; the kernel read as a whole said why.
+                // Tried again at the next poll; the maps' read as a whole says what failed.
                 Err(_) => true,
             }
         });
-        open
+        tracked
     }
 
     fn beside_the_maps(&mut self, interfaces: InterfaceView, nft: NftView) -> BesideTheMaps {

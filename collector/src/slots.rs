@@ -11,6 +11,9 @@ pub struct SlotPlan {
     /// Slots taken over from a route no longer configured: their counters belong to the old
     /// route and are zeroed before the new one uses them.
     pub reclaimed: Vec<u32>,
+    /// Slots of routes no longer configured that no route took over: a crashed run's
+    /// connections there stay in the connection table until they close.
+    pub retired: Vec<u32>,
 }
 
 /// Assigns slots: a route keeps the slot recorded under its name; a new route takes a
@@ -69,9 +72,15 @@ pub fn plan(
         }
         *slot = Some(free);
     }
+    let retired = (0..)
+        .zip(&owners[..capacity])
+        .filter(|&(slot, owner)| owner.is_some() && !taken[slot as usize])
+        .map(|(slot, _)| slot)
+        .collect();
     Ok(SlotPlan {
         slots: slots.into_iter().flatten().collect(),
         reclaimed,
+        retired,
     })
 }
 
@@ -145,6 +154,7 @@ mod tests {
         .unwrap();
         assert_eq!(plan.slots, [1, 2]);
         assert!(plan.reclaimed.is_empty());
+        assert_eq!(plan.retired, [0], "old's slot, left to its connections");
     }
 
     #[test]
@@ -187,6 +197,7 @@ mod tests {
         let plan = plan(&names, &routes, || Ok(three_open_in_slot_7())).unwrap();
         assert_eq!(plan.slots.last(), Some(&9), "the idle retired slot");
         assert_eq!(plan.reclaimed, [9]);
+        assert_eq!(plan.retired, [7]);
     }
 
     #[test]

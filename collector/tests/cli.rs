@@ -435,8 +435,13 @@ fn checks_at_once_leave_nothing_of_their_probes() {
             })
         })
         .collect();
-    for check in checks {
-        let out = check.join().unwrap();
+    // Every check ended before any assertion, which would remove the directory under them.
+    let outputs: Vec<_> = checks
+        .into_iter()
+        .map(std::thread::JoinHandle::join)
+        .collect();
+    for out in outputs {
+        let out = out.unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             stdout
@@ -683,6 +688,13 @@ fn an_unchunked_event_stream_ends_quietly_when_its_reader_goes() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     );
+    // Read while it runs: a pipe left full would stop it.
+    let mut stderr_pipe = child.stderr().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut stderr = String::new();
+        stderr_pipe.read_to_string(&mut stderr).unwrap();
+        stderr
+    });
     let mut first = String::new();
     BufReader::new(child.stdout().unwrap())
         .read_line(&mut first)
@@ -692,8 +704,7 @@ fn an_unchunked_event_stream_ends_quietly_when_its_reader_goes() {
     let status = support::wait_for("the CLI to exit", Duration::from_secs(20), || {
         child.try_wait()
     });
-    let mut stderr = String::new();
-    child.stderr().unwrap().read_to_string(&mut stderr).unwrap();
+    let stderr = stderr.join().unwrap();
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.is_empty(), "{stderr}");
     server.join().unwrap();
