@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use axum::http::{HeaderMap, header};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 
@@ -415,17 +415,55 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 fn read_token(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the bearer token file {}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        bail!("the bearer token file {} is empty", path.display());
+    parse_token(&text).map_err(|(line, reason)| match line {
+        0 => anyhow::anyhow!("the bearer token file {} {reason}", path.display()),
+        line => anyhow::anyhow!(
+            "the bearer token file {}, line {line}: {reason}",
+            path.display()
+        ),
+    })
+}
+
+/// The one token a token file holds, on a line of its own, blank lines and white space
+/// around it aside. Refused, with the line (0: the whole file), where no request could match
+/// it: a second line (a rotation that appended the new token) would have made one token of
+/// both, and a character a request's `Authorization` header cannot carry (anything but
+/// visible ASCII) refused every request, each loaded without a word.
+fn parse_token(text: &str) -> Result<String, (usize, String)> {
+    let mut lines = (1..)
+        .zip(without_byte_order_mark(text).lines())
+        .map(|(number, line)| (number, line.trim()))
+        .filter(|(_, line)| !line.is_empty());
+    let Some((number, token)) = lines.next() else {
+        return Err((0, "is empty".to_owned()));
+    };
+    if let Some((second, _)) = lines.next() {
+        return Err((
+            second,
+            "a second token: the file holds one (replace it to rotate)".to_owned(),
+        ));
+    }
+    if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err((
+            number,
+            format!(
+                "{bad:?} in the token, which a request's Authorization header cannot carry \
+                 (visible ASCII only)"
+            ),
+        ));
     }
     Ok(token.to_owned())
+}
+
+/// `text` without the byte order mark some editors write first: no part of a secret.
+fn without_byte_order_mark(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 fn read_users(path: &Path) -> anyhow::Result<Users> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the basic-auth users file {}", path.display()))?;
-    let hashes = parse_htpasswd(&text).map_err(|(line, reason)| {
+    let hashes = parse_htpasswd(without_byte_order_mark(&text)).map_err(|(line, reason)| {
         anyhow::anyhow!(
             "the basic-auth users file {}, line {line}: {reason}",
             path.display()
@@ -508,6 +546,50 @@ mod tests {
         assert!(!same_secret(b"s3cret\0", b"s3cret"));
         assert!(same_secret(b"", b""));
         assert!(!same_secret(b"x", b""));
+    }
+
+    /// Until 2026-12-06 each of the refused files below loaded without a word, and every
+    /// request but the probes was then refused (401), a reload counted as successful.
+    #[test]
+    fn a_token_file_holds_one_token_a_request_can_carry() {
+        assert_eq!(parse_token("s3cret\n"), Ok("s3cret".to_owned()));
+        assert_eq!(parse_token("\n  s3cret \r\n\n"), Ok("s3cret".to_owned()));
+        // A byte order mark first (an editor's) is no part of it.
+        assert_eq!(parse_token("\u{feff}s3cret\n"), Ok("s3cret".to_owned()));
+        assert_eq!(parse_token(" \n\n"), Err((0, "is empty".to_owned())));
+        // A rotation that appended the new token: one token of both matched no request.
+        let (line, reason) = parse_token("old\nnew\n").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(reason.starts_with("a second token"), "{reason}");
+        let (line, reason) = parse_token("\nt\u{e9}st\n").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(reason.starts_with("'é' in the token"), "{reason}");
+        assert_eq!(parse_token("a b\n").unwrap_err().0, 1);
+        let path = std::env::temp_dir().join(format!("collector-token-{}", std::process::id()));
+        std::fs::write(&path, "old\nnew\n").unwrap();
+        let err = read_token(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            err,
+            format!(
+                "the bearer token file {}, line 2: a second token: the file holds one (replace \
+                 it to rotate)",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_users_file_may_begin_with_a_byte_order_mark() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let path = std::env::temp_dir().join(format!("collector-users-{}", std::process::id()));
+        std::fs::write(&path, format!("\u{feff}prometheus:{hash}\n")).unwrap();
+        let users = read_users(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            users.unwrap().hashes.keys().collect::<Vec<_>>(),
+            ["prometheus"]
+        );
     }
 
     #[test]
