@@ -412,7 +412,9 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
         == 0
 }
 
-fn read_token(path: &Path) -> anyhow::Result<String> {
+/// The bearer token in the file at `path` (see [`parse_token`]): the agent's, and the one
+/// the CLI sends.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the bearer token file {}", path.display()))?;
     parse_token(&text).map_err(|(line, reason)| match line {

@@ -114,13 +114,8 @@ impl Endpoint {
         };
         let trusted = pems.into_iter().map(|(path, _)| path).collect();
         let token = match config.and_then(|config| config.http.bearer_token_file.as_ref()) {
-            Some(path) => Some((
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the bearer token file {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-                path.clone(),
-            )),
+            // Read as the agent reads it: what the agent refuses, the CLI does not send.
+            Some(path) => Some((crate::auth::read_token(path)?, path.clone())),
             None => None,
         };
         Ok(Self {
@@ -1273,13 +1268,10 @@ enum Refreshes {
 
 /// The token in `file` now, read again for each request: a watch (`--watch`, `top`) outlives
 /// a rotation of the Secret, which the agent takes without a restart. What was read at the
-/// start if the file cannot be read now or is empty (a rotation half done).
+/// start if the file cannot be read now or is refused (empty in a rotation half done, or a
+/// second token appended), as the agent keeps its previous token then.
 fn current_token(first: &str, file: &Path) -> String {
-    std::fs::read_to_string(file)
-        .ok()
-        .map(|text| text.trim().to_owned())
-        .filter(|token| !token.is_empty())
-        .unwrap_or_else(|| first.to_owned())
+    crate::auth::read_token(file).unwrap_or_else(|_| first.to_owned())
 }
 
 /// Shows `fetch`'s text every second. The first failure ends it (a wrong address or
@@ -1458,6 +1450,31 @@ mod tests {
         assert_eq!(dialled("0.0.0.0:9464"), "127.0.0.1:9464");
         assert_eq!(dialled("[::]:9464"), "[::1]:9464");
         assert_eq!(dialled("10.0.0.7:9464"), "10.0.0.7:9464");
+    }
+
+    /// The token is read as the agent reads it: a byte order mark first dropped (the CLI sent
+    /// it, and was refused where scrapes were admitted), and a second token appended in a
+    /// rotation (the agent keeps its previous one) not sent as a header line of its own.
+    #[test]
+    fn the_token_is_read_as_the_agent_reads_it() {
+        let path = std::env::temp_dir().join(format!("collector-cli-token-{}", std::process::id()));
+        std::fs::write(&path, "\u{feff}s3cret\n").unwrap();
+        let config = Config::from_toml(
+            "t.toml",
+            &format!(
+                "[http]\nbearer_token_file = {:?}\n",
+                path.display().to_string()
+            ),
+        )
+        .unwrap();
+        let agent = Endpoint::new(None, Some(&config), None, None);
+        std::fs::write(&path, "s3cret\nnew\n").unwrap();
+        let request = agent.as_ref().map(|agent| agent.request("/x", ""));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            request.unwrap(),
+            "GET /x HTTP/1.1\r\nHost: 127.0.0.1:9464\r\nAuthorization: Bearer s3cret\r\n\r\n"
+        );
     }
 
     #[test]
