@@ -489,17 +489,7 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
             },
             "nft" => with_warning(verdict, config.stop_time_warning()),
             "cgroup2" => match &facts.cgroup2 {
-                Ok(Some(root)) => {
-                    match cgroup_hooks(root, &crate::loader::cgroup_hooks(config), &config.pin_dir)
-                    {
-                        Some((status, detail)) => Verdict {
-                            status,
-                            detail: format!("{}; {detail}", verdict.detail),
-                            ..verdict
-                        },
-                        None => verdict,
-                    }
-                }
+                Ok(Some(root)) => with_hooks(verdict, root, config),
                 _ => verdict,
             },
             _ => verdict,
@@ -523,6 +513,21 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     // What is counted: the routes, and DNS keys that count nothing.
     verdicts.push(with_warning(routes(config), config.dns_ignored_warning()));
     Ok(verdicts)
+}
+
+/// The cgroup2 line `verdict` for the root at `root`, with what the hooks `run` attaches to
+/// there say ([`cgroup_hooks`]).
+fn with_hooks(verdict: Verdict, root: &Path, config: &Config) -> Verdict {
+    let links_dir = crate::loader::links_dir(&config.pin_dir);
+    let hooks = crate::loader::cgroup_hooks(config, &links_dir);
+    match cgroup_hooks(root, &hooks, &config.pin_dir) {
+        Some((status, detail)) => Verdict {
+            status,
+            detail: format!("{}; {detail}", verdict.detail),
+            ..verdict
+        },
+        None => verdict,
+    }
 }
 
 /// Whether the cgroup2 root at `root` takes the links `run` makes on its `hooks` (attach

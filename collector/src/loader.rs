@@ -107,19 +107,28 @@ const SERVER_NAMES_PIN: &str = "cgroup_skb_server_names";
 /// Pin name of the link of the connection program (`sock_ops`).
 const SOCK_OPS_PIN: &str = "sock_ops";
 
-/// The cgroup2 root's hooks `run` attaches to with `config` (attach types), each with where
-/// its link is pinned under `pin_dir`: a start adopts a link pinned there, needing no new
-/// place on the hook.
-pub fn cgroup_hooks(config: &Config) -> Vec<(u32, PathBuf)> {
-    let links_dir = paths::map_pin_dir(&config.pin_dir).join(LINKS_DIR);
-    let mut hooks = vec![(bpf_sys::BPF_CGROUP_SOCK_OPS, links_dir.join(SOCK_OPS_PIN))];
-    if config.shares_ports_by_name() {
-        hooks.push((
+/// The cgroup2 root's hooks `run` attaches its programs to with `config` (attach types), in
+/// the order it attaches them, each with where its link is pinned in `links_dir`: a start
+/// adopts a link pinned there, needing no new place on the hook. The server name reader
+/// first, where routes share ports by name: it does nothing before `sock_ops` gives sockets
+/// their storage, and the other way round the connections accepted in between would go
+/// unread.
+pub fn cgroup_hooks(config: &Config, links_dir: &Path) -> Vec<(u32, PathBuf)> {
+    let reader = config.shares_ports_by_name().then(|| {
+        (
             bpf_sys::BPF_CGROUP_INET_INGRESS,
             links_dir.join(SERVER_NAMES_PIN),
-        ));
-    }
-    hooks
+        )
+    });
+    reader
+        .into_iter()
+        .chain([(bpf_sys::BPF_CGROUP_SOCK_OPS, links_dir.join(SOCK_OPS_PIN))])
+        .collect()
+}
+
+/// Where `run` pins its links, for the pin directory `pin_dir`.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    paths::map_pin_dir(pin_dir).join(LINKS_DIR)
 }
 
 /// A configured route and the kernel slot its counters live in.
@@ -268,7 +277,7 @@ impl Attachment {
             .and_then(|root| paths::open_cgroup2(&root))
             .map_err(|err| privilege_hint(err.into()))?;
         paths::ensure_bpffs(&config.pin_dir).map_err(|err| privilege_hint(err.into()))?;
-        let links_dir = paths::map_pin_dir(&config.pin_dir).join(LINKS_DIR);
+        let links_dir = links_dir(&config.pin_dir);
         // A cleanup holds the lock through its `nft`, which it gives `nft_timeout`.
         let cleanup_wait = config.nftables.nft_timeout + std::time::Duration::from_secs(5);
         let Some(lock) = pin_lock::lock_for_start(
@@ -475,16 +484,13 @@ impl Attachment {
         links_dir: &Path,
         cgroup: &File,
     ) -> anyhow::Result<()> {
-        // The reader first: it does nothing before `sock_ops` gives sockets their storage,
-        // and the other way round the connections accepted in between would go unread.
-        if config.shares_ports_by_name() {
-            self.attach_server_name_reader(&links_dir.join(SERVER_NAMES_PIN), cgroup)?;
+        for (attach_type, pin) in cgroup_hooks(config, links_dir) {
+            if attach_type == bpf_sys::BPF_CGROUP_INET_INGRESS {
+                self.attach_server_name_reader(&pin, cgroup)?;
+            } else {
+                self.attach_sock_ops(program_names::TRACK_CONNECTIONS, &pin, cgroup)?;
+            }
         }
-        self.attach_sock_ops(
-            program_names::TRACK_CONNECTIONS,
-            &links_dir.join(SOCK_OPS_PIN),
-            cgroup,
-        )?;
         if bpf_stats {
             self.attach_sock_ops(
                 program_names::STATS_FLOOR_SOCK_OPS,
