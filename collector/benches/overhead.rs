@@ -8,7 +8,7 @@
 //! statistics give the cost per program run, and test runs the instruction cost of each
 //! classifier path (`path_cost`). Results go to docs/BENCHMARKS.md.
 //!
-//! `cargo xtask bench [-- --pairs N --seconds S]`
+//! `cargo xtask bench [-- --pairs N --seconds S --only PART --no-docs]` (`-- --help` says more)
 
 #[path = "overhead/empty_programs.rs"]
 mod empty_programs;
@@ -196,7 +196,37 @@ impl Settings {
     }
 }
 
+/// What `--help` prints.
+const USAGE: &str = "usage: cargo xtask bench [-- [--pairs N] [--seconds S] [--only PART] [--no-docs]]
+
+  --pairs N     pairs of runs per mode, at least 1 (default 9; the issues' targets ask for 5 or more)
+  --seconds S   seconds per run (default 3)
+  --only PART   one part alone, for quick comparisons: proxy, nginx, dns, paths or poll
+                (docs/BENCHMARKS.md is not written)
+  --no-docs     print the report without writing docs/BENCHMARKS.md";
+
+/// The parts `--only` takes, in the order a full run measures them.
+const PARTS: [&str; 5] = ["proxy", "nginx", "dns", "paths", "poll"];
+
+/// The settings from the command line; usage on `--help`, and a refusal of what it does not
+/// know, before anything is measured (a misspelt option would otherwise run the whole bench).
 fn settings() -> Settings {
+    // cargo bench adds --bench after the arguments typed.
+    match parse_settings(std::env::args().skip(1).filter(|arg| arg != "--bench")) {
+        Ok(Some(settings)) => settings,
+        Ok(None) => {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        Err(err) => {
+            eprintln!("bench: {err}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// `None` for `--help`.
+fn parse_settings(mut args: impl Iterator<Item = String>) -> Result<Option<Settings>, String> {
     let mut settings = Settings {
         // Six pairs are the fewest that give a median a 95 % interval (their extremes); nine
         // give one that leaves the extremes out (the 2nd to the 8th ratio).
@@ -205,32 +235,94 @@ fn settings() -> Settings {
         write_docs: true,
         only: None,
     };
-    let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--pairs" => {
-                settings.pairs = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
+                settings.pairs = value()?
+                    .parse()
+                    .ok()
                     .filter(|&pairs| pairs > 0)
-                    .expect("--pairs N, N at least 1 (the issues' targets ask for 5 or more)");
+                    .ok_or("--pairs takes a whole number, at least 1")?;
             }
             "--seconds" => {
-                settings.seconds = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--seconds S");
+                settings.seconds = value()?
+                    .parse()
+                    .ok()
+                    .filter(|seconds: &f64| seconds.is_finite() && *seconds > 0.0)
+                    .ok_or("--seconds takes a number of seconds above 0")?;
             }
             "--no-docs" => settings.write_docs = false,
             "--only" => {
-                settings.only = Some(args.next().expect("--only proxy|nginx|dns|poll|paths"));
+                let part = value()?;
+                if !PARTS.contains(&part.as_str()) {
+                    return Err(format!(
+                        "--only takes one of {}, not {part}",
+                        PARTS.join(", ")
+                    ));
+                }
+                settings.only = Some(part);
                 settings.write_docs = false;
             }
-            // cargo bench passes --bench.
-            _ => {}
+            "--help" | "-h" => return Ok(None),
+            other => return Err(format!("unknown argument {other}")),
         }
     }
-    settings
+    Ok(Some(settings))
+}
+
+/// Set once a stop signal is being handled: a panic elsewhere then waits for the exit.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// A Ctrl-C, a `kill`, or the end of the cargo that started the bench stops it where it is,
+/// and its guards (namespace, agent, nginx, unbound) run only as a stack unwinds, which a
+/// signal skips. This thread takes SIGINT, SIGTERM and SIGHUP instead, removes what this
+/// run made (`support::sweep_this_run`: its agent gets SIGTERM and detaches as it always
+/// does) and exits with 128 + the signal's number. A thread that panics meanwhile (its
+/// agent or server gone) waits for that exit instead of unwinding into it.
+fn clean_up_on_signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let mut signals = runtime.block_on(async {
+        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+            .map(|number| (number, signal(SignalKind::from_raw(number)).unwrap()))
+    });
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if STOPPING.load(Ordering::SeqCst) {
+            loop {
+                thread::park();
+            }
+        }
+        report(info);
+    }));
+    thread::spawn(move || {
+        let [(int, sigint), (term, sigterm), (hup, sighup)] = &mut signals;
+        let number = runtime.block_on(async {
+            tokio::select! {
+                _ = sigint.recv() => *int,
+                _ = sigterm.recv() => *term,
+                _ = sighup.recv() => *hup,
+            }
+        });
+        STOPPING.store(true, Ordering::SeqCst);
+        eprintln!("bench: stopped by signal {number}: removing what this run made");
+        support::sweep_this_run();
+        std::process::exit(128 + number);
+    });
+    // A signal to `cargo xtask bench` alone ends the cargo that runs the bench and not the
+    // bench: it then hears of it as a SIGTERM.
+    // SAFETY: getppid and prctl have no memory preconditions.
+    unsafe {
+        let parent = libc::getppid();
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        if libc::getppid() != parent {
+            libc::raise(libc::SIGTERM);
+        }
+    }
 }
 
 /// The CPU the loads run on in the pairs: the first this process may use.
@@ -1472,6 +1564,7 @@ fn dns_overhead(netns: &Netns, settings: &Settings) -> String {
 
 fn main() {
     let settings = settings();
+    clean_up_on_signals();
     // Read before the run, as the build it measures was made: sources edited while it runs
     // are not in it.
     let measured_where = measured_where();

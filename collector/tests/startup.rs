@@ -1962,9 +1962,20 @@ fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
     )
     .kill();
     assert!(killed_pins.join("v1").is_dir());
+    // Its temporary directories stay too; this run's are left alone.
+    let killed_temp = ["unbound", "collector-scratch", "collector-test"]
+        .map(|prefix| std::env::temp_dir().join(format!("{prefix}-{gone}-2")));
+    for dir in &killed_temp {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let live_temp = support::ScratchDir::new("sweep");
 
     support::sweep_killed_runs();
     assert!(!killed_pins.exists(), "{} left", killed_pins.display());
+    for dir in &killed_temp {
+        assert!(!dir.exists(), "{} left", dir.display());
+    }
+    assert!(live_temp.0.is_dir());
 
     let listed = support::stdout_of(Command::new("ip").args(["netns", "list"]));
     let listed_names: Vec<&str> = listed

@@ -202,7 +202,13 @@ fn run(task: Task) -> anyhow::Result<()> {
                 "--",
             ];
             bench.extend(args.iter().map(String::as_str));
-            cargo(&root, &bench)
+            // Replaces this process, so that a signal to it reaches cargo, whose end the
+            // bench hears of and cleans up on.
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let err = std::os::unix::process::CommandExt::exec(
+                Command::new(cargo).args(&bench).current_dir(&root),
+            );
+            Err(err).context("running cargo bench")
         }
     }
 }

@@ -151,7 +151,8 @@ pub struct ScratchDir(pub PathBuf);
 
 impl ScratchDir {
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(unique(&format!("collector-{name}")));
+        // The run's id first, after a prefix of its own, so that a sweep finds it.
+        let dir = std::env::temp_dir().join(format!("{}-{name}", unique("collector-scratch")));
         fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
@@ -240,17 +241,28 @@ impl Netns {
 /// The prefix of every test namespace's name, followed by the test process's id.
 const NETNS_PREFIX: &str = "colltest-";
 
-/// Removes the namespaces of test runs that were killed before their guards ran (a Ctrl-C,
-/// a CI timeout, a SIGKILL): those named after a process that is gone. What still runs in
-/// them gets SIGTERM first (an agent among them then detaches what it attached: its
-/// `sock_ops` program sits on the host's cgroup root), and SIGKILL after 10 s.
+/// Removes what test runs that were killed before their guards ran (a Ctrl-C, a CI
+/// timeout, a SIGKILL) left: what is named after a process that is gone.
 pub fn sweep_killed_runs() {
+    sweep_runs(of_a_killed_run, "a test run that was killed");
+}
+
+/// Removes what this run made, for a run stopped by a signal, whose guards do not run.
+pub fn sweep_this_run() {
+    sweep_runs(of_this_run, "this run");
+}
+
+/// Removes the namespaces, pin directories and temporary directories that `made` says a
+/// run named. What still runs in a namespace gets SIGTERM first (an agent among them then
+/// detaches what it attached: its `sock_ops` program sits on the host's cgroup root), and
+/// SIGKILL after 10 s.
+fn sweep_runs(made: fn(&str, &[&str]) -> bool, by: &str) {
     let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
     for line in String::from_utf8_lossy(&listed.stdout).lines() {
         let Some(name) = line.split_whitespace().next() else {
             continue;
         };
-        if !of_a_killed_run(name, &[NETNS_PREFIX]) {
+        if !made(name, &[NETNS_PREFIX]) {
             continue;
         }
         let pids = |name: &str| -> Vec<i32> {
@@ -276,38 +288,59 @@ pub fn sweep_killed_runs() {
         }
         signal_all(libc::SIGKILL);
         let _ = Command::new("ip").args(["netns", "del", name]).status();
-        eprintln!("removed {name}, left by a test run that was killed");
+        eprintln!("removed {name}, left by {by}");
     }
-    sweep_killed_runs_pins();
+    sweep_pins(made, by);
+    for entry in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if made(&entry.file_name().to_string_lossy(), &TEMP_DIR_PREFIXES) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Whether `name` is one a test run made ([`unique`]: a prefix among `prefixes`, then the
 /// test process's id) and that run is gone. A pid taken again by another process keeps what
 /// it names: the safe side. (Test runs share the host's pid namespace.)
 pub fn of_a_killed_run(name: &str, prefixes: &[&str]) -> bool {
+    maker(name, prefixes).is_some_and(|pid| !Path::new("/proc").join(pid).exists())
+}
+
+fn of_this_run(name: &str, prefixes: &[&str]) -> bool {
+    maker(name, prefixes) == Some(&std::process::id().to_string())
+}
+
+/// The id of the process that made `name` ([`unique`]: a prefix among `prefixes`, then it).
+fn maker<'a>(name: &'a str, prefixes: &[&str]) -> Option<&'a str> {
     prefixes
         .iter()
         .find_map(|prefix| name.strip_prefix(prefix))
         .and_then(|rest| rest.split('-').next())
         .filter(|pid| !pid.is_empty() && pid.bytes().all(|byte| byte.is_ascii_digit()))
-        .is_some_and(|pid| !Path::new("/proc").join(pid).exists())
 }
 
 /// Prefixes of the tests' pin directories under /sys/fs/bpf ([`unique`] names: the test
 /// process's id follows), the longer first.
 const PIN_DIR_PREFIXES: [&str; 3] = ["collector-test-kept-", "collector-test-", "orphans-test-"];
 
+/// Prefixes of the tests' temporary directories ([`AgentConfig`]'s, [`ScratchDir`]'s,
+/// unbound's), the test process's id after each.
+const TEMP_DIR_PREFIXES: [&str; 3] = ["collector-test-", "collector-scratch-", "unbound-"];
+
 /// Then the pin directories of those runs: an agent killed with its run (SIGKILL, the OOM
 /// killer) leaves its pins, its pinned `sock_ops` link keeping the program on the host's
 /// cgroup root. `collector cleanup` takes away what is a collector's; a directory an agent
 /// still runs with is locked, and left.
-fn sweep_killed_runs_pins() {
+fn sweep_pins(made: fn(&str, &[&str]) -> bool, by: &str) {
     let Ok(entries) = fs::read_dir("/sys/fs/bpf") else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !of_a_killed_run(&name, &PIN_DIR_PREFIXES) {
+        if !made(&name, &PIN_DIR_PREFIXES) {
             continue;
         }
         let swept = Command::new(COLLECTOR)
@@ -315,7 +348,7 @@ fn sweep_killed_runs_pins() {
             .arg(entry.path())
             .output();
         if swept.is_ok_and(|out| out.status.success()) {
-            eprintln!("removed /sys/fs/bpf/{name}, left by a test run that was killed");
+            eprintln!("removed /sys/fs/bpf/{name}, left by {by}");
         }
     }
 }
