@@ -262,29 +262,39 @@ pub fn top_of<K: Eq + Hash + Clone + Ord>(lists: &[&TopK<K>], n: usize) -> Vec<L
             })
             .collect()
     } else {
-        let mut merged: HashMap<&K, Listed<&K>> = HashMap::new();
-        for list in lists {
+        // Each key once, where the first list that tracks it lists it, its counts in the
+        // later lists looked up where they are: no map of every key is built.
+        let mut listed = Vec::new();
+        for (at, list) in lists.iter().enumerate() {
+            let (earlier, later) = (&lists[..at], &lists[at + 1..]);
             for entry in &list.heap {
-                let listed = merged.entry(&entry.key).or_insert(Listed {
+                if earlier
+                    .iter()
+                    .any(|earlier| earlier.position.contains_key(&entry.key))
+                {
+                    continue;
+                }
+                let mut merged = Listed {
                     key: &entry.key,
-                    count: 0,
-                    error: 0,
-                });
-                listed.count = listed.count.saturating_add(certain(entry));
-                listed.error = listed.error.saturating_add(entry.error);
-            }
-        }
-        merged
-            .into_values()
-            .map(|mut listed| {
-                for list in lists {
-                    if !list.position.contains_key(listed.key) {
-                        listed.error = listed.error.saturating_add(list.untracked_bound());
+                    count: certain(entry),
+                    error: entry.error,
+                };
+                for other in earlier {
+                    merged.error = merged.error.saturating_add(other.untracked_bound());
+                }
+                for other in later {
+                    if let Some(&there) = other.position.get(&entry.key) {
+                        let there = &other.heap[there];
+                        merged.count = merged.count.saturating_add(certain(there));
+                        merged.error = merged.error.saturating_add(there.error);
+                    } else {
+                        merged.error = merged.error.saturating_add(other.untracked_bound());
                     }
                 }
-                listed
-            })
-            .collect()
+                listed.push(merged);
+            }
+        }
+        listed
     };
     let order = |a: &Listed<&K>, b: &Listed<&K>| {
         b.count
