@@ -412,12 +412,20 @@ pub fn redirect_devices(links: &[Link]) -> impl Iterator<Item = u32> + '_ {
 /// VRF device's hooks do not see their packets), not a macvlan whose lower device is
 /// watched, which sees its packets too, and not an ifb.
 pub fn watched_by_default(link: &Link, all: &[Link]) -> bool {
+    watched_by_default_if_up(link, all, |link| link.up)
+}
+
+/// [`watched_by_default`], with `up` saying which links count as up: the agent keeps a
+/// watched interface that went down, and its macvlans stay left to it, where they would be
+/// watched through the outage and count its packets again when it comes back, until the
+/// next sync.
+pub fn watched_by_default_if_up(link: &Link, all: &[Link], up: impl Fn(&Link) -> bool) -> bool {
     let upper_of_watched = UPPER_DEVICES.contains(&link.kind.as_str())
         && link.lower.is_some_and(|index| {
             all.iter()
-                .any(|other| other.index == index && countable_on_its_own(other, all))
+                .any(|other| other.index == index && countable_on_its_own(other, all, &up))
         });
-    countable_on_its_own(link, all)
+    countable_on_its_own(link, all, &up)
         && !upper_of_watched
         && !REDIRECT_TARGETS.contains(&link.kind.as_str())
 }
@@ -468,12 +476,12 @@ pub fn name_list(names: &[&str], shown: usize) -> String {
 }
 
 /// Up, with a parsed framing, and not the port of a layer-2 controller.
-fn countable_on_its_own(link: &Link, all: &[Link]) -> bool {
+fn countable_on_its_own(link: &Link, all: &[Link], up: impl Fn(&Link) -> bool) -> bool {
     let port_of_layer2_controller = link.controller.is_some_and(|index| {
         all.iter()
             .any(|other| other.index == index && LAYER2_CONTROLLERS.contains(&other.kind.as_str()))
     });
-    link.up && link.framing.parsed() && !port_of_layer2_controller
+    up(link) && link.framing.parsed() && !port_of_layer2_controller
 }
 
 /// Which interfaces the agent watches: those `listed` (`interfaces`), or with none listed
@@ -672,6 +680,14 @@ mod tests {
         let names = selected_by_default(&links);
         // mv1's lower device is down, and so not watched: mv1 counts its own packets.
         assert_eq!(names, ["lo", "eth0", "mv1", "eth0.7"]);
+        // Unless the agent keeps it while down: its macvlans stay left to it.
+        let kept = |link: &Link| link.up || link.index == 5;
+        let names: Vec<&str> = links
+            .iter()
+            .filter(|link| watched_by_default_if_up(link, &links, kept))
+            .map(|link| link.name.as_str())
+            .collect();
+        assert_eq!(names, ["lo", "eth0", "eth1", "eth0.7"]);
     }
 
     #[test]

@@ -213,17 +213,11 @@ impl Attachment {
                     // `netplan apply`): its series go on through the outage, when an SRE
                     // wants its error and drop counts, and it is not detached and attached
                     // again (which met the old links still on the hooks: "File exists").
-                    links::watched_by_default(l, links)
-                        || (!l.up
-                            && (self.attached.contains_key(&l.index)
-                                || self.attach_failures.contains_key(&l.index))
-                            && links::watched_by_default(
-                                &Link {
-                                    up: true,
-                                    ..(*l).clone()
-                                },
-                                links,
-                            ))
+                    links::watched_by_default_if_up(l, links, |link| {
+                        link.up
+                            || self.attached.contains_key(&link.index)
+                            || self.attach_failures.contains_key(&link.index)
+                    })
                 } else {
                     // Down or up, as at the start: a configured interface taken down (a
                     // bond in maintenance) keeps its hooks and its series, where forgotten
