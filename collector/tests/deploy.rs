@@ -315,6 +315,23 @@ fn the_manifests_give_a_rollout_what_it_needs() {
             "{manifest}: {image}"
         );
         assert_eq!(container["imagePullPolicy"], "IfNotPresent", "{manifest}");
+        // /healthz fails on a poll stuck in a read, where the agent cannot act on the
+        // SIGTERM: the kill comes after the probe's own grace, not the pod's (330 s in the
+        // sidecar, for the proxy's drain).
+        let probe_grace = container["livenessProbe"]["terminationGracePeriodSeconds"].as_u64();
+        assert!(
+            probe_grace.is_some_and(|grace| grace <= 30),
+            "{manifest}: liveness kill after {probe_grace:?} s"
+        );
+        assert!(
+            container["resources"]["requests"]["memory"]
+                .as_str()
+                .is_some_and(|request| request
+                    .strip_suffix("Mi")
+                    .and_then(|mi| mi.parse::<u64>().ok())
+                    .is_some_and(|mi| mi >= 80)),
+            "{manifest}: the request leaves out the maps of a node of 192 CPUs"
+        );
     }
     // The stop's worst: 5 s for HTTP requests under way, a killed nft and the table's
     // removal at the ConfigMap's nft_timeout_ms each, the runtime's second; twice that, for a
@@ -1157,6 +1174,7 @@ fn the_dashboard_and_alerts_query_valid_promql_over_metrics_we_export() {
     for (i, expr) in exprs.iter().enumerate() {
         let promql = expr
             .replace("$__rate_interval", "5m")
+            .replace("$__range", "6h")
             .replace("$instance", ".*");
         writeln!(
             rules,

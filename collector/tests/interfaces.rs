@@ -958,7 +958,10 @@ fn traffic_through_an_upper_device_is_counted_once(kind: &str) {
     // upper device's packets over to it (which it would count again once up).
     ip(&netns, "link set vlow0 down");
     let down = support::after_polls(&netns, 2);
-    assert!(attached(&down, "vlow0") && !attached(&down, "vup0"), "{down}");
+    assert!(
+        attached(&down, "vlow0") && !attached(&down, "vup0"),
+        "{down}"
+    );
     ip(&netns, "link set vlow0 up");
 
     exchange_counted(&netns, &peer, "10.78.7.1:18080");
