@@ -1086,15 +1086,23 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
     }
     if let Some(table) = &raw.table {
         let name = table.get_ref();
-        let valid = !name.is_empty()
-            && name.len() <= 64
+        // As nft's syntax takes a name: `nft list ruleset` writes it unquoted, and a saved
+        // ruleset holding one it cannot read back (`1st`, `-x`) fails to load whole.
+        let valid = name.len() <= 64
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid {
             return Err(source.at(
                 table,
-                format!("nftables table {name:?}: use 1 to 64 letters, digits, '_' or '-'"),
+                format!(
+                    "nftables table {name:?}: use 1 to 64 letters, digits, '_' or '-', \
+                     beginning with a letter or '_'"
+                ),
             ));
         }
         nftables.table.clone_from(name);
@@ -2209,6 +2217,14 @@ match_every = 1
         assert_error("[dns]\nports = [53, 53]\n", 2, "twice");
         assert_error("[dns]\nupstream_ports = [0]\n", 2, "port 0");
         assert_error("[nftables]\ntable = \"a b\"\n", 2, "letters, digits");
+        // Names nft's own syntax cannot read back from a saved ruleset.
+        assert_error(
+            "[nftables]\ntable = \"1st\"\n",
+            2,
+            "beginning with a letter",
+        );
+        assert_error("[nftables]\ntable = \"-x\"\n", 2, "beginning with a letter");
+        assert_error("[nftables]\ntable = \"\"\n", 2, "letters, digits");
         assert_error("[nftables]\nenabled = \"yes\"\n", 2, "true, false or");
         assert_error(
             "[nftables]\nenabled = 1\n",

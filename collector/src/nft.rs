@@ -1,7 +1,7 @@
 //! nftables: the agent's own table (default `inet collector`) with a named counter per
 //! watched port and direction, next to the eBPF figures so that a gap between the two shows.
 //!
-//! - `in`: a prerouting chain (priority -300, before conntrack and NAT) counts packets whose
+//! - `in`: a prerouting chain (priority -301, before raw, conntrack and NAT) counts packets whose
 //!   destination port is a route's TCP port or a DNS UDP port; it also sees traffic that
 //!   nftables forwards or NATs, which never reaches a local socket.
 //! - `out`: a postrouting chain (priority 300, after source NAT at 100) counts packets whose
@@ -58,8 +58,10 @@ struct Direction {
     chain: &'static str,
     hook: &'static str,
     hook_number: u32,
-    /// `in`: -300, before conntrack (-200) and destination NAT (-100), so the destination
-    /// port is as the packet arrived. `out`: 300, after source NAT (100), which also puts
+    /// `in`: -301, before conntrack (-200) and destination NAT (-100), so the destination
+    /// port is as the packet arrived, and before every `raw` chain (-300, iptables' too): of
+    /// two chains at one priority the kernel runs the one registered last first, so at -300
+    /// a firewall's raw drop counted in ours or not by which table was made last. `out`: 300, after source NAT (100), which also puts
     /// back the source of a reply to a destination-NATed connection, so the source port is
     /// as the packet leaves.
     priority: i32,
@@ -75,7 +77,7 @@ const DIRECTIONS: [Direction; 2] = [
         chain: IN_CHAIN,
         hook: "prerouting",
         hook_number: NF_INET_PRE_ROUTING,
-        priority: -300,
+        priority: -301,
         map: IN_MAP,
         field: "dport",
         offset: 2,
@@ -1424,7 +1426,7 @@ mod tests {
         };
         assert_eq!(starting("udp_53_in"), (json!(4), json!(300)));
         assert_eq!(starting("tcp_80_in"), (json!(0), json!(0)));
-        assert_eq!(objects[6]["add"]["chain"]["prio"], -300);
+        assert_eq!(objects[6]["add"]["chain"]["prio"], -301);
         assert_eq!(objects[10]["add"]["rule"]["chain"], "count_out");
         // Out after source NAT (100), which puts a DNATed reply's source port back.
         assert_eq!(objects[9]["add"]["chain"]["hook"], "postrouting");

@@ -1091,6 +1091,53 @@ fn a_table_someone_removed_is_made_again_and_counts_on() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A firewall's raw prerouting chain (priority -300, as iptables' raw table) made after our
+/// table drops DNS queries: `in` still counts each, as the classifiers do, since it runs at
+/// -301, before every raw chain. At -300 the kernel ran the chain registered last first, and
+/// the drops counted or not by which table was made last.
+#[test]
+fn packets_a_raw_chain_drops_count_in_whichever_table_came_first() {
+    const QUERIES: u32 = 7;
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    nft_script(
+        &netns,
+        "table inet colltest_raw {\n  chain pre { type filter hook prerouting priority raw; policy accept; udp dport 53 counter drop; }\n}\n",
+    );
+    netns.run(|| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..QUERIES {
+            socket
+                .send_to(b"not a query, dropped", "127.0.0.1:53")
+                .unwrap();
+        }
+    });
+    let dns_in = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_nft_packets_total",
+            &[
+                ("service", "dns"),
+                ("protocol", "udp"),
+                ("port", "53"),
+                ("direction", "in"),
+            ],
+        )
+    };
+    let metrics = settled_scrape(&netns, "the DNS series", dns_in, |count| count.is_some());
+    assert_eq!(dns_in(&metrics), Some(f64::from(QUERIES)), "{metrics}");
+    // The firewall's own counter: it dropped them all, after ours counted them.
+    assert!(
+        table(&netns, "colltest_raw").contains(&format!("packets {QUERIES} ")),
+        "{}",
+        table(&netns, "colltest_raw")
+    );
+    assert!(agent.stop().success());
+    assert_no_table(&netns, &config.nft_table);
+    assert_no_pins(&config.pin_dir);
+}
+
 /// While the table is away and cannot be made again, its series stay at their last counts,
 /// the source down, and the table made again goes on from them: until 2026-12-05 they
 /// vanished meanwhile, and a series missing from a scrape ends in Prometheus.
@@ -1333,7 +1380,7 @@ fn the_previous_builds_table_is_replaced_with_out_counted_after_source_nat() {
 
     let agent = Agent::start(&netns, &config);
     assert_eq!(chain_priority(&netns, name, "count_out"), 300);
-    assert_eq!(chain_priority(&netns, name, "count_in"), -300);
+    assert_eq!(chain_priority(&netns, name, "count_in"), -301);
     assert_eq!(table_count(&netns, &config.nft_table), 1);
     assert!(table(&netns, name).contains("comment \"made by collector"));
     connections(&netns, 3);
