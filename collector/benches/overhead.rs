@@ -186,7 +186,7 @@ struct Settings {
     pairs: usize,
     seconds: f64,
     write_docs: bool,
-    /// `--only proxy|nginx|dns|poll|paths`: one part, for quick comparisons (docs not written).
+    /// `--only PART`, one of [`PARTS`]: for quick comparisons (docs not written).
     only: Option<String>,
 }
 
@@ -271,15 +271,17 @@ fn parse_settings(mut args: impl Iterator<Item = String>) -> Result<Option<Setti
     Ok(Some(settings))
 }
 
-/// Set once a stop signal is being handled: a panic elsewhere then waits for the exit.
-static STOPPING: AtomicBool = AtomicBool::new(false);
+/// The thread that takes the stop signals.
+const STOP_THREAD: &str = "bench-stop";
 
 /// A Ctrl-C, a `kill`, or the end of the cargo that started the bench stops it where it is,
 /// and its guards (namespace, agent, nginx, unbound) run only as a stack unwinds, which a
-/// signal skips. This thread takes SIGINT, SIGTERM and SIGHUP instead, removes what this
-/// run made (`support::sweep_this_run`: its agent gets SIGTERM and detaches as it always
-/// does) and exits with 128 + the signal's number. A thread that panics meanwhile (its
-/// agent or server gone) waits for that exit instead of unwinding into it.
+/// signal skips. A thread takes SIGINT, SIGTERM and SIGHUP instead, removes what this run
+/// made (`support::sweep_this_run`: its agent gets SIGTERM and detaches as it always does)
+/// and exits with 128 + the signal's number, whatever the sweep met. Meanwhile the other
+/// threads make nothing more (`support::halt_if_stopping`), and one that panics (a Ctrl-C
+/// reaches the agent and servers too, which then end) waits for that exit rather than
+/// unwinding into it.
 fn clean_up_on_signals() {
     use tokio::signal::unix::{SignalKind, signal};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -292,27 +294,36 @@ fn clean_up_on_signals() {
     });
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if STOPPING.load(Ordering::SeqCst) {
-            loop {
-                thread::park();
+        if thread::current().name() != Some(STOP_THREAD) {
+            // A panic a signal caused can come a moment before the signal thread wakes.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while !support::stopping() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
             }
+            support::halt_if_stopping();
         }
         report(info);
     }));
-    thread::spawn(move || {
-        let [(int, sigint), (term, sigterm), (hup, sighup)] = &mut signals;
-        let number = runtime.block_on(async {
-            tokio::select! {
-                _ = sigint.recv() => *int,
-                _ = sigterm.recv() => *term,
-                _ = sighup.recv() => *hup,
-            }
-        });
-        STOPPING.store(true, Ordering::SeqCst);
-        eprintln!("bench: stopped by signal {number}: removing what this run made");
-        support::sweep_this_run();
-        std::process::exit(128 + number);
-    });
+    thread::Builder::new()
+        .name(STOP_THREAD.into())
+        .spawn(move || {
+            let [(int, sigint), (term, sigterm), (hup, sighup)] = &mut signals;
+            let number = runtime.block_on(async {
+                tokio::select! {
+                    _ = sigint.recv() => *int,
+                    _ = sigterm.recv() => *term,
+                    _ = sighup.recv() => *hup,
+                }
+            });
+            // Written, not printed: after a hang-up stderr fails, and a print would panic.
+            let _ = writeln!(
+                std::io::stderr(),
+                "bench: stopped by signal {number}: removing what this run made"
+            );
+            let _ = std::panic::catch_unwind(support::sweep_this_run);
+            std::process::exit(128 + number);
+        })
+        .unwrap();
     // A signal to `cargo xtask bench` alone ends the cargo that runs the bench and not the
     // bench: it then hears of it as a SIGTERM.
     // SAFETY: getppid and prctl have no memory preconditions.
@@ -1600,6 +1611,8 @@ fn main() {
     if settings.runs("poll") {
         report.push_str(&poll_costs(&netns, &settings));
     }
+    // Stopped by a signal meanwhile: the figures are cut short, and the exit is the sweep's.
+    support::halt_if_stopping();
     println!("{report}");
     if settings.write_docs {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/BENCHMARKS.md");
@@ -1628,4 +1641,5 @@ fn main() {
         std::fs::write(path, format!("{header}{report}")).unwrap();
         eprintln!("wrote docs/BENCHMARKS.md");
     }
+    support::halt_if_stopping();
 }

@@ -475,7 +475,7 @@ pub fn name_list(names: &[&str], shown: usize) -> String {
     }
 }
 
-/// Up, with a parsed framing, and not the port of a layer-2 controller.
+/// Up (as `up` says), with a parsed framing, and not the port of a layer-2 controller.
 fn countable_on_its_own(link: &Link, all: &[Link], up: impl Fn(&Link) -> bool) -> bool {
     let port_of_layer2_controller = link.controller.is_some_and(|index| {
         all.iter()

@@ -370,6 +370,66 @@ mod tests {
         assert_eq!(top.heap.len(), 50);
     }
 
+    /// The merge against a plain one over a map of every key (as it was first written),
+    /// over three lists of random streams that replace keys.
+    #[test]
+    fn merged_lists_agree_with_a_plain_merge() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..200 {
+            let lists: Vec<TopK<u64>> = (0..3)
+                .map(|_| {
+                    let mut list = TopK::new(8);
+                    for _ in 0..next() % 60 {
+                        list.observe(&(next() % 20), next() % 5 + 1);
+                    }
+                    list
+                })
+                .collect();
+            let lists: Vec<&TopK<u64>> = lists.iter().collect();
+            assert_eq!(top_of(&lists, 12), plain_merge(&lists, 12), "round {round}");
+        }
+    }
+
+    fn plain_merge(lists: &[&TopK<u64>], n: usize) -> Vec<Listed<u64>> {
+        let mut merged: HashMap<u64, Listed<u64>> = HashMap::new();
+        for list in lists {
+            for entry in &list.heap {
+                let listed = merged.entry(entry.key).or_insert(Listed {
+                    key: entry.key,
+                    count: 0,
+                    error: 0,
+                });
+                listed.count += entry.count - entry.error;
+                listed.error += entry.error;
+            }
+        }
+        let mut all: Vec<Listed<u64>> = merged
+            .into_values()
+            .map(|mut listed| {
+                for list in lists {
+                    if !list.position.contains_key(&listed.key) {
+                        listed.error += list.untracked_bound();
+                    }
+                }
+                listed
+            })
+            .collect();
+        all.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then(b.error.cmp(&a.error))
+                .then(a.key.cmp(&b.key))
+        });
+        all.truncate(n);
+        all
+    }
+
     #[test]
     fn lists_of_two_stretches_add_up_and_bound_what_one_left_out() {
         let mut earlier = TopK::new(2);

@@ -204,10 +204,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             bench.extend(args.iter().map(String::as_str));
             // Replaces this process, so that a signal to it reaches cargo, whose end the
             // bench hears of and cleans up on.
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let err = std::os::unix::process::CommandExt::exec(
-                Command::new(cargo).args(&bench).current_dir(&root),
-            );
+            let err = std::os::unix::process::CommandExt::exec(cargo_command(&root).args(&bench));
             Err(err).context("running cargo bench")
         }
     }
@@ -235,17 +232,22 @@ fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
     target_directory(&metadata.stdout)
 }
 
-fn metadata_command(root: &Path) -> Command {
+/// The cargo that runs xtask (`CARGO`), in the workspace.
+fn cargo_command(root: &Path) -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root);
     command
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
-        .current_dir(root);
+}
+
+fn metadata_command(root: &Path) -> Command {
+    let mut command = cargo_command(root);
+    command.args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--no-deps",
+        "--offline",
+    ]);
     command
 }
 
@@ -274,10 +276,8 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 }
 
 fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = cargo_command(root)
         .args(args)
-        .current_dir(root)
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
@@ -320,10 +320,8 @@ fn kernel_clippy(root: &Path) -> anyhow::Result<()> {
 /// binary (`N passed, N failed`), so the last line says how many tests ran in all.
 fn cargo_test(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(&cargo)
+    let mut child = cargo_command(root)
         .args(args)
-        .current_dir(root)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;

@@ -16,7 +16,7 @@ use std::{
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -191,6 +191,7 @@ impl Netns {
 
     pub fn new() -> Self {
         static SWEPT: std::sync::Once = std::sync::Once::new();
+        halt_if_stopping();
         require_root();
         SWEPT.call_once(sweep_killed_runs);
         let name = unique(NETNS_PREFIX.trim_end_matches('-'));
@@ -247,18 +248,42 @@ pub fn sweep_killed_runs() {
     sweep_runs(of_a_killed_run, "a test run that was killed");
 }
 
+/// Set once [`sweep_this_run`] began: this run makes nothing more.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
 /// Removes what this run made, for a run stopped by a signal, whose guards do not run.
+/// From then on, a thread about to make a namespace or start an agent waits for the exit
+/// instead ([`halt_if_stopping`]).
 pub fn sweep_this_run() {
+    STOPPING.store(true, Ordering::SeqCst);
     sweep_runs(of_this_run, "this run");
+}
+
+/// Whether [`sweep_this_run`] began.
+pub fn stopping() -> bool {
+    STOPPING.load(Ordering::SeqCst)
+}
+
+/// Parks the calling thread for good once [`sweep_this_run`] began, so that it makes
+/// nothing the sweep has already passed by.
+pub fn halt_if_stopping() {
+    while stopping() {
+        thread::park();
+    }
 }
 
 /// Removes the namespaces, pin directories and temporary directories that `made` says a
 /// run named. What still runs in a namespace gets SIGTERM first (an agent among them then
 /// detaches what it attached: its `sock_ops` program sits on the host's cgroup root), and
-/// SIGKILL after 10 s.
+/// SIGKILL after 10 s. Nothing here panics, and what it says goes to a stderr that may be
+/// gone (a closed terminal's).
 fn sweep_runs(made: fn(&str, &[&str]) -> bool, by: &str) {
-    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    for line in String::from_utf8_lossy(&listed.stdout).lines() {
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|out| out.stdout)
+        .unwrap_or_default();
+    for line in String::from_utf8_lossy(&listed).lines() {
         let Some(name) = line.split_whitespace().next() else {
             continue;
         };
@@ -269,8 +294,9 @@ fn sweep_runs(made: fn(&str, &[&str]) -> bool, by: &str) {
             let out = Command::new("ip")
                 .args(["netns", "pids", name])
                 .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout)
+                .map(|out| out.stdout)
+                .unwrap_or_default();
+            String::from_utf8_lossy(&out)
                 .split_whitespace()
                 .filter_map(|pid| pid.parse().ok())
                 .collect()
@@ -288,7 +314,7 @@ fn sweep_runs(made: fn(&str, &[&str]) -> bool, by: &str) {
         }
         signal_all(libc::SIGKILL);
         let _ = Command::new("ip").args(["netns", "del", name]).status();
-        eprintln!("removed {name}, left by {by}");
+        let _ = writeln!(std::io::stderr(), "removed {name}, left by {by}");
     }
     sweep_pins(made, by);
     for entry in fs::read_dir(std::env::temp_dir())
@@ -296,7 +322,8 @@ fn sweep_runs(made: fn(&str, &[&str]) -> bool, by: &str) {
         .flatten()
         .flatten()
     {
-        if made(&entry.file_name().to_string_lossy(), &TEMP_DIR_PREFIXES) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if made(&name, &TEMP_DIR_PREFIXES) && named_by_unique(&name, &TEMP_DIR_PREFIXES) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
@@ -311,6 +338,20 @@ pub fn of_a_killed_run(name: &str, prefixes: &[&str]) -> bool {
 
 fn of_this_run(name: &str, prefixes: &[&str]) -> bool {
     maker(name, prefixes) == Some(&std::process::id().to_string())
+}
+
+/// Whether `name` is as [`unique`] makes them after one of `prefixes`: the process's id, a
+/// number, and perhaps more after a `-` ([`ScratchDir`]'s). Temporary directories are
+/// swept only then, /tmp holding others' files too.
+fn named_by_unique(name: &str, prefixes: &[&str]) -> bool {
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_digit());
+    prefixes
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .is_some_and(|rest| {
+            let mut parts = rest.splitn(3, '-');
+            parts.next().is_some_and(digits) && parts.next().is_some_and(digits)
+        })
 }
 
 /// The id of the process that made `name` ([`unique`]: a prefix among `prefixes`, then it).
@@ -348,7 +389,10 @@ fn sweep_pins(made: fn(&str, &[&str]) -> bool, by: &str) {
             .arg(entry.path())
             .output();
         if swept.is_ok_and(|out| out.status.success()) {
-            eprintln!("removed /sys/fs/bpf/{name}, left by {by}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "removed /sys/fs/bpf/{name}, left by {by}"
+            );
         }
     }
 }
@@ -655,6 +699,7 @@ impl Agent {
         stderr: Stdio,
         ready: impl Fn() -> bool,
     ) -> Self {
+        halt_if_stopping();
         let child = launcher
             .args(["run", "--config"])
             .arg(&config.path)
