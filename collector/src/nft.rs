@@ -61,9 +61,9 @@ struct Direction {
     /// `in`: -301, before conntrack (-200) and destination NAT (-100), so the destination
     /// port is as the packet arrived, and before every `raw` chain (-300, iptables' too): of
     /// two chains at one priority the kernel runs the one registered last first, so at -300
-    /// a firewall's raw drop counted in ours or not by which table was made last. `out`: 300, after source NAT (100), which also puts
-    /// back the source of a reply to a destination-NATed connection, so the source port is
-    /// as the packet leaves.
+    /// a firewall's raw drop counted in ours or not by which table was made last.
+    /// `out`: 300, after source NAT (100), which also puts back the source of a reply to a
+    /// destination-NATed connection, so the source port is as the packet leaves.
     priority: i32,
     map: &'static str,
     field: &'static str,

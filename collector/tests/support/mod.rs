@@ -196,6 +196,11 @@ impl Netns {
         SWEPT.call_once(sweep_killed_runs);
         let name = unique(NETNS_PREFIX.trim_end_matches('-'));
         run("ip", &["netns", "add", &name]);
+        // Made while a sweep began, which may have listed the namespaces before it.
+        if stopping() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            halt_if_stopping();
+        }
         let netns = Self { name };
         run("ip", &["-n", &netns.name, "link", "set", "lo", "up"]);
         netns
