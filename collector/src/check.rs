@@ -97,7 +97,7 @@ impl TableHere {
         let Some(holder) = crate::nft_claim::held(table) else {
             return Some(Self::Free);
         };
-        let this_one = holder.pid.map(|pid| {
+        let this_one = holder.pid().map(|pid| {
             crate::pin_lock::holder(pin_dir).is_some_and(|running| running.pid() == pid)
         });
         Some(Self::Claimed { holder, this_one })
@@ -1324,7 +1324,7 @@ mod tests {
                 .find(|v| v.name == "nft")
                 .unwrap()
         };
-        let holder = crate::nft_claim::Holder { pid: Some(42) };
+        let holder = crate::nft_claim::Holder::bare(Some(42));
         for (facts, says) in [
             (
                 Facts {
@@ -1344,7 +1344,7 @@ mod tests {
             (
                 Facts {
                     nft_table: Some(TableHere::Claimed {
-                        holder,
+                        holder: holder.clone(),
                         this_one: Some(false),
                     }),
                     ..healthy()
@@ -1373,7 +1373,7 @@ mod tests {
         // A holder this check cannot see (another container of the pod) may be its own.
         let unseen = Facts {
             nft_table: Some(TableHere::Claimed {
-                holder: crate::nft_claim::Holder { pid: None },
+                holder: crate::nft_claim::Holder::bare(None),
                 this_one: None,
             }),
             ..healthy()

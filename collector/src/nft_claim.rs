@@ -31,20 +31,35 @@ impl TableClaim {
     }
 }
 
-/// Who holds a table name already.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Holder {
-    /// Its process id as this process sees it; `None` where it could not be told (a process
-    /// in a PID namespace this one cannot see, another container of the pod).
-    pub pid: Option<u32>,
+/// Who holds a table name already: its process as this process sees it, with its command
+/// line, so that a process that took the name and is no collector shows as what it is;
+/// `None` where it could not be told (a process in a PID namespace this one cannot see,
+/// another container of the pod).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder(Option<crate::pin_lock::Holder>);
+
+impl Holder {
+    /// Its process id, where it could be told.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(crate::pin_lock::Holder::pid)
+    }
+
+    fn of(pid: Option<u32>) -> Self {
+        Self(pid.map(crate::pin_lock::Holder::process))
+    }
+
+    /// Process `pid`, without a command line: for tests of what is said about it.
+    #[cfg(test)]
+    #[must_use]
+    pub fn bare(pid: Option<u32>) -> Self {
+        Self(pid.map(crate::pin_lock::Holder::bare))
+    }
 }
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.pid {
-            Some(pid) => write!(f, "process {pid}"),
-            None => write!(f, "a process this one cannot see"),
-        }
+        f.write_str(&crate::pin_lock::Holder::describe(self.0.as_ref()))
     }
 }
 
@@ -70,17 +85,15 @@ pub fn claim(table: &str) -> io::Result<Option<TableClaim>> {
 /// it (a full backlog is a holder too).
 pub fn held(table: &str) -> Option<Holder> {
     match connect_without_waiting(&name(table)) {
-        Ok(stream) => Some(Holder {
-            pid: peer_pid(&stream),
-        }),
-        Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => Some(Holder { pid: None }),
+        Ok(stream) => Some(Holder::of(peer_pid(&stream))),
+        Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => Some(Holder::of(None)),
         Err(_) => None,
     }
 }
 
 /// The process holding `table`'s claim, asked over a connection to it.
 pub fn holder(table: &str) -> Holder {
-    held(table).unwrap_or(Holder { pid: None })
+    held(table).unwrap_or(Holder::of(None))
 }
 
 /// A connection to the abstract socket `name` that fails rather than waits when the
@@ -153,11 +166,17 @@ mod tests {
         let table = format!("claim_test_{}", std::process::id());
         let first = claim(&table).unwrap().unwrap();
         assert!(claim(&table).unwrap().is_none());
-        assert_eq!(
-            holder(&table),
-            Holder {
-                pid: Some(std::process::id())
-            }
+        let held = holder(&table);
+        assert_eq!(held.pid(), Some(std::process::id()));
+        // Named with its command line: this test binary's.
+        let own = std::env::current_exe().unwrap();
+        assert!(
+            held.to_string().starts_with(&format!(
+                "process {}: {}",
+                std::process::id(),
+                own.display()
+            )),
+            "{held}"
         );
         assert!(claim(&format!("{table}_other")).unwrap().is_some());
         drop(first);
@@ -176,13 +195,13 @@ mod tests {
             .unwrap();
         let mut unanswered = 0;
         for _ in 0..=somaxconn + 1 {
-            if holder(&table).pid.is_none() {
+            if holder(&table).pid().is_none() {
                 unanswered += 1;
             }
         }
         assert!(unanswered > 0, "the backlog never filled");
         assert!(claimed.drain() >= somaxconn);
         assert_eq!(claimed.drain(), 0);
-        assert_eq!(holder(&table).pid, Some(std::process::id()));
+        assert_eq!(holder(&table).pid(), Some(std::process::id()));
     }
 }

@@ -164,8 +164,8 @@ fn held_elsewhere(err: &io::Error) -> bool {
 }
 
 /// The process holding a pin directory's lock, as this process sees it (/proc/locks leaves
-/// out the locks of processes in PID namespaces it cannot see).
-#[derive(Debug, PartialEq, Eq)]
+/// out the locks of processes in PID namespaces it cannot see), or another of ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
     pid: u32,
     /// Its arguments, as /proc/PID/cmdline has them (none if it could not be read).
@@ -239,6 +239,16 @@ impl Holder {
             })
             .unwrap_or_default();
         Self { pid, arguments }
+    }
+
+    /// Process `pid`, without a command line: for tests of what is said about it.
+    #[cfg(test)]
+    #[must_use]
+    pub fn bare(pid: u32) -> Self {
+        Self {
+            pid,
+            arguments: Vec::new(),
+        }
     }
 }
 

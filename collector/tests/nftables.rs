@@ -626,7 +626,7 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
     let error = nft["lastError"].as_str().unwrap();
     assert!(
         error.contains(&format!(
-            "the nftables table inet {} is another running collector's in this network namespace (process {})",
+            "the nftables table inet {} is another running collector's in this network namespace (process {}: {COLLECTOR} run --config",
             config.nft_table,
             first.pid()
         )),
@@ -639,8 +639,9 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
         !passed
             && line.starts_with("FAIL")
             && line.contains(&format!(
-                "a running collector here (process {}) uses the table inet {}",
+                "a running collector here (process {}: {COLLECTOR} run --config {}) uses the table inet {}",
                 first.pid(),
+                config.path.display(),
                 config.nft_table
             )),
         "{line}"
@@ -667,7 +668,7 @@ fn a_second_collector_with_the_same_table_leaves_the_first_ones_alone() {
     assert!(cleanup.status.success(), "{stdout}");
     assert!(
         stdout.contains(&format!(
-            "nftables table inet {} in this network namespace: not touched, since a running collector here (process {}) uses it",
+            "nftables table inet {} in this network namespace: not touched, since a running collector here (process {}: {COLLECTOR} run --config",
             config.nft_table,
             first.pid()
         )),
@@ -738,7 +739,7 @@ fn cleanup_of_another_namespaces_pins_leaves_this_namespaces_table() {
     assert!(
         again.status.success()
             && stdout.contains(&format!(
-                "not touched, since a running collector here (process {}) uses it",
+                "not touched, since a running collector here (process {}: {COLLECTOR} run --config",
                 agent.pid()
             )),
         "{stdout}"
