@@ -415,14 +415,21 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 /// The bearer token in the file at `path` (see [`parse_token`]): the agent's, and the one
 /// the CLI sends.
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    read_secret(path, "bearer token file", parse_token)
+}
+
+/// The secret file at `path` (`what` it is, for the messages) as `parse` reads it; its
+/// refusal names the file and the line (0: the whole file).
+fn read_secret<T>(
+    path: &Path,
+    what: &str,
+    parse: impl FnOnce(&str) -> Result<T, (usize, String)>,
+) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the bearer token file {}", path.display()))?;
-    parse_token(&text).map_err(|(line, reason)| match line {
-        0 => anyhow::anyhow!("the bearer token file {} {reason}", path.display()),
-        line => anyhow::anyhow!(
-            "the bearer token file {}, line {line}: {reason}",
-            path.display()
-        ),
+        .with_context(|| format!("reading the {what} {}", path.display()))?;
+    parse(&text).map_err(|(line, reason)| match line {
+        0 => anyhow::anyhow!("the {what} {} {reason}", path.display()),
+        line => anyhow::anyhow!("the {what} {}, line {line}: {reason}", path.display()),
     })
 }
 
@@ -463,14 +470,7 @@ fn without_byte_order_mark(text: &str) -> &str {
 }
 
 fn read_users(path: &Path) -> anyhow::Result<Users> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the basic-auth users file {}", path.display()))?;
-    let hashes = parse_htpasswd(without_byte_order_mark(&text)).map_err(|(line, reason)| {
-        anyhow::anyhow!(
-            "the basic-auth users file {}, line {line}: {reason}",
-            path.display()
-        )
-    })?;
+    let hashes = read_secret(path, "basic-auth users file", parse_htpasswd)?;
     Ok(Users {
         hashes,
         verified: Mutex::default(),
@@ -486,7 +486,7 @@ const BCRYPT_MAX_COST: u32 = 16;
 /// `user:bcrypt-hash` per line; blank lines and `#` comments are skipped.
 fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, (usize, String)> {
     let mut users = HashMap::new();
-    for (index, line) in text.lines().enumerate() {
+    for (index, line) in without_byte_order_mark(text).lines().enumerate() {
         let number = index + 1;
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {

@@ -226,6 +226,14 @@ fn sum_sni_values<'a>(values: impl IntoIterator<Item = &'a SniCounters>) -> SniC
 /// poll; every close in the first copy has its open in the second (but where a route by name
 /// counts the open just after the decision, and a close on another CPU counted first).
 /// `untracked` is read with the closes: the kernel counts it after `opened`.
+/// The places slot `index` holds in the connection table: its connections still open, by
+/// its counters, and an upstream's connects in their handshake.
+pub fn held_in_slot(maps: &KernelMaps, index: u32) -> Result<u64, aya::maps::MapError> {
+    let totals = sum_conn(&maps.conn_counters, index)?;
+    let connects = sum_upstream(&maps.upstream_counters, index)?;
+    Ok(crate::snapshot::still_open(&totals) + connects.connecting)
+}
+
 pub fn sum_conn<T: Borrow<MapData>>(
     map: &PerCpuArray<T, ConnCounters>,
     index: u32,

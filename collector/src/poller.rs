@@ -480,11 +480,7 @@ impl Poller {
         let maps = &self.maps;
         let mut tracked = 0;
         self.retired_slots.retain(|&slot| {
-            let read = counters::sum_conn(&maps.conn_counters, slot).and_then(|totals| {
-                let connecting = counters::sum_upstream(&maps.upstream_counters, slot)?;
-                Ok(crate::snapshot::still_open(&totals) + connecting.connecting)
-            });
-            match read {
+            match counters::held_in_slot(maps, slot) {
                 Ok(held) => {
                     tracked += held;
                     held > 0

@@ -252,50 +252,38 @@ impl<K: Eq + Hash + Clone + Ord> RecentTopK<K> {
 #[must_use]
 pub fn top_of<K: Eq + Hash + Clone + Ord>(lists: &[&TopK<K>], n: usize) -> Vec<Listed<K>> {
     let certain = |entry: &Entry<K>| entry.count - entry.error;
-    let mut listed: Vec<Listed<&K>> = if let [list] = lists {
-        list.heap
-            .iter()
-            .map(|entry| Listed {
+    // Each key once, where the first list that tracks it lists it, its counts in the later
+    // lists looked up where they are: no map of every key is built (one list: its entries).
+    let mut listed: Vec<Listed<&K>> = Vec::new();
+    for (at, list) in lists.iter().enumerate() {
+        let (earlier, later) = (&lists[..at], &lists[at + 1..]);
+        for entry in &list.heap {
+            if earlier
+                .iter()
+                .any(|earlier| earlier.position.contains_key(&entry.key))
+            {
+                continue;
+            }
+            let mut merged = Listed {
                 key: &entry.key,
                 count: certain(entry),
                 error: entry.error,
-            })
-            .collect()
-    } else {
-        // Each key once, where the first list that tracks it lists it, its counts in the
-        // later lists looked up where they are: no map of every key is built.
-        let mut listed = Vec::new();
-        for (at, list) in lists.iter().enumerate() {
-            let (earlier, later) = (&lists[..at], &lists[at + 1..]);
-            for entry in &list.heap {
-                if earlier
-                    .iter()
-                    .any(|earlier| earlier.position.contains_key(&entry.key))
-                {
-                    continue;
-                }
-                let mut merged = Listed {
-                    key: &entry.key,
-                    count: certain(entry),
-                    error: entry.error,
-                };
-                for other in earlier {
+            };
+            for other in earlier {
+                merged.error = merged.error.saturating_add(other.untracked_bound());
+            }
+            for other in later {
+                if let Some(&there) = other.position.get(&entry.key) {
+                    let there = &other.heap[there];
+                    merged.count = merged.count.saturating_add(certain(there));
+                    merged.error = merged.error.saturating_add(there.error);
+                } else {
                     merged.error = merged.error.saturating_add(other.untracked_bound());
                 }
-                for other in later {
-                    if let Some(&there) = other.position.get(&entry.key) {
-                        let there = &other.heap[there];
-                        merged.count = merged.count.saturating_add(certain(there));
-                        merged.error = merged.error.saturating_add(there.error);
-                    } else {
-                        merged.error = merged.error.saturating_add(other.untracked_bound());
-                    }
-                }
-                listed.push(merged);
             }
+            listed.push(merged);
         }
-        listed
-    };
+    }
     let order = |a: &Listed<&K>, b: &Listed<&K>| {
         b.count
             .cmp(&a.count)
