@@ -21,6 +21,10 @@
 /// trailing dot, which is taken off.
 pub const SNI_NAME_MAX: usize = 255;
 
+/// Most bytes of a `server_name` extension's body a segment's cut keeps for the next
+/// ([`Hello::NameCut`]): its list's and entry's headers (5 bytes) and the longest name.
+pub const SNI_KEPT_MAX: usize = 5 + SNI_NAME_MAX;
+
 /// Extensions looked through in one segment before the server name is given up on (a hello
 /// read on over segments walks this many in each). Browsers send about 20; the limit bounds
 /// the kernel's loop.
@@ -44,10 +48,9 @@ pub enum Hello {
     NoName,
     /// Not a TLS handshake starting with a ClientHello.
     NotHello,
-    /// A ClientHello cut where it cannot be read on: in its name's extension past its
-    /// header, before its extensions, in an extension's header over three segments, or by
-    /// the end of its record; or one whose name lies past [`SNI_MAX_EXTENSIONS`] extensions
-    /// in this segment.
+    /// A ClientHello cut where it cannot be read on: before its extensions, in an
+    /// extension's header or its name's extension over three segments, or by the end of its
+    /// record; or one whose name lies past [`SNI_MAX_EXTENSIONS`] extensions in this segment.
     Incomplete,
     /// A ClientHello whose lengths contradict each other, or a name too long.
     Malformed,
@@ -61,6 +64,49 @@ pub enum Hello {
         hello_end: u32,
         record_end: u32,
     },
+    /// The segment ended in the body of the `server_name` extension (`len` bytes at `body`),
+    /// the record going on past the name: the caller keeps the body's bytes from `body` to
+    /// the segment's end (fewer than [`SNI_KEPT_MAX`]), and [`kept_name`] reads the name
+    /// once the next segment's first bytes completed them. Offsets are the data's.
+    NameCut { body: u32, len: u32 },
+}
+
+/// The `server_name` extension a walk of the extensions came to: `len` bytes of body at
+/// `body`, in a hello ending at `hello_end` and a record ending at `record_end`. Read with
+/// [`name_in`]; the kernel's reader does that apart from the walk, so that the verifier
+/// checks the name's reading once rather than once for each extension walked past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameExtension {
+    pub body: u32,
+    pub len: u32,
+    pub hello_end: u32,
+    pub record_end: u32,
+}
+
+/// What a walk to the server name found: a verdict, or the name's extension to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walked {
+    Verdict(Hello),
+    Extension(NameExtension),
+}
+
+impl Walked {
+    /// The verdict, reading the name from `data` (its segment ending at `end`) where the walk
+    /// came to it.
+    #[inline(always)]
+    fn read<B: HelloBytes>(self, data: &B, end: u32, name: &mut [u8; SNI_NAME_MAX + 1]) -> Hello {
+        match self {
+            Self::Verdict(hello) => hello,
+            Self::Extension(extension) => name_in(data, extension, end, name),
+        }
+    }
+}
+
+impl From<Result<Self, Hello>> for Walked {
+    #[inline(always)]
+    fn from(walked: Result<Self, Hello>) -> Self {
+        walked.unwrap_or_else(Self::Verdict)
+    }
 }
 
 /// Reads bounded by what the hello declares (`hello_end`: beyond it is malformed) and by
@@ -92,6 +138,17 @@ impl Bounds {
     fn continues(&self) -> bool {
         self.have_end < self.record_end
     }
+
+    /// The `server_name` extension with `len` bytes of body at `body`.
+    #[inline(always)]
+    fn extension(&self, body: u32, len: u32) -> Walked {
+        Walked::Extension(NameExtension {
+            body,
+            len,
+            hello_end: self.hello_end,
+            record_end: self.record_end,
+        })
+    }
 }
 
 impl Bounds {
@@ -116,7 +173,54 @@ pub fn server_name<B: HelloBytes>(
     end: u32,
     name: &mut [u8; SNI_NAME_MAX + 1],
 ) -> Hello {
-    match parse(data, start, end, name) {
+    walk_to_name(data, start, end).read(data, end, name)
+}
+
+/// [`server_name`]'s walk, up to the name's extension.
+#[inline(always)]
+pub fn walk_to_name<B: HelloBytes>(data: &B, start: u32, end: u32) -> Walked {
+    parse(data, start, end).into()
+}
+
+/// The name in the `server_name` extension a walk came to, of the segment ending at `end`;
+/// [`Hello::NameCut`] where the segment ends in the extension's body and the record goes on.
+#[inline(always)]
+pub fn name_in<B: HelloBytes>(
+    data: &B,
+    extension: NameExtension,
+    end: u32,
+    name: &mut [u8; SNI_NAME_MAX + 1],
+) -> Hello {
+    let NameExtension {
+        body,
+        len,
+        hello_end,
+        record_end,
+    } = extension;
+    let bounds = Bounds::new(hello_end, record_end, end);
+    match host_name(data, &bounds, body, len, name) {
+        Err(Hello::Incomplete)
+            if bounds.continues() && body + len.min(SNI_KEPT_MAX as u32) <= record_end =>
+        {
+            Hello::NameCut { body, len }
+        }
+        Ok(found) | Err(found) => found,
+    }
+}
+
+/// The name of a [`Hello::NameCut`]: `kept` holds the extension's body from its start, its
+/// first `have` bytes (the cut segment's, then the next one's) valid; `len` is the body's
+/// length. [`Hello::Incomplete`] if the name is not whole in those bytes. The name's offset
+/// in the answer is `kept`'s.
+#[inline(always)]
+pub fn kept_name<B: HelloBytes>(
+    kept: &B,
+    have: u32,
+    len: u32,
+    name: &mut [u8; SNI_NAME_MAX + 1],
+) -> Hello {
+    let have = have.min(len);
+    match host_name(kept, &Bounds::new(len, have, have), 0, len, name) {
         Ok(found) | Err(found) => found,
     }
 }
@@ -145,27 +249,36 @@ pub fn server_name_after<B: HelloBytes>(
     end: u32,
     name: &mut [u8; SNI_NAME_MAX + 1],
 ) -> Hello {
+    walk_on_to_name(data, next, cut, hello_end, record_end, end).read(data, end, name)
+}
+
+/// [`server_name_after`]'s walk, up to the name's extension.
+#[inline(always)]
+pub fn walk_on_to_name<B: HelloBytes>(
+    data: &B,
+    next: u32,
+    cut: CutHeader,
+    hello_end: u32,
+    record_end: u32,
+    end: u32,
+) -> Walked {
     let bounds = Bounds::new(hello_end, record_end, end);
-    let next = match completed_header(data, &bounds, next, cut, name) {
-        Ok(next) => next,
-        Err(found) => return found,
-    };
-    match extensions(data, &bounds, next, name) {
-        Ok(found) | Err(found) => found,
+    match completed_header(data, &bounds, next, cut) {
+        Ok(next) => extensions(data, &bounds, next).into(),
+        Err(walked) => walked,
     }
 }
 
 /// Completes the extension header a segment cut, if it did, with its rest at `at`: then
-/// where the next extension is, or, for the server name's, the verdict on the name in its
-/// body (as `Err`, which ends the reading as a failure does). Otherwise `at`.
+/// where the next extension is, or, for the server name's, that extension (as `Err`, which
+/// ends the walk as a failure does). Otherwise `at`.
 #[inline(always)]
 fn completed_header<B: HelloBytes>(
     data: &B,
     bounds: &Bounds,
     at: u32,
     cut: CutHeader,
-    name: &mut [u8; SNI_NAME_MAX + 1],
-) -> Result<u32, Hello> {
+) -> Result<u32, Walked> {
     // Masked: whatever the storage held, the shift below stays in range.
     let kept = cut.len & 3;
     if kept == 0 {
@@ -173,16 +286,16 @@ fn completed_header<B: HelloBytes>(
     }
     let missing = EXTENSION_HEADER - kept;
     let Some(rest) = big_endian(data, bounds.have_end, at, missing) else {
-        return Err(Hello::Incomplete);
+        return Err(Walked::Verdict(Hello::Incomplete));
     };
     let header = cut.bytes << (8 * missing) | rest;
     let len = header & 0xffff;
     let body = at + missing;
     if body + len > bounds.hello_end {
-        return Err(Hello::Malformed);
+        return Err(Walked::Verdict(Hello::Malformed));
     }
     if header >> 16 == 0 {
-        return Err(host_name(data, bounds, body, len, name).unwrap_or_else(|failed| failed));
+        return Err(bounds.extension(body, len));
     }
     Ok(body + len)
 }
@@ -199,24 +312,19 @@ pub fn cut_header<B: HelloBytes>(data: &B, next: u32, end: u32) -> CutHeader {
 }
 
 #[inline(always)]
-fn parse<B: HelloBytes>(
-    data: &B,
-    start: u32,
-    end: u32,
-    name: &mut [u8; SNI_NAME_MAX + 1],
-) -> Result<Hello, Hello> {
+fn parse<B: HelloBytes>(data: &B, start: u32, end: u32) -> Result<Walked, Hello> {
     let Some([content_type]) = data.array::<1>(start).filter(|_| start < end) else {
-        return Ok(Hello::NotHello);
+        return Err(Hello::NotHello);
     };
     if content_type != 22 {
-        return Ok(Hello::NotHello);
+        return Err(Hello::NotHello);
     }
     // Record header (5 bytes) and handshake header (4 bytes).
     let Some(header) = data.array::<9>(start).filter(|_| start + 9 <= end) else {
-        return Ok(Hello::Incomplete);
+        return Err(Hello::Incomplete);
     };
     if header[1] != 3 || header[5] != 1 {
-        return Ok(Hello::NotHello);
+        return Err(Hello::NotHello);
     }
     let record_len = u32::from(u16::from_be_bytes([header[3], header[4]]));
     let hello_len = u32::from_be_bytes([0, header[6], header[7], header[8]]);
@@ -244,27 +352,22 @@ fn parse<B: HelloBytes>(
     }
     at += 1 + u32::from(compression_len);
     if at == bounds.hello_end {
-        return Ok(Hello::NoName);
+        return Err(Hello::NoName);
     }
     let extensions_len = u32::from(u16::from_be_bytes(read(data, &bounds, at)?));
     at += 2;
     if at + extensions_len != bounds.hello_end {
         return Err(Hello::Malformed);
     }
-    extensions(data, &bounds, at, name)
+    extensions(data, &bounds, at)
 }
 
 /// Walks the extensions from the one at `at` to the server name.
 #[inline(always)]
-fn extensions<B: HelloBytes>(
-    data: &B,
-    bounds: &Bounds,
-    mut at: u32,
-    name: &mut [u8; SNI_NAME_MAX + 1],
-) -> Result<Hello, Hello> {
+fn extensions<B: HelloBytes>(data: &B, bounds: &Bounds, mut at: u32) -> Result<Walked, Hello> {
     for _ in 0..SNI_MAX_EXTENSIONS {
         if at == bounds.hello_end {
-            return Ok(Hello::NoName);
+            return Err(Hello::NoName);
         }
         // Past the segment, or in an extension's header the segment cut in two: the walk
         // goes on in the next (with the header's first bytes, which the caller keeps).
@@ -274,7 +377,7 @@ fn extensions<B: HelloBytes>(
             && at + EXTENSION_HEADER > bounds.have_end
             && at + EXTENSION_HEADER <= bounds.hello_end
         {
-            return Ok(Hello::Continues {
+            return Err(Hello::Continues {
                 next: at,
                 hello_end: bounds.hello_end,
                 record_end: bounds.record_end,
@@ -287,11 +390,11 @@ fn extensions<B: HelloBytes>(
             return Err(Hello::Malformed);
         }
         if [t0, t1] == [0, 0] {
-            return host_name(data, bounds, body, len, name);
+            return Ok(bounds.extension(body, len));
         }
         at = body + len;
     }
-    Ok(Hello::Incomplete)
+    Err(Hello::Incomplete)
 }
 
 /// The `host_name` entry of a `server_name` extension of `len` bytes at `at`.

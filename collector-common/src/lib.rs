@@ -1056,8 +1056,8 @@ pub mod sni_outcome {
     pub const NO_NAME: u32 = 2;
     /// The first segment (after a PROXY header, if any) was not a TLS ClientHello.
     pub const NOT_TLS: u32 = 3;
-    /// The hello was cut where it cannot be read on (in the body of its name's extension,
-    /// before its extensions, in an extension's header over three segments, or over two TLS
+    /// The hello was cut where it cannot be read on (before its extensions, in an
+    /// extension's header or its name's extension over three segments, or over two TLS
     /// records), its name lay past 64 extensions in a segment, or a PROXY header was cut
     /// short.
     pub const INCOMPLETE: u32 = 4;

@@ -101,6 +101,10 @@ static SNI_DECISIONS: SkStorage<SniDecision> = SkStorage::new();
 /// Where a connection's hello goes on in a later segment; made only then.
 #[btf_map]
 static SNI_RESUME: SkStorage<server_names::SniResume> = SkStorage::new();
+/// The first bytes of a server name a segment cut, until the next segment finishes it; made
+/// only then.
+#[btf_map]
+static SNI_KEPT_NAME: SkStorage<server_names::SniKeptName> = SkStorage::new();
 #[btf_map]
 static SNI_SCRATCH: PerCpuArray<server_names::SniScratch, 1> = PerCpuArray::new();
 /// `read_early_hellos`, set by the agent at load: `read_server_names` hands it the segments
@@ -109,6 +113,9 @@ static SNI_SCRATCH: PerCpuArray<server_names::SniScratch, 1> = PerCpuArray::new(
 static EARLY_HELLO_READER: ProgramArray<1> = ProgramArray::new();
 #[btf_map]
 static EARLY_HELLO: PerCpuArray<server_names::EarlyHello, 1> = PerCpuArray::new();
+/// The name bytes kept with this CPU's `EARLY_HELLO`, for its accept.
+#[btf_map]
+static EARLY_KEPT_NAME: PerCpuArray<server_names::SniKeptName, 1> = PerCpuArray::new();
 #[btf_map]
 static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();

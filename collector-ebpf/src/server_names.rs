@@ -22,15 +22,18 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_dynptr, bpf_sock},
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
+        bpf_dynptr_from_mem, bpf_dynptr_read, bpf_get_socket_cookie, bpf_sk_storage_delete,
+        bpf_sk_storage_get, bpf_skb_load_bytes, bpf_tcp_sock,
     },
     programs::{SkBuffContext, SockOpsContext},
 };
 use collector_common::{
     CONN_EVENT_OPEN, ConnEvent, ConnState, MAX_ROUTES, SNI_UNDECIDED, SniDecision, SniKey,
-    client_hello::{self, CutHeader, Hello, HelloBytes, SNI_NAME_MAX},
+    client_hello::{
+        self, CutHeader, Hello, HelloBytes, NameExtension, SNI_KEPT_MAX, SNI_NAME_MAX, Walked,
+    },
     port_bit,
     proxy_header::{ProxyHeader, proxy_header},
     sni_outcome,
@@ -38,8 +41,8 @@ use collector_common::{
 };
 
 use crate::{
-    CONN_COUNTERS, EARLY_HELLO, EARLY_HELLO_READER, SNI_COUNTERS, SNI_DECISIONS, SNI_PORT_BITS,
-    SNI_RESUME, SNI_ROUTES, SNI_SCRATCH, SNI_WATCHED, add,
+    CONN_COUNTERS, EARLY_HELLO, EARLY_HELLO_READER, EARLY_KEPT_NAME, SNI_COUNTERS, SNI_DECISIONS,
+    SNI_KEPT_NAME, SNI_PORT_BITS, SNI_RESUME, SNI_ROUTES, SNI_SCRATCH, SNI_WATCHED, add,
     connections::{client_events, emit, ktime_ns, stream_wanted},
 };
 
@@ -110,7 +113,11 @@ pub fn await_hello(
     add_awaiting(fallback, 1);
     if let Some(early) = take_early_hello(ctx, &client) {
         if early.outcome == AWAITING {
-            save_resume(sk, &early.resume);
+            // Without the name's first bytes the next segment cannot finish it: left
+            // undecided, it counts missed.
+            if early.resume.walking != KEPT_NAME || adopt_early_kept_name(sk, early.generation) {
+                save_resume(sk, &early.resume);
+            }
         } else {
             let slot = slot_of(early.route).unwrap_or(fallback);
             if decide(decision, slot, fallback, early.outcome).is_ok() {
@@ -151,6 +158,35 @@ fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<Ea
     }
     forget_early_hello();
     Some(early)
+}
+
+/// Moves the name bytes [`on_early_segment`] kept in this CPU's `EARLY_KEPT_NAME` to the new
+/// socket's storage; `false` if they could not be, or were written again since the slot's
+/// `generation` was read.
+#[inline(always)]
+fn adopt_early_kept_name(sk: *mut bpf_sock, generation: u32) -> bool {
+    let (Some(early), Some(slot)) = (EARLY_KEPT_NAME.get_ptr(0), EARLY_HELLO.get_ptr(0)) else {
+        return false;
+    };
+    let Some(kept) = kept_name_storage(sk, true) else {
+        return false;
+    };
+    // A segment cut the name within its first SNI_KEPT_MAX bytes: only those are copied, a
+    // word at a time (a copy of the whole value would go through the stack).
+    // SAFETY: this CPU's values of our per-CPU maps, and the socket's storage, valid for the
+    // program's run.
+    unsafe {
+        ptr::copy_nonoverlapping(
+            (&raw const (*early).bytes).cast::<u64>(),
+            (&raw mut (*kept).bytes).cast::<u64>(),
+            SNI_KEPT_MAX.div_ceil(8),
+        );
+        if ptr::read_volatile(&raw const (*slot).generation) != generation {
+            forget_kept_name(sk);
+            return false;
+        }
+    }
+    true
 }
 
 /// Empties this CPU's [`EarlyHello`].
@@ -295,17 +331,70 @@ impl HelloBytes for Segment<'_> {
 
     #[inline(always)]
     fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool {
-        // Read through memory: LLVM knows the bound the parser checked and would drop this
-        // check, and the verifier, which does not, needs it.
-        // SAFETY: a read of a local.
-        let len = unsafe { ptr::read_volatile(&len) } as u32;
-        if len == 0 || len > SNI_NAME_MAX as u32 + 1 {
+        let Some(len) = name_len_checked(len) else {
             return false;
-        }
+        };
         // SAFETY: as above; `out` has room for `len` bytes.
         unsafe {
             bpf_skb_load_bytes(self.0.skb.skb.cast(), offset, out.as_mut_ptr().cast(), len) == 0
         }
+    }
+}
+
+/// `len` if it is a name's (1 to [`SNI_NAME_MAX`]), masked to that range for the verifier:
+/// the mask applies to a read through memory, which LLVM cannot drop as it would a check
+/// it knows the parser made (the verifier, which does not, needs one).
+#[inline(always)]
+fn name_len_checked(len: usize) -> Option<u32> {
+    if len == 0 || len > SNI_NAME_MAX {
+        return None;
+    }
+    // SAFETY: a read of a local.
+    let masked = unsafe { ptr::read_volatile(&len) } & SNI_NAME_MAX;
+    (masked != 0).then_some(masked as u32)
+}
+
+/// Copies `len` bytes at `offset` of `from` (a map value of `N` bytes) to the front of `out`;
+/// `false` if they lie past its end. Through a dynamic pointer, whose helper checks the
+/// offset and length at run time where the verifier could not.
+#[inline(always)]
+fn copy_name<const N: usize>(
+    from: *const [u8; N],
+    offset: u32,
+    len: usize,
+    out: &mut [u8; SNI_NAME_MAX + 1],
+) -> bool {
+    let Some(len) = name_len_checked(len) else {
+        return false;
+    };
+    let mut bytes = bpf_dynptr { __opaque: [0; 2] };
+    // SAFETY: `from` is a map value of `N` bytes, valid for the program's run; the helpers
+    // check `offset` and `len` against it, and `out` has room for `len` bytes.
+    unsafe {
+        bpf_dynptr_from_mem(from.cast_mut().cast(), N as u32, 0, &raw mut bytes) == 0
+            && bpf_dynptr_read(out.as_mut_ptr().cast(), len, &raw const bytes, offset, 0) == 0
+    }
+}
+
+/// The bytes of a server name's extension kept from a segment that cut it
+/// ([`Hello::NameCut`]), then completed from the next: for [`client_hello::kept_name`].
+struct Kept(*const SniKeptName);
+
+impl HelloBytes for Kept {
+    #[inline(always)]
+    fn array<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
+        // SAFETY: a map value, valid for the program's run.
+        let bytes = unsafe { &(*self.0).bytes };
+        let offset = offset as usize;
+        let mut out = [0u8; N];
+        out.copy_from_slice(bytes.get(offset..offset + N)?);
+        Some(out)
+    }
+
+    #[inline(always)]
+    fn name(&self, offset: u32, len: usize, out: &mut [u8; SNI_NAME_MAX + 1]) -> bool {
+        // SAFETY: as above.
+        copy_name(unsafe { &raw const (*self.0).bytes }, offset, len, out)
     }
 }
 
@@ -388,10 +477,22 @@ pub fn on_segment(ctx: &SkBuffContext) {
         None => true,
     };
     let (slot, outcome) = if read {
-        let reading = reading_of(resume.as_ref(), &segment);
-        match read_hello(ctx, segment.payload_start, port as u16, reading) {
+        let verdict = match reading_of(resume.as_ref(), &segment) {
+            Resumed::KeptName { at, kept, len } => {
+                read_kept_name(ctx, sk, port as u16, at, kept, len)
+            }
+            Resumed::Hello(reading) => read_hello(ctx, segment.payload_start, port as u16, reading),
+        };
+        match verdict {
             Verdict::Decided(named, outcome) => (named.unwrap_or(fallback), outcome),
             more => {
+                // The name's first bytes go first: the next segment may be read on another
+                // CPU as soon as the resume is there. Without them, it counts missed.
+                if let Verdict::NameCut { body, .. } = more
+                    && !keep_name(ctx, sk, body)
+                {
+                    return;
+                }
                 let skipped = resume.map_or(0, |resume| resume.skipped);
                 let data_end = ctx.len();
                 save_resume(
@@ -487,6 +588,15 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
     let verdict = read_hello(ctx, segment.payload_start, port as u16, Reading::First);
     let (route, outcome) = match verdict {
         Verdict::Decided(named, outcome) => (named.map_or(0, |slot| slot + 1), outcome),
+        // Kept in this CPU's slot for the accept, which moves them to the socket; without
+        // them, the accept decides missed.
+        Verdict::NameCut { body, .. } => {
+            if keep_early_name(ctx, body) {
+                (0, AWAITING)
+            } else {
+                (0, sni_outcome::MISSED)
+            }
+        }
         Verdict::After(_) | Verdict::Continues { .. } => (0, AWAITING),
     };
     let data_seq = segment.seq.wrapping_add(u32::from(segment.syn));
@@ -533,6 +643,7 @@ fn resume_at(
                 record_end_seq: seq_of(record_end),
                 cut_bytes: cut.bytes,
                 cut_len: cut.len,
+                ..SniResume::default()
             }
         }
         Verdict::After(header) => SniResume {
@@ -540,8 +651,140 @@ fn resume_at(
             skipped: header,
             ..SniResume::default()
         },
+        Verdict::NameCut { body, len } => SniResume {
+            expect_seq: seq_of(end),
+            skipped,
+            walking: KEPT_NAME,
+            next_seq: seq_of(end),
+            name_len: len,
+            name_kept: end - body,
+            ..SniResume::default()
+        },
         Verdict::Decided(..) => SniResume::default(),
     }
+}
+
+/// Keeps the bytes of the server name's extension from `body` to the segment's end in the
+/// socket's `SNI_KEPT_NAME` (made now); `false` if they could not be kept.
+#[inline(always)]
+fn keep_name(ctx: &SkBuffContext, sk: *mut bpf_sock, body: u32) -> bool {
+    kept_name_storage(sk, true).is_some_and(|kept| copy_kept(ctx, body, kept))
+}
+
+/// [`keep_name`] for a hello read on a listening socket: into this CPU's `EARLY_KEPT_NAME`.
+#[inline(always)]
+fn keep_early_name(ctx: &SkBuffContext, body: u32) -> bool {
+    EARLY_KEPT_NAME
+        .get_ptr_mut(0)
+        .is_some_and(|kept| copy_kept(ctx, body, kept))
+}
+
+/// Copies the segment's bytes from `body` to its end (fewer than [`SNI_KEPT_MAX`]: the
+/// parser's word for a [`Hello::NameCut`]) to the front of `kept`.
+#[inline(always)]
+fn copy_kept(ctx: &SkBuffContext, body: u32, kept: *mut SniKeptName) -> bool {
+    let len = ctx.len().saturating_sub(body);
+    // Through memory: the verifier needs the checks below on the length it is given, which
+    // LLVM would fold into one it could not follow.
+    // SAFETY: a read of a local.
+    let len = unsafe { ptr::read_volatile(&len) };
+    if len == 0 {
+        return true;
+    }
+    if len >= SNI_KEPT_MAX as u32 {
+        return false;
+    }
+    // SAFETY: the helper checks the packet side; `kept` has room for SNI_KEPT_MAX bytes.
+    unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            body,
+            (&raw mut (*kept).bytes).cast(),
+            len,
+        ) == 0
+    }
+}
+
+/// The socket's kept name bytes; made if `create`.
+#[inline(always)]
+fn kept_name_storage(sk: *mut bpf_sock, create: bool) -> Option<*mut SniKeptName> {
+    let map = ptr::from_ref(&SNI_KEPT_NAME).cast_mut().cast::<c_void>();
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: as in `decision`; made zeroed, without an initial value.
+    let value = unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), flags) };
+    (!value.is_null()).then_some(value.cast::<SniKeptName>())
+}
+
+/// Frees the socket's kept name bytes, once read (or torn).
+#[inline(always)]
+fn forget_kept_name(sk: *mut bpf_sock) {
+    let map = ptr::from_ref(&SNI_KEPT_NAME).cast_mut().cast::<c_void>();
+    // SAFETY: the helper checks the socket; a missing storage is an error it returns.
+    unsafe { bpf_sk_storage_delete(map, sk.cast()) };
+}
+
+/// Finishes the name a segment cut ([`Resumed::KeptName`]): its first `kept` bytes from the
+/// socket's storage, the rest from this segment's payload at `at`, up to the extension's
+/// `len` (at most [`SNI_KEPT_MAX`]) or what the segment has. The storage is freed.
+#[inline(always)]
+fn read_kept_name(
+    ctx: &SkBuffContext,
+    sk: *mut bpf_sock,
+    port: u16,
+    at: u32,
+    kept: u32,
+    len: u32,
+) -> Verdict {
+    let (Some(scratch), Some(bytes)) = (SNI_SCRATCH.get_ptr_mut(0), kept_name_storage(sk, false))
+    else {
+        return Verdict::Decided(None, sni_outcome::MISSED);
+    };
+    let wanted = len.min(SNI_KEPT_MAX as u32);
+    let rest = wanted
+        .saturating_sub(kept)
+        .min(ctx.len().saturating_sub(at));
+    // Through memory, for the verifier's sake, as in `copy_kept`.
+    // SAFETY: reads of locals.
+    let (kept, rest) = unsafe { (ptr::read_volatile(&kept), ptr::read_volatile(&rest)) };
+    // Never so ([`resume_at`] keeps fewer): a bound for the verifier.
+    if kept >= SNI_KEPT_MAX as u32 {
+        forget_kept_name(sk);
+        return Verdict::Decided(None, sni_outcome::MISSED);
+    }
+    // Nothing of the name in this segment: it would go on over a third.
+    if rest == 0 {
+        forget_kept_name(sk);
+        return Verdict::Decided(None, sni_outcome::INCOMPLETE);
+    }
+    let rest = rest.min(SNI_KEPT_MAX as u32);
+    // SAFETY: this CPU's scratch value (see `read_hello`); `bytes` is the socket's storage,
+    // with room for SNI_KEPT_MAX bytes past `kept`.
+    let (scratch, loaded) = unsafe {
+        (
+            &mut *scratch,
+            bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                at,
+                (&raw mut (*bytes).bytes)
+                    .cast::<u8>()
+                    .add(kept as usize)
+                    .cast(),
+                rest,
+            ),
+        )
+    };
+    scratch.exact.name = [0; SNI_NAME_MAX + 1];
+    let hello = if loaded == 0 {
+        client_hello::kept_name(&Kept(bytes), kept + rest, len, &mut scratch.exact.name)
+    } else {
+        Hello::Incomplete
+    };
+    forget_kept_name(sk);
+    named(scratch, port, hello)
 }
 
 /// The cut header [`read_hello`] parked with its last `Continues` on this CPU.
@@ -561,15 +804,22 @@ fn parked_cut() -> CutHeader {
 
 /// How this segment is read, from where an earlier one left the hello.
 #[inline(always)]
-fn reading_of(resume: Option<&SniResume>, segment: &Headers) -> Reading {
+fn reading_of(resume: Option<&SniResume>, segment: &Headers) -> Resumed {
     let Some(resume) = resume else {
-        return Reading::First;
+        return Resumed::Hello(Reading::First);
     };
     if resume.walking == 0 {
-        return Reading::AfterHeader;
+        return Resumed::Hello(Reading::AfterHeader);
     }
     let offset_of = |seq: u32| offset_at(segment.seq, segment.payload_start, seq);
-    Reading::Walk {
+    if resume.walking == KEPT_NAME {
+        return Resumed::KeptName {
+            at: offset_of(resume.next_seq),
+            kept: resume.name_kept,
+            len: resume.name_len,
+        };
+    }
+    Resumed::Hello(Reading::Walk {
         next: offset_of(resume.next_seq),
         cut: CutHeader {
             bytes: resume.cut_bytes,
@@ -577,7 +827,7 @@ fn reading_of(resume: Option<&SniResume>, segment: &Headers) -> Reading {
         },
         hello_end: offset_of(resume.hello_end_seq),
         record_end: offset_of(resume.record_end_seq),
-    }
+    })
 }
 
 /// [`EarlyHello::outcome`] of a hello still to come (after a PROXY header, or in part).
@@ -615,7 +865,8 @@ pub struct SniResume {
     /// Bytes of a PROXY header before the hello (0: none).
     skipped: u32,
     /// 0: the hello starts at `expect_seq`; 1: its extensions go on at `next_seq`, up to
-    /// `hello_end_seq` and `record_end_seq`.
+    /// `hello_end_seq` and `record_end_seq`; [`KEPT_NAME`]: its server name's extension goes
+    /// on at `next_seq`.
     walking: u32,
     next_seq: u32,
     hello_end_seq: u32,
@@ -624,6 +875,21 @@ pub struct SniResume {
     /// rest starts the segment at `next_seq`.
     cut_bytes: u32,
     cut_len: u32,
+    /// With `walking` [`KEPT_NAME`]: the length of the server name extension's body, and how
+    /// many of its first bytes `SNI_KEPT_NAME` holds; the rest starts the segment at
+    /// `next_seq`.
+    name_len: u32,
+    name_kept: u32,
+}
+
+/// [`SniResume::walking`] of a hello cut in its server name's extension body.
+const KEPT_NAME: u32 = 2;
+
+/// The first bytes of a server name's extension body that a segment cut, and room for the
+/// rest the next segment brings (socket storage, made only then and freed once read).
+#[repr(C, align(8))]
+pub struct SniKeptName {
+    bytes: [u8; 2 * SNI_KEPT_MAX],
 }
 
 /// Where the socket's hello goes on, if an earlier segment said.
@@ -731,17 +997,28 @@ pub struct SniScratch {
     exact: SniKey,
     /// Its wildcard form.
     wildcard: SniKey,
-    /// The parser's verdict ([`sni_outcome`], or [`NAMED`]) and where the name is.
+    /// Where the walk left the hello ([`WALKED_TO_NAME`], or a [`sni_outcome`]) and the
+    /// name's extension it came to, parked for [`read_hello`].
+    walked: u32,
+    body: u32,
+    body_len: u32,
+    hello_end: u32,
+    record_end: u32,
+    /// The verdict on the name ([`sni_outcome`], or [`NAMED`]) and its length.
     verdict: u32,
-    offset: u32,
     len: u32,
     /// The first bytes of an extension header the segment cut ([`CutHeader`]), parked here
     /// for [`resume_at`].
     cut_len: u32,
     cut_bytes: u32,
-    _pad: u32,
+    /// Where the payload starts, laundered for the verifier in [`read_hello`].
+    start: u32,
 }
 
+/// [`SniScratch::walked`] of a walk that came to the server name's extension, and of one
+/// that goes on in the next segment.
+const WALKED_TO_NAME: u32 = u32::MAX;
+const WALK_GOES_ON: u32 = u32::MAX - 1;
 /// [`SniScratch::verdict`] of a hello with a name.
 const NAMED: u32 = u32::MAX;
 
@@ -758,9 +1035,11 @@ enum Verdict {
         hello_end: u32,
         record_end: u32,
     },
+    /// The segment ended in the server name's extension ([`Hello::NameCut`]).
+    NameCut { body: u32, len: u32 },
 }
 
-/// Where a segment's reading starts.
+/// Where a segment's reading of a hello starts.
 #[derive(Clone, Copy)]
 enum Reading {
     /// The connection's first data: a PROXY header if a load balancer sent one, then the
@@ -780,6 +1059,19 @@ enum Reading {
     },
 }
 
+/// How a segment is read on from an earlier one.
+#[derive(Clone, Copy)]
+enum Resumed {
+    Hello(Reading),
+    /// The rest of the server name's extension (`len` bytes of body, of which the socket's
+    /// storage keeps the first `kept`) starts at offset `at`: [`read_kept_name`].
+    KeptName {
+        at: u32,
+        kept: u32,
+        len: u32,
+    },
+}
+
 /// Reads the ClientHello in the segment's payload from `start`, as `reading` says.
 #[inline(always)]
 fn read_hello(ctx: &SkBuffContext, start: u32, port: u16, reading: Reading) -> Verdict {
@@ -789,89 +1081,165 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16, reading: Reading) -> V
     // SAFETY: this CPU's scratch value; a program runs on one CPU at a time and this one does
     // not nest (it runs from the protocol handler, never inside another of itself).
     let scratch = unsafe { &mut *scratch };
+    // Through memory: the walk's checks narrow what the verifier knows of the value it walks
+    // from, and of every copy of it the callers keep (the payload's start), so that the code
+    // after the walk would be checked once for each of its exits.
+    // SAFETY: a field of the scratch value.
+    let start = unsafe {
+        ptr::write_volatile(&raw mut scratch.start, start);
+        ptr::read_volatile(&raw const scratch.start)
+    };
     let end = ctx.len();
-    let hello = match reading {
+    let walked = match reading {
         Reading::Walk {
             next,
             cut,
             hello_end,
             record_end,
-        } => {
-            scratch.exact.name = [0; SNI_NAME_MAX + 1];
-            client_hello::server_name_after(
-                &Segment(ctx),
-                next,
-                cut,
-                hello_end,
-                record_end,
-                end,
-                &mut scratch.exact.name,
-            )
-        }
+        } => client_hello::walk_on_to_name(&Segment(ctx), next, cut, hello_end, record_end, end),
         Reading::First | Reading::AfterHeader => {
             let header_allowed = matches!(reading, Reading::First);
             match first_hello(ctx, scratch, start, end, header_allowed) {
-                Ok(hello) => hello,
+                Ok(walked) => walked,
                 Err(verdict) => return verdict,
             }
         }
     };
-    let (verdict, offset, len) = match hello {
-        Hello::Name { offset, len } => (NAMED, offset, len as u32),
-        Hello::NoName => (sni_outcome::NO_NAME, 0, 0),
-        Hello::NotHello => (sni_outcome::NOT_TLS, 0, 0),
-        Hello::Incomplete => (sni_outcome::INCOMPLETE, 0, 0),
-        Hello::Malformed => (sni_outcome::MALFORMED, 0, 0),
-        Hello::Continues {
+    // What the walk found, parked: the name's extension, where the walk goes on
+    // (`Continues`: its `next` as the body), or an outcome.
+    let (walked, found) = match walked {
+        Walked::Extension(extension) => (WALKED_TO_NAME, extension),
+        Walked::Verdict(Hello::Continues {
             next,
             hello_end,
             record_end,
-        } => {
-            // A header cut in two: its first bytes go on, parked for `resume_at`, and its
-            // rest starts the next segment.
-            let cut = client_hello::cut_header(&Segment(ctx), next, end);
-            if cut.len == 0 && next < end {
-                // The header's bytes could not be read (not seen to happen): the walk cannot
-                // go on.
-                (sni_outcome::INCOMPLETE, 0, 0)
-            } else {
-                // SAFETY: fields of the scratch value above.
-                unsafe {
-                    ptr::write_volatile(&raw mut scratch.cut_len, cut.len);
-                    ptr::write_volatile(&raw mut scratch.cut_bytes, cut.bytes);
-                }
-                return Verdict::Continues {
-                    next: if cut.len == 0 { next } else { end },
-                    hello_end,
-                    record_end,
-                };
-            }
-        }
+        }) => (
+            WALK_GOES_ON,
+            NameExtension {
+                body: next,
+                len: 0,
+                hello_end,
+                record_end,
+            },
+        ),
+        Walked::Verdict(hello) => (
+            outcome_of(hello),
+            NameExtension {
+                body: 0,
+                len: 0,
+                hello_end: 0,
+                record_end: 0,
+            },
+        ),
     };
     // Through memory, so that the verifier, which cannot follow values there, goes on from
-    // here in one state rather than once for each of the parser's hundreds of exits.
+    // here in one state rather than once for each of the walk's hundreds of exits: the
+    // name's extension, or the cut header, is read once.
     // SAFETY: fields of the scratch value above.
-    let (verdict, offset, len) = unsafe {
+    let (walked, found) = unsafe {
+        ptr::write_volatile(&raw mut scratch.walked, walked);
+        ptr::write_volatile(&raw mut scratch.body, found.body);
+        ptr::write_volatile(&raw mut scratch.body_len, found.len);
+        ptr::write_volatile(&raw mut scratch.hello_end, found.hello_end);
+        ptr::write_volatile(&raw mut scratch.record_end, found.record_end);
+        (
+            ptr::read_volatile(&raw const scratch.walked),
+            NameExtension {
+                body: ptr::read_volatile(&raw const scratch.body),
+                len: ptr::read_volatile(&raw const scratch.body_len),
+                hello_end: ptr::read_volatile(&raw const scratch.hello_end),
+                record_end: ptr::read_volatile(&raw const scratch.record_end),
+            },
+        )
+    };
+    // Read again, for the same reason as the payload's start.
+    let end = ctx.len();
+    if walked == WALK_GOES_ON {
+        return walk_goes_on(ctx, scratch, found, end);
+    }
+    if walked != WALKED_TO_NAME {
+        return Verdict::Decided(None, walked);
+    }
+    scratch.exact.name = [0; SNI_NAME_MAX + 1];
+    match client_hello::name_in(&Segment(ctx), found, end, &mut scratch.exact.name) {
+        Hello::NameCut { body, len } => Verdict::NameCut { body, len },
+        hello => named(scratch, port, hello),
+    }
+}
+
+/// The walk goes on in the next segment, from the extension header at `found.body` (in
+/// [`Hello::Continues`]' terms: its `next`).
+#[inline(always)]
+fn walk_goes_on(
+    ctx: &SkBuffContext,
+    scratch: &mut SniScratch,
+    found: NameExtension,
+    end: u32,
+) -> Verdict {
+    let next = found.body;
+    // A header cut in two: its first bytes go on, parked for `resume_at`, and its rest starts
+    // the next segment.
+    let cut = client_hello::cut_header(&Segment(ctx), next, end);
+    if cut.len == 0 && next < end {
+        // The header's bytes could not be read (not seen to happen): the walk cannot go on.
+        return Verdict::Decided(None, sni_outcome::INCOMPLETE);
+    }
+    // SAFETY: fields of the scratch value.
+    unsafe {
+        ptr::write_volatile(&raw mut scratch.cut_len, cut.len);
+        ptr::write_volatile(&raw mut scratch.cut_bytes, cut.bytes);
+    }
+    Verdict::Continues {
+        next: if cut.len == 0 { next } else { end },
+        hello_end: found.hello_end,
+        record_end: found.record_end,
+    }
+}
+
+/// The outcome of a hello read no further than `hello` (never a name, nor a hello going on:
+/// the callers take those first).
+#[inline(always)]
+fn outcome_of(hello: Hello) -> u32 {
+    match hello {
+        Hello::NoName => sni_outcome::NO_NAME,
+        Hello::NotHello => sni_outcome::NOT_TLS,
+        Hello::Malformed => sni_outcome::MALFORMED,
+        Hello::Incomplete
+        | Hello::Name { .. }
+        | Hello::Continues { .. }
+        | Hello::NameCut { .. } => sni_outcome::INCOMPLETE,
+    }
+}
+
+/// The verdict on the name `hello` read into the scratch's name on `port`, or on its lack.
+#[inline(always)]
+fn named(scratch: &mut SniScratch, port: u16, hello: Hello) -> Verdict {
+    let (verdict, len) = match hello {
+        Hello::Name { len, .. } => (NAMED, len as u32),
+        other => (outcome_of(other), 0),
+    };
+    // Through memory, as the walk's result in `read_hello`: the name is matched from one
+    // state, not once for each of the name reader's exits.
+    // SAFETY: fields of the scratch value.
+    let (verdict, len) = unsafe {
         ptr::write_volatile(&raw mut scratch.verdict, verdict);
-        ptr::write_volatile(&raw mut scratch.offset, offset);
         ptr::write_volatile(&raw mut scratch.len, len);
         (
             ptr::read_volatile(&raw const scratch.verdict),
-            ptr::read_volatile(&raw const scratch.offset),
             ptr::read_volatile(&raw const scratch.len),
         )
     };
     if verdict != NAMED {
         return Verdict::Decided(None, verdict);
     }
-    match match_name(ctx, scratch, port, offset, len as usize) {
+    match match_name(scratch, port, len as usize) {
         Some(slot) => Verdict::Decided(Some(slot), sni_outcome::MATCHED),
         None => Verdict::Decided(None, sni_outcome::UNKNOWN_NAME),
     }
 }
 
-/// The hello that starts the payload at `start`, after a PROXY header if one came and
-/// `header_allowed` (`Err`: a header alone, or a broken one, decides).
+/// The walk of the hello that starts the payload at `start`, after a PROXY header if one
+/// came and `header_allowed` (`Err`: a header alone, or a broken one, decides).
 #[inline(always)]
 fn first_hello(
     ctx: &SkBuffContext,
@@ -879,7 +1247,7 @@ fn first_hello(
     start: u32,
     end: u32,
     header_allowed: bool,
-) -> Result<Hello, Verdict> {
+) -> Result<Walked, Verdict> {
     let skip = if header_allowed {
         match proxy_header(&Segment(ctx), start, end, &mut scratch.exact.name) {
             ProxyHeader::Absent => 0,
@@ -894,40 +1262,27 @@ fn first_hello(
     } else {
         0
     };
-    // Through memory, as the verdict after the parse: the hello is then parsed from one
-    // state.
+    // Through memory, as the walk's result: the hello is then walked from one state.
     // SAFETY: a field of the scratch value.
     let skip = unsafe {
-        ptr::write_volatile(&raw mut scratch.offset, skip);
-        ptr::read_volatile(&raw const scratch.offset)
+        ptr::write_volatile(&raw mut scratch.body, skip);
+        ptr::read_volatile(&raw const scratch.body)
     };
     let start = start + skip;
     if skip != 0 && start >= end {
         return Err(Verdict::After(skip));
     }
-    scratch.exact.name = [0; SNI_NAME_MAX + 1];
-    Ok(client_hello::server_name(
-        &Segment(ctx),
-        start,
-        end,
-        &mut scratch.exact.name,
-    ))
+    Ok(client_hello::walk_to_name(&Segment(ctx), start, end))
 }
 
-/// The slot of the route whose name on `port` is the `len` bytes read (from `offset` of the
-/// segment), exactly or by wildcard.
+/// The slot of the route whose name on `port` is the `len` bytes in the scratch's name,
+/// exactly or by wildcard.
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "the key by value would be a 260-byte copy on the stack"
 )]
-fn match_name(
-    ctx: &SkBuffContext,
-    scratch: &mut SniScratch,
-    port: u16,
-    offset: u32,
-    len: usize,
-) -> Option<u32> {
+fn match_name(scratch: &mut SniScratch, port: u16, len: usize) -> Option<u32> {
     let len = len & SNI_NAME_MAX;
     let exact = &mut scratch.exact;
     client_hello::lowercase(&mut exact.name);
@@ -939,8 +1294,8 @@ fn match_name(
         return slot_of(unsafe { *route });
     }
     // `*.example.com` stands for one label before `example.com`: the name after the first
-    // dot, if that label is not empty, read again from the segment (no loop over a length
-    // the verifier would walk once per value).
+    // dot, if that label is not empty (copied at a variable offset through a dynamic
+    // pointer: no loop over a length the verifier would walk once per value).
     let dot = client_hello::first_dot(&exact.name);
     if dot == 0 || dot + 1 >= len {
         return None;
@@ -948,10 +1303,14 @@ fn match_name(
     let rest = len - dot - 1;
     let wildcard = &mut scratch.wildcard;
     wildcard.name = [0; SNI_NAME_MAX + 1];
-    if !Segment(ctx).name(offset + dot as u32 + 1, rest, &mut wildcard.name) {
+    if !copy_name(
+        &raw const scratch.exact.name,
+        dot as u32 + 1,
+        rest,
+        &mut wildcard.name,
+    ) {
         return None;
     }
-    client_hello::lowercase(&mut wildcard.name);
     wildcard.port = port;
     wildcard.wildcard = 1;
     wildcard.len = rest as u8;

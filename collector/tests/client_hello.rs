@@ -7,7 +7,7 @@ mod support;
 
 use std::ops::Range;
 
-use collector_common::client_hello::{self, CutHeader, Hello, SNI_NAME_MAX};
+use collector_common::client_hello::{self, CutHeader, Hello, SNI_KEPT_MAX, SNI_NAME_MAX};
 use rustls::{
     SupportedProtocolVersion,
     pki_types::ServerName,
@@ -32,6 +32,8 @@ enum Verdict {
     Malformed,
     /// Goes on in the next segment, at this offset.
     Continues(usize),
+    /// Cut in the body of the name's extension, which starts at this offset.
+    NameCut(usize),
 }
 
 /// The parser's verdict on the payload `start..end` of `data`, and the name it copied.
@@ -59,6 +61,7 @@ fn parse(data: &[u8], start: usize, end: usize) -> (Verdict, Vec<u8>) {
         Hello::Incomplete => (Verdict::Incomplete, Vec::new()),
         Hello::Malformed => (Verdict::Malformed, Vec::new()),
         Hello::Continues { next, .. } => (Verdict::Continues(next as usize), Vec::new()),
+        Hello::NameCut { body, .. } => (Verdict::NameCut(body as usize), Vec::new()),
     }
 }
 
@@ -193,7 +196,7 @@ fn a_hello_after_other_bytes_reads_the_same() {
 }
 
 #[test]
-fn a_hello_cut_short_goes_on_at_an_extension_or_is_incomplete_until_its_name_is_whole() {
+fn a_hello_cut_short_goes_on_at_an_extension_or_in_its_name_or_is_incomplete() {
     const HEADERS: usize = 40;
     let mut rng = Xorshift(0x00c0_ffee);
     for server in ["api.example.com", &longest_name()] {
@@ -213,6 +216,8 @@ fn a_hello_cut_short_goes_on_at_an_extension_or_is_incomplete_until_its_name_is_
                     (Verdict::Name(name.len()), flight[name.clone()].to_vec())
                 } else if let Some(next) = walk.goes_on(cut) {
                     (Verdict::Continues(HEADERS + next), Vec::new())
+                } else if walk.name_body() <= cut {
+                    (Verdict::NameCut(HEADERS + walk.name_body()), Vec::new())
                 } else {
                     (Verdict::Incomplete, Vec::new())
                 };
@@ -353,6 +358,8 @@ fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdi
     // header the last segment cut.
     let mut resume: Option<(usize, usize, usize)> = None;
     let mut cut = CutHeader::default();
+    // The name's extension's first bytes a segment cut, and the extension's length.
+    let mut kept: Option<(Vec<u8>, u32)> = None;
     for segment in bounds.windows(2) {
         let (from, to) = (segment[0], segment[1]);
         let headers = 40 + rng.below(3) * 12;
@@ -360,9 +367,24 @@ fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdi
         packet.extend_from_slice(&flight[from..to]);
         let offset = |at: usize| u32::try_from(at - from + headers).unwrap();
         let end = offset(to);
-        let hello = match resume {
-            None => client_hello::server_name(&Bytes(&packet), offset(from), end, &mut name),
-            Some((next, hello_end, record_end)) => client_hello::server_name_after(
+        let hello = match (resume, kept.take()) {
+            // As the kernel's reader: the rest of the extension (as much as this segment has)
+            // after the bytes kept, past which the storage holds whatever it held.
+            (_, Some((mut bytes, len))) => {
+                let wanted = (len as usize).min(SNI_KEPT_MAX);
+                let rest = (wanted - bytes.len()).min(to - from);
+                if rest == 0 {
+                    return (Verdict::Incomplete, Vec::new());
+                }
+                bytes.extend_from_slice(&packet[headers..headers + rest]);
+                let have = u32::try_from(bytes.len()).unwrap();
+                bytes.extend(rng.bytes(2 * SNI_KEPT_MAX - bytes.len()));
+                client_hello::kept_name(&Bytes(&bytes), have, len, &mut name)
+            }
+            (None, None) => {
+                client_hello::server_name(&Bytes(&packet), offset(from), end, &mut name)
+            }
+            (Some((next, hello_end, record_end)), None) => client_hello::server_name_after(
                 &Bytes(&packet),
                 offset(next),
                 cut,
@@ -387,6 +409,15 @@ fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdi
                 let next = if cut.len > 0 { to } else { in_flight(next) };
                 resume = Some((next, in_flight(hello_end), in_flight(record_end)));
             }
+            Hello::NameCut { body, len } => {
+                let body = body as usize;
+                assert!(
+                    end as usize - body < SNI_KEPT_MAX,
+                    "kept {}",
+                    end as usize - body
+                );
+                kept = Some((packet[body..end as usize].to_vec(), len));
+            }
             Hello::Name { len, .. } => return (Verdict::Name(len), name[..len].to_vec()),
             Hello::NoName => return (Verdict::NoName, Vec::new()),
             Hello::NotHello => return (Verdict::NotHello, Vec::new()),
@@ -398,8 +429,9 @@ fn read_in_segments(flight: &[u8], cuts: &[usize], rng: &mut Xorshift) -> (Verdi
 }
 
 /// Hellos longer than a segment (a 1,200-byte extension before, after or around the name):
-/// cut once anywhere, or twice, the name is read in the segment it lies in whenever every
-/// cut before it falls where the walk can go on; otherwise incomplete.
+/// cut once anywhere, or twice, the name is read in the segment it ends in whenever every
+/// cut before it falls where the walk can go on (in its name too, if the next segment ends
+/// the name); otherwise incomplete.
 #[test]
 fn a_hello_over_segments_is_read_on_to_its_name() {
     let mut rng = Xorshift(0x5e6_3e47);
@@ -412,7 +444,9 @@ fn a_hello_over_segments_is_read_on_to_its_name() {
                 let long = with_extension(&flight, index, 0x0015, 1_200);
                 let name = name_on_wire(&long, server);
                 let walk = Walk::of(&long);
-                let fits = |cut: usize| name.end <= cut || walk.goes_on(cut).is_some();
+                let in_name = |cut: usize| walk.name_body() <= cut && cut < name.end;
+                let fits =
+                    |cut: usize| name.end <= cut || walk.goes_on(cut).is_some() || in_name(cut);
                 let whole = (Verdict::Name(name.len()), long[name.clone()].to_vec());
                 assert_eq!(parse_payload(&long), whole);
                 let mut cut_sets: Vec<Vec<usize>> = (1..long.len()).map(|cut| vec![cut]).collect();
@@ -436,8 +470,21 @@ fn a_hello_over_segments_is_read_on_to_its_name() {
                             .is_none_or(|header| header >= pair[0] || pair[1] >= header + 4)
                     })
                 };
+                // Cut in the name's extension, its rest must come whole in the next segment.
+                let name_whole_after = |cuts: &[usize]| {
+                    cuts.windows(2)
+                        .all(|pair| !in_name(pair[0]) || pair[1] >= name.end)
+                };
+                // Cut in the name, and again in it, and twice around its start and end.
+                for pair in [[1, 3], [5, 7], [6, 20]] {
+                    cut_sets.push(pair.iter().map(|&at| walk.name_body() + at).collect());
+                }
+                cut_sets.push(vec![walk.name_body() - 2, name.end - 1]);
+                cut_sets.push(vec![name.start + 1, name.end + 1]);
                 for cuts in cut_sets {
-                    let expected = if cuts.iter().all(|&cut| fits(cut)) && header_whole_after(&cuts)
+                    let expected = if cuts.iter().all(|&cut| fits(cut))
+                        && header_whole_after(&cuts)
+                        && name_whole_after(&cuts)
                     {
                         read += 1;
                         whole.clone()

@@ -924,8 +924,9 @@ fn connections_await_their_hello_counted_nowhere_then_count_where_it_names() {
 /// share among extensions in random order). Cut in the long extension before the name, or
 /// at an extension's start, once or twice, the hello is read on in the next segments to its
 /// name, also where the first segment completes a deferred accept; cut in an extension's
-/// header too (the header's first bytes are kept). Cut in the name's extension past its
-/// header, it is incomplete.
+/// header too (the header's first bytes are kept), and in the name's extension (its first
+/// bytes are kept, also over a deferred accept, and after a cut before it). Cut twice in
+/// the name's extension, the name spread over three segments, it is incomplete.
 #[test]
 fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
     const N: usize = 3;
@@ -963,6 +964,8 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
         let long = with_extension(&hello, name_index, 0x0015, 1_300);
         let walk = Walk::of(&long);
         let (padding, after) = (walk.headers[name_index], walk.headers[name_index + 1]);
+        // The name's extension: header (4 bytes), list and entry headers (5), the name.
+        let name_end = after + 4 + 5 + name.len();
         assert!(long.len() > 1_448, "{} bytes", long.len());
         for send in [
             Send::SplitAfter(padding + 600),
@@ -995,26 +998,45 @@ fn hellos_longer_than_a_segment_are_read_on_to_their_name() {
             route,
             outcome,
         );
+        // In the name's extension's body (before this was read on, incomplete): right at its
+        // start, in the list's header, in the name, after a cut in the long extension, and
+        // where the hello completes a deferred accept.
+        for send in [
+            Send::SplitAfter(after + 4),
+            Send::SplitAfter(after + 6),
+            Send::SplitAfter(name_end - 1),
+            Send::SplitTwice(padding + 600, after + 11),
+        ] {
+            exchange(&long, send, &listener, route, outcome);
+        }
         exchange(
             &long,
-            Send::SplitAfter(after + 6),
+            Send::SplitAfter(after + 10),
+            &deferred,
+            route,
+            outcome,
+        );
+        // Cut twice in it: the name over three segments.
+        exchange(
+            &long,
+            Send::SplitTwice(after + 6, after + 10),
             &listener,
             FALLBACK,
             "incomplete",
         );
     }
     wait_for_exactly(&netns, &expected);
-    // Two exchanges of N per name went to the deferring listener, each accepted by its data.
-    deferred_accepts.assert_accepted(3 * 2 * N);
+    // Three exchanges of N per name went to the deferring listener, each accepted by its
+    // data.
+    deferred_accepts.assert_accepted(3 * 3 * N);
     stop_leaving_nothing(agent, &config);
 }
 
-/// A hello cut where the walk cannot go on (in its record's headers, or in its name) is
-/// incomplete; cut after its name, it is read from the first segment; a plain route's
-/// connections on the same host count as before.
+/// A hello cut where the walk cannot go on (in its record's headers) is incomplete; cut
+/// after its name, it is read from the first segment, and cut one byte before its name's
+/// end, from the next; a plain route's connections on the same host count as before.
 #[test]
-fn hellos_cut_before_their_extensions_or_in_their_name_are_incomplete_and_a_plain_route_counts_as_before()
- {
+fn hellos_cut_before_their_extensions_are_incomplete_and_a_plain_route_counts_as_before() {
     const N: usize = 5;
     const WEB: usize = 7;
     let netns = Netns::new();
@@ -1046,7 +1068,7 @@ fn hellos_cut_before_their_extensions_or_in_their_name_are_incomplete_and_a_plai
         Closer::Accepting,
     );
     expected.exchanged("api", Some("matched"), N, hello.len(), 200);
-    // Cut one byte before the name's end.
+    // Cut one byte before the name's end (before this was read on, incomplete).
     exchanges_sending(
         &netns,
         &listener,
@@ -1056,7 +1078,7 @@ fn hellos_cut_before_their_extensions_or_in_their_name_are_incomplete_and_a_plai
         300,
         Closer::Connecting,
     );
-    expected.exchanged(FALLBACK, Some("incomplete"), N, hello.len(), 300);
+    expected.exchanged("api", Some("matched"), N, hello.len(), 300);
     // The whole hello first, application data in a later segment.
     let payload = with_extra(&hello, 1_000);
     exchanges_sending(
@@ -1316,7 +1338,7 @@ fn route_of(read: Hello, name: Option<&[u8]>) -> (&'static str, &'static str) {
         Hello::Malformed => "malformed",
         // The record says the hello goes on past the payload; nothing more comes, and the
         // close counts what was not read.
-        Hello::Continues { .. } => "missed",
+        Hello::Continues { .. } | Hello::NameCut { .. } => "missed",
     };
     (FALLBACK, outcome)
 }

@@ -345,10 +345,15 @@ impl Walk {
         }
     }
 
+    /// Where the body of the server name's extension starts.
+    pub fn name_body(&self) -> usize {
+        self.headers[self.name] + 4
+    }
+
     /// Where the walk goes on if a segment ends at `cut` before the name is whole: the first
     /// extension header past the cut, or the one the cut falls in (whose first bytes are
     /// kept); not where it falls before the list or in the body of the server name's
-    /// extension.
+    /// extension (whose first bytes are kept instead).
     pub fn goes_on(&self, cut: usize) -> Option<usize> {
         if cut < self.list {
             return None;
