@@ -49,8 +49,9 @@ pub enum Hello {
     /// Not a TLS handshake starting with a ClientHello.
     NotHello,
     /// A ClientHello cut where it cannot be read on: before its extensions, in an
-    /// extension's header or its name's extension over three segments, or by the end of its
-    /// record; or one whose name lies past [`SNI_MAX_EXTENSIONS`] extensions in this segment.
+    /// extension's header, or the body of its name's extension, over three segments, or by
+    /// the end of its record; or one whose name lies past [`SNI_MAX_EXTENSIONS`] extensions
+    /// in this segment.
     Incomplete,
     /// A ClientHello whose lengths contradict each other, or a name too long.
     Malformed,

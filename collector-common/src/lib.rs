@@ -1057,9 +1057,9 @@ pub mod sni_outcome {
     /// The first segment (after a PROXY header, if any) was not a TLS ClientHello.
     pub const NOT_TLS: u32 = 3;
     /// The hello was cut where it cannot be read on (before its extensions, in an
-    /// extension's header or its name's extension over three segments, or over two TLS
-    /// records), its name lay past 64 extensions in a segment, or a PROXY header was cut
-    /// short.
+    /// extension's header, or the body of its name's extension, over three segments, or
+    /// over two TLS records), its name lay past 64 extensions in a segment, or a PROXY
+    /// header was cut short.
     pub const INCOMPLETE: u32 = 4;
     /// A ClientHello whose lengths contradict each other, a name over 255 bytes, or a broken
     /// PROXY header.

@@ -113,11 +113,7 @@ pub fn await_hello(
     add_awaiting(fallback, 1);
     if let Some(early) = take_early_hello(ctx, &client) {
         if early.outcome == AWAITING {
-            // Without the name's first bytes the next segment cannot finish it: left
-            // undecided, it counts missed.
-            if early.resume.walking != KEPT_NAME || adopt_early_kept_name(sk, early.generation) {
-                save_resume(sk, &early.resume);
-            }
+            adopt_early_resume(sk, early.generation);
         } else {
             let slot = slot_of(early.route).unwrap_or(fallback);
             if decide(decision, slot, fallback, early.outcome).is_ok() {
@@ -130,7 +126,7 @@ pub fn await_hello(
 
 /// The verdict on this connection's hello if [`on_early_segment`] read it. Taken once.
 #[inline(always)]
-fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<EarlyHello> {
+fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<EarlyVerdict> {
     let slot = EARLY_HELLO.get_ptr_mut(0)?;
     // Copied, and kept only if no write began or ended meanwhile (the generation is odd while
     // one is under way): where the accept runs later, from the socket's backlog in process
@@ -138,9 +134,9 @@ fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<Ea
     // SAFETY: this CPU's value of our per-CPU map.
     let (before, early, after) = unsafe {
         (
-            ptr::read_volatile(&raw const (*slot).generation),
-            ptr::read_volatile(slot),
-            ptr::read_volatile(&raw const (*slot).generation),
+            ptr::read_volatile(&raw const (*slot).verdict.generation),
+            ptr::read_volatile(&raw const (*slot).verdict),
+            ptr::read_volatile(&raw const (*slot).verdict.generation),
         )
     };
     if before != after || before & 1 != 0 {
@@ -160,12 +156,49 @@ fn take_early_hello(ctx: &SockOpsContext, client: &([u8; 16], u16)) -> Option<Ea
     Some(early)
 }
 
-/// Moves the name bytes [`on_early_segment`] kept in this CPU's `EARLY_KEPT_NAME` to the new
-/// socket's storage; `false` if they could not be, or were written again since the slot's
-/// `generation` was read.
+/// Saves where the hello in this CPU's [`EarlyHello`] goes on as the new socket's (with the
+/// name bytes kept in `EARLY_KEPT_NAME`, if a segment cut it there), unless the slot was
+/// written again since its `generation` was read: then nothing is kept, and the connection,
+/// left undecided, counts missed.
 #[inline(always)]
-fn adopt_early_kept_name(sk: *mut bpf_sock, generation: u32) -> bool {
-    let (Some(early), Some(slot)) = (EARLY_KEPT_NAME.get_ptr(0), EARLY_HELLO.get_ptr(0)) else {
+fn adopt_early_resume(sk: *mut bpf_sock, generation: u32) {
+    let Some(slot) = EARLY_HELLO.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value of our per-CPU map.
+    let cut_in_name = unsafe { ptr::read_volatile(&raw const (*slot).resume.walking) } == KEPT_NAME;
+    if cut_in_name && !adopt_early_kept_name(sk) {
+        return;
+    }
+    let map = ptr::from_ref(&SNI_RESUME).cast_mut().cast::<c_void>();
+    // SAFETY: as in `decision`: the kernel copies the slot's resume in before the storage is
+    // visible (the socket is new: it has none yet). A copy the slot's next write tore is
+    // found below.
+    let saved = unsafe {
+        !bpf_sk_storage_get(
+            map,
+            sk.cast(),
+            (&raw const (*slot).resume).cast_mut().cast(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+        .is_null()
+    };
+    // SAFETY: as above.
+    let torn = unsafe { ptr::read_volatile(&raw const (*slot).verdict.generation) } != generation;
+    if saved && torn {
+        // SAFETY: the helper checks the socket.
+        unsafe { bpf_sk_storage_delete(map, sk.cast()) };
+    }
+    if cut_in_name && (torn || !saved) {
+        forget_kept_name(sk);
+    }
+}
+
+/// Moves the name bytes [`on_early_segment`] kept in this CPU's `EARLY_KEPT_NAME` to the new
+/// socket's storage; `false` if they could not be.
+#[inline(always)]
+fn adopt_early_kept_name(sk: *mut bpf_sock) -> bool {
+    let Some(early) = EARLY_KEPT_NAME.get_ptr(0) else {
         return false;
     };
     let Some(kept) = kept_name_storage(sk, true) else {
@@ -174,17 +207,13 @@ fn adopt_early_kept_name(sk: *mut bpf_sock, generation: u32) -> bool {
     // A segment cut the name within its first SNI_KEPT_MAX bytes: only those are copied, a
     // word at a time (a copy of the whole value would go through the stack).
     // SAFETY: this CPU's values of our per-CPU maps, and the socket's storage, valid for the
-    // program's run.
+    // program's run; both 8-aligned, with room for SNI_KEPT_MAX bytes.
     unsafe {
         ptr::copy_nonoverlapping(
             (&raw const (*early).bytes).cast::<u64>(),
             (&raw mut (*kept).bytes).cast::<u64>(),
             SNI_KEPT_MAX.div_ceil(8),
         );
-        if ptr::read_volatile(&raw const (*slot).generation) != generation {
-            forget_kept_name(sk);
-            return false;
-        }
     }
     true
 }
@@ -194,7 +223,7 @@ fn adopt_early_kept_name(sk: *mut bpf_sock, generation: u32) -> bool {
 fn forget_early_hello() {
     if let Some(slot) = EARLY_HELLO.get_ptr_mut(0) {
         // SAFETY: this CPU's value of our per-CPU map.
-        unsafe { ptr::write_volatile(&raw mut (*slot).local_port, 0) };
+        unsafe { ptr::write_volatile(&raw mut (*slot).verdict.local_port, 0) };
     }
 }
 
@@ -488,6 +517,7 @@ pub fn on_segment(ctx: &SkBuffContext) {
             more => {
                 // The name's first bytes go first: the next segment may be read on another
                 // CPU as soon as the resume is there. Without them, it counts missed.
+                let cut_in_name = matches!(more, Verdict::NameCut { .. });
                 if let Verdict::NameCut { body, .. } = more
                     && !keep_name(ctx, sk, body)
                 {
@@ -495,14 +525,21 @@ pub fn on_segment(ctx: &SkBuffContext) {
                 }
                 let skipped = resume.map_or(0, |resume| resume.skipped);
                 let data_end = ctx.len();
-                save_resume(
+                let saved = save_resume(
                     sk,
                     &resume_at(&more, &segment, segment.seq, data_end, skipped),
                 );
+                if !saved && cut_in_name {
+                    forget_kept_name(sk);
+                }
                 return;
             }
         }
     } else {
+        // A name's first bytes kept for the segment that went by are of no more use.
+        if resume.is_some_and(|resume| resume.walking == KEPT_NAME) {
+            forget_kept_name(sk);
+        }
         (fallback, sni_outcome::MISSED)
     };
     finish(
@@ -576,14 +613,14 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
     // The generation is odd while the slot is written (see `take_early_hello`).
     // SAFETY: this CPU's value of our per-CPU map.
     unsafe {
-        let generation = ptr::read_volatile(&raw const (*early).generation);
-        ptr::write_volatile(&raw mut (*early).generation, generation | 1);
-        ptr::write_volatile(&raw mut (*early).local_port, 0);
-        ptr::write_volatile(&raw mut (*early).client, segment.client);
-        ptr::write_volatile(&raw mut (*early).client_port, segment.client_port);
+        let generation = ptr::read_volatile(&raw const (*early).verdict.generation);
+        ptr::write_volatile(&raw mut (*early).verdict.generation, generation | 1);
+        ptr::write_volatile(&raw mut (*early).verdict.local_port, 0);
+        ptr::write_volatile(&raw mut (*early).verdict.client, segment.client);
+        ptr::write_volatile(&raw mut (*early).verdict.client_port, segment.client_port);
         // Fast Open's data follows the SYN's own sequence number.
         let data_seq = segment.seq.wrapping_add(u32::from(segment.syn));
-        ptr::write_volatile(&raw mut (*early).seq, data_seq);
+        ptr::write_volatile(&raw mut (*early).verdict.seq, data_seq);
     }
     let verdict = read_hello(ctx, segment.payload_start, port as u16, Reading::First);
     let (route, outcome) = match verdict {
@@ -606,17 +643,20 @@ pub fn on_early_segment(ctx: &SkBuffContext) {
     };
     // SAFETY: as above.
     unsafe {
-        ptr::write_volatile(&raw mut (*early).route, route);
-        ptr::write_volatile(&raw mut (*early).outcome, outcome);
+        ptr::write_volatile(&raw mut (*early).verdict.route, route);
+        ptr::write_volatile(&raw mut (*early).verdict.outcome, outcome);
         ptr::write_volatile(&raw mut (*early).resume, resume);
-        ptr::write_volatile(&raw mut (*early).local_port, port as u16);
-        let generation = ptr::read_volatile(&raw const (*early).generation);
-        ptr::write_volatile(&raw mut (*early).generation, generation.wrapping_add(1));
+        ptr::write_volatile(&raw mut (*early).verdict.local_port, port as u16);
+        let generation = ptr::read_volatile(&raw const (*early).verdict.generation);
+        ptr::write_volatile(
+            &raw mut (*early).verdict.generation,
+            generation.wrapping_add(1),
+        );
     }
 }
 
-/// Where the hello goes on after this segment, from its [`Verdict`] (`After` or
-/// `Continues`), the sequence number of the payload's first byte, the data's end and the
+/// Where the hello goes on after this segment, from its [`Verdict`] (`After`, `Continues`
+/// or `NameCut`), the sequence number of the payload's first byte, the data's end and the
 /// PROXY header bytes skipped before.
 #[inline(always)]
 fn resume_at(
@@ -668,7 +708,14 @@ fn resume_at(
 /// socket's `SNI_KEPT_NAME` (made now); `false` if they could not be kept.
 #[inline(always)]
 fn keep_name(ctx: &SkBuffContext, sk: *mut bpf_sock, body: u32) -> bool {
-    kept_name_storage(sk, true).is_some_and(|kept| copy_kept(ctx, body, kept))
+    let Some(kept) = kept_name_storage(sk, true) else {
+        return false;
+    };
+    if copy_kept(ctx, body, kept) {
+        return true;
+    }
+    forget_kept_name(sk);
+    false
 }
 
 /// [`keep_name`] for a hello read on a listening socket: into this CPU's `EARLY_KEPT_NAME`.
@@ -719,7 +766,8 @@ fn kept_name_storage(sk: *mut bpf_sock, create: bool) -> Option<*mut SniKeptName
     (!value.is_null()).then_some(value.cast::<SniKeptName>())
 }
 
-/// Frees the socket's kept name bytes, once read (or torn).
+/// Frees the socket's kept name bytes, once read or given up (the socket's close frees them
+/// too).
 #[inline(always)]
 fn forget_kept_name(sk: *mut bpf_sock) {
     let map = ptr::from_ref(&SNI_KEPT_NAME).cast_mut().cast::<c_void>();
@@ -835,8 +883,17 @@ const AWAITING: u32 = u32::MAX;
 
 /// A hello read on a listening socket ([`on_early_segment`]), waiting for its accept.
 #[repr(C)]
-#[derive(Clone, Copy)]
 pub struct EarlyHello {
+    verdict: EarlyVerdict,
+    /// Where the hello goes on, if [`AWAITING`]: saved as the new socket's from here, not
+    /// copied to the stack first (`track_connections` has no room for it).
+    resume: SniResume,
+}
+
+/// The connection an [`EarlyHello`] is for and its verdict: what the accept copies.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EarlyVerdict {
     /// Odd while the slot is being written; one more at each write's start and end.
     generation: u32,
     client: [u8; 16],
@@ -850,8 +907,6 @@ pub struct EarlyHello {
     route: u32,
     /// How it was decided, or [`AWAITING`].
     outcome: u32,
-    /// Where the hello goes on, if [`AWAITING`].
-    resume: SniResume,
 }
 
 /// Where a connection's hello goes on in a later segment: after a PROXY header that ended
@@ -903,9 +958,9 @@ fn resume_of(sk: *mut bpf_sock) -> Option<SniResume> {
     (!value.is_null()).then(|| unsafe { ptr::read_volatile(value) })
 }
 
-/// Records where the socket's hello goes on.
+/// Records where the socket's hello goes on; `false` if its storage could not be made.
 #[inline(always)]
-fn save_resume(sk: *mut bpf_sock, resume: &SniResume) {
+fn save_resume(sk: *mut bpf_sock, resume: &SniResume) -> bool {
     let mut init = *resume;
     let map = ptr::from_ref(&SNI_RESUME).cast_mut().cast::<c_void>();
     // SAFETY: as in `decision`: the kernel copies `init` in before the storage is visible.
@@ -918,11 +973,13 @@ fn save_resume(sk: *mut bpf_sock, resume: &SniResume) {
             u64::from(BPF_SK_STORAGE_GET_F_CREATE),
         )
     };
-    // Made before: written over (a hello past two segments).
-    if !value.is_null() {
-        // SAFETY: the socket's storage, valid for the program's run.
-        unsafe { ptr::write_volatile(value.cast::<SniResume>(), *resume) };
+    if value.is_null() {
+        return false;
     }
+    // Made before: written over (a hello past two segments).
+    // SAFETY: the socket's storage, valid for the program's run.
+    unsafe { ptr::write_volatile(value.cast::<SniResume>(), *resume) };
+    true
 }
 
 /// Decides for `slot` and sends the open event.
@@ -997,8 +1054,10 @@ pub struct SniScratch {
     exact: SniKey,
     /// Its wildcard form.
     wildcard: SniKey,
-    /// Where the walk left the hello ([`WALKED_TO_NAME`], or a [`sni_outcome`]) and the
-    /// name's extension it came to, parked for [`read_hello`].
+    /// Where the walk left the hello ([`WALKED_TO_NAME`], [`WALK_GOES_ON`], or a
+    /// [`sni_outcome`]) and the name's extension it came to (or the `next` it goes on at, in
+    /// `body`), parked for [`read_hello`]; `body` parks a PROXY header's length before the
+    /// walk, too ([`first_hello`]).
     walked: u32,
     body: u32,
     body_len: u32,

@@ -501,3 +501,37 @@ fn a_hello_over_segments_is_read_on_to_its_name() {
     println!("{read} cut hellos read, {incomplete} incomplete");
     assert!(read > incomplete, "{read} read, {incomplete} incomplete");
 }
+
+/// A hello whose first TLS record ends inside its name (the name spread over two records):
+/// a segment cut in the name before that record's end is incomplete, not a cut name to
+/// read on, since the rest of the name lies past the next record's header; so is one cut
+/// at or past the record's end.
+#[test]
+fn a_name_spread_over_two_records_is_incomplete_wherever_a_segment_ends_in_it() {
+    for flight in every_client_hello("api.example.com") {
+        let name = name_on_wire(&flight, "api.example.com");
+        let body = Walk::of(&flight).name_body();
+        // The first record ends three bytes into the name; the second holds the rest.
+        let split = name.start + 3;
+        let mut records = flight[..3].to_vec();
+        records.extend_from_slice(&u16::try_from(split - 5).unwrap().to_be_bytes());
+        records.extend_from_slice(&flight[5..split]);
+        records.extend_from_slice(&flight[..3]);
+        records.extend_from_slice(&u16::try_from(flight.len() - split).unwrap().to_be_bytes());
+        records.extend_from_slice(&flight[split..]);
+        for cut in body..split + 5 + 3 {
+            assert_eq!(
+                parse(&records[..cut], 0, cut),
+                (Verdict::Incomplete, Vec::new()),
+                "cut at {cut}, the record ending at {split}"
+            );
+        }
+        // Within one record, the same cuts are read on.
+        for cut in body..split {
+            assert_eq!(
+                parse(&flight[..cut], 0, cut),
+                (Verdict::NameCut(body), Vec::new())
+            );
+        }
+    }
+}
