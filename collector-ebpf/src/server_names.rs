@@ -166,6 +166,12 @@ fn adopt_early_resume(sk: *mut bpf_sock, generation: u32) {
         return;
     };
     // SAFETY: this CPU's value of our per-CPU map.
+    let written_since =
+        || unsafe { ptr::read_volatile(&raw const (*slot).verdict.generation) } != generation;
+    if written_since() {
+        return;
+    }
+    // SAFETY: as above.
     let cut_in_name = unsafe { ptr::read_volatile(&raw const (*slot).resume.walking) } == KEPT_NAME;
     if cut_in_name && !adopt_early_kept_name(sk) {
         return;
@@ -173,7 +179,11 @@ fn adopt_early_resume(sk: *mut bpf_sock, generation: u32) {
     let map = ptr::from_ref(&SNI_RESUME).cast_mut().cast::<c_void>();
     // SAFETY: as in `decision`: the kernel copies the slot's resume in before the storage is
     // visible (the socket is new: it has none yet). A copy the slot's next write tore is
-    // found below.
+    // found below and removed; until then, for a few instructions, a reader of the
+    // connection's next segment on another CPU could use it (it takes a write to the slot
+    // from a softirq on this CPU while an accept from the socket's backlog runs here, and
+    // that segment read meanwhile elsewhere: the connection then counts once, perhaps in
+    // the wrong route).
     let saved = unsafe {
         !bpf_sk_storage_get(
             map,
@@ -183,8 +193,7 @@ fn adopt_early_resume(sk: *mut bpf_sock, generation: u32) {
         )
         .is_null()
     };
-    // SAFETY: as above.
-    let torn = unsafe { ptr::read_volatile(&raw const (*slot).verdict.generation) } != generation;
+    let torn = written_since();
     if saved && torn {
         // SAFETY: the helper checks the socket.
         unsafe { bpf_sk_storage_delete(map, sk.cast()) };
