@@ -1347,7 +1347,7 @@ fn route_of(read: Hello, name: Option<&[u8]>) -> (&'static str, &'static str) {
 /// header: skipped, in the hello's segment or in one of its own before it, and each kind of
 /// client counted as it is without it (its bytes with the header's). The balancer's own
 /// checks (a LOCAL header, then nothing) count as no data; a header cut short or a version
-/// 1 line with no end, as such.
+/// 1 line with no end, as such. A hello cut in its name after a header is read on.
 #[test]
 fn hellos_after_a_proxy_protocol_header_are_read() {
     const N: usize = 3;
@@ -1403,6 +1403,26 @@ fn hellos_after_a_proxy_protocol_header_are_read() {
             outcome,
         };
         client.exchange(&netns, &listener, N, &mut expected);
+    }
+    // The hello cut in its name: after a header in the same segment, and after one in a
+    // segment of its own (its name's first bytes kept, then read on).
+    let name_cut = Walk::of(&api).name_body() + 7;
+    for header in [proxy_v1(), proxy_v2()] {
+        let behind = Client {
+            what: "a hello cut in its name after a PROXY header",
+            first: [header.as_slice(), &api].concat(),
+            extra: 0,
+            response: 100,
+            closer: Closer::Connecting,
+            route: "api",
+            outcome: "matched",
+        };
+        for send in [
+            Send::SplitAfter(header.len() + name_cut),
+            Send::SplitTwice(header.len(), header.len() + name_cut),
+        ] {
+            behind.exchange_sending(&netns, &listener, N, send, &mut expected);
+        }
     }
     // A second header in the segment after the first's own.
     let header = proxy_v1();
