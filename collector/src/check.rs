@@ -447,10 +447,16 @@ fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status
     } else {
         Status::Pass
     };
-    let mut detail = if names.is_empty() {
+    let excluded: Vec<&str> = links::excluded(all, watched)
+        .map(|link| link.name.as_str())
+        .collect();
+    let mut detail = if !names.is_empty() {
+        names
+    } else if excluded.is_empty() {
         "none is up: no live traffic is counted until one comes up".to_owned()
     } else {
-        names
+        // Not for want of an interface: the patterns cover every one.
+        "every up interface is left out: no live traffic or DNS is counted on any".to_owned()
     };
     if !unparsed.is_empty() {
         detail = format!(
@@ -459,9 +465,6 @@ fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status
             unparsed.join(", ")
         );
     }
-    let excluded: Vec<&str> = links::excluded(all, watched)
-        .map(|link| link.name.as_str())
-        .collect();
     if !excluded.is_empty() {
         detail = format!(
             "{detail}; left out by exclude_interfaces: {}",
@@ -1595,6 +1598,27 @@ mod tests {
                 "cali0, cali1, cali2, cali3, cali4, cali5, cali6, cali7, cali8, cali9 and 2 more"
             ),
             "{detail}"
+        );
+    }
+
+    /// Patterns that cover every up interface are named as the cause, not a want of
+    /// interfaces.
+    #[test]
+    fn patterns_that_leave_out_every_interface_are_said_to() {
+        let all = [link(1, "lo", true), link(2, "eth0", true)];
+        let excluded = [glob::Pattern::new("*").unwrap()];
+        let watched = links::Watched {
+            listed: &[],
+            excluded: &excluded,
+        };
+        assert_eq!(
+            judge_interfaces(&all, watched),
+            (
+                Status::Warn,
+                "every up interface is left out: no live traffic or DNS is counted on any; \
+                 left out by exclude_interfaces: lo, eth0"
+                    .to_owned()
+            )
         );
     }
 }

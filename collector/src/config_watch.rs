@@ -3,9 +3,10 @@
 //! applies at the next start, and an edit that start would refuse showed only then, as a
 //! crash loop days later on whichever node restarted first. The file is looked at every
 //! poll (its size, time and inode, and those of the credential and certificate files it
-//! names; it is read again when one of them changes, and every poll while a start would
-//! refuse it), and `/metrics` says whether a start would accept it (its lines, and the files
-//! it names) and whether it still reads as what runs.
+//! names; it is read again when one of them changes, once the change holds from one poll to
+//! the next, and every poll while a start would refuse it), and `/metrics` says whether a
+//! start would accept it (its lines, and the files it names) and whether it still reads as
+//! what runs.
 
 use std::path::PathBuf;
 
@@ -36,20 +37,24 @@ pub struct ConfigWatch {
     /// The versions of the file and of `named` as last read (`None`: read it again; a file
     /// that could not be looked at is `None` within).
     seen: Option<Vec<Option<FileVersion>>>,
+    /// The versions the last look found, read or not.
+    last_look: Option<Vec<Option<FileVersion>>>,
     state: ConfigFileState,
     /// The refusal last logged, so that a file read again each poll is said once.
     refusal: Option<String>,
 }
 
 impl ConfigWatch {
-    /// For the file at `path`, read at the start into `running`. The first look reads it
-    /// again: an edit between the start's read and this one is then not taken for what runs.
+    /// For the file at `path`, read at the start into `running`. The first look whose
+    /// versions hold reads it again: an edit between the start's read and that look is then
+    /// not taken for what runs.
     #[must_use]
     pub fn new(path: PathBuf, running: &Config, reread: Reread) -> Self {
         Self {
             named: running.http.files(),
             running: what_runs(running),
             seen: None,
+            last_look: None,
             path,
             reread,
             state: ConfigFileState {
@@ -68,7 +73,13 @@ impl ConfigWatch {
             .chain(&self.named)
             .map(|path| FileVersion::of(path).ok())
             .collect();
-        if self.state.valid && self.seen.as_ref() == Some(&versions) {
+        // A version is read once it holds from one look to the next: one found for the first
+        // time may be a rewrite in place caught between its truncate and its last write (an
+        // editor's save, `cat new.toml > collector.toml`), which read as refused, with a
+        // warning naming a line, for a file that never was.
+        let settled = self.last_look.as_ref() == Some(&versions);
+        self.last_look = Some(versions.clone());
+        if !settled || (self.state.valid && self.seen.as_ref() == Some(&versions)) {
             return self.state;
         }
         let reread = (self.reread)();
@@ -162,6 +173,12 @@ mod tests {
         (ConfigWatch::new(path.clone(), &running, reread), path)
     }
 
+    /// What the watch says once the files hold still: at the second look that finds them so.
+    fn settled(watch: &mut ConfigWatch) -> ConfigFileState {
+        let _ = watch.look();
+        watch.look()
+    }
+
     /// Rewritten as a `ConfigMap`'s file is: a new file renamed over the old one.
     fn replace(path: &std::path::Path, text: &str) {
         let next = path.with_extension("next");
@@ -174,19 +191,19 @@ mod tests {
         const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [8080]\ntype = \"http\"\n";
         let (mut watch, path) = watch(ROUTES);
         let state = |valid, applied| ConfigFileState { valid, applied };
-        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(settled(&mut watch), state(true, true));
         // A comment changes nothing that runs.
         replace(&path, &format!("# the proxy's routes\n{ROUTES}"));
-        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(settled(&mut watch), state(true, true));
         replace(&path, &ROUTES.replace("8080", "8081"));
-        assert_eq!(watch.look(), state(true, false));
+        assert_eq!(settled(&mut watch), state(true, false));
         // Edited in place, as an editor may: the same inode.
         std::fs::write(&path, ROUTES.replace("http", "htp")).unwrap();
-        assert_eq!(watch.look(), state(false, false));
+        assert_eq!(settled(&mut watch), state(false, false));
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(watch.look(), state(false, false));
+        assert_eq!(settled(&mut watch), state(false, false));
         replace(&path, ROUTES);
-        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(settled(&mut watch), state(true, true));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
@@ -201,12 +218,12 @@ mod tests {
         let text = format!("[http]\nbearer_token_file = \"{}\"\n", token.display());
         let (mut watch, path) = watch(&text);
         let state = |valid, applied| ConfigFileState { valid, applied };
-        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(settled(&mut watch), state(true, true));
         std::fs::remove_file(&token).unwrap();
-        assert_eq!(watch.look(), state(false, false));
+        assert_eq!(settled(&mut watch), state(false, false));
         assert_eq!(watch.look(), state(false, false));
         std::fs::write(&token, "renewed\n").unwrap();
-        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(settled(&mut watch), state(true, true));
         // Edited to name a file not there yet (the last read that succeeded named the
         // other): refused until it is put there.
         let next = dir.join("next-token");
@@ -214,10 +231,10 @@ mod tests {
             &path,
             &format!("[http]\nbearer_token_file = \"{}\"\n", next.display()),
         );
-        assert_eq!(watch.look(), state(false, false));
+        assert_eq!(settled(&mut watch), state(false, false));
         assert_eq!(watch.look(), state(false, false));
         std::fs::write(&next, "secret\n").unwrap();
-        assert_eq!(watch.look(), state(true, false));
+        assert_eq!(settled(&mut watch), state(true, false));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -227,18 +244,40 @@ mod tests {
     fn removing_a_key_without_effect_is_no_change() {
         let (mut watch, path) = watch("[dns]\nenabled = false\nports = [5353]\n");
         let state = |valid, applied| ConfigFileState { valid, applied };
-        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(settled(&mut watch), state(true, true));
         replace(&path, "[dns]\nenabled = false\nports = [5354]\ntop_k = 7\n");
-        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(settled(&mut watch), state(true, true));
         replace(&path, "[dns]\nenabled = false\n");
-        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(settled(&mut watch), state(true, true));
         replace(&path, "[dns]\nenabled = true\n");
-        assert_eq!(watch.look(), state(true, false));
+        assert_eq!(settled(&mut watch), state(true, false));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
         // Without TLS, no handshake is timed.
         let (mut without_tls, path) = self::watch("[http]\ntls_handshake_timeout_ms = 10000\n");
         replace(&path, "[http]\ntls_handshake_timeout_ms = 20000\n");
-        assert_eq!(without_tls.look(), state(true, true));
+        assert_eq!(settled(&mut without_tls), state(true, true));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// A rewrite in place caught between its truncate and its last write is not judged: the
+    /// next look finds the file moved on, and the one after reads what it became.
+    #[test]
+    fn a_file_caught_in_a_rewrite_in_place_is_not_judged_until_it_holds() {
+        const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [8080]\ntype = \"http\"\n";
+        let (mut watch, path) = watch(ROUTES);
+        let state = |valid, applied| ConfigFileState { valid, applied };
+        assert_eq!(settled(&mut watch), state(true, true));
+        // Truncated and written in part, as `cat new.toml > collector.toml` leaves it for a
+        // moment: refused if read.
+        std::fs::write(&path, &ROUTES[..20]).unwrap();
+        assert_eq!(watch.look(), state(true, true));
+        std::fs::write(&path, ROUTES.replace("8080", "8081")).unwrap();
+        assert_eq!(watch.look(), state(true, true));
+        assert_eq!(watch.look(), state(true, false));
+        // A half-written file that stays so is refused, a look later.
+        std::fs::write(&path, &ROUTES[..20]).unwrap();
+        assert_eq!(watch.look(), state(true, false));
+        assert_eq!(watch.look(), state(false, false));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -736,21 +736,21 @@ async fn serve_until_signal(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     *polling = true;
+    // Whether a stop was asked while the loop stood still: looked at before a poll says the
+    // loop runs again, and at the stop (a stall anywhere else is followed by one of them).
+    let mut stalled_stop = None;
     let outcome = loop {
         tokio::select! {
-            () = &mut stop => break Ok(()),
+            () = &mut stop => break stopped(stalled_stop.or_else(|| liveness.stalled_for())),
             _ = ticks.tick() => {
-                let programs = attachment
-                    .program_stats()
-                    .into_iter()
-                    .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats { name, run_time_ns, run_count })
-                    .collect();
+                let programs = program_stats(attachment);
                 let interfaces = read_interfaces(attachment, links::Watched::of(config), &mut netlink);
                 hub.update_switches();
                 match poller.poll(programs, interfaces, nft.read()) {
                     Polled::Fresh(snapshot) => latest.store(*snapshot),
                     Polled::Failed(health) => latest.store_failed(*health),
                 }
+                stalled_stop = stalled_stop.or_else(|| stop_in_a_stall(&liveness));
                 liveness.polled();
             }
             announced = address_change(address_changes.as_ref()) => on_change(
@@ -820,6 +820,46 @@ async fn finish(
         }
     }
 }
+
+/// The kernel's run statistics of the programs, for the poll.
+fn program_stats(attachment: &Attachment) -> Vec<snapshot::ProgramStats> {
+    attachment
+        .program_stats()
+        .into_iter()
+        .map(|(name, run_time_ns, run_count)| snapshot::ProgramStats {
+            name,
+            run_time_ns,
+            run_count,
+        })
+        .collect()
+}
+
+/// How a stop ends the loop: cleanly, or as after an error if the loop had stood still.
+fn stopped(stalled: Option<std::time::Duration>) -> anyhow::Result<()> {
+    match stalled {
+        Some(stalled) => Err(StoppedWhileStalled(stalled).into()),
+        None => Ok(()),
+    }
+}
+
+/// How long the poll loop had stood still, past `/healthz`'s limit, if a stop has been asked
+/// by the end of that stall.
+fn stop_in_a_stall(liveness: &serve::Liveness) -> Option<std::time::Duration> {
+    liveness.stalled_for().filter(|_| signals::stop_requested())
+}
+
+/// A stop asked while the poll loop stood still past `/healthz`'s limit: most likely the
+/// kubelet's restart after failed liveness probes (or an operator's stop of a wedged agent).
+/// It is carried out as after a crash, everything left for the next start to take over
+/// with every counter: the restart is the probe's, not a removal, and a stall that outlasts
+/// the kill's grace keeps them too (a clean stop here reset every counter only when the
+/// stall ended within that grace).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "asked to stop while the poll loop had stood still for {} s, past /healthz's limit (a liveness probe's restart, most likely)",
+    .0.as_secs()
+)]
+struct StoppedWhileStalled(std::time::Duration);
 
 /// What the running agent stopped on, other than a signal: a task it needs ended. What it
 /// attached stays, as after a crash, so that the supervisor's restart takes it over with

@@ -137,7 +137,13 @@ impl Liveness {
     /// A poll has finished within the limit (or the limit has not passed since the start).
     #[must_use]
     pub fn alive(&self) -> bool {
-        self.stalled(Instant::now()).is_none()
+        self.stalled_for().is_none()
+    }
+
+    /// How long no poll has finished, when that is longer than the limit.
+    #[must_use]
+    pub fn stalled_for(&self) -> Option<Duration> {
+        self.stalled(Instant::now())
     }
 
     /// How long no poll has finished, as of `now`, when that is longer than the limit.

@@ -1841,6 +1841,52 @@ fn health_fails_while_the_poll_loop_is_stuck_and_recovers_when_it_runs_again() {
     support::assert_no_pins(&config.pin_dir);
 }
 
+/// A stop asked while the poll loop stands still past `/healthz`'s limit is the kubelet's
+/// restart after failed liveness probes, most likely: the agent leaves everything, as a
+/// crash does, and the next start carries the counts on, also when the stall ends within
+/// the kill's grace (a clean stop then reset them all).
+#[test]
+fn a_stop_asked_while_the_poll_loop_stood_still_keeps_the_counts_for_the_next_start() {
+    // `serve::stall_limit` at the tests' 100 ms poll interval.
+    const STALL_LIMIT: Duration = Duration::from_mins(1);
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let logs = ScratchDir::new("stalled-stop");
+    let (first, second) = (logs.path("first.log"), logs.path("second.log"));
+    let agent = Agent::start_logging(&netns, &config, &[], &first);
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    let frozen = Frozen::main_thread(agent.pid());
+    wait_for(
+        "/healthz to fail",
+        STALL_LIMIT + Duration::from_secs(30),
+        || (netns.run(|| support::get("/healthz").unwrap()).0 == 503).then_some(()),
+    );
+    // The kubelet's SIGTERM, then the stall ends within its grace.
+    agent.signal(libc::SIGTERM);
+    thread::sleep(Duration::from_millis(500));
+    drop(frozen);
+    let status = agent.stop();
+    assert!(!status.success(), "{status:?}");
+    support::logged_lines(
+        &first,
+        "asked to stop while the poll loop had stood still for",
+    );
+    support::logged_lines(
+        &first,
+        "stopping on an error: programs, pins and the nftables table stay",
+    );
+    assert!(config.pin_dir.join("v1").exists(), "the pins were removed");
+
+    let agent = Agent::start_logging(&netns, &config, &[], &second);
+    assert!(support::running_line(&second).contains("inherited=true"));
+    // The first run's 2, and 2 more.
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 4);
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
+}
+
 /// Under systemd (`Type=notify`, `WatchdogSec=`), the agent says it is ready once it serves
 /// its first poll's figures, feeds the watchdog every half period while it polls, and says
 /// when a clean stop begins.
@@ -2012,7 +2058,8 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
         )
     };
     assert_eq!(state(&scrape(&netns)), (Some(1.0), Some(1.0)));
-    // Replaced as a ConfigMap's file is: a new file renamed over it.
+    // Replaced as a ConfigMap's file is: a new file renamed over it. A version is judged at
+    // the second poll that finds it, so three polls: the first may have looked before it.
     let replace = |text: &str| {
         let next = config.path.with_extension("next");
         std::fs::write(&next, text).unwrap();
@@ -2020,12 +2067,12 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     };
     replace(&format!("# the proxy's routes\n{original}"));
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(1.0), Some(1.0))
     );
     replace(&original.replace("18080", "18081"));
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(1.0), Some(0.0))
     );
     support::logged_lines(
@@ -2036,7 +2083,7 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     let line = 1 + refused.lines().position(|l| l.contains("htp")).unwrap();
     replace(&refused);
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(0.0), Some(0.0))
     );
     let said = support::logged_lines(&log, "would be refused at the next start");
@@ -2053,7 +2100,7 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
         "{original}[http]\nbearer_token_file = \"/nonexistent/token\"\n"
     ));
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(0.0), Some(0.0))
     );
     let said = support::logged_lines(&log, "would be refused at the next start");
@@ -2063,7 +2110,7 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     );
     replace(&original);
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(1.0), Some(1.0))
     );
     support::logged_lines(&log, "reads as the running config again");

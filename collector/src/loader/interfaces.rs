@@ -413,7 +413,14 @@ impl Attachment {
         let excluded: Vec<&str> = links::excluded(links, watched)
             .map(|link| link.name.as_str())
             .collect();
-        if start && !excluded.is_empty() {
+        let none_left = links::selection(links, watched).is_ok_and(|s| s.links.is_empty());
+        if start && !excluded.is_empty() && none_left {
+            tracing::warn!(
+                count = excluded.len(),
+                "every up interface is left out by exclude_interfaces: no live traffic or DNS is counted on any until one that no pattern covers comes up: {}",
+                links::name_list(&excluded, links::EXCLUDED_SHOWN)
+            );
+        } else if start && !excluded.is_empty() {
             tracing::info!(
                 count = excluded.len(),
                 "left out by exclude_interfaces (collector_interfaces_excluded): {}",
