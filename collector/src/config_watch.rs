@@ -3,10 +3,9 @@
 //! applies at the next start, and an edit that start would refuse showed only then, as a
 //! crash loop days later on whichever node restarted first. The file is looked at every
 //! poll (its size, time and inode, and those of the credential and certificate files it
-//! names; it is read again when one of them changes, once the change holds from one poll to
-//! the next, and every poll while a start would refuse it), and `/metrics` says whether a
-//! start would accept it (its lines, and the files it names) and whether it still reads as
-//! what runs.
+//! names; it is read again when one of them changes, a poll later for a change made in place,
+//! and every poll while a start would refuse it), and `/metrics` says whether a start would
+//! accept it (its lines, and the files it names) and whether it still reads as what runs.
 
 use std::path::PathBuf;
 
@@ -39,15 +38,16 @@ pub struct ConfigWatch {
     seen: Option<Vec<Option<FileVersion>>>,
     /// The versions the last look found, read or not.
     last_look: Option<Vec<Option<FileVersion>>>,
+    /// The last look put off a read (see [`ConfigWatch::look`]).
+    put_off: bool,
     state: ConfigFileState,
     /// The refusal last logged, so that a file read again each poll is said once.
     refusal: Option<String>,
 }
 
 impl ConfigWatch {
-    /// For the file at `path`, read at the start into `running`. The first look whose
-    /// versions hold reads it again: an edit between the start's read and that look is then
-    /// not taken for what runs.
+    /// For the file at `path`, read at the start into `running`. The first look reads it
+    /// again: an edit between the start's read and this one is then not taken for what runs.
     #[must_use]
     pub fn new(path: PathBuf, running: &Config, reread: Reread) -> Self {
         Self {
@@ -55,6 +55,7 @@ impl ConfigWatch {
             running: what_runs(running),
             seen: None,
             last_look: None,
+            put_off: false,
             path,
             reread,
             state: ConfigFileState {
@@ -73,13 +74,19 @@ impl ConfigWatch {
             .chain(&self.named)
             .map(|path| FileVersion::of(path).ok())
             .collect();
-        // A version is read once it holds from one look to the next: one found for the first
-        // time may be a rewrite in place caught between its truncate and its last write (an
-        // editor's save, `cat new.toml > collector.toml`), which read as refused, with a
-        // warning naming a line, for a file that never was.
-        let settled = self.last_look.as_ref() == Some(&versions);
+        // A file changed in place (or just made) may be a rewrite caught between its truncate
+        // and its last write (an editor's save, `cat new.toml > collector.toml`), which read
+        // as refused, with a warning naming a line, for a file that never was: its read waits
+        // a look, once (a file written at every look is still read, every other look). A
+        // file swapped for another by a rename (a ConfigMap's) is whole: read at once.
+        let put_off = !self.put_off
+            && self
+                .last_look
+                .as_ref()
+                .is_some_and(|last| changed_in_place(last, &versions));
+        self.put_off = put_off;
         self.last_look = Some(versions.clone());
-        if !settled || (self.state.valid && self.seen.as_ref() == Some(&versions)) {
+        if put_off || (self.state.valid && self.seen.as_ref() == Some(&versions)) {
             return self.state;
         }
         let reread = (self.reread)();
@@ -125,6 +132,19 @@ impl ConfigWatch {
         self.state = state;
         state
     }
+}
+
+/// Whether a file of `now` changed in place since `last` (the same inode), or appeared.
+fn changed_in_place(last: &[Option<FileVersion>], now: &[Option<FileVersion>]) -> bool {
+    last.len() == now.len()
+        && last
+            .iter()
+            .zip(now)
+            .any(|(before, after)| match (before, after) {
+                (Some(before), Some(after)) => before != after && before.same_file(after),
+                (None, Some(_)) => true,
+                (_, None) => false,
+            })
 }
 
 /// What a config runs: with DNS off, the `[dns]` keys a start warns have no effect are not
@@ -173,7 +193,8 @@ mod tests {
         (ConfigWatch::new(path.clone(), &running, reread), path)
     }
 
-    /// What the watch says once the files hold still: at the second look that finds them so.
+    /// What the watch says once the files hold still: a change made in place is read at
+    /// the second look.
     fn settled(watch: &mut ConfigWatch) -> ConfigFileState {
         let _ = watch.look();
         watch.look()
@@ -259,25 +280,29 @@ mod tests {
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
-    /// A rewrite in place caught between its truncate and its last write is not judged: the
-    /// next look finds the file moved on, and the one after reads what it became.
+    /// A rewrite in place caught between its truncate and its last write is not judged: its
+    /// read waits a look.
     #[test]
-    fn a_file_caught_in_a_rewrite_in_place_is_not_judged_until_it_holds() {
+    fn a_file_caught_in_a_rewrite_in_place_is_read_a_look_later() {
         const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [8080]\ntype = \"http\"\n";
         let (mut watch, path) = watch(ROUTES);
         let state = |valid, applied| ConfigFileState { valid, applied };
-        assert_eq!(settled(&mut watch), state(true, true));
+        assert_eq!(watch.look(), state(true, true));
         // Truncated and written in part, as `cat new.toml > collector.toml` leaves it for a
         // moment: refused if read.
         std::fs::write(&path, &ROUTES[..20]).unwrap();
         assert_eq!(watch.look(), state(true, true));
-        std::fs::write(&path, ROUTES.replace("8080", "8081")).unwrap();
-        assert_eq!(watch.look(), state(true, true));
+        // Written again before the next look (another size: on kernels before 6.13 the
+        // times may not have moved): read then, not put off again.
+        std::fs::write(&path, ROUTES.replace("8080", "18081")).unwrap();
         assert_eq!(watch.look(), state(true, false));
         // A half-written file that stays so is refused, a look later.
         std::fs::write(&path, &ROUTES[..20]).unwrap();
         assert_eq!(watch.look(), state(true, false));
         assert_eq!(watch.look(), state(false, false));
+        // A file renamed over it is whole: read at the first look.
+        replace(&path, ROUTES);
+        assert_eq!(watch.look(), state(true, true));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -736,12 +736,10 @@ async fn serve_until_signal(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     *polling = true;
-    // Whether a stop was asked while the loop stood still: looked at before a poll says the
-    // loop runs again, and at the stop (a stall anywhere else is followed by one of them).
-    let mut stalled_stop = None;
+    let mut stalls = Stalls::default();
     let outcome = loop {
         tokio::select! {
-            () = &mut stop => break stopped(stalled_stop.or_else(|| liveness.stalled_for())),
+            () = &mut stop => break stopped(stalls.at_stop(&liveness)),
             _ = ticks.tick() => {
                 let programs = program_stats(attachment);
                 let interfaces = read_interfaces(attachment, links::Watched::of(config), &mut netlink);
@@ -750,7 +748,7 @@ async fn serve_until_signal(
                     Polled::Fresh(snapshot) => latest.store(*snapshot),
                     Polled::Failed(health) => latest.store_failed(*health),
                 }
-                stalled_stop = stalled_stop.or_else(|| stop_in_a_stall(&liveness));
+                stalls.before_polled(&liveness);
                 liveness.polled();
             }
             announced = address_change(address_changes.as_ref()) => on_change(
@@ -842,21 +840,55 @@ fn stopped(stalled: Option<std::time::Duration>) -> anyhow::Result<()> {
     }
 }
 
-/// How long the poll loop had stood still, past `/healthz`'s limit, if a stop has been asked
-/// by the end of that stall.
-fn stop_in_a_stall(liveness: &serve::Liveness) -> Option<std::time::Duration> {
-    liveness.stalled_for().filter(|_| signals::stop_requested())
+/// The poll loop's stalls past `/healthz`'s limit, for the stop: looked at before a poll
+/// says the loop runs again, and at the stop (a stall anywhere else is followed by one of
+/// them).
+#[derive(Default)]
+struct Stalls {
+    /// How long the loop had stood still when a stop was asked during a stall.
+    stopped_in: Option<std::time::Duration>,
+    /// When the last stall ended, and how long it was.
+    last: Option<(std::time::Instant, std::time::Duration)>,
 }
 
-/// A stop asked while the poll loop stood still past `/healthz`'s limit: most likely the
-/// kubelet's restart after failed liveness probes (or an operator's stop of a wedged agent).
+/// How long after a stall a stop is still taken for the probes' restart: the kubelet's kill
+/// may come a few seconds after the probe that decided it, and the loop may have run again
+/// meanwhile (the shipped probes run every 10 s).
+const STALL_STOP_WINDOW: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl Stalls {
+    /// Before a poll marks the loop alive again.
+    fn before_polled(&mut self, liveness: &serve::Liveness) {
+        if let Some(stalled) = liveness.stalled_for() {
+            if signals::stop_requested() {
+                self.stopped_in.get_or_insert(stalled);
+            }
+            self.last = Some((std::time::Instant::now(), stalled));
+        }
+    }
+
+    /// At the stop: the stall it was asked in or came right after, if any.
+    fn at_stop(&self, liveness: &serve::Liveness) -> Option<std::time::Duration> {
+        self.stopped_in
+            .or_else(|| liveness.stalled_for())
+            .or_else(|| {
+                self.last
+                    .filter(|(ended, _)| ended.elapsed() < STALL_STOP_WINDOW)
+                    .map(|(_, stalled)| stalled)
+            })
+    }
+}
+
+/// A stop asked while the poll loop stood still past `/healthz`'s limit, or within
+/// [`STALL_STOP_WINDOW`] after: most likely the kubelet's restart after failed liveness
+/// probes (or an operator's stop of a wedged agent).
 /// It is carried out as after a crash, everything left for the next start to take over
 /// with every counter: the restart is the probe's, not a removal, and a stall that outlasts
 /// the kill's grace keeps them too (a clean stop here reset every counter only when the
 /// stall ended within that grace).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "asked to stop while the poll loop had stood still for {} s, past /healthz's limit (a liveness probe's restart, most likely)",
+    "asked to stop during, or right after, a stall of the poll loop of {} s, past /healthz's limit (a liveness probe's restart, most likely)",
     .0.as_secs()
 )]
 struct StoppedWhileStalled(std::time::Duration);
