@@ -344,14 +344,10 @@ impl Attachment {
         let prepared = load(config, &map_dir, netns_cookie, address_slots).and_then(|mut ebpf| {
             claim_pins(&mut ebpf, &pin_dir, own_netns)?;
             set_dns_name_keys(&mut ebpf)?;
-            let (routes, upstreams, retired_slots) = bind_slots(&mut ebpf, config)?;
-            fill_port_map(&mut ebpf, &routes)?;
-            fill_server_name_maps(&mut ebpf, &routes)?;
-            fill_upstream_port_map(&mut ebpf, &upstreams)?;
             hold_off_upstream_shortcut(&mut ebpf)?;
-            Ok((ebpf, routes, upstreams, retired_slots))
+            Ok(ebpf)
         });
-        let (ebpf, routes, upstreams, retired_slots) = match prepared {
+        let ebpf = match prepared {
             Ok(prepared) => prepared,
             Err(err) => {
                 // A start from zero has pinned its maps by now: left, the next start would
@@ -370,9 +366,9 @@ impl Attachment {
         let mut attachment = Self {
             ebpf,
             dropped_before_attach,
-            routes,
-            upstreams,
-            retired_slots,
+            routes: Vec::new(),
+            upstreams: Vec::new(),
+            retired_slots: Vec::new(),
             classifiers: Vec::new(),
             attached: std::collections::BTreeMap::new(),
             ahead_seen: std::collections::BTreeMap::new(),
@@ -436,6 +432,7 @@ impl Attachment {
         let watched = links::Watched::of(config);
         let selected = links::selection(&all, watched).map_err(|err| anyhow!(err))?;
         self.load_programs(config, bpf_stats, &selected)?;
+        self.bind_routes(config)?;
         self.keep_redirect_devices(&all);
         self.note_unparsed(&all, watched);
         self.note_excluded(&all, watched, true);
@@ -460,6 +457,25 @@ impl Attachment {
             );
         }
         self.missing_interfaces = selected.missing;
+        Ok(())
+    }
+
+    /// Gives the routes and upstreams their slots and fills the port maps, once every program
+    /// is verified and the interfaces chosen, just before the first link runs one of them.
+    /// After a crash the crashed run's programs count on until the links' swap: a slot
+    /// reclaimed from a route that left the config (renamed and zeroed here) takes that
+    /// route's port for those milliseconds, where it took it for the verifier's seconds,
+    /// and a start refused by then (a program refused, an interface's framing) leaves every
+    /// slot to its owner; until 2026-12-06 such a start left the slot renamed, and the next
+    /// start kept it for the new route, with the old route's counts of the whole time.
+    fn bind_routes(&mut self, config: &Config) -> anyhow::Result<()> {
+        let (routes, upstreams, retired_slots) = bind_slots(&mut self.ebpf, config)?;
+        fill_port_map(&mut self.ebpf, &routes)?;
+        fill_server_name_maps(&mut self.ebpf, &routes)?;
+        fill_upstream_port_map(&mut self.ebpf, &upstreams)?;
+        self.routes = routes;
+        self.upstreams = upstreams;
+        self.retired_slots = retired_slots;
         Ok(())
     }
 

@@ -1286,6 +1286,46 @@ fn a_removed_routes_connections_turned_away_by_the_full_table_leave_its_slot_fre
     assert_no_pins(&config.pin_dir);
 }
 
+/// A start that would reclaim a removed route's slot for a new one and is refused before
+/// its programs run (an interface of a framing the classifiers do not parse) leaves the
+/// slot to its owner: the crashed run's programs count the removed route into it until a
+/// start succeeds, and the new route that then takes it counts from 0. Until 2026-12-06
+/// the refused start had renamed the slot, and the next start kept it for the new route
+/// with the removed route's connections of the whole time.
+#[test]
+fn a_start_refused_after_planning_a_reclaimed_slot_leaves_it_to_its_owner() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&every_slot_used(&[], false));
+    Agent::start(&netns, &config).kill();
+
+    // r9 removed and `new` added: `new` would take r9's slot.
+    rewrite_routes(&config, &every_slot_used(&[9], true));
+    let broken = config.dir.join("broken.toml");
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    unparsed_device(&netns, "tun9");
+    std::fs::write(&broken, format!("interfaces = [\"tun9\"]\n{text}")).unwrap();
+    let stderr = support::refused_start(&netns, &broken);
+    assert!(
+        stderr.contains("tun9 has a link-layer framing the tc classifiers do not parse"),
+        "{stderr}"
+    );
+    // r9's port, counted by the crashed run's programs meanwhile.
+    exchanges(&netns, local(30009), 3, 100, 100, Closer::Connecting);
+
+    let agent = Agent::start(&netns, &config);
+    exchanges(&netns, local(31000), 2, 100, 100, Closer::Connecting);
+    let metrics = support::wait_for_closed(&netns, "new", 2);
+    for (name, value) in [
+        ("collector_proxy_connections_opened_total", 2.0),
+        ("collector_proxy_connection_received_bytes_total", 200.0),
+        ("collector_proxy_connections_active", 0.0),
+    ] {
+        assert_eq!(route_value(&metrics, name, "new"), value, "{name}");
+    }
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn a_new_route_leaves_the_slot_of_a_removed_route_with_open_connections_alone() {
     const HELD: usize = 3;
