@@ -3,9 +3,9 @@
 //! applies at the next start, and an edit that start would refuse showed only then, as a
 //! crash loop days later on whichever node restarted first. The file is looked at every
 //! poll (its size, time and inode, and those of the credential and certificate files it
-//! names; it is read again when one of them changes, a poll later for a change made in place,
-//! and every poll while a start would refuse it), and `/metrics` says whether a start would
-//! accept it (its lines, and the files it names) and whether it still reads as what runs.
+//! names; it is read again a poll after one of them changes, and every poll while a start
+//! would refuse it), and `/metrics` says whether a start would accept it (its lines, and the
+//! files it names) and whether it still reads as what runs.
 
 use std::path::PathBuf;
 
@@ -74,16 +74,15 @@ impl ConfigWatch {
             .chain(&self.named)
             .map(|path| FileVersion::of(path).ok())
             .collect();
-        // A file changed in place (or just made) may be a rewrite caught between its truncate
-        // and its last write (an editor's save, `cat new.toml > collector.toml`), which read
-        // as refused, with a warning naming a line, for a file that never was: its read waits
-        // a look, once (a file written at every look is still read, every other look). A
-        // file swapped for another by a rename (a ConfigMap's) is whole: read at once.
+        // A change may be a rewrite caught between its truncate and its last write (an
+        // editor's save, `cat new.toml > collector.toml`, `rm` and a new file), which read as
+        // refused, with a warning naming a line, for a file that never was: its read waits a
+        // look, once (a file written at every look is still read, every other look).
         let put_off = !self.put_off
             && self
                 .last_look
                 .as_ref()
-                .is_some_and(|last| changed_in_place(last, &versions));
+                .is_some_and(|last| *last != versions);
         self.put_off = put_off;
         self.last_look = Some(versions.clone());
         if put_off || (self.state.valid && self.seen.as_ref() == Some(&versions)) {
@@ -134,19 +133,6 @@ impl ConfigWatch {
     }
 }
 
-/// Whether a file of `now` changed in place since `last` (the same inode), or appeared.
-fn changed_in_place(last: &[Option<FileVersion>], now: &[Option<FileVersion>]) -> bool {
-    last.len() == now.len()
-        && last
-            .iter()
-            .zip(now)
-            .any(|(before, after)| match (before, after) {
-                (Some(before), Some(after)) => before != after && before.same_file(after),
-                (None, Some(_)) => true,
-                (_, None) => false,
-            })
-}
-
 /// What a config runs: with DNS off, the `[dns]` keys a start warns have no effect are not
 /// part of it, so that removing or changing one is no change; nor, without TLS, the TLS
 /// handshake's time limit.
@@ -193,8 +179,7 @@ mod tests {
         (ConfigWatch::new(path.clone(), &running, reread), path)
     }
 
-    /// What the watch says once the files hold still: a change made in place is read at
-    /// the second look.
+    /// What the watch says once the files hold still: a change is read at the second look.
     fn settled(watch: &mut ConfigWatch) -> ConfigFileState {
         let _ = watch.look();
         watch.look()
@@ -300,8 +285,9 @@ mod tests {
         std::fs::write(&path, &ROUTES[..20]).unwrap();
         assert_eq!(watch.look(), state(true, false));
         assert_eq!(watch.look(), state(false, false));
-        // A file renamed over it is whole: read at the first look.
+        // So is a file renamed over it, whole or not.
         replace(&path, ROUTES);
+        assert_eq!(watch.look(), state(false, false));
         assert_eq!(watch.look(), state(true, true));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }

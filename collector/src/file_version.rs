@@ -18,13 +18,6 @@ pub struct FileVersion {
 }
 
 impl FileVersion {
-    /// Of the same file (inode), whatever its contents: a version of another file is one
-    /// swapped in whole, by a rename.
-    #[must_use]
-    pub fn same_file(&self, other: &Self) -> bool {
-        self.inode == other.inode
-    }
-
     pub fn of(path: &Path) -> std::io::Result<Self> {
         let meta = std::fs::metadata(path)?;
         Ok(Self {

@@ -1145,9 +1145,9 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     support::wait_for_closed(&netns, "web", 10);
     agent.kill();
 
-    // A start that fails after taking over the crashed run's sock_ops link: a configured
-    // interface with a framing the classifiers do not parse is an error when they are
-    // attached, which comes later (one that does not exist yet no longer is).
+    // A start that fails after taking over the crashed run's pins: a configured interface
+    // with a framing the classifiers do not parse is refused when the interfaces are
+    // chosen, before the programs load (one that does not exist yet no longer is).
     let broken = config.dir.join("broken.toml");
     let text = std::fs::read_to_string(&config.path).unwrap();
     unparsed_device(&netns, "tun9");
@@ -1272,15 +1272,36 @@ fn a_removed_routes_connections_turned_away_by_the_full_table_leave_its_slot_fre
     agent.kill();
 
     rewrite_routes(&config, &every_slot_used(&[7], true));
-    let agent = Agent::start(&netns, &config);
-    exchanges(&netns, local(31000), 3, 100, 100, Closer::Connecting);
-    let metrics = support::wait_for_closed(&netns, "new", 3);
+    new_route_counts_its_own(&netns, &config, 3);
+}
+
+/// The route `new` of [`every_slot_used`], in a start of `config`, counts exactly the
+/// connections made to its port, `made` exchanges of 100 bytes each way, and nothing else.
+fn new_route_counts_its_own(netns: &Netns, config: &AgentConfig, made: u32) {
+    let agent = Agent::start(netns, config);
+    exchanges(
+        netns,
+        local(31000),
+        made as usize,
+        100,
+        100,
+        Closer::Connecting,
+    );
+    let metrics = support::wait_for_closed(netns, "new", made);
     for (name, value) in [
-        ("collector_proxy_connections_opened_total", 3.0),
-        ("collector_proxy_connections_untracked_total", 0.0),
-        ("collector_proxy_connections_active", 0.0),
+        ("collector_proxy_connections_opened_total", made),
+        ("collector_proxy_connections_untracked_total", 0),
+        ("collector_proxy_connections_active", 0),
+        (
+            "collector_proxy_connection_received_bytes_total",
+            made * 100,
+        ),
     ] {
-        assert_eq!(route_value(&metrics, name, "new"), value, "{name}");
+        assert_eq!(
+            route_value(&metrics, name, "new"),
+            f64::from(value),
+            "{name}"
+        );
     }
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
@@ -1312,18 +1333,7 @@ fn a_start_refused_after_planning_a_reclaimed_slot_leaves_it_to_its_owner() {
     // r9's port, counted by the crashed run's programs meanwhile.
     exchanges(&netns, local(30009), 3, 100, 100, Closer::Connecting);
 
-    let agent = Agent::start(&netns, &config);
-    exchanges(&netns, local(31000), 2, 100, 100, Closer::Connecting);
-    let metrics = support::wait_for_closed(&netns, "new", 2);
-    for (name, value) in [
-        ("collector_proxy_connections_opened_total", 2.0),
-        ("collector_proxy_connection_received_bytes_total", 200.0),
-        ("collector_proxy_connections_active", 0.0),
-    ] {
-        assert_eq!(route_value(&metrics, name, "new"), value, "{name}");
-    }
-    assert!(agent.stop().success());
-    assert_no_pins(&config.pin_dir);
+    new_route_counts_its_own(&netns, &config, 2);
 }
 
 #[test]

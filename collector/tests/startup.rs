@@ -2063,7 +2063,8 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
         )
     };
     assert_eq!(state(&scrape(&netns)), (Some(1.0), Some(1.0)));
-    // Replaced as a ConfigMap's file is: a new file renamed over it.
+    // Replaced as a ConfigMap's file is: a new file renamed over it. A change is read a poll
+    // after the one that finds it, so three polls: the first may have looked before it.
     let replace = |text: &str| {
         let next = config.path.with_extension("next");
         std::fs::write(&next, text).unwrap();
@@ -2071,12 +2072,12 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     };
     replace(&format!("# the proxy's routes\n{original}"));
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(1.0), Some(1.0))
     );
     replace(&original.replace("18080", "18081"));
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(1.0), Some(0.0))
     );
     support::logged_lines(
@@ -2087,14 +2088,14 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     let line = 1 + refused.lines().position(|l| l.contains("htp")).unwrap();
     replace(&refused);
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(0.0), Some(0.0))
     );
     let said = support::logged_lines(&log, "would be refused at the next start");
     let at = format!("{}:{line}:", config.path.display());
     assert!(said[0].contains(&at), "{at} not in {said:?}");
     // Said once, not at every poll.
-    support::after_polls(&netns, 2);
+    support::after_polls(&netns, 3);
     assert_eq!(
         support::logged_lines(&log, "would be refused at the next start").len(),
         1
@@ -2104,7 +2105,7 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
         "{original}[http]\nbearer_token_file = \"/nonexistent/token\"\n"
     ));
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(0.0), Some(0.0))
     );
     let said = support::logged_lines(&log, "would be refused at the next start");
@@ -2114,7 +2115,7 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     );
     replace(&original);
     assert_eq!(
-        state(&support::after_polls(&netns, 2)),
+        state(&support::after_polls(&netns, 3)),
         (Some(1.0), Some(1.0))
     );
     support::logged_lines(&log, "reads as the running config again");
