@@ -1106,6 +1106,20 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A start of `config` with an unparsed device listed among its interfaces: refused when
+/// the interfaces are chosen, before the programs load.
+fn refused_for_an_unparsed_interface(netns: &Netns, config: &AgentConfig) {
+    let broken = config.dir.join("broken.toml");
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    unparsed_device(netns, "tun9");
+    std::fs::write(&broken, format!("interfaces = [\"tun9\"]\n{text}")).unwrap();
+    let stderr = support::refused_start(netns, &broken);
+    assert!(
+        stderr.contains("tun9 has a link-layer framing the tc classifiers do not parse"),
+        "{stderr}"
+    );
+}
+
 /// A device whose packets begin with a header the classifiers do not parse: a tun device
 /// given IP-in-IP's link type (`ARPHRD_TUNNEL`), since this kernel may have no IP-in-IP.
 fn unparsed_device(netns: &Netns, name: &'static str) {
@@ -1145,18 +1159,9 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     support::wait_for_closed(&netns, "web", 10);
     agent.kill();
 
-    // A start that fails after taking over the crashed run's pins: a configured interface
-    // with a framing the classifiers do not parse is refused when the interfaces are
-    // chosen, before the programs load (one that does not exist yet no longer is).
-    let broken = config.dir.join("broken.toml");
-    let text = std::fs::read_to_string(&config.path).unwrap();
-    unparsed_device(&netns, "tun9");
-    std::fs::write(&broken, format!("interfaces = [\"tun9\"]\n{text}")).unwrap();
-    let stderr = support::refused_start(&netns, &broken);
-    assert!(
-        stderr.contains("tun9 has a link-layer framing the tc classifiers do not parse"),
-        "{stderr}"
-    );
+    // A start that fails after taking over the crashed run's pins (a configured interface
+    // that does not exist yet no longer fails one).
+    refused_for_an_unparsed_interface(&netns, &config);
 
     // The crashed run's links and maps are still there and still counting.
     exchanges(&netns, local(WEB_PORT), 5, 100, 100, Closer::Connecting);
@@ -1321,15 +1326,7 @@ fn a_start_refused_after_planning_a_reclaimed_slot_leaves_it_to_its_owner() {
 
     // r9 removed and `new` added: `new` would take r9's slot.
     rewrite_routes(&config, &every_slot_used(&[9], true));
-    let broken = config.dir.join("broken.toml");
-    let text = std::fs::read_to_string(&config.path).unwrap();
-    unparsed_device(&netns, "tun9");
-    std::fs::write(&broken, format!("interfaces = [\"tun9\"]\n{text}")).unwrap();
-    let stderr = support::refused_start(&netns, &broken);
-    assert!(
-        stderr.contains("tun9 has a link-layer framing the tc classifiers do not parse"),
-        "{stderr}"
-    );
+    refused_for_an_unparsed_interface(&netns, &config);
     // r9's port, counted by the crashed run's programs meanwhile.
     exchanges(&netns, local(30009), 3, 100, 100, Closer::Connecting);
 
