@@ -154,8 +154,18 @@ fn what_runs(config: &Config) -> Config {
 mod tests {
     use super::*;
 
-    /// The watch on a file of a test's own, read as `collector run --config` reads it.
-    fn watch(text: &str) -> (ConfigWatch, PathBuf) {
+    /// A test's directory, removed when the test ends, a failed one too.
+    struct RemovedOnDrop(PathBuf);
+
+    impl Drop for RemovedOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The watch on a file of a test's own, read as `collector run --config` reads it, and
+    /// the file's directory.
+    fn watch(text: &str) -> (ConfigWatch, PathBuf, RemovedOnDrop) {
         // One per call: the tests run in parallel.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -164,7 +174,8 @@ mod tests {
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("collector.toml");
+        let dir = RemovedOnDrop(dir);
+        let path = dir.0.join("collector.toml");
         std::fs::write(&path, text).unwrap();
         let running = Config::from_file(&path).unwrap();
         let reread_path = path.clone();
@@ -176,7 +187,7 @@ mod tests {
             }
             Ok(config)
         });
-        (ConfigWatch::new(path.clone(), &running, reread), path)
+        (ConfigWatch::new(path.clone(), &running, reread), path, dir)
     }
 
     /// What the watch says once the files hold still: a change is read at the second look.
@@ -195,7 +206,7 @@ mod tests {
     #[test]
     fn edits_are_told_apart_by_what_a_start_would_make_of_them() {
         const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [8080]\ntype = \"http\"\n";
-        let (mut watch, path) = watch(ROUTES);
+        let (mut watch, path, _dir) = watch(ROUTES);
         let state = |valid, applied| ConfigFileState { valid, applied };
         assert_eq!(settled(&mut watch), state(true, true));
         // A comment changes nothing that runs.
@@ -210,7 +221,6 @@ mod tests {
         assert_eq!(settled(&mut watch), state(false, false));
         replace(&path, ROUTES);
         assert_eq!(settled(&mut watch), state(true, true));
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     /// A file the config names is looked at as the config is: its removal alone would
@@ -219,10 +229,11 @@ mod tests {
     fn the_files_it_names_count_without_an_edit() {
         let dir = std::env::temp_dir().join(format!("collector-named-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let _dir = RemovedOnDrop(dir.clone());
         let token = dir.join("token");
         std::fs::write(&token, "secret\n").unwrap();
         let text = format!("[http]\nbearer_token_file = \"{}\"\n", token.display());
-        let (mut watch, path) = watch(&text);
+        let (mut watch, path, _dir) = watch(&text);
         let state = |valid, applied| ConfigFileState { valid, applied };
         assert_eq!(settled(&mut watch), state(true, true));
         std::fs::remove_file(&token).unwrap();
@@ -241,14 +252,12 @@ mod tests {
         assert_eq!(watch.look(), state(false, false));
         std::fs::write(&next, "secret\n").unwrap();
         assert_eq!(settled(&mut watch), state(true, false));
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Keys the start warned have no effect are not what runs: removing one changes nothing.
     #[test]
     fn removing_a_key_without_effect_is_no_change() {
-        let (mut watch, path) = watch("[dns]\nenabled = false\nports = [5353]\n");
+        let (mut watch, path, _dir) = watch("[dns]\nenabled = false\nports = [5353]\n");
         let state = |valid, applied| ConfigFileState { valid, applied };
         assert_eq!(settled(&mut watch), state(true, true));
         replace(&path, "[dns]\nenabled = false\nports = [5354]\ntop_k = 7\n");
@@ -257,12 +266,11 @@ mod tests {
         assert_eq!(settled(&mut watch), state(true, true));
         replace(&path, "[dns]\nenabled = true\n");
         assert_eq!(settled(&mut watch), state(true, false));
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
         // Without TLS, no handshake is timed.
-        let (mut without_tls, path) = self::watch("[http]\ntls_handshake_timeout_ms = 10000\n");
+        let (mut without_tls, path, _dir) =
+            self::watch("[http]\ntls_handshake_timeout_ms = 10000\n");
         replace(&path, "[http]\ntls_handshake_timeout_ms = 20000\n");
         assert_eq!(settled(&mut without_tls), state(true, true));
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     /// A rewrite in place caught between its truncate and its last write is not judged: its
@@ -270,7 +278,7 @@ mod tests {
     #[test]
     fn a_file_caught_in_a_rewrite_in_place_is_read_a_look_later() {
         const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [8080]\ntype = \"http\"\n";
-        let (mut watch, path) = watch(ROUTES);
+        let (mut watch, path, _dir) = watch(ROUTES);
         let state = |valid, applied| ConfigFileState { valid, applied };
         assert_eq!(watch.look(), state(true, true));
         // Truncated and written in part, as `cat new.toml > collector.toml` leaves it for a
@@ -289,6 +297,5 @@ mod tests {
         replace(&path, ROUTES);
         assert_eq!(watch.look(), state(false, false));
         assert_eq!(watch.look(), state(true, true));
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

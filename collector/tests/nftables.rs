@@ -118,18 +118,15 @@ fn assert_no_table(netns: &Netns, name: &str) {
 
 /// `nft -f -` of `script` in `netns`.
 fn nft_script(netns: &Netns, script: &str) {
-    let mut nft = netns
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    nft.stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(nft.wait().unwrap().success(), "{script}");
+    // Reaped: a failed write leaves no zombie behind.
+    let mut nft = support::Reaped::spawn(
+        netns
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped()),
+    );
+    nft.stdin().unwrap().write_all(script.as_bytes()).unwrap();
+    assert!(nft.wait().success(), "{script}");
 }
 
 /// `nft list table inet NAME` in `netns`: the whole table, rules and all.

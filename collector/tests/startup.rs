@@ -644,7 +644,17 @@ fn the_bpffs_mount_itself_as_pin_directory_is_refused_by_run_and_check() {
     let refusal = "pin_dir /sys/fs/bpf is the bpffs mount itself";
     let fix = "such as /sys/fs/bpf/collector";
     let layout = std::path::Path::new("/sys/fs/bpf/v1");
-    let layout_before = layout.exists();
+    // Said, not passed over: a build that let the start through left its pins there, and
+    // every later run of this test would then have checked nothing.
+    assert!(
+        !layout.exists(),
+        "{} exists: left by a start this test should have seen refused? If no other tool \
+         pins there, `collector cleanup --apply --pin-dir /sys/fs/bpf` removes it",
+        layout.display()
+    );
+    // A start let through, killed after the wait below, leaves its pins (a `sock_ops` link
+    // on the host's cgroup root among them): removed whatever fails.
+    let _made = support::RemovedOnDrop(layout.to_path_buf());
     let netns = Netns::new();
     let config = AgentConfig::new(WEB_ROUTE);
     let log = config.dir.join("run.log");
@@ -666,13 +676,11 @@ fn the_bpffs_mount_itself_as_pin_directory_is_refused_by_run_and_check() {
         !status.success() && stderr.contains(refusal) && stderr.contains(fix),
         "{status}: {stderr}"
     );
-    if !layout_before {
-        assert!(
-            !layout.exists(),
-            "the refused start made {}",
-            layout.display()
-        );
-    }
+    assert!(
+        !layout.exists(),
+        "the refused start made {}",
+        layout.display()
+    );
 
     let out = Command::new(COLLECTOR)
         .args(["check", "--pin-dir", "/sys/fs/bpf"])
@@ -2005,6 +2013,9 @@ fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
     let agent = Agent::start(&stale, &config);
     // Killed with its run: its pins stay, under a directory named after the run.
     let killed_pins = std::path::PathBuf::from(format!("/sys/fs/bpf/collector-test-{gone}-1"));
+    // Where an assert fails before the sweep: its pins hold a `sock_ops` link on the host's
+    // cgroup root.
+    let _killed_pins = support::RemovedOnDrop(killed_pins.clone());
     let killed_config = AgentConfig::new(WEB_ROUTE);
     Agent::start_with(
         &live,
@@ -2016,6 +2027,7 @@ fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
     // Its temporary directories stay too; this run's are left alone.
     let killed_temp = ["unbound", "collector-scratch", "collector-test"]
         .map(|prefix| std::env::temp_dir().join(format!("{prefix}-{gone}-2")));
+    let _killed_temp = killed_temp.clone().map(support::RemovedOnDrop);
     for dir in &killed_temp {
         std::fs::create_dir(dir).unwrap();
     }

@@ -23,7 +23,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Set by cargo's rustup proxy for everything `cargo xtask` runs; it would override the
 /// kernel crate's rust-toolchain.toml.
 const TOOLCHAIN_OVERRIDE: &str = "RUSTUP_TOOLCHAIN";
-/// Debian packages the build needs: all that `run` and a production host's
+/// Debian packages the build and the agent need: all that `run` and a production host's
 /// `prereqs --build-only` install.
 const BUILD_PACKAGES: &[&str] = &[
     // cc and c++: bpf-linker's build links LLVM with the C++ library.
@@ -33,11 +33,13 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     // build.rs reads the revision for collector_build_info.
     "git",
+    // `nft`, which makes and removes the agent's counter table (`[nftables]`, on by
+    // default where something else hooks netfilter already).
+    "nftables",
 ];
 /// Debian packages the test suite and the benchmark need besides.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
-    "nftables",
     // promtool, to lint a live scrape in the tests.
     "prometheus",
     // The DNS server of the DNS tests and benchmark, and the benchmark's load generator.
@@ -327,8 +329,11 @@ fn cargo_test(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     let (mut passed, mut failed) = (0u64, 0u64);
     if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines() {
+        // Bytes, not `lines()`: a test's output that is not UTF-8 would end the loop, and
+        // with it the echo and the totals, before the run does.
+        for line in BufReader::new(stdout).split(b'\n') {
             let line = line.context("reading cargo test's output")?;
+            let line = String::from_utf8_lossy(&line);
             println!("{line}");
             if let Some(result) = line.strip_prefix("test result: ") {
                 passed += count_before(result, " passed");
@@ -576,12 +581,23 @@ fn prereqs(scope: Scope) -> anyhow::Result<()> {
         }
     }
     let ebpf_crate = workspace_root().join("collector-ebpf");
-    if !ebpf_toolchain_complete(&ebpf_crate) {
-        // Given no name, rustup installs the toolchain (and components) that the directory's
-        // rust-toolchain.toml names: the pinned nightly, never an update of `nightly`.
-        eprintln!("xtask: rustup toolchain install (collector-ebpf/rust-toolchain.toml)");
+    let pinned = PinnedToolchain::of(&ebpf_crate)?;
+    if !ebpf_toolchain_complete(&ebpf_crate, &pinned) {
+        // Named, with its components: rustup before 1.28 installs nothing given no name.
+        // The pinned nightly, never an update of `nightly`.
+        let mut args = vec![
+            "toolchain",
+            "install",
+            pinned.channel.as_str(),
+            "--profile",
+            "minimal",
+        ];
+        for component in &pinned.components {
+            args.extend(["--component", component.as_str()]);
+        }
+        eprintln!("xtask: rustup {}", args.join(" "));
         let status = Command::new("rustup")
-            .args(["toolchain", "install"])
+            .args(&args)
             .current_dir(&ebpf_crate)
             .env_remove(TOOLCHAIN_OVERRIDE)
             .status()
@@ -625,20 +641,49 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
 }
 
+/// What collector-ebpf/rust-toolchain.toml pins: read line by line, as collector/build.rs
+/// reads its channel (the file holds one table of plain `key = value` lines).
+struct PinnedToolchain {
+    channel: String,
+    components: Vec<String>,
+}
+
+impl PinnedToolchain {
+    fn of(ebpf_crate: &Path) -> anyhow::Result<Self> {
+        let file = ebpf_crate.join("rust-toolchain.toml");
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let value = |key: &str| {
+            text.lines().find_map(|line| {
+                let (name, value) = line.split_once('=')?;
+                (name.trim() == key).then(|| value.trim().to_owned())
+            })
+        };
+        let channel = value("channel")
+            .map(|channel| channel.trim_matches('"').to_owned())
+            .with_context(|| format!("{} has no `channel = \"...\"` line", file.display()))?;
+        let mut components: Vec<String> = value("components")
+            .unwrap_or_default()
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        // A list this cannot read (another layout of the file): what the build needs at least.
+        if components.is_empty() {
+            components.push("rust-src".to_owned());
+        }
+        Ok(Self {
+            channel,
+            components,
+        })
+    }
+}
+
 /// The toolchain of collector-ebpf/rust-toolchain.toml is installed, with every component
 /// the file lists (`rust-src` to build the programs, `clippy` to lint them): one added by
 /// hand with `rust-src` alone failed the kernel lints.
-fn ebpf_toolchain_complete(ebpf_crate: &Path) -> bool {
-    let listed = std::fs::read_to_string(ebpf_crate.join("rust-toolchain.toml"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("components").map(str::to_owned))
-        .unwrap_or_default();
-    let mut wanted: Vec<&str> = listed.split('"').skip(1).step_by(2).collect();
-    // A list this cannot read (another layout of the file): what the build needs at least.
-    if wanted.is_empty() {
-        wanted.push("rust-src");
-    }
+fn ebpf_toolchain_complete(ebpf_crate: &Path, pinned: &PinnedToolchain) -> bool {
     Command::new("rustup")
         .args(["component", "list", "--installed"])
         .current_dir(ebpf_crate)
@@ -647,11 +692,11 @@ fn ebpf_toolchain_complete(ebpf_crate: &Path) -> bool {
         .is_ok_and(|out| {
             let installed = String::from_utf8_lossy(&out.stdout);
             out.status.success()
-                && wanted.iter().all(|component| {
+                && pinned.components.iter().all(|component| {
                     // Named alone (`rust-src`) or with the host's triple (`clippy-x86_64-...`).
-                    installed.lines().any(|line| {
-                        line == *component || line.starts_with(&format!("{component}-"))
-                    })
+                    installed
+                        .lines()
+                        .any(|line| line == component || line.starts_with(&format!("{component}-")))
                 })
         })
 }
@@ -851,6 +896,34 @@ mod tests {
                 "{unit} still enabled"
             );
         }
+    }
+
+    /// The channel and components rustup is asked for come from the kernel crate's file,
+    /// comments and other keys left aside; rust-src at least where none are listed.
+    #[test]
+    fn the_pinned_toolchain_is_read_from_its_file() {
+        let dir = TempDir::new("pinned-toolchain");
+        let file = dir.0.join("rust-toolchain.toml");
+        std::fs::write(
+            &file,
+            "# the date = the LLVM's\n[toolchain]\nchannel = \"nightly-2026-05-20\"\n\
+             components = [\"rust-src\", \"clippy\"]\nprofile = \"minimal\"\n",
+        )
+        .unwrap();
+        let pinned = PinnedToolchain::of(&dir.0).unwrap();
+        assert_eq!(pinned.channel, "nightly-2026-05-20");
+        assert_eq!(pinned.components, ["rust-src", "clippy"]);
+        std::fs::write(&file, "[toolchain]\nchannel = \"nightly-2026-05-20\"\n").unwrap();
+        assert_eq!(
+            PinnedToolchain::of(&dir.0).unwrap().components,
+            ["rust-src"]
+        );
+        std::fs::write(&file, "[toolchain]\nprofile = \"minimal\"\n").unwrap();
+        let err = PinnedToolchain::of(&dir.0).err().unwrap().to_string();
+        assert!(err.contains("no `channel"), "{err}");
+        // The kernel crate's own file reads.
+        let ours = PinnedToolchain::of(&workspace_root().join("collector-ebpf")).unwrap();
+        assert!(ours.channel.starts_with("nightly-"), "{}", ours.channel);
     }
 
     /// .ci/run stops at once, saying what to install, where Rust is missing or too old; stub

@@ -87,6 +87,13 @@ impl Unbound {
     pub fn start(netns: &Netns, forwarding: bool) -> Self {
         let dir = std::env::temp_dir().join(unique("unbound"));
         fs::create_dir_all(&dir).unwrap();
+        // Made at once, so that its drop removes the directory whatever fails next (unbound
+        // not installed, say) and stops whichever servers started should one fail to.
+        let mut server = Self {
+            main_config: dir.join("main.conf"),
+            dir: dir.clone(),
+            children: Vec::new(),
+        };
         let mut main = server_block(&dir, 53);
         main.push_str(LOCAL_ZONES);
         // A forwarded query is asked again only after 5 s without an answer (376 ms for an
@@ -114,12 +121,6 @@ impl Unbound {
         }
         configs.push(("main.conf", main));
         let unbound = unconfined_unbound(&dir);
-        // Made first, so that its drop stops whichever servers started should one fail to.
-        let mut server = Self {
-            main_config: dir.join("main.conf"),
-            dir: dir.clone(),
-            children: Vec::new(),
-        };
         for (file, text) in &configs {
             let path = dir.join(file);
             fs::write(&path, text).unwrap();

@@ -372,6 +372,10 @@ fn maker<'a>(name: &'a str, prefixes: &[&str]) -> Option<&'a str> {
 /// process's id follows), the longer first.
 const PIN_DIR_PREFIXES: [&str; 3] = ["collector-test-kept-", "collector-test-", "orphans-test-"];
 
+/// Those of [`PIN_DIR_PREFIXES`] that name a directory of pin directories, not one
+/// (orphans.rs gives each of its agents one inside a directory of its own).
+const PIN_PARENT_PREFIXES: [&str; 1] = ["orphans-test-"];
+
 /// Prefixes of the tests' temporary directories ([`AgentConfig`]'s, [`ScratchDir`]'s,
 /// unbound's), the test process's id after each.
 const TEMP_DIR_PREFIXES: [&str; 3] = ["collector-test-", "collector-scratch-", "unbound-"];
@@ -389,11 +393,27 @@ fn sweep_pins(made: fn(&str, &[&str]) -> bool, by: &str) {
         if !made(&name, &PIN_DIR_PREFIXES) {
             continue;
         }
-        let swept = Command::new(COLLECTOR)
-            .args(["cleanup", "--apply", "--pin-dir"])
-            .arg(entry.path())
-            .output();
-        if swept.is_ok_and(|out| out.status.success()) {
+        // `cleanup` looks for a layout right inside the directory it is given: a parent's
+        // pins one level down would be foreign to it, and kept.
+        let parent = made(&name, &PIN_PARENT_PREFIXES);
+        let pin_dirs: Vec<PathBuf> = if parent {
+            fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|pin_dir| pin_dir.path())
+                .collect()
+        } else {
+            vec![entry.path()]
+        };
+        let swept = pin_dirs.iter().all(|pin_dir| {
+            Command::new(COLLECTOR)
+                .args(["cleanup", "--apply", "--pin-dir"])
+                .arg(pin_dir)
+                .output()
+                .is_ok_and(|out| out.status.success())
+        }) && (!parent || fs::remove_dir(entry.path()).is_ok());
+        if swept {
             let _ = writeln!(
                 std::io::stderr(),
                 "removed /sys/fs/bpf/{name}, left by {by}"
