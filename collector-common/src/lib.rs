@@ -80,7 +80,8 @@ pub mod map_names {
     /// after a PROXY header's own: the sequence numbers the reader reads on from. Pinned with
     /// the decisions, so that a start after a crash reads on where the crashed run left off.
     pub const SNI_RESUME: &str = "SNI_RESUME";
-    /// `Array<ConnState>`, [`super::CONN_TABLE_SLOTS`] entries: each open tracked connection,
+    /// `Array<ConnState>`, `connection_table_slots` entries ([`super::CONN_TABLE_SLOTS`] by
+    /// default): each open tracked connection,
     /// in a slot found from its socket cookie (see [`super::conn_slot`]). Memory-mappable:
     /// the agent counts the open connections per client in it at every poll.
     pub const CONN_STATE: &str = "CONN_STATE";
@@ -248,6 +249,10 @@ pub const GLOBAL_LOCAL_ONLY: &str = "LOCAL_ONLY";
 /// Global in the kernel object: `LOCAL_ADDRESSES` has `2^bits` sets (set at load).
 pub const GLOBAL_LOCAL_ADDRESS_SET_BITS: &str = "LOCAL_ADDRESS_SET_BITS";
 
+/// Global in the kernel object: `CONN_STATE` has `2^bits` slots ([`conn_table_bits`]; set
+/// at load).
+pub const GLOBAL_CONN_TABLE_BITS: &str = "CONN_TABLE_BITS";
+
 /// Fewest entries of `LOCAL_ADDRESSES` (the object's own size; 1 MiB): room for about
 /// 60,000 addresses, so that a node whose agent starts before kube-proxy (IPVS mode) gives
 /// it every service address still finds room for them.
@@ -294,11 +299,23 @@ pub fn local_address_sets(address: [u64; 2], set_bits: u32) -> [u32; 2] {
         .map(|factor| (mixed.wrapping_mul(factor) >> shift) as u32 * LOCAL_ADDRESS_WAYS)
 }
 
-/// Slots of the connection table (a power of two). Tracking allocates and hashes nothing:
-/// socket storage allocated per socket (about 2 µs per connection), a hash map cost a
-/// jhash, a bucket lock and cache misses per operation. Socket cookies are sequential, so
-/// consecutive connections land in neighbouring slots.
+/// Slots of the connection table by default (a power of two; `connection_table_slots`
+/// sizes it at load, between [`CONN_TABLE_SLOTS_MIN`] and [`CONN_TABLE_SLOTS_MAX`]).
+/// Tracking allocates and hashes nothing: socket storage allocated per socket (about 2 µs
+/// per connection), a hash map cost a jhash, a bucket lock and cache misses per operation.
+/// Socket cookies are sequential, so consecutive connections land in neighbouring slots.
 pub const CONN_TABLE_SLOTS: u32 = 65536;
+/// The fewest slots the connection table may be given.
+pub const CONN_TABLE_SLOTS_MIN: u32 = 1 << 10;
+/// The most: 48 MiB of kernel memory, which the agent also reads whole at every poll.
+pub const CONN_TABLE_SLOTS_MAX: u32 = 1 << 20;
+
+/// The bits of a connection table of `slots` slots (a power of two): what [`conn_slot`]
+/// takes.
+#[must_use]
+pub const fn conn_table_bits(slots: u32) -> u32 {
+    slots.trailing_zeros()
+}
 /// Slots tried for a cookie before the table counts as full for it: four from the cookie's
 /// own slot, then four from a slot scattered from it (see [`conn_slot`]).
 pub const CONN_TABLE_PROBES: u32 = 8;
@@ -1204,6 +1221,10 @@ const _: () = assert!(core::mem::offset_of!(ConnState, client_addr) == 16);
 const _: () = assert!(core::mem::offset_of!(ConnState, route) == 32);
 const _: () = assert!(core::mem::offset_of!(ConnState, client_port) == 44);
 const _: () = assert!(CONN_TABLE_SLOTS.is_power_of_two());
+const _: () =
+    assert!(CONN_TABLE_SLOTS_MIN.is_power_of_two() && CONN_TABLE_SLOTS_MAX.is_power_of_two());
+const _: () =
+    assert!(CONN_TABLE_SLOTS_MIN <= CONN_TABLE_SLOTS && CONN_TABLE_SLOTS <= CONN_TABLE_SLOTS_MAX);
 const _: () = assert!(size_of::<ConnEvent>() == 72);
 const _: () = assert!(size_of::<UpstreamCounters>() == 16);
 const _: () = assert!(size_of::<SniKey>() == 260);
@@ -1232,9 +1253,10 @@ const _: () = assert!(size_of::<DnsAnswerEvent>() == 48);
 const _: () = assert!(core::mem::offset_of!(DnsAnswerEvent, client_addr) == 24);
 const _: () = assert!(DNS_SCRATCH_BYTES.is_power_of_two() && DNS_COPY_BYTES < DNS_SCRATCH_BYTES);
 
-/// Slot of the connection table for `cookie` at `probe` (0..[`CONN_TABLE_PROBES`]).
+/// Slot of a connection table of `2^bits` slots ([`conn_table_bits`]) for `cookie` at
+/// `probe` (0..[`CONN_TABLE_PROBES`]).
 #[must_use]
-pub const fn conn_slot(cookie: u64, probe: u32) -> u32 {
+pub const fn conn_slot(cookie: u64, probe: u32, bits: u32) -> u32 {
     // Cookies are sequential (per CPU), so the first four probes run on from the cookie's low
     // bits: consecutive connections share cache lines, where a hashed start cost 25 ns more
     // per callback on average (cache misses). But a burst of long-lived connections holds a
@@ -1242,7 +1264,16 @@ pub const fn conn_slot(cookie: u64, probe: u32) -> u32 {
     // the last four start from a multiplicative hash of the cookie and lie a quarter of the
     // table apart, so no run shorter than that holds them all.
     const RUN: u32 = CONN_TABLE_PROBES / 2;
-    const SPREAD: u32 = CONN_TABLE_SLOTS / RUN + 1;
+    // Within the bounds the agent sizes the table to (the kernel reads them from rodata).
+    let bits = if bits < 1 {
+        1
+    } else if bits > 31 {
+        31
+    } else {
+        bits
+    };
+    let slots = 1u32 << bits;
+    let spread = slots / RUN + 1;
     #[expect(
         clippy::cast_possible_truncation,
         reason = "only the table's index bits are kept"
@@ -1250,11 +1281,10 @@ pub const fn conn_slot(cookie: u64, probe: u32) -> u32 {
     let slot = if probe < RUN {
         (cookie as u32).wrapping_add(probe)
     } else {
-        let scattered = (cookie.wrapping_mul(GOLDEN_RATIO_64)
-            >> (64 - CONN_TABLE_SLOTS.trailing_zeros())) as u32;
-        scattered.wrapping_add((probe - RUN) * SPREAD)
+        let scattered = (cookie.wrapping_mul(GOLDEN_RATIO_64) >> (64 - bits)) as u32;
+        scattered.wrapping_add((probe - RUN) * spread)
     };
-    slot & (CONN_TABLE_SLOTS - 1)
+    slot & (slots - 1)
 }
 
 /// Word of [`map_names::ROUTE_PORT_BITS`] holding `port`'s bit, and the bit.
@@ -1434,30 +1464,55 @@ mod tests {
     #[test]
     fn connection_slots_run_from_the_cookie_then_from_a_scattered_slot() {
         assert_eq!(PIN_LAYOUT, 1);
+        let bits = conn_table_bits(CONN_TABLE_SLOTS);
+        assert_eq!(bits, 16);
         assert_eq!(
-            [1, 5, 1 << 20, u64::MAX].map(|cookie| conn_slot(cookie, 4)),
+            [1, 5, 1 << 20, u64::MAX].map(|cookie| conn_slot(cookie, 4, bits)),
             [40_503, 5_909, 39_831, 25_032]
         );
         let slots = CONN_TABLE_SLOTS - 1;
-        assert_eq!(conn_slot(5, 0), 5);
-        assert_eq!(conn_slot(5, 3), 8);
-        assert_eq!(conn_slot(u64::from(CONN_TABLE_SLOTS) + 7, 0), 7);
-        assert_eq!(conn_slot(u64::from(slots), 1), 0);
+        assert_eq!(conn_slot(5, 0, bits), 5);
+        assert_eq!(conn_slot(5, 3, bits), 8);
+        assert_eq!(conn_slot(u64::from(CONN_TABLE_SLOTS) + 7, 0, bits), 7);
+        assert_eq!(conn_slot(u64::from(slots), 1, bits), 0);
         for cookie in [1, 5, 1 << 20, u64::MAX] {
-            let scattered = conn_slot(cookie, 4);
+            let scattered = conn_slot(cookie, 4, bits);
             for probe in 5..CONN_TABLE_PROBES {
                 assert_eq!(
-                    conn_slot(cookie, probe),
+                    conn_slot(cookie, probe, bits),
                     (scattered + (probe - 4) * 16_385) & slots
                 );
             }
         }
     }
 
+    /// Other sizes keep the order: four from the cookie's own slot, four a quarter of the
+    /// table apart from a scattered one, all inside the table.
+    #[test]
+    fn connection_slots_stay_inside_a_table_of_any_size() {
+        for slots in [CONN_TABLE_SLOTS_MIN, 1 << 12, CONN_TABLE_SLOTS_MAX] {
+            let bits = conn_table_bits(slots);
+            for cookie in [1, 5, 1 << 20, u64::MAX, u64::from(slots) + 3] {
+                for probe in 0..CONN_TABLE_PROBES {
+                    assert!(conn_slot(cookie, probe, bits) < slots);
+                }
+                assert_eq!(
+                    u64::from(conn_slot(cookie, 0, bits)),
+                    cookie & u64::from(slots - 1)
+                );
+                let scattered = conn_slot(cookie, 4, bits);
+                assert_eq!(
+                    conn_slot(cookie, 6, bits),
+                    (scattered + 2 * (slots / 4 + 1)) & (slots - 1)
+                );
+            }
+        }
+    }
+
     /// Takes the first free slot of the probed ones, as the kernel's claim does.
-    fn claim(taken: &mut [bool], cookie: u64) -> Option<usize> {
+    fn claim(taken: &mut [bool], cookie: u64, bits: u32) -> Option<usize> {
         let slot = (0..CONN_TABLE_PROBES)
-            .map(|probe| conn_slot(cookie, probe) as usize)
+            .map(|probe| conn_slot(cookie, probe, bits) as usize)
             .find(|&slot| !taken[slot])?;
         taken[slot] = true;
         Some(slot)
@@ -1465,21 +1520,26 @@ mod tests {
 
     #[test]
     fn a_burst_of_long_lived_connections_turns_no_later_cookie_away() {
-        let mut taken = std::vec![false; CONN_TABLE_SLOTS as usize];
-        // 2,000 connections with consecutive cookies stay open (a reconnect storm)...
-        for cookie in 1..=2000 {
-            assert!(claim(&mut taken, cookie).is_some());
-        }
-        // ...while short ones open and close through four wraps of the table's length. With
-        // four probes from the cookie's low bits only, 1,997 of every 65,536 found all taken.
-        let mut turned_away = 0;
-        for cookie in 2001..2001 + 4 * u64::from(CONN_TABLE_SLOTS) {
-            match claim(&mut taken, cookie) {
-                Some(slot) => taken[slot] = false,
-                None => turned_away += 1,
+        for (slots, burst) in [(CONN_TABLE_SLOTS, 2000), (CONN_TABLE_SLOTS_MIN, 30)] {
+            let bits = conn_table_bits(slots);
+            let mut taken = std::vec![false; slots as usize];
+            // A burst of connections with consecutive cookies stays open (a reconnect
+            // storm)...
+            for cookie in 1..=burst {
+                assert!(claim(&mut taken, cookie, bits).is_some());
             }
+            // ...while short ones open and close through four wraps of the table's length.
+            // With four probes from the cookie's low bits only, 1,997 of every 65,536 found
+            // all taken.
+            let mut turned_away = 0;
+            for cookie in burst + 1..burst + 1 + 4 * u64::from(slots) {
+                match claim(&mut taken, cookie, bits) {
+                    Some(slot) => taken[slot] = false,
+                    None => turned_away += 1,
+                }
+            }
+            assert_eq!(turned_away, 0, "{slots} slots");
         }
-        assert_eq!(turned_away, 0);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use collector_common::{
 
 use crate::{
     CLIENT_EVENTS, CONN_CLIENTS, CONN_CLIENTS_BUSY, CONN_COUNTERS, CONN_DURATIONS, CONN_EVENTS,
-    CONN_STATE, CONN_STREAM_WANTED, NETNS_COOKIE, ROUTE_BY_PORT, UPSTREAM_BY_PORT,
+    CONN_STATE, CONN_STREAM_WANTED, CONN_TABLE_BITS, NETNS_COOKIE, ROUTE_BY_PORT, UPSTREAM_BY_PORT,
     UPSTREAM_COUNTERS, UPSTREAMS_WATCHED, add, count_error, server_names,
     tally::{Tally, tally},
 };
@@ -52,8 +52,9 @@ fn owner(slot: *mut ConnState) -> *mut u64 {
 /// followed socket costs more than the copies.
 #[inline(always)]
 fn claim(cookie: u64) -> Option<*mut ConnState> {
+    let table_bits = CONN_TABLE_BITS.load();
     for probe in 0..CONN_TABLE_PROBES {
-        let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe)) else {
+        let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe, table_bits)) else {
             continue;
         };
         // SAFETY: an 8-byte-aligned word of our map value (map values are 8-aligned).
@@ -74,8 +75,9 @@ fn claim(cookie: u64) -> Option<*mut ConnState> {
 /// The slot `cookie` claimed, if any.
 #[inline(always)]
 fn find(cookie: u64) -> Option<*mut ConnState> {
+    let table_bits = CONN_TABLE_BITS.load();
     for probe in 0..CONN_TABLE_PROBES {
-        let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe)) else {
+        let Some(slot) = CONN_STATE.get_ptr_mut(conn_slot(cookie, probe, table_bits)) else {
             continue;
         };
         // A plain (volatile) load is enough: a socket only looks for the cookie it stored

@@ -36,7 +36,7 @@ use collector_common::{
     DnsQueryEvent, DnsScratch, ERROR_SLOTS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE,
     MAX_REDIRECT_DEVICES, MAX_ROUTES, PORT_BITMAP_WORDS, PORT_SLOTS, RouteName, SNI_NAMES_MAX,
     SniCounters, SniDecision, SniKey, TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters,
-    local_address_set_bits,
+    conn_table_bits, local_address_set_bits,
 };
 
 use crate::packet::{ETH_HLEN, NO_LINK_HEADER};
@@ -116,9 +116,13 @@ static EARLY_HELLO: PerCpuArray<server_names::EarlyHello, 1> = PerCpuArray::new(
 /// The name bytes kept with this CPU's `EARLY_HELLO`, for its accept.
 #[btf_map]
 static EARLY_KEPT_NAME: PerCpuArray<server_names::SniKeptName, 1> = PerCpuArray::new();
+/// Sized by the agent at load (`connection_table_slots`): `2^CONN_TABLE_BITS` slots.
 #[btf_map]
 static CONN_STATE: Array<ConnState, { CONN_TABLE_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();
+/// The bits of `CONN_STATE`'s size. Set at load; read-only.
+#[unsafe(no_mangle)]
+static CONN_TABLE_BITS: Global<u32> = Global::new(conn_table_bits(CONN_TABLE_SLOTS));
 #[btf_map]
 static CONN_EVENTS: RingBuf<ConnEvent, { CONN_EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use collector_common::{DNS_MAX_PORTS, SNI_NAMES_MAX};
+use collector_common::{
+    CONN_TABLE_SLOTS, CONN_TABLE_SLOTS_MAX, CONN_TABLE_SLOTS_MIN, DNS_MAX_PORTS, SNI_NAMES_MAX,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -49,6 +51,9 @@ pub struct Config {
     /// Keep per-client figures in the kernel (`connectionsByIP`, `topIPs`) and send the
     /// event stream's connections.
     pub client_stats: bool,
+    /// Slots of the kernel's connection table: the most connections tracked at once,
+    /// clients' and upstreams' together (a power of two).
+    pub connection_table_slots: u32,
     /// How often the kernel maps are read.
     pub poll_interval: Duration,
     pub routes: Vec<Route>,
@@ -247,6 +252,7 @@ struct RawConfig {
     #[serde(default)]
     extra_local_addresses: Vec<Spanned<String>>,
     client_stats: Option<bool>,
+    connection_table_slots: Option<Spanned<u64>>,
     poll_interval_ms: Option<Spanned<u64>>,
     #[serde(default)]
     routes: Vec<RawRoute>,
@@ -750,6 +756,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         all_namespaces: raw.all_namespaces,
         extra_local_addresses: extra_local_addresses(source, raw)?,
         client_stats: raw.client_stats.unwrap_or(true),
+        connection_table_slots: connection_table_slots(source, raw)?,
         poll_interval,
         routes,
         upstreams,
@@ -757,6 +764,29 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         nftables,
         http,
     })
+}
+
+/// `connection_table_slots`: a power of two (the kernel finds a cookie's slots by its low
+/// bits) between the bounds, 48 bytes of kernel memory each.
+fn connection_table_slots(source: &Source<'_>, raw: &RawConfig) -> Result<u32, ConfigError> {
+    let Some(value) = &raw.connection_table_slots else {
+        return Ok(CONN_TABLE_SLOTS);
+    };
+    let slots = *value.get_ref();
+    u32::try_from(slots)
+        .ok()
+        .filter(|slots| {
+            slots.is_power_of_two() && (CONN_TABLE_SLOTS_MIN..=CONN_TABLE_SLOTS_MAX).contains(slots)
+        })
+        .ok_or_else(|| {
+            source.at(
+                value,
+                format!(
+                    "connection_table_slots = {slots} is not a power of two from \
+                     {CONN_TABLE_SLOTS_MIN} to {CONN_TABLE_SLOTS_MAX} (65536 is 2^16)"
+                ),
+            )
+        })
 }
 
 /// Characters the kernel allows in no interface name (`dev_valid_name`), beside whitespace.
@@ -1561,6 +1591,25 @@ mod tests {
         let err = error(text);
         assert_eq!(err.line, Some(line), "{err}");
         assert!(err.reason.contains(needle), "{err}");
+    }
+
+    #[test]
+    fn the_connection_table_is_sized_by_a_power_of_two_within_its_bounds() {
+        let slots = |text: &str| {
+            Config::from_toml("t.toml", text)
+                .unwrap()
+                .connection_table_slots
+        };
+        assert_eq!(slots(""), 65536);
+        assert_eq!(slots("connection_table_slots = 1024\n"), 1024);
+        assert_eq!(slots("connection_table_slots = 1048576\n"), 1_048_576);
+        for slots in [0, 512, 1000, 65535, 2_097_152, 1u64 << 40] {
+            assert_error(
+                &format!("\nconnection_table_slots = {slots}\n"),
+                2,
+                "not a power of two from 1024 to 1048576",
+            );
+        }
     }
 
     /// The values a file leaves out are the embedded default's, which the README shows: a

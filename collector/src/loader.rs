@@ -25,13 +25,13 @@ use aya::{
 };
 use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DNS_NAME_KEY_BYTES, DnsCounters,
-    DnsInFlight, DnsNameKeys, DnsNameSlot, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_DNS_ENABLED,
-    GLOBAL_DNS_MATCH_BELOW, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
-    GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
-    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_REDIRECT_DEVICES, MAX_ROUTES, PIN_LAYOUT,
-    PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey, TrafficCounters,
-    UpstreamCounters, conn_flags, dns_match_below, local_address_set_bits, map_names, port_bit,
-    program_names, tally_table_len, traffic_index,
+    DnsInFlight, DnsNameKeys, DnsNameSlot, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_CONN_TABLE_BITS,
+    GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS,
+    GLOBAL_DNS_SAMPLE_BELOW, GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE,
+    GLOBAL_SNI_WATCHED, GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_REDIRECT_DEVICES,
+    MAX_ROUTES, PIN_LAYOUT, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey,
+    TrafficCounters, UpstreamCounters, conn_flags, conn_table_bits, dns_match_below,
+    local_address_set_bits, map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
 use crate::{
@@ -323,7 +323,7 @@ impl Attachment {
         remove_unowned_pins(&map_dir)?;
         // Pins without an owner are a start's that attached nothing (see `own_pins`): nothing
         // counted into them, and a failed start removes them as it removes its own.
-        let owner = check_pinned_maps(&pin_dir, own_netns)?;
+        let owner = check_pinned_maps(&pin_dir, own_netns, config.connection_table_slots)?;
         let inherited = owner != 0 && PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
 
         let netns_cookie = if config.all_namespaces { 0 } else { own_netns };
@@ -1079,8 +1079,13 @@ pub fn embedded_object() -> anyhow::Result<aya_obj::Object> {
 }
 
 /// How a pinned map differs from this build's `expected`, if it does: "WHAT PINNED, this
-/// build's EXPECTED" (`value size 8, this build's 40`).
-pub fn shape_difference(expected: &aya_obj::Map, info: &aya::maps::MapInfo) -> Option<String> {
+/// build's EXPECTED" (`value size 8, this build's 40`). `capacity`: the entries it must
+/// have where the agent sizes it at load, rather than the object's.
+pub fn shape_difference(
+    expected: &aya_obj::Map,
+    info: &aya::maps::MapInfo,
+    capacity: Option<u32>,
+) -> Option<String> {
     let expected_type = aya_obj::generated::bpf_map_type::try_from(expected.map_type())
         .ok()
         .and_then(|t| MapType::try_from(t).ok());
@@ -1104,7 +1109,9 @@ pub fn shape_difference(expected: &aya_obj::Map, info: &aya::maps::MapInfo) -> O
         (
             "capacity",
             info.max_entries().to_string(),
-            expected.max_entries().to_string(),
+            capacity
+                .unwrap_or_else(|| expected.max_entries())
+                .to_string(),
         ),
         // A connection table from before it was memory-mappable cannot be read.
         (
@@ -1127,7 +1134,11 @@ pub fn shape_difference(expected: &aya_obj::Map, info: &aya::maps::MapInfo) -> O
 /// that mean other things), are removed whole, links first, and counting starts from zero,
 /// as after a clean upgrade: refused, an upgrade after a crash crash-looped on every such
 /// node until someone ran `cleanup` there. Returns the pins' owner (0: none, or removed).
-fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<u64> {
+fn check_pinned_maps(
+    pin_dir: &Path,
+    own_netns: u64,
+    connection_table_slots: u32,
+) -> anyhow::Result<u64> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let owner_pin = map_dir.join(map_names::PIN_OWNER);
     let owner = if owner_pin.exists() {
@@ -1141,6 +1152,8 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<u64> {
     let object = embedded_object()?;
     let mut replace = Vec::new();
     let mut other_build = None;
+    // Told apart from another build's pins, which say so whatever the table's size.
+    let mut resized = None;
     for name in PINNED_MAPS {
         let path = map_dir.join(name);
         if !path.exists() {
@@ -1152,11 +1165,24 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<u64> {
             .with_context(|| format!("the kernel object has no map {name}"))?;
         let pinned = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        if let Some(difference) = shape_difference(expected, &pinned.info()?) {
+        let capacity = (name == map_names::CONN_STATE).then_some(connection_table_slots);
+        let info = pinned.info()?;
+        if let Some(difference) = shape_difference(expected, &info, capacity) {
             if SHORT_LIVED_MAPS.contains(&name) {
                 replace.push((path, difference));
+            } else if capacity.is_some()
+                && shape_difference(expected, &info, Some(info.max_entries())).is_none()
+            {
+                // The table sized otherwise, nothing else: the config changed, not the build.
+                resized = Some(format!(
+                    "a crashed run with connection_table_slots = {}, this start's {}",
+                    info.max_entries(),
+                    connection_table_slots
+                ));
             } else {
-                other_build.get_or_insert(format!("{name} has {difference}"));
+                other_build.get_or_insert(format!(
+                    "a crashed run of another build ({name} has {difference})"
+                ));
             }
         }
     }
@@ -1165,16 +1191,14 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64) -> anyhow::Result<u64> {
             .with_context(|| format!("reading {}", owner_pin.display()))?;
         // No layout: pins of a start that loaded no further, unless they have an owner.
         if (owner != 0 || layout != 0) && layout != PIN_LAYOUT {
-            other_build = Some(format!("layout {layout}, this build's {PIN_LAYOUT}"));
+            other_build = Some(format!(
+                "a crashed run of another build (layout {layout}, this build's {PIN_LAYOUT})"
+            ));
         }
     }
-    if let Some(difference) = other_build {
+    if let Some(left_by) = other_build.or(resized) {
         // As a clean upgrade would have.
-        return remove_left_pins(
-            pin_dir,
-            &format!("a crashed run of another build ({difference})"),
-        )
-        .map(|()| 0);
+        return remove_left_pins(pin_dir, &left_by).map(|()| 0);
     }
     for (path, difference) in replace {
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
@@ -1376,6 +1400,9 @@ fn load(
     let address_set_bits = local_address_set_bits(address_slots);
     loader.override_global(GLOBAL_LOCAL_ADDRESS_SET_BITS, &address_set_bits, true);
     loader.map_max_entries(map_names::LOCAL_ADDRESSES, address_slots);
+    loader.map_max_entries(map_names::CONN_STATE, config.connection_table_slots);
+    let table_bits = conn_table_bits(config.connection_table_slots);
+    loader.override_global(GLOBAL_CONN_TABLE_BITS, &table_bits, true);
     let client_events = u32::from(config.client_stats);
     loader.override_global(GLOBAL_CLIENT_EVENTS, &client_events, true);
     let upstreams_watched = u32::from(!config.upstreams.is_empty());

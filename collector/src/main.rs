@@ -234,7 +234,7 @@ enum MapsAction {
         #[command(flatten)]
         source: ConfigSource,
         /// Milliseconds between refreshes (100 or more: a dump of the connection table reads
-        /// 65,536 slots).
+        /// all its slots, 65,536 by default).
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
         interval_ms: u64,
         /// Stop after this many refreshes (1 or more).
@@ -721,6 +721,7 @@ async fn serve_until_signal(
             routes: attachment.routes.clone(),
             upstreams: attachment.upstreams.clone(),
             retired_slots: attachment.retired_slots.clone(),
+            connection_table_slots: config.connection_table_slots,
         },
         clients,
         vec![connection_drain, domain_drain],

@@ -1,6 +1,6 @@
 //! Kernel array maps created memory-mappable (`BPF_F_MMAPABLE`), mapped read-only into the
 //! agent: a poll reads them like memory, without a system call, where a batched map read
-//! copies slot by slot (13 ms for the 65,536 slots of the connection table here).
+//! copies slot by slot (13 ms for the connection table's default 65,536 slots here).
 
 use std::{
     os::fd::{AsFd, AsRawFd},

@@ -14,10 +14,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
-    ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES,
-    DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsNameKeys, ERROR_KIND_NAMES, MAX_ROUTES,
-    PIN_LAYOUT, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES, SniCounters, SniKey, TrafficCounters,
-    UpstreamCounters, conn_flags, dns_query_given_up, map_names, traffic_index,
+    CONN_TABLE_SLOTS_MAX, CONN_TABLE_SLOTS_MIN, ConnCounters, ConnDurations, ConnState, DIR_IN,
+    DIR_OUT, DNS_MALFORMED_NAMES, DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsNameKeys,
+    ERROR_KIND_NAMES, MAX_ROUTES, PIN_LAYOUT, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES,
+    SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, dns_query_given_up,
+    map_names, traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Number, Value, json};
@@ -84,7 +85,9 @@ pub struct MapRow {
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let data = open_pin(pin_dir, name)?;
     if let Some(expected) = this_build()?.maps.get(name)
-        && let Some(difference) = loader::shape_difference(expected, &data.info()?)
+        && let info = data.info()?
+        && let Some(difference) =
+            loader::shape_difference(expected, &info, sized_at_load(name, &info))
     {
         bail!(
             "the pinned map {name} has another shape than this build's: another build of the \
@@ -92,6 +95,17 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
         );
     }
     Ok(data)
+}
+
+/// The capacity a pinned map may have where the agent sizes it at load: the connection
+/// table's is the config's `connection_table_slots`, which the CLI does not know, so any
+/// size a config may give is this build's.
+fn sized_at_load(name: &str, info: &aya::maps::MapInfo) -> Option<u32> {
+    let slots = info.max_entries();
+    (name == map_names::CONN_STATE
+        && slots.is_power_of_two()
+        && (CONN_TABLE_SLOTS_MIN..=CONN_TABLE_SLOTS_MAX).contains(&slots))
+    .then_some(slots)
 }
 
 /// This build's kernel object, parsed once (a watch opens its maps at every refresh).
@@ -200,12 +214,14 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
         let data = open_pin(pin_dir, name)?;
         let info = data.info()?;
         let other_shape = this_build()?.maps.get(name).and_then(|expected| {
-            loader::shape_difference(expected, &info).map(|difference| {
-                format!(
-                    "another build's map: {difference} (read it with that build's `collector \
+            loader::shape_difference(expected, &info, sized_at_load(name, &info)).map(
+                |difference| {
+                    format!(
+                        "another build's map: {difference} (read it with that build's `collector \
                      maps`)"
-                )
-            })
+                    )
+                },
+            )
         });
         let note = other_shape
             .or_else(|| {
@@ -847,7 +863,8 @@ fn counts(path: &str) -> bool {
 }
 
 /// One refresh of `maps watch`: its numbers by path, for the next one's rates. A hash map: a
-/// dump of the connection table holds up to 65,536 rows of five numbers, and a search of
+/// dump of the connection table holds a row of five numbers per slot in use (65,536 slots by
+/// default), and a search of
 /// the previous list for each number took quadratic time.
 struct Refresh {
     at: Instant,

@@ -14,8 +14,8 @@
 use std::{fmt, sync::Arc};
 
 use collector_common::{
-    CONN_DURATION_BUCKETS, CONN_TABLE_SLOTS, ConnCounters, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES,
-    DNS_QTYPE_OTHER, ERROR_KIND_NAMES, SNI_OUTCOME_NAMES, map_names, sni_outcome,
+    CONN_DURATION_BUCKETS, ConnCounters, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES, DNS_QTYPE_OTHER,
+    ERROR_KIND_NAMES, SNI_OUTCOME_NAMES, map_names, sni_outcome,
 };
 use prometheus_client::{
     collector::Collector,
@@ -862,7 +862,7 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
         (
             map_names::CONN_STATE,
             Some(snapshot.tracked_connections()),
-            Some(u64::from(CONN_TABLE_SLOTS)),
+            Some(u64::from(snapshot.connection_table_slots)),
         ),
         (
             map_names::DNS_INFLIGHT,

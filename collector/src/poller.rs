@@ -237,11 +237,13 @@ impl DnsSources {
 }
 
 /// What the poller reads the counters of: the routes and the upstreams, with their slots,
-/// and the slots a crashed run left to routes no longer configured.
+/// and the slots a crashed run left to routes no longer configured; and the size of the
+/// connection table they hold their connections in.
 pub struct Watched {
     pub routes: Vec<WatchedRoute>,
     pub upstreams: Vec<WatchedUpstream>,
     pub retired_slots: Vec<u32>,
+    pub connection_table_slots: u32,
 }
 
 pub struct Poller {
@@ -250,6 +252,7 @@ pub struct Poller {
     upstreams: Vec<WatchedUpstream>,
     /// Retired slots whose connections may still be in the table (see [`Self::retired_open`]).
     retired_slots: Vec<u32>,
+    connection_table_slots: u32,
     kernel: SourceHealth,
     clients: Arc<Mutex<ClientStats>>,
     /// Event rings drained after each counter read (see [`crate::events::RingDrain`]).
@@ -306,6 +309,7 @@ impl Poller {
             routes,
             upstreams,
             retired_slots,
+            connection_table_slots,
         }: Watched,
         clients: Arc<Mutex<ClientStats>>,
         rings: Vec<SharedDrain>,
@@ -320,6 +324,7 @@ impl Poller {
             routes,
             upstreams,
             retired_slots,
+            connection_table_slots,
             kernel: SourceHealth::default(),
             clients,
             rings,
@@ -440,6 +445,7 @@ impl Poller {
         let sources = sources(&self.kernel, interfaces.health.clone(), nft.health.clone());
         let beside = self.beside_the_maps(interfaces, nft);
         Polled::Fresh(Box::new(Snapshot {
+            connection_table_slots: self.connection_table_slots,
             // When the maps were read, not when the lists built after them were done.
             taken_at_ms: began_ms,
             read_at: Some(began),

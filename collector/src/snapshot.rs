@@ -322,6 +322,8 @@ pub struct PollStats {
 /// Everything the outputs serve.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
+    /// Slots of the kernel's connection table (`connection_table_slots`).
+    pub connection_table_slots: u32,
     /// Milliseconds since the Unix epoch when the kernel maps were read.
     pub taken_at_ms: u64,
     /// The same moment on the monotonic clock (the wall clock may step), for the figures'
@@ -672,6 +674,7 @@ impl Snapshot {
         let web = example_web_route();
         let [tls, api] = example_server_name_routes();
         Snapshot {
+            connection_table_slots: collector_common::CONN_TABLE_SLOTS,
             routes: vec![web, tls, api],
             upstreams: vec![example_upstream()],
             errors: [1, 2, 0, 3, 4, 5, 6, 7],

@@ -591,6 +591,76 @@ fn connection_counts(metrics: &str, route: &str) -> [f64; 4] {
     })
 }
 
+/// `connection_table_slots` sizes the kernel's table, which the kernel's probes, the
+/// agent's figures and `collector maps` all follow.
+#[test]
+fn a_smaller_connection_table_is_followed_by_the_kernel_the_agent_and_the_cli() {
+    const SLOTS: u32 = 1024;
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("connection_table_slots = {SLOTS}\n{ROUTES}"));
+    let agent = Agent::start(&netns, &config);
+    let table = [("map", "CONN_STATE")];
+    let metrics = scrape(&netns);
+    assert_eq!(
+        sample(&metrics, "collector_bpf_map_entries_limit", &table),
+        Some(f64::from(SLOTS))
+    );
+    let listed = support::collector_json(&config, &["maps", "list"]);
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["name"] == "CONN_STATE")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(row["capacity"], SLOTS, "{row}");
+
+    // Probed at the table's size: counted in full, each held one in a slot of its own
+    // (probed as in a table of 65,536, nearly every cookie's slots lie past its end).
+    let held = come_and_go_then_hold(&netns, 3, 2);
+    let metrics = wait_for("3 closed and 2 open", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (connection_counts(&metrics, "web")[2] == 3.0
+            && connection_counts(&metrics, "api")[3] == 2.0)
+            .then_some(metrics)
+    });
+    assert_eq!(connection_counts(&metrics, "web"), [3.0, 0.0, 3.0, 0.0]);
+    assert_eq!(connection_counts(&metrics, "api"), [2.0, 0.0, 0.0, 2.0]);
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connection_sent_bytes_total",
+            &[("route", "web")]
+        ),
+        Some((3 * RESPONSE) as f64)
+    );
+    assert_eq!(
+        sample(&metrics, "collector_bpf_map_entries", &table),
+        Some(2.0)
+    );
+    // Each in one of its cookie's slots in a table of this size.
+    let rows = support::collector_json(&config, &["maps", "dump", "CONN_STATE"]);
+    let rows = rows.as_array().unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let bits = collector_common::conn_table_bits(SLOTS);
+    for row in rows {
+        let (cookie, slot) = (
+            row["cookie"].as_u64().unwrap(),
+            row["slot"].as_u64().unwrap(),
+        );
+        assert!(
+            (0..collector_common::CONN_TABLE_PROBES)
+                .any(|probe| u64::from(collector_common::conn_slot(cookie, probe, bits)) == slot),
+            "{row}"
+        );
+    }
+    drop(held);
+    wait_for("the held ones closed", Duration::from_secs(10), || {
+        (connection_counts(&scrape(&netns), "api") == [2.0, 0.0, 2.0, 0.0]).then_some(())
+    });
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn connections_the_full_table_turns_away_count_opened_and_untracked_never_active() {
     let netns = Netns::new();

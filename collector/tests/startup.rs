@@ -439,6 +439,67 @@ fn a_start_waits_for_a_cleanup_holding_the_pin_directory_and_names_any_other_hol
     std::fs::remove_dir(&config.pin_dir).unwrap();
 }
 
+/// The kernel finds a connection's slots by the table's size, so a start after a crash
+/// with another `connection_table_slots` cannot read the crashed run's table on: it removes
+/// its pins, says why, and counts from zero in a table of the new size.
+#[test]
+fn a_start_after_a_crash_with_another_connection_table_size_counts_from_zero() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let resized = AgentConfig::new(&format!("connection_table_slots = 1024\n{WEB_ROUTE}"));
+    let logs = ScratchDir::new("resized");
+    let (first, second) = (logs.path("first.log"), logs.path("second.log"));
+    let crashing = Agent::start_logging(&netns, &config, &[], &first);
+    support::connections_3_in_5_out(&netns, 2);
+    wait_for_closed(&netns, "web", 2);
+    crashing.kill();
+    let pin_dir = config.pin_dir.to_str().unwrap();
+    let agent = Agent::start_logging(&netns, &resized, &["--pin-dir", pin_dir], &second);
+    assert!(support::running_line(&second).contains("inherited=false"));
+    let removed = support::logged_lines(&second, "were left by a crashed run");
+    assert!(
+        removed.len() == 1
+            && removed[0].contains("connection_table_slots = 65536, this start's 1024")
+            && removed[0].contains("counters start from zero"),
+        "{removed:?}"
+    );
+    support::connections_3_in_5_out(&netns, 1);
+    let metrics = wait_for_closed(&netns, "web", 1);
+    let web = [("route", "web")];
+    assert_eq!(
+        sample(&metrics, "collector_proxy_connections_opened_total", &web),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_bpf_map_entries_limit",
+            &[("map", "CONN_STATE")]
+        ),
+        Some(1024.0)
+    );
+    // The same size after a crash is taken over: a connection held open across it is
+    // found in its slot at its close.
+    let listener = netns.run(|| TcpListener::bind("127.0.0.1:18080").unwrap());
+    let held = support::hold_open(&netns, &listener, 1);
+    wait_for("the held connection", Duration::from_secs(10), || {
+        (sample(&scrape(&netns), "collector_proxy_connections_active", &web) == Some(1.0))
+            .then_some(())
+    });
+    agent.kill();
+    let third = logs.path("third.log");
+    let agent = Agent::start_logging(&netns, &resized, &["--pin-dir", pin_dir], &third);
+    assert!(support::running_line(&third).contains("inherited=true"));
+    drop(held);
+    let metrics = wait_for_closed(&netns, "web", 2);
+    assert_eq!(
+        sample(&metrics, "collector_proxy_connections_active", &web),
+        Some(0.0)
+    );
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn a_start_after_a_crash_says_it_took_over_the_crashed_runs_programs_and_counters() {
     let netns = Netns::new();
