@@ -862,7 +862,9 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
         (
             map_names::CONN_STATE,
             Some(snapshot.tracked_connections()),
-            Some(u64::from(snapshot.connection_table_slots)),
+            // 0 before the first poll, which no scrape is served.
+            (snapshot.connection_table_slots > 0)
+                .then(|| u64::from(snapshot.connection_table_slots)),
         ),
         (
             map_names::DNS_INFLIGHT,

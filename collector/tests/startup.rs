@@ -2085,6 +2085,19 @@ fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
     )
     .kill();
     assert!(killed_pins.join("v1").is_dir());
+    // orphans.rs gives its agents pin directories inside one of its own: swept one level
+    // down, with what cleanup leaves there (an empty one: a start killed before its pins).
+    let killed_parent = std::path::PathBuf::from(format!("/sys/fs/bpf/orphans-test-{gone}-3"));
+    let _killed_parent = support::RemovedOnDrop(killed_parent.clone());
+    std::fs::create_dir_all(killed_parent.join("early")).unwrap();
+    let pod_pins = killed_parent.join("pod");
+    Agent::start_with(
+        &live,
+        &killed_config,
+        &["--pin-dir", pod_pins.to_str().unwrap()],
+    )
+    .kill();
+    assert!(pod_pins.join("v1").is_dir());
     // Its temporary directories stay too; this run's are left alone.
     let killed_temp = ["unbound", "collector-scratch", "collector-test"]
         .map(|prefix| std::env::temp_dir().join(format!("{prefix}-{gone}-2")));
@@ -2096,6 +2109,7 @@ fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
 
     support::sweep_killed_runs();
     assert!(!killed_pins.exists(), "{} left", killed_pins.display());
+    assert!(!killed_parent.exists(), "{} left", killed_parent.display());
     for dir in &killed_temp {
         assert!(!dir.exists(), "{} left", dir.display());
     }

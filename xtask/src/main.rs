@@ -583,8 +583,8 @@ fn prereqs(scope: Scope) -> anyhow::Result<()> {
     let ebpf_crate = workspace_root().join("collector-ebpf");
     let pinned = PinnedToolchain::of(&ebpf_crate)?;
     if !ebpf_toolchain_complete(&ebpf_crate, &pinned) {
-        // Named, with its components: rustup before 1.28 installs nothing given no name.
-        // The pinned nightly, never an update of `nightly`.
+        // Named, with its components: rustup before 1.28 refuses `toolchain install` without
+        // a name. The pinned nightly, never an update of `nightly`.
         let mut args = vec![
             "toolchain",
             "install",
@@ -662,14 +662,23 @@ impl PinnedToolchain {
         let channel = value("channel")
             .map(|channel| channel.trim_matches('"').to_owned())
             .with_context(|| format!("{} has no `channel = \"...\"` line", file.display()))?;
-        let mut components: Vec<String> = value("components")
+        let listed = value("components");
+        let mut components: Vec<String> = listed
+            .as_deref()
             .unwrap_or_default()
             .split('"')
             .skip(1)
             .step_by(2)
             .map(str::to_owned)
             .collect();
-        // A list this cannot read (another layout of the file): what the build needs at least.
+        if listed.is_some() && components.is_empty() {
+            bail!(
+                "{} lists its components in a form this cannot read: keep them on the \
+                 `components = [...]` line",
+                file.display()
+            );
+        }
+        // None listed: what the build needs at least.
         if components.is_empty() {
             components.push("rust-src".to_owned());
         }
@@ -918,6 +927,13 @@ mod tests {
             PinnedToolchain::of(&dir.0).unwrap().components,
             ["rust-src"]
         );
+        std::fs::write(
+            &file,
+            "[toolchain]\nchannel = \"nightly-2026-05-20\"\ncomponents = [\n  \"rust-src\",\n]\n",
+        )
+        .unwrap();
+        let err = PinnedToolchain::of(&dir.0).err().unwrap().to_string();
+        assert!(err.contains("cannot read"), "{err}");
         std::fs::write(&file, "[toolchain]\nprofile = \"minimal\"\n").unwrap();
         let err = PinnedToolchain::of(&dir.0).err().unwrap().to_string();
         assert!(err.contains("no `channel"), "{err}");

@@ -412,7 +412,14 @@ fn sweep_pins(made: fn(&str, &[&str]) -> bool, by: &str) {
                 .arg(pin_dir)
                 .output()
                 .is_ok_and(|out| out.status.success())
-        }) && (!parent || fs::remove_dir(entry.path()).is_ok());
+        });
+        // What cleanup leaves in a parent (a pin directory a run killed before its start
+        // laid pins out) goes with it: its run is gone.
+        let swept = if parent {
+            fs::remove_dir_all(entry.path()).is_ok()
+        } else {
+            swept
+        };
         if swept {
             let _ = writeln!(
                 std::io::stderr(),
