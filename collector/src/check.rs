@@ -498,7 +498,11 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
             _ => verdict,
         })
         .collect();
-    verdicts.push(pin_dir(&config.pin_dir, facts.bpffs.as_deref()));
+    verdicts.push(pin_dir(
+        &config.pin_dir,
+        facts.bpffs.as_deref(),
+        config.connection_table_slots,
+    ));
     verdicts.push(interfaces(links::Watched::of(config)));
     // The hard open-file limit, which `run` raises the soft one to, started as this was.
     let open_files = crate::open_files::hard_limit()
@@ -588,7 +592,7 @@ fn with_warning(mut verdict: Verdict, warning: Option<String>) -> Verdict {
 /// module or a read-only mount can forbid it whatever the capabilities): tried by making what
 /// is missing of it and a probe directory below it, pinning a map there, and removing them.
 /// The bpffs mount itself fails untried, as `run` refuses it.
-fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>) -> Verdict {
+fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>, connection_table_slots: u32) -> Verdict {
     let verdict = |status, detail| Verdict {
         name: "pin_dir",
         status,
@@ -615,7 +619,7 @@ fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>) -> Verdict {
         );
     }
     match probe_pin_dir(pin_dir) {
-        Ok(()) => match in_use(pin_dir) {
+        Ok(()) => match in_use(pin_dir).or_else(|| left_pins(pin_dir, connection_table_slots)) {
             Some((status, detail)) => verdict(status, detail),
             None => verdict(
                 Status::Pass,
@@ -662,6 +666,44 @@ fn foreign_pins(pin_dir: &Path) -> Option<(Status, String)> {
         _ => (
             Status::Fail,
             crate::loader::foreign_pins(pin_dir, owner, own_netns).to_string(),
+        ),
+    })
+}
+
+/// What `run` does with the pins a crashed run of this namespace left in `pin_dir` (no
+/// collector holds it: see [`in_use`]), judged as it judges them: removed, counters from
+/// zero, where another build or another `connection_table_slots` left them (a warning: a
+/// config change or an upgrade after a crash resets the counters), else taken over.
+fn left_pins(pin_dir: &Path, connection_table_slots: u32) -> Option<(Status, String)> {
+    let map_dir = paths::map_pin_dir(pin_dir);
+    let left = orphans::pinned_owner(&map_dir)
+        .and_then(|owner| crate::loader::judge_left_pins(&map_dir, owner, connection_table_slots));
+    Some(match left {
+        Ok(left) => match left.removed_for {
+            Some(left_by) => (
+                Status::Warn,
+                format!(
+                    "the pins under {} were left by {left_by}: `run` removes them with their \
+                     programs, and its counters start from zero",
+                    pin_dir.display()
+                ),
+            ),
+            None if left.counters => (
+                Status::Pass,
+                format!(
+                    "{} can be made, and maps pinned in it; it holds a crashed run's pins, \
+                     whose counters `run` takes over",
+                    pin_dir.display()
+                ),
+            ),
+            None => return None,
+        },
+        Err(err) => (
+            Status::Fail,
+            format!(
+                "the pins under {} cannot be judged as `run` judges them: {err:#}",
+                pin_dir.display()
+            ),
         ),
     })
 }

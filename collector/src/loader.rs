@@ -1127,13 +1127,11 @@ pub fn shape_difference(
 
 /// Takes over pinned maps only if they are this build's: read with the wrong shape or
 /// layout, they would give wrong numbers. Pins of another namespace are refused untouched
-/// (see [`foreign_pins`]). Of this namespace's (or no one's yet), a short-lived map of
-/// another shape is unpinned, so that an upgrade over a crashed older build's pins keeps its
-/// counters; its programs write on into the old map until this start replaces their links.
-/// A counter map of another shape, or pins of another [`PIN_LAYOUT`] (shaped alike, maps
-/// that mean other things), are removed whole, links first, and counting starts from zero,
-/// as after a clean upgrade: refused, an upgrade after a crash crash-looped on every such
-/// node until someone ran `cleanup` there. Returns the pins' owner (0: none, or removed).
+/// (see [`foreign_pins`]). Of this namespace's (or no one's yet), what [`judge_left_pins`]
+/// finds is done: short-lived maps of another shape replaced alone, or the whole set removed,
+/// links first, and counting started from zero, as after a clean upgrade: refused, an
+/// upgrade after a crash crash-looped on every such node until someone ran `cleanup` there.
+/// Returns the pins' owner (0: none, or removed).
 fn check_pinned_maps(
     pin_dir: &Path,
     own_netns: u64,
@@ -1142,15 +1140,59 @@ fn check_pinned_maps(
     let map_dir = paths::map_pin_dir(pin_dir);
     let owner_pin = map_dir.join(map_names::PIN_OWNER);
     let owner = if owner_pin.exists() {
-        read_pin_owner(&owner_pin).with_context(|| format!("reading {}", owner_pin.display()))?
+        Some(
+            read_pin_owner(&owner_pin)
+                .with_context(|| format!("reading {}", owner_pin.display()))?,
+        )
     } else {
-        0
+        None
     };
-    if owner != 0 && owner != own_netns {
+    if let Some(owner) = owner.filter(|&owner| owner != 0 && owner != own_netns) {
         return Err(foreign_pins(pin_dir, owner, own_netns));
     }
+    let left = judge_left_pins(&map_dir, owner, connection_table_slots)?;
+    if let Some(left_by) = left.removed_for {
+        // As a clean upgrade would have.
+        return remove_left_pins(pin_dir, &left_by).map(|()| 0);
+    }
+    for (path, difference) in left.replaced {
+        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        tracing::warn!(
+            "replaced the pinned map {} of another build ({difference}): it held only the last \
+             seconds' state (DNS answers to queries asked before now count as unmatched; TLS \
+             hellos in the middle of being read, as missed)",
+            path.display()
+        );
+    }
+    Ok(owner.unwrap_or(0))
+}
+
+/// What a start does with the pinned maps in `map_dir`, which no running collector holds and
+/// whose `PIN_OWNER` reads `owner` (`None`: not pinned), judged without touching them.
+#[derive(Debug, Default)]
+pub struct LeftPins {
+    /// Why the whole set is removed, counters with it: "a crashed run of another build
+    /// (...)", or "a crashed run with `connection_table_slots` = X, the config's Y".
+    pub removed_for: Option<String>,
+    /// Short-lived maps of another shape, replaced alone, with how each differs.
+    replaced: Vec<(PathBuf, String)>,
+    /// Whether any counter map is pinned (taken over where nothing is removed).
+    pub counters: bool,
+}
+
+/// Judges the pins in `map_dir` as a start with `connection_table_slots` would (see
+/// [`check_pinned_maps`]): a short-lived map of another shape is replaced alone, so that an
+/// upgrade over a crashed older build's pins keeps its counters (its programs write on into
+/// the old map until the start replaces their links); a counter map of another shape, or
+/// pins of another [`PIN_LAYOUT`] (shaped alike, maps that mean other things), have the whole
+/// set removed.
+pub fn judge_left_pins(
+    map_dir: &Path,
+    owner: Option<u64>,
+    connection_table_slots: u32,
+) -> anyhow::Result<LeftPins> {
     let object = embedded_object()?;
-    let mut replace = Vec::new();
+    let mut left = LeftPins::default();
     let mut other_build = None;
     // Told apart from another build's pins, which say so whatever the table's size.
     let mut resized = None;
@@ -1167,15 +1209,17 @@ fn check_pinned_maps(
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
         let capacity = (name == map_names::CONN_STATE).then_some(connection_table_slots);
         let info = pinned.info()?;
+        let short_lived = SHORT_LIVED_MAPS.contains(&name);
+        left.counters |= !short_lived && name != map_names::PIN_OWNER;
         if let Some(difference) = shape_difference(expected, &info, capacity) {
-            if SHORT_LIVED_MAPS.contains(&name) {
-                replace.push((path, difference));
+            if short_lived {
+                left.replaced.push((path, difference));
             } else if capacity.is_some()
                 && shape_difference(expected, &info, Some(info.max_entries())).is_none()
             {
                 // The table sized otherwise, nothing else: the config changed, not the build.
                 resized = Some(format!(
-                    "a crashed run with connection_table_slots = {}, this start's {}",
+                    "a crashed run with connection_table_slots = {}, the config's {}",
                     info.max_entries(),
                     connection_table_slots
                 ));
@@ -1186,7 +1230,10 @@ fn check_pinned_maps(
             }
         }
     }
-    if other_build.is_none() && owner_pin.exists() {
+    if other_build.is_none()
+        && let Some(owner) = owner
+    {
+        let owner_pin = map_dir.join(map_names::PIN_OWNER);
         let layout = read_pin_word(&owner_pin, 1)
             .with_context(|| format!("reading {}", owner_pin.display()))?;
         // No layout: pins of a start that loaded no further, unless they have an owner.
@@ -1196,20 +1243,8 @@ fn check_pinned_maps(
             ));
         }
     }
-    if let Some(left_by) = other_build.or(resized) {
-        // As a clean upgrade would have.
-        return remove_left_pins(pin_dir, &left_by).map(|()| 0);
-    }
-    for (path, difference) in replace {
-        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
-        tracing::warn!(
-            "replaced the pinned map {} of another build ({difference}): it held only the last \
-             seconds' state (DNS answers to queries asked before now count as unmatched; TLS \
-             hellos in the middle of being read, as missed)",
-            path.display()
-        );
-    }
-    Ok(owner)
+    left.removed_for = other_build.or(resized);
+    Ok(left)
 }
 
 /// Gives every configured route and upstream its slot (see [`slots::plan`]), records the

@@ -262,6 +262,16 @@ fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero()
         let old_links = link_ids(&v1.join("links"));
         assert!(!old_links.is_empty());
         make_other_build();
+        // `collector check` says so before the start.
+        let (passed, line) = support::check_line(&netns, &config.path, &[], "pin_dir");
+        assert!(
+            passed
+                && line.starts_with("warn")
+                && line.contains("were left by a crashed run of another build")
+                && line.contains(&difference)
+                && line.contains("its counters start from zero"),
+            "{case}: {line}"
+        );
         let log = logs.path(&format!("{case}.log"));
         let agent = Agent::start_logging(&netns, &config, &[], &log);
         let text = std::fs::read_to_string(&log).unwrap();
@@ -454,12 +464,29 @@ fn a_start_after_a_crash_with_another_connection_table_size_counts_from_zero() {
     wait_for_closed(&netns, "web", 2);
     crashing.kill();
     let pin_dir = config.pin_dir.to_str().unwrap();
+    // `collector check` says which config resets the counters, before the start does.
+    let pin_dir_line = |config: &AgentConfig| {
+        support::check_line(&netns, &config.path, &["--pin-dir", pin_dir], "pin_dir")
+    };
+    let (passed, line) = pin_dir_line(&config);
+    assert!(
+        passed && line.starts_with("pass") && line.contains("whose counters `run` takes over"),
+        "{line}"
+    );
+    let (passed, line) = pin_dir_line(&resized);
+    assert!(
+        passed
+            && line.starts_with("warn")
+            && line.contains("connection_table_slots = 65536, the config's 1024")
+            && line.contains("its counters start from zero"),
+        "{line}"
+    );
     let agent = Agent::start_logging(&netns, &resized, &["--pin-dir", pin_dir], &second);
     assert!(support::running_line(&second).contains("inherited=false"));
     let removed = support::logged_lines(&second, "were left by a crashed run");
     assert!(
         removed.len() == 1
-            && removed[0].contains("connection_table_slots = 65536, this start's 1024")
+            && removed[0].contains("connection_table_slots = 65536, the config's 1024")
             && removed[0].contains("counters start from zero"),
         "{removed:?}"
     );
