@@ -6,12 +6,15 @@
 //! place (what any tc program costs them), and each load ends with the same pairs run with
 //! the agent on neither side, which shows how far a median strays when nothing differs. Then the kernel's own run-time
 //! statistics give the cost per program run, and test runs the instruction cost of each
-//! classifier path (`path_cost`). Results go to docs/BENCHMARKS.md.
+//! classifier path (`path_cost`), and the agent's memory under names and clients never seen
+//! before (`memory`). Results go to docs/BENCHMARKS.md.
 //!
 //! `cargo xtask bench [-- --pairs N --seconds S --only PART --no-docs]` (`-- --help` says more)
 
 #[path = "overhead/empty_programs.rs"]
 mod empty_programs;
+#[path = "overhead/memory.rs"]
+mod memory;
 #[path = "overhead/nginx.rs"]
 mod nginx;
 #[path = "overhead/path_cost.rs"]
@@ -201,12 +204,13 @@ const USAGE: &str = "usage: cargo xtask bench [-- [--pairs N] [--seconds S] [--o
 
   --pairs N     pairs of runs per mode, at least 1 (default 9; the issues' targets ask for 5 or more)
   --seconds S   seconds per run (default 3)
-  --only PART   one part alone, for quick comparisons: proxy, nginx, dns, paths or poll
+  --only PART   one part alone, for quick comparisons: proxy, nginx, dns, paths, poll or
+                memory
                 (docs/BENCHMARKS.md is not written)
   --no-docs     print the report without writing docs/BENCHMARKS.md";
 
 /// The parts `--only` takes, in the order a full run measures them.
-const PARTS: [&str; 5] = ["proxy", "nginx", "dns", "paths", "poll"];
+const PARTS: [&str; 6] = ["proxy", "nginx", "dns", "paths", "poll", "memory"];
 
 /// The settings from the command line; usage on `--help`, and a refusal of what it does not
 /// know, before anything is measured (a misspelt option would otherwise run the whole bench).
@@ -1610,6 +1614,9 @@ fn main() {
     }
     if settings.runs("poll") {
         report.push_str(&poll_costs(&netns, &settings));
+    }
+    if settings.runs("memory") {
+        report.push_str(&memory::report(&netns));
     }
     // Stopped by a signal meanwhile: the figures are cut short, and the exit is the sweep's.
     support::halt_if_stopping();
