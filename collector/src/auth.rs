@@ -536,6 +536,7 @@ fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, (usize, String)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::ScratchDir;
 
     #[test]
     fn secrets_compare_whole() {
@@ -567,10 +568,9 @@ mod tests {
         assert_eq!(line, 2);
         assert!(reason.starts_with("'é' in the token"), "{reason}");
         assert_eq!(parse_token("a b\n").unwrap_err().0, 1);
-        let path = std::env::temp_dir().join(format!("collector-token-{}", std::process::id()));
-        std::fs::write(&path, "old\nnew\n").unwrap();
+        let scratch = ScratchDir::new("token");
+        let path = scratch.write("token", "old\nnew\n");
         let err = read_token(&path).unwrap_err().to_string();
-        std::fs::remove_file(&path).unwrap();
         assert_eq!(
             err,
             format!(
@@ -584,10 +584,8 @@ mod tests {
     #[test]
     fn a_users_file_may_begin_with_a_byte_order_mark() {
         let hash = bcrypt::hash("pw", 4).unwrap();
-        let path = std::env::temp_dir().join(format!("collector-users-{}", std::process::id()));
-        std::fs::write(&path, format!("\u{feff}prometheus:{hash}\n")).unwrap();
-        let users = read_users(&path);
-        std::fs::remove_file(&path).unwrap();
+        let scratch = ScratchDir::new("users");
+        let users = read_users(&scratch.write("users", format!("\u{feff}prometheus:{hash}\n")));
         assert_eq!(
             users.unwrap().hashes.keys().collect::<Vec<_>>(),
             ["prometheus"]
@@ -642,38 +640,6 @@ mod tests {
         );
     }
 
-    /// A directory of the test's own under the system's temporary directory.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("auth-{name}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-
-        /// Writes `text` to `name`, stamped `age_s` seconds after the epoch: the changes a
-        /// test makes must show in the modification time however fast they come.
-        fn write(&self, name: &str, text: &str, age_s: u64) -> PathBuf {
-            let path = self.0.join(name);
-            std::fs::write(&path, text).unwrap();
-            let stamp = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(age_s);
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_modified(stamp)
-                .unwrap();
-            path
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     fn config(token: Option<PathBuf>, users: Option<PathBuf>) -> HttpConfig {
         let mut http = crate::config::Config::embedded_default().http;
         http.bearer_token_file = token;
@@ -705,12 +671,12 @@ mod tests {
     }
 
     /// Credentials with the token `tok` and the user `u`, password `pw`, in files of `scratch`.
-    fn token_and_user(scratch: &Scratch) -> Credentials {
+    fn token_and_user(scratch: &ScratchDir) -> Credentials {
         let hash = bcrypt::hash("pw", 4).unwrap();
         Credentials::from_config(
             &config(
-                Some(scratch.write("token", "tok\n", 1)),
-                Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
+                Some(scratch.write_aged("token", "tok\n", 1)),
+                Some(scratch.write_aged("users", &format!("u:{hash}\n"), 1)),
             ),
             &Arc::default(),
         )
@@ -719,7 +685,7 @@ mod tests {
 
     #[tokio::test]
     async fn tokens_and_remembered_passwords_need_no_turn_and_others_wait_for_one_in_time() {
-        let scratch = Scratch::new("no-turn");
+        let scratch = ScratchDir::new("auth-no-turn");
         let credentials = token_and_user(&scratch);
         assert_eq!(admit(&credentials, &basic("u:pw")).await, Ok(()));
         let held = credentials.hold_password_turns();
@@ -758,7 +724,7 @@ mod tests {
 
     #[tokio::test]
     async fn basic_and_bearer_each_admit() {
-        let scratch = Scratch::new("both");
+        let scratch = ScratchDir::new("auth-both");
         let credentials = token_and_user(&scratch);
         assert_eq!(admit(&credentials, &with("Bearer tok")).await, Ok(()));
         assert!(admit(&credentials, &with("Bearer nope")).await.is_err());
@@ -782,13 +748,13 @@ mod tests {
     async fn password_checks_run_one_at_a_time_and_the_others_wait_their_turn() {
         const WRONG: usize = 12;
         const RIGHT: usize = 4;
-        let scratch = Scratch::new("turns");
+        let scratch = ScratchDir::new("auth-turns");
         // A cost that keeps each check busy long enough for the others to pile up.
         let hash = bcrypt::hash("pw", 8).unwrap();
         let credentials = Credentials::from_config(
             &config(
                 None,
-                Some(scratch.write("users", &format!("u:{hash}\n"), 1)),
+                Some(scratch.write_aged("users", &format!("u:{hash}\n"), 1)),
             ),
             &Arc::default(),
         )
@@ -819,12 +785,12 @@ mod tests {
     /// file: a password given since passes, a user removed since does not.
     #[tokio::test]
     async fn a_check_that_waited_is_judged_by_the_file_as_it_is_then() {
-        let scratch = Scratch::new("waited");
+        let scratch = ScratchDir::new("auth-waited");
         let hash = |password: &str| bcrypt::hash(password, 4).unwrap();
         let credentials = Credentials::from_config(
             &config(
                 None,
-                Some(scratch.write(
+                Some(scratch.write_aged(
                     "users",
                     &format!("u:{}\nw:{}\n", hash("old"), hash("wpw")),
                     1,
@@ -842,7 +808,7 @@ mod tests {
 
         let held = credentials.hold_password_turns();
         let (changed, removed) = (waiting("u:new"), waiting("w:wpw"));
-        scratch.write("users", &format!("u:{}\n", hash("new")), 2);
+        scratch.write_aged("users", &format!("u:{}\n", hash("new")), 2);
         drop(held);
         assert_eq!(changed.run(Duration::from_mins(1)).await, Ok(()));
         assert!(matches!(
@@ -853,13 +819,13 @@ mod tests {
 
     #[tokio::test]
     async fn rotated_secrets_are_taken_without_a_restart() {
-        let scratch = Scratch::new("rotation");
+        let scratch = ScratchDir::new("auth-rotation");
         let old_hash = bcrypt::hash("old", 4).unwrap();
         let reloads = Arc::new(SecretReloads::default());
         let credentials = Credentials::from_config(
             &config(
-                Some(scratch.write("token", "first\n", 1)),
-                Some(scratch.write("users", &format!("u:{old_hash}\n"), 1)),
+                Some(scratch.write_aged("token", "first\n", 1)),
+                Some(scratch.write_aged("users", &format!("u:{old_hash}\n"), 1)),
             ),
             &reloads,
         )
@@ -873,16 +839,16 @@ mod tests {
         assert_eq!(admit(&credentials, &basic("u:old")).await, Ok(()));
 
         let new_hash = bcrypt::hash("new", 4).unwrap();
-        scratch.write("token", "second\n", 2);
-        scratch.write("users", &format!("u:{new_hash}\n"), 2);
+        scratch.write_aged("token", "second\n", 2);
+        scratch.write_aged("users", &format!("u:{new_hash}\n"), 2);
         assert_eq!(admit(&credentials, &with("Bearer second")).await, Ok(()));
         assert!(admit(&credentials, &with("Bearer first")).await.is_err());
         assert_eq!(admit(&credentials, &basic("u:new")).await, Ok(()));
         assert!(admit(&credentials, &basic("u:old")).await.is_err());
 
         // A broken rotation keeps what worked.
-        scratch.write("token", "  \n", 3);
-        scratch.write("users", "u:not-bcrypt\n", 3);
+        scratch.write_aged("token", "  \n", 3);
+        scratch.write_aged("users", "u:not-bcrypt\n", 3);
         assert_eq!(admit(&credentials, &with("Bearer second")).await, Ok(()));
         assert_eq!(admit(&credentials, &basic("u:new")).await, Ok(()));
         assert_eq!(
@@ -893,7 +859,7 @@ mod tests {
             ]
         );
         // Its completion within the same tick of the clock is still seen: the length moved.
-        scratch.write("token", "third-token\n", 3);
+        scratch.write_aged("token", "third-token\n", 3);
         assert_eq!(
             admit(&credentials, &with("Bearer third-token")).await,
             Ok(())
@@ -903,13 +869,13 @@ mod tests {
             [(Secret::BearerToken, true), (Secret::BasicAuthUsers, false)]
         );
         // A file gone keeps what worked, and says it failed until the file is back.
-        std::fs::remove_file(scratch.0.join("token")).unwrap();
+        std::fs::remove_file(scratch.path("token")).unwrap();
         assert_eq!(
             admit(&credentials, &with("Bearer third-token")).await,
             Ok(())
         );
         assert_eq!(last_reloads()[0], (Secret::BearerToken, false));
-        scratch.write("token", "fourth-token\n", 4);
+        scratch.write_aged("token", "fourth-token\n", 4);
         assert_eq!(
             admit(&credentials, &with("Bearer fourth-token")).await,
             Ok(())

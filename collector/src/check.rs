@@ -673,11 +673,22 @@ fn foreign_pins(pin_dir: &Path) -> Option<(Status, String)> {
 /// What `run` does with the pins a crashed run of this namespace left in `pin_dir` (no
 /// collector holds it: see [`in_use`]), judged as it judges them: removed, counters from
 /// zero, where another build or another `connection_table_slots` left them (a warning: a
-/// config change or an upgrade after a crash resets the counters), else taken over.
+/// config change or an upgrade after a crash resets the counters), else taken over. Pins
+/// without an owner, or whose owner is 0, held no counts: nothing to say of them. Nor where
+/// this namespace or the lock's holder cannot be told: `in_use` said nothing of them then.
 fn left_pins(pin_dir: &Path, connection_table_slots: u32) -> Option<(Status, String)> {
     let map_dir = paths::map_pin_dir(pin_dir);
-    let left = orphans::pinned_owner(&map_dir)
-        .and_then(|owner| crate::loader::judge_left_pins(&map_dir, owner, connection_table_slots));
+    let own_netns = crate::netns::current_cookie().ok()?;
+    if in_child_pid_namespace() && !matches!(pin_lock::held_by_another(pin_dir), Ok(false)) {
+        return None;
+    }
+    let left = match orphans::pinned_owner(&map_dir) {
+        Ok(Some(owner)) if owner == own_netns => {
+            crate::loader::judge_left_pins(&map_dir, Some(owner), connection_table_slots)
+        }
+        Ok(_) => return None,
+        Err(err) => Err(err),
+    };
     Some(match left {
         Ok(left) => match left.removed_for {
             Some(left_by) => (
@@ -688,7 +699,7 @@ fn left_pins(pin_dir: &Path, connection_table_slots: u32) -> Option<(Status, Str
                     pin_dir.display()
                 ),
             ),
-            None if left.counters => (
+            None if left.taken_over => (
                 Status::Pass,
                 format!(
                     "{} can be made, and maps pinned in it; it holds a crashed run's pins, \
@@ -1224,9 +1235,9 @@ mod tests {
         use std::os::fd::AsFd;
         let child = test_programs::TestCgroup::make("check");
         let cgroup = child.file.as_fd();
-        let pinned =
-            std::env::temp_dir().join(format!("collector-check-pin-{}", std::process::id()));
-        let unpinned = pinned.with_extension("absent");
+        let scratch = crate::scratch::ScratchDir::new("check-pin");
+        let pinned = scratch.path("pin");
+        let unpinned = scratch.path("absent");
         // A pin directory with no pins of other collectors beside it to remove.
         let no_siblings = unpinned.join("collector");
         let hooks = [
@@ -1270,13 +1281,15 @@ mod tests {
             "{detail}"
         );
         std::fs::write(&pinned, "").unwrap();
-        let adopted = cgroup_hooks(
-            &child.path,
-            &[(BPF_CGROUP_SOCK_OPS, pinned.clone())],
-            &no_siblings,
+        assert_eq!(
+            cgroup_hooks(
+                &child.path,
+                &[(BPF_CGROUP_SOCK_OPS, pinned.clone())],
+                &no_siblings,
+            ),
+            None,
+            "a full hook where the link is pinned"
         );
-        std::fs::remove_file(&pinned).unwrap();
-        assert_eq!(adopted, None, "a full hook where the link is pinned");
         drop(links.pop());
         assert_eq!(
             cgroup_hooks(&child.path, &hooks, &no_siblings),

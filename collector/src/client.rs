@@ -1427,17 +1427,16 @@ mod tests {
     }
 
     use super::*;
+    use crate::scratch::ScratchDir;
 
     #[test]
     fn a_file_to_trust_without_a_certificate_is_refused() {
-        let path = std::env::temp_dir().join(format!("collector-no-cert-{}", std::process::id()));
-        std::fs::write(
-            &path,
+        let scratch = ScratchDir::new("no-cert");
+        let path = scratch.write(
+            "ca.crt",
             "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-        )
-        .unwrap();
+        );
         let err = read_cacert(&path).map(|_| ()).unwrap_err();
-        std::fs::remove_file(&path).unwrap();
         assert!(
             format!("{err:#}").contains("holds no PEM certificate"),
             "{err:#}"
@@ -1457,8 +1456,8 @@ mod tests {
     /// rotation (the agent keeps its previous one) not sent as a header line of its own.
     #[test]
     fn the_token_is_read_as_the_agent_reads_it() {
-        let path = std::env::temp_dir().join(format!("collector-cli-token-{}", std::process::id()));
-        std::fs::write(&path, "\u{feff}s3cret\n").unwrap();
+        let scratch = ScratchDir::new("cli-token");
+        let path = scratch.write("token", "\u{feff}s3cret\n");
         let config = Config::from_toml(
             "t.toml",
             &format!(
@@ -1470,7 +1469,6 @@ mod tests {
         let agent = Endpoint::new(None, Some(&config), None, None);
         std::fs::write(&path, "s3cret\nnew\n").unwrap();
         let request = agent.as_ref().map(|agent| agent.request("/x", ""));
-        std::fs::remove_file(&path).unwrap();
         assert_eq!(
             request.unwrap(),
             "GET /x HTTP/1.1\r\nHost: 127.0.0.1:9464\r\nAuthorization: Bearer s3cret\r\n\r\n"
@@ -1579,9 +1577,8 @@ OA88hICOTwNepzhcGqC1TF91Wg==
 
     #[test]
     fn a_ca_beside_the_certificate_that_cannot_be_read_or_parsed_is_warned_of() {
-        let dir = std::env::temp_dir().join(format!("collector-ca-beside-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, ca) = (dir.join("tls.crt"), dir.join("ca.crt"));
+        let scratch = ScratchDir::new("ca-beside");
+        let (cert, ca) = (scratch.path("tls.crt"), scratch.path("ca.crt"));
         let beside = |text: &str| {
             std::fs::write(&ca, text).unwrap();
             ca_beside(&cert)
@@ -1602,7 +1599,6 @@ OA88hICOTwNepzhcGqC1TF91Wg==
         std::fs::remove_file(&ca).unwrap();
         std::fs::create_dir(&ca).unwrap();
         let unreadable = ca_beside(&cert).unwrap_err();
-        std::fs::remove_dir_all(&dir).unwrap();
         for (warning, why) in [
             (&no_certificate, "it holds no PEM certificate"),
             (

@@ -2440,12 +2440,12 @@ match_every = 1
 
     #[test]
     fn a_file_not_in_utf8_is_refused_at_its_first_stray_byte() {
-        let dir = std::env::temp_dir().join(format!("collector-utf8-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("latin1.toml");
-        std::fs::write(&path, b"[[routes]]\nname = \"caf\xe9\"\nports = [80]\n").unwrap();
+        let scratch = crate::scratch::ScratchDir::new("utf8");
+        let path = scratch.write(
+            "latin1.toml",
+            b"[[routes]]\nname = \"caf\xe9\"\nports = [80]\n",
+        );
         let err = Config::from_file(&path).unwrap_err();
-        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!((err.line, err.column), (Some(2), Some(12)), "{err}");
         assert!(err.reason.starts_with("not UTF-8 text"), "{err}");
     }

@@ -153,30 +153,13 @@ fn what_runs(config: &Config) -> Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A test's directory, removed when the test ends, a failed one too.
-    struct RemovedOnDrop(PathBuf);
-
-    impl Drop for RemovedOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::scratch::ScratchDir;
 
     /// The watch on a file of a test's own, read as `collector run --config` reads it, and
     /// the file's directory.
-    fn watch(text: &str) -> (ConfigWatch, PathBuf, RemovedOnDrop) {
-        // One per call: the tests run in parallel.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "collector-config-watch-{}-{call}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let dir = RemovedOnDrop(dir);
-        let path = dir.0.join("collector.toml");
-        std::fs::write(&path, text).unwrap();
+    fn watch(text: &str) -> (ConfigWatch, PathBuf, ScratchDir) {
+        let dir = ScratchDir::new("config-watch");
+        let path = dir.write("collector.toml", text);
         let running = Config::from_file(&path).unwrap();
         let reread_path = path.clone();
         // As a start: the lines, then the files they name.
@@ -227,11 +210,8 @@ mod tests {
     /// refuse the next start, and its return alone would not.
     #[test]
     fn the_files_it_names_count_without_an_edit() {
-        let dir = std::env::temp_dir().join(format!("collector-named-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let _dir = RemovedOnDrop(dir.clone());
-        let token = dir.join("token");
-        std::fs::write(&token, "secret\n").unwrap();
+        let named = ScratchDir::new("named");
+        let token = named.write("token", "secret\n");
         let text = format!("[http]\nbearer_token_file = \"{}\"\n", token.display());
         let (mut watch, path, _dir) = watch(&text);
         let state = |valid, applied| ConfigFileState { valid, applied };
@@ -243,7 +223,7 @@ mod tests {
         assert_eq!(settled(&mut watch), state(true, true));
         // Edited to name a file not there yet (the last read that succeeded named the
         // other): refused until it is put there.
-        let next = dir.join("next-token");
+        let next = named.path("next-token");
         replace(
             &path,
             &format!("[http]\nbearer_token_file = \"{}\"\n", next.display()),

@@ -324,8 +324,7 @@ impl Attachment {
         remove_unowned_pins(&map_dir)?;
         // Pins without an owner are a start's that attached nothing (see `own_pins`): nothing
         // counted into them, and a failed start removes them as it removes its own.
-        let owner = check_pinned_maps(&pin_dir, own_netns, config.connection_table_slots)?;
-        let inherited = owner != 0 && PINNED_MAPS.iter().any(|name| map_dir.join(name).exists());
+        let inherited = check_pinned_maps(&pin_dir, own_netns, config.connection_table_slots)?;
 
         let netns_cookie = if config.all_namespaces { 0 } else { own_netns };
         let stats = if options.bpf_stats {
@@ -1127,12 +1126,12 @@ pub fn shape_difference(
 /// finds is done: short-lived maps of another shape replaced alone, or the whole set removed,
 /// links first, and counting started from zero, as after a clean upgrade: refused, an
 /// upgrade after a crash crash-looped on every such node until someone ran `cleanup` there.
-/// Returns the pins' owner (0: none, or removed).
+/// Returns whether a crashed run's pins are taken over ([`LeftPins::taken_over`]).
 fn check_pinned_maps(
     pin_dir: &Path,
     own_netns: u64,
     connection_table_slots: u32,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<bool> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let owner_pin = map_dir.join(map_names::PIN_OWNER);
     let owner = if owner_pin.exists() {
@@ -1149,7 +1148,7 @@ fn check_pinned_maps(
     let left = judge_left_pins(&map_dir, owner, connection_table_slots)?;
     if let Some(left_by) = left.removed_for {
         // As a clean upgrade would have.
-        return remove_left_pins(pin_dir, &left_by).map(|()| 0);
+        return remove_left_pins(pin_dir, &left_by).map(|()| false);
     }
     for (path, difference) in left.replaced {
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
@@ -1160,11 +1159,12 @@ fn check_pinned_maps(
             path.display()
         );
     }
-    Ok(owner.unwrap_or(0))
+    Ok(left.taken_over)
 }
 
 /// What a start does with the pinned maps in `map_dir`, which no running collector holds and
-/// whose `PIN_OWNER` reads `owner` (`None`: not pinned), judged without touching them.
+/// whose `PIN_OWNER` reads `owner` (`None`: not pinned, and the others removed before as no
+/// one's), judged without touching them.
 #[derive(Debug, Default)]
 pub struct LeftPins {
     /// Why the whole set is removed, counters with it: "a crashed run of another build
@@ -1172,8 +1172,10 @@ pub struct LeftPins {
     pub removed_for: Option<String>,
     /// Short-lived maps of another shape, replaced alone, with how each differs.
     replaced: Vec<(PathBuf, String)>,
-    /// Whether any counter map is pinned (taken over where nothing is removed).
-    pub counters: bool,
+    /// Whether the start takes over a crashed run's pins and counts on from them: they have
+    /// an owner (0: a start's that loaded no further, which nothing counted into), and are
+    /// not removed.
+    pub taken_over: bool,
 }
 
 /// Judges the pins in `map_dir` as a start with `connection_table_slots` would (see
@@ -1205,10 +1207,8 @@ pub fn judge_left_pins(
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
         let capacity = (name == map_names::CONN_STATE).then_some(connection_table_slots);
         let info = pinned.info()?;
-        let short_lived = SHORT_LIVED_MAPS.contains(&name);
-        left.counters |= !short_lived && name != map_names::PIN_OWNER;
         if let Some(difference) = shape_difference(expected, &info, capacity) {
-            if short_lived {
+            if SHORT_LIVED_MAPS.contains(&name) {
                 left.replaced.push((path, difference));
             } else if capacity.is_some()
                 && shape_difference(expected, &info, Some(info.max_entries())).is_none()
@@ -1240,6 +1240,7 @@ pub fn judge_left_pins(
         }
     }
     left.removed_for = other_build.or(resized);
+    left.taken_over = left.removed_for.is_none() && owner.is_some_and(|owner| owner != 0);
     Ok(left)
 }
 

@@ -44,6 +44,8 @@ mod privileges;
 mod process;
 mod program_loading;
 mod rates;
+#[cfg(test)]
+mod scratch;
 mod secret_reloads;
 mod serve;
 mod signals;

@@ -1,7 +1,7 @@
 //! Kernel array maps created memory-mappable (`BPF_F_MMAPABLE`), mapped read-only into the
 //! agent: a poll reads them like memory, without a system call, where a batched map read
-//! copies slot by slot (13 ms for the connection table's default 65,536 slots here, about
-//! half a second for its largest size).
+//! copies slot by slot (13 ms for the connection table's default 65,536 slots here; a start
+//! that read the largest table so took a second longer).
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -66,7 +66,10 @@ impl<T: aya::Pod> MappedArray<T> {
             .as_fd()
             .try_clone_to_owned()
             .with_context(|| format!("duplicating the descriptor of {name}"))?;
-        let array = Array::try_from(Map::Array(MapData::from_fd(data)?))?;
+        let data = MapData::from_fd(data)
+            .with_context(|| format!("opening the duplicate descriptor of {name}"))?;
+        let array = Array::try_from(Map::Array(data))
+            .with_context(|| format!("reading the duplicate of {name} as an array"))?;
         Self::map(array, name)
     }
 

@@ -271,6 +271,7 @@ fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::ScratchDir;
 
     #[test]
     fn only_ewouldblock_means_another_holds_the_lock() {
@@ -303,13 +304,12 @@ mod tests {
 
     #[test]
     fn a_pin_directory_given_through_a_symlink_is_locked() {
-        let base = std::env::temp_dir().join(format!("collector-pin-lock-{}", std::process::id()));
-        let (real, link) = (base.join("real"), base.join("link"));
+        let scratch = ScratchDir::new("pin-lock");
+        let (real, link) = (scratch.path("real"), scratch.path("link"));
         fs::create_dir_all(&real).unwrap();
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let held = lock_if_current(&link).unwrap();
         let again = lock_if_current(&real).unwrap();
-        fs::remove_dir_all(&base).unwrap();
         assert!(held.is_some(), "not locked through the link");
         assert!(again.is_none(), "locked twice");
     }
@@ -317,15 +317,14 @@ mod tests {
     /// A lock on a directory removed and made again is no lock on the one there now.
     #[test]
     fn a_lock_on_a_directory_made_again_locks_nothing() {
-        let dir = std::env::temp_dir().join(format!("collector-pin-relock-{}", std::process::id()));
+        let scratch = ScratchDir::new("pin-relock");
+        let dir = scratch.path("pins");
         fs::create_dir_all(&dir).unwrap();
         let lock = lock_if_current(&dir).unwrap().unwrap();
         assert!(locks(&lock, &dir).unwrap());
         fs::remove_dir(&dir).unwrap();
         fs::create_dir(&dir).unwrap();
-        let now = locks(&lock, &dir).unwrap();
-        fs::remove_dir(&dir).unwrap();
-        assert!(!now);
+        assert!(!locks(&lock, &dir).unwrap());
     }
 
     #[test]

@@ -1094,20 +1094,19 @@ mod tests {
         drop(in_request);
     }
 
-    /// A file of the test's own under the system's temporary directory, removed on drop.
-    struct Scratch(std::path::PathBuf);
+    /// A file of the test's own, in a directory removed on drop.
+    struct Scratch {
+        path: std::path::PathBuf,
+        _dir: crate::scratch::ScratchDir,
+    }
 
     impl Scratch {
         fn new(name: &str, text: &str) -> Self {
-            let path = std::env::temp_dir().join(format!("serve-{name}-{}", std::process::id()));
-            std::fs::write(&path, text).unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
+            let dir = crate::scratch::ScratchDir::new(&format!("serve-{name}"));
+            Self {
+                path: dir.write("file", text),
+                _dir: dir,
+            }
         }
     }
 
@@ -1135,8 +1134,8 @@ mod tests {
         limits: impl FnOnce(&mut crate::config::HttpConfig),
     ) -> Serving {
         let mut http = crate::config::Config::embedded_default().http;
-        http.basic_auth_users_file = Some(users.0.clone());
-        http.bearer_token_file = Some(token.0.clone());
+        http.basic_auth_users_file = Some(users.path.clone());
+        http.bearer_token_file = Some(token.path.clone());
         limits(&mut http);
         let guard = Guard::from_config(&http).unwrap();
         let credentials = guard.credentials.clone();

@@ -527,6 +527,53 @@ fn a_start_after_a_crash_with_another_connection_table_size_counts_from_zero() {
     support::assert_no_pins(&config.pin_dir);
 }
 
+/// Maps pinned without `PIN_OWNER` (a stop cut short after removing the links, then it, the
+/// first map it removes) are no one's: a start removes them and counts from zero, and
+/// `collector check` does not say it would take them over.
+#[test]
+fn pins_without_an_owner_are_removed_and_counted_from_zero() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let logs = ScratchDir::new("unowned");
+    let crashing = Agent::start(&netns, &config);
+    support::connections_3_in_5_out(&netns, 3);
+    wait_for_closed(&netns, "web", 3);
+    crashing.kill();
+    for link in std::fs::read_dir(config.pin_dir.join("v1/links")).unwrap() {
+        std::fs::remove_file(link.unwrap().path()).unwrap();
+    }
+    std::fs::remove_file(config.pin_dir.join("v1/PIN_OWNER")).unwrap();
+    let (passed, line) = support::check_line(&netns, &config.path, &[], "pin_dir");
+    assert!(
+        passed && line.starts_with("pass") && !line.contains("takes over"),
+        "{line}"
+    );
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    assert!(
+        support::running_line(&log).contains("inherited=false"),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        !support::logged_lines(&log, "which no collector owned").is_empty(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    support::connections_3_in_5_out(&netns, 2);
+    let metrics = wait_for_closed(&netns, "web", 2);
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_proxy_connections_opened_total",
+            &[("route", "web")]
+        ),
+        Some(2.0)
+    );
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn a_start_after_a_crash_says_it_took_over_the_crashed_runs_programs_and_counters() {
     let netns = Netns::new();
