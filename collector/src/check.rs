@@ -675,13 +675,10 @@ fn foreign_pins(pin_dir: &Path) -> Option<(Status, String)> {
 /// zero, where another build or another `connection_table_slots` left them (a warning: a
 /// config change or an upgrade after a crash resets the counters), else taken over. Pins
 /// without an owner, or whose owner is 0, held no counts: nothing to say of them. Nor where
-/// this namespace or the lock's holder cannot be told: `in_use` said nothing of them then.
+/// this namespace cannot be told (`foreign_pins` said nothing of them then).
 fn left_pins(pin_dir: &Path, connection_table_slots: u32) -> Option<(Status, String)> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let own_netns = crate::netns::current_cookie().ok()?;
-    if in_child_pid_namespace() && !matches!(pin_lock::held_by_another(pin_dir), Ok(false)) {
-        return None;
-    }
     let left = match orphans::pinned_owner(&map_dir) {
         Ok(Some(owner)) if owner == own_netns => {
             crate::loader::judge_left_pins(&map_dir, Some(owner), connection_table_slots)
@@ -727,9 +724,21 @@ fn locked(pin_dir: &Path) -> Option<(Status, String)> {
         Some(holder) => pin_lock::Holder::describe(Some(holder)),
         // /proc/locks leaves out the processes of PID namespaces this one cannot see: tried,
         // only where there may be such (in a PID namespace of its own, all are seen).
-        None if in_child_pid_namespace() && pin_lock::held_by_another(pin_dir).unwrap_or(false) => {
-            pin_lock::Holder::describe(None)
-        }
+        None if in_child_pid_namespace() => match pin_lock::held_by_another(pin_dir) {
+            Ok(false) => return None,
+            Ok(true) => pin_lock::Holder::describe(None),
+            // Said, rather than taken for free: `left_pins` judges pins only where no
+            // collector holds them.
+            Err(err) => {
+                return Some((
+                    Status::Warn,
+                    format!(
+                        "whether a collector runs with {} cannot be told: {err}",
+                        pin_dir.display()
+                    ),
+                ));
+            }
+        },
         None => return None,
     };
     let what = if holder.as_ref().is_some_and(pin_lock::Holder::is_cleanup) {

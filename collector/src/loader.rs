@@ -322,8 +322,6 @@ impl Attachment {
         remove_if_namespace_gone(&pin_dir, own_netns)?;
         orphans::reap_siblings(&pin_dir, own_netns);
         remove_unowned_pins(&map_dir)?;
-        // Pins without an owner are a start's that attached nothing (see `own_pins`): nothing
-        // counted into them, and a failed start removes them as it removes its own.
         let inherited = check_pinned_maps(&pin_dir, own_netns, config.connection_table_slots)?;
 
         let netns_cookie = if config.all_namespaces { 0 } else { own_netns };
@@ -1240,6 +1238,8 @@ pub fn judge_left_pins(
         }
     }
     left.removed_for = other_build.or(resized);
+    // An owner of 0: a start's that attached nothing (see `own_pins`), nothing counted into
+    // them, and a failed start removes them as it removes its own.
     left.taken_over = left.removed_for.is_none() && owner.is_some_and(|owner| owner != 0);
     Ok(left)
 }
