@@ -661,20 +661,8 @@ fn dnsperf_on(
 ) -> (u64, f64) {
     let mut command = netns.command("taskset");
     let cpus = cpu.map_or_else(|| cpu_list(&allowed_cpus()), |cpu| cpu.to_string());
-    command.args(["-c", &cpus]);
-    let out = command
-        .arg("dnsperf")
-        .args(["-s", "127.0.0.1", "-p", "53", "-d"])
-        .arg(queries)
-        .args(["-l", &format!("{seconds}")])
-        .output()
-        .expect("running dnsperf (apt install dnsperf; cargo xtask prereqs does)");
-    assert!(
-        out.status.success(),
-        "dnsperf: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    command.args(["-c", &cpus, "dnsperf"]);
+    let text = run_dnsperf(command, queries, &["-l", &format!("{seconds}")]);
     let field = |name: &str| -> f64 {
         text.lines()
             .find_map(|line| line.trim().strip_prefix(name))
@@ -689,6 +677,27 @@ fn dnsperf_on(
     )]
     let sent = field("Queries sent:") as u64;
     (sent, field("Queries per second:"))
+}
+
+/// Runs `command`, dnsperf or a wrapper ending in it, against the server on 127.0.0.1:53 with
+/// `queries` and the arguments `more`; its report.
+fn run_dnsperf(
+    mut command: std::process::Command,
+    queries: &std::path::Path,
+    more: &[&str],
+) -> String {
+    let out = command
+        .args(["-s", "127.0.0.1", "-p", "53", "-d"])
+        .arg(queries)
+        .args(more)
+        .output()
+        .expect("running dnsperf (apt install dnsperf; cargo xtask prereqs does)");
+    assert!(
+        out.status.success(),
+        "dnsperf: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What the agent counted in one DNS run.

@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    cpu_seconds,
+    cpu_seconds, run_dnsperf,
     support::{self, Agent, AgentConfig, Netns, dns::Unbound, dns_json, sample},
 };
 
@@ -86,17 +86,7 @@ fn write_names(path: &Path, phase: u32) {
 
 /// dnsperf through `queries` once, at its maximum rate.
 fn dnsperf_once(netns: &Netns, queries: &Path) {
-    let out = netns
-        .command("dnsperf")
-        .args(["-s", "127.0.0.1", "-p", "53", "-n", "1", "-d"])
-        .arg(queries)
-        .output()
-        .expect("running dnsperf (apt install dnsperf; cargo xtask prereqs does)");
-    assert!(
-        out.status.success(),
-        "dnsperf: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_dnsperf(netns.command("dnsperf"), queries, &["-n", "1"]);
 }
 
 /// One connection from each of `CLIENTS_PER_PHASE` loopback addresses none before used
