@@ -307,8 +307,15 @@ pub fn local_address_sets(address: [u64; 2], set_bits: u32) -> [u32; 2] {
 pub const CONN_TABLE_SLOTS: u32 = 65536;
 /// The fewest slots the connection table may be given.
 pub const CONN_TABLE_SLOTS_MIN: u32 = 1 << 10;
-/// The most: 48 MiB of kernel memory, which the agent also reads whole at every poll.
+/// The most: 48 MiB of kernel memory, which the agent also reads whole at every poll with
+/// `client_stats` on.
 pub const CONN_TABLE_SLOTS_MAX: u32 = 1 << 20;
+
+/// Whether a connection table may have `slots` slots: a power of two between the bounds.
+#[must_use]
+pub const fn conn_table_slots_allowed(slots: u32) -> bool {
+    slots.is_power_of_two() && CONN_TABLE_SLOTS_MIN <= slots && slots <= CONN_TABLE_SLOTS_MAX
+}
 
 /// The bits of a connection table of `slots` slots (a power of two): what [`conn_slot`]
 /// takes.
@@ -1221,10 +1228,11 @@ const _: () = assert!(core::mem::offset_of!(ConnState, client_addr) == 16);
 const _: () = assert!(core::mem::offset_of!(ConnState, route) == 32);
 const _: () = assert!(core::mem::offset_of!(ConnState, client_port) == 44);
 const _: () = assert!(CONN_TABLE_SLOTS.is_power_of_two());
-const _: () =
-    assert!(CONN_TABLE_SLOTS_MIN.is_power_of_two() && CONN_TABLE_SLOTS_MAX.is_power_of_two());
-const _: () =
-    assert!(CONN_TABLE_SLOTS_MIN <= CONN_TABLE_SLOTS && CONN_TABLE_SLOTS <= CONN_TABLE_SLOTS_MAX);
+const _: () = assert!(
+    conn_table_slots_allowed(CONN_TABLE_SLOTS_MIN)
+        && conn_table_slots_allowed(CONN_TABLE_SLOTS)
+        && conn_table_slots_allowed(CONN_TABLE_SLOTS_MAX)
+);
 const _: () = assert!(size_of::<ConnEvent>() == 72);
 const _: () = assert!(size_of::<UpstreamCounters>() == 16);
 const _: () = assert!(size_of::<SniKey>() == 260);

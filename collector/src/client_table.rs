@@ -1,8 +1,9 @@
 //! The kernel's connection table (`CONN_STATE`), mapped read-only into the agent's memory:
 //! the open connections per client are counted from it at every poll, a read of 3 MiB (at
-//! the default 65,536 slots; 48 bytes a slot) without a system call. Counting from the table rather than from open and close events
-//! keeps the figure exact even when the event ring overflows, and spares the kernel a close
-//! event per connection while nobody reads the event stream.
+//! the default 65,536 slots; 48 bytes a slot) without a system call. Counting from the
+//! table rather than from open and close events keeps the figure exact even when the event
+//! ring overflows, and spares the kernel a close event per connection while nobody reads
+//! the event stream.
 
 use std::{
     collections::HashMap,

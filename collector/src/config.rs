@@ -13,6 +13,7 @@ use std::{
 
 use collector_common::{
     CONN_TABLE_SLOTS, CONN_TABLE_SLOTS_MAX, CONN_TABLE_SLOTS_MIN, DNS_MAX_PORTS, SNI_NAMES_MAX,
+    conn_table_slots_allowed,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -775,9 +776,7 @@ fn connection_table_slots(source: &Source<'_>, raw: &RawConfig) -> Result<u32, C
     let slots = *value.get_ref();
     u32::try_from(slots)
         .ok()
-        .filter(|slots| {
-            slots.is_power_of_two() && (CONN_TABLE_SLOTS_MIN..=CONN_TABLE_SLOTS_MAX).contains(slots)
-        })
+        .filter(|&slots| conn_table_slots_allowed(slots))
         .ok_or_else(|| {
             source.at(
                 value,

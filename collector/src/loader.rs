@@ -1131,15 +1131,7 @@ fn check_pinned_maps(
     connection_table_slots: u32,
 ) -> anyhow::Result<bool> {
     let map_dir = paths::map_pin_dir(pin_dir);
-    let owner_pin = map_dir.join(map_names::PIN_OWNER);
-    let owner = if owner_pin.exists() {
-        Some(
-            read_pin_owner(&owner_pin)
-                .with_context(|| format!("reading {}", owner_pin.display()))?,
-        )
-    } else {
-        None
-    };
+    let owner = orphans::pinned_owner(&map_dir)?;
     if let Some(owner) = owner.filter(|&owner| owner != 0 && owner != own_netns) {
         return Err(foreign_pins(pin_dir, owner, own_netns));
     }

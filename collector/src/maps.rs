@@ -14,11 +14,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use collector_common::{
-    CONN_TABLE_SLOTS_MAX, CONN_TABLE_SLOTS_MIN, ConnCounters, ConnDurations, ConnState, DIR_IN,
-    DIR_OUT, DNS_MALFORMED_NAMES, DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsNameKeys,
-    ERROR_KIND_NAMES, MAX_ROUTES, PIN_LAYOUT, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES,
-    SniCounters, SniKey, TrafficCounters, UpstreamCounters, conn_flags, dns_query_given_up,
-    map_names, traffic_index,
+    ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES,
+    DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsNameKeys, ERROR_KIND_NAMES, MAX_ROUTES,
+    PIN_LAYOUT, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES, SniCounters, SniKey, TrafficCounters,
+    UpstreamCounters, conn_flags, conn_table_slots_allowed, dns_query_given_up, map_names,
+    traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Number, Value, json};
@@ -102,10 +102,7 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
 /// size a config may give is this build's.
 fn sized_at_load(name: &str, info: &aya::maps::MapInfo) -> Option<u32> {
     let slots = info.max_entries();
-    (name == map_names::CONN_STATE
-        && slots.is_power_of_two()
-        && (CONN_TABLE_SLOTS_MIN..=CONN_TABLE_SLOTS_MAX).contains(&slots))
-    .then_some(slots)
+    (name == map_names::CONN_STATE && conn_table_slots_allowed(slots)).then_some(slots)
 }
 
 /// This build's kernel object, parsed once (a watch opens its maps at every refresh).
