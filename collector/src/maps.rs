@@ -30,7 +30,9 @@ use crate::{
         sum_conn, sum_dns, sum_durations, sum_server_names, sum_traffic, sum_u64, sum_upstream,
     },
     dns::{OPCODE_NAMES, QCLASS_NAMES, RCODE_NAMES, qtype_name},
-    loader, output, paths, privileges,
+    loader,
+    mapped::MappedArray,
+    output, paths, privileges,
 };
 
 /// Maps `dump` decodes that are not pinned: the configuration maps of routes by server name
@@ -192,6 +194,27 @@ fn count_used<T: aya::Pod>(data: MapData, used: impl Fn(&T) -> bool) -> anyhow::
     Ok(count)
 }
 
+/// A memory-mappable array map of this build's shape (`open` and `list` leave others
+/// unread), read through its mapping as the agent reads it: slot by slot, a system call
+/// each, the connection table's largest size took half a second to list or dump, at every
+/// refresh of a watch.
+fn mapped<T: aya::Pod>(data: MapData, name: &str) -> anyhow::Result<MappedArray<T>> {
+    MappedArray::map(array::<T>(data)?, name)
+}
+
+/// [`count_used`] for a map read through [`mapped`].
+fn count_used_mapped<T: aya::Pod>(
+    data: MapData,
+    name: &str,
+    used: impl Fn(&T) -> bool,
+) -> anyhow::Result<u32> {
+    let count = mapped::<T>(data, name)?
+        .entries()
+        .filter(|entry| used(entry))
+        .count();
+    Ok(u32::try_from(count)?)
+}
+
 /// Every pinned map of this build under `pin_dir`, with its shape and fill. A map this build
 /// pins but an older one did not is left out (a crashed older build's pins lack it); none at
 /// all is an error. Another build's pins are listed with what differs in their notes, and
@@ -231,10 +254,14 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
             None
         } else {
             match name {
-                map_names::CONN_STATE => Some(count_used::<ConnState>(data, |s| s.cookie != 0)),
-                map_names::DNS_INFLIGHT => Some(count_used::<DnsInFlight>(data, |s| {
-                    s.start_ns != 0 && !dns_query_given_up(now, s.start_ns)
+                map_names::CONN_STATE => Some(count_used_mapped::<ConnState>(data, name, |s| {
+                    s.cookie != 0
                 })),
+                map_names::DNS_INFLIGHT => {
+                    Some(count_used_mapped::<DnsInFlight>(data, name, |s| {
+                        s.start_ns != 0 && !dns_query_given_up(now, s.start_ns)
+                    }))
+                }
                 map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |stamp| *stamp != 0)),
                 map_names::ROUTE_NAMES => Some(count_used::<RouteName>(data, |n| n.bytes[0] != 0)),
                 _ => None,
@@ -441,11 +468,10 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
             Value::Object(out)
         }
         map_names::CONN_STATE => {
-            let map = array::<ConnState>(open(pin_dir, name)?)?;
+            let map = mapped::<ConnState>(open(pin_dir, name)?, name)?;
             let owners: HashMap<u32, String> = route_names(pin_dir)?.into_iter().collect();
             let mut rows = Vec::new();
-            for (slot, state) in (0u32..).zip(map.iter()) {
-                let state = state?;
+            for (slot, state) in (0u32..).zip(map.entries()) {
                 if state.cookie != 0 {
                     let owner = owners.get(&state.route).map(String::as_str);
                     rows.push(conn_state_row(slot, &state, owner));
@@ -455,11 +481,10 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         }
         map_names::DNS_COUNTERS => dump_dns_counters(pin_dir)?,
         map_names::DNS_INFLIGHT => {
-            let map = array::<DnsInFlight>(open(pin_dir, name)?)?;
+            let map = mapped::<DnsInFlight>(open(pin_dir, name)?, name)?;
             let now = monotonic_ns();
             let mut rows = Vec::new();
-            for (slot, entry) in (0u32..).zip(map.iter()) {
-                let entry = entry?;
+            for (slot, entry) in (0u32..).zip(map.entries()) {
                 if entry.start_ns != 0 {
                     rows.push(json!({
                         "slot": slot, "clientFingerprint": format!("{:08x}", entry.client),
