@@ -337,32 +337,19 @@ fn count_message<const L2: usize>(
     // SAFETY: this CPU's scratch value, used only within this run.
     let buf = unsafe { &mut (*scratch).bytes };
     let copy = (UDP_HLEN + message_len).min(DNS_COPY_BYTES);
-    // SAFETY: `copy` is between 20 and DNS_COPY_BYTES, so COPY_AT + copy stays inside the
-    // 512-byte scratch value; the helper checks the packet side and fails rather than read
-    // past the end.
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            datagram.l4 as u32,
-            buf[COPY_AT..].as_mut_ptr().cast(),
-            copy as u32,
-        )
-    };
-    if loaded != 0 {
-        return Err(dns_malformed::TRUNCATED);
-    }
-    // The message ends here, in scratch coordinates, as far as it was copied: the first
+    // The message ends here, in scratch coordinates, as far as it is copied: the first
     // question fits in the copy if it fits in the message, and past the copy lie the parked
     // values and the last packet's bytes (an uncapped end of a message over 475 bytes
     // wrapped at the scratch mask and cut the question off).
     let end = DNS_AT + (copy - UDP_HLEN);
     // Park what differs between the paths that lead here in the scratch value, where the
-    // verifier does not follow it: the name walk below is then checked once, not once per
-    // path (which ran past its million-instruction limit).
+    // verifier does not follow it: the copy and the name walk below are then checked once,
+    // not once per path (which ran past its million-instruction limit).
     park(buf, PARK_END, end as u64);
     park(buf, PARK_L4, datagram.l4 as u64);
     park(buf, PARK_ROLE, role as u64);
     park(buf, PARK_IPV6, u64::from(datagram.ipv6));
+    copy_message(ctx, buf)?;
     let walked = question(buf);
     let role = match unpark(buf, PARK_ROLE) {
         0 => Role::Query,
@@ -457,6 +444,97 @@ fn count_message<const L2: usize>(
         }
     }
     Ok(())
+}
+
+/// Copies the message, from its UDP header to the parked end, to scratch at [`COPY_AT`]: from
+/// the linear part where it lies there, else with `bpf_skb_load_bytes`, which reads pages too.
+#[inline(always)]
+fn copy_message(ctx: &TcContext, buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Result<(), u32> {
+    let from = unpark(buf, PARK_L4) as usize & (MAX_L4_OFFSET * 2 - 1);
+    let len = (unpark(buf, PARK_END) as usize).wrapping_sub(COPY_AT);
+    // Never out of range (`count_message` parked it so); said again for the verifier.
+    if !(UDP_HLEN + DNS_HLEN..=DNS_COPY_BYTES).contains(&len) {
+        return Err(dns_malformed::TRUNCATED);
+    }
+    if copy_linear(ctx, from, buf, len) {
+        return Ok(());
+    }
+    // SAFETY: `len` is between 20 and DNS_COPY_BYTES, so COPY_AT + len stays inside the
+    // 512-byte scratch value; the helper checks the packet side and fails rather than read
+    // past the end.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            from as u32,
+            buf[COPY_AT..].as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    if loaded != 0 {
+        return Err(dns_malformed::TRUNCATED);
+    }
+    Ok(())
+}
+
+/// Words in the longest copy of a message ([`DNS_COPY_BYTES`]).
+const COPY_WORDS: usize = DNS_COPY_BYTES.div_ceil(8);
+
+/// Copies the `len` bytes (8 to [`DNS_COPY_BYTES`], the caller's check) at packet offset
+/// `from` to scratch at [`COPY_AT`] straight from the linear part, a word at a time, the last
+/// word ending at `len` (over part of the one before): `false` where they do not all lie
+/// there, for `bpf_skb_load_bytes` to copy instead. That helper returns through two more
+/// functions, and on a kernel that returns through a thunk (AMD's SRSO mitigation, "Safe
+/// RET") those returns cost more than this copy of a query does (docs/DESIGN.md, Measuring
+/// the cost).
+#[inline(always)]
+fn copy_linear(
+    ctx: &TcContext,
+    from: usize,
+    buf: &mut [u8; DNS_SCRATCH_BYTES],
+    len: usize,
+) -> bool {
+    let last = len - 8;
+    for word in 0..COPY_WORDS {
+        let at = (word * 8).min(last);
+        let Some(source) = ptr_at::<u64>(ctx, from + at) else {
+            return false;
+        };
+        // SAFETY: ptr_at checked the eight bytes; at + 8 <= len <= DNS_COPY_BYTES keeps the
+        // store inside scratch (the `min` says so to the verifier).
+        unsafe {
+            copy_word(
+                source.cast(),
+                buf.as_mut_ptr()
+                    .add((COPY_AT + at).min(DNS_SCRATCH_BYTES - 8)),
+            );
+        }
+        if at == last {
+            break;
+        }
+    }
+    true
+}
+
+/// Copies the eight bytes at `from` to `to`, either unaligned, in one load and one store: the
+/// kernel takes unaligned packet and map value accesses where the CPU does (x86-64, arm64),
+/// and `read_unaligned` would be eight byte loads, and as many stores, shifts and spills.
+///
+/// # Safety
+/// `from` must be readable and `to` writable for eight bytes, each checked for the verifier.
+#[inline(always)]
+unsafe fn copy_word(from: *const u8, to: *mut u8) {
+    // SAFETY: the caller's; the instructions touch those sixteen bytes and no register but
+    // the scratch one.
+    unsafe {
+        core::arch::asm!(
+            "{word} = *(u64 *)({from} + 0)",
+            "*(u64 *)({to} + 0) = {word}",
+            from = in(reg) from,
+            to = in(reg) to,
+            word = out(reg) _,
+            options(nostack, preserves_flags),
+        );
+    }
 }
 
 #[inline(always)]

@@ -8,6 +8,10 @@
 // counters sock_ops writes (`add`); the kernel crate is
 // built with nightly anyway (build-std).
 #![feature(core_intrinsics)]
+// A word copied between unaligned addresses in one load and one store (`dns::copy_word`):
+// LLVM's BPF backend splits an unaligned access into bytes, and its feature that would not
+// splits stack accesses too, which the verifier refuses.
+#![feature(asm_experimental_arch)]
 #![allow(
     internal_features,
     reason = "atomic_cxchg: the BPF target has no AtomicU64 CAS; atomic_xadd beside it"
