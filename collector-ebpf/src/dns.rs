@@ -71,6 +71,8 @@ const DNS_AT: usize = COPY_AT + UDP_HLEN;
 /// Offset of the question's name in scratch.
 const NAME_AT: usize = DNS_AT + DNS_HLEN;
 const _: () = assert!(NAME_AT.is_multiple_of(8) && NAME_AT + DNS_NAME_MAX <= PARK_END);
+// The copy never reaches the parked values, which are parked before it.
+const _: () = assert!(COPY_AT + DNS_COPY_BYTES <= PARK_END);
 /// Keeps scratch offsets provably inside the buffer for the verifier.
 const MASK: usize = DNS_SCRATCH_BYTES - 1;
 
@@ -150,8 +152,9 @@ pub fn count_packet<const L2: usize>(ctx: &TcContext, hook: u32) {
         return;
     };
     // Headers outside the linear part are pulled in (see `locate`), the UDP header here if
-    // the IP header was linear without it. Only headers: the message is copied to scratch with
-    // `bpf_skb_load_bytes`, which reads pages too, so pulling it would only copy it twice.
+    // the IP header was linear without it. Only headers: the message is copied to scratch from
+    // the linear part where it lies there, else with `bpf_skb_load_bytes`, which reads pages
+    // too, so pulling it would only copy it twice.
     let Some(ports) = ptr_at_or_pulled::<[u8; 4]>(ctx, datagram.l4, datagram.l4 + UDP_HLEN) else {
         return;
     };
@@ -500,7 +503,8 @@ fn copy_linear(
             return false;
         };
         // SAFETY: ptr_at checked the eight bytes; at + 8 <= len <= DNS_COPY_BYTES keeps the
-        // store inside scratch (the `min` says so to the verifier).
+        // store inside scratch, before the parked values (the `min` only bounds it for the
+        // verifier where the compiler leaves it in).
         unsafe {
             copy_word(
                 source.cast(),
@@ -509,10 +513,11 @@ fn copy_linear(
             );
         }
         if at == last {
-            break;
+            return true;
         }
     }
-    true
+    // Not reached for any `len` the caller allows: COPY_WORDS words reach DNS_COPY_BYTES.
+    false
 }
 
 /// Copies the eight bytes at `from` to `to`, either unaligned, in one load and one store: the

@@ -195,9 +195,9 @@ fn count_used<T: aya::Pod>(data: MapData, used: impl Fn(&T) -> bool) -> anyhow::
 }
 
 /// A memory-mappable array map of this build's shape (`open` and `list` leave others
-/// unread), read through its mapping as the agent reads it: slot by slot, a system call
-/// each, the connection table's largest size took half a second to list or dump, at every
-/// refresh of a watch.
+/// unread), read through its mapping as the agent reads it. Read slot by slot instead, a
+/// system call each, the connection table's largest size took half a second to list or
+/// dump, at every refresh of a watch.
 fn mapped<T: aya::Pod>(data: MapData, name: &str) -> anyhow::Result<MappedArray<T>> {
     MappedArray::map(array::<T>(data)?, name)
 }
