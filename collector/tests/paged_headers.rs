@@ -267,11 +267,11 @@ fn headers_outside_the_linear_part_are_pulled_in_and_counted_exactly() {
             }
         }
         // The DNS header and the name's first bytes linear, the rest in pages: the copy
-        // straight from the packet stops part way, and the helper copies the message again
-        // whole (its QTYPE lies in pages).
-        let message_start = if v6 { 40 } else { 20 } + 8 + 12 + 5;
+        // straight from the packet stops inside the message (above, after the UDP header),
+        // and the helper copies the message again whole (its QTYPE lies in pages).
+        let into_the_name = if v6 { 40 } else { 20 } + 8 + 12 + 5;
         for (id, (name, qtype)) in (1..).zip(QUERIES) {
-            receive(&tap, &dns_query(v6, id, name, qtype), message_start);
+            receive(&tap, &dns_query(v6, id, name, qtype), into_the_name);
         }
     }
     let frames = (6 * PAYLOADS.len() + 8 * QUERIES.len()) as f64;
