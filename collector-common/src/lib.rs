@@ -735,7 +735,8 @@ pub struct DnsAnswerEvent {
 }
 
 /// Per-CPU scratch space for a DNS message's first bytes (UDP header on), copied out of the
-/// packet once so that the name can be walked at masked offsets. 8-aligned, so that the
+/// packet (from its linear part, else by `bpf_skb_load_bytes`) so that the name can be walked
+/// at masked offsets. 8-aligned, so that the
 /// name's hash can read it a word at a time.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug)]

@@ -454,9 +454,14 @@ fn count_message<const L2: usize>(
 #[inline(always)]
 fn copy_message(ctx: &TcContext, buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Result<(), u32> {
     let from = unpark(buf, PARK_L4) as usize & (MAX_L4_OFFSET * 2 - 1);
-    let len = (unpark(buf, PARK_END) as usize).wrapping_sub(COPY_AT);
-    // Never out of range (`count_message` parked it so); said again for the verifier.
-    if !(UDP_HLEN + DNS_HLEN..=DNS_COPY_BYTES).contains(&len) {
+    // Never out of range (`count_message` parked it so); bounded again for the verifier, by a
+    // clamp on the value itself: a range check, which the compiler makes one of `len - 20`,
+    // bounds `len` only for a verifier that tracks a register as another plus a constant
+    // (recent kernels), and the copy's offsets and size follow from `len`.
+    let len = (unpark(buf, PARK_END) as usize)
+        .wrapping_sub(COPY_AT)
+        .min(DNS_COPY_BYTES);
+    if len < UDP_HLEN + DNS_HLEN {
         return Err(dns_malformed::TRUNCATED);
     }
     if copy_linear(ctx, from, buf, len) {
@@ -482,7 +487,7 @@ fn copy_message(ctx: &TcContext, buf: &mut [u8; DNS_SCRATCH_BYTES]) -> Result<()
 /// Words in the longest copy of a message ([`DNS_COPY_BYTES`]).
 const COPY_WORDS: usize = DNS_COPY_BYTES.div_ceil(8);
 
-/// Copies the `len` bytes (8 to [`DNS_COPY_BYTES`], the caller's check) at packet offset
+/// Copies the `len` bytes (at least a word, at most [`DNS_COPY_BYTES`]) at packet offset
 /// `from` to scratch at [`COPY_AT`] straight from the linear part, a word at a time, the last
 /// word ending at `len` (over part of the one before): `false` where they do not all lie
 /// there, for `bpf_skb_load_bytes` to copy instead. That helper returns through two more
@@ -503,14 +508,9 @@ fn copy_linear(
             return false;
         };
         // SAFETY: ptr_at checked the eight bytes; at + 8 <= len <= DNS_COPY_BYTES keeps the
-        // store inside scratch, before the parked values (the `min` only bounds it for the
-        // verifier where the compiler leaves it in).
+        // store inside scratch, before the parked values.
         unsafe {
-            copy_word(
-                source.cast(),
-                buf.as_mut_ptr()
-                    .add((COPY_AT + at).min(DNS_SCRATCH_BYTES - 8)),
-            );
+            copy_word(source.cast(), buf.as_mut_ptr().add(COPY_AT + at));
         }
         if at == last {
             return true;

@@ -10,12 +10,13 @@ use std::{
 pub struct ScratchDir(PathBuf);
 
 impl ScratchDir {
-    /// A new directory named for `name`, this process and a count: the tests run in
-    /// parallel, and may share a name.
+    /// A new directory named for this process, a count and `name` (the tests run in
+    /// parallel, and may share a name), as the integration tests' are: their sweep removes
+    /// those of a run that was killed.
     pub fn new(name: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "collector-{name}-{}-{}",
+            "collector-scratch-{}-{}-{name}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
