@@ -939,7 +939,8 @@ pub struct RouteName {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnCounters {
-    /// Connections accepted on the route's ports.
+    /// Connections opened on the route: accepted on its ports (on a port shared by server
+    /// name, once the hello decides the route), or for an upstream, connected.
     pub opened: u64,
     /// Tracked connections that reached `TCP_CLOSE`.
     pub closed: u64,
@@ -1130,7 +1131,8 @@ pub struct ConnState {
     /// Socket cookie of the connection owning the slot; 0 = free. Claimed and released
     /// atomically.
     pub cookie: u64,
-    /// `bpf_ktime_get_ns` at `PASSIVE_ESTABLISHED`.
+    /// `bpf_ktime_get_ns` at `PASSIVE_ESTABLISHED`, or for an upstream at `TCP_CONNECT`, read
+    /// again at `ACTIVE_ESTABLISHED` (a simultaneous open keeps the connect's).
     pub start_ns: u64,
     /// Client address; IPv4 as an IPv4-mapped IPv6 address.
     pub client_addr: [u8; 16],

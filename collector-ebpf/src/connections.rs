@@ -435,8 +435,9 @@ fn on_closed(ctx: &SockOpsContext, cookie: u64, state: &ConnState, old: u32) {
             flags |= conn_flags::FIN_OUT;
         }
         // From FIN_WAIT2 the socket closes either on the peer's FIN (rcv_nxt moved on since
-        // FIN_WAIT2, as nothing but the FIN can arrive once we shut down) or, orphaned, at once
-        // into a timewait socket without one.
+        // the last FIN_WAIT2 callback, which a close() repeats: data the peer sent after our
+        // shutdown is in it) or, orphaned, at once into a timewait socket without one. An
+        // abortive close after more data looks like the FIN (docs/DESIGN.md, Connections).
         BPF_TCP_FIN_WAIT2
             if flags & conn_flags::FIN_WAIT2_SEEN != 0
                 && sock.rcv_nxt != state.rcv_nxt_fin_wait2 =>

@@ -238,7 +238,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<Spanned<String>>,
@@ -261,6 +261,18 @@ struct RawConfig {
     upstreams: Vec<RawUpstream>,
     #[serde(default, deserialize_with = "single_table")]
     dns: Option<RawDns>,
+    #[serde(default, deserialize_with = "single_table")]
+    nftables: Option<RawNft>,
+    #[serde(default, deserialize_with = "single_table")]
+    http: Option<RawHttp>,
+}
+
+/// The keys the commands that only read the agent or its pins use, the rest of the file left
+/// unread ([`Config::from_file_for_reading`]).
+#[derive(Deserialize)]
+struct RawReading {
+    listen: Option<Spanned<String>>,
+    pin_dir: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "single_table")]
     nftables: Option<RawNft>,
     #[serde(default, deserialize_with = "single_table")]
@@ -419,15 +431,42 @@ impl Config {
 
     /// Reads and checks a configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|err| ConfigError {
-            source_name: name.clone(),
-            line: None,
-            column: None,
-            reason: format!("cannot read the file: {err}"),
-        })?;
-        let text = String::from_utf8(bytes).map_err(|err| not_utf8(&name, &err))?;
+        let (name, text) = read_config_file(path)?;
         Self::from_toml(&name, &text)
+    }
+
+    /// A configuration file as the commands that only read the agent or its pins take it
+    /// (`stats`, `events`, `top`, `maps`, `cleanup`): one a start would refuse (a bad edit
+    /// of the `ConfigMap`, while the running agent goes on serving) still gives its listen
+    /// address, `pin_dir`, `[http]` and `[nftables]`, with the refusal beside them. Refused
+    /// as a whole only where those keys, or the TOML itself, are at fault.
+    pub fn from_file_for_reading(path: &Path) -> Result<(Self, Option<ConfigError>), ConfigError> {
+        let (name, text) = read_config_file(path)?;
+        match Self::from_toml(&name, &text) {
+            Ok(config) => Ok((config, None)),
+            Err(refused) => match Self::reading_keys(&name, &text) {
+                Ok(config) => Ok((config, Some(refused))),
+                Err(_) => Err(refused),
+            },
+        }
+    }
+
+    /// [`Config::from_file_for_reading`]'s keys of `text`, checked as a start checks them,
+    /// and the defaults for the rest.
+    fn reading_keys(source_name: &str, text: &str) -> Result<Self, ConfigError> {
+        let source = Source {
+            name: source_name,
+            text,
+        };
+        let reading: RawReading = parse_raw(&source)?;
+        let raw = RawConfig {
+            listen: reading.listen,
+            pin_dir: reading.pin_dir,
+            nftables: reading.nftables,
+            http: reading.http,
+            ..RawConfig::default()
+        };
+        validate(&source, &raw)
     }
 
     /// What to warn about a config without `[[routes]]`: it is valid, but a file of one's own
@@ -585,28 +624,47 @@ impl Config {
             name: source_name,
             text,
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|err| {
-            let message = in_words(err.message().trim());
-            let message = message.as_str();
-            // `[routes]` where `[[routes]]` was meant: say how a list of tables is written.
-            let table = err
-                .span()
-                .and_then(|span| text.get(span.start..)?.lines().next())
-                .map(str::trim)
-                .filter(|line| line.starts_with('[') && line.ends_with(']'));
-            let hint = match table {
-                Some(table) if message == "invalid type: map, expected an array, as [...]" => {
-                    format!(" (a list of tables takes double brackets: [{table}])")
-                }
-                Some(table) if message.ends_with(SINGLE_TABLE) && table.starts_with("[[") => {
-                    format!(": {}", &table[1..table.len() - 1])
-                }
-                _ => String::new(),
-            };
-            source.error(err.span(), format!("{message}{hint}"))
-        })?;
+        let raw: RawConfig = parse_raw(&source)?;
         validate(&source, &raw)
     }
+}
+
+/// A configuration file's name and text.
+fn read_config_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|err| ConfigError {
+        source_name: name.clone(),
+        line: None,
+        column: None,
+        reason: format!("cannot read the file: {err}"),
+    })?;
+    let text = String::from_utf8(bytes).map_err(|err| not_utf8(&name, &err))?;
+    Ok((name, text))
+}
+
+/// The TOML of `source` into `T`, a refusal at its line.
+fn parse_raw<T: serde::de::DeserializeOwned>(source: &Source<'_>) -> Result<T, ConfigError> {
+    let text = source.text;
+    toml::from_str(text).map_err(|err| {
+        let message = in_words(err.message().trim());
+        let message = message.as_str();
+        // `[routes]` where `[[routes]]` was meant: say how a list of tables is written.
+        let table = err
+            .span()
+            .and_then(|span| text.get(span.start..)?.lines().next())
+            .map(str::trim)
+            .filter(|line| line.starts_with('[') && line.ends_with(']'));
+        let hint = match table {
+            Some(table) if message == "invalid type: map, expected an array, as [...]" => {
+                format!(" (a list of tables takes double brackets: [{table}])")
+            }
+            Some(table) if message.ends_with(SINGLE_TABLE) && table.starts_with("[[") => {
+                format!(": {}", &table[1..table.len() - 1])
+            }
+            _ => String::new(),
+        };
+        source.error(err.span(), format!("{message}{hint}"))
+    })
 }
 
 /// A file that is not UTF-8 (TOML's encoding), refused at its first byte that is not: a
@@ -707,6 +765,17 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
                 .any(|other| other.get_ref() == text);
             if listed_before {
                 Err(source.at(name, format!("interface {text:?} is listed twice")))
+            } else if text.contains(PATTERN_CHARACTERS) {
+                // The kernel allows these in a name, but such a name is a glob meant for
+                // the list beside, which would otherwise wait for an interface of that name.
+                Err(source.at(
+                    name,
+                    format!(
+                        "interface {text:?} is a pattern: interfaces takes exact names \
+                         (exclude_interfaces takes patterns, narrowing interfaces = [], every \
+                         up interface)"
+                    ),
+                ))
             } else if valid {
                 Ok(text.clone())
             } else {
@@ -787,6 +856,9 @@ fn connection_table_slots(source: &Source<'_>, raw: &RawConfig) -> Result<u32, C
             )
         })
 }
+
+/// Characters of a glob: refused in `interfaces`, whose names are matched exactly.
+const PATTERN_CHARACTERS: [char; 3] = ['*', '?', '['];
 
 /// Characters the kernel allows in no interface name (`dev_valid_name`), beside whitespace.
 const NEVER_IN_INTERFACE_NAMES: [char; 3] = ['/', ':', '\0'];
@@ -1611,6 +1683,41 @@ mod tests {
         }
     }
 
+    /// A file a start refuses still gives the commands that only read the agent or its pins
+    /// its address, TLS and token, pin directory and nftables table, the refusal beside.
+    #[test]
+    fn a_file_a_start_refuses_still_gives_the_readers_their_keys() {
+        let dir = crate::scratch::ScratchDir::new("reading");
+        let text = "listen = \"127.0.0.1:9500\"\npin_dir = \"/sys/fs/bpf/edge\"\n\
+                    [http]\nbearer_token_file = \"/run/token\"\n\
+                    [nftables]\ntable = \"edge\"\n\
+                    [dns]\ntop_k = 0\n";
+        let (config, refused) = Config::from_file_for_reading(&dir.write("c.toml", text)).unwrap();
+        let refused = refused.expect("a start refuses top_k = 0");
+        assert_eq!(refused.line, Some(8), "{refused}");
+        assert_eq!(config.listen, "127.0.0.1:9500".parse().unwrap());
+        assert_eq!(config.pin_dir, Path::new("/sys/fs/bpf/edge"));
+        assert_eq!(
+            config.http.bearer_token_file.as_deref(),
+            Some(Path::new("/run/token"))
+        );
+        assert_eq!(config.nftables.table, "edge");
+        // A file a start takes is read as the start reads it.
+        let valid = dir.write("v.toml", "listen = \"127.0.0.1:9500\"\n[dns]\ntop_k = 7\n");
+        let (config, refused) = Config::from_file_for_reading(&valid).unwrap();
+        assert_eq!(refused, None);
+        assert_eq!(config, Config::from_file(&valid).unwrap());
+        // Those keys at fault, or the TOML itself: refused, as a start refuses them.
+        for (text, line) in [
+            ("[http]\nbearer_token_fil = \"/x\"\n", 2),
+            ("listen = \"nowhere\"\n", 1),
+            ("[dns\n", 1),
+        ] {
+            let err = Config::from_file_for_reading(&dir.write("b.toml", text)).unwrap_err();
+            assert_eq!(err.line, Some(line), "{err}");
+        }
+    }
+
     /// The values a file leaves out are the embedded default's, which the README shows: a
     /// default changed in one place only would make an empty file run otherwise.
     #[test]
@@ -2207,6 +2314,14 @@ match_every = 1
 
     #[test]
     fn exclude_interfaces_rules() {
+        // A glob in the list of exact names would wait for an interface of that name.
+        for pattern in ["eth*", "veth?", "lxc[0-9]"] {
+            assert_error(
+                &format!("\ninterfaces = [\"lo\", \"{pattern}\"]\n"),
+                2,
+                &format!("interface \"{pattern}\" is a pattern: interfaces takes exact names"),
+            );
+        }
         assert_error(
             "interfaces = [\"eth0\"]\nexclude_interfaces = [\"veth*\"]\n",
             2,

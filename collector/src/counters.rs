@@ -194,6 +194,22 @@ fn floor_at_zero(sum: u64) -> u64 {
     u64::try_from(sum.cast_signed()).unwrap_or(0)
 }
 
+/// The places slot `index` holds in the connection table: its connections still open, by
+/// its counters, an upstream's connects in their handshake, and a route's connections
+/// waiting for their ClientHello (counted opened nowhere yet).
+pub fn held_in_slot(maps: &KernelMaps, index: u32) -> Result<u64, aya::maps::MapError> {
+    Ok(places_held(
+        &sum_conn(&maps.conn_counters, index)?,
+        &sum_upstream(&maps.upstream_counters, index)?,
+        &sum_server_names(&maps.sni_counters, index)?,
+    ))
+}
+
+/// What [`held_in_slot`] adds up, from the slot's three sums.
+fn places_held(conn: &ConnCounters, connects: &UpstreamCounters, names: &SniCounters) -> u64 {
+    crate::snapshot::still_open(conn) + connects.connecting + names.awaiting
+}
+
 /// One route slot's server-name counters, summed over CPUs (see [`sum_sni_values`]).
 pub fn sum_server_names(
     map: &PerCpuArray<MapData, SniCounters>,
@@ -226,14 +242,6 @@ fn sum_sni_values<'a>(values: impl IntoIterator<Item = &'a SniCounters>) -> SniC
 /// poll; every close in the first copy has its open in the second (but where a route by name
 /// counts the open just after the decision, and a close on another CPU counted first).
 /// `untracked` is read with the closes: the kernel counts it after `opened`.
-/// The places slot `index` holds in the connection table: its connections still open, by
-/// its counters, and an upstream's connects in their handshake.
-pub fn held_in_slot(maps: &KernelMaps, index: u32) -> Result<u64, aya::maps::MapError> {
-    let totals = sum_conn(&maps.conn_counters, index)?;
-    let connects = sum_upstream(&maps.upstream_counters, index)?;
-    Ok(crate::snapshot::still_open(&totals) + connects.connecting)
-}
-
 pub fn sum_conn<T: Borrow<MapData>>(
     map: &PerCpuArray<T, ConnCounters>,
     index: u32,
@@ -362,6 +370,32 @@ pub fn ring_drops<T: Borrow<MapData>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retired_slot_holds_its_open_connections_connects_and_those_awaiting_a_hello() {
+        let conn = ConnCounters {
+            opened: 10,
+            closed: 6,
+            untracked: 1,
+            ..ConnCounters::default()
+        };
+        let connects = UpstreamCounters {
+            connecting: 2,
+            ..UpstreamCounters::default()
+        };
+        let names = SniCounters {
+            awaiting: 3,
+            ..SniCounters::default()
+        };
+        assert_eq!(places_held(&conn, &connects, &names), 3 + 2 + 3);
+        // A port shared by name whose connections all wait for their hello: none opened.
+        let waiting_only = places_held(
+            &ConnCounters::default(),
+            &UpstreamCounters::default(),
+            &names,
+        );
+        assert_eq!(waiting_only, 3);
+    }
 
     #[test]
     fn a_connection_opened_and_closed_on_two_cpus_amid_a_copy_never_dips_active() {

@@ -746,16 +746,14 @@ impl Attachment {
         // The links now run this start's programs against its address table, which nothing
         // keeps after it: count by port alone until a start succeeds.
         self.leave_addresses_to_the_ports();
-        for pin in self.created_pins.iter().flatten() {
-            remove_if_present(pin)?;
-        }
+        let removed = remove_each(self.created_pins.iter().flatten());
         tracing::warn!(
             pin_dir = %self.pin_dir.display(),
             "the start failed after taking over what a crashed collector left: its links keep \
              counting into its pinned maps until a start succeeds (`{}` removes them)",
             crate::cleanup::command()
         );
-        Ok(())
+        removed
     }
 
     /// Detaches everything and removes every pin: a clean stop leaves nothing of ours (the
@@ -863,6 +861,19 @@ fn link_pin_files(links_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     Ok(pins)
+}
+
+/// Removes every pin of `pins`, going on past one that cannot be removed (each is logged):
+/// a link left pinned counts on with nothing to say why. The first error.
+fn remove_each<'a>(pins: impl IntoIterator<Item = &'a PathBuf>) -> anyhow::Result<()> {
+    let mut first = None;
+    for pin in pins {
+        if let Err(err) = remove_if_present(pin) {
+            tracing::warn!("{err:#}");
+            first.get_or_insert(err);
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 fn remove_if_present(path: &Path) -> anyhow::Result<()> {
@@ -1873,6 +1884,20 @@ fn privilege_hint(err: anyhow::Error) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::ScratchDir;
+
+    #[test]
+    fn a_pin_that_cannot_be_removed_leaves_the_others_removed_and_is_named() {
+        let dir = ScratchDir::new("undo");
+        let stuck = dir.path("tc_ingress_4");
+        std::fs::create_dir_all(stuck.join("inside")).unwrap();
+        let missing = dir.path("tc_ingress_5");
+        let after = dir.write("tc_egress_4", "");
+        let err = remove_each([&stuck, &missing, &after]).unwrap_err();
+        assert!(!after.exists());
+        assert!(stuck.exists());
+        assert!(format!("{err:#}").contains("tc_ingress_4"), "{err:#}");
+    }
 
     /// A program attached to a cgroup's `sock_ops` hook without `multi` (the way before
     /// links) closes the hook: the kernel refuses our link with EPERM, and the error names

@@ -60,7 +60,7 @@ mod topk;
 use std::{
     io::Write as _,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
@@ -201,7 +201,7 @@ struct AgentAddress {
 impl AgentAddress {
     fn endpoint(&self) -> anyhow::Result<client::Endpoint> {
         let config = match &self.config {
-            Some(path) => Some(Config::from_file(path)?),
+            Some(path) => Some(config_for_reading(path)?),
             None => None,
         };
         client::Endpoint::new(
@@ -268,10 +268,24 @@ struct ConfigSource {
 }
 
 impl ConfigSource {
+    /// The configuration a start runs with, every line of the file checked.
     fn load(&self) -> anyhow::Result<Config> {
+        self.load_with(|path| Ok(Config::from_file(path)?))
+    }
+
+    /// The configuration as a command that only reads the pins takes it (`maps`, `cleanup`):
+    /// see [`config_for_reading`].
+    fn load_for_reading(&self) -> anyhow::Result<Config> {
+        self.load_with(config_for_reading)
+    }
+
+    fn load_with(
+        &self,
+        from_file: impl FnOnce(&Path) -> anyhow::Result<Config>,
+    ) -> anyhow::Result<Config> {
         cleanup::note_invocation(self.config.as_deref(), self.pin_dir.as_deref());
         let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
+            Some(path) => from_file(path)?,
             None => Config::embedded_default(),
         };
         if let Some(pin_dir) = &self.pin_dir {
@@ -292,6 +306,21 @@ impl ConfigSource {
         }
         Ok(config)
     }
+}
+
+/// The config file as the commands that only read the agent or its pins take it: one the
+/// agent would refuse at its next start (a bad edit of its `ConfigMap`, while it goes on
+/// serving) still gives them its listen address, `[http]`, `pin_dir` and `[nftables]`, and
+/// the refusal is said as a warning.
+fn config_for_reading(path: &Path) -> anyhow::Result<Config> {
+    let (config, refused) = Config::from_file_for_reading(path)?;
+    if let Some(refused) = refused {
+        tracing::warn!(
+            "{refused}: a start would refuse this file; only its listen, pin_dir, [http] and \
+             [nftables] are read here"
+        );
+    }
+    Ok(config)
 }
 
 /// A watch on the config file `source` names, if any, which reads it again as this start
@@ -364,7 +393,7 @@ fn main() -> std::process::ExitCode {
             .and_then(|agent| client::stats(&agent, matches!(what, StatsOf::Dns), json, watch)),
         Command::Maps {
             action: MapsAction::List { source, json },
-        } => source.load().and_then(|config| {
+        } => source.load_for_reading().and_then(|config| {
             let rows = maps::list(&config.pin_dir)?;
             if json {
                 let text = serde_json::to_string(&rows)?;
@@ -381,7 +410,7 @@ fn main() -> std::process::ExitCode {
                     interval_ms,
                     count,
                 },
-        } => source.load().and_then(|config| {
+        } => source.load_for_reading().and_then(|config| {
             maps::watch(
                 &config.pin_dir,
                 &name,
@@ -391,7 +420,7 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Maps {
             action: MapsAction::Dump { name, source, json },
-        } => source.load().and_then(|config| {
+        } => source.load_for_reading().and_then(|config| {
             let value = maps::dump(&config.pin_dir, &name)?;
             let text = if json {
                 value.to_string()
@@ -415,7 +444,7 @@ fn main() -> std::process::ExitCode {
             check(config, listen, config_only)
         }),
         Command::Cleanup { source, apply } => source
-            .load()
+            .load_for_reading()
             .and_then(|config| cleanup::run(&config, apply)),
     };
     let failed = result.err().filter(|err| !err.is::<output::ReaderGone>());

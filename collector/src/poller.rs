@@ -93,10 +93,14 @@ pub struct PollHealth {
     pub beside: BesideTheMaps,
 }
 
-/// What a poll reads besides the kernel maps (netlink, nftables, the config file): fresh
-/// whether or not the maps could be read, where a failed map read froze the interface
-/// counters too while `collector_source_up{source="netlink"}` read 1.
+/// What a poll reads besides the kernel maps (netlink, nftables, the config file, the
+/// programs' run statistics, the event streams' own losses): fresh whether or not the maps
+/// could be read, where a failed map read froze the interface counters too while
+/// `collector_source_up{source="netlink"}` read 1, and froze the streams' lost events while
+/// readers went on losing them.
 pub struct BesideTheMaps {
+    programs: Vec<ProgramStats>,
+    stream_lagged: u64,
     interface_stats: Vec<InterfaceSnapshot>,
     interfaces: Vec<String>,
     tc_hooks: Vec<crate::loader::TcHook>,
@@ -110,6 +114,8 @@ pub struct BesideTheMaps {
 
 impl BesideTheMaps {
     fn publish_in(self, snapshot: &mut Snapshot) {
+        snapshot.programs = self.programs;
+        snapshot.stream_lagged = self.stream_lagged;
         snapshot.interface_stats = self.interface_stats;
         snapshot.interfaces = self.interfaces;
         snapshot.tc_hooks = self.tc_hooks;
@@ -388,7 +394,7 @@ impl Poller {
                 return Polled::Failed(Box::new(PollHealth {
                     sources: sources(&self.kernel, interfaces.health.clone(), nft.health.clone()),
                     poll: self.poll,
-                    beside: self.beside_the_maps(interfaces, nft),
+                    beside: self.beside_the_maps(programs, interfaces, nft),
                 }));
             }
         };
@@ -443,7 +449,7 @@ impl Poller {
         // After the clients' and the domains' tables too, which on a large host are most of it.
         self.poll.last_duration_seconds = began.elapsed().as_secs_f64();
         let sources = sources(&self.kernel, interfaces.health.clone(), nft.health.clone());
-        let beside = self.beside_the_maps(interfaces, nft);
+        let beside = self.beside_the_maps(programs, interfaces, nft);
         Polled::Fresh(Box::new(Snapshot {
             connection_table_slots: self.connection_table_slots,
             // When the maps were read, not when the lists built after them were done.
@@ -453,7 +459,7 @@ impl Poller {
             upstreams,
             retired_connections,
             errors: totals.errors,
-            programs,
+            programs: beside.programs,
             connection_rates: self.total.opened.rates(),
             bytes_in_rates: self.total.bytes_in.rates(),
             bytes_out_rates: self.total.bytes_out.rates(),
@@ -462,7 +468,7 @@ impl Poller {
             bytes_out_history: self.total.bytes_out.history(HISTORY_SAMPLES),
             clients,
             dns,
-            stream_lagged: self.hub.lagged.load(std::sync::atomic::Ordering::Relaxed),
+            stream_lagged: beside.stream_lagged,
             connections_from_before_known: self.preexisting.known(),
             poll: self.poll,
             sources,
@@ -498,8 +504,15 @@ impl Poller {
         tracked
     }
 
-    fn beside_the_maps(&mut self, interfaces: InterfaceView, nft: NftView) -> BesideTheMaps {
+    fn beside_the_maps(
+        &mut self,
+        programs: Vec<ProgramStats>,
+        interfaces: InterfaceView,
+        nft: NftView,
+    ) -> BesideTheMaps {
         BesideTheMaps {
+            programs,
+            stream_lagged: self.hub.lagged.load(std::sync::atomic::Ordering::Relaxed),
             interface_stats: interfaces.watched_stats(),
             interfaces: interfaces.attached,
             tc_hooks: interfaces.hooks.hooks,
@@ -713,10 +726,15 @@ mod tests {
         // The interfaces read over netlink in the same poll, which did not fail.
         let mut lo = good.interface_stats[0].clone();
         lo.stats.rx_bytes += 500;
+        // The programs' statistics and the streams' losses, read beside the maps too.
+        let mut stats = good.programs[0].clone();
+        stats.run_count += 3;
         shared.store_failed(PollHealth {
             sources: sources(&down, SourceHealth::default(), None),
             poll,
             beside: BesideTheMaps {
+                programs: vec![stats.clone()],
+                stream_lagged: good.stream_lagged + 7,
                 interface_stats: vec![lo.clone()],
                 interfaces: vec!["lo".into()],
                 tc_hooks: Vec::new(),
@@ -738,6 +756,8 @@ mod tests {
         assert_eq!(after.interface_stats, [lo]);
         assert_eq!(after.unattached_interfaces, ["wg1"]);
         assert_eq!(after.excluded_interfaces, 3);
+        assert_eq!(after.programs, [stats]);
+        assert_eq!(after.stream_lagged, good.stream_lagged + 7);
         let text = metrics::render(&metrics::registry(
             Arc::clone(&shared),
             Arc::default(),

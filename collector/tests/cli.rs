@@ -750,6 +750,46 @@ fn assert_prints(addr: &str, commands: &[(&[&str], &str)]) {
     }
 }
 
+/// A config file the agent would refuse at its next start (a bad edit of its `ConfigMap`,
+/// while it goes on serving) still tells `stats` where the agent listens: the command
+/// answers, and warns of the line a start refuses. `check` still refuses the file.
+#[test]
+fn stats_reads_the_address_of_a_config_a_start_would_refuse() {
+    let (addr, server) = answering(vec![
+        b"HTTP/1.1 200 OK\r\ncontent-length: 23\r\n\r\n{\"activeConnections\":3}".to_vec(),
+    ]);
+    let dir = ScratchDir::new("cli-refused-config");
+    let config = dir.path("collector.toml");
+    fs::write(&config, format!("listen = \"{addr}\"\n[dns]\ntop_k = 0\n")).unwrap();
+    let config = config.to_str().unwrap();
+    let out = Command::new(COLLECTOR)
+        .args(["stats", "proxy", "--json", "--config", config])
+        .env_remove("COLLECTOR_LISTEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"activeConnections\":3}\n"
+    );
+    assert!(
+        stderr.contains(&format!("{config}:3:")) && stderr.contains("a start would refuse"),
+        "{stderr}"
+    );
+    server.join().unwrap();
+    let check = Command::new(COLLECTOR)
+        .args(["check", "--config-only", "--config", config])
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains(&format!("{config}:3:")),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
 /// `collector stats --json` and `collector events` through a proxy that answers in HTTP/1.0
 /// and ends each body with the connection: both print what it sent, status 0. There only
 /// the agent's `end` line tells its stop from a stream cut off: without it, the stream's

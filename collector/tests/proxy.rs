@@ -10,7 +10,7 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
 };
@@ -1288,6 +1288,50 @@ fn a_socket_connected_to_its_own_route_port_counts_its_bytes_exactly() {
     ] {
         assert_eq!(route_value(&metrics, name, "web"), value, "{name}");
     }
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// The proxy half-closes, its FIN is acknowledged (`FIN_WAIT2`), the client goes on sending,
+/// and the proxy reads that and closes before the client's FIN comes. The close passes
+/// through `FIN_WAIT2` again (the kernel's `tcp_close_state`), whose callback reads `rcv_nxt`
+/// anew, so no FIN is taken off the bytes that came after the half-close.
+#[test]
+fn bytes_sent_after_the_proxy_half_closed_count_exactly_when_it_closes_first() {
+    const CONNECTIONS: usize = 5;
+    const REQUEST: usize = 700;
+    const RESPONSE: usize = 9_000;
+    const AFTER_HALF_CLOSE: usize = 500;
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = netns.run(|| TcpListener::bind(local(WEB_PORT)).unwrap());
+    let (closed, proxy_closed) = std::sync::mpsc::channel();
+    let server = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.read_exact(&mut [0; REQUEST]).unwrap();
+            stream.write_all(&[b'r'; RESPONSE]).unwrap();
+            stream.shutdown(Shutdown::Write).unwrap();
+            stream.read_exact(&mut [0; AFTER_HALF_CLOSE]).unwrap();
+            drop(stream);
+            closed.send(()).unwrap();
+        }
+    });
+    netns.run(move || {
+        for _ in 0..CONNECTIONS {
+            let mut stream = TcpStream::connect(local(WEB_PORT)).unwrap();
+            stream.write_all(&[b'q'; REQUEST]).unwrap();
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).unwrap();
+            assert_eq!(response.len(), RESPONSE);
+            stream.write_all(&[b'a'; AFTER_HALF_CLOSE]).unwrap();
+            // This side's FIN only once the proxy has closed.
+            proxy_closed.recv().unwrap();
+        }
+    });
+    server.join().unwrap();
+    assert_web_exchanges_exact(&netns, CONNECTIONS, REQUEST + AFTER_HALF_CLOSE, RESPONSE);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
