@@ -274,9 +274,16 @@ struct RawReading {
     listen: Option<Spanned<String>>,
     pin_dir: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "single_table")]
-    nftables: Option<RawNft>,
-    #[serde(default, deserialize_with = "single_table")]
     http: Option<RawHttp>,
+}
+
+/// A file a start refuses, as [`Config::from_file_for_reading`] took it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RefusedAtStart {
+    pub error: ConfigError,
+    /// The keys read that the file, as read, does not set (a key misplaced under another
+    /// table, or misspelt, is not read): the defaults stand for them.
+    pub defaulted: Vec<&'static str>,
 }
 
 const SINGLE_TABLE: &str = "a table, in single brackets";
@@ -436,37 +443,49 @@ impl Config {
     }
 
     /// A configuration file as the commands that only read the agent or its pins take it
-    /// (`stats`, `events`, `top`, `maps`, `cleanup`): one a start would refuse (a bad edit
-    /// of the `ConfigMap`, while the running agent goes on serving) still gives its listen
-    /// address, `pin_dir`, `[http]` and `[nftables]`, with the refusal beside them. Refused
-    /// as a whole only where those keys, or the TOML itself, are at fault.
-    pub fn from_file_for_reading(path: &Path) -> Result<(Self, Option<ConfigError>), ConfigError> {
+    /// (`stats`, `events`, `top`, `maps`): one a start would refuse (a bad edit of the
+    /// `ConfigMap`, while the running agent goes on serving) still gives its listen address,
+    /// `pin_dir` and `[http]`, with the refusal beside them. Refused as a whole only where
+    /// those keys, or the TOML itself, are at fault.
+    pub fn from_file_for_reading(
+        path: &Path,
+    ) -> Result<(Self, Option<RefusedAtStart>), ConfigError> {
         let (name, text) = read_config_file(path)?;
         match Self::from_toml(&name, &text) {
             Ok(config) => Ok((config, None)),
-            Err(refused) => match Self::reading_keys(&name, &text) {
-                Ok(config) => Ok((config, Some(refused))),
-                Err(_) => Err(refused),
+            Err(error) => match Self::reading_keys(&name, &text) {
+                Ok((config, defaulted)) => Ok((config, Some(RefusedAtStart { error, defaulted }))),
+                Err(_) => Err(error),
             },
         }
     }
 
     /// [`Config::from_file_for_reading`]'s keys of `text`, checked as a start checks them,
-    /// and the defaults for the rest.
-    fn reading_keys(source_name: &str, text: &str) -> Result<Self, ConfigError> {
+    /// the defaults for the rest; and those of its keys the text does not set.
+    fn reading_keys(
+        source_name: &str,
+        text: &str,
+    ) -> Result<(Self, Vec<&'static str>), ConfigError> {
         let source = Source {
             name: source_name,
             text,
         };
         let reading: RawReading = parse_raw(&source)?;
+        let defaulted = [
+            ("listen", reading.listen.is_none()),
+            ("pin_dir", reading.pin_dir.is_none()),
+            ("[http]", reading.http.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(key, unset)| unset.then_some(key))
+        .collect();
         let raw = RawConfig {
             listen: reading.listen,
             pin_dir: reading.pin_dir,
-            nftables: reading.nftables,
             http: reading.http,
             ..RawConfig::default()
         };
-        validate(&source, &raw)
+        Ok((validate(&source, &raw)?, defaulted))
     }
 
     /// What to warn about a config without `[[routes]]`: it is valid, but a file of one's own
@@ -909,7 +928,7 @@ fn exclude_interfaces(
         let never =
             if text.contains(NEVER_IN_INTERFACE_NAMES) || text.chars().any(char::is_whitespace) {
                 Some("holds a character no interface name has ('/', ':', a space or NUL)")
-            } else if text.len() > 15 && !text.contains(['*', '?', '[']) {
+            } else if text.len() > 15 && !text.contains(PATTERN_CHARACTERS) {
                 Some("is longer than an interface name's 15 bytes")
             } else {
                 None
@@ -1684,7 +1703,8 @@ mod tests {
     }
 
     /// A file a start refuses still gives the commands that only read the agent or its pins
-    /// its address, TLS and token, pin directory and nftables table, the refusal beside.
+    /// its address, TLS and token and pin directory, the refusal beside, and says which of
+    /// those it does not set.
     #[test]
     fn a_file_a_start_refuses_still_gives_the_readers_their_keys() {
         let dir = crate::scratch::ScratchDir::new("reading");
@@ -1694,14 +1714,22 @@ mod tests {
                     [dns]\ntop_k = 0\n";
         let (config, refused) = Config::from_file_for_reading(&dir.write("c.toml", text)).unwrap();
         let refused = refused.expect("a start refuses top_k = 0");
-        assert_eq!(refused.line, Some(8), "{refused}");
+        assert_eq!(refused.error.line, Some(8), "{}", refused.error);
+        assert!(refused.defaulted.is_empty(), "{:?}", refused.defaulted);
         assert_eq!(config.listen, "127.0.0.1:9500".parse().unwrap());
         assert_eq!(config.pin_dir, Path::new("/sys/fs/bpf/edge"));
         assert_eq!(
             config.http.bearer_token_file.as_deref(),
             Some(Path::new("/run/token"))
         );
-        assert_eq!(config.nftables.table, "edge");
+        // A pin_dir written under another table is that table's (refused there), not read:
+        // the default stands, and is said to.
+        let misplaced = dir.write("m.toml", "[dns]\npin_dir = \"/sys/fs/bpf/edge\"\n");
+        let (config, refused) = Config::from_file_for_reading(&misplaced).unwrap();
+        let refused = refused.expect("a start refuses pin_dir in [dns]");
+        assert_eq!(refused.error.line, Some(2), "{}", refused.error);
+        assert_eq!(refused.defaulted, ["listen", "pin_dir", "[http]"]);
+        assert_eq!(config.pin_dir, Config::embedded_default().pin_dir);
         // A file a start takes is read as the start reads it.
         let valid = dir.write("v.toml", "listen = \"127.0.0.1:9500\"\n[dns]\ntop_k = 7\n");
         let (config, refused) = Config::from_file_for_reading(&valid).unwrap();

@@ -863,17 +863,14 @@ fn link_pin_files(links_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(pins)
 }
 
-/// Removes every pin of `pins`, going on past one that cannot be removed (each is logged):
-/// a link left pinned counts on with nothing to say why. The first error.
+/// Removes every pin of `pins`, going on past one that cannot be removed (a link left
+/// pinned counts on): the error names each that stays.
 fn remove_each<'a>(pins: impl IntoIterator<Item = &'a PathBuf>) -> anyhow::Result<()> {
-    let mut first = None;
+    let mut failures = Failures::default();
     for pin in pins {
-        if let Err(err) = remove_if_present(pin) {
-            tracing::warn!("{err:#}");
-            first.get_or_insert(err);
-        }
+        failures.note(remove_if_present(pin));
     }
-    first.map_or(Ok(()), Err)
+    failures.into_result()
 }
 
 fn remove_if_present(path: &Path) -> anyhow::Result<()> {

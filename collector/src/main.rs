@@ -273,8 +273,9 @@ impl ConfigSource {
         self.load_with(|path| Ok(Config::from_file(path)?))
     }
 
-    /// The configuration as a command that only reads the pins takes it (`maps`, `cleanup`):
-    /// see [`config_for_reading`].
+    /// The configuration as a command that only reads the pins takes it (`maps`): see
+    /// [`config_for_reading`]. `cleanup`, which removes what it finds, takes the file only
+    /// whole.
     fn load_for_reading(&self) -> anyhow::Result<Config> {
         self.load_with(config_for_reading)
     }
@@ -310,14 +311,26 @@ impl ConfigSource {
 
 /// The config file as the commands that only read the agent or its pins take it: one the
 /// agent would refuse at its next start (a bad edit of its `ConfigMap`, while it goes on
-/// serving) still gives them its listen address, `[http]`, `pin_dir` and `[nftables]`, and
-/// the refusal is said as a warning.
+/// serving) still gives them its listen address, `pin_dir` and `[http]`. The refusal is
+/// said as a warning, with the values read and those the file did not set (a key misplaced
+/// under another table is not read), so that none is taken for the file's unawares.
 fn config_for_reading(path: &Path) -> anyhow::Result<Config> {
     let (config, refused) = Config::from_file_for_reading(path)?;
     if let Some(refused) = refused {
+        let defaulted = if refused.defaulted.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; not set in it, so the defaults: {}",
+                refused.defaulted.join(", ")
+            )
+        };
         tracing::warn!(
-            "{refused}: a start would refuse this file; only its listen, pin_dir, [http] and \
-             [nftables] are read here"
+            "{}: a start would refuse this file; read here for listen {}, pin_dir {} and \
+             [http] only{defaulted}",
+            refused.error,
+            config.listen,
+            config.pin_dir.display()
         );
     }
     Ok(config)
@@ -444,7 +457,7 @@ fn main() -> std::process::ExitCode {
             check(config, listen, config_only)
         }),
         Command::Cleanup { source, apply } => source
-            .load_for_reading()
+            .load()
             .and_then(|config| cleanup::run(&config, apply)),
     };
     let failed = result.err().filter(|err| !err.is::<output::ReaderGone>());

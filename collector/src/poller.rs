@@ -485,8 +485,9 @@ impl Poller {
     }
 
     /// Connections a crashed run left in the table under the slots of routes or upstreams no
-    /// longer configured: open by their slot's counters, or an upstream's connects in their
-    /// handshake, they hold places in the table until they close. A slot found empty is read
+    /// longer configured: open by their slot's counters, an upstream's connects in their
+    /// handshake, or a route's connections waiting for their hello, they hold places in the
+    /// table until they close. A slot found empty is read
     /// no more, as nothing counts into it now.
     fn retired_open(&mut self) -> u64 {
         let maps = &self.maps;

@@ -765,6 +765,7 @@ fn stats_reads_the_address_of_a_config_a_start_would_refuse() {
     let out = Command::new(COLLECTOR)
         .args(["stats", "proxy", "--json", "--config", config])
         .env_remove("COLLECTOR_LISTEN")
+        .env_remove("RUST_LOG")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -774,7 +775,11 @@ fn stats_reads_the_address_of_a_config_a_start_would_refuse() {
         "{\"activeConnections\":3}\n"
     );
     assert!(
-        stderr.contains(&format!("{config}:3:")) && stderr.contains("a start would refuse"),
+        stderr.contains(&format!("{config}:3:"))
+            && stderr.contains(&format!(
+                "a start would refuse this file; read here for listen {addr},"
+            ))
+            && stderr.contains("not set in it, so the defaults: pin_dir, [http]"),
         "{stderr}"
     );
     server.join().unwrap();
