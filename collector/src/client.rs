@@ -82,11 +82,7 @@ impl Endpoint {
         cacert: Option<&Path>,
         server_name: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let addr = dialled(
-            listen
-                .or(config.map(|config| config.listen))
-                .unwrap_or_else(|| crate::config::Config::embedded_default().listen),
-        );
+        let addr = agent_address(listen, config);
         let server_name = match server_name {
             Some(name) => ServerName::try_from(name.to_owned())
                 .with_context(|| format!("--server-name {name}: not a DNS name or address"))?,
@@ -466,6 +462,16 @@ fn client_config(pems: &[Trusted]) -> anyhow::Result<Arc<ClientConfig>> {
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// The address the agent is dialled at: `listen` (a flag's or a variable's), else the
+/// config's, else the default's.
+pub fn agent_address(listen: Option<SocketAddr>, config: Option<&Config>) -> SocketAddr {
+    dialled(
+        listen
+            .or(config.map(|config| config.listen))
+            .unwrap_or_else(|| Config::embedded_default().listen),
+    )
 }
 
 /// The address to dial for a listen address: an agent listening on every address

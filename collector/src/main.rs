@@ -71,7 +71,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     addresses::ChangeSignal,
     client_table::ClientTable,
-    config::Config,
+    config::{Config, RefusedAtStart},
     config_watch::ConfigWatch,
     events::ClientStats,
     loader::{Attachment, Options},
@@ -200,10 +200,21 @@ struct AgentAddress {
 
 impl AgentAddress {
     fn endpoint(&self) -> anyhow::Result<client::Endpoint> {
-        let config = match &self.config {
-            Some(path) => Some(config_for_reading(path)?),
-            None => None,
+        let (config, refused) = match &self.config {
+            Some(path) => {
+                let (config, refused) = Config::from_file_for_reading(path)?;
+                (Some(config), refused)
+            }
+            None => (None, None),
         };
+        if let Some(refused) = refused {
+            let agent = client::agent_address(self.listen, config.as_ref());
+            warn_refused_at_start(
+                &refused,
+                &format!("the agent at {agent}"),
+                &[("listen", self.listen.is_some()), ("[http]", false)],
+            );
+        }
         client::Endpoint::new(
             self.listen,
             config.as_ref(),
@@ -270,24 +281,34 @@ struct ConfigSource {
 impl ConfigSource {
     /// The configuration a start runs with, every line of the file checked.
     fn load(&self) -> anyhow::Result<Config> {
-        self.load_with(|path| Ok(Config::from_file(path)?))
+        let (config, _) =
+            self.load_with(|path| Config::from_file(path).map(|config| (config, None)))?;
+        Ok(config)
     }
 
-    /// The configuration as a command that only reads the pins takes it (`maps`): see
-    /// [`config_for_reading`]. `cleanup`, which removes what it finds, takes the file only
-    /// whole.
+    /// The configuration as a command that only reads the pins takes it (`maps`): a file a
+    /// start would refuse gives its `pin_dir` all the same ([`warn_refused_at_start`]).
+    /// `cleanup`, which removes what it finds, takes the file only whole.
     fn load_for_reading(&self) -> anyhow::Result<Config> {
-        self.load_with(config_for_reading)
+        let (config, refused) = self.load_with(Config::from_file_for_reading)?;
+        if let Some(refused) = refused {
+            warn_refused_at_start(
+                &refused,
+                &format!("the pins in {}", config.pin_dir.display()),
+                &[("pin_dir", self.pin_dir.is_some())],
+            );
+        }
+        Ok(config)
     }
 
-    fn load_with(
+    fn load_with<E: Into<anyhow::Error>>(
         &self,
-        from_file: impl FnOnce(&Path) -> anyhow::Result<Config>,
-    ) -> anyhow::Result<Config> {
+        from_file: impl FnOnce(&Path) -> Result<(Config, Option<RefusedAtStart>), E>,
+    ) -> anyhow::Result<(Config, Option<RefusedAtStart>)> {
         cleanup::note_invocation(self.config.as_deref(), self.pin_dir.as_deref());
-        let mut config = match &self.config {
-            Some(path) => from_file(path)?,
-            None => Config::embedded_default(),
+        let (mut config, refused) = match &self.config {
+            Some(path) => from_file(path).map_err(Into::into)?,
+            None => (Config::embedded_default(), None),
         };
         if let Some(pin_dir) = &self.pin_dir {
             anyhow::ensure!(
@@ -305,35 +326,33 @@ impl ConfigSource {
             );
             config.pin_dir = config::normal_pin_dir(pin_dir);
         }
-        Ok(config)
+        Ok((config, refused))
     }
 }
 
-/// The config file as the commands that only read the agent or its pins take it: one the
-/// agent would refuse at its next start (a bad edit of its `ConfigMap`, while it goes on
-/// serving) still gives them its listen address, `pin_dir` and `[http]`. The refusal is
-/// said as a warning, with the values read and those the file did not set (a key misplaced
-/// under another table is not read), so that none is taken for the file's unawares.
-fn config_for_reading(path: &Path) -> anyhow::Result<Config> {
-    let (config, refused) = Config::from_file_for_reading(path)?;
-    if let Some(refused) = refused {
-        let defaulted = if refused.defaulted.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; not set in it, so the defaults: {}",
-                refused.defaulted.join(", ")
-            )
-        };
-        tracing::warn!(
-            "{}: a start would refuse this file; read here for listen {}, pin_dir {} and \
-             [http] only{defaulted}",
-            refused.error,
-            config.listen,
-            config.pin_dir.display()
-        );
-    }
-    Ok(config)
+/// Says that a start would refuse the config file a reading command took (a bad edit of its
+/// `ConfigMap`, while the agent goes on serving), what the command reads all the same, and
+/// which of `keys` it uses (each with whether a flag or variable gave it instead) the file,
+/// as read, does not set: a key misplaced under another table is not read, and a default
+/// must not pass for the file's value.
+fn warn_refused_at_start(refused: &RefusedAtStart, reading: &str, keys: &[(&'static str, bool)]) {
+    let defaulted: Vec<&str> = keys
+        .iter()
+        .filter(|(key, given)| !given && refused.defaulted.contains(key))
+        .map(|(key, _)| *key)
+        .collect();
+    let defaults = if defaulted.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", with the default {} (not set in it)",
+            defaulted.join(" and ")
+        )
+    };
+    tracing::warn!(
+        "{}: a start would refuse this file; reading {reading} all the same{defaults}",
+        refused.error
+    );
 }
 
 /// A watch on the config file `source` names, if any, which reads it again as this start

@@ -777,9 +777,9 @@ fn stats_reads_the_address_of_a_config_a_start_would_refuse() {
     assert!(
         stderr.contains(&format!("{config}:3:"))
             && stderr.contains(&format!(
-                "a start would refuse this file; read here for listen {addr},"
-            ))
-            && stderr.contains("not set in it, so the defaults: pin_dir, [http]"),
+                "a start would refuse this file; reading the agent at {addr} all the same, with \
+                 the default [http] (not set in it)"
+            )),
         "{stderr}"
     );
     server.join().unwrap();
