@@ -101,7 +101,8 @@ pub mod map_names {
     pub const ERRORS: &str = "ERRORS";
     /// `PerCpuArray<DnsCounters>`, one entry.
     pub const DNS_COUNTERS: &str = "DNS_COUNTERS";
-    /// `Array<DnsInFlight>`, [`super::DNS_INFLIGHT_SLOTS`] entries.
+    /// `Array<DnsInFlight>`, sized by the agent at load ([`super::DNS_INFLIGHT_SLOTS`] by
+    /// default).
     pub const DNS_INFLIGHT: &str = "DNS_INFLIGHT";
     /// `Array<u64>`, [`super::DNS_UPSTREAM_SLOTS`] entries: hash of name and QTYPE → time of
     /// the last upstream query for it.
@@ -252,6 +253,10 @@ pub const GLOBAL_LOCAL_ADDRESS_SET_BITS: &str = "LOCAL_ADDRESS_SET_BITS";
 /// Global in the kernel object: `CONN_STATE` has `2^bits` slots ([`conn_table_bits`]; set
 /// at load).
 pub const GLOBAL_CONN_TABLE_BITS: &str = "CONN_TABLE_BITS";
+
+/// Global in the kernel object: `DNS_INFLIGHT` has `2^bits` slots ([`dns_inflight_bits`];
+/// set at load).
+pub const GLOBAL_DNS_INFLIGHT_BITS: &str = "DNS_INFLIGHT_BITS";
 
 /// Fewest entries of `LOCAL_ADDRESSES` (the object's own size; 1 MiB): room for about
 /// 60,000 addresses, so that a node whose agent starts before kube-proxy (IPVS mode) gives
@@ -551,10 +556,31 @@ impl Default for DnsCounters {
     }
 }
 
-/// Slots of the DNS in-flight table (a power of two): one per outstanding query, in sets of
-/// [`DNS_INFLIGHT_WAYS`] found from a hash of (client address, port, id). A fixed array
-/// instead of a hash map: a map insert and delete per query cost about 220 ns here.
-pub const DNS_INFLIGHT_SLOTS: u32 = 16384;
+/// Slots of the DNS in-flight table by default (`[dns] in_flight_slots`; the agent sizes it
+/// at load, a power of two between [`DNS_INFLIGHT_SLOTS_MIN`] and [`DNS_INFLIGHT_SLOTS_MAX`]):
+/// one per outstanding query, in sets of [`DNS_INFLIGHT_WAYS`] found from a hash of (client
+/// address, port, id). A fixed array instead of a hash map: a map insert and delete per query
+/// cost about 220 ns here. 64 KiB: at 16,384 slots the queries' scattered lines cost dnsperf's
+/// packets about 65 ns more each (docs/DESIGN.md, DNS, The in-flight table's size).
+pub const DNS_INFLIGHT_SLOTS: u32 = 4096;
+/// The fewest slots the in-flight table may be given: 64 sets.
+pub const DNS_INFLIGHT_SLOTS_MIN: u32 = 1 << 8;
+/// The most: 16 MiB of kernel memory, which the agent reads whole at every poll.
+pub const DNS_INFLIGHT_SLOTS_MAX: u32 = 1 << 20;
+
+/// Whether an in-flight table may have `slots` slots: a power of two between the bounds.
+#[must_use]
+pub const fn dns_inflight_slots_allowed(slots: u32) -> bool {
+    slots.is_power_of_two() && DNS_INFLIGHT_SLOTS_MIN <= slots && slots <= DNS_INFLIGHT_SLOTS_MAX
+}
+
+/// The bits of an in-flight table of `slots` slots (a power of two): what
+/// [`dns_inflight_set`] takes.
+#[must_use]
+pub const fn dns_inflight_bits(slots: u32) -> u32 {
+    slots.trailing_zeros()
+}
+
 /// Slots a query may take in its set: a query finds one unless that many others of its set
 /// are still waiting, so two queries that hash alike do not throw each other out.
 pub const DNS_INFLIGHT_WAYS: u32 = 4;
@@ -847,13 +873,21 @@ pub fn client_fingerprint(client_addr: &[u8; 16]) -> u32 {
     ((high ^ low.rotate_left(29)).wrapping_mul(GOLDEN_RATIO_64) >> 32) as u32
 }
 
-/// First slot of the in-flight table's set for a query: the query may take any of the
-/// [`DNS_INFLIGHT_WAYS`] slots from there, one 64-byte line of the memory-mapped table.
+/// First slot of the in-flight table's set for a query, in a table of `2^bits` slots
+/// ([`dns_inflight_bits`]): the query may take any of the [`DNS_INFLIGHT_WAYS`] slots from
+/// there, one 64-byte line of the memory-mapped table.
 #[must_use]
-pub fn dns_inflight_set(client: u32, client_port: u16, id: u16) -> u32 {
+pub fn dns_inflight_set(client: u32, client_port: u16, id: u16, bits: u32) -> u32 {
     let key = u64::from(client) << 32 | u64::from(client_port) << 16 | u64::from(id);
-    let slot = (key.wrapping_mul(GOLDEN_RATIO_64) >> 50) as u32;
-    slot & (DNS_INFLIGHT_SLOTS - 1) & !(DNS_INFLIGHT_WAYS - 1)
+    // The top bits of a multiplicative hash are the well-mixed ones; never fewer than a
+    // set's, so that a set lies in the table whatever `bits` says.
+    let bits = bits.clamp(DNS_INFLIGHT_WAYS.trailing_zeros(), 32);
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "`bits` of them, at most 32"
+    )]
+    let slot = (key.wrapping_mul(GOLDEN_RATIO_64) >> (64 - bits)) as u32;
+    slot & !(DNS_INFLIGHT_WAYS - 1)
 }
 
 /// A hash of the query's client port and id: the query and its response are matched when
@@ -1247,7 +1281,12 @@ const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 
 const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 332);
 const _: () = assert!(size_of::<DnsInFlight>() == 16);
 const _: () = assert!(size_of::<DnsPorts>() == 32);
-const _: () = assert!(DNS_INFLIGHT_SLOTS.is_power_of_two());
+const _: () = assert!(
+    dns_inflight_slots_allowed(DNS_INFLIGHT_SLOTS_MIN)
+        && dns_inflight_slots_allowed(DNS_INFLIGHT_SLOTS)
+        && dns_inflight_slots_allowed(DNS_INFLIGHT_SLOTS_MAX)
+);
+const _: () = assert!(DNS_INFLIGHT_SLOTS_MIN >= DNS_INFLIGHT_WAYS);
 const _: () = assert!((LOCAL_ADDRESS_SLOTS / LOCAL_ADDRESS_WAYS).is_power_of_two());
 const _: () = assert!(LOCAL_ADDRESS_SLOTS_MAX.is_power_of_two());
 const _: () = assert!(LOCAL_ADDRESS_WAYS as usize * size_of::<[u64; 2]>() == 64);
@@ -1630,6 +1669,37 @@ mod tests {
     }
 
     #[test]
+    fn every_set_lies_in_an_in_flight_table_of_any_allowed_size_and_small_tables_fill() {
+        let client = client_fingerprint(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
+        for slots in [
+            DNS_INFLIGHT_SLOTS_MIN,
+            DNS_INFLIGHT_SLOTS,
+            DNS_INFLIGHT_SLOTS_MAX,
+        ] {
+            let bits = dns_inflight_bits(slots);
+            let mut sets = std::collections::BTreeSet::new();
+            for port in [5353, 40_000] {
+                for id in 0..=u16::MAX {
+                    let set = dns_inflight_set(client, port, id, bits);
+                    assert!(set + DNS_INFLIGHT_WAYS <= slots, "{slots}: {set}");
+                    assert_eq!(set % DNS_INFLIGHT_WAYS, 0, "{slots}: {set}");
+                    sets.insert(set);
+                }
+            }
+            // 131,072 queries over at most 262,144 sets: most of them, all of a small table.
+            let all = (slots / DNS_INFLIGHT_WAYS) as usize;
+            assert!(
+                sets.len() >= all.min(131_072) / 3,
+                "{slots}: {}",
+                sets.len()
+            );
+            if slots <= DNS_INFLIGHT_SLOTS {
+                assert_eq!(sets.len(), all, "{slots}");
+            }
+        }
+    }
+
+    #[test]
     fn one_query_in_n_is_matched_and_the_sample_spreads_over_every_set() {
         let client = client_fingerprint(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
         assert_eq!(dns_match_below(1), 1 << 32);
@@ -1645,7 +1715,12 @@ mod tests {
                 for id in 0..=u16::MAX {
                     if u64::from(dns_match_sample(port, id)) < below {
                         matched += 1;
-                        sets.insert(dns_inflight_set(client, port, id));
+                        sets.insert(dns_inflight_set(
+                            client,
+                            port,
+                            id,
+                            dns_inflight_bits(DNS_INFLIGHT_SLOTS),
+                        ));
                     }
                 }
             }
@@ -1660,7 +1735,7 @@ mod tests {
                 "{every}: {matched}"
             );
             // A sample confined to some sets would fill them: the matched queries reach all
-            // (at 64 a set on average, where there are that many).
+            // (at 256 or more a set on average).
             if every > 16 {
                 continue;
             }

@@ -44,9 +44,9 @@ use collector_common::{
 };
 
 use crate::{
-    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_MATCH_BELOW, DNS_MATCH_RESPONSES, DNS_NAME_KEYS,
-    DNS_NAMES, DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH, DNS_STREAM_WANTED, DNS_UPSTREAM,
-    DNS_UPSTREAM_LATEST, count_error, count_errors,
+    DNS_COUNTERS, DNS_EVENTS, DNS_INFLIGHT, DNS_INFLIGHT_BITS, DNS_MATCH_BELOW,
+    DNS_MATCH_RESPONSES, DNS_NAME_KEYS, DNS_NAMES, DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH,
+    DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST, count_error, count_errors,
     packet::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, MAX_L4_OFFSET,
         ether_type, fixed_header_byte, forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled,
@@ -818,7 +818,7 @@ fn question_tag(buf: &[u8; DNS_SCRATCH_BYTES], question: &Question) -> u64 {
 #[inline(always)]
 fn remember(addr: &[u8; 16], port: u16, id: u16, now: u64, counters: &mut DnsCounters) {
     let client = client_fingerprint(addr);
-    let set = dns_inflight_set(client, port, id);
+    let set = dns_inflight_set(client, port, id, DNS_INFLIGHT_BITS.load());
     let mut free = None;
     for way in 0..DNS_INFLIGHT_WAYS {
         let Some(slot) = DNS_INFLIGHT.get_ptr_mut(set + way) else {
@@ -1038,7 +1038,7 @@ fn on_response<const L2: usize>(
 /// question's `tag` where the response has a question.
 #[inline(always)]
 fn waiting(client: u32, port: u16, id: u16, tag: Option<u64>) -> Option<&'static mut DnsInFlight> {
-    let set = dns_inflight_set(client, port, id);
+    let set = dns_inflight_set(client, port, id, DNS_INFLIGHT_BITS.load());
     for way in 0..DNS_INFLIGHT_WAYS {
         let slot = DNS_INFLIGHT.get_ptr_mut(set + way)?;
         // SAFETY: as in `remember`.

@@ -40,7 +40,7 @@ use collector_common::{
     DnsQueryEvent, DnsScratch, ERROR_SLOTS, LOCAL_ADDRESS_SLOTS, MAP_FLAGS_MMAPABLE,
     MAX_REDIRECT_DEVICES, MAX_ROUTES, PORT_BITMAP_WORDS, PORT_SLOTS, RouteName, SNI_NAMES_MAX,
     SniCounters, SniDecision, SniKey, TALLY_SLOTS_PER_CPU, TrafficCounters, UpstreamCounters,
-    conn_table_bits, local_address_set_bits,
+    conn_table_bits, dns_inflight_bits, local_address_set_bits,
 };
 
 use crate::packet::{ETH_HLEN, NO_LINK_HEADER};
@@ -192,10 +192,14 @@ static DNS_PORTS: Global<DnsPorts> = Global::new(DnsPorts {
 });
 #[btf_map]
 static DNS_COUNTERS: PerCpuArray<DnsCounters, 1> = PerCpuArray::new();
-/// Memory-mappable for its page alignment: each set of ways is one cache line.
+/// Memory-mappable for its page alignment: each set of ways is one cache line. Sized by the
+/// agent at load (`[dns] in_flight_slots`): `2^DNS_INFLIGHT_BITS` slots.
 #[btf_map]
 static DNS_INFLIGHT: Array<DnsInFlight, { DNS_INFLIGHT_SLOTS as usize }, MAP_FLAGS_MMAPABLE> =
     Array::new();
+/// The bits of `DNS_INFLIGHT`'s size. Set at load; read-only.
+#[unsafe(no_mangle)]
+static DNS_INFLIGHT_BITS: Global<u32> = Global::new(dns_inflight_bits(DNS_INFLIGHT_SLOTS));
 #[btf_map]
 static DNS_UPSTREAM: Array<u64, { DNS_UPSTREAM_SLOTS as usize }> = Array::new();
 #[btf_map]

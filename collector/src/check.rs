@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use crate::{
     bpf_sys,
     config::{Config, HttpConfig, NftEnabled},
-    links, orphans, paths, pin_lock, privileges, serve,
+    links,
+    loader::TableSizes,
+    orphans, paths, pin_lock, privileges, serve,
 };
 
 /// Oldest kernel with everything used: TCX links (6.6); also `BPF_CMPXCHG` (5.12) and
@@ -501,7 +503,7 @@ pub fn verdicts(config: &Config) -> anyhow::Result<Vec<Verdict>> {
     verdicts.push(pin_dir(
         &config.pin_dir,
         facts.bpffs.as_deref(),
-        config.connection_table_slots,
+        TableSizes::of(config),
     ));
     verdicts.push(interfaces(links::Watched::of(config)));
     // The hard open-file limit, which `run` raises the soft one to, started as this was.
@@ -592,7 +594,7 @@ fn with_warning(mut verdict: Verdict, warning: Option<String>) -> Verdict {
 /// module or a read-only mount can forbid it whatever the capabilities): tried by making what
 /// is missing of it and a probe directory below it, pinning a map there, and removing them.
 /// The bpffs mount itself fails untried, as `run` refuses it.
-fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>, connection_table_slots: u32) -> Verdict {
+fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>, sizes: TableSizes) -> Verdict {
     let verdict = |status, detail| Verdict {
         name: "pin_dir",
         status,
@@ -619,7 +621,7 @@ fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>, connection_table_slots: u32) ->
         );
     }
     match probe_pin_dir(pin_dir) {
-        Ok(()) => match in_use(pin_dir).or_else(|| left_pins(pin_dir, connection_table_slots)) {
+        Ok(()) => match in_use(pin_dir).or_else(|| left_pins(pin_dir, sizes)) {
             Some((status, detail)) => verdict(status, detail),
             None => verdict(
                 Status::Pass,
@@ -676,12 +678,12 @@ fn foreign_pins(pin_dir: &Path) -> Option<(Status, String)> {
 /// config change or an upgrade after a crash resets the counters), else taken over. Pins
 /// without an owner, or whose owner is 0, held no counts: nothing to say of them. Nor where
 /// this namespace cannot be told (`foreign_pins` said nothing of them then).
-fn left_pins(pin_dir: &Path, connection_table_slots: u32) -> Option<(Status, String)> {
+fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let own_netns = crate::netns::current_cookie().ok()?;
     let left = match orphans::pinned_owner(&map_dir) {
         Ok(Some(owner)) if owner == own_netns => {
-            crate::loader::judge_left_pins(&map_dir, Some(owner), connection_table_slots)
+            crate::loader::judge_left_pins(&map_dir, Some(owner), sizes)
         }
         Ok(_) => return None,
         Err(err) => Err(err),

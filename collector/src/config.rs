@@ -12,8 +12,9 @@ use std::{
 };
 
 use collector_common::{
-    CONN_TABLE_SLOTS, CONN_TABLE_SLOTS_MAX, CONN_TABLE_SLOTS_MIN, DNS_MAX_PORTS, SNI_NAMES_MAX,
-    conn_table_slots_allowed,
+    CONN_TABLE_SLOTS, CONN_TABLE_SLOTS_MAX, CONN_TABLE_SLOTS_MIN, DNS_INFLIGHT_SLOTS,
+    DNS_INFLIGHT_SLOTS_MAX, DNS_INFLIGHT_SLOTS_MIN, DNS_MAX_PORTS, SNI_NAMES_MAX,
+    conn_table_slots_allowed, dns_inflight_bits, dns_inflight_slots_allowed,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -196,6 +197,9 @@ pub struct DnsConfig {
     /// Match one query in this many (chosen by a hash of client port and id), the rest only
     /// counted: latency, cache and unanswered figures then come from that sample.
     pub match_every: u32,
+    /// Slots of the kernel's in-flight table: queries awaiting their answer, in sets of four
+    /// by a hash of the flow (a query finding its set full goes untracked).
+    pub in_flight_slots: u32,
     /// Keys set beside `enabled = false`, which then have no effect: warned of.
     pub ignored: Vec<&'static str>,
 }
@@ -211,6 +215,7 @@ impl Default for DnsConfig {
             sample_every: 1,
             match_responses: true,
             match_every: 1,
+            in_flight_slots: DNS_INFLIGHT_SLOTS,
             ignored: Vec::new(),
         }
     }
@@ -363,6 +368,7 @@ struct RawDns {
     sample_every: Option<Spanned<u64>>,
     match_responses: Option<bool>,
     match_every: Option<Spanned<u64>>,
+    in_flight_slots: Option<Spanned<u64>>,
 }
 
 /// A switch that may also be `"auto"`.
@@ -1583,6 +1589,7 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
             ("sample_every", raw.sample_every.is_some()),
             ("match_responses", raw.match_responses.is_some()),
             ("match_every", raw.match_every.is_some()),
+            ("in_flight_slots", raw.in_flight_slots.is_some()),
         ];
         dns.ignored = set
             .iter()
@@ -1612,6 +1619,34 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
                 "match_every samples the matched queries, and match_responses = false matches none: remove one of them",
             ));
         }
+    }
+    if let Some(slots) = &raw.in_flight_slots {
+        dns.in_flight_slots = u32::try_from(*slots.get_ref())
+            .ok()
+            .filter(|&slots| dns_inflight_slots_allowed(slots))
+            .ok_or_else(|| {
+                source.at(
+                    slots,
+                    format!(
+                        "in_flight_slots = {} is not a power of two from {DNS_INFLIGHT_SLOTS_MIN} \
+                         to {DNS_INFLIGHT_SLOTS_MAX} ({DNS_INFLIGHT_SLOTS} is 2^{})",
+                        slots.get_ref(),
+                        dns_inflight_bits(DNS_INFLIGHT_SLOTS)
+                    ),
+                )
+            })?;
+        // The default's own value, as the shipped file writes it, stays allowed.
+        if !dns.match_responses && dns.in_flight_slots != DNS_INFLIGHT_SLOTS {
+            return Err(source.at(
+                slots,
+                "in_flight_slots sizes the table of matched queries, and match_responses = false matches none: remove one of them",
+            ));
+        }
+    }
+    // Unused without DNS (warned of above): the table keeps its default size, which is what a
+    // crashed run's pins are then judged by.
+    if !dns.enabled {
+        dns.in_flight_slots = DNS_INFLIGHT_SLOTS;
     }
     Ok(dns)
 }
@@ -1681,6 +1716,47 @@ mod tests {
         let err = error(text);
         assert_eq!(err.line, Some(line), "{err}");
         assert!(err.reason.contains(needle), "{err}");
+    }
+
+    #[test]
+    fn the_in_flight_table_is_sized_by_a_power_of_two_within_its_bounds() {
+        for refused in ["3000", "128", "2097152", "4294967296"] {
+            assert_error(
+                &format!("[dns]\nin_flight_slots = {refused}\n"),
+                2,
+                &format!("in_flight_slots = {refused} is not a power of two from 256 to 1048576"),
+            );
+        }
+        assert_error(
+            "[dns]\nmatch_responses = false\nin_flight_slots = 1024\n",
+            3,
+            "match_responses = false matches none",
+        );
+        // The shipped file with matching turned off: its default size is no setting to refuse.
+        let shipped = include_str!("default.toml")
+            .replace("match_responses = true", "match_responses = false");
+        let off = Config::from_toml("t.toml", &shipped).unwrap();
+        assert!(!off.dns.match_responses);
+        assert_eq!(off.dns.in_flight_slots, DNS_INFLIGHT_SLOTS);
+        // Without DNS the key sizes nothing.
+        let unused = Config::from_toml(
+            "t.toml",
+            "[dns]\nenabled = false\nin_flight_slots = 65536\n",
+        )
+        .unwrap();
+        assert_eq!(unused.dns.in_flight_slots, DNS_INFLIGHT_SLOTS);
+        assert!(
+            unused
+                .dns_ignored_warning()
+                .is_some_and(|warning| warning.contains("in_flight_slots")),
+            "{:?}",
+            unused.dns_ignored_warning()
+        );
+        for slots in [256, 65_536, 1_048_576] {
+            let sized = Config::from_toml("t.toml", &format!("[dns]\nin_flight_slots = {slots}\n"))
+                .unwrap();
+            assert_eq!(sized.dns.in_flight_slots, slots);
+        }
     }
 
     #[test]
@@ -2076,6 +2152,7 @@ match_every = 1
                 sample_every: 4,
                 match_responses: false,
                 match_every: 1,
+                in_flight_slots: DNS_INFLIGHT_SLOTS,
                 ignored: Vec::new(),
             }
         );

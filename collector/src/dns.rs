@@ -353,6 +353,12 @@ impl InFlightTable {
         MappedArray::map(map, map_names::DNS_INFLIGHT).map(Self)
     }
 
+    /// Its size, as the agent gave it at load (`[dns] in_flight_slots`).
+    #[must_use]
+    pub fn slots(&self) -> u32 {
+        u32::try_from(self.0.len()).unwrap_or(u32::MAX)
+    }
+
     /// Queries waiting now: slots held by a query younger than the answer timeout (a slot
     /// read while a CPU writes it may count once wrongly, for one poll).
     #[must_use]

@@ -26,11 +26,12 @@ use aya::{
 use collector_common::{
     ClientSlot, ConnCounters, ConnDurations, ConnState, DNS_NAME_KEY_BYTES, DnsCounters,
     DnsInFlight, DnsNameKeys, DnsNameSlot, DnsPorts, GLOBAL_CLIENT_EVENTS, GLOBAL_CONN_TABLE_BITS,
-    GLOBAL_DNS_ENABLED, GLOBAL_DNS_MATCH_BELOW, GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS,
-    GLOBAL_DNS_SAMPLE_BELOW, GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE,
-    GLOBAL_SNI_WATCHED, GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_REDIRECT_DEVICES,
-    MAX_ROUTES, PIN_LAYOUT, PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey,
-    TrafficCounters, UpstreamCounters, conn_flags, conn_table_bits, dns_match_below,
+    GLOBAL_DNS_ENABLED, GLOBAL_DNS_INFLIGHT_BITS, GLOBAL_DNS_MATCH_BELOW,
+    GLOBAL_DNS_MATCH_RESPONSES, GLOBAL_DNS_PORTS, GLOBAL_DNS_SAMPLE_BELOW,
+    GLOBAL_LOCAL_ADDRESS_SET_BITS, GLOBAL_LOCAL_ONLY, GLOBAL_NETNS_COOKIE, GLOBAL_SNI_WATCHED,
+    GLOBAL_UPSTREAMS_WATCHED, LOCAL_ADDRESS_SLOTS, MAX_REDIRECT_DEVICES, MAX_ROUTES, PIN_LAYOUT,
+    PINNED_MAPS, PORT_BITMAP_WORDS, RouteName, SniCounters, SniKey, TrafficCounters,
+    UpstreamCounters, conn_flags, conn_table_bits, dns_inflight_bits, dns_match_below,
     local_address_set_bits, map_names, port_bit, program_names, tally_table_len, traffic_index,
 };
 
@@ -322,7 +323,7 @@ impl Attachment {
         remove_if_namespace_gone(&pin_dir, own_netns)?;
         orphans::reap_siblings(&pin_dir, own_netns);
         remove_unowned_pins(&map_dir)?;
-        let inherited = check_pinned_maps(&pin_dir, own_netns, config.connection_table_slots)?;
+        let inherited = check_pinned_maps(&pin_dir, own_netns, TableSizes::of(config))?;
 
         let netns_cookie = if config.all_namespaces { 0 } else { own_netns };
         let stats = if options.bpf_stats {
@@ -1133,27 +1134,23 @@ pub fn shape_difference(
 /// links first, and counting started from zero, as after a clean upgrade: refused, an
 /// upgrade after a crash crash-looped on every such node until someone ran `cleanup` there.
 /// Returns whether a crashed run's pins are taken over ([`LeftPins::taken_over`]).
-fn check_pinned_maps(
-    pin_dir: &Path,
-    own_netns: u64,
-    connection_table_slots: u32,
-) -> anyhow::Result<bool> {
+fn check_pinned_maps(pin_dir: &Path, own_netns: u64, sizes: TableSizes) -> anyhow::Result<bool> {
     let map_dir = paths::map_pin_dir(pin_dir);
     let owner = orphans::pinned_owner(&map_dir)?;
     if let Some(owner) = owner.filter(|&owner| owner != 0 && owner != own_netns) {
         return Err(foreign_pins(pin_dir, owner, own_netns));
     }
-    let left = judge_left_pins(&map_dir, owner, connection_table_slots)?;
+    let left = judge_left_pins(&map_dir, owner, sizes)?;
     if let Some(left_by) = left.removed_for {
         // As a clean upgrade would have.
         return remove_left_pins(pin_dir, &left_by).map(|()| false);
     }
-    for (path, difference) in left.replaced {
+    for (path, reason) in left.replaced {
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
         tracing::warn!(
-            "replaced the pinned map {} of another build ({difference}): it held only the last \
-             seconds' state (DNS answers to queries asked before now count as unmatched; TLS \
-             hellos in the middle of being read, as missed)",
+            "replaced the pinned map {} {reason}: it held only the last seconds' state (DNS \
+             answers to queries asked before now count as unmatched; TLS hellos in the middle \
+             of being read, as missed)",
             path.display()
         );
     }
@@ -1168,7 +1165,8 @@ pub struct LeftPins {
     /// Why the whole set is removed, counters with it: "a crashed run of another build
     /// (...)", or "a crashed run with `connection_table_slots` = X, the config's Y".
     pub removed_for: Option<String>,
-    /// Short-lived maps of another shape, replaced alone, with how each differs.
+    /// Short-lived maps of another shape, replaced alone, with how each differs ("of another
+    /// build (...)", or "sized X slots, where `key` = Y").
     replaced: Vec<(PathBuf, String)>,
     /// Whether the start takes over a crashed run's pins and counts on from them: they have
     /// an owner (0: a start's that loaded no further, which nothing counted into), and are
@@ -1176,7 +1174,37 @@ pub struct LeftPins {
     pub taken_over: bool,
 }
 
-/// Judges the pins in `map_dir` as a start with `connection_table_slots` would (see
+/// The kernel tables a start sizes from its config: a crashed run's pin sized otherwise, and
+/// alike in all else, was left under another config, not by another build.
+#[derive(Clone, Copy, Debug)]
+pub struct TableSizes {
+    /// `CONN_STATE`'s slots (`connection_table_slots`).
+    pub connection_table_slots: u32,
+    /// `DNS_INFLIGHT`'s slots (`[dns] in_flight_slots`).
+    pub dns_in_flight_slots: u32,
+}
+
+impl TableSizes {
+    /// The sizes a start with `config` gives the tables.
+    #[must_use]
+    pub fn of(config: &Config) -> Self {
+        Self {
+            connection_table_slots: config.connection_table_slots,
+            dns_in_flight_slots: config.dns.in_flight_slots,
+        }
+    }
+
+    /// The slots the config gives the map `name`, and the key that gives them, if it sizes it.
+    fn configured(self, name: &str) -> Option<(u32, &'static str)> {
+        match name {
+            map_names::CONN_STATE => Some((self.connection_table_slots, "connection_table_slots")),
+            map_names::DNS_INFLIGHT => Some((self.dns_in_flight_slots, "[dns] in_flight_slots")),
+            _ => None,
+        }
+    }
+}
+
+/// Judges the pins in `map_dir` as a start with the config's `sizes` would (see
 /// [`check_pinned_maps`]): a short-lived map of another shape is replaced alone, so that an
 /// upgrade over a crashed older build's pins keeps its counters (its programs write on into
 /// the old map until the start replaces their links); a counter map of another shape, or
@@ -1185,7 +1213,7 @@ pub struct LeftPins {
 pub fn judge_left_pins(
     map_dir: &Path,
     owner: Option<u64>,
-    connection_table_slots: u32,
+    sizes: TableSizes,
 ) -> anyhow::Result<LeftPins> {
     let object = embedded_object()?;
     let mut left = LeftPins::default();
@@ -1203,19 +1231,24 @@ pub fn judge_left_pins(
             .with_context(|| format!("the kernel object has no map {name}"))?;
         let pinned = MapData::from_pin(&path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
-        let capacity = (name == map_names::CONN_STATE).then_some(connection_table_slots);
+        let configured = sizes.configured(name);
         let info = pinned.info()?;
-        if let Some(difference) = shape_difference(expected, &info, capacity) {
+        if let Some(difference) = shape_difference(expected, &info, configured.map(|(s, _)| s)) {
+            // The table sized otherwise, nothing else: the config changed, not the build.
+            let resized_by = configured
+                .filter(|_| shape_difference(expected, &info, Some(info.max_entries())).is_none());
             if SHORT_LIVED_MAPS.contains(&name) {
-                left.replaced.push((path, difference));
-            } else if capacity.is_some()
-                && shape_difference(expected, &info, Some(info.max_entries())).is_none()
-            {
-                // The table sized otherwise, nothing else: the config changed, not the build.
+                let reason = match resized_by {
+                    Some((slots, key)) => {
+                        format!("sized {} slots, where {key} = {slots}", info.max_entries())
+                    }
+                    None => format!("of another build ({difference})"),
+                };
+                left.replaced.push((path, reason));
+            } else if let Some((slots, key)) = resized_by {
                 resized = Some(format!(
-                    "a crashed run with connection_table_slots = {}, the config's {}",
+                    "a crashed run with {key} = {}, the config's {slots}",
                     info.max_entries(),
-                    connection_table_slots
                 ));
             } else {
                 other_build.get_or_insert(format!(
@@ -1455,6 +1488,9 @@ fn load(
     loader.override_global(GLOBAL_DNS_MATCH_RESPONSES, &match_responses, true);
     let match_below = dns_match_below(config.dns.match_every);
     loader.override_global(GLOBAL_DNS_MATCH_BELOW, &match_below, true);
+    loader.map_max_entries(map_names::DNS_INFLIGHT, config.dns.in_flight_slots);
+    let in_flight_bits = dns_inflight_bits(config.dns.in_flight_slots);
+    loader.override_global(GLOBAL_DNS_INFLIGHT_BITS, &in_flight_bits, true);
     let ports = dns_ports(config);
     loader.override_global(GLOBAL_DNS_PORTS, &ports, true);
     let tally_slots = tally_slots()?;

@@ -17,8 +17,8 @@ use collector_common::{
     ConnCounters, ConnDurations, ConnState, DIR_IN, DIR_OUT, DNS_MALFORMED_NAMES,
     DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsNameKeys, ERROR_KIND_NAMES, MAX_ROUTES,
     PIN_LAYOUT, PINNED_MAPS, RouteName, SNI_OUTCOME_NAMES, SniCounters, SniKey, TrafficCounters,
-    UpstreamCounters, conn_flags, conn_table_slots_allowed, dns_query_given_up, map_names,
-    traffic_index,
+    UpstreamCounters, conn_flags, conn_table_slots_allowed, dns_inflight_slots_allowed,
+    dns_query_given_up, map_names, traffic_index,
 };
 use serde::Serialize;
 use serde_json::{Number, Value, json};
@@ -100,11 +100,17 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
 }
 
 /// The capacity a pinned map may have where the agent sizes it at load: the connection
-/// table's is the config's `connection_table_slots`, which the CLI does not know, so any
-/// size a config may give is this build's.
+/// table's is the config's `connection_table_slots`, the in-flight table's its `[dns]
+/// in_flight_slots`, which the CLI does not know, so any size a config may give is this
+/// build's.
 fn sized_at_load(name: &str, info: &aya::maps::MapInfo) -> Option<u32> {
     let slots = info.max_entries();
-    (name == map_names::CONN_STATE && conn_table_slots_allowed(slots)).then_some(slots)
+    match name {
+        map_names::CONN_STATE => conn_table_slots_allowed(slots),
+        map_names::DNS_INFLIGHT => dns_inflight_slots_allowed(slots),
+        _ => false,
+    }
+    .then_some(slots)
 }
 
 /// This build's kernel object, parsed once (a watch opens its maps at every refresh).

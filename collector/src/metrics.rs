@@ -14,8 +14,8 @@
 use std::{fmt, sync::Arc};
 
 use collector_common::{
-    CONN_DURATION_BUCKETS, ConnCounters, DNS_INFLIGHT_SLOTS, DNS_MALFORMED_NAMES, DNS_QTYPE_OTHER,
-    ERROR_KIND_NAMES, SNI_OUTCOME_NAMES, map_names, sni_outcome,
+    CONN_DURATION_BUCKETS, ConnCounters, DNS_MALFORMED_NAMES, DNS_QTYPE_OTHER, ERROR_KIND_NAMES,
+    SNI_OUTCOME_NAMES, map_names, sni_outcome,
 };
 use prometheus_client::{
     collector::Collector,
@@ -869,7 +869,7 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
         (
             map_names::DNS_INFLIGHT,
             snapshot.dns.in_flight(),
-            Some(u64::from(DNS_INFLIGHT_SLOTS)),
+            snapshot.dns.in_flight_slots.map(u64::from),
         ),
         (
             map_names::LOCAL_ADDRESSES,

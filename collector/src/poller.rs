@@ -237,8 +237,15 @@ impl DnsSources {
             enabled: self.enabled,
             match_responses: self.match_responses,
             match_every: self.match_every,
+            in_flight_slots: self.in_flight_slots(),
             ..DnsSnapshot::default()
         }
+    }
+
+    fn in_flight_slots(&self) -> Option<u32> {
+        self.in_flight
+            .as_ref()
+            .map(crate::dns::InFlightTable::slots)
     }
 }
 
@@ -591,6 +598,7 @@ impl Poller {
                 .in_flight
                 .as_ref()
                 .map(crate::dns::InFlightTable::waiting),
+            in_flight_slots: self.dns.in_flight_slots(),
             ..DnsSnapshot::default()
         };
         self.dns_queries.record(at, dns.total_queries());

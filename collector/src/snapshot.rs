@@ -233,6 +233,8 @@ pub struct DnsSnapshot {
     pub domains: DomainSnapshot,
     /// Queries waiting for their answer, counted in the in-flight table at this poll.
     pub waiting: Option<u64>,
+    /// Slots of the in-flight table (`[dns] in_flight_slots`), while responses are matched.
+    pub in_flight_slots: Option<u32>,
 }
 
 impl DnsSnapshot {
@@ -783,6 +785,7 @@ impl DnsSnapshot {
             enabled: true,
             match_responses: true,
             match_every: 4,
+            in_flight_slots: Some(collector_common::DNS_INFLIGHT_SLOTS),
             last_minute: DnsLastMinute::of(&counters),
             counters,
             domains: DomainSnapshot {

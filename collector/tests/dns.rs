@@ -896,6 +896,113 @@ fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge(
     assert_no_pins(&config.pin_dir);
 }
 
+/// `[dns] in_flight_slots` sizes the kernel's in-flight table: five queries whose ids share a
+/// set of a 256-slot table (and not one set of the default's) take its four ways, and the fifth
+/// goes untracked. A start after a crash under the default size replaces the table alone,
+/// saying why, and counts on.
+#[test]
+fn the_in_flight_table_takes_its_configured_size_and_a_resize_replaces_it_alone() {
+    const SMALL: u32 = 256;
+    let netns = Netns::new();
+    let small = AgentConfig::new(&format!("{}in_flight_slots = {SMALL}\n", dns_config()));
+    let agent = Agent::start(&netns, &small);
+    let socket = netns.run(|| std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+    let port = socket.local_addr().unwrap().port();
+    // The client as the kernel maps it: 127.0.0.1 as ::ffff:127.0.0.1.
+    let client = collector_common::client_fingerprint(&[
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1,
+    ]);
+    let set_of = |id, slots| {
+        collector_common::dns_inflight_set(
+            client,
+            port,
+            id,
+            collector_common::dns_inflight_bits(slots),
+        )
+    };
+    let ways = collector_common::DNS_INFLIGHT_WAYS as usize;
+    let ids: Vec<u16> = (1..=u16::MAX)
+        .filter(|&id| set_of(id, SMALL) == set_of(0, SMALL))
+        .take(ways + 1)
+        .collect();
+    let mut default_sets: Vec<u32> = ids
+        .iter()
+        .map(|&id| set_of(id, collector_common::DNS_INFLIGHT_SLOTS))
+        .collect();
+    default_sets.sort_unstable();
+    default_sets.dedup();
+    assert!(
+        default_sets.len() > 1,
+        "the ids share a set of the default table too"
+    );
+    // Nothing answers on port 53: the queries wait.
+    for &id in &ids {
+        socket.send_to(&www_test_query(id), SERVER).unwrap();
+    }
+    let json = wait_for("the queries counted", Duration::from_secs(15), || {
+        let json = dns_json(&netns);
+        (json["totalQueries"] == ids.len() && json["inFlight"] == ways).then_some(json)
+    });
+    let metrics = scrape(&netns);
+    let value = |name, labels: &[(&str, &str)]| sample(&metrics, name, labels);
+    assert_eq!(
+        value("collector_dns_queries_untracked_total", &[]),
+        Some(1.0),
+        "{json}\n{metrics}"
+    );
+    assert_eq!(
+        value(
+            "collector_bpf_map_entries_limit",
+            &[("map", map_names::DNS_INFLIGHT)]
+        ),
+        Some(f64::from(SMALL))
+    );
+    assert_eq!(
+        value(
+            "collector_bpf_map_entries",
+            &[("map", map_names::DNS_INFLIGHT)]
+        ),
+        Some(f64::from(collector_common::DNS_INFLIGHT_WAYS))
+    );
+    agent.kill();
+
+    // The default size after the crash: the table is replaced, the counters kept.
+    let text = std::fs::read_to_string(&small.path).unwrap();
+    let setting = format!("in_flight_slots = {SMALL}\n");
+    assert!(text.contains(&setting), "{text}");
+    std::fs::write(&small.path, text.replace(&setting, "")).unwrap();
+    let logs = support::ScratchDir::new("in-flight-resized");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &small, &[], &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let expected = format!(
+        "DNS_INFLIGHT sized {SMALL} slots, where [dns] in_flight_slots = {}",
+        collector_common::DNS_INFLIGHT_SLOTS
+    );
+    assert!(
+        text.lines()
+            .any(|line| line.contains(" WARN ") && line.contains(&expected)),
+        "{text}"
+    );
+    let metrics = scrape(&netns);
+    assert_eq!(
+        sample(&metrics, "collector_dns_queries_untracked_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "collector_bpf_map_entries_limit",
+            &[("map", map_names::DNS_INFLIGHT)]
+        ),
+        Some(f64::from(collector_common::DNS_INFLIGHT_SLOTS))
+    );
+    assert_eq!(dns_json(&netns)["totalQueries"], ids.len(), "kept");
+    assert!(agent.stop().success());
+    assert_no_pins(&small.pin_dir);
+}
+
 /// Two names made to collide under the name hash before it was keyed (the first differs in
 /// the top bit of its first eight bytes, which the multiply keeps there and the rotation
 /// moves to bit 22, where the second difference takes it away): each is counted as itself.

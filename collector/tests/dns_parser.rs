@@ -17,9 +17,10 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use collector_common::{
-    DNS_INFLIGHT_WAYS, DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight, DnsPorts, GLOBAL_DNS_PORTS,
-    client_fingerprint, dns_inflight_set, dns_malformed, dns_qclass_index, dns_qtype_index,
-    error_kind, map_names, program_names, tally_table_len,
+    DNS_INFLIGHT_SLOTS, DNS_INFLIGHT_WAYS, DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight,
+    DnsPorts, GLOBAL_DNS_PORTS, client_fingerprint, dns_inflight_bits, dns_inflight_set,
+    dns_malformed, dns_qclass_index, dns_qtype_index, error_kind, map_names, program_names,
+    tally_table_len,
 };
 use hickory_proto::{
     op::{Header, MessageType, Query},
@@ -1355,10 +1356,11 @@ fn waiting_queries_keep_their_in_flight_slots() {
     let mut classifiers = Classifiers::load();
     // The IPv4 client of `Packet::frame`, as the kernel maps it.
     let client = client_fingerprint(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
-    let set = dns_inflight_set(client, CLIENT_PORT, 1);
+    let bits = dns_inflight_bits(DNS_INFLIGHT_SLOTS);
+    let set = dns_inflight_set(client, CLIENT_PORT, 1, bits);
     let ways = usize::try_from(DNS_INFLIGHT_WAYS).unwrap();
     let ids: Vec<u16> = (1..=u16::MAX)
-        .filter(|&id| dns_inflight_set(client, CLIENT_PORT, id) == set)
+        .filter(|&id| dns_inflight_set(client, CLIENT_PORT, id, bits) == set)
         .take(ways + 1)
         .collect();
     let with_id = |flags, id: u16| {

@@ -1619,7 +1619,12 @@ fn a_dns_table_of_another_build_is_replaced_and_the_counters_kept() {
     first.kill();
     let pins = config.pin_dir.join("v1");
     std::fs::remove_file(pins.join("DNS_INFLIGHT")).unwrap();
-    support::pin_plain_array(&pins.join("DNS_INFLIGHT"), 16, 16384);
+    // The size this start gives it: the flags alone differ.
+    support::pin_plain_array(
+        &pins.join("DNS_INFLIGHT"),
+        16,
+        collector_common::DNS_INFLIGHT_SLOTS,
+    );
 
     let logs = support::ScratchDir::new("dns-table-replaced");
     let log = logs.path("agent.log");

@@ -153,7 +153,7 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     // replace.
     let inflight = config.pin_dir.join("v1/DNS_INFLIGHT");
     std::fs::remove_file(&inflight).unwrap();
-    support::pin_plain_array(&inflight, 16, 16384);
+    support::pin_plain_array(&inflight, 16, collector_common::DNS_INFLIGHT_SLOTS);
     let inode = |path: &std::path::Path| {
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
     };
