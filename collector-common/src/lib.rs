@@ -1671,11 +1671,14 @@ mod tests {
     #[test]
     fn every_set_lies_in_an_in_flight_table_of_any_allowed_size_and_small_tables_fill() {
         let client = client_fingerprint(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
-        for slots in [
-            DNS_INFLIGHT_SLOTS_MIN,
-            DNS_INFLIGHT_SLOTS,
-            DNS_INFLIGHT_SLOTS_MAX,
-        ] {
+        // A size no config gives is clamped, not a shift past the word.
+        for bits in [0, 1, 33, u32::MAX] {
+            let set = dns_inflight_set(client, 5353, 1, bits);
+            assert_eq!(set % DNS_INFLIGHT_WAYS, 0, "{bits}: {set}");
+        }
+        assert_eq!(dns_inflight_set(client, 5353, 1, 0), 0);
+        let allowed = (0..32).map(|bits| 1u32 << bits);
+        for slots in allowed.filter(|&slots| dns_inflight_slots_allowed(slots)) {
             let bits = dns_inflight_bits(slots);
             let mut sets = std::collections::BTreeSet::new();
             for port in [5353, 40_000] {
@@ -1686,7 +1689,7 @@ mod tests {
                     sets.insert(set);
                 }
             }
-            // 131,072 queries over at most 262,144 sets: most of them, all of a small table.
+            // 131,072 queries: every set of a small table, a third of the largest's 262,144.
             let all = (slots / DNS_INFLIGHT_WAYS) as usize;
             assert!(
                 sets.len() >= all.min(131_072) / 3,

@@ -1733,6 +1733,10 @@ mod tests {
             "match_responses = false matches none",
         );
         // The shipped file with matching turned off: its default size is no setting to refuse.
+        assert!(
+            include_str!("default.toml")
+                .contains(&format!("\nin_flight_slots = {DNS_INFLIGHT_SLOTS}\n"))
+        );
         let shipped = include_str!("default.toml")
             .replace("match_responses = true", "match_responses = false");
         let off = Config::from_toml("t.toml", &shipped).unwrap();

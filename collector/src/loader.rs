@@ -1166,7 +1166,7 @@ pub struct LeftPins {
     /// (...)", or "a crashed run with `connection_table_slots` = X, the config's Y".
     pub removed_for: Option<String>,
     /// Short-lived maps of another shape, replaced alone, with how each differs ("of another
-    /// build (...)", or "sized X slots, where `key` = Y").
+    /// build (...)", or "sized X slots, where this start gives it Y (`key`)").
     replaced: Vec<(PathBuf, String)>,
     /// Whether the start takes over a crashed run's pins and counts on from them: they have
     /// an owner (0: a start's that loaded no further, which nothing counted into), and are
@@ -1239,9 +1239,10 @@ pub fn judge_left_pins(
                 .filter(|_| shape_difference(expected, &info, Some(info.max_entries())).is_none());
             if SHORT_LIVED_MAPS.contains(&name) {
                 let reason = match resized_by {
-                    Some((slots, key)) => {
-                        format!("sized {} slots, where {key} = {slots}", info.max_entries())
-                    }
+                    Some((slots, key)) => format!(
+                        "sized {} slots, where this start gives it {slots} ({key})",
+                        info.max_entries()
+                    ),
                     None => format!("of another build ({difference})"),
                 };
                 left.replaced.push((path, reason));
