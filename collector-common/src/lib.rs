@@ -319,7 +319,13 @@ pub const CONN_TABLE_SLOTS_MAX: u32 = 1 << 20;
 /// Whether a connection table may have `slots` slots: a power of two between the bounds.
 #[must_use]
 pub const fn conn_table_slots_allowed(slots: u32) -> bool {
-    slots.is_power_of_two() && CONN_TABLE_SLOTS_MIN <= slots && slots <= CONN_TABLE_SLOTS_MAX
+    power_of_two_within(slots, CONN_TABLE_SLOTS_MIN, CONN_TABLE_SLOTS_MAX)
+}
+
+/// `slots` is a power of two from `min` to `max`: a table sized at load, found by the low or
+/// high bits of a hash.
+const fn power_of_two_within(slots: u32, min: u32, max: u32) -> bool {
+    slots.is_power_of_two() && min <= slots && slots <= max
 }
 
 /// The bits of a connection table of `slots` slots (a power of two): what [`conn_slot`]
@@ -571,7 +577,7 @@ pub const DNS_INFLIGHT_SLOTS_MAX: u32 = 1 << 20;
 /// Whether an in-flight table may have `slots` slots: a power of two between the bounds.
 #[must_use]
 pub const fn dns_inflight_slots_allowed(slots: u32) -> bool {
-    slots.is_power_of_two() && DNS_INFLIGHT_SLOTS_MIN <= slots && slots <= DNS_INFLIGHT_SLOTS_MAX
+    power_of_two_within(slots, DNS_INFLIGHT_SLOTS_MIN, DNS_INFLIGHT_SLOTS_MAX)
 }
 
 /// The bits of an in-flight table of `slots` slots (a power of two): what

@@ -14,7 +14,7 @@ use std::{
 use collector_common::{
     CONN_TABLE_SLOTS, CONN_TABLE_SLOTS_MAX, CONN_TABLE_SLOTS_MIN, DNS_INFLIGHT_SLOTS,
     DNS_INFLIGHT_SLOTS_MAX, DNS_INFLIGHT_SLOTS_MIN, DNS_MAX_PORTS, SNI_NAMES_MAX,
-    conn_table_slots_allowed, dns_inflight_bits, dns_inflight_slots_allowed,
+    conn_table_slots_allowed, dns_inflight_slots_allowed,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -867,16 +867,35 @@ fn connection_table_slots(source: &Source<'_>, raw: &RawConfig) -> Result<u32, C
     let Some(value) = &raw.connection_table_slots else {
         return Ok(CONN_TABLE_SLOTS);
     };
+    table_slots(
+        source,
+        value,
+        "connection_table_slots",
+        conn_table_slots_allowed,
+        [CONN_TABLE_SLOTS_MIN, CONN_TABLE_SLOTS, CONN_TABLE_SLOTS_MAX],
+    )
+}
+
+/// The slots of a kernel table sized at load (`key`): a power of two that `allowed` takes,
+/// with its `[min, default, max]` in the error.
+fn table_slots(
+    source: &Source<'_>,
+    value: &Spanned<u64>,
+    key: &str,
+    allowed: impl Fn(u32) -> bool,
+    [min, default, max]: [u32; 3],
+) -> Result<u32, ConfigError> {
     let slots = *value.get_ref();
     u32::try_from(slots)
         .ok()
-        .filter(|&slots| conn_table_slots_allowed(slots))
+        .filter(|&slots| allowed(slots))
         .ok_or_else(|| {
             source.at(
                 value,
                 format!(
-                    "connection_table_slots = {slots} is not a power of two from \
-                     {CONN_TABLE_SLOTS_MIN} to {CONN_TABLE_SLOTS_MAX} (65536 is 2^16)"
+                    "{key} = {slots} is not a power of two from {min} to {max} ({default} is \
+                     2^{})",
+                    default.trailing_zeros()
                 ),
             )
         })
@@ -1621,20 +1640,17 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
         }
     }
     if let Some(slots) = &raw.in_flight_slots {
-        dns.in_flight_slots = u32::try_from(*slots.get_ref())
-            .ok()
-            .filter(|&slots| dns_inflight_slots_allowed(slots))
-            .ok_or_else(|| {
-                source.at(
-                    slots,
-                    format!(
-                        "in_flight_slots = {} is not a power of two from {DNS_INFLIGHT_SLOTS_MIN} \
-                         to {DNS_INFLIGHT_SLOTS_MAX} ({DNS_INFLIGHT_SLOTS} is 2^{})",
-                        slots.get_ref(),
-                        dns_inflight_bits(DNS_INFLIGHT_SLOTS)
-                    ),
-                )
-            })?;
+        dns.in_flight_slots = table_slots(
+            source,
+            slots,
+            "in_flight_slots",
+            dns_inflight_slots_allowed,
+            [
+                DNS_INFLIGHT_SLOTS_MIN,
+                DNS_INFLIGHT_SLOTS,
+                DNS_INFLIGHT_SLOTS_MAX,
+            ],
+        )?;
         // The default's own value, as the shipped file writes it, stays allowed.
         if !dns.match_responses && dns.in_flight_slots != DNS_INFLIGHT_SLOTS {
             return Err(source.at(
