@@ -675,7 +675,8 @@ fn foreign_pins(pin_dir: &Path) -> Option<(Status, String)> {
 /// What `run` does with the pins a crashed run of this namespace left in `pin_dir` (no
 /// collector holds it: see [`in_use`]), judged as it judges them: removed, counters from
 /// zero, where another build or another `connection_table_slots` left them (a warning: a
-/// config change or an upgrade after a crash resets the counters), else taken over. Pins
+/// config change or an upgrade after a crash resets the counters), else taken over, with the
+/// short-lived maps of another shape or size replaced (a warning, as `run` gives). Pins
 /// without an owner, or whose owner is 0, held no counts: nothing to say of them. Nor where
 /// this namespace cannot be told (`foreign_pins` said nothing of them then).
 fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
@@ -698,12 +699,22 @@ fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
                     pin_dir.display()
                 ),
             ),
-            None if left.taken_over => (
+            None if left.taken_over && left.replaced.is_empty() => (
                 Status::Pass,
                 format!(
                     "{} can be made, and maps pinned in it; it holds a crashed run's pins, \
                      whose counters `run` takes over",
                     pin_dir.display()
+                ),
+            ),
+            // As `run` warns of each.
+            None if left.taken_over => (
+                Status::Warn,
+                format!(
+                    "{} holds a crashed run's pins, whose counters `run` takes over, replacing \
+                     {}: they held only the last seconds' state",
+                    pin_dir.display(),
+                    replaced_list(&left.replaced)
                 ),
             ),
             None => return None,
@@ -716,6 +727,19 @@ fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
             ),
         ),
     })
+}
+
+/// The short-lived maps a start replaces, each with why (`DNS_INFLIGHT (sized 256 slots,
+/// where this start gives it 4096 ([dns] in_flight_slots))`).
+fn replaced_list(replaced: &[(PathBuf, String)]) -> String {
+    replaced
+        .iter()
+        .map(|(path, reason)| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            format!("{name} ({reason})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Who holds `pin_dir`'s lock, if anyone: a collector running with it, which `run` refuses

@@ -1631,8 +1631,9 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
     }
     if let Some(match_every) = &raw.match_every {
         dns.match_every = in_range(source, match_every, "match_every", 1, 65_536)?;
-        // A sample of nothing: refused rather than left to look as if it did something.
-        if !dns.match_responses && dns.match_every != 1 {
+        // A sample of nothing: refused rather than left to look as if it did something (with
+        // DNS off, both are ignored, and warned of, as every key there is).
+        if dns.enabled && !dns.match_responses && dns.match_every != 1 {
             return Err(source.at(
                 match_every,
                 "match_every samples the matched queries, and match_responses = false matches none: remove one of them",
@@ -1652,7 +1653,7 @@ fn validate_dns(source: &Source<'_>, raw: Option<&RawDns>) -> Result<DnsConfig, 
             ],
         )?;
         // The default's own value, as the shipped file writes it, stays allowed.
-        if !dns.match_responses && dns.in_flight_slots != DNS_INFLIGHT_SLOTS {
+        if dns.enabled && !dns.match_responses && dns.in_flight_slots != DNS_INFLIGHT_SLOTS {
             return Err(source.at(
                 slots,
                 "in_flight_slots sizes the table of matched queries, and match_responses = false matches none: remove one of them",
@@ -1771,6 +1772,21 @@ mod tests {
                 .is_some_and(|warning| warning.contains("in_flight_slots")),
             "{:?}",
             unused.dns_ignored_warning()
+        );
+        // Nor do the keys that would conflict with matching off: all ignored alike, none
+        // refused (until 2026-12-06, these two were refused though listed as ignored).
+        let unused = Config::from_toml(
+            "t.toml",
+            "[dns]\nenabled = false\nmatch_responses = false\nmatch_every = 16\nin_flight_slots = 1024\n",
+        )
+        .unwrap();
+        assert_eq!(unused.dns.in_flight_slots, DNS_INFLIGHT_SLOTS);
+        assert_eq!(
+            unused.dns_ignored_warning().as_deref(),
+            Some(
+                "[dns] enabled = false: match_responses, match_every, in_flight_slots set but not \
+                 used (DNS is not counted)"
+            )
         );
         for slots in [256, 65_536, 1_048_576] {
             let sized = Config::from_toml("t.toml", &format!("[dns]\nin_flight_slots = {slots}\n"))

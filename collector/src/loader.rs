@@ -1167,7 +1167,7 @@ pub struct LeftPins {
     pub removed_for: Option<String>,
     /// Short-lived maps of another shape, replaced alone, with how each differs ("of another
     /// build (...)", or "sized X slots, where this start gives it Y (`key`)").
-    replaced: Vec<(PathBuf, String)>,
+    pub replaced: Vec<(PathBuf, String)>,
     /// Whether the start takes over a crashed run's pins and counts on from them: they have
     /// an owner (0: a start's that loaded no further, which nothing counted into), and are
     /// not removed.

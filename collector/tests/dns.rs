@@ -898,8 +898,9 @@ fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge(
 
 /// `[dns] in_flight_slots` sizes the kernel's in-flight table: five queries whose ids share a
 /// set of a 256-slot table (and a set each of the default's) take its four ways, and the fifth
-/// goes untracked. A start after a crash under the default size replaces the table alone,
-/// saying why, and counts on.
+/// goes untracked, and `collector maps` reads them in that table. A start after a crash under
+/// the default size replaces the table alone, saying why (as `collector check` said it would),
+/// and counts on.
 #[test]
 fn the_in_flight_table_takes_its_configured_size_and_a_resize_replaces_it_alone() {
     const SMALL: u32 = 256;
@@ -912,30 +913,8 @@ fn the_in_flight_table_takes_its_configured_size_and_a_resize_replaces_it_alone(
     let client = collector_common::client_fingerprint(&[
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1,
     ]);
-    let set_of = |id, slots| {
-        collector_common::dns_inflight_set(
-            client,
-            port,
-            id,
-            collector_common::dns_inflight_bits(slots),
-        )
-    };
     let ways = collector_common::DNS_INFLIGHT_WAYS as usize;
-    // Each in a set of its own in the default's table, so that all five would be tracked
-    // there.
-    let default_set = |id| set_of(id, collector_common::DNS_INFLIGHT_SLOTS);
-    let mut ids: Vec<u16> = Vec::new();
-    for id in 1..=u16::MAX {
-        if set_of(id, SMALL) == set_of(0, SMALL)
-            && ids
-                .iter()
-                .all(|&other| default_set(other) != default_set(id))
-        {
-            ids.push(id);
-        }
-    }
-    ids.truncate(ways + 1);
-    assert_eq!(ids.len(), ways + 1);
+    let (ids, first_slot) = ids_sharing_a_set(client, port, SMALL, ways + 1);
     // Nothing answers on port 53: the queries wait.
     for &id in &ids {
         socket.send_to(&www_test_query(id), SERVER).unwrap();
@@ -967,22 +946,42 @@ fn the_in_flight_table_takes_its_configured_size_and_a_resize_replaces_it_alone(
     );
     agent.kill();
 
+    // The first four took the set's ways; the fifth found none.
+    assert_maps_read_the_crashed_table(&small, SMALL, &ids[..ways], first_slot);
+
+    // `collector check` says what a start does with the table, before it does.
+    let pin_dir = small.pin_dir.to_str().unwrap();
+    let pin_dir_line =
+        || support::check_line(&netns, &small.path, &["--pin-dir", pin_dir], "pin_dir");
+    let (passed, line) = pin_dir_line();
+    assert!(
+        passed && line.starts_with("pass") && line.contains("whose counters `run` takes over"),
+        "{line}"
+    );
     // The default size after the crash: the table is replaced, the counters kept.
     let text = std::fs::read_to_string(&small.path).unwrap();
     let setting = format!("in_flight_slots = {SMALL}\n");
     assert!(text.contains(&setting), "{text}");
     std::fs::write(&small.path, text.replace(&setting, "")).unwrap();
+    let reason = format!(
+        "sized {SMALL} slots, where this start gives it {} ([dns] in_flight_slots)",
+        collector_common::DNS_INFLIGHT_SLOTS
+    );
+    let (passed, line) = pin_dir_line();
+    assert!(
+        passed
+            && line.starts_with("warn")
+            && line.contains("whose counters `run` takes over, replacing")
+            && line.contains(&format!("DNS_INFLIGHT ({reason})")),
+        "{line}"
+    );
     let logs = support::ScratchDir::new("in-flight-resized");
     let log = logs.path("agent.log");
     let agent = Agent::start_logging(&netns, &small, &[], &log);
     let text = std::fs::read_to_string(&log).unwrap();
-    let expected = format!(
-        "DNS_INFLIGHT sized {SMALL} slots, where this start gives it {} ([dns] in_flight_slots)",
-        collector_common::DNS_INFLIGHT_SLOTS
-    );
     assert!(
         text.lines()
-            .any(|line| line.contains(" WARN ") && line.contains(&expected)),
+            .any(|line| line.contains(" WARN ") && line.contains(&format!("DNS_INFLIGHT {reason}"))),
         "{text}"
     );
     let metrics = scrape(&netns);
@@ -1002,6 +1001,72 @@ fn the_in_flight_table_takes_its_configured_size_and_a_resize_replaces_it_alone(
     assert_eq!(dns_json(&netns)["totalQueries"], ids.len(), "kept");
     assert!(agent.stop().success());
     assert_no_pins(&small.pin_dir);
+}
+
+/// `count` query ids from the client's `port` that share one set of an in-flight table of
+/// `slots` slots, each in a set of its own in the default's table (so that all would be
+/// tracked there), and the first slot of their shared set.
+fn ids_sharing_a_set(client: u32, port: u16, slots: u32, count: usize) -> (Vec<u16>, u64) {
+    let set_of = |id, slots| {
+        collector_common::dns_inflight_set(
+            client,
+            port,
+            id,
+            collector_common::dns_inflight_bits(slots),
+        )
+    };
+    let default_set = |id| set_of(id, collector_common::DNS_INFLIGHT_SLOTS);
+    let mut ids: Vec<u16> = Vec::new();
+    for id in 1..=u16::MAX {
+        if set_of(id, slots) == set_of(0, slots)
+            && ids
+                .iter()
+                .all(|&other| default_set(other) != default_set(id))
+        {
+            ids.push(id);
+        }
+    }
+    ids.truncate(count);
+    assert_eq!(ids.len(), count);
+    (ids, u64::from(set_of(0, slots)))
+}
+
+/// `collector maps` reads a crashed run's in-flight table of `slots` slots (a size it need
+/// not know): `waiting` held the ways from `first_slot` on.
+fn assert_maps_read_the_crashed_table(
+    config: &AgentConfig,
+    slots: u32,
+    waiting: &[u16],
+    first_slot: u64,
+) {
+    let list = support::collector_json(config, &["maps", "list"]);
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["name"] == map_names::DNS_INFLIGHT)
+        .unwrap();
+    assert_eq!(row["capacity"], slots, "{row}");
+    assert_eq!(row["inUse"], waiting.len(), "{row}");
+    assert_eq!(row.get("note"), None, "{row}");
+    let dump = support::collector_json(config, &["maps", "dump", map_names::DNS_INFLIGHT]);
+    let mut dumped: Vec<u64> = dump
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let slot = row["slot"].as_u64().unwrap();
+            assert!(
+                (first_slot..first_slot + waiting.len() as u64).contains(&slot),
+                "{dump}"
+            );
+            row["id"].as_u64().unwrap()
+        })
+        .collect();
+    dumped.sort_unstable();
+    let mut expected: Vec<u64> = waiting.iter().map(|&id| u64::from(id)).collect();
+    expected.sort_unstable();
+    assert_eq!(dumped, expected, "{dump}");
 }
 
 /// Two names made to collide under the name hash before it was keyed (the first differs in
