@@ -699,7 +699,8 @@ fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
                     pin_dir.display()
                 ),
             ),
-            None if left.taken_over && left.replaced.is_empty() => (
+            // Taken over: the owner is this namespace's cookie, never 0.
+            None if left.replaced.is_empty() => (
                 Status::Pass,
                 format!(
                     "{} can be made, and maps pinned in it; it holds a crashed run's pins, \
@@ -707,17 +708,16 @@ fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
                     pin_dir.display()
                 ),
             ),
-            // As `run` warns of each.
-            None if left.taken_over => (
+            None => (
                 Status::Warn,
                 format!(
                     "{} holds a crashed run's pins, whose counters `run` takes over, replacing \
-                     {}: they held only the last seconds' state",
+                     {}, which held {}",
                     pin_dir.display(),
-                    replaced_list(&left.replaced)
+                    replaced_list(&left.replaced),
+                    crate::loader::SHORT_LIVED_STATE
                 ),
             ),
-            None => return None,
         },
         Err(err) => (
             Status::Fail,
@@ -729,17 +729,17 @@ fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
     })
 }
 
-/// The short-lived maps a start replaces, each with why (`DNS_INFLIGHT (sized 256 slots,
-/// where this start gives it 4096 ([dns] in_flight_slots))`).
+/// The short-lived maps a start replaces, each with why, in the words of `run`'s warning
+/// (`DNS_INFLIGHT sized 256 slots, where this start gives it 4096 ([dns] in_flight_slots)`).
 fn replaced_list(replaced: &[(PathBuf, String)]) -> String {
     replaced
         .iter()
         .map(|(path, reason)| {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
-            format!("{name} ({reason})")
+            format!("{name} {reason}")
         })
         .collect::<Vec<_>>()
-        .join(", ")
+        .join("; ")
 }
 
 /// Who holds `pin_dir`'s lock, if anyone: a collector running with it, which `run` refuses

@@ -1774,7 +1774,7 @@ mod tests {
             unused.dns_ignored_warning()
         );
         // Nor do the keys that would conflict with matching off: all ignored alike, none
-        // refused (until 2026-12-06, these two were refused though listed as ignored).
+        // refused.
         let unused = Config::from_toml(
             "t.toml",
             "[dns]\nenabled = false\nmatch_responses = false\nmatch_every = 16\nin_flight_slots = 1024\n",

@@ -1052,6 +1052,11 @@ const SHORT_LIVED_MAPS: [&str; 4] = [
     map_names::SNI_RESUME,
 ];
 
+/// What a replaced short-lived map held, and what replacing it loses (said by `run` and by
+/// `collector check`).
+pub const SHORT_LIVED_STATE: &str = "only the last seconds' state (DNS answers to queries \
+     asked before now count as unmatched; TLS hellos in the middle of being read, as missed)";
+
 /// Removes pinned maps that no collector owns: without `PIN_OWNER` (pinned with the others
 /// at every load, removed first at a clean stop) they are what an older build's clean stop
 /// left of the maps it did not know, or what a stop cut short left. Adopting one would
@@ -1148,9 +1153,7 @@ fn check_pinned_maps(pin_dir: &Path, own_netns: u64, sizes: TableSizes) -> anyho
     for (path, reason) in left.replaced {
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
         tracing::warn!(
-            "replaced the pinned map {} {reason}: it held only the last seconds' state (DNS \
-             answers to queries asked before now count as unmatched; TLS hellos in the middle \
-             of being read, as missed)",
+            "replaced the pinned map {} {reason}: it held {SHORT_LIVED_STATE}",
             path.display()
         );
     }
