@@ -30,6 +30,8 @@ use crate::{config::Config, output};
 /// config has them (basic-auth users are hashes: nothing the CLI could send).
 pub struct Endpoint {
     addr: SocketAddr,
+    /// Dialled where `addr` cannot be (see [`ipv4_fallback`]).
+    fallback: Option<SocketAddr>,
     tls: Option<Arc<ClientConfig>>,
     /// The PEM files `tls` trusts, for the errors.
     trusted: Vec<PathBuf>,
@@ -82,7 +84,8 @@ impl Endpoint {
         cacert: Option<&Path>,
         server_name: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let addr = agent_address(listen, config);
+        let listen = listen_address(listen, config);
+        let addr = dialled(listen);
         let server_name = match server_name {
             Some(name) => ServerName::try_from(name.to_owned())
                 .with_context(|| format!("--server-name {name}: not a DNS name or address"))?,
@@ -116,6 +119,7 @@ impl Endpoint {
         };
         Ok(Self {
             addr,
+            fallback: ipv4_fallback(listen),
             tls,
             trusted,
             server_name,
@@ -125,11 +129,24 @@ impl Endpoint {
 
     fn connect(&self, read_timeout: Option<Duration>) -> anyhow::Result<Box<dyn Connection>> {
         let addr = self.addr;
-        let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).with_context(|| {
-            format!(
-                "connecting to the collector at {addr} (is it running? see --listen and --config)"
-            )
-        })?;
+        let tcp = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(tcp) => tcp,
+            Err(err) => match self
+                .fallback
+                .map(|fallback| TcpStream::connect_timeout(&fallback, CONNECT_TIMEOUT))
+            {
+                Some(Ok(tcp)) => tcp,
+                // The first address's error: the agent is not there either way.
+                _ => {
+                    return Err(err).with_context(|| {
+                        format!(
+                            "connecting to the collector at {addr} (is it running? see --listen \
+                             and --config)"
+                        )
+                    });
+                }
+            },
+        };
         tcp.set_read_timeout(read_timeout)
             .and_then(|()| tcp.set_write_timeout(Some(ANSWER_TIMEOUT)))
             .context("setting the socket's timeouts")?;
@@ -467,11 +484,24 @@ fn client_config(pems: &[Trusted]) -> anyhow::Result<Arc<ClientConfig>> {
 /// The address the agent is dialled at: `listen` (a flag's or a variable's), else the
 /// config's, else the default's.
 pub fn agent_address(listen: Option<SocketAddr>, config: Option<&Config>) -> SocketAddr {
-    dialled(
-        listen
-            .or(config.map(|config| config.listen))
-            .unwrap_or_else(|| Config::embedded_default().listen),
-    )
+    dialled(listen_address(listen, config))
+}
+
+/// The address the agent listens on: `listen`, else the config's, else the default's.
+fn listen_address(listen: Option<SocketAddr>, config: Option<&Config>) -> SocketAddr {
+    listen
+        .or(config.map(|config| config.listen))
+        .unwrap_or_else(|| Config::embedded_default().listen)
+}
+
+/// Where an agent listening on every IPv6 address (`[::]`, which Linux makes dual-stack) is
+/// dialled when `::1` cannot be: loopback without IPv6, as in a pod with
+/// `net.ipv6.conf.all.disable_ipv6 = 1`, where the agent still takes IPv4 clients.
+fn ipv4_fallback(listen: SocketAddr) -> Option<SocketAddr> {
+    match listen.ip() {
+        IpAddr::V6(ip) if ip.is_unspecified() => Some((Ipv4Addr::LOCALHOST, listen.port()).into()),
+        _ => None,
+    }
 }
 
 /// The address to dial for a listen address: an agent listening on every address
@@ -1455,6 +1485,10 @@ mod tests {
         assert_eq!(dialled("0.0.0.0:9464"), "127.0.0.1:9464");
         assert_eq!(dialled("[::]:9464"), "[::1]:9464");
         assert_eq!(dialled("10.0.0.7:9464"), "10.0.0.7:9464");
+        let fallback = |listen: &str| ipv4_fallback(listen.parse().unwrap()).map(|a| a.to_string());
+        assert_eq!(fallback("[::]:9464").as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(fallback("0.0.0.0:9464"), None);
+        assert_eq!(fallback("[::1]:9464"), None);
     }
 
     /// The token is read as the agent reads it: a byte order mark first dropped (the CLI sent

@@ -714,11 +714,15 @@ fn an_unchunked_event_stream_ends_quietly_when_its_reader_goes() {
 /// closes it: a proxy between the CLI and the agent, as tests make it answer. Returns its
 /// address and the thread, which ends after the last.
 fn answering(answers: Vec<Vec<u8>>) -> (String, std::thread::JoinHandle<()>) {
-    use std::{
-        io::{Read as _, Write as _},
-        net::TcpListener,
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    answering_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), answers)
+}
+
+/// As [`answering`], on `listener`.
+fn answering_on(
+    listener: std::net::TcpListener,
+    answers: Vec<Vec<u8>>,
+) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read as _, Write as _};
     let addr = listener.local_addr().unwrap().to_string();
     let server = std::thread::spawn(move || {
         for answer in answers {
@@ -748,6 +752,36 @@ fn assert_prints(addr: &str, commands: &[(&[&str], &str)]) {
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout), *expected, "{args:?}");
     }
+}
+
+/// An agent listening on every address (`[::]`) is dialled on `::1`, and on 127.0.0.1 where
+/// loopback has no IPv6 (a pod with `net.ipv6.conf.all.disable_ipv6 = 1`), whose dual-stack
+/// socket takes IPv4 too: the CLI failed there with "Cannot assign requested address".
+#[test]
+fn an_agent_on_every_address_is_reached_where_loopback_has_no_ipv6() {
+    let netns = support::Netns::new();
+    // Written from a thread in the namespace: /proc/sys/net is the writer's namespace's.
+    let listener = netns.run(|| {
+        fs::write("/proc/sys/net/ipv6/conf/lo/disable_ipv6", "1").unwrap();
+        std::net::TcpListener::bind("[::]:0").unwrap()
+    });
+    let (addr, server) = answering_on(
+        listener,
+        vec![b"HTTP/1.1 200 OK\r\ncontent-length: 23\r\n\r\n{\"activeConnections\":3}".to_vec()],
+    );
+    let out = netns
+        .command(COLLECTOR)
+        .args(["stats", "proxy", "--json", "--listen", &addr])
+        .env_remove("COLLECTOR_LISTEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"activeConnections\":3}\n"
+    );
+    server.join().unwrap();
 }
 
 /// A config file the agent would refuse at its next start (a bad edit of its `ConfigMap`,
