@@ -699,7 +699,8 @@ fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
                     pin_dir.display()
                 ),
             ),
-            // Taken over: the owner is this namespace's cookie, never 0.
+            // Taken over: the owner is this namespace's cookie, which is never 0 (the kernel
+            // counts them from 1, net/core/net_namespace.c).
             None if left.replaced.is_empty() => (
                 Status::Pass,
                 format!(
@@ -708,16 +709,7 @@ fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
                     pin_dir.display()
                 ),
             ),
-            None => (
-                Status::Warn,
-                format!(
-                    "{} holds a crashed run's pins, whose counters `run` takes over, replacing \
-                     {}, which held {}",
-                    pin_dir.display(),
-                    replaced_list(&left.replaced),
-                    crate::loader::SHORT_LIVED_STATE
-                ),
-            ),
+            None => (Status::Warn, replacing(pin_dir, &left.replaced)),
         },
         Err(err) => (
             Status::Fail,
@@ -729,17 +721,24 @@ fn left_pins(pin_dir: &Path, sizes: TableSizes) -> Option<(Status, String)> {
     })
 }
 
-/// The short-lived maps a start replaces, each with why, in the words of `run`'s warning
+/// What a start does with the crashed run's pins in `pin_dir` that it takes over, replacing
+/// the short-lived maps of `replaced`: each named with why, in the words of `run`'s warning
 /// (`DNS_INFLIGHT sized 256 slots, where this start gives it 4096 ([dns] in_flight_slots)`).
-fn replaced_list(replaced: &[(PathBuf, String)]) -> String {
-    replaced
+fn replacing(pin_dir: &Path, replaced: &[(PathBuf, String)]) -> String {
+    let maps: Vec<String> = replaced
         .iter()
         .map(|(path, reason)| {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             format!("{name} {reason}")
         })
-        .collect::<Vec<_>>()
-        .join("; ")
+        .collect();
+    format!(
+        "{} holds a crashed run's pins, whose counters `run` takes over; it replaces these \
+         maps, which held {}: {}",
+        pin_dir.display(),
+        crate::loader::SHORT_LIVED_STATE,
+        maps.join("; ")
+    )
 }
 
 /// Who holds `pin_dir`'s lock, if anyone: a collector running with it, which `run` refuses
@@ -1143,6 +1142,31 @@ fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_maps_a_start_replaces_are_each_named_with_why() {
+        let pins = Path::new("/sys/fs/bpf/collector/v1");
+        let replaced = [
+            (
+                pins.join("DNS_INFLIGHT"),
+                "sized 256 slots, where this start gives it 4096 ([dns] in_flight_slots)".into(),
+            ),
+            (
+                pins.join("SNI_RESUME"),
+                "of another build (value size 8, this build's 16)".into(),
+            ),
+        ];
+        assert_eq!(
+            replacing(Path::new("/sys/fs/bpf/collector"), &replaced),
+            format!(
+                "/sys/fs/bpf/collector holds a crashed run's pins, whose counters `run` takes \
+                 over; it replaces these maps, which held {}: DNS_INFLIGHT sized 256 slots, \
+                 where this start gives it 4096 ([dns] in_flight_slots); SNI_RESUME of another \
+                 build (value size 8, this build's 16)",
+                crate::loader::SHORT_LIVED_STATE
+            )
+        );
+    }
 
     #[test]
     fn a_kernel_older_than_tcx_is_named_and_one_unread_is_not() {

@@ -13,7 +13,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -29,14 +29,17 @@ use crate::{config::Config, output};
 /// Where a running agent listens and how to talk to it: HTTPS and the bearer token when its
 /// config has them (basic-auth users are hashes: nothing the CLI could send).
 pub struct Endpoint {
-    addr: SocketAddr,
-    /// Dialled where `addr` cannot be (see [`ipv4_fallback`]).
+    /// The address dialled first.
+    first: SocketAddr,
+    /// Dialled where `first` cannot be (see [`ipv4_fallback`]).
     fallback: Option<SocketAddr>,
+    /// The address a connection was made to, once one was: named in requests and errors.
+    reached: OnceLock<SocketAddr>,
     tls: Option<Arc<ClientConfig>>,
     /// The PEM files `tls` trusts, for the errors.
     trusted: Vec<PathBuf>,
-    /// What the agent's certificate must name: its address unless told otherwise.
-    server_name: ServerName<'static>,
+    /// What the agent's certificate must name (`--server-name`); its address if not given.
+    server_name: Option<ServerName<'static>>,
     /// The bearer token, and the file it was read from.
     token: Option<(String, PathBuf)>,
 }
@@ -85,11 +88,12 @@ impl Endpoint {
         server_name: Option<&str>,
     ) -> anyhow::Result<Self> {
         let listen = listen_address(listen, config);
-        let addr = dialled(listen);
         let server_name = match server_name {
-            Some(name) => ServerName::try_from(name.to_owned())
-                .with_context(|| format!("--server-name {name}: not a DNS name or address"))?,
-            None => ServerName::IpAddress(addr.ip().into()),
+            Some(name) => Some(
+                ServerName::try_from(name.to_owned())
+                    .with_context(|| format!("--server-name {name}: not a DNS name or address"))?,
+            ),
+            None => None,
         };
         let served_cert = config
             .and_then(|config| config.http.tls.as_ref())
@@ -118,8 +122,9 @@ impl Endpoint {
             None => None,
         };
         Ok(Self {
-            addr,
+            first: dialled(listen),
             fallback: ipv4_fallback(listen),
+            reached: OnceLock::new(),
             tls,
             trusted,
             server_name,
@@ -127,35 +132,59 @@ impl Endpoint {
         })
     }
 
-    fn connect(&self, read_timeout: Option<Duration>) -> anyhow::Result<Box<dyn Connection>> {
-        let addr = self.addr;
-        let tcp = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(tcp) => tcp,
-            Err(err) => match self
-                .fallback
-                .map(|fallback| TcpStream::connect_timeout(&fallback, CONNECT_TIMEOUT))
-            {
-                Some(Ok(tcp)) => tcp,
-                // The first address's error: the agent is not there either way.
-                _ => {
-                    return Err(err).with_context(|| {
-                        format!(
-                            "connecting to the collector at {addr} (is it running? see --listen \
-                             and --config)"
-                        )
-                    });
-                }
-            },
+    /// The agent's address: where a connection was made, else where one is tried first.
+    fn addr(&self) -> SocketAddr {
+        self.reached.get().copied().unwrap_or(self.first)
+    }
+
+    /// What the agent's certificate must name: `--server-name`, else the address reached.
+    fn server_name(&self) -> ServerName<'static> {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(self.addr().ip().into()))
+    }
+
+    /// Connects to the agent, at the fallback where the first address cannot be dialled for
+    /// want of IPv6 here (not where the agent refuses or does not answer: that is said).
+    fn dial(&self) -> anyhow::Result<TcpStream> {
+        const ADVICE: &str = "is it running? see --listen and --config";
+        let first = self.first;
+        let err = match TcpStream::connect_timeout(&first, CONNECT_TIMEOUT) {
+            Ok(tcp) => {
+                let _ = self.reached.set(first);
+                return Ok(tcp);
+            }
+            Err(err) => err,
         };
+        let no_ipv6 = matches!(
+            err.kind(),
+            std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::NetworkUnreachable
+        );
+        let Some(fallback) = self.fallback.filter(|_| no_ipv6) else {
+            return Err(err)
+                .with_context(|| format!("connecting to the collector at {first} ({ADVICE})"));
+        };
+        match TcpStream::connect_timeout(&fallback, CONNECT_TIMEOUT) {
+            Ok(tcp) => {
+                let _ = self.reached.set(fallback);
+                Ok(tcp)
+            }
+            Err(fallback_err) => Err(fallback_err).with_context(|| {
+                format!("connecting to the collector at {fallback} ({first}: {err}; {ADVICE})")
+            }),
+        }
+    }
+
+    fn connect(&self, read_timeout: Option<Duration>) -> anyhow::Result<Box<dyn Connection>> {
+        let tcp = self.dial()?;
         tcp.set_read_timeout(read_timeout)
             .and_then(|()| tcp.set_write_timeout(Some(ANSWER_TIMEOUT)))
             .context("setting the socket's timeouts")?;
         Ok(match &self.tls {
             None => Box::new(tcp),
             Some(config) => {
-                let connection =
-                    ClientConnection::new(Arc::clone(config), self.server_name.clone())
-                        .context("starting TLS")?;
+                let connection = ClientConnection::new(Arc::clone(config), self.server_name())
+                    .context("starting TLS")?;
                 Box::new(StreamOwned::new(connection, tcp))
             }
         })
@@ -168,7 +197,7 @@ impl Endpoint {
         });
         format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}{extra}\r\n",
-            self.addr
+            self.addr()
         )
     }
 
@@ -214,7 +243,7 @@ impl Endpoint {
         read_head(reader).map_err(|err| {
             self.explain(err).context(format!(
                 "reading the head of the answer of the collector at {}",
-                self.addr
+                self.addr()
             ))
         })
     }
@@ -222,7 +251,7 @@ impl Endpoint {
     /// Whether `status` (the reply's first line) is a 200; otherwise why not (with `reason`,
     /// what the body of the answer said), and the fix.
     fn check_status(&self, status: &[u8], reason: Option<&str>) -> anyhow::Result<()> {
-        let addr = self.addr;
+        let addr = self.addr();
         if is_ok(status) {
             return Ok(());
         }
@@ -290,14 +319,14 @@ impl Endpoint {
         ) {
             return anyhow::Error::new(err).context(format!(
                 "the collector at {} did not answer within {} s (is it stopped, or is this not the collector?)",
-                self.addr,
+                self.addr(),
                 ANSWER_TIMEOUT.as_secs()
             ));
         }
         let why = err
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .and_then(|tls| tls_advice(tls, &self.trusted, &self.server_name));
+            .and_then(|tls| tls_advice(tls, &self.trusted, &self.server_name()));
         match why {
             Some(why) => anyhow::Error::new(err).context(why),
             None => err.into(),
@@ -559,7 +588,7 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
                 return Err(anyhow::anyhow!(
                     "the event stream from the collector at {} was cut off before its end: {} \
                      ({err})",
-                    agent.addr,
+                    agent.addr(),
                     CUT_OFF_CAUSES
                 ));
             }
@@ -576,7 +605,7 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
                 return Err(anyhow::Error::new(err).context(format!(
                     "nothing from the collector at {} for {} s, not even its heartbeat (one \
                      every {} s): it is stopped, frozen or cut off",
-                    agent.addr,
+                    agent.addr(),
                     silence.as_secs(),
                     crate::event_stream::HEARTBEAT_INTERVAL.as_secs()
                 )));
@@ -587,7 +616,7 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
             let cut = || {
                 format!(
                     "the event stream from the collector at {} was cut off: {CUT_OFF_CAUSES}",
-                    agent.addr
+                    agent.addr()
                 )
             };
             out.finish().with_context(cut)?;
@@ -602,7 +631,7 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
                         "the event stream from the collector at {} ended without its end line: \
                          the agent stopped on an error, or no longer admits the credentials \
                          it was opened with (its log says which)",
-                        agent.addr
+                        agent.addr()
                     )
                 } else {
                     format!("{}: no end line", cut())
@@ -702,7 +731,7 @@ pub fn get_json(agent: &Endpoint, path: &str) -> anyhow::Result<Value> {
         Err(err) => {
             return Err(agent.explain(err).context(format!(
                 "reading the answer of the collector at {}",
-                agent.addr
+                agent.addr()
             )));
         }
         Ok(_) => {}
@@ -712,7 +741,7 @@ pub fn get_json(agent: &Endpoint, path: &str) -> anyhow::Result<Value> {
     {
         bail!(
             "the collector at {} ended its answer after {} of its {length} bytes",
-            agent.addr,
+            agent.addr(),
             body.len()
         );
     }
@@ -1331,7 +1360,7 @@ fn refresh(
                 let failure = format!(
                     "the collector at {} did not answer: {err:#}\ntrying again every second \
                      (Ctrl-C to stop)\n",
-                    agent.addr
+                    agent.addr()
                 );
                 if screen {
                     Some(failure)
@@ -1408,7 +1437,7 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
         // (an agent frozen with its socket open holds each fetch for the read timeout).
         let mut text = format!(
             "collector at {}, {}\n\n{}{}",
-            agent.addr,
+            agent.addr(),
             time_of_day_utc(now_ms),
             freshness(&proxy, now_ms),
             proxy_table(&proxy)

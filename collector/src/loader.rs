@@ -1055,7 +1055,7 @@ const SHORT_LIVED_MAPS: [&str; 4] = [
 /// What a replaced short-lived map held, and what replacing it loses (said by `run` and by
 /// `collector check`).
 pub const SHORT_LIVED_STATE: &str = "only the last seconds' state (DNS answers to queries \
-     asked before now count as unmatched; TLS hellos in the middle of being read, as missed)";
+     asked before the start count as unmatched; TLS hellos in the middle of being read, as missed)";
 
 /// Removes pinned maps that no collector owns: without `PIN_OWNER` (pinned with the others
 /// at every load, removed first at a clean stop) they are what an older build's clean stop

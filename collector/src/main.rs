@@ -193,7 +193,7 @@ struct AgentAddress {
     /// PEM certificates to trust for HTTPS [default: the config's TLS certificate].
     #[arg(long)]
     cacert: Option<PathBuf>,
-    /// The name the agent's certificate must carry [default: the address dialled].
+    /// The name the agent's certificate must carry [default: the address connected to].
     #[arg(long)]
     server_name: Option<String>,
 }

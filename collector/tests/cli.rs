@@ -754,16 +754,25 @@ fn assert_prints(addr: &str, commands: &[(&[&str], &str)]) {
     }
 }
 
-/// An agent listening on every address (`[::]`) is dialled on `::1`, and on 127.0.0.1 where
-/// loopback has no IPv6 (a pod with `net.ipv6.conf.all.disable_ipv6 = 1`), whose dual-stack
-/// socket takes IPv4 too: the CLI failed there with "Cannot assign requested address".
+/// An agent listening on every address (`[::]`) is reached on 127.0.0.1 where loopback has
+/// no IPv6 (a pod with `net.ipv6.conf.all.disable_ipv6 = 1`), so that `::1` cannot be
+/// dialled: its dual-stack socket takes IPv4 too. The CLI failed there with "Cannot assign
+/// requested address".
 #[test]
 fn an_agent_on_every_address_is_reached_where_loopback_has_no_ipv6() {
     let netns = support::Netns::new();
     // Written from a thread in the namespace: /proc/sys/net is the writer's namespace's.
     let listener = netns.run(|| {
         fs::write("/proc/sys/net/ipv6/conf/lo/disable_ipv6", "1").unwrap();
-        std::net::TcpListener::bind("[::]:0").unwrap()
+        let listener = std::net::TcpListener::bind("[::]:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(
+            std::net::TcpStream::connect(("::1", port))
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::AddrNotAvailable
+        );
+        listener
     });
     let (addr, server) = answering_on(
         listener,
@@ -776,7 +785,11 @@ fn an_agent_on_every_address_is_reached_where_loopback_has_no_ipv6() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(
+        out.status.success() && stderr.is_empty(),
+        "{}: {stderr}",
+        out.status
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "{\"activeConnections\":3}\n"

@@ -970,8 +970,8 @@ fn the_in_flight_table_takes_its_configured_size_and_a_resize_replaces_it_alone(
     assert!(
         passed
             && line.starts_with("warn")
-            && line.contains("whose counters `run` takes over, replacing")
-            && line.contains(&replaced),
+            && line.contains("whose counters `run` takes over; it replaces these maps")
+            && line.contains(&format!(": {replaced}")),
         "{line}"
     );
     let logs = support::ScratchDir::new("in-flight-resized");

@@ -185,7 +185,7 @@ fn pins_a_collector_of_another_namespace_left_are_refused_untouched() {
     assert!(
         passed
             && line.starts_with("warn")
-            && line.contains("whose counters `run` takes over, replacing DNS_INFLIGHT of another build (flags 0x0, this build's 0x400)"),
+            && line.contains("it replaces these maps, which held only the last seconds' state (DNS answers to queries asked before the start count as unmatched; TLS hellos in the middle of being read, as missed): DNS_INFLIGHT of another build (flags 0x0, this build's 0x400)"),
         "{line}"
     );
     // Untouched: the first namespace's next collector takes them over and counts on.
