@@ -738,8 +738,13 @@ fn answering_on(
 /// `collector ARGS --listen addr` for each of `commands`: fails the test unless each exits 0
 /// with nothing on stderr, having printed what it is paired with.
 fn assert_prints(addr: &str, commands: &[(&[&str], &str)]) {
+    assert_prints_from(|| Command::new(COLLECTOR), addr, commands);
+}
+
+/// As [`assert_prints`], each command made by `collector` (in a namespace, say).
+fn assert_prints_from(collector: impl Fn() -> Command, addr: &str, commands: &[(&[&str], &str)]) {
     for (args, expected) in commands {
-        let out = Command::new(COLLECTOR)
+        let out = collector()
             .args(*args)
             .args(["--listen", addr])
             .output()
@@ -778,21 +783,10 @@ fn an_agent_on_every_address_is_reached_where_loopback_has_no_ipv6() {
         listener,
         vec![b"HTTP/1.1 200 OK\r\ncontent-length: 23\r\n\r\n{\"activeConnections\":3}".to_vec()],
     );
-    let out = netns
-        .command(COLLECTOR)
-        .args(["stats", "proxy", "--json", "--listen", &addr])
-        .env_remove("COLLECTOR_LISTEN")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stderr.is_empty(),
-        "{}: {stderr}",
-        out.status
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "{\"activeConnections\":3}\n"
+    assert_prints_from(
+        || netns.command(COLLECTOR),
+        &addr,
+        &[(&["stats", "proxy", "--json"], "{\"activeConnections\":3}\n")],
     );
     server.join().unwrap();
 }
