@@ -1069,7 +1069,8 @@ pub const SNI_NAMES_MAX: u32 = 4096;
 /// Key of [`map_names::SNI_ROUTES`]: a local port and a server name in lower case, zero
 /// after `len` bytes. A wildcard (`*.example.com`) is kept as the name after its first
 /// label (`example.com`) with `wildcard` set: it stands for exactly one label more.
-#[repr(C)]
+/// 4-aligned, so that the kernel zeroes the name four bytes at a time.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SniKey {
     pub port: u16,
@@ -1258,7 +1259,10 @@ pub struct ConnEvent {
     pub client_addr: [u8; 16],
     /// Client port, host byte order.
     pub client_port: u16,
-    pub _pad: [u8; 6],
+    /// Two fields, not an array: the kernel zeroes an array with a call to a byte-wise
+    /// `memset`.
+    pub _pad: u16,
+    pub _pad2: u32,
 }
 
 // The layouts are part of the kernel/user contract: pin them.
@@ -1279,6 +1283,7 @@ const _: () = assert!(
 const _: () = assert!(size_of::<ConnEvent>() == 72);
 const _: () = assert!(size_of::<UpstreamCounters>() == 16);
 const _: () = assert!(size_of::<SniKey>() == 260);
+const _: () = assert!(align_of::<SniKey>() == 4 && core::mem::offset_of!(SniKey, name) == 4);
 const _: () = assert!(size_of::<SniDecision>() == 8);
 const _: () = assert!(size_of::<SniCounters>() == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);

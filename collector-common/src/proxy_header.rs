@@ -35,7 +35,9 @@ pub enum ProxyHeader {
 }
 
 /// The PROXY header that starts the payload `start..end` of `data`, if any. `line` is
-/// working memory for the first bytes (the kernel has no room for them on its stack).
+/// working memory for the first bytes (the kernel has no room for them on its stack); what
+/// it holds past them decides nothing, so it is not zeroed first (in the kernel that is a
+/// call to a byte-wise `memset`, about a thousand instructions a connection).
 #[inline(always)]
 pub fn proxy_header<B: HelloBytes>(
     data: &B,
@@ -45,7 +47,6 @@ pub fn proxy_header<B: HelloBytes>(
 ) -> ProxyHeader {
     let have = end.saturating_sub(start);
     let read = have.min(PROXY_V1_MAX);
-    *line = [0; SNI_NAME_MAX + 1];
     if read == 0 || !data.name(start, read as usize, line) {
         return ProxyHeader::Absent;
     }

@@ -18,6 +18,7 @@
 use core::{
     ffi::c_void,
     intrinsics::{AtomicOrdering, atomic_cxchg},
+    mem::MaybeUninit,
     ptr,
 };
 
@@ -30,7 +31,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use collector_common::{
-    CONN_EVENT_OPEN, ConnEvent, ConnState, MAX_ROUTES, SNI_UNDECIDED, SniDecision, SniKey,
+    ConnState, MAX_ROUTES, SNI_UNDECIDED, SniDecision, SniKey,
     client_hello::{
         self, CutHeader, Hello, HelloBytes, NameExtension, SNI_KEPT_MAX, SNI_NAME_MAX, Walked,
     },
@@ -43,7 +44,7 @@ use collector_common::{
 use crate::{
     CONN_COUNTERS, EARLY_HELLO, EARLY_HELLO_READER, EARLY_KEPT_NAME, SNI_COUNTERS, SNI_DECISIONS,
     SNI_KEPT_NAME, SNI_PORT_BITS, SNI_RESUME, SNI_ROUTES, SNI_SCRATCH, SNI_WATCHED, add,
-    connections::{client_events, emit, ktime_ns, stream_wanted},
+    connections::{client_events, emit_open, ktime_ns, stream_wanted},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -334,17 +335,9 @@ fn add_awaiting(slot: u32, n: u64) {
 
 /// The open event of a connection decided now: the stream learns its route only here.
 #[inline(always)]
-fn open_event(cookie: u64, slot: u32, (client_addr, client_port): ([u8; 16], u16)) {
+fn open_event(cookie: u64, slot: u32, client: ([u8; 16], u16)) {
     if client_events() && stream_wanted() {
-        emit(&ConnEvent {
-            kind: CONN_EVENT_OPEN,
-            route: slot,
-            cookie,
-            timestamp_ns: ktime_ns(),
-            client_addr,
-            client_port,
-            ..ConnEvent::default()
-        });
+        emit_open(cookie, slot, ktime_ns(), client);
     }
 }
 
@@ -354,7 +347,9 @@ struct Segment<'a>(&'a SkBuffContext);
 impl HelloBytes for Segment<'_> {
     #[inline(always)]
     fn array<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
-        let mut out = [0u8; N];
+        // Not zeroed first: the helper writes all N bytes or fails (and zeroing is a call to
+        // a byte-wise `memset` here, see `zero_name`).
+        let mut out = MaybeUninit::<[u8; N]>::uninit();
         // SAFETY: the helper checks the offset and length against the packet.
         let read = unsafe {
             bpf_skb_load_bytes(
@@ -364,7 +359,8 @@ impl HelloBytes for Segment<'_> {
                 N as u32,
             )
         };
-        (read == 0).then_some(out)
+        // SAFETY: the helper wrote all N bytes where it returned 0.
+        (read == 0).then(|| unsafe { out.assume_init() })
     }
 
     #[inline(always)]
@@ -405,12 +401,13 @@ fn copy_name<const N: usize>(
     let Some(len) = name_len_checked(len) else {
         return false;
     };
-    let mut bytes = bpf_dynptr { __opaque: [0; 2] };
+    // Made by the first helper, which takes it uninitialised.
+    let mut bytes = MaybeUninit::<bpf_dynptr>::uninit();
     // SAFETY: `from` is a map value of `N` bytes, valid for the program's run; the helpers
     // check `offset` and `len` against it, and `out` has room for `len` bytes.
     unsafe {
-        bpf_dynptr_from_mem(from.cast_mut().cast(), N as u32, 0, &raw mut bytes) == 0
-            && bpf_dynptr_read(out.as_mut_ptr().cast(), len, &raw const bytes, offset, 0) == 0
+        bpf_dynptr_from_mem(from.cast_mut().cast(), N as u32, 0, bytes.as_mut_ptr()) == 0
+            && bpf_dynptr_read(out.as_mut_ptr().cast(), len, bytes.as_ptr(), offset, 0) == 0
     }
 }
 
@@ -424,9 +421,7 @@ impl HelloBytes for Kept {
         // SAFETY: a map value, valid for the program's run.
         let bytes = unsafe { &(*self.0).bytes };
         let offset = offset as usize;
-        let mut out = [0u8; N];
-        out.copy_from_slice(bytes.get(offset..offset + N)?);
-        Some(out)
+        bytes.get(offset..offset + N)?.try_into().ok()
     }
 
     #[inline(always)]
@@ -834,7 +829,7 @@ fn read_kept_name(
             ),
         )
     };
-    scratch.exact.name = [0; SNI_NAME_MAX + 1];
+    zero_name(&mut scratch.exact);
     let hello = if loaded == 0 {
         client_hello::kept_name(&Kept(bytes), kept + rest, len, &mut scratch.exact.name)
     } else {
@@ -1024,25 +1019,23 @@ struct Headers {
 fn parse_headers(ctx: &SkBuffContext) -> Option<Headers> {
     let bytes = Segment(ctx);
     let [version] = bytes.array::<1>(0)?;
-    let mut client = [0u8; 16];
-    let l4 = match version >> 4 {
+    let (client, l4) = match version >> 4 {
         4 => {
             let ip = bytes.array::<20>(0)?;
             if ip[9] != IPPROTO_TCP {
                 return None;
             }
-            client[10] = 0xff;
-            client[11] = 0xff;
-            client[12..16].copy_from_slice(&ip[12..16]);
-            u32::from(ip[0] & 0x0f) * 4
+            (
+                ipv4_mapped([ip[12], ip[13], ip[14], ip[15]]),
+                u32::from(ip[0] & 0x0f) * 4,
+            )
         }
         6 => {
             let ip = bytes.array::<40>(0)?;
             if ip[6] != IPPROTO_TCP {
                 return None;
             }
-            client.copy_from_slice(&ip[8..24]);
-            40
+            (ip[8..24].try_into().ok()?, 40)
         }
         _ => return None,
     };
@@ -1054,6 +1047,33 @@ fn parse_headers(ctx: &SkBuffContext) -> Option<Headers> {
         client,
         client_port: u16::from_be_bytes([tcp[0], tcp[1]]),
     })
+}
+
+/// `::ffff:a.b.c.d`, built from two words: an array zeroed first is a call to a byte-wise
+/// `memset` (see `zero_name`).
+#[inline(always)]
+fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    // Little-endian, as the target is: the second word holds bytes 8 to 15, so its bytes 2
+    // and 3 are the 0xffff and its last four the address in wire order.
+    let words = [
+        0u64,
+        0xffff_0000 | (u64::from(u32::from_le_bytes(v4)) << 32),
+    ];
+    // SAFETY: two u64 are sixteen bytes, every bit pattern valid for either.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
+}
+
+/// Zeroes `key`'s name, whose bytes past the name are part of the `SNI_ROUTES` key. Four
+/// bytes at a time, each store volatile: LLVM turns an array's zeroing, or plain stores of
+/// zeros side by side, into `memset`, which this target calls as a function copying one byte
+/// at a time (1,024 instructions for a name).
+#[inline(always)]
+fn zero_name(key: &mut SniKey) {
+    let words = (&raw mut key.name).cast::<u32>();
+    for word in 0..(SNI_NAME_MAX + 1) / 4 {
+        // SAFETY: inside the name; 4-aligned, as `SniKey` is and its name's offset (4) are.
+        unsafe { words.add(word).write_volatile(0) };
+    }
 }
 
 /// This CPU's working memory for a hello: too big for the stack.
@@ -1228,7 +1248,7 @@ fn read_hello(ctx: &SkBuffContext, start: u32, port: u16, reading: Reading) -> V
     if walked != WALKED_TO_NAME {
         return Verdict::Decided(None, walked);
     }
-    scratch.exact.name = [0; SNI_NAME_MAX + 1];
+    zero_name(&mut scratch.exact);
     match client_hello::name_in(&Segment(ctx), found, end, &mut scratch.exact.name) {
         Hello::NameCut { body, len } => Verdict::NameCut { body, len },
         hello => named(scratch, port, hello),
@@ -1370,7 +1390,7 @@ fn match_name(scratch: &mut SniScratch, port: u16, len: usize) -> Option<u32> {
     }
     let rest = len - dot - 1;
     let wildcard = &mut scratch.wildcard;
-    wildcard.name = [0; SNI_NAME_MAX + 1];
+    zero_name(wildcard);
     if !copy_name(
         &raw const scratch.exact.name,
         dot as u32 + 1,

@@ -1923,6 +1923,34 @@ mod tests {
     use super::*;
     use crate::scratch::ScratchDir;
 
+    /// No kernel program calls `memset`, `memcpy` or their kin: this target links them as
+    /// functions that go one byte at a time (a 256-byte name zeroed so took about a thousand
+    /// instructions a connection), and LLVM calls them for any zeroing or copy it sees, so the
+    /// programs write such bytes with stores of their own.
+    #[test]
+    fn no_kernel_program_calls_the_byte_wise_memory_functions() {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+        let file = object::File::parse(OBJECT).unwrap();
+        let mut calls = Vec::new();
+        for section in file.sections() {
+            for (offset, relocation) in section.relocations() {
+                if let RelocationTarget::Symbol(index) = relocation.target()
+                    && let Ok(name) = file.symbol_by_index(index).and_then(|symbol| symbol.name())
+                    && ["memset", "memcpy", "memmove", "memcmp", "bcmp"].contains(&name)
+                {
+                    calls.push(format!(
+                        "{} +{offset:#x}: {name}",
+                        section.name().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        assert!(
+            calls.is_empty(),
+            "calls to byte-wise memory functions: {calls:?}"
+        );
+    }
+
     #[test]
     fn a_pin_that_cannot_be_removed_leaves_the_others_removed_and_is_named() {
         let dir = ScratchDir::new("undo");
