@@ -1259,8 +1259,8 @@ pub struct ConnEvent {
     pub client_addr: [u8; 16],
     /// Client port, host byte order.
     pub client_port: u16,
-    /// Two fields, not an array: the kernel zeroes an array with a call to a byte-wise
-    /// `memset`.
+    /// Two fields, not an array: the kernel zeroed this 6-byte array with a call to a
+    /// byte-wise `memset`.
     pub _pad: u16,
     pub _pad2: u32,
 }

@@ -13,8 +13,9 @@ use support::hello::{Bytes, Xorshift};
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
 /// What the shared reader makes of `bytes`, the whole payload. Its working memory is not
-/// zeroed first (the kernel's holds the last connection's bytes), so it is read twice, over
-/// stale bytes and over line feeds, which a header's end is looked for by: the same verdict.
+/// zeroed first (the kernel's holds the last connection's bytes), so each payload is read
+/// twice: over stale bytes, and over line feeds (the byte that ends a version 1 header).
+/// Both must give the same verdict.
 fn read(bytes: &[u8]) -> ProxyHeader {
     let [over_stale, over_line_feeds] = [0xaa, b'\n'].map(|fill| {
         let mut line = [fill; SNI_NAME_MAX + 1];
