@@ -1059,10 +1059,10 @@ fn ipv4_mapped([a, b, c, d]: [u8; 4]) -> [u8; 16] {
 }
 
 /// Zeroes `key`'s name, whose bytes past the name are part of the `SNI_ROUTES` key. Four
-/// bytes at a time, each store volatile: LLVM turns a zeroing that needs more stores than it
-/// inlines at the alignment it knows (a byte-aligned array of 256), or plain stores of zeros
-/// side by side, into `memset`, which this target calls as a function writing one byte a
-/// loop (five instructions a byte: about 1,300 for a name).
+/// bytes at a time, each store volatile: LLVM makes an array's zeroing, or plain stores of
+/// zeros side by side, a `memset`, and bpf-linker's `--bpf-expand-memcpy-in-order` leaves
+/// every `memset` a call to a function writing one byte a loop (five instructions a byte:
+/// about 1,300 for a name).
 #[inline(always)]
 fn zero_name(key: &mut SniKey) {
     let words = (&raw mut key.name).cast::<u32>();
