@@ -927,7 +927,8 @@ fn pin_cgroup_link(
 }
 
 /// Swaps `program` into the link pinned at `pin`, if a previous run left one. Returns
-/// whether a link was adopted. A pin whose link is gone (its interface vanished) is removed.
+/// whether a link was adopted. A pin whose link is gone (its interface vanished), or whose
+/// link cannot take `program`, is removed.
 fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<bool> {
     let link = match bpf_sys::open_pinned(pin) {
         Ok(link) => link,
@@ -942,15 +943,18 @@ fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Resul
             remove_if_present(pin)?;
             Ok(false)
         }
-        // The pinned link holds a program of another type or attach point: another build's.
-        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => Err(err).with_context(|| {
-            format!(
-                "replacing the program in the pinned link {}: it is another build's; `{}` removes \
-                 what it left",
-                pin.display(),
-                crate::cleanup::command()
-            )
-        }),
+        // The pinned link holds a program of another type or attach point: another build's
+        // (one that changed a program's type but not `PIN_LAYOUT`). Its program goes with
+        // the pin, and this build's is attached in its place; the maps are still taken over.
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+            remove_if_present(pin)?;
+            tracing::warn!(
+                "the link pinned at {} holds a program of another type or hook (another \
+                 build's): removed it, to attach this build's in its place",
+                pin.display()
+            );
+            Ok(false)
+        }
         Err(err) => Err(err)
             .with_context(|| format!("replacing the program in the pinned link {}", pin.display())),
     }

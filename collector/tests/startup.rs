@@ -308,6 +308,62 @@ fn pins_a_crashed_run_of_another_build_left_are_replaced_and_counted_from_zero()
     }
 }
 
+/// A link pin holding a program of another type where this build pins its own (here the
+/// crashed run's loopback classifier where its `sock_ops` link goes, as a build that
+/// changed a program's type without a new `PIN_LAYOUT` would leave) is replaced, not
+/// refused: the start detaches it, attaches its own and takes the rest over. Refused, a
+/// `DaemonSet` pod crash-looped on that node until someone ran `cleanup`, which also
+/// threw the counts away.
+#[test]
+fn a_pinned_link_of_another_program_type_is_replaced_and_the_counts_taken_over() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let logs = ScratchDir::new("other-type");
+    let crashed = Agent::start(&netns, &config);
+    support::connections_3_in_5_out(&netns, 3);
+    wait_for_closed(&netns, "web", 3);
+    crashed.kill();
+    let links = config.pin_dir.join("v1/links");
+    let (sock_ops, loopback) = (links.join("sock_ops"), links.join("tc_loopback_1"));
+    let moved = link_id(&loopback);
+    std::fs::remove_file(&sock_ops).unwrap();
+    std::fs::rename(&loopback, &sock_ops).unwrap();
+
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let replaced = support::logged_lines(&log, "holds a program of another type");
+    assert!(
+        replaced.len() == 1
+            && replaced[0].contains(" WARN ")
+            && replaced[0].contains(sock_ops.to_str().unwrap()),
+        "{replaced:?}"
+    );
+    assert!(link_gone(moved), "the moved link {moved} is still there");
+    support::connections_3_in_5_out(&netns, 2);
+    let metrics = wait_for_closed(&netns, "web", 5);
+    let web = [("route", "web")];
+    for (name, total) in [
+        ("collector_proxy_connections_opened_total", 5.0),
+        ("collector_proxy_connection_received_bytes_total", 15.0),
+        ("collector_proxy_connection_sent_bytes_total", 25.0),
+    ] {
+        assert_eq!(sample(&metrics, name, &web), Some(total), "{name}");
+    }
+    // One loopback classifier counts: the moved one, had it stayed, would count the two
+    // new connections' bytes again.
+    for (direction, each) in [("in", 3), ("out", 5)] {
+        let live = sample(
+            &metrics,
+            "collector_proxy_traffic_payload_bytes_total",
+            &[("route", "web"), ("direction", direction)],
+        );
+        let retransmitted = support::retransmitted_segments(&[&netns]);
+        support::assert_live_bytes(live, (5, each), retransmitted, direction);
+    }
+    assert!(agent.stop().success());
+    support::assert_no_pins(&config.pin_dir);
+}
+
 /// Whether the kernel no longer has the link `id` (bpftool failing for any other reason
 /// fails the test).
 fn link_gone(id: u64) -> bool {
@@ -329,17 +385,19 @@ fn link_gone(id: u64) -> bool {
 fn link_ids(links_dir: &std::path::Path) -> Vec<u64> {
     std::fs::read_dir(links_dir)
         .unwrap()
-        .map(|entry| {
-            let path = entry.unwrap().path();
-            let out = support::stdout_of(
-                Command::new("bpftool")
-                    .args(["-j", "link", "show", "pinned"])
-                    .arg(&path),
-            );
-            let link: serde_json::Value = serde_json::from_str(&out).unwrap();
-            link["id"].as_u64().unwrap_or_else(|| panic!("{out}"))
-        })
+        .map(|entry| link_id(&entry.unwrap().path()))
         .collect()
+}
+
+/// The id of the link pinned at `pin`, as bpftool reads it.
+fn link_id(pin: &std::path::Path) -> u64 {
+    let out = support::stdout_of(
+        Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(pin),
+    );
+    let link: serde_json::Value = serde_json::from_str(&out).unwrap();
+    link["id"].as_u64().unwrap_or_else(|| panic!("{out}"))
 }
 
 /// A start while `collector cleanup` holds the pin directory (through its `nft`, here held
