@@ -1589,6 +1589,7 @@ mod tests {
         links::Link {
             index,
             name: name.into(),
+            alt_names: Vec::new(),
             up,
             framing: links::Framing::Ethernet,
             loopback: name == "lo",

@@ -780,7 +780,7 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
         .map(|(index, name)| {
             let text = name.get_ref();
             let valid = !text.is_empty()
-                && text.len() <= 15
+                && text.len() <= INTERFACE_NAME_MAX
                 && text != "."
                 && text != ".."
                 && !text.contains(NEVER_IN_INTERFACE_NAMES)
@@ -807,7 +807,9 @@ fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError>
                 Err(source.at(
                     name,
                     format!(
-                        "interface {text:?} is not a valid interface name (1 to 15 bytes, no '/', ':', spaces or NUL)"
+                        "interface {text:?} is not a valid interface name (1 to 15 bytes, or to \
+                         {INTERFACE_NAME_MAX} for an alternative name; no '/', ':', spaces or \
+                         NUL)"
                     ),
                 ))
             }
@@ -901,6 +903,10 @@ fn table_slots(
         })
 }
 
+/// Longest interface name the kernel takes: an alternative name's (`ALTIFNAMSIZ`, NUL
+/// included); a device's own name takes at most 15 bytes (`IFNAMSIZ`).
+const INTERFACE_NAME_MAX: usize = 127;
+
 /// Characters of a glob: refused in `interfaces`, whose names are matched exactly.
 const PATTERN_CHARACTERS: [char; 3] = ['*', '?', '['];
 
@@ -950,14 +956,17 @@ fn exclude_interfaces(
                 )
             })?;
         // A pattern that can match no interface name would exclude nothing, silently.
-        let never =
-            if text.contains(NEVER_IN_INTERFACE_NAMES) || text.chars().any(char::is_whitespace) {
-                Some("holds a character no interface name has ('/', ':', a space or NUL)")
-            } else if text.len() > 15 && !text.contains(PATTERN_CHARACTERS) {
-                Some("is longer than an interface name's 15 bytes")
-            } else {
-                None
-            };
+        let never = if text.contains(NEVER_IN_INTERFACE_NAMES)
+            || text.chars().any(char::is_whitespace)
+        {
+            Some("holds a character no interface name has ('/', ':', a space or NUL)")
+        } else if shortest_match(text) > INTERFACE_NAME_MAX {
+            Some(
+                "matches only names longer than an interface's (127 bytes, an alternative name's most)",
+            )
+        } else {
+            None
+        };
         if let Some(why) = never {
             return Err(source.at(
                 entry,
@@ -967,6 +976,31 @@ fn exclude_interfaces(
         patterns.push(pattern);
     }
     Ok(patterns)
+}
+
+/// The length in bytes of the shortest name `pattern` (a valid glob) matches: each `?`
+/// and `[...]` one character, `*` none.
+fn shortest_match(pattern: &str) -> usize {
+    let mut chars = pattern.chars();
+    let mut bytes = 0;
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => {}
+            '[' => {
+                // A `]` first in the class (after any `!`) is one of its characters.
+                let mut first = true;
+                for inside in chars.by_ref() {
+                    if inside == ']' && !first {
+                        break;
+                    }
+                    first = first && inside == '!';
+                }
+                bytes += 1;
+            }
+            c => bytes += c.len_utf8(),
+        }
+    }
+    bytes
 }
 
 /// `extra_local_addresses`, each checked, and their total.
@@ -2474,12 +2508,36 @@ match_every = 1
             "\"lxc[\" is not a pattern of interface names",
         );
         assert_error("exclude_interfaces = [\"\"]\n", 1, "not a pattern");
-        for never in ["cali*:", "veth /*", "a/b*", "calico-tunnel-dev0"] {
+        // Past 127 bytes not even an alternative name: with a `*` too (which may match
+        // nothing), or `?` and `[...]` (one character each) making up the length.
+        let long = "x".repeat(INTERFACE_NAME_MAX);
+        for never in [
+            "cali*:".to_owned(),
+            "veth /*".to_owned(),
+            "a/b*".to_owned(),
+            format!("{long}0"),
+            format!("{long}*0"),
+            format!("{long}?"),
+            format!("[]!]{long}"),
+            format!("{long}[!a]"),
+        ] {
             assert_error(
                 &format!("exclude_interfaces = [\n  {never:?},\n]\n"),
                 2,
                 "it would exclude nothing",
             );
+        }
+        // Longer than a device's own name: it may match an alternative name.
+        for alternative in [
+            "calico-tunnel-dev0".to_owned(),
+            format!("{long}*"),
+            format!("[]]{}", &long[1..]),
+        ] {
+            Config::from_toml(
+                "t.toml",
+                &format!("exclude_interfaces = [{alternative:?}]\n"),
+            )
+            .unwrap();
         }
         assert_error(
             "exclude_interfaces = [\"cali*\", \"cali*\"]\n",
@@ -2496,6 +2554,21 @@ match_every = 1
         assert_eq!(excluded, ["cali12ab", "veth1"]);
     }
 
+    /// Names past a device's 15 bytes are alternative names (`ip link`'s `altname`), which
+    /// go to 127.
+    #[test]
+    fn interface_names_may_be_alternative_names() {
+        let alternative = "a".repeat(INTERFACE_NAME_MAX);
+        let config =
+            Config::from_toml("t.toml", &format!("interfaces = [{alternative:?}]\n")).unwrap();
+        assert_eq!(config.interfaces, std::slice::from_ref(&alternative));
+        assert_error(
+            &format!("interfaces = [\"{alternative}b\"]\n"),
+            1,
+            "not a valid interface name (1 to 15 bytes, or to 127 for an alternative name",
+        );
+    }
+
     #[test]
     fn agent_settings_rules() {
         assert_error("listen = \"localhost\"\n", 1, "not a socket address");
@@ -2503,11 +2576,6 @@ match_every = 1
         assert_error("cgroup2 = \"cg\"\n", 1, "absolute");
         assert_error(
             "interfaces = [\"lo\", \"a/b\"]\n",
-            1,
-            "not a valid interface name",
-        );
-        assert_error(
-            "interfaces = [\"sixteen-chars-xx\"]\n",
             1,
             "not a valid interface name",
         );

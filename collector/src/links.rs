@@ -25,6 +25,10 @@ use crate::{
 pub struct Link {
     pub index: u32,
     pub name: String,
+    /// The device's alternative names (`IFLA_ALT_IFNAME`: `ip link` shows them as
+    /// `altname`, as systemd gives a NIC its path-based name beside `ens5`), which
+    /// `interfaces` and `exclude_interfaces` match as they match its name.
+    pub alt_names: Vec<String>,
     pub up: bool,
     /// Where the tc classifiers find the IP header.
     pub framing: Framing,
@@ -41,6 +45,18 @@ pub struct Link {
     /// `None` where the reply had none (never from a kernel that answers `RTM_GETSTATS`):
     /// zeros would read as a counter reset.
     pub stats: Option<InterfaceStats>,
+}
+
+impl Link {
+    /// Its name, then its alternative names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.alt_names.iter().map(String::as_str))
+    }
+
+    /// Whether `name` is its name or one of its alternative names.
+    pub fn named(&self, name: &str) -> bool {
+        self.names().any(|own| own == name)
+    }
 }
 
 /// Controllers that pass their ports' packets up through their own device, whose hooks then
@@ -89,6 +105,8 @@ const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_EXT_MASK: u16 = 29;
 const IFLA_LINK_NETNSID: u16 = 37;
+const IFLA_PROP_LIST: u16 = 52;
+const IFLA_ALT_IFNAME: u16 = 53;
 const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
 const IFLA_STATS_LINK_64: u16 = 1;
 const IFF_UP: u32 = 1;
@@ -332,6 +350,7 @@ fn parse_link(body: &[u8]) -> io::Result<Link> {
     let mut link = Link {
         index,
         name: String::new(),
+        alt_names: Vec::new(),
         up: flags & IFF_UP != 0,
         framing: Framing::of(link_layer_type),
         loopback: link_layer_type == ARPHRD_LOOPBACK,
@@ -349,6 +368,13 @@ fn parse_link(body: &[u8]) -> io::Result<Link> {
             IFLA_LINK => lower = Some(u32_of(payload)?),
             // The IFLA_LINK index is another namespace's.
             IFLA_LINK_NETNSID => lower_elsewhere = true,
+            IFLA_PROP_LIST => {
+                for property in netlink_dump::attributes(payload) {
+                    if let (IFLA_ALT_IFNAME, alt_name) = property? {
+                        link.alt_names.push(string_of(alt_name));
+                    }
+                }
+            }
             IFLA_LINKINFO => {
                 for info in netlink_dump::attributes(payload) {
                     if let (IFLA_INFO_KIND, kind) = info? {
@@ -442,7 +468,7 @@ pub fn unparsed_up<'a>(
     let by_default = watched.by_default();
     links
         .iter()
-        .filter(move |link| by_default && link.up && !watched.excludes(&link.name))
+        .filter(move |link| by_default && link.up && !watched.excludes(link))
         .filter_map(|link| {
             let Framing::Other(link_type) = link.framing else {
                 return None;
@@ -455,7 +481,7 @@ pub fn unparsed_up<'a>(
 /// leaves out (none where interfaces are listed).
 pub fn excluded<'a>(links: &'a [Link], watched: Watched<'a>) -> impl Iterator<Item = &'a Link> {
     links.iter().filter(move |link| {
-        watched.by_default() && watched.excludes(&link.name) && watched_by_default(link, links)
+        watched.by_default() && watched.excludes(link) && watched_by_default(link, links)
     })
 }
 
@@ -516,9 +542,11 @@ impl<'a> Watched<'a> {
         self.listed.is_empty()
     }
 
-    /// Whether the default selection leaves the interface named `name` out.
-    pub fn excludes(self, name: &str) -> bool {
-        self.excluded.iter().any(|pattern| pattern.matches(name))
+    /// Whether the default selection leaves `link` out: a pattern matches its name or one
+    /// of its alternative names.
+    pub fn excludes(self, link: &Link) -> bool {
+        link.names()
+            .any(|name| self.excluded.iter().any(|pattern| pattern.matches(name)))
     }
 }
 
@@ -538,7 +566,7 @@ pub fn selection<'a>(links: &'a [Link], watched: Watched<'_>) -> Result<Selectio
         return Ok(Selection {
             links: links
                 .iter()
-                .filter(|l| watched_by_default(l, links) && !watched.excludes(&l.name))
+                .filter(|l| watched_by_default(l, links) && !watched.excludes(l))
                 .collect(),
             missing: Vec::new(),
         });
@@ -549,8 +577,10 @@ pub fn selection<'a>(links: &'a [Link], watched: Watched<'_>) -> Result<Selectio
         missing: Vec::new(),
     };
     for name in configured {
-        match links.iter().find(|l| &l.name == name) {
+        match links.iter().find(|l| l.named(name)) {
             None => selected.missing.push(name.clone()),
+            // Listed by its name and by an alternative name: attached once.
+            Some(link) if selected.links.iter().any(|l| l.index == link.index) => {}
             Some(link) if link.framing.parsed() => selected.links.push(link),
             Some(_) => {
                 return Err(format!(
@@ -566,7 +596,7 @@ pub fn selection<'a>(links: &'a [Link], watched: Watched<'_>) -> Result<Selectio
 pub fn missing(links: &[Link], configured: &[String]) -> Vec<String> {
     configured
         .iter()
-        .filter(|name| !links.iter().any(|l| &&l.name == name && l.framing.parsed()))
+        .filter(|name| !links.iter().any(|l| l.named(name) && l.framing.parsed()))
         .cloned()
         .collect()
 }
@@ -580,6 +610,7 @@ mod tests {
         Link {
             index,
             name: name.into(),
+            alt_names: Vec::new(),
             up,
             framing: if parsed {
                 Framing::Ethernet
@@ -797,6 +828,50 @@ mod tests {
         );
     }
 
+    /// An interface listed by an alternative name (`ip link` shows `altname enp0s5` beside
+    /// `ens5`) is that interface: attached, not missing, and once where both names are
+    /// listed; a pattern matching an alternative name excludes it. Parsed from the dump's
+    /// `IFLA_PROP_LIST` (until 2026-12-07 it was skipped, and such an interface read missing
+    /// for ever).
+    #[test]
+    fn interfaces_are_matched_by_their_alternative_names_too() {
+        let put = netlink_dump::put_attribute;
+        let mut properties = Vec::new();
+        put(&mut properties, IFLA_ALT_IFNAME, b"enp0s5\0");
+        put(
+            &mut properties,
+            IFLA_ALT_IFNAME,
+            b"uplink-of-rack-12-left\0",
+        );
+        let mut attributes = Vec::new();
+        put(&mut attributes, IFLA_IFNAME, b"ens5\0");
+        put(&mut attributes, IFLA_PROP_LIST | 0x8000, &properties); // NLA_F_NESTED
+        let ens5 = parse_link(&link_message(2, &attributes)).unwrap();
+        assert_eq!(ens5.name, "ens5");
+        assert_eq!(ens5.alt_names, ["enp0s5", "uplink-of-rack-12-left"]);
+        let links = [link(1, "lo", true, true), ens5];
+        for listed in [
+            vec!["enp0s5".to_owned()],
+            vec!["uplink-of-rack-12-left".to_owned()],
+            vec!["ens5".to_owned(), "enp0s5".to_owned()],
+        ] {
+            let selected = selection(&links, Watched::listed(&listed)).unwrap();
+            let indexes: Vec<u32> = selected.links.iter().map(|l| l.index).collect();
+            assert_eq!(indexes, [2], "{listed:?}");
+            assert!(selected.missing.is_empty(), "{listed:?}");
+            assert!(missing(&links, &listed).is_empty(), "{listed:?}");
+        }
+        let excluded = [glob::Pattern::new("enp*").unwrap()];
+        let watched = Watched {
+            listed: &[],
+            excluded: &excluded,
+        };
+        let left_out: Vec<&str> = super::excluded(&links, watched)
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(left_out, ["ens5"]);
+    }
+
     /// A `RTM_NEWLINK` body: `ifinfomsg` for `index` (up, Ethernet) and `attributes`.
     fn link_message(index: u32, attributes: &[u8]) -> Vec<u8> {
         let mut body = vec![0, 0];
@@ -834,6 +909,7 @@ mod tests {
             Link {
                 index: 5,
                 name: "vrrp.51".into(),
+                alt_names: Vec::new(),
                 up: true,
                 framing: Framing::Ethernet,
                 loopback: false,
@@ -926,7 +1002,7 @@ mod tests {
         use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
         use netlink_packet_route::{
             RouteNetlinkMessage,
-            link::{LinkAttribute, LinkFlags, LinkInfo, LinkLayerType},
+            link::{LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, Prop},
         };
         let mut compared = 0;
         netlink_dump::route_dump_raw(&link_request(), |kind, message| {
@@ -964,6 +1040,19 @@ mod tests {
                         _ => None,
                     })
                     .unwrap_or_default(),
+                alt_names: theirs
+                    .attributes
+                    .iter()
+                    .filter_map(|a| match a {
+                        LinkAttribute::PropList(properties) => Some(properties),
+                        _ => None,
+                    })
+                    .flatten()
+                    .filter_map(|property| match property {
+                        Prop::AltIfName(name) => Some(name.clone()),
+                        _ => None,
+                    })
+                    .collect(),
                 up: theirs.header.flags.contains(LinkFlags::Up),
                 framing: match theirs.header.link_layer_type {
                     LinkLayerType::Ether | LinkLayerType::Loopback => Framing::Ethernet,

@@ -668,6 +668,7 @@ mod tests {
         let link = |index, name: &str| crate::links::Link {
             index,
             name: name.into(),
+            alt_names: Vec::new(),
             up: true,
             framing: crate::links::Framing::Ethernet,
             loopback: index == 1,

@@ -489,6 +489,49 @@ fn with_interfaces_configured_no_other_interface_is_exported() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// An interface listed by an alternative name (`ip link` shows systemd's path-based name
+/// as `altname enp0s5` beside `ens5`; up to 127 bytes) is that interface: missing until the
+/// name is given, then attached, `check` passing it, and its traffic counted exactly. Until
+/// 2026-12-07 only the device's own name was read, and it read missing for ever.
+#[test]
+fn an_interface_listed_by_an_alternative_name_is_attached_and_counted() {
+    const ALTERNATIVE: &str = "uplink-of-rack-12-left";
+    let netns = Netns::new();
+    let peer = Netns::new();
+    add_veth(&netns, &peer);
+    let config = AgentConfig::new(&format!(
+        "interfaces = [\"lo\", \"{ALTERNATIVE}\"]\n{ROUTES}"
+    ));
+    let agent = Agent::start(&netns, &config);
+    let missing = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_interface_missing",
+            &[("interface", ALTERNATIVE)],
+        )
+    };
+    let metrics = scrape(&netns);
+    assert!(!attached(&metrics, "vcoll0"));
+    assert_eq!(missing(&metrics), Some(1.0));
+
+    ip(
+        &netns,
+        &format!("link property add dev vcoll0 altname {ALTERNATIVE}"),
+    );
+    wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (attached(&metrics, "vcoll0") && missing(&metrics).is_none()).then_some(())
+    });
+    let (passed, line) = support::check_line(&netns, &config.path, &[], "interfaces");
+    assert!(
+        passed && line.starts_with("pass") && line.contains("lo, vcoll0"),
+        "{line}"
+    );
+    exchange_counted(&netns, &peer, "10.77.0.1:18080");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// Interfaces whose names `exclude_interfaces` matches (as a node's pod veths would be) are
 /// not attached, neither at the start nor when they appear later, and have no series: the
 /// connections over them count (from the sockets), their live bytes do not. One that no

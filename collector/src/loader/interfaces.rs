@@ -206,7 +206,7 @@ impl Attachment {
             .filter(|l| {
                 if watched.by_default() {
                     // One renamed into an excluded name is forgotten, as one gone.
-                    if watched.excludes(&l.name) {
+                    if watched.excludes(l) {
                         return false;
                     }
                     // One attached (or failing to be) stays while down (a flapping uplink,
@@ -222,7 +222,7 @@ impl Attachment {
                     // Down or up, as at the start: a configured interface taken down (a
                     // bond in maintenance) keeps its hooks and its series, where forgotten
                     // it vanished from every signal, `collector_interface_missing` too.
-                    l.framing.parsed() && configured.contains(&l.name)
+                    l.framing.parsed() && configured.iter().any(|name| l.named(name))
                 }
             })
             .collect();
