@@ -987,13 +987,17 @@ fn shortest_match(pattern: &str) -> usize {
         match c {
             '*' => {}
             '[' => {
-                // A `]` first in the class (after any `!`) is one of its characters.
-                let mut first = true;
+                // A `!` first negates the class; a `]` first after it is one of its
+                // characters.
+                let (mut negated, mut members) = (false, 0);
                 for inside in chars.by_ref() {
-                    if inside == ']' && !first {
+                    if inside == '!' && members == 0 && !negated {
+                        negated = true;
+                    } else if inside == ']' && members > 0 {
                         break;
+                    } else {
+                        members += 1;
                     }
-                    first = first && inside == '!';
                 }
                 bytes += 1;
             }
@@ -2520,6 +2524,8 @@ match_every = 1
             format!("{long}?"),
             format!("[]!]{long}"),
             format!("{long}[!a]"),
+            format!("[!!]{long}"),
+            format!("[!]]{long}"),
         ] {
             assert_error(
                 &format!("exclude_interfaces = [\n  {never:?},\n]\n"),

@@ -512,8 +512,9 @@ fn countable_on_its_own(link: &Link, all: &[Link], up: impl Fn(&Link) -> bool) -
 
 /// Which interfaces the agent watches: those `listed` (`interfaces`), or with none listed
 /// the default selection ([`watched_by_default`]) less the names an `excluded` pattern
-/// matches (`exclude_interfaces`). Only the name is matched: the ports of an excluded bridge
-/// and the macvlans of an excluded device are not watched in its place.
+/// matches (`exclude_interfaces`). Only the names are matched (the device's own and its
+/// alternative names): the ports of an excluded bridge and the macvlans of an excluded
+/// device are not watched in its place.
 #[derive(Clone, Copy, Debug)]
 pub struct Watched<'a> {
     pub listed: &'a [String],

@@ -911,53 +911,100 @@ fn attach_tcx(
 }
 
 /// Adopts the link a previous run pinned at `pin` (swapping `program` in), or makes one
-/// with `attach` and pins it there. Returns whether it was adopted.
+/// with `attach` and pins it there (over one that cannot take `program`). Returns whether
+/// the pin is carried on from a previous run, rather than made by this start.
 fn pin_cgroup_link(
     pin: &Path,
     program: std::os::fd::BorrowedFd<'_>,
     attach: impl FnOnce() -> anyhow::Result<FdLink>,
 ) -> anyhow::Result<bool> {
-    if adopt_link(pin, program)? {
-        return Ok(true);
+    let pin_link = |link: FdLink, at: &Path| {
+        link.pin(at)
+            .map(drop)
+            .with_context(|| format!("pinning the link at {}", at.display()))
+    };
+    match adopt_link(pin, program)? {
+        LinkAtPin::Adopted => Ok(true),
+        LinkAtPin::Absent => {
+            pin_link(attach()?, pin)?;
+            Ok(false)
+        }
+        LinkAtPin::OfAnotherType => {
+            let link = attach()?;
+            replace_pinned_link(pin, |at| pin_link(link, at))?;
+            Ok(true)
+        }
     }
-    attach()?
-        .pin(pin)
-        .with_context(|| format!("pinning the link at {}", pin.display()))?;
-    Ok(false)
 }
 
-/// Swaps `program` into the link pinned at `pin`, if a previous run left one. Returns
-/// whether a link was adopted. A pin whose link is gone (its interface vanished), or whose
-/// link cannot take `program`, is removed.
-fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<bool> {
+/// What a start finds at a link pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkAtPin {
+    /// A previous run's link, now running this build's program.
+    Adopted,
+    /// Nothing, or a link whose hook is gone (its interface vanished; the pin is removed).
+    Absent,
+    /// A link that cannot take this build's program (`BPF_LINK_UPDATE`'s EINVAL: a program
+    /// of another type, another build's that changed it without a new `PIN_LAYOUT`); left
+    /// in place for [`replace_pinned_link`].
+    OfAnotherType,
+}
+
+/// Swaps `program` into the link pinned at `pin`, if a previous run left one there.
+fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<LinkAtPin> {
     let link = match bpf_sys::open_pinned(pin) {
         Ok(link) => link,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(LinkAtPin::Absent),
         Err(err) => {
             return Err(err).with_context(|| format!("opening the pinned link {}", pin.display()));
         }
     };
     match bpf_sys::update_link(link.as_fd(), program) {
-        Ok(()) => Ok(true),
+        Ok(()) => Ok(LinkAtPin::Adopted),
         Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => {
             remove_if_present(pin)?;
-            Ok(false)
+            Ok(LinkAtPin::Absent)
         }
-        // The pinned link holds a program of another type or attach point: another build's
-        // (one that changed a program's type but not `PIN_LAYOUT`). Its program goes with
-        // the pin, and this build's is attached in its place; the maps are still taken over.
-        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
-            remove_if_present(pin)?;
-            tracing::warn!(
-                "the link pinned at {} holds a program of another type or hook (another \
-                 build's): removed it, to attach this build's in its place",
-                pin.display()
-            );
-            Ok(false)
-        }
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => Ok(LinkAtPin::OfAnotherType),
         Err(err) => Err(err)
             .with_context(|| format!("replacing the program in the pinned link {}", pin.display())),
     }
+}
+
+/// Puts this start's link at `pin` in place of one of another type: pinned beside it by
+/// `pin_at`, then renamed over it (bpffs replaces the target, and the old link goes with
+/// its pin), so the hook is never without a link of ours, and a start that fails after
+/// keeps the new one there, as it keeps every link it took over. The maps are still taken
+/// over: the counts go on.
+fn replace_pinned_link(
+    pin: &Path,
+    pin_at: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    // Not `.new`: bpffs keeps names with a dot for itself (EPERM).
+    let mut beside = pin.as_os_str().to_owned();
+    beside.push("-new");
+    let beside = PathBuf::from(beside);
+    // Left by a start that stopped between the two steps.
+    remove_if_present(&beside)?;
+    pin_at(&beside)?;
+    if let Err(err) = fs::rename(&beside, pin) {
+        if let Err(err) = remove_if_present(&beside) {
+            tracing::warn!("{err:#}");
+        }
+        return Err(err).with_context(|| {
+            format!(
+                "moving the new link pin {} over {}",
+                beside.display(),
+                pin.display()
+            )
+        });
+    }
+    tracing::warn!(
+        "the link pinned at {} held a program of another type (another build's): replaced it \
+         with this build's",
+        pin.display()
+    );
+    Ok(())
 }
 
 /// Gives the name hash random keys before any program of this start runs (with the

@@ -331,7 +331,7 @@ fn a_pinned_link_of_another_program_type_is_replaced_and_the_counts_taken_over()
 
     let log = logs.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
-    let replaced = support::logged_lines(&log, "holds a program of another type");
+    let replaced = support::logged_lines(&log, "held a program of another type");
     assert!(
         replaced.len() == 1
             && replaced[0].contains(" WARN ")
@@ -339,6 +339,12 @@ fn a_pinned_link_of_another_program_type_is_replaced_and_the_counts_taken_over()
         "{replaced:?}"
     );
     assert!(link_gone(moved), "the moved link {moved} is still there");
+    let mut pins: Vec<_> = std::fs::read_dir(&links)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    pins.sort();
+    assert_eq!(pins, ["sock_ops", "tc_loopback_1"]);
     support::connections_3_in_5_out(&netns, 2);
     let metrics = wait_for_closed(&netns, "web", 5);
     let web = [("route", "web")];

@@ -14,7 +14,10 @@ use aya::{
 };
 use collector_common::{MAX_REDIRECT_DEVICES, map_names, program_names};
 
-use super::{Attachment, LINKS_DIR, adopt_link, attach_tcx, remove_if_present};
+use super::{
+    Attachment, LINKS_DIR, LinkAtPin, adopt_link, attach_tcx, remove_if_present,
+    replace_pinned_link,
+};
 use crate::{
     bpf_sys,
     links::{self, Framing, Link},
@@ -166,11 +169,18 @@ impl Attachment {
                     link.name
                 )
             })?;
-            if adopt_link(&pin, fd.as_fd())? {
-                self.inherited = true;
-            } else {
-                attach_tcx(program, program_name, attach_type, &link.name, &pin)?;
-                created.push(pin.clone());
+            match adopt_link(&pin, fd.as_fd())? {
+                LinkAtPin::Adopted => self.inherited = true,
+                LinkAtPin::Absent => {
+                    attach_tcx(program, program_name, attach_type, &link.name, &pin)?;
+                    created.push(pin.clone());
+                }
+                LinkAtPin::OfAnotherType => {
+                    replace_pinned_link(&pin, |at| {
+                        attach_tcx(program, program_name, attach_type, &link.name, at)
+                    })?;
+                    self.inherited = true;
+                }
             }
             pins.push(pin);
         }
