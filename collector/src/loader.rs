@@ -950,8 +950,12 @@ enum LinkAtPin {
     OfAnotherType,
 }
 
-/// Swaps `program` into the link pinned at `pin`, if a previous run left one there.
+/// Swaps `program` into the link pinned at `pin`, if a previous run left one there. A
+/// replacement a start left pinned beside it ([`replace_pinned_link`], stopped between its
+/// two steps) is removed first, which detaches it: otherwise it would count beside this
+/// start's link until a start succeeded.
 fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<LinkAtPin> {
+    remove_if_present(&pinned_beside(pin))?;
     let link = match bpf_sys::open_pinned(pin) {
         Ok(link) => link,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(LinkAtPin::Absent),
@@ -971,6 +975,14 @@ fn adopt_link(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> anyhow::Resul
     }
 }
 
+/// Where [`replace_pinned_link`] pins a new link before renaming it over `pin`. Not
+/// `.new`: bpffs keeps names with a dot for itself (EPERM).
+fn pinned_beside(pin: &Path) -> PathBuf {
+    let mut beside = pin.as_os_str().to_owned();
+    beside.push("-new");
+    PathBuf::from(beside)
+}
+
 /// Puts this start's link at `pin` in place of one of another type: pinned beside it by
 /// `pin_at`, then renamed over it (bpffs replaces the target, and the old link goes with
 /// its pin), so the hook is never without a link of ours, and a start that fails after
@@ -980,12 +992,7 @@ fn replace_pinned_link(
     pin: &Path,
     pin_at: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    // Not `.new`: bpffs keeps names with a dot for itself (EPERM).
-    let mut beside = pin.as_os_str().to_owned();
-    beside.push("-new");
-    let beside = PathBuf::from(beside);
-    // Left by a start that stopped between the two steps.
-    remove_if_present(&beside)?;
+    let beside = pinned_beside(pin);
     pin_at(&beside)?;
     if let Err(err) = fs::rename(&beside, pin) {
         if let Err(err) = remove_if_present(&beside) {
