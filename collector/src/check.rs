@@ -106,28 +106,6 @@ impl TableHere {
     }
 }
 
-/// `nft -V`: its version (the first line) and whether it was built with JSON; `--version`
-/// (no JSON line) from an `nft` without `-V`.
-fn nft_tool() -> (Option<String>, Option<bool>) {
-    let run = |argument| {
-        std::process::Command::new("nft")
-            .arg(argument)
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let Some(long) = run("-V") else {
-        return (run("--version").map(|out| out.trim().to_owned()), None);
-    };
-    let version = long.lines().next().map(|line| line.trim().to_owned());
-    let json = long.lines().find_map(|line| {
-        let value = line.trim().strip_prefix("json:")?.trim();
-        Some(value == "yes")
-    });
-    (version, json)
-}
-
 impl Facts {
     /// Reads the facts of this host, as this process sees them, for the configured pin
     /// directory and cgroup2 mount.
@@ -138,7 +116,7 @@ impl Facts {
         table: Option<&str>,
     ) -> anyhow::Result<Self> {
         let capabilities = crate::privileges::effective();
-        let (nft, nft_json) = nft_tool();
+        let (nft, nft_json) = crate::nft_tool::describe();
         Ok(Self {
             kernel_release: kernel_release()?,
             tcx: tcx_in_kernel(),
@@ -1094,6 +1072,16 @@ fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
             ),
         );
     }
+    if crate::nft_tool::older_than_comments(version) {
+        return verdict(
+            unmet,
+            format!(
+                "{version} {}: {when} the nftables counters will be down; install nftables \
+                 1.0.6 or later (Debian 12's), or set enabled = false",
+                crate::nft_tool::TOO_OLD
+            ),
+        );
+    }
     match &facts.nft_table {
         Some(TableHere::NotOurs(why)) => verdict(
             unmet,
@@ -1449,6 +1437,13 @@ mod tests {
                     ..healthy()
                 },
                 "built without JSON",
+            ),
+            (
+                Facts {
+                    nft: Some("nftables v1.0.5 (Lester Gooch #5)".into()),
+                    ..healthy()
+                },
+                "nftables v1.0.5 (Lester Gooch #5) is older than 1.0.6",
             ),
             (
                 Facts {

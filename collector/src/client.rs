@@ -101,7 +101,13 @@ impl Endpoint {
         let pems: Vec<Trusted> = match (cacert, served_cert) {
             (Some(cacert), _) => vec![read_cacert(cacert)?],
             (None, Some(cert)) => {
-                let mut pems = vec![read_pem(cert)?];
+                let mut pems = vec![read_pem(cert).map_err(|err| {
+                    unreadable_here(
+                        err,
+                        "this user cannot read the agent's certificate, which the CLI trusts: \
+                         pass --cacert with a CA certificate it can read, or run as root",
+                    )
+                })?];
                 match ca_beside(cert) {
                     Ok(ca) => pems.extend(ca),
                     Err(warning) => tracing::warn!("{warning}"),
@@ -118,7 +124,16 @@ impl Endpoint {
         let trusted = pems.into_iter().map(|(path, _)| path).collect();
         let token = match config.and_then(|config| config.http.bearer_token_file.as_ref()) {
             // Read as the agent reads it: what the agent refuses, the CLI does not send.
-            Some(path) => Some((crate::auth::read_token(path)?, path.clone())),
+            Some(path) => Some((
+                crate::auth::read_token(path).map_err(|err| {
+                    unreadable_here(
+                        err,
+                        "this user cannot read the agent's bearer token file, which the CLI \
+                         sends: run as root, or as a user the file is readable by",
+                    )
+                })?,
+                path.clone(),
+            )),
             None => None,
         };
         Ok(Self {
@@ -434,6 +449,20 @@ fn anchors(text: &[u8]) -> anyhow::Result<Vec<TrustAnchor<'static>>> {
 
 /// A PEM file the CLI was told to trust (`--cacert`, the config's `tls_cert_file`), read and
 /// parsed.
+/// `err` with `advice` where a file was refused to this process: an SRE's own account
+/// reading files the agent (root) reads.
+fn unreadable_here(err: anyhow::Error, advice: &str) -> anyhow::Error {
+    let refused = err
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(crate::privileges::denied);
+    if refused {
+        err.context(advice.to_owned())
+    } else {
+        err
+    }
+}
+
 fn read_pem(path: &Path) -> anyhow::Result<Trusted> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let anchors = anchors(&text).with_context(|| format!("reading {}", path.display()))?;

@@ -28,7 +28,7 @@
 //! and a table changed in any way that stops or skews its counting (its rules flushed, a
 //! chain or map element gone, made dormant) is made again, as a table removed is.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::OnceLock, time::Duration};
 
 use serde_json::json;
 
@@ -46,6 +46,10 @@ const IN_CHAIN: &str = "count_in";
 const OUT_CHAIN: &str = "count_out";
 const IN_MAP: &str = "ports_in";
 const OUT_MAP: &str = "ports_out";
+
+/// `nft -V`'s first line, once an `nft` made our table without its counters' comments
+/// ([`NftTable::keeps_comments`]).
+static DROPS_COMMENTS: OnceLock<String> = OnceLock::new();
 
 /// The comment our counters carry: who made the table, for whoever lists the ruleset. (A
 /// table's own comment is not in nft 1.0.6's JSON; a counter's is.) Kept as it is across
@@ -225,6 +229,13 @@ pub enum NftError {
     InUse { table: String, holder: Holder },
     #[error("claiming the nftables table's name: {0}")]
     Claim(std::io::Error),
+    #[error(
+        "{version} made our table without its counters' comments, which tell the collector's \
+         table from an earlier build's (nft keeps them from 1.0.6 on): it was removed, and none \
+         is made until a restart, where each would be replaced at the next read; install \
+         nftables 1.0.6 or later, or set [nftables] enabled = false"
+    )]
+    ToolTooOld { version: String },
     #[error(
         "a try at making the nftables table, or at removing what is left of it, failed: its thread panicked"
     )]
@@ -498,6 +509,11 @@ impl NftTable {
         adopt: Adopt,
         starting: HashMap<String, Counts>,
     ) -> Result<Self, NftError> {
+        if let Some(version) = DROPS_COMMENTS.get() {
+            return Err(NftError::ToolTooOld {
+                version: version.clone(),
+            });
+        }
         let mut table = Self {
             name: config.nftables.table.clone(),
             counters: plan(config),
@@ -532,6 +548,7 @@ impl NftTable {
             }
         };
         apply(&table.ruleset(replace), table.nft_timeout)?;
+        table.keeps_comments()?;
         // Learns the new table's handle. The table is made, so it is returned whatever this
         // finds: a table gone or changed already, or a failed read, shows again at the first
         // read, whose error handling mends the table and removes what is left of it.
@@ -651,6 +668,26 @@ impl NftTable {
 
     /// Checks that the table is still as made, unless the ruleset has not changed since
     /// it last was (one small request per poll while nothing changes).
+    /// Whether the table just made carries its counters' comments: an `nft` that drops
+    /// them (older than 1.0.6) makes a table every read would find "made by an earlier
+    /// build" and replace. Without them it is removed, and no other is made until a restart
+    /// ([`DROPS_COMMENTS`]). A read that fails says nothing: the first poll reads again.
+    fn keeps_comments(&self) -> Result<(), NftError> {
+        let Ok(Some((made, _))) = nfnetlink::read_table(&self.name) else {
+            return Ok(());
+        };
+        if made.objects.iter().all(|counter| counter.comment.is_some()) {
+            return Ok(());
+        }
+        let version = nft_tool::describe().0.unwrap_or_else(|| "nft".to_owned());
+        let version = DROPS_COMMENTS.get_or_init(|| version).clone();
+        if let Err(err) = removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
+        {
+            tracing::warn!("removing the nftables table just made without its comments: {err}");
+        }
+        Err(NftError::ToolTooOld { version })
+    }
+
     fn verify(&mut self) -> Result<(), NftError> {
         if self.verified == Some(nfnetlink::generation()?) {
             return Ok(());

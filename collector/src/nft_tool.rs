@@ -79,6 +79,52 @@ fn failure(err: &NftablesError) -> String {
     }
 }
 
+/// `nft -V`: its version (the first line) and whether it was built with JSON; `--version`
+/// (no JSON line) from an `nft` without `-V`.
+pub fn describe() -> (Option<String>, Option<bool>) {
+    let run = |argument| {
+        Command::new(PROGRAM)
+            .arg(argument)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let Some(long) = run("-V") else {
+        return (run("--version").map(|out| out.trim().to_owned()), None);
+    };
+    let version = long.lines().next().map(|line| line.trim().to_owned());
+    let json = long.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("json:")?.trim();
+        Some(value == "yes")
+    });
+    (version, json)
+}
+
+/// Why an `nft` older than 1.0.6 cannot make our table, after its version, for `check`:
+/// nft reads a counter's comment from JSON since 1.0.6 ("json: add stateful object comment
+/// support"), and without it every read would find our table "made by an earlier build".
+pub const TOO_OLD: &str = "is older than 1.0.6, the first whose JSON input keeps a counter's \
+    comment, which tells the collector's table from an earlier build's (the agent removes a \
+    table made without them and makes no other)";
+
+/// Whether `version`, `nft -V`'s first line (`nftables v1.0.5 (Lester Gooch #5)`), is older
+/// than 1.0.6 ([`TOO_OLD`]). One it cannot read is not taken for older.
+pub fn older_than_comments(version: &str) -> bool {
+    let Some(number) = version
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix('v'))
+    else {
+        return false;
+    };
+    let mut parts = number.split('.').map(str::parse::<u32>);
+    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let patch = parts.next().and_then(Result::ok).unwrap_or(0);
+    (major, minor, patch) < (1, 0, 6)
+}
+
 /// Applies `ruleset` (nft's JSON) with `nft -j -f -`, killing `nft` if it takes longer than
 /// `deadline`.
 pub fn apply(ruleset: String, deadline: Duration) -> Result<(), ToolError> {
@@ -203,5 +249,22 @@ mod tests {
                 .ends_with("is nft installed (apt install nftables)?"),
             "{missing}"
         );
+    }
+
+    /// Ubuntu 22.04's nft (1.0.2) and RHEL 9.0's (1.0.4) drop a counter's comment from JSON.
+    #[test]
+    fn versions_before_1_0_6_are_too_old() {
+        for (first_line, older) in [
+            ("nftables v1.0.5 (Lester Gooch #5)", true),
+            ("nftables v1.0.2 (Lester Gooch)", true),
+            ("nftables v0.9.8 (E.D.S.)", true),
+            ("nftables v1.0.6 (Lester Gooch #5)", false),
+            ("nftables v1.0.9 (Old Doc Yak #3)", false),
+            ("nftables v1.1.1 (Commodore Bullmoose #2)", false),
+            ("nftables v2", false),
+            ("nftables", false),
+        ] {
+            assert_eq!(older_than_comments(first_line), older, "{first_line}");
+        }
     }
 }

@@ -617,6 +617,33 @@ fn without_root_the_pins_are_refused_not_reported_missing() {
     assert_refused_without_root(&["cleanup", "--pin-dir", absent.to_str().unwrap()]);
 }
 
+/// The CLI reads the agent's token file (root's, 0600) to send it: as another user it says
+/// what to do, where it gave only "Permission denied".
+#[test]
+fn a_token_file_this_user_cannot_read_is_refused_with_what_to_do() {
+    support::require_root();
+    let dir = ScratchDir::new("cli-token");
+    fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755)).unwrap();
+    let token = dir.path("token");
+    fs::write(&token, "secret\n").unwrap();
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path("collector.toml");
+    fs::write(
+        &config,
+        format!("[http]\nbearer_token_file = \"{}\"\n", token.display()),
+    )
+    .unwrap();
+    let out = as_nobody(&["stats", "proxy", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("this user cannot read the agent's bearer token file")
+            && stderr.contains("run as root")
+            && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn cleanup_leaves_a_pin_directory_without_a_collectors_layout() {
     let dir = PinDir::new();

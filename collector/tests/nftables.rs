@@ -381,6 +381,77 @@ fn without_nft_only_the_nft_source_is_down() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// An `nft` older than 1.0.6 (Ubuntu 22.04's 1.0.2, RHEL 9.0's 1.0.4) drops a counter's
+/// comment from JSON, and every read found the table it made "made by an earlier build": the
+/// table was made again at every other poll and no nft counter was ever exported. Now the
+/// table made without them is removed and no other is made until a restart, the nft source
+/// alone is down saying why, and `check` says so first (from `nft -V`). The test's `nft`
+/// is the real one, less the comments it is given, and says 1.0.5 to `-V`.
+#[test]
+fn an_nft_that_drops_the_counters_comments_makes_one_table_and_only_the_nft_source_is_down() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(ROUTES);
+    let tools = config.dir.join("old-tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let path_of = |tool: &str| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let applied = tools.join("applied");
+    let script = tools.join("nft");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             [ \"$1\" = -V ] && {{ printf 'nftables v1.0.5 (Lester Gooch #5)\\n  json:\\t\\tyes\\n'; exit 0; }}\n\
+             if [ \"$*\" = '-j -f -' ]; then\n\
+             echo >> {applied}\n\
+             {sed} -e 's/,\"comment\":\"[^\"]*\"//g' | {nft} \"$@\"\n\
+             exit $?\n\
+             fi\n\
+             exec {nft} \"$@\"\n",
+            applied = applied.display(),
+            sed = path_of("sed"),
+            nft = path_of("nft"),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let launcher = || {
+        let mut launcher = Command::new("/usr/bin/nsenter");
+        launcher
+            .arg(format!("--net=/var/run/netns/{}", netns.name))
+            .arg(COLLECTOR)
+            .env("PATH", &tools);
+        launcher
+    };
+    let (passed, line) = support::check_line_of(launcher(), &config.path, &[], "nft");
+    assert!(
+        !passed
+            && line.starts_with("FAIL")
+            && line.contains("nftables v1.0.5 (Lester Gooch #5) is older than 1.0.6"),
+        "{line}"
+    );
+    let agent = Agent::spawn(&netns, launcher(), &config, &[]);
+    let error = only_nft_down(&netns);
+    assert!(
+        error.contains("made our table without its counters' comments")
+            && error.contains("install nftables 1.0.6"),
+        "{error}"
+    );
+    assert_no_table(&netns, &config.nft_table);
+    // Two retries' time later (every 30 polls of 100 ms): made once and removed once.
+    thread::sleep(Duration::from_secs(7));
+    let rulesets = std::fs::read_to_string(&applied).unwrap().lines().count();
+    assert_eq!(rulesets, 2, "nft applied {rulesets} rulesets");
+    assert_no_table(&netns, &config.nft_table);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 #[test]
 fn a_stuck_nft_is_killed_at_its_deadline_and_only_the_nft_source_is_down() {
     let netns = Netns::new();

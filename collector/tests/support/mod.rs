@@ -530,8 +530,17 @@ pub fn stdout_of(command: &mut Command) -> String {
 /// `collector check --config CONFIG ARGS` in `netns`: whether it passed, and its line for
 /// `name` (the second word of a line).
 pub fn check_line(netns: &Netns, config: &Path, args: &[&str], name: &str) -> (bool, String) {
-    let out = netns
-        .command(COLLECTOR)
+    check_line_of(netns.command(COLLECTOR), config, args, name)
+}
+
+/// [`check_line`] with `collector` started by `launcher` (a `PATH` of the test's own, say).
+pub fn check_line_of(
+    mut launcher: Command,
+    config: &Path,
+    args: &[&str],
+    name: &str,
+) -> (bool, String) {
+    let out = launcher
         .args(["check", "--config"])
         .arg(config)
         .args(args)
