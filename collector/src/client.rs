@@ -447,22 +447,18 @@ fn anchors(text: &[u8]) -> anyhow::Result<Vec<TrustAnchor<'static>>> {
     Ok(store.roots)
 }
 
-/// A PEM file the CLI was told to trust (`--cacert`, the config's `tls_cert_file`), read and
-/// parsed.
 /// `err` with `advice` where a file was refused to this process: an SRE's own account
 /// reading files the agent (root) reads.
 fn unreadable_here(err: anyhow::Error, advice: &str) -> anyhow::Error {
-    let refused = err
-        .chain()
-        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
-        .any(crate::privileges::denied);
-    if refused {
+    if crate::privileges::denied_in(&err) {
         err.context(advice.to_owned())
     } else {
         err
     }
 }
 
+/// A PEM file the CLI was told to trust (`--cacert`, the config's `tls_cert_file`), read and
+/// parsed.
 fn read_pem(path: &Path) -> anyhow::Result<Trusted> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let anchors = anchors(&text).with_context(|| format!("reading {}", path.display()))?;

@@ -231,11 +231,16 @@ pub enum NftError {
     Claim(std::io::Error),
     #[error(
         "{version} made our table without its counters' comments, which tell the collector's \
-         table from an earlier build's (nft keeps them from 1.0.6 on): it was removed, and none \
-         is made until a restart, where each would be replaced at the next read; install \
-         nftables 1.0.6 or later, or set [nftables] enabled = false"
+         table from an earlier build's (nft keeps them from 1.0.6 on): {}, and none is made \
+         until a restart, where each would be replaced at the next read; install nftables \
+         1.0.6 or later, or set [nftables] enabled = false",
+        removed.as_ref().map_or_else(String::as_str, |()| "it was removed")
     )]
-    ToolTooOld { version: String },
+    ToolTooOld {
+        version: String,
+        /// Whether the table made was removed, or why not.
+        removed: Result<(), String>,
+    },
     #[error(
         "a try at making the nftables table, or at removing what is left of it, failed: its thread panicked"
     )]
@@ -509,11 +514,6 @@ impl NftTable {
         adopt: Adopt,
         starting: HashMap<String, Counts>,
     ) -> Result<Self, NftError> {
-        if let Some(version) = DROPS_COMMENTS.get() {
-            return Err(NftError::ToolTooOld {
-                version: version.clone(),
-            });
-        }
         let mut table = Self {
             name: config.nftables.table.clone(),
             counters: plan(config),
@@ -666,28 +666,37 @@ impl NftTable {
         Ok(counters)
     }
 
-    /// Checks that the table is still as made, unless the ruleset has not changed since
-    /// it last was (one small request per poll while nothing changes).
     /// Whether the table just made carries its counters' comments: an `nft` that drops
     /// them (older than 1.0.6) makes a table every read would find "made by an earlier
-    /// build" and replace. Without them it is removed, and no other is made until a restart
-    /// ([`DROPS_COMMENTS`]). A read that fails says nothing: the first poll reads again.
+    /// build" and replace. Without them, from an `nft` that says it is older (or says no
+    /// version), it is removed, and no other is made until a restart ([`DROPS_COMMENTS`]).
+    /// A read that fails, or a table someone else put in ours' place meanwhile (one not
+    /// ours, or from a newer `nft`), is left to the first poll's read, as before.
     fn keeps_comments(&self) -> Result<(), NftError> {
         let Ok(Some((made, _))) = nfnetlink::read_table(&self.name) else {
             return Ok(());
         };
-        if made.objects.iter().all(|counter| counter.comment.is_some()) {
+        if made.objects.iter().all(|counter| counter.comment.is_some()) || not_ours(&made).is_some()
+        {
             return Ok(());
         }
-        let version = nft_tool::describe().0.unwrap_or_else(|| "nft".to_owned());
-        let version = DROPS_COMMENTS.get_or_init(|| version).clone();
-        if let Err(err) = removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
+        let version = nft_tool::describe().0;
+        if version
+            .as_deref()
+            .is_some_and(|version| !nft_tool::older_than_comments(version))
         {
-            tracing::warn!("removing the nftables table just made without its comments: {err}");
+            return Ok(());
         }
-        Err(NftError::ToolTooOld { version })
+        let version = DROPS_COMMENTS
+            .get_or_init(|| version.unwrap_or_else(|| "nft".to_owned()))
+            .clone();
+        let removed = removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
+            .map_err(|err| format!("removing it failed ({err}); it is removed at the stop"));
+        Err(NftError::ToolTooOld { version, removed })
     }
 
+    /// Checks that the table is still as made, unless the ruleset has not changed since
+    /// it last was (one small request per poll while nothing changes).
     fn verify(&mut self) -> Result<(), NftError> {
         if self.verified == Some(nfnetlink::generation()?) {
             return Ok(());
@@ -1082,7 +1091,10 @@ impl Source {
                     err,
                     NftError::Tool(
                         nft_tool::ToolError::TimedOut(_) | nft_tool::ToolError::Killed(_)
-                    )
+                    ) | NftError::ToolTooOld {
+                        removed: Err(_),
+                        ..
+                    }
                 ) {
                     self.left = Left::Ours;
                 }
@@ -1178,7 +1190,8 @@ impl Source {
                 self.left = Left::Nothing;
             }
         }
-        if self.enabled {
+        // An `nft` that drops the counters' comments makes none this run could keep.
+        if self.enabled && DROPS_COMMENTS.get().is_none() {
             self.start_making();
         }
     }

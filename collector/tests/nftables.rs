@@ -439,6 +439,7 @@ fn an_nft_that_drops_the_counters_comments_makes_one_table_and_only_the_nft_sour
     let error = only_nft_down(&netns);
     assert!(
         error.contains("made our table without its counters' comments")
+            && error.contains("it was removed")
             && error.contains("install nftables 1.0.6"),
         "{error}"
     );
