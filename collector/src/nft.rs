@@ -691,7 +691,10 @@ impl NftTable {
             .get_or_init(|| version.unwrap_or_else(|| "nft".to_owned()))
             .clone();
         let removed = removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
-            .map_err(|err| format!("removing it failed ({err}); it is removed at the stop"));
+            .map_err(|err| match err {
+                NftError::LeftChanged { .. } => err.to_string(),
+                err => format!("removing it failed ({err}); it is tried again now and then"),
+            });
         Err(NftError::ToolTooOld { version, removed })
     }
 
@@ -1190,8 +1193,14 @@ impl Source {
                 self.left = Left::Nothing;
             }
         }
-        // An `nft` that drops the counters' comments makes none this run could keep.
-        if self.enabled && DROPS_COMMENTS.get().is_none() {
+        // An `nft` that drops the counters' comments makes none this run could keep; the
+        // one it made is removed again where that failed.
+        if self.enabled && DROPS_COMMENTS.get().is_some() {
+            if self.left == Left::Ours {
+                self.start_removing_what_is_left();
+                self.left = Left::Nothing;
+            }
+        } else if self.enabled {
             self.start_making();
         }
     }
