@@ -177,8 +177,13 @@ impl Found {
         for (path, is_dir) in entries {
             match classify(path.file_name().unwrap_or_default(), is_dir) {
                 Entry::Ours => {
-                    found.has_layout = true;
-                    found.ours = walk(&path)?;
+                    let pins = walk(&path)?;
+                    if layouts_pins(&path, &pins) {
+                        found.has_layout = true;
+                        found.ours = pins;
+                    } else {
+                        found.foreign.push(path);
+                    }
                 }
                 Entry::OtherLayout => {
                     let pins = walk(&path)?;
@@ -597,6 +602,25 @@ fn remove_empty_dirs(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Every file (pin) below `dir`; symbolic links are not followed.
+/// Whether `pins`, the files under a directory named as our layout (`dir`), are a
+/// collector's: `PIN_OWNER` is among them (a start claimed the layout), or each has a name
+/// a start pins under (one killed before it claimed). Another tool's `v1`, under a pin
+/// directory given by mistake, is left whole: removing its links would detach its programs.
+fn layouts_pins(dir: &Path, pins: &[PathBuf]) -> bool {
+    let links = dir.join(loader::LINKS_DIR);
+    pins.contains(&dir.join(map_names::PIN_OWNER))
+        || pins.iter().all(|pin| {
+            let name = pin.file_name().unwrap_or_default();
+            match pin.parent() {
+                Some(parent) if parent == dir => {
+                    collector_common::PINNED_MAPS.iter().any(|map| name == *map)
+                }
+                Some(parent) if parent == links => loader::is_link_pin_name(name),
+                _ => false,
+            }
+        })
+}
+
 fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {

@@ -108,6 +108,16 @@ impl GoesOn {
 const SERVER_NAMES_PIN: &str = "cgroup_skb_server_names";
 /// Pin name of the link of the connection program (`sock_ops`).
 const SOCK_OPS_PIN: &str = "sock_ops";
+const SOCK_OPS_STATS_FLOOR_PIN: &str = "sock_ops_stats_floor";
+
+/// Whether `name` is one a start pins a link under: a tc link's, a cgroup hook's, or either
+/// pinned beside one of another type before it is renamed over it.
+pub fn is_link_pin_name(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_str().unwrap_or("");
+    let name = name.strip_suffix("-new").unwrap_or(name);
+    crate::orphans::is_tc_link_pin(std::ffi::OsStr::new(name))
+        || [SOCK_OPS_PIN, SOCK_OPS_STATS_FLOOR_PIN, SERVER_NAMES_PIN].contains(&name)
+}
 
 /// The cgroup2 root's hooks `run` attaches its programs to with `config` (attach types), in
 /// the order it attaches them, each with where its link is pinned in `links_dir`: a start
@@ -509,7 +519,7 @@ impl Attachment {
         if bpf_stats {
             self.attach_sock_ops(
                 program_names::STATS_FLOOR_SOCK_OPS,
-                &links_dir.join("sock_ops_stats_floor"),
+                &links_dir.join(SOCK_OPS_STATS_FLOOR_PIN),
                 cgroup,
             )?;
         }

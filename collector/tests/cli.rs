@@ -644,6 +644,48 @@ fn a_token_file_this_user_cannot_read_is_refused_with_what_to_do() {
     );
 }
 
+/// A `v1` is a collector's layout only with `PIN_OWNER` in it, or with nothing but the names
+/// a start pins under (one killed before it claimed the layout): another tool's `v1`, under
+/// a pin directory given by mistake, is left whole and said so, where every pin in it was
+/// removed (its links' programs detached with them).
+#[test]
+fn cleanup_leaves_a_v1_holding_pins_that_are_not_a_collectors() {
+    let run_cleanup = |dir: &PinDir| {
+        let out = Command::new(COLLECTOR)
+            .args(["cleanup", "--apply", "--pin-dir", dir.0.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let theirs = PinDir::new();
+    let foreign = theirs.0.join("v1/their_counters");
+    support::pin_plain_array(&foreign, 8, 4);
+    support::pin_plain_array(&theirs.0.join("v1/CONN_COUNTERS"), 8, 4);
+    let stdout = run_cleanup(&theirs);
+    assert!(
+        foreign.exists() && theirs.0.join("v1/CONN_COUNTERS").exists(),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{} (not a collector's pin layout: cleanup leaves it)",
+            theirs.0.join("v1").display()
+        )),
+        "{stdout}"
+    );
+    // Our names alone, no owner yet: a start killed early; removed.
+    let ours = PinDir::new();
+    support::pin_plain_array(&ours.0.join("v1/CONN_COUNTERS"), 8, 4);
+    let stdout = run_cleanup(&ours);
+    assert!(!ours.0.exists(), "{stdout}");
+}
+
 #[test]
 fn cleanup_leaves_a_pin_directory_without_a_collectors_layout() {
     let dir = PinDir::new();
