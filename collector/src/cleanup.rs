@@ -265,7 +265,8 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     // Listed before anything is removed; a reader gone meanwhile does not stop the removal.
     let listed = output::write(|out| list(out, pin_dir, &found, &table, table_name, apply));
     if apply {
-        if lock.is_some() {
+        // Another tool's `v1` is left whole, its empty directories too.
+        if lock.is_some() && found.has_layout {
             remove(&map_dir, &found.ours)?;
             remove_empty_dirs(&map_dir)?;
             // Only a collector's: a --pin-dir mistyped as another tool's empty directory
@@ -601,26 +602,32 @@ fn remove_empty_dirs(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Every file (pin) below `dir`; symbolic links are not followed.
+/// Maps earlier builds of this layout pinned and no later one removes: the upstreams'
+/// connect failures, before `UPSTREAM_COUNTERS` (c30d79e).
+const RETIRED_PINNED_MAPS: [&str; 1] = ["CONN_CONNECT_FAILURES"];
+
 /// Whether `pins`, the files under a directory named as our layout (`dir`), are a
 /// collector's: `PIN_OWNER` is among them (a start claimed the layout), or each has a name
-/// a start pins under (one killed before it claimed). Another tool's `v1`, under a pin
-/// directory given by mistake, is left whole: removing its links would detach its programs.
+/// a start pins under, now or in an earlier build (one killed before it claimed, or a map
+/// no later build removes). Another tool's `v1`, under a pin directory given by mistake,
+/// is left whole: removing its links would detach its programs.
 fn layouts_pins(dir: &Path, pins: &[PathBuf]) -> bool {
     let links = dir.join(loader::LINKS_DIR);
     pins.contains(&dir.join(map_names::PIN_OWNER))
         || pins.iter().all(|pin| {
             let name = pin.file_name().unwrap_or_default();
             match pin.parent() {
-                Some(parent) if parent == dir => {
-                    collector_common::PINNED_MAPS.iter().any(|map| name == *map)
-                }
+                Some(parent) if parent == dir => collector_common::PINNED_MAPS
+                    .iter()
+                    .chain(&RETIRED_PINNED_MAPS)
+                    .any(|map| name == *map),
                 Some(parent) if parent == links => loader::is_link_pin_name(name),
                 _ => false,
             }
         })
 }
 
+/// Every file (pin) below `dir`; symbolic links are not followed.
 fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {

@@ -667,9 +667,12 @@ fn cleanup_leaves_a_v1_holding_pins_that_are_not_a_collectors() {
     let foreign = theirs.0.join("v1/their_counters");
     support::pin_plain_array(&foreign, 8, 4);
     support::pin_plain_array(&theirs.0.join("v1/CONN_COUNTERS"), 8, 4);
+    fs::create_dir(theirs.0.join("v1/empty")).unwrap();
     let stdout = run_cleanup(&theirs);
     assert!(
-        foreign.exists() && theirs.0.join("v1/CONN_COUNTERS").exists(),
+        foreign.exists()
+            && theirs.0.join("v1/CONN_COUNTERS").exists()
+            && theirs.0.join("v1/empty").is_dir(),
         "{stdout}"
     );
     assert!(
@@ -679,9 +682,11 @@ fn cleanup_leaves_a_v1_holding_pins_that_are_not_a_collectors() {
         )),
         "{stdout}"
     );
-    // Our names alone, no owner yet: a start killed early; removed.
+    // Our names alone, no owner yet (a start killed early, or a map an earlier build pinned
+    // that no later one removes): removed.
     let ours = PinDir::new();
     support::pin_plain_array(&ours.0.join("v1/CONN_COUNTERS"), 8, 4);
+    support::pin_plain_array(&ours.0.join("v1/CONN_CONNECT_FAILURES"), 8, 4);
     let stdout = run_cleanup(&ours);
     assert!(!ours.0.exists(), "{stdout}");
 }
