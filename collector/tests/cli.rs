@@ -650,25 +650,12 @@ fn a_token_file_this_user_cannot_read_is_refused_with_what_to_do() {
 /// removed (its links' programs detached with them).
 #[test]
 fn cleanup_leaves_a_v1_holding_pins_that_are_not_a_collectors() {
-    let run_cleanup = |dir: &PinDir| {
-        let out = Command::new(COLLECTOR)
-            .args(["cleanup", "--apply", "--pin-dir", dir.0.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     let theirs = PinDir::new();
     let foreign = theirs.0.join("v1/their_counters");
     support::pin_plain_array(&foreign, 8, 4);
     support::pin_plain_array(&theirs.0.join("v1/CONN_COUNTERS"), 8, 4);
     fs::create_dir(theirs.0.join("v1/empty")).unwrap();
-    let stdout = run_cleanup(&theirs);
+    let stdout = cleanup_applied(&theirs);
     assert!(
         foreign.exists()
             && theirs.0.join("v1/CONN_COUNTERS").exists()
@@ -687,14 +674,12 @@ fn cleanup_leaves_a_v1_holding_pins_that_are_not_a_collectors() {
     let ours = PinDir::new();
     support::pin_plain_array(&ours.0.join("v1/CONN_COUNTERS"), 8, 4);
     support::pin_plain_array(&ours.0.join("v1/CONN_CONNECT_FAILURES"), 8, 4);
-    let stdout = run_cleanup(&ours);
+    let stdout = cleanup_applied(&ours);
     assert!(!ours.0.exists(), "{stdout}");
 }
 
-#[test]
-fn cleanup_leaves_a_pin_directory_without_a_collectors_layout() {
-    let dir = PinDir::new();
-    fs::remove_dir(dir.0.join("v1")).unwrap();
+/// `collector cleanup --apply --pin-dir DIR`, which must succeed: its standard output.
+fn cleanup_applied(dir: &PinDir) -> String {
     let out = Command::new(COLLECTOR)
         .args(["cleanup", "--apply", "--pin-dir", dir.0.to_str().unwrap()])
         .output()
@@ -705,10 +690,17 @@ fn cleanup_leaves_a_pin_directory_without_a_collectors_layout() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cleanup_leaves_a_pin_directory_without_a_collectors_layout() {
+    let dir = PinDir::new();
+    fs::remove_dir(dir.0.join("v1")).unwrap();
+    let stdout = cleanup_applied(&dir);
     // An empty directory of another tool's, given by mistake, is still there.
     assert!(dir.0.is_dir(), "{} removed", dir.0.display());
     // And --apply says it found nothing, rather than succeeding in silence.
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("nothing of ours under"), "{stdout}");
 }
 
