@@ -93,6 +93,10 @@ pub struct HttpConfig {
     /// connection that has waited longest for a request's header, or is closed itself if
     /// every one of them is busy.
     pub max_connections_per_address: usize,
+    /// Bytes of answers held for readers that have not taken them yet (a reader that stops
+    /// reading holds its answer). Over it, the connections of the oldest such answers are
+    /// closed, so that readers who do not read cannot hold the pod's memory.
+    pub max_unsent_bytes: u64,
 }
 
 impl HttpConfig {
@@ -331,6 +335,7 @@ struct RawHttp {
     tls_handshake_timeout_ms: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
     max_connections_per_address: Option<Spanned<u64>>,
+    max_unsent_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -1174,6 +1179,9 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
         // under hostNetwork) holding every request and stream still leaves its probes a
         // place to take.
         max_connections_per_address: 80,
+        // Some 25 answers of /metrics with 256 routes (1.2 MB each), 600 with one route:
+        // well inside the shipped 256 MiB limit beside the agent's 30 MiB.
+        max_unsent_bytes: 32 * 1024 * 1024,
     };
     let Some(raw) = raw else {
         return Ok(http);
@@ -1219,6 +1227,9 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
     if let Some(limit) = &raw.max_connections_per_address {
         http.max_connections_per_address =
             in_range(source, limit, "max_connections_per_address", 1, 100_000)?;
+    }
+    if let Some(limit) = &raw.max_unsent_bytes {
+        http.max_unsent_bytes = in_range(source, limit, "max_unsent_bytes", 1 << 20, 1 << 32)?;
     }
     // A new connection is refused only when every one is in a request, and the permits let
     // this many be: a cap in all no higher would leave the kubelet's probes no place.
@@ -2144,6 +2155,7 @@ mod tests {
         assert_eq!(config.http.max_event_streams, 8);
         assert_eq!(config.http.max_connections, 512);
         assert_eq!(config.http.max_connections_per_address, 80);
+        assert_eq!(config.http.max_unsent_bytes, 32 * 1024 * 1024);
     }
 
     #[test]
@@ -2725,6 +2737,19 @@ match_every = 1
     #[test]
     fn http_limits_are_bounded() {
         assert_error("[http]\nmax_connections = 0\n", 2, "out of range");
+        assert_error(
+            "[http]\nmax_unsent_bytes = 65536\n",
+            2,
+            "max_unsent_bytes = 65536 is out of range: allowed 1048576 to 4294967296",
+        );
+        let unsent = |bytes: u64| {
+            Config::from_toml("t.toml", &format!("[http]\nmax_unsent_bytes = {bytes}\n"))
+                .unwrap()
+                .http
+                .max_unsent_bytes
+        };
+        assert_eq!(unsent(1 << 20), 1 << 20);
+        assert_eq!(unsent(1 << 32), 1 << 32);
         let capped = Config::from_toml(
             "t.toml",
             "[http]\nmax_connections = 8\nmax_connections_per_address = 2\nmax_concurrent_requests = 4\nmax_event_streams = 3\n",

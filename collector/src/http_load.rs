@@ -1,13 +1,16 @@
-//! What the HTTP side turned away at its `[http]` limits, and how many event streams are
-//! open, for `/metrics`: a scrape or a stream answered 503, or a connection closed unanswered,
-//! shows in a series an alert can read, not only in the debug log.
+//! What the HTTP side turned away at its `[http]` limits, how many event streams are open and
+//! the bytes of answers held unsent, for `/metrics`: a scrape or a stream answered 503, or a
+//! connection closed unanswered, shows in a series an alert can read, not only in the debug
+//! log.
 
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},
 };
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::unsent_answers::{Lease, UnsentAnswers};
 
 /// The limit a request or a connection met.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,15 +26,19 @@ pub enum Limit {
     Connections,
     /// `request_timeout_ms` passed before the answer was ready: answered 503.
     RequestTimeout,
+    /// `max_unsent_bytes`: the connection of an answer its reader had not taken when newer
+    /// answers needed the room, closed mid-answer.
+    UnsentBytes,
 }
 
 impl Limit {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Requests,
         Self::EventStreams,
         Self::PasswordChecks,
         Self::Connections,
         Self::RequestTimeout,
+        Self::UnsentBytes,
     ];
 
     /// The `limit` label.
@@ -42,6 +49,7 @@ impl Limit {
             Self::PasswordChecks => "password_checks",
             Self::Connections => "connections",
             Self::RequestTimeout => "request_timeout",
+            Self::UnsentBytes => "unsent_bytes",
         }
     }
 }
@@ -54,14 +62,16 @@ pub struct HttpLoad {
     /// gauge of open streams reads.
     streams: Arc<Semaphore>,
     max_streams: usize,
+    unsent: Arc<UnsentAnswers>,
 }
 
 impl HttpLoad {
-    pub fn new(max_streams: usize) -> Self {
+    pub fn new(max_streams: usize, max_unsent_bytes: u64) -> Self {
         Self {
             refused: Default::default(),
             streams: Arc::new(Semaphore::new(max_streams)),
             max_streams,
+            unsent: UnsentAnswers::new(max_unsent_bytes),
         }
     }
 
@@ -89,13 +99,27 @@ impl HttpLoad {
     pub fn open_streams(&self) -> u64 {
         (self.max_streams - self.streams.available_permits()) as u64
     }
+
+    /// Counts an answer of `bytes` on the connection `cut` closes until the lease is dropped;
+    /// older answers whose connections are closed to make room count as refused (see
+    /// [`UnsentAnswers::hold`]).
+    pub fn hold_answer(&self, bytes: u64, cut: Arc<Notify>) -> Lease {
+        let (lease, closed) = self.unsent.hold(bytes, cut);
+        self.refused[Limit::UnsentBytes as usize].fetch_add(closed as u64, Ordering::Relaxed);
+        lease
+    }
+
+    /// Bytes of the answers held for their readers now.
+    pub fn unsent_bytes(&self) -> u64 {
+        self.unsent.held()
+    }
 }
 
 /// No stream place: for renderings of the metrics that serve none.
 #[cfg(test)]
 impl Default for HttpLoad {
     fn default() -> Self {
-        Self::new(0)
+        Self::new(0, 0)
     }
 }
 
@@ -105,11 +129,14 @@ mod tests {
 
     #[test]
     fn refusals_count_by_limit_and_streams_while_held() {
-        let load = HttpLoad::new(1);
+        let load = HttpLoad::new(1, 10);
         let first = load.stream_place().unwrap();
         assert!(load.stream_place().is_none());
         assert!(load.stream_place().is_none());
         load.refuse(Limit::Connections);
+        let _older = load.hold_answer(6, Arc::new(Notify::new()));
+        let _newer = load.hold_answer(6, Arc::new(Notify::new()));
+        assert_eq!(load.unsent_bytes(), 6);
         let counted: Vec<(&str, u64)> = load
             .refusals()
             .map(|(limit, count)| (limit.label(), count))
@@ -121,7 +148,8 @@ mod tests {
                 ("event_streams", 2),
                 ("password_checks", 0),
                 ("connections", 1),
-                ("request_timeout", 0)
+                ("request_timeout", 0),
+                ("unsent_bytes", 1)
             ]
         );
         assert_eq!(load.open_streams(), 1);

@@ -56,6 +56,7 @@ mod systemd;
 mod tally;
 mod tls;
 mod topk;
+mod unsent_answers;
 
 use std::{
     io::Write as _,

@@ -1197,12 +1197,13 @@ fn encode_secrets(reloads: &SecretReloads, encoder: &mut DescriptorEncoder) -> f
     Ok(())
 }
 
-/// What the endpoint's limits turned away, and its open event streams.
+/// What the endpoint's limits turned away, its open event streams and the answers it holds
+/// unsent.
 fn encode_http_load(load: &HttpLoad, encoder: &mut DescriptorEncoder) -> fmt::Result {
     counters(
         encoder,
         "collector_http_refused",
-        "Turned away at an [http] limit, by limit: requests (max_concurrent_requests), event_streams (max_event_streams), password_checks (wrong passwords waiting for their check) and request_timeout (request_timeout_ms) answered 503; connections (max_connections, max_connections_per_address, with none idle to close in their place) closed unanswered. Idle connections closed to make room, and TLS handshakes past tls_handshake_timeout_ms, are not counted.",
+        "Turned away at an [http] limit, by limit: requests (max_concurrent_requests), event_streams (max_event_streams), password_checks (wrong passwords waiting for their check) and request_timeout (request_timeout_ms) answered 503; connections (max_connections, max_connections_per_address, with none idle to close in their place) closed unanswered; unsent_bytes (max_unsent_bytes: the oldest answers not yet taken by their readers when newer ones needed the room) closed mid-answer. Idle connections closed to make room, and TLS handshakes past tls_handshake_timeout_ms, are not counted.",
         None,
         load.refusals()
             .map(|(limit, count)| (vec![("limit", limit.label().to_owned())], count)),
@@ -1214,6 +1215,14 @@ fn encode_http_load(load: &HttpLoad, encoder: &mut DescriptorEncoder) -> fmt::Re
         None,
         MetricType::Gauge,
         &ConstGauge::new(load.open_streams()),
+    )?;
+    single(
+        encoder,
+        "collector_http_unsent",
+        "Bytes of answers held for readers that have not taken them yet (at most [http] max_unsent_bytes, or one answer larger than it); the kernel holds at most 16 KiB more unsent per connection.",
+        Some(&Unit::Bytes),
+        MetricType::Gauge,
+        &ConstGauge::new(load.unsent_bytes()),
     )
 }
 

@@ -12,7 +12,8 @@
 //! in all and per address, and must send their headers in time (see [`serve`]); at a cap, a
 //! new connection closes the one that has waited longest for a request (at the cap in all, of
 //! the address holding the most; per address, of its own), so that idle connections cannot
-//! keep the probes out. TLS, when configured, is in `tls`.
+//! keep the probes out. Answers not yet taken by their readers are held within a budget
+//! (`unsent_answers`). TLS, when configured, is in `tls`.
 
 use std::{
     collections::HashMap,
@@ -51,6 +52,7 @@ use crate::{
     poller::SharedSnapshot,
     secret_reloads::SecretReloads,
     tls,
+    unsent_answers::{Lease, leased},
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -202,7 +204,7 @@ impl Guard {
                 per_address: http.max_connections_per_address,
             },
             reloads,
-            load: Arc::new(HttpLoad::new(http.max_event_streams)),
+            load: Arc::new(HttpLoad::new(http.max_event_streams, http.max_unsent_bytes)),
         })
     }
 }
@@ -652,30 +654,37 @@ pub async fn serve(
             tracing::debug!(%peer, "too many connections: closing a new one");
             continue;
         };
-        if let Err(err) =
-            socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(UNACKNOWLEDGED_TIMEOUT))
-        {
-            // Served all the same: only a lost reader's stream would outlive its reader.
-            tracing::debug!(%peer, "setting TCP_USER_TIMEOUT: {err}");
-        }
+        tune_accepted(&tcp, peer);
         let (app, acceptor, watcher) = (app.clone(), acceptor.clone(), graceful.watcher());
+        let answers = Answers {
+            load: Arc::clone(&load),
+            cut: Arc::new(tokio::sync::Notify::new()),
+        };
         tokio::spawn(async move {
+            let cut = Arc::clone(&answers.cut);
             let served = async {
                 match acceptor {
                     Some(acceptor) => {
                         if let Some(stream) =
                             tls::handshake(&acceptor, tcp, peer, handshake_timeout).await
                         {
-                            serve_connection(stream, app, watcher, &ticket).await;
+                            serve_connection(stream, app, watcher, &ticket, answers).await;
                         }
                     }
-                    None => serve_connection(tcp, app, watcher, &ticket).await,
+                    None => serve_connection(tcp, app, watcher, &ticket, answers).await,
                 }
             };
             tokio::select! {
                 () = served => {}
                 () = ticket.closed() => {
                     tracing::debug!(%peer, "closing an idle connection: a new one takes its place");
+                }
+                () = cut.notified() => {
+                    tracing::debug!(
+                        %peer,
+                        "closing a connection whose reader left its answer untaken: newer \
+                         answers need the room (max_unsent_bytes)"
+                    );
                 }
             }
         });
@@ -687,17 +696,53 @@ pub async fn serve(
     Ok(())
 }
 
+/// Most bytes of an answer the kernel holds unsent for a connection
+/// (`TCP_NOTSENT_LOWAT`): the rest waits in the agent, counted within `max_unsent_bytes`.
+/// Without it the kernel took up to its send buffer's 4 MiB from each connection whose
+/// reader stopped reading, charged to the pod's memory and out of the budget's reach.
+const KERNEL_UNSENT_MAX: u32 = 16 * 1024;
+
+/// Sets an accepted connection's socket options: `TCP_USER_TIMEOUT`, `TCP_NOTSENT_LOWAT`
+/// and `TCP_NODELAY` (an event stream's line goes out when written, not after the reader's
+/// delayed acknowledgement of the last, up to 40 ms on). Served all the same where one fails.
+fn tune_accepted(tcp: &tokio::net::TcpStream, peer: SocketAddr) {
+    let socket = socket2::SockRef::from(tcp);
+    if let Err(err) = socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_TIMEOUT)) {
+        // Only a lost reader's stream would outlive its reader.
+        tracing::debug!(%peer, "setting TCP_USER_TIMEOUT: {err}");
+    }
+    if let Err(err) = socket.set_tcp_notsent_lowat(KERNEL_UNSENT_MAX) {
+        tracing::debug!(%peer, "setting TCP_NOTSENT_LOWAT: {err}");
+    }
+    if let Err(err) = socket.set_tcp_nodelay(true) {
+        tracing::debug!(%peer, "setting TCP_NODELAY: {err}");
+    }
+}
+
 /// Marks an event stream's response: its connection counts as in a request for as long as
 /// the body lives (a stream permit bounds how many do).
 #[derive(Clone, Copy)]
 struct Streaming;
 
+/// What a connection's answers are counted in (`max_unsent_bytes`), and what closes the
+/// connection when newer answers need their room.
+struct Answers {
+    load: Arc<HttpLoad>,
+    cut: Arc<tokio::sync::Notify>,
+}
+
 /// HTTP/1.1 on one connection, with the header read timeout. The connection counts as in a
 /// request from a request's complete header until its response is ready, an event stream's
 /// until its body is gone. Not while any other body is written: a client that does not read
-/// its answer would hold its place for good, with no permit to bound how many do.
-async fn serve_connection<Io>(io: Io, app: Router, watcher: Watcher, ticket: &Ticket)
-where
+/// its answer would hold its place for good, with no permit to bound how many do. Every
+/// answer but an event stream is counted in `answers` until the connection has written it.
+async fn serve_connection<Io>(
+    io: Io,
+    app: Router,
+    watcher: Watcher,
+    ticket: &Ticket,
+    answers: Answers,
+) where
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let app = TowerToHyperService::new(app);
@@ -708,10 +753,22 @@ where
         // permit bounds.
         request.extensions_mut().insert(place.clone());
         let response = hyper::service::Service::call(&app, request);
+        let answers = (answers.load.clone(), answers.cut.clone());
         async move {
             let response = response.await?;
-            let busy = response.extensions().get::<Streaming>().map(|_| busy);
-            Ok::<_, Infallible>(response.map(|body| Held { body, _busy: busy }))
+            let (busy, lease) = if response.extensions().get::<Streaming>().is_some() {
+                (Some(busy), None)
+            } else {
+                let (load, cut) = answers;
+                let bytes = http_body::Body::size_hint(response.body()).lower();
+                let lease = (bytes > 0).then(|| Arc::new(load.hold_answer(bytes, cut)));
+                (None, lease)
+            };
+            Ok::<_, Infallible>(response.map(|body| Held {
+                body,
+                _busy: busy,
+                lease,
+            }))
         }
     });
     let connection = hyper::server::conn::http1::Builder::new()
@@ -729,10 +786,12 @@ where
 }
 
 /// A response body; an event stream's keeps its connection marked as in a request while it
-/// lives, so that it is never taken for an idle one.
+/// lives, so that it is never taken for an idle one. Any other answer's data holds its lease
+/// until the connection has written it.
 struct Held {
     body: axum::body::Body,
     _busy: Option<Busy>,
+    lease: Option<Arc<Lease>>,
 }
 
 impl http_body::Body for Held {
@@ -743,7 +802,12 @@ impl http_body::Body for Held {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let held = self.get_mut();
+        let frame = Pin::new(&mut held.body).poll_frame(cx);
+        match &held.lease {
+            Some(lease) => frame.map_ok(|frame| frame.map_data(|data| leased(data, lease))),
+            None => frame,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1117,6 +1181,8 @@ mod tests {
         credentials: auth::Credentials,
         /// What it turned away, by limit.
         load: Arc<HttpLoad>,
+        /// What it serves from.
+        latest: Arc<SharedSnapshot>,
         server: tokio::task::JoinHandle<std::io::Result<()>>,
     }
 
@@ -1148,7 +1214,7 @@ mod tests {
             listener,
             None,
             Sources {
-                latest,
+                latest: Arc::clone(&latest),
                 hub: EventHub::new(Vec::new(), None, StreamTerms::default()),
                 liveness: Liveness::new(Duration::from_secs(1)),
             },
@@ -1159,6 +1225,7 @@ mod tests {
             address,
             credentials,
             load,
+            latest,
             server,
         }
     }
@@ -1658,5 +1725,170 @@ mod tests {
                 .into_iter()
                 .any(told_to_close)
         );
+    }
+
+    #[test]
+    fn accepted_connections_send_at_once_and_leave_little_unsent_in_the_kernel() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, peer) = listener.accept().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        accepted.set_nonblocking(true).unwrap();
+        let accepted = tokio::net::TcpStream::from_std(accepted).unwrap();
+        tune_accepted(&accepted, peer);
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.tcp_nodelay().unwrap());
+        assert_eq!(socket.tcp_notsent_lowat().unwrap(), KERNEL_UNSENT_MAX);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(UNACKNOWLEDGED_TIMEOUT)
+        );
+    }
+
+    /// A client that asked for `path` and then stopped reading: it has read the head, no
+    /// more, through a receive buffer of 4 KiB.
+    struct Stalled {
+        stream: tokio::net::TcpStream,
+        /// The answer's `Content-Length`.
+        length: usize,
+        /// Body bytes read with the head.
+        read: usize,
+    }
+
+    impl Stalled {
+        async fn ask(address: SocketAddr, path: &str) -> Self {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut stream = socket.connect(address).await.unwrap();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer tok\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            let end = loop {
+                let mut buffer = [0; 1024];
+                let read = stream.read(&mut buffer).await.unwrap();
+                assert!(read > 0, "closed before the answer's head");
+                head.extend_from_slice(&buffer[..read]);
+                if let Some(end) = head.windows(4).position(|window| window == b"\r\n\r\n") {
+                    break end + 4;
+                }
+            };
+            let text = String::from_utf8_lossy(&head[..end]).to_lowercase();
+            assert!(text.starts_with("http/1.1 200"), "{text}");
+            let length = text
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .expect("a content-length")
+                .trim()
+                .parse()
+                .unwrap();
+            Self {
+                stream,
+                length,
+                read: head.len() - end,
+            }
+        }
+
+        /// Reads on until the answer is whole or the connection closes; the body bytes read
+        /// in all.
+        async fn read_on(mut self) -> usize {
+            use tokio::io::AsyncReadExt as _;
+            let mut buffer = vec![0; 64 * 1024];
+            while self.read < self.length {
+                let read =
+                    tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut buffer))
+                        .await
+                        .expect("the rest of the answer, or the close, within 30 s")
+                        .unwrap_or(0);
+                if read == 0 {
+                    break;
+                }
+                self.read += read;
+            }
+            self.read
+        }
+    }
+
+    /// Bytes the kernel holds unsent or unacknowledged on the established connections whose
+    /// local port is `port` (`/proc/net/tcp`'s `tx_queue`).
+    fn kernel_send_queues(port: u16) -> Vec<u64> {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local_port = fields[1].rsplit(':').next()?;
+                let established = fields[3] == "01";
+                (established && u16::from_str_radix(local_port, 16).ok()? == port).then(|| {
+                    let (sending, _) = fields[4].split_once(':').unwrap();
+                    u64::from_str_radix(sending, 16).unwrap()
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until the answers the agent holds unsent come to `bytes`.
+    async fn wait_until_unsent(load: &HttpLoad, bytes: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while load.unsent_bytes() != bytes {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "answers held unsent: {} bytes, not {bytes}",
+                load.unsent_bytes()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Clients that stop reading hold their answers in the agent, not in the kernel, and
+    /// the answers held stay within `max_unsent_bytes`: the oldest gives way, its connection
+    /// closed mid-answer and counted, and the newer ones are served whole. Before, each such
+    /// client held its whole answer, in the kernel's send buffer up to 4 MiB: 512 of them
+    /// 600 MB with 256 routes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_their_readers_leave_untaken_are_held_within_the_budget() {
+        // About 1.1 MB of /metrics, as 256 routes make.
+        let large = crate::snapshot::Snapshot {
+            missing_interfaces: (0..20_000).map(|i| format!("missing-{i:05}")).collect(),
+            ..Default::default()
+        };
+        let (users, token) = (users("unsent"), Scratch::new("token-unsent", "tok\n"));
+        let measure = serving(&users, &token, |_| {}).await;
+        measure.latest.store(large.clone());
+        let answer = Stalled::ask(measure.address, "/metrics").await;
+        let answer = answer.length as u64;
+        drop(measure);
+        // Room for two answers, not three.
+        let agent = serving(&users, &token, |http| {
+            http.max_unsent_bytes = answer * 5 / 2;
+        })
+        .await;
+        agent.latest.store(large);
+        let port = agent.address.port();
+        let first = Stalled::ask(agent.address, "/metrics").await;
+        let second = Stalled::ask(agent.address, "/metrics").await;
+        let [first_length, second_length] = [&first, &second].map(|client| client.length as u64);
+        wait_until_unsent(&agent.load, first_length + second_length).await;
+        // The kernel holds a little of each, the agent the rest.
+        for queued in kernel_send_queues(port) {
+            assert!(queued < 128 * 1024, "{queued} bytes queued in the kernel");
+        }
+        let third = Stalled::ask(agent.address, "/metrics").await;
+        let third_length = third.length as u64;
+        wait_until_unsent(&agent.load, second_length + third_length).await;
+        let refused: Vec<_> = agent.load.refusals().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(refused, [(Limit::UnsentBytes, 1)]);
+        // The oldest was cut off mid-answer; the others are whole once read.
+        let first_read = first.read_on().await as u64;
+        assert!(first_read < first_length, "the oldest answer came whole");
+        assert_eq!(second.read_on().await as u64, second_length);
+        assert_eq!(third.read_on().await as u64, third_length);
+        wait_until_unsent(&agent.load, 0).await;
     }
 }
