@@ -53,10 +53,21 @@ pub const CONNECTION_BACKLOG: usize = (collector_common::CONN_EVENTS_BYTES as us
 .next_power_of_two();
 /// The kernel ring's header before each record.
 const RING_RECORD_HEADER: usize = 8;
-/// DNS events a subscriber may fall behind by before it loses the oldest. Less than the
-/// ring's 37,000 shortest records: each slot is allocated at start, and a reader of every
-/// query and answer at the rates that would fill it falls behind on its own.
-pub const DNS_BACKLOG: usize = 16384;
+/// DNS events a subscriber may fall behind by before it loses the oldest: as many lines as
+/// the kernel's ring holds, for the same reason. With 16384 (until 2026-12-07), a drain held
+/// up for a second at 8,000 queries a second (their answers too) sent more at once than the
+/// backlog, and a reader keeping up was told `reader-behind`. 65536 slots of some 100 bytes,
+/// allocated at start.
+pub const DNS_BACKLOG: usize =
+    (collector_common::DNS_EVENTS_BYTES as usize / SHORTEST_DNS_LINE_RECORD).next_power_of_two();
+/// The ring's shortest record that becomes a line: an answer's (a query's, with the root's
+/// one-byte name, rounds up to as many, the kernel's ring keeping records 8-byte aligned).
+const SHORTEST_DNS_LINE_RECORD: usize =
+    RING_RECORD_HEADER + size_of::<collector_common::DnsAnswerEvent>();
+const _: () = assert!(
+    (RING_RECORD_HEADER + size_of::<collector_common::DnsQueryEvent>() + 1).next_multiple_of(8)
+        >= SHORTEST_DNS_LINE_RECORD
+);
 
 /// What every stream of this run is made of, said in its first line: a reader scales the
 /// sampled lines by it, and one that connects again tells a restart by another
@@ -788,6 +799,27 @@ mod tests {
 
     fn lagged(hub: &EventHub) -> u64 {
         hub.lagged.load(Ordering::Relaxed)
+    }
+
+    /// A drain sends what it took from the ring at once: a full ring of the shortest lines
+    /// reaches a reader that then reads them, none lost.
+    #[tokio::test]
+    async fn a_full_dns_ring_drained_at_once_reaches_a_reader_whole() {
+        let hub = EventHub::new(Vec::new(), None, StreamTerms::default());
+        let mut reader = hub.subscribe();
+        let ring_lines = collector_common::DNS_EVENTS_BYTES as usize / SHORTEST_DNS_LINE_RECORD;
+        for id in (0..=u16::MAX).cycle().take(ring_lines) {
+            hub.dns.send(query(id)).unwrap();
+        }
+        for _ in 0..ring_lines {
+            let line = reader.next().await;
+            assert!(
+                matches!(line, Some(StreamEvent::QueryReceived { .. })),
+                "{line:?}"
+            );
+        }
+        drop(reader);
+        assert_eq!(lagged(&hub), 0);
     }
 
     #[tokio::test]
