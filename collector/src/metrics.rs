@@ -43,10 +43,46 @@ fn upstream_labels(upstream: &UpstreamSnapshot) -> Labels {
     vec![("upstream", upstream.upstream.name.clone())]
 }
 
-/// A route's or upstream's ports as one label value: `80,8080`.
+/// Longest `ports` label value written: Mimir and Cortex refuse values past 2 KiB by
+/// default, and a scrape past Prometheus's `label_value_length_limit` fails whole.
+const PORTS_LABEL_MAX: usize = 1024;
+
+/// A route's or upstream's ports as one label value, ascending, runs of three or more as a
+/// range: `80,443,8000-8099`. Past [`PORTS_LABEL_MAX`] bytes the ports left out are said as a
+/// count, `...,10398,+301 more` (the config and `/api/v1/proxy` list them all).
 fn port_list(ports: &[u16]) -> String {
-    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-    ports.join(",")
+    let mut sorted = ports.to_vec();
+    sorted.sort_unstable();
+    // Each item's text and how many ports it stands for.
+    let mut items: Vec<(String, usize)> = Vec::new();
+    for run in sorted.chunk_by(|a, b| b.checked_sub(*a) == Some(1)) {
+        match run {
+            [first, .., last] if run.len() >= 3 => {
+                items.push((format!("{first}-{last}"), run.len()));
+            }
+            _ => items.extend(run.iter().map(|port| (port.to_string(), 1))),
+        }
+    }
+    let whole: Vec<&str> = items.iter().map(|(text, _)| text.as_str()).collect();
+    let whole = whole.join(",");
+    if whole.len() <= PORTS_LABEL_MAX {
+        return whole;
+    }
+    // Room for the longest count: ",+65535 more".
+    let room = PORTS_LABEL_MAX - ",+65535 more".len();
+    let mut written = String::new();
+    let mut ports_written = 0;
+    for (text, count) in &items {
+        if written.len() + 1 + text.len() > room {
+            break;
+        }
+        if !written.is_empty() {
+            written.push(',');
+        }
+        written.push_str(text);
+        ports_written += count;
+    }
+    format!("{written},+{} more", sorted.len() - ports_written)
 }
 
 /// An interface's label, escaped as the text formats say. Linux allows `"` and `\` in
@@ -295,7 +331,7 @@ fn encode_connections(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> f
     gauges(
         encoder,
         "collector_proxy_route_info",
-        "Configured routes: type and ports (their TLS server names in collector_proxy_route_server_name_info).",
+        "Configured routes: type and ports (ascending, runs of three or more as a range, 8000-8099; past 1 KiB the rest as a count, +N more), their TLS server names in collector_proxy_route_server_name_info.",
         None,
         routes.iter().map(|route| {
             let labels: Labels = vec![
@@ -390,7 +426,7 @@ fn encode_upstreams(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt
     gauges(
         encoder,
         "collector_proxy_upstream_info",
-        "Configured upstreams: the remote ports of their backends.",
+        "Configured upstreams: the remote ports of their backends (written as a route's are).",
         None,
         upstreams.iter().map(|upstream| {
             let mut labels = upstream_labels(upstream);
@@ -1319,6 +1355,28 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 mod tests {
     use super::*;
     use crate::{poller::SharedSnapshot, secret_reloads::Secret};
+
+    #[test]
+    fn the_ports_label_writes_runs_as_ranges_and_stays_within_its_limit() {
+        assert_eq!(port_list(&[8080, 80]), "80,8080");
+        assert_eq!(port_list(&[80, 81, 443]), "80,81,443");
+        let range: Vec<u16> = (8000..8100).chain([443, 80, 65535]).collect();
+        assert_eq!(port_list(&range), "80,443,8000-8099,65535");
+        // NodePorts, a whole range: one item.
+        let node_ports: Vec<u16> = (30000..=32767).collect();
+        assert_eq!(port_list(&node_ports), "30000-32767");
+        // 400 ports none next to another: the label is cut, and says how many it leaves out.
+        let scattered: Vec<u16> = (0..400).map(|i| 10000 + 2 * i).collect();
+        let label = port_list(&scattered);
+        assert!(label.len() <= PORTS_LABEL_MAX, "{}", label.len());
+        let (written, rest) = label.rsplit_once(",+").unwrap();
+        let written: Vec<u16> = written
+            .split(',')
+            .map(|port| port.parse().unwrap())
+            .collect();
+        assert_eq!(written, scattered[..written.len()]);
+        assert_eq!(rest, format!("{} more", 400 - written.len()));
+    }
 
     #[test]
     fn classic_text_names_counters_by_their_samples() {
