@@ -568,7 +568,7 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     counters(
         encoder,
         "collector_dns_responses",
-        "Responses over UDP from the DNS server to clients, by RCODE.",
+        "Responses over UDP from the DNS server to clients, by RCODE: the header's four bits, so an EDNS extended RCODE reads as its low bits (BADVERS, 16, as NOERROR; BADCOOKIE, 23, as YXRRSET).",
         None,
         RCODE_NAMES
             .iter()
@@ -663,7 +663,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
     let latency_sum = c.latency_ns as f64 / 1e9;
     let mut histogram = encoder.encode_descriptor(
         "collector_dns_response_latency",
-        "Time from a client's query to the server's response, at the interface.",
+        "Time from a client's query to the server's response, at the interface, for the queries matched (match_every); an answer after 10 s is not here but in collector_dns_queries_unanswered_total.",
         Some(&Unit::Seconds),
         MetricType::Histogram,
     )?;
@@ -738,7 +738,7 @@ fn encode_self(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Res
     counters(
         encoder,
         "collector_bpf_errors",
-        "What the kernel programs could not count, by kind: conn_table_full (a connection found no slot: counted opened and untracked, its close, duration and bytes are lost), conn_event_dropped (an open or close event of the event stream lost to a full ring buffer: a stream's line; counters unaffected), conn_client_dropped (a client record lost to a full ring buffer: its connection is left out of topIPs, whose maxUndercount grows by these; counters unaffected), dns_name_dropped (a DNS name event lost to a full ring buffer, or a sampled name on a CPU beyond the name table: its query is left out of topDomains, whose maxUndercount grows by these; also in collector_dns_events_dropped_total; counters unaffected), dns_merged_uncounted (DNS messages whose datagrams the kernel merged into one packet with others of their flow, by UDP GSO on sending or UDP GRO on receiving: the packet's first message is counted, these are the others, in no DNS counter), packet_truncated (packets too short for their headers or shorter than their IP header says, which anyone can send; the stack drops them), packet_malformed (TCP packets whose headers contradict themselves: an IP header or TCP data offset under its minimum, a TCP header past the IP length, a zero IP length on a packet not GSO; a receiving stack drops them too; while DNS is counted, UDP packets with an IP header under its minimum too), packet_unparsed (TCP packets whose ports the live counters cannot read: IPv4 fragments after the first, IPv6 with extension headers before TCP, a VLAN tag inside the frame; their bytes are in no route's live counters). The packet kinds count any TCP packet on a watched interface, whoever it is for, once per hook it crosses. The packets always pass.",
+        "What the kernel programs could not count, by kind: conn_table_full (a connection found no slot: counted opened, its close, duration and bytes lost), conn_event_dropped (an event stream line lost to a full ring), conn_client_dropped (a client record lost to a full ring: topIPs maxUndercount grows by these), dns_name_dropped (a name sample lost to a full ring or beyond the name table: topDomains maxUndercount grows by these), dns_merged_uncounted (DNS messages after the first in a packet merged by UDP GSO or GRO, in no DNS counter), packet_truncated (shorter than their headers say), packet_malformed (headers contradicting themselves), packet_unparsed (TCP packets whose ports cannot be read: later IPv4 fragments, IPv6 extension headers, an inner VLAN tag: in no route's live bytes). Packet kinds count any TCP packet on a watched interface, once per hook; the stack drops truncated and malformed ones. Packets always pass; the ring kinds leave the counters whole.",
         None,
         ERROR_KIND_NAMES
             .iter()
@@ -1572,6 +1572,19 @@ mod tests {
                 let escaped = c == '\\' && matches!(chars.next(), Some('\\' | 'n' | '"'));
                 assert!(c != '"' && (c != '\\' || escaped), "{line}");
             }
+        }
+    }
+
+    /// Prometheus sends each family's HELP in remote write's metadata, and Mimir cuts it at
+    /// 1,024 bytes (Cortex and older Mimir refuse the metadata).
+    #[test]
+    fn help_texts_fit_in_remote_write_metadata() {
+        for line in include_str!("testdata/metrics.golden").lines() {
+            let Some(help) = line.strip_prefix("# HELP ") else {
+                continue;
+            };
+            let (_, text) = help.split_once(' ').unwrap();
+            assert!(text.len() <= 1024, "{} bytes: {line}", text.len());
         }
     }
 }
