@@ -1259,7 +1259,13 @@ Every metric family `/metrics` serves, with its type, its labels and its help te
 agent renders them for a snapshot with every kind of figure set
 (`collector/src/testdata/metrics.golden`, which a unit test keeps equal to the rendering).
 Some appear only where their figures exist (upstreams, routes by server name, nftables
-counting, the local address table): their help says when. `le` (histogram buckets) is
+counting, the local address table): their help says when. Also absent: every
+`collector_dns_*` family with `[dns] enabled = false`; the latency, cache, unanswered,
+unmatched, duplicate, in-flight, untracked and sample-ratio families with
+`match_responses = false`;
+`collector_config_file_*` when the agent runs with the embedded default (no file);
+`collector_http_tls_certificate_expiration_timestamp_seconds` without TLS; and
+`process_max_fds` where the limit is unlimited. An `absent()` rule over them fires there. `le` (histogram buckets) is
 Prometheus's own label and left out. Labels and their values are bounded by the
 configuration (README, How it counts), but for `interface`: with the default selection
 (`interfaces = []`) it takes every watched interface's name, a pod's veth on a Kubernetes
