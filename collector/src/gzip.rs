@@ -16,7 +16,11 @@ use flate2::{Compression, write::GzEncoder};
 use crate::serve::qvalue;
 
 /// `body`, of `content_type`, gzipped if `request` takes it; `Vary` says the choice
-/// depends on the request, for caches between.
+/// depends on the request, for caches between. The bytes sent are trimmed to their length:
+/// a rendering grows its buffer by doubling, and an answer held for a reader that does not
+/// take it is counted by its length (`unsent_answers`). A fresh buffer's unwritten tail is
+/// never resident, but one taken from pages an earlier answer wrote would be, up to twice
+/// what is counted.
 pub fn respond(request: &HeaderMap, content_type: &'static str, body: Vec<u8>) -> Response {
     let takes_gzip = accepts_gzip(
         request
@@ -25,14 +29,22 @@ pub fn respond(request: &HeaderMap, content_type: &'static str, body: Vec<u8>) -
             .filter_map(|value| value.to_str().ok()),
     );
     let mut response = match takes_gzip.then(|| compress(&body)) {
-        Some(Ok(compressed)) => ([(header::CONTENT_ENCODING, "gzip")], compressed).into_response(),
+        Some(Ok(compressed)) => {
+            ([(header::CONTENT_ENCODING, "gzip")], trimmed(compressed)).into_response()
+        }
         // Compressing into memory cannot fail short of allocation; the body as it is.
-        Some(Err(_)) | None => body.into_response(),
+        Some(Err(_)) | None => trimmed(body).into_response(),
     };
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     response
+}
+
+/// `bytes` in an allocation of their length.
+fn trimmed(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.shrink_to_fit();
+    bytes
 }
 
 fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {

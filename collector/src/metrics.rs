@@ -1255,7 +1255,7 @@ fn encode_http_load(load: &HttpLoad, encoder: &mut DescriptorEncoder) -> fmt::Re
     single(
         encoder,
         "collector_http_unsent",
-        "Bytes of answers held for readers that have not taken them yet (at most [http] max_unsent_bytes, or one answer larger than it); the kernel holds at most 16 KiB more unsent per connection.",
+        "Bytes of answers held for readers that have not taken them yet (at most [http] max_unsent_bytes, or one answer larger than it); the kernel holds about 16 KiB more a connection unsent (a segment more being built; over TLS, rustls up to 64 KiB).",
         Some(&Unit::Bytes),
         MetricType::Gauge,
         &ConstGauge::new(load.unsent_bytes()),

@@ -696,10 +696,11 @@ pub async fn serve(
     Ok(())
 }
 
-/// Most bytes of an answer the kernel holds unsent for a connection
-/// (`TCP_NOTSENT_LOWAT`): the rest waits in the agent, counted within `max_unsent_bytes`.
-/// Without it the kernel took up to its send buffer's 4 MiB from each connection whose
-/// reader stopped reading, charged to the pod's memory and out of the budget's reach.
+/// Bytes of an answer past which the kernel takes no more unsent data for a connection
+/// (`TCP_NOTSENT_LOWAT`; it checks as it starts a segment, so up to one segment more): the
+/// rest waits in the agent, counted within `max_unsent_bytes`. Without it the kernel took up
+/// to its send buffer's 4 MiB from each connection whose reader stopped reading, charged to
+/// the pod's memory and out of the budget's reach.
 const KERNEL_UNSENT_MAX: u32 = 16 * 1024;
 
 /// Sets an accepted connection's socket options: `TCP_USER_TIMEOUT`, `TCP_NOTSENT_LOWAT`

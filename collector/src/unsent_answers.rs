@@ -42,6 +42,7 @@ pub struct Lease {
 }
 
 impl UnsentAnswers {
+    /// None held yet, within `budget` bytes.
     pub fn new(budget: u64) -> Arc<Self> {
         Arc::new(Self {
             budget,

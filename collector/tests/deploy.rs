@@ -1262,15 +1262,14 @@ Some appear only where their figures exist (upstreams, routes by server name, nf
 counting, the local address table): their help says when. Also absent: every
 `collector_dns_*` family with `[dns] enabled = false`; the latency, cache, unanswered,
 unmatched, duplicate, in-flight, untracked and sample-ratio families with
-`match_responses = false`;
-`collector_config_file_*` when the agent runs with the embedded default (no file);
-`collector_http_tls_certificate_expiration_timestamp_seconds` without TLS; and
-`process_max_fds` where the limit is unlimited. An `absent()` rule over them fires there. `le` (histogram buckets) is
-Prometheus's own label and left out. Labels and their values are bounded by the
-configuration (README, How it counts), but for `interface`: with the default selection
-(`interfaces = []`) it takes every watched interface's name, a pod's veth on a Kubernetes
-node among them, so its series come and go with the pods (a veth's go with it). Client
-addresses and domains are never labels.
+`match_responses = false`; `collector_config_file_*` when the agent runs with the
+embedded default (no file); `collector_http_tls_certificate_expiration_timestamp_seconds`
+without TLS; and `process_max_fds` where the limit is unlimited. An `absent()` rule over
+them fires there. `le` (histogram buckets) is Prometheus's own label and left out. Labels
+and their values are bounded by the configuration (README, How it counts), but for
+`interface`: with the default selection (`interfaces = []`) it takes every watched
+interface's name, a pod's veth on a Kubernetes node among them, so its series come and go
+with the pods (a veth's go with it). Client addresses and domains are never labels.
 
 Written from the golden exposition by `collector/tests/deploy.rs`: after a change to the
 exposition, `UPDATE_DEPLOY=1 cargo test --test deploy metrics_reference` rewrites this file.
