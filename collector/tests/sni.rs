@@ -1238,6 +1238,64 @@ fn connections_awaiting_their_hello_across_a_crash_count_once_where_they_are_dec
     stop_leaving_nothing(agent, &config);
 }
 
+/// The table keeps a connection decided by name under its port's route without names, its
+/// counts in the route that took it. A crash, and the route without names renamed: its old
+/// slot is watched no more, and the start listed those connections as open from before, in
+/// the renamed route, on top of where they count (and listed those still waiting, which
+/// count nowhere until they are decided).
+#[test]
+fn connections_decided_by_name_count_once_after_a_crash_that_renamed_the_route_without_names() {
+    const DECIDED: usize = 3;
+    const WAITING: usize = 2;
+    const RENAMED: &str = "tls-default";
+    let netns = Netns::new();
+    let config = AgentConfig::new(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = listen(&netns, at(Ipv4Addr::LOCALHOST, SHARED_PORT));
+    let api = hello_for("api.example.com");
+    let (mut decided_clients, decided_accepted) = hold_open(&netns, &listener, DECIDED);
+    send_from_each(&mut decided_clients, &api);
+    let waiting = hold_open(&netns, &listener, WAITING);
+    let active = |metrics: &str, route: &str| {
+        route_sample(metrics, "collector_proxy_connections_active", route)
+    };
+    support::wait_for("the hellos decided", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (active(&metrics, "api") == Some(DECIDED as f64)
+            && route_sample(&metrics, AWAITING, FALLBACK) == Some(WAITING as f64))
+        .then_some(())
+    });
+
+    agent.kill();
+    let renamed = std::fs::read_to_string(&config.path).unwrap().replace(
+        &format!("name = \"{FALLBACK}\""),
+        &format!("name = \"{RENAMED}\""),
+    );
+    std::fs::write(&config.path, renamed).unwrap();
+    let agent = Agent::start(&netns, &config);
+    // Two polls on, as the first.
+    for _ in 0..3 {
+        let metrics = scrape(&netns);
+        assert_eq!(active(&metrics, "api"), Some(DECIDED as f64), "{metrics}");
+        assert_eq!(active(&metrics, RENAMED), Some(0.0), "{metrics}");
+        assert_eq!(proxy_json(&netns)["activeConnections"], DECIDED);
+        thread::sleep(Duration::from_secs(1));
+    }
+    // Those waiting count where their hello names, once.
+    finish_held(waiting, &api, 20);
+    answer_and_close((decided_clients, decided_accepted), api.len(), 10);
+    support::wait_for("every connection closed", Duration::from_secs(10), || {
+        let metrics = scrape(&netns);
+        (route_sample(&metrics, "collector_proxy_connections_closed_total", "api")
+            == Some((DECIDED + WAITING) as f64)
+            && active(&metrics, "api") == Some(0.0)
+            && active(&metrics, RENAMED) == Some(0.0))
+        .then_some(())
+    });
+    assert_eq!(proxy_json(&netns)["activeConnections"], 0);
+    stop_leaving_nothing(agent, &config);
+}
+
 #[test]
 fn a_route_by_name_on_a_port_no_route_without_names_has_is_refused() {
     let netns = Netns::new();
