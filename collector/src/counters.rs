@@ -79,9 +79,10 @@ pub fn name_roles(routes: &[WatchedRoute]) -> Vec<Option<NameRole>> {
 pub struct ServerNameTotals {
     pub role: NameRole,
     /// `outcomes`: connections counted opened in the route by how their route was decided
-    /// (`collector_common::sni_outcome`; a named route's are all matched). `awaiting`, a
-    /// fallback's only: connections accepted on its shared ports still waiting for their
-    /// first segment, counted opened in no route yet but holding table slots.
+    /// (`collector_common::sni_outcome`; a named route's are all matched). `awaiting`:
+    /// connections accepted on its shared ports still waiting for their first segment,
+    /// counted opened in no route yet but holding table slots (a fallback's, but for a
+    /// crashed run's in a route named since).
     pub counters: SniCounters,
 }
 

@@ -672,11 +672,7 @@ impl Attachment {
     /// The cookies of the connections the connection table holds in the slots of this
     /// start's routes and upstreams (read once, at start, from its mapping). Those in a slot
     /// no longer watched (a crashed run's route renamed or removed since) count in no
-    /// exported series, so they are left to the listing of connections from before. Not
-    /// those accepted on a port shared by server name: their entry keeps the slot of the
-    /// port's route without names whatever route their hello chose, and they count in that
-    /// route (or, still waiting, in none until their hello comes), so listed they counted
-    /// twice once the route without names was renamed.
+    /// exported series, so they are left to the listing of connections from before.
     pub fn tracked_cookies(&self) -> anyhow::Result<std::collections::HashSet<u64>> {
         let table = mapped_conn_state(&self.ebpf)?;
         let watched: std::collections::HashSet<u32> = self
@@ -687,8 +683,7 @@ impl Attachment {
             .collect();
         let mut cookies = std::collections::HashSet::new();
         for entry in table.entries() {
-            let by_name = entry.flags & collector_common::conn_flags::BY_NAME != 0;
-            if entry.cookie != 0 && (by_name || watched.contains(&entry.route)) {
+            if entry.cookie != 0 && watched.contains(&entry.route) {
                 cookies.insert(entry.cookie);
             }
         }

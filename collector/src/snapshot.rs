@@ -165,7 +165,8 @@ impl RouteSnapshot {
     }
 
     /// Connections accepted on the route's ports shared by server name that wait for their
-    /// ClientHello: counted opened in no route yet (a fallback's; 0 for any other route).
+    /// ClientHello: counted opened in no route yet (the kernel counts them in routes without
+    /// names; a crashed run's may wait in a route named since).
     #[must_use]
     pub fn awaiting_server_name(&self) -> u64 {
         self.totals
