@@ -46,7 +46,7 @@ pub enum NameRole {
     /// It has server names (`sni`): it counts the connections whose ClientHello names one.
     Named,
     /// It has none, on a port routes with names share: it counts that port's other
-    /// connections, which wait in it for their first segment.
+    /// connections, which wait in it for their ClientHello.
     Fallback,
 }
 
@@ -80,7 +80,7 @@ pub struct ServerNameTotals {
     pub role: NameRole,
     /// `outcomes`: connections counted opened in the route by how their route was decided
     /// (`collector_common::sni_outcome`; a named route's are all matched). `awaiting`:
-    /// connections accepted on its shared ports still waiting for their first segment,
+    /// connections accepted on its shared ports still waiting for their ClientHello,
     /// counted opened in no route yet but holding table slots (a fallback's, but for a
     /// crashed run's in a route named since).
     pub counters: SniCounters,

@@ -672,7 +672,9 @@ impl Attachment {
     /// The cookies of the connections the connection table holds in the slots of this
     /// start's routes and upstreams (read once, at start, from its mapping). Those in a slot
     /// no longer watched (a crashed run's route renamed or removed since) count in no
-    /// exported series, so they are left to the listing of connections from before.
+    /// exported series, so they are left to the listing of connections from before; but
+    /// for those a server name decided on a shared port, which count in the named route too
+    /// (a known limit: DESIGN, Restarts).
     pub fn tracked_cookies(&self) -> anyhow::Result<std::collections::HashSet<u64>> {
         let table = mapped_conn_state(&self.ebpf)?;
         let watched: std::collections::HashSet<u32> = self

@@ -1268,7 +1268,7 @@ fn connections_left_to_the_route_without_names_stay_active_after_a_crash_renamed
     );
     std::fs::write(&config.path, renamed).unwrap();
     let agent = Agent::start(&netns, &config);
-    // Two polls on, as the first.
+    // Relisted every few polls: the same for a while.
     for _ in 0..3 {
         let metrics = scrape(&netns);
         for (route, expected) in [(RENAMED, LEFT), ("api", 0), ("sites", 0)] {
