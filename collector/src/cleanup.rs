@@ -469,12 +469,6 @@ fn table_plan(
 }
 
 fn find_table(table: &str) -> anyhow::Result<nft::Leftover> {
-    // Asking nfnetlink would load nf_tables on a host that does not use nftables (in the
-    // host's namespaces, from a container too), and a cleanup that only lists would change
-    // the host. Not loaded, it holds no table.
-    if !nft::nf_tables_in_kernel() {
-        return Ok(nft::Leftover::Absent);
-    }
     match nft::find_leftover(table) {
         Ok(found) => Ok(found),
         Err(nft::NftError::Netlink(err)) if privileges::denied(&err) => anyhow::bail!(

@@ -754,8 +754,13 @@ pub enum Leftover {
     NotOurs(String),
 }
 
-/// What the inet table `table` is, without touching it.
+/// What the inet table `table` is, without touching it: nor the host, where asking
+/// nfnetlink would load `nf_tables` (from a container too) on a host that does not use
+/// nftables. Not loaded, it holds no table.
 pub fn find_leftover(table: &str) -> Result<Leftover, NftError> {
+    if !nf_tables_in_kernel() {
+        return Ok(Leftover::Absent);
+    }
     Ok(judge_leftover(table)?.0)
 }
 

@@ -656,34 +656,27 @@ pub async fn serve(
         };
         tune_accepted(&tcp, peer);
         let (app, acceptor, watcher) = (app.clone(), acceptor.clone(), graceful.watcher());
-        let answers = Answers {
-            load: Arc::clone(&load),
-            cut: Arc::new(tokio::sync::Notify::new()),
-        };
+        let load = Arc::clone(&load);
         tokio::spawn(async move {
-            let cut = Arc::clone(&answers.cut);
             let served = async {
                 match acceptor {
                     Some(acceptor) => {
                         if let Some(stream) =
                             tls::handshake(&acceptor, tcp, peer, handshake_timeout).await
                         {
-                            serve_connection(stream, app, watcher, &ticket, answers).await;
+                            serve_connection(stream, app, watcher, &ticket, load).await;
                         }
                     }
-                    None => serve_connection(tcp, app, watcher, &ticket, answers).await,
+                    None => serve_connection(tcp, app, watcher, &ticket, load).await,
                 }
             };
             tokio::select! {
                 () = served => {}
                 () = ticket.closed() => {
-                    tracing::debug!(%peer, "closing an idle connection: a new one takes its place");
-                }
-                () = cut.notified() => {
                     tracing::debug!(
                         %peer,
-                        "closing a connection whose reader left its answer untaken: newer \
-                         answers need the room (max_unsent_bytes)"
+                        "closing a connection: a new one takes its place, or newer answers \
+                         the room of the answer it left untaken (max_unsent_bytes)"
                     );
                 }
             }
@@ -725,36 +718,31 @@ fn tune_accepted(tcp: &tokio::net::TcpStream, peer: SocketAddr) {
 #[derive(Clone, Copy)]
 struct Streaming;
 
-/// What a connection's answers are counted in (`max_unsent_bytes`), and what closes the
-/// connection when newer answers need their room.
-struct Answers {
-    load: Arc<HttpLoad>,
-    cut: Arc<tokio::sync::Notify>,
-}
-
 /// HTTP/1.1 on one connection, with the header read timeout. The connection counts as in a
 /// request from a request's complete header until its response is ready, an event stream's
 /// until its body is gone. Not while any other body is written: a client that does not read
 /// its answer would hold its place for good, with no permit to bound how many do. Every
-/// answer but an event stream is counted in `answers` until the connection has written it.
+/// answer but an event stream is counted in `load` until the connection has written it;
+/// newer answers that need its room close the connection through its ticket.
 async fn serve_connection<Io>(
     io: Io,
     app: Router,
     watcher: Watcher,
     ticket: &Ticket,
-    answers: Answers,
+    load: Arc<HttpLoad>,
 ) where
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let app = TowerToHyperService::new(app);
     let place = ticket.place();
+    let cut = Arc::clone(&ticket.close);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
         let busy = place.busy();
         // For the guard, to count the connection idle while the request waits for what no
         // permit bounds.
         request.extensions_mut().insert(place.clone());
         let response = hyper::service::Service::call(&app, request);
-        let answers = (answers.load.clone(), answers.cut.clone());
+        let answers = (Arc::clone(&load), Arc::clone(&cut));
         async move {
             let response = response.await?;
             let (busy, lease) = if response.extensions().get::<Streaming>().is_some() {
@@ -845,6 +833,8 @@ struct Open {
 /// An admitted connection's place, given back when it is dropped.
 struct Ticket {
     place: Place,
+    /// Told when a new connection takes its place, or newer answers the room of the one it
+    /// left untaken (`unsent_answers`).
     close: Arc<tokio::sync::Notify>,
 }
 
@@ -979,7 +969,8 @@ impl Ticket {
         self.place.clone()
     }
 
-    /// Resolves when a new connection has taken this one's place.
+    /// Resolves when a new connection has taken this one's place, or newer answers the room
+    /// of one it holds unsent.
     async fn closed(&self) {
         self.close.notified().await;
     }
