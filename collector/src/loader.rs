@@ -530,7 +530,7 @@ impl Attachment {
         let cgroup2 = self.cgroup2.clone();
         let program: &mut SockOps = loaded(&mut self.ebpf, name)?;
         let fd = program.fd()?.try_clone()?;
-        let adopted = pin_cgroup_link(pin, fd.as_fd(), || {
+        let adopted = adopt_or_pin_link(pin, fd.as_fd(), || {
             // Link-based attachment always coexists with other programs on the cgroup; the
             // kernel rejects the ALLOW_MULTI flag on links (EINVAL), so pass none.
             let id = program
@@ -553,7 +553,7 @@ impl Attachment {
         let cgroup2 = self.cgroup2.clone();
         let program: &mut CgroupSkb = loaded(&mut self.ebpf, name)?;
         let fd = program.fd()?.try_clone()?;
-        let adopted = pin_cgroup_link(pin, fd.as_fd(), || {
+        let adopted = adopt_or_pin_link(pin, fd.as_fd(), || {
             let id = program
                 .attach(
                     cgroup,
@@ -900,8 +900,7 @@ fn attach_tcx(
     program_name: &str,
     attach_type: TcAttachType,
     interface: &str,
-    pin: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<FdLink> {
     // First in the hook's chain: the kernel stops at the first program that does not pass
     // on, which is what most do (a CNI's returns TC_ACT_OK), and ours always pass on, so
     // running first changes nothing for the others. The statistics' empty program goes
@@ -915,26 +914,17 @@ fn attach_tcx(
         .attach_with_options(interface, attach_type, TcAttachOptions::TcxOrder(order))
         .with_context(|| format!("attaching {program_name} to {interface} ({attach_type:?})"))
         .map_err(old_kernel_hint)?;
-    let fd_link: FdLink = program.take_link(id)?.try_into()?;
-    fd_link
-        .pin(pin)
-        .with_context(|| format!("pinning the tc link at {}", pin.display()))?;
-    Ok(())
+    Ok(program.take_link(id)?.try_into()?)
 }
 
 /// Adopts the link a previous run pinned at `pin` (swapping `program` in), or makes one
 /// with `attach` and pins it there (over one that cannot take `program`). Returns whether
 /// the pin is carried on from a previous run, rather than made by this start.
-fn pin_cgroup_link(
+fn adopt_or_pin_link(
     pin: &Path,
     program: std::os::fd::BorrowedFd<'_>,
     attach: impl FnOnce() -> anyhow::Result<FdLink>,
 ) -> anyhow::Result<bool> {
-    let pin_link = |link: FdLink, at: &Path| {
-        link.pin(at)
-            .map(drop)
-            .with_context(|| format!("pinning the link at {}", at.display()))
-    };
     match adopt_link(pin, program)? {
         LinkAtPin::Adopted => Ok(true),
         LinkAtPin::Absent => {
@@ -947,6 +937,12 @@ fn pin_cgroup_link(
             Ok(true)
         }
     }
+}
+
+fn pin_link(link: FdLink, at: &Path) -> anyhow::Result<()> {
+    link.pin(at)
+        .map(drop)
+        .with_context(|| format!("pinning the link at {}", at.display()))
 }
 
 /// What a start finds at a link pin.

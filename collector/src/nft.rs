@@ -28,7 +28,7 @@
 //! and a table changed in any way that stops or skews its counting (its rules flushed, a
 //! chain or map element gone, made dormant) is made again, as a table removed is.
 
-use std::{collections::HashMap, sync::OnceLock, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use serde_json::json;
 
@@ -46,10 +46,6 @@ const IN_CHAIN: &str = "count_in";
 const OUT_CHAIN: &str = "count_out";
 const IN_MAP: &str = "ports_in";
 const OUT_MAP: &str = "ports_out";
-
-/// `nft -V`'s first line, once an `nft` made our table without its counters' comments
-/// ([`NftTable::keeps_comments`]).
-static DROPS_COMMENTS: OnceLock<String> = OnceLock::new();
 
 /// The comment our counters carry: who made the table, for whoever lists the ruleset. (A
 /// table's own comment is not in nft 1.0.6's JSON; a counter's is.) Kept as it is across
@@ -548,11 +544,17 @@ impl NftTable {
             }
         };
         apply(&table.ruleset(replace), table.nft_timeout)?;
-        table.keeps_comments()?;
-        // Learns the new table's handle. The table is made, so it is returned whatever this
-        // finds: a table gone or changed already, or a failed read, shows again at the first
-        // read, whose error handling mends the table and removes what is left of it.
-        let _ = table.verify();
+        // One read of the table made: whether `nft` kept its counters' comments, and its
+        // handle. The table is made, so it is returned whatever else this finds: a table
+        // gone or changed already, or a failed read, shows again at the first read, whose
+        // error handling mends the table and removes what is left of it.
+        let Ok(made) = nfnetlink::read_table(&table.name) else {
+            return Ok(table);
+        };
+        if let Some((contents, _)) = &made {
+            table.keeps_comments(contents)?;
+        }
+        let _ = table.check(made);
         Ok(table)
     }
 
@@ -669,14 +671,11 @@ impl NftTable {
     /// Whether the table just made carries its counters' comments: an `nft` that drops
     /// them (older than 1.0.6) makes a table every read would find "made by an earlier
     /// build" and replace. Without them, from an `nft` that says it is older (or says no
-    /// version), it is removed, and no other is made until a restart ([`DROPS_COMMENTS`]).
-    /// A read that fails, or a table someone else put in ours' place meanwhile (one not
-    /// ours, or from a newer `nft`), is left to the first poll's read, as before.
-    fn keeps_comments(&self) -> Result<(), NftError> {
-        let Ok(Some((made, _))) = nfnetlink::read_table(&self.name) else {
-            return Ok(());
-        };
-        if made.objects.iter().all(|counter| counter.comment.is_some()) || not_ours(&made).is_some()
+    /// version), it is removed, and no other is made until a restart
+    /// ([`Source::drops_comments`]). A table someone else put in ours' place meanwhile (one
+    /// not ours, or from a newer `nft`) is left to the first poll's read, as before.
+    fn keeps_comments(&self, made: &TableContents) -> Result<(), NftError> {
+        if made.objects.iter().all(|counter| counter.comment.is_some()) || not_ours(made).is_some()
         {
             return Ok(());
         }
@@ -687,14 +686,11 @@ impl NftTable {
         {
             return Ok(());
         }
-        let version = DROPS_COMMENTS
-            .get_or_init(|| version.unwrap_or_else(|| "nft".to_owned()))
-            .clone();
-        let removed = removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
-            .map_err(|err| match err {
-                NftError::LeftChanged { .. } => err.to_string(),
-                err => format!("removing it failed ({err}); it is tried again now and then"),
-            });
+        let version = version.unwrap_or_else(|| "nft".to_owned());
+        let removed = self.remove().map_err(|err| match err {
+            NftError::LeftChanged { .. } => err.to_string(),
+            err => format!("removing it failed ({err}); it is tried again now and then"),
+        });
         Err(NftError::ToolTooOld { version, removed })
     }
 
@@ -704,7 +700,13 @@ impl NftTable {
         if self.verified == Some(nfnetlink::generation()?) {
             return Ok(());
         }
-        let (contents, generation) = nfnetlink::read_table(&self.name)?.unzip();
+        self.check(nfnetlink::read_table(&self.name)?)
+    }
+
+    /// Judges the table as read (`None`: there is none), keeping its generation and handle
+    /// when it is as made.
+    fn check(&mut self, read: Option<(TableContents, u32)>) -> Result<(), NftError> {
+        let (contents, generation) = read.unzip();
         let what = match judge(&self.counters, contents.as_ref()) {
             Verdict::AsPlanned
                 if self
@@ -734,7 +736,7 @@ impl NftTable {
     /// Removes the table: a clean stop leaves nothing of ours in nftables. One that someone
     /// else removed already is no error; one of that name that is no longer ours is left, and
     /// an error ([`NftError::LeftChanged`]).
-    pub fn remove(self) -> Result<(), NftError> {
+    pub fn remove(&self) -> Result<(), NftError> {
         removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
     }
 }
@@ -825,6 +827,9 @@ pub struct Source {
     /// The counts last served: served on, with the source down, while the table is away and
     /// counting is wanted (series missing from a scrape end in Prometheus).
     last_served: Vec<CounterValue>,
+    /// An `nft` made our table without its counters' comments
+    /// ([`NftTable::keeps_comments`]): none is made again until a restart.
+    drops_comments: bool,
 }
 
 /// What is left of our table when none is made.
@@ -884,6 +889,7 @@ impl Source {
             making: None,
             continuity: Continuity::default(),
             last_served: Vec::new(),
+            drops_comments: false,
         };
         if source.mode != config.nftables.enabled {
             tracing::info!("nftables counters off: {NOTHING_TO_COUNT}");
@@ -1093,6 +1099,7 @@ impl Source {
                 self.continuity.table_made();
             }
             Err(err) => {
+                self.drops_comments |= matches!(err, NftError::ToolTooOld { .. });
                 // A killed `nft` may have made the table, or may still: it is ours to remove,
                 // at the next try or at the stop.
                 if matches!(
@@ -1200,7 +1207,7 @@ impl Source {
         }
         // An `nft` that drops the counters' comments makes none this run could keep; the
         // one it made is removed again where that failed.
-        if self.enabled && DROPS_COMMENTS.get().is_some() {
+        if self.enabled && self.drops_comments {
             if self.left == Left::Ours {
                 self.start_removing_what_is_left();
                 self.left = Left::Nothing;

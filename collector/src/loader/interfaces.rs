@@ -14,10 +14,7 @@ use aya::{
 };
 use collector_common::{MAX_REDIRECT_DEVICES, map_names, program_names};
 
-use super::{
-    Attachment, LINKS_DIR, LinkAtPin, adopt_link, attach_tcx, remove_if_present,
-    replace_pinned_link,
-};
+use super::{Attachment, LINKS_DIR, adopt_or_pin_link, attach_tcx, pin_link, remove_if_present};
 use crate::{
     bpf_sys,
     links::{self, Framing, Link},
@@ -161,26 +158,23 @@ impl Attachment {
                 .with_context(|| format!("the kernel object has no program {program_name}"))?
                 .try_into()?;
             let pin = links_dir.join(format!("{prefix}_{}", link.index));
-            let fd = program.fd().with_context(|| {
-                format!(
-                    "{program_name} was not loaded at the start, where every configured \
-                     interface was there with Ethernet framing; restart the collector to count \
-                     {}",
-                    link.name
-                )
-            })?;
-            match adopt_link(&pin, fd.as_fd())? {
-                LinkAtPin::Adopted => self.inherited = true,
-                LinkAtPin::Absent => {
-                    attach_tcx(program, program_name, attach_type, &link.name, &pin)?;
-                    created.push(pin.clone());
-                }
-                LinkAtPin::OfAnotherType => {
-                    replace_pinned_link(&pin, |at| {
-                        attach_tcx(program, program_name, attach_type, &link.name, at)
-                    })?;
-                    self.inherited = true;
-                }
+            let fd = program
+                .fd()
+                .with_context(|| {
+                    format!(
+                        "{program_name} was not loaded at the start, where every configured \
+                         interface was there with Ethernet framing; restart the collector to \
+                         count {}",
+                        link.name
+                    )
+                })?
+                .try_clone()?;
+            if adopt_or_pin_link(&pin, fd.as_fd(), || {
+                attach_tcx(program, program_name, attach_type, &link.name)
+            })? {
+                self.inherited = true;
+            } else {
+                created.push(pin.clone());
             }
             pins.push(pin);
         }
@@ -577,7 +571,10 @@ impl Attachment {
         // The dead link's pin goes first (it holds nothing on the hook), so the new one can
         // take its name.
         remove_if_present(pin)?;
-        attach_tcx(program, program_name, attach_type, interface, pin)
+        pin_link(
+            attach_tcx(program, program_name, attach_type, interface)?,
+            pin,
+        )
     }
 
     /// Forgets the attached interface `index`: its link pins are removed, which detaches
