@@ -220,11 +220,17 @@ impl ClientStats {
 }
 
 /// The `n` clients with the most open connections, most first (ties by address, so that
-/// the order is stable between polls).
+/// the order is stable between polls). It runs at each poll under the clients' lock, with a
+/// client per open connection at worst: the `n` are picked in linear time and only they are
+/// sorted.
 fn busiest(counts: HashMap<IpAddr, u64>, n: usize) -> Vec<(IpAddr, u64)> {
+    let order = |a: &(IpAddr, u64), b: &(IpAddr, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
     let mut clients: Vec<_> = counts.into_iter().collect();
-    clients.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    if clients.len() > n && n > 0 {
+        clients.select_nth_unstable_by(n - 1, order);
+    }
     clients.truncate(n);
+    clients.sort_unstable_by(order);
     clients
 }
 
@@ -503,5 +509,19 @@ mod tests {
                 (ip("2001:db8::1"), 2)
             ]
         );
+        // Many more clients than listed, the busiest scattered among them.
+        let many: HashMap<IpAddr, u64> = (0..10_000u32)
+            .map(|i| {
+                (
+                    IpAddr::from(i.to_be_bytes()),
+                    u64::from(i.wrapping_mul(7919) % 10_007),
+                )
+            })
+            .collect();
+        let mut all: Vec<(IpAddr, u64)> = many.clone().into_iter().collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(20);
+        assert_eq!(busiest(many, 20), all);
+        assert!(busiest(HashMap::from([(ip("192.0.2.1"), 1)]), 0).is_empty());
     }
 }

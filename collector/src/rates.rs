@@ -177,14 +177,19 @@ impl<T> CountsHistory<T> {
     /// found the previous copy a millisecond under a minute old, and "the last minute" took
     /// the one before it, two minutes, half the time. After a stall of the polls (a throttled
     /// pod) the copy that old may be far older, and "the last minute" would take in the whole
-    /// stall: past twice the window, the oldest copy since serves, as after a start.
+    /// stall: past twice the window, the oldest copy since serves, as after a start. The
+    /// newest copy serves only when there is no other: with nothing since the stall, the
+    /// stall serves, for one poll as in the rates ([`CounterHistory::rate`]), and at polls a
+    /// minute apart, after one that failed, the next minute's figures span two minutes.
     #[must_use]
     pub fn base(&self, now: Duration, window: Duration) -> Option<&T> {
         let mut younger: Option<(Duration, &T)> = None;
-        for (at, counts) in self.samples.iter().rev() {
+        for (newer_copies, (at, counts)) in self.samples.iter().rev().enumerate() {
             let age = now.saturating_sub(*at);
             if age >= window {
                 return Some(match younger {
+                    // The newest copy would leave nothing to count.
+                    _ if newer_copies < 2 => counts,
                     Some((_, since_stall)) if age > window * 2 => since_stall,
                     Some((younger_age, nearer))
                         if younger_age.abs_diff(window) < age.abs_diff(window) =>
@@ -261,9 +266,12 @@ mod tests {
         }
         let resumed = 420.0;
         history.record(secs(resumed), 1_000);
-        // The stall's counts are no part of the last minute: at first it is empty.
-        assert_eq!(history.base(secs(resumed), AVERAGE), Some(&1_000));
-        for second in 1..=30u32 {
+        // At first, with nothing since, the stall serves (one poll).
+        assert_eq!(history.base(secs(resumed), AVERAGE), Some(&120));
+        // Then its counts are no part of the last minute.
+        history.record(secs(resumed + 1.0), 1_001);
+        assert_eq!(history.base(secs(resumed + 1.0), AVERAGE), Some(&1_000));
+        for second in 2..=30u32 {
             history.record(secs(resumed + f64::from(second)), 1_000 + second);
         }
         assert_eq!(history.base(secs(resumed + 30.0), AVERAGE), Some(&1_000));
@@ -277,6 +285,13 @@ mod tests {
         slow.record(secs(0.0), 1);
         slow.record(secs(110.0), 2);
         assert_eq!(slow.base(secs(110.0), AVERAGE), Some(&1));
+        // Polls a minute apart, one of them failed: the next minute's figures span two
+        // minutes rather than none.
+        let mut minutely = CountsHistory::new(secs(65.0));
+        minutely.record(secs(0.0), 1);
+        minutely.record(secs(60.0), 2);
+        minutely.record(secs(180.002), 4);
+        assert_eq!(minutely.base(secs(180.002), AVERAGE), Some(&2));
     }
 
     fn secs(s: f64) -> Duration {
