@@ -469,16 +469,19 @@ pub mod dns_malformed {
     pub const BAD_NAME: u32 = 3;
     /// A response sent to the server's port, or a query sent from it.
     pub const WRONG_DIRECTION: u32 = 4;
+    /// Over IPv6, a UDP checksum of zero, which a receiving socket drops (RFC 8200).
+    pub const BAD_CHECKSUM: u32 = 5;
 }
-/// Entries of [`DnsCounters::malformed`] (five reasons, three spare for alignment).
+/// Entries of [`DnsCounters::malformed`] (six reasons, two spare for alignment).
 pub const DNS_MALFORMED_SLOTS: u32 = 8;
 /// Names of the malformed reasons, as exported in metric labels.
-pub const DNS_MALFORMED_NAMES: [&str; 5] = [
+pub const DNS_MALFORMED_NAMES: [&str; 6] = [
     "truncated",
     "bad_length",
     "no_question",
     "bad_name",
     "wrong_direction",
+    "bad_checksum",
 ];
 
 /// Every DNS counter, in one per-CPU value: the agent reads them all with one lookup.

@@ -128,13 +128,12 @@ fn in_counted_netns(ctx: &SockOpsContext) -> bool {
 }
 
 fn on_accepted(ctx: &SockOpsContext) {
-    if !in_counted_netns(ctx) {
-        return;
-    }
+    // The port first: every connection accepted under the cgroup2 root comes here, and the
+    // look-up is cheaper than the namespace helper.
     let Some(&route) = ROUTE_BY_PORT.get(ctx.local_port()) else {
         return;
     };
-    if route == NO_ROUTE || route > MAX_ROUTES {
+    if route == NO_ROUTE || route > MAX_ROUTES || !in_counted_netns(ctx) {
         return;
     }
     let slot = route - 1;

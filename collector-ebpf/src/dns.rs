@@ -264,8 +264,9 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
-            // Its ports cannot be read; a receiving stack drops it (`ip_rcv_core`).
-            if ihl < IPV4_HLEN {
+            // Its ports cannot be read, or its version is not the EtherType's: a receiving
+            // stack drops it (`ip_rcv_core`).
+            if ihl < IPV4_HLEN || version_ihl >> 4 != 4 {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
@@ -293,6 +294,11 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
                 return None;
             }
             if upper.protocol != IPPROTO_UDP || upper.later_fragment {
+                return None;
+            }
+            // A version that is not the EtherType's: a receiving stack drops it (`ipv6_rcv`).
+            if read_u8(ctx, L2)? >> 4 != 6 {
+                count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
             Some(Datagram {
@@ -326,9 +332,21 @@ fn count_message<const L2: usize>(
     if datagram.available < UDP_HLEN {
         return Err(dns_malformed::BAD_LENGTH);
     }
-    let udp_len = usize::from(read_be16(ctx, datagram.l4 + 4).ok_or(dns_malformed::TRUNCATED)?);
+    // Pulled in where the linear part ends after the ports (a valid message was counted
+    // truncated).
+    let [len_high, len_low, sum_high, sum_low] =
+        ptr_at_or_pulled::<[u8; 4]>(ctx, datagram.l4 + 4, datagram.l4 + UDP_HLEN)
+            // SAFETY: ptr_at checked the four bytes.
+            .map(|fields| unsafe { *fields })
+            .ok_or(dns_malformed::TRUNCATED)?;
+    let udp_len = usize::from(u16::from_be_bytes([len_high, len_low]));
     if udp_len < UDP_HLEN || (!datagram.fragmented && udp_len > datagram.available) {
         return Err(dns_malformed::BAD_LENGTH);
+    }
+    // A UDP checksum is mandatory over IPv6 (RFC 8200): a receiving socket drops a zero one
+    // unless it asked for them (tunnels do; DNS servers do not).
+    if datagram.ipv6 && sum_high == 0 && sum_low == 0 {
+        return Err(dns_malformed::BAD_CHECKSUM);
     }
     // What the receiving socket gets (for a first fragment: what this packet holds of it; of
     // merged datagrams, the first).

@@ -201,8 +201,7 @@ pub fn may_carry_tcp<const L2: usize>(ctx: &TcContext) -> bool {
 
 /// What follows an IPv6 packet's extension headers.
 pub struct Ipv6Upper {
-    /// The upper-layer protocol: the last next-header field walked (still an extension
-    /// header's where the walk gave up at [`MAX_EXT_HEADERS`]).
+    /// The upper-layer protocol: the last next-header field walked.
     pub protocol: u8,
     /// Offset of its header in the packet. Meaningless in a later fragment.
     pub offset: usize,
@@ -216,17 +215,16 @@ pub struct Ipv6Upper {
 
 /// Walks the extension headers of an IPv6 packet whose fixed header names `next` (the
 /// fixed header read). Headers outside the linear part are read with
-/// `bpf_skb_load_bytes`, which reads pages too. `None` where a header cannot be read or lies
-/// past [`MAX_L4_OFFSET`].
+/// `bpf_skb_load_bytes`, which reads pages too. `None` where a header cannot be read (the
+/// stack drops such a packet), and where the chain runs past [`MAX_EXT_HEADERS`] or
+/// [`MAX_L4_OFFSET`]: counted unparsed then, whatever it carries (a stack reads on, so a
+/// query or a segment hidden behind a long chain is seen to be missed).
 #[inline(always)]
 pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Option<Ipv6Upper> {
     let mut offset = L2 + IPV6_HLEN;
     let mut more_fragments = false;
     for _ in 0..MAX_EXT_HEADERS {
-        if !matches!(
-            next,
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
-        ) {
+        if !is_extension_header(next) {
             break;
         }
         // Next header, length and (fragment header) offset and flags in one read: the
@@ -255,8 +253,13 @@ pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Optio
         }
         next = next_header;
         if offset > MAX_L4_OFFSET {
+            count_error(error_kind::PACKET_UNPARSED);
             return None;
         }
+    }
+    if is_extension_header(next) {
+        count_error(error_kind::PACKET_UNPARSED);
+        return None;
     }
     Some(Ipv6Upper {
         protocol: next,
@@ -264,6 +267,15 @@ pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Optio
         more_fragments,
         later_fragment: false,
     })
+}
+
+/// The extension headers [`ipv6_upper_layer`] walks.
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+    )
 }
 
 /// [`read_u8`], or where the byte is outside the linear part, `bpf_skb_load_bytes`.

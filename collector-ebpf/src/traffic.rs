@@ -132,8 +132,9 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
             // A receiving stack drops it (`ip_rcv_core`), as it does a total length under
-            // the header length (below: the TCP header cannot fit).
-            if ihl < IPV4_HLEN {
+            // the header length (below: the TCP header cannot fit), and a version that is
+            // not the EtherType's.
+            if ihl < IPV4_HLEN || version_ihl >> 4 != 4 {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
@@ -154,6 +155,12 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
             };
             let payload = u64::from(read_be16(ctx, L2 + 4)?);
             if next_header == IPPROTO_TCP {
+                // A version that is not the EtherType's: a receiving stack drops it
+                // (`ipv6_rcv`).
+                if read_u8(ctx, L2)? >> 4 != 6 {
+                    count_error(error_kind::PACKET_MALFORMED);
+                    return None;
+                }
                 // A payload length of 0 is BIG TCP without the hop-by-hop header (below).
                 let ip_len = if payload == 0 {
                     0

@@ -141,8 +141,9 @@ impl DnsLastMinute {
                 minus(&self.responses_by_rcode, &base.responses_by_rcode, i)
             }),
             latency: std::array::from_fn(|i| minus(&self.latency, &base.latency, i)),
-            // A sum of nanoseconds: at 100,000 answers a second of 1 ms it wraps in six
-            // years, and the pins keep it over restarts. The difference is exact mod 2^64.
+            // A sum of nanoseconds, growing by the queries waiting on average: 100 (100,000
+            // answers a second of 1 ms) wrap it in six years, 1,000 in seven months, and the
+            // pins keep it over crashes. The difference is exact mod 2^64.
             latency_ns: self.latency_ns.wrapping_sub(base.latency_ns),
             cache_hits: self.cache_hits.saturating_sub(base.cache_hits),
             cache_misses: self.cache_misses.saturating_sub(base.cache_misses),

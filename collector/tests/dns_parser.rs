@@ -47,6 +47,12 @@ enum Outcome {
     Malformed,
     /// Not DNS on a watched port: not counted at all.
     Ignored,
+    /// Behind more IPv6 extension headers than the classifier walks: counted as unparsed
+    /// (`collector_bpf_errors_total`), in no DNS counter.
+    Unparsed,
+    /// An IP header a receiving stack drops the packet for: counted as a malformed packet
+    /// (`collector_bpf_errors_total`), in no DNS counter.
+    PacketMalformed,
 }
 
 /// Which classifier sees the packet: ingress (queries to the server) or egress (responses).
@@ -174,6 +180,7 @@ impl Classifiers {
         context: Option<&[u8]>,
     ) -> (Outcome, QueryDetail) {
         let before = self.totals();
+        let errors_before = self.packet_errors();
         let program: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
@@ -203,6 +210,9 @@ impl Classifiers {
         let malformed: u64 =
             after.malformed.iter().sum::<u64>() - before.malformed.iter().sum::<u64>();
         outcomes.extend((0..malformed).map(|_| Outcome::Malformed));
+        let errors_after = self.packet_errors();
+        outcomes.extend((0..errors_after[0] - errors_before[0]).map(|_| Outcome::Unparsed));
+        outcomes.extend((0..errors_after[1] - errors_before[1]).map(|_| Outcome::PacketMalformed));
         assert!(
             outcomes.len() <= 1,
             "one packet counted more than once: {outcomes:?}"
@@ -233,6 +243,14 @@ impl Classifiers {
         self.totals().malformed
     }
 
+    /// The kernel's counts of unparsed and of malformed packets.
+    fn packet_errors(&self) -> [u64; 2] {
+        [
+            self.errors(error_kind::PACKET_UNPARSED),
+            self.errors(error_kind::PACKET_MALFORMED),
+        ]
+    }
+
     /// The kernel's count of error `kind`, over every CPU.
     fn errors(&self, kind: u32) -> u64 {
         let errors: PerCpuArray<_, u64> =
@@ -259,6 +277,9 @@ struct Packet {
     fragment: Fragment,
     direction: Direction,
     udp_len: Option<u16>,
+    /// IPv6 only: a UDP checksum of zero, which a receiving socket drops (RFC 8200), where
+    /// it is computed otherwise. IPv4's is left at zero, "none", which sockets take.
+    zero_checksum: bool,
     payload: Vec<u8>,
 }
 
@@ -303,6 +324,7 @@ impl Packet {
             fragment: Fragment::default(),
             direction,
             udp_len: None,
+            zero_checksum: false,
             payload,
         }
     }
@@ -368,6 +390,10 @@ impl Packet {
             frame.extend_from_slice(&source);
             frame.extend_from_slice(&destination);
             frame.extend_from_slice(&extensions);
+            if !self.zero_checksum {
+                let checksum = udp_checksum_ipv6(&source, &destination, &udp);
+                udp[6..8].copy_from_slice(&checksum.to_be_bytes());
+            }
         } else {
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
             assert!(self.ip_options.len().is_multiple_of(4) && self.ip_options.len() <= 40);
@@ -406,9 +432,9 @@ impl Packet {
             return Outcome::Ignored;
         }
         // The classifier walks six IPv6 extension headers at most, and none past 512 bytes
-        // into the frame: beyond, it leaves the packet alone.
+        // into the frame: beyond, it counts the packet as unparsed.
         if self.extensions.len() > 6 || self.udp_offset() > 512 {
-            return Outcome::Ignored;
+            return Outcome::Unparsed;
         }
         let udp_len = usize::from(
             self.udp_len
@@ -417,10 +443,43 @@ impl Packet {
         if udp_len < 8 || (!self.fragment.more && udp_len - 8 > self.payload.len()) {
             return Outcome::Malformed;
         }
+        if self.ipv6 && self.zero_checksum {
+            return Outcome::Malformed;
+        }
         reference(
             self.direction,
             &self.payload[..(udp_len - 8).min(self.payload.len())],
         )
+    }
+}
+
+/// The UDP checksum over IPv6's pseudo-header and `udp` (its checksum field zero), as a
+/// sender computes it: never zero on the wire (RFC 768: all ones instead).
+fn udp_checksum_ipv6(source: &[u8; 16], destination: &[u8; 16], udp: &[u8]) -> u16 {
+    let length = u32::try_from(udp.len()).unwrap().to_be_bytes();
+    let pseudo = [
+        &source[..],
+        &destination[..],
+        &length,
+        &[0, 0, 0, IPPROTO_UDP],
+    ]
+    .concat();
+    let mut sum: u32 = [pseudo.as_slice(), udp]
+        .iter()
+        .flat_map(|bytes| bytes.chunks(2))
+        .map(|pair| {
+            u32::from(u16::from_be_bytes([
+                pair[0],
+                pair.get(1).copied().unwrap_or(0),
+            ]))
+        })
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    match !u16::try_from(sum).unwrap() {
+        0 => 0xffff,
+        checksum => checksum,
     }
 }
 
@@ -697,7 +756,8 @@ fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
     trailing.payload.extend_from_slice(&[0xff; 9]);
     cases.push(("bytes after the UDP length", trailing, Outcome::Query(16)));
     // Each header's length by its own rule (AH counts 4-byte units less two); the walk stops
-    // after six headers, or past 512 bytes into the frame, and the packet is left alone.
+    // after six headers, or past 512 bytes into the frame, and counts the packet unparsed
+    // (until 2026-12-07 it went uncounted: a query hidden so was missed unsaid).
     for (name, extensions, lengths, outcome) in [
         ("IPv6", vec![], vec![], Outcome::Query(15)),
         (
@@ -728,7 +788,7 @@ fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
             "IPv6 seven extension headers",
             vec![0, 60, 43, 44, 51, 60, 60],
             vec![],
-            Outcome::Ignored,
+            Outcome::Unparsed,
         ),
         (
             "IPv6 extension headers ending 502 bytes into the frame",
@@ -740,13 +800,24 @@ fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
             "IPv6 extension headers ending 542 bytes into the frame",
             vec![60],
             vec![60],
-            Outcome::Ignored,
+            Outcome::Unparsed,
         ),
     ] {
         let mut packet = Packet::new(to, message(QUERY, 1, &www_example(15)));
         packet.ipv6 = true;
         packet.extensions = extensions;
         packet.extension_lengths = lengths;
+        cases.push((name, packet, outcome));
+    }
+    // A zero UDP checksum: over IPv6 a receiving socket drops it (until 2026-12-07 counted
+    // as the query, then as unanswered); over IPv4 it says "none", and the query counts.
+    for (name, ipv6, outcome) in [
+        ("IPv6 with a zero UDP checksum", true, Outcome::Malformed),
+        ("IPv4 without a UDP checksum", false, Outcome::Query(1)),
+    ] {
+        let mut packet = Packet::new(to, message(QUERY, 1, &www_example(1)));
+        packet.ipv6 = ipv6;
+        packet.zero_checksum = true;
         cases.push((name, packet, outcome));
     }
     // Messages longer than the part the classifier copies (EDNS padding pads responses to
@@ -954,6 +1025,7 @@ fn crafted_packets_are_counted_where_they_belong() {
         dns_malformed::NO_QUESTION,
         dns_malformed::BAD_NAME,
         dns_malformed::WRONG_DIRECTION,
+        dns_malformed::BAD_CHECKSUM,
     ] {
         assert!(reasons[reason as usize] > 0, "reason {reason}: {reasons:?}");
     }
@@ -964,7 +1036,8 @@ fn crafted_packets_are_counted_where_they_belong() {
     assert_eq!(classifiers.run(to, &other_port), Outcome::Ignored);
     let mut tcp = Packet::new(to, message(QUERY, 1, &www_example(1))).frame();
     tcp[14 + 9] = 6;
-    assert_eq!(classifiers.run(to, &tcp), Outcome::Ignored);
+    // (The TCP parser takes it: its data offset, the high byte of QDCOUNT, is 0.)
+    assert_eq!(classifiers.run(to, &tcp), Outcome::PacketMalformed);
     // Cut inside the UDP ports: nothing says it is DNS. Cut after them: a watched port with
     // a broken datagram. (test_run itself refuses frames shorter than an IP header.)
     let query = Packet::new(to, message(QUERY, 1, &www_example(1))).frame();
@@ -990,6 +1063,19 @@ fn crafted_packets_are_counted_where_they_belong() {
             "IPv6 {ipv6}"
         );
         assert_eq!(bad_length() - before, 1, "IPv6 {ipv6}");
+    }
+    // An IP version that is not the EtherType's: the stack drops it (`ip_rcv_core`,
+    // `ipv6_rcv`), so it is no query but a malformed packet (until 2026-12-07 a query).
+    for (ipv6, version_byte) in [(false, 0x65), (true, 0x40)] {
+        let mut packet = Packet::new(to, message(QUERY, 1, &www_example(1)));
+        packet.ipv6 = ipv6;
+        let mut frame = packet.frame();
+        frame[14] = version_byte;
+        assert_eq!(
+            classifiers.run(to, &frame),
+            Outcome::PacketMalformed,
+            "IPv6 {ipv6}"
+        );
     }
 
     // First fragments are malformed for the reasons whole datagrams are.

@@ -363,6 +363,13 @@ fn self_contradicting_headers_on(ingress: &Ingress) {
     // IPv4 header lengths under 20 bytes, and 0.
     assert_eq!(ingress.run(&with(ipv4(140, 100, 0), ip4, 0x44)), MALFORMED);
     assert_eq!(ingress.run(&with(ipv4(140, 100, 0), ip4, 0x40)), MALFORMED);
+    // A version that is not the EtherType's (`ip_rcv_core` and `ipv6_rcv` drop it).
+    assert_eq!(ingress.run(&with(ipv4(140, 100, 0), ip4, 0x65)), MALFORMED);
+    assert_eq!(ingress.run(&ipv6(120, &[], 100)), counted(160, 100));
+    assert_eq!(
+        ingress.run(&with(ipv6(120, &[], 100), ip4, 0x40)),
+        MALFORMED
+    );
     // A total length shorter than the IPv4 header.
     assert_eq!(ingress.run(&ipv4(19, 100, 0)), MALFORMED);
     // One with no room for a TCP header (26 bytes: 6 of TCP), whether the frame ends there
@@ -497,6 +504,14 @@ fn unparsed_on(ingress: &Ingress) {
     );
     let two = [60, 0, 5, 2, 0, 0, 1, 0, 6, 0, 1, 4, 0, 0, 0, 0];
     assert_eq!(ingress.run(&ipv6_after(0, 136, &two, 100)), UNPARSED);
+    // Past the walk's reach, whatever follows: seven destination options headers, and
+    // one of 520 bytes (a stack reads on; the upper layer is not looked for).
+    let mut seven: Vec<u8> = (0..6).flat_map(|_| [60, 0, 1, 4, 0, 0, 0, 0]).collect();
+    seven.extend([58, 0, 1, 4, 0, 0, 0, 0]);
+    assert_eq!(ingress.run(&ipv6_after(60, 176, &seven, 100)), UNPARSED);
+    let mut long = vec![0u8; 520];
+    long[..2].copy_from_slice(&[58, 64]);
+    assert_eq!(ingress.run(&ipv6_after(60, 640, &long, 100)), UNPARSED);
     // Not TCP: a later fragment of a UDP datagram, ICMPv6 behind a hop-by-hop header (MLD
     // reports carry one), ICMPv6 behind a fragment header. Nothing counted.
     let udp_fragment = [17, 0, 0x05, 0xc8, 0, 0, 0, 7];
