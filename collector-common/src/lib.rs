@@ -368,14 +368,18 @@ pub mod error_kind {
     /// those over 64 KiB have one). A receiving stack drops it; nothing of it is counted.
     /// Like [`PACKET_TRUNCATED`], any TCP packet, whoever it is for, once per hook it
     /// crosses. While DNS is counted, a UDP packet with an IPv4 header under 20 bytes too
-    /// (its ports cannot be read).
+    /// (its ports cannot be read). And a packet whose IP header says another version than
+    /// the skb's protocol: IPv4 if it carries TCP (or UDP, while DNS is counted), IPv6
+    /// whatever it carries.
     pub const PACKET_MALFORMED: u32 = 3;
     /// A TCP packet on a watched interface whose ports the live counters cannot read: an
     /// IPv4 fragment after the first, IPv6 with extension headers before TCP (BIG TCP's
     /// hop-by-hop header aside; fragment headers included), or a VLAN tag inside the frame (a
     /// VLAN device with `reorder_hdr off`). Its bytes are in no route's live
     /// counters (a connection's exact bytes at its close do not depend on them). Like
-    /// [`PACKET_TRUNCATED`], any TCP packet, once per hook it crosses.
+    /// [`PACKET_TRUNCATED`], any TCP packet, once per hook it crosses. And any IPv6 packet
+    /// whose extension headers run past six or 512 bytes into the frame, whatever it
+    /// carries (a query or a segment may hide behind them).
     pub const PACKET_UNPARSED: u32 = 4;
     /// The connection event ring buffer was full for a client record (a client taking its
     /// slot of the client table): its connection is left out of the top clients, whose

@@ -50,7 +50,7 @@ use crate::{
     packet::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, MAX_L4_OFFSET,
         ether_type, fixed_header_byte, forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled,
-        ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8,
+        ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8, wrong_ip_version,
     },
     tally::{Tally, tally},
 };
@@ -249,8 +249,9 @@ fn merged_segments(ctx: &TcContext, datagram: &Datagram) -> Merged {
 }
 
 /// A link-layer header of `L2` bytes → IPv4/IPv6 (extension headers walked) → UDP. `None`
-/// for anything else: not ours to count, but for TCP behind extension headers (unparsed)
-/// and an IPv4 header too short to hold its ports (malformed), counted here. An IP header
+/// for anything else: not ours to count, but for TCP behind extension headers and a chain of
+/// them past the walk's reach (unparsed), an IP version that is not the skb's and an IPv4
+/// header too short to hold its ports (malformed), counted here. An IP header
 /// outside the linear part is pulled in with the UDP header after it (IPv6: when no
 /// extension header comes between).
 #[inline(always)]
@@ -260,13 +261,12 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
         ETH_P_IP => {
             let version_ihl =
                 or_pulled::<L2, _>(ctx, UDP_HLEN, fixed_header_byte::<L2, IPV4_HLEN, 0>)?;
-            if read_u8(ctx, L2 + 9)? != IPPROTO_UDP {
+            if read_u8(ctx, L2 + 9)? != IPPROTO_UDP || wrong_ip_version(version_ihl, 4) {
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
-            // Its ports cannot be read, or its version is not the EtherType's: a receiving
-            // stack drops it (`ip_rcv_core`).
-            if ihl < IPV4_HLEN || version_ihl >> 4 != 4 {
+            // Its ports cannot be read; a receiving stack drops it (`ip_rcv_core`).
+            if ihl < IPV4_HLEN {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
@@ -285,6 +285,9 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
         }
         ETH_P_IPV6 => {
             let next = or_pulled::<L2, _>(ctx, UDP_HLEN, fixed_header_byte::<L2, IPV6_HLEN, 6>)?;
+            if wrong_ip_version(fixed_header_byte::<L2, IPV6_HLEN, 0>(ctx)?, 6) {
+                return None;
+            }
             let payload = usize::from(read_be16(ctx, L2 + 4)?);
             let upper = ipv6_upper_layer::<L2>(ctx, next)?;
             // TCP comes here only behind extension headers (`may_carry_tcp`), which the
@@ -294,11 +297,6 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
                 return None;
             }
             if upper.protocol != IPPROTO_UDP || upper.later_fragment {
-                return None;
-            }
-            // A version that is not the EtherType's: a receiving stack drops it (`ipv6_rcv`).
-            if read_u8(ctx, L2)? >> 4 != 6 {
-                count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
             Some(Datagram {

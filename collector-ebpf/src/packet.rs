@@ -253,11 +253,11 @@ pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Optio
         }
         next = next_header;
         if offset > MAX_L4_OFFSET {
-            count_error(error_kind::PACKET_UNPARSED);
-            return None;
+            break;
         }
     }
-    if is_extension_header(next) {
+    // Counted once, out of the unrolled loop.
+    if offset > MAX_L4_OFFSET || is_extension_header(next) {
         count_error(error_kind::PACKET_UNPARSED);
         return None;
     }
@@ -267,6 +267,18 @@ pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Optio
         more_fragments,
         later_fragment: false,
     })
+}
+
+/// Whether the IP header's first byte says another version than the skb's protocol
+/// (`version`): a receiving stack drops such a packet (`ip_rcv_core`, `ipv6_rcv`), so it is
+/// counted malformed, and nothing else, whatever it carries.
+#[inline(always)]
+pub fn wrong_ip_version(first_byte: u8, version: u8) -> bool {
+    let wrong = first_byte >> 4 != version;
+    if wrong {
+        count_error(error_kind::PACKET_MALFORMED);
+    }
+    wrong
 }
 
 /// The extension headers [`ipv6_upper_layer`] walks.

@@ -27,7 +27,7 @@ use crate::{
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, NEXTHDR_HOP, ether_type,
         fixed_header_byte, handed_back_by_ifb, ipv6_upper_layer, is_gso, or_pulled, ours, ptr_at,
-        ptr_at_or_pulled, read_be16, read_u8,
+        ptr_at_or_pulled, read_be16, read_u8, wrong_ip_version,
     },
 };
 
@@ -127,14 +127,13 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
-            if read_u8(ctx, L2 + 9)? != IPPROTO_TCP {
+            if read_u8(ctx, L2 + 9)? != IPPROTO_TCP || wrong_ip_version(version_ihl, 4) {
                 return None;
             }
             let ihl = usize::from(version_ihl & 0x0f) * 4;
             // A receiving stack drops it (`ip_rcv_core`), as it does a total length under
-            // the header length (below: the TCP header cannot fit), and a version that is
-            // not the EtherType's.
-            if ihl < IPV4_HLEN || version_ihl >> 4 != 4 {
+            // the header length (below: the TCP header cannot fit).
+            if ihl < IPV4_HLEN {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
@@ -153,14 +152,11 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
+            if wrong_ip_version(fixed_header_byte::<L2, IPV6_HLEN, 0>(ctx)?, 6) {
+                return None;
+            }
             let payload = u64::from(read_be16(ctx, L2 + 4)?);
             if next_header == IPPROTO_TCP {
-                // A version that is not the EtherType's: a receiving stack drops it
-                // (`ipv6_rcv`).
-                if read_u8(ctx, L2)? >> 4 != 6 {
-                    count_error(error_kind::PACKET_MALFORMED);
-                    return None;
-                }
                 // A payload length of 0 is BIG TCP without the hop-by-hop header (below).
                 let ip_len = if payload == 0 {
                     0

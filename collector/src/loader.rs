@@ -894,7 +894,7 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Attaches `program` to `interface`'s hook with a new TCX link, pinned at `pin`.
+/// Attaches `program` to `interface`'s hook with a new TCX link, for the caller to pin.
 fn attach_tcx(
     program: &mut SchedClassifier,
     program_name: &str,
@@ -919,7 +919,9 @@ fn attach_tcx(
 
 /// Adopts the link a previous run pinned at `pin` (swapping `program` in), or makes one
 /// with `attach` and pins it there (over one that cannot take `program`). Returns whether
-/// the pin is carried on from a previous run, rather than made by this start.
+/// the pin is taken for a previous run's: adopted, or one of its pins replaced in place,
+/// which a start that fails later keeps there as it keeps every pin it took over (`false`:
+/// a pin this start made, removed if it fails).
 fn adopt_or_pin_link(
     pin: &Path,
     program: std::os::fd::BorrowedFd<'_>,
@@ -942,7 +944,7 @@ fn adopt_or_pin_link(
 fn pin_link(link: FdLink, at: &Path) -> anyhow::Result<()> {
     link.pin(at)
         .map(drop)
-        .with_context(|| format!("pinning the link at {}", at.display()))
+        .with_context(|| format!("pinning the link {}", at.display()))
 }
 
 /// What a start finds at a link pin.

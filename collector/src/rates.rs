@@ -131,6 +131,9 @@ impl CounterHistory {
     }
 }
 
+/// How many windows [`CountsHistory::base`] reaches back over a gap with no copy since.
+const GAP_SPANNED: u32 = 3;
+
 /// Copies of some counters, one a second at most, kept a little over `max_age`: the base that
 /// ratios and quantiles over a window are taken from (taken from the lifetime counters, they
 /// would barely move during an incident).
@@ -177,10 +180,10 @@ impl<T> CountsHistory<T> {
     /// found the previous copy a millisecond under a minute old, and "the last minute" took
     /// the one before it, two minutes, half the time. After a stall of the polls (a throttled
     /// pod) the copy that old may be far older, and "the last minute" would take in the whole
-    /// stall: past twice the window, the oldest copy since serves, as after a start. The
-    /// newest copy serves only when there is no other: with nothing since the stall, the
-    /// stall serves, for one poll as in the rates ([`CounterHistory::rate`]), and at polls a
-    /// minute apart, after one that failed, the next minute's figures span two minutes.
+    /// stall: past twice the window, the oldest copy since serves, as after a start. Unless
+    /// that is the newest copy, which leaves nothing to count, and the one before is within
+    /// [`GAP_SPANNED`] windows: at polls a minute apart, after one that failed, the next
+    /// minute's figures span two minutes rather than none.
     #[must_use]
     pub fn base(&self, now: Duration, window: Duration) -> Option<&T> {
         let mut younger: Option<(Duration, &T)> = None;
@@ -188,8 +191,7 @@ impl<T> CountsHistory<T> {
             let age = now.saturating_sub(*at);
             if age >= window {
                 return Some(match younger {
-                    // The newest copy would leave nothing to count.
-                    _ if newer_copies < 2 => counts,
+                    Some(_) if newer_copies == 1 && age <= window * GAP_SPANNED => counts,
                     Some((_, since_stall)) if age > window * 2 => since_stall,
                     Some((younger_age, nearer))
                         if younger_age.abs_diff(window) < age.abs_diff(window) =>
@@ -266,12 +268,9 @@ mod tests {
         }
         let resumed = 420.0;
         history.record(secs(resumed), 1_000);
-        // At first, with nothing since, the stall serves (one poll).
-        assert_eq!(history.base(secs(resumed), AVERAGE), Some(&120));
-        // Then its counts are no part of the last minute.
-        history.record(secs(resumed + 1.0), 1_001);
-        assert_eq!(history.base(secs(resumed + 1.0), AVERAGE), Some(&1_000));
-        for second in 2..=30u32 {
+        // The stall's counts are no part of the last minute: at first it is empty.
+        assert_eq!(history.base(secs(resumed), AVERAGE), Some(&1_000));
+        for second in 1..=30u32 {
             history.record(secs(resumed + f64::from(second)), 1_000 + second);
         }
         assert_eq!(history.base(secs(resumed + 30.0), AVERAGE), Some(&1_000));
@@ -286,12 +285,17 @@ mod tests {
         slow.record(secs(110.0), 2);
         assert_eq!(slow.base(secs(110.0), AVERAGE), Some(&1));
         // Polls a minute apart, one of them failed: the next minute's figures span two
-        // minutes rather than none.
+        // minutes rather than none (until 2026-12-07, none), and after two failed, three.
+        // Past three, a stall: none, as above.
         let mut minutely = CountsHistory::new(secs(65.0));
         minutely.record(secs(0.0), 1);
         minutely.record(secs(60.0), 2);
         minutely.record(secs(180.002), 4);
         assert_eq!(minutely.base(secs(180.002), AVERAGE), Some(&2));
+        minutely.record(secs(360.0), 7);
+        assert_eq!(minutely.base(secs(360.0), AVERAGE), Some(&4));
+        minutely.record(secs(540.003), 10);
+        assert_eq!(minutely.base(secs(540.003), AVERAGE), Some(&10));
     }
 
     fn secs(s: f64) -> Duration {

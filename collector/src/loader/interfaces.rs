@@ -168,7 +168,8 @@ impl Attachment {
                         link.name
                     )
                 })?
-                .try_clone()?;
+                .try_clone()
+                .with_context(|| format!("duplicating the descriptor of {program_name}"))?;
             if adopt_or_pin_link(&pin, fd.as_fd(), || {
                 attach_tcx(program, program_name, attach_type, &link.name)
             })? {
