@@ -79,6 +79,15 @@ struct Classifiers {
 
 impl Classifiers {
     fn load() -> Self {
+        Self::load_programs(&[
+            program_names::COUNT_INGRESS,
+            program_names::COUNT_EGRESS,
+            program_names::COUNT_LOOPBACK,
+        ])
+    }
+
+    /// The kernel object with the classifiers `names` loaded (through the verifier).
+    fn load_programs(names: &[&str]) -> Self {
         support::require_root();
         let ports = DnsPorts {
             server: [DNS_PORT, 0, 0, 0, 0, 0, 0, 0],
@@ -90,14 +99,7 @@ impl Classifiers {
             .map_max_entries(map_names::DNS_NAMES, name_table_len)
             .load(OBJECT)
             .unwrap();
-        support::load_classifiers(
-            &mut ebpf,
-            &[
-                program_names::COUNT_INGRESS,
-                program_names::COUNT_EGRESS,
-                program_names::COUNT_LOOPBACK,
-            ],
-        );
+        support::load_classifiers(&mut ebpf, names);
         let counters =
             PerCpuArray::try_from(ebpf.take_map(map_names::DNS_COUNTERS).unwrap()).unwrap();
         Self { ebpf, counters }
@@ -1195,6 +1197,18 @@ fn random_packet(rng: &mut Rng) -> Packet {
         packet.udp_len = Some(u16::try_from(rng.below(packet.payload.len() + 40)).unwrap());
     }
     packet
+}
+
+/// The classifiers of interfaces without a link-layer header (WireGuard, tun) cannot run on
+/// a test run's frames, which start with an Ethernet header; the verifier judges them here
+/// all the same, at once: a read at offset 0, fine at 14, once failed in them alone, and only
+/// the integration tests' agents saw it.
+#[test]
+fn the_classifiers_without_a_link_layer_pass_the_verifier() {
+    Classifiers::load_programs(&[
+        program_names::COUNT_INGRESS_IP,
+        program_names::COUNT_EGRESS_IP,
+    ]);
 }
 
 #[test]
