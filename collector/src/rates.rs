@@ -131,7 +131,8 @@ impl CounterHistory {
     }
 }
 
-/// How many windows [`CountsHistory::base`] reaches back over a gap with no copy since.
+/// How many windows [`CountsHistory::base`] reaches back over a gap with no copy since (and
+/// half a window more, for polls that come late).
 const GAP_SPANNED: u32 = 3;
 
 /// Copies of some counters, one a second at most, kept a little over `max_age`: the base that
@@ -191,7 +192,9 @@ impl<T> CountsHistory<T> {
             let age = now.saturating_sub(*at);
             if age >= window {
                 return Some(match younger {
-                    Some(_) if newer_copies == 1 && age <= window * GAP_SPANNED => counts,
+                    Some(_) if newer_copies == 1 && age <= window * GAP_SPANNED + window / 2 => {
+                        counts
+                    }
                     Some((_, since_stall)) if age > window * 2 => since_stall,
                     Some((younger_age, nearer))
                         if younger_age.abs_diff(window) < age.abs_diff(window) =>
@@ -285,8 +288,8 @@ mod tests {
         slow.record(secs(110.0), 2);
         assert_eq!(slow.base(secs(110.0), AVERAGE), Some(&1));
         // Polls a minute apart, one of them failed: the next minute's figures span two
-        // minutes rather than none (until 2026-12-07, none), and after two failed, three.
-        // Past three, a stall: none, as above.
+        // minutes rather than none (until 2026-12-07, none), and after two failed, three,
+        // early or late by milliseconds. After three failed, a stall: none, as above.
         let mut minutely = CountsHistory::new(secs(65.0));
         minutely.record(secs(0.0), 1);
         minutely.record(secs(60.0), 2);
@@ -295,7 +298,9 @@ mod tests {
         minutely.record(secs(360.0), 7);
         assert_eq!(minutely.base(secs(360.0), AVERAGE), Some(&4));
         minutely.record(secs(540.003), 10);
-        assert_eq!(minutely.base(secs(540.003), AVERAGE), Some(&10));
+        assert_eq!(minutely.base(secs(540.003), AVERAGE), Some(&7));
+        minutely.record(secs(780.0), 13);
+        assert_eq!(minutely.base(secs(780.0), AVERAGE), Some(&13));
     }
 
     fn secs(s: f64) -> Duration {

@@ -1081,6 +1081,14 @@ fn crafted_packets_are_counted_where_they_belong() {
             "IPv6 {ipv6}"
         );
     }
+    // IPv6's version is judged before the extension headers are walked: behind a chain past
+    // the walk's reach too, malformed, not unparsed.
+    let mut chained = Packet::new(to, message(QUERY, 1, &www_example(1)));
+    chained.ipv6 = true;
+    chained.extensions = vec![60; 7];
+    let mut frame = chained.frame();
+    frame[14] = 0x40;
+    assert_eq!(classifiers.run(to, &frame), Outcome::PacketMalformed);
 
     // First fragments are malformed for the reasons whole datagrams are.
     for (name, reason) in [

@@ -370,6 +370,11 @@ fn self_contradicting_headers_on(ingress: &Ingress) {
         ingress.run(&with(ipv6(120, &[], 100), ip4, 0x40)),
         MALFORMED
     );
+    // IPv6's whatever it carries (ICMPv6 here), with DNS counted or not.
+    assert_eq!(
+        ingress.run(&with(ipv6_after(58, 120, &[], 100), ip4, 0x40)),
+        MALFORMED
+    );
     // A total length shorter than the IPv4 header.
     assert_eq!(ingress.run(&ipv4(19, 100, 0)), MALFORMED);
     // One with no room for a TCP header (26 bytes: 6 of TCP), whether the frame ends there
