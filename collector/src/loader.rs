@@ -944,7 +944,7 @@ fn adopt_or_pin_link(
 fn pin_link(link: FdLink, at: &Path) -> anyhow::Result<()> {
     link.pin(at)
         .map(drop)
-        .with_context(|| format!("pinning the link {}", at.display()))
+        .with_context(|| format!("pinning the link at {}", at.display()))
 }
 
 /// What a start finds at a link pin.
