@@ -48,9 +48,9 @@ use crate::{
     DNS_MATCH_RESPONSES, DNS_NAME_KEYS, DNS_NAMES, DNS_PORTS, DNS_SAMPLE_BELOW, DNS_SCRATCH,
     DNS_STREAM_WANTED, DNS_UPSTREAM, DNS_UPSTREAM_LATEST, count_error, count_errors,
     packet::{
-        ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, MAX_L4_OFFSET,
-        ether_type, fixed_header_byte, forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled,
-        ours, ptr_at, ptr_at_or_pulled, read_be16, read_u8, wrong_ip_version,
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, MAX_L4_OFFSET, be16_at,
+        ether_type, fixed_header, forwarded, handed_back_by_ifb, ipv6_upper_layer, or_pulled, ours,
+        ptr_at, ptr_at_or_pulled, read_be16, wrong_ip_version,
     },
     tally::{Tally, tally},
 };
@@ -251,7 +251,7 @@ fn merged_segments(ctx: &TcContext, datagram: &Datagram) -> Merged {
 /// A link-layer header of `L2` bytes → IPv4/IPv6 (extension headers walked) → UDP. `None`
 /// for anything else: not ours to count, but for TCP behind extension headers and a chain of
 /// them past the walk's reach (unparsed), an IP version that is not the skb's and an IPv4
-/// header too short to hold its ports (malformed), counted here. An IP header
+/// header too short to hold its ports (malformed), counted on the way. An IP header
 /// outside the linear part is pulled in with the UDP header after it (IPv6: when no
 /// extension header comes between).
 #[inline(always)]
@@ -259,23 +259,22 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
     let skb_len = ctx.len() as usize;
     match ether_type(ctx) {
         ETH_P_IP => {
-            let version_ihl =
-                or_pulled::<L2, _>(ctx, UDP_HLEN, fixed_header_byte::<L2, IPV4_HLEN, 0>)?;
-            if read_u8(ctx, L2 + 9)? != IPPROTO_UDP || wrong_ip_version(version_ihl, 4) {
+            let header = or_pulled::<L2, _>(ctx, UDP_HLEN, fixed_header::<L2, IPV4_HLEN>)?;
+            if header[9] != IPPROTO_UDP || wrong_ip_version(header[0], 4) {
                 return None;
             }
-            let ihl = usize::from(version_ihl & 0x0f) * 4;
+            let ihl = usize::from(header[0] & 0x0f) * 4;
             // Its ports cannot be read; a receiving stack drops it (`ip_rcv_core`).
             if ihl < IPV4_HLEN {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
-            let fragment = read_be16(ctx, L2 + 6)?;
+            let fragment = be16_at(header, 6);
             // Later fragments carry no UDP header.
             if fragment & 0x1fff != 0 {
                 return None;
             }
-            let total = usize::from(read_be16(ctx, L2 + 2)?);
+            let total = usize::from(be16_at(header, 2));
             Some(Datagram {
                 l4: L2 + ihl,
                 available: within(L2 + total, skb_len).saturating_sub(L2 + ihl),
@@ -284,19 +283,15 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
             })
         }
         ETH_P_IPV6 => {
-            let next = or_pulled::<L2, _>(ctx, UDP_HLEN, fixed_header_byte::<L2, IPV6_HLEN, 6>)?;
-            if wrong_ip_version(fixed_header_byte::<L2, IPV6_HLEN, 0>(ctx)?, 6) {
+            let header = or_pulled::<L2, _>(ctx, UDP_HLEN, fixed_header::<L2, IPV6_HLEN>)?;
+            if wrong_ip_version(header[0], 6) {
                 return None;
             }
-            let payload = usize::from(read_be16(ctx, L2 + 4)?);
-            let upper = ipv6_upper_layer::<L2>(ctx, next)?;
-            // TCP comes here only behind extension headers (`may_carry_tcp`), which the
-            // live counters do not read past.
-            if upper.protocol == IPPROTO_TCP {
-                count_error(error_kind::PACKET_UNPARSED);
-                return None;
-            }
-            if upper.protocol != IPPROTO_UDP || upper.later_fragment {
+            let payload = usize::from(be16_at(header, 4));
+            // TCP comes here only behind extension headers (`may_carry_tcp`): the walk
+            // counts it unparsed.
+            let upper = ipv6_upper_layer::<L2>(ctx, header[6])?;
+            if upper.protocol != IPPROTO_UDP {
                 return None;
             }
             Some(Datagram {

@@ -46,26 +46,37 @@ pub const MAX_L4_OFFSET: usize = 512;
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
+    if start + offset + size_of::<T>() > data_end(ctx) {
         return None;
     }
     Some((start + offset) as *const T)
 }
 
-/// Byte `AT` of the IP header, read where its fixed part (`FIXED` bytes: IPv4's 20, IPv6's
-/// 40) is whole in the linear part; `None` otherwise, for [`or_pulled`] to pull it in, so
-/// that the reads of the fixed part after this one find it there. (Reading the one byte, a
-/// linear part that ended inside the header failed those reads, and the packet went
-/// uncounted and unsaid.)
+/// The end of the linear data, loaded anew for each check: kept from an earlier one, LLVM may
+/// copy it with a 32-bit move, after which the verifier no longer takes it for the packet's
+/// end and refuses the read it guards ("invalid access to packet").
 #[inline(always)]
-pub fn fixed_header_byte<const L2: usize, const FIXED: usize, const AT: usize>(
-    ctx: &TcContext,
-) -> Option<u8> {
-    const { assert!(AT < FIXED) };
-    let header = ptr_at::<[u8; FIXED]>(ctx, L2)?;
-    // SAFETY: ptr_at checked the FIXED bytes.
-    Some(unsafe { (*header)[AT] })
+fn data_end(ctx: &TcContext) -> usize {
+    // SAFETY: a context field the kernel passed; the verifier rewrites the load.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).data_end) as usize }
+}
+
+/// The IP header's fixed part (`FIXED` bytes: IPv4's 20, IPv6's 40) where it is whole in the
+/// linear part; `None` otherwise, for [`or_pulled`] to pull it in. One bounds check for every
+/// field the parsers read from it. (Where the first read took one byte, a linear part that
+/// ended inside the header failed the reads after it, and the packet went uncounted and
+/// unsaid.)
+#[inline(always)]
+pub fn fixed_header<const L2: usize, const FIXED: usize>(ctx: &TcContext) -> Option<&[u8; FIXED]> {
+    // SAFETY: ptr_at checked the FIXED bytes; the verifier refuses a read through this
+    // reference after a pull, which may move the data.
+    ptr_at::<[u8; FIXED]>(ctx, L2).map(|header| unsafe { &*header })
+}
+
+/// The big-endian 16-bit field at `at` of a header read whole.
+#[inline(always)]
+pub fn be16_at<const N: usize>(header: &[u8; N], at: usize) -> u16 {
+    u16::from_be_bytes([header[at], header[at + 1]])
 }
 
 /// Makes the packet's first `len` bytes linear, as far as the packet has them, where its
@@ -76,7 +87,7 @@ pub fn fixed_header_byte<const L2: usize, const FIXED: usize, const AT: usize>(
 pub fn pull(ctx: &TcContext, len: usize) -> bool {
     let len = len.min(ctx.len() as usize);
     // Compared as `ptr_at` does: the verifier refuses to subtract packet pointers.
-    ctx.data() + len > ctx.data_end() && ctx.pull_data(len as u32).is_ok()
+    ctx.data() + len > data_end(ctx) && ctx.pull_data(len as u32).is_ok()
 }
 
 /// Pulls the link-layer and IP headers and the first `l4_bytes` after them: for the branch
@@ -99,10 +110,10 @@ pub fn pull_headers<const L2: usize>(ctx: &TcContext, l4_bytes: usize) -> bool {
 
 /// `read` of the IP header, and where it fails, `read` again after [`pull_headers`].
 #[inline(always)]
-pub fn or_pulled<const L2: usize, R>(
-    ctx: &TcContext,
+pub fn or_pulled<'a, const L2: usize, R>(
+    ctx: &'a TcContext,
     l4_bytes: usize,
-    read: impl Fn(&TcContext) -> Option<R>,
+    read: impl Fn(&'a TcContext) -> Option<R>,
 ) -> Option<R> {
     read(ctx).or_else(|| {
         if pull_headers::<L2>(ctx, l4_bytes) {
@@ -203,26 +214,25 @@ pub fn may_carry_tcp<const L2: usize>(ctx: &TcContext) -> bool {
 pub struct Ipv6Upper {
     /// The upper-layer protocol: the last next-header field walked.
     pub protocol: u8,
-    /// Offset of its header in the packet. Meaningless in a later fragment.
+    /// Offset of its header in the packet.
     pub offset: usize,
-    /// A fragment header said more fragments follow: with `later_fragment` unset, this is
-    /// the first fragment.
+    /// A fragment header said more fragments follow: this is the first fragment.
     pub more_fragments: bool,
-    /// A fragment after the first: `protocol` is the datagram's, but its header is in the
-    /// first fragment, not here.
-    pub later_fragment: bool,
 }
 
-/// Walks the extension headers of an IPv6 packet whose fixed header names `next` (the
-/// fixed header read). Headers outside the linear part are read with
+/// Walks the extension headers of an IPv6 packet whose fixed header names `next`, not TCP
+/// (the fixed header read). Headers outside the linear part are read with
 /// `bpf_skb_load_bytes`, which reads pages too. `None` where a header cannot be read (the
-/// stack drops such a packet), and where the chain runs past [`MAX_EXT_HEADERS`] or
-/// [`MAX_L4_OFFSET`]: counted unparsed then, whatever it carries (a stack reads on, so a
-/// query or a segment hidden behind a long chain is seen to be missed).
+/// stack drops such a packet) and for a fragment after the first (its upper layer's header
+/// is in the first); and counted unparsed, where TCP follows the chain (the live counters
+/// do not read past extension headers, nor find a later fragment's segment), and where the
+/// chain runs past [`MAX_EXT_HEADERS`] or [`MAX_L4_OFFSET`], whatever it carries (a stack
+/// reads on, so a query or a segment hidden behind a long chain is seen to be missed).
 #[inline(always)]
 pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Option<Ipv6Upper> {
     let mut offset = L2 + IPV6_HLEN;
     let mut more_fragments = false;
+    let mut later_fragment = false;
     for _ in 0..MAX_EXT_HEADERS {
         if !is_extension_header(next) {
             break;
@@ -239,12 +249,9 @@ pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Optio
                 let offset_flags = u16::from_be_bytes([offset_high, offset_low]);
                 more_fragments = offset_flags & 1 != 0;
                 if offset_flags & 0xfff8 != 0 {
-                    return Some(Ipv6Upper {
-                        protocol: next_header,
-                        offset,
-                        more_fragments,
-                        later_fragment: true,
-                    });
+                    later_fragment = true;
+                    next = next_header;
+                    break;
                 }
                 offset += 8;
             }
@@ -257,15 +264,19 @@ pub fn ipv6_upper_layer<const L2: usize>(ctx: &TcContext, mut next: u8) -> Optio
         }
     }
     // Counted once, out of the unrolled loop.
-    if offset > MAX_L4_OFFSET || is_extension_header(next) {
+    if next == IPPROTO_TCP
+        || (!later_fragment && (offset > MAX_L4_OFFSET || is_extension_header(next)))
+    {
         count_error(error_kind::PACKET_UNPARSED);
+        return None;
+    }
+    if later_fragment {
         return None;
     }
     Some(Ipv6Upper {
         protocol: next,
         offset,
         more_fragments,
-        later_fragment: false,
     })
 }
 

@@ -25,9 +25,9 @@ use collector_common::{
 use crate::{
     ROUTE_BY_PORT, ROUTE_PORT_BITS, ROUTE_TRAFFIC, count_error,
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, NEXTHDR_HOP, ether_type,
-        fixed_header_byte, handed_back_by_ifb, ipv6_upper_layer, is_gso, or_pulled, ours, ptr_at,
-        ptr_at_or_pulled, read_be16, read_u8, wrong_ip_version,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN, IPV6_HLEN, NEXTHDR_HOP, be16_at,
+        ether_type, fixed_header, handed_back_by_ifb, ipv6_upper_layer, is_gso, or_pulled, ours,
+        ptr_at, ptr_at_or_pulled, wrong_ip_version,
     },
 };
 
@@ -121,16 +121,15 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
     let skb_l3_len = u64::from(ctx.len()).saturating_sub(L2 as u64);
     let (l4_offset, ip_len) = match proto {
         ETH_P_IP => {
-            let Some(version_ihl) =
-                or_pulled::<L2, _>(ctx, TCP_READ, fixed_header_byte::<L2, IPV4_HLEN, 0>)
+            let Some(header) = or_pulled::<L2, _>(ctx, TCP_READ, fixed_header::<L2, IPV4_HLEN>)
             else {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
-            if read_u8(ctx, L2 + 9)? != IPPROTO_TCP || wrong_ip_version(version_ihl, 4) {
+            if header[9] != IPPROTO_TCP || wrong_ip_version(header[0], 4) {
                 return None;
             }
-            let ihl = usize::from(version_ihl & 0x0f) * 4;
+            let ihl = usize::from(header[0] & 0x0f) * 4;
             // A receiving stack drops it (`ip_rcv_core`), as it does a total length under
             // the header length (below: the TCP header cannot fit).
             if ihl < IPV4_HLEN {
@@ -138,24 +137,23 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 return None;
             }
             // Later fragments carry no TCP header: their bytes go uncounted, and say so.
-            if read_be16(ctx, L2 + 6)? & 0x1fff != 0 {
+            if be16_at(header, 6) & 0x1fff != 0 {
                 count_error(error_kind::PACKET_UNPARSED);
                 return None;
             }
-            let total = u64::from(read_be16(ctx, L2 + 2)?);
-            (L2 + ihl, total)
+            (L2 + ihl, u64::from(be16_at(header, 2)))
         }
         ETH_P_IPV6 => {
-            let Some(next_header) =
-                or_pulled::<L2, _>(ctx, TCP_READ, fixed_header_byte::<L2, IPV6_HLEN, 6>)
+            let Some(header) = or_pulled::<L2, _>(ctx, TCP_READ, fixed_header::<L2, IPV6_HLEN>)
             else {
                 count_error(error_kind::PACKET_TRUNCATED);
                 return None;
             };
-            if wrong_ip_version(fixed_header_byte::<L2, IPV6_HLEN, 0>(ctx)?, 6) {
+            if wrong_ip_version(header[0], 6) {
                 return None;
             }
-            let payload = u64::from(read_be16(ctx, L2 + 4)?);
+            let next_header = header[6];
+            let payload = u64::from(be16_at(header, 4));
             if next_header == IPPROTO_TCP {
                 // A payload length of 0 is BIG TCP without the hop-by-hop header (below).
                 let ip_len = if payload == 0 {
@@ -176,14 +174,10 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 (L2 + IPV6_HLEN + 8, 0)
             } else {
                 // Other extension headers before TCP are rare on a proxy's connections; not
-                // read past, but counted as such. (While DNS is counted, only a hop-by-hop
-                // header with a zero length comes here: the DNS parser walks the others, and
-                // does the same. See `may_carry_tcp`.)
-                if ipv6_upper_layer::<L2>(ctx, next_header)
-                    .is_some_and(|upper| upper.protocol == IPPROTO_TCP)
-                {
-                    count_error(error_kind::PACKET_UNPARSED);
-                }
+                // read past, but counted as such by the walk. (While DNS is counted, only a
+                // hop-by-hop header with a zero length comes here: the DNS parser walks the
+                // others, and the same walk counts them. See `may_carry_tcp`.)
+                ipv6_upper_layer::<L2>(ctx, next_header);
                 return None;
             }
         }
