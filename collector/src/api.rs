@@ -126,10 +126,15 @@ pub struct RouteStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub connections_per_second: RateWindows,
-    pub throughput: Throughput,
-    pub traffic: Traffic,
+    /// Live, from tc, as `traffic`; `null` on a route with server names, whose live bytes
+    /// are not told apart (they count by port: all in the route without names of the ports
+    /// it shares). Absent, not zero: a zero would read as an idle route.
+    pub throughput: Option<Throughput>,
+    pub traffic: Option<Traffic>,
     pub duration: Durations,
-    /// Our nftables counters for the route's ports (also traffic no local socket sees).
+    /// Our nftables counters for the route's ports (also traffic no local socket sees);
+    /// `null` while nftables counting is off, and on a route with server names (as
+    /// `traffic`).
     pub nftables: Option<NftCounts>,
     /// The TLS server names that tell the route apart on ports it shares (empty for none).
     pub server_names: Vec<String>,
@@ -381,6 +386,7 @@ pub struct ProxyStats {
 
 fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
     let totals = &route.totals;
+    let counted_by_port = route.route.sni.is_empty();
     RouteStats {
         name: route.route.name.clone(),
         kind: route.route.kind.as_str(),
@@ -393,18 +399,18 @@ fn route_stats(snapshot: &Snapshot, route: &RouteSnapshot) -> RouteStats {
         bytes_in: totals.conn.bytes_in,
         bytes_out: totals.conn.bytes_out,
         connections_per_second: RateWindows::new(route.connection_rates, None),
-        throughput: Throughput {
+        throughput: counted_by_port.then(|| Throughput {
             bytes_in: RateWindows::new(route.bytes_in_rates, None),
             bytes_out: RateWindows::new(route.bytes_out_rates, None),
-        },
-        traffic: Traffic {
+        }),
+        traffic: counted_by_port.then_some(Traffic {
             packets_in: totals.traffic_in.packets,
             packets_out: totals.traffic_out.packets,
             bytes_in: totals.traffic_in.bytes,
             bytes_out: totals.traffic_out.bytes,
             payload_bytes_in: totals.traffic_in.payload_bytes,
             payload_bytes_out: totals.traffic_out.payload_bytes,
-        },
+        }),
         // Quantiles of the connections closed over the last minute.
         duration: Durations::of_closes(&route.last_minute),
         nftables: nft_counts(snapshot, &route.route.name, Protocol::Tcp),
@@ -774,6 +780,16 @@ mod tests {
             (300.into(), 4000.into())
         );
         assert_eq!(web["traffic"]["payloadBytesOut"], 4100);
+        // Port 443's live bytes are all its route's without names; the named route's are
+        // not told apart, so none are shown (not zeros).
+        let [tls, api] = [&json["routes"][1], &json["routes"][2]];
+        assert_eq!(tls["serverNames"], serde_json::json!([]));
+        assert_eq!(tls["traffic"]["payloadBytesIn"], 4400);
+        assert!(tls["throughput"]["bytesIn"]["instant"].is_number());
+        assert_eq!(api["serverNames"][0], "api.example.com");
+        for field in ["throughput", "traffic", "nftables"] {
+            assert!(api[field].is_null(), "{field}: {api}");
+        }
         assert_eq!(web["duration"]["count"], 3);
         assert_eq!(web["duration"]["mean"], 0.5);
         // Two of three closed within [8 µs, 16 µs): the median lies there.

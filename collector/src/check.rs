@@ -64,8 +64,8 @@ pub struct Facts {
     /// Whether that `nft` reads and writes JSON, which the agent drives it with (`None`: it
     /// does not say).
     pub nft_json: Option<bool>,
-    /// The configured table's name, and what it is in this network namespace (`None`: not
-    /// told, without `CAP_NET_ADMIN` or `nf_tables`).
+    /// The configured table's name, and what it is in this network namespace (`None`:
+    /// nftables is off, not looked at).
     pub table_name: String,
     pub nft_table: Option<TableHere>,
 }
@@ -84,25 +84,27 @@ pub enum TableHere {
         holder: crate::nft_claim::Holder,
         this_one: Option<bool>,
     },
+    /// The ruleset could not be read (why): a start reading it no better would leave its
+    /// nft source down.
+    Unreadable(String),
 }
 
 impl TableHere {
     /// Only looks: no module is loaded (a kernel without `nf_tables` loaded has no table),
     /// and the name is not claimed (a start meanwhile would find it taken).
-    fn find(table: &str, pin_dir: &Path) -> Option<Self> {
-        if !crate::nft::nf_tables_in_kernel() {
-            return Some(Self::Free);
-        }
-        if let crate::nft::Leftover::NotOurs(why) = crate::nft::find_leftover(table).ok()? {
-            return Some(Self::NotOurs(why));
+    fn find(table: &str, pin_dir: &Path) -> Self {
+        match crate::nft::find_leftover(table) {
+            Err(err) => return Self::Unreadable(err.to_string()),
+            Ok(crate::nft::Leftover::NotOurs(why)) => return Self::NotOurs(why),
+            Ok(_) => {}
         }
         let Some(holder) = crate::nft_claim::held(table) else {
-            return Some(Self::Free);
+            return Self::Free;
         };
         let this_one = holder.pid().map(|pid| {
             crate::pin_lock::holder(pin_dir).is_some_and(|running| running.pid() == pid)
         });
-        Some(Self::Claimed { holder, this_one })
+        Self::Claimed { holder, this_one }
     }
 }
 
@@ -138,7 +140,7 @@ impl Facts {
             nft,
             nft_json,
             table_name: table.unwrap_or_default().to_owned(),
-            nft_table: table.and_then(|table| TableHere::find(table, pin_dir)),
+            nft_table: table.map(|table| TableHere::find(table, pin_dir)),
         })
     }
 }
@@ -1082,8 +1084,15 @@ fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
             ),
         );
     }
+    let (status, detail) = table_verdict(facts, version, unmet, when);
+    verdict(status, detail)
+}
+
+/// The nft line's verdict on the configured table, as a start would find it: `unmet` where it
+/// would leave the nft source down, as `when` says.
+fn table_verdict(facts: &Facts, version: &str, unmet: Status, when: &str) -> (Status, String) {
     match &facts.nft_table {
-        Some(TableHere::NotOurs(why)) => verdict(
+        Some(TableHere::NotOurs(why)) => (
             unmet,
             format!(
                 "the table inet {table} in this network namespace is not a collector's (it \
@@ -1095,7 +1104,7 @@ fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
         Some(TableHere::Claimed {
             holder,
             this_one: Some(false),
-        }) => verdict(
+        }) => (
             unmet,
             format!(
                 "a running collector here ({holder}) uses the table inet {table}: {when} this \
@@ -1107,14 +1116,14 @@ fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
         Some(TableHere::Claimed {
             holder,
             this_one: Some(true),
-        }) => verdict(
+        }) => (
             Status::Pass,
             format!(
                 "{version}; the table inet {} is the running collector's ({holder})",
                 facts.table_name
             ),
         ),
-        Some(TableHere::Claimed { this_one: None, .. }) => verdict(
+        Some(TableHere::Claimed { this_one: None, .. }) => (
             Status::Warn,
             format!(
                 "{version}; a running collector whose process this one cannot see uses the \
@@ -1123,7 +1132,16 @@ fn nft(facts: &Facts, nftables: NftEnabled) -> Verdict {
                 facts.table_name
             ),
         ),
-        Some(TableHere::Free) | None => verdict(Status::Pass, version.to_owned()),
+        // Not known to be unmet: a warning, whatever `enabled` says.
+        Some(TableHere::Unreadable(why)) => (
+            Status::Warn,
+            format!(
+                "{version}; could not look for the table inet {} ({why}): where a start reads \
+                 the ruleset no better, its nftables counters will be down",
+                facts.table_name
+            ),
+        ),
+        Some(TableHere::Free) | None => (Status::Pass, version.to_owned()),
     }
 }
 
@@ -1491,10 +1509,24 @@ mod tests {
             ..healthy()
         };
         assert_eq!(nft_line(unseen, NftEnabled::On).status, Status::Warn);
-        // Not told (no CAP_NET_ADMIN), or an `nft` that does not say: as before.
+        // A ruleset that could not be read (a ruleset changed at every try, no
+        // CAP_NET_ADMIN) says so: until 2026-12-07 it passed.
+        let unreadable = Facts {
+            nft_table: Some(TableHere::Unreadable("the ruleset kept changing".into())),
+            ..healthy()
+        };
+        let line = nft_line(unreadable, NftEnabled::On);
+        assert_eq!(line.status, Status::Warn);
+        assert!(
+            line.detail.contains(
+                "could not look for the table inet collector (the ruleset kept changing)"
+            ),
+            "{}",
+            line.detail
+        );
+        // An `nft` that does not say whether it has JSON: as before.
         let untold = Facts {
             nft_json: None,
-            nft_table: None,
             ..healthy()
         };
         assert_eq!(nft_line(untold, NftEnabled::On).status, Status::Pass);

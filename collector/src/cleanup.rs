@@ -226,12 +226,18 @@ fn refuse_bpffs_root(config: &Config) -> anyhow::Result<()> {
 pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     refuse_bpffs_root(config)?;
     let pin_dir = &config.pin_dir;
-    // Held to the end, so that no collector starts meanwhile. Without it (no pin directory
-    // yet) nothing in bpffs is removed: a collector starting meanwhile makes its directories
-    // under its own lock, and they are not ours to take away.
-    let lock = if paths::pin_exists(pin_dir)? {
+    // Held to the end of a removal, so that no collector starts meanwhile. Without it (no
+    // pin directory yet) nothing in bpffs is removed: a collector starting meanwhile makes
+    // its directories under its own lock, and they are not ours to take away. A listing only
+    // looks: held, the lock would keep a start waiting.
+    let lock = if !paths::pin_exists(pin_dir)? {
+        None
+    } else if apply {
         Some(lock_unless_running(pin_dir)?)
     } else {
+        if pin_lock::held_by_another(pin_dir)? {
+            return Err(running(pin_dir));
+        }
         None
     };
     let found = Found::of(pin_dir)?;
@@ -241,9 +247,14 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         .context("reading this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)")?;
     let table_name = &config.nftables.table;
     // The table's claim, held until the table is gone: a collector of this namespace that
-    // started meanwhile would adopt the table, and lose it to the removal.
+    // started meanwhile would adopt the table, and lose it to the removal. A listing only
+    // looks: a start meanwhile would find the name taken.
     let mut claim = None;
     let table = match table_plan(&owner, here, || find_table(table_name))? {
+        Table::Remove if !apply => match nft_claim::held(table_name) {
+            Some(holder) => Table::InUse(holder),
+            None => Table::Remove,
+        },
         Table::Remove => match nft_claim::claim(table_name)
             .context("looking for a running collector with our nftables table")?
         {
@@ -435,7 +446,12 @@ fn lock_unless_running(pin_dir: &Path) -> anyhow::Result<std::fs::File> {
             pin_dir.display()
         );
     }
-    anyhow::bail!(
+    Err(running(pin_dir))
+}
+
+/// Why cleanup refuses beside a collector running with `pin_dir`.
+fn running(pin_dir: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
         "a collector is running with the pin directory {} ({}): stop it instead (at SIGTERM it \
          detaches its programs and removes its pins and nftables table); `cleanup` is for \
          what a crashed one left",

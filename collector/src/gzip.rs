@@ -13,7 +13,7 @@ use axum::{
 };
 use flate2::{Compression, write::GzEncoder};
 
-use crate::serve::qvalue;
+use crate::serve::weight;
 
 /// `body`, of `content_type`, gzipped if `request` takes it; `Vary` says the choice
 /// depends on the request, for caches between. The bytes sent are trimmed to their length:
@@ -59,15 +59,11 @@ fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
 fn accepts_gzip<'a>(values: impl Iterator<Item = &'a str>) -> bool {
     let (mut gzip, mut any) = (None, None);
     for coding in values.flat_map(|value| value.split(',')) {
-        let mut parts = coding.split(';').map(str::trim);
-        let name = parts.next().unwrap_or_default().to_ascii_lowercase();
-        let quality = match parts
-            .find_map(|part| part.strip_prefix("q=").or_else(|| part.strip_prefix("Q=")))
-        {
-            Some(text) => qvalue(text),
-            None => Some(1000),
+        let mut parts = coding.split(';');
+        let name = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let Some(quality) = weight(parts) else {
+            continue;
         };
-        let Some(quality) = quality else { continue };
         match name.as_str() {
             "gzip" | "x-gzip" => gzip = Some(quality),
             "*" => any = Some(quality),
@@ -108,6 +104,9 @@ mod tests {
             "*, gzip;q=0",
             "*;q=0",
             "gzip;q=2",
+            // Space around `=` as `Accept` allows it (until 2026-12-07 this one took gzip).
+            "gzip; q = 0",
+            "gzip;Q=0",
         ] {
             assert!(!takes(no), "{no}");
         }

@@ -230,32 +230,20 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 Err(auth::CheckRefused::Wrong(challenge)) => return unauthorized(challenge),
                 Err(auth::CheckRefused::NoTurn) => {
                     guard.load.refuse(Limit::PasswordChecks);
-                    return (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many password checks waiting\n",
-                    )
-                        .into_response();
+                    return no_room("too many password checks waiting\n");
                 }
             }
         }
     }
     let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
         guard.load.refuse(Limit::Requests);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many requests at once\n",
-        )
-            .into_response();
+        return no_room("too many requests at once\n");
     };
     if path == "/api/v1/events" {
         // A stream lives as long as its body: it holds a stream permit for that long, and
         // gives the request permit back once admitted.
         let Some(stream_place) = guard.load.stream_place() else {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many event streams at once\n",
-            )
-                .into_response();
+            return no_room("too many event streams at once\n");
         };
         drop(permit);
         let mut authorization = HeaderMap::new();
@@ -341,6 +329,17 @@ fn unauthorized(auth::Challenge(challenge): auth::Challenge) -> Response {
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, challenge)],
         "credentials are required\n",
+    )
+        .into_response()
+}
+
+/// A refusal for want of room: the places free up within a request's time, so a client
+/// (or a load balancer) that reads `Retry-After` tries again a second later.
+fn no_room(why: &'static str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "1")],
+        why,
     )
         .into_response()
 }
@@ -463,18 +462,10 @@ impl<'a> MediaRange<'a> {
         if kind.is_empty() || subtype.is_empty() {
             return None;
         }
-        let mut quality = 1000;
-        for parameter in parts {
-            if let Some((name, value)) = parameter.split_once('=')
-                && name.trim().eq_ignore_ascii_case("q")
-            {
-                quality = qvalue(value.trim())?;
-            }
-        }
         Some(Self {
             kind,
             subtype,
-            quality,
+            quality: weight(parts)?,
         })
     }
 
@@ -494,8 +485,24 @@ impl<'a> MediaRange<'a> {
     }
 }
 
+/// The weight the `;`-separated `parameters` of an `Accept` range or an `Accept-Encoding`
+/// coding give it (RFC 9110, 12.4.2), in thousandths: 1000 without `q`, `None` for a `q`
+/// that does not parse (the range or coding is then passed over). Space is allowed around
+/// `=`, as in the other parameters.
+pub(crate) fn weight<'a>(parameters: impl Iterator<Item = &'a str>) -> Option<u16> {
+    let mut quality = 1000;
+    for parameter in parameters {
+        if let Some((name, value)) = parameter.split_once('=')
+            && name.trim().eq_ignore_ascii_case("q")
+        {
+            quality = qvalue(value.trim())?;
+        }
+    }
+    Some(quality)
+}
+
 /// A `qvalue` (`0`, `0.5`, `1.000`, at most three decimals) in thousandths.
-pub(crate) fn qvalue(text: &str) -> Option<u16> {
+fn qvalue(text: &str) -> Option<u16> {
     let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
     if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -1506,6 +1513,32 @@ mod tests {
             hub,
             latest,
         )
+    }
+
+    #[tokio::test]
+    async fn a_refusal_for_want_of_room_says_when_to_try_again() {
+        let mut http = crate::config::Config::embedded_default().http;
+        http.max_event_streams = 1;
+        let sources = Sources {
+            latest: Arc::new(SharedSnapshot::default()),
+            hub: EventHub::new(Vec::new(), None, StreamTerms::default()),
+            liveness: Liveness::new(Duration::from_secs(1)),
+        };
+        let app = TowerToHyperService::new(router(sources, Guard::from_config(&http).unwrap()));
+        let stream = || {
+            let request = axum::http::Request::get("/api/v1/events")
+                .body(axum::body::Body::empty())
+                .unwrap();
+            hyper::service::Service::call(&app, request)
+        };
+        let first = stream().await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        let second = stream().await.unwrap();
+        assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(second.headers()[header::RETRY_AFTER], "1");
+        // The place comes back with the first stream.
+        drop(first);
+        assert_eq!(stream().await.unwrap().status(), StatusCode::OK);
     }
 
     #[tokio::test]
