@@ -269,12 +269,12 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
                 count_error(error_kind::PACKET_MALFORMED);
                 return None;
             }
-            let fragment = be16_at(header, 6);
+            let fragment = be16_at(&header, 6);
             // Later fragments carry no UDP header.
             if fragment & 0x1fff != 0 {
                 return None;
             }
-            let total = usize::from(be16_at(header, 2));
+            let total = usize::from(be16_at(&header, 2));
             Some(Datagram {
                 l4: L2 + ihl,
                 available: within(L2 + total, skb_len).saturating_sub(L2 + ihl),
@@ -287,7 +287,7 @@ fn locate<const L2: usize>(ctx: &TcContext) -> Option<Datagram> {
             if wrong_ip_version(header[0], 6) {
                 return None;
             }
-            let payload = usize::from(be16_at(header, 4));
+            let payload = usize::from(be16_at(&header, 4));
             // TCP comes here only behind extension headers (`may_carry_tcp`): the walk
             // counts it unparsed.
             let upper = ipv6_upper_layer::<L2>(ctx, header[6])?;

@@ -268,8 +268,8 @@ pub fn read_early_hellos(ctx: SkBuffContext) -> i32 {
 
 /// One classifier per hook does both jobs, since a second program on a hook costs a
 /// dispatch on every packet: TCP goes to the route counters, the rest to DNS while it is on
-/// (TCP behind IPv6 extension headers too: the DNS parser walks them, and counts it as
-/// unparsed).
+/// (TCP behind IPv6 extension headers too: the DNS parser walks them, and the walk counts it
+/// as unparsed).
 #[inline(always)]
 fn for_dns<const L2: usize>(ctx: &TcContext) -> bool {
     DNS_ENABLED.load() != 0 && !packet::may_carry_tcp::<L2>(ctx)

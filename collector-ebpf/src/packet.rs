@@ -9,7 +9,7 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, sk_buff::SkBuff};
 use collector_common::{LOCAL_ADDRESS_WAYS, address_words, error_kind, local_address_sets};
 
 use crate::{
@@ -46,31 +46,32 @@ pub const MAX_L4_OFFSET: usize = 512;
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
-    if start + offset + size_of::<T>() > data_end(ctx) {
+    if start + offset + size_of::<T>() > linear_end(&ctx.skb) {
         return None;
     }
     Some((start + offset) as *const T)
 }
 
-/// The end of the linear data, loaded anew for each check: kept from an earlier one, LLVM may
-/// copy it with a 32-bit move, after which the verifier no longer takes it for the packet's
-/// end and refuses the read it guards ("invalid access to packet").
+/// The end of the packet's linear data, loaded anew for each check, right beside it: kept
+/// from an earlier one, LLVM may copy it with a 32-bit move or compare it in 32 bits, after
+/// which the verifier no longer takes it for the packet's end and refuses the read it guards
+/// ("invalid access to packet").
 #[inline(always)]
-fn data_end(ctx: &TcContext) -> usize {
+pub fn linear_end(skb: &SkBuff) -> usize {
     // SAFETY: a context field the kernel passed; the verifier rewrites the load.
-    unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).data_end) as usize }
+    unsafe { core::ptr::read_volatile(&raw const (*skb.skb).data_end) as usize }
 }
 
 /// The IP header's fixed part (`FIXED` bytes: IPv4's 20, IPv6's 40) where it is whole in the
 /// linear part; `None` otherwise, for [`or_pulled`] to pull it in. One bounds check for every
-/// field the parsers read from it. (Where the first read took one byte, a linear part that
-/// ended inside the header failed the reads after it, and the packet went uncounted and
-/// unsaid.)
+/// field the parsers read from it, copied out (only the bytes read are loaded), so that no
+/// reference into the packet outlives a later pull. (Where the first read took one byte, a
+/// linear part that ended inside the header failed the reads after it, and the packet went
+/// uncounted and unsaid.)
 #[inline(always)]
-pub fn fixed_header<const L2: usize, const FIXED: usize>(ctx: &TcContext) -> Option<&[u8; FIXED]> {
-    // SAFETY: ptr_at checked the FIXED bytes; the verifier refuses a read through this
-    // reference after a pull, which may move the data.
-    ptr_at::<[u8; FIXED]>(ctx, L2).map(|header| unsafe { &*header })
+pub fn fixed_header<const L2: usize, const FIXED: usize>(ctx: &TcContext) -> Option<[u8; FIXED]> {
+    // SAFETY: ptr_at checked the FIXED bytes.
+    ptr_at::<[u8; FIXED]>(ctx, L2).map(|header| unsafe { *header })
 }
 
 /// The big-endian 16-bit field at `at` of a header read whole.
@@ -87,7 +88,7 @@ pub fn be16_at<const N: usize>(header: &[u8; N], at: usize) -> u16 {
 pub fn pull(ctx: &TcContext, len: usize) -> bool {
     let len = len.min(ctx.len() as usize);
     // Compared as `ptr_at` does: the verifier refuses to subtract packet pointers.
-    ctx.data() + len > data_end(ctx) && ctx.pull_data(len as u32).is_ok()
+    ctx.data() + len > linear_end(&ctx.skb) && ctx.pull_data(len as u32).is_ok()
 }
 
 /// Pulls the link-layer and IP headers and the first `l4_bytes` after them: for the branch
@@ -110,10 +111,10 @@ pub fn pull_headers<const L2: usize>(ctx: &TcContext, l4_bytes: usize) -> bool {
 
 /// `read` of the IP header, and where it fails, `read` again after [`pull_headers`].
 #[inline(always)]
-pub fn or_pulled<'a, const L2: usize, R>(
-    ctx: &'a TcContext,
+pub fn or_pulled<const L2: usize, R>(
+    ctx: &TcContext,
     l4_bytes: usize,
-    read: impl Fn(&'a TcContext) -> Option<R>,
+    read: impl Fn(&TcContext) -> Option<R>,
 ) -> Option<R> {
     read(ctx).or_else(|| {
         if pull_headers::<L2>(ctx, l4_bytes) {
@@ -221,8 +222,9 @@ pub struct Ipv6Upper {
 }
 
 /// Walks the extension headers of an IPv6 packet whose fixed header names `next`, not TCP
-/// (the fixed header read). Headers outside the linear part are read with
-/// `bpf_skb_load_bytes`, which reads pages too. `None` where a header cannot be read (the
+/// (the fixed header read; TCP there is the caller's, and would be counted unparsed here).
+/// Headers outside the linear part are read with `bpf_skb_load_bytes`, which reads pages
+/// too. `None` where a header cannot be read (the
 /// stack drops such a packet) and for a fragment after the first (its upper layer's header
 /// is in the first); and counted unparsed, where TCP follows the chain (the live counters
 /// do not read past extension headers, nor find a later fragment's segment), and where the

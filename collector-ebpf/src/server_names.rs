@@ -45,6 +45,7 @@ use crate::{
     CONN_COUNTERS, EARLY_HELLO, EARLY_HELLO_READER, EARLY_KEPT_NAME, SNI_COUNTERS, SNI_DECISIONS,
     SNI_KEPT_NAME, SNI_PORT_BITS, SNI_RESUME, SNI_ROUTES, SNI_SCRATCH, SNI_WATCHED, add,
     connections::{client_events, emit_open, ktime_ns, stream_wanted},
+    packet::linear_end,
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -562,15 +563,13 @@ pub fn on_segment(ctx: &SkBuffContext) {
 /// and harmless: the reader does not parse past them.)
 #[inline(always)]
 fn may_carry_data(ctx: &SkBuffContext) -> bool {
-    // SAFETY: context fields, which the verifier turns into packet pointers. The end goes
-    // through memory: LLVM, knowing both for 32-bit values, would compare them as such, and
-    // the verifier takes no 32-bit comparison of pointers for a bounds check.
-    let (data, end) = unsafe {
-        (
-            (*ctx.skb.skb).data as usize,
-            ptr::read_volatile(&((*ctx.skb.skb).data_end as usize)),
-        )
-    };
+    // SAFETY: a context field, which the verifier turns into a packet pointer. The end is
+    // loaded beside the check (`linear_end`): LLVM, knowing both for 32-bit values, would
+    // compare them as such, and the verifier takes no 32-bit comparison of pointers.
+    let (data, end) = (
+        unsafe { (*ctx.skb.skb).data as usize },
+        linear_end(&ctx.skb),
+    );
     // The shortest IP and TCP headers (also a check the verifier takes, where LLVM would
     // turn one of a single byte into a comparison it does not).
     if data + 40 > end {

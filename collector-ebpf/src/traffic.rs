@@ -137,11 +137,11 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 return None;
             }
             // Later fragments carry no TCP header: their bytes go uncounted, and say so.
-            if be16_at(header, 6) & 0x1fff != 0 {
+            if be16_at(&header, 6) & 0x1fff != 0 {
                 count_error(error_kind::PACKET_UNPARSED);
                 return None;
             }
-            (L2 + ihl, u64::from(be16_at(header, 2)))
+            (L2 + ihl, u64::from(be16_at(&header, 2)))
         }
         ETH_P_IPV6 => {
             let Some(header) = or_pulled::<L2, _>(ctx, TCP_READ, fixed_header::<L2, IPV6_HLEN>)
@@ -153,7 +153,7 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 return None;
             }
             let next_header = header[6];
-            let payload = u64::from(be16_at(header, 4));
+            let payload = u64::from(be16_at(&header, 4));
             if next_header == IPPROTO_TCP {
                 // A payload length of 0 is BIG TCP without the hop-by-hop header (below).
                 let ip_len = if payload == 0 {
@@ -173,11 +173,12 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Option<Segment> {
                 // hop-by-hop header holding only the jumbo payload option, then TCP.
                 (L2 + IPV6_HLEN + 8, 0)
             } else {
-                // Other extension headers before TCP are rare on a proxy's connections; not
-                // read past, but counted as such by the walk. (While DNS is counted, only a
-                // hop-by-hop header with a zero length comes here: the DNS parser walks the
-                // others, and the same walk counts them. See `may_carry_tcp`.)
-                ipv6_upper_layer::<L2>(ctx, next_header);
+                // Not TCP, or TCP behind extension headers, which are rare on a proxy's
+                // connections: not read past, but the walk counts it, and a chain past its
+                // reach, as unparsed; nothing else here is ours. (While DNS is counted, only a
+                // hop-by-hop header with a zero length comes here: the DNS parser takes the
+                // rest, through the same walk. See `may_carry_tcp`.)
+                let _ = ipv6_upper_layer::<L2>(ctx, next_header);
                 return None;
             }
         }

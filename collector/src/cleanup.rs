@@ -240,7 +240,13 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         }
         None
     };
-    let found = Found::of(pin_dir)?;
+    let found = Found::of(pin_dir);
+    // A listing holds no lock: pins a collector that started meanwhile made or removed are
+    // its own, not a crash's leftovers.
+    if !apply && pin_lock::held_by_another(pin_dir)? {
+        return Err(running(pin_dir));
+    }
+    let found = found?;
     let map_dir = paths::map_pin_dir(pin_dir);
     let owner = pin_owner(&map_dir)?;
     let here = netns::current_cookie()

@@ -243,7 +243,8 @@ enum MapsAction {
     },
     /// One map's numbers, refreshed, with their change per second.
     Watch {
-        /// The map's name, as `maps list` shows it.
+        /// The map's name, in any case.
+        #[arg(ignore_case = true, value_parser = maps::name_parser())]
         name: String,
         #[command(flatten)]
         source: ConfigSource,
@@ -257,7 +258,8 @@ enum MapsAction {
     },
     /// One map's contents, decoded, per-CPU values summed (JSON).
     Dump {
-        /// The map's name, as `maps list` shows it.
+        /// The map's name, in any case.
+        #[arg(ignore_case = true, value_parser = maps::name_parser())]
         name: String,
         #[command(flatten)]
         source: ConfigSource,

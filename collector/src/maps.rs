@@ -44,6 +44,14 @@ const LINKED_MAPS: [&str; 3] = [
     map_names::LOCAL_ADDRESSES,
 ];
 
+/// The names `maps watch` and `maps dump` take, in any case (given as the map's): another
+/// is a usage error (status 2) that lists them.
+pub fn name_parser() -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(PINNED_MAPS.into_iter().chain(LINKED_MAPS))
+        .map(|name| name.to_ascii_uppercase())
+}
+
 /// What `maps list` and `maps dump` say of `SNI_DECISIONS`.
 const SOCKET_STORAGE: &str = "socket storage: a value per socket, reached from its socket \
     only, so it cannot be listed or dumped; CONN_STATE's rows flagged BY_NAME are the \
@@ -74,7 +82,8 @@ pub struct MapRow {
     pub value_size: u32,
     pub capacity: u32,
     /// Entries holding something, for the tables that fill up (connections, DNS in flight,
-    /// upstream names, route names); `None` for counter arrays, whose entries always exist.
+    /// upstream names stamped within the answer timeout, route names); `None` for counter
+    /// arrays, whose entries always exist.
     pub in_use: Option<u32>,
     /// What the figures cannot say of this map (socket storage has no entries to count).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -268,7 +277,11 @@ pub fn list(pin_dir: &Path) -> anyhow::Result<Vec<MapRow>> {
                         s.start_ns != 0 && !dns_query_given_up(now, s.start_ns)
                     }))
                 }
-                map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |stamp| *stamp != 0)),
+                // The stamps a waiting query can still be judged by: a slot stamped once stays
+                // stamped, so all of them would read full within hours, whatever the load.
+                map_names::DNS_UPSTREAM => Some(count_used::<u64>(data, |&stamp| {
+                    stamp != 0 && !dns_query_given_up(now, stamp)
+                })),
                 map_names::ROUTE_NAMES => Some(count_used::<RouteName>(data, |n| n.bytes[0] != 0)),
                 _ => None,
             }

@@ -467,10 +467,13 @@ fn encode_upstreams(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt
     )
 }
 
-/// Renders the live traffic counted by tc.
+/// Renders the live traffic counted by tc: none for routes with server names, whose live
+/// bytes count by port, in the route without names of the ports they share (a series of
+/// zeros would read as an idle route).
 fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     let per_direction = |pick: fn(&collector_common::TrafficCounters) -> u64| {
-        snapshot.routes.iter().flat_map(move |r| {
+        let counted_by_port = snapshot.routes.iter().filter(|r| r.route.sni.is_empty());
+        counted_by_port.flat_map(move |r| {
             [
                 (route_direction_labels(r, "in"), pick(&r.totals.traffic_in)),
                 (
@@ -483,21 +486,21 @@ fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
     counters(
         encoder,
         "collector_proxy_packets",
-        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it); a GSO or GRO batch counts as one. On ports shared by server name all of it counts in the route without names (the named routes' are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
+        "TCP packets on the route's ports seen at the interfaces (in: to the proxy, out: from it); a GSO or GRO batch counts as one. On ports shared by server name all of it counts in the route without names, and routes with names have no series (their bytes are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
         None,
         per_direction(|t| t.packets),
     )?;
     counters(
         encoder,
         "collector_proxy_traffic",
-        "IP bytes (headers included, once per GSO or GRO batch) on the route's ports seen at the interfaces. On ports shared by server name all of it counts in the route without names (the named routes' are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
+        "IP bytes (headers included, once per GSO or GRO batch) on the route's ports seen at the interfaces. On ports shared by server name all of it counts in the route without names, and routes with names have no series (their bytes are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
         Some(&Unit::Bytes),
         per_direction(|t| t.bytes),
     )?;
     counters(
         encoder,
         "collector_proxy_traffic_payload",
-        "TCP payload bytes on the route's ports seen at the interfaces, live (before connections close). On ports shared by server name all of it counts in the route without names (the named routes' are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
+        "TCP payload bytes on the route's ports seen at the interfaces, live (before connections close). On ports shared by server name all of it counts in the route without names, and routes with names have no series (their bytes are counted at each close, in collector_proxy_connection_received_bytes_total and sent_bytes_total).",
         Some(&Unit::Bytes),
         per_direction(|t| t.payload_bytes),
     )

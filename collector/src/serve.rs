@@ -230,20 +230,37 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 Err(auth::CheckRefused::Wrong(challenge)) => return unauthorized(challenge),
                 Err(auth::CheckRefused::NoTurn) => {
                     guard.load.refuse(Limit::PasswordChecks);
-                    return no_room("too many password checks waiting\n");
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many password checks waiting\n",
+                    )
+                        .into_response();
                 }
             }
         }
     }
     let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
         guard.load.refuse(Limit::Requests);
-        return no_room("too many requests at once\n");
+        // The places free up as requests end, within a request's time: a client (or a
+        // load balancer) that reads `Retry-After` tries again a second later. (A stream's
+        // place frees only when a stream ends, a password check's turn after a wait as long
+        // as a request's: neither says when.)
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many requests at once\n",
+        )
+            .into_response();
     };
     if path == "/api/v1/events" {
         // A stream lives as long as its body: it holds a stream permit for that long, and
         // gives the request permit back once admitted.
         let Some(stream_place) = guard.load.stream_place() else {
-            return no_room("too many event streams at once\n");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many event streams at once\n",
+            )
+                .into_response();
         };
         drop(permit);
         let mut authorization = HeaderMap::new();
@@ -329,17 +346,6 @@ fn unauthorized(auth::Challenge(challenge): auth::Challenge) -> Response {
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, challenge)],
         "credentials are required\n",
-    )
-        .into_response()
-}
-
-/// A refusal for want of room: the places free up within a request's time, so a client
-/// (or a load balancer) that reads `Retry-After` tries again a second later.
-fn no_room(why: &'static str) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        [(header::RETRY_AFTER, "1")],
-        why,
     )
         .into_response()
 }
@@ -1515,30 +1521,45 @@ mod tests {
         )
     }
 
+    /// A request refused for want of a request's place says when to try again (places free
+    /// up as requests end); one refused for want of a stream's place does not (a stream may
+    /// last for hours).
     #[tokio::test]
-    async fn a_refusal_for_want_of_room_says_when_to_try_again() {
+    async fn a_refusal_for_want_of_room_says_when_to_try_again_where_it_can() {
         let mut http = crate::config::Config::embedded_default().http;
+        http.max_concurrent_requests = 1;
         http.max_event_streams = 1;
+        let guard = Guard::from_config(&http).unwrap();
         let sources = Sources {
             latest: Arc::new(SharedSnapshot::default()),
             hub: EventHub::new(Vec::new(), None, StreamTerms::default()),
             liveness: Liveness::new(Duration::from_secs(1)),
         };
-        let app = TowerToHyperService::new(router(sources, Guard::from_config(&http).unwrap()));
-        let stream = || {
-            let request = axum::http::Request::get("/api/v1/events")
+        let app = TowerToHyperService::new(router(sources, guard.clone()));
+        let get = |path: &'static str| {
+            let request = axum::http::Request::get(path)
                 .body(axum::body::Body::empty())
                 .unwrap();
             hyper::service::Service::call(&app, request)
         };
-        let first = stream().await.unwrap();
-        assert_eq!(first.status(), StatusCode::OK);
-        let second = stream().await.unwrap();
+        let stream = get("/api/v1/events").await.unwrap();
+        assert_eq!(stream.status(), StatusCode::OK);
+        let second = get("/api/v1/events").await.unwrap();
         assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(second.headers()[header::RETRY_AFTER], "1");
-        // The place comes back with the first stream.
-        drop(first);
-        assert_eq!(stream().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(second.headers().get(header::RETRY_AFTER), None);
+        // The stream gave its request's place back; held now, as a slow request would.
+        let held = Arc::clone(&guard.permits).try_acquire_owned().unwrap();
+        let refused = get("/api/v1/proxy").await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+        drop(held);
+        assert_eq!(get("/api/v1/proxy").await.unwrap().status(), StatusCode::OK);
+        // The stream's place comes back with the stream.
+        drop(stream);
+        assert_eq!(
+            get("/api/v1/events").await.unwrap().status(),
+            StatusCode::OK
+        );
     }
 
     #[tokio::test]

@@ -1157,6 +1157,33 @@ fn a_failure_is_said_whatever_the_log_filter() {
     }
 }
 
+/// A map name `maps` does not know is a usage error (status 2) that lists the names, before
+/// anything is read; the case does not matter. Until 2026-12-07 it failed with status 1,
+/// as a failed read does.
+#[test]
+fn maps_take_a_known_name_in_any_case() {
+    for command in ["dump", "watch"] {
+        let out = Command::new(COLLECTOR)
+            .args(["maps", command, "CONN_STATES"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("CONN_STATE") && stderr.contains("LOCAL_ADDRESSES"),
+            "{command}: {stderr}"
+        );
+    }
+    let pin_dir = "/sys/fs/bpf/collector-test-no-such-pins";
+    let out = Command::new(COLLECTOR)
+        .args(["maps", "dump", "conn_state", "--pin-dir", pin_dir])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("invalid value"), "{stderr}");
+}
+
 /// `--listen` says what to write, as the config's `listen` does: until 2026-12-03 clap said
 /// only "invalid socket address syntax".
 #[test]
