@@ -81,9 +81,18 @@ use crate::{
     tally::TallyTable,
 };
 
+/// The version and the commit built: every build is 0.1.0, so the commit is what tells one
+/// from another (which upgrade notes apply); `collector_build_info` says the same.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("COLLECTOR_REVISION"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
-    version,
+    version = VERSION,
     about = "Kernel-assisted proxy and DNS metrics for ingress hosts"
 )]
 struct Cli {
@@ -857,6 +866,7 @@ fn bound_address(listener: &tokio::net::TcpListener, configured: SocketAddr) -> 
 /// The line that says the agent runs, and with what.
 fn log_running(attachment: &Attachment, listening: &str) {
     tracing::info!(
+        version = VERSION,
         listen = %listening,
         routes = attachment.routes.len(),
         upstreams = attachment.upstreams.len(),

@@ -1157,6 +1157,21 @@ fn a_failure_is_said_whatever_the_log_filter() {
     }
 }
 
+/// `--version` names the commit built, as `collector_build_info` does: every build is 0.1.0,
+/// so the commit is what says which upgrade notes apply (until 2026-12-07 it printed the
+/// version alone).
+#[test]
+fn the_version_names_the_commit_built() {
+    let out = Command::new(COLLECTOR).arg("--version").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let revision = stdout
+        .trim()
+        .strip_prefix(concat!("collector ", env!("CARGO_PKG_VERSION"), " ("))
+        .and_then(|rest| rest.strip_suffix(')'));
+    assert!(revision.is_some_and(|r| !r.is_empty()), "{stdout}");
+}
+
 /// A map name `maps` does not know is a usage error (status 2) that lists the names, before
 /// anything is read; the case does not matter. Until 2026-12-07 it failed with status 1,
 /// as a failed read does.

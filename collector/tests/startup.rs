@@ -741,6 +741,13 @@ fn json_logs_are_one_object_a_line_with_the_fields_at_the_top() {
     assert_eq!(running["level"], "INFO");
     assert_eq!(running["routes"], 0);
     assert!(running["listen"].is_string(), "{running}");
+    // The commit built, as `--version` says it.
+    assert!(
+        running["version"]
+            .as_str()
+            .is_some_and(|version| version.starts_with(concat!(env!("CARGO_PKG_VERSION"), " ("))),
+        "{running}"
+    );
     assert!(
         lines.iter().any(|line| line["level"] == "WARN"
             && line["message"]
