@@ -228,23 +228,26 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
     let pin_dir = &config.pin_dir;
     // Held to the end of a removal, so that no collector starts meanwhile. Without it (no
     // pin directory yet) nothing in bpffs is removed: a collector starting meanwhile makes
-    // its directories under its own lock, and they are not ours to take away. A listing only
-    // looks: held, the lock would keep a start waiting.
-    let lock = if !paths::pin_exists(pin_dir)? {
-        None
-    } else if apply {
+    // its directories under its own lock, and they are not ours to take away.
+    let lock = if apply && paths::pin_exists(pin_dir)? {
         Some(lock_unless_running(pin_dir)?)
     } else {
-        if pin_lock::held_by_another(pin_dir)? {
-            return Err(running(pin_dir));
-        }
         None
     };
     let found = Found::of(pin_dir);
-    // A listing holds no lock: pins a collector that started meanwhile made or removed are
-    // its own, not a crash's leftovers.
-    if !apply && pin_lock::held_by_another(pin_dir)? {
-        return Err(running(pin_dir));
+    // A listing only looks (held, the lock would keep a start waiting), and then refuses
+    // beside a running collector, also one that started while it looked: the pins it made or
+    // removed meanwhile are its own, not a crash's leftovers.
+    if !apply {
+        match pin_lock::held_by_another(pin_dir) {
+            Ok(true) => return Err(running(pin_dir)),
+            Ok(false) => {}
+            // The listing's own read says it first (without root: bpffs is root's alone).
+            Err(err) => {
+                let _ = found?;
+                return Err(err).context("looking for a running collector's lock");
+            }
+        }
     }
     let found = found?;
     let map_dir = paths::map_pin_dir(pin_dir);

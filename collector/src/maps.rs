@@ -532,6 +532,7 @@ fn decode(pin_dir: &Path, name: &str) -> anyhow::Result<Value> {
         | map_names::SNI_ROUTES
         | map_names::SNI_PORT_BITS => dump_server_names(pin_dir, name)?,
         map_names::LOCAL_ADDRESSES => dump_local_addresses(pin_dir)?,
+        // Not from the command line, which takes only these names (`name_parser`).
         _ => bail!(
             "no map {name}: the pinned maps are {}, and {} are read through the programs",
             PINNED_MAPS.join(", "),
@@ -950,7 +951,7 @@ fn watch_line(path: &str, value: &Number, rate: &str) -> String {
 
 /// `maps watch NAME`: the map's numbers every `interval`, each with its change per second
 /// since the previous refresh; `count` refreshes, or until interrupted. The first read that
-/// fails ends it (a wrong name or pin directory); a later one (the pins gone while the agent
+/// fails ends it (a pin directory without the map); a later one (the pins gone while the agent
 /// restarts) is said on standard error, once until it reads again or fails otherwise, and
 /// counts as a refresh: a watch bounded by `count` ends, with an error if its last failed.
 pub fn watch(
@@ -1062,6 +1063,15 @@ pub fn print_list(out: &mut impl Write, rows: &[MapRow]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The command line upper-cases the name it is given (`name_parser`): a map named
+    /// otherwise could not be reached.
+    #[test]
+    fn every_map_the_command_line_takes_is_named_in_upper_case() {
+        for name in PINNED_MAPS.into_iter().chain(LINKED_MAPS) {
+            assert_eq!(name, name.to_ascii_uppercase());
+        }
+    }
 
     #[test]
     fn log2_buckets_are_named_by_their_upper_bound_and_empty_ones_left_out() {
