@@ -2,6 +2,7 @@
 
 mod address_table;
 mod addresses;
+mod agent_http;
 mod api;
 mod auth;
 mod bpf_sys;
@@ -209,7 +210,7 @@ struct AgentAddress {
 }
 
 impl AgentAddress {
-    fn endpoint(&self) -> anyhow::Result<client::Endpoint> {
+    fn endpoint(&self) -> anyhow::Result<agent_http::Endpoint> {
         let (config, refused) = match &self.config {
             Some(path) => {
                 let (config, refused) = Config::from_file_for_reading(path)?;
@@ -218,14 +219,14 @@ impl AgentAddress {
             None => (None, None),
         };
         if let Some(refused) = refused {
-            let agent = client::agent_address(self.listen, config.as_ref());
+            let agent = agent_http::agent_address(self.listen, config.as_ref());
             warn_refused_at_start(
                 &refused,
                 &format!("the agent at {agent}"),
                 &[("listen", self.listen.is_some()), ("[http]", false)],
             );
         }
-        client::Endpoint::new(
+        agent_http::Endpoint::new(
             self.listen,
             config.as_ref(),
             self.cacert.as_deref(),
