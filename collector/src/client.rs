@@ -507,10 +507,15 @@ pub fn dns_table(json: &Value) -> String {
     out
 }
 
-/// The first ten of a JSON list of domains, one a line.
+/// The first ten of a JSON list of domains, one a line; `(none)` for none, so that a heading
+/// does not stand over nothing, or over the next heading.
 fn list_domains(out: &mut String, domains: &Value) {
     use std::fmt::Write as _;
-    for domain in domains.as_array().into_iter().flatten().take(10) {
+    let domains = domains.as_array().map_or(&[][..], Vec::as_slice);
+    if domains.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for domain in domains.iter().take(10) {
         // Past the tracked set a count may be short by its inherited count: say by how much.
         let undercount = match count(&domain["maxUndercount"]) {
             0 => String::new(),
@@ -615,17 +620,6 @@ pub fn stats(agent: &Endpoint, dns: bool, json: bool, watch: bool) -> anyhow::Re
     output::write(|out| write!(out, "{text}"))
 }
 
-/// `HH:MM:SS UTC` of a time in milliseconds since the Unix epoch.
-fn time_of_day_utc(unix_ms: u64) -> String {
-    let seconds = unix_ms / 1000 % 86_400;
-    format!(
-        "{:02}:{:02}:{:02} UTC",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60
-    )
-}
-
 /// `collector top`: routes and DNS together, refreshed every second (or once).
 pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
     let fetch = || -> anyhow::Result<String> {
@@ -637,7 +631,7 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
         let mut text = format!(
             "collector at {}, {}\n\n{}{}",
             agent.addr(),
-            time_of_day_utc(now_ms),
+            crate::clock::time_of_day_utc(now_ms),
             freshness(&proxy, now_ms),
             proxy_table(&proxy)
         );
@@ -657,13 +651,6 @@ pub fn top(agent: &Endpoint, once: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_time_of_day_is_utcs() {
-        // 2026-12-04 23:59:58.999 UTC.
-        assert_eq!(super::time_of_day_utc(1_796_428_798_999), "23:59:58 UTC");
-        assert_eq!(super::time_of_day_utc(0), "00:00:00 UTC");
-    }
 
     #[test]
     fn stream_lines_are_written_whole() {
@@ -968,6 +955,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("not measured ([dns] match_responses = false)"));
+        // An empty list says so under its heading.
+        assert!(
+            text.ends_with("top domains since the start:\n  (none)\n"),
+            "{text}"
+        );
 
         // Nothing to take a figure from is `-`, not a zero; microseconds read as such; a
         // count that may be short says by how much.

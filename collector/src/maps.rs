@@ -968,6 +968,7 @@ pub fn watch(
     let mut due = Instant::now();
     loop {
         let now = Instant::now();
+        let read_at_ms = crate::clock::unix_ms();
         let read = dump(pin_dir, name);
         refreshes += 1;
         let last = count.is_some_and(|count| refreshes >= count);
@@ -1005,7 +1006,13 @@ pub fn watch(
                 // Into a file or a pipe: refreshes one after another.
                 writeln!(out)?;
             }
-            writeln!(out, "{name} every {:.1} s", interval.as_secs_f64())?;
+            // The time of the read: a view written into a file says when it was taken.
+            writeln!(
+                out,
+                "{name} every {:.1} s, {}",
+                interval.as_secs_f64(),
+                crate::clock::time_of_day_utc(read_at_ms)
+            )?;
             writeln!(out, "{:<40} {:>16} {:>14}", "FIELD", "VALUE", "PER SECOND")?;
             for (path, value) in &values {
                 let rate = previous

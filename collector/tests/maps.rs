@@ -82,6 +82,18 @@ fn assert_watch_shows_opened(config: &AgentConfig, opened_count: usize) {
     // Into a pipe, the views follow one another (no screen clearing), each under its
     // header.
     assert!(!text.contains('\x1b'), "{text:?}");
+    // Each header says when its view was read (HH:MM:SS UTC).
+    let headers: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("CONN_COUNTERS every 0.2 s, "))
+        .collect();
+    assert_eq!(headers.len(), 2, "{text}");
+    assert!(
+        headers
+            .iter()
+            .all(|header| header.ends_with(" UTC") && header.len() == 39),
+        "{headers:?}"
+    );
     let last_view = text.rsplit("FIELD").next().unwrap();
     let opened = last_view
         .lines()
