@@ -22,6 +22,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Body as _;
 use hyper::{StatusCode, body::Incoming, header};
 use hyper_util::rt::TokioIo;
 use rustls::{
@@ -60,18 +61,19 @@ pub struct Endpoint {
 /// `kubernetes.io/tls` Secrets from cert-manager carry it.
 const CA_BESIDE_CERT: &str = "ca.crt";
 
-/// How long the CLI waits for the agent to accept, and then for each read of an answer (the
-/// event stream, which may stay quiet, waits three of its heartbeats): an agent that is
-/// stopped, or an address that drops packets, is an error in seconds rather than after the
-/// kernel's SYN retries.
+/// How long the CLI waits for the agent to accept: an agent that is stopped, or an address
+/// that drops packets, is an error in seconds rather than after the kernel's SYN retries.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long it waits for the TLS handshake, for the answer's head once the request is sent,
+/// and for each of the body's reads (the event stream, which may stay quiet, waits three of
+/// its heartbeats instead).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A PEM file HTTPS trusts, and the certificates in it.
 type Trusted = (PathBuf, Vec<TrustAnchor<'static>>);
 
-/// Most bytes of an answer's head taken (hyper's buffer): something else on the port may
-/// send without end.
+/// Most bytes of an answer's head taken (hyper's buffer): a head that looks like HTTP and
+/// never ends is refused there (what does not look like HTTP is, at its first byte).
 const MAX_HEAD: usize = 64 * 1024;
 
 /// How much of an unexpected status line an error shows.
@@ -83,6 +85,7 @@ const KEPT_FIRST_BYTES: usize = 1024;
 
 /// How much of a refusal's body is its reason.
 const MAX_REASON: usize = 1024;
+
 impl Endpoint {
     /// `listen` overrides the config's address; `cacert` (PEM) is what HTTPS trusts, by
     /// default the agent's own certificate file and the `ca.crt` beside it if there is one;
@@ -211,7 +214,10 @@ impl Endpoint {
             tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(self.server_name(), tcp);
         match tokio::time::timeout(ANSWER_TIMEOUT, handshake).await {
             Ok(Ok(tls)) => Ok(Box::new(tls)),
-            Ok(Err(err)) => Err(self.explain(err)),
+            Ok(Err(err)) => Err(self.explain(err).context(format!(
+                "TLS handshake with the collector at {}",
+                self.addr()
+            ))),
             Err(_) => Err(self.silent()),
         }
     }
@@ -237,19 +243,21 @@ impl Endpoint {
         }
         request
             .body(Empty::new())
-            .context("making the request (a token the header cannot carry?)")
+            .with_context(|| format!("building the request for {path}"))
     }
 
     /// GET `path` (`accept`: what to ask for, if anything) on a connection of its own: the
     /// answer once its head has come and says 200; otherwise what answered and the fix.
     pub fn get(&self, path: &str, accept: Option<&str>) -> anyhow::Result<Answer<'_>> {
         self.runtime.block_on(async {
-            let request = self.request(path, accept)?;
             let seen = Arc::new(Mutex::new(Vec::new()));
             let connection = FirstBytesKept {
                 inner: self.connect().await?,
                 seen: Arc::clone(&seen),
+                full: false,
             };
+            // After the connection: its Host is the address reached (the fallback's, maybe).
+            let request = self.request(path, accept)?;
             let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
                 .max_buf_size(MAX_HEAD)
                 .handshake(TokioIo::new(connection))
@@ -268,19 +276,21 @@ impl Endpoint {
                     Ok(Ok(response)) => response,
                 };
             let (head, body) = response.into_parts();
+            // hyper's own judgement: a length it reads to, else chunked as its rule has it.
+            let length = body.size_hint().exact();
             let mut answer = Answer {
                 agent: self,
-                chunked: is_chunked(&head.headers),
-                length: head
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|length| length.to_str().ok()?.parse().ok()),
+                chunked: length.is_none() && is_chunked(&head.headers),
+                length,
                 body,
             };
             if head.status != StatusCode::OK {
                 // An HTTP refusal's body says why (503: which cap the agent reached).
-                let reason = answer.reason().await;
-                self.check_status(status_line(&head).as_bytes(), reason.as_deref())?;
+                let (reason, _) = answer.read_up_to(MAX_REASON).await;
+                self.check_status(
+                    status_line(&head).as_bytes(),
+                    reason_text(&reason).as_deref(),
+                )?;
             }
             Ok(answer)
         })
@@ -289,27 +299,30 @@ impl Endpoint {
     /// GET `path` and parse its JSON body.
     pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let mut answer = self.get(path, None)?;
-        let mut body = Vec::new();
-        loop {
-            match answer.next(ANSWER_TIMEOUT) {
-                Ok(Some(bytes)) => body.extend_from_slice(&bytes),
-                Ok(None) => break,
-                Err(ReadFailure::CutOff(_)) if answer.length.is_some() => bail!(
+        let (body, failure) = self.runtime.block_on(answer.read_up_to(usize::MAX));
+        let cut = |err: anyhow::Error| {
+            err.context(format!(
+                "reading the answer of the collector at {}",
+                self.addr()
+            ))
+        };
+        match failure {
+            None => {}
+            Some(ReadFailure::Silent) => return Err(self.silent()),
+            Some(ReadFailure::Closed(err) | ReadFailure::Reset(err)) if answer.length.is_some() => {
+                return Err(cut(err).context(format!(
                     "the collector at {} ended its answer after {} of its {} bytes",
                     self.addr(),
                     body.len(),
                     answer.length.unwrap_or_default()
-                ),
-                // A TLS peer that closes without close_notify still sent the whole body. A
-                // chunked body has its own end, and is not whole without it.
-                Err(ReadFailure::CutOff(_)) if !answer.chunked => break,
-                Err(ReadFailure::CutOff(err) | ReadFailure::Failed(err)) => {
-                    return Err(err.context(format!(
-                        "reading the answer of the collector at {}",
-                        self.addr()
-                    )));
-                }
-                Err(ReadFailure::Silent) => return Err(self.silent()),
+                )));
+            }
+            // A body that ends with the connection, closed: the whole body (a TLS peer that
+            // closes without close_notify reads so). A chunked body has its own end, and is
+            // not whole without it.
+            Some(ReadFailure::Closed(_)) if !answer.chunked => {}
+            Some(ReadFailure::Closed(err) | ReadFailure::Reset(err) | ReadFailure::Failed(err)) => {
+                return Err(cut(err));
             }
         }
         serde_json::from_slice(&body).context("the collector's answer is not JSON")
@@ -328,7 +341,19 @@ impl Endpoint {
     /// Why no answer came, `seen` being the first bytes the agent sent: what answered where
     /// it was not HTTP, or an answer cut short, with the fix.
     fn no_answer(&self, err: hyper::Error, seen: &[u8]) -> anyhow::Error {
-        if err.is_parse() || err.is_incomplete_message() {
+        use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+        // Closed (a TLS peer without close_notify reads so), reset (closed with the request
+        // unread) or cut short: judged by what it sent, if anything. Closed before hyper wrote
+        // the request: canceled.
+        let closed = err.is_incomplete_message()
+            || err.is_canceled()
+            || cause::<std::io::Error>(&err).is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted
+                )
+            });
+        if err.is_parse() || closed {
             let first_line = seen
                 .iter()
                 .position(|&byte| byte == b'\n')
@@ -337,7 +362,10 @@ impl Endpoint {
                 return refusal;
             }
         }
-        self.explain(err)
+        self.explain(err).context(format!(
+            "reading the head of the answer of the collector at {}",
+            self.addr()
+        ))
     }
 
     /// Whether `status` (the reply's first line) is a 200; otherwise why not (with `reason`,
@@ -431,21 +459,17 @@ fn status_line(head: &hyper::http::response::Parts) -> String {
     format!("{:?} {} {reason}", head.version, head.status.as_u16())
 }
 
-/// Whether the body comes in the chunked coding (the last of the codings, RFC 9112 section
-/// 6.1): then it has an end of its own, which one cut off lacks.
+/// Whether hyper decodes a body without a length as chunked, by its own rule: the last
+/// coding of the last `Transfer-Encoding` line. Then the body has an end of its own, which one
+/// cut off lacks; otherwise it ends with the connection.
 fn is_chunked(headers: &header::HeaderMap) -> bool {
     headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .rfind(|coding| !coding.is_empty())
-        .is_some_and(|last| {
-            last.split(';')
-                .next()
-                .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
-        })
+        .next_back()
+        .and_then(|line| line.to_str().ok())
+        .and_then(|line| line.rsplit(',').next())
+        .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
 }
 
 /// The first error of type `T` in `err`'s chain, looking inside I/O errors too (whose
@@ -483,9 +507,11 @@ pub struct Answer<'a> {
 pub enum ReadFailure {
     /// Nothing came within the wait.
     Silent,
-    /// The connection ended or was reset before the body's end (for a body that ends with the
-    /// connection, a TLS close without `close_notify` reads so too).
-    CutOff(anyhow::Error),
+    /// The connection closed before the body's end (a body that ends with the connection
+    /// reads so where a TLS peer closes without `close_notify`).
+    Closed(anyhow::Error),
+    /// The connection was reset or aborted.
+    Reset(anyhow::Error),
     /// Anything else: a TLS error, a malformed chunk.
     Failed(anyhow::Error),
 }
@@ -521,36 +547,39 @@ impl Answer<'_> {
 
     fn failure(&self, err: hyper::Error) -> ReadFailure {
         use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
-        let cut_off = err.is_incomplete_message()
-            || cause::<std::io::Error>(&err).is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    UnexpectedEof | ConnectionReset | ConnectionAborted
-                )
-            });
+        let kind = cause::<std::io::Error>(&err).map(std::io::Error::kind);
+        let closed = err.is_incomplete_message() || kind == Some(UnexpectedEof);
+        let reset = matches!(kind, Some(ConnectionReset | ConnectionAborted));
         let err = self.agent.explain(err);
-        if cut_off {
-            ReadFailure::CutOff(err)
+        if closed {
+            ReadFailure::Closed(err)
+        } else if reset {
+            ReadFailure::Reset(err)
         } else {
             ReadFailure::Failed(err)
         }
     }
 
-    /// The first KiB of a refusal's body, on one line; `None` if empty or unreadable.
-    async fn reason(&mut self) -> Option<String> {
+    /// The body's bytes up to `limit` (or a little past it), each read waiting at most
+    /// [`ANSWER_TIMEOUT`], and the failure that ended them before the body's end, if one did.
+    async fn read_up_to(&mut self, limit: usize) -> (Vec<u8>, Option<ReadFailure>) {
         let mut body = Vec::new();
-        while body.len() < MAX_REASON {
+        while body.len() < limit {
             match self.next_within(ANSWER_TIMEOUT).await {
                 Ok(Some(bytes)) => body.extend_from_slice(&bytes),
                 Ok(None) => break,
-                Err(_) => return None,
+                Err(failure) => return (body, Some(failure)),
             }
         }
-        body.truncate(MAX_REASON);
-        let text = String::from_utf8_lossy(&body);
-        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        (!text.is_empty()).then_some(text)
+        (body, None)
     }
+}
+
+/// A refusal's body as its reason: its first KiB on one line; `None` if empty.
+fn reason_text(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_REASON)]);
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!text.is_empty()).then_some(text)
 }
 
 /// A plain or TLS connection to the agent.
@@ -575,6 +604,8 @@ async fn connect_within(addr: SocketAddr) -> std::io::Result<TcpStream> {
 struct FirstBytesKept {
     inner: Box<dyn Connection>,
     seen: Arc<Mutex<Vec<u8>>>,
+    /// [`KEPT_FIRST_BYTES`] are kept: a stream's later reads take no lock.
+    full: bool,
 }
 
 impl AsyncRead for FirstBytesKept {
@@ -586,10 +617,13 @@ impl AsyncRead for FirstBytesKept {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let mut seen = this.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let room = KEPT_FIRST_BYTES.saturating_sub(seen.len());
-        let read = &buf.filled()[before..];
-        seen.extend_from_slice(&read[..read.len().min(room)]);
+        if !this.full {
+            let mut seen = this.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            let room = KEPT_FIRST_BYTES.saturating_sub(seen.len());
+            let read = &buf.filled()[before..];
+            seen.extend_from_slice(&read[..read.len().min(room)]);
+            this.full = seen.len() == KEPT_FIRST_BYTES;
+        }
         polled
     }
 }
@@ -879,22 +913,94 @@ mod tests {
         assert_eq!(headers.get(header::ACCEPT), None);
     }
 
-    /// The error of a GET from a server on loopback that answers `sent` and closes, and the
-    /// address it was at.
-    fn refused_with(sent: &'static [u8]) -> (String, SocketAddr) {
-        use std::io::{Read as _, Write as _};
+    /// What `ask` of an endpoint gets from a server on loopback that answers its connection
+    /// with `answer`, and the address it was at.
+    fn asked<T>(
+        answer: impl FnOnce(std::net::TcpStream) + Send + 'static,
+        ask: impl FnOnce(&Endpoint) -> T,
+    ) -> (T, SocketAddr) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
+        let server = std::thread::spawn(move || answer(listener.accept().unwrap().0));
+        let plain = Endpoint::new(Some(addr), None, None, None).unwrap();
+        let asked = ask(&plain);
+        server.join().unwrap();
+        (asked, addr)
+    }
+
+    /// An answer that reads the request, sends `sent` and closes.
+    fn sending(sent: &'static [u8]) -> impl FnOnce(std::net::TcpStream) + Send + 'static {
+        use std::io::{Read as _, Write as _};
+        move |mut stream| {
             let _ = stream.read(&mut [0; 1024]).unwrap();
             // The client stops reading an endless answer: its write may fail.
             let _ = stream.write_all(sent);
+        }
+    }
+
+    /// The error of a GET from a server on loopback that answers `sent` and closes, and the
+    /// address it was at.
+    fn refused_with(sent: &'static [u8]) -> (String, SocketAddr) {
+        let (refused, addr) = asked(sending(sent), |agent| {
+            agent.get("/x", None).map(|_| ()).unwrap_err()
         });
-        let plain = Endpoint::new(Some(addr), None, None, None).unwrap();
-        let refused = plain.get("/x", None).map(|_| ()).unwrap_err();
-        server.join().unwrap();
         (format!("{refused:#}"), addr)
+    }
+
+    #[test]
+    fn a_connection_closed_without_an_answer_is_said_so() {
+        // Closed at once, the request unread: whichever of the close and the request comes
+        // first, an EOF, a reset or a request never written.
+        for _ in 0..20 {
+            let (closed, addr) = asked(drop, |agent| {
+                format!("{:#}", agent.get("/x", None).map(|_| ()).unwrap_err())
+            });
+            assert!(
+                closed.starts_with(&format!(
+                    "the collector at {addr} closed the connection without an answer"
+                )),
+                "{closed}"
+            );
+        }
+        // Closed inside the status line: what came is said.
+        let (cut, addr) = refused_with(b"HTTP/1.1 503 Serv");
+        assert_eq!(
+            cut,
+            format!("the collector at {addr} answered HTTP/1.1 503 Serv")
+        );
+    }
+
+    #[test]
+    fn a_json_answer_cut_short_says_where() {
+        let json = |sent: &'static [u8]| {
+            asked(sending(sent), |agent| {
+                agent.get_json("/x").map_err(|err| format!("{err:#}"))
+            })
+        };
+        let (whole, _) = json(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n{\"a\": 1}");
+        assert_eq!(whole, Ok(serde_json::json!({"a": 1})));
+        let (short, addr) = json(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{\"a\":");
+        let short = short.unwrap_err();
+        assert!(
+            short.starts_with(&format!(
+                "the collector at {addr} ended its answer after 5 of its 10 bytes: reading the \
+                 answer of the collector at {addr}: "
+            )),
+            "{short}"
+        );
+        // Chunked with a length beside (hyper reads it chunked): a cut is not a short length.
+        let (chunked, _) = json(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\n{\"a\":\r\n",
+        );
+        let chunked = chunked.unwrap_err();
+        assert!(
+            chunked.starts_with("reading the answer") && !chunked.contains("of its"),
+            "{chunked}"
+        );
+        // Ended with the connection (HTTP/1.0): the whole body.
+        let (until_close, _) = json(b"HTTP/1.0 200 OK\r\n\r\n{\"a\": 2}");
+        assert_eq!(until_close, Ok(serde_json::json!({"a": 2})));
     }
 
     #[test]

@@ -28,8 +28,10 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
             Ok(Some(bytes)) => bytes,
             // Cut after the agent's end line (its last chunk held up past the stop's grace):
             // everything was sent.
-            Err(ReadFailure::CutOff(_)) if out.ended => return out.finish(),
-            Err(ReadFailure::CutOff(err)) if marks_its_end => {
+            Err(ReadFailure::Closed(_) | ReadFailure::Reset(_)) if out.ended => {
+                return out.finish();
+            }
+            Err(ReadFailure::Closed(err) | ReadFailure::Reset(err)) if marks_its_end => {
                 return Err(anyhow::anyhow!(
                     "the event stream from the collector at {} was cut off before its end: {} \
                      ({err:#})",
@@ -37,9 +39,9 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
                     CUT_OFF_CAUSES
                 ));
             }
-            // The body's end, or the connection's for a body that ends with it: what was sent
-            // has been written.
-            Ok(None) | Err(ReadFailure::CutOff(_)) => break,
+            // The body's end, or the connection's close for a body that ends with it: what
+            // was sent has been written.
+            Ok(None) | Err(ReadFailure::Closed(_)) => break,
             Err(ReadFailure::Silent) => anyhow::bail!(
                 "nothing from the collector at {} for {} s, not even its heartbeat (one every \
                  {} s): it is stopped, frozen or cut off",
@@ -47,7 +49,9 @@ pub fn events(agent: &Endpoint) -> anyhow::Result<()> {
                 silence.as_secs(),
                 crate::event_stream::HEARTBEAT_INTERVAL.as_secs()
             ),
-            Err(ReadFailure::Failed(err)) => return Err(err.context("reading the event stream")),
+            Err(ReadFailure::Reset(err) | ReadFailure::Failed(err)) => {
+                return Err(err.context("reading the event stream"));
+            }
         };
         if !out.forward(&bytes)? {
             return Ok(());
