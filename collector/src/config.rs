@@ -679,21 +679,61 @@ fn parse_raw<T: serde::de::DeserializeOwned>(source: &Source<'_>) -> Result<T, C
         let message = in_words(err.message().trim());
         let message = message.as_str();
         // `[routes]` where `[[routes]]` was meant: say how a list of tables is written.
+        // The whole line the error points into (at `routes.web` of `[routes.web]`, say).
         let table = err
             .span()
-            .and_then(|span| text.get(span.start..)?.lines().next())
+            .and_then(|span| {
+                let start = text.get(..span.start)?.rfind('\n').map_or(0, |at| at + 1);
+                text.get(start..)?.lines().next()
+            })
+            .and_then(|line| line.split('#').next())
             .map(str::trim)
             .filter(|line| line.starts_with('[') && line.ends_with(']'));
         let hint = match table {
             Some(table) if message == "invalid type: map, expected an array, as [...]" => {
-                format!(" (a list of tables takes double brackets: [{table}])")
+                match table.trim_matches(['[', ']']).split_once('.') {
+                    // `[routes.web]`: a name in the header, as some tools take it.
+                    Some((list, name)) => format!(
+                        " (a list of tables takes double brackets and names each in it: \
+                         [[{list}]] and then name = {:?})",
+                        name.trim_matches('"')
+                    ),
+                    None => format!(" (a list of tables takes double brackets: [{table}])"),
+                }
             }
             Some(table) if message.ends_with(SINGLE_TABLE) && table.starts_with("[[") => {
                 format!(": {}", &table[1..table.len() - 1])
             }
-            _ => String::new(),
+            _ => misplaced_key(message).unwrap_or_default(),
         };
         source.error(err.span(), format!("{message}{hint}"))
+    })
+}
+
+/// The keys of the file's top level (a unit test holds them to what it takes).
+const TOP_LEVEL_KEYS: [&str; 10] = [
+    "listen",
+    "pin_dir",
+    "cgroup2",
+    "interfaces",
+    "exclude_interfaces",
+    "all_namespaces",
+    "extra_local_addresses",
+    "client_stats",
+    "connection_table_slots",
+    "poll_interval_ms",
+];
+
+/// For an unknown key that is a top-level one: why it was not taken. Every key below a
+/// table's header belongs to that table, so one appended to a file that ends in `[http]`
+/// (as the `DaemonSet`'s `ConfigMap` does) lands there.
+fn misplaced_key(message: &str) -> Option<String> {
+    let key = message.strip_prefix("unknown field `")?.split('`').next()?;
+    TOP_LEVEL_KEYS.contains(&key).then(|| {
+        format!(
+            " (`{key}` is a top-level key, and every key below a table's [header] belongs to \
+             that table: move it above the first table)"
+        )
     })
 }
 
@@ -1270,6 +1310,16 @@ fn validate_nftables(source: &Source<'_>, raw: Option<&RawNft>) -> Result<NftCon
             RawSwitch::Bool(true) => NftEnabled::On,
             RawSwitch::Bool(false) => NftEnabled::Off,
             RawSwitch::Word(word) if word == "auto" => NftEnabled::Auto,
+            // Quoted, as a template may render a boolean.
+            RawSwitch::Word(word) if word == "true" || word == "false" => {
+                return Err(source.at(
+                    enabled,
+                    format!(
+                        "nftables enabled = {word:?}: a string; write {word} without quotes, or \
+                         \"auto\""
+                    ),
+                ));
+            }
             RawSwitch::Word(word) => {
                 return Err(source.at(
                     enabled,
@@ -1782,6 +1832,43 @@ mod tests {
         let err = error(text);
         assert_eq!(err.line, Some(line), "{err}");
         assert!(err.reason.contains(needle), "{err}");
+    }
+
+    /// Slips in a file's shape that toml and serde report in their own terms get the fix.
+    #[test]
+    fn slips_in_the_shape_of_a_file_are_refused_with_their_fix() {
+        // With a comment after the header; with a name in it, as some tools take it.
+        assert_error(
+            "[routes]  # the proxy\nname = \"web\"\nports = [80]\n",
+            1,
+            "double brackets: [[routes]]",
+        );
+        assert_error(
+            "[routes.web]\nports = [80]\n",
+            1,
+            "double brackets and names each in it: [[routes]] and then name = \"web\"",
+        );
+        // A top-level key appended below a table's header.
+        assert_error(
+            "[http]\nmax_event_streams = 4\nexclude_interfaces = [\"cali*\"]\n",
+            3,
+            "`exclude_interfaces` is a top-level key, and every key below a table's [header] \
+             belongs to that table: move it above the first table",
+        );
+        assert_error(
+            "[nftables]\nenabled = \"true\"\n",
+            2,
+            "a string; write true without quotes",
+        );
+    }
+
+    #[test]
+    fn the_top_level_keys_a_hint_names_are_the_files_top_level_keys() {
+        for key in TOP_LEVEL_KEYS {
+            // A value of no key's type: refused for its type, not as an unknown key.
+            let err = error(&format!("{key} = {{}}\n"));
+            assert!(!err.reason.contains("unknown field"), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -382,6 +382,10 @@ fn watch_config_file(
         serve_on(&mut config, listen)?;
         // A file it names that is not there refuses the next start as surely as a bad line.
         serve::read_http_files(&config.http)?;
+        // So do a pin directory off bpffs, a cgroup2 path that is not the root's mount, and
+        // a listen address no interface here has (a file shared by many hosts).
+        paths::refused_at_start(&config.pin_dir, config.cgroup2.as_deref())?;
+        serve::address_here(config.listen)?;
         Ok(config)
     });
     Some(ConfigWatch::new(path, running, reread))

@@ -321,14 +321,7 @@ pub fn refuse_bpffs_root(pin_dir: &Path) -> Result<(), PathError> {
 /// does. Under `ip netns exec` that mount is private to the agent (its /sys is its own), so
 /// the pins do not outlive it.
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PathError> {
-    // Before mounting: /sys/fs/bpf is refused whether or not bpffs is mounted there yet.
-    refuse_bpffs_root(pin_dir)?;
-    let mount = if let Some(mount) = bpffs_containing(&read_mounts()?, pin_dir) {
-        mount
-    } else {
-        if !pin_dir.starts_with(BPFFS_ROOT) {
-            return Err(PathError::NoBpffs(pin_dir.into()));
-        }
+    if bpffs_of(&read_mounts()?, pin_dir)?.is_none() {
         let root = Path::new(BPFFS_ROOT);
         fs::create_dir_all(root)
             .and_then(|()| mount("bpf", root, "bpf", c"mode=0700"))
@@ -336,13 +329,32 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PathError> {
         tracing::warn!(
             "no bpffs was mounted: mounted one at {BPFFS_ROOT}; if this process has a private /sys (ip netns exec), its pins vanish with it"
         );
-        root.to_owned()
-    };
-    // Otherwise creating the directory fails with EPERM, which reads as missing privileges.
-    if dot_below(&mount, pin_dir) {
-        return Err(PathError::DotInBpffsName(pin_dir.into()));
     }
     Ok(())
+}
+
+/// The bpffs mount `pin_dir` lies on, or `None` where a start mounts one at
+/// [`BPFFS_ROOT`] for it; an error where a start refuses it.
+fn bpffs_of(mounts_text: &str, pin_dir: &Path) -> Result<Option<PathBuf>, PathError> {
+    // /sys/fs/bpf is refused whether or not bpffs is mounted there yet.
+    refuse_bpffs_root(pin_dir)?;
+    let mount = bpffs_containing(mounts_text, pin_dir);
+    if mount.is_none() && !pin_dir.starts_with(BPFFS_ROOT) {
+        return Err(PathError::NoBpffs(pin_dir.into()));
+    }
+    // Otherwise creating the directory fails with EPERM, which reads as missing privileges.
+    if dot_below(mount.as_deref().unwrap_or(Path::new(BPFFS_ROOT)), pin_dir) {
+        return Err(PathError::DotInBpffsName(pin_dir.into()));
+    }
+    Ok(mount)
+}
+
+/// What a start would refuse of `pin_dir` and `cgroup2` on this host, found without mounting
+/// or making anything: the config watch judges an edited file by it, as the next start would.
+pub fn refused_at_start(pin_dir: &Path, cgroup2: Option<&Path>) -> Result<(), PathError> {
+    bpffs_of(&read_mounts()?, pin_dir)?;
+    // Read only: none configured and none visible, a start mounts one of its own.
+    cgroup2_root(cgroup2).map(drop)
 }
 
 /// Whether a name of `path` below the bpffs mount at `mount` has a dot in it.
@@ -387,6 +399,26 @@ cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0
 bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0
 bpf /sys/fs/bpf/with\\040space bpf rw 0 0
 ";
+
+    #[test]
+    fn a_pin_directory_is_judged_as_a_start_judges_it_before_mounting_anything() {
+        let of = |mounts: &str, pin_dir: &str| bpffs_of(mounts, Path::new(pin_dir));
+        assert_eq!(
+            of(HYBRID, "/sys/fs/bpf/collector").unwrap(),
+            Some(PathBuf::from("/sys/fs/bpf"))
+        );
+        // None mounted: a start mounts one at /sys/fs/bpf for a pin directory below it.
+        assert_eq!(of("", "/sys/fs/bpf/collector").unwrap(), None);
+        for (mounts, refused) in [
+            (HYBRID, "/run/collector"),
+            ("", "/run/collector"),
+            (HYBRID, "/sys/fs/bpf/collector.v2"),
+            ("", "/sys/fs/bpf/collector.v2"),
+            (HYBRID, "/sys/fs/bpf"),
+        ] {
+            assert!(of(mounts, refused).is_err(), "{refused} with {mounts:?}");
+        }
+    }
 
     #[test]
     fn a_dot_is_refused_only_below_the_bpffs_mount() {

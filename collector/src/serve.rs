@@ -1040,6 +1040,18 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// Refuses `addr` where a start could not bind it for want of its address here (bound on
+/// another port: the agent itself holds its own).
+pub fn address_here(addr: SocketAddr) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind((addr.ip(), 0)) {
+        Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(anyhow::anyhow!(
+            "listening on {addr}: {err}: {}",
+            bind_advice(addr, &err)
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// What to do when the listen address cannot be bound (also `collector check`'s advice).
 pub fn bind_advice(addr: SocketAddr, err: &std::io::Error) -> String {
     if err.kind() == std::io::ErrorKind::AddrInUse {

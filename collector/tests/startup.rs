@@ -2280,7 +2280,8 @@ fn a_killed_test_runs_namespace_and_agent_are_swept_by_the_next_run() {
 
 /// The config is read at the start only. An edit of the file shows in `/metrics` and the log
 /// within a poll: one a start would accept as not applied, one a start would refuse with its
-/// line; a comment alone, or the file back as it was, reads as the running config.
+/// line, or for a token file it names that is not there; a comment alone, or the file back as
+/// it was, reads as the running config.
 #[test]
 fn an_edited_config_file_is_reported_until_the_next_start() {
     let netns = Netns::new();
@@ -2289,20 +2290,11 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     let log = logs.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
     let original = std::fs::read_to_string(&config.path).unwrap();
-    let state = |metrics: &str| {
-        (
-            sample(metrics, "collector_config_file_valid", &[]),
-            sample(metrics, "collector_config_file_applied", &[]),
-        )
-    };
+    let state = config_file_state;
     assert_eq!(state(&scrape(&netns)), (Some(1.0), Some(1.0)));
-    // Replaced as a ConfigMap's file is: a new file renamed over it. A change is read a poll
-    // after the one that finds it, so three polls: the first may have looked before it.
-    let replace = |text: &str| {
-        let next = config.path.with_extension("next");
-        std::fs::write(&next, text).unwrap();
-        std::fs::rename(&next, &config.path).unwrap();
-    };
+    // A change is read a poll after the one that finds it, so three polls: the first may
+    // have looked before it.
+    let replace = |text: &str| replace_config(&config, text);
     replace(&format!("# the proxy's routes\n{original}"));
     assert_eq!(
         state(&support::after_polls(&netns, 3)),
@@ -2355,5 +2347,77 @@ fn an_edited_config_file_is_reported_until_the_next_start() {
     // Nothing of it changed what runs: the route still counts on its port.
     support::connections_3_in_5_out(&netns, 2);
     wait_for_closed(&netns, "web", 2);
+    assert!(agent.stop().success());
+}
+
+/// The agent's judgement of its config file: `collector_config_file_valid` and `_applied`.
+fn config_file_state(metrics: &str) -> (Option<f64>, Option<f64>) {
+    (
+        sample(metrics, "collector_config_file_valid", &[]),
+        sample(metrics, "collector_config_file_applied", &[]),
+    )
+}
+
+/// Replaces `config`'s file as a `ConfigMap`'s is replaced: a new file renamed over it.
+fn replace_config(config: &AgentConfig, text: &str) {
+    let next = config.path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, &config.path).unwrap();
+}
+
+/// An edit whose lines are fine, but which a start on this host would refuse for what it
+/// names there: a pin directory off bpffs, a listen address no interface here has (a file
+/// shared by many hosts). A start checks both, and so does the watch: the file reads as not
+/// valid, and the log says why.
+#[test]
+fn an_edited_config_file_a_start_here_would_refuse_is_reported() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(WEB_ROUTE);
+    let logs = ScratchDir::new("config-edit-host");
+    let log = logs.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let original = std::fs::read_to_string(&config.path).unwrap();
+    let line_of = |key: &str| {
+        original
+            .lines()
+            .find(|line| line.starts_with(key))
+            .unwrap()
+            .to_owned()
+    };
+    for (count, (key, value, named)) in [
+        (
+            "pin_dir = ",
+            "\"/run/collector-nowhere\"",
+            "/run/collector-nowhere",
+        ),
+        (
+            "listen = ",
+            "\"203.0.113.9:9464\"",
+            "no interface of this network namespace",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        replace_config(
+            &config,
+            &original.replace(&line_of(key), &format!("{key}{value}")),
+        );
+        assert_eq!(
+            config_file_state(&support::after_polls(&netns, 3)),
+            (Some(0.0), Some(0.0)),
+            "{key}{value}"
+        );
+        let said = support::logged_lines(&log, "would be refused at the next start");
+        assert!(
+            said.len() == 1 + count && said[count].contains(named),
+            "{said:?}"
+        );
+    }
+    replace_config(&config, &original);
+    assert_eq!(
+        config_file_state(&support::after_polls(&netns, 3)),
+        (Some(1.0), Some(1.0))
+    );
     assert!(agent.stop().success());
 }
