@@ -344,7 +344,8 @@ impl Endpoint {
         use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
         // Closed (a TLS peer without close_notify reads so), reset (closed with the request
         // unread) or cut short: judged by what it sent, if anything. Closed before hyper wrote
-        // the request: canceled.
+        // the request: canceled. (A reset inside a body is told from a close, see `failure`:
+        // there the close may be a body's end.)
         let closed = err.is_incomplete_message()
             || err.is_canceled()
             || cause::<std::io::Error>(&err).is_some_and(|io| {

@@ -689,8 +689,17 @@ fn parse_raw<T: serde::de::DeserializeOwned>(source: &Source<'_>) -> Result<T, C
             .and_then(|line| line.split('#').next())
             .map(str::trim)
             .filter(|line| line.starts_with('[') && line.ends_with(']'));
+        // Only the lists of tables: `[interfaces]` is no slip of brackets.
+        let list_of_tables = table.filter(|table| {
+            let name = table.trim_matches(['[', ']']);
+            let list = name.split_once('.').map_or(name, |(list, _)| list);
+            LISTS_OF_TABLES.contains(&list.trim())
+        });
         let hint = match table {
-            Some(table) if message == "invalid type: map, expected an array, as [...]" => {
+            Some(table)
+                if message == "invalid type: map, expected an array, as [...]"
+                    && list_of_tables.is_some() =>
+            {
                 match table.trim_matches(['[', ']']).split_once('.') {
                     // `[routes.web]`: a name in the header, as some tools take it.
                     Some((list, name)) => format!(
@@ -710,7 +719,11 @@ fn parse_raw<T: serde::de::DeserializeOwned>(source: &Source<'_>) -> Result<T, C
     })
 }
 
-/// The keys of the file's top level (a unit test holds them to what it takes).
+/// The file's lists of tables, `[[routes]]` and `[[upstreams]]`.
+const LISTS_OF_TABLES: [&str; 2] = ["routes", "upstreams"];
+
+/// The keys of the file's top level that are not tables (a unit test holds them to what it
+/// takes).
 const TOP_LEVEL_KEYS: [&str; 10] = [
     "listen",
     "pin_dir",
@@ -1843,6 +1856,9 @@ mod tests {
             1,
             "double brackets: [[routes]]",
         );
+        // An array that is no list of tables: no talk of double brackets.
+        let err = error("[interfaces]\nname = \"eth0\"\n");
+        assert!(!err.reason.contains("double brackets"), "{err}");
         assert_error(
             "[routes.web]\nports = [80]\n",
             1,
@@ -1864,11 +1880,18 @@ mod tests {
 
     #[test]
     fn the_top_level_keys_a_hint_names_are_the_files_top_level_keys() {
-        for key in TOP_LEVEL_KEYS {
-            // A value of no key's type: refused for its type, not as an unknown key.
-            let err = error(&format!("{key} = {{}}\n"));
-            assert!(!err.reason.contains("unknown field"), "{key}: {err}");
-        }
+        // What the file takes at its top level, as serde lists it for a key it does not.
+        let err = error("no_such_key = 1\n");
+        let expected = err.reason.split("expected one of ").nth(1).unwrap();
+        let mut taken: Vec<&str> = expected
+            .split(", ")
+            .map(|key| key.trim_matches('`'))
+            .collect();
+        taken.sort_unstable();
+        let tables = ["dns", "nftables", "http"];
+        let mut listed: Vec<&str> = [&TOP_LEVEL_KEYS[..], &LISTS_OF_TABLES, &tables].concat();
+        listed.sort_unstable();
+        assert_eq!(taken, listed, "{err}");
     }
 
     #[test]

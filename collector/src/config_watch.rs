@@ -4,8 +4,11 @@
 //! crash loop days later on whichever node restarted first. The file is looked at every
 //! poll (its size, time and inode, and those of the credential and certificate files it
 //! names; it is read again a poll after one of them changes, and every poll while a start
-//! would refuse it), and `/metrics` says whether a start would accept it (its lines, and the
-//! files it names) and whether it still reads as what runs.
+//! would refuse it), and `/metrics` says whether a start would accept it (its lines, the
+//! files it names, and what a start checks on the host of what it names: the pin directory
+//! on bpffs, the cgroup2 mount, the listen address) and whether it still reads as what runs.
+//! The host is judged when the file is read again: an address removed after a read that
+//! passed shows at the next change.
 
 use std::path::PathBuf;
 

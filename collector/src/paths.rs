@@ -176,10 +176,14 @@ pub enum Cgroup2 {
 /// hierarchy's root; checked to be a cgroup2 mount of the root: `sock_ops` attached below
 /// it would count only the sockets of that cgroup, silently.
 pub fn cgroup2_root(configured: Option<&Path>) -> Result<Cgroup2, PathError> {
-    let mounts = read_mounts()?;
+    cgroup2_root_in(&read_mounts()?, configured)
+}
+
+/// [`cgroup2_root`] by the mounts in `mounts`.
+fn cgroup2_root_in(mounts: &str, configured: Option<&Path>) -> Result<Cgroup2, PathError> {
     let path = match configured {
         None => {
-            let mut found = cgroup2_mounts(&mounts);
+            let mut found = cgroup2_mounts(mounts);
             let Some(first) = found.next() else {
                 return Ok(Cgroup2::Unmounted);
             };
@@ -189,7 +193,7 @@ pub fn cgroup2_root(configured: Option<&Path>) -> Result<Cgroup2, PathError> {
                 .unwrap_or(first)
         }
         Some(path) => {
-            if !cgroup2_mounts(&mounts).any(|mount| mount == path) {
+            if !cgroup2_mounts(mounts).any(|mount| mount == path) {
                 return Err(PathError::NotCgroup2(path.to_path_buf()));
             }
             path.to_path_buf()
@@ -293,12 +297,16 @@ fn is_bpffs_mount_point(mounts_text: &str, path: &Path) -> bool {
 /// Whether `path` is a bpffs mount itself, not a directory of one: mounted there, or
 /// /sys/fs/bpf, where `run` mounts one when none is (so it is one, or becomes one).
 pub fn is_bpffs_root(path: &Path) -> Result<bool, PathError> {
+    Ok(is_bpffs_root_in(&read_mounts()?, path))
+}
+
+/// [`is_bpffs_root`] by the mounts in `mounts_text`.
+fn is_bpffs_root_in(mounts_text: &str, path: &Path) -> bool {
     // `--pin-dir /sys/fs/../fs/bpf` or a symbolic link to the mount is the mount too.
     let real = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    let mounts = read_mounts()?;
-    Ok([path, real.as_path()]
+    [path, real.as_path()]
         .into_iter()
-        .any(|path| path == Path::new(BPFFS_ROOT) || is_bpffs_mount_point(&mounts, path)))
+        .any(|path| path == Path::new(BPFFS_ROOT) || is_bpffs_mount_point(mounts_text, path))
 }
 
 /// Refuses a pin directory that is the bpffs mount itself ([`is_bpffs_root`]): the layout
@@ -306,7 +314,12 @@ pub fn is_bpffs_root(path: &Path) -> Result<bool, PathError> {
 /// bpftool's), the pin directory's lock would be taken on the whole mount, and `cleanup`
 /// refuses to work there. The error names a directory of its own to use.
 pub fn refuse_bpffs_root(pin_dir: &Path) -> Result<(), PathError> {
-    if is_bpffs_root(pin_dir)? {
+    refuse_bpffs_root_in(&read_mounts()?, pin_dir)
+}
+
+/// [`refuse_bpffs_root`] by the mounts in `mounts_text`.
+fn refuse_bpffs_root_in(mounts_text: &str, pin_dir: &Path) -> Result<(), PathError> {
+    if is_bpffs_root_in(mounts_text, pin_dir) {
         return Err(PathError::BpffsRoot {
             pin_dir: pin_dir.into(),
             layout: map_pin_dir(pin_dir),
@@ -337,7 +350,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PathError> {
 /// [`BPFFS_ROOT`] for it; an error where a start refuses it.
 fn bpffs_of(mounts_text: &str, pin_dir: &Path) -> Result<Option<PathBuf>, PathError> {
     // /sys/fs/bpf is refused whether or not bpffs is mounted there yet.
-    refuse_bpffs_root(pin_dir)?;
+    refuse_bpffs_root_in(mounts_text, pin_dir)?;
     let mount = bpffs_containing(mounts_text, pin_dir);
     if mount.is_none() && !pin_dir.starts_with(BPFFS_ROOT) {
         return Err(PathError::NoBpffs(pin_dir.into()));
@@ -352,9 +365,10 @@ fn bpffs_of(mounts_text: &str, pin_dir: &Path) -> Result<Option<PathBuf>, PathEr
 /// What a start would refuse of `pin_dir` and `cgroup2` on this host, found without mounting
 /// or making anything: the config watch judges an edited file by it, as the next start would.
 pub fn refused_at_start(pin_dir: &Path, cgroup2: Option<&Path>) -> Result<(), PathError> {
-    bpffs_of(&read_mounts()?, pin_dir)?;
+    let mounts = read_mounts()?;
+    bpffs_of(&mounts, pin_dir)?;
     // Read only: none configured and none visible, a start mounts one of its own.
-    cgroup2_root(cgroup2).map(drop)
+    cgroup2_root_in(&mounts, cgroup2).map(drop)
 }
 
 /// Whether a name of `path` below the bpffs mount at `mount` has a dot in it.

@@ -1040,10 +1040,13 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Refuses `addr` where a start could not bind it for want of its address here (bound on
-/// another port: the agent itself holds its own).
+/// Refuses `addr` where a start could not bind it for want of its address here. Tried with a
+/// UDP socket on port 0 (the kernel judges the address as for TCP, and a link-local one's
+/// scope is kept): nothing listens, and the agent's own port is not in the way.
 pub fn address_here(addr: SocketAddr) -> anyhow::Result<()> {
-    match std::net::TcpListener::bind((addr.ip(), 0)) {
+    let mut probe = addr;
+    probe.set_port(0);
+    match std::net::UdpSocket::bind(probe) {
         Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(anyhow::anyhow!(
             "listening on {addr}: {err}: {}",
             bind_advice(addr, &err)

@@ -2367,7 +2367,7 @@ fn replace_config(config: &AgentConfig, text: &str) {
 
 /// An edit whose lines are fine, but which a start on this host would refuse for what it
 /// names there: a pin directory off bpffs, a listen address no interface here has (a file
-/// shared by many hosts). A start checks both, and so does the watch: the file reads as not
+/// shared by many hosts), a cgroup2 path that is no cgroup2 mount. A start checks both, and so does the watch: the file reads as not
 /// valid, and the log says why.
 #[test]
 fn an_edited_config_file_a_start_here_would_refuse_is_reported() {
@@ -2377,36 +2377,32 @@ fn an_edited_config_file_a_start_here_would_refuse_is_reported() {
     let log = logs.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
     let original = std::fs::read_to_string(&config.path).unwrap();
-    let line_of = |key: &str| {
-        original
-            .lines()
-            .find(|line| line.starts_with(key))
-            .unwrap()
-            .to_owned()
+    let edit = |key: &str, line: &str| {
+        let old = original.lines().find(|old| old.starts_with(key)).unwrap();
+        original.replace(old, line)
     };
-    for (count, (key, value, named)) in [
+    for (count, (edited, named)) in [
         (
-            "pin_dir = ",
-            "\"/run/collector-nowhere\"",
-            "/run/collector-nowhere",
+            edit("pin_dir = ", "pin_dir = \"/run/collector-nowhere\""),
+            "/run/collector-nowhere is not on a bpffs mount",
         ),
         (
-            "listen = ",
-            "\"203.0.113.9:9464\"",
-            "no interface of this network namespace",
+            edit("listen = ", "listen = \"203.0.113.9:9464\""),
+            "no interface of this network namespace has 203.0.113.9",
+        ),
+        (
+            format!("cgroup2 = \"/tmp\"\n{original}"),
+            "cgroup2 path /tmp is not a mounted cgroup2 filesystem",
         ),
     ]
     .into_iter()
     .enumerate()
     {
-        replace_config(
-            &config,
-            &original.replace(&line_of(key), &format!("{key}{value}")),
-        );
+        replace_config(&config, &edited);
         assert_eq!(
             config_file_state(&support::after_polls(&netns, 3)),
             (Some(0.0), Some(0.0)),
-            "{key}{value}"
+            "{edited}"
         );
         let said = support::logged_lines(&log, "would be refused at the next start");
         assert!(
