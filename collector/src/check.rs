@@ -593,11 +593,7 @@ fn pin_dir(pin_dir: &Path, bpffs: Option<&Path>, sizes: TableSizes) -> Verdict {
     if paths::dot_below(mount, pin_dir) {
         return verdict(
             Status::Fail,
-            format!(
-                "{}: bpffs refuses names with a dot in them; set `pin_dir` (or --pin-dir) to one \
-                 without",
-                pin_dir.display()
-            ),
+            paths::PathError::DotInBpffsName(pin_dir.to_path_buf()).to_string(),
         );
     }
     match probe_pin_dir(pin_dir) {

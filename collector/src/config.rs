@@ -1288,13 +1288,15 @@ fn validate_http(source: &Source<'_>, raw: Option<&RawHttp>) -> Result<HttpConfi
     // this many be: a cap in all no higher would leave the kubelet's probes no place.
     let in_requests = http.max_concurrent_requests + http.max_event_streams;
     if http.max_connections <= in_requests {
+        // At the one of them written last: most likely the edit that broke the balance.
         let at = [
             &raw.max_connections,
             &raw.max_concurrent_requests,
             &raw.max_event_streams,
         ]
         .into_iter()
-        .find_map(|key| key.as_ref().map(Spanned::span));
+        .filter_map(|key| key.as_ref().map(Spanned::span))
+        .max_by_key(|span| span.start);
         return Err(source.error(
             at,
             format!(
@@ -2889,10 +2891,16 @@ match_every = 1
             "(504 + 8 = 512)",
         );
         assert_error("[http]\n\nmax_event_streams = 448\n", 3, "(64 + 448 = 512)");
+        // At the one written last, most likely the edit that broke the balance.
         assert_error(
             "[http]\nmax_connections = 8\nmax_concurrent_requests = 4\nmax_event_streams = 4\n",
-            2,
+            4,
             "(4 + 4 = 8)",
+        );
+        assert_error(
+            "[http]\nmax_concurrent_requests = 10\nmax_event_streams = 600\n",
+            3,
+            "(10 + 600 = 610)",
         );
         let http = |text: &str| Config::from_toml("t.toml", text).unwrap().http;
         assert_eq!(http("[http]\nmax_connections = 73\n").max_connections, 73);
