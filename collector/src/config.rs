@@ -602,6 +602,23 @@ impl Config {
         ))
     }
 
+    /// What to warn about an `exclude_interfaces` pattern that matches every name (`*`): no
+    /// interface is watched, so no live traffic and no DNS are counted, only connections.
+    /// Valid (a way to run without any classifier), but more likely a slip.
+    #[must_use]
+    pub fn everything_excluded_warning(&self) -> Option<String> {
+        let pattern = self
+            .exclude_interfaces
+            .iter()
+            .find(|pattern| matches_every_name(pattern.as_str()))?;
+        Some(format!(
+            "exclude_interfaces: {:?} matches every interface: no live traffic and no DNS are \
+             counted, only the connections (from the sockets); list names or narrower patterns \
+             if that is not what you want",
+            pattern.as_str()
+        ))
+    }
+
     /// Whether routes share ports by server name: the server name reader is attached then.
     #[must_use]
     pub fn shares_ports_by_name(&self) -> bool {
@@ -644,6 +661,7 @@ impl Config {
             .chain(self.probe_place_warning())
             .chain(self.dns_ignored_warning())
             .chain(self.upstream_on_listen_warning())
+            .chain(self.everything_excluded_warning())
             .chain(self.stop_time_warning())
             .collect()
     }
@@ -1034,6 +1052,14 @@ fn exclude_interfaces(
         patterns.push(pattern);
     }
     Ok(patterns)
+}
+
+/// Whether the glob `pattern` matches every interface name: stars, and at most one `?` (every
+/// name has a character).
+fn matches_every_name(pattern: &str) -> bool {
+    pattern.contains('*')
+        && pattern.chars().all(|c| c == '*' || c == '?')
+        && pattern.matches('?').count() <= 1
 }
 
 /// The length in bytes of the shortest name `pattern` (a valid glob) matches: each `?`
@@ -2571,6 +2597,26 @@ match_every = 1
         let elsewhere =
             config("listen = \"127.0.0.1:9100\"\n[[upstreams]]\nname = \"api\"\nports = [9464]\n");
         assert_eq!(elsewhere.upstream_on_listen_warning(), None);
+    }
+
+    #[test]
+    fn an_exclusion_of_every_interface_is_warned_of() {
+        let config = |text: &str| Config::from_toml("t.toml", text).unwrap();
+        for every in ["*", "**", "?*", "*?*"] {
+            let all = config(&format!("exclude_interfaces = [\"cali*\", \"{every}\"]\n"));
+            let warning = all.everything_excluded_warning().unwrap();
+            assert!(
+                warning.starts_with(&format!(
+                    "exclude_interfaces: \"{every}\" matches every interface: no live traffic"
+                )),
+                "{warning}"
+            );
+            assert!(all.start_warnings().contains(&warning));
+        }
+        for some in ["??*", "?", "e*", "[a-z]*"] {
+            let narrower = config(&format!("exclude_interfaces = [\"{some}\"]\n"));
+            assert_eq!(narrower.everything_excluded_warning(), None, "{some}");
+        }
     }
 
     #[test]
