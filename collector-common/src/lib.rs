@@ -496,8 +496,9 @@ pub struct DnsCounters {
     pub queries_by_qtype: [u64; DNS_QTYPE_SLOTS as usize],
     /// Client queries by OPCODE.
     pub queries_by_opcode: [u64; 16],
-    /// Responses to clients by RCODE (the header's four bits).
-    pub responses_by_rcode: [u64; 16],
+    /// Responses to clients by RCODE ([`dns_rcode_index`]): the header's four bits, with the
+    /// upper eight of an EDNS OPT record that follows the first question.
+    pub responses_by_rcode: [u64; DNS_RCODE_SLOTS as usize],
     /// Malformed messages on a server port, by [`dns_malformed`] reason.
     pub malformed: [u64; DNS_MALFORMED_SLOTS as usize],
     /// Answered queries by response latency, log2 µs buckets as [`duration_bucket`].
@@ -548,7 +549,7 @@ impl Default for DnsCounters {
         Self {
             queries_by_qtype: [0; DNS_QTYPE_SLOTS as usize],
             queries_by_opcode: [0; 16],
-            responses_by_rcode: [0; 16],
+            responses_by_rcode: [0; DNS_RCODE_SLOTS as usize],
             malformed: [0; DNS_MALFORMED_SLOTS as usize],
             latency: [0; DURATION_BUCKETS as usize],
             latency_ns: 0,
@@ -761,7 +762,9 @@ pub struct DnsAnswerEvent {
     pub cache_miss: u8,
     /// 1 if the TC bit was set.
     pub truncated: u8,
-    pub _pad: u8,
+    /// The RCODE's upper eight bits, from an EDNS OPT record that follows the first question
+    /// (0 where none does): the RCODE is `rcode_high << 4 | rcode`.
+    pub rcode_high: u8,
     /// Time from query to response.
     pub latency_ns: u64,
     /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`).
@@ -785,8 +788,11 @@ pub struct DnsScratch {
 /// Size of [`DnsScratch`]: a power of two above UDP header + DNS header + name + type/class.
 pub const DNS_SCRATCH_BYTES: usize = 512;
 /// Bytes copied into [`DnsScratch`]: UDP header (8), DNS header (12), a longest name (255),
-/// QTYPE and QCLASS (4).
-pub const DNS_COPY_BYTES: usize = 8 + 12 + DNS_NAME_MAX + 4;
+/// QTYPE and QCLASS (4), and the fixed part of an EDNS OPT record after them (11: the root
+/// name, TYPE, CLASS, TTL and RDLENGTH), whose TTL holds the RCODE's upper bits.
+pub const DNS_COPY_BYTES: usize = 8 + 12 + DNS_NAME_MAX + 4 + DNS_OPT_FIXED_BYTES;
+/// An EDNS OPT record's bytes before its options (RFC 6891, 6.1.2).
+pub const DNS_OPT_FIXED_BYTES: usize = 11;
 
 const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;
 
@@ -962,6 +968,21 @@ pub const fn dns_qclass_index(qclass: u16) -> u32 {
         254 => 3,
         255 => 4,
         _ => DNS_QCLASS_SLOTS - 1,
+    }
+}
+
+/// Entries of [`DnsCounters::responses_by_rcode`]: the RCODEs 0 to 30 (the header's sixteen,
+/// and BADVERS, 16, to BADCOOKIE, 23, with the unassigned ones after), every larger one in
+/// the last.
+pub const DNS_RCODE_SLOTS: u32 = 32;
+
+/// Index into [`DnsCounters::responses_by_rcode`] for an RCODE (up to 12 bits with EDNS).
+#[must_use]
+pub const fn dns_rcode_index(rcode: u16) -> u32 {
+    if rcode as u32 >= DNS_RCODE_SLOTS - 1 {
+        DNS_RCODE_SLOTS - 1
+    } else {
+        rcode as u32
     }
 }
 
@@ -1295,8 +1316,8 @@ const _: () = assert!(size_of::<SniDecision>() == 8);
 const _: () = assert!(size_of::<SniCounters>() == 72);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_addr) == 48);
 const _: () = assert!(core::mem::offset_of!(ConnEvent, client_port) == 64);
-const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 16 + 8 + 32 + 13 + 6));
-const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 332);
+const _: () = assert!(size_of::<DnsCounters>() == 8 * (260 + 16 + 32 + 8 + 32 + 13 + 6));
+const _: () = assert!(core::mem::offset_of!(DnsCounters, latency_ns) == 8 * 348);
 const _: () = assert!(size_of::<DnsInFlight>() == 16);
 const _: () = assert!(size_of::<DnsPorts>() == 32);
 const _: () = assert!(

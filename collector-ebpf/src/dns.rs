@@ -36,11 +36,11 @@ use aya_ebpf::{
 };
 use collector_common::{
     DNS_CACHE_UNDECIDED, DNS_COPY_BYTES, DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY,
-    DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_QUESTION_TAG_MASK, DNS_SCRATCH_BYTES, DNS_UPSTREAM_SLOTS,
-    DURATION_BUCKETS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent, DnsQueryEvent,
-    client_fingerprint, dns_inflight_set, dns_lowercase_word, dns_malformed, dns_match_sample,
-    dns_name_hash_word, dns_name_sample, dns_port_listed, dns_qclass_index, dns_qtype_index,
-    dns_query_given_up, duration_bucket, error_kind,
+    DNS_INFLIGHT_WAYS, DNS_NAME_MAX, DNS_OPT_FIXED_BYTES, DNS_QUESTION_TAG_MASK, DNS_SCRATCH_BYTES,
+    DNS_UPSTREAM_SLOTS, DURATION_BUCKETS, DnsAnswerEvent, DnsCounters, DnsInFlight, DnsNameEvent,
+    DnsQueryEvent, client_fingerprint, dns_inflight_set, dns_lowercase_word, dns_malformed,
+    dns_match_sample, dns_name_hash_word, dns_name_sample, dns_port_listed, dns_qclass_index,
+    dns_qtype_index, dns_query_given_up, dns_rcode_index, duration_bucket, error_kind,
 };
 
 use crate::{
@@ -414,8 +414,9 @@ fn count_message<const L2: usize>(
                 let question = walked.valid()?;
                 Some(question)
             };
-            let rcode = rcode_byte & 0x0f;
-            counters.responses_by_rcode[usize::from(rcode)] += 1;
+            let rcode =
+                u16::from(opt_rcode_high(buf, asked.as_ref())) << 4 | u16::from(rcode_byte & 0x0f);
+            counters.responses_by_rcode[dns_rcode_index(rcode) as usize & 31] += 1;
             let truncated = flags & 0x02 != 0;
             if truncated {
                 counters.responses_truncated += 1;
@@ -556,6 +557,34 @@ unsafe fn copy_word(from: *const u8, to: *mut u8) {
 #[inline(always)]
 fn be16(buf: &[u8; DNS_SCRATCH_BYTES], at: usize) -> u16 {
     u16::from_be_bytes([buf[at & MASK], buf[(at + 1) & MASK]])
+}
+
+/// The RCODE's upper eight bits, from the TTL of an EDNS OPT record (RFC 6891, 6.1.3) right
+/// after the first question (or the header, without one), where that record is the message's
+/// one record: how servers send BADVERS (RFC 6891) and BADCOOKIE (RFC 7873). 0 otherwise: an
+/// OPT record behind answers is not looked for, as the walk over them would cost every
+/// response.
+#[inline(always)]
+fn opt_rcode_high(buf: &[u8; DNS_SCRATCH_BYTES], asked: Option<&Question>) -> u8 {
+    // QDCOUNT, ANCOUNT, NSCOUNT and ARCOUNT as one word, as they lie in the message.
+    const ONE_QUESTION: u64 = u64::from_ne_bytes([0, 1, 0, 0, 0, 0, 0, 1]);
+    const NO_QUESTION: u64 = u64::from_ne_bytes([0, 0, 0, 0, 0, 0, 0, 1]);
+    // SAFETY: an 8-aligned u64 inside the scratch value (DNS_AT + 4 is 40).
+    let counts = unsafe { buf.as_ptr().add(DNS_AT + 4).cast::<u64>().read() };
+    let at = match asked {
+        Some(question) if counts == ONE_QUESTION => NAME_AT + (question.name_len & 0xff) + 4,
+        None if counts == NO_QUESTION => NAME_AT,
+        _ => return 0,
+    };
+    // The record's fixed part must lie in the copy (past it: the last packet's bytes); its
+    // name is the root, its TYPE 41 (OPT).
+    if at + DNS_OPT_FIXED_BYTES > unpark(buf, PARK_END) as usize
+        || buf[at & MASK] != 0
+        || be16(buf, at + 1) != 41
+    {
+        return 0;
+    }
+    buf[(at + 5) & MASK]
 }
 
 /// Scratch offsets past the copied message, where [`park`] keeps values (8-aligned).
@@ -956,7 +985,7 @@ fn on_response<const L2: usize>(
     ctx: &TcContext,
     at: &Located,
     id: u16,
-    rcode: u8,
+    rcode: u16,
     truncated: bool,
     asked: Option<&Question>,
     judged: bool,
@@ -1021,14 +1050,14 @@ fn on_response<const L2: usize>(
     }
     let event = DnsAnswerEvent {
         kind: DNS_EVENT_ANSWER,
-        rcode,
+        rcode: (rcode & 0x0f) as u8,
         cache_miss: if judged {
             u8::from(miss)
         } else {
             DNS_CACHE_UNDECIDED
         },
         truncated: u8::from(truncated),
-        _pad: 0,
+        rcode_high: (rcode >> 4) as u8,
         latency_ns: latency,
         timestamp_ns: now,
         client_addr: addr,

@@ -625,7 +625,7 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
     // Ratios and quantiles over the last minute; counts since the start.
     let recent = &dns.last_minute;
     let recent_responses: u64 = recent.responses_by_rcode.iter().sum();
-    let recent_errors: u64 = (0..16)
+    let recent_errors: u64 = (0..recent.responses_by_rcode.len())
         .filter(|&rcode| is_error_rcode(rcode))
         .map(|rcode| recent.responses_by_rcode[rcode])
         .sum();

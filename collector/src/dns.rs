@@ -7,6 +7,7 @@
 //! loses events (counted as `events_dropped`), not counts.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     fmt::Write as _,
     net::{IpAddr, Ipv6Addr},
@@ -16,8 +17,9 @@ use std::{
 
 use aya::maps::{Array, MapData, RingBuf};
 use collector_common::{
-    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DnsAnswerEvent,
-    DnsInFlight, DnsNameEvent, DnsQueryEvent, dns_query_given_up, map_names,
+    DNS_EVENT_ANSWER, DNS_EVENT_NAME, DNS_EVENT_QUERY, DNS_QTYPE_OTHER, DNS_RCODE_SLOTS,
+    DnsAnswerEvent, DnsInFlight, DnsNameEvent, DnsQueryEvent, dns_query_given_up, dns_rcode_index,
+    map_names,
 };
 use hickory_proto::{
     rr::Name,
@@ -58,7 +60,8 @@ pub enum DnsEvent {
     /// The server's response, matched to its query (sampled).
     Answer {
         qtype: u16,
-        rcode: u8,
+        /// The RCODE, with the upper bits of an OPT record that follows the question.
+        rcode: u16,
         /// Whether it was answered from the cache; `None` where that cannot be told (a
         /// response relayed from another namespace's server).
         cached: Option<bool>,
@@ -114,7 +117,7 @@ impl EventDecoder {
                 let event: DnsAnswerEvent = read_record(record)?;
                 Some(DnsEvent::Answer {
                     qtype: event.qtype,
-                    rcode: event.rcode,
+                    rcode: u16::from(event.rcode_high) << 4 | u16::from(event.rcode & 0x0f),
                     cached: match event.cache_miss {
                         0 => Some(true),
                         1 => Some(false),
@@ -510,8 +513,12 @@ pub fn iana_mnemonic(qtype: u16) -> Option<&'static str> {
     })
 }
 
-/// RCODE mnemonics (RFC 6895 section 2.3), indexed by the header's four bits.
-pub const RCODE_NAMES: [&str; 16] = [
+/// RCODE mnemonics (RFC 6895 section 2.3, IANA's registry), by
+/// [`collector_common::dns_rcode_index`] slot: the header's sixteen values, then those an EDNS
+/// OPT record extends them to (BADVERS, 16, and BADCOOKIE, 23, are the ones it carries; 17 to
+/// 22 are TSIG's and TKEY's), the unassigned ones by number, and every RCODE from 31 on as
+/// OTHER.
+pub const RCODE_NAMES: [&str; DNS_RCODE_SLOTS as usize] = [
     "NOERROR",
     "FORMERR",
     "SERVFAIL",
@@ -528,7 +535,33 @@ pub const RCODE_NAMES: [&str; 16] = [
     "RCODE13",
     "RCODE14",
     "RCODE15",
+    "BADVERS",
+    "BADKEY",
+    "BADTIME",
+    "BADMODE",
+    "BADNAME",
+    "BADALG",
+    "BADTRUNC",
+    "BADCOOKIE",
+    "RCODE24",
+    "RCODE25",
+    "RCODE26",
+    "RCODE27",
+    "RCODE28",
+    "RCODE29",
+    "RCODE30",
+    "OTHER",
 ];
+
+/// An RCODE as a DNS tool writes it: its mnemonic, `RCODEn` for one IANA has not assigned.
+/// For the events, which carry the exact code.
+#[must_use]
+pub fn rcode_mnemonic(rcode: u16) -> Cow<'static, str> {
+    match dns_rcode_index(rcode) {
+        index if index < DNS_RCODE_SLOTS - 1 => Cow::Borrowed(RCODE_NAMES[index as usize]),
+        _ => Cow::Owned(format!("RCODE{rcode}")),
+    }
+}
 
 /// OPCODE mnemonics (RFC 6895 section 2.2), indexed by the header's four bits.
 pub const OPCODE_NAMES: [&str; 16] = [
@@ -843,6 +876,12 @@ mod tests {
         assert_eq!(qtype_mnemonic(65305), "TYPE65305");
         assert_eq!(qtype_mnemonic(32769), "DLV");
         assert_eq!(RCODE_NAMES[3], "NXDOMAIN");
+        assert_eq!(rcode_mnemonic(16), "BADVERS");
+        assert_eq!(rcode_mnemonic(23), "BADCOOKIE");
+        assert_eq!(rcode_mnemonic(30), "RCODE30");
+        assert_eq!(rcode_mnemonic(31), "RCODE31");
+        assert_eq!(rcode_mnemonic(4095), "RCODE4095");
+        assert!(is_error_rcode(16) && is_error_rcode(31));
         assert_eq!(OPCODE_NAMES[5], "UPDATE");
         assert!(is_error_rcode(2) && is_error_rcode(5) && !is_error_rcode(3));
     }

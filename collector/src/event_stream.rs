@@ -20,6 +20,7 @@
 //! to it again; and proxies in between with idle timeouts keep the stream open.
 
 use std::{
+    borrow::Cow,
     net::IpAddr,
     sync::{
         Arc,
@@ -35,7 +36,7 @@ use tokio::sync::broadcast::{
 };
 
 use crate::{
-    dns::{DnsEvent, RCODE_NAMES, qtype_mnemonic},
+    dns::{DnsEvent, qtype_mnemonic, rcode_mnemonic},
     events::{ConnRecord, Connection, Streamed},
     loader::WatchedRoute,
 };
@@ -167,7 +168,7 @@ pub enum StreamEvent {
         cached: Option<bool>,
         /// Seconds from query to response.
         response_time: f64,
-        response_code: &'static str,
+        response_code: Cow<'static, str>,
         /// As in `QueryReceived`; `TYPE0` for a response without a question.
         #[serde(rename = "type")]
         qtype: String,
@@ -685,7 +686,7 @@ pub fn dns_event(event: &DnsEvent) -> Option<StreamEvent> {
         } => StreamEvent::QueryAnswered {
             cached: *cached,
             response_time: seconds(*latency_ns),
-            response_code: RCODE_NAMES[usize::from(*rcode & 0x0f)],
+            response_code: rcode_mnemonic(*rcode),
             qtype: qtype_mnemonic(*qtype),
             source: source(*client, *client_port),
             client_ip: client.to_string(),
@@ -753,9 +754,9 @@ mod tests {
         assert_eq!(json["duration"], 1.5);
         assert_eq!(json["bytesTransferred"], 42);
 
-        let answer = |cached| DnsEvent::Answer {
+        let answer = |cached, rcode| DnsEvent::Answer {
             qtype: 28,
-            rcode: 3,
+            rcode,
             cached,
             truncated: false,
             latency_ns: 250_000,
@@ -764,7 +765,7 @@ mod tests {
             id: 7,
             timestamp_ns: 0,
         };
-        let json = serde_json::to_value(dns_event(&answer(Some(false))).unwrap()).unwrap();
+        let json = serde_json::to_value(dns_event(&answer(Some(false), 3)).unwrap()).unwrap();
         assert_eq!(json["event"], "query-answered");
         assert_eq!(json["cached"], false);
         assert_eq!(json["responseCode"], "NXDOMAIN");
@@ -772,8 +773,14 @@ mod tests {
         assert_eq!(json["responseTime"], 0.000_25);
         assert_eq!(json["source"], "192.0.2.9:5353");
         // Relayed from another namespace's server: whether it was cached cannot be told.
-        let json = serde_json::to_value(dns_event(&answer(None)).unwrap()).unwrap();
+        let json = serde_json::to_value(dns_event(&answer(None, 3)).unwrap()).unwrap();
         assert!(json["cached"].is_null(), "{json}");
+        // An RCODE an OPT record extends reads whole, by name or by number.
+        for (rcode, name) in [(16, "BADVERS"), (23, "BADCOOKIE"), (40, "RCODE40")] {
+            let json =
+                serde_json::to_value(dns_event(&answer(Some(true), rcode)).unwrap()).unwrap();
+            assert_eq!(json["responseCode"], name);
+        }
 
         let json = serde_json::to_value(StreamEvent::Heartbeat { timestamp: 5 }).unwrap();
         assert_eq!(

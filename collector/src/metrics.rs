@@ -571,7 +571,7 @@ fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     counters(
         encoder,
         "collector_dns_responses",
-        "Responses over UDP from the DNS server to clients, by RCODE: the header's four bits, so an EDNS extended RCODE reads as its low bits (BADVERS, 16, as NOERROR; BADCOOKIE, 23, as YXRRSET).",
+        "Responses over UDP from the DNS server to clients, by RCODE: the header's four bits, with the upper eight of an EDNS OPT record where it is the response's one record after the question, as BADVERS and BADCOOKIE answers come (an OPT record behind answers is not read: its response counts under the header's bits). RCODEs from 31 on count as OTHER.",
         None,
         RCODE_NAMES
             .iter()

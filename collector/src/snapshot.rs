@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 #[cfg(test)]
 use collector_common::{ConnCounters, TrafficCounters};
-use collector_common::{DnsCounters, ERROR_KINDS};
+use collector_common::{DNS_RCODE_SLOTS, DnsCounters, ERROR_KINDS};
 
 use crate::{
     counters::{RouteTotals, UpstreamTotals},
@@ -110,7 +110,7 @@ impl RouteLastMinute {
 pub struct DnsLastMinute {
     /// Client queries, whatever their type.
     pub queries: u64,
-    pub responses_by_rcode: [u64; 16],
+    pub responses_by_rcode: [u64; DNS_RCODE_SLOTS as usize],
     pub latency: [u64; collector_common::DURATION_BUCKETS as usize],
     pub latency_ns: u64,
     pub cache_hits: u64,

@@ -190,6 +190,57 @@ fn counts_a_known_query_mix_exactly() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// An EDNS version the server does not speak gets BADVERS (RFC 6891): the RCODE's upper bits
+/// ride in the answer's OPT record and its header reads NOERROR, so the response counts as
+/// BADVERS, a failure, and not as NOERROR.
+#[test]
+fn an_edns_version_the_server_does_not_speak_counts_as_badvers() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let _server = Unbound::start(&netns, false);
+
+    netns.run(|| {
+        let mut client = Client::new(SERVER);
+        for (version, times, expect) in [(1, 7, 16), (0, 5, 0)] {
+            for _ in 0..times {
+                // 16 is BADVERS (hickory names it BADSIG, TSIG's name for the same code).
+                assert_eq!(
+                    u16::from(client.query_with_edns_version("www.test.", RecordType::A, version)),
+                    expect,
+                    "EDNS version {version}"
+                );
+            }
+        }
+    });
+
+    let json = dns_after(&netns, 12);
+    assert_eq!(
+        json["responseCodes"],
+        serde_json::json!({"NOERROR": 5, "BADVERS": 7})
+    );
+    assert_eq!(json["errorRate"], 7.0 / 12.0);
+    let metrics = scrape(&netns);
+    for (rcode, count) in [
+        ("BADVERS", 7.0),
+        ("NOERROR", 5.0),
+        ("BADCOOKIE", 0.0),
+        ("OTHER", 0.0),
+    ] {
+        assert_eq!(
+            sample(
+                &metrics,
+                "collector_dns_responses_total",
+                &[("rcode", rcode)]
+            ),
+            Some(count),
+            "{rcode}"
+        );
+    }
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
 /// Queries count by class too: `version.bind` probes in CH, which the server answers itself,
 /// beside the IN queries of its zones.
 #[test]

@@ -7,7 +7,10 @@
 //! The reference is what a DNS server's socket would receive, decoded by hickory-proto's
 //! `Header` and first `Query` (the kernel parses no further than the first question). One rule
 //! is ours: a compression pointer in the first question is malformed (there is no earlier name
-//! to point to; hickory follows one into the header bytes, which no sender does).
+//! to point to; hickory follows one into the header bytes, which no sender does). A response's
+//! RCODE takes the upper bits of an EDNS OPT record only where that record is the message's
+//! one record, right after the question (the kernel reads no further): checked against
+//! hickory's whole-message parse wherever hickory parses the message.
 
 mod support;
 
@@ -19,11 +22,11 @@ use aya::{
 use collector_common::{
     DNS_INFLIGHT_SLOTS, DNS_INFLIGHT_WAYS, DNS_QUESTION_TAG_MASK, DnsCounters, DnsInFlight,
     DnsPorts, GLOBAL_DNS_PORTS, client_fingerprint, dns_inflight_bits, dns_inflight_set,
-    dns_malformed, dns_qclass_index, dns_qtype_index, error_kind, map_names, program_names,
-    tally_table_len,
+    dns_malformed, dns_qclass_index, dns_qtype_index, dns_rcode_index, error_kind, map_names,
+    program_names, tally_table_len,
 };
 use hickory_proto::{
-    op::{Header, MessageType, Query},
+    op::{Header, Message, MessageType, Query},
     serialize::binary::{BinDecodable, BinDecoder},
 };
 
@@ -42,8 +45,8 @@ type QueryDetail = Option<(u8, u32)>;
 enum Outcome {
     /// A client query, by qtype slot.
     Query(u32),
-    /// A response, by rcode.
-    Response(u8),
+    /// A response, by RCODE slot (`dns_rcode_index`).
+    Response(u32),
     Malformed,
     /// Not DNS on a watched port: not counted at all.
     Ignored,
@@ -201,7 +204,7 @@ impl Classifiers {
         {
             outcomes.extend((0..a - b).map(|_| Outcome::Query(slot)));
         }
-        for (rcode, (a, b)) in (0u8..).zip(
+        for (rcode, (a, b)) in (0u32..).zip(
             after
                 .responses_by_rcode
                 .iter()
@@ -448,10 +451,15 @@ impl Packet {
         if self.ipv6 && self.zero_checksum {
             return Outcome::Malformed;
         }
-        reference(
-            self.direction,
-            &self.payload[..(udp_len - 8).min(self.payload.len())],
-        )
+        reference(self.direction, self.message())
+    }
+
+    /// What the receiving socket would get of the payload: as much as the UDP length says.
+    fn message(&self) -> &[u8] {
+        let udp_len = self
+            .udp_len
+            .map_or(self.payload.len(), |len| usize::from(len).saturating_sub(8));
+        &self.payload[..udp_len.min(self.payload.len())]
     }
 }
 
@@ -498,7 +506,7 @@ fn reference(direction: Direction, message: &[u8]) -> Outcome {
         }
         Direction::FromServer if is_query => return Outcome::Malformed,
         Direction::FromServer if header.query_count() == 0 => {
-            return Outcome::Response(message[3] & 0x0f);
+            return Outcome::Response(rcode_slot(message, 12));
         }
         _ => {}
     }
@@ -513,8 +521,127 @@ fn reference(direction: Direction, message: &[u8]) -> Outcome {
     }
     match direction {
         Direction::ToServer => Outcome::Query(dns_qtype_index(u16::from(query.query_type()))),
-        Direction::FromServer => Outcome::Response(message[3] & 0x0f),
+        Direction::FromServer => Outcome::Response(rcode_slot(message, decoder.index())),
     }
+}
+
+/// The RCODE slot of a response whose first question (if any) ends at `question_end`: the
+/// header's four bits, and the upper eight from the TTL of an OPT record (RFC 6891, 6.1.3)
+/// where that record's fixed part follows the question and the header counts it as the
+/// message's one record (ours: see the module comment).
+fn rcode_slot(message: &[u8], question_end: usize) -> u32 {
+    let one_record: &[u8] = if question_end == 12 {
+        &[0, 0, 0, 0, 0, 0, 0, 1]
+    } else {
+        &[0, 1, 0, 0, 0, 0, 0, 1]
+    };
+    let opt = &message[question_end.min(message.len())..];
+    let high = if message[4..12] == *one_record && opt.len() >= 11 && opt[..3] == [0, 0, 41] {
+        opt[5]
+    } else {
+        0
+    };
+    dns_rcode_index(u16::from(high) << 4 | u16::from(message[3] & 0x0f))
+}
+
+/// A response with `rcode`, one question for www.example. A and `additional` after it, as its
+/// one additional record.
+fn response_with_additional(rcode: u16, additional: &[u8]) -> Vec<u8> {
+    let mut out = message(RESPONSE | (rcode & 0x0f), 1, &www_example(1));
+    out[11] = 1;
+    out.extend_from_slice(additional);
+    out
+}
+
+/// An OPT record (UDP size 1232, EDNS version 0) whose TTL carries `rcode`'s upper bits, with
+/// `options` as its data.
+fn opt_record(rcode: u16, options: &[u8]) -> Vec<u8> {
+    let mut out = vec![
+        0,
+        0,
+        41,
+        0x04,
+        0xd0,
+        u8::try_from(rcode >> 4).unwrap(),
+        0,
+        0,
+        0,
+    ];
+    out.extend_from_slice(&u16::try_from(options.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(options);
+    out
+}
+
+/// Responses whose RCODE an OPT record extends, or seems to.
+fn extended_rcode_cases() -> Vec<(&'static str, Packet, Outcome)> {
+    let from = Direction::FromServer;
+    // A server cookie (RFC 7873): 8 bytes of client cookie, 16 of server cookie.
+    let cookie: Vec<u8> = [0, 10, 0, 24].into_iter().chain(1..=24).collect();
+    let mut without_question = message(RESPONSE, 0, &[]);
+    without_question[11] = 1;
+    without_question.extend_from_slice(&opt_record(16, &[]));
+    let mut behind_an_answer = response_with_additional(0, &opt_record(16, &[]));
+    behind_an_answer[7] = 1;
+    let question_end = 12 + www_example(1).len();
+    behind_an_answer.splice(
+        question_end..question_end,
+        [0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1],
+    );
+    let mut two_records = response_with_additional(0, &opt_record(16, &[]));
+    two_records[11] = 2;
+    two_records.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+    let mut not_root = opt_record(16, &[]);
+    not_root[0] = 0xc0;
+    not_root.insert(1, 12);
+    let cut = response_with_additional(0, &opt_record(16, &[]));
+    let cut = cut[..cut.len() - 1].to_vec();
+    vec![
+        (
+            "BADVERS (an OPT record's upper bits 1, the header's 0)",
+            Packet::new(from, response_with_additional(16, &opt_record(16, &[]))),
+            Outcome::Response(16),
+        ),
+        (
+            "BADCOOKIE with a server cookie",
+            Packet::new(from, response_with_additional(23, &opt_record(23, &cookie))),
+            Outcome::Response(23),
+        ),
+        (
+            "an OPT record with upper bits 0",
+            Packet::new(from, response_with_additional(3, &opt_record(3, &cookie))),
+            Outcome::Response(3),
+        ),
+        (
+            "an extended RCODE past the named ones",
+            Packet::new(from, response_with_additional(4095, &opt_record(4095, &[]))),
+            Outcome::Response(31),
+        ),
+        (
+            "BADVERS without a question",
+            Packet::new(from, without_question),
+            Outcome::Response(16),
+        ),
+        (
+            "an OPT record behind an answer: the header's bits",
+            Packet::new(from, behind_an_answer),
+            Outcome::Response(0),
+        ),
+        (
+            "an OPT record and another record: the header's bits",
+            Packet::new(from, two_records),
+            Outcome::Response(0),
+        ),
+        (
+            "an OPT-typed record not at the root: the header's bits",
+            Packet::new(from, response_with_additional(0, &not_root)),
+            Outcome::Response(0),
+        ),
+        (
+            "an OPT record cut inside its fixed part: the header's bits",
+            Packet::new(from, cut),
+            Outcome::Response(0),
+        ),
+    ]
 }
 
 /// A DNS message: header fields, then the raw question bytes.
@@ -866,6 +993,7 @@ fn crafted_cases() -> Vec<(&'static str, Packet, Outcome)> {
         Outcome::Response(0),
     ));
     cases.extend(options_and_fragment_cases(&answer));
+    cases.extend(extended_rcode_cases());
     cases.extend(later_fragment_cases());
     cases
 }
@@ -1155,7 +1283,20 @@ fn seed_message(rng: &mut Rng) -> Vec<u8> {
     } else {
         RESPONSE | u16::from(rng.byte() % 16)
     };
-    message(flags, 1, &question_in(&slices, qtype, class))
+    let mut seed = message(flags, 1, &question_in(&slices, qtype, class));
+    // A third of the responses carry an OPT record, most of them with an extended RCODE
+    // (BADVERS, BADCOOKIE, unassigned ones), some with a cookie.
+    if flags & 0x8000 != 0 && rng.below(3) == 0 {
+        let high = [0u16, 1, 1, 2, 255][rng.below(5)];
+        let options: &[u8] = if rng.below(2) == 0 {
+            &[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]
+        } else {
+            &[]
+        };
+        seed[11] = 1;
+        seed.extend_from_slice(&opt_record(high << 4, options));
+    }
+    seed
 }
 
 /// One random packet: random bytes, or a valid message with a few mutations (bytes replaced,
@@ -1226,6 +1367,7 @@ fn random_and_mutated_packets_agree_with_hickory() {
     let classifiers = Classifiers::load();
     let mut rng = Rng(SEED);
     let (mut counted, mut malformed) = (0, 0);
+    let (mut checked_with_opt, mut extended) = (0, 0);
     let mut opcodes_seen = std::collections::BTreeSet::new();
     let mut classes_seen = std::collections::BTreeSet::new();
     for n in 0..PACKETS {
@@ -1247,6 +1389,29 @@ fn random_and_mutated_packets_agree_with_hickory() {
             packet.udp_len,
             packet.payload
         );
+        // Wherever hickory parses the whole message, a response's RCODE is the one it reads,
+        // but behind other records, where the kernel does not look for the OPT record.
+        if let Outcome::Response(slot) = got
+            && let Ok(whole) = Message::from_vec(packet.message())
+            && (whole.extensions().is_none()
+                || (whole.answers().is_empty()
+                    && whole.name_servers().is_empty()
+                    && whole.queries().len() <= 1
+                    && whole.header().additional_count() == 1))
+        {
+            assert_eq!(
+                slot,
+                dns_rcode_index(u16::from(whole.response_code())),
+                "packet {n} (seed {SEED:#x}): {:02x?}",
+                packet.payload
+            );
+            if whole.extensions().is_some() {
+                checked_with_opt += 1;
+            }
+            if slot >= 16 {
+                extended += 1;
+            }
+        }
         // A query is counted under the opcode and class hickory reads.
         if let Outcome::Query(_) = expected {
             let mut decoder = BinDecoder::new(&packet.payload);
@@ -1268,7 +1433,11 @@ fn random_and_mutated_packets_agree_with_hickory() {
         }
     }
     eprintln!(
-        "{PACKETS} packets: {counted} counted as DNS, {malformed} malformed; query opcodes {opcodes_seen:?}, classes {classes_seen:?}"
+        "{PACKETS} packets: {counted} counted as DNS, {malformed} malformed; query opcodes {opcodes_seen:?}, classes {classes_seen:?}; {checked_with_opt} responses with an OPT record checked against hickory, {extended} with an extended RCODE"
+    );
+    assert!(
+        checked_with_opt > 150 && extended > 100,
+        "{checked_with_opt} / {extended}"
     );
     assert!(opcodes_seen.len() >= 8, "{opcodes_seen:?}");
     assert!(classes_seen.len() >= 6, "{classes_seen:?}");

@@ -13,7 +13,7 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Message, MessageType, OpCode, Query, ResponseCode},
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
     rr::{DNSClass, Name, RecordType},
 };
 
@@ -279,8 +279,32 @@ impl Client {
         self.send_in_class(name, qtype, DNSClass::IN)
     }
 
+    /// [`Self::query`] with an EDNS OPT record of `version` (a server that speaks only 0
+    /// answers any other with BADVERS, RFC 6891).
+    pub fn query_with_edns_version(
+        &mut self,
+        name: &str,
+        qtype: RecordType,
+        version: u8,
+    ) -> ResponseCode {
+        let mut edns = Edns::new();
+        edns.set_version(version);
+        let id = self.send_message(name, qtype, DNSClass::IN, Some(edns));
+        self.receive(id)
+    }
+
     /// [`Self::send`] in the class `class`.
     pub fn send_in_class(&mut self, name: &str, qtype: RecordType, class: DNSClass) -> u16 {
+        self.send_message(name, qtype, class, None)
+    }
+
+    fn send_message(
+        &mut self,
+        name: &str,
+        qtype: RecordType,
+        class: DNSClass,
+        edns: Option<Edns>,
+    ) -> u16 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let mut message = Message::new();
@@ -294,6 +318,7 @@ impl Client {
                     .set_query_class(class)
                     .clone(),
             );
+        *message.extensions_mut() = edns;
         self.socket.send(&message.to_vec().unwrap()).unwrap();
         id
     }
