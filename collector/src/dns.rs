@@ -780,6 +780,43 @@ mod tests {
         );
     }
 
+    /// An answer's RCODE is the kernel's two fields joined: an OPT record's upper bits above
+    /// the header's four.
+    #[test]
+    fn answer_events_decode_their_whole_rcode() {
+        let answer = |rcode, rcode_high| DnsAnswerEvent {
+            kind: DNS_EVENT_ANSWER,
+            rcode,
+            cache_miss: 1,
+            truncated: 0,
+            rcode_high,
+            latency_ns: 250_000,
+            timestamp_ns: 9,
+            client_addr: Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x0a00, 0x0001]).octets(),
+            client_port: 5300,
+            id: 7,
+            qtype: 1,
+            _pad2: 0,
+        };
+        let mut decoder = EventDecoder::default();
+        for (low, high, whole) in [(3, 0, 3), (0, 1, 16), (7, 1, 23), (15, 255, 4095)] {
+            assert_eq!(
+                decoder.decode(&record(&answer(low, high), &[])),
+                Some(DnsEvent::Answer {
+                    qtype: 1,
+                    rcode: whole,
+                    cached: Some(false),
+                    truncated: false,
+                    latency_ns: 250_000,
+                    client: "10.0.0.1".parse().unwrap(),
+                    client_port: 5300,
+                    id: 7,
+                    timestamp_ns: 9,
+                })
+            );
+        }
+    }
+
     fn name_event(slot: u32, tenure: u32, replaced_count: u64, domain: Option<&str>) -> DnsEvent {
         DnsEvent::Name {
             slot,
