@@ -875,7 +875,7 @@ fn http(http: &HttpConfig) -> Verdict {
 /// (`run` would crash-loop on it), named.
 fn listen(config: &Config) -> Verdict {
     let addr = config.listen;
-    // As `run --listen` refuses: port 0, or a route's.
+    // As `run --listen` refuses: a route's port.
     let (status, detail) = match crate::config::listen_refused(addr, &config.routes) {
         Some(reason) => (Status::Fail, reason),
         None => match std::net::TcpListener::bind(addr) {

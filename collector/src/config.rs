@@ -800,17 +800,11 @@ fn in_words(message: &str) -> String {
         .replace("expected a sequence", "expected an array, as [...]")
 }
 
-/// Why the agent cannot serve on `listen`, if it cannot: port 0 binds a port the kernel
-/// picks, and a route's port would count every scrape and probe of the agent as that route's
-/// traffic (the programs count a port on every local address).
+/// Why the agent cannot serve on `listen`, if it cannot: a route's port would count every
+/// scrape and probe of the agent as that route's traffic (the programs count a port on
+/// every local address).
 #[must_use]
 pub fn listen_refused(listen: SocketAddr, routes: &[Route]) -> Option<String> {
-    if listen.port() == 0 {
-        return Some(format!(
-            "{listen} has port 0, which binds a port the kernel picks and that probes and \
-             Prometheus cannot know: give a port, e.g. {DEFAULT_LISTEN_PORT}"
-        ));
-    }
     let route = routes.iter().find(|r| r.ports.contains(&listen.port()))?;
     // The default port or the next one no route has: the advice must not be refused too.
     let free = (DEFAULT_LISTEN_PORT..=u16::MAX)
@@ -826,14 +820,48 @@ pub fn listen_refused(listen: SocketAddr, routes: &[Route]) -> Option<String> {
 }
 
 /// `value` as a listen address, or why not and what to write: an IP and a port, since no
-/// host name is resolved. The config's `listen` and the `--listen` options alike.
+/// host name is resolved, that a TCP connection can reach. The config's `listen` and the
+/// `--listen` options alike (those of `stats`, `top` and `events` dial it).
 pub fn listen_address(value: &str) -> Result<SocketAddr, String> {
-    value.parse().map_err(|_| {
-        format!(
-            "{value:?} is not a socket address; write IP:PORT, e.g. \"127.0.0.1:9464\" or \
-             \"[::1]:9464\" (host names are not resolved)"
-        )
-    })
+    let addr: SocketAddr = value.parse().map_err(|_| {
+        if value.contains('%') {
+            // Rust takes a zone as a number only.
+            format!(
+                "{value:?} is not a socket address; after % write the interface's index, not \
+                 its name, e.g. \"[fe80::1%2]:{DEFAULT_LISTEN_PORT}\" (`ip link` numbers them)"
+            )
+        } else {
+            format!(
+                "{value:?} is not a socket address; write IP:PORT, e.g. \"127.0.0.1:9464\" or \
+                 \"[::1]:9464\" (host names are not resolved)"
+            )
+        }
+    })?;
+    let unreachable = match addr {
+        _ if addr.port() == 0 => Some(format!(
+            "has port 0, which binds a port the kernel picks and that probes, Prometheus and \
+             the CLI cannot know: give a port, e.g. {DEFAULT_LISTEN_PORT}"
+        )),
+        _ if addr.ip().is_multicast() => Some(
+            "is a multicast address, which no TCP connection reaches: give a unicast one"
+                .to_owned(),
+        ),
+        SocketAddr::V4(v4) if v4.ip().is_broadcast() => Some(
+            "is the broadcast address, which no TCP connection reaches: give a unicast one"
+                .to_owned(),
+        ),
+        // The kernel refuses the bind (EINVAL): which link's fe80::1 is it?
+        SocketAddr::V6(v6) if v6.ip().is_unicast_link_local() && v6.scope_id() == 0 => {
+            Some(format!(
+                "is link-local without its interface; after % write the interface's index, \
+                 e.g. \"[{}%2]:{}\" (`ip link` numbers them)",
+                v6.ip(),
+                v6.port()
+            ))
+        }
+        _ => None,
+    };
+    unreachable.map_or(Ok(addr), |why| Err(format!("{value:?} {why}")))
 }
 
 fn validate(source: &Source<'_>, raw: &RawConfig) -> Result<Config, ConfigError> {
@@ -2859,6 +2887,34 @@ match_every = 1
             listen_address("[::1]:9464"),
             Ok(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 9464)))
         );
+        // Addresses no TCP connection reaches: refused with what to write instead.
+        for (value, why) in [
+            ("224.0.0.1:9464", "is a multicast address"),
+            ("[ff02::1]:9464", "is a multicast address"),
+            ("255.255.255.255:9464", "is the broadcast address"),
+            (
+                "[fe80::1]:9464",
+                "is link-local without its interface; after % write the interface's index, \
+                 e.g. \"[fe80::1%2]:9464\"",
+            ),
+            (
+                "[fe80::1%eth0]:9464",
+                "after % write the interface's index, not its name",
+            ),
+        ] {
+            let refusal = listen_address(value).unwrap_err();
+            assert!(
+                refusal.starts_with(&format!("{value:?} ")) && refusal.contains(why),
+                "{refusal}"
+            );
+        }
+        assert_error(
+            "listen = \"[fe80::1]:9464\"\n",
+            1,
+            "listen = \"[fe80::1]:9464\" is link-local without its interface",
+        );
+        let scoped = listen_address("[fe80::1%2]:9464").unwrap();
+        assert!(matches!(scoped, SocketAddr::V6(v6) if v6.scope_id() == 2));
     }
 
     #[test]

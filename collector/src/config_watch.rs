@@ -10,12 +10,22 @@
 //! The host is judged when the file is read again: an address removed after a read that
 //! passed shows at the next change.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{
     config::{Config, DnsConfig},
     file_version::FileVersion,
 };
+
+/// Whether the file at `path` reads again as it read at the start: a regular file (through
+/// symlinks, as a `ConfigMap`'s), or one that cannot be looked at now (the watch says so). A
+/// pipe (`--config <(envsubst < collector.tmpl)`, `/dev/stdin`) reads empty once its writer
+/// is gone, a valid config unlike the one running, and a FIFO's open waits for a writer,
+/// holding the polls.
+#[must_use]
+pub fn can_be_read_again(path: &Path) -> bool {
+    std::fs::metadata(path).map_or(true, |metadata| metadata.is_file())
+}
 
 /// What the config file says now, against the config running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +184,31 @@ mod tests {
             Ok(config)
         });
         (ConfigWatch::new(path.clone(), &running, reread), path, dir)
+    }
+
+    #[test]
+    fn only_a_regular_file_is_read_again() {
+        let dir = ScratchDir::new("config-watch-kinds");
+        let file = dir.write("collector.toml", "");
+        let link = dir.path("link.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let fifo = dir.path("fifo.toml");
+        let fifo_name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo_name.as_ptr(), 0o600) }, 0);
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(writer);
+        let pipe = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&reader)
+        ));
+        assert!(can_be_read_again(&file));
+        assert!(can_be_read_again(&link));
+        // Gone since the start: watched, and refused at the next look.
+        assert!(can_be_read_again(&dir.path("gone.toml")));
+        assert!(!can_be_read_again(&fifo));
+        assert!(!can_be_read_again(&pipe));
+        assert!(!can_be_read_again(std::path::Path::new("/dev/null")));
     }
 
     /// What the watch says once the files hold still: a change is read at the second look.

@@ -376,6 +376,15 @@ fn watch_config_file(
     running: &Config,
 ) -> Option<ConfigWatch> {
     let path = source.config.clone()?;
+    if !config_watch::can_be_read_again(&path) {
+        tracing::info!(
+            "the config file {} is not a regular file (a pipe, as from <(...), or a FIFO): read \
+             again it would be empty or wait for a writer, so it is not watched (no \
+             collector_config_file_* series)",
+            path.display()
+        );
+        return None;
+    }
     let source = source.clone();
     let reread: config_watch::Reread = Box::new(move || {
         let mut config = source.load()?;

@@ -142,6 +142,9 @@ const GAP_SPANNED: u32 = 3;
 pub struct CountsHistory<T> {
     samples: VecDeque<(Duration, T)>,
     max_age: Duration,
+    /// The time between the two copies before the newest, taken as the newest came (the
+    /// older of them may be gone since): how fast the polls came before a gap.
+    cadence: Option<Duration>,
 }
 
 impl<T> CountsHistory<T> {
@@ -150,6 +153,7 @@ impl<T> CountsHistory<T> {
         Self {
             samples: VecDeque::new(),
             max_age,
+            cadence: None,
         }
     }
 
@@ -163,6 +167,12 @@ impl<T> CountsHistory<T> {
         {
             return;
         }
+        let len = self.samples.len();
+        self.cadence = (len >= 2).then(|| {
+            self.samples[len - 1]
+                .0
+                .saturating_sub(self.samples[len - 2].0)
+        });
         self.samples.push_back((at, counts));
         // Keep one copy at or before at - max_age, and nothing older.
         while self.samples.len() > 2
@@ -183,16 +193,23 @@ impl<T> CountsHistory<T> {
     /// pod) the copy that old may be far older, and "the last minute" would take in the whole
     /// stall: past twice the window, the oldest copy since serves, as after a start. Unless
     /// that is the newest copy, which leaves nothing to count, and the one before is within
-    /// [`GAP_SPANNED`] windows: at polls a minute apart, after one that failed, the next
-    /// minute's figures span two minutes rather than none.
+    /// [`GAP_SPANNED`] windows and the copies before it came slowly (half a window apart or
+    /// more): at polls a minute apart, after one that failed, the next minute's figures span
+    /// two minutes rather than none. At fast polls a gap that long is a stall too (a paused
+    /// pod), whose first poll after would span it all, and the next one a second.
     #[must_use]
     pub fn base(&self, now: Duration, window: Duration) -> Option<&T> {
+        let polled_slowly = self.cadence.is_none_or(|cadence| cadence >= window / 2);
         let mut younger: Option<(Duration, &T)> = None;
         for (newer_copies, (at, counts)) in self.samples.iter().rev().enumerate() {
             let age = now.saturating_sub(*at);
             if age >= window {
                 return Some(match younger {
-                    Some(_) if newer_copies == 1 && age <= window * GAP_SPANNED + window / 2 => {
+                    Some(_)
+                        if newer_copies == 1
+                            && age <= window * GAP_SPANNED + window / 2
+                            && polled_slowly =>
+                    {
                         counts
                     }
                     Some((_, since_stall)) if age > window * 2 => since_stall,
@@ -301,6 +318,39 @@ mod tests {
         assert_eq!(minutely.base(secs(540.003), AVERAGE), Some(&7));
         minutely.record(secs(780.0), 13);
         assert_eq!(minutely.base(secs(780.0), AVERAGE), Some(&13));
+    }
+
+    /// Polls a second apart that pause for two and a half minutes: a stall, not a gap. Until
+    /// 2026-12-07 the first poll after it took the copy before it, a last minute of 150 s,
+    /// and the next poll's window was a second.
+    #[test]
+    fn a_pause_of_fast_polls_is_a_stall_however_short() {
+        for pause in [130.0, 150.0, 200.0, 210.0] {
+            let mut history = CountsHistory::new(secs(65.0));
+            for second in 0..=120u32 {
+                history.record(secs(f64::from(second)), second);
+            }
+            let resumed = 120.0 + pause;
+            history.record(secs(resumed), 1_000);
+            assert_eq!(
+                history.base(secs(resumed), AVERAGE),
+                Some(&1_000),
+                "{pause}"
+            );
+            history.record(secs(resumed + 1.0), 1_001);
+            assert_eq!(
+                history.base(secs(resumed + 1.0), AVERAGE),
+                Some(&1_000),
+                "{pause}"
+            );
+        }
+        // Under twice the window: the copy nearest a minute old still serves.
+        let mut history = CountsHistory::new(secs(65.0));
+        for second in 0..=120u32 {
+            history.record(secs(f64::from(second)), second);
+        }
+        history.record(secs(200.0), 1_000);
+        assert_eq!(history.base(secs(200.0), AVERAGE), Some(&120));
     }
 
     fn secs(s: f64) -> Duration {

@@ -543,23 +543,18 @@ fn check_tries_the_listen_address_and_fails_when_something_else_holds_it() {
         "{}",
         lines["listen"]
     );
-    // Port 0 fails, as `run --listen` refuses it; so does a route's port, which would count
-    // the collector's own scrapes.
-    for (listen, why) in [
-        ("127.0.0.1:0", "has port 0"),
-        ("127.0.0.1:18080", "a port of route \"web\""),
-    ] {
-        let (passed, lines) = check(
-            "[[routes]]\nname = \"web\"\nports = [18080]\n[nftables]\nenabled = false\n",
-            &["--listen", listen],
-        );
-        assert!(!passed, "{lines:?}");
-        assert!(
-            lines["listen"].starts_with("FAIL") && lines["listen"].contains(why),
-            "{}",
-            lines["listen"]
-        );
-    }
+    // A route's port fails, as `run --listen` refuses it: the route would count the
+    // collector's own scrapes.
+    let (passed, lines) = check(
+        "[[routes]]\nname = \"web\"\nports = [18080]\n[nftables]\nenabled = false\n",
+        &["--listen", "127.0.0.1:18080"],
+    );
+    assert!(!passed, "{lines:?}");
+    assert!(
+        lines["listen"].starts_with("FAIL") && lines["listen"].contains("a port of route \"web\""),
+        "{}",
+        lines["listen"]
+    );
     // TEST-NET-1: an address of no interface here.
     let (passed, lines) = check(
         "listen = \"192.0.2.1:9464\"\n[nftables]\nenabled = false\n",
@@ -1203,21 +1198,34 @@ fn maps_take_a_known_name_in_any_case() {
 /// only "invalid socket address syntax".
 #[test]
 fn every_listen_option_says_what_to_write() {
-    for args in [
-        &["run", "--listen", "localhost:9464"][..],
-        &["check", "--listen", "localhost:9464"],
-        &["stats", "--listen", "localhost:9464"],
+    for (listen, why) in [
+        (
+            "localhost:9464",
+            "\"localhost:9464\" is not a socket address; write IP:PORT, e.g. \
+             \"127.0.0.1:9464\" or \"[::1]:9464\" (host names are not resolved)",
+        ),
+        // Addresses no connection reaches: dialled by `stats`, `top` and `events`, they read
+        // as an agent not running (until 2026-12-07).
+        ("127.0.0.1:0", "\"127.0.0.1:0\" has port 0"),
+        (
+            "224.0.0.1:9464",
+            "\"224.0.0.1:9464\" is a multicast address",
+        ),
+        (
+            "[fe80::1]:9464",
+            "\"[fe80::1]:9464\" is link-local without its interface",
+        ),
     ] {
-        let out = Command::new(COLLECTOR).args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(
-                "\"localhost:9464\" is not a socket address; write IP:PORT, e.g. \
-                 \"127.0.0.1:9464\" or \"[::1]:9464\" (host names are not resolved)"
-            ),
-            "{args:?}: {stderr}"
-        );
+        for command in ["run", "check", "stats", "top", "events"] {
+            let mut args = vec![command, "--listen", listen];
+            if command == "stats" {
+                args.push("proxy");
+            }
+            let out = Command::new(COLLECTOR).args(&args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains(why), "{args:?}: {stderr}");
+        }
     }
 }
 

@@ -1263,7 +1263,8 @@ counting, the local address table): their help says when. Also absent: every
 `collector_dns_*` family with `[dns] enabled = false`; the latency, cache, unanswered,
 unmatched, duplicate, in-flight, untracked and sample-ratio families with
 `match_responses = false`; `collector_config_file_*` when the agent runs with the
-embedded default (no file); `collector_http_tls_certificate_expiration_timestamp_seconds`
+embedded default (no file) or a file that cannot be read again (a pipe, a FIFO);
+`collector_http_tls_certificate_expiration_timestamp_seconds`
 without TLS; and `process_max_fds` where the limit is unlimited. An `absent()` rule over
 them fires there. `le` (histogram buckets) is Prometheus's own label and left out. Labels
 and their values are bounded by the configuration (README, How it counts), but for
