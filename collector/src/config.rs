@@ -824,7 +824,10 @@ pub fn listen_refused(listen: SocketAddr, routes: &[Route]) -> Option<String> {
 /// `--listen` options alike (those of `stats`, `top` and `events` dial it).
 pub fn listen_address(value: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = value.parse().map_err(|_| {
-        if value.contains('%') {
+        let zone = value
+            .split_once('%')
+            .map(|(_, rest)| rest.split(']').next().unwrap_or(rest));
+        if zone.is_some_and(|zone| !zone.bytes().all(|b| b.is_ascii_digit())) {
             // Rust takes a zone as a number only.
             format!(
                 "{value:?} is not a socket address; after % write the interface's index, not \
@@ -837,16 +840,18 @@ pub fn listen_address(value: &str) -> Result<SocketAddr, String> {
             )
         }
     })?;
+    // An IPv4-mapped address (::ffff:224.0.0.1) is judged as the IPv4 address it maps.
+    let ip = addr.ip().to_canonical();
     let unreachable = match addr {
         _ if addr.port() == 0 => Some(format!(
             "has port 0, which binds a port the kernel picks and that probes, Prometheus and \
              the CLI cannot know: give a port, e.g. {DEFAULT_LISTEN_PORT}"
         )),
-        _ if addr.ip().is_multicast() => Some(
+        _ if ip.is_multicast() => Some(
             "is a multicast address, which no TCP connection reaches: give a unicast one"
                 .to_owned(),
         ),
-        SocketAddr::V4(v4) if v4.ip().is_broadcast() => Some(
+        _ if matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()) => Some(
             "is the broadcast address, which no TCP connection reaches: give a unicast one"
                 .to_owned(),
         ),
@@ -2892,6 +2897,8 @@ match_every = 1
             ("224.0.0.1:9464", "is a multicast address"),
             ("[ff02::1]:9464", "is a multicast address"),
             ("255.255.255.255:9464", "is the broadcast address"),
+            ("[::ffff:224.0.0.1]:9464", "is a multicast address"),
+            ("[::ffff:255.255.255.255]:9464", "is the broadcast address"),
             (
                 "[fe80::1]:9464",
                 "is link-local without its interface; after % write the interface's index, \
@@ -2913,6 +2920,9 @@ match_every = 1
             1,
             "listen = \"[fe80::1]:9464\" is link-local without its interface",
         );
+        // An index given, the port left out: no word about names.
+        let portless = listen_address("[fe80::1%2]").unwrap_err();
+        assert!(portless.contains("write IP:PORT"), "{portless}");
         let scoped = listen_address("[fe80::1%2]:9464").unwrap();
         assert!(matches!(scoped, SocketAddr::V6(v6) if v6.scope_id() == 2));
     }

@@ -1373,6 +1373,12 @@ fn bind_slots(
         open_connections_by_slot(ebpf)
             .context("reading the connection table for the open connections per route")
     })?;
+    // Zeroed before renamed: a start that fails or dies between the two leaves the slot
+    // under its old name, reclaimed (and zeroed) again by the next, where renamed first the
+    // next start took the slot for the new route's own, the removed route's totals in it.
+    for &slot in &plan.reclaimed {
+        zero_slot(ebpf, slot)?;
+    }
     let mut name_map: Array<&mut MapData, RouteName> = Array::try_from(
         ebpf.map_mut(map_names::ROUTE_NAMES)
             .context("the kernel object has no route name map")?,
@@ -1383,9 +1389,6 @@ fn bind_slots(
         let len = bytes.len().min(record.bytes.len() - 1);
         record.bytes[..len].copy_from_slice(&bytes[..len]);
         name_map.set(slot, record, 0)?;
-    }
-    for &slot in &plan.reclaimed {
-        zero_slot(ebpf, slot)?;
     }
     let (route_slots, upstream_slots) = plan.slots.split_at(config.routes.len());
     let routes = config

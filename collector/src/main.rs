@@ -811,6 +811,7 @@ async fn serve_until_signal(
             upstreams: attachment.upstreams.clone(),
             retired_slots: attachment.retired_slots.clone(),
             connection_table_slots: config.connection_table_slots,
+            poll_interval: config.poll_interval,
         },
         clients,
         vec![connection_drain, domain_drain],
@@ -870,7 +871,7 @@ async fn serve_until_signal(
     finish(outcome, server, &hub).await
 }
 
-/// What was bound: with port 0 the kernel chose it.
+/// What was bound, as the socket says (the configured address if it cannot).
 fn bound_address(listener: &tokio::net::TcpListener, configured: SocketAddr) -> String {
     listener
         .local_addr()

@@ -137,14 +137,14 @@ struct RateHistories {
 }
 
 impl RateHistories {
-    fn new() -> Self {
+    fn new(poll_interval: Duration) -> Self {
         // Keep a little more than the longest window so it is always computable.
         let keep = AVERAGE + Duration::from_secs(5);
         Self {
             opened: CounterHistory::new(keep),
             bytes_in: CounterHistory::new(keep),
             bytes_out: CounterHistory::new(keep),
-            closes: CountsHistory::new(keep),
+            closes: CountsHistory::new(keep, poll_interval),
         }
     }
 
@@ -250,13 +250,14 @@ impl DnsSources {
 }
 
 /// What the poller reads the counters of: the routes and the upstreams, with their slots,
-/// and the slots a crashed run left to routes no longer configured; and the size of the
-/// connection table they hold their connections in.
+/// and the slots a crashed run left to routes no longer configured; the size of the
+/// connection table they hold their connections in; and how often it reads them.
 pub struct Watched {
     pub routes: Vec<WatchedRoute>,
     pub upstreams: Vec<WatchedUpstream>,
     pub retired_slots: Vec<u32>,
     pub connection_table_slots: u32,
+    pub poll_interval: Duration,
 }
 
 pub struct Poller {
@@ -323,6 +324,7 @@ impl Poller {
             upstreams,
             retired_slots,
             connection_table_slots,
+            poll_interval,
         }: Watched,
         clients: Arc<Mutex<ClientStats>>,
         rings: Vec<SharedDrain>,
@@ -330,8 +332,14 @@ impl Poller {
         hub: Arc<EventHub>,
         preexisting: Preexisting,
     ) -> Self {
-        let per_route = routes.iter().map(|_| RateHistories::new()).collect();
-        let per_upstream = upstreams.iter().map(|_| RateHistories::new()).collect();
+        let per_route = routes
+            .iter()
+            .map(|_| RateHistories::new(poll_interval))
+            .collect();
+        let per_upstream = upstreams
+            .iter()
+            .map(|_| RateHistories::new(poll_interval))
+            .collect();
         Self {
             maps,
             routes,
@@ -344,10 +352,10 @@ impl Poller {
             dns,
             hub,
             dns_queries: CounterHistory::new(AVERAGE + Duration::from_secs(5)),
-            dns_last_minute: CountsHistory::new(AVERAGE + Duration::from_secs(5)),
+            dns_last_minute: CountsHistory::new(AVERAGE + Duration::from_secs(5), poll_interval),
             started: Instant::now(),
             dropped_at_start: None,
-            total: RateHistories::new(),
+            total: RateHistories::new(poll_interval),
             per_route,
             per_upstream,
             poll: PollStats::default(),

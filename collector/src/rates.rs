@@ -142,18 +142,18 @@ const GAP_SPANNED: u32 = 3;
 pub struct CountsHistory<T> {
     samples: VecDeque<(Duration, T)>,
     max_age: Duration,
-    /// The time between the two copies before the newest, taken as the newest came (the
-    /// older of them may be gone since): how fast the polls came before a gap.
-    cadence: Option<Duration>,
+    /// How often the agent polls: at polls a second apart a gap of minutes is a stall, at
+    /// polls a minute apart one failed poll.
+    poll_interval: Duration,
 }
 
 impl<T> CountsHistory<T> {
     #[must_use]
-    pub fn new(max_age: Duration) -> Self {
+    pub fn new(max_age: Duration, poll_interval: Duration) -> Self {
         Self {
             samples: VecDeque::new(),
             max_age,
-            cadence: None,
+            poll_interval,
         }
     }
 
@@ -167,12 +167,6 @@ impl<T> CountsHistory<T> {
         {
             return;
         }
-        let len = self.samples.len();
-        self.cadence = (len >= 2).then(|| {
-            self.samples[len - 1]
-                .0
-                .saturating_sub(self.samples[len - 2].0)
-        });
         self.samples.push_back((at, counts));
         // Keep one copy at or before at - max_age, and nothing older.
         while self.samples.len() > 2
@@ -193,13 +187,13 @@ impl<T> CountsHistory<T> {
     /// pod) the copy that old may be far older, and "the last minute" would take in the whole
     /// stall: past twice the window, the oldest copy since serves, as after a start. Unless
     /// that is the newest copy, which leaves nothing to count, and the one before is within
-    /// [`GAP_SPANNED`] windows and the copies before it came slowly (half a window apart or
-    /// more): at polls a minute apart, after one that failed, the next minute's figures span
+    /// [`GAP_SPANNED`] windows and the polls come slowly (half a window apart or more, a
+    /// millisecond early too): at polls a minute apart, after one that failed, the next minute's figures span
     /// two minutes rather than none. At fast polls a gap that long is a stall too (a paused
     /// pod), whose first poll after would span it all, and the next one a second.
     #[must_use]
     pub fn base(&self, now: Duration, window: Duration) -> Option<&T> {
-        let polled_slowly = self.cadence.is_none_or(|cadence| cadence >= window / 2);
+        let polled_slowly = self.poll_interval + COPY_JITTER >= window / 2;
         let mut younger: Option<(Duration, &T)> = None;
         for (newer_copies, (at, counts)) in self.samples.iter().rev().enumerate() {
             let age = now.saturating_sub(*at);
@@ -233,7 +227,7 @@ mod tests {
 
     #[test]
     fn the_base_of_a_window_is_the_newest_copy_that_old_and_copies_are_a_second_apart() {
-        let mut history = CountsHistory::new(secs(65.0));
+        let mut history = CountsHistory::new(secs(65.0), secs(0.1));
         assert_eq!(history.base(secs(0.0), AVERAGE), None);
         // Polls every 100 ms for two minutes, the count rising by one a poll.
         for poll in 0..=1200u32 {
@@ -244,7 +238,7 @@ mod tests {
         assert_eq!(history.base(secs(120.0), AVERAGE), Some(&600));
         assert_eq!(history.base(secs(120.0), RECENT), Some(&1100));
         // Younger than the window: the oldest copy kept.
-        let mut young = CountsHistory::new(secs(65.0));
+        let mut young = CountsHistory::new(secs(65.0), secs(0.5));
         young.record(secs(0.0), 7);
         young.record(secs(0.5), 8);
         young.record(secs(1.0), 9);
@@ -252,7 +246,7 @@ mod tests {
         assert_eq!(young.samples.len(), 2);
         // Polls a millisecond early each: every one is kept, so the minute's base is the
         // poll 60 back (59.94 s old at 0.999 × 120 s, where the one before is 60.94 s old).
-        let mut early = CountsHistory::new(secs(65.0));
+        let mut early = CountsHistory::new(secs(65.0), secs(0.999));
         for poll in 0..=120u32 {
             early.record(Duration::from_millis(u64::from(poll) * 999), poll);
         }
@@ -267,7 +261,8 @@ mod tests {
     #[test]
     fn polls_a_window_apart_give_one_window_early_or_late() {
         for (gap_ms, label) in [(59_999, "early"), (60_001, "late")] {
-            let mut history = CountsHistory::new(AVERAGE + secs(5.0));
+            let mut history =
+                CountsHistory::new(AVERAGE + secs(5.0), Duration::from_millis(gap_ms));
             for poll in 0..=3u64 {
                 history.record(Duration::from_millis(poll * gap_ms), poll);
             }
@@ -281,7 +276,7 @@ mod tests {
 
     #[test]
     fn after_a_stall_the_window_starts_after_it() {
-        let mut history = CountsHistory::new(secs(65.0));
+        let mut history = CountsHistory::new(secs(65.0), secs(1.0));
         // A count a second for two minutes, then five minutes without a poll.
         for second in 0..=120u32 {
             history.record(secs(f64::from(second)), second);
@@ -300,14 +295,14 @@ mod tests {
         }
         assert_eq!(history.base(secs(resumed + 70.0), AVERAGE), Some(&1_010));
         // A copy up to twice the window old still serves (slow polls).
-        let mut slow = CountsHistory::new(secs(130.0));
+        let mut slow = CountsHistory::new(secs(130.0), secs(110.0));
         slow.record(secs(0.0), 1);
         slow.record(secs(110.0), 2);
         assert_eq!(slow.base(secs(110.0), AVERAGE), Some(&1));
         // Polls a minute apart, one of them failed: the next minute's figures span two
         // minutes rather than none (until 2026-12-07, none), and after two failed, three,
         // early or late by milliseconds. After three failed, a stall: none, as above.
-        let mut minutely = CountsHistory::new(secs(65.0));
+        let mut minutely = CountsHistory::new(secs(65.0), secs(60.0));
         minutely.record(secs(0.0), 1);
         minutely.record(secs(60.0), 2);
         minutely.record(secs(180.002), 4);
@@ -320,16 +315,21 @@ mod tests {
         assert_eq!(minutely.base(secs(780.0), AVERAGE), Some(&13));
     }
 
-    /// Polls a second apart that pause for two and a half minutes: a stall, not a gap. Until
-    /// 2026-12-07 the first poll after it took the copy before it, a last minute of 150 s,
-    /// and the next poll's window was a second.
+    /// Polls a second apart that pause for more than twice the window: a stall, however
+    /// short, and whatever pauses came before. Until 2026-12-07 a pause of up to three and a
+    /// half minutes took the copy before it, so the first poll after spanned the pause (150 s
+    /// after one of 150 s) and the next one a second.
     #[test]
-    fn a_pause_of_fast_polls_is_a_stall_however_short() {
-        for pause in [130.0, 150.0, 200.0, 210.0] {
-            let mut history = CountsHistory::new(secs(65.0));
+    fn a_pause_of_fast_polls_past_twice_the_window_is_a_stall() {
+        let polled_to_120 = || {
+            let mut history = CountsHistory::new(secs(65.0), secs(1.0));
             for second in 0..=120u32 {
                 history.record(secs(f64::from(second)), second);
             }
+            history
+        };
+        for pause in [130.0, 150.0, 200.0, 210.0] {
+            let mut history = polled_to_120();
             let resumed = 120.0 + pause;
             history.record(secs(resumed), 1_000);
             assert_eq!(
@@ -344,11 +344,18 @@ mod tests {
                 "{pause}"
             );
         }
+        // A pause of 40 s, then one of 150 s: the second is a stall all the same.
+        let mut history = polled_to_120();
+        history.record(secs(160.0), 500);
+        history.record(secs(310.0), 1_000);
+        assert_eq!(history.base(secs(310.0), AVERAGE), Some(&1_000));
+        // A stall right after the first poll.
+        let mut history = CountsHistory::new(secs(65.0), secs(1.0));
+        history.record(secs(0.0), 1);
+        history.record(secs(150.0), 1_000);
+        assert_eq!(history.base(secs(150.0), AVERAGE), Some(&1_000));
         // Under twice the window: the copy nearest a minute old still serves.
-        let mut history = CountsHistory::new(secs(65.0));
-        for second in 0..=120u32 {
-            history.record(secs(f64::from(second)), second);
-        }
+        let mut history = polled_to_120();
         history.record(secs(200.0), 1_000);
         assert_eq!(history.base(secs(200.0), AVERAGE), Some(&120));
     }
