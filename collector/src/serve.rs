@@ -1292,6 +1292,36 @@ mod tests {
         )
     }
 
+    /// Only the probes' own paths go without credentials: no spelling of another path
+    /// passes for one of theirs (the path is matched as sent, undecoded and unnormalised, as
+    /// the router matches it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_spelling_of_a_path_passes_for_a_probes() {
+        let (users, token) = (users("spelling"), Scratch::new("token-spelling", "tok\n"));
+        let agent = serving(&users, &token, |_| {}).await;
+        let address = agent.address;
+        for path in ["/healthz", "/readyz", "/healthz?x=/metrics"] {
+            assert_eq!(status(address, path, None).await, 200, "{path}");
+        }
+        for path in [
+            "/metrics",
+            "/healthz/../metrics",
+            "/healthz/%2e%2e/metrics",
+            "/healthz%2F..%2Fmetrics",
+            "//metrics",
+            "/./metrics",
+            "/%6detrics",
+            "/metrics?/healthz",
+            "/metrics#/healthz",
+            "/healthz/",
+            "/HEALTHZ",
+            "http://t/metrics",
+            "/api/v1/events",
+        ] {
+            assert_eq!(status(address, path, None).await, 401, "{path}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn wrong_passwords_waiting_for_their_check_leave_scrapes_the_permits() {
         const PERMITS: usize = 2;
