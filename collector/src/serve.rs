@@ -7,7 +7,8 @@
 //! served at once, and a time limit per request; event streams have a cap of their own
 //! instead of the time limit, so that tails of the stream never crowd out scrapes. Over a
 //! limit, 503, as for a password whose bcrypt check gets no turn within the time limit
-//! (passwords wait for their check before the cap, holding no place in it). The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
+//! or that finds two of its address's waiting already (passwords wait for their check
+//! before the cap, holding no place in it). The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
 //! carry no credentials and must be answered under load. Below that, connections are capped
 //! in all and per address, and must send their headers in time (see [`serve`]); at a cap, a
 //! new connection closes the one that has waited longest for a request (at the cap in all, of
@@ -224,7 +225,15 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         auth::Judgement::Check(check) => {
             // No permit bounds how many wait here, so their connections count as idle
             // meanwhile: they must not keep a new connection (the probes') out.
-            let _waiting = request.extensions().get::<Place>().map(Place::waiting);
+            let waiting = request.extensions().get::<Place>().map(Place::waiting);
+            if matches!(waiting, Some(None)) {
+                guard.load.refuse(Limit::PasswordChecks);
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many password checks waiting from this address\n",
+                )
+                    .into_response();
+            }
             match check.run(guard.timeout).await {
                 Ok(()) => {}
                 Err(auth::CheckRefused::Wrong(challenge)) => return unauthorized(challenge),
@@ -821,11 +830,22 @@ impl http_body::Body for Held {
     }
 }
 
+/// Requests from one address that may wait for a password check at once; more are refused
+/// at once (503). The checks take turns in the order they came, so wrong passwords sent on
+/// all of an address's connections (80 by default) would have queued every other client's
+/// check behind theirs: at a bcrypt cost of 12, about 250 ms a check, 20 s, past the
+/// request's time limit, so that a scraper's password, not yet remembered after a start or a
+/// reload of the users file, got 503 for as long as the flood lasted. A scraper waits for
+/// one check at a time.
+const CHECKS_WAITING_PER_ADDRESS: usize = 2;
+
 /// The connections open, in all and per address, and which of them are in a request.
 struct Admission {
     limits: ConnectionLimits,
     open: HashMap<u64, Open>,
     by_address: HashMap<IpAddr, usize>,
+    /// Requests waiting for a password check (or in one), per address.
+    checks_by_address: HashMap<IpAddr, usize>,
     /// Counts up as connections open and fall idle: it names each connection, and the lowest
     /// `idle_since` is the connection that has waited longest for a request.
     clock: u64,
@@ -861,9 +881,12 @@ struct Place {
 /// A request in progress on a connection; it falls idle when the last is dropped.
 struct Busy(Place);
 
-/// A request that waits for a password check: its connection counts as idle until this is
-/// dropped.
-struct Waiting(Place);
+/// A request that waits for a password check: its connection counts as idle, and the
+/// check among its address's, until this is dropped.
+struct Waiting {
+    place: Place,
+    address: IpAddr,
+}
 
 impl Admission {
     fn new(limits: ConnectionLimits) -> Self {
@@ -871,6 +894,7 @@ impl Admission {
             limits,
             open: HashMap::new(),
             by_address: HashMap::new(),
+            checks_by_address: HashMap::new(),
             clock: 0,
         }
     }
@@ -1004,10 +1028,20 @@ impl Place {
 
     /// Marks the connection's request, for as long as the result lives, as waiting for a
     /// password check: the connection counts as idle meanwhile, as no permit bounds how many
-    /// wait.
-    fn waiting(&self) -> Waiting {
-        self.lock().leave_request(self.id);
-        Waiting(self.clone())
+    /// wait. `None` if its address has [`CHECKS_WAITING_PER_ADDRESS`] waiting already.
+    fn waiting(&self) -> Option<Waiting> {
+        let mut admission = self.lock();
+        let address = admission.open.get(&self.id)?.address;
+        let waiting = admission.checks_by_address.entry(address).or_default();
+        if *waiting >= CHECKS_WAITING_PER_ADDRESS {
+            return None;
+        }
+        *waiting += 1;
+        admission.leave_request(self.id);
+        Some(Waiting {
+            place: self.clone(),
+            address,
+        })
     }
 }
 
@@ -1019,7 +1053,14 @@ impl Drop for Busy {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.lock().enter_request(self.0.id);
+        let mut admission = self.place.lock();
+        if let Some(waiting) = admission.checks_by_address.get_mut(&self.address) {
+            *waiting -= 1;
+            if *waiting == 0 {
+                admission.checks_by_address.remove(&self.address);
+            }
+        }
+        admission.enter_request(self.place.id);
     }
 }
 
@@ -1252,8 +1293,20 @@ mod tests {
 
     /// The status of `GET path` with `authorization`, on a connection of its own.
     async fn status(address: SocketAddr, path: &str, authorization: Option<&str>) -> u16 {
+        status_from([127, 0, 0, 1], address, path, authorization).await
+    }
+
+    /// [`status`] from the loopback address `from`.
+    async fn status_from(
+        from: [u8; 4],
+        address: SocketAddr,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> u16 {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        let mut stream = socket.connect(address).await.unwrap();
         let authorization =
             authorization.map_or(String::new(), |value| format!("Authorization: {value}\r\n"));
         let request =
@@ -1355,6 +1408,45 @@ mod tests {
         for wrong in wrong {
             assert_eq!(wrong.await.unwrap(), 401);
         }
+    }
+
+    /// Wrong passwords sent from one address on many connections take two places in the
+    /// queue for the checks, not all of them: another address's check still gets its turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_address_has_two_password_checks_waiting_at_most() {
+        const PATH: &str = "/metrics";
+        let (users, token) = (
+            users("per-address"),
+            Scratch::new("token-per-address", "tok\n"),
+        );
+        let agent = serving(&users, &token, |http| {
+            http.request_timeout = Duration::from_mins(1);
+        })
+        .await;
+        let address = agent.address;
+        let turns = agent.credentials.hold_password_turns();
+        let wrong: Vec<_> = (0..CHECKS_WAITING_PER_ADDRESS)
+            .map(|_| {
+                tokio::spawn(async move { status(address, PATH, Some(&basic("u:wrong"))).await })
+            })
+            .collect();
+        wait_until_waiting(&agent.credentials, CHECKS_WAITING_PER_ADDRESS).await;
+        // A third from that address: refused at once, while the turns are still held.
+        assert_eq!(status(address, PATH, Some(&basic("u:wrong"))).await, 503);
+        // Another address's password waits its turn.
+        let scraper = tokio::spawn(async move {
+            status_from([127, 0, 0, 2], address, PATH, Some(&basic("u:pw"))).await
+        });
+        wait_until_waiting(&agent.credentials, CHECKS_WAITING_PER_ADDRESS + 1).await;
+        drop(turns);
+        assert_eq!(scraper.await.unwrap(), 200);
+        for wrong in wrong {
+            assert_eq!(wrong.await.unwrap(), 401);
+        }
+        let refused: Vec<(Limit, u64)> = agent.load.refusals().filter(|&(_, n)| n > 0).collect();
+        assert_eq!(refused, [(Limit::PasswordChecks, 1)]);
+        // Their places are given back: the address may wait for checks again.
+        assert_eq!(status(address, PATH, Some(&basic("u:wrong"))).await, 401);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
