@@ -826,7 +826,7 @@ pub fn listen_address(value: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = value.parse().map_err(|_| {
         let zone = value
             .split_once('%')
-            .map(|(_, rest)| rest.split(']').next().unwrap_or(rest));
+            .map(|(_, rest)| rest.split([']', ':']).next().unwrap_or(rest));
         if zone.is_some_and(|zone| !zone.bytes().all(|b| b.is_ascii_digit())) {
             // Rust takes a zone as a number only.
             format!(
@@ -2921,8 +2921,10 @@ match_every = 1
             "listen = \"[fe80::1]:9464\" is link-local without its interface",
         );
         // An index given, the port left out: no word about names.
-        let portless = listen_address("[fe80::1%2]").unwrap_err();
-        assert!(portless.contains("write IP:PORT"), "{portless}");
+        for value in ["[fe80::1%2]", "fe80::1%2:9464"] {
+            let refusal = listen_address(value).unwrap_err();
+            assert!(refusal.contains("write IP:PORT"), "{refusal}");
+        }
         let scoped = listen_address("[fe80::1%2]:9464").unwrap();
         assert!(matches!(scoped, SocketAddr::V6(v6) if v6.scope_id() == 2));
     }

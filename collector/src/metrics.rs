@@ -1242,7 +1242,7 @@ fn encode_http_load(load: &HttpLoad, encoder: &mut DescriptorEncoder) -> fmt::Re
     counters(
         encoder,
         "collector_http_refused",
-        "Turned away at an [http] limit, by limit: requests (max_concurrent_requests), event_streams (max_event_streams), password_checks (passwords that got no turn for their bcrypt check within request_timeout_ms, or that found two of their address's waiting) and request_timeout (request_timeout_ms) answered 503; connections (max_connections, max_connections_per_address, with none idle to close in their place) closed unanswered; unsent_bytes (max_unsent_bytes: the oldest answers not yet taken by their readers when newer ones needed the room) closed mid-answer. Idle connections closed to make room, and TLS handshakes past tls_handshake_timeout_ms, are not counted.",
+        "Turned away at an [http] limit, by limit: requests (max_concurrent_requests), event_streams (max_event_streams), password_checks (passwords that got no turn for their bcrypt check within request_timeout_ms; two of an address's are in the queue at once, its others behind them) and request_timeout (request_timeout_ms) answered 503; connections (max_connections, max_connections_per_address, with none idle to close in their place) closed unanswered; unsent_bytes (max_unsent_bytes: the oldest answers not yet taken by their readers when newer ones needed the room) closed mid-answer. Idle connections closed to make room, and TLS handshakes past tls_handshake_timeout_ms, are not counted.",
         None,
         load.refusals()
             .map(|(limit, count)| (vec![("limit", limit.label().to_owned())], count)),

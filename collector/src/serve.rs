@@ -7,8 +7,8 @@
 //! served at once, and a time limit per request; event streams have a cap of their own
 //! instead of the time limit, so that tails of the stream never crowd out scrapes. Over a
 //! limit, 503, as for a password whose bcrypt check gets no turn within the time limit
-//! or that finds two of its address's waiting already (passwords wait for their check
-//! before the cap, holding no place in it). The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
+//! (passwords wait for their check before the cap, holding no place in it; two of an
+//! address's at a time, its others behind them). The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
 //! carry no credentials and must be answered under load. Below that, connections are capped
 //! in all and per address, and must send their headers in time (see [`serve`]); at a cap, a
 //! new connection closes the one that has waited longest for a request (at the cap in all, of
@@ -210,6 +210,16 @@ impl Guard {
     }
 }
 
+/// 503 for a password whose check got no turn within the request's time.
+fn no_password_turn(guard: &Guard) -> Response {
+    guard.load.refuse(Limit::PasswordChecks);
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many password checks waiting\n",
+    )
+        .into_response()
+}
+
 async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     if matches!(path, "/healthz" | "/readyz") {
@@ -225,26 +235,23 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         auth::Judgement::Check(check) => {
             // No permit bounds how many wait here, so their connections count as idle
             // meanwhile: they must not keep a new connection (the probes') out.
-            let waiting = request.extensions().get::<Place>().map(Place::waiting);
-            if matches!(waiting, Some(None)) {
-                guard.load.refuse(Limit::PasswordChecks);
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many password checks waiting from this address\n",
-                )
-                    .into_response();
-            }
-            match check.run(guard.timeout).await {
+            let deadline = Instant::now() + guard.timeout;
+            let place = request.extensions().get::<Place>().cloned();
+            let _waiting = place.as_ref().map(Place::waiting);
+            let _queued = match &place {
+                Some(place) => match place.check_queue_place(guard.timeout).await {
+                    Some(queued) => Some(queued),
+                    None => return no_password_turn(&guard),
+                },
+                None => None,
+            };
+            match check
+                .run(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
                 Ok(()) => {}
                 Err(auth::CheckRefused::Wrong(challenge)) => return unauthorized(challenge),
-                Err(auth::CheckRefused::NoTurn) => {
-                    guard.load.refuse(Limit::PasswordChecks);
-                    return (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many password checks waiting\n",
-                    )
-                        .into_response();
-                }
+                Err(auth::CheckRefused::NoTurn) => return no_password_turn(&guard),
             }
         }
     }
@@ -830,22 +837,23 @@ impl http_body::Body for Held {
     }
 }
 
-/// Requests from one address that may wait for a password check at once; more are refused
-/// at once (503). The checks take turns in the order they came, so wrong passwords sent on
-/// all of an address's connections (80 by default) would have queued every other client's
-/// check behind theirs: at a bcrypt cost of 12, about 250 ms a check, 20 s, past the
-/// request's time limit, so that a scraper's password, not yet remembered after a start or a
-/// reload of the users file, got 503 for as long as the flood lasted. A scraper waits for
-/// one check at a time.
-const CHECKS_WAITING_PER_ADDRESS: usize = 2;
+/// Requests from one address in the queue for the password checks' turns at once; the
+/// address's others wait behind them, in the order they came, within the request's time.
+/// The turns go in the order asked, so wrong passwords sent on all of an address's
+/// connections (80 by default) queued every other client's check behind theirs: at a bcrypt
+/// cost of 12, about 250 ms a check, 20 s, past the request's time limit, and a scraper
+/// whose password was not yet remembered (after a start or a reload of the users file) got
+/// 503 for as long as the flood lasted.
+const CHECKS_QUEUED_PER_ADDRESS: usize = 2;
 
 /// The connections open, in all and per address, and which of them are in a request.
 struct Admission {
     limits: ConnectionLimits,
     open: HashMap<u64, Open>,
     by_address: HashMap<IpAddr, usize>,
-    /// Requests waiting for a password check (or in one), per address.
-    checks_by_address: HashMap<IpAddr, usize>,
+    /// Each address's places in the queue for the password checks' turns
+    /// ([`CHECKS_QUEUED_PER_ADDRESS`]).
+    check_queues: HashMap<IpAddr, Arc<tokio::sync::Semaphore>>,
     /// Counts up as connections open and fall idle: it names each connection, and the lowest
     /// `idle_since` is the connection that has waited longest for a request.
     clock: u64,
@@ -876,17 +884,15 @@ struct Ticket {
 struct Place {
     admission: Arc<Mutex<Admission>>,
     id: u64,
+    address: IpAddr,
 }
 
 /// A request in progress on a connection; it falls idle when the last is dropped.
 struct Busy(Place);
 
-/// A request that waits for a password check: its connection counts as idle, and the
-/// check among its address's, until this is dropped.
-struct Waiting {
-    place: Place,
-    address: IpAddr,
-}
+/// A request that waits for a password check: its connection counts as idle until this is
+/// dropped.
+struct Waiting(Place);
 
 impl Admission {
     fn new(limits: ConnectionLimits) -> Self {
@@ -894,7 +900,7 @@ impl Admission {
             limits,
             open: HashMap::new(),
             by_address: HashMap::new(),
-            checks_by_address: HashMap::new(),
+            check_queues: HashMap::new(),
             clock: 0,
         }
     }
@@ -940,6 +946,7 @@ impl Admission {
             place: Place {
                 admission: Arc::clone(admission),
                 id,
+                address,
             },
             close,
         })
@@ -1028,20 +1035,38 @@ impl Place {
 
     /// Marks the connection's request, for as long as the result lives, as waiting for a
     /// password check: the connection counts as idle meanwhile, as no permit bounds how many
-    /// wait. `None` if its address has [`CHECKS_WAITING_PER_ADDRESS`] waiting already.
-    fn waiting(&self) -> Option<Waiting> {
-        let mut admission = self.lock();
-        let address = admission.open.get(&self.id)?.address;
-        let waiting = admission.checks_by_address.entry(address).or_default();
-        if *waiting >= CHECKS_WAITING_PER_ADDRESS {
-            return None;
-        }
-        *waiting += 1;
-        admission.leave_request(self.id);
-        Some(Waiting {
-            place: self.clone(),
-            address,
-        })
+    /// wait.
+    fn waiting(&self) -> Waiting {
+        self.lock().leave_request(self.id);
+        Waiting(self.clone())
+    }
+
+    /// One of its address's places in the queue for the password checks' turns, held until
+    /// the result is dropped, once one is free; `None` if none is within `within`.
+    async fn check_queue_place(
+        &self,
+        within: Duration,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let queue = {
+            let mut admission = self.lock();
+            // A queue nobody holds a place in or waits for is swept by the next request
+            // that needs one: they are at most as many as the requests with checks.
+            admission
+                .check_queues
+                .retain(|_, queue| Arc::strong_count(queue) > 1);
+            Arc::clone(
+                admission
+                    .check_queues
+                    .entry(self.address)
+                    .or_insert_with(|| {
+                        Arc::new(tokio::sync::Semaphore::new(CHECKS_QUEUED_PER_ADDRESS))
+                    }),
+            )
+        };
+        tokio::time::timeout(within, queue.acquire_owned())
+            .await
+            .ok()?
+            .ok()
     }
 }
 
@@ -1053,14 +1078,7 @@ impl Drop for Busy {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        let mut admission = self.place.lock();
-        if let Some(waiting) = admission.checks_by_address.get_mut(&self.address) {
-            *waiting -= 1;
-            if *waiting == 0 {
-                admission.checks_by_address.remove(&self.address);
-            }
-        }
-        admission.enter_request(self.place.id);
+        self.0.lock().enter_request(self.0.id);
     }
 }
 
@@ -1411,9 +1429,10 @@ mod tests {
     }
 
     /// Wrong passwords sent from one address on many connections take two places in the
-    /// queue for the checks, not all of them: another address's check still gets its turn.
+    /// queue for the checks' turns, the others waiting behind them: another address's
+    /// password is checked in between, and every one is answered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn an_address_has_two_password_checks_waiting_at_most() {
+    async fn an_address_queues_two_password_checks_at_once() {
         const PATH: &str = "/metrics";
         let (users, token) = (
             users("per-address"),
@@ -1425,34 +1444,64 @@ mod tests {
         .await;
         let address = agent.address;
         let turns = agent.credentials.hold_password_turns();
-        let wrong: Vec<_> = (0..CHECKS_WAITING_PER_ADDRESS)
+        let wrong: Vec<_> = (0..=CHECKS_QUEUED_PER_ADDRESS)
             .map(|_| {
                 tokio::spawn(async move { status(address, PATH, Some(&basic("u:wrong"))).await })
             })
             .collect();
-        wait_until_waiting(&agent.credentials, CHECKS_WAITING_PER_ADDRESS).await;
-        // A third from that address: refused at once, while the turns are still held.
-        assert_eq!(status(address, PATH, Some(&basic("u:wrong"))).await, 503);
-        // Another address's password waits its turn.
+        wait_until_waiting(&agent.credentials, CHECKS_QUEUED_PER_ADDRESS).await;
         let scraper = tokio::spawn(async move {
             status_from([127, 0, 0, 2], address, PATH, Some(&basic("u:pw"))).await
         });
-        wait_until_waiting(&agent.credentials, CHECKS_WAITING_PER_ADDRESS + 1).await;
+        wait_until_waiting(&agent.credentials, CHECKS_QUEUED_PER_ADDRESS + 1).await;
         drop(turns);
         assert_eq!(scraper.await.unwrap(), 200);
         for wrong in wrong {
             assert_eq!(wrong.await.unwrap(), 401);
         }
-        let refused: Vec<(Limit, u64)> = agent.load.refusals().filter(|&(_, n)| n > 0).collect();
-        assert_eq!(refused, [(Limit::PasswordChecks, 1)]);
-        // Their places are given back: the address may wait for checks again.
-        assert_eq!(status(address, PATH, Some(&basic("u:wrong"))).await, 401);
+        assert_eq!(agent.load.refusals().filter(|&(_, n)| n > 0).count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_address_holds_two_places_in_the_check_queue_and_its_others_wait_in_turn() {
+        const NOW: Duration = Duration::from_millis(50);
+        let admission = admission(16, 8);
+        let (crowd, scraper) = (address(1), address(2));
+        let from_crowd: Vec<Ticket> = (0..3).map(|_| admit(&admission, crowd)).collect();
+        let scrape = admit(&admission, scraper);
+        let first = from_crowd[0].place().check_queue_place(NOW).await.unwrap();
+        let second = from_crowd[1].place().check_queue_place(NOW).await.unwrap();
+        // The crowd's third waits for one of its two, not the scraper.
+        assert!(from_crowd[2].place().check_queue_place(NOW).await.is_none());
+        let scraping = scrape.place().check_queue_place(NOW).await.unwrap();
+        let third = from_crowd[2].place();
+        let third = tokio::spawn(async move {
+            third
+                .check_queue_place(Duration::from_secs(30))
+                .await
+                .is_some()
+        });
+        drop(first);
+        assert!(third.await.unwrap());
+        drop((second, scraping));
+        // Queues nobody is in are swept by the next request that needs one.
+        let _next = scrape.place().check_queue_place(NOW).await.unwrap();
+        let queues: Vec<IpAddr> = admission
+            .lock()
+            .unwrap()
+            .check_queues
+            .keys()
+            .copied()
+            .collect();
+        assert_eq!(queues, [scraper]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn connections_waiting_for_a_password_check_give_way_to_the_probes() {
-        // The probe's address's whole share taken by requests waiting for their check.
+        // The probe's address's whole share taken by requests waiting for their check, each
+        // in the queue for the turns.
         const PER_ADDRESS: usize = 2;
+        const _: () = assert!(PER_ADDRESS <= CHECKS_QUEUED_PER_ADDRESS);
         let (users, token) = (users("give-way"), Scratch::new("token-give-way", "tok\n"));
         let agent = serving(&users, &token, |http| {
             http.max_connections_per_address = PER_ADDRESS;
