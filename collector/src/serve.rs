@@ -235,7 +235,7 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
         auth::Judgement::Check(check) => {
             // No permit bounds how many wait here, so their connections count as idle
             // meanwhile: they must not keep a new connection (the probes') out.
-            let deadline = Instant::now() + guard.timeout;
+            let deadline = tokio::time::Instant::now() + guard.timeout;
             let place = request.extensions().get::<Place>().cloned();
             let _waiting = place.as_ref().map(Place::waiting);
             let _queued = match &place {
@@ -246,7 +246,7 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                 None => None,
             };
             match check
-                .run(deadline.saturating_duration_since(Instant::now()))
+                .run(deadline.saturating_duration_since(tokio::time::Instant::now()))
                 .await
             {
                 Ok(()) => {}
@@ -1428,9 +1428,9 @@ mod tests {
         }
     }
 
-    /// Wrong passwords sent from one address on many connections take two places in the
-    /// queue for the checks' turns, the others waiting behind them: another address's
-    /// password is checked in between, and every one is answered.
+    /// Wrong passwords sent from one address on more connections than it has places in the
+    /// queue for the checks' turns, and another address's password: every one is answered
+    /// once the turns are free, none refused (the order is the unit test's below).
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn an_address_queues_two_password_checks_at_once() {
         const PATH: &str = "/metrics";
@@ -1462,6 +1462,30 @@ mod tests {
         assert_eq!(agent.load.refusals().filter(|&(_, n)| n > 0).count(), 0);
     }
 
+    /// Three passwords from one address while the turns are held: each is answered 503 at the
+    /// request's time limit, the third for want of a place in the queue, the others of a turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_password_that_gets_no_place_in_the_queue_in_time_is_answered_503() {
+        let (users, token) = (users("no-place"), Scratch::new("token-no-place", "tok\n"));
+        let agent = serving(&users, &token, |http| {
+            http.request_timeout = Duration::from_millis(300);
+        })
+        .await;
+        let address = agent.address;
+        let turns = agent.credentials.hold_password_turns();
+        let requests: Vec<_> = (0..=CHECKS_QUEUED_PER_ADDRESS)
+            .map(|_| {
+                tokio::spawn(async move { status(address, "/metrics", Some(&basic("u:pw"))).await })
+            })
+            .collect();
+        for request in requests {
+            assert_eq!(request.await.unwrap(), 503);
+        }
+        drop(turns);
+        let refused: Vec<(Limit, u64)> = agent.load.refusals().filter(|&(_, n)| n > 0).collect();
+        assert_eq!(refused, [(Limit::PasswordChecks, 3)]);
+    }
+
     #[tokio::test]
     async fn an_address_holds_two_places_in_the_check_queue_and_its_others_wait_in_turn() {
         const NOW: Duration = Duration::from_millis(50);
@@ -1481,6 +1505,9 @@ mod tests {
                 .await
                 .is_some()
         });
+        // Waiting, until one of the crowd's places is given back.
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished());
         drop(first);
         assert!(third.await.unwrap());
         drop((second, scraping));
