@@ -188,9 +188,10 @@ impl<T> CountsHistory<T> {
     /// stall: past twice the window, the oldest copy since serves, as after a start. Unless
     /// that is the newest copy, which leaves nothing to count, and the one before is within
     /// [`GAP_SPANNED`] windows and the polls come slowly (half a window apart or more, a
-    /// millisecond early too): at polls a minute apart, after one that failed, the next minute's figures span
-    /// two minutes rather than none. At fast polls a gap that long is a stall too (a paused
-    /// pod), whose first poll after would span it all, and the next one a second.
+    /// millisecond early too): at polls a minute apart, after one that failed, the next
+    /// minute's figures span two minutes rather than none. At fast polls a gap that long is a
+    /// stall too (a paused pod), whose first poll after would span it all, and the next one a
+    /// second.
     #[must_use]
     pub fn base(&self, now: Duration, window: Duration) -> Option<&T> {
         let polled_slowly = self.poll_interval + COPY_JITTER >= window / 2;

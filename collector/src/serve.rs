@@ -8,8 +8,9 @@
 //! instead of the time limit, so that tails of the stream never crowd out scrapes. Over a
 //! limit, 503, as for a password whose bcrypt check gets no turn within the time limit
 //! (passwords wait for their check before the cap, holding no place in it; two of an
-//! address's at a time, its others behind them). The probes `/healthz` and `/readyz` are exempt from all three: kubelet probes
-//! carry no credentials and must be answered under load. Below that, connections are capped
+//! address's at a time, its others behind them). The probes `/healthz` and `/readyz` are
+//! exempt from all three: kubelet probes carry no credentials and must be answered under
+//! load. Below that, connections are capped
 //! in all and per address, and must send their headers in time (see [`serve`]); at a cap, a
 //! new connection closes the one that has waited longest for a request (at the cap in all, of
 //! the address holding the most; per address, of its own), so that idle connections cannot
