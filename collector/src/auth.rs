@@ -82,18 +82,23 @@ impl PasswordChecks {
         tokio::time::timeout(within, turn).await.ok()?.ok()
     }
 
-    /// Whether `password` matches the bcrypt `hash`, checked in `turn`; `None` if the check
-    /// panicked.
+    /// Whether `password` matches the bcrypt `hash`, checked in `turn` (with the request's
+    /// place in its address's queue, if it holds one); `None` if the check panicked.
     async fn verify(
         self: &Arc<Self>,
-        turn: tokio::sync::OwnedSemaphorePermit,
+        turn: (
+            tokio::sync::OwnedSemaphorePermit,
+            Option<tokio::sync::OwnedSemaphorePermit>,
+        ),
         password: String,
         hash: String,
     ) -> Option<bool> {
         #[cfg(test)]
         let checks = Arc::clone(self);
-        // The turn goes with the check, not with the request: a request dropped while it
-        // waits for the check (its client gone) must not free a turn the check still uses.
+        // The turn and the place go with the check, not with the request: a request dropped
+        // while it waits for the check (its client gone) must not free a turn the check still
+        // uses, nor its address's place (a client that hangs up after each wrong password
+        // would queue as many checks as it opens connections).
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             #[cfg(test)]
@@ -224,6 +229,8 @@ pub struct PasswordCheck {
     user: String,
     password: String,
     challenge: Challenge,
+    /// The request's place in its address's queue for the turns, held until the check ends.
+    queue_place: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Why a password check did not admit its request.
@@ -306,6 +313,7 @@ impl Credentials {
                     user,
                     password,
                     challenge,
+                    queue_place: None,
                 });
             }
         }
@@ -331,6 +339,14 @@ impl Credentials {
 }
 
 impl PasswordCheck {
+    /// Holds `place` (the request's in its address's queue) until the check has run, even
+    /// when the request is dropped before.
+    #[must_use]
+    pub fn holding(mut self, place: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self.queue_place = Some(place);
+        self
+    }
+
     /// Runs the check once a turn is free, waiting at most `within` for one. The password
     /// is remembered for its user if it matches.
     pub async fn run(self, within: Duration) -> Result<(), CheckRefused> {
@@ -340,6 +356,7 @@ impl PasswordCheck {
             user,
             password,
             challenge,
+            queue_place,
         } = self;
         let turn = checks.turn(within).await.ok_or(CheckRefused::NoTurn)?;
         // The file as it is now decides: a user removed, or given another password, while
@@ -353,7 +370,7 @@ impl PasswordCheck {
             return Ok(());
         }
         let matches = checks
-            .verify(turn, password.clone(), hash.clone())
+            .verify((turn, queue_place), password.clone(), hash.clone())
             .await
             .unwrap_or(false);
         // And as it is after the check, which takes a while: a user removed, or given
@@ -779,6 +796,51 @@ mod tests {
             (1..=PASSWORD_CHECKS_AT_ONCE).contains(&most),
             "{most} bcrypt checks ran at once"
         );
+    }
+
+    /// A request dropped while its password is checked (its client hung up) gives back
+    /// neither the turn nor its address's place in the queue until the check ends: a client
+    /// that hangs up after each wrong password queues no more checks than one that waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_request_holds_its_turn_and_place_until_its_check_ends() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let scratch = ScratchDir::new("auth-dropped");
+        // A cost that keeps the check busy well past the abort below.
+        let hash = bcrypt::hash("pw", 12).unwrap();
+        let credentials = Credentials::from_config(
+            &config(
+                None,
+                Some(scratch.write_aged("users", &format!("u:{hash}\n"), 1)),
+            ),
+            &Arc::default(),
+        )
+        .unwrap();
+        let queue = Arc::new(tokio::sync::Semaphore::new(1));
+        let place = Arc::clone(&queue).try_acquire_owned().unwrap();
+        let Judgement::Check(check) = credentials.judge(&basic("u:wrong")) else {
+            panic!("a password that never passed judged without a check");
+        };
+        let check = check.holding(place);
+        let request = tokio::spawn(check.run(Duration::from_mins(1)));
+        let checks = Arc::clone(&credentials.checks);
+        while checks.running.load(SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        // The check runs on: its turn and its place are still taken.
+        assert_eq!(checks.running.load(SeqCst), 1);
+        assert_eq!(queue.available_permits(), 0);
+        assert_eq!(
+            checks.turns.available_permits(),
+            PASSWORD_CHECKS_AT_ONCE - 1
+        );
+        let freed = tokio::time::timeout(Duration::from_secs(30), queue.acquire()).await;
+        assert!(
+            freed.is_ok(),
+            "the place was not given back after the check"
+        );
+        assert_eq!(checks.running.load(SeqCst), 0);
     }
 
     /// A check that waited for its turn while the users file changed is judged by the new

@@ -239,12 +239,12 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
             let deadline = tokio::time::Instant::now() + guard.timeout;
             let place = request.extensions().get::<Place>().cloned();
             let _waiting = place.as_ref().map(Place::waiting);
-            let _queued = match &place {
+            let check = match &place {
                 Some(place) => match place.check_queue_place(guard.timeout).await {
-                    Some(queued) => Some(queued),
+                    Some(queued) => check.holding(queued),
                     None => return no_password_turn(&guard),
                 },
-                None => None,
+                None => check,
             };
             match check
                 .run(deadline.saturating_duration_since(tokio::time::Instant::now()))
