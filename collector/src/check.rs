@@ -400,10 +400,7 @@ fn interfaces(watched: links::Watched<'_>) -> Verdict {
 }
 
 fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status, String) {
-    let selected = match links::selection(all, watched) {
-        Err(reason) => return (Status::Fail, format!("{reason}: `run` stops on it")),
-        Ok(selected) => selected,
-    };
+    let selected = links::selection(all, watched);
     let names = selected
         .links
         .iter()
@@ -411,12 +408,31 @@ fn judge_interfaces(all: &[links::Link], watched: links::Watched<'_>) -> (Status
         .collect::<Vec<_>>()
         .join(", ");
     if !selected.missing.is_empty() {
+        let absent: Vec<&str> = selected
+            .missing
+            .iter()
+            .filter(|name| !all.iter().any(|link| link.named(name)))
+            .map(String::as_str)
+            .collect();
+        let mut reasons = Vec::new();
+        if !selected.unparsed.is_empty() {
+            reasons.push(format!(
+                "{} of a framing the tc classifiers do not parse (they parse Ethernet, \
+                 loopback and none: WireGuard, tun): its live traffic and DNS go uncounted",
+                selected.unparsed.join(", ")
+            ));
+        }
+        if !absent.is_empty() {
+            reasons.push(format!(
+                "{} not here (yet): `run` attaches each when it appears",
+                absent.join(", ")
+            ));
+        }
         return (
             Status::Warn,
             format!(
-                "{} not here (yet): `run` attaches each when it appears, and exports \
-                 collector_interface_missing meanwhile; attached now: {}",
-                selected.missing.join(", "),
+                "{}; collector_interface_missing is 1 for each; attached now: {}",
+                reasons.join("; "),
                 if names.is_empty() { "none" } else { &names }
             ),
         );
@@ -1647,14 +1663,18 @@ mod tests {
             framing: links::Framing::Other(32),
             ..link(4, "ib0", true)
         };
+        // Configured, it is missing as one not here is (`run` starts without it).
         let (status, detail) = judge_interfaces(
-            std::slice::from_ref(&infiniband),
-            links::Watched::listed(&["ib0".to_owned()]),
+            &[all[0].clone(), infiniband.clone()],
+            links::Watched::listed(&["ib0".to_owned(), "lo".to_owned(), "eth9".to_owned()]),
         );
-        assert_eq!(status, Status::Fail);
-        assert!(
-            detail.contains("framing the tc classifiers do not parse"),
-            "{detail}"
+        assert_eq!(status, Status::Warn);
+        assert_eq!(
+            detail,
+            "ib0 (link type 32) of a framing the tc classifiers do not parse (they parse \
+             Ethernet, loopback and none: WireGuard, tun): its live traffic and DNS go \
+             uncounted; eth9 not here (yet): `run` attaches each when it appears; \
+             collector_interface_missing is 1 for each; attached now: lo"
         );
         // Left out of the default selection, and said: its live traffic goes uncounted.
         let tunnel = links::Link {

@@ -555,42 +555,48 @@ impl<'a> Watched<'a> {
 #[derive(Debug)]
 pub struct Selection<'a> {
     pub links: Vec<&'a Link>,
-    /// Configured names with no interface of this namespace: attached when they appear.
+    /// Configured names with no interface of this namespace, or with one of a framing the
+    /// classifiers do not parse: not counted, and attached when one they parse is there.
     pub missing: Vec<String>,
+    /// Of `missing`, those here of a framing not parsed, named with their link-layer type.
+    pub unparsed: Vec<String>,
 }
 
-/// The links to attach to: the configured names that exist (each with a parsed framing),
-/// the others left to appear later, or with none configured those [`watched_by_default`],
-/// loopback included, that no pattern excludes.
-pub fn selection<'a>(links: &'a [Link], watched: Watched<'_>) -> Result<Selection<'a>, String> {
-    if watched.by_default() {
-        return Ok(Selection {
-            links: links
-                .iter()
-                .filter(|l| watched_by_default(l, links) && !watched.excludes(l))
-                .collect(),
-            missing: Vec::new(),
-        });
-    }
-    let configured = watched.listed;
+/// The links to attach to: the configured names that exist with a parsed framing, the
+/// others left to appear later (one here of a framing not parsed too: a start refused for it
+/// crash-looped a pod whose node made it after an earlier start had taken it for missing),
+/// or with none configured those [`watched_by_default`], loopback included, that no pattern
+/// excludes.
+pub fn selection<'a>(links: &'a [Link], watched: Watched<'_>) -> Selection<'a> {
     let mut selected = Selection {
         links: Vec::new(),
         missing: Vec::new(),
+        unparsed: Vec::new(),
     };
-    for name in configured {
+    if watched.by_default() {
+        selected.links = links
+            .iter()
+            .filter(|l| watched_by_default(l, links) && !watched.excludes(l))
+            .collect();
+        return selected;
+    }
+    for name in watched.listed {
         match links.iter().find(|l| l.named(name)) {
             None => selected.missing.push(name.clone()),
             // Listed by its name and by an alternative name: attached once.
             Some(link) if selected.links.iter().any(|l| l.index == link.index) => {}
-            Some(link) if link.framing.parsed() => selected.links.push(link),
-            Some(_) => {
-                return Err(format!(
-                    "interface {name} has a link-layer framing the tc classifiers do not parse; they parse Ethernet, loopback and none (WireGuard, tun)"
-                ));
-            }
+            Some(link) => match link.framing {
+                Framing::Other(link_type) => {
+                    selected.missing.push(name.clone());
+                    selected
+                        .unparsed
+                        .push(format!("{name} (link type {link_type})"));
+                }
+                _ => selected.links.push(link),
+            },
         }
     }
-    Ok(selected)
+    selected
 }
 
 /// The configured names that no interface with a parsed framing has (yet): not attached.
@@ -629,7 +635,6 @@ mod tests {
     /// The names of the links watched by default among `links`.
     fn selected_by_default(links: &[Link]) -> Vec<&str> {
         selection(links, Watched::listed(&[]))
-            .unwrap()
             .links
             .iter()
             .map(|l| l.name.as_str())
@@ -685,10 +690,7 @@ mod tests {
         );
         // Configured by name, a port is attached as asked.
         assert_eq!(
-            selection(&links, Watched::listed(&["eth0".into()]))
-                .unwrap()
-                .links[0]
-                .name,
+            selection(&links, Watched::listed(&["eth0".into()])).links[0].name,
             "eth0"
         );
     }
@@ -746,7 +748,6 @@ mod tests {
         // Named, it is watched.
         assert_eq!(
             selection(&links, Watched::listed(&["ifb0".into()]))
-                .unwrap()
                 .links
                 .len(),
             1
@@ -773,7 +774,6 @@ mod tests {
             excluded: &patterns,
         };
         let names: Vec<&str> = selection(&links, watched)
-            .unwrap()
             .links
             .iter()
             .map(|l| l.name.as_str())
@@ -805,24 +805,26 @@ mod tests {
     }
 
     #[test]
-    fn configured_links_must_be_ethernet_and_may_come_later() {
+    fn configured_links_of_a_framing_not_parsed_or_not_here_are_missing() {
         let links = [link(1, "lo", true, true), link(4, "ib0", true, false)];
         assert_eq!(
             selection(&links, Watched::listed(&["lo".into()]))
-                .unwrap()
                 .links
                 .len(),
             1
         );
-        let selected = selection(&links, Watched::listed(&["eth9".into(), "lo".into()])).unwrap();
+        let selected = selection(&links, Watched::listed(&["eth9".into(), "lo".into()]));
         assert_eq!(selected.links.len(), 1);
         assert_eq!(selected.missing, ["eth9"]);
-        assert!(
-            selection(&links, Watched::listed(&["ib0".into()]))
-                .map(|s| s.links)
-                .unwrap_err()
-                .contains("a link-layer framing the tc classifiers do not parse")
+        assert!(selected.unparsed.is_empty());
+        // Not refused: a start that refused it would crash-loop where it came after one.
+        let selected = selection(
+            &links,
+            Watched::listed(&["ib0".into(), "eth9".into(), "lo".into()]),
         );
+        assert_eq!(selected.links.len(), 1);
+        assert_eq!(selected.missing, ["ib0", "eth9"]);
+        assert_eq!(selected.unparsed, ["ib0 (link type 32)"]);
         assert_eq!(
             missing(&links, &["lo".into(), "ib0".into(), "eth9".into()]),
             ["ib0", "eth9"]
@@ -856,7 +858,7 @@ mod tests {
             vec!["uplink-of-rack-12-left".to_owned()],
             vec!["ens5".to_owned(), "enp0s5".to_owned()],
         ] {
-            let selected = selection(&links, Watched::listed(&listed)).unwrap();
+            let selected = selection(&links, Watched::listed(&listed));
             let indexes: Vec<u32> = selected.links.iter().map(|l| l.index).collect();
             assert_eq!(indexes, [2], "{listed:?}");
             assert!(selected.missing.is_empty(), "{listed:?}");

@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, MapType, PerCpuArray, PerCpuValues, ProgramArray, RingBuf},
@@ -439,7 +439,7 @@ impl Attachment {
     ) -> anyhow::Result<()> {
         let all = links::list().context("listing network interfaces over rtnetlink")?;
         let watched = links::Watched::of(config);
-        let selected = links::selection(&all, watched).map_err(|err| anyhow!(err))?;
+        let selected = links::selection(&all, watched);
         self.load_programs(config, bpf_stats, &selected)?;
         self.bind_routes(config)?;
         self.keep_redirect_devices(&all);
@@ -458,7 +458,20 @@ impl Attachment {
         self.attach_cgroup_programs(config, bpf_stats, links_dir, cgroup)?;
         self.attach_classifiers(&others)?;
         self.refuse_if_none_attached()?;
-        for interface in &selected.missing {
+        for interface in &selected.unparsed {
+            tracing::warn!(
+                %interface,
+                "the configured interface has a link-layer framing the tc classifiers do not \
+                 parse (they parse Ethernet, loopback and none: WireGuard, tun): its live \
+                 traffic and DNS go uncounted, its connections count at their close \
+                 (collector_interface_missing is 1 for it)"
+            );
+        }
+        for interface in selected
+            .missing
+            .iter()
+            .filter(|name| !all.iter().any(|link| link.named(name)))
+        {
             tracing::warn!(
                 %interface,
                 "the configured interface does not exist in this network namespace: attached \
@@ -474,9 +487,9 @@ impl Attachment {
     /// After a crash the crashed run's programs count on until the links' swap: a slot
     /// reclaimed from a route that left the config (renamed and zeroed here) takes that
     /// route's port for those milliseconds, where it took it for the verifier's seconds,
-    /// and a start refused by then (a program refused, an interface's framing) leaves every
-    /// slot to its owner; until 2026-12-06 such a start left the slot renamed, and the next
-    /// start kept it for the new route, with the old route's counts of the whole time.
+    /// and a start refused by then (a program the kernel refused) leaves every slot to its
+    /// owner; until 2026-12-06 such a start left the slot renamed, and the next start kept
+    /// it for the new route, with the old route's counts of the whole time.
     fn bind_routes(&mut self, config: &Config) -> anyhow::Result<()> {
         let (routes, upstreams, retired_slots) = bind_slots(&mut self.ebpf, config)?;
         fill_port_map(&mut self.ebpf, &routes)?;
@@ -913,8 +926,22 @@ fn attach_tcx(
     let id = program
         .attach_with_options(interface, attach_type, TcAttachOptions::TcxOrder(order))
         .with_context(|| format!("attaching {program_name} to {interface} ({attach_type:?})"))
-        .map_err(old_kernel_hint)?;
+        .map_err(old_kernel_hint)
+        .map_err(|err| full_hook_hint(err, interface))?;
     Ok(program.take_link(id)?.try_into()?)
+}
+
+/// Names the cause of a TCX attach's ERANGE: the hook already holds as many programs as
+/// the kernel lets one hold.
+fn full_hook_hint(err: anyhow::Error, interface: &str) -> anyhow::Error {
+    if caused_by(&err, libc::ERANGE) {
+        err.context(format!(
+            "the hook already holds the 63 programs the kernel lets one hold: another \
+             program must leave it first (`bpftool net show dev {interface}` lists them)"
+        ))
+    } else {
+        err
+    }
 }
 
 /// Adopts the link a previous run pinned at `pin` (swapping `program` in), or makes one

@@ -20,7 +20,8 @@ use std::{
 
 use collector_common::map_names;
 use support::{
-    Agent, AgentConfig, Netns, ScratchDir, assert_no_pins, run, sample, scrape, stdout_of, wait_for,
+    Agent, AgentConfig, Netns, ScratchDir, assert_no_pins, bpf_calls, run, sample, scrape,
+    stdout_of, wait_for,
 };
 
 const ROUTES: &str = "[[routes]]\nname = \"web\"\nports = [18080]\ntype = \"http\"\n";
@@ -1574,110 +1575,13 @@ fn a_vlan_tag_inside_a_frame_the_skb_calls_ip_counts_as_unparsed() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// `union bpf_attr` for `BPF_PROG_LOAD`, as far as a program without BTF needs it.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
-/// `union bpf_attr` for `BPF_LINK_CREATE` of a TCX link.
-#[repr(C)]
-#[derive(Default)]
-struct TcxLinkAttr {
-    prog_fd: u32,
-    target_ifindex: u32,
-    attach_type: u32,
-    flags: u32,
-    relative_fd: u32,
-    _pad: u32,
-    expected_revision: u64,
-}
-
-fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for `command`.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            std::ptr::from_mut(attr),
-            size_of::<T>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "bpf({command}): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new file descriptor that nothing else owns.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) }
-}
-
-/// What a CNI's classifier does (Cilium's, Calico's): returns `TC_ACT_OK`, which ends the
-/// hook's chain, on `interface`'s ingress and egress, last in the chain or, with `first`,
-/// ahead of every other program. Attached while the returned links live.
-fn chain_ending_programs(interface: &'static str, first: bool) -> Vec<std::os::fd::OwnedFd> {
-    use std::os::fd::AsRawFd as _;
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-    const BPF_TCX_INGRESS: u32 = 46;
-    const BPF_TCX_EGRESS: u32 = 47;
-    // With no program named beside it: before all of them.
-    const BPF_F_BEFORE: u32 = 1 << 3;
-    // r0 = 0 (TC_ACT_OK); exit.
-    let instructions: [u64; 2] = [0xb7, 0x95];
-    let license = c"GPL";
-    let program = bpf(
-        BPF_PROG_LOAD,
-        &mut ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_SCHED_CLS,
-            insn_cnt: 2,
-            insns: instructions.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            ..ProgLoadAttr::default()
-        },
-    );
-    let name = std::ffi::CString::new(interface).unwrap();
-    // SAFETY: a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert_ne!(index, 0, "no interface {interface}");
-    [BPF_TCX_INGRESS, BPF_TCX_EGRESS]
-        .into_iter()
-        .map(|attach_type| {
-            bpf(
-                BPF_LINK_CREATE,
-                &mut TcxLinkAttr {
-                    prog_fd: u32::try_from(program.as_raw_fd()).unwrap(),
-                    target_ifindex: index,
-                    attach_type,
-                    flags: if first { BPF_F_BEFORE } else { 0 },
-                    ..TcxLinkAttr::default()
-                },
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn a_program_that_ends_the_chain_ahead_of_ours_hides_nothing() {
     let netns = Netns::new();
     let peer = Netns::new();
     add_veth(&netns, &peer);
     // Already there when the agent starts, as a CNI's programs are.
-    let links = netns.run(|| chain_ending_programs("vcoll0", false));
+    let links = netns.run(|| bpf_calls::chain_ending_programs("vcoll0", false, 1));
     let config = AgentConfig::new(ROUTES);
     let agent = Agent::start(&netns, &config);
     wait_for("vcoll0 to be attached", Duration::from_secs(10), || {
@@ -1720,7 +1624,7 @@ fn a_program_put_ahead_of_ours_later_is_reported() {
     assert_eq!(programs_ahead(&metrics, "lo", "ingress"), Some(0.0));
 
     // A CNI agent that restarts and puts its programs at the head.
-    let links = netns.run(|| chain_ending_programs("vcoll0", true));
+    let links = netns.run(|| bpf_calls::chain_ending_programs("vcoll0", true, 1));
     wait_for(
         "the programs ahead to be reported",
         Duration::from_secs(10),
@@ -1796,57 +1700,6 @@ fn link_pin(config: &AgentConfig, prefix: &str, index: u32) -> std::path::PathBu
         .join(format!("{prefix}_{index}"))
 }
 
-/// `union bpf_attr` for `BPF_OBJ_GET`.
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-/// `union bpf_attr` for `BPF_LINK_DETACH`.
-#[repr(C)]
-#[derive(Default)]
-struct LinkDetachAttr {
-    link_fd: u32,
-}
-
-/// Detaches the link pinned at `pin` as `bpftool link detach pinned` does: the pin stays,
-/// its link attached to nothing.
-fn detach_pinned_link(pin: &std::path::Path) {
-    use std::os::fd::AsRawFd as _;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
-    let link = bpf(
-        BPF_OBJ_GET,
-        &mut ObjGetAttr {
-            pathname: path.as_ptr() as u64,
-            ..ObjGetAttr::default()
-        },
-    );
-    let mut attr = LinkDetachAttr {
-        link_fd: u32::try_from(link.as_raw_fd()).unwrap(),
-    };
-    // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for BPF_LINK_DETACH.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            std::ptr::from_mut(&mut attr),
-            size_of::<LinkDetachAttr>(),
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "BPF_LINK_DETACH {}: {}",
-        pin.display(),
-        std::io::Error::last_os_error()
-    );
-}
-
 /// `collector_tc_reattached_total` of `interface` and `hook`.
 fn reattached(metrics: &str, interface: &str, hook: &str) -> Option<f64> {
     sample(
@@ -1878,7 +1731,7 @@ fn a_detached_link_is_attached_again_and_counts_exactly() {
 
     let index = netns.run(|| ifindex("vcoll0"));
     for prefix in ["tc_ingress", "tc_egress"] {
-        detach_pinned_link(&link_pin(&config, prefix, index));
+        bpf_calls::detach_pinned_link(&link_pin(&config, prefix, index));
     }
     let metrics = wait_for(
         "the links to be attached again",
@@ -2103,6 +1956,55 @@ fn an_up_interface_of_a_framing_not_parsed_is_named_in_the_log() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// A configured interface of a framing the classifiers do not parse is missing, whether it
+/// came after the start or was there at it: the start goes on without it, says why, and
+/// exports `collector_interface_missing` for it, as the running agent does for one that
+/// appears. Until 2026-12-07 a start refused it, so a node that made it after a start (as
+/// Calico makes `tunl0`) crash-looped the agent at its next restart.
+#[test]
+fn a_configured_interface_of_a_framing_not_parsed_is_missing_at_the_start_and_after() {
+    const ARPHRD_TUNNEL: u16 = 768;
+    const NOT_PARSED: &str = "link-layer framing the tc classifiers do not parse";
+    let netns = Netns::new();
+    let config = AgentConfig::new(&format!("interfaces = [\"lo\", \"ipcoll0\"]\n{ROUTES}"));
+    let missing = |metrics: &str| {
+        sample(
+            metrics,
+            "collector_interface_missing",
+            &[("interface", "ipcoll0")],
+        )
+    };
+    let agent = Agent::start(&netns, &config);
+    assert_eq!(missing(&scrape(&netns)), Some(1.0));
+    let _tunnel = tun_of_link_type(&netns, "ipcoll0", ARPHRD_TUNNEL);
+    let metrics = support::after_polls(&netns, 2);
+    assert_eq!(missing(&metrics), Some(1.0));
+    assert!(attached(&metrics, "lo") && !attached(&metrics, "ipcoll0"));
+    assert!(agent.stop().success());
+
+    let scratch = ScratchDir::new("configured-unparsed");
+    let log = scratch.path("agent.log");
+    let agent = Agent::start_logging(&netns, &config, &[], &log);
+    let lines = support::logged_lines(&log, NOT_PARSED);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("ipcoll0 (link type 768)"), "{lines:?}");
+    let metrics = scrape(&netns);
+    assert_eq!(missing(&metrics), Some(1.0));
+    assert!(attached(&metrics, "lo") && !attached(&metrics, "ipcoll0"));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+    // `check` judges it as the start does: a warning, not a failure.
+    let (passed, line) = support::check_line(&netns, &config.path, &[], "interfaces");
+    assert!(
+        passed
+            && line.starts_with("warn")
+            && line
+                .contains("ipcoll0 (link type 768) of a framing the tc classifiers do not parse")
+            && line.ends_with("attached now: lo"),
+        "{line}"
+    );
+}
+
 /// A veth `ours` with interface index `index` (10.77.0.1) in `netns`, its peer `vcoll1`
 /// (10.77.0.2) in `peer`.
 fn veth_with_index(netns: &Netns, ours: &str, index: u32, peer: &Netns) {
@@ -2160,7 +2062,7 @@ fn a_device_that_takes_a_deleted_ones_index_is_attached_anew() {
     // The old device had its programs detached by hand once, and counted it: the new one
     // starts from 0.
     for prefix in ETHERNET {
-        detach_pinned_link(&link_pin(&config, prefix, INDEX));
+        bpf_calls::detach_pinned_link(&link_pin(&config, prefix, INDEX));
     }
     wait_for("vold0's reattaches", Duration::from_secs(10), || {
         let metrics = scrape(&netns);

@@ -1176,48 +1176,26 @@ fn a_restart_after_a_crash_continues_the_counters_without_doubling() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// A start of `config` with an unparsed device listed among its interfaces: refused when
-/// the interfaces are chosen, before the programs load.
-fn refused_for_an_unparsed_interface(netns: &Netns, config: &AgentConfig) {
+/// A start of `config` with a tun device `tun9`, whose hooks are full (as many TCX programs
+/// on each as the kernel takes), as its only interface: refused, for want of any interface
+/// it could attach to, once it has taken over the pins and the cgroup programs' links of a
+/// crashed run.
+fn refused_for_full_hooks(netns: &Netns, config: &AgentConfig) {
+    /// The programs a TCX hook takes (`bpf_mprog_max()`: one of `BPF_MPROG_MAX`'s 64 places
+    /// ends the list); one more is refused with ERANGE.
+    const PROGRAMS_A_HOOK_TAKES: usize = 63;
     let broken = config.dir.join("broken.toml");
     let text = std::fs::read_to_string(&config.path).unwrap();
-    unparsed_device(netns, "tun9");
+    let _tun = support::open_tun_with(netns, "tun9", libc::IFF_TUN | libc::IFF_NO_PI);
+    let _full = netns
+        .run(|| support::bpf_calls::chain_ending_programs("tun9", false, PROGRAMS_A_HOOK_TAKES));
     std::fs::write(&broken, format!("interfaces = [\"tun9\"]\n{text}")).unwrap();
     let stderr = support::refused_start(netns, &broken);
     assert!(
-        stderr.contains("tun9 has a link-layer framing the tc classifiers do not parse"),
+        stderr.contains("no interface could be attached; tun9")
+            && stderr.contains("the hook already holds the 63 programs the kernel lets one hold"),
         "{stderr}"
     );
-}
-
-/// A device whose packets begin with a header the classifiers do not parse: a tun device
-/// given IP-in-IP's link type (`ARPHRD_TUNNEL`), since this kernel may have no IP-in-IP.
-fn unparsed_device(netns: &Netns, name: &'static str) {
-    const ARPHRD_TUNNEL: libc::c_ulong = 768;
-    support::run(
-        "ip",
-        &[
-            "-n",
-            &netns.name,
-            "tuntap",
-            "add",
-            "dev",
-            name,
-            "mode",
-            "tun",
-        ],
-    );
-    // Opened with the flags `ip tuntap` made it with.
-    let tun = support::open_tun(netns, name);
-    // SAFETY: TUNSETLINK takes the type as its argument.
-    let set = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&tun),
-            libc::TUNSETLINK,
-            ARPHRD_TUNNEL,
-        )
-    };
-    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
 }
 
 #[test]
@@ -1229,9 +1207,9 @@ fn a_start_that_fails_after_a_crash_leaves_the_crashed_run_counting() {
     support::wait_for_closed(&netns, "web", 10);
     agent.kill();
 
-    // A start that fails after taking over the crashed run's pins (a configured interface
-    // that does not exist yet no longer fails one).
-    refused_for_an_unparsed_interface(&netns, &config);
+    // A start that fails after taking over the crashed run's pins and links (a configured
+    // interface that does not exist yet, or is of a framing not parsed, no longer fails one).
+    refused_for_full_hooks(&netns, &config);
 
     // The crashed run's links and maps are still there and still counting.
     exchanges(&netns, local(WEB_PORT), 5, 100, 100, Closer::Connecting);
@@ -1424,27 +1402,6 @@ fn new_route_counts_its_own(netns: &Netns, config: &AgentConfig, made: u32) {
     }
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
-}
-
-/// A start that would reclaim a removed route's slot for a new one and is refused before
-/// its programs run (an interface of a framing the classifiers do not parse) leaves the
-/// slot to its owner: the crashed run's programs count the removed route into it until a
-/// start succeeds, and the new route that then takes it counts from 0. Until 2026-12-06
-/// the refused start had renamed the slot, and the next start kept it for the new route
-/// with the removed route's connections of the whole time.
-#[test]
-fn a_start_refused_after_planning_a_reclaimed_slot_leaves_it_to_its_owner() {
-    let netns = Netns::new();
-    let config = AgentConfig::new(&every_slot_used(&[], false));
-    Agent::start(&netns, &config).kill();
-
-    // r9 removed and `new` added: `new` would take r9's slot.
-    rewrite_routes(&config, &every_slot_used(&[9], true));
-    refused_for_an_unparsed_interface(&netns, &config);
-    // r9's port, counted by the crashed run's programs meanwhile.
-    exchanges(&netns, local(30009), 3, 100, 100, Closer::Connecting);
-
-    new_route_counts_its_own(&netns, &config, 2);
 }
 
 #[test]

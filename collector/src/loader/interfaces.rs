@@ -418,7 +418,7 @@ impl Attachment {
         let excluded: Vec<&str> = links::excluded(links, watched)
             .map(|link| link.name.as_str())
             .collect();
-        let none_left = links::selection(links, watched).is_ok_and(|s| s.links.is_empty());
+        let none_left = links::selection(links, watched).links.is_empty();
         if start && !excluded.is_empty() && none_left {
             tracing::warn!(
                 count = excluded.len(),

@@ -6,6 +6,7 @@
     reason = "each test binary uses a different part of this module"
 )]
 
+pub mod bpf_calls;
 pub mod dns;
 pub mod hello;
 
