@@ -389,7 +389,7 @@ impl Attachment {
     }
 
     /// Says in the log, once each time it is up, which interfaces the default selection
-    /// leaves out for their framing (configured ones are refused or missing instead).
+    /// leaves out for their framing (configured ones are missing instead).
     pub(super) fn note_unparsed(&mut self, links: &[Link], watched: links::Watched<'_>) {
         let unparsed: Vec<(u32, String)> = links::unparsed_up(links, watched).collect();
         for (index, interface) in &unparsed {
