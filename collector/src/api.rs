@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use collector_common::sni_outcome;
+use collector_common::{DNS_ANSWER_TIMEOUT_NS, sni_outcome};
 use serde::Serialize;
 
 use crate::{
@@ -12,7 +12,8 @@ use crate::{
     nft::Protocol,
     rates::Rates,
     snapshot::{
-        DnsSnapshot, RouteLastMinute, RouteSnapshot, Snapshot, UpstreamSnapshot, histogram_quantile,
+        DnsLastMinute, DnsSnapshot, RouteLastMinute, RouteSnapshot, Snapshot, UpstreamSnapshot,
+        histogram_quantile,
     },
     topk::Listed,
 };
@@ -104,6 +105,45 @@ impl Durations {
             p99: histogram_quantile(&closes.durations, 0.99),
         }
     }
+}
+
+/// The matched queries' times from query to response over the last minute: those answered,
+/// and those given up without an answer within [`DNS_ANSWER_TIMEOUT_NS`] (in no bucket of
+/// `/metrics`' latency histogram), which the quantiles place at that age, the least they
+/// took: a server answering its slowest after 10 s does not show only its fast answers.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsLatency {
+    /// Answers matched to their query.
+    pub count: u64,
+    /// Queries given up: counted when a later query takes their slot back, so 10 s after
+    /// they were sent at the soonest (later on a quiet server).
+    pub given_up: u64,
+    /// Of the answers only.
+    pub mean: Option<f64>,
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+/// Seconds a matched query waits for its answer before it is given up.
+#[expect(clippy::cast_precision_loss, reason = "10 s in nanoseconds is exact")]
+const GIVEN_UP_SECONDS: f64 = DNS_ANSWER_TIMEOUT_NS as f64 / 1e9;
+
+/// The `q` quantile of the minute's answers' latencies and its given-up queries, these at
+/// [`GIVEN_UP_SECONDS`]; `None` without either.
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn latency_quantile(minute: &DnsLastMinute, q: f64) -> Option<f64> {
+    let answered: u64 = minute.latency.iter().sum();
+    let total = answered + minute.unanswered_queries;
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    if answered == 0 || rank > answered as f64 {
+        return Some(GIVEN_UP_SECONDS);
+    }
+    histogram_quantile(&minute.latency, rank / answered as f64)
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -566,8 +606,8 @@ pub struct DnsStats {
     /// takes its slot back (10 s later, and minutes on a quiet server).
     /// It needs no matching, so a retransmission the server leaves unanswered counts too.
     pub unanswered_rate: Option<f64>,
-    /// Query-to-response time in seconds, of the last minute's answers.
-    pub latency: Option<Durations>,
+    /// Query-to-response time in seconds over the last minute.
+    pub latency: Option<DnsLatency>,
     pub truncated_responses: u64,
     /// Messages that could not be counted, by reason.
     pub malformed: BTreeMap<String, u64>,
@@ -664,12 +704,13 @@ pub fn dns_stats(snapshot: &Snapshot) -> DnsStats {
         unanswered_rate: (recent.queries > 0).then(|| {
             recent.queries.saturating_sub(recent_responses) as f64 / recent.queries as f64
         }),
-        latency: dns.match_responses.then(|| Durations {
+        latency: dns.match_responses.then(|| DnsLatency {
             count: answered,
+            given_up: recent.unanswered_queries,
             mean: (answered > 0).then(|| recent.latency_ns as f64 / 1e9 / answered as f64),
-            p50: histogram_quantile(&recent.latency, 0.5),
-            p90: histogram_quantile(&recent.latency, 0.9),
-            p99: histogram_quantile(&recent.latency, 0.99),
+            p50: latency_quantile(recent, 0.5),
+            p90: latency_quantile(recent, 0.9),
+            p99: latency_quantile(recent, 0.99),
         }),
         truncated_responses: c.responses_truncated,
         malformed: collector_common::DNS_MALFORMED_NAMES
@@ -975,6 +1016,52 @@ mod tests {
         snapshot.dns.last_minute.responses_by_rcode[0] = 5;
         let json = serde_json::to_value(dns_stats(&snapshot)).unwrap();
         assert_eq!(json["unansweredRate"], 0.0);
+    }
+
+    /// A minute in which a slow upstream's answers came after 10 s for some queries: those
+    /// given up count in the quantiles at 10 s, not left out, where the answers alone read
+    /// fast; the mean stays the answers'.
+    #[test]
+    fn queries_given_up_count_in_the_latency_quantiles_at_the_give_up_age() {
+        use crate::snapshot::DnsLastMinute;
+        let mut snapshot = Snapshot::example();
+        let mut minute = DnsLastMinute {
+            queries: 100,
+            unanswered_queries: 30,
+            latency_ns: 70 * 1_000_000,
+            ..DnsLastMinute::default()
+        };
+        // 70 answers of 1 ms (bucket 9 is 512 to 1024 µs).
+        minute.latency[9] = 70;
+        snapshot.dns.last_minute = minute;
+        let latency = |snapshot: &Snapshot| {
+            serde_json::to_value(dns_stats(snapshot)).unwrap()["latency"].clone()
+        };
+        let json = latency(&snapshot);
+        assert_eq!(json["count"], 70);
+        assert_eq!(json["givenUp"], 30);
+        assert!(json["p50"].as_f64().unwrap() < 0.0011, "{json}");
+        assert_eq!(json["p90"], 10.0);
+        assert_eq!(json["p99"], 10.0);
+        assert!(
+            (json["mean"].as_f64().unwrap() - 0.001).abs() < 1e-12,
+            "{json}"
+        );
+        // One in a hundred given up: the p99 is still an answer's.
+        snapshot.dns.last_minute.latency[9] = 99;
+        snapshot.dns.last_minute.unanswered_queries = 1;
+        assert!(latency(&snapshot)["p99"].as_f64().unwrap() < 0.0011);
+        // None answered: every quantile is the give-up age, the mean absent.
+        snapshot.dns.last_minute.latency[9] = 0;
+        let json = latency(&snapshot);
+        assert_eq!(
+            (json["p50"].as_f64(), json["count"].as_u64()),
+            (Some(10.0), Some(0))
+        );
+        assert!(json["mean"].is_null());
+        // Neither: no quantile.
+        snapshot.dns.last_minute.unanswered_queries = 0;
+        assert!(latency(&snapshot)["p50"].is_null());
     }
 
     #[test]

@@ -404,6 +404,21 @@ pub fn freshness(json: &Value, now_ms: u64) -> String {
     out
 }
 
+/// The last minute's DNS latency (`/api/v1/dns`' `latency`) in a line.
+fn latency_line(latency: &Value) -> String {
+    // Given up after 10 s without an answer: in the quantiles, at 10 s.
+    let given_up = match latency["givenUp"].as_u64() {
+        Some(n) if n > 0 => format!(", {n} given up"),
+        _ => String::new(),
+    };
+    format!(
+        "latency: p50 {}, p99 {} ({} answered in the last minute{given_up})",
+        duration(&latency["p50"]),
+        duration(&latency["p99"]),
+        count(&latency["count"])
+    )
+}
+
 /// `/api/v1/dns` as a few readable lines.
 #[must_use]
 pub fn dns_table(json: &Value) -> String {
@@ -484,13 +499,7 @@ pub fn dns_table(json: &Value) -> String {
         pairs(&json["responseCodes"])
     );
     if matching {
-        let _ = writeln!(
-            out,
-            "latency: p50 {}, p99 {} ({} answered in the last minute){sample}",
-            duration(&json["latency"]["p50"]),
-            duration(&json["latency"]["p99"]),
-            count(&json["latency"]["count"])
-        );
+        let _ = writeln!(out, "{}{sample}", latency_line(&json["latency"]));
     } else {
         let _ = writeln!(
             out,
@@ -886,6 +895,21 @@ mod tests {
         assert!(
             web.split_whitespace().rev().take(3).all(|f| f == "-"),
             "{web}"
+        );
+    }
+
+    #[test]
+    fn the_latency_line_names_the_queries_given_up() {
+        let slow = serde_json::json!({"p50": 0.001, "p99": 10.0, "count": 9, "givenUp": 3});
+        assert_eq!(
+            latency_line(&slow),
+            "latency: p50 1.00 ms, p99 10.000 s (9 answered in the last minute, 3 given up)"
+        );
+        let none_given_up =
+            serde_json::json!({"p50": 0.001, "p99": 0.002, "count": 9, "givenUp": 0});
+        assert_eq!(
+            latency_line(&none_given_up),
+            "latency: p50 1.00 ms, p99 2.00 ms (9 answered in the last minute)"
         );
     }
 

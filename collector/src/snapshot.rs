@@ -115,6 +115,9 @@ pub struct DnsLastMinute {
     pub latency_ns: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// Matched queries given up without an answer ([`collector_common::DNS_ANSWER_TIMEOUT_NS`]),
+    /// in no latency bucket.
+    pub unanswered_queries: u64,
 }
 
 impl DnsLastMinute {
@@ -128,6 +131,7 @@ impl DnsLastMinute {
             latency_ns: counters.latency_ns,
             cache_hits: counters.cache_hits,
             cache_misses: counters.cache_misses,
+            unanswered_queries: counters.unanswered_queries,
         }
     }
 
@@ -147,6 +151,9 @@ impl DnsLastMinute {
             latency_ns: self.latency_ns.wrapping_sub(base.latency_ns),
             cache_hits: self.cache_hits.saturating_sub(base.cache_hits),
             cache_misses: self.cache_misses.saturating_sub(base.cache_misses),
+            unanswered_queries: self
+                .unanswered_queries
+                .saturating_sub(base.unanswered_queries),
         }
     }
 }

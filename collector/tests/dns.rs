@@ -856,23 +856,7 @@ fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge(
     assert_eq!(json["unansweredQueries"], 0, "{json}");
     // The queries' arrival moved to now in the pinned table, so that a slow machine's waits
     // above leave the checks below within their 10 s; then moved back past them.
-    let pin = config.pin_dir.join("v1").join(map_names::DNS_INFLIGHT);
-    let mut table: aya::maps::Array<_, collector_common::DnsInFlight> = aya::maps::Array::try_from(
-        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
-    )
-    .unwrap();
-    let mut move_arrivals = |to: &dyn Fn(u64) -> u64| {
-        for slot in 0..table.len() {
-            let mut entry = table.get(&slot, 0).unwrap();
-            if entry.start_ns != 0 {
-                let tag = entry.start_ns & collector_common::DNS_QUESTION_TAG_MASK;
-                entry.start_ns =
-                    (to(entry.start_ns) & !collector_common::DNS_QUESTION_TAG_MASK) | tag;
-                table.set(slot, entry, 0).unwrap();
-            }
-        }
-    };
-    move_arrivals(&|_| support::monotonic_ns());
+    move_arrivals(&config, &|_| support::monotonic_ns());
     // `collector maps` reads the pinned table the same way.
     let maps = |args: &[&str]| -> serde_json::Value {
         serde_json::from_str(&support::stdout_of(
@@ -909,7 +893,7 @@ fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge(
     );
 
     // Eleven seconds on: their arrival moved back past the 10 s timeout.
-    move_arrivals(&|start| start - 11_000_000_000);
+    move_arrivals(&config, &|start| start - 11_000_000_000);
     wait_for("no query in flight", Duration::from_secs(15), || {
         (in_flight() == Some(0)).then_some(())
     });
@@ -938,6 +922,85 @@ fn queries_nobody_answers_read_unanswered_at_once_and_leave_the_in_flight_gauge(
     });
     assert_eq!(json["totalQueries"], u64::from(QUERIES) + 4, "{json}");
     assert_eq!(json["unansweredRate"], 0.75, "{json}");
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Moves the arrival of every query waiting in `config`'s pinned in-flight table to `to` of
+/// it, its question tag kept.
+fn move_arrivals(config: &AgentConfig, to: &dyn Fn(u64) -> u64) {
+    let pin = config.pin_dir.join("v1").join(map_names::DNS_INFLIGHT);
+    let mut table: aya::maps::Array<_, collector_common::DnsInFlight> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap()),
+    )
+    .unwrap();
+    for slot in 0..table.len() {
+        let mut entry = table.get(&slot, 0).unwrap();
+        if entry.start_ns != 0 {
+            let tag = entry.start_ns & collector_common::DNS_QUESTION_TAG_MASK;
+            entry.start_ns = (to(entry.start_ns) & !collector_common::DNS_QUESTION_TAG_MASK) | tag;
+            table.set(slot, entry, 0).unwrap();
+        }
+    }
+}
+
+/// Queries given up without an answer count in the JSON's latency quantiles, at the 10 s
+/// they waited at the least, beside the answers (`givenUp`): four queries nobody answers,
+/// given up when four answered queries of their set take their slots back. Until
+/// 2026-12-07 the quantiles were of the answers alone, and a server answering a third of
+/// its queries after 10 s showed only its fast answers there.
+#[test]
+fn queries_given_up_count_in_the_latency_quantiles_at_ten_seconds() {
+    let netns = Netns::new();
+    let config = AgentConfig::new(&dns_config());
+    let agent = Agent::start(&netns, &config);
+    let socket = netns.run(|| std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    // The client as the kernel maps it: 127.0.0.1 as ::ffff:127.0.0.1.
+    let client = collector_common::client_fingerprint(&[
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1,
+    ]);
+    let bits = collector_common::dns_inflight_bits(collector_common::DNS_INFLIGHT_SLOTS);
+    let set = |id| collector_common::dns_inflight_set(client, port, id, bits);
+    let ways = collector_common::DNS_INFLIGHT_WAYS as usize;
+    let ids: Vec<u16> = (1..=u16::MAX)
+        .filter(|&id| set(id) == set(1))
+        .take(2 * ways)
+        .collect();
+    // Nothing answers on port 53 yet: the first four wait in their set's four ways.
+    for &id in &ids[..ways] {
+        socket.send_to(&www_test_query(id), SERVER).unwrap();
+    }
+    wait_for("the queries in flight", Duration::from_secs(15), || {
+        (dns_json(&netns)["inFlight"] == ways).then_some(())
+    });
+    move_arrivals(&config, &|start| start - 11_000_000_000);
+    let server = answer(&netns, SERVER, ways);
+    for &id in &ids[ways..] {
+        socket.send_to(&www_test_query(id), SERVER).unwrap();
+        let mut message = [0u8; 512];
+        let (len, _) = socket.recv_from(&mut message).unwrap();
+        assert!(
+            len > 12 && message[..2] == id.to_be_bytes(),
+            "answer to {id}"
+        );
+    }
+    server.join().unwrap();
+    let json = wait_for("the answers", Duration::from_secs(15), || {
+        let json = dns_json(&netns);
+        (json["totalResponses"] == ways).then_some(json)
+    });
+    let latency = &json["latency"];
+    assert_eq!(json["unansweredQueries"], ways, "{json}");
+    assert_eq!(latency["count"], ways, "{latency}");
+    assert_eq!(latency["givenUp"], ways, "{latency}");
+    // Half answered on loopback, half given up.
+    let p50 = latency["p50"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 < CLIENT_TIMEOUT.as_secs_f64(), "{latency}");
+    assert_eq!(latency["p90"], 10.0, "{latency}");
+    assert_eq!(latency["p99"], 10.0, "{latency}");
+    assert!(latency["mean"].as_f64().unwrap() < CLIENT_TIMEOUT.as_secs_f64());
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
