@@ -34,7 +34,8 @@ use anyhow::Context as _;
 use collector_common::map_names;
 
 use crate::{
-    config::Config, loader, netns, nfnetlink, nft, nft_claim, output, paths, pin_lock, privileges,
+    config::Config, links, loader, netns, nfnetlink, nft, nft_claim, output, paths, pin_lock,
+    privileges,
 };
 
 /// The cleanup command for what this process attaches and pins, as its recovery hints name it.
@@ -157,12 +158,18 @@ struct Found {
     probes: Vec<(PathBuf, u32)>,
     /// Entries that are not a collector's.
     foreign: Vec<PathBuf>,
+    /// The pin directory does not exist: the pin directories of other collectors on this
+    /// bpffs, for the one asked about may be named otherwise here (a `DaemonSet`'s pod sees
+    /// the node's /sys/fs/bpf/collectors as its /sys/fs/bpf).
+    absent: Option<Vec<PathBuf>>,
 }
 
 impl Found {
     fn of(pin_dir: &Path) -> anyhow::Result<Self> {
         let mut found = Self::default();
         if !paths::pin_exists(pin_dir)? {
+            let bpffs = Path::new(paths::BPFFS_ROOT);
+            found.absent = Some(pin_dirs_under(&[bpffs, &bpffs.join(MANIFESTS_PIN_ROOT)]));
             return Ok(found);
         }
         let mut entries = std::fs::read_dir(pin_dir)
@@ -202,6 +209,26 @@ impl Found {
     }
 }
 
+/// The directory of the node's bpffs that the Kubernetes manifests mount as a pod's
+/// /sys/fs/bpf.
+const MANIFESTS_PIN_ROOT: &str = "collectors";
+
+/// Pin directories shown where the one asked about does not exist.
+const PIN_DIRS_SHOWN: usize = 10;
+
+/// The directories right under `roots` that hold a collector's pin layout, sorted.
+fn pin_dirs_under(roots: &[&Path]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = roots
+        .iter()
+        .filter_map(|root| std::fs::read_dir(root).ok())
+        .flatten()
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|dir| paths::map_pin_dir(dir).is_dir())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 /// Refuses a pin directory that is the bpffs mount itself: other tools pin there too
 /// (iproute2's and Cilium's `tc/globals`, bpftool's pins), and a removal of "every empty
 /// directory" or "the rest" there would be theirs.
@@ -235,12 +262,23 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         None
     };
     let found = Found::of(pin_dir);
-    // A listing only looks (held, the lock would keep a start waiting), and then refuses
+    // A listing only looks (held, the lock would keep a start waiting), and then says so
     // beside a running collector, also one that started while it looked: the pins it made or
-    // removed meanwhile are its own, not a crash's leftovers.
+    // removed meanwhile are its own, not a crash's leftovers, and nothing is left over (a
+    // script asking "anything to clean?" gets status 0, not a call to stop a healthy agent).
     if !apply {
         match pin_lock::held_by_another(pin_dir) {
-            Ok(true) => return Err(running(pin_dir)),
+            Ok(true) => {
+                return output::write(|out| {
+                    writeln!(
+                        out,
+                        "a collector is running with the pin directory {} ({}): the pins are \
+                         its own, nothing is left over to clean",
+                        pin_dir.display(),
+                        pin_lock::Holder::describe(pin_lock::holder(pin_dir).as_ref())
+                    )
+                });
+            }
             Ok(false) => {}
             // The listing's own read says it first (without root: bpffs is root's alone).
             Err(err) => {
@@ -419,6 +457,17 @@ fn list(
              running collector here ({holder}) uses it"
         )?,
     }
+    summary(out, pin_dir, found, table, apply)
+}
+
+/// The last line of a listing: what to do, or that nothing is there.
+fn summary(
+    out: &mut impl Write,
+    pin_dir: &Path,
+    found: &Found,
+    table: &Table,
+    apply: bool,
+) -> io::Result<()> {
     // Said with --apply too: a silent success reads as "did something".
     let removable = !found.ours.is_empty() || *table == Table::Remove;
     let nothing_else =
@@ -426,6 +475,24 @@ fn list(
     if removable {
         if !apply {
             writeln!(out, "run again with --apply to remove these")?;
+        }
+    } else if let Some(others) = &found.absent {
+        let nftables = if *table == Table::Absent {
+            ", nothing of ours in nftables"
+        } else {
+            ""
+        };
+        writeln!(out, "no pin directory {}{nftables}", pin_dir.display())?;
+        if !others.is_empty() {
+            let names: Vec<String> = others.iter().map(|d| d.display().to_string()).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            writeln!(
+                out,
+                "pin directories of collectors on this bpffs (pass one with --pin-dir; the \
+                 Kubernetes manifests' pods pin under {}/{MANIFESTS_PIN_ROOT} on the node): {}",
+                paths::BPFFS_ROOT,
+                links::name_list(&names, PIN_DIRS_SHOWN)
+            )?;
         }
     } else if nothing_else && *table == Table::Absent {
         writeln!(
@@ -663,6 +730,31 @@ fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pin_directories_under_the_roots_are_those_with_a_layout() {
+        let scratch = crate::scratch::ScratchDir::new("cleanup-pin-dirs");
+        let root = scratch.path("bpffs");
+        let collectors = root.join(MANIFESTS_PIN_ROOT);
+        for dir in [
+            collectors.join("collector"),
+            collectors.join("collector-uid"),
+            root.join("collector"),
+        ] {
+            std::fs::create_dir_all(paths::map_pin_dir(&dir)).unwrap();
+        }
+        // Another tool's directory, and a file.
+        std::fs::create_dir_all(root.join("tc/globals")).unwrap();
+        std::fs::write(root.join("v1"), "").unwrap();
+        assert_eq!(
+            pin_dirs_under(&[&root, &collectors, &root.join("absent")]),
+            [
+                root.join("collector"),
+                collectors.join("collector"),
+                collectors.join("collector-uid")
+            ]
+        );
+    }
 
     #[test]
     fn loopbacks_links_go_after_the_other_links_then_the_owner_then_the_maps() {

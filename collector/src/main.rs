@@ -128,7 +128,9 @@ enum Command {
         #[arg(long, value_parser = config::listen_address, env = "COLLECTOR_LISTEN")]
         listen: Option<SocketAddr>,
         /// Turn on the kernel's per-program run-time statistics while running (they cost
-        /// two clock reads per program run, so they are off by default).
+        /// two clock reads per program run, so they are off by default). Needs
+        /// `CAP_SYS_ADMIN`, which the shipped manifests do not grant: a start without it is
+        /// refused.
         #[arg(long)]
         bpf_stats: bool,
     },
@@ -165,7 +167,10 @@ enum Command {
     },
     /// Check the kernel, mounts and privileges the agent needs, and that the pin directory,
     /// the [http] files and the listen address work as `run` uses them: one line each, with
-    /// the fix.
+    /// the fix. It tries them for real: it pins a probe map in a directory of its own in the
+    /// pin directory and binds the listen address for a moment (both gone when it ends; a
+    /// probe left by a check that was killed is `cleanup`'s). Exits 1 when a requirement is
+    /// not met.
     Check {
         #[command(flatten)]
         source: ConfigSource,

@@ -688,6 +688,36 @@ fn cleanup_applied(dir: &PinDir) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A pin directory that does not exist is said to be absent, and the collectors' pin
+/// directories on bpffs are named (a `DaemonSet`'s pins are under /sys/fs/bpf/collectors on
+/// the node): until 2026-12-07 it read "nothing of ours", and an operator on the node
+/// looking at the default path took a crashed pod's pins for cleaned up.
+#[test]
+fn cleanup_of_an_absent_pin_directory_names_the_collectors_pin_directories() {
+    let other = PinDir::new();
+    let absent = other.0.with_file_name(format!(
+        "{}-absent",
+        other.0.file_name().unwrap().to_str().unwrap()
+    ));
+    let out = Command::new(COLLECTOR)
+        .args(["cleanup", "--pin-dir", absent.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("no pin directory {}", absent.display()))
+            && stdout.contains("pin directories of collectors on this bpffs")
+            && stdout.contains(other.0.to_str().unwrap()),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("nothing of ours under"), "{stdout}");
+}
+
 #[test]
 fn cleanup_leaves_a_pin_directory_without_a_collectors_layout() {
     let dir = PinDir::new();

@@ -946,11 +946,26 @@ fn cleanup_removes_its_whole_layout_and_fails_naming_what_it_leaves() {
 }
 
 #[test]
-fn cleanup_refuses_while_a_collector_runs_and_it_keeps_counting() {
+fn cleanup_leaves_a_running_collector_alone_and_it_keeps_counting() {
     let netns = Netns::new();
     let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
     connections(&netns, 2);
+    // A listing says whose the pins are, and that nothing is left over: status 0.
+    let list = netns
+        .command(COLLECTOR)
+        .args(["cleanup", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success()
+            && stdout.contains("a collector is running with the pin directory")
+            && stdout.contains("nothing is left over to clean"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
     let apply = netns
         .command(COLLECTOR)
         .args(["cleanup", "--apply", "--config"])
