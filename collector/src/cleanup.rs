@@ -161,7 +161,7 @@ struct Found {
     /// The pin directory does not exist: the pin directories of other collectors on this
     /// bpffs, for the one asked about may be named otherwise here (a `DaemonSet`'s pod sees
     /// the node's /sys/fs/bpf/collectors as its /sys/fs/bpf).
-    absent: Option<Vec<PathBuf>>,
+    absent: Option<(Vec<PathBuf>, bool)>,
 }
 
 impl Found {
@@ -216,17 +216,26 @@ const MANIFESTS_PIN_ROOT: &str = "collectors";
 /// Pin directories shown where the one asked about does not exist.
 const PIN_DIRS_SHOWN: usize = 10;
 
-/// The directories right under `roots` that hold a collector's pin layout, sorted.
-fn pin_dirs_under(roots: &[&Path]) -> Vec<PathBuf> {
+/// The directories right under `roots` that hold a collector's pin layout, sorted, and
+/// whether some could not be looked into (bpffs mounted without `mode=0700` lets anyone
+/// list it, but the pin directories are root's alone).
+fn pin_dirs_under(roots: &[&Path]) -> (Vec<PathBuf>, bool) {
+    let mut unreadable = false;
     let mut dirs: Vec<PathBuf> = roots
         .iter()
         .filter_map(|root| std::fs::read_dir(root).ok())
         .flatten()
         .filter_map(|entry| Some(entry.ok()?.path()))
-        .filter(|dir| paths::map_pin_dir(dir).is_dir())
+        .filter(|dir| {
+            let there = paths::map_pin_dir(dir).try_exists();
+            unreadable |= there
+                .as_ref()
+                .is_err_and(|err| err.kind() == io::ErrorKind::PermissionDenied);
+            there.unwrap_or(false)
+        })
         .collect();
     dirs.sort();
-    dirs
+    (dirs, unreadable)
 }
 
 /// Refuses a pin directory that is the bpffs mount itself: other tools pin there too
@@ -262,23 +271,12 @@ pub fn run(config: &Config, apply: bool) -> anyhow::Result<()> {
         None
     };
     let found = Found::of(pin_dir);
-    // A listing only looks (held, the lock would keep a start waiting), and then says so
-    // beside a running collector, also one that started while it looked: the pins it made or
-    // removed meanwhile are its own, not a crash's leftovers, and nothing is left over (a
-    // script asking "anything to clean?" gets status 0, not a call to stop a healthy agent).
+    // A listing only looks (held, the lock would keep a start waiting), and then, beside a
+    // running collector (also one that started while it looked), lists only what is not its
+    // own: the pins it made or removed meanwhile are its own, not a crash's leftovers.
     if !apply {
         match pin_lock::held_by_another(pin_dir) {
-            Ok(true) => {
-                return output::write(|out| {
-                    writeln!(
-                        out,
-                        "a collector is running with the pin directory {} ({}): the pins are \
-                         its own, nothing is left over to clean",
-                        pin_dir.display(),
-                        pin_lock::Holder::describe(pin_lock::holder(pin_dir).as_ref())
-                    )
-                });
-            }
+            Ok(true) => return list_beside_holder(pin_dir, &found?),
             Ok(false) => {}
             // The listing's own read says it first (without root: bpffs is root's alone).
             Err(err) => {
@@ -393,6 +391,41 @@ fn list(
     for path in &found.ours {
         writeln!(out, "{verb}{}", path.display())?;
     }
+    list_not_ours(out, found, apply)?;
+    match table {
+        Table::Absent => {}
+        Table::Remove => writeln!(out, "{verb}nftables table inet {table_name}")?,
+        Table::Elsewhere { owner, here } => writeln!(
+            out,
+            "nftables: these pins are a collector's of another network namespace (cookie \
+             {owner}; this one's is {here}): its table inet {table_name} is in that namespace \
+             and is not touched from here (it went with the namespace if that is gone; \
+             otherwise run this cleanup inside it)"
+        )?,
+        Table::Unclaimed(why) => writeln!(
+            out,
+            "nftables table inet {table_name} in this network namespace: a collector's, which \
+             no running collector here uses, but not touched, since {why} (a crashed \
+             collector's restart would go on counting in it); if none of this namespace will \
+             start again with that table, remove it with `nft delete table inet {table_name}`"
+        )?,
+        Table::NotOurs(why) => writeln!(
+            out,
+            "nftables table inet {table_name} in this network namespace: not the collector's \
+             (it {why}): cleanup leaves it"
+        )?,
+        Table::InUse(holder) => writeln!(
+            out,
+            "nftables table inet {table_name} in this network namespace: not touched, since a \
+             running collector here ({holder}) uses it"
+        )?,
+    }
+    summary(out, pin_dir, found, table, apply)
+}
+
+/// What is under the pin directory that is not this build's pins: other layouts' pins,
+/// check probes, other tools' entries, each with what to do about it.
+fn list_not_ours(out: &mut impl Write, found: &Found, apply: bool) -> io::Result<()> {
     let leaves = if apply {
         "left in place"
     } else {
@@ -429,35 +462,36 @@ fn list(
             path.display()
         )?;
     }
-    match table {
-        Table::Absent => {}
-        Table::Remove => writeln!(out, "{verb}nftables table inet {table_name}")?,
-        Table::Elsewhere { owner, here } => writeln!(
-            out,
-            "nftables: these pins are a collector's of another network namespace (cookie \
-             {owner}; this one's is {here}): its table inet {table_name} is in that namespace \
-             and is not touched from here (it went with the namespace if that is gone; \
-             otherwise run this cleanup inside it)"
-        )?,
-        Table::Unclaimed(why) => writeln!(
-            out,
-            "nftables table inet {table_name} in this network namespace: a collector's, which \
-             no running collector here uses, but not touched, since {why} (a crashed \
-             collector's restart would go on counting in it); if none of this namespace will \
-             start again with that table, remove it with `nft delete table inet {table_name}`"
-        )?,
-        Table::NotOurs(why) => writeln!(
-            out,
-            "nftables table inet {table_name} in this network namespace: not the collector's \
-             (it {why}): cleanup leaves it"
-        )?,
-        Table::InUse(holder) => writeln!(
-            out,
-            "nftables table inet {table_name} in this network namespace: not touched, since a \
-             running collector here ({holder}) uses it"
-        )?,
+    Ok(())
+}
+
+/// A listing beside the process that holds the pin directory's lock: a running collector,
+/// whose pins are its own (listed as nothing left over, with status 0, not a call to stop a
+/// healthy agent), or a cleanup at work (listed again once it has ended). What is not this
+/// build's pins is listed as ever: another build's crashed layout, whose programs count on,
+/// or a killed check's probe.
+fn list_beside_holder(pin_dir: &Path, found: &Found) -> anyhow::Result<()> {
+    let holder = pin_lock::holder(pin_dir);
+    let described = pin_lock::Holder::describe(holder.as_ref());
+    if holder.as_ref().is_some_and(pin_lock::Holder::is_cleanup) {
+        anyhow::bail!(
+            "a `collector cleanup` holds the pin directory {} ({described}): list again once it \
+             has ended",
+            pin_dir.display()
+        );
     }
-    summary(out, pin_dir, found, table, apply)
+    output::write(|out| {
+        writeln!(
+            out,
+            "a collector is running with the pin directory {} ({described}): its pins are its own",
+            pin_dir.display()
+        )?;
+        list_not_ours(out, found, false)?;
+        if found.other_layouts.is_empty() && found.probes.is_empty() {
+            writeln!(out, "nothing is left over to clean")?;
+        }
+        Ok(())
+    })
 }
 
 /// The last line of a listing: what to do, or that nothing is there.
@@ -476,7 +510,7 @@ fn summary(
         if !apply {
             writeln!(out, "run again with --apply to remove these")?;
         }
-    } else if let Some(others) = &found.absent {
+    } else if let Some((others, unreadable)) = &found.absent {
         let nftables = if *table == Table::Absent {
             ", nothing of ours in nftables"
         } else {
@@ -492,6 +526,13 @@ fn summary(
                  Kubernetes manifests' pods pin under {}/{MANIFESTS_PIN_ROOT} on the node): {}",
                 paths::BPFFS_ROOT,
                 links::name_list(&names, PIN_DIRS_SHOWN)
+            )?;
+        }
+        if *unreadable {
+            writeln!(
+                out,
+                "some directories of bpffs could not be looked into: run as root to see every \
+                 collector's pin directory"
             )?;
         }
     } else if nothing_else && *table == Table::Absent {
@@ -748,11 +789,14 @@ mod tests {
         std::fs::write(root.join("v1"), "").unwrap();
         assert_eq!(
             pin_dirs_under(&[&root, &collectors, &root.join("absent")]),
-            [
-                root.join("collector"),
-                collectors.join("collector"),
-                collectors.join("collector-uid")
-            ]
+            (
+                vec![
+                    root.join("collector"),
+                    collectors.join("collector"),
+                    collectors.join("collector-uid")
+                ],
+                false
+            )
         );
     }
 

@@ -127,7 +127,7 @@ fn flock_nonblocking(dir: File) -> io::Result<Option<File>> {
 /// Whether another process holds the pin directory's lock (`false` where there is none),
 /// tried with a shared lock that goes at once: for a holder that /proc/locks does not show,
 /// to a process in a PID namespace of its own. (A start trying meanwhile tries again 50 ms
-/// later; a cleanup refuses, as beside a running collector.)
+/// later; a cleanup's listing says who holds it, its removal refuses.)
 pub fn held_by_another(pin_dir: &Path) -> io::Result<bool> {
     match File::open(pin_dir) {
         Ok(dir) => Ok(!try_flock(&dir, libc::LOCK_SH)?),

@@ -966,6 +966,27 @@ fn cleanup_leaves_a_running_collector_alone_and_it_keeps_counting() {
         "{stdout}{}",
         String::from_utf8_lossy(&list.stderr)
     );
+    // Another build's crashed layout beside it is listed all the same, and not as nothing.
+    let v2 = config.pin_dir.join("v2");
+    std::fs::create_dir(&v2).unwrap();
+    support::pin_plain_array(&v2.join("CONN_COUNTERS"), 8, 4);
+    let list = netns
+        .command(COLLECTOR)
+        .args(["cleanup", "--config"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success()
+            && stdout.contains(&format!(
+                "{} (not this build's pin layout: --apply leaves it)",
+                v2.join("CONN_COUNTERS").display()
+            ))
+            && !stdout.contains("nothing is left over"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&v2).unwrap();
     let apply = netns
         .command(COLLECTOR)
         .args(["cleanup", "--apply", "--config"])
