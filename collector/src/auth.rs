@@ -761,21 +761,27 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn password_checks_run_one_at_a_time_and_the_others_wait_their_turn() {
-        const WRONG: usize = 12;
-        const RIGHT: usize = 4;
-        let scratch = ScratchDir::new("auth-turns");
-        // A cost that keeps each check busy long enough for the others to pile up.
-        let hash = bcrypt::hash("pw", 8).unwrap();
-        let credentials = Credentials::from_config(
+    /// Credentials with the user `u`, password `pw` hashed at bcrypt `cost`, in a file of
+    /// `scratch`.
+    fn user_of_cost(scratch: &ScratchDir, cost: u32) -> Credentials {
+        let hash = bcrypt::hash("pw", cost).unwrap();
+        Credentials::from_config(
             &config(
                 None,
                 Some(scratch.write_aged("users", &format!("u:{hash}\n"), 1)),
             ),
             &Arc::default(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn password_checks_run_one_at_a_time_and_the_others_wait_their_turn() {
+        const WRONG: usize = 12;
+        const RIGHT: usize = 4;
+        let scratch = ScratchDir::new("auth-turns");
+        // A cost that keeps each check busy long enough for the others to pile up.
+        let credentials = user_of_cost(&scratch, 8);
         let attempts: Vec<_> = (0..WRONG + RIGHT)
             .map(|attempt| {
                 let credentials = credentials.clone();
@@ -806,15 +812,7 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         let scratch = ScratchDir::new("auth-dropped");
         // A cost that keeps the check busy well past the abort below.
-        let hash = bcrypt::hash("pw", 12).unwrap();
-        let credentials = Credentials::from_config(
-            &config(
-                None,
-                Some(scratch.write_aged("users", &format!("u:{hash}\n"), 1)),
-            ),
-            &Arc::default(),
-        )
-        .unwrap();
+        let credentials = user_of_cost(&scratch, 12);
         let queue = Arc::new(tokio::sync::Semaphore::new(1));
         let place = Arc::clone(&queue).try_acquire_owned().unwrap();
         let Judgement::Check(check) = credentials.judge(&basic("u:wrong")) else {

@@ -490,6 +490,15 @@ fn with_interfaces_configured_no_other_interface_is_exported() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// `collector_interface_missing` of `interface`.
+fn missing(metrics: &str, interface: &str) -> Option<f64> {
+    sample(
+        metrics,
+        "collector_interface_missing",
+        &[("interface", interface)],
+    )
+}
+
 /// An interface listed by an alternative name (`ip link` shows systemd's path-based name
 /// as `altname enp0s5` beside `ens5`; up to 127 bytes) is that interface: missing until the
 /// name is given, then attached, `check` passing it, and its traffic counted exactly. Until
@@ -504,13 +513,7 @@ fn an_interface_listed_by_an_alternative_name_is_attached_and_counted() {
         "interfaces = [\"lo\", \"{ALTERNATIVE}\"]\n{ROUTES}"
     ));
     let agent = Agent::start(&netns, &config);
-    let missing = |metrics: &str| {
-        sample(
-            metrics,
-            "collector_interface_missing",
-            &[("interface", ALTERNATIVE)],
-        )
-    };
+    let missing = |metrics: &str| missing(metrics, ALTERNATIVE);
     let metrics = scrape(&netns);
     assert!(!attached(&metrics, "vcoll0"));
     assert_eq!(missing(&metrics), Some(1.0));
@@ -1781,13 +1784,6 @@ fn a_configured_interface_that_appears_later_is_attached_and_counted() {
     let metrics = scrape(&netns);
     assert!(attached(&metrics, "lo"));
     assert!(!attached(&metrics, "vcoll0"));
-    let missing = |metrics: &str, interface| {
-        sample(
-            metrics,
-            "collector_interface_missing",
-            &[("interface", interface)],
-        )
-    };
     assert_eq!(missing(&metrics, "vcoll0"), Some(1.0));
     assert_eq!(missing(&metrics, "lo"), None);
 
@@ -1967,13 +1963,7 @@ fn a_configured_interface_of_a_framing_not_parsed_is_missing_at_the_start_and_af
     const NOT_PARSED: &str = "link-layer framing the tc classifiers do not parse";
     let netns = Netns::new();
     let config = AgentConfig::new(&format!("interfaces = [\"lo\", \"ipcoll0\"]\n{ROUTES}"));
-    let missing = |metrics: &str| {
-        sample(
-            metrics,
-            "collector_interface_missing",
-            &[("interface", "ipcoll0")],
-        )
-    };
+    let missing = |metrics: &str| missing(metrics, "ipcoll0");
     let agent = Agent::start(&netns, &config);
     assert_eq!(missing(&scrape(&netns)), Some(1.0));
     let _tunnel = tun_of_link_type(&netns, "ipcoll0", ARPHRD_TUNNEL);

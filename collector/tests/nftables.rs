@@ -952,12 +952,15 @@ fn cleanup_leaves_a_running_collector_alone_and_it_keeps_counting() {
     let agent = Agent::start(&netns, &config);
     connections(&netns, 2);
     // A listing says whose the pins are, and that nothing is left over: status 0.
-    let list = netns
-        .command(COLLECTOR)
-        .args(["cleanup", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
+    let listing = || {
+        netns
+            .command(COLLECTOR)
+            .args(["cleanup", "--config"])
+            .arg(&config.path)
+            .output()
+            .unwrap()
+    };
+    let list = listing();
     let stdout = String::from_utf8_lossy(&list.stdout);
     assert!(
         list.status.success()
@@ -970,12 +973,7 @@ fn cleanup_leaves_a_running_collector_alone_and_it_keeps_counting() {
     let v2 = config.pin_dir.join("v2");
     std::fs::create_dir(&v2).unwrap();
     support::pin_plain_array(&v2.join("CONN_COUNTERS"), 8, 4);
-    let list = netns
-        .command(COLLECTOR)
-        .args(["cleanup", "--config"])
-        .arg(&config.path)
-        .output()
-        .unwrap();
+    let list = listing();
     let stdout = String::from_utf8_lossy(&list.stdout);
     assert!(
         list.status.success()
