@@ -804,9 +804,9 @@ mod tests {
         );
     }
 
-    /// A request dropped while its password is checked (its client hung up) gives back
-    /// neither the turn nor its address's place in the queue until the check ends: a client
-    /// that hangs up after each wrong password queues no more checks than one that waits.
+    /// A check holding a place (`holding`, as serve's guard gives it its address's place in
+    /// the queue) whose request is dropped while it runs (its client hung up) gives back
+    /// neither the turn nor the place until the check ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_request_holds_its_turn_and_place_until_its_check_ends() {
         use std::sync::atomic::Ordering::SeqCst;

@@ -3,7 +3,8 @@
 //! removed.
 //!
 //! Nothing that is not the crashed collector's is touched:
-//! - a collector running with the pin directory holds it locked, and is refused;
+//! - a collector running with the pin directory holds it locked: `--apply` is refused, and
+//!   a listing says it runs and lists only what is not its own;
 //! - the nftables table is looked for in this network namespace, and removed only when it is
 //!   recognisably a collector's (`nft::Leftover`: a table of that name that is not, a host
 //!   firewall's `inet filter` say, is named and left), and when the pins' owner (`PIN_OWNER`, the namespace cookie of the collector that made them) is this
@@ -391,7 +392,7 @@ fn list(
     for path in &found.ours {
         writeln!(out, "{verb}{}", path.display())?;
     }
-    list_not_ours(out, found, apply)?;
+    list_not_ours(out, found, apply, false)?;
     match table {
         Table::Absent => {}
         Table::Remove => writeln!(out, "{verb}nftables table inet {table_name}")?,
@@ -425,9 +426,16 @@ fn list(
 
 /// What is under the pin directory that is not this build's pins: other layouts' pins,
 /// check probes, other tools' entries, each with what to do about it.
-fn list_not_ours(out: &mut impl Write, found: &Found, apply: bool) -> io::Result<()> {
+fn list_not_ours(
+    out: &mut impl Write,
+    found: &Found,
+    apply: bool,
+    running: bool,
+) -> io::Result<()> {
     let leaves = if apply {
         "left in place"
+    } else if running {
+        "--apply is refused while the collector runs"
     } else {
         "--apply leaves it"
     };
@@ -439,10 +447,15 @@ fn list_not_ours(out: &mut impl Write, found: &Found, apply: bool) -> io::Result
         )?;
     }
     if !apply && found.other_pins().count() > 0 {
+        let status = if running {
+            ""
+        } else {
+            " (--apply leaves them, and its status is then 1)"
+        };
         writeln!(
             out,
             "once no collector of that build runs with this pin directory, remove them with \
-             `rm -r {}` (--apply leaves them, and its status is then 1)",
+             `rm -r {}`{status}",
             other_layout_dirs(found)
         )?;
     }
@@ -486,8 +499,8 @@ fn list_beside_holder(pin_dir: &Path, found: &Found) -> anyhow::Result<()> {
             "a collector is running with the pin directory {} ({described}): its pins are its own",
             pin_dir.display()
         )?;
-        list_not_ours(out, found, false)?;
-        if found.other_layouts.is_empty() && found.probes.is_empty() {
+        list_not_ours(out, found, false, true)?;
+        if found.other_pins().next().is_none() && found.probes.is_empty() {
             writeln!(out, "nothing is left over to clean")?;
         }
         Ok(())

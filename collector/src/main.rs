@@ -169,7 +169,8 @@ enum Command {
     /// the [http] files and the listen address work as `run` uses them: one line each, with
     /// the fix. It tries them for real: it pins a probe map in a directory of its own in the
     /// pin directory and binds the listen address for a moment (both gone when it ends; a
-    /// probe left by a check that was killed is `cleanup`'s). Exits 1 when a requirement is
+    /// probe left by a check that was killed is listed by `cleanup`, with the `rm -r` that
+    /// removes it). Exits 1 when a requirement is
     /// not met.
     Check {
         #[command(flatten)]
@@ -187,7 +188,8 @@ enum Command {
         config_only: bool,
     },
     /// List what a crashed collector left in bpffs (pinned maps and links) and nftables;
-    /// remove it with --apply. Refused while a collector runs with the pin directory.
+    /// remove it with --apply, which is refused while a collector runs with the pin
+    /// directory (a listing then says it runs).
     Cleanup {
         #[command(flatten)]
         source: ConfigSource,

@@ -709,7 +709,7 @@ fn cleanup_of_an_absent_pin_directory_names_the_collectors_pin_directories() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Named, unless ten others sort before it (a dead run's, not yet swept).
+    // Named, unless ten others sort before it (left by killed runs).
     assert!(
         stdout.contains(&format!("no pin directory {}", absent.display()))
             && stdout.contains("pin directories of collectors on this bpffs")

@@ -375,8 +375,8 @@ fn the_daemonset_config_is_valid_and_watches_every_up_interface() {
         .find(|doc| doc["kind"] == "ConfigMap")
         .expect("the DaemonSet's ConfigMap");
     let toml = configmap["data"]["collector.toml"].as_str().unwrap();
-    // Node NIC names differ (eth0, ens5, enp0s3, bond0) and a listed name a node lacks stops
-    // the agent there: the DaemonSet leaves `interfaces` to the default, every up interface
+    // Node NIC names differ (eth0, ens5, enp0s3, bond0) and a listed name a node lacks goes
+    // uncounted there: the DaemonSet leaves `interfaces` to the default, every up interface
     // (absent or empty).
     let config: toml::Table = toml::from_str(toml).unwrap();
     let interfaces = config.get("interfaces");

@@ -978,7 +978,7 @@ fn cleanup_leaves_a_running_collector_alone_and_it_keeps_counting() {
     assert!(
         list.status.success()
             && stdout.contains(&format!(
-                "{} (not this build's pin layout: --apply leaves it)",
+                "{} (not this build's pin layout: --apply is refused while the collector runs)",
                 v2.join("CONN_COUNTERS").display()
             ))
             && !stdout.contains("nothing is left over"),

@@ -371,12 +371,7 @@ fn maker<'a>(name: &'a str, prefixes: &[&str]) -> Option<&'a str> {
 
 /// Prefixes of the tests' pin directories under /sys/fs/bpf ([`unique`] names: the test
 /// process's id follows), the longer first.
-const PIN_DIR_PREFIXES: [&str; 4] = [
-    "collector-test-kept-",
-    "collector-test-",
-    "orphans-test-",
-    "collector-cli-",
-];
+const PIN_DIR_PREFIXES: [&str; 3] = ["collector-test-kept-", "collector-test-", "orphans-test-"];
 
 /// Those of [`PIN_DIR_PREFIXES`] that name a directory of pin directories, not one
 /// (orphans.rs gives each of its agents one inside a directory of its own).
