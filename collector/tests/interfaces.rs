@@ -1916,6 +1916,14 @@ fn set_link_type(tun: &std::fs::File, link_type: u16) {
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
 }
 
+/// Asserts that `log` has one line with `text`, and that it names the IP-in-IP tun
+/// `ipcoll0` with its link type.
+fn said_once_of_the_tunnel(log: &std::path::Path, text: &str) {
+    let lines = support::logged_lines(log, text);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("ipcoll0 (link type 768)"), "{lines:?}");
+}
+
 /// Up interfaces of a framing the classifiers do not parse are left out of the default
 /// selection, as before, and now said in the log, with their link type: at the start, and
 /// when one appears later. Until 2026-12-04 nothing said that their live traffic went
@@ -1931,9 +1939,7 @@ fn an_up_interface_of_a_framing_not_parsed_is_named_in_the_log() {
     let scratch = ScratchDir::new("unparsed");
     let log = scratch.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
-    let lines = support::logged_lines(&log, NOT_PARSED);
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("ipcoll0 (link type 768)"), "{lines:?}");
+    said_once_of_the_tunnel(&log, NOT_PARSED);
     let metrics = scrape(&netns);
     assert!(attached(&metrics, "lo") && !attached(&metrics, "ipcoll0"));
 
@@ -1975,9 +1981,7 @@ fn a_configured_interface_of_a_framing_not_parsed_is_missing_at_the_start_and_af
     let scratch = ScratchDir::new("configured-unparsed");
     let log = scratch.path("agent.log");
     let agent = Agent::start_logging(&netns, &config, &[], &log);
-    let lines = support::logged_lines(&log, NOT_PARSED);
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("ipcoll0 (link type 768)"), "{lines:?}");
+    said_once_of_the_tunnel(&log, NOT_PARSED);
     let metrics = scrape(&netns);
     assert_eq!(missing(&metrics), Some(1.0));
     assert!(attached(&metrics, "lo") && !attached(&metrics, "ipcoll0"));
