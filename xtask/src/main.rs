@@ -13,6 +13,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use test_output::TestOutput;
+
+mod test_output;
 
 /// LLVM major version of the kernel crate's nightly (collector-ebpf/rust-toolchain.toml):
 /// bpf-linker must be built against it.
@@ -327,7 +330,7 @@ fn cargo_test(root: &Path, args: &[&str]) -> anyhow::Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut output = TestOutput::default();
     if let Some(stdout) = child.stdout.take() {
         // Bytes, not `lines()`: a test's output that is not UTF-8 would end the loop, and
         // with it the echo and the totals, before the run does.
@@ -335,34 +338,15 @@ fn cargo_test(root: &Path, args: &[&str]) -> anyhow::Result<()> {
             let line = line.context("reading cargo test's output")?;
             let line = String::from_utf8_lossy(&line);
             println!("{line}");
-            if let Some(result) = line.strip_prefix("test result: ") {
-                passed += count_before(result, " passed");
-                failed += count_before(result, " failed");
-            }
+            output.line(&line);
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!("{passed} passed, {failed} failed");
+    println!("{output}");
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
-}
-
-/// The number just before `label` in a `test result:` line ("ok. 35 passed; 0 failed; ...").
-fn count_before(result: &str, label: &str) -> u64 {
-    result
-        .split(';')
-        .find_map(|part| {
-            part.trim()
-                .trim_start_matches("ok. ")
-                .trim_start_matches("FAILED. ")
-                .strip_suffix(label)?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 fn succeeds(program: &str, args: &[&str]) -> bool {
