@@ -1,7 +1,8 @@
 //! Network interfaces of the agent's namespace, read over rtnetlink: which ones exist, are
 //! up, carry a framing that the tc classifiers parse ([`Framing`]), and their kernel counters
-//! (stats64). Read on every poll: that keeps the attached set current (an interface that
-//! appears is attached at the next poll) and the counters fresh. The links are dumped again
+//! (stats64). Read on every poll and when the kernel announces a change: that keeps the
+//! attached set current (an interface that appears is attached when it is announced) and
+//! the counters fresh. The links are dumped again
 //! only after the kernel announced a change (`RTNLGRP_LINK`), with no counters and only the
 //! attributes used read; the counters come from an `RTM_GETSTATS` dump of stats64 alone.
 //! With 1,200 links a poll costs 0.25 ms (1.2 ms after a change); the full dump read by

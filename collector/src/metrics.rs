@@ -681,37 +681,37 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
         &[
             (
                 "collector_dns_cache_hits",
-                "Answered queries whose name and type the server did not ask an upstream for (inferred).",
+                "Answered queries whose name and type the server did not ask an upstream for (inferred). Of the matched sample (collector_dns_match_sample_ratio).",
                 c.cache_hits,
             ),
             (
                 "collector_dns_cache_misses",
-                "Answered queries whose name and type the server asked an upstream for while the client waited (inferred).",
+                "Answered queries whose name and type the server asked an upstream for while the client waited (inferred). Of the matched sample (collector_dns_match_sample_ratio).",
                 c.cache_misses,
             ),
             (
                 "collector_dns_cache_undecided",
-                "Answered queries neither hit nor miss: relayed from a server in another network namespace (a DNAT to it), whose upstream queries are not seen here, or answered without a question (some FORMERR answers).",
+                "Answered queries neither hit nor miss: relayed from a server in another network namespace (a DNAT to it), whose upstream queries are not seen here, or answered without a question (some FORMERR answers). Of the matched sample (collector_dns_match_sample_ratio).",
                 c.cache_undecided,
             ),
             (
                 "collector_dns_responses_unmatched",
-                "Responses with no query waiting in the in-flight table: it went untracked, came before the collector, was answered already (a second answer to a retransmission), or was given up after 10 s (a late answer).",
+                "Responses with no query waiting in the in-flight table: it went untracked, came before the collector, was answered already (a second answer to a retransmission), or was given up after 10 s (a late answer). Of the matched sample (collector_dns_match_sample_ratio).",
                 c.unmatched_responses,
             ),
             (
                 "collector_dns_queries_duplicate",
-                "Queries repeated with the same client address, port, id and question while waiting.",
+                "Queries repeated with the same client address, port, id and question while waiting. Of the matched sample (collector_dns_match_sample_ratio).",
                 c.duplicate_queries,
             ),
             (
                 "collector_dns_queries_untracked",
-                "Queries that found every in-flight slot of their set held by queries still waiting (latency lost).",
+                "Queries that found every in-flight slot of their set held by queries still waiting (latency lost). Of the matched sample (collector_dns_match_sample_ratio).",
                 c.untracked_queries,
             ),
             (
                 "collector_dns_queries_unanswered",
-                "Queries given up unanswered after 10 s, counted when a query of their set or their flow comes, or when their answer comes late.",
+                "Queries given up unanswered after 10 s, counted when a query of their set or their flow comes, or when their answer comes late. Of the matched sample (collector_dns_match_sample_ratio).",
                 c.unanswered_queries,
             ),
         ],
@@ -719,7 +719,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
     single(
         encoder,
         "collector_dns_queries_in_flight",
-        "Queries waiting for their response now.",
+        "Queries waiting for their response now. Of the matched sample (collector_dns_match_sample_ratio).",
         None,
         MetricType::Gauge,
         &ConstGauge::new(i64::try_from(dns.in_flight().unwrap_or(0)).unwrap_or(i64::MAX)),
@@ -729,7 +729,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
     single(
         encoder,
         "collector_dns_match_sample_ratio",
-        "Share of client queries matched to their responses ([dns] match_every = N gives 1/N): the latency, cache, in-flight and unmatched figures count that sample.",
+        "Share of client queries matched to their responses ([dns] match_every = N gives 1/N): the latency, cache (hits, misses, undecided), in-flight, unmatched, duplicate, untracked and unanswered figures count that sample.",
         None,
         MetricType::Gauge,
         &ConstGauge::new(matched_share),
@@ -972,7 +972,7 @@ fn encode_nft(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     counters(
         encoder,
         "collector_nft_packets",
-        "Packets counted by our nftables table per route or DNS port and direction (in: prerouting, destination port; out: postrouting, source port), by port alone: packets the host forwards or DNATs on those ports too, which the eBPF figures leave out.",
+        "Packets counted by our nftables table per route or DNS port and direction (in: prerouting, destination port; out: postrouting, source port), to (in) or from (out) an address of the namespace, as collector_proxy_packets_total counts them (also where NAT then sends them on to another host).",
         None,
         snapshot.nft.iter().map(|c| (nft_labels(c), c.packets)),
     )?;

@@ -73,6 +73,21 @@ pub const NFTA_PAYLOAD_OFFSET: u16 = 3;
 pub const NFTA_PAYLOAD_LEN: u16 = 4;
 pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 pub const NFTA_OBJREF_SET_NAME: u16 = 4;
+pub const NFTA_LOOKUP_SET: u16 = 1;
+pub const NFTA_LOOKUP_DREG: u16 = 3;
+pub const NFTA_LOOKUP_FLAGS: u16 = 5;
+pub const NFTA_FIB_DREG: u16 = 1;
+pub const NFTA_FIB_RESULT: u16 = 2;
+pub const NFTA_FIB_FLAGS: u16 = 3;
+pub const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+pub const NFTA_FIB_F_SADDR: u32 = 1;
+pub const NFTA_FIB_F_DADDR: u32 = 2;
+pub const NFTA_CMP_SREG: u16 = 1;
+pub const NFTA_CMP_OP: u16 = 2;
+pub const NFTA_CMP_DATA: u16 = 3;
+pub const NFT_CMP_EQ: u32 = 0;
+/// The address type `fib ... type local` compares with, in host order as a register holds it.
+pub const RTN_LOCAL: u32 = 2;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
 /// libnftnl's user data: (type u8, length u8, value) records; type 0 is the comment of a
@@ -153,6 +168,14 @@ impl Expression {
             .iter()
             .find(|(k, _)| *k == kind)
             .map(|(_, v)| text(v))
+    }
+
+    /// The value (`NFTA_DATA_VALUE`) nested in the attribute `kind`, as a `cmp` holds the
+    /// data it compares with.
+    #[must_use]
+    pub fn data_value(&self, kind: u16) -> Option<Vec<u8>> {
+        let (_, nested) = self.data.iter().find(|(k, _)| *k == kind)?;
+        find(&attributes(nested), NFTA_DATA_VALUE).map(<[u8]>::to_vec)
     }
 }
 

@@ -2,16 +2,18 @@
 //! watched port and direction, next to the eBPF figures so that a gap between the two shows.
 //!
 //! - `in`: a prerouting chain (priority -301, before raw, conntrack and NAT) counts packets whose
-//!   destination port is a route's TCP port or a DNS UDP port; it also sees traffic that
-//!   nftables forwards or NATs, which never reaches a local socket.
+//!   destination port is a route's TCP port or a DNS UDP port and whose destination address
+//!   is the namespace's; sent on by NAT to another host, they never reach a local socket.
 //! - `out`: a postrouting chain (priority 300, after source NAT at 100) counts packets whose
-//!   source port is one. Behind DNAT or REDIRECT a reply's source port is the backend's
-//!   until source NAT puts the address it was sent to back: before it, `out` read 0.
+//!   source port is one and whose source address is the namespace's. Behind DNAT or
+//!   REDIRECT a reply's source is the backend's until source NAT puts the address it was
+//!   sent to back: before it, `out` read 0.
 //!
-//! Both count ports as on the wire. The table is made and removed with `nft -j`, within a
-//! deadline ([`crate::nft_tool`]); its counters are read over nfnetlink
-//! ([`crate::nfnetlink`]), which costs tens of microseconds where `nft -j list` costs
-//! milliseconds (see docs/DESIGN.md).
+//! Both count ports and addresses as on the wire, and only the host's packets, as the tc
+//! classifiers do (a node's forwarded pod traffic is neither's). The table is made and
+//! removed with `nft -j`, within a deadline ([`crate::nft_tool`]); its counters are read
+//! over nfnetlink ([`crate::nfnetlink`]), about 130 µs for 100 counters where `nft -j list`
+//! costs milliseconds (see docs/DESIGN.md).
 //!
 //! Only a table that is recognisably ours is ever adopted, replaced or deleted
 //! ([`judge`]): one holding nothing but our chains, their rules, our maps and counters named
@@ -69,6 +71,11 @@ struct Direction {
     field: &'static str,
     /// The field's offset in the transport header.
     offset: u32,
+    /// The address that must be one of the namespace's for the packet to count (`fib
+    /// daddr type local`: to it, `saddr`: from it), as the tc classifiers count only
+    /// packets to or from `LOCAL_ADDRESSES`; and its `fib` flag.
+    address: &'static str,
+    fib_flag: u32,
 }
 
 const DIRECTIONS: [Direction; 2] = [
@@ -81,6 +88,8 @@ const DIRECTIONS: [Direction; 2] = [
         map: IN_MAP,
         field: "dport",
         offset: 2,
+        address: "daddr",
+        fib_flag: nfnetlink::NFTA_FIB_F_DADDR,
     },
     Direction {
         inbound: false,
@@ -91,6 +100,8 @@ const DIRECTIONS: [Direction; 2] = [
         map: OUT_MAP,
         field: "sport",
         offset: 0,
+        address: "saddr",
+        fib_flag: nfnetlink::NFTA_FIB_F_SADDR,
     },
 ];
 
@@ -288,21 +299,77 @@ fn is_our_counter_name(name: &str) -> bool {
         .is_ok_and(|port_number| port_number.to_string() == port)
 }
 
-/// Whether `rule` is the rule of `direction`: the packet's protocol and port looked up in
-/// its map, to the counter the element names.
-fn is_our_rule(rule: &nfnetlink::Rule, direction: &Direction) -> bool {
-    let [meta, payload, objref] = rule.expressions.as_slice() else {
-        return false;
-    };
-    rule.chain == direction.chain
-        && meta.name == "meta"
+/// The rules a table of ours may hold in a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RuleForm {
+    /// This build's: the packet's protocol and port looked up in the direction's map, then
+    /// its address checked to be the namespace's (`fib`), then counted in the counter the
+    /// element names.
+    LocalOnly,
+    /// Builds before 2026-12-08: the look-up to the counter alone, so packets the host only
+    /// forwards counted too.
+    AnyAddress,
+}
+
+/// Which of our rules of `direction` `rule` is, if it is one.
+fn our_rule_form(rule: &nfnetlink::Rule, direction: &Direction) -> Option<RuleForm> {
+    if rule.chain != direction.chain {
+        return None;
+    }
+    match rule.expressions.as_slice() {
+        [meta, payload, objref] => (is_port_key(meta, payload, direction)
+            && is_counter_lookup(objref, direction))
+        .then_some(RuleForm::AnyAddress),
+        [
+            meta,
+            payload,
+            lookup,
+            fib,
+            cmp,
+            counter_meta,
+            counter_payload,
+            objref,
+        ] => {
+            let local = lookup.name == "lookup"
+                && lookup.text(nfnetlink::NFTA_LOOKUP_SET).as_deref() == Some(direction.map)
+                && lookup.be32(nfnetlink::NFTA_LOOKUP_DREG).is_none()
+                && lookup.be32(nfnetlink::NFTA_LOOKUP_FLAGS).unwrap_or(0) == 0
+                && fib.name == "fib"
+                && fib.be32(nfnetlink::NFTA_FIB_RESULT) == Some(nfnetlink::NFT_FIB_RESULT_ADDRTYPE)
+                && fib.be32(nfnetlink::NFTA_FIB_FLAGS) == Some(direction.fib_flag)
+                && cmp.name == "cmp"
+                && cmp.be32(nfnetlink::NFTA_CMP_SREG) == fib.be32(nfnetlink::NFTA_FIB_DREG)
+                && cmp.be32(nfnetlink::NFTA_CMP_OP) == Some(nfnetlink::NFT_CMP_EQ)
+                && cmp.data_value(nfnetlink::NFTA_CMP_DATA).as_deref()
+                    == Some(&nfnetlink::RTN_LOCAL.to_ne_bytes()[..]);
+            (local
+                && is_port_key(meta, payload, direction)
+                && is_port_key(counter_meta, counter_payload, direction)
+                && is_counter_lookup(objref, direction))
+            .then_some(RuleForm::LocalOnly)
+        }
+        _ => None,
+    }
+}
+
+/// Whether `meta` and `payload` load the packet's protocol and `direction`'s port.
+fn is_port_key(
+    meta: &nfnetlink::Expression,
+    payload: &nfnetlink::Expression,
+    direction: &Direction,
+) -> bool {
+    meta.name == "meta"
         && meta.be32(nfnetlink::NFTA_META_KEY) == Some(nfnetlink::NFT_META_L4PROTO)
         && payload.name == "payload"
         && payload.be32(nfnetlink::NFTA_PAYLOAD_BASE)
             == Some(nfnetlink::NFT_PAYLOAD_TRANSPORT_HEADER)
         && payload.be32(nfnetlink::NFTA_PAYLOAD_OFFSET) == Some(direction.offset)
         && payload.be32(nfnetlink::NFTA_PAYLOAD_LEN) == Some(2)
-        && objref.name == "objref"
+}
+
+/// Whether `objref` counts in the counter `direction`'s map names.
+fn is_counter_lookup(objref: &nfnetlink::Expression, direction: &Direction) -> bool {
+    objref.name == "objref"
         && objref.text(nfnetlink::NFTA_OBJREF_SET_NAME).as_deref() == Some(direction.map)
 }
 
@@ -332,7 +399,10 @@ fn not_ours(contents: &TableContents) -> Option<String> {
         }
     }
     for rule in &contents.rules {
-        if !direction_of_chain(&rule.chain).is_some_and(|d| is_our_rule(rule, d)) {
+        if direction_of_chain(&rule.chain)
+            .and_then(|d| our_rule_form(rule, d))
+            .is_none()
+        {
             let what: Vec<&str> = rule.expressions.iter().map(|e| e.name.as_str()).collect();
             return Some(format!(
                 "holds a rule in {} that is not the collector's ({})",
@@ -426,6 +496,16 @@ fn difference(plan: &[PlannedCounter], contents: &TableContents) -> Option<Strin
         if rules != 1 {
             return Some(format!(
                 "holds {rules} rules in its chain {} where it was made with one",
+                direction.chain
+            ));
+        }
+        if contents
+            .rules
+            .iter()
+            .any(|r| our_rule_form(r, direction) == Some(RuleForm::AnyAddress))
+        {
+            return Some(format!(
+                "was made by an earlier build (its chain {} counts packets the host only forwards too)",
                 direction.chain
             ));
         }
@@ -560,10 +640,11 @@ impl NftTable {
 
     /// The table in nft's JSON, in one transaction (deleting the table with handle
     /// `replace` first, so that only the table judged is deleted). Each chain holds one
-    /// rule that looks the packet's protocol and port up in a map to the counter: one hash
-    /// lookup per packet however many ports are watched, where a rule per port cost a
-    /// comparison per port. (The `nftables` crate's types cannot express a counter map,
-    /// hence plain JSON.)
+    /// rule that looks the packet's protocol and port up in a map, checks its address is
+    /// the namespace's, and counts in the counter the map names: one hash lookup per
+    /// packet however many ports are watched (a rule per port cost a comparison per port),
+    /// and the address look-up (one of the routing table) only for packets on a watched
+    /// port. (The `nftables` crate's types cannot express a counter map, hence plain JSON.)
     fn ruleset(&self, replace: Option<u64>) -> serde_json::Value {
         let table = self.name.as_str();
         let mut commands = Vec::new();
@@ -605,15 +686,22 @@ impl NftTable {
                 "family": "inet", "table": table, "name": direction.chain, "type": "filter",
                 "hook": direction.hook, "prio": direction.priority, "policy": "accept",
             }}}));
+            // The port first: only a packet on a watched port costs the address's look-up.
+            let key = json!({"concat": [
+                {"meta": {"key": "l4proto"}},
+                {"payload": {"protocol": "th", "field": direction.field}},
+            ]});
             commands.push(json!({"add": {"rule": {
                 "family": "inet", "table": table, "chain": direction.chain,
-                "expr": [{"counter": {"map": {
-                    "key": {"concat": [
-                        {"meta": {"key": "l4proto"}},
-                        {"payload": {"protocol": "th", "field": direction.field}},
-                    ]},
-                    "data": format!("@{}", direction.map),
-                }}}],
+                "expr": [
+                    {"match": {"op": "==", "left": key, "right": format!("@{}", direction.map)}},
+                    {"match": {
+                        "op": "==",
+                        "left": {"fib": {"result": "type", "flags": [direction.address]}},
+                        "right": "local",
+                    }},
+                    {"counter": {"map": {"key": key, "data": format!("@{}", direction.map)}}},
+                ],
             }}}));
         }
         json!({"nftables": commands})
@@ -1448,7 +1536,7 @@ mod tests {
     }
 
     #[test]
-    fn the_ruleset_is_one_lookup_per_chain_into_a_map_of_counters() {
+    fn the_ruleset_is_one_lookup_per_chain_into_a_map_of_counters_for_the_hosts_addresses() {
         let config =
             Config::from_toml("t.toml", "[[routes]]\nname = \"web\"\nports = [80]\n").unwrap();
         let table = NftTable {
@@ -1480,10 +1568,20 @@ mod tests {
         );
         let rule = &objects[7]["add"]["rule"];
         assert_eq!(rule["chain"], "count_in");
-        assert_eq!(rule["expr"][0]["counter"]["map"]["data"], "@ports_in");
+        // The port first, then the address, then the count.
+        assert_eq!(rule["expr"][0]["match"]["right"], "@ports_in");
         assert_eq!(
-            rule["expr"][0]["counter"]["map"]["key"]["concat"][1]["payload"]["field"],
+            rule["expr"][1]["match"],
+            json!({"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"})
+        );
+        assert_eq!(rule["expr"][2]["counter"]["map"]["data"], "@ports_in");
+        assert_eq!(
+            rule["expr"][2]["counter"]["map"]["key"]["concat"][1]["payload"]["field"],
             "dport"
+        );
+        assert_eq!(
+            objects[10]["add"]["rule"]["expr"][1]["match"]["left"]["fib"]["flags"],
+            json!(["saddr"])
         );
         assert_eq!(objects[1]["add"]["counter"]["comment"], COMMENT);
         // Each counter starts from what this run's tables before it counted.
@@ -1511,9 +1609,87 @@ mod tests {
 
     use nfnetlink::{Chain, Element, Expression, Object, Rule, Set};
 
+    /// `d`'s rule as nfnetlink reads it back.
+    fn rule_as_made(d: &Direction) -> Rule {
+        let be32 = |v: u32| v.to_be_bytes().to_vec();
+        let expression = |name: &str, data: Vec<(u16, Vec<u8>)>| Expression {
+            name: name.into(),
+            data,
+        };
+        let key = [
+            expression(
+                "meta",
+                vec![
+                    (1, be32(1)),
+                    (nfnetlink::NFTA_META_KEY, be32(nfnetlink::NFT_META_L4PROTO)),
+                ],
+            ),
+            expression(
+                "payload",
+                vec![
+                    (1, be32(9)),
+                    (
+                        nfnetlink::NFTA_PAYLOAD_BASE,
+                        be32(nfnetlink::NFT_PAYLOAD_TRANSPORT_HEADER),
+                    ),
+                    (nfnetlink::NFTA_PAYLOAD_OFFSET, be32(d.offset)),
+                    (nfnetlink::NFTA_PAYLOAD_LEN, be32(2)),
+                ],
+            ),
+        ];
+        // `cmp`'s data: an NFTA_DATA_VALUE attribute (length 8, type 1) of RTN_LOCAL.
+        let mut local = vec![8, 0, 1, 0];
+        local.extend(nfnetlink::RTN_LOCAL.to_ne_bytes());
+        let address_check = [
+            expression(
+                "lookup",
+                vec![
+                    (nfnetlink::NFTA_LOOKUP_SET, format!("{}\0", d.map).into()),
+                    (2, be32(1)),
+                    (nfnetlink::NFTA_LOOKUP_FLAGS, be32(0)),
+                ],
+            ),
+            expression(
+                "fib",
+                vec![
+                    (nfnetlink::NFTA_FIB_DREG, be32(1)),
+                    (
+                        nfnetlink::NFTA_FIB_RESULT,
+                        be32(nfnetlink::NFT_FIB_RESULT_ADDRTYPE),
+                    ),
+                    (nfnetlink::NFTA_FIB_FLAGS, be32(d.fib_flag)),
+                ],
+            ),
+            expression(
+                "cmp",
+                vec![
+                    (nfnetlink::NFTA_CMP_SREG, be32(1)),
+                    (nfnetlink::NFTA_CMP_OP, be32(nfnetlink::NFT_CMP_EQ)),
+                    (nfnetlink::NFTA_CMP_DATA, local),
+                ],
+            ),
+        ];
+        Rule {
+            chain: d.chain.into(),
+            expressions: [&key[..], &address_check, &key]
+                .concat()
+                .into_iter()
+                .chain([expression(
+                    "objref",
+                    vec![
+                        (3, be32(1)),
+                        (
+                            nfnetlink::NFTA_OBJREF_SET_NAME,
+                            format!("{}\0", d.map).into(),
+                        ),
+                    ],
+                )])
+                .collect(),
+        }
+    }
+
     /// The table as `ruleset` makes it for `plan`, as nfnetlink reads it back.
     fn as_made(plan: &[PlannedCounter]) -> TableContents {
-        let be32 = |v: u32| v.to_be_bytes().to_vec();
         let mut contents = TableContents {
             handle: 3,
             ..TableContents::default()
@@ -1525,44 +1701,7 @@ mod tests {
                 kind: Some("filter".into()),
                 policy: Some(NF_ACCEPT),
             });
-            let expression = |name: &str, data: Vec<(u16, Vec<u8>)>| Expression {
-                name: name.into(),
-                data,
-            };
-            contents.rules.push(Rule {
-                chain: d.chain.into(),
-                expressions: vec![
-                    expression(
-                        "meta",
-                        vec![
-                            (1, be32(1)),
-                            (nfnetlink::NFTA_META_KEY, be32(nfnetlink::NFT_META_L4PROTO)),
-                        ],
-                    ),
-                    expression(
-                        "payload",
-                        vec![
-                            (1, be32(9)),
-                            (
-                                nfnetlink::NFTA_PAYLOAD_BASE,
-                                be32(nfnetlink::NFT_PAYLOAD_TRANSPORT_HEADER),
-                            ),
-                            (nfnetlink::NFTA_PAYLOAD_OFFSET, be32(d.offset)),
-                            (nfnetlink::NFTA_PAYLOAD_LEN, be32(2)),
-                        ],
-                    ),
-                    expression(
-                        "objref",
-                        vec![
-                            (3, be32(1)),
-                            (
-                                nfnetlink::NFTA_OBJREF_SET_NAME,
-                                format!("{}\0", d.map).into(),
-                            ),
-                        ],
-                    ),
-                ],
-            });
+            contents.rules.push(rule_as_made(d));
             contents.sets.push(Set {
                 name: d.map.into(),
                 key_len: 8,
@@ -1633,6 +1772,16 @@ mod tests {
             }
         });
         assert!(why.contains("earlier build"), "{why}");
+        // A build's before 2026-12-08, whose rules counted every address.
+        let why = differs(&|t| {
+            for rule in &mut t.rules {
+                rule.expressions.drain(..5).for_each(drop);
+            }
+        });
+        assert_eq!(
+            why,
+            "was made by an earlier build (its chain count_in counts packets the host only forwards too)"
+        );
         // Another config's, a port's element gone, made dormant.
         let why = differs(&|t| t.objects.truncate(2));
         assert!(why.contains("where the config wants"), "{why}");
@@ -1684,6 +1833,13 @@ mod tests {
             why.contains("a rule in count_in that is not the collector's"),
             "{why}"
         );
+        // The address check looks at another address, or at none.
+        let why = not_ours(&|t| t.rules[0].expressions[3].data[2].1 = vec![0, 0, 0, 1]);
+        assert!(why.contains("lookup fib cmp meta payload objref"), "{why}");
+        let why = not_ours(&|t| t.rules[1].expressions.drain(2..5).for_each(drop));
+        assert!(why.contains("a rule in count_out"), "{why}");
+        let why = not_ours(&|t| t.rules[0].expressions[4].data[2].1[4] = 1);
+        assert!(why.contains("count_in"), "{why}");
         let why = not_ours(&|t| t.sets[1].name = "blocklist".into());
         assert_eq!(why, "holds the set or map blocklist");
         let why = not_ours(&|t| t.objects[0].name = "tcp_080_in".into());

@@ -742,6 +742,17 @@ impl Snapshot {
                         last_error_at_ms: Some(1_700_000_000_000),
                     },
                 ),
+                // With its counters below.
+                (
+                    "nft",
+                    SourceHealth {
+                        up: true,
+                        last_duration_seconds: 0.125,
+                        errors: 0,
+                        last_error: None,
+                        last_error_at_ms: None,
+                    },
+                ),
             ],
             dns: DnsSnapshot::example(),
             nft: vec![crate::nft::CounterValue {

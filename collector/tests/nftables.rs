@@ -1006,10 +1006,17 @@ fn cleanup_leaves_a_running_collector_alone_and_it_keeps_counting() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// Veths from `netns` to `client` (10.78.1.0/24) and `backend` (10.78.2.0/24), forwarding on,
-/// and port 18080 of `netns` translated (DNAT) to the backend's 9000, as a proxy handing a route to the
-/// kernel would set it up.
+/// [`routed_between`], and port 18080 of `netns` translated (DNAT) to the backend's 9000, as
+/// a proxy handing a route to the kernel would set it up.
 fn forwarding_topology(netns: &Netns, client: &Netns, backend: &Netns) {
+    routed_between(netns, client, backend);
+    // The proxy hands port 18080 to the kernel: DNAT to the backend, forwarded.
+    let nat = "table ip proxy_nat {\n  chain dnat_in {\n    type nat hook prerouting priority dstnat;\n    tcp dport 18080 dnat to 10.78.2.2:9000\n  }\n}\n";
+    nft_script(netns, nat);
+}
+
+/// Veths from `netns` to `client` (10.78.1.0/24) and `backend` (10.78.2.0/24), forwarding on.
+fn routed_between(netns: &Netns, client: &Netns, backend: &Netns) {
     for (peer, ours, theirs, net) in [
         (client, "vfwd0", "vfwd1", "1"),
         (backend, "vfwd2", "vfwd3", "2"),
@@ -1036,18 +1043,6 @@ fn forwarding_topology(netns: &Netns, client: &Netns, backend: &Netns) {
         );
     }
     netns.forward();
-    // The proxy hands port 18080 to the kernel: DNAT to the backend, forwarded.
-    let nat = "table ip proxy_nat {\n  chain dnat_in {\n    type nat hook prerouting priority dstnat;\n    tcp dport 18080 dnat to 10.78.2.2:9000\n  }\n}\n";
-    let ruleset = std::env::temp_dir().join(format!("{}.nft", netns.name));
-    std::fs::write(&ruleset, nat).unwrap();
-    let status = netns
-        .command("nft")
-        .arg("-f")
-        .arg(&ruleset)
-        .status()
-        .unwrap();
-    let _ = std::fs::remove_file(&ruleset);
-    assert!(status.success());
 }
 
 #[test]
@@ -1098,6 +1093,48 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     assert_eq!(tc_out, nft_out);
     // ... but no local socket accepted anything: the connection counters never moved.
     assert_eq!(web_opened(&metrics), Some(0.0));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Traffic the namespace only forwards, on a route's port and to an address not its own (a
+/// node's pods reaching out to port 443, or to the cluster's DNS), counts in neither source:
+/// nftables checks the address is the namespace's, as the tc classifiers do. Until 2026-12-08
+/// nftables counted it, so the gap between the two read the pods' traffic.
+#[test]
+fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
+    // client (10.78.1.2) -> agent's namespace, forwarding -> backend (10.78.2.2:18080)
+    let netns = Netns::new();
+    let client = Netns::new();
+    let backend = Netns::new();
+    routed_between(&netns, &client, &backend);
+    let config = AgentConfig::with_nft(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    let listener = backend.run(|| TcpListener::bind("10.78.2.2:18080").unwrap());
+    let server = thread::spawn(move || {
+        for _ in 0..5 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(b"pong!").unwrap();
+        }
+    });
+    client.run(|| {
+        for _ in 0..5 {
+            let mut stream = TcpStream::connect("10.78.2.2:18080").unwrap();
+            stream.write_all(b"ping").unwrap();
+            let mut reply = Vec::new();
+            // To the server's close: its FIN has crossed too.
+            stream.read_to_end(&mut reply).unwrap();
+            assert_eq!(reply, b"pong!");
+        }
+    });
+    server.join().unwrap();
+    // The namespace's own connections count alike in both, and nothing else does: 3
+    // connections on loopback, each seen once by each source.
+    connections(&netns, 3);
+    assert_nft_equals_ebpf(&netns, 3);
+    assert_eq!(web_opened(&scrape(&netns)), Some(3.0));
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
