@@ -321,8 +321,9 @@ fn kernel_clippy(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, echoing its output, and closes with the totals over every test
-/// binary (`N passed, N failed`), so the last line says how many tests ran in all.
+/// Runs `cargo test`, echoing its output, and closes with each failing test's last lines
+/// and the totals over every test binary (`N passed, N failed`), so the last line says how
+/// many tests ran in all.
 fn cargo_test(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = cargo_command(root)

@@ -1,6 +1,9 @@
 //! Reading `cargo test`'s output as it is echoed: the totals, and each failing test's
-//! output (its last lines, with the panic), said again at the end. A CI log is often read from its end (the tail is all
-//! some CI pages keep), where the failures of a binary that ran early are long gone.
+//! output (its last lines, with the panic), said again at the end. A CI log is often read
+//! from its end (the tail is all some CI pages keep), where the failures of a binary that
+//! ran early are long gone.
+
+use std::collections::VecDeque;
 
 /// Lines kept of one failing test's captured output: its last ones, where the panic is.
 const LINES_PER_FAILURE: usize = 40;
@@ -15,10 +18,14 @@ pub struct TestOutput {
     /// (cargo names the binaries on its standard error, which is not read here: its closing
     /// lines there name the failed ones.)
     failures: Vec<Failure>,
+    /// The failure whose captured output the lines are, if any.
+    current: Option<usize>,
+    /// The running binary's first failure: its list of names names those from there on.
+    binary_first: usize,
 }
 
 /// libtest closes a binary with failures with two sections headed "failures:": the failing
-/// tests' output, then their names.
+/// tests' captured output, then their names.
 #[derive(Default, PartialEq)]
 enum Section {
     #[default]
@@ -29,8 +36,18 @@ enum Section {
 
 struct Failure {
     test: String,
-    lines: Vec<String>,
+    lines: VecDeque<String>,
     elided: usize,
+}
+
+impl Failure {
+    fn new(test: &str) -> Self {
+        Self {
+            test: test.to_owned(),
+            lines: VecDeque::new(),
+            elided: 0,
+        }
+    }
 }
 
 impl TestOutput {
@@ -40,28 +57,37 @@ impl TestOutput {
             self.passed += count_before(result, " passed");
             self.failed += count_before(result, " failed");
             self.section = Section::Tests;
+            self.current = None;
+            self.binary_first = self.failures.len();
         } else if line == "failures:" {
             self.section = match self.section {
                 Section::Tests => Section::FailureOutput,
                 _ => Section::FailureNames,
             };
+            self.current = None;
         } else if self.section == Section::FailureOutput {
             if let Some(test) = line
                 .strip_prefix("---- ")
                 .and_then(|rest| rest.strip_suffix(" stdout ----"))
             {
-                self.failures.push(Failure {
-                    test: test.to_owned(),
-                    lines: Vec::new(),
-                    elided: 0,
-                });
-            } else if let Some(failure) = self.failures.last_mut() {
-                failure.lines.push(line.to_owned());
+                self.failures.push(Failure::new(test));
+                self.current = Some(self.failures.len() - 1);
+            } else if let Some(failure) = self.current.map(|at| &mut self.failures[at]) {
+                failure.lines.push_back(line.to_owned());
                 if failure.lines.len() > LINES_PER_FAILURE {
-                    failure.lines.remove(0);
+                    failure.lines.pop_front();
                     failure.elided += 1;
                 }
             }
+        } else if self.section == Section::FailureNames
+            && let Some(test) = line.strip_prefix("    ")
+            // A test without captured output (`--nocapture`, or one that printed nothing
+            // before it failed) is named only here.
+            && !self.failures[self.binary_first..]
+                .iter()
+                .any(|failure| failure.test == test)
+        {
+            self.failures.push(Failure::new(test));
         }
     }
 }
@@ -74,12 +100,15 @@ impl std::fmt::Display for TestOutput {
             if failure.elided > 0 {
                 writeln!(
                     f,
-                    "({} lines of its output above, where it ran)",
+                    "({} earlier lines of its output above, in its binary's failures)",
                     failure.elided
                 )?;
             }
             let shown = failure.lines.iter().rposition(|line| !line.is_empty());
-            for line in &failure.lines[..shown.map_or(0, |last| last + 1)] {
+            if shown.is_none() {
+                writeln!(f, "(no output captured: any is above, where it ran)")?;
+            }
+            for line in failure.lines.iter().take(shown.map_or(0, |last| last + 1)) {
                 writeln!(f, "{line}")?;
             }
         }
@@ -107,9 +136,10 @@ fn count_before(result: &str, label: &str) -> u64 {
 mod tests {
     use super::*;
 
-    /// libtest's lines for two binaries, the first with a failure.
+    /// libtest's lines for three binaries: the first with a failure, the third with one
+    /// whose output was not captured (`--nocapture`).
     #[test]
-    fn a_failure_is_said_again_at_the_end_with_its_binary_and_panic() {
+    fn a_failure_is_said_again_at_the_end_with_its_panic() {
         let mut output = TestOutput::default();
         let mut lines = vec![
             "test a ... ok",
@@ -134,6 +164,14 @@ mod tests {
             "test result: FAILED. 1 passed; 1 failed; 0 ignored",
             "test c ... ok",
             "test result: ok. 2 passed; 0 failed; 0 ignored",
+            "test d ... FAILED",
+            "",
+            "failures:",
+            "",
+            "failures:",
+            "    d",
+            "",
+            "test result: FAILED. 0 passed; 1 failed; 0 ignored",
         ]);
         for line in lines {
             output.line(line);
@@ -141,13 +179,13 @@ mod tests {
         let summary = output.to_string();
         assert!(
             summary.starts_with(
-                "---- failed: b ----\n(9 lines of its output above, where it ran)\nlog 9\n"
+                "---- failed: b ----\n(9 earlier lines of its output above, in its binary's failures)\nlog 9\n"
             ),
             "{summary}"
         );
         assert!(
             summary.ends_with(
-                "log 44\nthread 'b' panicked at tests/dns_parser.rs:9:5:\nassertion `left == right` failed\n3 passed, 1 failed"
+                "log 44\nthread 'b' panicked at tests/dns_parser.rs:9:5:\nassertion `left == right` failed\n---- failed: d ----\n(no output captured: any is above, where it ran)\n3 passed, 2 failed"
             ),
             "{summary}"
         );
