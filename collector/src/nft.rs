@@ -266,16 +266,17 @@ pub enum Verdict {
     NotOurs(String),
 }
 
-/// What the table `contents` (`None`: there is none) is, for a config planning `plan`.
+/// What the table `contents` (`None`: there is none) is, for a config planning `plan`
+/// counted by `rule`.
 #[must_use]
-pub fn judge(plan: &[PlannedCounter], contents: Option<&TableContents>) -> Verdict {
+pub fn judge(plan: &[PlannedCounter], rule: RuleForm, contents: Option<&TableContents>) -> Verdict {
     let Some(contents) = contents else {
         return Verdict::Absent;
     };
     if let Some(why) = not_ours(contents) {
         return Verdict::NotOurs(why);
     }
-    match difference(plan, contents) {
+    match difference(plan, rule, contents) {
         Some(why) => Verdict::Differs(why),
         None => Verdict::AsPlanned,
     }
@@ -301,14 +302,38 @@ fn is_our_counter_name(name: &str) -> bool {
 
 /// The rules a table of ours may hold in a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RuleForm {
-    /// This build's: the packet's protocol and port looked up in the direction's map, then
-    /// its address checked to be the namespace's (`fib`), then counted in the counter the
-    /// element names.
-    LocalOnly,
-    /// Builds before 2026-12-08: the look-up to the counter alone, so packets the host only
-    /// forwards counted too.
-    AnyAddress,
+pub enum RuleForm {
+    /// The packet's protocol and port looked up in the direction's map, then its address
+    /// checked to be the namespace's (`fib ... type local`), then counted in the counter the
+    /// element names: the host's packets, as the tc classifiers count them.
+    HostsPackets,
+    /// The look-up to the counter alone: by port, packets the host forwards included. Every
+    /// build's before 2026-12-08, and this one's where the classifiers take more for the
+    /// host's than `fib` does ([`RuleForm::of`]).
+    PortAlone,
+}
+
+impl RuleForm {
+    /// The rule `config` wants: the host's packets, unless the classifiers count packets
+    /// `fib` does not take for the host's: those to `extra_local_addresses` (a VIP that
+    /// kube-proxy DNATs to a hostNetwork proxy), or every namespace's with
+    /// `all_namespaces`, which they count by port alone. There the port alone, so that
+    /// nftables never reads below eBPF for what both should see.
+    #[must_use]
+    pub fn of(config: &Config) -> Self {
+        if config.all_namespaces || !config.extra_local_addresses.is_empty() {
+            Self::PortAlone
+        } else {
+            Self::HostsPackets
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::HostsPackets => "the host's packets alone",
+            Self::PortAlone => "by port alone",
+        }
+    }
 }
 
 /// Which of our rules of `direction` `rule` is, if it is one.
@@ -319,7 +344,7 @@ fn our_rule_form(rule: &nfnetlink::Rule, direction: &Direction) -> Option<RuleFo
     match rule.expressions.as_slice() {
         [meta, payload, objref] => (is_port_key(meta, payload, direction)
             && is_counter_lookup(objref, direction))
-        .then_some(RuleForm::AnyAddress),
+        .then_some(RuleForm::PortAlone),
         [
             meta,
             payload,
@@ -338,6 +363,7 @@ fn our_rule_form(rule: &nfnetlink::Rule, direction: &Direction) -> Option<RuleFo
                 && fib.be32(nfnetlink::NFTA_FIB_RESULT) == Some(nfnetlink::NFT_FIB_RESULT_ADDRTYPE)
                 && fib.be32(nfnetlink::NFTA_FIB_FLAGS) == Some(direction.fib_flag)
                 && cmp.name == "cmp"
+                && fib.be32(nfnetlink::NFTA_FIB_DREG).is_some()
                 && cmp.be32(nfnetlink::NFTA_CMP_SREG) == fib.be32(nfnetlink::NFTA_FIB_DREG)
                 && cmp.be32(nfnetlink::NFTA_CMP_OP) == Some(nfnetlink::NFT_CMP_EQ)
                 && cmp.data_value(nfnetlink::NFTA_CMP_DATA).as_deref()
@@ -346,7 +372,7 @@ fn our_rule_form(rule: &nfnetlink::Rule, direction: &Direction) -> Option<RuleFo
                 && is_port_key(meta, payload, direction)
                 && is_port_key(counter_meta, counter_payload, direction)
                 && is_counter_lookup(objref, direction))
-            .then_some(RuleForm::LocalOnly)
+            .then_some(RuleForm::HostsPackets)
         }
         _ => None,
     }
@@ -439,7 +465,7 @@ fn not_ours(contents: &TableContents) -> Option<String> {
 
 /// How our table `contents` differs from what `plan` wants made, if it does: the first
 /// difference found.
-fn difference(plan: &[PlannedCounter], contents: &TableContents) -> Option<String> {
+fn difference(plan: &[PlannedCounter], rule: RuleForm, contents: &TableContents) -> Option<String> {
     if contents.flags != 0 {
         return Some(format!(
             "has flags {:#x} (dormant: its chains hook nothing)",
@@ -499,45 +525,60 @@ fn difference(plan: &[PlannedCounter], contents: &TableContents) -> Option<Strin
                 direction.chain
             ));
         }
-        if contents
+        if let Some(found) = contents
             .rules
             .iter()
-            .any(|r| our_rule_form(r, direction) == Some(RuleForm::AnyAddress))
+            .filter_map(|r| our_rule_form(r, direction))
+            .find(|&found| found != rule)
         {
             return Some(format!(
-                "was made by an earlier build (its chain {} counts packets the host only forwards too)",
-                direction.chain
+                "counts {} in its chain {} where the config wants {} (made by an earlier build, or under another config)",
+                found.describe(),
+                direction.chain,
+                rule.describe()
             ));
         }
-        let Some(map) = contents.sets.iter().find(|s| s.name == direction.map) else {
-            return Some(format!("has no map {}", direction.map));
-        };
-        let mut elements: Vec<(Vec<u8>, Option<&str>)> = map
-            .elements
-            .iter()
-            .map(|e| (e.key.clone(), e.object.as_deref()))
-            .collect();
-        elements.sort_unstable();
-        let mut planned: Vec<(Vec<u8>, Option<&str>)> = plan
-            .iter()
-            .filter(|c| c.inbound == direction.inbound)
-            .map(|c| {
-                (
-                    element_key(c.protocol, c.port).to_vec(),
-                    Some(c.name.as_str()),
-                )
-            })
-            .collect();
-        planned.sort_unstable();
-        if map.key_len != 8
-            || map.object_type != Some(nfnetlink::NFT_OBJECT_COUNTER)
-            || elements != planned
-        {
-            return Some(format!(
-                "has the map {} with other elements than the config's ports",
-                direction.map
-            ));
+        if let Some(why) = map_difference(plan, contents, direction) {
+            return Some(why);
         }
+    }
+    None
+}
+
+/// How `direction`'s map in `contents` differs from what `plan` wants, if it does.
+fn map_difference(
+    plan: &[PlannedCounter],
+    contents: &TableContents,
+    direction: &Direction,
+) -> Option<String> {
+    let Some(map) = contents.sets.iter().find(|s| s.name == direction.map) else {
+        return Some(format!("has no map {}", direction.map));
+    };
+    let mut elements: Vec<(Vec<u8>, Option<&str>)> = map
+        .elements
+        .iter()
+        .map(|e| (e.key.clone(), e.object.as_deref()))
+        .collect();
+    elements.sort_unstable();
+    let mut planned: Vec<(Vec<u8>, Option<&str>)> = plan
+        .iter()
+        .filter(|c| c.inbound == direction.inbound)
+        .map(|c| {
+            (
+                element_key(c.protocol, c.port).to_vec(),
+                Some(c.name.as_str()),
+            )
+        })
+        .collect();
+    planned.sort_unstable();
+    if map.key_len != 8
+        || map.object_type != Some(nfnetlink::NFT_OBJECT_COUNTER)
+        || elements != planned
+    {
+        return Some(format!(
+            "has the map {} with other elements than the config's ports",
+            direction.map
+        ));
     }
     None
 }
@@ -556,6 +597,7 @@ const READ_TRIES: usize = 3;
 pub struct NftTable {
     name: String,
     counters: Vec<PlannedCounter>,
+    rule: RuleForm,
     /// The ruleset's generation at which the table was last read whole and found as
     /// planned: while it stands, nothing can have changed it.
     verified: Option<u32>,
@@ -593,6 +635,7 @@ impl NftTable {
         let mut table = Self {
             name: config.nftables.table.clone(),
             counters: plan(config),
+            rule: RuleForm::of(config),
             verified: None,
             handle: None,
             nft_timeout: config.nftables.nft_timeout,
@@ -600,7 +643,7 @@ impl NftTable {
             starting,
         };
         let (contents, generation) = nfnetlink::read_table(&table.name)?.unzip();
-        let replace = match judge(&table.counters, contents.as_ref()) {
+        let replace = match judge(&table.counters, table.rule, contents.as_ref()) {
             Verdict::Absent => None,
             Verdict::AsPlanned if adopt == Adopt::CrashedRuns => {
                 tracing::info!(table = %table.name, "adopting the nftables table a previous run left: its counters continue");
@@ -641,10 +684,11 @@ impl NftTable {
     /// The table in nft's JSON, in one transaction (deleting the table with handle
     /// `replace` first, so that only the table judged is deleted). Each chain holds one
     /// rule that looks the packet's protocol and port up in a map, checks its address is
-    /// the namespace's, and counts in the counter the map names: one hash lookup per
-    /// packet however many ports are watched (a rule per port cost a comparison per port),
-    /// and the address look-up (one of the routing table) only for packets on a watched
-    /// port. (The `nftables` crate's types cannot express a counter map, hence plain JSON.)
+    /// the namespace's ([`RuleForm`]), and counts in the counter the map names: one hash
+    /// lookup per packet however many ports are watched (a rule per port cost a comparison
+    /// per port), and the address look-up (one of the routing table) only for packets on a
+    /// watched port. (The `nftables` crate's types cannot express a counter map, hence
+    /// plain JSON.)
     fn ruleset(&self, replace: Option<u64>) -> serde_json::Value {
         let table = self.name.as_str();
         let mut commands = Vec::new();
@@ -691,17 +735,22 @@ impl NftTable {
                 {"meta": {"key": "l4proto"}},
                 {"payload": {"protocol": "th", "field": direction.field}},
             ]});
-            commands.push(json!({"add": {"rule": {
-                "family": "inet", "table": table, "chain": direction.chain,
-                "expr": [
+            let count =
+                json!({"counter": {"map": {"key": key, "data": format!("@{}", direction.map)}}});
+            let expr = match self.rule {
+                RuleForm::HostsPackets => json!([
                     {"match": {"op": "==", "left": key, "right": format!("@{}", direction.map)}},
                     {"match": {
                         "op": "==",
                         "left": {"fib": {"result": "type", "flags": [direction.address]}},
                         "right": "local",
                     }},
-                    {"counter": {"map": {"key": key, "data": format!("@{}", direction.map)}}},
-                ],
+                    count,
+                ]),
+                RuleForm::PortAlone => json!([count]),
+            };
+            commands.push(json!({"add": {"rule": {
+                "family": "inet", "table": table, "chain": direction.chain, "expr": expr,
             }}}));
         }
         json!({"nftables": commands})
@@ -795,7 +844,7 @@ impl NftTable {
     /// when it is as made.
     fn check(&mut self, read: Option<(TableContents, u32)>) -> Result<(), NftError> {
         let (contents, generation) = read.unzip();
-        let what = match judge(&self.counters, contents.as_ref()) {
+        let what = match judge(&self.counters, self.rule, contents.as_ref()) {
             Verdict::AsPlanned
                 if self
                     .handle
@@ -1539,9 +1588,10 @@ mod tests {
     fn the_ruleset_is_one_lookup_per_chain_into_a_map_of_counters_for_the_hosts_addresses() {
         let config =
             Config::from_toml("t.toml", "[[routes]]\nname = \"web\"\nports = [80]\n").unwrap();
-        let table = NftTable {
+        let mut table = NftTable {
             name: "collector".into(),
             counters: plan(&config),
+            rule: RuleForm::of(&config),
             verified: None,
             handle: None,
             nft_timeout: config.nftables.nft_timeout,
@@ -1605,6 +1655,27 @@ mod tests {
             table.ruleset(Some(7))["nftables"][0],
             json!({"delete": {"table": {"family": "inet", "handle": 7}}})
         );
+        // By port alone: the count, nothing before it.
+        table.rule = RuleForm::PortAlone;
+        let expr = &table.ruleset(None)["nftables"][7]["add"]["rule"]["expr"];
+        assert_eq!(expr.as_array().unwrap().len(), 1);
+        assert_eq!(expr[0]["counter"]["map"]["data"], "@ports_in");
+    }
+
+    /// Where the classifiers take more for the host's than `fib` does, nftables counts by
+    /// port: it would otherwise read below eBPF for what both should see.
+    #[test]
+    fn the_port_alone_decides_where_the_classifiers_take_more_for_the_hosts() {
+        let form = |top: &str| {
+            let toml = format!("{top}[[routes]]\nname = \"web\"\nports = [80]\n");
+            RuleForm::of(&Config::from_toml("t.toml", &toml).unwrap())
+        };
+        assert_eq!(form(""), RuleForm::HostsPackets);
+        assert_eq!(
+            form("extra_local_addresses = [\"203.0.113.10\"]\n"),
+            RuleForm::PortAlone
+        );
+        assert_eq!(form("all_namespaces = true\n"), RuleForm::PortAlone);
     }
 
     use nfnetlink::{Chain, Element, Expression, Object, Rule, Set};
@@ -1746,13 +1817,16 @@ mod tests {
     fn a_table_as_made_is_adopted_and_one_of_ours_changed_is_replaced() {
         let plan = web_plan();
         let made = as_made(&plan);
-        assert_eq!(judge(&plan, None), Verdict::Absent);
-        assert_eq!(judge(&plan, Some(&made)), Verdict::AsPlanned);
+        assert_eq!(judge(&plan, RuleForm::HostsPackets, None), Verdict::Absent);
+        assert_eq!(
+            judge(&plan, RuleForm::HostsPackets, Some(&made)),
+            Verdict::AsPlanned
+        );
         let differs = |change: &dyn Fn(&mut TableContents)| {
             let mut table = made.clone();
             change(&mut table);
             table.use_count = listed(&table);
-            match judge(&plan, Some(&table)) {
+            match judge(&plan, RuleForm::HostsPackets, Some(&table)) {
                 Verdict::Differs(why) => why,
                 other => panic!("{other:?}"),
             }
@@ -1772,16 +1846,28 @@ mod tests {
             }
         });
         assert!(why.contains("earlier build"), "{why}");
-        // A build's before 2026-12-08, whose rules counted every address.
-        let why = differs(&|t| {
+        // A build's before 2026-12-08, whose rules counted by port alone; and the other
+        // way round, for a config that wants the port alone.
+        let port_alone = |t: &mut TableContents| {
             for rule in &mut t.rules {
                 rule.expressions.drain(..5).for_each(drop);
             }
-        });
+        };
+        let why = differs(&port_alone);
         assert_eq!(
             why,
-            "was made by an earlier build (its chain count_in counts packets the host only forwards too)"
+            "counts by port alone in its chain count_in where the config wants the host's packets alone (made by an earlier build, or under another config)"
         );
+        let mut by_port = made.clone();
+        port_alone(&mut by_port);
+        assert_eq!(
+            judge(&plan, RuleForm::PortAlone, Some(&by_port)),
+            Verdict::AsPlanned
+        );
+        assert!(matches!(
+            judge(&plan, RuleForm::PortAlone, Some(&made)),
+            Verdict::Differs(why) if why.starts_with("counts the host's packets alone in its chain count_in")
+        ));
         // Another config's, a port's element gone, made dormant.
         let why = differs(&|t| t.objects.truncate(2));
         assert!(why.contains("where the config wants"), "{why}");
@@ -1802,7 +1888,7 @@ mod tests {
             let mut table = made.clone();
             change(&mut table);
             table.use_count = listed(&table);
-            match judge(&plan, Some(&table)) {
+            match judge(&plan, RuleForm::HostsPackets, Some(&table)) {
                 Verdict::NotOurs(why) => why,
                 other => panic!("{other:?}"),
             }
@@ -1823,7 +1909,7 @@ mod tests {
             ..TableContents::default()
         };
         assert_eq!(
-            judge(&plan, Some(&firewall)),
+            judge(&plan, RuleForm::HostsPackets, Some(&firewall)),
             Verdict::NotOurs("holds the chain input".into())
         );
         let why = not_ours(&|t| t.chains[0].name = "input".into());
@@ -1852,7 +1938,7 @@ mod tests {
         let mut flowtable = made.clone();
         flowtable.use_count += 1;
         assert!(matches!(
-            judge(&plan, Some(&flowtable)),
+            judge(&plan, RuleForm::HostsPackets, Some(&flowtable)),
             Verdict::NotOurs(why) if why.contains("flowtable")
         ));
         let why = not_ours(&|t| t.userdata = Some(vec![0, 3, b'f', b'w', 0]));
@@ -1864,7 +1950,10 @@ mod tests {
         stamp.extend([1, 1, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         stamp.extend([2, 8, 0x68, 0x9a, 0, 0, 0, 0, 0, 0]);
         stamped.userdata = Some(stamp.clone());
-        assert!(matches!(judge(&plan, Some(&stamped)), Verdict::AsPlanned));
+        assert!(matches!(
+            judge(&plan, RuleForm::HostsPackets, Some(&stamped)),
+            Verdict::AsPlanned
+        ));
         stamp.push(5);
         let why = not_ours(&|t| t.userdata = Some(stamp.clone()));
         assert!(why.contains("never writes"), "{why}");
@@ -1875,7 +1964,10 @@ mod tests {
         for object in &mut earlier.objects {
             object.comment = None;
         }
-        assert!(matches!(judge(&plan, Some(&earlier)), Verdict::Differs(_)));
+        assert!(matches!(
+            judge(&plan, RuleForm::HostsPackets, Some(&earlier)),
+            Verdict::Differs(_)
+        ));
     }
 
     #[test]

@@ -1054,24 +1054,7 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     forwarding_topology(&netns, &client, &backend);
     let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
-    let listener = backend.run(|| TcpListener::bind("10.78.2.2:9000").unwrap());
-    let server = thread::spawn(move || {
-        for _ in 0..5 {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 4];
-            stream.read_exact(&mut buf).unwrap();
-            stream.write_all(b"pong!").unwrap();
-        }
-    });
-    client.run(|| {
-        for _ in 0..5 {
-            let mut stream = TcpStream::connect("10.78.1.1:18080").unwrap();
-            stream.write_all(b"ping").unwrap();
-            let mut buf = [0u8; 5];
-            stream.read_exact(&mut buf).unwrap();
-        }
-    });
-    server.join().unwrap();
+    exchanges(&client, "10.78.1.1:18080", &backend, "10.78.2.2:9000");
 
     // The last packets cross after the client returns: compare once they have stopped.
     let metrics = settled_scrape(
@@ -1110,7 +1093,58 @@ fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
     routed_between(&netns, &client, &backend);
     let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
-    let listener = backend.run(|| TcpListener::bind("10.78.2.2:18080").unwrap());
+    let rules = table(&netns, &config.nft_table);
+    assert!(rules.contains("fib daddr type local"), "{rules}");
+    exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
+    // The namespace's own connections count alike in both, and nothing else does: 3
+    // connections on loopback, each seen once by each source.
+    connections(&netns, 3);
+    assert_nft_equals_ebpf(&netns, 3);
+    assert_eq!(web_opened(&scrape(&netns)), Some(3.0));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// With `extra_local_addresses` the classifiers count packets to addresses `fib` does not
+/// take for the host's (a VIP kube-proxy DNATs to a hostNetwork proxy): nftables then
+/// counts by port alone, so that it never reads below eBPF. Traffic forwarded to the named
+/// address counts alike in both, each way.
+#[test]
+fn with_extra_local_addresses_nftables_counts_by_port_alone() {
+    let netns = Netns::new();
+    let client = Netns::new();
+    let backend = Netns::new();
+    routed_between(&netns, &client, &backend);
+    let config = AgentConfig::with_nft(&format!(
+        "extra_local_addresses = [\"10.78.2.2\"]\n{ROUTES}"
+    ));
+    let agent = Agent::start(&netns, &config);
+    let rules = table(&netns, &config.nft_table);
+    assert!(!rules.contains("fib"), "{rules}");
+    exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
+    let metrics = settled_scrape(
+        &netns,
+        "the forwarded packets, standing still",
+        |text| (route_packets(text, "in"), route_packets(text, "out")),
+        // 5 connections: at least SYN, the request, an ACK or two and the FIN each way.
+        |((tc_in, _), (tc_out, _))| {
+            tc_in.is_some_and(|packets| packets >= 20.0)
+                && tc_out.is_some_and(|packets| packets >= 20.0)
+        },
+    );
+    for direction in ["in", "out"] {
+        let (tc, nft) = route_packets(&metrics, direction);
+        assert_eq!(tc, nft, "{direction}");
+    }
+    assert_eq!(web_opened(&metrics), Some(0.0));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// 5 exchanges from `client` to `connect`, which `backend` serves at `listen`: each sends 4
+/// bytes, reads the 5 of the reply and the server's close.
+fn exchanges(client: &Netns, connect: &'static str, backend: &Netns, listen: &'static str) {
+    let listener = backend.run(move || TcpListener::bind(listen).unwrap());
     let server = thread::spawn(move || {
         for _ in 0..5 {
             let (mut stream, _) = listener.accept().unwrap();
@@ -1119,9 +1153,9 @@ fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
             stream.write_all(b"pong!").unwrap();
         }
     });
-    client.run(|| {
+    client.run(move || {
         for _ in 0..5 {
-            let mut stream = TcpStream::connect("10.78.2.2:18080").unwrap();
+            let mut stream = TcpStream::connect(connect).unwrap();
             stream.write_all(b"ping").unwrap();
             let mut reply = Vec::new();
             // To the server's close: its FIN has crossed too.
@@ -1130,13 +1164,6 @@ fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
         }
     });
     server.join().unwrap();
-    // The namespace's own connections count alike in both, and nothing else does: 3
-    // connections on loopback, each seen once by each source.
-    connections(&netns, 3);
-    assert_nft_equals_ebpf(&netns, 3);
-    assert_eq!(web_opened(&scrape(&netns)), Some(3.0));
-    assert!(agent.stop().success());
-    assert_no_pins(&config.pin_dir);
 }
 
 /// The default, `enabled = "auto"`: no table of ours in a namespace where nothing else hooks
