@@ -10,10 +10,11 @@
 //!   sent to back: before it, `out` read 0.
 //!
 //! Both count ports and addresses as on the wire, and only the host's packets, as the tc
-//! classifiers do (a node's forwarded pod traffic is neither's). The table is made and
-//! removed with `nft -j`, within a deadline ([`crate::nft_tool`]); its counters are read
-//! over nfnetlink ([`crate::nfnetlink`]), about 130 µs for 100 counters where `nft -j list`
-//! costs milliseconds (see docs/DESIGN.md).
+//! classifiers do (a node's forwarded pod traffic is neither's); by port alone where the
+//! classifiers take more for the host's than nftables can tell ([`RuleForm::of`]). The
+//! table is made and removed with `nft -j`, within a deadline ([`crate::nft_tool`]); its
+//! counters are read over nfnetlink ([`crate::nfnetlink`]), which costs far less than a
+//! `nft -j list` process (see docs/DESIGN.md).
 //!
 //! Only a table that is recognisably ours is ever adopted, replaced or deleted
 //! ([`judge`]): one holding nothing but our chains, their rules, our maps and counters named
@@ -318,7 +319,8 @@ impl RuleForm {
     /// `fib` does not take for the host's: those to `extra_local_addresses` (a VIP that
     /// kube-proxy DNATs to a hostNetwork proxy), or every namespace's with
     /// `all_namespaces`, which they count by port alone. There the port alone, so that
-    /// nftables never reads below eBPF for what both should see.
+    /// nftables does not read below eBPF for those (a `local` route of another routing
+    /// table still does: docs/DESIGN.md, nftables).
     #[must_use]
     pub fn of(config: &Config) -> Self {
         if config.all_namespaces || !config.extra_local_addresses.is_empty() {

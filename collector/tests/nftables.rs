@@ -1122,14 +1122,30 @@ fn with_extra_local_addresses_nftables_counts_by_port_alone() {
     let rules = table(&netns, &config.nft_table);
     assert!(!rules.contains("fib"), "{rules}");
     exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
+    let before = forwarded_alike(&netns, 20.0);
+    // A crash: the next start adopts the table of this form, and both count on from there.
+    agent.kill();
+    exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
+    let agent = Agent::start(&netns, &config);
+    assert_eq!(table_count(&netns, &config.nft_table), 1);
+    assert!(!table(&netns, &config.nft_table).contains("fib"));
+    // Counted on, not from zero: nftables' count equals eBPF's, which the pins carried.
+    forwarded_alike(&netns, before + 20.0);
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Once the route's packets in number `at_least` and stand still: the same count from
+/// nftables and eBPF each way, no connection opened here (forwarded), and the count in.
+fn forwarded_alike(netns: &Netns, at_least: f64) -> f64 {
     let metrics = settled_scrape(
-        &netns,
+        netns,
         "the forwarded packets, standing still",
         |text| (route_packets(text, "in"), route_packets(text, "out")),
         // 5 connections: at least SYN, the request, an ACK or two and the FIN each way.
         |((tc_in, _), (tc_out, _))| {
-            tc_in.is_some_and(|packets| packets >= 20.0)
-                && tc_out.is_some_and(|packets| packets >= 20.0)
+            tc_in.is_some_and(|packets| packets >= at_least)
+                && tc_out.is_some_and(|packets| packets >= at_least)
         },
     );
     for direction in ["in", "out"] {
@@ -1137,8 +1153,7 @@ fn with_extra_local_addresses_nftables_counts_by_port_alone() {
         assert_eq!(tc, nft, "{direction}");
     }
     assert_eq!(web_opened(&metrics), Some(0.0));
-    assert!(agent.stop().success());
-    assert_no_pins(&config.pin_dir);
+    route_packets(&metrics, "in").0.unwrap()
 }
 
 /// 5 exchanges from `client` to `connect`, which `backend` serves at `listen`: each sends 4
