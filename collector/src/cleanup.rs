@@ -229,9 +229,7 @@ fn pin_dirs_under(roots: &[&Path]) -> (Vec<PathBuf>, bool) {
         .filter_map(|entry| Some(entry.ok()?.path()))
         .filter(|dir| {
             let there = paths::map_pin_dir(dir).try_exists();
-            unreadable |= there
-                .as_ref()
-                .is_err_and(|err| err.kind() == io::ErrorKind::PermissionDenied);
+            unreadable |= there.as_ref().is_err_and(privileges::denied);
             there.unwrap_or(false)
         })
         .collect();

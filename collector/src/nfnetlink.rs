@@ -173,9 +173,9 @@ impl Expression {
     /// The value (`NFTA_DATA_VALUE`) nested in the attribute `kind`, as a `cmp` holds the
     /// data it compares with.
     #[must_use]
-    pub fn data_value(&self, kind: u16) -> Option<Vec<u8>> {
+    pub fn data_value(&self, kind: u16) -> Option<&[u8]> {
         let (_, nested) = self.data.iter().find(|(k, _)| *k == kind)?;
-        find(&attributes(nested), NFTA_DATA_VALUE).map(<[u8]>::to_vec)
+        data_value(nested)
     }
 }
 
@@ -265,6 +265,11 @@ fn attributes(body: &[u8]) -> Vec<(u16, &[u8])> {
 /// The attribute `kind` of `attrs`.
 fn find<'a>(attrs: &[(u16, &'a [u8])], kind: u16) -> Option<&'a [u8]> {
     attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v)
+}
+
+/// The value (`NFTA_DATA_VALUE`) of a nested data attribute's payload.
+fn data_value(nested: &[u8]) -> Option<&[u8]> {
+    find(&attributes(nested), NFTA_DATA_VALUE)
 }
 
 fn find_text(attrs: &[(u16, &[u8])], kind: u16) -> Option<String> {
@@ -578,8 +583,8 @@ fn elements(table: &str, set: &str) -> io::Result<Vec<Element>> {
                 }
                 let element = attributes(element);
                 let key = find(&element, NFTA_SET_ELEM_KEY)
-                    .map(attributes)
-                    .and_then(|key| find(&key, NFTA_DATA_VALUE).map(<[u8]>::to_vec))
+                    .and_then(data_value)
+                    .map(<[u8]>::to_vec)
                     .unwrap_or_default();
                 elements.push(Element {
                     key,

@@ -368,7 +368,7 @@ fn our_rule_form(rule: &nfnetlink::Rule, direction: &Direction) -> Option<RuleFo
                 && fib.be32(nfnetlink::NFTA_FIB_DREG).is_some()
                 && cmp.be32(nfnetlink::NFTA_CMP_SREG) == fib.be32(nfnetlink::NFTA_FIB_DREG)
                 && cmp.be32(nfnetlink::NFTA_CMP_OP) == Some(nfnetlink::NFT_CMP_EQ)
-                && cmp.data_value(nfnetlink::NFTA_CMP_DATA).as_deref()
+                && cmp.data_value(nfnetlink::NFTA_CMP_DATA)
                     == Some(&nfnetlink::RTN_LOCAL.to_ne_bytes()[..]);
             (local
                 && is_port_key(meta, payload, direction)
@@ -516,23 +516,19 @@ fn difference(plan: &[PlannedCounter], rule: RuleForm, contents: &TableContents)
                 direction.priority
             ));
         }
-        let rules = contents
+        let rules: Vec<_> = contents
             .rules
             .iter()
             .filter(|r| r.chain == direction.chain)
-            .count();
-        if rules != 1 {
+            .collect();
+        let [only] = rules[..] else {
             return Some(format!(
-                "holds {rules} rules in its chain {} where it was made with one",
+                "holds {} rules in its chain {} where it was made with one",
+                rules.len(),
                 direction.chain
             ));
-        }
-        if let Some(found) = contents
-            .rules
-            .iter()
-            .filter_map(|r| our_rule_form(r, direction))
-            .find(|&found| found != rule)
-        {
+        };
+        if let Some(found) = our_rule_form(only, direction).filter(|&found| found != rule) {
             return Some(format!(
                 "counts {} in its chain {} where the config wants {} (made by an earlier build, or under another config)",
                 found.describe(),
@@ -685,12 +681,12 @@ impl NftTable {
 
     /// The table in nft's JSON, in one transaction (deleting the table with handle
     /// `replace` first, so that only the table judged is deleted). Each chain holds one
-    /// rule that looks the packet's protocol and port up in a map, checks its address is
-    /// the namespace's ([`RuleForm`]), and counts in the counter the map names: one hash
-    /// lookup per packet however many ports are watched (a rule per port cost a comparison
-    /// per port), and the address look-up (one of the routing table) only for packets on a
-    /// watched port. (The `nftables` crate's types cannot express a counter map, hence
-    /// plain JSON.)
+    /// rule that looks the packet's protocol and port up in a map, in the
+    /// [`RuleForm::HostsPackets`] form checks its address is the namespace's, and counts in
+    /// the counter the map names: one hash lookup for a packet on no watched port however
+    /// many are watched (a rule per port cost a comparison per port); one on a watched port
+    /// costs a second one and, with the address check, a route look-up. (The `nftables`
+    /// crate's types cannot express a counter map, hence plain JSON.)
     fn ruleset(&self, replace: Option<u64>) -> serde_json::Value {
         let table = self.name.as_str();
         let mut commands = Vec::new();

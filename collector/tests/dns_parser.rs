@@ -21,7 +21,7 @@ use aya::{
 };
 use collector_common::{
     DNS_INFLIGHT_SLOTS, DNS_INFLIGHT_WAYS, DNS_NAME_KEY_BYTES, DNS_QUESTION_TAG_MASK, DnsCounters,
-    DnsInFlight, DnsNameKeys, DnsPorts, GLOBAL_DNS_PORTS, client_fingerprint, dns_inflight_bits,
+    DnsInFlight, DnsPorts, GLOBAL_DNS_PORTS, client_fingerprint, dns_inflight_bits,
     dns_inflight_set, dns_malformed, dns_qclass_index, dns_qtype_index, dns_rcode_index,
     error_kind, map_names, program_names, tally_table_len,
 };
@@ -1492,10 +1492,7 @@ fn a_response_is_a_cache_miss_only_when_its_name_went_upstream_while_it_waited()
     // about one run in 8,000 (2^-14 a pair), and a stamp of the other then read as a miss.
     let fixed: [u8; DNS_NAME_KEY_BYTES] =
         std::array::from_fn(|i| u8::try_from(i * 151 % 256).unwrap() ^ 0x5a);
-    Array::try_from(classifiers.ebpf.map_mut(map_names::DNS_NAME_KEYS).unwrap())
-        .unwrap()
-        .set(0, DnsNameKeys::from_random(&fixed), 0)
-        .unwrap();
+    support::set_dns_name_keys(&mut classifiers.ebpf, &fixed);
     let www: &[&[u8]] = &[b"www", b"example", b"com"];
     let other: &[&[u8]] = &[b"other", b"example", b"com"];
     let hits_and_misses = |classifiers: &Classifiers| {
@@ -1661,11 +1658,7 @@ fn go_upstream(classifiers: &Classifiers, asked: Asked) -> u32 {
     );
     let read = |map| Array::<_, u64>::try_from(classifiers.ebpf.map(map).unwrap()).unwrap();
     let stamps = read(map_names::DNS_UPSTREAM);
-    let (largest, slot) = (0u32..)
-        .zip(stamps.iter().map(Result::unwrap))
-        .map(|(slot, stamp)| (stamp, slot))
-        .max()
-        .unwrap();
+    let (largest, slot) = stamps.iter().map(Result::unwrap).zip(0u32..).max().unwrap();
     let latest = read(map_names::DNS_UPSTREAM_LATEST).get(&0, 0).unwrap();
     assert_eq!(
         latest, largest,

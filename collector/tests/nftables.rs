@@ -1006,13 +1006,21 @@ fn cleanup_leaves_a_running_collector_alone_and_it_keeps_counting() {
     assert_no_pins(&config.pin_dir);
 }
 
-/// [`routed_between`], and port 18080 of `netns` translated (DNAT) to the backend's 9000, as
-/// a proxy handing a route to the kernel would set it up.
-fn forwarding_topology(netns: &Netns, client: &Netns, backend: &Netns) {
-    routed_between(netns, client, backend);
+/// [`routed_namespaces`], and port 18080 of the agent's translated (DNAT) to the backend's
+/// 9000, as a proxy handing a route to the kernel would set it up.
+fn forwarding_topology() -> [Netns; 3] {
+    let namespaces = routed_namespaces();
     // The proxy hands port 18080 to the kernel: DNAT to the backend, forwarded.
     let nat = "table ip proxy_nat {\n  chain dnat_in {\n    type nat hook prerouting priority dstnat;\n    tcp dport 18080 dnat to 10.78.2.2:9000\n  }\n}\n";
-    nft_script(netns, nat);
+    nft_script(&namespaces[0], nat);
+    namespaces
+}
+
+/// The agent's namespace, a client's and a backend's, routed between ([`routed_between`]).
+fn routed_namespaces() -> [Netns; 3] {
+    let namespaces = [Netns::new(), Netns::new(), Netns::new()];
+    routed_between(&namespaces[0], &namespaces[1], &namespaces[2]);
+    namespaces
 }
 
 /// Veths from `netns` to `client` (10.78.1.0/24) and `backend` (10.78.2.0/24), forwarding on.
@@ -1048,10 +1056,7 @@ fn routed_between(netns: &Netns, client: &Netns, backend: &Netns) {
 #[test]
 fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
     // client (10.78.1.2) -> agent's namespace (10.78.1.1:18080, DNAT) -> backend (10.78.2.2:9000)
-    let netns = Netns::new();
-    let client = Netns::new();
-    let backend = Netns::new();
-    forwarding_topology(&netns, &client, &backend);
+    let [netns, client, backend] = forwarding_topology();
     let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
     exchanges(&client, "10.78.1.1:18080", &backend, "10.78.2.2:9000");
@@ -1087,10 +1092,7 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
 #[test]
 fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
     // client (10.78.1.2) -> agent's namespace, forwarding -> backend (10.78.2.2:18080)
-    let netns = Netns::new();
-    let client = Netns::new();
-    let backend = Netns::new();
-    routed_between(&netns, &client, &backend);
+    let [netns, client, backend] = routed_namespaces();
     let config = AgentConfig::with_nft(ROUTES);
     let agent = Agent::start(&netns, &config);
     let rules = table(&netns, &config.nft_table);
@@ -1111,10 +1113,7 @@ fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
 /// address counts alike in both, each way.
 #[test]
 fn with_extra_local_addresses_nftables_counts_by_port_alone() {
-    let netns = Netns::new();
-    let client = Netns::new();
-    let backend = Netns::new();
-    routed_between(&netns, &client, &backend);
+    let [netns, client, backend] = routed_namespaces();
     let config = AgentConfig::with_nft(&format!(
         "extra_local_addresses = [\"10.78.2.2\"]\n{ROUTES}"
     ));

@@ -1137,20 +1137,25 @@ pub fn wall_ms() -> u64 {
 /// `BPF_PROG_TEST_RUN`, with random keys for the DNS name hash as the agent gives it (with
 /// the table's zeros every name hashes alike).
 pub fn load_classifiers(ebpf: &mut aya::Ebpf, names: &[&str]) {
-    use collector_common::{DNS_NAME_KEY_BYTES, DnsNameKeys, map_names};
-    let mut random = [0u8; DNS_NAME_KEY_BYTES];
+    let mut random = [0u8; collector_common::DNS_NAME_KEY_BYTES];
     fs::File::open("/dev/urandom")
         .unwrap()
         .read_exact(&mut random)
         .unwrap();
-    let mut keys: aya::maps::Array<_, DnsNameKeys> =
-        aya::maps::Array::try_from(ebpf.map_mut(map_names::DNS_NAME_KEYS).unwrap()).unwrap();
-    keys.set(0, DnsNameKeys::from_random(&random), 0).unwrap();
+    set_dns_name_keys(ebpf, &random);
     for &name in names {
         let program: &mut aya::programs::SchedClassifier =
             ebpf.program_mut(name).unwrap().try_into().unwrap();
         program.load().unwrap();
     }
+}
+
+/// Sets the keys of the DNS name hash to those `bytes` make.
+pub fn set_dns_name_keys(ebpf: &mut aya::Ebpf, bytes: &[u8; collector_common::DNS_NAME_KEY_BYTES]) {
+    use collector_common::{DnsNameKeys, map_names};
+    let mut keys: aya::maps::Array<_, DnsNameKeys> =
+        aya::maps::Array::try_from(ebpf.map_mut(map_names::DNS_NAME_KEYS).unwrap()).unwrap();
+    keys.set(0, DnsNameKeys::from_random(bytes), 0).unwrap();
 }
 
 /// Runs its function when dropped: tells a test's threads to stop, also when the test fails.
