@@ -289,16 +289,16 @@ pub struct NftCounts {
     pub bytes_out: u64,
 }
 
-/// The nftables counters of `service` (a route name over TCP, or `dns` over UDP), summed over
+/// The nftables counters of `route` (a route name over TCP, or `dns` over UDP), summed over
 /// its ports; `None` when there are none (nftables off or unavailable). By protocol too: a
 /// route may be named `dns` (DNS over TCP, say), and its counts are not the DNS server's.
-fn nft_counts(snapshot: &Snapshot, service: &str, protocol: Protocol) -> Option<NftCounts> {
+fn nft_counts(snapshot: &Snapshot, route: &str, protocol: Protocol) -> Option<NftCounts> {
     let mut counts = NftCounts::default();
     let mut any = false;
     for value in snapshot
         .nft
         .iter()
-        .filter(|v| v.counter.service == service && v.counter.protocol == protocol)
+        .filter(|v| v.counter.route == route && v.counter.protocol == protocol)
     {
         any = true;
         if value.counter.inbound {
@@ -597,8 +597,8 @@ pub struct DnsStats {
     /// Queries by OPCODE (codes seen only).
     pub opcodes: BTreeMap<String, u64>,
     pub total_responses: u64,
-    /// Share of the last minute's responses with an RCODE other than NOERROR and NXDOMAIN
-    /// (server failures, and also refusals and format errors); `null` without a response
+    /// Share of the last minute's responses with an RCODE other than NOERROR, NXDOMAIN and
+    /// BADCOOKIE (server failures, and also refusals and format errors); `null` without a response
     /// then.
     pub error_rate: Option<f64>,
     /// Share of the last minute's client queries that no response of that minute stands
@@ -1136,7 +1136,7 @@ mod tests {
                 protocol,
                 port,
                 inbound: true,
-                service: "dns".to_owned(),
+                route: "dns".to_owned(),
             },
             packets,
             bytes: packets * 100,

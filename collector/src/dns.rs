@@ -573,10 +573,12 @@ pub const OPCODE_NAMES: [&str; 16] = [
 pub const QCLASS_NAMES: [&str; collector_common::DNS_QCLASS_SLOTS as usize] =
     ["IN", "CH", "HS", "NONE", "ANY", "OTHER"];
 
-/// RCODEs that mean the server failed the client (NXDOMAIN is an answer, not an error).
+/// RCODEs that mean the server failed the client. NXDOMAIN is an answer, and BADCOOKIE a
+/// step of the EDNS cookie exchange (RFC 7873: the client asks again with the server's
+/// cookie), not errors.
 #[must_use]
 pub fn is_error_rcode(rcode: usize) -> bool {
-    !matches!(rcode, 0 | 3)
+    !matches!(rcode, 0 | 3 | 23)
 }
 
 #[cfg(test)]
@@ -921,6 +923,7 @@ mod tests {
         assert!(is_error_rcode(16) && is_error_rcode(31));
         assert_eq!(OPCODE_NAMES[5], "UPDATE");
         assert!(is_error_rcode(2) && is_error_rcode(5) && !is_error_rcode(3));
+        assert!(!is_error_rcode(0) && !is_error_rcode(23) && is_error_rcode(22));
     }
 
     /// Every type hickory-proto names, ours names the same (the label values of the series

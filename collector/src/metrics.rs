@@ -508,19 +508,25 @@ fn encode_traffic(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::
 
 /// Log2 buckets as Prometheus histogram buckets (upper bounds in seconds, +Inf last).
 fn log2_buckets<const N: usize>(counts: &[u64; N]) -> Vec<(f64, u64)> {
-    (0u32..)
-        .zip(counts.iter().copied())
-        .enumerate()
-        .map(|(index, (bucket, count))| {
-            let bound = if index == N - 1 {
-                f64::MAX
-            } else {
-                bucket_upper_seconds(bucket)
-            };
-            (bound, count)
-        })
-        .collect()
+    log2_buckets_folded_from(counts, N - 1)
 }
+
+/// As [`log2_buckets`], with the buckets from `first_folded` on in +Inf: where nothing can
+/// fill them, they would be series that always equal the count.
+fn log2_buckets_folded_from(counts: &[u64], first_folded: usize) -> Vec<(f64, u64)> {
+    let mut buckets: Vec<(f64, u64)> = (0u32..)
+        .zip(&counts[..first_folded])
+        .map(|(bucket, &count)| (bucket_upper_seconds(bucket), count))
+        .collect();
+    buckets.push((f64::MAX, counts[first_folded..].iter().sum()));
+    buckets
+}
+
+/// The last DNS latency bucket an answer can fill: the one holding the 10 s after which a
+/// query is given up (8.4 to 16.8 s); a later answer is unmatched, in no bucket.
+const DNS_LATENCY_LAST_BUCKET: u32 = collector_common::duration_bucket::<
+    { collector_common::DURATION_BUCKETS },
+>(collector_common::DNS_ANSWER_TIMEOUT_NS);
 
 /// Renders the DNS figures (nothing when DNS counting is off).
 fn encode_dns(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
@@ -673,7 +679,7 @@ fn encode_dns_matching(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> 
     histogram.encode_histogram::<Labels>(
         latency_sum,
         c.latency.iter().sum(),
-        &log2_buckets(&c.latency),
+        &log2_buckets_folded_from(&c.latency, DNS_LATENCY_LAST_BUCKET as usize + 1),
         None,
     )?;
     unlabelled_counters(
@@ -960,7 +966,7 @@ fn encode_table_fill(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fm
 fn encode_nft(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result {
     let nft_labels = |c: &crate::nft::CounterValue| {
         vec![
-            ("service", c.counter.service.clone()),
+            ("route", c.counter.route.clone()),
             ("protocol", c.counter.protocol.as_str().to_owned()),
             ("port", c.counter.port.to_string()),
             (
@@ -1455,6 +1461,33 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("qtype=\"SPF\""), "{text}");
+    }
+
+    /// The DNS latency histogram ends at the bucket holding the 10 s give-up (16.777216 s),
+    /// then +Inf: the 7 buckets after it (to 2147 s) could never fill. The buckets' sum is
+    /// the count whatever they hold.
+    #[test]
+    fn dns_latency_buckets_end_at_the_give_up() {
+        assert_eq!(DNS_LATENCY_LAST_BUCKET, 23);
+        let mut latency = [0; collector_common::DURATION_BUCKETS as usize];
+        latency[23] = 2;
+        latency[31] = 1;
+        let buckets = log2_buckets_folded_from(&latency, DNS_LATENCY_LAST_BUCKET as usize + 1);
+        assert_eq!(buckets.len(), 25);
+        assert_eq!(buckets[23], (16.777_216, 2));
+        assert_eq!(buckets[24], (f64::MAX, 1));
+        let mut snapshot = Snapshot::example();
+        snapshot.dns.counters.latency = latency;
+        let latest = Arc::new(SharedSnapshot::default());
+        latest.store(snapshot);
+        let text = render(&registry(latest, Arc::default(), Arc::default())).unwrap();
+        assert!(
+            text.contains(
+                "collector_dns_response_latency_seconds_bucket{le=\"16.777216\"} 2\n\
+                 collector_dns_response_latency_seconds_bucket{le=\"+Inf\"} 3\n"
+            ),
+            "{text}"
+        );
     }
 
     /// A route of many server names gets a series per name: in one label they made a value

@@ -142,8 +142,9 @@ pub struct PlannedCounter {
     pub port: u16,
     /// `true` for `in` (destination port), `false` for `out` (source port).
     pub inbound: bool,
-    /// The route owning the port, or `dns`.
-    pub service: String,
+    /// The route owning the port, or `dns`: the `route` label (not `service`, which
+    /// Kubernetes service discovery puts on every target of a `ServiceMonitor`).
+    pub route: String,
 }
 
 /// The counters a config wants: every route port (TCP) and DNS port (UDP), each way. A port
@@ -172,7 +173,7 @@ pub fn plan(config: &Config) -> Vec<PlannedCounter> {
     }
     wanted
         .into_iter()
-        .flat_map(|(protocol, port, service)| {
+        .flat_map(|(protocol, port, route)| {
             [true, false].map(|inbound| PlannedCounter {
                 name: format!(
                     "{}_{port}_{}",
@@ -182,7 +183,7 @@ pub fn plan(config: &Config) -> Vec<PlannedCounter> {
                 protocol,
                 port,
                 inbound,
-                service: service.clone(),
+                route: route.clone(),
             })
         })
         .collect()
@@ -1522,7 +1523,7 @@ mod tests {
         .unwrap();
         let planned: Vec<(String, String)> = plan(&config)
             .into_iter()
-            .map(|c| (c.name, c.service))
+            .map(|c| (c.name, c.route))
             .collect();
         assert_eq!(
             planned,
@@ -1577,7 +1578,7 @@ mod tests {
         );
         let dns = &plan(&config)[4];
         assert_eq!(
-            (dns.service.as_str(), dns.protocol, dns.inbound),
+            (dns.route.as_str(), dns.protocol, dns.inbound),
             ("dns", Protocol::Udp, true)
         );
     }

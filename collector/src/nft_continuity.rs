@@ -87,7 +87,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 port: 443,
                 inbound: true,
-                service: "tls".to_owned(),
+                route: "tls".to_owned(),
             },
             packets,
             bytes,

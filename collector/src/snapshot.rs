@@ -761,7 +761,7 @@ impl Snapshot {
                     protocol: crate::nft::Protocol::Tcp,
                     port: 80,
                     inbound: true,
-                    service: "web".into(),
+                    route: "web".into(),
                 },
                 packets: 11,
                 bytes: 900,

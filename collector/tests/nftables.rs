@@ -68,7 +68,7 @@ fn route_packets(metrics: &str, direction: &str) -> (Option<f64>, Option<f64>) {
         metrics,
         "collector_nft_packets_total",
         &[
-            ("service", "web"),
+            ("route", "web"),
             ("protocol", "tcp"),
             ("port", "18080"),
             ("direction", direction),
@@ -1300,7 +1300,7 @@ fn packets_a_raw_chain_drops_count_in_whichever_table_came_first() {
             metrics,
             "collector_nft_packets_total",
             &[
-                ("service", "dns"),
+                ("route", "dns"),
                 ("protocol", "udp"),
                 ("port", "53"),
                 ("direction", "in"),
