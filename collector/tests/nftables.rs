@@ -1107,6 +1107,78 @@ fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// IPv6 as IPv4 (`fib daddr type local` in, `fib saddr type local` out, of IPv6): the
+/// namespace's own connections, to its address on a veth, count alike in both sources each
+/// way, and what it only forwards to the backend on the route's port adds nothing to either.
+#[test]
+fn over_ipv6_nftables_counts_the_hosts_packets_as_the_classifiers_do() {
+    let [netns, client, backend] = routed_namespaces();
+    ipv6_routed_between(&netns, &client, &backend);
+    let config = AgentConfig::with_nft(ROUTES);
+    let agent = Agent::start(&netns, &config);
+    exchanges(&client, "[fd78:1::1]:18080", &netns, "[fd78:1::1]:18080");
+    assert_nft_equals_ebpf(&netns, 5);
+    let own = scrape(&netns);
+    exchanges(&client, "[fd78:2::2]:18080", &backend, "[fd78:2::2]:18080");
+    let after = support::after_polls(&netns, 3);
+    for direction in ["in", "out"] {
+        assert_eq!(
+            route_packets(&after, direction),
+            route_packets(&own, direction),
+            "{direction}: (eBPF, nftables) after the forwarded exchanges, against before"
+        );
+    }
+    assert_eq!(web_opened(&after), Some(5.0));
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// IPv6 beside [`routed_between`]'s IPv4: `fd78:1::/64` to `client`, `fd78:2::/64` to
+/// `backend`, forwarding on. Without duplicate address detection, which would hold the
+/// addresses back for a second or two.
+fn ipv6_routed_between(netns: &Netns, client: &Netns, backend: &Netns) {
+    for (peer, ours, theirs, net) in [
+        (client, "vfwd0", "vfwd1", "1"),
+        (backend, "vfwd2", "vfwd3", "2"),
+    ] {
+        for (namespace, device, host) in [(netns, ours, "1"), (peer, theirs, "2")] {
+            let address = format!("fd78:{net}::{host}/64");
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &namespace.name,
+                    "-6",
+                    "addr",
+                    "add",
+                    &address,
+                    "dev",
+                    device,
+                    "nodad",
+                ],
+            );
+        }
+        let gateway = format!("fd78:{net}::1");
+        run(
+            "ip",
+            &[
+                "-n", &peer.name, "-6", "route", "add", "default", "via", &gateway,
+            ],
+        );
+    }
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
+    );
+}
+
 /// With `extra_local_addresses` the classifiers count packets to addresses `fib` does not
 /// take for the host's (a VIP kube-proxy DNATs to a hostNetwork proxy): nftables then
 /// counts by port alone, so that it never reads below eBPF. Traffic forwarded to the named
