@@ -50,12 +50,15 @@ const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_SET_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_OBJ_TYPE: u16 = 15;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const NFTA_SET_ELEM_OBJREF: u16 = 9;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_GEN_ID: u16 = 1;
@@ -68,9 +71,13 @@ pub const NFT_OBJECT_COUNTER: u32 = 1;
 /// The attributes of the expressions our rule is made of, and their values.
 pub const NFTA_META_KEY: u16 = 2;
 pub const NFT_META_L4PROTO: u32 = 16;
+pub const NFT_META_NFPROTO: u32 = 15;
+/// A set's flag: its elements are ranges.
+pub const NFT_SET_INTERVAL: u32 = 4;
 pub const NFTA_PAYLOAD_BASE: u16 = 2;
 pub const NFTA_PAYLOAD_OFFSET: u16 = 3;
 pub const NFTA_PAYLOAD_LEN: u16 = 4;
+pub const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 pub const NFTA_OBJREF_SET_NAME: u16 = 4;
 pub const NFTA_LOOKUP_SET: u16 = 1;
@@ -86,6 +93,7 @@ pub const NFTA_CMP_SREG: u16 = 1;
 pub const NFTA_CMP_OP: u16 = 2;
 pub const NFTA_CMP_DATA: u16 = 3;
 pub const NFT_CMP_EQ: u32 = 0;
+pub const NFT_CMP_NEQ: u32 = 1;
 /// The address type `fib ... type local` compares with, in host order as a register holds it.
 pub const RTN_LOCAL: u32 = 2;
 const NFTA_COUNTER_BYTES: u16 = 1;
@@ -184,6 +192,8 @@ impl Expression {
 pub struct Set {
     pub name: String,
     pub key_len: u32,
+    /// `NFT_SET_*` flags.
+    pub flags: u32,
     /// The object type a map of objects maps to (`NFT_OBJECT_COUNTER`).
     pub object_type: Option<u32>,
     pub elements: Vec<Element>,
@@ -194,6 +204,8 @@ pub struct Element {
     pub key: Vec<u8>,
     /// The object an element of a map of objects names.
     pub object: Option<String>,
+    /// In an interval set, the element ends a range (its key is the address after it).
+    pub interval_end: bool,
 }
 
 /// A stateful object (a named counter, quota, limit...).
@@ -555,6 +567,7 @@ fn sets(table: &str) -> io::Result<Vec<Set>> {
             sets.push(Set {
                 name,
                 key_len: find_be32(&attrs, NFTA_SET_KEY_LEN).unwrap_or(0),
+                flags: find_be32(&attrs, NFTA_SET_FLAGS).unwrap_or(0),
                 object_type: find_be32(&attrs, NFTA_SET_OBJ_TYPE),
                 elements: Vec::new(),
             });
@@ -589,6 +602,8 @@ fn elements(table: &str, set: &str) -> io::Result<Vec<Element>> {
                 elements.push(Element {
                     key,
                     object: find_text(&element, NFTA_SET_ELEM_OBJREF),
+                    interval_end: find_be32(&element, NFTA_SET_ELEM_FLAGS)
+                        .is_some_and(|flags| flags & NFT_SET_ELEM_INTERVAL_END != 0),
                 });
             }
         },

@@ -10,8 +10,9 @@
 //!   sent to back: before it, `out` read 0.
 //!
 //! Both count ports and addresses as on the wire, and only the host's packets, as the tc
-//! classifiers do (a node's forwarded pod traffic is neither's); by port alone where the
-//! classifiers take more for the host's than nftables can tell ([`RuleForm::of`]). The
+//! classifiers do (a node's forwarded pod traffic is neither's), `extra_local_addresses`
+//! included (a set per family); by port alone with `all_namespaces`, where the classifiers
+//! count by port ([`RuleForm::of`]). The
 //! table is made and removed with `nft -j`, within a deadline ([`crate::nft_tool`]); its
 //! counters are read over nfnetlink ([`crate::nfnetlink`]), which costs far less than a
 //! `nft -j list` process (see docs/DESIGN.md).
@@ -31,7 +32,7 @@
 //! and a table changed in any way that stops or skews its counting (its rules flushed, a
 //! chain or map element gone, made dormant) is made again, as a table removed is.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use serde_json::json;
 
@@ -108,6 +109,57 @@ const DIRECTIONS: [Direction; 2] = [
 
 /// `NF_ACCEPT`, a base chain's policy.
 const NF_ACCEPT: u32 = 1;
+
+/// An IP family, as our table checks packets to or from its `extra_local_addresses`.
+#[derive(Debug)]
+struct Family {
+    name: &'static str,
+    /// The set of the family's extra addresses (ranges), and its nft type.
+    set: &'static str,
+    nft_type: &'static str,
+    /// What nft names the family's header by (`ip daddr`), and its `meta nfproto`.
+    protocol: &'static str,
+    nfproto: u8,
+    /// The length of an address, and the offsets of the destination and the source in the
+    /// network header.
+    address_len: u32,
+    daddr_offset: u32,
+    saddr_offset: u32,
+}
+
+const FAMILIES: [Family; 2] = [
+    Family {
+        name: "IPv4",
+        set: "extra_ipv4",
+        nft_type: "ipv4_addr",
+        protocol: "ip",
+        nfproto: 2,
+        address_len: 4,
+        daddr_offset: 16,
+        saddr_offset: 12,
+    },
+    Family {
+        name: "IPv6",
+        set: "extra_ipv6",
+        nft_type: "ipv6_addr",
+        protocol: "ip6",
+        nfproto: 10,
+        address_len: 16,
+        daddr_offset: 24,
+        saddr_offset: 8,
+    },
+];
+
+impl Family {
+    /// The offset of the address `direction` checks.
+    fn offset(&self, direction: &Direction) -> u32 {
+        if direction.inbound {
+            self.daddr_offset
+        } else {
+            self.saddr_offset
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Protocol {
@@ -271,7 +323,11 @@ pub enum Verdict {
 /// What the table `contents` (`None`: there is none) is, for a config planning `plan`
 /// counted by `rule`.
 #[must_use]
-pub fn judge(plan: &[PlannedCounter], rule: RuleForm, contents: Option<&TableContents>) -> Verdict {
+pub fn judge(
+    plan: &[PlannedCounter],
+    rule: &RuleForm,
+    contents: Option<&TableContents>,
+) -> Verdict {
     let Some(contents) = contents else {
         return Verdict::Absent;
     };
@@ -302,83 +358,233 @@ fn is_our_counter_name(name: &str) -> bool {
         .is_ok_and(|port_number| port_number.to_string() == port)
 }
 
-/// The rules a table of ours may hold in a chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The rules a table of ours holds in each chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuleForm {
     /// The packet's protocol and port looked up in the direction's map, then its address
     /// checked to be the namespace's (`fib ... type local`), then counted in the counter the
-    /// element names: the host's packets, as the tc classifiers count them.
-    HostsPackets,
+    /// element names: the host's packets, as the tc classifiers count them. Then, per family
+    /// with `extra_local_addresses`, a rule counting as well the packets to (in) or from (out)
+    /// those that `fib` does not take for local (a VIP kube-proxy DNATs to a hostNetwork
+    /// proxy), as the classifiers take them for the host's too.
+    HostsPackets { extra: ExtraAddresses },
     /// The look-up to the counter alone: by port, packets the host forwards included. Every
-    /// build's before 2026-12-08, and this one's where the classifiers take more for the
-    /// host's than `fib` does ([`RuleForm::of`]).
+    /// build's before 2026-12-08, and this one's with `all_namespaces`, where the classifiers
+    /// count by port alone.
     PortAlone,
 }
 
 impl RuleForm {
-    /// The rule `config` wants: the host's packets, unless the classifiers count packets
-    /// `fib` does not take for the host's: those to `extra_local_addresses` (a VIP that
-    /// kube-proxy DNATs to a hostNetwork proxy), or every namespace's with
-    /// `all_namespaces`, which they count by port alone. There the port alone, so that
-    /// nftables does not read below eBPF for those (a `local` route of another routing
-    /// table still does: docs/DESIGN.md, nftables).
+    /// The rules `config` wants: the host's packets (and its extra addresses'), but with
+    /// `all_namespaces`, whose classifiers count every namespace's packets by port alone: by
+    /// port alone there too, so that nftables does not read below eBPF (a `local` route of
+    /// another routing table still does: docs/DESIGN.md, nftables).
     #[must_use]
     pub fn of(config: &Config) -> Self {
-        if config.all_namespaces || !config.extra_local_addresses.is_empty() {
+        if config.all_namespaces {
             Self::PortAlone
         } else {
-            Self::HostsPackets
+            Self::HostsPackets {
+                extra: ExtraAddresses::of(config),
+            }
         }
     }
 
-    fn describe(self) -> &'static str {
+    /// The rules of a chain, in order.
+    fn rules(&self) -> Vec<OurRule> {
         match self {
-            Self::HostsPackets => "the host's packets alone",
-            Self::PortAlone => "by port alone",
+            Self::PortAlone => vec![OurRule::PortAlone],
+            Self::HostsPackets { extra } => std::iter::once(OurRule::HostsPackets)
+                .chain(
+                    extra
+                        .families()
+                        .map(|(family, _)| OurRule::ExtraAddresses(family)),
+                )
+                .collect(),
         }
     }
 }
 
-/// Which of our rules of `direction` `rule` is, if it is one.
-fn our_rule_form(rule: &nfnetlink::Rule, direction: &Direction) -> Option<RuleForm> {
-    if rule.chain != direction.chain {
-        return None;
+/// `extra_local_addresses` as our table holds them: per family of [`FAMILIES`], the ranges
+/// (network address, prefix length), IPv4-mapped IPv6 ones as IPv4, as packets carry them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraAddresses([Vec<(IpAddr, u8)>; 2]);
+
+impl ExtraAddresses {
+    fn of(config: &Config) -> Self {
+        let mut families: [Vec<(IpAddr, u8)>; 2] = Default::default();
+        for &(address, prefix) in &config.extra_local_addresses {
+            // The config takes at most 65,536 addresses an entry: a mapped IPv6 range lies
+            // wholly within ::ffff:0:0/96.
+            let mapped = match address {
+                IpAddr::V6(v6) if prefix >= 96 => v6.to_ipv4_mapped(),
+                _ => None,
+            };
+            match (address, mapped) {
+                (_, Some(v4)) => families[0].push((IpAddr::V4(v4), prefix - 96)),
+                (IpAddr::V4(_), None) => families[0].push((address, prefix)),
+                (IpAddr::V6(_), None) => families[1].push((address, prefix)),
+            }
+        }
+        Self(families)
     }
-    match rule.expressions.as_slice() {
-        [meta, payload, objref] => (is_port_key(meta, payload, direction)
-            && is_counter_lookup(objref, direction))
-        .then_some(RuleForm::PortAlone),
-        [
-            meta,
-            payload,
-            lookup,
-            fib,
-            cmp,
-            counter_meta,
-            counter_payload,
-            objref,
-        ] => {
-            let local = lookup.name == "lookup"
-                && lookup.text(nfnetlink::NFTA_LOOKUP_SET).as_deref() == Some(direction.map)
-                && lookup.be32(nfnetlink::NFTA_LOOKUP_DREG).is_none()
-                && lookup.be32(nfnetlink::NFTA_LOOKUP_FLAGS).unwrap_or(0) == 0
-                && fib.name == "fib"
-                && fib.be32(nfnetlink::NFTA_FIB_RESULT) == Some(nfnetlink::NFT_FIB_RESULT_ADDRTYPE)
-                && fib.be32(nfnetlink::NFTA_FIB_FLAGS) == Some(direction.fib_flag)
-                && cmp.name == "cmp"
-                && fib.be32(nfnetlink::NFTA_FIB_DREG).is_some()
-                && cmp.be32(nfnetlink::NFTA_CMP_SREG) == fib.be32(nfnetlink::NFTA_FIB_DREG)
-                && cmp.be32(nfnetlink::NFTA_CMP_OP) == Some(nfnetlink::NFT_CMP_EQ)
-                && cmp.data_value(nfnetlink::NFTA_CMP_DATA)
-                    == Some(&nfnetlink::RTN_LOCAL.to_ne_bytes()[..]);
-            (local
-                && is_port_key(meta, payload, direction)
-                && is_port_key(counter_meta, counter_payload, direction)
-                && is_counter_lookup(objref, direction))
-            .then_some(RuleForm::HostsPackets)
+
+    /// The families with extra addresses (index in [`FAMILIES`]), with their ranges.
+    fn families(&self) -> impl Iterator<Item = (usize, &[(IpAddr, u8)])> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, ranges)| !ranges.is_empty())
+            .map(|(family, ranges)| (family, ranges.as_slice()))
+    }
+}
+
+/// The elements of an interval set of `ranges` as the kernel holds them (key, whether it
+/// ends a range): each range's first address, and the address after its last as the end
+/// (none past the family's last address). nft adds an end at address 0 as well, which
+/// [`set_difference`] passes over.
+fn interval_elements(ranges: &[(IpAddr, u8)]) -> Vec<(Vec<u8>, bool)> {
+    let mut elements = Vec::new();
+    for &(address, prefix) in ranges {
+        let (first, bits) = match address {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32u32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
+        let bytes = |value: u128| value.to_be_bytes()[16 - bits as usize / 8..].to_vec();
+        elements.push((bytes(first), false));
+        let end = first
+            .checked_add(1 << (bits - u32::from(prefix)))
+            .filter(|&end| bits == 128 || end < 1 << 32);
+        if let Some(end) = end {
+            elements.push((bytes(end), true));
+        }
+    }
+    elements.sort_unstable();
+    elements
+}
+
+/// One rule of ours, as read back from a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OurRule {
+    PortAlone,
+    HostsPackets,
+    /// To or from the extra addresses of the family (index in [`FAMILIES`]) that `fib`
+    /// does not take for local.
+    ExtraAddresses(usize),
+}
+
+/// What a chain's `rules` count, in words; `None` for rules of ours that no config makes
+/// together (none, a rule twice).
+fn describe(rules: &[OurRule]) -> Option<String> {
+    match rules {
+        [OurRule::PortAlone] => Some("by port alone".to_owned()),
+        [OurRule::HostsPackets] => Some("the host's packets alone".to_owned()),
+        [OurRule::HostsPackets, extra @ ..] => {
+            let families: Option<Vec<usize>> = extra
+                .iter()
+                .map(|rule| match rule {
+                    OurRule::ExtraAddresses(family) => Some(*family),
+                    _ => None,
+                })
+                .collect();
+            let families = families.filter(|f| f.windows(2).all(|pair| pair[0] < pair[1]))?;
+            let names: Vec<&str> = families.iter().map(|&f| FAMILIES[f].name).collect();
+            Some(format!(
+                "the host's packets and its extra {} addresses",
+                names.join(" and ")
+            ))
         }
         _ => None,
     }
+}
+
+/// Which of our rules of `direction` `rule` is, if it is one.
+fn our_rule_form(rule: &nfnetlink::Rule, direction: &Direction) -> Option<OurRule> {
+    if rule.chain != direction.chain {
+        return None;
+    }
+    if let [meta, payload, objref] = rule.expressions.as_slice() {
+        return (is_port_key(meta, payload, direction) && is_counter_lookup(objref, direction))
+            .then_some(OurRule::PortAlone);
+    }
+    // The checked forms: the port's look-up, the address's checks, the count.
+    let [
+        meta,
+        payload,
+        lookup,
+        checks @ ..,
+        counter_meta,
+        counter_payload,
+        objref,
+    ] = rule.expressions.as_slice()
+    else {
+        return None;
+    };
+    let counted = is_port_key(meta, payload, direction)
+        && is_set_lookup(lookup, direction.map)
+        && is_port_key(counter_meta, counter_payload, direction)
+        && is_counter_lookup(objref, direction);
+    if !counted {
+        return None;
+    }
+    match checks {
+        [fib, cmp] => is_fib_local(fib, cmp, direction, nfnetlink::NFT_CMP_EQ)
+            .then_some(OurRule::HostsPackets),
+        [nfproto, is_family, address, in_set, fib, cmp] => FAMILIES
+            .iter()
+            .position(|family| {
+                is_extra_address(&[nfproto, is_family, address, in_set], family, direction)
+            })
+            .filter(|_| is_fib_local(fib, cmp, direction, nfnetlink::NFT_CMP_NEQ))
+            .map(OurRule::ExtraAddresses),
+        _ => None,
+    }
+}
+
+/// Whether `lookup` matches the packet in `set`, as a condition (no data register, not
+/// inverted).
+fn is_set_lookup(lookup: &nfnetlink::Expression, set: &str) -> bool {
+    lookup.name == "lookup"
+        && lookup.text(nfnetlink::NFTA_LOOKUP_SET).as_deref() == Some(set)
+        && lookup.be32(nfnetlink::NFTA_LOOKUP_DREG).is_none()
+        && lookup.be32(nfnetlink::NFTA_LOOKUP_FLAGS).unwrap_or(0) == 0
+}
+
+/// Whether `fib` and `cmp` check that `direction`'s address is (`op` `NFT_CMP_EQ`) or is
+/// not (`NFT_CMP_NEQ`) the namespace's.
+fn is_fib_local(
+    fib: &nfnetlink::Expression,
+    cmp: &nfnetlink::Expression,
+    direction: &Direction,
+    op: u32,
+) -> bool {
+    fib.name == "fib"
+        && fib.be32(nfnetlink::NFTA_FIB_RESULT) == Some(nfnetlink::NFT_FIB_RESULT_ADDRTYPE)
+        && fib.be32(nfnetlink::NFTA_FIB_FLAGS) == Some(direction.fib_flag)
+        && fib.be32(nfnetlink::NFTA_FIB_DREG).is_some()
+        && cmp.name == "cmp"
+        && cmp.be32(nfnetlink::NFTA_CMP_SREG) == fib.be32(nfnetlink::NFTA_FIB_DREG)
+        && cmp.be32(nfnetlink::NFTA_CMP_OP) == Some(op)
+        && cmp.data_value(nfnetlink::NFTA_CMP_DATA) == Some(&nfnetlink::RTN_LOCAL.to_ne_bytes()[..])
+}
+
+/// Whether `nfproto`, `is_family`, `address` and `in_set` check that the packet is of
+/// `family` and that `direction`'s address is in the family's set (`ip daddr @extra_ipv4`).
+fn is_extra_address(
+    [nfproto, is_family, address, in_set]: &[&nfnetlink::Expression; 4],
+    family: &Family,
+    direction: &Direction,
+) -> bool {
+    nfproto.name == "meta"
+        && nfproto.be32(nfnetlink::NFTA_META_KEY) == Some(nfnetlink::NFT_META_NFPROTO)
+        && is_family.name == "cmp"
+        && is_family.be32(nfnetlink::NFTA_CMP_OP) == Some(nfnetlink::NFT_CMP_EQ)
+        && is_family.data_value(nfnetlink::NFTA_CMP_DATA) == Some(&[family.nfproto][..])
+        && address.name == "payload"
+        && address.be32(nfnetlink::NFTA_PAYLOAD_BASE) == Some(nfnetlink::NFT_PAYLOAD_NETWORK_HEADER)
+        && address.be32(nfnetlink::NFTA_PAYLOAD_OFFSET) == Some(family.offset(direction))
+        && address.be32(nfnetlink::NFTA_PAYLOAD_LEN) == Some(family.address_len)
+        && is_set_lookup(in_set, family.set)
 }
 
 /// Whether `meta` and `payload` load the packet's protocol and `direction`'s port.
@@ -441,7 +647,9 @@ fn not_ours(contents: &TableContents) -> Option<String> {
         }
     }
     for set in &contents.sets {
-        if !DIRECTIONS.iter().any(|d| d.map == set.name) {
+        if !DIRECTIONS.iter().any(|d| d.map == set.name)
+            && !FAMILIES.iter().any(|f| f.set == set.name)
+        {
             return Some(format!("holds the set or map {}", set.name));
         }
     }
@@ -468,7 +676,11 @@ fn not_ours(contents: &TableContents) -> Option<String> {
 
 /// How our table `contents` differs from what `plan` wants made, if it does: the first
 /// difference found.
-fn difference(plan: &[PlannedCounter], rule: RuleForm, contents: &TableContents) -> Option<String> {
+fn difference(
+    plan: &[PlannedCounter],
+    rule: &RuleForm,
+    contents: &TableContents,
+) -> Option<String> {
     if contents.flags != 0 {
         return Some(format!(
             "has flags {:#x} (dormant: its chains hook nothing)",
@@ -492,56 +704,82 @@ fn difference(plan: &[PlannedCounter], rule: RuleForm, contents: &TableContents)
             object.name
         ));
     }
-    if contents.chains.len() != DIRECTIONS.len() || contents.sets.len() != DIRECTIONS.len() {
+    if contents.chains.len() != DIRECTIONS.len() {
         return Some(format!(
-            "holds {} chains and {} maps where it was made with {}",
+            "holds {} chains where it was made with {}",
             contents.chains.len(),
-            contents.sets.len(),
             DIRECTIONS.len()
         ));
     }
+    let wanted = rule.rules();
     for direction in &DIRECTIONS {
-        let Some(chain) = contents.chains.iter().find(|c| c.name == direction.chain) else {
-            return Some(format!("has no chain {}", direction.chain));
-        };
-        let hook = Some((direction.hook_number, direction.priority));
-        if chain.hook != hook
-            || chain.kind.as_deref() != Some("filter")
-            || chain.policy != Some(NF_ACCEPT)
-        {
-            return Some(format!(
-                "has the chain {} as {:?} (type, hook and priority, policy) where this build makes it type filter hook {} priority {} policy accept",
-                chain.name,
-                (&chain.kind, chain.hook, chain.policy),
-                direction.hook,
-                direction.priority
-            ));
-        }
-        let rules: Vec<_> = contents
-            .rules
-            .iter()
-            .filter(|r| r.chain == direction.chain)
-            .collect();
-        let [only] = rules[..] else {
-            return Some(format!(
-                "holds {} rules in its chain {} where it was made with one",
-                rules.len(),
-                direction.chain
-            ));
-        };
-        if let Some(found) = our_rule_form(only, direction).filter(|&found| found != rule) {
-            return Some(format!(
-                "counts {} in its chain {} where the config wants {} (made by an earlier build, or under another config)",
-                found.describe(),
-                direction.chain,
-                rule.describe()
-            ));
-        }
-        if let Some(why) = map_difference(plan, contents, direction) {
+        if let Some(why) = chain_difference(plan, &wanted, contents, direction) {
             return Some(why);
         }
     }
-    None
+    let extra = match rule {
+        RuleForm::HostsPackets { extra } => extra.families().collect(),
+        RuleForm::PortAlone => Vec::new(),
+    };
+    if contents.sets.len() != DIRECTIONS.len() + extra.len() {
+        return Some(format!(
+            "holds {} sets and maps where the config wants {}",
+            contents.sets.len(),
+            DIRECTIONS.len() + extra.len()
+        ));
+    }
+    extra
+        .iter()
+        .find_map(|&(family, ranges)| set_difference(&FAMILIES[family], ranges, contents))
+}
+
+/// How `direction`'s chain in `contents`, its rules and its map differ from what `plan` and
+/// the `wanted` rules want, if they do.
+fn chain_difference(
+    plan: &[PlannedCounter],
+    wanted: &[OurRule],
+    contents: &TableContents,
+    direction: &Direction,
+) -> Option<String> {
+    let Some(chain) = contents.chains.iter().find(|c| c.name == direction.chain) else {
+        return Some(format!("has no chain {}", direction.chain));
+    };
+    let hook = Some((direction.hook_number, direction.priority));
+    if chain.hook != hook
+        || chain.kind.as_deref() != Some("filter")
+        || chain.policy != Some(NF_ACCEPT)
+    {
+        return Some(format!(
+            "has the chain {} as {:?} (type, hook and priority, policy) where this build makes it type filter hook {} priority {} policy accept",
+            chain.name,
+            (&chain.kind, chain.hook, chain.policy),
+            direction.hook,
+            direction.priority
+        ));
+    }
+    // `not_ours` found each rule one of ours.
+    let found: Vec<OurRule> = contents
+        .rules
+        .iter()
+        .filter(|r| r.chain == direction.chain)
+        .filter_map(|r| our_rule_form(r, direction))
+        .collect();
+    if found != wanted {
+        let wanted_words = describe(wanted).unwrap_or_default();
+        return Some(match describe(&found) {
+            Some(words) => format!(
+                "counts {words} in its chain {} where the config wants {wanted_words} (made by an earlier build, or under another config)",
+                direction.chain
+            ),
+            None => format!(
+                "holds {} rules in its chain {} where the config wants {} ({wanted_words}, in that order)",
+                found.len(),
+                direction.chain,
+                wanted.len()
+            ),
+        });
+    }
+    map_difference(plan, contents, direction)
 }
 
 /// How `direction`'s map in `contents` differs from what `plan` wants, if it does.
@@ -577,6 +815,35 @@ fn map_difference(
         return Some(format!(
             "has the map {} with other elements than the config's ports",
             direction.map
+        ));
+    }
+    None
+}
+
+/// How `family`'s set of extra addresses in `contents` differs from `ranges`, if it does.
+fn set_difference(
+    family: &Family,
+    ranges: &[(IpAddr, u8)],
+    contents: &TableContents,
+) -> Option<String> {
+    let Some(set) = contents.sets.iter().find(|s| s.name == family.set) else {
+        return Some(format!("has no set {}", family.set));
+    };
+    let mut elements: Vec<(Vec<u8>, bool)> = set
+        .elements
+        .iter()
+        .filter(|e| !(e.interval_end && e.key.iter().all(|&byte| byte == 0)))
+        .map(|e| (e.key.clone(), e.interval_end))
+        .collect();
+    elements.sort_unstable();
+    if set.key_len != family.address_len
+        || set.flags & nfnetlink::NFT_SET_INTERVAL == 0
+        || set.object_type.is_some()
+        || elements != interval_elements(ranges)
+    {
+        return Some(format!(
+            "has the set {} with other addresses than the config's extra_local_addresses",
+            family.set
         ));
     }
     None
@@ -642,7 +909,7 @@ impl NftTable {
             starting,
         };
         let (contents, generation) = nfnetlink::read_table(&table.name)?.unzip();
-        let replace = match judge(&table.counters, table.rule, contents.as_ref()) {
+        let replace = match judge(&table.counters, &table.rule, contents.as_ref()) {
             Verdict::Absent => None,
             Verdict::AsPlanned if adopt == Adopt::CrashedRuns => {
                 tracing::info!(table = %table.name, "adopting the nftables table a previous run left: its counters continue");
@@ -681,13 +948,14 @@ impl NftTable {
     }
 
     /// The table in nft's JSON, in one transaction (deleting the table with handle
-    /// `replace` first, so that only the table judged is deleted). Each chain holds one
-    /// rule that looks the packet's protocol and port up in a map, in the
-    /// [`RuleForm::HostsPackets`] form checks its address is the namespace's, and counts in
-    /// the counter the map names: one hash lookup for a packet on no watched port however
-    /// many are watched (a rule per port cost a comparison per port); one on a watched port
-    /// costs a second one and, with the address check, a route look-up. (The `nftables`
-    /// crate's types cannot express a counter map, hence plain JSON.)
+    /// `replace` first, so that only the table judged is deleted). Each chain's rule looks
+    /// the packet's protocol and port up in a map, in the [`RuleForm::HostsPackets`] form
+    /// checks its address is the namespace's, and counts in the counter the map names: one
+    /// hash lookup for a packet on no watched port however many are watched (a rule per
+    /// port cost a comparison per port); one on a watched port costs a second one and, with
+    /// the address check, a route look-up, and per family with extra addresses (a rule
+    /// each) the port's look-up again and its address's in the family's set. (The
+    /// `nftables` crate's types cannot express a counter map, hence plain JSON.)
     fn ruleset(&self, replace: Option<u64>) -> serde_json::Value {
         let table = self.name.as_str();
         let mut commands = Vec::new();
@@ -707,6 +975,25 @@ impl NftTable {
                 "family": "inet", "table": table, "name": counter.name, "comment": COMMENT,
                 "packets": packets, "bytes": bytes,
             }}}));
+        }
+        if let RuleForm::HostsPackets { extra } = &self.rule {
+            for (family, ranges) in extra.families() {
+                let family = &FAMILIES[family];
+                let elements: Vec<serde_json::Value> = ranges
+                    .iter()
+                    .map(|&(address, prefix)| {
+                        if u32::from(prefix) == family.address_len * 8 {
+                            json!(address.to_string())
+                        } else {
+                            json!({"prefix": {"addr": address.to_string(), "len": prefix}})
+                        }
+                    })
+                    .collect();
+                commands.push(json!({"add": {"set": {
+                    "family": "inet", "table": table, "name": family.set,
+                    "type": family.nft_type, "flags": ["interval"], "elem": elements,
+                }}}));
+            }
         }
         for direction in &DIRECTIONS {
             let elements: Vec<serde_json::Value> = self
@@ -736,21 +1023,38 @@ impl NftTable {
             ]});
             let count =
                 json!({"counter": {"map": {"key": key, "data": format!("@{}", direction.map)}}});
-            let expr = match self.rule {
-                RuleForm::HostsPackets => json!([
-                    {"match": {"op": "==", "left": key, "right": format!("@{}", direction.map)}},
-                    {"match": {
-                        "op": "==",
-                        "left": {"fib": {"result": "type", "flags": [direction.address]}},
-                        "right": "local",
-                    }},
-                    count,
-                ]),
-                RuleForm::PortAlone => json!([count]),
+            let watched =
+                json!({"match": {"op": "==", "left": key, "right": format!("@{}", direction.map)}});
+            let local = |op: &str| {
+                json!({"match": {
+                    "op": op,
+                    "left": {"fib": {"result": "type", "flags": [direction.address]}},
+                    "right": "local",
+                }})
             };
-            commands.push(json!({"add": {"rule": {
-                "family": "inet", "table": table, "chain": direction.chain, "expr": expr,
-            }}}));
+            for rule in self.rule.rules() {
+                let expr = match rule {
+                    OurRule::PortAlone => json!([count]),
+                    OurRule::HostsPackets => json!([watched, local("=="), count]),
+                    // An extra address that is also local counts once, in the rule above.
+                    OurRule::ExtraAddresses(family) => {
+                        let family = &FAMILIES[family];
+                        json!([
+                            watched,
+                            {"match": {
+                                "op": "==",
+                                "left": {"payload": {"protocol": family.protocol, "field": direction.address}},
+                                "right": format!("@{}", family.set),
+                            }},
+                            local("!="),
+                            count,
+                        ])
+                    }
+                };
+                commands.push(json!({"add": {"rule": {
+                    "family": "inet", "table": table, "chain": direction.chain, "expr": expr,
+                }}}));
+            }
         }
         json!({"nftables": commands})
     }
@@ -843,7 +1147,7 @@ impl NftTable {
     /// when it is as made.
     fn check(&mut self, read: Option<(TableContents, u32)>) -> Result<(), NftError> {
         let (contents, generation) = read.unzip();
-        let what = match judge(&self.counters, self.rule, contents.as_ref()) {
+        let what = match judge(&self.counters, &self.rule, contents.as_ref()) {
             Verdict::AsPlanned
                 if self
                     .handle
@@ -1661,31 +1965,259 @@ mod tests {
         assert_eq!(expr[0]["counter"]["map"]["data"], "@ports_in");
     }
 
-    /// Where the classifiers take more for the host's than `fib` does, nftables counts by
-    /// port: it would otherwise read below eBPF for what both should see.
+    /// With `all_namespaces` the classifiers count by port alone, and so does nftables: it
+    /// would otherwise read below eBPF for what both should see. Extra local addresses go
+    /// into a set per family, an IPv4-mapped one into the IPv4 set.
     #[test]
-    fn the_port_alone_decides_where_the_classifiers_take_more_for_the_hosts() {
-        let form = |top: &str| {
-            let toml = format!("{top}[[routes]]\nname = \"web\"\nports = [80]\n");
-            RuleForm::of(&Config::from_toml("t.toml", &toml).unwrap())
-        };
-        assert_eq!(form(""), RuleForm::HostsPackets);
-        assert_eq!(
-            form("extra_local_addresses = [\"203.0.113.10\"]\n"),
-            RuleForm::PortAlone
-        );
+    fn the_port_alone_decides_where_the_classifiers_count_by_port() {
+        assert_eq!(form(""), hosts());
         assert_eq!(form("all_namespaces = true\n"), RuleForm::PortAlone);
+        let RuleForm::HostsPackets { extra } = form(
+            "extra_local_addresses = [\"203.0.113.0/28\", \"2001:db8::/120\", \
+             \"::ffff:198.51.100.7\"]\n",
+        ) else {
+            panic!("by port alone")
+        };
+        let families: Vec<(usize, Vec<String>)> = extra
+            .families()
+            .map(|(family, ranges)| {
+                let ranges = ranges.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+                (family, ranges)
+            })
+            .collect();
+        assert_eq!(
+            families,
+            [
+                (
+                    0,
+                    vec!["203.0.113.0/28".to_owned(), "198.51.100.7/32".to_owned()]
+                ),
+                (1, vec!["2001:db8::/120".to_owned()]),
+            ]
+        );
+    }
+
+    /// The rule form of a config with a route on port 80 and `top` above it.
+    fn form(top: &str) -> RuleForm {
+        let toml = format!("{top}[[routes]]\nname = \"web\"\nports = [80]\n");
+        RuleForm::of(&Config::from_toml("t.toml", &toml).unwrap())
+    }
+
+    /// The host's packets, no extra addresses.
+    fn hosts() -> RuleForm {
+        RuleForm::HostsPackets {
+            extra: ExtraAddresses::default(),
+        }
+    }
+
+    /// The table with the extra addresses of `form("extra_local_addresses = ...")`: a set
+    /// per family, made before the chains whose rules look in them; in each chain the host's
+    /// rule, then one per family.
+    #[test]
+    fn extra_local_addresses_are_counted_from_a_set_per_family_unless_local() {
+        let config = Config::from_toml(
+            "t.toml",
+            "extra_local_addresses = [\"203.0.113.0/28\", \"198.51.100.7\", \"2001:db8::/120\"]\n\
+             [[routes]]\nname = \"web\"\nports = [80]\n",
+        )
+        .unwrap();
+        let table = NftTable {
+            name: "collector".into(),
+            counters: plan(&config),
+            rule: RuleForm::of(&config),
+            verified: None,
+            handle: None,
+            nft_timeout: config.nftables.nft_timeout,
+            last_read: Vec::new(),
+            starting: HashMap::new(),
+        };
+        let json = table.ruleset(None);
+        let objects = json["nftables"].as_array().unwrap();
+        // Table, four counters, two sets, then (map, chain, 3 rules) per direction.
+        assert_eq!(objects.len(), 1 + 4 + 2 + 2 * 5);
+        assert_eq!(
+            objects[5]["add"]["set"],
+            json!({
+                "family": "inet", "table": "collector", "name": "extra_ipv4",
+                "type": "ipv4_addr", "flags": ["interval"],
+                "elem": [{"prefix": {"addr": "203.0.113.0", "len": 28}}, "198.51.100.7"],
+            })
+        );
+        assert_eq!(objects[6]["add"]["set"]["name"], "extra_ipv6");
+        assert_eq!(objects[6]["add"]["set"]["type"], "ipv6_addr");
+        let rules: Vec<&serde_json::Value> = objects
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .collect();
+        assert_eq!(rules.len(), 6);
+        // In: the host's, then IPv4's and IPv6's extra destinations that are not local.
+        assert_eq!(rules[0]["expr"][1]["match"]["op"], "==");
+        let ipv4 = &rules[1]["expr"];
+        assert_eq!(ipv4[0]["match"]["right"], "@ports_in");
+        assert_eq!(
+            ipv4[1]["match"],
+            json!({"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@extra_ipv4"})
+        );
+        assert_eq!(
+            ipv4[2]["match"],
+            json!({"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"})
+        );
+        assert_eq!(ipv4[3]["counter"]["map"]["data"], "@ports_in");
+        assert_eq!(
+            rules[2]["expr"][1]["match"]["left"]["payload"]["protocol"],
+            "ip6"
+        );
+        // Out: their sources.
+        assert_eq!(rules[4]["chain"], "count_out");
+        assert_eq!(
+            rules[4]["expr"][1]["match"]["left"]["payload"]["field"],
+            "saddr"
+        );
+        assert_eq!(
+            rules[5]["expr"][2]["match"]["left"]["fib"]["flags"],
+            json!(["saddr"])
+        );
+    }
+
+    /// As `nft --debug=netlink` lists an interval set's elements: a range's first address,
+    /// and the one after its last as its end, none past the family's last address.
+    #[test]
+    fn an_interval_set_holds_each_ranges_first_address_and_the_one_after_its_last() {
+        let v4 = |a: [u8; 4], prefix| (IpAddr::from(a), prefix);
+        assert_eq!(
+            interval_elements(&[v4([203, 0, 113, 0], 28), v4([203, 0, 113, 16], 28)]),
+            [
+                (vec![203, 0, 113, 0], false),
+                (vec![203, 0, 113, 16], false),
+                (vec![203, 0, 113, 16], true),
+                (vec![203, 0, 113, 32], true),
+            ]
+        );
+        assert_eq!(
+            interval_elements(&[v4([10, 0, 0, 1], 32), v4([255, 255, 255, 0], 24)]),
+            [
+                (vec![10, 0, 0, 1], false),
+                (vec![10, 0, 0, 2], true),
+                (vec![255, 255, 255, 0], false),
+            ]
+        );
+        let top: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00".parse().unwrap();
+        assert_eq!(interval_elements(&[(top, 120)]).len(), 1);
+        let mut end = [0x20, 0x01, 0x0d, 0xb8].to_vec();
+        end.extend([0; 10]);
+        end.extend([1, 0]);
+        assert_eq!(
+            interval_elements(&[("2001:db8::".parse().unwrap(), 120)])[1],
+            (end, true)
+        );
     }
 
     use nfnetlink::{Chain, Element, Expression, Object, Rule, Set};
 
-    /// `d`'s rule as nfnetlink reads it back.
-    fn rule_as_made(d: &Direction) -> Rule {
-        let be32 = |v: u32| v.to_be_bytes().to_vec();
-        let expression = |name: &str, data: Vec<(u16, Vec<u8>)>| Expression {
+    fn be32(value: u32) -> Vec<u8> {
+        value.to_be_bytes().to_vec()
+    }
+
+    fn expression(name: &str, data: Vec<(u16, Vec<u8>)>) -> Expression {
+        Expression {
             name: name.into(),
             data,
-        };
+        }
+    }
+
+    /// `cmp`'s data: an `NFTA_DATA_VALUE` attribute (type 1) of `value`, padded to 4 bytes.
+    fn cmp_data(value: &[u8]) -> Vec<u8> {
+        let mut data = vec![u8::try_from(4 + value.len()).unwrap(), 0, 1, 0];
+        data.extend(value);
+        data.resize(data.len().next_multiple_of(4), 0);
+        data
+    }
+
+    /// A look-up in `set` as a condition.
+    fn lookup_in(set: &str) -> Expression {
+        expression(
+            "lookup",
+            vec![
+                (nfnetlink::NFTA_LOOKUP_SET, format!("{set}\0").into()),
+                (2, be32(1)),
+                (nfnetlink::NFTA_LOOKUP_FLAGS, be32(0)),
+            ],
+        )
+    }
+
+    /// `d`'s address checked to be local (`op` `NFT_CMP_EQ`) or not (`NFT_CMP_NEQ`).
+    fn fib_local(d: &Direction, op: u32) -> [Expression; 2] {
+        [
+            expression(
+                "fib",
+                vec![
+                    (nfnetlink::NFTA_FIB_DREG, be32(1)),
+                    (
+                        nfnetlink::NFTA_FIB_RESULT,
+                        be32(nfnetlink::NFT_FIB_RESULT_ADDRTYPE),
+                    ),
+                    (nfnetlink::NFTA_FIB_FLAGS, be32(d.fib_flag)),
+                ],
+            ),
+            expression(
+                "cmp",
+                vec![
+                    (nfnetlink::NFTA_CMP_SREG, be32(1)),
+                    (nfnetlink::NFTA_CMP_OP, be32(op)),
+                    (
+                        nfnetlink::NFTA_CMP_DATA,
+                        cmp_data(&nfnetlink::RTN_LOCAL.to_ne_bytes()),
+                    ),
+                ],
+            ),
+        ]
+    }
+
+    /// `d`'s rule of the host's packets as nfnetlink reads it back.
+    fn rule_as_made(d: &Direction) -> Rule {
+        rule_checking(d, &fib_local(d, nfnetlink::NFT_CMP_EQ))
+    }
+
+    /// `d`'s rule of `family`'s extra addresses as nfnetlink reads it back.
+    fn extra_rule_as_made(d: &Direction, family: &Family) -> Rule {
+        let checks = [
+            expression(
+                "meta",
+                vec![
+                    (nfnetlink::NFTA_META_KEY, be32(nfnetlink::NFT_META_NFPROTO)),
+                    (1, be32(1)),
+                ],
+            ),
+            expression(
+                "cmp",
+                vec![
+                    (nfnetlink::NFTA_CMP_SREG, be32(1)),
+                    (nfnetlink::NFTA_CMP_OP, be32(nfnetlink::NFT_CMP_EQ)),
+                    (nfnetlink::NFTA_CMP_DATA, cmp_data(&[family.nfproto])),
+                ],
+            ),
+            expression(
+                "payload",
+                vec![
+                    (1, be32(1)),
+                    (
+                        nfnetlink::NFTA_PAYLOAD_BASE,
+                        be32(nfnetlink::NFT_PAYLOAD_NETWORK_HEADER),
+                    ),
+                    (nfnetlink::NFTA_PAYLOAD_OFFSET, be32(family.offset(d))),
+                    (nfnetlink::NFTA_PAYLOAD_LEN, be32(family.address_len)),
+                ],
+            ),
+            lookup_in(family.set),
+        ];
+        rule_checking(
+            d,
+            &[&checks[..], &fib_local(d, nfnetlink::NFT_CMP_NEQ)].concat(),
+        )
+    }
+
+    /// `d`'s rule with `checks` between the port's look-up and the count.
+    fn rule_checking(d: &Direction, checks: &[Expression]) -> Rule {
         let key = [
             expression(
                 "meta",
@@ -1707,55 +2239,140 @@ mod tests {
                 ],
             ),
         ];
-        // `cmp`'s data: an NFTA_DATA_VALUE attribute (length 8, type 1) of RTN_LOCAL.
-        let mut local = vec![8, 0, 1, 0];
-        local.extend(nfnetlink::RTN_LOCAL.to_ne_bytes());
-        let address_check = [
-            expression(
-                "lookup",
-                vec![
-                    (nfnetlink::NFTA_LOOKUP_SET, format!("{}\0", d.map).into()),
-                    (2, be32(1)),
-                    (nfnetlink::NFTA_LOOKUP_FLAGS, be32(0)),
-                ],
-            ),
-            expression(
-                "fib",
-                vec![
-                    (nfnetlink::NFTA_FIB_DREG, be32(1)),
-                    (
-                        nfnetlink::NFTA_FIB_RESULT,
-                        be32(nfnetlink::NFT_FIB_RESULT_ADDRTYPE),
-                    ),
-                    (nfnetlink::NFTA_FIB_FLAGS, be32(d.fib_flag)),
-                ],
-            ),
-            expression(
-                "cmp",
-                vec![
-                    (nfnetlink::NFTA_CMP_SREG, be32(1)),
-                    (nfnetlink::NFTA_CMP_OP, be32(nfnetlink::NFT_CMP_EQ)),
-                    (nfnetlink::NFTA_CMP_DATA, local),
-                ],
-            ),
-        ];
+        let objref = expression(
+            "objref",
+            vec![
+                (3, be32(1)),
+                (
+                    nfnetlink::NFTA_OBJREF_SET_NAME,
+                    format!("{}\0", d.map).into(),
+                ),
+            ],
+        );
         Rule {
             chain: d.chain.into(),
-            expressions: [&key[..], &address_check, &key]
-                .concat()
-                .into_iter()
-                .chain([expression(
-                    "objref",
-                    vec![
-                        (3, be32(1)),
-                        (
-                            nfnetlink::NFTA_OBJREF_SET_NAME,
-                            format!("{}\0", d.map).into(),
-                        ),
-                    ],
-                )])
-                .collect(),
+            expressions: [&key[..], &[lookup_in(d.map)], checks, &key, &[objref]].concat(),
         }
+    }
+
+    /// [`as_made`] for a config with `extra_local_addresses` of both families: the sets, and
+    /// the rules of each family after the host's in each chain. nft's end at address 0
+    /// comes with each set.
+    fn as_made_with_extra(plan: &[PlannedCounter], extra: &ExtraAddresses) -> TableContents {
+        let mut contents = as_made(plan);
+        contents.rules.clear();
+        for d in &DIRECTIONS {
+            contents.rules.push(rule_as_made(d));
+            for (family, _) in extra.families() {
+                contents
+                    .rules
+                    .push(extra_rule_as_made(d, &FAMILIES[family]));
+            }
+        }
+        for (family, ranges) in extra.families() {
+            let family = &FAMILIES[family];
+            let sentinel = (vec![0; family.address_len as usize], true);
+            contents.sets.push(Set {
+                name: family.set.into(),
+                key_len: family.address_len,
+                flags: nfnetlink::NFT_SET_INTERVAL,
+                object_type: None,
+                elements: std::iter::once(sentinel)
+                    .chain(interval_elements(ranges))
+                    .rev()
+                    .map(|(key, interval_end)| Element {
+                        key,
+                        object: None,
+                        interval_end,
+                    })
+                    .collect(),
+            });
+        }
+        contents.use_count = listed(&contents);
+        contents
+    }
+
+    #[test]
+    fn a_table_with_extra_addresses_as_made_is_adopted_and_changed_is_replaced() {
+        let plan = web_plan();
+        let rule = form("extra_local_addresses = [\"203.0.113.0/28\", \"2001:db8::5\"]\n");
+        let RuleForm::HostsPackets { extra } = &rule else {
+            panic!("by port alone")
+        };
+        let made = as_made_with_extra(&plan, extra);
+        assert_eq!(judge(&plan, &rule, Some(&made)), Verdict::AsPlanned);
+        let differs = |change: &dyn Fn(&mut TableContents)| {
+            let mut table = made.clone();
+            change(&mut table);
+            table.use_count = listed(&table);
+            match judge(&plan, &rule, Some(&table)) {
+                Verdict::Differs(why) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        // An address gone from the set, or the set made without ranges.
+        let why = differs(&|t| t.sets[2].elements.remove(0).key.clear());
+        assert_eq!(
+            why,
+            "has the set extra_ipv4 with other addresses than the config's extra_local_addresses"
+        );
+        let why = differs(&|t| t.sets[3].flags = 0);
+        assert!(why.contains("extra_ipv6"), "{why}");
+        // The table of a build before 2026-12-08 for this config: by port alone, no sets.
+        let mut earlier = as_made(&plan);
+        for rule in &mut earlier.rules {
+            rule.expressions.drain(..5).for_each(drop);
+        }
+        earlier.use_count = listed(&earlier);
+        assert_eq!(
+            judge(&plan, &rule, Some(&earlier)),
+            Verdict::Differs(
+                "counts by port alone in its chain count_in where the config wants the host's packets and its extra IPv4 and IPv6 addresses (made by an earlier build, or under another config)".into()
+            )
+        );
+        // A config without extra addresses: the rules of the table with them, then its sets.
+        let why = match judge(&plan, &hosts(), Some(&made)) {
+            Verdict::Differs(why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            why.starts_with("counts the host's packets and its extra"),
+            "{why}"
+        );
+        let mut rules_gone = made.clone();
+        rules_gone.rules.retain(|r| {
+            our_rule_form(r, &DIRECTIONS[0]) == Some(OurRule::HostsPackets)
+                || our_rule_form(r, &DIRECTIONS[1]) == Some(OurRule::HostsPackets)
+        });
+        assert_eq!(
+            judge(&plan, &hosts(), Some(&rules_gone)),
+            Verdict::Differs("holds 4 sets and maps where the config wants 2".into())
+        );
+        // An extra rule twice, or the families' rules the other way round.
+        let why = differs(&|t| t.rules.push(t.rules[1].clone()));
+        assert!(
+            why.starts_with("holds 4 rules in its chain count_in"),
+            "{why}"
+        );
+        let why = differs(&|t| t.rules.swap(1, 2));
+        assert!(
+            why.starts_with("holds 3 rules in its chain count_in"),
+            "{why}"
+        );
+        // A rule that checks another set, or another family's address at IPv4's offset:
+        // not ours.
+        let mut other_set = made.clone();
+        other_set.rules[1].expressions[6] = lookup_in("blocklist");
+        assert!(matches!(
+            judge(&plan, &rule, Some(&other_set)),
+            Verdict::NotOurs(why) if why.contains("a rule in count_in")
+        ));
+        let mut other_offset = made.clone();
+        other_offset.rules[2].expressions[5].data[2].1 = be32(16);
+        assert!(matches!(
+            judge(&plan, &rule, Some(&other_offset)),
+            Verdict::NotOurs(_)
+        ));
     }
 
     /// The table as `ruleset` makes it for `plan`, as nfnetlink reads it back.
@@ -1775,6 +2392,7 @@ mod tests {
             contents.sets.push(Set {
                 name: d.map.into(),
                 key_len: 8,
+                flags: 0x48, // a map of objects
                 object_type: Some(nfnetlink::NFT_OBJECT_COUNTER),
                 elements: plan
                     .iter()
@@ -1782,6 +2400,7 @@ mod tests {
                     .map(|c| Element {
                         key: element_key(c.protocol, c.port).to_vec(),
                         object: Some(c.name.clone()),
+                        interval_end: false,
                     })
                     .collect(),
             });
@@ -1816,16 +2435,13 @@ mod tests {
     fn a_table_as_made_is_adopted_and_one_of_ours_changed_is_replaced() {
         let plan = web_plan();
         let made = as_made(&plan);
-        assert_eq!(judge(&plan, RuleForm::HostsPackets, None), Verdict::Absent);
-        assert_eq!(
-            judge(&plan, RuleForm::HostsPackets, Some(&made)),
-            Verdict::AsPlanned
-        );
+        assert_eq!(judge(&plan, &hosts(), None), Verdict::Absent);
+        assert_eq!(judge(&plan, &hosts(), Some(&made)), Verdict::AsPlanned);
         let differs = |change: &dyn Fn(&mut TableContents)| {
             let mut table = made.clone();
             change(&mut table);
             table.use_count = listed(&table);
-            match judge(&plan, RuleForm::HostsPackets, Some(&table)) {
+            match judge(&plan, &hosts(), Some(&table)) {
                 Verdict::Differs(why) => why,
                 other => panic!("{other:?}"),
             }
@@ -1860,11 +2476,11 @@ mod tests {
         let mut by_port = made.clone();
         port_alone(&mut by_port);
         assert_eq!(
-            judge(&plan, RuleForm::PortAlone, Some(&by_port)),
+            judge(&plan, &RuleForm::PortAlone, Some(&by_port)),
             Verdict::AsPlanned
         );
         assert!(matches!(
-            judge(&plan, RuleForm::PortAlone, Some(&made)),
+            judge(&plan, &RuleForm::PortAlone, Some(&made)),
             Verdict::Differs(why) if why.starts_with("counts the host's packets alone in its chain count_in")
         ));
         // Another config's, a port's element gone, made dormant.
@@ -1887,7 +2503,7 @@ mod tests {
             let mut table = made.clone();
             change(&mut table);
             table.use_count = listed(&table);
-            match judge(&plan, RuleForm::HostsPackets, Some(&table)) {
+            match judge(&plan, &hosts(), Some(&table)) {
                 Verdict::NotOurs(why) => why,
                 other => panic!("{other:?}"),
             }
@@ -1908,7 +2524,7 @@ mod tests {
             ..TableContents::default()
         };
         assert_eq!(
-            judge(&plan, RuleForm::HostsPackets, Some(&firewall)),
+            judge(&plan, &hosts(), Some(&firewall)),
             Verdict::NotOurs("holds the chain input".into())
         );
         let why = not_ours(&|t| t.chains[0].name = "input".into());
@@ -1937,7 +2553,7 @@ mod tests {
         let mut flowtable = made.clone();
         flowtable.use_count += 1;
         assert!(matches!(
-            judge(&plan, RuleForm::HostsPackets, Some(&flowtable)),
+            judge(&plan, &hosts(), Some(&flowtable)),
             Verdict::NotOurs(why) if why.contains("flowtable")
         ));
         let why = not_ours(&|t| t.userdata = Some(vec![0, 3, b'f', b'w', 0]));
@@ -1950,7 +2566,7 @@ mod tests {
         stamp.extend([2, 8, 0x68, 0x9a, 0, 0, 0, 0, 0, 0]);
         stamped.userdata = Some(stamp.clone());
         assert!(matches!(
-            judge(&plan, RuleForm::HostsPackets, Some(&stamped)),
+            judge(&plan, &hosts(), Some(&stamped)),
             Verdict::AsPlanned
         ));
         stamp.push(5);
@@ -1964,7 +2580,7 @@ mod tests {
             object.comment = None;
         }
         assert!(matches!(
-            judge(&plan, RuleForm::HostsPackets, Some(&earlier)),
+            judge(&plan, &hosts(), Some(&earlier)),
             Verdict::Differs(_)
         ));
     }

@@ -1109,26 +1109,56 @@ fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
 
 /// IPv6 as IPv4 (`fib daddr type local` in, `fib saddr type local` out, of IPv6): the
 /// namespace's own connections, to its address on a veth, count alike in both sources each
-/// way, and what it only forwards to the backend on the route's port adds nothing to either.
+/// way, and what it only forwards to the backend on the route's port adds nothing to either,
+/// but to an extra local address (an IPv6 set beside an IPv4 one, from an IPv4-mapped
+/// entry), which adds alike to both.
 #[test]
 fn over_ipv6_nftables_counts_the_hosts_packets_as_the_classifiers_do() {
     let [netns, client, backend] = routed_namespaces();
     ipv6_routed_between(&netns, &client, &backend);
-    let config = AgentConfig::with_nft(ROUTES);
+    run(
+        "ip",
+        &[
+            "-n",
+            &backend.name,
+            "-6",
+            "addr",
+            "add",
+            "fd78:2::3/64",
+            "dev",
+            "vfwd3",
+            "nodad",
+        ],
+    );
+    let config = AgentConfig::with_nft(&format!(
+        "extra_local_addresses = [\"fd78:2::3\", \"::ffff:10.78.2.9\"]\n{ROUTES}"
+    ));
     let agent = Agent::start(&netns, &config);
+    let rules = table(&netns, &config.nft_table);
+    assert!(rules.contains("ip6 daddr @extra_ipv6"), "{rules}");
+    assert!(rules.contains("ip saddr @extra_ipv4"), "{rules}");
     exchanges(&client, "[fd78:1::1]:18080", &netns, "[fd78:1::1]:18080");
-    assert_nft_equals_ebpf(&netns, 5);
-    let own = scrape(&netns);
+    let own = assert_nft_equals_ebpf(&netns, 5);
+    let before = scrape(&netns);
     exchanges(&client, "[fd78:2::2]:18080", &backend, "[fd78:2::2]:18080");
     let after = support::after_polls(&netns, 3);
     for direction in ["in", "out"] {
         assert_eq!(
             route_packets(&after, direction),
-            route_packets(&own, direction),
+            route_packets(&before, direction),
             "{direction}: (eBPF, nftables) after the forwarded exchanges, against before"
         );
     }
-    assert_eq!(web_opened(&after), Some(5.0));
+    exchanges(&client, "[fd78:2::3]:18080", &backend, "[fd78:2::3]:18080");
+    let with_extra = assert_nft_equals_ebpf(&netns, 5);
+    assert!(with_extra >= own + 20.0, "{own} then {with_extra}");
+    let text = scrape(&netns);
+    assert_eq!(web_opened(&text), Some(5.0));
+    assert_eq!(
+        sample(&text, "collector_source_errors_total", &[("source", "nft")]),
+        Some(0.0),
+        "the table was judged as made at each read"
+    );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
@@ -1180,28 +1210,53 @@ fn ipv6_routed_between(netns: &Netns, client: &Netns, backend: &Netns) {
 }
 
 /// With `extra_local_addresses` the classifiers count packets to addresses `fib` does not
-/// take for the host's (a VIP kube-proxy DNATs to a hostNetwork proxy): nftables then
-/// counts by port alone, so that it never reads below eBPF. Traffic forwarded to the named
-/// address counts alike in both, each way.
+/// take for the host's (a VIP kube-proxy DNATs to a hostNetwork proxy): nftables counts
+/// those beside the host's own, from a set of them. Traffic forwarded to the named address
+/// counts alike in both, each way; traffic forwarded to another address on the route's port
+/// (a pod's call out) in neither. Until 2026-12-08 nftables counted by port alone there,
+/// that traffic too.
 #[test]
-fn with_extra_local_addresses_nftables_counts_by_port_alone() {
+fn with_extra_local_addresses_nftables_counts_them_and_still_not_what_is_forwarded() {
     let [netns, client, backend] = routed_namespaces();
+    run(
+        "ip",
+        &[
+            "-n",
+            &backend.name,
+            "addr",
+            "add",
+            "10.78.2.3/24",
+            "dev",
+            "vfwd3",
+        ],
+    );
     let config = AgentConfig::with_nft(&format!(
         "extra_local_addresses = [\"10.78.2.2\"]\n{ROUTES}"
     ));
     let agent = Agent::start(&netns, &config);
     let rules = table(&netns, &config.nft_table);
-    assert!(!rules.contains("fib"), "{rules}");
+    assert!(
+        rules.contains("ip daddr @extra_ipv4 fib daddr type != local"),
+        "{rules}"
+    );
     exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
     let before = forwarded_alike(&netns, 20.0);
-    // A crash: the next start adopts the table of this form, and both count on from there.
+    exchanges(&client, "10.78.2.3:18080", &backend, "10.78.2.3:18080");
+    let later = support::after_polls(&netns, 3);
+    assert_eq!(route_packets(&later, "in"), (Some(before), Some(before)));
+    // A crash: the next start adopts the table, and both count on from there.
     agent.kill();
     exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
     let agent = Agent::start(&netns, &config);
     assert_eq!(table_count(&netns, &config.nft_table), 1);
-    assert!(!table(&netns, &config.nft_table).contains("fib"));
     // Counted on, not from zero: nftables' count equals eBPF's, which the pins carried.
     forwarded_alike(&netns, before + 20.0);
+    let text = scrape(&netns);
+    assert_eq!(
+        sample(&text, "collector_source_errors_total", &[("source", "nft")]),
+        Some(0.0),
+        "the table was judged as made at each read"
+    );
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
