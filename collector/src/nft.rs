@@ -18,8 +18,8 @@
 //! `nft -j list` process (see docs/DESIGN.md).
 //!
 //! Only a table that is recognisably ours is ever adopted, replaced or deleted
-//! ([`judge`]): one holding nothing but our chains, their rules, our maps and counters named
-//! as ours are, the counters without a comment (an earlier build's) or with [`COMMENT`].
+//! ([`judge`]): one holding nothing but our chains, their rules, our maps and sets and
+//! counters named as ours are, the counters without a comment (an earlier build's) or with [`COMMENT`].
 //! Any other table of that name (a host firewall's `inet filter`, say) is left as it is and
 //! the source is down, naming it. A start finds a leftover table of a crashed run: if it is
 //! exactly what this config plans (chains, hooks, priorities, rules, map elements,
@@ -369,7 +369,7 @@ pub enum RuleForm {
     /// proxy), as the classifiers take them for the host's too.
     HostsPackets { extra: ExtraAddresses },
     /// The look-up to the counter alone: by port, packets the host forwards included. Every
-    /// build's before 2026-12-08, and this one's with `all_namespaces`, where the classifiers
+    /// build's up to 2ca4b1a, and this one's with `all_namespaces`, where the classifiers
     /// count by port alone.
     PortAlone,
 }
@@ -378,10 +378,11 @@ impl RuleForm {
     /// The rules `config` wants: the host's packets (and its extra addresses'), but with
     /// `all_namespaces`, whose classifiers count every namespace's packets by port alone: by
     /// port alone there too, so that nftables does not read below eBPF (a `local` route of
-    /// another routing table still does: docs/DESIGN.md, nftables).
+    /// another routing table still does: docs/DESIGN.md, nftables). By port alone as well
+    /// past [`EXTRA_RANGES_IN_SETS_MAX`] extra addresses.
     #[must_use]
     pub fn of(config: &Config) -> Self {
-        if config.all_namespaces {
+        if config.all_namespaces || config.extra_local_addresses.len() > EXTRA_RANGES_IN_SETS_MAX {
             Self::PortAlone
         } else {
             Self::HostsPackets {
@@ -405,10 +406,26 @@ impl RuleForm {
     }
 }
 
-/// `extra_local_addresses` as our table holds them: per family of [`FAMILIES`], the ranges
-/// (network address, prefix length), IPv4-mapped IPv6 ones as IPv4, as packets carry them.
+/// Most `extra_local_addresses` entries our table holds in its sets; past them it counts by
+/// port alone. At the config's limit (262,144 single addresses) `nft` took 1.6 s and 200 MB
+/// to make the set here, near the `DaemonSet`'s 256 MiB memory limit, and the set would be
+/// read whole at every change of the ruleset; 1,024 ranges are some 2,000 elements.
+pub const EXTRA_RANGES_IN_SETS_MAX: usize = 1024;
+
+/// `extra_local_addresses` as our table holds them, per family of [`FAMILIES`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExtraAddresses([Vec<(IpAddr, u8)>; 2]);
+pub struct ExtraAddresses([FamilyRanges; 2]);
+
+/// The extra addresses of one family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct FamilyRanges {
+    /// (network address, prefix length), IPv4-mapped IPv6 ones as IPv4, as packets carry
+    /// them.
+    ranges: Vec<(IpAddr, u8)>,
+    /// The set's elements as the kernel holds them ([`interval_elements`]), worked out once:
+    /// the table is judged again at each change of the ruleset.
+    elements: Vec<(Vec<u8>, bool)>,
+}
 
 impl ExtraAddresses {
     fn of(config: &Config) -> Self {
@@ -426,16 +443,18 @@ impl ExtraAddresses {
                 (IpAddr::V6(_), None) => families[1].push((address, prefix)),
             }
         }
-        Self(families)
+        Self(families.map(|ranges| FamilyRanges {
+            elements: interval_elements(&ranges),
+            ranges,
+        }))
     }
 
     /// The families with extra addresses (index in [`FAMILIES`]), with their ranges.
-    fn families(&self) -> impl Iterator<Item = (usize, &[(IpAddr, u8)])> {
+    fn families(&self) -> impl Iterator<Item = (usize, &FamilyRanges)> {
         self.0
             .iter()
             .enumerate()
-            .filter(|(_, ranges)| !ranges.is_empty())
-            .map(|(family, ranges)| (family, ranges.as_slice()))
+            .filter(|(_, family)| !family.ranges.is_empty())
     }
 }
 
@@ -613,7 +632,7 @@ fn direction_of_chain(chain: &str) -> Option<&'static Direction> {
 }
 
 /// Why `contents` is not recognisably a table the collector made, if it is not. Ours holds
-/// our chains (with our rule, or none), our maps and counters named as ours are, the
+/// our chains (with our rules, or none), our maps and sets and counters named as ours are, the
 /// counters with no comment (a build before they had one) or ours; and nothing else, not
 /// even a comment on the table. A table holding none of that is not ours either: nothing in
 /// it says so.
@@ -647,9 +666,13 @@ fn not_ours(contents: &TableContents) -> Option<String> {
         }
     }
     for set in &contents.sets {
-        if !DIRECTIONS.iter().any(|d| d.map == set.name)
-            && !FAMILIES.iter().any(|f| f.set == set.name)
-        {
+        // By name and type: a set of another type under one of our names is someone else's.
+        let our_map = DIRECTIONS.iter().any(|d| d.map == set.name)
+            && set.object_type == Some(nfnetlink::NFT_OBJECT_COUNTER);
+        let our_set = FAMILIES.iter().any(|f| {
+            f.set == set.name && f.address_len == set.key_len && set.object_type.is_none()
+        });
+        if !our_map && !our_set {
             return Some(format!("holds the set or map {}", set.name));
         }
     }
@@ -730,7 +753,7 @@ fn difference(
     }
     extra
         .iter()
-        .find_map(|&(family, ranges)| set_difference(&FAMILIES[family], ranges, contents))
+        .find_map(|&(family, extra)| set_difference(&FAMILIES[family], extra, contents))
 }
 
 /// How `direction`'s chain in `contents`, its rules and its map differ from what `plan` and
@@ -823,7 +846,7 @@ fn map_difference(
 /// How `family`'s set of extra addresses in `contents` differs from `ranges`, if it does.
 fn set_difference(
     family: &Family,
-    ranges: &[(IpAddr, u8)],
+    extra: &FamilyRanges,
     contents: &TableContents,
 ) -> Option<String> {
     let Some(set) = contents.sets.iter().find(|s| s.name == family.set) else {
@@ -832,14 +855,18 @@ fn set_difference(
     let mut elements: Vec<(Vec<u8>, bool)> = set
         .elements
         .iter()
-        .filter(|e| !(e.interval_end && e.key.iter().all(|&byte| byte == 0)))
+        .filter(|e| {
+            let address_zero =
+                e.key.len() == family.address_len as usize && e.key.iter().all(|&byte| byte == 0);
+            !(e.interval_end && address_zero)
+        })
         .map(|e| (e.key.clone(), e.interval_end))
         .collect();
     elements.sort_unstable();
     if set.key_len != family.address_len
-        || set.flags & nfnetlink::NFT_SET_INTERVAL == 0
+        || set.flags != nfnetlink::NFT_SET_INTERVAL
         || set.object_type.is_some()
-        || elements != interval_elements(ranges)
+        || elements != extra.elements
     {
         return Some(format!(
             "has the set {} with other addresses than the config's extra_local_addresses",
@@ -977,9 +1004,10 @@ impl NftTable {
             }}}));
         }
         if let RuleForm::HostsPackets { extra } = &self.rule {
-            for (family, ranges) in extra.families() {
+            for (family, extra) in extra.families() {
                 let family = &FAMILIES[family];
-                let elements: Vec<serde_json::Value> = ranges
+                let elements: Vec<serde_json::Value> = extra
+                    .ranges
                     .iter()
                     .map(|&(address, prefix)| {
                         if u32::from(prefix) == family.address_len * 8 {
@@ -1333,6 +1361,15 @@ impl Source {
         };
         if source.mode != config.nftables.enabled {
             tracing::info!("nftables counters off: {NOTHING_TO_COUNT}");
+        }
+        let extra = config.extra_local_addresses.len();
+        if source.mode != NftEnabled::Off
+            && !config.all_namespaces
+            && extra > EXTRA_RANGES_IN_SETS_MAX
+        {
+            tracing::warn!(
+                "nftables counts by port alone, forwarded packets included: extra_local_addresses has {extra} entries, more than the {EXTRA_RANGES_IN_SETS_MAX} its sets take (list ranges rather than single addresses)"
+            );
         }
         source.enabled = match source.mode {
             NftEnabled::On => true,
@@ -1972,6 +2009,11 @@ mod tests {
     fn the_port_alone_decides_where_the_classifiers_count_by_port() {
         assert_eq!(form(""), hosts());
         assert_eq!(form("all_namespaces = true\n"), RuleForm::PortAlone);
+        let many: Vec<String> = (0..=EXTRA_RANGES_IN_SETS_MAX)
+            .map(|n| format!("\"10.80.{}.{}\"", n / 256, n % 256))
+            .collect();
+        let top = format!("extra_local_addresses = [{}]\n", many.join(", "));
+        assert_eq!(form(&top), RuleForm::PortAlone);
         let RuleForm::HostsPackets { extra } = form(
             "extra_local_addresses = [\"203.0.113.0/28\", \"2001:db8::/120\", \
              \"::ffff:198.51.100.7\"]\n",
@@ -1980,8 +2022,12 @@ mod tests {
         };
         let families: Vec<(usize, Vec<String>)> = extra
             .families()
-            .map(|(family, ranges)| {
-                let ranges = ranges.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+            .map(|(family, extra)| {
+                let ranges = extra
+                    .ranges
+                    .iter()
+                    .map(|(a, p)| format!("{a}/{p}"))
+                    .collect();
                 (family, ranges)
             })
             .collect();
@@ -2269,7 +2315,7 @@ mod tests {
                     .push(extra_rule_as_made(d, &FAMILIES[family]));
             }
         }
-        for (family, ranges) in extra.families() {
+        for (family, extra) in extra.families() {
             let family = &FAMILIES[family];
             let sentinel = (vec![0; family.address_len as usize], true);
             contents.sets.push(Set {
@@ -2278,7 +2324,7 @@ mod tests {
                 flags: nfnetlink::NFT_SET_INTERVAL,
                 object_type: None,
                 elements: std::iter::once(sentinel)
-                    .chain(interval_elements(ranges))
+                    .chain(extra.elements.iter().cloned())
                     .rev()
                     .map(|(key, interval_end)| Element {
                         key,
@@ -2310,15 +2356,24 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         };
-        // An address gone from the set, or the set made without ranges.
-        let why = differs(&|t| t.sets[2].elements.remove(0).key.clear());
+        // An address's element gone from the set, or the set without its interval flag.
+        let why = differs(&|t| drop(t.sets[2].elements.remove(0)));
         assert_eq!(
             why,
             "has the set extra_ipv4 with other addresses than the config's extra_local_addresses"
         );
         let why = differs(&|t| t.sets[3].flags = 0);
         assert!(why.contains("extra_ipv6"), "{why}");
-        // The table of a build before 2026-12-08 for this config: by port alone, no sets.
+        // Elements that time out (NFT_SET_TIMEOUT) leave without moving the generation.
+        let why = differs(&|t| t.sets[3].flags |= 0x10);
+        assert!(why.contains("extra_ipv6"), "{why}");
+        let mut other_type = made.clone();
+        other_type.sets[2].key_len = 16;
+        assert_eq!(
+            judge(&plan, &rule, Some(&other_type)),
+            Verdict::NotOurs("holds the set or map extra_ipv4".into())
+        );
+        // The table of a build up to 9e21dbd for this config: by port alone, no sets.
         let mut earlier = as_made(&plan);
         for rule in &mut earlier.rules {
             rule.expressions.drain(..5).for_each(drop);

@@ -1244,6 +1244,8 @@ fn with_extra_local_addresses_nftables_counts_them_and_still_not_what_is_forward
     exchanges(&client, "10.78.2.3:18080", &backend, "10.78.2.3:18080");
     let later = support::after_polls(&netns, 3);
     assert_eq!(route_packets(&later, "in"), (Some(before), Some(before)));
+    let out = route_packets(&later, "out");
+    assert_eq!(out.0, out.1, "out: eBPF and nftables");
     // A crash: the next start adopts the table, and both count on from there.
     agent.kill();
     exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
@@ -1257,6 +1259,36 @@ fn with_extra_local_addresses_nftables_counts_them_and_still_not_what_is_forward
         Some(0.0),
         "the table was judged as made at each read"
     );
+    assert!(agent.stop().success());
+    assert_no_pins(&config.pin_dir);
+}
+
+/// Extra addresses of every shape the config takes (adjacent ranges, ranges that end at the
+/// family's last address, both families) make a table that is judged as made at every read,
+/// also after the ruleset's generation moves; one that is also the host's (127.0.0.1)
+/// counts once, as the classifiers count it.
+#[test]
+fn extra_ranges_of_every_shape_are_judged_as_made_and_a_local_one_counts_once() {
+    let netns = Netns::new();
+    let config = AgentConfig::with_nft(&format!(
+        "extra_local_addresses = [\"10.79.0.0/25\", \"10.79.0.128/25\", \
+         \"255.255.255.0/24\", \"127.0.0.1\", \"2001:db8::/120\", \
+         \"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120\"]\n{ROUTES}"
+    ));
+    let agent = Agent::start(&netns, &config);
+    connections(&netns, 3);
+    assert_nft_equals_ebpf(&netns, 3);
+    // Another table made: the generation moves, and ours is read whole and judged again.
+    nft_script(&netns, "table inet unrelated {\n}\n");
+    connections(&netns, 2);
+    assert_nft_equals_ebpf(&netns, 5);
+    let text = scrape(&netns);
+    assert_eq!(
+        sample(&text, "collector_source_errors_total", &[("source", "nft")]),
+        Some(0.0),
+        "the table was judged as made at each read"
+    );
+    assert_eq!(table_count(&netns, &config.nft_table), 1);
     assert!(agent.stop().success());
     assert_no_pins(&config.pin_dir);
 }
