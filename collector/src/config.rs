@@ -652,6 +652,21 @@ impl Config {
         })
     }
 
+    /// More `extra_local_addresses` entries than nftables holds in its sets: it then counts
+    /// by port alone ([`crate::nft::EXTRA_RANGES_IN_SETS_MAX`]).
+    #[must_use]
+    pub fn nft_by_port_warning(&self) -> Option<String> {
+        let entries = self.extra_local_addresses.len();
+        let most = crate::nft::EXTRA_RANGES_IN_SETS_MAX;
+        (crate::nft::mode(self) != NftEnabled::Off && entries > most).then(|| {
+            format!(
+                "extra_local_addresses has {entries} entries, more than the {most} nftables \
+                 holds in its sets: collector_nft_* count by port alone, what the host forwards \
+                 included (list ranges rather than single addresses)"
+            )
+        })
+    }
+
     /// What a start warns of in a valid config.
     #[must_use]
     pub fn start_warnings(&self) -> Vec<String> {
@@ -663,6 +678,7 @@ impl Config {
             .chain(self.upstream_on_listen_warning())
             .chain(self.everything_excluded_warning())
             .chain(self.stop_time_warning())
+            .chain(self.nft_by_port_warning())
             .collect()
     }
 
@@ -2650,6 +2666,29 @@ match_every = 1
             let narrower = config(&format!("exclude_interfaces = [\"{some}\"]\n"));
             assert_eq!(narrower.everything_excluded_warning(), None, "{some}");
         }
+    }
+
+    #[test]
+    fn more_extra_addresses_than_the_nft_sets_hold_are_warned_of() {
+        let with = |count: usize, nft: &str| {
+            let entries: Vec<String> = (0..count)
+                .map(|n| format!("\"10.80.{}.{}\"", n / 256, n % 256))
+                .collect();
+            let text = format!(
+                "extra_local_addresses = [{}]\n[nftables]\nenabled = {nft}\n",
+                entries.join(", ")
+            );
+            Config::from_toml("t.toml", &text).unwrap()
+        };
+        let most = crate::nft::EXTRA_RANGES_IN_SETS_MAX;
+        assert_eq!(with(most, "true").nft_by_port_warning(), None);
+        let warning = with(most + 1, "\"auto\"").nft_by_port_warning().unwrap();
+        assert!(
+            warning.starts_with("extra_local_addresses has 1025 entries"),
+            "{warning}"
+        );
+        assert!(with(most + 1, "true").start_warnings().contains(&warning));
+        assert_eq!(with(most + 1, "false").nft_by_port_warning(), None);
     }
 
     #[test]

@@ -407,7 +407,7 @@ impl RuleForm {
 }
 
 /// Most `extra_local_addresses` entries our table holds in its sets; past them it counts by
-/// port alone. At the config's limit (262,144 single addresses) `nft` took 1.6 s and 200 MB
+/// port alone (a warning at the start and from `check`). At the config's limit (262,144 single addresses) `nft` took 1.6 s and 200 MB
 /// to make the set here, near the `DaemonSet`'s 256 MiB memory limit, and the set would be
 /// read whole at every change of the ruleset; 1,024 ranges are some 2,000 elements.
 pub const EXTRA_RANGES_IN_SETS_MAX: usize = 1024;
@@ -1361,15 +1361,6 @@ impl Source {
         };
         if source.mode != config.nftables.enabled {
             tracing::info!("nftables counters off: {NOTHING_TO_COUNT}");
-        }
-        let extra = config.extra_local_addresses.len();
-        if source.mode != NftEnabled::Off
-            && !config.all_namespaces
-            && extra > EXTRA_RANGES_IN_SETS_MAX
-        {
-            tracing::warn!(
-                "nftables counts by port alone, forwarded packets included: extra_local_addresses has {extra} entries, more than the {EXTRA_RANGES_IN_SETS_MAX} its sets take (list ranges rather than single addresses)"
-            );
         }
         source.enabled = match source.mode {
             NftEnabled::On => true,
