@@ -204,13 +204,13 @@ const USAGE: &str = "usage: cargo xtask bench [-- [--pairs N] [--seconds S] [--o
 
   --pairs N     pairs of runs per mode, at least 1 (default 9; the issues' targets ask for 5 or more)
   --seconds S   seconds per run (default 3)
-  --only PART   one part alone, for quick comparisons: proxy, nginx, dns, paths, poll or
-                memory
+  --only PART   one part alone, for quick comparisons: proxy, nginx, dns, nft, paths, poll
+                or memory
                 (docs/BENCHMARKS.md is not written)
   --no-docs     print the report without writing docs/BENCHMARKS.md";
 
 /// The parts `--only` takes, in the order a full run measures them.
-const PARTS: [&str; 6] = ["proxy", "nginx", "dns", "paths", "poll", "memory"];
+const PARTS: [&str; 7] = ["proxy", "nginx", "dns", "nft", "paths", "poll", "memory"];
 
 /// The settings from the command line; usage on `--help`, and a refusal of what it does not
 /// know, before anything is measured (a misspelt option would otherwise run the whole bench).
@@ -1075,6 +1075,10 @@ fn dns_mode_report(report: &mut String, mode: &DnsMode) {
             "Median qps ratio {}; counted − sent: {differences} (target 0)",
             qps.describe(Some(0.985))
         ),
+        (Beside::Agent(_), Beside::Agent(_)) => format!(
+            "Median qps ratio of the agent with nftables counting against the agent without: {}; counted − sent: {differences}",
+            qps.describe(None)
+        ),
         _ => format!(
             "Median qps ratio of the agent against the empty classifier: {}; counted − sent: {differences}",
             qps.describe(None)
@@ -1586,6 +1590,110 @@ fn dns_overhead(netns: &Netns, settings: &Settings) -> String {
     dns_report(settings, &modes)
 }
 
+/// A host firewall's hooks (as iptables or kube-proxy make them): NAT at prerouting and
+/// postrouting, conntrack on, so that our chains are not the namespace's first hooks.
+const HOST_FIREWALL: &str = "table inet bench_host_firewall {
+  chain prerouting { type nat hook prerouting priority dstnat; }
+  chain input { type filter hook input priority 0; ct state established,related accept; }
+  chain postrouting { type nat hook postrouting priority srcnat; }
+}
+";
+
+/// `nft -f -` of `script` in `netns`.
+fn nft_in(netns: &Netns, script: &str) {
+    use std::io::Write as _;
+    let mut nft = netns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft -f - of {script}");
+}
+
+/// What our nftables table costs dnsperf against unbound: the agent with `[nftables]
+/// enabled = true` against the agent with it off, per rule form, in the bare namespace
+/// (where our chains are its only netfilter hooks) and beside a host firewall.
+fn nft_overhead(netns: &Netns, settings: &Settings) -> String {
+    use std::fmt::Write as _;
+    let server = Unbound::start(netns, false);
+    let scratch = support::ScratchDir::new("dnsperf");
+    let queries = scratch.path("queries.txt");
+    std::fs::write(&queries, DNS_QUERIES).unwrap();
+    let unbound = server.main_pid();
+    let agent = |top: &str, enabled| {
+        AgentConfig::shipped_poll_nft(&format!("{top}{ROUTES}\n[dns]\n"), enabled)
+    };
+    let forms = [
+        (
+            "the host's packets (the rule by default: port, then `fib daddr type local`)",
+            "",
+        ),
+        (
+            "with `extra_local_addresses` (a packet on a watched port jumps to a chain that counts it and returns if local, else counts it if its address is in the family's set)",
+            "extra_local_addresses = [\"203.0.113.0/28\", \"2001:db8::/120\"]\n",
+        ),
+        (
+            "by port alone (`all_namespaces = true`)",
+            "all_namespaces = true\n",
+        ),
+    ];
+    let configs: Vec<(&'static str, AgentConfig, AgentConfig)> = forms
+        .iter()
+        .map(|&(title, top)| (title, agent(top, false), agent(top, true)))
+        .collect();
+    let mut report = String::new();
+    let _ = writeln!(report, "## nftables counting under DNS load\n");
+    let _ = writeln!(
+        report,
+        "Command: `cargo xtask bench -- --pairs {} --seconds {}` (alone: `--only nft`): dnsperf \
+         against unbound as in the DNS part, the agent with its defaults on both sides, \
+         `[nftables] enabled = true` on the \"with\" side and `false` on the other, so the \
+         ratio is what our table's chains cost each DNS packet, per rule form: first in the \
+         benchmark's bare namespace, where they are its only netfilter hooks, then beside a \
+         host firewall (NAT at prerouting and postrouting, conntrack on), as on a host running \
+         iptables or kube-proxy.\n",
+        settings.pairs, settings.seconds
+    );
+    for firewall in [false, true] {
+        if firewall {
+            nft_in(netns, HOST_FIREWALL);
+        }
+        for (title, off, on) in &configs {
+            let place = if firewall {
+                "beside a host firewall"
+            } else {
+                "in the bare namespace"
+            };
+            let _ = writeln!(report, "### Counting {title}, {place}\n");
+            let mode = DnsMode {
+                title,
+                text: None,
+                without: Beside::Agent(off),
+                with: Beside::Agent(on),
+                pairs: dns_pairs(
+                    netns,
+                    Beside::Agent(off),
+                    Beside::Agent(on),
+                    &queries,
+                    settings,
+                    unbound,
+                ),
+                costs: None,
+            };
+            dns_mode_report(&mut report, &mode);
+        }
+    }
+    nft_in(netns, "delete table inet bench_host_firewall\n");
+    drop(server);
+    report
+}
+
 fn main() {
     let settings = settings();
     clean_up_on_signals();
@@ -1617,6 +1725,9 @@ fn main() {
     }
     if settings.runs("dns") {
         report.push_str(&dns_overhead(&netns, &settings));
+    }
+    if settings.runs("nft") {
+        report.push_str(&nft_overhead(&netns, &settings));
     }
     if settings.runs("paths") {
         report.push_str(&path_cost::report());

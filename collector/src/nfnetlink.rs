@@ -61,6 +61,14 @@ const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const NFTA_SET_ELEM_OBJREF: u16 = 9;
 const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+/// `immediate`'s register (0: the verdict) and data.
+pub const NFTA_IMMEDIATE_DREG: u16 = 1;
+pub const NFTA_IMMEDIATE_DATA: u16 = 2;
+pub const NFT_JUMP: i32 = -3;
+pub const NFT_RETURN: i32 = -5;
 const NFTA_GEN_ID: u16 = 1;
 const NFTA_OBJ_TABLE: u16 = 1;
 const NFTA_OBJ_NAME: u16 = 2;
@@ -93,7 +101,6 @@ pub const NFTA_CMP_SREG: u16 = 1;
 pub const NFTA_CMP_OP: u16 = 2;
 pub const NFTA_CMP_DATA: u16 = 3;
 pub const NFT_CMP_EQ: u32 = 0;
-pub const NFT_CMP_NEQ: u32 = 1;
 /// The address type `fib ... type local` compares with, in host order as a register holds it.
 pub const RTN_LOCAL: u32 = 2;
 const NFTA_COUNTER_BYTES: u16 = 1;
@@ -184,6 +191,16 @@ impl Expression {
     pub fn data_value(&self, kind: u16) -> Option<&[u8]> {
         let (_, nested) = self.data.iter().find(|(k, _)| *k == kind)?;
         data_value(nested)
+    }
+
+    /// The verdict (`NFTA_DATA_VERDICT`) nested in the attribute `kind`, as an `immediate`
+    /// holds a jump or a return: its code (`NFT_JUMP`, `NFT_RETURN`) and the chain jumped to.
+    #[must_use]
+    pub fn verdict(&self, kind: u16) -> Option<(i32, Option<String>)> {
+        let (_, nested) = self.data.iter().find(|(k, _)| *k == kind)?;
+        let verdict = attributes(find(&attributes(nested), NFTA_DATA_VERDICT)?);
+        let code = find_be32(&verdict, NFTA_VERDICT_CODE)?.cast_signed();
+        Some((code, find_text(&verdict, NFTA_VERDICT_CHAIN)))
     }
 }
 

@@ -50,6 +50,10 @@ const IN_CHAIN: &str = "count_in";
 const OUT_CHAIN: &str = "count_out";
 const IN_MAP: &str = "ports_in";
 const OUT_MAP: &str = "ports_out";
+/// The regular chains the packets on a watched port jump to where `extra_local_addresses`
+/// are counted too.
+const IN_CHECKED: &str = "checked_in";
+const OUT_CHECKED: &str = "checked_out";
 
 /// The comment our counters carry: who made the table, for whoever lists the ruleset. (A
 /// table's own comment is not in nft 1.0.6's JSON; a counter's is.) Kept as it is across
@@ -60,6 +64,8 @@ pub const COMMENT: &str = "made by collector (the ingress metrics agent), remove
 struct Direction {
     inbound: bool,
     chain: &'static str,
+    /// The chain its packets on a watched port jump to where extra addresses are counted.
+    checked: &'static str,
     hook: &'static str,
     hook_number: u32,
     /// `in`: -301, before conntrack (-200) and destination NAT (-100), so the destination
@@ -84,6 +90,7 @@ const DIRECTIONS: [Direction; 2] = [
     Direction {
         inbound: true,
         chain: IN_CHAIN,
+        checked: IN_CHECKED,
         hook: "prerouting",
         hook_number: NF_INET_PRE_ROUTING,
         priority: -301,
@@ -96,6 +103,7 @@ const DIRECTIONS: [Direction; 2] = [
     Direction {
         inbound: false,
         chain: OUT_CHAIN,
+        checked: OUT_CHECKED,
         hook: "postrouting",
         hook_number: NF_INET_POST_ROUTING,
         priority: 300,
@@ -363,10 +371,12 @@ fn is_our_counter_name(name: &str) -> bool {
 pub enum RuleForm {
     /// The packet's protocol and port looked up in the direction's map, then its address
     /// checked to be the namespace's (`fib ... type local`), then counted in the counter the
-    /// element names: the host's packets, as the tc classifiers count them. Then, per family
-    /// with `extra_local_addresses`, a rule counting as well the packets to (in) or from (out)
-    /// those that `fib` does not take for local (a VIP kube-proxy DNATs to a hostNetwork
-    /// proxy), as the classifiers take them for the host's too.
+    /// element names: the host's packets, as the tc classifiers count them. With
+    /// `extra_local_addresses` (a VIP kube-proxy DNATs to a hostNetwork proxy, which the
+    /// classifiers take for the host's too), a packet on a watched port jumps to a chain of
+    /// its own instead, which counts it and returns if its address is local, and counts it
+    /// if its address is in the family's set of extra addresses: a packet on no watched port
+    /// costs one look-up, as without.
     HostsPackets { extra: ExtraAddresses },
     /// The look-up to the counter alone: by port, packets the host forwards included. Every
     /// build's up to 2ca4b1a, and this one's with `all_namespaces`, where the classifiers
@@ -391,18 +401,27 @@ impl RuleForm {
         }
     }
 
-    /// The rules of a chain, in order.
+    /// The rules of a direction, in order: its base chain's, then its checked chain's.
     fn rules(&self) -> Vec<OurRule> {
         match self {
             Self::PortAlone => vec![OurRule::PortAlone],
-            Self::HostsPackets { extra } => std::iter::once(OurRule::HostsPackets)
+            Self::HostsPackets { extra } if extra.families().next().is_none() => {
+                vec![OurRule::HostsPackets]
+            }
+            Self::HostsPackets { extra } => [OurRule::JumpToChecked, OurRule::CheckedHost]
+                .into_iter()
                 .chain(
                     extra
                         .families()
-                        .map(|(family, _)| OurRule::ExtraAddresses(family)),
+                        .map(|(family, _)| OurRule::CheckedExtra(family)),
                 )
                 .collect(),
         }
+    }
+
+    /// Whether the directions have checked chains.
+    fn checks_in_chains(&self) -> bool {
+        self.rules().contains(&OurRule::JumpToChecked)
     }
 }
 
@@ -487,22 +506,26 @@ fn interval_elements(ranges: &[(IpAddr, u8)]) -> Vec<(Vec<u8>, bool)> {
 enum OurRule {
     PortAlone,
     HostsPackets,
-    /// To or from the extra addresses of the family (index in [`FAMILIES`]) that `fib`
-    /// does not take for local.
-    ExtraAddresses(usize),
+    /// A packet on a watched port to the checked chain.
+    JumpToChecked,
+    /// In the checked chain: to or from a local address, counted, and back.
+    CheckedHost,
+    /// In the checked chain: to or from an extra address of the family (index in
+    /// [`FAMILIES`]), counted.
+    CheckedExtra(usize),
 }
 
-/// What a chain's `rules` count, in words; `None` for rules of ours that no config makes
-/// together (none, a rule twice).
+/// What a direction's `rules` count, in words; `None` for rules of ours that no config
+/// makes together (none, a rule twice).
 fn describe(rules: &[OurRule]) -> Option<String> {
     match rules {
         [OurRule::PortAlone] => Some("by port alone".to_owned()),
         [OurRule::HostsPackets] => Some("the host's packets alone".to_owned()),
-        [OurRule::HostsPackets, extra @ ..] => {
+        [OurRule::JumpToChecked, OurRule::CheckedHost, extra @ ..] if !extra.is_empty() => {
             let families: Option<Vec<usize>> = extra
                 .iter()
                 .map(|rule| match rule {
-                    OurRule::ExtraAddresses(family) => Some(*family),
+                    OurRule::CheckedExtra(family) => Some(*family),
                     _ => None,
                 })
                 .collect();
@@ -519,45 +542,61 @@ fn describe(rules: &[OurRule]) -> Option<String> {
 
 /// Which of our rules of `direction` `rule` is, if it is one.
 fn our_rule_form(rule: &nfnetlink::Rule, direction: &Direction) -> Option<OurRule> {
+    let watched = |meta, payload, lookup| {
+        is_port_key(meta, payload, direction) && is_set_lookup(lookup, direction.map)
+    };
+    let counted = |meta, payload, objref| {
+        is_port_key(meta, payload, direction) && is_counter_lookup(objref, direction)
+    };
+    let expressions = rule.expressions.as_slice();
+    if rule.chain == direction.checked {
+        return match expressions {
+            [fib, cmp, meta, payload, objref, back] => (is_fib_local(fib, cmp, direction)
+                && counted(meta, payload, objref)
+                && is_verdict(back, nfnetlink::NFT_RETURN, None))
+            .then_some(OurRule::CheckedHost),
+            [nfproto, is_family, address, in_set, meta, payload, objref] => FAMILIES
+                .iter()
+                .position(|family| {
+                    is_extra_address(&[nfproto, is_family, address, in_set], family, direction)
+                })
+                .filter(|_| counted(meta, payload, objref))
+                .map(OurRule::CheckedExtra),
+            _ => None,
+        };
+    }
     if rule.chain != direction.chain {
         return None;
     }
-    if let [meta, payload, objref] = rule.expressions.as_slice() {
-        return (is_port_key(meta, payload, direction) && is_counter_lookup(objref, direction))
-            .then_some(OurRule::PortAlone);
-    }
-    // The checked forms: the port's look-up, the address's checks, the count.
-    let [
-        meta,
-        payload,
-        lookup,
-        checks @ ..,
-        counter_meta,
-        counter_payload,
-        objref,
-    ] = rule.expressions.as_slice()
-    else {
-        return None;
-    };
-    let counted = is_port_key(meta, payload, direction)
-        && is_set_lookup(lookup, direction.map)
-        && is_port_key(counter_meta, counter_payload, direction)
-        && is_counter_lookup(objref, direction);
-    if !counted {
-        return None;
-    }
-    match checks {
-        [fib, cmp] => is_fib_local(fib, cmp, direction, nfnetlink::NFT_CMP_EQ)
-            .then_some(OurRule::HostsPackets),
-        [nfproto, is_family, address, in_set, fib, cmp] => FAMILIES
-            .iter()
-            .position(|family| {
-                is_extra_address(&[nfproto, is_family, address, in_set], family, direction)
-            })
-            .filter(|_| is_fib_local(fib, cmp, direction, nfnetlink::NFT_CMP_NEQ))
-            .map(OurRule::ExtraAddresses),
+    match expressions {
+        [meta, payload, objref] => counted(meta, payload, objref).then_some(OurRule::PortAlone),
+        [
+            meta,
+            payload,
+            lookup,
+            fib,
+            cmp,
+            counter_meta,
+            counter_payload,
+            objref,
+        ] => (watched(meta, payload, lookup)
+            && is_fib_local(fib, cmp, direction)
+            && counted(counter_meta, counter_payload, objref))
+        .then_some(OurRule::HostsPackets),
+        [meta, payload, lookup, jump] => (watched(meta, payload, lookup)
+            && is_verdict(jump, nfnetlink::NFT_JUMP, Some(direction.checked)))
+        .then_some(OurRule::JumpToChecked),
         _ => None,
     }
+}
+
+/// Whether `immediate` gives the verdict `code` (to `chain`, for a jump).
+fn is_verdict(immediate: &nfnetlink::Expression, code: i32, chain: Option<&str>) -> bool {
+    immediate.name == "immediate"
+        && immediate.be32(nfnetlink::NFTA_IMMEDIATE_DREG) == Some(0)
+        && immediate
+            .verdict(nfnetlink::NFTA_IMMEDIATE_DATA)
+            .is_some_and(|(given, to)| given == code && to.as_deref() == chain)
 }
 
 /// Whether `lookup` matches the packet in `set`, as a condition (no data register, not
@@ -569,13 +608,11 @@ fn is_set_lookup(lookup: &nfnetlink::Expression, set: &str) -> bool {
         && lookup.be32(nfnetlink::NFTA_LOOKUP_FLAGS).unwrap_or(0) == 0
 }
 
-/// Whether `fib` and `cmp` check that `direction`'s address is (`op` `NFT_CMP_EQ`) or is
-/// not (`NFT_CMP_NEQ`) the namespace's.
+/// Whether `fib` and `cmp` check that `direction`'s address is the namespace's.
 fn is_fib_local(
     fib: &nfnetlink::Expression,
     cmp: &nfnetlink::Expression,
     direction: &Direction,
-    op: u32,
 ) -> bool {
     fib.name == "fib"
         && fib.be32(nfnetlink::NFTA_FIB_RESULT) == Some(nfnetlink::NFT_FIB_RESULT_ADDRTYPE)
@@ -583,7 +620,7 @@ fn is_fib_local(
         && fib.be32(nfnetlink::NFTA_FIB_DREG).is_some()
         && cmp.name == "cmp"
         && cmp.be32(nfnetlink::NFTA_CMP_SREG) == fib.be32(nfnetlink::NFTA_FIB_DREG)
-        && cmp.be32(nfnetlink::NFTA_CMP_OP) == Some(op)
+        && cmp.be32(nfnetlink::NFTA_CMP_OP) == Some(nfnetlink::NFT_CMP_EQ)
         && cmp.data_value(nfnetlink::NFTA_CMP_DATA) == Some(&nfnetlink::RTN_LOCAL.to_ne_bytes()[..])
 }
 
@@ -627,8 +664,11 @@ fn is_counter_lookup(objref: &nfnetlink::Expression, direction: &Direction) -> b
         && objref.text(nfnetlink::NFTA_OBJREF_SET_NAME).as_deref() == Some(direction.map)
 }
 
+/// The direction whose base or checked chain `chain` is.
 fn direction_of_chain(chain: &str) -> Option<&'static Direction> {
-    DIRECTIONS.iter().find(|d| d.chain == chain)
+    DIRECTIONS
+        .iter()
+        .find(|d| d.chain == chain || d.checked == chain)
 }
 
 /// Why `contents` is not recognisably a table the collector made, if it is not. Ours holds
@@ -727,18 +767,18 @@ fn difference(
             object.name
         ));
     }
-    if contents.chains.len() != DIRECTIONS.len() {
-        return Some(format!(
-            "holds {} chains where it was made with {}",
-            contents.chains.len(),
-            DIRECTIONS.len()
-        ));
-    }
     let wanted = rule.rules();
     for direction in &DIRECTIONS {
         if let Some(why) = chain_difference(plan, &wanted, contents, direction) {
             return Some(why);
         }
+    }
+    let chains = DIRECTIONS.len() * if rule.checks_in_chains() { 2 } else { 1 };
+    if contents.chains.len() != chains {
+        return Some(format!(
+            "holds {} chains where the config wants {chains}",
+            contents.chains.len(),
+        ));
     }
     let extra = match rule {
         RuleForm::HostsPackets { extra } => extra.families().collect(),
@@ -780,11 +820,18 @@ fn chain_difference(
             direction.priority
         ));
     }
-    // `not_ours` found each rule one of ours.
-    let found: Vec<OurRule> = contents
-        .rules
+    if let Some(checked) = contents.chains.iter().find(|c| c.name == direction.checked)
+        && (checked.hook.is_some() || checked.kind.is_some())
+    {
+        return Some(format!(
+            "has the chain {} as a base chain where this build makes it a regular one",
+            checked.name
+        ));
+    }
+    // `not_ours` found each rule one of ours: the base chain's, then the checked chain's.
+    let found: Vec<OurRule> = [direction.chain, direction.checked]
         .iter()
-        .filter(|r| r.chain == direction.chain)
+        .flat_map(|&chain| contents.rules.iter().filter(move |r| r.chain == chain))
         .filter_map(|r| our_rule_form(r, direction))
         .collect();
     if found != wanted {
@@ -795,9 +842,14 @@ fn chain_difference(
                 direction.chain
             ),
             None => format!(
-                "holds {} rules in its chain {} where the config wants {} ({wanted_words}, in that order)",
+                "holds {} rules in its chain {}{} where the config wants {} ({wanted_words}, in that order)",
                 found.len(),
                 direction.chain,
+                if wanted.contains(&OurRule::JumpToChecked) {
+                    format!(" and {}", direction.checked)
+                } else {
+                    String::new()
+                },
                 wanted.len()
             ),
         });
@@ -980,8 +1032,8 @@ impl NftTable {
     /// checks its address is the namespace's, and counts in the counter the map names: one
     /// hash lookup for a packet on no watched port however many are watched (a rule per
     /// port cost a comparison per port); one on a watched port costs a second one and, with
-    /// the address check, a route look-up, and per family with extra addresses (a rule
-    /// each) the port's look-up again and its address's in the family's set. (The
+    /// the address check, a route look-up; with extra addresses, the jump to the checked
+    /// chain, and for one not local a look-up of its address in the family's set. (The
     /// `nftables` crate's types cannot express a counter map, hence plain JSON.)
     fn ruleset(&self, replace: Option<u64>) -> serde_json::Value {
         let table = self.name.as_str();
@@ -1004,24 +1056,7 @@ impl NftTable {
             }}}));
         }
         if let RuleForm::HostsPackets { extra } = &self.rule {
-            for (family, extra) in extra.families() {
-                let family = &FAMILIES[family];
-                let elements: Vec<serde_json::Value> = extra
-                    .ranges
-                    .iter()
-                    .map(|&(address, prefix)| {
-                        if u32::from(prefix) == family.address_len * 8 {
-                            json!(address.to_string())
-                        } else {
-                            json!({"prefix": {"addr": address.to_string(), "len": prefix}})
-                        }
-                    })
-                    .collect();
-                commands.push(json!({"add": {"set": {
-                    "family": "inet", "table": table, "name": family.set,
-                    "type": family.nft_type, "flags": ["interval"], "elem": elements,
-                }}}));
-            }
+            commands.extend(extra_sets(table, extra));
         }
         for direction in &DIRECTIONS {
             let elements: Vec<serde_json::Value> = self
@@ -1053,34 +1088,44 @@ impl NftTable {
                 json!({"counter": {"map": {"key": key, "data": format!("@{}", direction.map)}}});
             let watched =
                 json!({"match": {"op": "==", "left": key, "right": format!("@{}", direction.map)}});
-            let local = |op: &str| {
-                json!({"match": {
-                    "op": op,
-                    "left": {"fib": {"result": "type", "flags": [direction.address]}},
-                    "right": "local",
-                }})
-            };
+            let local = json!({"match": {
+                "op": "==",
+                "left": {"fib": {"result": "type", "flags": [direction.address]}},
+                "right": "local",
+            }});
+            if self.rule.checks_in_chains() {
+                commands.push(json!({"add": {"chain": {
+                    "family": "inet", "table": table, "name": direction.checked,
+                }}}));
+            }
             for rule in self.rule.rules() {
+                let chain = match rule {
+                    OurRule::CheckedHost | OurRule::CheckedExtra(_) => direction.checked,
+                    _ => direction.chain,
+                };
                 let expr = match rule {
                     OurRule::PortAlone => json!([count]),
-                    OurRule::HostsPackets => json!([watched, local("=="), count]),
-                    // An extra address that is also local counts once, in the rule above.
-                    OurRule::ExtraAddresses(family) => {
+                    OurRule::HostsPackets => json!([watched, local, count]),
+                    OurRule::JumpToChecked => {
+                        json!([watched, {"jump": {"target": direction.checked}}])
+                    }
+                    OurRule::CheckedHost => json!([local, count, {"return": null}]),
+                    // After the return of a local packet: an extra address that is also
+                    // local counts once.
+                    OurRule::CheckedExtra(family) => {
                         let family = &FAMILIES[family];
                         json!([
-                            watched,
                             {"match": {
                                 "op": "==",
                                 "left": {"payload": {"protocol": family.protocol, "field": direction.address}},
                                 "right": format!("@{}", family.set),
                             }},
-                            local("!="),
                             count,
                         ])
                     }
                 };
                 commands.push(json!({"add": {"rule": {
-                    "family": "inet", "table": table, "chain": direction.chain, "expr": expr,
+                    "family": "inet", "table": table, "chain": chain, "expr": expr,
                 }}}));
             }
         }
@@ -1207,6 +1252,31 @@ impl NftTable {
     pub fn remove(&self) -> Result<(), NftError> {
         removed_or_left(&self.name, remove_leftover(&self.name, self.nft_timeout))
     }
+}
+
+/// The sets of `extra` addresses in nft's JSON, one per family that has some.
+fn extra_sets(table: &str, extra: &ExtraAddresses) -> Vec<serde_json::Value> {
+    extra
+        .families()
+        .map(|(family, extra)| {
+            let family = &FAMILIES[family];
+            let elements: Vec<serde_json::Value> = extra
+                .ranges
+                .iter()
+                .map(|&(address, prefix)| {
+                    if u32::from(prefix) == family.address_len * 8 {
+                        json!(address.to_string())
+                    } else {
+                        json!({"prefix": {"addr": address.to_string(), "len": prefix}})
+                    }
+                })
+                .collect();
+            json!({"add": {"set": {
+                "family": "inet", "table": table, "name": family.set,
+                "type": family.nft_type, "flags": ["interval"], "elem": elements,
+            }}})
+        })
+        .collect()
 }
 
 fn apply(ruleset: &serde_json::Value, timeout: Duration) -> Result<(), NftError> {
@@ -2051,7 +2121,7 @@ mod tests {
     /// per family, made before the chains whose rules look in them; in each chain the host's
     /// rule, then one per family.
     #[test]
-    fn extra_local_addresses_are_counted_from_a_set_per_family_unless_local() {
+    fn extra_local_addresses_are_counted_in_a_chain_of_their_own_from_a_set_per_family() {
         let config = Config::from_toml(
             "t.toml",
             "extra_local_addresses = [\"203.0.113.0/28\", \"198.51.100.7\", \"2001:db8::/120\"]\n\
@@ -2070,8 +2140,9 @@ mod tests {
         };
         let json = table.ruleset(None);
         let objects = json["nftables"].as_array().unwrap();
-        // Table, four counters, two sets, then (map, chain, 3 rules) per direction.
-        assert_eq!(objects.len(), 1 + 4 + 2 + 2 * 5);
+        // Table, four counters, two sets, then per direction its map, its base chain, its
+        // checked chain and 4 rules.
+        assert_eq!(objects.len(), 1 + 4 + 2 + 2 * 7);
         assert_eq!(
             objects[5]["add"]["set"],
             json!({
@@ -2082,37 +2153,50 @@ mod tests {
         );
         assert_eq!(objects[6]["add"]["set"]["name"], "extra_ipv6");
         assert_eq!(objects[6]["add"]["set"]["type"], "ipv6_addr");
+        // The checked chain is a regular one, made before the rule that jumps to it.
+        assert_eq!(
+            objects[9]["add"]["chain"],
+            json!({"family": "inet", "table": "collector", "name": "checked_in"})
+        );
         let rules: Vec<&serde_json::Value> = objects
             .iter()
             .filter_map(|o| o["add"].get("rule"))
             .collect();
-        assert_eq!(rules.len(), 6);
-        // In: the host's, then IPv4's and IPv6's extra destinations that are not local.
-        assert_eq!(rules[0]["expr"][1]["match"]["op"], "==");
-        let ipv4 = &rules[1]["expr"];
-        assert_eq!(ipv4[0]["match"]["right"], "@ports_in");
+        assert_eq!(rules.len(), 8);
+        // In: a packet on a watched port jumps; there the host's are counted and go back,
+        // then IPv4's and IPv6's extra destinations are counted.
+        assert_eq!(rules[0]["chain"], "count_in");
+        assert_eq!(rules[0]["expr"][0]["match"]["right"], "@ports_in");
         assert_eq!(
-            ipv4[1]["match"],
+            rules[0]["expr"][1],
+            json!({"jump": {"target": "checked_in"}})
+        );
+        assert_eq!(rules[1]["chain"], "checked_in");
+        assert_eq!(
+            rules[1]["expr"][0]["match"],
+            json!({"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"})
+        );
+        assert_eq!(rules[1]["expr"][2], json!({"return": null}));
+        let ipv4 = &rules[2]["expr"];
+        assert_eq!(
+            ipv4[0]["match"],
             json!({"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "@extra_ipv4"})
         );
+        assert_eq!(ipv4[1]["counter"]["map"]["data"], "@ports_in");
         assert_eq!(
-            ipv4[2]["match"],
-            json!({"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"})
-        );
-        assert_eq!(ipv4[3]["counter"]["map"]["data"], "@ports_in");
-        assert_eq!(
-            rules[2]["expr"][1]["match"]["left"]["payload"]["protocol"],
+            rules[3]["expr"][0]["match"]["left"]["payload"]["protocol"],
             "ip6"
         );
         // Out: their sources.
         assert_eq!(rules[4]["chain"], "count_out");
+        assert_eq!(rules[5]["chain"], "checked_out");
         assert_eq!(
-            rules[4]["expr"][1]["match"]["left"]["payload"]["field"],
-            "saddr"
+            rules[5]["expr"][0]["match"]["left"]["fib"]["flags"],
+            json!(["saddr"])
         );
         assert_eq!(
-            rules[5]["expr"][2]["match"]["left"]["fib"]["flags"],
-            json!(["saddr"])
+            rules[6]["expr"][0]["match"]["left"]["payload"]["field"],
+            "saddr"
         );
     }
 
@@ -2182,8 +2266,8 @@ mod tests {
         )
     }
 
-    /// `d`'s address checked to be local (`op` `NFT_CMP_EQ`) or not (`NFT_CMP_NEQ`).
-    fn fib_local(d: &Direction, op: u32) -> [Expression; 2] {
+    /// `d`'s address checked to be local.
+    fn fib_local(d: &Direction) -> [Expression; 2] {
         [
             expression(
                 "fib",
@@ -2200,7 +2284,7 @@ mod tests {
                 "cmp",
                 vec![
                     (nfnetlink::NFTA_CMP_SREG, be32(1)),
-                    (nfnetlink::NFTA_CMP_OP, be32(op)),
+                    (nfnetlink::NFTA_CMP_OP, be32(nfnetlink::NFT_CMP_EQ)),
                     (
                         nfnetlink::NFTA_CMP_DATA,
                         cmp_data(&nfnetlink::RTN_LOCAL.to_ne_bytes()),
@@ -2210,52 +2294,9 @@ mod tests {
         ]
     }
 
-    /// `d`'s rule of the host's packets as nfnetlink reads it back.
-    fn rule_as_made(d: &Direction) -> Rule {
-        rule_checking(d, &fib_local(d, nfnetlink::NFT_CMP_EQ))
-    }
-
-    /// `d`'s rule of `family`'s extra addresses as nfnetlink reads it back.
-    fn extra_rule_as_made(d: &Direction, family: &Family) -> Rule {
-        let checks = [
-            expression(
-                "meta",
-                vec![
-                    (nfnetlink::NFTA_META_KEY, be32(nfnetlink::NFT_META_NFPROTO)),
-                    (1, be32(1)),
-                ],
-            ),
-            expression(
-                "cmp",
-                vec![
-                    (nfnetlink::NFTA_CMP_SREG, be32(1)),
-                    (nfnetlink::NFTA_CMP_OP, be32(nfnetlink::NFT_CMP_EQ)),
-                    (nfnetlink::NFTA_CMP_DATA, cmp_data(&[family.nfproto])),
-                ],
-            ),
-            expression(
-                "payload",
-                vec![
-                    (1, be32(1)),
-                    (
-                        nfnetlink::NFTA_PAYLOAD_BASE,
-                        be32(nfnetlink::NFT_PAYLOAD_NETWORK_HEADER),
-                    ),
-                    (nfnetlink::NFTA_PAYLOAD_OFFSET, be32(family.offset(d))),
-                    (nfnetlink::NFTA_PAYLOAD_LEN, be32(family.address_len)),
-                ],
-            ),
-            lookup_in(family.set),
-        ];
-        rule_checking(
-            d,
-            &[&checks[..], &fib_local(d, nfnetlink::NFT_CMP_NEQ)].concat(),
-        )
-    }
-
-    /// `d`'s rule with `checks` between the port's look-up and the count.
-    fn rule_checking(d: &Direction, checks: &[Expression]) -> Rule {
-        let key = [
+    /// The packet's protocol and `d`'s port, loaded.
+    fn port_key(d: &Direction) -> [Expression; 2] {
+        [
             expression(
                 "meta",
                 vec![
@@ -2275,7 +2316,11 @@ mod tests {
                     (nfnetlink::NFTA_PAYLOAD_LEN, be32(2)),
                 ],
             ),
-        ];
+        ]
+    }
+
+    /// The count in the counter `d`'s map names for the packet's port.
+    fn count(d: &Direction) -> Vec<Expression> {
         let objref = expression(
             "objref",
             vec![
@@ -2286,25 +2331,124 @@ mod tests {
                 ),
             ],
         );
+        [&port_key(d)[..], &[objref]].concat()
+    }
+
+    /// A netlink attribute: length, type, `payload` padded to 4 bytes.
+    fn attribute(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let length = u16::try_from(4 + payload.len()).unwrap();
+        let mut bytes = [length.to_ne_bytes(), kind.to_ne_bytes()].concat();
+        bytes.extend(payload);
+        bytes.resize(bytes.len().next_multiple_of(4), 0);
+        bytes
+    }
+
+    /// An `immediate` giving the verdict `code` (to `chain`, for a jump).
+    fn verdict(code: i32, chain: Option<&str>) -> Expression {
+        let mut verdict = attribute(1, &code.to_be_bytes());
+        if let Some(chain) = chain {
+            verdict.extend(attribute(2, format!("{chain}\0").as_bytes()));
+        }
+        expression(
+            "immediate",
+            vec![
+                (nfnetlink::NFTA_IMMEDIATE_DREG, be32(0)),
+                (nfnetlink::NFTA_IMMEDIATE_DATA, attribute(2, &verdict)),
+            ],
+        )
+    }
+
+    /// `d`'s rule of the host's packets as nfnetlink reads it back.
+    fn rule_as_made(d: &Direction) -> Rule {
         Rule {
             chain: d.chain.into(),
-            expressions: [&key[..], &[lookup_in(d.map)], checks, &key, &[objref]].concat(),
+            expressions: [
+                &port_key(d)[..],
+                &[lookup_in(d.map)],
+                &fib_local(d),
+                &count(d),
+            ]
+            .concat(),
         }
     }
 
-    /// [`as_made`] for a config with `extra_local_addresses` of both families: the sets, and
-    /// the rules of each family after the host's in each chain. nft's end at address 0
-    /// comes with each set.
+    /// `d`'s rules where extra addresses are counted, as nfnetlink reads them back: the
+    /// jump, the host's packets in the checked chain, then each family's.
+    fn checked_rules_as_made(d: &Direction, families: &[usize]) -> Vec<Rule> {
+        let jump = Rule {
+            chain: d.chain.into(),
+            expressions: [
+                &port_key(d)[..],
+                &[
+                    lookup_in(d.map),
+                    verdict(nfnetlink::NFT_JUMP, Some(d.checked)),
+                ],
+            ]
+            .concat(),
+        };
+        let host = Rule {
+            chain: d.checked.into(),
+            expressions: [
+                &fib_local(d)[..],
+                &count(d),
+                &[verdict(nfnetlink::NFT_RETURN, None)],
+            ]
+            .concat(),
+        };
+        let extra = families.iter().map(|&family| {
+            let family = &FAMILIES[family];
+            let checks = [
+                expression(
+                    "meta",
+                    vec![
+                        (nfnetlink::NFTA_META_KEY, be32(nfnetlink::NFT_META_NFPROTO)),
+                        (1, be32(1)),
+                    ],
+                ),
+                expression(
+                    "cmp",
+                    vec![
+                        (nfnetlink::NFTA_CMP_SREG, be32(1)),
+                        (nfnetlink::NFTA_CMP_OP, be32(nfnetlink::NFT_CMP_EQ)),
+                        (nfnetlink::NFTA_CMP_DATA, cmp_data(&[family.nfproto])),
+                    ],
+                ),
+                expression(
+                    "payload",
+                    vec![
+                        (1, be32(1)),
+                        (
+                            nfnetlink::NFTA_PAYLOAD_BASE,
+                            be32(nfnetlink::NFT_PAYLOAD_NETWORK_HEADER),
+                        ),
+                        (nfnetlink::NFTA_PAYLOAD_OFFSET, be32(family.offset(d))),
+                        (nfnetlink::NFTA_PAYLOAD_LEN, be32(family.address_len)),
+                    ],
+                ),
+                lookup_in(family.set),
+            ];
+            Rule {
+                chain: d.checked.into(),
+                expressions: [&checks[..], &count(d)].concat(),
+            }
+        });
+        [jump, host].into_iter().chain(extra).collect()
+    }
+
+    /// [`as_made`] for a config with `extra_local_addresses` of both families: the sets, the
+    /// checked chains and their rules. nft's end at address 0 comes with each set.
     fn as_made_with_extra(plan: &[PlannedCounter], extra: &ExtraAddresses) -> TableContents {
         let mut contents = as_made(plan);
         contents.rules.clear();
+        let families: Vec<usize> = extra.families().map(|(family, _)| family).collect();
         for d in &DIRECTIONS {
-            contents.rules.push(rule_as_made(d));
-            for (family, _) in extra.families() {
-                contents
-                    .rules
-                    .push(extra_rule_as_made(d, &FAMILIES[family]));
-            }
+            contents.rules.extend(checked_rules_as_made(d, &families));
+            contents.chains.push(Chain {
+                name: d.checked.into(),
+                hook: None,
+                kind: None,
+                policy: None,
+            });
         }
         for (family, extra) in extra.families() {
             let family = &FAMILIES[family];
@@ -2385,36 +2529,52 @@ mod tests {
             why.starts_with("counts the host's packets and its extra"),
             "{why}"
         );
-        let mut rules_gone = made.clone();
-        rules_gone.rules.retain(|r| {
-            our_rule_form(r, &DIRECTIONS[0]) == Some(OurRule::HostsPackets)
-                || our_rule_form(r, &DIRECTIONS[1]) == Some(OurRule::HostsPackets)
-        });
+        let mut sets_left = as_made(&plan);
+        sets_left.sets.extend(made.sets[2..].iter().cloned());
+        sets_left.use_count = listed(&sets_left);
         assert_eq!(
-            judge(&plan, &hosts(), Some(&rules_gone)),
+            judge(&plan, &hosts(), Some(&sets_left)),
             Verdict::Differs("holds 4 sets and maps where the config wants 2".into())
         );
+        // The checked chains gone with their rules: the jumps read as ours, and differ.
+        let why = differs(&|t| {
+            t.chains.truncate(2);
+            t.rules.retain(|r| r.chain.starts_with("count_"));
+        });
+        assert!(
+            why.starts_with("holds 1 rules in its chain count_in and checked_in"),
+            "{why}"
+        );
         // An extra rule twice, or the families' rules the other way round.
-        let why = differs(&|t| t.rules.push(t.rules[1].clone()));
+        let why = differs(&|t| t.rules.push(t.rules[2].clone()));
         assert!(
-            why.starts_with("holds 4 rules in its chain count_in"),
+            why.starts_with("holds 5 rules in its chain count_in and checked_in"),
             "{why}"
         );
-        let why = differs(&|t| t.rules.swap(1, 2));
+        let why = differs(&|t| t.rules.swap(2, 3));
         assert!(
-            why.starts_with("holds 3 rules in its chain count_in"),
+            why.starts_with("holds 4 rules in its chain count_in and checked_in"),
             "{why}"
         );
-        // A rule that checks another set, or another family's address at IPv4's offset:
-        // not ours.
+        // The checked chain made a base chain.
+        let why = differs(&|t| t.chains[2].hook = Some((NF_INET_PRE_ROUTING, 0)));
+        assert!(why.contains("as a base chain"), "{why}");
+        // A rule that checks another set, or another family's address at IPv4's offset, or
+        // jumps elsewhere: not ours.
         let mut other_set = made.clone();
-        other_set.rules[1].expressions[6] = lookup_in("blocklist");
+        other_set.rules[2].expressions[3] = lookup_in("blocklist");
         assert!(matches!(
             judge(&plan, &rule, Some(&other_set)),
+            Verdict::NotOurs(why) if why.contains("a rule in checked_in")
+        ));
+        let mut other_jump = made.clone();
+        other_jump.rules[0].expressions[3] = verdict(nfnetlink::NFT_JUMP, Some("checked_out"));
+        assert!(matches!(
+            judge(&plan, &rule, Some(&other_jump)),
             Verdict::NotOurs(why) if why.contains("a rule in count_in")
         ));
         let mut other_offset = made.clone();
-        other_offset.rules[2].expressions[5].data[2].1 = be32(16);
+        other_offset.rules[3].expressions[2].data[2].1 = be32(16);
         assert!(matches!(
             judge(&plan, &rule, Some(&other_offset)),
             Verdict::NotOurs(_)

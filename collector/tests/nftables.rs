@@ -1236,7 +1236,10 @@ fn with_extra_local_addresses_nftables_counts_them_and_still_not_what_is_forward
     let agent = Agent::start(&netns, &config);
     let rules = table(&netns, &config.nft_table);
     assert!(
-        rules.contains("ip daddr @extra_ipv4 fib daddr type != local"),
+        rules.contains("jump checked_in")
+            && rules.contains(
+                "ip daddr @extra_ipv4 counter name meta l4proto . th dport map @ports_in"
+            ),
         "{rules}"
     );
     exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");

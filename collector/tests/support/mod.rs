@@ -633,6 +633,12 @@ impl AgentConfig {
         Self::write(routes, "", "")
     }
 
+    /// As [`Self::shipped_poll`], with nftables counting on or off (not "auto", which a
+    /// firewall in the namespace would turn on): for the benchmark of what it costs.
+    pub fn shipped_poll_nft(routes: &str, enabled: bool) -> Self {
+        Self::write(routes, &format!("enabled = {enabled}\n"), "")
+    }
+
     /// As [`Self::new`], polling every `ms` milliseconds.
     pub fn polling_every(routes: &str, ms: u64) -> Self {
         Self::write(routes, "", &format!("poll_interval_ms = {ms}\n"))
