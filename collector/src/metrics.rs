@@ -978,7 +978,7 @@ fn encode_nft(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Resu
     counters(
         encoder,
         "collector_nft_packets",
-        "Packets counted by our nftables table per route or DNS port and direction (in: prerouting, destination port; out: postrouting, source port), to (in, also where NAT then sends them on to another host) or from (out) an address of the namespace, or an extra_local_addresses entry, as the eBPF packet counters count; by port alone with all_namespaces, as the eBPF counters count there.",
+        "Packets counted by our nftables table per route or DNS port and direction (in: prerouting, destination port; out: postrouting, source port), to (in, also where NAT then sends them on to another host) or from (out) an address of the namespace, or an extra_local_addresses entry, as the eBPF packet counters count; by port alone with all_namespaces, as the eBPF counters count there, or past 1,024 extra_local_addresses entries.",
         None,
         snapshot.nft.iter().map(|c| (nft_labels(c), c.packets)),
     )?;

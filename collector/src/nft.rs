@@ -12,18 +12,18 @@
 //! Both count ports and addresses as on the wire, and only the host's packets, as the tc
 //! classifiers do (a node's forwarded pod traffic is neither's), `extra_local_addresses`
 //! included (a set per family); by port alone with `all_namespaces`, where the classifiers
-//! count by port ([`RuleForm::of`]). The
-//! table is made and removed with `nft -j`, within a deadline ([`crate::nft_tool`]); its
-//! counters are read over nfnetlink ([`crate::nfnetlink`]), which costs far less than a
-//! `nft -j list` process (see docs/DESIGN.md).
+//! count by port, or past [`EXTRA_RANGES_IN_SETS_MAX`] extra entries ([`RuleForm::of`]).
+//! The table is made and removed with `nft -j`, within a deadline ([`crate::nft_tool`]);
+//! its counters are read over nfnetlink ([`crate::nfnetlink`]), which costs far less than
+//! a `nft -j list` process (see docs/DESIGN.md).
 //!
 //! Only a table that is recognisably ours is ever adopted, replaced or deleted
 //! ([`judge`]): one holding nothing but our chains, their rules, our maps and sets and
-//! counters named as ours are, the counters without a comment (an earlier build's) or with [`COMMENT`].
-//! Any other table of that name (a host firewall's `inet filter`, say) is left as it is and
-//! the source is down, naming it. A start finds a leftover table of a crashed run: if it is
-//! exactly what this config plans (chains, hooks, priorities, rules, map elements,
-//! counters), it is adopted as it is, so its counts continue; otherwise it is replaced
+//! counters named as ours are, the counters without a comment (an earlier build's) or
+//! with [`COMMENT`]. Any other table of that name (a host firewall's `inet filter`, say)
+//! is left as it is and the source is down, naming it. A start finds a leftover table of a
+//! crashed run: if it is exactly what this config plans (chains, hooks, priorities, rules,
+//! map and set elements, counters), it is adopted as it is, so its counts continue; otherwise it is replaced
 //! (deleted by handle and made again in one transaction): never two tables, never doubled
 //! rules. The table's name is claimed first ([`crate::nft_claim`]): a second collector of
 //! this namespace configured with the same name leaves the first one's table alone.
@@ -380,7 +380,7 @@ pub enum RuleForm {
     HostsPackets { extra: ExtraAddresses },
     /// The look-up to the counter alone: by port, packets the host forwards included. Every
     /// build's up to 2ca4b1a, and this one's with `all_namespaces`, where the classifiers
-    /// count by port alone.
+    /// count by port alone, or past [`EXTRA_RANGES_IN_SETS_MAX`] extra entries.
     PortAlone,
 }
 
@@ -426,9 +426,10 @@ impl RuleForm {
 }
 
 /// Most `extra_local_addresses` entries our table holds in its sets; past them it counts by
-/// port alone (a warning at the start and from `check`). At the config's limit (262,144 single addresses) `nft` took 1.6 s and 200 MB
-/// to make the set here, near the `DaemonSet`'s 256 MiB memory limit, and the set would be
-/// read whole at every change of the ruleset; 1,024 ranges are some 2,000 elements.
+/// port alone (a warning at the start and from `check`). At the config's limit (262,144
+/// single addresses) `nft` took 1.6 s and 203 MB to make the set here, near the
+/// `DaemonSet`'s 256 MiB memory limit, and the set would be read whole at every change of
+/// the ruleset; 1,024 ranges are some 2,000 elements.
 pub const EXTRA_RANGES_IN_SETS_MAX: usize = 1024;
 
 /// `extra_local_addresses` as our table holds them, per family of [`FAMILIES`].
@@ -2117,9 +2118,9 @@ mod tests {
         }
     }
 
-    /// The table with the extra addresses of `form("extra_local_addresses = ...")`: a set
-    /// per family, made before the chains whose rules look in them; in each chain the host's
-    /// rule, then one per family.
+    /// The table with extra addresses: a set per family, made before the chains whose rules
+    /// look in them; in each base chain the jump, in each checked chain the host's rule, then
+    /// one per family.
     #[test]
     fn extra_local_addresses_are_counted_in_a_chain_of_their_own_from_a_set_per_family() {
         let config = Config::from_toml(
@@ -2435,8 +2436,8 @@ mod tests {
         [jump, host].into_iter().chain(extra).collect()
     }
 
-    /// [`as_made`] for a config with `extra_local_addresses` of both families: the sets, the
-    /// checked chains and their rules. nft's end at address 0 comes with each set.
+    /// [`as_made`] for a config with `extra_local_addresses`: the sets, the checked chains and
+    /// their rules. nft's end at address 0 comes with each set.
     fn as_made_with_extra(plan: &[PlannedCounter], extra: &ExtraAddresses) -> TableContents {
         let mut contents = as_made(plan);
         contents.rules.clear();
@@ -2667,7 +2668,7 @@ mod tests {
             }
         });
         assert!(why.contains("earlier build"), "{why}");
-        // A build's before 2026-12-08, whose rules counted by port alone; and the other
+        // A build's up to 2ca4b1a, whose rules counted by port alone; and the other
         // way round, for a config that wants the port alone.
         let port_alone = |t: &mut TableContents| {
             for rule in &mut t.rules {

@@ -1087,7 +1087,7 @@ fn nftables_sees_forwarded_traffic_that_no_local_socket_does() {
 
 /// Traffic the namespace only forwards, on a route's port and to an address not its own (a
 /// node's pods reaching out to port 443, or to the cluster's DNS), counts in neither source:
-/// nftables checks the address is the namespace's, as the tc classifiers do. Until 2026-12-08
+/// nftables checks the address is the namespace's, as the tc classifiers do. Up to 2ca4b1a
 /// nftables counted it, so the gap between the two read the pods' traffic.
 #[test]
 fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
@@ -1110,8 +1110,8 @@ fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
 /// IPv6 as IPv4 (`fib daddr type local` in, `fib saddr type local` out, of IPv6): the
 /// namespace's own connections, to its address on a veth, count alike in both sources each
 /// way, and what it only forwards to the backend on the route's port adds nothing to either,
-/// but to an extra local address (an IPv6 set beside an IPv4 one, from an IPv4-mapped
-/// entry), which adds alike to both.
+/// but to an extra local address, which adds alike to both: an IPv6 one, and an IPv4-mapped
+/// entry's, counted from the IPv4 set.
 #[test]
 fn over_ipv6_nftables_counts_the_hosts_packets_as_the_classifiers_do() {
     let [netns, client, backend] = routed_namespaces();
@@ -1128,6 +1128,18 @@ fn over_ipv6_nftables_counts_the_hosts_packets_as_the_classifiers_do() {
             "dev",
             "vfwd3",
             "nodad",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &backend.name,
+            "addr",
+            "add",
+            "10.78.2.9/24",
+            "dev",
+            "vfwd3",
         ],
     );
     let config = AgentConfig::with_nft(&format!(
@@ -1152,6 +1164,13 @@ fn over_ipv6_nftables_counts_the_hosts_packets_as_the_classifiers_do() {
     exchanges(&client, "[fd78:2::3]:18080", &backend, "[fd78:2::3]:18080");
     let with_extra = assert_nft_equals_ebpf(&netns, 5);
     assert!(with_extra >= own + 20.0, "{own} then {with_extra}");
+    // The IPv4-mapped entry counts IPv4 packets, in both sources.
+    exchanges(&client, "10.78.2.9:18080", &backend, "10.78.2.9:18080");
+    let with_mapped = assert_nft_equals_ebpf(&netns, 5);
+    assert!(
+        with_mapped >= with_extra + 20.0,
+        "{with_extra} then {with_mapped}"
+    );
     let text = scrape(&netns);
     assert_eq!(web_opened(&text), Some(5.0));
     assert_eq!(
@@ -1213,7 +1232,7 @@ fn ipv6_routed_between(netns: &Netns, client: &Netns, backend: &Netns) {
 /// take for the host's (a VIP kube-proxy DNATs to a hostNetwork proxy): nftables counts
 /// those beside the host's own, from a set of them. Traffic forwarded to the named address
 /// counts alike in both, each way; traffic forwarded to another address on the route's port
-/// (a pod's call out) in neither. Until 2026-12-08 nftables counted by port alone there,
+/// (a pod's call out) in neither. Up to 9e21dbd nftables counted by port alone there,
 /// that traffic too.
 #[test]
 fn with_extra_local_addresses_nftables_counts_them_and_still_not_what_is_forwarded() {
@@ -1244,11 +1263,16 @@ fn with_extra_local_addresses_nftables_counts_them_and_still_not_what_is_forward
     );
     exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
     let before = forwarded_alike(&netns, 20.0);
+    let named = scrape(&netns);
     exchanges(&client, "10.78.2.3:18080", &backend, "10.78.2.3:18080");
     let later = support::after_polls(&netns, 3);
-    assert_eq!(route_packets(&later, "in"), (Some(before), Some(before)));
-    let out = route_packets(&later, "out");
-    assert_eq!(out.0, out.1, "out: eBPF and nftables");
+    for direction in ["in", "out"] {
+        assert_eq!(
+            route_packets(&later, direction),
+            route_packets(&named, direction),
+            "{direction}: (eBPF, nftables) after the exchanges with an address not named"
+        );
+    }
     // A crash: the next start adopts the table, and both count on from there.
     agent.kill();
     exchanges(&client, "10.78.2.2:18080", &backend, "10.78.2.2:18080");
