@@ -1528,19 +1528,41 @@ fn proxy_overhead(netns: &Netns, settings: &Settings) -> String {
     report
 }
 
+/// unbound in the namespace, and dnsperf's query file: what the DNS and nftables parts load.
+struct DnsLoad {
+    _server: Unbound,
+    _scratch: support::ScratchDir,
+    queries: std::path::PathBuf,
+    /// unbound's process id, whose threads are moved between CPUs.
+    unbound: u32,
+}
+
+impl DnsLoad {
+    fn start(netns: &Netns) -> Self {
+        let server = Unbound::start(netns, false);
+        let scratch = support::ScratchDir::new("dnsperf");
+        let queries = scratch.path("queries.txt");
+        std::fs::write(&queries, DNS_QUERIES).unwrap();
+        let unbound = server.main_pid();
+        Self {
+            _server: server,
+            _scratch: scratch,
+            queries,
+            unbound,
+        }
+    }
+}
+
 /// Queries per second of unbound under dnsperf with the agent in each DNS mode, with an
 /// empty classifier in its place, and with nothing.
 fn dns_overhead(netns: &Netns, settings: &Settings) -> String {
-    let server = Unbound::start(netns, false);
-    let scratch = support::ScratchDir::new("dnsperf");
-    let queries = scratch.path("queries.txt");
-    std::fs::write(&queries, DNS_QUERIES).unwrap();
-    let unbound = server.main_pid();
+    let load = DnsLoad::start(netns);
+    let (queries, unbound) = (load.queries.as_path(), load.unbound);
     let tracking = dns_config("match_responses = true\n");
     let sampled = dns_config("match_every = 16\n");
     let counting = dns_config("match_responses = false\n");
     let mode = |described, without, with| {
-        dns_mode(netns, described, without, with, &queries, settings, unbound)
+        dns_mode(netns, described, without, with, queries, settings, unbound)
     };
     let modes = [
         mode(
@@ -1586,7 +1608,7 @@ fn dns_overhead(netns: &Netns, settings: &Settings) -> String {
             Beside::Nothing,
         ),
     ];
-    drop(server);
+    drop(load);
     dns_report(settings, &modes)
 }
 
@@ -1621,11 +1643,8 @@ fn nft_in(netns: &Netns, script: &str) {
 /// (where our chains are its only netfilter hooks) and beside a host firewall.
 fn nft_overhead(netns: &Netns, settings: &Settings) -> String {
     use std::fmt::Write as _;
-    let server = Unbound::start(netns, false);
-    let scratch = support::ScratchDir::new("dnsperf");
-    let queries = scratch.path("queries.txt");
-    std::fs::write(&queries, DNS_QUERIES).unwrap();
-    let unbound = server.main_pid();
+    let load = DnsLoad::start(netns);
+    let (queries, unbound) = (load.queries.as_path(), load.unbound);
     let agent = |top: &str, enabled| {
         AgentConfig::shipped_poll_nft(&format!("{top}{ROUTES}\n[dns]\n"), enabled)
     };
@@ -1680,7 +1699,7 @@ fn nft_overhead(netns: &Netns, settings: &Settings) -> String {
                     netns,
                     Beside::Agent(off),
                     Beside::Agent(on),
-                    &queries,
+                    queries,
                     settings,
                     unbound,
                 ),
@@ -1690,7 +1709,7 @@ fn nft_overhead(netns: &Netns, settings: &Settings) -> String {
         }
     }
     nft_in(netns, "delete table inet bench_host_firewall\n");
-    drop(server);
+    drop(load);
     report
 }
 

@@ -1116,32 +1116,8 @@ fn nftables_leaves_out_what_the_host_only_forwards_as_the_classifiers_do() {
 fn over_ipv6_nftables_counts_the_hosts_packets_as_the_classifiers_do() {
     let [netns, client, backend] = routed_namespaces();
     ipv6_routed_between(&netns, &client, &backend);
-    run(
-        "ip",
-        &[
-            "-n",
-            &backend.name,
-            "-6",
-            "addr",
-            "add",
-            "fd78:2::3/64",
-            "dev",
-            "vfwd3",
-            "nodad",
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "-n",
-            &backend.name,
-            "addr",
-            "add",
-            "10.78.2.9/24",
-            "dev",
-            "vfwd3",
-        ],
-    );
+    add_address(&backend, "vfwd3", "fd78:2::3/64");
+    add_address(&backend, "vfwd3", "10.78.2.9/24");
     let config = AgentConfig::with_nft(&format!(
         "extra_local_addresses = [\"fd78:2::3\", \"::ffff:10.78.2.9\"]\n{ROUTES}"
     ));
@@ -1182,9 +1158,18 @@ fn over_ipv6_nftables_counts_the_hosts_packets_as_the_classifiers_do() {
     assert_no_pins(&config.pin_dir);
 }
 
+/// `address` (with its prefix) on `device` in `netns`; an IPv6 one without duplicate address
+/// detection, which would hold it back for a second or two.
+fn add_address(netns: &Netns, device: &str, address: &str) {
+    let mut args = vec!["-n", &netns.name, "addr", "add", address, "dev", device];
+    if address.contains(':') {
+        args.push("nodad");
+    }
+    run("ip", &args);
+}
+
 /// IPv6 beside [`routed_between`]'s IPv4: `fd78:1::/64` to `client`, `fd78:2::/64` to
-/// `backend`, forwarding on. Without duplicate address detection, which would hold the
-/// addresses back for a second or two.
+/// `backend`, forwarding on.
 fn ipv6_routed_between(netns: &Netns, client: &Netns, backend: &Netns) {
     for (peer, ours, theirs, net) in [
         (client, "vfwd0", "vfwd1", "1"),
@@ -1192,20 +1177,7 @@ fn ipv6_routed_between(netns: &Netns, client: &Netns, backend: &Netns) {
     ] {
         for (namespace, device, host) in [(netns, ours, "1"), (peer, theirs, "2")] {
             let address = format!("fd78:{net}::{host}/64");
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &namespace.name,
-                    "-6",
-                    "addr",
-                    "add",
-                    &address,
-                    "dev",
-                    device,
-                    "nodad",
-                ],
-            );
+            add_address(namespace, device, &address);
         }
         let gateway = format!("fd78:{net}::1");
         run(
@@ -1237,18 +1209,7 @@ fn ipv6_routed_between(netns: &Netns, client: &Netns, backend: &Netns) {
 #[test]
 fn with_extra_local_addresses_nftables_counts_them_and_still_not_what_is_forwarded() {
     let [netns, client, backend] = routed_namespaces();
-    run(
-        "ip",
-        &[
-            "-n",
-            &backend.name,
-            "addr",
-            "add",
-            "10.78.2.3/24",
-            "dev",
-            "vfwd3",
-        ],
-    );
+    add_address(&backend, "vfwd3", "10.78.2.3/24");
     let config = AgentConfig::with_nft(&format!(
         "extra_local_addresses = [\"10.78.2.2\"]\n{ROUTES}"
     ));
